@@ -1,0 +1,379 @@
+"""Atomic run checkpoints: safetensors for tensors, JSON for everything else; never pickle.
+
+Layout::
+
+    run_dir/checkpoints/
+        step-000120/            a complete checkpoint (has state.json, written last)
+            model.safetensors   unwrapped model weights (tied weights stored once)
+            optim.safetensors   optimizer tensors, flattened as "<param index>.<name>"
+            state.json          format version, step, train state, RNG states, loader state,
+                                resolved config, optimizer structure, file sizes + sha256
+            tokenizer.json      so that one checkpoint folder is usable on its own
+        latest                  text file naming the newest complete checkpoint
+
+Writing goes to `step-000120.tmp/`, files are fsynced, the folder is renamed with `os.replace`,
+then `latest` is rewritten atomically; a folder without `state.json` is not a checkpoint
+(torchtitan's validity marker), so a SIGKILL at any moment leaves the previous one loadable.
+Old checkpoints are deleted only after the new one is complete (keep the last k and the best).
+Loading checks sizes and sha256 first, so a truncated or foreign file gives a one-line
+`CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
+
+from lmforge.errors import CheckpointError
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+# ---------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file + fsync + os.replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not valid JSON (truncated or damaged); {what}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG and optimizer state <-> JSON + tensors
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch CPU (and CUDA) generator states as base64 strings."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    def decode(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and a JSON structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, pstate in sd["state"].items():
+        entry = {}
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+                entry[name] = {"tensor": f"{pid}.{name}"}
+            else:
+                entry[name] = value
+        structure["state"][str(pid)] = entry
+    return tensors, structure
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, entry in structure["state"].items():
+        state[int(pid)] = {
+            name: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+            for name, value in entry.items()
+        }
+    # JSON turned tuples (AdamW's betas) into lists; give them back their type.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in structure["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (with state.json), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint named by `checkpoints/latest`, else the newest complete one, else None."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if STEP_DIR.match(name) and (root / name / "state.json").is_file():
+            return root / name
+    complete = list_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory or a checkpoint folder → the checkpoint folder to load (one-line errors)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; pass a run directory (made by 'lmforge pretrain') or a checkpoint")
+    if p.is_dir() and (p / "state.json").is_file():
+        return p
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file()):
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise CheckpointError(
+                f"run directory {p} has no complete checkpoint yet; train it first (lmforge pretrain)"
+            )
+        return ckpt
+    raise CheckpointError(f"{p} is not an lmforge run directory or checkpoint (no state.json / checkpoints/)")
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    tokenizer_json: str | None = None,
+) -> Path:
+    """Write `checkpoints/step-{step:06d}` atomically and point `latest` at it.
+
+    Args:
+        run_dir: the run directory.
+        step: optimizer steps taken.
+        model: the unwrapped model (no DDP/compile wrapper), so keys carry no prefix.
+        optimizer: saved as flattened tensors + JSON structure; None for weights-only checkpoints.
+        state: JSON-serialisable train state, loader state and resolved config.
+        tokenizer_json: tokenizer.json content copied in, so the folder is self-contained.
+    """
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge_step": str(step)})
+    files = ["model.safetensors"]
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, **state, "rng": rng_state()}
+    if optimizer is not None:
+        tensors, structure = flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
+        files.append("optim.safetensors")
+        meta["optimizer"] = structure
+    if tokenizer_json is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        files.append("tokenizer.json")
+    for name in files:
+        _fsync(tmp / name)
+    meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+    write_json(tmp / "state.json", meta)  # the validity marker: written last
+    if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    return final
+
+
+def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> None:
+    """Delete complete checkpoints beyond the newest `keep` (never the best), and stale temp folders."""
+    complete = list_checkpoints(run_dir)
+    protected = {p.name for p in complete[-keep:]}
+    if best_step is not None:
+        protected.add(f"step-{best_step:06d}")
+    for p in complete:
+        if p.name not in protected:
+            shutil.rmtree(p, ignore_errors=True)
+    root = checkpoints_dir(run_dir)
+    for p in root.glob("*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]  # state.json
+
+    def verify(self) -> None:
+        """Check every listed file's size and sha256; one-line CheckpointError naming the damaged file."""
+        for name, info in self.meta.get("files", {}).items():
+            f = self.path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete — use an earlier one")
+            if f.stat().st_size != info["bytes"]:
+                raise CheckpointError(
+                    f"{f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated?); use an earlier checkpoint"
+                )
+            if _sha256(f) != info["sha256"]:
+                raise CheckpointError(f"{f} fails its sha256 check (damaged); use an earlier checkpoint")
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return _load_tensors(self.path / "model.safetensors")
+
+    def load_model(self, model: nn.Module) -> None:
+        """Load weights into `model` (tied weights restored through the module's own sharing)."""
+        tensors = self.model_state()
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            first = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"{self.path / 'model.safetensors'} does not match the model ({first}); "
+                "was it written by another lmforge model config?"
+            ) from None
+        # save_model stores a tied weight once; the other name is legitimately "missing".
+        shared = _shared_names(model)
+        missing = [k for k in missing if k not in shared]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.path / 'model.safetensors'} does not match the model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
+            )
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if "optimizer" not in self.meta:
+            raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
+        tensors = _load_tensors(self.path / "optim.safetensors")
+        try:
+            optimizer.load_state_dict(unflatten_optimizer(tensors, self.meta["optimizer"]))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.path / 'optim.safetensors'} does not fit this optimizer ({e})") from None
+
+
+def _shared_names(model: nn.Module) -> set[str]:
+    seen: dict[int, str] = {}
+    shared = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.data_ptr()
+        if key in seen:
+            shared.update({name, seen[key]})
+        seen[key] = name
+    return shared
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an earlier checkpoint") from None
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint folder (or a run directory's latest) and check its files."""
+    ckpt_dir = resolve_checkpoint(path)
+    meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged; use an earlier one")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"{ckpt_dir / 'state.json'} has checkpoint format {found!r}, this lmforge reads {FORMAT_VERSION}; "
+            "use the lmforge version that wrote it"
+        )
+    ckpt = Checkpoint(ckpt_dir, meta)
+    if verify:
+        ckpt.verify()
+    return ckpt
+
+
+@dataclass
+class Trained:
+    """A model restored from a checkpoint, with what is needed to use it."""
+
+    model: nn.Module
+    tokenizer: Any  # lmforge.tokenizer.tokenizer.Tokenizer
+    config: Any  # lmforge.config.RunConfig
+    checkpoint: Checkpoint
+
+
+def load_trained(path: str | Path, device: torch.device) -> Trained:
+    """Rebuild the model of a run directory or checkpoint folder and load its weights (eval mode).
+
+    The config and tokenizer come from the checkpoint itself (state.json, tokenizer.json), so a
+    copied checkpoint folder works on its own. Nothing is unpickled.
+    """
+    from lmforge.config import config_from_json
+    from lmforge.errors import ConfigError
+    from lmforge.models import build_model
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt.meta:
+        raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
+    try:
+        config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path / 'state.json'}: {e}") from None
+    tok_path = ckpt.path / "tokenizer.json"
+    if not tok_path.is_file():
+        tok_path = ckpt.path.parent.parent / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_path)
+    with torch.device("meta"):
+        model = build_model(config.model)
+    model = model.to_empty(device=device)
+    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten below
+    ckpt.load_model(model)
+    model.eval()
+    return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)

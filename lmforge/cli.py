@@ -1,0 +1,211 @@
+"""The `lmforge` command line: parse arguments, call one library function, map errors.
+
+No logic lives here. Each subcommand calls one function that is also the Python API. A user error
+(`LmforgeError`) prints one line on stderr and exits with 2; an interrupted training run (which
+saved a checkpoint) exits with 130; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lmforge import __version__
+from lmforge.errors import ConfigError, Interrupted, LmforgeError
+
+TOUR = """commands:
+  quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
+  prepare      raw text files/folders/JSONL -> cleaned, deduplicated, tokenized train/val/test shards
+  pretrain     train a GPT on a prepared data directory (resumes when re-run on the same --out)
+  eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
+  generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
+
+run 'lmforge COMMAND --help' for a command's options."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), in the house format, and no abbreviations."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # so --train.lr is never mistaken for a prefix of a flag
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _config_epilog() -> str:
+    from lmforge.config import help_lines
+    from lmforge.presets import PRESETS
+
+    lines = ["settings (any of these as --section.key VALUE; precedence: defaults < --preset < --config < flags):"]
+    for key, text, default in help_lines():
+        if key in ("preset", "out", "data.dir"):
+            continue
+        lines.append(f"  --{key:<28} {text} (default: {default!r})")
+    lines.append(f"\npresets: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def build_parser() -> Parser:
+    from lmforge.config import add_dataclass_args
+    from lmforge.data.prepare import PrepareConfig
+
+    parser = Parser(
+        prog="lmforge",
+        description="Train language models end to end on the hardware you have.",
+        epilog=TOUR,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser(
+        "quickstart",
+        help="train, evaluate and sample a small GPT on the built-in corpus (~5 min on 2 CPU cores)",
+        description="Prepare the built-in Shakespeare corpus, train a small GPT, print validation "
+        "perplexity and bits per byte, and sample from it. Extra --section.key VALUE settings are applied.",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--data-out", default="data/quickstart", help="prepared data directory (default: data/quickstart)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing run")
+
+    p = sub.add_parser(
+        "prepare",
+        help="clean, deduplicate, tokenize and split raw text into a data directory",
+        description="Read .txt/.md files, folders (recursive), globs and .jsonl; clean, deduplicate, "
+        "train or load a tokenizer, split train/val/test by document hash and write token shards.",
+    )
+    add_dataclass_args(p, PrepareConfig, positional=("inputs",))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a GPT on a prepared data directory",
+        description="Train a decoder Transformer with causal language modelling. Re-running the same "
+        "command on an existing --out resumes from its latest checkpoint.",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", help="prepared data directory (from 'lmforge prepare')")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--preset", help="named preset (see the list below)")
+    p.add_argument("--config", help="TOML config file with [model], [train], ... sections")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+    p = sub.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte on a prepared split",
+        description="Evaluate a run directory (its latest checkpoint) or a checkpoint folder.",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (default: the run's micro-batch)")
+    p.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches (default: all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a run or checkpoint",
+        description="Generate a continuation of --prompt, streamed to the terminal as it comes.",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    return parser
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command not in ("pretrain", "quickstart") and extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+
+    if args.command == "quickstart":
+        from lmforge.quickstart import quickstart
+
+        quickstart(out=args.out, data_out=args.data_out, overrides=extra, overwrite=args.overwrite)
+    elif args.command == "prepare":
+        from lmforge.config import dataclass_from_namespace
+        from lmforge.data.prepare import PrepareConfig, prepare
+
+        prepare(dataclass_from_namespace(PrepareConfig, args), progress=not args.quiet)
+    elif args.command == "pretrain":
+        from lmforge.config import load_config, merge, parse_overrides
+        from lmforge.train.run import pretrain
+
+        flags: dict[str, Any] = {}
+        if args.data:
+            flags["data"] = {"dir": args.data}
+        if args.out:
+            flags["out"] = args.out
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(parse_overrides(extra), flags))
+        pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    elif args.command == "eval":
+        from lmforge.eval.lm import evaluate_checkpoint
+
+        m = evaluate_checkpoint(
+            args.run,
+            data_dir=args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+            device=args.device,
+        )
+        if args.json:
+            print(json.dumps(m, ensure_ascii=False))
+        else:
+            print(
+                f"{m['split']}: loss {m['loss']:.4f} | ppl {m['ppl']:.2f} | bpb {m['bpb']:.4f} "
+                f"({m['tokens']} tokens, {m['bytes']} bytes) | {m['checkpoint']}"
+            )
+    elif args.command == "generate":
+        from lmforge.generate import generate_from_checkpoint
+
+        generate_from_checkpoint(
+            args.run,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+            device=args.device,
+            stream=sys.stdout,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(0)
+    try:
+        code = _run(args, extra)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"lmforge: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
+        print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

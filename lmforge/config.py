@@ -1,0 +1,411 @@
+"""Run configuration: typed dataclass sections, TOML files, dotted CLI overrides, validation.
+
+Design:
+- Each section is a `@dataclass(kw_only=True)`; every field has a type, a default and help text
+  (`opt(default, "help")`), which also feeds `--help`.
+- Precedence: dataclass defaults < preset (`--preset tiny`) < TOML file (`--config run.toml`) <
+  dotted CLI overrides (`--train.lr 1e-3`). Everything is merged as nested dicts first and turned
+  into dataclasses once, strictly: an unknown key is a `ConfigError` with a did-you-mean
+  (nanotron's strict config), a wrong type is a `ConfigError` naming the key and the expected type.
+- Validation lives in each section's `__post_init__`; nothing mutates a config after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.errors import ConfigError
+from lmforge.fields import check, opt
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+# The model config lives at the top of its model file (STYLE.md); imported here to compose RunConfig.
+from lmforge.models.gpt import GPTConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dir: str = opt("", "prepared data directory (made by `lmforge prepare`)")
+    seq_len: int = opt(0, "training sequence length in tokens; 0 = model.max_seq_len")
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 0, f"data.seq_len must be >= 0, got {self.seq_len}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = opt(1000, "optimizer steps to train for")
+    time_budget: float = opt(0.0, "stop (and checkpoint) after this many seconds of training; 0 = no limit")
+    batch_size: int = opt(32, "global batch: sequences per optimizer step")
+    micro_batch_size: int = opt(0, "sequences per forward pass; 0 = batch_size (accumulation is derived)")
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of decay; 0 = lr / 10")
+    warmup_steps: int = opt(100, "linear warmup steps from 0 to lr")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warmup")
+    seed: int = opt(1337, "seed for weights, data order and dropout")
+    device: Literal["auto", "cpu", "cuda", "mps"] = opt("auto", "where to train; auto = cuda if available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "autocast precision; auto = bfloat16 on CUDA GPUs that support it, float32 elsewhere"
+    )
+    compile: bool = opt(False, "wrap the model in torch.compile")
+    log_every: int = opt(10, "steps between log lines and metrics.jsonl records")
+    early_stop_patience: int = opt(0, "stop after this many evaluations without a new best val loss; 0 = off")
+    early_stop_min_delta: float = opt(0.0, "an eval must beat the best val loss by more than this to count")
+
+    def __post_init__(self) -> None:
+        check(self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
+        check(self.time_budget >= 0, f"train.time_budget must be >= 0 seconds, got {self.time_budget}")
+        check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        mb = self.micro_batch_size or self.batch_size
+        check(
+            0 < mb <= self.batch_size and self.batch_size % mb == 0,
+            f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size})",
+        )
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(self.min_lr >= 0, f"train.min_lr must be >= 0, got {self.min_lr}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
+        check(self.early_stop_patience >= 0, "train.early_stop_patience must be >= 0")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch
+
+    @property
+    def final_lr(self) -> float:
+        return self.min_lr or self.lr / 10
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
+    weight_decay: float = opt(
+        0.1, "decoupled weight decay (AdamW) or L2 penalty (SGD) on matrices; not on norms/biases"
+    )
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off")
+    l1: float = opt(0.0, "L1 penalty coefficient on decayed parameters, added to the loss; 0 = off")
+    fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel; auto = on for CUDA")
+
+    def __post_init__(self) -> None:
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        check(self.l1 >= 0, f"optim.l1 must be >= 0, got {self.l1}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = opt(200, "steps between validation evaluations; 0 = only at the end")
+    max_batches: int = opt(0, "batches per evaluation; 0 = the whole validation split")
+    batch_size: int = opt(0, "sequences per eval batch; 0 = train.micro_batch_size")
+    sample_tokens: int = opt(0, "tokens to sample into the log at each evaluation; 0 = none")
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
+        check(self.max_batches >= 0, f"eval.max_batches must be >= 0, got {self.max_batches}")
+        check(self.batch_size >= 0, f"eval.batch_size must be >= 0, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = opt(500, "steps between checkpoints; 0 = only at the end (and on interruption)")
+    keep: int = opt(3, "how many recent checkpoints to keep (the best one is kept too)")
+    keep_best: bool = opt(True, "also keep the checkpoint with the lowest validation loss")
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        check(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    preset: str = opt("", "name of the preset this config started from")
+    out: str = opt("", "run directory")
+    model: GPTConfig = field(default_factory=GPTConfig, metadata={"help": "model architecture"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation during training"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass, strictly
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and, for strings from the command line, convert) one value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{extra}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:  # allow 1e4 or 2.0 on the command line when it is a whole number
+                    as_float = float(value)
+                    if as_float.is_integer():
+                        return int(as_float)
+                except ValueError:
+                    pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this bridge does not know is a programming error
+        raise TypeError(f"unsupported config field type {tp!r} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    extra = f"; did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}'?" if hint else ""
+    return ConfigError(f"unknown config key '{key}' in {where}{extra}")
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are `ConfigError`s."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(full, names, where)
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a table of settings, got {value!r}")
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.", where=where)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base` (later sources win key by key)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `["--train.lr", "1e-3", "--model.n_layer=6"]` into `{"train": {"lr": "1e-3"}, ...}`.
+
+    Values stay strings here; `from_dict` converts them by field type. Keys are checked against
+    `RunConfig` so a typo fails with a did-you-mean before anything runs.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(
+                f"unexpected argument {arg!r}; settings look like --section.key VALUE (e.g. --train.lr 1e-3)"
+            )
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
+            value = args[i + 1]
+            i += 2
+        _check_key_path(key)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _check_key_path(key: str) -> None:
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not _is_dataclass_type(cls):
+            raise ConfigError(f"unknown config key '{key}'; '{'.'.join(parts[:depth])}' has no sub-keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(".".join(parts[: depth + 1]), names, "command-line overrides")
+        cls = typing.get_type_hints(cls)[part]
+    if _is_dataclass_type(cls):
+        raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. --{key}.{dataclasses.fields(cls)[0].name}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing or malformed file is a one-line `ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing .toml file to --config")
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML ({e}); fix the file and retry") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8 TOML") from None
+
+
+def load_config(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve a `RunConfig`: defaults < `base` < preset < TOML file < overrides.
+
+    Args:
+        preset: name from `lmforge.presets.PRESETS` (a TOML file may also say `preset = "..."`).
+        config_file: path to a TOML file with sections like `[train]`, `[model]`.
+        overrides: dotted CLI arguments (`["--train.lr", "1e-3"]`) or an equivalent nested dict.
+        base: a nested dict applied before the preset (used by commands with their own defaults).
+    """
+    from lmforge.presets import preset_dict
+
+    file_dict = read_toml(config_file) if config_file else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
+    merged = merge(base or {}, preset_dict(name) if name else {})
+    merged = merge(merged, file_dict)
+    merged = merge(merged, overrides)
+    if name:
+        merged["preset"] = name
+    where = f"{config_file}" if config_file else "config"
+    return from_dict(RunConfig, merged, where=where)
+
+
+def config_from_json(data: dict[str, Any], where: str) -> RunConfig:
+    """Rebuild a `RunConfig` saved in `config.json` / `state.json` (strict, same checks)."""
+    return from_dict(RunConfig, data, where=where)
+
+
+def help_lines(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every leaf field, for `--help` listings."""
+    rows: list[tuple[str, str, Any]] = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            rows += help_lines(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), getattr(instance, f.name)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> argparse, for commands whose options are one flat dataclass (e.g. prepare)
+
+
+def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+    """Add one `--flag-name` per field of `cls` (help text, type, choices, defaults from the field).
+
+    `list[str]` fields take one or more values, bools get `--x/--no-x`, Literals get choices;
+    names in `positional` become positional arguments.
+    """
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
+        origin = typing.get_origin(tp)
+        if origin is list:
+            kwargs.update(
+                nargs="+", default=default, metavar=f.name.upper().rstrip("S") if f.name in positional else "PATH"
+            )
+        elif tp is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        elif origin is Literal:
+            kwargs.update(choices=list(typing.get_args(tp)), default=default)
+        else:
+            kwargs.update(type=tp, default=default, metavar=f.name.upper())
+        if f.name in positional:
+            kwargs.pop("default", None)
+            kwargs.pop("metavar", None)
+            parser.add_argument(f.name, **kwargs)
+        else:
+            if "default" in kwargs and kwargs.get("action") is None and default not in ("", [], None):
+                kwargs["help"] += f" (default: {default})"
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def dataclass_from_namespace(cls: type, namespace: Any) -> Any:
+    """Build `cls` from the attributes `add_dataclass_args` defined (validation runs as usual)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})

@@ -1,0 +1,125 @@
+"""Text cleaning as pure functions: UTF-8 decoding with counts, newlines, control characters,
+Unicode normalization, length filter, binary-file sniffing.
+
+Order applied to every document (`clean_text`):
+1. Newlines: "\\r\\n" and lone "\\r" become "\\n" (not counted as removed characters).
+2. Control characters: Unicode category Cc except "\\n" and "\\t" are removed and counted
+   (NUL, ESC, DEL, C1 controls, ...). Format characters (Cf: zero-width joiner in emoji, BOM inside
+   text) are kept, since they are part of real text.
+3. Unicode normalization (NFC by default, NFKC or none); documents it changed are counted.
+4. Strip leading/trailing whitespace.
+
+Key design decisions:
+- Bytes are decoded with errors="replace" rather than rejected: one bad byte in a large scraped
+  file should not stop a run. `decode_utf8` counts only the U+FFFD characters the decoder
+  introduced, not ones already present (encoded as EF BF BD) in the input.
+- Lone surrogates (possible in JSON strings, e.g. "\\ud800") cannot be encoded as UTF-8; they are
+  replaced by U+FFFD and counted as invalid UTF-8 too.
+- Everything here is a pure function on one document; counting across documents is the caller's job
+  (`CleanStats.add`), so the functions are trivial to test.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+REPLACEMENT = "\ufffd"
+_REPLACEMENT_BYTES = REPLACEMENT.encode("utf-8")
+# Category Cc is exactly U+0000-U+001F and U+007F-U+009F; keep \t (09) and \n (0A).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+BINARY_SNIFF_BYTES = 8192
+Normalization = Literal["NFC", "NFKC", "none"]
+
+
+@dataclass
+class CleanStats:
+    """Counters reported under "cleaning" in manifest.json."""
+
+    invalid_utf8_replaced: int = 0
+    documents_with_invalid_utf8: int = 0
+    control_chars_removed: int = 0
+    normalized_documents: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    """One cleaned document and what cleaning did to it."""
+
+    text: str
+    control_chars_removed: int
+    normalized: bool
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing invalid sequences with U+FFFD.
+
+    Returns:
+        (text, number of U+FFFD introduced by decoding; U+FFFD already in the input is not counted).
+    """
+    text = data.decode("utf-8", errors="replace")
+    if REPLACEMENT not in text:
+        return text, 0
+    # A valid EF BF BD always decodes to U+FFFD (EF is never a continuation byte), so the difference
+    # is exactly the number of replacements the decoder made.
+    return text, text.count(REPLACEMENT) - data.count(_REPLACEMENT_BYTES)
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """Replace lone surrogate code points (unencodable in UTF-8) with U+FFFD; return (text, count)."""
+    return _SURROGATE.subn(REPLACEMENT, text)
+
+
+def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
+    """Normalize newlines, drop control characters, apply Unicode normalization, strip.
+
+    Args:
+        text: decoded document text.
+        normalize: Unicode normalization form, or "none".
+
+    Returns:
+        `Cleaned` with the new text, the number of control characters removed and whether the
+        normalization changed the text.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text, removed = _CONTROL.subn("", text)
+    normalized = False
+    if normalize != "none" and not unicodedata.is_normalized(normalize, text):
+        text = unicodedata.normalize(normalize, text)
+        normalized = True
+    return Cleaned(text=text.strip(), control_chars_removed=removed, normalized=normalized)
+
+
+def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_short"]:
+    """Classify a stripped text: "empty" (""), "too_short" (0 < len < min_chars) or "ok"."""
+    if not text:
+        return "empty"
+    return "too_short" if len(text) < min_chars else "ok"
+
+
+def looks_binary(head: bytes) -> bool:
+    """Guess from the first bytes of a file whether it is binary rather than (UTF-8-ish) text.
+
+    Binary if there is a NUL byte (UTF-16 and every common binary format have them; text never does)
+    or if more than 30% of the characters fail to decode as UTF-8 (Latin-1 text with a few accents
+    passes and gets its bad bytes replaced and counted; compressed or image data does not).
+    """
+    head = head[:BINARY_SNIFF_BYTES]
+    if not head:
+        return False
+    if b"\x00" in head:
+        return True
+    # Incremental decode without final=True: a multi-byte character cut at the sniff boundary is fine.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    if not text:
+        return False
+    bad = text.count(REPLACEMENT) - head.count(_REPLACEMENT_BYTES)
+    return bad > 0.3 * len(text)

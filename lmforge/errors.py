@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Every mistake a user can make (bad path, bad config value, foreign checkpoint, ...) raises an
+`LmforgeError` whose message is one line that says what happened *and what to do*. `cli.main`
+prints it as `lmforge: error: <message>` on stderr and exits with code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class LmforgeError(Exception):
+    """A user error: one line on stderr, exit code 2, no traceback."""
+
+
+class ConfigError(LmforgeError):
+    """Unknown key, wrong type or invalid value in a preset, TOML file or CLI override."""
+
+
+class DataError(LmforgeError):
+    """Missing, empty, binary or inconsistent input data or prepared data directory."""
+
+
+class CheckpointError(LmforgeError):
+    """Missing, truncated, corrupt or foreign run directory / checkpoint."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with code 130."""

@@ -1,0 +1,126 @@
+"""Language-model evaluation: loss, perplexity and bits per byte.
+
+Bits per byte (bpb) is comparable across tokenizers: it divides the total negative log-likelihood
+(converted to bits) by the number of UTF-8 bytes of the text whose tokens were predicted. The bytes
+come from the tokenizer's `token_bytes()` table, indexed by the target tokens, so they are exactly
+the bytes of the evaluated text. Targets that decode to no bytes (the end-of-document token) are
+left out of both the bits and the bytes, as in nanochat's `evaluate_bpb`: bpb then measures the
+text itself. `loss` and perplexity cover every target token, EOS included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.objectives import IGNORE_INDEX
+from lmforge.train.precision import Precision
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    token_bytes: torch.Tensor,
+    precision: Precision,
+) -> dict[str, float]:
+    """Evaluate a causal LM over `batches` of (inputs, targets).
+
+    Args:
+        model: returns logits (B, T, V) for inputs (B, T).
+        batches: e.g. `lmforge.data.loader.eval_batches(...)`; targets are -100 where ignored.
+        token_bytes: (V,) int64 UTF-8 byte count per token id (0 for special tokens).
+        precision: device and autocast dtype to run under.
+
+    Returns:
+        {"loss", "ppl", "bpb", "tokens", "bytes"}; loss in nats per target token.
+    """
+    was_training = model.training
+    model.eval()
+    device = precision.device
+    token_bytes = token_bytes.to(device)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    text_nats = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = 0
+    n_bytes = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with precision.autocast():
+            logits = model(x)
+        losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B*T,), 0 at ignored positions
+        valid = y.flatten() != IGNORE_INDEX
+        nbytes = torch.where(valid, token_bytes[y.flatten().clamp(min=0)], 0)
+        nats += losses.double().sum()
+        text_nats += (losses.double() * (nbytes > 0)).sum()
+        n_tokens += int(valid.sum())
+        n_bytes += int(nbytes.sum())
+    model.train(was_training)
+    if n_tokens == 0:
+        return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
+    loss = float(nats) / n_tokens
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": float(text_nats) / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+    }
+
+
+def evaluate_checkpoint(
+    path: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "val",
+    batch_size: int = 0,
+    max_batches: int = 0,
+    device: str = "auto",
+) -> dict[str, float | int | str]:
+    """`lmforge eval`: loss, perplexity and bits per byte of a run/checkpoint on a prepared split.
+
+    Args:
+        path: run directory (its latest checkpoint) or a checkpoint folder.
+        data_dir: prepared data directory; default: the one the run was trained on.
+        split: "val", "test" or "train".
+        batch_size: sequences per batch; 0 = the run's micro-batch size.
+        max_batches: 0 = the whole split.
+        device: "auto", "cpu", "cuda" or "mps".
+    """
+    from lmforge.checkpoint import load_trained
+    from lmforge.data.loader import eval_batches
+    from lmforge.data.prepare import load_data_dir
+    from lmforge.errors import DataError
+    from lmforge.train.precision import pick_device, pick_precision
+
+    precision = pick_precision(pick_device(device), "auto")
+    trained = load_trained(path, precision.device)
+    data = load_data_dir(data_dir or trained.config.data.dir)
+    manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")
+    if manifest_tok != trained.tokenizer.fingerprint:
+        raise DataError(
+            f"{data.path} was prepared with another tokenizer than {path}; prepare the text again with "
+            f"--tokenizer {trained.checkpoint.path / 'tokenizer.json'}"
+        )
+    shards = data.split_shards(split)
+    if not shards:
+        raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
+    seq_len = trained.config.data.seq_len or trained.config.model.max_seq_len
+    batches = eval_batches(
+        shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
+    )
+    token_bytes = torch.as_tensor(trained.tokenizer.token_bytes(), dtype=torch.int64)
+    metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
+    return {
+        "checkpoint": str(trained.checkpoint.path),
+        "step": int(trained.checkpoint.meta.get("step", 0)),
+        "data": str(data.path),
+        "split": split,
+        **metrics,
+    }

@@ -1,0 +1,176 @@
+"""Console logging, the metrics.jsonl writer, and env.json capture.
+
+One fixed-format line per interval (`step 120/2000 | loss 3.2104 | lr 3.0e-04 | 11.8k tok/s |
+mfu 0.4% | eta 0:05:12`) goes to stdout through tqdm (so it does not break the progress bar on
+stderr), and the same numbers go to `metrics.jsonl`, one JSON object per line, flushed at once so a
+killed run keeps everything it logged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def format_rate(tokens_per_s: float) -> str:
+    if tokens_per_s >= 1e6:
+        return f"{tokens_per_s / 1e6:.2f}M"
+    if tokens_per_s >= 1e3:
+        return f"{tokens_per_s / 1e3:.1f}k"
+    return f"{tokens_per_s:.0f}"
+
+
+def format_record(record: dict[str, Any], max_steps: int) -> str:
+    """The console line for a metrics record."""
+    parts = [f"step {record['step']}/{max_steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f} | val_bpb {record['val_bpb']:.4f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.1e}")
+    if "tokens_per_s" in record:
+        parts.append(f"{format_rate(record['tokens_per_s'])} tok/s")
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if "eta_s" in record:
+        parts.append(f"eta {format_duration(record['eta_s'])}")
+    return " | ".join(parts)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
+    records = []
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def truncate_metrics(path: Path, max_step: int) -> None:
+    """Keep only records up to `max_step` (used on resume, so the file matches a straight run)."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= max_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Progress bar + console lines + metrics.jsonl for one run (only the main process logs)."""
+
+    def __init__(
+        self,
+        metrics_path: Path | None,
+        *,
+        max_steps: int,
+        start_step: int,
+        enabled: bool = True,
+        console: bool = True,
+        plot_path: Path | None = None,
+    ) -> None:
+        self.enabled = enabled  # False on non-main processes: nothing is written anywhere
+        self.console = enabled and console  # False for --quiet: metrics.jsonl and loss.png are still written
+        self.max_steps = max_steps
+        self.metrics_path = metrics_path
+        self.plot_path = plot_path  # loss.png, redrawn at each evaluation record
+        self.file = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None  # noqa: SIM115
+        self.bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.console or None,  # None: off when stderr is not a terminal
+            leave=False,
+        )
+
+    def info(self, message: str) -> None:
+        if self.console:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    def metrics(self, record: dict[str, Any], *, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.file:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+        if echo:
+            self.info(format_record(record, self.max_steps))
+        if "val_loss" in record:
+            self.plot()
+
+    def plot(self) -> None:
+        if self.enabled and self.plot_path and self.metrics_path:
+            from lmforge.report import plot_loss
+
+            plot_loss(self.metrics_path, self.plot_path)
+
+    def advance(self, n: int = 1) -> None:
+        if self.console:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def capture_env(device: str) -> dict[str, Any]:
+    """Command line, versions, device and git commit: what env.json records at the start of a run."""
+    import numpy
+    import torch
+
+    import lmforge
+
+    info: dict[str, Any] = {
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "lmforge": lmforge.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "git_commit": _git_commit(),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info

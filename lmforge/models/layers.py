@@ -1,0 +1,99 @@
+"""The few building blocks that more than one model family uses: norms, rotary positions, a KV cache.
+
+- `make_norm` picks LayerNorm (GPT-2, BERT) or RMSNorm (Llama) from a config string, so every family
+  spells the choice the same way.
+- `rope_cos_sin` / `apply_rope`: rotary position embeddings (Su et al., 2021) in the "rotate half"
+  layout that HF Llama uses (dimension i is paired with i + head_dim/2, not with its neighbour), so
+  q/k projection weights copy to and from HF without a permutation.
+- `KVCache`: preallocated keys/values for incremental decoding; the model writes into it and reads
+  back the prefix, nothing is concatenated or reallocated per token.
+
+References:
+- RoFormer, rotary embeddings: https://arxiv.org/abs/2104.09864
+- RMSNorm: https://arxiv.org/abs/1910.07467
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def make_norm(kind: str, dim: int, *, eps: float, bias: bool) -> nn.Module:
+    """LayerNorm (with or without bias) or RMSNorm (weight only) over the last dimension."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Rotary tables for positions 0..seq_len-1: cos and sin, each (seq_len, head_dim // 2), float32.
+
+    Frequency j is theta^(-2j/head_dim), computed like HF Llama (integer arange, then float) so the
+    tables match theirs bit for bit.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # (seq_len, head_dim/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, n_head, head_dim) by position; cos/sin (T, head_dim/2) are the rows for x's positions.
+
+    The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16 and matches v in SDPA.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, T, n_head, head_dim/2) each
+    cos = cos.to(x.dtype)[:, None, :]  # (T, 1, head_dim/2): broadcast over heads
+    sin = sin.to(x.dtype)[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one token at a time.
+
+    `k[i]` and `v[i]` hold layer i's cache, shape (B, n_kv_head, max_len, head_dim); `pos` is how many
+    positions are filled. A forward pass calls `update(i, k, v)` in each layer (which writes at
+    [pos, pos + T) and returns the filled prefix), then `advance(T)` once at the end, so every layer
+    of one pass sees the same `pos`. All rows of the batch share `pos` (no ragged batches).
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget the cached positions (the memory is reused, not cleared)."""
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_kv_head, T, head_dim) at [pos, pos + T); return keys/values [0, pos + T)."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, the cache holds {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, pos + T, head_dim)
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions as filled (called once per forward pass, after the last layer)."""
+        self.pos += n

@@ -1,0 +1,202 @@
+"""`Tokenizer`: a thin wrapper around a Hugging Face `tokenizers.Tokenizer`.
+
+Key design decisions:
+- The on-disk format is the HF `tokenizer.json` (JSON, never pickle), so `export` can copy the file
+  next to a model and `transformers` loads it unchanged. `load` accepts any HF tokenizer.json.
+- `encode` never adds special tokens and treats text literally: a document that happens to contain
+  the string "<|endoftext|>" is encoded as ordinary bytes, not as the EOS id (`encode_special_tokens`,
+  a runtime flag that is not written to the JSON). The data pipeline appends EOS ids itself.
+- `decode` keeps special tokens by default, so decode(encode(text)) == text and EOS stays visible.
+- `token_bytes()` tells how many UTF-8 bytes each id contributes to decoded text (0 for special
+  tokens); evaluation divides summed token losses by summed bytes to report bits per byte.
+  Exact for our byte-level BPE (GPT-2 byte<->unicode table) and char (byte-fallback) tokenizers;
+  for foreign tokenizers it follows their decoder's conventions (Metaspace "▁", WordPiece "##").
+- `fingerprint` is the sha256 of the canonical JSON (sorted keys, no whitespace): data prepared with
+  one tokenizer can be recognised and refused by a model trained with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+from lmforge.errors import DataError
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable unicode character table, used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _decoder_types(node: Any) -> set[str]:
+    """All decoder `type` names in a (possibly nested `Sequence`) decoder config."""
+    if not isinstance(node, dict):
+        return set()
+    found = {node["type"]} if "type" in node else set()
+    for child in node.get("decoders", []) or []:
+        found |= _decoder_types(child)
+    return found
+
+
+class Tokenizer:
+    """Encode/decode text with an HF `tokenizers.Tokenizer`; save and load as tokenizer.json."""
+
+    EOS = "<|endoftext|>"
+
+    def __init__(self, hf: tokenizers.Tokenizer) -> None:
+        self._hf = hf
+        # Text is text: special-token strings inside documents are not turned into special ids.
+        self._hf.encode_special_tokens = True
+
+    # ---------------------------------------------------------------- load / save
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json (ours or any HF one).
+
+        Raises:
+            DataError: the file is missing or is not a valid tokenizer.json.
+        """
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise DataError(f"tokenizer file {str(p)!r} not found; pass a tokenizer.json path or 'bpe'/'char'")
+        try:
+            with open(p, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read tokenizer {p} ({e}); pass a valid UTF-8 tokenizer.json") from None
+        try:
+            return cls.from_str(text)
+        except DataError as e:
+            raise DataError(f"{p}: {e}") from None
+
+    @classmethod
+    def from_str(cls, json_str: str) -> Tokenizer:
+        """Build a tokenizer from the text of a tokenizer.json.
+
+        Raises:
+            DataError: the text is not a valid HF tokenizer JSON.
+        """
+        try:
+            return cls(tokenizers.Tokenizer.from_str(json_str))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"not a valid tokenizer.json ({first_line}); re-create it with 'lmforge prepare'") from None
+
+    def to_str(self) -> str:
+        """The tokenizer.json text (HF format)."""
+        return self._hf.to_str()
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically (`path.tmp`, then `os.replace`)."""
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_str())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts at once (parallel in the Rust library)."""
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; special tokens (EOS) are kept unless `skip_special_tokens`."""
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of one id (byte-level tokens look like 'Ġthe')."""
+        return self._hf.id_to_token(token_id)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def hf(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._hf
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (ids are 0..vocab_size-1)."""
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-text token appended after every document.
+
+        Raises:
+            DataError: the tokenizer has no end-of-text token.
+        """
+        for name in (self.EOS, "</s>", "<eos>", "<|end_of_text|>", "[SEP]"):
+            token_id = self._hf.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        raise DataError(f"tokenizer has no end-of-text token; add the special token '{self.EOS}' to it")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer JSON: same fingerprint == same tokenization."""
+        canonical = json.dumps(json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id contributes to decoded text (int64, length vocab_size; 0 for specials)."""
+        config = json.loads(self.to_str())
+        decoder_types = _decoder_types(config.get("decoder"))
+        byte_level = "ByteLevel" in decoder_types
+        byte_fallback = "ByteFallback" in decoder_types
+        metaspace = "Metaspace" in decoder_types
+        wordpiece_prefix = (config.get("decoder") or {}).get("prefix", "##") if "WordPiece" in decoder_types else ""
+        unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+        added = {t["id"]: t for t in config.get("added_tokens", [])}
+
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token_id in range(self.vocab_size):
+            if token_id in added:
+                spec = added[token_id]
+                out[token_id] = 0 if spec.get("special") else len(spec["content"].encode("utf-8"))
+                continue
+            token = self._hf.id_to_token(token_id)
+            if token is None:
+                continue
+            if byte_fallback and _BYTE_TOKEN.match(token):
+                out[token_id] = 1
+            elif byte_level and all(ch in unicode_to_byte for ch in token):
+                out[token_id] = len(token)  # one table character per byte
+            else:
+                if wordpiece_prefix and token.startswith(wordpiece_prefix):
+                    token = token[len(wordpiece_prefix) :]
+                if metaspace:
+                    token = token.replace("▁", " ")
+                out[token_id] = len(token.encode("utf-8"))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"

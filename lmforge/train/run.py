@@ -1,0 +1,235 @@
+"""`pretrain(cfg)`: set up a run directory, build or resume everything, and call the loop.
+
+Kept apart from `loop.py` so the loop stays a loop: this file owns the run directory rules.
+
+- A new run directory gets `config.json` (resolved config), `env.json`, `tokenizer.json`.
+- Re-running the same command on an existing run resumes from its latest complete checkpoint,
+  bit-identically on CPU: weights, optimizer, torch RNG, data-loader position, train state, and
+  `metrics.jsonl` truncated back to the checkpoint's step.
+- A different model config or a different tokenizer on an existing run is a one-line error unless
+  `overwrite=True` (which starts the run over).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
+from lmforge.config import RunConfig
+from lmforge.data.loader import TokenLoader, eval_batches
+from lmforge.data.prepare import load_data_dir
+from lmforge.errors import ConfigError, DataError, Interrupted
+from lmforge.estimate import measure_matmul_flops
+from lmforge.eval.lm import evaluate_lm
+from lmforge.log import RunLogger, capture_env, truncate_metrics
+from lmforge.models import build_model
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.train.loop import train
+from lmforge.train.optim import build_optimizer
+from lmforge.train.precision import pick_device, pick_precision
+from lmforge.train.state import TrainState
+
+
+def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+    """Fill in what comes from the data (vocab size) and check the model fits the tokenizer."""
+    if not cfg.out:
+        raise ConfigError("no run directory given; pass --out RUN_DIR")
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+            f"drop --model.vocab_size or set it to at least {tokenizer.vocab_size}"
+        )
+    seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}; lower it")
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, vocab_size=vocab),
+        data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve()), seq_len=seq_len),
+        out=str(Path(cfg.out)),
+    )
+
+
+def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changes = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    return ", ".join(changes[:3])
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, overwrite: bool) -> bool:
+    """Create or check the run directory; returns True when an existing run should be resumed."""
+    if run_dir.exists() and overwrite:
+        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(
+                f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out or pass --overwrite"
+            )
+        try:
+            old = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over") from None
+        new_model = cfg.to_dict()["model"]
+        if old.get("model") != new_model:
+            change = _describe_model_change(old.get("model", {}), new_model)
+            raise ConfigError(
+                f"{run_dir} holds a run with a different model config ({change}); "
+                "use another --out, or --overwrite to start over"
+            )
+        tok_path = run_dir / "tokenizer.json"
+        if tok_path.is_file() and Tokenizer.load(tok_path).fingerprint != tokenizer.fingerprint:
+            raise DataError(
+                f"the data in {cfg.data.dir} was prepared with another tokenizer than the run in {run_dir}; "
+                f"prepare it with --tokenizer {tok_path} or use another --out"
+            )
+        return latest_checkpoint(run_dir) is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> TrainState:
+    """Train a causal LM on a prepared data directory into `cfg.out` (resuming if it exists).
+
+    Args:
+        cfg: the resolved run config (`config.load_config`); `cfg.data.dir` and `cfg.out` required.
+        overwrite: delete an existing run directory first instead of resuming it.
+        progress: show the progress bar and log lines.
+
+    Returns:
+        The final train state. Raises `Interrupted` after saving when stopped by SIGINT/SIGTERM.
+    """
+    if not cfg.data.dir:
+        raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
+    data = load_data_dir(cfg.data.dir)
+    tokenizer = Tokenizer.load(data.tokenizer_path)
+    cfg = resolve_run_config(cfg, tokenizer)
+    run_dir = Path(cfg.out)
+    resume = prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
+
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(device, cfg.train.dtype)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / "env.json", capture_env(str(device)))
+    tokenizer_json = tokenizer.to_str()
+    if not (run_dir / "tokenizer.json").is_file():
+        tokenizer.save(run_dir / "tokenizer.json")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    model.init_weights()
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
+    train_shards = data.split_shards("train")
+    if not train_shards:
+        raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
+    loader = TokenLoader(train_shards, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    state = TrainState()
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        ckpt = load_checkpoint(latest_checkpoint(run_dir))
+        ckpt.load_model(model)
+        ckpt.load_optimizer(optimizer)
+        loader.load_state_dict(ckpt.meta["loader"])
+        state = TrainState.from_dict(ckpt.meta["train_state"])
+        state.stop_reason = ""
+        set_rng_state(ckpt.meta["rng"])
+        truncate_metrics(metrics_path, state.step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    log = RunLogger(
+        metrics_path,
+        max_steps=cfg.train.max_steps,
+        start_step=state.step,
+        console=progress,
+        plot_path=run_dir / "loss.png",
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        f"lmforge pretrain: {n_params / 1e6:.2f}M parameters ({model.num_params() / 1e6:.2f}M non-embedding), "
+        f"vocab {cfg.model.vocab_size}, context {cfg.data.seq_len}, batch {cfg.train.batch_size} "
+        f"({cfg.train.micro_batch} x {cfg.train.accum_steps} accumulation), {device} {str(precision.dtype)[6:]}, "
+        f"train {loader.windows_per_epoch} sequences/epoch"
+    )
+    if resume:
+        log.info(f"resuming {run_dir} from step {state.step}")
+
+    val_shards = data.split_shards("val")
+    token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64)
+    eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
+
+    def evaluate() -> dict[str, Any]:
+        batches = eval_batches(
+            val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
+        )
+        metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision)
+        if cfg.eval.sample_tokens:
+            from lmforge.generate import generate
+
+            ids = generate(
+                model, [tokenizer.eos_id], max_new_tokens=cfg.eval.sample_tokens, temperature=0.8, top_k=50, seed=0
+            )
+            metrics["sample"] = tokenizer.decode(ids)
+        return metrics
+
+    if not val_shards:
+        log.info("note: the data has no validation split; training runs without evaluation or early stopping")
+
+    def save(st: TrainState) -> Path:
+        path = save_checkpoint(
+            run_dir,
+            step=st.step,
+            model=model,
+            optimizer=optimizer,
+            state={"train_state": st.to_dict(), "loader": loader.state_dict(), "config": cfg.to_dict()},
+            tokenizer_json=tokenizer_json,
+        )
+        prune_checkpoints(
+            run_dir, keep=cfg.checkpoint.keep, best_step=st.best_step if cfg.checkpoint.keep_best else None
+        )
+        return path
+
+    if state.step >= cfg.train.max_steps:
+        log.info(
+            f"{run_dir} is already trained to step {state.step} (train.max_steps {cfg.train.max_steps}); nothing to do"
+        )
+        log.close()
+        return state
+
+    forward_model = torch.compile(model) if cfg.train.compile else model
+    try:
+        state = train(
+            forward_model,
+            optimizer,
+            loader,
+            cfg=cfg.train,
+            optim_cfg=cfg.optim,
+            eval_cfg=cfg.eval,
+            ckpt_cfg=cfg.checkpoint,
+            precision=precision,
+            state=state,
+            log=log,
+            save=save,
+            evaluate=evaluate if val_shards else None,
+            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            peak_flops=measure_matmul_flops(device.type, precision.dtype),
+        )
+    finally:
+        log.close()
+    latest = latest_checkpoint(run_dir)
+    if state.stop_reason == "interrupted":
+        raise Interrupted(f"interrupted at step {state.step}; saved {latest}; re-run the same command to resume")
+    return state

@@ -1,0 +1,34 @@
+"""Learning-rate schedules as pure functions of the step.
+
+`lr_at(step)` depends on nothing but its arguments, so a resumed run gets exactly the learning rate
+a straight run would have had. Warmup is linear from 0 (step 0 gets lr/warmup, not 0, so the first
+update is never wasted), then the chosen decay runs from `lr` to `final_lr` at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, *, lr: float, final_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    Args:
+        step: the step about to be taken.
+        lr: peak learning rate, reached at the end of warmup.
+        final_lr: learning rate at `max_steps` for decaying schedules.
+        warmup_steps: linear warmup length.
+        max_steps: total steps of the run.
+        schedule: "cosine", "linear" or "constant".
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        return lr + (final_lr - lr) * progress
+    if schedule == "cosine":
+        return final_lr + 0.5 * (lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")

@@ -1,0 +1,30 @@
+"""TrainState: everything about training progress that the next step depends on.
+
+Together with the model, optimizer, torch RNG and the data loader's `state_dict()`, this is the
+whole state of a run: the loop keeps nothing else, which is what makes resume bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # target tokens trained on
+    elapsed_s: float = 0.0  # training wall-clock summed over all sessions of this run
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0  # for early stopping
+    stop_reason: str = ""  # "", "max_steps", "time_budget", "early_stop", "interrupted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

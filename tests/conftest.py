@@ -1,0 +1,83 @@
+"""Shared fixtures: real text from the package's built-in corpus, a prepared data dir, tiny configs.
+
+The built-in corpus (tinyshakespeare, public domain) ships with the package, so tests run on real
+text without ../shared or the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import RunConfig, load_config
+from lmforge.quickstart import corpus_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shakespeare_text(n_bytes: int = 60_000) -> str:
+    """The first `n_bytes` of the built-in corpus, cut at a paragraph boundary."""
+    with gzip.open(corpus_path(), "rt", encoding="utf-8") as f:
+        text = f.read(n_bytes)
+    return text[: text.rfind("\n\n") + 1]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(shakespeare_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    """A prepared char-level data directory (~60 kB of Shakespeare)."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(
+        PrepareConfig(inputs=[str(corpus_file)], out=str(out), tokenizer="char", val_fraction=0.1, test_fraction=0.1),
+        progress=False,
+    )
+    return out
+
+
+def tiny_config(data_dir: Path, out: Path, **overrides: object) -> RunConfig:
+    """The `tiny` preset shrunk further for unit tests; `overrides` use dotted keys."""
+    flat = {
+        "model.n_layer": 2,
+        "model.n_head": 4,
+        "model.d_model": 32,
+        "model.max_seq_len": 32,
+        "train.batch_size": 8,
+        "train.max_steps": 12,
+        "train.warmup_steps": 2,
+        "train.lr": 3e-3,
+        "train.log_every": 1,
+        "eval.every": 4,
+        "eval.max_batches": 4,
+        "checkpoint.every": 6,
+        "checkpoint.keep": 10,
+        **overrides,
+    }
+    nested: dict = {"out": str(out), "data": {"dir": str(data_dir)}}
+    for key, value in flat.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    return load_config(preset="tiny", overrides=nested)
+
+
+def run_cli(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m lmforge ARGS` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )

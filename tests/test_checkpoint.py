@@ -1,0 +1,117 @@
+"""Checkpoints: atomic write, validity marker, keep-k + best, corruption -> one-line CheckpointError,
+optimizer state round trip, tied weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from lmforge.errors import CheckpointError
+from lmforge.models.gpt import GPT, GPTConfig
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=8, tie_embeddings=True))
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 50, (2, 8))).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(run, step, model, opt, **state):
+    return save_checkpoint(run, step=step, model=model, optimizer=opt, state={"train_state": state})
+
+
+def test_round_trip_model_and_optimizer(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 3, model, opt)
+    assert path.name == "step-000003" and (path / "state.json").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    ckpt = load_checkpoint(tmp_path)
+    torch.manual_seed(1)
+    fresh = GPT(model.cfg)
+    fresh.init_weights()
+    ckpt.load_model(fresh)
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    ckpt.load_optimizer(fresh_opt)
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for pid in a["state"]:
+        for k, v in a["state"][pid].items():
+            assert torch.equal(v, b["state"][pid][k])
+
+
+def test_incomplete_folder_is_not_a_checkpoint(tmp_path):
+    model, opt = _model_and_optimizer()
+    _save(tmp_path, 1, model, opt)
+    broken = tmp_path / "checkpoints" / "step-000002"
+    broken.mkdir()  # e.g. killed before state.json was written
+    (tmp_path / "checkpoints" / "step-000003.tmp").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+
+
+def test_keep_last_k_and_best(tmp_path):
+    model, opt = _model_and_optimizer()
+    for step in range(1, 7):
+        _save(tmp_path, step, model, opt)
+        prune_checkpoints(tmp_path, keep=2, best_step=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000005", "step-000006"]
+
+
+def test_damaged_files_give_one_line_errors(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 1, model, opt)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is \d+ bytes, expected \d+") as e:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+    weights.write_bytes(data[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(tmp_path)
+    weights.write_bytes(data)
+    load_checkpoint(tmp_path)  # intact again
+    (path / "state.json").write_text("{ truncated", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_foreign_or_missing_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "random").mkdir()
+    with pytest.raises(CheckpointError, match="not an lmforge run directory"):
+        load_checkpoint(tmp_path / "random")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "run")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "state.json").write_text(json.dumps({"format_version": 99}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(fake)
+
+
+def test_weights_not_matching_the_model(tmp_path):
+    model, opt = _model_and_optimizer()
+    _save(tmp_path, 1, model, opt)
+    other = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=8))
+    other.init_weights()
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(tmp_path).load_model(other)

@@ -1,0 +1,141 @@
+"""The command line as a user runs it: --help of every command, prepare -> pretrain -> eval ->
+generate end to end, and every user mistake -> exit 2 + one line on stderr, no traceback, nothing
+half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate"]
+
+
+def _one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("lmforge"), lines[0]
+    assert pattern.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert f"usage: lmforge {command}" in result.stdout
+    if command in ("pretrain", "quickstart"):
+        for key in ("--train.max_steps", "--train.time_budget", "--train.lr", "--train.batch_size",
+                    "--train.micro_batch_size", "--train.seed", "--model.n_layer", "--model.n_head",
+                    "--model.d_model", "--model.max_seq_len", "--eval.every", "--checkpoint.every",
+                    "--checkpoint.keep"):  # fmt: skip
+            assert key in result.stdout
+
+
+def test_top_level_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert run_cli("--version").stdout.startswith("lmforge ")
+
+
+def test_console_script_and_import_stay_light():
+    """`import lmforge` must not drag in torch or optional packages."""
+    heavy = "('torch', 'matplotlib', 'transformers', 'pyarrow', 'tensorboard')"
+    code = f"import sys, lmforge, lmforge.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_file):
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
+    prep = run_cli("prepare", str(corpus_file), "--out", str(data), "--tokenizer", "char", "--quiet")
+    assert prep.returncode == 0, prep.stderr
+    train = run_cli(
+        "pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny",
+        "--model.d_model", "32", "--model.max_seq_len", "64", "--train.max_steps", "30",
+        "--train.batch_size", "8", "--eval.every", "15", "--eval.max_batches", "2", "--checkpoint.every", "15",
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    return data, run
+
+
+def test_end_to_end(trained_run):
+    data, run = trained_run
+    for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000030"
+    for name in ("model.safetensors", "optim.safetensors", "state.json"):
+        assert (run / "checkpoints" / "step-000030" / name).is_file()
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
+    assert {"argv", "torch", "python", "device", "git_commit"} <= env.keys()
+
+    result = run_cli("eval", str(run), "--split", "test", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["split"] == "test" and metrics["step"] == 30
+    assert metrics["ppl"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    assert 0 < metrics["bpb"] < 8
+
+    ckpt = run / "checkpoints" / "step-000015"
+    a = run_cli("generate", str(ckpt), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3")
+    b = run_cli("generate", str(ckpt), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "3")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout) > len("ROMEO:")
+    greedy = run_cli("generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0")
+    nocache = run_cli(
+        "generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0", "--no-cache"
+    )
+    assert greedy.stdout == nocache.stdout
+
+
+def test_user_errors_are_one_line(trained_run, tmp_path):
+    data, run = trained_run
+    _one_line_error(run_cli("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d")), "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n", encoding="utf-8")
+    _one_line_error(run_cli("prepare", str(empty), "--out", str(tmp_path / "d")), "no documents")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(256)) * 40)
+    _one_line_error(run_cli("prepare", str(binary), "--out", str(tmp_path / "d")), "binary")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()  # nothing half-written
+
+    base = ["pretrain", "--data", str(data), "--out", str(tmp_path / "r")]
+    _one_line_error(run_cli(*base, "--preset", "tinny"), "did you mean 'tiny'")
+    _one_line_error(run_cli(*base, "--train.lrr", "1"), "did you mean 'train.lr'")
+    _one_line_error(run_cli(*base, "--train.lr", "fast"), "train.lr: expected float")
+    _one_line_error(run_cli(*base, "--config", str(tmp_path / "nope.toml")), "nope.toml")
+    _one_line_error(run_cli("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r")), "lmforge prepare")
+    assert not (tmp_path / "r").exists()
+    _one_line_error(
+        run_cli("pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model.n_layer", "3"),
+        "different model config",
+    )
+
+    _one_line_error(run_cli("eval", str(tmp_path)), "not an lmforge run")
+    _one_line_error(run_cli("generate", str(tmp_path / "nope"), "--prompt", "x"), "does not exist")
+    _one_line_error(run_cli("generate", str(run), "--prompt", "x" * 500), "context")
+
+    other = tmp_path / "other"
+    ok = run_cli("prepare", str(REPO / "README.md"), "--out", str(other), "--tokenizer", "bpe", "--vocab-size", "300")
+    assert ok.returncode == 0, ok.stderr
+    _one_line_error(run_cli("eval", str(run), "--data", str(other)), "another tokenizer")
+
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    weights = broken / "checkpoints" / "step-000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    _one_line_error(run_cli("eval", str(broken)), "model.safetensors")
+    state = broken / "checkpoints" / "step-000030" / "state.json"
+    state.write_text('{"format_version": 1, "files"', encoding="utf-8")
+    _one_line_error(run_cli("generate", str(broken / "checkpoints" / "step-000030")), "state.json")

@@ -1,0 +1,92 @@
+"""Config: defaults, preset < TOML < CLI precedence, strict keys with did-you-mean, types, JSON round trip."""
+
+import json
+
+import pytest
+
+from lmforge.config import (
+    RunConfig,
+    config_from_json,
+    help_lines,
+    load_config,
+    parse_overrides,
+)
+from lmforge.errors import ConfigError
+from lmforge.presets import PRESETS
+
+
+def test_defaults_are_valid_and_derived_values():
+    cfg = RunConfig()
+    assert cfg.train.micro_batch == cfg.train.batch_size and cfg.train.accum_steps == 1
+    assert cfg.model.head_dim * cfg.model.n_head == cfg.model.d_model
+    assert cfg.train.final_lr == pytest.approx(cfg.train.lr / 10)
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nlr = 0.005\nmax_steps = 77\n[model]\nn_layer = 3\n", encoding="utf-8")
+    cfg = load_config(preset="tiny", config_file=toml, overrides=["--train.lr", "1e-3", "--model.d_model=96"])
+    assert cfg.train.lr == 1e-3  # flag beats file
+    assert cfg.train.max_steps == 77  # file beats preset (tiny says 200)
+    assert cfg.model.n_layer == 3  # file beats preset (tiny says 2)
+    assert cfg.model.d_model == 96  # flag beats preset
+    assert cfg.model.n_head == 4  # preset beats default (6)
+    assert cfg.train.seed == RunConfig().train.seed  # default kept
+    assert cfg.preset == "tiny"
+
+
+def test_preset_named_in_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "gpt2-124m"\n', encoding="utf-8")
+    cfg = load_config(config_file=toml)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.max_seq_len, cfg.model.vocab_size) == (12, 768, 1024, 50257)
+    assert cfg.model.tie_embeddings
+
+
+def test_unknown_keys_fail_with_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        parse_overrides(["--train.lrr", "1"])
+    with pytest.raises(ConfigError, match="did you mean 'model.n_layer'"):
+        parse_overrides(["--model.n_layers", "2"])
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[train]\nmax_step = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_config(config_file=toml)
+    with pytest.raises(ConfigError, match="unknown preset 'tin'.*did you mean 'tiny'"):
+        load_config(preset="tin")
+
+
+def test_wrong_types_and_values():
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        load_config(overrides=["--train.lr", "fast"])
+    with pytest.raises(ConfigError, match="model.n_layer: expected int"):
+        load_config(overrides=["--model.n_layer", "2.5"])
+    with pytest.raises(ConfigError, match="model.norm: 'rms' is not one of.*did you mean 'rmsnorm'"):
+        load_config(overrides=["--model.norm", "rms"])
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(overrides=["--train.batch_size", "10", "--train.micro_batch_size", "4"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(overrides=["--model.d_model", "100", "--model.n_head", "3"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--train.lr"])
+
+
+def test_bools_and_ints_from_strings():
+    cfg = load_config(overrides=["--model.bias", "false", "--train.compile", "yes", "--train.max_steps", "1e3"])
+    assert cfg.model.bias is False and cfg.train.compile is True and cfg.train.max_steps == 1000
+
+
+def test_json_round_trip():
+    cfg = load_config(preset="small", overrides=["--train.lr", "2e-4"])
+    again = config_from_json(json.loads(cfg.to_json()), where="config.json")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_loads(name):
+    assert load_config(preset=name).preset == name
+
+
+def test_every_field_has_help():
+    for key, text, _ in help_lines():
+        assert text, f"{key} has no help text"

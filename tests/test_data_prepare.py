@@ -1,0 +1,427 @@
+"""`prepare` end to end on generated files: formats, cleaning counts, dedup, split, atomicity, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_binary
+from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.data.shards import read_shard
+from lmforge.data.split import assign_split, bucket, doc_digest
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.tokenizer import Tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+CHINESE = "满纸荒唐言，一把辛酸泪！都云作者痴，谁解其中味？"
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for i in range(n)]
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        path.write_bytes(gzip.compress(data, mtime=0))
+    elif isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(tmp_path: Path, inputs: list[Path | str], out: str = "out", **kwargs: object) -> dict:
+    kwargs.setdefault("vocab_size", 300)
+    cfg = PrepareConfig(inputs=[str(p) for p in inputs], out=str(tmp_path / out), **kwargs)
+    return prepare(cfg, progress=False)
+
+
+def docs_by_split(out: Path) -> dict[str, list[str]]:
+    """Decode each split's shards back into documents (cut at EOS)."""
+    data = load_data_dir(out)
+    tok = data.load_tokenizer()
+    result = {}
+    for split in ("train", "val", "test"):
+        tokens = np.concatenate([read_shard(p) for p in data.split_shards(split)] or [np.zeros(0, np.uint16)])
+        assert len(tokens) == 0 or tokens[-1] == tok.eos_id
+        cuts = np.flatnonzero(tokens == tok.eos_id)
+        starts = np.concatenate([[0], cuts[:-1] + 1])[: len(cuts)]
+        result[split] = [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, cuts, strict=True)]
+    return result
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A folder with every format: paragraphs, markdown, nested folders, JSONL, gzip, a skipped file."""
+    root = tmp_path / "corpus"
+    paras = sentences(60, seed=1)
+    write(root / "a.txt", "\n\n".join(paras[:30]) + "\n")
+    write(root / "notes.md", "# Title\n\n" + "\n\n".join(paras[30:40]))
+    write(root / "sub" / "deeper" / "b.txt.gz", "\n\n".join(paras[40:50]))
+    lines = [json.dumps({"body": p, "id": i}, ensure_ascii=False) for i, p in enumerate(paras[50:60])]
+    write(root / "sub" / "c.jsonl", "\n".join(lines) + "\n")
+    write(root / "sub" / "d.jsonl.gz", json.dumps({"body": CHINESE}, ensure_ascii=False) + "\n")
+    write(root / "ignored.csv", "a,b\n1,2\n")
+    write(root / ".hidden" / "e.txt", "hidden folders are not searched")
+    return root
+
+
+def test_reads_every_format(tmp_path: Path, corpus: Path) -> None:
+    m = run(tmp_path, [corpus], text_field="body", val_fraction=0.0, test_fraction=0.0)
+    # 30 + (1 title + 10) + 10 paragraphs, 10 + 1 JSONL records
+    assert m["documents"] == {
+        "in": 62,
+        "out": 62,
+        "removed": {"exact_dup": 0, "empty": 0, "too_short": 0, "overlap_with_eval": 0},
+    }
+    # sorted by path string: "sub/d.jsonl.gz" < "sub/deeper/b.txt.gz"
+    assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt", "notes.md", "c.jsonl", "d.jsonl.gz", "b.txt.gz"]
+    assert [i["documents"] for i in m["inputs"]] == [30, 11, 10, 1, 10]
+    assert all(i["bytes"] == Path(i["path"]).stat().st_size for i in m["inputs"])
+    assert m["skipped_files"] == [str(corpus / "ignored.csv")]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train-00000.bin"]
+    assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == m
+    train = docs_by_split(out)["train"]
+    assert CHINESE in train and "# Title" in train and sentences(60, seed=1)[45] in train
+
+
+def test_manifest_layout(tmp_path: Path, corpus: Path) -> None:
+    m = run(tmp_path, [corpus], text_field="body", val_fraction=0.2, test_fraction=0.2)
+    assert m["format_version"] == 1 and m["lmforge_version"] and m["created"]
+    assert m["config"]["text_field"] == "body" and m["config"]["vocab_size"] == 300
+    assert m["tokenizer"]["kind"] == "bpe" and m["tokenizer"]["vocab_size"] == 300 and m["tokenizer"]["eos_id"] == 0
+    assert m["tokenizer"]["sha256"] == Tokenizer.load(tmp_path / "out" / "tokenizer.json").fingerprint
+    assert m["dtype"] == "uint16"
+    assert set(m["cleaning"]) == {
+        "invalid_utf8_replaced",
+        "documents_with_invalid_utf8",
+        "control_chars_removed",
+        "normalized_documents",
+    }
+    docs = docs_by_split(tmp_path / "out")
+    for split, info in m["splits"].items():
+        assert set(info) == {"documents", "tokens", "bytes", "shards"}
+        assert info["documents"] == len(docs[split]) > 0
+        assert info["bytes"] == sum(len(d.encode("utf-8")) for d in docs[split])
+        assert info["tokens"] == sum(len(read_shard(tmp_path / "out" / s)) for s in info["shards"])
+    assert sum(s["documents"] for s in m["splits"].values()) == m["documents"]["out"]
+
+
+def test_glob_and_explicit_file(tmp_path: Path, corpus: Path) -> None:
+    m = run(tmp_path, [str(corpus / "**" / "*.txt*"), corpus / "ignored.csv"], val_fraction=0, test_fraction=0)
+    assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt", "ignored.csv", "b.txt.gz"]
+    assert m["documents"]["in"] == 30 + 10 + 1  # the explicitly named .csv is read as text
+    with pytest.raises(DataError, match="matches no files"):
+        run(tmp_path, [str(tmp_path / "nothing" / "*.txt")], out="out2")
+
+
+def test_cleaning_counts(tmp_path: Path) -> None:
+    bad = b"first paragraph is fine\n\n" + b"bad \xff\xfe bytes and a real \xef\xbf\xbd here\n\n"
+    bad += b"ctrl\x08 chars\x07 and\x1b [esc] and\r\nwindows\r\n\n"  # (a NUL byte would mean binary)
+    bad += "cafe\u0301 needs NFC\n\n".encode()  # e + combining accent -> é
+    bad += b"x\n\n" + b"  \x01\x02  \n\n" + b"short\n\n"
+    path = write(tmp_path / "messy.txt", bad)
+    jsonl = write(tmp_path / "messy.jsonl", '{"text": "nul\\u0000 inside JSON and a lone \\ud800 surrogate"}\n')
+    m = run(tmp_path, [path, jsonl], min_chars=3, val_fraction=0, test_fraction=0)
+    assert m["cleaning"] == {
+        "invalid_utf8_replaced": 2 + 1,  # \xff and \xfe (the literal U+FFFD is not counted); the surrogate
+        "documents_with_invalid_utf8": 2,
+        "control_chars_removed": 3 + 2 + 1,  # \x08 \x07 \x1b, \x01 \x02, JSON's \u0000; \r\n is a newline
+        "normalized_documents": 1,
+    }
+    assert m["documents"]["in"] == 8
+    assert m["documents"]["removed"] == {"exact_dup": 0, "empty": 1, "too_short": 1, "overlap_with_eval": 0}
+    train = docs_by_split(tmp_path / "out")["train"]
+    assert "bad \ufffd\ufffd bytes and a real \ufffd here" in train
+    assert "ctrl chars and [esc] and\nwindows" in train
+    assert "café needs NFC" in train and "short" in train
+    assert "nul inside JSON and a lone \ufffd surrogate" in train
+
+
+def test_dedup(tmp_path: Path) -> None:
+    para = sentences(5, seed=2)
+    write(tmp_path / "in" / "a.txt", "\n\n".join(para + para[:2]))
+    write(tmp_path / "in" / "b.jsonl", "\n".join(json.dumps({"text": p + "  "}) for p in para[:3]))  # dup after strip
+    m = run(tmp_path, [tmp_path / "in"], val_fraction=0, test_fraction=0)
+    assert m["documents"]["in"] == 10 and m["documents"]["out"] == 5
+    assert m["documents"]["removed"]["exact_dup"] == 5
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(para)
+    m = run(tmp_path, [tmp_path / "in"], out="nodedup", dedup=False, val_fraction=0, test_fraction=0)
+    assert m["documents"]["out"] == 10 and m["documents"]["removed"]["exact_dup"] == 0
+
+
+def test_doc_units(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.txt", "line one\nline two\n\n\nline three\n")
+    assert run(tmp_path, [path], out="p", val_fraction=0, test_fraction=0)["documents"]["in"] == 2
+    assert run(tmp_path, [path], out="l", doc_unit="line", val_fraction=0, test_fraction=0)["documents"]["in"] == 3
+    assert run(tmp_path, [path], out="f", doc_unit="file", val_fraction=0, test_fraction=0)["documents"]["in"] == 1
+    assert docs_by_split(tmp_path / "f")["train"] == ["line one\nline two\n\n\nline three"]
+
+
+def test_split_is_by_hash(tmp_path: Path) -> None:
+    paras = sentences(200, seed=3)
+    write(tmp_path / "a.txt", "\n\n".join(paras))
+    run(tmp_path, [tmp_path / "a.txt"], val_fraction=0.2, test_fraction=0.1)
+    docs = docs_by_split(tmp_path / "out")
+    for split, texts in docs.items():
+        for text in texts:
+            assert assign_split(doc_digest(text), val_fraction=0.2, test_fraction=0.1) == split
+    assert 10 < len(docs["test"]) < 35 and 25 < len(docs["val"]) < 60  # ~20 and ~40 of 200
+    assert bucket(b"\x00" * 8) == 0.0 and bucket(b"\x80" + bytes(7)) == 0.5
+
+
+def test_same_input_same_output(tmp_path: Path, corpus: Path) -> None:
+    a = run(tmp_path, [corpus], out="a", text_field="body", val_fraction=0.2, test_fraction=0.2)
+    b = run(tmp_path, [corpus], out="b", text_field="body", val_fraction=0.2, test_fraction=0.2)
+    for m in (a, b):
+        del m["created"], m["config"]["out"]
+    assert a == b
+    for name in ["tokenizer.json"] + [s for info in a["splits"].values() for s in info["shards"]]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_adding_a_file_keeps_old_documents_in_their_split(tmp_path: Path) -> None:
+    old = write(tmp_path / "in" / "old.txt", "\n\n".join(sentences(150, seed=4)))
+    run(tmp_path, [tmp_path / "in"], out="before", val_fraction=0.2, test_fraction=0.2)
+    write(tmp_path / "in" / "new.txt", "\n\n".join(sentences(150, seed=5)))
+    run(tmp_path, [tmp_path / "in"], out="after", val_fraction=0.2, test_fraction=0.2)
+    before = {d: s for s, docs in docs_by_split(tmp_path / "before").items() for d in docs}
+    after = {d: s for s, docs in docs_by_split(tmp_path / "after").items() for d in docs}
+    assert len(before) == 150 and len(after) > 150
+    assert all(after[d] == s for d, s in before.items())
+    assert set(before.values()) == {"train", "val", "test"}
+    assert old.exists()
+
+
+def test_val_and_test_inputs(tmp_path: Path) -> None:
+    paras = sentences(100, seed=6)
+    write(tmp_path / "train.txt", "\n\n".join(paras))
+    write(tmp_path / "val.txt", "\n\n".join(["val only one", paras[0], paras[1]]))  # 2 overlap with train
+    write(tmp_path / "test.jsonl", "\n".join(json.dumps({"text": t}) for t in ["test only", paras[2], "val only one"]))
+    m = run(
+        tmp_path,
+        [tmp_path / "train.txt"],
+        val_input=[str(tmp_path / "val.txt")],
+        test_input=[str(tmp_path / "test.jsonl")],
+        val_fraction=0.3,
+        test_fraction=0.3,
+    )
+    docs = docs_by_split(tmp_path / "out")
+    assert sorted(docs["val"]) == sorted(["val only one", paras[0], paras[1]])
+    assert sorted(docs["test"]) == sorted(["test only", paras[2]])  # "val only one" is a dup of a val doc
+    assert sorted(docs["train"]) == sorted(paras[3:])  # no hash split into val/test, no eval leak
+    assert m["documents"]["removed"]["overlap_with_eval"] == 3
+    assert m["documents"]["removed"]["exact_dup"] == 1
+    assert [i["role"] for i in m["inputs"]] == ["val", "test", "auto"]
+
+
+def test_val_input_only_keeps_hash_test_split(tmp_path: Path) -> None:
+    paras = sentences(100, seed=7)
+    write(tmp_path / "train.txt", "\n\n".join(paras))
+    write(tmp_path / "val.txt", "held out")
+    run(tmp_path, [tmp_path / "train.txt"], val_input=[str(tmp_path / "val.txt")], val_fraction=0.3, test_fraction=0.2)
+    docs = docs_by_split(tmp_path / "out")
+    assert docs["val"] == ["held out"]
+    expected_test = [p for p in paras if assign_split(doc_digest(p), val_fraction=0.3, test_fraction=0.2) == "test"]
+    assert sorted(docs["test"]) == sorted(expected_test) and expected_test
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "char"])
+def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> None:
+    texts = [CHINESE, "mixed 中文 English 👩‍💻🎉 and\ttabs", "天下大势，分久必合，合久必分。"] + sentences(20, seed=8)
+    write(tmp_path / "zh.txt", "\n\n".join(texts))
+    m = run(tmp_path, [tmp_path / "zh.txt"], tokenizer=tokenizer, val_fraction=0, test_fraction=0)
+    assert m["tokenizer"]["kind"] == tokenizer
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
+
+
+def test_existing_tokenizer_file_and_multiple_shards(tmp_path: Path, corpus: Path) -> None:
+    first = run(tmp_path, [corpus], text_field="body", val_fraction=0, test_fraction=0)
+    m = run(
+        tmp_path,
+        [corpus],
+        out="again",
+        text_field="body",
+        tokenizer=str(tmp_path / "out" / "tokenizer.json"),
+        shard_tokens=100,
+        val_fraction=0,
+        test_fraction=0,
+    )
+    assert m["tokenizer"]["kind"] == "file" and m["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+    assert m["splits"]["train"]["tokens"] == first["splits"]["train"]["tokens"]
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) > 2 and shards[:2] == ["train-00000.bin", "train-00001.bin"]
+    assert sorted(docs_by_split(tmp_path / "again")["train"]) == sorted(docs_by_split(tmp_path / "out")["train"])
+
+
+def test_empty_split_has_no_shards(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", "\n\n".join(sentences(10, seed=9)))
+    m = run(tmp_path, [tmp_path / "a.txt"], val_fraction=0, test_fraction=0)
+    assert m["splits"]["val"] == {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
+    assert load_data_dir(tmp_path / "out").split_shards("val") == []
+
+
+def assert_nothing_written(tmp_path: Path, out: str = "out") -> None:
+    assert not (tmp_path / out).exists()
+    assert not (tmp_path / f"{out}.tmp").exists()
+
+
+def test_binary_file_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "in" / "a.txt", "good text\n\nmore")
+    write(tmp_path / "in" / "z.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with pytest.raises(DataError, match=r"z\.txt looks like a binary file, not text; remove it from the inputs"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    random_bytes = bytes(random.Random(0).randrange(128, 256) for _ in range(4000))  # invalid UTF-8, no NUL
+    write(tmp_path / "in" / "z.txt", random_bytes)
+    with pytest.raises(DataError, match="binary"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path, [tmp_path / "nope.txt"])
+    assert_nothing_written(tmp_path)
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
+    write(tmp_path / "a.jsonl", '{"text": "ok"}\n\n{"text": "fine"}\n{broken\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:4: not valid JSON") as e:
+        run(tmp_path, [tmp_path / "a.jsonl"])
+    assert "\n" not in str(e.value)
+    assert_nothing_written(tmp_path)
+    write(tmp_path / "a.jsonl", '{"text": "ok"}\n{"content": "x"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: no field 'text' \(keys: content\).*--text-field"):
+        run(tmp_path, [tmp_path / "a.jsonl"])
+    with pytest.raises(DataError, match=r"a\.jsonl:1: .*--text-field"):
+        run(tmp_path, [tmp_path / "a.jsonl"], text_field="id")
+    assert_nothing_written(tmp_path)
+
+
+def test_no_documents(tmp_path: Path) -> None:
+    write(tmp_path / "blank.txt", "   \n\n\x00"[:-1])
+    write(tmp_path / "ws.jsonl", json.dumps({"text": "  \t "}) + "\n")
+    with pytest.raises(DataError, match="no documents"):
+        run(tmp_path, [tmp_path / "blank.txt", tmp_path / "ws.jsonl"])
+    assert_nothing_written(tmp_path)
+
+
+def test_existing_output(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", "\n\n".join(sentences(10, seed=10)))
+    run(tmp_path, [tmp_path / "a.txt"])
+    with pytest.raises(DataError, match="--overwrite"):
+        run(tmp_path, [tmp_path / "a.txt"])
+    write(tmp_path / "a.txt", "\n\n".join(sentences(12, seed=11)))
+    m = run(tmp_path, [tmp_path / "a.txt"], overwrite=True)
+    assert m["documents"]["in"] == 12 and load_data_dir(tmp_path / "out").manifest == m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+    # --overwrite never deletes a folder that is not a prepared data directory
+    write(tmp_path / "precious" / "thesis.txt", "do not delete")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        run(tmp_path, [tmp_path / "a.txt"], out="precious", overwrite=True)
+    assert (tmp_path / "precious" / "thesis.txt").exists()
+
+
+def test_stale_tmp_dir_is_replaced(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
+    write(tmp_path / "out.tmp" / "junk.bin", b"half-written")
+    run(tmp_path, [tmp_path / "a.txt"])
+    assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out" / "junk.bin").exists()
+
+
+def test_load_data_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"is not a prepared data directory \(no manifest.json\); run 'lmforge prepare"):
+        load_data_dir(tmp_path / "nothing")
+    write(tmp_path / "a.txt", "\n\n".join(sentences(40, seed=12)))
+    run(tmp_path, [tmp_path / "a.txt"], val_fraction=0.3, test_fraction=0)
+    out = tmp_path / "out"
+    data = load_data_dir(out)
+    assert data.split_shards("train") == [out / "train-00000.bin"] and data.tokenizer_path == out / "tokenizer.json"
+    with pytest.raises(DataError, match="no split 'dev'"):
+        data.split_shards("dev")
+
+    manifest = (out / "manifest.json").read_text(encoding="utf-8")
+    (out / "manifest.json").write_text(manifest.replace('"format_version": 1', '"format_version": 9'), encoding="utf-8")
+    with pytest.raises(DataError, match="format_version 9"):
+        load_data_dir(out)
+    (out / "manifest.json").write_text("{oops", encoding="utf-8")
+    with pytest.raises(DataError, match="unreadable"):
+        load_data_dir(out)
+    (out / "manifest.json").write_text(manifest, encoding="utf-8")
+    (out / "val-00000.bin").write_bytes((out / "val-00000.bin").read_bytes()[:-4])
+    with pytest.raises(DataError, match="truncated"):
+        load_data_dir(out)
+    (out / "val-00000.bin").unlink()
+    with pytest.raises(DataError, match=r"val-00000\.bin is missing"):
+        load_data_dir(out)
+
+
+def test_config_validation() -> None:
+    ok = {"inputs": ["x"], "out": "o"}
+    for bad, match in [
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"test_fraction": -0.1}, "test_fraction"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
+        ({"vocab_size": 200}, "257"),
+        ({"doc_unit": "sentence"}, "doc_unit"),
+        ({"normalize": "NFD"}, "normalize"),
+        ({"shard_tokens": 0}, "shard_tokens"),
+        ({"inputs": []}, "at least one input"),
+        ({"out": ""}, "--out"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            PrepareConfig(**{**ok, **bad})
+    assert PrepareConfig(**ok, tokenizer="char", vocab_size=10).vocab_size == 10  # vocab_size is for bpe only
+
+
+def test_clean_functions() -> None:
+    assert decode_utf8(b"ok \xef\xbf\xbd") == ("ok \ufffd", 0)
+    assert decode_utf8(b"\xe4\xb8") == ("\ufffd", 1)  # truncated multi-byte character
+    cleaned = clean_text("\ufeff a\r\nb\rc\x85d\x7f\u200de\t ", "NFC")
+    assert cleaned.text == "\ufeff a\nb\ncd\u200de"  # BOM (Cf) and ZWJ (Cf) kept; NEL (Cc, U+0085), DEL removed
+    assert cleaned.control_chars_removed == 2 and not cleaned.normalized
+    assert clean_text("ﬁ", "NFKC").text == "fi" and clean_text("ﬁ", "none").text == "ﬁ"
+    assert [length_verdict(t, 3) for t in ("", "ab", "abc")] == ["empty", "too_short", "ok"]
+    assert looks_binary(b"abc\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
+    assert not looks_binary("latin-1 caf\xe9 text is mostly valid".encode("latin-1"))
+    assert not looks_binary("满".encode()[:2])  # a character cut at the sniff boundary
+
+
+def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.data.prepare as prepare_module
+
+    write(tmp_path / "a.txt", "\n\n".join(sentences(300, seed=13)))
+    full = run(tmp_path, [tmp_path / "a.txt"], out="full", val_fraction=0, test_fraction=0)
+    monkeypatch.setattr(prepare_module, "TOKENIZER_SAMPLE_BYTES", full["splits"]["train"]["bytes"] // 3)
+    a = run(tmp_path, [tmp_path / "a.txt"], out="a", val_fraction=0, test_fraction=0)
+    b = run(tmp_path, [tmp_path / "a.txt"], out="b", val_fraction=0, test_fraction=0)
+    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] != full["tokenizer"]["sha256"]  # sampled, deterministic
+    assert a["splits"]["train"]["documents"] == 300  # sampling is for tokenizer training only
+    assert sorted(docs_by_split(tmp_path / "a")["train"]) == sorted(sentences(300, seed=13))
+
+
+def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path / "a.txt", "some text\n\nmore text")
+    prepare(PrepareConfig(inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), vocab_size=300), progress=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    (tmp_path / "plain.txt.gz").write_text("not gzip at all", encoding="utf-8")
+    with pytest.raises(DataError, match=r"plain\.txt\.gz: cannot decompress"):
+        run(tmp_path, [tmp_path / "plain.txt.gz"])
+    whole = gzip.compress(("\n\n".join(sentences(2000, seed=14))).encode("utf-8"))
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.txt\.gz: read failed"):
+        run(tmp_path, [tmp_path / "cut.txt.gz"])
+    assert_nothing_written(tmp_path)

@@ -1,0 +1,191 @@
+"""Generation: KV cache == no cache, sampling rules, seeding, sliding window, errors, streaming decode."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generate import StreamDecoder, generate, sample_next
+from lmforge.models.gpt import GPT, GPTConfig
+
+VOCAB = 96
+CONTEXT = 24
+# the switches that change attention or positions, crossed with norm/MLP (bias and tying are
+# exercised by the two extra entries)
+VARIANTS = [
+    dict(pos_emb=p, norm=n, mlp=m, n_kv_head=kv)
+    for p, n, m, kv in itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [0, 2])
+] + [dict(pos_emb="rope", bias=False, tie_embeddings=False), dict(pos_emb="learned", bias=False, n_kv_head=1)]
+
+
+def variant_id(v: dict) -> str:
+    return "-".join(f"{k}={val}" for k, val in v.items())
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and when the other core is busy every OpenMP
+    region waits for it (measured: 0.5 s instead of 6 ms per tiny forward+backward)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed: int = 0, **overrides: object) -> GPT:
+    cfg = GPTConfig(
+        **{"vocab_size": VOCAB, "max_seq_len": CONTEXT, "n_layer": 2, "n_head": 4, "d_model": 32, **overrides}
+    )
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.init_weights()
+    return model.eval()
+
+
+def greedy_reference(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """argmax of a full forward pass over the last max_seq_len tokens, one token at a time."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids[-model.cfg.max_seq_len :]]))[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+# Cache vs no cache: the same math through different kernels (SDPA with is_causal, with an explicit
+# mask, or with one query; matmuls over 1 vs T rows), so sums are reordered. Measured max |diff| is
+# 1.8e-7 on logits of size ~1 (1-2 float32 ulps); atol 1e-6 / rtol 1e-5 leaves room for other CPUs,
+# while a wrong position, mask or cache slot shows up as differences of ~1e-2.
+TOL = dict(atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_kv_cache_logits_match_full_forward(variant: dict) -> None:
+    model = tiny(**variant)
+    idx = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        full = model(idx)  # (2, 20, V)
+        cache = model.new_cache(batch_size=2)
+        torch.testing.assert_close(model(idx[:, :8], cache), full[:, :8], **TOL)  # prefill, empty cache
+        torch.testing.assert_close(model(idx[:, 8:12], cache), full[:, 8:12], **TOL)  # chunk after cached tokens
+        for t in range(12, 20):  # one-token decode
+            torch.testing.assert_close(model(idx[:, t : t + 1], cache), full[:, t : t + 1], **TOL)
+        assert cache.pos == 20
+        cache.reset()
+        torch.testing.assert_close(model(idx[:, :5], cache), full[:, :5], **TOL)
+
+
+def test_cache_overflow_is_value_error() -> None:
+    model = tiny()
+    cache = model.new_cache(batch_size=1)
+    with torch.no_grad():
+        model(torch.zeros(1, CONTEXT - 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[-3]], ids=variant_id)
+def test_generate_cache_equals_no_cache(variant: dict) -> None:
+    model = tiny(**variant)
+    prompt = [5, 17, 3, 42, 9]
+    greedy = generate(model, prompt, max_new_tokens=12, temperature=0)
+    assert greedy == generate(model, prompt, max_new_tokens=12, temperature=0, use_cache=False)
+    assert greedy == greedy_reference(model, prompt, 12)
+    sampled = generate(model, prompt, max_new_tokens=12, temperature=1.0, top_k=20, seed=7)
+    assert sampled == generate(model, prompt, max_new_tokens=12, temperature=1.0, top_k=20, seed=7, use_cache=False)
+
+
+def test_greedy_equivalents() -> None:
+    model = tiny(pos_emb="rope")
+    prompt = [1, 2, 3]
+    greedy = greedy_reference(model, prompt, 10)
+    assert generate(model, prompt, max_new_tokens=10, temperature=0) == greedy
+    assert generate(model, prompt, max_new_tokens=10, temperature=0) == greedy  # deterministic
+    assert generate(model, prompt, max_new_tokens=10, top_k=1, seed=1) == greedy
+    assert generate(model, prompt, max_new_tokens=10, top_p=1e-6, seed=2) == greedy
+
+
+def test_seeded_sampling() -> None:
+    model = tiny()
+    rng = torch.get_rng_state()
+    a = generate(model, [4, 8], max_new_tokens=20, temperature=1.0, seed=123)
+    b = generate(model, [4, 8], max_new_tokens=20, temperature=1.0, seed=123)
+    c = generate(model, [4, 8], max_new_tokens=20, temperature=1.0, seed=124)
+    assert a == b and a != c
+    assert torch.equal(torch.get_rng_state(), rng)  # a local generator; the global RNG is untouched
+
+
+def test_sliding_window_past_context() -> None:
+    """More tokens than max_seq_len: the last max_seq_len tokens are re-run without a cache."""
+    for pos_emb in ("learned", "rope"):
+        model = tiny(pos_emb=pos_emb)
+        prompt = list(range(10, 10 + CONTEXT - 4))
+        out = generate(model, prompt, max_new_tokens=15, temperature=0)
+        assert len(out) == 15
+        assert out == greedy_reference(model, prompt, 15)
+        assert out == generate(model, prompt, max_new_tokens=15, temperature=0, use_cache=False)
+    full = generate(model, list(range(CONTEXT)), max_new_tokens=3, temperature=0)  # a prompt that fills the context
+    assert full == greedy_reference(model, list(range(CONTEXT)), 3)
+
+
+def test_prompt_errors_and_eos() -> None:
+    model = tiny()
+    with pytest.raises(LmforgeError, match=f"prompt is {CONTEXT + 1} tokens but the model's context is {CONTEXT}"):
+        generate(model, list(range(CONTEXT + 1)), max_new_tokens=1)
+    with pytest.raises(LmforgeError, match="empty"):
+        generate(model, [], max_new_tokens=1)
+    with pytest.raises(LmforgeError, match="temperature"):
+        generate(model, [1], max_new_tokens=1, temperature=-1.0)
+    first = greedy_reference(model, [0], 1)[0]
+    assert generate(model, [], max_new_tokens=5, temperature=0, eos_id=0)[0] == first  # empty prompt starts at eos
+    seen: list[int] = []
+    out = generate(model, [0], max_new_tokens=5, temperature=0, eos_id=first, on_token=seen.append)
+    assert out == [first] and seen == [first]  # stops at eos, which is returned
+    assert generate(model, [0], max_new_tokens=0) == []
+
+
+def test_mode_restored_and_dtype_followed() -> None:
+    model = tiny(dropout=0.5).train()
+    a = generate(model, [1, 2], max_new_tokens=6, temperature=0)
+    assert model.training  # restored
+    assert a == generate(model.eval(), [1, 2], max_new_tokens=6, temperature=0)  # ran in eval mode (no dropout)
+    bf16 = tiny().to(torch.bfloat16)
+    assert bf16.new_cache(1).k.dtype == torch.bfloat16
+    assert len(generate(bf16, [1, 2], max_new_tokens=4, temperature=0.8, seed=0)) == 4
+
+
+def test_sample_next_filters() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(2000, 1)  # (2000, 5)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {1, 2}
+    probs = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.05, 0.05]])).repeat(2000, 1)
+    # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> {1, 2}
+    assert set(sample_next(probs, top_p=0.7, generator=g).tolist()) == {1, 2}
+    assert set(sample_next(probs, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    assert sample_next(logits[:3], temperature=0).tolist() == [1, 1, 1]
+    counts = torch.bincount(sample_next(probs, generator=g), minlength=5) / 2000
+    torch.testing.assert_close(counts, probs[0].exp(), atol=0.04, rtol=0)  # draws follow softmax(logits)
+
+
+def test_stream_decoder_utf8_split_across_byte_tokens() -> None:
+    text = "héllo, 世界 🙂!"
+
+    def decode(ids: list[int]) -> str:  # a byte-level tokenizer: one token per byte
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    ids = list(text.encode("utf-8"))
+    assert len(ids) > len(text)  # multi-byte characters really are split across tokens
+    stream = StreamDecoder(decode)
+    pieces = [stream.feed(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+    assert "" in pieces  # the first bytes of 世 / 🙂 were held back
+    assert stream.flush() == ""
+
+    truncated = StreamDecoder(decode)  # a stream that ends mid-character shows the replacement at flush
+    out = "".join(truncated.feed(i) for i in "a🙂".encode()[:3])
+    assert out == "a" and truncated.flush() == "\ufffd"

@@ -1,0 +1,124 @@
+"""Exact resume: a run interrupted and resumed ends bit-identical (weights and logged numbers) to a
+straight run; SIGINT saves and exits 130; SIGKILL at any moment leaves a loadable checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import latest_checkpoint, load_checkpoint
+from lmforge.log import read_metrics
+from lmforge.train.run import pretrain
+from tests.conftest import REPO, run_cli, tiny_config
+
+# Numbers that depend on the run's history, not on wall-clock.
+DETERMINISTIC = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "val_bpb", "val_ppl")
+
+
+def _numbers(run):
+    return [{k: r[k] for k in DETERMINISTIC if k in r} for r in read_metrics(run / "metrics.jsonl")]
+
+
+def _final_weights(run):
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+def _assert_same_run(a, b):
+    wa, wb = _final_weights(a), _final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), f"{k} differs"  # bitwise, not approximately
+    assert _numbers(a) == _numbers(b)
+
+
+def test_resume_from_checkpoint_is_bit_identical(data_dir, tmp_path):
+    overrides = {"model.dropout": 0.1, "train.micro_batch_size": 4}  # dropout + accumulation: RNG and loader matter
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(data_dir, straight, **overrides), progress=False)
+
+    # A crash right after the step-6 checkpoint: keep that one, drop what came later, re-run.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000012")
+    (crashed / "checkpoints" / "latest").write_text("step-000006\n", encoding="utf-8")
+    state = pretrain(tiny_config(data_dir, crashed, **overrides), progress=False)
+    assert state.step == 12
+    _assert_same_run(straight, crashed)
+
+
+def test_different_model_config_on_existing_run_is_an_error(data_dir, tmp_path):
+    from lmforge.errors import ConfigError
+
+    pretrain(tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 2}), progress=False)
+    with pytest.raises(ConfigError, match="different model config.*--overwrite"):
+        pretrain(tiny_config(data_dir, tmp_path / "run", **{"model.n_layer": 3}), progress=False)
+    state = pretrain(tiny_config(data_dir, tmp_path / "run", **{"model.n_layer": 3}), overwrite=True, progress=False)
+    assert state.step == 12
+
+
+def _pretrain_args(data_dir, out, steps, every):
+    return [
+        "pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
+        "--model.n_layer", "2", "--model.d_model", "32", "--model.max_seq_len", "32",
+        "--train.batch_size", "8", "--train.max_steps", str(steps), "--train.log_every", "1",
+        "--eval.every", "50", "--eval.max_batches", "2", "--checkpoint.every", str(every), "--checkpoint.keep", "2",
+    ]  # fmt: skip
+
+
+def _start(args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmforge", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_steps(run, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return
+        if len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) >= n:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigint_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_path):
+    """Three processes (~20 s): a straight run, an interrupted one, and its resumption."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    steps = 200
+    assert run_cli(*_pretrain_args(data_dir, straight, steps, 80), "--quiet").returncode == 0
+
+    proc = _start(_pretrain_args(data_dir, interrupted, steps, 80))
+    _wait_for_steps(interrupted, 20, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    step = load_checkpoint(interrupted).meta["step"]
+    assert 20 <= step < steps  # saved where it stopped, not at a periodic checkpoint
+
+    resumed = run_cli(*_pretrain_args(data_dir, interrupted, steps, 80), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(straight, interrupted)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    """Checkpoint every step and SIGKILL at an arbitrary moment, several times (~15 s)."""
+    run = tmp_path / "run"
+    for target in (5, 12, 20):
+        proc = _start(_pretrain_args(data_dir, run, 100000, 1))
+        _wait_for_steps(run, target, proc)
+        time.sleep(0.01 * target)  # land somewhere inside a step or a save
+        proc.kill()
+        proc.wait(timeout=30)
+        ckpt = load_checkpoint(run)  # verifies sizes and sha256 of every file
+        assert ckpt.meta["step"] >= 1
+    result = run_cli("eval", str(run), "--json", "--max-batches", "2")
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,159 @@
+"""Tokenizer training, round trips (CJK, emoji, whitespace), save/load, token_bytes, fingerprint."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.tokenizer import Tokenizer, bytes_to_unicode
+from lmforge.tokenizer.train import train_bpe, train_char
+
+WORDS = "the quick brown fox jumps over lazy dog and cat sat on a mat while it rained all day long".split()
+CHINESE = "满纸荒唐言，一把辛酸泪！都云作者痴，谁解其中味？"
+
+SAMPLES = [
+    "Hello, world! The quick brown fox.",
+    "满纸荒唐言，一把辛酸泪",
+    "👩‍💻🎉 emoji with ZWJ and flags 🇫🇷",
+    "mixed 中文 and English, 日本語 too; Ελληνικά, русский, عربى",
+    "  leading spaces\n\n\ttabs\t\tand   runs of   spaces\n\n\n",
+    "\r\nwindows newlines\r\n and a lone \r carriage return",
+    "literal special token <|endoftext|> inside text <0x41>",
+    "",
+]
+
+
+def corpus(n: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(n)]
+    docs += [CHINESE * 2, "天下大势，分久必合，合久必分。"]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return train_bpe(iter(corpus()), 300)
+
+
+@pytest.fixture(scope="module")
+def char() -> Tokenizer:
+    return train_char(iter(corpus()))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip(request: pytest.FixtureRequest, kind: str, text: str) -> None:
+    tok: Tokenizer = request.getfixturevalue(kind)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.eos_id not in ids  # the literal "<|endoftext|>" in text is text, not the special id
+
+
+def test_bpe_basics(bpe: Tokenizer) -> None:
+    assert bpe.vocab_size == 300
+    assert bpe.eos_id == 0
+    assert bpe.id_to_token(bpe.eos_id) == Tokenizer.EOS
+    # merges were learned: common words take fewer tokens than bytes
+    assert len(bpe.encode("the quick brown fox")) < len(b"the quick brown fox")
+    assert bpe.decode([*bpe.encode("a"), bpe.eos_id]) == "a" + Tokenizer.EOS
+    assert bpe.decode([*bpe.encode("a"), bpe.eos_id], skip_special_tokens=True) == "a"
+
+
+def test_bpe_vocab_too_small() -> None:
+    with pytest.raises(ConfigError, match="257"):
+        train_bpe(iter(["x"]), 100)
+
+
+def test_char_vocab_is_sorted_characters(char: Tokenizer) -> None:
+    chars = sorted(set("".join(corpus())))
+    assert char.vocab_size == 1 + 256 + len(chars)
+    assert char.eos_id == 0
+    assert [char.id_to_token(i) for i in range(1, 4)] == ["<0x00>", "<0x01>", "<0x02>"]
+    assert [char.id_to_token(257 + i) for i in range(len(chars))] == chars
+    # one token per seen character; unseen ones fall back to their UTF-8 bytes
+    assert len(char.encode("the cat")) == 7
+    assert len(char.encode("€")) == 3
+    assert char.decode(char.encode("unseen: €Ωж🙂")) == "unseen: €Ωж🙂"
+
+
+def test_char_vocab_cap_keeps_most_frequent() -> None:
+    tok = train_char(iter(["aaaabbbccd"]), vocab_size=257 + 2)
+    assert tok.vocab_size == 259
+    assert {tok.id_to_token(257), tok.id_to_token(258)} == {"a", "b"}
+    assert tok.decode(tok.encode("abcd")) == "abcd"
+
+
+def test_same_corpus_same_tokenizer() -> None:
+    assert train_bpe(iter(corpus()), 300).fingerprint == train_bpe(iter(corpus()), 300).fingerprint
+    assert train_char(iter(corpus())).fingerprint == train_char(iter(corpus())).fingerprint
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_save_load_identical(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> None:
+    tok: Tokenizer = request.getfixturevalue(kind)
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    assert not (tmp_path / "tokenizer.json.tmp").exists()
+    loaded = Tokenizer.load(path)
+    assert Tokenizer.load(tmp_path).fingerprint == tok.fingerprint  # a folder holding tokenizer.json works too
+    for text in SAMPLES:
+        assert loaded.encode(text) == tok.encode(text)
+    assert loaded.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)
+    assert loaded.fingerprint == tok.fingerprint
+    assert Tokenizer.from_str(tok.to_str()).fingerprint == tok.fingerprint
+    # the file is a plain HF tokenizer.json
+    assert HFTokenizer.from_file(str(path)).get_vocab_size() == tok.vocab_size
+    assert json.loads(path.read_text(encoding="utf-8"))["model"]["type"] == "BPE"
+
+
+def test_fingerprint_differs(bpe: Tokenizer, char: Tokenizer) -> None:
+    other = train_bpe(iter(corpus(seed=1) + ["zzz zzz zzz"] * 50), 300)
+    assert len({bpe.fingerprint, char.fingerprint, other.fingerprint}) == 3
+    assert len(bpe.fingerprint) == 64
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_token_bytes_sum_to_text_bytes(request: pytest.FixtureRequest, kind: str) -> None:
+    tok: Tokenizer = request.getfixturevalue(kind)
+    table = tok.token_bytes()
+    assert table.dtype == np.int64 and table.shape == (tok.vocab_size,)
+    assert table[tok.eos_id] == 0
+    for text in SAMPLES + corpus(20, seed=3) + ["unseen €Ωж🙂"]:
+        ids = tok.encode(text)
+        assert int(table[ids].sum()) == len(text.encode("utf-8")), text
+    assert int(table[[*tok.encode("ab"), tok.eos_id]].sum()) == 2
+
+
+def test_byte_table_is_a_bijection() -> None:
+    table = bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+
+
+def test_load_foreign_hf_tokenizer(tmp_path: Path) -> None:
+    # a WordLevel tokenizer with an </s> token: loads, and eos falls back to </s>
+    hf = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "</s>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "foreign.json"
+    hf.save(str(path))
+    tok = Tokenizer.load(path)
+    assert tok.encode("hello world") == [0, 1]
+    assert tok.eos_id == 2
+    assert tok.token_bytes().tolist() == [5, 5, 4, 5]
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        Tokenizer.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match="not a valid tokenizer.json") as e:
+        Tokenizer.load(bad)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,168 @@
+"""The training loop: schedules, accumulation == big batch, clipping, decay groups, L1, early stopping,
+time budget, and that a tiny model actually learns real text."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_checkpoint
+from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.log import RunLogger, read_metrics
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.loop import train
+from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.precision import pick_precision
+from lmforge.train.run import pretrain
+from lmforge.train.schedule import lr_at
+from lmforge.train.state import TrainState
+from tests.conftest import tiny_config
+
+
+def test_schedules():
+    kw = dict(lr=1.0, final_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)  # warmup starts above 0
+    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)  # half way: mean of peak and floor
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(35, schedule="linear", **kw) == pytest.approx(1.0 - 0.9 * 0.25)
+    assert lr_at(100, schedule="constant", **kw) == 1.0
+    values = [lr_at(s, schedule="cosine", **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone decay
+
+
+def _model(seed: int = 0, **cfg) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=16, **cfg))
+    model.init_weights()
+    return model
+
+
+def _run_loop(model, batches, *, batch_size, micro, optim_cfg=None, steps=2, lr=1e-2):
+    cfg = TrainConfig(
+        max_steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr, warmup_steps=0, schedule="constant"
+    )
+    optim_cfg = optim_cfg or OptimConfig()
+    precision = pick_precision(torch.device("cpu"), "float32")
+    optimizer = build_optimizer(model, optim_cfg, lr=lr, device=torch.device("cpu"))
+    log = RunLogger(None, max_steps=steps, start_step=0, enabled=False)
+    return train(
+        model,
+        optimizer,
+        iter(batches),
+        cfg=cfg,
+        optim_cfg=optim_cfg,
+        eval_cfg=EvalConfig(every=0),
+        ckpt_cfg=CheckpointConfig(every=0),
+        precision=precision,
+        state=TrainState(),
+        log=log,
+        save=lambda st: None,
+    )
+
+
+def _random_batches(n_seqs: int, seq: int = 12, seed: int = 1, ignore_frac: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 40, (n_seqs, seq), generator=g)
+    y = torch.randint(0, 40, (n_seqs, seq), generator=g)
+    # uneven numbers of ignored targets per sequence, so per-micro-batch means would be wrong
+    y[torch.rand(n_seqs, seq, generator=g) < ignore_frac] = -100
+    y[0, :] = -100
+    return x, y
+
+
+def test_accumulation_equals_big_batch():
+    x, y = _random_batches(16)
+    big = _model()
+    small = _model()
+    # SGD: the update is linear in the gradient. (AdamW would blow float noise in the key bias's
+    # gradient, which is exactly zero in real arithmetic, up to full-size steps.)
+    sgd = OptimConfig(name="sgd", momentum=0.9, weight_decay=0.1, grad_clip=1.0)
+    _run_loop(big, [(x[:8], y[:8]), (x[8:], y[8:])], batch_size=8, micro=8, optim_cfg=sgd, lr=0.5)
+    small_batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 16, 2)]
+    _run_loop(small, small_batches, batch_size=8, micro=2, optim_cfg=sgd, lr=0.5)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(big.parameters(), _model().parameters(), strict=True)
+    )  # it trained
+    for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters(), strict=True):
+        # float32 sums in a different order: agreement to ~1e-6 relative, not bitwise
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_bounds_the_update():
+    x, y = _random_batches(4, ignore_frac=0.0)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip=1e-3)
+    state = _run_loop(model, [(x, y)], batch_size=4, micro=4, optim_cfg=opt, steps=1, lr=1.0)
+    assert state.step == 1
+    delta = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True)))
+    assert float(delta) == pytest.approx(1e-3, rel=1e-3)  # SGD step of lr * clipped grad
+
+
+def test_decay_groups_exclude_norms_and_biases():
+    model = _model()
+    decayed, plain = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_l1_penalty_shrinks_weights():
+    x, y = _random_batches(4, ignore_frac=0.0)
+    opt0 = OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip=0.0)
+    opt1 = OptimConfig(name="sgd", momentum=0.0, weight_decay=1e-9, grad_clip=0.0, l1=0.5)
+    a, b = _model(), _model()
+    _run_loop(a, [(x, y)], batch_size=4, micro=4, optim_cfg=opt0, steps=1, lr=0.01)
+    _run_loop(b, [(x, y)], batch_size=4, micro=4, optim_cfg=opt1, steps=1, lr=0.01)
+    # the L1 gradient is l1 * sign(w): each decayed weight moves lr * 0.5 further towards zero
+    la = sum(p.abs().sum() for p in a.parameters() if p.dim() >= 2)
+    lb = sum(p.abs().sum() for p in b.parameters() if p.dim() >= 2)
+    assert float(lb) < float(la)
+
+
+def test_tiny_model_learns_real_text(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 60, "eval.every": 30})
+    state = pretrain(cfg, progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    vocab = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["model"]["vocab_size"]
+    assert train_losses[0] == pytest.approx(math.log(vocab), rel=0.15)  # starts near uniform
+    assert vals[-1] < train_losses[0] - 0.8  # and really learns
+    assert state.step == 60 and state.stop_reason == "max_steps"
+    for r in records:
+        if "loss" in r:
+            assert {"step", "loss", "lr", "tokens_per_s", "mfu", "elapsed_s"} <= r.keys()
+        else:
+            assert {"step", "val_loss", "val_bpb"} <= r.keys()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_early_stopping(data_dir, tmp_path):
+    cfg = tiny_config(
+        data_dir,
+        tmp_path / "run",
+        **{
+            "train.max_steps": 100,
+            "eval.every": 2,
+            "train.early_stop_patience": 2,
+            "train.early_stop_min_delta": 100.0,  # nothing counts as an improvement after the first eval
+        },
+    )
+    state = pretrain(cfg, progress=False)
+    assert state.stop_reason == "early_stop" and state.step == 6 and state.best_step == 2
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["step"] == 6
+
+
+def test_time_budget_stops_and_saves(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 100000, "train.time_budget": 1.0})
+    state = pretrain(cfg, progress=False)
+    assert state.stop_reason == "time_budget" and 0 < state.step < 100000
+    assert load_checkpoint(tmp_path / "run").meta["step"] == state.step
