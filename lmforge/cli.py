@@ -124,6 +124,9 @@ def build_parser() -> Parser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     return parser
 
@@ -182,9 +185,11 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
             use_cache=not args.no_cache,
+            stop_at_eos=not args.ignore_eos,
             device=args.device,
             stream=sys.stdout,
         )
+        print()
     return 0
 
 

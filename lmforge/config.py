@@ -186,6 +186,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
         return _coerce(value, args[0], key)
+    if origin is list:  # list[str] (e.g. input paths); a single string is a one-item list
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -217,13 +217,15 @@ def generate_from_checkpoint(
     top_p: float = 1.0,
     seed: int | None = None,
     use_cache: bool = True,
+    stop_at_eos: bool = True,
     device: str = "auto",
     stream: TextIO | None = None,
 ) -> str:
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
     The prompt is encoded with the checkpoint's tokenizer (an empty prompt starts a new document
-    after an end-of-text token); generation stops at end-of-text. With `stream`, the prompt and then
+    after an end-of-text token); generation stops at end-of-text unless `stop_at_eos` is False, in which
+    case it runs on into new documents, shown separated by a blank line. With `stream`, the prompt and then
     each completed piece of the continuation are written to it as they come (no trailing newline).
 
     Returns:
@@ -240,7 +242,18 @@ def generate_from_checkpoint(
     eos_id = tokenizer.eos_id
     prompt_ids = _check_prompt(tokenizer.encode(prompt), trained.model.cfg.max_seq_len, eos_id)
     _check_sampling(temperature, top_k, top_p)
-    decoder = StreamDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+    def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped
+        docs, current = [], []
+        for i in ids:
+            if i == eos_id:
+                docs.append(current)
+                current = []
+            else:
+                current.append(i)
+        return "\n\n".join(tokenizer.decode(d, skip_special_tokens=True) for d in [*docs, current])
+
+    decoder = StreamDecoder(decode)
 
     def on_token(token: int) -> None:
         if stream is not None:
@@ -259,10 +272,10 @@ def generate_from_checkpoint(
         top_p=top_p,
         seed=seed,
         use_cache=use_cache,
-        eos_id=eos_id,
+        eos_id=eos_id if stop_at_eos else None,
         on_token=on_token,
     )
     if stream is not None:
         stream.write(decoder.flush())
         stream.flush()
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return decode(new[:-1] if stop_at_eos and new and new[-1] == eos_id else new)

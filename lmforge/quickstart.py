@@ -62,7 +62,14 @@ def quickstart(
 
     print(f"[4/4] sample (prompt {PROMPT!r}, temperature 0.8, top-k 50, seed 0):\n")
     generate_from_checkpoint(
-        out, prompt=PROMPT, max_new_tokens=300, temperature=0.8, top_k=50, seed=0, stream=sys.stdout
+        out,
+        prompt=PROMPT,
+        max_new_tokens=400,
+        temperature=0.8,
+        top_k=50,
+        seed=0,
+        stop_at_eos=False,
+        stream=sys.stdout,
     )
     run = Path(out)
     print(

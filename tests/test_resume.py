@@ -3,6 +3,7 @@ straight run; SIGINT saves and exits 130; SIGKILL at any moment leaves a loadabl
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -73,7 +74,12 @@ def _pretrain_args(data_dir, out, steps, every):
 
 def _start(args):
     return subprocess.Popen(
-        [sys.executable, "-m", "lmforge", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "lmforge", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
