@@ -107,6 +107,7 @@ def train(
     elapsed_before = state.elapsed_s
     interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
     last_saved_step = state.step
+    state.stop_reason = ""  # a resumed or continued run starts unstopped
     model.train()
 
     with StopSignal() as stop:

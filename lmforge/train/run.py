@@ -144,7 +144,6 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         ckpt.load_optimizer(optimizer)
         loader.load_state_dict(ckpt.meta["loader"])
         state = TrainState.from_dict(ckpt.meta["train_state"])
-        state.stop_reason = ""
         set_rng_state(ckpt.meta["rng"])
         truncate_metrics(metrics_path, state.step)
     elif metrics_path.exists():
