@@ -1,6 +1,7 @@
 """Config: defaults, preset < TOML < CLI precedence, strict keys with did-you-mean, types, JSON round trip."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,11 @@ def test_every_preset_loads(name):
 def test_every_field_has_help():
     for key, text, _ in help_lines():
         assert text, f"{key} has no help text"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "configs").glob("*.toml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(config_file=path)
+    assert cfg.preset, f"{path.name} should name the preset it builds on"
