@@ -79,7 +79,7 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # a writable handle: Windows refuses to flush a read-only one
     try:
         os.fsync(fd)
     finally:

@@ -392,10 +392,11 @@ def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = 
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
         origin = typing.get_origin(tp)
-        if origin is list:
-            kwargs.update(
-                nargs="+", default=default, metavar=f.name.upper().rstrip("S") if f.name in positional else "PATH"
-            )
+        if origin is list and f.name in positional:
+            kwargs.update(nargs="+", default=default, metavar=f.name.upper().rstrip("S"))
+        elif origin is list:  # repeatable flag, one value each, so it never swallows positional arguments
+            kwargs.update(action="append", default=None, metavar="PATH")
+            kwargs["help"] += " (repeat the flag for several)"
         elif tp is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         elif origin is Literal:
@@ -414,4 +415,5 @@ def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = 
 
 def dataclass_from_namespace(cls: type, namespace: Any) -> Any:
     """Build `cls` from the attributes `add_dataclass_args` defined (validation runs as usual)."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**{k: v for k, v in values.items() if v is not None})
