@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
+from lmforge.atomic import atomic_write_text, write_json
 from lmforge.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -44,20 +45,6 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 # ---------------------------------------------------------------------------------------------
 # small file helpers
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file + fsync + os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -19,6 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lmforge.atomic import atomic_write_text
+
 
 def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
@@ -69,11 +71,7 @@ def truncate_metrics(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= max_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
 class RunLogger:

@@ -94,7 +94,8 @@ def _wait_for_steps(run, n, proc, timeout=120):
 
 
 @pytest.mark.slow
-def test_sigint_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_path, signum):
     """Three processes (~20 s): a straight run, an interrupted one, and its resumption."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     steps = 200
@@ -102,7 +103,7 @@ def test_sigint_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_pa
 
     proc = _start(_pretrain_args(data_dir, interrupted, steps, 80))
     _wait_for_steps(interrupted, 20, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "re-run the same command to resume" in err and "Traceback" not in err

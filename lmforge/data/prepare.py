@@ -45,6 +45,7 @@ from typing import Any, get_args
 import numpy as np
 from tqdm import tqdm
 
+from lmforge.atomic import write_json
 from lmforge.data.clean import CleanStats, Normalization, clean_text, length_verdict
 from lmforge.data.ingest import DocUnit, read_documents, resolve_inputs
 from lmforge.data.shards import ShardWriter, dtype_for_vocab, read_header
@@ -363,16 +364,6 @@ def _encode_split(
         raise
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Turn raw text files into a prepared data directory (see the module docstring).
 
@@ -465,7 +456,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "splits": splits,
         }
         tok.save(tmp / TOKENIZER)
-        _write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)
 
         # Swap into place: the old directory (if any) is moved aside first, so <out> is never partial.
         if out.exists():

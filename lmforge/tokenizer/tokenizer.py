@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from lmforge.atomic import atomic_write_text
 from lmforge.errors import DataError
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -109,13 +109,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically (`path.tmp`, then `os.replace`)."""
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_str())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write_text(path, self.to_str())
 
     # ---------------------------------------------------------------- encode / decode
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from lmforge.atomic import write_json
 from lmforge.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     set_rng_state,
-    write_json,
 )
 from lmforge.config import RunConfig
 from lmforge.data.loader import TokenLoader, eval_batches
