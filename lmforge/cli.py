@@ -21,6 +21,8 @@ TOUR = """commands:
   pretrain     train a GPT on a prepared data directory (resumes when re-run on the same --out)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
+  export       write a run as a Hugging Face model directory (GPT-2 or Llama style)
+  import       turn a local Hugging Face GPT-2/Llama directory into an lmforge run
 
 run 'lmforge COMMAND --help' for a command's options."""
 
@@ -128,6 +130,28 @@ def build_parser() -> Parser:
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+
+    p = sub.add_parser(
+        "export",
+        help="write a run or checkpoint as a Hugging Face model directory",
+        description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
+        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models).",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--to", default="hf", choices=["hf"], help="target format (default: hf)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
+
+    p = sub.add_parser(
+        "import",
+        help="turn a local Hugging Face GPT-2/Llama directory into an lmforge run",
+        description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
+        "and write a run directory that eval/generate load.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     return parser
 
 
@@ -190,6 +214,17 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             stream=sys.stdout,
         )
         print()
+    elif args.command == "export":
+        from lmforge.export.hf import export_hf, verify_hf
+
+        out = export_hf(args.run, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}")
+        if args.verify:
+            print(f"transformers loads it; max |logit difference| = {verify_hf(args.run, out):.3g}")
+    elif args.command == "import":
+        from lmforge.export.hf import import_hf
+
+        print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     return 0
 
 

@@ -101,6 +101,8 @@ def evaluate_checkpoint(
 
     precision = pick_precision(pick_device(device), "auto")
     trained = load_trained(path, precision.device)
+    if not (data_dir or trained.config.data.dir):
+        raise DataError(f"{path} does not name its training data (an imported model?); pass --data DATA_DIR")
     data = load_data_dir(data_dir or trained.config.data.dir)
     manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")
     if manifest_tok != trained.tokenizer.fingerprint:

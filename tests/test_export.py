@@ -1,0 +1,375 @@
+"""HF export/import: our tiny GPTs vs `transformers` loading the exported directories (logits, greedy
+generation, tokenizer), export -> import round trips, models built by `transformers` -> import, errors.
+
+All offline on CPU with tiny random models (n_layer 2, d_model 32-64, n_head 4, vocab ~300). Random
+init leaves norm weights at 1 and biases at 0, where a swapped or dropped norm/bias mapping would
+go unnoticed, so every 1-D parameter is perturbed before export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_trained, save_checkpoint
+from lmforge.config import RunConfig
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.export.hf import export_hf, import_hf, verify_hf
+from lmforge.generate import generate, generate_from_checkpoint
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.train.state import TrainState
+from tests.conftest import tiny_config
+
+# Local directories only: never let huggingface_hub try the network (there is none, and retries are slow).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+VARIANTS = {
+    "gpt2": dict(),  # learned positions, layernorm, gelu, biases, tied head
+    "gpt2-nobias-untied": dict(bias=False, tie_embeddings=False),
+    "llama": dict(LLAMA),
+    "llama-gqa-untied": dict(LLAMA, n_kv_head=2, tie_embeddings=False),
+    "llama-bias-d64": dict(LLAMA, bias=True, d_model=64, rope_theta=500.0),
+}
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, twice.",
+    "敏捷的棕色狐狸跳过了懒狗。你好，世界！",
+    "Emoji: 🦊🐶🎉 and a family 👨‍👩‍👧 — café naïve.",
+]
+CONTEXT = 32
+# Same float32 math on both sides (HF's Conv1D is addmm on the transposed weight; Llama's separate
+# q/k/v and gate/up matmuls compute slices of our fused ones). Measured max |diff| on this CPU
+# (torch 2.13, transformers 5.23, 1 and 2 threads): 0.0 for every variant, both directions, logits up
+# to ~10 in size. atol/rtol 1e-5 (~100 float32 ulps at 1.0) leave room for BLAS kernels that block the
+# fused and split matmuls differently on other CPUs; the mapping mistakes tried while writing this
+# (gate/up swapped, a Conv1D transpose dropped, ln_1/ln_2 swapped) moved logits by 3e-3 to 2e-2.
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    corpus = [f"{t} {i}" for i in range(30) for t in TEXTS] + ["the lazy dog " * 20, "你好世界 " * 20]
+    return train_bpe(corpus, vocab_size=300)
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights and biases away from 1 and 0, so their mapping is tested too."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def make_run(root: Path, tokenizer: Tokenizer, *, seed: int = 0, **overrides: object) -> Path:
+    """A run directory holding one weights-only checkpoint of a seeded random GPT."""
+    model_cfg = GPTConfig(
+        **{"vocab_size": tokenizer.vocab_size, "max_seq_len": CONTEXT, "n_layer": 2, "n_head": 4, "d_model": 32}
+        | overrides
+    )
+    cfg = RunConfig(out=str(root), model=model_cfg)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg)
+    model.init_weights()
+    perturb_(model, seed)
+    state = TrainState(step=7, tokens=7 * 8 * CONTEXT)
+    save_checkpoint(
+        root,
+        step=7,
+        model=model,
+        optimizer=None,
+        state={"train_state": state.to_dict(), "config": cfg.to_dict()},
+        tokenizer_json=tokenizer.to_str(),
+    )
+    return root
+
+
+def hf_model(path: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# export -> transformers
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, **VARIANTS[variant])
+    out = export_hf(run, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    ours = load_trained(run, torch.device("cpu")).model
+    theirs = hf_model(out)
+    family = "gpt2" if variant.startswith("gpt2") else "llama"
+    assert theirs.config.model_type == family
+    assert theirs.config.tie_word_embeddings == ours.cfg.tie_embeddings
+    tied = theirs.lm_head.weight.data_ptr() == theirs.get_input_embeddings().weight.data_ptr()
+    assert tied == ours.cfg.tie_embeddings
+    idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(idx)
+        torch.testing.assert_close(theirs(idx).logits, expected, **TOL)
+        # a prefix alone gives the prefix's logits in both (causal attention, same position offsets)
+        torch.testing.assert_close(theirs(idx[:, :5]).logits, expected[:, :5], **TOL)
+    assert verify_hf(run, out) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-untied"])
+def test_greedy_generation_matches_transformers(variant: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    # init_std 0.3 gives peaked logits: an argmax that is not decided by a 1e-7 rounding difference,
+    # and a varied continuation rather than one token repeated
+    run = make_run(tmp_path / "run", bpe, init_std=0.3, **VARIANTS[variant])
+    out = export_hf(run, tmp_path / "hf")
+    ours = load_trained(run, torch.device("cpu")).model
+    prompt = bpe.encode("The quick")
+    n_new = CONTEXT - len(prompt)  # up to the context: HF has no sliding window past it
+    new = generate(ours, prompt, max_new_tokens=n_new, temperature=0, eos_id=bpe.eos_id)
+    assert len(set(new)) > 3  # not a degenerate repeat
+    theirs = hf_model(out)
+    ids = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new)
+    assert ids[0, len(prompt) :].tolist() == new
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_autotokenizer_matches_ours(kind: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    # the char vocabulary lacks the emoji and most Chinese characters: those go through byte fallback
+    tokenizer = bpe if kind == "bpe" else train_char([TEXTS[0], "敏捷的狐狸"])
+    out = export_hf(make_run(tmp_path / "run", tokenizer), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok.eos_token == hf_tok.pad_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.eos_id
+    assert hf_tok.model_max_length == CONTEXT
+    for text in [*TEXTS, "  leading spaces, trailing . ,  \n\nnew lines"]:
+        ids = tokenizer.encode(text)
+        assert hf_tok(text)["input_ids"] == ids  # default call: no special tokens added
+        assert hf_tok.decode(ids) == text == tokenizer.decode(ids)
+
+
+def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path) -> None:
+    from lmforge.train.run import pretrain
+
+    overrides = {"train.max_steps": 2, "eval.every": 2, "eval.max_batches": 1, "checkpoint.every": 2}
+    cfg = tiny_config(data_dir, tmp_path / "run", **overrides)
+    state = pretrain(cfg, progress=False)
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open(encoding="utf-8")]
+    val = [r for r in val if "val_loss" in r][-1]
+    assert str(Path(data_dir).resolve()) in card
+    assert f"| steps | {state.step} |" in card and f"| tokens seen | {state.tokens:,} |" in card
+    assert f"{val['val_loss']:.4f}" in card and f"{val['val_bpb']:.4f}" in card
+    assert '"n_layer": 2' in card  # the lmforge config
+    generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
+    assert generation["max_length"] == CONTEXT and generation["eos_token_id"] == 0
+    assert verify_hf(tmp_path / "run", out) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# import
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_import_round_trip_is_bitwise(variant: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, **VARIANTS[variant])
+    export_hf(run, tmp_path / "hf")
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    a, b = load_trained(run, torch.device("cpu")), load_trained(imported, torch.device("cpu"))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    for field in ("n_layer", "n_head", "kv_heads", "d_model", "ff_dim", "bias", "tie_embeddings", "norm_eps"):
+        assert getattr(a.config.model, field) == getattr(b.config.model, field), field
+    assert b.config.model.rope_theta == a.config.model.rope_theta or a.config.model.pos_emb == "learned"
+    assert b.tokenizer.fingerprint == bpe.fingerprint
+    assert json.loads((imported / "config.json").read_text(encoding="utf-8"))["data"]["dir"] == ""
+    assert b.checkpoint.meta["train_state"]["step"] == 0 and "optimizer" not in b.checkpoint.meta
+    # the imported run is an ordinary run: it generates, and exports again to the same tensors
+    text = generate_from_checkpoint(imported, prompt="The quick", max_new_tokens=5, temperature=0, device="cpu")
+    assert isinstance(text, str)
+    again = export_hf(imported, tmp_path / "hf2")
+    from safetensors.torch import load_file
+
+    first, second = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _hf_gpt2(bpe: Tokenizer, **overrides: object) -> torch.nn.Module:
+    config = transformers.GPT2Config(
+        **{
+            "vocab_size": bpe.vocab_size + 3,  # a model vocabulary larger than the tokenizer's, as padded ones are
+            "n_positions": CONTEXT,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "activation_function": "gelu",
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        }
+        | overrides
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _hf_llama(bpe: Tokenizer, **overrides: object) -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        **{
+            "vocab_size": bpe.vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": CONTEXT,
+            "rope_theta": 1000.0,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        }
+        | overrides
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gpt2", "gpt2-untied-bin", "llama-gqa", "llama-tied-bias"],
+)
+def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model = _hf_gpt2(bpe)
+    elif name == "gpt2-untied-bin":
+        model = _hf_gpt2(bpe, tie_word_embeddings=False)
+    elif name == "llama-gqa":
+        model = _hf_llama(bpe)
+    else:
+        model = _hf_llama(bpe, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    perturb_(model, seed=3)
+    hf_dir = tmp_path / "hf"
+    if name.endswith("-bin"):  # the legacy pickle format, read with torch.load(weights_only=True)
+        hf_dir.mkdir()
+        model.config.save_pretrained(hf_dir)
+        torch.save(model.state_dict(), hf_dir / "pytorch_model.bin")
+    else:
+        model.save_pretrained(hf_dir)
+    bpe.save(hf_dir / "tokenizer.json")
+    run = import_hf(hf_dir, tmp_path / "run")
+    ours = load_trained(run, torch.device("cpu"))
+    assert ours.model.cfg.tie_embeddings == model.config.tie_word_embeddings
+    assert ours.model.cfg.bias == (name != "llama-gqa")  # perturbed GPT-2 biases: not taken for a bias-free model
+    idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(idx), model.eval()(idx).logits, **TOL)
+
+
+def test_import_warns_on_tanh_gelu_and_detects_bias_free_gpt2(bpe: Tokenizer, tmp_path: Path) -> None:
+    model = _hf_gpt2(bpe, activation_function="gelu_new")  # OpenAI GPT-2's setting; HF inits biases to 0
+    model.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    with pytest.warns(UserWarning, match="tanh approximation"):
+        run = import_hf(tmp_path / "hf", tmp_path / "run")
+    assert load_trained(run, torch.device("cpu")).model.cfg.bias is False
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+def one_line(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unsupported_variants_are_one_line_errors(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, pos_emb="rope")  # rope + layernorm + gelu
+    with pytest.raises(LmforgeError) as excinfo:
+        export_hf(run, tmp_path / "hf")
+    message = one_line(excinfo)
+    assert "only GPT-2-style or Llama-style models export to HF; this one has pos_emb=rope, norm=layernorm" in message
+    assert "GPT-2 needs pos_emb=learned" in message and "Llama needs norm=rmsnorm, mlp=swiglu" in message
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
+    gqa = make_run(tmp_path / "gqa", bpe, n_kv_head=2)
+    with pytest.raises(LmforgeError, match="GPT-2 has no grouped-query attention") as excinfo:
+        export_hf(gqa, tmp_path / "hf")
+    one_line(excinfo)
+
+
+def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe)
+    out = export_hf(run, tmp_path / "hf")
+    (out / "stale.txt").write_text("from an older export", encoding="utf-8")
+    with pytest.raises(LmforgeError, match="already exists; choose another --out or pass --overwrite") as excinfo:
+        export_hf(run, out)
+    one_line(excinfo)
+    export_hf(run, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no .tmp / .old left behind
+    with pytest.raises(LmforgeError, match="overlaps the directory being read"):
+        export_hf(run, run / "checkpoints", overwrite=True)
+    imported = import_hf(out, tmp_path / "imported")
+    with pytest.raises(LmforgeError, match="already exists"):
+        import_hf(out, imported)
+    import_hf(out, imported, overwrite=True)
+
+
+def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
+    out = export_hf(make_run(tmp_path / "run", bpe), tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        import_hf(tmp_path / "nowhere", tmp_path / "a")
+    (out / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="has no tokenizer.json") as excinfo:
+        import_hf(out, tmp_path / "a")
+    one_line(excinfo)
+    (tmp_path / "tokenizer.json").rename(out / "tokenizer.json")
+    (out / "model.safetensors").rename(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="has no model weights") as excinfo:
+        import_hf(out, tmp_path / "a")
+    one_line(excinfo)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    (out / "config.json").write_text(json.dumps(config | {"model_type": "bert"}), encoding="utf-8")
+    with pytest.raises(LmforgeError, match="model_type 'bert' is not supported; lmforge imports gpt2 and llama"):
+        import_hf(out, tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
+
+
+def test_export_does_not_need_transformers(bpe: Tokenizer, tmp_path: Path) -> None:
+    """With transformers made unimportable, export and import work and verify_hf says how to install it."""
+    run = make_run(tmp_path / "run", bpe)
+    script = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from lmforge.errors import LmforgeError\n"
+        "from lmforge.export.hf import export_hf, import_hf, verify_hf\n"
+        f"out = export_hf({str(run)!r}, {str(tmp_path / 'hf')!r})\n"
+        f"import_hf(out, {str(tmp_path / 'back')!r})\n"
+        "try:\n    verify_hf(out, out)\nexcept LmforgeError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "verifying an HF export needs transformers: pip install 'lmforge[hf]'"
