@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lmforge.config import load_config
+from lmforge.config import CheckpointConfig, EvalConfig, load_config
 from lmforge.estimate import measure_matmul_flops
 from lmforge.log import RunLogger
 from lmforge.models import build_model
@@ -37,6 +37,34 @@ def random_batches(vocab: int, batch: int, seq_len: int, seed: int = 0):
         yield x[:, :-1], x[:, 1:]
 
 
+def stepper(preset: str, cfg, model, optimizer, loader, precision, batch: int):
+    """A function that runs the real training loop for n more steps (no eval, no saving) and returns seconds."""
+    state = TrainState()
+
+    def run(n_steps: int) -> float:
+        until = state.step + n_steps
+        train_cfg = load_config(preset=preset, overrides={"train": {"max_steps": until, "batch_size": batch}}).train
+        t0 = time.perf_counter()
+        train(
+            model,
+            optimizer,
+            loader,
+            cfg=train_cfg,
+            optim_cfg=cfg.optim,
+            eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=0),
+            precision=precision,
+            state=state,
+            log=RunLogger(None, max_steps=until, start_step=state.step, enabled=False),
+            save=lambda s: None,
+        )
+        if precision.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return run
+
+
 def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, device: str) -> dict:
     cfg = load_config(
         preset=preset,
@@ -53,31 +81,10 @@ def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, devic
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     seq_len = cfg.model.max_seq_len
     loader = random_batches(cfg.model.vocab_size, batch, seq_len)
-    log = RunLogger(None, max_steps=warmup + steps, start_step=0, enabled=False)
-    state = TrainState()
-
-    def run(until: int) -> float:
-        train_cfg = load_config(preset=preset, overrides={"train": {"max_steps": until, "batch_size": batch}}).train
-        t0 = time.perf_counter()
-        train(
-            model,
-            optimizer,
-            loader,
-            cfg=train_cfg,
-            optim_cfg=cfg.optim,
-            eval_cfg=cfg.eval.__class__(every=0),
-            ckpt_cfg=cfg.checkpoint.__class__(every=0),
-            precision=precision,
-            state=state,
-            log=log,
-            save=lambda s: None,
-        )
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    run = stepper(preset, cfg, model, optimizer, loader, precision, batch)
 
     run(warmup)
-    seconds = run(warmup + steps)
+    seconds = run(steps)
     tokens = steps * batch * seq_len
     tok_s = tokens / seconds
     peak = measure_matmul_flops(dev.type, precision.dtype)

@@ -23,6 +23,7 @@ TOUR = """commands:
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
   export       write a run as a Hugging Face model directory (GPT-2 or Llama style)
   import       turn a local Hugging Face GPT-2/Llama directory into an lmforge run
+  estimate     parameters, FLOPs, memory, time and cost of a run before you start it
 
 run 'lmforge COMMAND --help' for a command's options."""
 
@@ -152,11 +153,36 @@ def build_parser() -> Parser:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    p = sub.add_parser(
+        "estimate",
+        help="parameters, FLOPs, memory, time and cost of a run, from its config alone",
+        description="Plan a run before starting it: parameters (total, non-embedding), training FLOPs "
+        "(6ND + attention), memory per device (weights, gradients, optimizer, activations with and without "
+        "activation checkpointing), the Chinchilla-optimal token count, and wall-clock time and cost at a "
+        "stated MFU. Any --section.key setting of 'pretrain' is accepted (e.g. --model.n_layer 24).",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", help="named preset (see the list below)")
+    p.add_argument("--config", help="TOML config file with [model], [train], ... sections")
+    p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 2.5e9")
+    p.add_argument(
+        "--hardware",
+        default="cpu",
+        help="cpu or measure (this machine's matmul peak, measured now), a100, h100, or a peak in GFLOP/s "
+        "(default: cpu)",
+    )
+    p.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilization, e.g. 0.4 (default: per hardware)")
+    p.add_argument("--world-size", type=int, default=1, help="devices training together (default: 1)")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallel strategy (default: ddp)")
+    p.add_argument("--price-per-hour", type=float, default=None, help="USD per device-hour (default: an assumed price)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.command not in ("pretrain", "quickstart") and extra:
+    if args.command not in ("pretrain", "quickstart", "estimate") and extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "quickstart":
@@ -225,6 +251,26 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.export.hf import import_hf
 
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
+    elif args.command == "estimate":
+        from lmforge.config import load_config, parse_overrides
+        from lmforge.estimate import estimate, format_estimate
+
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=parse_overrides(extra))
+        hardware: str | float = args.hardware
+        try:
+            hardware = float(args.hardware)
+        except ValueError:
+            pass
+        result = estimate(
+            cfg,
+            tokens=args.tokens,
+            hardware=hardware,
+            mfu=args.mfu,
+            world_size=args.world_size,
+            strategy=args.strategy,
+            price_per_hour=args.price_per_hour,
+        )
+        print(json.dumps(result, ensure_ascii=False) if args.json else format_estimate(result))
     return 0
 
 

@@ -1,16 +1,115 @@
-"""Compute estimates. For now: the machine's matmul peak, measured, which MFU is reported against.
+"""Compute planning: parameters, FLOPs, memory, time and cost of a training run, from its config alone.
+
+`estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
+need per device, and how long and how much money will `tokens` tokens take on this hardware?"
+without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
+training reports MFU against) lives here too.
+
+Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
+preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:
+6 * N_matmul + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020 plus PaLM's attention term).
+
+Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/fp16 autocast):
+- weights 4 B/param (+ the rotary tables); gradients 4 B/param; optimizer: AdamW 2 fp32 moments
+  (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0.
+- autocast copies: under bf16/fp16 autocast every matmul weight is cast once per forward and the
+  copy is saved for backward (2 B per matmul weight); 0 in fp32.
+- activations, per micro-batch, at their peak (the start of backward). Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", https://arxiv.org/abs/2205.05198,
+  section 4.1) give s*b*h*(34 + 5*a*s/h) bytes per layer for a GPT block with 16-bit activations and
+  dropout: 4sbh for the two LayerNorm inputs, 11sbh + 5as^2b for attention (QKV input 2, Q and K 4,
+  V 2, output 2, dropout mask 1; softmax 2, its dropout mask 1, dropout output 2 per score), 19sbh for
+  the MLP (input 2, GELU input 8, GELU output 8, dropout mask 1). Our block differs, and the formula
+  below follows what autograd really saves (checked tensor by tensor in tests/test_estimate.py):
+    * attention is SDPA: the flash / memory-efficient kernels keep q, k, v, the output and a fp32
+      logsumexp (4 B per head per token) and no s x s matrix, so the 5as^2b term is gone. The one
+      exception is dropout > 0 on CPU: PyTorch's CPU flash kernel has no dropout, SDPA falls back to
+      the math path, which keeps fp32 copies of q, k, v and three fp32 s x s maps per head (scores
+      after softmax, dropout noise, dropout output): 12*a*s^2*b bytes per layer.
+    * the residual stream stays fp32 under autocast (fp32 embeddings + low-precision branch outputs
+      promote to fp32), so the two norm inputs cost 4 B each, not 2; LayerNorm also keeps fp32 mean and
+      rstd (8 B/token), RMSNorm (a composite op on CPU) its fp32 normalized input plus rsqrt.
+    * q, k, v are one fused projection, kept whole (v is a view of it): (n_head + 2 n_kv_head) * head_dim
+      values per token; rotary positions add the rotated q and k.
+    * SwiGLU keeps the fused [gate; up] output, silu(gate) and the product: 4 * d_ff values per token
+      (GELU: input and output, 2 * d_ff).
+    * dropout defaults to 0, and `F.dropout(p=0)` saves nothing; with dropout > 0 each of the two
+      residual dropouts keeps a mask (1 B on CUDA, the tensor's dtype on CPU) and so does the
+      embedding dropout.
+  On top of the layers: the final norm and head input, the logits (held by the loop during backward,
+  in the autocast dtype), the fp32 log-probabilities cross-entropy saves, and, at the start of
+  backward, two fp32 logits-sized gradients (of nll and of log-softmax): 4 + 4 + 8 bytes per token
+  per vocabulary entry in fp32. For small models with a big vocabulary this term dominates.
+- activations_checkpointed: what activation checkpointing per block would leave (our loop does not
+  checkpoint yet): the block inputs (fp32 residual, 4*s*b*h per layer) + one block recomputed + the
+  head and loss terms above.
+- comm_buffers: DDP (world_size > 1) keeps gradient buckets as big as the gradients (its default,
+  gradient_as_bucket_view=False); FSDP (FSDP2 `fully_shard` per block and on the root, fp32 params)
+  gathers the largest unit's full parameters for the current and the prefetched unit and its full
+  gradient before the reduce-scatter: 3 x 4 B x the largest unit.
+- FSDP divides weights, gradients and optimizer state by world_size; activations are per device.
+- total = the sum. Gradients grow while activations are freed during backward, so for a single
+  micro-batch the sum is an upper bound of the measured peak; with gradient accumulation the
+  gradients of earlier micro-batches are all alive during the next one, and the sum is the peak.
+  `micro_batch_size` is taken per device (each rank runs forward on that many sequences).
+
+Time = train FLOPs / (peak FLOP/s x MFU x world_size); cost = hours x price per device-hour x world_size.
+Peaks: "cpu"/"measure" are measured here (`measure_matmul_flops`), "a100"/"h100" come from NVIDIA's
+datasheets (dense, no sparsity), a number is the user's GFLOP/s. Default MFU and prices are stated
+assumptions (see `DEFAULT_MFU`, `PRICE_PER_HOUR`); every assumption made ends up in the result's
+"assumptions" list, which `format_estimate` prints.
 
 MFU = achieved model FLOP/s / peak FLOP/s. Datasheet peaks say little about a shared 2-core VM
-(AVX2 hosts reach ~79 GFLOP/s fp32, AVX-512 ones ~186), so the peak is *measured* on the same
+(AVX2 hosts reach ~79 GFLOP/s fp32, AVX-512 ones ~186), so the CPU peak is *measured* on the same
 machine in the same process: the best of several square matmuls at the training dtype.
+
+References:
+- Kaplan et al. 2020, scaling laws, 6N FLOPs, non-embedding parameters: https://arxiv.org/abs/2001.08361
+- Chowdhery et al. 2022 (PaLM), appendix B, attention FLOPs: https://arxiv.org/abs/2204.02311
+- Korthikanti et al. 2022, activation memory: https://arxiv.org/abs/2205.05198
+- Hoffmann et al. 2022 (Chinchilla), ~20 tokens per parameter: https://arxiv.org/abs/2203.15556
+- NVIDIA A100 datasheet: https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
+- NVIDIA H100 datasheet: https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import math
+import os
+import tempfile
 import time
+from typing import Any
 
 import torch
+
+from lmforge.config import OptimConfig, RunConfig
+from lmforge.errors import ConfigError
+from lmforge.models.gpt import GPTConfig
+
+DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 (set from the data)
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STRATEGIES = ("ddp", "fsdp")
+
+# Dense peak FLOP/s per GPU from NVIDIA's datasheets (sparsity doubles the tensor-core numbers; we
+# never use it). A100 (SXM and PCIe alike): 312 TFLOP/s bf16/fp16 tensor core, 19.5 TFLOP/s plain
+# fp32 (our loop does not enable TF32, whose tensor-core peak is 156). H100 SXM5: 989 TFLOP/s
+# bf16/fp16 tensor core, 67 TFLOP/s fp32 (PCIe cards are lower: 756 / 51).
+PEAK_FLOPS = {
+    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+}
+# Model FLOPs utilization assumed when the caller gives none. GPUs: 0.4, what well-tuned GPT training
+# reaches at this scale (nanoGPT / PaLM report 0.4-0.5; small models get less). CPU: 0.45, measured
+# with bench/train_speed.py: the `small` preset reached 49% of the measured fp32 matmul peak on a
+# 2-vCPU AVX-512 VM (quickstart 40-52%, tiny 22-29%: tiny models are overhead-bound, see
+# bench/estimate_vs_measured.py).
+DEFAULT_MFU = {"cpu": 0.45, "cuda": 0.4}
+# Assumed on-demand prices in USD per device-hour (2024-25 cloud list prices vary 2x; pass your own).
+PRICE_PER_HOUR = {"a100": 1.8, "h100": 2.5, "cpu": 0.05}
 
 
 @functools.lru_cache(maxsize=8)
@@ -35,3 +134,473 @@ def measure_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def measure_cpu_allocations(fn: Any) -> int:
+    """Peak bytes that PyTorch's CPU allocator hands out while `fn()` runs, above what was live before.
+
+    Read from `torch.profiler`'s memory events ("Total Allocated"): exactly the tensor bytes the
+    estimate predicts, unlike the RSS (malloc caching, loaded kernels) or tracemalloc (blind to C++).
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as f:
+            events = json.load(f)["traceEvents"]
+    memory = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]" and "args" in e]
+    return max(memory, default=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and FLOPs (pure functions of the model config)
+
+
+def param_counts(model: GPTConfig) -> dict[str, int]:
+    """Parameter counts of `GPT(model)` without building it (a tied matrix counted once).
+
+    Returns:
+        total, non_embedding (Kaplan: without the token and position tables, so a tied head is left
+        out too), embedding, matmul (weights that are multiplied, incl. the output projection tied or
+        not: the N of 6N), block (one Transformer block) and root (everything outside the blocks).
+    """
+    d, ff, vocab = model.d_model, model.ff_dim, model.vocab_size
+    qkv_out = (model.n_head + 2 * model.kv_heads) * model.head_dim
+    attn_in = model.n_head * model.head_dim
+    fc_out = (2 if model.mlp == "swiglu" else 1) * ff  # swiglu: [gate; up] in one matrix
+    norm = d * (2 if model.norm == "layernorm" and model.bias else 1)  # RMSNorm: weight only
+    block_matmul = d * qkv_out + attn_in * d + d * fc_out + ff * d
+    block_bias = (qkv_out + d + fc_out + d) if model.bias else 0
+    block = block_matmul + block_bias + 2 * norm
+    embedding = vocab * d + (model.max_seq_len * d if model.pos_emb == "learned" else 0)
+    head = 0 if model.tie_embeddings else vocab * d
+    root = embedding + norm + head
+    return {
+        "total": model.n_layer * block + root,
+        "non_embedding": model.n_layer * block + norm + head,
+        "embedding": embedding,
+        "matmul": model.n_layer * block_matmul + vocab * d,
+        "block": block,
+        "root": root,
+    }
+
+
+def flops_per_token(model: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_matmul + 12 * n_layer * d_model * seq_len (as `GPT.flops_per_token`)."""
+    return 6.0 * param_counts(model)["matmul"] + attention_flops_per_token(model, seq_len)
+
+
+def attention_flops_per_token(model: GPTConfig, seq_len: int) -> float:
+    """The attention-score part of `flops_per_token`: q @ k^T and att @ v, forward and backward (PaLM)."""
+    return 12.0 * model.n_layer * model.d_model * seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def uses_math_attention(model: GPTConfig, device: str) -> bool:
+    """Whether SDPA falls back to its math path (s x s maps kept): dropout > 0 on CPU, whose flash kernel has none."""
+    return device == "cpu" and model.dropout > 0
+
+
+def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype: str, device: str) -> dict[str, int]:
+    """Activation memory of one micro-batch at the start of backward, by part (formula in the module docstring).
+
+    Args:
+        model: model config (vocab_size > 0).
+        seq_len: tokens per sequence; micro_batch: sequences per forward pass.
+        dtype: autocast dtype name ("float32" = no autocast); device: "cpu" or "cuda".
+
+    Returns:
+        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask), head
+        (final norm, head input, log-probs, token ids and targets), logits (held by the loop),
+        loss_backward (the two fp32 logits-sized gradients at the start of backward), total,
+        block_inputs (the fp32 block inputs kept under checkpointing) and checkpointed.
+    """
+    e = DTYPE_BYTES[dtype]  # matmul inputs and outputs (autocast dtype)
+    r = 4  # the residual stream stays fp32 under autocast
+    s, b, h, ff, vocab = seq_len, micro_batch, model.d_model, model.ff_dim, model.vocab_size
+    q = model.n_head * model.head_dim
+    kv = model.kv_heads * model.head_dim
+    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0  # dropout mask bytes per element
+
+    # one norm: its input (the residual stream) + LayerNorm mean/rstd, or RMSNorm's rsqrt + normalized input
+    norm = r * h + (8 if model.norm == "layernorm" else 4 + r * h)
+    per_token = 2 * norm  # [Korthikanti: 4sbh for the two LayerNorm inputs]
+    per_token += 2 * e * h  # inputs of qkv and of the MLP's fc [2sbh each]
+    if uses_math_attention(model, device):
+        per_token += 4 * 3 * q  # fp32 copies of q, k, v (k, v expanded to n_head) [Q, K, V: 6sbh]
+        per_token += e * q  # output, reshaped for proj [2sbh]
+        per_seq_scores = 12 * model.n_head * s * s  # softmax output, dropout noise, dropout output, fp32 [5as^2b]
+    else:
+        per_token += e * (q + 2 * kv)  # the fused q/k/v projection output, kept whole [Q, K, V: 6sbh]
+        if model.pos_emb == "rope":
+            per_token += e * (q + kv)  # rotated q and k
+        per_token += e * q + 4 * model.n_head  # SDPA output (= proj input) and fp32 logsumexp [2sbh]
+        per_seq_scores = 0  # flash / memory-efficient kernels keep no s x s matrix
+    per_token += e * (4 * ff if model.mlp == "swiglu" else 2 * ff)  # [GELU input and output: 16sbh]
+    per_token += 2 * mask * h  # the two residual dropouts [attention and MLP dropout masks: 2sbh]
+    per_layer = s * b * per_token + b * per_seq_scores
+
+    layers = model.n_layer * per_layer + s * b * mask * h  # + the embedding dropout mask
+    head = s * b * (norm + e * h + 4 * vocab + 16)  # final norm, head input, fp32 log-probs, int64 ids + targets
+    logits = s * b * e * vocab
+    loss_backward = s * b * 8 * vocab
+    block_inputs = model.n_layer * s * b * r * h
+    tail = head + logits + loss_backward
+    return {
+        "per_layer": per_layer,
+        "layers": layers,
+        "head": head,
+        "logits": logits,
+        "loss_backward": loss_backward,
+        "total": layers + tail,
+        "block_inputs": block_inputs,
+        "checkpointed": block_inputs + per_layer + tail,
+    }
+
+
+def memory_bytes(
+    model: GPTConfig,
+    optim: OptimConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str,
+    device: str,
+    world_size: int = 1,
+    strategy: str = "ddp",
+) -> dict[str, int]:
+    """Bytes per device of one training step, by component (see the module docstring for each term).
+
+    Returns:
+        weights, gradients, optimizer, autocast_copies, comm_buffers, activations,
+        activations_checkpointed, total and total_checkpointed.
+    """
+    counts = param_counts(model)
+    n = counts["total"]
+    shards = world_size if strategy == "fsdp" else 1
+    rope_tables = 2 * model.max_seq_len * (model.head_dim // 2) * 4 if model.pos_emb == "rope" else 0
+    if optim.name == "adamw":
+        moments = 2  # exp_avg, exp_avg_sq
+    else:
+        moments = 1 if optim.momentum > 0 else 0  # momentum_buffer
+    if world_size == 1:
+        comm = 0
+    elif strategy == "ddp":
+        comm = 4 * n  # gradient buckets
+    else:
+        comm = 3 * 4 * max(counts["block"], counts["root"])  # gathered params (current + prefetch) + full grads
+    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    out = {
+        "weights": math.ceil(4 * n / shards) + rope_tables,
+        "gradients": math.ceil(4 * n / shards),
+        "optimizer": math.ceil(4 * moments * n / shards),
+        "autocast_copies": 0 if dtype == "float32" else DTYPE_BYTES[dtype] * counts["matmul"],
+        "comm_buffers": comm,
+        "activations": act["total"],
+        "activations_checkpointed": act["checkpointed"],
+    }
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies", "comm_buffers"))
+    out["total"] = fixed + act["total"]
+    out["total_checkpointed"] = fixed + act["checkpointed"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware, time, cost
+
+
+def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "auto") -> dict[str, Any]:
+    """Peak FLOP/s and defaults for a hardware name.
+
+    Args:
+        hardware: "cpu" (measure this machine's CPU), "measure" (measure `train_device`: the GPU if
+            one is visible and train.device is auto/cuda), "a100", "h100", or a peak in GFLOP/s
+            (a number or a numeric string).
+        dtype: training dtype name, or "auto" (bfloat16 on GPUs, float32 on CPU, as training picks).
+        train_device: `train.device`, used by "measure" and to tell whether a given number is a CPU.
+
+    Returns:
+        name, device ("cpu" or "cuda"), dtype (resolved), peak_flops, peak_source, default_mfu,
+        price_per_hour (None when unknown).
+    """
+    key = hardware.strip().lower() if isinstance(hardware, str) else hardware
+    if key in ("cpu", "measure"):
+        device = "cpu"
+        if key == "measure":
+            from lmforge.train.precision import pick_device
+
+            device = pick_device(train_device).type
+            if device not in ("cpu", "cuda"):
+                raise ConfigError(f"--hardware measure on {device} is not supported; use --hardware <GFLOPS> instead")
+        dtype = _resolve_dtype(dtype, device)
+        peak = measure_matmul_flops(device, getattr(torch, dtype))
+        name = f"{device} (measured)"
+        source = f"measured here: best {dtype} matmul (measure_matmul_flops)"
+        price = PRICE_PER_HOUR["cpu"] if device == "cpu" else None
+    elif key in PEAK_FLOPS:
+        device = "cuda"
+        dtype = _resolve_dtype(dtype, device)
+        peak = PEAK_FLOPS[key][dtype]
+        name = key
+        source = f"NVIDIA datasheet, dense {dtype}"
+        price = PRICE_PER_HOUR[key]
+    else:
+        try:
+            gflops = float(key)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"unknown hardware {hardware!r}; use cpu, measure, a100, h100 or a peak in GFLOP/s (e.g. 150)"
+            ) from None
+        if not math.isfinite(gflops) or gflops <= 0:
+            raise ConfigError(f"hardware peak must be a positive number of GFLOP/s, got {hardware!r}")
+        device = "cpu" if train_device == "cpu" else "cuda"
+        dtype = _resolve_dtype(dtype, device)
+        peak = gflops * 1e9
+        name = f"{gflops:g} GFLOP/s"
+        source = "given by the user"
+        price = None
+    return {
+        "name": name,
+        "device": device,
+        "dtype": dtype,
+        "peak_flops": peak,
+        "peak_source": source,
+        "default_mfu": DEFAULT_MFU[device],
+        "price_per_hour": price,
+    }
+
+
+def _resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":  # as `train.precision.pick_precision`: bf16 on (capable) GPUs, fp32 on CPU
+        return "bfloat16" if device == "cuda" else "float32"
+    if name == "float16" and device == "cpu":
+        raise ConfigError(
+            "float16 autocast is not supported for training on CPU; use --train.dtype bfloat16 or float32"
+        )
+    return name
+
+
+def estimate(
+    cfg: RunConfig,
+    *,
+    tokens: int,
+    hardware: str | float = "cpu",
+    mfu: float = 0.0,
+    world_size: int = 1,
+    strategy: str = "ddp",
+    price_per_hour: float | None = None,
+) -> dict[str, Any]:
+    """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
+
+    Args:
+        cfg: the run config; `cfg.model` and the batch in `cfg.train` (and `cfg.optim.name`) are used.
+        tokens: training tokens (> 0).
+        hardware: "cpu", "measure", "a100", "h100" or a peak in GFLOP/s (see `resolve_hardware`).
+        mfu: model FLOPs utilization in (0, 1]; 0 = the documented default (`DEFAULT_MFU`).
+        world_size: devices training together (data parallel).
+        strategy: "ddp" (full replicas) or "fsdp" (weights, gradients, optimizer sharded).
+        price_per_hour: USD per device-hour; None = the assumed default for the hardware (if any).
+
+    Returns:
+        A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
+        train_flops, tokens, chinchilla_tokens, memory_bytes (per component), peak_flops, mfu,
+        time_s, cost_usd (None without a price), the settings used and an "assumptions" list.
+
+    Raises:
+        ConfigError: tokens <= 0, unknown hardware or strategy, mfu outside (0, 1], world_size < 1,
+            negative price, data.seq_len > model.max_seq_len.
+    """
+    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens > 0):
+        raise ConfigError(f"tokens must be > 0, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)")
+    tokens = int(tokens)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if not (0.0 <= mfu <= 1.0):
+        raise ConfigError(f"mfu must be in (0, 1] (a fraction, e.g. 0.4), got {mfu}; 0 = the default")
+    if price_per_hour is not None and not price_per_hour >= 0:
+        raise ConfigError(f"price_per_hour must be >= 0 (USD per device-hour), got {price_per_hour}")
+
+    assumptions = []
+    model = cfg.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=DEFAULT_VOCAB)
+        assumptions.append(
+            f"model.vocab_size is 0 (training takes it from the tokenizer); assumed {DEFAULT_VOCAB} (GPT-2); "
+            "set --model.vocab_size for your tokenizer"
+        )
+    seq_len = cfg.data.seq_len or model.max_seq_len
+    if seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}; lower it")
+    hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
+    if hw["peak_source"] == "given by the user":
+        assumptions.append(
+            f"a given peak is taken as a {'CPU' if hw['device'] == 'cpu' else 'GPU (set --train.device cpu for a CPU)'}"
+            f" at {hw['dtype']}"
+        )
+    micro, batch = cfg.train.micro_batch, cfg.train.batch_size
+
+    counts = param_counts(model)
+    per_token = flops_per_token(model, seq_len)
+    train_flops = per_token * tokens
+    memory = memory_bytes(
+        model,
+        cfg.optim,
+        seq_len=seq_len,
+        micro_batch=micro,
+        dtype=hw["dtype"],
+        device=hw["device"],
+        world_size=world_size,
+        strategy=strategy,
+    )
+    assumptions.append(
+        f"memory per device: fp32 weights and gradients, {cfg.optim.name} state, {hw['dtype']} activations for "
+        f"{micro} x {seq_len} tokens per forward on each device; total is an upper bound (gradients grow as "
+        "activations are freed) except under gradient accumulation"
+    )
+    if uses_math_attention(model, hw["device"]):
+        assumptions.append("dropout > 0 on CPU: SDPA uses its math path, which keeps s x s attention maps")
+    else:
+        assumptions.append("attention by SDPA flash/memory-efficient kernels: no s x s matrix kept")
+    if world_size > 1:
+        assumptions.append(
+            "DDP keeps gradient buckets as large as the gradients"
+            if strategy == "ddp"
+            else "FSDP2 fully_shard per block + root, fp32 params: 3 x the largest unit gathered at a time"
+        )
+
+    if mfu == 0.0:
+        mfu = hw["default_mfu"]
+        assumptions.append(
+            f"MFU {mfu:.2f}: default for {hw['device']} "
+            + ("(measured by bench/train_speed.py on 2 CPU cores)" if hw["device"] == "cpu" else "(typical GPU)")
+        )
+        if hw["device"] == "cpu" and hw["dtype"] != "float32":
+            # bench/estimate_vs_measured.py --dtype bfloat16 (2-vCPU AVX-512 VM, shared, noisy): tiny and
+            # quickstart reached 3-20% of the measured bf16 matmul peak, far below their fp32 MFU
+            assumptions.append("CPU bf16 autocast measured 3-20% MFU for small models; pass --mfu 0.1 or so")
+    time_s = train_flops / (hw["peak_flops"] * mfu * world_size)
+    price = price_per_hour if price_per_hour is not None else hw["price_per_hour"]
+    if price_per_hour is None and price is not None:
+        assumptions.append(f"price ${price:g} per device-hour: an assumed on-demand price; pass your own")
+    cost = None if price is None else time_s / 3600 * price * world_size
+
+    return {
+        "model": {
+            "n_layer": model.n_layer,
+            "n_head": model.n_head,
+            "n_kv_head": model.kv_heads,
+            "d_model": model.d_model,
+            "d_ff": model.ff_dim,
+            "vocab_size": model.vocab_size,
+            "pos_emb": model.pos_emb,
+            "norm": model.norm,
+            "mlp": model.mlp,
+            "tie_embeddings": model.tie_embeddings,
+        },
+        "seq_len": seq_len,
+        "batch_size": batch,
+        "micro_batch_size": micro,
+        "tokens_per_step": batch * seq_len,
+        "steps": math.ceil(tokens / (batch * seq_len)),
+        "dtype": hw["dtype"],
+        "optimizer": cfg.optim.name,
+        "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "flops_per_token": per_token,
+        "attention_flops_share": attention_flops_per_token(model, seq_len) / per_token,
+        "tokens": tokens,
+        "train_flops": train_flops,
+        "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * counts["total"],
+        "memory_bytes": memory,
+        "hardware": hw["name"],
+        "device": hw["device"],
+        "peak_flops": hw["peak_flops"],
+        "peak_source": hw["peak_source"],
+        "mfu": mfu,
+        "world_size": world_size,
+        "strategy": strategy,
+        "time_s": time_s,
+        "price_per_hour": price,
+        "cost_usd": cost,
+        "assumptions": assumptions,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Console table
+
+
+def format_estimate(result: dict[str, Any]) -> str:
+    """A readable multi-line summary of `estimate()`'s result, for the console."""
+    r, m, mem = result, result["model"], result["memory_bytes"]
+    kv = f" ({m['n_kv_head']} kv)" if m["n_kv_head"] != m["n_head"] else ""
+    devices = f"{r['world_size']} x {r['hardware']}" + (f", {r['strategy']}" if r["world_size"] > 1 else "")
+    lines = [
+        f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
+        f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
+        + (", tied" if m["tie_embeddings"] else ", untied"),
+        f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding",
+        f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
+        f"{r['steps']:,} steps, {r['dtype']}, {r['optimizer']}",
+        f"tokens       {_count(r['tokens'])} ({r['tokens'] / r['params']:.1f} per parameter; "
+        f"Chinchilla-optimal {_count(r['chinchilla_tokens'])} = {CHINCHILLA_TOKENS_PER_PARAM} x params)",
+        f"compute      {r['train_flops']:.3g} FLOPs ({r['flops_per_token']:.3g} per token, "
+        f"attention {100 * r['attention_flops_share']:.1f}%)",
+        f"memory       per device ({devices}):",
+    ]
+    rows = [
+        ("weights", mem["weights"]),
+        ("gradients", mem["gradients"]),
+        ("optimizer", mem["optimizer"]),
+        ("autocast copies", mem["autocast_copies"]),
+        ("comm buffers", mem["comm_buffers"]),
+        ("activations", mem["activations"]),
+        ("activations, checkpointed", mem["activations_checkpointed"]),
+        ("total", mem["total"]),
+        ("total, checkpointed", mem["total_checkpointed"]),
+    ]
+    lines += [f"  {name:<26}{_bytes(value):>12}" for name, value in rows if value or name.startswith("total")]
+    lines += [
+        f"hardware     {r['hardware']}: peak {r['peak_flops'] / 1e12:.4g} TFLOP/s ({r['peak_source']}), "
+        f"MFU {r['mfu']:.2f}",
+        f"time         {_duration(r['time_s'])} on {r['world_size']} device{'s' if r['world_size'] > 1 else ''}",
+        "cost         "
+        + (
+            "unknown (pass a price per device-hour)"
+            if r["cost_usd"] is None
+            else f"${r['cost_usd']:,.2f} at ${r['price_per_hour']:g} per device-hour"
+        ),
+    ]
+    lines += ["assumptions"] + [f"  - {a}" for a in r["assumptions"]]
+    return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{days:.1f} days"

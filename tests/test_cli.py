@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 
-COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import"]
+COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import", "estimate"]
 
 
 def _one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

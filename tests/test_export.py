@@ -185,7 +185,9 @@ def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path
     assert f"{val['val_loss']:.4f}" in card and f"{val['val_bpb']:.4f}" in card
     assert '"n_layer": 2' in card  # the lmforge config
     generation = json.loads((out / "generation_config.json").read_text(encoding="utf-8"))
-    assert generation["max_length"] == CONTEXT and generation["eos_token_id"] == 0
+    # No max_length there (transformers warns when it meets max_new_tokens); the context is in config.json.
+    assert "max_length" not in generation and generation["eos_token_id"] == 0
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["n_positions"] == CONTEXT
     assert verify_hf(tmp_path / "run", out) <= 1e-5
 
 
