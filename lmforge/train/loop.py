@@ -29,13 +29,11 @@ import torch.nn as nn
 
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.log import RunLogger
-from lmforge.objectives import causal_lm_loss, count_targets
+from lmforge.objectives import CausalLM, Objective, to_device
 from lmforge.train.optim import l1_penalty
 from lmforge.train.precision import Precision
 from lmforge.train.schedule import lr_at
 from lmforge.train.state import TrainState
-
-Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class StopSignal:
@@ -66,7 +64,7 @@ class StopSignal:
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterator[Any],
     *,
     cfg: TrainConfig,
     optim_cfg: OptimConfig,
@@ -77,7 +75,7 @@ def train(
     log: RunLogger,
     save: Callable[[TrainState], Path],
     evaluate: Callable[[], dict[str, Any]] | None = None,
-    objective: Objective = causal_lm_loss,
+    objective: Objective | None = None,
     flops_per_token: float = 0.0,
     peak_flops: float = 0.0,
 ) -> TrainState:
@@ -86,14 +84,15 @@ def train(
     Args:
         model: module to train (may be compiled); returns logits for inputs.
         optimizer: built over the trainable parameters.
-        loader: infinite iterator of (inputs, targets) micro-batches, already positioned (resume).
+        loader: infinite iterator of micro-batches, already positioned (resume); the objective reads them.
         cfg, optim_cfg, eval_cfg, ckpt_cfg: the run's config sections.
         precision: device and autocast dtype.
         state: progress so far (fresh or loaded from a checkpoint); updated in place and returned.
         log: progress bar, console lines and metrics.jsonl.
         save: writes a checkpoint of the current state and returns its path.
         evaluate: validation metrics {"loss", "bpb", ...}; None = no evaluation.
-        objective: (logits, targets) -> summed loss over valid targets.
+        objective: count(batch) -> targets, loss(model, batch) -> summed loss (see objectives.py);
+            None = causal LM on (inputs, targets).
         flops_per_token: training FLOPs per token, for MFU.
         peak_flops: the device's measured peak FLOP/s, for MFU.
 
@@ -101,6 +100,7 @@ def train(
         The final `TrainState`; `stop_reason` says why training ended.
     """
     device = precision.device
+    objective = objective or CausalLM()
     scaler = precision.grad_scaler()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     session_start = time.perf_counter()
@@ -124,13 +124,11 @@ def train(
                 group["lr"] = lr
 
             window = [next(loader) for _ in range(cfg.accum_steps)]
-            n_targets = sum(count_targets(y) for _, y in window)
+            n_targets = sum(objective.count(batch) for batch in window)
             step_loss = torch.zeros((), device=device)
-            for x, y in window:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for batch in window:
                 with precision.autocast():
-                    logits = model(x)
-                loss = objective(logits, y) / max(n_targets, 1)
+                    loss = objective.loss(model, to_device(batch, device)) / max(n_targets, 1)
                 step_loss += loss.detach()
                 (scaler.scale(loss) if scaler else loss).backward()
             if optim_cfg.l1 > 0:
