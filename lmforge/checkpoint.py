@@ -154,6 +154,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def checkpoint_to_resume(run_dir: Path, which: str, log: Any = print) -> Checkpoint:
+    """The verified checkpoint a re-run continues from.
+
+    which: "latest" (damaged -> one-line error naming the file and suggesting "previous"), "previous"
+    (the newest complete checkpoint that passes its size and sha256 checks; damaged newer ones are
+    reported through `log` and skipped), or a checkpoint folder name such as "step-000500".
+    """
+    complete = list_checkpoints(run_dir)
+    if which == "latest":
+        path = latest_checkpoint(run_dir)
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (re-run with --checkpoint.resume_from previous)") from None
+    if which == "previous":
+        for path in reversed(complete):
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as e:
+                log(f"skipping damaged checkpoint: {e}")
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints_dir(run_dir)} passes its checks; start over with --overwrite"
+        )
+    names = [p.name for p in complete]
+    if which not in names:
+        raise CheckpointError(
+            f"checkpoint.resume_from {which!r} is not a complete checkpoint of {run_dir}; "
+            f"use latest, previous or one of: {', '.join(names) or '(none)'}"
+        )
+    return load_checkpoint(checkpoints_dir(run_dir) / which)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory or a checkpoint folder → the checkpoint folder to load (one-line errors)."""
     p = Path(path)
@@ -180,9 +212,10 @@ def save_checkpoint(
     *,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     tokenizer_json: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `checkpoints/step-{step:06d}` atomically and point `latest` at it.
 
@@ -190,9 +223,11 @@ def save_checkpoint(
         run_dir: the run directory.
         step: optimizer steps taken.
         model: the unwrapped model (no DDP/compile wrapper), so keys carry no prefix.
-        optimizer: saved as flattened tensors + JSON structure; None for weights-only checkpoints.
+        optimizer: saved as flattened tensors + JSON structure; None for weights-only checkpoints. May be
+            an already consolidated `optimizer.state_dict()`-style dict (FSDP, see dist.py).
         state: JSON-serialisable train state, loader state and resolved config.
         tokenizer_json: tokenizer.json content copied in, so the folder is self-contained.
+        model_state: consolidated weights to write instead of `model`'s own (FSDP, see dist.py).
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -201,11 +236,15 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge_step": str(step)})
+    weights_meta = {"format": "pt", "lmforge_step": str(step)}
+    if model_state is not None:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
+    else:
+        save_model(model, str(tmp / "model.safetensors"), metadata=weights_meta)
     files = ["model.safetensors"]
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, **state, "rng": rng_state()}
     if optimizer is not None:
-        tensors, structure = flatten_optimizer(optimizer.state_dict())
+        tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
         files.append("optim.safetensors")
         meta["optimizer"] = structure
@@ -279,12 +318,13 @@ class Checkpoint:
                 f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
             )
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, load: Any = None) -> None:
+        """Restore the optimizer state; `load(state_dict)` replaces `optimizer.load_state_dict` (FSDP)."""
         if "optimizer" not in self.meta:
             raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
         tensors = _load_tensors(self.path / "optim.safetensors")
         try:
-            optimizer.load_state_dict(unflatten_optimizer(tensors, self.meta["optimizer"]))
+            (load or optimizer.load_state_dict)(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{self.path / 'optim.safetensors'} does not fit this optimizer ({e})") from None
 

@@ -17,13 +17,18 @@ from lmforge.errors import ConfigError, Interrupted, LmforgeError
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
-  prepare      raw text files/folders/JSONL -> cleaned, deduplicated, tokenized train/val/test shards
-  pretrain     train a GPT on a prepared data directory (resumes when re-run on the same --out)
+  prepare      raw text/JSONL/CSV/Parquet/HF datasets -> cleaned, filtered, deduplicated, tokenized shards + card
+  pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
   export       write a run as a Hugging Face model directory (GPT-2 or Llama style)
   import       turn a local Hugging Face GPT-2/Llama directory into an lmforge run
   estimate     parameters, FLOPs, memory, time and cost of a run before you start it
+  report       one HTML (or Markdown) page comparing runs: curves, config differences, evals, samples
+  runs         table of the runs under a folder: status, steps, tokens, best val loss, last checkpoint
+  finetune     adapt a run or HF model to a task: classify, sft, translate, qa, dpo, clm (full/head/lora/prompt)
+  chat         talk to a chat-tuned run in the terminal (streams; /reset, /exit)
+  serve        OpenAI-compatible /v1/completions and /v1/chat/completions on 127.0.0.1
 
 run 'lmforge COMMAND --help' for a command's options."""
 
@@ -80,16 +85,18 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "prepare",
         help="clean, deduplicate, tokenize and split raw text into a data directory",
-        description="Read .txt/.md files, folders (recursive), globs and .jsonl; clean, deduplicate, "
-        "train or load a tokenizer, split train/val/test by document hash and write token shards.",
+        description="Read .txt/.md/.jsonl/.csv/.tsv (+ .gz/.zst), .parquet, folders (recursive), globs and "
+        "Hugging Face datasets; clean, filter, deduplicate (exact or near), train or load a tokenizer, split "
+        "train/val/test by document hash, write token shards, manifest.json and a data card.",
     )
     add_dataclass_args(p, PrepareConfig, positional=("inputs",))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser(
         "pretrain",
-        help="train a GPT on a prepared data directory",
-        description="Train a decoder Transformer with causal language modelling. Re-running the same "
+        help="train a GPT, Llama, LSTM/GRU, BERT or ELECTRA model on a prepared data directory",
+        description="Pretrain a model with causal language modelling (GPT, Llama-style, LSTM, GRU), masked "
+        "language modelling (+ NSP/SOP) or ELECTRA's replaced-token detection. Re-running the same "
         "command on an existing --out resumes from its latest checkpoint.",
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -100,19 +107,30 @@ def build_parser() -> Parser:
     p.add_argument("--config", help="TOML config file with [model], [train], ... sections")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument(
+        "--objective",
+        choices=["clm", "mlm", "mlm+nsp", "mlm+sop", "electra"],
+        help="pretraining objective (= --objective.name; the encoder presets set it): clm for gpt/lstm/gru, "
+        "mlm/mlm+nsp/mlm+sop for bert, electra for electra",
+    )
 
     p = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte on a prepared split",
-        description="Evaluate a run directory (its latest checkpoint) or a checkpoint folder.",
+        help="loss, perplexity and bits per byte on a prepared split, or task metrics (--task) on a file",
+        description="Evaluate a run directory (its latest checkpoint) or a checkpoint folder. Encoder runs "
+        "report their objective's metrics: mlm_accuracy, mlm_ppl, nsp_accuracy (BERT), rtd_accuracy, rtd_auc "
+        "(ELECTRA).",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    p.add_argument("--data", help="prepared data directory (default: the one the run trained on); with --task a FILE")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (default: the run's micro-batch)")
     p.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches (default: all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    from lmforge.cli_adapt import add_eval_task_args, add_parsers
+
+    add_eval_task_args(p)
 
     p = sub.add_parser(
         "generate",
@@ -178,11 +196,36 @@ def build_parser() -> Parser:
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallel strategy (default: ddp)")
     p.add_argument("--price-per-hour", type=float, default=None, help="USD per device-hour (default: an assumed price)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML (or Markdown) page comparing runs",
+        description="Config differences, loss against steps/tokens/wall-clock, learning rate, gradient norm, "
+        "throughput, MFU, update ratio, memory, evaluation metrics, data card and samples of one or more runs. "
+        "The HTML page embeds its plots and opens from disk without network.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="", help="output file (default: report.html, or report.md with --format md)")
+    p.add_argument("--format", default="auto", choices=["auto", "html", "md"], help="auto = by --out suffix")
+    p.add_argument("--watch", action="store_true", help="re-render while a run is going (until it ends or Ctrl-C)")
+    p.add_argument("--every", type=float, default=10.0, help="seconds between renders with --watch (default: 10)")
+
+    p = sub.add_parser(
+        "runs",
+        help="table of the runs under a folder",
+        description="Name, preset, status (running, finished, interrupted, failed), steps, tokens, best "
+        "validation loss, training time and last checkpoint of every run directory under DIR.",
+    )
+    p.add_argument(
+        "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    add_parsers(sub, _config_epilog())
     return parser
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.command not in ("pretrain", "quickstart", "estimate") and extra:
+    if args.command not in ("pretrain", "quickstart", "estimate", "finetune") and extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "quickstart":
@@ -203,8 +246,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             flags["data"] = {"dir": args.data}
         if args.out:
             flags["out"] = args.out
+        if args.objective:
+            flags["objective"] = {"name": args.objective}
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(parse_overrides(extra), flags))
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    elif args.command == "eval" and args.task:
+        from lmforge.cli_adapt import run_eval_task
+
+        run_eval_task(args)
     elif args.command == "eval":
         from lmforge.eval.lm import evaluate_checkpoint
 
@@ -218,6 +267,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         )
         if args.json:
             print(json.dumps(m, ensure_ascii=False))
+        elif "bpb" not in m:  # encoder objectives
+            keys = ("loss", "mlm_accuracy", "mlm_ppl", "nsp_accuracy", "rtd_accuracy", "rtd_auc")
+            print(f"{m['split']}: " + " | ".join(f"{k} {m[k]:.4f}" for k in keys if k in m) + f" | {m['checkpoint']}")
         else:
             print(
                 f"{m['split']}: loss {m['loss']:.4f} | ppl {m['ppl']:.2f} | bpb {m['bpb']:.4f} "
@@ -240,6 +292,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             stream=sys.stdout,
         )
         print()
+    elif args.command in ("finetune", "chat", "serve"):
+        from lmforge.cli_adapt import run as run_adapt
+
+        run_adapt(args, extra)
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
 
@@ -271,6 +327,22 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             price_per_hour=args.price_per_hour,
         )
         print(json.dumps(result, ensure_ascii=False) if args.json else format_estimate(result))
+    elif args.command == "report":
+        from lmforge.report import render_report, watch
+
+        out = args.out or ("report.md" if args.format == "md" else "report.html")
+        if args.watch:
+            watch(args.runs, out, fmt=args.format, every_s=args.every)
+        else:
+            print(f"wrote {render_report(args.runs, out, fmt=args.format)}")
+    elif args.command == "runs":
+        from lmforge.runs import format_runs, list_runs
+
+        runs = list_runs(args.dir)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in runs], ensure_ascii=False))
+        else:
+            print(format_runs(runs) if runs else f"no lmforge runs under {args.dir}")
     return 0
 
 

@@ -32,7 +32,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 
 # The model config lives at the top of its model file (STYLE.md); imported here to compose RunConfig.
+from lmforge.dist import DistConfig
+from lmforge.models import CONFIGS, ModelConfig
 from lmforge.models.gpt import GPTConfig
+from lmforge.objectives import ObjectiveConfig
 
 
 @dataclass(kw_only=True)
@@ -63,6 +66,12 @@ class TrainConfig:
     log_every: int = opt(10, "steps between log lines and metrics.jsonl records")
     early_stop_patience: int = opt(0, "stop after this many evaluations without a new best val loss; 0 = off")
     early_stop_min_delta: float = opt(0.0, "an eval must beat the best val loss by more than this to count")
+    activation_checkpointing: bool = opt(
+        False, "recompute each block's activations in backward: much less memory for ~1/3 more compute"
+    )
+    rollback_after: int = opt(
+        5, "non-finite (NaN/inf) steps in a row, each skipped, before rolling back to the latest checkpoint; 0 = never"
+    )
 
     def __post_init__(self) -> None:
         check(self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
@@ -133,6 +142,10 @@ class CheckpointConfig:
     every: int = opt(500, "steps between checkpoints; 0 = only at the end (and on interruption)")
     keep: int = opt(3, "how many recent checkpoints to keep (the best one is kept too)")
     keep_best: bool = opt(True, "also keep the checkpoint with the lowest validation loss")
+    resume_from: str = opt(
+        "latest",
+        "checkpoint a re-run resumes from: latest, previous (newest that passes its checksums) or a step-NNNNNN name",
+    )
 
     def __post_init__(self) -> None:
         check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
@@ -140,15 +153,26 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class LogConfig:
+    tensorboard: bool = opt(False, "also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboard)")
+    wandb: bool = opt(False, "also log to Weights & Biases, offline unless WANDB_MODE=online (needs wandb)")
+    wandb_project: str = opt("lmforge", "W&B project name")
+    mlflow: bool = opt(False, "also log to MLflow: RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set (needs mlflow)")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     preset: str = opt("", "name of the preset this config started from")
     out: str = opt("", "run directory")
-    model: GPTConfig = field(default_factory=GPTConfig, metadata={"help": "model architecture"})
+    model: ModelConfig = field(default_factory=GPTConfig, metadata={"help": "model architecture (by model.family)"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation during training"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "pretraining objective"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "experiment trackers"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "distributed training (torchrun)"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +187,30 @@ class RunConfig:
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _dataclass_members(tp: Any) -> list[type]:
+    """The dataclasses of a section type: [tp] for a dataclass, the members of a union of them (model)."""
+    if _is_dataclass_type(tp):
+        return [tp]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = list(typing.get_args(tp))
+        if members and all(_is_dataclass_type(m) for m in members):
+            return members
+    return []
+
+
+def _section_class(tp: Any, value: dict[str, Any], key: str) -> type:
+    """The dataclass for a section value; a union (the model section) is resolved by its `family` key."""
+    members = _dataclass_members(tp)
+    if len(members) == 1:
+        return members[0]
+    family = value.get("family", "gpt")
+    if family not in CONFIGS:
+        hint = difflib.get_close_matches(str(family), list(CONFIGS), n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{key}.family: {family!r} is not one of {', '.join(map(repr, CONFIGS))}{extra}")
+    return CONFIGS[family]
 
 
 def _type_name(tp: Any) -> str:
@@ -244,10 +292,10 @@ def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", where: str =
         if key not in names:
             raise _unknown_key(full, names, where)
         tp = hints[key]
-        if _is_dataclass_type(tp):
+        if _dataclass_members(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a table of settings, got {value!r}")
-            kwargs[key] = from_dict(tp, value, prefix=f"{full}.", where=where)
+            kwargs[key] = from_dict(_section_class(tp, value, full), value, prefix=f"{full}.", where=where)
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -282,6 +330,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if "=" in key:
             key, value = key.split("=", 1)
             i += 1
+        elif (i + 1 >= len(args) or args[i + 1].startswith("--")) and _check_key_path(key) is bool:
+            value = "true"  # a bare boolean flag: --log.tensorboard
+            i += 1
         else:
             if i + 1 >= len(args):
                 raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
@@ -296,18 +347,22 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_key_path(key: str) -> None:
+def _check_key_path(key: str) -> Any:
+    """Check a dotted key against RunConfig (did-you-mean on typos); returns the field's type."""
     cls: Any = RunConfig
     parts = key.split(".")
     for depth, part in enumerate(parts):
-        if not _is_dataclass_type(cls):
+        members = _dataclass_members(cls)
+        if not members:
             raise ConfigError(f"unknown config key '{key}'; '{'.'.join(parts[:depth])}' has no sub-keys")
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = list(dict.fromkeys(f.name for m in members for f in dataclasses.fields(m)))  # any model family's
         if part not in names:
             raise _unknown_key(".".join(parts[: depth + 1]), names, "command-line overrides")
-        cls = typing.get_type_hints(cls)[part]
-    if _is_dataclass_type(cls):
-        raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. --{key}.{dataclasses.fields(cls)[0].name}")
+        cls = next(typing.get_type_hints(m)[part] for m in members if part in typing.get_type_hints(m))
+    if _dataclass_members(cls):
+        first = dataclasses.fields(_dataclass_members(cls)[0])[0].name
+        raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. --{key}.{first}")
+    return cls
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -367,8 +422,11 @@ def help_lines(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, 
     instance = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_dataclass_type(tp):
-            rows += help_lines(tp, f"{prefix}{f.name}.")
+        if _dataclass_members(tp):  # a union (model): each family's fields, each key once
+            seen = {row[0] for row in rows}
+            for member in _dataclass_members(tp):
+                rows += [r for r in help_lines(member, f"{prefix}{f.name}.") if r[0] not in seen]
+                seen = {row[0] for row in rows}
         else:
             rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), getattr(instance, f.name)))
     return rows

@@ -23,5 +23,9 @@ class CheckpointError(LmforgeError):
     """Missing, truncated, corrupt or foreign run directory / checkpoint."""
 
 
+class TrainingDiverged(LmforgeError):
+    """Loss or gradients stayed non-finite and rolling back did not help; the message says what to change."""
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with code 130."""

@@ -116,8 +116,11 @@ PRICE_PER_HOUR = {"a100": 1.8, "h100": 2.5, "cpu": 0.05}
 def measure_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
     """Best observed FLOP/s of an n x n @ n x n matmul on `device` at `dtype` (n = 1024 CPU, 4096 GPU)."""
     n = 4096 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: measuring must not consume the global RNG, or a run's dropout masks would
+    # depend on whether this (cached) measurement already happened in the process.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -428,6 +431,11 @@ def estimate(
 
     assumptions = []
     model = cfg.model
+    if model.family != "gpt":  # the formulas below are the decoder Transformer's (models/gpt.py)
+        raise ConfigError(
+            f"estimate covers GPT/Llama-style models only; model.family is {model.family!r} "
+            "(a short 'lmforge pretrain' run reports its parameters and tokens/s)"
+        )
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=DEFAULT_VOCAB)
         assumptions.append(

@@ -135,7 +135,7 @@ def generate(
     _check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    max_len = model.cfg.max_seq_len
+    max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent models: no limit
     ids = _check_prompt(prompt_ids, max_len, eos_id)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -238,9 +238,15 @@ def generate_from_checkpoint(
     from lmforge.train.precision import pick_device
 
     trained = load_trained(path, pick_device(device))
+    if not hasattr(trained.model, "new_cache"):
+        raise LmforgeError(
+            f"{path} holds an encoder (model.family {trained.config.model.family!r}), which does not generate text; "
+            "use 'lmforge eval' on it, or train a gpt/lstm/gru model to sample from"
+        )
     tokenizer = trained.tokenizer
     eos_id = tokenizer.eos_id
-    prompt_ids = _check_prompt(tokenizer.encode(prompt), trained.model.cfg.max_seq_len, eos_id)
+    max_len = getattr(trained.model, "max_context", trained.model.cfg.max_seq_len)  # recurrent: no limit
+    prompt_ids = _check_prompt(tokenizer.encode(prompt), max_len, eos_id)
     _check_sampling(temperature, top_k, top_p)
 
     def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped

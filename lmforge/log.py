@@ -40,7 +40,10 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
     if "val_loss" in record:
-        parts.append(f"val_loss {record['val_loss']:.4f} | val_bpb {record['val_bpb']:.4f}")
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+        for key in ("val_bpb", "val_mlm_accuracy", "val_nsp_accuracy", "val_rtd_auc"):  # encoders have no bpb
+            if key in record:
+                parts.append(f"{key} {record[key]:.4f}")
     if "lr" in record:
         parts.append(f"lr {record['lr']:.1e}")
     if "tokens_per_s" in record:
@@ -86,12 +89,14 @@ class RunLogger:
         enabled: bool = True,
         console: bool = True,
         plot_path: Path | None = None,
+        trackers: list[Any] | None = None,
     ) -> None:
         self.enabled = enabled  # False on non-main processes: nothing is written anywhere
         self.console = enabled and console  # False for --quiet: metrics.jsonl and loss.png are still written
         self.max_steps = max_steps
         self.metrics_path = metrics_path
         self.plot_path = plot_path  # loss.png, redrawn at each evaluation record
+        self.trackers = trackers or []  # lmforge.trackers: TensorBoard/W&B/MLflow get the same records
         self.file = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None  # noqa: SIM115
         self.bar = tqdm(
             total=max_steps,
@@ -114,6 +119,8 @@ class RunLogger:
         if self.file:
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
         if echo:
             self.info(format_record(record, self.max_steps))
         if "val_loss" in record:
@@ -129,8 +136,21 @@ class RunLogger:
         if self.console:
             self.bar.update(n)
 
+    def rewind(self, step: int) -> None:
+        """Drop metrics.jsonl records after `step` (a rollback) and keep appending to the new file."""
+        if not self.file or self.metrics_path is None:
+            return
+        self.file.close()
+        truncate_metrics(self.metrics_path, step)
+        self.file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self.bar.n = step
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.file:
             self.file.close()
             self.file = None

@@ -11,17 +11,59 @@ An objective is anything with
 where `batch` is whatever the loader yields (a tuple or dict of tensors, already on the device).
 Objectives that need more than (inputs, targets) (MLM masks, sentence pairs, a reference model)
 are new classes here; the loop never changes.
+
+Pretraining objectives (`ObjectiveConfig.name`, `lmforge pretrain --objective ...`):
+- "clm": `CausalLM` for GPT; `CarriedStateLM` (truncated BPTT) for LSTM/GRU.
+- "mlm", "mlm+nsp", "mlm+sop": `MaskedLM` on batches from `data/masking.py` (which does the 80/10/10
+  masking, so a batch is a pure function of the loader position and resume stays exact).
+- "electra": `ReplacedTokenDetection`.
+Summed-loss convention for the sequence-level/all-token terms: the loop divides by the window's
+masked-token count, so NSP and RTD sums are scaled by (masked tokens / examples) and (masked tokens
+/ real tokens) of their micro-batch; without accumulation that is exactly BERT's and ELECTRA's
+`mean MLM + mean NSP` and `mean MLM + 50 * mean RTD`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import base64
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.fields import check, opt
+
 IGNORE_INDEX = -100
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: Literal["clm", "mlm", "mlm+nsp", "mlm+sop", "electra"] = opt(
+        "clm", "pretraining objective: clm (GPT/LSTM/GRU), mlm, mlm+nsp, mlm+sop (bert), electra (electra)"
+    )
+    mask_prob: float = opt(0.15, "MLM/ELECTRA: share of tokens selected for prediction")
+    mask_token_frac: float = opt(0.8, "of the selected tokens, the share replaced by [MASK]")
+    random_token_frac: float = opt(0.1, "of the selected tokens, the share replaced by a random token (rest: kept)")
+    whole_word: bool = opt(False, "select whole words (all their tokens) instead of single tokens")
+    rtd_weight: float = opt(50.0, "ELECTRA: weight of the replaced-token-detection loss (the paper's lambda = 50)")
+    carry_state: bool = opt(True, "LSTM/GRU: carry the hidden state across consecutive batches (truncated BPTT)")
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.mask_prob < 1.0, f"objective.mask_prob must be in (0, 1), got {self.mask_prob}")
+        check(
+            self.mask_token_frac >= 0 and self.random_token_frac >= 0
+            and self.mask_token_frac + self.random_token_frac <= 1.0,
+            "objective.mask_token_frac and objective.random_token_frac must be >= 0 and sum to at most 1",
+        )  # fmt: skip
+        check(self.rtd_weight >= 0, f"objective.rtd_weight must be >= 0, got {self.rtd_weight}")
+
+    @property
+    def pairs(self) -> str:
+        """Sentence-pair task of the objective: "nsp", "sop" or "" (none)."""
+        return {"mlm+nsp": "nsp", "mlm+sop": "sop"}.get(self.name, "")
 
 
 class Objective(Protocol):
@@ -39,6 +81,133 @@ class CausalLM:
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         return causal_lm_loss(model(x), y)
+
+
+class CarriedStateLM:
+    """Next-token prediction for recurrent models with truncated BPTT.
+
+    The loader (`data.stream.StreamLoader`) gives each batch row the next contiguous chunk of its own
+    stream, so the state after batch k is the right start for batch k + 1. The state is carried,
+    detached (gradients stop at the chunk boundary), and saved with checkpoints (`state_dict`) so a
+    resumed run continues bit-identically.
+    """
+
+    def __init__(self) -> None:
+        self.state: Any = None  # the model's RNNState, or None before the first batch
+
+    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return count_targets(batch[1])
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if self.state is None or self.state.h.shape[1] != x.shape[0]:
+            self.state = model.new_cache(batch_size=x.shape[0])
+        else:
+            self.state.detach_()
+        return causal_lm_loss(model(x, self.state), y)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy of the carried state (exact: raw float32 bytes, base64)."""
+        if self.state is None:
+            return {}
+        out = {"pos": self.state.pos}
+        for name in ("h", "c"):
+            t = getattr(self.state, name)
+            if t is not None:
+                arr = t.detach().float().cpu().numpy()
+                out[name] = {"shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()}
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any], model: nn.Module) -> None:
+        if not sd:
+            self.state = None
+            return
+        w = next(model.parameters())
+
+        def decode(d: dict[str, Any]) -> torch.Tensor:
+            arr = np.frombuffer(base64.b64decode(d["data"]), dtype=np.float32).reshape(d["shape"])
+            return torch.from_numpy(arr.copy()).to(device=w.device, dtype=w.dtype)
+
+        self.state = model.new_cache(batch_size=sd["h"]["shape"][1])
+        self.state.h = decode(sd["h"])
+        self.state.c = decode(sd["c"]) if "c" in sd else None
+        self.state.pos = int(sd["pos"])
+
+
+class MaskedLM:
+    """BERT pretraining: MLM on the selected positions (+ NSP/SOP on the pooled [CLS] state).
+
+    Batches are dicts from `data/masking.py`: input_ids, segments, pad_mask, labels (IGNORE_INDEX at
+    positions not selected), and pair_labels (0 = in order / is next, 1 = not) with pairs.
+    """
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch["labels"])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(batch["input_ids"], batch["segments"], batch["pad_mask"])  # (B, T, C)
+        labels = batch["labels"]
+        selected = labels != IGNORE_INDEX
+        loss = mlm_loss(model.mlm_logits(hidden[selected]), labels[selected])
+        if "pair_labels" in batch:
+            B = labels.shape[0]
+            nsp = F.cross_entropy(model.nsp_logits(hidden).float(), batch["pair_labels"], reduction="sum")
+            loss = loss + nsp * (int(selected.sum()) / B)  # mean NSP after the loop's division
+        return loss
+
+
+class ReplacedTokenDetection:
+    """ELECTRA: generator MLM loss + `weight` x discriminator loss on every real token.
+
+    The generator predicts the selected positions; tokens sampled from it (no gradient, as in the
+    paper) replace them; the discriminator labels each real token 1 if it differs from the original
+    (a sample equal to the original counts as original, as in the paper). Sampling uses the torch
+    RNG, which checkpoints save, so resume stays exact.
+    """
+
+    def __init__(self, weight: float = 50.0) -> None:
+        self.weight = weight
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch["labels"])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        corrupted, rtd_labels, gen_loss = electra_corrupt(model, batch)
+        disc_logits = model(corrupted, batch["segments"], batch["pad_mask"])  # (B, T)
+        real = batch["pad_mask"]
+        rtd = rtd_loss(disc_logits[real], rtd_labels[real])
+        n_selected = int((batch["labels"] != IGNORE_INDEX).sum())
+        return gen_loss + self.weight * rtd * (n_selected / max(int(real.sum()), 1))
+
+
+def electra_corrupt(
+    model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the generator: (corrupted input_ids, replaced labels (B, T) float, summed generator MLM loss).
+
+    Samples come from `generator` (default: the global torch RNG, which checkpoints save).
+    """
+    labels = batch["labels"]
+    selected = labels != IGNORE_INDEX
+    hidden = model.generator_hidden(batch["input_ids"], batch["segments"], batch["pad_mask"])
+    logits = model.mlm_logits(hidden[selected])  # (n_selected, V)
+    gen_loss = mlm_loss(logits, labels[selected])
+    with torch.no_grad():
+        samples = torch.multinomial(F.softmax(logits.detach().float(), dim=-1), 1, generator=generator).squeeze(-1)
+    original = torch.where(selected, labels, batch["input_ids"])
+    corrupted = original.clone()
+    corrupted[selected] = samples
+    return corrupted, (corrupted != original).float(), gen_loss
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of (N, V) logits at the selected positions against (N,) original token ids."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def rtd_loss(logits: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+    """Summed binary cross-entropy of discriminator scores (N,) against replaced (1) / original (0) labels."""
+    return F.binary_cross_entropy_with_logits(logits.float(), replaced, reduction="sum")
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -91,11 +91,102 @@ def gpt2_124m() -> dict[str, Any]:
     }
 
 
+def _tiny_train() -> dict[str, Any]:
+    return {
+        "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "max_steps": 200},
+        "optim": {"weight_decay": 0.1},
+        "eval": {"every": 50},
+        "checkpoint": {"every": 100},
+    }
+
+
+def llama_tiny() -> dict[str, Any]:
+    """~0.2M parameters (char vocab), Llama-style: RoPE, RMSNorm, SwiGLU, 4 query / 2 key-value heads, no biases."""
+    model = {"n_layer": 4, "n_head": 4, "n_kv_head": 2, "d_model": 64, "max_seq_len": 128}
+    return {"model": model | _LLAMA, **_tiny_train()}
+
+
+def llama_160m() -> dict[str, Any]:
+    """~152M parameters: JackFram/llama-160m's shape (12 layers, 768 wide, 12 heads, SwiGLU 3072, vocab
+    32000, context 2048, untied head) with grouped-query attention (4 key-value heads, as Llama 2/3).
+
+    Source: https://huggingface.co/JackFram/llama-160m config.json; training settings follow Llama's
+    (AdamW beta2 0.95, weight decay 0.1, cosine to 10% of peak, 2000 warmup steps).
+    """
+    model = {"n_layer": 12, "n_head": 12, "n_kv_head": 4, "d_model": 768, "d_ff": 3072, "max_seq_len": 2048}
+    return {
+        "model": model | _LLAMA | {"vocab_size": 32000, "tie_embeddings": False},
+        "train": {"batch_size": 256, "micro_batch_size": 8, "lr": 6e-4, "warmup_steps": 2000, "max_steps": 100000},
+        "optim": {"beta2": 0.95, "weight_decay": 0.1},
+        "eval": {"every": 1000, "max_batches": 100},
+        "checkpoint": {"every": 1000},
+    }
+
+
+_LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "norm_eps": 1e-6}
+
+
+def lstm_tiny() -> dict[str, Any]:
+    """~0.28M parameters (char vocab): 2-layer LSTM, 128 wide, tied embeddings, truncated BPTT over 64 tokens."""
+    return {"model": {"family": "lstm", "n_layer": 2, "d_model": 128, "max_seq_len": 64}, **_tiny_train()}
+
+
+def gru_tiny() -> dict[str, Any]:
+    """~0.21M parameters (char vocab): 2-layer GRU, 128 wide, tied embeddings, truncated BPTT over 64 tokens."""
+    return {"model": {"family": "gru", "n_layer": 2, "d_model": 128, "max_seq_len": 64}, **_tiny_train()}
+
+
+def bert_tiny() -> dict[str, Any]:
+    """~0.4M non-embedding parameters, MLM + NSP: the shape of Google's BERT-Tiny (L=2, H=128, A=2).
+
+    Source: https://github.com/google-research/bert (the 24 smaller BERT models, Turc et al. 2019).
+    """
+    model = {"family": "bert", "n_layer": 2, "n_head": 2, "d_model": 128, "d_ff": 512, "max_seq_len": 128}
+    return {"model": model, "objective": {"name": "mlm+nsp"}, **_tiny_train()}
+
+
+def electra_tiny() -> dict[str, Any]:
+    """ELECTRA with a BERT-Tiny discriminator (L=2, H=128, A=2) and a half-size generator (H=64, A=1)."""
+    model = {"family": "electra", "n_layer": 2, "n_head": 2, "d_model": 128, "d_ff": 512, "max_seq_len": 128}
+    return {"model": model | {"generator_ratio": 0.5}, "objective": {"name": "electra"}, **_tiny_train()}
+
+
+def bert_base() -> dict[str, Any]:
+    """BERT-Base, exactly: 12 layers, 768 wide, 12 heads, MLP 3072, 512 positions, vocab 30522, MLM + NSP.
+
+    Source: Devlin et al. 2019 (batch 256 x 512 tokens, lr 1e-4, 10k warmup, linear decay, weight decay
+    0.01, 1M steps) and the released bert-base-uncased config.json.
+    """
+    model = {"family": "bert", "n_layer": 12, "n_head": 12, "d_model": 768, "d_ff": 3072, "max_seq_len": 512}
+    return {
+        "model": model | {"vocab_size": 30522},
+        "objective": {"name": "mlm+nsp"},
+        "train": {
+            "batch_size": 256,
+            "micro_batch_size": 8,
+            "lr": 1e-4,
+            "warmup_steps": 10000,
+            "max_steps": 1000000,
+            "schedule": "linear",
+        },
+        "optim": {"beta2": 0.999, "eps": 1e-6, "weight_decay": 0.01},
+        "eval": {"every": 5000, "max_batches": 100},
+        "checkpoint": {"every": 5000},
+    }
+
+
 PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": tiny,
     "small": small,
     "quickstart": quickstart,
     "gpt2-124m": gpt2_124m,
+    "llama-tiny": llama_tiny,
+    "llama-160m": llama_160m,
+    "lstm-tiny": lstm_tiny,
+    "gru-tiny": gru_tiny,
+    "bert-tiny": bert_tiny,
+    "electra-tiny": electra_tiny,
+    "bert-base": bert_base,
 }
 
 

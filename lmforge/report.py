@@ -1,15 +1,41 @@
-"""Run reports. For now: `loss.png`, train and validation loss against steps, from metrics.jsonl.
+"""Run reports: `loss.png` during training, and `lmforge report RUN_DIR...` comparing runs.
 
-matplotlib is imported inside the function (it costs ~0.5 s) with the Agg backend, so plotting works
-without a display; the PNG is written to a temp file and renamed.
+`render_report` reads only files a run already has (config.json, metrics.jsonl, checkpoints,
+status.json, and the data directory's manifest.json / card.json) and writes one page:
+
+- HTML (default): self-contained, opens from disk with no network and no JavaScript. Plots are
+  PNGs embedded as base64 `data:` URIs; CSS is inline. Every number in a table also sits in a
+  `data-value` attribute at full precision, so tests (and scripts) compare it with metrics.jsonl.
+- Markdown (`--format md`): the same sections as pipe tables, plots as PNG files in
+  `<stem>_files/` next to it, for a README or a pull request.
+
+Sections: summary (status, steps, tokens, best/final validation numbers, loss spikes, skipped
+steps, peak memory), config differences, plots (loss against steps, tokens and wall-clock,
+learning rate, gradient norm, tokens/s, MFU, update ratio, memory), evaluation table, data card,
+and the generated sample of every evaluation. `watch` re-renders every N seconds with an HTML
+`<meta http-equiv="refresh">` until the runs stop, so a browser tab follows a live run.
+
+matplotlib is imported inside the functions (it costs ~0.5 s) with the Agg backend, so plotting
+works without a display; every file is written to a temp name and renamed.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import html
+import io
+import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from lmforge.log import read_metrics
+from lmforge.atomic import atomic_write_text
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.log import format_duration, read_metrics
+from lmforge.runs import RunSummary, is_run_dir, summarize
 
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
@@ -38,3 +64,540 @@ def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    train: list[dict[str, Any]]  # metrics.jsonl records with "loss"
+    evals: list[dict[str, Any]]  # metrics.jsonl records with "val_loss"
+    summary: RunSummary
+    data_card: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def data_card(data_dir: str) -> dict[str, Any]:
+    """A short summary of the prepared data a run trained on (manifest.json, card.json if present)."""
+    if not data_dir:
+        return {}
+    root = Path(data_dir)
+    manifest, card = _read_json(root / "manifest.json"), _read_json(root / "card.json")
+    if not manifest and not card:
+        return {}
+    out: dict[str, Any] = {"data dir": str(root)}
+    tok = manifest.get("tokenizer", {})
+    if tok:
+        out["tokenizer"] = f"{tok.get('kind', '?')}, vocab {tok.get('vocab_size', '?')}"
+    docs = manifest.get("documents", {})
+    if docs:
+        out["documents in / kept"] = f"{docs.get('in', '?')} / {docs.get('out', '?')}"
+        for reason, n in sorted(docs.get("removed", {}).items()):
+            if n:
+                out[f"removed: {reason}"] = n
+    inputs = manifest.get("inputs")
+    if isinstance(inputs, list):
+        out["inputs"] = ", ".join(str(i.get("path", i) if isinstance(i, dict) else i) for i in inputs[:5]) + (
+            f" (+{len(inputs) - 5} more)" if len(inputs) > 5 else ""
+        )
+    for split, info in manifest.get("splits", {}).items():
+        if isinstance(info, dict):
+            out[f"{split} tokens"] = info.get("tokens")
+            out[f"{split} documents"] = info.get("documents")
+    # card.json (lmforge.data.card): documents/bytes after each pipeline step, languages, bytes per token
+    for step, info in card.get("steps", {}).items():
+        if isinstance(info, dict):
+            out[f"after {step}"] = f"{info.get('documents', 0):,} documents, {info.get('bytes', 0):,} bytes"
+    languages = card.get("languages")
+    if isinstance(languages, dict) and languages:
+        top = sorted(languages.items(), key=lambda kv: -kv[1])[:5]
+        out["languages (documents)"] = ", ".join(f"{lang} {n:,}" for lang, n in top)
+    bytes_per_token = (card.get("tokenizer") or {}).get("report", {}).get("bytes_per_token", {}).get("all")
+    if bytes_per_token:
+        out["bytes per token"] = bytes_per_token
+    for key, value in card.items():  # any other top-level fact a card carries
+        if isinstance(value, (str, int, float, bool)):
+            out[f"card: {key}"] = value
+    return out
+
+
+def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
+    """Read one run directory; not a run or no metrics yet is a one-line `CheckpointError`."""
+    p = Path(path)
+    if not p.is_dir() or not is_run_dir(p):
+        raise CheckpointError(
+            f"{p} is not an lmforge run directory (no config.json + metrics.jsonl); pass a folder made by "
+            "'lmforge pretrain'"
+        )
+    records = read_metrics(p / "metrics.jsonl")
+    if not records and not allow_empty:
+        raise CheckpointError(f"{p}/metrics.jsonl is missing or empty; nothing to report until the run logs a step")
+    config = _read_json(p / "config.json")
+    return Run(
+        path=p,
+        name=p.name,
+        config=config,
+        train=[r for r in records if "loss" in r],
+        evals=[r for r in records if "val_loss" in r],
+        summary=summarize(p),
+        data_card=data_card(config.get("data", {}).get("dir", "")),
+    )
+
+
+def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run]:
+    if not paths:
+        raise ConfigError("no run directories given; pass one or more RUN_DIRs")
+    runs = [load_run(p, allow_empty=allow_empty) for p in paths]
+    names = [r.name for r in runs]
+    for run in runs:  # two runs/…/a folders: tell them apart by their parent
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+    return runs
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
+    """(dotted key, value per run) for every setting that differs (all settings for a single run)."""
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat))
+    rows = [(k, [f.get(k) for f in flat]) for k in keys if k != "out"]
+    if len(runs) == 1:
+        return rows
+    return [(k, vals) for k, vals in rows if any(v != vals[0] for v in vals)]
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    slug: str
+    title: str
+    x: str  # "step", "tokens" or "elapsed_s"
+    keys: tuple[str, ...]  # metrics.jsonl keys drawn (train keys solid, val_* dashed with markers)
+    ylabel: str
+    log_y: bool = False
+    scale: float = 1.0
+
+
+PLOTS = (
+    PlotSpec("loss_steps", "Loss vs steps", "step", ("loss", "val_loss"), "loss (nats/token)"),
+    PlotSpec("loss_tokens", "Loss vs tokens", "tokens", ("loss", "val_loss"), "loss (nats/token)"),
+    PlotSpec("loss_time", "Loss vs wall-clock", "elapsed_s", ("loss", "val_loss"), "loss (nats/token)"),
+    PlotSpec("lr", "Learning rate", "step", ("lr",), "learning rate"),
+    PlotSpec("grad_norm", "Gradient norm (before clipping)", "step", ("grad_norm",), "global L2 norm", log_y=True),
+    PlotSpec("tokens_per_s", "Throughput", "step", ("tokens_per_s",), "tokens/s"),
+    PlotSpec("mfu", "Model FLOPs utilization", "step", ("mfu",), "MFU (%)", scale=100.0),
+    PlotSpec("update_ratio", "Update ratio ||Δθ|| / ||θ||", "step", ("update_ratio",), "ratio", log_y=True),
+    PlotSpec("memory", "Memory in use", "step", ("mem_mib",), "MiB (GPU peak / CPU RSS)"),
+)
+X_LABELS = {"step": "step", "tokens": "tokens trained on", "elapsed_s": "wall-clock (s)"}
+
+
+def _x_values(run: Run, records: list[dict[str, Any]], x: str) -> list[float]:
+    """x for each record; eval records lack `tokens`, so it is interpolated from the train records."""
+    if x == "tokens":
+        import numpy as np
+
+        steps = [r["step"] for r in run.train if "tokens" in r]
+        tokens = [r["tokens"] for r in run.train if "tokens" in r]
+        if not steps:
+            return [float("nan")] * len(records)
+        return [float(r["tokens"]) if "tokens" in r else float(np.interp(r["step"], steps, tokens)) for r in records]
+    return [float(r.get(x, float("nan"))) for r in records]
+
+
+def available_plots(runs: list[Run]) -> list[PlotSpec]:
+    """The plots some run has numbers for (an old run without update_ratio skips that plot)."""
+    have = {k for run in runs for r in run.train + run.evals for k in r}
+    return [spec for spec in PLOTS if any(k in have for k in spec.keys) and spec.x in have | {"tokens"}]
+
+
+def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
+    """One PNG: every run's curves for `spec`, one color per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        for key in spec.keys:
+            records = [r for r in (run.evals if key.startswith("val_") else run.train) if key in r]
+            if not records:
+                continue
+            xs = _x_values(run, records, spec.x)
+            ys = [float(r[key]) * spec.scale for r in records]
+            label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
+            if key.startswith("val_"):
+                ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
+            else:
+                ax.plot(xs, ys, "-", color=color, label=label, linewidth=1.1, alpha=0.9)
+            if key == "loss":
+                spikes = [(x, y) for x, y, r in zip(xs, ys, records, strict=True) if r.get("loss_spike")]
+                if spikes:
+                    ax.plot(*zip(*spikes, strict=True), "x", color="red", markersize=7)
+    if spec.log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(X_LABELS[spec.x])
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Tables (shared by HTML and Markdown): each cell is (text, raw value or None)
+
+Cell = tuple[str, Any]
+
+
+def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
+    if value is None:
+        return ("-", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return (str(value), value)
+    if isinstance(value, int):  # counts (val_tokens, val_bytes, ...) read best with separators
+        return (f"{value:,}", value)
+    return (fmt.format(value), value)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds)
+
+
+def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
+    header = [
+        "run", "preset", "status", "steps", "tokens", "best val loss", "final val ppl", "final val bpb",
+        "wall-clock", "loss spikes", "skipped steps", "peak memory (MiB)", "last checkpoint",
+    ]  # fmt: skip
+    rows = []
+    for run in runs:
+        s, last_eval = run.summary, run.evals[-1] if run.evals else {}
+        mem = [r["mem_mib"] for r in run.train if "mem_mib" in r]
+        rows.append(
+            [
+                (run.name, run.name),
+                (s.preset or "-", s.preset),
+                (s.status, s.status),
+                (f"{s.step}/{s.max_steps}", s.step),
+                (f"{s.tokens:,}", s.tokens),
+                _num(s.best_val_loss),
+                _num(last_eval.get("val_ppl"), "{:.2f}"),
+                _num(last_eval.get("val_bpb")),
+                (_duration(s.elapsed_s), s.elapsed_s),
+                _num(sum(bool(r.get("loss_spike")) for r in run.train), "{}"),
+                _num(run.train[-1].get("skipped_steps") if run.train else None, "{}"),
+                _num(max(mem) if mem else None, "{:.0f}"),
+                (s.last_checkpoint or "-", s.last_checkpoint),
+            ]
+        )
+    return header, rows
+
+
+def eval_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
+    keys = ["val_loss", "val_ppl", "val_bpb"]
+    extra = sorted({k for run in runs for r in run.evals for k in r if k.startswith("val_") and k not in keys})
+    header = ["run", "step", "tokens", *keys, *extra, "elapsed"]
+    rows = []
+    for run in runs:
+        tokens = _x_values(run, run.evals, "tokens")
+        for record, tok in zip(run.evals, tokens, strict=True):
+            rows.append(
+                [
+                    (run.name, run.name),
+                    (str(record["step"]), record["step"]),
+                    (f"{tok:,.0f}" if tok == tok else "-", tok if tok == tok else None),
+                    *[_num(record.get(k), "{:.2f}" if k == "val_ppl" else "{:.4f}") for k in keys + extra],
+                    (_duration(record.get("elapsed_s", 0.0)), record.get("elapsed_s")),
+                ]
+            )
+    return header, rows
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1320px;
+       padding: 0 16px; color: #1d2430; background: #fff; }
+h1 { font-size: 22px; margin-bottom: 2px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #dde;
+padding-bottom: 4px; } .meta { color: #667; font-size: 12px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #d8dbe2; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f4f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 10px; }
+.plots figure { margin: 0; border: 1px solid #e3e6ec; padding: 4px; } .plots img { width: 100%; height: auto; }
+pre.sample { background: #f7f7f9; border: 1px solid #e3e6ec; padding: 6px; margin: 0 0 2px; white-space: pre-wrap;
+             max-height: 14em; overflow: auto; font-size: 12px; }
+#samples { width: 100%; table-layout: fixed; } #samples th:first-child { width: 4em; }
+.status-running { color: #0a6; font-weight: 600; } .status-failed { color: #c22; font-weight: 600; }
+.status-interrupted { color: #b70; font-weight: 600; }
+"""
+
+
+def _html_table(table_id: str, header: list[str], rows: list[list[Cell]]) -> str:
+    out = [f'<table id="{table_id}"><thead><tr>']
+    out += [f"<th>{html.escape(h)}</th>" for h in header]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        out.append("<tr>")
+        for text, value in row:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append(f'<td class="num" data-value="{value!r}">{html.escape(text)}</td>')
+            else:
+                cls = f' class="status-{html.escape(text)}"' if text in ("running", "failed", "interrupted") else ""
+                out.append(f"<td{cls}>{html.escape(text)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
+    """The whole report as one self-contained HTML page."""
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    title = "lmforge report: " + ", ".join(r.name for r in runs)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+    ]
+    if refresh_s:
+        parts.append(f'<meta http-equiv="refresh" content="{max(1, round(refresh_s))}">')
+    parts += [f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>"]
+    parts.append(f"<h1>{html.escape(title)}</h1>")
+    live = f" · live: re-rendered every {refresh_s:.0f} s" if refresh_s else ""
+    parts.append(f'<p class="meta">generated {now} by lmforge report{live}</p>')
+
+    parts.append("<h2>Summary</h2>")
+    parts.append(_html_table("summary", *summary_table(runs)))
+
+    diffs = config_differences(runs)
+    parts.append("<h2>Config differences</h2>" if len(runs) > 1 else "<h2>Config</h2>")
+    if diffs:
+        rows = [[(key, key), *[(_short(v), None) for v in vals]] for key, vals in diffs]
+        parts.append(_html_table("config", ["setting", *[r.name for r in runs]], rows))
+    else:
+        parts.append("<p>The runs have the same config (apart from the run directory).</p>")
+
+    parts.append('<h2>Plots</h2><div class="plots">')
+    for spec in available_plots(runs):
+        data = base64.b64encode(render_plot(spec, runs)).decode("ascii")
+        parts.append(
+            f'<figure id="plot-{spec.slug}"><img class="plot" alt="{html.escape(spec.title)}" '
+            f'src="data:image/png;base64,{data}"></figure>'
+        )
+    parts.append("</div>")
+
+    parts.append("<h2>Evaluations</h2>")
+    header, rows = eval_table(runs)
+    parts.append(_html_table("evals", header, rows) if rows else "<p>No evaluations logged yet.</p>")
+
+    cards = [(r.name, r.data_card) for r in runs if r.data_card]
+    if cards:
+        parts.append("<h2>Data</h2>")
+        seen: dict[str, str] = {}
+        for name, card in cards:
+            if card["data dir"] in seen:
+                parts.append(f"<p>{html.escape(name)}: same data as {html.escape(seen[card['data dir']])}.</p>")
+                continue
+            seen[card["data dir"]] = name
+            rows = [
+                [(k, k), _num(v, "{}") if isinstance(v, (int, float)) else (_short(v), None)] for k, v in card.items()
+            ]
+            parts.append(f"<h3>{html.escape(name)}</h3>" + _html_table(f"data-{len(seen)}", ["", "value"], rows))
+
+    # Samples side by side: one row per evaluation step, one column per run.
+    by_step: dict[int, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        for record in run.evals:
+            if record.get("sample"):
+                by_step.setdefault(record["step"], {})[run.name] = record
+    parts.append("<h2>Samples</h2>")
+    if not by_step:
+        parts.append("<p>No samples: train with <code>--eval.sample_tokens 200</code> to log one per evaluation.</p>")
+    else:
+        parts.append('<table id="samples"><thead><tr><th>step</th>')
+        parts += [f"<th>{html.escape(run.name)}</th>" for run in runs]
+        parts.append("</tr></thead><tbody>")
+        for step in sorted(by_step):
+            parts.append(f'<tr><td class="num" data-value="{step}">{step}</td>')
+            for run in runs:
+                record = by_step[step].get(run.name)
+                if record is None:
+                    parts.append("<td>-</td>")
+                else:
+                    parts.append(
+                        f'<td><pre class="sample">{html.escape(record["sample"])}</pre>'
+                        f'<span class="meta">val loss {record["val_loss"]:.4f}</span></td>'
+                    )
+            parts.append("</tr>")
+        parts.append("</tbody></table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(text) for text, _ in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def render_markdown(runs: list[Run], out: Path) -> str:
+    """The report as Markdown; plots are written as PNGs to `<out stem>_files/`."""
+    assets = out.with_name(out.stem + "_files")
+    assets.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"# lmforge report: {', '.join(r.name for r in runs)}",
+        "",
+        "## Summary",
+        "",
+        _md_table(*summary_table(runs)),
+    ]
+    diffs = config_differences(runs)
+    parts += ["", "## Config differences" if len(runs) > 1 else "## Config", ""]
+    if diffs:
+        rows = [[(key, key), *[(_short(v), None) for v in vals]] for key, vals in diffs]
+        parts.append(_md_table(["setting", *[r.name for r in runs]], rows))
+    else:
+        parts.append("The runs have the same config (apart from the run directory).")
+    parts += ["", "## Plots", ""]
+    for spec in available_plots(runs):
+        _write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
+        parts.append(f"![{spec.title}]({assets.name}/{spec.slug}.png)")
+    header, rows = eval_table(runs)
+    parts += ["", "## Evaluations", "", _md_table(header, rows) if rows else "No evaluations logged yet."]
+    for run in runs:
+        if run.data_card:
+            rows = [[(k, k), (_short(v), None)] for k, v in run.data_card.items()]
+            parts += ["", f"## Data: {run.name}", "", _md_table(["", "value"], rows)]
+    samples = [(run, r) for run in runs for r in run.evals if r.get("sample")]
+    if samples:
+        parts += ["", "## Samples"]
+        for run, record in samples:
+            parts += ["", f"**{run.name} @ step {record['step']}**", "", "~~~~text", record["sample"], "~~~~"]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _resolve_format(out: Path, fmt: str) -> Literal["html", "md"]:
+    if fmt == "auto":
+        return "md" if out.suffix.lower() in (".md", ".markdown") else "html"
+    if fmt not in ("html", "md"):
+        raise ConfigError(f"unknown report format {fmt!r}; use html or md")
+    return fmt  # type: ignore[return-value]
+
+
+def render_report(
+    run_dirs: list[str | Path],
+    out: str | Path = "report.html",
+    *,
+    fmt: str = "auto",
+    refresh_s: float | None = None,
+    allow_empty: bool = False,
+) -> Path:
+    """Write the report comparing `run_dirs` to `out` (HTML or Markdown + PNGs) and return its path.
+
+    Args:
+        run_dirs: run directories made by `lmforge pretrain`.
+        out: the output file; `.md` means Markdown unless `fmt` says otherwise.
+        fmt: "auto", "html" or "md".
+        refresh_s: add a meta refresh of this many seconds (live view).
+        allow_empty: accept runs that have not logged anything yet (live view).
+    """
+    out = Path(out)
+    kind = _resolve_format(out, fmt)
+    runs = load_runs(list(run_dirs), allow_empty=allow_empty)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / 'report.html'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
+    atomic_write_text(out, text)
+    return out
+
+
+def watch(
+    run_dirs: list[str | Path],
+    out: str | Path = "report.html",
+    *,
+    fmt: str = "auto",
+    every_s: float = 10.0,
+    max_renders: int = 0,
+    echo: bool = True,
+) -> int:
+    """Re-render the report every `every_s` seconds until no run is running (or Ctrl-C).
+
+    The page carries a meta refresh while a run is going and none in the final render, so an open
+    browser tab follows the run and then stays put. Returns the number of renders.
+    """
+    from lmforge.runs import run_status
+
+    if every_s <= 0:
+        raise ConfigError(f"--every must be > 0 seconds, got {every_s}")
+    renders = 0
+    try:
+        while True:
+            live = any(run_status(Path(p)) == "running" for p in run_dirs)
+            path = render_report(run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, allow_empty=True)
+            renders += 1
+            if echo:
+                stamp = datetime.datetime.now().strftime("%H:%M:%S")
+                print(f"{stamp} wrote {path}" + ("" if live else " (no run is running; done)"), flush=True)
+            if not live or (max_renders and renders >= max_renders):
+                return renders
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        render_report(run_dirs, out, fmt=fmt, allow_empty=True)  # the last page does not keep reloading
+        return renders + 1

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 
-COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import", "estimate"]
+COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import", "estimate", "report", "runs"]
+COMMANDS += ["finetune", "chat", "serve"]
 
 
 def _one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

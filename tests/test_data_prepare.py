@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_binary
-from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
 from lmforge.data.split import assign_split, bucket, doc_digest
 from lmforge.errors import ConfigError, DataError
@@ -69,7 +69,7 @@ def corpus(tmp_path: Path) -> Path:
     lines = [json.dumps({"body": p, "id": i}, ensure_ascii=False) for i, p in enumerate(paras[50:60])]
     write(root / "sub" / "c.jsonl", "\n".join(lines) + "\n")
     write(root / "sub" / "d.jsonl.gz", json.dumps({"body": CHINESE}, ensure_ascii=False) + "\n")
-    write(root / "ignored.csv", "a,b\n1,2\n")
+    write(root / "ignored.log", "a,b\n1,2\n")
     write(root / ".hidden" / "e.txt", "hidden folders are not searched")
     return root
 
@@ -80,15 +80,18 @@ def test_reads_every_format(tmp_path: Path, corpus: Path) -> None:
     assert m["documents"] == {
         "in": 62,
         "out": 62,
-        "removed": {"exact_dup": 0, "empty": 0, "too_short": 0, "overlap_with_eval": 0},
+        "removed": {key: 0 for key in REMOVED_KEYS},
     }
+    assert list(m["documents"]["removed"])[:2] == ["exact_dup", "near_dup"]
     # sorted by path string: "sub/d.jsonl.gz" < "sub/deeper/b.txt.gz"
     assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt", "notes.md", "c.jsonl", "d.jsonl.gz", "b.txt.gz"]
     assert [i["documents"] for i in m["inputs"]] == [30, 11, 10, 1, 10]
     assert all(i["bytes"] == Path(i["path"]).stat().st_size for i in m["inputs"])
-    assert m["skipped_files"] == [str(corpus / "ignored.csv")]
+    assert m["skipped_files"] == [str(corpus / "ignored.log")]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train-00000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "card.json", "card.md", "length_hist.png", "manifest.json", "tokenizer.json", "train-00000.bin"
+    ]  # fmt: skip
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == m
     train = docs_by_split(out)["train"]
     assert CHINESE in train and "# Title" in train and sentences(60, seed=1)[45] in train
@@ -106,6 +109,8 @@ def test_manifest_layout(tmp_path: Path, corpus: Path) -> None:
         "documents_with_invalid_utf8",
         "control_chars_removed",
         "normalized_documents",
+        "whitespace_normalized_documents",
+        "boilerplate_lines_removed",
     }
     docs = docs_by_split(tmp_path / "out")
     for split, info in m["splits"].items():
@@ -117,9 +122,9 @@ def test_manifest_layout(tmp_path: Path, corpus: Path) -> None:
 
 
 def test_glob_and_explicit_file(tmp_path: Path, corpus: Path) -> None:
-    m = run(tmp_path, [str(corpus / "**" / "*.txt*"), corpus / "ignored.csv"], val_fraction=0, test_fraction=0)
-    assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt", "ignored.csv", "b.txt.gz"]
-    assert m["documents"]["in"] == 30 + 10 + 1  # the explicitly named .csv is read as text
+    m = run(tmp_path, [str(corpus / "**" / "*.txt*"), corpus / "ignored.log"], val_fraction=0, test_fraction=0)
+    assert [Path(i["path"]).name for i in m["inputs"]] == ["a.txt", "ignored.log", "b.txt.gz"]
+    assert m["documents"]["in"] == 30 + 10 + 1  # the explicitly named .log is read as text
     with pytest.raises(DataError, match="matches no files"):
         run(tmp_path, [str(tmp_path / "nothing" / "*.txt")], out="out2")
 
@@ -137,9 +142,11 @@ def test_cleaning_counts(tmp_path: Path) -> None:
         "documents_with_invalid_utf8": 2,
         "control_chars_removed": 3 + 2 + 1,  # \x08 \x07 \x1b, \x01 \x02, JSON's \u0000; \r\n is a newline
         "normalized_documents": 1,
+        "whitespace_normalized_documents": 0,
+        "boilerplate_lines_removed": 0,
     }
     assert m["documents"]["in"] == 8
-    assert m["documents"]["removed"] == {"exact_dup": 0, "empty": 1, "too_short": 1, "overlap_with_eval": 0}
+    assert m["documents"]["removed"] == {key: int(key in ("empty", "too_short")) for key in REMOVED_KEYS}
     train = docs_by_split(tmp_path / "out")["train"]
     assert "bad \ufffd\ufffd bytes and a real \ufffd here" in train
     assert "ctrl chars and [esc] and\nwindows" in train
@@ -155,7 +162,7 @@ def test_dedup(tmp_path: Path) -> None:
     assert m["documents"]["in"] == 10 and m["documents"]["out"] == 5
     assert m["documents"]["removed"]["exact_dup"] == 5
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(para)
-    m = run(tmp_path, [tmp_path / "in"], out="nodedup", dedup=False, val_fraction=0, test_fraction=0)
+    m = run(tmp_path, [tmp_path / "in"], out="nodedup", dedup="none", val_fraction=0, test_fraction=0)
     assert m["documents"]["out"] == 10 and m["documents"]["removed"]["exact_dup"] == 0
 
 

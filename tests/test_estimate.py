@@ -61,8 +61,8 @@ def meta_model(cfg: GPTConfig) -> GPT:
 # parameters and FLOPs
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_params_and_flops_match_every_preset(preset: str) -> None:
+@pytest.mark.parametrize("preset", [p for p in PRESETS if load_config(preset=p).model.family == "gpt"])
+def test_params_and_flops_match_every_preset(preset: str) -> None:  # estimate covers the GPT family only
     cfg = load_config(preset=preset)
     result = estimate(cfg, tokens=1000, hardware=GFLOPS)
     model_cfg = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=DEFAULT_VOCAB)

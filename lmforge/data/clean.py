@@ -44,6 +44,8 @@ class CleanStats:
     documents_with_invalid_utf8: int = 0
     control_chars_removed: int = 0
     normalized_documents: int = 0
+    whitespace_normalized_documents: int = 0
+    boilerplate_lines_removed: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -1,10 +1,17 @@
 """Read input files into a stream of raw documents (before cleaning).
 
-Inputs are files, folders (searched recursively) and glob patterns (`data/*.txt`, `corpus/**/*.md`).
-Formats, chosen by file name (case-insensitive), each optionally gzip-compressed (`.gz`):
+Inputs are files, folders (searched recursively), glob patterns (`data/*.txt`, `corpus/**/*.md`),
+Hugging Face datasets saved with `save_to_disk` (a folder holding `state.json` or
+`dataset_dict.json`) and hub datasets named `hf:NAME[:CONFIG][:SPLIT]` (needs `datasets` and the
+network). File formats, chosen by file name (case-insensitive):
 - `.txt`, `.md`: plain text, cut into documents by `doc_unit`: "paragraph" (blank-line separated
   blocks, the default), "line" (each non-blank line) or "file" (the whole file).
 - `.jsonl`: one JSON object per line; the string under `text_field` is one document.
+- `.csv`, `.tsv`: a header row, then one document per row: the column named `text_field`
+  (RFC 4180 quoting, so a quoted field may hold newlines).
+- `.parquet` (needs pyarrow, `pip install 'lmforge[parquet]'`): the string column `text_field`.
+- text, JSONL, CSV and TSV may be compressed: `.gz` (standard library) or `.zst` (needs zstandard,
+  `pip install 'lmforge[zstd]'`).
 
 Key design decisions:
 - Deterministic order: every input is expanded, duplicates (same resolved file) dropped, and the
@@ -13,35 +20,49 @@ Key design decisions:
   skipped and reported (`skipped_files` in the manifest). Hidden files and folders (".git") are not
   searched. A file named explicitly - or by a glob that spells out its extension, like `logs/*.log` -
   is read as plain text whatever its extension, as long as it is text.
-- A file whose first 8 KiB look binary (NUL bytes, or mostly invalid UTF-8) stops the run with a
-  one-line `DataError`: silently training on a PNG is worse than asking the user to remove it.
+- A text file whose first 8 KiB look binary (NUL bytes, or mostly invalid UTF-8) stops the run with
+  a one-line `DataError`: silently training on a PNG is worse than asking the user to remove it.
 - Streaming: text is read line by line in binary mode (a b"\\n" byte can never be inside a UTF-8
   multi-byte character, so decoding per line gives the same result as decoding the whole file);
-  only one document is held in memory at a time ("file" mode holds one file).
+  only one document is held in memory at a time ("file" mode holds one file). Parquet and Arrow
+  files are read in record batches of 1,024 rows. A line longer than `max_line_bytes` (a 2 GB
+  single-line file is a broken export, not a document) stops the run instead of filling memory.
+- A save_to_disk folder is read with pyarrow alone (its data files are Arrow IPC streams), so only
+  hub names need the `datasets` package. A DatasetDict folder contributes all its splits; point at
+  one split's subfolder to read only that.
 - A UTF-8 byte-order mark at the start of a file is dropped.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
+import io
 import json
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, looks_binary, replace_surrogates
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
+Format = Literal["text", "jsonl", "csv", "tsv", "parquet", "hf_disk", "hf_hub"]
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
-KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+TABLE_SUFFIXES = (".csv", ".tsv")
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
+COMPRESSED = (".gz", ".zst")
+HUB_PREFIX = "hf:"
+DEFAULT_MAX_LINE_BYTES = 1 << 28  # 256 MiB
 _GLOB_CHARS = set("*?[")
 _PROGRESS_EVERY = 256  # lines between progress callbacks
+_ARROW_BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -54,17 +75,54 @@ class RawDocument:
 
 def _inner_name(path: Path) -> str:
     name = path.name.lower()
-    return name[:-3] if name.endswith(".gz") else name
+    for suffix in COMPRESSED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
-def file_format(path: str | Path) -> Literal["text", "jsonl"]:
-    """The reader for a file: "jsonl" for `.jsonl` / `.jsonl.gz`, "text" for everything else."""
-    return "jsonl" if _inner_name(Path(path)).endswith(JSONL_SUFFIXES) else "text"
+def is_hub(path: str | Path) -> bool:
+    """True for a hub dataset name (`hf:NAME[:CONFIG][:SPLIT]`)."""
+    return str(path).startswith(HUB_PREFIX)
+
+
+def is_hf_disk(path: Path) -> bool:
+    """True for a folder written by `datasets`' `save_to_disk` (Dataset or DatasetDict)."""
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file()
+        or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+    )
+
+
+def file_format(path: str | Path) -> Format:
+    """The reader for an input: by name, or "hf_disk"/"hf_hub"; unknown extensions are "text"."""
+    p = Path(path)
+    if is_hub(path):
+        return "hf_hub"
+    if is_hf_disk(p):
+        return "hf_disk"
+    name = _inner_name(p)
+    if name.endswith(".parquet") and p.name.lower().endswith(".parquet"):
+        return "parquet"
+    for suffix, fmt in ((".jsonl", "jsonl"), (".csv", "csv"), (".tsv", "tsv")):
+        if name.endswith(suffix):
+            return fmt  # type: ignore[return-value]
+    return "text"
 
 
 def is_known_format(path: str | Path) -> bool:
-    """True for .txt, .md, .jsonl, each with or without .gz."""
-    return _inner_name(Path(path)).endswith(KNOWN_SUFFIXES)
+    """True for .txt, .md, .jsonl, .csv, .tsv (each optionally .gz/.zst) and .parquet."""
+    p = Path(path)
+    return _inner_name(p).endswith(KNOWN_SUFFIXES) or p.name.lower().endswith(".parquet")
+
+
+def input_bytes(path: Path) -> int:
+    """On-disk size of an input (a save_to_disk folder: its files; a hub name: 0)."""
+    if is_hub(path):
+        return 0
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -76,13 +134,13 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand files, folders and globs into the files to read.
+    """Expand files, folders and globs into the inputs to read.
 
     Args:
-        inputs: paths and glob patterns as the user typed them.
+        inputs: paths, glob patterns and `hf:` hub names as the user typed them.
 
     Returns:
-        (files to read, sorted by path; skipped files of unknown format found in folders/globs).
+        (inputs to read, sorted by path; skipped files of unknown format found in folders/globs).
 
     Raises:
         DataError: a path does not exist, a pattern matches nothing, or a folder holds no readable file.
@@ -91,7 +149,7 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     skipped: dict[Path, Path] = {}
 
     def take(path: Path, explicit: bool) -> None:
-        key = path.resolve()
+        key = path if is_hub(path) else path.resolve()
         if explicit or is_known_format(path):
             chosen.setdefault(key, path)
         else:
@@ -99,12 +157,19 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
     for raw in inputs:
         path = Path(raw)
+        if is_hub(raw):
+            if len(raw) == len(HUB_PREFIX):
+                raise DataError("hub input 'hf:' needs a dataset name, like hf:roneneldan/TinyStories")
+            take(Path(raw), explicit=True)
+            continue
         if not path.exists() and _GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
                 raise DataError(f"input pattern {raw!r} matches no files; check the pattern (quote it for the shell)")
             for match in map(Path, matches):
-                if match.is_dir():
+                if is_hf_disk(match):
+                    take(match, explicit=True)
+                elif match.is_dir():
                     for file in _walk(match):
                         take(file, explicit=False)
                 elif match.is_file():
@@ -113,12 +178,16 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             continue
         if not path.exists():
             raise DataError(f"input {raw!r} does not exist; check the path")
-        if path.is_dir():
+        if is_hf_disk(path):
+            take(path, explicit=True)
+        elif path.is_dir():
             before = len(chosen)
             for file in _walk(path):
                 take(file, explicit=False)
             if len(chosen) == before and not any(_walk(path)):
-                raise DataError(f"input folder {raw!r} is empty; pass a folder with .txt, .md or .jsonl files")
+                raise DataError(
+                    f"input folder {raw!r} is empty; pass a folder with .txt, .md, .jsonl, .csv, .tsv or .parquet files"
+                )
         else:
             take(path, explicit=True)
     files = sorted(chosen.values(), key=str)
@@ -126,11 +195,32 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return files, skipped_names
 
 
+# --------------------------------------------------------------------------------------------
+# opening (decompression) and line reading
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    if "zstandard" in sys.modules:
+        errors += (sys.modules["zstandard"].ZstdError,)
+    return errors
+
+
 def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
     """(raw file, decompressed stream); the raw file's position measures progress."""
+    name = path.name.lower()
+    zstd: Any = None
+    if name.endswith(".zst"):
+        try:
+            import zstandard as zstd
+        except ImportError:
+            raise DataError(f"reading {path.name} needs zstandard: pip install 'lmforge[zstd]'") from None
     raw = open(path, "rb")  # closed by the caller
-    if path.name.lower().endswith(".gz"):
+    if name.endswith(".gz"):
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if zstd is not None:
+        reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+        return raw, io.BufferedReader(reader)  # type: ignore[arg-type, return-value]
     return raw, raw
 
 
@@ -142,9 +232,9 @@ def check_not_binary(path: Path) -> None:
         raise DataError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from None
     try:
         head = stream.read(BINARY_SNIFF_BYTES)
-    except (OSError, EOFError, zlib.error) as e:
+    except _read_errors() as e:
         raise DataError(
-            f"{path}: cannot decompress ({e}); re-create the .gz file or remove it from the inputs"
+            f"{path}: cannot decompress ({e}); re-create the compressed file or remove it from the inputs"
         ) from None
     finally:
         stream.close()
@@ -153,25 +243,58 @@ def check_not_binary(path: Path) -> None:
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
+def _lines(stream: BinaryIO, path: Path, max_line_bytes: int) -> Iterator[bytes]:
+    """Lines of `stream` (with their b"\\n"), refusing any line longer than `max_line_bytes`."""
+    lineno = 0
+    while True:
+        line = stream.readline(max_line_bytes + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > max_line_bytes:
+            raise DataError(
+                f"{path}:{lineno}: a line longer than {max_line_bytes:,} bytes; split the file into documents "
+                "(one per line or paragraph) or raise --max-line-bytes"
+            )
+        yield line
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
 def read_documents(
     path: str | Path,
     *,
     doc_unit: DocUnit = "paragraph",
     text_field: str = "text",
     on_bytes: Callable[[int], None] | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[RawDocument]:
-    """Yield the raw documents of one file.
+    """Yield the raw documents of one input.
 
     Args:
-        path: a text or JSONL file (optionally .gz).
+        path: a text, JSONL, CSV/TSV (each optionally .gz/.zst) or Parquet file, a save_to_disk
+            folder, or a `hf:` hub name.
         doc_unit: how plain-text files are cut into documents.
-        text_field: JSONL key holding the text.
+        text_field: JSONL key / CSV, TSV, Parquet or dataset column holding the text.
         on_bytes: called with the number of (on-disk) bytes consumed since the last call, for progress.
+        max_line_bytes: longest line (and longest "file"-mode document) accepted, in bytes.
 
     Raises:
-        DataError: binary file, corrupt gzip, or a JSONL line that is not an object with `text_field`.
+        DataError: binary file, corrupt compression, a missing column/field, an over-long line, or a
+            missing optional package (with the pip command that installs it).
     """
-    path = Path(path)
+    path = Path(path) if not isinstance(path, Path) else path
+    fmt = file_format(path)
+    if fmt == "hf_hub":
+        yield from _hub_documents(str(path), text_field)
+        return
+    if fmt in ("parquet", "hf_disk"):
+        yield from _arrow_documents(path, fmt, text_field)
+        if on_bytes is not None:
+            on_bytes(input_bytes(path))
+        return
     check_not_binary(path)
     raw, stream = _open(path)
     reported = 0
@@ -184,48 +307,57 @@ def read_documents(
             reported = position
 
     try:
-        if file_format(path) == "jsonl":
-            yield from _jsonl_documents(path, stream, text_field, progress)
+        if fmt == "jsonl":
+            yield from _jsonl_documents(path, _lines(stream, path, max_line_bytes), text_field, progress)
+        elif fmt in ("csv", "tsv"):
+            lines = _lines(stream, path, max_line_bytes)
+            yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
         elif doc_unit == "file":
-            text, bad = decode_utf8(stream.read())
+            data = stream.read(max_line_bytes + 1)
+            if len(data) > max_line_bytes:
+                raise DataError(
+                    f"{path}: longer than {max_line_bytes:,} bytes, too big for one document; "
+                    "use --doc-unit paragraph or line, or raise --max-line-bytes"
+                )
+            text, bad = decode_utf8(data)
             yield RawDocument(text.removeprefix("\ufeff"), bad)
         else:
-            yield from _text_documents(stream, doc_unit, progress)
+            yield from _text_documents(_lines(stream, path, max_line_bytes), doc_unit, progress)
         progress()
-    except (OSError, EOFError, zlib.error) as e:
+    except _read_errors() as e:
         raise DataError(f"{path}: read failed ({e}); re-create the file or remove it from the inputs") from None
     finally:
         stream.close()
         raw.close()
 
 
-def _text_documents(stream: BinaryIO, doc_unit: DocUnit, progress: Callable[[], None]) -> Iterator[RawDocument]:
-    lines: list[str] = []
+def _text_documents(lines: Iterator[bytes], doc_unit: DocUnit, progress: Callable[[], None]) -> Iterator[RawDocument]:
+    paragraph: list[str] = []
     bad_total = 0
-    for lineno, line_bytes in enumerate(stream):
+    for lineno, line_bytes in enumerate(lines):
         line, bad = decode_utf8(line_bytes)
         if lineno == 0:
             line = line.removeprefix("\ufeff")
         if lineno % _PROGRESS_EVERY == _PROGRESS_EVERY - 1:
             progress()
         if not line.strip():  # a blank line separates paragraphs; in "line" mode it is no document
-            if lines:
-                yield RawDocument("".join(lines), bad_total)
-                lines, bad_total = [], 0
+            if paragraph:
+                yield RawDocument("".join(paragraph), bad_total)
+                paragraph, bad_total = [], 0
             continue
         if doc_unit == "line":
             yield RawDocument(line, bad)
         else:
-            lines.append(line)
+            paragraph.append(line)
             bad_total += bad
-    if lines:
-        yield RawDocument("".join(lines), bad_total)
+    if paragraph:
+        yield RawDocument("".join(paragraph), bad_total)
 
 
 def _jsonl_documents(
-    path: Path, stream: BinaryIO, text_field: str, progress: Callable[[], None]
+    path: Path, lines: Iterator[bytes], text_field: str, progress: Callable[[], None]
 ) -> Iterator[RawDocument]:
-    for lineno, line_bytes in enumerate(stream, start=1):
+    for lineno, line_bytes in enumerate(lines, start=1):
         if lineno % _PROGRESS_EVERY == 0:
             progress()
         line, bad = decode_utf8(line_bytes)
@@ -254,3 +386,154 @@ def _jsonl_documents(
             )
         text, surrogates = replace_surrogates(text)
         yield RawDocument(text, bad + surrogates)
+
+
+def _table_documents(
+    path: Path, lines: Iterator[bytes], delimiter: str, text_field: str, progress: Callable[[], None]
+) -> Iterator[RawDocument]:
+    """Rows of a CSV/TSV file; the header names the columns."""
+    bad_pending = 0
+
+    def decoded() -> Iterator[str]:
+        nonlocal bad_pending
+        for lineno, line_bytes in enumerate(lines):
+            if lineno % _PROGRESS_EVERY == _PROGRESS_EVERY - 1:
+                progress()
+            line, bad = decode_utf8(line_bytes)
+            bad_pending += bad
+            yield line.removeprefix("\ufeff") if lineno == 0 else line
+
+    # the line limit already bounds a row; the csv module's own 128 KiB field limit would refuse long documents
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(decoded(), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if text_field not in header:
+            columns = ", ".join(header[:20]) or "none"
+            raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+        column = header.index(text_field)
+        for row in reader:
+            if not row:
+                continue
+            if column >= len(row):
+                raise DataError(
+                    f"{path}:{reader.line_num}: row has {len(row)} fields but the header has {len(header)}; "
+                    "fix the row or quote fields that contain the delimiter"
+                )
+            text, surrogates = replace_surrogates(row[column])
+            yield RawDocument(text, bad_pending + surrogates)
+            bad_pending = 0
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid {delimiter == ',' and 'CSV' or 'TSV'} ({e})") from None
+
+
+def _need_pyarrow(what: str) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet  # noqa: F401 - the submodules the readers use
+    except ImportError:
+        raise DataError(f"reading {what} needs pyarrow: pip install 'lmforge[parquet]'") from None
+    return pyarrow
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The Arrow data files of a save_to_disk folder (a DatasetDict: every split, in its order)."""
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+            return [f for split in splits for f in _arrow_files(folder / split)]
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{folder}: not a readable save_to_disk dataset ({e}); save it again with save_to_disk"
+        ) from None
+
+
+def _check_column(where: object, names: list[str], text_field: str) -> int:
+    if text_field not in names:
+        columns = ", ".join(names[:20]) or "none"
+        raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+    return names.index(text_field)
+
+
+def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Iterator[RawDocument]:
+    array = batch.column(column)
+    kind = str(array.type)
+    if kind not in ("string", "large_string", "string_view"):
+        raise DataError(f"{where}: column '{text_field}' holds {kind}, not strings; choose one with --text-field")
+    for text in array.to_pylist():
+        text, surrogates = replace_surrogates(text or "")  # a null row is an empty document
+        yield RawDocument(text, surrogates)
+
+
+def _arrow_documents(path: Path, fmt: Format, text_field: str) -> Iterator[RawDocument]:
+    """Documents of a Parquet file or a save_to_disk folder, in record batches."""
+    pa = _need_pyarrow(".parquet files" if fmt == "parquet" else "a Hugging Face dataset folder")
+    if fmt == "parquet":
+        try:
+            parquet = pa.parquet.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}); re-create it or remove it") from None
+        _check_column(path, parquet.schema_arrow.names, text_field)
+        try:
+            for batch in parquet.iter_batches(batch_size=_ARROW_BATCH_ROWS, columns=[text_field]):
+                yield from _string_rows(path, batch, 0, text_field)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: read failed ({e}); re-create the file or remove it") from None
+        finally:
+            parquet.close()
+        return
+    for file in _arrow_files(path):
+        try:
+            with pa.memory_map(str(file)) as source:
+                reader = pa.ipc.open_stream(source)
+                column = _check_column(path, reader.schema.names, text_field)
+                for batch in reader:
+                    yield from _string_rows(path, batch, column, text_field)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{file}: not a readable Arrow file ({e}); save the dataset again with save_to_disk"
+            ) from None
+
+
+def parse_hub_name(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][:SPLIT]` -> (name, config or None, split; default "train")."""
+    parts = spec[len(HUB_PREFIX) :].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(
+            f"hub input {spec!r} must look like hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1"
+        )
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def _hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
+    """Stream a hub dataset with `datasets.load_dataset(..., streaming=True)` (needs the network)."""
+    name, config, split = parse_hub_name(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {spec} needs the datasets package: pip install 'lmforge[datasets]'") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        for row in rows:
+            if text_field not in row:
+                _check_column(spec, list(row), text_field)
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{spec}: column '{text_field}' is {type(text).__name__}; choose one with --text-field")
+            text, surrogates = replace_surrogates(text)
+            yield RawDocument(text, surrogates)
+    except DataError:
+        raise
+    except Exception as e:  # network, missing dataset, bad config: datasets raises many types
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"{spec}: cannot load from the hub ({first}); check the name, config, split and network"
+        ) from None

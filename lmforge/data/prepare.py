@@ -1,24 +1,31 @@
-"""`lmforge prepare`: raw text files -> cleaned, deduplicated, split, tokenized shards + manifest.
+"""`lmforge prepare`: raw text -> cleaned, filtered, deduplicated, split, tokenized shards + manifest + card.
 
-    inputs ──read──► clean ──► length filter ──► dedup ──► split ──► <out>.tmp/docs-<split>.jsonl.part
-                                                                          │
-                     tokenizer.json ◄── train BPE/char on the train docs ─┤
-                                                                          ▼
+    inputs ─read─► clean ─► rewrite ─► filter ─► dedup ─► split ─► <out>.tmp/docs-<split>.jsonl.part
+    (ingest.py)   (clean.py, filters.py: DocumentCleaner)  (dedup.py)             │
+                     tokenizer.json ◄── train bpe/char/wordpiece/unigram on train ┤
+                                                                                  ▼
             <out>.tmp/{train,val,test}-NNNNN.bin ◄── encode_batch + EOS per document
-            <out>.tmp/manifest.json ──► os.replace(<out>.tmp, <out>)
+            <out>.tmp/{manifest.json, card.json, card.md, length_hist.png} ──► os.replace(<out>.tmp, <out>)
 
 Key design decisions:
-- Two streaming passes, so memory does not grow with the corpus (except the dedup digest set):
-  pass 1 reads, cleans, deduplicates and splits documents into temporary JSONL files per split;
-  the tokenizer is trained from an iterator over the train file only (no eval leakage into the
-  vocabulary; a train split over 1 GiB is sampled by document hash for BPE training, whose memory
-  grows with the distinct words it sees); pass 2 encodes the temporary files in batches and
+- Two streaming passes, so memory does not grow with the corpus (except the dedup indexes):
+  pass 1 reads, cleans, filters, deduplicates and splits documents into temporary JSONL files per
+  split; the tokenizer is trained from an iterator over the train file only (no eval leakage into
+  the vocabulary; a train split over 1 GiB is sampled by document hash for tokenizer training, whose
+  memory grows with the distinct words it sees); pass 2 encodes the temporary files in batches and
   streams tokens into shards.
+- `--workers N` runs `DocumentCleaner` (cleaning, rewrites, filters, language guess: the Python-heavy
+  part of pass 1) on batches of 512 documents in N-1 worker processes, in order (`Pool.imap`), so the
+  output is byte-identical to one process; reading, dedup and writing stay in the main process.
+  Encoding (pass 2) is already multi-threaded inside the Rust `tokenizers` library.
+- Every removal has its own counter in `manifest["documents"]["removed"]` (all keys always present,
+  0 when a filter is off), and the card records documents and bytes after each step.
 - Nothing half-written ever appears at `<out>`: everything is built in `<out>.tmp/` and renamed
   into place at the end; on any error (or Ctrl-C) the tmp folder is removed. `--overwrite` only
   replaces a folder that is a prepared data directory (has manifest.json) or is empty, so a typo
   like `--out ~` cannot delete a home directory.
-- Dedup is exact, by the sha256 of the cleaned text. Documents from `val_input` / `test_input`
+- Dedup (`--dedup exact`, the default) is by the sha256 of the cleaned text; `--dedup near` adds
+  MinHash LSH (dedup.py). Documents from `val_input` / `test_input`
   are read first; a document from `inputs` identical to one of them is removed (counted as
   `overlap_with_eval`, even with dedup off) so evaluation text never leaks into training.
   Explicit val/test files are also deduplicated against each other when dedup is on.
@@ -36,46 +43,64 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.atomic import write_json
-from lmforge.data.clean import CleanStats, Normalization, clean_text, length_verdict
-from lmforge.data.ingest import DocUnit, read_documents, resolve_inputs
+from lmforge.atomic import atomic_write_text, write_json
+from lmforge.data.clean import CleanStats, Normalization
+from lmforge.data.dedup import DedupMode, NearDedup
+from lmforge.data.filters import LANGUAGES, REMOVAL_REASONS, DocumentCleaner, QualityFilters, guess_language, utf8_len
+from lmforge.data.ingest import DEFAULT_MAX_LINE_BYTES, DocUnit, input_bytes, read_documents, resolve_inputs
 from lmforge.data.shards import ShardWriter, dtype_for_vocab, read_header
 from lmforge.data.split import SPLITS, assign_split, bucket, doc_digest
 from lmforge.errors import DataError
 from lmforge.fields import check, opt
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import MIN_BPE_VOCAB, train_bpe, train_char
+from lmforge.tokenizer.train import EXTRA_SPECIALS, MIN_BPE_VOCAB, train_bpe, train_char, train_unigram, train_wordpiece
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 _ENCODE_BATCH_DOCS = 1024
 _ENCODE_BATCH_CHARS = 4_000_000
+_CLEAN_BATCH_DOCS = 512  # documents per batch sent to a --workers process
 # BPE training memory grows with the number of distinct words it has seen, so a huge train split is
 # sampled (by document hash, deterministically) down to about this many bytes; nanochat trains its
 # tokenizer on ~2B characters for the same reason.
 TOKENIZER_SAMPLE_BYTES = 1 << 30
+TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
+REMOVED_KEYS = ("exact_dup", "near_dup", "empty", "too_short") + REMOVAL_REASONS + ("overlap_with_eval",)
 
 
 @dataclass(kw_only=True)
 class PrepareConfig:
     inputs: list[str] = field(
         default_factory=list,
-        metadata={"help": "input files, folders (searched recursively) and glob patterns: .txt, .md, .jsonl (+ .gz)"},
+        metadata={
+            "help": "input files, folders (searched recursively), glob patterns, save_to_disk dataset folders "
+            "and hf:NAME[:CONFIG][:SPLIT] hub datasets: .txt .md .jsonl .csv .tsv (+ .gz/.zst), .parquet"
+        },
     )
     out: str = opt("", "output data directory")
-    text_field: str = opt("text", "JSONL field holding the document text")
-    tokenizer: str = opt("bpe", "'bpe' (train byte-level BPE), 'char' (train character-level) or a tokenizer.json path")
-    vocab_size: int = opt(4096, "vocabulary size for a trained BPE tokenizer (>= 257)")
+    text_field: str = opt("text", "JSONL field / CSV, TSV, Parquet or dataset column holding the document text")
+    tokenizer: str = opt(
+        "bpe",
+        "'bpe' (byte-level BPE), 'char', 'wordpiece' (BERT-style), 'unigram' (SentencePiece-style) "
+        "or a tokenizer.json path",
+    )
+    vocab_size: int = opt(4096, "vocabulary size for a trained bpe/wordpiece/unigram tokenizer")
+    special_tokens: Literal["eos", "all"] = opt(
+        "eos",
+        "bpe only: 'all' also reserves <|pad|> <|mask|> <|sep|> <|cls|> <|system|> <|user|> <|assistant|> "
+        "(wordpiece and unigram always have them)",
+    )
     val_fraction: float = opt(0.05, "share of documents hashed into the validation split")
     test_fraction: float = opt(0.05, "share of documents hashed into the test split")
     val_input: list[str] = field(
@@ -89,22 +114,83 @@ class PrepareConfig:
     doc_unit: DocUnit = opt(
         "paragraph", "how .txt/.md files are cut into documents; each JSONL record is always one document"
     )
-    min_chars: int = opt(1, "drop documents shorter than this many characters after cleaning")
     normalize: Normalization = opt("NFC", "Unicode normalization of the text")
-    dedup: bool = opt(True, "remove exact duplicate documents (sha256 of the cleaned text)")
+    normalize_whitespace: bool = opt(False, "collapse runs of spaces/tabs, cut trailing spaces, keep <= 1 blank line")
+    boilerplate: bool = opt(False, "remove short boilerplate lines (cookies, 'All rights reserved', 版权所有, ...)")
+    min_chars: int = opt(1, "drop documents shorter than this many characters after cleaning")
+    max_chars: int = opt(0, "drop documents longer than this many characters (0 = no limit)")
+    max_char_repetition: float = opt(
+        0.0, "drop documents whose share of repeated character 10-grams is above this (0 = off; try 0.5)"
+    )
+    max_line_repetition: float = opt(
+        0.0, "drop documents whose share of repeated lines is above this (0 = off; Gopher uses 0.3)"
+    )
+    min_alpha_ratio: float = opt(
+        0.0, "drop documents whose letters (any script, Han included) / visible characters is below this (0 = off)"
+    )
+    languages: str = opt(
+        "", f"keep only these guessed languages, comma-separated (e.g. 'zh,en'; from {', '.join(LANGUAGES)})"
+    )
+    dedup: DedupMode = opt("exact", "'exact' (sha256 of the cleaned text), 'near' (exact + MinHash LSH) or 'none'")
+    near_threshold: float = opt(
+        0.8, "Jaccard similarity of 5-character shingles above which documents are near-duplicates"
+    )
+    dedup_report: str = opt("", "write example near-duplicate pairs to this file (JSONL)")
+    max_line_bytes: int = opt(DEFAULT_MAX_LINE_BYTES, "longest line (or 'file'-unit document) accepted, in bytes")
+    max_invalid_utf8: float = opt(
+        0.001,
+        "stop when a file's invalid UTF-8 sequences exceed this share of its characters (and 16): "
+        "it mixes encodings; 1 = only replace and count",
+    )
     shard_tokens: int = opt(50_000_000, "maximum tokens per shard file")
+    merge: bool = opt(
+        False, "the inputs are prepared data directories (parts, same tokenizer): merge them into --out, deduplicated"
+    )
+    workers: int = opt(1, "processes for reading + cleaning + filtering (1 = this process only)")
+    card: bool = opt(True, "write card.md, card.json and length_hist.png into the output directory")
     overwrite: bool = opt(False, "replace the output directory if it already exists")
 
     def __post_init__(self) -> None:
         check(bool(self.inputs), "prepare needs at least one input file, folder or glob pattern")
         check(bool(self.out), "prepare needs an output directory (--out DIR)")
         check(bool(self.text_field), "text_field must not be empty; name the JSONL field holding the text")
-        check(bool(self.tokenizer), "tokenizer must be 'bpe', 'char' or a path to a tokenizer.json")
+        check(bool(self.tokenizer), "tokenizer must be 'bpe', 'char', 'wordpiece', 'unigram' or a tokenizer.json path")
         if self.tokenizer == "bpe":
+            least = MIN_BPE_VOCAB + (len(EXTRA_SPECIALS) if self.special_tokens == "all" else 0)
             check(
-                MIN_BPE_VOCAB <= self.vocab_size <= 2**32,
-                f"vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + <|endoftext|>) for bpe, got {self.vocab_size}",
+                least <= self.vocab_size <= 2**32,
+                f"vocab_size must be >= {least} (256 bytes + special tokens) for bpe, got {self.vocab_size}",
             )
+        if self.tokenizer == "wordpiece":
+            check(self.vocab_size >= 64, f"vocab_size must be >= 64 for wordpiece, got {self.vocab_size}")
+        if self.tokenizer == "unigram":
+            check(
+                self.vocab_size >= 281,
+                f"vocab_size must be >= 281 for unigram (specials + bytes), got {self.vocab_size}",
+            )
+        check(
+            self.special_tokens in ("eos", "all"), f"special_tokens must be 'eos' or 'all', got {self.special_tokens!r}"
+        )
+        if isinstance(self.dedup, bool):  # older configs said dedup = true/false
+            object.__setattr__(self, "dedup", "exact" if self.dedup else "none")
+        check(self.dedup in get_args(DedupMode), f"dedup must be one of {get_args(DedupMode)}, got {self.dedup!r}")
+        check(
+            not self.dedup_report or self.dedup == "near",
+            "--dedup-report lists near-duplicate pairs; add --dedup near",
+        )
+        check(0 < self.near_threshold < 1, f"near_threshold must be in (0, 1), got {self.near_threshold}")
+        check(self.max_chars >= 0, f"max_chars must be >= 0 (0 = no limit), got {self.max_chars}")
+        check(
+            self.max_chars == 0 or self.max_chars >= self.min_chars,
+            f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})",
+        )
+        for name in ("max_char_repetition", "max_line_repetition", "min_alpha_ratio", "max_invalid_utf8"):
+            value = getattr(self, name)
+            check(0 <= value <= 1, f"{name} must be in [0, 1] (0 = off), got {value}")
+        unknown = set(self.language_list) - set(LANGUAGES)
+        check(not unknown, f"unknown languages {sorted(unknown)}; choose from {', '.join(LANGUAGES)}")
+        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        check(self.max_line_bytes > 0, f"max_line_bytes must be > 0, got {self.max_line_bytes}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             check(0 <= value < 1, f"{name} must be in [0, 1), got {value}")
@@ -119,6 +205,21 @@ class PrepareConfig:
         )
         check(self.min_chars >= 0, f"min_chars must be >= 0, got {self.min_chars}")
         check(self.shard_tokens > 0, f"shard_tokens must be > 0, got {self.shard_tokens}")
+
+    @property
+    def language_list(self) -> list[str]:
+        """`languages` split at commas, blanks dropped."""
+        return [lang.strip() for lang in self.languages.split(",") if lang.strip()]
+
+    def quality_filters(self) -> QualityFilters:
+        """The removal thresholds as a `QualityFilters`."""
+        return QualityFilters(
+            max_chars=self.max_chars,
+            max_char_repetition=self.max_char_repetition,
+            max_line_repetition=self.max_line_repetition,
+            min_alpha_ratio=self.min_alpha_ratio,
+            languages=frozenset(self.language_list),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +319,7 @@ def _no_bar(progress: bool) -> bool | None:
     return None if progress else True
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not overwrite:
@@ -229,15 +330,50 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
 
 
+def output_paths(out_arg: str) -> tuple[Path, Path]:
+    """(absolute output dir, its "<out>.tmp" build dir); absolute, so "out/" or "." still has a name."""
+    out = Path(os.path.abspath(out_arg))
+    return out, out.with_name(out.name + ".tmp")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Swap the finished `tmp` into place; the old `out` (if any) is moved aside first, so it is never partial."""
+    old = out.with_name(out.name + ".tmp.old")  # both names are ours: "<out>.tmp*"
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def discard(tmp: Path, out: Path) -> None:
+    """After an error: remove `tmp` and, if interrupted mid-swap, put the previous `out` back."""
+    old = out.with_name(out.name + ".tmp.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not out.exists():
+        os.replace(old, out)
+
+
 class _Counts:
-    """Document counters for the manifest (plain ints, updated in pass 1)."""
+    """Counters for the manifest and the data card (plain ints, updated in pass 1)."""
 
     def __init__(self) -> None:
         self.documents_in = 0
-        self.removed = {"exact_dup": 0, "empty": 0, "too_short": 0, "overlap_with_eval": 0}
+        self.removed = dict.fromkeys(REMOVED_KEYS, 0)
+        self.removed_bytes = dict.fromkeys(REMOVED_KEYS, 0)
         self.cleaning = CleanStats()
         self.split_docs = dict.fromkeys(SPLITS, 0)
         self.split_bytes = dict.fromkeys(SPLITS, 0)
+        # documents and UTF-8 bytes after each step (see card.py)
+        self.steps = {step: [0, 0] for step in ("read", "cleaned", "filtered", "deduplicated")}
+        self.languages: Counter[str] = Counter()
+        self.length_hist: Counter[int] = Counter()  # bit_length(characters) of kept documents
+
+    def remove(self, reason: str, nbytes: int) -> None:
+        self.removed[reason] += 1
+        self.removed_bytes[reason] += nbytes
 
 
 def _doc_file(tmp: Path, split: str) -> Path:
@@ -251,43 +387,100 @@ def _read_docs(path: Path) -> Iterator[str]:
             yield json.loads(line)
 
 
+def _batches(docs: Iterator[Any], size: int) -> Iterator[list[tuple[str, int]]]:
+    batch: list[tuple[str, int]] = []
+    for raw in docs:
+        batch.append((raw.text, raw.invalid_utf8))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_encoding(path: Path, invalid: int, chars: int, limit: float) -> None:
+    if limit < 1 and invalid > 16 and invalid > limit * chars:
+        raise DataError(
+            f"{path}: {invalid} invalid UTF-8 sequences in {chars} characters: the file is not UTF-8 or mixes "
+            "encodings; convert it (e.g. iconv -f GB18030 -t UTF-8) or pass --max-invalid-utf8 1 to replace them"
+        )
+
+
 def _pass1(
-    cfg: PrepareConfig, sources: list[tuple[Path, str]], tmp: Path, counts: _Counts, bar: tqdm
-) -> list[dict[str, Any]]:
+    cfg: PrepareConfig, sources: list[tuple[Path, str]], tmp: Path, counts: _Counts, bar: tqdm, pool: Any
+) -> tuple[list[dict[str, Any]], NearDedup | None]:
     """Read, clean, filter, dedup and split every document into tmp/docs-<split>.jsonl.part."""
     explicit = frozenset(role for _, role in sources if role != "auto")
-    # The dedup set is the only thing in `prepare` that grows with the corpus: 16 bytes of digest per
-    # kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB).
+    cleaner = DocumentCleaner(
+        normalize=cfg.normalize,
+        whitespace=cfg.normalize_whitespace,
+        boilerplate=cfg.boilerplate,
+        min_chars=cfg.min_chars,
+        filters=cfg.quality_filters(),
+    )
+    # The dedup indexes are the only things in `prepare` that grow with the corpus: 16 bytes of digest
+    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1 KiB per
+    # kept document for near dedup (see dedup.py).
     seen: set[bytes] = set()
     eval_seen: set[bytes] = set()  # digests of explicit val/test documents: always kept, for leak removal
+    near = None
+    if cfg.dedup == "near":
+        near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0)
     outputs = {split: open(_doc_file(tmp, split), "w", encoding="utf-8", newline="\n") for split in SPLITS}
     inputs: list[dict[str, Any]] = []
     try:
         for path, role in sources:
-            read = kept = 0
-            for raw in read_documents(path, doc_unit=cfg.doc_unit, text_field=cfg.text_field, on_bytes=bar.update):
+            read = kept = invalid = chars = 0
+            raw_docs = read_documents(
+                path,
+                doc_unit=cfg.doc_unit,
+                text_field=cfg.text_field,
+                on_bytes=bar.update,
+                max_line_bytes=cfg.max_line_bytes,
+            )
+            batches = _batches(raw_docs, _CLEAN_BATCH_DOCS)
+            processed = pool.imap(cleaner, batches) if pool is not None else map(cleaner, batches)
+            for doc in (doc for batch in processed for doc in batch):
                 read += 1
                 counts.documents_in += 1
-                if raw.invalid_utf8:
-                    counts.cleaning.invalid_utf8_replaced += raw.invalid_utf8
+                counts.steps["read"][0] += 1
+                counts.steps["read"][1] += doc.raw_bytes
+                chars += len(doc.text)
+                if doc.invalid_utf8:
+                    invalid += doc.invalid_utf8
+                    counts.cleaning.invalid_utf8_replaced += doc.invalid_utf8
                     counts.cleaning.documents_with_invalid_utf8 += 1
-                cleaned = clean_text(raw.text, cfg.normalize)
-                counts.cleaning.control_chars_removed += cleaned.control_chars_removed
-                counts.cleaning.normalized_documents += cleaned.normalized
-                verdict = length_verdict(cleaned.text, cfg.min_chars)
-                if verdict != "ok":
-                    counts.removed[verdict] += 1
+                counts.cleaning.control_chars_removed += doc.control_chars_removed
+                counts.cleaning.normalized_documents += doc.normalized
+                counts.cleaning.whitespace_normalized_documents += doc.whitespace_changed
+                counts.cleaning.boilerplate_lines_removed += doc.boilerplate_lines
+                text = doc.text
+                nbytes = utf8_len(text)
+                if doc.reason in ("empty", "boilerplate"):
+                    counts.remove(doc.reason, nbytes)
                     continue
-                digest = doc_digest(cleaned.text)
+                counts.steps["cleaned"][0] += 1
+                counts.steps["cleaned"][1] += nbytes
+                if doc.reason is not None:
+                    counts.remove(doc.reason, nbytes)
+                    continue
+                counts.steps["filtered"][0] += 1
+                counts.steps["filtered"][1] += nbytes
+                digest = doc_digest(text)
                 key = digest[:16]
                 if role == "auto" and key in eval_seen:
-                    counts.removed["overlap_with_eval"] += 1
+                    counts.remove("overlap_with_eval", nbytes)
                     continue
-                if cfg.dedup:
+                if cfg.dedup != "none":
                     if key in seen:
-                        counts.removed["exact_dup"] += 1
+                        counts.remove("exact_dup", nbytes)
                         continue
                     seen.add(key)
+                if near is not None and near.is_duplicate(text):
+                    counts.remove("near_dup", nbytes)
+                    continue
+                counts.steps["deduplicated"][0] += 1
+                counts.steps["deduplicated"][1] += nbytes
                 if role == "auto":
                     split = assign_split(
                         digest, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, explicit=explicit
@@ -295,17 +488,20 @@ def _pass1(
                 else:
                     split = role
                     eval_seen.add(key)
-                outputs[split].write(json.dumps(cleaned.text, ensure_ascii=False) + "\n")
+                outputs[split].write(json.dumps(text, ensure_ascii=False) + "\n")
                 counts.split_docs[split] += 1
-                counts.split_bytes[split] += len(cleaned.text.encode("utf-8"))
+                counts.split_bytes[split] += nbytes
+                counts.languages[doc.language] += 1
+                counts.length_hist[len(text).bit_length()] += 1
                 kept += 1
+            _check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
             inputs.append(
-                {"path": str(path), "bytes": path.stat().st_size, "documents": read, "kept": kept, "role": role}
+                {"path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role}
             )
     finally:
         for f in outputs.values():
             f.close()
-    return inputs
+    return inputs, near
 
 
 def _sample_docs(path: Path, fraction: float) -> Iterator[str]:
@@ -321,18 +517,35 @@ def _make_tokenizer(
 ) -> tuple[Tokenizer, str]:
     if given is not None:
         return given, "file"
-    if cfg.tokenizer == "bpe":
-        # the Rust trainer draws its own bar, and only prints stray newlines when stderr is no terminal
-        show = progress and sys.stderr.isatty()
-        texts = _sample_docs(train_docs, TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1))
-        return train_bpe(texts, cfg.vocab_size, show_progress=show), "bpe"
-    return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
+    if cfg.tokenizer == "char":
+        return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
+    # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
+    show = progress and sys.stderr.isatty()
+    texts = _sample_docs(train_docs, TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1))
+    if cfg.tokenizer == "wordpiece":
+        return train_wordpiece(texts, cfg.vocab_size, show_progress=show), "wordpiece"
+    if cfg.tokenizer == "unigram":
+        return train_unigram(texts, cfg.vocab_size, show_progress=show), "unigram"
+    return train_bpe(texts, cfg.vocab_size, show_progress=show, extra_specials=cfg.special_tokens == "all"), "bpe"
 
 
 def _encode_split(
-    tok: Tokenizer, docs: Path, out_dir: Path, split: str, dtype: type[np.unsignedinteger], max_tokens: int, bar: tqdm
+    tok: Tokenizer,
+    docs: Path,
+    out_dir: Path,
+    split: str,
+    dtype: type[np.unsignedinteger],
+    max_tokens: int,
+    bar: tqdm,
+    *,
+    token_counts: np.ndarray | None = None,
+    by_language: dict[str, list[int]] | None = None,
 ) -> tuple[list[str], int]:
-    """Encode one split's documents (EOS after each) into shards; return (shard names, tokens)."""
+    """Encode one split's documents (EOS after each) into shards; return (shard names, tokens).
+
+    `token_counts` (if given) accumulates how often each id occurs; `by_language` accumulates
+    [UTF-8 bytes, tokens without EOS] per guessed language, for the tokenizer report.
+    """
     writer = ShardWriter(out_dir, split, dtype, max_tokens)
     eos = tok.eos_id
 
@@ -345,7 +558,15 @@ def _encode_split(
             tokens[at + len(ids)] = eos
             at += len(ids) + 1
         writer.write(tokens)
-        bar.update(sum(len(text.encode("utf-8")) for text in batch))
+        sizes = [utf8_len(text) for text in batch]
+        bar.update(sum(sizes))
+        if token_counts is not None:
+            token_counts[:] += np.bincount(tokens, minlength=len(token_counts))[: len(token_counts)]
+        if by_language is not None:
+            for text, size, ids in zip(batch, sizes, encoded, strict=True):
+                entry = by_language.setdefault(guess_language(text), [0, 0])
+                entry[0] += size
+                entry[1] += len(ids)
 
     try:
         batch: list[str] = []
@@ -364,11 +585,26 @@ def _encode_split(
         raise
 
 
+def _tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str, Any]:
+    """Compression (UTF-8 bytes per token) on `split`, overall and for English and Chinese."""
+    total = [sum(v[0] for v in by_language.values()), sum(v[1] for v in by_language.values())]
+    report: dict[str, Any] = {"split": split, "bytes_per_token": {}, "documents_bytes": {}}
+    for name, (nbytes, tokens) in [("all", total)] + [(lang, by_language.get(lang, [0, 0])) for lang in ("en", "zh")]:
+        report["bytes_per_token"][name] = round(nbytes / tokens, 4) if tokens else None
+        report["documents_bytes"][name] = nbytes
+    return report
+
+
+def _top_tokens(tok: Tokenizer, counts: np.ndarray, k: int = 30) -> list[dict[str, Any]]:
+    order = np.argsort(-counts, kind="stable")[:k]
+    return [{"id": int(i), "token": tok.decode([int(i)]), "count": int(counts[i])} for i in order if counts[i] > 0]
+
+
 def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Turn raw text files into a prepared data directory (see the module docstring).
 
     Args:
-        cfg: what to read, how to clean/split/tokenize, where to write.
+        cfg: what to read, how to clean/filter/dedup/split/tokenize, where to write.
         progress: show progress bars on stderr.
 
     Returns:
@@ -377,14 +613,18 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     Raises:
         DataError: missing/binary/malformed inputs, no documents, or an existing output directory.
     """
-    out = Path(os.path.abspath(cfg.out))  # absolute, so "out/" or "." still has a name for the siblings
-    tmp = out.with_name(out.name + ".tmp")
-    old = out.with_name(out.name + ".tmp.old")  # both names are ours: "<out>.tmp*"
-    _check_out(out, cfg.overwrite)
+    if cfg.merge:
+        from lmforge.data.merge import merge_parts
+
+        return merge_parts(cfg, progress=progress)
+    out, tmp = output_paths(cfg.out)
+    check_out(out, cfg.overwrite)
     given: Tokenizer | None = None
-    if cfg.tokenizer not in ("bpe", "char"):  # load (and check) an existing tokenizer before the long read
+    if cfg.tokenizer not in TRAINED_TOKENIZERS:  # load (and check) an existing tokenizer before the long read
         given = Tokenizer.load(cfg.tokenizer)
         given.eos_id  # noqa: B018 - raises DataError if the tokenizer has no end-of-text token
+    if cfg.dedup == "near":
+        NearDedup(max_examples=0)  # fail now, with the install hint, if datasketch is missing
     if tmp.exists():  # left over from a crashed run; it is ours by name
         shutil.rmtree(tmp)
 
@@ -397,23 +637,34 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     sources += [(p, "auto") for p in train_files if p.resolve() not in eval_files]
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
     if not sources:
-        raise DataError("no readable .txt, .md or .jsonl files in the inputs; check the paths")
+        raise DataError("no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; check the paths")
 
     tmp.mkdir(parents=True)
+    pool = None
     try:
+        if cfg.workers > 1:
+            import multiprocessing
+
+            # fork on Linux: starts in milliseconds and needs no `if __name__ == "__main__"` guard in the
+            # caller's script (spawn re-imports it); the workers only run DocumentCleaner (no threads used)
+            method = "fork" if sys.platform == "linux" else "spawn"
+            pool = multiprocessing.get_context(method).Pool(cfg.workers - 1)
         counts = _Counts()
-        total_bytes = sum(p.stat().st_size for p, _ in sources)
+        total_bytes = sum(input_bytes(p) for p, _ in sources)
         with tqdm(
             total=total_bytes, unit="B", unit_scale=True, desc="reading", disable=_no_bar(progress), file=sys.stderr
         ) as bar:
-            inputs = _pass1(cfg, sources, tmp, counts, bar)
+            inputs, near = _pass1(cfg, sources, tmp, counts, bar, pool)
+        if pool is not None:
+            pool.close()
         documents_out = sum(counts.split_docs.values())
         if counts.documents_in == 0:
-            raise DataError(f"no documents found in {len(sources)} input file(s): they are empty or blank")
+            raise DataError(f"no documents found in {len(sources)} input(s): they are empty or blank")
         if documents_out == 0:
+            reasons = ", ".join(f"{k} {v}" for k, v in counts.removed.items() if v)
             raise DataError(
-                f"no documents left from {len(sources)} input file(s) ({counts.documents_in} read; all empty, "
-                "too short or duplicates); check the files, --text-field and --min-chars"
+                f"no documents left from {len(sources)} input(s) ({counts.documents_in} read; removed: {reasons}); "
+                "check the files, --text-field, --min-chars and the filters"
             )
         if counts.split_docs["train"] == 0:
             raise DataError(
@@ -424,6 +675,9 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         tok, kind = _make_tokenizer(cfg, given, _doc_file(tmp, "train"), counts.split_bytes["train"], progress)
         dtype = dtype_for_vocab(tok.vocab_size)
         splits: dict[str, Any] = {}
+        token_counts = np.zeros(tok.vocab_size, dtype=np.int64)
+        report_split = next((s for s in ("val", "test", "train") if counts.split_docs[s]), "train")
+        by_language: dict[str, list[int]] = {}
         with tqdm(
             total=sum(counts.split_bytes.values()),
             unit="B",
@@ -433,7 +687,17 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             file=sys.stderr,
         ) as bar:
             for split in SPLITS:
-                shards, tokens = _encode_split(tok, _doc_file(tmp, split), tmp, split, dtype, cfg.shard_tokens, bar)
+                shards, tokens = _encode_split(
+                    tok,
+                    _doc_file(tmp, split),
+                    tmp,
+                    split,
+                    dtype,
+                    cfg.shard_tokens,
+                    bar,
+                    token_counts=token_counts if split == "train" else None,
+                    by_language=by_language if split == report_split else None,
+                )
                 splits[split] = {
                     "documents": counts.split_docs[split],
                     "tokens": tokens,
@@ -442,6 +706,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 }
                 _doc_file(tmp, split).unlink()
 
+        dedup_info: dict[str, Any] = {"mode": cfg.dedup, "exact_dup": counts.removed["exact_dup"]}
+        if near is not None:
+            dedup_info.update(
+                near_dup=near.removed, near_dup_clusters=near.clusters, threshold=cfg.near_threshold,
+                num_perm=near.num_perm, shingle_chars=near.shingle_chars,
+            )  # fmt: skip
         manifest = {
             "format_version": FORMAT_VERSION,
             "lmforge_version": _lmforge_version(),
@@ -451,24 +721,43 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "skipped_files": skipped_files,
             "documents": {"in": counts.documents_in, "out": documents_out, "removed": dict(counts.removed)},
             "cleaning": counts.cleaning.to_dict(),
-            "tokenizer": {"kind": kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "sha256": tok.fingerprint},
+            "dedup": dedup_info,
+            "languages": dict(counts.languages.most_common()),
+            "tokenizer": {
+                "kind": kind,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "sha256": tok.fingerprint,
+                "report": _tokenizer_report(report_split, by_language),
+            },
             "dtype": np.dtype(dtype).name,
             "splits": splits,
         }
         tok.save(tmp / TOKENIZER)
-        write_json(tmp / MANIFEST, manifest)
+        if cfg.card:
+            from lmforge.data.card import write_card
 
-        # Swap into place: the old directory (if any) is moved aside first, so <out> is never partial.
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
+            write_card(
+                tmp,
+                manifest,
+                steps={k: {"documents": v[0], "bytes": v[1]} for k, v in counts.steps.items()},
+                removed_bytes=dict(counts.removed_bytes),
+                length_hist={int(k): v for k, v in sorted(counts.length_hist.items())},
+                top_tokens=_top_tokens(tok, token_counts),
+            )
+        write_json(tmp / MANIFEST, manifest)
+        if cfg.dedup_report:
+            pairs = near.examples if near is not None else []
+            lines = [json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs]
+            atomic_write_text(cfg.dedup_report, "".join(lines))
+
+        publish(tmp, out)
         return manifest
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():  # interrupted mid-swap: put the previous data back
-            os.replace(old, out)
+        if pool is not None:
+            pool.terminate()
+        discard(tmp, out)
         raise
+    finally:
+        if pool is not None:
+            pool.join()

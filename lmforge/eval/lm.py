@@ -85,6 +85,9 @@ def evaluate_checkpoint(
 ) -> dict[str, float | int | str]:
     """`lmforge eval`: loss, perplexity and bits per byte of a run/checkpoint on a prepared split.
 
+    Encoder runs (objective mlm, mlm+nsp, mlm+sop, electra) report their objective's metrics instead:
+    mlm_accuracy, mlm_ppl, and nsp_accuracy or rtd_accuracy/rtd_auc (see eval/objectives.py).
+
     Args:
         path: run directory (its latest checkpoint) or a checkpoint folder.
         data_dir: prepared data directory; default: the one the run was trained on.
@@ -114,6 +117,24 @@ def evaluate_checkpoint(
     if not shards:
         raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
     seq_len = trained.config.data.seq_len or trained.config.model.max_seq_len
+    if trained.config.objective.name != "clm":  # encoders: mlm_accuracy, mlm_ppl, nsp_accuracy, rtd_auc, ...
+        from lmforge.data.masking import mlm_eval_batches
+        from lmforge.eval.objectives import evaluate_encoder
+        from lmforge.train.objective_setup import encoder_loader_kwargs
+
+        cfg = trained.config
+        kwargs = encoder_loader_kwargs(
+            cfg, shards, trained.tokenizer, batch_size=batch_size or cfg.train.micro_batch, seed=0
+        )
+        metrics = evaluate_encoder(
+            trained.model,
+            mlm_eval_batches(kwargs, max_batches=max_batches),
+            precision=precision,
+            electra=cfg.objective.name == "electra",
+            rtd_weight=cfg.objective.rtd_weight,
+        )
+        return {"checkpoint": str(trained.checkpoint.path), "step": int(trained.checkpoint.meta.get("step", 0)),
+                "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
     batches = eval_batches(
         shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
     )

@@ -72,7 +72,7 @@ from lmforge.models.layers import KVCache, apply_rope, make_norm, rope_cos_sin
 
 @dataclass(kw_only=True)
 class GPTConfig:
-    family: Literal["gpt"] = opt("gpt", "model family")
+    family: Literal["gpt"] = opt("gpt", "model family: gpt, lstm, gru, bert or electra (each has its own fields)")
     vocab_size: int = opt(0, "vocabulary size; 0 = take it from the data's tokenizer")
     max_seq_len: int = opt(256, "context length in tokens")
     n_layer: int = opt(6, "Transformer blocks")

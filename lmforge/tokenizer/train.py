@@ -1,4 +1,5 @@
-"""Train tokenizers from a stream of texts: byte-level BPE (GPT-2 style) and character-level.
+"""Train tokenizers from a stream of texts: byte-level BPE (GPT-2 style), character-level,
+WordPiece (BERT-style, for encoders) and Unigram (SentencePiece-style).
 
 Key design decisions:
 - Byte-level BPE (`train_bpe`): HF `tokenizers` BPE with the ByteLevel pre-tokenizer
@@ -13,31 +14,49 @@ Key design decisions:
   `byte_fallback=True`, no normalizer and no pre-tokenizer: a character never seen in training is
   encoded as its UTF-8 bytes and decoded back by the ByteFallback+Fuse decoders, so text round-trips.
   Being an ordinary HF BPE tokenizer.json, it loads in `transformers` too.
+- WordPiece (`train_wordpiece`): BERT's recipe without lower-casing or accent stripping (cased, so
+  nothing is lost), with the BertNormalizer putting spaces around CJK characters so Chinese is one
+  piece per character, BertPreTokenizer (whitespace + punctuation) and "##" continuation pieces.
+  Unknown characters become `[UNK]`; decoding joins pieces with spaces, so it does not round-trip
+  text exactly (it is meant for encoders).
+- Unigram (`train_unigram`): the SentencePiece algorithm (Kudo 2018, https://arxiv.org/abs/1804.10959)
+  with the Metaspace pre-tokenizer ("▁" marks a word start) and `byte_fallback`, so every character
+  encodes (unseen ones as <0xNN> byte pieces) and decode(encode(text)) == text up to whitespace runs.
+- Special tokens: `<|endoftext|>` is always id 0. WordPiece and Unigram always add `EXTRA_SPECIALS`
+  (padding, mask, separator, classifier and chat-role markers) right after it, for the MLM, pair and
+  chat tasks; BPE adds them only with `specials="all"`, so existing BPE vocabularies keep their ids.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import ConfigError
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = [Tokenizer.EOS]
+EXTRA_SPECIALS = ["<|pad|>", "<|mask|>", "<|sep|>", "<|cls|>", "<|system|>", "<|user|>", "<|assistant|>"]
+UNK = "[UNK]"
 # The smallest byte-level BPE vocabulary: every byte plus the special tokens, no merges.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, *, show_progress: bool = False, extra_specials: bool = False
+) -> Tokenizer:
     """Train a GPT-2-style byte-level BPE tokenizer.
 
     Args:
         texts: training documents (any iterable; consumed once).
         vocab_size: total ids including the 256 byte tokens and `<|endoftext|>`; at least 257.
         show_progress: let the Rust trainer draw its own progress bar.
+        extra_specials: also reserve `EXTRA_SPECIALS` (ids 1..7).
 
     Returns:
         The trained `Tokenizer`; `<|endoftext|>` has id 0.
@@ -45,15 +64,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = Fa
     Raises:
         ConfigError: vocab_size is smaller than 257.
     """
-    if vocab_size < MIN_BPE_VOCAB:
-        raise ConfigError(f"BPE vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {vocab_size}")
+    specials = SPECIAL_TOKENS + (EXTRA_SPECIALS if extra_specials else [])
+    if vocab_size < 256 + len(specials):
+        raise ConfigError(
+            f"BPE vocab_size must be >= {256 + len(specials)} (256 bytes + special tokens), got {vocab_size}"
+        )
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -94,3 +116,85 @@ def train_char(texts: Iterable[str], *, vocab_size: int = 0) -> Tokenizer:
     hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return Tokenizer(hf)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
+    """Train a cased BERT-style WordPiece tokenizer (see the module docstring).
+
+    Returns:
+        The `Tokenizer`: `<|endoftext|>` = 0, `EXTRA_SPECIALS` = 1..7, `[UNK]` = 8, then pieces.
+
+    Raises:
+        ConfigError: vocab_size leaves no room for pieces (< 64).
+    """
+    if vocab_size < 64:
+        raise ConfigError(f"WordPiece vocab_size must be >= 64, got {vocab_size}")
+    hf = HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
+    )
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK],
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
+    """Train a SentencePiece-style Unigram tokenizer with byte fallback (see the module docstring).
+
+    Returns:
+        The `Tokenizer`: `<|endoftext|>` = 0, `EXTRA_SPECIALS` = 1..7, `[UNK]` = 8, `<0x00>`..`<0xFF>`, pieces.
+
+    Raises:
+        ConfigError: vocab_size leaves no room for pieces beyond the specials and 256 bytes.
+    """
+    fixed = SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK] + [f"<0x{b:02X}>" for b in range(256)]
+    if vocab_size < len(fixed) + 16:
+        raise ConfigError(f"Unigram vocab_size must be >= {len(fixed) + 16} (specials + 256 bytes + pieces)")
+    hf = HFTokenizer(models.Unigram())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    # "▁" -> " " per piece (the first piece loses its prepended space), then bytes -> characters, join
+    hf.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=fixed,
+        unk_token=UNK,
+        show_progress=show_progress,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    # The trainer keeps the byte pieces as specials; byte_fallback makes the model use them for unseen characters.
+    config = json.loads(hf.to_str())
+    config["model"]["byte_fallback"] = True
+    vocab = config["model"]["vocab"]
+    config["model"]["vocab"] = vocab[: len(fixed)] + _canonical_pieces(vocab[len(fixed) :])
+    config["added_tokens"] = [t for t in config["added_tokens"] if not t["content"].startswith("<0x")]
+    return Tokenizer(HFTokenizer.from_str(json.dumps(config, ensure_ascii=False)))
+
+
+def _canonical_pieces(pieces: list[list[Any]]) -> list[list[Any]]:
+    """Unigram pieces in a run-independent order.
+
+    Two sources of run-to-run variation in the HF trainer (measured: two runs on the same texts gave
+    different tokenizer.json files): its parallel EM sums floats in varying order (scores differ in
+    the last bits, ~1e-15), and characters that never became pieces are appended in hash-map order
+    with scores stepping down by 1e-4 (then equal). Scores are rounded to 1e-6 and sorted; the
+    trailing run with steps <= 1e-4 (found from the scores alone, so the same run every time) is
+    re-assigned in code-point order; everything is then sorted by (score, piece).
+    """
+    rounded = sorted(([piece, round(score, 6)] for piece, score in pieces), key=lambda p: (-p[1], p[0]))
+    start = len(rounded) - 1
+    while start > 0:
+        step = rounded[start - 1][1] - rounded[start][1]
+        if step > 1e-4 + 2e-6:
+            break
+        start -= 1
+    if len(rounded) - start > 1:
+        scores = [score for _, score in rounded[start:]]
+        rounded[start:] = [[piece, score] for (piece, _), score in zip(sorted(rounded[start:]), scores, strict=True)]
+    return sorted(rounded, key=lambda p: (-p[1], p[0]))

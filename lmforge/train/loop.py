@@ -5,8 +5,9 @@ Read top to bottom, one optimizer step per iteration (nanoGPT's order):
     set lr from schedule.lr_at(step)
     fetch the accumulation window's micro-batches, count their valid targets
     forward + backward each, loss divided by the window's valid-target count
-    (L1 penalty) -> unscale -> clip -> optimizer step -> zero grads
-    log every `log_every` steps; evaluate every `eval.every`; checkpoint every `checkpoint.every`
+    (L1 penalty) -> unscale -> clip -> optimizer step (skipped if the gradient is NaN/inf) -> zero grads
+    log every `log_every` steps (+ update ratio, loss-spike flag, skipped steps, memory)
+    evaluate every `eval.every`; checkpoint every `checkpoint.every`
     stop on max_steps, time budget, early stopping or SIGINT/SIGTERM (after a checkpoint)
 
 Dividing by the valid targets of the *whole window* (not each micro-batch's mean) makes
@@ -18,6 +19,7 @@ different numbers of valid targets. Differences between training modes live in w
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +29,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.dist import DistInfo
 from lmforge.log import RunLogger
 from lmforge.objectives import CausalLM, Objective, to_device
 from lmforge.train.optim import l1_penalty
@@ -61,6 +65,35 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+# A logged train loss above SPIKE_FACTOR x the running mean of earlier logged losses is flagged as a spike.
+SPIKE_FACTOR, SPIKE_EMA = 1.5, 0.9
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    n = torch.linalg.vector_norm(t.float())
+    return n.full_tensor() if hasattr(n, "full_tensor") else n  # FSDP2 shards: reduce to the global norm
+
+
+def _update_ratio(before: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+    """||theta_new - theta_old|| / ||theta_new|| over all trainable parameters (healthy runs: ~1e-3)."""
+    delta = torch.stack([_norm(p.detach() - b) for p, b in zip(params, before, strict=True)])
+    norm = torch.stack([_norm(p.detach()) for p in params])
+    return float(delta.norm() / norm.norm().clamp_min(1e-12))
+
+
+def _memory_mib(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA; the process's resident memory (RSS) elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm", encoding="utf-8") as f:  # Linux: current RSS, in pages
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # macOS/Windows: peak RSS (bytes on macOS)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -78,6 +111,9 @@ def train(
     objective: Objective | None = None,
     flops_per_token: float = 0.0,
     peak_flops: float = 0.0,
+    world: DistInfo | None = None,
+    rollback: Callable[[TrainState], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainState:
     """Train until `cfg.max_steps`, the time budget, early stopping or a stop signal.
 
@@ -95,11 +131,19 @@ def train(
             None = causal LM on (inputs, targets).
         flops_per_token: training FLOPs per token, for MFU.
         peak_flops: the device's measured peak FLOP/s, for MFU.
+        world: rank and world size under torchrun (see dist.py); None = one process. `model` is then
+            wrapped (DDP/FSDP2), `cfg.batch_size` is this rank's share of the global batch, target
+            counts and stop decisions are all-reduced, and logged numbers are global.
+        rollback: restores model, optimizer, RNG and `state` (in place) from the latest checkpoint,
+            keeping the data position; called after `cfg.rollback_after` non-finite steps in a row.
+        after_step: called with the new step number after each optimizer step (DiLoCo's outer sync).
 
     Returns:
         The final `TrainState`; `stop_reason` says why training ended.
     """
     device = precision.device
+    world_size = world.world_size if world else 1
+    bad_in_row = 0  # consecutive steps skipped for non-finite loss/gradients
     objective = objective or CausalLM()
     scaler = precision.grad_scaler()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -125,12 +169,16 @@ def train(
 
             window = [next(loader) for _ in range(cfg.accum_steps)]
             n_targets = sum(objective.count(batch) for batch in window)
+            if world_size > 1:  # normalise by the global window; DDP/FSDP average gradients, so undo that
+                n_targets = int(dist.all_reduce([n_targets], device)[0])
             step_loss = torch.zeros((), device=device)
-            for batch in window:
-                with precision.autocast():
-                    loss = objective.loss(model, to_device(batch, device)) / max(n_targets, 1)
-                step_loss += loss.detach()
-                (scaler.scale(loss) if scaler else loss).backward()
+            for i, batch in enumerate(window):
+                with dist.no_grad_sync(model, sync=i == len(window) - 1):  # all-reduce after the last only
+                    with precision.autocast():
+                        loss = objective.loss(model, to_device(batch, device)) / max(n_targets, 1)
+                    step_loss += loss.detach()
+                    loss = loss * world_size if world_size > 1 else loss
+                    (scaler.scale(loss) if scaler else loss).backward()
             if optim_cfg.l1 > 0:
                 penalty = optim_cfg.l1 * l1_penalty(optimizer)
                 (scaler.scale(penalty) if scaler else penalty).backward()
@@ -140,33 +188,66 @@ def train(
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim_cfg.grad_clip)
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
+            log_now = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.max_steps
+            before = [p.detach().clone() for p in trainable] if log_now else []  # for the update ratio
             if scaler:
-                scaler.step(optimizer)
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
-            else:
+                state.skipped_steps += int(scaler.get_scale() < scale)
+            elif torch.isfinite(grad_norm) and (world_size > 1 or torch.isfinite(step_loss)):  # same on all ranks
                 optimizer.step()
+                bad_in_row = 0
+            else:  # one NaN/inf gradient would poison every weight: skip this update
+                state.skipped_steps += 1
+                bad_in_row += 1
+                if rollback is not None and cfg.rollback_after and bad_in_row >= cfg.rollback_after:
+                    optimizer.zero_grad(set_to_none=True)
+                    at = state.step + 1
+                    rollback(state)  # weights, optimizer, RNG, state <- latest checkpoint; data moves on
+                    bad_in_row = 0
+                    log.info(
+                        f"warning: {cfg.rollback_after} non-finite steps in a row at step {at}; rolled back to step "
+                        f"{state.step} and skipped the batches in between (rollback {state.rollbacks})"
+                    )
+                    continue
+            update_ratio = _update_ratio(before, trainable) if log_now else 0.0
             optimizer.zero_grad(set_to_none=True)
 
             state.step += 1
+            if after_step is not None:
+                after_step(state.step)
             state.tokens += n_targets
             interval_tokens += n_targets
             interval_steps += 1
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             log.advance()
 
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            if log_now:
                 dt = time.perf_counter() - interval_start
                 tokens_per_s = interval_tokens / dt if dt > 0 else 0.0
                 eta = (cfg.max_steps - state.step) * dt / interval_steps
                 if cfg.time_budget:
                     eta = min(eta, max(0.0, cfg.time_budget - state.elapsed_s))
                 loss_value = step_loss.item()
+                if world_size > 1:  # each rank holds its share of the global mean
+                    loss_value = dist.all_reduce([loss_value], device)[0]
+                ema = state.loss_ema
+                spike = ema is not None and loss_value > SPIKE_FACTOR * ema
+                if math.isfinite(loss_value):
+                    state.loss_ema = loss_value if ema is None else SPIKE_EMA * ema + (1 - SPIKE_EMA) * loss_value
                 log.metrics(
                     {
                         "step": state.step,
                         "loss": loss_value,
                         "lr": lr,
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": float(grad_norm),  # before clipping
+                        "update_ratio": update_ratio,
+                        "loss_spike": spike,
+                        "skipped_steps": state.skipped_steps,
+                        "mem_mib": _memory_mib(device),
                         "tokens": state.tokens,
                         "tokens_per_s": tokens_per_s,
                         "mfu": flops_per_token * tokens_per_s / peak_flops if peak_flops else 0.0,
@@ -176,14 +257,23 @@ def train(
                 )
                 if not math.isfinite(loss_value):
                     log.info(f"warning: loss is {loss_value} at step {state.step}; lower --train.lr?")
+                elif spike:
+                    log.info(
+                        f"warning: loss spike at step {state.step}: {loss_value:.4f} vs running mean "
+                        f"{ema:.4f}; lower --train.lr or raise --train.warmup_steps if it repeats"
+                    )
                 interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
 
             # Decide whether this is the last step before evaluating, so the final eval always runs.
-            if stop.received is not None:
+            interrupted = stop.received is not None
+            over_budget = bool(cfg.time_budget and state.elapsed_s >= cfg.time_budget)
+            if world_size > 1:  # all ranks stop at the same step, or the next collective hangs
+                interrupted, over_budget = (v > 0 for v in dist.all_reduce([interrupted, over_budget], device, "max"))
+            if interrupted:
                 state.stop_reason = "interrupted"
             elif state.step >= cfg.max_steps:
                 state.stop_reason = "max_steps"
-            elif cfg.time_budget and state.elapsed_s >= cfg.time_budget:
+            elif over_budget:
                 state.stop_reason = "time_budget"
 
             evaluated = False
@@ -195,9 +285,13 @@ def train(
                 metrics = evaluate()
                 evaluated = True
                 state.elapsed_s = elapsed_before + time.perf_counter() - session_start
-                record = {"step": state.step, "val_loss": metrics["loss"], "val_bpb": metrics["bpb"]}
+                record = {"step": state.step, "val_loss": metrics["loss"], "val_bpb": metrics.get("bpb")}
+                if "bpb" not in metrics:  # encoder objectives (MLM, ELECTRA) have no bits per byte
+                    del record["val_bpb"]
                 record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("loss", "bpb", "sample")})
                 record["elapsed_s"] = state.elapsed_s
+                if metrics.get("sample"):
+                    record["sample"] = metrics["sample"]  # shown by `lmforge report`
                 log.metrics(record)
                 if metrics.get("sample"):
                     log.info(f"sample @ step {state.step}: {metrics['sample']!r}")

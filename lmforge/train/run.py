@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 
+from lmforge import dist
 from lmforge.atomic import write_json
 from lmforge.checkpoint import (
+    checkpoint_to_resume,
+    checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -29,17 +32,20 @@ from lmforge.checkpoint import (
     set_rng_state,
 )
 from lmforge.config import RunConfig
-from lmforge.data.loader import TokenLoader, eval_batches
+from lmforge.data.loader import eval_batches
 from lmforge.data.prepare import load_data_dir
-from lmforge.errors import ConfigError, DataError, Interrupted
+from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
+from lmforge.runs import mark_running, mark_stopped
 from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
+from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import pick_device, pick_precision
+from lmforge.train.precision import pick_precision
 from lmforge.train.state import TrainState
 
 
@@ -47,7 +53,11 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     """Fill in what comes from the data (vocab size) and check the model fits the tokenizer."""
     if not cfg.out:
         raise ConfigError("no run directory given; pass --out RUN_DIR")
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    from lmforge.train.objective_setup import check_objective, encoder_extra_vocab
+
+    check_objective(cfg.objective.name, cfg.model.family)
+    # encoders append [PAD]/[CLS]/[SEP]/[MASK] ids the tokenizer lacks (data/masking.py)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size + encoder_extra_vocab(cfg.model.family, tokenizer)
     if vocab < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}; "
@@ -101,6 +111,36 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
     return False
 
 
+MAX_ROLLBACKS = 3  # more rollbacks than this in one run: it diverges whatever data it sees
+
+
+def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
+    """This rank's train config: its share of the global batch, and its micro-batch."""
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world_size)
+    if cfg.train.batch_size % (micro * world_size):
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} (global) must be a multiple of train.micro_batch_size "
+            f"{micro} x {world_size} processes; change one of them"
+        )
+    return dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world_size, micro_batch_size=micro)
+
+
+def _on_main(world: dist.DistInfo, fn: Any) -> Any:
+    """Run `fn` on rank 0 only and give every rank its result (or its one-line error)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if world.is_main:
+        try:
+            outcome = ("ok", fn())
+        except LmforgeError as e:
+            if not world.enabled:
+                raise
+            outcome = ("error", e)
+    outcome = dist.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
 def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> TrainState:
     """Train a causal LM on a prepared data directory into `cfg.out` (resuming if it exists).
 
@@ -118,49 +158,78 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     tokenizer = Tokenizer.load(data.tokenizer_path)
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
-    resume = prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
+    world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    rank_train = _rank_batch(cfg, world.world_size)
+    resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
 
-    device = pick_device(cfg.train.device)
     precision = pick_precision(device, cfg.train.dtype)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    write_json(run_dir / "env.json", capture_env(str(device)))
+    if world.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "env.json", {**capture_env(str(device)), "world_size": world.world_size})
+        if not (run_dir / "tokenizer.json").is_file():
+            tokenizer.save(run_dir / "tokenizer.json")
     tokenizer_json = tokenizer.to_str()
-    if not (run_dir / "tokenizer.json").is_file():
-        tokenizer.save(run_dir / "tokenizer.json")
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     model.init_weights()
-    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
     train_shards = data.split_shards("train")
     if not train_shards:
         raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
-    loader = TokenLoader(train_shards, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    val_shards = data.split_shards("val")
+    setup = setup_objective(  # loader + objective (+ encoder evaluation) for objective.name and model.family
+        cfg,
+        train_shards,
+        val_shards,
+        tokenizer,
+        precision,
+        micro_batch=rank_train.micro_batch,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    loader = setup.loader
     state = TrainState()
     metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt = load_checkpoint(latest_checkpoint(run_dir))
-        ckpt.load_model(model)
-        ckpt.load_optimizer(optimizer)
+    ckpt = (
+        checkpoint_to_resume(run_dir, cfg.checkpoint.resume_from, log=print if world.is_main else len)
+        if resume
+        else None
+    )
+    if ckpt is not None:
+        ckpt.load_model(model)  # before sharding: every rank loads the consolidated weights
+    if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
+        raise ConfigError(f"train.activation_checkpointing: model family {cfg.model.family!r} has no blocks to wrap")
+    train_model = dist.wrap_model(model, cfg.dist.strategy, world, device, precision.dtype)
+    optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
+    if ckpt is not None:
+        ckpt.load_optimizer(optimizer, load=lambda sd: dist.load_optimizer_state(model, optimizer, sd))
         loader.load_state_dict(ckpt.meta["loader"])
+        setup.load_state_dict(ckpt.meta.get("objective", {}), model)  # e.g. the LSTM's carried state
         state = TrainState.from_dict(ckpt.meta["train_state"])
         set_rng_state(ckpt.meta["rng"])
-        truncate_metrics(metrics_path, state.step)
-    elif metrics_path.exists():
+        if world.is_main:
+            truncate_metrics(metrics_path, state.step)
+    elif metrics_path.exists() and world.is_main:
         metrics_path.unlink()
 
     log = RunLogger(
         metrics_path,
         max_steps=cfg.train.max_steps,
         start_step=state.step,
+        enabled=world.is_main,
         console=progress,
         plot_path=run_dir / "loss.png",
+        trackers=open_trackers(cfg.log, run_dir, config=cfg.to_dict(), start_step=state.step)
+        if world.is_main
+        else None,
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         f"lmforge pretrain: {n_params / 1e6:.2f}M parameters ({model.num_params() / 1e6:.2f}M non-embedding), "
         f"vocab {cfg.model.vocab_size}, context {cfg.data.seq_len}, batch {cfg.train.batch_size} "
-        f"({cfg.train.micro_batch} x {cfg.train.accum_steps} accumulation), {device} {str(precision.dtype)[6:]}, "
+        f"({rank_train.micro_batch} x {rank_train.accum_steps} accumulation"
+        + (f" x {world.world_size} ranks, {cfg.dist.strategy}" if world.enabled else "")
+        + f"), {device} {str(precision.dtype)[6:]}, "
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
     if resume:
@@ -171,6 +240,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
 
     def evaluate() -> dict[str, Any]:
+        if setup.evaluate is not None:  # encoder objectives: mlm_accuracy, nsp_accuracy, rtd_auc, ...
+            return setup.evaluate(model)
         batches = eval_batches(
             val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
         )
@@ -188,18 +259,27 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         log.info("note: the data has no validation split; training runs without evaluation or early stopping")
 
     def save(st: TrainState) -> Path:
-        path = save_checkpoint(
-            run_dir,
-            step=st.step,
-            model=model,
-            optimizer=optimizer,
-            state={"train_state": st.to_dict(), "loader": loader.state_dict(), "config": cfg.to_dict()},
-            tokenizer_json=tokenizer_json,
-        )
-        prune_checkpoints(
-            run_dir, keep=cfg.checkpoint.keep, best_step=st.best_step if cfg.checkpoint.keep_best else None
-        )
-        return path
+        weights, optimizer_state = dist.checkpoint_states(model, optimizer)  # a collective under FSDP
+        if world.is_main:
+            save_checkpoint(
+                run_dir,
+                step=st.step,
+                model=model,
+                optimizer=optimizer_state,
+                state={
+                    "train_state": st.to_dict(),
+                    "loader": loader.state_dict(),
+                    "config": cfg.to_dict(),
+                    "objective": setup.state_dict(),
+                },
+                tokenizer_json=tokenizer_json,
+                model_state=weights,
+            )
+            prune_checkpoints(
+                run_dir, keep=cfg.checkpoint.keep, best_step=st.best_step if cfg.checkpoint.keep_best else None
+            )
+        dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
+        return checkpoints_dir(run_dir) / f"step-{st.step:06d}"
 
     if state.step >= cfg.train.max_steps:
         log.info(
@@ -208,13 +288,39 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         log.close()
         return state
 
-    forward_model = torch.compile(model) if cfg.train.compile else model
+    def rollback(st: TrainState) -> None:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise TrainingDiverged(
+                f"loss or gradients were NaN/inf for {cfg.train.rollback_after} steps in a row at step {st.step + 1} "
+                "and there is no checkpoint to roll back to; lower --train.lr or raise --train.warmup_steps"
+            )
+        back = load_checkpoint(path)
+        restored = TrainState.from_dict(back.meta["train_state"])
+        if st.rollbacks >= MAX_ROLLBACKS:
+            raise TrainingDiverged(
+                f"training diverged again after {st.rollbacks} rollbacks (latest to step {restored.step}); "
+                "lower --train.lr, raise --train.warmup_steps or --optim.grad_clip"
+            )
+        dist.load_model_state(model, back.model_state(), load=back.load_model)
+        back.load_optimizer(optimizer, load=lambda sd: dist.load_optimizer_state(model, optimizer, sd))
+        set_rng_state(back.meta["rng"])
+        restored.skipped_steps, restored.rollbacks = st.skipped_steps, st.rollbacks + 1
+        restored.elapsed_s = st.elapsed_s
+        st.__dict__.update(restored.__dict__)  # in place: the loop holds this object
+        log.rewind(st.step)
+
+    diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
+    first_step = state.step
+    forward_model = torch.compile(train_model) if cfg.train.compile else train_model
+    if world.is_main:
+        mark_running(run_dir)  # status.json, read by `lmforge runs`
     try:
         state = train(
             forward_model,
             optimizer,
             loader,
-            cfg=cfg.train,
+            cfg=rank_train,
             optim_cfg=cfg.optim,
             eval_cfg=cfg.eval,
             ckpt_cfg=cfg.checkpoint,
@@ -223,11 +329,28 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
             log=log,
             save=save,
             evaluate=evaluate if val_shards else None,
+            objective=setup.objective,
             flops_per_token=model.flops_per_token(cfg.data.seq_len),
             peak_flops=measure_matmul_flops(device.type, precision.dtype),
+            world=world,
+            rollback=rollback,
+            after_step=diloco.after_step if diloco else None,
         )
+        if diloco:
+            log.info(diloco.comm_report(world.world_size, state.step - first_step))
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt)
+        if world.is_main:
+            mark_stopped(run_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
     finally:
         log.close()
+        if world.enabled:
+            dist.shutdown()
+    if world.is_main:
+        mark_stopped(
+            run_dir, "interrupted" if state.stop_reason == "interrupted" else "finished", stop_reason=state.stop_reason
+        )
     latest = latest_checkpoint(run_dir)
     if state.stop_reason == "interrupted":
         raise Interrupted(f"interrupted at step {state.step}; saved {latest}; re-run the same command to resume")

@@ -20,6 +20,9 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0  # for early stopping
     stop_reason: str = ""  # "", "max_steps", "time_budget", "early_stop", "interrupted"
+    skipped_steps: int = 0  # optimizer steps skipped for non-finite gradients (or by the fp16 GradScaler)
+    loss_ema: float | None = None  # running mean of logged train losses, for flagging loss spikes
+    rollbacks: int = 0  # times the run went back to its latest checkpoint after repeated non-finite steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,176 @@
+"""Fault injection: SIGKILL a training run at random moments, restart it each time, compare with a straight run.
+
+    python bench/faults.py                    # 10 kills, 1 process
+    python bench/faults.py --kills 5 --nproc 2   # 2 gloo ranks under torchrun, the whole group killed
+
+The run is the `tiny` preset on the built-in Shakespeare corpus, checkpointing every 5 steps. The kill
+targets are random steps of the run (sorted): each attempt is SIGKILLed once metrics.jsonl reaches its
+target step plus a random 0-300 ms (so kills land in steps, in evaluations and in checkpoint writes);
+the same command is then re-run and resumes from the latest complete checkpoint.
+At the end the final weights and the metrics.jsonl losses must be bit-identical to an uninterrupted
+run (on CPU); the script prints one row per kill and exits 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+FLAGS = [
+    "--preset=tiny",
+    "--model.n_layer=2",
+    "--model.d_model=64",
+    "--model.max_seq_len=64",
+    "--model.dropout=0.1",
+    "--train.batch_size=8",
+    "--train.micro_batch_size=4",
+    "--train.log_every=1",
+    "--eval.every=20",
+    "--eval.max_batches=2",
+    "--checkpoint.every=5",
+    "--checkpoint.keep=2",
+    "--quiet",
+]
+
+
+def command(data: Path, out: Path, steps: int, nproc: int) -> list[str]:
+    args = ["pretrain", f"--data={data}", f"--out={out}", f"--train.max_steps={steps}", *FLAGS]
+    if nproc == 1:
+        return [sys.executable, "-m", "lmforge", *args]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        "lmforge",
+        *args,
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def latest_step(run: Path) -> int:
+    pointer = run / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.is_file() else 0
+
+
+def last_logged_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return 0
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.quickstart import corpus_path
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        import gzip
+
+        with gzip.open(corpus_path(), "rt", encoding="utf-8") as f:
+            (tmp / "corpus.txt").write_text(f.read(200_000), encoding="utf-8")
+        data = tmp / "data"
+        prepare(PrepareConfig(inputs=[str(tmp / "corpus.txt")], out=str(data), tokenizer="char"), progress=False)
+
+        t0 = time.perf_counter()
+        straight = tmp / "straight"
+        subprocess.run(command(data, straight, args.steps, args.nproc), check=True, env=env())
+        duration = time.perf_counter() - t0
+
+        run = tmp / "killed"
+        print(f"# straight run: {args.steps} steps in {duration:.1f} s; killing a second run {args.kills} times")
+        print("| kill | target step | after s | latest checkpoint before | latest after kill |")
+        print("|------|-------------|---------|--------------------------|-------------------|")
+        targets = sorted(rng.sample(range(2, args.steps), args.kills))
+        for k, target in enumerate(targets):
+            before = latest_step(run)
+            p = subprocess.Popen(
+                command(data, run, args.steps, args.nproc),
+                env=env(),
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            t_start = time.perf_counter()
+            while p.poll() is None and last_logged_step(run) < target:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            kill_tree(p.pid)  # torchrun starts each rank in its own session: kill them all, as a dead node would
+            p.wait()
+            delay = time.perf_counter() - t_start
+            print(f"| {k + 1:4d} | {target:11d} | {delay:7.2f} | {before:24d} | {latest_step(run):17d} |")
+        subprocess.run(command(data, run, args.steps, args.nproc), check=True, env=env(), stdout=subprocess.DEVNULL)
+
+        a = load_file(str(straight / "checkpoints" / f"step-{args.steps:06d}" / "model.safetensors"))
+        b = load_file(str(run / "checkpoints" / f"step-{args.steps:06d}" / "model.safetensors"))
+        same_weights = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        same_losses = losses(straight) == losses(run)
+        print(f"\nfinal weights bit-identical: {same_weights}; metrics.jsonl losses identical: {same_losses}")
+        return 0 if same_weights and same_losses else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Parameter-efficient adaptation: LoRA (`lora.py`), soft prompts (`prompt_tuning.py`), task heads and
+freezing (`heads.py`). `lmforge.finetune` composes them with a base model."""

@@ -1,0 +1,165 @@
+"""Task heads and freezing: the `Adapted` wrapper and `set_trainable` for each `--adapt` mode.
+
+`Adapted(body, prompt=None, n_labels=0)` puts an optional soft prompt in front of a decoder body and
+an optional classification head on top:
+
+    idx (B, T) ─► body.tok_emb ─► [soft prompt (P, C) prepended] ─► positions ─► blocks ─► norm_f ─► h (B, P+T, C)
+        LM tasks:        h[:, P:] ─► output head (tied tok_emb or lm_head) ─► logits (B, T, V)
+        classification:  h[b, P + length_b - 1] (the last real token, "last-token pooling") ─► head ─► (B, n_labels)
+
+The forward pass is written out here (not `GPT.forward`) because a soft prompt enters as embeddings
+and classification needs hidden states, neither of which the LM forward exposes. Batches are padded
+on the right, so causal attention never lets a real token see padding and no mask is needed;
+packed rows (`decoder_hidden(..., positions, segments)`) get a block-diagonal causal mask and
+per-example positions instead, so each example computes exactly what it would alone (tested).
+Encoder bodies (BERT, pooled [CLS]) plug in at `hidden()`: the one place that knows the family.
+
+Modes (`set_trainable`): `full` trains everything; `head` only the task head (classification) or the
+final norm and an untied output head (LM tasks); `lora` the adapters (and a classification head);
+`prompt` the soft prompt (and a classification head). Everything else has `requires_grad=False`, so
+the optimizer never sees it and its bits stay exactly as loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.adapt.lora import LORA_KEYS
+from lmforge.adapt.prompt_tuning import SoftPrompt
+from lmforge.errors import ConfigError
+
+ADAPT_MODES = ("full", "head", "lora", "prompt")
+
+
+class Adapted(nn.Module):
+    """A decoder body with an optional soft prompt and an optional classification head."""
+
+    def __init__(self, body: nn.Module, *, prompt: SoftPrompt | None = None, n_labels: int = 0) -> None:
+        super().__init__()
+        if getattr(body.cfg, "family", "gpt") != "gpt":
+            raise ConfigError(f"fine-tuning {body.cfg.family} models is not supported yet; use a GPT base")
+        self.body = body
+        self.prompt = prompt
+        self.head = nn.Linear(body.cfg.d_model, n_labels) if n_labels else None
+        if self.head is not None:
+            self.head.to(body.tok_emb.weight.device)
+            nn.init.normal_(self.head.weight, std=body.cfg.init_std)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def n_prompt(self) -> int:
+        return 0 if self.prompt is None else self.prompt.weight.shape[0]
+
+    @property
+    def cfg(self) -> Any:
+        """The body's config with the context the text gets (max_seq_len minus the soft prompt)."""
+        return replace(self.body.cfg, max_seq_len=self.body.cfg.max_seq_len - self.n_prompt)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Final-normed hidden states (B, P + T, C) over [soft prompt; idx]."""
+        return decoder_hidden(self.body, idx, prompt=self.prompt)
+
+    def forward(self, idx: Tensor, cache: Any = None) -> Tensor:
+        """Next-token logits (B, T, V) for the text positions (the soft prompt's are dropped)."""
+        if cache is not None:
+            raise ValueError("an adapted model decodes without a KV cache; pass use_cache=False")
+        if self.prompt is None:
+            return self.body(idx)
+        return output_head(self.body, self.hidden(idx)[:, self.n_prompt :])  # (B, T, V)
+
+    def classify(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """Label scores (B, n_labels) from the hidden state of each row's last real token."""
+        h = self.hidden(idx)  # (B, P + T, C)
+        last = self.n_prompt + lengths - 1  # (B,)
+        pooled = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        return self.head(pooled)
+
+
+def decoder_hidden(
+    gpt: nn.Module,
+    idx: Tensor,
+    *,
+    prompt: SoftPrompt | None = None,
+    positions: Tensor | None = None,
+    segments: Tensor | None = None,
+) -> Tensor:
+    """Final-normed hidden states of a GPT body: (B, T) ids -> (B, P + T, C).
+
+    Args:
+        prompt: soft prompt prepended as embeddings (P rows).
+        positions: (B, T) position of each token within its own example (packed rows); None = 0..T-1.
+        segments: (B, T) example index of each token (packed rows): attention stays inside a segment.
+    """
+    x = gpt.tok_emb(idx)  # (B, T, C)
+    if prompt is not None:
+        x = prompt.prepend(x)  # (B, P + T, C)
+    T = x.shape[1]
+    if T > gpt.cfg.max_seq_len:
+        raise ValueError(f"sequence of {T} tokens exceeds the model's max_seq_len {gpt.cfg.max_seq_len}")
+    rope = None
+    if gpt.pos_emb is not None:
+        # packed rows restart positions per example, so a packed example sees what it would alone
+        x = x + (gpt.pos_emb.weight[:T] if positions is None else gpt.pos_emb(positions))
+    else:
+        # rotary attention depends only on q/k offsets, so inside a segment 0..T-1 equals a restart
+        rope = (gpt.rope_cos[:T], gpt.rope_sin[:T])
+    mask = None
+    if segments is not None:  # block-diagonal causal mask: no attention across packed examples
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        mask = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
+        mask = mask[:, None]  # (B, 1, T, T): broadcast over heads
+    x = gpt.drop(x)
+    for block in gpt.blocks:
+        x = block(x, rope, mask, None)  # (B, P + T, C)
+    return gpt.norm_f(x)
+
+
+def output_head(gpt: nn.Module, h: Tensor) -> Tensor:
+    """Vocabulary logits of hidden states (tied table or lm_head)."""
+    return F.linear(h, gpt.tok_emb.weight) if gpt.lm_head is None else gpt.lm_head(h)
+
+
+def packed_logits(model: nn.Module, idx: Tensor, positions: Tensor, segments: Tensor) -> Tensor:
+    """LM logits (B, T, V) of packed rows, for a GPT or an `Adapted` without soft prompt."""
+    body = model.body if isinstance(model, Adapted) else model
+    return output_head(body, decoder_hidden(body, idx, positions=positions, segments=segments))
+
+
+def set_trainable(model: nn.Module, mode: str) -> None:
+    """Freeze everything, then unfreeze what `mode` trains (see the module docstring)."""
+    if mode not in ADAPT_MODES:
+        raise ConfigError(f"unknown adapt mode {mode!r}; choose one of {', '.join(ADAPT_MODES)}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "full" or _trains(name, mode, model))
+
+
+def _trains(name: str, mode: str, model: nn.Module) -> bool:
+    if name.startswith("head."):  # a new task head always trains
+        return True
+    if mode == "lora":
+        return name.rsplit(".", 1)[-1] in LORA_KEYS
+    if mode == "prompt":
+        return name.startswith("prompt.")
+    # head-only on an LM: the final norm and an untied output head (a tied one is the input table too)
+    body = "body." if isinstance(model, Adapted) else ""
+    has_head = isinstance(model, Adapted) and model.head is not None
+    return not has_head and (name.startswith(f"{body}norm_f.") or name.startswith(f"{body}lm_head."))
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters), a tied matrix counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors an adapter-only checkpoint holds: every trainable parameter, by state-dict name."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach() for k, v in model.state_dict().items() if k in names}

@@ -1,0 +1,185 @@
+"""Chat: the chat template (rendering with loss flags, the stored Jinja form) and `lmforge chat`.
+
+Template (`lmforge-v1`), one turn after another, no separators beyond these:
+
+    <|system|>\\n{content}\\n   <|user|>\\n{content}\\n   <|assistant|>\\n{content}<EOS>
+
+Markers are ordinary text (no new vocabulary, so any base tokenizer works). Only assistant content
+and its EOS are training targets. Each piece is tokenized on its own, so the ids at training time
+and at chat time are the same and the loss mask lines up exactly with the assistant text. The same
+template is written as Jinja to `tokenizer_config.json` (`chat_template`, the field Hugging Face
+uses), so `apply_chat_template` in transformers renders identical text.
+
+`chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
+dropped until the prompt plus the reply budget fits the context; replies stream token by token;
+`/reset` clears the history and `/exit` (or end of input) quits. It reads lines from any text
+stream, so tests drive it through stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from lmforge.atomic import write_json
+from lmforge.errors import DataError
+
+TEMPLATE_NAME = "lmforge-v1"
+ROLES = ("system", "user", "assistant")
+JINJA_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% else %}{{ m['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str = TEMPLATE_NAME
+
+    def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
+        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS."""
+        check_messages(messages, allow_trailing_user=add_generation_prompt)
+        out: list[tuple[list[int], bool]] = []
+        for m in messages:
+            out.append((tok.encode(f"<|{m['role']}|>\n"), False))
+            if m["role"] == "assistant":
+                out.append((tok.encode(m["content"]) + [tok.eos_id], True))
+            else:
+                out.append((tok.encode(m["content"] + "\n"), False))
+        if add_generation_prompt:
+            out.append((tok.encode("<|assistant|>\n"), False))
+        return out
+
+    def prompt_ids(self, tok: Any, messages: list[dict[str, str]], *, budget: int) -> tuple[list[int], int]:
+        """Ids of the conversation ending in an assistant prompt, oldest turns dropped to fit `budget`.
+
+        A system message is kept. Returns (ids, number of messages dropped).
+        """
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = messages[len(system) :]
+        dropped = 0
+        while True:
+            segs = self.segments(tok, system + rest, add_generation_prompt=True)
+            ids = [i for seg, _ in segs for i in seg]
+            if len(ids) <= budget or len(rest) <= 1:
+                return ids[-budget:], dropped  # a single overlong message keeps its end
+            cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" else 1  # a user/assistant pair at a time
+            rest, dropped = rest[cut:], dropped + cut
+
+
+def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
+    """A conversation is a non-empty list of {role, content} with at least one assistant turn to learn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("empty conversation: 'messages' must be a non-empty list of {role, content} objects")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(
+                f"bad message {str(m)[:60]!r}: each needs 'role' (system, user or assistant) and a 'content' string"
+            )
+    if not allow_trailing_user and not any(m["role"] == "assistant" for m in messages):
+        raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")
+
+
+def save_tokenizer_config(run_dir: Path, tok: Any) -> None:
+    """Write `tokenizer_config.json` with the chat template (HF's field name) next to tokenizer.json."""
+    write_json(
+        Path(run_dir) / "tokenizer_config.json",
+        {
+            "chat_template": JINJA_TEMPLATE,
+            "lmforge_chat_template": TEMPLATE_NAME,
+            "eos_token": tok.id_to_token(tok.eos_id),
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
+
+
+def load_template(run_dir: Path) -> ChatTemplate | None:
+    """The run's chat template, or None when it was not chat-tuned."""
+    path = Path(run_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    name = data.get("lmforge_chat_template")
+    if name != TEMPLATE_NAME:
+        raise DataError(f"{path}: unknown chat template {name!r}; this lmforge reads {TEMPLATE_NAME}")
+    return ChatTemplate()
+
+
+def chat(
+    run: str | Path,
+    *,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    system: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    device: str = "auto",
+) -> int:
+    """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
+    from lmforge.finetune import load_finetuned
+    from lmforge.generate import StreamDecoder, generate
+    from lmforge.train.precision import pick_device
+
+    ft = load_finetuned(run, pick_device(device))
+    tok, model = ft.tokenizer, ft.model
+    if getattr(model, "head", None) is not None:
+        raise DataError(f"{run} is a classifier; chat needs a language-model run (e.g. --task sft)")
+    template = ft.template or ChatTemplate()
+    context = model.cfg.max_seq_len
+    if max_new_tokens <= 0:
+        raise DataError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
+    note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
+    stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    replies = 0
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            stdout.write("\n" if not line else "")
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            history = history[:1] if system else []
+            stdout.write("(history cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        ids, dropped = template.prompt_ids(tok, history, budget=context - max_new_tokens)
+        if dropped:
+            history = history[:1] + history[1 + dropped :] if system else history[dropped:]
+        stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
+        stdout.write("bot> ")
+
+        def on_token(t: int, stream: StreamDecoder = stream) -> None:
+            if t != tok.eos_id:
+                stdout.write(stream.feed(t))
+                stdout.flush()
+
+        new = generate(
+            model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            use_cache=ft.use_cache,
+            eos_id=tok.eos_id,
+            on_token=on_token,
+        )
+        stdout.write(stream.flush() + "\n")
+        reply = tok.decode([t for t in new if t != tok.eos_id], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
+        replies += 1
+    return replies

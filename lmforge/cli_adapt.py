@@ -1,0 +1,142 @@
+"""Argument definitions and dispatch for the adaptation commands: `finetune`, `chat`, `serve`, and the
+task flags of `eval` (`--task`, `--field`, `--k-shot`, ...).
+
+Kept out of `cli.py` so that file stays a short table of commands while several people extend it at
+once; like `cli.py`, nothing here has logic: each command calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+ADAPT_COMMANDS = ("finetune", "chat", "serve")
+
+
+def add_parsers(sub: Any, config_epilog: str) -> None:
+    from lmforge.config import add_dataclass_args
+    from lmforge.finetune import FinetuneConfig
+
+    p = sub.add_parser(
+        "finetune",
+        help="adapt a pretrained run or local HF model to a task",
+        description="Fine-tune BASE (an lmforge run or checkpoint, a fine-tuned run, or a local Hugging Face "
+        "GPT-2/Llama directory) on a JSONL/CSV/TSV/TXT task file. Fields default to text/label (classify), "
+        "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
+        "prompt/chosen/rejected (dpo), text (clm); rename with --field NAME=COLUMN. Training settings: "
+        "--train.*, --optim.*, --eval.*, --checkpoint.* (only those sections; see below).",
+        epilog=config_epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("--train", dest="train_file", required=True, metavar="FILE", help="training data")
+    p.add_argument("--val", dest="val_file", metavar="FILE", help="validation data (metrics at the end)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    add_dataclass_args(p, FinetuneConfig)
+
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat with a run in the terminal",
+        description="Chat with a run using its chat template. The history is kept within the context "
+        "window (oldest turns dropped first); replies stream as they are generated. /reset clears the "
+        "history, /exit (or Ctrl-D) quits. Reads from stdin, so it also works in a pipe.",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--system", default="", help="system message kept at the top of the history")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP API for a run (completions, chat, streaming)",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (with stream=true as "
+        "Server-Sent Events) using only the Python standard library. Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default: 512)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+
+
+def add_eval_task_args(p: Any) -> None:
+    """Task-evaluation flags of `lmforge eval` (with --task, --data is a task FILE)."""
+    p.add_argument(
+        "--task",
+        choices=["classify", "sft", "translate", "qa", "dpo", "clm"],
+        help="task metrics on --data FILE (accuracy/macro_f1, em/f1, bleu/chrf, reward accuracy, loss)",
+    )
+    p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="rename a task field (repeatable)")
+    p.add_argument("--k-shot", type=int, default=0, help="classify in-context with k examples from --shots (no head)")
+    p.add_argument("--shots", metavar="FILE", help="labelled examples for --k-shot")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: answer length (default: 48)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default: all)")
+
+
+def run_eval_task(args: argparse.Namespace) -> None:
+    from lmforge.eval.tasks import evaluate_task, format_metrics
+
+    if not args.data:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError("--task needs --data FILE (a JSONL/CSV/TSV/TXT task file)")
+    m = evaluate_task(
+        args.run,
+        task=args.task,
+        data=args.data,
+        field_renames=args.field,
+        k_shot=args.k_shot,
+        shots=args.shots,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        device=args.device,
+    )
+    print(json.dumps(m, ensure_ascii=False) if args.json else format_metrics(m))
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command == "finetune":
+        from lmforge.config import dataclass_from_namespace, parse_overrides
+        from lmforge.finetune import FinetuneConfig, finetune
+
+        result = finetune(
+            args.base,
+            train_file=args.train_file,
+            val_file=args.val_file,
+            out=args.out,
+            cfg=dataclass_from_namespace(FinetuneConfig, args),
+            overrides=parse_overrides(extra),
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote {args.out} ({result['steps']} steps, {result['train_seconds']:.1f} s)")
+    elif args.command == "chat":
+        from lmforge.chat import chat
+
+        chat(
+            args.run,
+            stdin=sys.stdin,
+            stdout=sys.stdout,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            device=args.device,
+        )
+    elif args.command == "serve":
+        from lmforge.serve import ServeLimits, serve
+
+        limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
+        serve(args.run, host=args.host, port=args.port, limits=limits)
+    return 0

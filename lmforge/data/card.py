@@ -1,0 +1,117 @@
+"""Data card: what `prepare` did to a corpus, for humans (card.md) and scripts (card.json).
+
+Written into the prepared directory next to manifest.json:
+- card.json: sources, documents and UTF-8 bytes after each step, removal reasons (documents and
+  bytes), tokens per split, document length histogram, top tokens, language mix, tokenizer report.
+- card.md: the same as Markdown tables, linking length_hist.png.
+- length_hist.png: documents per length bucket (characters, powers of two).
+
+Steps, in pipeline order: "read" (raw documents as decoded), "cleaned" (after normalization,
+control characters, whitespace and boilerplate rewrites; empty documents gone), "filtered" (after
+the length/repetition/alphabetic/language filters), "deduplicated" (after eval-overlap, exact and
+near dedup; what is split and tokenized).
+
+The PNG is drawn with matplotlib's object API on an Agg canvas (no pyplot), so no global backend
+state changes and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.atomic import atomic_write_text, write_json
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+HISTOGRAM_PNG = "length_hist.png"
+
+
+def _length_label(bit_length: int) -> str:
+    """Bucket `bit_length` holds lengths in [2**(b-1), 2**b - 1] characters."""
+    low = 0 if bit_length == 0 else 1 << (bit_length - 1)
+    return f"{low}-{(1 << bit_length) - 1}"
+
+
+def _plot_histogram(path: Path, length_hist: dict[int, int]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = sorted(length_hist)
+    fig = Figure(figsize=(8, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(keys)), [length_hist[k] for k in keys], color="#4c72b0")
+    ax.set_xticks(range(len(keys)), [_length_label(k) for k in keys], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("document length (characters)")
+    ax.set_ylabel("documents")
+    ax.set_title("kept documents by length")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "⏎") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(
+    directory: Path,
+    manifest: dict[str, Any],
+    *,
+    steps: dict[str, dict[str, int]],
+    removed_bytes: dict[str, int],
+    length_hist: dict[int, int],
+    top_tokens: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write card.json, card.md and length_hist.png into `directory`; return the card dict."""
+    removed = manifest["documents"]["removed"]
+    card = {
+        "sources": [{k: i[k] for k in ("path", "bytes", "documents", "kept", "role")} for i in manifest["inputs"]],
+        "steps": steps,
+        "removed": {k: {"documents": n, "bytes": removed_bytes.get(k, 0)} for k, n in removed.items()},
+        "cleaning": manifest["cleaning"],
+        "dedup": manifest["dedup"],
+        "splits": {s: {k: v[k] for k in ("documents", "tokens", "bytes")} for s, v in manifest["splits"].items()},
+        "languages": manifest["languages"],
+        "length_histogram": {_length_label(k): v for k, v in sorted(length_hist.items())},
+        "top_tokens": top_tokens,
+        "tokenizer": manifest["tokenizer"],
+    }
+    write_json(directory / CARD_JSON, card)
+    _plot_histogram(directory / HISTOGRAM_PNG, length_hist)
+
+    tok = manifest["tokenizer"]
+    report = tok.get("report") or {}
+    bpt = report.get("bytes_per_token", {})
+    md = ["# Data card\n\n"]
+    md.append(f"Prepared by lmforge {manifest['lmforge_version']} on {manifest['created']}.\n\n")
+    md.append("## Sources\n\n")
+    md.append(_table(["input", "role", "bytes", "documents", "kept"], [
+        [s["path"], s["role"], f"{s['bytes']:,}", f"{s['documents']:,}", f"{s['kept']:,}"] for s in card["sources"]
+    ]))  # fmt: skip
+    md.append("\n## Documents and bytes after each step\n\n")
+    md.append(_table(["step", "documents", "bytes"], [
+        [k, f"{v['documents']:,}", f"{v['bytes']:,}"] for k, v in steps.items()
+    ]))  # fmt: skip
+    md.append("\n## Removed, by reason\n\n")
+    rows = [[k, f"{v['documents']:,}", f"{v['bytes']:,}"] for k, v in card["removed"].items() if v["documents"]]
+    md.append(_table(["reason", "documents", "bytes"], rows or [["(none)", 0, 0]]))
+    md.append("\n## Splits\n\n")
+    md.append(_table(["split", "documents", "tokens", "bytes"], [
+        [s, f"{v['documents']:,}", f"{v['tokens']:,}", f"{v['bytes']:,}"] for s, v in card["splits"].items()
+    ]))  # fmt: skip
+    md.append("\n## Languages (kept documents, guessed by script)\n\n")
+    md.append(_table(["language", "documents"], [[k, f"{v:,}"] for k, v in card["languages"].items()]))
+    md.append(f"\n## Document lengths\n\n![length histogram]({HISTOGRAM_PNG})\n\n")
+    md.append(_table(["characters", "documents"], [[k, f"{v:,}"] for k, v in card["length_histogram"].items()]))
+    md.append(f"\n## Tokenizer\n\n{tok['kind']}, {tok['vocab_size']:,} ids, sha256 {tok['sha256'][:16]}.\n")
+    md.append(f"Compression on the {report.get('split')} split (UTF-8 bytes per token): ")
+    md.append(", ".join(f"{k} {v}" for k, v in bpt.items() if v is not None) + ".\n\n")
+    md.append("### Top tokens (train)\n\n")
+    md.append(_table(["id", "token", "count"], [[t["id"], repr(t["token"]), f"{t['count']:,}"] for t in top_tokens]))
+    atomic_write_text(directory / CARD_MD, "".join(md))
+    return card

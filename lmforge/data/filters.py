@@ -1,0 +1,235 @@
+"""Quality filters and a script-based language guess, as pure functions on one document.
+
+Applied by `prepare` after cleaning (see `clean.py`), in this order, each switched off by its
+default and counted under its own name in `manifest.json["documents"]["removed"]`:
+
+    normalize_whitespace   rewrite: runs of spaces/tabs -> one space, trailing spaces cut, 3+ newlines -> 2
+    remove_boilerplate     rewrite: drop short lines like "All rights reserved" / "版权所有" / "Accept cookies";
+                           a document left empty is removed as "boilerplate"
+    too_short / too_long   len(text) < min_chars / > max_chars (characters, after the rewrites)
+    char_repetition        share of character 10-grams that repeat an earlier 10-gram  > max_char_repetition
+    line_repetition        share of non-blank lines that repeat an earlier line          > max_line_repetition
+    alpha_ratio            letters (any script: Latin, Han, kana, ...) / non-space chars < min_alpha_ratio
+    language               guess_language(text) not in the --languages allow-list
+
+Key design decisions:
+- Ratios, not absolute counts, so one threshold works for a tweet and a book; the definitions follow
+  Gopher's quality filters (Rae et al. 2021, https://arxiv.org/abs/2112.11446, table A1: duplicate
+  line fraction 0.3, duplicate n-gram fractions) and BigScience ROOTS (character repetition, alphabetic
+  ratio). Character n-grams rather than words, so Chinese (no spaces) is measured like English.
+- `str.isalpha` is true for Han, kana and Hangul characters (Unicode category L*), so the alphabetic
+  ratio treats Chinese text as letters, not as junk.
+- Language guess by script, not a trained model: count letters per Unicode script in the first
+  2,000 characters; Han counts x3 (one Han character carries about as much as a 3-4 letter word, so
+  a Chinese sentence with a few English names stays "zh"); kana makes it "ja", Hangul "ko". Latin
+  text is "en" when at least 15% of its words are common English function words, otherwise "latin".
+  Other scripts report the script ("cyrillic", "arabic", "greek", "devanagari"); no letters: "unknown".
+  This is enough to keep Chinese and English first-class and to drop other languages on request;
+  telling French from Spanish needs a model such as fastText lid.176, which is not a dependency.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from lmforge.data.clean import Normalization, clean_text, length_verdict
+
+LANGUAGES = ("zh", "en", "ja", "ko", "latin", "cyrillic", "arabic", "greek", "devanagari", "other", "unknown")
+REMOVAL_REASONS = ("too_long", "char_repetition", "line_repetition", "alpha_ratio", "boilerplate", "language")
+CHAR_NGRAM = 10
+_GUESS_CHARS = 2000
+
+_HSPACE = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_TRAILING = re.compile(r" +\n")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
+_SPACES = re.compile(r"\s+")
+# A boilerplate line is short and matches one of these (navigation, legal, cookie and sharing chrome).
+_BOILERPLATE = re.compile(
+    r"(all rights reserved|copyright ©|©\s*\d{4}|privacy policy|terms of (use|service)|cookie (policy|settings)|"
+    r"(we )?use cookies|accept (all )?cookies|enable javascript|click here|read more\s*(»|›|>|\.\.\.)|"
+    r"subscribe (now|to our)|sign up (now|for our)|\blog ?in\b|share (on|this)|follow us|"
+    r"版权所有|隐私政策|使用条款|点击这里|点击查看|阅读全文|关注我们|分享到)",
+    re.IGNORECASE,
+)
+BOILERPLATE_MAX_LINE = 120
+_SCRIPTS = {
+    "zh": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
+    "ja": re.compile(r"[\u3040-\u30ff]"),
+    "ko": re.compile(r"[\uac00-\ud7af\u1100-\u11ff]"),
+    "latin": re.compile(r"[A-Za-z\u00c0-\u024f]"),
+    "cyrillic": re.compile(r"[\u0400-\u04ff]"),
+    "arabic": re.compile(r"[\u0600-\u06ff]"),
+    "greek": re.compile(r"[\u0370-\u03ff]"),
+    "devanagari": re.compile(r"[\u0900-\u097f]"),
+}
+_WORD = re.compile(r"[a-z]+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+# Frequent English function words that are not also common words in other Latin-script languages
+# (no "a", "in", "die", "on"...), so French or German text scores low.
+_ENGLISH = frozenset(
+    "the and of to is that it was for with you he his this are be not but have they from what which will "
+    "would my your her she him we were been has had there their an by at or as me so all no do".split()
+)
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of horizontal whitespace to one space, cut trailing spaces, keep at most one blank line."""
+    text = _HSPACE.sub(" ", text)
+    text = _TRAILING.sub("\n", text)
+    return _MANY_NEWLINES.sub("\n\n", text).strip()
+
+
+def remove_boilerplate(text: str) -> tuple[str, int]:
+    """Drop short lines that match boilerplate patterns; return (text, lines removed)."""
+    if not _BOILERPLATE.search(text):
+        return text, 0
+    kept, removed = [], 0
+    for line in text.split("\n"):
+        if len(line) <= BOILERPLATE_MAX_LINE and _BOILERPLATE.search(line):
+            removed += 1
+        else:
+            kept.append(line)
+    return "\n".join(kept).strip(), removed
+
+
+def char_repetition(text: str, n: int = CHAR_NGRAM) -> float:
+    """Share of the character n-grams of `text` that repeat an earlier one (0 for texts shorter than n)."""
+    total = len(text) - n + 1
+    if total <= 1:
+        return 0.0
+    return 1.0 - len({text[i : i + n] for i in range(total)}) / total
+
+
+def line_repetition(text: str) -> float:
+    """Share of the non-blank lines that repeat an earlier line (0 for fewer than 2 lines)."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if len(lines) < 2:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)
+
+
+def alpha_ratio(text: str) -> float:
+    """Letters (any script) / non-whitespace characters; 0 for a text without visible characters."""
+    visible = len(text) - sum(len(m) for m in _SPACES.findall(text))
+    if visible == 0:
+        return 0.0
+    letters = len(_NOT_LETTER.sub("", text))
+    return letters / visible
+
+
+def _latin_language(lowered: str) -> str:
+    words = _WORD.findall(lowered)
+    return "en" if words and sum(map(_ENGLISH.__contains__, words)) >= 0.15 * len(words) else "latin"
+
+
+def guess_language(text: str) -> str:
+    """A language code from `LANGUAGES`, guessed from the scripts of the first 2,000 characters."""
+    sample = text[:_GUESS_CHARS]
+    if sample.isascii():  # O(1) in CPython; most English documents stop here (measured 6x faster)
+        return _latin_language(sample.lower()) if _ASCII_LETTER.search(sample) else "unknown"
+    counts = {script: len(pattern.findall(sample)) for script, pattern in _SCRIPTS.items()}
+    if counts["ja"] and counts["ja"] * 4 >= counts["zh"]:  # kana alongside kanji: Japanese
+        counts["ja"] += counts["zh"]
+        counts["zh"] = 0
+    counts["zh"] *= 3
+    script, top = max(counts.items(), key=lambda item: item[1])
+    if top == 0:
+        return "other" if any(c.isalpha() for c in sample) else "unknown"
+    return _latin_language(sample.lower()) if script == "latin" else script
+
+
+@dataclass(frozen=True)
+class QualityFilters:
+    """Thresholds of the removal filters (0 / empty = off); built by `prepare` from `PrepareConfig`."""
+
+    max_chars: int = 0
+    max_char_repetition: float = 0.0
+    max_line_repetition: float = 0.0
+    min_alpha_ratio: float = 0.0
+    languages: frozenset[str] = frozenset()
+
+    def reason(self, text: str, language: str) -> str | None:
+        """The first filter that removes `text` (a name from `REMOVAL_REASONS`), or None to keep it."""
+        if self.max_chars and len(text) > self.max_chars:
+            return "too_long"
+        if self.max_char_repetition and char_repetition(text) > self.max_char_repetition:
+            return "char_repetition"
+        if self.max_line_repetition and line_repetition(text) > self.max_line_repetition:
+            return "line_repetition"
+        if self.min_alpha_ratio and alpha_ratio(text) < self.min_alpha_ratio:
+            return "alpha_ratio"
+        if self.languages and language not in self.languages:
+            return "language"
+        return None
+
+
+class Processed(NamedTuple):
+    """What `DocumentCleaner` made of one raw document (a tuple: cheap to send between processes)."""
+
+    text: str
+    reason: str | None  # removal reason ("empty", "too_short", a REMOVAL_REASONS name) or None = keep
+    language: str
+    raw_bytes: int
+    invalid_utf8: int
+    control_chars_removed: int
+    normalized: bool
+    whitespace_changed: bool
+    boilerplate_lines: int
+
+
+def utf8_len(text: str) -> int:
+    """UTF-8 byte length of `text` without encoding ASCII (str.isascii is O(1) in CPython)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class DocumentCleaner:
+    """Cleaning, rewrites and removal filters for one document, in the order of the module docstring.
+
+    Picklable and stateless, so `prepare --workers N` can run it in worker processes on batches.
+    """
+
+    normalize: Normalization = "NFC"
+    whitespace: bool = False
+    boilerplate: bool = False
+    min_chars: int = 1
+    filters: QualityFilters = QualityFilters()
+
+    def __call__(self, batch: list[tuple[str, int]]) -> list[Processed]:
+        """Process a batch of (raw text, invalid UTF-8 count) pairs."""
+        return [self.one(text, invalid) for text, invalid in batch]
+
+    def one(self, raw: str, invalid_utf8: int = 0) -> Processed:
+        """Process one raw document."""
+        cleaned = clean_text(raw, self.normalize)
+        text = cleaned.text
+        changed = False
+        if self.whitespace:
+            new = normalize_whitespace(text)
+            changed, text = new != text, new
+        lines = 0
+        if self.boilerplate:
+            text, lines = remove_boilerplate(text)
+        reason: str | None
+        if lines and not text:
+            reason = "boilerplate"
+        else:
+            verdict = length_verdict(text, self.min_chars)
+            reason = None if verdict == "ok" else verdict
+        language = guess_language(text) if text else "unknown"
+        if reason is None:
+            reason = self.filters.reason(text, language)
+        return Processed(
+            text,
+            reason,
+            language,
+            utf8_len(raw),
+            invalid_utf8,
+            cleaned.control_chars_removed,
+            cleaned.normalized,
+            changed,
+            lines,
+        )

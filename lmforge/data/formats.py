@@ -1,0 +1,440 @@
+"""Task data → token ids with loss masks: reading JSONL/CSV/TSV tables, field names, templates.
+
+- `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz`, `.csv` and `.tsv` with a
+  header row, and headerless `.txt` (`a<TAB>b` per line, columns named after the task's fields, the
+  layout of Tatoeba pair files and the UCI sentiment sentences).
+- `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
+- Every LM-style example is one token list plus a per-token `train` flag: the token is a target
+  (its loss counts) only where the flag is set. `lm_batch` shifts them into (inputs, targets) with
+  targets = -100 where the flag is off, so prompts, user turns and padding cost nothing.
+- Batches are padded on the right: causal attention keeps every real token blind to the padding
+  after it, so no attention mask is needed. With `--pack`, short examples share a row instead
+  (`pack_examples`, first fit in file order); each token carries its example's index and its
+  position within the example, and the model gets a block-diagonal causal mask, so no example
+  attends to another and each sees the positions it would see alone.
+- The chat template (`lmforge.chat.ChatTemplate`) renders conversations as segments with a train
+  flag, so the mask follows the template exactly (loss only on assistant turns and their EOS).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import DataError
+from lmforge.objectives import IGNORE_INDEX
+
+TASKS = ("classify", "sft", "translate", "qa", "dpo", "clm")
+
+# The columns each task reads, in the order a headerless .txt file lists them.
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "classify": ("text", "label"),
+    "sft": ("instruction", "input", "output", "messages"),
+    "translate": ("source", "target"),
+    "qa": ("question", "answer"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "clm": ("text",),
+}
+
+
+def field_map(task: str, renames: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """Default field names of `task`, with `NAME=COLUMN` renames applied."""
+    if task not in TASK_FIELDS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    fields = {name: name for name in TASK_FIELDS[task]}
+    items = renames.items() if isinstance(renames, dict) else [r.split("=", 1) for r in renames or []]
+    for item in items:
+        if len(item) != 2 or not item[0] or not item[1]:
+            raise DataError(f"--field {'='.join(item)!r} should look like NAME=COLUMN, e.g. --field text=sentence")
+        name, column = item
+        if name not in fields:
+            raise DataError(f"task {task} has no field {name!r}; its fields are {', '.join(fields)}")
+        fields[name] = column
+    return fields
+
+
+def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of a JSONL / JSON / CSV / TSV / headerless TXT file as dicts (one-line `DataError` on problems)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} not found; pass a .jsonl, .csv, .tsv or .txt file")
+    name = p.name.lower().removesuffix(".gz")
+    try:
+        raw = gzip.open(p, "rb").read() if p.name.lower().endswith(".gz") else p.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
+    if name.endswith(".jsonl") or name.endswith(".json"):
+        rows = _read_json(text, p, lines=name.endswith(".jsonl"))
+    elif name.endswith(".csv") or name.endswith(".tsv"):
+        delimiter = "," if name.endswith(".csv") else "\t"
+        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 TSV has bare quotes
+        rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
+    elif name.endswith(".txt"):
+        if not txt_columns:
+            raise DataError(f"{p}: a headerless .txt file needs a task to name its columns")
+        rows = []
+        for line in text.splitlines():
+            if line.strip():
+                # split from the right: UCI's imdb file has stray quotes and tabs inside sentences
+                parts = line.rsplit("\t", len(txt_columns) - 1) if txt_columns[-1] == "label" else line.split("\t")
+                rows.append(dict(zip(txt_columns, parts, strict=False)))  # extra columns: ignored
+    else:
+        raise DataError(f"{p}: unknown file type; use .jsonl, .json, .csv, .tsv or .txt (optionally .gz)")
+    if not rows:
+        raise DataError(f"{p} holds no rows; check the file")
+    return rows
+
+
+def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
+    if not lines:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{p} must hold a JSON list of objects (or use .jsonl, one object per line)")
+        return data
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i} is not valid JSON ({e.msg}); fix that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f'{p}:{i} is not a JSON object; each line must be {{"field": ...}}')
+        rows.append(row)
+    return rows
+
+
+def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
+    """The values of one column; a row without it is a one-line `DataError` naming the rename flag."""
+    for i, row in enumerate(rows, 1):
+        if field not in row or row[field] is None:
+            columns = ", ".join(list(row)[:8])
+            raise DataError(
+                f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
+            )
+    return [row[field] for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# LM-style examples: ids + train flags
+
+
+@dataclass
+class LMExample:
+    ids: list[int]
+    train: list[bool]  # train[i]: token i is a target (predicted from the tokens before it)
+
+
+def segments_example(segments: list[tuple[list[int], bool]], max_len: int) -> LMExample:
+    """Concatenate (ids, train) segments; cut to max_len + 1 tokens (inputs are the first max_len)."""
+    ids: list[int] = []
+    train: list[bool] = []
+    for seg_ids, flag in segments:
+        ids += seg_ids
+        train += [flag] * len(seg_ids)
+    return LMExample(ids[: max_len + 1], train[: max_len + 1])
+
+
+def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> LMExample:
+    """prompt (no loss) + completion + EOS (loss): translation, DPO pairs, prompt/completion data.
+
+    Too long for the context: the prompt loses its *start* (the completion right after it matters
+    most), and the completion is cut only when it alone does not fit.
+    """
+    p, c = tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
+    room = max_len + 1 - len(c)
+    p = p[-room:] if room > 0 else p[:1]
+    return segments_example([(p, False), (c, True)], max_len)
+
+
+def translate_prompt(source: str) -> str:
+    """The decoder translation format: `<src> SOURCE <tgt> ` then the target (loss only on the target)."""
+    return f"<src> {source.strip()} <tgt> "
+
+
+def lm_batch(examples: list[LMExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (inputs (B, T), targets (B, T)); targets -100 where not trained or padded."""
+    T = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.ids) - 1
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        flags = torch.tensor(e.train[1:], dtype=torch.bool)
+        x[b, :n] = ids[:-1]
+        y[b, :n] = torch.where(flags, ids[1:], IGNORE_INDEX)
+    return x, y
+
+
+def pack_examples(examples: list[LMExample], max_len: int) -> list[list[LMExample]]:
+    """Group examples into rows of at most `max_len` input tokens (each example gives len(ids) - 1)."""
+    rows: list[list[LMExample]] = []
+    used: list[int] = []
+    for e in examples:
+        n = len(e.ids) - 1
+        for i, u in enumerate(used):  # first fit: the first row with room
+            if u + n <= max_len:
+                rows[i].append(e)
+                used[i] += n
+                break
+        else:
+            rows.append([e])
+            used.append(n)
+    return rows
+
+
+def packed_batch(rows: list[list[LMExample]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets, positions, segments), each (B, T); padding has segment -1 and no target."""
+    T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), T), dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        start = 0
+        for k, e in enumerate(row):
+            ex, ey = lm_batch([e], pad_id)
+            n = ex.shape[1]
+            x[b, start : start + n], y[b, start : start + n] = ex[0], ey[0]
+            positions[b, start : start + n] = torch.arange(n)
+            segments[b, start : start + n] = k
+            start += n
+    return x, y, positions, segments
+
+
+def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
+    """Documents + EOS, concatenated and cut into windows of seq_len + 1 tokens (every token trains)."""
+    stream: list[int] = []
+    for ids in tok.encode_batch([str(t) for t in texts]):
+        stream += ids + [tok.eos_id]
+    windows = [stream[i : i + seq_len + 1] for i in range(0, max(len(stream) - 1, 1), seq_len)]
+    return [LMExample(w, [True] * len(w)) for w in windows if len(w) >= 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# classification
+
+
+def label_name(value: Any) -> str:
+    """Labels are compared as strings (CSV gives "1", JSON may give 1)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def classify_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(ids (B, T) right-padded, lengths (B,), labels (B,))."""
+    T = max(len(ids) for ids, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for b, (ids, _) in enumerate(examples):
+        x[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in examples], dtype=torch.long)
+    labels = torch.tensor([label for _, label in examples], dtype=torch.long)
+    return x, lengths, labels
+
+
+def augment_text(text: str, rng: random.Random, p: float = 0.1) -> str:
+    """One of random deletion, swap or insertion of words (EDA, Wei & Zou 2019, arXiv:1901.11196)."""
+    words = text.split()
+    if len(words) < 2:
+        return text
+    n = max(1, int(p * len(words)))
+    op = rng.choice(("delete", "swap", "insert"))
+    for _ in range(n):
+        if op == "delete" and len(words) > 1:
+            words.pop(rng.randrange(len(words)))
+        elif op == "swap":
+            i, j = rng.randrange(len(words)), rng.randrange(len(words))
+            words[i], words[j] = words[j], words[i]
+        elif op == "insert":
+            words.insert(rng.randrange(len(words) + 1), rng.choice(words))
+    return " ".join(words)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches forever
+
+
+class ExampleLoader:
+    """Shuffled batches of examples, epoch after epoch (seeded; the position is a `state_dict`)."""
+
+    def __init__(self, examples: list[Any], *, batch_size: int, seed: int, collate: Any) -> None:
+        if not examples:
+            raise DataError("no training examples; check the --train file")
+        self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            batch.append(self.examples[self._order[self.pos]])
+            self.pos += 1
+        return self.collate(batch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+# ---------------------------------------------------------------------------------------------
+# task rows -> examples (used by finetune and eval)
+
+
+def conversation(row: dict[str, Any], fields: dict[str, str], task: str) -> list[dict[str, str]]:
+    """A training row as chat messages (Alpaca, messages, or question/answer)."""
+    if task == "qa":
+        return [
+            {"role": "user", "content": str(row[fields["question"]])},
+            {"role": "assistant", "content": str(row[fields["answer"]])},
+        ]
+    if fields["messages"] in row:
+        return row[fields["messages"]]
+    prompt = str(row[fields["instruction"]]).strip()
+    extra = str(row.get(fields["input"]) or "").strip()
+    return [
+        {"role": "user", "content": prompt + ("\n\n" + extra if extra else "")},
+        {"role": "assistant", "content": str(row[fields["output"]])},
+    ]
+
+
+def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str], path: str | Path) -> None:
+    """Every row has the columns the task needs (one-line error naming the rename flag)."""
+    if task == "sft":
+        for i, row in enumerate(rows, 1):
+            if fields["messages"] not in row:
+                for name in ("instruction", "output"):
+                    if fields[name] not in row:
+                        raise DataError(
+                            f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
+                            f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
+                        )
+        return
+    needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
+    needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
+    for name in needed[task]:
+        column(rows, fields[name], name, path)
+
+
+def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """hh-rlhf style pairs (whole dialogues, no prompt column): the shared prefix up to the last
+    'Assistant:' turn is the prompt, the rest of each dialogue its completion."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    marker = chosen.rfind("Assistant:", 0, n)
+    if marker >= 0:
+        n = marker + len("Assistant:")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents)."""
+    p = Path(path)
+    if task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file():
+        text = p.read_text(encoding="utf-8", errors="replace")
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        if not docs:
+            raise DataError(f"{p} holds no text; check the file")
+        return [{fields["text"]: d} for d in docs]
+    rows = read_table(p, txt_columns=tuple(fields[f] for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    check_columns(rows, task, fields, p)
+    return rows
+
+
+def build_examples(
+    rows: list[dict[str, Any]],
+    *,
+    task: str,
+    tok: Any,
+    fields: dict[str, str],
+    max_len: int,
+    labels: list[str] | None,
+    path: str | Path,
+) -> list[Any]:
+    """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO."""
+    from lmforge.chat import ChatTemplate
+
+    if task == "classify":
+        index = {name: i for i, name in enumerate(labels or [])}
+        out = []
+        for i, row in enumerate(rows, 1):
+            name = label_name(row[fields["label"]])
+            if name not in index:
+                raise DataError(
+                    f"{path}: row {i} has label {name!r}, which the model was not trained on "
+                    f"(labels: {', '.join(labels or [])}); fix the row or fine-tune with it"
+                )
+            ids = tok.encode(str(row[fields["text"]]))[: max_len - 1] + [tok.eos_id]
+            out.append((ids, index[name]))
+        return out
+    if task in ("sft", "qa"):
+        template = ChatTemplate()
+        out = []
+        for i, row in enumerate(rows, 1):
+            try:
+                segments = template.segments(tok, conversation(row, fields, task))
+            except DataError as e:
+                raise DataError(f"{path}: row {i}: {e}") from None
+            out.append(segments_example(segments, max_len))
+        return out
+    if task == "translate":
+        return [
+            completion_example(tok, translate_prompt(str(r[fields["source"]])), str(r[fields["target"]]), max_len)
+            for r in rows
+        ]
+    if task == "clm":
+        return clm_examples(tok, [r[fields["text"]] for r in rows], max_len)
+    out = []  # dpo
+    for row in rows:
+        chosen, rejected = str(row[fields["chosen"]]), str(row[fields["rejected"]])
+        if fields["prompt"] in row:
+            prompt = str(row[fields["prompt"]])
+        else:
+            prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+        out.append(
+            {
+                "chosen": completion_example(tok, prompt, chosen, max_len),
+                "rejected": completion_example(tok, prompt, rejected, max_len),
+            }
+        )
+    return out
+
+
+def dpo_collate(pad_id: int) -> Any:
+    def collate(pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        cx, cy = lm_batch([p["chosen"] for p in pairs], pad_id)
+        rx, ry = lm_batch([p["rejected"] for p in pairs], pad_id)
+        return {
+            "chosen_x": cx,
+            "chosen_y": cy,
+            "rejected_x": rx,
+            "rejected_y": ry,
+            "ref_chosen": torch.tensor([p["ref"][0] for p in pairs]),
+            "ref_rejected": torch.tensor([p["ref"][1] for p in pairs]),
+        }
+
+    return collate

@@ -1,0 +1,312 @@
+"""Encoder pretraining batches: BERT masking (80/10/10, whole-word option) and NSP/SOP sentence pairs.
+
+Both are built from the same prepared token shards as causal LM training; documents are the spans
+between end-of-text (EOS) tokens, which `lmforge prepare` writes after every document.
+
+Special tokens. Encoders need [PAD], [CLS], [SEP] and [MASK]. `special_ids(tokenizer)` takes each
+from the tokenizer when it has it (BERT's names, lmforge's <|pad|>/<|cls|>/<|sep|>/<|mask|> extra
+specials, or RoBERTa's <pad>/<s>/</s>/<mask>) and otherwise
+*appends* it after the tokenizer's vocabulary: ids vocab_size, vocab_size + 1, ... in the order
+[PAD], [CLS], [SEP], [MASK]. Appending changes no existing id, so data prepared for GPT training
+(e.g. with the char or byte-level BPE tokenizer) trains an encoder as it is; the model's
+vocab_size grows by the number appended, and the tokenizer file stays unchanged (these ids are
+never decoded to text). `SpecialIds.added` records how many were appended.
+
+Examples (`seq_len` = T tokens each, a pure function of the loader position, so resume is exact):
+- no pairs (MLM, ELECTRA): [CLS] + T-2 consecutive stream tokens + [SEP]; windows at stride T-2
+  over each shard, shuffled per epoch like `TokenLoader`; EOS tokens stay inside as separators.
+- pairs (NSP/SOP): one document per example (shuffled per epoch), a random span of at most T-3 of
+  its tokens cut at a random point into A and B. NSP: with probability 1/2 B is replaced by a
+  span of a random *other* document (label 1 = not next). SOP (ALBERT): with probability 1/2 A and
+  B swap places (label 1 = swapped). Input: [CLS] A [SEP] B [SEP] [PAD]..., segments 0 then 1.
+
+Masking (`mask_tokens`): each real non-special token is selected with probability `mask_prob`
+(whole-word: each *word* is, and all its tokens with it); a selected token becomes [MASK] with
+probability `mask_token_frac`, a random ordinary token with `random_token_frac`, else stays.
+Labels hold the original id at selected positions and -100 elsewhere (BERT, Devlin et al. 2019).
+Word boundaries come from the tokens' text: a token starting with whitespace or following one
+ending in whitespace starts a word (byte-level BPE's leading space, characters), and WordPiece
+tokens without the "##" prefix start a word.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.data.shards import read_shard
+from lmforge.errors import DataError
+from lmforge.objectives import IGNORE_INDEX, ObjectiveConfig
+
+_STATE_VERSION = 1
+_NAMES = {
+    "pad": ("[PAD]", "<|pad|>", "<pad>"),
+    "cls": ("[CLS]", "<|cls|>", "<s>"),
+    "sep": ("[SEP]", "<|sep|>", "</s>"),
+    "mask": ("[MASK]", "<|mask|>", "<mask>"),
+}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    added: int  # how many of them were appended after the tokenizer's vocabulary
+
+    @property
+    def all(self) -> tuple[int, int, int, int]:
+        return (self.pad, self.cls, self.sep, self.mask)
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """The [PAD]/[CLS]/[SEP]/[MASK] ids for `tokenizer`, appending the missing ones (module docstring)."""
+    ids: dict[str, int] = {}
+    next_id = tokenizer.vocab_size
+    for key, names in _NAMES.items():
+        found = next((tokenizer.hf.token_to_id(n) for n in names if tokenizer.hf.token_to_id(n) is not None), None)
+        if found is None:
+            found, next_id = next_id, next_id + 1
+        ids[key] = found
+    return SpecialIds(**ids, added=next_id - tokenizer.vocab_size)
+
+
+def word_start_tables(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: (starts a word by itself, ends with whitespace), for whole-word masking."""
+    n = tokenizer.vocab_size
+    model_type = json.loads(tokenizer.to_str()).get("model", {}).get("type", "")
+    starts = np.zeros(n, dtype=bool)
+    ends_space = np.zeros(n, dtype=bool)
+    for i in range(n):
+        raw = tokenizer.id_to_token(i) or ""
+        if model_type == "WordPiece":
+            starts[i] = not raw.startswith("##")
+            continue
+        text = tokenizer.decode([i])
+        starts[i] = text[:1].isspace() or raw[:1] in ("Ġ", "▁")
+        ends_space[i] = text[-1:].isspace()
+    return starts, ends_space
+
+
+def mask_tokens(
+    ids: np.ndarray,
+    eligible: np.ndarray,
+    rng: np.random.Generator,
+    cfg: ObjectiveConfig,
+    *,
+    mask_id: int,
+    random_ids: np.ndarray,
+    word_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking of one sequence.
+
+    Args:
+        ids: (T,) original token ids.
+        eligible: (T,) True where a token may be selected (real text, not [CLS]/[SEP]/[PAD]/EOS).
+        rng: the example's generator.
+        cfg: mask_prob, mask_token_frac, random_token_frac.
+        mask_id: the [MASK] id.
+        random_ids: ids a selected token may be replaced with (ordinary tokens).
+        word_start: (T,) True where a word starts; given = whole-word masking.
+
+    Returns:
+        (inputs, labels), both (T,) int64; labels are the original ids at selected positions, -100 elsewhere.
+    """
+    T = len(ids)
+    if word_start is None:
+        selected = (rng.random(T) < cfg.mask_prob) & eligible
+    else:
+        word = np.cumsum(word_start | (np.arange(T) == 0)) - 1  # (T,) word index of each token
+        selected = (rng.random(int(word[-1]) + 1) < cfg.mask_prob)[word] & eligible
+    r = rng.random(T)
+    to_mask = selected & (r < cfg.mask_token_frac)
+    to_random = selected & (r >= cfg.mask_token_frac) & (r < cfg.mask_token_frac + cfg.random_token_frac)
+    inputs = ids.astype(np.int64, copy=True)
+    inputs[to_mask] = mask_id
+    inputs[to_random] = random_ids[rng.integers(0, len(random_ids), size=int(to_random.sum()))]
+    labels = np.where(selected, ids, IGNORE_INDEX).astype(np.int64)
+    return inputs, labels
+
+
+class MLMLoader:
+    """Infinite (or, with `shuffle=False`, one-pass) resumable batches for MLM / NSP / SOP / ELECTRA.
+
+    Yields dicts: input_ids, segments, labels (B, T) int64; pad_mask (B, T) bool (True = real token);
+    pair_labels (B,) int64 when `pairs` is "nsp" or "sop".
+    """
+
+    def __init__(
+        self,
+        shards: list[Path],
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        cfg: ObjectiveConfig,
+        specials: SpecialIds,
+        eos_id: int,
+        token_bytes: np.ndarray,
+        word_tables: tuple[np.ndarray, np.ndarray] | None = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if seq_len < 8 or batch_size <= 0:
+            raise ValueError(f"seq_len must be >= 8 and batch_size > 0, got {seq_len} and {batch_size}")
+        if not shards:
+            raise DataError("no token shards for this split; run 'lmforge prepare' or add data to the split")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.cfg, self.specials, self.eos_id = cfg, specials, eos_id
+        self.pairs, self.shuffle, self.rank, self.world_size = cfg.pairs, shuffle, rank, world_size
+        self.word_tables = word_tables if cfg.whole_word else None
+        self._random_ids = np.flatnonzero(np.asarray(token_bytes) > 0)  # ordinary (text) tokens
+        self._tokens = [read_shard(p) for p in shards]
+        if self.pairs:
+            # documents: spans between EOS tokens, at least 2 tokens (A and B each need one)
+            rows = []
+            for s, toks in enumerate(self._tokens):
+                ends = np.flatnonzero(np.asarray(toks) == eos_id)
+                starts = np.concatenate([[0], ends + 1])[: len(ends)]
+                rows += [(s, a, b - a) for a, b in zip(starts, ends, strict=True) if b - a >= 2]
+            if len(rows) < 2:
+                raise DataError(
+                    f"sentence-pair objectives ({cfg.name}) need at least 2 documents of 2+ tokens; "
+                    "this split has fewer: add text or use --objective mlm"
+                )
+            self._docs = np.array(rows, dtype=np.int64)  # (n_docs, 3): shard, start, length
+            self._n_examples = len(rows)
+        else:
+            n = seq_len - 2
+            counts = np.array([len(t) // n for t in self._tokens], dtype=np.int64)
+            if counts.sum() == 0:
+                raise DataError(f"no shard has seq_len-2 = {n} tokens; lower --data.seq_len or add data")
+            self._first = np.concatenate([[0], np.cumsum(counts)])
+            self._n_examples = int(self._first[-1])
+        self._position = 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self._n_examples
+
+    def __iter__(self) -> MLMLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self.shuffle and self._position >= self._n_examples:
+            raise StopIteration
+        B = self.batch_size
+        positions = self._position + self.rank + self.world_size * np.arange(B)
+        if not self.shuffle:
+            positions = positions[positions < self._n_examples]
+        examples = [self.example(int(p)) for p in positions]
+        self._position += B * self.world_size
+        batch = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        if "pair_labels" in batch:
+            batch["pair_labels"] = batch["pair_labels"].reshape(-1)
+        return batch
+
+    def _index(self, position: int) -> int:
+        epoch, index = divmod(position, self._n_examples)
+        if not self.shuffle:
+            return index
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._n_examples)
+            self._perm_epoch = epoch
+        return int(self._perm[index])
+
+    def example(self, position: int) -> dict[str, np.ndarray]:
+        """The example at stream `position` (deterministic given seed and data)."""
+        rng = np.random.default_rng([self.seed, 7919, position])
+        sp, T = self.specials, self.seq_len
+        index = self._index(position)
+        pair_label = None
+        if self.pairs:
+            seq, segments, pair_label = self._pair(index, rng)
+        else:
+            shard = int(np.searchsorted(self._first, index, side="right")) - 1
+            start = (index - int(self._first[shard])) * (T - 2)
+            body = np.asarray(self._tokens[shard][start : start + T - 2], dtype=np.int64)
+            seq = np.concatenate([[sp.cls], body, [sp.sep]])
+            segments = np.zeros(T, dtype=np.int64)
+        n = len(seq)
+        ids = np.full(T, sp.pad, dtype=np.int64)
+        ids[:n] = seq
+        pad_mask = np.arange(T) < n
+        eligible = pad_mask & ~np.isin(ids, [*sp.all, self.eos_id])
+        word_start = None
+        if self.word_tables is not None:
+            starts, ends_space = self.word_tables
+            text = eligible  # specials/EOS are words of their own
+            safe = np.where(text, ids, 0)
+            prev_ends = np.concatenate([[True], ends_space[safe[:-1]] | ~text[:-1]])
+            word_start = ~text | starts[safe] | prev_ends
+        inputs, labels = mask_tokens(
+            ids, eligible, rng, self.cfg, mask_id=sp.mask, random_ids=self._random_ids, word_start=word_start
+        )
+        out = {"input_ids": inputs, "segments": segments, "pad_mask": pad_mask, "labels": labels}
+        if pair_label is not None:
+            out["pair_labels"] = np.array([pair_label], dtype=np.int64)
+        return out
+
+    def _doc_tokens(self, doc: int, rng: np.random.Generator, length: int) -> np.ndarray:
+        shard, start, n = (int(v) for v in self._docs[doc])
+        length = min(length, n)
+        offset = int(rng.integers(0, n - length + 1))
+        return np.asarray(self._tokens[shard][start + offset : start + offset + length], dtype=np.int64)
+
+    def _pair(self, doc: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        sp = self.specials
+        span = self._doc_tokens(doc, rng, self.seq_len - 3)
+        cut = int(rng.integers(1, len(span)))  # A = span[:cut], B = span[cut:], both non-empty
+        a, b = span[:cut], span[cut:]
+        label = int(rng.random() < 0.5)
+        if label and self.pairs == "nsp":
+            other = int(rng.integers(0, len(self._docs) - 1))
+            other += other >= doc  # any document but this one
+            b = self._doc_tokens(other, rng, len(b))
+        elif label:  # sop: same two segments, swapped
+            a, b = b, a
+        seq = np.concatenate([[sp.cls], a, [sp.sep], b, [sp.sep]])
+        segments = np.zeros(self.seq_len, dtype=np.int64)
+        segments[len(a) + 2 : len(seq)] = 1
+        return seq, segments, label
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, cursor = divmod(self._position, self._n_examples)
+        return {
+            "version": _STATE_VERSION,
+            "epoch": epoch,
+            "cursor": cursor,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "pairs": self.pairs,
+            "windows_per_epoch": self._n_examples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("seq_len", self.seq_len), ("seed", self.seed), ("pairs", self.pairs)):
+            if state.get(key) != mine:
+                raise DataError(
+                    f"cannot resume the data loader: it was saved with {key}={state.get(key)!r}, now {mine!r}; "
+                    "resume with the same settings as the original run"
+                )
+        if state.get("windows_per_epoch") != self._n_examples:
+            raise DataError("cannot resume the data loader: the data changed since the run started; use the same data")
+        self._position = int(state["epoch"]) * self._n_examples + int(state["cursor"])
+
+
+def mlm_eval_batches(loader_kwargs: dict[str, Any], max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """One in-order pass of `MLMLoader(**loader_kwargs, shuffle=False)` with fixed masks (seed in kwargs)."""
+    loader = MLMLoader(**loader_kwargs, shuffle=False)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            return
+        yield batch

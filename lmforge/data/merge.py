@@ -1,0 +1,227 @@
+"""`lmforge prepare --merge PART... --out DIR`: one data directory from independently prepared parts.
+
+A big corpus can be prepared as N parts (one per node or array job, each `lmforge prepare
+files-of-part-i --tokenizer shared/tokenizer.json --out part-i`) and merged here:
+
+    for split in train, val, test:
+        for part in parts (in the order given):
+            for document in part's shards (cut at EOS, across shard boundaries):
+                text = decode(document)
+                drop it if exact (sha256 of text) or near (MinHash LSH) duplicate of an earlier one
+                else copy its tokens (EOS included) into <out>.tmp/<split>-NNNNN.bin
+    manifest.json + data card -> os.replace(<out>.tmp, <out>)
+
+Key design decisions:
+- Parts must share one tokenizer (same fingerprint): tokens are copied, never re-encoded, so
+  merging costs a decode and a hash per document, not a tokenization.
+- Dedup across parts works on the decoded text, which is exactly the cleaned text for byte-level
+  BPE, char and Unigram tokenizers (they round-trip), so exact dedup here equals dedup over the
+  union of the inputs. The hash split is content-based, so a document duplicated across parts is
+  in the same split in every part and no duplicate crosses train/eval.
+- Streaming: one document at a time per split, kept documents buffered into writes of ~1M tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.atomic import atomic_write_text, write_json
+from lmforge.data.dedup import NearDedup
+from lmforge.data.filters import guess_language, utf8_len
+from lmforge.data.prepare import (
+    FORMAT_VERSION,
+    MANIFEST,
+    REMOVED_KEYS,
+    TOKENIZER,
+    PrepareConfig,
+    _lmforge_version,
+    _tokenizer_report,
+    _top_tokens,
+    check_out,
+    discard,
+    load_data_dir,
+    output_paths,
+    publish,
+)
+from lmforge.data.shards import ShardWriter, read_shard
+from lmforge.data.split import SPLITS, doc_digest
+from lmforge.errors import DataError
+
+_WRITE_TOKENS = 1 << 20
+
+
+def _documents(shards: list[Path], eos: int) -> Iterator[np.ndarray]:
+    """Documents (token arrays ending with EOS) of a split, joined across shard boundaries."""
+    carry = np.zeros(0, dtype=np.int64)
+    for shard in shards:
+        tokens = read_shard(shard)
+        cuts = np.flatnonzero(tokens == eos)
+        start = 0
+        for cut in cuts:
+            doc = tokens[start : cut + 1]
+            if carry.size:
+                doc, carry = np.concatenate([carry, doc]), np.zeros(0, dtype=np.int64)
+            yield doc
+            start = cut + 1
+        if start < len(tokens):
+            carry = np.concatenate([carry, tokens[start:]])
+    if carry.size:
+        yield carry  # a part whose last document lacks EOS (not written by prepare; kept as is)
+
+
+def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Merge prepared directories `cfg.inputs` into `cfg.out` (see the module docstring).
+
+    Raises:
+        DataError: an input is not a prepared directory, the parts use different tokenizers, or `--out` exists.
+    """
+    out, tmp = output_paths(cfg.out)
+    check_out(out, cfg.overwrite)
+    parts = [load_data_dir(p) for p in cfg.inputs]
+    fingerprints = {part.manifest["tokenizer"]["sha256"] for part in parts}
+    if len(fingerprints) > 1:
+        raise DataError(
+            "the parts were prepared with different tokenizers; prepare every part with the same "
+            "--tokenizer path/to/tokenizer.json"
+        )
+    tok = parts[0].load_tokenizer()
+    eos = tok.eos_id
+    dtype = np.dtype(parts[0].manifest["dtype"]).type
+    near = None
+    if cfg.dedup == "near":
+        near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0)
+    if tmp.exists():
+        discard(tmp, out)
+
+    tmp.mkdir(parents=True)
+    try:
+        seen: set[bytes] = set()
+        removed = dict.fromkeys(REMOVED_KEYS, 0)
+        removed_bytes = dict.fromkeys(REMOVED_KEYS, 0)
+        steps = {"read": [0, 0], "deduplicated": [0, 0]}
+        languages: Counter[str] = Counter()
+        length_hist: Counter[int] = Counter()
+        token_counts = np.zeros(tok.vocab_size, dtype=np.int64)
+        report_split = next((s for s in ("val", "test", "train") if any(p.split_tokens(s) for p in parts)), "train")
+        by_language: dict[str, list[int]] = {}
+        kept_per_part = [0] * len(parts)
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            writer = ShardWriter(tmp, split, dtype, cfg.shard_tokens)
+            buffer: list[np.ndarray] = []
+            buffered = documents = nbytes_split = 0
+            for index, part in enumerate(parts):
+                for doc in _documents(part.split_shards(split), eos):
+                    ids = doc[:-1] if doc[-1] == eos else doc
+                    text = tok.decode(ids.tolist())
+                    nbytes = utf8_len(text)
+                    steps["read"][0] += 1
+                    steps["read"][1] += nbytes
+                    key = doc_digest(text)[:16]
+                    if cfg.dedup != "none":
+                        if key in seen:
+                            removed["exact_dup"] += 1
+                            removed_bytes["exact_dup"] += nbytes
+                            continue
+                        seen.add(key)
+                    if near is not None and near.is_duplicate(text):
+                        removed["near_dup"] += 1
+                        removed_bytes["near_dup"] += nbytes
+                        continue
+                    steps["deduplicated"][0] += 1
+                    steps["deduplicated"][1] += nbytes
+                    kept_per_part[index] += 1
+                    documents += 1
+                    nbytes_split += nbytes
+                    language = guess_language(text)
+                    languages[language] += 1
+                    length_hist[len(text).bit_length()] += 1
+                    if split == "train":
+                        np.add.at(token_counts, ids.astype(np.int64), 1)
+                    if split == report_split:
+                        entry = by_language.setdefault(language, [0, 0])
+                        entry[0] += nbytes
+                        entry[1] += len(ids)
+                    buffer.append(doc)
+                    buffered += len(doc)
+                    if buffered >= _WRITE_TOKENS:
+                        writer.write(np.concatenate(buffer))
+                        buffer, buffered = [], 0
+            if buffer:
+                writer.write(np.concatenate(buffer))
+            shards = writer.close()
+            splits[split] = {
+                "documents": documents, "tokens": writer.total_tokens, "bytes": nbytes_split, "shards": shards
+            }  # fmt: skip
+
+        documents_in = steps["read"][0]
+        documents_out = steps["deduplicated"][0]
+        dedup_info: dict[str, Any] = {"mode": cfg.dedup, "exact_dup": removed["exact_dup"]}
+        if near is not None:
+            dedup_info.update(
+                near_dup=near.removed, near_dup_clusters=near.clusters, threshold=cfg.near_threshold,
+                num_perm=near.num_perm, shingle_chars=near.shingle_chars,
+            )  # fmt: skip
+        first_tok = parts[0].manifest["tokenizer"]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "lmforge_version": _lmforge_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": dataclasses.asdict(cfg),
+            "inputs": [
+                {
+                    "path": str(part.path),
+                    "bytes": sum(s["bytes"] for s in part.manifest["splits"].values()),
+                    "documents": part.manifest["documents"]["out"],
+                    "kept": kept,
+                    "role": "part",
+                }
+                for part, kept in zip(parts, kept_per_part, strict=True)
+            ],  # fmt: skip
+            "skipped_files": [],
+            "documents": {"in": documents_in, "out": documents_out, "removed": removed},
+            "cleaning": {},
+            "dedup": dedup_info,
+            "languages": dict(languages.most_common()),
+            "tokenizer": {
+                "kind": first_tok["kind"],
+                "vocab_size": tok.vocab_size,
+                "eos_id": eos,
+                "sha256": tok.fingerprint,
+                "report": _tokenizer_report(report_split, by_language),
+            },
+            "dtype": np.dtype(dtype).name,
+            "splits": splits,
+            "parts": [str(part.path) for part in parts],
+        }
+        tok.save(tmp / TOKENIZER)
+        if cfg.card:
+            from lmforge.data.card import write_card
+
+            write_card(
+                tmp,
+                manifest,
+                steps={k: {"documents": v[0], "bytes": v[1]} for k, v in steps.items()},
+                removed_bytes=removed_bytes,
+                length_hist={int(k): v for k, v in sorted(length_hist.items())},
+                top_tokens=_top_tokens(tok, token_counts),
+            )
+        write_json(tmp / MANIFEST, manifest)
+        if cfg.dedup_report:
+            pairs = near.examples if near is not None else []
+            atomic_write_text(
+                cfg.dedup_report, "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs)
+            )
+        publish(tmp, out)
+        return manifest
+    except BaseException:
+        discard(tmp, out)
+        raise

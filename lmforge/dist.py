@@ -1,0 +1,331 @@
+"""Data parallelism on PyTorch's own distributed engine: torchrun env -> process group -> DDP or FSDP2.
+
+Launch any `lmforge pretrain` command under torchrun and it runs data parallel:
+
+    torchrun --nproc-per-node 2 -m lmforge pretrain --data D --out R --preset small
+    torchrun --nproc-per-node 8 -m lmforge pretrain ... --dist.strategy fsdp
+
+What stays the same whatever the world size (so results do not depend on it):
+- `train.batch_size` is the *global* batch (sequences per optimizer step). Each rank runs
+  micro-batches of `train.micro_batch_size` sequences (0 = batch_size / world_size) and accumulates
+  batch_size / (micro_batch * world_size) of them. The loader (`TokenLoader(rank=, world_size=)`)
+  gives every rank its own windows of one global stream, so the set of sequences in each step is
+  the same as in a 1-process run.
+- The loss is normalised by the target count of the whole global window (all-reduced), and DDP's
+  gradient *average* is undone by scaling each rank's loss by world_size, so the update equals the
+  1-process update to float tolerance.
+- Stop decisions (signal, time budget) are all-reduced every step, so all ranks stop together.
+
+Only rank 0 writes (logs, metrics.jsonl, checkpoints, loss.png); everyone else waits at a barrier.
+Checkpoints are always consolidated (full, unsharded tensors), so any world size can resume them and
+`eval`/`generate`/`export` load them in one process. Collectives time out after `dist.timeout_s`
+(a hung or dead peer raises a clear error instead of hanging forever). Models stay free of
+distributed code: wrapping happens here, in `wrap_model`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lmforge.errors import ConfigError
+from lmforge.fields import check, opt
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    strategy: Literal["ddp", "fsdp", "diloco"] = opt(
+        "ddp", "data parallelism under torchrun: ddp (replicas), fsdp (FSDP2) or diloco (local SGD, rare syncs)"
+    )
+    sync_every: int = opt(50, "diloco: inner optimizer steps each worker takes alone between outer syncs (H)")
+    outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged parameter change")
+    outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD (0 = plain averaging at lr 1)")
+    timeout_s: float = opt(600.0, "seconds a collective may wait for a peer before failing (hung or dead rank)")
+
+    def __post_init__(self) -> None:
+        check(self.timeout_s > 0, f"dist.timeout_s must be > 0, got {self.timeout_s}")
+        check(self.sync_every >= 1, f"dist.sync_every must be >= 1, got {self.sync_every}")
+        check(self.outer_lr > 0, f"dist.outer_lr must be > 0, got {self.outer_lr}")
+        check(0 <= self.outer_momentum < 1, f"dist.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Rank, local rank and world size from torchrun's environment (1 process when absent)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE/RANK/LOCAL_RANK must be integers; launch with torchrun") from None
+    return DistInfo(rank=rank, local_rank=local, world_size=world)
+
+
+def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
+    """Start the process group when launched by torchrun; returns (info, this rank's device).
+
+    NCCL on CUDA, gloo on CPU. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised.
+    """
+    from lmforge.train.precision import pick_device
+
+    info = env_info()
+    device = pick_device(device_pref)
+    if not info.enabled:
+        return info, device
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {info.local_rank} but only {torch.cuda.device_count()} CUDA devices; "
+                "lower --nproc-per-node"
+            )
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ConfigError(f"distributed training supports cuda and cpu, not {device.type}; set --train.device")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return info, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Reduce a few numbers over all ranks (sum or max) in one collective; identity without a group."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_model(
+    model: nn.Module, strategy: str, info: DistInfo, device: torch.device, param_dtype: torch.dtype
+) -> nn.Module:
+    """DDP or FSDP2 (`fully_shard` per block, then the root) around `model`; unchanged for 1 process.
+
+    FSDP2 mixed precision: parameters are gathered in `param_dtype` (the autocast dtype, e.g. bf16)
+    for compute, gradients are reduced in fp32, and the sharded master weights stay fp32.
+    """
+    if not info.enabled or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each Transformer block's activations in backward instead of keeping them.
+
+    Only the block inputs stay alive between forward and backward (see `lmforge estimate`'s
+    "activations, checkpointed"), for about one extra forward pass of compute. Parameter names and
+    numerics are unchanged (non-reentrant `torch.utils.checkpoint`, RNG state preserved for dropout).
+    Inference (no grad, KV cache) runs the blocks normally. Returns the number of blocks wrapped.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(getattr(model, "blocks", []))
+    for block in blocks:
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def no_grad_sync(model: nn.Module, sync: bool) -> Any:
+    """Context for one micro-batch: gradient all-reduce only on the last one of the window."""
+    import contextlib
+
+    if sync or not dist.is_initialized():
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def fsdp_no_sync() -> Any:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Consolidated CPU state dict on every rank (a collective under FSDP2: all ranks must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = unwrap(model)
+    if not dist.is_initialized():
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], load: Any) -> None:
+    """Load consolidated weights into a live model: `load(model)` normally, each rank's shard under FSDP2."""
+    if not _fsdp(model):
+        load(unwrap(model))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+
+
+def _fsdp(model: nn.Module) -> bool:
+    return dist.is_initialized() and hasattr(model, "set_requires_gradient_sync")
+
+
+def checkpoint_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
+    """(consolidated weights or None, optimizer state in `optimizer.state_dict()` form) for saving.
+
+    Under FSDP2 this is a collective (every rank must call it) that gathers full tensors to CPU;
+    parameter names in the optimizer state are turned back into the integer ids a 1-process run
+    uses, so the checkpoint is the same whatever the world size. Otherwise: (None, state_dict()).
+    """
+    if not _fsdp(model):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = full_state_dict(model)
+    named = get_optimizer_state_dict(model, optimizer, options=options)
+    if "param_groups" not in named:  # cpu_offload gathers to rank 0 only; the others get {}
+        return weights, {}
+    ids = {fqn: i for i, fqn in enumerate(fqn for g in named["param_groups"] for fqn in g["params"])}
+    state = {ids[fqn]: value for fqn, value in named["state"].items()}
+    groups = [{**g, "params": [ids[fqn] for fqn in g["params"]]} for g in named["param_groups"]]
+    return weights, {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a consolidated `optimizer.state_dict()`-style dict; under FSDP2 each rank keeps its shard."""
+    if not _fsdp(model):
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    named = {
+        "state": {order[int(i)]: value for i, value in sd["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+class DiLoCo:
+    """Local SGD with an outer optimizer (DiLoCo, Douillard et al. 2023, https://arxiv.org/abs/2311.08105).
+
+    Every worker runs the inner optimizer (AdamW) alone on its own data for `sync_every` steps; then
+    the workers average their parameter change since the last sync (one all-reduce of the parameters)
+    and apply it to the shared parameters with Nesterov SGD (`outer_lr`, `outer_momentum`), and every
+    worker continues from the result. Communication: one all-reduce per `sync_every` steps instead of
+    one per step (DDP), i.e. `sync_every` x less traffic, for slow interconnects between nodes.
+    With outer_lr 1 and momentum 0 it is plain parameter averaging; with one worker, plain training.
+
+    Checkpoints hold the weights (rank 0's, identical on every rank right after a sync); the outer
+    momentum restarts from zero on resume, so resume is exact only for outer_momentum 0 and checkpoints
+    at sync steps (`checkpoint.every` a multiple of `sync_every`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: DistConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params]  # the shared parameters at the last sync
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.bytes_per_sync = 2 * sum(p.numel() * p.element_size() for p in self.params)  # ring all-reduce ~2x
+        self.syncs = 0
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.sync_every:
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
+        if world > 1:
+            dist.all_reduce(flat)  # summed outer gradient (the change each worker made, undone)
+            flat /= world
+        offset = 0
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+            g = flat[offset : offset + a.numel()].view_as(a)
+            offset += a.numel()
+            m.mul_(mu).add_(g)
+            a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
+            p.copy_(a)
+        self.syncs += 1
+
+    def comm_report(self, world_size: int, steps: int) -> str:
+        """Bytes sent per worker by DiLoCo vs what DDP would send for the same steps."""
+        diloco = self.bytes_per_sync * (steps // self.cfg.sync_every)
+        ddp = self.bytes_per_sync * steps
+        return (
+            f"diloco: {world_size} workers sync every {self.cfg.sync_every} steps; all-reduce traffic per worker "
+            f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP "
+            f"({self.cfg.sync_every}x less)"
+        )

@@ -1,0 +1,86 @@
+"""Classification metrics: accuracy, per-class precision/recall/F1, macro-F1, confusion matrix (text + PNG).
+
+Conventions (scikit-learn's, so numbers compare): precision of a class never predicted and recall of
+a class absent from the references are 0; macro-F1 is the unweighted mean of per-class F1 over the
+label set given (every class the model knows), not only the classes seen in this data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def classification_report(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
+    """Metrics for label ids (indices into `labels`).
+
+    Returns:
+        {"accuracy", "macro_f1", "n", "per_class": {label: {precision, recall, f1, support}},
+         "confusion": rows = true label, columns = predicted label, "labels"}.
+    """
+    k = len(labels)
+    confusion = [[0] * k for _ in range(k)]
+    for t, p in zip(y_true, y_pred, strict=True):
+        confusion[t][p] += 1
+    per_class = {}
+    for c, name in enumerate(labels):
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(k))
+        support = sum(confusion[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    n = len(y_true)
+    return {
+        "accuracy": sum(confusion[c][c] for c in range(k)) / n if n else 0.0,
+        "macro_f1": sum(m["f1"] for m in per_class.values()) / k if k else 0.0,
+        "n": n,
+        "per_class": per_class,
+        "confusion": confusion,
+        "labels": list(labels),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table: per-class P/R/F1, then the confusion matrix."""
+    labels = report["labels"]
+    width = max(8, *(len(label) for label in labels))
+    lines = [f"accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f} | n {report['n']}", ""]
+    lines.append(f"{'label':<{width}}  precision  recall      f1  support")
+    for name, m in report["per_class"].items():
+        lines.append(f"{name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
+    lines += ["", "confusion (rows: true, columns: predicted)"]
+    lines.append(" " * width + "  " + "  ".join(f"{label:>{width}}" for label in labels))
+    for name, row in zip(labels, report["confusion"], strict=True):
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{v:>{width}d}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """Write the confusion matrix as a PNG heat map with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, matrix = report["labels"], report["confusion"]
+    size = max(3.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max((v for row in matrix for v in row), default=0)
+    for r, row in enumerate(matrix):
+        for c, v in enumerate(row):
+            ax.text(c, r, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_title(title or f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,316 @@
+"""Task evaluation: `lmforge eval RUN --task T --data FILE`, and the metrics `finetune` reports at the end.
+
+| task      | how it is scored                                                          | metrics                  |
+| --------- | ------------------------------------------------------------------------- | ------------------------ |
+| classify  | the run's head, or k-shot in-context prompts on any LM (`k_shot`)          | accuracy, macro_f1, P/R  |
+| sft, qa   | greedy answer to the conversation minus its last assistant turn           | em, f1 (SQuAD-style)     |
+| translate | greedy target after `<src> SOURCE <tgt> `                                 | bleu, chrf (sacrebleu)   |
+| dpo       | policy vs. the frozen base on chosen / rejected completions               | reward_accuracy, margin  |
+| clm       | next-token loss over the text                                             | loss, ppl                |
+
+EM and token F1 follow the SQuAD v1.1 evaluation script (lower-case, drop punctuation and the
+articles a/an/the, split on whitespace); F1 counts overlapping tokens with multiplicity.
+
+In-context classification (no training): each query is preceded by k labelled examples,
+`Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
+log-probability after `Label:` (scoring every label, not sampling, so the answer is always a label).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import ConfigError, DataError
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = collections.Counter(pred) & collections.Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF with sacrebleu's defaults (13a tokenization)."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ConfigError("translation metrics need sacrebleu; pip install 'lmforge[translate]'") from None
+    return {
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+    }
+
+
+def _answer(ft: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
+    from lmforge.generate import generate
+
+    room = ft.model.cfg.max_seq_len - max_new_tokens
+    new = generate(
+        ft.model,
+        prompt_ids[-room:],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        eos_id=ft.tokenizer.eos_id,
+        use_cache=ft.use_cache,
+    )
+    return ft.tokenizer.decode([t for t in new if t != ft.tokenizer.eos_id], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
+    from lmforge.data.formats import build_examples, classify_batch
+    from lmforge.eval.classify import classification_report
+
+    labels = ft.info["labels"]
+    examples = build_examples(
+        rows, task="classify", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=labels, path=path
+    )
+    device = next(ft.model.parameters()).device
+    preds: list[int] = []
+    for i in range(0, len(examples), 32):
+        ids, lengths, _ = classify_batch(examples[i : i + 32], ft.tokenizer.eos_id)
+        preds += ft.model.classify(ids.to(device), lengths.to(device)).argmax(-1).tolist()
+    return classification_report([label for _, label in examples], preds, labels)
+
+
+@torch.no_grad()
+def fewshot_classify(
+    ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
+) -> dict[str, Any]:
+    """In-context classification with `k` examples drawn (seeded) from `shots`; no weights change."""
+    import random
+
+    from lmforge.adapt.objectives import sequence_logprobs
+    from lmforge.data.formats import label_name
+    from lmforge.eval.classify import classification_report
+    from lmforge.objectives import IGNORE_INDEX
+
+    tok, model = ft.tokenizer, ft.model
+    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows})
+    if k > len(shots):
+        raise DataError(f"--k-shot {k} but the shots file has only {len(shots)} rows; lower --k-shot")
+    rng = random.Random(seed)
+    demo = "".join(
+        f"Text: {str(r[fields['text']]).strip()}\nLabel: {label_name(r[fields['label']])}\n\n"
+        for r in rng.sample(shots, k)
+    )
+    device = next(model.parameters()).device
+    context = model.cfg.max_seq_len
+    label_ids = [tok.encode(" " + name) for name in labels]
+    y_true, y_pred = [], []
+    for row in rows:
+        prompt = tok.encode(demo + f"Text: {str(row[fields['text']]).strip()}\nLabel:")
+        scores = []
+        for ids in label_ids:
+            seq = (prompt + ids)[-context - 1 :]
+            x = torch.tensor([seq[:-1]], device=device)
+            y = torch.tensor([seq[1:]], device=device)
+            y[:, : len(seq) - 1 - len(ids)] = IGNORE_INDEX  # score only the label's tokens
+            scores.append(float(sequence_logprobs(model(x), y)))
+        y_true.append(labels.index(label_name(row[fields["label"]])))
+        y_pred.append(max(range(len(labels)), key=scores.__getitem__))
+    report = classification_report(y_true, y_pred, labels)
+    report["k_shot"] = k
+    return report
+
+
+def _reference_text(row: dict[str, Any], fields: dict[str, str], task: str) -> tuple[list[dict[str, str]], str]:
+    from lmforge.data.formats import conversation
+
+    messages = conversation(row, fields, task)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError("an evaluation conversation must end with the assistant turn to compare against")
+    return messages[:-1], messages[-1]["content"]
+
+
+@torch.no_grad()
+def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
+    from lmforge.adapt.objectives import dpo_losses, pair_logprobs
+    from lmforge.data.formats import build_examples, dpo_collate
+    from lmforge.finetune import _load_base_model, reference_logprobs
+    from lmforge.objectives import to_device
+
+    device = next(ft.model.parameters()).device
+    pairs = build_examples(
+        rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path
+    )
+    reference = _load_base_model(ft.info, device)
+    reference_logprobs(reference, pairs, ft.tokenizer.eos_id, device)
+    beta = ft.info["dpo_beta"]
+    collate = dpo_collate(ft.tokenizer.eos_id)
+    losses, chosen, rejected = [], [], []
+    for i in range(0, len(pairs), 16):
+        batch = to_device(collate(pairs[i : i + 16]), device)
+        pc, pr = pair_logprobs(ft.model, batch)
+        loss, rc, rr = dpo_losses(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta)
+        losses += loss.tolist()
+        chosen += rc.tolist()
+        rejected += rr.tolist()
+    n = len(losses)
+    return {
+        "loss": sum(losses) / n,
+        "reward_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
+        "reward_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / n,
+        "chosen_reward": sum(chosen) / n,
+        "rejected_reward": sum(rejected) / n,
+        "n": n,
+    }
+
+
+def task_metrics(
+    ft: Any,
+    rows: list[dict[str, Any]],
+    *,
+    path: Any,
+    max_new_tokens: int = 48,
+    out_dir: Path | None = None,
+    task: str | None = None,
+    fields: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a loaded run (`finetune.Finetuned`) on task rows; classification also writes confusion.png."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import translate_prompt
+
+    info = ft.info or {}
+    task = task or info.get("task")
+    fields = fields or info.get("fields")
+    ft.model.eval()
+    if task == "classify":
+        if not hasattr(ft.model, "classify") or ft.model.head is None:
+            raise ConfigError(
+                f"{ft.run_dir} has no classification head; pass --k-shot N --shots FILE to use it in-context"
+            )
+        report = _classify(ft, rows, fields, path)
+        if out_dir is not None:
+            from lmforge.eval.classify import plot_confusion
+
+            report["confusion_png"] = str(plot_confusion(report, Path(out_dir) / "confusion.png"))
+        return {"task": task, **report}
+    if task in ("sft", "qa"):
+        template = ft.template or ChatTemplate()
+        em = f1 = 0.0
+        samples = []
+        for row in rows:
+            messages, reference = _reference_text(row, fields, task)
+            ids, _ = template.prompt_ids(ft.tokenizer, messages, budget=ft.model.cfg.max_seq_len - max_new_tokens)
+            prediction = _answer(ft, ids, max_new_tokens)
+            em += exact_match(prediction, reference)
+            f1 += token_f1(prediction, reference)
+            if len(samples) < 3:
+                samples.append(
+                    {"prompt": messages[-1]["content"][:200], "reference": reference, "prediction": prediction}
+                )
+        return {"task": task, "em": em / len(rows), "f1": f1 / len(rows), "n": len(rows), "samples": samples}
+    if task == "translate":
+        hyps, refs = [], []
+        for row in rows:
+            ids = ft.tokenizer.encode(translate_prompt(str(row[fields["source"]])))
+            hyps.append(_answer(ft, ids, max_new_tokens))
+            refs.append(str(row[fields["target"]]).strip())
+        samples = [
+            {"source": str(r[fields["source"]]), "reference": ref, "prediction": h}
+            for r, ref, h in list(zip(rows, refs, hyps, strict=True))[:3]
+        ]
+        return {"task": task, **bleu_chrf(hyps, refs), "n": len(rows), "samples": samples}
+    if task == "dpo":
+        return {"task": task, **_dpo(ft, rows, fields, path)}
+    if task == "clm":
+        from lmforge.data.formats import clm_examples, lm_batch
+        from lmforge.eval.lm import evaluate_lm
+        from lmforge.train.precision import Precision
+
+        device = next(ft.model.parameters()).device
+        examples = clm_examples(ft.tokenizer, [r[fields["text"]] for r in rows], ft.model.cfg.max_seq_len)
+        batches = [lm_batch(examples[i : i + 16], ft.tokenizer.eos_id) for i in range(0, len(examples), 16)]
+        token_bytes = torch.as_tensor(ft.tokenizer.token_bytes(), dtype=torch.int64)
+        m = evaluate_lm(ft.model, batches, token_bytes=token_bytes, precision=Precision(device, torch.float32))
+        return {"task": task, **m}
+    raise ConfigError(f"unknown task {task!r}")
+
+
+def evaluate_task(
+    run: str | Path,
+    *,
+    task: str,
+    data: str | Path,
+    field_renames: list[str] | None = None,
+    k_shot: int = 0,
+    shots: str | Path | None = None,
+    max_new_tokens: int = 48,
+    limit: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
+    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.finetune import load_finetuned
+    from lmforge.train.precision import pick_device
+
+    ft = load_finetuned(run, pick_device(device))
+    info = ft.info or {}
+    if info.get("task") == "classify" and task != "classify":
+        raise ConfigError(f"{run} is a classifier; evaluate it with --task classify")
+    if info.get("task") == task and not field_renames:
+        fields = dict(info["fields"])
+    else:
+        fields = field_map(task, field_renames)
+    rows = read_task_rows(data, task, fields)
+    if limit:
+        rows = rows[:limit]
+    if task == "classify" and k_shot:
+        if not shots:
+            raise ConfigError("--k-shot needs --shots FILE with labelled examples to put in the prompt")
+        shot_rows = read_task_rows(shots, task, fields)
+        result = {"task": task, **fewshot_classify(ft, rows, shot_rows, k=k_shot, fields=fields)}
+    else:
+        result = task_metrics(ft, rows, path=data, max_new_tokens=max_new_tokens, task=task, fields=fields)
+    result["run"] = str(run)
+    result["data"] = str(data)
+    return result
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """Human-readable lines for a `task_metrics` result."""
+    task = m.get("task")
+    if task == "classify":
+        from lmforge.eval.classify import format_report
+
+        text = format_report(m)
+        return text + (f"\nconfusion matrix: {m['confusion_png']}" if m.get("confusion_png") else "")
+    keys = [k for k in ("em", "f1", "bleu", "chrf", "reward_accuracy", "reward_margin", "loss", "ppl", "bpb") if k in m]
+    line = (
+        f"{task}: "
+        + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))
+        + f" | n {m.get('n', m.get('tokens'))}"
+    )
+    lines = [line]
+    for s in m.get("samples", []):
+        lines.append("  " + " | ".join(f"{k}: {str(v)[:80]!r}" for k, v in s.items()))
+    return "\n".join(lines)
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)

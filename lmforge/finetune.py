@@ -1,0 +1,667 @@
+"""`lmforge finetune`: adapt a pretrained model to a task, through the one training loop.
+
+    finetune(BASE, task, adapt, train/val files) ─► RUN_DIR/
+        config.json          the base model's run config (the architecture)
+        finetune.json        task, adapt mode, base (path + sha256), labels, fields, LoRA/prompt settings
+        tokenizer.json       the base tokenizer; tokenizer_config.json with the chat template (chat tasks)
+        metrics.jsonl, loss.png, eval.json (+ confusion.png for classification)
+        checkpoints/step-N/  model.safetensors: the whole model (full mode, or `--merge`), else only the
+                             trained tensors (LoRA adapters / soft prompt / head) — the base is named,
+                             not copied
+
+Design:
+- BASE is an lmforge run or checkpoint, another fine-tuned run (LoRA adapters are merged into it
+  first), or a local Hugging Face GPT-2/Llama directory (imported into RUN_DIR/base/ first).
+- Tasks differ only in how rows become batches (`data/formats.py`), which objective scores them
+  (`objectives.CausalLM` on -100-masked targets for sft/translate/qa/clm, `adapt.objectives`
+  for classify and dpo) and which metrics evaluate them (`eval/tasks.py`); the loop is
+  `train/loop.py train()`, unchanged.
+- Modes only set `requires_grad` (`adapt/heads.py set_trainable`), and the optimizer is built over
+  the trainable tensors alone, so frozen weights keep their exact bits.
+- A full-mode (or merged) run of an LM task is an ordinary lmforge run: `eval`, `generate`, `export`
+  and `chat` load it like a pretrained one. `load_finetuned` loads any run (adapters, prompts, heads).
+- Everything that can fail on user input (base, files, columns, labels) is checked before RUN_DIR
+  is created; an error after an HF import removes the directory again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from lmforge.atomic import write_json
+from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError
+from lmforge.fields import check, opt
+
+# Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
+# few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
+ADAPT_LR = {"full": 3e-4, "head": 1e-3, "lora": 1e-3, "prompt": 1e-2}
+CHAT_TASKS = ("sft", "qa", "dpo")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    task: Literal["classify", "sft", "translate", "qa", "dpo", "clm"] = opt("sft", "what to train for")
+    adapt: Literal["full", "head", "lora", "prompt"] = opt("full", "which parameters train")
+    lora_rank: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["qkv", "attn.proj"],
+        metadata={"help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj)"},
+    )
+    prompt_tokens: int = opt(16, "soft-prompt length for --adapt prompt")
+    max_len: int = opt(0, "tokens per example; 0 = the model's context")
+    augment: int = opt(0, "classification: augmented copies of each training text (word delete/swap/insert)")
+    dpo_beta: float = opt(0.1, "DPO beta (strength of the pull towards the reference)")
+    merge: bool = opt(False, "LoRA: save weights with the adapters merged in, instead of adapters only")
+    pack: bool = opt(False, "sft/qa/translate: pack short examples into shared rows (attention kept per example)")
+    eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
+    max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
+    replay: str = opt("", "clm: old-domain text file mixed into training (replay against forgetting)")
+    replay_fraction: float = opt(0.0, "clm: replay windows as a fraction of the new training windows")
+    old_val: str = opt("", "clm: old-domain validation text; loss before/after shows forgetting")
+    field: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "rename a task field: NAME=COLUMN, e.g. text=sentence"}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
+        check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        check(self.prompt_tokens > 0, f"--prompt-tokens must be > 0, got {self.prompt_tokens}")
+        check(self.max_len >= 0 and self.augment >= 0, "--max-len and --augment must be >= 0")
+        check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
+        check(0 <= self.replay_fraction <= 10, f"--replay-fraction must be in [0, 10], got {self.replay_fraction}")
+        check(self.adapt != "head" or self.task != "dpo", "DPO with --adapt head is not supported; use full or lora")
+        check(
+            not self.pack or (self.task in ("sft", "qa", "translate") and self.adapt != "prompt"),
+            "--pack works for --task sft, qa or translate, without --adapt prompt",
+        )
+
+
+def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any]:
+    """Train/optim/eval/checkpoint sections: fine-tuning defaults < dotted overrides (`--train.lr 1e-3`)."""
+    from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, from_dict, merge
+
+    defaults = {
+        "train": {"max_steps": 200, "batch_size": 16, "lr": ADAPT_LR[adapt], "warmup_steps": 10, "log_every": 10},
+        "optim": {"weight_decay": 0.0},  # decay would pull pretrained weights towards 0, not towards the base
+        "eval": {"every": 50},
+        "checkpoint": {"every": 0, "keep": 1},
+    }
+    merged = merge(defaults, overrides or {})
+    extra = sorted(set(merged) - set(defaults))
+    if extra:
+        raise ConfigError(
+            f"fine-tuning takes --train.*, --optim.*, --eval.* and --checkpoint.* settings, not --{extra[0]}.*; "
+            "the model comes from BASE"
+        )
+    where = "finetune settings"
+    return (
+        from_dict(TrainConfig, merged["train"], prefix="train.", where=where),
+        from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where),
+        from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where),
+        from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: bases and fine-tuned runs
+
+
+@dataclass
+class Finetuned:
+    """A loaded model with what using it needs."""
+
+    model: nn.Module  # GPT, or adapt.heads.Adapted (soft prompt / classification head)
+    tokenizer: Any
+    config: Any  # the run config of the architecture
+    info: dict[str, Any] | None  # finetune.json, None for a plain (pretrained/imported) run
+    template: Any  # chat.ChatTemplate or None
+    run_dir: Path
+
+    @property
+    def use_cache(self) -> bool:
+        return self.model.__class__.__name__ == "GPT"  # an Adapted wrapper decodes without a KV cache
+
+
+def _run_dir_of(ckpt_dir: Path) -> Path:
+    return ckpt_dir.parent.parent
+
+
+def _model_sha(ckpt_dir: Path) -> str:
+    from lmforge.checkpoint import read_json
+
+    meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged")
+    return meta.get("files", {}).get("model.safetensors", {}).get("sha256", "")
+
+
+def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
+    """Load any lmforge run: pretrained, imported, or fine-tuned in any mode (eval mode, on `device`)."""
+    from lmforge.chat import load_template
+    from lmforge.checkpoint import load_checkpoint, load_trained, read_json, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(path)
+    run_dir = _run_dir_of(ckpt_dir)
+    info_path = run_dir / "finetune.json"
+    if not info_path.is_file():
+        t = load_trained(ckpt_dir, device)
+        return Finetuned(t.model, t.tokenizer, t.config, None, load_template(run_dir), run_dir)
+    info = read_json(info_path, "re-run lmforge finetune")
+    ckpt = load_checkpoint(ckpt_dir)
+    if info["saved"] == "model":
+        t = _build_from_config(ckpt, device)
+        body, tokenizer, config = t
+    else:
+        base_ckpt = resolve_checkpoint(info["base"])
+        if info.get("base_sha256") and _model_sha(base_ckpt) != info["base_sha256"]:
+            raise CheckpointError(
+                f"the base {info['base']} changed since {run_dir} was fine-tuned on it; restore it or fine-tune again"
+            )
+        base = load_finetuned(base_ckpt, device)
+        from lmforge.adapt.lora import merge_lora
+
+        merge_lora(base.model)  # a LoRA-tuned base was merged before this run trained on top of it
+        body, tokenizer, config = base.model, base.tokenizer, base.config
+    model = build_adapted(body, info, device)
+    state = ckpt.model_state()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if info["saved"] == "model":
+        from lmforge.checkpoint import _shared_names
+
+        missing = [k for k in missing if k not in _shared_names(model)]
+    else:
+        missing = [k for k in missing if k in _adapter_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.path / 'model.safetensors'} does not fit {info_path} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); the run is damaged"
+        )
+    model.eval()
+    return Finetuned(model, tokenizer, config, info, load_template(run_dir), run_dir)
+
+
+def _adapter_keys(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _build_from_config(ckpt: Any, device: torch.device) -> tuple[nn.Module, Any, Any]:
+    """The bare architecture of a self-contained checkpoint (weights come later)."""
+    from lmforge.config import config_from_json
+    from lmforge.models import build_model
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
+    tok_path = ckpt.path / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_path if tok_path.is_file() else _run_dir_of(ckpt.path) / "tokenizer.json")
+    with torch.device("meta"):
+        body = build_model(config.model)
+    body = body.to_empty(device=device)
+    body.init_weights()
+    return body, tokenizer, config
+
+
+def build_adapted(body: nn.Module, info: dict[str, Any], device: torch.device) -> nn.Module:
+    """Wrap `body` as `info` (finetune.json) says: LoRA layers, soft prompt, classification head."""
+    from lmforge.adapt.heads import Adapted, set_trainable
+    from lmforge.adapt.lora import inject_lora
+    from lmforge.adapt.prompt_tuning import SoftPrompt
+
+    adapt = info["adapt"]
+    if adapt == "lora" and not info.get("lora_merged"):
+        lora = info["lora"]
+        inject_lora(body, targets=lora["targets"], rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"])
+    prompt = None
+    if adapt == "prompt":
+        prompt = SoftPrompt(info["prompt_tokens"], body.cfg.d_model).to(device)
+        prompt.init_from_embeddings(body.tok_emb.weight, seed=info.get("seed", 0))
+    model = body
+    if prompt is not None or info["task"] == "classify":
+        model = Adapted(body, prompt=prompt, n_labels=len(info.get("labels") or []))
+    set_trainable(model, adapt if info["saved"] == "adapter" else "full")
+    return model
+
+
+def _load_base_model(info: dict[str, Any], device: torch.device) -> nn.Module:
+    """The frozen base a run was fine-tuned from, as a plain GPT (LoRA adapters merged)."""
+    from lmforge.adapt.lora import merge_lora
+
+    base = load_finetuned(info["base"], device).model
+    merge_lora(base)
+    return base
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return (
+        p.is_dir()
+        and (p / "config.json").is_file()
+        and not (p / "checkpoints").exists()
+        and not (p / "state.json").exists()
+    )
+
+
+def _load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetuned, str, str]:
+    """The starting model as a plain GPT; returns (loaded, base path recorded, its model sha256)."""
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.checkpoint import resolve_checkpoint
+
+    p = Path(base)
+    if _is_hf_dir(p):
+        from lmforge.export.hf import import_hf
+
+        import_hf(p, out / "base")
+        p = out / "base"
+    ckpt_dir = resolve_checkpoint(p)
+    loaded = load_finetuned(ckpt_dir, device)
+    if loaded.model.__class__.__name__ != "GPT":
+        raise ConfigError(
+            f"{base} is a classification or prompt-tuned run; start from a language model (pretrained, sft, clm)"
+        )
+    merge_lora(loaded.model)  # a LoRA-tuned base becomes a plain GPT with the adapters folded in
+    if getattr(loaded.model.cfg, "family", "gpt") != "gpt":
+        raise ConfigError(f"{base} is a {loaded.model.cfg.family} model; fine-tuning supports GPT bases for now")
+    return loaded, str(ckpt_dir.resolve()), _model_sha(ckpt_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO reference
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, pairs: list[dict[str, Any]], pad_id: int, device: torch.device) -> None:
+    """Store the frozen reference's (chosen, rejected) log-probs in each pair as `ref` (before training)."""
+    from lmforge.adapt.objectives import pair_logprobs
+    from lmforge.data.formats import dpo_collate
+    from lmforge.objectives import to_device
+
+    was_training = model.training
+    model.eval()
+    collate = dpo_collate(pad_id)
+    for start in range(0, len(pairs), 16):
+        chunk = pairs[start : start + 16]
+        for p in chunk:
+            p.setdefault("ref", (0.0, 0.0))
+        batch = to_device(collate(chunk), device)
+        pc, pr = pair_logprobs(model, batch)
+        for p, c, r in zip(chunk, pc.tolist(), pr.tolist(), strict=True):
+            p["ref"] = (c, r)
+    model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation during training (the loop's `evaluate` callback)
+
+
+@torch.no_grad()
+def val_metrics(
+    model: nn.Module, task: str, batches: list[Any], *, beta: float, token_bytes: torch.Tensor, precision: Any
+) -> dict[str, float]:
+    """Validation loss (+ accuracy / reward accuracy) over precomputed batches; {"loss", "bpb", ...}."""
+    from lmforge.adapt.objectives import dpo_losses, pair_logprobs
+    from lmforge.eval.lm import evaluate_lm
+    from lmforge.objectives import to_device
+
+    if task not in ("classify", "dpo"):
+        return evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision)
+    was_training = model.training
+    model.eval()
+    total, correct, n, margin = 0.0, 0, 0, 0.0
+    for batch in batches:
+        batch = to_device(batch, precision.device)
+        with precision.autocast():
+            if task == "classify":
+                ids, lengths, labels = batch
+                logits = model.classify(ids, lengths).float()
+                total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                n += int(labels.numel())
+            else:
+                pc, pr = pair_logprobs(model, batch)
+                losses, rc, rr = dpo_losses(pc, pr, batch["ref_chosen"], batch["ref_rejected"], beta)
+                total += float(losses.sum())
+                correct += int((rc > rr).sum())
+                margin += float((rc - rr).sum())
+                n += int(losses.numel())
+    model.train(was_training)
+    out = {"loss": total / max(n, 1), "bpb": float("nan")}
+    if task == "classify":
+        out["accuracy"] = correct / max(n, 1)
+    else:
+        out["reward_accuracy"] = correct / max(n, 1)
+        out["reward_margin"] = margin / max(n, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+class _TensorView(nn.Module):
+    """Hands `save_model` a chosen set of tensors under their model names (adapter-only checkpoints)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.tensors = tensors
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {k: v.detach().contiguous() for k, v in self.tensors.items()}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+def format_trainable(model: nn.Module) -> str:
+    from lmforge.adapt.heads import trainable_summary
+
+    trainable, total = trainable_summary(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def finetune(
+    base: str | Path,
+    *,
+    train_file: str | Path,
+    out: str | Path,
+    val_file: str | Path | None = None,
+    cfg: FinetuneConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune BASE on a task file into `out`; returns the final task metrics (also in out/eval.json).
+
+    Args:
+        base: lmforge run dir / checkpoint, a fine-tuned run, or a local HF model directory.
+        train_file, val_file: JSONL/CSV/TSV/TXT task data (`data/formats.py`); val is optional.
+        out: the run directory to create.
+        cfg: task, adapt mode and their settings.
+        overrides: nested {"train": {...}, "optim": {...}, "eval": {...}, "checkpoint": {...}} settings.
+        overwrite: replace an existing `out`.
+        progress: print the progress bar and log lines.
+    """
+    from lmforge.adapt.heads import set_trainable, trainable_state
+    from lmforge.checkpoint import prune_checkpoints, save_checkpoint
+    from lmforge.data.formats import (
+        ExampleLoader,
+        augment_text,
+        build_examples,
+        classify_batch,
+        dpo_collate,
+        field_map,
+        label_name,
+        lm_batch,
+        read_task_rows,
+    )
+    from lmforge.log import RunLogger, capture_env
+    from lmforge.train.loop import train
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.precision import pick_device, pick_precision
+    from lmforge.train.state import TrainState
+
+    cfg = cfg or FinetuneConfig()
+    train_cfg, optim_cfg, eval_cfg, ckpt_cfg = finetune_sections(cfg.adapt, overrides)
+    out = Path(out)
+    _check_out(out, overwrite)
+    fields = field_map(cfg.task, cfg.field)
+    train_rows = read_task_rows(train_file, cfg.task, fields)
+    val_rows = read_task_rows(val_file, cfg.task, fields) if val_file else []
+    if cfg.replay and cfg.task != "clm":
+        raise ConfigError("--replay is for --task clm (continued pretraining)")
+    device = pick_device(train_cfg.device)
+    precision = pick_precision(device, train_cfg.dtype)
+
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        loaded, base_path, base_sha = _load_base(base, out, device)
+        tok, body = loaded.tokenizer, loaded.model
+        context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
+        if context < 8:
+            raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
+        max_len = min(cfg.max_len or context, context)
+        labels: list[str] = []
+        if cfg.task == "classify":
+            labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
+            if len(labels) < 2:
+                raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
+            rng = random.Random(train_cfg.seed)
+            extra = [
+                {**r, fields["text"]: augment_text(str(r[fields["text"]]), rng)}
+                for _ in range(cfg.augment)
+                for r in train_rows
+            ]
+            train_rows = train_rows + extra
+        kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels}
+        train_ex = build_examples(train_rows, path=train_file, **kwargs)
+        val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
+        if cfg.task == "clm" and cfg.replay:
+            replay_rows = read_task_rows(cfg.replay, "clm", fields)
+            replay_ex = build_examples(replay_rows, path=cfg.replay, **kwargs)
+            k = min(len(replay_ex), round(cfg.replay_fraction * len(train_ex)))
+            train_ex += random.Random(train_cfg.seed).sample(replay_ex, k)
+        old_val_ex = []
+        if cfg.old_val:
+            old_val_ex = build_examples(read_task_rows(cfg.old_val, cfg.task, fields), path=cfg.old_val, **kwargs)
+    except LmforgeError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+    torch.manual_seed(train_cfg.seed)
+    info: dict[str, Any] = {
+        "format_version": 1,
+        "task": cfg.task,
+        "adapt": cfg.adapt,
+        "base": base_path,
+        "base_sha256": base_sha,
+        "labels": labels,
+        "fields": fields,
+        "max_len": max_len,
+        "lora": {
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "targets": cfg.lora_targets,
+        },
+        "prompt_tokens": cfg.prompt_tokens,
+        "dpo_beta": cfg.dpo_beta,
+        "seed": train_cfg.seed,
+        "saved": "adapter",
+        "lora_merged": False,
+        "finetune_config": dataclasses.asdict(cfg),
+    }
+    pad_id = tok.eos_id
+    if cfg.task == "dpo":  # the frozen reference = the base before any update
+        reference_logprobs(body, train_ex + val_ex, pad_id, device)
+    model = build_adapted(body, info, device)
+    set_trainable(model, cfg.adapt)
+    for p in model.parameters():  # frozen weights carry no autograd state at all
+        if not p.requires_grad:
+            p.grad = None
+
+    if cfg.task == "classify":
+        collate = lambda b: classify_batch(b, pad_id)  # noqa: E731
+        from lmforge.adapt.objectives import Classification
+
+        objective: Any = Classification()
+    elif cfg.task == "dpo":
+        collate = dpo_collate(pad_id)
+        from lmforge.adapt.objectives import DPO
+
+        objective = DPO(cfg.dpo_beta)
+    else:
+        collate = lambda b: lm_batch(b, pad_id)  # noqa: E731
+        from lmforge.objectives import CausalLM
+
+        objective = CausalLM()
+    train_items, train_collate = train_ex, collate
+    if cfg.pack:
+        from lmforge.adapt.objectives import PackedCausalLM
+        from lmforge.data.formats import pack_examples, packed_batch
+
+        train_items = pack_examples(train_ex, max_len)
+        train_collate = lambda rows: packed_batch(rows, pad_id)  # noqa: E731
+        objective = PackedCausalLM()
+    loader = ExampleLoader(train_items, batch_size=train_cfg.micro_batch, seed=train_cfg.seed, collate=train_collate)
+    eval_bs = eval_cfg.batch_size or train_cfg.micro_batch
+    val_batches = [collate(val_ex[i : i + eval_bs]) for i in range(0, len(val_ex), eval_bs)]
+    if eval_cfg.max_batches:
+        val_batches = val_batches[: eval_cfg.max_batches]
+    old_batches = [collate(old_val_ex[i : i + eval_bs]) for i in range(0, len(old_val_ex), eval_bs)]
+    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
+
+    def evaluate_on(batches: list[Any]) -> dict[str, float]:
+        return val_metrics(model, cfg.task, batches, beta=cfg.dpo_beta, token_bytes=token_bytes, precision=precision)
+
+    # the run directory: architecture config, tokenizer, chat template, finetune.json
+    base_config = dataclasses.replace(loaded.config, out=str(out))
+    write_json(out / "config.json", base_config.to_dict())
+    write_json(out / "env.json", capture_env(str(device)))
+    tok.save(out / "tokenizer.json")
+    if cfg.task in CHAT_TASKS:
+        from lmforge.chat import save_tokenizer_config
+
+        save_tokenizer_config(out, tok)
+    write_json(out / "finetune.json", info)
+
+    log = RunLogger(
+        out / "metrics.jsonl", max_steps=train_cfg.max_steps, start_step=0, console=progress, plot_path=out / "loss.png"
+    )
+    log.info(
+        f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex)} train / {len(val_ex)} val examples"
+        + (f" (packed into {len(train_items)} rows)" if cfg.pack else "")
+        + (f", labels {', '.join(labels)}" if labels else "")
+    )
+    log.info(format_trainable(model))
+    forgetting: dict[str, Any] = {}
+    if cfg.task == "clm" and (val_batches or old_batches):
+        forgetting["before"] = {
+            "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
+            "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
+        }
+
+    optimizer = build_optimizer(model, optim_cfg, lr=train_cfg.lr, device=device)
+    tokenizer_json = tok.to_str()
+
+    def save(st: TrainState) -> Path:
+        saved_model: nn.Module = model
+        if info["saved"] == "adapter":
+            saved_model = _TensorView(trainable_state(model))
+        path = save_checkpoint(
+            out,
+            step=st.step,
+            model=saved_model,
+            optimizer=None,
+            state={"train_state": st.to_dict(), "config": base_config.to_dict(), "finetune": info},
+            tokenizer_json=tokenizer_json,
+        )
+        prune_checkpoints(out, keep=ckpt_cfg.keep, best_step=st.best_step if ckpt_cfg.keep_best else None)
+        return path
+
+    if cfg.adapt == "full":
+        info["saved"] = "model"
+        write_json(out / "finetune.json", info)
+    state = TrainState()
+    start = time.perf_counter()
+    try:
+        state = train(
+            model,
+            optimizer,
+            loader,
+            cfg=train_cfg,
+            optim_cfg=optim_cfg,
+            eval_cfg=eval_cfg,
+            ckpt_cfg=ckpt_cfg,
+            precision=precision,
+            state=state,
+            log=log,
+            save=save,
+            evaluate=(lambda: evaluate_on(val_batches)) if val_batches else None,
+            objective=objective,
+        )
+    finally:
+        log.close()
+    wall = time.perf_counter() - start
+    if state.stop_reason == "interrupted":
+        raise Interrupted(f"interrupted at step {state.step}; the last checkpoint is in {out}/checkpoints")
+
+    if cfg.merge and cfg.adapt == "lora":
+        from lmforge.adapt.lora import merge_lora
+
+        merge_lora(model)
+        info.update(saved="model", lora_merged=True)
+        write_json(out / "finetune.json", info)
+        save(state)
+        prune_checkpoints(out, keep=1, best_step=None)  # earlier adapter-only checkpoints no longer fit
+    if forgetting:
+        forgetting["after"] = {
+            "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
+            "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
+        }
+
+    from lmforge.adapt.heads import trainable_summary
+    from lmforge.eval.tasks import task_metrics
+
+    trainable, total = trainable_summary(model)
+    result: dict[str, Any] = {
+        "task": cfg.task,
+        "adapt": cfg.adapt,
+        "steps": state.step,
+        "train_seconds": wall,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    if forgetting:
+        result["forgetting"] = forgetting
+        log.info(
+            "loss before -> after: "
+            + ", ".join(
+                f"{k.removesuffix('_loss')} {forgetting['before'][k]:.4f} -> {forgetting['after'][k]:.4f}"
+                for k in ("new_val_loss", "old_val_loss")
+                if forgetting["before"][k] is not None
+            )
+        )
+    if val_rows:
+        ft = Finetuned(model.eval(), tok, loaded.config, info, None, out)
+        if cfg.task in CHAT_TASKS:
+            from lmforge.chat import ChatTemplate
+
+            ft.template = ChatTemplate()
+        metrics = task_metrics(
+            ft,
+            val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
+            path=val_file,
+            max_new_tokens=cfg.max_new_tokens,
+            out_dir=out,
+        )
+        result["val"] = metrics
+        if progress:
+            from lmforge.eval.tasks import format_metrics
+
+            print(format_metrics(metrics), flush=True)
+    write_json(out / "eval.json", result)
+    return result
+
+
+def _label_key(name: str) -> tuple[int, float | str]:
+    """Numeric labels in numeric order (2 before 10), others alphabetically."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)

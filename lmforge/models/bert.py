@@ -1,0 +1,299 @@
+"""Encoder Transformer (BERT style) with MLM and NSP heads, and ELECTRA's generator/discriminator pair.
+
+`Bert(cfg)` maps token ids (B, T) (+ segment ids, + padding mask) to hidden states (B, T, d_model);
+the heads are methods (`mlm_logits`, `nsp_logits`) because one encoder serves MLM, NSP/SOP and
+fine-tuning, and the losses live in `objectives.py`. `Electra(cfg)` (family "electra") holds a
+small generator and a full-size discriminator that share one embedding module.
+
+Notable features
+- BERT's post-LN layout (norm after each residual add), exact-erf GELU, learned positions,
+  segment (token-type) embeddings, LayerNorm eps 1e-12: weights map 1:1 to HF `BertForPreTraining`
+  (q/k/v fused here: rows [q; k; v]); tests/test_bert.py checks the forward against it
+- bidirectional attention via SDPA with a key-padding mask (no causal mask)
+- MLM head: dense -> GELU -> LayerNorm -> output projection tied to the token embedding, + bias
+- NSP head on the pooled [CLS] state: dense -> tanh -> Linear(d_model, 2)
+- ELECTRA (Clark et al. 2020): the generator is the discriminator scaled by `generator_ratio` in
+  width, heads and MLP size (same depth; the paper's best is 1/4-1/2 size). Token, position and
+  segment embeddings are shared, of the discriminator's width; the generator reads them through a
+  projection and its MLM head projects back to that width, so the output matrix is the shared token
+  table (as HF's ELECTRA with `embedding_size`).
+- no loss and no `torch.distributed` here; `init_weights()` is explicit (N(0, init_std), biases 0)
+
+Residual layout (post-norm):
+
+    idx, segments ─► tok_emb + pos_emb + seg_emb ─► norm ─► drop ─► x
+    layers.{i}:  x ─► (+ drop(attn(x)))  ─► norm1 ─► x
+                 x ─► (+ drop(mlp(x)))   ─► norm2 ─► x
+    x[:, 0] ─► pooler (dense, tanh) ─► nsp_head ─► (B, 2)        x ─► mlm_head ─► (B, T, vocab_size)
+
+References: BERT https://arxiv.org/abs/1810.04805 ; whole-word masking and the released code
+https://github.com/google-research/bert ; ALBERT (SOP) https://arxiv.org/abs/1909.11942 ;
+ELECTRA https://arxiv.org/abs/2003.10555
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import ConfigError
+from lmforge.fields import check, opt
+
+
+@dataclass(kw_only=True)
+class BertConfig:
+    family: Literal["bert", "electra"] = opt(
+        "bert", "model family: bert (MLM/NSP) or electra (generator + discriminator)"
+    )
+    vocab_size: int = opt(0, "vocabulary size incl. [PAD]/[CLS]/[SEP]/[MASK]; 0 = tokenizer's + the ones it lacks")
+    max_seq_len: int = opt(128, "longest input in tokens ([CLS] and [SEP] included)")
+    n_layer: int = opt(12, "Transformer layers")
+    n_head: int = opt(12, "attention heads")
+    d_model: int = opt(768, "hidden width")
+    d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model")
+    dropout: float = opt(0.1, "dropout on embeddings, attention weights and residual branches")
+    norm_eps: float = opt(1e-12, "LayerNorm epsilon (BERT's 1e-12)")
+    n_segments: int = opt(2, "segment (token type) embeddings")
+    init_std: float = opt(0.02, "std of the normal init")
+    generator_ratio: float = opt(0.25, "electra: generator width/heads/MLP as a fraction of the discriminator's")
+
+    def __post_init__(self) -> None:
+        check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
+        check(self.max_seq_len >= 4, f"model.max_seq_len must be >= 4, got {self.max_seq_len}")
+        check(self.n_layer > 0 and self.n_head > 0, "model.n_layer and model.n_head must be > 0")
+        check(
+            self.d_model % self.n_head == 0,
+            f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
+        )
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        check(self.n_segments >= 1, "model.n_segments must be >= 1")
+        check(0.0 < self.generator_ratio <= 1.0, "model.generator_ratio must be in (0, 1]")
+        if self.family == "electra":
+            g = self.generator
+            check(
+                g.d_model % g.n_head == 0,
+                f"the generator ({g.d_model} wide, {g.n_head} heads) needs a width divisible by its heads; "
+                "change model.generator_ratio",
+            )
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def generator(self) -> BertConfig:
+        """The ELECTRA generator's shape: this config scaled by generator_ratio (same depth)."""
+        r = self.generator_ratio
+        return BertConfig(
+            family="bert",
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            n_layer=self.n_layer,
+            n_head=max(1, round(self.n_head * r)),
+            d_model=max(1, round(self.d_model * r)),
+            d_ff=max(1, round(self.ff_dim * r)),
+            dropout=self.dropout,
+            norm_eps=self.norm_eps,
+            n_segments=self.n_segments,
+            init_std=self.init_std,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Layers. Legend: B batch, T tokens, C width, H heads, D head_dim.
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.seg_emb = nn.Embedding(cfg.n_segments, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: Tensor, segments: Tensor | None) -> Tensor:
+        B, T = idx.shape
+        x = self.tok_emb(idx) + self.pos_emb.weight[:T]  # (B, T, C)
+        x = x + (self.seg_emb(segments) if segments is not None else self.seg_emb.weight[0])
+        return self.drop(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows [q; k; v]
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.fc = nn.Linear(cfg.d_model, cfg.ff_dim)
+        self.proj = nn.Linear(cfg.ff_dim, cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, mask)))  # post-LN (BERT)
+        return self.norm2(x + self.drop(self.proj(F.gelu(self.fc(x)))))
+
+
+class Encoder(nn.Module):
+    """A stack of encoder layers, reading inputs of width `d_in` (a projection when it differs)."""
+
+    def __init__(self, cfg: BertConfig, d_in: int) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(d_in, cfg.d_model) if d_in != cfg.d_model else None
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None) -> Tensor:
+        if self.in_proj is not None:
+            x = self.in_proj(x)
+        mask = None if pad_mask is None else pad_mask[:, None, None, :]  # (B, 1, 1, T): True = attend to key
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm (to the embedding width) -> tied output projection + bias."""
+
+    def __init__(self, cfg: BertConfig, d_embed: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, d_embed)
+        self.norm = nn.LayerNorm(d_embed, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: Tensor, tok_emb: Tensor) -> Tensor:
+        return F.linear(self.norm(F.gelu(self.dense(h))), tok_emb, self.bias)  # (..., vocab_size)
+
+
+def _init_module(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+        elif isinstance(m, MLMHead):
+            nn.init.zeros_(m.bias)
+
+
+def _matmul_params(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _check_vocab(cfg: BertConfig) -> None:
+    if cfg.vocab_size <= 0:
+        raise ConfigError(
+            "model.vocab_size is 0; set it to the tokenizer's vocabulary size plus its missing special tokens "
+            "(training fills it in from the prepared data)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The models
+
+
+class Bert(nn.Module):
+    """BERT encoder with MLM and NSP heads; see the module docstring."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        _check_vocab(cfg)
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):  # construction leaves the global RNG alone (as GPT)
+            self.embed = Embeddings(cfg)
+            self.encoder = Encoder(cfg, cfg.d_model)
+            self.mlm_head = MLMHead(cfg, cfg.d_model)
+            self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+            self.nsp_head = nn.Linear(cfg.d_model, 2)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Linear and embedding weights ~ N(0, init_std), biases 0, norms 1 (BERT's init)."""
+        _init_module(self, self.cfg.init_std)
+
+    def forward(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, d_model) of token ids idx (B, T); pad_mask (B, T) is True at real tokens."""
+        return self.encoder(self.embed(idx, segments), pad_mask)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """Token scores (..., vocab_size) for hidden states (..., d_model)."""
+        return self.mlm_head(hidden, self.embed.tok_emb.weight)
+
+    def nsp_logits(self, hidden: Tensor) -> Tensor:
+        """Is-next (class 0) / not-next (class 1) scores (B, 2) from the first ([CLS]) position."""
+        return self.nsp_head(torch.tanh(self.pooler(hidden[:, 0])))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embed.parameters() if p.dim() == 2)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 * N_matmul (the tied MLM projection included) + 12 * n_layer * d_model * seq_len."""
+        n = _matmul_params(self) + self.embed.tok_emb.weight.numel()
+        return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * seq_len
+
+
+class Electra(nn.Module):
+    """ELECTRA: a small MLM generator and a replaced-token discriminator sharing `embed`."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        _check_vocab(cfg)
+        self.cfg = cfg
+        gen = cfg.generator
+        with torch.random.fork_rng(devices=[]):
+            self.embed = Embeddings(cfg)  # shared, discriminator width
+            self.generator = Encoder(gen, cfg.d_model)
+            self.gen_head = MLMHead(gen, cfg.d_model)
+            self.discriminator = Encoder(cfg, cfg.d_model)
+            self.disc_dense = nn.Linear(cfg.d_model, cfg.d_model)
+            self.disc_head = nn.Linear(cfg.d_model, 1)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        _init_module(self, self.cfg.init_std)
+
+    def forward(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
+        """Discriminator scores (B, T): > 0 means "this token was replaced"."""
+        h = self.discriminator(self.embed(idx, segments), pad_mask)  # (B, T, C)
+        return self.disc_head(F.gelu(self.disc_dense(h))).squeeze(-1)
+
+    def generator_hidden(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
+        """Generator hidden states (B, T, generator width)."""
+        return self.generator(self.embed(idx, segments), pad_mask)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """Generator token scores (..., vocab_size) for generator hidden states."""
+        return self.gen_head(hidden, self.embed.tok_emb.weight)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embed.parameters() if p.dim() == 2)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        n = _matmul_params(self) + self.embed.tok_emb.weight.numel()
+        attn = 12.0 * self.cfg.n_layer * (self.cfg.d_model + self.cfg.generator.d_model) * seq_len
+        return 6.0 * n + attn

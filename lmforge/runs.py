@@ -1,0 +1,194 @@
+"""`lmforge runs [DIR]`: the runs under a folder and what state each is in; plus the run status file.
+
+`pretrain` keeps `RUN_DIR/status.json`: `{"status": "running", "pid", "host", "started"}` when
+training starts, rewritten to `finished`, `interrupted` or `failed` (with the stop reason or the
+error) when it ends. A process that dies without a word (SIGKILL, the OOM killer, a power cut)
+leaves "running" behind, so a reader decides in this order:
+
+1. `status.json` says running: the run is *running* if its pid is alive on this host (on another
+   host: if `metrics.jsonl` was written in the last `STALE_S` seconds), else it *failed*.
+2. `status.json` says finished / interrupted / failed: that.
+3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
+   `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
+
+Everything else in the table comes from files the run already has: `config.json` (preset,
+max_steps), `metrics.jsonl` (steps, tokens, best validation loss) and `checkpoints/latest`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.atomic import write_json
+from lmforge.errors import DataError
+from lmforge.log import format_duration, read_metrics
+
+STATUS_FILE = "status.json"
+STALE_S = 600.0  # a run on another host that has not logged for this long is taken as dead
+FINISHED_REASONS = ("max_steps", "time_budget", "early_stop")
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    from lmforge.checkpoint import latest_checkpoint  # imports torch (~1.5 s): only when a run needs it
+
+    return latest_checkpoint(run_dir)
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def mark_running(run_dir: Path) -> None:
+    """Record that this process is training `run_dir` (called by `pretrain` before the loop)."""
+    write_json(
+        Path(run_dir) / STATUS_FILE,
+        {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": _now()},
+    )
+
+
+def mark_stopped(run_dir: Path, status: str, *, stop_reason: str = "", error: str = "") -> None:
+    """Record how training ended: "finished", "interrupted" or "failed"."""
+    path = Path(run_dir) / STATUS_FILE
+    info = _read_json(path) or {}
+    info.update(status=status, stop_reason=stop_reason, ended=_now())
+    if error:
+        info["error"] = error
+    write_json(path, info)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def run_status(run_dir: Path) -> str:
+    """running, finished, interrupted, failed or unknown (see the module docstring for the rules)."""
+    run_dir = Path(run_dir)
+    info = _read_json(run_dir / STATUS_FILE)
+    if info is not None:
+        status = info.get("status", "unknown")
+        if status != "running":
+            return status
+        if info.get("host") == socket.gethostname():
+            return "running" if isinstance(info.get("pid"), int) and _pid_alive(info["pid"]) else "failed"
+        metrics = run_dir / "metrics.jsonl"
+        fresh = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
+        return "running" if fresh else "failed"
+    ckpt = _latest_checkpoint(run_dir)
+    meta = _read_json(ckpt / "state.json") if ckpt else None
+    reason = (meta or {}).get("train_state", {}).get("stop_reason", "")
+    if reason in FINISHED_REASONS:
+        return "finished"
+    return "interrupted" if reason == "interrupted" else "unknown"
+
+
+@dataclass
+class RunSummary:
+    name: str
+    path: str
+    preset: str
+    status: str
+    step: int
+    max_steps: int
+    tokens: int
+    best_val_loss: float | None
+    elapsed_s: float
+    last_checkpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder with config.json and either metrics.jsonl or checkpoints/ is a run."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
+
+
+def find_runs(root: Path, *, max_depth: int = 3) -> list[Path]:
+    """Run directories at or under `root` (not looking inside runs), sorted by path."""
+    root = Path(root)
+    if is_run_dir(root):
+        return [root]
+    found: list[Path] = []
+    if max_depth > 0 and root.is_dir():
+        for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found.extend(find_runs(child, max_depth=max_depth - 1))
+    return found
+
+
+def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
+    """One row of `lmforge runs` from the files of one run directory."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json") or {}
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    ckpt = _latest_checkpoint(run_dir)
+    state = ((_read_json(ckpt / "state.json") or {}).get("train_state", {})) if ckpt else {}
+    last = train[-1] if train else {}
+    name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
+    return RunSummary(
+        name=name,
+        path=str(run_dir),
+        preset=str(config.get("preset", "")),
+        status=run_status(run_dir),
+        step=int(max(last.get("step", 0), state.get("step", 0))),
+        max_steps=int(config.get("train", {}).get("max_steps", 0)),
+        tokens=int(max(last.get("tokens", 0), state.get("tokens", 0))),
+        best_val_loss=min(vals) if vals else state.get("best_val_loss"),
+        elapsed_s=float(max(records[-1].get("elapsed_s", 0.0) if records else 0.0, state.get("elapsed_s", 0.0))),
+        last_checkpoint=ckpt.name if ckpt else "",
+    )
+
+
+def list_runs(root: str | Path = "runs") -> list[RunSummary]:
+    """Summaries of every run at or under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; pass the folder that holds your run directories (e.g. runs/)")
+    return [summarize(p, root=root) for p in find_runs(root)]
+
+
+def format_runs(runs: list[RunSummary]) -> str:
+    """A plain-text table, one run per line."""
+    header = ["run", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
+    rows = [
+        [
+            r.name,
+            r.preset or "-",
+            r.status,
+            f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step),
+            f"{r.tokens:,}",
+            f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else "-",
+            format_duration(r.elapsed_s),
+            r.last_checkpoint or "-",
+        ]
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)

@@ -1,0 +1,325 @@
+"""`lmforge serve RUN_DIR`: an OpenAI-compatible HTTP API for local apps, on the standard library alone.
+
+Endpoints (the subset of the OpenAI API that local clients use):
+    GET  /v1/models               the one model served (named after the run directory)
+    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
+    POST /v1/chat/completions     {"messages": [{"role", "content"}], same options}; the run's chat template
+    GET  /health                  {"status": "ok"}
+With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (completion text or chat
+`delta`s) and a final `data: [DONE]`, as the OpenAI client libraries expect.
+
+Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
+`max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
+with OpenAI-style `{"error": {"message", "type", "code"}}` bodies. Requests run one at a time (one model,
+one lock) on a `ThreadingHTTPServer`, so a slow client never blocks the accept loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import ConfigError, DataError, LmforgeError
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_body_bytes: int = 1_000_000
+    max_tokens: int = 512  # upper bound a request may ask for
+    default_max_tokens: int = 128
+
+
+class _StopGeneration(Exception):
+    """Raised from the token callback when a stop string appears."""
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class LMServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits) -> None:
+        super().__init__(address, _Handler)
+        self.ft, self.model_name, self.limits = ft, name, limits
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def make_server(
+    run: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServeLimits | None = None,
+    device: str = "auto",
+) -> LMServer:
+    """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it."""
+    from lmforge.finetune import load_finetuned
+    from lmforge.train.precision import pick_device
+
+    ft = load_finetuned(run, pick_device(device))
+    if hasattr(ft.model, "head") and ft.model.head is not None:
+        raise ConfigError(f"{run} is a classifier; serve needs a language model run")
+    try:
+        return LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits())
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+
+
+def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
+    """`lmforge serve`: run until Ctrl-C."""
+    server = make_server(run, host=host, port=port, limits=limits)
+    print(f"serving {run} at {server.url}/v1 (completions, chat/completions); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LMServer
+    protocol_version = "HTTP/1.0"  # streamed replies end when the connection closes
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+        pass
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: RequestError) -> None:
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        self._send_json(e.status, {"error": {"message": str(e), "type": kind, "code": e.code}})
+
+    def _read_body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise RequestError(400, "bad Content-Length header") from None
+        if length > self.server.limits.max_body_bytes:
+            raise RequestError(
+                413,
+                f"request body is {length} bytes; the limit is {self.server.limits.max_body_bytes}",
+                "request_too_large",
+            )
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8") or "null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/") == "/v1/models":
+            model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif self.path.rstrip("/") == "/health":
+            self._send_json(200, {"status": "ok"})
+        else:
+            self._error(RequestError(404, f"unknown path {self.path}", "not_found"))
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            path = self.path.rstrip("/")
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                raise RequestError(404, f"unknown path {self.path}", "not_found")
+            body = self._read_body()
+            self._complete(body, chat=path.endswith("chat/completions"))
+        except RequestError as e:
+            self._error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    # ---------------------------------------------------------------- the work
+
+    def _prompt_len(self, body: dict[str, Any], chat: bool) -> int:
+        try:
+            return len(self._prompt_ids(body, chat, 0))
+        except RequestError:
+            return 0  # reported properly by the real call
+
+    def _prompt_ids(self, body: dict[str, Any], chat: bool, max_tokens: int) -> list[int]:
+        ft = self.server.ft
+        context = ft.model.cfg.max_seq_len
+        if chat:
+            from lmforge.chat import ChatTemplate
+
+            messages = body.get("messages")
+            try:
+                template = ft.template or ChatTemplate()
+                ids, _ = template.prompt_ids(ft.tokenizer, messages, budget=context)
+            except DataError as e:
+                raise RequestError(400, str(e)) from None
+            full = sum(len(s) for s, _ in template.segments(ft.tokenizer, messages, add_generation_prompt=True))
+            if full != len(ids) or len(ids) + max_tokens > context:
+                raise RequestError(
+                    400,
+                    f"the messages need {full} tokens + {max_tokens} to generate; the context is {context}",
+                    "context_length_exceeded",
+                )
+            return ids
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError(400, "'prompt' must be a string (one prompt per request)")
+        ids = ft.tokenizer.encode(prompt) or [ft.tokenizer.eos_id]
+        if len(ids) + max_tokens > context:
+            raise RequestError(
+                400,
+                f"the prompt is {len(ids)} tokens + {max_tokens} to generate; the context is {context}",
+                "context_length_exceeded",
+            )
+        return ids
+
+    def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
+        from lmforge.generate import StreamDecoder, generate
+
+        limits, ft = self.server.limits, self.server.ft
+        asked = body.get("max_tokens") is not None
+        default = min(limits.default_max_tokens, limits.max_tokens)
+        max_tokens = int(_number(body, "max_tokens", default, 1, limits.max_tokens))
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise RequestError(400, "'seed' must be an integer")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(400, "'stop' must be a string or a list of strings")
+        stream = bool(body.get("stream", False))
+        context = ft.model.cfg.max_seq_len
+        if not asked:  # no max_tokens given: whatever the context leaves, up to the default
+            max_tokens = max(1, min(max_tokens, context - self._prompt_len(body, chat)))
+        ids = self._prompt_ids(body, chat, max_tokens)
+
+        tok = ft.tokenizer
+        decoder = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
+        kind = "chat.completion" if chat else "text_completion"
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        text = ""
+        finish = "length"
+        sent = 0
+
+        def chunk(piece: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+            if chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": piece} if piece else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}
+            return {
+                "id": rid,
+                "object": kind + ".chunk",
+                "created": created,
+                "model": self.server.model_name,
+                "choices": [choice],
+            }
+
+        def emit(payload: dict[str, Any]) -> None:
+            self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+            self.wfile.flush()
+
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            emit(chunk("", None, first=True))
+
+        def on_token(t: int) -> None:
+            nonlocal text, finish, sent
+            if t == tok.eos_id:
+                finish = "stop"
+                return
+            text += decoder.feed(t)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            # hold back a tail that could still become a stop string
+            hold = max((len(s) - 1 for s in stop), default=0)
+            ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
+            if stream and ready > sent:
+                emit(chunk(text[sent:ready], None))
+                sent = ready
+            if cut >= 0:
+                raise _StopGeneration
+
+        with self.server.lock:
+            try:
+                new = generate(
+                    ft.model,
+                    ids,
+                    max_new_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed,
+                    use_cache=ft.use_cache,
+                    eos_id=tok.eos_id,
+                    on_token=on_token,
+                )
+                n_new = len(new)
+                if finish != "stop":
+                    text += decoder.flush()
+            except _StopGeneration:
+                n_new = len(decoder.ids)
+            except LmforgeError as e:
+                raise RequestError(400, str(e)) from None
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n_new, "total_tokens": len(ids) + n_new}
+        if stream:
+            if len(text) > sent:
+                emit(chunk(text[sent:], None))
+            final = chunk("", finish)
+            final["usage"] = usage
+            emit(final)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            return
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        self._send_json(
+            200,
+            {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": self.server.model_name,
+                "choices": [choice],
+                "usage": usage,
+            },
+        )

@@ -1,0 +1,143 @@
+"""Optional experiment trackers: TensorBoard, Weights & Biases (offline by default), MLflow (local).
+
+Off by default and never required: `--log.tensorboard`, `--log.wandb`, `--log.mlflow`. Each one is
+fed by `RunLogger.metrics`, i.e. exactly the records written to `metrics.jsonl`, so the numbers are
+the same everywhere: numbers become scalars under their metrics.jsonl key (`loss`, `val_bpb`, ...;
+booleans as 0/1), the eval sample becomes text. The package is imported when the tracker opens; a
+missing one is a one-line `ConfigError` with the install command, raised before training starts.
+
+- TensorBoard: event files in `RUN_DIR/tensorboard/`. On resume the writer purges events after the
+  checkpoint's step (`purge_step`), so the curves match `metrics.jsonl`, which is truncated too.
+- W&B: `WANDB_MODE` decides; unset means offline (files under `RUN_DIR/wandb/`, upload later with
+  `wandb sync`), so nothing needs an account or the network.
+- MLflow: `MLFLOW_TRACKING_URI` decides; unset means a file store in `RUN_DIR/mlruns/`
+  (`mlflow ui --backend-store-uri RUN_DIR/mlruns`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from lmforge.config import LogConfig
+from lmforge.errors import ConfigError
+
+
+class Tracker(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record (without `step`), booleans as 0/1."""
+    return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def _missing(flag: str, package: str) -> ConfigError:
+    return ConfigError(f"--log.{flag} needs the {package} package: pip install {package} (or drop --log.{flag})")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class TensorBoardTracker:
+    def __init__(self, log_dir: Path, *, start_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise _missing("tensorboard", "tensorboard") from None
+        # purge_step: a resumed run drops the events a crashed session logged after its checkpoint.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, step)
+        if record.get("sample"):
+            self.writer.add_text("sample", record["sample"], step)
+        if "val_loss" in record:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    def __init__(self, run_dir: Path, *, project: str, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise _missing("wandb", "wandb") from None
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        data: dict[str, Any] = scalars(record)
+        if record.get("sample"):
+            data["sample"] = record["sample"]
+        self.run.log(data, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowTracker:
+    def __init__(self, run_dir: Path, *, config: dict[str, Any]) -> None:
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise _missing("mlflow", "mlflow") from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # a local file store: no server, no database package (MLflow 3.x asks to opt in to it)
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name("lmforge")
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("lmforge")
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
+        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record["step"])
+        metrics = [Metric(k, v, now, step) for k, v in scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def open_trackers(cfg: LogConfig, run_dir: Path, *, config: dict[str, Any], start_step: int) -> list[Tracker]:
+    """The trackers `cfg` turns on, opened (an empty list by default)."""
+    trackers: list[Tracker] = []
+    try:
+        if cfg.tensorboard:
+            trackers.append(TensorBoardTracker(run_dir / "tensorboard", start_step=start_step))
+        if cfg.wandb:
+            trackers.append(WandbTracker(run_dir, project=cfg.wandb_project, config=config))
+        if cfg.mlflow:
+            trackers.append(MLflowTracker(run_dir, config=config))
+    except BaseException:
+        for tracker in trackers:
+            tracker.close()
+        raise
+    return trackers

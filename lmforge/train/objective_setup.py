@@ -1,0 +1,146 @@
+"""Pick what a pretraining objective needs: loader, objective object, evaluation, extra vocabulary.
+
+`pretrain` (train/run.py) calls `setup_objective` once; the loop only sees the objective and the
+loader it returns. The combinations:
+
+    objective.name          model.family    loader                         objective
+    clm                     gpt             TokenLoader (shuffled windows)  CausalLM
+    clm                     lstm, gru       StreamLoader (contiguous rows)  CarriedStateLM (TBPTT)
+    mlm, mlm+nsp, mlm+sop   bert            MLMLoader                       MaskedLM
+    electra                 electra         MLMLoader                       ReplacedTokenDetection
+
+(`objective.carry_state false` gives LSTM/GRU the shuffled TokenLoader and a zero state per batch.)
+Encoders need [PAD]/[CLS]/[SEP]/[MASK]; ids the tokenizer lacks are appended after its vocabulary
+(`data.masking.special_ids`), which is why `encoder_extra_vocab` exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.nn as nn
+
+from lmforge.errors import ConfigError
+from lmforge.models import CAUSAL_FAMILIES
+from lmforge.objectives import CarriedStateLM, CausalLM, MaskedLM, ReplacedTokenDetection
+
+_FAMILIES = {
+    "clm": CAUSAL_FAMILIES,
+    "mlm": ("bert",),
+    "mlm+nsp": ("bert",),
+    "mlm+sop": ("bert",),
+    "electra": ("electra",),
+}
+_PRESET_HINT = {"clm": "gpt-tiny, llama-tiny, lstm-tiny or gru-tiny", "electra": "electra-tiny"}
+
+
+def check_objective(name: str, family: str) -> None:
+    """A one-line `ConfigError` unless objective `name` can train a model of `family`."""
+    if family not in _FAMILIES[name]:
+        hint = _PRESET_HINT.get(name, "bert-tiny")
+        raise ConfigError(
+            f"objective {name!r} cannot train a model.family {family!r} model; it needs "
+            f"{' or '.join(_FAMILIES[name])} (e.g. --preset {hint})"
+        )
+
+
+def is_encoder(family: str) -> bool:
+    return family not in CAUSAL_FAMILIES
+
+
+def encoder_extra_vocab(family: str, tokenizer: Any) -> int:
+    """How many special ids an encoder appends after the tokenizer's vocabulary (0 for decoders)."""
+    if not is_encoder(family):
+        return 0
+    from lmforge.data.masking import special_ids
+
+    return special_ids(tokenizer).added
+
+
+@dataclass
+class ObjectiveSetup:
+    objective: Any  # count(batch) / loss(model, batch), see objectives.py
+    loader: Any  # infinite iterator with state_dict() / load_state_dict()
+    evaluate: Callable[[nn.Module], dict[str, Any]] | None  # None: causal LM evaluation (bpb, ppl)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+
+    def load_state_dict(self, sd: dict[str, Any], model: nn.Module) -> None:
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(sd, model)
+
+
+def encoder_loader_kwargs(cfg: Any, shards: list, tokenizer: Any, *, batch_size: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments of `MLMLoader` for a run config (`RunConfig`) and a split's shards."""
+    from lmforge.data.masking import special_ids, word_start_tables
+
+    return {
+        "shards": shards,
+        "seq_len": cfg.data.seq_len or cfg.model.max_seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "cfg": cfg.objective,
+        "specials": special_ids(tokenizer),
+        "eos_id": tokenizer.eos_id,
+        "token_bytes": np.asarray(tokenizer.token_bytes()),
+        "word_tables": word_start_tables(tokenizer) if cfg.objective.whole_word else None,
+    }
+
+
+def setup_objective(
+    cfg: Any,
+    train_shards: list,
+    val_shards: list,
+    tokenizer: Any,
+    precision: Any,
+    *,
+    micro_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ObjectiveSetup:
+    """Loader, objective and (for encoders) evaluation function of a resolved `RunConfig`."""
+    name, family = cfg.objective.name, cfg.model.family
+    check_objective(name, family)
+    seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+    mb = micro_batch
+    ranks = {"rank": rank, "world_size": world_size}
+    carried = family in ("lstm", "gru") and cfg.objective.carry_state
+    if world_size > 1 and (name != "clm" or carried):
+        # these objectives call model methods besides forward (heads, new_cache), which DDP/FSDP wrappers hide
+        raise ConfigError(
+            f"objective {name!r} with model.family {family!r} trains in one process for now; run it without "
+            "torchrun" + (" or pass --objective.carry_state false" if carried else "")
+        )
+    if name == "clm":
+        if carried:
+            from lmforge.data.stream import StreamLoader
+
+            return ObjectiveSetup(
+                CarriedStateLM(), StreamLoader(train_shards, seq_len=seq_len, batch_size=mb, **ranks), None
+            )
+        from lmforge.data.loader import TokenLoader
+
+        loader = TokenLoader(train_shards, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks)
+        return ObjectiveSetup(CausalLM(), loader, None)
+
+    from lmforge.data.masking import MLMLoader, mlm_eval_batches
+    from lmforge.eval.objectives import evaluate_encoder
+
+    kwargs = encoder_loader_kwargs(cfg, train_shards, tokenizer, batch_size=mb, seed=cfg.train.seed)
+    loader = MLMLoader(**kwargs, **ranks)
+    electra = name == "electra"
+    objective = ReplacedTokenDetection(cfg.objective.rtd_weight) if electra else MaskedLM()
+    eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
+
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        kwargs = encoder_loader_kwargs(cfg, val_shards, tokenizer, batch_size=eval_bs, seed=0)
+        batches = mlm_eval_batches(kwargs, max_batches=cfg.eval.max_batches)
+        return evaluate_encoder(
+            model, batches, precision=precision, electra=electra, rtd_weight=cfg.objective.rtd_weight
+        )
+
+    return ObjectiveSetup(objective, loader, evaluate)

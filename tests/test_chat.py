@@ -1,0 +1,123 @@
+"""Chat and serve round trips on a tiny model that was SFT-ed to answer "hi" with "hello there":
+the terminal chat through stdin (streaming, /reset, /exit), history trimming, and the
+OpenAI-compatible server (completions, chat, SSE streaming, request limits)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmforge.finetune import FinetuneConfig, finetune
+from tests.conftest import run_cli
+from tests.test_finetune import make_base
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
+    [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chat")
+    base = make_base(root, max_seq_len=64)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS), encoding="utf-8")
+    overrides = {"train": {"max_steps": 50, "batch_size": 4, "lr": 1e-2, "warmup_steps": 5}}
+    finetune(
+        base, train_file=data, out=root / "run", cfg=FinetuneConfig(task="sft"), overrides=overrides, progress=False
+    )
+    return root / "run"
+
+
+def test_chat_template_is_stored(chat_run: Path):
+    config = json.loads((chat_run / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "<|assistant|>" in config["chat_template"] and config["eos_token"] == "<|endoftext|>"
+
+
+def test_terminal_chat_through_stdin(chat_run: Path):
+    r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\nhi\n/exit\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
+    assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
+    assert "(history cleared)" in r.stdout and "never read" not in r.stdout
+
+
+def test_history_is_trimmed_to_the_context(chat_run: Path):
+    from lmforge.chat import ChatTemplate
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    history = [{"role": "system", "content": "S"}]
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    history.append({"role": "user", "content": "last"})
+    ids, dropped = ChatTemplate().prompt_ids(tok, history, budget=100)
+    assert len(ids) <= 100 and dropped == 10  # five of the six question/answer pairs
+    text = tok.decode(ids)
+    assert text.startswith("<|system|>\nS\n") and text.endswith("<|user|>\nlast\n<|assistant|>\n")
+    assert "question 4" not in text and "question 5" in text and "answer 5" in text
+
+
+def _post(url: str, payload: dict | bytes) -> tuple[int, bytes]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_openai_compatible_server_round_trip(chat_run: Path):
+    from lmforge.serve import ServeLimits, make_server
+
+    server = make_server(chat_run, port=0, limits=ServeLimits(max_body_bytes=2000, max_tokens=16))
+    assert server.server_address[0] == "127.0.0.1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = server.url + "/v1"
+    try:
+        with urllib.request.urlopen(base + "/models", timeout=30) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == "run"
+
+        hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 16}
+        status, body = _post(base + "/chat/completions", hi)
+        reply = json.loads(body)
+        assert status == 200 and reply["object"] == "chat.completion"
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": "hello there"}
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["usage"]["completion_tokens"] == len("hello there") + 1  # char tokens + EOS
+
+        status, body = _post(base + "/chat/completions", {**hi, "stream": True})
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "hello there"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+        prompt = "<|user|>\nhi\n<|assistant|>\n"
+        status, body = _post(base + "/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 16, "stop": " "})
+        choice = json.loads(body)["choices"][0]
+        assert status == 200 and choice["text"] == "hello" and choice["finish_reason"] == "stop"
+
+        # limits and bad requests: OpenAI-style error bodies, never a traceback
+        status, body = _post(base + "/completions", {"prompt": "x" * 3000})
+        assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+        status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 17})
+        assert status == 400 and "max_tokens" in json.loads(body)["error"]["message"]
+        status, body = _post(base + "/chat/completions", {"messages": []})
+        assert status == 400 and "empty conversation" in json.loads(body)["error"]["message"]
+        status, body = _post(base + "/completions", {"prompt": "y" * 60, "max_tokens": 16})
+        assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+        status, _ = _post(base + "/completions", b"{not json")
+        assert status == 400
+    finally:
+        server.shutdown()
+        server.server_close()

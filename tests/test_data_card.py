@@ -1,0 +1,134 @@
+"""The data card (card.md, card.json, length histogram PNG) and the tokenizer report, on real text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.filters import guess_language
+from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.data.shards import read_shard
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import EXTRA_SPECIALS, train_unigram, train_wordpiece
+from tests.conftest import shakespeare_text
+from tests.test_data_dedup import ZH
+from tests.test_data_prepare import docs_by_split, write
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("card")
+    english = shakespeare_text(40_000).split("\n\n")
+    chinese = [ZH[i : i + 40] for i in range(0, len(ZH), 40)] * 3  # 3 copies: 2/3 are exact duplicates
+    write(root / "in" / "en.txt", "\n\n".join(english))
+    write(root / "in" / "zh.jsonl", "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in chinese) + "\n")
+    write(root / "in" / "junk.txt", "Accept cookies\n\n" + "spam " * 50)
+    cfg = PrepareConfig(
+        inputs=[str(root / "in")], out=str(root / "out"), vocab_size=400, val_fraction=0.2, test_fraction=0.1,
+        boilerplate=True, max_char_repetition=0.5,
+    )  # fmt: skip
+    return root / "out", prepare(cfg, progress=False)
+
+
+def test_card_files_and_numbers(prepared: tuple[Path, dict]) -> None:
+    out, m = prepared
+    card = json.loads((out / "card.json").read_text(encoding="utf-8"))
+    assert (out / "length_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [Path(s["path"]).name for s in card["sources"]] == ["en.txt", "junk.txt", "zh.jsonl"]
+    steps = card["steps"]
+    assert list(steps) == ["read", "cleaned", "filtered", "deduplicated"]
+    assert steps["read"]["documents"] == m["documents"]["in"]
+    assert steps["deduplicated"]["documents"] == m["documents"]["out"]
+    assert steps["read"]["documents"] - steps["cleaned"]["documents"] == m["documents"]["removed"]["boilerplate"] == 1
+    assert steps["cleaned"]["documents"] - steps["filtered"]["documents"] == 1  # the spam line
+    assert card["removed"]["char_repetition"]["documents"] == 1
+    assert card["removed"]["char_repetition"]["bytes"] == len(("spam " * 50).strip())
+    assert card["removed"]["exact_dup"]["documents"] == m["documents"]["removed"]["exact_dup"] > 0
+    assert steps["deduplicated"]["bytes"] == sum(s["bytes"] for s in m["splits"].values())
+    assert {s: v["tokens"] for s, v in card["splits"].items()} == {s: v["tokens"] for s, v in m["splits"].items()}
+    assert sum(card["length_histogram"].values()) == m["documents"]["out"]
+    assert card["languages"] == m["languages"] and set(m["languages"]) >= {"en", "zh"}
+    # top tokens: counted over the train shards, most frequent first
+    train = [t for name in m["splits"]["train"]["shards"] for t in read_shard(out / name).tolist()]
+    top = card["top_tokens"]
+    assert top[0]["count"] == max(train.count(t) for t in set(train)) and top[0]["count"] == train.count(top[0]["id"])
+    assert [t["count"] for t in top] == sorted((t["count"] for t in top), reverse=True)
+    md = (out / "card.md").read_text(encoding="utf-8")
+    for needle in ("## Sources", "| deduplicated |", "| char_repetition | 1 |", "length_hist.png", "| zh |"):
+        assert needle in md
+
+
+def test_manifest_keys_scripts_rely_on(prepared: tuple[Path, dict]) -> None:
+    out, m = prepared
+    docs = m["documents"]
+    assert set(docs) == {"in", "out", "removed"} and {"exact_dup", "near_dup"} <= set(docs["removed"])
+    assert docs["in"] - sum(docs["removed"].values()) == docs["out"]
+    for split in ("train", "val", "test"):
+        assert {"documents", "tokens"} <= set(m["splits"][split])
+        assert m["splits"][split]["documents"] > 0
+    assert load_data_dir(out).manifest == m
+
+
+def test_tokenizer_report(prepared: tuple[Path, dict]) -> None:
+    out, m = prepared
+    report = m["tokenizer"]["report"]
+    assert report["split"] == "val"
+    tok = load_data_dir(out).load_tokenizer()
+    val = docs_by_split(out)["val"]
+    by_lang: dict[str, list[int]] = {}
+    for doc in val:
+        entry = by_lang.setdefault(guess_language(doc), [0, 0])
+        entry[0] += len(doc.encode("utf-8"))
+        entry[1] += len(tok.encode(doc))
+    for lang in ("en", "zh"):
+        nbytes, tokens = by_lang[lang]
+        assert report["bytes_per_token"][lang] == pytest.approx(nbytes / tokens, abs=1e-4)
+    assert report["bytes_per_token"]["en"] > 1.5  # BPE merges English
+    assert m["splits"]["val"]["tokens"] == sum(len(tok.encode(d)) + 1 for d in val)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_wordpiece_and_unigram_through_prepare(tmp_path: Path, kind: str) -> None:
+    write(tmp_path / "a.txt", shakespeare_text(20_000) + "\n\n" + ZH)
+    m = prepare(
+        PrepareConfig(inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), tokenizer=kind, vocab_size=600),
+        progress=False,
+    )
+    # Unigram stops short of vocab_size when the corpus has no more useful pieces
+    assert (
+        m["tokenizer"]["kind"] == kind and 500 < m["tokenizer"]["vocab_size"] <= 600 and m["tokenizer"]["eos_id"] == 0
+    )
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
+    assert [tok.hf.token_to_id(t) for t in EXTRA_SPECIALS] == list(range(1, 8))
+    docs = docs_by_split(tmp_path / "out")
+    assert sum(len(d) for d in docs.values()) == m["documents"]["out"]
+    if kind == "unigram":  # byte fallback: exact round trip, Chinese and emoji included
+        assert ZH in docs["train"] + docs["val"] + docs["test"]
+        text = "To be, or not to be 🎉 满纸荒唐言"
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_trainers_directly() -> None:
+    texts = shakespeare_text(20_000).split("\n\n") + [ZH]
+    wp = train_wordpiece(iter(texts), 300)
+    ids = wp.encode("First Citizen: 天下大势")
+    assert wp.decode(ids) == "First Citizen : 天 下 大 势"  # WordPiece: CJK one piece per character
+    assert wp.id_to_token(8) == "[UNK]" and wp.token_bytes()[8] == 0  # special: no text bytes
+    uni = train_unigram(iter(texts), 600)
+    assert uni.decode(uni.encode("Citizen 天下")) == "Citizen 天下"
+    assert train_unigram(iter(texts), 600).fingerprint == uni.fingerprint  # deterministic
+
+
+def test_bpe_with_all_special_tokens(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", shakespeare_text(10_000))
+    m = prepare(
+        PrepareConfig(
+            inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), vocab_size=300, special_tokens="all"
+        ),
+        progress=False,
+    )
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
+    assert m["tokenizer"]["eos_id"] == 0 and tok.hf.token_to_id("<|assistant|>") == 7
+    assert tok.encode("<|mask|>") != [2]  # specials in text stay text

@@ -1,0 +1,101 @@
+"""Exact and near-duplicate removal on planted duplicates (English and Chinese), report and manifest."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.dedup import NearDedup, shingles
+from lmforge.data.prepare import PrepareConfig, prepare
+from lmforge.errors import ConfigError
+from tests.conftest import shakespeare_text
+from tests.test_data_prepare import docs_by_split, write
+
+ZH = (
+    "话说天下大势，分久必合，合久必分。周末七国分争，并入于秦。及秦灭之后，楚、汉分争，又并入于汉。"
+    "汉朝自高祖斩白蛇而起义，一统天下，后来光武中兴，传至献帝，遂分为三国。推其致乱之由，殆始于桓、灵二帝。"
+    "桓帝禁锢善类，崇信宦官。及桓帝崩，灵帝即位，大将军窦武、太傅陈蕃共相辅佐。时有宦官曹节等弄权，"
+    "窦武、陈蕃谋诛之，机事不密，反为所害，中涓自此愈横。"
+)
+
+
+def originals(n: int) -> list[str]:
+    """n distinct Shakespeare paragraphs of at least 500 characters."""
+    paras = [p.strip() for p in shakespeare_text(400_000).split("\n\n") if len(p.strip()) >= 500]
+    assert len(paras) >= n
+    return paras[:n]
+
+
+def perturb(text: str, rng: random.Random, edits: int = 1) -> str:
+    """A near-duplicate: a few words replaced (as when a page is re-scraped with a changed date or ad)."""
+    words = text.split(" ")
+    for _ in range(edits):
+        words[rng.randrange(len(words))] = rng.choice(["yesterday", "2024", "[ad]", "Click"])
+    return " ".join(words)
+
+
+def test_planted_near_duplicates(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    docs = originals(40)
+    near = [perturb(d, rng) for d in docs[:10]]  # 10 near-duplicates of 10 originals
+    near += [perturb(docs[0], rng) for _ in range(2)]  # the first original gets 3 in all: one cluster of 4
+    zh_near = ZH.replace("分久必合", "分久必和")  # Jaccard 0.94 over 5-character shingles
+    exact = docs[20:25]
+    corpus = docs + [ZH] + near + [zh_near] + exact
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in corpus) + "\n")
+    report = tmp_path / "pairs.jsonl"
+    cfg = {"inputs": [str(tmp_path / "a.jsonl")], "tokenizer": "char", "val_fraction": 0, "test_fraction": 0}
+    m = prepare(
+        PrepareConfig(**cfg, out=str(tmp_path / "near"), dedup="near", dedup_report=str(report)), progress=False
+    )
+    removed = m["documents"]["removed"]
+    assert removed["exact_dup"] == 5 and removed["near_dup"] == 13
+    assert m["dedup"]["mode"] == "near" and m["dedup"]["near_dup"] == 13
+    assert m["dedup"]["near_dup_clusters"] == 11  # 10 English originals + the Chinese one
+    assert sorted(docs_by_split(tmp_path / "near")["train"]) == sorted(docs + [ZH])
+    pairs = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    assert len(pairs) == 13 and all(0.6 < p["jaccard"] <= 1 for p in pairs)
+    assert any(p["kept"].startswith(ZH[:20]) and p["removed"].startswith("话说天下大势") for p in pairs)
+
+    m = prepare(PrepareConfig(**cfg, out=str(tmp_path / "exact")), progress=False)
+    assert m["documents"]["removed"]["exact_dup"] == 5 and m["documents"]["removed"]["near_dup"] == 0
+    assert m["dedup"] == {"mode": "exact", "exact_dup": 5}
+    m = prepare(PrepareConfig(**cfg, out=str(tmp_path / "none"), dedup="none"), progress=False)
+    assert m["documents"]["out"] == len(corpus)
+
+
+def test_threshold_controls_what_counts_as_near() -> None:
+    rng = random.Random(1)
+    base = originals(1)[0]
+    heavy = perturb(base, rng, edits=12)  # Jaccard about 0.7
+    strict, loose = NearDedup(threshold=0.95), NearDedup(threshold=0.5)
+    for index in (strict, loose):
+        assert not index.is_duplicate(base)
+    assert not strict.is_duplicate(heavy) and loose.is_duplicate(heavy)
+    assert strict.clusters == 0 and loose.clusters == 1 and loose.removed == 1
+
+
+def test_unrelated_documents_are_kept() -> None:
+    index = NearDedup(threshold=0.8)
+    assert not any(index.is_duplicate(d) for d in originals(60))
+    assert index.removed == 0
+
+
+def test_shingles_work_without_spaces() -> None:
+    assert shingles("满纸荒唐言，一把", 5) == {
+        s.encode("utf-8") for s in ("满纸荒唐言", "纸荒唐言，", "荒唐言，一", "唐言，一把")
+    }
+    assert shingles("Hi  THERE", 20) == {b"hi there"}
+
+
+def test_dedup_flags_are_validated() -> None:
+    with pytest.raises(ConfigError, match="near_threshold"):
+        PrepareConfig(inputs=["x"], out="o", dedup="near", near_threshold=1.5)
+    with pytest.raises(ConfigError, match="--dedup near"):
+        PrepareConfig(inputs=["x"], out="o", dedup_report="r.jsonl")
+    with pytest.raises(ConfigError, match="dedup must be one of"):
+        PrepareConfig(inputs=["x"], out="o", dedup="fuzzy")
+    assert PrepareConfig(inputs=["x"], out="o", dedup=False).dedup == "none"  # old boolean configs

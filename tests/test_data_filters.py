@@ -1,0 +1,136 @@
+"""Quality filters and the language guess: each filter removes a hand-made bad document and keeps a good one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.filters import (
+    DocumentCleaner,
+    QualityFilters,
+    alpha_ratio,
+    char_repetition,
+    guess_language,
+    line_repetition,
+    normalize_whitespace,
+    remove_boilerplate,
+)
+from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, prepare
+from lmforge.errors import ConfigError
+from tests.test_data_prepare import CHINESE, docs_by_split, write
+
+GOOD_EN = "The committee met on Tuesday and agreed that the bridge would be repaired before the winter."
+GOOD_ZH = "今天天气很好，我们一起去公园散步，看到很多人在湖边钓鱼和聊天。"
+
+# (filter setting, a document it must remove, a document it must keep, manifest key)
+CASES = [
+    ({"max_chars": 100}, GOOD_EN + " " + GOOD_EN, GOOD_EN, "too_long"),
+    ({"min_chars": 20}, "Too short.", GOOD_EN, "too_short"),
+    ({"max_char_repetition": 0.5}, "buy now " * 40, GOOD_EN, "char_repetition"),
+    ({"max_char_repetition": 0.5}, "哈" * 200, GOOD_ZH, "char_repetition"),
+    ({"max_line_repetition": 0.3}, "Home\nNews\nHome\nNews\nHome\nNews\nContact",
+     "Line one\nLine two\nLine three\nLine one", "line_repetition"),
+    ({"min_alpha_ratio": 0.6}, "| 12.5 | 13.7 | 99.1 | -- | ## | 2024-01-01 |", GOOD_ZH, "alpha_ratio"),
+    ({"languages": "zh,en"}, "Привет, как дела? Сегодня хорошая погода.", GOOD_ZH, "language"),
+    ({"languages": "en"}, GOOD_ZH, GOOD_EN, "language"),
+    ({"languages": "zh"}, "Le comité s'est réuni mardi et a convenu que le pont serait réparé.", CHINESE, "language"),
+    ({"boilerplate": True}, "All rights reserved.\nPrivacy Policy | Terms of Use", GOOD_EN, "boilerplate"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("setting", "bad", "good", "key"), CASES)
+def test_each_filter_removes_bad_and_keeps_good(tmp_path: Path, setting: dict, bad: str, good: str, key: str) -> None:
+    write(tmp_path / "in.jsonl", "\n".join(json.dumps({"text": t}) for t in (bad, good)) + "\n")
+    cfg = PrepareConfig(
+        inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "out"), tokenizer="char",
+        val_fraction=0, test_fraction=0, card=False, **setting,
+    )  # fmt: skip
+    m = prepare(cfg, progress=False)
+    assert m["documents"]["removed"] == {k: int(k == key) for k in REMOVED_KEYS}
+    assert docs_by_split(tmp_path / "out")["train"] == [good]
+
+
+def test_filters_are_off_by_default() -> None:
+    cleaner = DocumentCleaner()
+    for _, bad, _, key in CASES:
+        if key != "too_short":
+            assert cleaner.one(bad).reason is None, key
+
+
+def test_ratios_by_hand() -> None:
+    assert char_repetition("abcdefghijk") == 0.0  # two distinct 10-grams
+    assert char_repetition("a" * 20) == pytest.approx(1 - 1 / 11)
+    assert char_repetition("short") == 0.0
+    assert line_repetition("a\nb\na\n\na") == pytest.approx(0.5)  # 4 non-blank lines, 2 repeats
+    assert line_repetition("one line") == 0.0
+    assert alpha_ratio("ab 12") == pytest.approx(0.5) and alpha_ratio("中文！") == pytest.approx(2 / 3)
+    assert alpha_ratio("   ") == 0.0
+
+
+def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
+    assert normalize_whitespace("a  \t b \u3000c  \nd\n\n\n\ne   ") == "a b c\nd\n\ne"
+    text, removed = remove_boilerplate(
+        "Real text here.\nCopyright © 2024 Example Inc. All rights reserved.\n版权所有\nMore text."
+    )
+    assert (text, removed) == ("Real text here.\nMore text.", 2)
+    keep = "She said she would log in later, and read more books this year."  # long, prose: kept
+    assert remove_boilerplate(keep + " " * 70 + keep)[1] == 0
+    write(tmp_path / "a.txt", "x  y\t\tz\n\nclean one\n\nAccept cookies\nbody")
+    m = prepare(
+        PrepareConfig(
+            inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), tokenizer="char", val_fraction=0,
+            test_fraction=0, normalize_whitespace=True, boilerplate=True,
+        ),
+        progress=False,
+    )  # fmt: skip
+    assert m["cleaning"]["whitespace_normalized_documents"] == 1 and m["cleaning"]["boilerplate_lines_removed"] == 1
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == ["body", "clean one", "x y z"]
+
+
+def test_nfkc_option() -> None:
+    assert DocumentCleaner(normalize="NFKC").one("ｆｕｌｌ ｗｉｄｔｈ ﬁ").text == "full width fi"
+    assert DocumentCleaner(normalize="NFC").one("ｆｕｌｌ").text == "ｆｕｌｌ"
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        (CHINESE, "zh"),
+        (GOOD_ZH, "zh"),
+        ("我们用 PyTorch 和 Python 训练一个小模型。", "zh"),  # a few English names stay Chinese
+        (GOOD_EN, "en"),
+        ("Der Ausschuss trat am Dienstag zusammen und beschloss, die Brücke zu reparieren.", "latin"),
+        ("日本語の文章はひらがなとカタカナを含みます。", "ja"),
+        ("한국어 문장입니다.", "ko"),
+        ("Привет, как дела?", "cyrillic"),
+        ("12345 !!! ---", "unknown"),
+    ],
+)
+def test_guess_language(text: str, language: str) -> None:
+    assert guess_language(text) == language
+
+
+def test_language_mix_in_manifest(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", "\n\n".join([GOOD_EN, GOOD_ZH, CHINESE, "Привет, как дела?"]))
+    m = prepare(
+        PrepareConfig(inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), tokenizer="char", card=False),
+        progress=False,
+    )
+    assert m["languages"] == {"zh": 2, "en": 1, "cyrillic": 1}
+
+
+def test_filter_config_validation() -> None:
+    ok = {"inputs": ["x"], "out": "o"}
+    for bad, match in [
+        ({"languages": "zh,klingon"}, "unknown languages"),
+        ({"max_char_repetition": 1.5}, "max_char_repetition"),
+        ({"min_alpha_ratio": -0.1}, "min_alpha_ratio"),
+        ({"max_chars": 5, "min_chars": 10}, "max_chars"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            PrepareConfig(**{**ok, **bad})
+    assert PrepareConfig(**ok, languages=" zh , en ").quality_filters() == QualityFilters(
+        languages=frozenset({"zh", "en"})
+    )

@@ -1,0 +1,163 @@
+"""`prepare` inputs beyond text/JSONL: CSV, TSV, Parquet, .zst, save_to_disk datasets; bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.ingest import file_format, is_known_format, parse_hub_name, read_documents, resolve_inputs
+from lmforge.data.prepare import PrepareConfig, prepare
+from lmforge.errors import DataError
+from tests.conftest import run_cli
+from tests.test_data_prepare import CHINESE, assert_nothing_written, docs_by_split, sentences, write
+
+TEXTS = sentences(12, seed=21) + [CHINESE, 'a "quoted", comma, field\nwith a newline']
+
+
+def run(tmp_path: Path, inputs: list[Path | str], out: str = "out", **kwargs: object) -> dict:
+    kwargs.setdefault("vocab_size", 300)
+    kwargs.setdefault("val_fraction", 0)
+    kwargs.setdefault("test_fraction", 0)
+    cfg = PrepareConfig(inputs=[str(p) for p in inputs], out=str(tmp_path / out), **kwargs)
+    return prepare(cfg, progress=False)
+
+
+def table(delimiter: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(["id", "content", "label"])
+    for i, text in enumerate(TEXTS):
+        writer.writerow([i, text, "x"])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.tsv", "t.csv.gz", "t.tsv.zst"])
+def test_csv_and_tsv(tmp_path: Path, name: str) -> None:
+    text = table("\t" if ".tsv" in name else ",")
+    if name.endswith(".zst"):
+        import zstandard
+
+        (tmp_path / name).write_bytes(zstandard.ZstdCompressor().compress(text.encode("utf-8")))
+    else:
+        write(tmp_path / name, text)
+    m = run(tmp_path, [tmp_path / name], text_field="content")
+    assert m["documents"]["in"] == len(TEXTS) and m["documents"]["out"] == len(TEXTS)
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS)  # quoted newline kept in its row
+
+
+def test_wrong_column_lists_the_columns(tmp_path: Path) -> None:
+    write(tmp_path / "t.csv", table(","))
+    with pytest.raises(DataError, match=r"t\.csv: no column 'text' \(columns: id, content, label\); .*--text-field"):
+        run(tmp_path, [tmp_path / "t.csv"])
+    assert_nothing_written(tmp_path)
+    result = run_cli("prepare", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--text-field", "body")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no column 'body' (columns: id, content, label)" in result.stderr and "Traceback" not in result.stderr
+    assert_nothing_written(tmp_path)
+
+
+def test_ragged_csv_row(tmp_path: Path) -> None:
+    write(tmp_path / "t.csv", "a,text\n1,fine\n2\n")
+    with pytest.raises(DataError, match=r"t\.csv:3: row has 1 fields but the header has 2"):
+        run(tmp_path, [tmp_path / "t.csv"])
+    assert_nothing_written(tmp_path)
+
+
+def test_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = TEXTS * 100  # several record batches of 1,024 rows
+    pq.write_table(pa.table({"n": list(range(len(rows))), "text": rows}), tmp_path / "a.parquet", row_group_size=300)
+    m = run(tmp_path, [tmp_path], dedup="none")
+    assert m["documents"]["in"] == len(rows) and [Path(i["path"]).name for i in m["inputs"]] == ["a.parquet"]
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(rows)
+    with pytest.raises(DataError, match=r"no column 'body' \(columns: n, text\)"):
+        run(tmp_path, [tmp_path / "a.parquet"], out="o2", text_field="body")
+    with pytest.raises(DataError, match=r"column 'n' holds int64, not strings"):
+        run(tmp_path, [tmp_path / "a.parquet"], out="o3", text_field="n")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        run(tmp_path, [tmp_path / "bad.parquet"], out="o4")
+    assert not (tmp_path / "o4").exists()
+
+
+def test_hf_save_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": TEXTS, "n": list(range(len(TEXTS)))})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    dd = datasets.DatasetDict({"train": ds.select(range(10)), "test": ds.select(range(10, len(TEXTS)))})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert file_format(tmp_path / "ds") == "hf_disk" and file_format(tmp_path / "dd") == "hf_disk"
+    m = run(tmp_path, [tmp_path / "ds"])
+    assert m["documents"]["in"] == len(TEXTS) and m["inputs"][0]["bytes"] > 0
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS)
+    m = run(tmp_path, [tmp_path / "dd"], out="out2")  # a DatasetDict: all its splits
+    assert m["documents"]["in"] == len(TEXTS)
+    assert run(tmp_path, [tmp_path / "dd" / "test"], out="out3")["documents"]["in"] == len(TEXTS) - 10
+    with pytest.raises(DataError, match=r"no column 'body' \(columns: text, n\)"):
+        run(tmp_path, [tmp_path / "ds"], out="out4", text_field="body")
+
+
+def test_format_detection_and_hub_names() -> None:
+    assert [file_format(n) for n in ("a.CSV", "b.tsv.gz", "c.jsonl.zst", "d.parquet", "e.txt.zst", "f.log")] == [
+        "csv", "tsv", "jsonl", "parquet", "text", "text"
+    ]  # fmt: skip
+    assert is_known_format("x.md.zst") and not is_known_format("x.log") and not is_known_format("x.parquet.gz")
+    assert file_format("hf:roneneldan/TinyStories") == "hf_hub"
+    assert parse_hub_name("hf:wikitext:wikitext-2-raw-v1:validation") == ("wikitext", "wikitext-2-raw-v1", "validation")
+    assert parse_hub_name("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
+    with pytest.raises(DataError, match="hf:NAME"):
+        parse_hub_name("hf:a:b:c:d")
+    assert resolve_inputs(["hf:org/name"])[0] == [Path("hf:org/name")]
+
+
+def test_corrupt_zst(tmp_path: Path) -> None:
+    (tmp_path / "a.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage that is not a zstd frame")
+    with pytest.raises(DataError, match=r"a\.txt\.zst: cannot decompress"):
+        run(tmp_path, [tmp_path / "a.txt.zst"])
+    assert_nothing_written(tmp_path)
+
+
+def test_mixed_encodings_are_an_error(tmp_path: Path) -> None:
+    utf8 = "\n\n".join(sentences(30, seed=22)).encode("utf-8")
+    gbk = ("\n\n" + "中文段落使用了另一种编码。" * 20).encode("gbk")
+    write(tmp_path / "mixed.txt", utf8 + gbk)
+    with pytest.raises(DataError, match=r"mixed\.txt: \d+ invalid UTF-8 sequences .* mixes encodings.*iconv"):
+        run(tmp_path, [tmp_path / "mixed.txt"])
+    assert_nothing_written(tmp_path)
+    m = run(tmp_path, [tmp_path / "mixed.txt"], max_invalid_utf8=1.0)  # opt out: replace and count
+    assert m["cleaning"]["invalid_utf8_replaced"] > 16
+
+
+def test_over_long_line_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "a.jsonl", json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x" * 5000}) + "\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:2: a line longer than 1,000 bytes.*--max-line-bytes"):
+        run(tmp_path, [tmp_path / "a.jsonl"], max_line_bytes=1000)
+    assert_nothing_written(tmp_path)
+    write(tmp_path / "b.txt", "y" * 5000)
+    with pytest.raises(DataError, match=r"b\.txt: longer than 1,000 bytes"):
+        run(tmp_path, [tmp_path / "b.txt"], max_line_bytes=1000, doc_unit="file")
+    docs = list(read_documents(tmp_path / "b.txt", max_line_bytes=5000))
+    assert [len(d.text) for d in docs] == [5000]
+
+
+def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="input folder .* is empty"):
+        run(tmp_path, [tmp_path / "empty"])
+    write(tmp_path / "secret.txt", "text")
+    os.chmod(tmp_path / "secret.txt", 0)
+    try:
+        if os.access(tmp_path / "secret.txt", os.R_OK):
+            pytest.skip("running as root: chmod 0 does not stop reading")
+        with pytest.raises(DataError, match=r"cannot read .*secret\.txt"):
+            run(tmp_path, [tmp_path / "secret.txt"])
+    finally:
+        os.chmod(tmp_path / "secret.txt", 0o644)
+    assert_nothing_written(tmp_path)

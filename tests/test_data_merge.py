@@ -1,0 +1,67 @@
+"""`prepare --merge`: parts prepared separately with one tokenizer == the union prepared at once."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.errors import DataError
+from tests.conftest import shakespeare_text
+from tests.test_data_dedup import ZH, perturb
+from tests.test_data_prepare import docs_by_split, write
+
+
+def prep(tmp_path: Path, inputs: list[Path], out: str, **kwargs: object) -> dict:
+    cfg = PrepareConfig(inputs=[str(p) for p in inputs], out=str(tmp_path / out), **kwargs)
+    return prepare(cfg, progress=False)
+
+
+def test_merge_equals_preparing_the_union(tmp_path: Path) -> None:
+    paras = [p for p in shakespeare_text(60_000).split("\n\n") if p.strip()]
+    write(tmp_path / "a.txt", "\n\n".join(paras[:500] + [ZH]))
+    write(tmp_path / "b.txt", "\n\n".join(paras[300:] + [ZH]))  # 200 paragraphs + ZH overlap with a.txt
+    common = {"val_fraction": 0.1, "test_fraction": 0.1}
+    union = prep(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], "union", vocab_size=300, **common)
+    tok = str(tmp_path / "union" / "tokenizer.json")
+    part_a = prep(tmp_path, [tmp_path / "a.txt"], "part-a", tokenizer=tok, shard_tokens=997, **common)
+    part_b = prep(tmp_path, [tmp_path / "b.txt"], "part-b", tokenizer=tok, shard_tokens=1009, **common)
+    assert len(part_a["splits"]["train"]["shards"]) > 3  # documents cross shard boundaries
+    merged = prep(tmp_path, [tmp_path / "part-a", tmp_path / "part-b"], "merged", merge=True, shard_tokens=100_000)
+    assert merged["documents"]["in"] == part_a["documents"]["out"] + part_b["documents"]["out"]
+    assert merged["documents"]["out"] == union["documents"]["out"]
+    assert merged["documents"]["removed"]["exact_dup"] == merged["documents"]["in"] - union["documents"]["out"]
+    for split in ("train", "val", "test"):
+        assert merged["splits"][split]["tokens"] == union["splits"][split]["tokens"]
+        assert merged["splits"][split]["bytes"] == union["splits"][split]["bytes"]
+    got, want = docs_by_split(tmp_path / "merged"), docs_by_split(tmp_path / "union")
+    assert {s: sorted(d) for s, d in got.items()} == {s: sorted(d) for s, d in want.items()}
+    assert merged["tokenizer"]["sha256"] == union["tokenizer"]["sha256"]
+    assert merged["parts"] == [str(tmp_path / "part-a"), str(tmp_path / "part-b")]
+    assert load_data_dir(tmp_path / "merged").manifest == merged and (tmp_path / "merged" / "card.md").is_file()
+
+
+def test_merge_near_dedup_across_parts(tmp_path: Path) -> None:
+    paras = [p for p in shakespeare_text(200_000).split("\n\n") if len(p) >= 500][:20]
+    rng = random.Random(3)
+    write(tmp_path / "a.txt", "\n\n".join(paras))
+    write(tmp_path / "b.txt", "\n\n".join(perturb(p, rng) for p in paras[:8]))
+    prep(tmp_path, [tmp_path / "a.txt"], "a", tokenizer="char", val_fraction=0, test_fraction=0)
+    tok = str(tmp_path / "a" / "tokenizer.json")
+    prep(tmp_path, [tmp_path / "b.txt"], "b", tokenizer=tok, val_fraction=0, test_fraction=0)
+    m = prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True, dedup="near")
+    assert m["documents"]["removed"]["near_dup"] == 8 and m["documents"]["out"] == 20
+    assert m["dedup"]["near_dup_clusters"] == 8
+
+
+def test_merge_refuses_mixed_tokenizers_and_non_parts(tmp_path: Path) -> None:
+    write(tmp_path / "a.txt", shakespeare_text(5_000))
+    prep(tmp_path, [tmp_path / "a.txt"], "a", tokenizer="char")
+    prep(tmp_path, [tmp_path / "a.txt"], "b", vocab_size=300)
+    with pytest.raises(DataError, match="different tokenizers"):
+        prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True)
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        prep(tmp_path, [tmp_path / "a", tmp_path / "a.txt"], "m", merge=True)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.tmp").exists()

@@ -1,0 +1,121 @@
+"""Fault handling in the training loop: non-finite steps are skipped, repeated ones roll back to the
+latest checkpoint (keeping the data moving), a run that keeps diverging stops with a one-line error,
+and a failing disk while saving leaves the previous checkpoint intact.
+
+Faults are injected into the real objective (NaN losses at chosen steps), not simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.errors import TrainingDiverged
+from lmforge.objectives import CausalLM
+from lmforge.train.run import pretrain
+from tests.conftest import tiny_config
+
+
+def inject_nan(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
+    """Make the causal-LM loss NaN on the given calls (one call per micro-batch, counted from 0)."""
+    real = CausalLM.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch):
+        value = real(self, model, batch)
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] - 1 in bad_calls else value
+
+    monkeypatch.setattr(CausalLM, "loss", loss)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_nan_steps_are_skipped_then_rolled_back(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # One micro-batch per step, so call i is step i + 1. Steps 6 and 7 are NaN: skipped, 2 in a row, no
+    # rollback. Step 8 is fine and checkpointed. Steps 9, 10, 11 are NaN: the 3rd in a row rolls back to
+    # step 8, and training goes on with the next batches to step 12.
+    inject_nan(monkeypatch, {5, 6, 8, 9, 10})
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0})
+    state = pretrain(cfg, progress=False)
+    assert state.step == cfg.train.max_steps and state.rollbacks == 1
+    assert state.skipped_steps == 5
+    steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == cfg.train.max_steps  # metrics truncated on rollback
+    final = load_file(str(tmp_path / "run" / "checkpoints" / "step-000012" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
+    logged = [r for r in records(tmp_path / "run") if "skipped_steps" in r]
+    assert logged[-1]["skipped_steps"] == 5
+    assert not any(math.isnan(r["loss"]) for r in logged if r["step"] <= 5)
+
+
+def test_diverging_without_checkpoint_is_one_clear_error(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    inject_nan(monkeypatch, set(range(100)))
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.rollback_after": 3})
+    with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to; lower --train.lr"):
+        pretrain(cfg, progress=False)
+
+
+def test_repeated_rollbacks_give_up(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    inject_nan(monkeypatch, set(range(2, 100)))  # from step 3 on, every step is NaN
+    cfg = tiny_config(data_dir, tmp_path / "run", **{"checkpoint.every": 2, "train.rollback_after": 2})
+    with pytest.raises(TrainingDiverged, match="diverged again after 3 rollbacks"):
+        pretrain(cfg, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()
+
+
+def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch):
+    """The writer fails half-way through the second checkpoint (as on a full disk)."""
+    import lmforge.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def failing_save_file(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if Path(path).parent.name.startswith("step-000012"):
+            Path(path).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    cfg = tiny_config(data_dir, run, **{"train.max_steps": 12, "checkpoint.every": 6, "eval.every": 0})
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(cfg, progress=False)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    loaded = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))  # verifies sizes and sha256
+    assert loaded.meta["step"] == 6
+    monkeypatch.setattr(ckpt, "save_file", real)
+    state = pretrain(cfg, progress=False)  # the same command resumes from step 6 and finishes
+    assert state.step == 12
+
+
+def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_dir: Path, tmp_path: Path) -> None:
+    from lmforge.errors import CheckpointError
+
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 12, "checkpoint.every": 6, "eval.every": 0}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    damaged = run / "checkpoints" / "step-000012" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit: same size, wrong sha256
+    damaged.write_bytes(bytes(data))
+
+    longer = {**flags, "train.max_steps": 18}
+    with pytest.raises(CheckpointError, match=r"model\.safetensors fails its sha256 check.*resume_from previous"):
+        pretrain(tiny_config(data_dir, run, **longer), progress=False)
+    state = pretrain(tiny_config(data_dir, run, **longer, **{"checkpoint.resume_from": "previous"}), progress=False)
+    assert state.step == 18
+    steps = [r["step"] for r in records(run) if "loss" in r]
+    assert steps == list(range(1, 19))  # resumed from step 6: records 7-12 were rewritten, not duplicated
+
+    with pytest.raises(CheckpointError, match="is not a complete checkpoint.*step-000006"):
+        pretrain(tiny_config(data_dir, run, **{**longer, "checkpoint.resume_from": "step-000007"}), progress=False)

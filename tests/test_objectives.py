@@ -1,0 +1,254 @@
+"""Encoder objectives: masking rates (statistically), ignored labels, whole-word masking, NSP/SOP pair
+balance, ELECTRA labels, losses that fall when overfitting one batch, metrics, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, special_ids
+from lmforge.data.prepare import load_data_dir
+from lmforge.errors import ConfigError
+from lmforge.eval.objectives import roc_auc
+from lmforge.models.bert import Bert, BertConfig, Electra
+from lmforge.objectives import (
+    IGNORE_INDEX,
+    MaskedLM,
+    ObjectiveConfig,
+    ReplacedTokenDetection,
+    electra_corrupt,
+)
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.train.objective_setup import check_objective, encoder_loader_kwargs
+from lmforge.train.run import pretrain
+from tests.conftest import run_cli
+from tests.test_resume import _assert_same_run
+
+SP = SpecialIds(pad=100, cls=101, sep=102, mask=103, added=4)
+
+
+def _within(observed: float, p: float, n: int) -> bool:
+    """|observed - p| within 5 binomial standard deviations (false alarm rate ~6e-7)."""
+    return abs(observed - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_masking_rates_and_ignored_labels():
+    rng = np.random.default_rng(0)
+    T = 200_000
+    ids = rng.integers(0, 100, T)
+    eligible = np.ones(T, dtype=bool)
+    eligible[:1000] = False  # e.g. [CLS]/[SEP]/[PAD] positions: never selected
+    inputs, labels = mask_tokens(ids, eligible, rng, ObjectiveConfig(), mask_id=SP.mask, random_ids=np.arange(100))
+    selected = labels != IGNORE_INDEX
+    n = int(eligible.sum())
+    assert not selected[:1000].any()
+    assert _within(selected.sum() / n, 0.15, n)
+    assert (labels[selected] == ids[selected]).all()  # labels: the original ids, -100 elsewhere
+    assert (inputs[~selected] == ids[~selected]).all()  # unselected positions are untouched
+    k = int(selected.sum())
+    became_mask = (inputs[selected] == SP.mask).mean()
+    unchanged = (inputs[selected] == ids[selected]).mean()
+    assert _within(became_mask, 0.8, k)
+    # 10% random (a random token equals the original 1 time in 100) + 10% kept
+    assert _within(unchanged, 0.1 + 0.1 * 0.01, k)
+    assert (inputs[selected] < 100).mean() == pytest.approx(0.2, abs=5 * math.sqrt(0.16 / k))
+
+
+def test_whole_word_masking_selects_every_token_of_a_word():
+    rng = np.random.default_rng(1)
+    T = 60_000
+    ids = rng.integers(0, 100, T)
+    word_start = rng.random(T) < 0.3  # words of ~3.3 tokens
+    word_start[0] = True
+    cfg = ObjectiveConfig(whole_word=True)
+    _, labels = mask_tokens(
+        ids, np.ones(T, dtype=bool), rng, cfg, mask_id=SP.mask, random_ids=np.arange(100), word_start=word_start
+    )
+    selected = labels != IGNORE_INDEX
+    word = np.cumsum(word_start) - 1
+    per_word = np.bincount(word, weights=selected) / np.bincount(word)
+    assert set(np.unique(per_word)) <= {0.0, 1.0}  # all or nothing per word
+    n_words = int(word[-1]) + 1
+    assert _within((per_word == 1).mean(), 0.15, n_words)
+
+
+def test_whole_word_masking_on_real_text_keeps_words_together(data_dir):
+    loader, sp, tok = _loader(data_dir, "mlm", whole_word=True)
+    batch = next(loader)
+    n_selected = 0
+    for row in range(16):
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        orig = torch.where(labels >= 0, labels, ids).tolist()
+        chars = [tok.decode([t]) if t < tok.vocab_size and t != tok.eos_id else " " for t in orig]  # specials: gaps
+        selected = (labels != IGNORE_INDEX).tolist()
+        n_selected += sum(selected)
+        for i in range(1, len(chars)):  # neighbouring letters of one word: both selected or neither
+            if chars[i].strip() and chars[i - 1].strip():
+                assert selected[i] == selected[i - 1], (row, i, "".join(chars))
+    assert n_selected > 0
+
+
+def test_specials_are_appended_to_a_char_tokenizer(data_dir):
+    tok = Tokenizer.load(load_data_dir(data_dir).tokenizer_path)
+    sp = special_ids(tok)
+    assert sp.added == 4 and sp.all == tuple(range(tok.vocab_size, tok.vocab_size + 4))
+
+
+def _loader(data_dir, name, **kw):
+    data = load_data_dir(data_dir)
+    cfg = load_config(preset="bert-tiny", overrides={"data": {"dir": str(data_dir)}, "objective": {"name": name, **kw}})
+    tok = Tokenizer.load(data.tokenizer_path)
+    kwargs = encoder_loader_kwargs(cfg, data.split_shards("train"), tok, batch_size=16, seed=3)
+    return MLMLoader(**{**kwargs, "seq_len": 48}), kwargs["specials"], tok
+
+
+@pytest.mark.parametrize("pairs", ["nsp", "sop"])
+def test_sentence_pairs_are_balanced_and_well_formed(data_dir, pairs):
+    loader, sp, tok = _loader(data_dir, f"mlm+{pairs}")
+    labels, n = [], 0
+    for _ in range(25):
+        batch = next(loader)
+        labels += batch["pair_labels"].tolist()
+        for row in range(16):
+            ids, seg, pad = batch["input_ids"][row], batch["segments"][row], batch["pad_mask"][row]
+            orig = torch.where(batch["labels"][row] != IGNORE_INDEX, batch["labels"][row], ids)
+            n_real = int(pad.sum())
+            seps = (orig[:n_real] == sp.sep).nonzero().flatten().tolist()
+            assert orig[0] == sp.cls and len(seps) == 2 and seps[1] == n_real - 1
+            assert (seg[: seps[0] + 1] == 0).all() and (seg[seps[0] + 1 : n_real] == 1).all()
+            assert (ids[n_real:] == sp.pad).all() and (batch["labels"][row][n_real:] == IGNORE_INDEX).all()
+            n += 1
+    assert _within(float(np.mean(labels)), 0.5, len(labels))
+
+
+def test_nsp_positives_continue_the_document(data_dir):
+    loader, sp, tok = _loader(data_dir, "mlm+nsp", mask_prob=0.01)
+    text = tok.decode(np.concatenate([np.asarray(t) for t in loader._tokens]).tolist())
+    checked = 0
+    for position in range(60):
+        ex = loader.example(position)
+        orig = np.where(ex["labels"] != IGNORE_INDEX, ex["labels"], ex["input_ids"])[: int(ex["pad_mask"].sum())]
+        sep = int(np.flatnonzero(orig == sp.sep)[0])
+        a, b = orig[1:sep].tolist(), orig[sep + 1 : -1].tolist()
+        if ex["pair_labels"][0] == 0:
+            assert tok.decode(a + b) in text  # A then B is a contiguous span of one document
+            checked += 1
+    assert checked > 10
+
+
+def test_electra_labels_mark_exactly_the_replaced_tokens():
+    torch.manual_seed(0)
+    cfg = BertConfig(family="electra", vocab_size=20, max_seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.0)
+    model = Electra(cfg)
+    model.init_weights()
+    ids = torch.randint(0, 16, (4, 12))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, ::3] = ids[:, ::3]
+    masked = torch.where(labels != IGNORE_INDEX, torch.full_like(ids, 19), ids)
+    batch = {"input_ids": masked, "segments": torch.zeros_like(ids), "pad_mask": torch.ones_like(ids, dtype=torch.bool),
+             "labels": labels}  # fmt: skip
+    corrupted, replaced, gen_loss = electra_corrupt(model, batch)
+    selected = labels != IGNORE_INDEX
+    assert torch.equal(corrupted[~selected], ids[~selected])  # only selected positions are sampled
+    assert torch.equal(replaced.bool(), corrupted != ids)  # a sample equal to the original is "original"
+    assert not replaced[~selected].any() and replaced[selected].any()
+    assert gen_loss > 0
+
+
+def _overfit(model, objective, batch, steps=60):
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(len(losses))  # ELECTRA sampling
+        loss = objective.loss(model, batch) / max(objective.count(batch), 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm+nsp", "mlm+sop", "electra"])
+def test_each_objective_overfits_one_batch(data_dir, name):
+    loader, sp, tok = _loader(data_dir, name, mask_prob=0.3)
+    batch = next(loader)
+    vocab = tok.vocab_size + sp.added
+    family = "electra" if name == "electra" else "bert"
+    cfg = BertConfig(family=family, vocab_size=vocab, max_seq_len=48, n_layer=2, n_head=2, d_model=32, dropout=0.0,
+                     generator_ratio=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    model = (Electra if name == "electra" else Bert)(cfg)
+    model.init_weights()
+    objective = ReplacedTokenDetection(50.0) if name == "electra" else MaskedLM()
+    losses = _overfit(model, objective, batch, steps=150 if name == "electra" else 60)
+    # ELECTRA's loss is noisy (fresh generator samples each step): compare averages of the ends
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+
+
+def test_roc_auc_matches_hand_computed_values():
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert roc_auc(np.array([1.0, 1.0, 0.0]), np.array([1, 0, 0])) == pytest.approx(0.75)  # a tie counts 1/2
+    assert math.isnan(roc_auc(np.array([1.0, 2.0]), np.array([1, 1])))
+
+
+def test_objective_and_family_must_match():
+    check_objective("electra", "electra")
+    with pytest.raises(ConfigError, match="needs bert.*bert-tiny"):
+        check_objective("mlm", "gpt")
+    with pytest.raises(ConfigError, match="electra-tiny"):
+        check_objective("electra", "bert")
+
+
+def _cfg(data_dir, out, preset, **objective):
+    return load_config(
+        preset=preset,
+        overrides={
+            "out": str(out),
+            "data": {"dir": str(data_dir)},
+            "model": {"n_layer": 1, "d_model": 32, "d_ff": 64, "max_seq_len": 32, "dropout": 0.1},
+            "objective": objective,
+            "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "warmup_steps": 2, "log_every": 1},
+            "eval": {"every": 4, "max_batches": 2},
+            "checkpoint": {"every": 4, "keep": 10},
+        },
+    )
+
+
+def test_electra_run_resumes_bit_identically(data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(_cfg(data_dir, straight, "electra-tiny"), progress=False)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000008")
+    (crashed / "checkpoints" / "latest").write_text("step-000004\n", encoding="utf-8")
+    assert pretrain(_cfg(data_dir, crashed, "electra-tiny"), progress=False).step == 8
+    _assert_same_run(straight, crashed)
+
+
+def test_pretrain_and_eval_json_report_each_objectives_metrics(data_dir, tmp_path):
+    run = tmp_path / "bert"
+    pretrain(_cfg(data_dir, run, "bert-tiny", whole_word=True), progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any("val_nsp_accuracy" in r and "val_mlm_accuracy" in r for r in records)
+    r = run_cli("eval", str(run), "--json", "--max-batches", "2")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["objective"] == "mlm+nsp" and 0 <= m["mlm_accuracy"] <= 1 and 0 <= m["nsp_accuracy"] <= 1
+    assert "bpb" not in m
+    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "bad"), "--preset", "tiny",
+                "--objective", "mlm")  # fmt: skip
+    assert r.returncode == 2 and "cannot train a model.family 'gpt'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_specials_of_a_tokenizer_that_has_them_are_used():
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe(["to be or not to be"] * 5, vocab_size=280, extra_specials=True)
+    sp = special_ids(tok)
+    assert sp.added == 0 and tok.id_to_token(sp.mask) == "<|mask|>" and tok.id_to_token(sp.cls) == "<|cls|>"

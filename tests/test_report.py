@@ -1,0 +1,220 @@
+"""`lmforge report`: a page rendered from two tiny real runs holds every plot, the config differences,
+evaluation numbers equal to metrics.jsonl, the data card and the samples; Markdown + PNGs; bad input is a
+one-line error; `--watch` follows a live run; and a real headless Chromium (when installed) shows the
+page with zero console errors and no network request, saving a screenshot to tests/artifacts/."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import pytest
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.log import read_metrics
+from lmforge.report import PLOTS, render_report, watch
+from lmforge.runs import run_status
+from lmforge.train.run import pretrain
+from tests.cdp import Browser, find_chromium
+from tests.conftest import REPO, run_cli, tiny_config
+
+ARTIFACTS = REPO / "tests" / "artifacts"  # gitignored
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Page(HTMLParser):
+    """The parts of a report page the tests look at."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.plots: list[str] = []
+        self.tables: dict[str, list[list[tuple[str, str | None]]]] = {}
+        self.samples: list[str] = []
+        self.tags: set[str] = set()
+        self.urls: list[str] = []
+        self.refresh: str | None = None
+        self._table: str | None = None
+        self._cell: list | None = None
+        self._pre = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        self.urls += [a[k] for k in ("src", "href") if k in a]
+        if tag == "img" and a.get("class") == "plot":
+            self.plots.append(a["src"])
+        elif tag == "meta" and a.get("http-equiv") == "refresh":
+            self.refresh = a["content"]
+        elif tag == "table":
+            self._table = a.get("id", "")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = ["", a.get("data-value")]
+        elif tag == "pre" and a.get("class") == "sample":
+            self._pre = True
+            self.samples.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[self._table][-1].append((self._cell[0], self._cell[1]))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "pre":
+            self._pre = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+        if self._pre:
+            self.samples[-1] += data
+
+    def rows(self, table: str) -> list[dict[str, tuple[str, str | None]]]:
+        header = [text for text, _ in self.tables[table][0]]
+        return [dict(zip(header, row, strict=True)) for row in self.tables[table][1:]]
+
+
+@pytest.fixture(scope="module")
+def two_runs(data_dir, tmp_path_factory):
+    """Two tiny real runs (12 steps, evals at 4, 8, 12 with samples) that differ in lr and grad_clip."""
+    root = tmp_path_factory.mktemp("report") / "runs"
+    fast, slow = root / "fast", root / "slow"
+    pretrain(tiny_config(data_dir, fast, **{"eval.sample_tokens": 24}), progress=False)
+    pretrain(
+        tiny_config(data_dir, slow, **{"train.lr": 1e-3, "optim.grad_clip": 0.05, "eval.sample_tokens": 24}),
+        progress=False,
+    )
+    return fast, slow
+
+
+def test_html_report_content_matches_metrics(two_runs, data_dir, tmp_path):
+    out = render_report(list(two_runs), tmp_path / "report.html")
+    page = Page(out.read_text(encoding="utf-8"))
+
+    # Self-contained: no script, no external URL; every plot an embedded PNG.
+    assert "script" not in page.tags and page.refresh is None
+    assert all(u.startswith("data:image/png;base64,") for u in page.urls), page.urls
+    assert len(page.plots) == len(PLOTS) == 9
+    for src in page.plots:
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+
+    metrics = {run.name: read_metrics(run / "metrics.jsonl") for run in two_runs}
+    evals = {name: [r for r in recs if "val_loss" in r] for name, recs in metrics.items()}
+
+    summary = page.rows("summary")
+    assert [r["run"][0] for r in summary] == ["fast", "slow"]
+    for row in summary:
+        name = row["run"][0]
+        assert row["status"][0] == "finished" and row["steps"][0] == "12/12"
+        assert float(row["best val loss"][1]) == min(r["val_loss"] for r in evals[name])
+        assert float(row["final val bpb"][1]) == evals[name][-1]["val_bpb"]
+        assert int(row["tokens"][1]) == [r for r in metrics[name] if "loss" in r][-1]["tokens"]
+        assert row["skipped steps"][0] == "0"
+
+    rows = page.rows("evals")
+    assert len(rows) == sum(len(v) for v in evals.values()) == 6  # evals at steps 4, 8, 12 of each run
+    for row in rows:
+        record = next(r for r in evals[row["run"][0]] if r["step"] == int(row["step"][0]))
+        for key in ("val_loss", "val_ppl", "val_bpb"):
+            assert float(row[key][1]) == record[key], (key, row[key], record[key])  # exact: repr round trip
+
+    config = {r["setting"][0]: (r["fast"][0], r["slow"][0]) for r in page.rows("config")}
+    assert config == {"train.lr": ("0.003", "0.001"), "optim.grad_clip": ("1.0", "0.05")}
+
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    card = {r[""][0]: r["value"] for r in page.rows("data-1")}
+    assert card["tokenizer"][0].startswith("char")
+    assert int(card["train tokens"][1]) == manifest["splits"]["train"]["tokens"]
+
+    samples = [
+        r["sample"] for step in (4, 8, 12) for name in ("fast", "slow") for r in evals[name] if r["step"] == step
+    ]
+    assert page.samples == samples and len(samples) == 6 and all(samples)  # row per eval step, column per run
+    assert [int(r["step"][1]) for r in page.rows("samples")] == [4, 8, 12]
+
+
+def test_markdown_report_writes_pngs(two_runs, tmp_path):
+    out = render_report(list(two_runs), tmp_path / "docs" / "report.md")
+    text = out.read_text(encoding="utf-8")
+    images = [line for line in text.splitlines() if line.startswith("![")]
+    assert len(images) == len(PLOTS)
+    for line in images:
+        png = out.parent / line.split("](", 1)[1].rstrip(")")
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    val = read_metrics(two_runs[1] / "metrics.jsonl")[-1]
+    assert "| slow | 12 |" in text and f"{val['val_loss']:.4f}" in text
+    assert not list(out.parent.rglob("*.tmp"))
+
+
+def test_bad_input_is_one_line_error(two_runs, tmp_path):
+    result = run_cli("report", str(two_runs[0]), str(tmp_path / "missing"), "--out", str(tmp_path / "r.html"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not an lmforge run directory" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="not an lmforge run directory"):
+        render_report([tmp_path], tmp_path / "r.html")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((two_runs[0] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    (empty / "metrics.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
+        render_report([empty], tmp_path / "r.html")
+    with pytest.raises(ConfigError, match="is a folder"):
+        render_report([two_runs[0]], tmp_path)
+    assert not (tmp_path / "r.html").exists()  # nothing half-written
+
+    ok = run_cli("report", *map(str, two_runs), "--out", str(tmp_path / "cli.md"))
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
+
+
+@pytest.mark.slow
+def test_watch_follows_a_live_run(data_dir, tmp_path):
+    """A CLI training run in a subprocess (~6 s): the page refreshes itself while it runs, not after."""
+    run, out = tmp_path / "live", tmp_path / "live.html"
+    args = [
+        "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--model.n_layer", "2",
+        "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "200",
+        "--train.log_every", "10", "--eval.every", "100", "--eval.max_batches", "2", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while run_status(run) != "running" or not read_metrics(run / "metrics.jsonl"):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        assert watch([run], out, every_s=2, max_renders=1, echo=False) == 1
+        assert Page(out.read_text(encoding="utf-8")).refresh == "2"  # live: the browser reloads it
+        renders = watch([run], out, every_s=0.2, echo=False)  # returns by itself when the run ends
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    page = Page(out.read_text(encoding="utf-8"))
+    assert renders >= 1 and page.refresh is None
+    assert page.rows("summary")[0]["status"][0] == "finished"
+    assert page.rows("summary")[0]["steps"][0] == "200/200"
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")
+def test_report_in_headless_chromium(two_runs, tmp_path):
+    out = render_report(list(two_runs), tmp_path / "report.html")
+    with Browser(find_chromium(), width=1280, height=900) as browser:
+        result = browser.open(out.resolve().as_uri())
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report-chromium.png").write_bytes(result.screenshot)
+
+    assert result.errors == []  # console errors/warnings, exceptions, failed loads
+    assert all(u.startswith(("file:", "data:")) for u in result.requests)  # no network
+    images = result.probe["images"]
+    assert len(images) == len(PLOTS) and all(done and width > 0 for done, width in images)  # every PNG decoded
+    tables = dict(result.probe["tables"])
+    assert tables["summary"] == 3 and tables["evals"] == 7  # header + rows, as the browser parsed them
+    assert result.screenshot.startswith(PNG_MAGIC) and result.probe["height"] > 2000

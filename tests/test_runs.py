@@ -1,0 +1,161 @@
+"""`lmforge runs`: status of real runs (running, interrupted by SIGINT, killed by SIGKILL = failed,
+finished), the table and --json; and the training-time signals in metrics.jsonl (update ratio against
+checkpoint weights, grad norm before clipping, memory, skipped NaN steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.log import RunLogger, read_metrics
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.objectives import CausalLM
+from lmforge.runs import format_runs, list_runs, run_status
+from lmforge.train.loop import train
+from lmforge.train.optim import build_optimizer
+from lmforge.train.precision import pick_precision
+from lmforge.train.run import pretrain
+from lmforge.train.state import TrainState
+from tests.conftest import REPO, run_cli, tiny_config
+
+
+def _start(data_dir, run):
+    args = [
+        "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--model.n_layer", "2",
+        "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "100000",
+        "--train.log_every", "1", "--eval.every", "0", "--checkpoint.every", "1000", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+
+
+def _wait_for_steps(run, n, proc, timeout=60):
+    deadline = time.time() + timeout
+    while len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]) < n:
+        assert proc.poll() is None and time.time() < deadline, "training did not get going"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
+    """Three CLI processes (~12 s): SIGINT gives "interrupted", SIGKILL leaves "failed"."""
+    root = tmp_path / "runs"
+    stopped, killed, done = root / "stopped", root / "group" / "killed", root / "done"
+
+    proc = _start(data_dir, stopped)
+    _wait_for_steps(stopped, 3, proc)
+    assert run_status(stopped) == "running"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert run_status(stopped) == "interrupted"
+
+    proc = _start(data_dir, killed)
+    _wait_for_steps(killed, 3, proc)
+    running = {r.name: r for r in list_runs(root)}
+    assert running["group/killed"].status == "running" and running["group/killed"].step >= 3
+    proc.kill()
+    proc.wait(timeout=30)
+    assert run_status(killed) == "failed"  # status.json still says running, but its pid is gone
+
+    pretrain(tiny_config(data_dir, done), progress=False)
+    result = run_cli("runs", str(root), "--json")
+    assert result.returncode == 0, result.stderr
+    runs = {r["name"]: r for r in json.loads(result.stdout)}
+    assert {k: r["status"] for k, r in runs.items()} == {
+        "done": "finished",
+        "group/killed": "failed",
+        "stopped": "interrupted",
+    }
+    metrics = read_metrics(done / "metrics.jsonl")
+    assert runs["done"]["step"] == 12 and runs["done"]["max_steps"] == 12 and runs["done"]["preset"] == "tiny"
+    assert runs["done"]["tokens"] == [r for r in metrics if "loss" in r][-1]["tokens"]
+    assert runs["done"]["best_val_loss"] == min(r["val_loss"] for r in metrics if "val_loss" in r)
+    assert runs["done"]["last_checkpoint"] == "step-000012"
+    assert runs["stopped"]["last_checkpoint"] == f"step-{runs['stopped']['step']:06d}"  # saved where it stopped
+
+    table = format_runs(list_runs(root))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 4
+    assert lines[1].split()[:4] == ["done", "tiny", "finished", "12/12"]
+
+
+def test_runs_bad_dir_is_one_line_error(tmp_path):
+    result = run_cli("runs", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "is not a folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list_runs(tmp_path) == []
+
+
+def test_signals_in_metrics(data_dir, tmp_path):
+    """update_ratio equals ||w_k - w_(k-1)|| / ||w_k|| from the saved weights; grad_norm is pre-clipping."""
+    run = tmp_path / "run"
+    pretrain(
+        tiny_config(data_dir, run, **{"optim.grad_clip": 0.05, "checkpoint.every": 1, "checkpoint.keep": 20}),
+        progress=False,
+    )
+    train_records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(train_records) == 12
+    for record in train_records:
+        assert record["grad_norm"] > 0.05  # logged before clipping to 0.05
+        assert record["skipped_steps"] == 0 and record["loss_spike"] is False
+        assert 10 < record["mem_mib"] < 100_000  # RSS of this process, in MiB
+    for step in (2, 7, 12):
+        old = load_file(str(run / "checkpoints" / f"step-{step - 1:06d}" / "model.safetensors"))
+        new = load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+        delta = math.sqrt(sum(float(((new[k].double() - old[k].double()) ** 2).sum()) for k in new))
+        norm = math.sqrt(sum(float((new[k].double() ** 2).sum()) for k in new))
+        # float32 norms in the loop vs float64 here: agree to ~1e-6 relative
+        assert train_records[step - 1]["update_ratio"] == pytest.approx(delta / norm, rel=1e-4)
+
+
+class NaNOnStep(CausalLM):
+    """Causal LM whose loss is NaN on one step: what an overflow looks like to the loop."""
+
+    def __init__(self, bad_step: int) -> None:
+        self.calls, self.bad_step = 0, bad_step
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss = super().loss(model, batch)
+        return loss * float("nan") if self.calls == self.bad_step else loss
+
+
+def test_nan_gradient_step_is_skipped_and_counted(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=16))
+    model.init_weights()
+    g = torch.Generator().manual_seed(1)
+    batches = [(x[:, :-1], x[:, 1:]) for x in (torch.randint(0, 40, (4, 13), generator=g) for _ in range(4))]
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-2, warmup_steps=0, schedule="constant", log_every=1)
+    optim_cfg = OptimConfig()
+    log = RunLogger(tmp_path / "metrics.jsonl", max_steps=4, start_step=0, console=False)
+    state = train(
+        model,
+        build_optimizer(model, optim_cfg, lr=1e-2, device=torch.device("cpu")),
+        iter(batches),
+        cfg=cfg,
+        optim_cfg=optim_cfg,
+        eval_cfg=EvalConfig(every=0),
+        ckpt_cfg=CheckpointConfig(every=0),
+        precision=pick_precision(torch.device("cpu"), "float32"),
+        state=TrainState(),
+        log=log,
+        save=lambda st: None,
+        objective=NaNOnStep(bad_step=2),
+    )
+    log.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1] and state.skipped_steps == 1
+    assert records[1]["update_ratio"] == 0.0 and not math.isfinite(records[1]["grad_norm"])
+    assert records[2]["update_ratio"] > 0 and math.isfinite(records[3]["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights

@@ -1,0 +1,105 @@
+"""Optional trackers: TensorBoard event files from a tiny real run, read back with TensorBoard's own
+reader, hold the same numbers as metrics.jsonl (also after a resume), and so does MLflow's local store
+(when mlflow is installed); a tracker whose package is missing is a one-line error with the install
+command, before anything is trained."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+
+from lmforge.config import LogConfig, load_config
+from lmforge.errors import ConfigError
+from lmforge.log import read_metrics
+from lmforge.trackers import open_trackers, scalars
+from lmforge.train.run import pretrain
+from tests.conftest import run_cli, tiny_config
+
+
+def _events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})  # 0 = keep every event
+    acc.Reload()
+    return acc
+
+
+def _expected(run) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as TensorBoard stores it: per key, (step, value as float32)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for record in read_metrics(run / "metrics.jsonl"):
+        for key, value in scalars(record).items():
+            out.setdefault(key, []).append((record["step"], float(np.float32(value))))
+    return out
+
+
+def _assert_same(acc, run):
+    expected = _expected(run)
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for key, points in expected.items():
+        assert [(e.step, e.value) for e in acc.Scalars(key)] == points, key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_holds_the_metrics_jsonl_numbers(data_dir, tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"log.tensorboard": True, "eval.sample_tokens": 16}), progress=False)
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert {"loss", "val_loss", "val_bpb", "grad_norm", "update_ratio", "mem_mib"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("loss")) == 12 and len(acc.Scalars("val_loss")) == 3
+    assert "sample/text_summary" in acc.Tags()["tensors"]
+
+    # A crash after the step-6 checkpoint, then resume: the events of steps 7-12 are purged and rewritten.
+    shutil.rmtree(run / "checkpoints" / "step-000012")
+    (run / "checkpoints" / "latest").write_text("step-000006\n", encoding="utf-8")
+    pretrain(tiny_config(data_dir, run, **{"log.tensorboard": True, "eval.sample_tokens": 16}), progress=False)
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed")
+def test_mlflow_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"log.mlflow": True}), progress=False)
+    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert found.info.status == "FINISHED" and found.data.params["train.lr"] == "0.003"
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in read_metrics(run / "metrics.jsonl"):
+        for key, value in scalars(record).items():
+            expected.setdefault(key, []).append((record["step"], value))
+    assert set(found.data.metrics) == set(expected)
+    for key, points in expected.items():
+        history = client.get_metric_history(found.info.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == points, key  # doubles: exact
+
+
+def test_bare_flag_turns_a_tracker_on():
+    assert load_config(overrides=["--log.tensorboard", "--train.lr", "1e-3"]).log.tensorboard is True
+    assert load_config(overrides=["--log.tensorboard", "false"]).log.tensorboard is False
+    assert load_config().log == LogConfig()  # all off by default
+
+
+@pytest.mark.parametrize("flag", ["wandb", "mlflow"])
+def test_missing_tracker_package_is_one_line_error(flag, data_dir, tmp_path):
+    if importlib.util.find_spec(flag) is not None:
+        pytest.skip(f"{flag} is installed here")
+    with pytest.raises(ConfigError, match=f"needs the {flag} package: pip install {flag}"):
+        open_trackers(LogConfig(**{flag: True}), tmp_path, config={}, start_step=0)
+    if flag != next(f for f in ("wandb", "mlflow") if importlib.util.find_spec(f) is None):
+        return  # the command line is checked with the first missing package only (a CLI run costs ~4 s)
+    result = run_cli(
+        "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny",
+        "--train.max_steps", "2", f"--log.{flag}",
+    )  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"pip install {flag}" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before training started
