@@ -401,6 +401,11 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
         model = build_model(config.model)
     model = model.to_empty(device=device)
     model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten below
-    ckpt.load_model(model)
+    if "quantization" in ckpt.meta:  # written by `lmforge quantize`: integer weights, dequantized here
+        from lmforge.compress.quantize import load_quantized
+
+        load_quantized(model, ckpt)
+    else:
+        ckpt.load_model(model)
     model.eval()
     return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)

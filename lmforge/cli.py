@@ -21,12 +21,13 @@ TOUR = """commands:
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
-  export       write a run as a Hugging Face model directory (GPT-2 or Llama style)
+  export       write a run as a Hugging Face model directory (GPT-2 or Llama style) or a GGUF file (Llama style)
+  quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
   import       turn a local Hugging Face GPT-2/Llama directory into an lmforge run
   estimate     parameters, FLOPs, memory, time and cost of a run before you start it
   report       one HTML (or Markdown) page comparing runs: curves, config differences, evals, samples
   runs         table of the runs under a folder: status, steps, tokens, best val loss, last checkpoint
-  finetune     adapt a run or HF model to a task: classify, sft, translate, qa, dpo, clm (full/head/lora/prompt)
+  finetune     adapt a run or HF model to a task: classify, sft, translate, qa, dpo, clm (full/head/lora/prompt/distill)
   chat         talk to a chat-tuned run in the terminal (streams; /reset, /exit)
   serve        OpenAI-compatible /v1/completions and /v1/chat/completions on 127.0.0.1
 
@@ -154,11 +155,14 @@ def build_parser() -> Parser:
         "export",
         help="write a run or checkpoint as a Hugging Face model directory",
         description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
-        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models).",
+        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models). "
+        "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE; pip install "
+        "'lmforge[gguf]').",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--to", default="hf", choices=["hf"], help="target format (default: hf)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="gguf: weight type (default: f16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
 
@@ -171,6 +175,23 @@ def build_parser() -> Parser:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    p = sub.add_parser(
+        "quantize",
+        help="weight-only int8/int4 quantization of a run's Linear layers",
+        description="Write a copy of a GPT run whose Linear weights are int8 (per output channel) or int4 "
+        "(per group of --group-size inputs, two per byte) with fp16 scales, in safetensors. eval/generate/chat/"
+        "serve/export load it (dequantized on load). Prints val bpb, size on disk and CPU generation speed "
+        "before and after.",
+    )
+    p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="weight bits (default: 8)")
+    p.add_argument("--group-size", type=int, default=64, help="int4: inputs per scale (default: 64)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--max-batches", type=int, default=20, help="val batches for the bpb comparison (default: 20)")
+    p.add_argument("--no-compare", action="store_true", help="skip the before/after bpb and speed measurements")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
         "estimate",
@@ -296,6 +317,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.cli_adapt import run as run_adapt
 
         run_adapt(args, extra)
+    elif args.command == "export" and args.to == "gguf":
+        from lmforge.export.gguf import export_gguf
+
+        print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
 
@@ -303,6 +328,19 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {out}")
         if args.verify:
             print(f"transformers loads it; max |logit difference| = {verify_hf(args.run, out):.3g}")
+    elif args.command == "quantize":
+        from lmforge.compress.quantize import format_quantize, quantize_run
+
+        r = quantize_run(
+            args.run,
+            args.out,
+            bits=args.bits,
+            group_size=args.group_size,
+            overwrite=args.overwrite,
+            compare=not args.no_compare,
+            max_batches=args.max_batches,
+        )
+        print(json.dumps(r, ensure_ascii=False) if args.json else format_quantize(r))
     elif args.command == "import":
         from lmforge.export.hf import import_hf
 

@@ -42,9 +42,30 @@ from lmforge.objectives import ObjectiveConfig
 class DataConfig:
     dir: str = opt("", "prepared data directory (made by `lmforge prepare`)")
     seq_len: int = opt(0, "training sequence length in tokens; 0 = model.max_seq_len")
+    mix: str = opt(
+        "",
+        "train on a weighted mixture of prepared directories, 'DIR=0.7,DIR2=0.3' (same tokenizer as data.dir, "
+        "which still supplies validation); exact proportions, resumable",
+    )
+    curriculum: Literal["none", "doc_length"] = opt(
+        "none", "doc_length: train on windows of short documents first and phase in long ones over curriculum_steps"
+    )
+    curriculum_steps: int = opt(1000, "steps until every window is eligible (with data.curriculum)")
+    curriculum_start: float = opt(0.1, "share of the easiest windows eligible at step 0 (with data.curriculum)")
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 0, f"data.seq_len must be >= 0, got {self.seq_len}")
+        if self.mix:
+            from lmforge.data.mixture import parse_mix
+
+            parse_mix(self.mix)  # ConfigError on a malformed spec, before any work starts
+        check(
+            self.curriculum in ("none", "doc_length"),
+            f"data.curriculum must be 'none' or 'doc_length', got {self.curriculum!r}",
+        )
+        check(self.curriculum_steps >= 0, f"data.curriculum_steps must be >= 0, got {self.curriculum_steps}")
+        check(0 < self.curriculum_start <= 1, f"data.curriculum_start must be in (0, 1], got {self.curriculum_start}")
+        check(not (self.mix and self.curriculum != "none"), "data.mix and data.curriculum cannot be combined yet")
 
 
 @dataclass(kw_only=True)

@@ -152,8 +152,13 @@ def measure_cpu_allocations(fn: Any) -> int:
         prof.export_chrome_trace(path)
         with open(path, encoding="utf-8") as f:
             events = json.load(f)["traceEvents"]
-    memory = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]" and "args" in e]
-    return max(memory, default=0)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not memory:
+        return 0
+    # "Total Allocated" also counts what earlier profiling sessions allocated and is still alive (e.g.
+    # gradients): measure from what was allocated just before this session's first event.
+    before = memory[0]["Total Allocated"] - memory[0].get("Bytes", 0)
+    return max(m["Total Allocated"] for m in memory) - before
 
 
 # --------------------------------------------------------------------------------------------

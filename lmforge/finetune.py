@@ -43,14 +43,17 @@ from lmforge.fields import check, opt
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
 # few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
-ADAPT_LR = {"full": 3e-4, "head": 1e-3, "lora": 1e-3, "prompt": 1e-2}
+# Distillation trains every weight like full, usually of a small, briefly pretrained student: 1e-3.
+ADAPT_LR = {"full": 3e-4, "head": 1e-3, "lora": 1e-3, "prompt": 1e-2, "distill": 1e-3}
 CHAT_TASKS = ("sft", "qa", "dpo")
 
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
     task: Literal["classify", "sft", "translate", "qa", "dpo", "clm"] = opt("sft", "what to train for")
-    adapt: Literal["full", "head", "lora", "prompt"] = opt("full", "which parameters train")
+    adapt: Literal["full", "head", "lora", "prompt", "distill"] = opt(
+        "full", "which parameters train (distill: all, on a --teacher's soft targets + the data)"
+    )
     lora_rank: int = opt(8, "LoRA rank r")
     lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
@@ -72,6 +75,9 @@ class FinetuneConfig:
     field: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "rename a task field: NAME=COLUMN, e.g. text=sentence"}
     )
+    teacher: str = opt("", "--adapt distill: the teacher run or checkpoint (same tokenizer as BASE)")
+    distill_temperature: float = opt(2.0, "--adapt distill: softmax temperature T of the soft targets")
+    distill_alpha: float = opt(0.5, "--adapt distill: weight of the soft (KL * T^2) term; 1 - alpha on the data loss")
 
     def __post_init__(self) -> None:
         check(self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
@@ -81,6 +87,14 @@ class FinetuneConfig:
         check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
         check(0 <= self.replay_fraction <= 10, f"--replay-fraction must be in [0, 10], got {self.replay_fraction}")
         check(self.adapt != "head" or self.task != "dpo", "DPO with --adapt head is not supported; use full or lora")
+        if self.adapt == "distill":
+            check(bool(self.teacher), "--adapt distill needs --teacher RUN_DIR (the model to learn from)")
+            check(
+                self.task in ("clm", "sft", "qa", "translate") and not self.pack,
+                "--adapt distill works for --task clm, sft, qa or translate, without --pack",
+            )
+        check(self.distill_temperature > 0, f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        check(0 <= self.distill_alpha <= 1, f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         check(
             not self.pack or (self.task in ("sft", "qa", "translate") and self.adapt != "prompt"),
             "--pack works for --task sft, qa or translate, without --adapt prompt",
@@ -237,6 +251,27 @@ def _load_base_model(info: dict[str, Any], device: torch.device) -> nn.Module:
     base = load_finetuned(info["base"], device).model
     merge_lora(base)
     return base
+
+
+def _load_teacher(teacher: str, student: Finetuned, device: torch.device) -> nn.Module:
+    """The frozen teacher of `--adapt distill`: a language model with the student's tokenizer."""
+    from lmforge.adapt.lora import merge_lora
+
+    loaded = load_finetuned(teacher, device)
+    if loaded.model.__class__.__name__ != "GPT":
+        raise ConfigError(f"--teacher {teacher} is a classification or prompt-tuned run; use a language model")
+    if loaded.tokenizer.fingerprint != student.tokenizer.fingerprint:
+        raise ConfigError(
+            f"--teacher {teacher} uses another tokenizer than the student; distillation needs the same one "
+            "(prepare the student's data with the teacher's tokenizer.json)"
+        )
+    if loaded.model.cfg.vocab_size != student.model.cfg.vocab_size:
+        raise ConfigError(
+            f"--teacher has {loaded.model.cfg.vocab_size} output ids, the student {student.model.cfg.vocab_size}; "
+            "they must match"
+        )
+    merge_lora(loaded.model)
+    return loaded.model.eval()
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -428,9 +463,12 @@ def finetune(
         shutil.rmtree(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    teacher: nn.Module | None = None
     try:
         loaded, base_path, base_sha = _load_base(base, out, device)
         tok, body = loaded.tokenizer, loaded.model
+        if cfg.adapt == "distill":
+            teacher = _load_teacher(cfg.teacher, loaded, device)
         context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
         if context < 8:
             raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
@@ -482,7 +520,7 @@ def finetune(
         "prompt_tokens": cfg.prompt_tokens,
         "dpo_beta": cfg.dpo_beta,
         "seed": train_cfg.seed,
-        "saved": "adapter",
+        "saved": "model" if cfg.adapt == "distill" else "adapter",
         "lora_merged": False,
         "finetune_config": dataclasses.asdict(cfg),
     }
@@ -490,7 +528,7 @@ def finetune(
     if cfg.task == "dpo":  # the frozen reference = the base before any update
         reference_logprobs(body, train_ex + val_ex, pad_id, device)
     model = build_adapted(body, info, device)
-    set_trainable(model, cfg.adapt)
+    set_trainable(model, "full" if cfg.adapt == "distill" else cfg.adapt)
     for p in model.parameters():  # frozen weights carry no autograd state at all
         if not p.requires_grad:
             p.grad = None
@@ -510,6 +548,11 @@ def finetune(
         from lmforge.objectives import CausalLM
 
         objective = CausalLM()
+        if teacher is not None:
+            from lmforge.compress.distill import Distill
+
+            info["teacher"] = str(Path(cfg.teacher).resolve())
+            objective = Distill(teacher, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha)
     train_items, train_collate = train_ex, collate
     if cfg.pack:
         from lmforge.adapt.objectives import PackedCausalLM
@@ -527,7 +570,12 @@ def finetune(
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
 
     def evaluate_on(batches: list[Any]) -> dict[str, float]:
-        return val_metrics(model, cfg.task, batches, beta=cfg.dpo_beta, token_bytes=token_bytes, precision=precision)
+        metrics = val_metrics(model, cfg.task, batches, beta=cfg.dpo_beta, token_bytes=token_bytes, precision=precision)
+        if teacher is not None and batches:  # distillation: how far the student is from the teacher
+            from lmforge.compress.distill import kl_to_teacher
+
+            metrics["kl_to_teacher"] = kl_to_teacher(model, teacher, batches, device)
+        return metrics
 
     # the run directory: architecture config, tokenizer, chat template, finetune.json
     base_config = dataclasses.replace(loaded.config, out=str(out))
@@ -555,6 +603,11 @@ def finetune(
             "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
             "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
         }
+    distill: dict[str, float] = {}
+    if teacher is not None and val_batches:
+        from lmforge.compress.distill import kl_to_teacher
+
+        distill["kl_before"] = kl_to_teacher(model, teacher, val_batches, device)
 
     optimizer = build_optimizer(model, optim_cfg, lr=train_cfg.lr, device=device)
     tokenizer_json = tok.to_str()
@@ -574,7 +627,7 @@ def finetune(
         prune_checkpoints(out, keep=ckpt_cfg.keep, best_step=st.best_step if ckpt_cfg.keep_best else None)
         return path
 
-    if cfg.adapt == "full":
+    if cfg.adapt in ("full", "distill"):
         info["saved"] = "model"
         write_json(out / "finetune.json", info)
     state = TrainState()
@@ -627,6 +680,10 @@ def finetune(
         "trainable_params": trainable,
         "total_params": total,
     }
+    if distill:
+        distill["kl_after"] = kl_to_teacher(model, teacher, val_batches, device)
+        result["distill"] = distill
+        log.info(f"val KL(teacher || student) per token: {distill['kl_before']:.4f} -> {distill['kl_after']:.4f}")
     if forgetting:
         result["forgetting"] = forgetting
         log.info(

@@ -14,6 +14,7 @@ from tests.conftest import REPO, run_cli
 
 COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import", "estimate", "report", "runs"]
 COMMANDS += ["finetune", "chat", "serve"]
+COMMANDS += ["quantize"]
 
 
 def _one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:

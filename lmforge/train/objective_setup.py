@@ -117,15 +117,36 @@ def setup_objective(
         )
     if name == "clm":
         if carried:
+            if cfg.data.mix or cfg.data.curriculum != "none":
+                raise ConfigError(
+                    "data.mix/data.curriculum need shuffled windows; add --objective.carry_state false or drop them"
+                )
             from lmforge.data.stream import StreamLoader
 
             return ObjectiveSetup(
                 CarriedStateLM(), StreamLoader(train_shards, seq_len=seq_len, batch_size=mb, **ranks), None
             )
+        if cfg.data.mix:  # weighted mixture of prepared directories (lmforge/data/mixture.py)
+            from lmforge.data.mixture import mixture_loader
+
+            loader = mixture_loader(
+                cfg.data.mix, tokenizer.fingerprint, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks
+            )
+            return ObjectiveSetup(CausalLM(), loader, None)
+        if cfg.data.curriculum != "none":  # easy windows first (lmforge/data/curriculum.py)
+            from lmforge.data.curriculum import CurriculumLoader
+
+            loader = CurriculumLoader(
+                train_shards, eos=tokenizer.eos_id, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed,
+                steps=cfg.data.curriculum_steps, start=cfg.data.curriculum_start, **ranks,
+            )  # fmt: skip
+            return ObjectiveSetup(CausalLM(), loader, None)
         from lmforge.data.loader import TokenLoader
 
         loader = TokenLoader(train_shards, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks)
         return ObjectiveSetup(CausalLM(), loader, None)
+    if cfg.data.mix or cfg.data.curriculum != "none":
+        raise ConfigError(f"data.mix and data.curriculum work with objective clm for now, not {name!r}")
 
     from lmforge.data.masking import MLMLoader, mlm_eval_batches
     from lmforge.eval.objectives import evaluate_encoder
@@ -136,9 +157,12 @@ def setup_objective(
     objective = ReplacedTokenDetection(cfg.objective.rtd_weight) if electra else MaskedLM()
     eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
 
+    eval_kwargs = {**kwargs, "shards": val_shards, "batch_size": eval_bs, "seed": 0}  # fixed masks every time
+    if val_shards:
+        MLMLoader(**eval_kwargs, shuffle=False)  # a val split too small for the objective fails now, not mid-run
+
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        kwargs = encoder_loader_kwargs(cfg, val_shards, tokenizer, batch_size=eval_bs, seed=0)
-        batches = mlm_eval_batches(kwargs, max_batches=cfg.eval.max_batches)
+        batches = mlm_eval_batches(eval_kwargs, max_batches=cfg.eval.max_batches)
         return evaluate_encoder(
             model, batches, precision=precision, electra=electra, rtd_weight=cfg.objective.rtd_weight
         )

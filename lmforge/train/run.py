@@ -338,6 +338,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         )
         if diloco:
             log.info(diloco.comm_report(world.world_size, state.step - first_step))
+        if cfg.data.mix:  # MixtureLoader: the share of sequences drawn from each directory
+            log.info("data mix achieved: " + ", ".join(f"{k}={v:.4f}" for k, v in loader.achieved().items()))
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt)
         if world.is_main:

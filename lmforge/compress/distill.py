@@ -1,0 +1,94 @@
+"""Knowledge distillation: train a (smaller) student on a frozen teacher's soft targets plus the data.
+
+`lmforge finetune STUDENT --task clm --adapt distill --teacher TEACHER_RUN --train FILE` trains every
+weight of the student through the one training loop (`train/loop.py`); only the objective differs:
+
+    per target token t (targets != -100):
+        soft_t = T^2 * KL( softmax(teacher_t / T) || softmax(student_t / T) )
+        hard_t = cross_entropy(student_t, y_t)
+        loss   = sum_t [ alpha * soft_t + (1 - alpha) * hard_t ]      (summed; the loop divides by #targets)
+
+Design:
+- Hinton et al. (2015), "Distilling the Knowledge in a Neural Network": soft targets at temperature T,
+  scaled by T^2 so their gradients keep the same magnitude as T changes; alpha = 1 is pure
+  distillation, alpha = 0 is plain fine-tuning on the data.
+- The teacher runs under `torch.no_grad()` in eval mode (no dropout); it is never in the optimizer,
+  never saved with the student, and its logits are computed in float32 for the KL.
+- Teacher and student must share the tokenizer (same fingerprint): the soft targets are distributions
+  over token ids, meaningless across vocabularies. Their architectures may differ freely.
+- The summed KL is kept in `last_kl_sum`, and `kl_to_teacher()` measures the mean per-token KL
+  (at T = 1) over validation batches, so the log shows the student approaching the teacher.
+
+Reference: https://arxiv.org/abs/1503.02531
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.objectives import IGNORE_INDEX, count_targets, to_device
+
+
+def distill_loss(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, *, temperature: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """(summed total loss, summed soft term T^2 * KL) over the valid targets of a batch.
+
+    Args:
+        student_logits, teacher_logits: (B, T, V).
+        targets: (B, T) token ids, IGNORE_INDEX where nothing is predicted.
+        temperature: T > 0 softens both distributions.
+        alpha: weight of the soft term; 1 - alpha weighs the data cross-entropy.
+    """
+    valid = targets.flatten() != IGNORE_INDEX  # (B*T,)
+    s = student_logits.flatten(0, 1)[valid].float()  # (N, V)
+    t = teacher_logits.flatten(0, 1)[valid].float()
+    log_p_student = F.log_softmax(s / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()  # summed over tokens and vocab
+    soft = temperature**2 * kl
+    hard = F.cross_entropy(s, targets.flatten()[valid], reduction="sum")
+    return alpha * soft + (1.0 - alpha) * hard, soft
+
+
+class Distill:
+    """The loop's objective for distillation on (inputs, targets) batches (see the module docstring)."""
+
+    def __init__(self, teacher: nn.Module, *, temperature: float, alpha: float) -> None:
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        self.last_kl_sum = 0.0
+
+    def count(self, batch: tuple[Tensor, Tensor]) -> int:
+        return count_targets(batch[1])
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        total, soft = distill_loss(model(x), teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
+        self.last_kl_sum = float(soft.detach()) / self.temperature**2
+        return total
+
+
+@torch.no_grad()
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], device: torch.device) -> float:
+    """Mean per-target KL(teacher || student) at temperature 1, in nats, over `batches` of (inputs, targets)."""
+    was_training = student.training
+    student.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        x, y = to_device(batch, device)
+        _, soft = distill_loss(student(x), teacher(x), y, temperature=1.0, alpha=1.0)
+        total += float(soft)
+        n += count_targets(y)
+    student.train(was_training)
+    return total / max(n, 1)

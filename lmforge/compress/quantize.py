@@ -1,0 +1,279 @@
+"""Weight-only quantization of a run's Linear layers: `lmforge quantize RUN --bits 8|4 --out RUN_Q`.
+
+    RUN ─► quantize every nn.Linear weight ─► RUN_Q/
+        config.json, tokenizer.json          copied (same architecture, same data directory)
+        checkpoints/step-N/model.safetensors {name}.qweight + {name}.scales for each quantized weight,
+                                             every other tensor (embeddings, norms, biases) as it was
+        checkpoints/step-N/state.json        the run's state + "quantization": {bits, group_size, layers}
+
+Schemes (symmetric, no zero point, round to nearest; the baselines of LLM.int8/GPTQ/AWQ papers):
+- int8, per output channel: scale_o = max_i |W[o, i]| / 127, q = round(W / scale) in [-127, 127],
+  stored as int8 (1 byte per weight + one fp16 scale per row).
+- int4, group-wise: each row is cut into groups of `group_size` input columns (the whole row when
+  group_size does not divide it); scale_g = max |W[group]| / 7, q = round(W / scale) in [-8, 7],
+  stored as q + 8 in 4 bits, two per byte (low nibble = even column), plus one fp16 scale per group.
+- Embeddings (and a tied output head, which *is* the embedding) stay float32: a lookup table is not
+  a matmul, and the tied head is shared with it. Norms and biases stay float32 (tiny).
+
+Loading (`checkpoint.load_trained`, so `eval`, `generate`, `chat`, `serve`, `export` all work): the
+weights are dequantized once into an ordinary float32 model ("dequantize on load"). `QuantLinear`,
+which keeps the integers and dequantizes on the fly in every forward, is here too; bench/quantize.py
+measures both, and on CPU dequantize-on-load generates faster (see the README table), because
+PyTorch has no int4/int8-weight CPU matmul that beats its fp32 GEMM at these sizes and the on-the-fly
+dequantization adds work per token. What quantization buys here is disk size and download size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import CheckpointError, LmforgeError
+
+BITS = (8, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the numerics
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """W (out, in) float -> (qweight, scales fp16).
+
+    int8: qweight int8 (out, in), scales (out, 1). int4: qweight uint8 (out, in/2) packed nibbles,
+    scales (out, in/group) with group = group_size if it divides `in`, else `in`.
+    """
+    w = w.detach().float()
+    out_f, in_f = w.shape
+    if bits == 8:
+        scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12).half()  # (out, 1)
+        q = torch.round(w / scales.float()).clamp(-127, 127).to(torch.int8)
+        return q, scales
+    if bits != 4:
+        raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
+    if in_f % 2:
+        raise LmforgeError(f"int4 packs two weights per byte; a Linear with {in_f} inputs cannot be packed")
+    group = group_size if in_f % group_size == 0 else in_f
+    wg = w.view(out_f, in_f // group, group)  # (out, n_groups, group)
+    scales = (wg.abs().amax(dim=2, keepdim=True) / 7).clamp(min=1e-12).half()  # (out, n_groups, 1)
+    q = torch.round(wg / scales.float()).clamp(-8, 7).to(torch.int16).view(out_f, in_f) + 8  # 0..15
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (out, in/2)
+    return packed, scales.squeeze(2)
+
+
+def dequantize_weight(qweight: Tensor, scales: Tensor) -> Tensor:
+    """Inverse of `quantize_weight`: float32 (out, in). The scheme is told by qweight's dtype."""
+    if qweight.dtype == torch.int8:
+        return qweight.float() * scales.float()
+    if qweight.dtype != torch.uint8:
+        raise CheckpointError(f"quantized weight of dtype {qweight.dtype}; expected int8 or uint8 (int4)")
+    out_f = qweight.shape[0]
+    q = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).view(out_f, -1).float() - 8  # (out, in)
+    n_groups = scales.shape[1]
+    return (q.view(out_f, n_groups, -1) * scales.float()[:, :, None]).view(out_f, -1)
+
+
+class QuantLinear(nn.Module):
+    """A Linear that keeps int8 / packed int4 weights and dequantizes them in every forward."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, dequantize_weight(self.qweight, self.scales).to(x.dtype), self.bias)
+
+
+def quantized_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear modules that get quantized (all of them; embeddings are not Linears)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_state(model: nn.Module, bits: int, group_size: int) -> tuple[dict[str, Tensor], list[str]]:
+    """The model's state dict with each Linear weight replaced by `.qweight` + `.scales` tensors."""
+    layers = quantized_linears(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name in layers:
+        q, s = quantize_weight(state.pop(f"{name}.weight"), bits, group_size)
+        state[f"{name}.qweight"], state[f"{name}.scales"] = q.contiguous(), s.contiguous()
+    return state, layers
+
+
+def dequantized_state(state: dict[str, Tensor], layers: list[str]) -> dict[str, Tensor]:
+    """Replace `.qweight` + `.scales` pairs by float32 `.weight` tensors."""
+    out = dict(state)
+    for name in layers:
+        try:
+            q, s = out.pop(f"{name}.qweight"), out.pop(f"{name}.scales")
+        except KeyError:
+            raise CheckpointError(f"quantized checkpoint lacks {name}.qweight/.scales; it is damaged") from None
+        out[f"{name}.weight"] = dequantize_weight(q, s)
+    return out
+
+
+def load_quantized(model: nn.Module, ckpt: Any) -> None:
+    """Fill `model` (float32) from a quantized checkpoint: dequantize on load (see the module docstring)."""
+    info = ckpt.meta["quantization"]
+    state = dequantized_state(ckpt.model_state(), list(info["layers"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    from lmforge.checkpoint import _shared_names
+
+    missing = [k for k in missing if k not in _shared_names(model)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.path / 'model.safetensors'} does not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
+        )
+
+
+def to_quant_linears(model: nn.Module, bits: int, group_size: int) -> nn.Module:
+    """Swap every Linear of `model` (in place) for a QuantLinear holding its quantized weight."""
+    for name in quantized_linears(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        q, s = quantize_weight(linear.weight, bits, group_size)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        setattr(parent, child, QuantLinear(q, s, bias))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def _model_bytes(ckpt_dir: Path) -> int:
+    return (ckpt_dir / "model.safetensors").stat().st_size
+
+
+@torch.no_grad()
+def generation_speed(model: nn.Module, *, n_tokens: int = 64, prompt_len: int = 8, repeats: int = 2) -> float:
+    """Greedy decoding speed with the KV cache, in new tokens per second (best of `repeats`, after a warm-up)."""
+    from lmforge.generate import generate
+
+    vocab = model.cfg.vocab_size
+    n_tokens = min(n_tokens, model.cfg.max_seq_len - prompt_len)
+    prompt = [(7 * i + 3) % vocab for i in range(prompt_len)]
+    generate(model, prompt, max_new_tokens=4, temperature=0)  # warm-up (allocations, kernels)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        new = generate(model, prompt, max_new_tokens=n_tokens, temperature=0)
+        best = min(best, time.perf_counter() - start)
+    return len(new) / best
+
+
+def quantize_run(
+    path: str | Path,
+    out: str | Path,
+    *,
+    bits: int = 8,
+    group_size: int = 64,
+    overwrite: bool = False,
+    compare: bool = True,
+    max_batches: int = 20,
+    gen_tokens: int = 64,
+) -> dict[str, Any]:
+    """`lmforge quantize`: write a weight-quantized copy of a run, and compare it with the original.
+
+    Args:
+        path: run directory (its latest checkpoint) or a checkpoint folder; GPT models only.
+        out: the run directory to create (eval/generate/chat/serve/export load it like any run).
+        bits: 8 (int8 per output channel) or 4 (int4 per group of `group_size` inputs).
+        group_size: int4 group width (a row is one group when it does not divide the row).
+        overwrite: replace an existing `out`.
+        compare: also measure val bpb (first `max_batches` batches), size on disk and CPU greedy
+            generation speed (`gen_tokens` tokens, KV cache, 1 sequence) before and after.
+
+    Returns:
+        {"out", "bits", "group_size", "layers", "bytes_before", "bytes_after"} plus, with `compare`,
+        {"bpb_before", "bpb_after", "tok_s_before", "tok_s_after"}.
+    """
+    from lmforge.atomic import write_json
+    from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
+
+    if bits not in BITS:
+        raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
+    if group_size <= 0 or group_size % 2:
+        raise LmforgeError(f"--group-size must be a positive even number, got {group_size}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite")
+    cpu = torch.device("cpu")
+    run_dir = resolve_checkpoint(path).parent.parent
+    if (run_dir / "finetune.json").is_file():
+        info = read_json(run_dir / "finetune.json", "re-run lmforge finetune")
+        if info.get("saved") != "model" or info.get("task") == "classify" or info.get("adapt") == "prompt":
+            raise LmforgeError(
+                f"{path} holds adapters, a soft prompt or a task head, not a whole language model; quantize a "
+                "full or distilled fine-tune, or one trained with --merge"
+            )
+    trained = load_trained(path, cpu)
+    if trained.config.model.family != "gpt":
+        raise LmforgeError(f"quantize supports GPT models; this run's model.family is {trained.config.model.family!r}")
+    if "quantization" in trained.checkpoint.meta:
+        raise LmforgeError(f"{path} is already quantized; quantize the original run instead")
+    if Path(out).resolve() == trained.checkpoint.path.parent.parent.resolve():
+        raise LmforgeError("--out is the run being quantized; choose another directory")
+    state, layers = quantize_state(trained.model, bits, group_size)
+
+    if out.exists():
+        shutil.rmtree(out)
+    meta = trained.checkpoint.meta
+    config = dataclasses.replace(trained.config, out=str(out))
+    quant_info = {"bits": bits, "group_size": group_size, "layers": layers, "source": str(trained.checkpoint.path)}
+    step = int(meta.get("step", 0))
+    ckpt_dir = save_checkpoint(
+        out,
+        step=step,
+        model=trained.model,
+        optimizer=None,
+        state={"train_state": meta.get("train_state", {}), "config": config.to_dict(), "quantization": quant_info},
+        tokenizer_json=trained.tokenizer.to_str(),
+        model_state=state,
+    )
+    write_json(out / "config.json", config.to_dict())
+    trained.tokenizer.save(out / "tokenizer.json")
+    if (run_dir / "tokenizer_config.json").is_file():  # a chat-tuned run keeps its chat template
+        shutil.copyfile(run_dir / "tokenizer_config.json", out / "tokenizer_config.json")
+    result: dict[str, Any] = {
+        "out": str(out),
+        "bits": bits,
+        "group_size": group_size,
+        "layers": len(layers),
+        "bytes_before": _model_bytes(trained.checkpoint.path),
+        "bytes_after": _model_bytes(ckpt_dir),
+    }
+    if compare:
+        from lmforge.eval.lm import evaluate_checkpoint
+
+        quantized = load_trained(out, cpu)
+        if trained.config.data.dir:
+            result["bpb_before"] = evaluate_checkpoint(str(path), max_batches=max_batches, device="cpu")["bpb"]
+            result["bpb_after"] = evaluate_checkpoint(str(out), max_batches=max_batches, device="cpu")["bpb"]
+        result["tok_s_before"] = generation_speed(trained.model, n_tokens=gen_tokens)
+        result["tok_s_after"] = generation_speed(quantized.model, n_tokens=gen_tokens)
+    write_json(out / "quantize.json", result)
+    return result
+
+
+def format_quantize(r: dict[str, Any]) -> str:
+    """The before/after table `lmforge quantize` prints."""
+    lines = [f"wrote {r['out']} (int{r['bits']}" + (f", groups of {r['group_size']}" if r["bits"] == 4 else "")
+             + f", {r['layers']} Linear layers)", f"{'':>16} {'before':>10} {'after':>10}"]  # fmt: skip
+    lines.append(f"{'size (MB)':>16} {r['bytes_before'] / 1e6:>10.3f} {r['bytes_after'] / 1e6:>10.3f}")
+    if "bpb_before" in r:
+        lines.append(f"{'val bpb':>16} {r['bpb_before']:>10.4f} {r['bpb_after']:>10.4f}")
+    if "tok_s_before" in r:
+        lines.append(f"{'generate tok/s':>16} {r['tok_s_before']:>10.1f} {r['tok_s_after']:>10.1f}")
+    return "\n".join(lines)

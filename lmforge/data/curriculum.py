@@ -1,0 +1,134 @@
+"""`CurriculumLoader`: easy training windows first, harder ones phased in over a schedule of steps.
+
+    --data.curriculum doc_length --data.curriculum_steps 2000 --data.curriculum_start 0.1
+
+Competence-based curriculum (Platanios et al. 2019, https://arxiv.org/abs/1903.09848):
+
+    difficulty(window) = mean, over the window's tokens, of the length of the document each token is in
+    order              = windows sorted by difficulty (stable, so ties keep stream order)
+    competence(step)   = min(1, sqrt(step * (1 - c0**2) / curriculum_steps + c0**2))      c0 = curriculum_start
+    batch at step s    = windows order[i], i drawn uniformly from [0, competence(s) * n_windows)
+                         with default_rng([seed, s]); rank r keeps draws r, r + W, ...
+
+Short documents (dialogue lines, headlines) are read first and long, context-heavy documents are
+phased in; after `curriculum_steps` every window is eligible. The draw at step s depends only on
+(seed, s), so the state is the step counter and resume is exact. Difficulty is computed once per
+shard with numpy from the EOS positions (an int32 per token while indexing a shard).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lmforge.data.shards import read_shard
+from lmforge.errors import DataError
+
+Curriculum = Literal["none", "doc_length"]
+_STATE_VERSION = 1
+
+
+def window_difficulty(tokens: np.ndarray, eos: int, seq_len: int) -> np.ndarray:
+    """Mean document length (tokens) over each full window of `seq_len + 1` tokens at stride `seq_len`."""
+    n_windows = max(0, (len(tokens) - 1) // seq_len)
+    if n_windows == 0:
+        return np.zeros(0)
+    ends = np.flatnonzero(np.asarray(tokens) == eos)
+    if not len(ends) or ends[-1] != len(tokens) - 1:
+        ends = np.append(ends, len(tokens) - 1)  # a trailing document without EOS
+    lengths = np.diff(np.concatenate([[-1], ends])).astype(np.int32)  # document lengths, EOS included
+    per_token = np.repeat(lengths, lengths)  # sum(lengths) == len(tokens)
+    return per_token[: n_windows * seq_len].reshape(n_windows, seq_len).mean(axis=1)
+
+
+def competence(step: int, steps: int, start: float) -> float:
+    """Share of the (easiest-first) windows eligible at `step`."""
+    if steps <= 0:
+        return 1.0
+    return min(1.0, math.sqrt(step * (1 - start**2) / steps + start**2))
+
+
+class CurriculumLoader:
+    """Infinite, resumable micro-batch iterator that phases in harder windows (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: list[Path],
+        *,
+        eos: int,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        steps: int,
+        start: float = 0.1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not shards:
+            raise DataError("no token shards for this split; run 'lmforge prepare' or add data to the split")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.steps, self.start, self.rank, self.world_size = steps, start, rank, world_size
+        self._tokens = [read_shard(p) for p in shards]
+        difficulty, where = [], []
+        for index, tokens in enumerate(self._tokens):
+            d = window_difficulty(tokens, eos, seq_len)
+            difficulty.append(d)
+            where.append(np.stack([np.full(len(d), index), np.arange(len(d)) * seq_len], axis=1))
+        if not sum(len(d) for d in difficulty):
+            raise DataError(f"no shard has seq_len+1 = {seq_len + 1} tokens; lower --data.seq_len or add data")
+        all_difficulty = np.concatenate(difficulty)
+        self._order = np.concatenate(where)[np.argsort(all_difficulty, kind="stable")]  # (n_windows, 2)
+        self.difficulty_range = (float(all_difficulty.min()), float(all_difficulty.max()))
+        self._step = 0
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> CurriculumLoader:
+        return self
+
+    def __next__(self) -> tuple[Any, Any]:
+        """Next micro-batch: x, y int64 of shape (batch_size, seq_len)."""
+        import torch
+
+        n = len(self._order)
+        eligible = max(1, min(n, math.ceil(competence(self._step, self.steps, self.start) * n)))
+        draws = np.random.default_rng([self.seed, self._step]).integers(0, eligible, self.batch_size * self.world_size)
+        T = self.seq_len
+        batch = np.empty((self.batch_size, T + 1), dtype=np.int64)
+        for row, index in enumerate(draws[self.rank :: self.world_size]):
+            shard, start = self._order[index]
+            batch[row] = self._tokens[shard][start : start + T + 1]
+        self._step += 1
+        batch_t = torch.from_numpy(batch)
+        return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()  # (B, T), (B, T)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "kind": "curriculum",
+            "step": self._step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "windows": len(self._order),
+            "curriculum_steps": self.steps,
+            "competence": competence(self._step, self.steps, self.start),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the loader that produced `state` stopped.
+
+        Raises:
+            DataError: the state is not a curriculum state or belongs to other data/settings.
+        """
+        if state.get("kind") != "curriculum":
+            raise DataError("cannot resume: the run was saved without --data.curriculum; use the original data flags")
+        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("windows", len(self._order)),
+                          ("curriculum_steps", self.steps)):  # fmt: skip
+            if state.get(key) != mine:
+                raise DataError(f"cannot resume the curriculum: saved with {key}={state.get(key)}, now {mine}")
+        self._step = int(state["step"])

@@ -1,0 +1,208 @@
+"""GGUF export for llama.cpp-family runtimes (llama.cpp, ollama, LM Studio): `lmforge export RUN --to gguf`.
+
+One `.gguf` file holds the weights, the architecture metadata and the tokenizer. We write it with the
+`gguf` package (llama.cpp's own Python writer), using llama.cpp's tensor names and metadata keys for
+the "llama" architecture, as its `convert_hf_to_gguf.py` would for the HF export of the same run.
+
+Key decisions:
+- Llama-style models only (rotary positions, RMSNorm, SwiGLU; GQA, biases and tied/untied heads are
+  fine). GPT-2-style models are refused with a one-line error: use `--to hf` and llama.cpp's
+  converter for those.
+- Rotary layout. Our `apply_rope` pairs dimension i with i + head_dim/2 ("rotate half", HF's layout);
+  llama.cpp's LLAMA rope pairs neighbours (2i, 2i+1), as Meta's original checkpoints did. So the rows
+  of the q and k projections (and their biases) are permuted within each head, exactly like
+  `convert_hf_to_gguf.py`'s `LlamaModel.permute`: new row (2j + s) of a head = old row (s*half + j).
+  q.k scores are then identical (tested in tests/test_gguf.py by running both rope layouts).
+- Our fused projections are split: qkv -> attn_q / attn_k / attn_v, mlp.fc [gate; up] -> ffn_gate /
+  ffn_up. A tied head writes no `output.weight` (llama.cpp then reuses `token_embd.weight`).
+- dtypes: `f16` stores every matrix in float16; `q8_0` stores matrices whose rows are a multiple of 32
+  as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
+  (norms, biases) stay float32, as llama.cpp expects.
+- Tokenizer: byte-level BPE only (what `lmforge prepare --tokenizer bpe` trains), as tokenizer model
+  "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types (special
+  tokens CONTROL) and `<|endoftext|>` as bos/eos/padding, no BOS added (our models never saw one).
+  Character-level tokenizers have no llama.cpp twin; they get a one-line error.
+- The file is written to `FILE.tmp` and renamed, so an interrupted export leaves no half file.
+
+References:
+- GGUF spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+- llama.cpp convert_hf_to_gguf.py (LlamaModel.permute, tensor names): https://github.com/ggml-org/llama.cpp
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+
+DTYPES = ("f16", "q8_0")
+Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
+
+
+def permute_rope_rows(w: Tensor, n_head: int) -> Tensor:
+    """Rows of a q or k projection (n_head * head_dim, ...) from rotate-half order to interleaved order.
+
+    Within each head, new row 2j + s = old row s * head_dim/2 + j (s in {0, 1}), i.e. llama.cpp's
+    `permute(w, n_head)`: reshape (n_head, 2, head_dim/2, ...), swap axes 1 and 2, flatten back.
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """Our GPT state dict -> {llama.cpp tensor name: float32 tensor (out, in) / (n,)}."""
+    H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    out: dict[str, Tensor] = {"token_embd.weight": state["tok_emb.weight"]}
+    for i in range(cfg.n_layer):
+        p, b = f"blocks.{i}.", f"blk.{i}."
+        out[b + "attn_norm.weight"] = state[p + "norm1.weight"]
+        for kind in ("weight", "bias"):
+            qkv = state.get(p + f"attn.qkv.{kind}")
+            if qkv is None:
+                continue
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=0)
+            out[b + f"attn_q.{kind}"] = permute_rope_rows(q, H)
+            out[b + f"attn_k.{kind}"] = permute_rope_rows(k, Hkv)
+            out[b + f"attn_v.{kind}"] = v
+        for ours, theirs in (("attn.proj", "attn_output"), ("mlp.proj", "ffn_down")):
+            for kind in ("weight", "bias"):
+                if p + f"{ours}.{kind}" in state:
+                    out[b + f"{theirs}.{kind}"] = state[p + f"{ours}.{kind}"]
+        out[b + "ffn_norm.weight"] = state[p + "norm2.weight"]
+        for kind in ("weight", "bias"):
+            if p + f"mlp.fc.{kind}" in state:
+                gate, up = state[p + f"mlp.fc.{kind}"].chunk(2, dim=0)
+                out[b + f"ffn_gate.{kind}"] = gate
+                out[b + f"ffn_up.{kind}"] = up
+    out["output_norm.weight"] = state["norm_f.weight"]
+    if "lm_head.weight" in state:
+        out["output.weight"] = state["lm_head.weight"]
+    return {name: t.detach().float().contiguous() for name, t in out.items()}
+
+
+def _check_llama(cfg: Any) -> None:
+    if getattr(cfg, "family", "gpt") != "gpt":
+        raise LmforgeError(f"GGUF export covers Llama-style GPT models; this run's model.family is {cfg.family!r}")
+    have = {"pos_emb": cfg.pos_emb, "norm": cfg.norm, "mlp": cfg.mlp}
+    if have != {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}:
+        state = ", ".join(f"{k}={v}" for k, v in have.items())
+        raise LmforgeError(
+            f"GGUF export needs a Llama-style model (pos_emb=rope, norm=rmsnorm, mlp=swiglu); this one has {state} "
+            "(export it with --to hf and convert that with llama.cpp's convert_hf_to_gguf.py)"
+        )
+
+
+def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in id order, token types, merges) of a byte-level BPE tokenizer, padded to vocab_size."""
+    import gguf
+
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model") or {}
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise LmforgeError(
+            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one); "
+            "prepare the data with --tokenizer bpe and train again"
+        )
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens: list[str | None] = [None] * max(vocab_size, tokenizer.vocab_size)
+    for text, idx in model["vocab"].items():
+        tokens[idx] = text
+    for t in spec.get("added_tokens", []):
+        tokens[t["id"]] = t["content"]
+    types = []
+    for idx, text in enumerate(tokens):
+        if text is None:  # ids the model has but the tokenizer never produces
+            tokens[idx] = f"[PAD{idx}]"
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            types.append(gguf.TokenType.CONTROL if idx in specials else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return [str(t) for t in tokens], [int(t) for t in types], merges
+
+
+def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False) -> Path:
+    """Write a run (or checkpoint) of a Llama-style model as one GGUF file for llama.cpp.
+
+    Args:
+        path: run directory (its latest checkpoint) or a checkpoint folder.
+        out: the .gguf file to write.
+        dtype: "f16" or "q8_0" for the matrices (1-D tensors stay float32).
+        overwrite: replace an existing file.
+
+    Returns:
+        the written file.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise LmforgeError("GGUF export needs the gguf package: pip install 'lmforge[gguf]'") from None
+    from lmforge.checkpoint import load_trained
+
+    if dtype not in DTYPES:
+        raise LmforgeError(f"--dtype {dtype!r} is not supported for GGUF; use one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    if out.is_dir():
+        raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as model.gguf")
+    trained = load_trained(path, torch.device("cpu"))
+    cfg = trained.config.model
+    _check_llama(cfg)
+    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size)
+    eos = trained.tokenizer.eos_id
+    tensors = gguf_tensors(trained.model.state_dict(), cfg)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(Path(trained.config.out or out.stem).name or out.stem)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_vocab_size(len(tokens))
+        writer.add_context_length(cfg.max_seq_len)
+        writer.add_embedding_length(cfg.d_model)
+        writer.add_block_count(cfg.n_layer)
+        writer.add_feed_forward_length(cfg.ff_dim)
+        writer.add_head_count(cfg.n_head)
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(float(cfg.rope_theta))
+        writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(eos)
+        writer.add_eos_token_id(eos)
+        writer.add_pad_token_id(eos)
+        writer.add_add_bos_token(False)
+        for name, t in tensors.items():
+            arr = t.numpy()
+            if arr.ndim == 1:
+                writer.add_tensor(name, arr.astype(np.float32))
+            elif dtype == "q8_0" and arr.shape[-1] % Q8_BLOCK == 0:
+                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                writer.add_tensor(name, arr.astype(np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return out

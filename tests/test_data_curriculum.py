@@ -1,0 +1,97 @@
+"""`CurriculumLoader`: difficulty by document length, competence schedule, easy-first order, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.curriculum import CurriculumLoader, competence, window_difficulty
+from lmforge.data.shards import ShardWriter
+
+EOS, SEQ = 0, 8
+
+
+def test_window_difficulty_by_hand() -> None:
+    # documents of 3, 5 and 9 tokens (EOS included), then 4 tokens without EOS
+    tokens = np.array([1, 1, EOS] + [2] * 4 + [EOS] + [3] * 8 + [EOS] + [4] * 4)
+    d = window_difficulty(tokens, EOS, 4)  # windows start at 0, 4, 8, 12, 16 (5 tokens each)
+    per_token = [3] * 3 + [5] * 5 + [9] * 9 + [4] * 4
+    assert d.tolist() == [np.mean(per_token[s : s + 4]) for s in (0, 4, 8, 12, 16)]
+
+
+def test_competence_schedule() -> None:
+    assert competence(0, 100, 0.1) == pytest.approx(0.1)
+    assert competence(100, 100, 0.1) == 1.0 and competence(500, 100, 0.1) == 1.0
+    assert competence(50, 100, 0.1) == pytest.approx(np.sqrt(0.5 * 0.99 + 0.01))
+    assert competence(3, 0, 0.1) == 1.0
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[Path]:
+    """Short documents (5 tokens, ids 1..) and long ones (200 tokens, ids 100..) interleaved."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for i in range(60):
+        short = np.append(rng.integers(1, 50, 4), EOS)
+        long = np.append(rng.integers(100, 150, 199), EOS)
+        parts += [short] * 8 + [long] if i % 2 else [long] + [short] * 8
+    writer = ShardWriter(tmp_path, "train", np.uint16, 5000)
+    writer.write(np.concatenate(parts))
+    return [tmp_path / s for s in writer.close()]
+
+
+def test_easy_windows_first(shards: list[Path]) -> None:
+    # ~1/6 of the windows lie in short documents; at step 0 only the easiest 10% are eligible
+    loader = CurriculumLoader(shards, eos=EOS, seq_len=SEQ, batch_size=64, seed=0, steps=50, start=0.1)
+    assert bool((next(loader)[0] < 100).all())  # short-document ids only
+    for _ in range(60):
+        x, y = next(loader)
+    late = torch.cat([next(loader)[0] for _ in range(20)])
+    assert (late >= 100).float().mean() > 0.5  # after curriculum_steps the long documents are back
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_resume_and_ranks(shards: list[Path]) -> None:
+    def make(**kw: int) -> CurriculumLoader:
+        return CurriculumLoader(shards, eos=EOS, seq_len=SEQ, seed=4, steps=30, **{"batch_size": 6, **kw})
+
+    straight = make()
+    expected = [next(straight)[0] for _ in range(40)]
+    first = make()
+    for _ in range(13):
+        next(first)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert all(torch.equal(next(resumed)[0], want) for want in expected[13:])
+    ranks = [make(batch_size=3, rank=r, world_size=2) for r in (0, 1)]
+    whole = make()
+    for _ in range(5):
+        x = next(whole)[0]
+        assert torch.equal(x[0::2], next(ranks[0])[0]) and torch.equal(x[1::2], next(ranks[1])[0])
+
+
+def test_pretrain_with_curriculum_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoint import latest_checkpoint
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    over = {"data.curriculum": "doc_length", "data.curriculum_steps": 8}
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(data_dir, straight, **over), progress=False)
+    state = json.loads((straight / "checkpoints" / "step-000012" / "state.json").read_text(encoding="utf-8"))
+    assert '"kind": "curriculum"' in json.dumps(state)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000012")
+    (crashed / "checkpoints" / "latest").write_text("step-000006\n", encoding="utf-8")
+    pretrain(tiny_config(data_dir, crashed, **over), progress=False)
+    a = load_file(str(latest_checkpoint(straight) / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(crashed) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,144 @@
+"""Distillation: the loss against a hand computation, and `finetune --adapt distill` bringing a small
+student closer to a trained teacher (its KL on validation text falls) with the teacher untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.compress.distill import Distill, distill_loss
+from lmforge.errors import ConfigError
+from lmforge.finetune import FinetuneConfig, finetune, load_finetuned
+from tests.conftest import shakespeare_text, tiny_config
+
+
+def test_loss_equals_hand_computed_value() -> None:
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [2.0, -2.0, 0.0]]])  # (1, 3, 3)
+    teacher = torch.tensor([[[0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [9.0, 9.0, 9.0]]])
+    targets = torch.tensor([[1, 0, -100]])  # the last position is ignored
+    T, alpha = 2.0, 0.3
+
+    def softmax(row: list[float], t: float) -> list[float]:
+        e = [math.exp(v / t) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = ce = 0.0
+    for pos in range(2):
+        p = softmax(teacher[0, pos].tolist(), T)
+        q = softmax(student[0, pos].tolist(), T)
+        kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        ce -= math.log(softmax(student[0, pos].tolist(), 1.0)[int(targets[0, pos])])
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    total, soft = distill_loss(student, teacher, targets, temperature=T, alpha=alpha)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert soft.item() == pytest.approx(T * T * kl, rel=1e-6)
+    # alpha 0: plain cross-entropy; identical distributions: no soft term
+    total, _ = distill_loss(student, teacher, targets, temperature=T, alpha=0.0)
+    assert total.item() == pytest.approx(ce, rel=1e-6)
+    assert distill_loss(student, student, targets, temperature=T, alpha=1.0)[0].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_teacher_is_frozen_and_gets_no_gradient() -> None:
+    from lmforge.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=20, max_seq_len=8, n_layer=1, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    teacher, student = GPT(cfg), GPT(cfg)
+    teacher.init_weights()
+    student.init_weights()
+    objective = Distill(teacher, temperature=2.0, alpha=0.5)
+    x = torch.randint(0, 20, (2, 8))
+    batch = (x, torch.roll(x, -1, dims=1))
+    assert objective.count(batch) == 16
+    objective.loss(student, batch).backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert not teacher.training
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A teacher trained for 150 steps and a smaller student trained for 10, on the same char data."""
+    from lmforge.train.run import pretrain
+
+    root = tmp_path_factory.mktemp("distill")
+    common = {"train.log_every": 50, "eval.every": 1000, "eval.max_batches": 1}
+    teacher = {"train.max_steps": 150, "checkpoint.every": 150, "model.d_model": 64, **common}
+    student = {"train.max_steps": 10, "checkpoint.every": 10, "model.n_layer": 1, "model.d_model": 32, **common}
+    pretrain(tiny_config(data_dir, root / "teacher", **teacher), progress=False)
+    pretrain(tiny_config(data_dir, root / "student", **student), progress=False)
+    text = shakespeare_text(200_000)
+    (root / "train.txt").write_text(text[60_000:90_000], encoding="utf-8")
+    (root / "val.txt").write_text(text[90_000:96_000], encoding="utf-8")
+    return {"teacher": root / "teacher", "student": root / "student", "root": root}
+
+
+def _sha(run: Path) -> str:
+    (ckpt,) = (run / "checkpoints").glob("step-*")
+    return hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_finetune_distill_moves_the_student_towards_the_teacher(runs: dict[str, Path], tmp_path: Path) -> None:
+    before = _sha(runs["teacher"])
+    cfg = FinetuneConfig(task="clm", adapt="distill", teacher=str(runs["teacher"]), distill_alpha=0.9)
+    overrides = {"train": {"max_steps": 40, "batch_size": 8, "log_every": 20}, "eval": {"every": 20, "max_batches": 2}}
+    result = finetune(
+        runs["student"],
+        train_file=runs["root"] / "train.txt",
+        val_file=runs["root"] / "val.txt",
+        out=tmp_path / "student-distilled",
+        cfg=cfg,
+        overrides=overrides,
+        progress=False,
+    )
+    kl = result["distill"]
+    assert kl["kl_after"] < 0.8 * kl["kl_before"], kl
+    assert result["trainable_params"] == result["total_params"]  # the whole student trains
+    assert _sha(runs["teacher"]) == before  # the teacher's weights are untouched
+    metrics = [json.loads(line) for line in (tmp_path / "student-distilled" / "metrics.jsonl").open(encoding="utf-8")]
+    logged = [m["val_kl_to_teacher"] for m in metrics if "val_kl_to_teacher" in m]
+    assert len(logged) == 2 and logged[-1] < kl["kl_before"]
+    info = json.loads((tmp_path / "student-distilled" / "finetune.json").read_text(encoding="utf-8"))
+    assert info["adapt"] == "distill" and info["saved"] == "model" and info["teacher"] == str(runs["teacher"].resolve())
+    # the distilled student is an ordinary run: it loads with the student's (smaller) architecture
+    loaded = load_finetuned(tmp_path / "student-distilled", torch.device("cpu"))
+    assert loaded.model.cfg.n_layer == 1 and loaded.model.cfg.d_model == 32
+    # ... and it quantizes like one (the next step when shrinking a model)
+    from lmforge.checkpoint import load_trained
+    from lmforge.compress.quantize import quantize_run
+
+    quantize_run(tmp_path / "student-distilled", tmp_path / "q8", bits=8, compare=False)
+    assert load_trained(tmp_path / "q8", torch.device("cpu")).model.cfg.d_model == 32
+
+
+def test_errors(runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--teacher"):
+        FinetuneConfig(task="clm", adapt="distill")
+    with pytest.raises(ConfigError, match="--task clm, sft"):
+        FinetuneConfig(task="classify", adapt="distill", teacher="x")
+    with pytest.raises(ConfigError, match="--distill-alpha"):
+        FinetuneConfig(task="clm", adapt="distill", teacher="x", distill_alpha=1.5)
+    # a teacher with another tokenizer (BPE vs the student's char vocabulary)
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import RunConfig
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.tokenizer.train import train_bpe
+
+    bpe = train_bpe(["some other text " * 50], vocab_size=270)
+    model_cfg = GPTConfig(vocab_size=bpe.vocab_size, max_seq_len=32, n_layer=1, n_head=4, d_model=32)
+    other = tmp_path / "bpe-teacher"
+    model = GPT(model_cfg)
+    model.init_weights()
+    state = {"train_state": {}, "config": RunConfig(out=str(other), model=model_cfg).to_dict()}
+    save_checkpoint(other, step=1, model=model, optimizer=None, state=state, tokenizer_json=bpe.to_str())
+    cfg = FinetuneConfig(task="clm", adapt="distill", teacher=str(other))
+    out = tmp_path / "x"
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        finetune(runs["student"], train_file=runs["root"] / "train.txt", out=out, cfg=cfg, progress=False)
+    assert not out.exists()  # nothing half-written

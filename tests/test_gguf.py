@@ -1,0 +1,218 @@
+"""GGUF export: read the file back with gguf's own reader and check tensors, metadata and values.
+
+Tiny random Llama-style models (n_layer 2, d_model 64, n_head 4, head_dim 16, BPE vocab 300). The
+rotary permutation is checked by running llama.cpp's rope layout (adjacent pairs) on the exported
+q/k weights and ours (rotate half) on the originals: attention scores must agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.checkpoint import load_trained
+from lmforge.errors import LmforgeError
+from lmforge.models.layers import apply_rope, rope_cos_sin
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe, train_char
+
+gguf = pytest.importorskip("gguf")
+from lmforge.export.gguf import export_gguf, permute_rope_rows  # noqa: E402
+from tests.test_export import LLAMA, make_run  # noqa: E402
+
+GQA = dict(LLAMA, d_model=64, n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(40)] + ["你好世界 " * 20]
+    return train_bpe(corpus, vocab_size=300)
+
+
+def read(path: Path) -> tuple[dict[str, object], dict[str, object]]:
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def dequant(t: object) -> np.ndarray:
+    """A tensor of the reader as float32 in numpy (out, in) order."""
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+
+def test_metadata_and_tensor_names(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, **GQA)
+    path = export_gguf(run, tmp_path / "m.gguf")
+    fields, tensors = read(path)
+    cfg = load_trained(run, torch.device("cpu")).config.model
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.context_length"] == cfg.max_seq_len == 32
+    assert fields["llama.embedding_length"] == 64
+    assert fields["llama.block_count"] == 2
+    assert fields["llama.feed_forward_length"] == cfg.ff_dim
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.rope.freq_base"] == 500.0
+    assert fields["llama.rope.dimension_count"] == 16
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == bpe.vocab_size and all(tokens[i] == bpe.id_to_token(i) for i in range(bpe.vocab_size))
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[bpe.eos_id] == gguf.TokenType.CONTROL and types[100] == gguf.TokenType.NORMAL
+    merges = fields["tokenizer.ggml.merges"]
+    assert len(merges) == bpe.vocab_size - 257 and all(len(m.split(" ")) == 2 for m in merges)
+    assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.bos_token_id"] == bpe.eos_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    expected |= {f"blk.{i}.{n}.weight" for i in range(2) for n in per_block}
+    assert set(tensors) == expected
+    # ggml lists dims innermost first: (in, out)
+    hd, ff = 16, cfg.ff_dim
+    shapes = {"attn_q": (64, 64), "attn_k": (64, 2 * hd), "attn_v": (64, 2 * hd), "ffn_gate": (64, ff)}
+    for name, shape in shapes.items():
+        assert tuple(int(d) for d in tensors[f"blk.0.{name}.weight"].shape) == shape
+    assert tuple(int(d) for d in tensors["token_embd.weight"].shape) == (64, bpe.vocab_size)
+    assert tensors["blk.1.ffn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_values_match_ours(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, **dict(GQA, bias=True))
+    path = export_gguf(run, tmp_path / "m.gguf", dtype=dtype)
+    _, tensors = read(path)
+    model = load_trained(run, torch.device("cpu")).model
+    sd = model.state_dict()
+    b = model.blocks[0]
+    H, Hkv, D = 4, 2, 16
+    q, k, v = sd["blocks.0.attn.qkv.weight"].split([H * D, Hkv * D, Hkv * D])
+    gate, up = sd["blocks.0.mlp.fc.weight"].chunk(2)
+    pairs = {
+        "token_embd.weight": sd["tok_emb.weight"],
+        "output.weight": sd["lm_head.weight"],
+        "blk.0.attn_v.weight": v,
+        "blk.0.attn_output.weight": b.attn.proj.weight,
+        "blk.0.ffn_gate.weight": gate,
+        "blk.0.ffn_up.weight": up,
+        "blk.0.ffn_down.weight": b.mlp.proj.weight,
+        "blk.0.attn_norm.weight": b.norm1.weight,
+        "blk.0.attn_v.bias": sd["blocks.0.attn.qkv.bias"][-Hkv * D :],
+    }
+    for name, ours in pairs.items():
+        t = tensors[name]
+        ours = ours.detach().numpy()
+        # f16: relative rounding 2^-11. q8_0: each block of 32 is scaled by d = max|w|/127, so the error
+        # is <= d/2 plus the scale's own f16 rounding times up to 127 steps (127 * 2^-11 d = 0.062 d).
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            blocks = np.abs(ours).reshape(ours.shape[0], -1, 32).max(-1, keepdims=True) / 127
+            bound = np.repeat(blocks, 32, axis=-1).reshape(ours.shape) * 0.57 + 1e-7
+            err = np.abs(dequant(t) - ours)
+            assert (err <= bound).all(), name
+            assert err.max() > 0  # it really is quantized
+        else:
+            np.testing.assert_allclose(dequant(t), ours, rtol=2**-10, atol=1e-7, err_msg=name)
+    expected_type = gguf.GGMLQuantizationType.Q8_0 if dtype == "q8_0" else gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.attn_q.weight"].tensor_type == expected_type
+    assert tensors["blk.0.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's LLAMA (normal) rope: dimensions (2j, 2j+1) rotate together. x (T, n_head, head_dim)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def test_rope_permutation_gives_the_same_attention_scores(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", bpe, **GQA)
+    _, tensors = read(export_gguf(run, tmp_path / "m.gguf", dtype="f16"))
+    model = load_trained(run, torch.device("cpu")).model
+    H, Hkv, D, T = 4, 2, 16, 10
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_cos_sin(T, D, 500.0)
+    wq, wk, _ = model.blocks[1].attn.qkv.weight.detach().split([H * D, Hkv * D, Hkv * D])
+    # ours: rotate-half rope on the original rows (f16-rounded, as in the file)
+    wq16, wk16 = wq.half().float(), wk.half().float()
+    q = apply_rope((x @ wq16.T).view(1, T, H, D), cos, sin)[0]
+    k = apply_rope((x @ wk16.T).view(1, T, Hkv, D), cos, sin)[0]
+    # llama.cpp: interleaved rope on the permuted rows read back from the file
+    gq = torch.from_numpy(dequant(tensors["blk.1.attn_q.weight"]))
+    gk = torch.from_numpy(dequant(tensors["blk.1.attn_k.weight"]))
+    q2 = rope_interleaved((x @ gq.T).view(T, H, D), cos, sin)
+    k2 = rope_interleaved((x @ gk.T).view(T, Hkv, D), cos, sin)
+    kv_of = torch.arange(H) // (H // Hkv)  # GQA: query head h reads kv head h // 2
+    scores = torch.einsum("thd,shd->hts", q, k[:, kv_of])
+    scores2 = torch.einsum("thd,shd->hts", q2, k2[:, kv_of])
+    torch.testing.assert_close(scores2, scores, atol=1e-5, rtol=1e-5)
+    # and without the permutation they would not match (the test can fail)
+    q3 = rope_interleaved((x @ wq16.T).view(T, H, D), cos, sin)
+    assert not torch.allclose(torch.einsum("thd,shd->hts", q3, k2[:, kv_of]), scores, atol=1e-3)
+    # permute_rope_rows is a pure reordering of rows within each head
+    w = torch.arange(8 * 3).reshape(8, 3)
+    assert permute_rope_rows(w, 2)[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+
+
+def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
+    gpt2_run = make_run(tmp_path / "gpt2", bpe)
+    with pytest.raises(LmforgeError, match="Llama-style"):
+        export_gguf(gpt2_run, tmp_path / "a.gguf")
+    char_run = make_run(tmp_path / "char", train_char(["hello world"]), **LLAMA)
+    with pytest.raises(LmforgeError, match="byte-level BPE"):
+        export_gguf(char_run, tmp_path / "b.gguf")
+    run = make_run(tmp_path / "run", bpe, **LLAMA)
+    with pytest.raises(LmforgeError, match="--dtype"):
+        export_gguf(run, tmp_path / "c.gguf", dtype="q4_0")
+    (tmp_path / "d.gguf").write_bytes(b"x")
+    with pytest.raises(LmforgeError, match="overwrite"):
+        export_gguf(run, tmp_path / "d.gguf")
+    assert export_gguf(run, tmp_path / "d.gguf", overwrite=True).stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_export_gguf(bpe: Tokenizer, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    run = make_run(tmp_path / "run", bpe, **LLAMA)
+    result = run_cli("export", str(run), "--to", "gguf", "--out", str(tmp_path / "m.gguf"), "--dtype", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'm.gguf'}"
+    fields, tensors = read(tmp_path / "m.gguf")
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    result = run_cli("export", str(make_run(tmp_path / "gpt2", bpe)), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Llama-style" in result.stderr and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_transformers_reads_the_gguf_and_gives_our_logits(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    """An independent reader: transformers' GGUF loader (it undoes llama.cpp's q/k permutation itself)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+    run = make_run(tmp_path / "run", bpe, **dict(GQA, bias=False, rope_theta=10000.0))
+    export_gguf(run, tmp_path / "m.gguf", dtype=dtype)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    ours = load_trained(run, torch.device("cpu")).model
+    # Round our matrices the way the file stores them (f16, or Q8_0 blocks of 32 along each row: the
+    # q/k row permutation moves whole rows, so the blocks are the same), then the math is the same.
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.ndim == 2 and dtype == "f16":
+                p.copy_(p.half().float())
+            elif p.ndim == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
+    idx = torch.randint(0, bpe.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours(idx), theirs(idx).logits
+    # Same weights, float32 math on both sides: measured max |diff| 0.0 (f16) on logits up to ~0.64; with
+    # the q/k permutation left out, 4e-3 (random weights make attention nearly uniform, hence small).
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the quick brown fox jumps over 你好 twice"
+    assert tok(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)

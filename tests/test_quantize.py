@@ -1,0 +1,115 @@
+"""Weight-only quantization: the int8/int4 numerics against hand-computed values, and a small trained
+model quantized end to end (bpb within a stated bound, smaller files, loadable by eval/generate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_trained
+from lmforge.compress.quantize import (
+    dequantize_weight,
+    quantize_run,
+    quantize_weight,
+    to_quant_linears,
+)
+from lmforge.errors import LmforgeError
+from tests.conftest import run_cli, tiny_config
+
+
+def test_int8_per_channel_matches_hand_computed() -> None:
+    w = torch.tensor([[0.5, -1.27, 0.01], [2.54, 0.0, -0.02]])
+    q, s = quantize_weight(w, 8, 64)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (2, 1)
+    torch.testing.assert_close(s.float().squeeze(1), torch.tensor([0.01, 0.02]), rtol=1e-3, atol=0)
+    assert q.tolist() == [[50, -127, 1], [127, 0, -1]]
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_weight(w, 8, 64)
+    err = (dequantize_weight(q, s) - w).abs()
+    # round to nearest: <= half a step, plus the fp16 rounding of the scale over up to 127 steps
+    assert (err <= s.float() * (0.5 + 127 * 2**-11)).all()
+
+
+def test_int4_groups_and_packing() -> None:
+    # one row, two groups of 4: max 7 and max 0.7 -> scales 1 and 0.1; values land on the int grid
+    w = torch.tensor([[7.0, -7.0, 3.0, 0.0, 0.7, 0.1, -0.3, -0.7]])
+    q, s = quantize_weight(w, 4, 4)
+    assert q.dtype == torch.uint8 and q.shape == (1, 4) and s.shape == (1, 2)
+    # stored value = q + 8, low nibble = even column: (7+8) | (-7+8) << 4 = 15 | 16, ...
+    assert q.tolist() == [[15 | (1 << 4), 11 | (8 << 4), 15 | (9 << 4), 5 | (1 << 4)]]
+    torch.testing.assert_close(dequantize_weight(q, s), w, rtol=1e-3, atol=1e-3)
+    # a group size that does not divide the row: the whole row is one group
+    q, s = quantize_weight(torch.randn(3, 24), 4, 64)
+    assert s.shape == (3, 1) and q.shape == (3, 12)
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(1))
+    q, s = quantize_weight(w, 4, 32)
+    err = (dequantize_weight(q, s) - w).abs().view(8, 4, 32)
+    assert (err <= s.float()[:, :, None] * (0.5 + 8 * 2**-11)).all()
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny char-level GPT trained for 150 steps on Shakespeare (val bpb ~4.4, down from ~8 at init)."""
+    from lmforge.train.run import pretrain
+
+    out = tmp_path_factory.mktemp("q") / "run"
+    overrides = {"train.max_steps": 150, "train.log_every": 50, "eval.every": 150, "checkpoint.every": 150}
+    overrides |= {"model.n_layer": 2, "model.d_model": 64, "model.bias": False}
+    pretrain(tiny_config(data_dir, out, **overrides), progress=False)
+    return out
+
+
+# Bounds stated in the README: int8 within 1% of the float bpb, int4 (groups of 32) within 10%.
+@pytest.mark.parametrize(("bits", "bound", "ratio"), [(8, 0.01, 0.5), (4, 0.10, 0.4)])
+def test_quantized_run_bpb_size_and_loading(
+    trained_run: Path, tmp_path: Path, bits: int, bound: float, ratio: float
+) -> None:
+    out = tmp_path / f"q{bits}"
+    r = quantize_run(trained_run, out, bits=bits, group_size=32, max_batches=8, gen_tokens=16)
+    assert r["layers"] == 2 * 4  # qkv, attn.proj, mlp.fc, mlp.proj per block (tied head: the embedding)
+    assert abs(r["bpb_after"] - r["bpb_before"]) <= bound * r["bpb_before"], r
+    assert r["bpb_after"] != r["bpb_before"]  # the weights really changed
+    # the embedding (vocab ~100 x 64) stays float32; the Linear weights shrink 4x (int8) / ~7x (int4)
+    assert r["bytes_after"] < ratio * r["bytes_before"], r
+    assert r["tok_s_before"] > 0 and r["tok_s_after"] > 0
+    assert json.loads((out / "quantize.json").read_text(encoding="utf-8"))["bits"] == bits
+
+    # round trip: the loaded model holds exactly the dequantized weights
+    original = load_trained(trained_run, torch.device("cpu")).model
+    loaded = load_trained(out, torch.device("cpu"))
+    w = original.blocks[0].attn.qkv.weight
+    q, s = quantize_weight(w, bits, 32)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, dequantize_weight(q, s))
+    assert torch.equal(loaded.model.tok_emb.weight, original.tok_emb.weight)
+    # QuantLinear (dequantize on the fly) computes the same logits as dequantize-on-load
+    idx = torch.randint(0, original.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(idx)
+        torch.testing.assert_close(to_quant_linears(original, bits, 32)(idx), expected, rtol=1e-5, atol=1e-5)
+
+    # `lmforge eval` and `generate` load the quantized run like any other
+    result = run_cli("eval", str(out), "--max-batches", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bpb"] == pytest.approx(r["bpb_after"], rel=1e-9)
+    result = run_cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", "0")
+    assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
+
+
+def test_errors(trained_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="--bits"):
+        quantize_run(trained_run, tmp_path / "a", bits=3)
+    with pytest.raises(LmforgeError, match="--group-size"):
+        quantize_run(trained_run, tmp_path / "a", bits=4, group_size=0)
+    q = tmp_path / "q"
+    quantize_run(trained_run, q, bits=8, compare=False)
+    with pytest.raises(LmforgeError, match="already quantized"):
+        quantize_run(q, tmp_path / "b", compare=False)
+    with pytest.raises(LmforgeError, match="overwrite"):
+        quantize_run(trained_run, q, compare=False)
+    result = run_cli("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
