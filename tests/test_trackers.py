@@ -103,3 +103,27 @@ def test_missing_tracker_package_is_one_line_error(flag, data_dir, tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert f"pip install {flag}" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before training started
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed")
+def test_wandb_offline_run_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, monkeypatch):
+    """W&B offline mode (no account, no network): the run file holds every logged value.
+
+    The .wandb file is W&B's own record log; its history items carry each value as JSON text, so every
+    number of metrics.jsonl must appear in it verbatim (this wandb has no public reader for the file).
+    """
+    import json
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # unset = offline for lmforge
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 6, "train.log_every": 2, "eval.every": 3, "log.wandb": True}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    records = read_metrics(run / "metrics.jsonl")
+    values = [(k, r[k]) for r in records for k in ("loss", "grad_norm", "val_loss", "val_bpb") if k in r]
+    assert len(values) >= 8
+    for key, value in values:
+        assert json.dumps(value).encode() in data, (key, value)
