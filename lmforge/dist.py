@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.fields import check, opt
 
 
@@ -47,6 +47,9 @@ class DistConfig:
     outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged parameter change")
     outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD (0 = plain averaging at lr 1)")
     timeout_s: float = opt(600.0, "seconds a collective may wait for a peer before failing (hung or dead rank)")
+    meta_init: bool = opt(
+        False, "build the model on the meta device and allocate it after FSDP sharding (models larger than one rank)"
+    )
 
     def __post_init__(self) -> None:
         check(self.timeout_s > 0, f"dist.timeout_s must be > 0, got {self.timeout_s}")
@@ -109,6 +112,29 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
             device_id=device if device.type == "cuda" else None,
         )
     return info, device
+
+
+class CommFailure(LmforgeError):
+    """A collective failed: a peer process died, hung past dist.timeout_s, or the network broke."""
+
+
+_COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Whether an exception from training is a failed collective (not a bug in the step itself)."""
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COMM_MARKERS)
+
+
+def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return (
+        f"rank {info.rank}: a collective with the other {info.world_size - 1} process(es) failed ({first[:200]}); "
+        f"a peer died or hung (dist.timeout_s={timeout_s:g}). The latest checkpoint is intact: re-run the same "
+        "command to resume (torchrun --max-restarts does it automatically)"
+    )
 
 
 def shutdown() -> None:

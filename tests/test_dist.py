@@ -206,3 +206,71 @@ def test_diloco_two_workers_sync_rarely_and_learn(data_dir: Path, single: Path, 
     # not DDP in disguise: the workers' separate AdamW steps give other weights than the global-batch run
     got, want = weights(out), weights(single)
     assert any(not torch.allclose(got[n], want[n], atol=1e-4) for n in want)
+
+
+def test_meta_init_gives_the_same_model_in_one_process(data_dir: Path, single: Path, tmp_path: Path) -> None:
+    from lmforge.train.run import pretrain
+
+    out = tmp_path / "meta"
+    pretrain(tiny_config(data_dir, out, **FLAGS, **{"dist.meta_init": True}), progress=False)
+    assert_same_run(out, single)
+
+
+def test_fsdp_with_meta_init_trains_and_its_checkpoint_loads_in_one_process(data_dir: Path, tmp_path: Path) -> None:
+    from lmforge.eval.lm import evaluate_checkpoint
+
+    out = tmp_path / "fsdp-meta"
+    p = torchrun(data_dir, out, **{"train.micro_batch_size": 2, "dist.strategy": "fsdp", "dist.meta_init": True})
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = train_losses(out)
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    metrics = evaluate_checkpoint(out, split="val", max_batches=2)
+    assert 0 < metrics["loss"] < losses[0]
+
+
+def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang."""
+    import time
+
+    out = tmp_path / "hung"
+    cmd = torchrun_command(data_dir, out, **{"train.max_steps": 100000, "dist.timeout_s": 5, "checkpoint.every": 5})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ranks() -> dict[int, int]:
+        found = {}
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and f"--out={out}".encode() in (proc / "cmdline").read_bytes():
+                    env_vars = dict(
+                        kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv
+                    )
+                    if b"LOCAL_RANK" in env_vars:
+                        found[int(env_vars[b"LOCAL_RANK"])] = int(proc.name)
+            except (OSError, ValueError):
+                pass
+        return found
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "checkpoints" / "step-000005").is_dir():
+            time.sleep(0.05)
+        rank1 = ranks()[1]
+        os.kill(rank1, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, stderr = p.communicate(timeout=120)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for pid in ranks().values():
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
+    line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
+    assert "a peer died or hung (dist.timeout_s=5)" in line and "re-run the same command to resume" in line
+    assert (out / "checkpoints" / "step-000005" / "state.json").is_file()

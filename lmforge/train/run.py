@@ -171,8 +171,13 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     tokenizer_json = tokenizer.to_str()
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    model.init_weights()
+    if cfg.dist.meta_init:  # no memory yet: parameters are allocated (sharded, under FSDP) after wrapping
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+    else:
+        model = build_model(cfg.model).to(device)
+        torch.manual_seed(cfg.train.seed)  # init depends on the seed only, as with meta_init
+        model.init_weights()
     train_shards = data.split_shards("train")
     if not train_shards:
         raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
@@ -195,11 +200,17 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         if resume
         else None
     )
-    if ckpt is not None:
+    if ckpt is not None and not cfg.dist.meta_init:
         ckpt.load_model(model)  # before sharding: every rank loads the consolidated weights
     if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
         raise ConfigError(f"train.activation_checkpointing: model family {cfg.model.family!r} has no blocks to wrap")
     train_model = dist.wrap_model(model, cfg.dist.strategy, world, device, precision.dtype)
+    if cfg.dist.meta_init:
+        model.to_empty(device=device)  # each rank allocates only its shards under FSDP
+        torch.manual_seed(cfg.train.seed)
+        model.init_weights()
+        if ckpt is not None:
+            dist.load_model_state(model, ckpt.model_state(), load=ckpt.load_model)
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
     if ckpt is not None:
         ckpt.load_optimizer(optimizer, load=lambda sd: dist.load_optimizer_state(model, optimizer, sd))
@@ -311,6 +322,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         log.rewind(st.step)
 
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
+    comm_failed = False
     first_step = state.step
     forward_model = torch.compile(train_model) if cfg.train.compile else train_model
     if world.is_main:
@@ -344,10 +356,13 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         stopped = isinstance(e, KeyboardInterrupt)
         if world.is_main:
             mark_stopped(run_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"[:500])
+        if world.enabled and dist.is_comm_failure(e):
+            comm_failed = True  # a peer died or hung: the group cannot be shut down cleanly
+            raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
         raise
     finally:
         log.close()
-        if world.enabled:
+        if world.enabled and not comm_failed:
             dist.shutdown()
     if world.is_main:
         mark_stopped(
