@@ -12,6 +12,7 @@ Each mode runs in its own process, so "peak RSS" is that process's maximum resid
 
     python bench/finetune_modes.py                       # ~6 min on 2 CPU cores
     python bench/finetune_modes.py --steps 300 --pretrain-seconds 600
+    python bench/finetune_modes.py --family bert         # a BERT (MLM) base: full / head / LoRA, pooled [CLS]
 """
 
 from __future__ import annotations
@@ -45,23 +46,37 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def pretrain_base(work: Path, seconds: float) -> Path:
+def pretrain_base(work: Path, seconds: float, family: str = "gpt") -> Path:
     from lmforge.config import load_config
     from lmforge.data.prepare import PrepareConfig, prepare
     from lmforge.train.run import pretrain
 
-    base = work / "base"
+    base = work / ("base" if family == "gpt" else f"base-{family}")
     if (base / "checkpoints" / "latest").is_file():
         return base
     corpus = work / "sst2_sentences.txt"
     corpus.write_text("\n".join(r["text"] for r in read_sst(SHARED / "sst2" / "train.tsv")) + "\n", encoding="utf-8")
     data = work / "data"
-    prepare(
-        PrepareConfig(
-            inputs=[str(corpus)], out=str(data), tokenizer="bpe", vocab_size=4096, doc_unit="line", val_fraction=0.02
-        ),
-        progress=False,
-    )
+    if not (data / "manifest.json").is_file():
+        prepare(
+            PrepareConfig(
+                inputs=[str(corpus)], out=str(data), tokenizer="bpe", vocab_size=4096, doc_unit="line",
+                val_fraction=0.02,
+            ),
+            progress=False,
+        )  # fmt: skip
+    if family == "bert":  # the same shape as the GPT base (4 x 128), MLM only (no sentence pairs in SST-2)
+        overrides = {
+            "out": str(base),
+            "data": {"dir": str(data)},
+            "model": {"n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": 512, "max_seq_len": 128},
+            "objective": {"name": "mlm"},
+            "train": {"batch_size": 16, "lr": 1e-3, "max_steps": 3000, "time_budget": seconds, "warmup_steps": 50},
+            "eval": {"every": 500, "max_batches": 20},
+            "checkpoint": {"every": 1000},
+        }
+        pretrain(load_config(preset="bert-tiny", overrides=overrides), progress=False)
+        return base
     overrides = {
         "out": str(base),
         "data": {"dir": str(data)},
@@ -109,7 +124,8 @@ def child(args: argparse.Namespace) -> None:
         cfg = FinetuneConfig(task="classify", adapt=args.mode, lora_rank=8)
         t0 = time.perf_counter()
         r = finetune(
-            args.base, train_file=args.train, val_file=args.val, out=Path(args.work) / f"ft-{args.mode}", cfg=cfg,
+            args.base, train_file=args.train, val_file=args.val, out=Path(args.work) / f"ft-{args.tag}{args.mode}",
+            cfg=cfg,
             overrides=overrides, overwrite=True, progress=False,
         )  # fmt: skip
         result = {"mode": args.mode, "trainable": r["trainable_params"], "total": r["total_params"]}
@@ -126,12 +142,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per mode (batch 32)")
     parser.add_argument("--pretrain-seconds", type=float, default=150.0, help="time budget of the base pretraining")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--modes", default=",".join(MODES + ["fewshot"]))
+    parser.add_argument("--family", choices=["gpt", "bert"], default="gpt", help="the base: GPT or BERT (MLM)")
+    parser.add_argument(
+        "--modes", default="", help="default: full,head,lora,prompt,fewshot (GPT), full,head,lora (BERT)"
+    )
     parser.add_argument("--child", dest="mode", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--val", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.tag = "" if args.family == "gpt" else f"{args.family}-"
     if args.mode:
         child(args)
         return
@@ -142,20 +162,25 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base = pretrain_base(work, args.pretrain_seconds)
+    base = pretrain_base(work, args.pretrain_seconds, args.family)
+    modes = args.modes or ",".join(MODES + ["fewshot"] if args.family == "gpt" else ["full", "head", "lora"])
     print(f"base: {base} (ready after {time.perf_counter() - t0:.0f} s)", flush=True)
     train_file, val_file = work / "train.jsonl", work / "dev.jsonl"
     write_jsonl(train_file, read_sst(SHARED / "sst2" / "train.tsv", args.n_train))
     write_jsonl(val_file, read_sst(SHARED / "sst2" / "dev.tsv"))
     results = []
-    for mode in args.modes.split(","):
+    for mode in modes.split(","):
         cmd = [sys.executable, __file__, "--child", mode, "--base", str(base), "--train", str(train_file)]
         cmd += ["--val", str(val_file), "--work", str(work), "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd += ["--family", args.family]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done: {mode}", flush=True)
 
-    print(f"\nSST-2 dev (872 sentences), {args.n_train} labelled train sentences, {args.steps} steps x batch 32")
+    print(
+        f"\n{args.family} base; SST-2 dev (872 sentences), {args.n_train} labelled train sentences, "
+        f"{args.steps} steps x batch 32"
+    )
     print("| mode | trainable params | share | accuracy | macro-F1 | peak RSS (MB) | train s | eval s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:

@@ -1,4 +1,4 @@
-"""`lmforge prepare` throughput (MB/s) and peak memory at 1 and 2 workers, printed as a table.
+"""`lmforge prepare` throughput (MB/s, MB per CPU second) and peak memory at 1 and 2 workers, as a table.
 
 Builds a corpus of `--size-mb` (default 200) from real text: the packaged tinyshakespeare (public
 domain) repeated with perturbations - each copy shuffles the paragraph order, swaps one word per
@@ -8,7 +8,9 @@ nor (mostly) near duplicates and every stage does real work. Written as 8 plain-
 The tokenizer (byte-level BPE, 4,096 ids) is trained once on the original book and timed
 separately; the timed runs encode with that existing tokenizer.json, as a large job would.
 Each run is a fresh process (`--measure`), so its peak RSS is its own: "main" is the prepare
-process, "worker" the largest --workers process.
+process, "worker" the largest --workers process. "CPU s" adds the user+system time of all of
+them and "load" is the 1-minute load average before and after: on a shared machine, MB per CPU
+second says how fast prepare is, MB/s how fast it was there and then.
 
     python bench/prepare_speed.py                     # 200 MB, workers 1 and 2
     python bench/prepare_speed.py --size-mb 20 --workers 1 2 --dedup near
@@ -71,12 +73,16 @@ def measure(args: argparse.Namespace) -> None:
         inputs=[args.corpus], out=args.out, tokenizer=args.tokenizer, workers=args.measure, dedup=args.dedup,
         overwrite=True, card=True,
     )  # fmt: skip
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     m = prepare(cfg, progress=False)
     seconds = time.perf_counter() - t0
     to_mb = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({
         "seconds": seconds,
+        "cpu_seconds": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
+        "load": [load, os.getloadavg()[0]],
         "main_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * to_mb,
         "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * to_mb,
         "documents": m["documents"]["in"],
@@ -111,7 +117,10 @@ def main() -> None:
         book = work / "book.txt"
         with gzip.open(corpus_path(), "rt", encoding="utf-8") as f:
             book.write_text(f.read(), encoding="utf-8")
-        prepare(PrepareConfig(inputs=[str(book)], out=str(work / "tok"), vocab_size=4096, card=False), progress=False)
+        prepare(
+            PrepareConfig(inputs=[str(book)], out=str(work / "tok"), vocab_size=4096, card=False, overwrite=True),
+            progress=False,
+        )
         print(f"tokenizer: byte-level BPE 4096 trained on 1.1 MB in {time.perf_counter() - t0:.1f} s (incl. prepare)")
         tokenizer = str(work / "tok" / "tokenizer.json")
 
@@ -129,14 +138,16 @@ def main() -> None:
 
         print(f"\n{os.cpu_count()} CPUs, dedup={args.dedup}, end to end (read, clean, dedup, split, encode, write)")
         print(
-            f"{'workers':>7} | {'seconds':>7} | {'MB/s':>6} | {'docs/s':>8} | {'main RSS MB':>11} | "
-            f"{'worker RSS MB':>13}"
+            f"{'workers':>7} | {'seconds':>7} | {'MB/s':>6} | {'docs/s':>8} | {'CPU s':>6} | {'MB per CPU s':>12} | "
+            f"{'main RSS MB':>11} | {'worker RSS MB':>13} | {'load before/after':>17}"
         )
-        print("-" * 70)
+        print("-" * 112)
         for workers, r in rows:
             print(
                 f"{workers:>7} | {r['seconds']:>7.1f} | {size / 1e6 / r['seconds']:>6.2f} | "
-                f"{r['documents'] / r['seconds']:>8.0f} | {r['main_rss_mb']:>11.0f} | {r['worker_rss_mb']:>13.0f}"
+                f"{r['documents'] / r['seconds']:>8.0f} | {r['cpu_seconds']:>6.1f} | "
+                f"{size / 1e6 / r['cpu_seconds']:>12.2f} | {r['main_rss_mb']:>11.0f} | {r['worker_rss_mb']:>13.0f} | "
+                f"{r['load'][0]:>8.1f} {r['load'][1]:>8.1f}"
             )
     finally:
         if not args.work_dir:

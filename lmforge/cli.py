@@ -21,9 +21,9 @@ TOUR = """commands:
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
-  export       write a run as a Hugging Face model directory (GPT-2 or Llama style) or a GGUF file (Llama style)
+  export       write a run as a Hugging Face directory (GPT-2/Llama/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
-  import       turn a local Hugging Face GPT-2/Llama directory into an lmforge run
+  import       turn a local Hugging Face GPT-2/Llama/BERT directory into an lmforge run
   estimate     parameters, FLOPs, memory, time and cost of a run before you start it
   report       one HTML (or Markdown) page comparing runs: curves, config differences, evals, samples
   runs         table of the runs under a folder: status, steps, tokens, best val loss, last checkpoint
@@ -155,7 +155,9 @@ def build_parser() -> Parser:
         "export",
         help="write a run or checkpoint as a Hugging Face model directory",
         description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
-        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models). "
+        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models) or "
+        "AutoModelForMaskedLM (BERT; ELECTRA: its discriminator as ElectraForPreTraining). LoRA runs export merged, "
+        "or with --peft as a PEFT adapter directory. "
         "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE; pip install "
         "'lmforge[gguf]').",
     )
@@ -165,10 +167,15 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="gguf: weight type (default: f16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="hf, LoRA runs: write a PEFT adapter directory (base model in OUT/base) instead of merged weights",
+    )
 
     p = sub.add_parser(
         "import",
-        help="turn a local Hugging Face GPT-2/Llama directory into an lmforge run",
+        help="turn a local Hugging Face GPT-2/Llama/BERT directory into an lmforge run",
         description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
         "and write a run directory that eval/generate load.",
     )
@@ -321,6 +328,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.export.gguf import export_gguf
 
         print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+    elif args.command == "export" and args.peft and args.to == "hf":
+        from lmforge.export.peft import export_peft
+
+        print(f"wrote {export_peft(args.run, args.out, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
 

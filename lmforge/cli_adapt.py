@@ -23,7 +23,9 @@ def add_parsers(sub: Any, config_epilog: str) -> None:
         "finetune",
         help="adapt a pretrained run or local HF model to a task",
         description="Fine-tune BASE (an lmforge run or checkpoint, a fine-tuned run, or a local Hugging Face "
-        "GPT-2/Llama directory) on a JSONL/CSV/TSV/TXT task file. Fields default to text/label (classify), "
+        "GPT-2/Llama/BERT directory; BERT bases: --task classify with --adapt full/head/lora) on a JSONL/CSV/TSV/TXT "
+        "task file. Re-running the same command on an existing --out resumes it from its latest checkpoint. "
+        "Fields default to text/label (classify), "
         "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
         "prompt/chosen/rejected (dpo), text (clm); rename with --field NAME=COLUMN. Training settings: "
         "--train.*, --optim.*, --eval.*, --checkpoint.* (only those sections; see below).",
@@ -33,8 +35,8 @@ def add_parsers(sub: Any, config_epilog: str) -> None:
     p.add_argument("base", metavar="BASE")
     p.add_argument("--train", dest="train_file", required=True, metavar="FILE", help="training data")
     p.add_argument("--val", dest="val_file", metavar="FILE", help="validation data (metrics at the end)")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", required=True, help="run directory (an existing one of the same command is resumed)")
+    p.add_argument("--overwrite", action="store_true", help="start an existing --out over instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     add_dataclass_args(p, FinetuneConfig)
 

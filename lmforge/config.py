@@ -124,7 +124,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
+    name: Literal["adamw", "sgd", "muon"] = opt(
+        "adamw", "optimizer; muon = Muon for hidden matrices, AdamW for embeddings, head, norms and biases"
+    )
     weight_decay: float = opt(
         0.1, "decoupled weight decay (AdamW) or L2 penalty (SGD) on matrices; not on norms/biases"
     )
@@ -136,6 +138,9 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off")
     l1: float = opt(0.0, "L1 penalty coefficient on decayed parameters, added to the loss; 0 = off")
     fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel; auto = on for CUDA")
+    muon_lr: float = opt(0.02, "Muon peak learning rate for hidden matrices (follows train.lr's schedule)")
+    muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
+    muon_ns_steps: int = opt(5, "Newton-Schulz iterations per Muon update (fewer = cheaper, less orthogonal)")
 
     def __post_init__(self) -> None:
         check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
@@ -143,6 +148,9 @@ class OptimConfig:
         check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         check(self.l1 >= 0, f"optim.l1 must be >= 0, got {self.l1}")
+        check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
+        check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,14 @@ and classification needs hidden states, neither of which the LM forward exposes.
 on the right, so causal attention never lets a real token see padding and no mask is needed;
 packed rows (`decoder_hidden(..., positions, segments)`) get a block-diagonal causal mask and
 per-example positions instead, so each example computes exactly what it would alone (tested).
-Encoder bodies (BERT, pooled [CLS]) plug in at `hidden()`: the one place that knows the family.
+Encoder bodies (BERT) classify from the pooled [CLS] state instead, as BERT does (Devlin et al.
+2019, section 4.1; HF `BertForSequenceClassification`): rows are `[CLS] text [SEP] [PAD]...`, the
+encoder sees a key-padding mask built from the lengths, and the body's own pooler (dense + tanh,
+pretrained by NSP when the run used it) feeds the new head:
+
+    idx (B, T), lengths ─► Bert(idx, pad_mask) ─► h[:, 0] ─► tanh(pooler) ─► head ─► (B, n_labels)
+
+BERT bodies take classification only (no soft prompt, no LM tasks): `Adapted` refuses the rest.
 
 Modes (`set_trainable`): `full` trains everything; `head` only the task head (classification) or the
 final norm and an untied output head (LM tasks); `lora` the adapters (and a classification head);
@@ -42,13 +49,17 @@ class Adapted(nn.Module):
 
     def __init__(self, body: nn.Module, *, prompt: SoftPrompt | None = None, n_labels: int = 0) -> None:
         super().__init__()
-        if getattr(body.cfg, "family", "gpt") != "gpt":
-            raise ConfigError(f"fine-tuning {body.cfg.family} models is not supported yet; use a GPT base")
+        family = getattr(body.cfg, "family", "gpt")
+        if family not in ("gpt", "bert"):
+            raise ConfigError(f"fine-tuning {family} models is not supported; use a GPT or BERT base")
+        if family == "bert" and (prompt is not None or not n_labels):
+            raise ConfigError("a BERT base fine-tunes for --task classify with --adapt full, head or lora")
         self.body = body
         self.prompt = prompt
+        self.encoder = family == "bert"
         self.head = nn.Linear(body.cfg.d_model, n_labels) if n_labels else None
         if self.head is not None:
-            self.head.to(body.tok_emb.weight.device)
+            self.head.to(next(body.parameters()).device)
             nn.init.normal_(self.head.weight, std=body.cfg.init_std)
             nn.init.zeros_(self.head.bias)
 
@@ -74,7 +85,11 @@ class Adapted(nn.Module):
         return output_head(self.body, self.hidden(idx)[:, self.n_prompt :])  # (B, T, V)
 
     def classify(self, idx: Tensor, lengths: Tensor) -> Tensor:
-        """Label scores (B, n_labels) from the hidden state of each row's last real token."""
+        """Label scores (B, n_labels): the last real token's hidden state (decoder) or pooled [CLS] (encoder)."""
+        if self.encoder:
+            pad_mask = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]  # (B, T)
+            h = self.body(idx, pad_mask=pad_mask)  # (B, T, C)
+            return self.head(torch.tanh(self.body.pooler(h[:, 0])))  # [CLS] -> (B, n_labels)
         h = self.hidden(idx)  # (B, P + T, C)
         last = self.n_prompt + lengths - 1  # (B,)
         pooled = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)

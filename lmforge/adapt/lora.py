@@ -11,7 +11,10 @@ what the base did until the first update (Hu et al. 2021, section 4.1). `merge_l
 an ordinary GPT that `lmforge export` and `generate` load, and gives the same outputs.
 
 Target modules are name suffixes matched against `named_modules()`: `qkv` hits every
-`blocks.{i}.attn.qkv`, `attn.proj` only the attention output (not `mlp.proj`).
+`blocks.{i}.attn.qkv`, `attn.proj` only the attention output (not `mlp.proj`). The same names
+work on BERT (`encoder.layers.{i}.attn.qkv`, `.attn.proj`): its feed-forward layers sit directly
+in the layer (`encoder.layers.{i}.fc`, `.proj`) and answer to `mlp.fc` / `mlp.proj` as in GPT, so
+one `--lora-targets` list means the same layers in both families; `pooler` targets BERT's pooler.
 
 Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", https://arxiv.org/abs/2106.09685
 """
@@ -19,6 +22,7 @@ Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", http
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -57,6 +61,14 @@ class LoRALinear(nn.Linear):
         return self.weight + (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in)
 
 
+_BERT_FFN = re.compile(r"^(encoder\.layers\.\d+)\.(fc|proj)$")
+
+
+def target_name(name: str) -> str:
+    """The name targets are matched against: BERT's `encoder.layers.{i}.fc` reads as `...mlp.fc` (GPT's)."""
+    return _BERT_FFN.sub(r"\1.mlp.\2", name)
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -77,9 +89,10 @@ def inject_lora(model: nn.Module, *, targets: list[str], rank: int, alpha: float
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
     names = []
     for target in targets:
-        hits = [n for n, _ in linears if n == target or n.endswith("." + target)]
+        hits = [n for n, _ in linears if target_name(n) == target or target_name(n).endswith("." + target)]
         if not hits:
-            known = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, _ in linears})
+            local = re.compile(r"^(blocks|encoder\.layers)\.\d+\.")
+            known = sorted({local.sub("", target_name(n)) for n, _ in linears})
             raise ConfigError(f"LoRA target {target!r} matches no linear layer; choose from {', '.join(known)}")
         names += [h for h in hits if h not in names]
     modules = dict(linears)

@@ -9,8 +9,10 @@ outside the trained span, or `PackedCausalLM` when short examples are packed int
 - `DPO`: Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290), for a pair with policy log-probs
   (pc, pr) and frozen-reference log-probs (rc, rr) of the chosen / rejected completions:
       loss = -log sigmoid(beta * ((pc - rc) - (pr - rr)))
-  The reference log-probs are computed once before training with the frozen base and carried in
-  the batch ("precomputed reference log-probs"), so no second model sits in memory while training.
+  By default the reference log-probs are computed once before training with the frozen base and
+  carried in the batch ("precomputed reference log-probs"), so no second model sits in memory while
+  training; `DPO(beta, reference=model)` (`--dpo-reference live`) instead runs a frozen copy of the
+  base on every batch. Both give the same loss (tests/test_finetune_resume.py).
 """
 
 from __future__ import annotations
@@ -81,16 +83,29 @@ def pair_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, T
     return logp[:B], logp[B:]
 
 
-class DPO:
-    """Batches: dict with chosen_x/chosen_y/rejected_x/rejected_y (B, T) and ref_chosen/ref_rejected (B,)."""
+def reference_pair(batch: dict[str, Tensor], reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    """Reference log-probs (chosen, rejected), each (B,): precomputed in the batch, or from a live frozen model."""
+    if "ref_chosen" in batch:
+        return batch["ref_chosen"], batch["ref_rejected"]
+    if reference is None:
+        raise ValueError("a DPO batch without precomputed reference log-probs needs a reference model")
+    with torch.no_grad():
+        return pair_logprobs(reference, batch)
 
-    def __init__(self, beta: float) -> None:
+
+class DPO:
+    """Batches: dict with chosen_x/chosen_y/rejected_x/rejected_y (B, T) and, when precomputed,
+    ref_chosen/ref_rejected (B,); otherwise `reference` (a frozen model in eval mode) scores them."""
+
+    def __init__(self, beta: float, reference: nn.Module | None = None) -> None:
         self.beta = beta
+        self.reference = reference
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["chosen_x"].shape[0])
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         pc, pr = pair_logprobs(model, batch)
-        losses, _, _ = dpo_losses(pc, pr, batch["ref_chosen"], batch["ref_rejected"], self.beta)
+        rc, rr = reference_pair(batch, self.reference)
+        losses, _, _ = dpo_losses(pc, pr, rc, rr, self.beta)
         return losses.sum()

@@ -94,7 +94,8 @@ def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     text, removed = _CONTROL.subn("", text)
     normalized = False
-    if normalize != "none" and not unicodedata.is_normalized(normalize, text):
+    # ASCII text is in every normal form (str.isascii is O(1)): skip the scan
+    if normalize != "none" and not text.isascii() and not unicodedata.is_normalized(normalize, text):
         text = unicodedata.normalize(normalize, text)
         normalized = True
     return Cleaned(text=text.strip(), control_chars_removed=removed, normalized=normalized)

@@ -236,6 +236,20 @@ def label_name(value: Any) -> str:
     return str(value).strip()
 
 
+def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
+    """(ids before the text, ids after it, padding id) of a classification row for a model family.
+
+    Decoders read `text EOS` and pool the last real token (padding: EOS, never attended to);
+    BERT reads `[CLS] text [SEP]` as in pretraining and pools [CLS] (padding: [PAD], masked out).
+    """
+    if family == "bert":
+        from lmforge.data.masking import special_ids
+
+        sp = special_ids(tok)
+        return [sp.cls], [sp.sep], sp.pad
+    return [], [tok.eos_id], tok.eos_id
+
+
 def classify_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(ids (B, T) right-padded, lengths (B,), labels (B,))."""
     T = max(len(ids) for ids, _ in examples)
@@ -298,6 +312,11 @@ class ExampleLoader:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state_dict()` was taken (the epoch's order is re-derived from the seed)."""
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffle()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,12 +393,17 @@ def build_examples(
     max_len: int,
     labels: list[str] | None,
     path: str | Path,
+    frame: tuple[list[int], list[int], int] | None = None,
 ) -> list[Any]:
-    """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO."""
+    """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO.
+
+    `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`)."""
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
         index = {name: i for i, name in enumerate(labels or [])}
+        before, after, _ = frame or classify_frame(tok, "gpt")
+        room = max_len - len(before) - len(after)
         out = []
         for i, row in enumerate(rows, 1):
             name = label_name(row[fields["label"]])
@@ -388,7 +412,7 @@ def build_examples(
                     f"{path}: row {i} has label {name!r}, which the model was not trained on "
                     f"(labels: {', '.join(labels or [])}); fix the row or fine-tune with it"
                 )
-            ids = tok.encode(str(row[fields["text"]]))[: max_len - 1] + [tok.eos_id]
+            ids = before + tok.encode(str(row[fields["text"]]))[:room] + after
             out.append((ids, index[name]))
         return out
     if task in ("sft", "qa"):
@@ -428,13 +452,10 @@ def dpo_collate(pad_id: int) -> Any:
     def collate(pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cx, cy = lm_batch([p["chosen"] for p in pairs], pad_id)
         rx, ry = lm_batch([p["rejected"] for p in pairs], pad_id)
-        return {
-            "chosen_x": cx,
-            "chosen_y": cy,
-            "rejected_x": rx,
-            "rejected_y": ry,
-            "ref_chosen": torch.tensor([p["ref"][0] for p in pairs]),
-            "ref_rejected": torch.tensor([p["ref"][1] for p in pairs]),
-        }
+        batch = {"chosen_x": cx, "chosen_y": cy, "rejected_x": rx, "rejected_y": ry}
+        if "ref" in pairs[0]:  # precomputed reference log-probs (without them: a live reference model)
+            batch["ref_chosen"] = torch.tensor([p["ref"][0] for p in pairs])
+            batch["ref_rejected"] = torch.tensor([p["ref"][1] for p in pairs])
+        return batch
 
     return collate

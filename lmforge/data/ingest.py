@@ -27,6 +27,11 @@ Key design decisions:
   only one document is held in memory at a time ("file" mode holds one file). Parquet and Arrow
   files are read in record batches of 1,024 rows. A line longer than `max_line_bytes` (a 2 GB
   single-line file is a broken export, not a document) stops the run instead of filling memory.
+- For `prepare --workers`, `read_blocks` cuts text and JSONL files (compressed or not) into ~4 MB
+  byte blocks at document boundaries (after an empty or blank line; any line end for "line" and
+  JSONL) and `block_documents` parses one block in a worker with the same line parsers, so the
+  documents are the same as `read_documents` gives (a test compares them at several block sizes).
+  A block of valid UTF-8 in "paragraph" mode is split with one regex instead of line by line.
 - A save_to_disk folder is read with pyarrow alone (its data files are Arrow IPC streams), so only
   hub names need the `datasets` package. A DatasetDict folder contributes all its splits; point at
   one split's subfolder to read only that.
@@ -41,6 +46,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -243,20 +249,24 @@ def check_not_binary(path: Path) -> None:
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
-def _lines(stream: BinaryIO, path: Path, max_line_bytes: int) -> Iterator[bytes]:
+def _lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int = 1) -> Iterator[bytes]:
     """Lines of `stream` (with their b"\\n"), refusing any line longer than `max_line_bytes`."""
-    lineno = 0
+    lineno = first_lineno - 1
     while True:
         line = stream.readline(max_line_bytes + 1)
         if not line:
             return
         lineno += 1
         if len(line) > max_line_bytes:
-            raise DataError(
-                f"{path}:{lineno}: a line longer than {max_line_bytes:,} bytes; split the file into documents "
-                "(one per line or paragraph) or raise --max-line-bytes"
-            )
+            raise _long_line(path, lineno, max_line_bytes)
         yield line
+
+
+def _long_line(path: Path, lineno: int, max_line_bytes: int) -> DataError:
+    return DataError(
+        f"{path}:{lineno}: a line longer than {max_line_bytes:,} bytes; split the file into documents "
+        "(one per line or paragraph) or raise --max-line-bytes"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,12 +341,146 @@ def read_documents(
         raw.close()
 
 
-def _text_documents(lines: Iterator[bytes], doc_unit: DocUnit, progress: Callable[[], None]) -> Iterator[RawDocument]:
+# --------------------------------------------------------------------------------------------
+# reading in blocks: the main process cuts a file into byte blocks at document boundaries, and
+# `block_documents` (in a worker) parses one block exactly as `read_documents` parses the whole file
+
+
+BLOCK_BYTES = 4 << 20
+# A paragraph surely ends at a line that is empty or holds only ASCII blanks; blank lines made of
+# other whitespace (U+3000 ...) are real separators too, but a block is only cut at these.
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Whole lines of a file (bytes, decompressed): `first_lineno` is the 1-based number of the first one."""
+
+    data: bytes
+    first_lineno: int
+
+    @property
+    def file_start(self) -> bool:
+        return self.first_lineno == 1
+
+
+def reads_in_blocks(path: Path, doc_unit: DocUnit) -> bool:
+    """True for inputs that `read_blocks` can cut: text files (paragraph or line unit) and JSONL, compressed or not."""
+    fmt = file_format(path)
+    return fmt == "jsonl" or (fmt == "text" and doc_unit != "file")
+
+
+def _cut(data: bytes, doc_unit: DocUnit) -> int:
+    """Length of the longest prefix of `data` that ends at a document boundary (0 if none)."""
+    if doc_unit != "paragraph":
+        return data.rfind(b"\n") + 1
+    at = data.rfind(b"\n\n")
+    if at >= 0:
+        return at + 2
+    last = None
+    for last in _BLANK_LINE.finditer(data):  # noqa: B007 - rare: blank lines with spaces or "\r"
+        pass
+    return last.end() if last is not None else 0
+
+
+def read_blocks(
+    path: Path,
+    *,
+    doc_unit: DocUnit = "paragraph",
+    on_bytes: Callable[[int], None] | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    block_bytes: int = BLOCK_BYTES,
+) -> Iterator[Block]:
+    """Cut a file accepted by `reads_in_blocks` into blocks of about `block_bytes` at document boundaries.
+
+    Parsing the blocks with `block_documents` gives the documents of `read_documents`, in order.
+
+    Raises:
+        DataError: binary file, corrupt compression or a line longer than `max_line_bytes`.
+    """
+    check_not_binary(path)
+    raw, stream = _open(path)
+    unit: DocUnit = "line" if file_format(path) == "jsonl" else doc_unit
+    pending = b""
+    lineno = 1
+    reported = 0
+    try:
+        while True:
+            data = stream.read(block_bytes)
+            if on_bytes is not None:
+                position = raw.tell()
+                on_bytes(position - reported)
+                reported = position
+            pending += data
+            cut = len(pending) if not data else _cut(pending, unit)
+            if cut:
+                block = Block(pending[:cut], lineno)
+                lineno += block.data.count(b"\n")
+                pending = pending[cut:]
+                yield block
+            elif len(pending) - (pending.rfind(b"\n") + 1) > max_line_bytes:
+                raise _long_line(path, lineno + pending.count(b"\n"), max_line_bytes)
+            if not data:
+                return
+    except _read_errors() as e:
+        raise DataError(f"{path}: read failed ({e}); re-create the file or remove it from the inputs") from None
+    finally:
+        stream.close()
+        raw.close()
+
+
+def _fast_paragraphs(data: bytes, file_start: bool) -> list[str] | None:
+    """The paragraphs of valid UTF-8 `data` with one regex split (None if the block has invalid UTF-8).
+
+    Same result as `_text_documents`: a line whose decoded text is only whitespace (`str.isspace`,
+    which is what `str.strip` and the regex `\\s` use) ends a paragraph; a paragraph keeps its "\\n"s.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if file_start:
+        text = text.removeprefix("\ufeff")
+    return [p for p in _BLANK_LINES.split(text) if p]
+
+
+_BLANK_LINES = re.compile(r"(?m)^[^\S\n]*(?:\n|\Z)")
+
+
+def block_documents(
+    block: Block,
+    path: Path,
+    *,
+    doc_unit: DocUnit = "paragraph",
+    text_field: str = "text",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[RawDocument]:
+    """The raw documents of one block of `path` (see `read_blocks`)."""
+    lines = _lines(io.BytesIO(block.data), path, max_line_bytes, block.first_lineno)
+    if file_format(path) == "jsonl":
+        yield from _jsonl_documents(path, lines, text_field, _no_progress, block.first_lineno)
+        return
+    if doc_unit == "paragraph" and len(block.data) <= max_line_bytes:  # no line can be too long
+        paragraphs = _fast_paragraphs(block.data, block.file_start)
+        if paragraphs is not None:
+            for paragraph in paragraphs:
+                yield RawDocument(paragraph, 0)
+            return
+    yield from _text_documents(lines, doc_unit, _no_progress, file_start=block.file_start)
+
+
+def _no_progress() -> None:
+    pass
+
+
+def _text_documents(
+    lines: Iterator[bytes], doc_unit: DocUnit, progress: Callable[[], None], *, file_start: bool = True
+) -> Iterator[RawDocument]:
     paragraph: list[str] = []
     bad_total = 0
     for lineno, line_bytes in enumerate(lines):
         line, bad = decode_utf8(line_bytes)
-        if lineno == 0:
+        if lineno == 0 and file_start:
             line = line.removeprefix("\ufeff")
         if lineno % _PROGRESS_EVERY == _PROGRESS_EVERY - 1:
             progress()
@@ -355,9 +499,9 @@ def _text_documents(lines: Iterator[bytes], doc_unit: DocUnit, progress: Callabl
 
 
 def _jsonl_documents(
-    path: Path, lines: Iterator[bytes], text_field: str, progress: Callable[[], None]
+    path: Path, lines: Iterator[bytes], text_field: str, progress: Callable[[], None], first_lineno: int = 1
 ) -> Iterator[RawDocument]:
-    for lineno, line_bytes in enumerate(lines, start=1):
+    for lineno, line_bytes in enumerate(lines, start=first_lineno):
         if lineno % _PROGRESS_EVERY == 0:
             progress()
         line, bad = decode_utf8(line_bytes)

@@ -82,17 +82,25 @@ def _answer(ft: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
 
 @torch.no_grad()
 def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
-    from lmforge.data.formats import build_examples, classify_batch
+    from lmforge.data.formats import build_examples, classify_batch, classify_frame
     from lmforge.eval.classify import classification_report
 
     labels = ft.info["labels"]
+    frame = classify_frame(ft.tokenizer, ft.model.body.cfg.family)
     examples = build_examples(
-        rows, task="classify", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=labels, path=path
+        rows,
+        task="classify",
+        tok=ft.tokenizer,
+        fields=fields,
+        max_len=ft.info["max_len"],
+        labels=labels,
+        path=path,
+        frame=frame,
     )
     device = next(ft.model.parameters()).device
     preds: list[int] = []
     for i in range(0, len(examples), 32):
-        ids, lengths, _ = classify_batch(examples[i : i + 32], ft.tokenizer.eos_id)
+        ids, lengths, _ = classify_batch(examples[i : i + 32], frame[2])
         preds += ft.model.classify(ids.to(device), lengths.to(device)).argmax(-1).tolist()
     return classification_report([label for _, label in examples], preds, labels)
 
@@ -273,6 +281,11 @@ def evaluate_task(
     info = ft.info or {}
     if info.get("task") == "classify" and task != "classify":
         raise ConfigError(f"{run} is a classifier; evaluate it with --task classify")
+    if getattr(ft.model.cfg, "family", "gpt") in ("bert", "electra") and (task != "classify" or k_shot or not info):
+        raise ConfigError(
+            f"{run} is an encoder; fine-tune it with 'lmforge finetune {run} --task classify' and evaluate "
+            "that run with --task classify (no --k-shot)"
+        )
     if info.get("task") == task and not field_renames:
         fields = dict(info["fields"])
     else:

@@ -90,6 +90,8 @@ def gguf_tensors(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
 def _check_llama(cfg: Any) -> None:
     if getattr(cfg, "family", "gpt") != "gpt":
         raise LmforgeError(f"GGUF export covers Llama-style GPT models; this run's model.family is {cfg.family!r}")
+    if getattr(cfg, "qk_norm", False):
+        raise LmforgeError("GGUF export cannot express model.qk_norm=true (llama.cpp's Llama has no QK-norm)")
     have = {"pos_emb": cfg.pos_emb, "norm": cfg.norm, "mlp": cfg.mlp}
     if have != {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}:
         state = ", ".join(f"{k}={v}" for k, v in have.items())

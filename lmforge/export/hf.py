@@ -16,6 +16,8 @@ and `AutoTokenizer.from_pretrained`:
 (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that `lmforge eval`,
 `lmforge generate` and fine-tuning load like any other run. `verify_hf` loads an export with
 `transformers` and reports the largest logit difference from the lmforge checkpoint.
+BERT/ELECTRA runs and BERT directories are handed to `export/bert.py`; LoRA runs are merged first,
+or written as a PEFT adapter by `export/peft.py`.
 
 Design decisions
 - Which of our variants have an HF twin (checked on our config fields, never on parameter names):
@@ -81,7 +83,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, write_json
-from lmforge.checkpoint import load_trained, read_json, save_checkpoint
+from lmforge.checkpoint import read_json, save_checkpoint
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -105,6 +107,11 @@ def hf_family(cfg: GPTConfig) -> str:
     """
     if cfg.family != "gpt":
         raise LmforgeError(f"only GPT models export to HF; this run's model.family is {cfg.family!r}")
+    if getattr(cfg, "qk_norm", False):
+        raise LmforgeError(
+            "this model normalises queries and keys (model.qk_norm=true), which neither HF GPT-2 nor Llama "
+            "computes; train with model.qk_norm=false to export"
+        )
     have = {key: getattr(cfg, key) for key in GPT2_STYLE}
     if have == GPT2_STYLE:
         if cfg.kv_heads != cfg.n_head:
@@ -501,11 +508,21 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         LmforgeError: the model has no HF twin (message names the fields), `out` exists, or the
             checkpoint is missing or damaged.
     """
+    from lmforge.export.peft import load_exportable
+
     out = Path(out)
     _check_out(out, overwrite=overwrite)
-    trained = load_trained(path, torch.device("cpu"))
-    ckpt_dir = trained.checkpoint.path
-    _check_not_inside(out, ckpt_dir)
+    trained = load_exportable(path)  # LoRA runs come back merged
+    _check_not_inside(out, trained.checkpoint.path)
+    if trained.config.model.family in ("bert", "electra"):
+        from lmforge.export.bert import write_bert
+
+        return write_bert(trained, out)
+    return write_hf(trained, out)
+
+
+def write_hf(trained: Any, out: Path) -> Path:
+    """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)
     tokenizer: Tokenizer = trained.tokenizer
@@ -650,9 +667,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     config_path = hf_dir / "config.json"
     hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
     model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
+    if model_type == "bert":
+        from lmforge.export.bert import import_bert
+
+        return import_bert(hf_dir, hf_cfg, out)
     if model_type not in FAMILIES:
         raise LmforgeError(
-            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {' and '.join(FAMILIES)}"
+            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)} and bert"
         )
     tok_path = hf_dir / "tokenizer.json"
     if not tok_path.is_file():
@@ -781,11 +802,17 @@ def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: 
     Raises:
         LmforgeError: transformers is not installed, or either side fails to load.
     """
+    from lmforge.export.peft import load_exportable
+
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise LmforgeError(f"verifying an HF export needs transformers: {HF_HINT}") from None
-    trained = load_trained(path, torch.device("cpu"))
+    trained = load_exportable(path)
+    if trained.config.model.family in ("bert", "electra"):
+        from lmforge.export.bert import verify_bert
+
+        return verify_bert(trained, hf_dir, seed=seed)
     ours = trained.model.float()
     try:
         theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()

@@ -8,6 +8,10 @@ Notable features
   rotary in HF's "rotate half" layout so weights map to HF without permutation
 - norm: LayerNorm with optional bias (GPT-2) or RMSNorm (Llama), pre-norm plus a final norm
 - MLP: GELU (exact erf form, HF's "gelu"; faster on CPU than GPT-2's tanh form) or SwiGLU (Llama)
+- speedrun options (off by default, modded-nanogpt's measured tricks): `qk_norm` (parameter-free RMS
+  norm of q and k per head, before rotary; Dehghani et al. 2023), `mlp="relu2"` (ReLU squared, Primer:
+  So et al. 2021), `zero_init_proj` (residual output projections start at 0, so each block starts as
+  the identity); none of them has a Hugging Face twin except zero init, so export refuses the first two
 - grouped-query attention (`n_kv_head` < `n_head`), via SDPA's `enable_gqa` (no repeated k/v copies)
 - one fused q/k/v projection and `F.scaled_dot_product_attention` (flash kernels on CPU and GPU);
   `is_causal` everywhere except a multi-token chunk appended to a non-empty KV cache
@@ -86,9 +90,11 @@ class GPTConfig:
     norm_eps: float = opt(1e-5, "epsilon of the normalisation layers")
     pos_emb: Literal["learned", "rope"] = opt("learned", "position encoding: learned table (GPT-2) or rotary (Llama)")
     rope_theta: float = opt(10000.0, "rotary base frequency")
-    mlp: Literal["gelu", "swiglu"] = opt("gelu", "MLP type")
+    mlp: Literal["gelu", "swiglu", "relu2"] = opt("gelu", "MLP type; relu2 = ReLU squared (Primer, modded-nanogpt)")
     tie_embeddings: bool = opt(True, "share the token embedding and output projection weights")
     init_std: float = opt(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
+    qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention (no HF twin)")
+    zero_init_proj: bool = opt(False, "initialise the residual output projections (attn.proj, mlp.proj) to zero")
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
@@ -134,6 +140,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         # one matmul for q, k and v: rows [q (n_head*hd); k (n_kv_head*hd); v (n_kv_head*hd)]
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
@@ -147,6 +154,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, D)  # (B, T, n_head, head_dim)
         k = k.view(B, T, Hkv, D)  # (B, T, n_kv_head, head_dim)
         v = v.view(B, T, Hkv, D)
+        if self.qk_norm:  # bounded attention logits: tolerates the higher learning rates of a speedrun
+            q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
         if rope is not None:  # rotary positions (Llama); learned positions were added to x already
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head | n_kv_head, T, head_dim)
@@ -171,6 +180,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu2 = cfg.mlp == "relu2"
         # swiglu: fc computes [gate; up] in one matmul, split below
         self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ff_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
@@ -180,6 +190,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, d_ff)
+        elif self.relu2:
+            h = F.relu(h).square()  # (B, T, d_ff)
         else:
             # exact (erf) GELU, as nanoGPT: 3.5x faster than GPT-2's tanh "gelu_new" on this CPU (torch
             # 2.13, 0.13 vs 0.44 ms for 12x64x512); the two differ by < 1e-3, HF calls it "gelu"
@@ -244,11 +256,11 @@ class GPT(nn.Module):
 
         Linear and embedding weights ~ N(0, init_std); the two residual output projections of each
         block (attn.proj, mlp.proj) ~ N(0, init_std / sqrt(2 * n_layer)) so the residual stream's
-        variance does not grow with depth (GPT-2); biases 0; norm weights 1. Also recomputes the
-        rotary tables, so `GPT(cfg)` on the meta device + `to_empty()` + `init_weights()` is complete.
+        variance does not grow with depth (GPT-2), or 0 with `zero_init_proj`; biases 0; norm weights 1.
+        Also recomputes the rotary tables, so meta-device `GPT(cfg)` + `to_empty()` + `init_weights()` is complete.
         """
         std = self.cfg.init_std
-        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
+        resid_std = 0.0 if self.cfg.zero_init_proj else std / math.sqrt(2 * self.cfg.n_layer)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb.weight, mean=0.0, std=std)
@@ -259,7 +271,10 @@ class GPT(nn.Module):
                 (block.mlp.fc, std),
                 (block.mlp.proj, resid_std),
             ):
-                nn.init.normal_(linear.weight, mean=0.0, std=s)
+                if s > 0:
+                    nn.init.normal_(linear.weight, mean=0.0, std=s)
+                else:  # zero_init_proj
+                    nn.init.zeros_(linear.weight)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
             block.norm1.reset_parameters()  # weight 1 (bias 0)

@@ -114,6 +114,7 @@ def train(
     world: DistInfo | None = None,
     rollback: Callable[[TrainState], None] | None = None,
     after_step: Callable[[int], None] | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
 ) -> TrainState:
     """Train until `cfg.max_steps`, the time budget, early stopping or a stop signal.
 
@@ -137,6 +138,8 @@ def train(
         rollback: restores model, optimizer, RNG and `state` (in place) from the latest checkpoint,
             keeping the data position; called after `cfg.rollback_after` non-finite steps in a row.
         after_step: called with the new step number after each optimizer step (DiLoCo's outer sync).
+        lr_schedule: lr for a step, replacing `schedule.lr_at` over `cfg` (continued pretraining follows
+            its base run's schedule from the base's step).
 
     Returns:
         The final `TrainState`; `stop_reason` says why training ended.
@@ -156,14 +159,17 @@ def train(
 
     with StopSignal() as stop:
         while state.step < cfg.max_steps:
-            lr = lr_at(
-                state.step,
-                lr=cfg.lr,
-                final_lr=cfg.final_lr,
-                warmup_steps=cfg.warmup_steps,
-                max_steps=cfg.max_steps,
-                schedule=cfg.schedule,
-            )
+            if lr_schedule is not None:
+                lr = lr_schedule(state.step)
+            else:
+                lr = lr_at(
+                    state.step,
+                    lr=cfg.lr,
+                    final_lr=cfg.final_lr,
+                    warmup_steps=cfg.warmup_steps,
+                    max_steps=cfg.max_steps,
+                    schedule=cfg.schedule,
+                )
             for group in optimizer.param_groups:
                 group["lr"] = lr
 

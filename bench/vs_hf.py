@@ -1,0 +1,186 @@
+"""Training throughput at an identical model and batch: lmforge vs Hugging Face GPT2LMHeadModel.
+
+Three contestants train the same GPT-2 (learned positions, LayerNorm with biases, exact GELU, tied
+embeddings, no dropout) on the same random batches with AdamW and gradient clipping:
+
+- `lmforge loop`: our model in the real training loop (`lmforge.train.loop.train`, as `pretrain` runs it)
+- `lmforge eager`: our model in a minimal eager loop (forward, cross-entropy, backward, clip, step)
+- `HF GPT-2`: `transformers.GPT2LMHeadModel` (SDPA attention, `activation_function="gelu"` so both
+  compute the same function) in the same minimal loop
+- `HF GPT-2, default gelu_new`: the same with HF's default tanh GELU, as a user gets it out of the box
+
+Timing is interleaved in one process: each round runs every contestant for a few steps (the order
+rotates from round to round), and the table reports the median round per contestant, so load from
+other processes on a shared machine hits all of them alike. Only the ratios are meaningful across hosts.
+
+    python bench/vs_hf.py                                   # nanoGPT's baby GPT shape, 12 x 64
+    python bench/vs_hf.py --shape 6,6,384,256 --batch 8     # n_layer,n_head,d_model,ctx
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.estimate import measure_matmul_flops
+from lmforge.log import RunLogger
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.loop import train
+from lmforge.train.optim import build_optimizer
+from lmforge.train.precision import Precision
+from lmforge.train.state import TrainState
+
+VOCAB = 65  # tinyshakespeare's characters
+
+
+def batches(batch: int, seq_len: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randint(0, VOCAB, (batch, seq_len + 1), generator=g)
+        yield x[:, :-1], x[:, 1:]
+
+
+def ours(n_layer: int, n_head: int, d_model: int, ctx: int) -> GPT:
+    cfg = GPTConfig(
+        vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, d_model=d_model, max_seq_len=ctx, bias=True, dropout=0.0
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    return model
+
+
+def hf(n_layer: int, n_head: int, d_model: int, ctx: int, activation: str = "gelu") -> torch.nn.Module:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise SystemExit("bench/vs_hf.py needs transformers: pip install 'lmforge[hf]'") from None
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=ctx,
+        n_embd=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        activation_function=activation,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    cfg._attn_implementation = "sdpa"  # the default in recent transformers; explicit so it cannot fall back
+    return GPT2LMHeadModel(cfg)
+
+
+def eager_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, logits_of):
+    """The minimal loop: forward, mean cross-entropy, backward, clip 1.0, step, zero grads."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def run(n_steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            x, y = next(loader)
+            logits = logits_of(model, x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def loop_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, optim_cfg: OptimConfig, batch: int):
+    """Our real training loop, continued for n more steps each call (no eval, no checkpoints)."""
+    state = TrainState()
+    precision = Precision(torch.device("cpu"), torch.float32)
+
+    def run(n_steps: int) -> float:
+        until = state.step + n_steps
+        t0 = time.perf_counter()
+        train(
+            model,
+            optimizer,
+            loader,
+            cfg=TrainConfig(max_steps=until, batch_size=batch, lr=1e-3, warmup_steps=0, log_every=50),
+            optim_cfg=optim_cfg,
+            eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=0),
+            precision=precision,
+            state=state,
+            log=RunLogger(None, max_steps=until, start_step=state.step, enabled=False),
+            save=lambda s: None,
+        )
+        return time.perf_counter() - t0
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="4,4,128,64", help="n_layer,n_head,d_model,context (default: baby GPT)")
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=5, help="steps per contestant per round")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_layer, n_head, d_model, ctx = (int(v) for v in args.shape.split(","))
+
+    optim_cfg = OptimConfig(beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+    contestants = {}
+    model = ours(n_layer, n_head, d_model, ctx)
+    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
+    contestants["lmforge loop"] = (model, loop_stepper(model, opt, batches(args.batch, ctx), optim_cfg, args.batch))
+    model = ours(n_layer, n_head, d_model, ctx)
+    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
+    contestants["lmforge eager"] = (model, eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x)))
+    model = hf(n_layer, n_head, d_model, ctx)
+    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
+    contestants["HF GPT-2"] = (model, eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x).logits))
+    model = hf(n_layer, n_head, d_model, ctx, activation="gelu_new")
+    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
+    contestants["HF GPT-2, default gelu_new"] = (
+        model,
+        eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x).logits),
+    )
+
+    n_params = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in contestants.items()}
+    assert len(set(n_params.values())) == 1, f"the models differ in size: {n_params}"
+    flops = contestants["lmforge eager"][0].flops_per_token(ctx)
+
+    peak = measure_matmul_flops("cpu", torch.float32, seconds=1.0)
+    for _, run in contestants.values():
+        run(2)  # warm-up: allocator, SDPA kernel choice, optimizer state
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    order = list(contestants)
+    for r in range(args.rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
+            times[name].append(contestants[name][1](args.steps))
+
+    tokens = args.steps * args.batch * ctx
+    tok_s = {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    print(
+        f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, fp32 matmul peak "
+        f"{peak / 1e9:.0f} GFLOP/s; GPT-2 {n_layer}L x {n_head}H x {d_model}, ctx {ctx}, batch {args.batch}, "
+        f"{n_params['HF GPT-2'] / 1e6:.2f}M params; median of {args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    print("| loop | ms/step | tokens/s | MFU | vs HF GPT-2 |")
+    print("|---|---|---|---|---|")
+    for name, rate in tok_s.items():
+        ms = 1000 * args.batch * ctx / rate
+        print(f"| {name} | {ms:.1f} | {rate:.0f} | {flops * rate / peak:.1%} | {rate / tok_s['HF GPT-2']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining` directories, ELECTRA discriminators out.
+
+`write_bert(trained, out)` (called by `export_hf` for model.family bert/electra) writes:
+
+    out/
+        config.json               BertForPreTraining (bert) or ElectraForPreTraining (electra) config
+        model.safetensors         weights under HF names (the tied MLM decoder stored once, as HF expects)
+        tokenizer.json            ours + [PAD]/[CLS]/[SEP]/[MASK] as special tokens, "[CLS] A [SEP] (B [SEP])"
+        tokenizer_config.json     PreTrainedTokenizerFast with cls/sep/pad/mask tokens
+        special_tokens_map.json
+        README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
+
+A BERT export loads with `AutoModelForMaskedLM` (BertForMaskedLM; the pooler and NSP head are then
+unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_bert(hf_dir, out)` is the
+reverse for local BERT directories (BertForPreTraining, BertForMaskedLM or bare BertModel checkpoints).
+
+Design decisions
+- Our encoder is HF BERT's post-LN layout with exact-erf GELU (see models/bert.py), so the map is
+  one name per tensor except the fused attention input: our rows [q; k; v] are split into
+  attention.self.query/key/value (and concatenated on import). The MLM output matrix is the token
+  embedding in both (tied); HF's `cls.predictions.decoder.bias` is tied to `cls.predictions.bias`,
+  so only the latter is stored.
+- ELECTRA: only the discriminator leaves (`ElectraForPreTraining`, the model people fine-tune). Its
+  embeddings are the discriminator's width, so HF's `embedding_size` = `hidden_size` and no
+  `embeddings_project` exists; the discriminator head is dense -> GELU -> dense_prediction in both.
+  The generator is a training device and is not exported (the model card says so).
+- Special tokens: an lmforge encoder appends the [PAD]/[CLS]/[SEP]/[MASK] ids its tokenizer lacks
+  after the vocabulary (`data/masking.special_ids`); the export adds exactly those tokens to
+  tokenizer.json as special added tokens (appended in the same order, so they get the same ids) and
+  a post-processor that frames inputs as our MLM loader does: [CLS] text [SEP]. Tokens the tokenizer
+  already has (<|cls|>, <s>, ...) keep their names. Ordinary text encodes to our ids in between.
+- Import keeps nothing it cannot place: unknown tensors are an error. A missing pooler/NSP head
+  (BertForMaskedLM checkpoints) or MLM head (BertModel checkpoints) is initialised as in pretraining,
+  with a warning; a missing embedding or encoder tensor is an error.
+- Same atomic output discipline as export/hf.py (out.tmp/ then rename), the same helpers.
+
+Reference: https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py ,
+.../models/electra/modeling_electra.py
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lmforge.atomic import atomic_write_text, write_json
+from lmforge.checkpoint import read_json, save_checkpoint
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.export.hf import (
+    HF_HINT,
+    _dtype_name,
+    _fresh_tmp,
+    _fsync,
+    _last_eval,
+    _own,
+    _publish,
+    _read_weight_file,
+)
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.tokenizer.tokenizer import Tokenizer
+
+ENCODER_FAMILIES = ("bert", "electra")
+SPECIAL_KEYS = ("pad", "cls", "sep", "mask")
+DEFAULT_NAMES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+FRAMING = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")  # post-processors that add [CLS]/[SEP]
+
+# our names under `{stack}.{i}.` -> HF names under `{prefix}encoder.layer.{i}.`
+LAYER = {
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "norm1.weight": "attention.output.LayerNorm.weight",
+    "norm1.bias": "attention.output.LayerNorm.bias",
+    "fc.weight": "intermediate.dense.weight",
+    "fc.bias": "intermediate.dense.bias",
+    "proj.weight": "output.dense.weight",
+    "proj.bias": "output.dense.bias",
+    "norm2.weight": "output.LayerNorm.weight",
+    "norm2.bias": "output.LayerNorm.bias",
+}
+QKV = ("attention.self.query", "attention.self.key", "attention.self.value")  # our fused rows, in order
+EMBED = {
+    "embed.tok_emb.weight": "embeddings.word_embeddings.weight",
+    "embed.pos_emb.weight": "embeddings.position_embeddings.weight",
+    "embed.seg_emb.weight": "embeddings.token_type_embeddings.weight",
+    "embed.norm.weight": "embeddings.LayerNorm.weight",
+    "embed.norm.bias": "embeddings.LayerNorm.bias",
+}
+BERT_HEADS = {
+    "mlm_head.dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm_head.dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm_head.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm_head.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "mlm_head.bias": "cls.predictions.bias",
+    "pooler.weight": "bert.pooler.dense.weight",
+    "pooler.bias": "bert.pooler.dense.bias",
+    "nsp_head.weight": "cls.seq_relationship.weight",
+    "nsp_head.bias": "cls.seq_relationship.bias",
+}
+ELECTRA_HEADS = {
+    "disc_dense.weight": "discriminator_predictions.dense.weight",
+    "disc_dense.bias": "discriminator_predictions.dense.bias",
+    "disc_head.weight": "discriminator_predictions.dense_prediction.weight",
+    "disc_head.bias": "discriminator_predictions.dense_prediction.bias",
+}
+ELECTRA_NOT_EXPORTED = ("generator.", "gen_head.")  # the generator is a pretraining device only
+# HF tensors that are tied copies or buffers, never weights of their own
+IGNORED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.bias")
+OPTIONAL_HEADS = ("pooler.", "nsp_head.", "mlm_head.")  # absent from BertForMaskedLM / BertModel checkpoints
+
+
+def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
+    """Our parameter name -> HF name(s) (several = our tensor is their concatenation along dim 0)."""
+    electra = cfg.family == "electra"
+    prefix, stack = ("electra.", "discriminator.layers") if electra else ("bert.", "encoder.layers")
+    table = {ours: (prefix + hf,) for ours, hf in EMBED.items()}
+    for i in range(cfg.n_layer):
+        ours_prefix, hf_prefix = f"{stack}.{i}.", f"{prefix}encoder.layer.{i}."
+        table.update({ours_prefix + ours: (hf_prefix + hf,) for ours, hf in LAYER.items()})
+        for part in ("weight", "bias"):
+            table[f"{ours_prefix}attn.qkv.{part}"] = tuple(f"{hf_prefix}{n}.{part}" for n in QKV)
+    table.update({ours: (hf,) for ours, hf in (ELECTRA_HEADS if electra else BERT_HEADS).items()})
+    return table
+
+
+def to_hf_state_dict(state: dict[str, Tensor], cfg: BertConfig) -> dict[str, Tensor]:
+    """Our encoder state dict -> HF tensors (q/k/v split; the ELECTRA generator left out)."""
+    table = name_table(cfg)
+    out: dict[str, Tensor] = {}
+    for ours, t in state.items():
+        if cfg.family == "electra" and ours.startswith(ELECTRA_NOT_EXPORTED):
+            continue
+        if ours not in table:
+            raise LmforgeError(f"parameter {ours!r} has no HF {cfg.family} name; this model cannot be exported")
+        names = table[ours]
+        parts = t.chunk(len(names), dim=0) if len(names) > 1 else (t,)
+        out.update({name: _own(part) for name, part in zip(names, parts, strict=True)})
+    return out
+
+
+def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, Any]:
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.ff_dim,
+        "hidden_act": "gelu",  # exact erf GELU, as our encoder computes it
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
+        "max_position_embeddings": cfg.max_seq_len,
+        "type_vocab_size": cfg.n_segments,
+        "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.norm_eps,
+        "pad_token_id": pad_id,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "torch_dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),
+    }
+    if cfg.family == "electra":
+        return {"architectures": ["ElectraForPreTraining"], "model_type": "electra", "embedding_size": cfg.d_model} | (
+            common
+        )
+    return {"architectures": ["BertForPreTraining"], "model_type": "bert"} | common
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer: ours + the encoder's special tokens, framed as [CLS] text [SEP]
+
+
+def special_names(tokenizer: Tokenizer) -> dict[str, tuple[str, int]]:
+    """key -> (token string, id) of [PAD]/[CLS]/[SEP]/[MASK] as the encoder was trained with them."""
+    from lmforge.data.masking import special_ids
+
+    ids = special_ids(tokenizer)
+    names: dict[str, tuple[str, int]] = {}
+    for key, token_id in zip(SPECIAL_KEYS, ids.all, strict=True):
+        known = tokenizer.id_to_token(token_id) if token_id < tokenizer.vocab_size else None
+        names[key] = (known or DEFAULT_NAMES[key], token_id)
+    return names
+
+
+def encoder_tokenizer_json(tokenizer: Tokenizer) -> tuple[str, dict[str, str]]:
+    """tokenizer.json text for an encoder export, and the special-token map (cls_token: "[CLS]", ...)."""
+    import tokenizers
+    from tokenizers import AddedToken, processors
+
+    names = special_names(tokenizer)
+    hf = tokenizers.Tokenizer.from_str(tokenizer.to_str())  # a fresh copy: parses special tokens in text
+    # existing names become special added tokens with their ids; missing ones are appended in
+    # special_ids' order, so they get exactly the ids the model was trained with (checked below)
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in names.values()])
+    for name, token_id in names.values():
+        if hf.token_to_id(name) != token_id:
+            raise LmforgeError(
+                f"the tokenizer gives {name!r} id {hf.token_to_id(name)}, but the model was trained with {token_id}; "
+                "this run's tokenizer.json was changed after training"
+            )
+    (cls, cls_id), (sep, sep_id) = names["cls"], names["sep"]
+    template = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)],
+    )
+    before = json.loads(hf.to_str())["post_processor"]
+    hf.post_processor = template
+    data = json.loads(hf.to_str())
+    # keep what the tokenizer already post-processes (e.g. byte-level offsets) but drop an earlier
+    # framing (a re-export of an imported BERT), then frame: [CLS] text [SEP]
+    kept = before["processors"] if before and before["type"] == "Sequence" else [before] if before else []
+    kept = [p for p in kept if p["type"] not in FRAMING]
+    if kept:
+        data["post_processor"] = {"type": "Sequence", "processors": [*kept, data["post_processor"]]}
+    specials = {f"{key}_token": name for key, (name, _) in names.items()}
+    unk = next((t for t in ("[UNK]", "<unk>", "<|unk|>") if hf.token_to_id(t) is not None), None)
+    if unk is not None:
+        specials["unk_token"] = unk
+    return json.dumps(data, ensure_ascii=False), specials
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def write_bert(trained: Any, out: Path) -> Path:
+    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
+    cfg: BertConfig = trained.config.model
+    tokenizer: Tokenizer = trained.tokenizer
+    state = trained.model.state_dict()
+    dtype = trained.model.embed.tok_emb.weight.dtype
+    tensors = to_hf_state_dict(state, cfg)
+    tokenizer_json, specials = encoder_tokenizer_json(tokenizer)
+    pad_id = special_names(tokenizer)["pad"][1]
+
+    tmp = _fresh_tmp(out)
+    write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _fsync(tmp / "model.safetensors")
+    atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
+    write_json(
+        tmp / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "model_max_length": cfg.max_seq_len,
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+    write_json(tmp / "special_tokens_map.json", specials)
+    n_params = sum(t.numel() for t in tensors.values())
+    atomic_write_text(tmp / "README.md", model_card(out.name, trained, n_params, specials["mask_token"]))
+    _publish(tmp, out)
+    return out
+
+
+def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
+    """README.md of an encoder export: what it is, how it was trained, how to use it, the config."""
+    cfg = trained.config
+    meta = trained.checkpoint.meta
+    train_state = meta.get("train_state", {})
+    step = int(meta.get("step", train_state.get("step", 0)))
+    last = _last_eval(trained.checkpoint.path, step)
+    electra = cfg.model.family == "electra"
+    architecture = "ElectraForPreTraining" if electra else "BertForPreTraining"
+    rows = [
+        ("architecture", f"{architecture} (lmforge {cfg.model.family}, objective `{cfg.objective.name}`)"),
+        ("parameters", f"{n_params:,}" + (" (discriminator; the generator is not exported)" if electra else "")),
+        ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
+        ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
+        ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
+        ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
+        ("steps", f"{step:,}"),
+        ("tokens seen", f"{int(train_state.get('tokens', 0)):,}"),
+    ]
+    if last is not None:
+        numbers = {k: v for k, v in last.items() if k.startswith("val_") and isinstance(v, (int, float))}
+        for key, value in numbers.items():
+            rows.append(
+                (f"last validation {key.removeprefix('val_').replace('_', ' ')}", f"{value:.4f} (step {last['step']})")
+            )
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    config_json = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)
+    if electra:
+        tag, pipeline = "electra", ""
+        use = f"""```python
+import torch
+from transformers import AutoTokenizer, ElectraForPreTraining
+
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = ElectraForPreTraining.from_pretrained("{name}")
+inputs = tokenizer("The quick brown fox ate over the lazy dog.", return_tensors="pt")
+replaced = torch.sigmoid(model(**inputs).logits) > 0.5  # True where a token looks replaced
+```"""
+    else:
+        tag, pipeline = "bert", "pipeline_tag: fill-mask\n"
+        use = f"""```python
+from transformers import pipeline
+
+fill = pipeline("fill-mask", model="{name}")
+print(fill("The capital of France is {mask}."))
+```
+
+`AutoModelForMaskedLM` gives the MLM head alone, `AutoModelForPreTraining` adds the NSP head;
+fine-tune with `AutoModelForSequenceClassification` (a new head on the pooled [CLS] state)."""
+    return f"""---
+library_name: transformers
+{pipeline}tags:
+- lmforge
+- {tag}
+---
+
+# {name}
+
+A bidirectional encoder trained with lmforge and exported to the Hugging Face format
+(`{architecture}`; loads with `transformers`, no lmforge needed). Inputs are framed as
+`[CLS] text [SEP]` (pairs: `[CLS] A [SEP] B [SEP]`) by the tokenizer, as in training.
+
+| | |
+| --- | --- |
+{table}
+
+## Use
+
+{use}
+
+Exported from `{trained.checkpoint.path}`.
+
+## lmforge config
+
+```json
+{config_json}
+```
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Import
+
+
+def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
+    """An HF BERT config.json -> our BertConfig; settings we do not compute are one-line errors."""
+    defaults = {"hidden_act": "gelu", "position_embedding_type": "absolute", "type_vocab_size": 2}
+    h = defaults | h
+    if h["hidden_act"] != "gelu":
+        raise LmforgeError(f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's BERT uses exact GELU")
+    if h["position_embedding_type"] != "absolute":
+        raise LmforgeError(
+            f"{where}: position_embedding_type {h['position_embedding_type']!r} is not supported; "
+            "lmforge's BERT has absolute learned positions"
+        )
+    if h.get("is_decoder") or h.get("add_cross_attention"):
+        raise LmforgeError(f"{where}: a decoder BERT (is_decoder / add_cross_attention) cannot be imported")
+    return BertConfig(
+        family="bert",
+        vocab_size=int(h["vocab_size"]),
+        max_seq_len=int(h["max_position_embeddings"]),
+        n_layer=int(h["num_hidden_layers"]),
+        n_head=int(h["num_attention_heads"]),
+        d_model=int(h["hidden_size"]),
+        d_ff=int(h["intermediate_size"]),
+        dropout=float(h.get("hidden_dropout_prob", 0.1)),
+        norm_eps=float(h.get("layer_norm_eps", 1e-12)),
+        n_segments=int(h["type_vocab_size"]),
+        init_std=float(h.get("initializer_range", 0.02)),
+    )
+
+
+def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
+    """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`)."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    found = next((hf_dir / n for n in names if (hf_dir / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{hf_dir} has no model weights (model.safetensors or pytorch_model.bin)")
+    if found.name.endswith(".index.json"):
+        index = read_json(found, "the sharded checkpoint's index is damaged")
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(_read_weight_file(hf_dir / shard))
+    else:
+        state = _read_weight_file(found)
+    return {k if k.startswith(("bert.", "cls.")) else "bert." + k: v for k, v in state.items()}
+
+
+def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
+    """Write a local HF BERT directory as an lmforge run at `out` (checks on `out` done by `import_hf`)."""
+    from lmforge.config import RunConfig
+    from lmforge.data.masking import special_ids
+    from lmforge.objectives import ObjectiveConfig
+    from lmforge.train.state import TrainState
+
+    where = hf_dir / "config.json"
+    try:
+        cfg = config_from_hf(hf_cfg, where)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: unusable bert config ({e})") from None
+    tok_path = hf_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(
+            f"{hf_dir} has no tokenizer.json; save the fast tokenizer there "
+            "(AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and retry"
+        )
+    tokenizer = Tokenizer.load(tok_path)
+    ids = special_ids(tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size or max(ids.all) >= cfg.vocab_size:
+        raise CheckpointError(
+            f"{tok_path} (with [PAD]/[CLS]/[SEP]/[MASK]) needs {max(tokenizer.vocab_size, max(ids.all) + 1)} ids "
+            f"but the model has {cfg.vocab_size}; the tokenizer does not belong to this model"
+        )
+    hf_state = _read_weights(hf_dir)
+    decoder = hf_state.pop("cls.predictions.decoder.weight", None)
+    if decoder is not None and not torch.equal(decoder, hf_state.get("bert.embeddings.word_embeddings.weight")):
+        raise CheckpointError(f"{hf_dir}: the MLM decoder is not tied to the word embeddings; lmforge's BERT ties them")
+
+    with torch.device("meta"):
+        model = Bert(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):  # heads the checkpoint lacks start as in pretraining, reproducibly
+        torch.manual_seed(0)
+        model.init_weights()
+    state = model.state_dict()
+    missing_heads = set()
+    for ours, names in name_table(cfg).items():
+        absent = [n for n in names if n not in hf_state]
+        if absent and ours.startswith(OPTIONAL_HEADS):
+            missing_heads.add(ours.split(".", 1)[0])
+            continue
+        if absent:
+            raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete BERT checkpoint?")
+        parts = [hf_state.pop(n) for n in names]
+        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if t.shape != state[ours].shape:
+            want = tuple(state[ours].shape)
+            raise CheckpointError(f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {want}")
+        state[ours] = t.float()
+    extra = sorted(k for k in hf_state if k not in IGNORED)
+    if extra:
+        raise CheckpointError(
+            f"{hf_dir} has tensors a plain BERT does not ({', '.join(extra[:3])}); lmforge imports only the "
+            "standard architecture (BertModel / BertForMaskedLM / BertForPreTraining)"
+        )
+    if missing_heads:
+        warnings.warn(
+            f"{hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised",
+            stacklevel=3,
+        )
+    model.load_state_dict(state, strict=True)
+    has_nsp = "nsp_head" not in missing_heads and "pooler" not in missing_heads
+    run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name="mlm+nsp" if has_nsp else "mlm"))
+    tmp = _fresh_tmp(out)
+    write_json(tmp / "config.json", run_cfg.to_dict())
+    tokenizer.save(tmp / "tokenizer.json")
+    save_checkpoint(
+        tmp,
+        step=0,
+        model=model.eval(),
+        optimizer=None,
+        state={
+            "train_state": TrainState().to_dict(),
+            "config": run_cfg.to_dict(),
+            "imported_from": {"path": str(hf_dir.resolve()), "model_type": "bert"},
+        },
+        tokenizer_json=tokenizer.to_str(),
+    )
+    _publish(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Verification with transformers
+
+
+@torch.no_grad()
+def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
+    """Largest |difference| of MLM + NSP logits (bert) or discriminator scores (electra) from `transformers`."""
+    try:
+        import transformers
+    except ImportError:
+        raise LmforgeError(f"verifying an HF export needs transformers: {HF_HINT}") from None
+    ours = trained.model.float().eval()
+    cfg: BertConfig = ours.cfg
+    cls = transformers.ElectraForPreTraining if cfg.family == "electra" else transformers.BertForPreTraining
+    try:
+        theirs = cls.from_pretrained(str(hf_dir)).float().eval()
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LmforgeError(f"transformers cannot load {hf_dir} ({first}); export it again with lmforge") from None
+    T = min(32, cfg.max_seq_len)
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+    if cfg.family == "electra":
+        return float((ours(idx) - theirs(input_ids=idx).logits).abs().max())
+    hidden, ref = ours(idx), theirs(input_ids=idx)
+    mlm = (ours.mlm_logits(hidden) - ref.prediction_logits).abs().max()
+    return float(torch.maximum(mlm, (ours.nsp_logits(hidden) - ref.seq_relationship_logits).abs().max()))

@@ -1,0 +1,219 @@
+"""Exporting fine-tuned runs: LoRA merged into the weights (the default), or as a PEFT adapter directory.
+
+`load_exportable(path)` is how `export_hf` loads any run: pretrained, imported, quantized, or
+fine-tuned. An adapter-only LoRA run is rebuilt on its base and merged (`adapt/lora.py merge_lora`), so
+the export is a plain GPT-2/Llama model. Runs that are not a language model (classification heads,
+soft prompts) are refused: transformers has no class that computes them.
+
+`export_peft(path, out)` keeps the adapter separate instead (`lmforge export RUN --to hf --peft`):
+
+    out/
+        adapter_config.json        PEFT LoraConfig: r, lora_alpha, lora_dropout, target_modules (HF names),
+                                   fan_in_fan_out (GPT-2's Conv1D), base_model_name_or_path = out/base
+        adapter_model.safetensors  base_model.model.<HF module>.lora_A.weight / .lora_B.weight
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json   (the base's)
+        README.md                  adapter card: base, task, rank, targets, training steps
+        base/                      the base model as an HF directory (export_hf's layout)
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("out/base"), "out")
+
+Design decisions
+- Names come from export/hf.py's key maps, so adapters land on the modules the base weights went to.
+  Our fused layers are split like their weights: on `qkv` (Llama: q/k/v_proj) and `mlp.fc` (gate/up),
+  each HF module gets the same A (r x d_in) and its rows of B, which is the same update:
+  [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x]. GPT-2's fused c_attn keeps one adapter.
+- GPT-2's Conv1D stores its weight (in, out); PEFT's adapters on it are still Linear(in, r) and
+  Linear(r, out), i.e. our A and B unchanged, with `fan_in_fan_out: true` (used when PEFT merges).
+- target_modules are name suffixes PEFT matches at a dot boundary ("attn.c_proj" hits attention's
+  output projection, not "mlp.c_proj").
+- The base is the model the adapter was trained on: the run's base with any earlier LoRA merged
+  (LoRA-on-LoRA runs), exported next to the adapter. base_model_name_or_path is its absolute path,
+  metadata only: `PeftModel.from_pretrained(model, out)` uses whatever model it is given.
+- No `peft` import here: JSON and safetensors are written directly (tests load them with peft).
+
+Reference: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/config.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lmforge.atomic import atomic_write_text, write_json
+from lmforge.errors import LmforgeError
+
+
+def load_exportable(path: str | Path) -> Any:
+    """The model of any run or checkpoint as a `checkpoint.Trained` on CPU; LoRA adapters merged."""
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.checkpoint import Trained, load_checkpoint, load_trained, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(path)
+    if not (ckpt_dir.parent.parent / "finetune.json").is_file():
+        return load_trained(ckpt_dir, torch.device("cpu"))
+    ft = _load_lm(ckpt_dir)
+    merge_lora(ft.model)
+    return Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir))
+
+
+def _load_lm(ckpt_dir: Path) -> Any:
+    from lmforge.finetune import load_finetuned
+
+    ft = load_finetuned(ckpt_dir, torch.device("cpu"))
+    if ft.model.__class__.__name__ != "GPT":
+        raise LmforgeError(
+            f"{ft.run_dir} is a {ft.info['task']} run with a {ft.info['adapt']} adapter; only language models "
+            "export to HF (fine-tune with --adapt full or lora on an LM task)"
+        )
+    return ft
+
+
+def adapter_state_dict(model: nn.Module, family: str) -> tuple[dict[str, Tensor], list[str]]:
+    """PEFT tensors (`base_model.model.<HF module>.lora_A.weight`, ...) and target_modules for `model`'s LoRA layers."""
+    from lmforge.adapt.lora import LoRALinear
+    from lmforge.export.hf import FAMILIES, _name_table, _own
+
+    keys = FAMILIES[family].keys
+    table = _name_table(keys, model.cfg)
+    block_prefixes = tuple(keys.block_prefix.format(i=i) for i in range(model.cfg.n_layer))
+    tensors: dict[str, Tensor] = {}
+    targets: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        entry = table.get(name + ".weight")
+        if entry is None:
+            raise LmforgeError(f"LoRA layer {name!r} has no HF {family} module; export merged (without --peft)")
+        parts = module.lora_B.split(entry.sizes, dim=0) if len(entry.hf) > 1 else (module.lora_B,)
+        for hf_weight, lora_b in zip(entry.hf, parts, strict=True):
+            hf_module = hf_weight.removesuffix(".weight")
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = _own(module.lora_A)  # (r, d_in)
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = _own(lora_b)  # (d_out part, r)
+            prefix = next((p for p in block_prefixes if hf_module.startswith(p)), "")
+            targets.add(hf_module.removeprefix(prefix))
+    return tensors, sorted(targets)
+
+
+def strip_lora(model: nn.Module) -> int:
+    """Drop every LoRA update, restoring the plain base `nn.Linear`s (the inverse of injection)."""
+    from lmforge.adapt.lora import LoRALinear, _set_module
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight, plain.bias = module.weight, module.bias
+            _set_module(model, name, plain)
+            count += 1
+    return count
+
+
+def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an adapter-only LoRA run as a PEFT adapter directory with its base next to it (module docstring).
+
+    Raises:
+        LmforgeError: not an unmerged LoRA language-model run, no HF twin for the architecture, `out` exists.
+    """
+    from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
+    from lmforge.export.hf import _check_not_inside, _check_out, _fresh_tmp, _fsync, _publish, hf_family, write_hf
+
+    out = Path(out)
+    _check_out(out, overwrite=overwrite)
+    ckpt_dir = resolve_checkpoint(path)
+    _check_not_inside(out, ckpt_dir)
+    info_path = ckpt_dir.parent.parent / "finetune.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if info.get("adapt") != "lora" or info.get("lora_merged"):
+        raise LmforgeError(
+            f"{path} is not an adapter-only LoRA run (finetune --adapt lora without --merge); export it without --peft"
+        )
+    ft = _load_lm(ckpt_dir)
+    family = hf_family(ft.model.cfg)
+    tensors, targets = adapter_state_dict(ft.model, family)
+    lora = info["lora"]
+    strip_lora(ft.model)  # what is left is the base the adapter was trained on
+
+    tmp = _fresh_tmp(out)
+    base = write_hf(
+        Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir)),
+        tmp / "base",
+    )
+    write_json(
+        tmp / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str((out / "base").resolve()),
+            "r": lora["rank"],
+            "lora_alpha": lora["alpha"],
+            "lora_dropout": lora["dropout"],
+            "target_modules": targets,
+            "fan_in_fan_out": family == "gpt2",  # Conv1D weights are (in, out)
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        },
+    )
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _fsync(tmp / "adapter_model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
+    atomic_write_text(tmp / "README.md", _adapter_card(out.name, info, targets, family, ckpt_dir))
+    _publish(tmp, out)
+    return out
+
+
+def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
+    lora = info["lora"]
+    state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
+    train_state = state.get("train_state", {})
+    rows = [
+        (
+            "base",
+            f"`base/` ({'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'}), from `{info.get('base')}`",
+        ),  # fmt: skip
+        ("task", info.get("task", "")),
+        ("rank / alpha / dropout", f"{lora['rank']} / {lora['alpha']} / {lora['dropout']}"),
+        ("target modules", ", ".join(f"`{t}`" for t in targets)),
+        ("steps", f"{int(state.get('step', train_state.get('step', 0))):,}"),
+        ("tokens seen", f"{int(train_state.get('tokens', 0)):,}"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+library_name: peft
+base_model: ./base
+tags:
+- lmforge
+- lora
+---
+
+# {name}
+
+A LoRA adapter trained with `lmforge finetune --adapt lora`, exported for PEFT.
+
+| | |
+| --- | --- |
+{table}
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}/base"), "{name}")
+model = model.merge_and_unload()  # optional: one plain model
+```
+
+Exported from `{ckpt_dir}`.
+"""

@@ -1,0 +1,170 @@
+"""The fast paths of `prepare`: the segment-cached encoder, block reading, and one-pass encoding with
+a given tokenizer.json (workers or not) must give exactly what the plain slow paths give."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.data.ingest import block_documents, read_blocks, read_documents
+from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.data.shards import read_shard
+from lmforge.errors import DataError
+from lmforge.tokenizer.fast_encode import DocumentEncoder, segment_cache_ok
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe, train_char, train_wordpiece
+from tests.conftest import shakespeare_text
+from tests.test_data_prepare import assert_nothing_written, write
+
+TRICKY = [
+    "a  b   c",  # spaces before spaces: not cut there
+    "trailing space ",
+    " leading space",
+    "tab\there \t x",
+    "new\n line\n\n  two blank",
+    "emoji 😀 👍🏽 ok",
+    "the <|endoftext|> string is text",
+    "nbsp\u00a0here \u00a0x \u3000全角",
+    "ctrl \x1c after a space",
+    "café naïve ﬁ Ⅻ ¼ 123 4567",
+    "it's they're we'll I'd 'sup",
+    "[12.345] x'sup ?'s 'twas a1b2 1,000.5% e.g. --'re don't 5's café1 ROMEO:\nHello _x_ $9.99",
+    "天地玄黄，宇宙洪荒。 中文 English",
+    "line\u2028sep \u2029 x",
+    "",
+    " ",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return train_bpe([shakespeare_text(60_000), *TRICKY], 400)
+
+
+def reference(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    ids = tok.encode_batch(texts)
+    return np.array([i for doc in ids for i in [*doc, tok.eos_id]]), [len(doc) for doc in ids]
+
+
+def test_document_encoder_gives_the_ids_of_encode_batch(bpe: Tokenizer) -> None:
+    assert segment_cache_ok(bpe)
+    texts = shakespeare_text(30_000).split("\n\n") + TRICKY
+    encoder = DocumentEncoder(bpe, np.uint16, max_cache=50)  # tiny cache: cleared between calls
+    for batch in (texts, TRICKY, texts[::-1]):
+        tokens, counts = encoder.encode(batch)
+        want, want_counts = reference(bpe, batch)
+        assert tokens.dtype == np.uint16 and np.array_equal(tokens, want) and counts.tolist() == want_counts
+    assert len(encoder._spaced) > 0  # the cache was used
+    empty, no_counts = encoder.encode([])
+    assert empty.size == 0 and no_counts.size == 0
+
+
+def test_document_encoder_on_random_strings(bpe: Tokenizer) -> None:
+    rng = random.Random(0)
+    alphabet = list("abcXYZ019'\"!?.,:;-_[](){}<>|/\\@#$%^&*~`+= ") + [" ", " ", "\n", "\t", "\r", "\u00a0"]
+    alphabet += ["\u3000", "\x1c", "\x85", "\u2028", "é", "中", "😀", "\u0301", "Ⅻ", "٣", "\u200b", "'s", "'re", "ll"]
+    alphabet += ["<|endoftext|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30))) for _ in range(3000)]
+    encoder = DocumentEncoder(bpe, np.uint16, max_cache=400)
+    for start in range(0, len(texts), 500):
+        tokens, counts = encoder.encode(texts[start : start + 500])
+        want, want_counts = reference(bpe, texts[start : start + 500])
+        assert np.array_equal(tokens, want) and counts.tolist() == want_counts
+
+
+def test_other_tokenizers_take_the_plain_path() -> None:
+    text = shakespeare_text(20_000)
+    for tok in (train_char([text]), train_wordpiece([text], 200)):
+        assert not segment_cache_ok(tok)
+        tokens, counts = DocumentEncoder(tok, np.uint16).encode(TRICKY)
+        want, want_counts = reference(tok, TRICKY)
+        assert np.array_equal(tokens, want) and counts.tolist() == want_counts
+    gpt2_like = json.loads(train_bpe([text], 300).to_str())
+    gpt2_like["pre_tokenizer"]["add_prefix_space"] = True  # a space added per call: cutting would change ids
+    assert not segment_cache_ok(Tokenizer.from_str(json.dumps(gpt2_like)))
+
+
+@pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
+def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None:
+    paragraphs = shakespeare_text(20_000).split("\n\n")
+    separators = ["\n\n", "\n  \n", "\r\n\r\n", "\n\n\n", "\n \u3000\n"]
+    body = "".join(p + separators[i % len(separators)] for i, p in enumerate(paragraphs))
+    data = ("\ufeff" + body).encode() + b"bad \xff\xfe bytes\n\n" + "\ufeffnot a BOM\nlast line, no newline".encode()
+    jsonl = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 == 0 else "") for i, t in enumerate(TRICKY * 5))
+    for path in (write(tmp_path / "a.txt", data), write(tmp_path / "b.jsonl", "\ufeff" + jsonl)):
+        want = list(read_documents(path, doc_unit=doc_unit))
+        assert len(want) > 20
+        for block_bytes in (50, 999, 1 << 20):
+            blocks = list(read_blocks(path, doc_unit=doc_unit, block_bytes=block_bytes))
+            got = [doc for block in blocks for doc in block_documents(block, path, doc_unit=doc_unit)]
+            assert got == want, (path.name, block_bytes)
+            assert len(blocks) > 3 or block_bytes > 999
+
+
+def test_block_errors_name_the_right_line(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(40)]
+    lines[30] = '{"text": broken'
+    path = write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
+    blocks = list(read_blocks(path, block_bytes=100))
+    with pytest.raises(DataError, match=r"c\.jsonl:31: not valid JSON"):
+        for block in blocks:
+            list(block_documents(block, path))
+    long = write(tmp_path / "d.txt", "short\n\n" * 10 + "x" * 5000)
+    with pytest.raises(DataError, match=r"d\.txt:21: a line longer than 1,000 bytes"):
+        list(read_blocks(long, block_bytes=256, max_line_bytes=1000))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory, bpe: Tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    bpe.save(path)
+    return path
+
+
+def test_given_tokenizer_one_pass_is_exact_and_worker_independent(tmp_path: Path, tokenizer_file: Path) -> None:
+    text = shakespeare_text(120_000)
+    write(tmp_path / "in" / "a.txt", text)
+    write(tmp_path / "in" / "b.txt", text[: len(text) // 3])  # exact duplicates across files
+    write(tmp_path / "in" / "c.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in TRICKY if t.strip()))
+    outs = {}
+    for workers in (1, 2):
+        cfg = PrepareConfig(
+            inputs=[str(tmp_path / "in")], out=str(tmp_path / f"w{workers}"), tokenizer=str(tokenizer_file),
+            workers=workers, shard_tokens=5_000, min_alpha_ratio=0.5,
+        )  # fmt: skip
+        m = prepare(cfg, progress=False)
+        del m["created"], m["config"]["out"], m["config"]["workers"]
+        outs[workers] = m
+    assert outs[1] == outs[2] and outs[1]["documents"]["removed"]["exact_dup"] > 50
+    assert len(outs[1]["splits"]["train"]["shards"]) > 3
+    for name in sorted(p.name for p in (tmp_path / "w1").iterdir()):
+        if name not in ("manifest.json", "card.md"):  # the manifest and card hold the creation time
+            assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    # the shards hold exactly the plain Rust encoding of each kept document, EOS after each
+    data = load_data_dir(tmp_path / "w2")
+    tok = data.load_tokenizer()
+    for split in ("train", "val", "test"):
+        tokens = np.concatenate([read_shard(p) for p in data.split_shards(split)] or [np.empty(0, np.uint16)])
+        ends = np.flatnonzero(tokens == tok.eos_id)
+        assert len(ends) == outs[1]["splits"][split]["documents"]
+        docs = [tok.decode(d.tolist()) for d in np.split(tokens, ends + 1)[:-1]]
+        docs = [d.removesuffix(Tokenizer.EOS) for d in docs]
+        want, _ = reference(tok, docs)
+        assert np.array_equal(tokens, want)
+
+
+def test_worker_errors_reach_the_caller(tmp_path: Path, tokenizer_file: Path) -> None:
+    write(tmp_path / "in" / "a.txt", shakespeare_text(20_000))
+    write(tmp_path / "in" / "b.jsonl", '{"text": "fine"}\n{"txt": "wrong field"}\n')
+    cfg = PrepareConfig(
+        inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), tokenizer=str(tokenizer_file), workers=2
+    )
+    with pytest.raises(DataError, match=r"b\.jsonl:2: no field 'text'"):
+        prepare(cfg, progress=False)
+    assert_nothing_written(tmp_path / "in")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

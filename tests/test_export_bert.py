@@ -1,0 +1,245 @@
+"""BERT/ELECTRA HF export and BERT import: our tiny encoders vs `transformers` loading the exported
+directories (MLM/NSP logits, ELECTRA discriminator scores, AutoTokenizer encodings, fill-mask),
+export -> import -> export round trips, BERT directories written by `transformers` itself, errors.
+
+Tiny random models (n_layer 2, d_model 32, n_head 4) with every 1-D parameter perturbed, so a
+swapped norm or bias mapping moves the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.checkpoint import load_trained, save_checkpoint
+from lmforge.config import RunConfig
+from lmforge.data.masking import special_ids
+from lmforge.errors import LmforgeError
+from lmforge.export.hf import export_hf, import_hf, verify_hf
+from lmforge.models.bert import Bert, BertConfig, Electra
+from lmforge.objectives import ObjectiveConfig
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.train.state import TrainState
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, twice.",
+    "Emoji: 🦊🐶 and café naïve — 敏捷的棕色狐狸。",
+    "the lazy dog sleeps",
+]
+CONTEXT = 24
+# Float32 on both sides, different kernels: our fused qkv + SDPA vs HF's separate q/k/v + eager softmax.
+# Measured max |diff| here (torch 2.13, transformers 5.x, 1 thread): ~5e-7 on logits of size ~3.
+# The mapping mistakes tried while writing this (q/k swapped, norm1/norm2 swapped, a dropped MLM
+# bias) moved logits by > 1e-2.
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return train_bpe([f"{t} {i}" for i in range(20) for t in TEXTS], vocab_size=300)
+
+
+def make_encoder_run(root: Path, tokenizer: Tokenizer, family: str = "bert", seed: int = 0) -> Path:
+    """A run directory with one checkpoint of a seeded random, perturbed BERT or ELECTRA."""
+    vocab = tokenizer.vocab_size + special_ids(tokenizer).added  # as pretraining sizes it
+    electra = {"generator_ratio": 0.5} if family == "electra" else {}
+    model_cfg = BertConfig(family=family, vocab_size=vocab, max_seq_len=CONTEXT, n_layer=2, n_head=4, d_model=32,
+                           d_ff=64, dropout=0.0, **electra)  # fmt: skip
+    objective = ObjectiveConfig(name="electra" if family == "electra" else "mlm+nsp")
+    cfg = RunConfig(out=str(root), model=model_cfg, objective=objective)
+    torch.manual_seed(seed)
+    model = (Electra if family == "electra" else Bert)(model_cfg)
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    state = TrainState(step=5, tokens=5 * 4 * CONTEXT)
+    save_checkpoint(root, step=5, model=model, optimizer=None,
+                    state={"train_state": state.to_dict(), "config": cfg.to_dict()},
+                    tokenizer_json=tokenizer.to_str())  # fmt: skip
+    return root
+
+
+def inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (3, 20), generator=g)
+    segments = (torch.arange(20) >= 9).long().expand(3, 20)
+    pad = torch.ones(3, 20, dtype=torch.bool)
+    pad[1, 14:] = False
+    return idx, segments, pad
+
+
+def test_bert_export_matches_transformers(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_encoder_run(tmp_path / "run", bpe)
+    record = {"step": 5, "val_loss": 5.5, "val_mlm_accuracy": 0.125, "val_nsp_accuracy": 0.5}  # as the loop logs
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    out = export_hf(run, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # fmt: skip
+    assert "cls.predictions.decoder.weight" not in load_file(str(out / "model.safetensors"))  # tied: stored once
+    ours = load_trained(run, torch.device("cpu")).model
+    mlm_model, info = transformers.AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert type(mlm_model).__name__ == "BertForMaskedLM" and not info["missing_keys"]
+    pre = transformers.AutoModelForPreTraining.from_pretrained(str(out)).eval()
+    assert type(pre).__name__ == "BertForPreTraining"
+    idx, segments, pad = inputs(ours.cfg.vocab_size)
+    with torch.no_grad():
+        hidden = ours(idx, segments, pad)
+        kwargs = dict(input_ids=idx, token_type_ids=segments, attention_mask=pad.long())
+        torch.testing.assert_close(mlm_model.eval()(**kwargs).logits[pad], ours.mlm_logits(hidden)[pad], **TOL)
+        ref = pre(**kwargs)
+        torch.testing.assert_close(ref.prediction_logits[pad], ours.mlm_logits(hidden)[pad], **TOL)
+        torch.testing.assert_close(ref.seq_relationship_logits, ours.nsp_logits(hidden), **TOL)
+    assert verify_hf(run, out) <= 2e-5
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert (
+        "pipeline_tag: fill-mask" in card and "| steps | 5 |" in card and f"| tokens seen | {5 * 4 * CONTEXT} |" in card
+    )
+    assert "| last validation mlm accuracy | 0.1250 (step 5) |" in card and "last validation nsp accuracy" in card
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_autotokenizer_frames_like_our_loader_and_fill_mask_runs(kind: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    tok = bpe if kind == "bpe" else train_char(TEXTS)
+    run = make_encoder_run(tmp_path / "run", tok)
+    out = export_hf(run, tmp_path / "hf")
+    ids = special_ids(tok)
+    assert ids.added == 4  # neither tokenizer has [PAD]/[CLS]/[SEP]/[MASK]: the export must add all four
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (hf_tok.pad_token_id, hf_tok.cls_token_id, hf_tok.sep_token_id, hf_tok.mask_token_id) == ids.all
+    for text in TEXTS:
+        assert hf_tok(text)["input_ids"] == [ids.cls, *tok.encode(text), ids.sep]  # MLMLoader's framing
+    pair = hf_tok(TEXTS[0], TEXTS[2])
+    a, b = tok.encode(TEXTS[0]), tok.encode(TEXTS[2])
+    assert pair["input_ids"] == [ids.cls, *a, ids.sep, *b, ids.sep]
+    assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    masked = hf_tok("the lazy [MASK] sleeps")["input_ids"]
+    assert masked.count(ids.mask) == 1
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=hf_tok, top_k=3)
+    ours = load_trained(run, torch.device("cpu")).model
+    with torch.no_grad():
+        logits = ours.mlm_logits(ours(torch.tensor([masked])))[0, masked.index(ids.mask)]
+    expected = logits.softmax(-1).topk(3)
+    got = fill("the lazy [MASK] sleeps")
+    assert [r["token"] for r in got] == expected.indices.tolist()
+    torch.testing.assert_close(torch.tensor([r["score"] for r in got]), expected.values, atol=1e-5, rtol=1e-4)
+
+
+def test_electra_discriminator_exports_as_electra_for_pretraining(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_encoder_run(tmp_path / "run", bpe, family="electra")
+    out = export_hf(run, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    assert not any("generator" in k for k in tensors)  # the generator stays behind (model card says so)
+    theirs, info = transformers.ElectraForPreTraining.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = load_trained(run, torch.device("cpu")).model
+    idx, segments, pad = inputs(ours.cfg.vocab_size)
+    with torch.no_grad():
+        ref = theirs.eval()(input_ids=idx, token_type_ids=segments, attention_mask=pad.long()).logits
+        torch.testing.assert_close(ref[pad], ours(idx, segments, pad)[pad], **TOL)
+    assert verify_hf(run, out) <= 2e-5
+    assert "generator is not exported" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_import_export_round_trip_is_identity(bpe: Tokenizer, tmp_path: Path) -> None:
+    run = make_encoder_run(tmp_path / "run", bpe)
+    first = export_hf(run, tmp_path / "hf1")
+    imported = import_hf(first, tmp_path / "imported")
+    original = load_trained(run, torch.device("cpu"))
+    again = load_trained(imported, torch.device("cpu"))  # what eval / finetune load
+    assert again.config.model == original.config.model and again.config.objective.name == "mlm+nsp"
+    a, b = original.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the imported tokenizer has the specials in its vocabulary now, at the ids training used
+    assert special_ids(again.tokenizer).all == special_ids(original.tokenizer).all
+    assert again.tokenizer.encode(TEXTS[1]) == original.tokenizer.encode(TEXTS[1])
+    second = export_hf(imported, tmp_path / "hf2")
+    t1, t2 = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+
+
+def test_import_of_a_transformers_bert_for_masked_lm(bpe: Tokenizer, tmp_path: Path) -> None:
+    # a BERT written by transformers itself (no pooler / NSP head), with an exported tokenizer next to it
+    tok_dir = export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "tok")
+    vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
+    hf_cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=CONTEXT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    theirs = transformers.BertForMaskedLM(hf_cfg).eval()
+    src = tmp_path / "src"
+    theirs.save_pretrained(str(src))
+    transformers.AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(src))
+    with pytest.warns(UserWarning, match="pooler"):
+        run = import_hf(src, tmp_path / "imported")
+    ours = load_trained(run, torch.device("cpu"))
+    assert ours.config.objective.name == "mlm"
+    idx, segments, pad = inputs(vocab)
+    with torch.no_grad():
+        ref = theirs(input_ids=idx, token_type_ids=segments, attention_mask=pad.long()).logits
+        got = ours.model.mlm_logits(ours.model(idx, segments, pad))
+    torch.testing.assert_close(got[pad], ref[pad], **TOL)
+
+
+def test_bad_bert_directories_are_one_line_errors(bpe: Tokenizer, tmp_path: Path) -> None:
+    src = export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text())
+
+    bad_act = tmp_path / "bad_act"
+    bad_act.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (bad_act / name).write_bytes((src / name).read_bytes())
+    (bad_act / "config.json").write_text(json.dumps(cfg | {"hidden_act": "gelu_new"}))
+    with pytest.raises(LmforgeError, match="hidden_act 'gelu_new'"):
+        import_hf(bad_act, tmp_path / "out1")
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (extra / name).write_bytes((src / name).read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    word = tensors["bert.embeddings.word_embeddings.weight"]
+    untied = dict(tensors, **{"cls.predictions.decoder.weight": torch.zeros_like(word)})
+    save_file(untied, str(extra / "model.safetensors"))
+    with pytest.raises(LmforgeError, match="not tied"):
+        import_hf(extra, tmp_path / "out2")
+    save_file(
+        dict(tensors, **{"bert.encoder.layer.0.adapter.weight": torch.zeros(2)}), str(extra / "model.safetensors")
+    )
+    with pytest.raises(LmforgeError, match="adapter.weight"):
+        import_hf(extra, tmp_path / "out3")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()  # nothing half-written
+
+
+def test_imported_bert_run_evaluates(bpe: Tokenizer, tmp_path: Path) -> None:
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from tests.conftest import run_cli, shakespeare_text
+
+    imported = import_hf(export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "hf"), tmp_path / "imported")
+    docs = tmp_path / "docs.jsonl"
+    paragraphs = [p for p in shakespeare_text(20_000).split("\n\n") if p.strip()]
+    docs.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(docs)], out=str(data), tokenizer=str(imported / "tokenizer.json"),
+                          val_fraction=0.2, test_fraction=0.0), progress=False)  # fmt: skip
+    r = run_cli("eval", str(imported), "--data", str(data), "--max-batches", "2", "--batch-size", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["objective"] == "mlm+nsp" and 0.0 <= metrics["mlm_accuracy"] <= 1.0
+    assert 0.0 <= metrics["nsp_accuracy"] <= 1.0 and metrics["mlm_ppl"] > 1.0

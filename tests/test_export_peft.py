@@ -1,0 +1,109 @@
+"""LoRA runs leave lmforge: merged into an HF model (the default), or as a PEFT adapter directory that
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)` loads with the
+same logits as our unmerged LoRA model. Real `lmforge finetune --adapt lora` runs on tiny GPTs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.adapt.lora import LoRALinear
+from lmforge.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.errors import LmforgeError
+from lmforge.export.hf import export_hf
+from lmforge.export.peft import export_peft
+from lmforge.finetune import FinetuneConfig, _TensorView, finetune, load_finetuned
+from tests.conftest import run_cli
+from tests.test_finetune import DATA, FAST, make_base
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 1}
+ALL_TARGETS = ["qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+# Same float32 math: peft adds B(A x) * alpha/r after the base matmul as we do. Measured max |diff| here:
+# 0.0 through peft, ~7e-7 merged (logits ~0.5; the adapters move them by ~0.9).
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def lora_run(root: Path, model: dict) -> Path:
+    """An adapter-only LoRA sft run on a tiny base; its B matrices are then scaled up (as after a longer
+    run), so that a dropped or misplaced adapter moves the logits far beyond the tolerance."""
+    base = make_base(root, max_seq_len=64, **model)
+    run = root / "lora"
+    cfg = FinetuneConfig(task="sft", adapt="lora", lora_rank=4, lora_alpha=8.0, lora_targets=ALL_TARGETS,
+                         eval_samples=1, max_new_tokens=2)  # fmt: skip
+    finetune(base, train_file=DATA / "alpaca.jsonl", out=run, cfg=cfg, overrides=FAST, progress=False)
+    ckpt = load_checkpoint(run)
+    g = torch.Generator().manual_seed(0)
+    state = ckpt.model_state()
+    state = {k: torch.randn(v.shape, generator=g) * 0.3 if k.endswith("lora_B") else v for k, v in state.items()}
+    meta = {k: v for k, v in ckpt.meta.items() if k in ("train_state", "config", "finetune")}
+    save_checkpoint(run, step=ckpt.meta["step"], model=_TensorView(state), optimizer=None, state=meta,
+                    tokenizer_json=(run / "tokenizer.json").read_text(encoding="utf-8"))  # fmt: skip
+    return run
+
+
+@pytest.mark.parametrize("model", [{}, LLAMA], ids=["gpt2", "llama-gqa"])
+def test_peft_adapter_and_merged_export_match_our_lora_model(model: dict, tmp_path: Path) -> None:
+    run = lora_run(tmp_path, model)
+    ours = load_finetuned(run, torch.device("cpu")).model
+    assert sum(isinstance(m, LoRALinear) for m in ours.modules()) == 2 * 4
+    x = torch.randint(0, ours.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(x)
+
+    out = export_peft(run, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    if model:  # Llama: fused qkv / gate-up split into HF's modules
+        assert config["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                            "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]  # fmt: skip
+    else:
+        assert config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+        assert config["fan_in_fan_out"] is True
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base")).eval()
+    with torch.no_grad():
+        base_logits = base(x).logits
+    assert (base_logits - expected).abs().max() > 0.1  # the adapters matter: a dropped one would show
+    theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    n_adapters = len(load_file(str(out / "adapter_model.safetensors")))
+    assert n_adapters == 2 * 2 * (4 if not model else 4 + 2 + 1)  # layers x (A, B) x HF modules
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, expected, **TOL)
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).vocab_size > 0
+
+    merged = export_hf(run, tmp_path / "merged")  # the default: adapters folded into the weights
+    with torch.no_grad():
+        plain = transformers.AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+        torch.testing.assert_close(plain(x).logits, expected, **TOL)
+
+
+def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
+    base = make_base(tmp_path)
+    with pytest.raises(LmforgeError, match="not an adapter-only LoRA run"):
+        export_peft(base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    classify = tmp_path / "cls"
+    cfg = FinetuneConfig(task="classify", adapt="lora", lora_rank=2)
+    finetune(base, train_file=DATA / "sentiment_train.csv", out=classify, cfg=cfg, overrides=FAST, progress=False)
+    with pytest.raises(LmforgeError, match="only language models export"):
+        export_hf(classify, tmp_path / "out")
+
+
+def test_cli_export_peft(tmp_path: Path) -> None:
+    run = lora_run(tmp_path, {})
+    r = run_cli("export", str(run), "--to", "hf", "--peft", "--out", str(tmp_path / "adapter"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "base" / "model.safetensors").is_file()
+    r = run_cli("export", str(tmp_path / "base"), "--peft", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "not an adapter-only LoRA run" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,172 @@
+"""Fine-tuning runs resume exactly, refuse a different command on the same --out, DPO gives the same
+loss with a live or a precomputed reference, and continued pretraining can continue the base's schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_checkpoint
+from lmforge.errors import ConfigError
+from lmforge.finetune import FinetuneConfig, finetune
+from tests.conftest import run_cli
+from tests.test_finetune import DATA, make_base
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("ftr"), max_seq_len=64)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r] + [
+        (r["step"], r["val_loss"]) for r in rows if "val_loss" in r
+    ]
+
+
+@pytest.mark.parametrize(
+    ("task", "adapt", "train_file"),
+    [("sft", "lora", "alpaca.jsonl"), ("classify", "full", "sentiment_train.csv")],
+)
+def test_resume_is_bit_identical(base: Path, tmp_path: Path, task: str, adapt: str, train_file: str):
+    overrides = {
+        "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "warmup_steps": 1},
+        "eval": {"every": 3, "max_batches": 1},
+        "checkpoint": {"every": 3, "keep": 5, "keep_best": False},
+    }
+    cfg = FinetuneConfig(task=task, adapt=adapt, lora_rank=2, lora_dropout=0.2, eval_samples=1, max_new_tokens=2)
+    kw = {"train_file": DATA / train_file, "cfg": cfg, "overrides": overrides, "progress": False}
+    straight = tmp_path / "straight"
+    finetune(base, out=straight, **kw)
+    # an interrupted run: the same run cut back to its step-3 checkpoint (as after a kill at step 4 or 5)
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000006")
+    (cut / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    (cut / "eval.json").unlink()
+    result = finetune(base, out=cut, **kw)  # the same command again: resumes from step 3
+    assert result["steps"] == 6
+    a, b = load_checkpoint(straight).model_state(), load_checkpoint(cut).model_state()
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _losses(cut) == _losses(straight)  # metrics.jsonl cut back to step 3, then the same numbers
+    # running it once more has nothing left to train and changes nothing
+    finetune(base, out=cut, **kw)
+    assert load_checkpoint(cut).path.name == "step-000006"
+
+
+def test_other_command_on_existing_run_is_one_line_error(base: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    fast = {"train": {"max_steps": 1, "batch_size": 4}}
+    train = DATA / "sentiment_train.csv"
+    finetune(
+        base,
+        train_file=train,
+        out=out,
+        cfg=FinetuneConfig(task="classify", adapt="head"),
+        overrides=fast,
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match="holds a --adapt head run, not --adapt lora"):
+        finetune(base, train_file=train, out=out, cfg=FinetuneConfig(task="classify", adapt="lora"), overrides=fast)
+    other = make_base(tmp_path / "other", max_seq_len=64, seed=1)
+    r = run_cli(
+        "finetune",
+        str(other),
+        "--task",
+        "classify",
+        "--adapt",
+        "head",
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--train.max_steps",
+        "1",
+    )
+    assert r.returncode == 2 and "was fine-tuned from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("finetune", str(base), "--task", "sft", "--train", str(DATA / "alpaca.jsonl"), "--out", str(out))
+    assert r.returncode == 2 and "holds a --task classify run" in r.stderr
+    # --overwrite starts over
+    r = run_cli(
+        "finetune",
+        str(other),
+        "--task",
+        "classify",
+        "--adapt",
+        "head",
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--train.max_steps",
+        "1",
+        "--overwrite",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["base"].startswith(str(other.resolve()))
+
+
+def test_dpo_live_reference_gives_the_precomputed_loss(base: Path, tmp_path: Path):
+    overrides = {"train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_steps": 1}, "eval": {"every": 3}}
+    runs = {}
+    for mode in ("precomputed", "live"):
+        cfg = FinetuneConfig(task="dpo", adapt="lora", lora_rank=2, dpo_reference=mode)
+        runs[mode] = finetune(
+            base,
+            train_file=DATA / "hh_rlhf.jsonl",
+            val_file=DATA / "hh_rlhf.jsonl",
+            out=tmp_path / mode,
+            cfg=cfg,
+            overrides=overrides,
+            progress=False,
+        )
+    pre, live = _losses(tmp_path / "precomputed"), _losses(tmp_path / "live")
+    assert [s for s, _ in pre] == [s for s, _ in live] and len(pre) == 4
+    # the first step's loss is log 2 exactly in both (policy == reference); later ones follow the same
+    # updates. Only float summation order differs (reference batches are padded differently): rel 1e-5.
+    assert pre[0][1] == pytest.approx(0.693147, abs=1e-5)
+    for (_, a), (_, b) in zip(pre, live, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert runs["live"]["val"]["reward_accuracy"] == pytest.approx(runs["precomputed"]["val"]["reward_accuracy"])
+
+
+def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_path: Path):
+    from lmforge.train.run import pretrain
+    from lmforge.train.schedule import lr_at
+    from tests.conftest import shakespeare_text, tiny_config
+
+    run = tmp_path / "pre"
+    pre_cfg = tiny_config(data_dir, run, **{"train.max_steps": 8, "checkpoint.every": 4, "eval.every": 0})
+    pretrain(pre_cfg, progress=False)
+    half = run / "checkpoints" / "step-000004"  # the base: the run half-way through its cosine schedule
+    text = tmp_path / "new.txt"
+    text.write_text(shakespeare_text(6_000), encoding="utf-8")
+    overrides = {"train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_steps": 1}}
+    lrs = {}
+    for schedule in ("continue", "fresh"):
+        cfg = FinetuneConfig(task="clm", adapt="full", schedule=schedule)
+        finetune(half, train_file=text, out=tmp_path / schedule, cfg=cfg, overrides=overrides, progress=False)
+        rows = (tmp_path / schedule / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        lrs[schedule] = [json.loads(r)["lr"] for r in rows if "lr" in json.loads(r)]
+    t = pre_cfg.train
+    expected = [
+        lr_at(4 + s, lr=t.lr, final_lr=t.final_lr, warmup_steps=t.warmup_steps, max_steps=8, schedule=t.schedule)
+        for s in range(3)
+    ]
+    assert lrs["continue"] == pytest.approx(expected, rel=1e-12)
+    assert t.final_lr < lrs["continue"][-1] < lrs["continue"][0] < t.lr  # on the way down, not warming up again
+    assert lrs["fresh"][0] == pytest.approx(3e-4)  # fresh: the full-mode default peak after 1 warmup step
+    with pytest.raises(ConfigError, match="--schedule continue is for --task clm"):
+        FinetuneConfig(task="sft", schedule="continue")
+    base0 = make_base(tmp_path / "b0", max_seq_len=64)  # a step-0 (imported-like) base has no schedule to continue
+    with pytest.raises(ConfigError, match="needs BASE to be an lmforge pretraining run"):
+        finetune(base0, train_file=text, out=tmp_path / "x", cfg=FinetuneConfig(task="clm", schedule="continue"))
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,200 @@
+"""Speedrun features: QK-norm, ReLU², zero-init projections, the Muon optimizer, and the speedrun config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import flatten_optimizer, unflatten_optimizer
+from lmforge.config import OptimConfig, load_config
+from lmforge.errors import LmforgeError
+from lmforge.export.hf import hf_family
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.optim import Muon, build_optimizer, muon_groups, newton_schulz, param_groups
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(**kw) -> GPT:
+    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=16, **kw)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    return model
+
+
+def test_defaults_leave_the_model_unchanged():
+    cfg = GPTConfig()
+    assert (cfg.qk_norm, cfg.mlp, cfg.zero_init_proj) == (False, "gelu", False)
+    a, b = tiny(), tiny(qk_norm=False, zero_init_proj=False, mlp="gelu")
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_zero_init_projections_start_each_block_as_the_identity():
+    model = tiny(zero_init_proj=True)
+    for block in model.blocks:
+        assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.proj.weight.abs().sum() == 0
+        assert block.mlp.fc.weight.std() > 0.01  # the other matrices are still random
+    x = torch.randint(0, 64, (2, 16))
+    h = model.tok_emb(x) + model.pos_emb.weight[:16]
+    expected = F.linear(model.norm_f(h), model.tok_emb.weight)  # blocks add exactly zero
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_relu2_mlp_is_relu_squared():
+    model = tiny(mlp="relu2")
+    mlp = model.blocks[0].mlp
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(mlp(x), mlp.proj(F.relu(mlp.fc(x)) ** 2))
+    assert mlp.fc.weight.shape == (128, 32)  # d_ff = 4 * d_model, one matrix
+
+
+def test_qk_norm_makes_attention_invariant_to_the_scale_of_q_and_k():
+    model = tiny(qk_norm=True, bias=False)
+    x = torch.randint(0, 64, (2, 16))
+    before = model(x)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * 32].mul_(7.0)  # rows of q and k
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+    plain = tiny(bias=False)
+    with torch.no_grad():
+        for block in plain.blocks:
+            block.attn.qkv.weight[: 2 * 32].mul_(7.0)
+    assert (plain(x) - tiny(bias=False)(x)).abs().max() > 1e-3  # without qk_norm the scale matters
+
+
+def test_qk_norm_and_relu2_stay_causal_with_rope_and_kv_cache():
+    model = tiny(qk_norm=True, mlp="relu2", pos_emb="rope", norm="rmsnorm").eval()
+    x = torch.randint(0, 64, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 64
+    torch.testing.assert_close(model(x)[:, :8], model(y)[:, :8])
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        stepwise = torch.cat([model(x[:, :6], cache)] + [model(x[:, i : i + 1], cache) for i in range(6, 12)], dim=1)
+        torch.testing.assert_close(stepwise, model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change", [{"qk_norm": True}, {"mlp": "relu2"}])
+def test_export_refuses_what_hf_cannot_express(change):
+    assert hf_family(GPTConfig(vocab_size=64, **{"zero_init_proj": True})) == "gpt2"  # init only: exportable
+    with pytest.raises(LmforgeError, match="qk_norm|mlp=relu2"):
+        hf_family(GPTConfig(vocab_size=64, **change))
+
+
+def test_gguf_export_refuses_qk_norm():
+    from lmforge.export.gguf import _check_llama
+
+    llama = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "vocab_size": 64}
+    _check_llama(GPTConfig(**llama))  # a plain Llama-style model passes
+    with pytest.raises(LmforgeError, match="qk_norm"):
+        _check_llama(GPTConfig(**llama, qk_norm=True))
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+def test_newton_schulz_approximately_orthogonalises(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = newton_schulz(g)
+    s = torch.linalg.svdvals(x)
+    assert x.shape == g.shape
+    assert s.min() > 0.5 and s.max() < 1.3, s  # Muon's quintic pushes every singular value near 1
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    cos = (x * (u @ vh)).sum() / (x.norm() * (u @ vh).norm())
+    assert cos > 0.97  # and points along U V^T
+
+
+def test_muon_groups_split_hidden_matrices_from_the_rest():
+    model = tiny(tie_embeddings=False)
+    groups = muon_groups(model, weight_decay=0.1, lr_scale=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in groups[0]["params"]}
+    assert groups[0]["muon"] and groups[0]["lr_scale"] == 10.0
+    assert muon == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    rest = {names[id(p)] for g in groups[1:] for p in g["params"]}
+    assert {"tok_emb.weight", "pos_emb.weight", "lm_head.weight", "norm_f.weight"} <= rest
+    assert not muon & rest and len(muon | rest) == len(list(model.parameters()))
+
+
+def test_muon_adamw_part_matches_torch_adamw():
+    a, b = tiny(), tiny()
+    opt_a = Muon(muon_groups(a, 0.1, lr_scale=10.0), lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
+    non_hidden_b = [dict(g) for g in muon_groups(b, 0.1, lr_scale=10.0)[1:]]
+    for g in non_hidden_b:
+        g.pop("muon", None)
+        g.pop("lr_scale", None)
+    opt_b = torch.optim.AdamW(non_hidden_b, lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
+    x = torch.randint(0, 64, (4, 16))
+    for _ in range(3):
+        for model in (a, b):
+            F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+        for opt in (opt_a, opt_b):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # keep the hidden matrices equal so the next gradients stay comparable
+            for pa, pb in zip(a.blocks.parameters(), b.blocks.parameters(), strict=True):
+                if pa.dim() == 2:
+                    pb.copy_(pa)
+    torch.testing.assert_close(a.tok_emb.weight, b.tok_emb.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.blocks[1].norm2.weight, b.blocks[1].norm2.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_trains_through_build_optimizer_and_its_state_round_trips():
+    cfg = load_config(preset="tiny", overrides={"optim": {"name": "muon", "muon_lr": 0.05}, "train": {"lr": 1e-2}})
+    model = tiny(qk_norm=True, mlp="relu2", zero_init_proj=True)
+    opt = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=torch.device("cpu"))
+    assert isinstance(opt, Muon) and opt.param_groups[0]["lr_scale"] == pytest.approx(5.0)
+    x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert losses[-1] < 0.5 * losses[0], losses  # memorises one batch
+
+    tensors, structure = flatten_optimizer(opt.state_dict())
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as if read back from optim.safetensors
+    clone = copy.deepcopy(model)
+    opt2 = build_optimizer(clone, cfg.optim, lr=cfg.train.lr, device=torch.device("cpu"))
+    opt2.load_state_dict(unflatten_optimizer(tensors, structure))
+    for m, o in ((model, opt), (clone, opt2)):
+        F.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+        o.step()
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_bad_muon_settings_are_config_errors():
+    with pytest.raises(LmforgeError, match="muon_momentum"):
+        OptimConfig(name="muon", muon_momentum=1.0)
+    with pytest.raises(LmforgeError, match="muon_lr"):
+        OptimConfig(name="muon", muon_lr=0.0)
+    with pytest.raises(LmforgeError, match="muon_ns_steps"):
+        OptimConfig(name="muon", muon_ns_steps=0)
+
+
+def test_param_groups_unchanged_for_adamw():
+    model = tiny()
+    groups = param_groups(model, 0.1)
+    opt = build_optimizer(model, OptimConfig(), lr=1e-3, device=torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in groups]
+
+
+def test_speedrun_config_loads_and_uses_the_features():
+    cfg = load_config(config_file=REPO / "configs" / "speedrun-shakespeare-char.toml")
+    assert cfg.optim.name == "muon" and cfg.model.qk_norm and cfg.model.mlp == "relu2"
+
+
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
+    batched = newton_schulz(g)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], newton_schulz(g[i]), rtol=1e-4, atol=1e-5)
