@@ -255,10 +255,18 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (out / "checkpoints" / "step-000005").is_dir():
             time.sleep(0.05)
-        rank1 = ranks()[1]
-        os.kill(rank1, signal.SIGSTOP)
+        found = ranks()
+        os.kill(found[1], signal.SIGSTOP)
         stopped_at = time.monotonic()
-        _, stderr = p.communicate(timeout=120)
+
+        def rank0_alive() -> bool:
+            try:
+                return Path(f"/proc/{found[0]}/stat").read_text().split()[2] != "Z"  # not a zombie
+            except OSError:
+                return False
+
+        while time.monotonic() - stopped_at < 90 and rank0_alive():
+            time.sleep(0.1)  # rank 0 gives up after dist.timeout_s and exits (torchrun then reaps it)
         waited = time.monotonic() - stopped_at
     finally:
         for pid in ranks().values():
@@ -269,6 +277,7 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
                     pass
         if p.poll() is None:
             p.kill()
+        _, stderr = p.communicate(timeout=60)
     assert p.returncode != 0
     assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
     line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
