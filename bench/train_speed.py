@@ -43,7 +43,8 @@ def stepper(preset: str, cfg, model, optimizer, loader, precision, batch: int):
 
     def run(n_steps: int) -> float:
         until = state.step + n_steps
-        train_cfg = load_config(preset=preset, overrides={"train": {"max_steps": until, "batch_size": batch}}).train
+        overrides = {"train": {"max_steps": until, "batch_size": batch, "micro_batch_size": 0}}
+        train_cfg = load_config(preset=preset, overrides=overrides).train
         t0 = time.perf_counter()
         train(
             model,

@@ -77,7 +77,10 @@ class TrainConfig:
     lr: float = opt(3e-4, "peak learning rate")
     min_lr: float = opt(0.0, "learning rate at the end of decay; 0 = lr / 10")
     warmup_steps: int = opt(100, "linear warmup steps from 0 to lr")
-    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warmup")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
+        "cosine", "learning-rate decay after warmup; wsd = warmup-stable-decay"
+    )
+    decay_fraction: float = opt(0.2, "wsd: share of max_steps, at the end, spent decaying linearly to min_lr")
     seed: int = opt(1337, "seed for weights, data order and dropout")
     device: Literal["auto", "cpu", "cuda", "mps"] = opt("auto", "where to train; auto = cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
@@ -106,6 +109,7 @@ class TrainConfig:
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         check(self.min_lr >= 0, f"train.min_lr must be >= 0, got {self.min_lr}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.decay_fraction <= 1, f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         check(self.early_stop_patience >= 0, "train.early_stop_patience must be >= 0")
 

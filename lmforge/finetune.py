@@ -363,6 +363,7 @@ class ContinuedSchedule:
             warmup_steps=t.warmup_steps,
             max_steps=t.max_steps,
             schedule=t.schedule,
+            decay_fraction=t.decay_fraction,
         )
 
 

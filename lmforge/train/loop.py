@@ -169,6 +169,7 @@ def train(
                     warmup_steps=cfg.warmup_steps,
                     max_steps=cfg.max_steps,
                     schedule=cfg.schedule,
+                    decay_fraction=cfg.decay_fraction,
                 )
             for group in optimizer.param_groups:
                 group["lr"] = lr

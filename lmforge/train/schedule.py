@@ -3,6 +3,9 @@
 `lr_at(step)` depends on nothing but its arguments, so a resumed run gets exactly the learning rate
 a straight run would have had. Warmup is linear from 0 (step 0 gets lr/warmup, not 0, so the first
 update is never wasted), then the chosen decay runs from `lr` to `final_lr` at `max_steps`.
+
+"wsd" (warmup-stable-decay) holds `lr` after warmup and decays linearly to `final_lr` only over the
+last `decay_fraction` of `max_steps`, so a long stable phase can be cut anywhere and cooled down.
 """
 
 from __future__ import annotations
@@ -10,7 +13,16 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, final_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    final_lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    schedule: str,
+    decay_fraction: float = 0.2,
+) -> float:
     """Learning rate for optimizer step `step` (0-based).
 
     Args:
@@ -19,12 +31,19 @@ def lr_at(step: int, *, lr: float, final_lr: float, warmup_steps: int, max_steps
         final_lr: learning rate at `max_steps` for decaying schedules.
         warmup_steps: linear warmup length.
         max_steps: total steps of the run.
-        schedule: "cosine", "linear" or "constant".
+        schedule: "cosine", "linear", "constant" or "wsd".
+        decay_fraction: for "wsd", the share of `max_steps` (at the end) spent decaying to `final_lr`.
     """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
+        if step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return lr + (final_lr - lr) * progress
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if schedule == "linear":
