@@ -118,7 +118,7 @@ def measure(preset: str, *, batch: int, steps: int, warmup: int, peak: float) ->
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     seq_len = cfg.model.max_seq_len
     loader = timed_data(random_batches(cfg.model.vocab_size, batch, seq_len))
-    run = stepper(preset, cfg, model, optimizer, loader, precision, batch)
+    run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision)
 
     run(warmup)  # kernels warmed up, optimizer state allocated
     seconds = run(steps)

@@ -87,7 +87,7 @@ def measure(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, voc
     model.init_weights()
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     loader = random_batches(cfg.model.vocab_size, batch, seq_len)
-    run = stepper(preset, cfg, model, optimizer, loader, precision, batch)
+    run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision)
 
     run(warmup)
     chunks = [run(max(1, steps // 3)) / max(1, steps // 3) for _ in range(3)]  # best of 3, as the peak

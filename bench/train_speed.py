@@ -11,12 +11,13 @@ the real one (`lmforge.train.loop.train`) on random tokens, after warm-up steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 
 import torch
 
-from lmforge.config import CheckpointConfig, EvalConfig, load_config
+from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, load_config
 from lmforge.estimate import measure_matmul_flops
 from lmforge.log import RunLogger
 from lmforge.models import build_model
@@ -37,21 +38,23 @@ def random_batches(vocab: int, batch: int, seq_len: int, seed: int = 0):
         yield x[:, :-1], x[:, 1:]
 
 
-def stepper(preset: str, cfg, model, optimizer, loader, precision, batch: int):
-    """A function that runs the real training loop for n more steps (no eval, no saving) and returns seconds."""
+def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, loader, precision):
+    """A function that runs the real training loop for n more steps (no eval, no saving) and returns seconds.
+
+    `train_cfg` gives the batch and schedule (its max_steps is replaced); one optimizer step per batch of
+    the loader (use micro_batch_size 0).
+    """
     state = TrainState()
 
     def run(n_steps: int) -> float:
         until = state.step + n_steps
-        overrides = {"train": {"max_steps": until, "batch_size": batch, "micro_batch_size": 0}}
-        train_cfg = load_config(preset=preset, overrides=overrides).train
         t0 = time.perf_counter()
         train(
             model,
             optimizer,
             loader,
-            cfg=train_cfg,
-            optim_cfg=cfg.optim,
+            cfg=dataclasses.replace(train_cfg, max_steps=until),
+            optim_cfg=optim_cfg,
             eval_cfg=EvalConfig(every=0),
             ckpt_cfg=CheckpointConfig(every=0),
             precision=precision,
@@ -82,7 +85,7 @@ def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, devic
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     seq_len = cfg.model.max_seq_len
     loader = random_batches(cfg.model.vocab_size, batch, seq_len)
-    run = stepper(preset, cfg, model, optimizer, loader, precision, batch)
+    run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision)
 
     run(warmup)
     seconds = run(steps)

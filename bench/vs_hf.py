@@ -26,24 +26,19 @@ import time
 
 import torch
 import torch.nn.functional as F
+from train_speed import random_batches, stepper  # bench/ is on sys.path when run as a script
 
-from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.config import OptimConfig, TrainConfig
 from lmforge.estimate import measure_matmul_flops
-from lmforge.log import RunLogger
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import Precision
-from lmforge.train.state import TrainState
 
 VOCAB = 65  # tinyshakespeare's characters
 
 
-def batches(batch: int, seq_len: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        x = torch.randint(0, VOCAB, (batch, seq_len + 1), generator=g)
-        yield x[:, :-1], x[:, 1:]
+def batches(batch: int, seq_len: int):
+    return random_batches(VOCAB, batch, seq_len)
 
 
 def ours(n_layer: int, n_head: int, d_model: int, ctx: int) -> GPT:
@@ -101,28 +96,8 @@ def eager_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, load
 
 def loop_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, optim_cfg: OptimConfig, batch: int):
     """Our real training loop, continued for n more steps each call (no eval, no checkpoints)."""
-    state = TrainState()
-    precision = Precision(torch.device("cpu"), torch.float32)
-
-    def run(n_steps: int) -> float:
-        until = state.step + n_steps
-        t0 = time.perf_counter()
-        train(
-            model,
-            optimizer,
-            loader,
-            cfg=TrainConfig(max_steps=until, batch_size=batch, lr=1e-3, warmup_steps=0, log_every=50),
-            optim_cfg=optim_cfg,
-            eval_cfg=EvalConfig(every=0),
-            ckpt_cfg=CheckpointConfig(every=0),
-            precision=precision,
-            state=state,
-            log=RunLogger(None, max_steps=until, start_step=state.step, enabled=False),
-            save=lambda s: None,
-        )
-        return time.perf_counter() - t0
-
-    return run
+    train_cfg = TrainConfig(max_steps=1, batch_size=batch, lr=1e-3, warmup_steps=0, log_every=50)
+    return stepper(train_cfg, optim_cfg, model, optimizer, loader, Precision(torch.device("cpu"), torch.float32))
 
 
 def main() -> None:

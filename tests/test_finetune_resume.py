@@ -76,40 +76,14 @@ def test_other_command_on_existing_run_is_one_line_error(base: Path, tmp_path: P
     with pytest.raises(ConfigError, match="holds a --adapt head run, not --adapt lora"):
         finetune(base, train_file=train, out=out, cfg=FinetuneConfig(task="classify", adapt="lora"), overrides=fast)
     other = make_base(tmp_path / "other", max_seq_len=64, seed=1)
-    r = run_cli(
-        "finetune",
-        str(other),
-        "--task",
-        "classify",
-        "--adapt",
-        "head",
-        "--train",
-        str(train),
-        "--out",
-        str(out),
-        "--train.max_steps",
-        "1",
-    )
+    other_head = ["finetune", str(other), "--task", "classify", "--adapt", "head", "--train", str(train)]
+    other_head += ["--out", str(out), "--train.max_steps", "1"]
+    r = run_cli(*other_head)
     assert r.returncode == 2 and "was fine-tuned from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("finetune", str(base), "--task", "sft", "--train", str(DATA / "alpaca.jsonl"), "--out", str(out))
     assert r.returncode == 2 and "holds a --task classify run" in r.stderr
     # --overwrite starts over
-    r = run_cli(
-        "finetune",
-        str(other),
-        "--task",
-        "classify",
-        "--adapt",
-        "head",
-        "--train",
-        str(train),
-        "--out",
-        str(out),
-        "--train.max_steps",
-        "1",
-        "--overwrite",
-        "--quiet",
-    )
+    r = run_cli(*other_head, "--overwrite", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["base"].startswith(str(other.resolve()))
 

@@ -34,20 +34,17 @@ from typing import Any
 import numpy as np
 
 from lmforge.atomic import atomic_write_text, write_json
+from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, load_data_dir
 from lmforge.data.dedup import NearDedup
 from lmforge.data.filters import guess_language, utf8_len
 from lmforge.data.prepare import (
-    FORMAT_VERSION,
-    MANIFEST,
     REMOVED_KEYS,
-    TOKENIZER,
     PrepareConfig,
     _lmforge_version,
     _tokenizer_report,
     _top_tokens,
     check_out,
     discard,
-    load_data_dir,
     output_paths,
     publish,
 )

@@ -156,7 +156,7 @@ def mixture_loader(
         ConfigError: malformed spec. DataError: a directory is not prepared, has no train shards, or
             was tokenized with another tokenizer than the run's.
     """
-    from lmforge.data.prepare import load_data_dir
+    from lmforge.data.datadir import load_data_dir
 
     sources = []
     for name, weight in parse_mix(spec):

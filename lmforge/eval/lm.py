@@ -97,8 +97,8 @@ def evaluate_checkpoint(
         device: "auto", "cpu", "cuda" or "mps".
     """
     from lmforge.checkpoint import load_trained
+    from lmforge.data.datadir import load_data_dir
     from lmforge.data.loader import eval_batches
-    from lmforge.data.prepare import load_data_dir
     from lmforge.errors import DataError
     from lmforge.train.precision import pick_device, pick_precision
 

@@ -61,6 +61,7 @@ from lmforge.export.hf import (
     _own,
     _publish,
     _read_weight_file,
+    training_progress,
 )
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -263,9 +264,7 @@ def write_bert(trained: Any, out: Path) -> Path:
 def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
     """README.md of an encoder export: what it is, how it was trained, how to use it, the config."""
     cfg = trained.config
-    meta = trained.checkpoint.meta
-    train_state = meta.get("train_state", {})
-    step = int(meta.get("step", train_state.get("step", 0)))
+    step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     electra = cfg.model.family == "electra"
     architecture = "ElectraForPreTraining" if electra else "BertForPreTraining"
@@ -277,7 +276,7 @@ def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
         ("steps", f"{step:,}"),
-        ("tokens seen", f"{int(train_state.get('tokens', 0)):,}"),
+        ("tokens seen", f"{tokens:,}"),
     ]
     if last is not None:
         numbers = {k: v for k, v in last.items() if k.startswith("val_") and isinstance(v, (int, float))}

@@ -54,7 +54,7 @@ Design decisions
   Writing over the directory being read is refused even with `overwrite`.
 - Tokenizer: our tokenizer encodes the text "<|endoftext|>" literally (see `tokenizer.py`) while an
   HF tokenizer parses it as the special token; ordinary text encodes to the same ids.
-- Length (~840 lines, over the 800-line guide): about 250 of them are the two families' key maps,
+- Length (~880 lines, over the 800-line guide): about 250 of them are the two families' key maps,
   config translations and HF defaults, one name per line so each can be checked against HF's modeling
   code. Export and import share them, so splitting the file per family or direction would copy them.
 
@@ -563,6 +563,12 @@ def write_hf(trained: Any, out: Path) -> Path:
     return out
 
 
+def training_progress(meta: dict[str, Any]) -> tuple[int, int]:
+    """(optimizer steps, tokens seen) recorded in a checkpoint's state.json, for model cards."""
+    train_state = meta.get("train_state", {})
+    return int(meta.get("step", train_state.get("step", 0))), int(train_state.get("tokens", 0))
+
+
 def _last_eval(ckpt_dir: Path, step: int) -> dict[str, Any] | None:
     """The last validation record at or before `step` in the run's metrics.jsonl, if there is one."""
     from lmforge.log import read_metrics
@@ -576,9 +582,7 @@ def _last_eval(ckpt_dir: Path, step: int) -> dict[str, Any] | None:
 
 def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
     cfg = trained.config
-    meta = trained.checkpoint.meta
-    train_state = meta.get("train_state", {})
-    step = int(meta.get("step", train_state.get("step", 0)))
+    step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     architecture = FAMILIES[family].architecture
     n_new = max(1, min(50, cfg.model.max_seq_len // 2))  # the snippet must fit in the context
@@ -590,7 +594,7 @@ def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer)"),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
         ("steps", f"{step:,}"),
-        ("tokens seen", f"{int(train_state.get('tokens', 0)):,}"),
+        ("tokens seen", f"{tokens:,}"),
     ]
     if last is not None:
         rows.append(("last validation loss", f"{last['val_loss']:.4f} nats/token (step {last['step']})"))

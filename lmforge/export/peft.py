@@ -174,8 +174,9 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
 
 def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
     lora = info["lora"]
-    state = json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8"))
-    train_state = state.get("train_state", {})
+    from lmforge.export.hf import training_progress
+
+    steps, tokens = training_progress(json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8")))
     rows = [
         (
             "base",
@@ -184,8 +185,8 @@ def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: s
         ("task", info.get("task", "")),
         ("rank / alpha / dropout", f"{lora['rank']} / {lora['alpha']} / {lora['dropout']}"),
         ("target modules", ", ".join(f"`{t}`" for t in targets)),
-        ("steps", f"{int(state.get('step', train_state.get('step', 0))):,}"),
-        ("tokens seen", f"{int(train_state.get('tokens', 0)):,}"),
+        ("steps", f"{steps:,}"),
+        ("tokens seen", f"{tokens:,}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""---

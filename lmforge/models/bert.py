@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.errors import ConfigError
 from lmforge.fields import check, opt
+from lmforge.models.layers import require_vocab_size
 
 
 @dataclass(kw_only=True)
@@ -200,11 +200,7 @@ def _matmul_params(module: nn.Module) -> int:
 
 
 def _check_vocab(cfg: BertConfig) -> None:
-    if cfg.vocab_size <= 0:
-        raise ConfigError(
-            "model.vocab_size is 0; set it to the tokenizer's vocabulary size plus its missing special tokens "
-            "(training fills it in from the prepared data)"
-        )
+    require_vocab_size(cfg.vocab_size, "the tokenizer's vocabulary size plus its missing special tokens")
 
 
 # --------------------------------------------------------------------------------------------

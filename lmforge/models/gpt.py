@@ -69,9 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.errors import ConfigError
 from lmforge.fields import check, opt
-from lmforge.models.layers import KVCache, apply_rope, make_norm, rope_cos_sin
+from lmforge.models.layers import KVCache, apply_rope, make_norm, require_vocab_size, rope_cos_sin
 
 
 @dataclass(kw_only=True)
@@ -225,11 +224,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ConfigError(
-                "model.vocab_size is 0; set it to the tokenizer's vocabulary size "
-                "(training fills it in from the prepared data)"
-            )
+        require_vocab_size(cfg.vocab_size)
         self.cfg = cfg
         # PyTorch layers draw their default init from the global RNG on CPU but not on the meta
         # device; forking it keeps `manual_seed(s); GPT(cfg).init_weights()` device-independent.

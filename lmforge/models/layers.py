@@ -19,6 +19,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lmforge.errors import ConfigError
+
+
+def require_vocab_size(vocab_size: int, size_of: str = "the tokenizer's vocabulary size") -> None:
+    """Models cannot be built before the vocabulary size is known (0 = "take it from the data")."""
+    if vocab_size <= 0:
+        raise ConfigError(f"model.vocab_size is 0; set it to {size_of} (training fills it in from the prepared data)")
+
 
 def make_norm(kind: str, dim: int, *, eps: float, bias: bool) -> nn.Module:
     """LayerNorm (with or without bias) or RMSNorm (weight only) over the last dimension."""

@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.errors import ConfigError
 from lmforge.fields import check, opt
+from lmforge.models.layers import require_vocab_size
 
 
 @dataclass(kw_only=True)
@@ -85,11 +85,7 @@ class RNNLM(nn.Module):
 
     def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ConfigError(
-                "model.vocab_size is 0; set it to the tokenizer's vocabulary size "
-                "(training fills it in from the prepared data)"
-            )
+        require_vocab_size(cfg.vocab_size)
         self.cfg = cfg
         rnn_cls = nn.LSTM if cfg.family == "lstm" else nn.GRU
         with torch.random.fork_rng(devices=[]):  # construction leaves the global RNG alone (as GPT)

@@ -32,8 +32,8 @@ from lmforge.checkpoint import (
     set_rng_state,
 )
 from lmforge.config import RunConfig
+from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import eval_batches
-from lmforge.data.prepare import load_data_dir
 from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm
@@ -175,8 +175,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         with torch.device("meta"):
             model = build_model(cfg.model)
     else:
-        model = build_model(cfg.model).to(device)
-        torch.manual_seed(cfg.train.seed)  # init depends on the seed only, as with meta_init
+        model = build_model(cfg.model).to(device)  # construction leaves the RNG alone: init sees the seed
         model.init_weights()
     train_shards = data.split_shards("train")
     if not train_shards:
@@ -207,7 +206,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     train_model = dist.wrap_model(model, cfg.dist.strategy, world, device, precision.dtype)
     if cfg.dist.meta_init:
         model.to_empty(device=device)  # each rank allocates only its shards under FSDP
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # as right after the seed above: the same init as without meta_init
         model.init_weights()
         if ckpt is not None:
             dist.load_model_state(model, ckpt.model_state(), load=ckpt.load_model)
