@@ -23,7 +23,7 @@ from lmforge.log import RunLogger
 from lmforge.models import build_model
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import pick_device, pick_precision
+from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
 from lmforge.train.state import TrainState
 
 # Per preset: (sequences per step, timed steps). `small` uses a smaller batch than its preset (64)
@@ -69,16 +69,19 @@ def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, lo
     return run
 
 
-def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, device: str) -> dict:
+def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, device: str, fused: str = "auto") -> dict:
     cfg = load_config(
         preset=preset,
         overrides={
             "model": {"vocab_size": load_config(preset=preset).model.vocab_size or 4096, "dropout": 0.0},
             "train": {"batch_size": batch, "micro_batch_size": 0, "dtype": dtype, "device": device},
+            "optim": {"fused": fused},
         },
     )
     dev = pick_device(cfg.train.device)
     precision = pick_precision(dev, cfg.train.dtype)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as `pretrain` does
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dev)
     model.init_weights()
@@ -113,12 +116,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (optim.fused)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, dtype {args.dtype}"
+        f"{torch.get_num_threads()} threads, dtype {args.dtype}, fused AdamW {args.fused}"
     )
     rows = []
     for preset in args.presets:
@@ -131,6 +135,7 @@ def main() -> None:
                 warmup=args.warmup,
                 dtype=args.dtype,
                 device=args.device,
+                fused=args.fused,
             )
         )
     print(

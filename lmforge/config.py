@@ -145,6 +145,9 @@ class OptimConfig:
     muon_lr: float = opt(0.02, "Muon peak learning rate for hidden matrices (follows train.lr's schedule)")
     muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
     muon_ns_steps: int = opt(5, "Newton-Schulz iterations per Muon update (fewer = cheaper, less orthogonal)")
+    muon_ns_dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "dtype of Muon's Newton-Schulz products; bfloat16 = Muon's GPU default (on CPUs measure first)"
+    )
 
     def __post_init__(self) -> None:
         check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")

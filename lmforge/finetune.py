@@ -564,7 +564,7 @@ def finetune(
     from lmforge.log import RunLogger, capture_env
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.precision import pick_device, pick_precision
+    from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
     from lmforge.train.state import TrainState
 
     cfg = cfg or FinetuneConfig()
@@ -578,6 +578,8 @@ def finetune(
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device)
     precision = pick_precision(device, train_cfg.dtype)
+    if device.type == "cpu":
+        keep_freed_memory()  # as pretrain: steps reuse their buffers instead of page-faulting them in
 
     if out.exists() and overwrite:
         shutil.rmtree(out)

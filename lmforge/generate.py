@@ -5,7 +5,12 @@
 - `generate(model, prompt_ids, ...)`: autoregressive decoding of one sequence. The prompt is run once
   (prefill) into a KV cache, then one token per step. Randomness comes only from a local generator
   seeded by `seed`, so a seeded call is reproducible and never disturbs the global RNG (or a training
-  run that samples between steps).
+  run that samples between steps). The loop runs under `inference_mode`, feeds the chosen token back
+  as a tensor and checks the sampling arguments once: batch-1 decode of a small model is per-call
+  overhead, not arithmetic (bench/generate_speed.py).
+- `generate_batch(model, prompts, ...)`: prompts of different lengths decoded together (left-padded,
+  per-row positions and a padding mask), each row's greedy result equal to `generate` on it alone;
+  evaluation (`eval/tasks.py`) answers 16 prompts per batch with it.
 - Context overflow: once the sequence is longer than the model's `max_seq_len`, each further step
   re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window). A cache
   cannot slide: its keys were computed at absolute positions, and with learned positions the
@@ -79,6 +84,11 @@ def sample_next(
         (B,) int64 token ids.
     """
     _check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """`sample_next` without the argument checks (the decode loops check once, not every token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature  # (B, V)
@@ -96,7 +106,7 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: GPT,
     prompt_ids: list[int],
@@ -149,16 +159,17 @@ def generate(
     try:
         new: list[int] = []
         cache = model.new_cache(batch_size=1) if use_cache else None
+        x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T): the prompt, prefilled on the first step
         for _ in range(max_new_tokens):
             if cache is not None and len(ids) <= max_len:
-                # first step: the whole prompt (prefill); then only the token chosen last step
-                x = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, T)
                 logits = model(x, cache)[:, -1]  # (1, V)
             else:
                 cache = None  # past the context: sliding window, full recompute (module docstring)
                 x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
-            token = int(sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
+            chosen = _sample(logits, temperature, top_k, top_p, generator)  # (1,)
+            x = chosen.view(1, 1)  # the next step's input stays a tensor (no list -> tensor per token)
+            token = int(chosen)
             ids.append(token)
             new.append(token)
             if on_token is not None:
@@ -166,6 +177,94 @@ def generate(
             if eos_id is not None and token == eos_id:
                 break
         return new
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPT,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Continue several prompts of different lengths together, with one KV cache; return each one's new ids.
+
+    The prompts are left-padded to the longest; `GPT.forward(..., pad=)` gives every row the positions
+    its unpadded run would use and hides padding keys, so row b's greedy result is `generate()` on
+    prompts[b] alone (up to float summation order in batched matmuls, ~1e-7 on the logits). A row that
+    produced `eos_id` keeps being decoded (the batch stays rectangular) but its output ends at the
+    eos, which is included, as in `generate`; decoding stops when every row has ended or after
+    `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
+    reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
+    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt.
+
+    Raises:
+        LmforgeError: an empty prompt without eos_id, invalid sampling settings, or a longest prompt
+            that does not leave room for max_new_tokens in the model's context (no sliding window here).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(model, GPT):
+        return [
+            generate(
+                model,
+                p,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                eos_id=eos_id,
+            )
+            for p in prompts
+        ]
+    max_len = model.cfg.max_seq_len
+    rows = [_check_prompt(p, max_len, eos_id) for p in prompts]
+    if not rows or max_new_tokens == 0:
+        return [[] for _ in rows]
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens - 1 > max_len:
+        raise LmforgeError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) needs "
+            f"{longest + max_new_tokens - 1} positions but the model's context is {max_len}; "
+            "shorten the prompts or lower max_new_tokens"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    B = len(rows)
+    pad_counts = [longest - len(r) for r in rows]
+    pad = torch.tensor(pad_counts, dtype=torch.long, device=device) if any(pad_counts) else None  # (B,)
+    # the padding id is irrelevant (masked); the row's first token keeps it in the vocabulary
+    x = torch.tensor([[r[0]] * n + r for r, n in zip(rows, pad_counts, strict=True)], device=device)  # (B, longest)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(batch_size=B, max_len=longest + max_new_tokens - 1)
+        out: list[list[int]] = [[] for _ in rows]
+        done = [False] * B
+        for _ in range(max_new_tokens):
+            logits = model(x, cache, pad)[:, -1]  # (B, V); the first step prefills the padded prompts
+            chosen = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            x = chosen.view(B, 1)
+            for b, token in enumerate(chosen.tolist()):
+                if not done[b]:
+                    out[b].append(token)
+                    done[b] = eos_id is not None and token == eos_id
+            if all(done):
+                break
+        return out
     finally:
         model.train(was_training)
 

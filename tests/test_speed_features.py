@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from lmforge.config import OptimConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.export.hf import hf_family
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.train.optim import Muon, build_optimizer, muon_groups, newton_schulz, param_groups
+from lmforge.train.optim import Muon, build_optimizer, muon_groups, newton_schulz, newton_schulz_many, param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,10 +98,12 @@ def test_gguf_export_refuses_qk_norm():
         _check_llama(GPTConfig(**llama, qk_norm=True))
 
 
-@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
-def test_newton_schulz_approximately_orthogonalises(shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48), (32, 64)])
+def test_newton_schulz_approximately_orthogonalises(shape, dtype):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    x = newton_schulz(g)
+    x = newton_schulz(g, dtype=dtype)
+    assert x.dtype == torch.float32
     s = torch.linalg.svdvals(x)
     assert x.shape == g.shape
     assert s.min() > 0.5 and s.max() < 1.3, s  # Muon's quintic pushes every singular value near 1
@@ -193,8 +196,85 @@ def test_speedrun_config_loads_and_uses_the_features():
     assert cfg.optim.name == "muon" and cfg.model.qk_norm and cfg.model.mlp == "relu2"
 
 
+def _textbook_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    x = g.mT if g.size(-2) > g.size(-1) else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
+@pytest.mark.parametrize("shape", [(128, 512), (512, 128), (64, 192), (2, 32, 96), (48, 80), (64, 64)])
+def test_gram_space_newton_schulz_equals_the_textbook_iteration(shape):
+    # float32 iterates on the Gram matrix; the result must be the same iteration
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(newton_schulz(g), _textbook_newton_schulz(g), rtol=0, atol=3e-5)
+    torch.testing.assert_close(newton_schulz(g, steps=3), _textbook_newton_schulz(g, steps=3), rtol=0, atol=3e-5)
+
+
+def test_newton_schulz_many_batches_equal_gram_sizes_without_mixing_them():
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(*s, generator=gen) for s in [(96, 32), (32, 32), (32, 128), (48, 16), (16, 40)]]
+    together = newton_schulz_many(mats)
+    for m, t in zip(mats, together, strict=True):
+        assert t.shape == m.shape
+        torch.testing.assert_close(t, _textbook_newton_schulz(m), rtol=0, atol=3e-5)
+
+
 def test_batched_newton_schulz_equals_one_matrix_at_a_time():
     g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
     batched = newton_schulz(g)
     for i in range(3):
         torch.testing.assert_close(batched[i], newton_schulz(g[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_glibc_accepts_the_allocator_settings():
+    # mallopt silently refuses an mmap threshold above 32 MiB (returns 0): the settings must be in range
+    import platform
+
+    from lmforge.train.precision import keep_freed_memory
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True
+
+
+def test_muon_step_on_hidden_matrices_follows_the_formula():
+    # two steps by hand: buf <- m buf + g; update = NS(g + m buf); W <- W - lr sqrt(max(1, rows/cols)) update
+    gen = torch.Generator().manual_seed(4)
+    weights = [
+        torch.randn(48, 16, generator=gen),
+        torch.randn(16, 16, generator=gen),
+        torch.randn(16, 64, generator=gen),
+    ]
+    params = [w.clone().requires_grad_() for w in weights]
+    opt = Muon([{"params": params, "muon": True}], lr=0.05, momentum=0.8)
+    expected = [w.clone() for w in weights]
+    bufs = [torch.zeros_like(w) for w in weights]
+    for _ in range(2):
+        grads = [torch.randn(w.shape, generator=gen) for w in weights]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = 0.8 * bufs[i] + g
+            update = _textbook_newton_schulz(g + 0.8 * bufs[i])
+            expected[i] = expected[i] - 0.05 * max(1.0, g.shape[0] / g.shape[1]) ** 0.5 * update
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-5)
+
+
+def test_relu_squared_function_equals_autograd_of_relu_then_square():
+    from lmforge.models.gpt import ReLUSquared
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, 64, generator=gen)
+    x[0, 0, :4] = 0.0  # the kink: both give gradient 0 there
+    grad = torch.randn(4, 8, 64, generator=gen)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = F.relu(a).square(), ReLUSquared.apply(b)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)  # bit for bit, not just close
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))

@@ -65,19 +65,35 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     }
 
 
-def _answer(ft: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
-    from lmforge.generate import generate
+ANSWER_BATCH = 16  # prompts decoded together by `_answers` (one KV cache per batch)
+
+
+def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to many prompts, in order.
+
+    With a KV cache (a plain GPT), prompts go through `generate_batch` ANSWER_BATCH at a time, sorted
+    by length so a batch holds little padding; each answer equals the one `generate` gives the prompt
+    alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
+    """
+    from lmforge.generate import generate, generate_batch
 
     room = ft.model.cfg.max_seq_len - max_new_tokens
-    new = generate(
-        ft.model,
-        prompt_ids[-room:],
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        eos_id=ft.tokenizer.eos_id,
-        use_cache=ft.use_cache,
-    )
-    return ft.tokenizer.decode([t for t in new if t != ft.tokenizer.eos_id], skip_special_tokens=True).strip()
+    prompts = [p[-room:] for p in prompts]
+    eos = ft.tokenizer.eos_id
+    if ft.use_cache and room > 0:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        new: list[list[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), ANSWER_BATCH):
+            chunk = order[start : start + ANSWER_BATCH]
+            outs = generate_batch(ft.model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos)
+            for i, out in zip(chunk, outs, strict=True):
+                new[i] = out
+    else:
+        new = [
+            generate(ft.model, p, max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos, use_cache=ft.use_cache)
+            for p in prompts
+        ]
+    return [ft.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in new]
 
 
 @torch.no_grad()
@@ -222,10 +238,10 @@ def task_metrics(
         template = ft.template or ChatTemplate()
         em = f1 = 0.0
         samples = []
-        for row in rows:
-            messages, reference = _reference_text(row, fields, task)
-            ids, _ = template.prompt_ids(ft.tokenizer, messages, budget=ft.model.cfg.max_seq_len - max_new_tokens)
-            prediction = _answer(ft, ids, max_new_tokens)
+        turns = [_reference_text(row, fields, task) for row in rows]
+        budget = ft.model.cfg.max_seq_len - max_new_tokens
+        prompts = [template.prompt_ids(ft.tokenizer, messages, budget=budget)[0] for messages, _ in turns]
+        for (messages, reference), prediction in zip(turns, _answers(ft, prompts, max_new_tokens), strict=True):
             em += exact_match(prediction, reference)
             f1 += token_f1(prediction, reference)
             if len(samples) < 3:
@@ -234,11 +250,9 @@ def task_metrics(
                 )
         return {"task": task, "em": em / len(rows), "f1": f1 / len(rows), "n": len(rows), "samples": samples}
     if task == "translate":
-        hyps, refs = [], []
-        for row in rows:
-            ids = ft.tokenizer.encode(translate_prompt(str(row[fields["source"]])))
-            hyps.append(_answer(ft, ids, max_new_tokens))
-            refs.append(str(row[fields["target"]]).strip())
+        prompts = [ft.tokenizer.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
+        hyps = _answers(ft, prompts, max_new_tokens)
+        refs = [str(row[fields["target"]]).strip() for row in rows]
         samples = [
             {"source": str(r[fields["source"]]), "reference": ref, "prediction": h}
             for r, ref, h in list(zip(rows, refs, hyps, strict=True))[:3]

@@ -52,14 +52,14 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, n_head, head_dim) by position; cos/sin (T, head_dim/2) are the rows for x's positions.
+    """Rotate x (B, T, n_head, head_dim) by position; cos/sin (T or B x T, head_dim/2) are the rows for x's positions.
 
     The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16 and matches v in SDPA.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, T, n_head, head_dim/2) each
-    cos = cos.to(x.dtype)[:, None, :]  # (T, 1, head_dim/2): broadcast over heads
-    sin = sin.to(x.dtype)[:, None, :]
+    cos = cos.to(x.dtype)[..., None, :]  # ([B,] T, 1, head_dim/2): broadcast over heads
+    sin = sin.to(x.dtype)[..., None, :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -86,6 +86,10 @@ class KVCache:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one view per layer, made once: a decode step then costs a narrow + copy_ per layer instead
+        # of a four-index slice assignment (measured ~4 -> ~3 us per call on CPU, x 2 x n_layer per token)
+        self.k_layers = self.k.unbind(0)  # n_layer x (B, n_kv_head, max_len, head_dim)
+        self.v_layers = self.v.unbind(0)
         self.max_len = max_len
         self.pos = 0
 
@@ -98,9 +102,10 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, the cache holds {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, pos + T, head_dim)
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]
+        k_all.narrow(2, self.pos, k.shape[2]).copy_(k)
+        v_all.narrow(2, self.pos, k.shape[2]).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)  # (B, n_kv_head, pos + T, head_dim)
 
     def advance(self, n: int) -> None:
         """Mark n more positions as filled (called once per forward pass, after the last layer)."""

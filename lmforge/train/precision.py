@@ -8,6 +8,9 @@ tiny models we run there (measure with bench/ before turning it on: `--train.dty
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +58,25 @@ def pick_precision(device: torch.device, name: str) -> Precision:
             "float16 autocast is not supported for training on CPU; use --train.dtype bfloat16 or float32"
         )
     return Precision(device, DTYPES[name])
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from handing freed memory back to the OS between training steps (Linux only).
+
+    A CPU training step allocates and frees the same activation and gradient buffers every step. By
+    default glibc trims the top of its heap once 128 KiB or more are free, and serves blocks above a
+    (self-adjusting, <= 32 MiB) threshold with mmap/munmap, so each step page-faults its buffers back in
+    (the kernel zero-fills every 4 KiB page). Raising the trim threshold to 2 GiB and fixing the mmap
+    threshold at its 32 MiB maximum keeps that memory mapped for the next step: the process holds on to
+    its peak (which training reaches every step anyway) and nothing changes numerically. Measured on
+    the speedrun config: ~5% less wall-clock (see README "Speed"). Returns whether glibc accepted it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

@@ -45,7 +45,7 @@ from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import pick_precision
+from lmforge.train.precision import keep_freed_memory, pick_precision
 from lmforge.train.state import TrainState
 
 
@@ -163,6 +163,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
 
     precision = pick_precision(device, cfg.train.dtype)
+    if device.type == "cpu":
+        keep_freed_memory()  # steps reuse their buffers instead of page-faulting them back in
     if world.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "env.json", {**capture_env(str(device)), "world_size": world.world_size})
