@@ -166,19 +166,29 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def wrap_model(
-    model: nn.Module, strategy: str, info: DistInfo, device: torch.device, param_dtype: torch.dtype
+    model: nn.Module,
+    strategy: str,
+    info: DistInfo,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    *,
+    find_unused: bool = False,
 ) -> nn.Module:
     """DDP or FSDP2 (`fully_shard` per block, then the root) around `model`; unchanged for 1 process.
 
     FSDP2 mixed precision: parameters are gathered in `param_dtype` (the autocast dtype, e.g. bf16)
     for compute, gradients are reduced in fp32, and the sharded master weights stay fp32.
+    `find_unused`: some parameters may get no gradient in a step (BERT's NSP head under plain MLM);
+    DDP then looks for them after each forward (their gradients stay None, as in one process).
     """
     if not info.enabled or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
+        )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -243,11 +253,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Consolidated CPU state dict on every rank (a collective under FSDP2: all ranks must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     model = unwrap(model)
     if not dist.is_initialized():
         return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # ~0.3 s import
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

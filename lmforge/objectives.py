@@ -18,9 +18,11 @@ Pretraining objectives (`ObjectiveConfig.name`, `lmforge pretrain --objective ..
   masking, so a batch is a pure function of the loader position and resume stays exact).
 - "electra": `ReplacedTokenDetection`.
 Summed-loss convention for the sequence-level/all-token terms: the loop divides by the window's
-masked-token count, so NSP and RTD sums are scaled by (masked tokens / examples) and (masked tokens
-/ real tokens) of their micro-batch; without accumulation that is exactly BERT's and ELECTRA's
-`mean MLM + mean NSP` and `mean MLM + 50 * mean RTD`.
+masked-token count, so each example's NSP loss is weighted by its own masked-token count, and each
+example's summed RTD loss by its (masked tokens / real tokens). After the division that is BERT's
+`mean MLM + mean NSP` and ELECTRA's `mean MLM + 50 * mean RTD`, with the NSP/RTD means weighted by
+each example's masked tokens (~ its length); being per example, the loss and gradient do not depend
+on how the global batch is split into micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -145,14 +147,17 @@ class MaskedLM:
         return count_targets(batch["labels"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = model(batch["input_ids"], batch["segments"], batch["pad_mask"])  # (B, T, C)
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
-        loss = mlm_loss(model.mlm_logits(hidden[selected]), labels[selected])
-        if "pair_labels" in batch:
-            B = labels.shape[0]
-            nsp = F.cross_entropy(model.nsp_logits(hidden).float(), batch["pair_labels"], reduction="sum")
-            loss = loss + nsp * (int(selected.sum()) / B)  # mean NSP after the loop's division
+        pairs = "pair_labels" in batch
+        # the heads run inside forward, so a DDP/FSDP wrapper's forward is what runs (and syncs gradients)
+        mlm_logits, nsp_logits = model(
+            batch["input_ids"], batch["segments"], batch["pad_mask"], select=selected, pairs=pairs
+        )
+        loss = mlm_loss(mlm_logits, labels[selected])
+        if pairs:  # per example, weighted by its masked tokens: a (weighted) mean NSP after the loop's division
+            nsp = F.cross_entropy(nsp_logits.float(), batch["pair_labels"], reduction="none")  # (B,)
+            loss = loss + (nsp * selected.sum(1)).sum()
         return loss
 
 
@@ -161,8 +166,10 @@ class ReplacedTokenDetection:
 
     The generator predicts the selected positions; tokens sampled from it (no gradient, as in the
     paper) replace them; the discriminator labels each real token 1 if it differs from the original
-    (a sample equal to the original counts as original, as in the paper). Sampling uses the torch
-    RNG, which checkpoints save, so resume stays exact.
+    (a sample equal to the original counts as original, as in the paper). Sampling reads the
+    batch's `sample_noise` (per-example uniforms from the MLM loader), so samples do not depend on
+    how the global batch is split over ranks and micro-batches, and resume stays exact; batches
+    without it sample with the torch RNG, which checkpoints save.
     """
 
     def __init__(self, weight: float = 50.0) -> None:
@@ -172,42 +179,45 @@ class ReplacedTokenDetection:
         return count_targets(batch["labels"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        corrupted, rtd_labels, gen_loss = electra_corrupt(model, batch)
-        disc_logits = model(corrupted, batch["segments"], batch["pad_mask"])  # (B, T)
+        step, rtd_labels, gen_loss = electra_step(model, batch)
         real = batch["pad_mask"]
-        rtd = rtd_loss(disc_logits[real], rtd_labels[real])
-        n_selected = int((batch["labels"] != IGNORE_INDEX).sum())
-        return gen_loss + self.weight * rtd * (n_selected / max(int(real.sum()), 1))
+        rtd = F.binary_cross_entropy_with_logits(step.disc_logits.float(), rtd_labels, reduction="none")  # (B, T)
+        # each example's summed RTD x its (masked / real tokens): a mean RTD after the loop's division
+        scale = (batch["labels"] != IGNORE_INDEX).sum(1) / real.sum(1).clamp(min=1)  # (B,)
+        return gen_loss + self.weight * ((rtd * real).sum(1) * scale).sum()
+
+
+def electra_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One ELECTRA forward (`Electra.forward(select=...)`, through any DDP/FSDP wrapper):
+    (`ElectraStep` (gen_logits, corrupted, disc_logits), replaced labels (B, T) float, summed generator MLM loss).
+
+    Samples come from the batch's `sample_noise` when it has one, else from `generator` (default:
+    the global torch RNG, which checkpoints save).
+    """
+    labels = batch["labels"]
+    selected = labels != IGNORE_INDEX
+    step = model(
+        batch["input_ids"], batch["segments"], batch["pad_mask"],
+        select=selected, noise=batch.get("sample_noise"), generator=generator,
+    )  # fmt: skip
+    gen_loss = mlm_loss(step.gen_logits, labels[selected])
+    original = torch.where(selected, labels, batch["input_ids"])
+    return step, (step.corrupted != original).float(), gen_loss
 
 
 def electra_corrupt(
     model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the generator: (corrupted input_ids, replaced labels (B, T) float, summed generator MLM loss).
-
-    Samples come from `generator` (default: the global torch RNG, which checkpoints save).
-    """
-    labels = batch["labels"]
-    selected = labels != IGNORE_INDEX
-    hidden = model.generator_hidden(batch["input_ids"], batch["segments"], batch["pad_mask"])
-    logits = model.mlm_logits(hidden[selected])  # (n_selected, V)
-    gen_loss = mlm_loss(logits, labels[selected])
-    with torch.no_grad():
-        samples = torch.multinomial(F.softmax(logits.detach().float(), dim=-1), 1, generator=generator).squeeze(-1)
-    original = torch.where(selected, labels, batch["input_ids"])
-    corrupted = original.clone()
-    corrupted[selected] = samples
-    return corrupted, (corrupted != original).float(), gen_loss
+    """(corrupted input_ids, replaced labels (B, T) float, summed generator MLM loss) of `electra_step`."""
+    step, replaced, gen_loss = electra_step(model, batch, generator)
+    return step.corrupted, replaced, gen_loss
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of (N, V) logits at the selected positions against (N,) original token ids."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def rtd_loss(logits: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
-    """Summed binary cross-entropy of discriminator scores (N,) against replaced (1) / original (0) labels."""
-    return F.binary_cross_entropy_with_logits(logits.float(), replaced, reduction="sum")
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

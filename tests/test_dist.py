@@ -36,7 +36,8 @@ FLAGS = {
     "train.lr": 3e-3,
     "train.log_every": 1,
     "eval.every": 3,
-    "eval.max_batches": 2,
+    "eval.batch_size": 2,
+    "eval.max_batches": 3,  # odd: 2 ranks split it 2 + 1 (the other rank pads its last forward)
     "checkpoint.every": 3,
     "checkpoint.keep": 10,
 }
@@ -79,6 +80,11 @@ def train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def val_metrics(run: Path) -> list[tuple[float, float, int]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [(r["val_loss"], r["val_bpb"], r["val_tokens"]) for r in records if "val_loss" in r]
+
+
 def weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
 
@@ -94,6 +100,10 @@ def single(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def assert_same_run(run: Path, reference: Path) -> None:
     assert train_losses(run) == pytest.approx(train_losses(reference), rel=1e-5, abs=1e-6)
+    # evaluation is sharded across ranks (batch i on rank i % world) and all-reduced: same numbers
+    assert len(val_metrics(run)) == STEPS // 3
+    for got_val, want_val in zip(val_metrics(run), val_metrics(reference), strict=True):
+        assert got_val == pytest.approx(want_val, rel=1e-5)
     got, want = weights(run), weights(reference)
     assert got.keys() == want.keys()
     for name in want:

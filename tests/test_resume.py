@@ -40,10 +40,13 @@ def _assert_same_run(a, b):
 
 def test_resume_from_checkpoint_is_bit_identical(data_dir, tmp_path):
     overrides = {"model.dropout": 0.1, "train.micro_batch_size": 4}  # dropout + accumulation: RNG and loader matter
+    _crash_after_step_6_and_resume(data_dir, tmp_path, overrides)
+
+
+def _crash_after_step_6_and_resume(data_dir, tmp_path, overrides):
+    """A straight 12-step run vs a crash right after the step-6 checkpoint (later ones dropped), re-run."""
     straight = tmp_path / "straight"
     pretrain(tiny_config(data_dir, straight, **overrides), progress=False)
-
-    # A crash right after the step-6 checkpoint: keep that one, drop what came later, re-run.
     crashed = tmp_path / "crashed"
     shutil.copytree(straight, crashed)
     shutil.rmtree(crashed / "checkpoints" / "step-000012")
@@ -129,3 +132,10 @@ def test_sigkill_leaves_a_loadable_checkpoint(data_dir, tmp_path):
         assert ckpt.meta["step"] >= 1
     result = run_cli("eval", str(run), "--json", "--max-batches", "2")
     assert result.returncode == 0, result.stderr
+
+
+def test_muon_run_resumes_bit_identically(data_dir, tmp_path):
+    # Muon is a plain class with torch.optim's state_dict format: its momentum and AdamW moments must
+    # survive a checkpoint exactly like AdamW's do
+    overrides = {"optim.name": "muon", "model.qk_norm": True, "model.mlp": "relu2", "model.tie_embeddings": False}
+    _crash_after_step_6_and_resume(data_dir, tmp_path, overrides)

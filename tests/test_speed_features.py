@@ -278,3 +278,16 @@ def test_relu_squared_function_equals_autograd_of_relu_then_square():
     yb.backward(grad)
     assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)  # bit for bit, not just close
     assert torch.autograd.gradcheck(ReLUSquared.apply, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_muon_state_dict_numbers_parameters_like_torch_optim():
+    model = tiny(tie_embeddings=False)
+    groups = muon_groups(model, weight_decay=0.1, lr_scale=2.0)
+    ours = Muon(groups, lr=1e-3).state_dict()["param_groups"]
+    theirs = torch.optim.SGD([{"params": g["params"]} for g in groups], lr=1e-3).state_dict()["param_groups"]
+    assert [g["params"] for g in ours] == [g["params"] for g in theirs]
+    opt = Muon(groups, lr=1e-3)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict({"state": {}, "param_groups": ours[:1]})
+    with pytest.raises(ValueError, match="more than one"):
+        Muon([{"params": groups[0]["params"]}, {"params": groups[0]["params"][:1]}], lr=1e-3)

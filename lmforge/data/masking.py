@@ -139,7 +139,8 @@ class MLMLoader:
     """Infinite (or, with `shuffle=False`, one-pass) resumable batches for MLM / NSP / SOP / ELECTRA.
 
     Yields dicts: input_ids, segments, labels (B, T) int64; pad_mask (B, T) bool (True = real token);
-    pair_labels (B,) int64 when `pairs` is "nsp" or "sop".
+    pair_labels (B,) int64 when `pairs` is "nsp" or "sop"; sample_noise (B, T) float32 uniforms for
+    ELECTRA's generator samples (objective electra).
     """
 
     def __init__(
@@ -252,6 +253,8 @@ class MLMLoader:
             ids, eligible, rng, self.cfg, mask_id=sp.mask, random_ids=self._random_ids, word_start=word_start
         )
         out = {"input_ids": inputs, "segments": segments, "pad_mask": pad_mask, "labels": labels}
+        if self.cfg.name == "electra":  # the generator's sampling noise, a function of the position like the masks
+            out["sample_noise"] = rng.random(T, dtype=np.float32)
         if pair_label is not None:
             out["pair_labels"] = np.array([pair_label], dtype=np.int64)
         return out

@@ -10,8 +10,10 @@ text itself. `loss` and perplexity cover every target token, EOS included.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,14 +30,23 @@ def evaluate_lm(
     *,
     token_bytes: torch.Tensor,
     precision: Precision,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Evaluate a causal LM over `batches` of (inputs, targets).
+
+    Under torchrun (`world_size` > 1, every rank passing the same `batches`) each rank evaluates
+    batches i with i % world_size == rank and the sums are all-reduced, so every rank returns the
+    metrics of the whole split (equal to one process's up to float64 summation order). Every rank runs
+    the same number of forward passes (a rank without a batch in the last round reruns the round's
+    first batch and discards it), since an FSDP forward is a collective.
 
     Args:
         model: returns logits (B, T, V) for inputs (B, T).
         batches: e.g. `lmforge.data.loader.eval_batches(...)`; targets are -100 where ignored.
         token_bytes: (V,) int64 UTF-8 byte count per token id (0 for special tokens).
         precision: device and autocast dtype to run under.
+        rank, world_size: this process's share of the batches (see above); 0, 1 = all of them.
 
     Returns:
         {"loss", "ppl", "bpb", "tokens", "bytes"}; loss in nats per target token.
@@ -48,10 +59,12 @@ def evaluate_lm(
     text_nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
     n_bytes = 0
-    for x, y in batches:
+    for (x, y), mine in shard_batches(batches, rank, world_size):
         x, y = x.to(device), y.to(device)
         with precision.autocast():
             logits = model(x)
+        if not mine:  # padding forward of the last round (keeps FSDP's collectives in step)
+            continue
         losses = F.cross_entropy(
             logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )  # (B*T,), 0 at ignored positions
@@ -62,6 +75,11 @@ def evaluate_lm(
         n_tokens += int(valid.sum())
         n_bytes += int(nbytes.sum())
     model.train(was_training)
+    if world_size > 1:
+        from lmforge import dist
+
+        sums = dist.all_reduce([float(nats), float(text_nats), n_tokens, n_bytes], device)
+        nats, text_nats, n_tokens, n_bytes = sums[0], sums[1], int(sums[2]), int(sums[3])
     if n_tokens == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
     loss = float(nats) / n_tokens
@@ -72,6 +90,27 @@ def evaluate_lm(
         "tokens": n_tokens,
         "bytes": n_bytes,
     }
+
+
+def shard_batches(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[tuple[Any, bool]]:
+    """(batch, mine) pairs for this rank: batch i is mine when i % world_size == rank.
+
+    Batches come in rounds of `world_size`; in a last, incomplete round a rank without a batch of its
+    own gets the round's first batch with mine=False, so all ranks run the same number of forwards.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    it = iter(batches)
+    while True:
+        round_ = list(itertools.islice(it, world_size))
+        if not round_:
+            return
+        if rank < len(round_):
+            yield round_[rank], True
+        else:
+            yield round_[0], False
+        if len(round_) < world_size:
+            return
 
 
 def evaluate_checkpoint(

@@ -9,8 +9,8 @@ Keys (as `lmforge eval --json` prints them):
   ROC AUC over every real token, replaced = positive
 - `loss`: MLM mean (+ NSP mean) for BERT; generator MLM mean + rtd_weight * RTD mean for ELECTRA,
   the quantity training minimizes, which early stopping and best-checkpoint selection use
-Masks (and ELECTRA's generator samples, from a fixed local generator) are the same at every
-evaluation, so numbers are comparable across steps and runs.
+Masks (and ELECTRA's generator samples, from the batches' fixed `sample_noise`) are the same at
+every evaluation, so numbers are comparable across steps and runs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.objectives import IGNORE_INDEX, electra_corrupt
+from lmforge.objectives import IGNORE_INDEX, electra_step
 from lmforge.train.precision import Precision
 
 
@@ -51,54 +51,75 @@ def evaluate_encoder(
     electra: bool = False,
     rtd_weight: float = 50.0,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Evaluate a `Bert` (MLM, NSP/SOP) or `Electra` model over batches from `data.masking`.
+
+    Under torchrun (`world_size` > 1, every rank passing the same `batches`) each rank evaluates
+    batches i with i % world_size == rank, padding its last round so all ranks run as many forwards
+    (see `eval.lm.shard_batches`); the sums are all-reduced and ELECTRA's discriminator scores
+    gathered for the AUC, so every rank returns the metrics of the whole split.
 
     Returns:
         {"loss", "mlm_accuracy", "mlm_ppl", "tokens"} plus "nsp_accuracy" (pair batches) or
         "rtd_accuracy", "rtd_auc" (ELECTRA).
     """
+    from lmforge.eval.lm import shard_batches
+
     was_training = model.training
     model.eval()
     device = precision.device
-    generator = torch.Generator(device=device)
+    generator = torch.Generator(device=device)  # only for batches without sample_noise
     generator.manual_seed(seed)
-    mlm_nats, n_mlm, mlm_correct = 0.0, 0, 0
-    pair_nats, pair_correct, n_pairs = 0.0, 0, 0
-    rtd_nats, rtd_correct, n_rtd = 0.0, 0, 0
+    # sums: mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd
+    sums = [0.0] * 9
     rtd_scores: list[np.ndarray] = []
     rtd_labels: list[np.ndarray] = []
-    for batch in batches:
+    for batch, mine in shard_batches(batches, rank, world_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
-        with precision.autocast():
+        pairs = "pair_labels" in batch
+        with precision.autocast():  # the heads run inside forward (one forward: FSDP-safe)
             if electra:
-                corrupted, replaced, _ = electra_corrupt(model, batch, generator=generator)
-                hidden = model.generator_hidden(batch["input_ids"], batch["segments"], batch["pad_mask"])
-                disc = model(corrupted, batch["segments"], batch["pad_mask"])
+                step, replaced, _ = electra_step(model, batch, generator=generator)
+                logits = step.gen_logits.float()
             else:
-                hidden = model(batch["input_ids"], batch["segments"], batch["pad_mask"])
-            logits = model.mlm_logits(hidden[selected]).float()
+                logits, pair_logits = model(
+                    batch["input_ids"], batch["segments"], batch["pad_mask"], select=selected, pairs=pairs
+                )
+                logits = logits.float()
+        if not mine:  # padding forward of the last round
+            continue
         target = labels[selected]
-        mlm_nats += float(F.cross_entropy(logits, target, reduction="sum"))
-        mlm_correct += int((logits.argmax(-1) == target).sum())
-        n_mlm += int(selected.sum())
+        sums[0] += float(F.cross_entropy(logits, target, reduction="sum"))
+        sums[1] += int(selected.sum())
+        sums[2] += int((logits.argmax(-1) == target).sum())
         if electra:
             real = batch["pad_mask"]
-            s, y = disc.float()[real], replaced[real]
-            rtd_nats += float(F.binary_cross_entropy_with_logits(s, y, reduction="sum"))
-            rtd_correct += int(((s > 0).float() == y).sum())
-            n_rtd += int(real.sum())
+            s, y = step.disc_logits.float()[real], replaced[real]
+            sums[6] += float(F.binary_cross_entropy_with_logits(s, y, reduction="sum"))
+            sums[7] += int(((s > 0).float() == y).sum())
+            sums[8] += int(real.sum())
             rtd_scores.append(s.cpu().numpy())
             rtd_labels.append(y.cpu().numpy())
-        elif "pair_labels" in batch:
-            with precision.autocast():
-                pair_logits = model.nsp_logits(hidden).float()
-            pair_nats += float(F.cross_entropy(pair_logits, batch["pair_labels"], reduction="sum"))
-            pair_correct += int((pair_logits.argmax(-1) == batch["pair_labels"]).sum())
-            n_pairs += len(batch["pair_labels"])
+        elif pairs:
+            pair_logits = pair_logits.float()
+            sums[3] += float(F.cross_entropy(pair_logits, batch["pair_labels"], reduction="sum"))
+            sums[4] += int((pair_logits.argmax(-1) == batch["pair_labels"]).sum())
+            sums[5] += len(batch["pair_labels"])
     model.train(was_training)
+    scores = np.concatenate(rtd_scores) if rtd_scores else np.zeros(0, dtype=np.float32)
+    flags = np.concatenate(rtd_labels) if rtd_labels else np.zeros(0, dtype=np.float32)
+    if world_size > 1:
+        from lmforge import dist
+
+        sums = dist.all_reduce(sums, device)
+        if electra:
+            scores, flags = _gather(scores, device), _gather(flags, device)
+    mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd = sums
+    n_mlm, n_pairs, n_rtd = int(n_mlm), int(n_pairs), int(n_rtd)
     mlm_mean = mlm_nats / n_mlm if n_mlm else float("nan")
     out: dict[str, float] = {
         "loss": mlm_mean,
@@ -109,8 +130,26 @@ def evaluate_encoder(
     if electra:
         out["loss"] = mlm_mean + rtd_weight * (rtd_nats / max(n_rtd, 1))
         out["rtd_accuracy"] = rtd_correct / n_rtd if n_rtd else float("nan")
-        out["rtd_auc"] = roc_auc(np.concatenate(rtd_scores), np.concatenate(rtd_labels)) if rtd_scores else float("nan")
+        out["rtd_auc"] = roc_auc(scores, flags) if len(scores) else float("nan")
     elif n_pairs:
         out["loss"] = mlm_mean + pair_nats / n_pairs
         out["nsp_accuracy"] = pair_correct / n_pairs
     return out
+
+
+def _gather(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """Every rank's 1-D float array, concatenated in rank order (tensors padded to the longest; no pickling)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return values
+    world = tdist.get_world_size()
+    local = torch.as_tensor(values, dtype=torch.float32, device=device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    tdist.all_gather(lengths, torch.tensor([len(local)], dtype=torch.int64, device=device))
+    longest = int(max(n.item() for n in lengths))
+    padded = torch.zeros(longest, dtype=torch.float32, device=device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(parts, padded)
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, lengths, strict=True)]).cpu().numpy()

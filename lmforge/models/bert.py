@@ -18,6 +18,9 @@ Notable features
   projection and its MLM head projects back to that width, so the output matrix is the shared token
   table (as HF's ELECTRA with `embedding_size`).
 - no loss and no `torch.distributed` here; `init_weights()` is explicit (N(0, init_std), biases 0)
+- pretraining runs the heads inside `forward` (`select=` the masked positions): DDP and FSDP2 wrappers
+  only see `forward`, and DDP synchronises gradients only of what ran through it. Without `select`,
+  `forward` is the plain encoder (HF parity, fine-tuning, export).
 
 Residual layout (post-norm):
 
@@ -34,7 +37,7 @@ ELECTRA https://arxiv.org/abs/2003.10555
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -203,6 +206,32 @@ def _check_vocab(cfg: BertConfig) -> None:
     require_vocab_size(cfg.vocab_size, "the tokenizer's vocabulary size plus its missing special tokens")
 
 
+def sample_tokens(logits: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of (N, V) logits, from softmax(logits); no gradient.
+
+    With `noise` (N,) uniforms in [0, 1) (the MLM loader's per-example draws) the sample is the
+    inverse CDF at that point, a pure function of the batch, so it does not depend on how a global
+    batch is split across ranks or micro-batches; otherwise `torch.multinomial` with `generator`.
+    """
+    probs = F.softmax(logits.detach().float(), dim=-1)
+    if noise is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    point = noise.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]  # scaled by the total: the cumsum may end below 1
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+class BertHeads(NamedTuple):
+    mlm_logits: Tensor  # (n_selected, vocab_size) at the selected positions, row-major order
+    nsp_logits: Tensor | None  # (B, 2) with pairs=True
+
+
+class ElectraStep(NamedTuple):
+    gen_logits: Tensor  # (n_selected, vocab_size): the generator's scores at the selected positions
+    corrupted: Tensor  # (B, T) input ids with the selected positions replaced by generator samples
+    disc_logits: Tensor  # (B, T) discriminator scores of `corrupted`
+
+
 # --------------------------------------------------------------------------------------------
 # The models
 
@@ -226,9 +255,24 @@ class Bert(nn.Module):
         """Linear and embedding weights ~ N(0, init_std), biases 0, norms 1 (BERT's init)."""
         _init_module(self, self.cfg.init_std)
 
-    def forward(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
-        """Hidden states (B, T, d_model) of token ids idx (B, T); pad_mask (B, T) is True at real tokens."""
-        return self.encoder(self.embed(idx, segments), pad_mask)
+    def forward(
+        self,
+        idx: Tensor,
+        segments: Tensor | None = None,
+        pad_mask: Tensor | None = None,
+        *,
+        select: Tensor | None = None,
+        pairs: bool = False,
+    ) -> Tensor | BertHeads:
+        """Hidden states (B, T, d_model) of token ids idx (B, T); pad_mask (B, T) is True at real tokens.
+
+        Pretraining: with `select` (B, T) bool, the MLM head's logits at the selected positions (and
+        with pairs=True the NSP head's) instead, as `BertHeads`.
+        """
+        hidden = self.encoder(self.embed(idx, segments), pad_mask)
+        if select is None:
+            return hidden
+        return BertHeads(self.mlm_logits(hidden[select]), self.nsp_logits(hidden) if pairs else None)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """Token scores (..., vocab_size) for hidden states (..., d_model)."""
@@ -270,8 +314,31 @@ class Electra(nn.Module):
     def init_weights(self) -> None:
         _init_module(self, self.cfg.init_std)
 
-    def forward(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
-        """Discriminator scores (B, T): > 0 means "this token was replaced"."""
+    def forward(
+        self,
+        idx: Tensor,
+        segments: Tensor | None = None,
+        pad_mask: Tensor | None = None,
+        *,
+        select: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | ElectraStep:
+        """Discriminator scores (B, T): > 0 means "this token was replaced".
+
+        Pretraining: with `select` (B, T) bool, one ELECTRA step as `ElectraStep`: the generator
+        predicts the selected positions, its samples (`sample_tokens` with `noise` (B, T) or
+        `generator`) replace them, and the discriminator scores the result.
+        """
+        if select is None:
+            return self.discriminate(idx, segments, pad_mask)
+        gen_logits = self.mlm_logits(self.generator_hidden(idx, segments, pad_mask)[select])  # (n, V)
+        samples = sample_tokens(gen_logits, None if noise is None else noise[select], generator)
+        corrupted = idx.clone()
+        corrupted[select] = samples
+        return ElectraStep(gen_logits, corrupted, self.discriminate(corrupted, segments, pad_mask))
+
+    def discriminate(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
         h = self.discriminator(self.embed(idx, segments), pad_mask)  # (B, T, C)
         return self.disc_head(F.gelu(self.disc_dense(h))).squeeze(-1)
 

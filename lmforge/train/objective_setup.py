@@ -109,11 +109,11 @@ def setup_objective(
     mb = micro_batch
     ranks = {"rank": rank, "world_size": world_size}
     carried = family in ("lstm", "gru") and cfg.objective.carry_state
-    if world_size > 1 and (name != "clm" or carried):
-        # these objectives call model methods besides forward (heads, new_cache), which DDP/FSDP wrappers hide
+    if world_size > 1 and carried:
+        # each rank would carry its own rows' state, and the run's state would have to be saved per rank
         raise ConfigError(
-            f"objective {name!r} with model.family {family!r} trains in one process for now; run it without "
-            "torchrun" + (" or pass --objective.carry_state false" if carried else "")
+            f"model.family {family!r} with a carried hidden state (truncated BPTT) trains in one process: the "
+            "state belongs to each rank's rows; run it without torchrun or pass --objective.carry_state false"
         )
     if name == "clm":
         if carried:
@@ -161,10 +161,14 @@ def setup_objective(
     if val_shards:
         MLMLoader(**eval_kwargs, shuffle=False)  # a val split too small for the objective fails now, not mid-run
 
+    # under DDP/FSDP each rank evaluates its share of the batches (all-reduced); DiLoCo workers hold
+    # different weights between syncs, so each evaluates its own model on everything
+    eval_ranks = ranks if cfg.dist.strategy != "diloco" else {}
+
     def evaluate(model: nn.Module) -> dict[str, Any]:
         batches = mlm_eval_batches(eval_kwargs, max_batches=cfg.eval.max_batches)
         return evaluate_encoder(
-            model, batches, precision=precision, electra=electra, rtd_weight=cfg.objective.rtd_weight
+            model, batches, precision=precision, electra=electra, rtd_weight=cfg.objective.rtd_weight, **eval_ranks
         )
 
     return ObjectiveSetup(objective, loader, evaluate)

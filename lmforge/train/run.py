@@ -205,7 +205,9 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         ckpt.load_model(model)  # before sharding: every rank loads the consolidated weights
     if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
         raise ConfigError(f"train.activation_checkpointing: model family {cfg.model.family!r} has no blocks to wrap")
-    train_model = dist.wrap_model(model, cfg.dist.strategy, world, device, precision.dtype)
+    train_model = dist.wrap_model(  # plain MLM leaves BERT's NSP head without gradients: DDP must know
+        model, cfg.dist.strategy, world, device, precision.dtype, find_unused=cfg.objective.name == "mlm"
+    )
     if cfg.dist.meta_init:
         model.to_empty(device=device)  # each rank allocates only its shards under FSDP
         torch.manual_seed(cfg.train.seed)  # as right after the seed above: the same init as without meta_init
@@ -257,7 +259,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         batches = eval_batches(
             val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
         )
-        metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision)
+        ranks = {"rank": world.rank, "world_size": world.world_size} if cfg.dist.strategy != "diloco" else {}
+        metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **ranks)  # sharded
         if cfg.eval.sample_tokens:
             from lmforge.generate import generate
 
@@ -344,7 +347,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
             evaluate=evaluate if val_shards else None,
             objective=setup.objective,
             flops_per_token=model.flops_per_token(cfg.data.seq_len),
-            peak_flops=measure_matmul_flops(device.type, precision.dtype),
+            peak_flops=measure_matmul_flops(device.type, precision.dtype, seconds=0.1),  # 0.1 s: start-up cost
             world=world,
             rollback=rollback,
             after_step=diloco.after_step if diloco else None,
