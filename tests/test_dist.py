@@ -156,6 +156,15 @@ def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: P
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
 
 
+def test_muon_under_fsdp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    # Muon orthogonalises whole matrices; FSDP2 hands each rank a shard, so the pair is refused up front
+    p = torchrun(data_dir, tmp_path / "run", **{"optim.name": "muon", "dist.strategy": "fsdp"})
+    assert p.returncode != 0
+    assert "lmforge: error: optim.name muon orthogonalises whole weight matrices" in p.stderr
+    assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_sigkilled_two_rank_run_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
     """SIGKILL torchrun and both ranks mid-run (as a dead node would), re-run: same as never killed."""
     import time

@@ -159,6 +159,11 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    if world.enabled and cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
+        raise ConfigError(
+            "optim.name muon orthogonalises whole weight matrices, which FSDP2 shards across ranks; "
+            "use --dist.strategy ddp (or diloco) with Muon, or --optim.name adamw with FSDP2"
+        )
     rank_train = _rank_batch(cfg, world.world_size)
     resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
 
