@@ -80,8 +80,7 @@ def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, devic
     )
     dev = pick_device(cfg.train.device)
     precision = pick_precision(dev, cfg.train.dtype)
-    if dev.type == "cpu":
-        keep_freed_memory()  # as `pretrain` does
+    keep_freed_memory(dev)  # as `pretrain` does
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dev)
     model.init_weights()

@@ -156,6 +156,27 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
     return t.tolist()
 
 
+def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D tensor (lengths may differ), concatenated in rank order; no pickling (the
+    tensors are padded to the longest); identity without a group."""
+    if not dist.is_initialized():
+        return values
+    world = dist.get_world_size()
+    lengths = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([len(values)], dtype=torch.int64, device=values.device))
+    padded = torch.zeros(int(max(n.item() for n in lengths)), dtype=values.dtype, device=values.device)
+    padded[: len(values)] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n.item())] for part, n in zip(parts, lengths, strict=True)])
+
+
+def eval_share(strategy: str, rank: int, world_size: int) -> dict[str, int]:
+    """`rank` / `world_size` keyword arguments for a sharded evaluation (`eval.lm.shard_batches`): {} (each
+    rank evaluates everything) under DiLoCo, whose workers hold different weights between syncs."""
+    return {} if strategy == "diloco" else {"rank": rank, "world_size": world_size}
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not dist.is_initialized():

@@ -578,8 +578,7 @@ def finetune(
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device)
     precision = pick_precision(device, train_cfg.dtype)
-    if device.type == "cpu":
-        keep_freed_memory()  # as pretrain: steps reuse their buffers instead of page-faulting them in
+    keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 
     if out.exists() and overwrite:
         shutil.rmtree(out)

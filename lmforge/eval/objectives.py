@@ -72,8 +72,9 @@ def evaluate_encoder(
     device = precision.device
     generator = torch.Generator(device=device)  # only for batches without sample_noise
     generator.manual_seed(seed)
-    # sums: mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd
-    sums = [0.0] * 9
+    mlm_nats, n_mlm, mlm_correct = 0.0, 0, 0
+    pair_nats, pair_correct, n_pairs = 0.0, 0, 0
+    rtd_nats, rtd_correct, n_rtd = 0.0, 0, 0
     rtd_scores: list[np.ndarray] = []
     rtd_labels: list[np.ndarray] = []
     for batch, mine in shard_batches(batches, rank, world_size):
@@ -93,33 +94,36 @@ def evaluate_encoder(
         if not mine:  # padding forward of the last round
             continue
         target = labels[selected]
-        sums[0] += float(F.cross_entropy(logits, target, reduction="sum"))
-        sums[1] += int(selected.sum())
-        sums[2] += int((logits.argmax(-1) == target).sum())
+        mlm_nats += float(F.cross_entropy(logits, target, reduction="sum"))
+        n_mlm += int(selected.sum())
+        mlm_correct += int((logits.argmax(-1) == target).sum())
         if electra:
             real = batch["pad_mask"]
             s, y = step.disc_logits.float()[real], replaced[real]
-            sums[6] += float(F.binary_cross_entropy_with_logits(s, y, reduction="sum"))
-            sums[7] += int(((s > 0).float() == y).sum())
-            sums[8] += int(real.sum())
+            rtd_nats += float(F.binary_cross_entropy_with_logits(s, y, reduction="sum"))
+            rtd_correct += int(((s > 0).float() == y).sum())
+            n_rtd += int(real.sum())
             rtd_scores.append(s.cpu().numpy())
             rtd_labels.append(y.cpu().numpy())
         elif pairs:
             pair_logits = pair_logits.float()
-            sums[3] += float(F.cross_entropy(pair_logits, batch["pair_labels"], reduction="sum"))
-            sums[4] += int((pair_logits.argmax(-1) == batch["pair_labels"]).sum())
-            sums[5] += len(batch["pair_labels"])
+            pair_nats += float(F.cross_entropy(pair_logits, batch["pair_labels"], reduction="sum"))
+            pair_correct += int((pair_logits.argmax(-1) == batch["pair_labels"]).sum())
+            n_pairs += len(batch["pair_labels"])
     model.train(was_training)
     scores = np.concatenate(rtd_scores) if rtd_scores else np.zeros(0, dtype=np.float32)
     flags = np.concatenate(rtd_labels) if rtd_labels else np.zeros(0, dtype=np.float32)
-    if world_size > 1:
+    if world_size > 1:  # every rank: the sums and the AUC's scores of the whole split
         from lmforge import dist
 
-        sums = dist.all_reduce(sums, device)
+        sums = [mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd]
+        mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd = dist.all_reduce(
+            sums, device
+        )
+        n_mlm, n_pairs, n_rtd = int(n_mlm), int(n_pairs), int(n_rtd)
         if electra:
-            scores, flags = _gather(scores, device), _gather(flags, device)
-    mlm_nats, n_mlm, mlm_correct, pair_nats, pair_correct, n_pairs, rtd_nats, rtd_correct, n_rtd = sums
-    n_mlm, n_pairs, n_rtd = int(n_mlm), int(n_pairs), int(n_rtd)
+            scores = dist.all_gather_1d(torch.as_tensor(scores, device=device)).cpu().numpy()
+            flags = dist.all_gather_1d(torch.as_tensor(flags, device=device)).cpu().numpy()
     mlm_mean = mlm_nats / n_mlm if n_mlm else float("nan")
     out: dict[str, float] = {
         "loss": mlm_mean,
@@ -135,21 +139,3 @@ def evaluate_encoder(
         out["loss"] = mlm_mean + pair_nats / n_pairs
         out["nsp_accuracy"] = pair_correct / n_pairs
     return out
-
-
-def _gather(values: np.ndarray, device: torch.device) -> np.ndarray:
-    """Every rank's 1-D float array, concatenated in rank order (tensors padded to the longest; no pickling)."""
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        return values
-    world = tdist.get_world_size()
-    local = torch.as_tensor(values, dtype=torch.float32, device=device)
-    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    tdist.all_gather(lengths, torch.tensor([len(local)], dtype=torch.int64, device=device))
-    longest = int(max(n.item() for n in lengths))
-    padded = torch.zeros(longest, dtype=torch.float32, device=device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    tdist.all_gather(parts, padded)
-    return torch.cat([p[: int(n.item())] for p, n in zip(parts, lengths, strict=True)]).cpu().numpy()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from lmforge import dist
 from lmforge.errors import ConfigError
 from lmforge.models import CAUSAL_FAMILIES
 from lmforge.objectives import CarriedStateLM, CausalLM, MaskedLM, ReplacedTokenDetection
@@ -161,9 +162,7 @@ def setup_objective(
     if val_shards:
         MLMLoader(**eval_kwargs, shuffle=False)  # a val split too small for the objective fails now, not mid-run
 
-    # under DDP/FSDP each rank evaluates its share of the batches (all-reduced); DiLoCo workers hold
-    # different weights between syncs, so each evaluates its own model on everything
-    eval_ranks = ranks if cfg.dist.strategy != "diloco" else {}
+    eval_ranks = dist.eval_share(cfg.dist.strategy, rank, world_size)  # each rank its share of the batches
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         batches = mlm_eval_batches(eval_kwargs, max_batches=cfg.eval.max_batches)

@@ -52,8 +52,8 @@ def newton_schulz_many(
     G_{k+1} = M_k G_k M_k^T = M_k^2 G_k need only rows x rows products. X_0 is touched twice (G_0, then
     P_K X_0) instead of twice per iteration, and matrices whose Gram matrices have the same size (every
     hidden matrix of a GPT: d_model x d_model) iterate together as one batch. Same result as the textbook
-    iteration up to rounding (tested to 3e-5 on entries ~0.1-0.3); on the speedrun's 12 baby-GPT matrices
-    6.7 ms instead of 12.5 ms per step (2 threads). Not in bfloat16: G_k is carried forward instead of
+    iteration up to rounding (tested to 3e-5 on entries ~0.1-0.3); on 12 baby-GPT matrices 6.1 ms instead
+    of 12.5 ms per step (2 threads). Not in bfloat16: G_k is carried forward instead of
     recomputed from X_k, so rounding errors accumulate, and in bf16 they pushed a speedrun out of the
     basin (NaN after ~240 steps); bfloat16 runs the textbook iteration, matrix by matrix.
     """
@@ -231,7 +231,7 @@ class Muon:
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
         nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"])
-        updates = newton_schulz_many(nesterov, group["ns_steps"], getattr(torch, group.get("ns_dtype", "float32")))
+        updates = newton_schulz_many(nesterov, group["ns_steps"], getattr(torch, group["ns_dtype"]))
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         by_scale: dict[float, list[int]] = {}  # the step's scale depends on the shape: one foreach per scale

@@ -60,8 +60,9 @@ def pick_precision(device: torch.device, name: str) -> Precision:
     return Precision(device, DTYPES[name])
 
 
-def keep_freed_memory() -> bool:
-    """Stop glibc's malloc from handing freed memory back to the OS between training steps (Linux only).
+def keep_freed_memory(device: torch.device) -> bool:
+    """Stop glibc's malloc from handing freed memory back to the OS between training steps (CPU
+    training on Linux; a no-op returning False for other devices and platforms).
 
     A CPU training step allocates and frees the same activation and gradient buffers every step. By
     default glibc trims the top of its heap once 128 KiB or more are free, and serves blocks above a
@@ -71,7 +72,7 @@ def keep_freed_memory() -> bool:
     its peak (which training reaches every step anyway) and nothing changes numerically. Measured on
     the speedrun config: ~5% less wall-clock (see README "Speed"). Returns whether glibc accepted it.
     """
-    if not sys.platform.startswith("linux"):
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

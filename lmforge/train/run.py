@@ -168,8 +168,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
 
     precision = pick_precision(device, cfg.train.dtype)
-    if device.type == "cpu":
-        keep_freed_memory()  # steps reuse their buffers instead of page-faulting them back in
+    keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
     if world.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "env.json", {**capture_env(str(device)), "world_size": world.world_size})
@@ -264,8 +263,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         batches = eval_batches(
             val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
         )
-        ranks = {"rank": world.rank, "world_size": world.world_size} if cfg.dist.strategy != "diloco" else {}
-        metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **ranks)  # sharded
+        share = dist.eval_share(cfg.dist.strategy, world.rank, world.world_size)
+        metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **share)
         if cfg.eval.sample_tokens:
             from lmforge.generate import generate
 
