@@ -6,6 +6,11 @@ the real one (`lmforge.train.loop.train`) on random tokens, after warm-up steps.
 
     python bench/train_speed.py                      # tiny and small, fp32, on the default device
     python bench/train_speed.py --presets tiny --steps 50 --dtype bfloat16 --threads 2
+    python bench/train_speed.py --device cuda --dtype bfloat16 --presets gpt2-124m --batch 16 --steps 30 \
+        --compile on --vocab-size 50304 --nominal-peak 989.4      # the H100 row of the README
+
+On CUDA the table adds the peak memory allocated, and `--nominal-peak` (the datasheet's dense TFLOP/s
+at the dtype) adds MFU against it next to the measured one. Fused AdamW is `auto` = on for CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfi
 from lmforge.estimate import measure_matmul_flops
 from lmforge.log import RunLogger
 from lmforge.models import build_model
+from lmforge.objectives import CausalLM
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -38,19 +44,21 @@ def random_batches(vocab: int, batch: int, seq_len: int, seed: int = 0):
         yield x[:, :-1], x[:, 1:]
 
 
-def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, loader, precision):
+def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, loader, precision, forward_model=None):
     """A function that runs the real training loop for n more steps (no eval, no saving) and returns seconds.
 
     `train_cfg` gives the batch and schedule (its max_steps is replaced); one optimizer step per batch of
-    the loader (use micro_batch_size 0).
+    the loader (use micro_batch_size 0). `forward_model`: what the loop calls (a `torch.compile`
+    wrapper of `model`, as `pretrain --train.compile true` makes); default `model`.
     """
     state = TrainState()
+    objective = CausalLM(compile=train_cfg.compile)  # compiled cross-entropy too, as pretrain does
 
     def run(n_steps: int) -> float:
         until = state.step + n_steps
         t0 = time.perf_counter()
         train(
-            model,
+            model if forward_model is None else forward_model,
             optimizer,
             loader,
             cfg=dataclasses.replace(train_cfg, max_steps=until),
@@ -60,6 +68,7 @@ def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, lo
             precision=precision,
             state=state,
             log=RunLogger(None, max_steps=until, start_step=state.step, enabled=False),
+            objective=objective,
             save=lambda s: None,
         )
         if precision.device.type == "cuda":
@@ -69,12 +78,24 @@ def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, lo
     return run
 
 
-def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, device: str, fused: str = "auto") -> dict:
+def bench(
+    preset: str,
+    *,
+    batch: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    device: str,
+    fused: str = "auto",
+    compile: bool = False,
+    vocab_size: int = 0,
+) -> dict:
+    vocab = vocab_size or load_config(preset=preset).model.vocab_size or 4096
     cfg = load_config(
         preset=preset,
         overrides={
-            "model": {"vocab_size": load_config(preset=preset).model.vocab_size or 4096, "dropout": 0.0},
-            "train": {"batch_size": batch, "micro_batch_size": 0, "dtype": dtype, "device": device},
+            "model": {"vocab_size": vocab, "dropout": 0.0},
+            "train": {"batch_size": batch, "micro_batch_size": 0, "dtype": dtype, "device": device, "compile": compile},
             "optim": {"fused": fused},
         },
     )
@@ -87,9 +108,14 @@ def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, devic
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     seq_len = cfg.model.max_seq_len
     loader = random_batches(cfg.model.vocab_size, batch, seq_len)
-    run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision)
+    forward_model = torch.compile(model) if compile else model  # as train/run.py does
+    run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision, forward_model)
 
-    run(warmup)
+    t0 = time.perf_counter()
+    run(warmup)  # includes compilation
+    warmup_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     seconds = run(steps)
     tokens = steps * batch * seq_len
     tok_s = tokens / seconds
@@ -103,6 +129,8 @@ def bench(preset: str, *, batch: int, steps: int, warmup: int, dtype: str, devic
         "tflops": model.flops_per_token(seq_len) * tok_s / 1e12,
         "peak": peak / 1e12,
         "mfu": model.flops_per_token(seq_len) * tok_s / peak,
+        "warmup_s": warmup_s,
+        "mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
     }
 
 
@@ -116,12 +144,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (optim.fused)")
+    parser.add_argument("--compile", default="off", choices=["on", "off"], help="torch.compile the model")
+    parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary (e.g. 50304)")
+    parser.add_argument("--nominal-peak", type=float, default=0.0, help="datasheet TFLOP/s: adds an MFU column")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    where = platform.processor() or platform.machine()
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, dtype {args.dtype}, fused AdamW {args.fused}"
+        f"# torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
+        f"fused AdamW {args.fused}, compile {args.compile}"
     )
     rows = []
     for preset in args.presets:
@@ -135,18 +169,35 @@ def main() -> None:
                 dtype=args.dtype,
                 device=args.device,
                 fused=args.fused,
+                compile=args.compile == "on",
+                vocab_size=args.vocab_size,
             )
         )
-    print(
+    gpu = rows[0]["mem_gib"] is not None
+    head = (
         f"| {'preset':<10} | {'params':>8} | {'batch x ctx':>11} | {'ms/step':>9} | {'tokens/s':>9} "
         f"| {'TFLOP/s':>8} | {'peak TFLOP/s':>12} | {'MFU':>6} |"
     )
-    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 8}|")
+    rule = f"|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 8}|"
+    if args.nominal_peak:
+        head += f" MFU of {args.nominal_peak:g} |"
+        rule += "-" * (len(f" MFU of {args.nominal_peak:g} ")) + "|"
+    if gpu:
+        head += " peak mem GiB | warm-up s |"
+        rule += "--------------|-----------|"
+    print(head)
+    print(rule)
     for r in rows:
-        print(
+        line = (
             f"| {r['preset']:<10} | {r['params_m']:>7.2f}M | {r['shape']:>11} | {r['ms_step']:>9.1f} | "
             f"{r['tok_s']:>9.0f} | {r['tflops']:>8.4f} | {r['peak']:>12.4f} | {100 * r['mfu']:>5.1f}% |"
         )
+        if args.nominal_peak:
+            mfu = r["tflops"] / args.nominal_peak
+            line += f" {100 * mfu:>{len(f'MFU of {args.nominal_peak:g}') - 1}.1f}% |"
+        if gpu:
+            line += f" {r['mem_gib']:>12.2f} | {r['warmup_s']:>9.1f} |"
+        print(line)
 
 
 if __name__ == "__main__":

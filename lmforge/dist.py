@@ -137,6 +137,11 @@ def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) ->
     )
 
 
+def backend() -> str | None:
+    """The process group's backend ("nccl", "gloo"), or None in one process."""
+    return dist.get_backend() if dist.is_initialized() else None
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -189,20 +194,20 @@ def broadcast_object(obj: Any) -> Any:
 def wrap_model(
     model: nn.Module,
     strategy: str,
-    info: DistInfo,
     device: torch.device,
     param_dtype: torch.dtype,
     *,
     find_unused: bool = False,
 ) -> nn.Module:
-    """DDP or FSDP2 (`fully_shard` per block, then the root) around `model`; unchanged for 1 process.
+    """DDP or FSDP2 (`fully_shard` per block, then the root) around `model`; unchanged without a
+    process group (`init` starts one only for 2+ ranks; a 1-rank group, as the GPU tests make, wraps).
 
     FSDP2 mixed precision: parameters are gathered in `param_dtype` (the autocast dtype, e.g. bf16)
     for compute, gradients are reduced in fp32, and the sharded master weights stay fp32.
     `find_unused`: some parameters may get no gradient in a step (BERT's NSP head under plain MLM);
     DDP then looks for them after each forward (their gradients stay None, as in one process).
     """
-    if not info.enabled or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
+    if not dist.is_initialized() or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -120,7 +120,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(strategy: str, data_di
     assert len(train_losses(out)) == STEPS
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003", "step-000006"]
     env = json.loads((out / "env.json").read_text(encoding="utf-8"))
-    assert env["world_size"] == 2
+    assert (env["world_size"], env["dist_backend"]) == (2, "gloo")
     state = json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text(encoding="utf-8"))
     assert (
         state["train_state"]["tokens"]

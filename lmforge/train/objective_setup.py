@@ -133,7 +133,7 @@ def setup_objective(
             loader = mixture_loader(
                 cfg.data.mix, tokenizer.fingerprint, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks
             )
-            return ObjectiveSetup(CausalLM(), loader, None)
+            return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
         if cfg.data.curriculum != "none":  # easy windows first (lmforge/data/curriculum.py)
             from lmforge.data.curriculum import CurriculumLoader
 
@@ -141,11 +141,11 @@ def setup_objective(
                 train_shards, eos=tokenizer.eos_id, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed,
                 steps=cfg.data.curriculum_steps, start=cfg.data.curriculum_start, **ranks,
             )  # fmt: skip
-            return ObjectiveSetup(CausalLM(), loader, None)
+            return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
         from lmforge.data.loader import TokenLoader
 
         loader = TokenLoader(train_shards, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks)
-        return ObjectiveSetup(CausalLM(), loader, None)
+        return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
     if cfg.data.mix or cfg.data.curriculum != "none":
         raise ConfigError(f"data.mix and data.curriculum work with objective clm for now, not {name!r}")
 

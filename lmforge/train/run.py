@@ -171,7 +171,10 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
     if world.is_main:
         write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "env.json", {**capture_env(str(device)), "world_size": world.world_size})
+        write_json(
+            run_dir / "env.json",
+            {**capture_env(str(device)), "world_size": world.world_size, "dist_backend": dist.backend()},
+        )
         if not (run_dir / "tokenizer.json").is_file():
             tokenizer.save(run_dir / "tokenizer.json")
     tokenizer_json = tokenizer.to_str()
@@ -210,7 +213,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
         raise ConfigError(f"train.activation_checkpointing: model family {cfg.model.family!r} has no blocks to wrap")
     train_model = dist.wrap_model(  # plain MLM leaves BERT's NSP head without gradients: DDP must know
-        model, cfg.dist.strategy, world, device, precision.dtype, find_unused=cfg.objective.name == "mlm"
+        model, cfg.dist.strategy, device, precision.dtype, find_unused=cfg.objective.name == "mlm"
     )
     if cfg.dist.meta_init:
         model.to_empty(device=device)  # each rank allocates only its shards under FSDP
