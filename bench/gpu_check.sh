@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $OUT/NAM
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_dist.py
+step tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_dist.py
 step speed_compile_b16_v50304 150 $PY "${GPT2[@]}" --batch 16 --compile on --vocab-size 50304
 step speed_compile_b32_v50304 120 $PY "${GPT2[@]}" --batch 32 --compile on --vocab-size 50304
 step speed_compile_b64_v50304 120 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import atomic_write_text, write_json
 from lmforge.errors import CheckpointError
@@ -240,7 +240,8 @@ def save_checkpoint(
     if model_state is not None:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
     else:
-        save_model(model, str(tmp / "model.safetensors"), metadata=weights_meta)
+        tensors, dropped = savable_state(model)
+        save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
     files = ["model.safetensors"]
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, **state, "rng": rng_state()}
     if optimizer is not None:
@@ -309,7 +310,7 @@ class Checkpoint:
                 f"{self.path / 'model.safetensors'} does not match the model ({first}); "
                 "was it written by another lmforge model config?"
             ) from None
-        # save_model stores a tied weight once; the other name is legitimately "missing".
+        # a tied weight is stored once (savable_state); the other name is legitimately "missing".
         shared = _shared_names(model)
         missing = [k for k in missing if k not in shared]
         if missing or unexpected:
@@ -327,6 +328,33 @@ class Checkpoint:
             (load or optimizer.load_state_dict)(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{self.path / 'optim.safetensors'} does not fit this optimizer ({e})") from None
+
+
+def savable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors as safetensors can store them, and {dropped name: kept name} for metadata.
+
+    A tied weight (one tensor under several names) is written once, under its alphabetically first
+    name, as `safetensors.torch.save_model` does (`load_model` restores it through the module's own
+    sharing). Views into one flat buffer, which cuDNN makes of an LSTM/GRU's weights on CUDA, are
+    copied: safetensors refuses distinct tensors that share memory.
+    """
+    state = model.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (str(t.device), t.untyped_storage().data_ptr()) if t.numel() else ("empty", name)
+        groups.setdefault(key, []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
+    for names in groups.values():
+        first = state[names[0]]
+        same = (first.data_ptr(), first.shape, first.stride())
+        if all((state[n].data_ptr(), state[n].shape, state[n].stride()) == same for n in names):
+            keep = sorted(names)[0]  # one tensor, maybe tied under several names
+            tensors[keep] = state[keep].contiguous()
+            dropped.update({n: keep for n in names if n != keep})
+        else:  # distinct views of one buffer
+            tensors.update({n: state[n].detach().clone().contiguous() for n in names})
+    return tensors, dropped
 
 
 def _shared_names(model: nn.Module) -> set[str]:

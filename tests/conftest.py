@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The default suite checks CPU numbers (CI's machine): on a GPU machine it hides CUDA from itself
+    and its subprocesses, as `device auto` would otherwise pick the GPU, where bf16 autocast and
+    `torchrun` with one rank per GPU change what the tests pin. `pytest -m gpu` keeps CUDA visible
+    and runs the GPU tests (tests/test_gpu*.py)."""
+    marks = config.getoption("markexpr") or ""
+    if "gpu" not in marks or "not gpu" in marks:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def shakespeare_text(n_bytes: int = 60_000) -> str:
     """The first `n_bytes` of the built-in corpus, cut at a paragraph boundary."""
     with gzip.open(corpus_path(), "rt", encoding="utf-8") as f:

@@ -115,3 +115,30 @@ def test_weights_not_matching_the_model(tmp_path):
     other.init_weights()
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_checkpoint(tmp_path).load_model(other)
+
+
+def test_rnn_weights_packed_in_one_buffer_save_and_load(tmp_path):
+    """On CUDA, cuDNN packs an LSTM's weights into one flat buffer (each parameter a view of it);
+    safetensors refuses views that share memory, which crashed the first save of LSTM runs on a GPU.
+    Packed here by hand, as `flatten_parameters` does there."""
+    from safetensors import safe_open
+
+    from lmforge.models.rnn import RNNLM, RNNConfig
+
+    torch.manual_seed(0)
+    model = RNNLM(RNNConfig(family="lstm", vocab_size=30, n_layer=2, d_model=8, tie_embeddings=True))
+    rnn_params = list(model.rnn.parameters())
+    flat = torch.cat([p.detach().flatten() for p in rnn_params])
+    offset = 0
+    for p in rnn_params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert len({p.untyped_storage().data_ptr() for p in rnn_params}) == 1
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=None, state={})
+    torch.manual_seed(1)
+    fresh = RNNLM(model.cfg)
+    load_checkpoint(tmp_path).load_model(fresh)
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(model.state_dict())
