@@ -6,8 +6,11 @@ Layout::
         step-000120/            a complete checkpoint (has state.json, written last)
             model.safetensors   unwrapped model weights (tied weights stored once)
             optim.safetensors   optimizer tensors, flattened as "<param index>.<name>"
+              or, sharded (`checkpoint.sharded` under FSDP2), per rank r of W:
+            model-0000r-of-0000W.safetensors, optim-0000r-of-0000W.safetensors: rank r's dim-0 chunks
             state.json          format version, step, train state, RNG states, loader state,
-                                resolved config, optimizer structure, file sizes + sha256
+                                resolved config, optimizer structure, file sizes + sha256,
+                                "sharded": world size and the names of the split tensors
             tokenizer.json      so that one checkpoint folder is usable on its own
         latest                  text file naming the newest complete checkpoint
 
@@ -229,13 +232,7 @@ def save_checkpoint(
         tokenizer_json: tokenizer.json content copied in, so the folder is self-contained.
         model_state: consolidated weights to write instead of `model`'s own (FSDP, see dist.py).
     """
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = begin_checkpoint(run_dir, step)
     weights_meta = {"format": "pt", "lmforge_step": str(step)}
     if model_state is not None:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
@@ -243,24 +240,70 @@ def save_checkpoint(
         tensors, dropped = savable_state(model)
         save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
     files = ["model.safetensors"]
-    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step, **state, "rng": rng_state()}
+    meta: dict[str, Any] = dict(state)
     if optimizer is not None:
         tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
         files.append("optim.safetensors")
         meta["optimizer"] = structure
+    return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`)."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(
+    tmp: Path, *, step: int, files: list[str], meta: dict[str, Any], tokenizer_json: str | None = None
+) -> Path:
+    """Fsync and checksum `files` in `tmp`, write state.json (the validity marker) last, rename the
+    folder to `step-NNNNNN` and point `latest` at it. Returns the final folder."""
+    files = list(files)
+    meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "rng": rng_state()}
     if tokenizer_json is not None:
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         files.append("tokenizer.json")
     for name in files:
+        if not (tmp / name).is_file():
+            raise CheckpointError(
+                f"{tmp / name} was not written; sharded checkpoints need a filesystem that every rank sees"
+            )
         _fsync(tmp / name)
     meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     write_json(tmp / "state.json", meta)  # the validity marker: written last
+    final = tmp.with_name(f"step-{step:06d}")
     if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(final.parent / "latest", final.name + "\n")
     return final
+
+
+# A sharded checkpoint (`checkpoint.sharded`, FSDP2): rank r of W writes the dim-0 chunks it holds
+# (`torch.chunk` order, FSDP2's Shard(0)) of every sharded tensor, and the whole of the others, to
+# model-{r:05d}-of-{W:05d}.safetensors and optim-{r:05d}-of-{W:05d}.safetensors; state.json's
+# "sharded" entry names the world size and which tensors are split. Reading concatenates the chunks
+# in rank order, so any world size (and `eval`, `generate`, `export` in one process) loads it.
+
+
+def shard_files(rank: int, world_size: int) -> tuple[str, str]:
+    """(model file, optimizer file) names of one rank's shards."""
+    tag = f"{rank:05d}-of-{world_size:05d}"
+    return f"model-{tag}.safetensors", f"optim-{tag}.safetensors"
+
+
+def write_shard(tmp: Path, rank: int, world_size: int, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]):
+    """Write one rank's local model tensors and flattened optimizer tensors into `tmp`."""
+    model_file, optim_file = shard_files(rank, world_size)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / model_file), {"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in optim.items()}, str(tmp / optim_file), {"format": "pt"})
 
 
 def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> None:
@@ -296,8 +339,35 @@ class Checkpoint:
             if _sha256(f) != info["sha256"]:
                 raise CheckpointError(f"{f} fails its sha256 check (damaged); use an earlier checkpoint")
 
+    @property
+    def weights_path(self) -> Path:
+        """The weights file (a sharded checkpoint: its first shard), for messages."""
+        if "sharded" in self.meta:
+            return self.path / shard_files(0, int(self.meta["sharded"]["world_size"]))[0]
+        return self.path / "model.safetensors"
+
     def model_state(self) -> dict[str, torch.Tensor]:
+        """All weights, whole (a sharded checkpoint's chunks concatenated)."""
+        if "sharded" in self.meta:
+            return self._join_shards(0, self.meta["sharded"]["model"])
         return _load_tensors(self.path / "model.safetensors")
+
+    def _join_shards(self, which: int, split: list[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors from every rank's file `which` (0 model, 1 optimizer): names in `split` are
+        concatenated along dim 0 in rank order, the rest (identical on every rank) taken from rank 0."""
+        world = int(self.meta["sharded"]["world_size"])
+        parts = [_load_tensors(self.path / shard_files(r, world)[which]) for r in range(world)]
+        split_names = set(split)
+        whole = {}
+        for name, tensor in parts[0].items():
+            if name not in split_names:
+                whole[name] = tensor
+                continue
+            try:
+                whole[name] = torch.cat([part[name] for part in parts], dim=0)
+            except (KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{self.path}: the shards of {name} do not fit together ({e})") from None
+        return whole
 
     def load_model(self, model: nn.Module) -> None:
         """Load weights into `model` (tied weights restored through the module's own sharing)."""
@@ -307,7 +377,7 @@ class Checkpoint:
         except RuntimeError as e:  # shape mismatches
             first = str(e).strip().splitlines()[-1].strip()
             raise CheckpointError(
-                f"{self.path / 'model.safetensors'} does not match the model ({first}); "
+                f"{self.weights_path} does not match the model ({first}); "
                 "was it written by another lmforge model config?"
             ) from None
         # a tied weight is stored once (savable_state); the other name is legitimately "missing".
@@ -315,7 +385,7 @@ class Checkpoint:
         missing = [k for k in missing if k not in shared]
         if missing or unexpected:
             raise CheckpointError(
-                f"{self.path / 'model.safetensors'} does not match the model (missing {missing[:3]}, "
+                f"{self.weights_path} does not match the model (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
             )
 
@@ -323,22 +393,29 @@ class Checkpoint:
         """Restore the optimizer state; `load(state_dict)` replaces `optimizer.load_state_dict` (FSDP)."""
         if "optimizer" not in self.meta:
             raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
-        tensors = _load_tensors(self.path / "optim.safetensors")
+        if "sharded" in self.meta:
+            tensors = self._join_shards(1, self.meta["sharded"]["optim"])
+        else:
+            tensors = _load_tensors(self.path / "optim.safetensors")
         try:
             (load or optimizer.load_state_dict)(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{self.path / 'optim.safetensors'} does not fit this optimizer ({e})") from None
+            raise CheckpointError(f"{self.path} holds optimizer state that does not fit this optimizer ({e})") from None
 
 
 def savable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's tensors as safetensors can store them, and {dropped name: kept name} for metadata.
+    """`savable(model.state_dict())`."""
+    return savable(model.state_dict())
+
+
+def savable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors as safetensors can store them, and {dropped name: kept name} for metadata.
 
     A tied weight (one tensor under several names) is written once, under its alphabetically first
     name, as `safetensors.torch.save_model` does (`load_model` restores it through the module's own
     sharing). Views into one flat buffer, which cuDNN makes of an LSTM/GRU's weights on CUDA, are
     copied: safetensors refuses distinct tensors that share memory.
     """
-    state = model.state_dict()
     groups: dict[tuple, list[str]] = {}
     for name, t in state.items():
         key = (str(t.device), t.untyped_storage().data_ptr()) if t.numel() else ("empty", name)

@@ -182,6 +182,11 @@ class CheckpointConfig:
         "latest",
         "checkpoint a re-run resumes from: latest, previous (newest that passes its checksums) or a step-NNNNNN name",
     )
+    sharded: bool = opt(
+        False,
+        "under FSDP2, each rank writes only its own shards (no gather to rank 0; needs a filesystem every rank "
+        "sees); any world size, eval, generate and export read them",
+    )
 
     def __post_init__(self) -> None:
         check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")

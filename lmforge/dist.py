@@ -323,6 +323,78 @@ def checkpoint_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return weights, {"state": state, "param_groups": groups}
 
 
+def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's part of the model and optimizer state, for a sharded checkpoint: nothing is gathered.
+
+    Under FSDP2 every parameter (and its AdamW moments) is a DTensor split along dim 0 (`Shard(0)`);
+    its local chunk is kept and its name listed as split. Everything else (one process, AdamW's step
+    count) is whole and identical on every rank. Optimizer entries use the integer parameter ids of a
+    1-process `optimizer.state_dict()`, so the checkpoint does not depend on the world size.
+    Returns {"model", "tied", "optim", "structure", "split_model", "split_optim"}.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    from lmforge.checkpoint import flatten_optimizer, savable
+
+    def local(name: str, t: torch.Tensor, split: list[str]) -> torch.Tensor:
+        if not isinstance(t, DTensor):
+            return t
+        if tuple(t.placements) != (Shard(0),):
+            raise LmforgeError(f"cannot save {name} sharded: placement {t.placements}, expected (Shard(0),)")
+        split.append(name)
+        return t.to_local()
+
+    split_model: list[str] = []
+    weights = {n: local(n, t, split_model) for n, t in unwrap(model).state_dict().items()}
+    weights, tied = savable(weights)
+    split_model = [n for n in split_model if n in weights]
+    sd = optimizer.state_dict()
+    tagged: list[str] = []
+    state = {
+        pid: {k: local(f"{pid}.{k}", v, tagged) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+        for pid, entry in sd["state"].items()
+    }
+    tensors, structure = flatten_optimizer({"state": state, "param_groups": sd["param_groups"]})
+    return {
+        "model": weights,
+        "tied": tied,
+        "optim": tensors,
+        "structure": structure,
+        "split_model": split_model,
+        "split_optim": tagged,  # "<param id>.<name>": the flattened names
+    }
+
+
+def save_sharded_checkpoint(
+    run_dir: Any, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, tokenizer_json: str
+) -> Any:
+    """A collective: every rank writes its own shards (no gather to rank 0, so no rank ever holds the
+    whole model), then rank 0 checksums them and seals the checkpoint. The folder must be on a
+    filesystem every rank sees. Returns the checkpoint folder."""
+    from lmforge.checkpoint import begin_checkpoint, checkpoints_dir, finish_checkpoint, shard_files, write_shard
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shards = local_shards(model, optimizer)
+    tmp = begin_checkpoint(run_dir, step) if rank == 0 else checkpoints_dir(run_dir) / f"step-{step:06d}.tmp"
+    barrier()
+    write_shard(tmp, rank, world, shards["model"], shards["optim"])
+    barrier()
+    if rank != 0:
+        return tmp.with_name(f"step-{step:06d}")
+    meta = {
+        **state,
+        "optimizer": shards["structure"],
+        "sharded": {
+            "world_size": world,
+            "model": shards["split_model"],
+            "optim": shards["split_optim"],
+            "tied": shards["tied"],
+        },
+    }
+    files = [name for r in range(world) for name in shard_files(r, world)]
+    return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Load a consolidated `optimizer.state_dict()`-style dict; under FSDP2 each rank keeps its shard."""
     if not _fsdp(model):

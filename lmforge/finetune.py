@@ -177,7 +177,10 @@ def _model_sha(ckpt_dir: Path) -> str:
     from lmforge.checkpoint import read_json
 
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged")
-    return meta.get("files", {}).get("model.safetensors", {}).get("sha256", "")
+    files = meta.get("files", {})
+    if "model.safetensors" not in files:  # sharded: the shards' checksums, in rank order
+        return ",".join(info["sha256"] for name, info in sorted(files.items()) if name.startswith("model-"))
+    return files["model.safetensors"]["sha256"]
 
 
 def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:

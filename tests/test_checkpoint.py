@@ -142,3 +142,26 @@ def test_rnn_weights_packed_in_one_buffer_save_and_load(tmp_path):
         assert torch.equal(a, b), n
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(model.state_dict())
+
+
+def test_sharded_checkpoint_in_one_process_round_trips_and_names_a_damaged_shard(tmp_path):
+    from lmforge.dist import save_sharded_checkpoint
+
+    model, opt = _model_and_optimizer()
+    path = save_sharded_checkpoint(tmp_path, 4, model, opt, {"train_state": {}}, tokenizer_json="{}")
+    assert path == tmp_path / "checkpoints" / "step-000004"
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.meta["sharded"]["world_size"] == 1 and ckpt.meta["sharded"]["model"] == []  # nothing split
+    torch.manual_seed(1)
+    fresh = GPT(model.cfg)
+    fresh.init_weights()
+    ckpt.load_model(fresh)
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    ckpt.load_optimizer(fresh_opt)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    shard = path / "model-00000-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"model-00000-of-00001\.safetensors is \d+ bytes, expected"):
+        load_checkpoint(tmp_path)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
+from lmforge.checkpoint import load_checkpoint
 from tests.conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.dist
@@ -86,7 +87,8 @@ def val_metrics(run: Path) -> list[tuple[float, float, int]]:
 
 
 def weights(run: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+    """The whole weights of a checkpoint, consolidated or sharded."""
+    return load_checkpoint(run / "checkpoints" / f"step-{step:06d}").model_state()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +165,47 @@ def test_muon_under_fsdp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> 
     assert "lmforge: error: optim.name muon orthogonalises whole weight matrices" in p.stderr
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size(
+    data_dir: Path, single: Path, tmp_path: Path
+) -> None:
+    """`--checkpoint.sharded`: each FSDP2 rank writes only its own chunks (nothing is gathered), and the
+    checkpoints resume at 2 ranks or in 1 process, and load in one process for `eval`."""
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.train.run import pretrain
+
+    sharded = {"train.micro_batch_size": 2, "dist.strategy": "fsdp", "checkpoint.sharded": True}
+    out = tmp_path / "sharded"
+    p = torchrun(data_dir, out, **sharded)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(out, single)
+    step = out / "checkpoints" / f"step-{STEPS:06d}"
+    shards = [f"{kind}-{r:05d}-of-00002.safetensors" for kind in ("model", "optim") for r in range(2)]
+    assert sorted(f.name for f in step.iterdir()) == sorted([*shards, "state.json", "tokenizer.json"])
+    whole = weights(out)["blocks.0.mlp.fc.weight"]
+    with safe_open(str(step / shards[0]), "pt") as f:  # rank 0 holds the first half of the rows
+        torch.testing.assert_close(f.get_tensor("blocks.0.mlp.fc.weight"), whole[: len(whole) // 2])
+    assert 0 < evaluate_checkpoint(out, split="val", max_batches=2)["loss"] < 10
+
+    out = tmp_path / "two-sharded-then-one"  # world size 2 -> 1
+    p = torchrun(data_dir, out, **{**sharded, "train.max_steps": 3})
+    assert p.returncode == 0, p.stderr[-3000:]
+    pretrain(tiny_config(data_dir, out, **FLAGS), progress=False)
+    assert_same_run(out, single)
+
+    out = tmp_path / "one-sharded-then-two"  # 1 -> 2, from a 1-process sharded checkpoint (one shard)
+    pretrain(tiny_config(data_dir, out, **{**FLAGS, "train.max_steps": 3, "checkpoint.sharded": True}), progress=False)
+    p = torchrun(data_dir, out, **sharded)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(out, single)
+
+
+def test_sharded_checkpoints_under_ddp_are_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    p = torchrun(data_dir, tmp_path / "run", **{"checkpoint.sharded": True})  # strategy ddp
+    assert p.returncode != 0
+    assert "lmforge: error: --checkpoint.sharded needs --dist.strategy fsdp" in p.stderr
+    assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
 
 
 def test_sigkilled_two_rank_run_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:

@@ -159,6 +159,11 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy != "fsdp":
+        raise ConfigError(
+            f"--checkpoint.sharded needs --dist.strategy fsdp: under {cfg.dist.strategy} every rank holds the "
+            "whole model; drop --checkpoint.sharded (checkpoints are then consolidated)"
+        )
     if world.enabled and cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError(
             "optim.name muon orthogonalises whole weight matrices, which FSDP2 shards across ranks; "
@@ -281,22 +286,27 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         log.info("note: the data has no validation split; training runs without evaluation or early stopping")
 
     def save(st: TrainState) -> Path:
-        weights, optimizer_state = dist.checkpoint_states(model, optimizer)  # a collective under FSDP
+        meta = {
+            "train_state": st.to_dict(),
+            "loader": loader.state_dict(),
+            "config": cfg.to_dict(),
+            "objective": setup.state_dict(),
+        }
+        if cfg.checkpoint.sharded:  # every rank writes its own shards
+            dist.save_sharded_checkpoint(run_dir, st.step, model, optimizer, meta, tokenizer_json)
+        else:
+            weights, optimizer_state = dist.checkpoint_states(model, optimizer)  # a collective under FSDP
+            if world.is_main:
+                save_checkpoint(
+                    run_dir,
+                    step=st.step,
+                    model=model,
+                    optimizer=optimizer_state,
+                    state=meta,
+                    tokenizer_json=tokenizer_json,
+                    model_state=weights,
+                )
         if world.is_main:
-            save_checkpoint(
-                run_dir,
-                step=st.step,
-                model=model,
-                optimizer=optimizer_state,
-                state={
-                    "train_state": st.to_dict(),
-                    "loader": loader.state_dict(),
-                    "config": cfg.to_dict(),
-                    "objective": setup.state_dict(),
-                },
-                tokenizer_json=tokenizer_json,
-                model_state=weights,
-            )
             prune_checkpoints(
                 run_dir, keep=cfg.checkpoint.keep, best_step=st.best_step if cfg.checkpoint.keep_best else None
             )
