@@ -86,7 +86,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "objective, strategy", [("mlm", "ddp"), ("mlm+nsp", "ddp"), ("electra", "ddp"), ("electra", "fsdp")]
+    "objective, strategy",
+    [("mlm", "ddp"), ("mlm", "fsdp"), ("mlm+nsp", "ddp"), ("electra", "ddp"), ("electra", "fsdp")],
 )
 def test_encoder_objective_on_two_ranks_equals_one_process(
     objective: str, strategy: str, data_dir: Path, tmp_path: Path
