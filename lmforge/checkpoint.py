@@ -25,6 +25,7 @@ Loading checks sizes and sha256 first, so a truncated or foreign file gives a on
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import atomic_write_text, write_json
@@ -369,6 +370,62 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: the shards of {name} do not fit together ({e})") from None
         return whole
 
+    def _sources(self, which: int, name: str) -> list[tuple[Path, str]]:
+        """(file, stored name) pieces of whole tensor `name` (0 model, 1 optimizer state), in row order:
+        one piece, or one per rank for a tensor a sharded checkpoint split. A tied name maps to the
+        name it is stored under."""
+        sharded = self.meta.get("sharded")
+        if sharded is None:
+            path = self.path / ("model.safetensors", "optim.safetensors")[which]
+            with _open_tensors(path) as f:
+                stored = name if name in f.keys() else (f.metadata() or {}).get(name, name)
+            return [(path, stored)]
+        world = int(sharded["world_size"])
+        stored = name if which or name not in sharded["tied"] else sharded["tied"][name]
+        if stored in (sharded["optim"] if which else sharded["model"]):
+            return [(self.path / shard_files(r, world)[which], stored) for r in range(world)]
+        return [(self.path / shard_files(0, world)[which], stored)]
+
+    def read_rows(self, which: int, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 of whole tensor `name` (0 model, 1 optimizer state), reading
+        only those rows from disk (safetensors slices): what one FSDP2 rank holds, at any world size."""
+        out, offset = [], 0
+        for path, stored in self._sources(which, name):
+            with _open_tensors(path) as f:
+                if stored not in f.keys():
+                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
+                piece = f.get_slice(stored)
+                rows = piece.get_shape()[0]
+                lo, hi = max(start - offset, 0), min(stop - offset, rows)
+                if lo < hi:
+                    out.append(piece[lo:hi])
+                offset += rows
+        if not out:
+            return self.read_whole(which, name)[start:stop]  # an empty chunk: the right shape and dtype
+        return torch.cat(out, dim=0)
+
+    def whole_shape(self, which: int, name: str) -> tuple[int, ...]:
+        """Shape of whole tensor `name` (0 model, 1 optimizer state), from the file headers alone."""
+        shapes = []
+        for path, stored in self._sources(which, name):
+            with _open_tensors(path) as f:
+                if stored not in f.keys():
+                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
+                shapes.append(list(f.get_slice(stored).get_shape()))
+        if len(shapes) > 1:
+            shapes[0][0] = sum(shape[0] for shape in shapes)
+        return tuple(shapes[0])
+
+    def read_whole(self, which: int, name: str) -> torch.Tensor:
+        """Whole tensor `name` (0 model, 1 optimizer state)."""
+        parts = []
+        for path, stored in self._sources(which, name):
+            with _open_tensors(path) as f:
+                if stored not in f.keys():
+                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
+                parts.append(f.get_tensor(stored))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def load_model(self, model: nn.Module) -> None:
         """Load weights into `model` (tied weights restored through the module's own sharing)."""
         tensors = self.model_state()
@@ -389,16 +446,17 @@ class Checkpoint:
                 f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
             )
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, load: Any = None) -> None:
-        """Restore the optimizer state; `load(state_dict)` replaces `optimizer.load_state_dict` (FSDP)."""
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Restore the optimizer state from this checkpoint's tensors, or from `tensors` (flattened name ->
+        tensor: each FSDP2 rank's rows, see `dist.load_optimizer_state`)."""
         if "optimizer" not in self.meta:
             raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
-        if "sharded" in self.meta:
+        if tensors is None and "sharded" in self.meta:
             tensors = self._join_shards(1, self.meta["sharded"]["optim"])
-        else:
+        elif tensors is None:
             tensors = _load_tensors(self.path / "optim.safetensors")
         try:
-            (load or optimizer.load_state_dict)(unflatten_optimizer(tensors, self.meta["optimizer"]))
+            optimizer.load_state_dict(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{self.path} holds optimizer state that does not fit this optimizer ({e})") from None
 
@@ -443,6 +501,16 @@ def _shared_names(model: nn.Module) -> set[str]:
             shared.update({name, seen[key]})
         seen[key] = name
     return shared
+
+
+@contextlib.contextmanager
+def _open_tensors(path: Path) -> Any:
+    """`safe_open(path)` (lazy, sliceable), with a damaged file as a one-line CheckpointError."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); use an earlier checkpoint") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -287,14 +287,48 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], load: Any) -> None:
-    """Load consolidated weights into a live model: `load(model)` normally, each rank's shard under FSDP2."""
+def load_model_state(model: nn.Module, ckpt: Any) -> None:
+    """Load a checkpoint's weights into a live model: whole normally; under FSDP2 each rank reads only
+    the rows of each tensor it holds (from a consolidated or a sharded checkpoint of any world size),
+    so no rank materialises the whole model (`--dist.meta_init` resumes stay within each rank's share)."""
     if not _fsdp(model):
-        load(unwrap(model))
+        ckpt.load_model(unwrap(model))
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+    state = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            start, stop = _chunk_rows(t)
+            state[name] = _as_dtensor(ckpt.read_rows(0, name, start, stop), t)
+        else:
+            state[name] = ckpt.read_whole(0, name)
+    model.load_state_dict(state)
+
+
+def _chunk_rows(t: Any) -> tuple[int, int]:
+    """Rows [start, stop) of the whole tensor that this rank's Shard(0) chunk of DTensor `t` holds
+    (`torch.chunk` order: chunks of ceil(n / world) rows; trailing ranks may hold fewer or none)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):
+        raise LmforgeError(f"cannot load a tensor placed as {t.placements}; expected (Shard(0),)")
+    n, world = t.shape[0], t.device_mesh.size()
+    size = -(-n // world)
+    start = min(t.device_mesh.get_local_rank() * size, n)
+    stop = min(start + size, n)
+    if stop - start != t.to_local().shape[0]:
+        raise LmforgeError(f"unexpected FSDP2 chunk: rows {start}:{stop} of {n}, local {tuple(t.to_local().shape)}")
+    return start, stop
+
+
+def _as_dtensor(rows: torch.Tensor, like: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        rows.to(like.device, like.dtype), like.device_mesh, like.placements, run_check=False,
+        shape=like.shape, stride=like.stride(),
+    )  # fmt: skip
 
 
 def _fsdp(model: nn.Module) -> bool:
@@ -395,20 +429,28 @@ def save_sharded_checkpoint(
     return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Load a consolidated `optimizer.state_dict()`-style dict; under FSDP2 each rank keeps its shard."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any) -> None:
+    """Restore a checkpoint's optimizer state: whole normally; under FSDP2 each rank reads only the rows
+    of its parameters' moments (as `load_model_state` does for the weights)."""
     if not _fsdp(model):
-        optimizer.load_state_dict(sd)
+        ckpt.load_optimizer(optimizer)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    named = {
-        "state": {order[int(i)]: value for i, value in sd["state"].items()},
-        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors = {}
+    for pid, entry in ckpt.meta.get("optimizer", {"state": {}})["state"].items():
+        p = params[int(pid)] if int(pid) < len(params) else None  # None: load_state_dict says it does not fit
+        for value in entry.values():
+            if not (isinstance(value, dict) and "tensor" in value):
+                continue
+            flat = value["tensor"]
+            if isinstance(p, DTensor) and ckpt.whole_shape(1, flat) == tuple(p.shape):  # a moment: its rows
+                start, stop = _chunk_rows(p)
+                tensors[flat] = _as_dtensor(ckpt.read_rows(1, flat, start, stop), p)
+            else:  # e.g. AdamW's step count
+                tensors[flat] = ckpt.read_whole(1, flat)
+    ckpt.load_optimizer(optimizer, tensors)
 
 
 class DiLoCo:

@@ -162,3 +162,26 @@ def test_sharded_checkpoint_in_one_process_round_trips_and_names_a_damaged_shard
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"model-00000-of-00001\.safetensors is \d+ bytes, expected"):
         load_checkpoint(tmp_path)
+
+
+def test_rows_of_a_sharded_tensor_are_read_across_shard_files(tmp_path):
+    """What an FSDP2 rank reads at a new world size: rows [a, b) that straddle two ranks' files."""
+    from lmforge.checkpoint import begin_checkpoint, finish_checkpoint, shard_files, write_shard
+
+    whole = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)  # 7 rows over 2 ranks: 4 + 3
+    bias = torch.arange(2.0)
+    tmp = begin_checkpoint(tmp_path, 1)
+    for rank, rows in enumerate(torch.chunk(whole, 2)):
+        write_shard(tmp, rank, 2, {"w": rows, "b": bias}, {"0.exp_avg": rows * 2})
+    sharded = {"world_size": 2, "model": ["w"], "optim": ["0.exp_avg"], "tied": {"v": "w"}}
+    files = [name for r in range(2) for name in shard_files(r, 2)]
+    finish_checkpoint(tmp, step=1, files=files, meta={"sharded": sharded})
+    ckpt = load_checkpoint(tmp_path)
+    for start, stop in [(0, 4), (2, 6), (4, 7), (5, 5), (0, 7)]:
+        assert torch.equal(ckpt.read_rows(0, "w", start, stop), whole[start:stop])
+        assert torch.equal(ckpt.read_rows(0, "v", start, stop), whole[start:stop])  # a tied name
+        assert torch.equal(ckpt.read_rows(1, "0.exp_avg", start, stop), whole[start:stop] * 2)
+    assert ckpt.whole_shape(0, "w") == (7, 3) and torch.equal(ckpt.read_whole(0, "b"), bias)
+    assert torch.equal(ckpt.model_state()["w"], whole)
+    with pytest.raises(CheckpointError, match="has no tensor 'nope'"):
+        ckpt.read_whole(0, "nope")

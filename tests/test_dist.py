@@ -194,9 +194,17 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
     pretrain(tiny_config(data_dir, out, **FLAGS), progress=False)
     assert_same_run(out, single)
 
+    # Resumes under FSDP2 with meta init: each rank reads only its rows of each tensor, never the whole
     out = tmp_path / "one-sharded-then-two"  # 1 -> 2, from a 1-process sharded checkpoint (one shard)
     pretrain(tiny_config(data_dir, out, **{**FLAGS, "train.max_steps": 3, "checkpoint.sharded": True}), progress=False)
-    p = torchrun(data_dir, out, **sharded)
+    p = torchrun(data_dir, out, **sharded, **{"dist.meta_init": True})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(out, single)
+
+    out = tmp_path / "two-sharded-then-two"  # 2 -> 2: each rank reads its own file
+    p = torchrun(data_dir, out, **{**sharded, "train.max_steps": 3})
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(data_dir, out, **sharded, **{"dist.meta_init": True})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
 

@@ -225,10 +225,10 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         torch.manual_seed(cfg.train.seed)  # as right after the seed above: the same init as without meta_init
         model.init_weights()
         if ckpt is not None:
-            dist.load_model_state(model, ckpt.model_state(), load=ckpt.load_model)
+            dist.load_model_state(model, ckpt)  # each rank reads only its rows
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
     if ckpt is not None:
-        ckpt.load_optimizer(optimizer, load=lambda sd: dist.load_optimizer_state(model, optimizer, sd))
+        dist.load_optimizer_state(model, optimizer, ckpt)
         loader.load_state_dict(ckpt.meta["loader"])
         setup.load_state_dict(ckpt.meta.get("objective", {}), model)  # e.g. the LSTM's carried state
         state = TrainState.from_dict(ckpt.meta["train_state"])
@@ -334,8 +334,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
                 f"training diverged again after {st.rollbacks} rollbacks (latest to step {restored.step}); "
                 "lower --train.lr, raise --train.warmup_steps or --optim.grad_clip"
             )
-        dist.load_model_state(model, back.model_state(), load=back.load_model)
-        back.load_optimizer(optimizer, load=lambda sd: dist.load_optimizer_state(model, optimizer, sd))
+        dist.load_model_state(model, back)
+        dist.load_optimizer_state(model, optimizer, back)
         set_rng_state(back.meta["rng"])
         restored.skipped_steps, restored.rollbacks = st.skipped_steps, st.rollbacks + 1
         restored.elapsed_s = st.elapsed_s
