@@ -2,6 +2,7 @@
 
     python bench/faults.py                    # 10 kills, 1 process
     python bench/faults.py --kills 5 --nproc 2   # 2 gloo ranks under torchrun, the whole group killed
+    python bench/faults.py --nproc 2 -- --dist.strategy=fsdp --checkpoint.sharded=true   # extra pretrain flags
 
 The run is the `tiny` preset on the built-in Shakespeare corpus, checkpointing every 5 steps. The kill
 targets are random steps of the run (sorted): each attempt is SIGKILLed once metrics.jsonl reaches its
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from lmforge.checkpoint import load_checkpoint
 
 FLAGS = [
     "--preset=tiny",
@@ -45,8 +47,8 @@ FLAGS = [
 ]
 
 
-def command(data: Path, out: Path, steps: int, nproc: int) -> list[str]:
-    args = ["pretrain", f"--data={data}", f"--out={out}", f"--train.max_steps={steps}", *FLAGS]
+def command(data: Path, out: Path, steps: int, nproc: int, extra: list[str]) -> list[str]:
+    args = ["pretrain", f"--data={data}", f"--out={out}", f"--train.max_steps={steps}", *FLAGS, *extra]
     if nproc == 1:
         return [sys.executable, "-m", "lmforge", *args]
     with socket.socket() as s:
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("extra", nargs="*", help="more pretrain flags, after --")
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
@@ -137,7 +140,7 @@ def main() -> int:
 
         t0 = time.perf_counter()
         straight = tmp / "straight"
-        subprocess.run(command(data, straight, args.steps, args.nproc), check=True, env=env())
+        subprocess.run(command(data, straight, args.steps, args.nproc, args.extra), check=True, env=env())
         duration = time.perf_counter() - t0
 
         run = tmp / "killed"
@@ -148,7 +151,7 @@ def main() -> int:
         for k, target in enumerate(targets):
             before = latest_step(run)
             p = subprocess.Popen(
-                command(data, run, args.steps, args.nproc),
+                command(data, run, args.steps, args.nproc, args.extra),
                 env=env(),
                 start_new_session=True,
                 stdout=subprocess.DEVNULL,
@@ -162,10 +165,12 @@ def main() -> int:
             p.wait()
             delay = time.perf_counter() - t_start
             print(f"| {k + 1:4d} | {target:11d} | {delay:7.2f} | {before:24d} | {latest_step(run):17d} |")
-        subprocess.run(command(data, run, args.steps, args.nproc), check=True, env=env(), stdout=subprocess.DEVNULL)
+        subprocess.run(
+            command(data, run, args.steps, args.nproc, args.extra), check=True, env=env(), stdout=subprocess.DEVNULL
+        )
 
-        a = load_file(str(straight / "checkpoints" / f"step-{args.steps:06d}" / "model.safetensors"))
-        b = load_file(str(run / "checkpoints" / f"step-{args.steps:06d}" / "model.safetensors"))
+        a = load_checkpoint(straight / "checkpoints" / f"step-{args.steps:06d}").model_state()
+        b = load_checkpoint(run / "checkpoints" / f"step-{args.steps:06d}").model_state()
         same_weights = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
         same_losses = losses(straight) == losses(run)
         print(f"\nfinal weights bit-identical: {same_weights}; metrics.jsonl losses identical: {same_losses}")
