@@ -123,7 +123,7 @@ def chat(
     device: str = "auto",
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
-    from lmforge.finetune import load_finetuned
+    from lmforge.adapt.load import load_finetuned
     from lmforge.generate import StreamDecoder, generate
     from lmforge.train.precision import pick_device
 

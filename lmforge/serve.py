@@ -68,7 +68,7 @@ def make_server(
     device: str = "auto",
 ) -> LMServer:
     """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it."""
-    from lmforge.finetune import load_finetuned
+    from lmforge.adapt.load import load_finetuned
     from lmforge.train.precision import pick_device
 
     ft = load_finetuned(run, pick_device(device))

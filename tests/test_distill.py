@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.adapt.load import load_finetuned
 from lmforge.compress.distill import Distill, distill_loss
 from lmforge.errors import ConfigError
-from lmforge.finetune import FinetuneConfig, finetune, load_finetuned
+from lmforge.finetune import FinetuneConfig, finetune
 from tests.conftest import shakespeare_text, tiny_config
 
 

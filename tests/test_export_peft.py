@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge.adapt.load import load_finetuned
 from lmforge.adapt.lora import LoRALinear
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.export.hf import export_hf
 from lmforge.export.peft import export_peft
-from lmforge.finetune import FinetuneConfig, _TensorView, finetune, load_finetuned
+from lmforge.finetune import FinetuneConfig, _TensorView, finetune
 from tests.conftest import run_cli
 from tests.test_finetune import DATA, FAST, make_base
 

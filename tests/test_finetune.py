@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.adapt.load import load_finetuned
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.errors import ConfigError, DataError
-from lmforge.finetune import FinetuneConfig, finetune, load_finetuned
+from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.train import train_char
 from lmforge.train.state import TrainState

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.adapt.load import load_finetuned
 from lmforge.checkpoint import load_checkpoint
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
-from lmforge.finetune import FinetuneConfig, finetune, load_finetuned
+from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.train.run import pretrain
 from tests.conftest import run_cli
 

@@ -128,7 +128,7 @@ def test_recurrent_model_falls_back_to_generate() -> None:
 
 
 def _finetuned(tmp_path: Path):  # noqa: ANN202 - a finetune.Finetuned
-    from lmforge.finetune import Finetuned
+    from lmforge.adapt.load import Finetuned
     from lmforge.tokenizer.train import train_char
 
     tok = train_char(["abcdefghijklmnopqrstuvwxyz <>|\n.,!?ABCDEFGHIJKLMNOPQRSTUVWXYZ"])

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.adapt.load import load_finetuned
 from lmforge.adapt.lora import LoRALinear, inject_lora, lora_state_dict, merge_lora
 from lmforge.checkpoint import load_checkpoint, load_trained
 from lmforge.errors import CheckpointError
-from lmforge.finetune import FinetuneConfig, finetune, load_finetuned
+from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.gpt import GPT, GPTConfig
 from tests.test_finetune import DATA, FAST, make_base
 

@@ -173,16 +173,17 @@ def _reference_text(row: dict[str, Any], fields: dict[str, str], task: str) -> t
 
 @torch.no_grad()
 def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
+    from lmforge.adapt.load import load_base_model
     from lmforge.adapt.objectives import dpo_losses, pair_logprobs
     from lmforge.data.formats import build_examples, dpo_collate
-    from lmforge.finetune import _load_base_model, reference_logprobs
+    from lmforge.finetune import reference_logprobs
     from lmforge.objectives import to_device
 
     device = next(ft.model.parameters()).device
     pairs = build_examples(
         rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path
     )
-    reference = _load_base_model(ft.info, device)
+    reference = load_base_model(ft.info, device)
     reference_logprobs(reference, pairs, ft.tokenizer.eos_id, device)
     beta = ft.info["dpo_beta"]
     collate = dpo_collate(ft.tokenizer.eos_id)
@@ -287,8 +288,8 @@ def evaluate_task(
     device: str = "auto",
 ) -> dict[str, Any]:
     """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
+    from lmforge.adapt.load import load_finetuned
     from lmforge.data.formats import field_map, read_task_rows
-    from lmforge.finetune import load_finetuned
     from lmforge.train.precision import pick_device
 
     ft = load_finetuned(run, pick_device(device))

@@ -63,7 +63,7 @@ def load_exportable(path: str | Path) -> Any:
 
 
 def _load_lm(ckpt_dir: Path) -> Any:
-    from lmforge.finetune import load_finetuned
+    from lmforge.adapt.load import load_finetuned
 
     ft = load_finetuned(ckpt_dir, torch.device("cpu"))
     if ft.model.__class__.__name__ != "GPT":

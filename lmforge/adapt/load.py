@@ -1,0 +1,210 @@
+"""Loading fine-tuning bases and fine-tuned runs: `load_finetuned` opens any lmforge run (pretrained,
+imported, or fine-tuned in any mode: adapters, soft prompts and heads rebuilt on their named base), for
+`eval`, `generate`, `chat`, `serve`, `export` and `finetune` itself (its base, teacher and resumed weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class Finetuned:
+    """A loaded model with what using it needs."""
+
+    model: nn.Module  # GPT, or adapt.heads.Adapted (soft prompt / classification head)
+    tokenizer: Any
+    config: Any  # the run config of the architecture
+    info: dict[str, Any] | None  # finetune.json, None for a plain (pretrained/imported) run
+    template: Any  # chat.ChatTemplate or None
+    run_dir: Path
+
+    @property
+    def use_cache(self) -> bool:
+        return self.model.__class__.__name__ == "GPT"  # an Adapted wrapper decodes without a KV cache
+
+
+def run_dir_of(ckpt_dir: Path) -> Path:
+    return ckpt_dir.parent.parent
+
+
+def model_sha(ckpt_dir: Path) -> str:
+    from lmforge.checkpoint import read_json
+
+    meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged")
+    files = meta.get("files", {})
+    if "model.safetensors" not in files:  # sharded: the shards' checksums, in rank order
+        return ",".join(info["sha256"] for name, info in sorted(files.items()) if name.startswith("model-"))
+    return files["model.safetensors"]["sha256"]
+
+
+def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
+    """Load any lmforge run: pretrained, imported, or fine-tuned in any mode (eval mode, on `device`)."""
+    from lmforge.chat import load_template
+    from lmforge.checkpoint import load_checkpoint, load_trained, read_json, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(path)
+    run_dir = run_dir_of(ckpt_dir)
+    info_path = run_dir / "finetune.json"
+    if not info_path.is_file():
+        t = load_trained(ckpt_dir, device)
+        return Finetuned(t.model, t.tokenizer, t.config, None, load_template(run_dir), run_dir)
+    info = read_json(info_path, "re-run lmforge finetune")
+    ckpt = load_checkpoint(ckpt_dir)
+    if info["saved"] == "model":
+        t = build_from_config(ckpt, device)
+        body, tokenizer, config = t
+    else:
+        base_ckpt = resolve_checkpoint(info["base"])
+        if info.get("base_sha256") and model_sha(base_ckpt) != info["base_sha256"]:
+            raise CheckpointError(
+                f"the base {info['base']} changed since {run_dir} was fine-tuned on it; restore it or fine-tune again"
+            )
+        base = load_finetuned(base_ckpt, device)
+        from lmforge.adapt.lora import merge_lora
+
+        merge_lora(base.model)  # a LoRA-tuned base was merged before this run trained on top of it
+        body, tokenizer, config = base.model, base.tokenizer, base.config
+    model = build_adapted(body, info, device)
+    state = ckpt.model_state()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if info["saved"] == "model":
+        from lmforge.checkpoint import _shared_names
+
+        missing = [k for k in missing if k not in _shared_names(model)]
+    else:
+        missing = [k for k in missing if k in adapter_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.weights_path} does not fit {info_path} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); the run is damaged"
+        )
+    model.eval()
+    return Finetuned(model, tokenizer, config, info, load_template(run_dir), run_dir)
+
+
+def load_resumed_weights(model: nn.Module, ckpt: Any, saved: str) -> None:
+    """Put a resumed run's checkpoint weights into the freshly rebuilt model (whole, or the trained tensors)."""
+    if saved == "model":
+        ckpt.load_model(model)
+        return
+    state = ckpt.model_state()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in adapter_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt.weights_path} does not fit this run (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); pass --overwrite to start over"
+        )
+
+
+def adapter_keys(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_from_config(ckpt: Any, device: torch.device) -> tuple[nn.Module, Any, Any]:
+    """The bare architecture of a self-contained checkpoint (weights come later)."""
+    from lmforge.config import config_from_json
+    from lmforge.models import build_model
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
+    tok_path = ckpt.path / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_path if tok_path.is_file() else run_dir_of(ckpt.path) / "tokenizer.json")
+    with torch.device("meta"):
+        body = build_model(config.model)
+    body = body.to_empty(device=device)
+    body.init_weights()
+    return body, tokenizer, config
+
+
+def build_adapted(body: nn.Module, info: dict[str, Any], device: torch.device) -> nn.Module:
+    """Wrap `body` as `info` (finetune.json) says: LoRA layers, soft prompt, classification head."""
+    from lmforge.adapt.heads import Adapted, set_trainable
+    from lmforge.adapt.lora import inject_lora
+    from lmforge.adapt.prompt_tuning import SoftPrompt
+
+    adapt = info["adapt"]
+    if adapt == "lora" and not info.get("lora_merged"):
+        lora = info["lora"]
+        inject_lora(body, targets=lora["targets"], rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"])
+    prompt = None
+    if adapt == "prompt":
+        prompt = SoftPrompt(info["prompt_tokens"], body.cfg.d_model).to(device)
+        prompt.init_from_embeddings(body.tok_emb.weight, seed=info.get("seed", 0))
+    model = body
+    if prompt is not None or info["task"] == "classify":
+        model = Adapted(body, prompt=prompt, n_labels=len(info.get("labels") or []))
+    set_trainable(model, adapt if info["saved"] == "adapter" else "full")
+    return model
+
+
+def load_base_model(info: dict[str, Any], device: torch.device) -> nn.Module:
+    """The frozen base a run was fine-tuned from, as a plain GPT (LoRA adapters merged)."""
+    from lmforge.adapt.lora import merge_lora
+
+    base = load_finetuned(info["base"], device).model
+    merge_lora(base)
+    return base
+
+
+def load_teacher(teacher: str, student: Finetuned, device: torch.device) -> nn.Module:
+    """The frozen teacher of `--adapt distill`: a language model with the student's tokenizer."""
+    from lmforge.adapt.lora import merge_lora
+
+    loaded = load_finetuned(teacher, device)
+    if loaded.model.__class__.__name__ != "GPT":
+        raise ConfigError(f"--teacher {teacher} is a classification or prompt-tuned run; use a language model")
+    if loaded.tokenizer.fingerprint != student.tokenizer.fingerprint:
+        raise ConfigError(
+            f"--teacher {teacher} uses another tokenizer than the student; distillation needs the same one "
+            "(prepare the student's data with the teacher's tokenizer.json)"
+        )
+    if loaded.model.cfg.vocab_size != student.model.cfg.vocab_size:
+        raise ConfigError(
+            f"--teacher has {loaded.model.cfg.vocab_size} output ids, the student {student.model.cfg.vocab_size}; "
+            "they must match"
+        )
+    merge_lora(loaded.model)
+    return loaded.model.eval()
+
+
+def is_hf_dir(p: Path) -> bool:
+    return (
+        p.is_dir()
+        and (p / "config.json").is_file()
+        and not (p / "checkpoints").exists()
+        and not (p / "state.json").exists()
+    )
+
+
+def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetuned, str, str]:
+    """The starting model as a plain GPT; returns (loaded, base path recorded, its model sha256)."""
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.checkpoint import resolve_checkpoint
+
+    p = Path(base)
+    if is_hf_dir(p):
+        from lmforge.export.hf import import_hf
+
+        if not (out / "base" / "config.json").is_file():  # a resumed run imported it already
+            import_hf(p, out / "base")
+        p = out / "base"
+    ckpt_dir = resolve_checkpoint(p)
+    loaded = load_finetuned(ckpt_dir, device)
+    family = getattr(loaded.model.cfg, "family", "gpt")
+    if loaded.model.__class__.__name__ == "Adapted":
+        raise ConfigError(
+            f"{base} is a classification or prompt-tuned run; start from a language model (pretrained, sft, clm)"
+        )
+    if family not in ("gpt", "bert"):
+        raise ConfigError(f"{base} is a {family} model; fine-tuning supports GPT and BERT bases")
+    merge_lora(loaded.model)  # a LoRA-tuned base becomes a plain GPT with the adapters folded in
+    return loaded, str(ckpt_dir.resolve()), model_sha(ckpt_dir)
