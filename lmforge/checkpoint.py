@@ -40,7 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lmforge.atomic import atomic_write_text, write_json
+from lmforge.atomic import atomic_write_text, fsync_file, write_json
 from lmforge.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -67,14 +67,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)  # a writable handle: Windows refuses to flush a read-only one
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +268,7 @@ def finish_checkpoint(
             raise CheckpointError(
                 f"{tmp / name} was not written; sharded checkpoints need a filesystem that every rank sees"
             )
-        _fsync(tmp / name)
+        fsync_file(tmp / name)
     meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     write_json(tmp / "state.json", meta)  # the validity marker: written last
     final = tmp.with_name(f"step-{step:06d}")

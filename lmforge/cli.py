@@ -353,7 +353,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         )
         print(json.dumps(r, ensure_ascii=False) if args.json else format_quantize(r))
     elif args.command == "import":
-        from lmforge.export.hf import import_hf
+        from lmforge.export.hf_import import import_hf
 
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":

@@ -102,8 +102,9 @@ PEAK_FLOPS = {
     "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
     "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
 }
-# Model FLOPs utilization assumed when the caller gives none. GPUs: 0.4, what well-tuned GPT training
-# reaches at this scale (nanoGPT / PaLM report 0.4-0.5; small models get less). CPU: 0.45, measured
+# Model FLOPs utilization assumed when the caller gives none. GPUs: 0.4 of the datasheet peak, measured
+# with bench/train_speed.py for GPT-2 124M on one H100 in bf16 with `--train.compile true`: 0.37-0.40
+# at 16-64 x 1024 tokens per step (eager: 0.27; nanoGPT / PaLM report 0.4-0.5 at larger scale). CPU: 0.45, measured
 # with bench/train_speed.py: the `small` preset reached 49% of the measured fp32 matmul peak on a
 # 2-vCPU AVX-512 VM (quickstart 40-52%, tiny 22-29%: tiny models are overhead-bound, see
 # bench/estimate_vs_measured.py).
@@ -492,7 +493,11 @@ def estimate(
         mfu = hw["default_mfu"]
         assumptions.append(
             f"MFU {mfu:.2f}: default for {hw['device']} "
-            + ("(measured by bench/train_speed.py on 2 CPU cores)" if hw["device"] == "cpu" else "(typical GPU)")
+            + (
+                "(measured by bench/train_speed.py on 2 CPU cores)"
+                if hw["device"] == "cpu"
+                else "(measured: GPT-2 124M on one H100 with --train.compile true; eager 0.27)"
+            )
         )
         if hw["device"] == "cpu" and hw["dtype"] != "float32":
             # bench/estimate_vs_measured.py --dtype bfloat16 (2-vCPU AVX-512 VM, shared, noisy): tiny and

@@ -20,7 +20,8 @@ import torch
 from lmforge.checkpoint import load_trained, save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, LmforgeError
-from lmforge.export.hf import export_hf, import_hf, verify_hf
+from lmforge.export.hf import export_hf, verify_hf
+from lmforge.export.hf_import import import_hf
 from lmforge.generate import generate, generate_from_checkpoint
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -368,7 +369,8 @@ def test_export_does_not_need_transformers(bpe: Tokenizer, tmp_path: Path) -> No
     script = (
         "import sys; sys.modules['transformers'] = None\n"
         "from lmforge.errors import LmforgeError\n"
-        "from lmforge.export.hf import export_hf, import_hf, verify_hf\n"
+        "from lmforge.export.hf import export_hf, verify_hf\n"
+        "from lmforge.export.hf_import import import_hf\n"
         f"out = export_hf({str(run)!r}, {str(tmp_path / 'hf')!r})\n"
         f"import_hf(out, {str(tmp_path / 'back')!r})\n"
         "try:\n    verify_hf(out, out)\nexcept LmforgeError as e:\n    print(e)\n"

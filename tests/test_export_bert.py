@@ -20,7 +20,8 @@ from lmforge.checkpoint import load_trained, save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.data.masking import special_ids
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import export_hf, import_hf, verify_hf
+from lmforge.export.hf import export_hf, verify_hf
+from lmforge.export.hf_import import import_hf
 from lmforge.models.bert import Bert, BertConfig, Electra
 from lmforge.objectives import ObjectiveConfig
 from lmforge.tokenizer.tokenizer import Tokenizer

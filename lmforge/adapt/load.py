@@ -192,7 +192,7 @@ def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetu
 
     p = Path(base)
     if is_hf_dir(p):
-        from lmforge.export.hf import import_hf
+        from lmforge.export.hf_import import import_hf
 
         if not (out / "base" / "config.json").is_file():  # a resumed run imported it already
             import_hf(p, out / "base")

@@ -49,20 +49,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.atomic import atomic_write_text, write_json
-from lmforge.checkpoint import read_json, save_checkpoint
+from lmforge.atomic import atomic_write_text, fresh_tmp_dir, fsync_file, publish_dir, write_json
 from lmforge.errors import CheckpointError, LmforgeError
-from lmforge.export.hf import (
-    HF_HINT,
-    _dtype_name,
-    _fresh_tmp,
-    _fsync,
-    _last_eval,
-    _own,
-    _publish,
-    _read_weight_file,
-    training_progress,
-)
+from lmforge.export.hf import HF_HINT, _dtype_name, _last_eval, _own, training_progress
+from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -239,10 +229,10 @@ def write_bert(trained: Any, out: Path) -> Path:
     tokenizer_json, specials = encoder_tokenizer_json(tokenizer)
     pad_id = special_names(tokenizer)["pad"][1]
 
-    tmp = _fresh_tmp(out)
+    tmp = fresh_tmp_dir(out)
     write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _fsync(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
     write_json(
         tmp / "tokenizer_config.json",
@@ -257,7 +247,7 @@ def write_bert(trained: Any, out: Path) -> Path:
     write_json(tmp / "special_tokens_map.json", specials)
     n_params = sum(t.numel() for t in tensors.values())
     atomic_write_text(tmp / "README.md", model_card(out.name, trained, n_params, specials["mask_token"]))
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
@@ -373,17 +363,7 @@ def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`)."""
-    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    found = next((hf_dir / n for n in names if (hf_dir / n).is_file()), None)
-    if found is None:
-        raise CheckpointError(f"{hf_dir} has no model weights (model.safetensors or pytorch_model.bin)")
-    if found.name.endswith(".index.json"):
-        index = read_json(found, "the sharded checkpoint's index is damaged")
-        state: dict[str, Tensor] = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            state.update(_read_weight_file(hf_dir / shard))
-    else:
-        state = _read_weight_file(found)
+    state, _ = read_hf_tensors(hf_dir)
     return {k if k.startswith(("bert.", "cls.")) else "bert." + k: v for k, v in state.items()}
 
 
@@ -392,20 +372,13 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     from lmforge.config import RunConfig
     from lmforge.data.masking import special_ids
     from lmforge.objectives import ObjectiveConfig
-    from lmforge.train.state import TrainState
 
     where = hf_dir / "config.json"
     try:
         cfg = config_from_hf(hf_cfg, where)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{where}: unusable bert config ({e})") from None
-    tok_path = hf_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(
-            f"{hf_dir} has no tokenizer.json; save the fast tokenizer there "
-            "(AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and retry"
-        )
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer, tok_path = read_hf_tokenizer(hf_dir)
     ids = special_ids(tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size or max(ids.all) >= cfg.vocab_size:
         raise CheckpointError(
@@ -452,23 +425,7 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     model.load_state_dict(state, strict=True)
     has_nsp = "nsp_head" not in missing_heads and "pooler" not in missing_heads
     run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name="mlm+nsp" if has_nsp else "mlm"))
-    tmp = _fresh_tmp(out)
-    write_json(tmp / "config.json", run_cfg.to_dict())
-    tokenizer.save(tmp / "tokenizer.json")
-    save_checkpoint(
-        tmp,
-        step=0,
-        model=model.eval(),
-        optimizer=None,
-        state={
-            "train_state": TrainState().to_dict(),
-            "config": run_cfg.to_dict(),
-            "imported_from": {"path": str(hf_dir.resolve()), "model_type": "bert"},
-        },
-        tokenizer_json=tokenizer.to_str(),
-    )
-    _publish(tmp, out)
-    return out
+    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, "bert")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ and `AutoTokenizer.from_pretrained`:
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last val loss/bpb, lmforge config
 
-`import_hf(hf_dir, run)` is the reverse for local GPT-2 and Llama directories: it writes a run directory
-(config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that `lmforge eval`,
-`lmforge generate` and fine-tuning load like any other run. `verify_hf` loads an export with
+`import_hf(hf_dir, run)` in `export/hf_import.py` is the reverse for local GPT-2 and Llama directories,
+with the key maps and config translations defined here: it writes a run directory (config.json,
+tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that `lmforge eval`, `lmforge
+generate` and fine-tuning load like any other run. `verify_hf` loads an export with
 `transformers` and reports the largest logit difference from the lmforge checkpoint.
 BERT/ELECTRA runs and BERT directories are handed to `export/bert.py`; LoRA runs are merged first,
 or written as a PEFT adapter by `export/peft.py`.
@@ -54,9 +55,8 @@ Design decisions
   Writing over the directory being read is refused even with `overwrite`.
 - Tokenizer: our tokenizer encodes the text "<|endoftext|>" literally (see `tokenizer.py`) while an
   HF tokenizer parses it as the special token; ordinary text encodes to the same ids.
-- Length (~880 lines, over the 800-line guide): about 250 of them are the two families' key maps,
-  config translations and HF defaults, one name per line so each can be checked against HF's modeling
-  code. Export and import share them, so splitting the file per family or direction would copy them.
+- Import (`hf_import.py`) reads the same key maps and config translations from here, so nothing is
+  written twice for the two directions.
 
 References:
 - HF GPT-2: https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
@@ -68,9 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pickle
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,14 +75,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.atomic import atomic_write_text, write_json
-from lmforge.checkpoint import read_json, save_checkpoint
-from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
-from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.atomic import (
+    atomic_write_text,
+    check_not_inside,
+    check_out_dir,
+    fresh_tmp_dir,
+    fsync_file,
+    publish_dir,
+    write_json,
+)
+from lmforge.errors import CheckpointError, DataError, LmforgeError
+from lmforge.models.gpt import GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 HF_HINT = "pip install 'lmforge[hf]'"
@@ -511,9 +514,9 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     from lmforge.export.peft import load_exportable
 
     out = Path(out)
-    _check_out(out, overwrite=overwrite)
+    check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
-    _check_not_inside(out, trained.checkpoint.path)
+    check_not_inside(out, trained.checkpoint.path)
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import write_bert
 
@@ -535,10 +538,10 @@ def write_hf(trained: Any, out: Path) -> Path:
     dtype = trained.model.tok_emb.weight.dtype
     tensors = to_hf_state_dict(state, cfg, family)
 
-    tmp = _fresh_tmp(out)
+    tmp = fresh_tmp_dir(out)
     write_json(tmp / "config.json", FAMILIES[family].config_to_hf(cfg, eos_id, dtype))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
-    _fsync(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
     # the context length is in config.json (n_positions / max_position_embeddings).
     generation: dict[str, Any] = {}
@@ -559,7 +562,7 @@ def write_hf(trained: Any, out: Path) -> Path:
     write_json(tmp / "special_tokens_map.json", specials)
     n_params = sum(t.numel() for t in state.values())
     atomic_write_text(tmp / "README.md", _model_card(out.name, trained, family, n_params))
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
@@ -641,158 +644,6 @@ Exported from `{trained.checkpoint.path}`.
 
 
 # --------------------------------------------------------------------------------------------
-# Import
-
-
-def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Turn a local HF GPT-2 or Llama directory into an lmforge run directory.
-
-    Args:
-        hf_dir: a directory with config.json, model.safetensors (or pytorch_model.bin, or their sharded
-            index) and tokenizer.json.
-        out: the run directory to create: config.json, tokenizer.json and a weights-only checkpoint
-            `checkpoints/step-000000/` that `lmforge eval`, `generate` and fine-tuning load.
-        overwrite: replace an existing `out` (only after the new one is complete).
-
-    Returns:
-        `out`.
-
-    Raises:
-        LmforgeError: unsupported model_type or settings, missing or damaged files, `out` exists.
-    """
-    from lmforge.config import RunConfig
-    from lmforge.train.state import TrainState
-
-    hf_dir, out = Path(hf_dir), Path(out)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES})")
-    _check_out(out, overwrite=overwrite)
-    _check_not_inside(out, hf_dir)
-    config_path = hf_dir / "config.json"
-    hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
-    model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
-    if model_type == "bert":
-        from lmforge.export.bert import import_bert
-
-        return import_bert(hf_dir, hf_cfg, out)
-    if model_type not in FAMILIES:
-        raise LmforgeError(
-            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)} and bert"
-        )
-    tok_path = hf_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(
-            f"{hf_dir} has no tokenizer.json; save the fast tokenizer there "
-            "(AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and retry"
-        )
-    tokenizer = Tokenizer.load(tok_path)
-    try:
-        cfg = FAMILIES[model_type].config_from_hf(hf_cfg, config_path)
-    except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{config_path}: unusable {model_type} config ({e})") from None
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(
-            f"{tok_path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
-            "the tokenizer does not belong to this model"
-        )
-    hf_state, weights_path = _read_hf_weights(hf_dir, FAMILIES[model_type].keys)
-    model = _load_imported(hf_state, cfg, model_type, weights_path)
-    cfg = model.cfg
-
-    run_cfg = RunConfig(out=str(out), model=cfg)
-    tmp = _fresh_tmp(out)
-    write_json(tmp / "config.json", run_cfg.to_dict())
-    tokenizer.save(tmp / "tokenizer.json")
-    save_checkpoint(
-        tmp,
-        step=0,
-        model=model,
-        optimizer=None,
-        state={
-            "train_state": TrainState().to_dict(),
-            "config": run_cfg.to_dict(),
-            "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type},
-        },
-        tokenizer_json=tokenizer.to_str(),
-    )
-    _publish(tmp, out)
-    return out
-
-
-def _read_hf_weights(hf_dir: Path, keys: KeyMap) -> tuple[dict[str, Tensor], Path]:
-    """All tensors of an HF directory (single or sharded, safetensors or .bin), with full HF names."""
-    candidates = [
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-        "pytorch_model.bin.index.json",
-    ]
-    found = next((hf_dir / name for name in candidates if (hf_dir / name).is_file()), None)
-    if found is None:
-        raise CheckpointError(f"{hf_dir} has no model weights; an HF model directory holds {HF_DIR_FILES}")
-    if found.name.endswith(".index.json"):
-        index = read_json(found, "the sharded checkpoint's index is damaged")
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            state.update(_read_weight_file(hf_dir / shard))
-    else:
-        state = _read_weight_file(found)
-    # checkpoints saved from the bare model (e.g. OpenAI's GPT-2) have no base-model prefix
-    state = {
-        k if k.startswith(keys.base_prefix) or k == "lm_head.weight" else keys.base_prefix + k: v
-        for k, v in state.items()
-    }
-    return state, found
-
-
-def _read_weight_file(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the HF checkpoint is incomplete")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    try:  # never unpickle code: weights_only refuses anything but tensors and plain containers
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint ({first}); convert it to safetensors") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat dict of tensors; convert it to safetensors")
-    return state
-
-
-def _load_imported(hf_state: dict[str, Tensor], cfg: GPTConfig, family: str, where: Path) -> GPT:
-    """Build our GPT for `cfg` and load the HF tensors into it (float32, eval mode)."""
-    keys = FAMILIES[family].keys
-    if cfg.tie_embeddings:
-        hf_state = {k: v for k, v in hf_state.items() if k != keys.top["lm_head.weight"]}  # HF ignores it too
-    if family == "gpt2":  # all-zero (or absent) biases = a bias-free model (module docstring)
-        with torch.device("meta"):
-            names = GPT(cfg).state_dict().keys()
-        table = _name_table(keys, cfg)
-        biases = [table[n].hf[0] for n in names if n.endswith(".bias")]
-        present = [b for b in biases if b in hf_state]
-        if not present or (len(present) == len(biases) and all(not hf_state[b].any() for b in present)):
-            hf_state = {k: v for k, v in hf_state.items() if k not in set(present)}
-            cfg = dataclasses.replace(cfg, bias=False)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    state = from_hf_state_dict(hf_state, cfg, family, list(model.state_dict().keys()), where)
-    model = model.to_empty(device="cpu")
-    with torch.random.fork_rng(devices=[]):  # init_weights only fills the rotary tables that matter here
-        model.init_weights()
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{where} does not match its config.json ({first})") from None
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
 # Verification with transformers (the only place that imports it)
 
 
@@ -828,52 +679,3 @@ def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: 
     idx = torch.randint(0, trained.tokenizer.vocab_size, (2, T), generator=generator)  # (B, T)
     diff = (ours(idx) - theirs(idx).logits).abs().max()
     return float(diff)
-
-
-# --------------------------------------------------------------------------------------------
-# Output directories: checked first, written to out.tmp/, renamed at the end
-
-
-def _check_out(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-
-
-def _check_not_inside(out: Path, source: Path) -> None:
-    out, source = out.resolve(), source.resolve()
-    if out == source or out in source.parents or source in out.parents:
-        raise LmforgeError(f"--out {out} overlaps the directory being read ({source}); choose another --out")
-
-
-def _fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from an interrupted export
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and deleted last."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(out.name + ".old")
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

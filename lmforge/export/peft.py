@@ -120,13 +120,14 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     Raises:
         LmforgeError: not an unmerged LoRA language-model run, no HF twin for the architecture, `out` exists.
     """
+    from lmforge.atomic import check_not_inside, check_out_dir, fresh_tmp_dir, fsync_file, publish_dir
     from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
-    from lmforge.export.hf import _check_not_inside, _check_out, _fresh_tmp, _fsync, _publish, hf_family, write_hf
+    from lmforge.export.hf import hf_family, write_hf
 
     out = Path(out)
-    _check_out(out, overwrite=overwrite)
+    check_out_dir(out, overwrite=overwrite)
     ckpt_dir = resolve_checkpoint(path)
-    _check_not_inside(out, ckpt_dir)
+    check_not_inside(out, ckpt_dir)
     info_path = ckpt_dir.parent.parent / "finetune.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     if info.get("adapt") != "lora" or info.get("lora_merged"):
@@ -139,7 +140,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     lora = info["lora"]
     strip_lora(ft.model)  # what is left is the base the adapter was trained on
 
-    tmp = _fresh_tmp(out)
+    tmp = fresh_tmp_dir(out)
     base = write_hf(
         Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir)),
         tmp / "base",
@@ -164,11 +165,11 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
         },
     )
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _fsync(tmp / "adapter_model.safetensors")
+    fsync_file(tmp / "adapter_model.safetensors")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
     atomic_write_text(tmp / "README.md", _adapter_card(out.name, info, targets, family, ckpt_dir))
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 

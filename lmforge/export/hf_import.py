@@ -1,0 +1,202 @@
+"""Hugging Face import: `import_hf(hf_dir, run)` turns a local GPT-2 or Llama directory into an lmforge
+run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that
+`lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
+`export/bert.py`. The key maps and config translations it uses live in `export/hf.py`, shared with
+the export direction; see its docstring for the design.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from lmforge.atomic import (
+    check_not_inside,
+    check_out_dir,
+    fresh_tmp_dir,
+    publish_dir,
+    write_json,
+)
+from lmforge.checkpoint import read_json, save_checkpoint
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.export.hf import (
+    FAMILIES,
+    HF_DIR_FILES,
+    KeyMap,
+    _name_table,
+    from_hf_state_dict,
+)
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.tokenizer.tokenizer import Tokenizer
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Turn a local HF GPT-2 or Llama directory into an lmforge run directory.
+
+    Args:
+        hf_dir: a directory with config.json, model.safetensors (or pytorch_model.bin, or their sharded
+            index) and tokenizer.json.
+        out: the run directory to create: config.json, tokenizer.json and a weights-only checkpoint
+            `checkpoints/step-000000/` that `lmforge eval`, `generate` and fine-tuning load.
+        overwrite: replace an existing `out` (only after the new one is complete).
+
+    Returns:
+        `out`.
+
+    Raises:
+        LmforgeError: unsupported model_type or settings, missing or damaged files, `out` exists.
+    """
+    from lmforge.config import RunConfig
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES})")
+    check_out_dir(out, overwrite=overwrite)
+    check_not_inside(out, hf_dir)
+    config_path = hf_dir / "config.json"
+    hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
+    model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
+    if model_type == "bert":
+        from lmforge.export.bert import import_bert
+
+        return import_bert(hf_dir, hf_cfg, out)
+    if model_type not in FAMILIES:
+        raise LmforgeError(
+            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)} and bert"
+        )
+    tokenizer, tok_path = read_hf_tokenizer(hf_dir)
+    try:
+        cfg = FAMILIES[model_type].config_from_hf(hf_cfg, config_path)
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{config_path}: unusable {model_type} config ({e})") from None
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{tok_path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
+            "the tokenizer does not belong to this model"
+        )
+    hf_state, weights_path = _read_hf_weights(hf_dir, FAMILIES[model_type].keys)
+    model = _load_imported(hf_state, cfg, model_type, weights_path)
+    cfg = model.cfg
+
+    return write_imported_run(out, RunConfig(out=str(out), model=cfg), model, tokenizer, hf_dir, model_type)
+
+
+def write_imported_run(
+    out: Path, run_cfg: Any, model: Any, tokenizer: Tokenizer, hf_dir: Path, model_type: str
+) -> Path:
+    """Write `out` (through `out.tmp/`): config.json, tokenizer.json and a weights-only step-0 checkpoint."""
+    from lmforge.train.state import TrainState
+
+    tmp = fresh_tmp_dir(out)
+    write_json(tmp / "config.json", run_cfg.to_dict())
+    tokenizer.save(tmp / "tokenizer.json")
+    save_checkpoint(
+        tmp,
+        step=0,
+        model=model,
+        optimizer=None,
+        state={
+            "train_state": TrainState().to_dict(),
+            "config": run_cfg.to_dict(),
+            "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type},
+        },
+        tokenizer_json=tokenizer.to_str(),
+    )
+    publish_dir(tmp, out)
+    return out
+
+
+def read_hf_tensors(hf_dir: Path) -> tuple[dict[str, Tensor], Path]:
+    """All tensors of an HF directory (single or sharded, safetensors or .bin, weights only) as stored,
+    and the file found (the index of a sharded one)."""
+    candidates = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ]
+    found = next((hf_dir / name for name in candidates if (hf_dir / name).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{hf_dir} has no model weights; an HF model directory holds {HF_DIR_FILES}")
+    if found.name.endswith(".index.json"):
+        index = read_json(found, "the sharded checkpoint's index is damaged")
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(_read_weight_file(hf_dir / shard))
+        return state, found
+    return _read_weight_file(found), found
+
+
+def read_hf_tokenizer(hf_dir: Path) -> tuple[Tokenizer, Path]:
+    """The directory's fast tokenizer (tokenizer.json) and its path."""
+    tok_path = hf_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(
+            f"{hf_dir} has no tokenizer.json; save the fast tokenizer there "
+            "(AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and retry"
+        )
+    return Tokenizer.load(tok_path), tok_path
+
+
+def _read_hf_weights(hf_dir: Path, keys: KeyMap) -> tuple[dict[str, Tensor], Path]:
+    """`read_hf_tensors` with full HF names: checkpoints saved from the bare model (e.g. OpenAI's GPT-2)
+    have no base-model prefix."""
+    state, found = read_hf_tensors(hf_dir)
+    state = {
+        k if k.startswith(keys.base_prefix) or k == "lm_head.weight" else keys.base_prefix + k: v
+        for k, v in state.items()
+    }
+    return state, found
+
+
+def _read_weight_file(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the HF checkpoint is incomplete")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    try:  # never unpickle code: weights_only refuses anything but tensors and plain containers
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint ({first}); convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors; convert it to safetensors")
+    return state
+
+
+def _load_imported(hf_state: dict[str, Tensor], cfg: GPTConfig, family: str, where: Path) -> GPT:
+    """Build our GPT for `cfg` and load the HF tensors into it (float32, eval mode)."""
+    keys = FAMILIES[family].keys
+    if cfg.tie_embeddings:
+        hf_state = {k: v for k, v in hf_state.items() if k != keys.top["lm_head.weight"]}  # HF ignores it too
+    if family == "gpt2":  # all-zero (or absent) biases = a bias-free model (module docstring)
+        with torch.device("meta"):
+            names = GPT(cfg).state_dict().keys()
+        table = _name_table(keys, cfg)
+        biases = [table[n].hf[0] for n in names if n.endswith(".bias")]
+        present = [b for b in biases if b in hf_state]
+        if not present or (len(present) == len(biases) and all(not hf_state[b].any() for b in present)):
+            hf_state = {k: v for k, v in hf_state.items() if k not in set(present)}
+            cfg = dataclasses.replace(cfg, bias=False)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    state = from_hf_state_dict(hf_state, cfg, family, list(model.state_dict().keys()), where)
+    model = model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):  # init_weights only fills the rotary tables that matter here
+        model.init_weights()
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{where} does not match its config.json ({first})") from None
+    return model.eval()
