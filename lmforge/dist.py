@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -400,8 +401,8 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 
 def save_sharded_checkpoint(
-    run_dir: Any, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, tokenizer_json: str
-) -> Any:
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, tokenizer_json: str
+) -> Path:
     """A collective: every rank writes its own shards (no gather to rank 0, so no rank ever holds the
     whole model), then rank 0 checksums them and seals the checkpoint. The folder must be on a
     filesystem every rank sees. Returns the checkpoint folder."""
