@@ -113,3 +113,16 @@ def test_errors(trained_run: Path, tmp_path: Path) -> None:
     result = run_cli("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quantize_reads_a_sharded_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    from lmforge.train.run import pretrain
+
+    run = tmp_path / "run"
+    overrides = {"train.max_steps": 10, "eval.every": 10, "checkpoint.every": 10, "checkpoint.sharded": True}
+    pretrain(tiny_config(data_dir, run, **overrides), progress=False)
+    step = run / "checkpoints" / "step-000010"
+    assert not (step / "model.safetensors").exists()
+    r = quantize_run(run, tmp_path / "q8", bits=8, group_size=32, max_batches=2, gen_tokens=4)
+    assert r["bytes_before"] == (step / "model-00000-of-00001.safetensors").stat().st_size
+    assert 0 < r["bytes_after"] < r["bytes_before"] and abs(r["bpb_after"] - r["bpb_before"]) < 0.05

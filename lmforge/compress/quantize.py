@@ -131,7 +131,7 @@ def load_quantized(model: nn.Module, ckpt: Any) -> None:
     missing = [k for k in missing if k not in _shared_names(model)]
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt.path / 'model.safetensors'} does not match the model (missing {missing[:3]}, "
+            f"{ckpt.weights_path} does not match the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
         )
 
@@ -153,7 +153,8 @@ def to_quant_linears(model: nn.Module, bits: int, group_size: int) -> nn.Module:
 
 
 def _model_bytes(ckpt_dir: Path) -> int:
-    return (ckpt_dir / "model.safetensors").stat().st_size
+    """Bytes of a checkpoint's weights (model.safetensors, or a sharded checkpoint's model-* files)."""
+    return sum(f.stat().st_size for f in ckpt_dir.glob("model*.safetensors"))
 
 
 @torch.no_grad()
