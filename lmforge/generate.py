@@ -333,18 +333,23 @@ def generate_from_checkpoint(
     Raises:
         LmforgeError: missing/broken checkpoint, prompt longer than the context, bad settings.
     """
-    from lmforge.checkpoint import load_trained
+    from lmforge.adapt.load import load_finetuned
     from lmforge.train.precision import pick_device
 
-    trained = load_trained(path, pick_device(device))
-    if not hasattr(trained.model, "new_cache"):
+    loaded = load_finetuned(path, pick_device(device))  # any run: pretrained, LoRA adapters, soft prompt, ...
+    model = loaded.model
+    if getattr(model, "head", None) is not None:
         raise LmforgeError(
-            f"{path} holds an encoder (model.family {trained.config.model.family!r}), which does not generate text; "
+            f"{path} is a classifier; it labels text instead: use 'lmforge eval {path} --task classify --data FILE'"
+        )
+    if not hasattr(getattr(model, "body", model), "new_cache"):
+        raise LmforgeError(
+            f"{path} holds an encoder (model.family {loaded.config.model.family!r}), which does not generate text; "
             "use 'lmforge eval' on it, or train a gpt/lstm/gru model to sample from"
         )
-    tokenizer = trained.tokenizer
+    tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id
-    max_len = getattr(trained.model, "max_context", trained.model.cfg.max_seq_len)  # recurrent: no limit
+    max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     prompt_ids = _check_prompt(tokenizer.encode(prompt), max_len, eos_id)
     _check_sampling(temperature, top_k, top_p)
 
@@ -369,14 +374,14 @@ def generate_from_checkpoint(
         stream.write(prompt)
         stream.flush()
     new = generate(
-        trained.model,
+        model,
         prompt_ids,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        use_cache=use_cache,
+        use_cache=use_cache and loaded.use_cache,  # a soft prompt decodes without a KV cache
         eos_id=eos_id if stop_at_eos else None,
         on_token=on_token,
     )

@@ -13,8 +13,10 @@ from lmforge.adapt.load import load_finetuned
 from lmforge.adapt.lora import LoRALinear, inject_lora, lora_state_dict, merge_lora
 from lmforge.checkpoint import load_checkpoint, load_trained
 from lmforge.errors import CheckpointError
+from lmforge.eval.lm import evaluate_checkpoint
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.gpt import GPT, GPTConfig
+from tests.conftest import run_cli
 from tests.test_finetune import DATA, FAST, make_base
 
 ALL_TARGETS = ["qkv", "attn.proj", "mlp.fc", "mlp.proj"]
@@ -75,6 +77,24 @@ def test_adapter_only_run_and_merged_export(base: Path, tmp_path: Path):
         torch.testing.assert_close(plain(x), unmerged, atol=1e-5, rtol=1e-5)
     assert (export_hf(merged_run, tmp_path / "hf") / "model.safetensors").is_file()
 
+    # `lmforge generate` and `eval` open the adapter-only run too (its adapters applied on the named base)
+    p = run_cli("generate", str(adapters), "--prompt", "Hi", "--max-new-tokens", "4", "--seed", "0")
+    assert p.returncode == 0 and p.stdout.startswith("Hi"), p.stderr
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    data = str(tmp_path / "data")  # text encoded with the base's tokenizer
+    tok = str(base / "tokenizer.json")
+    prepare(
+        PrepareConfig(inputs=[str(DATA / "eng_fra.txt")], out=data, tokenizer=tok, val_fraction=0.3), progress=False
+    )
+    got = evaluate_checkpoint(adapters, data_dir=data, split="train", max_batches=2)
+    assert got["loss"] == pytest.approx(
+        evaluate_checkpoint(merged_run, data_dir=data, split="train", max_batches=2)["loss"], rel=1e-5
+    )
+    assert got["loss"] != pytest.approx(
+        evaluate_checkpoint(base, data_dir=data, split="train", max_batches=2)["loss"], rel=1e-6
+    )
+
 
 def test_changed_base_is_refused(base: Path, tmp_path: Path):
     own_base = tmp_path / "base"
@@ -85,6 +105,8 @@ def test_changed_base_is_refused(base: Path, tmp_path: Path):
         cfg=FinetuneConfig(task="classify", adapt="lora", lora_rank=2),
     )  # fmt: skip
     assert load_finetuned(out, torch.device("cpu")).info["adapt"] == "lora"
+    p = run_cli("generate", str(out), "--prompt", "x")
+    assert p.returncode != 0 and "is a classifier" in p.stderr and "Traceback" not in p.stderr
     shutil.rmtree(own_base)
     shutil.copytree(make_base(tmp_path / "other", seed=1), own_base)  # same place, other weights
     with pytest.raises(CheckpointError, match="changed since"):

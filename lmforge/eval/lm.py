@@ -135,14 +135,18 @@ def evaluate_checkpoint(
         max_batches: 0 = the whole split.
         device: "auto", "cpu", "cuda" or "mps".
     """
-    from lmforge.checkpoint import load_trained
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.checkpoint import load_checkpoint
     from lmforge.data.datadir import load_data_dir
     from lmforge.data.loader import eval_batches
     from lmforge.errors import DataError
     from lmforge.train.precision import pick_device, pick_precision
 
     precision = pick_precision(pick_device(device), "auto")
-    trained = load_trained(path, precision.device)
+    trained = load_finetuned(path, precision.device)  # any run: pretrained, LoRA adapters, soft prompt, ...
+    if getattr(trained.model, "head", None) is not None:
+        raise DataError(f"{path} is a classifier; evaluate it with --task classify --data FILE")
+    checkpoint = load_checkpoint(path, verify=False)  # its folder and step (load_finetuned verified it)
     if not (data_dir or trained.config.data.dir):
         raise DataError(f"{path} does not name its training data (an imported model?); pass --data DATA_DIR")
     data = load_data_dir(data_dir or trained.config.data.dir)
@@ -150,12 +154,12 @@ def evaluate_checkpoint(
     if manifest_tok != trained.tokenizer.fingerprint:
         raise DataError(
             f"{data.path} was prepared with another tokenizer than {path}; prepare the text again with "
-            f"--tokenizer {trained.checkpoint.path / 'tokenizer.json'}"
+            f"--tokenizer {checkpoint.path / 'tokenizer.json'}"
         )
     shards = data.split_shards(split)
     if not shards:
         raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
-    seq_len = trained.config.data.seq_len or trained.config.model.max_seq_len
+    seq_len = min(trained.config.data.seq_len or trained.config.model.max_seq_len, trained.model.cfg.max_seq_len)
     if trained.config.objective.name != "clm":  # encoders: mlm_accuracy, mlm_ppl, nsp_accuracy, rtd_auc, ...
         from lmforge.data.masking import mlm_eval_batches
         from lmforge.eval.objectives import evaluate_encoder
@@ -172,7 +176,7 @@ def evaluate_checkpoint(
             electra=cfg.objective.name == "electra",
             rtd_weight=cfg.objective.rtd_weight,
         )
-        return {"checkpoint": str(trained.checkpoint.path), "step": int(trained.checkpoint.meta.get("step", 0)),
+        return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
                 "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
     batches = eval_batches(
         shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
@@ -180,8 +184,8 @@ def evaluate_checkpoint(
     token_bytes = torch.as_tensor(trained.tokenizer.token_bytes(), dtype=torch.int64)
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
     return {
-        "checkpoint": str(trained.checkpoint.path),
-        "step": int(trained.checkpoint.meta.get("step", 0)),
+        "checkpoint": str(checkpoint.path),
+        "step": int(checkpoint.meta.get("step", 0)),
         "data": str(data.path),
         "split": split,
         **metrics,
