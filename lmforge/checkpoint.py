@@ -554,6 +554,12 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
     ckpt = load_checkpoint(path)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
+    info = ckpt.path.parent.parent / "finetune.json"
+    if info.is_file() and read_json(info, "re-run lmforge finetune").get("saved") == "adapter":
+        raise CheckpointError(
+            f"{ckpt.path} holds only fine-tuned adapters, prompt or head; open it with "
+            "lmforge.adapt.load.load_finetuned (as eval, generate, chat and export do), which rebuilds it on its base"
+        )
     try:
         config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
     except ConfigError as e:

@@ -216,3 +216,24 @@ def test_transformers_reads_the_gguf_and_gives_our_logits(dtype: str, bpe: Token
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     text = "the quick brown fox jumps over 你好 twice"
     assert tok(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
+
+
+def test_lora_adapter_run_exports_merged(bpe: Tokenizer, tmp_path: Path) -> None:
+    """An adapter-only LoRA run exports with its adapters folded in, as `export --to hf` does."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.finetune import FinetuneConfig, finetune
+
+    base = make_run(tmp_path / "base", bpe, **LLAMA)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, twice.\n\n" * 40, encoding="utf-8")
+    out = tmp_path / "lora"
+    cfg = FinetuneConfig(task="clm", adapt="lora", lora_rank=4, lora_targets=["mlp.proj"])
+    finetune(base, train_file=text, out=out, cfg=cfg, progress=False, overrides={"train": {"max_steps": 3, "lr": 0.05}})
+    _, tensors = read(export_gguf(out, tmp_path / "m.gguf", dtype="f16"))
+    model = load_finetuned(out, torch.device("cpu")).model
+    merge_lora(model)
+    merged = model.blocks[0].mlp.proj.weight.detach().numpy()
+    np.testing.assert_allclose(dequant(tensors["blk.0.ffn_down.weight"]), merged, rtol=2**-10, atol=1e-7)
+    base_w = load_trained(base, torch.device("cpu")).model.blocks[0].mlp.proj.weight.detach().numpy()
+    assert np.abs(merged - base_w).max() > 1e-3  # the adapters were trained and are in the file

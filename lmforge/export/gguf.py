@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
@@ -146,7 +145,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         import gguf
     except ImportError:
         raise LmforgeError("GGUF export needs the gguf package: pip install 'lmforge[gguf]'") from None
-    from lmforge.checkpoint import load_trained
+    from lmforge.export.peft import load_exportable
 
     if dtype not in DTYPES:
         raise LmforgeError(f"--dtype {dtype!r} is not supported for GGUF; use one of {', '.join(DTYPES)}")
@@ -155,7 +154,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
     if out.is_dir():
         raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as model.gguf")
-    trained = load_trained(path, torch.device("cpu"))
+    trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)
     tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size)

@@ -69,7 +69,7 @@ def _load_lm(ckpt_dir: Path) -> Any:
     if ft.model.__class__.__name__ != "GPT":
         raise LmforgeError(
             f"{ft.run_dir} is a {ft.info['task']} run with a {ft.info['adapt']} adapter; only language models "
-            "export to HF (fine-tune with --adapt full or lora on an LM task)"
+            "export (fine-tune with --adapt full or lora on an LM task)"
         )
     return ft
 
