@@ -230,7 +230,7 @@ def save_checkpoint(
     if model_state is not None:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
     else:
-        tensors, dropped = savable_state(model)
+        tensors, dropped = savable(model.state_dict())
         save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
     files = ["model.safetensors"]
     meta: dict[str, Any] = dict(state)
@@ -378,44 +378,41 @@ class Checkpoint:
             return [(self.path / shard_files(r, world)[which], stored) for r in range(world)]
         return [(self.path / shard_files(0, world)[which], stored)]
 
+    def _open_pieces(self, which: int, name: str) -> Any:
+        """Yield (open safetensors file, stored name) for each piece of whole tensor `name`, in row order."""
+        for path, stored in self._sources(which, name):
+            with _open_tensors(path) as f:
+                if stored not in f.keys():
+                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
+                yield f, stored
+
     def read_rows(self, which: int, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along dim 0 of whole tensor `name` (0 model, 1 optimizer state), reading
         only those rows from disk (safetensors slices): what one FSDP2 rank holds, at any world size."""
-        out, offset = [], 0
-        for path, stored in self._sources(which, name):
-            with _open_tensors(path) as f:
-                if stored not in f.keys():
-                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
-                piece = f.get_slice(stored)
-                rows = piece.get_shape()[0]
-                lo, hi = max(start - offset, 0), min(stop - offset, rows)
-                if lo < hi:
-                    out.append(piece[lo:hi])
-                offset += rows
+        out, offset, empty = [], 0, None
+        for f, stored in self._open_pieces(which, name):
+            piece = f.get_slice(stored)
+            rows = piece.get_shape()[0]
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            if lo < hi:
+                out.append(piece[lo:hi])
+            elif empty is None:
+                empty = piece[0:0]  # an empty chunk (a trailing rank's) still has a shape and dtype
+            offset += rows
         if not out:
-            return self.read_whole(which, name)[start:stop]  # an empty chunk: the right shape and dtype
-        return torch.cat(out, dim=0)
+            return empty
+        return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
     def whole_shape(self, which: int, name: str) -> tuple[int, ...]:
         """Shape of whole tensor `name` (0 model, 1 optimizer state), from the file headers alone."""
-        shapes = []
-        for path, stored in self._sources(which, name):
-            with _open_tensors(path) as f:
-                if stored not in f.keys():
-                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
-                shapes.append(list(f.get_slice(stored).get_shape()))
+        shapes = [list(f.get_slice(stored).get_shape()) for f, stored in self._open_pieces(which, name)]
         if len(shapes) > 1:
             shapes[0][0] = sum(shape[0] for shape in shapes)
         return tuple(shapes[0])
 
     def read_whole(self, which: int, name: str) -> torch.Tensor:
         """Whole tensor `name` (0 model, 1 optimizer state)."""
-        parts = []
-        for path, stored in self._sources(which, name):
-            with _open_tensors(path) as f:
-                if stored not in f.keys():
-                    raise CheckpointError(f"{path} has no tensor {stored!r}; was it written for another model?")
-                parts.append(f.get_tensor(stored))
+        parts = [f.get_tensor(stored) for f, stored in self._open_pieces(which, name)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def load_model(self, model: nn.Module) -> None:
@@ -429,7 +426,7 @@ class Checkpoint:
                 f"{self.weights_path} does not match the model ({first}); "
                 "was it written by another lmforge model config?"
             ) from None
-        # a tied weight is stored once (savable_state); the other name is legitimately "missing".
+        # a tied weight is stored once (savable); the other name is legitimately "missing".
         shared = _shared_names(model)
         missing = [k for k in missing if k not in shared]
         if missing or unexpected:
@@ -451,11 +448,6 @@ class Checkpoint:
             optimizer.load_state_dict(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{self.path} holds optimizer state that does not fit this optimizer ({e})") from None
-
-
-def savable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """`savable(model.state_dict())`."""
-    return savable(model.state_dict())
 
 
 def savable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -310,10 +310,7 @@ def load_model_state(model: nn.Module, ckpt: Any) -> None:
 def _chunk_rows(t: Any) -> tuple[int, int]:
     """Rows [start, stop) of the whole tensor that this rank's Shard(0) chunk of DTensor `t` holds
     (`torch.chunk` order: chunks of ceil(n / world) rows; trailing ranks may hold fewer or none)."""
-    from torch.distributed.tensor import Shard
-
-    if tuple(t.placements) != (Shard(0),):
-        raise LmforgeError(f"cannot load a tensor placed as {t.placements}; expected (Shard(0),)")
+    _require_row_shards(t, "load a tensor")
     n, world = t.shape[0], t.device_mesh.size()
     size = -(-n // world)
     start = min(t.device_mesh.get_local_rank() * size, n)
@@ -321,6 +318,14 @@ def _chunk_rows(t: Any) -> tuple[int, int]:
     if stop - start != t.to_local().shape[0]:
         raise LmforgeError(f"unexpected FSDP2 chunk: rows {start}:{stop} of {n}, local {tuple(t.to_local().shape)}")
     return start, stop
+
+
+def _require_row_shards(t: Any, doing: str) -> None:
+    """Sharded checkpoints handle FSDP2's placement, Shard(0): each rank holds a block of rows."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):
+        raise LmforgeError(f"cannot {doing} placed as {t.placements}; expected (Shard(0),)")
 
 
 def _as_dtensor(rows: torch.Tensor, like: Any) -> Any:
@@ -367,15 +372,14 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     1-process `optimizer.state_dict()`, so the checkpoint does not depend on the world size.
     Returns {"model", "tied", "optim", "structure", "split_model", "split_optim"}.
     """
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     from lmforge.checkpoint import flatten_optimizer, savable
 
     def local(name: str, t: torch.Tensor, split: list[str]) -> torch.Tensor:
         if not isinstance(t, DTensor):
             return t
-        if tuple(t.placements) != (Shard(0),):
-            raise LmforgeError(f"cannot save {name} sharded: placement {t.placements}, expected (Shard(0),)")
+        _require_row_shards(t, f"save {name} sharded:")
         split.append(name)
         return t.to_local()
 

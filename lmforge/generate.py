@@ -41,6 +41,16 @@ from lmforge.models.gpt import GPT
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
 
 
+def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0:
         raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -148,11 +158,7 @@ def generate(
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent models: no limit
     ids = _check_prompt(prompt_ids, max_len, eos_id)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _sampling_generator(device, seed)
 
     was_training = model.training
     model.eval()
@@ -237,11 +243,7 @@ def generate_batch(
             "shorten the prompts or lower max_new_tokens"
         )
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _sampling_generator(device, seed)
 
     B = len(rows)
     pad_counts = [longest - len(r) for r in rows]
