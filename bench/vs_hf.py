@@ -1,13 +1,18 @@
 """Training throughput at an identical model and batch: lmforge vs Hugging Face GPT2LMHeadModel.
 
-Three contestants train the same GPT-2 (learned positions, LayerNorm with biases, exact GELU, tied
-embeddings, no dropout) on the same random batches with AdamW and gradient clipping:
+Every contestant trains the same GPT-2 (learned positions, LayerNorm with biases, tied embeddings, no
+dropout; same init seed, same random batches) with AdamW (decay on matrices only, betas (0.9, 0.99),
+weight decay 0.1) and gradient clipping 1.0. Two pairings compute the same function on both sides:
 
-- `lmforge loop`: our model in the real training loop (`lmforge.train.loop.train`, as `pretrain` runs it)
-- `lmforge eager`: our model in a minimal eager loop (forward, cross-entropy, backward, clip, step)
-- `HF GPT-2`: `transformers.GPT2LMHeadModel` (SDPA attention, `activation_function="gelu"` so both
-  compute the same function) in the same minimal loop
-- `HF GPT-2, default gelu_new`: the same with HF's default tanh GELU, as a user gets it out of the box
+- GPT-2's own activation, the tanh GELU: HF's default `activation_function="gelu_new"`, what a user gets
+  out of the box and what OpenAI's checkpoints use; lmforge's `mlp="gelu_tanh"` (the two agree to ~2e-7)
+- the exact erf GELU (nanoGPT's and lmforge's default `mlp="gelu"`): HF with `activation_function="gelu"`
+
+Each lmforge model runs with lmforge's defaults (fused AdamW), in its real training loop
+(`lmforge.train.loop.train`, as `pretrain` runs it) and, for the tanh pair, also in a minimal eager loop
+(forward, cross-entropy, backward, clip, step). HF runs in the same minimal loop with
+`torch.optim.AdamW`'s own defaults (on CPU the for-loop implementation): a plain PyTorch loop. One more
+HF row gives it the fused AdamW too, so the model's share of the gap can be read off by itself.
 
 Timing is interleaved in one process: each round runs every contestant for 25 steps (the order
 rotates from round to round), and the table reports the median round per contestant, so load from
@@ -34,8 +39,8 @@ from train_speed import random_batches, stepper  # bench/ is on sys.path when ru
 from lmforge.config import OptimConfig, TrainConfig
 from lmforge.estimate import measure_matmul_flops
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import Precision
+from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.precision import Precision, keep_freed_memory
 
 VOCAB = 65  # tinyshakespeare's characters
 
@@ -44,9 +49,16 @@ def batches(batch: int, seq_len: int):
     return random_batches(VOCAB, batch, seq_len)
 
 
-def ours(n_layer: int, n_head: int, d_model: int, ctx: int) -> GPT:
+def ours(n_layer: int, n_head: int, d_model: int, ctx: int, mlp: str) -> GPT:
     cfg = GPTConfig(
-        vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, d_model=d_model, max_seq_len=ctx, bias=True, dropout=0.0
+        vocab_size=VOCAB,
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+        max_seq_len=ctx,
+        bias=True,
+        dropout=0.0,
+        mlp=mlp,  # type: ignore[arg-type]
     )
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -54,7 +66,7 @@ def ours(n_layer: int, n_head: int, d_model: int, ctx: int) -> GPT:
     return model
 
 
-def hf(n_layer: int, n_head: int, d_model: int, ctx: int, activation: str = "gelu") -> torch.nn.Module:
+def hf(n_layer: int, n_head: int, d_model: int, ctx: int, activation: str = "gelu_new") -> torch.nn.Module:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
@@ -76,6 +88,13 @@ def hf(n_layer: int, n_head: int, d_model: int, ctx: int, activation: str = "gel
     torch.manual_seed(0)
     cfg._attn_implementation = "sdpa"  # the default in recent transformers; explicit so it cannot fall back
     return GPT2LMHeadModel(cfg)
+
+
+def plain_adamw(model: torch.nn.Module, optim_cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """`torch.optim.AdamW` over the same decay / no-decay groups, with torch's defaults unless `fused`."""
+    groups = param_groups(model, optim_cfg.weight_decay)
+    betas = (optim_cfg.beta1, optim_cfg.beta2)
+    return torch.optim.AdamW(groups, lr=1e-3, betas=betas, eps=optim_cfg.eps, fused=fused or None)
 
 
 def eager_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, logits_of):
@@ -120,31 +139,51 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     n_layer, n_head, d_model, ctx = (int(v) for v in args.shape.split(","))
 
-    optim_cfg = OptimConfig(beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
-    contestants = {}
-    model = ours(n_layer, n_head, d_model, ctx)
-    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
-    contestants["lmforge loop"] = (model, loop_stepper(model, opt, batches(args.batch, ctx), optim_cfg, args.batch))
-    model = ours(n_layer, n_head, d_model, ctx)
-    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
-    contestants["lmforge eager"] = (model, eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x)))
-    model = hf(n_layer, n_head, d_model, ctx)
-    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
-    contestants["HF GPT-2"] = (model, eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x).logits))
-    model = hf(n_layer, n_head, d_model, ctx, activation="gelu_new")
-    opt = build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu"))
-    contestants["HF GPT-2, default gelu_new"] = (
-        model,
-        eager_stepper(model, opt, batches(args.batch, ctx), lambda m, x: m(x).logits),
-    )
+    optim_cfg = OptimConfig(beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)  # fused: lmforge's default
+    cpu = torch.device("cpu")
+    hf_logits, our_logits = (lambda m, x: m(x).logits), (lambda m, x: m(x))
+    # name -> (model, run(n_steps) -> seconds, the function its MLP computes, optimizer, HF row it is compared with)
+    contestants: dict[str, tuple] = {}
 
-    n_params = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in contestants.items()}
+    def lmforge(name: str, mlp: str, versus: str, eager: bool = False) -> None:
+        model = ours(n_layer, n_head, d_model, ctx, mlp)
+        opt = build_optimizer(model, optim_cfg, lr=1e-3, device=cpu)
+        loader = batches(args.batch, ctx)
+        run = (
+            eager_stepper(model, opt, loader, our_logits)
+            if eager
+            else loop_stepper(model, opt, loader, optim_cfg, args.batch)
+        )
+        contestants[name] = (model, run, f"mlp={mlp}", "AdamW, fused (lmforge default)", versus)
+
+    def huggingface(name: str, activation: str, fused: bool, versus: str) -> None:
+        model = hf(n_layer, n_head, d_model, ctx, activation)
+        opt = plain_adamw(model, optim_cfg, fused)
+        optimizer = "torch.optim.AdamW, fused" if fused else "torch.optim.AdamW (torch defaults)"
+        contestants[name] = (
+            model,
+            eager_stepper(model, opt, batches(args.batch, ctx), hf_logits),
+            activation,
+            optimizer,
+            versus,
+        )
+
+    hf_default, hf_exact = "HF GPT-2", "HF GPT-2, exact GELU"
+    lmforge("lmforge loop", "gelu_tanh", hf_default)
+    lmforge("lmforge eager", "gelu_tanh", hf_default, eager=True)
+    huggingface(hf_default, "gelu_new", False, hf_default)
+    huggingface("HF GPT-2, fused AdamW", "gelu_new", True, hf_default)
+    lmforge("lmforge loop, exact GELU", "gelu", hf_exact)
+    huggingface(hf_exact, "gelu", False, hf_exact)
+
+    n_params = {name: sum(p.numel() for p in c[0].parameters()) for name, c in contestants.items()}
     assert len(set(n_params.values())) == 1, f"the models differ in size: {n_params}"
     flops = contestants["lmforge eager"][0].flops_per_token(ctx)
 
+    keep_freed_memory(cpu)  # as `pretrain` does; it is process-wide, so the HF rows get it as well
     peak = measure_matmul_flops("cpu", torch.float32, seconds=1.0)
-    for _, run in contestants.values():
-        run(2)  # warm-up: allocator, SDPA kernel choice, optimizer state
+    for c in contestants.values():
+        c[1](2)  # warm-up: allocator, SDPA kernel choice, optimizer state
     times: dict[str, list[float]] = {name: [] for name in contestants}
     order = list(contestants)
     for r in range(args.rounds):
@@ -156,13 +195,15 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, fp32 matmul peak "
         f"{peak / 1e9:.0f} GFLOP/s; GPT-2 {n_layer}L x {n_head}H x {d_model}, ctx {ctx}, batch {args.batch}, "
-        f"{n_params['HF GPT-2'] / 1e6:.2f}M params; median of {args.rounds} interleaved rounds of {args.steps} steps"
+        f"{n_params[hf_default] / 1e6:.2f}M params; median of {args.rounds} interleaved rounds of {args.steps} steps"
     )
-    print("| loop | ms/step | tokens/s | MFU | vs HF GPT-2 |")
-    print("|---|---|---|---|---|")
+    print("| loop | GELU | optimizer | ms/step | tokens/s | MFU | vs HF, same function |")
+    print("|---|---|---|---|---|---|---|")
     for name, rate in tok_s.items():
+        _, _, function, optimizer, versus = contestants[name]
         ms = 1000 * args.batch * ctx / rate
-        print(f"| {name} | {ms:.1f} | {rate:.0f} | {flops * rate / peak:.1%} | {rate / tok_s['HF GPT-2']:.2f}x |")
+        ratio = f"{rate / tok_s[versus]:.2f}x vs {versus}"
+        print(f"| {name} | {function} | {optimizer} | {ms:.1f} | {rate:.0f} | {flops * rate / peak:.1%} | {ratio} |")
 
 
 if __name__ == "__main__":

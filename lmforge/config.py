@@ -141,7 +141,11 @@ class OptimConfig:
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off")
     l1: float = opt(0.0, "L1 penalty coefficient on decayed parameters, added to the loss; 0 = off")
-    fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel; auto = on for CUDA")
+    fused: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "fused AdamW kernel (one pass instead of ~10 per tensor: 3-4.5x faster optimizer steps on CPU; "
+        "rounding differs from off); auto = on for CPU and CUDA",
+    )
     muon_lr: float = opt(0.02, "Muon peak learning rate for hidden matrices (follows train.lr's schedule)")
     muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum")
     muon_ns_steps: int = opt(5, "Newton-Schulz iterations per Muon update (fewer = cheaper, less orthogonal)")

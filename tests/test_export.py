@@ -39,6 +39,8 @@ LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 VARIANTS = {
     "gpt2": dict(),  # learned positions, layernorm, gelu, biases, tied head
     "gpt2-nobias-untied": dict(bias=False, tie_embeddings=False),
+    # GPT-2's own activation, HF "gelu_new"; init_std 0.3 puts MLP inputs where the two GELUs differ
+    "gpt2-gelu-tanh": dict(mlp="gelu_tanh", init_std=0.3),
     "llama": dict(LLAMA),
     "llama-gqa-untied": dict(LLAMA, n_kv_head=2, tie_embeddings=False),
     "llama-bias-d64": dict(LLAMA, bias=True, d_model=64, rope_theta=500.0),
@@ -129,6 +131,8 @@ def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path
     theirs = hf_model(out)
     family = "gpt2" if variant.startswith("gpt2") else "llama"
     assert theirs.config.model_type == family
+    if family == "gpt2":
+        assert theirs.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new"}[ours.cfg.mlp]
     assert theirs.config.tie_word_embeddings == ours.cfg.tie_embeddings
     tied = theirs.lm_head.weight.data_ptr() == theirs.get_input_embeddings().weight.data_ptr()
     assert tied == ours.cfg.tie_embeddings
@@ -260,7 +264,7 @@ def _hf_llama(bpe: Tokenizer, **overrides: object) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     "name",
-    ["gpt2", "gpt2-untied-bin", "llama-gqa", "llama-tied-bias"],
+    ["gpt2", "gpt2-untied-bin", "gpt2-gelu-new", "gpt2-gelu-pytorch-tanh", "llama-gqa", "llama-tied-bias"],
 )
 def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Tokenizer, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -268,6 +272,8 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
         model = _hf_gpt2(bpe)
     elif name == "gpt2-untied-bin":
         model = _hf_gpt2(bpe, tie_word_embeddings=False)
+    elif name.startswith("gpt2-gelu"):  # the tanh GELU: "gelu_new" is OpenAI GPT-2's and HF's default
+        model = _hf_gpt2(bpe, activation_function=name.removeprefix("gpt2-").replace("-", "_"))
     elif name == "llama-gqa":
         model = _hf_llama(bpe)
     else:
@@ -285,18 +291,31 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
     ours = load_trained(run, torch.device("cpu"))
     assert ours.model.cfg.tie_embeddings == model.config.tie_word_embeddings
     assert ours.model.cfg.bias == (name != "llama-gqa")  # perturbed GPT-2 biases: not taken for a bias-free model
+    if name.startswith("gpt2"):
+        assert ours.model.cfg.mlp == ("gelu_tanh" if name.startswith("gpt2-gelu") else "gelu")
     idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(ours.model(idx), model.eval()(idx).logits, **TOL)
 
 
-def test_import_warns_on_tanh_gelu_and_detects_bias_free_gpt2(bpe: Tokenizer, tmp_path: Path) -> None:
+def test_import_of_openai_style_gpt2_is_exact_and_bias_free(bpe: Tokenizer, tmp_path: Path) -> None:
     model = _hf_gpt2(bpe, activation_function="gelu_new")  # OpenAI GPT-2's setting; HF inits biases to 0
+    with torch.no_grad():  # MLP inputs of a trained model's size (~1), where the two GELUs differ (~1e-4)
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(30)
+            block.mlp.c_proj.weight.mul_(10)
     model.save_pretrained(tmp_path / "hf")
     bpe.save(tmp_path / "hf" / "tokenizer.json")
-    with pytest.warns(UserWarning, match="tanh approximation"):
-        run = import_hf(tmp_path / "hf", tmp_path / "run")
-    assert load_trained(run, torch.device("cpu")).model.cfg.bias is False
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    ours = load_trained(run, torch.device("cpu")).model
+    assert ours.cfg.bias is False and ours.cfg.mlp == "gelu_tanh"
+    idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), model.eval()(idx).logits, **TOL)
+        ours.cfg.mlp = "gelu"  # the exact GELU instead: the logits move (this is what import used to build)
+        exact = GPT(ours.cfg)
+        exact.load_state_dict(ours.state_dict())
+        assert (exact(idx) - model(idx).logits).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ Design decisions
   our [q; k; v] row order, so it is a single transpose. GPT-2 always has biases: a bias-free model is
   exported with zero biases (the same function), and an HF GPT-2 whose biases are all exactly zero
   imports as bias-free. HF GPT-2 ties the head by default and honours `tie_word_embeddings: false`
-  (then `lm_head.weight` is stored), so untied models export too. Our GELU is the exact erf form, HF's
-  "gelu". OpenAI's GPT-2 checkpoints use the tanh approximation ("gelu_new"); they import with a
-  warning, since our model computes the exact form (the two differ by < 1e-3 per activation).
+  (then `lm_head.weight` is stored), so untied models export too. `mlp="gelu"` (exact erf GELU) is
+  HF's "gelu"; `mlp="gelu_tanh"` is GPT-2's tanh approximation, HF's "gelu_new" (OpenAI's checkpoints
+  and HF's default), and "gelu_pytorch_tanh" / "gelu_fast" import as it too (the same function).
 - Llama: our rotary layout is HF's rotate-half, so q/k need no permutation; our fused `qkv` rows
   [q; k; v] and `mlp.fc` rows [gate; up] are split into q/k/v_proj and gate/up_proj (and concatenated
   on import). `bias` maps to both `attention_bias` and `mlp_bias`. HF Llama has no embedding or
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,8 @@ HF_DIR_FILES = "config.json, model.safetensors (or pytorch_model.bin) and tokeni
 # Which HF family a config belongs to
 
 
-GPT2_STYLE = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}
+GPT2_STYLE = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}  # or mlp="gelu_tanh" (GPT2_MLPS)
+GPT2_MLPS = ("gelu", "gelu_tanh")
 LLAMA_STYLE = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 
 
@@ -116,7 +116,7 @@ def hf_family(cfg: GPTConfig) -> str:
             "computes; train with model.qk_norm=false to export"
         )
     have = {key: getattr(cfg, key) for key in GPT2_STYLE}
-    if have == GPT2_STYLE:
+    if have | {"mlp": "gelu"} == GPT2_STYLE and cfg.mlp in GPT2_MLPS:
         if cfg.kv_heads != cfg.n_head:
             raise LmforgeError(
                 f"GPT-2 has no grouped-query attention; this GPT-2-style model has n_kv_head={cfg.n_kv_head} "
@@ -126,7 +126,11 @@ def hf_family(cfg: GPTConfig) -> str:
     if have == LLAMA_STYLE:
         return "llama"
     state = ", ".join(f"{key}={value}" for key, value in have.items())
-    to_gpt2 = ", ".join(f"{k}={v}" for k, v in GPT2_STYLE.items() if have[k] != v)
+    to_gpt2 = ", ".join(
+        f"{k}={' or '.join(GPT2_MLPS) if k == 'mlp' else v}"
+        for k, v in GPT2_STYLE.items()
+        if have[k] != v and not (k == "mlp" and have[k] in GPT2_MLPS)
+    )
     to_llama = ", ".join(f"{k}={v}" for k, v in LLAMA_STYLE.items() if have[k] != v)
     raise LmforgeError(
         f"only GPT-2-style or Llama-style models export to HF; this one has {state} "
@@ -314,7 +318,7 @@ def _gpt2_config_to_hf(cfg: GPTConfig, eos_id: int | None, dtype: torch.dtype) -
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": cfg.ff_dim,
-        "activation_function": "gelu",  # exact erf GELU, as our MLP computes it
+        "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",  # tanh or exact erf GELU
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -356,12 +360,9 @@ def _gpt2_config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
     h = {**GPT2_DEFAULTS, **hf}
     act = h["activation_function"]
     if act not in ("gelu", *GELU_TANH):
-        raise LmforgeError(f"{where}: activation_function {act!r} is not supported; lmforge's GPT-2 MLP uses GELU")
-    if act != "gelu":
-        warnings.warn(
-            f"{where}: activation_function {act!r} is the tanh approximation of GELU; the imported model "
-            "computes exact GELU (< 1e-3 difference per activation), so its logits differ slightly from HF's",
-            stacklevel=3,
+        raise LmforgeError(
+            f"{where}: activation_function {act!r} is not supported; lmforge's GPT-2 MLP computes GELU "
+            f"('gelu', or the tanh approximation: {', '.join(map(repr, GELU_TANH))})"
         )
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
         if h[key] != want:
@@ -380,7 +381,7 @@ def _gpt2_config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
         norm="layernorm",
         norm_eps=float(h["layer_norm_epsilon"]),
         pos_emb="learned",
-        mlp="gelu",
+        mlp="gelu" if act == "gelu" else "gelu_tanh",
         tie_embeddings=bool(h["tie_word_embeddings"]),
         init_std=float(h["initializer_range"]),
     )

@@ -259,7 +259,14 @@ def muon_groups(model: nn.Module, weight_decay: float, lr_scale: float) -> list[
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, *, lr: float, device: torch.device
 ) -> torch.optim.Optimizer | Muon:
-    """AdamW (fused on CUDA when available), SGD or Muon (+ AdamW) over `param_groups(model)`."""
+    """AdamW, SGD or Muon (+ AdamW) over `param_groups(model)`.
+
+    AdamW is fused by default on CPU and CUDA (`optim.fused = "auto"`): one kernel reads each tensor once
+    instead of ~10 element-wise passes. Measured on 2 CPU threads (torch 2.13) for a whole step: 2.3 ->
+    0.6 ms at 0.8M parameters, 28.6 -> 9.6 ms at 10.8M, 364 -> 81 ms for GPT-2 124M. Its rounding
+    differs from the for-loop implementation (`"off"`, which nanoGPT's CPU recipe runs and its replica
+    config pins), so the two give slightly different curves; each is deterministic and resumes exactly.
+    """
     if cfg.name == "muon":
         groups = muon_groups(model, cfg.weight_decay, lr_scale=cfg.muon_lr / lr)
         return Muon(
@@ -274,7 +281,7 @@ def build_optimizer(
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type in ("cpu", "cuda"))
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
