@@ -134,7 +134,8 @@ def test_rope_permutation_gives_the_same_attention_scores(bpe: Tokenizer, tmp_pa
     model = load_trained(run, torch.device("cpu")).model
     H, Hkv, D, T = 4, 2, 16, 10
     x = torch.randn(T, 64, generator=torch.Generator().manual_seed(0))
-    cos, sin = rope_cos_sin(T, D, 500.0)
+    cos, sin = rope_cos_sin(T, D, 500.0)  # ours: [c, c] and [-s, s]
+    c, s = cos[:, : D // 2], sin[:, D // 2 :]  # the angles' cos and sin, for llama.cpp's layout
     wq, wk, _ = model.blocks[1].attn.qkv.weight.detach().split([H * D, Hkv * D, Hkv * D])
     # ours: rotate-half rope on the original rows (f16-rounded, as in the file)
     wq16, wk16 = wq.half().float(), wk.half().float()
@@ -143,14 +144,14 @@ def test_rope_permutation_gives_the_same_attention_scores(bpe: Tokenizer, tmp_pa
     # llama.cpp: interleaved rope on the permuted rows read back from the file
     gq = torch.from_numpy(dequant(tensors["blk.1.attn_q.weight"]))
     gk = torch.from_numpy(dequant(tensors["blk.1.attn_k.weight"]))
-    q2 = rope_interleaved((x @ gq.T).view(T, H, D), cos, sin)
-    k2 = rope_interleaved((x @ gk.T).view(T, Hkv, D), cos, sin)
+    q2 = rope_interleaved((x @ gq.T).view(T, H, D), c, s)
+    k2 = rope_interleaved((x @ gk.T).view(T, Hkv, D), c, s)
     kv_of = torch.arange(H) // (H // Hkv)  # GQA: query head h reads kv head h // 2
     scores = torch.einsum("thd,shd->hts", q, k[:, kv_of])
     scores2 = torch.einsum("thd,shd->hts", q2, k2[:, kv_of])
     torch.testing.assert_close(scores2, scores, atol=1e-5, rtol=1e-5)
     # and without the permutation they would not match (the test can fail)
-    q3 = rope_interleaved((x @ wq16.T).view(T, H, D), cos, sin)
+    q3 = rope_interleaved((x @ wq16.T).view(T, H, D), c, s)
     assert not torch.allclose(torch.einsum("thd,shd->hts", q3, k2[:, kv_of]), scores, atol=1e-3)
     # permute_rope_rows is a pure reordering of rows within each head
     w = torch.arange(8 * 3).reshape(8, 3)

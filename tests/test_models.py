@@ -180,3 +180,20 @@ def test_dropout_only_in_train_mode(pos_emb: str) -> None:
     assert torch.equal(model(idx), model(idx))
     no_dropout = tiny(dropout=0.0, pos_emb=pos_emb)  # same seed: same weights
     assert torch.equal(model(idx), no_dropout.eval()(idx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_two_multiplications_equals_the_textbook_rotation_bit_for_bit(dtype: torch.dtype) -> None:
+    """apply_rope computes x * [c, c] + [x2, x1] * [-s, s]; the rotation by angle theta_j of each pair
+    (x1_j, x2_j) written out, x1 c - x2 s and x2 c + x1 s, must come out identical, not just close."""
+    from lmforge.models.layers import apply_rope, rope_cos_sin
+
+    T, D = 12, 16
+    x = torch.randn(2, T, 3, D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, sin = rope_cos_sin(T, D, 10000.0)
+    assert torch.equal(cos[:, : D // 2], cos[:, D // 2 :]) and torch.equal(-sin[:, : D // 2], sin[:, D // 2 :])
+    c, s = cos[:, None, : D // 2].to(dtype), sin[:, None, D // 2 :].to(dtype)  # each angle's cos and sin
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    textbook = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), textbook)
+    assert torch.equal(apply_rope(x, cos, sin)[:, 0], x[:, 0])  # position 0: no rotation

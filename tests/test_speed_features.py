@@ -347,3 +347,23 @@ def test_compiled_training_equals_eager_and_saves_plain_keys(data_dir: Path, tmp
     assert comp_w.keys() == eager_w.keys()  # no `_orig_mod.` prefix from the compile wrapper
     for name in eager_w:
         torch.testing.assert_close(comp_w[name], eager_w[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_rms_norm_equals_f_rms_norm_values_and_gradients(dtype):
+    from lmforge.models.gpt import HeadRMSNorm
+
+    gen = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(4, 6, 5, 32, generator=gen)).to(dtype).requires_grad_()
+    dy = torch.randn(4, 6, 5, 32, generator=gen).to(dtype)
+    y = HeadRMSNorm.apply(x)
+    (grad,) = torch.autograd.grad(y, x, dy)
+    reference = F.rms_norm(x, (32,))
+    (reference_grad,) = torch.autograd.grad(reference, x, dy)
+    assert y.dtype == grad.dtype == dtype
+    # float32: a few ulps; bf16: 1-2 ulps (8 mantissa bits) of values ~1 and gradients ~1
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-2)
+    torch.testing.assert_close(y, reference, **tol)
+    torch.testing.assert_close(grad, reference_grad, **tol)
+    x64 = torch.randn(3, 4, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(HeadRMSNorm.apply, (x64,))

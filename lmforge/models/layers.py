@@ -40,27 +40,31 @@ def make_norm(kind: str, dim: int, *, eps: float, bias: bool) -> nn.Module:
 def rope_cos_sin(
     seq_len: int, head_dim: int, theta: float, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Rotary tables for positions 0..seq_len-1: cos and sin, each (seq_len, head_dim // 2), float32.
+    """Rotary tables for positions 0..seq_len-1, each (seq_len, head_dim), float32, in the rotate-half
+    layout with the sign folded in: cos = [c, c] and sin = [-s, s] for c, s = cos, sin of (seq_len,
+    head_dim / 2) angles.
 
     Frequency j is theta^(-2j/head_dim), computed like HF Llama (integer arange, then float) so the
-    tables match theirs bit for bit.
+    tables match theirs bit for bit (HF's cos is [c, c] too; its sin is [s, s] with the sign in rotate_half).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (seq_len, head_dim/2)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, n_head, head_dim) by position; cos/sin (T or B x T, head_dim/2) are the rows for x's positions.
+    """Rotate x (B, T, heads, head_dim) by position; cos/sin (T or B x T, head_dim) from `rope_cos_sin` are
+    the rows for x's positions: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], as x * cos + [x2, x1] * sin.
 
-    The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16 and matches v in SDPA.
+    Two multiplications, an addition and one concatenation (the textbook x1 c - x2 s, x2 c + x1 s takes
+    seven ops), with the same values bit for bit (a - b = a + (-b) and a + b = b + a in IEEE arithmetic),
+    which are also HF Llama's. The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16.
     """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (B, T, n_head, head_dim/2) each
-    cos = cos.to(x.dtype)[..., None, :]  # ([B,] T, 1, head_dim/2): broadcast over heads
-    sin = sin.to(x.dtype)[..., None, :]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
+    return x * cos.to(x.dtype)[..., None, :] + swapped * sin.to(x.dtype)[..., None, :]  # tables broadcast over heads
 
 
 class KVCache:

@@ -79,11 +79,12 @@ def newton_schulz_many(
             shape = gram.shape
             gram = gram.reshape(-1, *shape[-2:])  # (n', rows, rows): one bmm per product
             poly = None  # P_0 = identity
-            for _ in range(steps):
+            for k in range(steps):
                 m = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2 in one op
                 m.diagonal(dim1=-2, dim2=-1).add_(a)  # M_k
                 poly = m if poly is None else torch.bmm(m, poly)
-                gram = torch.bmm(m, torch.bmm(m, gram))
+                if k < steps - 1:  # the last G_{k+1} would go unused: 2 of the 19 products saved
+                    gram = torch.bmm(m, torch.bmm(m, gram))
             poly = poly.reshape(shape)
             for j, i in enumerate(idx):
                 xs[i] = poly[j] @ xs[i]
