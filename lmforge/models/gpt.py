@@ -162,7 +162,9 @@ class CausalSelfAttention(nn.Module):
             qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
             qk = qk.view(B, T, H + Hkv, D)
             if self.qk_norm:  # bounded attention logits: tolerates the higher learning rates of a speedrun
-                qk = HeadRMSNorm.apply(qk)
+                # CPU: torch runs F.rms_norm as separate ops there (HeadRMSNorm is 2.5x faster); CUDA has a
+                # fused kernel for it
+                qk = HeadRMSNorm.apply(qk) if qk.device.type == "cpu" else F.rms_norm(qk, (D,))
             if rope is not None:  # rotary positions (Llama); learned positions were added to x already
                 qk = apply_rope(qk, *rope)
             q, k = qk.split([H, Hkv], dim=2)  # (B, T, n_head | n_kv_head, head_dim)
