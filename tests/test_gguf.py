@@ -139,8 +139,8 @@ def test_rope_permutation_gives_the_same_attention_scores(bpe: Tokenizer, tmp_pa
     wq, wk, _ = model.blocks[1].attn.qkv.weight.detach().split([H * D, Hkv * D, Hkv * D])
     # ours: rotate-half rope on the original rows (f16-rounded, as in the file)
     wq16, wk16 = wq.half().float(), wk.half().float()
-    q = apply_rope((x @ wq16.T).view(1, T, H, D), cos, sin)[0]
-    k = apply_rope((x @ wk16.T).view(1, T, Hkv, D), cos, sin)[0]
+    q = apply_rope((x @ wq16.T).view(1, T, H, D), cos[:, None], sin[:, None])[0]  # tables broadcast over heads
+    k = apply_rope((x @ wk16.T).view(1, T, Hkv, D), cos[:, None], sin[:, None])[0]
     # llama.cpp: interleaved rope on the permuted rows read back from the file
     gq = torch.from_numpy(dequant(tensors["blk.1.attn_q.weight"]))
     gk = torch.from_numpy(dequant(tensors["blk.1.attn_k.weight"]))

@@ -195,5 +195,8 @@ def test_rope_in_two_multiplications_equals_the_textbook_rotation_bit_for_bit(dt
     c, s = cos[:, None, : D // 2].to(dtype), sin[:, None, D // 2 :].to(dtype)  # each angle's cos and sin
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     textbook = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    assert torch.equal(apply_rope(x, cos, sin), textbook)
-    assert torch.equal(apply_rope(x, cos, sin)[:, 0], x[:, 0])  # position 0: no rotation
+    rotated = apply_rope(x, cos[:, None], sin[:, None])  # tables broadcast over the heads
+    assert torch.equal(rotated, textbook)
+    assert torch.equal(rotated[:, 0], x[:, 0])  # position 0: no rotation
+    expanded = (cos[:, None].expand(T, 3, D).contiguous(), sin[:, None].expand(T, 3, D).contiguous())
+    assert torch.equal(apply_rope(x, *expanded), textbook)  # as GPT.rope_tables passes them

@@ -55,16 +55,18 @@ def rope_cos_sin(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, heads, head_dim) by position; cos/sin (T or B x T, head_dim) from `rope_cos_sin` are
-    the rows for x's positions: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], as x * cos + [x2, x1] * sin.
+    """Rotate x (B, T, heads, head_dim) by position; cos/sin are `rope_cos_sin`'s rows for x's positions,
+    shaped to broadcast against x ((T, heads, head_dim), (B, T, heads, head_dim), or (T, 1, head_dim)):
+    [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], as x * cos + [x2, x1] * sin.
 
-    Two multiplications, an addition and one concatenation (the textbook x1 c - x2 s, x2 c + x1 s takes
-    seven ops), with the same values bit for bit (a - b = a + (-b) and a + b = b + a in IEEE arithmetic),
-    which are also HF Llama's. The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16.
+    Two multiplications, an addition and a roll (the textbook x1 c - x2 s, x2 c + x1 s takes seven ops
+    and two zero-filled slice gradients), with the same values bit for bit (a - b = a + (-b) and
+    a + b = b + a in IEEE arithmetic), which are also HF Llama's. Tables already expanded over the heads
+    and contiguous (`GPT.rope_tables`) multiply fastest: broadcasting over a middle dimension costs more
+    on CPU than the copy. The tables are cast to x's dtype (as HF does) so a bf16 q/k stays bf16.
     """
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
-    return x * cos.to(x.dtype)[..., None, :] + swapped * sin.to(x.dtype)[..., None, :]  # tables broadcast over heads
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # [x2, x1]
+    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
 
 
 class KVCache:
