@@ -97,9 +97,14 @@ HF_DIR_FILES = "config.json, model.safetensors (or pytorch_model.bin) and tokeni
 # Which HF family a config belongs to
 
 
-GPT2_STYLE = {"pos_emb": "learned", "norm": "layernorm", "mlp": "gelu"}  # or mlp="gelu_tanh" (GPT2_MLPS)
-GPT2_MLPS = ("gelu", "gelu_tanh")
-LLAMA_STYLE = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+# the values each config field may take in a family
+GPT2_STYLE = {"pos_emb": ("learned",), "norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh")}
+LLAMA_STYLE = {"pos_emb": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",)}
+
+
+def _misfits(have: dict[str, str], style: dict[str, tuple[str, ...]]) -> str:
+    """The fields of `have` that `style` does not allow, as 'field=a or b, ...' ('' when it fits)."""
+    return ", ".join(f"{key}={' or '.join(allowed)}" for key, allowed in style.items() if have[key] not in allowed)
 
 
 def hf_family(cfg: GPTConfig) -> str:
@@ -116,22 +121,17 @@ def hf_family(cfg: GPTConfig) -> str:
             "computes; train with model.qk_norm=false to export"
         )
     have = {key: getattr(cfg, key) for key in GPT2_STYLE}
-    if have | {"mlp": "gelu"} == GPT2_STYLE and cfg.mlp in GPT2_MLPS:
+    to_gpt2, to_llama = _misfits(have, GPT2_STYLE), _misfits(have, LLAMA_STYLE)
+    if not to_gpt2:
         if cfg.kv_heads != cfg.n_head:
             raise LmforgeError(
                 f"GPT-2 has no grouped-query attention; this GPT-2-style model has n_kv_head={cfg.n_kv_head} "
                 f"< n_head={cfg.n_head} (train with model.n_kv_head=0, or use the Llama style to keep GQA)"
             )
         return "gpt2"
-    if have == LLAMA_STYLE:
+    if not to_llama:
         return "llama"
     state = ", ".join(f"{key}={value}" for key, value in have.items())
-    to_gpt2 = ", ".join(
-        f"{k}={' or '.join(GPT2_MLPS) if k == 'mlp' else v}"
-        for k, v in GPT2_STYLE.items()
-        if have[k] != v and not (k == "mlp" and have[k] in GPT2_MLPS)
-    )
-    to_llama = ", ".join(f"{k}={v}" for k, v in LLAMA_STYLE.items() if have[k] != v)
     raise LmforgeError(
         f"only GPT-2-style or Llama-style models export to HF; this one has {state} "
         f"(GPT-2 needs {to_gpt2}; Llama needs {to_llama})"
