@@ -31,6 +31,8 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,14 @@ def hf(n_layer: int, n_head: int, d_model: int, ctx: int, activation: str = "gel
     return GPT2LMHeadModel(cfg)
 
 
+class Contestant(NamedTuple):
+    model: torch.nn.Module
+    run: Callable[[int], float]  # train n more steps, return the seconds they took
+    gelu: str  # the function its MLP computes, as that library spells it
+    optimizer: str
+    versus: str  # the HF row it is compared with (the same function)
+
+
 def plain_adamw(model: torch.nn.Module, optim_cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     """`torch.optim.AdamW` over the same decay / no-decay groups, with torch's defaults unless `fused`."""
     groups = param_groups(model, optim_cfg.weight_decay)
@@ -142,8 +152,7 @@ def main() -> None:
     optim_cfg = OptimConfig(beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)  # fused: lmforge's default
     cpu = torch.device("cpu")
     hf_logits, our_logits = (lambda m, x: m(x).logits), (lambda m, x: m(x))
-    # name -> (model, run(n_steps) -> seconds, the function its MLP computes, optimizer, HF row it is compared with)
-    contestants: dict[str, tuple] = {}
+    contestants: dict[str, Contestant] = {}
 
     def lmforge(name: str, mlp: str, versus: str, eager: bool = False) -> None:
         model = ours(n_layer, n_head, d_model, ctx, mlp)
@@ -154,19 +163,14 @@ def main() -> None:
             if eager
             else loop_stepper(model, opt, loader, optim_cfg, args.batch)
         )
-        contestants[name] = (model, run, f"mlp={mlp}", "AdamW, fused (lmforge default)", versus)
+        contestants[name] = Contestant(model, run, f"mlp={mlp}", "AdamW, fused (lmforge default)", versus)
 
     def huggingface(name: str, activation: str, fused: bool, versus: str) -> None:
         model = hf(n_layer, n_head, d_model, ctx, activation)
         opt = plain_adamw(model, optim_cfg, fused)
         optimizer = "torch.optim.AdamW, fused" if fused else "torch.optim.AdamW (torch defaults)"
-        contestants[name] = (
-            model,
-            eager_stepper(model, opt, batches(args.batch, ctx), hf_logits),
-            activation,
-            optimizer,
-            versus,
-        )
+        run = eager_stepper(model, opt, batches(args.batch, ctx), hf_logits)
+        contestants[name] = Contestant(model, run, activation, optimizer, versus)
 
     hf_default, hf_exact = "HF GPT-2", "HF GPT-2, exact GELU"
     lmforge("lmforge loop", "gelu_tanh", hf_default)
@@ -176,19 +180,19 @@ def main() -> None:
     lmforge("lmforge loop, exact GELU", "gelu", hf_exact)
     huggingface(hf_exact, "gelu", False, hf_exact)
 
-    n_params = {name: sum(p.numel() for p in c[0].parameters()) for name, c in contestants.items()}
+    n_params = {name: sum(p.numel() for p in c.model.parameters()) for name, c in contestants.items()}
     assert len(set(n_params.values())) == 1, f"the models differ in size: {n_params}"
-    flops = contestants["lmforge eager"][0].flops_per_token(ctx)
+    flops = contestants["lmforge eager"].model.flops_per_token(ctx)
 
     keep_freed_memory(cpu)  # as `pretrain` does; it is process-wide, so the HF rows get it as well
     peak = measure_matmul_flops("cpu", torch.float32, seconds=1.0)
     for c in contestants.values():
-        c[1](2)  # warm-up: allocator, SDPA kernel choice, optimizer state
+        c.run(2)  # warm-up: allocator, SDPA kernel choice, optimizer state
     times: dict[str, list[float]] = {name: [] for name in contestants}
     order = list(contestants)
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
-            times[name].append(contestants[name][1](args.steps))
+            times[name].append(contestants[name].run(args.steps))
 
     tokens = args.steps * args.batch * ctx
     tok_s = {name: tokens / statistics.median(ts) for name, ts in times.items()}
@@ -200,10 +204,10 @@ def main() -> None:
     print("| loop | GELU | optimizer | ms/step | tokens/s | MFU | vs HF, same function |")
     print("|---|---|---|---|---|---|---|")
     for name, rate in tok_s.items():
-        _, _, function, optimizer, versus = contestants[name]
+        c = contestants[name]
         ms = 1000 * args.batch * ctx / rate
-        ratio = f"{rate / tok_s[versus]:.2f}x vs {versus}"
-        print(f"| {name} | {function} | {optimizer} | {ms:.1f} | {rate:.0f} | {flops * rate / peak:.1%} | {ratio} |")
+        ratio = f"{rate / tok_s[c.versus]:.2f}x vs {c.versus}"
+        print(f"| {name} | {c.gelu} | {c.optimizer} | {ms:.1f} | {rate:.0f} | {flops * rate / peak:.1%} | {ratio} |")
 
 
 if __name__ == "__main__":
