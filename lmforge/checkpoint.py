@@ -129,6 +129,17 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_dir(run_dir: Path, step: int) -> Path:
+    """`checkpoints/step-NNNNNN`: where the checkpoint of `step` lives once complete."""
+    return checkpoints_dir(run_dir) / f"step-{step:06d}"
+
+
+def tmp_step_dir(run_dir: Path, step: int) -> Path:
+    """`checkpoints/step-NNNNNN.tmp`: where it is written until `finish_checkpoint` renames it."""
+    final = step_dir(run_dir, step)
+    return final.with_name(final.name + ".tmp")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints (with state.json), oldest first."""
     root = checkpoints_dir(run_dir)
@@ -244,9 +255,8 @@ def save_checkpoint(
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
     """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`)."""
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"step-{step:06d}.tmp"
+    checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = tmp_step_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -271,7 +281,7 @@ def finish_checkpoint(
         fsync_file(tmp / name)
     meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     write_json(tmp / "state.json", meta)  # the validity marker: written last
-    final = tmp.with_name(f"step-{step:06d}")
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -304,7 +314,7 @@ def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> Non
     complete = list_checkpoints(run_dir)
     protected = {p.name for p in complete[-keep:]}
     if best_step is not None:
-        protected.add(f"step-{best_step:06d}")
+        protected.add(step_dir(run_dir, best_step).name)
     for p in complete:
         if p.name not in protected:
             shutil.rmtree(p, ignore_errors=True)

@@ -410,16 +410,23 @@ def save_sharded_checkpoint(
     """A collective: every rank writes its own shards (no gather to rank 0, so no rank ever holds the
     whole model), then rank 0 checksums them and seals the checkpoint. The folder must be on a
     filesystem every rank sees. Returns the checkpoint folder."""
-    from lmforge.checkpoint import begin_checkpoint, checkpoints_dir, finish_checkpoint, shard_files, write_shard
+    from lmforge.checkpoint import (
+        begin_checkpoint,
+        finish_checkpoint,
+        shard_files,
+        step_dir,
+        tmp_step_dir,
+        write_shard,
+    )
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shards = local_shards(model, optimizer)
-    tmp = begin_checkpoint(run_dir, step) if rank == 0 else checkpoints_dir(run_dir) / f"step-{step:06d}.tmp"
+    tmp = begin_checkpoint(run_dir, step) if rank == 0 else tmp_step_dir(run_dir, step)
     barrier()
     write_shard(tmp, rank, world, shards["model"], shards["optim"])
     barrier()
     if rank != 0:
-        return tmp.with_name(f"step-{step:06d}")
+        return step_dir(run_dir, step)
     meta = {
         **state,
         "optimizer": shards["structure"],

@@ -24,12 +24,12 @@ from lmforge import dist
 from lmforge.atomic import write_json
 from lmforge.checkpoint import (
     checkpoint_to_resume,
-    checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     set_rng_state,
+    step_dir,
 )
 from lmforge.config import RunConfig
 from lmforge.data.datadir import load_data_dir
@@ -311,7 +311,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
                 run_dir, keep=cfg.checkpoint.keep, best_step=st.best_step if cfg.checkpoint.keep_best else None
             )
         dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
-        return checkpoints_dir(run_dir) / f"step-{st.step:06d}"
+        return step_dir(run_dir, st.step)
 
     if state.step >= cfg.train.max_steps:
         log.info(
