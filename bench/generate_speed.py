@@ -5,7 +5,10 @@ Both run the same weights: an lmforge GPT-2-style model is converted with the ex
 `transformers.GPT2LMHeadModel`, and the script checks that the two give the same logits before timing.
 Decoding is greedy for both, prompt and length are fixed (HF gets min_new_tokens = max_new_tokens and
 no end-of-text id, so neither stops early), and the generated ids must agree. Timing is interleaved in
-one process (median of rounds), so load from other processes on a shared machine hits both alike.
+one process (median of rounds), so load from other processes on a shared machine hits all alike.
+A third contestant is `generate(..., compile=True)` (`--compile` on the CLI: the decode step through
+torch.compile); its compile time is shown apart and left out of its tokens/s, which is what a chat or
+serve session sees after its first reply (`--no-compile` skips it).
 
 Each shape's row also shows two floors, timed in the same run. Bandwidth floor: the weight bytes one
 decoded token reads, divided by the bandwidth of a single fp32 matrix-vector product over a matrix of
@@ -32,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from lmforge.export.hf import _gpt2_config_to_hf, to_hf_state_dict
-from lmforge.generate import generate, generate_batch
+from lmforge.generate import _compile_failed, generate, generate_batch
 from lmforge.models.gpt import GPT, GPTConfig
 
 VOCAB = 65
@@ -45,7 +48,7 @@ def interleaved(contestants: dict[str, Callable[[], object]], rounds: int) -> di
     times: dict[str, list[float]] = {name: [] for name in contestants}
     order = list(contestants)
     for r in range(rounds):
-        for name in order[r % 2 :] + order[: r % 2]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.perf_counter()
             contestants[name]()
             times[name].append(time.perf_counter() - t0)
@@ -123,6 +126,9 @@ def vs_hf(shape: str, args: argparse.Namespace) -> dict[str, object]:
     def run_ours() -> list[int]:
         return generate(ours, prompt[0].tolist(), max_new_tokens=new, temperature=0.0, use_cache=True)
 
+    def run_compiled() -> list[int]:
+        return generate(ours, prompt[0].tolist(), max_new_tokens=new, temperature=0.0, compile=True)
+
     def run_hf() -> list[int]:
         with torch.no_grad():
             out = theirs.generate(
@@ -138,7 +144,18 @@ def vs_hf(shape: str, args: argparse.Namespace) -> dict[str, object]:
 
     a, b = run_ours(), run_hf()  # warm-up, and the answers to compare
     same = sum(x == y for x, y in zip(a, b, strict=True))
-    t = interleaved({"ours": run_ours, "hf": run_hf}, args.rounds)
+    contestants = {"ours": run_ours, "hf": run_hf}
+    compile_s, same_compiled = float("nan"), 0
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        c = run_compiled()
+        compile_s = time.perf_counter() - t0
+        if ours in _compile_failed:
+            compile_s = float("nan")  # it decoded eagerly; the warning says why
+        else:
+            same_compiled = sum(x == y for x, y in zip(b, c, strict=True))  # vs HF, as eager
+            contestants["compiled"] = run_compiled
+    t = interleaved(contestants, args.rounds)
     n_bytes = weight_bytes(ours)
     floor = matvec_seconds(n_bytes, args.rounds)
     matmuls = matmul_seconds(ours, args.rounds)
@@ -149,6 +166,9 @@ def vs_hf(shape: str, args: argparse.Namespace) -> dict[str, object]:
         "new": new,
         "ours_ms": 1000 * t["ours"] / new,
         "hf_ms": 1000 * t["hf"] / new,
+        "compiled_ms": 1000 * t.get("compiled", float("nan")) / new,
+        "compile_s": compile_s,
+        "same_compiled": same_compiled,
         "floor_ms": 1000 * floor,
         "matmul_ms": 1000 * matmuls,
         "gbps": n_bytes / floor / 1e9,
@@ -199,6 +219,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch", type=int, default=0, help="also time generate_batch on this many prompts")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF comparison (with --batch)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the generate(compile=True) contestant")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,16 +239,23 @@ def main() -> None:
         print(f"\nbatch 1, prompt {args.prompt} tokens, vs HF generate (KV cache both)\n")
         print(
             "| shape | params | weights | bandwidth floor ms/token (GB/s) | matmul floor ms/token "
-            "| lmforge ms/token | HF ms/token | lmforge vs HF | HF / matmul floor | ids identical |"
+            "| lmforge ms/token | HF ms/token | lmforge vs HF | compiled ms/token (compile s) | compiled vs HF "
+            "| HF / matmul floor | ids identical to HF (eager, compiled) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for shape in shapes:
             r = vs_hf(shape, args)
+            compiled = (
+                "n/a | n/a"
+                if r["compiled_ms"] != r["compiled_ms"]  # NaN: skipped, or compiling failed
+                else f"{r['compiled_ms']:.2f} ({r['compile_s']:.1f}) | {r['hf_ms'] / r['compiled_ms']:.2f}x"
+            )
             print(
                 f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['bytes'] / 1e6:.1f} MB "
                 f"| {r['floor_ms']:.2f} ({r['gbps']:.0f}) | {r['matmul_ms']:.2f} | {r['ours_ms']:.2f} "
-                f"| {r['hf_ms']:.2f} | {r['hf_ms'] / r['ours_ms']:.2f}x | {r['hf_ms'] / r['matmul_ms']:.2f}x "
-                f"| {r['same']}/{r['new']} |",
+                f"| {r['hf_ms']:.2f} | {r['hf_ms'] / r['ours_ms']:.2f}x | {compiled} "
+                f"| {r['hf_ms'] / r['matmul_ms']:.2f}x "
+                f"| {r['same']}/{r['new']}, {r['same_compiled']}/{r['new']} |",
                 flush=True,
             )
         print(

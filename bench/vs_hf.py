@@ -23,6 +23,7 @@ metrics), as a real run's last step does; with 5-step rounds that was 1 step in 
 
     python bench/vs_hf.py                                   # nanoGPT's baby GPT shape, 12 x 64
     python bench/vs_hf.py --shape 6,6,384,256 --batch 8     # n_layer,n_head,d_model,ctx
+    python bench/vs_hf.py --compile                         # + our loop with --train.compile
 """
 
 from __future__ import annotations
@@ -126,10 +127,20 @@ def eager_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     return run
 
 
-def loop_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, optim_cfg: OptimConfig, batch: int):
-    """Our real training loop, continued for n more steps each call (no eval, no checkpoints)."""
-    train_cfg = TrainConfig(max_steps=1, batch_size=batch, lr=1e-3, warmup_steps=0, log_every=50)
-    return stepper(train_cfg, optim_cfg, model, optimizer, loader, Precision(torch.device("cpu"), torch.float32))
+def loop_stepper(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader,
+    optim_cfg: OptimConfig,
+    batch: int,
+    compile: bool = False,  # noqa: A002 - as --train.compile
+):
+    """Our real training loop, continued for n more steps each call (no eval, no checkpoints); `compile`:
+    as `pretrain --train.compile true` runs it (the model and the cross-entropy through torch.compile)."""
+    train_cfg = TrainConfig(max_steps=1, batch_size=batch, lr=1e-3, warmup_steps=0, log_every=50, compile=compile)
+    precision = Precision(torch.device("cpu"), torch.float32)
+    forward_model = torch.compile(model) if compile else model
+    return stepper(train_cfg, optim_cfg, model, optimizer, loader, precision, forward_model)
 
 
 def main() -> None:
@@ -144,6 +155,9 @@ def main() -> None:
         help="steps per contestant per round (a round of our loop ends with a log step)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add our loop with --train.compile (its compile time is not timed)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,14 +168,14 @@ def main() -> None:
     hf_logits, our_logits = (lambda m, x: m(x).logits), (lambda m, x: m(x))
     contestants: dict[str, Contestant] = {}
 
-    def lmforge(name: str, mlp: str, versus: str, eager: bool = False) -> None:
+    def lmforge(name: str, mlp: str, versus: str, eager: bool = False, compile: bool = False) -> None:  # noqa: A002
         model = ours(n_layer, n_head, d_model, ctx, mlp)
         opt = build_optimizer(model, optim_cfg, lr=1e-3, device=cpu)
         loader = batches(args.batch, ctx)
         run = (
             eager_stepper(model, opt, loader, our_logits)
             if eager
-            else loop_stepper(model, opt, loader, optim_cfg, args.batch)
+            else loop_stepper(model, opt, loader, optim_cfg, args.batch, compile)
         )
         contestants[name] = Contestant(model, run, f"mlp={mlp}", "AdamW, fused (lmforge default)", versus)
 
@@ -175,6 +189,8 @@ def main() -> None:
     hf_default, hf_exact = "HF GPT-2", "HF GPT-2, exact GELU"
     lmforge("lmforge loop", "gelu_tanh", hf_default)
     lmforge("lmforge eager", "gelu_tanh", hf_default, eager=True)
+    if args.compile:
+        lmforge("lmforge loop, --train.compile", "gelu_tanh", hf_default, compile=True)
     huggingface(hf_default, "gelu_new", False, hf_default)
     huggingface("HF GPT-2, fused AdamW", "gelu_new", True, hf_default)
     lmforge("lmforge loop, exact GELU", "gelu", hf_exact)
@@ -187,7 +203,7 @@ def main() -> None:
     keep_freed_memory(cpu)  # as `pretrain` does; it is process-wide, so the HF rows get it as well
     peak = measure_matmul_flops("cpu", torch.float32, seconds=1.0)
     for c in contestants.values():
-        c.run(2)  # warm-up: allocator, SDPA kernel choice, optimizer state
+        c.run(2)  # warm-up: allocator, SDPA kernel choice, optimizer state, compiling
     times: dict[str, list[float]] = {name: [] for name in contestants}
     order = list(contestants)
     for r in range(args.rounds):

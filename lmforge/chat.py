@@ -121,6 +121,7 @@ def chat(
     top_p: float = 1.0,
     seed: int | None = None,
     device: str = "auto",
+    compile: bool = False,  # noqa: A002 - the CLI flag's name
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
@@ -177,6 +178,7 @@ def chat(
             use_cache=ft.use_cache,
             eos_id=tok.eos_id,
             on_token=on_token,
+            compile=compile,
         )
         stdout.write(stream.flush() + "\n")
         reply = tok.decode([t for t in new if t != tok.eos_id], skip_special_tokens=True)

@@ -147,6 +147,12 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: compiling takes ~5-15 s on CPU (needs a C++ compiler), then each "
+        "token is ~15-25%% faster; pays off for long outputs",
+    )
+    p.add_argument(
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
@@ -315,6 +321,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
             use_cache=not args.no_cache,
+            compile=args.compile,
             stop_at_eos=not args.ignore_eos,
             device=args.device,
             stream=sys.stdout,

@@ -55,6 +55,12 @@ def add_parsers(sub: Any, config_epilog: str) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: the first reply waits ~5-15 s more on CPU (needs a C++ compiler), "
+        "then each token is ~15-25%% faster",
+    )
 
     p = sub.add_parser(
         "serve",
@@ -68,6 +74,12 @@ def add_parsers(sub: Any, config_epilog: str) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default: 512)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step, before the server starts listening (~5-15 s on CPU, needs a C++ "
+        "compiler); then each token is ~15-25%% faster",
+    )
 
 
 def add_eval_task_args(p: Any) -> None:
@@ -135,10 +147,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
             device=args.device,
+            compile=args.compile,
         )
     elif args.command == "serve":
-        from lmforge.serve import ServeLimits, serve
+        from lmforge.serve import ServeLimits, make_server, serve
 
         limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
-        serve(args.run, host=args.host, port=args.port, limits=limits)
+        serve(
+            make_server(
+                args.run, host=args.host, port=args.port, limits=limits, device=args.device, compile=args.compile
+            )
+        )
     return 0

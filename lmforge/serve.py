@@ -11,7 +11,9 @@ With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (co
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
 `max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
 with OpenAI-style `{"error": {"message", "type", "code"}}` bodies. Requests run one at a time (one model,
-one lock) on a `ThreadingHTTPServer`, so a slow client never blocks the accept loop.
+one lock) on a `ThreadingHTTPServer`, so a slow client never blocks the accept loop. With `compile`
+(`--compile`) the decode step is compiled by a short warm-up generation before the server answers, so
+no request waits for it.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class RequestError(Exception):
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits) -> None:
+    def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits, compile: bool) -> None:  # noqa: A002
         super().__init__(address, _Handler)
-        self.ft, self.model_name, self.limits = ft, name, limits
+        self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.lock = threading.Lock()
 
     @property
@@ -66,24 +68,28 @@ def make_server(
     port: int = 8000,
     limits: ServeLimits | None = None,
     device: str = "auto",
+    compile: bool = False,  # noqa: A002 - the CLI flag's name
 ) -> LMServer:
     """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it."""
     from lmforge.adapt.load import load_finetuned
+    from lmforge.generate import generate
     from lmforge.train.precision import pick_device
 
     ft = load_finetuned(run, pick_device(device))
     if hasattr(ft.model, "head") and ft.model.head is not None:
         raise ConfigError(f"{run} is a classifier; serve needs a language model run")
     try:
-        return LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits())
+        server = LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits(), compile)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    if compile and ft.use_cache:  # one eager prefill and one compiled decode step: compiles it now
+        generate(ft.model, [ft.tokenizer.eos_id or 0], max_new_tokens=2, temperature=0.0, compile=True)
+    return server
 
 
-def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
-    """`lmforge serve`: run until Ctrl-C."""
-    server = make_server(run, host=host, port=port, limits=limits)
-    print(f"serving {run} at {server.url}/v1 (completions, chat/completions); Ctrl-C stops", flush=True)
+def serve(server: LMServer) -> None:
+    """`lmforge serve`: answer requests on a `make_server` server until Ctrl-C."""
+    print(f"serving {server.model_name} at {server.url}/v1 (completions, chat/completions); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -290,6 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
                     use_cache=ft.use_cache,
                     eos_id=tok.eos_id,
                     on_token=on_token,
+                    compile=self.server.compile,
                 )
                 n_new = len(new)
                 if finish != "stop":

@@ -87,9 +87,22 @@ def tiny_config(data_dir: Path, out: Path, **overrides: object) -> RunConfig:
     return load_config(preset="tiny", overrides=nested)
 
 
-def run_cli(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m lmforge ARGS` in a subprocess, as a user would run it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    """`python -m lmforge ARGS` in a subprocess, as a user would run it (`env`: extra environment variables)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
+
+
+def have_cpp_compiler() -> bool:
+    """Whether torch.compile can build CPU kernels here (inductor's C++ compiler: $CXX, else g++)."""
+    from lmforge.generate import _check_cpp_compiler
+
+    try:
+        _check_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any reason counts as "no"
+        return False
+    return True

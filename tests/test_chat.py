@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.finetune import FinetuneConfig, finetune
-from tests.conftest import run_cli
+from tests.conftest import have_cpp_compiler, run_cli
 from tests.test_finetune import make_base
 
 CONVERSATIONS = [
@@ -118,6 +118,35 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
         status, _ = _post(base + "/completions", b"{not json")
         assert status == 400
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_chat_and_serve_with_compile(chat_run: Path):
+    """--compile: the same replies; serve compiles before it answers, so a request adds no graph."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.serve import make_server
+
+    r = run_cli("chat", str(chat_run), "--temperature", "0", "--compile", input="hi\nbye\n/exit\n")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line] == [
+        "bot> hello there",
+        "bot> see you",
+    ]
+    before = counters["stats"]["unique_graphs"]
+    server = make_server(chat_run, port=0, compile=True)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled == before + 1
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 16}
+        status, body = _post(server.url + "/v1/chat/completions", hi)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hello there"
+        assert counters["stats"]["unique_graphs"] == compiled
     finally:
         server.shutdown()
         server.server_close()

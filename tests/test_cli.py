@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, have_cpp_compiler, run_cli
 
 COMMANDS = ["quickstart", "prepare", "pretrain", "eval", "generate", "export", "import", "estimate", "report", "runs"]
 COMMANDS += ["finetune", "chat", "serve"]
@@ -97,6 +97,22 @@ def test_end_to_end(trained_run):
         "generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0", "--no-cache"
     )
     assert greedy.stdout == nocache.stdout
+    # --compile: the same text; without a C++ compiler, one warning line and the same text, eagerly
+    if have_cpp_compiler():
+        compiled = run_cli(
+            "generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0", "--compile"
+        )
+        assert compiled.returncode == 0 and compiled.stdout == greedy.stdout, compiled.stderr
+        assert "warning" not in compiled.stderr
+    no_cxx = run_cli(
+        "generate", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0", "--compile",
+        env={"CXX": "/nonexistent/c++"},
+    )  # fmt: skip
+    assert no_cxx.returncode == 0 and no_cxx.stdout == greedy.stdout, no_cxx.stderr
+    warnings = [line for line in no_cxx.stderr.splitlines() if line.strip()]
+    assert (
+        len(warnings) == 1 and warnings[0].startswith("warning: --compile failed (") and "C++ compiler" in warnings[0]
+    )
 
 
 def test_user_errors_are_one_line(trained_run, tmp_path):

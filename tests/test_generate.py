@@ -11,6 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate import StreamDecoder, generate, sample_next
 from lmforge.models.gpt import GPT, GPTConfig
+from tests.conftest import have_cpp_compiler
 
 VOCAB = 96
 CONTEXT = 24
@@ -77,6 +78,33 @@ def test_kv_cache_logits_match_full_forward(variant: dict) -> None:
         assert cache.pos == 20
         cache.reset()
         torch.testing.assert_close(model(idx[:, :5], cache), full[:, :5], **TOL)
+
+
+@pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_gives_the_same_tokens_and_compiles_once() -> None:
+    """generate(compile=True): the eager tokens (greedy and seeded sampling, learned positions and rope +
+    GQA), compiled once for a model shape (later calls, other prompt lengths, another model of the same
+    shape and other sampling settings add no graph), and never used on a failed model."""
+    from torch._dynamo.utils import counters
+
+    import lmforge.generate as gen
+
+    for variant in (dict(pos_emb="learned"), dict(pos_emb="rope", mlp="swiglu", n_kv_head=2)):
+        model = tiny(**variant)
+        before = counters["stats"]["unique_graphs"]
+        for prompt in ([5], [1, 2, 3, 4, 5, 6, 7]):  # a one-token prefill stays eager too
+            eager = generate(model, prompt, max_new_tokens=12, temperature=0)
+            assert generate(model, prompt, max_new_tokens=12, temperature=0, compile=True) == eager
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == before + 1  # one graph for this shape: it was compiled, and only once
+        sampled = dict(max_new_tokens=15, temperature=0.9, top_k=20, seed=4)
+        assert generate(model, [3, 1], **sampled, compile=True) == generate(model, [3, 1], **sampled)
+        other = tiny(seed=1, **variant)
+        assert generate(other, [2, 9], max_new_tokens=10, temperature=0, compile=True) == generate(
+            other, [2, 9], max_new_tokens=10, temperature=0
+        )
+        assert counters["stats"]["unique_graphs"] == graphs, "recompiled for the same shape"
+        assert model not in gen._compile_failed and other not in gen._compile_failed
 
 
 def test_cache_overflow_is_value_error() -> None:

@@ -123,7 +123,7 @@ def decoder_hidden(
         x = x + (gpt.pos_emb.weight[:T] if positions is None else gpt.pos_emb(positions))
     else:
         # rotary attention depends only on q/k offsets, so inside a segment 0..T-1 equals a restart
-        rope = gpt.rope_tables(slice(0, T))
+        rope = gpt.rope_tables(0, T)
     mask = None
     if segments is not None:  # block-diagonal causal mask: no attention across packed examples
         causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
