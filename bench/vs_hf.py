@@ -194,6 +194,8 @@ def main() -> None:
     huggingface(hf_default, "gelu_new", False, hf_default)
     huggingface("HF GPT-2, fused AdamW", "gelu_new", True, hf_default)
     lmforge("lmforge loop, exact GELU", "gelu", hf_exact)
+    if args.compile:
+        lmforge("lmforge loop, exact GELU, --train.compile", "gelu", hf_exact, compile=True)
     huggingface(hf_exact, "gelu", False, hf_exact)
 
     n_params = {name: sum(p.numel() for p in c.model.parameters()) for name, c in contestants.items()}
