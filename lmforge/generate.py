@@ -46,6 +46,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT
+from lmforge.train.precision import cpp_compiler_problem
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
 
@@ -133,16 +134,6 @@ _compiled_step: Callable[..., Tensor] | None = None  # torch.compile(_decode_ste
 _compile_failed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # these models decode eagerly
 
 
-def _check_cpp_compiler() -> None:
-    """Raise if inductor finds no C++ compiler for CPU kernels (`CXX`, else g++): checked before compiling,
-    where the failure would also log a page of generated code."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # moved in another torch release: compiling itself will tell
-        return
-    get_cpp_compiler()
-
-
 def compiled_decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Tensor:
     """`model(x, cache)` through `torch.compile`, or eagerly for a model whose compiled call failed.
 
@@ -157,8 +148,9 @@ def compiled_decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Te
     if model not in _compile_failed:
         try:
             if _compiled_step is None:
-                if x.device.type == "cpu":
-                    _check_cpp_compiler()
+                problem = cpp_compiler_problem() if x.device.type == "cpu" else None
+                if problem:
+                    raise RuntimeError(problem)
                 _compiled_step = torch.compile(_decode_step, dynamic=True)
             return _compiled_step(model, x, cache)
         except Exception as e:  # noqa: BLE001 - any compile failure: decode eagerly instead

@@ -99,10 +99,6 @@ def run_cli(
 
 def have_cpp_compiler() -> bool:
     """Whether torch.compile can build CPU kernels here (inductor's C++ compiler: $CXX, else g++)."""
-    from lmforge.generate import _check_cpp_compiler
+    from lmforge.train.precision import cpp_compiler_problem
 
-    try:
-        _check_cpp_compiler()
-    except Exception:  # noqa: BLE001 - any reason counts as "no"
-        return False
-    return True
+    return cpp_compiler_problem() is None

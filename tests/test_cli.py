@@ -132,6 +132,12 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
     _one_line_error(run_cli(*base, "--train.lr", "fast"), "train.lr: expected float")
     _one_line_error(run_cli(*base, "--config", str(tmp_path / "nope.toml")), "nope.toml")
     _one_line_error(run_cli("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r")), "lmforge prepare")
+    no_cxx = run_cli(
+        "pretrain", "--data", str(data), "--out", str(tmp_path / "c"), "--preset", "tiny", "--train.compile", "true",
+        env={"CXX": "/nonexistent/c++"},
+    )  # fmt: skip
+    _one_line_error(no_cxx, "--train.compile on CPU needs a C++ compiler")
+    assert not (tmp_path / "c").exists()  # refused before the run directory is made
     assert not (tmp_path / "r").exists()
     _one_line_error(
         run_cli("pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model.n_layer", "3"),

@@ -20,6 +20,21 @@ from lmforge.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpp_compiler_problem() -> str | None:
+    """Why torch.compile cannot build CPU kernels here, or None: inductor compiles them with a C++ compiler
+    (`CXX`, else g++). Checked before compiling, where the failure would be a traceback after a page of
+    generated code."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # moved in another torch release: compiling itself will tell
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - any reason it gives
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
+
+
 def pick_device(name: str) -> torch.device:
     """`auto` → cuda if available, else cpu; an explicit unavailable device is a ConfigError."""
     if name == "auto":

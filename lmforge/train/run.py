@@ -45,7 +45,7 @@ from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
-from lmforge.train.precision import keep_freed_memory, pick_precision
+from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
 from lmforge.train.state import TrainState
 
 
@@ -168,6 +168,12 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         raise ConfigError(
             "optim.name muon orthogonalises whole weight matrices, which FSDP2 shards across ranks; "
             "use --dist.strategy ddp (or diloco) with Muon, or --optim.name adamw with FSDP2"
+        )
+    problem = cpp_compiler_problem() if cfg.train.compile and device.type == "cpu" else None
+    if problem:
+        raise ConfigError(
+            f"--train.compile on CPU needs a C++ compiler for inductor's kernels ({problem}); "
+            "install g++ (or set CXX), or drop --train.compile"
         )
     rank_train = _rank_batch(cfg, world.world_size)
     resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
