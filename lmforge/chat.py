@@ -59,6 +59,7 @@ class ChatTemplate:
 
         A system message is kept. Returns (ids, number of messages dropped).
         """
+        check_messages(messages, allow_trailing_user=True)  # before indexing into them
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = messages[len(system) :]
         dropped = 0
@@ -125,9 +126,10 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import StreamDecoder, generate
+    from lmforge.generate import StreamDecoder, check_sampling, generate
     from lmforge.train.precision import pick_device
 
+    check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
     ft = load_finetuned(run, pick_device(device))
     tok, model = ft.tokenizer, ft.model
     if getattr(model, "head", None) is not None:

@@ -61,7 +61,8 @@ def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generat
     return generator
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise an LmforgeError naming the first sampling setting out of range."""
     if temperature < 0:
         raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -103,7 +104,7 @@ def sample_next(
     Returns:
         (B,) int64 token ids.
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     return _sample(logits, temperature, top_k, top_p, generator)
 
 
@@ -198,7 +199,7 @@ def generate(
         LmforgeError: empty prompt without eos_id, prompt longer than the model's context, or
             invalid sampling settings.
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent models: no limit
@@ -263,7 +264,7 @@ def generate_batch(
         LmforgeError: an empty prompt without eos_id, invalid sampling settings, or a longest prompt
             that does not leave room for max_new_tokens in the model's context (no sliding window here).
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not isinstance(model, GPT):
@@ -403,7 +404,7 @@ def generate_from_checkpoint(
     eos_id = tokenizer.eos_id
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     prompt_ids = _check_prompt(tokenizer.encode(prompt), max_len, eos_id)
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
 
     def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped
         docs, current = [], []

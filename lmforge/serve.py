@@ -18,7 +18,9 @@ no request waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import threading
 import time
 import uuid
@@ -110,6 +112,7 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
 class _Handler(BaseHTTPRequestHandler):
     server: LMServer
     protocol_version = "HTTP/1.0"  # streamed replies end when the connection closes
+    streaming = False  # a POST sets it once its streamed reply's 200 is out
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
         pass
@@ -126,13 +129,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: RequestError) -> None:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
-        self._send_json(e.status, {"error": {"message": str(e), "type": kind, "code": e.code}})
+        error = {"error": {"message": str(e), "type": kind, "code": e.code}}
+        if self.streaming:  # the 200 and some events are out: the error becomes the last event
+            self.wfile.write(b"data: " + json.dumps(error, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        else:
+            self._send_json(e.status, error)
 
     def _read_body(self) -> dict[str, Any]:
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
-            raise RequestError(400, "bad Content-Length header") from None
+            length = -1
+        if length < 0:
+            raise RequestError(400, "bad Content-Length header: it must be the body's size in bytes")
         if length > self.server.limits.max_body_bytes:
             raise RequestError(
                 413,
@@ -145,6 +154,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
+        try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d"), which no tokenizer can encode
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                400, "the request body holds an unpaired surrogate escape (e.g. \\ud83d); send valid Unicode"
+            ) from None
         return body
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -157,6 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(RequestError(404, f"unknown path {self.path}", "not_found"))
 
     def do_POST(self) -> None:  # noqa: N802
+        self.streaming = False
         try:
             path = self.path.rstrip("/")
             if path not in ("/v1/completions", "/v1/chat/completions"):
@@ -167,6 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # noqa: BLE001 - a bug must still answer, and not kill the request thread silently
+            message = f"internal error ({type(e).__name__}: {e})"
+            print(f"lmforge serve: {self.command} {self.path}: {message}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                self._error(RequestError(500, message, "server_error"))
 
     # ---------------------------------------------------------------- the work
 
@@ -216,7 +237,13 @@ class _Handler(BaseHTTPRequestHandler):
         limits, ft = self.server.limits, self.server.ft
         asked = body.get("max_tokens") is not None
         default = min(limits.default_max_tokens, limits.max_tokens)
-        max_tokens = int(_number(body, "max_tokens", default, 1, limits.max_tokens))
+        max_tokens = _number(body, "max_tokens", default, 1, limits.max_tokens)
+        if isinstance(max_tokens, float) and max_tokens.is_integer():
+            max_tokens = int(max_tokens)
+        if not isinstance(max_tokens, int):
+            raise RequestError(400, f"'max_tokens' must be a whole number, got {max_tokens!r}")
+        if body.get("n", 1) not in (1, None):
+            raise RequestError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
         seed = body.get("seed")
@@ -264,6 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
+            self.streaming = True
             emit(chunk("", None, first=True))
 
         def on_token(t: int) -> None:

@@ -4,6 +4,7 @@ OpenAI-compatible server (completions, chat, SSE streaming, request limits)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -46,6 +47,8 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
     assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
     assert "(history cleared)" in r.stdout and "never read" not in r.stdout
+    bad = run_cli("chat", str(chat_run), "--top-p", "0", input="hi\n")  # refused before the first message
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 
 
 def test_history_is_trimmed_to_the_context(chat_run: Path):
@@ -118,6 +121,27 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
         status, _ = _post(base + "/completions", b"{not json")
         assert status == 400
+        bad = [
+            ("/chat/completions", {"max_tokens": 3}, "messages"),
+            ("/chat/completions", {"messages": "hi"}, "messages"),
+            ("/chat/completions", {"messages": ["hi"]}, "role"),
+            ("/completions", b'{"prompt": "\\udc00 x"}', "surrogate"),
+            ("/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "surrogate"),
+            ("/completions", {"prompt": "hi", "max_tokens": 3.5}, "whole number"),
+            ("/completions", {"prompt": "hi", "n": 2}, "'n'"),
+        ]
+        for path, payload, needle in bad:
+            status, body = _post(base + path, payload)
+            assert status == 400 and needle in json.loads(body)["error"]["message"], (payload, body)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Length", "-5")
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 400 and "Content-Length" in json.loads(reply.read())["error"]["message"]
+        conn.close()
+        status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2.0, "temperature": 0})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
     finally:
         server.shutdown()
         server.server_close()
