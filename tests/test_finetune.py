@@ -135,6 +135,17 @@ def test_qa_and_translation_metrics_against_hand_computed_values():
     same = bleu_chrf(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert same["bleu"] == pytest.approx(100.0) and same["chrf"] == pytest.approx(100.0)
     assert bleu_chrf(["zzz qqq"], ["the cat sat on the mat"])["bleu"] == pytest.approx(0.0)
+    # Chinese: full-width punctuation dropped, one token per character (CMRC 2018 style), zh BLEU tokens
+    assert exact_match("五边形。", "五边形") == 1.0 and exact_match("「北京」", "北京！") == 1.0
+    assert exact_match("北京 市", "北京市") == 1.0 and exact_match("ＡＢＣ１２３", "abc123") == 1.0  # NFKC
+    # pred 几何形状是五边形 (8 chars) vs ref 几何形状是一个五边形 (10): all 8 shared -> P 1, R 4/5, F1 8/9
+    assert token_f1("几何形状是五边形", "几何形状是一个五边形。") == pytest.approx(8 / 9)
+    assert token_f1("我爱 Paris", "我 爱paris") == 1.0  # mixed scripts
+    import sacrebleu
+
+    hyp, ref = ["我很喜欢这本书。"], ["我非常喜欢这本书。"]
+    assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp, [ref], tokenize="zh").score)
+    assert bleu_chrf(hyp, ref)["bleu"] > 50  # with 13a tokens the one-"word" sentence scored 0
 
 
 def test_dpo_loss_against_hand_computed_value():

@@ -9,7 +9,10 @@
 | clm       | next-token loss over the text                                             | loss, ppl                |
 
 EM and token F1 follow the SQuAD v1.1 evaluation script (lower-case, drop punctuation and the
-articles a/an/the, split on whitespace); F1 counts overlapping tokens with multiplicity.
+articles a/an/the, split on whitespace); F1 counts overlapping tokens with multiplicity. For other
+scripts: punctuation is all of Unicode's (Chinese full-width marks too), text is NFKC-normalised, and
+each Chinese/Japanese character is a token (CMRC 2018 / MLQA style), so "五边形。" matches "五边形" and
+a near answer gets partial F1. Translation BLEU tokenises Chinese references with sacrebleu's "zh".
 
 In-context classification (no training): each query is preceded by k labelled examples,
 `Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
@@ -22,6 +25,7 @@ import collections
 import math
 import re
 import string
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +33,39 @@ import torch
 
 from lmforge.errors import ConfigError, DataError
 
+# Chinese/Japanese characters (CJK ideographs, their extensions and compatibility forms, kana): text in these
+# scripts has no spaces between words, so each character is one token for F1, as the CMRC 2018 / MLQA
+# evaluation scripts count Chinese
+_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
+_ENGLISH_PUNCT = frozenset(string.punctuation)
+
+
+def _punctuation(ch: str) -> bool:
+    """SQuAD's ASCII punctuation and symbols, plus every Unicode punctuation mark (，。！？「」、… and the like)."""
+    return ch in _ENGLISH_PUNCT or unicodedata.category(ch).startswith("P")
+
 
 def normalize_answer(text: str) -> str:
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    """SQuAD v1.1's normalisation (lower-case, no punctuation, no English articles, single spaces), with
+    punctuation widened to all of Unicode's (full-width Chinese marks included) and NFKC first, so
+    full-width letters and digits equal their ASCII forms."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if not _punctuation(ch))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
+def answer_tokens(text: str) -> list[str]:
+    """The tokens EM and F1 compare: whitespace-separated words, with every CJK character a token of its own."""
+    return _CJK.sub(r" \1 ", normalize_answer(text)).split()
+
+
 def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+    return float(answer_tokens(prediction) == answer_tokens(reference))
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    pred, ref = answer_tokens(prediction), answer_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
     common = collections.Counter(pred) & collections.Counter(ref)
@@ -53,14 +76,22 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's tokenizer for these references: "zh" (each Chinese character a word, the rest as 13a) when
+    most of them hold CJK characters, else its default "13a". With 13a a Chinese sentence is one or two
+    "words", so any difference scores a BLEU of ~0."""
+    cjk = sum(bool(_CJK.search(r)) for r in references)
+    return "zh" if references and cjk * 2 > len(references) else "13a"
+
+
 def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU and chrF with sacrebleu's defaults (13a tokenization)."""
+    """Corpus BLEU (tokenised by `bleu_tokenizer`) and chrF (characters: no tokenizer) with sacrebleu."""
     try:
         import sacrebleu
     except ImportError:
         raise ConfigError("translation metrics need sacrebleu; pip install 'lmforge[translate]'") from None
     return {
-        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenizer(references)).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
     }
 
