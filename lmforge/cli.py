@@ -334,18 +334,20 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "export" and args.to == "gguf":
         from lmforge.export.gguf import export_gguf
 
+        if args.verify or args.peft:
+            flag = "--verify" if args.verify else "--peft"
+            raise ConfigError(f"{flag} is for --to hf exports; drop it with --to gguf (llama.cpp loads the file)")
         print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
-    elif args.command == "export" and args.peft and args.to == "hf":
-        from lmforge.export.peft import export_peft
-
-        print(f"wrote {export_peft(args.run, args.out, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
+        from lmforge.export.peft import export_peft
 
-        out = export_hf(args.run, args.out, overwrite=args.overwrite)
+        export = export_peft if args.peft else export_hf
+        out = export(args.run, args.out, overwrite=args.overwrite)
         print(f"wrote {out}")
         if args.verify:
-            print(f"transformers loads it; max |logit difference| = {verify_hf(args.run, out):.3g}")
+            diff = verify_hf(args.run, out, peft=args.peft)
+            print(f"transformers{' + peft' if args.peft else ''} loads it; max |logit difference| = {diff:.3g}")
     elif args.command == "quantize":
         from lmforge.compress.quantize import format_quantize, quantize_run
 

@@ -397,7 +397,13 @@ def finetune(
         context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
         if context < 8:
             raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
-        max_len = min(cfg.max_len or context, context)
+        if cfg.max_len > context:
+            raise ConfigError(
+                f"--max-len {cfg.max_len} is longer than the model's context ({context} tokens"
+                f"{' after the soft prompt' if cfg.adapt == 'prompt' else ''}); use at most {context}, "
+                "or 0 for all of it"
+            )
+        max_len = cfg.max_len or context
         labels: list[str] = []
         if cfg.task == "classify":
             labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)

@@ -16,7 +16,7 @@ from lmforge.adapt.load import load_finetuned
 from lmforge.adapt.lora import LoRALinear
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import export_hf
+from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.peft import export_peft
 from lmforge.finetune import FinetuneConfig, _TensorView, finetune
 from tests.conftest import run_cli
@@ -80,6 +80,7 @@ def test_peft_adapter_and_merged_export_match_our_lora_model(model: dict, tmp_pa
     assert n_adapters == 2 * 2 * (4 if not model else 4 + 2 + 1)  # layers x (A, B) x HF modules
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, expected, **TOL)
+    assert verify_hf(run, out, peft=True) < 1e-4  # what `export --peft --verify` prints
     assert transformers.AutoTokenizer.from_pretrained(str(out)).vocab_size > 0
 
     merged = export_hf(run, tmp_path / "merged")  # the default: adapters folded into the weights

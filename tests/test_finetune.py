@@ -110,6 +110,15 @@ def test_assistant_only_loss_mask_and_stored_template(base: Path):
     rendered = jinja2.Template(JINJA_TEMPLATE).render(messages=messages, eos_token=tok.id_to_token(tok.eos_id))
     assert rendered == tok.decode(example.ids)
 
+    # a prompt that fills the context: its start is cut, not the answer (which would train on nothing)
+    long = [{"role": "user", "content": "Summarise: " + "words and more words " * 40}, messages[2]]
+    segments = ChatTemplate().segments(tok, long)
+    answer = tok.encode("Blue.") + [tok.eos_id]
+    assert sum(len(ids) for ids, _ in segments) > 64 + 1
+    cut = segments_example(segments, max_len=64)
+    assert len(cut.ids) == 65 and cut.ids[-len(answer) :] == answer and sum(cut.train) == len(answer)
+    assert tok.decode(cut.ids).endswith("words \n<|assistant|>\nBlue.<|endoftext|>")
+
 
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report

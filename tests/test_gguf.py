@@ -172,6 +172,8 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="overwrite"):
         export_gguf(run, tmp_path / "d.gguf")
     assert export_gguf(run, tmp_path / "d.gguf", overwrite=True).stat().st_size > 1000
+    with pytest.raises(LmforgeError, match=r"ends in \.gguf"):
+        export_gguf(run, tmp_path / "e.txt")
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -188,6 +190,8 @@ def test_cli_export_gguf(bpe: Tokenizer, tmp_path: Path) -> None:
     result = run_cli("export", str(make_run(tmp_path / "gpt2", bpe)), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "Llama-style" in result.stderr and not (tmp_path / "x.gguf").exists()
+    result = run_cli("export", str(run), "--to", "gguf", "--out", str(tmp_path / "y.gguf"), "--verify")
+    assert result.returncode == 2 and "--verify is for --to hf" in result.stderr and not (tmp_path / "y.gguf").exists()
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])

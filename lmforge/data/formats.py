@@ -140,13 +140,22 @@ class LMExample:
 
 
 def segments_example(segments: list[tuple[list[int], bool]], max_len: int) -> LMExample:
-    """Concatenate (ids, train) segments; cut to max_len + 1 tokens (inputs are the first max_len)."""
+    """Concatenate (ids, train) segments; cut to max_len + 1 tokens (inputs are the first max_len).
+
+    The cut takes the end, unless that would leave no target at all (a prompt that fills the context):
+    then the prompt loses its *start* instead, as in `completion_example`: the answer and the end of
+    the prompt right before it are kept, and the answer is cut only when it alone does not fit."""
     ids: list[int] = []
     train: list[bool] = []
     for seg_ids, flag in segments:
         ids += seg_ids
         train += [flag] * len(seg_ids)
-    return LMExample(ids[: max_len + 1], train[: max_len + 1])
+    first = train.index(True) if True in train else None  # the first target
+    start = 0
+    if first is not None and first > max_len:  # the end cut would keep no target
+        # the whole tail when it fits, else from the token that predicts the first target on
+        start = min(len(ids) - (max_len + 1), first - 1)
+    return LMExample(ids[start : start + max_len + 1], train[start : start + max_len + 1])
 
 
 def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> LMExample:
@@ -404,6 +413,11 @@ def build_examples(
         index = {name: i for i, name in enumerate(labels or [])}
         before, after, _ = frame or classify_frame(tok, "gpt")
         room = max_len - len(before) - len(after)
+        if room < 1:
+            raise DataError(
+                f"max_len {max_len} leaves no room for the text (the classification frame takes "
+                f"{len(before) + len(after)} tokens); raise --max-len"
+            )
         out = []
         for i, row in enumerate(rows, 1):
             name = label_name(row[fields["label"]])

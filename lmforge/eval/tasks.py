@@ -258,7 +258,8 @@ def task_metrics(
     if task == "classify":
         if not hasattr(ft.model, "classify") or ft.model.head is None:
             raise ConfigError(
-                f"{ft.run_dir} has no classification head; pass --k-shot N --shots FILE to use it in-context"
+                f"{ft.run_dir} has no classification head; pass --k-shot N (N >= 1) --shots FILE to use it "
+                "in-context, or fine-tune it with --task classify"
             )
         report = _classify(ft, rows, fields, path)
         if out_dir is not None:
@@ -323,6 +324,12 @@ def evaluate_task(
     from lmforge.data.formats import field_map, read_task_rows
     from lmforge.train.precision import pick_device
 
+    if limit < 0:
+        raise ConfigError(f"--limit must be a number of rows >= 1 (or 0 for all), got {limit}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if k_shot < 0:
+        raise ConfigError(f"--k-shot must be >= 0, got {k_shot}")
     ft = load_finetuned(run, pick_device(device))
     info = ft.info or {}
     if info.get("task") == "classify" and task != "classify":

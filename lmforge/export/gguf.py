@@ -154,6 +154,10 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
     if out.is_dir():
         raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as model.gguf")
+    if out.suffix.lower() != ".gguf":
+        raise LmforgeError(
+            f"--out {out}: a GGUF file's name ends in .gguf (llama.cpp looks for it); e.g. {out.stem}.gguf"
+        )
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)

@@ -649,11 +649,13 @@ Exported from `{trained.checkpoint.path}`.
 
 
 @torch.no_grad()
-def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: int = 0) -> float:
+def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: int = 0, peft: bool = False) -> float:
     """Largest |logit difference| between an lmforge run/checkpoint and its HF export loaded by `transformers`.
 
     Both models run in float32 on CPU on the same random token ids (2 sequences of
     min(seq_len, max_seq_len) tokens, drawn from a local generator so the global RNG is untouched).
+    `peft`: `hf_dir` is an `export --peft` adapter directory, loaded as `PeftModel.from_pretrained(
+    AutoModelForCausalLM.from_pretrained(hf_dir / "base"), hf_dir)` (needs the peft package).
 
     Raises:
         LmforgeError: transformers is not installed, or either side fails to load.
@@ -671,7 +673,15 @@ def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: 
         return verify_bert(trained, hf_dir, seed=seed)
     ours = trained.model.float()
     try:
-        theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()
+        if peft:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise LmforgeError("verifying a --peft export needs peft: pip install peft") from None
+            base = AutoModelForCausalLM.from_pretrained(str(Path(hf_dir) / "base"))
+            theirs = PeftModel.from_pretrained(base, str(hf_dir)).float().eval()
+        else:
+            theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LmforgeError(f"transformers cannot load {hf_dir} ({first}); export it again with lmforge") from None
