@@ -32,6 +32,8 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import shutil
 import time
@@ -231,7 +233,8 @@ def val_metrics(
     precision: Any,
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Validation loss (+ accuracy / reward accuracy) over precomputed batches; {"loss", "bpb", ...}."""
+    """Validation loss (+ accuracy / reward accuracy) over precomputed batches: {"loss", "bpb"} for LM tasks,
+    {"loss", "accuracy"} for classify, {"loss", "reward_accuracy", "reward_margin"} for DPO."""
     from lmforge.adapt.objectives import dpo_losses, pair_logprobs, reference_pair
     from lmforge.eval.lm import evaluate_lm
     from lmforge.objectives import to_device
@@ -258,7 +261,7 @@ def val_metrics(
                 margin += float((rc - rr).sum())
                 n += int(losses.numel())
     model.train(was_training)
-    out = {"loss": total / max(n, 1), "bpb": float("nan")}
+    out = {"loss": total / max(n, 1)}  # no bits per byte: these losses are not over text
     if task == "classify":
         out["accuracy"] = correct / max(n, 1)
     else:
@@ -375,6 +378,8 @@ def finetune(
     previous = None if overwrite else _existing_run(out, base, cfg)
     fields = field_map(cfg.task, cfg.field)
     train_rows = read_task_rows(train_file, cfg.task, fields)
+    # the rows, not the file's bytes or path: a resumed run must continue on the data it started on
+    train_sha = hashlib.sha256(json.dumps(train_rows, sort_keys=True, default=str).encode("utf-8")).hexdigest()
     val_rows = read_task_rows(val_file, cfg.task, fields) if val_file else []
     if cfg.replay and cfg.task != "clm":
         raise ConfigError("--replay is for --task clm (continued pretraining)")
@@ -433,6 +438,11 @@ def finetune(
                 raise CheckpointError(
                     f"the base {base_path} changed since {out} started; restore it or pass --overwrite"
                 )
+            if previous.get("train_sha256", train_sha) != train_sha:
+                raise DataError(
+                    f"{train_file} is not the data {out} was trained on so far (its loader position would point "
+                    "into other rows); resume with the same --train file, or pass --overwrite to start again"
+                )
             if previous.get("labels", []) != labels:
                 raise DataError(
                     f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
@@ -453,6 +463,7 @@ def finetune(
         "base_arg": str(Path(base).resolve()),
         "labels": labels,
         "fields": fields,
+        "train_sha256": train_sha,
         "max_len": max_len,
         "lora": {
             "rank": cfg.lora_rank,

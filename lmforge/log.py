@@ -41,7 +41,15 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
         parts.append(f"loss {record['loss']:.4f}")
     if "val_loss" in record:
         parts.append(f"val_loss {record['val_loss']:.4f}")
-        for key in ("val_bpb", "val_mlm_accuracy", "val_nsp_accuracy", "val_rtd_auc"):  # encoders have no bpb
+        # encoders, classifiers and DPO have no bpb
+        for key in (
+            "val_bpb",
+            "val_mlm_accuracy",
+            "val_nsp_accuracy",
+            "val_rtd_auc",
+            "val_accuracy",
+            "val_reward_accuracy",
+        ):
             if key in record:
                 parts.append(f"{key} {record[key]:.4f}")
     if "lr" in record:

@@ -333,3 +333,21 @@ def test_packing_keeps_examples_apart(model: dict, tmp_path: Path):
     result = finetune(base, train_file=DATA / "eng_fra.txt", out=tmp_path / "packed", cfg=cfg, overrides=FAST,
                       progress=False)  # fmt: skip
     assert result["steps"] == FAST["train"]["max_steps"]
+
+
+def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
+    from lmforge.data.formats import field_map, read_task_rows
+
+    fields = field_map("classify", None)
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": null}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2 has no value in column 'label'"):
+        read_task_rows(nulls, "classify", fields)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('text,label\n"never closed,1\nb,0\n', encoding="utf-8")
+    with pytest.raises(DataError, match="unclosed quote"):
+        read_task_rows(unclosed, "classify", fields)
+    with pytest.raises(DataError, match="is a directory"):
+        read_task_rows(tmp_path, "classify", fields)
+    with pytest.raises(DataError, match="not found"):
+        read_task_rows(tmp_path / "missing.csv", "classify", fields)

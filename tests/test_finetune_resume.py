@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_checkpoint
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from tests.conftest import run_cli
 from tests.test_finetune import DATA, make_base
@@ -75,6 +75,10 @@ def test_other_command_on_existing_run_is_one_line_error(base: Path, tmp_path: P
     )
     with pytest.raises(ConfigError, match="holds a --adapt head run, not --adapt lora"):
         finetune(base, train_file=train, out=out, cfg=FinetuneConfig(task="classify", adapt="lora"), overrides=fast)
+    fewer = tmp_path / "fewer.csv"  # the same columns and labels, other rows: its loader position means nothing
+    fewer.write_text("\n".join(train.read_text(encoding="utf-8").splitlines()[:-3]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="is not the data"):
+        finetune(base, train_file=fewer, out=out, cfg=FinetuneConfig(task="classify", adapt="head"), overrides=fast)
     other = make_base(tmp_path / "other", max_seq_len=64, seed=1)
     other_head = ["finetune", str(other), "--task", "classify", "--adapt", "head", "--train", str(train)]
     other_head += ["--out", str(out), "--train.max_steps", "1"]

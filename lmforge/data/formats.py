@@ -65,7 +65,9 @@ def field_map(task: str, renames: list[str] | dict[str, str] | None) -> dict[str
 def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / CSV / TSV / headerless TXT file as dicts (one-line `DataError` on problems)."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise DataError(f"{p} is a directory; pass one .jsonl, .csv, .tsv or .txt file")
+    if not p.exists():  # (a pipe such as <(cmd) exists without being a regular file, and reads fine)
         raise DataError(f"data file {p} not found; pass a .jsonl, .csv, .tsv or .txt file")
     name = p.name.lower().removesuffix(".gz")
     try:
@@ -121,10 +123,15 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
 def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
     """The values of one column; a row without it is a one-line `DataError` naming the rename flag."""
     for i, row in enumerate(rows, 1):
-        if field not in row or row[field] is None:
+        if field not in row:
             columns = ", ".join(list(row)[:8])
             raise DataError(
                 f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
+            )
+        if row[field] is None:  # JSON null, or a CSV row cut short (e.g. by a quote that is never closed)
+            raise DataError(
+                f"{path}: row {i} has no value in column {field!r} (null, or a CSV row cut short by an unclosed "
+                "quote); fill it in or drop the row"
             )
     return [row[field] for row in rows]
 

@@ -293,7 +293,7 @@ def train(
                 evaluated = True
                 state.elapsed_s = elapsed_before + time.perf_counter() - session_start
                 record = {"step": state.step, "val_loss": metrics["loss"], "val_bpb": metrics.get("bpb")}
-                if "bpb" not in metrics:  # encoder objectives (MLM, ELECTRA) have no bits per byte
+                if "bpb" not in metrics:  # encoder objectives (MLM, ELECTRA), classify and DPO: no bits per byte
                     del record["val_bpb"]
                 record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("loss", "bpb", "sample")})
                 record["elapsed_s"] = state.elapsed_s
