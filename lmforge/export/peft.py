@@ -68,8 +68,8 @@ def _load_lm(ckpt_dir: Path) -> Any:
     ft = load_finetuned(ckpt_dir, torch.device("cpu"))
     if ft.model.__class__.__name__ != "GPT":
         raise LmforgeError(
-            f"{ft.run_dir} is a {ft.info['task']} run with a {ft.info['adapt']} adapter; only language models "
-            "export (fine-tune with --adapt full or lora on an LM task)"
+            f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}), not a language model; only "
+            "language models export (fine-tune with --adapt full or lora on an LM task such as sft)"
         )
     return ft
 
