@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import write_json
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.log import format_duration, read_metrics
 
 STATUS_FILE = "status.json"
@@ -44,6 +44,54 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+LOCK_FILE = ".lock"
+_claims: dict[Path, Any] = {}  # run folder -> its open lock file, held until this process ends
+
+
+def claim(run_dir: Path, command: str = "pretrain") -> None:
+    """Refuse to train `run_dir` while another live process trains it; then hold it for this process.
+
+    Two trainings in one folder would write each other's checkpoints and metrics. The check is an
+    exclusive `flock` on RUN/.lock, which the OS releases however the holder ends (killed included), so
+    no stale lock is ever left (a status.json left "running" by a killed run is no obstacle); where
+    `fcntl` is missing (Windows), a running status.json whose pid is alive on this host is the check.
+    Call it before anything in the folder changes (--overwrite too).
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _claims:
+        return
+    busy = ConfigError(
+        f"{run_dir} is being trained by another process right now ({_holder(run_dir)}); wait for it to end or "
+        f"stop it, or pass another --out to {command}"
+    )
+    try:
+        import fcntl
+    except ImportError:  # no flock: a live pid in status.json (one that is not ours) is the sign
+        if run_status(run_dir) == "running" and (_read_json(run_dir / STATUS_FILE) or {}).get("pid") != os.getpid():
+            raise busy from None
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise busy from None
+    _claims[run_dir] = handle
+
+
+def release(run_dir: Path) -> None:
+    """Let go of a `claim` (the process ending does the same)."""
+    handle = _claims.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+def _holder(run_dir: Path) -> str:
+    info = _read_json(run_dir / STATUS_FILE) or {}
+    return f"pid {info['pid']} on {info.get('host', '?')}" if "pid" in info else "see its status.json"
 
 
 def mark_running(run_dir: Path) -> None:

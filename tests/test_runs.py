@@ -55,6 +55,12 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     proc = _start(data_dir, stopped)
     _wait_for_steps(stopped, 3, proc)
     assert run_status(stopped) == "running"
+    # a second training of the same folder, or an --overwrite of it, is refused while the first runs
+    for extra in ([], ["--overwrite"]):
+        second = run_cli("pretrain", "--data", str(data_dir), "--out", str(stopped), "--preset", "tiny", *extra)
+        assert second.returncode == 2 and "is being trained by another process" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    assert proc.poll() is None and (stopped / "config.json").is_file()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     assert run_status(stopped) == "interrupted"

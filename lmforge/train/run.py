@@ -39,7 +39,7 @@ from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
-from lmforge.runs import mark_running, mark_stopped
+from lmforge.runs import LOCK_FILE, claim, mark_running, mark_stopped, release
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
@@ -80,10 +80,14 @@ def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, overwrite: bool) -> bool:
-    """Create or check the run directory; returns True when an existing run should be resumed."""
+    """Create or check the run directory; returns True when an existing run should be resumed.
+
+    The caller has `claim`ed it: no other process trains it (and --overwrite cannot delete a live run)."""
     if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+        release(run_dir)
+        claim(run_dir)  # a fresh lock file in the fresh folder
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise ConfigError(
@@ -152,6 +156,14 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     Returns:
         The final train state. Raises `Interrupted` after saving when stopped by SIGINT/SIGTERM.
     """
+    try:
+        return _pretrain(cfg, overwrite=overwrite, progress=progress)
+    finally:
+        if cfg.out:
+            release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
+
+
+def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     if not cfg.data.dir:
         raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
     data = load_data_dir(cfg.data.dir)
@@ -176,7 +188,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
             "install g++ (or set CXX), or drop --train.compile"
         )
     rank_train = _rank_batch(cfg, world.world_size)
-    resume = _on_main(world, lambda: prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
+    resume = _on_main(world, lambda: claim(run_dir) or prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
 
     precision = pick_precision(device, cfg.train.dtype)
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
