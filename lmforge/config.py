@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -106,7 +107,8 @@ class TrainConfig:
             0 < mb <= self.batch_size and self.batch_size % mb == 0,
             f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size})",
         )
-        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
+        check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         check(self.min_lr >= 0, f"train.min_lr must be >= 0, got {self.min_lr}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.decay_fraction <= 1, f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")

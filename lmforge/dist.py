@@ -93,7 +93,7 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     from lmforge.train.precision import pick_device
 
     info = env_info()
-    device = pick_device(device_pref)
+    device = pick_device(device_pref, "--train.device")
     if not info.enabled:
         return info, device
     if device.type == "cuda":

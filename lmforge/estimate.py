@@ -343,7 +343,7 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         if key == "measure":
             from lmforge.train.precision import pick_device
 
-            device = pick_device(train_device).type
+            device = pick_device(train_device, "--train.device").type
             if device not in ("cpu", "cuda"):
                 raise ConfigError(f"--hardware measure on {device} is not supported; use --hardware <GFLOPS> instead")
         dtype = _resolve_dtype(dtype, device)

@@ -383,7 +383,7 @@ def finetune(
     val_rows = read_task_rows(val_file, cfg.task, fields) if val_file else []
     if cfg.replay and cfg.task != "clm":
         raise ConfigError("--replay is for --task clm (continued pretraining)")
-    device = pick_device(train_cfg.device)
+    device = pick_device(train_cfg.device, "--train.device")
     precision = pick_precision(device, train_cfg.dtype)
     keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 

@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import weakref
 from collections.abc import Callable
@@ -54,6 +55,8 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet)
 def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
     generator = torch.Generator(device=device)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise LmforgeError(f"seed must be in [0, 2**63), got {seed}")
     if seed is None:
         generator.seed()
     else:
@@ -63,8 +66,8 @@ def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generat
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Raise an LmforgeError naming the first sampling setting out of range."""
-    if temperature < 0:
-        raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise LmforgeError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:
@@ -405,6 +408,9 @@ def generate_from_checkpoint(
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     prompt_ids = _check_prompt(tokenizer.encode(prompt), max_len, eos_id)
     check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    _sampling_generator(torch.device("cpu"), seed)  # a bad --seed fails here, not after the prompt is echoed
 
     def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped
         docs, current = [], []

@@ -147,6 +147,18 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
     _one_line_error(run_cli("eval", str(tmp_path)), "not an lmforge run")
     _one_line_error(run_cli("generate", str(tmp_path / "nope"), "--prompt", "x"), "does not exist")
     _one_line_error(run_cli("generate", str(run), "--prompt", "x" * 500), "context")
+    for flags, needle in [
+        (("--seed", "-1"), "seed must be in"),
+        (("--seed", "99999999999999999999"), "seed must be in"),
+        (("--temperature", "inf"), "temperature"),
+        (("--max-new-tokens", "-5"), "--max-new-tokens"),
+    ]:
+        bad = run_cli("generate", str(run), "--prompt", "ROMEO:", *flags)
+        _one_line_error(bad, needle)
+        assert bad.stdout == "", bad.stdout  # refused before the prompt is echoed
+    _one_line_error(run_cli("eval", str(run), "--batch-size", "-4"), "--batch-size must be >= 1")
+    _one_line_error(run_cli(*base, "--preset", "tiny", "--train.seed", "-1"), "train.seed must be in")
+    _one_line_error(run_cli(*base, "--preset", "tiny", "--train.lr", "inf"), "train.lr must be a number > 0")
 
     other = tmp_path / "other"
     ok = run_cli("prepare", str(REPO / "README.md"), "--out", str(other), "--tokenizer", "bpe", "--vocab-size", "300")

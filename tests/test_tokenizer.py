@@ -157,3 +157,15 @@ def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a valid tokenizer.json") as e:
         Tokenizer.load(bad)
     assert "\n" not in str(e.value)
+
+
+def test_unigram_too_small_for_the_characters_is_a_config_error():
+    """The HF trainer keeps every distinct character: Chinese text needs a larger vocabulary (one line)."""
+    from lmforge.errors import ConfigError
+    from lmforge.tokenizer.train import train_unigram
+
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters
+    texts = ["".join(rng.choice(chars) for _ in range(200)) for _ in range(50)]
+    with pytest.raises(ConfigError, match="cannot hold every distinct character"):
+        train_unigram(texts, vocab_size=400)

@@ -201,9 +201,13 @@ class PrepareConfig:
             self.max_chars == 0 or self.max_chars >= self.min_chars,
             f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})",
         )
-        for name in ("max_char_repetition", "max_line_repetition", "min_alpha_ratio", "max_invalid_utf8"):
+        for name in ("max_char_repetition", "max_line_repetition", "min_alpha_ratio"):
             value = getattr(self, name)
             check(0 <= value <= 1, f"{name} must be in [0, 1] (0 = off), got {value}")
+        check(
+            0 <= self.max_invalid_utf8 <= 1,
+            f"max_invalid_utf8 must be in [0, 1] (0 = strictest, 1 = replace and count), got {self.max_invalid_utf8}",
+        )
         unknown = set(self.language_list) - set(LANGUAGES)
         check(not unknown, f"unknown languages {sorted(unknown)}; choose from {', '.join(LANGUAGES)}")
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
@@ -221,7 +225,10 @@ class PrepareConfig:
             f"normalize must be one of {get_args(Normalization)}, got {self.normalize!r}",
         )
         check(self.min_chars >= 0, f"min_chars must be >= 0, got {self.min_chars}")
-        check(self.shard_tokens > 0, f"shard_tokens must be > 0, got {self.shard_tokens}")
+        check(
+            self.shard_tokens >= 64,
+            f"shard_tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
+        )
 
     @property
     def language_list(self) -> list[str]:
@@ -395,7 +402,8 @@ def _check_encoding(path: Path, invalid: int, chars: int, limit: float) -> None:
     if limit < 1 and invalid > 16 and invalid > limit * chars:
         raise DataError(
             f"{path}: {invalid} invalid UTF-8 sequences in {chars} characters: the file is not UTF-8 or mixes "
-            "encodings; convert it (e.g. iconv -f GB18030 -t UTF-8) or pass --max-invalid-utf8 1 to replace them"
+            "encodings; convert it with iconv -f ENCODING -t UTF-8 (GB18030 for Chinese, CP1252 or LATIN1 for "
+            "Western European text) or pass --max-invalid-utf8 1 to replace them"
         )
 
 

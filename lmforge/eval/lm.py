@@ -139,9 +139,12 @@ def evaluate_checkpoint(
     from lmforge.checkpoint import load_checkpoint
     from lmforge.data.datadir import load_data_dir
     from lmforge.data.loader import eval_batches
-    from lmforge.errors import DataError
+    from lmforge.errors import ConfigError, DataError
     from lmforge.train.precision import pick_device, pick_precision
 
+    if batch_size < 0 or max_batches < 0:
+        flag, value = ("--batch-size", batch_size) if batch_size < 0 else ("--max-batches", max_batches)
+        raise ConfigError(f"{flag} must be >= 1 (or 0 for the default), got {value}")
     precision = pick_precision(pick_device(device), "auto")
     trained = load_finetuned(path, precision.device)  # any run: pretrained, LoRA adapters, soft prompt, ...
     if getattr(trained.model, "head", None) is not None:

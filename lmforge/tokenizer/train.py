@@ -152,7 +152,8 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
         The `Tokenizer`: `<|endoftext|>` = 0, `EXTRA_SPECIALS` = 1..7, `[UNK]` = 8, `<0x00>`..`<0xFF>`, pieces.
 
     Raises:
-        ConfigError: vocab_size leaves no room for pieces beyond the specials and 256 bytes.
+        ConfigError: vocab_size leaves no room for pieces beyond the specials and 256 bytes, or for every
+            distinct character of the texts (the HF trainer keeps them all).
     """
     fixed = SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK] + [f"<0x{b:02X}>" for b in range(256)]
     if vocab_size < len(fixed) + 16:
@@ -167,7 +168,15 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
         unk_token=UNK,
         show_progress=show_progress,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    try:
+        hf.train_from_iterator(texts, trainer=trainer)
+    except Exception as e:  # noqa: BLE001 - the HF trainer raises a bare Exception
+        if "not large enough to contain all chars" not in str(e):
+            raise
+        raise ConfigError(
+            f"Unigram --vocab-size {vocab_size} cannot hold every distinct character of this corpus (Chinese text has "
+            "thousands); raise --vocab-size, or use --tokenizer bpe (byte-level: any text fits)"
+        ) from None
     # The trainer keeps the byte pieces as specials; byte_fallback makes the model use them for unseen characters.
     config = json.loads(hf.to_str())
     config["model"]["byte_fallback"] = True

@@ -35,14 +35,14 @@ def cpp_compiler_problem() -> str | None:
     return None
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` → cuda if available, else cpu; an explicit unavailable device is a ConfigError."""
+def pick_device(name: str, flag: str = "--device") -> torch.device:
+    """`auto` → cuda if available, else cpu; an explicit unavailable device is a ConfigError naming `flag`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--train.device cuda but no CUDA GPU is visible; use --train.device cpu (or auto)")
+        raise ConfigError(f"{flag} cuda but no CUDA GPU is visible; use {flag} cpu (or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--train.device mps but MPS is not available; use --train.device cpu (or auto)")
+        raise ConfigError(f"{flag} mps but MPS is not available; use {flag} cpu (or auto)")
     return torch.device(name)
 
 
