@@ -66,6 +66,11 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.csv:3: row has 1 fields but the header has 2"):
         run(tmp_path, [tmp_path / "t.csv"])
     assert_nothing_written(tmp_path)
+    # a quote never closed would make the rest of the file one document: an error at the row that opened it
+    write(tmp_path / "t.csv", 'a,text\n1,"multi\nline, fine"\n2,"stray quote\n3,next\n4,last\n')
+    with pytest.raises(DataError, match=r"t\.csv:4: a quote opened in this row is never closed"):
+        run(tmp_path, [tmp_path / "t.csv"])
+    assert_nothing_written(tmp_path)
 
 
 def test_parquet(tmp_path: Path) -> None:

@@ -345,7 +345,7 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
         read_task_rows(nulls, "classify", fields)
     unclosed = tmp_path / "unclosed.csv"
     unclosed.write_text('text,label\n"never closed,1\nb,0\n', encoding="utf-8")
-    with pytest.raises(DataError, match="unclosed quote"):
+    with pytest.raises(DataError, match=r"unclosed\.csv:2: .*quote opened"):
         read_task_rows(unclosed, "classify", fields)
     with pytest.raises(DataError, match="is a directory"):
         read_task_rows(tmp_path, "classify", fields)

@@ -80,7 +80,17 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     elif name.endswith(".csv") or name.endswith(".tsv"):
         delimiter = "," if name.endswith(".csv") else "\t"
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 TSV has bare quotes
-        rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting, strict=True)
+        rows, start = [], 2  # start: the line the row being read began on
+        try:
+            for row in reader:
+                rows.append(row)
+                start = reader.line_num + 1
+        except csv.Error as e:  # strict: an unclosed quote would otherwise swallow the rest of the file
+            raise DataError(
+                f"{p}:{start}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({e}); a quote opened in a field "
+                'must be closed (a literal quote inside a quoted field is written "")'
+            ) from None
     elif name.endswith(".txt"):
         if not txt_columns:
             raise DataError(f"{p}: a headerless .txt file needs a task to name its columns")

@@ -549,7 +549,8 @@ def _table_documents(
 
     # the line limit already bounds a row; the csv module's own 128 KiB field limit would refuse long documents
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader(decoded(), delimiter=delimiter)
+    reader = csv.reader(decoded(), delimiter=delimiter, strict=True)  # strict: an unclosed quote is an error
+    row_start = 1  # the line the row being read began on (an unclosed quote reads to the end of the file)
     try:
         header = next(reader, None)
         if header is None:
@@ -558,8 +559,10 @@ def _table_documents(
             columns = ", ".join(header[:20]) or "none"
             raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
         column = header.index(text_field)
+        row_start = reader.line_num + 1
         for row in reader:
             if not row:
+                row_start = reader.line_num + 1
                 continue
             if column >= len(row):
                 raise DataError(
@@ -569,8 +572,15 @@ def _table_documents(
             text, surrogates = replace_surrogates(row[column])
             yield RawDocument(text, bad_pending + surrogates)
             bad_pending = 0
+            row_start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid {delimiter == ',' and 'CSV' or 'TSV'} ({e})") from None
+        kind = "CSV" if delimiter == "," else "TSV"
+        if "unexpected end of data" in str(e):
+            raise DataError(
+                f"{path}:{row_start}: a quote opened in this row is never closed, so the rest of the file would be "
+                f'one field; close it (a literal quote inside a quoted field is written "")'
+            ) from None
+        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e})") from None
 
 
 def _need_pyarrow(what: str) -> Any:
