@@ -167,3 +167,5 @@ def test_time_budget_stops_and_saves(data_dir, tmp_path):
     state = pretrain(cfg, progress=False)
     assert state.stop_reason == "time_budget" and 0 < state.step < 100000
     assert load_checkpoint(tmp_path / "run").meta["step"] == state.step
+    again = pretrain(cfg, progress=False)  # the budget is spent: nothing to do (it took one more step before)
+    assert again.step == state.step and load_checkpoint(tmp_path / "run").meta["step"] == state.step

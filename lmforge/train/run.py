@@ -331,10 +331,14 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
         return step_dir(run_dir, st.step)
 
-    if state.step >= cfg.train.max_steps:
-        log.info(
-            f"{run_dir} is already trained to step {state.step} (train.max_steps {cfg.train.max_steps}); nothing to do"
+    budget = cfg.train.time_budget
+    if state.step >= cfg.train.max_steps or (budget and state.elapsed_s >= budget):
+        limit = (
+            f"to step {state.step} (train.max_steps {cfg.train.max_steps})"
+            if state.step >= cfg.train.max_steps
+            else f"for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
         )
+        log.info(f"{run_dir} is already trained {limit}; nothing to do")
         log.close()
         return state
 
