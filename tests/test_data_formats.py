@@ -166,3 +166,21 @@ def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     finally:
         os.chmod(tmp_path / "secret.txt", 0o644)
     assert_nothing_written(tmp_path)
+
+
+def test_json_array_files(tmp_path: Path) -> None:
+    """A .json file named explicitly: an array of strings or objects (a list of strings under the field is
+    joined), JSON Lines under a .json name; a missing field lists the keys; folders skip .json."""
+    write(tmp_path / "arr.json", json.dumps(["first doc", {"text": "second doc"}, {"text": ["third", "doc"]}]))
+    write(tmp_path / "lines.json", '{"text": "fourth doc"}\n{"text": "fifth doc"}\n')
+    docs = [d.text for name in ("arr.json", "lines.json") for d in read_documents(tmp_path / name)]
+    assert docs == ["first doc", "second doc", "third\ndoc", "fourth doc", "fifth doc"]
+    write(tmp_path / "keys.json", json.dumps([{"chapter": "学而", "paragraphs": ["子曰", "有子曰"]}]))
+    with pytest.raises(DataError, match=r"item 1 has no field 'text' \(keys: chapter, paragraphs\)"):
+        list(read_documents(tmp_path / "keys.json"))
+    assert [d.text for d in read_documents(tmp_path / "keys.json", text_field="paragraphs")] == ["子曰\n有子曰"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "meta.json", '{"version": 1}')
+    write(folder / "a.txt", "plain text")
+    assert resolve_inputs([str(folder)]) == ([folder / "a.txt"], [str(folder / "meta.json")])

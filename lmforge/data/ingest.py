@@ -7,6 +7,10 @@ network). File formats, chosen by file name (case-insensitive):
 - `.txt`, `.md`: plain text, cut into documents by `doc_unit`: "paragraph" (blank-line separated
   blocks, the default), "line" (each non-blank line) or "file" (the whole file).
 - `.jsonl`: one JSON object per line; the string under `text_field` is one document.
+- `.json`: a JSON array of documents (strings, or objects whose `text_field` holds a string or a list
+  of strings, joined by newlines: one document per object), or one such object; a `.json` file that
+  is really JSON Lines (one object per line) is read as JSONL. Read when named explicitly (or by a
+  glob spelling out `.json`): folders often hold .json metadata, so a folder search skips them.
 - `.csv`, `.tsv`: a header row, then one document per row: the column named `text_field`
   (RFC 4180 quoting, so a quoted field may hold newlines).
 - `.parquet` (needs pyarrow, `pip install 'lmforge[parquet]'`): the string column `text_field`.
@@ -58,7 +62,7 @@ from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, looks_binary, re
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
-Format = Literal["text", "jsonl", "csv", "tsv", "parquet", "hf_disk", "hf_hub"]
+Format = Literal["text", "json", "jsonl", "csv", "tsv", "parquet", "hf_disk", "hf_hub"]
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 TABLE_SUFFIXES = (".csv", ".tsv")
@@ -110,7 +114,7 @@ def file_format(path: str | Path) -> Format:
     name = _inner_name(p)
     if name.endswith(".parquet") and p.name.lower().endswith(".parquet"):
         return "parquet"
-    for suffix, fmt in ((".jsonl", "jsonl"), (".csv", "csv"), (".tsv", "tsv")):
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
         if name.endswith(suffix):
             return fmt  # type: ignore[return-value]
     return "text"
@@ -319,6 +323,8 @@ def read_documents(
     try:
         if fmt == "jsonl":
             yield from _jsonl_documents(path, _lines(stream, path, max_line_bytes), text_field, progress)
+        elif fmt == "json":
+            yield from _json_documents(path, stream, text_field, max_line_bytes)
         elif fmt in ("csv", "tsv"):
             lines = _lines(stream, path, max_line_bytes)
             yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
@@ -496,6 +502,42 @@ def _text_documents(
             bad_total += bad
     if paragraph:
         yield RawDocument("".join(paragraph), bad_total)
+
+
+def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
+    """A .json file: an array of strings / objects (or one object); JSON Lines under a .json name too."""
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(
+            f"{path}: a .json file over {max_bytes:,} bytes is read whole; convert it to .jsonl (one object per line) "
+            "or raise --max-line-bytes"
+        )
+    text, bad = decode_utf8(data)
+    text = text.removeprefix("\ufeff")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
+            yield from _jsonl_documents(path, iter(data.splitlines(keepends=True)), text_field, _no_progress)
+            return
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+    records = value if isinstance(value, list) else [value]
+    for i, record in enumerate(records, 1):
+        where = f"{path}: item {i}"
+        if isinstance(record, dict):
+            if text_field not in record:
+                keys = ", ".join(list(record)[:8]) or "none"
+                raise DataError(f"{where} has no field '{text_field}' (keys: {keys}); choose one with --text-field")
+            record = record[text_field]
+        if isinstance(record, list) and all(isinstance(t, str) for t in record):
+            record = "\n".join(record)  # e.g. a chapter's list of paragraphs
+        if not isinstance(record, str):
+            raise DataError(
+                f"{where}: expected a string (or a list of strings) under '{text_field}', got "
+                f"{type(record).__name__}; choose the text field with --text-field"
+            )
+        doc, surrogates = replace_surrogates(record)
+        yield RawDocument(doc, (bad if i == 1 else 0) + surrogates)
 
 
 def _jsonl_documents(
