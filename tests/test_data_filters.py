@@ -102,6 +102,13 @@ def test_nfkc_option() -> None:
         ("我们用 PyTorch 和 Python 训练一个小模型。", "zh"),  # a few English names stay Chinese
         (GOOD_EN, "en"),
         ("Der Ausschuss trat am Dienstag zusammen und beschloss, die Brücke zu reparieren.", "latin"),
+        # short English without function words stays English (it was "latin", so --languages en dropped it)
+        ("Good morning, Sir.", "en"),
+        ("Machine learning models require large datasets.", "en"),
+        ("Second Lord:\nThou hast done a deed whereat valour will weep.", "en"),
+        ("“Hello,” she said — “welcome.”", "en"),  # curly quotes and dashes are not accents
+        ("Le chat est sur la table et il dort.", "latin"),  # French function words, all ASCII
+        ("Ich bin müde.", "latin"),  # no function words, but accented letters
         ("日本語の文章はひらがなとカタカナを含みます。", "ja"),
         ("한국어 문장입니다.", "ko"),
         ("Привет, как дела?", "cyrillic"),

@@ -65,7 +65,8 @@ _SCRIPTS = {
     "greek": re.compile(r"[\u0370-\u03ff]"),
     "devanagari": re.compile(r"[\u0900-\u097f]"),
 }
-_WORD = re.compile(r"[a-z]+")
+_ACCENTED = re.compile(r"[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]")  # Latin letters beyond ASCII
+_LATIN_WORD = re.compile(r"[a-z\u00df-\u00ff\u0100-\u024f]+")  # lower-case words, accented letters included
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
 # Frequent English function words that are not also common words in other Latin-script languages
 # (no "a", "in", "die", "on"...), so French or German text scores low.
@@ -75,6 +76,14 @@ _ENGLISH = frozenset(
 )
 
 _ENGLISH_BYTES = frozenset(word.encode("ascii") for word in _ENGLISH)
+# Frequent function words of French, Spanish, German, Italian, Portuguese and Dutch that are not English
+# words: evidence that Latin-script text is not English
+_OTHER_LATIN = frozenset(
+    "de la le les des et est une du que qui dans pour pas sur au il elle ne ce cette der das und ist nicht ein "
+    "eine zu mit sich von auf für dem el los las y es por con una para del lo di che non della sono het een "
+    "ik niet dat voor zijn não os uma com".split()
+)
+_OTHER_LATIN_BYTES = frozenset(word.encode("utf-8") for word in _OTHER_LATIN)
 # bytes table: A-Z -> a-z, a-z kept, every other byte -> space
 _ASCII_WORDS = bytes(b if 97 <= b <= 122 else b + 32 if 65 <= b <= 90 else 32 for b in range(256))
 
@@ -124,9 +133,20 @@ def alpha_ratio(text: str) -> float:
     return letters / visible
 
 
+def _english_or_latin(english: int, other: int, accented: bool) -> str:
+    """English unless the text shows another Latin-script language: more of its function words than of
+    English ones, or (with neither) accented letters. Short English without function words ("Good
+    morning, Sir.", "Machine learning models require large datasets.") stays English."""
+    if other > english:
+        return "latin"
+    return "en" if english or not accented else "latin"
+
+
 def _latin_language(lowered: str) -> str:
-    words = _WORD.findall(lowered)
-    return "en" if words and sum(map(_ENGLISH.__contains__, words)) >= 0.15 * len(words) else "latin"
+    words = _LATIN_WORD.findall(lowered)
+    english = sum(map(_ENGLISH.__contains__, words))
+    other = sum(map(_OTHER_LATIN.__contains__, words))
+    return _english_or_latin(english, other, accented=_ACCENTED.search(lowered) is not None)
 
 
 def guess_language(text: str) -> str:
@@ -137,7 +157,8 @@ def guess_language(text: str) -> str:
         words = sample.encode("ascii").translate(_ASCII_WORDS).split()
         if not words:
             return "unknown"
-        return "en" if sum(map(_ENGLISH_BYTES.__contains__, words)) >= 0.15 * len(words) else "latin"
+        english = sum(map(_ENGLISH_BYTES.__contains__, words))
+        return _english_or_latin(english, sum(map(_OTHER_LATIN_BYTES.__contains__, words)), accented=False)
     counts = {script: len(pattern.findall(sample)) for script, pattern in _SCRIPTS.items()}
     if counts["ja"] and counts["ja"] * 4 >= counts["zh"]:  # kana alongside kanji: Japanese
         counts["ja"] += counts["zh"]
