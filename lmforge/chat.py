@@ -130,6 +130,8 @@ def chat(
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
+        stdin.reconfigure(errors="surrogateescape")
     ft = load_finetuned(run, pick_device(device))
     tok, model = ft.tokenizer, ft.model
     if getattr(model, "head", None) is not None:
@@ -147,6 +149,9 @@ def chat(
         stdout.write("you> ")
         stdout.flush()
         line = stdin.readline()
+        if any("\ud800" <= ch <= "\udfff" for ch in line):  # undecodable bytes (surrogate escapes)
+            stdout.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
+            continue
         if not line or line.strip() == "/exit":
             stdout.write("\n" if not line else "")
             break

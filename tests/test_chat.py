@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -47,6 +50,15 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
     assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
     assert "(history cleared)" in r.stdout and "never read" not in r.stdout
+    gbk = subprocess.run(  # a GBK terminal: the line is refused with a hint, the session goes on
+        [sys.executable, "-m", "lmforge", "chat", str(chat_run), "--temperature", "0"],
+        input="你好\n".encode("gbk") + b"hi\n/exit\n",
+        capture_output=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    out = gbk.stdout.decode("utf-8")
+    assert gbk.returncode == 0 and "not valid UTF-8" in out and "bot> hello there" in out, gbk.stderr
     bad = run_cli("chat", str(chat_run), "--top-p", "0", input="hi\n")  # refused before the first message
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 

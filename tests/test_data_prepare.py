@@ -293,6 +293,11 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="binary"):
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
+    # Chinese text in GBK is not binary: the error says which encoding it reads as and how to convert it
+    write(tmp_path / "in" / "z.txt", (CHINESE * 20).encode("gbk"))
+    with pytest.raises(DataError, match=r"z\.txt is not UTF-8: it reads as GB18030 .* iconv -f GB18030 -t UTF-8"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
 
 
 def test_missing_input(tmp_path: Path) -> None:

@@ -108,6 +108,23 @@ def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_sho
     return "too_short" if len(text) < min_chars else "ok"
 
 
+LEGACY_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc_kr")  # Chinese (simplified, traditional), Japanese, Korean
+
+
+def legacy_encoding(head: bytes) -> str | None:
+    """The first of `LEGACY_ENCODINGS` that decodes `head` without an error (a character cut at the end is
+    fine), or None: a file `looks_binary` flags may be CJK text in a pre-UTF-8 encoding."""
+    if b"\x00" in head:
+        return None
+    for encoding in LEGACY_ENCODINGS:
+        try:
+            codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+        except UnicodeDecodeError:
+            continue
+        return encoding
+    return None
+
+
 def looks_binary(head: bytes) -> bool:
     """Guess from the first bytes of a file whether it is binary rather than (UTF-8-ish) text.
 

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, looks_binary, replace_surrogates
+from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, legacy_encoding, looks_binary, replace_surrogates
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
@@ -250,6 +250,13 @@ def check_not_binary(path: Path) -> None:
         stream.close()
         raw.close()
     if looks_binary(head):
+        encoding = legacy_encoding(head[:BINARY_SNIFF_BYTES])
+        if encoding:
+            raise DataError(
+                f"{path} is not UTF-8: it reads as {encoding.upper()} (GB18030/GBK: simplified Chinese, BIG5: "
+                f"traditional, SHIFT_JIS, EUC-KR); convert it first, e.g. iconv -f {encoding.upper()} -t UTF-8 "
+                f"'{path}' > '{path}.utf8.txt'"
+            )
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
