@@ -169,7 +169,8 @@ def test_autotokenizer_matches_ours(kind: str, bpe: Tokenizer, tmp_path: Path) -
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok.eos_token == hf_tok.pad_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.eos_id
     assert hf_tok.model_max_length == CONTEXT
-    for text in [*TEXTS, "  leading spaces, trailing . ,  \n\nnew lines"]:
+    # special-token strings inside text are plain text on both sides (split_special_tokens)
+    for text in [*TEXTS, "  leading spaces, trailing . ,  \n\nnew lines", "<|endoftext|>文字 and <|endoftext|>"]:
         ids = tokenizer.encode(text)
         assert hf_tok(text)["input_ids"] == ids  # default call: no special tokens added
         assert hf_tok.decode(ids) == text == tokenizer.decode(ids)

@@ -557,6 +557,9 @@ def write_hf(trained: Any, out: Path) -> Path:
             "tokenizer_class": "PreTrainedTokenizerFast",
             **specials,
             "model_max_length": cfg.max_seq_len,
+            # lmforge encodes special-token strings found in text as plain text (only ids it adds are
+            # special); HF does the same with this set
+            "split_special_tokens": True,
             "clean_up_tokenization_spaces": False,  # byte-level decoding is exact; no space "clean-up"
         },
     )
