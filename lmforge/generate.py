@@ -324,6 +324,22 @@ def generate_batch(
         model.train(was_training)
 
 
+def continuation_decoder(decode: Callable[[list[int]], str], context: list[int]) -> Callable[[list[int]], str]:
+    """`decode` for ids that continue `context`: the text they add after it, decoded together with it.
+
+    Decoding a continuation alone can lose what its first token means after the context: a
+    SentencePiece-style (Unigram) decoder drops the word-start marker of the first piece, so "▁con"
+    after "I will" decodes as "con", not " con". Falls back to decoding the ids alone if the context's
+    text is not a prefix of the whole (no decoder here does that)."""
+    head = decode(context)
+
+    def text(ids: list[int]) -> str:
+        whole = decode(context + ids)
+        return whole[len(head) :] if whole.startswith(head) else decode(ids)
+
+    return text
+
+
 class StreamDecoder:
     """Incremental detokenizer: feed token ids, get back only text that is complete.
 
@@ -412,6 +428,9 @@ def generate_from_checkpoint(
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     _sampling_generator(torch.device("cpu"), seed)  # a bad --seed fails here, not after the prompt is echoed
 
+    plain = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    after_prompt = continuation_decoder(plain, prompt_ids)
+
     def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped
         docs, current = [], []
         for i in ids:
@@ -420,7 +439,8 @@ def generate_from_checkpoint(
                 current = []
             else:
                 current.append(i)
-        return "\n\n".join(tokenizer.decode(d, skip_special_tokens=True) for d in [*docs, current])
+        first, *rest = [*docs, current]
+        return "\n\n".join([after_prompt(first), *(plain(d) for d in rest)])
 
     decoder = StreamDecoder(decode)
 

@@ -19,6 +19,7 @@ no request waits for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import threading
@@ -232,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         return ids
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
-        from lmforge.generate import StreamDecoder, generate
+        from lmforge.generate import StreamDecoder, continuation_decoder, generate
 
         limits, ft = self.server.limits, self.server.ft
         asked = body.get("max_tokens") is not None
@@ -260,7 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
         ids = self._prompt_ids(body, chat, max_tokens)
 
         tok = ft.tokenizer
-        decoder = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
+        plain = functools.partial(tok.decode, skip_special_tokens=True)
+        decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
         kind = "chat.completion" if chat else "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

@@ -217,3 +217,18 @@ def test_stream_decoder_utf8_split_across_byte_tokens() -> None:
     truncated = StreamDecoder(decode)  # a stream that ends mid-character shows the replacement at flush
     out = "".join(truncated.feed(i) for i in "a🙂".encode()[:3])
     assert out == "a" and truncated.flush() == "\ufffd"
+
+
+def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
+    """A SentencePiece-style decoder drops the word-start marker of a lone first piece: the continuation is
+    decoded after its prompt instead, so `generate` prints "I will come", not "I willcome"."""
+    from lmforge.generate import continuation_decoder
+    from lmforge.tokenizer.train import train_unigram
+    from tests.conftest import shakespeare_text
+
+    tok = train_unigram(shakespeare_text(40_000).split("\n\n"), vocab_size=600)
+    prompt, whole = tok.encode("I will"), tok.encode("I will come")
+    assert whole[: len(prompt)] == prompt
+    rest = whole[len(prompt) :]
+    assert tok.decode(rest) == "come"  # alone: the space is lost
+    assert continuation_decoder(tok.decode, prompt)(rest) == " come"
