@@ -40,10 +40,9 @@ from lmforge.runs import RunSummary, is_run_dir, summarize
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     """Draw train loss and validation loss against steps into `out_png`."""
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -237,10 +236,9 @@ def available_plots(runs: list[Run]) -> list[PlotSpec]:
 
 def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
     """One PNG: every run's curves for `spec`, one color per run."""
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -59,10 +59,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
     """Write the confusion matrix as a PNG heat map with counts in the cells."""
-    import matplotlib
+    from lmforge.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels, matrix = report["labels"], report["confusion"]
     size = max(3.0, 0.6 * len(labels) + 2)

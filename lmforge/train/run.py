@@ -302,6 +302,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
 
     if not val_shards:
         log.info("note: the data has no validation split; training runs without evaluation or early stopping")
+    if data.manifest.get("tokenizer", {}).get("kind") == "wordpiece" and cfg.model.family not in ("bert", "electra"):
+        log.info(
+            "note: the data uses WordPiece, BERT's tokenizer: text decoded from it has spaces between words and "
+            "Chinese characters and no line breaks, so generated text will too; prepare with --tokenizer bpe for "
+            "a model that generates"
+        )
 
     def save(st: TrainState) -> Path:
         meta = {
