@@ -237,6 +237,11 @@ def test_bad_inputs_are_one_line_errors(base: Path, tmp_path: Path):
     unseen.write_text(json.dumps({"sentence": "meh", "sentiment": "neutral"}) + "\n", encoding="utf-8")
     r = run_cli("eval", str(out), "--task", "classify", "--data", str(unseen))
     assert r.returncode == 2 and "'neutral'" in r.stderr and "not trained on" in r.stderr
+    # a test file with the standard columns is read as such (the run was trained on renamed ones)
+    standard = tmp_path / "standard.jsonl"
+    standard.write_text(json.dumps({"text": "great", "label": "positive"}) + "\n", encoding="utf-8")
+    r = run_cli("eval", str(out), "--task", "classify", "--data", str(standard), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["n"] == 1, r.stderr
     # an empty conversation
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": []}) + "\n", encoding="utf-8")

@@ -340,10 +340,15 @@ def evaluate_task(
             "that run with --task classify (no --k-shot)"
         )
     if info.get("task") == task and not field_renames:
-        fields = dict(info["fields"])
+        fields = dict(info["fields"])  # the columns the run was trained on, e.g. --field text=review
+        try:
+            rows = read_task_rows(data, task, fields)
+        except DataError:  # a file with the standard columns instead: use them
+            fields = field_map(task, None)
+            rows = read_task_rows(data, task, fields)
     else:
         fields = field_map(task, field_renames)
-    rows = read_task_rows(data, task, fields)
+        rows = read_task_rows(data, task, fields)
     if limit:
         rows = rows[:limit]
     if task == "classify" and k_shot:
