@@ -302,8 +302,15 @@ def train(
                 log.metrics(record)
                 if metrics.get("sample"):
                     log.info(f"sample @ step {state.step}: {metrics['sample']!r}")
-                if state.best_val_loss is None or metrics["loss"] < state.best_val_loss - cfg.early_stop_min_delta:
-                    state.best_val_loss, state.best_step, state.evals_since_best = metrics["loss"], state.step, 0
+                # patience counts evaluations that do not beat the reference (the last loss that did) by more
+                # than min_delta, Keras' rule; the best is the lowest loss whatever min_delta is. With
+                # min_delta 0 the two are the same. (Runs from before patience_ref: their best was it.)
+                loss_value = metrics["loss"]
+                reference = state.patience_ref if state.patience_ref is not None else state.best_val_loss
+                if state.best_val_loss is None or loss_value < state.best_val_loss:
+                    state.best_val_loss, state.best_step = loss_value, state.step
+                if reference is None or loss_value < reference - cfg.early_stop_min_delta:
+                    state.patience_ref, state.evals_since_best = loss_value, 0
                 else:
                     state.evals_since_best += 1
                     if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:

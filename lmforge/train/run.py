@@ -337,14 +337,19 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
         return step_dir(run_dir, st.step)
 
-    budget = cfg.train.time_budget
-    if state.step >= cfg.train.max_steps or (budget and state.elapsed_s >= budget):
-        limit = (
-            f"to step {state.step} (train.max_steps {cfg.train.max_steps})"
-            if state.step >= cfg.train.max_steps
-            else f"for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
-        )
-        log.info(f"{run_dir} is already trained {limit}; nothing to do")
+    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
+    early_stopped = state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience
+    if state.step >= cfg.train.max_steps or (budget and state.elapsed_s >= budget) or early_stopped:
+        if state.step >= cfg.train.max_steps:
+            limit = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
+        elif early_stopped:
+            limit = (
+                f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
+                "evaluations; raise train.early_stop_patience to train on)"
+            )
+        else:
+            limit = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
+        log.info(f"{run_dir} is already {limit}; nothing to do")
         log.close()
         return state
 
