@@ -445,19 +445,42 @@ class Checkpoint:
                 f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
             )
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def load_optimizer(
+        self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor] | None = None
+    ) -> list[str]:
         """Restore the optimizer state from this checkpoint's tensors, or from `tensors` (flattened name ->
-        tensor: each FSDP2 rank's rows, see `dist.load_optimizer_state`)."""
+        tensor: each FSDP2 rank's rows, see `dist.load_optimizer_state`).
+
+        The moments and step counts come from the checkpoint; the settings of each parameter group
+        (weight decay, betas, eps, momentum, Muon's lr scale, ...) stay those `optimizer` was built with,
+        i.e. the run's current config (torch's `load_state_dict` would bring back the saved ones, so a
+        resume with a new --optim.weight_decay trained on with the old one while config.json said
+        otherwise). Returns the settings that differ from the checkpoint's, as "name old -> new"."""
         if "optimizer" not in self.meta:
             raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
         if tensors is None and "sharded" in self.meta:
             tensors = self._join_shards(1, self.meta["sharded"]["optim"])
         elif tensors is None:
             tensors = _load_tensors(self.path / "optim.safetensors")
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(unflatten_optimizer(tensors, self.meta["optimizer"]))
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{self.path} holds optimizer state that does not fit this optimizer ({e})") from None
+            raise CheckpointError(
+                f"{self.path} holds optimizer state that does not fit this optimizer ({e}); resume with the "
+                "--optim settings it was trained with, or pass --overwrite to start over"
+            ) from None
+        changed: list[str] = []
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            for key, value in settings.items():
+                old = group.get(key)
+                same = list(old) == list(value) if isinstance(value, (list, tuple)) else old == value
+                if not same and key not in ("lr", "initial_lr"):  # lr: set by the schedule every step
+                    described = f"{key} {old} -> {value}"
+                    if described not in changed:
+                        changed.append(described)
+                group[key] = value
+        return changed
 
 
 def savable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

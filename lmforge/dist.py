@@ -441,12 +441,12 @@ def save_sharded_checkpoint(
     return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any) -> None:
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any) -> list[str]:
     """Restore a checkpoint's optimizer state: whole normally; under FSDP2 each rank reads only the rows
-    of its parameters' moments (as `load_model_state` does for the weights)."""
+    of its parameters' moments (as `load_model_state` does for the weights). Returns the group settings
+    the current config changes (`Checkpoint.load_optimizer`)."""
     if not _fsdp(model):
-        ckpt.load_optimizer(optimizer)
-        return
+        return ckpt.load_optimizer(optimizer)
     from torch.distributed.tensor import DTensor
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -462,7 +462,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckp
                 tensors[flat] = _as_dtensor(ckpt.read_rows(1, flat, start, stop), p)
             else:  # e.g. AdamW's step count
                 tensors[flat] = ckpt.read_whole(1, flat)
-    ckpt.load_optimizer(optimizer, tensors)
+    return ckpt.load_optimizer(optimizer, tensors)
 
 
 class DiLoCo:

@@ -66,6 +66,22 @@ def test_different_model_config_on_existing_run_is_an_error(data_dir, tmp_path):
     assert state.step == 12
 
 
+def test_resume_applies_changed_optimizer_settings_and_refuses_another_optimizer(data_dir, tmp_path):
+    """torch's load_state_dict brings back the saved group settings: a resume with a new weight decay
+    trained with the old one while config.json said the new one. The config wins now; another optimizer
+    is a one-line error (it was a KeyError traceback from inside SGD)."""
+    from lmforge.errors import ConfigError
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4, "checkpoint.every": 4}), progress=False)
+    changed = {"train.max_steps": 6, "checkpoint.every": 2, "optim.weight_decay": 0.0, "optim.beta2": 0.5}
+    pretrain(tiny_config(data_dir, run, **changed), progress=False)
+    groups = load_checkpoint(run).meta["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0} and {tuple(g["betas"]) for g in groups} == {(0.9, 0.5)}
+    with pytest.raises(ConfigError, match="trained with --optim.name adamw.*resume with --optim.name adamw"):
+        pretrain(tiny_config(data_dir, run, **{**changed, "train.max_steps": 8, "optim.name": "sgd"}), progress=False)
+
+
 def _pretrain_args(data_dir, out, steps, every):
     return [
         "pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",

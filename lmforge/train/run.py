@@ -97,6 +97,12 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             old = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over") from None
+        old_optim, new_optim = old.get("optim", {}).get("name"), cfg.optim.name
+        if old_optim and old_optim != new_optim:
+            raise ConfigError(
+                f"{run_dir} was trained with --optim.name {old_optim}, whose state cannot continue as {new_optim}; "
+                f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
+            )
         new_model = cfg.to_dict()["model"]
         if old.get("model") != new_model:
             change = _describe_model_change(old.get("model", {}), new_model)
@@ -245,8 +251,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         if ckpt is not None:
             dist.load_model_state(model, ckpt)  # each rank reads only its rows
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
+    optim_changes: list[str] = []
     if ckpt is not None:
-        dist.load_optimizer_state(model, optimizer, ckpt)
+        optim_changes = dist.load_optimizer_state(model, optimizer, ckpt)
         loader.load_state_dict(ckpt.meta["loader"])
         setup.load_state_dict(ckpt.meta.get("objective", {}), model)  # e.g. the LSTM's carried state
         state = TrainState.from_dict(ckpt.meta["train_state"])
@@ -278,6 +285,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     )
     if resume:
         log.info(f"resuming {run_dir} from step {state.step}")
+        if optim_changes:
+            log.info(
+                f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
+            )
 
     val_shards = data.split_shards("val")
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64)
