@@ -81,7 +81,11 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
         "cosine", "learning-rate decay after warmup; wsd = warmup-stable-decay"
     )
-    decay_fraction: float = opt(0.2, "wsd: share of max_steps, at the end, spent decaying linearly to min_lr")
+    decay_fraction: float = opt(
+        0.2,
+        "wsd: share of max_steps, at the end, spent decaying linearly toward min_lr (reached at step max_steps, "
+        "as for cosine and linear: the last step taken is one step short of it)",
+    )
     seed: int = opt(1337, "seed for weights, data order and dropout")
     device: Literal["auto", "cpu", "cuda", "mps"] = opt("auto", "where to train; auto = cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(

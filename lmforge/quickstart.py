@@ -52,7 +52,13 @@ def quickstart(
     cfg = load_config(
         preset="quickstart", overrides=merge(parse_overrides(overrides or []), {"data": {"dir": data_out}, "out": out})
     )
-    pretrain(cfg, overwrite=overwrite)
+    state = pretrain(cfg, overwrite=overwrite)
+    if state.stop_reason == "time_budget":
+        print(
+            f"      the {cfg.train.time_budget:g} s time budget ended training at step {state.step} of "
+            f"{cfg.train.max_steps} (this machine is slower or busier than the README's): the numbers below "
+            "are for that step"
+        )
 
     print("[3/4] evaluating on the whole validation split")
     metrics = evaluate_checkpoint(out, split="val")

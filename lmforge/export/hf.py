@@ -114,7 +114,10 @@ def hf_family(cfg: GPTConfig) -> str:
         LmforgeError: the variant has no HF twin; the message names the fields to change.
     """
     if cfg.family != "gpt":
-        raise LmforgeError(f"only GPT models export to HF; this run's model.family is {cfg.family!r}")
+        raise LmforgeError(
+            f"this run's model.family is {cfg.family!r}, which has no Hugging Face counterpart; GPT/Llama-style, "
+            "BERT and ELECTRA runs export"
+        )
     if getattr(cfg, "qk_norm", False):
         raise LmforgeError(
             "this model normalises queries and keys (model.qk_norm=true), which neither HF GPT-2 nor Llama "

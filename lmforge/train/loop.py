@@ -282,6 +282,10 @@ def train(
                 state.stop_reason = "max_steps"
             elif over_budget:
                 state.stop_reason = "time_budget"
+                log.info(
+                    f"stopping at step {state.step} of {cfg.max_steps}: the time budget of {cfg.time_budget:g} s "
+                    "(train.time_budget) is spent"
+                )
 
             evaluated = False
             want_eval = (eval_cfg.every and state.step % eval_cfg.every == 0) or state.stop_reason in (
