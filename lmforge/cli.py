@@ -45,16 +45,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-def _config_epilog() -> str:
+def _config_epilog(presets: bool = True) -> str:
     from lmforge.config import help_lines
     from lmforge.presets import PRESETS
 
-    lines = ["settings (any of these as --section.key VALUE; precedence: defaults < --preset < --config < flags):"]
+    order = "defaults < --preset < --config < flags" if presets else "defaults < the quickstart preset < flags"
+    lines = [f"settings (any of these as --section.key VALUE; precedence: {order}):"]
     for key, text, default in help_lines():
         if key in ("preset", "out", "data.dir"):
             continue
         lines.append(f"  --{key:<28} {text} (default: {default!r})")
-    lines.append(f"\npresets: {', '.join(PRESETS)}")
+    if presets:
+        lines.append(f"\npresets: {', '.join(PRESETS)}")
     return "\n".join(lines)
 
 
@@ -76,7 +78,7 @@ def build_parser() -> Parser:
         help="train, evaluate and sample a small GPT on the built-in corpus (~5 min on 2 CPU cores)",
         description="Prepare the built-in Shakespeare corpus, train a small GPT, print validation "
         "perplexity and bits per byte, and sample from it. Extra --section.key VALUE settings are applied.",
-        epilog=_config_epilog(),
+        epilog=_config_epilog(presets=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
@@ -254,7 +256,7 @@ def build_parser() -> Parser:
         "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"
     )
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    add_parsers(sub, _config_epilog())
+    add_parsers(sub)
     return parser
 
 

@@ -15,7 +15,23 @@ from typing import Any
 ADAPT_COMMANDS = ("finetune", "chat", "serve")
 
 
-def add_parsers(sub: Any, config_epilog: str) -> None:
+def _finetune_epilog() -> str:
+    """The --train/--optim/--eval/--checkpoint settings with fine-tuning's own defaults (not pretrain's)."""
+    import dataclasses
+
+    from lmforge.finetune import ADAPT_LR, finetune_sections
+
+    lines = ["settings (--section.key VALUE; fine-tuning defaults, which differ from pretrain's):"]
+    for name, section in zip(("train", "optim", "eval", "checkpoint"), finetune_sections("full", None), strict=True):
+        for f in dataclasses.fields(section):
+            key, default = f"{name}.{f.name}", repr(getattr(section, f.name))
+            if key == "train.lr":
+                default = ", ".join(f"{adapt} {lr:g}" for adapt, lr in ADAPT_LR.items()) + " (by --adapt)"
+            lines.append(f"  --{key:<28} {f.metadata.get('help', '')} (default: {default})")
+    return "\n".join(lines)
+
+
+def add_parsers(sub: Any) -> None:
     from lmforge.config import add_dataclass_args
     from lmforge.finetune import FinetuneConfig
 
@@ -29,7 +45,7 @@ def add_parsers(sub: Any, config_epilog: str) -> None:
         "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
         "prompt/chosen/rejected (dpo), text (clm); rename with --field NAME=COLUMN. Training settings: "
         "--train.*, --optim.*, --eval.*, --checkpoint.* (only those sections; see below).",
-        epilog=config_epilog,
+        epilog=_finetune_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("base", metavar="BASE")

@@ -504,7 +504,7 @@ def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = 
         if origin is list and f.name in positional:
             kwargs.update(nargs="+", default=default, metavar=f.name.upper().rstrip("S"))
         elif origin is list:  # repeatable flag, one value each, so it never swallows positional arguments
-            kwargs.update(action="append", default=None, metavar="PATH")
+            kwargs.update(action="append", default=None, metavar=f.name.upper().removesuffix("S"))
             kwargs["help"] += " (repeat the flag for several)"
         elif tp is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)

@@ -458,7 +458,9 @@ def estimate(
             f"a given peak is taken as a {'CPU' if hw['device'] == 'cpu' else 'GPU (set --train.device cpu for a CPU)'}"
             f" at {hw['dtype']}"
         )
-    micro, batch = cfg.train.micro_batch, cfg.train.batch_size
+    batch = cfg.train.batch_size
+    # per device, as training splits it: micro_batch_size, or 0 = the global batch over the ranks
+    micro = cfg.train.micro_batch_size or max(1, batch // world_size)
 
     counts = param_counts(model)
     per_token = flops_per_token(model, seq_len)

@@ -39,6 +39,9 @@ def quickstart(
     from lmforge.train.run import pretrain
 
     t0 = time.perf_counter()
+    cfg = load_config(  # first: a bad setting stops before anything is prepared
+        preset="quickstart", overrides=merge(parse_overrides(overrides or []), {"data": {"dir": data_out}, "out": out})
+    )
     try:
         if overwrite:
             raise DataError("prepare again")
@@ -49,9 +52,6 @@ def quickstart(
         prepare(PrepareConfig(inputs=[str(corpus_path())], out=data_out, tokenizer=TOKENIZER, overwrite=overwrite))
 
     print(f"[2/4] training a small GPT into {out}")
-    cfg = load_config(
-        preset="quickstart", overrides=merge(parse_overrides(overrides or []), {"data": {"dir": data_out}, "out": out})
-    )
     state = pretrain(cfg, overwrite=overwrite)
     if state.stop_reason == "time_budget":
         print(

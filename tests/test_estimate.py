@@ -200,12 +200,21 @@ def test_fsdp_shards_weights_gradients_and_optimizer() -> None:
     ddp = estimate(cfg, tokens=1, hardware=GFLOPS, world_size=4)["memory_bytes"]
     fsdp = estimate(cfg, tokens=1, hardware=GFLOPS, world_size=4, strategy="fsdp")["memory_bytes"]
     assert single["weights"] == 4 * n and single["gradients"] == 4 * n and single["optimizer"] == 8 * n
-    for key in ("weights", "gradients", "optimizer", "activations"):
-        assert ddp[key] == single[key]  # DDP replicates everything
+    for key in ("weights", "gradients", "optimizer"):
+        assert ddp[key] == single[key]  # DDP replicates the model state
     assert ddp["comm_buffers"] == single["gradients"] and single["comm_buffers"] == 0
     for key in ("weights", "gradients", "optimizer"):
         assert fsdp[key] == pytest.approx(single[key] / 4, abs=1)
-    assert fsdp["activations"] == single["activations"]  # activations are per device either way
+    # activations are per device: micro_batch_size 0 means the global batch split over the ranks, as
+    # training runs it, so a quarter of the sequences per forward on each of 4 ranks
+    quarter = run_cfg(train={"micro_batch_size": cfg.train.batch_size // 4})
+    per_rank = estimate(quarter, tokens=1, hardware=GFLOPS)["memory_bytes"]["activations"]
+    assert ddp["activations"] == fsdp["activations"] == per_rank < single["activations"]
+    pinned = run_cfg(train={"micro_batch_size": cfg.train.batch_size})  # an explicit micro-batch is per rank
+    assert (
+        estimate(pinned, tokens=1, hardware=GFLOPS, world_size=4)["memory_bytes"]["activations"]
+        == single["activations"]
+    )
     assert fsdp["total"] < ddp["total"]
 
 
