@@ -123,6 +123,11 @@ class TrainConfig:
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size
 
+    def micro_batch_per_rank(self, world_size: int) -> int:
+        """Sequences per forward pass on each of `world_size` ranks: micro_batch_size, or (0) the global
+        batch split over them."""
+        return self.micro_batch_size or max(1, self.batch_size // world_size)
+
     @property
     def accum_steps(self) -> int:
         return self.batch_size // self.micro_batch

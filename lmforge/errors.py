@@ -7,6 +7,12 @@ and keeps its traceback.
 """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty), for one-line errors
+    that quote a library's reason."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class LmforgeError(Exception):
     """A user error: one line on stderr, exit code 2, no traceback."""
 

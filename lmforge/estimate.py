@@ -458,9 +458,7 @@ def estimate(
             f"a given peak is taken as a {'CPU' if hw['device'] == 'cpu' else 'GPU (set --train.device cpu for a CPU)'}"
             f" at {hw['dtype']}"
         )
-    batch = cfg.train.batch_size
-    # per device, as training splits it: micro_batch_size, or 0 = the global batch over the ranks
-    micro = cfg.train.micro_batch_size or max(1, batch // world_size)
+    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_per_rank(world_size)  # per device, as training runs
 
     counts = param_counts(model)
     per_token = flops_per_token(model, seq_len)

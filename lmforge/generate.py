@@ -45,18 +45,22 @@ from typing import TextIO
 import torch
 from torch import Tensor
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, first_line
 from lmforge.models.gpt import GPT
 from lmforge.train.precision import cpp_compiler_problem
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
 
 
-def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
-    generator = torch.Generator(device=device)
+def _check_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed < 2**63:
         raise LmforgeError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
+    _check_seed(seed)
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
@@ -159,8 +163,9 @@ def compiled_decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Te
             return _compiled_step(model, x, cache)
         except Exception as e:  # noqa: BLE001 - any compile failure: decode eagerly instead
             _compile_failed.add(model)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"warning: --compile failed ({reason}); decoding without it", file=sys.stderr, flush=True)
+            print(
+                f"warning: --compile failed ({first_line(e)[:200]}); decoding without it", file=sys.stderr, flush=True
+            )
     return model(x, cache)
 
 
@@ -426,7 +431,7 @@ def generate_from_checkpoint(
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    _sampling_generator(torch.device("cpu"), seed)  # a bad --seed fails here, not after the prompt is echoed
+    _check_seed(seed)  # here too: before the prompt is echoed
 
     plain = functools.partial(tokenizer.decode, skip_special_tokens=True)
     after_prompt = continuation_decoder(plain, prompt_ids)

@@ -50,7 +50,7 @@ LOCK_FILE = ".lock"
 _claims: dict[Path, Any] = {}  # run folder -> its open lock file, held until this process ends
 
 
-def claim(run_dir: Path, command: str = "pretrain") -> None:
+def claim(run_dir: Path) -> None:
     """Refuse to train `run_dir` while another live process trains it; then hold it for this process.
 
     Two trainings in one folder would write each other's checkpoints and metrics. The check is an
@@ -64,7 +64,7 @@ def claim(run_dir: Path, command: str = "pretrain") -> None:
         return
     busy = ConfigError(
         f"{run_dir} is being trained by another process right now ({_holder(run_dir)}); wait for it to end or "
-        f"stop it, or pass another --out to {command}"
+        "stop it, or pass another --out"
     )
     try:
         import fcntl

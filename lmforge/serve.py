@@ -132,9 +132,14 @@ class _Handler(BaseHTTPRequestHandler):
         kind = "invalid_request_error" if e.status < 500 else "server_error"
         error = {"error": {"message": str(e), "type": kind, "code": e.code}}
         if self.streaming:  # the 200 and some events are out: the error becomes the last event
-            self.wfile.write(b"data: " + json.dumps(error, ensure_ascii=False).encode("utf-8") + b"\n\n")
+            self._event(error)
         else:
             self._send_json(e.status, error)
+
+    def _event(self, payload: dict[str, Any]) -> None:
+        """One Server-Sent Event of a streamed reply."""
+        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+        self.wfile.flush()
 
     def _read_body(self) -> dict[str, Any]:
         try:
@@ -284,17 +289,13 @@ class _Handler(BaseHTTPRequestHandler):
                 "choices": [choice],
             }
 
-        def emit(payload: dict[str, Any]) -> None:
-            self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
-            self.wfile.flush()
-
         if stream:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
             self.streaming = True
-            emit(chunk("", None, first=True))
+            self._event(chunk("", None, first=True))
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
@@ -309,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
             hold = max((len(s) - 1 for s in stop), default=0)
             ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
             if stream and ready > sent:
-                emit(chunk(text[sent:ready], None))
+                self._event(chunk(text[sent:ready], None))
                 sent = ready
             if cut >= 0:
                 raise _StopGeneration
@@ -338,10 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_new, "total_tokens": len(ids) + n_new}
         if stream:
             if len(text) > sent:
-                emit(chunk(text[sent:], None))
+                self._event(chunk(text[sent:], None))
             final = chunk("", finish)
             final["usage"] = usage
-            emit(final)
+            self._event(final)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             return

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, legacy_encoding, looks_binary, replace_surrogates
-from lmforge.errors import DataError
+from lmforge.errors import DataError, first_line
 
 DocUnit = Literal["paragraph", "file", "line"]
 Format = Literal["text", "json", "jsonl", "csv", "tsv", "parquet", "hf_disk", "hf_hub"]
@@ -336,12 +336,9 @@ def read_documents(
             lines = _lines(stream, path, max_line_bytes)
             yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
         elif doc_unit == "file":
-            data = stream.read(max_line_bytes + 1)
-            if len(data) > max_line_bytes:
-                raise DataError(
-                    f"{path}: longer than {max_line_bytes:,} bytes, too big for one document; "
-                    "use --doc-unit paragraph or line, or raise --max-line-bytes"
-                )
+            data = _read_whole(
+                stream, path, max_line_bytes, "too big for one document; use --doc-unit paragraph or line"
+            )
             text, bad = decode_utf8(data)
             yield RawDocument(text.removeprefix("\ufeff"), bad)
         else:
@@ -511,14 +508,19 @@ def _text_documents(
         yield RawDocument("".join(paragraph), bad_total)
 
 
-def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
-    """A .json file: an array of strings / objects (or one object); JSON Lines under a .json name too."""
+def _read_whole(stream: BinaryIO, path: Path, max_bytes: int, too_big: str) -> bytes:
+    """All of `stream`, refused (one line: `too_big`, then --max-line-bytes) when over `max_bytes`."""
     data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise DataError(
-            f"{path}: a .json file over {max_bytes:,} bytes is read whole; convert it to .jsonl (one object per line) "
-            "or raise --max-line-bytes"
-        )
+        raise DataError(f"{path}: longer than {max_bytes:,} bytes, {too_big}, or raise --max-line-bytes")
+    return data
+
+
+def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
+    """A .json file: an array of strings / objects (or one object); JSON Lines under a .json name too."""
+    data = _read_whole(
+        stream, path, max_bytes, "and a .json file is read whole; convert it to .jsonl (one object per line)"
+    )
     text, bad = decode_utf8(data)
     text = text.removeprefix("\ufeff")
     try:
@@ -610,17 +612,15 @@ def _table_documents(
         column = header.index(text_field)
         row_start = reader.line_num + 1
         for row in reader:
-            if not row:
-                row_start = reader.line_num + 1
-                continue
-            if column >= len(row):
-                raise DataError(
-                    f"{path}:{reader.line_num}: row has {len(row)} fields but the header has {len(header)}; "
-                    "fix the row or quote fields that contain the delimiter"
-                )
-            text, surrogates = replace_surrogates(row[column])
-            yield RawDocument(text, bad_pending + surrogates)
-            bad_pending = 0
+            if row:  # (a blank line is no row)
+                if column >= len(row):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: row has {len(row)} fields but the header has {len(header)}; "
+                        "fix the row or quote fields that contain the delimiter"
+                    )
+                text, surrogates = replace_surrogates(row[column])
+                yield RawDocument(text, bad_pending + surrogates)
+                bad_pending = 0
             row_start = reader.line_num + 1
     except csv.Error as e:
         kind = "CSV" if delimiter == "," else "TSV"
@@ -736,7 +736,6 @@ def _hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad config: datasets raises many types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"{spec}: cannot load from the hub ({first}); check the name, config, split and network"
+            f"{spec}: cannot load from the hub ({first_line(e)}); check the name, config, split and network"
         ) from None

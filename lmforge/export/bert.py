@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, fresh_tmp_dir, fsync_file, publish_dir, write_json
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.export.hf import HF_HINT, _dtype_name, _last_eval, _own, training_progress
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
 from lmforge.models.bert import Bert, BertConfig
@@ -445,8 +445,9 @@ def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
     try:
         theirs = cls.from_pretrained(str(hf_dir)).float().eval()
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LmforgeError(f"transformers cannot load {hf_dir} ({first}); export it again with lmforge") from None
+        raise LmforgeError(
+            f"transformers cannot load {hf_dir} ({first_line(e)}); export it again with lmforge"
+        ) from None
     T = min(32, cfg.max_seq_len)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
     if cfg.family == "electra":

@@ -86,7 +86,7 @@ from lmforge.atomic import (
     publish_dir,
     write_json,
 )
-from lmforge.errors import CheckpointError, DataError, LmforgeError
+from lmforge.errors import CheckpointError, DataError, LmforgeError, first_line
 from lmforge.models.gpt import GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -689,8 +689,9 @@ def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: 
         else:
             theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir)).float().eval()
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LmforgeError(f"transformers cannot load {hf_dir} ({first}); export it again with lmforge") from None
+        raise LmforgeError(
+            f"transformers cannot load {hf_dir} ({first_line(e)}); export it again with lmforge"
+        ) from None
     T = min(seq_len, ours.cfg.max_seq_len)
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, trained.tokenizer.vocab_size, (2, T), generator=generator)  # (B, T)

@@ -25,7 +25,7 @@ from lmforge.atomic import (
     write_json,
 )
 from lmforge.checkpoint import read_json, save_checkpoint
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.export.hf import (
     FAMILIES,
     HF_DIR_FILES,
@@ -167,8 +167,9 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
     try:  # never unpickle code: weights_only refuses anything but tensors and plain containers
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint ({first}); convert it to safetensors") from None
+        raise CheckpointError(
+            f"{path} is not a plain tensor checkpoint ({first_line(e)}); convert it to safetensors"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors; convert it to safetensors")
     return state

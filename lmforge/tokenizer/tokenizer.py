@@ -28,7 +28,7 @@ import numpy as np
 import tokenizers
 
 from lmforge.atomic import atomic_write_text
-from lmforge.errors import DataError
+from lmforge.errors import DataError, first_line
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -100,8 +100,9 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_str(json_str))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"not a valid tokenizer.json ({first_line}); re-create it with 'lmforge prepare'") from None
+            raise DataError(
+                f"not a valid tokenizer.json ({first_line(e)}); re-create it with 'lmforge prepare'"
+            ) from None
 
     def to_str(self) -> str:
         """The tokenizer.json text (HF format)."""

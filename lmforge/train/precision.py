@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,7 +31,7 @@ def cpp_compiler_problem() -> str | None:
     try:
         get_cpp_compiler()
     except Exception as e:  # noqa: BLE001 - any reason it gives
-        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return first_line(e)[:200]
     return None
 
 

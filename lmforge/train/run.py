@@ -126,7 +126,7 @@ MAX_ROLLBACKS = 3  # more rollbacks than this in one run: it diverges whatever d
 
 def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
     """This rank's train config: its share of the global batch, and its micro-batch."""
-    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world_size)
+    micro = cfg.train.micro_batch_per_rank(world_size)
     if cfg.train.batch_size % (micro * world_size):
         raise ConfigError(
             f"train.batch_size {cfg.train.batch_size} (global) must be a multiple of train.micro_batch_size "
@@ -194,7 +194,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "install g++ (or set CXX), or drop --train.compile"
         )
     rank_train = _rank_batch(cfg, world.world_size)
-    resume = _on_main(world, lambda: claim(run_dir) or prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite))
+
+    def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
+        claim(run_dir)
+        return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
+
+    resume = _on_main(world, claim_and_prepare)
 
     precision = pick_precision(device, cfg.train.dtype)
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
@@ -349,18 +354,18 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         return step_dir(run_dir, st.step)
 
     budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
-    early_stopped = state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience
-    if state.step >= cfg.train.max_steps or (budget and state.elapsed_s >= budget) or early_stopped:
-        if state.step >= cfg.train.max_steps:
-            limit = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
-        elif early_stopped:
-            limit = (
-                f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
-                "evaluations; raise train.early_stop_patience to train on)"
-            )
-        else:
-            limit = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
-        log.info(f"{run_dir} is already {limit}; nothing to do")
+    done = ""  # why a re-run of a finished run has nothing to do
+    if state.step >= cfg.train.max_steps:
+        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
+    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
+        done = (
+            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
+            "evaluations; raise train.early_stop_patience to train on)"
+        )
+    elif budget and state.elapsed_s >= budget:
+        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
+    if done:
+        log.info(f"{run_dir} is already {done}; nothing to do")
         log.close()
         return state
 
