@@ -8,8 +8,8 @@ the export direction; see its docstring for the design.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from pathlib import Path
+from pickle import UnpicklingError  # only the error weights_only=True raises; nothing is unpickled here
 from typing import Any
 
 import torch
@@ -166,7 +166,7 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     try:  # never unpickle code: weights_only refuses anything but tensors and plain containers
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except (UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(
             f"{path} is not a plain tensor checkpoint ({first_line(e)}); convert it to safetensors"
         ) from None
