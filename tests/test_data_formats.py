@@ -109,6 +109,27 @@ def test_hf_save_to_disk(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "ds"], out="out4", text_field="body")
 
 
+def test_hub_input_on_a_local_dataset_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf:NAME` goes through `datasets.load_dataset(streaming=True)`; a local folder laid out like a hub
+    dataset repo (one data file per split) exercises that path offline, with the split and column checks."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for split, texts in (("train", TEXTS[:10]), ("test", TEXTS[10:])):
+        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"text": t, "n": 1}) + "\n" for t in texts))
+    m = run(tmp_path, [f"hf:{repo}"])
+    assert m["documents"]["in"] == 10 and m["inputs"][0]["path"] == f"hf:{repo}"
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS[:10])
+    assert run(tmp_path, [f"hf:{repo}::test"], out="out2")["documents"]["in"] == len(TEXTS) - 10
+    with pytest.raises(DataError, match=r"cannot load from the hub \(.*nope"):
+        run(tmp_path, [f"hf:{repo}::nope"], out="out3")
+    assert not (tmp_path / "out3").exists()
+    with pytest.raises(DataError, match="no column 'body'"):
+        run(tmp_path, [f"hf:{repo}"], out="out4", text_field="body")
+
+
 def test_format_detection_and_hub_names() -> None:
     assert [file_format(n) for n in ("a.CSV", "b.tsv.gz", "c.jsonl.zst", "d.parquet", "e.txt.zst", "f.log")] == [
         "csv", "tsv", "jsonl", "parquet", "text", "text"
