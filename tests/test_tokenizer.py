@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.eval.lm import text_byte_table
 from lmforge.tokenizer.tokenizer import Tokenizer, bytes_to_unicode
-from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
 
 WORDS = "the quick brown fox jumps over lazy dog and cat sat on a mat while it rained all day long".split()
 CHINESE = "满纸荒唐言，一把辛酸泪！都云作者痴，谁解其中味？"
@@ -130,6 +132,28 @@ def test_token_bytes_sum_to_text_bytes(request: pytest.FixtureRequest, kind: str
         ids = tok.encode(text)
         assert int(table[ids].sum()) == len(text.encode("utf-8")), text
     assert int(table[[*tok.encode("ab"), tok.eos_id]].sum()) == 2
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "wordpiece", "unigram"])
+def test_text_byte_table_counts_the_text_bytes(request: pytest.FixtureRequest, kind: str) -> None:
+    """bpb's byte table: WordPiece leaves out the spaces between words and Metaspace adds one before each
+    document, so `text_byte_table` rescales them to the text's bytes; exact tables keep a scale of 1."""
+    if kind in ("bpe", "char"):
+        tok: Tokenizer = request.getfixturevalue(kind)
+    else:
+        tok = (train_wordpiece if kind == "wordpiece" else train_unigram)(iter(corpus()), 300)
+    texts = corpus(40, seed=5)
+    ids = [np.asarray(tok.encode(t) + [tok.eos_id]) for t in texts]
+    true_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    raw = sum(int(tok.token_bytes()[i].sum()) for i in ids)
+    table = text_byte_table(tok.token_bytes(), ids, true_bytes)
+    assert table.dtype == torch.float64 and table[tok.eos_id] == 0
+    assert sum(float(table[torch.as_tensor(i)].sum()) for i in ids) == pytest.approx(true_bytes, rel=1e-12)
+    if kind in ("bpe", "char"):
+        assert raw == true_bytes and torch.equal(table, torch.as_tensor(tok.token_bytes(), dtype=torch.float64))
+    else:
+        assert abs(raw - true_bytes) > 0.01 * true_bytes  # the table alone was off: the scale matters
+    assert torch.equal(text_byte_table(tok.token_bytes(), [], 0), torch.as_tensor(tok.token_bytes()).double())
 
 
 def test_byte_table_is_a_bijection() -> None:

@@ -145,6 +145,25 @@ def test_tiny_model_learns_real_text(data_dir, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
+def test_bits_per_byte_counts_the_text_bytes_for_wordpiece(corpus_file, tmp_path):
+    """WordPiece tokens leave out the spaces between words: a whole-split evaluation still divides by
+    the split's true UTF-8 bytes (the manifest's count), in training's log and in `eval`."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+
+    data = tmp_path / "wp"
+    cfg = PrepareConfig(inputs=[str(corpus_file)], out=str(data), tokenizer="wordpiece", vocab_size=400)
+    manifest = prepare(cfg, progress=False)
+    cfg = tiny_config(data, tmp_path / "run", **{"train.max_steps": 2, "eval.every": 2, "eval.max_batches": 0})
+    pretrain(cfg, progress=False)
+    m = evaluate_checkpoint(tmp_path / "run", split="val")
+    val_bytes = manifest["splits"]["val"]["bytes"]
+    assert abs(m["bytes"] - val_bytes) <= 0.002 * val_bytes  # only the split's first target-less token
+    logged = [r["val_bpb"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_bpb" in r]
+    assert logged[-1] == pytest.approx(m["bpb"], rel=1e-5)
+    assert m["bpb"] == pytest.approx(m["loss"] * m["tokens"] / math.log(2) / val_bytes, rel=0.01)
+
+
 def test_early_stopping(data_dir, tmp_path):
     cfg = tiny_config(
         data_dir,

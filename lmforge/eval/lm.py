@@ -2,10 +2,16 @@
 
 Bits per byte (bpb) is comparable across tokenizers: it divides the total negative log-likelihood
 (converted to bits) by the number of UTF-8 bytes of the text whose tokens were predicted. The bytes
-come from the tokenizer's `token_bytes()` table, indexed by the target tokens, so they are exactly
-the bytes of the evaluated text. Targets that decode to no bytes (the end-of-document token) are
-left out of both the bits and the bytes, as in nanochat's `evaluate_bpb`: bpb then measures the
-text itself. `loss` and perplexity cover every target token, EOS included.
+come from a per-token table indexed by the target tokens. The tokenizer's `token_bytes()` is exact
+for byte-level BPE and character tokenizers (they decode every byte of the text back). It is not for
+WordPiece, whose tokens leave out the whitespace between words, nor for Metaspace (Unigram)
+tokenizers, which count a word-start space before each document's first word; `text_byte_table`
+rescales the table so that the evaluated text's tokens add up to its true UTF-8 byte count (the
+prepared split's count from the manifest, or a task file's text), which makes a whole-split
+evaluation exact for every tokenizer (the scale is exactly 1 where the table already is). Targets
+that decode to no bytes (the end-of-document token) are left out of both the bits and the bytes, as
+in nanochat's `evaluate_bpb`: bpb then measures the text itself. `loss` and perplexity cover every
+target token, EOS included.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.data.shards import read_shard
 from lmforge.objectives import IGNORE_INDEX
 from lmforge.train.precision import Precision
+
+if TYPE_CHECKING:
+    from lmforge.data.datadir import DataDir
 
 
 @torch.no_grad()
@@ -44,7 +55,8 @@ def evaluate_lm(
     Args:
         model: returns logits (B, T, V) for inputs (B, T).
         batches: e.g. `lmforge.data.loader.eval_batches(...)`; targets are -100 where ignored.
-        token_bytes: (V,) int64 UTF-8 byte count per token id (0 for special tokens).
+        token_bytes: (V,) UTF-8 bytes per token id (0 for special tokens): `text_byte_table`, or the
+            tokenizer's `token_bytes()` where that is exact.
         precision: device and autocast dtype to run under.
         rank, world_size: this process's share of the batches (see above); 0, 1 = all of them.
 
@@ -58,7 +70,7 @@ def evaluate_lm(
     nats = torch.zeros((), dtype=torch.float64, device=device)
     text_nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
-    n_bytes = 0
+    n_bytes = 0.0
     for (x, y), mine in shard_batches(batches, rank, world_size):
         x, y = x.to(device), y.to(device)
         with precision.autocast():
@@ -73,13 +85,13 @@ def evaluate_lm(
         nats += losses.double().sum()
         text_nats += (losses.double() * (nbytes > 0)).sum()
         n_tokens += int(valid.sum())
-        n_bytes += int(nbytes.sum())
+        n_bytes += float(nbytes.sum())
     model.train(was_training)
     if world_size > 1:
         from lmforge import dist
 
         sums = dist.all_reduce([float(nats), float(text_nats), n_tokens, n_bytes], device)
-        nats, text_nats, n_tokens, n_bytes = sums[0], sums[1], int(sums[2]), int(sums[3])
+        nats, text_nats, n_tokens, n_bytes = sums[0], sums[1], int(sums[2]), sums[3]
     if n_tokens == 0:
         return {"loss": float("nan"), "ppl": float("nan"), "bpb": float("nan"), "tokens": 0, "bytes": 0}
     loss = float(nats) / n_tokens
@@ -88,8 +100,31 @@ def evaluate_lm(
         "ppl": math.exp(min(loss, 700.0)),
         "bpb": float(text_nats) / (math.log(2) * n_bytes) if n_bytes else float("nan"),
         "tokens": n_tokens,
-        "bytes": n_bytes,
+        "bytes": round(n_bytes),
     }
+
+
+def text_byte_table(token_bytes: np.ndarray, tokens: Iterable[np.ndarray], text_bytes: int) -> torch.Tensor:
+    """`token_bytes` (float64) scaled so that `tokens` (the evaluated text's token ids, in arrays)
+    add up to `text_bytes`, the text's UTF-8 byte count (module docstring).
+
+    The scale is exactly 1 where the table already counts the text's bytes (byte-level BPE, characters),
+    and 1 when either count is 0 (nothing to calibrate against).
+    """
+    table = np.asarray(token_bytes, dtype=np.int64)
+    counted = 0
+    for ids in tokens:
+        for start in range(0, len(ids), 1 << 24):  # bounded memory on big shards
+            counted += int(table[np.asarray(ids[start : start + (1 << 24)], dtype=np.int64)].sum())
+    scale = text_bytes / counted if counted and text_bytes else 1.0
+    return torch.as_tensor(table, dtype=torch.float64) * scale
+
+
+def split_byte_table(data: DataDir, split: str, token_bytes: np.ndarray) -> torch.Tensor:
+    """`text_byte_table` for a prepared split: its shards against the manifest's byte count."""
+    shards = data.split_shards(split)
+    text_bytes = int(data.manifest["splits"][split].get("bytes", 0))
+    return text_byte_table(token_bytes, (read_shard(p) for p in shards), text_bytes)
 
 
 def shard_batches(batches: Iterable[Any], rank: int, world_size: int) -> Iterator[tuple[Any, bool]]:
@@ -184,7 +219,7 @@ def evaluate_checkpoint(
     batches = eval_batches(
         shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
     )
-    token_bytes = torch.as_tensor(trained.tokenizer.token_bytes(), dtype=torch.int64)
+    token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
     return {
         "checkpoint": str(checkpoint.path),

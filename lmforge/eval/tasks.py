@@ -29,6 +29,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.errors import ConfigError, DataError
@@ -295,13 +296,16 @@ def task_metrics(
         return {"task": task, **_dpo(ft, rows, fields, path)}
     if task == "clm":
         from lmforge.data.formats import clm_examples, lm_batch
-        from lmforge.eval.lm import evaluate_lm
+        from lmforge.eval.lm import evaluate_lm, text_byte_table
         from lmforge.train.precision import Precision
 
         device = next(ft.model.parameters()).device
-        examples = clm_examples(ft.tokenizer, [r[fields["text"]] for r in rows], ft.model.cfg.max_seq_len)
+        texts = [str(r[fields["text"]]) for r in rows]
+        examples = clm_examples(ft.tokenizer, texts, ft.model.cfg.max_seq_len)
         batches = [lm_batch(examples[i : i + 16], ft.tokenizer.eos_id) for i in range(0, len(examples), 16)]
-        token_bytes = torch.as_tensor(ft.tokenizer.token_bytes(), dtype=torch.int64)
+        stream = [np.asarray(e.ids[1:]) for e in examples] + [np.asarray(examples[0].ids[:1])] if examples else []
+        text_bytes = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+        token_bytes = text_byte_table(ft.tokenizer.token_bytes(), stream, text_bytes)
         m = evaluate_lm(ft.model, batches, token_bytes=token_bytes, precision=Precision(device, torch.float32))
         return {"task": task, **m}
     raise ConfigError(f"unknown task {task!r}")

@@ -36,7 +36,7 @@ from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import eval_batches
 from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
-from lmforge.eval.lm import evaluate_lm
+from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
 from lmforge.runs import LOCK_FILE, claim, mark_running, mark_stopped, release
@@ -296,7 +296,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             )
 
     val_shards = data.split_shards("val")
-    token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.int64)
+    token_bytes = split_byte_table(data, "val", tokenizer.token_bytes())
     eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
 
     def evaluate() -> dict[str, Any]:
