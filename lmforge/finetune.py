@@ -103,6 +103,8 @@ class FinetuneConfig:
         check(self.prompt_tokens > 0, f"--prompt-tokens must be > 0, got {self.prompt_tokens}")
         check(self.max_len >= 0 and self.augment >= 0, "--max-len and --augment must be >= 0")
         check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
+        check(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
+        check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         check(0 <= self.replay_fraction <= 10, f"--replay-fraction must be in [0, 10], got {self.replay_fraction}")
         check(self.adapt != "head" or self.task != "dpo", "DPO with --adapt head is not supported; use full or lora")
         if self.adapt == "distill":
@@ -111,16 +113,47 @@ class FinetuneConfig:
                 self.task in ("clm", "sft", "qa", "translate") and not self.pack,
                 "--adapt distill works for --task clm, sft, qa or translate, without --pack",
             )
-        check(
-            self.schedule == "fresh" or self.task == "clm",
-            "--schedule continue is for --task clm (continued pretraining of a pretraining run)",
-        )
         check(self.distill_temperature > 0, f"--distill-temperature must be > 0, got {self.distill_temperature}")
         check(0 <= self.distill_alpha <= 1, f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         check(
             not self.pack or (self.task in ("sft", "qa", "translate") and self.adapt != "prompt"),
             "--pack works for --task sft, qa or translate, without --adapt prompt",
         )
+        check(
+            bool(self.replay) == (self.replay_fraction > 0),
+            "--replay OLD_TEXT and --replay-fraction F (> 0, replay windows per new window) go together",
+        )
+        for f in dataclasses.fields(self):  # a setting the run would not use is an error, not ignored
+            applies = _APPLIES_TO.get(f.name)
+            if applies is None or applies[0](self):
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            check(
+                getattr(self, f.name) == default,
+                f"--{f.name.replace('_', '-')} is for {applies[1]}; drop it (this run: --task {self.task} "
+                f"--adapt {self.adapt})",
+            )
+
+
+_GENERATION_TASKS = ("sft", "qa", "translate")
+# settings that only some tasks / adaptation modes use: (applies to this config?, what it is for)
+_APPLIES_TO: dict[str, tuple[Any, str]] = {
+    **{k: (lambda c: c.adapt == "lora", "--adapt lora") for k in ("lora_rank", "lora_alpha", "lora_dropout")},
+    "lora_targets": (lambda c: c.adapt == "lora", "--adapt lora"),
+    "merge": (lambda c: c.adapt == "lora", "--adapt lora"),
+    "prompt_tokens": (lambda c: c.adapt == "prompt", "--adapt prompt"),
+    **{
+        k: (lambda c: c.adapt == "distill", "--adapt distill")
+        for k in ("teacher", "distill_temperature", "distill_alpha")
+    },
+    "augment": (lambda c: c.task == "classify", "--task classify"),
+    **{k: (lambda c: c.task == "dpo", "--task dpo") for k in ("dpo_beta", "dpo_reference")},
+    **{
+        k: (lambda c: c.task in _GENERATION_TASKS, "--task sft, qa or translate (scoring generated answers)")
+        for k in ("eval_samples", "max_new_tokens")
+    },
+    **{k: (lambda c: c.task == "clm", "--task clm") for k in ("replay", "replay_fraction", "old_val", "schedule")},
+}
 
 
 def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any]:
@@ -408,6 +441,10 @@ def finetune(
                 f"{' after the soft prompt' if cfg.adapt == 'prompt' else ''}); use at most {context}, "
                 "or 0 for all of it"
             )
+        if cfg.task in ("sft", "qa", "translate"):
+            from lmforge.eval.tasks import check_answer_room
+
+            check_answer_room(cfg.max_new_tokens, context)  # scored answers need room for their prompt
         max_len = cfg.max_len or context
         labels: list[str] = []
         if cfg.task == "classify":
@@ -427,7 +464,7 @@ def finetune(
         if cfg.task == "clm" and cfg.replay:
             replay_rows = read_task_rows(cfg.replay, "clm", fields)
             replay_ex = build_examples(replay_rows, path=cfg.replay, **kwargs)
-            k = min(len(replay_ex), round(cfg.replay_fraction * len(train_ex)))
+            k = min(len(replay_ex), max(1, round(cfg.replay_fraction * len(train_ex))))  # a fraction > 0 replays
             train_ex += random.Random(train_cfg.seed).sample(replay_ex, k)
         old_val_ex = []
         if cfg.old_val:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,36 @@ def test_bad_inputs_are_one_line_errors(base: Path, tmp_path: Path):
         )  # fmt: skip
 
 
+def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
+    """Each of these was accepted and silently ignored; a blank label became a class named ""."""
+    refused = [
+        ({"adapt": "full", "lora_rank": 4}, "--lora-rank is for --adapt lora"),
+        ({"adapt": "prompt", "merge": True}, "--merge is for --adapt lora"),
+        ({"task": "sft", "augment": 2}, "--augment is for --task classify"),
+        ({"task": "sft", "old_val": "old.txt"}, "--old-val is for --task clm"),
+        ({"task": "classify", "max_new_tokens": 8}, "--max-new-tokens is for --task sft, qa or translate"),
+        ({"task": "clm", "replay": "old.txt"}, "--replay OLD_TEXT and --replay-fraction F"),
+        ({"task": "clm", "replay_fraction": 0.5}, "--replay OLD_TEXT and --replay-fraction F"),
+        ({"task": "qa", "eval_samples": 0}, "--eval-samples must be >= 1"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            FinetuneConfig(**kwargs)
+    FinetuneConfig(task="sft", adapt="lora", lora_rank=4, merge=True, max_new_tokens=8)  # where they apply
+    out = tmp_path / "long"
+    r = run_cli("finetune", str(base), "--task", "sft", "--train", str(DATA / "alpaca.jsonl"), "--out", str(out),
+                "--max-new-tokens", "128")  # fmt: skip
+    assert r.returncode == 2 and "leaves no room for the prompt" in r.stderr and not out.exists()
+    r = run_cli("eval", str(base), "--task", "qa", "--data", str(DATA / "alpaca.jsonl"), "--max-new-tokens", "200")
+    assert r.returncode == 2 and "use at most 127" in r.stderr
+    r = run_cli("eval", str(base), "--task", "dpo", "--data", str(DATA / "hh_rlhf.jsonl"))
+    assert r.returncode == 2 and "not fine-tuned with --task dpo" in r.stderr and "Traceback" not in r.stderr
+    blank = tmp_path / "blank.csv"
+    blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 3 has an empty 'label'"):
+        finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
+
+
 def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):
     from lmforge.eval.tasks import evaluate_task
 
@@ -290,6 +321,29 @@ def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):
     before, after = result["forgetting"]["before"], result["forgetting"]["after"]
     assert after["new_val_loss"] < before["new_val_loss"]
     assert before["old_val_loss"] > 0 and after["old_val_loss"] > 0
+
+
+def test_fewshot_demos_are_drawn_per_row_and_never_the_row_itself(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """The shots may be the evaluated file: a row's own labelled copy must never be in its prompt."""
+    from lmforge.data.formats import read_task_rows
+    from lmforge.eval.tasks import fewshot_classify
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    fields = {"text": "text", "label": "label"}
+    rows = read_task_rows(DATA / "sentiment_val.jsonl", "classify", fields)[:12]
+    prompts: list[str] = []
+    encode = ft.tokenizer.encode
+    monkeypatch.setattr(ft.tokenizer, "encode", lambda text: prompts.append(text) or encode(text))
+    k = len(rows) - 1  # every other row: only the row itself is left out
+    m = fewshot_classify(ft, rows, rows, k=k, fields=fields, seed=0)
+    queries = [p for p in prompts if p.endswith("\nLabel:")]
+    assert m["n"] == len(rows) and len(queries) == len(rows)
+    for row, prompt in zip(rows, queries, strict=True):
+        text = str(row["text"]).strip()
+        assert prompt.count(f"Text: {text}\n") == 1 and prompt.count("Text: ") == k + 1
+    assert len({p.split("Text: ")[1] for p in queries}) > 1  # demos are drawn per row, not once
+    with pytest.raises(DataError, match="only 11 shots differ"):
+        fewshot_classify(ft, rows, rows, k=len(rows), fields=fields, seed=0)
 
 
 def test_augmentation_is_seeded():

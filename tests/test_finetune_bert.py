@@ -93,9 +93,8 @@ def test_cls_pooling_ignores_padding(bert_run: Path, tmp_path: Path):
 @pytest.mark.parametrize("adapt", ["lora", "full"])
 def test_lora_and_full_bert_classifiers(bert_run: Path, tmp_path: Path, adapt: str):
     out = tmp_path / adapt
-    cfg = FinetuneConfig(
-        task="classify", adapt=adapt, lora_rank=2, lora_targets=["qkv", "attn.proj", "mlp.fc", "mlp.proj"]
-    )
+    lora = {"lora_rank": 2, "lora_targets": ["qkv", "attn.proj", "mlp.fc", "mlp.proj"]} if adapt == "lora" else {}
+    cfg = FinetuneConfig(task="classify", adapt=adapt, **lora)
     result = finetune(
         bert_run, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False
     )

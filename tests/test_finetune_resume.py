@@ -39,7 +39,9 @@ def test_resume_is_bit_identical(base: Path, tmp_path: Path, task: str, adapt: s
         "eval": {"every": 3, "max_batches": 1},
         "checkpoint": {"every": 3, "keep": 5, "keep_best": False},
     }
-    cfg = FinetuneConfig(task=task, adapt=adapt, lora_rank=2, lora_dropout=0.2, eval_samples=1, max_new_tokens=2)
+    extra = {"lora_rank": 2, "lora_dropout": 0.2} if adapt == "lora" else {}
+    extra |= {"eval_samples": 1, "max_new_tokens": 2} if task == "sft" else {}
+    cfg = FinetuneConfig(task=task, adapt=adapt, **extra)
     kw = {"train_file": DATA / train_file, "cfg": cfg, "overrides": overrides, "progress": False}
     straight = tmp_path / "straight"
     finetune(base, out=straight, **kw)
@@ -142,7 +144,7 @@ def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_p
     assert lrs["continue"] == pytest.approx(expected, rel=1e-12)
     assert t.final_lr < lrs["continue"][-1] < lrs["continue"][0] < t.lr  # on the way down, not warming up again
     assert lrs["fresh"][0] == pytest.approx(3e-4)  # fresh: the full-mode default peak after 1 warmup step
-    with pytest.raises(ConfigError, match="--schedule continue is for --task clm"):
+    with pytest.raises(ConfigError, match="--schedule is for --task clm; drop it"):
         FinetuneConfig(task="sft", schedule="continue")
     base0 = make_base(tmp_path / "b0", max_seq_len=64)  # a step-0 (imported-like) base has no schedule to continue
     with pytest.raises(ConfigError, match="needs BASE to be an lmforge pretraining run"):

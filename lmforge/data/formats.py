@@ -382,6 +382,10 @@ def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str],
     needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
     for name in needed[task]:
         column(rows, fields[name], name, path)
+    if task == "classify":  # a blank cell would become a class of its own, named ""
+        for i, row in enumerate(rows, 1):
+            if not label_name(row[fields["label"]]):
+                raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
 
 
 def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -100,6 +100,21 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
 ANSWER_BATCH = 16  # prompts decoded together by `_answers` (one KV cache per batch)
 
 
+def answer_context(model: Any) -> int:
+    """Tokens a generated answer and its prompt share: the context (recurrent models: no limit)."""
+    return getattr(model, "max_context", model.cfg.max_seq_len)
+
+
+def check_answer_room(max_new_tokens: int, context: int) -> None:
+    """An answer of `max_new_tokens` must leave its prompt at least one token of the context (the
+    prompt keeps its last tokens; with none left the model would answer without the question)."""
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context of "
+            f"{context} tokens; use at most {context - 1}"
+        )
+
+
 def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy answers to many prompts, in order.
 
@@ -109,7 +124,8 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     """
     from lmforge.generate import generate, generate_batch
 
-    room = ft.model.cfg.max_seq_len - max_new_tokens
+    room = answer_context(ft.model) - max_new_tokens
+    check_answer_room(max_new_tokens, answer_context(ft.model))
     prompts = [p[-room:] for p in prompts]
     eos = ft.tokenizer.eos_id
     if ft.use_cache and room > 0:
@@ -157,7 +173,13 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
 def fewshot_classify(
     ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
 ) -> dict[str, Any]:
-    """In-context classification with `k` examples drawn (seeded) from `shots`; no weights change."""
+    """In-context classification: each row is scored after `k` examples drawn for it (seeded) from
+    `shots`, never a shot with the row's own text (the shots may be the evaluated file itself, whose
+    answer would otherwise be in the prompt); no weights change.
+
+    Demonstrations are drawn per row, as lm-evaluation-harness does, so the score does not hang on
+    one lucky or unlucky draw of k examples.
+    """
     import random
 
     from lmforge.adapt.objectives import sequence_logprobs
@@ -169,17 +191,22 @@ def fewshot_classify(
     labels = sorted({label_name(r[fields["label"]]) for r in shots + rows})
     if k > len(shots):
         raise DataError(f"--k-shot {k} but the shots file has only {len(shots)} rows; lower --k-shot")
+    shot_texts = [str(r[fields["text"]]).strip() for r in shots]
+    demos = [f"Text: {t}\nLabel: {label_name(r[fields['label']])}\n\n" for t, r in zip(shot_texts, shots, strict=True)]
     rng = random.Random(seed)
-    demo = "".join(
-        f"Text: {str(r[fields['text']]).strip()}\nLabel: {label_name(r[fields['label']])}\n\n"
-        for r in rng.sample(shots, k)
-    )
     device = next(model.parameters()).device
     context = model.cfg.max_seq_len
     label_ids = [tok.encode(" " + name) for name in labels]
     y_true, y_pred = [], []
     for row in rows:
-        prompt = tok.encode(demo + f"Text: {str(row[fields['text']]).strip()}\nLabel:")
+        text = str(row[fields["text"]]).strip()
+        pool = [i for i, t in enumerate(shot_texts) if t != text]
+        if k > len(pool):
+            raise DataError(
+                f"--k-shot {k} but only {len(pool)} shots differ from the row {text[:40]!r}; lower --k-shot"
+            )
+        demo = "".join(demos[i] for i in rng.sample(pool, k))
+        prompt = tok.encode(demo + f"Text: {text}\nLabel:")
         scores = []
         for ids in label_ids:
             seq = (prompt + ids)[-context - 1 :]
@@ -335,9 +362,16 @@ def evaluate_task(
     if k_shot < 0:
         raise ConfigError(f"--k-shot must be >= 0, got {k_shot}")
     ft = load_finetuned(run, pick_device(device))
+    if task in ("sft", "qa", "translate"):
+        check_answer_room(max_new_tokens, answer_context(ft.model))
     info = ft.info or {}
     if info.get("task") == "classify" and task != "classify":
         raise ConfigError(f"{run} is a classifier; evaluate it with --task classify")
+    if task == "dpo" and info.get("task") != "dpo":
+        raise ConfigError(
+            f"{run} was not fine-tuned with --task dpo; DPO metrics compare a policy with its reference "
+            f"model, so evaluate a run made by 'lmforge finetune {run} --task dpo'"
+        )
     if getattr(ft.model.cfg, "family", "gpt") in ("bert", "electra") and (task != "classify" or k_shot or not info):
         raise ConfigError(
             f"{run} is an encoder; fine-tune it with 'lmforge finetune {run} --task classify' and evaluate "
