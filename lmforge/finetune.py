@@ -633,12 +633,12 @@ def finetune(
             "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
             "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
         }
+    from lmforge.compress.distill import kl_to_teacher
+
     distill: dict[str, float] = {}
     if "kl_before" in resumed_extra:
         distill["kl_before"] = resumed_extra["kl_before"]
     elif teacher is not None and val_batches:
-        from lmforge.compress.distill import kl_to_teacher
-
         distill["kl_before"] = kl_to_teacher(model, teacher, val_batches, device)
     extra_state = {"forgetting_before": forgetting.get("before"), "kl_before": distill.get("kl_before")}
     extra_state = {k: v for k, v in extra_state.items() if v is not None}

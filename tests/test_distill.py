@@ -105,6 +105,11 @@ def test_finetune_distill_moves_the_student_towards_the_teacher(runs: dict[str, 
     metrics = [json.loads(line) for line in (tmp_path / "student-distilled" / "metrics.jsonl").open(encoding="utf-8")]
     logged = [m["val_kl_to_teacher"] for m in metrics if "val_kl_to_teacher" in m]
     assert len(logged) == 2 and logged[-1] < kl["kl_before"]
+    again = finetune(  # a re-run (as after an interrupted one) resumes and ends like the first
+        runs["student"], train_file=runs["root"] / "train.txt", val_file=runs["root"] / "val.txt",
+        out=tmp_path / "student-distilled", cfg=cfg, overrides=overrides, progress=False,
+    )  # fmt: skip
+    assert again["distill"] == kl
     info = json.loads((tmp_path / "student-distilled" / "finetune.json").read_text(encoding="utf-8"))
     assert info["adapt"] == "distill" and info["saved"] == "model" and info["teacher"] == str(runs["teacher"].resolve())
     # the distilled student is an ordinary run: it loads with the student's (smaller) architecture
