@@ -12,6 +12,7 @@ import torch
 
 from lmforge.data.curriculum import CurriculumLoader, competence, window_difficulty
 from lmforge.data.shards import ShardWriter
+from lmforge.errors import DataError
 
 EOS, SEQ = 0, 8
 
@@ -75,6 +76,48 @@ def test_resume_and_ranks(shards: list[Path]) -> None:
         assert torch.equal(x[0::2], next(ranks[0])[0]) and torch.equal(x[1::2], next(ranks[1])[0])
 
 
+def test_schedule_follows_optimizer_steps(shards: list[Path]) -> None:
+    # one optimizer step of 8 rows: 1 micro-batch of 8, 4 of 2 (accumulation), or 2 ranks x 2 micro-batches of 2
+    def make(**kw: int) -> CurriculumLoader:
+        return CurriculumLoader(shards, eos=EOS, seq_len=SEQ, seed=3, steps=10, start=0.1, **kw)
+
+    whole, accum = make(batch_size=8), make(batch_size=2, accum_steps=4)
+    ranks = [make(batch_size=2, accum_steps=2, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(12):
+        x = next(whole)[0]
+        assert torch.equal(x, torch.cat([next(accum)[0] for _ in range(4)]))
+        both = [[next(loader)[0] for _ in range(2)] for loader in ranks]  # [rank][micro]
+        for micro in range(2):
+            assert torch.equal(x[4 * micro : 4 * micro + 4][0::2], both[0][micro])
+            assert torch.equal(x[4 * micro : 4 * micro + 4][1::2], both[1][micro])
+        for loader in (whole, accum, *ranks):
+            assert loader.state_dict()["step"] == step + 1
+            assert loader.state_dict()["competence"] == competence(step + 1, 10, 0.1)
+
+
+def test_resume_mid_step_and_old_state(shards: list[Path]) -> None:
+    def make() -> CurriculumLoader:
+        return CurriculumLoader(shards, eos=EOS, seq_len=SEQ, batch_size=2, seed=5, steps=20, accum_steps=3)
+
+    straight = make()
+    expected = [next(straight)[0] for _ in range(20)]
+    first = make()
+    for _ in range(7):  # two steps and one micro-batch of the third
+        next(first)
+    assert (first.state_dict()["step"], first.state_dict()["micro"]) == (2, 1)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert all(torch.equal(next(resumed)[0], want) for want in expected[7:])
+    old = {**first.state_dict(), "version": 1, "step": 6}  # version 1 counted micro-batches
+    del old["micro"]
+    from_old = make()
+    from_old.load_state_dict(old)
+    assert all(torch.equal(next(from_old)[0], want) for want in expected[6:])
+    bad = CurriculumLoader(shards, eos=EOS, seq_len=SEQ, batch_size=6, seed=5, steps=20)  # 1 micro-batch a step
+    with pytest.raises(DataError, match="mid-step"):
+        bad.load_state_dict(first.state_dict())
+
+
 def test_pretrain_with_curriculum_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -82,11 +125,15 @@ def test_pretrain_with_curriculum_resumes_exactly(data_dir: Path, tmp_path: Path
     from lmforge.train.run import pretrain
     from tests.conftest import tiny_config
 
-    over = {"data.curriculum": "doc_length", "data.curriculum_steps": 8}
+    # 4 micro-batches per optimizer step: the schedule still counts optimizer steps
+    over = {"data.curriculum": "doc_length", "data.curriculum_steps": 8, "train.micro_batch_size": 2}
     straight = tmp_path / "straight"
     pretrain(tiny_config(data_dir, straight, **over), progress=False)
     state = json.loads((straight / "checkpoints" / "step-000012" / "state.json").read_text(encoding="utf-8"))
     assert '"kind": "curriculum"' in json.dumps(state)
+    half = json.loads((straight / "checkpoints" / "step-000006" / "state.json").read_text(encoding="utf-8"))
+    assert half["loader"]["competence"] == pytest.approx(competence(6, 8, 0.1))  # 0.87, not 1.0 (24 micro-batches)
+    assert (half["loader"]["step"], half["loader"]["micro"]) == (6, 0)
     crashed = tmp_path / "crashed"
     shutil.copytree(straight, crashed)
     shutil.rmtree(crashed / "checkpoints" / "step-000012")

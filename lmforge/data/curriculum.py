@@ -8,12 +8,17 @@ Competence-based curriculum (Platanios et al. 2019, https://arxiv.org/abs/1903.0
     order              = windows sorted by difficulty (stable, so ties keep stream order)
     competence(step)   = min(1, sqrt(step * (1 - c0**2) / curriculum_steps + c0**2))      c0 = curriculum_start
     batch at step s    = windows order[i], i drawn uniformly from [0, competence(s) * n_windows)
-                         with default_rng([seed, s]); rank r keeps draws r, r + W, ...
+                         with default_rng([seed, s]): accum_steps * W * micro draws; micro-batch m takes
+                         draws [m * W * micro, (m + 1) * W * micro) and rank r of them keeps r, r + W, ...
 
-Short documents (dialogue lines, headlines) are read first and long, context-heavy documents are
-phased in; after `curriculum_steps` every window is eligible. The draw at step s depends only on
-(seed, s), so the state is the step counter and resume is exact. Difficulty is computed once per
-shard with numpy from the EOS positions (an int32 per token while indexing a shard).
+The step s is the *optimizer* step, not the micro-batch: the loader is told how many micro-batches
+(`accum_steps`) make one step, so gradient accumulation and the number of ranks (which sets the
+micro-batch when train.micro_batch_size is 0) change neither the schedule nor the windows of a step,
+only how they are split. Short documents (dialogue lines, headlines) are read first and long,
+context-heavy documents are phased in; after `curriculum_steps` every window is eligible. The draw at
+step s depends only on (seed, s), so the state is (step, micro-batches taken within it) and resume is
+exact. Difficulty is computed once per shard with numpy from the EOS positions (an int32 per token
+while indexing a shard).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lmforge.data.shards import read_shard
 from lmforge.errors import DataError
 
 Curriculum = Literal["none", "doc_length"]
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 1: 'step' counted micro-batches (read as such on resume)
 
 
 def window_difficulty(tokens: np.ndarray, eos: int, seq_len: int) -> np.ndarray:
@@ -52,7 +57,11 @@ def competence(step: int, steps: int, start: float) -> float:
 
 
 class CurriculumLoader:
-    """Infinite, resumable micro-batch iterator that phases in harder windows (see the module docstring)."""
+    """Infinite, resumable micro-batch iterator that phases in harder windows (see the module docstring).
+
+    `batch_size` is this rank's micro-batch; `accum_steps` micro-batches make one optimizer step, the
+    unit of the competence schedule.
+    """
 
     def __init__(
         self,
@@ -66,11 +75,13 @@ class CurriculumLoader:
         start: float = 0.1,
         rank: int = 0,
         world_size: int = 1,
+        accum_steps: int = 1,
     ) -> None:
         if not shards:
             raise DataError("no token shards for this split; run 'lmforge prepare' or add data to the split")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.steps, self.start, self.rank, self.world_size = steps, start, rank, world_size
+        self.accum_steps = max(1, accum_steps)
         self._tokens = [read_shard(p) for p in shards]
         difficulty, where = [], []
         for index, tokens in enumerate(self._tokens):
@@ -82,7 +93,8 @@ class CurriculumLoader:
         all_difficulty = np.concatenate(difficulty)
         self._order = np.concatenate(where)[np.argsort(all_difficulty, kind="stable")]  # (n_windows, 2)
         self.difficulty_range = (float(all_difficulty.min()), float(all_difficulty.max()))
-        self._step = 0
+        self._step = 0  # optimizer step
+        self._micro = 0  # micro-batches of it already taken, < accum_steps
 
     @property
     def windows_per_epoch(self) -> int:
@@ -97,13 +109,17 @@ class CurriculumLoader:
 
         n = len(self._order)
         eligible = max(1, min(n, math.ceil(competence(self._step, self.steps, self.start) * n)))
-        draws = np.random.default_rng([self.seed, self._step]).integers(0, eligible, self.batch_size * self.world_size)
+        per_micro = self.batch_size * self.world_size  # all ranks' rows of one micro-batch
+        rng = np.random.default_rng([self.seed, self._step])
+        draws = rng.integers(0, eligible, per_micro * self.accum_steps)[self._micro * per_micro :][:per_micro]
         T = self.seq_len
         batch = np.empty((self.batch_size, T + 1), dtype=np.int64)
         for row, index in enumerate(draws[self.rank :: self.world_size]):
             shard, start = self._order[index]
             batch[row] = self._tokens[shard][start : start + T + 1]
-        self._step += 1
+        self._micro += 1
+        if self._micro == self.accum_steps:
+            self._step, self._micro = self._step + 1, 0
         batch_t = torch.from_numpy(batch)
         return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()  # (B, T), (B, T)
 
@@ -112,6 +128,7 @@ class CurriculumLoader:
             "version": _STATE_VERSION,
             "kind": "curriculum",
             "step": self._step,
+            "micro": self._micro,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "windows": len(self._order),
@@ -131,4 +148,12 @@ class CurriculumLoader:
                           ("curriculum_steps", self.steps)):  # fmt: skip
             if state.get(key) != mine:
                 raise DataError(f"cannot resume the curriculum: saved with {key}={state.get(key)}, now {mine}")
-        self._step = int(state["step"])
+        if state.get("version", 1) == 1:  # counted micro-batches: resume at the optimizer step they make up
+            self._step, self._micro = divmod(int(state["step"]), self.accum_steps)
+        else:
+            self._step, self._micro = int(state["step"]), int(state.get("micro", 0))
+            if self._micro >= self.accum_steps:
+                raise DataError(
+                    f"cannot resume the curriculum mid-step: {self._micro} micro-batches of step {self._step} were "
+                    f"taken, now {self.accum_steps} per step; resume with the original train.micro_batch_size"
+                )

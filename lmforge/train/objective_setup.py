@@ -100,10 +100,15 @@ def setup_objective(
     precision: Any,
     *,
     micro_batch: int,
+    accum_steps: int = 1,
     rank: int = 0,
     world_size: int = 1,
 ) -> ObjectiveSetup:
-    """Loader, objective and (for encoders) evaluation function of a resolved `RunConfig`."""
+    """Loader, objective and (for encoders) evaluation function of a resolved `RunConfig`.
+
+    `micro_batch` is this rank's micro-batch and `accum_steps` the micro-batches per optimizer step;
+    a loader whose schedule follows optimizer steps (the curriculum) needs both.
+    """
     name, family = cfg.objective.name, cfg.model.family
     check_objective(name, family)
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
@@ -139,7 +144,7 @@ def setup_objective(
 
             loader = CurriculumLoader(
                 train_shards, eos=tokenizer.eos_id, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed,
-                steps=cfg.data.curriculum_steps, start=cfg.data.curriculum_start, **ranks,
+                steps=cfg.data.curriculum_steps, start=cfg.data.curriculum_start, accum_steps=accum_steps, **ranks,
             )  # fmt: skip
             return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
         from lmforge.data.loader import TokenLoader

@@ -231,6 +231,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         tokenizer,
         precision,
         micro_batch=rank_train.micro_batch,
+        accum_steps=rank_train.accum_steps,
         rank=world.rank,
         world_size=world.world_size,
     )
