@@ -49,7 +49,9 @@ class ObjectiveConfig:
     mask_prob: float = opt(0.15, "MLM/ELECTRA: share of tokens selected for prediction")
     mask_token_frac: float = opt(0.8, "of the selected tokens, the share replaced by [MASK]")
     random_token_frac: float = opt(0.1, "of the selected tokens, the share replaced by a random token (rest: kept)")
-    whole_word: bool = opt(False, "select whole words (all their tokens) instead of single tokens")
+    whole_word: bool = opt(
+        False, "select whole words (all their tokens) instead of single tokens; in CJK text each character is a word"
+    )
     rtd_weight: float = opt(50.0, "ELECTRA: weight of the replaced-token-detection loss (the paper's lambda = 50)")
     carry_state: bool = opt(True, "LSTM/GRU: carry the hidden state across consecutive batches (truncated BPTT)")
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, special_ids
-from lmforge.data.prepare import load_data_dir
+from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, special_ids, word_starts
+from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.errors import ConfigError
 from lmforge.eval.objectives import roc_auc
 from lmforge.models.bert import Bert, BertConfig, Electra
@@ -92,6 +94,53 @@ def test_whole_word_masking_on_real_text_keeps_words_together(data_dir):
             if chars[i].strip() and chars[i - 1].strip():
                 assert selected[i] == selected[i - 1], (row, i, "".join(chars))
     assert n_selected > 0
+
+
+HLM = Path(__file__).parent / "data" / "hongloumeng_ch1.txt"  # Hong Lou Meng, chapter 1 (tests/data/README.md)
+CJK = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]")  # CJK punctuation, kana, Han, fullwidth forms
+
+
+@pytest.mark.parametrize(("kind", "vocab"), [("char", 0), ("bpe", 500), ("unigram", 1500), ("wordpiece", 1500)])
+def test_whole_word_masking_on_chinese_makes_each_character_a_word(tmp_path, kind, vocab):
+    # Chinese has no spaces: before the fix a whole paragraph was one "word", masked all or nothing
+    # (3 in 4 examples without a masked token). bpe 500 leaves many characters split over 2-3 tokens.
+    out = tmp_path / kind
+    prepare(PrepareConfig(inputs=[str(HLM)], out=str(out), tokenizer=kind, vocab_size=vocab or 4096), progress=False)
+    data = load_data_dir(out)
+    cfg = load_config(
+        preset="bert-tiny", overrides={"data": {"dir": str(out)}, "objective": {"name": "mlm", "whole_word": True}}
+    )
+    tok = Tokenizer.load(data.tokenizer_path)
+    kwargs = encoder_loader_kwargs(cfg, data.split_shards("train"), tok, batch_size=64, seed=5)
+    batch = next(MLMLoader(**{**kwargs, "seq_len": 64}))
+    selected = (batch["labels"] != IGNORE_INDEX).numpy()
+    orig = torch.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["input_ids"]).numpy()
+    text = batch["pad_mask"].numpy() & ~np.isin(orig, [*kwargs["specials"].all, tok.eos_id])
+    long = text.sum(1) >= 30  # most windows: 62 text tokens; a few hold only a short document
+    rate = selected[long].sum(1) / text[long].sum(1)  # per example
+    assert long.sum() > 40 and abs(rate.mean() - 0.15) < 0.03 and rate.std() < 0.1, rate  # bug: 0 or ~1 each
+    assert (rate == 0).mean() < 0.1 and rate.max() < 0.5, rate
+
+    utf8 = tok.token_utf8()
+    n_cjk_starts = n_rest = 0
+    for row in range(len(orig)):
+        starts = word_starts(orig[row], text[row], kwargs["word_tables"])
+        word = np.cumsum(starts) - 1
+        assert all(len(set(selected[row][word == w])) == 1 for w in set(word)), row  # the loader masks these words
+        pieces = [utf8[t] if ok else b"" for t, ok in zip(orig[row], text[row], strict=True)]
+        for i in range(1, len(pieces)):
+            if not (pieces[i] and pieces[i - 1]):
+                continue
+            if 0x80 <= pieces[i][0] < 0xC0:  # the rest of a character begun before: never a word of its own
+                assert not starts[i], (row, i, pieces[i - 1 : i + 1])
+                n_rest += 1
+                continue
+            before = b"".join(pieces[:i]).decode("utf-8", errors="ignore")[-1:]
+            after = b"".join(pieces[i:]).decode("utf-8", errors="ignore")[:1]
+            if CJK.match(before) or CJK.match(after):  # no word spans two characters of which one is CJK
+                assert starts[i], (row, i, before, after)
+                n_cjk_starts += 1
+    assert n_cjk_starts > 20 * len(orig) and (n_rest > 50 or kind != "bpe")
 
 
 def test_specials_are_appended_to_a_char_tokenizer(data_dir):

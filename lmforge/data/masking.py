@@ -24,9 +24,21 @@ Masking (`mask_tokens`): each real non-special token is selected with probabilit
 (whole-word: each *word* is, and all its tokens with it); a selected token becomes [MASK] with
 probability `mask_token_frac`, a random ordinary token with `random_token_frac`, else stays.
 Labels hold the original id at selected positions and -100 elsewhere (BERT, Devlin et al. 2019).
-Word boundaries come from the tokens' text: a token starting with whitespace or following one
-ending in whitespace starts a word (byte-level BPE's leading space, characters), and WordPiece
-tokens without the "##" prefix start a word.
+
+Word boundaries (`word_start_tables`) come from the UTF-8 bytes each token holds. A word starts at
+a token that begins with whitespace (byte-level BPE's leading space, Unigram's "▁"), and at a token
+that begins a new character right after whitespace. Scripts written without spaces (CJK: Han
+ideographs, kana, CJK and fullwidth punctuation; `NO_SPACE_RANGES`) have no such boundaries, so
+there every character is a word of its own: a token that begins such a character starts a word, and
+so does a token that begins a character right after one. This is the per-character fallback of
+Chinese whole-word masking (Chinese BERT-wwm, Cui et al. 2019, masks segmenter words; without a
+segmenter a character is the word). A byte-level or byte-fallback token that holds only the last
+bytes of a character never starts a word: it belongs to the character the tokens before it began.
+A token holding only the first bytes of a character counts as that script when every character
+those bytes can begin does. Tokens are never split, so a token holding several characters is one
+word. WordPiece tokens without the "##" prefix start a word (BERT's pre-tokenizer already makes
+every CJK character a word). Thai, Lao, Khmer and Myanmar, also written without spaces, are not
+split: a character there is not a word.
 """
 
 from __future__ import annotations
@@ -78,21 +90,91 @@ def special_ids(tokenizer: Any) -> SpecialIds:
     return SpecialIds(**ids, added=next_id - tokenizer.vocab_size)
 
 
-def word_start_tables(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per token id: (starts a word by itself, ends with whitespace), for whole-word masking."""
+# Code point ranges of scripts written without spaces between words; each character is a word.
+NO_SPACE_RANGES = (
+    (0x2E80, 0x9FFF),  # CJK radicals, CJK symbols and punctuation (、。「」), kana, bopomofo, Ext A, ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFE10, 0xFE1F),  # vertical forms
+    (0xFE30, 0xFE6F),  # CJK compatibility forms, small form variants
+    (0xFF00, 0xFFEF),  # halfwidth and fullwidth forms (，！？（）)
+    (0x1B000, 0x1B16F),  # kana supplement and extensions
+    (0x20000, 0x3FFFF),  # ideographs, extensions B-H and compatibility supplement
+)
+
+
+@dataclass(frozen=True)
+class WordTables:
+    """Per token id, what whole-word masking needs to know about its bytes (module docstring).
+
+    starts: begins a word by itself (whitespace first, or a no-space-script character first).
+    breaks_after: the last character it begins is whitespace or of a no-space script, so the next
+        character begun (in this token's successors) starts a word.
+    begins_char: its first byte begins a character (is not a UTF-8 continuation byte).
+    has_char_start: it begins at least one character (False for continuation bytes only).
+    """
+
+    starts: np.ndarray
+    breaks_after: np.ndarray
+    begins_char: np.ndarray
+    has_char_start: np.ndarray
+
+
+def _char_kind(chunk: bytes) -> tuple[bool, bool]:
+    """(whitespace, no-space script) for the character `chunk` begins (it may hold only its first bytes)."""
+    lead = chunk[0]
+    if lead >= 0xF8:  # not UTF-8
+        return False, False
+    n = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    lo = hi = lead & (0x7F, 0x1F, 0x0F, 0x07)[n - 1]
+    known = 0
+    for byte in chunk[1:n]:
+        if not 0x80 <= byte < 0xC0:
+            break
+        lo, hi, known = lo << 6 | byte & 0x3F, hi << 6 | byte & 0x3F, known + 1
+    for _ in range(n - 1 - known):  # bytes in later tokens: every character they may complete
+        lo, hi = lo << 6, hi << 6 | 0x3F
+    complete = known == n - 1
+    no_space = any(a <= lo and hi <= b for a, b in NO_SPACE_RANGES)
+    return complete and lo < 0x110000 and chr(lo).isspace(), no_space
+
+
+def word_start_tables(tokenizer: Any) -> WordTables:
+    """Word-boundary tables over the vocabulary, for whole-word masking (module docstring)."""
     n = tokenizer.vocab_size
     model_type = json.loads(tokenizer.to_str()).get("model", {}).get("type", "")
-    starts = np.zeros(n, dtype=bool)
-    ends_space = np.zeros(n, dtype=bool)
-    for i in range(n):
+    starts, breaks_after = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    begins_char, has_char_start = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+    for i, raw_bytes in enumerate(tokenizer.token_utf8()):
         raw = tokenizer.id_to_token(i) or ""
         if model_type == "WordPiece":
             starts[i] = not raw.startswith("##")
             continue
-        text = tokenizer.decode([i])
-        starts[i] = text[:1].isspace() or raw[:1] in ("Ġ", "▁")
-        ends_space[i] = text[-1:].isspace()
-    return starts, ends_space
+        char_starts = [j for j, byte in enumerate(raw_bytes) if not 0x80 <= byte < 0xC0]
+        if not char_starts:  # continuation bytes only (or a special token: no text)
+            begins_char[i], has_char_start[i] = not raw_bytes, False
+            continue
+        first_space, first_no_space = _char_kind(raw_bytes)
+        begins_char[i] = char_starts[0] == 0
+        starts[i] = begins_char[i] and (first_space or first_no_space) or raw[:1] in ("Ġ", "▁")
+        # Metaspace's "▁" (a space byte here) belongs to the word after it: a lone "▁" ends no word
+        if raw[:1] != "▁" or len(char_starts) > 1:
+            last_space, last_no_space = _char_kind(raw_bytes[char_starts[-1] :])
+            breaks_after[i] = last_space or last_no_space
+    return WordTables(starts, breaks_after, begins_char, has_char_start)
+
+
+def word_starts(ids: np.ndarray, text: np.ndarray, tables: WordTables) -> np.ndarray:
+    """(T,) True where a word starts in a sequence of `ids`; `text` is False at specials (words of their own)."""
+    T = len(ids)
+    safe = np.where(text, ids, 0)
+    # the token holding the start of the character that ends right before each token: the last one
+    # before it that begins a character (a special counts, and breaks)
+    anchor = np.where(tables.has_char_start[safe] | ~text, np.arange(T), -1)
+    before = np.concatenate([[-1], np.maximum.accumulate(anchor)[:-1]])
+    breaks = tables.breaks_after[safe] | ~text
+    after_break = np.where(before >= 0, breaks[np.maximum(before, 0)], True)
+    after_special = np.concatenate([[True], ~text[:-1]])
+    return ~text | after_special | tables.starts[safe] | (tables.begins_char[safe] & after_break)
 
 
 def mask_tokens(
@@ -154,7 +236,7 @@ class MLMLoader:
         specials: SpecialIds,
         eos_id: int,
         token_bytes: np.ndarray,
-        word_tables: tuple[np.ndarray, np.ndarray] | None = None,
+        word_tables: WordTables | None = None,
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
@@ -242,13 +324,7 @@ class MLMLoader:
         ids[:n] = seq
         pad_mask = np.arange(T) < n
         eligible = pad_mask & ~np.isin(ids, [*sp.all, self.eos_id])
-        word_start = None
-        if self.word_tables is not None:
-            starts, ends_space = self.word_tables
-            text = eligible  # specials/EOS are words of their own
-            safe = np.where(text, ids, 0)
-            prev_ends = np.concatenate([[True], ends_space[safe[:-1]] | ~text[:-1]])
-            word_start = ~text | starts[safe] | prev_ends
+        word_start = None if self.word_tables is None else word_starts(ids, eligible, self.word_tables)
         inputs, labels = mask_tokens(
             ids, eligible, rng, self.cfg, mask_id=sp.mask, random_ids=self._random_ids, word_start=word_start
         )

@@ -163,6 +163,14 @@ class Tokenizer:
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id contributes to decoded text (int64, length vocab_size; 0 for specials)."""
+        return np.array([len(b) for b in self.token_utf8()], dtype=np.int64)
+
+    def token_utf8(self) -> list[bytes]:
+        """The UTF-8 bytes each id contributes to decoded text (b"" for specials), one entry per id.
+
+        A byte-level or byte-fallback token can hold part of a character (a CJK character is 3 bytes,
+        often split over 2 tokens), which `decode([id])` shows as U+FFFD; the bytes keep what it holds.
+        """
         config = json.loads(self.to_str())
         decoder_types = _decoder_types(config.get("decoder"))
         byte_level = "ByteLevel" in decoder_types
@@ -172,25 +180,25 @@ class Tokenizer:
         unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
         added = {t["id"]: t for t in config.get("added_tokens", [])}
 
-        out = np.zeros(self.vocab_size, dtype=np.int64)
+        out = [b""] * self.vocab_size
         for token_id in range(self.vocab_size):
             if token_id in added:
                 spec = added[token_id]
-                out[token_id] = 0 if spec.get("special") else len(spec["content"].encode("utf-8"))
+                out[token_id] = b"" if spec.get("special") else spec["content"].encode("utf-8")
                 continue
             token = self._hf.id_to_token(token_id)
             if token is None:
                 continue
-            if byte_fallback and _BYTE_TOKEN.match(token):
-                out[token_id] = 1
+            if byte_fallback and (match := _BYTE_TOKEN.match(token)):
+                out[token_id] = bytes([int(match.group(1), 16)])
             elif byte_level and all(ch in unicode_to_byte for ch in token):
-                out[token_id] = len(token)  # one table character per byte
+                out[token_id] = bytes(unicode_to_byte[ch] for ch in token)  # one table character per byte
             else:
                 if wordpiece_prefix and token.startswith(wordpiece_prefix):
                     token = token[len(wordpiece_prefix) :]
                 if metaspace:
                     token = token.replace("▁", " ")
-                out[token_id] = len(token.encode("utf-8"))
+                out[token_id] = token.encode("utf-8")
         return out
 
     def __repr__(self) -> str:
