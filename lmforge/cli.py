@@ -287,11 +287,15 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(parse_overrides(extra), flags))
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
     elif args.command == "eval" and args.task:
-        from lmforge.cli_adapt import run_eval_task
+        from lmforge.cli_adapt import check_eval_flags, run_eval_task
 
+        check_eval_flags(args)
         run_eval_task(args)
     elif args.command == "eval":
+        from lmforge.cli_adapt import check_eval_flags
         from lmforge.eval.lm import evaluate_checkpoint
+
+        check_eval_flags(args)
 
         m = evaluate_checkpoint(
             args.run,

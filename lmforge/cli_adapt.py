@@ -98,6 +98,11 @@ def add_parsers(sub: Any) -> None:
     )
 
 
+# eval's two modes take different flags: these only apply with --task, the split ones only without it
+_TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0}
+_SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0}
+
+
 def add_eval_task_args(p: Any) -> None:
     """Task-evaluation flags of `lmforge eval` (with --task, --data is a task FILE)."""
     p.add_argument(
@@ -108,8 +113,32 @@ def add_eval_task_args(p: Any) -> None:
     p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="rename a task field (repeatable)")
     p.add_argument("--k-shot", type=int, default=0, help="classify in-context with k examples from --shots (no head)")
     p.add_argument("--shots", metavar="FILE", help="labelled examples for --k-shot")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: answer length (default: 48)")
+    default = _TASK_FLAGS["max_new_tokens"]
+    p.add_argument(
+        "--max-new-tokens", type=int, default=default, help=f"sft/qa/translate: answer length (default: {default})"
+    )
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default: all)")
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """A flag of the other `eval` mode, or of another task, would be ignored: it is an error instead."""
+    from lmforge.errors import ConfigError
+
+    def given(flags: dict[str, Any]) -> list[str]:
+        return ["--" + k.replace("_", "-") for k, default in flags.items() if getattr(args, k) != default]
+
+    if not args.task:
+        if given(_TASK_FLAGS):
+            raise ConfigError(f"{given(_TASK_FLAGS)[0]} is for task metrics: add --task TASK --data FILE, or drop it")
+        return
+    if given(_SPLIT_FLAGS):
+        raise ConfigError(f"{given(_SPLIT_FLAGS)[0]} is for evaluating a prepared split (eval without --task); drop it")
+    if args.task != "classify" and (args.k_shot or args.shots):
+        raise ConfigError("--k-shot and --shots are for --task classify (in-context classification); drop them")
+    if args.shots and not args.k_shot:
+        raise ConfigError("--shots needs --k-shot K, the number of examples put before each row")
+    if args.task not in ("sft", "qa", "translate") and args.max_new_tokens != _TASK_FLAGS["max_new_tokens"]:
+        raise ConfigError("--max-new-tokens is for --task sft, qa or translate (generated answers); drop it")
 
 
 def run_eval_task(args: argparse.Namespace) -> None:

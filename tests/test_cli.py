@@ -157,6 +157,14 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         _one_line_error(bad, needle)
         assert bad.stdout == "", bad.stdout  # refused before the prompt is echoed
     _one_line_error(run_cli("eval", str(run), "--batch-size", "-4"), "--batch-size must be >= 1")
+    task_file = str(REPO / "tests" / "data" / "sentiment_val.jsonl")
+    for flags, needle in [  # a flag of eval's other mode (or another task) would be ignored
+        (("--k-shot", "4"), "--k-shot is for task metrics"),
+        (("--task", "clm", "--data", task_file, "--max-batches", "1"), "--max-batches is for evaluating a prepared"),
+        (("--task", "qa", "--data", task_file, "--k-shot", "2"), "--k-shot and --shots are for --task classify"),
+        (("--task", "classify", "--data", task_file, "--max-new-tokens", "5"), "--max-new-tokens is for --task sft"),
+    ]:
+        _one_line_error(run_cli("eval", str(run), *flags), needle)
     _one_line_error(run_cli(*base, "--preset", "tiny", "--train.seed", "-1"), "train.seed must be in")
     _one_line_error(run_cli(*base, "--preset", "tiny", "--train.lr", "inf"), "train.lr must be a number > 0")
 
