@@ -126,16 +126,15 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import StreamDecoder, check_sampling, generate
+    from lmforge.generate import StreamDecoder, check_sampling, generate, require_text_generator
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
     ft = load_finetuned(run, pick_device(device))
+    require_text_generator(run, ft)
     tok, model = ft.tokenizer, ft.model
-    if getattr(model, "head", None) is not None:
-        raise DataError(f"{run} is a classifier; chat needs a language-model run (e.g. --task sft)")
     template = ft.template or ChatTemplate()
     context = model.cfg.max_seq_len
     if max_new_tokens <= 0:

@@ -40,7 +40,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
@@ -382,6 +382,24 @@ class StreamDecoder:
         return out
 
 
+def require_text_generator(path: str | Path, loaded: Any) -> None:
+    """`generate`, `chat` and `serve` need a language model: not a classifier, not an encoder (BERT/ELECTRA).
+
+    Raises:
+        LmforgeError: what the run is, and what to do with it instead.
+    """
+    model = loaded.model
+    if getattr(model, "head", None) is not None:
+        raise LmforgeError(
+            f"{path} is a classifier; it labels text instead: use 'lmforge eval {path} --task classify --data FILE'"
+        )
+    if not hasattr(getattr(model, "body", model), "new_cache"):
+        raise LmforgeError(
+            f"{path} holds an encoder (model.family {loaded.config.model.family!r}), which does not generate text; "
+            "use 'lmforge eval' on it, or train a gpt/lstm/gru model to sample from"
+        )
+
+
 def generate_from_checkpoint(
     path: str | Path,
     *,
@@ -414,16 +432,8 @@ def generate_from_checkpoint(
     from lmforge.train.precision import pick_device
 
     loaded = load_finetuned(path, pick_device(device))  # any run: pretrained, LoRA adapters, soft prompt, ...
+    require_text_generator(path, loaded)
     model = loaded.model
-    if getattr(model, "head", None) is not None:
-        raise LmforgeError(
-            f"{path} is a classifier; it labels text instead: use 'lmforge eval {path} --task classify --data FILE'"
-        )
-    if not hasattr(getattr(model, "body", model), "new_cache"):
-        raise LmforgeError(
-            f"{path} holds an encoder (model.family {loaded.config.model.family!r}), which does not generate text; "
-            "use 'lmforge eval' on it, or train a gpt/lstm/gru model to sample from"
-        )
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit

@@ -75,12 +75,11 @@ def make_server(
 ) -> LMServer:
     """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import generate
+    from lmforge.generate import generate, require_text_generator
     from lmforge.train.precision import pick_device
 
     ft = load_finetuned(run, pick_device(device))
-    if hasattr(ft.model, "head") and ft.model.head is not None:
-        raise ConfigError(f"{run} is a classifier; serve needs a language model run")
+    require_text_generator(run, ft)
     try:
         server = LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits(), compile)
     except OSError as e:

@@ -4,6 +4,7 @@ directory path, and the one-line refusals of what an encoder cannot do."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from lmforge.adapt.load import load_finetuned
 from lmforge.checkpoint import load_checkpoint
 from lmforge.config import load_config
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.train.run import pretrain
 from tests.conftest import run_cli
@@ -137,6 +138,18 @@ def test_encoder_refuses_generation_tasks(bert_run: Path, tmp_path: Path):
 
     with pytest.raises(ConfigError, match="is an encoder; fine-tune it"):  # a bare MLM run has no head to score
         evaluate_task(bert_run, task="classify", data=DATA / "sentiment_val.jsonl", device="cpu")
+    # generate, chat and serve all refuse an encoder (chat and serve answered with garbage)
+    from lmforge.chat import chat
+    from lmforge.serve import make_server
+
+    for call in (
+        lambda: chat(bert_run, stdin=io.StringIO("hello\n/exit\n"), stdout=io.StringIO()),
+        lambda: make_server(bert_run, port=0),
+    ):
+        with pytest.raises(LmforgeError, match="holds an encoder.*does not generate text"):
+            call()
+    r = run_cli("generate", str(bert_run), "--prompt", "hi")
+    assert r.returncode == 2 and "holds an encoder" in r.stderr
 
 
 def test_hf_bert_directory_as_base(bert_run: Path, tmp_path: Path):
