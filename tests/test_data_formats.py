@@ -86,6 +86,11 @@ def test_parquet(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "a.parquet"], out="o2", text_field="body")
     with pytest.raises(DataError, match=r"column 'n' holds int64, not strings"):
         run(tmp_path, [tmp_path / "a.parquet"], out="o3", text_field="n")
+    cat = tmp_path / "cat" / "c.parquet"  # a dictionary-encoded column (pandas Categorical) holds strings too
+    cat.parent.mkdir()
+    pq.write_table(pa.table({"text": pa.array(TEXTS * 2).dictionary_encode()}), cat)
+    run(tmp_path, [cat], out="o5", dedup="none")
+    assert sorted(docs_by_split(tmp_path / "o5")["train"]) == sorted(TEXTS * 2)
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         run(tmp_path, [tmp_path / "bad.parquet"], out="o4")

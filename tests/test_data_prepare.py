@@ -298,6 +298,15 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"z\.txt is not UTF-8: it reads as GB18030 .* iconv -f GB18030 -t UTF-8"):
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
+    # UTF-16 (Windows "Unicode" text) is text too: with a byte-order mark, and little-endian without one
+    for data, source in [
+        ((CHINESE * 20).encode("utf-16"), "UTF-16"),
+        ("plain text\n".encode("utf-16-le"), "UTF-16LE"),
+    ]:
+        write(tmp_path / "in" / "z.txt", data * 10)
+        with pytest.raises(DataError, match=rf"z\.txt is UTF-16 text, not UTF-8; .* iconv -f {source} -t UTF-8"):
+            run(tmp_path, [tmp_path / "in"])
+        assert_nothing_written(tmp_path)
 
 
 def test_missing_input(tmp_path: Path) -> None:

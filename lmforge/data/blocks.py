@@ -20,6 +20,7 @@ Key design decisions:
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,6 +179,9 @@ def init_pool_worker(worker: BlockWorker) -> None:
     global _WORKER
     # each process encodes on its own core; Rust threads on top would only compete for the same cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
+    # a worker's own KeyboardInterrupt would only print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = worker
 
 

@@ -125,6 +125,20 @@ def legacy_encoding(head: bytes) -> str | None:
     return None
 
 
+def utf16_encoding(head: bytes) -> str | None:
+    """ "UTF-16" for UTF-16 text (a byte-order mark, or a NUL in every other byte of mostly-ASCII text,
+    little- or big-endian), else None: the NULs make `looks_binary` flag it, but it is text to convert."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) and not head.startswith(b"\xff\xfe\x00\x00"):  # not UTF-32
+        return "UTF-16"
+    sample = head[: len(head) & ~1][:4096]
+    if len(sample) >= 16:
+        even, odd = sample[0::2], sample[1::2]
+        for zeros, chars, name in ((odd, even, "UTF-16LE"), (even, odd, "UTF-16BE")):
+            if zeros.count(0) > 0.9 * len(zeros) and chars.count(0) < 0.1 * len(chars):
+                return name  # no byte-order mark: iconv needs the byte order
+    return None
+
+
 def looks_binary(head: bytes) -> bool:
     """Guess from the first bytes of a file whether it is binary rather than (UTF-8-ish) text.
 

@@ -58,7 +58,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, legacy_encoding, looks_binary, replace_surrogates
+from lmforge.data.clean import (
+    BINARY_SNIFF_BYTES,
+    decode_utf8,
+    legacy_encoding,
+    looks_binary,
+    replace_surrogates,
+    utf16_encoding,
+)
 from lmforge.errors import DataError, first_line
 
 DocUnit = Literal["paragraph", "file", "line"]
@@ -256,6 +263,12 @@ def check_not_binary(path: Path) -> None:
                 f"{path} is not UTF-8: it reads as {encoding.upper()} (GB18030/GBK: simplified Chinese, BIG5: "
                 f"traditional, SHIFT_JIS, EUC-KR); convert it first, e.g. iconv -f {encoding.upper()} -t UTF-8 "
                 f"'{path}' > '{path}.utf8.txt'"
+            )
+        utf16 = utf16_encoding(head)
+        if utf16:
+            raise DataError(
+                f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. iconv -f {utf16} -t UTF-8 '{path}' > "
+                f"'{path}.utf8.txt'"
             )
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
@@ -665,6 +678,8 @@ def _check_column(where: object, names: list[str], text_field: str) -> int:
 
 def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Iterator[RawDocument]:
     array = batch.column(column)
+    if str(array.type).startswith("dictionary<"):  # dictionary-encoded (pandas Categorical): decode its strings
+        array = array.cast(array.type.value_type)
     kind = str(array.type)
     if kind not in ("string", "large_string", "string_view"):
         raise DataError(f"{where}: column '{text_field}' holds {kind}, not strings; choose one with --text-field")
