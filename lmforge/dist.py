@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, first_line
 from lmforge.fields import check, opt
 
 
@@ -107,11 +107,18 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     elif device.type != "cpu":
         raise ConfigError(f"distributed training supports cuda and cpu, not {device.type}; set --train.device")
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        try:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        except (RuntimeError, ValueError) as e:  # torch's DistError family subclasses RuntimeError
+            raise CommFailure(
+                f"rank {info.rank}: cannot connect to the other {info.world_size - 1} process(es) "
+                f"({first_line(e)[:200]}); check that every process started and can reach the rendezvous "
+                "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
+            ) from None
     return info, device
 
 

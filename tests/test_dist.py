@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lmforge.checkpoint import load_checkpoint
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, run_cli, tiny_config
 
 pytestmark = pytest.mark.dist
 
@@ -353,3 +353,16 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
     line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
     assert "a peer died or hung (dist.timeout_s=5)" in line and "re-run the same command to resume" in line
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file()
+
+
+def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """A rank that cannot reach the others (a dead master, a wrong MASTER_PORT) says so in one line
+    after dist.timeout_s, before the run directory is made, instead of a torch traceback."""
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    args = [f"--{k}={v}" for k, v in FLAGS.items()]
+    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(tmp_path / "r"), *args, "--dist.timeout_s=2", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmforge: error: rank 1: cannot connect to the other 1 process(es)"), last
+    assert not (tmp_path / "r").exists()
