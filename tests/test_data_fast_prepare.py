@@ -89,6 +89,29 @@ def test_other_tokenizers_take_the_plain_path() -> None:
     assert not segment_cache_ok(Tokenizer.from_str(json.dumps(gpt2_like)))
 
 
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A document over LONG_DOCUMENT characters is encoded piece by piece (bounded memory); pieces end
+    before a space between non-spaces, so every tokenizer type gives the ids of the whole text."""
+    from lmforge.tokenizer import fast_encode
+    from lmforge.tokenizer.train import train_unigram
+
+    text = shakespeare_text(20_000)
+    rng = random.Random(1)
+    long_docs = [" ".join(TRICKY) * 3, text[:6000], "中文" * 200 + " x", "  ".join(text[:3000].split(" "))]
+    long_docs += ["".join(rng.choice("ab  \n\t中é.") for _ in range(3000))]
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
+    calls = []
+    for tok in (train_char([text]), train_wordpiece([text], 200), train_unigram([text], 300)):
+        encode = tok.encode
+        monkeypatch.setattr(tok, "encode", lambda piece, encode=encode: calls.append(piece) or encode(piece))
+        tokens, counts = DocumentEncoder(tok, np.uint16).encode(long_docs + TRICKY)
+        want, want_counts = reference(tok, long_docs + TRICKY)
+        assert np.array_equal(tokens, want) and counts.tolist() == want_counts
+    assert len(calls) > 100  # the documents really went in pieces...
+    assert max(len(c) for c in calls if c in text) < 200  # ... of about 50 characters where spaces allow
+    assert all("".join(fast_encode.long_pieces(d, 50)) == d for d in long_docs)
+
+
 @pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
 def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None:
     paragraphs = shakespeare_text(20_000).split("\n\n")

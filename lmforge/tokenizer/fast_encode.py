@@ -74,6 +74,30 @@ def segment_cache_ok(tok: Tokenizer) -> bool:
     )
 
 
+LONG_DOCUMENT = 1 << 20  # characters; longer documents are encoded in pieces of about this size
+
+
+def long_pieces(text: str, size: int = LONG_DOCUMENT) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut just before a " " with a non-space on
+    both sides (see `DocumentEncoder._long_doc`); a piece grows past `size` until such a space comes."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) - 1 and not (
+            text[cut] == " " and not text[cut - 1].isspace() and not text[cut + 1].isspace()
+        ):
+            cut = text.find(" ", cut + 1)
+            if cut < 0:
+                cut = len(text)
+                break
+        if cut >= len(text) - 1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 class DocumentEncoder:
     """Encode lists of documents to `(tokens, counts)`: ids with EOS after each document, and ids per document."""
 
@@ -94,9 +118,24 @@ class DocumentEncoder:
         if self.cached:
             docs = self._cached_docs(texts)
         else:
-            docs = [np.array(ids, dtype=self.dtype).tobytes() + self.eos for ids in self.tok.encode_batch(texts)]
+            whole = self.tok.encode_batch([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
+            docs = [
+                (self._long_doc(text) if len(text) > LONG_DOCUMENT else np.array(ids, dtype=self.dtype).tobytes())
+                + self.eos
+                for text, ids in zip(texts, whole, strict=True)
+            ]
         counts = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) // self.dtype.itemsize - 1
         return np.frombuffer(b"".join(docs), dtype=self.dtype), counts
+
+    def _long_doc(self, text: str) -> bytes:
+        """Ids of a document over LONG_DOCUMENT characters, encoded one piece at a time: an HF `Encoding`
+        keeps ~190 bytes per character (offsets, strings), so a 47 MB one-line document took 9 GB at once.
+        Pieces end before a space between two non-spaces, where no pre-tokenizer lmforge makes (byte-level
+        BPE, WordPiece, Metaspace, characters) joins text across, so the ids are those of the whole text
+        (tested); text with no such space (e.g. a long run of Chinese) stays in one piece."""
+        return b"".join(
+            np.array(self.tok.encode(piece), dtype=self.dtype).tobytes() for piece in long_pieces(text, LONG_DOCUMENT)
+        )
 
     def _cached_docs(self, texts: list[str]) -> list[bytes]:
         first, spaced = self._first, self._spaced
