@@ -64,15 +64,19 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
+    """Records of a metrics.jsonl; a torn last line (killed mid-write) is skipped.
+
+    Lines are decoded one at a time from bytes: a write cut inside a multi-byte character (a sample
+    in Chinese, say) leaves invalid UTF-8, which must cost only that line, not the whole file.
+    """
     records = []
     if not path.is_file():
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
     return records
 

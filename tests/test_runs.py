@@ -165,3 +165,24 @@ def test_nan_gradient_step_is_skipped_and_counted(tmp_path):
     assert records[1]["update_ratio"] == 0.0 and not math.isfinite(records[1]["grad_norm"])
     assert records[2]["update_ratio"] > 0 and math.isfinite(records[3]["loss"])
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
+
+
+def test_torn_utf8_line_is_skipped_by_resume_runs_and_report(data_dir, tmp_path):
+    """A kill mid-write can cut a multi-byte character: only that line is lost, nothing crashes."""
+    from lmforge.report import render_report
+
+    root = tmp_path / "runs"
+    run = root / "u8"
+    pretrain(tiny_config(data_dir, run), progress=False)
+    before = read_metrics(run / "metrics.jsonl")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write('{"step": 13, "sample": "红'.encode()[:-1])  # the last byte of 红 never made it
+    assert read_metrics(run / "metrics.jsonl") == before
+    assert list_runs(root)[0].step == 12
+    result = run_cli("runs", str(root))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert render_report([run], tmp_path / "r.html").is_file()
+
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 14}), progress=False)  # resume
+    lines = (run / "metrics.jsonl").read_bytes().splitlines()
+    assert [json.loads(line.decode("utf-8"))["step"] for line in lines][-1] == 14  # every line is valid now
