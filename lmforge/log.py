@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -68,6 +69,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
     Lines are decoded one at a time from bytes: a write cut inside a multi-byte character (a sample
     in Chinese, say) leaves invalid UTF-8, which must cost only that line, not the whole file.
+
+    The file is also read by `runs`, `report` and resume, which do arithmetic on what it holds, and
+    it can be edited by hand or by other tools. So every record returned is a JSON object with a
+    finite numeric `step` (other lines are skipped), and a value of the wrong type (a null or string
+    loss, a non-string sample) is dropped as if it had never been logged (see `clean_record`).
     """
     records = []
     if not path.is_file():
@@ -75,10 +81,37 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     with open(path, "rb") as f:
         for line in f:
             try:
-                records.append(json.loads(line.decode("utf-8")))
+                record = clean_record(json.loads(line.decode("utf-8")))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            if record is not None:
+                records.append(record)
     return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def clean_record(record: Any) -> dict[str, Any] | None:
+    """`record` with only well-typed values, or None when it is not a metrics record at all.
+
+    What the logger writes: numbers (NaN and infinities included), `loss_spike` as a bool and the
+    evaluation `sample` as a string. Anything else under a key is dropped.
+    """
+    if not isinstance(record, dict) or not _is_number(record.get("step")) or not math.isfinite(record["step"]):
+        return None
+    out = {}
+    for key, value in record.items():
+        if key == "sample":
+            ok = isinstance(value, str)
+        elif key == "loss_spike":
+            ok = isinstance(value, bool)
+        else:
+            ok = _is_number(value)
+        if ok:
+            out[key] = value
+    return out
 
 
 def truncate_metrics(path: Path, max_step: int) -> None:

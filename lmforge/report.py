@@ -140,18 +140,24 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
             f"{p} is not an lmforge run directory (no config.json + metrics.jsonl); pass a folder made by "
             "'lmforge pretrain'"
         )
-    records = read_metrics(p / "metrics.jsonl")
+    try:
+        records = read_metrics(p / "metrics.jsonl")
+        summary = summarize(p)
+    except (OSError, ValueError) as e:  # permissions, I/O errors, undecodable files: one line, not a traceback
+        raise CheckpointError(f"cannot read run {p}: {type(e).__name__}: {e}") from None
     if not records and not allow_empty:
         raise CheckpointError(f"{p}/metrics.jsonl is missing or empty; nothing to report until the run logs a step")
     config = _read_json(p / "config.json")
+    data = config.get("data")
+    data_dir = data.get("dir") if isinstance(data, dict) else None  # a hand-edited `"data": null` has none
     return Run(
         path=p,
         name=p.name,
         config=config,
-        train=[r for r in records if "loss" in r],
+        train=[r for r in records if "loss" in r],  # read_metrics: numeric step and values only
         evals=[r for r in records if "val_loss" in r],
-        summary=summarize(p),
-        data_card=data_card(config.get("data", {}).get("dir", "")),
+        summary=summary,
+        data_card=data_card(data_dir if isinstance(data_dir, str) else ""),
     )
 
 
@@ -308,7 +314,7 @@ def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                 (run.name, run.name),
                 (s.preset or "-", s.preset),
                 (s.status, s.status),
-                (f"{s.step}/{s.max_steps}", s.step),
+                (f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step), s.step),
                 (f"{s.tokens:,}", s.tokens),
                 _num(s.best_val_loss),
                 _num(last_eval.get("val_ppl"), "{:.2f}"),

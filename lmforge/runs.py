@@ -12,7 +12,10 @@ leaves "running" behind, so a reader decides in this order:
    `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
 
 Everything else in the table comes from files the run already has: `config.json` (preset,
-max_steps), `metrics.jsonl` (steps, tokens, best validation loss) and `checkpoints/latest`.
+max_steps), `metrics.jsonl` (steps, tokens, best validation loss) and `checkpoints/latest`. Those
+files may be hand-edited or damaged: values of the wrong type read as missing, and a folder that
+cannot be read at all is listed as *unreadable* with the reason under the table, so one bad run
+never hides the others.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import socket
 import time
@@ -132,12 +136,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _section(data: dict[str, Any] | None, key: str) -> dict[str, Any]:
+    """`data[key]` when it is an object, else {}: a hand-edited `"train": null` reads as no settings."""
+    value = (data or {}).get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any, default: Any = 0.0) -> Any:
+    """`value` when it is a finite number (not a bool), else `default`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else default
+
+
 def run_status(run_dir: Path) -> str:
     """running, finished, interrupted, failed or unknown (see the module docstring for the rules)."""
     run_dir = Path(run_dir)
     info = _read_json(run_dir / STATUS_FILE)
     if info is not None:
         status = info.get("status", "unknown")
+        if not isinstance(status, str) or not status:
+            return "unknown"
         if status != "running":
             return status
         if info.get("host") == socket.gethostname():
@@ -147,7 +165,7 @@ def run_status(run_dir: Path) -> str:
         return "running" if fresh else "failed"
     ckpt = _latest_checkpoint(run_dir)
     meta = _read_json(ckpt / "state.json") if ckpt else None
-    reason = (meta or {}).get("train_state", {}).get("stop_reason", "")
+    reason = _section(meta, "train_state").get("stop_reason", "")
     if reason in FINISHED_REASONS:
         return "finished"
     return "interrupted" if reason == "interrupted" else "unknown"
@@ -165,6 +183,7 @@ class RunSummary:
     best_val_loss: float | None
     elapsed_s: float
     last_checkpoint: str
+    error: str = ""  # why the run could not be read (status "unreadable")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,23 +211,25 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     """One row of `lmforge runs` from the files of one run directory."""
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json") or {}
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl")  # only objects with a numeric step and numeric values
     train = [r for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     ckpt = _latest_checkpoint(run_dir)
-    state = ((_read_json(ckpt / "state.json") or {}).get("train_state", {})) if ckpt else {}
+    state = _section(_read_json(ckpt / "state.json"), "train_state") if ckpt else {}
     last = train[-1] if train else {}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     return RunSummary(
         name=name,
         path=str(run_dir),
-        preset=str(config.get("preset", "")),
+        preset=str(config.get("preset") or ""),
         status=run_status(run_dir),
-        step=int(max(last.get("step", 0), state.get("step", 0))),
-        max_steps=int(config.get("train", {}).get("max_steps", 0)),
-        tokens=int(max(last.get("tokens", 0), state.get("tokens", 0))),
-        best_val_loss=min(vals) if vals else state.get("best_val_loss"),
-        elapsed_s=float(max(records[-1].get("elapsed_s", 0.0) if records else 0.0, state.get("elapsed_s", 0.0))),
+        step=int(max(_number(last.get("step")), _number(state.get("step")))),
+        max_steps=int(_number(_section(config, "train").get("max_steps"))),
+        tokens=int(max(_number(last.get("tokens")), _number(state.get("tokens")))),
+        best_val_loss=min(vals) if vals else _number(state.get("best_val_loss"), None),
+        elapsed_s=float(
+            max(_number(records[-1].get("elapsed_s")) if records else 0.0, _number(state.get("elapsed_s")))
+        ),
         last_checkpoint=ckpt.name if ckpt else "",
     )
 
@@ -218,7 +239,28 @@ def list_runs(root: str | Path = "runs") -> list[RunSummary]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; pass the folder that holds your run directories (e.g. runs/)")
-    return [summarize(p, root=root) for p in find_runs(root)]
+    return [_summarize_or_unreadable(p, root) for p in find_runs(root)]
+
+
+def _summarize_or_unreadable(run_dir: Path, root: Path) -> RunSummary:
+    """`summarize`, or an "unreadable" row saying why: one damaged folder must not hide the others."""
+    try:
+        return summarize(run_dir, root=root)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+        return RunSummary(
+            name=name,
+            path=str(run_dir),
+            preset="",
+            status="unreadable",
+            step=0,
+            max_steps=0,
+            tokens=0,
+            best_val_loss=None,
+            elapsed_s=0.0,
+            last_checkpoint="",
+            error=f"{type(e).__name__}: {e}"[:200],
+        )
 
 
 def format_runs(runs: list[RunSummary]) -> str:
@@ -239,4 +281,5 @@ def format_runs(runs: list[RunSummary]) -> str:
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines += [f"{r.name}: unreadable ({r.error})" for r in runs if r.error]
     return "\n".join(lines)

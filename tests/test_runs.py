@@ -186,3 +186,52 @@ def test_torn_utf8_line_is_skipped_by_resume_runs_and_report(data_dir, tmp_path)
     pretrain(tiny_config(data_dir, run, **{"train.max_steps": 14}), progress=False)  # resume
     lines = (run / "metrics.jsonl").read_bytes().splitlines()
     assert [json.loads(line.decode("utf-8"))["step"] for line in lines][-1] == 14  # every line is valid now
+
+
+def test_malformed_records_and_config_do_not_break_runs_or_report(data_dir, tmp_path):
+    """Hand-edited or foreign lines in metrics.jsonl, and a config.json with null sections, are read
+    around: `runs` still lists every run (a folder it cannot read is one "unreadable" row) and
+    `report` still renders."""
+    from lmforge.report import render_report
+
+    root = tmp_path / "runs"
+    good, bad = root / "good", root / "bad"
+    pretrain(tiny_config(data_dir, good), progress=False)
+    pretrain(tiny_config(data_dir, bad), progress=False)
+    before = read_metrics(bad / "metrics.jsonl")
+    with open(bad / "metrics.jsonl", "a", encoding="utf-8") as f:
+        for line in (
+            "[1, 2, 3]",
+            '"just a string"',
+            '{"step": "41", "loss": 2.0}',
+            '{"step": true, "loss": 2.0}',
+            '{"loss": 2.0}',
+            '{"step": 41.5, "loss": null, "val_loss": 9.25, "sample": 7, "tokens": [1]}',
+            '{"step": 42, "val_loss": "x", "elapsed_s": null}',
+        ):
+            f.write(line + "\n")
+    records = read_metrics(bad / "metrics.jsonl")
+    assert records == [*before, {"step": 41.5, "val_loss": 9.25}, {"step": 42}]  # wrong-typed values are dropped
+    config = json.loads((bad / "config.json").read_text(encoding="utf-8"))
+    (bad / "config.json").write_text(json.dumps({**config, "train": None, "data": None}), encoding="utf-8")
+
+    runs = {r.name: r for r in list_runs(root)}
+    assert runs["bad"].step == 12 and runs["bad"].max_steps == 0 and runs["bad"].status == "finished"
+    assert runs["good"].step == 12 and runs["good"].max_steps == 12
+    result = run_cli("runs", str(root))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["run", "bad", "good"]
+    report = render_report([bad, good], tmp_path / "r.html")
+    assert 'data-value="9.25"' in report.read_text(encoding="utf-8")  # the cleaned evaluation record
+
+    # a folder that cannot be read at all (here a checkpoints/latest pointer that is not UTF-8, which
+    # lmforge.checkpoint chokes on): one "unreadable" row and a note, the other runs still listed
+    (bad / "checkpoints" / "latest").write_bytes(b"\xffstep-000012")
+    result = run_cli("runs", str(root))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["bad", "-", "unreadable"] and lines[2].split()[:3] == ["good", "tiny", "finished"]
+    assert lines[3].startswith("bad: unreadable (UnicodeDecodeError")
+    bad_report = run_cli("report", str(bad), str(good), "--out", str(tmp_path / "r2.html"))
+    assert bad_report.returncode == 2 and len(bad_report.stderr.strip().splitlines()) == 1, bad_report.stderr
+    assert "cannot read run" in bad_report.stderr
