@@ -2,7 +2,9 @@
 
     finetune(BASE, task, adapt, train/val files) ─► RUN_DIR/
         config.json          the base model's run config (the architecture)
-        finetune.json        task, adapt mode, base (path + sha256), labels, fields, LoRA/prompt settings
+        finetune.json        task, adapt mode, base (path + sha256), labels, fields, LoRA/prompt settings, and
+                             this run's train/optim/eval/checkpoint settings (config.json's are the base's)
+        status.json          running / finished / interrupted / failed, as for pretrain (`lmforge runs`)
         tokenizer.json       the base tokenizer; tokenizer_config.json with the chat template (chat tasks)
         metrics.jsonl, loss.png, eval.json (+ confusion.png for classification)
         checkpoints/step-N/  model.safetensors: the whole model (full mode, or `--merge`), else only the
@@ -400,6 +402,7 @@ def finetune(
         read_task_rows,
     )
     from lmforge.log import RunLogger, capture_env
+    from lmforge.runs import mark_running, mark_stopped
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -514,6 +517,12 @@ def finetune(
         "saved": "model" if cfg.adapt == "distill" else "adapter",
         "lora_merged": False,
         "finetune_config": dataclasses.asdict(cfg),
+        # this run's own settings, as config.json holds a pretraining run's (there they are the base's):
+        # `lmforge runs` and `report` read them; rewritten on each re-run, so they are the latest
+        "train": dataclasses.asdict(train_cfg),
+        "optim": dataclasses.asdict(optim_cfg),
+        "eval": dataclasses.asdict(eval_cfg),
+        "checkpoint": dataclasses.asdict(ckpt_cfg),
     }
     pad_id = frame[2] if frame else tok.eos_id
     reference: nn.Module | None = None  # the frozen reference = the base before any update
@@ -675,88 +684,98 @@ def finetune(
         info["saved"] = "model"
         write_json(out / "finetune.json", info)
     start = time.perf_counter()
+    mark_running(out)  # status.json, as pretrain keeps it: `lmforge runs` shows running / finished / ...
     try:
-        state = train(
-            model,
-            optimizer,
-            loader,
-            cfg=train_cfg,
-            optim_cfg=optim_cfg,
-            eval_cfg=eval_cfg,
-            ckpt_cfg=ckpt_cfg,
-            precision=precision,
-            state=state,
-            log=log,
-            save=save,
-            evaluate=(lambda: evaluate_on(val_batches)) if val_batches else None,
-            objective=objective,
-            lr_schedule=lr_schedule,
-        )
-    finally:
-        log.close()
-    wall = time.perf_counter() - start
-    if state.stop_reason == "interrupted":
-        raise Interrupted(f"interrupted at step {state.step}; the last checkpoint is in {out}/checkpoints")
-
-    if cfg.merge and cfg.adapt == "lora":
-        from lmforge.adapt.lora import merge_lora
-
-        merge_lora(model)
-        info.update(saved="model", lora_merged=True)
-        write_json(out / "finetune.json", info)
-        save(state)
-        prune_checkpoints(out, keep=1, best_step=None)  # earlier adapter-only checkpoints no longer fit
-    if forgetting:
-        forgetting["after"] = {
-            "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
-            "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
-        }
-
-    from lmforge.adapt.heads import trainable_summary
-    from lmforge.eval.tasks import task_metrics
-
-    trainable, total = trainable_summary(model)
-    result: dict[str, Any] = {
-        "task": cfg.task,
-        "adapt": cfg.adapt,
-        "steps": state.step,
-        "train_seconds": wall,
-        "trainable_params": trainable,
-        "total_params": total,
-    }
-    if distill:
-        distill["kl_after"] = kl_to_teacher(model, teacher, val_batches, device)
-        result["distill"] = distill
-        log.info(f"val KL(teacher || student) per token: {distill['kl_before']:.4f} -> {distill['kl_after']:.4f}")
-    if forgetting:
-        result["forgetting"] = forgetting
-        log.info(
-            "loss before -> after: "
-            + ", ".join(
-                f"{k.removesuffix('_loss')} {forgetting['before'][k]:.4f} -> {forgetting['after'][k]:.4f}"
-                for k in ("new_val_loss", "old_val_loss")
-                if forgetting["before"][k] is not None
+        try:
+            state = train(
+                model,
+                optimizer,
+                loader,
+                cfg=train_cfg,
+                optim_cfg=optim_cfg,
+                eval_cfg=eval_cfg,
+                ckpt_cfg=ckpt_cfg,
+                precision=precision,
+                state=state,
+                log=log,
+                save=save,
+                evaluate=(lambda: evaluate_on(val_batches)) if val_batches else None,
+                objective=objective,
+                lr_schedule=lr_schedule,
             )
-        )
-    if val_rows:
-        ft = Finetuned(model.eval(), tok, loaded.config, info, None, out)
-        if cfg.task in CHAT_TASKS:
-            from lmforge.chat import ChatTemplate
+        finally:
+            log.close()
+        wall = time.perf_counter() - start
+        if state.stop_reason == "interrupted":
+            raise Interrupted(f"interrupted at step {state.step}; the last checkpoint is in {out}/checkpoints")
 
-            ft.template = ChatTemplate()
-        metrics = task_metrics(
-            ft,
-            val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
-            path=val_file,
-            max_new_tokens=cfg.max_new_tokens,
-            out_dir=out,
-        )
-        result["val"] = metrics
-        if progress:
-            from lmforge.eval.tasks import format_metrics
+        if cfg.merge and cfg.adapt == "lora":
+            from lmforge.adapt.lora import merge_lora
 
-            print(format_metrics(metrics), flush=True)
-    write_json(out / "eval.json", result)
+            merge_lora(model)
+            info.update(saved="model", lora_merged=True)
+            write_json(out / "finetune.json", info)
+            save(state)
+            prune_checkpoints(out, keep=1, best_step=None)  # earlier adapter-only checkpoints no longer fit
+        if forgetting:
+            forgetting["after"] = {
+                "new_val_loss": evaluate_on(val_batches)["loss"] if val_batches else None,
+                "old_val_loss": evaluate_on(old_batches)["loss"] if old_batches else None,
+            }
+
+        from lmforge.adapt.heads import trainable_summary
+        from lmforge.eval.tasks import task_metrics
+
+        trainable, total = trainable_summary(model)
+        result: dict[str, Any] = {
+            "task": cfg.task,
+            "adapt": cfg.adapt,
+            "steps": state.step,
+            "train_seconds": wall,
+            "trainable_params": trainable,
+            "total_params": total,
+        }
+        if distill:
+            distill["kl_after"] = kl_to_teacher(model, teacher, val_batches, device)
+            result["distill"] = distill
+            log.info(f"val KL(teacher || student) per token: {distill['kl_before']:.4f} -> {distill['kl_after']:.4f}")
+        if forgetting:
+            result["forgetting"] = forgetting
+            log.info(
+                "loss before -> after: "
+                + ", ".join(
+                    f"{k.removesuffix('_loss')} {forgetting['before'][k]:.4f} -> {forgetting['after'][k]:.4f}"
+                    for k in ("new_val_loss", "old_val_loss")
+                    if forgetting["before"][k] is not None
+                )
+            )
+        if val_rows:
+            ft = Finetuned(model.eval(), tok, loaded.config, info, None, out)
+            if cfg.task in CHAT_TASKS:
+                from lmforge.chat import ChatTemplate
+
+                ft.template = ChatTemplate()
+            metrics = task_metrics(
+                ft,
+                val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
+                path=val_file,
+                max_new_tokens=cfg.max_new_tokens,
+                out_dir=out,
+            )
+            result["val"] = metrics
+            if progress:
+                from lmforge.eval.tasks import format_metrics
+
+                print(format_metrics(metrics), flush=True)
+        write_json(out / "eval.json", result)
+    except BaseException as e:
+        # Ctrl-C: the loop stops at a step boundary and Interrupted is raised above; a KeyboardInterrupt
+        # outside the loop (the final evaluation) is one too. Anything else failed the run.
+        stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
+        error = "" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"[:500]
+        mark_stopped(out, "interrupted" if stopped else "failed", stop_reason=state.stop_reason, error=error)
+        raise
+    mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
     return result
 
 

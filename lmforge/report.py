@@ -1,6 +1,6 @@
 """Run reports: `loss.png` during training, and `lmforge report RUN_DIR...` comparing runs.
 
-`render_report` reads only files a run already has (config.json, metrics.jsonl, checkpoints,
+`render_report` reads only files a run already has (config.json or finetune.json, metrics.jsonl, checkpoints,
 status.json, and the data directory's manifest.json / card.json) and writes one page:
 
 - HTML (default): self-contained, opens from disk with no network and no JavaScript. Plots are
@@ -35,7 +35,7 @@ from typing import Any, Literal
 from lmforge.atomic import atomic_write_text
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import format_duration, read_metrics
-from lmforge.runs import RunSummary, is_run_dir, summarize
+from lmforge.runs import RunSummary, is_run_dir, run_config, summarize
 
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
@@ -143,11 +143,11 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
     try:
         records = read_metrics(p / "metrics.jsonl")
         summary = summarize(p)
+        config = run_config(p)  # a fine-tuned run: its own settings from finetune.json, not its base's
     except (OSError, ValueError) as e:  # permissions, I/O errors, undecodable files: one line, not a traceback
         raise CheckpointError(f"cannot read run {p}: {type(e).__name__}: {e}") from None
     if not records and not allow_empty:
         raise CheckpointError(f"{p}/metrics.jsonl is missing or empty; nothing to report until the run logs a step")
-    config = _read_json(p / "config.json")
     data = config.get("data")
     data_dir = data.get("dir") if isinstance(data, dict) else None  # a hand-edited `"data": null` has none
     return Run(

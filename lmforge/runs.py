@@ -11,8 +11,9 @@ leaves "running" behind, so a reader decides in this order:
 3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
    `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
 
-Everything else in the table comes from files the run already has: `config.json` (preset,
-max_steps), `metrics.jsonl` (steps, tokens, best validation loss) and `checkpoints/latest`. Those
+`finetune` keeps the same file. Everything else in the table comes from files the run already
+has: `config.json` (preset, max_steps; for a fine-tuned run the settings in `finetune.json`, see
+`run_config`), `metrics.jsonl` (steps, tokens, best validation loss) and `checkpoints/latest`. Those
 files may be hand-edited or damaged: values of the wrong type read as missing, and a folder that
 cannot be read at all is listed as *unreadable* with the reason under the table, so one bad run
 never hides the others.
@@ -207,10 +208,34 @@ def find_runs(root: Path, *, max_depth: int = 3) -> list[Path]:
     return found
 
 
+FINETUNE_SECTIONS = ("train", "optim", "eval", "checkpoint")
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The settings `run_dir` trained with, as a nested dict like config.json.
+
+    A fine-tuned run's config.json is its base's config (it describes the architecture that
+    `eval`, `export` and `chat` rebuild), so its train/optim/eval/checkpoint sections, data and
+    objective are the base's, not this run's. For such a run (one with finetune.json) the answer is
+    the base's preset and model, a `finetune` section (base, task, adapt and their settings), and
+    the run's own sections from finetune.json; sections an older finetune.json did not record are
+    left out rather than shown with the base's numbers.
+    """
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json") or {}
+    info = _read_json(run_dir / "finetune.json")
+    if info is None:
+        return config
+    out: dict[str, Any] = {k: config[k] for k in ("preset", "model") if k in config}
+    out["finetune"] = {"base": info.get("base"), **_section(info, "finetune_config")}
+    out.update({k: info[k] for k in FINETUNE_SECTIONS if isinstance(info.get(k), dict)})
+    return out
+
+
 def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     """One row of `lmforge runs` from the files of one run directory."""
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json") or {}
+    config = run_config(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")  # only objects with a numeric step and numeric values
     train = [r for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]

@@ -235,3 +235,64 @@ def test_malformed_records_and_config_do_not_break_runs_or_report(data_dir, tmp_
     bad_report = run_cli("report", str(bad), str(good), "--out", str(tmp_path / "r2.html"))
     assert bad_report.returncode == 2 and len(bad_report.stderr.strip().splitlines()) == 1, bad_report.stderr
     assert "cannot read run" in bad_report.stderr
+
+
+def _start_finetune(base, run):
+    from tests.test_finetune import DATA
+
+    args = [
+        "finetune", str(base), "--task", "classify", "--adapt", "head", "--train", str(DATA / "sentiment_train.csv"),
+        "--out", str(run), "--train.batch_size", "4", "--train.max_steps", "100000", "--train.log_every", "1",
+        "--eval.every", "0", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
+    """A fine-tuned run's config.json is its base's: `runs` and `report` take max_steps and the other
+    settings from finetune.json, and status.json says running / finished / interrupted / failed (~10 s)."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from lmforge.report import render_report
+    from tests.test_finetune import DATA, make_base
+    from tests.test_report import Page
+
+    base = make_base(tmp_path)
+    assert json.loads((base / "config.json").read_text(encoding="utf-8"))["train"]["max_steps"] == 1000
+    root = tmp_path / "ft"
+    done, stopped, killed = root / "done", root / "stopped", root / "killed"
+    finetune(
+        base,
+        train_file=DATA / "sentiment_train.csv",
+        val_file=DATA / "sentiment_val.jsonl",
+        out=done,
+        cfg=FinetuneConfig(task="classify", adapt="head"),
+        overrides={"train": {"max_steps": 6, "batch_size": 4, "log_every": 1}, "eval": {"every": 3}},
+        progress=False,
+    )
+    status = json.loads((done / "status.json").read_text(encoding="utf-8"))
+    assert status["status"] == "finished" and status["stop_reason"] == "max_steps"
+    (summary,) = list_runs(root)
+    assert (summary.status, summary.step, summary.max_steps) == ("finished", 6, 6)
+    page = Page(render_report([done], tmp_path / "r.html").read_text(encoding="utf-8"))
+    settings = {row["setting"][0]: row["done"][0] for row in page.rows("config")}
+    assert settings["train.max_steps"] == "6" and settings["train.batch_size"] == "4" and settings["eval.every"] == "3"
+    assert settings["finetune.task"] == "classify" and settings["finetune.adapt"] == "head"
+    assert settings["model.d_model"] == "32"  # the architecture is the base's
+    assert not any(k.startswith(("data.", "objective.")) for k in settings)  # the base's pretraining data, not ours
+    assert page.rows("summary")[0]["steps"][0] == "6/6"
+
+    for run, sig, code, after in ((stopped, signal.SIGINT, 130, "interrupted"), (killed, signal.SIGKILL, -9, "failed")):
+        proc = _start_finetune(base, run)
+        _wait_for_steps(run, 3, proc)
+        assert run_status(run) == "running"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code, proc.stderr.read().decode() if proc.stderr else ""
+        assert run_status(run) == after
+    rows = {r.name: r for r in list_runs(root)}
+    assert {k: (r.status, r.max_steps) for k, r in rows.items()} == {
+        "done": ("finished", 6),
+        "killed": ("failed", 100000),
+        "stopped": ("interrupted", 100000),
+    }
