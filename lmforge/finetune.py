@@ -38,7 +38,6 @@ import hashlib
 import json
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -683,7 +682,6 @@ def finetune(
     if cfg.adapt in ("full", "distill"):
         info["saved"] = "model"
         write_json(out / "finetune.json", info)
-    start = time.perf_counter()
     mark_running(out)  # status.json, as pretrain keeps it: `lmforge runs` shows running / finished / ...
     try:
         try:
@@ -705,7 +703,6 @@ def finetune(
             )
         finally:
             log.close()
-        wall = time.perf_counter() - start
         if state.stop_reason == "interrupted":
             raise Interrupted(f"interrupted at step {state.step}; the last checkpoint is in {out}/checkpoints")
 
@@ -731,7 +728,10 @@ def finetune(
             "task": cfg.task,
             "adapt": cfg.adapt,
             "steps": state.step,
-            "train_seconds": wall,
+            # the training time of every session (TrainState.elapsed_s, saved in each checkpoint), not
+            # this process's wall-clock: a resumed run would count only its last part, and re-running a
+            # finished run (nothing left to train) would overwrite the real time with ~0
+            "train_seconds": state.elapsed_s,
             "trainable_params": trainable,
             "total_params": total,
         }

@@ -150,3 +150,26 @@ def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_p
     with pytest.raises(ConfigError, match="needs BASE to be an lmforge pretraining run"):
         finetune(base0, train_file=text, out=tmp_path / "x", cfg=FinetuneConfig(task="clm", schedule="continue"))
     assert not (tmp_path / "x").exists()
+
+
+def test_train_seconds_add_up_over_sessions(base: Path, tmp_path: Path):
+    """eval.json's train_seconds is the run's training time over all sessions (the TrainState the
+    checkpoints carry), so a resume adds to it and re-running a finished run leaves it as it was."""
+    overrides = {
+        "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "warmup_steps": 1},
+        "eval": {"every": 3, "max_batches": 1},
+        "checkpoint": {"every": 3, "keep": 5, "keep_best": False},
+    }
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    kw = {"train_file": DATA / "sentiment_train.csv", "cfg": cfg, "overrides": overrides, "progress": False}
+    run = tmp_path / "run"
+    first = finetune(base, out=run, **kw)["train_seconds"]
+    assert first > 0 and first == load_checkpoint(run).meta["train_state"]["elapsed_s"]
+    assert finetune(base, out=run, **kw)["train_seconds"] == first  # nothing left to train: unchanged
+
+    shutil.rmtree(run / "checkpoints" / "step-000006")  # as after a kill at step 4 or 5
+    (run / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    at_3 = load_checkpoint(run).meta["train_state"]["elapsed_s"]
+    resumed = finetune(base, out=run, **kw)["train_seconds"]
+    assert resumed > at_3 and resumed == load_checkpoint(run).meta["train_state"]["elapsed_s"]
+    assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["train_seconds"] == resumed
