@@ -155,3 +155,26 @@ def test_muon_run_resumes_bit_identically(data_dir, tmp_path):
     # survive a checkpoint exactly like AdamW's do
     overrides = {"optim.name": "muon", "model.qk_norm": True, "model.mlp": "relu2", "model.tie_embeddings": False}
     _crash_after_step_6_and_resume(data_dir, tmp_path, overrides)
+
+
+def test_missing_config_json_continues_from_the_checkpoint_config(data_dir, tmp_path):
+    """Without config.json, --overwrite would delete every checkpoint: the config saved in the latest
+    checkpoint stands in, and where none is readable the error does not suggest --overwrite."""
+    from lmforge.errors import ConfigError
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run), progress=False)
+    (run / "config.json").unlink()
+    with pytest.raises(ConfigError, match="different model config"):  # the checks still hold
+        pretrain(tiny_config(data_dir, run, **{"model.n_layer": 3}), progress=False)
+    state = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 14}), progress=False)
+    assert state.step == 14 and (run / "config.json").is_file()  # resumed from step 12, config.json written again
+
+    (run / "config.json").unlink()
+    kept = sorted((run / "checkpoints").glob("step-*"))
+    for path in (run / "checkpoints").glob("step-*/state.json"):
+        path.write_text("damaged", encoding="utf-8")
+    result = run_cli("pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "config.json is missing and no checkpoint" in result.stderr and "--overwrite" not in result.stderr
+    assert sorted((run / "checkpoints").glob("step-*")) == kept  # nothing was deleted

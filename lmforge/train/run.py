@@ -89,14 +89,53 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
         claim(run_dir)  # a fresh lock file in the fresh folder
     if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(
-                f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out or pass --overwrite"
+        old: Any = None
+        problem = "is missing"
+        if config_path.is_file():
+            try:
+                old = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                problem = "is damaged"
+            if old is not None and not isinstance(old, dict):
+                old, problem = None, "is damaged"
+        if old is None:
+            # Without config.json, --overwrite would delete every checkpoint: never suggest it while there are
+            # any. Each checkpoint's state.json holds the run's config (checkpoint.py), so the latest one can
+            # stand in (config.json is rewritten below), and the checks that follow still guard the resume.
+            from lmforge.checkpoint import STEP_DIR, checkpoints_dir
+
+            ckpts = checkpoints_dir(run_dir)
+            has_ckpts = ckpts.is_dir() and any(STEP_DIR.match(p.name) for p in ckpts.iterdir())
+            if not has_ckpts:
+                if problem == "is damaged":
+                    raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over")
+                raise ConfigError(
+                    f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out or pass "
+                    "--overwrite"
+                )
+            if (run_dir / "finetune.json").is_file():
+                raise ConfigError(
+                    f"{config_path} {problem}, and {run_dir} is a fine-tuned run: re-run its 'lmforge finetune' "
+                    "command to continue it (that rewrites config.json), or choose another --out"
+                )
+            latest = latest_checkpoint(run_dir)
+            try:
+                meta = json.loads((latest / "state.json").read_text(encoding="utf-8")) if latest else None
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                meta = None
+            saved = meta.get("config") if isinstance(meta, dict) else None
+            if not isinstance(saved, dict):
+                raise ConfigError(
+                    f"{config_path} {problem} and no checkpoint in {ckpts} holds a readable config (state.json); "
+                    "the checkpoints are left as they are: choose another --out"
+                )
+            import sys
+
+            print(
+                f"lmforge: {config_path} {problem}; continuing with the config saved in {latest / 'state.json'}",
+                file=sys.stderr,
             )
-        try:
-            old = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over") from None
+            old = saved
         old_optim, new_optim = old.get("optim", {}).get("name"), cfg.optim.name
         if old_optim and old_optim != new_optim:
             raise ConfigError(
