@@ -330,8 +330,9 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     one-line error (like `pretrain` with another model config).
     """
     from lmforge.checkpoint import read_json
+    from lmforge.runs import LOCK_FILE
 
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir()):  # (a run killed as it began)
         return None
     if not (out / "finetune.json").is_file():
         raise ConfigError(f"{out} exists and is not a fine-tuning run; choose another --out or pass --overwrite")
@@ -401,7 +402,7 @@ def finetune(
         read_task_rows,
     )
     from lmforge.log import RunLogger, capture_env
-    from lmforge.runs import mark_running, mark_stopped
+    from lmforge.runs import claim, mark_running, mark_stopped, release
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -422,9 +423,13 @@ def finetune(
     precision = pick_precision(device, train_cfg.dtype)
     keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
     created = not out.exists()
+    claim(out)  # no other process fine-tunes this folder (checked before --overwrite deletes it)
+    if overwrite and not created:
+        release(out)
+        shutil.rmtree(out)
+        created = True
+        claim(out)  # a fresh lock file in the fresh folder
     out.mkdir(parents=True, exist_ok=True)
     teacher: nn.Module | None = None
     try:
@@ -489,6 +494,7 @@ def finetune(
                 )
     except LmforgeError:
         if created:
+            release(out)
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -774,8 +780,10 @@ def finetune(
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
         error = "" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"[:500]
         mark_stopped(out, "interrupted" if stopped else "failed", stop_reason=state.stop_reason, error=error)
+        release(out)
         raise
     mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
+    release(out)
     return result
 
 

@@ -291,6 +291,22 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
 
 
+def test_a_folder_being_fine_tuned_is_not_touched_by_another_process(base: Path, tmp_path: Path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "busy"
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    kw = {"train_file": DATA / "sentiment_train.csv", "cfg": cfg, "overrides": FAST, "progress": False}
+    finetune(base, out=out, **kw)
+    before = sorted(p.name for p in out.iterdir())
+    with open(out / ".lock", "a+") as held:  # as another live finetune holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="is being trained by another process"):
+                finetune(base, out=out, overwrite=overwrite, **kw)
+        assert sorted(p.name for p in out.iterdir()) == before  # --overwrite deleted nothing
+    finetune(base, out=out, **kw)  # free again: the re-run resumes (nothing left to train)
+
+
 def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):
     from lmforge.eval.tasks import evaluate_task
 
