@@ -387,6 +387,24 @@ def finetune(
         overwrite: replace an existing `out`.
         progress: print the progress bar and log lines.
     """
+    from lmforge.runs import release
+
+    try:
+        return _finetune(base, train_file, out, val_file, cfg, overrides, overwrite, progress)
+    finally:
+        release(Path(out))  # the folder's claim (taken in _finetune), however it ended
+
+
+def _finetune(
+    base: str | Path,
+    train_file: str | Path,
+    out: str | Path,
+    val_file: str | Path | None,
+    cfg: FinetuneConfig | None,
+    overrides: dict[str, Any] | None,
+    overwrite: bool,
+    progress: bool,
+) -> dict[str, Any]:
     from lmforge.adapt.heads import set_trainable, trainable_state
     from lmforge.checkpoint import prune_checkpoints, save_checkpoint
     from lmforge.data.formats import (
@@ -494,7 +512,7 @@ def finetune(
                 )
     except LmforgeError:
         if created:
-            release(out)
+            release(out)  # (before its lock file goes)
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -780,10 +798,8 @@ def finetune(
         stopped = isinstance(e, (Interrupted, KeyboardInterrupt))
         error = "" if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"[:500]
         mark_stopped(out, "interrupted" if stopped else "failed", stop_reason=state.stop_reason, error=error)
-        release(out)
         raise
     mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
-    release(out)
     return result
 
 
