@@ -1,16 +1,21 @@
 """Atomic file writes: temp file + fsync + `os.replace`, so a reader (or a crash) never sees half a file.
 
 Used for every small file lmforge writes in place (manifests, configs, tokenizers, checkpoint
-metadata, the `latest` pointer), and for whole output directories (exports): written to `out.tmp/`,
-checked first, renamed at the end. Its own module because data, tokenizer, checkpoint and export
-code all need it and none of them should import the others for it.
+metadata, the `latest` pointer), and for whole output directories (exports, prepared data, imports,
+quantized runs): checked first, built in a hidden sibling folder only lmforge names, renamed at the
+end. Its own module because data, tokenizer, checkpoint and export code all need it and none of them
+should import the others for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,16 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-# Output directories: checked first, written to out.tmp/, renamed at the end
+# Output directories: checked first, built in a hidden sibling that only lmforge names, renamed at the end
+#
+# The build folder is `.<out>.lmforge-tmp-<random>` (created with an exclusive mkdir, so it never
+# existed before) and the old `out` is moved aside into `.<out>.lmforge-old-<random>/`: no name a user could
+# have chosen (`out.tmp`, `out.old`) is ever written or deleted. Each holds a marker file naming the
+# process that made it; a folder left by a killed lmforge run is removed (or, a moved-aside `out`, put
+# back) by the next one only when its name has the prefix, the marker is there and that process is
+# gone.
+
+TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed just before publishing
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -58,28 +72,101 @@ def check_not_inside(out: Path, source: Path) -> None:
         raise LmforgeError(f"--out {out} overlaps the directory being read ({source}); choose another --out")
 
 
+def _make_marked_dir(out: Path, kind: str) -> Path:
+    """A new hidden sibling `.<out>.lmforge-<kind>-<random>/` holding a marker with this process's id."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # not tempfile.mkdtemp: its 0700 mode would stay on the published folder
+        folder = out.parent / f".{out.name}.lmforge-{kind}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    (folder / TMP_MARKER).write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n", encoding="utf-8"
+    )
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: assume alive, keep the folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by someone else
+        return True
+    return True
+
+
+def _abandoned(folder: Path) -> bool:
+    """An lmforge build/backup folder whose maker (a process on this host) is gone."""
+    try:
+        info = json.loads((folder / TMP_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # no marker: not recognisably ours (or just being published); leave it
+    pid = info.get("pid") if isinstance(info, dict) else None
+    return isinstance(pid, int) and info.get("host") == socket.gethostname() and not _pid_alive(pid)
+
+
+def clean_stale_dirs(out: Path) -> None:
+    """Remove what killed lmforge runs left beside `out`; an `out` moved aside mid-swap is put back."""
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}.lmforge-"
+    for folder in out.parent.iterdir():
+        if not (folder.name.startswith(prefix) and folder.is_dir() and not folder.is_symlink()):
+            continue
+        if not _abandoned(folder):
+            continue
+        moved = folder / out.name
+        if folder.name.startswith(prefix + "old-") and (moved.exists() or moved.is_symlink()) and not out.exists():
+            os.replace(moved, out)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def fresh_tmp_dir(out: Path) -> Path:
-    """An empty `out.tmp/` to write into (one left over from an interrupted run is removed)."""
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+    """A new, empty, uniquely named folder beside `out` to build it in (see above); never a user's folder."""
+    clean_stale_dirs(out)
+    return _make_marked_dir(out, "tmp")
+
+
+def discard_tmp_dir(tmp: Path) -> None:
+    """After an error: remove a build folder made by `fresh_tmp_dir` (and nothing else)."""
+    if tmp.name.startswith(".") and ".lmforge-tmp-" in tmp.name:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and deleted last."""
-    if not out.exists():
+    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and deleted last.
+
+    If the swap fails (or is interrupted), the old `out` is put back; if the process is killed in
+    the middle, the next `fresh_tmp_dir(out)` puts it back."""
+    (tmp / TMP_MARKER).unlink(missing_ok=True)
+    if not (out.exists() or out.is_symlink()):
         os.replace(tmp, out)
         return
-    old = out.with_name(out.name + ".old")
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    aside = _make_marked_dir(out, "old")
+    old = aside / out.name
     os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_dir(out: Path) -> Iterator[Path]:
+    """`with building_dir(out) as tmp:` write into `tmp`; published to `out` when the block ends, removed
+    if it raises (Ctrl-C included), so an error leaves neither a half `out` nor a build folder."""
+    tmp = fresh_tmp_dir(out)
+    try:
+        yield tmp
+    except BaseException:
+        discard_tmp_dir(tmp)
+        raise
+    publish_dir(tmp, out)

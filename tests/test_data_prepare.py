@@ -353,11 +353,15 @@ def test_existing_output(tmp_path: Path) -> None:
     assert (tmp_path / "precious" / "thesis.txt").exists()
 
 
-def test_stale_tmp_dir_is_replaced(tmp_path: Path) -> None:
+def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:
+    """`out.tmp` may be the user's own folder: prepare neither builds in it nor deletes it."""
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
-    write(tmp_path / "out.tmp" / "junk.bin", b"half-written")
+    write(tmp_path / "out.tmp" / "notes.txt", "precious")
     run(tmp_path, [tmp_path / "a.txt"])
-    assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out" / "junk.bin").exists()
+    run(tmp_path, [tmp_path / "a.txt"], overwrite=True)
+    assert (tmp_path / "out.tmp" / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert not (tmp_path / "out" / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if ".lmforge-" in p.name]  # no build folder left behind
 
 
 def test_load_data_dir_errors(tmp_path: Path) -> None:

@@ -352,7 +352,14 @@ def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
     one_line(excinfo)
     export_hf(run, out, overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no .tmp / .old left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no build / backup folder left behind
+    for name in ("hf.tmp", "hf.old"):  # the user's own folders: never built in, never deleted
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("precious", encoding="utf-8")
+    export_hf(run, out, overwrite=True)
+    export_hf(run, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "hf.tmp", "run"]
+    assert all((tmp_path / name / "notes.txt").is_file() for name in ("hf.tmp", "hf.old"))
     with pytest.raises(LmforgeError, match="overlaps the directory being read"):
         export_hf(run, run / "checkpoints", overwrite=True)
     imported = import_hf(out, tmp_path / "imported")

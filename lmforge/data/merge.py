@@ -8,8 +8,8 @@ files-of-part-i --tokenizer shared/tokenizer.json --out part-i`) and merged here
             for document in part's shards (cut at EOS, across shard boundaries):
                 text = decode(document)
                 drop it if exact (sha256 of text) or near (MinHash LSH) duplicate of an earlier one
-                else copy its tokens (EOS included) into <out>.tmp/<split>-NNNNN.bin
-    manifest.json + data card -> os.replace(<out>.tmp, <out>)
+                else copy its tokens (EOS included) into TMP/<split>-NNNNN.bin
+    manifest.json + data card -> os.replace(TMP, <out>)   (TMP: atomic.fresh_tmp_dir, as in prepare.py)
 
 Key design decisions:
 - Parts must share one tokenizer (same fingerprint): tokens are copied, never re-encoded, so
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.atomic import atomic_write_text, write_json
+from lmforge.atomic import atomic_write_text, discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, load_data_dir
 from lmforge.data.dedup import NearDedup
 from lmforge.data.filters import guess_language, utf8_len
@@ -44,9 +44,7 @@ from lmforge.data.prepare import (
     _tokenizer_report,
     _top_tokens,
     check_out,
-    discard,
-    output_paths,
-    publish,
+    output_dir,
 )
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.split import SPLITS, doc_digest
@@ -80,7 +78,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     Raises:
         DataError: an input is not a prepared directory, the parts use different tokenizers, or `--out` exists.
     """
-    out, tmp = output_paths(cfg.out)
+    out = output_dir(cfg)
     check_out(out, cfg.overwrite)
     parts = [load_data_dir(p) for p in cfg.inputs]
     fingerprints = {part.manifest["tokenizer"]["sha256"] for part in parts}
@@ -95,10 +93,8 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     near = None
     if cfg.dedup == "near":
         near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0)
-    if tmp.exists():
-        discard(tmp, out)
 
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out)
     try:
         seen: set[bytes] = set()
         removed = dict.fromkeys(REMOVED_KEYS, 0)
@@ -217,8 +213,8 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             atomic_write_text(
                 cfg.dedup_report, "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs)
             )
-        publish(tmp, out)
+        publish_dir(tmp, out)
         return manifest
     except BaseException:
-        discard(tmp, out)
+        discard_tmp_dir(tmp)
         raise

@@ -2,10 +2,11 @@
 
     inputs ─read blocks─► [worker: parse ─► clean ─► rewrite ─► filter ─► sha256 ─► split ─► encode*] ─► dedup
     (ingest.py)           (blocks.py; clean.py, filters.py: DocumentCleaner; fast_encode.py)   (dedup.py, here)
-       * tokenizer.json given: ids go straight into <out>.tmp/{train,val,test}-NNNNN.bin (one pass)
-       * tokenizer trained:    texts go to <out>.tmp/docs-<split>.jsonl.part; train bpe/char/wordpiece/
+       * tokenizer.json given: ids go straight into TMP/{train,val,test}-NNNNN.bin (one pass)
+       * tokenizer trained:    texts go to TMP/docs-<split>.jsonl.part; train bpe/char/wordpiece/
                                unigram on train; pass 2 encodes the files into the shards
-            <out>.tmp/{manifest.json, card.json, card.md, length_hist.png} ──► os.replace(<out>.tmp, <out>)
+            TMP/{manifest.json, card.json, card.md, length_hist.png} ──► os.replace(TMP, <out>)
+    (TMP = .<out>.lmforge-tmp-<random>/, a sibling of <out> no user folder can be; atomic.py)
 
 Key design decisions:
 - Streaming, so memory does not grow with the corpus (except the dedup indexes). With a given
@@ -28,8 +29,8 @@ Key design decisions:
 - Length (~830 lines, over the 800-line guide): `prepare()` and its two passes read in the order the
   data flows; the per-block work is in blocks.py, the reader of a prepared directory in datadir.py,
   and the config (~150 lines of typed, documented flags) stays beside the function it drives.
-- Nothing half-written ever appears at `<out>`: everything is built in `<out>.tmp/` and renamed
-  into place at the end; on any error (or Ctrl-C) the tmp folder is removed. `--overwrite` only
+- Nothing half-written ever appears at `<out>`: everything is built in a hidden sibling folder and
+  renamed into place at the end; on any error (or Ctrl-C) that folder is removed. `--overwrite` only
   replaces a folder that is a prepared data directory (has manifest.json) or is empty, so a typo
   like `--out ~` cannot delete a home directory.
 - Dedup (`--dedup exact`, the default) is by the sha256 of the cleaned text; `--dedup near` adds
@@ -49,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -61,7 +61,13 @@ from typing import Any, Literal, get_args
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.atomic import atomic_write_text, write_json
+from lmforge.atomic import (
+    atomic_write_text,
+    discard_tmp_dir,
+    fresh_tmp_dir,
+    publish_dir,
+    write_json,
+)
 from lmforge.data.blocks import BlockResult, BlockWorker, Task, init_pool_worker, run_in_pool_worker
 from lmforge.data.clean import CleanStats, Normalization
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, load_data_dir  # noqa: F401 (re-exported)
@@ -275,30 +281,10 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
 
 
-def output_paths(out_arg: str) -> tuple[Path, Path]:
-    """(absolute output dir, its "<out>.tmp" build dir); absolute, so "out/" or "." still has a name."""
-    out = Path(os.path.abspath(out_arg))
-    return out, out.with_name(out.name + ".tmp")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Swap the finished `tmp` into place; the old `out` (if any) is moved aside first, so it is never partial."""
-    old = out.with_name(out.name + ".tmp.old")  # both names are ours: "<out>.tmp*"
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def discard(tmp: Path, out: Path) -> None:
-    """After an error: remove `tmp` and, if interrupted mid-swap, put the previous `out` back."""
-    old = out.with_name(out.name + ".tmp.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old.exists() and not out.exists():
-        os.replace(old, out)
+def output_dir(cfg: PrepareConfig) -> Path:
+    """The absolute output dir; absolute, so "out/" or "." still has a name. It is built in a hidden
+    sibling made by `atomic.fresh_tmp_dir`, never in a folder a user could have named."""
+    return Path(os.path.abspath(cfg.out))
 
 
 class _Counts:
@@ -708,7 +694,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         from lmforge.data.merge import merge_parts
 
         return merge_parts(cfg, progress=progress)
-    out, tmp = output_paths(cfg.out)
+    out = output_dir(cfg)
     check_out(out, cfg.overwrite)
     given: Tokenizer | None = None
     if cfg.tokenizer not in TRAINED_TOKENIZERS:  # load (and check) an existing tokenizer before the long read
@@ -716,8 +702,6 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         given.eos_id  # noqa: B018 - raises DataError if the tokenizer has no end-of-text token
     if cfg.dedup == "near":
         NearDedup(max_examples=0)  # fail now, with the install hint, if datasketch is missing
-    if tmp.exists():  # left over from a crashed run; it is ours by name
-        shutil.rmtree(tmp)
 
     val_files, val_skipped = resolve_inputs(cfg.val_input) if cfg.val_input else ([], [])
     test_files, test_skipped = resolve_inputs(cfg.test_input) if cfg.test_input else ([], [])
@@ -730,7 +714,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     if not sources:
         raise DataError("no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; check the paths")
 
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out)
     pool = None
     try:
         dtype = dtype_for_vocab(given.vocab_size) if given is not None else np.uint16
@@ -832,12 +816,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             lines = [json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs]
             atomic_write_text(cfg.dedup_report, "".join(lines))
 
-        publish(tmp, out)
+        publish_dir(tmp, out)
         return manifest
     except BaseException:
         if pool is not None:
             pool.terminate()
-        discard(tmp, out)
+        discard_tmp_dir(tmp)
         raise
     finally:
         if pool is not None:

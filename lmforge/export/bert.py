@@ -32,7 +32,7 @@ Design decisions
 - Import keeps nothing it cannot place: unknown tensors are an error. A missing pooler/NSP head
   (BertForMaskedLM checkpoints) or MLM head (BertModel checkpoints) is initialised as in pretraining,
   with a warning; a missing embedding or encoder tensor is an error.
-- Same atomic output discipline as export/hf.py (out.tmp/ then rename), the same helpers.
+- Same atomic output discipline as export/hf.py (a hidden build folder, then rename), the same helpers.
 
 Reference: https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py ,
 .../models/electra/modeling_electra.py
@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.atomic import atomic_write_text, fresh_tmp_dir, fsync_file, publish_dir, write_json
+from lmforge.atomic import atomic_write_text, building_dir, fsync_file, write_json
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.export.hf import HF_HINT, _dtype_name, _last_eval, _own, training_progress
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
@@ -229,25 +229,24 @@ def write_bert(trained: Any, out: Path) -> Path:
     tokenizer_json, specials = encoder_tokenizer_json(tokenizer)
     pad_id = special_names(tokenizer)["pad"][1]
 
-    tmp = fresh_tmp_dir(out)
-    write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    fsync_file(tmp / "model.safetensors")
-    atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
-    write_json(
-        tmp / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **specials,
-            "model_max_length": cfg.max_seq_len,
-            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-            "clean_up_tokenization_spaces": False,
-        },
-    )
-    write_json(tmp / "special_tokens_map.json", specials)
-    n_params = sum(t.numel() for t in tensors.values())
-    atomic_write_text(tmp / "README.md", model_card(out.name, trained, n_params, specials["mask_token"]))
-    publish_dir(tmp, out)
+    with building_dir(out) as tmp:
+        write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        fsync_file(tmp / "model.safetensors")
+        atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
+        write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **specials,
+                "model_max_length": cfg.max_seq_len,
+                "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        write_json(tmp / "special_tokens_map.json", specials)
+        n_params = sum(t.numel() for t in tensors.values())
+        atomic_write_text(tmp / "README.md", model_card(out.name, trained, n_params, specials["mask_token"]))
     return out
 
 

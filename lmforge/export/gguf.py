@@ -22,7 +22,8 @@ Key decisions:
   "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types (special
   tokens CONTROL) and `<|endoftext|>` as bos/eos/padding, no BOS added (our models never saw one).
   Character-level tokenizers have no llama.cpp twin; they get a one-line error.
-- The file is written to `FILE.tmp` and renamed, so an interrupted export leaves no half file.
+- The file is written to a hidden `.FILE.lmforge-tmp-<random>` beside it and renamed, so an
+  interrupted export leaves no half file (and a user's `FILE.tmp` is never touched).
 
 References:
 - GGUF spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.lmforge-tmp-{secrets.token_hex(4)}")  # never a user's file (atomic.py)
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(Path(trained.config.out or out.stem).name or out.stem)

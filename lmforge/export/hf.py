@@ -50,9 +50,10 @@ Design decisions
 - Tensors are written contiguous with their own storage (safetensors refuses views that share a
   buffer, which splits and transposes are). Export keeps the checkpoint's dtype; import stores float32,
   the dtype lmforge trains its master weights in (autocast does the rest).
-- Outputs are atomic: everything goes to `out.tmp/` first and is renamed to `out` at the end; an
-  existing `out` is an error unless `overwrite`, and is replaced only once the new one is complete.
-  Writing over the directory being read is refused even with `overwrite`.
+- Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
+  (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
+  `overwrite`, and is replaced only once the new one is complete. Writing over the directory being
+  read is refused even with `overwrite`.
 - Tokenizer: our tokenizer encodes the text "<|endoftext|>" literally (see `tokenizer.py`) while an
   HF tokenizer parses it as the special token; ordinary text encodes to the same ids.
 - Import (`hf_import.py`) reads the same key maps and config translations from here, so nothing is
@@ -79,11 +80,10 @@ from torch import Tensor
 
 from lmforge.atomic import (
     atomic_write_text,
+    building_dir,
     check_not_inside,
     check_out_dir,
-    fresh_tmp_dir,
     fsync_file,
-    publish_dir,
     write_json,
 )
 from lmforge.errors import CheckpointError, DataError, LmforgeError, first_line
@@ -542,34 +542,33 @@ def write_hf(trained: Any, out: Path) -> Path:
     dtype = trained.model.tok_emb.weight.dtype
     tensors = to_hf_state_dict(state, cfg, family)
 
-    tmp = fresh_tmp_dir(out)
-    write_json(tmp / "config.json", FAMILIES[family].config_to_hf(cfg, eos_id, dtype))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
-    fsync_file(tmp / "model.safetensors")
-    # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
-    # the context length is in config.json (n_positions / max_position_embeddings).
-    generation: dict[str, Any] = {}
-    if eos_id is not None:
-        generation.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    write_json(tmp / "generation_config.json", generation)
-    atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str())
-    specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
-    write_json(
-        tmp / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **specials,
-            "model_max_length": cfg.max_seq_len,
-            # lmforge encodes special-token strings found in text as plain text (only ids it adds are
-            # special); HF does the same with this set
-            "split_special_tokens": True,
-            "clean_up_tokenization_spaces": False,  # byte-level decoding is exact; no space "clean-up"
-        },
-    )
-    write_json(tmp / "special_tokens_map.json", specials)
-    n_params = sum(t.numel() for t in state.values())
-    atomic_write_text(tmp / "README.md", _model_card(out.name, trained, family, n_params))
-    publish_dir(tmp, out)
+    with building_dir(out) as tmp:
+        write_json(tmp / "config.json", FAMILIES[family].config_to_hf(cfg, eos_id, dtype))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
+        fsync_file(tmp / "model.safetensors")
+        # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
+        # the context length is in config.json (n_positions / max_position_embeddings).
+        generation: dict[str, Any] = {}
+        if eos_id is not None:
+            generation.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        write_json(tmp / "generation_config.json", generation)
+        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str())
+        specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
+        write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                **specials,
+                "model_max_length": cfg.max_seq_len,
+                # lmforge encodes special-token strings found in text as plain text (only ids it adds are
+                # special); HF does the same with this set
+                "split_special_tokens": True,
+                "clean_up_tokenization_spaces": False,  # byte-level decoding is exact; no space "clean-up"
+            },
+        )
+        write_json(tmp / "special_tokens_map.json", specials)
+        n_params = sum(t.numel() for t in state.values())
+        atomic_write_text(tmp / "README.md", _model_card(out.name, trained, family, n_params))
     return out
 
 

@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lmforge.atomic import (
+    building_dir,
     check_not_inside,
     check_out_dir,
-    fresh_tmp_dir,
-    publish_dir,
     write_json,
 )
 from lmforge.checkpoint import read_json, save_checkpoint
@@ -91,25 +90,25 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
 def write_imported_run(
     out: Path, run_cfg: Any, model: Any, tokenizer: Tokenizer, hf_dir: Path, model_type: str
 ) -> Path:
-    """Write `out` (through `out.tmp/`): config.json, tokenizer.json and a weights-only step-0 checkpoint."""
+    """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json and a weights-only
+    step-0 checkpoint."""
     from lmforge.train.state import TrainState
 
-    tmp = fresh_tmp_dir(out)
-    write_json(tmp / "config.json", run_cfg.to_dict())
-    tokenizer.save(tmp / "tokenizer.json")
-    save_checkpoint(
-        tmp,
-        step=0,
-        model=model,
-        optimizer=None,
-        state={
-            "train_state": TrainState().to_dict(),
-            "config": run_cfg.to_dict(),
-            "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type},
-        },
-        tokenizer_json=tokenizer.to_str(),
-    )
-    publish_dir(tmp, out)
+    with building_dir(out) as tmp:
+        write_json(tmp / "config.json", run_cfg.to_dict())
+        tokenizer.save(tmp / "tokenizer.json")
+        save_checkpoint(
+            tmp,
+            step=0,
+            model=model,
+            optimizer=None,
+            state={
+                "train_state": TrainState().to_dict(),
+                "config": run_cfg.to_dict(),
+                "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type},
+            },
+            tokenizer_json=tokenizer.to_str(),
+        )
     return out
 
 

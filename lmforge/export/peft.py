@@ -120,7 +120,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     Raises:
         LmforgeError: not an unmerged LoRA language-model run, no HF twin for the architecture, `out` exists.
     """
-    from lmforge.atomic import check_not_inside, check_out_dir, fresh_tmp_dir, fsync_file, publish_dir
+    from lmforge.atomic import building_dir, check_not_inside, check_out_dir, fsync_file
     from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
     from lmforge.export.hf import hf_family, write_hf
 
@@ -140,36 +140,35 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     lora = info["lora"]
     strip_lora(ft.model)  # what is left is the base the adapter was trained on
 
-    tmp = fresh_tmp_dir(out)
-    base = write_hf(
-        Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir)),
-        tmp / "base",
-    )
-    write_json(
-        tmp / "adapter_config.json",
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str((out / "base").resolve()),
-            "r": lora["rank"],
-            "lora_alpha": lora["alpha"],
-            "lora_dropout": lora["dropout"],
-            "target_modules": targets,
-            "fan_in_fan_out": family == "gpt2",  # Conv1D weights are (in, out)
-            "bias": "none",
-            "use_rslora": False,
-            "use_dora": False,
-            "modules_to_save": None,
-            "init_lora_weights": True,
-            "inference_mode": True,
-        },
-    )
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    fsync_file(tmp / "adapter_model.safetensors")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
-    atomic_write_text(tmp / "README.md", _adapter_card(out.name, info, targets, family, ckpt_dir))
-    publish_dir(tmp, out)
+    with building_dir(out) as tmp:
+        base = write_hf(
+            Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir)),
+            tmp / "base",
+        )
+        write_json(
+            tmp / "adapter_config.json",
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": str((out / "base").resolve()),
+                "r": lora["rank"],
+                "lora_alpha": lora["alpha"],
+                "lora_dropout": lora["dropout"],
+                "target_modules": targets,
+                "fan_in_fan_out": family == "gpt2",  # Conv1D weights are (in, out)
+                "bias": "none",
+                "use_rslora": False,
+                "use_dora": False,
+                "modules_to_save": None,
+                "init_lora_weights": True,
+                "inference_mode": True,
+            },
+        )
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        fsync_file(tmp / "adapter_model.safetensors")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
+        atomic_write_text(tmp / "README.md", _adapter_card(out.name, info, targets, family, ckpt_dir))
     return out
 
 

@@ -1,0 +1,106 @@
+"""Output-directory discipline (atomic.py): lmforge builds in folders only it names and removes only
+folders it made, so a user's `out.tmp` / `out.old` survive every prepare, export and import."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.atomic import TMP_MARKER, building_dir, fresh_tmp_dir, publish_dir
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (so a folder marked with it is abandoned)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def users_folders(root: Path) -> None:
+    for name in ("out.tmp", "out.old", "out.tmp.old"):
+        (root / name).mkdir()
+        (root / name / "notes.txt").write_text("precious", encoding="utf-8")
+
+
+def assert_users_folders_intact(root: Path) -> None:
+    for name in ("out.tmp", "out.old", "out.tmp.old"):
+        assert (root / name / "notes.txt").read_text(encoding="utf-8") == "precious"
+
+
+def lmforge_leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if ".lmforge-" in p.name)
+
+
+def test_build_and_replace_never_touch_users_folders(tmp_path: Path) -> None:
+    users_folders(tmp_path)
+    out = tmp_path / "out"
+    for text in ("first", "second"):  # a fresh out, then one replaced (--overwrite)
+        with building_dir(out) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.lmforge-tmp-")
+            (tmp / "f.txt").write_text(text, encoding="utf-8")
+        assert (out / "f.txt").read_text(encoding="utf-8") == text
+        assert sorted(p.name for p in out.iterdir()) == ["f.txt"]  # the marker is not published
+    assert_users_folders_intact(tmp_path)
+    assert lmforge_leftovers(tmp_path) == []
+
+
+def test_failed_build_leaves_nothing_and_keeps_the_old_out(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old", encoding="utf-8")
+    with pytest.raises(RuntimeError), building_dir(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert lmforge_leftovers(tmp_path) == []
+
+
+def _mark(folder: Path, pid: int) -> None:
+    folder.mkdir()
+    (folder / TMP_MARKER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}), encoding="utf-8")
+
+
+def test_only_abandoned_marked_lmforge_folders_are_cleaned_up(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _mark(tmp_path / ".out.lmforge-tmp-dead0001", dead_pid())  # a killed build: removed
+    _mark(tmp_path / ".out.lmforge-tmp-live0001", os.getpid())  # a live one: kept
+    (tmp_path / ".out.lmforge-tmp-nomark01").mkdir()  # no marker: not recognisably ours, kept
+    # killed mid-swap: the old out is moved aside and out is missing -> put back
+    _mark(tmp_path / ".out.lmforge-old-dead0002", dead_pid())
+    (tmp_path / ".out.lmforge-old-dead0002" / "out").mkdir()
+    (tmp_path / ".out.lmforge-old-dead0002" / "out" / "manifest.json").write_text("{}", encoding="utf-8")
+    users_folders(tmp_path)
+    tmp = fresh_tmp_dir(out)
+    assert (out / "manifest.json").is_file()
+    assert lmforge_leftovers(tmp_path) == sorted([".out.lmforge-tmp-live0001", ".out.lmforge-tmp-nomark01", tmp.name])
+    assert_users_folders_intact(tmp_path)
+    publish_dir(tmp, out)
+    assert not (out / "manifest.json").exists()
+
+
+def test_prepare_and_merge_keep_a_users_out_tmp(tmp_path: Path) -> None:
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "a.txt").write_text("\n\n".join(f"document number {i} " * 5 for i in range(40)), encoding="utf-8")
+    users_folders(tmp_path)
+    (tmp_path / "m.tmp").mkdir()
+    (tmp_path / "m.tmp" / "notes.txt").write_text("precious", encoding="utf-8")
+    for overwrite in (False, True):
+        prepare(
+            PrepareConfig(inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "out"), tokenizer="char",
+                          overwrite=overwrite, card=False),
+            progress=False,
+        )  # fmt: skip
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    merged = PrepareConfig(inputs=[str(tmp_path / "out")], out=str(tmp_path / "m"), merge=True, card=False)
+    prepare(merged, progress=False)
+    assert (tmp_path / "m" / "manifest.json").is_file()
+    assert_users_folders_intact(tmp_path)
+    assert (tmp_path / "m.tmp" / "notes.txt").is_file()
+    assert lmforge_leftovers(tmp_path) == []
