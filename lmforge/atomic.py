@@ -65,10 +65,13 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
 
 
-def check_not_inside(out: Path, source: Path) -> None:
-    """`out` may not be, contain or sit inside the directory being read."""
-    out, source = out.resolve(), source.resolve()
-    if out == source or out in source.parents or source in out.parents:
+def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = False) -> None:
+    """`out` may not be, contain or (unless `out_may_sit_inside`) sit inside the directory being read.
+
+    Replacing `out` (--overwrite) deletes everything under it, and writing inside the source changes
+    what is read: either way the source could be lost."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents or (source in out.parents and not out_may_sit_inside):
         raise LmforgeError(f"--out {out} overlaps the directory being read ({source}); choose another --out")
 
 

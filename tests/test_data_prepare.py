@@ -14,7 +14,7 @@ from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_bi
 from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
 from lmforge.data.split import assign_split, bucket, doc_digest
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -351,6 +351,21 @@ def test_existing_output(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a prepared data directory"):
         run(tmp_path, [tmp_path / "a.txt"], out="precious", overwrite=True)
     assert (tmp_path / "precious" / "thesis.txt").exists()
+
+
+def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
+    """--overwrite replaces --out: an input that is it or lies inside it would be deleted."""
+    write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
+    run(tmp_path, [tmp_path / "a.txt"])
+    extra = write(tmp_path / "out" / "extra.txt", "more text\n\nand more")
+    for inputs in ([extra], [tmp_path / "out"]):
+        with pytest.raises(LmforgeError, match="overlaps the directory being read"):
+            run(tmp_path, inputs, overwrite=True)
+    assert extra.is_file()
+    write(tmp_path / "texts" / "b.txt", "hello there\n\ngeneral kenobi")
+    run(tmp_path, [tmp_path / "texts"], out="texts/prepared")  # --out inside an input folder is fine
+    with pytest.raises(LmforgeError, match="overlaps the directory being read"):  # merging into a part
+        run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True)
 
 
 def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:

@@ -360,8 +360,10 @@ def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
     export_hf(run, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.old", "hf.tmp", "run"]
     assert all((tmp_path / name / "notes.txt").is_file() for name in ("hf.tmp", "hf.old"))
-    with pytest.raises(LmforgeError, match="overlaps the directory being read"):
-        export_hf(run, run / "checkpoints", overwrite=True)
+    for path, inside in [(run, run / "checkpoints"), (run, run / "hf"), (run, run / "config.json"), (run, tmp_path)]:
+        with pytest.raises(LmforgeError, match="overlaps the directory being read"):
+            export_hf(path, inside, overwrite=True)
+    assert (run / "checkpoints" / "step-000007" / "model.safetensors").is_file() and not (run / "hf").exists()
     imported = import_hf(out, tmp_path / "imported")
     with pytest.raises(LmforgeError, match="already exists"):
         import_hf(out, imported)

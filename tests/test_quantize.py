@@ -115,6 +115,23 @@ def test_errors(trained_run: Path, tmp_path: Path) -> None:
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_out_may_not_overlap_the_run(trained_run: Path, tmp_path: Path) -> None:
+    """--out --overwrite on the run, a folder holding it or one inside it would delete the run: refused."""
+    import shutil
+
+    sand = tmp_path / "sand"
+    run = sand / "gpt"
+    shutil.copytree(trained_run, run)
+    (sand / "precious.txt").write_text("keep me", encoding="utf-8")
+    step = next((run / "checkpoints").glob("step-*"))
+    for path, out in [(run, sand), (run, run), (run, run / "checkpoints"), (run, run / "q"), (step, run)]:
+        with pytest.raises(LmforgeError, match="overlaps the directory being read"):
+            quantize_run(path, out, overwrite=True, compare=False)
+    result = run_cli("quantize", str(run), "--out", str(sand), "--overwrite", "--no-compare")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (sand / "precious.txt").is_file() and (step / "model.safetensors").is_file()
+
+
 def test_quantize_reads_a_sharded_checkpoint(data_dir: Path, tmp_path: Path) -> None:
     from lmforge.train.run import pretrain
 

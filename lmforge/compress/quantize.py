@@ -200,7 +200,7 @@ def quantize_run(
         {"out", "bits", "group_size", "layers", "bytes_before", "bytes_after"} plus, with `compare`,
         {"bpb_before", "bpb_after", "tok_s_before", "tok_s_after"}.
     """
-    from lmforge.atomic import write_json
+    from lmforge.atomic import check_not_inside, write_json
     from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
 
     if bits not in BITS:
@@ -210,8 +210,11 @@ def quantize_run(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_not_inside(out, Path(path))  # not the run, a folder holding it, nor one inside it: --overwrite deletes out
+    source = resolve_checkpoint(path)
+    check_not_inside(out, source)
     cpu = torch.device("cpu")
-    run_dir = resolve_checkpoint(path).parent.parent
+    run_dir = source.parent.parent
     if (run_dir / "finetune.json").is_file():
         info = read_json(run_dir / "finetune.json", "re-run lmforge finetune")
         if info.get("saved") != "model" or info.get("task") == "classify" or info.get("adapt") == "prompt":
@@ -224,8 +227,6 @@ def quantize_run(
         raise LmforgeError(f"quantize supports GPT models; this run's model.family is {trained.config.model.family!r}")
     if "quantization" in trained.checkpoint.meta:
         raise LmforgeError(f"{path} is already quantized; quantize the original run instead")
-    if Path(out).resolve() == trained.checkpoint.path.parent.parent.resolve():
-        raise LmforgeError("--out is the run being quantized; choose another directory")
     state, layers = quantize_state(trained.model, bits, group_size)
 
     if out.exists():

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from lmforge.atomic import (
     atomic_write_text,
+    check_not_inside,
     discard_tmp_dir,
     fresh_tmp_dir,
     publish_dir,
@@ -282,9 +283,14 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def output_dir(cfg: PrepareConfig) -> Path:
-    """The absolute output dir; absolute, so "out/" or "." still has a name. It is built in a hidden
-    sibling made by `atomic.fresh_tmp_dir`, never in a folder a user could have named."""
-    return Path(os.path.abspath(cfg.out))
+    """The absolute output dir ("out/" or "." still has a name), checked to be neither an input nor a
+    folder holding one (--overwrite would delete it). It may sit inside an input folder: it is
+    built in a hidden sibling (`atomic.fresh_tmp_dir`) after the inputs are listed, and its shards
+    and temporary ".part" files are no input format."""
+    out = Path(os.path.abspath(cfg.out))
+    for source in [*cfg.inputs, *cfg.val_input, *cfg.test_input]:
+        check_not_inside(out, Path(source), out_may_sit_inside=True)
+    return out
 
 
 class _Counts:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
 
 DTYPES = ("f16", "q8_0")
@@ -160,6 +161,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         raise LmforgeError(
             f"--out {out}: a GGUF file's name ends in .gguf (llama.cpp looks for it); e.g. {out.stem}.gguf"
         )
+    check_not_inside(out, Path(path))  # a run (or checkpoint) is never written into
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)

@@ -52,8 +52,8 @@ Design decisions
   the dtype lmforge trains its master weights in (autocast does the rest).
 - Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
   (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
-  `overwrite`, and is replaced only once the new one is complete. Writing over the directory being
-  read is refused even with `overwrite`.
+  `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
+  the run being read is refused even with `overwrite`.
 - Tokenizer: our tokenizer encodes the text "<|endoftext|>" literally (see `tokenizer.py`) while an
   HF tokenizer parses it as the special token; ordinary text encodes to the same ids.
 - Import (`hf_import.py`) reads the same key maps and config translations from here, so nothing is
@@ -519,6 +519,7 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
 
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
+    check_not_inside(out, Path(path))  # the run given: never replaced, never written into
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
     if trained.config.model.family in ("bert", "electra"):
