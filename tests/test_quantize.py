@@ -17,7 +17,7 @@ from lmforge.compress.quantize import (
     quantize_weight,
     to_quant_linears,
 )
-from lmforge.errors import LmforgeError
+from lmforge.errors import DataError, LmforgeError
 from tests.conftest import run_cli, tiny_config
 
 
@@ -130,6 +130,41 @@ def test_out_may_not_overlap_the_run(trained_run: Path, tmp_path: Path) -> None:
     result = run_cli("quantize", str(run), "--out", str(sand), "--overwrite", "--no-compare")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (sand / "precious.txt").is_file() and (step / "model.safetensors").is_file()
+
+
+def test_missing_data_dir_writes_nothing_and_points_to_no_compare(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's data directory was deleted: a one-line error naming --no-compare, and no half --out."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for state_file in run.glob("checkpoints/step-*/state.json"):  # as if trained on a copy since deleted
+        meta = json.loads(state_file.read_text(encoding="utf-8"))
+        meta["config"]["data"]["dir"] = str(tmp_path / "deleted-data")
+        state_file.write_text(json.dumps(meta), encoding="utf-8")
+    result = run_cli("quantize", str(run), "--out", str(tmp_path / "q"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--no-compare" in result.stderr and "deleted-data" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, nothing left behind
+    r = quantize_run(run, tmp_path / "q", compare=False)  # no --overwrite needed
+    assert "bpb_before" not in r and (tmp_path / "q" / "quantize.json").is_file()
+    with pytest.raises(LmforgeError, match="--no-compare"):  # a failed --overwrite keeps the old one
+        quantize_run(run, tmp_path / "q", bits=4, overwrite=True)
+    assert json.loads((tmp_path / "q" / "quantize.json").read_text(encoding="utf-8"))["bits"] == 8
+
+    # the comparison itself fails (after the checkpoint was written): still nothing half-written
+    import lmforge.eval.lm
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise DataError("the data was prepared with another tokenizer")
+
+    monkeypatch.setattr(lmforge.eval.lm, "evaluate_checkpoint", fail)
+    with pytest.raises(DataError, match="another tokenizer.*--no-compare"):
+        quantize_run(trained_run, tmp_path / "q", bits=4, overwrite=True, max_batches=1, gen_tokens=4)
+    assert json.loads((tmp_path / "q" / "quantize.json").read_text(encoding="utf-8"))["bits"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]
 
 
 def test_quantize_reads_a_sharded_checkpoint(data_dir: Path, tmp_path: Path) -> None:

@@ -5,6 +5,9 @@
         checkpoints/step-N/model.safetensors {name}.qweight + {name}.scales for each quantized weight,
                                              every other tensor (embeddings, norms, biases) as it was
         checkpoints/step-N/state.json        the run's state + "quantization": {bits, group_size, layers}
+        quantize.json                        the before/after comparison
+    RUN_Q is built in a hidden folder and renamed into place only when all of it (comparison included)
+    is done, so a failure leaves no half RUN_Q; the comparison's data directory is checked first.
 
 Schemes (symmetric, no zero point, round to nearest; the baselines of LLM.int8/GPTQ/AWQ papers):
 - int8, per output channel: scale_o = max_i |W[o, i]| / 127, q = round(W / scale) in [-127, 127],
@@ -36,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.errors import CheckpointError, DataError, LmforgeError
 
 BITS = (8, 4)
 
@@ -200,7 +203,7 @@ def quantize_run(
         {"out", "bits", "group_size", "layers", "bytes_before", "bytes_after"} plus, with `compare`,
         {"bpb_before", "bpb_after", "tok_s_before", "tok_s_after"}.
     """
-    from lmforge.atomic import check_not_inside, write_json
+    from lmforge.atomic import building_dir, check_not_inside, check_out_dir, write_json
     from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
 
     if bits not in BITS:
@@ -208,8 +211,7 @@ def quantize_run(
     if group_size <= 0 or group_size % 2:
         raise LmforgeError(f"--group-size must be a positive even number, got {group_size}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, Path(path))  # not the run, a folder holding it, nor one inside it: --overwrite deletes out
     source = resolve_checkpoint(path)
     check_not_inside(out, source)
@@ -227,45 +229,60 @@ def quantize_run(
         raise LmforgeError(f"quantize supports GPT models; this run's model.family is {trained.config.model.family!r}")
     if "quantization" in trained.checkpoint.meta:
         raise LmforgeError(f"{path} is already quantized; quantize the original run instead")
+    data_dir = trained.config.data.dir if compare else None
+    if data_dir:  # checked before anything is written: the comparison evaluates on it
+        from lmforge.data.datadir import load_data_dir
+
+        try:
+            load_data_dir(data_dir)
+        except LmforgeError as e:
+            raise DataError(
+                f"the run's data {data_dir} cannot be read ({str(e).split(';')[0]}), and the before/after "
+                "comparison evaluates on it; pass --no-compare to quantize without the comparison"
+            ) from None
     state, layers = quantize_state(trained.model, bits, group_size)
 
-    if out.exists():
-        shutil.rmtree(out)
     meta = trained.checkpoint.meta
     config = dataclasses.replace(trained.config, out=str(out))
     quant_info = {"bits": bits, "group_size": group_size, "layers": layers, "source": str(trained.checkpoint.path)}
     step = int(meta.get("step", 0))
-    ckpt_dir = save_checkpoint(
-        out,
-        step=step,
-        model=trained.model,
-        optimizer=None,
-        state={"train_state": meta.get("train_state", {}), "config": config.to_dict(), "quantization": quant_info},
-        tokenizer_json=trained.tokenizer.to_str(),
-        model_state=state,
-    )
-    write_json(out / "config.json", config.to_dict())
-    trained.tokenizer.save(out / "tokenizer.json")
-    if (run_dir / "tokenizer_config.json").is_file():  # a chat-tuned run keeps its chat template
-        shutil.copyfile(run_dir / "tokenizer_config.json", out / "tokenizer_config.json")
-    result: dict[str, Any] = {
-        "out": str(out),
-        "bits": bits,
-        "group_size": group_size,
-        "layers": len(layers),
-        "bytes_before": _model_bytes(trained.checkpoint.path),
-        "bytes_after": _model_bytes(ckpt_dir),
-    }
-    if compare:
-        from lmforge.eval.lm import evaluate_checkpoint
+    # built in a hidden folder and published only once complete (quantize.json included): a failed
+    # comparison leaves no half --out, and an --overwrite keeps the old one until then
+    with building_dir(out) as tmp:
+        ckpt_dir = save_checkpoint(
+            tmp,
+            step=step,
+            model=trained.model,
+            optimizer=None,
+            state={"train_state": meta.get("train_state", {}), "config": config.to_dict(), "quantization": quant_info},
+            tokenizer_json=trained.tokenizer.to_str(),
+            model_state=state,
+        )
+        write_json(tmp / "config.json", config.to_dict())
+        trained.tokenizer.save(tmp / "tokenizer.json")
+        if (run_dir / "tokenizer_config.json").is_file():  # a chat-tuned run keeps its chat template
+            shutil.copyfile(run_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        result: dict[str, Any] = {
+            "out": str(out),
+            "bits": bits,
+            "group_size": group_size,
+            "layers": len(layers),
+            "bytes_before": _model_bytes(trained.checkpoint.path),
+            "bytes_after": _model_bytes(ckpt_dir),
+        }
+        if compare:
+            from lmforge.eval.lm import evaluate_checkpoint
 
-        quantized = load_trained(out, cpu)
-        if trained.config.data.dir:
-            result["bpb_before"] = evaluate_checkpoint(str(path), max_batches=max_batches, device="cpu")["bpb"]
-            result["bpb_after"] = evaluate_checkpoint(str(out), max_batches=max_batches, device="cpu")["bpb"]
-        result["tok_s_before"] = generation_speed(trained.model, n_tokens=gen_tokens)
-        result["tok_s_after"] = generation_speed(quantized.model, n_tokens=gen_tokens)
-    write_json(out / "quantize.json", result)
+            quantized = load_trained(tmp, cpu)
+            if data_dir:
+                try:
+                    result["bpb_before"] = evaluate_checkpoint(str(path), max_batches=max_batches, device="cpu")["bpb"]
+                    result["bpb_after"] = evaluate_checkpoint(str(tmp), max_batches=max_batches, device="cpu")["bpb"]
+                except LmforgeError as e:
+                    raise type(e)(f"{e} (or pass --no-compare to quantize without the comparison)") from None
+            result["tok_s_before"] = generation_speed(trained.model, n_tokens=gen_tokens)
+            result["tok_s_after"] = generation_speed(quantized.model, n_tokens=gen_tokens)
+        write_json(tmp / "quantize.json", result)
     return result
 
 
