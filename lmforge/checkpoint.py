@@ -20,6 +20,11 @@ then `latest` is rewritten atomically; a folder without `state.json` is not a ch
 Old checkpoints are deleted only after the new one is complete (keep the last k and the best).
 Loading checks sizes and sha256 first, so a truncated or foreign file gives a one-line
 `CheckpointError` naming it.
+
+Reading a run that is still training: the trainer writes step N, points `latest` at it, then prunes
+older folders, so the folder a reader resolved through `latest` can vanish while it is read. That
+checkpoint is not damaged: `reading_latest` re-resolves `latest` and loads the newer one (a few
+times), and if it still loses the race it says the training pruned it and to retry.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -41,10 +47,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import atomic_write_text, fsync_file, write_json
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, LmforgeError
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+PRUNED_RETRIES = 5  # re-resolutions of `latest` when a running training prunes what is being read
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +218,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p} is not an lmforge run directory or checkpoint (no state.json / checkpoints/)")
 
 
+def _pruned(ckpt_dir: Path, run_dir: Path | None) -> bool:
+    """After a failed load: was `ckpt_dir` deleted under the reader (not damaged)? Its state.json is
+    gone, or (resolved through `run_dir`'s latest) `latest` has moved on, so pruning is taking it."""
+    if not (ckpt_dir / "state.json").is_file():
+        return True
+    return run_dir is not None and latest_checkpoint(run_dir) != ckpt_dir
+
+
+def reading_latest(path: str | Path, load: Callable[[Path], T]) -> T:
+    """`load(checkpoint folder)` for a run directory or checkpoint folder, safe against a training
+    that runs in it (see the module docstring): a run directory's checkpoint pruned mid-load is
+    re-resolved and loaded again; a pruned one is never reported as damaged or incomplete."""
+    p = Path(path)
+    through_latest = not (p / "state.json").is_file()  # a run directory: resolved through `latest`
+    for _ in range(PRUNED_RETRIES):
+        ckpt_dir = resolve_checkpoint(p)
+        try:
+            return load(ckpt_dir)
+        except (LmforgeError, OSError):
+            if not _pruned(ckpt_dir, p if through_latest else None):
+                raise
+            if not through_latest:
+                raise _missing(ckpt_dir / "state.json") from None
+    raise CheckpointError(
+        f"the training running in {p} pruned each checkpoint before it could be read ({PRUNED_RETRIES} tries); "
+        "retry (a larger --checkpoint.keep or --checkpoint.every makes this unlikely)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # save / load
 
@@ -333,14 +370,19 @@ class Checkpoint:
         """Check every listed file's size and sha256; one-line CheckpointError naming the damaged file."""
         for name, info in self.meta.get("files", {}).items():
             f = self.path / name
-            if not f.is_file():
-                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete — use an earlier one")
-            if f.stat().st_size != info["bytes"]:
-                raise CheckpointError(
-                    f"{f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated?); use an earlier checkpoint"
-                )
-            if _sha256(f) != info["sha256"]:
-                raise CheckpointError(f"{f} fails its sha256 check (damaged); use an earlier checkpoint")
+            missing = _missing(f, "use an earlier one")
+            try:  # FileNotFoundError: deleted between the checks (pruned, see `reading_latest`)
+                if not f.is_file():
+                    raise missing
+                size = f.stat().st_size
+                if size != info["bytes"]:
+                    raise CheckpointError(
+                        f"{f} is {size} bytes, expected {info['bytes']} (truncated?); use an earlier checkpoint"
+                    )
+                if _sha256(f) != info["sha256"]:
+                    raise CheckpointError(f"{f} fails its sha256 check (damaged); use an earlier checkpoint")
+            except FileNotFoundError:
+                raise missing from None
 
     @property
     def weights_path(self) -> Path:
@@ -526,22 +568,38 @@ def _open_tensors(path: Path) -> Any:
     try:
         with safe_open(str(path), "pt") as f:
             yield f
+    except FileNotFoundError:
+        raise _missing(path) from None
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} cannot be read ({e}); use an earlier checkpoint") from None
+
+
+def _missing(path: Path, advice: str = "") -> CheckpointError:
+    """A checkpoint file that is not there: the whole folder deleted (pruned by a running training,
+    see `reading_latest`) or just this file (an incomplete checkpoint)."""
+    if not (path.parent / "state.json").is_file():
+        return CheckpointError(
+            f"{path.parent} was deleted while it was read (a training running in {path.parent.parent.parent} "
+            "prunes old checkpoints); load the run directory or a newer checkpoint"
+        )
+    return CheckpointError(f"{path} is missing; the checkpoint is incomplete" + (f" — {advice}" if advice else ""))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+        raise _missing(path) from None
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an earlier checkpoint") from None
 
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     """Open a checkpoint folder (or a run directory's latest) and check its files."""
-    ckpt_dir = resolve_checkpoint(path)
+    return reading_latest(path, lambda ckpt_dir: _open_checkpoint(ckpt_dir, verify=verify))
+
+
+def _open_checkpoint(ckpt_dir: Path, *, verify: bool) -> Checkpoint:
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged; use an earlier one")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
@@ -571,12 +629,16 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
     The config and tokenizer come from the checkpoint itself (state.json, tokenizer.json), so a
     copied checkpoint folder works on its own. Nothing is unpickled.
     """
+    return reading_latest(path, lambda ckpt_dir: _load_trained(ckpt_dir, device))
+
+
+def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
     from lmforge.config import config_from_json
     from lmforge.errors import ConfigError
     from lmforge.models import build_model
     from lmforge.tokenizer.tokenizer import Tokenizer
 
-    ckpt = load_checkpoint(path)
+    ckpt = _open_checkpoint(ckpt_dir, verify=True)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
     info = ckpt.path.parent.parent / "finetune.json"

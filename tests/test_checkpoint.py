@@ -4,6 +4,7 @@ optimizer state round trip, tied weights."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -185,3 +186,89 @@ def test_rows_of_a_sharded_tensor_are_read_across_shard_files(tmp_path):
     assert torch.equal(ckpt.model_state()["w"], whole)
     with pytest.raises(CheckpointError, match="has no tensor 'nope'"):
         ckpt.read_whole(0, "nope")
+
+
+def _trained_run(run):
+    """A run directory with one loadable checkpoint (config + tokenizer), as `pretrain` leaves it."""
+    from lmforge.config import RunConfig
+    from lmforge.tokenizer.train import train_char
+
+    tok = train_char(["to be or not to be"])
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=8)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    config = RunConfig(out=str(run), model=cfg).to_dict()
+    save_checkpoint(run, step=5, model=model, optimizer=None, state={"config": config}, tokenizer_json=tok.to_str())
+    return model
+
+
+def _train_on(ckpt):
+    """What a running training does between a reader's resolve and its load: write the next checkpoint,
+    point `latest` at it, prune the one the reader holds."""
+    step = int(ckpt.name.removeprefix("step-"))
+    shutil.copytree(ckpt, ckpt.with_name(f"step-{step + 1:06d}"))
+    (ckpt.parent / "latest").write_text(f"step-{step + 1:06d}\n")
+    shutil.rmtree(ckpt)
+
+
+@pytest.mark.parametrize("when", ["after resolve", "while verifying", "while loading weights"])
+def test_a_checkpoint_pruned_while_read_is_read_again_from_latest(tmp_path, monkeypatch, when):
+    """eval/generate/export on a run still training: the folder `latest` named is pruned under the
+    reader (deterministically here, through a hook); the reader loads the newer one instead."""
+    import lmforge.checkpoint as ckpt_module
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.checkpoint import load_trained
+    from lmforge.export.peft import load_exportable
+
+    run = tmp_path / "run"
+    model = _trained_run(run)
+    prunes = {"left": 0}
+    if when == "after resolve":
+        real = ckpt_module.resolve_checkpoint
+
+        def hook(path):
+            found = real(path)
+            if prunes["left"] and (found / "state.json").is_file():
+                prunes["left"] -= 1
+                _train_on(found)
+            return found
+
+        monkeypatch.setattr(ckpt_module, "resolve_checkpoint", hook)
+    else:
+        hooked = "_sha256" if when == "while verifying" else "_load_tensors"
+        real = getattr(ckpt_module, hooked)
+
+        def hook(path):
+            if prunes["left"]:
+                prunes["left"] -= 1
+                _train_on(path.parent)
+            return real(path)
+
+        monkeypatch.setattr(ckpt_module, hooked, hook)
+
+    cpu = torch.device("cpu")
+    loaders = {
+        "load_checkpoint": lambda: load_checkpoint(run).model_state(),  # resume, eval's step, finetune
+        "load_trained": lambda: load_trained(run, cpu).model,
+        "load_finetuned": lambda: load_finetuned(run, cpu).model,  # eval, generate, chat, serve
+        "load_exportable": lambda: load_exportable(run).model,  # export
+    }
+    for name, load in loaders.items():
+        if name == "load_checkpoint" and when == "while loading weights":
+            continue  # its tensors are read after it returns
+        prunes["left"] = 2
+        loaded = load()
+        assert prunes["left"] == 0, name  # the race really happened (twice)
+        state = loaded if isinstance(loaded, dict) else loaded.state_dict()
+        assert torch.equal(state["tok_emb.weight"], model.tok_emb.weight), name
+    # a training that keeps winning: a one-line error that says what happened, never "damaged"/"incomplete"
+    prunes["left"] = 1000
+    with pytest.raises(CheckpointError, match="pruned each checkpoint before it could be read.*retry") as excinfo:
+        load_finetuned(run, cpu)
+    assert "damaged" not in str(excinfo.value) and "incomplete" not in str(excinfo.value)
+    # a checkpoint folder named explicitly is not swapped for another; it is said to be deleted, not damaged
+    prunes["left"] = 1
+    with pytest.raises(CheckpointError, match="was deleted while it was read") as excinfo:
+        load_trained(latest_checkpoint(run), cpu)
+    assert "damaged" not in str(excinfo.value) and "incomplete" not in str(excinfo.value)

@@ -46,11 +46,18 @@ def model_sha(ckpt_dir: Path) -> str:
 
 
 def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
-    """Load any lmforge run: pretrained, imported, or fine-tuned in any mode (eval mode, on `device`)."""
+    """Load any lmforge run: pretrained, imported, or fine-tuned in any mode (eval mode, on `device`).
+
+    A run still training may prune the checkpoint being read: `reading_latest` loads the newer one."""
+    from lmforge.checkpoint import reading_latest
+
+    return reading_latest(path, lambda ckpt_dir: _load_finetuned(ckpt_dir, device))
+
+
+def _load_finetuned(ckpt_dir: Path, device: torch.device) -> Finetuned:
     from lmforge.chat import load_template
     from lmforge.checkpoint import load_checkpoint, load_trained, read_json, resolve_checkpoint
 
-    ckpt_dir = resolve_checkpoint(path)
     run_dir = run_dir_of(ckpt_dir)
     info_path = run_dir / "finetune.json"
     if not info_path.is_file():

@@ -50,11 +50,17 @@ from lmforge.errors import LmforgeError
 
 
 def load_exportable(path: str | Path) -> Any:
-    """The model of any run or checkpoint as a `checkpoint.Trained` on CPU; LoRA adapters merged."""
-    from lmforge.adapt.lora import merge_lora
-    from lmforge.checkpoint import Trained, load_checkpoint, load_trained, resolve_checkpoint
+    """The model of any run or checkpoint as a `checkpoint.Trained` on CPU; LoRA adapters merged
+    (a checkpoint pruned mid-load by a training still running is re-resolved: `reading_latest`)."""
+    from lmforge.checkpoint import reading_latest
 
-    ckpt_dir = resolve_checkpoint(path)
+    return reading_latest(path, _load_exportable)
+
+
+def _load_exportable(ckpt_dir: Path) -> Any:
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.checkpoint import Trained, load_checkpoint, load_trained
+
     if not (ckpt_dir.parent.parent / "finetune.json").is_file():
         return load_trained(ckpt_dir, torch.device("cpu"))
     ft = _load_lm(ckpt_dir)
