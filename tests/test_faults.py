@@ -119,3 +119,19 @@ def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_d
 
     with pytest.raises(CheckpointError, match="is not a complete checkpoint.*step-000006"):
         pretrain(tiny_config(data_dir, run, **{**longer, "checkpoint.resume_from": "step-000007"}), progress=False)
+
+
+def test_failed_resume_writes_nothing_into_the_run(data_dir: Path, tmp_path: Path) -> None:
+    """A resume that cannot load its checkpoint leaves config.json, env.json, metrics and status as they were
+    (config.json used to claim the new train.max_steps of a resume that never happened)."""
+    from lmforge.errors import CheckpointError
+
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 12, "checkpoint.every": 6, "eval.every": 0}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    (run / "checkpoints" / "step-000012" / "state.json").write_text('{"step": 12', encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {"config.json", "env.json", "metrics.jsonl", "status.json"} <= before.keys()
+    with pytest.raises(CheckpointError, match=r"state\.json"):
+        pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 14, "train.lr": 1e-4}), progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

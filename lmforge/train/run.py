@@ -242,14 +242,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
 
     precision = pick_precision(device, cfg.train.dtype)
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
-    if world.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(
-            run_dir / "env.json",
-            {**capture_env(str(device)), "world_size": world.world_size, "dist_backend": dist.backend()},
-        )
-        if not (run_dir / "tokenizer.json").is_file():
-            tokenizer.save(run_dir / "tokenizer.json")
     tokenizer_json = tokenizer.to_str()
 
     torch.manual_seed(cfg.train.seed)
@@ -303,10 +295,20 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         setup.load_state_dict(ckpt.meta.get("objective", {}), model)  # e.g. the LSTM's carried state
         state = TrainState.from_dict(ckpt.meta["train_state"])
         set_rng_state(ckpt.meta["rng"])
-        if world.is_main:
+    # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
+    # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
+    if world.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(
+            run_dir / "env.json",
+            {**capture_env(str(device)), "world_size": world.world_size, "dist_backend": dist.backend()},
+        )
+        if not (run_dir / "tokenizer.json").is_file():
+            tokenizer.save(run_dir / "tokenizer.json")
+        if ckpt is not None:
             truncate_metrics(metrics_path, state.step)
-    elif metrics_path.exists() and world.is_main:
-        metrics_path.unlink()
+        elif metrics_path.exists():
+            metrics_path.unlink()
 
     log = RunLogger(
         metrics_path,
