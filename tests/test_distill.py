@@ -148,3 +148,57 @@ def test_errors(runs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="another tokenizer"):
         finetune(runs["student"], train_file=runs["root"] / "train.txt", out=out, cfg=cfg, progress=False)
     assert not out.exists()  # nothing half-written
+
+
+def _save_teacher(out: Path, model_cfg: object, tokenizer_json: str) -> Path:
+    """A step-1 run of `model_cfg` (random weights) with the given tokenizer: enough to be loaded as a teacher."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import RunConfig
+    from lmforge.models import build_model
+
+    model = build_model(model_cfg)
+    model.init_weights()
+    state = {"train_state": {}, "config": RunConfig(out=str(out), model=model_cfg).to_dict()}
+    save_checkpoint(out, step=1, model=model, optimizer=None, state=state, tokenizer_json=tokenizer_json)
+    return out
+
+
+def test_teacher_kinds_and_context(runs: dict[str, Path], tmp_path: Path) -> None:
+    """What can teach: any causal LM (GPT, LSTM, an HF directory) whose context holds the student's
+    examples; an encoder or a too-short context is a one-line error before anything is written."""
+    from lmforge.adapt.load import load_teacher
+    from lmforge.export.hf import export_hf
+    from lmforge.models.bert import BertConfig
+    from lmforge.models.gpt import GPTConfig
+    from lmforge.models.rnn import RNNConfig
+
+    cpu = torch.device("cpu")
+    student = load_finetuned(runs["student"], cpu)
+    vocab, tok_json = student.model.cfg.vocab_size, student.tokenizer.to_str()
+    assert student.model.cfg.max_seq_len == 32
+    short_cfg = GPTConfig(vocab_size=vocab, max_seq_len=16, n_layer=1, n_head=2, d_model=16)
+    short = _save_teacher(tmp_path / "short", short_cfg, tok_json)
+    cfg = FinetuneConfig(task="clm", adapt="distill", teacher=str(short))
+    out = tmp_path / "x"
+    with pytest.raises(ConfigError, match="context of 16 tokens, shorter than the student's context of 32"):
+        finetune(runs["student"], train_file=runs["root"] / "train.txt", out=out, cfg=cfg, progress=False)
+    assert not out.exists()  # refused before the run directory is written (it crashed mid-run before)
+    # finetune's --max-len (passed as max_len) can cut the student's examples to the teacher's context
+    with pytest.raises(ConfigError, match="--max-len of 24.*pass --max-len 16"):
+        load_teacher(str(short), student, cpu, max_len=24)
+    assert load_teacher(str(short), student, cpu, max_len=16).cfg.max_seq_len == 16
+    with pytest.raises(ConfigError, match="student's context of 32"):
+        load_teacher(str(short), student, cpu, max_len=0)
+    # an encoder cannot give next-token logits; the message says so (it blamed classification/prompt runs)
+    bert = _save_teacher(tmp_path / "bert", BertConfig(vocab_size=vocab, n_layer=1, n_head=2, d_model=16), tok_json)
+    with pytest.raises(ConfigError, match="is a bert encoder.*causal language model"):
+        load_teacher(str(bert), student, cpu)
+    # a recurrent LM is a causal LM with no context limit: it teaches
+    lstm = _save_teacher(tmp_path / "lstm", RNNConfig(vocab_size=vocab, max_seq_len=8, n_layer=1, d_model=16), tok_json)
+    assert load_teacher(str(lstm), student, cpu, max_len=0).__class__.__name__ == "RNNLM"
+    # a Hugging Face directory is accepted as BASE is (it said "no complete checkpoint yet; train it first")
+    hf = export_hf(runs["teacher"], tmp_path / "teacher-hf")
+    teacher = load_teacher(str(hf), student, cpu)
+    x = torch.randint(0, vocab, (1, 32))
+    reference = load_finetuned(runs["teacher"], cpu).model
+    torch.testing.assert_close(teacher(x), reference(x), rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.models import CAUSAL_FAMILIES
 
 
 @dataclass
@@ -162,13 +163,35 @@ def load_base_model(info: dict[str, Any], device: torch.device) -> nn.Module:
     return base
 
 
-def load_teacher(teacher: str, student: Finetuned, device: torch.device) -> nn.Module:
-    """The frozen teacher of `--adapt distill`: a language model with the student's tokenizer."""
+def load_teacher(teacher: str, student: Finetuned, device: torch.device, max_len: int | None = None) -> nn.Module:
+    """The frozen teacher of `--adapt distill`: a causal language model with the student's tokenizer.
+
+    The teacher reads the student's training examples and gives next-token logits for every position,
+    so it must be causal (GPT, Llama, LSTM or GRU; an encoder predicts masked tokens from both sides) and
+    its context must hold an example: `max_len` tokens (finetune's --max-len), 0 = the student's whole
+    context. `max_len` None (a caller that does not pass it) checks the student's context. A Hugging Face
+    directory is imported as BASE is (`import_hf`), into a temporary folder deleted once it is loaded.
+    """
+    import tempfile
+
     from lmforge.adapt.lora import merge_lora
 
-    loaded = load_finetuned(teacher, device)
-    if loaded.model.__class__.__name__ != "GPT":
+    p = Path(teacher)
+    if is_hf_dir(p):
+        from lmforge.export.hf_import import import_hf
+
+        with tempfile.TemporaryDirectory(prefix="lmforge-teacher-") as tmp:
+            loaded = load_finetuned(import_hf(p, Path(tmp) / "teacher"), device)
+    else:
+        loaded = load_finetuned(teacher, device)
+    family = getattr(loaded.model.cfg, "family", "gpt")
+    if loaded.model.__class__.__name__ == "Adapted":
         raise ConfigError(f"--teacher {teacher} is a classification or prompt-tuned run; use a language model")
+    if family not in CAUSAL_FAMILIES:
+        raise ConfigError(
+            f"--teacher {teacher} is a {family} encoder (it predicts masked tokens, not the next one); "
+            "the teacher must be a causal language model (gpt, llama, lstm or gru)"
+        )
     if loaded.tokenizer.fingerprint != student.tokenizer.fingerprint:
         raise ConfigError(
             f"--teacher {teacher} uses another tokenizer than the student; distillation needs the same one "
@@ -178,6 +201,18 @@ def load_teacher(teacher: str, student: Finetuned, device: torch.device) -> nn.M
         raise ConfigError(
             f"--teacher has {loaded.model.cfg.vocab_size} output ids, the student {student.model.cfg.vocab_size}; "
             "they must match"
+        )
+    student_context = student.model.cfg.max_seq_len
+    example = max_len or student_context
+    teacher_context = getattr(loaded.model, "max_context", loaded.model.cfg.max_seq_len)  # recurrent: no limit
+    if example > teacher_context:
+        hint = (
+            f", or pass --max-len {teacher_context} to cut the student's examples to it" if max_len is not None else ""
+        )
+        raise ConfigError(
+            f"--teacher {teacher} has a context of {teacher_context} tokens, shorter than the student's "
+            f"{'--max-len' if max_len else 'context'} of {example}; the teacher must read whole examples "
+            f"(use a teacher with a context of at least {example}{hint})"
         )
     merge_lora(loaded.model)
     return loaded.model.eval()
