@@ -94,6 +94,44 @@ def test_accumulation_equals_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_mfu_divides_by_every_devices_peak(tmp_path):
+    """tokens_per_s is global under torchrun (target counts are all-reduced), and peak_flops is one device's
+    (run.py measures it locally): MFU = achieved / (world_size x peak). It was overstated world_size times.
+    A DistInfo with world_size 2 and no process group runs the same code (collectives are identities)."""
+    from lmforge.dist import DistInfo
+
+    x, y = _random_batches(8)
+    records = {}
+    for world_size in (1, 2):
+        cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-3, warmup_steps=0, schedule="constant", log_every=1)
+        model = _model()
+        optimizer = build_optimizer(model, OptimConfig(), lr=1e-3, device=torch.device("cpu"))
+        path = tmp_path / f"metrics-{world_size}.jsonl"
+        log = RunLogger(path, max_steps=2, start_step=0, console=False)
+        train(
+            model,
+            optimizer,
+            iter([(x, y)] * 2),
+            cfg=cfg,
+            optim_cfg=OptimConfig(),
+            eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=0),
+            precision=pick_precision(torch.device("cpu"), "float32"),
+            state=TrainState(),
+            log=log,
+            save=lambda st: None,
+            flops_per_token=1e6,
+            peak_flops=1e9,
+            world=DistInfo(world_size=world_size),
+        )
+        log.close()
+        records[world_size] = [r for r in read_metrics(path) if "mfu" in r]
+    for world_size, rows in records.items():
+        assert rows
+        for r in rows:
+            assert r["mfu"] == pytest.approx(1e6 * r["tokens_per_s"] / (world_size * 1e9), rel=1e-9)
+
+
 def test_gradient_clipping_bounds_the_update():
     x, y = _random_batches(4, ignore_frac=0.0)
     model = _model()

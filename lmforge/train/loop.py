@@ -131,7 +131,8 @@ def train(
         objective: count(batch) -> targets, loss(model, batch) -> summed loss (see objectives.py);
             None = causal LM on (inputs, targets).
         flops_per_token: training FLOPs per token, for MFU.
-        peak_flops: the device's measured peak FLOP/s, for MFU.
+        peak_flops: one device's measured peak FLOP/s, for MFU. Under torchrun tokens_per_s is global
+            (all ranks), so MFU divides by world_size such devices: achieved / (world_size x peak).
         world: rank and world size under torchrun (see dist.py); None = one process. `model` is then
             wrapped (DDP/FSDP2), `cfg.batch_size` is this rank's share of the global batch, target
             counts and stop decisions are all-reduced, and logged numbers are global.
@@ -257,7 +258,7 @@ def train(
                         "mem_mib": _memory_mib(device),
                         "tokens": state.tokens,
                         "tokens_per_s": tokens_per_s,
-                        "mfu": flops_per_token * tokens_per_s / peak_flops if peak_flops else 0.0,
+                        "mfu": flops_per_token * tokens_per_s / (world_size * peak_flops) if peak_flops else 0.0,
                         "elapsed_s": state.elapsed_s,
                         "eta_s": eta,
                     }
