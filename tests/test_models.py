@@ -200,3 +200,33 @@ def test_rope_in_two_multiplications_equals_the_textbook_rotation_bit_for_bit(dt
     assert torch.equal(rotated[:, 0], x[:, 0])  # position 0: no rotation
     expanded = (cos[:, None].expand(T, 3, D).contiguous(), sin[:, None].expand(T, 3, D).contiguous())
     assert torch.equal(apply_rope(x, *expanded), textbook)  # as GPT.rope_tables passes them
+
+
+@pytest.mark.parametrize(
+    "family, fields, match",
+    [
+        ("gpt", {"d_model": -8}, "model.d_model must be > 0, got -8"),  # -8 % n_head == 0 let it through
+        ("gpt", {"d_model": 0}, "model.d_model must be > 0, got 0"),
+        ("gpt", {"n_head": 0}, "model.n_head must be > 0"),
+        ("gpt", {"d_ff": -1}, "model.d_ff must be >= 0"),
+        ("gpt", {"init_std": -0.02}, "model.init_std must be >= 0"),
+        ("gpt", {"rope_theta": 0.0, "pos_emb": "rope"}, "model.rope_theta must be > 0"),
+        ("gpt", {"norm_eps": -1e-5}, "model.norm_eps must be >= 0"),
+        ("bert", {"d_model": -8}, "model.d_model must be > 0, got -8"),
+        ("bert", {"d_model": 0}, "model.d_model must be > 0, got 0"),
+        ("bert", {"d_ff": -1}, "model.d_ff must be >= 0"),
+        ("bert", {"max_seq_len": 2}, "model.max_seq_len must be >= 4"),
+        ("electra", {"d_model": -8}, "model.d_model must be > 0"),
+        ("lstm", {"d_model": 0}, "model.d_model must be > 0"),
+        ("gru", {"n_layer": 0}, "model.n_layer must be > 0"),
+        ("lstm", {"init_std": -1.0}, "model.init_std must be >= 0"),
+    ],
+)
+def test_model_sizes_are_validated_for_every_family(family: str, fields: dict, match: str) -> None:
+    """A bad size is a one-line ConfigError at config time: `pretrain --model.d_model -8` was a RuntimeError
+    traceback after the run directory was written, `estimate` printed negative parameter counts."""
+    from lmforge.config import load_config
+
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(overrides={"model": {"family": family, **fields}})
+    assert "\n" not in str(info.value)

@@ -69,12 +69,16 @@ class BertConfig:
         check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
         check(self.max_seq_len >= 4, f"model.max_seq_len must be >= 4, got {self.max_seq_len}")
         check(self.n_layer > 0 and self.n_head > 0, "model.n_layer and model.n_head must be > 0")
+        check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")  # -8 % 2 == 0 passed below
+        check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
         check(
             self.d_model % self.n_head == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
         )
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.n_segments >= 1, "model.n_segments must be >= 1")
+        check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
+        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
         check(0.0 < self.generator_ratio <= 1.0, "model.generator_ratio must be in (0, 1]")
         if self.family == "electra":
             g = self.generator

@@ -106,6 +106,7 @@ class GPTConfig:
         check(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
         check(self.n_layer > 0, f"model.n_layer must be > 0, got {self.n_layer}")
         check(self.n_head > 0, f"model.n_head must be > 0, got {self.n_head}")
+        check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")  # -8 % 4 == 0 passed below
         check(
             self.d_model % self.n_head == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
@@ -117,6 +118,9 @@ class GPTConfig:
         check(self.pos_emb != "rope" or self.head_dim % 2 == 0, "rotary positions need an even head_dim")
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
+        check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
+        check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
 
     @property
     def head_dim(self) -> int:
