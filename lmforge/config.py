@@ -125,8 +125,21 @@ class TrainConfig:
 
     def micro_batch_per_rank(self, world_size: int) -> int:
         """Sequences per forward pass on each of `world_size` ranks: micro_batch_size, or (0) the global
-        batch split over them."""
-        return self.micro_batch_size or max(1, self.batch_size // world_size)
+        batch split over them. A global batch that does not split into whole micro-batches on every rank
+        is a `ConfigError`; training (`train/run.py`) and `lmforge estimate` both ask here, so estimate
+        refuses the world sizes training refuses."""
+        micro = self.micro_batch_size or max(1, self.batch_size // world_size)
+        if self.batch_size % (micro * world_size):
+            if self.micro_batch_size:
+                raise ConfigError(
+                    f"train.batch_size {self.batch_size} (global) must be a multiple of train.micro_batch_size "
+                    f"{micro} x {world_size} processes; change one of them"
+                )
+            raise ConfigError(
+                f"train.batch_size {self.batch_size} (global) must be a multiple of the {world_size} processes "
+                "sharing it (train.micro_batch_size 0 splits it evenly); change one of them"
+            )
+        return micro
 
     @property
     def accum_steps(self) -> int:

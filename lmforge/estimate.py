@@ -408,7 +408,7 @@ def estimate(
 
     Args:
         cfg: the run config; `cfg.model` and the batch in `cfg.train` (and `cfg.optim.name`) are used.
-        tokens: training tokens (> 0).
+        tokens: training tokens (>= 1; a fraction is cut to a whole number).
         hardware: "cpu", "measure", "a100", "h100" or a peak in GFLOP/s (see `resolve_hardware`).
         mfu: model FLOPs utilization in (0, 1]; 0 = the documented default (`DEFAULT_MFU`).
         world_size: devices training together (data parallel).
@@ -421,11 +421,13 @@ def estimate(
         time_s, cost_usd (None without a price), the settings used and an "assumptions" list.
 
     Raises:
-        ConfigError: tokens <= 0, unknown hardware or strategy, mfu outside (0, 1], world_size < 1,
+        ConfigError: tokens < 1, unknown hardware or strategy, mfu outside (0, 1], world_size < 1,
             negative price, data.seq_len > model.max_seq_len.
     """
-    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens > 0):
-        raise ConfigError(f"tokens must be > 0, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)")
+    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):  # 0.5 would become 0
+        raise ConfigError(
+            f"tokens must be >= 1, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
+        )
     tokens = int(tokens)
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")

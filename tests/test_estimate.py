@@ -210,7 +210,8 @@ def test_fsdp_shards_weights_gradients_and_optimizer() -> None:
     quarter = run_cfg(train={"micro_batch_size": cfg.train.batch_size // 4})
     per_rank = estimate(quarter, tokens=1, hardware=GFLOPS)["memory_bytes"]["activations"]
     assert ddp["activations"] == fsdp["activations"] == per_rank < single["activations"]
-    pinned = run_cfg(train={"micro_batch_size": cfg.train.batch_size})  # an explicit micro-batch is per rank
+    # an explicit micro-batch is per rank (a global batch of 4 x 16, as training needs for 4 ranks)
+    pinned = run_cfg(train={"batch_size": 4 * cfg.train.batch_size, "micro_batch_size": cfg.train.batch_size})
     assert (
         estimate(pinned, tokens=1, hardware=GFLOPS, world_size=4)["memory_bytes"]["activations"]
         == single["activations"]
@@ -326,8 +327,17 @@ def test_result_is_json_and_formats() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(tokens=0), "tokens must be > 0"),
-        (dict(tokens=-5), "tokens must be > 0"),
+        (dict(tokens=0), "tokens must be >= 1"),
+        (dict(tokens=-5), "tokens must be >= 1"),
+        (dict(tokens=0.5), "tokens must be >= 1, got 0.5"),  # int() made it 0 tokens, 0 steps
+        # world sizes training refuses (TrainConfig.micro_batch_per_rank, shared with train/run.py): 16
+        # sequences on 64 devices printed micro-batch 1, on 3 devices micro-batch 5
+        (dict(tokens=10, hardware=GFLOPS, world_size=64), "batch_size 16 .global. must be a multiple of the 64"),
+        (dict(tokens=10, hardware=GFLOPS, world_size=3), "batch_size 16 .global. must be a multiple of the 3"),
+        (
+            dict(tokens=10, hardware=GFLOPS, world_size=2, cfg=run_cfg(train={"micro_batch_size": 16})),
+            "micro_batch_size 16 x 2 processes",
+        ),
         (dict(tokens=10, hardware="tpu"), "unknown hardware 'tpu'; use cpu, measure, a100, h100"),
         (dict(tokens=10, hardware="-3"), "positive number of GFLOP/s"),
         (dict(tokens=10, hardware="nan"), "positive number of GFLOP/s"),
@@ -338,9 +348,38 @@ def test_result_is_json_and_formats() -> None:
     ],
 )
 def test_bad_inputs_are_one_line_config_errors(kwargs: dict, match: str) -> None:
+    kwargs = dict(kwargs)
+    cfg = kwargs.pop("cfg", None) or run_cfg()
     with pytest.raises(ConfigError, match=match) as info:
-        estimate(run_cfg(), **kwargs)
+        estimate(cfg, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_world_size_check_is_the_one_training_uses() -> None:
+    """estimate and train/run.py ask the same TrainConfig method; what splits works in both."""
+    train = run_cfg().train
+    assert [train.micro_batch_per_rank(w) for w in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    for world_size in (3, 32, 64):
+        with pytest.raises(ConfigError, match="must be a multiple"):
+            train.micro_batch_per_rank(world_size)
+    assert estimate(run_cfg(), tokens=10, hardware=GFLOPS, world_size=16)["micro_batch_size"] == 1
+    assert estimate(run_cfg(), tokens=1.9, hardware=GFLOPS)["tokens"] == 1  # a fraction >= 1 is cut, not refused
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        ({"d_model": -8}, "model.d_model must be > 0, got -8"),  # printed negative parameter counts
+        ({"d_model": 0}, "model.d_model must be > 0, got 0"),  # ZeroDivisionError
+        ({"d_ff": -4}, "model.d_ff must be >= 0"),
+        ({"n_layer": 0}, "model.n_layer must be > 0"),
+        ({"max_seq_len": 0}, "model.max_seq_len must be > 0"),
+        ({"vocab_size": -1}, "model.vocab_size must be >= 0"),
+    ],
+)
+def test_bad_model_sizes_are_refused_before_estimating(model: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        estimate(run_cfg(model=model), tokens=10, hardware=GFLOPS)
 
 
 def test_float16_on_cpu_and_too_long_data_are_config_errors() -> None:
@@ -375,6 +414,13 @@ def test_cli_json_matches_the_library_and_errors_are_one_line(tmp_path) -> None:
 
     p = run_cli("estimate", *args, "--hardware", "a100")
     assert p.returncode == 0 and "parameters" in p.stdout and "a100" in p.stdout, p.stderr
-    for bad in (["--tokens", "0"], ["--tokens", "1e6", "--hardware", "tpu"], ["--tokens", "1e6", "--mfu", "2"]):
+    for bad in (
+        ["--tokens", "0"],
+        ["--tokens", "0.5"],
+        ["--tokens", "1e6", "--hardware", "tpu"],
+        ["--tokens", "1e6", "--mfu", "2"],
+        ["--tokens", "1e9", "--world-size", "3"],
+        ["--tokens", "1e9", "--model.d_model", "0"],
+    ):
         p = run_cli("estimate", "--preset", "tiny", *bad)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("lmforge: error:"), p.stderr
