@@ -243,6 +243,10 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "experiment trackers"})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "distributed training (torchrun)"})
 
+    def __post_init__(self) -> None:
+        # cross-section checks, so that a bad combination fails before `pretrain` writes anything
+        self.objective.check_encoder(self.model, self.data.seq_len)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

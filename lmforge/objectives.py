@@ -39,6 +39,7 @@ from torch import nn
 from lmforge.fields import check, opt
 
 IGNORE_INDEX = -100
+ENCODER_MIN_SEQ_LEN = 8  # MLMLoader's shortest sequence: [CLS], [SEP] (two for pairs) and text to mask
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,27 @@ class ObjectiveConfig:
     def pairs(self) -> str:
         """Sentence-pair task of the objective: "nsp", "sop" or "" (none)."""
         return {"mlm+nsp": "nsp", "mlm+sop": "sop"}.get(self.name, "")
+
+    def check_encoder(self, model: Any, data_seq_len: int) -> None:
+        """What an encoder objective needs of the model and the sequence length, checked when the run
+        config is built (`RunConfig.__post_init__`), before a run directory exists: the loader
+        (`data.masking.MLMLoader`) refused a short sequence with a traceback after config.json was
+        written, and NSP/SOP's sentence B (segment id 1) hit an IndexError at the first step with one
+        segment embedding. Other families are left to `train.objective_setup.check_objective`."""
+        if self.name == "clm" or getattr(model, "family", "") not in ("bert", "electra"):
+            return
+        seq_len = data_seq_len or model.max_seq_len
+        what = f"data.seq_len {seq_len}" if data_seq_len else f"model.max_seq_len {seq_len} (data.seq_len is 0)"
+        check(
+            seq_len >= ENCODER_MIN_SEQ_LEN,
+            f"{what} is too short for objective {self.name!r}: encoder batches need at least "
+            f"{ENCODER_MIN_SEQ_LEN} tokens ([CLS], [SEP] and the text to mask); raise it",
+        )
+        check(
+            not self.pairs or model.n_segments >= 2,
+            f"objective {self.name!r} needs model.n_segments >= 2 (its second sentence has segment id 1), got "
+            f"{model.n_segments}; raise it, or use --objective mlm",
+        )
 
 
 class Objective(Protocol):

@@ -254,6 +254,41 @@ def test_objective_and_family_must_match():
         check_objective("electra", "bert")
 
 
+def test_objective_hints_name_real_presets():
+    """The hint said --preset gpt-tiny, which does not exist."""
+    from lmforge.presets import PRESETS
+    from lmforge.train.objective_setup import _PRESET_HINT
+
+    named = {p for hint in (*_PRESET_HINT.values(), "bert-tiny") for p in re.split(r", | or ", hint)}
+    assert named <= set(PRESETS), named - set(PRESETS)
+    with pytest.raises(ConfigError, match=r"--preset tiny, llama-tiny"):
+        check_objective("clm", "bert")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"data": {"seq_len": 6}}, "data.seq_len 6 is too short for objective 'mlm.nsp'"),
+        ({"model": {"max_seq_len": 6}, "objective": {"name": "mlm"}}, r"model.max_seq_len 6 \(data.seq_len is 0\)"),
+        ({"model": {"family": "electra", "max_seq_len": 7}, "objective": {"name": "electra"}}, "too short"),
+        ({"model": {"n_segments": 1}}, "'mlm.nsp' needs model.n_segments >= 2"),
+        ({"model": {"n_segments": 1}, "objective": {"name": "mlm+sop"}}, "'mlm.sop' needs model.n_segments >= 2"),
+    ],
+)
+def test_encoder_settings_the_loader_cannot_run_fail_before_the_run_dir(data_dir, tmp_path, overrides, match):
+    """A sequence under 8 tokens (MLMLoader's ValueError) and NSP/SOP with one segment embedding (IndexError
+    at the first step) are one-line ConfigErrors when the config is built; pretrain wrote config.json first."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        load_config(preset="bert-tiny", overrides={"out": str(out), "data": {"dir": str(data_dir)}} | overrides)
+    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "bert-tiny", "--data.seq_len", "6")
+    assert r.returncode == 2 and r.stderr.startswith("lmforge: error: data.seq_len 6") and "Traceback" not in r.stderr
+    assert not out.exists()
+    # the limits themselves are allowed: 8 tokens, and one segment without a sentence-pair task
+    load_config(preset="bert-tiny", overrides={"data": {"seq_len": 8}})
+    load_config(preset="bert-tiny", overrides={"model": {"n_segments": 1}, "objective": {"name": "mlm"}})
+
+
 def _cfg(data_dir, out, preset, **objective):
     return load_config(
         preset=preset,

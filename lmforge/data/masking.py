@@ -54,7 +54,7 @@ import torch
 
 from lmforge.data.shards import read_shard
 from lmforge.errors import DataError
-from lmforge.objectives import IGNORE_INDEX, ObjectiveConfig
+from lmforge.objectives import ENCODER_MIN_SEQ_LEN, IGNORE_INDEX, ObjectiveConfig
 
 _STATE_VERSION = 1
 _NAMES = {
@@ -241,8 +241,10 @@ class MLMLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if seq_len < 8 or batch_size <= 0:
-            raise ValueError(f"seq_len must be >= 8 and batch_size > 0, got {seq_len} and {batch_size}")
+        if seq_len < ENCODER_MIN_SEQ_LEN or batch_size <= 0:  # run configs are refused earlier (check_encoder)
+            raise ValueError(
+                f"seq_len must be >= {ENCODER_MIN_SEQ_LEN} and batch_size > 0, got {seq_len} and {batch_size}"
+            )
         if not shards:
             raise DataError("no token shards for this split; run 'lmforge prepare' or add data to the split")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
