@@ -456,7 +456,7 @@ def _finetune(
         _check_family(body.cfg.family, cfg, base)
         frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
         if cfg.adapt == "distill":
-            teacher = load_teacher(cfg.teacher, loaded, device)
+            teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
         context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
         if context < 8:
             raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")

@@ -172,3 +172,30 @@ def test_eval_batches_exact_fit(tmp_path: Path) -> None:
     # 33 tokens, seq_len 16: exactly two full windows, no padding anywhere
     (x, y), *rest = list(eval_batches(make_shards(tmp_path, [33]), seq_len=16, batch_size=8))
     assert not rest and x.shape == (2, 16) and bool((y != IGNORE_INDEX).all())
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_data_error(tmp_path: Path) -> None:
+    """A damaged shard (or one encoded with another tokenizer) holds ids the model has no row for:
+    training, evaluation and the bpb byte table each stop with a DataError, not an IndexError."""
+    from lmforge.data.loader import IdCheckedLoader
+    from lmforge.data.shards import read_shard
+    from lmforge.eval.lm import text_byte_table
+
+    paths = make_shards(tmp_path, [1000, 515])  # ids 0..1514
+    loader = IdCheckedLoader(TokenLoader(paths, seq_len=16, batch_size=4, seed=0), 2000, tmp_path)
+    x, y = next(loader)  # every id < 2000: passes through unchanged
+    assert (
+        x.shape == (4, 16)
+        and loader.windows_per_epoch == TokenLoader(paths, seq_len=16, batch_size=4, seed=0).windows_per_epoch
+    )
+    assert loader.state_dict()["cursor"] == 4  # the wrapped loader's own state
+    small = IdCheckedLoader(TokenLoader(paths, seq_len=16, batch_size=64, seed=0), 1200, tmp_path)
+    with pytest.raises(
+        DataError, match=rf"the training data in {tmp_path} holds token id 1\d\d\d, beyond the model's 1200"
+    ):
+        next(small)
+    assert len(list(eval_batches(paths, seq_len=16, batch_size=8, vocab_size=2000))) > 0
+    with pytest.raises(DataError, match=r"train1-00000\.bin holds token id 1\d\d\d, beyond the model's 1200 ids"):
+        list(eval_batches(paths, seq_len=16, batch_size=8, vocab_size=1200))
+    with pytest.raises(DataError, match=r"train1-00000\.bin holds token id 1514, beyond the tokenizer's 1200 ids"):
+        text_byte_table(np.ones(1200, dtype=np.int64), [read_shard(p) for p in paths], 0)

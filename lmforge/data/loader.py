@@ -159,13 +159,43 @@ class TokenLoader:
         self._position = int(state["epoch"]) * self.windows_per_epoch + int(state["cursor"])
 
 
+class IdCheckedLoader:
+    """Any training loader (`TokenLoader`, curriculum, mixture, MLM), with every batch's token ids checked
+    against the vocabulary before the model sees them: a damaged shard (or one encoded with another
+    tokenizer) is then a one-line `DataError`, not an embedding IndexError mid-run (or, on CUDA, a
+    device-side assert). The check is one max over a CPU micro-batch; everything else is the loader's.
+    """
+
+    def __init__(self, loader: Any, vocab_size: int, data_dir: str | Path) -> None:
+        self._loader = loader
+        self._vocab_size = vocab_size
+        self._data_dir = data_dir
+
+    def __iter__(self) -> IdCheckedLoader:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._loader)
+        ids = batch if isinstance(batch, tuple) else (batch["input_ids"],) if "input_ids" in batch else ()
+        top = max((int(t.max()) for t in ids if t.numel()), default=0)
+        if top >= self._vocab_size:
+            raise DataError(
+                f"the training data in {self._data_dir} holds token id {top}, beyond the model's {self._vocab_size} "
+                "ids: a shard is damaged or was encoded with another tokenizer; prepare the data again"
+            )
+        return batch
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, windows_per_epoch, ...
+        return getattr(self._loader, name)
+
+
 def _n_windows(n_tokens: int, seq_len: int) -> int:
     """Full windows of seq_len + 1 tokens at stride seq_len in a shard of n_tokens."""
     return max(0, (n_tokens - 1) // seq_len)
 
 
 def eval_batches(
-    shards: list[Path], *, seq_len: int, batch_size: int, max_batches: int = 0
+    shards: list[Path], *, seq_len: int, batch_size: int, max_batches: int = 0, vocab_size: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic batches covering the whole split once, in order.
 
@@ -174,6 +204,8 @@ def eval_batches(
         seq_len: tokens per sequence.
         batch_size: sequences per batch (the last batch may be smaller).
         max_batches: stop after this many batches; 0 = the whole split.
+        vocab_size: > 0: a token id at or above it is a `DataError` naming the shard (damaged, or
+            encoded with another tokenizer), instead of an IndexError inside the model.
 
     Yields:
         x, y int64 of shape (b, seq_len): padded inputs are 0, padded targets are -100.
@@ -187,6 +219,11 @@ def eval_batches(
         tokens = read_shard(path)
         for start in range(0, len(tokens) - 1, seq_len):
             chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
+            if vocab_size and chunk.size and int(chunk.max()) >= vocab_size:
+                raise DataError(
+                    f"{path} holds token id {int(chunk.max())}, beyond the model's {vocab_size} ids: it is damaged "
+                    "or was encoded with another tokenizer; prepare the data again"
+                )
             x = np.zeros(seq_len, dtype=np.int64)
             y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
             x[: len(chunk) - 1] = chunk[:-1]

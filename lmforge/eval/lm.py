@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.data.shards import read_shard
+from lmforge.errors import DataError
 from lmforge.objectives import IGNORE_INDEX
 from lmforge.train.precision import Precision
 
@@ -109,19 +110,28 @@ def text_byte_table(token_bytes: np.ndarray, tokens: Iterable[np.ndarray], text_
     add up to `text_bytes`, the text's UTF-8 byte count (module docstring).
 
     The scale is exactly 1 where the table already counts the text's bytes (byte-level BPE, characters),
-    and 1 when either count is 0 (nothing to calibrate against).
+    and 1 when either count is 0 (nothing to calibrate against). An id beyond the table is a `DataError`
+    (naming the shard when `tokens` are `read_shard` memmaps): the model would fail on it anyway.
     """
     table = np.asarray(token_bytes, dtype=np.int64)
     counted = 0
     for ids in tokens:
         for start in range(0, len(ids), 1 << 24):  # bounded memory on big shards
-            counted += int(table[np.asarray(ids[start : start + (1 << 24)], dtype=np.int64)].sum())
+            chunk = np.asarray(ids[start : start + (1 << 24)], dtype=np.int64)
+            if chunk.size and int(chunk.max()) >= len(table):
+                where = f"{ids.filename} holds " if isinstance(ids, np.memmap) else ""  # a shard: name it
+                raise DataError(
+                    f"{where}token id {int(chunk.max())}, beyond the tokenizer's {len(table)} ids: the data is "
+                    "damaged or was encoded with another tokenizer; prepare it again"
+                )
+            counted += int(table[chunk].sum())
     scale = text_bytes / counted if counted and text_bytes else 1.0
     return torch.as_tensor(table, dtype=torch.float64) * scale
 
 
 def split_byte_table(data: DataDir, split: str, token_bytes: np.ndarray) -> torch.Tensor:
-    """`text_byte_table` for a prepared split: its shards against the manifest's byte count."""
+    """`text_byte_table` for a prepared split: its shards against the manifest's byte count (a shard
+    holding an id beyond the vocabulary is a `DataError` naming it)."""
     shards = data.split_shards(split)
     text_bytes = int(data.manifest["splits"][split].get("bytes", 0))
     return text_byte_table(token_bytes, (read_shard(p) for p in shards), text_bytes)
@@ -216,8 +226,10 @@ def evaluate_checkpoint(
         )
         return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
                 "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
+    batch_size = batch_size or trained.config.train.micro_batch
+    vocab_size = trained.model.cfg.vocab_size
     batches = eval_batches(
-        shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
+        shards, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, vocab_size=vocab_size
     )
     token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)

@@ -33,7 +33,7 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import RunConfig
 from lmforge.data.datadir import load_data_dir
-from lmforge.data.loader import eval_batches
+from lmforge.data.loader import IdCheckedLoader, eval_batches
 from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
@@ -165,12 +165,7 @@ MAX_ROLLBACKS = 3  # more rollbacks than this in one run: it diverges whatever d
 
 def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
     """This rank's train config: its share of the global batch, and its micro-batch."""
-    micro = cfg.train.micro_batch_per_rank(world_size)
-    if cfg.train.batch_size % (micro * world_size):
-        raise ConfigError(
-            f"train.batch_size {cfg.train.batch_size} (global) must be a multiple of train.micro_batch_size "
-            f"{micro} x {world_size} processes; change one of them"
-        )
+    micro = cfg.train.micro_batch_per_rank(world_size)  # (a batch that does not split is a ConfigError there)
     return dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world_size, micro_batch_size=micro)
 
 
@@ -266,7 +261,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         rank=world.rank,
         world_size=world.world_size,
     )
-    loader = setup.loader
+    loader = IdCheckedLoader(setup.loader, cfg.model.vocab_size, cfg.data.dir)
     state = TrainState()
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = (
@@ -345,7 +340,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         if setup.evaluate is not None:  # encoder objectives: mlm_accuracy, nsp_accuracy, rtd_auc, ...
             return setup.evaluate(model)
         batches = eval_batches(
-            val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
+            val_shards,
+            seq_len=cfg.data.seq_len,
+            batch_size=eval_bs,
+            max_batches=cfg.eval.max_batches,
+            vocab_size=cfg.model.vocab_size,
         )
         share = dist.eval_share(cfg.dist.strategy, world.rank, world.world_size)
         metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **share)
