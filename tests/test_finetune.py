@@ -15,7 +15,7 @@ from lmforge.adapt.load import load_finetuned
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.config import RunConfig
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.train import train_char
@@ -305,6 +305,20 @@ def test_a_folder_being_fine_tuned_is_not_touched_by_another_process(base: Path,
                 finetune(base, out=out, overwrite=overwrite, **kw)
         assert sorted(p.name for p in out.iterdir()) == before  # --overwrite deleted nothing
     finetune(base, out=out, **kw)  # free again: the re-run resumes (nothing left to train)
+
+
+def test_adapter_run_whose_base_checkpoint_was_pruned_says_so(base: Path, tmp_path: Path):
+    import shutil
+
+    own_base = tmp_path / "base"
+    shutil.copytree(base, own_base)
+    out = tmp_path / "lora"
+    cfg = FinetuneConfig(task="classify", adapt="lora", lora_rank=2)
+    finetune(own_base, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False)
+    pinned = Path(json.loads((out / "finetune.json").read_text(encoding="utf-8"))["base"])
+    shutil.rmtree(pinned)  # as the base run's checkpoint.keep prunes it when that run trains on
+    with pytest.raises(CheckpointError, match=r"on top of the base checkpoint .* which no longer exists"):
+        load_finetuned(out, torch.device("cpu"))
 
 
 def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):

@@ -70,6 +70,12 @@ def _load_finetuned(ckpt_dir: Path, device: torch.device) -> Finetuned:
         t = build_from_config(ckpt, device)
         body, tokenizer, config = t
     else:
+        if not Path(info["base"]).exists():  # (a bare "does not exist" would name a path the user never typed)
+            raise CheckpointError(
+                f"{run_dir} saved only its trained tensors, on top of the base checkpoint {info['base']}, which no "
+                "longer exists (pruned by the base run's later training, or deleted); restore that checkpoint, "
+                "or fine-tune again (--merge or --adapt full save whole weights)"
+            )
         base_ckpt = resolve_checkpoint(info["base"])
         if info.get("base_sha256") and model_sha(base_ckpt) != info["base_sha256"]:
             raise CheckpointError(
