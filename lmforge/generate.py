@@ -119,7 +119,13 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, genera
     """`sample_next` without the argument checks (the decode loops check once, not every token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # (B, V)
+    scaled = logits.float() / temperature  # (B, V)
+    if bool(torch.isinf(scaled).any()):
+        # a tiny temperature overflowed the scores to inf (softmax would give NaN): divide the distances
+        # to each row's best score instead (the same distribution, as softmax ignores a shift)
+        logits = logits.float()
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = scaled
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest score
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -40,6 +40,21 @@ class ServeLimits:
     default_max_tokens: int = 128
 
 
+# OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 class _StopGeneration(Exception):
     """Raised from the token callback when a stop string appears."""
 
@@ -258,7 +273,13 @@ class _Handler(BaseHTTPRequestHandler):
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise RequestError(400, "'stop' must be a string or a list of strings")
-        stream = bool(body.get("stream", False))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            raise RequestError(400, f"'stream' must be true or false, got {stream!r}")
+        stream = bool(stream)
+        for key, neutral in _UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
+            if body.get(key) not in neutral:
+                raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out")
         context = ft.model.cfg.max_seq_len
         if not asked:  # no max_tokens given: whatever the context leaves, up to the default
             max_tokens = max(1, min(max_tokens, context - self._prompt_len(body, chat)))

@@ -141,6 +141,10 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "surrogate"),
             ("/completions", {"prompt": "hi", "max_tokens": 3.5}, "whole number"),
             ("/completions", {"prompt": "hi", "n": 2}, "'n'"),
+            ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
+            ("/completions", {"prompt": "hi", "logprobs": 3}, "'logprobs' is not supported"),
+            ("/completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2}, "penalty"),
         ]
         for path, payload, needle in bad:
             status, body = _post(base + path, payload)
@@ -152,6 +156,9 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         reply = conn.getresponse()
         assert reply.status == 400 and "Content-Length" in json.loads(reply.read())["error"]["message"]
         conn.close()
+        neutral = {"logprobs": None, "echo": False, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
+        status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2, **neutral})
+        assert status == 200, body  # the "off" values clients send by default are accepted
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2.0, "temperature": 0})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
     finally:

@@ -197,6 +197,9 @@ def test_sample_next_filters() -> None:
     assert sample_next(logits[:3], temperature=0).tolist() == [1, 1, 1]
     counts = torch.bincount(sample_next(probs, generator=g), minlength=5) / 2000
     torch.testing.assert_close(counts, probs[0].exp(), atol=0.04, rtol=0)  # draws follow softmax(logits)
+    # a tiny temperature overflowed logits / T to inf (softmax NaN, a multinomial error): it is greedy now
+    for tiny in (1e-30, 1e-40, 1e-45):
+        assert sample_next(logits[:3], temperature=tiny, generator=g).tolist() == [1, 1, 1]
 
 
 def test_stream_decoder_utf8_split_across_byte_tokens() -> None:
