@@ -177,6 +177,32 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_pre_tokenizer_name_is_the_one_llama_cpp_splits_like() -> None:
+    """`tokenizer.ggml.pre` decides llama.cpp's split: GPT-2's regex ("gpt-2"), Llama 3's ("llama-bpe");
+    any other split would tokenize differently under either name, so it is refused."""
+    import json
+
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.export.gguf import LLAMA3_SPLIT, gguf_pre_tokenizer
+
+    def spec(pre: object) -> dict:
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return json.loads(tok.to_str())
+
+    assert gguf_pre_tokenizer(spec(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert gguf_pre_tokenizer(spec(pre_tokenizers.Sequence([split, no_regex]))) == "llama-bpe"
+    other = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"), no_regex])
+    with pytest.raises(LmforgeError, match=r"pre-tokenizer \(Split \+ ByteLevel\) is neither GPT-2's nor Llama 3's"):
+        gguf_pre_tokenizer(spec(other))
+    with pytest.raises(LmforgeError, match="neither"):
+        gguf_pre_tokenizer(spec(pre_tokenizers.ByteLevel(add_prefix_space=True)))
+
+
 def test_cli_export_gguf(bpe: Tokenizer, tmp_path: Path) -> None:
     from tests.conftest import run_cli
 

@@ -103,6 +103,33 @@ def _check_llama(cfg: Any) -> None:
         )
 
 
+# The Llama 3 split regex, which llama.cpp calls "llama-bpe" (a Split before a regex-free ByteLevel)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+
+
+def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (`tokenizer.ggml.pre`), which decides how it
+    splits text before BPE: "gpt-2" only for GPT-2's own ByteLevel regex (what lmforge trains),
+    "llama-bpe" for Llama 3's split. Another split would tokenize differently in llama.cpp under either
+    name, so it is an error rather than a guess."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        if (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT and steps[0].get("behavior") == "Isolated":
+            return "llama-bpe"
+    raise LmforgeError(
+        f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is neither GPT-2's "
+        "nor Llama 3's, and llama.cpp would split text differently; export with --to hf and convert that with "
+        "llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
 def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens in id order, token types, merges) of a byte-level BPE tokenizer, padded to vocab_size."""
     import gguf
@@ -166,6 +193,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     cfg = trained.config.model
     _check_llama(cfg)
     tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size)
+    pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
     eos = trained.tokenizer.eos_id
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
@@ -186,7 +214,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         writer.add_rope_freq_base(float(cfg.rope_theta))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(pre_tokenizer)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
