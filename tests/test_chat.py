@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.finetune import FinetuneConfig, finetune
 from tests.conftest import have_cpp_compiler, run_cli
@@ -42,6 +43,23 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_chat_template_is_stored(chat_run: Path):
     config = json.loads((chat_run / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "<|assistant|>" in config["chat_template"] and config["eos_token"] == "<|endoftext|>"
+
+
+def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: Path):
+    """transformers' apply_chat_template on the exported tokenizer renders lmforge's prompt, and the EOS
+    written after an assistant turn encodes as the EOS id (not as its characters)."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import ChatTemplate
+    from lmforge.export.hf import export_hf
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(chat_run, tmp_path / "hf")))
+    tok = load_finetuned(chat_run, torch.device("cpu")).tokenizer
+    history = [*CONVERSATIONS[0], {"role": "user", "content": "bye"}]
+    text = hf.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    ours = ChatTemplate().segments(tok, history, add_generation_prompt=True)
+    assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
+    assert hf(text)["input_ids"].count(tok.eos_id) == 1
 
 
 def test_terminal_chat_through_stdin(chat_run: Path):

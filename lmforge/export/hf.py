@@ -529,6 +529,14 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     return write_hf(trained, out)
 
 
+def _chat_tuned(trained: Any) -> str:
+    """The Jinja chat template of a chat-tuned (sft) run, for `apply_chat_template`; "" for other runs."""
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.chat import JINJA_TEMPLATE, load_template
+
+    return JINJA_TEMPLATE if load_template(run_dir_of(trained.checkpoint.path)) is not None else ""
+
+
 def write_hf(trained: Any, out: Path) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
     cfg: GPTConfig = trained.config.model
@@ -555,6 +563,7 @@ def write_hf(trained: Any, out: Path) -> Path:
         write_json(tmp / "generation_config.json", generation)
         atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str())
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
+        chat = _chat_tuned(trained)
         write_json(
             tmp / "tokenizer_config.json",
             {
@@ -562,9 +571,11 @@ def write_hf(trained: Any, out: Path) -> Path:
                 **specials,
                 "model_max_length": cfg.max_seq_len,
                 # lmforge encodes special-token strings found in text as plain text (only ids it adds are
-                # special); HF does the same with this set
-                "split_special_tokens": True,
+                # special); HF does the same with this set. A chat-tuned run's template writes its EOS as
+                # text after each assistant turn, which must become the EOS id: there it stays unset.
+                "split_special_tokens": not chat,
                 "clean_up_tokenization_spaces": False,  # byte-level decoding is exact; no space "clean-up"
+                **({"chat_template": chat} if chat else {}),
             },
         )
         write_json(tmp / "special_tokens_map.json", specials)
