@@ -443,7 +443,8 @@ def generate_from_checkpoint(
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
-    prompt_ids = _check_prompt(tokenizer.encode(prompt), max_len, eos_id)
+    # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
+    prompt_ids = _check_prompt(tokenizer.prompt_prefix + tokenizer.encode(prompt), max_len, eos_id)
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")

@@ -242,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise RequestError(400, "'prompt' must be a string (one prompt per request)")
-        ids = ft.tokenizer.encode(prompt) or [ft.tokenizer.eos_id]
+        ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt) or [ft.tokenizer.eos_id]  # (BOS: generate.py)
         if len(ids) + max_tokens > context:
             raise RequestError(
                 400,

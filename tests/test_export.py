@@ -299,6 +299,33 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
         torch.testing.assert_close(ours.model(idx), model.eval()(idx).logits, **TOL)
 
 
+def test_imported_tokenizer_that_adds_bos_generates_like_transformers(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A Llama-2-style tokenizer puts <s> before every text (its post-processor): lmforge's prompts start
+    with it too, so greedy continuations equal transformers', and the export names it as BOS."""
+    from tokenizers import processors
+
+    torch.manual_seed(0)
+    hf_tok = Tokenizer.from_str(bpe.to_str()).hf
+    bos = hf_tok.token_to_id("<|endoftext|>")
+    hf_tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    model = _hf_llama(bpe, bos_token_id=bos)
+    perturb_(model, seed=5)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    hf_tok.save(str(hf_dir / "tokenizer.json"))
+    run = import_hf(hf_dir, tmp_path / "run")
+    ours = load_trained(run, torch.device("cpu"))
+    assert ours.tokenizer.prompt_prefix == [bos] and bpe.prompt_prefix == []  # lmforge's own: no prefix
+    prompt = "The quick"
+    text = generate_from_checkpoint(run, prompt=prompt, max_new_tokens=10, temperature=0, stop_at_eos=False)
+    ids = [bos, *bpe.encode(prompt)]
+    with torch.no_grad():
+        theirs = model.eval().generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10)[0, len(ids) :]
+    assert text == ours.tokenizer.decode(theirs.tolist(), skip_special_tokens=True)
+
+
 def test_import_of_openai_style_gpt2_is_exact_and_bias_free(bpe: Tokenizer, tmp_path: Path) -> None:
     model = _hf_gpt2(bpe, activation_function="gelu_new")  # OpenAI GPT-2's setting; HF inits biases to 0
     with torch.no_grad():  # MLP inputs of a trained model's size (~1), where the two GELUs differ (~1e-4)

@@ -552,17 +552,22 @@ def write_hf(trained: Any, out: Path) -> Path:
     tensors = to_hf_state_dict(state, cfg, family)
 
     with building_dir(out) as tmp:
-        write_json(tmp / "config.json", FAMILIES[family].config_to_hf(cfg, eos_id, dtype))
+        # BOS: what the tokenizer puts before a text (an imported Llama's <s>), else our end-of-text token
+        prefix = tokenizer.prompt_prefix
+        bos_id = prefix[0] if len(prefix) == 1 else eos_id
+        write_json(tmp / "config.json", {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
         fsync_file(tmp / "model.safetensors")
         # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
         # the context length is in config.json (n_positions / max_position_embeddings).
         generation: dict[str, Any] = {}
         if eos_id is not None:
-            generation.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+            generation.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
         write_json(tmp / "generation_config.json", generation)
         atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str())
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
+        if specials and bos_id != eos_id:
+            specials["bos_token"] = tokenizer.id_to_token(bos_id)
         chat = _chat_tuned(trained)
         write_json(
             tmp / "tokenizer_config.json",

@@ -118,6 +118,19 @@ class Tokenizer:
         """Token ids of `text`; no special tokens are added."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    @cached_property
+    def prompt_prefix(self) -> list[int]:
+        """Special ids the tokenizer's own post-processor puts before a text, e.g. Llama's `<s>` (BOS) in an
+        imported Hugging Face tokenizer; [] for every tokenizer lmforge trains. Generation puts them
+        before a prompt, as transformers does, since the model was trained to see them there."""
+        text = "a"
+        plain = self._hf.encode(text, add_special_tokens=False).ids
+        framed = self._hf.encode(text, add_special_tokens=True).ids
+        for start in range(len(framed) - len(plain) + 1):
+            if framed[start : start + len(plain)] == plain:
+                return framed[:start]
+        return []
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust library)."""
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
