@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,11 @@ def checkpoint_to_resume(run_dir: Path, which: str, log: Any = print) -> Checkpo
         except CheckpointError as e:
             raise CheckpointError(f"{e} (re-run with --checkpoint.resume_from previous)") from None
     if which == "previous":
+        latest = latest_checkpoint(run_dir)  # (checkpoints after it belong to a run resumed from before them)
+        newest = int(STEP_DIR.match(latest.name).group(1)) if latest is not None else None
         for path in reversed(complete):
+            if newest is not None and int(STEP_DIR.match(path.name).group(1)) > newest:
+                continue
             try:
                 return load_checkpoint(path)
             except CheckpointError as e:
@@ -344,6 +349,21 @@ def write_shard(tmp: Path, rank: int, world_size: int, model: dict[str, torch.Te
     model_file, optim_file = shard_files(rank, world_size)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / model_file), {"format": "pt"})
     save_file({k: v.detach().contiguous().cpu() for k, v in optim.items()}, str(tmp / optim_file), {"format": "pt"})
+
+
+def set_aside_later(run_dir: Path, step: int) -> Path | None:
+    """Move the checkpoints after `step` into `checkpoints/abandoned-after-step-NNNNNN-<time>/` and return
+    that folder (None if there were none). A run resumed from an earlier checkpoint leaves them behind;
+    where they are, pruning (which keeps the highest steps) would delete the new run's checkpoints instead
+    and `previous` would resume the abandoned timeline. They are the user's: moved aside, never deleted."""
+    later = [p for p in list_checkpoints(run_dir) if int(STEP_DIR.match(p.name).group(1)) > step]
+    if not later:
+        return None
+    aside = checkpoints_dir(run_dir) / f"abandoned-after-step-{step:06d}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for p in later:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> None:

@@ -156,7 +156,9 @@ class OptimConfig:
         "adamw", "optimizer; muon = Muon for hidden matrices, AdamW for embeddings, head, norms and biases"
     )
     weight_decay: float = opt(
-        0.1, "decoupled weight decay (AdamW) or L2 penalty (SGD) on matrices; not on norms/biases"
+        0.1,
+        "decoupled weight decay (AdamW) or L2 penalty (SGD) on matrices; not on norms/biases (with muon: on "
+        "the AdamW-trained embeddings and head only, the hidden matrices take none)",
     )
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -164,7 +166,7 @@ class OptimConfig:
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "SGD Nesterov momentum")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 = off")
-    l1: float = opt(0.0, "L1 penalty coefficient on decayed parameters, added to the loss; 0 = off")
+    l1: float = opt(0.0, "L1 penalty coefficient on the weight matrices (not norms/biases), added to the loss; 0 = off")
     fused: Literal["auto", "on", "off"] = opt(
         "auto",
         "fused AdamW kernel (one pass instead of ~10 per tensor: 3-4.5x faster optimizer steps on CPU; "
@@ -183,6 +185,8 @@ class OptimConfig:
         check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         check(self.l1 >= 0, f"optim.l1 must be >= 0, got {self.l1}")
+        check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
         check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
         check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
@@ -199,11 +203,16 @@ class EvalConfig:
         check(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
         check(self.max_batches >= 0, f"eval.max_batches must be >= 0, got {self.max_batches}")
         check(self.batch_size >= 0, f"eval.batch_size must be >= 0, got {self.batch_size}")
+        check(self.sample_tokens >= 0, f"eval.sample_tokens must be >= 0, got {self.sample_tokens}")
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    every: int = opt(500, "steps between checkpoints; 0 = only at the end (and on interruption)")
+    every: int = opt(
+        500,
+        "steps between checkpoints; 0 = only at the end and on interruption (with keep_best, an evaluation "
+        "that gives a new best val loss also saves one)",
+    )
     keep: int = opt(3, "how many recent checkpoints to keep (the best one is kept too)")
     keep_best: bool = opt(True, "also keep the checkpoint with the lowest validation loss")
     resume_from: str = opt(

@@ -121,6 +121,30 @@ def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_d
         pretrain(tiny_config(data_dir, run, **{**longer, "checkpoint.resume_from": "step-000007"}), progress=False)
 
 
+def test_resuming_from_an_earlier_step_sets_the_later_checkpoints_aside(data_dir: Path, tmp_path: Path) -> None:
+    """The later checkpoints belong to the timeline being abandoned: left in place, pruning (which keeps the
+    highest steps) deleted the new run's checkpoints and `previous` resumed the abandoned step 20."""
+    from lmforge.checkpoint import list_checkpoints
+    from lmforge.errors import ConfigError
+
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 20, "checkpoint.every": 5, "eval.every": 0, "checkpoint.keep": 10}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    again = {**flags, "train.max_steps": 12, "checkpoint.keep": 2, "checkpoint.resume_from": "step-000005"}
+    pretrain(tiny_config(data_dir, run, **again), progress=False)
+    assert [p.name for p in list_checkpoints(run)] == ["step-000010", "step-000012"]
+    (aside,) = (run / "checkpoints").glob("abandoned-after-step-000005-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000010", "step-000015", "step-000020"]  # kept
+    state = pretrain(
+        tiny_config(data_dir, run, **{**again, "train.max_steps": 14, "checkpoint.resume_from": "previous"}),
+        progress=False,
+    )
+    assert state.step == 14 and [r["step"] for r in records(run) if "loss" in r] == list(range(1, 15))
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        pretrain(tiny_config(data_dir, tmp_path / "new", **again), progress=False)
+    assert not (tmp_path / "new").exists() or not list_checkpoints(tmp_path / "new")
+
+
 def test_failed_resume_writes_nothing_into_the_run(data_dir: Path, tmp_path: Path) -> None:
     """A resume that cannot load its checkpoint leaves config.json, env.json, metrics and status as they were
     (config.json used to claim the new train.max_steps of a resume that never happened)."""

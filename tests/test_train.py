@@ -155,7 +155,7 @@ def test_decay_groups_exclude_norms_and_biases():
 def test_l1_penalty_shrinks_weights():
     x, y = _random_batches(4, ignore_frac=0.0)
     opt0 = OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip=0.0)
-    opt1 = OptimConfig(name="sgd", momentum=0.0, weight_decay=1e-9, grad_clip=0.0, l1=0.5)
+    opt1 = OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0, grad_clip=0.0, l1=0.5)  # no decay: L1 alone
     a, b = _model(), _model()
     _run_loop(a, [(x, y)], batch_size=4, micro=4, optim_cfg=opt0, steps=1, lr=0.01)
     _run_loop(b, [(x, y)], batch_size=4, micro=4, optim_cfg=opt1, steps=1, lr=0.01)

@@ -187,8 +187,9 @@ def train(
                     step_loss += loss.detach()
                     loss = loss * world_size if world_size > 1 else loss
                     (scaler.scale(loss) if scaler else loss).backward()
-            if optim_cfg.l1 > 0:
-                penalty = optim_cfg.l1 * l1_penalty(optimizer)
+            penalty = l1_penalty(optimizer) if optim_cfg.l1 > 0 else None
+            if penalty is not None:
+                penalty = optim_cfg.l1 * penalty
                 (scaler.scale(penalty) if scaler else penalty).backward()
             if scaler:
                 scaler.unscale_(optimizer)
@@ -321,7 +322,13 @@ def train(
                     if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
                         state.stop_reason = state.stop_reason or "early_stop"
                         log.info(
-                            f"early stopping at step {state.step}: no val-loss improvement in "
+                            f"early stopping at step {state.step}: no val loss below "
+                            f"{reference - cfg.early_stop_min_delta:.4f} (the reference "
+                            f"{reference:.4f} minus min_delta {cfg.early_stop_min_delta:g}) in "
+                            f"{state.evals_since_best} evaluations; best {state.best_val_loss:.4f} at step "
+                            f"{state.best_step}"
+                            if cfg.early_stop_min_delta
+                            else f"early stopping at step {state.step}: no val-loss improvement in "
                             f"{state.evals_since_best} evaluations (best {state.best_val_loss:.4f} at step "
                             f"{state.best_step})"
                         )

@@ -286,7 +286,9 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
-def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """Sum of |w| over the decayed parameters (the ones with weight_decay > 0 in their group)."""
-    terms = [p.abs().sum() for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """Sum of |w| over the trained weight matrices (dim >= 2: what weight decay applies to, never norms or
+    biases), whatever the weight decay (0 included) and in every group (Muon's hidden matrices too);
+    None when nothing qualifies."""
+    terms = [p.abs().sum() for g in optimizer.param_groups for p in g["params"] if p.dim() >= 2]
+    return torch.stack(terms).sum() if terms else None

@@ -28,6 +28,7 @@ from lmforge.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    set_aside_later,
     set_rng_state,
     step_dir,
 )
@@ -264,6 +265,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     loader = IdCheckedLoader(setup.loader, cfg.model.vocab_size, cfg.data.dir)
     state = TrainState()
     metrics_path = run_dir / "metrics.jsonl"
+    if not resume and cfg.checkpoint.resume_from != "latest":
+        raise ConfigError(
+            f"checkpoint.resume_from {cfg.checkpoint.resume_from!r}: {run_dir} has no checkpoint to resume from "
+            "(this run starts at step 0); drop the flag"
+        )
     ckpt = (
         checkpoint_to_resume(run_dir, cfg.checkpoint.resume_from, log=print if world.is_main else len)
         if resume
@@ -293,6 +299,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
     if world.is_main:
+        if ckpt is not None and (aside := set_aside_later(run_dir, state.step)):  # an earlier step chosen
+            print(f"note: resuming from {ckpt.path.name}; the later checkpoints were moved to {aside}", flush=True)
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(
             run_dir / "env.json",
