@@ -483,13 +483,30 @@ def load_config(
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
-    merged = merge(base or {}, preset_dict(name) if name else {})
+    from_preset = preset_dict(name) if name else {}
+    merged = merge(base or {}, from_preset)
     merged = merge(merged, file_dict)
     merged = merge(merged, overrides)
+    _drop_other_family_preset_keys(merged, from_preset, [file_dict, overrides])
     if name:
         merged["preset"] = name
     where = f"{config_file}" if config_file else "config"
     return from_dict(RunConfig, merged, where=where)
+
+
+def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:
+    """`--preset tiny --model.family lstm`: the preset's model keys that the chosen family does not have
+    (n_head for an LSTM) are the preset's, not the user's: drop them instead of calling them unknown."""
+    model, preset_model = merged.get("model"), preset.get("model")
+    if not isinstance(model, dict) or not isinstance(preset_model, dict):
+        return
+    family = model.get("family", "gpt")
+    if family == preset_model.get("family", "gpt") or family not in CONFIGS:
+        return
+    known = {f.name for f in dataclasses.fields(CONFIGS[family])}
+    given = {k for d in user for k in (d.get("model") or {})}
+    for key in [k for k in model if k not in known and k not in given and k in preset_model]:
+        del model[key]
 
 
 def config_from_json(data: dict[str, Any], where: str) -> RunConfig:

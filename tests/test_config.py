@@ -99,3 +99,11 @@ def test_every_field_has_help():
 def test_every_shipped_config_loads(path):
     cfg = load_config(config_file=path)
     assert cfg.preset, f"{path.name} should name the preset it builds on"
+
+
+def test_preset_model_keys_of_another_family_are_dropped():
+    """`--preset tiny --model.family lstm`: tiny's n_head is the preset's, not an unknown key of the user's."""
+    cfg = load_config(preset="tiny", overrides={"model": {"family": "lstm"}})
+    assert cfg.model.family == "lstm"
+    with pytest.raises(ConfigError, match="unknown config key 'model.n_head'"):  # given by the user: still an error
+        load_config(preset="tiny", overrides={"model": {"family": "lstm", "n_head": 4}})

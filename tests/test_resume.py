@@ -178,3 +178,15 @@ def test_missing_config_json_continues_from_the_checkpoint_config(data_dir, tmp_
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "config.json is missing and no checkpoint" in result.stderr and "--overwrite" not in result.stderr
     assert sorted((run / "checkpoints").glob("step-*")) == kept  # nothing was deleted
+
+
+def test_a_resume_that_changes_the_schedule_says_so(data_dir, tmp_path):
+    from lmforge.train.run import _schedule_change
+
+    cfg = tiny_config(data_dir, tmp_path / "r", **{"train.max_steps": 30, "train.warmup_steps": 5})
+    saved = cfg.to_dict()
+    assert _schedule_change(saved, cfg, 20) == ""  # nothing changed: no note
+    saved["train"]["max_steps"] = 20
+    note = _schedule_change(saved, cfg, 20)
+    assert "train.max_steps 20 -> 30" in note and "from step 21" in note
+    assert _schedule_change(None, cfg, 20) == ""  # a checkpoint without its config

@@ -47,6 +47,7 @@ from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
+from lmforge.train.schedule import lr_at
 from lmforge.train.state import TrainState
 
 
@@ -168,6 +169,28 @@ def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
     """This rank's train config: its share of the global batch, and its micro-batch."""
     micro = cfg.train.micro_batch_per_rank(world_size)  # (a batch that does not split is a ConfigError there)
     return dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world_size, micro_batch_size=micro)
+
+
+_SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr", "final_lr", "schedule", "decay_fraction")
+
+
+def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:
+    """A note when a resume changes the learning-rate schedule (e.g. a longer train.max_steps): the lr at
+    the next step then follows the new schedule, which can jump; "" when nothing changed."""
+    old = (saved or {}).get("train") if isinstance(saved, dict) else None
+    if not isinstance(old, dict):
+        return ""
+    changed = [k for k in _SCHEDULE_KEYS if k in old and old[k] != getattr(cfg.train, k)]
+    if not changed:
+        return ""
+    t = cfg.train
+    new_lr = lr_at(step, lr=t.lr, final_lr=t.final_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                   schedule=t.schedule, decay_fraction=t.decay_fraction)  # fmt: skip
+    return (
+        "note: the learning-rate schedule changed since the checkpoint ("
+        + ", ".join(f"train.{k} {old[k]} -> {getattr(t, k)}" for k in changed)
+        + f"); the lr follows the new one from step {step + 1} ({new_lr:.3g})"
+    )
 
 
 def _on_main(world: dist.DistInfo, fn: Any) -> Any:
@@ -339,6 +362,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             log.info(
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
             )
+        schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
+        if schedule_note:
+            log.info(schedule_note)
 
     val_shards = data.split_shards("val")
     token_bytes = split_byte_table(data, "val", tokenizer.token_bytes())
