@@ -338,6 +338,7 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         price_per_hour (None when unknown).
     """
     key = hardware.strip().lower() if isinstance(hardware, str) else hardware
+    default_mfu: float | None = None
     if key in ("cpu", "measure"):
         device = "cpu"
         if key == "measure":
@@ -351,6 +352,10 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         name = f"{device} (measured)"
         source = f"measured here: best {dtype} matmul (measure_matmul_flops)"
         price = PRICE_PER_HOUR["cpu"] if device == "cpu" else None
+        if device == "cpu" and dtype != "float32":
+            # bf16 autocast on a CPU trains small models no faster than fp32 (measured: the quickstart
+            # preset ran 15.5k tokens/s in both, 6.8% of the AMX bf16 peak), so assume fp32's speed
+            default_mfu = DEFAULT_MFU["cpu"] * measure_matmul_flops("cpu", torch.float32) / peak
     elif key in PEAK_FLOPS:
         device = "cuda"
         dtype = _resolve_dtype(dtype, device)
@@ -379,7 +384,7 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         "dtype": dtype,
         "peak_flops": peak,
         "peak_source": source,
-        "default_mfu": DEFAULT_MFU[device],
+        "default_mfu": default_mfu if default_mfu is not None else DEFAULT_MFU[device],
         "price_per_hour": price,
     }
 

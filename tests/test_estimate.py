@@ -424,3 +424,15 @@ def test_cli_json_matches_the_library_and_errors_are_one_line(tmp_path) -> None:
     ):
         p = run_cli("estimate", "--preset", "tiny", *bad)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("lmforge: error:"), p.stderr
+
+
+def test_cpu_bf16_is_assumed_no_faster_than_fp32():
+    """bf16 autocast on a CPU trains small models at fp32's speed (measured), not at 45% of the AMX peak."""
+    import torch
+
+    from lmforge.estimate import measure_matmul_flops, resolve_hardware
+
+    bf16 = resolve_hardware("cpu", "bfloat16")
+    fp32 = resolve_hardware("cpu", "float32")
+    assert fp32["default_mfu"] == 0.45
+    assert bf16["default_mfu"] * bf16["peak_flops"] == pytest.approx(0.45 * measure_matmul_flops("cpu", torch.float32))
