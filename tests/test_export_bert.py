@@ -228,6 +228,19 @@ def test_bad_bert_directories_are_one_line_errors(bpe: Tokenizer, tmp_path: Path
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()  # nothing half-written
 
 
+def test_reimport_keeps_a_tokenizer_that_already_had_the_specials(tmp_path: Path) -> None:
+    """WordPiece reserves the encoder's specials, so the export only adds its [CLS] A [SEP] framing; the
+    import drops that framing (lmforge frames input itself), so data prepared for the original run is
+    accepted by the re-imported one (it was "prepared with another tokenizer", for identical ids)."""
+    from lmforge.tokenizer.train import train_wordpiece
+
+    wordpiece = train_wordpiece(iter([f"{t} {i}" for i in range(30) for t in TEXTS]), 300)
+    run = make_encoder_run(tmp_path / "run", wordpiece)
+    imported = import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "imported")
+    again = load_trained(imported, torch.device("cpu")).tokenizer
+    assert again.fingerprint == wordpiece.fingerprint
+
+
 def test_imported_bert_run_evaluates(bpe: Tokenizer, tmp_path: Path) -> None:
     from lmforge.data.prepare import PrepareConfig, prepare
     from tests.conftest import run_cli, shakespeare_text

@@ -366,6 +366,22 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     return {k if k.startswith(("bert.", "cls.")) else "bert." + k: v for k, v in state.items()}
 
 
+def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer without a post-processor that adds [CLS]/[SEP] (`FRAMING`), the inverse of
+    `encoder_tokenizer_json`: lmforge frames encoder input itself and never applies it, and with it the
+    run's tokenizer would differ (fingerprint) from the one its data was prepared with, for the same ids."""
+    data = json.loads(tokenizer.to_str())
+    post = data.get("post_processor")
+    steps = post["processors"] if post and post.get("type") == "Sequence" else [post] if post else []
+    kept = [p for p in steps if p.get("type") not in FRAMING]
+    if len(kept) == len(steps):
+        return tokenizer
+    data["post_processor"] = (
+        None if not kept else kept[0] if len(kept) == 1 else {"type": "Sequence", "processors": kept}
+    )
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+
 def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     """Write a local HF BERT directory as an lmforge run at `out` (checks on `out` done by `import_hf`)."""
     from lmforge.config import RunConfig
@@ -378,6 +394,7 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{where}: unusable bert config ({e})") from None
     tokenizer, tok_path = read_hf_tokenizer(hf_dir)
+    tokenizer = _without_framing(tokenizer)
     ids = special_ids(tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size or max(ids.all) >= cfg.vocab_size:
         raise CheckpointError(
