@@ -368,6 +368,18 @@ def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True)
 
 
+def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
+    """A re-run with --out inside the input folder reads the same documents, not the last run's
+    card.md (nor anything in lmforge's hidden build/backup folders beside --out)."""
+    write(tmp_path / "texts" / "b.txt", "\n\n".join(sentences(40, 1)))
+    first = run(tmp_path, [tmp_path / "texts"], out="texts/prepared")
+    assert (tmp_path / "texts" / "prepared" / "card.md").is_file()
+    write(tmp_path / "texts" / ".prepared.lmforge-old-1234abcd" / "card.md", "# stale backup\n\nold card")
+    for inputs in ([tmp_path / "texts"], [str(tmp_path / "texts" / "**" / "*.md"), tmp_path / "texts"]):
+        again = run(tmp_path, inputs, out="texts/prepared", overwrite=True)
+        assert again["documents"] == first["documents"]
+
+
 def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:
     """`out.tmp` may be the user's own folder: prepare neither builds in it nor deletes it."""
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")

@@ -150,11 +150,23 @@ def _walk(folder: Path) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+def _under_out(path: Path, out: Path) -> bool:
+    """`path` is inside `out` or inside one of lmforge's hidden build/backup siblings of it
+    (`.<out>.lmforge-tmp-*`, `.<out>.lmforge-old-*`, see lmforge/atomic.py)."""
+    if out == path or out in path.parents:
+        return True
+    prefix = f".{out.name}.lmforge-"
+    return any(parent.parent == out.parent and parent.name.startswith(prefix) for parent in path.parents)
+
+
+def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Path], list[str]]:
     """Expand files, folders and globs into the inputs to read.
 
     Args:
         inputs: paths, glob patterns and `hf:` hub names as the user typed them.
+        out: the output folder being written, when it may sit inside an input folder: what a folder
+            or glob finds under it (the last run's card.md, its shards) or under its hidden build
+            and backup siblings is not input, or a re-run would read its own output back.
 
     Returns:
         (inputs to read, sorted by path; skipped files of unknown format found in folders/globs).
@@ -165,8 +177,12 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     chosen: dict[Path, Path] = {}  # resolved -> as given
     skipped: dict[Path, Path] = {}
 
+    exclude = out.resolve() if out is not None else None
+
     def take(path: Path, explicit: bool) -> None:
         key = path if is_hub(path) else path.resolve()
+        if exclude is not None and not is_hub(path) and _under_out(key, exclude):
+            return
         if explicit or is_known_format(path):
             chosen.setdefault(key, path)
         else:

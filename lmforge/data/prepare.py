@@ -709,9 +709,9 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.dedup == "near":
         NearDedup(max_examples=0)  # fail now, with the install hint, if datasketch is missing
 
-    val_files, val_skipped = resolve_inputs(cfg.val_input) if cfg.val_input else ([], [])
-    test_files, test_skipped = resolve_inputs(cfg.test_input) if cfg.test_input else ([], [])
-    train_files, skipped = resolve_inputs(cfg.inputs)
+    val_files, val_skipped = resolve_inputs(cfg.val_input, out) if cfg.val_input else ([], [])
+    test_files, test_skipped = resolve_inputs(cfg.test_input, out) if cfg.test_input else ([], [])
+    train_files, skipped = resolve_inputs(cfg.inputs, out)
     eval_files = {p.resolve() for p in val_files + test_files}
     # Explicit eval files are read first (their documents win dedup) and never also read as `inputs`.
     sources = [(p, "val") for p in val_files] + [(p, "test") for p in test_files]
