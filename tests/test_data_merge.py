@@ -65,3 +65,22 @@ def test_merge_refuses_mixed_tokenizers_and_non_parts(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a prepared data directory"):
         prep(tmp_path, [tmp_path / "a", tmp_path / "a.txt"], "m", merge=True)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.tmp").exists()
+
+
+def test_merge_keeps_true_bytes_for_wordpiece(tmp_path: Path) -> None:
+    """WordPiece decoding is not the cleaned text (spaces added, newlines dropped): the merged split
+    bytes (eval's bits-per-byte divides by them) must still be the parts' own, as for the union."""
+    paras = [p for p in shakespeare_text(60_000).split("\n\n") if p.strip()]
+    write(tmp_path / "a.txt", "\n\n".join(paras[:300]))
+    write(tmp_path / "b.txt", "\n\n".join(paras[300:]))
+    common = {"val_fraction": 0.1, "test_fraction": 0.1}
+    union = prep(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], "union", tokenizer="wordpiece", **common)
+    tok = str(tmp_path / "union" / "tokenizer.json")
+    prep(tmp_path, [tmp_path / "a.txt"], "part-a", tokenizer=tok, **common)
+    prep(tmp_path, [tmp_path / "b.txt"], "part-b", tokenizer=tok, **common)
+    merged = prep(tmp_path, [tmp_path / "part-a", tmp_path / "part-b"], "merged", merge=True)
+    assert merged["documents"]["out"] == union["documents"]["out"]
+    for split in ("train", "val", "test"):
+        assert merged["splits"][split]["bytes"] == union["splits"][split]["bytes"]
+    report, want = merged["tokenizer"]["report"], union["tokenizer"]["report"]
+    assert report["documents_bytes"]["all"] == want["documents_bytes"]["all"]

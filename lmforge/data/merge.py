@@ -18,6 +18,12 @@ Key design decisions:
   BPE, char and Unigram tokenizers (they round-trip), so exact dedup here equals dedup over the
   union of the inputs. The hash split is content-based, so a document duplicated across parts is
   in the same split in every part and no duplicate crosses train/eval.
+- Byte counts are the parts' own, not the decoded text's: WordPiece decoding adds spaces and drops
+  newlines, so bytes are counted on decoded text and scaled per part-split to the part manifest's
+  true total (`_true_bytes`; exact for split totals when nothing is deduplicated away, and always for
+  round-tripping tokenizers). Still taken on decoded text, so approximate for WordPiece only: the
+  card's length histogram (characters), the language guess, and exact dedup (two texts WordPiece
+  decodes alike count as duplicates).
 - Streaming: one document at a time per split, kept documents buffered into writes of ~1M tokens.
 """
 
@@ -72,6 +78,28 @@ def _documents(shards: list[Path], eos: int) -> Iterator[np.ndarray]:
         yield carry  # a part whose last document lacks EOS (not written by prepare; kept as is)
 
 
+def _true_bytes(decoded: Counter[str], part_bytes: int | None) -> dict[str, int]:
+    """A part-split's byte counts (read, kept, removed per reason, per language) in the part's own
+    UTF-8 bytes of cleaned text, from the same counts taken on decoded text.
+
+    Decoding is not the cleaned text for every tokenizer: WordPiece joins words with spaces and
+    drops newlines, so decoded bytes ran ~15% over and eval's bits-per-byte (which divides by the
+    manifest's split bytes) was off by as much. The part's manifest has the true total, so each
+    count is scaled by (true total / decoded total) of its part-split: exact for tokenizers that
+    round-trip (ratio 1) and for any count that covers the whole part-split (nothing deduplicated
+    away, which includes every per-split total); otherwise a proportional estimate. `kept` is
+    read minus the removals, so the counts always add up.
+    """
+    read = decoded["read"]
+    scale = part_bytes / read if part_bytes is not None and read else 1.0
+    true = {name: round(n * scale) for name, n in decoded.items() if name != "read"}
+    true["read"] = part_bytes if part_bytes is not None and read else read
+    true.setdefault("exact_dup", 0)
+    true.setdefault("near_dup", 0)
+    true["kept"] = true["read"] - true["exact_dup"] - true["near_dup"]
+    return true
+
+
 def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Merge prepared directories `cfg.inputs` into `cfg.out` (see the module docstring).
 
@@ -112,42 +140,50 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             buffer: list[np.ndarray] = []
             buffered = documents = nbytes_split = 0
             for index, part in enumerate(parts):
+                decoded: Counter[str] = Counter()  # decoded UTF-8 bytes of this part-split, see _true_bytes
                 for doc in _documents(part.split_shards(split), eos):
                     ids = doc[:-1] if doc[-1] == eos else doc
                     text = tok.decode(ids.tolist())
                     nbytes = utf8_len(text)
                     steps["read"][0] += 1
-                    steps["read"][1] += nbytes
+                    decoded["read"] += nbytes
                     key = doc_digest(text)[:16]
                     if cfg.dedup != "none":
                         if key in seen:
                             removed["exact_dup"] += 1
-                            removed_bytes["exact_dup"] += nbytes
+                            decoded["exact_dup"] += nbytes
                             continue
                         seen.add(key)
                     if near is not None and near.is_duplicate(text):
                         removed["near_dup"] += 1
-                        removed_bytes["near_dup"] += nbytes
+                        decoded["near_dup"] += nbytes
                         continue
                     steps["deduplicated"][0] += 1
-                    steps["deduplicated"][1] += nbytes
                     kept_per_part[index] += 1
                     documents += 1
-                    nbytes_split += nbytes
                     language = guess_language(text)
                     languages[language] += 1
                     length_hist[len(text).bit_length()] += 1
                     if split == "train":
                         np.add.at(token_counts, ids.astype(np.int64), 1)
                     if split == report_split:
+                        decoded["lang:" + language] += nbytes
                         entry = by_language.setdefault(language, [0, 0])
-                        entry[0] += nbytes
                         entry[1] += len(ids)
                     buffer.append(doc)
                     buffered += len(doc)
                     if buffered >= _WRITE_TOKENS:
                         writer.write(np.concatenate(buffer))
                         buffer, buffered = [], 0
+                true = _true_bytes(decoded, part.manifest["splits"].get(split, {}).get("bytes"))
+                steps["read"][1] += true["read"]
+                steps["deduplicated"][1] += true["kept"]
+                nbytes_split += true["kept"]
+                for reason in ("exact_dup", "near_dup"):
+                    removed_bytes[reason] += true[reason]
+                for name, nbytes in true.items():
+                    if name.startswith("lang:"):
+                        by_language.setdefault(name[5:], [0, 0])[0] += nbytes
             if buffer:
                 writer.write(np.concatenate(buffer))
             shards = writer.close()
