@@ -84,3 +84,34 @@ def test_merge_keeps_true_bytes_for_wordpiece(tmp_path: Path) -> None:
         assert merged["splits"][split]["bytes"] == union["splits"][split]["bytes"]
     report, want = merged["tokenizer"]["report"], union["tokenizer"]["report"]
     assert report["documents_bytes"]["all"] == want["documents_bytes"]["all"]
+
+
+def test_merge_near_dedup_keeps_the_train_copy(tmp_path: Path) -> None:
+    """README's caveat, pinned: merge walks split by split, so a train document beats its val
+    near-duplicate even when the val copy came first in the input (prepare on the union keeps the val one)."""
+    from lmforge.data.split import assign_split, doc_digest
+
+    def split_of(text: str) -> str:
+        return assign_split(doc_digest(text), val_fraction=0.5, test_fraction=0.0)
+
+    paras = [p for p in shakespeare_text(400_000).split("\n\n") if len(p) >= 500]
+    rng = random.Random(5)
+    pair = next(
+        (p, q)
+        for p in paras
+        for q in (perturb(p, rng) for _ in range(20))
+        if split_of(p) == "val" and split_of(q) == "train"
+    )
+    fillers = [p for p in paras[:40] if p not in pair]  # so each part has train documents
+    write(tmp_path / "a.txt", "\n\n".join([pair[0], *fillers[:20]]))
+    write(tmp_path / "b.txt", "\n\n".join([pair[1], *fillers[20:]]))
+    common = {"tokenizer": "char", "val_fraction": 0.5, "test_fraction": 0.0}
+    union = prep(tmp_path, [tmp_path / "a.txt", tmp_path / "b.txt"], "union", dedup="near", **common)
+    tok = str(tmp_path / "union" / "tokenizer.json")
+    prep(tmp_path, [tmp_path / "a.txt"], "a", **{**common, "tokenizer": tok})
+    prep(tmp_path, [tmp_path / "b.txt"], "b", **{**common, "tokenizer": tok})
+    merged = prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True, dedup="near")
+    assert union["documents"]["removed"]["near_dup"] == merged["documents"]["removed"]["near_dup"] == 1
+    got, want = docs_by_split(tmp_path / "m"), docs_by_split(tmp_path / "union")
+    assert pair[0] in want["val"] and pair[1] not in want["train"]
+    assert pair[1] in got["train"] and pair[0] not in got["val"]

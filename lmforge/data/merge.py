@@ -24,6 +24,9 @@ Key design decisions:
   round-tripping tokenizers). Still taken on decoded text, so approximate for WordPiece only: the
   card's length histogram (characters), the language guess, and exact dedup (two texts WordPiece
   decodes alike count as duplicates).
+- Near dedup is not the union's: shards keep no record of how a part's documents interleaved across
+  splits, so the walk is split by split and a train copy always wins over a val/test near-duplicate
+  (prepare keeps the first in input order). Exact duplicates share a split, so exact dedup is unaffected.
 - Streaming: one document at a time per split, kept documents buffered into writes of ~1M tokens.
 """
 
