@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
-from lmforge.errors import DataError
+from lmforge.errors import DataError, LmforgeError
 from tests.conftest import shakespeare_text
 from tests.test_data_dedup import ZH, perturb
 from tests.test_data_prepare import docs_by_split, write
@@ -115,3 +115,20 @@ def test_merge_near_dedup_keeps_the_train_copy(tmp_path: Path) -> None:
     got, want = docs_by_split(tmp_path / "m"), docs_by_split(tmp_path / "union")
     assert pair[0] in want["val"] and pair[1] not in want["train"]
     assert pair[1] in got["train"] and pair[0] not in got["val"]
+
+
+def test_merge_refuses_flags_it_does_not_apply(tmp_path: Path) -> None:
+    """Filter/split/tokenizer flags were the parts' to apply: with --merge they are refused (one line,
+    naming the flag) before anything is written, not recorded in manifest.config as if applied."""
+    write(tmp_path / "a.txt", shakespeare_text(5_000))
+    prep(tmp_path, [tmp_path / "a.txt"], "a", tokenizer="char")
+    flags = {
+        "languages": ("zh", "--languages"), "min_chars": (100_000, "--min-chars"), "normalize": ("NFKC", "--normalize"),
+        "val_input": (["x.txt"], "--val-input"), "tokenizer": ("char", "--tokenizer"),
+        "max_char_repetition": (0.01, "--max-char-repetition"), "vocab_size": (300, "--vocab-size"),
+    }  # fmt: skip
+    for name, (value, flag) in flags.items():
+        with pytest.raises(LmforgeError, match=f"^{flag} is not applied by --merge"):
+            prep(tmp_path, [tmp_path / "a"], "m", merge=True, **{name: value})
+    assert not (tmp_path / "m").exists()
+    prep(tmp_path, [tmp_path / "a"], "m", merge=True, dedup="near", near_threshold=0.7, shard_tokens=1000, card=False)

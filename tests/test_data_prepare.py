@@ -365,7 +365,7 @@ def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
     write(tmp_path / "texts" / "b.txt", "hello there\n\ngeneral kenobi")
     run(tmp_path, [tmp_path / "texts"], out="texts/prepared")  # --out inside an input folder is fine
     with pytest.raises(LmforgeError, match="overlaps the directory being read"):  # merging into a part
-        run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True)
+        run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True, vocab_size=4096)
 
 
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ import os
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -99,6 +99,10 @@ _TASK_DOCS = 4096  # documents per task for inputs read in this process (CSV, Pa
 # sampled (by document hash, deterministically) down to about this many bytes; nanochat trains its
 # tokenizer on ~2B characters for the same reason.
 TOKENIZER_SAMPLE_BYTES = 1 << 30
+# What `--merge` applies (merge.py); every other option is the parts' and is refused with it.
+_MERGE_FLAGS = frozenset(
+    {"inputs", "out", "merge", "dedup", "near_threshold", "dedup_report", "shard_tokens", "card", "overwrite"}
+)
 TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
 REMOVED_KEYS = ("exact_dup", "near_dup", "empty", "too_short") + REMOVAL_REASONS + ("overlap_with_eval",)
 
@@ -236,6 +240,20 @@ class PrepareConfig:
             self.shard_tokens >= 64,
             f"shard_tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
         )
+        if self.merge:
+            self._check_merge_flags()
+
+    def _check_merge_flags(self) -> None:
+        """--merge copies the parts' tokens: reading, cleaning, filtering, splitting and tokenizing
+        options were the parts' to apply. Given anyway they would be recorded in manifest.config as
+        if applied, so a value other than the default is refused, naming the flag."""
+        for f in fields(self):
+            if f.name in _MERGE_FLAGS:
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(self, f.name) != default:
+                flag = "--" + f.name.replace("_", "-")
+                check(False, f"{flag} is not applied by --merge (the parts were already prepared); drop it")
 
     @property
     def language_list(self) -> list[str]:
