@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.data.dedup import NearDedup, shingles
 from lmforge.data.prepare import PrepareConfig, prepare
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from tests.conftest import shakespeare_text
 from tests.test_data_prepare import docs_by_split, write
 
@@ -99,3 +99,27 @@ def test_dedup_flags_are_validated() -> None:
     with pytest.raises(ConfigError, match="dedup must be one of"):
         PrepareConfig(inputs=["x"], out="o", dedup="fuzzy")
     assert PrepareConfig(inputs=["x"], out="o", dedup=False).dedup == "none"  # old boolean configs
+
+
+def test_dedup_report_inside_out_is_published(tmp_path: Path) -> None:
+    """A --dedup-report path inside --out lands in the published folder: on a fresh --out (it used to
+    fail after all the work) and on --overwrite (the folder swap used to delete it)."""
+    docs = originals(12)
+    rng = random.Random(1)
+    write(tmp_path / "a.txt", "\n\n".join(docs + [perturb(d, rng) for d in docs[:3]]))
+    cfg = {"inputs": [str(tmp_path / "a.txt")], "out": str(tmp_path / "dr"), "tokenizer": "char", "dedup": "near"}
+    for overwrite in (False, True):
+        report = tmp_path / "dr" / "reports" / "pairs.jsonl"
+        m = prepare(PrepareConfig(**cfg, dedup_report=str(report), overwrite=overwrite), progress=False)
+        assert m["documents"]["removed"]["near_dup"] == 3
+        assert len(report.read_text(encoding="utf-8").splitlines()) == 3
+    bad = {
+        "dr2/manifest.json": "own output",
+        "missing/p.jsonl": "does not exist",
+        "dr": "is a folder",
+        "dr2": "own output",
+    }
+    for path, message in bad.items():
+        with pytest.raises(DataError, match=message):
+            prepare(PrepareConfig(**{**cfg, "out": str(tmp_path / "dr2")}, dedup_report=str(tmp_path / path)))
+        assert not (tmp_path / "dr2").exists()

@@ -33,7 +33,6 @@ Key design decisions:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.atomic import atomic_write_text, discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
+from lmforge.atomic import discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, load_data_dir
 from lmforge.data.dedup import NearDedup
 from lmforge.data.filters import guess_language, utf8_len
@@ -53,7 +52,9 @@ from lmforge.data.prepare import (
     _tokenizer_report,
     _top_tokens,
     check_out,
+    dedup_report_path,
     output_dir,
+    write_dedup_report,
 )
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.split import SPLITS, doc_digest
@@ -111,6 +112,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     """
     out = output_dir(cfg)
     check_out(out, cfg.overwrite)
+    report_inside = dedup_report_path(cfg, out)
     parts = [load_data_dir(p) for p in cfg.inputs]
     fingerprints = {part.manifest["tokenizer"]["sha256"] for part in parts}
     if len(fingerprints) > 1:
@@ -248,10 +250,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             )
         write_json(tmp / MANIFEST, manifest)
         if cfg.dedup_report:
-            pairs = near.examples if near is not None else []
-            atomic_write_text(
-                cfg.dedup_report, "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs)
-            )
+            write_dedup_report(cfg, report_inside, tmp, near)
         publish_dir(tmp, out)
         return manifest
     except BaseException:

@@ -300,6 +300,41 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
 
 
+_OUT_NAMES = frozenset({MANIFEST, TOKENIZER, "card.md", "card.json", "length_hist.png"})
+
+
+def dedup_report_path(cfg: PrepareConfig, out: Path) -> Path | None:
+    """Where --dedup-report goes relative to `out`, checked before any work: None when it lies
+    outside `out` (its folder must exist), else its path inside `out`.
+
+    A report inside `out` must be written into the build folder, not to `out` itself: `out` does not
+    exist until publish, and an existing one is replaced by the folder swap, report and all."""
+    if not cfg.dedup_report:
+        return None
+    report = Path(os.path.abspath(cfg.dedup_report))
+    if report == out or out in report.parents:
+        inside = report.relative_to(out)
+        if report == out or inside.parts[0] in _OUT_NAMES or inside.suffix == ".bin":
+            raise DataError(
+                f"--dedup-report {cfg.dedup_report} would replace prepare's own output; choose another file"
+            )
+        return inside
+    if not report.parent.is_dir():
+        raise DataError(f"--dedup-report folder {report.parent} does not exist; create it or choose another file")
+    if report.is_dir():
+        raise DataError(f"--dedup-report {cfg.dedup_report} is a folder; name a file")
+    return None
+
+
+def write_dedup_report(cfg: PrepareConfig, inside: Path | None, tmp: Path, near: NearDedup | None) -> None:
+    """Write the near-duplicate example pairs (JSONL) to --dedup-report, into the build folder `tmp`
+    when the report lies inside --out (`inside`, from `dedup_report_path`)."""
+    pairs = near.examples if near is not None else []
+    target = Path(cfg.dedup_report) if inside is None else tmp / inside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs))
+
+
 def output_dir(cfg: PrepareConfig) -> Path:
     """The absolute output dir ("out/" or "." still has a name), checked to be neither an input nor a
     folder holding one (--overwrite would delete it). It may sit inside an input folder: it is
@@ -720,6 +755,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         return merge_parts(cfg, progress=progress)
     out = output_dir(cfg)
     check_out(out, cfg.overwrite)
+    report_inside = dedup_report_path(cfg, out)
     given: Tokenizer | None = None
     if cfg.tokenizer not in TRAINED_TOKENIZERS:  # load (and check) an existing tokenizer before the long read
         given = Tokenizer.load(cfg.tokenizer)
@@ -836,9 +872,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             )
         write_json(tmp / MANIFEST, manifest)
         if cfg.dedup_report:
-            pairs = near.examples if near is not None else []
-            lines = [json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs]
-            atomic_write_text(cfg.dedup_report, "".join(lines))
+            write_dedup_report(cfg, report_inside, tmp, near)
 
         publish_dir(tmp, out)
         return manifest
