@@ -77,6 +77,11 @@ def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
     assert (text, removed) == ("Real text here.\nMore text.", 2)
     keep = "She said she would log in later, and read more books this year."  # long, prose: kept
     assert remove_boilerplate(keep + " " * 70 + keep)[1] == 0
+    verse = "KING RICHARD III:\nBootless is flight, they follow us with wings;\nAnd the rest of the verse stays."
+    prose = "I log in every morning and share this poem with my friends."
+    assert remove_boilerplate(verse) == (verse, 0) and remove_boilerplate(prose) == (prose, 0)  # a phrase in prose
+    chrome = "Follow us on Twitter\nShare this\nClick here to subscribe to our newsletter\n© 2024\n关注我们"
+    assert remove_boilerplate("Body.\n" + chrome) == ("Body.", 5)
     write(tmp_path / "a.txt", "x  y\t\tz\n\nclean one\n\nAccept cookies\nbody")
     m = prepare(
         PrepareConfig(

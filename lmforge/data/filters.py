@@ -4,8 +4,8 @@ Applied by `prepare` after cleaning (see `clean.py`), in this order, each switch
 default and counted under its own name in `manifest.json["documents"]["removed"]`:
 
     normalize_whitespace   rewrite: runs of spaces/tabs -> one space, trailing spaces cut, 3+ newlines -> 2
-    remove_boilerplate     rewrite: drop short lines like "All rights reserved" / "版权所有" / "Accept cookies";
-                           a document left empty is removed as "boilerplate"
+    remove_boilerplate     rewrite: drop short lines that are mostly a phrase like "All rights reserved" /
+                           "版权所有" / "Accept cookies"; a document left empty is removed as "boilerplate"
     too_short / too_long   len(text) < min_chars / > max_chars (characters, after the rewrites)
     char_repetition        share of character 10-grams that repeat an earlier 10-gram  > max_char_repetition
     line_repetition        share of non-blank lines that repeat an earlier line          > max_line_repetition
@@ -46,15 +46,25 @@ _TRAILING = re.compile(r" +\n")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _NOT_LETTER = re.compile(r"[\W\d_]+")
 _SPACES = re.compile(r"\s+")
-# A boilerplate line is short and matches one of these (navigation, legal, cookie and sharing chrome).
+# A boilerplate line is short and is mostly made of these phrases (navigation, legal, cookie and
+# sharing chrome): they cover at least BOILERPLATE_MIN_SHARE of its word characters (letters, digits).
+# A phrase alone is not enough: "they follow us with wings" or "I log in every morning and share
+# this poem" are prose that happens to contain one.
+_SOCIAL = r"(\s+(on|to)\s+(facebook|twitter|x|instagram|linkedin|youtube|tiktok|weibo|wechat|微博|微信))?"
 _BOILERPLATE = re.compile(
     r"(all rights reserved|copyright ©|©\s*\d{4}|privacy policy|terms of (use|service)|cookie (policy|settings)|"
     r"(we )?use cookies|accept (all )?cookies|enable javascript|click here|read more\s*(»|›|>|\.\.\.)|"
-    r"subscribe (now|to our)|sign up (now|for our)|\blog ?in\b|share (on|this)|follow us|"
+    r"subscribe (now|to our)|sign up (now|for our)|\blog ?in\b|share (on|this)"
+    + _SOCIAL
+    + r"|follow us"
+    + _SOCIAL
+    + "|"
     r"版权所有|隐私政策|使用条款|点击这里|点击查看|阅读全文|关注我们|分享到)",
     re.IGNORECASE,
 )
 BOILERPLATE_MAX_LINE = 120
+BOILERPLATE_MIN_SHARE = 0.5
+_WORD_CHAR = re.compile(r"[^\W_]")
 _SCRIPTS = {
     "zh": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
     "ja": re.compile(r"[\u3040-\u30ff]"),
@@ -95,13 +105,26 @@ def normalize_whitespace(text: str) -> str:
     return _MANY_NEWLINES.sub("\n\n", text).strip()
 
 
+def is_boilerplate_line(line: str) -> bool:
+    """A short line that is (mostly) a boilerplate phrase: the phrases cover at least
+    BOILERPLATE_MIN_SHARE of its letters and digits ("Copyright © 2024 Example Inc. All rights reserved")."""
+    if len(line) > BOILERPLATE_MAX_LINE:
+        return False
+    matches = [m.group() for m in _BOILERPLATE.finditer(line)]
+    if not matches:
+        return False
+    covered = sum(len(_WORD_CHAR.findall(m)) for m in matches)
+    total = len(_WORD_CHAR.findall(line))
+    return total == 0 or covered >= BOILERPLATE_MIN_SHARE * total
+
+
 def remove_boilerplate(text: str) -> tuple[str, int]:
-    """Drop short lines that match boilerplate patterns; return (text, lines removed)."""
+    """Drop short lines that are boilerplate phrases (`is_boilerplate_line`); return (text, lines removed)."""
     if not _BOILERPLATE.search(text):
         return text, 0
     kept, removed = [], 0
     for line in text.split("\n"):
-        if len(line) <= BOILERPLATE_MAX_LINE and _BOILERPLATE.search(line):
+        if is_boilerplate_line(line):
             removed += 1
         else:
             kept.append(line)
