@@ -67,6 +67,10 @@ def test_ratios_by_hand() -> None:
     assert line_repetition("one line") == 0.0
     assert alpha_ratio("ab 12") == pytest.approx(0.5) and alpha_ratio("中文！") == pytest.approx(2 / 3)
     assert alpha_ratio("   ") == 0.0
+    # combining vowel signs and viramas (Mn/Mc) belong to their letters: clean Hindi and Thai score as letters
+    hindi, thai = "नमस्ते दुनिया यह एक परीक्षण वाक्य है", "ภาษาไทยเป็นภาษาที่สวยงาม"
+    assert alpha_ratio(hindi) == pytest.approx(1.0) and alpha_ratio(thai) == pytest.approx(1.0)
+    assert alpha_ratio(hindi + " १२३") == pytest.approx(30 / 33)  # Devanagari digits are still not letters
 
 
 def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ Key design decisions:
   line fraction 0.3, duplicate n-gram fractions) and BigScience ROOTS (character repetition, alphabetic
   ratio). Character n-grams rather than words, so Chinese (no spaces) is measured like English.
 - `str.isalpha` is true for Han, kana and Hangul characters (Unicode category L*), so the alphabetic
-  ratio treats Chinese text as letters, not as junk.
+  ratio treats Chinese text as letters, not as junk; combining marks (Mn/Mc, e.g. Devanagari and Thai
+  vowel signs) count as letters too.
 - Language guess by script, not a trained model: count letters per Unicode script in the first
   2,000 characters; Han counts x3 (one Han character carries about as much as a 3-4 letter word, so
   a Chinese sentence with a few English names stays "zh"); kana makes it "ja", Hangul "ko". Latin
@@ -31,6 +32,8 @@ Key design decisions:
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,7 +47,7 @@ _GUESS_CHARS = 2000
 _HSPACE = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _TRAILING = re.compile(r" +\n")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
-_NOT_LETTER = re.compile(r"[\W\d_]+")
+_NOT_LETTER_CHAR = re.compile(r"[\W\d_]")
 _SPACES = re.compile(r"\s+")
 # A boilerplate line is short and is mostly made of these phrases (navigation, legal, cookie and
 # sharing chrome): they cover at least BOILERPLATE_MIN_SHARE of its word characters (letters, digits).
@@ -152,8 +155,11 @@ def alpha_ratio(text: str) -> float:
     visible = len(text) - sum(len(m) for m in _SPACES.findall(text))
     if visible == 0:
         return 0.0
-    letters = len(_NOT_LETTER.sub("", text))
-    return letters / visible
+    # Combining marks (Unicode Mn/Mc: Devanagari and Thai vowel signs, viramas) are \W to `re` but part
+    # of the letter they sit on: counted with the letters, clean Hindi or Thai is not scored as junk.
+    other = Counter(_NOT_LETTER_CHAR.findall(text))
+    marks = sum(n for char, n in other.items() if unicodedata.category(char) in ("Mn", "Mc"))
+    return (len(text) - sum(other.values()) + marks) / visible
 
 
 def _english_or_latin(english: int, other: int, accented: bool) -> str:
