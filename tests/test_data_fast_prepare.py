@@ -101,7 +101,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch: pyt
     long_docs += ["".join(rng.choice("ab  \n\t中é.") for _ in range(3000))]
     monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
     calls = []
-    for tok in (train_char([text]), train_wordpiece([text], 200), train_unigram([text], 300)):
+    for tok in (train_char([text]), train_wordpiece([text], 200), train_unigram([text], 400)):
         encode = tok.encode
         monkeypatch.setattr(tok, "encode", lambda piece, encode=encode: calls.append(piece) or encode(piece))
         tokens, counts = DocumentEncoder(tok, np.uint16).encode(long_docs + TRICKY)

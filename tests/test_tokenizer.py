@@ -141,7 +141,7 @@ def test_text_byte_table_counts_the_text_bytes(request: pytest.FixtureRequest, k
     if kind in ("bpe", "char"):
         tok: Tokenizer = request.getfixturevalue(kind)
     else:
-        tok = (train_wordpiece if kind == "wordpiece" else train_unigram)(iter(corpus()), 300)
+        tok = (train_wordpiece if kind == "wordpiece" else train_unigram)(iter(corpus()), 400)
     texts = corpus(40, seed=5)
     ids = [np.asarray(tok.encode(t) + [tok.eos_id]) for t in texts]
     true_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -193,3 +193,15 @@ def test_unigram_too_small_for_the_characters_is_a_config_error():
     texts = ["".join(rng.choice(chars) for _ in range(200)) for _ in range(50)]
     with pytest.raises(ConfigError, match="cannot hold every distinct character"):
         train_unigram(texts, vocab_size=400)
+
+
+def test_unigram_never_exceeds_the_vocab_size_asked():
+    """The HF trainer silently returns more than asked when specials + bytes + characters overflow
+    (281 asked, 581 made on Shakespeare): that is the same one-line error, and a size that fits is kept."""
+    from lmforge.errors import ConfigError
+    from tests.conftest import shakespeare_text
+
+    texts = shakespeare_text(100_000).split("\n\n")
+    with pytest.raises(ConfigError, match=r"--vocab-size 281 cannot hold .* \(it made \d+\)"):
+        train_unigram(texts, vocab_size=281)
+    assert train_unigram(texts, vocab_size=600).vocab_size <= 600

@@ -168,17 +168,25 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
         unk_token=UNK,
         show_progress=show_progress,
     )
+
+    def too_small(needed: str) -> ConfigError:
+        return ConfigError(
+            f"Unigram --vocab-size {vocab_size} cannot hold every distinct character of this corpus{needed} (Chinese "
+            "text has thousands); raise --vocab-size, or use --tokenizer bpe (byte-level: any text fits)"
+        )
+
     try:
         hf.train_from_iterator(texts, trainer=trainer)
     except Exception as e:  # noqa: BLE001 - the HF trainer raises a bare Exception
         if "not large enough to contain all chars" not in str(e):
             raise
-        raise ConfigError(
-            f"Unigram --vocab-size {vocab_size} cannot hold every distinct character of this corpus (Chinese text has "
-            "thousands); raise --vocab-size, or use --tokenizer bpe (byte-level: any text fits)"
-        ) from None
+        raise too_small("") from None
     # The trainer keeps the byte pieces as specials; byte_fallback makes the model use them for unseen characters.
     config = json.loads(hf.to_str())
+    # The HF trainer only raises when the characters alone overflow the size; with the specials and
+    # byte pieces on top it silently returns more (281 asked, 581 made): refuse that too.
+    if len(config["model"]["vocab"]) > vocab_size:
+        raise too_small(f" (it made {len(config['model']['vocab'])})")
     config["model"]["byte_fallback"] = True
     vocab = config["model"]["vocab"]
     config["model"]["vocab"] = vocab[: len(fixed)] + _canonical_pieces(vocab[len(fixed) :])
