@@ -263,7 +263,7 @@ def test_existing_tokenizer_file_and_multiple_shards(tmp_path: Path, corpus: Pat
         val_fraction=0,
         test_fraction=0,
     )
-    assert m["tokenizer"]["kind"] == "file" and m["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+    assert m["tokenizer"]["kind"] == "bpe" and m["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
     assert m["splits"]["train"]["tokens"] == first["splits"]["train"]["tokens"]
     shards = m["splits"]["train"]["shards"]
     assert len(shards) > 2 and shards[:2] == ["train-00000.bin", "train-00001.bin"]
@@ -477,3 +477,26 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"cut\.txt\.gz: read failed"):
         run(tmp_path, [tmp_path / "cut.txt.gz"])
     assert_nothing_written(tmp_path)
+
+
+def test_tokenizer_kind_is_detected_from_a_given_file(tmp_path: Path) -> None:
+    """A shared tokenizer.json records its real kind (pretrain's WordPiece note reads it), not "file"."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from lmforge.data.prepare import tokenizer_kind
+    from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
+
+    texts = sentences(200, seed=2)
+    made = {
+        "bpe": train_bpe(texts, 300), "char": train_char(texts), "wordpiece": train_wordpiece(texts, 200),
+        "unigram": train_unigram(texts, 400),
+    }  # fmt: skip
+    for kind, tok in made.items():
+        assert tokenizer_kind(tok) == kind
+    word_level = HFTokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    assert tokenizer_kind(Tokenizer(word_level)) == "file"
+    write(tmp_path / "a.txt", "\n\n".join(texts))
+    made["wordpiece"].save(tmp_path / "wp.json")
+    m = run(tmp_path, [tmp_path / "a.txt"], tokenizer=str(tmp_path / "wp.json"))
+    assert m["tokenizer"]["kind"] == "wordpiece"

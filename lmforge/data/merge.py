@@ -54,6 +54,7 @@ from lmforge.data.prepare import (
     check_out,
     dedup_report_path,
     output_dir,
+    tokenizer_kind,
     write_dedup_report,
 )
 from lmforge.data.shards import ShardWriter, read_shard
@@ -226,7 +227,8 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "dedup": dedup_info,
             "languages": dict(languages.most_common()),
             "tokenizer": {
-                "kind": first_tok["kind"],
+                # parts prepared before kinds were detected from the file say "file"
+                "kind": tokenizer_kind(tok) if first_tok["kind"] == "file" else first_tok["kind"],
                 "vocab_size": tok.vocab_size,
                 "eos_id": eos,
                 "sha256": tok.fingerprint,

@@ -593,11 +593,24 @@ def _sample_docs(path: Path, fraction: float) -> Iterator[str]:
             yield text
 
 
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """What a given tokenizer.json is, by its model type: "wordpiece", "unigram", "char" (lmforge's:
+    BPE without merges, byte fallback) or "bpe"; "file" when none of these (e.g. WordLevel).
+
+    Recorded as manifest["tokenizer"]["kind"], which `pretrain` reads to warn that a GPT trained on
+    WordPiece cannot decode its own text back, so a shared tokenizer must not hide its kind."""
+    model = json.loads(tok.to_str()).get("model") or {}
+    kind = {"WordPiece": "wordpiece", "Unigram": "unigram", "BPE": "bpe"}.get(model.get("type"), "file")
+    if kind == "bpe" and not model.get("merges") and model.get("byte_fallback"):
+        return "char"
+    return kind
+
+
 def _make_tokenizer(
     cfg: PrepareConfig, given: Tokenizer | None, train_docs: Path, train_bytes: int, progress: bool
 ) -> tuple[Tokenizer, str]:
     if given is not None:
-        return given, "file"
+        return given, tokenizer_kind(given)
     if cfg.tokenizer == "char":
         return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
     # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
@@ -818,7 +831,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         splits: dict[str, Any] = {}
         report_split = next((s for s in ("val", "test", "train") if counts.split_docs[s]), "train")
         if encoded is not None:  # the tokenizer was given: pass 1 wrote the shards
-            tok, kind = given, "file"
+            tok, kind = given, tokenizer_kind(given)
             for split, writer in encoded.writers.items():
                 shards = writer.close()
                 splits[split] = {
