@@ -381,8 +381,10 @@ class StreamDecoder:
         return out
 
     def flush(self) -> str:
-        """Return whatever is left, replacement characters included (call once the stream has ended)."""
-        text = self.decode(self.ids)
+        """Return whatever is left (call once the stream has ended). A character whose bytes never all came
+        (generation stopped on max tokens halfway through it) is dropped, not shown as U+FFFD: the text
+        stays valid, as a reply cut by a length limit ends at its last whole character."""
+        text = self.decode(self.ids).rstrip(REPLACEMENT_CHAR)
         out = text[self.emitted :]
         self.emitted = len(text)
         return out

@@ -28,6 +28,7 @@ on how the global batch is split into micro-batches or ranks.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -64,6 +65,19 @@ class ObjectiveConfig:
             "objective.mask_token_frac and objective.random_token_frac must be >= 0 and sum to at most 1",
         )  # fmt: skip
         check(self.rtd_weight >= 0, f"objective.rtd_weight must be >= 0, got {self.rtd_weight}")
+        unused = {  # settings the chosen objective never reads: an error rather than silently ignored
+            "clm": ("mask_prob", "mask_token_frac", "random_token_frac", "whole_word", "rtd_weight"),
+            "mlm": ("rtd_weight", "carry_state"),
+            "mlm+nsp": ("rtd_weight", "carry_state"),
+            "mlm+sop": ("rtd_weight", "carry_state"),
+            "electra": ("carry_state",),
+        }.get(self.name, ())
+        for f in dataclasses.fields(self):
+            if f.name in unused:
+                check(
+                    getattr(self, f.name) == f.default,
+                    f"objective.{f.name} is not used by objective {self.name!r}; drop it",
+                )
 
     @property
     def pairs(self) -> str:

@@ -107,3 +107,15 @@ def test_preset_model_keys_of_another_family_are_dropped():
     assert cfg.model.family == "lstm"
     with pytest.raises(ConfigError, match="unknown config key 'model.n_head'"):  # given by the user: still an error
         load_config(preset="tiny", overrides={"model": {"family": "lstm", "n_head": 4}})
+
+
+def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
+    from lmforge.data.prepare import PrepareConfig
+
+    with pytest.raises(ConfigError, match="objective.whole_word is not used by objective 'clm'"):
+        load_config(preset="tiny", overrides={"objective": {"whole_word": True}})
+    with pytest.raises(ConfigError, match="objective.rtd_weight is not used by objective 'mlm'"):
+        load_config(preset="bert-tiny", overrides={"objective": {"name": "mlm", "rtd_weight": 10.0}})
+    load_config(preset="bert-tiny", overrides={"objective": {"whole_word": True}})  # where it applies
+    with pytest.raises(ConfigError, match="--special-tokens all applies to a trained bpe tokenizer"):
+        PrepareConfig(inputs=["x.txt"], out="o", tokenizer="char", special_tokens="all")

@@ -86,6 +86,9 @@ def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
     assert remove_boilerplate(verse) == (verse, 0) and remove_boilerplate(prose) == (prose, 0)  # a phrase in prose
     chrome = "Follow us on Twitter\nShare this\nClick here to subscribe to our newsletter\n© 2024\n关注我们"
     assert remove_boilerplate("Body.\n" + chrome) == ("Body.", 5)
+    notices = "版权所有 © 2020 某某公司 保留所有权利\n未经许可不得转载"  # Chinese "all rights reserved" notices
+    assert remove_boilerplate("正文。\n" + notices) == ("正文。", 2)
+    assert remove_boilerplate("他保留了所有的书。")[1] == 0
     write(tmp_path / "a.txt", "x  y\t\tz\n\nclean one\n\nAccept cookies\nbody")
     m = prepare(
         PrepareConfig(

@@ -385,6 +385,24 @@ def test_augmentation_is_seeded():
     a = [augment_text(text, random.Random(3)) for _ in range(2)]
     assert a[0] == a[1] and a[0] != text
     assert augment_text(text, random.Random(4)) != a[0] or augment_text(text, random.Random(5)) != a[0]
+    chinese = "房间很干净，服务也很好，下次还会再来。"  # no spaces: each character is a word (it came back unchanged)
+    changed = augment_text(chinese, random.Random(0))
+    assert changed != chinese and " " not in changed and set(changed) <= set(chinese)
+
+
+def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
+    """json.dumps(ensure_ascii=False) leaves U+2028 unescaped; splitlines() cut such a JSONL row in two."""
+    from lmforge.data.formats import read_task_rows
+
+    rows = [{"instruction": "问", "output": "第一段。\u2028第二段。\u0085完"}] * 3
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    fields = {"messages": "messages", "instruction": "instruction", "input": "input", "output": "output"}
+    assert read_task_rows(jsonl, "sft", fields) == rows
+    txt = tmp_path / "x.txt"
+    txt.write_text("房间很好\u2028很干净\t1\r\n差\t0\n", encoding="utf-8")
+    got = read_task_rows(txt, "classify", {"text": "text", "label": "label"})
+    assert got == [{"text": "房间很好\u2028很干净", "label": "1"}, {"text": "差", "label": "0"}]
 
 
 @pytest.mark.parametrize("model", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}])

@@ -95,7 +95,8 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         if not txt_columns:
             raise DataError(f"{p}: a headerless .txt file needs a task to name its columns")
         rows = []
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): U+2028, U+0085 etc. are text inside a row
+            line = line.removesuffix("\r")
             if line.strip():
                 # split from the right: UCI's imdb file has stray quotes and tabs inside sentences
                 parts = line.rsplit("\t", len(txt_columns) - 1) if txt_columns[-1] == "label" else line.split("\t")
@@ -117,7 +118,7 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
             raise DataError(f"{p} must hold a JSON list of objects (or use .jsonl, one object per line)")
         return data
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): json.dumps leaves U+2028 unescaped
         if not line.strip():
             continue
         try:
@@ -288,8 +289,15 @@ def classify_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[
 
 
 def augment_text(text: str, rng: random.Random, p: float = 0.1) -> str:
-    """One of random deletion, swap or insertion of words (EDA, Wei & Zou 2019, arXiv:1901.11196)."""
-    words = text.split()
+    """One of random deletion, swap or insertion of words (EDA, Wei & Zou 2019, arXiv:1901.11196).
+
+    Text in a script written without spaces (Chinese, Japanese) has no words to split on: there each
+    character is a word, as whole-word masking treats it (`masking.NO_SPACE_RANGES`)."""
+    from lmforge.data.masking import NO_SPACE_RANGES
+
+    words, sep = text.split(), " "
+    if len(words) < 2 and any(a <= ord(ch) <= b for ch in text for a, b in NO_SPACE_RANGES):
+        words, sep = list(text.strip()), ""
     if len(words) < 2:
         return text
     n = max(1, int(p * len(words)))
@@ -302,7 +310,7 @@ def augment_text(text: str, rng: random.Random, p: float = 0.1) -> str:
             words[i], words[j] = words[j], words[i]
         elif op == "insert":
             words.insert(rng.randrange(len(words) + 1), rng.choice(words))
-    return " ".join(words)
+    return sep.join(words)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ class PrepareConfig:
         check(
             self.special_tokens in ("eos", "all"), f"special_tokens must be 'eos' or 'all', got {self.special_tokens!r}"
         )
+        check(  # (wordpiece and unigram always reserve them; char and a given tokenizer.json cannot)
+            self.special_tokens == "eos" or self.tokenizer in ("bpe", "wordpiece", "unigram"),
+            f"--special-tokens all applies to a trained bpe tokenizer, not --tokenizer {self.tokenizer}; drop it",
+        )
         if isinstance(self.dedup, bool):  # older configs said dedup = true/false
             object.__setattr__(self, "dedup", "exact" if self.dedup else "none")
         check(self.dedup in get_args(DedupMode), f"dedup must be one of {get_args(DedupMode)}, got {self.dedup!r}")
