@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -427,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; nothing is wrong, and nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
+        sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
         print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
         sys.exit(2)

@@ -378,6 +378,12 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     for inputs in ([tmp_path / "texts"], [str(tmp_path / "texts" / "**" / "*.md"), tmp_path / "texts"]):
         again = run(tmp_path, inputs, out="texts/prepared", overwrite=True)
         assert again["documents"] == first["documents"]
+    # another lmforge output inside the input folder (an earlier --out, a run) is not text either
+    write(tmp_path / "texts" / "runs" / "r" / "config.json", "{}")
+    write(tmp_path / "texts" / "runs" / "r" / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n')
+    other = run(tmp_path, [tmp_path / "texts"], out="texts/prepared2")
+    assert other["documents"] == first["documents"]
+    assert [Path(i["path"]).name for i in other["inputs"]] == ["b.txt"]
 
 
 def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_whole_word_masking_selects_every_token_of_a_word():
     ids = rng.integers(0, 100, T)
     word_start = rng.random(T) < 0.3  # words of ~3.3 tokens
     word_start[0] = True
-    cfg = ObjectiveConfig(whole_word=True)
+    cfg = ObjectiveConfig(name="mlm", whole_word=True)
     _, labels = mask_tokens(
         ids, np.ones(T, dtype=bool), rng, cfg, mask_id=SP.mask, random_ids=np.arange(100), word_start=word_start
     )

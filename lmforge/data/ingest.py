@@ -142,9 +142,20 @@ def input_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+def _lmforge_output(folder: Path) -> bool:
+    """A folder lmforge wrote: prepared data (manifest.json + tokenizer.json), a run (config.json +
+    checkpoints/ or metrics.jsonl) or a model export (config.json + model.safetensors). Found inside an
+    input folder, its card.md, metrics.jsonl or config.json would otherwise be read as text."""
+    has = lambda name: (folder / name).exists()  # noqa: E731
+    return (has("manifest.json") and has("tokenizer.json")) or (
+        has("config.json") and (has("checkpoints") or has("metrics.jsonl") or has("model.safetensors"))
+    )
+
+
 def _walk(folder: Path) -> Iterator[Path]:
+    """Files under `folder`, sorted; hidden files and folders and lmforge's own outputs are left out."""
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _lmforge_output(Path(root) / d))
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name

@@ -259,7 +259,12 @@ def train(
                         "mem_mib": _memory_mib(device),
                         "tokens": state.tokens,
                         "tokens_per_s": tokens_per_s,
-                        "mfu": flops_per_token * tokens_per_s / (world_size * peak_flops) if peak_flops else 0.0,
+                        # (no FLOPs count, as in fine-tuning, where a "token" may be an example: no MFU)
+                        **(
+                            {"mfu": flops_per_token * tokens_per_s / (world_size * peak_flops)}
+                            if flops_per_token and peak_flops
+                            else {}
+                        ),
                         "elapsed_s": state.elapsed_s,
                         "eta_s": eta,
                     }
