@@ -56,8 +56,9 @@ class TensorBoardTracker:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _missing("tensorboard", "tensorboard") from None
-        # purge_step: a resumed run drops the events a crashed session logged after its checkpoint.
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        # purge_step: a resumed run drops the events a crashed session logged after its checkpoint, and a
+        # run starting from step 0 (killed before its first checkpoint) those of step 1 on, as metrics.jsonl
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record["step"])

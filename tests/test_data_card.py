@@ -55,6 +55,7 @@ def test_card_files_and_numbers(prepared: tuple[Path, dict]) -> None:
     top = card["top_tokens"]
     assert top[0]["count"] == max(train.count(t) for t in set(train)) and top[0]["count"] == train.count(top[0]["id"])
     assert [t["count"] for t in top] == sorted((t["count"] for t in top), reverse=True)
+    assert all(t["token"] for t in top)  # each shows its text (a Unigram "▁" was ''), a special its name
     md = (out / "card.md").read_text(encoding="utf-8")
     for needle in ("## Sources", "| deduplicated |", "| char_repetition | 1 |", "length_hist.png", "| zh |"):
         assert needle in md
@@ -132,3 +133,17 @@ def test_bpe_with_all_special_tokens(tmp_path: Path) -> None:
     tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
     assert m["tokenizer"]["eos_id"] == 0 and tok.hf.token_to_id("<|assistant|>") == 7
     assert tok.encode("<|mask|>") != [2]  # specials in text stay text
+
+
+def test_top_tokens_show_a_unigram_word_start_and_specials():
+    import numpy as np
+
+    from lmforge.data.prepare import _top_tokens
+    from lmforge.tokenizer.train import train_unigram
+
+    texts = ["the cat sat on the mat and the dog ran off " * 3] * 40
+    tok = train_unigram(iter(texts), 300)
+    ids = [i for t in texts for i in [*tok.encode(t), tok.eos_id]]
+    shown = {t["id"]: t["token"] for t in _top_tokens(tok, np.bincount(ids, minlength=tok.vocab_size))}
+    assert shown[tok.eos_id] == "<|endoftext|>" and all(shown.values())
+    assert shown[tok.hf.token_to_id("▁")] == " "  # the word-start mark alone (the commonest token): not ''

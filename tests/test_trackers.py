@@ -61,6 +61,13 @@ def test_tensorboard_holds_the_metrics_jsonl_numbers(data_dir, tmp_path):
     _assert_same(acc, run)
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
 
+    # Killed before its first checkpoint, then started again from step 0: no stale events either.
+    shutil.rmtree(run / "checkpoints")
+    pretrain(tiny_config(data_dir, run, **{"log.tensorboard": True, "eval.sample_tokens": 16}), progress=False)
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed")
 def test_mlflow_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, monkeypatch):

@@ -689,7 +689,11 @@ def _tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str
 
 def _top_tokens(tok: Tokenizer, counts: np.ndarray, k: int = 30) -> list[dict[str, Any]]:
     order = np.argsort(-counts, kind="stable")[:k]
-    return [{"id": int(i), "token": tok.decode([int(i)]), "count": int(counts[i])} for i in order if counts[i] > 0]
+    # the text each token adds (decode([id]) drops a lone word-start "▁" of a Metaspace tokenizer: ''),
+    # or a special token's name (<|endoftext|>), which adds no text
+    pieces = tok.token_utf8()
+    shown = {int(i): pieces[int(i)].decode("utf-8", errors="replace") or tok.id_to_token(int(i)) for i in order}
+    return [{"id": int(i), "token": shown[int(i)], "count": int(counts[i])} for i in order if counts[i] > 0]
 
 
 def _pass2(
