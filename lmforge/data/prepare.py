@@ -26,9 +26,10 @@ Key design decisions:
   TOKENIZERS_PARALLELISM=false, so they cannot deadlock on a thread pool the parent started.
 - Every removal has its own counter in `manifest["documents"]["removed"]` (all keys always present,
   0 when a filter is off), and the card records documents and bytes after each step.
-- Length (~830 lines, over the 800-line guide): `prepare()` and its two passes read in the order the
-  data flows; the per-block work is in blocks.py, the reader of a prepared directory in datadir.py,
-  and the config (~150 lines of typed, documented flags) stays beside the function it drives.
+- Length (~910 lines, over the 800-line guide): `prepare()` and its two passes read in the order the
+  data flows, and the config's checks (flags `--merge` refuses, the dedup report's path) sit with it;
+  the per-block work is in blocks.py, the reader of a prepared directory in datadir.py, and the
+  config (~150 lines of typed, documented flags) stays beside the function it drives.
 - Nothing half-written ever appears at `<out>`: everything is built in a hidden sibling folder and
   renamed into place at the end; on any error (or Ctrl-C) that folder is removed. `--overwrite` only
   replaces a folder that is a prepared data directory (has manifest.json) or is empty, so a typo
