@@ -43,27 +43,34 @@ def _model(seed: int = 0, **cfg) -> GPT:
     return model
 
 
-def _run_loop(model, batches, *, batch_size, micro, optim_cfg=None, steps=2, lr=1e-2):
+def _run_loop(model, batches, *, batch_size, micro, optim_cfg=None, steps=2, lr=1e-2, metrics=None, **loop):
+    """`train` on `batches` with a constant lr and no eval/checkpoints; `metrics`: a metrics.jsonl path
+    (every step logged), else no log; `loop`: more `train` arguments (flops_per_token, world, ...)."""
     cfg = TrainConfig(
-        max_steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr, warmup_steps=0, schedule="constant"
-    )
+        max_steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr, warmup_steps=0, schedule="constant",
+        log_every=1,
+    )  # fmt: skip
     optim_cfg = optim_cfg or OptimConfig()
     precision = pick_precision(torch.device("cpu"), "float32")
     optimizer = build_optimizer(model, optim_cfg, lr=lr, device=torch.device("cpu"))
-    log = RunLogger(None, max_steps=steps, start_step=0, enabled=False)
-    return train(
-        model,
-        optimizer,
-        iter(batches),
-        cfg=cfg,
-        optim_cfg=optim_cfg,
-        eval_cfg=EvalConfig(every=0),
-        ckpt_cfg=CheckpointConfig(every=0),
-        precision=precision,
-        state=TrainState(),
-        log=log,
-        save=lambda st: None,
-    )
+    log = RunLogger(metrics, max_steps=steps, start_step=0, console=False, enabled=metrics is not None)
+    try:
+        return train(
+            model,
+            optimizer,
+            iter(batches),
+            cfg=cfg,
+            optim_cfg=optim_cfg,
+            eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=0),
+            precision=precision,
+            state=TrainState(),
+            log=log,
+            save=lambda st: None,
+            **loop,
+        )
+    finally:
+        log.close()
 
 
 def _random_batches(n_seqs: int, seq: int = 12, seed: int = 1, ignore_frac: float = 0.3):
@@ -103,28 +110,11 @@ def test_mfu_divides_by_every_devices_peak(tmp_path):
     x, y = _random_batches(8)
     records = {}
     for world_size in (1, 2):
-        cfg = TrainConfig(max_steps=2, batch_size=8, lr=1e-3, warmup_steps=0, schedule="constant", log_every=1)
-        model = _model()
-        optimizer = build_optimizer(model, OptimConfig(), lr=1e-3, device=torch.device("cpu"))
         path = tmp_path / f"metrics-{world_size}.jsonl"
-        log = RunLogger(path, max_steps=2, start_step=0, console=False)
-        train(
-            model,
-            optimizer,
-            iter([(x, y)] * 2),
-            cfg=cfg,
-            optim_cfg=OptimConfig(),
-            eval_cfg=EvalConfig(every=0),
-            ckpt_cfg=CheckpointConfig(every=0),
-            precision=pick_precision(torch.device("cpu"), "float32"),
-            state=TrainState(),
-            log=log,
-            save=lambda st: None,
-            flops_per_token=1e6,
-            peak_flops=1e9,
-            world=DistInfo(world_size=world_size),
-        )
-        log.close()
+        _run_loop(
+            _model(), [(x, y)] * 2, batch_size=8, micro=8, lr=1e-3, metrics=path,
+            flops_per_token=1e6, peak_flops=1e9, world=DistInfo(world_size=world_size),
+        )  # fmt: skip
         records[world_size] = [r for r in read_metrics(path) if "mfu" in r]
     for world_size, rows in records.items():
         assert rows
