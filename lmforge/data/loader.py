@@ -195,7 +195,7 @@ def _n_windows(n_tokens: int, seq_len: int) -> int:
 
 
 def eval_batches(
-    shards: list[Path], *, seq_len: int, batch_size: int, max_batches: int = 0, vocab_size: int = 0
+    shards: list[Path], *, seq_len: int, batch_size: int, max_batches: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic batches covering the whole split once, in order.
 
@@ -204,8 +204,6 @@ def eval_batches(
         seq_len: tokens per sequence.
         batch_size: sequences per batch (the last batch may be smaller).
         max_batches: stop after this many batches; 0 = the whole split.
-        vocab_size: > 0: a token id at or above it is a `DataError` naming the shard (damaged, or
-            encoded with another tokenizer), instead of an IndexError inside the model.
 
     Yields:
         x, y int64 of shape (b, seq_len): padded inputs are 0, padded targets are -100.
@@ -219,11 +217,6 @@ def eval_batches(
         tokens = read_shard(path)
         for start in range(0, len(tokens) - 1, seq_len):
             chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
-            if vocab_size and chunk.size and int(chunk.max()) >= vocab_size:
-                raise DataError(
-                    f"{path} holds token id {int(chunk.max())}, beyond the model's {vocab_size} ids: it is damaged "
-                    "or was encoded with another tokenizer; prepare the data again"
-                )
             x = np.zeros(seq_len, dtype=np.int64)
             y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
             x[: len(chunk) - 1] = chunk[:-1]

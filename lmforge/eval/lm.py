@@ -226,12 +226,10 @@ def evaluate_checkpoint(
         )
         return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
                 "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
-    batch_size = batch_size or trained.config.train.micro_batch
-    vocab_size = trained.model.cfg.vocab_size
+    token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())  # (also checks the split's ids)
     batches = eval_batches(
-        shards, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, vocab_size=vocab_size
+        shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
     )
-    token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
     return {
         "checkpoint": str(checkpoint.path),

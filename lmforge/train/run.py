@@ -373,12 +373,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     def evaluate() -> dict[str, Any]:
         if setup.evaluate is not None:  # encoder objectives: mlm_accuracy, nsp_accuracy, rtd_auc, ...
             return setup.evaluate(model)
-        batches = eval_batches(
-            val_shards,
-            seq_len=cfg.data.seq_len,
-            batch_size=eval_bs,
-            max_batches=cfg.eval.max_batches,
-            vocab_size=cfg.model.vocab_size,
+        batches = eval_batches(  # (their ids were checked against the vocabulary by split_byte_table)
+            val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
         )
         share = dist.eval_share(cfg.dist.strategy, world.rank, world.world_size)
         metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **share)
