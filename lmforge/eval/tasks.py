@@ -124,8 +124,9 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     """
     from lmforge.generate import generate, generate_batch
 
-    room = answer_context(ft.model) - max_new_tokens
-    check_answer_room(max_new_tokens, answer_context(ft.model))
+    context = answer_context(ft.model)
+    check_answer_room(max_new_tokens, context)
+    room = context - max_new_tokens
     prompts = [p[-room:] for p in prompts]
     eos = ft.tokenizer.eos_id
     if ft.use_cache and room > 0:
