@@ -89,18 +89,26 @@ def bench(
     fused: str = "auto",
     compile: bool = False,
     vocab_size: int = 0,
+    attention: str = "auto",
 ) -> dict:
     vocab = vocab_size or load_config(preset=preset).model.vocab_size or 4096
     cfg = load_config(
         preset=preset,
         overrides={
             "model": {"vocab_size": vocab, "dropout": 0.0},
-            "train": {"batch_size": batch, "micro_batch_size": 0, "dtype": dtype, "device": device, "compile": compile},
+            "train": {
+                "batch_size": batch,
+                "micro_batch_size": 0,
+                "dtype": dtype,
+                "device": device,
+                "compile": compile,
+                "attention": attention,
+            },
             "optim": {"fused": fused},
         },
     )
     dev = pick_device(cfg.train.device)
-    precision = pick_precision(dev, cfg.train.dtype)
+    precision = pick_precision(dev, cfg.train.dtype, cfg.train.attention)
     keep_freed_memory(dev)  # as `pretrain` does
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dev)
@@ -146,6 +154,9 @@ def main() -> None:
     parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (optim.fused)")
     parser.add_argument("--compile", default="off", choices=["on", "off"], help="torch.compile the model")
     parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary (e.g. 50304)")
+    parser.add_argument(
+        "--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient"], help="train.attention (CUDA)"
+    )
     parser.add_argument("--nominal-peak", type=float, default=0.0, help="datasheet TFLOP/s: adds an MFU column")
     args = parser.parse_args()
     if args.threads:
@@ -155,7 +166,7 @@ def main() -> None:
         where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     print(
         f"# torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
-        f"fused AdamW {args.fused}, compile {args.compile}"
+        f"fused AdamW {args.fused}, compile {args.compile}, attention {args.attention}"
     )
     rows = []
     for preset in args.presets:
@@ -171,6 +182,7 @@ def main() -> None:
                 fused=args.fused,
                 compile=args.compile == "on",
                 vocab_size=args.vocab_size,
+                attention=args.attention,
             )
         )
     gpu = rows[0]["mem_gib"] is not None

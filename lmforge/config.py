@@ -92,6 +92,11 @@ class TrainConfig:
         "auto", "autocast precision; auto = bfloat16 on CUDA GPUs that support it, float32 elsewhere"
     )
     compile: bool = opt(False, "torch.compile the model and the causal-LM cross-entropy (GPU: ~1.3x faster)")
+    attention: Literal["auto", "flash", "cudnn", "efficient"] = opt(
+        "auto",
+        "CUDA attention kernel SDPA tries first (the others stay as fallbacks); auto = torch's choice "
+        "(cuDNN's on an H100 with torch 2.11); only auto elsewhere",
+    )
     log_every: int = opt(10, "steps between log lines and metrics.jsonl records")
     early_stop_patience: int = opt(0, "stop after this many evaluations without a new best val loss; 0 = off")
     early_stop_min_delta: float = opt(0.0, "an eval must beat the best val loss by more than this to count")

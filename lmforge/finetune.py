@@ -442,7 +442,7 @@ def _finetune(
     if cfg.replay and cfg.task != "clm":
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device, "--train.device")
-    precision = pick_precision(device, train_cfg.dtype)
+    precision = pick_precision(device, train_cfg.dtype, train_cfg.attention)
     keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 
     created = not out.exists()

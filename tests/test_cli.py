@@ -138,6 +138,8 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
     )  # fmt: skip
     _one_line_error(no_cxx, "--train.compile on CPU needs a C++ compiler")
     assert not (tmp_path / "c").exists()  # refused before the run directory is made
+    on_cpu = ["--preset", "tiny", "--train.device", "cpu", "--train.attention", "cudnn"]
+    _one_line_error(run_cli(*base, *on_cpu), "picks a CUDA attention kernel")
     assert not (tmp_path / "r").exists()
     _one_line_error(
         run_cli("pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model.n_layer", "3"),

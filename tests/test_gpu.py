@@ -57,3 +57,43 @@ def test_kv_cache_generation_matches_no_cache_on_cuda():
     a = generate(model, prompt, max_new_tokens=20, temperature=0, use_cache=True)
     b = generate(model, prompt, max_new_tokens=20, temperature=0, use_cache=False)
     assert a == b
+
+
+def _sdpa_ops(model: GPT, x: torch.Tensor, attention: str) -> tuple[set[str], torch.Tensor, list[torch.Tensor]]:
+    """The aten SDPA ops one bf16 forward + backward ran under `train.attention`, its logits and grads."""
+    precision = pick_precision(torch.device("cuda"), "bfloat16", attention)
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with precision.autocast():
+            logits = model(x)
+        logits.float().square().mean().backward()
+    ops = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    return ops, logits.float(), [p.grad.float() for p in model.parameters()]
+
+
+def test_train_attention_picks_the_cuda_kernel_and_the_kernels_agree():
+    model = _model(torch.device("cuda"))
+    x = torch.randint(0, 128, (4, 64), device="cuda")
+    order = torch._C._get_sdp_priority_order()
+    ops, flash_logits, flash_grads = _sdpa_ops(model, x, "flash")
+    assert "aten::_scaled_dot_product_flash_attention" in ops
+    assert "aten::_scaled_dot_product_cudnn_attention" not in ops
+    ops, cudnn_logits, cudnn_grads = _sdpa_ops(model, x, "cudnn")
+    assert "aten::_scaled_dot_product_cudnn_attention" in ops, ops
+    assert "aten::_scaled_dot_product_flash_attention" not in ops
+    # two bf16 kernels: equal to bf16 rounding, in the forward and in every parameter's gradient
+    torch.testing.assert_close(cudnn_logits, flash_logits, rtol=2e-2, atol=2e-2)
+    for a, b in zip(cudnn_grads, flash_grads, strict=True):
+        assert (a - b).norm() <= 3e-2 * b.norm() + 1e-6
+    # outside the context torch's own order is back (torch 2.11 puts cuDNN first on an H100 itself)
+    assert torch._C._get_sdp_priority_order() == order
+
+
+def test_compiled_generation_on_cuda_matches_eager(capsys: pytest.CaptureFixture[str]):
+    from lmforge.generate import _compile_failed
+
+    model = _model(torch.device("cuda"))
+    prompt = [1, 2, 3, 4, 5]
+    eager = generate(model, prompt, max_new_tokens=24, temperature=0)
+    assert generate(model, prompt, max_new_tokens=24, temperature=0, compile=True) == eager
+    assert model not in _compile_failed and "--compile failed" not in capsys.readouterr().err

@@ -91,3 +91,30 @@ def test_compiled_training_on_cuda_matches_eager(data_dir: Path, single_cuda: Pa
     step = sorted((out / "checkpoints").glob("step-*"))[-1]
     keys = load_file(str(step / "model.safetensors")).keys()
     assert keys == weights(single_cuda).keys()  # no `_orig_mod.` prefix from the compile wrapper
+
+
+def test_cli_eval_and_compiled_generate_on_cuda(single_cuda: Path):
+    """The commands a user runs next on a GPU box: `eval` and `generate --compile` (same greedy text)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+    def lmforge(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "lmforge", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+    p = lmforge("eval", str(single_cuda), "--device", "cuda")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "perplexity" in p.stdout.lower() or "loss" in p.stdout.lower(), p.stdout
+    flags = ["--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0", "--device", "cuda"]
+    eager = lmforge("generate", str(single_cuda), *flags)
+    compiled = lmforge("generate", str(single_cuda), *flags, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, (eager.stderr[-2000:], compiled.stderr[-2000:])
+    assert "--compile failed" not in compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip(), (eager.stdout, compiled.stdout)
+
+
+def test_pretrain_with_cudnn_attention_matches_flash(data_dir: Path, single_cuda: Path, tmp_path: Path):
+    from lmforge.train.run import pretrain
+
+    out = tmp_path / "cudnn"
+    pretrain(tiny_config(data_dir, out, **FLAGS, **CUDA, **{"train.attention": "cudnn"}), progress=False)
+    assert train_losses(out) == pytest.approx(train_losses(single_cuda), rel=2e-2)

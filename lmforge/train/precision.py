@@ -10,14 +10,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import inspect
 import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.attention
 
 from lmforge.errors import ConfigError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `train.attention`: which CUDA kernel `F.scaled_dot_product_attention` tries first. The others stay
+# enabled behind it, in torch's own order, so a shape the chosen kernel cannot run still runs.
+ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
+
+
+def attention_kernels(name: str) -> contextlib.AbstractContextManager:
+    """A context in which SDPA tries `name`'s CUDA kernel first, the others enabled behind it (`auto`:
+    torch's own choice, which with torch 2.11 on an H100 is already cuDNN's kernel)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
+    first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(
+        name, SDPBackend.EFFICIENT_ATTENTION
+    )
+    return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
 
 
 def cpp_compiler_problem() -> str | None:
@@ -50,11 +69,15 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
 class Precision:
     device: torch.device
     dtype: torch.dtype  # autocast dtype; float32 = no autocast
+    attention: str = "auto"  # the CUDA SDPA kernel tried first (ATTENTION_KERNELS)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        """Autocast at `dtype` (none for float32), with SDPA trying the `attention` kernel first."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(attention_kernels(self.attention))
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.dtype))
+        return stack
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         if self.dtype == torch.float16:
@@ -62,17 +85,29 @@ class Precision:
         return None
 
 
-def pick_precision(device: torch.device, name: str) -> Precision:
-    """Resolve `train.dtype` for `device` (`auto` → bf16 on capable CUDA GPUs, float32 elsewhere)."""
+def pick_precision(device: torch.device, name: str, attention: str = "auto") -> Precision:
+    """Resolve `train.dtype` for `device` (`auto` → bf16 on capable CUDA GPUs, float32 elsewhere) and
+    check `train.attention` (a CUDA kernel choice: only `auto` elsewhere)."""
+    if attention != "auto":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"--train.attention {attention} picks a CUDA attention kernel, and this run is on {device.type}; "
+                "leave it at auto"
+            )
+        if "set_priority" not in inspect.signature(torch.nn.attention.sdpa_kernel).parameters:
+            raise ConfigError(
+                f"--train.attention {attention} needs a newer torch (sdpa_kernel's set_priority), "
+                f"this is {torch.__version__}; upgrade torch or leave it at auto"
+            )
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return Precision(device, torch.bfloat16)
-        return Precision(device, torch.float32)
+            return Precision(device, torch.bfloat16, attention)
+        return Precision(device, torch.float32, attention)
     if name == "float16" and device.type == "cpu":
         raise ConfigError(
             "float16 autocast is not supported for training on CPU; use --train.dtype bfloat16 or float32"
         )
-    return Precision(device, DTYPES[name])
+    return Precision(device, DTYPES[name], attention)
 
 
 def keep_freed_memory(device: torch.device) -> bool:

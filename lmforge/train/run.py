@@ -251,6 +251,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             f"--train.compile on CPU needs a C++ compiler for inductor's kernels ({problem}); "
             "install g++ (or set CXX), or drop --train.compile"
         )
+    precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
     rank_train = _rank_batch(cfg, world.world_size)
 
     def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
@@ -259,7 +260,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
 
     resume = _on_main(world, claim_and_prepare)
 
-    precision = pick_precision(device, cfg.train.dtype)
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
     tokenizer_json = tokenizer.to_str()
 
