@@ -215,9 +215,14 @@ def test_early_stopping(data_dir, tmp_path):
 
 
 def test_time_budget_stops_and_saves(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path / "run", **{"train.max_steps": 100000, "train.time_budget": 1.0})
+    cfg = tiny_config(
+        data_dir, tmp_path / "run", **{"train.max_steps": 100000, "train.time_budget": 1.0, "train.log_every": 1000}
+    )
     state = pretrain(cfg, progress=False)
-    assert state.stop_reason == "time_budget" and 0 < state.step < 100000
+    assert state.stop_reason == "time_budget" and 0 < state.step < 1000
+    # the curve ends at the step it stopped on, although that is no log step (no update ratio there)
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    assert last["step"] == state.step and math.isfinite(last["loss"]) and "update_ratio" not in last
     assert load_checkpoint(tmp_path / "run").meta["step"] == state.step
     again = pretrain(cfg, progress=False)  # the budget is spent: nothing to do (it took one more step before)
     assert again.step == state.step and load_checkpoint(tmp_path / "run").meta["step"] == state.step

@@ -234,7 +234,25 @@ def train(
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             log.advance()
 
-            if log_now:
+            # Decide whether this is the last step before evaluating, so the final eval always runs.
+            interrupted = stop.received is not None
+            over_budget = bool(cfg.time_budget and state.elapsed_s >= cfg.time_budget)
+            if world_size > 1:  # all ranks stop at the same step, or the next collective hangs
+                interrupted, over_budget = (v > 0 for v in dist.all_reduce([interrupted, over_budget], device, "max"))
+            if interrupted:
+                state.stop_reason = "interrupted"
+            elif state.step >= cfg.max_steps:
+                state.stop_reason = "max_steps"
+            elif over_budget:
+                state.stop_reason = "time_budget"
+                log.info(
+                    f"stopping at step {state.step} of {cfg.max_steps}: the time budget of {cfg.time_budget:g} s "
+                    "(train.time_budget) is spent"
+                )
+
+            # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped
+            final_record = not log_now and state.stop_reason in ("interrupted", "time_budget")
+            if log_now or final_record:
                 dt = time.perf_counter() - interval_start
                 tokens_per_s = interval_tokens / dt if dt > 0 else 0.0
                 eta = (cfg.max_steps - state.step) * dt / interval_steps
@@ -253,7 +271,8 @@ def train(
                         "loss": loss_value,
                         "lr": lr,
                         "grad_norm": float(grad_norm),  # before clipping
-                        "update_ratio": update_ratio,
+                        # (measured on log steps only: it needs the weights from before the update)
+                        **({"update_ratio": update_ratio} if log_now else {}),
                         "loss_spike": spike,
                         "skipped_steps": state.skipped_steps,
                         "mem_mib": _memory_mib(device),
@@ -277,22 +296,6 @@ def train(
                         f"{ema:.4f}; lower --train.lr or raise --train.warmup_steps if it repeats"
                     )
                 interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
-
-            # Decide whether this is the last step before evaluating, so the final eval always runs.
-            interrupted = stop.received is not None
-            over_budget = bool(cfg.time_budget and state.elapsed_s >= cfg.time_budget)
-            if world_size > 1:  # all ranks stop at the same step, or the next collective hangs
-                interrupted, over_budget = (v > 0 for v in dist.all_reduce([interrupted, over_budget], device, "max"))
-            if interrupted:
-                state.stop_reason = "interrupted"
-            elif state.step >= cfg.max_steps:
-                state.stop_reason = "max_steps"
-            elif over_budget:
-                state.stop_reason = "time_budget"
-                log.info(
-                    f"stopping at step {state.step} of {cfg.max_steps}: the time budget of {cfg.time_budget:g} s "
-                    "(train.time_budget) is spent"
-                )
 
             evaluated = False
             want_eval = (eval_cfg.every and state.step % eval_cfg.every == 0) or state.stop_reason in (
