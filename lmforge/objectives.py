@@ -107,9 +107,20 @@ class ObjectiveConfig:
 
 
 class Objective(Protocol):
+    """What the training loop needs of an objective. `count(batch)`: the targets the summed loss is
+    divided by. An objective whose targets are not the tokens the model reads (MLM's masked positions,
+    one label per classified example) also has `tokens(batch)`, the tokens read, which tokens/s, MFU
+    and the run's token count use; without it those use `count`."""
+
     def count(self, batch: Any) -> int: ...
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+
+
+def tokens_read(objective: Objective, batch: Any) -> int:
+    """The tokens the model reads in `batch`, for throughput (`objective.tokens`, else its `count`)."""
+    tokens = getattr(objective, "tokens", None)
+    return tokens(batch) if tokens is not None else objective.count(batch)
 
 
 class CausalLM:
@@ -196,6 +207,9 @@ class MaskedLM:
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return count_targets(batch["labels"])
 
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:  # every real token, not only the masked ones
+        return int(batch["pad_mask"].sum())
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
@@ -227,6 +241,9 @@ class ReplacedTokenDetection:
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return count_targets(batch["labels"])
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:  # every real token, not only the masked ones
+        return int(batch["pad_mask"].sum())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         step, rtd_labels, gen_loss = electra_step(model, batch)

@@ -17,6 +17,7 @@ from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
+from lmforge.log import read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.train import train_char
 from lmforge.train.state import TrainState
@@ -213,6 +214,9 @@ def test_classify_cli_end_to_end_and_eval_matches(base: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     saved = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert (out / "confusion.png").stat().st_size > 1000
+    # tokens and tokens/s count the sentences' tokens (padding left out), not the 8 x 8 examples
+    last = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
+    assert last["step"] == 8 and last["tokens"] > 8 * 8 * 10
     assert saved["trainable_params"] == 2 * (4 * 32 + 96 * 4) + 2 * (4 * 32 + 32 * 4) + 66  # qkv + attn.proj + head
     from lmforge.eval.tasks import evaluate_task
 

@@ -320,6 +320,10 @@ def test_pretrain_and_eval_json_report_each_objectives_metrics(data_dir, tmp_pat
     pretrain(_cfg(data_dir, run, "bert-tiny", whole_word=True), progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert any("val_nsp_accuracy" in r and "val_mlm_accuracy" in r for r in records)
+    # tokens (and tokens/s, MFU) count every real token read, not only the ~15% masked ones: a 32-token
+    # window with [CLS] and [SEP]s, 8 per step, of which little is padding
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["step"] == 8 and 0.8 * 8 * 8 * 32 <= train[-1]["tokens"] <= 8 * 8 * 32
     r = run_cli("eval", str(run), "--json", "--max-batches", "2")
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)

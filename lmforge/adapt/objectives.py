@@ -47,6 +47,9 @@ class Classification:
     def count(self, batch: tuple[Tensor, Tensor, Tensor]) -> int:
         return int(batch[2].numel())
 
+    def tokens(self, batch: tuple[Tensor, Tensor, Tensor]) -> int:  # the examples' tokens, padding left out
+        return int(batch[1].sum())
+
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         ids, lengths, labels = batch
         return F.cross_entropy(model.classify(ids, lengths).float(), labels, reduction="sum")
@@ -103,6 +106,9 @@ class DPO:
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["chosen_x"].shape[0])
+
+    def tokens(self, batch: dict[str, Any]) -> int:  # chosen and rejected rows, padded to one length
+        return 2 * int(batch["chosen_x"].shape[0]) * max(batch["chosen_x"].shape[1], batch["rejected_x"].shape[1])
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         pc, pr = pair_logprobs(model, batch)

@@ -33,7 +33,7 @@ from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.dist import DistInfo
 from lmforge.log import RunLogger
-from lmforge.objectives import CausalLM, Objective, to_device
+from lmforge.objectives import CausalLM, Objective, to_device, tokens_read
 from lmforge.train.optim import l1_penalty
 from lmforge.train.precision import Precision
 from lmforge.train.schedule import lr_at
@@ -177,8 +177,9 @@ def train(
 
             window = [next(loader) for _ in range(cfg.accum_steps)]
             n_targets = sum(objective.count(batch) for batch in window)
+            n_tokens = sum(tokens_read(objective, batch) for batch in window)
             if world_size > 1:  # normalise by the global window; DDP/FSDP average gradients, so undo that
-                n_targets = int(dist.all_reduce([n_targets], device)[0])
+                n_targets, n_tokens = (int(v) for v in dist.all_reduce([n_targets, n_tokens], device))
             step_loss = torch.zeros((), device=device)
             for i, batch in enumerate(window):
                 with dist.no_grad_sync(model, sync=i == len(window) - 1):  # all-reduce after the last only
@@ -228,8 +229,8 @@ def train(
             state.step += 1
             if after_step is not None:
                 after_step(state.step)
-            state.tokens += n_targets
-            interval_tokens += n_targets
+            state.tokens += n_tokens
+            interval_tokens += n_tokens
             interval_steps += 1
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             log.advance()
