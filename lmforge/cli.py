@@ -411,12 +411,31 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def given_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The dests of the options written on `command`'s command line, also those given their default
+    value (which a comparison with the default cannot tell from an absent flag)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = sub._option_string_actions
+    given = set()
+    for token in argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        action = options.get(name)  # (the parsers take no abbreviations)
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         sys.exit(0)
+    args.given = given_flags(parser, args.command, sys.argv[1:] if argv is None else argv)
     try:
         code = _run(args, extra)
     except LmforgeError as e:

@@ -124,8 +124,12 @@ def check_eval_flags(args: argparse.Namespace) -> None:
     """A flag of the other `eval` mode, or of another task, would be ignored: it is an error instead."""
     from lmforge.errors import ConfigError
 
+    written = getattr(args, "given", set())  # flags on the command line, also at their default value
+
     def given(flags: dict[str, Any]) -> list[str]:
-        return ["--" + k.replace("_", "-") for k, default in flags.items() if getattr(args, k) != default]
+        return [
+            "--" + k.replace("_", "-") for k, default in flags.items() if getattr(args, k) != default or k in written
+        ]
 
     if not args.task:
         if given(_TASK_FLAGS):
@@ -133,11 +137,11 @@ def check_eval_flags(args: argparse.Namespace) -> None:
         return
     if given(_SPLIT_FLAGS):
         raise ConfigError(f"{given(_SPLIT_FLAGS)[0]} is for evaluating a prepared split (eval without --task); drop it")
-    if args.task != "classify" and (args.k_shot or args.shots):
+    if args.task != "classify" and (args.k_shot or args.shots or written & {"k_shot", "shots"}):
         raise ConfigError("--k-shot and --shots are for --task classify (in-context classification); drop them")
     if args.shots and not args.k_shot:
         raise ConfigError("--shots needs --k-shot K, the number of examples put before each row")
-    if args.task not in ("sft", "qa", "translate") and args.max_new_tokens != _TASK_FLAGS["max_new_tokens"]:
+    if args.task not in ("sft", "qa", "translate") and given({"max_new_tokens": _TASK_FLAGS["max_new_tokens"]}):
         raise ConfigError("--max-new-tokens is for --task sft, qa or translate (generated answers); drop it")
 
 
@@ -165,14 +169,16 @@ def run_eval_task(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "finetune":
         from lmforge.config import dataclass_from_namespace, parse_overrides
-        from lmforge.finetune import FinetuneConfig, finetune
+        from lmforge.finetune import FinetuneConfig, check_applies, finetune
 
+        cfg = dataclass_from_namespace(FinetuneConfig, args)
+        check_applies(cfg, getattr(args, "given", set()))  # a flag written at its default value, too
         result = finetune(
             args.base,
             train_file=args.train_file,
             val_file=args.val_file,
             out=args.out,
-            cfg=dataclass_from_namespace(FinetuneConfig, args),
+            cfg=cfg,
             overrides=parse_overrides(extra),
             overwrite=args.overwrite,
             progress=not args.quiet,

@@ -128,16 +128,24 @@ class FinetuneConfig:
             bool(self.replay) == (self.replay_fraction > 0),
             "--replay OLD_TEXT and --replay-fraction F (> 0, replay windows per new window) go together",
         )
-        for f in dataclasses.fields(self):  # a setting the run would not use is an error, not ignored
-            applies = _APPLIES_TO.get(f.name)
-            if applies is None or applies[0](self):
-                continue
+        changed = set()  # a setting the run would not use is an error, not ignored
+        for f in dataclasses.fields(self):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            check(
-                getattr(self, f.name) == default,
-                f"--{f.name.replace('_', '-')} is for {applies[1]}; drop it (this run: --task {self.task} "
-                f"--adapt {self.adapt})",
-            )
+            if getattr(self, f.name) != default:
+                changed.add(f.name)
+        check_applies(self, changed)
+
+
+def check_applies(cfg: FinetuneConfig, names: set[str]) -> None:
+    """Refuse each setting in `names` that `cfg`'s task and adaptation mode would not use. The config
+    checks the settings off their defaults; the CLI also those written at their default value."""
+    for name in [f.name for f in dataclasses.fields(cfg) if f.name in names]:
+        applies = _APPLIES_TO.get(name)
+        check(
+            applies is None or applies[0](cfg),
+            f"--{name.replace('_', '-')} is for {applies and applies[1]}; drop it (this run: --task {cfg.task} "
+            f"--adapt {cfg.adapt})",
+        )
 
 
 _GENERATION_TASKS = ("sft", "qa", "translate")

@@ -165,6 +165,9 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         (("--task", "clm", "--data", task_file, "--max-batches", "1"), "--max-batches is for evaluating a prepared"),
         (("--task", "qa", "--data", task_file, "--k-shot", "2"), "--k-shot and --shots are for --task classify"),
         (("--task", "classify", "--data", task_file, "--max-new-tokens", "5"), "--max-new-tokens is for --task sft"),
+        # written at its default value it still does nothing here: refused too
+        (("--task", "classify", "--data", task_file, "--max-new-tokens=48"), "--max-new-tokens is for --task sft"),
+        (("--max-batches", "0", "--task", "clm", "--data", task_file), "--max-batches is for evaluating a prepared"),
     ]:
         _one_line_error(run_cli("eval", str(run), *flags), needle)
     _one_line_error(run_cli(*base, "--preset", "tiny", "--train.seed", "-1"), "train.seed must be in")
