@@ -496,7 +496,12 @@ def load_config(
     if name:
         merged["preset"] = name
     where = f"{config_file}" if config_file else "config"
-    return from_dict(RunConfig, merged, where=where)
+    cfg = from_dict(RunConfig, merged, where=where)
+    # written by the user (TOML or flag), an objective setting the objective never reads is refused also
+    # at its default value; a preset's own objective settings are not the user's
+    written = [d.get("objective") for d in (file_dict, overrides)]
+    cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
+    return cfg
 
 
 def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:

@@ -65,19 +65,17 @@ class ObjectiveConfig:
             "objective.mask_token_frac and objective.random_token_frac must be >= 0 and sum to at most 1",
         )  # fmt: skip
         check(self.rtd_weight >= 0, f"objective.rtd_weight must be >= 0, got {self.rtd_weight}")
-        unused = {  # settings the chosen objective never reads: an error rather than silently ignored
-            "clm": ("mask_prob", "mask_token_frac", "random_token_frac", "whole_word", "rtd_weight"),
-            "mlm": ("rtd_weight", "carry_state"),
-            "mlm+nsp": ("rtd_weight", "carry_state"),
-            "mlm+sop": ("rtd_weight", "carry_state"),
-            "electra": ("carry_state",),
-        }.get(self.name, ())
+        self.refuse_unused({f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default})
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` that this objective never reads is an error rather than silently ignored
+        (the config checks those off their defaults; `load_config` also those the user wrote)."""
+        unused = _UNUSED_BY.get(self.name, ())
         for f in dataclasses.fields(self):
-            if f.name in unused:
-                check(
-                    getattr(self, f.name) == f.default,
-                    f"objective.{f.name} is not used by objective {self.name!r}; drop it",
-                )
+            check(
+                f.name not in unused or f.name not in names,
+                f"objective.{f.name} is not used by objective {self.name!r}; drop it",
+            )
 
     @property
     def pairs(self) -> str:
@@ -104,6 +102,15 @@ class ObjectiveConfig:
             f"objective {self.name!r} needs model.n_segments >= 2 (its second sentence has segment id 1), got "
             f"{model.n_segments}; raise it, or use --objective mlm",
         )
+
+
+_UNUSED_BY = {  # the settings each objective never reads
+    "clm": ("mask_prob", "mask_token_frac", "random_token_frac", "whole_word", "rtd_weight"),
+    "mlm": ("rtd_weight", "carry_state"),
+    "mlm+nsp": ("rtd_weight", "carry_state"),
+    "mlm+sop": ("rtd_weight", "carry_state"),
+    "electra": ("carry_state",),
+}
 
 
 class Objective(Protocol):

@@ -117,5 +117,8 @@ def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
     with pytest.raises(ConfigError, match="objective.rtd_weight is not used by objective 'mlm'"):
         load_config(preset="bert-tiny", overrides={"objective": {"name": "mlm", "rtd_weight": 10.0}})
     load_config(preset="bert-tiny", overrides={"objective": {"whole_word": True}})  # where it applies
+    with pytest.raises(ConfigError, match="objective.mask_prob is not used by objective 'clm'"):  # at its default
+        load_config(preset="tiny", overrides=["--objective.mask_prob", "0.15"])
+    load_config(preset="bert-tiny", overrides=["--objective.mask_prob", "0.15"])
     with pytest.raises(ConfigError, match="--special-tokens all applies to a trained bpe tokenizer"):
         PrepareConfig(inputs=["x.txt"], out="o", tokenizer="char", special_tokens="all")
