@@ -273,7 +273,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.config import dataclass_from_namespace
         from lmforge.data.prepare import PrepareConfig, prepare
 
-        prepare(dataclass_from_namespace(PrepareConfig, args), progress=not args.quiet)
+        cfg = dataclass_from_namespace(PrepareConfig, args)
+        if cfg.merge:
+            cfg.check_merge_flags(getattr(args, "given", set()))
+        prepare(cfg, progress=not args.quiet)
     elif args.command == "pretrain":
         from lmforge.config import load_config, merge, parse_overrides
         from lmforge.train.run import pretrain

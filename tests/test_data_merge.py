@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.errors import DataError, LmforgeError
-from tests.conftest import shakespeare_text
+from tests.conftest import run_cli, shakespeare_text
 from tests.test_data_dedup import ZH, perturb
 from tests.test_data_prepare import docs_by_split, write
 
@@ -130,5 +130,9 @@ def test_merge_refuses_flags_it_does_not_apply(tmp_path: Path) -> None:
     for name, (value, flag) in flags.items():
         with pytest.raises(LmforgeError, match=f"^{flag} is not applied by --merge"):
             prep(tmp_path, [tmp_path / "a"], "m", merge=True, **{name: value})
+    assert not (tmp_path / "m").exists()
+    # on the command line, a flag written with its default value is refused too
+    r = run_cli("prepare", str(tmp_path / "a"), "--merge", "--out", str(tmp_path / "m"), "--val-fraction", "0.05")
+    assert r.returncode == 2 and "--val-fraction is not applied by --merge" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()
     prep(tmp_path, [tmp_path / "a"], "m", merge=True, dedup="near", near_threshold=0.7, shard_tokens=1000, card=False)

@@ -246,17 +246,18 @@ class PrepareConfig:
             f"shard_tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
         )
         if self.merge:
-            self._check_merge_flags()
+            self.check_merge_flags(set())
 
-    def _check_merge_flags(self) -> None:
+    def check_merge_flags(self, written: set[str]) -> None:
         """--merge copies the parts' tokens: reading, cleaning, filtering, splitting and tokenizing
         options were the parts' to apply. Given anyway they would be recorded in manifest.config as
-        if applied, so a value other than the default is refused, naming the flag."""
+        if applied, so a value other than the default is refused, naming the flag, and so is a flag
+        in `written` (the CLI's: written at its default value, it would still do nothing)."""
         for f in fields(self):
             if f.name in _MERGE_FLAGS:
                 continue
             default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(self, f.name) != default:
+            if getattr(self, f.name) != default or f.name in written:
                 flag = "--" + f.name.replace("_", "-")
                 check(False, f"{flag} is not applied by --merge (the parts were already prepared); drop it")
 
