@@ -131,6 +131,9 @@ def test_merge_refuses_flags_it_does_not_apply(tmp_path: Path) -> None:
         with pytest.raises(LmforgeError, match=f"^{flag} is not applied by --merge"):
             prep(tmp_path, [tmp_path / "a"], "m", merge=True, **{name: value})
     assert not (tmp_path / "m").exists()
+    with pytest.raises(LmforgeError, match="is a prepared data folder, not text: combine prepared folders with"):
+        prep(tmp_path, [tmp_path / "a"], "m")  # without --merge: its card.md would be the corpus
+    assert not (tmp_path / "m").exists()
     # on the command line, a flag written with its default value is refused too
     r = run_cli("prepare", str(tmp_path / "a"), "--merge", "--out", str(tmp_path / "m"), "--val-fraction", "0.05")
     assert r.returncode == 2 and "--val-fraction is not applied by --merge" in r.stderr, r.stderr

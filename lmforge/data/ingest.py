@@ -224,6 +224,13 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
             raise DataError(f"input {raw!r} does not exist; check the path")
         if is_hf_disk(path):
             take(path, explicit=True)
+        elif path.is_dir() and _lmforge_output(path):  # its card.md / config.json are no corpus
+            if (path / "manifest.json").exists():
+                raise DataError(
+                    f"input {raw!r} is a prepared data folder, not text: combine prepared folders with "
+                    f"'lmforge prepare PART... --merge --out DIR', or pass the text it was prepared from"
+                )
+            raise DataError(f"input {raw!r} is an lmforge run or model export, not text; pass text files or folders")
         elif path.is_dir():
             before = len(chosen)
             for file in _walk(path):
