@@ -352,6 +352,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.export.hf import export_hf, verify_hf
         from lmforge.export.peft import export_peft
 
+        if "dtype" in getattr(args, "given", set()):
+            raise ConfigError("--dtype is for --to gguf exports; drop it (an HF export keeps the run's fp32 weights)")
         export = export_peft if args.peft else export_hf
         out = export(args.run, args.out, overwrite=args.overwrite)
         print(f"wrote {out}")

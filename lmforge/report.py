@@ -538,7 +538,12 @@ def render_markdown(runs: list[Run], out: Path) -> str:
 
 def _resolve_format(out: Path, fmt: str) -> Literal["html", "md"]:
     if fmt == "auto":
-        return "md" if out.suffix.lower() in (".md", ".markdown") else "html"
+        suffix = out.suffix.lower()
+        if suffix not in ("", ".md", ".markdown", ".html", ".htm"):
+            raise ConfigError(
+                f"--out {out.name}: a report is HTML or Markdown; name it .html or .md (or give --format html|md)"
+            )
+        return "md" if suffix in (".md", ".markdown") else "html"
     if fmt not in ("html", "md"):
         raise ConfigError(f"unknown report format {fmt!r}; use html or md")
     return fmt  # type: ignore[return-value]

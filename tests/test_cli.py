@@ -159,6 +159,10 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         _one_line_error(bad, needle)
         assert bad.stdout == "", bad.stdout  # refused before the prompt is echoed
     _one_line_error(run_cli("eval", str(run), "--batch-size", "-4"), "--batch-size must be >= 1")
+    hf = ["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]
+    _one_line_error(run_cli(*hf, "--dtype", "f16"), "--dtype is for --to gguf")  # even at its default value
+    _one_line_error(run_cli("report", str(run), "--out", str(tmp_path / "r.pdf")), "name it .html or .md")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "r.pdf").exists()
     task_file = str(REPO / "tests" / "data" / "sentiment_val.jsonl")
     for flags, needle in [  # a flag of eval's other mode (or another task) would be ignored
         (("--k-shot", "4"), "--k-shot is for task metrics"),

@@ -410,6 +410,14 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="has no model weights") as excinfo:
         import_hf(out, tmp_path / "a")
     one_line(excinfo)
+    # a pickle holding more than tensors: refused in one plain line (no colour codes), nothing unpickled
+    torch.save({"wte.weight": torch.zeros(2), "extra": Path("x")}, out / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds pickled objects besides tensors") as excinfo:
+        import_hf(out, tmp_path / "a")
+    one_line(excinfo)
+    assert "\x1b" not in str(excinfo.value)
+    (out / "pytorch_model.bin").unlink()
+    (tmp_path / "model.safetensors").rename(out / "model.safetensors")
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     (out / "config.json").write_text(json.dumps(config | {"model_type": "roberta"}), encoding="utf-8")
     with pytest.raises(

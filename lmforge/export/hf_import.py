@@ -165,7 +165,12 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     try:  # never unpickle code: weights_only refuses anything but tensors and plain containers
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except UnpicklingError:  # torch's own text is a page of advice with terminal colour codes
+        raise CheckpointError(
+            f"{path} holds pickled objects besides tensors, which lmforge never loads (loading them can run "
+            "code); convert it to safetensors where it was made"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(
             f"{path} is not a plain tensor checkpoint ({first_line(e)}); convert it to safetensors"
         ) from None
