@@ -216,8 +216,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file()):
         ckpt = latest_checkpoint(p)
         if ckpt is None:
+            command = "lmforge finetune" if (p / "finetune.json").is_file() else "lmforge pretrain"
             raise CheckpointError(
-                f"run directory {p} has no complete checkpoint yet; train it first (lmforge pretrain)"
+                f"run directory {p} has no complete checkpoint yet; train it first ({command}; the same command "
+                "again resumes it)"
             )
         return ckpt
     raise CheckpointError(f"{p} is not an lmforge run directory or checkpoint (no state.json / checkpoints/)")

@@ -440,6 +440,14 @@ def _finetune(
 
     cfg = cfg or FinetuneConfig()
     train_cfg, optim_cfg, eval_cfg, ckpt_cfg = finetune_sections(cfg.adapt, overrides)
+    if cfg.schedule == "continue":  # the base run's schedule sets every step's learning rate
+        train_given = (overrides or {}).get("train") or {}
+        for key in ("lr", "final_lr", "warmup_steps", "schedule", "decay_fraction"):
+            if key in train_given:
+                raise ConfigError(
+                    f"--train.{key} is not used with --schedule continue (the base run's schedule sets the "
+                    "learning rate); drop it, or use --schedule fresh"
+                )
     out = Path(out)
     previous = None if overwrite else _existing_run(out, base, cfg)
     fields = field_map(cfg.task, cfg.field)
@@ -667,7 +675,7 @@ def _finetune(
     if lr_schedule is not None:
         log.info(
             f"learning rate: the base run's schedule from its step {lr_schedule.start} "
-            f"({lr_schedule(0):.3g} at the first step); --train.lr/warmup/schedule are not used"
+            f"({lr_schedule(0):.3g} at the first step)"
         )
     forgetting: dict[str, Any] = {}
     if "forgetting_before" in resumed_extra:  # measured on the base when the run started

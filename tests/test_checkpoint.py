@@ -105,7 +105,10 @@ def test_foreign_or_missing_paths(tmp_path):
         load_checkpoint(tmp_path / "random")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint yet; train it first \(lmforge pretrain"):
+        load_checkpoint(tmp_path / "run")
+    (tmp_path / "run" / "finetune.json").write_text("{}", encoding="utf-8")  # a fine-tune killed before saving
+    with pytest.raises(CheckpointError, match=r"train it first \(lmforge finetune"):
         load_checkpoint(tmp_path / "run")
     fake = tmp_path / "fake"
     fake.mkdir()

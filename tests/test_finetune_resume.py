@@ -129,11 +129,12 @@ def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_p
     half = run / "checkpoints" / "step-000004"  # the base: the run half-way through its cosine schedule
     text = tmp_path / "new.txt"
     text.write_text(shakespeare_text(6_000), encoding="utf-8")
-    overrides = {"train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_steps": 1}}
+    overrides = {"train": {"max_steps": 3, "batch_size": 4, "log_every": 1}}
     lrs = {}
     for schedule in ("continue", "fresh"):
         cfg = FinetuneConfig(task="clm", adapt="full", schedule=schedule)
-        finetune(half, train_file=text, out=tmp_path / schedule, cfg=cfg, overrides=overrides, progress=False)
+        given = overrides if schedule == "continue" else {"train": {**overrides["train"], "warmup_steps": 1}}
+        finetune(half, train_file=text, out=tmp_path / schedule, cfg=cfg, overrides=given, progress=False)
         rows = (tmp_path / schedule / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         lrs[schedule] = [json.loads(r)["lr"] for r in rows if "lr" in json.loads(r)]
     t = pre_cfg.train
@@ -144,6 +145,10 @@ def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_p
     assert lrs["continue"] == pytest.approx(expected, rel=1e-12)
     assert t.final_lr < lrs["continue"][-1] < lrs["continue"][0] < t.lr  # on the way down, not warming up again
     assert lrs["fresh"][0] == pytest.approx(3e-4)  # fresh: the full-mode default peak after 1 warmup step
+    with pytest.raises(ConfigError, match="--train.lr is not used with --schedule continue"):  # not ignored
+        cfg = FinetuneConfig(task="clm", schedule="continue")
+        finetune(half, train_file=text, out=tmp_path / "y", cfg=cfg, overrides={"train": {"lr": 1e-3}})
+    assert not (tmp_path / "y").exists()
     with pytest.raises(ConfigError, match="--schedule is for --task clm; drop it"):
         FinetuneConfig(task="sft", schedule="continue")
     base0 = make_base(tmp_path / "b0", max_seq_len=64)  # a step-0 (imported-like) base has no schedule to continue
