@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 
 TEMPLATE_NAME = "lmforge-v1"
 ROLES = ("system", "user", "assistant")
@@ -126,10 +126,13 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import StreamDecoder, check_sampling, generate, require_text_generator
+    from lmforge.generate import StreamDecoder, _check_seed, check_sampling, generate, require_text_generator
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
+    _check_seed(seed)
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
     ft = load_finetuned(run, pick_device(device))
@@ -137,8 +140,6 @@ def chat(
     tok, model = ft.tokenizer, ft.model
     template = ft.template or ChatTemplate()
     context = model.cfg.max_seq_len
-    if max_new_tokens <= 0:
-        raise DataError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
     max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
     note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
     stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
@@ -165,6 +166,14 @@ def chat(
         ids, dropped = template.prompt_ids(tok, history, budget=context - max_new_tokens)
         if dropped:
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
+        full = sum(len(seg) for seg, _ in template.segments(tok, history, add_generation_prompt=True))
+        if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
+            print(
+                f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
+                f"beside a {max_new_tokens}-token reply; only its last {len(ids)} tokens are used",
+                file=sys.stderr,
+                flush=True,
+            )
         stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
         stdout.write("bot> ")
 

@@ -19,8 +19,10 @@ no request waits for it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import socket
 import sys
 import threading
 import time
@@ -38,6 +40,15 @@ class ServeLimits:
     max_body_bytes: int = 1_000_000
     max_tokens: int = 512  # upper bound a request may ask for
     default_max_tokens: int = 128
+
+    def __post_init__(self) -> None:  # a zero or negative limit would refuse every request
+        for flag, value in (
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-tokens", self.max_tokens),
+            ("default_max_tokens", self.default_max_tokens),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
@@ -93,12 +104,18 @@ def make_server(
     from lmforge.generate import generate, require_text_generator
     from lmforge.train.precision import pick_device
 
+    if not 0 <= port <= 65535:  # before loading the model, which takes a while
+        raise ConfigError(f"--port must be 0-65535 (0 = any free port), got {port}")
     ft = load_finetuned(run, pick_device(device))
     require_text_generator(run, ft)
     try:
         server = LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits(), compile)
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+            advice = "--host must name this machine (127.0.0.1: this machine only, 0.0.0.0: all its addresses)"
+        else:
+            advice = "pick another --port"
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); {advice}") from None
     if compile and ft.use_cache:  # one eager prefill and one compiled decode step: compiles it now
         generate(ft.model, [ft.tokenizer.eos_id or 0], max_new_tokens=2, temperature=0.0, compile=True)
     return server
@@ -267,8 +284,8 @@ class _Handler(BaseHTTPRequestHandler):
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise RequestError(400, "'seed' must be an integer")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):

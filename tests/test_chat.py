@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -67,7 +68,7 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     assert r.returncode == 0, r.stderr
     replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
     assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
-    assert "(history cleared)" in r.stdout and "never read" not in r.stdout
+    assert "(history cleared)" in r.stdout and "never read" not in r.stdout and "note:" not in r.stderr
     gbk = subprocess.run(  # a GBK terminal: the line is refused with a hint, the session goes on
         [sys.executable, "-m", "lmforge", "chat", str(chat_run), "--temperature", "0"],
         input="你好\n".encode("gbk") + b"hi\n/exit\n",
@@ -79,6 +80,45 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     assert gbk.returncode == 0 and "not valid UTF-8" in out and "bot> hello there" in out, gbk.stderr
     bad = run_cli("chat", str(chat_run), "--top-p", "0", input="hi\n")  # refused before the first message
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
+
+
+def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
+    """A message longer than the context is cut to its end: said on stderr, not silently."""
+    r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, r.stderr  # only for the long message; "hi" fits
+    assert "context (64 tokens)" in notes[0] and "only its last 56 tokens are used" in notes[0], notes
+
+
+def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
+    """Out-of-range numbers are one-line errors before the run is read (this one does not even exist)."""
+    missing = str(tmp_path / "no-run")
+    cases = [
+        (("serve", missing, "--port", "99999"), "--port must be 0-65535"),  # was an OverflowError traceback
+        (("serve", missing, "--port", "-1"), "--port must be 0-65535"),
+        (("serve", missing, "--max-tokens", "0"), "--max-tokens must be >= 1"),  # every request failed
+        (("serve", missing, "--max-body-bytes", "-5"), "--max-body-bytes must be >= 1"),
+        (("chat", missing, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+        (("chat", missing, "--seed", "-1"), "seed must be in [0, 2**63)"),  # was refused after the first message
+    ]
+    for args, needle in cases:
+        r = run_cli(*args, input="hi\n")
+        assert r.returncode == 2 and r.stderr.startswith("lmforge: error: ") and needle in r.stderr, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_serve_bind_errors_name_the_flag_to_change(chat_run: Path):
+    from lmforge.errors import ConfigError
+    from lmforge.serve import make_server
+
+    with pytest.raises(ConfigError, match="--host must name this machine"):  # 192.0.2.1: TEST-NET, never local
+        make_server(chat_run, host="192.0.2.1", port=0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="pick another --port"):
+            make_server(chat_run, port=taken.getsockname()[1])
 
 
 def test_history_is_trimmed_to_the_context(chat_run: Path):
@@ -149,6 +189,8 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         assert status == 400 and "empty conversation" in json.loads(body)["error"]["message"]
         status, body = _post(base + "/completions", {"prompt": "y" * 60, "max_tokens": 16})
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+        status, body = _post(base + "/chat/completions", {"messages": [{"role": "user", "content": "y" * 60}]})
+        assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"  # not cut silently
         status, _ = _post(base + "/completions", b"{not json")
         assert status == 400
         bad = [
@@ -158,6 +200,7 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", b'{"prompt": "\\udc00 x"}', "surrogate"),
             ("/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "surrogate"),
             ("/completions", {"prompt": "hi", "max_tokens": 3.5}, "whole number"),
+            ("/completions", {"prompt": "hi", "seed": -1, "stream": True}, "'seed'"),  # a 400, not an SSE error
             ("/completions", {"prompt": "hi", "n": 2}, "'n'"),
             ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
             ("/completions", {"prompt": "hi", "logprobs": 3}, "'logprobs' is not supported"),
