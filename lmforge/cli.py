@@ -89,7 +89,7 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "prepare",
         help="clean, deduplicate, tokenize and split raw text into a data directory",
-        description="Read .txt/.md/.jsonl/.csv/.tsv (+ .gz/.zst), .parquet, folders (recursive), globs and "
+        description="Read .txt/.md/.jsonl/.json/.csv/.tsv (+ .gz/.zst), .parquet, folders (recursive), globs and "
         "Hugging Face datasets; clean, filter, deduplicate (exact or near), train or load a tokenizer, split "
         "train/val/test by document hash, write token shards, manifest.json and a data card.",
     )
@@ -162,7 +162,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser(
         "export",
-        help="write a run or checkpoint as a Hugging Face model directory",
+        help="write a run or checkpoint as a Hugging Face model directory (--to hf) or a GGUF file (--to gguf)",
         description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
         "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models) or "
         "AutoModelForMaskedLM (BERT; ELECTRA: its discriminator as ElectraForPreTraining). LoRA runs export merged, "

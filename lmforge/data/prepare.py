@@ -114,7 +114,7 @@ class PrepareConfig:
         default_factory=list,
         metadata={
             "help": "input files, folders (searched recursively), glob patterns, save_to_disk dataset folders "
-            "and hf:NAME[:CONFIG][:SPLIT] hub datasets: .txt .md .jsonl .csv .tsv (+ .gz/.zst), .parquet"
+            "and hf:NAME[:CONFIG][:SPLIT] hub datasets: .txt .md .jsonl .json .csv .tsv (+ .gz/.zst), .parquet"
         },
     )
     out: str = opt("", "output data directory")

@@ -79,7 +79,10 @@ class Tokenizer:
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
-            raise DataError(f"tokenizer file {str(p)!r} not found; pass a tokenizer.json path or 'bpe'/'char'")
+            raise DataError(
+                f"tokenizer file {str(p)!r} not found; pass a tokenizer.json path or bpe, char, wordpiece or "
+                "unigram (lower case)"
+            )
         try:
             with open(p, encoding="utf-8") as f:
                 text = f.read()
