@@ -118,6 +118,10 @@ def test_pretrain_on_a_mixture_resumes_exactly(data_dir: Path, tmp_path: Path, c
     tok = str(Path(data_dir) / "tokenizer.json")
     write(tmp_path / "other.txt", shakespeare_text(120_000)[60_000:])
     prepare(PrepareConfig(inputs=[str(tmp_path / "other.txt")], out=str(tmp_path / "other"), tokenizer=tok))
+    bad = {"data.mix": f"{data_dir}=0.75,{tmp_path / 'nothere'}=0.25"}
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        pretrain(tiny_config(data_dir, tmp_path / "bad", **bad), progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before the run folder (and its lock) is made
     mix = {"data.mix": f"{data_dir}=0.75,{tmp_path / 'other'}=0.25"}
     straight = tmp_path / "straight"
     pretrain(tiny_config(data_dir, straight, **mix), progress=True)

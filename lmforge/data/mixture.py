@@ -150,7 +150,15 @@ class MixtureLoader:
 def mixture_loader(
     spec: str, tokenizer_sha256: str, *, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> MixtureLoader:
-    """Open the data directories of a `data.mix` spec and build the `MixtureLoader` over their train splits.
+    """Open the data directories of a `data.mix` spec and build the `MixtureLoader` over their train splits
+    (errors: `mix_sources`)."""
+    sources = mix_sources(spec, tokenizer_sha256)
+    return MixtureLoader(sources, seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def mix_sources(spec: str, tokenizer_sha256: str) -> list[tuple[str, list[Path], float]]:
+    """(directory, train shards, weight) for each entry of a `data.mix` spec; cheap (manifests only), so
+    `pretrain` checks the spec with it before the run folder is made.
 
     Raises:
         ConfigError: malformed spec. DataError: a directory is not prepared, has no train shards, or
@@ -170,4 +178,4 @@ def mixture_loader(
         if not shards:
             raise DataError(f"data.mix: {name} has no train shards; re-run 'lmforge prepare' with more text")
         sources.append((name, shards, weight))
-    return MixtureLoader(sources, seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    return sources

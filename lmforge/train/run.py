@@ -252,6 +252,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "install g++ (or set CXX), or drop --train.compile"
         )
     precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
+    if cfg.data.mix:  # its directories too (manifests only; the loader opens them after the claim)
+        from lmforge.data.mixture import mix_sources
+
+        mix_sources(cfg.data.mix, tokenizer.fingerprint)
     rank_train = _rank_batch(cfg, world.world_size)
 
     def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
