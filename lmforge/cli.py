@@ -48,13 +48,16 @@ class Parser(argparse.ArgumentParser):
 
 def _config_epilog(presets: bool = True) -> str:
     from lmforge.config import help_lines
-    from lmforge.presets import PRESETS
+    from lmforge.presets import PRESETS, preset_dict
 
     order = "defaults < --preset < --config < flags" if presets else "defaults < the quickstart preset < flags"
     lines = [f"settings (any of these as --section.key VALUE; precedence: {order}):"]
+    quickstart = {} if presets else preset_dict("quickstart")  # quickstart trains its preset: show its values
     for key, text, default in help_lines():
         if key in ("preset", "out", "data.dir"):
             continue
+        section, _, name = key.partition(".")
+        default = (quickstart.get(section) or {}).get(name, default) if name else quickstart.get(key, default)
         lines.append(f"  --{key:<28} {text} (default: {default!r})")
     if presets:
         lines.append(f"\npresets: {', '.join(PRESETS)}")

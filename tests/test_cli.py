@@ -192,3 +192,12 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
     state = broken / "checkpoints" / "step-000030" / "state.json"
     state.write_text('{"format_version": 1, "files"', encoding="utf-8")
     _one_line_error(run_cli("generate", str(broken / "checkpoints" / "step-000030")), "state.json")
+
+
+def test_quickstart_help_shows_the_settings_it_trains_with():
+    from lmforge.presets import preset_dict
+
+    text = run_cli("quickstart", "--help").stdout
+    preset = preset_dict("quickstart")
+    assert f"--model.n_layer                Transformer blocks (default: {preset['model']['n_layer']})" in text
+    assert f"(default: {preset['train']['time_budget']!r})" in text
