@@ -478,9 +478,10 @@ class DiLoCo:
     Every worker runs the inner optimizer (AdamW) alone on its own data for `sync_every` steps; then
     the workers average their parameter change since the last sync (one all-reduce of the parameters)
     and apply it to the shared parameters with Nesterov SGD (`outer_lr`, `outer_momentum`), and every
-    worker continues from the result. Communication: one all-reduce per `sync_every` steps instead of
-    one per step (DDP), i.e. `sync_every` x less traffic, for slow interconnects between nodes.
-    With outer_lr 1 and momentum 0 it is plain parameter averaging; with one worker, plain training.
+    worker continues from the result. The last step of a run (whatever stops it) syncs too, so the
+    final checkpoint holds the synced weights. Communication: one all-reduce per `sync_every` steps
+    instead of one per step (DDP), i.e. about `sync_every` x less traffic, for slow interconnects between
+    nodes. With outer_lr 1 and momentum 0 it is plain parameter averaging; with one worker, plain training.
 
     Checkpoints hold the weights (rank 0's, identical on every rank right after a sync); the outer
     momentum restarts from zero on resume, so resume is exact only for outer_momentum 0 and checkpoints
@@ -495,10 +496,13 @@ class DiLoCo:
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.bytes_per_sync = 2 * sum(p.numel() * p.element_size() for p in self.params)  # ring all-reduce ~2x
         self.syncs = 0
+        self.synced_at = -1  # the step of the last sync
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        if step % self.cfg.sync_every:
+    def after_step(self, step: int, last: bool = False) -> None:
+        """The outer sync, every `sync_every` steps and at the `last` step of the run (once per step).
+        A collective: every rank must call it with the same arguments."""
+        if step == self.synced_at or (step % self.cfg.sync_every and not last):
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
         flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
@@ -514,13 +518,14 @@ class DiLoCo:
             a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
             p.copy_(a)
         self.syncs += 1
+        self.synced_at = step
 
     def comm_report(self, world_size: int, steps: int) -> str:
-        """Bytes sent per worker by DiLoCo vs what DDP would send for the same steps."""
-        diloco = self.bytes_per_sync * (steps // self.cfg.sync_every)
+        """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
+        diloco = self.bytes_per_sync * self.syncs
         ddp = self.bytes_per_sync * steps
         return (
             f"diloco: {world_size} workers sync every {self.cfg.sync_every} steps; all-reduce traffic per worker "
-            f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP "
-            f"({self.cfg.sync_every}x less)"
+            f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
+            + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )

@@ -50,7 +50,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(data_dir: Path, out: Path, *extra: str, nproc: int = 2, **flags: object) -> list[str]:
+def torchrun_command(
+    data_dir: Path, out: Path, *extra: str, nproc: int = 2, entry: tuple[str, ...] = ("-m", "lmforge"), **flags: object
+) -> list[str]:
+    """torchrun running `entry` (default: lmforge's CLI) with `pretrain` and the test flags."""
     args = [f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()]
     return [
         sys.executable,
@@ -59,8 +62,7 @@ def torchrun_command(data_dir: Path, out: Path, *extra: str, nproc: int = 2, **f
         f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1",
         f"--master-port={free_port()}",
-        "-m",
-        "lmforge",
+        *entry,
         "pretrain",
         "--preset=tiny",
         f"--data={data_dir}",
@@ -70,8 +72,10 @@ def torchrun_command(data_dir: Path, out: Path, *extra: str, nproc: int = 2, **f
     ]
 
 
-def torchrun(data_dir: Path, out: Path, *extra: str, nproc: int = 2, **flags: object) -> subprocess.CompletedProcess:
-    cmd = torchrun_command(data_dir, out, *extra, nproc=nproc, **flags)
+def torchrun(
+    data_dir: Path, out: Path, *extra: str, nproc: int = 2, entry: tuple[str, ...] = ("-m", "lmforge"), **flags: object
+) -> subprocess.CompletedProcess:
+    cmd = torchrun_command(data_dir, out, *extra, nproc=nproc, entry=entry, **flags)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
@@ -276,6 +280,68 @@ def test_diloco_two_workers_sync_rarely_and_learn(data_dir: Path, single: Path, 
     # not DDP in disguise: the workers' separate AdamW steps give other weights than the global-batch run
     got, want = weights(out), weights(single)
     assert any(not torch.allclose(got[n], want[n], atol=1e-4) for n in want)
+
+
+# lmforge's CLI, then each rank's live weights (DiLoCo's parameters) saved to OUT/rank-R.pt
+KEEP_RANK_WEIGHTS = """
+import os, sys
+import torch
+from lmforge import cli, dist
+
+models = []
+init = dist.DiLoCo.__init__
+def keep(self, model, *args):
+    init(self, model, *args)
+    models.append(model)
+dist.DiLoCo.__init__ = keep
+try:
+    cli.main(sys.argv[1:])
+finally:
+    out = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out="))
+    weights = {n: p.detach() for n, p in models[0].named_parameters()}
+    torch.save(weights, os.path.join(out, f"rank-{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        {"train.max_steps": 5},  # not a multiple of sync_every
+        {"eval.every": 1, "train.early_stop_patience": 1, "train.early_stop_min_delta": 100.0},  # stops at step 2
+    ],
+    ids=["max_steps", "early_stop"],
+)
+def test_diloco_last_step_is_an_outer_sync(stop: dict, data_dir: Path, tmp_path: Path) -> None:
+    """Whatever ends the run, its last step syncs: every rank ends with the same weights, and the final
+    checkpoint holds them (not rank 0's local progress since the last sync)."""
+    script = tmp_path / "keep_rank_weights.py"
+    script.write_text(KEEP_RANK_WEIGHTS, encoding="utf-8")
+    out = tmp_path / "run"
+    flags = {"train.micro_batch_size": 4, "dist.strategy": "diloco", "dist.sync_every": 3, **stop}
+    p = torchrun(data_dir, out, entry=(str(script),), **flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = 5 if "train.max_steps" in stop else 2
+    assert len(train_losses(out)) == last
+    rank0, rank1 = (torch.load(out / f"rank-{r}.pt", weights_only=True) for r in (0, 1))
+    saved = weights(out, last)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(saved[name], rank0[name]), name
+    # 2 syncs (step 3 and the last) for 5 steps: 2.5x less traffic than DDP; 1 sync for 2 steps: 2x
+    assert ("(2.5x less)" if last == 5 else "(2x less)") in p.stdout, p.stdout[-2000:]
+
+
+def test_diloco_traffic_report_uses_the_syncs_made() -> None:
+    from lmforge.dist import DiLoCo, DistConfig
+
+    diloco = DiLoCo(
+        torch.nn.Linear(256, 256, bias=False), DistConfig(strategy="diloco", sync_every=4), torch.device("cpu")
+    )
+    report = diloco.comm_report(2, 2)  # e.g. a 2-step resume that made no sync: no ratio
+    assert report.endswith("0.0 MiB for 2 steps vs 1.0 MiB with DDP"), report
+    diloco.after_step(2, last=True)
+    diloco.after_step(2, last=True)  # (an early stop calls it again at the same step: one sync)
+    assert diloco.comm_report(2, 2).endswith("0.5 MiB for 2 steps vs 1.0 MiB with DDP (2x less)")
 
 
 def test_meta_init_gives_the_same_model_in_one_process(data_dir: Path, single: Path, tmp_path: Path) -> None:

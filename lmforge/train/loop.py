@@ -113,7 +113,7 @@ def train(
     peak_flops: float = 0.0,
     world: DistInfo | None = None,
     rollback: Callable[[TrainState], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int, bool], None] | None = None,
     lr_schedule: Callable[[int], float] | None = None,
 ) -> TrainState:
     """Train until `cfg.max_steps`, the time budget, early stopping or a stop signal.
@@ -138,7 +138,9 @@ def train(
             counts and stop decisions are all-reduced, and logged numbers are global.
         rollback: restores model, optimizer, RNG and `state` (in place) from the latest checkpoint,
             keeping the data position; called after `cfg.rollback_after` non-finite steps in a row.
-        after_step: called with the new step number after each optimizer step (DiLoCo's outer sync).
+        after_step: called with the new step number and whether it is the last step, after each optimizer
+            step (DiLoCo's outer sync, which also syncs the last step); when an evaluation stops the run
+            early, called again with True. The same on every rank (stop decisions are all-reduced).
         lr_schedule: lr for a step, replacing `schedule.lr_at` over `cfg` (continued pretraining follows
             its base run's schedule from the base's step).
 
@@ -227,8 +229,6 @@ def train(
             optimizer.zero_grad(set_to_none=True)
 
             state.step += 1
-            if after_step is not None:
-                after_step(state.step)
             state.tokens += n_tokens
             interval_tokens += n_tokens
             interval_steps += 1
@@ -250,6 +250,8 @@ def train(
                     f"stopping at step {state.step} of {cfg.max_steps}: the time budget of {cfg.time_budget:g} s "
                     "(train.time_budget) is spent"
                 )
+            if after_step is not None:
+                after_step(state.step, bool(state.stop_reason))
 
             # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped
             final_record = not log_now and state.stop_reason in ("interrupted", "time_budget")
@@ -342,6 +344,8 @@ def train(
                             f"{state.best_step})"
                         )
 
+            if after_step is not None and state.stop_reason == "early_stop":
+                after_step(state.step, True)  # before the final checkpoint
             periodic = ckpt_cfg.every and state.step % ckpt_cfg.every == 0
             if periodic or state.stop_reason or (evaluated and state.best_step == state.step and ckpt_cfg.keep_best):
                 if state.step != last_saved_step:

@@ -467,6 +467,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         log.rewind(st.step)
 
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
+
+    def evaluate_rank0() -> dict[str, Any]:
+        """DiLoCo's workers evaluate their own weights; all take rank 0's metrics (the logged ones), so that
+        they stop early at the same step (the last step syncs) and save the same best checkpoints."""
+        return dist.broadcast_object(evaluate())
+
     comm_failed = False
     first_step = state.step
     forward_model = torch.compile(train_model) if cfg.train.compile else train_model
@@ -485,7 +491,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             state=state,
             log=log,
             save=save,
-            evaluate=evaluate if val_shards else None,
+            evaluate=(evaluate_rank0 if diloco else evaluate) if val_shards else None,
             objective=setup.objective,
             flops_per_token=model.flops_per_token(cfg.data.seq_len),
             peak_flops=measure_matmul_flops(device.type, precision.dtype, seconds=0.1),  # 0.1 s: start-up cost
