@@ -417,8 +417,23 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
     assert p.returncode != 0
     assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
     line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
-    assert "a peer died or hung (dist.timeout_s=5)" in line and "re-run the same command to resume" in line
+    assert "a peer died or hung (dist.timeout_s=5)" in line and line.endswith("re-run the same command to resume")
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("backend", "ending"),
+    [
+        ("gloo", "re-run the same command to resume"),  # torchrun --max-restarts cannot re-form a gloo group
+        ("nccl", "re-run the same command to resume (torchrun --max-restarts does it automatically)"),
+    ],
+)
+def test_comm_failure_names_max_restarts_only_for_nccl(backend: str, ending: str, monkeypatch) -> None:
+    from lmforge import dist
+
+    monkeypatch.setattr(dist, "backend", lambda: backend)
+    line = dist.describe_comm_failure(RuntimeError("Connection closed by peer"), dist.DistInfo(0, 0, 2), 5)
+    assert line.endswith(ending), line
 
 
 def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
