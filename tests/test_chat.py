@@ -20,7 +20,7 @@ import torch
 
 from lmforge.finetune import FinetuneConfig, finetune
 from tests.conftest import have_cpp_compiler, run_cli
-from tests.test_finetune import make_base
+from tests.test_finetune import FAST, make_base
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
@@ -61,6 +61,31 @@ def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: 
     ours = ChatTemplate().segments(tok, history, add_generation_prompt=True)
     assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
     assert hf(text)["input_ids"].count(tok.eos_id) == 1
+
+
+def test_hf_export_keeps_the_trained_ids_when_the_tokenizer_reserves_the_markers(tmp_path: Path):
+    """A BPE tokenizer with <|user|>/<|assistant|> reserved (--special-tokens all): lmforge trains on the
+    markers as text, and the export's apply_chat_template gives those same ids, not the reserved ones."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import ChatTemplate
+    from lmforge.export.hf import export_hf
+    from lmforge.tokenizer.train import train_bpe
+
+    texts = [(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")]
+    base = make_base(tmp_path, max_seq_len=64, tok=train_bpe(texts, 400, extra_specials=True))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS), encoding="utf-8")
+    run = tmp_path / "run"
+    finetune(base, train_file=data, out=run, cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False)
+    tok = load_finetuned(run, torch.device("cpu")).tokenizer
+    assert "<|user|>" in tok.to_str()  # reserved in the run's tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(run, tmp_path / "hf")))
+    history = [*CONVERSATIONS[0], {"role": "user", "content": "bye"}]
+    ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
+    theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+    assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours  # a dict in transformers 5
+    assert hf.decode(ours) == tok.decode(ours)
 
 
 def test_terminal_chat_through_stdin(chat_run: Path):

@@ -19,6 +19,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.log import read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_char
 from lmforge.train.state import TrainState
 from tests.conftest import run_cli
@@ -27,10 +28,12 @@ DATA = Path(__file__).parent / "data"
 FAST = {"train": {"max_steps": 6, "batch_size": 8, "log_every": 3, "warmup_steps": 1}, "eval": {"every": 3}}
 
 
-def make_base(root: Path, *, max_seq_len: int = 128, seed: int = 0, **model: object) -> Path:
-    """A randomly initialised GPT saved as an lmforge run (char tokenizer over tests/data)."""
+def make_base(
+    root: Path, *, max_seq_len: int = 128, seed: int = 0, tok: Tokenizer | None = None, **model: object
+) -> Path:
+    """A randomly initialised GPT saved as an lmforge run (default: char tokenizer over tests/data)."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.*")) if p.suffix != ".md"]
-    tok = train_char(texts)
+    tok = tok or train_char(texts)
     run = root / "base"
     run.mkdir(parents=True)
     gpt = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=max_seq_len, **model)

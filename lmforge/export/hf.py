@@ -537,6 +537,22 @@ def _chat_tuned(trained: Any) -> str:
     return JINJA_TEMPLATE if load_template(run_dir_of(trained.checkpoint.path)) is not None else ""
 
 
+def _without_chat_markers(tokenizer_json: str) -> str:
+    """tokenizer.json for a chat-tuned export: the role markers (`<|user|>`, ...) leave the added tokens.
+
+    lmforge's chat template writes them as ordinary text (chat.py) and trained on those ids. A
+    tokenizer that reserves them as special tokens (`--special-tokens all`, WordPiece, Unigram) would
+    make transformers, which must match the EOS string in the template (split_special_tokens off),
+    encode each marker as its one reserved id instead. Out of the added tokens, they are encoded as
+    text there too; their ids stay in the vocabulary, so decoding is unchanged."""
+    from lmforge.chat import ROLES
+
+    data = json.loads(tokenizer_json)
+    markers = {f"<|{role}|>" for role in ROLES}
+    data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t.get("content") not in markers]
+    return json.dumps(data, ensure_ascii=False)
+
+
 def write_hf(trained: Any, out: Path) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
     cfg: GPTConfig = trained.config.model
@@ -564,11 +580,13 @@ def write_hf(trained: Any, out: Path) -> Path:
         if eos_id is not None:
             generation.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
         write_json(tmp / "generation_config.json", generation)
-        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str())
+        chat = _chat_tuned(trained)
+        atomic_write_text(
+            tmp / "tokenizer.json", _without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str()
+        )
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
         if specials and bos_id != eos_id:
             specials["bos_token"] = tokenizer.id_to_token(bos_id)
-        chat = _chat_tuned(trained)
         write_json(
             tmp / "tokenizer_config.json",
             {
