@@ -298,6 +298,17 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"z\.txt is not UTF-8: it reads as GB18030 .* iconv -f GB18030 -t UTF-8"):
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
+    # traditional Chinese in Big5 also decodes as GB18030 (as rare ideographs and kana): it is told apart,
+    # and the converted file keeps its format's suffix
+    (tmp_path / "in" / "z.txt").unlink()
+    write(
+        tmp_path / "in" / "z.csv",
+        ("text\n" + "機器學習很好。今天天氣不錯。我們一起去公園散步吧。\n" * 20).encode("big5"),
+    )
+    with pytest.raises(DataError, match=r"reads as BIG5 .* iconv -f BIG5 -t UTF-8 '.*z\.csv' > '.*z\.utf8\.csv'"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    (tmp_path / "in" / "z.csv").unlink()
     # UTF-16 (Windows "Unicode" text) is text too: with a byte-order mark, and little-endian without one
     for data, source in [
         ((CHINESE * 20).encode("utf-16"), "UTF-16"),

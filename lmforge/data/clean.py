@@ -111,18 +111,39 @@ def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_sho
 LEGACY_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc_kr")  # Chinese (simplified, traditional), Japanese, Korean
 
 
+# What text in each legacy encoding mostly holds beyond ASCII: CJK ideographs, CJK and full-width
+# punctuation, plus kana (Japanese) or Hangul (Korean)
+_CJK = ((0x4E00, 0x9FFF), (0x3000, 0x303F), (0xFF00, 0xFFEF))
+_EXPECTED = {
+    "gb18030": _CJK,
+    "big5": _CJK,
+    "shift_jis": (*_CJK, (0x3040, 0x30FF)),
+    "euc_kr": (*_CJK, (0xAC00, 0xD7AF), (0x3130, 0x318F)),
+}
+
+
 def legacy_encoding(head: bytes) -> str | None:
-    """The first of `LEGACY_ENCODINGS` that decodes `head` without an error (a character cut at the end is
-    fine), or None: a file `looks_binary` flags may be CJK text in a pre-UTF-8 encoding."""
+    """The one of `LEGACY_ENCODINGS` under which `head` reads most like CJK text, or None: a file
+    `looks_binary` flags may be CJK text in a pre-UTF-8 encoding.
+
+    Decoding without an error is not enough: GB18030 accepts nearly any byte pairs, so Big5 text
+    decodes under it too, as rare ideographs and kana. Each encoding that decodes `head` (a character
+    cut at the end is fine) is scored by the share of its non-ASCII characters in the ranges its text
+    holds; the best wins, the first in `LEGACY_ENCODINGS` on a tie."""
     if b"\x00" in head:
         return None
+    best, best_score = None, -1.0
     for encoding in LEGACY_ENCODINGS:
         try:
-            codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+            text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
         except UnicodeDecodeError:
             continue
-        return encoding
-    return None
+        wide = [ord(c) for c in text if ord(c) > 0x7F]
+        expected = sum(any(lo <= c <= hi for lo, hi in _EXPECTED[encoding]) for c in wide)
+        score = expected / len(wide) if wide else 0.0
+        if score > best_score:
+            best, best_score = encoding, score
+    return best
 
 
 def utf16_encoding(head: bytes) -> str | None:

@@ -296,15 +296,21 @@ def check_not_binary(path: Path) -> None:
             raise DataError(
                 f"{path} is not UTF-8: it reads as {encoding.upper()} (GB18030/GBK: simplified Chinese, BIG5: "
                 f"traditional, SHIFT_JIS, EUC-KR); convert it first, e.g. iconv -f {encoding.upper()} -t UTF-8 "
-                f"'{path}' > '{path}.utf8.txt'"
+                f"'{path}' > '{_utf8_name(path)}'"
             )
         utf16 = utf16_encoding(head)
         if utf16:
             raise DataError(
                 f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. iconv -f {utf16} -t UTF-8 '{path}' > "
-                f"'{path}.utf8.txt'"
+                f"'{_utf8_name(path)}'"
             )
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
+
+
+def _utf8_name(path: Path) -> Path:
+    """Where the iconv advice writes the converted file: its format suffix kept, so a .csv stays a .csv
+    (`reviews.csv` -> `reviews.utf8.csv`)."""
+    return path.with_name(f"{path.stem}.utf8{path.suffix}" if path.suffix else f"{path.name}.utf8.txt")
 
 
 def _lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int = 1) -> Iterator[bytes]:
