@@ -296,6 +296,15 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     assert r.returncode == 2 and "use at most 127" in r.stderr
     r = run_cli("eval", str(base), "--task", "dpo", "--data", str(DATA / "hh_rlhf.jsonl"))
     assert r.returncode == 2 and "not fine-tuned with --task dpo" in r.stderr and "Traceback" not in r.stderr
+    gbk = tmp_path / "gbk.txt"  # continued pretraining on GBK text: refused as prepare refuses it
+    gbk.write_bytes(("红楼梦第一回。甄士隐梦幻识通灵。" * 40).encode("gbk"))
+    with pytest.raises(DataError, match=r"is not UTF-8: it reads as GB18030 .* iconv -f GB18030"):
+        finetune(base, train_file=gbk, out=tmp_path / "g", cfg=FinetuneConfig(task="clm"), progress=False)
+    gbk_csv = tmp_path / "gbk.csv"
+    gbk_csv.write_bytes(("text,label\n" + "房间很干净，服务很好。,positive\n" * 30).encode("gbk"))
+    with pytest.raises(DataError, match=r"reads as GB18030 .* > '.*gbk\.utf8\.csv'"):
+        finetune(base, train_file=gbk_csv, out=tmp_path / "g", cfg=FinetuneConfig(task="classify"), progress=False)
+    assert not (tmp_path / "g").exists()
     blank = tmp_path / "blank.csv"
     blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
     with pytest.raises(DataError, match="row 3 has an empty 'label'"):

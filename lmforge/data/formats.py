@@ -74,6 +74,10 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         raw = gzip.open(p, "rb").read() if p.name.lower().endswith(".gz") else p.read_bytes()
         text = raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError, EOFError) as e:
+        if isinstance(e, UnicodeDecodeError):  # GBK, Big5, UTF-16...: say which and how to convert it
+            from lmforge.data.ingest import check_not_binary
+
+            check_not_binary(p)
         raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
     if name.endswith(".jsonl") or name.endswith(".json"):
         rows = _read_json(text, p, lines=name.endswith(".jsonl"))
@@ -412,6 +416,9 @@ def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[
     """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents)."""
     p = Path(path)
     if task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file():
+        from lmforge.data.ingest import check_not_binary
+
+        check_not_binary(p)  # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
         text = p.read_text(encoding="utf-8", errors="replace")
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if not docs:
