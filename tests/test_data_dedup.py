@@ -125,51 +125,42 @@ def test_dedup_report_inside_out_is_published(tmp_path: Path) -> None:
         assert not (tmp_path / "dr2").exists()
 
 
-def test_near_dedup_keeps_pairs_below_the_threshold():
-    """The LSH bands let some pairs well below the threshold through (5 of these 80 pairs at Jaccard
-    0.66-0.72, threshold 0.8); each candidate is now checked on its MinHash estimate."""
+def _edited_pairs(seed: int, n_words: int, edits: tuple[int, int], low: float, high: float, count: int) -> list:
+    """`count` (text, edited copy) pairs of Tatoeba words whose exact 5-shingle Jaccard is in [low, high]."""
     words = (Path(__file__).parent / "data" / "eng_fra.txt").read_text(encoding="utf-8").split()
-    rng = random.Random(0)
-
-    def jaccard(a: str, b: str) -> float:
-        x, y = shingles(a, 5), shingles(b, 5)
-        return len(x & y) / len(x | y)
-
-    flagged = pairs = 0
-    while pairs < 80:
-        doc = rng.sample(words, 80)
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < count:
+        doc = rng.sample(words, n_words)
         edited = list(doc)
-        for _ in range(rng.randint(3, 8)):
+        for _ in range(rng.randint(*edits)):
             edited[rng.randrange(len(edited))] = rng.choice(words)
         a, b = " ".join(doc), " ".join(edited)
-        if not 0.62 <= jaccard(a, b) <= 0.72:
-            continue
-        pairs += 1
+        x, y = shingles(a, 5), shingles(b, 5)
+        if low <= len(x & y) / len(x | y) <= high:
+            pairs.append((a, b))
+    return pairs
+
+
+def _flagged(pairs: list) -> int:
+    """How many second texts a fresh index (threshold 0.8) holding only the first calls a near-duplicate."""
+    flagged = 0
+    for a, b in pairs:
         near = NearDedup(threshold=0.8)
         assert not near.is_duplicate(a)
         flagged += near.is_duplicate(b)
-    assert flagged == 0
-    near = NearDedup(threshold=0.8)  # a pair above it is still caught
-    assert not near.is_duplicate(a) and near.is_duplicate(a + " ok")
+    return flagged
+
+
+def test_near_dedup_keeps_pairs_below_the_threshold():
+    """The LSH bands let some pairs well below the threshold through (5 of these 80 pairs at Jaccard
+    0.62-0.72, threshold 0.8); each candidate is now checked on its MinHash estimate."""
+    pairs = _edited_pairs(0, 80, (3, 8), 0.62, 0.72, 80)
+    assert _flagged(pairs) == 0
+    assert _flagged([(pairs[-1][0], pairs[-1][0] + " ok")]) == 1  # a pair above it is still caught
 
 
 def test_near_dedup_finds_pairs_just_above_the_threshold():
     """LSH bands tuned at the threshold itself found 113 of these 150 pairs at Jaccard 0.82-0.90; tuned
     below it, with the estimate check deciding, 148."""
-    words = (Path(__file__).parent / "data" / "eng_fra.txt").read_text(encoding="utf-8").split()
-    rng = random.Random(1)
-    found = pairs = 0
-    while pairs < 150:
-        doc = rng.sample(words, 60)
-        edited = list(doc)
-        for _ in range(rng.randint(1, 10)):
-            edited[rng.randrange(len(edited))] = rng.choice(words)
-        a, b = " ".join(doc), " ".join(edited)
-        x, y = shingles(a, 5), shingles(b, 5)
-        if not 0.82 <= len(x & y) / len(x | y) <= 0.9:
-            continue
-        pairs += 1
-        near = NearDedup(threshold=0.8)
-        near.is_duplicate(a)
-        found += near.is_duplicate(b)
-    assert found >= 145
+    assert _flagged(_edited_pairs(1, 60, (1, 10), 0.82, 0.9, 150)) >= 145
