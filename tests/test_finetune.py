@@ -478,6 +478,15 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
         read_task_rows(tmp_path, "classify", fields)
     with pytest.raises(DataError, match="not found"):
         read_task_rows(tmp_path / "missing.csv", "classify", fields)
+    # a headerless .txt: its columns are the task's fields in order, and --field picks among them, so
+    # the Tatoeba pairs translate the other way round (they were silently left as they were)
+    swapped = field_map("translate", ["source=target", "target=source"])
+    forward = read_task_rows(DATA / "eng_fra.txt", "translate", field_map("translate", None))
+    backward = read_task_rows(DATA / "eng_fra.txt", "translate", swapped)
+    assert [r[swapped["source"]] for r in backward[:5]] == [r["target"] for r in forward[:5]]
+    assert [r[swapped["target"]] for r in backward[:5]] == [r["source"] for r in forward[:5]]
+    with pytest.raises(DataError, match="review"):  # a name no .txt column has
+        read_task_rows(DATA / "eng_fra.txt", "translate", field_map("translate", ["source=review"]))
 
 
 def test_report_table_lines_up_with_chinese_labels():

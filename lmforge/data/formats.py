@@ -424,7 +424,9 @@ def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[
         if not docs:
             raise DataError(f"{p} holds no text; check the file")
         return [{fields["text"]: d} for d in docs]
-    rows = read_table(p, txt_columns=tuple(fields[f] for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
+    # among them as among a header's names (--field source=target --field target=source: zh -> en)
+    rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
     check_columns(rows, task, fields, p)
     return rows
 
