@@ -497,3 +497,19 @@ def test_report_table_lines_up_with_chinese_labels():
     assert len({_display_width(line) for line in table}) == 1
     confusion = lines[-3:]
     assert len({_display_width(line) for line in confusion}) == 1
+
+
+def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    import lmforge.plotting
+    from lmforge.eval.classify import classification_report, plot_confusion
+
+    monkeypatch.setattr(lmforge.plotting, "_noted", False)  # (an earlier test in this process may have said it)
+
+    report = classification_report([0, 1, 1, 0], [0, 1, 0, 0], ["正面", "负面"])
+    assert plot_confusion(report, tmp_path / "c.png").stat().st_size > 1000
+    note = "no CJK font is installed" in capsys.readouterr().err
+    assert note == (not lmforge.plotting._have_cjk)  # said once, and only where boxes would be drawn
+    plot_confusion(report, tmp_path / "d.png")
+    assert "no CJK font" not in capsys.readouterr().err

@@ -69,11 +69,12 @@ def _display_width(text: str) -> int:
 
 def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
     """Write the confusion matrix as a PNG heat map with counts in the cells."""
-    from lmforge.plotting import pyplot
+    from lmforge.plotting import note_missing_cjk, pyplot
 
     plt = pyplot()
 
     labels, matrix = report["labels"], report["confusion"]
+    note_missing_cjk([str(label) for label in labels], Path(path).name)
     size = max(3.0, 0.6 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
@@ -89,7 +90,7 @@ def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")  # a title wider than a small matrix is not cut off
     plt.close(fig)
     tmp.replace(path)
     return path
