@@ -431,7 +431,8 @@ def generate_from_checkpoint(
     each completed piece of the continuation are written to it as they come (no trailing newline).
 
     Returns:
-        The continuation text (special tokens skipped).
+        The continuation text (special tokens skipped), exactly as streamed: a final end-of-text shows
+        nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
 
     Raises:
         LmforgeError: missing/broken checkpoint, prompt longer than the context, bad settings.
@@ -467,16 +468,22 @@ def generate_from_checkpoint(
         return "\n\n".join([after_prompt(first), *(plain(d) for d in rest)])
 
     decoder = StreamDecoder(decode)
+    shown: list[str] = []  # the text as streamed: what is returned, too
+
+    def show(text: str) -> None:
+        shown.append(text)
+        if stream is not None:
+            stream.write(text)
+            stream.flush()
 
     def on_token(token: int) -> None:
-        if stream is not None:
-            stream.write(decoder.feed(token))
-            stream.flush()
+        if not (stop_at_eos and token == eos_id):  # the end, not a blank line before another document
+            show(decoder.feed(token))
 
     if stream is not None:
         stream.write(prompt)
         stream.flush()
-    new = generate(
+    generate(  # its tokens arrive through on_token
         model,
         prompt_ids,
         max_new_tokens=max_new_tokens,
@@ -489,7 +496,5 @@ def generate_from_checkpoint(
         on_token=on_token,
         compile=compile,
     )
-    if stream is not None:
-        stream.write(decoder.flush())
-        stream.flush()
-    return decode(new[:-1] if stop_at_eos and new and new[-1] == eos_id else new)
+    show(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
+    return "".join(shown)

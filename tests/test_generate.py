@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,20 @@ def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
     rest = whole[len(prompt) :]
     assert tok.decode(rest) == "come"  # alone: the space is lost
     assert continuation_decoder(tok.decode, prompt)(rest) == " come"
+
+
+def test_generate_from_checkpoint_returns_what_it_streamed(tmp_path):
+    """Byte-level BPE on Chinese: a reply cut by max_new_tokens mid-character was streamed without its
+    U+FFFD but returned with it (8 of these 16 seeds differed)."""
+    import io
+
+    from lmforge.generate import generate_from_checkpoint
+    from lmforge.tokenizer.train import train_bpe
+    from tests.test_finetune import make_base
+
+    text = (Path(__file__).parent / "data" / "hongloumeng_ch1.txt").read_text(encoding="utf-8")
+    base = make_base(tmp_path, max_seq_len=64, tok=train_bpe([text], 300))
+    for seed in range(16):
+        out = io.StringIO()
+        got = generate_from_checkpoint(base, prompt="红楼", max_new_tokens=7, seed=seed, stream=out)
+        assert out.getvalue() == "红楼" + got and not got.endswith("\ufffd"), seed
