@@ -443,3 +443,19 @@ def test_export_does_not_need_transformers(bpe: Tokenizer, tmp_path: Path) -> No
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "verifying an HF export needs transformers: pip install 'lmforge[hf]'"
+
+
+def test_import_refuses_rope_scaling_under_either_key(bpe: Tokenizer, tmp_path: Path) -> None:
+    """transformers scales rotary positions from `rope_scaling` (4.x) or `rope_parameters` (5.x); lmforge
+    has plain rotary only. A default `rope_parameters` hid a linear `rope_scaling` (logits then differed)."""
+    out = export_hf(make_run(tmp_path / "run", bpe, **LLAMA), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    for key, value in [
+        ("rope_scaling", {"rope_type": "linear", "factor": 4.0}),
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+        ("rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}),
+    ]:
+        (out / "config.json").write_text(json.dumps({**config, key: value}), encoding="utf-8")
+        with pytest.raises(LmforgeError, match="rope scaling '(linear|dynamic|llama3)' is not supported"):
+            import_hf(out, tmp_path / "a")
+        assert not (tmp_path / "a").exists()

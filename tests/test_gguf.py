@@ -268,3 +268,53 @@ def test_lora_adapter_run_exports_merged(bpe: Tokenizer, tmp_path: Path) -> None
     np.testing.assert_allclose(dequant(tensors["blk.0.ffn_down.weight"]), merged, rtol=2**-10, atol=1e-7)
     base_w = load_trained(base, torch.device("cpu")).model.blocks[0].mlp.proj.weight.detach().numpy()
     assert np.abs(merged - base_w).max() > 1e-3  # the adapters were trained and are in the file
+
+
+def test_chat_tuned_run_carries_its_template_and_markers_as_text(tmp_path: Path) -> None:
+    """A chat-tuned run: llama.cpp gets the chat template, and the role markers, which lmforge trains as
+    text, are ordinary tokens (a CONTROL <|user|> would be matched as one reserved id there)."""
+    import json as json_
+
+    from lmforge.chat import JINJA_TEMPLATE
+    from lmforge.finetune import FinetuneConfig, finetune
+
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(40)]
+    tok = train_bpe(corpus, vocab_size=300, extra_specials=True)
+    base = make_run(tmp_path / "base", tok, **LLAMA)
+    data = tmp_path / "chat.jsonl"
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the quick fox"}]
+    data.write_text((json_.dumps({"messages": talk}) + "\n") * 8, encoding="utf-8")
+    out = tmp_path / "sft"
+    finetune(base, train_file=data, out=out, cfg=FinetuneConfig(task="sft", max_new_tokens=4), progress=False,
+             overrides={"train": {"max_steps": 2, "batch_size": 4}})  # fmt: skip
+    fields, _ = read(export_gguf(out, tmp_path / "chat.gguf"))
+    assert fields["tokenizer.chat_template"] == JINJA_TEMPLATE
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    marker = tokens.index("<|user|>")
+    assert types[marker] == gguf.TokenType.NORMAL and types[tok.eos_id] == gguf.TokenType.CONTROL
+    fields, _ = read(export_gguf(base, tmp_path / "plain.gguf"))  # not chat-tuned: no template
+    assert "tokenizer.chat_template" not in fields
+
+
+def test_a_tokenizer_that_puts_bos_first_is_written_with_it(bpe: Tokenizer, tmp_path: Path) -> None:
+    """An imported Llama's tokenizer puts <s> before each text: llama.cpp must add it too."""
+    from tokenizers import processors
+
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    run = make_run(tmp_path / "run", bpe, **LLAMA)
+    hf_dir = export_hf(run, tmp_path / "hf")
+    hf_tok = Tokenizer.load(hf_dir / "tokenizer.json").hf
+    bos = bpe.eos_id + 1  # another id than the end-of-text one
+    hf_tok.post_processor = processors.TemplateProcessing(
+        single=f"{bpe.id_to_token(bos)} $A", special_tokens=[(bpe.id_to_token(bos), bos)]
+    )
+    hf_tok.save(str(hf_dir / "tokenizer.json"))
+    imported = import_hf(hf_dir, tmp_path / "imported")
+    assert load_trained(imported, torch.device("cpu")).tokenizer.prompt_prefix == [bos]
+    fields, _ = read(export_gguf(imported, tmp_path / "bos.gguf"))
+    assert fields["tokenizer.ggml.bos_token_id"] == bos and fields["tokenizer.ggml.add_bos_token"] is True
+    assert fields["tokenizer.ggml.eos_token_id"] == bpe.eos_id
+    fields, _ = read(export_gguf(run, tmp_path / "own.gguf"))  # lmforge's own tokenizer: no BOS added
+    assert fields["tokenizer.ggml.add_bos_token"] is False

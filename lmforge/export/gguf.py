@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
+from lmforge.export.hf import chat_template_of, without_chat_markers
 
 DTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
@@ -130,11 +131,12 @@ def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
     )
 
 
-def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens in id order, token types, merges) of a byte-level BPE tokenizer, padded to vocab_size."""
+def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in id order, token types, merges) of a byte-level BPE tokenizer, padded to vocab_size.
+    `chat`: a chat-tuned run, whose role markers are ordinary text (see `without_chat_markers`)."""
     import gguf
 
-    spec = json.loads(tokenizer.to_str())
+    spec = json.loads(without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str())
     model = spec.get("model") or {}
     pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
@@ -192,9 +194,12 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)
-    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size)
+    chat = chat_template_of(trained)
+    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=bool(chat))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
     eos = trained.tokenizer.eos_id
+    prefix = trained.tokenizer.prompt_prefix  # an imported Llama's <s> / <|begin_of_text|> before each text
+    bos = prefix[0] if len(prefix) == 1 else eos
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,10 +223,12 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(eos)
+        writer.add_bos_token_id(bos)
         writer.add_eos_token_id(eos)
         writer.add_pad_token_id(eos)
-        writer.add_add_bos_token(False)
+        writer.add_add_bos_token(bos != eos)
+        if chat:  # the template the run was tuned with, as the HF export writes it
+            writer.add_chat_template(chat)
         for name, t in tensors.items():
             arr = t.numpy()
             if arr.ndim == 1:

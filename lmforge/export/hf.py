@@ -445,10 +445,13 @@ def _llama_config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
     h = {**LLAMA_DEFAULTS, **hf}
     if h["hidden_act"] != "silu":
         raise LmforgeError(f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's SwiGLU uses silu")
+    for rope in (h.get("rope_parameters") or {}, h.get("rope_scaling") or {}):  # both: either may scale
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise LmforgeError(
+                f"{where}: rope scaling {rope_type!r} is not supported; lmforge imports plain rotary only"
+            )
     rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise LmforgeError(f"{where}: rope scaling {rope_type!r} is not supported; lmforge imports plain rotary only")
     if h["attention_bias"] != h["mlp_bias"]:
         raise LmforgeError(
             f"{where}: attention_bias={h['attention_bias']} with mlp_bias={h['mlp_bias']} has no lmforge "
@@ -529,7 +532,7 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     return write_hf(trained, out)
 
 
-def _chat_tuned(trained: Any) -> str:
+def chat_template_of(trained: Any) -> str:
     """The Jinja chat template of a chat-tuned (sft) run, for `apply_chat_template`; "" for other runs."""
     from lmforge.adapt.load import run_dir_of
     from lmforge.chat import JINJA_TEMPLATE, load_template
@@ -537,7 +540,7 @@ def _chat_tuned(trained: Any) -> str:
     return JINJA_TEMPLATE if load_template(run_dir_of(trained.checkpoint.path)) is not None else ""
 
 
-def _without_chat_markers(tokenizer_json: str) -> str:
+def without_chat_markers(tokenizer_json: str) -> str:
     """tokenizer.json for a chat-tuned export: the role markers (`<|user|>`, ...) leave the added tokens.
 
     lmforge's chat template writes them as ordinary text (chat.py) and trained on those ids. A
@@ -580,9 +583,9 @@ def write_hf(trained: Any, out: Path) -> Path:
         if eos_id is not None:
             generation.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
         write_json(tmp / "generation_config.json", generation)
-        chat = _chat_tuned(trained)
+        chat = chat_template_of(trained)
         atomic_write_text(
-            tmp / "tokenizer.json", _without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str()
+            tmp / "tokenizer.json", without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str()
         )
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
         if specials and bos_id != eos_id:
