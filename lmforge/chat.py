@@ -126,7 +126,15 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import StreamDecoder, _check_seed, check_sampling, generate, require_text_generator
+    from lmforge.generate import (
+        StreamDecoder,
+        _check_seed,
+        _stop_set,
+        check_sampling,
+        generate,
+        require_text_generator,
+        stop_ids_of,
+    )
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
@@ -138,6 +146,7 @@ def chat(
     ft = load_finetuned(run, pick_device(device))
     require_text_generator(run, ft)
     tok, model = ft.tokenizer, ft.model
+    stops = _stop_set(tok.eos_id, stop_ids_of(ft.run_dir))  # an instruct model's end of turn, too
     template = ft.template or ChatTemplate()
     context = model.cfg.max_seq_len
     max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
@@ -178,7 +187,7 @@ def chat(
         stdout.write("bot> ")
 
         def on_token(t: int, stream: StreamDecoder = stream) -> None:
-            if t != tok.eos_id:
+            if t not in stops:
                 stdout.write(stream.feed(t))
                 stdout.flush()
 
@@ -192,11 +201,12 @@ def chat(
             seed=seed,
             use_cache=ft.use_cache,
             eos_id=tok.eos_id,
+            stop_ids=stops,
             on_token=on_token,
             compile=compile,
         )
         stdout.write(stream.flush() + "\n")
-        reply = tok.decode([t for t in new if t != tok.eos_id], skip_special_tokens=True)
+        reply = tok.decode([t for t in new if t not in stops], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

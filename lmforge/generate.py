@@ -21,6 +21,12 @@
   re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window). A cache
   cannot slide: its keys were computed at absolute positions, and with learned positions the
   window's first token must sit at position 0 again. Those steps cost a full forward pass each.
+- Stop ids: besides `eos_id`, `generate`/`generate_batch` stop at any id of `stop_ids`. A run keeps its
+  extra ones in `generation.json` (`{"stop_ids": [...]}`): `lmforge import` writes it when the HF
+  directory's end-of-sequence ids (generation_config.json, config.json, tokenizer_config.json) name
+  more than the tokenizer's own end-of-text token, e.g. Llama-3-Instruct's `<|eot_id|>`.
+  `stop_ids_of(run_dir)` reads it (a fine-tune without one uses its base's), for `generate`, `chat`,
+  `serve` and the HF export.
 - `generate_from_checkpoint(...)`: the `lmforge generate` command (load, encode, stream, decode).
 - `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
@@ -38,18 +44,58 @@ import functools
 import math
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from torch import Tensor
 
-from lmforge.errors import LmforgeError, first_line
+from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.models.gpt import GPT
 from lmforge.train.precision import cpp_compiler_problem
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
+STOP_IDS_FILE = "generation.json"  # in a run directory: {"stop_ids": [...]}, ids that end a generation
+
+
+def write_stop_ids(run_dir: Path, stop_ids: list[int]) -> None:
+    """Record `stop_ids` (token ids that end a generation, beside the tokenizer's eos) in `run_dir`."""
+    from lmforge.atomic import write_json
+
+    write_json(Path(run_dir) / STOP_IDS_FILE, {"stop_ids": list(stop_ids)})
+
+
+def stop_ids_of(run_dir: str | Path) -> list[int]:
+    """The token ids that end a generation of this run besides its tokenizer's eos (`STOP_IDS_FILE`).
+
+    A run without the file has none ([]), unless it is a fine-tune (finetune.json): then those of its
+    base run, which is where an imported model's file lives.
+
+    Raises:
+        CheckpointError: the file is not {"stop_ids": [non-negative ints]}.
+    """
+    from lmforge.checkpoint import read_json
+
+    run_dir = Path(run_dir)
+    for _ in range(8):  # a fine-tune of a fine-tune of ...; the bound only guards against a loop
+        path = run_dir / STOP_IDS_FILE
+        if path.is_file():
+            data = read_json(path, "delete it or re-import the model")
+            ids = data.get("stop_ids") if isinstance(data, dict) else None
+            if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+                raise CheckpointError(f'{path} must be {{"stop_ids": [token ids]}}; delete it or re-import the model')
+            return ids
+        info_path = run_dir / "finetune.json"
+        if not info_path.is_file():
+            return []
+        info = read_json(info_path, "re-run lmforge finetune")
+        base = info.get("base") if isinstance(info, dict) else None
+        if not isinstance(base, str) or not Path(base).exists():
+            return []  # (loading the run names a missing base, where that matters)
+        base_dir = Path(base).resolve()  # a checkpoint folder (as finetune records it) or a run directory
+        run_dir = base_dir if (base_dir / "checkpoints").is_dir() else base_dir.parent.parent
+    return []
 
 
 def _check_seed(seed: int | None) -> None:
@@ -187,6 +233,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     on_token: Callable[[int], None] | None = None,
     compile: bool = False,  # noqa: A002 - the CLI flag's name
 ) -> list[int]:
@@ -203,6 +250,7 @@ def generate(
             every step; the result is the same, only slower).
         eos_id: stop after this token is generated; it is included as the last returned token
             (and passed to `on_token`), so the caller can tell "stopped" from "ran out of tokens".
+        stop_ids: more ids that stop it as `eos_id` does (a run's `stop_ids_of`), included like it.
         on_token: called with each new token id as soon as it is chosen (for streaming).
         compile: run the one-token decode steps through `torch.compile` (module docstring).
 
@@ -218,6 +266,7 @@ def generate(
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent models: no limit
     ids = _check_prompt(prompt_ids, max_len, eos_id)
+    stops = _stop_set(eos_id, stop_ids)
     device = next(model.parameters()).device
     generator = _sampling_generator(device, seed)
 
@@ -244,7 +293,7 @@ def generate(
             new.append(token)
             if on_token is not None:
                 on_token(token)
-            if eos_id is not None and token == eos_id:
+            if token in stops:
                 break
         return new
     finally:
@@ -258,6 +307,7 @@ def generate_batch(
     *,
     max_new_tokens: int,
     eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -268,9 +318,9 @@ def generate_batch(
     The prompts are left-padded to the longest; `GPT.forward(..., pad=)` gives every row the positions
     its unpadded run would use and hides padding keys, so row b's greedy result is `generate()` on
     prompts[b] alone (up to float summation order in batched matmuls, ~1e-7 on the logits). A row that
-    produced `eos_id` keeps being decoded (the batch stays rectangular) but its output ends at the
-    eos, which is included, as in `generate`; decoding stops when every row has ended or after
-    `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
+    produced `eos_id` (or one of `stop_ids`) keeps being decoded (the batch stays rectangular) but its
+    output ends at that token, which is included, as in `generate`; decoding stops when every row has
+    ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
     reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
     Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt.
 
@@ -292,11 +342,13 @@ def generate_batch(
                 top_p=top_p,
                 seed=seed,
                 eos_id=eos_id,
+                stop_ids=stop_ids,
             )
             for p in prompts
         ]
     max_len = model.cfg.max_seq_len
     rows = [_check_prompt(p, max_len, eos_id) for p in prompts]
+    stops = _stop_set(eos_id, stop_ids)
     if not rows or max_new_tokens == 0:
         return [[] for _ in rows]
     longest = max(len(r) for r in rows)
@@ -327,12 +379,17 @@ def generate_batch(
             for b, token in enumerate(chosen.tolist()):
                 if not done[b]:
                     out[b].append(token)
-                    done[b] = eos_id is not None and token == eos_id
+                    done[b] = token in stops
             if all(done):
                 break
         return out
     finally:
         model.train(was_training)
+
+
+def _stop_set(eos_id: int | None, stop_ids: Collection[int]) -> frozenset[int]:
+    """The ids a decode loop stops after: `eos_id` (unless None) and `stop_ids`."""
+    return frozenset(stop_ids) | (frozenset() if eos_id is None else {eos_id})
 
 
 def continuation_decoder(decode: Callable[[list[int]], str], context: list[int]) -> Callable[[list[int]], str]:
@@ -426,13 +483,14 @@ def generate_from_checkpoint(
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
     The prompt is encoded with the checkpoint's tokenizer (an empty prompt starts a new document
-    after an end-of-text token); generation stops at end-of-text unless `stop_at_eos` is False, in which
-    case it runs on into new documents, shown separated by a blank line. With `stream`, the prompt and then
-    each completed piece of the continuation are written to it as they come (no trailing newline).
+    after an end-of-text token); generation stops at end-of-text (or one of the run's `stop_ids_of`)
+    unless `stop_at_eos` is False, in which case it runs on into new documents, shown separated by a
+    blank line. With `stream`, the prompt and then each completed piece of the continuation are written
+    to it as they come (no trailing newline).
 
     Returns:
-        The continuation text (special tokens skipped), exactly as streamed: a final end-of-text shows
-        nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
+        The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
+        id) shows nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
 
     Raises:
         LmforgeError: missing/broken checkpoint, prompt longer than the context, bad settings.
@@ -445,6 +503,7 @@ def generate_from_checkpoint(
     model = loaded.model
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id
+    stops = _stop_set(eos_id, stop_ids_of(loaded.run_dir)) if stop_at_eos else frozenset()
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
     prompt_ids = _check_prompt(tokenizer.prompt_prefix + tokenizer.encode(prompt), max_len, eos_id)
@@ -477,7 +536,7 @@ def generate_from_checkpoint(
             stream.flush()
 
     def on_token(token: int) -> None:
-        if not (stop_at_eos and token == eos_id):  # the end, not a blank line before another document
+        if token not in stops:  # the end, not a blank line before another document
             show(decoder.feed(token))
 
     if stream is not None:
@@ -493,6 +552,7 @@ def generate_from_checkpoint(
         seed=seed,
         use_cache=use_cache and loaded.use_cache,  # a soft prompt decodes without a KV cache
         eos_id=eos_id if stop_at_eos else None,
+        stop_ids=stops,
         on_token=on_token,
         compile=compile,
     )

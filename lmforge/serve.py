@@ -80,6 +80,9 @@ class LMServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits, compile: bool) -> None:  # noqa: A002
+        from lmforge.generate import _stop_set, stop_ids_of
+
+        self.stops = _stop_set(ft.tokenizer.eos_id, stop_ids_of(ft.run_dir))  # eos and the run's stop ids
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.lock = threading.Lock()
@@ -336,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
-            if t == tok.eos_id:
+            if t in self.server.stops:
                 finish = "stop"
                 return
             text += decoder.feed(t)
@@ -363,6 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
                     seed=seed,
                     use_cache=ft.use_cache,
                     eos_id=tok.eos_id,
+                    stop_ids=self.server.stops,
                     on_token=on_token,
                     compile=self.server.compile,
                 )

@@ -279,3 +279,44 @@ def test_chat_and_serve_with_compile(chat_run: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(tmp_path: Path):
+    """An imported instruct model whose generation_config lists `<|eot_id|>` beside its eos: chat and serve
+    end the reply there (without showing it), as transformers' generate does."""
+    import io
+
+    from lmforge.chat import ChatTemplate, chat
+    from lmforge.export.hf_import import import_hf
+    from lmforge.serve import make_server
+    from lmforge.tokenizer.train import train_bpe
+    from tests.test_export import CONTEXT, instruct_llama_dir
+
+    turn = "<|user|>\nhi\n<|assistant|>\n"  # in the corpus, so the prompt is a few tokens
+    bpe = train_bpe([turn * 20, "the lazy dog " * 20], vocab_size=300)
+    hi = [{"role": "user", "content": "hi"}]
+    reply_budget = CONTEXT // 2  # what chat allows a reply
+    prompt_ids, _ = ChatTemplate().prompt_ids(bpe, hi, budget=CONTEXT - reply_budget)
+    _, tok, theirs = instruct_llama_dir(bpe, tmp_path / "hf", prompt_ids, max_new_tokens=reply_budget)
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    want = tok.decode(theirs[:-1]).rstrip("\ufffd")  # as streamed: no half character at the end
+    assert len(prompt_ids) <= CONTEXT - reply_budget  # not cut to fit
+
+    out = io.StringIO()
+    assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, temperature=0, device="cpu") == 1
+    assert f"bot> {want}\nyou> " in out.getvalue()
+
+    server = make_server(run, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, body = _post(
+            server.url + "/v1/chat/completions", {"messages": hi, "temperature": 0, "max_tokens": reply_budget}
+        )
+        reply = json.loads(body)
+        assert status == 200 and reply["choices"][0]["message"]["content"] == want
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["usage"]["completion_tokens"] == len(theirs)  # the stop token counted, as eos is
+    finally:
+        server.shutdown()
+        server.server_close()

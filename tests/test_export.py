@@ -22,7 +22,7 @@ from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.hf_import import import_hf
-from lmforge.generate import generate, generate_from_checkpoint
+from lmforge.generate import generate, generate_batch, generate_from_checkpoint, stop_ids_of
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char
@@ -459,3 +459,87 @@ def test_import_refuses_rope_scaling_under_either_key(bpe: Tokenizer, tmp_path: 
         with pytest.raises(LmforgeError, match="rope scaling '(linear|dynamic|llama3)' is not supported"):
             import_hf(out, tmp_path / "a")
         assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# end-of-turn ids of instruct models
+
+
+def instruct_llama_dir(
+    bpe: Tokenizer, hf_dir: Path, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[torch.nn.Module, Tokenizer, list[int]]:
+    """A Llama-3-Instruct-like HF directory: the tokenizer has `<|eot_id|>` beside its end-of-text token,
+    generation_config.json lists both as `eos_token_id`, and `<|eot_id|>`'s output row is set so that
+    greedy decoding of `prompt_ids` produces it partway (where a new token first appears in the first half
+    of `max_new_tokens`, or before).
+
+    Returns the transformers model, the tokenizer, and transformers' greedy continuation (ending in it)."""
+    hf_tok = Tokenizer.from_str(bpe.to_str()).hf
+    hf_tok.add_special_tokens(["<|eot_id|>"])
+    tok = Tokenizer.from_str(hf_tok.to_str())
+    eos, eot = tok.eos_id, tok.hf.token_to_id("<|eot_id|>")
+    torch.manual_seed(0)
+    model = _hf_llama(tok, eos_token_id=eos).eval()
+    perturb_(model, seed=3)
+    prompt = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        free = model.generate(prompt, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None)
+        free = free[0, len(prompt_ids) :].tolist()
+        k = max(i for i in range(1, max_new_tokens // 2) if free[i] not in free[:i])  # in the first half
+        model.lm_head.weight[eot] = 1.02 * model.lm_head.weight[free[k]]  # wins where free[k] would (or before)
+        model.generation_config = transformers.GenerationConfig(bos_token_id=eos, eos_token_id=[eos, eot])
+        theirs = model.generate(prompt, do_sample=False, max_new_tokens=max_new_tokens)[0, len(prompt_ids) :].tolist()
+    assert theirs[-1] == eot and 1 < len(theirs) <= k + 1  # transformers stops at <|eot_id|>, well before the end
+    model.save_pretrained(hf_dir)
+    tok.save(hf_dir / "tokenizer.json")
+    return model, tok, theirs
+
+
+def test_imported_instruct_model_stops_at_its_end_of_turn_token(bpe: Tokenizer, tmp_path: Path) -> None:
+    """generation_config.json's `eos_token_id: [eos, eot]` (Llama-3-Instruct): the imported run stops at
+    either, as transformers' generate does, and its HF export lists both again."""
+    prompt = "The quick"
+    _, tok, theirs = instruct_llama_dir(bpe, tmp_path / "hf", bpe.encode(prompt), max_new_tokens=12)
+    eos, eot = tok.eos_id, theirs[-1]
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    assert stop_ids_of(run) == [eos, eot]
+    ours = load_trained(run, torch.device("cpu")).model
+    ids = tok.encode(prompt)
+    assert generate(ours, ids, max_new_tokens=12, temperature=0, eos_id=eos, stop_ids=stop_ids_of(run)) == theirs
+    assert generate_batch(ours, [ids], max_new_tokens=12, eos_id=eos, stop_ids=[eot]) == [theirs]
+    text = generate_from_checkpoint(run, prompt=prompt, max_new_tokens=12, temperature=0)
+    assert text == tok.decode(theirs[:-1]) and "<|eot_id|>" not in text
+    longer = generate_from_checkpoint(run, prompt=prompt, max_new_tokens=12, temperature=0, stop_at_eos=False)
+    assert longer.startswith(text) and len(longer) > len(text)  # --ignore-eos runs past it
+
+    out = export_hf(run, tmp_path / "again")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [eos, eot]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eos
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eos, eot]
+    again = import_hf(out, tmp_path / "run2")  # and back: the same stop ids
+    assert stop_ids_of(again) == [eos, eot]
+
+
+@pytest.mark.parametrize("source", ["config", "tokenizer_config", "tokenizer_config_dict", "eos_only"])
+def test_import_takes_stop_ids_from_each_hf_file(source: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    """config.json `eos_token_id` (an id or a list), tokenizer_config.json `eos_token` (SmolLM2-Instruct's
+    `<|im_end|>`, a string or {"content": ...}); ids outside the vocabulary are dropped, and a directory
+    naming only the tokenizer's own eos gets no generation.json."""
+    hf_tok = Tokenizer.from_str(bpe.to_str()).hf
+    hf_tok.add_special_tokens(["<|im_end|>"])
+    tok = Tokenizer.from_str(hf_tok.to_str())
+    eos, end = tok.eos_id, tok.hf.token_to_id("<|im_end|>")
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf"
+    eos_ids = [end, 10**6] if source == "config" else eos
+    _hf_llama(tok, eos_token_id=eos_ids).save_pretrained(hf_dir)
+    (hf_dir / "generation_config.json").unlink(missing_ok=True)  # config.json alone names them
+    tok.save(hf_dir / "tokenizer.json")
+    if source.startswith("tokenizer_config"):
+        eos_token = {"content": "<|im_end|>", "special": True} if source.endswith("dict") else "<|im_end|>"
+        (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token}))
+    run = import_hf(hf_dir, tmp_path / "run")
+    if source == "eos_only":
+        assert stop_ids_of(run) == [] and not (run / "generation.json").exists()
+    else:
+        assert stop_ids_of(run) == ([end] if source == "config" else [eos, end])

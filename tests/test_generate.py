@@ -253,3 +253,50 @@ def test_generate_from_checkpoint_returns_what_it_streamed(tmp_path):
         out = io.StringIO()
         got = generate_from_checkpoint(base, prompt="红楼", max_new_tokens=7, seed=seed, stream=out)
         assert out.getvalue() == "红楼" + got and not got.endswith("\ufffd"), seed
+
+
+def test_stop_ids_end_generation_like_eos() -> None:
+    """`stop_ids` end a sequence as `eos_id` does (the stop token included), in `generate` and per row in
+    `generate_batch`."""
+    from lmforge.generate import generate_batch
+
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5]]
+    free = [greedy_reference(model, p, 12) for p in prompts]
+    stop = next(t for t in free[0][2:] if t not in free[0][:2])  # a token the first row reaches partway
+    want = [f[: f.index(stop) + 1] if stop in f else f for f in free]
+    assert len(want[0]) < 12
+    for eos_id in (None, VOCAB - 1):
+        assert generate(model, prompts[0], max_new_tokens=12, temperature=0, eos_id=eos_id, stop_ids=[stop]) == want[0]
+        assert generate_batch(model, prompts, max_new_tokens=12, eos_id=eos_id, stop_ids={stop}) == want
+    assert generate(model, prompts[0], max_new_tokens=12, temperature=0, eos_id=stop, stop_ids=[]) == want[0]
+
+
+def test_stop_ids_of_a_run_and_of_its_fine_tunes(tmp_path: Path) -> None:
+    """generation.json gives a run's stop ids; a fine-tune without one uses its base's; a damaged file is a
+    one-line CheckpointError."""
+    import json
+
+    from lmforge.errors import CheckpointError
+    from lmforge.generate import stop_ids_of, write_stop_ids
+
+    base, tuned, other = tmp_path / "base", tmp_path / "tuned", tmp_path / "other"
+    for run in (base, tuned, other):
+        (run / "checkpoints" / "step-000000").mkdir(parents=True)
+    assert stop_ids_of(base) == []
+    write_stop_ids(base, [0, 7])
+    assert stop_ids_of(base) == [0, 7]
+    (tuned / "finetune.json").write_text(json.dumps({"base": str(base / "checkpoints" / "step-000000")}))
+    assert stop_ids_of(tuned) == [0, 7]  # the base a fine-tune records: a checkpoint folder ...
+    (other / "finetune.json").write_text(json.dumps({"base": str(tuned)}))
+    assert stop_ids_of(other) == [0, 7]  # ... or a run directory, a fine-tune in turn
+    write_stop_ids(tuned, [3])
+    assert stop_ids_of(tuned) == [3]  # its own come first
+    (tuned / "finetune.json").write_text(json.dumps({"base": str(tmp_path / "gone")}))
+    (tuned / "generation.json").unlink()
+    assert stop_ids_of(tuned) == []
+    for bad in ("[1, 2]", '{"stop_ids": [1, "2"]}', '{"stop_ids": -1}', "{"):
+        (base / "generation.json").write_text(bad)
+        with pytest.raises(CheckpointError) as e:
+            stop_ids_of(base)
+        assert "generation.json" in str(e.value) and "\n" not in str(e.value)

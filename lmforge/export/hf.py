@@ -6,7 +6,7 @@ and `AutoTokenizer.from_pretrained`:
     out/
         config.json               GPT2LMHeadModel or LlamaForCausalLM config
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
-        generation_config.json    bos/eos/pad ids
+        generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
         tokenizer_config.json     PreTrainedTokenizerFast; our end-of-text token as bos/eos/unk/pad
         special_tokens_map.json
@@ -558,6 +558,9 @@ def without_chat_markers(tokenizer_json: str) -> str:
 
 def write_hf(trained: Any, out: Path) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.generate import stop_ids_of
+
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)
     tokenizer: Tokenizer = trained.tokenizer
@@ -581,7 +584,10 @@ def write_hf(trained: Any, out: Path) -> Path:
         # the context length is in config.json (n_positions / max_position_embeddings).
         generation: dict[str, Any] = {}
         if eos_id is not None:
-            generation.update(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+            # an imported instruct model's other end-of-turn ids (generate.stop_ids_of) follow its eos
+            extra = [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos_id]
+            eos_ids: int | list[int] = [eos_id, *extra] if extra else eos_id
+            generation.update(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=eos_id)
         write_json(tmp / "generation_config.json", generation)
         chat = chat_template_of(trained)
         atomic_write_text(

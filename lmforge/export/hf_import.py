@@ -3,6 +3,13 @@ run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints
 `lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
 `export/bert.py`. The key maps and config translations it uses live in `export/hf.py`, shared with
 the export direction; see its docstring for the design.
+
+End-of-sequence ids: lmforge's tokenizer knows one end-of-text token (`Tokenizer.eos_id`), but an
+instruct model also ends its turns with another (Llama-3-Instruct: `<|eot_id|>` beside
+`<|end_of_text|>`; SmolLM2-Instruct: `<|im_end|>`). `hf_stop_ids` collects the directory's own:
+generation_config.json and config.json `eos_token_id` (an id or a list), tokenizer_config.json
+`eos_token`; when they name more than the tokenizer's eos, the run gets them as `generation.json`
+(`generate.stop_ids_of`), where `generate`, `chat`, `serve` and the HF export find them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from lmforge.atomic import (
     write_json,
 )
 from lmforge.checkpoint import read_json, save_checkpoint
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError, first_line
 from lmforge.export.hf import (
     FAMILIES,
     HF_DIR_FILES,
@@ -83,20 +90,61 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     hf_state, weights_path = _read_hf_weights(hf_dir, FAMILIES[model_type].keys)
     model = _load_imported(hf_state, cfg, model_type, weights_path)
     cfg = model.cfg
+    stop_ids = hf_stop_ids(hf_dir, hf_cfg, tokenizer)
+    try:
+        own_eos: int | None = tokenizer.eos_id
+    except DataError:  # no known end-of-text token (generate says so when it needs one)
+        own_eos = None
+    stop_ids = stop_ids if any(i != own_eos for i in stop_ids) else []  # only if they add to the eos
+    run_cfg = RunConfig(out=str(out), model=cfg)
+    return write_imported_run(out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids)
 
-    return write_imported_run(out, RunConfig(out=str(out), model=cfg), model, tokenizer, hf_dir, model_type)
+
+def hf_stop_ids(hf_dir: Path, hf_cfg: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+    """The end-of-sequence ids an HF directory names, in this order without repeats: generation_config.json
+    `eos_token_id`, config.json `eos_token_id` (each an id or a list of ids), tokenizer_config.json
+    `eos_token` (a token string, or {"content": ...}, looked up in `tokenizer`). Ids outside the tokenizer's
+    vocabulary, unknown tokens and other values are left out."""
+    named: list[Any] = []
+    gen_path = hf_dir / "generation_config.json"
+    gen = read_json(gen_path, "delete it or save it again") if gen_path.is_file() else {}
+    for source in (gen, hf_cfg):
+        value = source.get("eos_token_id") if isinstance(source, dict) else None
+        named += value if isinstance(value, list) else [value]
+    tok_cfg_path = hf_dir / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg_path, "delete it or save it again") if tok_cfg_path.is_file() else {}
+    eos = tok_cfg.get("eos_token") if isinstance(tok_cfg, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        named.append(tokenizer.hf.token_to_id(eos))  # None when the tokenizer lacks it
+    ids: list[int] = []
+    for i in named:
+        if type(i) is int and 0 <= i < tokenizer.vocab_size and i not in ids:
+            ids.append(i)
+    return ids
 
 
 def write_imported_run(
-    out: Path, run_cfg: Any, model: Any, tokenizer: Tokenizer, hf_dir: Path, model_type: str
+    out: Path,
+    run_cfg: Any,
+    model: Any,
+    tokenizer: Tokenizer,
+    hf_dir: Path,
+    model_type: str,
+    *,
+    stop_ids: list[int] | None = None,
 ) -> Path:
-    """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json and a weights-only
-    step-0 checkpoint."""
+    """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json, a weights-only
+    step-0 checkpoint and, with `stop_ids`, generation.json (`generate.write_stop_ids`)."""
+    from lmforge.generate import write_stop_ids
     from lmforge.train.state import TrainState
 
     with building_dir(out) as tmp:
         write_json(tmp / "config.json", run_cfg.to_dict())
         tokenizer.save(tmp / "tokenizer.json")
+        if stop_ids:
+            write_stop_ids(tmp, stop_ids)
         save_checkpoint(
             tmp,
             step=0,
