@@ -511,6 +511,17 @@ def test_imported_instruct_model_stops_at_its_end_of_turn_token(bpe: Tokenizer, 
     assert text == tok.decode(theirs[:-1]) and "<|eot_id|>" not in text
     longer = generate_from_checkpoint(run, prompt=prompt, max_new_tokens=12, temperature=0, stop_at_eos=False)
     assert longer.startswith(text) and len(longer) > len(text)  # --ignore-eos runs past it
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.eval.tasks import _answers
+
+    answers = _answers(load_finetuned(run, torch.device("cpu")), [ids], max_new_tokens=12)  # eval --task's answers
+    assert answers == [tok.decode(theirs[:-1]).strip()]
+    gguf = pytest.importorskip("gguf")
+    from lmforge.export.gguf import export_gguf
+
+    fields = gguf.GGUFReader(str(export_gguf(run, tmp_path / "m.gguf"))).fields
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == eot  # llama.cpp's end of turn
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == eos
 
     out = export_hf(run, tmp_path / "again")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [eos, eot]

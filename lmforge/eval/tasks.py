@@ -122,27 +122,39 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     by length so a batch holds little padding; each answer equals the one `generate` gives the prompt
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
-    from lmforge.generate import generate, generate_batch
+    from lmforge.generate import generate, generate_batch, stop_ids_of
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
     room = context - max_new_tokens
     prompts = [p[-room:] for p in prompts]
     eos = ft.tokenizer.eos_id
+    stops = stop_ids_of(ft.run_dir)  # an imported instruct model's end of turn ends its answer too
     if ft.use_cache and room > 0:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         new: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(order), ANSWER_BATCH):
             chunk = order[start : start + ANSWER_BATCH]
-            outs = generate_batch(ft.model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos)
+            outs = generate_batch(
+                ft.model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos, stop_ids=stops
+            )
             for i, out in zip(chunk, outs, strict=True):
                 new[i] = out
     else:
         new = [
-            generate(ft.model, p, max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos, use_cache=ft.use_cache)
+            generate(
+                ft.model,
+                p,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0,
+                eos_id=eos,
+                stop_ids=stops,
+                use_cache=ft.use_cache,
+            )  # fmt: skip
             for p in prompts
         ]
-    return [ft.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in new]
+    ends = {eos, *stops}
+    return [ft.tokenizer.decode([t for t in ids if t not in ends], skip_special_tokens=True).strip() for ids in new]
 
 
 @torch.no_grad()

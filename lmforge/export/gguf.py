@@ -41,9 +41,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from lmforge.adapt.load import run_dir_of
 from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
 from lmforge.export.hf import chat_template_of, without_chat_markers
+from lmforge.generate import stop_ids_of
 
 DTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
@@ -200,6 +202,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     eos = trained.tokenizer.eos_id
     prefix = trained.tokenizer.prompt_prefix  # an imported Llama's <s> / <|begin_of_text|> before each text
     bos = prefix[0] if len(prefix) == 1 else eos
+    # an imported instruct model's end of turn (generation.json): llama.cpp's end-of-turn token
+    end_of_turn = [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos][:1]
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +231,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         writer.add_eos_token_id(eos)
         writer.add_pad_token_id(eos)
         writer.add_add_bos_token(bos != eos)
+        if end_of_turn:
+            writer.add_eot_token_id(end_of_turn[0])
         if chat:  # the template the run was tuned with, as the HF export writes it
             writer.add_chat_template(chat)
         for name, t in tensors.items():
