@@ -126,19 +126,11 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import (
-        StreamDecoder,
-        _check_seed,
-        _stop_set,
-        check_sampling,
-        generate,
-        require_text_generator,
-        stop_ids_of,
-    )
+    from lmforge.generate import StreamDecoder, check_sampling, check_seed, generate, require_text_generator, run_stops
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
-    _check_seed(seed)
+    check_seed(seed)
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
@@ -146,7 +138,7 @@ def chat(
     ft = load_finetuned(run, pick_device(device))
     require_text_generator(run, ft)
     tok, model = ft.tokenizer, ft.model
-    stops = _stop_set(tok.eos_id, stop_ids_of(ft.run_dir))  # an instruct model's end of turn, too
+    stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()
     context = model.cfg.max_seq_len
     max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history

@@ -93,19 +93,28 @@ def stop_ids_of(run_dir: str | Path) -> list[int]:
         base = info.get("base") if isinstance(info, dict) else None
         if not isinstance(base, str) or not Path(base).exists():
             return []  # (loading the run names a missing base, where that matters)
+        from lmforge.adapt.load import run_dir_of
+
         base_dir = Path(base).resolve()  # a checkpoint folder (as finetune records it) or a run directory
-        run_dir = base_dir if (base_dir / "checkpoints").is_dir() else base_dir.parent.parent
+        run_dir = base_dir if (base_dir / "checkpoints").is_dir() else run_dir_of(base_dir)
     return []
 
 
-def _check_seed(seed: int | None) -> None:
+def run_stops(loaded: Any) -> frozenset[int]:
+    """The ids a generation with a loaded run (`adapt.load.Finetuned`) stops after: its tokenizer's eos
+    and the run's `stop_ids_of`."""
+    return _stop_set(loaded.tokenizer.eos_id, stop_ids_of(loaded.run_dir))
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed torch's generators take: None, or an int in [0, 2**63)."""
     if seed is not None and not 0 <= seed < 2**63:
         raise LmforgeError(f"seed must be in [0, 2**63), got {seed}")
 
 
 def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
-    _check_seed(seed)
+    check_seed(seed)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -503,14 +512,14 @@ def generate_from_checkpoint(
     model = loaded.model
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id
-    stops = _stop_set(eos_id, stop_ids_of(loaded.run_dir)) if stop_at_eos else frozenset()
+    stops = run_stops(loaded) if stop_at_eos else frozenset()
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
     prompt_ids = _check_prompt(tokenizer.prompt_prefix + tokenizer.encode(prompt), max_len, eos_id)
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    _check_seed(seed)  # here too: before the prompt is echoed
+    check_seed(seed)  # here too: before the prompt is echoed
 
     plain = functools.partial(tokenizer.decode, skip_special_tokens=True)
     after_prompt = continuation_decoder(plain, prompt_ids)

@@ -80,9 +80,9 @@ class LMServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits, compile: bool) -> None:  # noqa: A002
-        from lmforge.generate import _stop_set, stop_ids_of
+        from lmforge.generate import run_stops
 
-        self.stops = _stop_set(ft.tokenizer.eos_id, stop_ids_of(ft.run_dir))  # eos and the run's stop ids
+        self.stops = run_stops(ft)  # eos and the run's stop ids
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.lock = threading.Lock()

@@ -122,14 +122,14 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     by length so a batch holds little padding; each answer equals the one `generate` gives the prompt
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
-    from lmforge.generate import generate, generate_batch, stop_ids_of
+    from lmforge.generate import generate, generate_batch, run_stops
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
     room = context - max_new_tokens
     prompts = [p[-room:] for p in prompts]
     eos = ft.tokenizer.eos_id
-    stops = stop_ids_of(ft.run_dir)  # an imported instruct model's end of turn ends its answer too
+    stops = run_stops(ft)  # eos, and an imported instruct model's end of turn ends its answer too
     if ft.use_cache and room > 0:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         new: list[list[int]] = [[] for _ in prompts]
@@ -153,8 +153,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
             )  # fmt: skip
             for p in prompts
         ]
-    ends = {eos, *stops}
-    return [ft.tokenizer.decode([t for t in ids if t not in ends], skip_special_tokens=True).strip() for ids in new]
+    return [ft.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True).strip() for ids in new]
 
 
 @torch.no_grad()
