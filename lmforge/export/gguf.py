@@ -41,11 +41,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from lmforge.adapt.load import run_dir_of
 from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import chat_template_of, without_chat_markers
-from lmforge.generate import stop_ids_of
+from lmforge.export.hf import bos_id_of, chat_template_of, extra_stop_ids, without_chat_markers
 
 DTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
@@ -200,10 +198,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=bool(chat))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
     eos = trained.tokenizer.eos_id
-    prefix = trained.tokenizer.prompt_prefix  # an imported Llama's <s> / <|begin_of_text|> before each text
-    bos = prefix[0] if len(prefix) == 1 else eos
-    # an imported instruct model's end of turn (generation.json): llama.cpp's end-of-turn token
-    end_of_turn = [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos][:1]
+    bos = bos_id_of(trained.tokenizer, eos)  # an imported Llama's <s> / <|begin_of_text|>, else eos
+    end_of_turn = extra_stop_ids(trained, eos)[:1]  # an imported instruct model's: llama.cpp's end of turn
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)

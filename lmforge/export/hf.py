@@ -540,6 +540,21 @@ def chat_template_of(trained: Any) -> str:
     return JINJA_TEMPLATE if load_template(run_dir_of(trained.checkpoint.path)) is not None else ""
 
 
+def bos_id_of(tokenizer: Tokenizer, eos_id: int | None) -> int | None:
+    """The BOS an export names: what the tokenizer puts before a text (an imported Llama's <s>), else
+    our end-of-text token (lmforge's own models never saw a BOS)."""
+    prefix = tokenizer.prompt_prefix
+    return prefix[0] if len(prefix) == 1 else eos_id
+
+
+def extra_stop_ids(trained: Any, eos_id: int | None) -> list[int]:
+    """An imported instruct model's end-of-turn ids beside its eos (`generate.stop_ids_of`), in order."""
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.generate import stop_ids_of
+
+    return [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos_id]
+
+
 def without_chat_markers(tokenizer_json: str) -> str:
     """tokenizer.json for a chat-tuned export: the role markers (`<|user|>`, ...) leave the added tokens.
 
@@ -558,9 +573,6 @@ def without_chat_markers(tokenizer_json: str) -> str:
 
 def write_hf(trained: Any, out: Path) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
-    from lmforge.adapt.load import run_dir_of
-    from lmforge.generate import stop_ids_of
-
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)
     tokenizer: Tokenizer = trained.tokenizer
@@ -574,9 +586,7 @@ def write_hf(trained: Any, out: Path) -> Path:
     tensors = to_hf_state_dict(state, cfg, family)
 
     with building_dir(out) as tmp:
-        # BOS: what the tokenizer puts before a text (an imported Llama's <s>), else our end-of-text token
-        prefix = tokenizer.prompt_prefix
-        bos_id = prefix[0] if len(prefix) == 1 else eos_id
+        bos_id = bos_id_of(tokenizer, eos_id)
         write_json(tmp / "config.json", {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
         fsync_file(tmp / "model.safetensors")
@@ -584,8 +594,7 @@ def write_hf(trained: Any, out: Path) -> Path:
         # the context length is in config.json (n_positions / max_position_embeddings).
         generation: dict[str, Any] = {}
         if eos_id is not None:
-            # an imported instruct model's other end-of-turn ids (generate.stop_ids_of) follow its eos
-            extra = [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos_id]
+            extra = extra_stop_ids(trained, eos_id)  # an imported instruct model's end of turn follows its eos
             eos_ids: int | list[int] = [eos_id, *extra] if extra else eos_id
             generation.update(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=eos_id)
         write_json(tmp / "generation_config.json", generation)
