@@ -5,7 +5,7 @@ dataclasses at the top (STYLE.md) and `config.py` imports those to compose `RunC
 helpers here avoids an import cycle.
 """
 
-from dataclasses import field
+from dataclasses import MISSING, field, fields
 from typing import Any
 
 from lmforge.errors import ConfigError
@@ -20,3 +20,20 @@ def check(condition: bool, message: str) -> None:
     """Raise `ConfigError(message)` unless `condition` holds (for `__post_init__` validation)."""
     if not condition:
         raise ConfigError(message)
+
+
+def changed_fields(config: Any) -> set[str]:
+    """Names of the dataclass fields of `config` whose value is not their default (a field without a
+    default counts as changed): the settings a user gave, as far as a config alone can tell."""
+    changed = set()
+    for f in fields(config):
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            changed.add(f.name)
+            continue
+        if getattr(config, f.name) != default:
+            changed.add(f.name)
+    return changed

@@ -52,7 +52,7 @@ import torch.nn as nn
 from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed_weights, load_teacher
 from lmforge.atomic import write_json
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError
-from lmforge.fields import check, opt
+from lmforge.fields import changed_fields, check, opt
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
 # few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
@@ -129,12 +129,7 @@ class FinetuneConfig:
             bool(self.replay) == (self.replay_fraction > 0),
             "--replay OLD_TEXT and --replay-fraction F (> 0, replay windows per new window) go together",
         )
-        changed = set()  # a setting the run would not use is an error, not ignored
-        for f in dataclasses.fields(self):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            if getattr(self, f.name) != default:
-                changed.add(f.name)
-        check_applies(self, changed)
+        check_applies(self, changed_fields(self))  # a setting the run would not use is an error, not ignored
 
 
 def check_applies(cfg: FinetuneConfig, names: set[str]) -> None:

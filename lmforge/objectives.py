@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.fields import check, opt
+from lmforge.fields import changed_fields, check, opt
 
 IGNORE_INDEX = -100
 ENCODER_MIN_SEQ_LEN = 8  # MLMLoader's shortest sequence: [CLS], [SEP] (two for pairs) and text to mask
@@ -65,7 +65,7 @@ class ObjectiveConfig:
             "objective.mask_token_frac and objective.random_token_frac must be >= 0 and sum to at most 1",
         )  # fmt: skip
         check(self.rtd_weight >= 0, f"objective.rtd_weight must be >= 0, got {self.rtd_weight}")
-        self.refuse_unused({f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default})
+        self.refuse_unused(changed_fields(self))
 
     def refuse_unused(self, names: set[str]) -> None:
         """A setting in `names` that this objective never reads is an error rather than silently ignored

@@ -54,7 +54,7 @@ import os
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -88,7 +88,7 @@ from lmforge.data.ingest import (
 from lmforge.data.shards import ShardWriter, dtype_for_vocab
 from lmforge.data.split import SPLITS, bucket, doc_digest
 from lmforge.errors import DataError, LmforgeError
-from lmforge.fields import check, opt
+from lmforge.fields import changed_fields, check, opt
 from lmforge.tokenizer.fast_encode import DocumentEncoder
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import EXTRA_SPECIALS, MIN_BPE_VOCAB, train_bpe, train_char, train_unigram, train_wordpiece
@@ -253,11 +253,9 @@ class PrepareConfig:
         options were the parts' to apply. Given anyway they would be recorded in manifest.config as
         if applied, so a value other than the default is refused, naming the flag, and so is a flag
         in `written` (the CLI's: written at its default value, it would still do nothing)."""
+        given = changed_fields(self) | written
         for f in fields(self):
-            if f.name in _MERGE_FLAGS:
-                continue
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(self, f.name) != default or f.name in written:
+            if f.name not in _MERGE_FLAGS and f.name in given:
                 flag = "--" + f.name.replace("_", "-")
                 check(False, f"{flag} is not applied by --merge (the parts were already prepared); drop it")
 
