@@ -437,8 +437,10 @@ def _finetune(
     cfg = cfg or FinetuneConfig()
     train_cfg, optim_cfg, eval_cfg, ckpt_cfg = finetune_sections(cfg.adapt, overrides)
     if cfg.schedule == "continue":  # the base run's schedule sets every step's learning rate
+        from lmforge.train.schedule import LR_KEYS
+
         train_given = (overrides or {}).get("train") or {}
-        for key in ("lr", "final_lr", "warmup_steps", "schedule", "decay_fraction"):
+        for key in LR_KEYS:
             if key in train_given:
                 raise ConfigError(
                     f"--train.{key} is not used with --schedule continue (the base run's schedule sets the "

@@ -146,10 +146,11 @@ def _lmforge_output(folder: Path) -> bool:
     """A folder lmforge wrote: prepared data (manifest.json + tokenizer.json), a run (config.json +
     checkpoints/ or metrics.jsonl) or a model export (config.json + model.safetensors). Found inside an
     input folder, its card.md, metrics.jsonl or config.json would otherwise be read as text."""
+    from lmforge.runs import is_run_dir
+
     has = lambda name: (folder / name).exists()  # noqa: E731
-    return (has("manifest.json") and has("tokenizer.json")) or (
-        has("config.json") and (has("checkpoints") or has("metrics.jsonl") or has("model.safetensors"))
-    )
+    prepared = has("manifest.json") and has("tokenizer.json")
+    return prepared or is_run_dir(folder) or (has("config.json") and has("model.safetensors"))
 
 
 def _walk(folder: Path) -> Iterator[Path]:

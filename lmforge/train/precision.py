@@ -20,14 +20,12 @@ import torch.nn.attention
 from lmforge.errors import ConfigError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# `train.attention`: which CUDA kernel `F.scaled_dot_product_attention` tries first. The others stay
-# enabled behind it, in torch's own order, so a shape the chosen kernel cannot run still runs.
-ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient")
 
 
 def attention_kernels(name: str) -> contextlib.AbstractContextManager:
-    """A context in which SDPA tries `name`'s CUDA kernel first, the others enabled behind it (`auto`:
-    torch's own choice, which with torch 2.11 on an H100 is already cuDNN's kernel)."""
+    """A context in which SDPA tries `name`'s CUDA kernel (`train.attention`) first, the others enabled
+    behind it, so a shape the chosen kernel cannot run still runs (`auto`: torch's own choice, which with
+    torch 2.11 on an H100 is already cuDNN's kernel)."""
     if name == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -69,7 +67,7 @@ def pick_device(name: str, flag: str = "--device") -> torch.device:
 class Precision:
     device: torch.device
     dtype: torch.dtype  # autocast dtype; float32 = no autocast
-    attention: str = "auto"  # the CUDA SDPA kernel tried first (ATTENTION_KERNELS)
+    attention: str = "auto"  # the CUDA SDPA kernel tried first (`train.attention`)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast at `dtype` (none for float32), with SDPA trying the `attention` kernel first."""

@@ -47,7 +47,7 @@ from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
-from lmforge.train.schedule import lr_at
+from lmforge.train.schedule import LR_KEYS, lr_at
 from lmforge.train.state import TrainState
 
 
@@ -171,7 +171,7 @@ def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
     return dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world_size, micro_batch_size=micro)
 
 
-_SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr", "final_lr", "schedule", "decay_fraction")
+_SCHEDULE_KEYS = ("max_steps", *LR_KEYS)
 
 
 def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 
+# The train settings `lr_at` reads besides the step and max_steps: what sets every step's learning rate
+LR_KEYS = ("warmup_steps", "lr", "final_lr", "schedule", "decay_fraction")
+
 
 def lr_at(
     step: int,
