@@ -29,7 +29,7 @@ Design:
   is created; an error after an HF import removes the directory again.
 - Re-running the same command on RUN_DIR resumes it (`_existing_run`): checkpoints carry the
   optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
-- Length (~810 lines, just over the 800-line guide): `_finetune` reads top to bottom in the order a
+- Length (~830 lines, just over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
   flag applies to which task/mode stay beside it. The task formats, objectives, heads and metrics
   already live in their own modules; the next split would be the example building.
