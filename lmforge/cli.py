@@ -155,8 +155,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step: compiling takes ~5-15 s on CPU (needs a C++ compiler), then each "
-        "token is ~15-25%% faster; pays off for long outputs",
+        help="torch.compile the decode step: compiling takes ~5-22 s on CPU (needs a C++ compiler), then each "
+        "token is ~5-15%% faster; pays off for long outputs",
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"

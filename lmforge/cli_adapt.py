@@ -74,8 +74,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step: the first reply waits ~5-15 s more on CPU (needs a C++ compiler), "
-        "then each token is ~15-25%% faster",
+        help="torch.compile the decode step: the first reply waits ~5-22 s more on CPU (needs a C++ compiler), "
+        "then each token is ~5-15%% faster",
     )
 
     p = sub.add_parser(
@@ -93,8 +93,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step, before the server starts listening (~5-15 s on CPU, needs a C++ "
-        "compiler); then each token is ~15-25%% faster",
+        help="torch.compile the decode step, before the server starts listening (~5-22 s on CPU, needs a C++ "
+        "compiler); then each token is ~5-15%% faster",
     )
 
 

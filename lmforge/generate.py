@@ -10,8 +10,8 @@
   overhead, not arithmetic (bench/generate_speed.py).
 - `compile=True` (`--compile` on `generate`, `chat`, `serve`): the one-token decode steps run through
   `torch.compile` (inductor, dynamic shapes, so the growing cache needs no recompile), made once per
-  model and kept for later calls; prefill stays eager. The first call compiles (~5-15 s on CPU), then
-  each token is ~15-25% faster (bench/generate_speed.py): worth it for chat and serve sessions or long
+  model and kept for later calls; prefill stays eager. The first call compiles (~5-22 s on CPU), then
+  each token is ~5-15% faster (bench/generate_speed.py): worth it for chat and serve sessions or long
   outputs, not for one short sample. Same ids up to float rounding in the fused kernels. If compiling
   fails (on CPU inductor needs a C++ compiler), decoding goes on eagerly after a one-line warning.
 - `generate_batch(model, prompts, ...)`: prompts of different lengths decoded together (left-padded,
@@ -199,29 +199,34 @@ def _decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Tensor:
     return model(x, cache)
 
 
-_compiled_step: Callable[..., Tensor] | None = None  # torch.compile(_decode_step), made on first use
+# torch.compile(_decode_step) per device type, made on first use. On CPU the graph's kernel calls are
+# generated as C++ (inductor's cpp_wrapper) rather than Python: 1.60 -> 1.48 ms per token of the 10.8M
+# model (bench/generate_speed.py), as a decode step is ~100 tiny kernels
+_compiled_steps: dict[str, Callable[..., Tensor]] = {}
 _compile_failed: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # these models decode eagerly
 
 
 def compiled_decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Tensor:
     """`model(x, cache)` through `torch.compile`, or eagerly for a model whose compiled call failed.
 
-    One compiled function takes the model as an argument (its parameters are graph inputs), so it
-    holds no model alive and models of one shape share the compiled code. `dynamic=True`: the
-    keys/values the cache returns grow by one position per token, which would otherwise recompile
+    One compiled function per device type takes the model as an argument (its parameters are graph
+    inputs), so it holds no model alive and models of one shape share the compiled code. `dynamic=True`:
+    the keys/values the cache returns grow by one position per token, which would otherwise recompile
     at every new length. Any exception from the compiled call (no C++ compiler, an unsupported op)
     switches that model to eager for good, with one warning on stderr, and the step re-runs eagerly
     (the cache had not advanced: its write repeats in place).
     """
-    global _compiled_step
     if model not in _compile_failed:
         try:
-            if _compiled_step is None:
-                problem = cpp_compiler_problem() if x.device.type == "cpu" else None
+            step = _compiled_steps.get(x.device.type)
+            if step is None:
+                cpu = x.device.type == "cpu"
+                problem = cpp_compiler_problem() if cpu else None
                 if problem:
                     raise RuntimeError(problem)
-                _compiled_step = torch.compile(_decode_step, dynamic=True)
-            return _compiled_step(model, x, cache)
+                options = {"cpp_wrapper": True} if cpu else None
+                step = _compiled_steps[x.device.type] = torch.compile(_decode_step, dynamic=True, options=options)
+            return step(model, x, cache)
         except Exception as e:  # noqa: BLE001 - any compile failure: decode eagerly instead
             _compile_failed.add(model)
             print(

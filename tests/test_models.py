@@ -230,3 +230,42 @@ def test_model_sizes_are_validated_for_every_family(family: str, fields: dict, m
     with pytest.raises(ConfigError, match=match) as info:
         load_config(overrides={"model": {"family": family, **fields}})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_helper_equals_f_gelu_and_restores_onednn(dtype: torch.dtype) -> None:
+    """layers.gelu: F.gelu's values (within 3e-6, where 1 + erf cancels) on both sides of GELU_SMALL, the
+    exact and tanh forms, with gradients, and oneDNN switched back on afterwards (also when F.gelu raises)."""
+    import torch.nn.functional as F
+
+    from lmforge.models.layers import GELU_SMALL, gelu
+
+    for n in (7, 1536, GELU_SMALL + 1):
+        for approximate in ("none", "tanh"):
+            x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4).to(dtype).requires_grad_()
+            y = gelu(x, approximate)
+            tol = dict(atol=3e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(y, F.gelu(x, approximate=approximate), **tol)
+            y.sum().backward()
+            assert x.grad is not None and torch.isfinite(x.grad).all()
+            assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        gelu(torch.zeros(3, dtype=torch.long))  # no GELU for integers: raised inside the switched-off window
+    assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_for_one_query(n_kv_head: int, dtype: torch.dtype) -> None:
+    """gpt.decode_attention (the compiled CPU decode step's attention): SDPA's output for one query per head
+    over L cached keys, with multi-head, grouped and multi-query k/v."""
+    import torch.nn.functional as F
+
+    from lmforge.models.gpt import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, n_kv_head, 9, 16, generator=g).to(dtype) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv_head != 4)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(decode_attention(q, k, v), want, **tol)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.fields import check, opt
-from lmforge.models.layers import require_vocab_size
+from lmforge.models.layers import gelu, require_vocab_size
 
 
 @dataclass(kw_only=True)
@@ -157,7 +157,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = self.norm1(x + self.drop(self.attn(x, mask)))  # post-LN (BERT)
-        return self.norm2(x + self.drop(self.proj(F.gelu(self.fc(x)))))
+        return self.norm2(x + self.drop(self.proj(gelu(self.fc(x)))))
 
 
 class Encoder(nn.Module):
@@ -187,7 +187,7 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: Tensor, tok_emb: Tensor) -> Tensor:
-        return F.linear(self.norm(F.gelu(self.dense(h))), tok_emb, self.bias)  # (..., vocab_size)
+        return F.linear(self.norm(gelu(self.dense(h))), tok_emb, self.bias)  # (..., vocab_size)
 
 
 def _init_module(module: nn.Module, std: float) -> None:
@@ -344,7 +344,7 @@ class Electra(nn.Module):
 
     def discriminate(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
         h = self.discriminator(self.embed(idx, segments), pad_mask)  # (B, T, C)
-        return self.disc_head(F.gelu(self.disc_dense(h))).squeeze(-1)
+        return self.disc_head(gelu(self.disc_dense(h))).squeeze(-1)
 
     def generator_hidden(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
         """Generator hidden states (B, T, generator width)."""
