@@ -8,7 +8,9 @@ Markers are ordinary text (no new vocabulary, so any base tokenizer works). Only
 and its EOS are training targets. Each piece is tokenized on its own, so the ids at training time
 and at chat time are the same and the loss mask lines up exactly with the assistant text. The same
 template is written as Jinja to `tokenizer_config.json` (`chat_template`, the field Hugging Face
-uses), so `apply_chat_template` in transformers renders identical text.
+uses), so `apply_chat_template` in transformers renders identical text. A prompt to generate from
+(`add_generation_prompt`) ends its past replies without the EOS when the tokenizer has none (an
+imported one may not: `Tokenizer.eos_id_or_none`), so such a run still chats; training needs it.
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
@@ -41,13 +43,19 @@ class ChatTemplate:
     name: str = TEMPLATE_NAME
 
     def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
-        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS."""
+        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS.
+
+        Raises:
+            DataError: a malformed conversation, or training pieces (no generation prompt) from a tokenizer
+                without an end-of-text token.
+        """
         check_messages(messages, allow_trailing_user=add_generation_prompt)
+        eos = tok.eos_id_or_none if add_generation_prompt else tok.eos_id  # (module docstring)
         out: list[tuple[list[int], bool]] = []
         for m in messages:
             out.append((tok.encode(f"<|{m['role']}|>\n"), False))
             if m["role"] == "assistant":
-                out.append((tok.encode(m["content"]) + [tok.eos_id], True))
+                out.append((tok.encode(m["content"]) + ([] if eos is None else [eos]), True))
             else:
                 out.append((tok.encode(m["content"] + "\n"), False))
         if add_generation_prompt:
@@ -192,7 +200,7 @@ def chat(
             top_p=top_p,
             seed=seed,
             use_cache=ft.use_cache,
-            eos_id=tok.eos_id,
+            eos_id=tok.eos_id_or_none,
             stop_ids=stops,
             on_token=on_token,
             compile=compile,

@@ -27,6 +27,10 @@
   more than the tokenizer's own end-of-text token, e.g. Llama-3-Instruct's `<|eot_id|>`.
   `stop_ids_of(run_dir)` reads it (a fine-tune without one uses its base's), for `generate`, `chat`,
   `serve` and the HF export.
+- No eos: an imported tokenizer may have no end-of-text token lmforge knows (`Tokenizer.eos_id_or_none`
+  is None; its end token, if any, is then in `generation.json`). Its runs generate all the same, up to
+  the token limit or a stop id; only an empty prompt, which would start after an end-of-text token,
+  is refused with what to do instead.
 - `generate_from_checkpoint(...)`: the `lmforge generate` command (load, encode, stream, decode).
 - `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
@@ -102,8 +106,8 @@ def stop_ids_of(run_dir: str | Path) -> list[int]:
 
 def run_stops(loaded: Any) -> frozenset[int]:
     """The ids a generation with a loaded run (`adapt.load.Finetuned`) stops after: its tokenizer's eos
-    and the run's `stop_ids_of`."""
-    return _stop_set(loaded.tokenizer.eos_id, stop_ids_of(loaded.run_dir))
+    (if it has one) and the run's `stop_ids_of`."""
+    return _stop_set(loaded.tokenizer.eos_id_or_none, stop_ids_of(loaded.run_dir))
 
 
 def check_seed(seed: int | None) -> None:
@@ -497,17 +501,18 @@ def generate_from_checkpoint(
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
     The prompt is encoded with the checkpoint's tokenizer (an empty prompt starts a new document
-    after an end-of-text token); generation stops at end-of-text (or one of the run's `stop_ids_of`)
-    unless `stop_at_eos` is False, in which case it runs on into new documents, shown separated by a
-    blank line. With `stream`, the prompt and then each completed piece of the continuation are written
-    to it as they come (no trailing newline).
+    after an end-of-text token, so it needs a tokenizer that has one); generation stops at end-of-text
+    (or one of the run's `stop_ids_of`) unless `stop_at_eos` is False, in which case it runs on into
+    new documents, shown separated by a blank line. With `stream`, the prompt and then each completed
+    piece of the continuation are written to it as they come (no trailing newline).
 
     Returns:
         The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
         id) shows nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
 
     Raises:
-        LmforgeError: missing/broken checkpoint, prompt longer than the context, bad settings.
+        LmforgeError: missing/broken checkpoint, prompt longer than the context, an empty prompt with
+            a tokenizer that has no end-of-text token, bad settings.
     """
     from lmforge.adapt.load import load_finetuned
     from lmforge.train.precision import pick_device
@@ -516,11 +521,17 @@ def generate_from_checkpoint(
     require_text_generator(path, loaded)
     model = loaded.model
     tokenizer = loaded.tokenizer
-    eos_id = tokenizer.eos_id
+    eos_id = tokenizer.eos_id_or_none  # None: an imported tokenizer without one (module docstring)
     stops = run_stops(loaded) if stop_at_eos else frozenset()
     max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
     # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
-    prompt_ids = _check_prompt(tokenizer.prompt_prefix + tokenizer.encode(prompt), max_len, eos_id)
+    prompt_ids = tokenizer.prompt_prefix + tokenizer.encode(prompt)
+    if not prompt_ids and eos_id is None:
+        raise LmforgeError(
+            f"{path}: its tokenizer has no end-of-text token to start a new document after; "
+            "give some text to continue with --prompt"
+        )
+    prompt_ids = _check_prompt(prompt_ids, max_len, eos_id)
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")

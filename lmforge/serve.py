@@ -120,7 +120,7 @@ def make_server(
             advice = "pick another --port"
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); {advice}") from None
     if compile and ft.use_cache:  # one eager prefill and one compiled decode step: compiles it now
-        generate(ft.model, [ft.tokenizer.eos_id or 0], max_new_tokens=2, temperature=0.0, compile=True)
+        generate(ft.model, [ft.tokenizer.eos_id_or_none or 0], max_new_tokens=2, temperature=0.0, compile=True)
     return server
 
 
@@ -262,7 +262,16 @@ class _Handler(BaseHTTPRequestHandler):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise RequestError(400, "'prompt' must be a string (one prompt per request)")
-        ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt) or [ft.tokenizer.eos_id]  # (BOS: generate.py)
+        ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt)  # (BOS: generate.py)
+        if not ids:  # a new document, after an end-of-text token
+            eos = ft.tokenizer.eos_id_or_none
+            if eos is None:
+                raise RequestError(
+                    400,
+                    "'prompt' is empty and this model's tokenizer has no end-of-text token "
+                    "to start a new document after; send some text to continue",
+                )
+            ids = [eos]
         if len(ids) + max_tokens > context:
             raise RequestError(
                 400,
@@ -365,7 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
                     top_p=top_p,
                     seed=seed,
                     use_cache=ft.use_cache,
-                    eos_id=tok.eos_id,
+                    eos_id=tok.eos_id_or_none,
                     stop_ids=self.server.stops,
                     on_token=on_token,
                     compile=self.server.compile,

@@ -281,9 +281,12 @@ def test_chat_and_serve_with_compile(chat_run: Path):
         server.server_close()
 
 
-def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(tmp_path: Path):
+@pytest.mark.parametrize("known_eos", [True, False])
+def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(known_eos: bool, tmp_path: Path):
     """An imported instruct model whose generation_config lists `<|eot_id|>` beside its eos: chat and serve
-    end the reply there (without showing it), as transformers' generate does."""
+    end the reply there (without showing it), as transformers' generate does. The same when lmforge does
+    not know its end-of-text token (`known_eos=False`, named `<|end|>`): past replies are rendered without
+    one, and only a completion with an empty prompt (a new document after one) is refused, saying why."""
     import io
 
     from lmforge.chat import ChatTemplate, chat
@@ -297,7 +300,9 @@ def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(tmp_path: Path):
     hi = [{"role": "user", "content": "hi"}]
     reply_budget = CONTEXT // 2  # what chat allows a reply
     prompt_ids, _ = ChatTemplate().prompt_ids(bpe, hi, budget=CONTEXT - reply_budget)
-    _, tok, theirs = instruct_llama_dir(bpe, tmp_path / "hf", prompt_ids, max_new_tokens=reply_budget)
+    _, tok, theirs = instruct_llama_dir(
+        bpe, tmp_path / "hf", prompt_ids, max_new_tokens=reply_budget, known_eos=known_eos
+    )
     run = import_hf(tmp_path / "hf", tmp_path / "run")
     want = tok.decode(theirs[:-1]).rstrip("\ufffd")  # as streamed: no half character at the end
     assert len(prompt_ids) <= CONTEXT - reply_budget  # not cut to fit
@@ -317,6 +322,18 @@ def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(tmp_path: Path):
         assert status == 200 and reply["choices"][0]["message"]["content"] == want
         assert reply["choices"][0]["finish_reason"] == "stop"
         assert reply["usage"]["completion_tokens"] == len(theirs)  # the stop token counted, as eos is
+        past = "the lazy dog"  # a past reply ends with the eos, where the tokenizer has one
+        again = [*hi, {"role": "assistant", "content": past}, *hi]
+        status, body = _post(server.url + "/v1/chat/completions", {"messages": again, "max_tokens": 2})
+        eos = [tok.eos_id] if known_eos else []
+        assert status == 200, body
+        assert json.loads(body)["usage"]["prompt_tokens"] == len(prompt_ids + tok.encode(past) + eos + prompt_ids)
+        status, body = _post(server.url + "/v1/completions", {"prompt": "", "max_tokens": 2})
+        if known_eos:  # a new document, after the eos
+            assert status == 200, body
+        else:
+            message = json.loads(body)["error"]["message"]
+            assert status == 400 and "no end-of-text token" in message and "send some text" in message, body
     finally:
         server.shutdown()
         server.server_close()

@@ -19,7 +19,7 @@ import torch
 
 from lmforge.checkpoint import load_trained, save_checkpoint
 from lmforge.config import RunConfig
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.errors import CheckpointError, DataError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.hf_import import import_hf
 from lmforge.generate import generate, generate_batch, generate_from_checkpoint, stop_ids_of
@@ -27,7 +27,7 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char
 from lmforge.train.state import TrainState
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 
 # Local directories only: never let huggingface_hub try the network (there is none, and retries are slow).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -465,19 +465,29 @@ def test_import_refuses_rope_scaling_under_either_key(bpe: Tokenizer, tmp_path: 
 # end-of-turn ids of instruct models
 
 
+def without_known_eos(tok: Tokenizer) -> Tokenizer:
+    """`tok` with its end-of-text token renamed `<|end|>` (Phi-3's name), which lmforge does not know as one."""
+    renamed = Tokenizer.from_str(tok.to_str().replace(f'"{Tokenizer.EOS}"', '"<|end|>"'))
+    assert renamed.hf.token_to_id("<|end|>") == tok.eos_id
+    with pytest.raises(DataError, match="no end-of-text token"):
+        renamed.eos_id  # noqa: B018 - what training asks for
+    return renamed
+
+
 def instruct_llama_dir(
-    bpe: Tokenizer, hf_dir: Path, prompt_ids: list[int], max_new_tokens: int
+    bpe: Tokenizer, hf_dir: Path, prompt_ids: list[int], max_new_tokens: int, *, known_eos: bool = True
 ) -> tuple[torch.nn.Module, Tokenizer, list[int]]:
     """A Llama-3-Instruct-like HF directory: the tokenizer has `<|eot_id|>` beside its end-of-text token,
     generation_config.json lists both as `eos_token_id`, and `<|eot_id|>`'s output row is set so that
     greedy decoding of `prompt_ids` produces it partway (where a new token first appears in the first half
-    of `max_new_tokens`, or before).
+    of `max_new_tokens`, or before). `known_eos=False`: the end-of-text token is `without_known_eos`'s.
 
     Returns the transformers model, the tokenizer, and transformers' greedy continuation (ending in it)."""
     hf_tok = Tokenizer.from_str(bpe.to_str()).hf
     hf_tok.add_special_tokens(["<|eot_id|>"])
     tok = Tokenizer.from_str(hf_tok.to_str())
     eos, eot = tok.eos_id, tok.hf.token_to_id("<|eot_id|>")
+    tok = tok if known_eos else without_known_eos(tok)
     torch.manual_seed(0)
     model = _hf_llama(tok, eos_token_id=eos).eval()
     perturb_(model, seed=3)
@@ -529,6 +539,42 @@ def test_imported_instruct_model_stops_at_its_end_of_turn_token(bpe: Tokenizer, 
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eos, eot]
     again = import_hf(out, tmp_path / "run2")  # and back: the same stop ids
     assert stop_ids_of(again) == [eos, eot]
+
+
+def test_imported_run_whose_tokenizer_has_no_known_eos_generates(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A tokenizer whose end-of-text token lmforge does not know (`<|end|>`): `lmforge generate` still works,
+    stopping at the stop ids the HF directory names (here `<|eot_id|>`), or with --ignore-eos running to
+    --max-new-tokens; only an empty prompt, which would start after an end-of-text token, is a one-line
+    error. `eval --task` answers and the HF export (its generation_config.json keeps the stop ids) work too."""
+    prompt = "The quick"
+    model, tok, theirs = instruct_llama_dir(
+        bpe, tmp_path / "hf", bpe.encode(prompt), max_new_tokens=12, known_eos=False
+    )
+    end, eot = tok.hf.token_to_id("<|end|>"), theirs[-1]
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    assert stop_ids_of(run) == [end, eot]
+
+    r = run_cli("generate", str(run), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout == prompt + tok.decode(theirs[:-1]) + "\n", r.stderr
+    with torch.no_grad():
+        free = model.generate(torch.tensor([tok.encode(prompt)]), do_sample=False, max_new_tokens=12, eos_token_id=None)
+    free = free[0, len(tok.encode(prompt)) :].tolist()
+    assert eot in free[:-1]  # --ignore-eos goes past it, to --max-new-tokens
+    longer = generate_from_checkpoint(run, prompt=prompt, max_new_tokens=12, temperature=0, stop_at_eos=False)
+    assert longer == tok.decode(free, skip_special_tokens=True).rstrip("\ufffd")  # (a cut character is dropped)
+    r = run_cli("generate", str(run), "--max-new-tokens", "3")  # no prompt: needs an end-of-text token
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "tokenizer has no end-of-text token" in lines[0] and "--prompt" in lines[0]
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.eval.tasks import _answers
+
+    answers = _answers(load_finetuned(run, torch.device("cpu")), [tok.encode(prompt)], max_new_tokens=12)
+    assert answers == [tok.decode(theirs[:-1]).strip()]
+    out = export_hf(run, tmp_path / "again")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [end, eot]
+    assert stop_ids_of(import_hf(out, tmp_path / "run2")) == [end, eot]
 
 
 @pytest.mark.parametrize("source", ["config", "tokenizer_config", "tokenizer_config_dict", "eos_only"])

@@ -128,7 +128,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     check_answer_room(max_new_tokens, context)
     room = context - max_new_tokens
     prompts = [p[-room:] for p in prompts]
-    eos = ft.tokenizer.eos_id
+    eos = ft.tokenizer.eos_id_or_none  # None: an imported tokenizer without one (generate.py)
     stops = run_stops(ft)  # eos, and an imported instruct model's end of turn ends its answer too
     if ft.use_cache and room > 0:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -86,7 +86,7 @@ from lmforge.atomic import (
     fsync_file,
     write_json,
 )
-from lmforge.errors import CheckpointError, DataError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.models.gpt import GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -576,10 +576,7 @@ def write_hf(trained: Any, out: Path) -> Path:
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)
     tokenizer: Tokenizer = trained.tokenizer
-    try:
-        eos_id: int | None = tokenizer.eos_id
-    except DataError:  # a foreign tokenizer without a known end-of-text token: leave the ids unset
-        eos_id = None
+    eos_id = tokenizer.eos_id_or_none  # None: a foreign tokenizer without a known end-of-text token
     eos = tokenizer.id_to_token(eos_id) if eos_id is not None else None
     state = trained.model.state_dict()
     dtype = trained.model.tok_emb.weight.dtype
@@ -593,10 +590,12 @@ def write_hf(trained: Any, out: Path) -> Path:
         # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
         # the context length is in config.json (n_positions / max_position_embeddings).
         generation: dict[str, Any] = {}
+        extra = extra_stop_ids(trained, eos_id)  # an imported instruct model's end of turn follows its eos
         if eos_id is not None:
-            extra = extra_stop_ids(trained, eos_id)  # an imported instruct model's end of turn follows its eos
             eos_ids: int | list[int] = [eos_id, *extra] if extra else eos_id
             generation.update(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=eos_id)
+        elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
+            generation.update(eos_token_id=extra if len(extra) > 1 else extra[0])
         write_json(tmp / "generation_config.json", generation)
         chat = chat_template_of(trained)
         atomic_write_text(

@@ -31,7 +31,7 @@ from lmforge.atomic import (
     write_json,
 )
 from lmforge.checkpoint import read_json, save_checkpoint
-from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.export.hf import (
     FAMILIES,
     HF_DIR_FILES,
@@ -91,10 +91,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     model = _load_imported(hf_state, cfg, model_type, weights_path)
     cfg = model.cfg
     stop_ids = hf_stop_ids(hf_dir, hf_cfg, tokenizer)
-    try:
-        own_eos: int | None = tokenizer.eos_id
-    except DataError:  # no known end-of-text token (generate says so when it needs one)
-        own_eos = None
+    own_eos = tokenizer.eos_id_or_none  # None: no known end-of-text token (generate says so when it needs one)
     stop_ids = stop_ids if any(i != own_eos for i in stop_ids) else []  # only if they add to the eos
     run_cfg = RunConfig(out=str(out), model=cfg)
     return write_imported_run(out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids)

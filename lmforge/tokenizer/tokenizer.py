@@ -165,11 +165,23 @@ class Tokenizer:
         Raises:
             DataError: the tokenizer has no end-of-text token.
         """
+        token_id = self.eos_id_or_none
+        if token_id is None:
+            raise DataError(f"tokenizer has no end-of-text token; add the special token '{self.EOS}' to it")
+        return token_id
+
+    @property
+    def eos_id_or_none(self) -> int | None:
+        """`eos_id`, or None when the tokenizer has none of the end-of-text names lmforge knows.
+
+        Training needs one (documents are joined with it), generation does not: an imported tokenizer
+        without one (no end token, or one named e.g. `<|end|>`) generates up to the token limit or to
+        one of the run's stop ids (`generate.stop_ids_of`)."""
         for name in (self.EOS, "</s>", "<eos>", "<|end_of_text|>", "[SEP]"):
             token_id = self._hf.token_to_id(name)
             if token_id is not None:
                 return token_id
-        raise DataError(f"tokenizer has no end-of-text token; add the special token '{self.EOS}' to it")
+        return None
 
     @cached_property
     def fingerprint(self) -> str:
