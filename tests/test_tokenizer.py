@@ -15,7 +15,7 @@ from tokenizers import models, pre_tokenizers
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.lm import text_byte_table
 from lmforge.tokenizer.tokenizer import Tokenizer, bytes_to_unicode
-from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
+from lmforge.tokenizer.train import EXTRA_SPECIALS, train_bpe, train_char, train_unigram, train_wordpiece
 
 WORDS = "the quick brown fox jumps over lazy dog and cat sat on a mat while it rained all day long".split()
 CHINESE = "满纸荒唐言，一把辛酸泪！都云作者痴，谁解其中味？"
@@ -183,25 +183,29 @@ def test_load_errors(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_unigram_too_small_for_the_characters_is_a_config_error():
-    """The HF trainer keeps every distinct character: Chinese text needs a larger vocabulary (one line)."""
-    from lmforge.errors import ConfigError
-    from lmforge.tokenizer.train import train_unigram
-
-    rng = random.Random(0)
-    chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters
-    texts = ["".join(rng.choice(chars) for _ in range(200)) for _ in range(50)]
-    with pytest.raises(ConfigError, match="cannot hold every distinct character"):
-        train_unigram(texts, vocab_size=400)
-
-
-def test_unigram_never_exceeds_the_vocab_size_asked():
-    """The HF trainer silently returns more than asked when specials + bytes + characters overflow
-    (281 asked, 581 made on Shakespeare): that is the same one-line error, and a size that fits is kept."""
-    from lmforge.errors import ConfigError
+@pytest.mark.parametrize("corpus", ["chinese", "shakespeare"])
+def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
+    """The HF trainer keeps every distinct character: it fails when they alone overflow the size (Chinese
+    text has thousands), and silently returns more than asked when the specials and byte pieces on top do
+    (281 asked, 581 made on Shakespeare). Both are one-line errors naming the smallest --vocab-size that
+    fits: that size trains, one less does not."""
     from tests.conftest import shakespeare_text
 
-    texts = shakespeare_text(100_000).split("\n\n")
-    with pytest.raises(ConfigError, match=r"--vocab-size 281 cannot hold .* \(it made \d+\)"):
-        train_unigram(texts, vocab_size=281)
-    assert train_unigram(texts, vocab_size=600).vocab_size <= 600
+    if corpus == "chinese":
+        rng = random.Random(0)
+        chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters, and spaces and tabs
+        texts = [" ".join("".join(rng.choice(chars) for _ in range(20)) for _ in range(10)) + "\t" for _ in range(50)]
+        small = 400  # fewer than the characters: the trainer's own error
+    else:
+        texts = shakespeare_text(100_000).split("\n\n")
+        small = 281  # the smallest size allowed at all, where the trainer returns more
+    meta = pre_tokenizers.Metaspace()  # the trainer's words: "▁" for each space and before each text
+    n_chars = len({c for text in texts for word, _ in meta.pre_tokenize_str(text) for c in word})
+    need = 1 + len(EXTRA_SPECIALS) + 1 + 256 + n_chars + 1  # <|endoftext|>, specials, [UNK], bytes, chars, 1 piece
+    with pytest.raises(ConfigError, match=rf"--vocab-size {small} is too small") as e:
+        train_unigram(iter(texts), vocab_size=small)
+    assert "\n" not in str(e.value) and f"needs at least {need} " in str(e.value)
+    assert f"{n_chars} distinct characters" in str(e.value) and f"set --vocab-size {need} or more" in str(e.value)
+    assert train_unigram(iter(texts), vocab_size=need).vocab_size == need
+    with pytest.raises(ConfigError, match=f"needs at least {need} "):
+        train_unigram(iter(texts), vocab_size=need - 1)
