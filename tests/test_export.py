@@ -545,7 +545,8 @@ def test_imported_run_whose_tokenizer_has_no_known_eos_generates(bpe: Tokenizer,
     """A tokenizer whose end-of-text token lmforge does not know (`<|end|>`): `lmforge generate` still works,
     stopping at the stop ids the HF directory names (here `<|eot_id|>`), or with --ignore-eos running to
     --max-new-tokens; only an empty prompt, which would start after an end-of-text token, is a one-line
-    error. `eval --task` answers and the HF export (its generation_config.json keeps the stop ids) work too."""
+    error. `eval --task` answers and the HF export (its generation_config.json keeps the stop ids) work too,
+    and the GGUF export names the HF directory's first stop id as its eos."""
     prompt = "The quick"
     model, tok, theirs = instruct_llama_dir(
         bpe, tmp_path / "hf", bpe.encode(prompt), max_new_tokens=12, known_eos=False
@@ -575,6 +576,12 @@ def test_imported_run_whose_tokenizer_has_no_known_eos_generates(bpe: Tokenizer,
     out = export_hf(run, tmp_path / "again")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [end, eot]
     assert stop_ids_of(import_hf(out, tmp_path / "run2")) == [end, eot]
+    gguf = pytest.importorskip("gguf")
+    from lmforge.export.gguf import export_gguf
+
+    fields = gguf.GGUFReader(str(export_gguf(run, tmp_path / "m.gguf"))).fields  # the HF eos stands in for ours
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == end
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == eot
 
 
 @pytest.mark.parametrize("source", ["config", "tokenizer_config", "tokenizer_config_dict", "eos_only"])

@@ -197,9 +197,12 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     chat = chat_template_of(trained)
     tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=bool(chat))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
-    eos = trained.tokenizer.eos_id
+    eos = trained.tokenizer.eos_id_or_none
+    stops = extra_stop_ids(trained, eos)  # an imported model's end-of-sequence ids beside its eos
+    if eos is None and stops:  # a tokenizer without an end-of-text token lmforge knows: the HF directory's first
+        eos, stops = stops[0], stops[1:]
+    end_of_turn = stops[:1]  # an imported instruct model's: llama.cpp's end of turn
     bos = bos_id_of(trained.tokenizer, eos)  # an imported Llama's <s> / <|begin_of_text|>, else eos
-    end_of_turn = extra_stop_ids(trained, eos)[:1]  # an imported instruct model's: llama.cpp's end of turn
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,10 +226,12 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(bos)
-        writer.add_eos_token_id(eos)
-        writer.add_pad_token_id(eos)
-        writer.add_add_bos_token(bos != eos)
+        if bos is not None:
+            writer.add_bos_token_id(bos)
+        if eos is not None:
+            writer.add_eos_token_id(eos)
+            writer.add_pad_token_id(eos)
+        writer.add_add_bos_token(bos is not None and bos != eos)
         if end_of_turn:
             writer.add_eot_token_id(end_of_turn[0])
         if chat:  # the template the run was tuned with, as the HF export writes it
