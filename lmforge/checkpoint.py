@@ -8,9 +8,12 @@ Layout::
             optim.safetensors   optimizer tensors, flattened as "<param index>.<name>"
               or, sharded (`checkpoint.sharded` under FSDP2), per rank r of W:
             model-0000r-of-0000W.safetensors, optim-0000r-of-0000W.safetensors: rank r's dim-0 chunks
+              or, under DiLoCo, worker r's own whole weights and inner optimizer state in the same files,
+            diloco.safetensors  + the outer state shared by the workers (anchor and Nesterov momentum)
             state.json          format version, step, train state, RNG states, loader state,
                                 resolved config, optimizer structure, file sizes + sha256,
-                                "sharded": world size and the names of the split tensors
+                                "sharded": world size and the names of the split tensors,
+                                "diloco": the number of workers (see dist.DiLoCo)
             tokenizer.json      so that one checkpoint folder is usable on its own
         latest                  text file naming the newest complete checkpoint
 
@@ -338,12 +341,25 @@ def finish_checkpoint(
 # model-{r:05d}-of-{W:05d}.safetensors and optim-{r:05d}-of-{W:05d}.safetensors; state.json's
 # "sharded" entry names the world size and which tensors are split. Reading concatenates the chunks
 # in rank order, so any world size (and `eval`, `generate`, `export` in one process) loads it.
+# DiLoCo writes the same files with nothing split: each worker's whole weights and inner optimizer
+# state, which differ between workers; one process reads rank 0's (`rank` picks another worker's).
 
 
 def shard_files(rank: int, world_size: int) -> tuple[str, str]:
     """(model file, optimizer file) names of one rank's shards."""
     tag = f"{rank:05d}-of-{world_size:05d}"
     return f"model-{tag}.safetensors", f"optim-{tag}.safetensors"
+
+
+def model_files(meta: dict[str, Any]) -> list[str]:
+    """The files of a checkpoint (its state.json `meta`) that make up the one model a process loads:
+    model.safetensors, every rank's shard when tensors are split (FSDP2), or rank 0's when each rank's
+    file is whole (DiLoCo's workers: one model each)."""
+    sharded = meta.get("sharded")
+    if sharded is None:
+        return ["model.safetensors"]
+    world = int(sharded["world_size"])
+    return [shard_files(r, world)[0] for r in range(world if sharded["model"] else 1)]
 
 
 def write_shard(tmp: Path, rank: int, world_size: int, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]):
@@ -413,20 +429,29 @@ class Checkpoint:
             return self.path / shard_files(0, int(self.meta["sharded"]["world_size"]))[0]
         return self.path / "model.safetensors"
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """All weights, whole (a sharded checkpoint's chunks concatenated)."""
+    def model_state(self, rank: int = 0) -> dict[str, torch.Tensor]:
+        """All weights, whole (a sharded checkpoint's chunks concatenated); `rank`: whose copy of the tensors
+        each rank saves whole (a DiLoCo worker's own weights, see `_join_shards`)."""
         if "sharded" in self.meta:
-            return self._join_shards(0, self.meta["sharded"]["model"])
+            return self._join_shards(0, self.meta["sharded"]["model"], rank)
         return _load_tensors(self.path / "model.safetensors")
 
-    def _join_shards(self, which: int, split: list[str]) -> dict[str, torch.Tensor]:
-        """Whole tensors from every rank's file `which` (0 model, 1 optimizer): names in `split` are
-        concatenated along dim 0 in rank order, the rest (identical on every rank) taken from rank 0."""
+    def read_file(self, name: str) -> dict[str, torch.Tensor]:
+        """Every tensor of one of the checkpoint's safetensors files (e.g. DiLoCo's outer state)."""
+        return _load_tensors(self.path / name)
+
+    def _join_shards(self, which: int, split: list[str], rank: int = 0) -> dict[str, torch.Tensor]:
+        """Whole tensors from the rank files `which` (0 model, 1 optimizer): names in `split` are
+        concatenated along dim 0 in rank order, the rest taken from rank `rank`'s file (identical on
+        every rank under FSDP2; each worker's own under DiLoCo). Only the files needed are read."""
         world = int(self.meta["sharded"]["world_size"])
-        parts = [_load_tensors(self.path / shard_files(r, world)[which]) for r in range(world)]
+        own = _load_tensors(self.path / shard_files(rank, world)[which])
+        if not split:
+            return own
+        parts = [own if r == rank else _load_tensors(self.path / shard_files(r, world)[which]) for r in range(world)]
         split_names = set(split)
         whole = {}
-        for name, tensor in parts[0].items():
+        for name, tensor in own.items():
             if name not in split_names:
                 whole[name] = tensor
                 continue
@@ -489,9 +514,10 @@ class Checkpoint:
         parts = [f.get_tensor(stored) for f, stored in self._open_pieces(which, name)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def load_model(self, model: nn.Module) -> None:
-        """Load weights into `model` (tied weights restored through the module's own sharing)."""
-        tensors = self.model_state()
+    def load_model(self, model: nn.Module, rank: int = 0) -> None:
+        """Load weights into `model` (tied weights restored through the module's own sharing); `rank`: the
+        DiLoCo worker whose weights to load (see `model_state`)."""
+        tensors = self.model_state(rank)
         try:
             missing, unexpected = model.load_state_dict(tensors, strict=False)
         except RuntimeError as e:  # shape mismatches
@@ -510,10 +536,10 @@ class Checkpoint:
             )
 
     def load_optimizer(
-        self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor] | None = None
+        self, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor] | None = None, rank: int = 0
     ) -> list[str]:
-        """Restore the optimizer state from this checkpoint's tensors, or from `tensors` (flattened name ->
-        tensor: each FSDP2 rank's rows, see `dist.load_optimizer_state`).
+        """Restore the optimizer state from this checkpoint's tensors (a DiLoCo checkpoint: worker `rank`'s),
+        or from `tensors` (flattened name -> tensor: each FSDP2 rank's rows, see `dist.load_optimizer_state`).
 
         The moments and step counts come from the checkpoint; the settings of each parameter group
         (weight decay, betas, eps, momentum, Muon's lr scale, ...) stay those `optimizer` was built with,
@@ -523,7 +549,7 @@ class Checkpoint:
         if "optimizer" not in self.meta:
             raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
         if tensors is None and "sharded" in self.meta:
-            tensors = self._join_shards(1, self.meta["sharded"]["optim"])
+            tensors = self._join_shards(1, self.meta["sharded"]["optim"], rank)
         elif tensors is None:
             tensors = _load_tensors(self.path / "optim.safetensors")
         configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]

@@ -37,13 +37,11 @@ def run_dir_of(ckpt_dir: Path) -> Path:
 
 
 def model_sha(ckpt_dir: Path) -> str:
-    from lmforge.checkpoint import read_json
+    from lmforge.checkpoint import model_files, read_json
 
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged")
     files = meta.get("files", {})
-    if "model.safetensors" not in files:  # sharded: the shards' checksums, in rank order
-        return ",".join(info["sha256"] for name, info in sorted(files.items()) if name.startswith("model-"))
-    return files["model.safetensors"]["sha256"]
+    return ",".join(files[name]["sha256"] for name in model_files(meta))  # sharded: the shards', in rank order
 
 
 def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:

@@ -156,8 +156,12 @@ def to_quant_linears(model: nn.Module, bits: int, group_size: int) -> nn.Module:
 
 
 def _model_bytes(ckpt_dir: Path) -> int:
-    """Bytes of a checkpoint's weights (model.safetensors, or a sharded checkpoint's model-* files)."""
-    return sum(f.stat().st_size for f in ckpt_dir.glob("model*.safetensors"))
+    """Bytes of a checkpoint's weights (model.safetensors, or a sharded checkpoint's model-* files; one
+    worker's of a DiLoCo checkpoint)."""
+    from lmforge.checkpoint import model_files, read_json
+
+    meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged")
+    return sum((ckpt_dir / name).stat().st_size for name in model_files(meta))
 
 
 @torch.no_grad()
