@@ -227,7 +227,7 @@ class CheckpointConfig:
     sharded: bool = opt(
         False,
         "under FSDP2, each rank writes only its own shards (no gather to rank 0; needs a filesystem every rank "
-        "sees); any world size, eval, generate and export read them",
+        "sees); any world size, eval, generate and export read them. DiLoCo always writes one file per worker",
     )
 
     def __post_init__(self) -> None:

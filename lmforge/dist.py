@@ -17,10 +17,11 @@ What stays the same whatever the world size (so results do not depend on it):
 - Stop decisions (signal, time budget) are all-reduced every step, so all ranks stop together.
 
 Only rank 0 writes (logs, metrics.jsonl, checkpoints, loss.png); everyone else waits at a barrier.
-Checkpoints are always consolidated (full, unsharded tensors), so any world size can resume them and
-`eval`/`generate`/`export` load them in one process. Collectives time out after `dist.timeout_s`
-(a hung or dead peer raises a clear error instead of hanging forever). Models stay free of
-distributed code: wrapping happens here, in `wrap_model`.
+Checkpoints are consolidated (full, unsharded tensors), so any world size can resume them and
+`eval`/`generate`/`export` load them in one process; under `checkpoint.sharded` (FSDP2) and DiLoCo
+(whose workers hold different states) every rank writes its own files, which load the same ways.
+Collectives time out after `dist.timeout_s` (a hung or dead peer raises a clear error instead of
+hanging forever). Models stay free of distributed code: wrapping happens here, in `wrap_model`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lmforge.errors import ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.fields import check, opt
 
 
@@ -297,12 +298,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_model_state(model: nn.Module, ckpt: Any) -> None:
-    """Load a checkpoint's weights into a live model: whole normally; under FSDP2 each rank reads only
-    the rows of each tensor it holds (from a consolidated or a sharded checkpoint of any world size),
-    so no rank materialises the whole model (`--dist.meta_init` resumes stay within each rank's share)."""
+def load_model_state(model: nn.Module, ckpt: Any, worker: int = 0) -> None:
+    """Load a checkpoint's weights into a live model: whole normally (a DiLoCo checkpoint: saved worker
+    `worker`'s, see `resume_worker`); under FSDP2 each rank reads only the rows of each tensor it holds
+    (from a consolidated or a sharded checkpoint of any world size), so no rank materialises the whole
+    model (`--dist.meta_init` resumes stay within each rank's share)."""
     if not _fsdp(model):
-        ckpt.load_model(unwrap(model))
+        ckpt.load_model(unwrap(model), worker)
         return
     from torch.distributed.tensor import DTensor
 
@@ -414,11 +416,22 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 
 def save_sharded_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, tokenizer_json: str
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    tokenizer_json: str,
+    diloco: DiLoCo | None = None,
 ) -> Path:
     """A collective: every rank writes its own shards (no gather to rank 0, so no rank ever holds the
     whole model), then rank 0 checksums them and seals the checkpoint. The folder must be on a
-    filesystem every rank sees. Returns the checkpoint folder."""
+    filesystem every rank sees. Returns the checkpoint folder.
+
+    With `diloco` (whose workers are not sharded: each file holds one worker's whole state), rank 0 also
+    writes the outer state the workers share to `DILOCO_FILE`, and state.json notes the worker count."""
+    from safetensors.torch import save_file
+
     from lmforge.checkpoint import (
         begin_checkpoint,
         finish_checkpoint,
@@ -447,15 +460,19 @@ def save_sharded_checkpoint(
         },
     }
     files = [name for r in range(world) for name in shard_files(r, world)]
+    if diloco is not None:
+        save_file(diloco.state_dict(), str(tmp / DILOCO_FILE), {"format": "pt"})
+        files.append(DILOCO_FILE)
+        meta["diloco"] = {"workers": world}
     return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any) -> list[str]:
-    """Restore a checkpoint's optimizer state: whole normally; under FSDP2 each rank reads only the rows
-    of its parameters' moments (as `load_model_state` does for the weights). Returns the group settings
-    the current config changes (`Checkpoint.load_optimizer`)."""
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any, worker: int = 0) -> list[str]:
+    """Restore a checkpoint's optimizer state: whole normally (a DiLoCo checkpoint: saved worker `worker`'s);
+    under FSDP2 each rank reads only the rows of its parameters' moments (as `load_model_state` does for
+    the weights). Returns the group settings the current config changes (`Checkpoint.load_optimizer`)."""
     if not _fsdp(model):
-        return ckpt.load_optimizer(optimizer)
+        return ckpt.load_optimizer(optimizer, rank=worker)
     from torch.distributed.tensor import DTensor
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -474,26 +491,37 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckp
     return ckpt.load_optimizer(optimizer, tensors)
 
 
+DILOCO_FILE = "diloco.safetensors"  # a DiLoCo checkpoint's outer state: "anchor.<param>", "momentum.<param>"
+
+
 class DiLoCo:
     """Local SGD with an outer optimizer (DiLoCo, Douillard et al. 2023, https://arxiv.org/abs/2311.08105).
 
     Every worker runs the inner optimizer (AdamW) alone on its own data for `sync_every` steps; then
     the workers average their parameter change since the last sync (one all-reduce of the parameters)
     and apply it to the shared parameters with Nesterov SGD (`outer_lr`, `outer_momentum`), and every
-    worker continues from the result. The last step of a run (whatever stops it) syncs too, so the
-    final checkpoint holds the synced weights. Communication: one all-reduce per `sync_every` steps
-    instead of one per step (DDP), i.e. about `sync_every` x less traffic, for slow interconnects between
-    nodes. With outer_lr 1 and momentum 0 it is plain parameter averaging; with one worker, plain training.
+    worker continues from the result. The last step of a finished run (max_steps, time budget, early
+    stopping) syncs too, so its final checkpoint holds the synced weights; an interrupted run (Ctrl-C,
+    SIGTERM) does not, since its resume must continue as if it had never stopped. Communication: one
+    all-reduce per `sync_every` steps instead of one per step (DDP), i.e. about `sync_every` x less
+    traffic, for slow interconnects between nodes. With outer_lr 1 and momentum 0 it is plain parameter
+    averaging; with one worker, plain training.
 
-    Checkpoints hold the weights (rank 0's, identical on every rank right after a sync); the outer
-    momentum restarts from zero on resume, so resume is exact only for outer_momentum 0 and checkpoints
-    at sync steps (`checkpoint.every` a multiple of `sync_every`).
+    Resume is exact at any step: a checkpoint holds each worker's own weights (they differ between
+    syncs) and inner optimizer state (AdamW's moments always differ) in per-rank files, as sharded FSDP2
+    checkpoints do (`save_sharded_checkpoint`), and the outer state, identical on every worker, once
+    (`state_dict`: the anchor, i.e. the shared parameters at the last sync, and the momentum). The data
+    position and the torch RNG are the same on every worker (one global stream; dropout draws the same
+    amount everywhere), so rank 0's, in state.json, resume them all, as under DDP. Resumed by another
+    number of workers, every worker starts from worker 0's state (`resume_worker` says so).
     """
 
     def __init__(self, model: nn.Module, cfg: DistConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.anchor = [p.detach().clone() for p in self.params]  # the shared parameters at the last sync
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.bytes_per_sync = 2 * sum(p.numel() * p.element_size() for p in self.params)  # ring all-reduce ~2x
@@ -522,6 +550,33 @@ class DiLoCo:
         self.syncs += 1
         self.synced_at = step
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The outer state (the same on every worker), by parameter name, for `DILOCO_FILE`."""
+        return {
+            f"{kind}.{name}": t.detach().cpu().contiguous()
+            for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum))
+            for name, t in zip(self.names, tensors, strict=True)
+        }
+
+    @torch.no_grad()
+    def load_checkpoint(self, ckpt: Any) -> None:
+        """Restore the outer state from checkpoint `ckpt`, once the weights are loaded. A checkpoint without
+        it (saved under another strategy or by an older lmforge) restarts it: the anchor is the loaded
+        weights and the momentum zero."""
+        if "diloco" not in ckpt.meta:
+            for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+                a.copy_(p)
+                m.zero_()
+            return
+        saved = ckpt.read_file(DILOCO_FILE)
+        for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
+            for name, t in zip(self.names, tensors, strict=True):
+                if f"{kind}.{name}" not in saved:
+                    raise CheckpointError(
+                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name}; was it written for another model?"
+                    )
+                t.copy_(saved[f"{kind}.{name}"])
+
     def comm_report(self, world_size: int, steps: int) -> str:
         """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
         diloco = self.bytes_per_sync * self.syncs
@@ -531,3 +586,31 @@ class DiLoCo:
             f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
             + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )
+
+
+def resume_worker(ckpt: Any, strategy: str, info: DistInfo) -> tuple[int, str]:
+    """(the saved rank whose weights and optimizer state this rank resumes from, a note or "").
+
+    A DiLoCo checkpoint holds one state per worker: a DiLoCo run with as many workers takes its own
+    (exact); any other run takes worker 0's, and the note says the resume is not exact. Other
+    checkpoints hold one state for every rank (0)."""
+    saved = ckpt.meta.get("diloco", {}).get("workers")
+    name = ckpt.path.name
+    if strategy != "diloco":
+        if saved is None:
+            return 0, ""
+        return 0, (
+            f"note: {name} is a DiLoCo checkpoint: this {strategy} run resumes from worker 0's weights and optimizer "
+            "state, without the outer momentum"
+        )
+    if saved is None:
+        return 0, (
+            f"note: {name} holds no DiLoCo outer state (saved under another strategy or an older lmforge): the "
+            "outer momentum restarts from zero, so the resume is not exact"
+        )
+    if saved != info.world_size:
+        return 0, (
+            f"note: {name} holds {saved} DiLoCo workers' states and this run has {info.world_size}: each worker "
+            "resumes from worker 0's weights and inner optimizer state, so the resume is not exact"
+        )
+    return info.rank, ""

@@ -235,10 +235,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
-    if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy != "fsdp":
+    if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy == "ddp":
         raise ConfigError(
-            f"--checkpoint.sharded needs --dist.strategy fsdp: under {cfg.dist.strategy} every rank holds the "
-            "whole model; drop --checkpoint.sharded (checkpoints are then consolidated)"
+            "--checkpoint.sharded needs --dist.strategy fsdp: under ddp every rank holds the whole model; drop "
+            "--checkpoint.sharded (checkpoints are then consolidated)"
         )
     if world.enabled and cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError(
@@ -302,8 +302,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         if resume
         else None
     )
+    # which saved state this rank resumes from: a DiLoCo worker its own (0 for everything else)
+    worker, resume_note = dist.resume_worker(ckpt, cfg.dist.strategy, world) if ckpt is not None else (0, "")
     if ckpt is not None and not cfg.dist.meta_init:
-        ckpt.load_model(model)  # before sharding: every rank loads the consolidated weights
+        ckpt.load_model(model, worker)  # before sharding: every rank loads the consolidated weights (or its own)
     if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
         raise ConfigError(f"train.activation_checkpointing: model family {cfg.model.family!r} has no blocks to wrap")
     train_model = dist.wrap_model(  # plain MLM leaves BERT's NSP head without gradients: DDP must know
@@ -314,15 +316,18 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         torch.manual_seed(cfg.train.seed)  # as right after the seed above: the same init as without meta_init
         model.init_weights()
         if ckpt is not None:
-            dist.load_model_state(model, ckpt)  # each rank reads only its rows
+            dist.load_model_state(model, ckpt, worker)  # each rank reads only its rows
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=device)
     optim_changes: list[str] = []
     if ckpt is not None:
-        optim_changes = dist.load_optimizer_state(model, optimizer, ckpt)
+        optim_changes = dist.load_optimizer_state(model, optimizer, ckpt, worker)
         loader.load_state_dict(ckpt.meta["loader"])
         setup.load_state_dict(ckpt.meta.get("objective", {}), model)  # e.g. the LSTM's carried state
         state = TrainState.from_dict(ckpt.meta["train_state"])
-        set_rng_state(ckpt.meta["rng"])
+        set_rng_state(ckpt.meta["rng"])  # (the same on every rank, DiLoCo's workers included)
+    diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
+    if diloco is not None and ckpt is not None:
+        diloco.load_checkpoint(ckpt)  # the outer momentum and the anchor (the weights at the last sync)
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
     if world.is_main:
@@ -362,6 +367,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     )
     if resume:
         log.info(f"resuming {run_dir} from step {state.step}")
+        if resume_note:
+            log.info(resume_note)
         if optim_changes:
             log.info(
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
@@ -407,8 +414,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "config": cfg.to_dict(),
             "objective": setup.state_dict(),
         }
-        if cfg.checkpoint.sharded:  # every rank writes its own shards
-            dist.save_sharded_checkpoint(run_dir, st.step, model, optimizer, meta, tokenizer_json)
+        if cfg.checkpoint.sharded or diloco is not None:  # every rank writes its own shards (DiLoCo: its state)
+            dist.save_sharded_checkpoint(run_dir, st.step, model, optimizer, meta, tokenizer_json, diloco)
         else:
             weights, optimizer_state = dist.checkpoint_states(model, optimizer)  # a collective under FSDP
             if world.is_main:
@@ -458,15 +465,16 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
                 f"training diverged again after {st.rollbacks} rollbacks (latest to step {restored.step}); "
                 "lower --train.lr, raise --train.warmup_steps or --optim.grad_clip"
             )
-        dist.load_model_state(model, back)
-        dist.load_optimizer_state(model, optimizer, back)
+        worker = dist.resume_worker(back, cfg.dist.strategy, world)[0]
+        dist.load_model_state(model, back, worker)
+        dist.load_optimizer_state(model, optimizer, back, worker)
+        if diloco is not None:
+            diloco.load_checkpoint(back)
         set_rng_state(back.meta["rng"])
         restored.skipped_steps, restored.rollbacks = st.skipped_steps, st.rollbacks + 1
         restored.elapsed_s = st.elapsed_s
         st.__dict__.update(restored.__dict__)  # in place: the loop holds this object
         log.rewind(st.step)
-
-    diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
 
     def evaluate_rank0() -> dict[str, Any]:
         """DiLoCo's workers evaluate their own weights; all take rank 0's metrics (the logged ones), so that
