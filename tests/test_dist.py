@@ -8,6 +8,7 @@ equal the 1-process run's to float tolerance (only the summation order of the al
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -512,3 +513,37 @@ def test_diloco_resume_is_exact(data_dir: Path, tmp_path: Path, monkeypatch: pyt
         "weights and inner optimizer state, so the resume is not exact" in p.stdout
     ), p.stdout[-3000:]
     assert len(train_losses(one_worker)) == steps
+
+
+# lmforge's CLI with the causal-LM loss NaN on rank 1 only, for the micro-batch calls listed in argv[1]
+NAN_ON_RANK_1 = """
+import os, sys
+from lmforge import cli
+from lmforge.objectives import CausalLM
+
+bad = {int(c) for c in sys.argv.pop(1).split(",")}
+real, calls = CausalLM.loss, [0]
+def loss(self, model, batch):
+    value = real(self, model, batch)
+    calls[0] += 1
+    return value * float("nan") if os.environ["RANK"] == "1" and calls[0] - 1 in bad else value
+CausalLM.loss = loss
+cli.main(sys.argv[1:])
+"""
+
+
+def test_diloco_workers_skip_and_roll_back_together(data_dir: Path, tmp_path: Path) -> None:
+    """DiLoCo's workers do not share gradients, so a NaN on one worker is that worker's alone: whether a
+    step is finite is all-reduced, every worker skips it and they roll back together. (Before, rank 1
+    rolled back alone and the two ranks' collectives no longer matched: hung until dist.timeout_s.)"""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1, encoding="utf-8")
+    out = tmp_path / "run"
+    # micro-batch 4 of a global batch 8 on 2 ranks: one loss call per step, so calls 3 and 4 are steps 4 and 5
+    flags = {"train.micro_batch_size": 4, "dist.strategy": "diloco", "dist.sync_every": 2}
+    flags |= {"train.rollback_after": 2, "dist.timeout_s": 60}
+    p = torchrun(data_dir, out, entry=(str(script), "3,4"), **flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "non-finite steps in a row at step 5; rolled back to step 3" in p.stdout + p.stderr
+    losses = train_losses(out)
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)

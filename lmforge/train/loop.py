@@ -94,6 +94,20 @@ def _memory_mib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _step_is_finite(
+    grad_norm: torch.Tensor, loss: torch.Tensor, world_size: int, local_grads: bool, device: torch.device
+) -> bool:
+    """Whether to take this optimizer step, decided the same on every rank. Under DDP/FSDP the gradient
+    norm is of the all-reduced gradient (each rank's own loss may differ); a rank's own gradients
+    (`local_grads`) are checked with its loss and the verdict all-reduced."""
+    if world_size == 1:
+        return bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+    if not local_grads:
+        return bool(torch.isfinite(grad_norm))
+    bad = not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss)))
+    return dist.all_reduce([float(bad)], device, "max")[0] == 0
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -115,6 +129,7 @@ def train(
     rollback: Callable[[TrainState], None] | None = None,
     after_step: Callable[[int, bool], None] | None = None,
     lr_schedule: Callable[[int], float] | None = None,
+    local_grads: bool = False,
 ) -> TrainState:
     """Train until `cfg.max_steps`, the time budget, early stopping or a stop signal.
 
@@ -144,6 +159,9 @@ def train(
             again with True. The same on every rank (stop decisions are all-reduced).
         lr_schedule: lr for a step, replacing `schedule.lr_at` over `cfg` (continued pretraining follows
             its base run's schedule from the base's step).
+        local_grads: each rank's gradients are its own (DiLoCo's workers, not all-reduced as under DDP), so
+            whether a step is finite is all-reduced: every rank skips and rolls back together (one rank
+            rolling back alone would leave the others waiting in the next collective).
 
     Returns:
         The final `TrainState`; `stop_reason` says why training ended.
@@ -210,7 +228,7 @@ def train(
                 scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
                 scaler.update()
                 state.skipped_steps += int(scaler.get_scale() < scale)
-            elif torch.isfinite(grad_norm) and (world_size > 1 or torch.isfinite(step_loss)):  # same on all ranks
+            elif _step_is_finite(grad_norm, step_loss, world_size, local_grads, device):  # the same on every rank
                 optimizer.step()
                 bad_in_row = 0
             else:  # one NaN/inf gradient would poison every weight: skip this update

@@ -506,6 +506,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             world=world,
             rollback=rollback,
             after_step=diloco.after_step if diloco else None,
+            local_grads=diloco is not None,
         )
         if diloco:
             log.info(diloco.comm_report(world.world_size, state.step - first_step))
