@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmforge.data import ingest
+from lmforge.data.clean import clean_text
 from lmforge.data.ingest import block_documents, read_blocks, read_documents
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
@@ -115,8 +117,12 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch: pyt
 @pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
 def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None:
     paragraphs = shakespeare_text(20_000).split("\n\n")
-    separators = ["\n\n", "\n  \n", "\r\n\r\n", "\n\n\n", "\n \u3000\n"]
-    body = "".join(p + separators[i % len(separators)] for i, p in enumerate(paragraphs))
+    # line ends of every kind, mixed in one file: Unix "\n", Windows "\r\n", old Mac OS "\r"
+    separators = ["\n\n", "\n  \n", "\r\n\r\n", "\n\n\n", "\n \u3000\n", "\r\r", "\r \r", "\r\n\r", "\r\n\n"]
+    ends = ["\n", "\r", "\r\n", "\n"]
+    body = "".join(
+        p.replace("\n", ends[i % len(ends)]) + separators[i % len(separators)] for i, p in enumerate(paragraphs)
+    )
     data = ("\ufeff" + body).encode() + b"bad \xff\xfe bytes\n\n" + "\ufeffnot a BOM\nlast line, no newline".encode()
     jsonl = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 == 0 else "") for i, t in enumerate(TRICKY * 5))
     for path in (write(tmp_path / "a.txt", data), write(tmp_path / "b.jsonl", "\ufeff" + jsonl)):
@@ -127,6 +133,28 @@ def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None
             got = [doc for block in blocks for doc in block_documents(block, path, doc_unit=doc_unit)]
             assert got == want, (path.name, block_bytes)
             assert len(blocks) > 3 or block_bytes > 999
+    # ... and the documents are the paragraphs (lines) written, whatever their line ends
+    paragraphs[0] = "\ufeff" + paragraphs[0]
+    docs = [d.text for d in read_documents(tmp_path / "a.txt", doc_unit=doc_unit)]
+    cleaned = [clean_text(d).text for d in docs]
+    if doc_unit == "paragraph":
+        assert cleaned[: len(paragraphs)] == [p.strip().removeprefix("\ufeff") for p in paragraphs]
+    else:
+        lines = [line.strip().removeprefix("\ufeff") for p in paragraphs for line in p.split("\n") if line.strip()]
+        assert cleaned[: len(lines)] == lines
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 2, 3, 7, 1 << 16])
+def test_line_ends_cut_across_read_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece_bytes: int) -> None:
+    """Text is read in pieces: a "\\r\\n" split between two is one line end, a lone "\\r" one too."""
+    monkeypatch.setattr(ingest, "_PIECE_BYTES", piece_bytes)
+    path = write(tmp_path / "a.txt", b"one\r\ntwo\rthree\n\r\n\rfour\r\r\nfive")
+    lines = ["one\r\n", "two\r", "three\n", "four\r", "five"]
+    assert [d.text for d in read_documents(path, doc_unit="line")] == lines
+    assert [d.text for d in read_documents(path)] == ["one\r\ntwo\rthree\n", "four\r", "five"]
+    long = write(tmp_path / "b.txt", "short\r\r" * 10 + "x" * 50 + "\r")
+    with pytest.raises(DataError, match=r"b\.txt:21: a line longer than 40 bytes"):
+        list(read_documents(long, max_line_bytes=40))
 
 
 def test_block_errors_name_the_right_line(tmp_path: Path) -> None:
@@ -137,9 +165,10 @@ def test_block_errors_name_the_right_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"c\.jsonl:31: not valid JSON"):
         for block in blocks:
             list(block_documents(block, path))
-    long = write(tmp_path / "d.txt", "short\n\n" * 10 + "x" * 5000)
-    with pytest.raises(DataError, match=r"d\.txt:21: a line longer than 1,000 bytes"):
-        list(read_blocks(long, block_bytes=256, max_line_bytes=1000))
+    for end in ("\n", "\r\n", "\r"):
+        long = write(tmp_path / "d.txt", f"short{end}{end}" * 10 + "x" * 5000)
+        with pytest.raises(DataError, match=r"d\.txt:21: a line longer than 1,000 bytes"):
+            list(read_blocks(long, block_bytes=256, max_line_bytes=1000))
 
 
 @pytest.fixture(scope="module")

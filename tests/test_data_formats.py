@@ -27,18 +27,21 @@ def run(tmp_path: Path, inputs: list[Path | str], out: str = "out", **kwargs: ob
     return prepare(cfg, progress=False)
 
 
-def table(delimiter: str) -> str:
+def table(delimiter: str, line_end: str = "\n") -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator=line_end)
     writer.writerow(["id", "content", "label"])
     for i, text in enumerate(TEXTS):
         writer.writerow([i, text, "x"])
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name", ["t.csv", "t.tsv", "t.csv.gz", "t.tsv.zst"])
-def test_csv_and_tsv(tmp_path: Path, name: str) -> None:
-    text = table("\t" if ".tsv" in name else ",")
+@pytest.mark.parametrize(
+    "name, line_end",
+    [("t.csv", "\n"), ("t.tsv", "\n"), ("t.csv.gz", "\n"), ("t.tsv.zst", "\n"), ("t.csv", "\r"), ("t.tsv.gz", "\r\n")],
+)
+def test_csv_and_tsv(tmp_path: Path, name: str, line_end: str) -> None:
+    text = table("\t" if ".tsv" in name else ",", line_end)  # rows may end in "\r" (old Mac OS), as Python's csv reads
     if name.endswith(".zst"):
         import zstandard
 

@@ -26,16 +26,23 @@ Key design decisions:
   is read as plain text whatever its extension, as long as it is text.
 - A text file whose first 8 KiB look binary (NUL bytes, or mostly invalid UTF-8) stops the run with
   a one-line `DataError`: silently training on a PNG is worse than asking the user to remove it.
-- Streaming: text is read line by line in binary mode (a b"\\n" byte can never be inside a UTF-8
-  multi-byte character, so decoding per line gives the same result as decoding the whole file);
+- Streaming: text is read line by line in binary mode (a b"\\n" or b"\\r" byte can never be inside a
+  UTF-8 multi-byte character, so decoding per line gives the same result as decoding the whole file);
   only one document is held in memory at a time ("file" mode holds one file). Parquet and Arrow
   files are read in record batches of 1,024 rows. A line longer than `max_line_bytes` (a 2 GB
   single-line file is a broken export, not a document) stops the run instead of filling memory.
+- Line ends: in text and CSV/TSV files a line ends at b"\\n", b"\\r\\n" or a lone b"\\r" (old Mac OS
+  files, which would otherwise be one giant line), as `bytes.splitlines` and Python's universal
+  newlines cut them; a blank line of any of them ends a paragraph. Documents keep their line ends;
+  cleaning (`clean.clean_text`) turns them all into "\\n", so the three spellings of a text give the
+  same prepared data. `.jsonl` lines end at b"\\n" only: that is the JSON Lines spec, where a lone
+  "\\r" is JSON whitespace.
 - For `prepare --workers`, `read_blocks` cuts text and JSONL files (compressed or not) into ~4 MB
   byte blocks at document boundaries (after an empty or blank line; any line end for "line" and
-  JSONL) and `block_documents` parses one block in a worker with the same line parsers, so the
-  documents are the same as `read_documents` gives (a test compares them at several block sizes).
-  A block of valid UTF-8 in "paragraph" mode is split with one regex instead of line by line.
+  JSONL, never between the b"\\r" and b"\\n" of one) and `block_documents` parses one block in a
+  worker with the same line parsers, so the documents are the same as `read_documents` gives (a test
+  compares them at several block sizes). A block of valid UTF-8 in "paragraph" mode is split with one
+  regex instead of line by line.
 - A save_to_disk folder is read with pyarrow alone (its data files are Arrow IPC streams), so only
   hub names need the `datasets` package. A DatasetDict folder contributes all its splits; point at
   one split's subfolder to read only that.
@@ -80,6 +87,7 @@ DEFAULT_MAX_LINE_BYTES = 1 << 28  # 256 MiB
 _GLOB_CHARS = set("*?[")
 _PROGRESS_EVERY = 256  # lines between progress callbacks
 _ARROW_BATCH_ROWS = 1024
+_PIECE_BYTES = 1 << 16  # text is read in pieces this big and cut into lines (as fast as readline on LF files)
 
 
 @dataclass(frozen=True)
@@ -315,7 +323,7 @@ def _utf8_name(path: Path) -> Path:
 
 
 def _lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int = 1) -> Iterator[bytes]:
-    """Lines of `stream` (with their b"\\n"), refusing any line longer than `max_line_bytes`."""
+    """JSON Lines of `stream` (with their b"\\n"), refusing any line longer than `max_line_bytes`."""
     lineno = first_lineno - 1
     while True:
         line = stream.readline(max_line_bytes + 1)
@@ -325,6 +333,44 @@ def _lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int 
         if len(line) > max_line_bytes:
             raise _long_line(path, lineno, max_line_bytes)
         yield line
+
+
+def _text_lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int = 1) -> Iterator[bytes]:
+    """Lines of a text or CSV `stream` with their ends (b"\\n", b"\\r\\n" or a lone b"\\r", as
+    `bytes.splitlines` cuts them), refusing any line longer than `max_line_bytes`.
+
+    Read in pieces of `_PIECE_BYTES`: a file with old-Mac line ends has no b"\\n" for `readline` to
+    stop at. A piece's last line is held back (in parts, so a long line is joined once) until a later
+    piece ends it: it may have no end yet, or end in a b"\\r" that the next piece's b"\\n" completes.
+    """
+    lineno = first_lineno - 1
+    tail: list[bytes] = []  # the unfinished last line, in parts
+    tail_bytes = 0
+    while True:
+        piece = stream.read(_PIECE_BYTES)
+        lines = piece.splitlines(keepends=True)
+        if tail:
+            if lines and (piece[:1] == b"\n" or not tail[-1].endswith(b"\r")):  # the piece goes on with it
+                if len(lines) == 1 and not lines[0].endswith(b"\n"):
+                    tail.append(lines[0])
+                    tail_bytes += len(lines[0])
+                    if tail_bytes > max_line_bytes:
+                        raise _long_line(path, lineno + 1, max_line_bytes)
+                    continue
+                lines[0] = b"".join([*tail, lines[0]])
+            else:  # it ended in a lone "\r", or the file ends
+                lines.insert(0, b"".join(tail))
+            tail, tail_bytes = [], 0
+        if piece and lines and not lines[-1].endswith(b"\n"):
+            tail = [lines.pop()]
+            tail_bytes = len(tail[0])
+        for line in lines:
+            lineno += 1
+            if len(line) > max_line_bytes:
+                raise _long_line(path, lineno, max_line_bytes)
+            yield line
+        if not piece:
+            return
 
 
 def _long_line(path: Path, lineno: int, max_line_bytes: int) -> DataError:
@@ -387,7 +433,7 @@ def read_documents(
         elif fmt == "json":
             yield from _json_documents(path, stream, text_field, max_line_bytes)
         elif fmt in ("csv", "tsv"):
-            lines = _lines(stream, path, max_line_bytes)
+            lines = _text_lines(stream, path, max_line_bytes)
             yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
         elif doc_unit == "file":
             data = _read_whole(
@@ -396,7 +442,7 @@ def read_documents(
             text, bad = decode_utf8(data)
             yield RawDocument(text.removeprefix("\ufeff"), bad)
         else:
-            yield from _text_documents(_lines(stream, path, max_line_bytes), doc_unit, progress)
+            yield from _text_documents(_text_lines(stream, path, max_line_bytes), doc_unit, progress)
         progress()
     except _read_errors() as e:
         raise DataError(f"{path}: read failed ({e}); re-create the file or remove it from the inputs") from None
@@ -412,8 +458,10 @@ def read_documents(
 
 BLOCK_BYTES = 4 << 20
 # A paragraph surely ends at a line that is empty or holds only ASCII blanks; blank lines made of
-# other whitespace (U+3000 ...) are real separators too, but a block is only cut at these.
-_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+# other whitespace (U+3000 ...) are real separators too, but a block is only cut at these. The match
+# is a line end (a "\r" only when no "\n" follows it), blanks, and the blank line's own end: "\n",
+# "\r\n", or a "\r" followed by something else than "\n" (at the end of `data` it may be half a "\r\n").
+_BLANK_LINE = re.compile(rb"(?:\n|\r(?!\n))[ \t\f\v]*(?:\r?\n|\r(?=[^\n]))")
 
 
 @dataclass(frozen=True)
@@ -434,15 +482,35 @@ def reads_in_blocks(path: Path, doc_unit: DocUnit) -> bool:
     return fmt == "jsonl" or (fmt == "text" and doc_unit != "file")
 
 
-def _cut(data: bytes, doc_unit: DocUnit) -> int:
-    """Length of the longest prefix of `data` that ends at a document boundary (0 if none)."""
-    if doc_unit != "paragraph":
+def _line_end(data: bytes, jsonl: bool) -> int:
+    """Length of the longest prefix of `data` made of whole lines (0 if none).
+
+    JSON Lines end at b"\\n" only (a lone b"\\r" is whitespace inside JSON); text lines also at a lone
+    b"\\r", but not at one that ends `data`, which may be the first half of a b"\\r\\n".
+    """
+    if jsonl:
         return data.rfind(b"\n") + 1
+    end = len(data) - 1 if data.endswith(b"\r") else len(data)
+    return max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1
+
+
+def _count_lines(data: bytes, jsonl: bool) -> int:
+    """The line ends in whole lines `data` ("\\r\\n" counts once), as `_lines` / `_text_lines` count them."""
+    n = data.count(b"\n")
+    if not jsonl and b"\r" in data:
+        n += data.count(b"\r") - data.count(b"\r\n")
+    return n
+
+
+def _cut(data: bytes, doc_unit: DocUnit, jsonl: bool) -> int:
+    """Length of the longest prefix of `data` that ends at a document boundary (0 if none)."""
+    if jsonl or doc_unit != "paragraph":
+        return _line_end(data, jsonl)
     at = data.rfind(b"\n\n")
     if at >= 0:
         return at + 2
     last = None
-    for last in _BLANK_LINE.finditer(data):  # noqa: B007 - rare: blank lines with spaces or "\r"
+    for last in _BLANK_LINE.finditer(data):  # noqa: B007 - rare: blank lines with spaces, CRLF or old-Mac ends
         pass
     return last.end() if last is not None else 0
 
@@ -464,7 +532,7 @@ def read_blocks(
     """
     check_not_binary(path)
     raw, stream = _open(path)
-    unit: DocUnit = "line" if file_format(path) == "jsonl" else doc_unit
+    jsonl = file_format(path) == "jsonl"
     pending = b""
     lineno = 1
     reported = 0
@@ -476,14 +544,14 @@ def read_blocks(
                 on_bytes(position - reported)
                 reported = position
             pending += data
-            cut = len(pending) if not data else _cut(pending, unit)
+            cut = len(pending) if not data else _cut(pending, doc_unit, jsonl)
             if cut:
                 block = Block(pending[:cut], lineno)
-                lineno += block.data.count(b"\n")
+                lineno += _count_lines(block.data, jsonl)
                 pending = pending[cut:]
                 yield block
-            elif len(pending) - (pending.rfind(b"\n") + 1) > max_line_bytes:
-                raise _long_line(path, lineno + pending.count(b"\n"), max_line_bytes)
+            elif len(pending) - (end := _line_end(pending, jsonl)) > max_line_bytes:
+                raise _long_line(path, lineno + _count_lines(pending[:end], jsonl), max_line_bytes)
             if not data:
                 return
     except _read_errors() as e:
@@ -497,7 +565,7 @@ def _fast_paragraphs(data: bytes, file_start: bool) -> list[str] | None:
     """The paragraphs of valid UTF-8 `data` with one regex split (None if the block has invalid UTF-8).
 
     Same result as `_text_documents`: a line whose decoded text is only whitespace (`str.isspace`,
-    which is what `str.strip` and the regex `\\s` use) ends a paragraph; a paragraph keeps its "\\n"s.
+    which is what `str.strip` and the regex `\\s` use) ends a paragraph; a paragraph keeps its line ends.
     """
     try:
         text = data.decode("utf-8")
@@ -505,10 +573,15 @@ def _fast_paragraphs(data: bytes, file_start: bool) -> list[str] | None:
         return None
     if file_start:
         text = text.removeprefix("\ufeff")
-    return [p for p in _BLANK_LINES.split(text) if p]
+    lone_cr = "\r" in text and text.count("\r") != text.count("\r\n")
+    return [p for p in (_BLANK_LINES_CR if lone_cr else _BLANK_LINES).split(text) if p]
 
 
+# Lines end at "\n" (a "\r" before it is one of the blank's whitespace characters) ...
 _BLANK_LINES = re.compile(r"(?m)^[^\S\n]*(?:\n|\Z)")
+# ... or, in a block with old-Mac line ends, also at a lone "\r": a line starts after a "\r" that no
+# "\n" follows too. Measured 4x slower than _BLANK_LINES on LF text, so only used where needed.
+_BLANK_LINES_CR = re.compile(r"(?m)(?:^|(?<=\r)(?!\n))[^\S\r\n]*(?:\r\n|\r|\n|\Z)")
 
 
 def block_documents(
@@ -520,8 +593,9 @@ def block_documents(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[RawDocument]:
     """The raw documents of one block of `path` (see `read_blocks`)."""
-    lines = _lines(io.BytesIO(block.data), path, max_line_bytes, block.first_lineno)
-    if file_format(path) == "jsonl":
+    jsonl = file_format(path) == "jsonl"
+    lines = (_lines if jsonl else _text_lines)(io.BytesIO(block.data), path, max_line_bytes, block.first_lineno)
+    if jsonl:
         yield from _jsonl_documents(path, lines, text_field, _no_progress, block.first_lineno)
         return
     if doc_unit == "paragraph" and len(block.data) <= max_line_bytes:  # no line can be too long
