@@ -131,8 +131,21 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--data", help="prepared data directory (default: the one the run trained on); with --task a FILE")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
-    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (default: the run's micro-batch)")
-    p.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches (default: all)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="sequences per batch, one forward pass each (default: the run's eval batch: its eval.batch_size, or "
+        "its train.batch_size run in forward passes of its micro-batch)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate only the first N batches (N x --batch-size sequences) of the split, the ones the run's "
+        "evaluations with --eval.max_batches N cover (default: all)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     from lmforge.cli_adapt import add_eval_task_args, add_parsers
@@ -208,7 +221,13 @@ def build_parser() -> Parser:
     p.add_argument("--group-size", type=int, default=64, help="int4: inputs per scale (default: 64)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--max-batches", type=int, default=20, help="val batches for the bpb comparison (default: 20)")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=20,
+        help="bpb comparison on the first N x the run's eval batch (eval.batch_size, or train.batch_size) val "
+        "sequences (default: 20)",
+    )
     p.add_argument("--no-compare", action="store_true", help="skip the before/after bpb and speed measurements")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

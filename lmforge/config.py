@@ -199,9 +199,25 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    """How much of the validation split an evaluation covers, and in what pieces.
+
+    An eval batch is `batch_size` sequences, or (0) `train.batch_size`: the batch the user set, not the
+    micro-batch, so `max_batches` covers the same first max_batches x batch sequences of the split
+    whatever the gradient accumulation and the number of processes; only the size of the forward
+    passes that run them follows the training micro-batch on each rank.
+    """
+
     every: int = opt(200, "steps between validation evaluations; 0 = only at the end")
-    max_batches: int = opt(0, "batches per evaluation; 0 = the whole validation split")
-    batch_size: int = opt(0, "sequences per eval batch; 0 = train.micro_batch_size")
+    max_batches: int = opt(
+        0,
+        "eval batches per evaluation: the first max_batches x eval.batch_size (0: x train.batch_size) "
+        "sequences of the validation split, whatever the accumulation and number of processes; 0 = all of it",
+    )
+    batch_size: int = opt(
+        0,
+        "sequences per eval batch, one forward pass each; 0 = train.batch_size, run in forward passes of the "
+        "training micro-batch on each process",
+    )
     sample_tokens: int = opt(0, "tokens to sample into the log at each evaluation; 0 = none")
 
     def __post_init__(self) -> None:
@@ -209,6 +225,15 @@ class EvalConfig:
         check(self.max_batches >= 0, f"eval.max_batches must be >= 0, got {self.max_batches}")
         check(self.batch_size >= 0, f"eval.batch_size must be >= 0, got {self.batch_size}")
         check(self.sample_tokens >= 0, f"eval.sample_tokens must be >= 0, got {self.sample_tokens}")
+
+    def sequences(self, train: TrainConfig) -> int:
+        """Sequences one evaluation covers: `max_batches` eval batches (class docstring); 0 = the whole split."""
+        return self.max_batches * (self.batch_size or train.batch_size)
+
+    def forward_batch(self, train: TrainConfig, world_size: int = 1) -> int:
+        """Sequences per evaluation forward pass on each of `world_size` processes: `batch_size`, or the
+        training micro-batch per process (what fits a training step fits a forward without gradients)."""
+        return self.batch_size or train.micro_batch_per_rank(world_size)
 
 
 @dataclass(kw_only=True)

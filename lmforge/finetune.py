@@ -608,10 +608,9 @@ def _finetune(
         train_collate = lambda rows: packed_batch(rows, pad_id)  # noqa: E731
         objective = PackedCausalLM()
     loader = ExampleLoader(train_items, batch_size=train_cfg.micro_batch, seed=train_cfg.seed, collate=train_collate)
-    eval_bs = eval_cfg.batch_size or train_cfg.micro_batch
-    val_batches = [collate(val_ex[i : i + eval_bs]) for i in range(0, len(val_ex), eval_bs)]
-    if eval_cfg.max_batches:
-        val_batches = val_batches[: eval_cfg.max_batches]
+    eval_bs = eval_cfg.forward_batch(train_cfg)
+    evaluated = val_ex[: eval_cfg.sequences(train_cfg)] if eval_cfg.max_batches else val_ex
+    val_batches = [collate(evaluated[i : i + eval_bs]) for i in range(0, len(evaluated), eval_bs)]
     old_batches = [collate(old_val_ex[i : i + eval_bs]) for i in range(0, len(old_val_ex), eval_bs)]
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64)
 

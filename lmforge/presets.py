@@ -86,7 +86,7 @@ def gpt2_124m() -> dict[str, Any]:
             "max_steps": 600000,
         },
         "optim": {"beta2": 0.95, "weight_decay": 0.1},
-        "eval": {"every": 1000, "max_batches": 200},
+        "eval": {"every": 1000, "max_batches": 5},  # 5 x 480 sequences: nanoGPT's eval_iters 200 x micro-batch 12
         "checkpoint": {"every": 1000},
     }
 
@@ -118,7 +118,7 @@ def llama_160m() -> dict[str, Any]:
         "model": model | _LLAMA | {"vocab_size": 32000, "tie_embeddings": False},
         "train": {"batch_size": 256, "micro_batch_size": 8, "lr": 6e-4, "warmup_steps": 2000, "max_steps": 100000},
         "optim": {"beta2": 0.95, "weight_decay": 0.1},
-        "eval": {"every": 1000, "max_batches": 100},
+        "eval": {"every": 1000, "max_batches": 3},  # 3 x 256 sequences
         "checkpoint": {"every": 1000},
     }
 
@@ -185,7 +185,7 @@ def bert_base() -> dict[str, Any]:
             "schedule": "linear",
         },
         "optim": {"beta2": 0.999, "eps": 1e-6, "weight_decay": 0.01},
-        "eval": {"every": 5000, "max_batches": 100},
+        "eval": {"every": 5000, "max_batches": 3},  # 3 x 256 sequences
         "checkpoint": {"every": 5000},
     }
 

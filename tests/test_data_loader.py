@@ -162,10 +162,14 @@ def test_eval_batches_cover_every_target_once(shards: list[Path]) -> None:
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
 
 
-def test_eval_batches_max_batches(shards: list[Path]) -> None:
-    assert len(list(eval_batches(shards, seq_len=16, batch_size=4, max_batches=3))) == 3
+def test_eval_batches_max_sequences(shards: list[Path]) -> None:
+    """The limit counts sequences, so it does not depend on the batch size: the same first windows."""
     full = list(eval_batches(shards, seq_len=16, batch_size=4))
-    assert len(list(eval_batches(shards, seq_len=16, batch_size=4, max_batches=10**6))) == len(full)
+    for batch_size in (1, 4, 5, 12):
+        batches = list(eval_batches(shards, seq_len=16, batch_size=batch_size, max_sequences=12))
+        assert [len(x) for x, _ in batches][:-1] == [batch_size] * (len(batches) - 1)  # only the last is short
+        assert torch.equal(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in full])[:12])
+    assert len(list(eval_batches(shards, seq_len=16, batch_size=4, max_sequences=10**6))) == len(full)
 
 
 def test_eval_batches_exact_fit(tmp_path: Path) -> None:

@@ -137,6 +137,24 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(strategy: str, data_di
     )
 
 
+def test_two_ranks_evaluate_max_batches_of_the_global_batch(data_dir: Path, tmp_path: Path) -> None:
+    """With eval.batch_size 0, eval.max_batches counts batches of train.batch_size, run in forward passes
+    of each rank's micro-batch: 2 ranks x micro-batch 2 (accumulation 2) evaluate the same 3 x 8
+    sequences as 1 process with the whole batch (before, 3 x 2)."""
+    from lmforge.train.run import pretrain
+
+    flags = {"train.max_steps": 3, "eval.batch_size": 0, "checkpoint.every": 3}
+    single = tmp_path / "single"
+    pretrain(tiny_config(data_dir, single, **{**FLAGS, **flags}), progress=False)
+    out = tmp_path / "two"
+    p = torchrun(data_dir, out, **{**flags, "train.micro_batch_size": 2})
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = val_metrics(single)
+    assert want and all(tokens == 3 * 8 * FLAGS["model.max_seq_len"] for _, _, tokens in want)
+    for got_val, want_val in zip(val_metrics(out), want, strict=True):
+        assert got_val == pytest.approx(want_val, rel=1e-5)
+
+
 def test_world_size_change_resumes(data_dir: Path, single: Path, tmp_path: Path) -> None:
     """Stop a 2-rank run at step 3, resume it in 1 process (and the other way round): same result."""
     from lmforge.train.run import pretrain

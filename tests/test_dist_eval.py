@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.config import EvalConfig, TrainConfig
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import eval_batches
 from lmforge.eval.lm import evaluate_lm, shard_batches
@@ -36,6 +37,31 @@ def test_rank_outside_the_world_is_an_error():
         list(shard_batches([1, 2], 2, 2))
 
 
+@pytest.mark.parametrize("micro, world", [(0, 1), (2, 1), (0, 2), (2, 2), (1, 4)])
+def test_max_batches_covers_the_same_sequences_whatever_the_accumulation_and_world_size(
+    micro: int, world: int, data_dir: Path
+):
+    """Training's evaluation under torchrun: batches of `forward_batch` sequences (the micro-batch per
+    rank), the first `sequences` of the split, dealt round-robin to the ranks: together exactly
+    max_batches x train.batch_size sequences, each once, and the same forward count on every rank."""
+    data = load_data_dir(data_dir)
+    train, eval_cfg = TrainConfig(batch_size=8, micro_batch_size=micro), EvalConfig(max_batches=3)
+    limit = eval_cfg.sequences(train)
+    assert limit == 24
+    whole = torch.cat([x for x, _ in eval_batches(data.split_shards("val"), seq_len=16, batch_size=1)])
+    evaluated, forwards = [], set()
+    for rank in range(world):
+        batches = eval_batches(
+            data.split_shards("val"), seq_len=16, batch_size=eval_cfg.forward_batch(train, world), max_sequences=limit
+        )
+        mine = list(shard_batches(batches, rank, world))
+        forwards.add(len(mine))
+        evaluated += [x for (x, _), is_mine in mine if is_mine]
+        assert all(len(x) <= (micro or 8 // world) for (x, _), _ in mine)  # the training micro-batch per rank
+    assert len(forwards) == 1
+    assert sorted(map(tuple, torch.cat(evaluated).tolist())) == sorted(map(tuple, whole[:24].tolist()))
+
+
 def test_rank_shards_add_up_to_the_whole_split(data_dir: Path):
     data = load_data_dir(data_dir)
     tok = Tokenizer.load(data.tokenizer_path)
@@ -46,7 +72,7 @@ def test_rank_shards_add_up_to_the_whole_split(data_dir: Path):
     precision = pick_precision(torch.device("cpu"), "float32")
 
     def run(**ranks: int) -> dict[str, float]:
-        batches = eval_batches(data.split_shards("val"), seq_len=16, batch_size=3, max_batches=5)
+        batches = eval_batches(data.split_shards("val"), seq_len=16, batch_size=3, max_sequences=15)
         return evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **ranks)
 
     whole = run()

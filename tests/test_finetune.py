@@ -72,6 +72,28 @@ def test_head_only_keeps_body_bit_identical(base: Path, tmp_path: Path):
     assert info["base"].endswith("step-000000") and len(info["base_sha256"]) == 64
 
 
+def test_eval_max_batches_counts_batches_of_the_batch_size(base: Path, tmp_path: Path):
+    """Fine-tuning's eval.max_batches 1 scores the first train.batch_size (8) val examples, with or without
+    accumulation: the tokens of exactly those 8 examples (a val file of only them), not of 2 micro-batches."""
+    rows = DATA / "alpaca.jsonl"
+    first8 = tmp_path / "first8.jsonl"
+    first8.write_text("".join(rows.read_text(encoding="utf-8").splitlines(True)[:8]), encoding="utf-8")
+    tokens = {}
+    runs = [("micro8", 8, rows, 1), ("micro2", 2, rows, 1), ("first8", 2, first8, 0), ("all", 2, rows, 0)]
+    for name, micro, val, max_batches in runs:
+        overrides = {
+            "train": {"max_steps": 1, "batch_size": 8, "micro_batch_size": micro, "warmup_steps": 0},
+            "eval": {"every": 1, "max_batches": max_batches},
+        }
+        finetune(
+            base, train_file=rows, val_file=val, out=tmp_path / name, cfg=FinetuneConfig(task="sft"),
+            overrides=overrides, progress=False,
+        )  # fmt: skip
+        records = read_metrics(tmp_path / name / "metrics.jsonl")
+        tokens[name] = [r["val_tokens"] for r in records if "val_tokens" in r][-1]
+    assert tokens["micro8"] == tokens["micro2"] == tokens["first8"] < tokens["all"]
+
+
 def test_prompt_tuning_trains_only_the_prompt(base: Path, tmp_path: Path):
     out = tmp_path / "prompt"
     cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=4, eval_samples=1, max_new_tokens=4)

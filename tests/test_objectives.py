@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmforge.config import load_config
-from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, special_ids, word_starts
+from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, mlm_eval_batches, special_ids, word_starts
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.errors import ConfigError
 from lmforge.eval.objectives import roc_auc
@@ -141,6 +141,22 @@ def test_whole_word_masking_on_chinese_makes_each_character_a_word(tmp_path, kin
                 assert starts[i], (row, i, before, after)
                 n_cjk_starts += 1
     assert n_cjk_starts > 20 * len(orig) and (n_rest > 50 or kind != "bpe")
+
+
+def test_mlm_eval_stops_after_max_sequences_whatever_the_batch_size(data_dir):
+    """The encoders' evaluation covers the first eval.max_batches x batch examples, in forward passes of
+    any size: an example's masks and pair depend on its position alone."""
+    data = load_data_dir(data_dir)
+    cfg = load_config(preset="bert-tiny", overrides={"data": {"dir": str(data_dir)}, "objective": {"name": "mlm+nsp"}})
+    tok = Tokenizer.load(data.tokenizer_path)
+    want = None
+    for batch_size in (2, 3, 7, 16):
+        kwargs = encoder_loader_kwargs(cfg, data.split_shards("val"), tok, batch_size=batch_size, seed=0)
+        batches = list(mlm_eval_batches({**kwargs, "seq_len": 48}, max_sequences=7))
+        got = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+        assert len(got["input_ids"]) == 7 and len(got["pair_labels"]) == 7
+        want = want or got
+        assert all(torch.equal(got[key], want[key]) for key in want), batch_size
 
 
 def test_specials_are_appended_to_a_char_tokenizer(data_dir):

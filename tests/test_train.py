@@ -192,6 +192,30 @@ def test_bits_per_byte_counts_the_text_bytes_for_wordpiece(corpus_file, tmp_path
     assert m["bpb"] == pytest.approx(m["loss"] * m["tokens"] / math.log(2) / val_bytes, rel=0.01)
 
 
+def test_eval_max_batches_counts_batches_of_the_batch_size_not_the_micro_batch(data_dir, tmp_path):
+    """eval.max_batches N evaluates the first N x train.batch_size validation sequences whatever the
+    accumulation, in training's evaluations and in `lmforge eval`; eval.batch_size, when set, is the batch."""
+    from lmforge.eval.lm import evaluate_checkpoint
+
+    seq_len, val_loss = 32, {}
+    for micro in (8, 2):  # batch 8 in one forward, or 4 accumulated micro-batches of 2 (the bug: 3 x 2 sequences)
+        run = tmp_path / f"micro-{micro}"
+        overrides = {"train.micro_batch_size": micro, "train.max_steps": 2, "eval.every": 2, "eval.max_batches": 3}
+        pretrain(tiny_config(data_dir, run, **overrides), progress=False)
+        record = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1]
+        assert record["val_tokens"] == 3 * 8 * seq_len  # every target of 24 full windows
+        val_loss[micro] = record["val_loss"]
+        m = evaluate_checkpoint(str(run), max_batches=3)  # the same sequences as the run's evaluation
+        assert m["tokens"] == 3 * 8 * seq_len and m["loss"] == pytest.approx(val_loss[micro], rel=1e-5)
+    assert val_loss[2] == pytest.approx(val_loss[8], rel=1e-4)  # accumulation == big batch, same val sequences
+    assert evaluate_checkpoint(str(run), batch_size=3, max_batches=2)["tokens"] == 2 * 3 * seq_len
+    run = tmp_path / "eval-batch"
+    overrides = {"train.micro_batch_size": 2, "train.max_steps": 2, "eval.every": 2, "eval.max_batches": 3}
+    pretrain(tiny_config(data_dir, run, **overrides, **{"eval.batch_size": 5}), progress=False)
+    assert [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r][-1]["val_tokens"] == 3 * 5 * seq_len
+    assert evaluate_checkpoint(str(run), max_batches=3)["tokens"] == 3 * 5 * seq_len
+
+
 def test_early_stopping(data_dir, tmp_path):
     cfg = tiny_config(
         data_dir,

@@ -200,8 +200,9 @@ def quantize_run(
         bits: 8 (int8 per output channel) or 4 (int4 per group of `group_size` inputs).
         group_size: int4 group width (a row is one group when it does not divide the row).
         overwrite: replace an existing `out`.
-        compare: also measure val bpb (first `max_batches` batches), size on disk and CPU greedy
-            generation speed (`gen_tokens` tokens, KV cache, 1 sequence) before and after.
+        compare: also measure val bpb (the first `max_batches` of the run's eval batches, as
+            `evaluate_checkpoint` counts them), size on disk and CPU greedy generation speed
+            (`gen_tokens` tokens, KV cache, 1 sequence) before and after.
 
     Returns:
         {"out", "bits", "group_size", "layers", "bytes_before", "bytes_after"} plus, with `compare`,

@@ -28,6 +28,7 @@ stride seq_len and the last window of a shard is padded (inputs with 0, targets 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,39 +196,40 @@ def _n_windows(n_tokens: int, seq_len: int) -> int:
 
 
 def eval_batches(
-    shards: list[Path], *, seq_len: int, batch_size: int, max_batches: int = 0
+    shards: list[Path], *, seq_len: int, batch_size: int, max_sequences: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic batches covering the whole split once, in order.
+    """Deterministic batches covering the whole split once (or its first `max_sequences`), in order.
 
     Args:
         shards: token shard files (`DataDir.split_shards("val")`).
         seq_len: tokens per sequence.
         batch_size: sequences per batch (the last batch may be smaller).
-        max_batches: stop after this many batches; 0 = the whole split.
+        max_sequences: stop after this many sequences (`EvalConfig.sequences`); 0 = the whole split.
 
     Yields:
         x, y int64 of shape (b, seq_len): padded inputs are 0, padded targets are -100.
     """
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len and batch_size must be > 0, got {seq_len} and {batch_size}")
+
+    def windows() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for path in shards:
+            tokens = read_shard(path)
+            for start in range(0, len(tokens) - 1, seq_len):
+                chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
+                x = np.zeros(seq_len, dtype=np.int64)
+                y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+                x[: len(chunk) - 1] = chunk[:-1]
+                y[: len(chunk) - 1] = chunk[1:]
+                yield x, y
+
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
-    produced = 0
-    for path in shards:
-        tokens = read_shard(path)
-        for start in range(0, len(tokens) - 1, seq_len):
-            chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
-            x = np.zeros(seq_len, dtype=np.int64)
-            y = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-            x[: len(chunk) - 1] = chunk[:-1]
-            y[: len(chunk) - 1] = chunk[1:]
-            xs.append(x)
-            ys.append(y)
-            if len(xs) == batch_size:
-                yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-                xs, ys = [], []
-                produced += 1
-                if produced == max_batches:
-                    return
+    for x, y in itertools.islice(windows(), max_sequences or None):
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == batch_size:
+            yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            xs, ys = [], []
     if xs:
         yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))

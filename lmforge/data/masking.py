@@ -44,6 +44,7 @@ split: a character there is not a word.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,10 +385,15 @@ class MLMLoader:
         self._position = int(state["epoch"]) * self._n_examples + int(state["cursor"])
 
 
-def mlm_eval_batches(loader_kwargs: dict[str, Any], max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """One in-order pass of `MLMLoader(**loader_kwargs, shuffle=False)` with fixed masks (seed in kwargs)."""
-    loader = MLMLoader(**loader_kwargs, shuffle=False)
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
+def mlm_eval_batches(loader_kwargs: dict[str, Any], max_sequences: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """One in-order pass of `MLMLoader(**loader_kwargs, shuffle=False)` with fixed masks (seed in kwargs),
+    cut after `max_sequences` examples (0 = all). An example's masks depend on its position alone, so
+    the batch size does not change what is evaluated."""
+    left = max_sequences or math.inf
+    for batch in MLMLoader(**loader_kwargs, shuffle=False):
+        if left <= 0:
             return
+        if left < len(batch["input_ids"]):
+            batch = {key: value[: int(left)] for key, value in batch.items()}
+        left -= len(batch["input_ids"])
         yield batch

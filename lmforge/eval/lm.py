@@ -16,6 +16,7 @@ target token, EOS included.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -176,8 +177,9 @@ def evaluate_checkpoint(
         path: run directory (its latest checkpoint) or a checkpoint folder.
         data_dir: prepared data directory; default: the one the run was trained on.
         split: "val", "test" or "train".
-        batch_size: sequences per batch; 0 = the run's micro-batch size.
-        max_batches: 0 = the whole split.
+        batch_size: sequences per batch, one forward pass each; 0 = the run's eval batch (its eval.batch_size,
+            or its train.batch_size in forward passes of its micro-batch), as in its own evaluations.
+        max_batches: evaluate the first max_batches x that batch sequences of the split; 0 = all of them.
         device: "auto", "cpu", "cuda" or "mps".
     """
     from lmforge.adapt.load import load_finetuned
@@ -208,18 +210,22 @@ def evaluate_checkpoint(
     if not shards:
         raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
     seq_len = min(trained.config.data.seq_len or trained.config.model.max_seq_len, trained.model.cfg.max_seq_len)
+    # the run's eval settings with these flags: the same sequences as its evaluations with --eval.max_batches N
+    train_cfg = trained.config.train
+    eval_cfg = dataclasses.replace(
+        trained.config.eval, batch_size=batch_size or trained.config.eval.batch_size, max_batches=max_batches
+    )
+    forward, limit = eval_cfg.forward_batch(train_cfg), eval_cfg.sequences(train_cfg)
     if trained.config.objective.name != "clm":  # encoders: mlm_accuracy, mlm_ppl, nsp_accuracy, rtd_auc, ...
         from lmforge.data.masking import mlm_eval_batches
         from lmforge.eval.objectives import evaluate_encoder
         from lmforge.train.objective_setup import encoder_loader_kwargs
 
         cfg = trained.config
-        kwargs = encoder_loader_kwargs(
-            cfg, shards, trained.tokenizer, batch_size=batch_size or cfg.train.micro_batch, seed=0
-        )
+        kwargs = encoder_loader_kwargs(cfg, shards, trained.tokenizer, batch_size=forward, seed=0)
         metrics = evaluate_encoder(
             trained.model,
-            mlm_eval_batches(kwargs, max_batches=max_batches),
+            mlm_eval_batches(kwargs, max_sequences=limit),
             precision=precision,
             electra=cfg.objective.name == "electra",
             rtd_weight=cfg.objective.rtd_weight,
@@ -227,9 +233,7 @@ def evaluate_checkpoint(
         return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
                 "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
     token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())  # (also checks the split's ids)
-    batches = eval_batches(
-        shards, seq_len=seq_len, batch_size=batch_size or trained.config.train.micro_batch, max_batches=max_batches
-    )
+    batches = eval_batches(shards, seq_len=seq_len, batch_size=forward, max_sequences=limit)
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
     return {
         "checkpoint": str(checkpoint.path),

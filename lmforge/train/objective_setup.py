@@ -162,7 +162,7 @@ def setup_objective(
     loader = MLMLoader(**kwargs, **ranks)
     electra = name == "electra"
     objective = ReplacedTokenDetection(cfg.objective.rtd_weight) if electra else MaskedLM()
-    eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
+    eval_bs = cfg.eval.forward_batch(cfg.train, world_size)
 
     eval_kwargs = {**kwargs, "shards": val_shards, "batch_size": eval_bs, "seed": 0}  # fixed masks every time
     if val_shards:
@@ -171,7 +171,7 @@ def setup_objective(
     eval_ranks = dist.eval_share(cfg.dist.strategy, rank, world_size)  # each rank its share of the batches
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
-        batches = mlm_eval_batches(eval_kwargs, max_batches=cfg.eval.max_batches)
+        batches = mlm_eval_batches(eval_kwargs, max_sequences=cfg.eval.sequences(cfg.train))
         return evaluate_encoder(
             model, batches, precision=precision, electra=electra, rtd_weight=cfg.objective.rtd_weight, **eval_ranks
         )

@@ -379,13 +379,13 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
 
     val_shards = data.split_shards("val")
     token_bytes = split_byte_table(data, "val", tokenizer.token_bytes())
-    eval_bs = cfg.eval.batch_size or cfg.train.micro_batch
+    eval_bs = cfg.eval.forward_batch(cfg.train, world.world_size)
 
     def evaluate() -> dict[str, Any]:
         if setup.evaluate is not None:  # encoder objectives: mlm_accuracy, nsp_accuracy, rtd_auc, ...
             return setup.evaluate(model)
         batches = eval_batches(  # (their ids were checked against the vocabulary by split_byte_table)
-            val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_batches=cfg.eval.max_batches
+            val_shards, seq_len=cfg.data.seq_len, batch_size=eval_bs, max_sequences=cfg.eval.sequences(cfg.train)
         )
         share = dist.eval_share(cfg.dist.strategy, world.rank, world.world_size)
         metrics = evaluate_lm(model, batches, token_bytes=token_bytes, precision=precision, **share)
