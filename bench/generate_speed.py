@@ -1,8 +1,10 @@
 """Generation speed on CPU: `lmforge.generate` with its KV cache vs Hugging Face `generate`, and batched generation.
 
-Both run the same weights: an lmforge GPT-2-style model is converted with the exporter's own key map
-(`lmforge.export.hf.to_hf_state_dict`, the tensors `lmforge export --to hf` writes) into
-`transformers.GPT2LMHeadModel`, and the script checks that the two give the same logits before timing.
+Both run the same weights: an lmforge GPT-2-style model (`--family llama`: Llama-style, rotary positions,
+RMSNorm, SwiGLU, grouped-query attention with n_head / 3 (at least 1) k/v heads, no biases) is converted
+with the exporter's own key map (`lmforge.export.hf.to_hf_state_dict`, the tensors `lmforge export --to hf`
+writes) into `transformers.GPT2LMHeadModel` (`LlamaForCausalLM`), and the script checks that the two give
+the same logits before timing.
 Decoding is greedy for both, prompt and length are fixed (HF gets min_new_tokens = max_new_tokens and
 no end-of-text id, so neither stops early), and the generated ids must agree. Timing is interleaved in
 one process (median of rounds), so load from other processes on a shared machine hits all alike.
@@ -22,6 +24,7 @@ they outgrow L2. "HF / matmul floor" is the most any batch-1 decoder on these ke
 
     python bench/generate_speed.py --threads 1                       # baby, middle and 10.8M shapes
     python bench/generate_speed.py --threads 1 --shape 4,4,128,64 --batch 16
+    python bench/generate_speed.py --family llama                    # the same shapes, Llama-style
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmforge.export.hf import _gpt2_config_to_hf, to_hf_state_dict
+from lmforge.export.hf import _gpt2_config_to_hf, _llama_config_to_hf, to_hf_state_dict
 from lmforge.generate import _compile_failed, generate, generate_batch
 from lmforge.models.gpt import GPT, GPTConfig
 
@@ -55,9 +58,14 @@ def interleaved(contestants: dict[str, Callable[[], object]], rounds: int) -> di
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def build(shape: str) -> tuple[GPT, GPTConfig]:
+def build(shape: str, family: str = "gpt2") -> tuple[GPT, GPTConfig]:
     n_layer, n_head, d_model, ctx = (int(v) for v in shape.split(","))
-    cfg = GPTConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, d_model=d_model, max_seq_len=ctx, bias=True)
+    arch = (
+        dict(bias=True)
+        if family == "gpt2"
+        else dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=max(1, n_head // 3))
+    )
+    cfg = GPTConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, d_model=d_model, max_seq_len=ctx, **arch)
     torch.manual_seed(0)
     model = GPT(cfg)
     model.init_weights()
@@ -104,16 +112,22 @@ def matmul_seconds(model: GPT, rounds: int) -> float:
 
 
 def vs_hf(shape: str, args: argparse.Namespace) -> dict[str, object]:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
-    ours, cfg = build(shape)
+    ours, cfg = build(shape, args.family)
     new = min(args.new, cfg.max_seq_len - args.prompt)
-    hf_cfg = _gpt2_config_to_hf(cfg, eos_id=None, dtype=torch.float32)
+    to_hf = _gpt2_config_to_hf if args.family == "gpt2" else _llama_config_to_hf
+    hf_cfg = to_hf(cfg, eos_id=None, dtype=torch.float32)
     hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
-    hf_config = GPT2Config(**hf_cfg)
+    config_class, model_class = (
+        (transformers.GPT2Config, transformers.GPT2LMHeadModel)
+        if args.family == "gpt2"
+        else (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    )
+    hf_config = config_class(**hf_cfg)
     hf_config._attn_implementation = "sdpa"
-    theirs = GPT2LMHeadModel(hf_config)
-    theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg, "gpt2"), strict=False)
+    theirs = model_class(hf_config)
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg, args.family), strict=False)
     theirs.tie_weights()
     theirs.eval()
 
@@ -179,7 +193,7 @@ def vs_hf(shape: str, args: argparse.Namespace) -> dict[str, object]:
 
 def batched(shape: str, args: argparse.Namespace) -> dict[str, object]:
     """generate_batch on `args.batch` prompts of different lengths vs one generate call per prompt."""
-    model, cfg = build(shape)
+    model, cfg = build(shape, args.family)
     new = min(args.new, cfg.max_seq_len // 2)
     g = torch.Generator().manual_seed(2)
     longest = cfg.max_seq_len - new + 1
@@ -213,6 +227,12 @@ def main() -> None:
         action="append",
         help=f"n_layer,n_head,d_model,context (repeatable; default: {' '.join(SHAPES)})",
     )
+    parser.add_argument(
+        "--family",
+        choices=["gpt2", "llama"],
+        default="gpt2",
+        help="GPT-2 style (vs GPT2LMHeadModel) or Llama style (vs LlamaForCausalLM)",
+    )
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (vs HF)")
     parser.add_argument("--new", type=int, default=48, help="generated tokens (capped by the context)")
     parser.add_argument("--rounds", type=int, default=10)
@@ -228,7 +248,7 @@ def main() -> None:
         if args.prompt + 1 > int(shape.split(",")[3]):
             raise SystemExit(f"--prompt {args.prompt} leaves no room in the context of {shape}")
     print(
-        f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; GPT-2 shapes "
+        f"# torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; {args.family} shapes "
         f"n_layer,n_head,d_model,context; greedy; median of {args.rounds} interleaved rounds"
     )
     if not args.no_hf:
