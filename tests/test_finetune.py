@@ -447,6 +447,32 @@ def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
     assert got == [{"text": "房间很好\u2028很干净", "label": "1"}, {"text": "差", "label": "0"}]
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_task_files_read_unix_windows_and_old_mac_line_ends_alike(end: str, tmp_path: Path):
+    """As `prepare`: a row of a .txt/.csv/.tsv task file ends at "\\n", "\\r\\n" or a lone "\\r" (before, an
+    old-Mac .txt was one row and a .csv/.tsv failed with csv's "new-line character seen in unquoted field");
+    a clm .txt's documents end at a line of only whitespace, whatever the line ends, and lose a BOM."""
+    from lmforge.data.formats import read_task_rows
+
+    fields = {"source": "source", "target": "target"}
+    pairs = [{"source": "hello", "target": "bonjour"}, {"source": "cat", "target": "chat"}]
+    files = {
+        "t.txt": f"hello\tbonjour{end}cat\tchat{end}",
+        "t.tsv": f"source\ttarget{end}hello\tbonjour{end}cat\tchat{end}",
+        "t.csv": f"source,target{end}hello,bonjour{end}cat,chat{end}",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode("utf-8"))
+        assert read_task_rows(tmp_path / name, "translate", fields) == pairs, name
+    quoted = tmp_path / "quoted.csv"  # a line end inside a quoted field is text, kept as written
+    quoted.write_bytes(f'source,target{end}"two{end}lines",deux{end}'.encode())
+    assert read_task_rows(quoted, "translate", fields) == [{"source": f"two{end}lines", "target": "deux"}]
+    clm = tmp_path / "clm.txt"
+    clm.write_bytes(f"\ufeffone{end}still one{end}{end}two{end} \t{end}three{end}\u3000{end}{end}".encode())
+    got = read_task_rows(clm, "clm", {"text": "text"})
+    assert got == [{"text": "one\nstill one"}, {"text": "two"}, {"text": "three"}]
+
+
 @pytest.mark.parametrize("model", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu"}])
 def test_packing_keeps_examples_apart(model: dict, tmp_path: Path):
     from lmforge.adapt.heads import packed_logits

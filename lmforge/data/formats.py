@@ -23,6 +23,7 @@ import gzip
 import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ def field_map(task: str, renames: list[str] | dict[str, str] | None) -> dict[str
     return fields
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # (text read with universal newlines)
+
+
 def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / CSV / TSV / headerless TXT file as dicts (one-line `DataError` on problems)."""
     p = Path(path)
@@ -84,7 +89,10 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     elif name.endswith(".csv") or name.endswith(".tsv"):
         delimiter = "," if name.endswith(".csv") else "\t"
         quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 TSV has bare quotes
-        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, quoting=quoting, strict=True)
+        # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
+        # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
+        rows_in = io.StringIO(text, newline="")
+        reader = csv.DictReader(rows_in, delimiter=delimiter, quoting=quoting, strict=True)
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:
@@ -99,8 +107,9 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         if not txt_columns:
             raise DataError(f"{p}: a headerless .txt file needs a task to name its columns")
         rows = []
-        for line in text.split("\n"):  # not splitlines(): U+2028, U+0085 etc. are text inside a row
-            line = line.removesuffix("\r")
+        # lines end at "\n", "\r\n" or a lone "\r", as in `prepare`; not splitlines(): U+2028, U+0085
+        # etc. are text inside a row
+        for line in _LINE_END.split(text):
             if line.strip():
                 # split from the right: UCI's imdb file has stray quotes and tabs inside sentences
                 parts = line.rsplit("\t", len(txt_columns) - 1) if txt_columns[-1] == "label" else line.split("\t")
@@ -419,8 +428,10 @@ def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[
         from lmforge.data.ingest import check_not_binary
 
         check_not_binary(p)  # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
-        text = p.read_text(encoding="utf-8", errors="replace")
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+        # universal newlines (any line end reads as "\n"); a line of only whitespace ends a document, as
+        # in `prepare --doc-unit paragraph`; utf-8-sig: a BOM is no text (str.strip keeps U+FEFF)
+        text = p.read_text(encoding="utf-8-sig", errors="replace")
+        docs = [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
         if not docs:
             raise DataError(f"{p} holds no text; check the file")
         return [{fields["text"]: d} for d in docs]
