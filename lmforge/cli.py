@@ -225,8 +225,8 @@ def build_parser() -> Parser:
         "--max-batches",
         type=int,
         default=20,
-        help="bpb comparison on the first N x the run's eval batch (eval.batch_size, or train.batch_size) val "
-        "sequences (default: 20)",
+        help="bpb comparison on the first N forward batches of val sequences (the run's eval.batch_size, or its "
+        "training micro-batch) (default: 20)",
     )
     p.add_argument("--no-compare", action="store_true", help="skip the before/after bpb and speed measurements")
     p.add_argument("--json", action="store_true", help="print one JSON object")

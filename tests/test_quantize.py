@@ -178,3 +178,18 @@ def test_quantize_reads_a_sharded_checkpoint(data_dir: Path, tmp_path: Path) -> 
     r = quantize_run(run, tmp_path / "q8", bits=8, group_size=32, max_batches=2, gen_tokens=4)
     assert r["bytes_before"] == (step / "model-00000-of-00001.safetensors").stat().st_size
     assert 0 < r["bytes_after"] < r["bytes_before"] and abs(r["bpb_after"] - r["bpb_before"]) < 0.05
+
+
+def test_quantize_compares_on_forward_batches_not_the_whole_batch(data_dir: Path, tmp_path: Path) -> None:
+    """--max-batches N: N forward batches of the run's micro-batch (what fits one forward), not N of its
+    whole batch (eval.max_batches' unit), which for gpt2-124m is 480 sequences of 1,024 tokens."""
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.train.run import pretrain
+
+    run = tmp_path / "run"
+    overrides = {"train.max_steps": 4, "train.batch_size": 8, "train.micro_batch_size": 2, "eval.every": 4}
+    pretrain(tiny_config(data_dir, run, **overrides, **{"checkpoint.every": 4}), progress=False)
+    r = quantize_run(run, tmp_path / "q8", bits=8, group_size=32, max_batches=1, gen_tokens=4)
+    two = evaluate_checkpoint(str(run), batch_size=2, max_batches=1, device="cpu")
+    eight = evaluate_checkpoint(str(run), max_batches=1, device="cpu")
+    assert two["tokens"] < eight["tokens"] and r["bpb_before"] == two["bpb"] != eight["bpb"]

@@ -200,8 +200,9 @@ def quantize_run(
         bits: 8 (int8 per output channel) or 4 (int4 per group of `group_size` inputs).
         group_size: int4 group width (a row is one group when it does not divide the row).
         overwrite: replace an existing `out`.
-        compare: also measure val bpb (the first `max_batches` of the run's eval batches, as
-            `evaluate_checkpoint` counts them), size on disk and CPU greedy generation speed
+        compare: also measure val bpb (the first `max_batches` forward batches of the split: of the run's
+            eval.batch_size, or its training micro-batch, the most that fits one forward; not of its whole
+            batch, which for gpt2-124m is 480 sequences), size on disk and CPU greedy generation speed
             (`gen_tokens` tokens, KV cache, 1 sequence) before and after.
 
     Returns:
@@ -280,9 +281,12 @@ def quantize_run(
 
             quantized = load_trained(tmp, cpu)
             if data_dir:
+                sample = dict(
+                    batch_size=trained.config.eval.forward_batch(trained.config.train), max_batches=max_batches
+                )
                 try:
-                    result["bpb_before"] = evaluate_checkpoint(str(path), max_batches=max_batches, device="cpu")["bpb"]
-                    result["bpb_after"] = evaluate_checkpoint(str(tmp), max_batches=max_batches, device="cpu")["bpb"]
+                    result["bpb_before"] = evaluate_checkpoint(str(path), **sample, device="cpu")["bpb"]
+                    result["bpb_after"] = evaluate_checkpoint(str(tmp), **sample, device="cpu")["bpb"]
                 except LmforgeError as e:
                     raise type(e)(f"{e} (or pass --no-compare to quantize without the comparison)") from None
             result["tok_s_before"] = generation_speed(trained.model, n_tokens=gen_tokens)
