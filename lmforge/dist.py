@@ -562,7 +562,9 @@ class DiLoCo:
     def load_checkpoint(self, ckpt: Any) -> None:
         """Restore the outer state from checkpoint `ckpt`, once the weights are loaded. A checkpoint without
         it (saved under another strategy or by an older lmforge) restarts it: the anchor is the loaded
-        weights and the momentum zero."""
+        weights and the momentum zero. The steps after the checkpoint's are to come (again, after a rollback),
+        so their syncs are too: a rollback to before the last sync once skipped redoing that step's sync."""
+        self.synced_at = -1
         if "diloco" not in ckpt.meta:
             for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
                 a.copy_(p)

@@ -363,6 +363,31 @@ def test_diloco_traffic_report_uses_the_syncs_made() -> None:
     assert diloco.comm_report(2, 2).endswith("0.5 MiB for 2 steps vs 1.0 MiB with DDP (2x less)")
 
 
+def test_diloco_resync_after_rolling_back_past_a_sync(tmp_path: Path) -> None:
+    """Rolled back (or resumed) to a checkpoint before the last outer sync, the steps after it are trained
+    again and so are their syncs: the sync at step 4 happens again after a rollback from step 5 to step 3.
+    (Before, the worker remembered having synced at step 4 and skipped it, training on alone until step 6.)"""
+    from lmforge.dist import DiLoCo, DistConfig, save_sharded_checkpoint
+
+    model = torch.nn.Linear(4, 4, bias=False)
+    diloco = DiLoCo(
+        model, DistConfig(strategy="diloco", sync_every=2, outer_lr=0.5, outer_momentum=0), torch.device("cpu")
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"train_state": {}, "config": {}}
+    ckpt = load_checkpoint(save_sharded_checkpoint(tmp_path, 3, model, optimizer, state, "{}", diloco))
+    with torch.no_grad():
+        model.weight.add_(1.0)  # steps 4 and 5 of the worker alone
+    diloco.after_step(4)
+    diloco.load_checkpoint(ckpt)  # rollback to step 3
+    ckpt.load_model(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # step 4 again
+    diloco.after_step(4)
+    assert diloco.syncs == 2
+    torch.testing.assert_close(model.weight, ckpt.model_state()["weight"] + 0.5, rtol=0, atol=1e-6)  # synced
+
+
 def test_meta_init_gives_the_same_model_in_one_process(data_dir: Path, single: Path, tmp_path: Path) -> None:
     from lmforge.train.run import pretrain
 
