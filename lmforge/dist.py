@@ -583,8 +583,9 @@ class DiLoCo:
         """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
         diloco = self.bytes_per_sync * self.syncs
         ddp = self.bytes_per_sync * steps
+        workers = "1 worker syncs" if world_size == 1 else f"{world_size} workers sync"
         return (
-            f"diloco: {world_size} workers sync every {self.cfg.sync_every} steps; all-reduce traffic per worker "
+            f"diloco: {workers} every {self.cfg.sync_every} steps; all-reduce traffic per worker "
             f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
             + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )
@@ -601,8 +602,9 @@ def resume_worker(ckpt: Any, strategy: str, info: DistInfo) -> tuple[int, str]:
     if strategy != "diloco":
         if saved is None:
             return 0, ""
+        run = f"{strategy} run" if info.enabled else "one-process run"  # (strategy is "ddp" by default)
         return 0, (
-            f"note: {name} is a DiLoCo checkpoint: this {strategy} run resumes from worker 0's weights and optimizer "
+            f"note: {name} is a DiLoCo checkpoint: this {run} resumes from worker 0's weights and optimizer "
             "state, without the outer momentum"
         )
     if saved is None:

@@ -388,6 +388,22 @@ def test_diloco_resync_after_rolling_back_past_a_sync(tmp_path: Path) -> None:
     torch.testing.assert_close(model.weight, ckpt.model_state()["weight"] + 0.5, rtol=0, atol=1e-6)  # synced
 
 
+def test_resume_notes_name_the_run_as_it_is() -> None:
+    """A one-process run (strategy "ddp" by default) resuming a DiLoCo checkpoint is not called a ddp run."""
+    from lmforge.checkpoint import Checkpoint
+    from lmforge.dist import DiLoCo, DistConfig, DistInfo, resume_worker
+
+    ckpt = Checkpoint(Path("run/checkpoints/step-000005"), {"diloco": {"workers": 2}})
+    assert resume_worker(ckpt, "ddp", DistInfo()) == (
+        0,
+        "note: step-000005 is a DiLoCo checkpoint: this one-process run resumes from worker 0's weights and "
+        "optimizer state, without the outer momentum",
+    )
+    assert "this ddp run resumes" in resume_worker(ckpt, "ddp", DistInfo(rank=1, local_rank=1, world_size=2))[1]
+    diloco = DiLoCo(torch.nn.Linear(4, 4), DistConfig(strategy="diloco"), torch.device("cpu"))
+    assert diloco.comm_report(1, 2).startswith("diloco: 1 worker syncs every 50 steps;")
+
+
 def test_meta_init_gives_the_same_model_in_one_process(data_dir: Path, single: Path, tmp_path: Path) -> None:
     from lmforge.train.run import pretrain
 
