@@ -604,5 +604,6 @@ def test_diloco_workers_skip_and_roll_back_together(data_dir: Path, tmp_path: Pa
     p = torchrun(data_dir, out, entry=(str(script), "3,4"), **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "non-finite steps in a row at step 5; rolled back to step 3" in p.stdout + p.stderr
+    assert "(1.5x less)" in p.stdout, p.stdout[-2000:]  # 4 syncs in 6 steps: 2, 4, 4 again after the rollback, 6
     losses = train_losses(out)
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
