@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -345,6 +345,9 @@ def finish_checkpoint(
 # state, which differ between workers; one process reads rank 0's (`rank` picks another worker's).
 
 
+DILOCO_FILE = "diloco.safetensors"  # a DiLoCo checkpoint's outer state (dist.DiLoCo.state_dict)
+
+
 def shard_files(rank: int, world_size: int) -> tuple[str, str]:
     """(model file, optimizer file) names of one rank's shards."""
     tag = f"{rank:05d}-of-{world_size:05d}"
@@ -404,9 +407,19 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]  # state.json
 
-    def verify(self) -> None:
-        """Check every listed file's size and sha256; one-line CheckpointError naming the damaged file."""
-        for name, info in self.meta.get("files", {}).items():
+    def verify(self, weights_only: bool = False) -> None:
+        """Check every listed file's size and sha256; one-line CheckpointError naming the damaged file.
+
+        `weights_only`: only the files a reader of the weights opens (`eval`, `generate`, `export`, a
+        fine-tune's base), not the optimizer state, DiLoCo's outer state or its other workers' weights,
+        which only a resume reads (and checks): they are 2x the model, or 3W x under DiLoCo.
+        """
+        files = self.meta.get("files", {})
+        if weights_only:
+            weights = set(model_files(self.meta))
+            resume_only = ("model-", "optim", DILOCO_FILE)  # other workers' weights, optimizer, outer state
+            files = {n: i for n, i in files.items() if n in weights or not n.startswith(resume_only)}
+        for name, info in files.items():
             f = self.path / name
             missing = _missing(f, "use an earlier one")
             try:  # FileNotFoundError: deleted between the checks (pruned, see `reading_latest`)
@@ -642,12 +655,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an earlier checkpoint") from None
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
-    """Open a checkpoint folder (or a run directory's latest) and check its files."""
+def load_checkpoint(path: str | Path, *, verify: bool | Literal["weights"] = True) -> Checkpoint:
+    """Open a checkpoint folder (or a run directory's latest) and check its files (`"weights"`: only those
+    a reader of the weights opens, see `Checkpoint.verify`)."""
     return reading_latest(path, lambda ckpt_dir: _open_checkpoint(ckpt_dir, verify=verify))
 
 
-def _open_checkpoint(ckpt_dir: Path, *, verify: bool) -> Checkpoint:
+def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Checkpoint:
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged; use an earlier one")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
@@ -657,7 +671,7 @@ def _open_checkpoint(ckpt_dir: Path, *, verify: bool) -> Checkpoint:
         )
     ckpt = Checkpoint(ckpt_dir, meta)
     if verify:
-        ckpt.verify()
+        ckpt.verify(weights_only=verify == "weights")
     return ckpt
 
 
@@ -686,7 +700,7 @@ def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
     from lmforge.models import build_model
     from lmforge.tokenizer.tokenizer import Tokenizer
 
-    ckpt = _open_checkpoint(ckpt_dir, verify=True)
+    ckpt = _open_checkpoint(ckpt_dir, verify="weights")
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
     info = ckpt.path.parent.parent / "finetune.json"

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lmforge.checkpoint import DILOCO_FILE
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.fields import check, opt
 
@@ -489,9 +490,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckp
             else:  # e.g. AdamW's step count
                 tensors[flat] = ckpt.read_whole(1, flat)
     return ckpt.load_optimizer(optimizer, tensors)
-
-
-DILOCO_FILE = "diloco.safetensors"  # a DiLoCo checkpoint's outer state: "anchor.<param>", "momentum.<param>"
 
 
 class DiLoCo:

@@ -97,6 +97,22 @@ def test_damaged_files_give_one_line_errors(tmp_path):
         load_checkpoint(path)
 
 
+def test_readers_of_the_weights_check_only_their_files(tmp_path):
+    """verify="weights" (eval, generate, export, a fine-tune's base): a damaged optimizer file, which only a
+    resume reads, does not stop them, a damaged weights file still does, and a full check (resume) names it."""
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 1, model, opt)
+    optim = path / "optim.safetensors"
+    optim.write_bytes(optim.read_bytes()[:-8])
+    assert load_checkpoint(tmp_path, verify="weights").path == path
+    with pytest.raises(CheckpointError, match=r"optim.safetensors is \d+ bytes"):
+        load_checkpoint(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is \d+ bytes"):
+        load_checkpoint(tmp_path, verify="weights")
+
+
 def test_foreign_or_missing_paths(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

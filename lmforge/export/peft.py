@@ -65,7 +65,9 @@ def _load_exportable(ckpt_dir: Path) -> Any:
         return load_trained(ckpt_dir, torch.device("cpu"))
     ft = _load_lm(ckpt_dir)
     merge_lora(ft.model)
-    return Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir))
+    return Trained(
+        model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir, verify="weights")
+    )
 
 
 def _load_lm(ckpt_dir: Path) -> Any:
@@ -149,7 +151,12 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
 
     with building_dir(out) as tmp:
         base = write_hf(
-            Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir)),
+            Trained(
+                model=ft.model,
+                tokenizer=ft.tokenizer,
+                config=ft.config,
+                checkpoint=load_checkpoint(ckpt_dir, verify="weights"),
+            ),
             tmp / "base",
         )
         write_json(
