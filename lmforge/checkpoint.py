@@ -22,7 +22,8 @@ then `latest` is rewritten atomically; a folder without `state.json` is not a ch
 (torchtitan's validity marker), so a SIGKILL at any moment leaves the previous one loadable.
 Old checkpoints are deleted only after the new one is complete (keep the last k and the best).
 Loading checks sizes and sha256 first, so a truncated or foreign file gives a one-line
-`CheckpointError` naming it.
+`CheckpointError` naming it: every file for a resume, the files holding the weights for a reader of
+them (`eval`, `generate`, `export`: `verify="weights"`).
 
 Reading a run that is still training: the trainer writes step N, points `latest` at it, then prunes
 older folders, so the folder a reader resolved through `latest` can vanish while it is read. That
