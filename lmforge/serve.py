@@ -1,12 +1,18 @@
 """`lmforge serve RUN_DIR`: an OpenAI-compatible HTTP API for local apps, on the standard library alone.
 
-Endpoints (the subset of the OpenAI API that local clients use):
-    GET  /v1/models               the one model served (named after the run directory)
-    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
-    POST /v1/chat/completions     {"messages": [{"role", "content"}], same options}; the run's chat template
+Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
+    GET  /v1/models[/NAME]        the one model served (named after the run directory)
+    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                                   "stream_options"}
+    POST /v1/chat/completions     {"messages": [{"role", "content"}], same options, "max_completion_tokens"};
+                                  the run's chat template ("developer" = "system"; text content parts joined)
     GET  /health                  {"status": "ok"}
 With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (completion text or chat
-`delta`s) and a final `data: [DONE]`, as the OpenAI client libraries expect.
+`delta`s) and a final `data: [DONE]`, as the OpenAI client libraries expect; `"stream_options":
+{"include_usage": true}` adds a last chunk with no choices and the token counts. `model` and `user` are
+accepted and not checked (any name gets the one model, so an app written for OpenAI runs unchanged).
+`n` > 1, `logprobs`, `echo`, `suffix`, `best_of`, penalties, `logit_bias`, tools and `response_format`
+are refused with a 400 rather than ignored: each would change what a client gets back.
 
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
 `max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
@@ -26,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +69,9 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
 }
 
@@ -71,9 +81,9 @@ class _StopGeneration(Exception):
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request") -> None:
+    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.param = status, code, param  # param: the request field at fault
 
 
 class LMServer(ThreadingHTTPServer):
@@ -140,8 +150,32 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     if value is None:
         value = default
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}")
+        raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}", param=key)
     return value
+
+
+def _openai_messages(messages: Any) -> Any:
+    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
+    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
+    (what the current client types and many frameworks send) is their texts joined by newlines, as vLLM does.
+    Anything else (images, audio, tool turns) is left for the template's check to refuse."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
+            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
+            if isinstance(m.get("content"), list):
+                parts = m["content"]
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+                ):
+                    raise RequestError(
+                        400, "only text content parts ({'type': 'text', 'text': ...}) are supported", param="messages"
+                    )
+                m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -164,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: RequestError) -> None:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
-        error = {"error": {"message": str(e), "type": kind, "code": e.code}}
+        error = {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}}
         if self.streaming:  # the 200 and some events are out: the error becomes the last event
             self._event(error)
         else:
@@ -203,10 +237,18 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path.rstrip("/") == "/v1/models":
-            model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
+        path = self.path.rstrip("/")
+        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
+        if path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [model]})
-        elif self.path.rstrip("/") == "/health":
+        elif path.startswith("/v1/models/"):  # client.models.retrieve(name)
+            name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+            if name == self.server.model_name:
+                self._send_json(200, model)
+            else:
+                message = f"model '{name}' not found; this server serves '{self.server.model_name}'"
+                self._error(RequestError(404, message, "model_not_found", param="model"))
+        elif path == "/health":
             self._send_json(200, {"status": "ok"})
         else:
             self._error(RequestError(404, f"unknown path {self.path}", "not_found"))
@@ -284,31 +326,45 @@ class _Handler(BaseHTTPRequestHandler):
         from lmforge.generate import StreamDecoder, continuation_decoder, generate
 
         limits, ft = self.server.limits, self.server.ft
-        asked = body.get("max_tokens") is not None
+        if chat:
+            body = {**body, "messages": _openai_messages(body.get("messages"))}
+        # the chat API renamed max_tokens to max_completion_tokens (the client marks max_tokens deprecated)
+        limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if limit_key == "max_completion_tokens" and body.get("max_tokens") not in (None, body[limit_key]):
+            raise RequestError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_tokens")
+        asked = body.get(limit_key) is not None
         default = min(limits.default_max_tokens, limits.max_tokens)
-        max_tokens = _number(body, "max_tokens", default, 1, limits.max_tokens)
+        max_tokens = _number(body, limit_key, default, 1, limits.max_tokens)
         if isinstance(max_tokens, float) and max_tokens.is_integer():
             max_tokens = int(max_tokens)
         if not isinstance(max_tokens, int):
-            raise RequestError(400, f"'max_tokens' must be a whole number, got {max_tokens!r}")
+            raise RequestError(400, f"'{limit_key}' must be a whole number, got {max_tokens!r}", param=limit_key)
         if body.get("n", 1) not in (1, None):
-            raise RequestError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}")
+            raise RequestError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}", param="n")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
-            raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}")
+            raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise RequestError(400, "'stop' must be a string or a list of strings")
+            raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
-            raise RequestError(400, f"'stream' must be true or false, got {stream!r}")
+            raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
         stream = bool(stream)
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            message = '\'stream_options\' needs "stream": true and an object such as {"include_usage": true}'
+            raise RequestError(400, message, param="stream_options")
+        include_usage = (options or {}).get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
+            raise RequestError(400, message, param="stream_options")
         for key, neutral in _UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
             if body.get(key) not in neutral:
-                raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out")
+                raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         context = ft.model.cfg.max_seq_len
         if not asked:  # no max_tokens given: whatever the context leaves, up to the default
             max_tokens = max(1, min(max_tokens, context - self._prompt_len(body, chat)))
@@ -317,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         tok = ft.tokenizer
         plain = functools.partial(tok.decode, skip_special_tokens=True)
         decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
-        kind = "chat.completion" if chat else "text_completion"
+        kind = "chat.completion" if chat else "text_completion"  # streamed: "chat.completion.chunk", "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         text = ""
@@ -330,13 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
             else:
                 choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}
-            return {
-                "id": rid,
-                "object": kind + ".chunk",
-                "created": created,
-                "model": self.server.model_name,
-                "choices": [choice],
-            }
+            out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created}
+            out |= {"model": self.server.model_name, "choices": [choice]}
+            return out | ({"usage": None} if include_usage else {})  # OpenAI: null on all but the usage chunk
 
         if stream:
             self.send_response(200)
@@ -344,7 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
             self.streaming = True
-            self._event(chunk("", None, first=True))
+            if chat:  # the assistant's role comes first, as from OpenAI; completions start with text
+                self._event(chunk("", None, first=True))
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
@@ -390,9 +443,9 @@ class _Handler(BaseHTTPRequestHandler):
         if stream:
             if len(text) > sent:
                 self._event(chunk(text[sent:], None))
-            final = chunk("", finish)
-            final["usage"] = usage
-            self._event(final)
+            self._event(chunk("", finish))
+            if include_usage:  # one more chunk, with no choices, as OpenAI sends it
+                self._event(chunk("", None) | {"choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             return

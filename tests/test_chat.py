@@ -4,6 +4,7 @@ OpenAI-compatible server (completions, chat, SSE streaming, request limits)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -13,7 +14,9 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -21,6 +24,9 @@ import torch
 from lmforge.finetune import FinetuneConfig, finetune
 from tests.conftest import have_cpp_compiler, run_cli
 from tests.test_finetune import FAST, make_base
+
+if TYPE_CHECKING:
+    from lmforge.serve import LMServer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
@@ -162,6 +168,27 @@ def test_history_is_trimmed_to_the_context(chat_run: Path):
     assert "question 4" not in text and "question 5" in text and "answer 5" in text
 
 
+@contextlib.contextmanager
+def _serving(run: Path, **kwargs: Any) -> Iterator[LMServer]:
+    """A `make_server` server answering on a background thread for the duration of the block."""
+    from lmforge.serve import make_server
+
+    server = make_server(run, port=0, **kwargs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _events(body: bytes) -> list[dict]:
+    """A streamed reply's Server-Sent Events as JSON chunks; it must end with `data: [DONE]`."""
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", body
+    return [json.loads(e) for e in events[:-1]]
+
+
 def _post(url: str, payload: dict | bytes) -> tuple[int, bytes]:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -250,6 +277,86 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
+    """The request forms and reply fields the official `openai` client (3.x) uses, checked with it and pinned
+    here over plain HTTP: model lookup, `max_completion_tokens`, `stream_options.include_usage`, the
+    `developer` role, text content parts, and `{"error": {message, type, param, code}}` on a refusal."""
+    hi = [{"role": "user", "content": "hi"}]
+    with _serving(chat_run) as server:
+        base = server.url + "/v1"
+        with urllib.request.urlopen(base + "/models/run", timeout=30) as resp:  # client.models.retrieve("run")
+            assert json.loads(resp.read()) == {"id": "run", "object": "model", "created": 0, "owned_by": "lmforge"}
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(base + "/models/gpt-4", timeout=30)
+        error = json.loads(missing.value.read())["error"]
+        assert missing.value.code == 404 and error["code"] == "model_not_found" and error["param"] == "model"
+
+        plain = {"messages": hi, "temperature": 0, "max_tokens": 16}
+        status, body = _post(base + "/chat/completions", plain)
+        reply = json.loads(body)
+        assert status == 200 and reply["id"].startswith("chatcmpl-") and isinstance(reply["created"], int)
+        assert reply["model"] == "run" and reply["choices"][0]["message"]["content"] == "hello there"
+        usage = {"prompt_tokens": len("<|user|>\nhi\n<|assistant|>\n"), "completion_tokens": 12, "total_tokens": 38}
+        assert reply["usage"] == usage  # char tokens; "hello there" + EOS
+
+        # the chat API's newer name for max_tokens, which the client sends (max_tokens is marked deprecated)
+        status, body = _post(base + "/chat/completions", {"messages": hi, "temperature": 0, "max_completion_tokens": 3})
+        reply = json.loads(body)
+        assert status == 200 and reply["choices"][0] == {
+            "index": 0,
+            "message": {"role": "assistant", "content": "hel"},
+            "finish_reason": "length",
+        }
+        assert reply["usage"]["completion_tokens"] == 3
+
+        # streamed: no usage unless asked; asked, it comes in one more chunk with no choices, null before it
+        status, body = _post(base + "/chat/completions", {**plain, "stream": True})
+        assert status == 200 and all("usage" not in c for c in _events(body))
+        asked = {**plain, "stream": True, "stream_options": {"include_usage": True}}
+        status, body = _post(base + "/chat/completions", asked)
+        chunks = _events(body)
+        assert status == 200 and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"] == usage and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "hello there"
+
+        # streamed completions: each chunk a "text_completion" holding text (OpenAI sends no empty first one)
+        prompt = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 4, "stream": True}
+        status, body = _post(base + "/completions", prompt)
+        chunks = _events(body)
+        assert status == 200 and {c["object"] for c in chunks} == {"text_completion"}
+        assert [c["choices"][0]["text"] for c in chunks] == ["h", "e", "l", "l", ""]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+        # the developer role is the system prompt; text content parts are their text
+        system = [{"role": "system", "content": "be brief"}, *hi]
+        developer = [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]}, *hi]
+        parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        replies = [
+            json.loads(_post(base + "/chat/completions", {**plain, "messages": m})[1]) for m in (system, developer)
+        ]
+        assert replies[0] == {**replies[1], "id": replies[0]["id"], "created": replies[0]["created"]}
+        status, body = _post(base + "/chat/completions", {**plain, "messages": parts})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hello there"
+
+        image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+        refused = [
+            ("/chat/completions", {"messages": image}, "messages", "only text content parts"),
+            ("/chat/completions", {"messages": hi, "n": 2}, "n", "'n' must be 1"),
+            ("/chat/completions", {"messages": hi, "logprobs": True}, "logprobs", "'logprobs' is not supported"),
+            ("/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+            ("/chat/completions", {"messages": hi, "max_tokens": 4, "max_completion_tokens": 3}, "max_tokens", "both"),
+            ("/chat/completions", {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens", "[1, 512]"),
+            ("/chat/completions", {"messages": hi, "tools": [{"type": "function"}]}, "tools", "not supported"),
+        ]
+        for path, payload, param, needle in refused:
+            status, body = _post(base + path, payload)
+            error = json.loads(body)["error"]
+            assert status == 400 and set(error) == {"message", "type", "param", "code"}, (payload, body)
+            assert error["type"] == "invalid_request_error" and error["param"] == param, (payload, error)
+            assert needle in error["message"], (payload, error)
 
 
 @pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
