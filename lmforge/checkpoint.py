@@ -366,7 +366,9 @@ def model_files(meta: dict[str, Any]) -> list[str]:
     return [shard_files(r, world)[0] for r in range(world if sharded["model"] else 1)]
 
 
-def write_shard(tmp: Path, rank: int, world_size: int, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]):
+def write_shard(
+    tmp: Path, rank: int, world_size: int, model: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]
+) -> None:
     """Write one rank's local model tensors and flattened optimizer tensors into `tmp`."""
     model_file, optim_file = shard_files(rank, world_size)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / model_file), {"format": "pt"})
@@ -439,9 +441,7 @@ class Checkpoint:
     @property
     def weights_path(self) -> Path:
         """The weights file (a sharded checkpoint: its first shard), for messages."""
-        if "sharded" in self.meta:
-            return self.path / shard_files(0, int(self.meta["sharded"]["world_size"]))[0]
-        return self.path / "model.safetensors"
+        return self.path / model_files(self.meta)[0]
 
     def model_state(self, rank: int = 0) -> dict[str, torch.Tensor]:
         """All weights, whole (a sharded checkpoint's chunks concatenated); `rank`: whose copy of the tensors
