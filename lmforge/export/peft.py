@@ -65,9 +65,8 @@ def _load_exportable(ckpt_dir: Path) -> Any:
         return load_trained(ckpt_dir, torch.device("cpu"))
     ft = _load_lm(ckpt_dir)
     merge_lora(ft.model)
-    return Trained(
-        model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=load_checkpoint(ckpt_dir, verify="weights")
-    )
+    ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
+    return Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt)
 
 
 def _load_lm(ckpt_dir: Path) -> Any:
@@ -149,15 +148,10 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     lora = info["lora"]
     strip_lora(ft.model)  # what is left is the base the adapter was trained on
 
+    ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
     with building_dir(out) as tmp:
         base = write_hf(
-            Trained(
-                model=ft.model,
-                tokenizer=ft.tokenizer,
-                config=ft.config,
-                checkpoint=load_checkpoint(ckpt_dir, verify="weights"),
-            ),
-            tmp / "base",
+            Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt), tmp / "base"
         )
         write_json(
             tmp / "adapter_config.json",
