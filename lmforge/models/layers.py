@@ -31,7 +31,8 @@ def require_vocab_size(vocab_size: int, size_of: str = "the tokenizer's vocabula
 
 
 # Below this many values ATen's own GELU kernel beats the oneDNN one it otherwise hands float32/bf16 CPU
-# tensors to (torch 2.13, 2 threads, fp32: 1.7 vs 8.6 us at 1536 values, 9.6 vs 11.7 at 16k, even at 64k)
+# tensors to (torch 2.13, 2 threads, fp32: 1.7 vs 8.6 us at 1536 values, 9.6 vs 11.7 at 16k, even at 64k,
+# oneDNN ahead above; bf16: even at 16k, so the switch stops there for both)
 GELU_SMALL = 16384
 
 
