@@ -68,7 +68,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit (default: 200)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(

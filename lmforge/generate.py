@@ -133,8 +133,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise LmforgeError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise LmforgeError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not 0.0 <= top_p <= 1.0:
+        raise LmforgeError(f"top_p must be in [0, 1] (1 = off, 0 = only the most likely token), got {top_p}")
 
 
 def _check_prompt(prompt_ids: list[int], max_len: int, eos_id: int | None) -> list[int]:
@@ -164,7 +164,7 @@ def sample_next(
         temperature: divides the logits; 0 means greedy (argmax, no randomness).
         top_k: keep only the k highest-scoring tokens (0 = no limit).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
-            (1 = no limit); the most likely token is always kept.
+            (1 = no limit); the most likely token is always kept (0 = it alone, as OpenAI's API reads 0).
         generator: source of randomness (must live on logits' device); None = the global RNG.
 
     Returns:
@@ -191,8 +191,9 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, genera
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p (so the first always stays)
+        # drop a token when the tokens before it already reach top_p; the first always stays (top_p 0: alone)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

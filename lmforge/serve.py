@@ -342,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("n", 1) not in (1, None):
             raise RequestError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}", param="n")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")

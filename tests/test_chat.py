@@ -109,7 +109,7 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     )
     out = gbk.stdout.decode("utf-8")
     assert gbk.returncode == 0 and "not valid UTF-8" in out and "bot> hello there" in out, gbk.stderr
-    bad = run_cli("chat", str(chat_run), "--top-p", "0", input="hi\n")  # refused before the first message
+    bad = run_cli("chat", str(chat_run), "--top-p", "1.5", input="hi\n")  # refused before the first message
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 
 
@@ -300,6 +300,9 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
         assert reply["model"] == "run" and reply["choices"][0]["message"]["content"] == "hello there"
         usage = {"prompt_tokens": len("<|user|>\nhi\n<|assistant|>\n"), "completion_tokens": 12, "total_tokens": 38}
         assert reply["usage"] == usage  # char tokens; "hello there" + EOS
+        # top_p 0, which OpenAI's API accepts: the most likely token alone, whatever the temperature
+        status, body = _post(base + "/chat/completions", {**plain, "temperature": 1.0, "top_p": 0, "seed": 5})
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hello there"
 
         # the chat API's newer name for max_tokens, which the client sends (max_tokens is marked deprecated)
         status, body = _post(base + "/chat/completions", {"messages": hi, "temperature": 0, "max_completion_tokens": 3})

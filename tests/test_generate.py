@@ -136,6 +136,7 @@ def test_greedy_equivalents() -> None:
     assert generate(model, prompt, max_new_tokens=10, temperature=0) == greedy  # deterministic
     assert generate(model, prompt, max_new_tokens=10, top_k=1, seed=1) == greedy
     assert generate(model, prompt, max_new_tokens=10, top_p=1e-6, seed=2) == greedy
+    assert generate(model, prompt, max_new_tokens=10, top_p=0, seed=2) == greedy  # OpenAI's "top token only"
 
 
 def test_seeded_sampling() -> None:
