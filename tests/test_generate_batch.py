@@ -100,7 +100,7 @@ def test_errors_and_edges() -> None:
     with pytest.raises(LmforgeError, match="empty"):
         generate_batch(model, [[1], []], max_new_tokens=2)
     with pytest.raises(LmforgeError, match="top_p"):
-        generate_batch(model, [[1]], max_new_tokens=2, top_p=0.0)
+        generate_batch(model, [[1]], max_new_tokens=2, top_p=1.5)
     with pytest.raises(LmforgeError, match="max_new_tokens"):
         generate_batch(model, [[1]], max_new_tokens=-1)
     assert generate_batch(model, [], max_new_tokens=3) == []
