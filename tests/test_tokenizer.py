@@ -209,3 +209,5 @@ def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
     assert train_unigram(iter(texts), vocab_size=need).vocab_size == need
     with pytest.raises(ConfigError, match=f"needs at least {need} "):
         train_unigram(iter(texts), vocab_size=need - 1)
+    with pytest.raises(ConfigError, match=r"must be >= 281 \(.*\), got 280$"):  # below any corpus's need
+        train_unigram(iter(texts), vocab_size=280)

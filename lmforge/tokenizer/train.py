@@ -157,7 +157,9 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
     """
     fixed = SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK] + [f"<0x{b:02X}>" for b in range(256)]
     if vocab_size < len(fixed) + 16:
-        raise ConfigError(f"Unigram vocab_size must be >= {len(fixed) + 16} (specials + 256 bytes + pieces)")
+        raise ConfigError(
+            f"Unigram vocab_size must be >= {len(fixed) + 16} (specials + 256 bytes + pieces), got {vocab_size}"
+        )
     hf = HFTokenizer(models.Unigram())
     hf.pre_tokenizer = pre_tokenizers.Metaspace()
     # "▁" -> " " per piece (the first piece loses its prepended space), then bytes -> characters, join
