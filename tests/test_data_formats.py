@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.ingest import file_format, is_known_format, parse_hub_name, read_documents, resolve_inputs
+from lmforge.data.columnar import parse_hub_name
+from lmforge.data.ingest import file_format, is_known_format, read_documents, resolve_inputs
 from lmforge.data.prepare import PrepareConfig, prepare
 from lmforge.errors import DataError
 from tests.conftest import run_cli

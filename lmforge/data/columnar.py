@@ -1,0 +1,133 @@
+"""Column-stored inputs of `ingest.read_documents`: Parquet files, Hugging Face `save_to_disk` folders and
+hub datasets (`hf:NAME[:CONFIG][:SPLIT]`), read as one string column.
+
+- Parquet and Arrow files are read in record batches of `ARROW_BATCH_ROWS` rows, with pyarrow alone (a
+  save_to_disk folder's data files are Arrow IPC streams), so only hub names need the `datasets` package.
+- A dictionary-encoded column (a pandas Categorical) is decoded to its strings; a null row is an empty
+  document; any other column type is refused with the `--text-field` advice.
+- Split out of `ingest` (size guide); `ingest.read_documents` imports it only for these formats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.clean import replace_surrogates
+from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument
+from lmforge.errors import DataError, first_line
+
+ARROW_BATCH_ROWS = 1024
+
+
+def _need_pyarrow(what: str) -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet  # noqa: F401 - the submodules the readers use
+    except ImportError:
+        raise DataError(f"reading {what} needs pyarrow: pip install 'lmforge[parquet]'") from None
+    return pyarrow
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The Arrow data files of a save_to_disk folder (a DatasetDict: every split, in its order)."""
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+            return [f for split in splits for f in _arrow_files(folder / split)]
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{folder}: not a readable save_to_disk dataset ({e}); save it again with save_to_disk"
+        ) from None
+
+
+def _check_column(where: object, names: list[str], text_field: str) -> int:
+    if text_field not in names:
+        columns = ", ".join(names[:20]) or "none"
+        raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+    return names.index(text_field)
+
+
+def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Iterator[RawDocument]:
+    array = batch.column(column)
+    if str(array.type).startswith("dictionary<"):  # dictionary-encoded (pandas Categorical): decode its strings
+        array = array.cast(array.type.value_type)
+    kind = str(array.type)
+    if kind not in ("string", "large_string", "string_view"):
+        raise DataError(f"{where}: column '{text_field}' holds {kind}, not strings; choose one with --text-field")
+    for text in array.to_pylist():
+        text, surrogates = replace_surrogates(text or "")  # a null row is an empty document
+        yield RawDocument(text, surrogates)
+
+
+def arrow_documents(path: Path, fmt: Format, text_field: str) -> Iterator[RawDocument]:
+    """Documents of a Parquet file or a save_to_disk folder, in record batches."""
+    pa = _need_pyarrow(".parquet files" if fmt == "parquet" else "a Hugging Face dataset folder")
+    if fmt == "parquet":
+        try:
+            parquet = pa.parquet.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e}); re-create it or remove it") from None
+        _check_column(path, parquet.schema_arrow.names, text_field)
+        try:
+            for batch in parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[text_field]):
+                yield from _string_rows(path, batch, 0, text_field)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: read failed ({e}); re-create the file or remove it") from None
+        finally:
+            parquet.close()
+        return
+    for file in _arrow_files(path):
+        try:
+            with pa.memory_map(str(file)) as source:
+                reader = pa.ipc.open_stream(source)
+                column = _check_column(path, reader.schema.names, text_field)
+                for batch in reader:
+                    yield from _string_rows(path, batch, column, text_field)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{file}: not a readable Arrow file ({e}); save the dataset again with save_to_disk"
+            ) from None
+
+
+def parse_hub_name(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][:SPLIT]` -> (name, config or None, split; default "train")."""
+    parts = spec[len(HUB_PREFIX) :].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(
+            f"hub input {spec!r} must look like hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1"
+        )
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
+    """Stream a hub dataset with `datasets.load_dataset(..., streaming=True)` (needs the network)."""
+    name, config, split = parse_hub_name(spec)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {spec} needs the datasets package: pip install 'lmforge[datasets]'") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        for row in rows:
+            if text_field not in row:
+                _check_column(spec, list(row), text_field)
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{spec}: column '{text_field}' is {type(text).__name__}; choose one with --text-field")
+            text, surrogates = replace_surrogates(text)
+            yield RawDocument(text, surrogates)
+    except DataError:
+        raise
+    except Exception as e:  # network, missing dataset, bad config: datasets raises many types
+        raise DataError(
+            f"{spec}: cannot load from the hub ({first_line(e)}); check the name, config, split and network"
+        ) from None
