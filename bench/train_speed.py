@@ -11,6 +11,12 @@ the real one (`lmforge.train.loop.train`) on random tokens, after warm-up steps.
 
 On CUDA the table adds the peak memory allocated, and `--nominal-peak` (the datasheet's dense TFLOP/s
 at the dtype) adds MFU against it next to the measured one. Fused AdamW is `auto` = on for CUDA.
+
+`--profile N` profiles N more steps after the timed ones and prints where the device time went, by kind
+of kernel (matmul, attention, norms, cross-entropy, optimizer, ...), and how much of the wall-clock no
+kernel ran (on CPU: operators' own CPU time, where a compiled graph is one item). `--inductor KEY=VALUE`
+sets a `torch._inductor.config` option before compiling (e.g. `coordinate_descent_tuning=true`,
+`max_autotune=true`), to try compiler settings without code changes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import re
 import time
 
 import torch
@@ -78,6 +85,92 @@ def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, lo
     return run
 
 
+# Kernel kinds, first match wins, on the lowercased kernel name (cuBLAS/cuDNN/flash/inductor names).
+KERNEL_KINDS = [
+    ("attention", r"flash|fmha|sdpa|attention|cudnn_generated|mha"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|sm90_|sm80_|cublas|matmul|_mm_|bmm|addmm|^aten::(mm|linear)$"),
+    ("optimizer", r"adam|multi_tensor|foreach|_amp_|lerp"),
+    ("cross-entropy", r"log_softmax|nll_loss|logsumexp|cross_entropy"),
+    ("norm", r"layer_norm|rms_norm|norm"),
+    ("gelu/activation", r"gelu|relu|silu|tanh"),
+    ("embedding", r"embedding|index|scatter|gather"),
+    ("copy/fill", r"memcpy|memset|copy|fill|cast|convert|to_copy"),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other (fused elementwise)" if low.startswith("triton") else "other"
+
+
+def profile_steps(run, n_steps: int, device: torch.device) -> dict:
+    """Device time per kernel over `n_steps` steps of `run`, grouped by `kernel_kind`, and the wall-clock."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = run(n_steps)
+    kernels: dict[str, tuple[float, int]] = {}
+    for ev in prof.key_averages():
+        if device.type == "cuda" and ev.device_type != DeviceType.CUDA:
+            continue
+        if "#" in ev.key or ev.key.startswith(("Torch-Compiled Region", "CompiledFunction")):
+            continue  # a range annotated on the GPU's timeline (Optimizer.step#AdamW.step), not a kernel
+        us = ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total
+        if us > 0:
+            t, c = kernels.get(ev.key, (0.0, 0))
+            kernels[ev.key] = (t + us, c + ev.count)
+    by_kind: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+    return {"wall_ms": 1000 * wall / n_steps, "kernels": kernels, "by_kind": by_kind, "steps": n_steps}
+
+
+def print_profile(p: dict, flops_per_step: float, top: int = 25) -> None:
+    steps, wall = p["steps"], p["wall_ms"]
+    busy = sum(p["by_kind"].values()) / 1000 / steps
+    print(
+        f"\n# profile: {steps} steps, {wall:.1f} ms/step wall, {busy:.1f} ms/step in kernels ({100 * busy / wall:.1f}%)"
+    )
+    print(f"| {'kernel kind':<26} | {'ms/step':>8} | {'share':>6} |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 8}|")
+    for kind, us in sorted(p["by_kind"].items(), key=lambda kv: -kv[1]):
+        ms = us / 1000 / steps
+        extra = ""
+        if kind == "matmul" and ms > 0:
+            extra = f" ({flops_per_step / (ms / 1000) / 1e12:.0f} TFLOP/s on the model's matmul FLOPs)"
+        print(f"| {kind:<26} | {ms:>8.2f} | {100 * ms / wall:>5.1f}% |{extra}")
+    print(f"| {'(no kernel running)':<26} | {wall - busy:>8.2f} | {100 * (wall - busy) / wall:>5.1f}% |")
+    print(f"\n# top {top} kernels by device time per step")
+    for name, (us, count) in sorted(p["kernels"].items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us / 1000 / steps:8.2f} ms {count // steps:5d}x  {kernel_kind(name):<14} {name[:110]}")
+
+
+def set_inductor_options(options: list[str]) -> None:
+    """`KEY=VALUE` strings onto torch._inductor.config (true/false, ints, floats, else strings)."""
+    import torch._inductor.config as inductor_config
+
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise SystemExit(
+                f"error: --inductor {option!r}: expected KEY=VALUE with KEY a torch._inductor.config option"
+            )
+        low = value.lower()
+        parsed: object = value
+        if low in ("true", "false"):
+            parsed = low == "true"
+        elif re.fullmatch(r"-?\d+", value):
+            parsed = int(value)
+        elif re.fullmatch(r"-?\d*\.\d+", value):
+            parsed = float(value)
+        setattr(inductor_config, key, parsed)
+
+
 def bench(
     preset: str,
     *,
@@ -90,6 +183,7 @@ def bench(
     compile: bool = False,
     vocab_size: int = 0,
     attention: str = "auto",
+    profile: int = 0,
 ) -> dict:
     vocab = vocab_size or load_config(preset=preset).model.vocab_size or 4096
     cfg = load_config(
@@ -127,8 +221,14 @@ def bench(
     seconds = run(steps)
     tokens = steps * batch * seq_len
     tok_s = tokens / seconds
+    prof = profile_steps(run, profile, dev) if profile else None
     peak = measure_matmul_flops(dev.type, precision.dtype)
     return {
+        "profile": prof,
+        # the linear layers' share of the count (flops_per_token less its attention term)
+        "matmul_flops_step": batch
+        * seq_len
+        * (model.flops_per_token(seq_len) - 12.0 * cfg.model.n_layer * cfg.model.d_model * seq_len),
         "preset": preset,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "shape": f"{batch}x{seq_len}",
@@ -158,7 +258,10 @@ def main() -> None:
         "--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient"], help="train.attention (CUDA)"
     )
     parser.add_argument("--nominal-peak", type=float, default=0.0, help="datasheet TFLOP/s: adds an MFU column")
+    parser.add_argument("--profile", type=int, default=0, help="profile N more steps: device time by kernel kind")
+    parser.add_argument("--inductor", action="append", default=[], help="KEY=VALUE torch._inductor.config option")
     args = parser.parse_args()
+    set_inductor_options(args.inductor)
     if args.threads:
         torch.set_num_threads(args.threads)
     where = platform.processor() or platform.machine()
@@ -167,6 +270,7 @@ def main() -> None:
     print(
         f"# torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
         f"fused AdamW {args.fused}, compile {args.compile}, attention {args.attention}"
+        + (f", inductor {' '.join(args.inductor)}" if args.inductor else "")
     )
     rows = []
     for preset in args.presets:
@@ -183,6 +287,7 @@ def main() -> None:
                 compile=args.compile == "on",
                 vocab_size=args.vocab_size,
                 attention=args.attention,
+                profile=args.profile,
             )
         )
     gpu = rows[0]["mem_gib"] is not None
@@ -210,6 +315,10 @@ def main() -> None:
         if gpu:
             line += f" {r['mem_gib']:>12.2f} | {r['warmup_s']:>9.1f} |"
         print(line)
+    for r in rows:
+        if r["profile"]:
+            print(f"\n## {r['preset']} {r['shape']}")
+            print_profile(r["profile"], r["matmul_flops_step"])
 
 
 if __name__ == "__main__":

@@ -316,8 +316,14 @@ def count_targets(targets: torch.Tensor) -> int:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a batch (a tensor, or a tuple/list/dict of them) to `device`."""
+    """Move every tensor of a batch (a tensor, or a tuple/list/dict of them) to `device`.
+
+    A CPU tensor bound for CUDA is copied into pinned memory first: from pageable memory even a
+    `non_blocking` copy waits for the GPU's queue to drain, leaving it idle while the host launches the step.
+    """
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}

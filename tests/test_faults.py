@@ -159,3 +159,44 @@ def test_failed_resume_writes_nothing_into_the_run(data_dir: Path, tmp_path: Pat
     with pytest.raises(CheckpointError, match=r"state\.json"):
         pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 14, "train.lr": 1e-4}), progress=False)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("nan_calls", [set(), {5, 6}])
+def test_deferred_finite_check_changes_nothing(data_dir: Path, tmp_path: Path, monkeypatch, nan_calls) -> None:
+    """On CUDA a step's NaN check is read one step late (fused AdamW skips on the device flag): the weights,
+    optimizer state and skip count are exactly those of the check made at once. Run here on CPU's fused
+    AdamW, which takes the same flag; log_every 100 so most steps take the deferred path."""
+    import lmforge.train.loop as loop
+
+    inject_nan(monkeypatch, nan_calls)
+    flags = {"checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0, "train.log_every": 100}
+    results = {}
+    for defer in (False, True):
+        monkeypatch.setattr(loop, "DEFER_FINITE_CHECK", defer)
+        run = tmp_path / f"defer-{defer}"
+        state = pretrain(tiny_config(data_dir, run, **flags), progress=False)
+        ckpt = run / "checkpoints" / "step-000012"
+        results[defer] = (state.skipped_steps, load_file(str(ckpt / "model.safetensors")), ckpt)
+        inject_nan(monkeypatch, nan_calls)  # count calls from 0 again
+    assert results[False][0] == results[True][0] == len(nan_calls)
+    for name, tensor in results[False][1].items():
+        assert torch.equal(tensor, results[True][1][name]), name
+    optim = [sorted(p.name for p in results[d][2].iterdir() if "optim" in p.name) for d in (False, True)]
+    assert optim[0] and optim[0] == optim[1]
+    for name in optim[0]:
+        a, b = (load_file(str(results[d][2] / name)) for d in (False, True))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_deferred_finite_check_rolls_back(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Three NaN steps in a row on plain (deferred) steps still roll back, one batch later, and the run ends
+    with finite weights and every skip counted."""
+    import lmforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "DEFER_FINITE_CHECK", True)
+    inject_nan(monkeypatch, {5, 6, 8, 9, 10})  # steps 6, 7 skipped; 9, 10, 11 skipped -> back to step 8
+    flags = {"checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0, "train.log_every": 100}
+    state = pretrain(tiny_config(data_dir, tmp_path / "run", **flags), progress=False)
+    assert state.step == 12 and state.rollbacks == 1 and state.skipped_steps == 5
+    final = load_file(str(tmp_path / "run" / "checkpoints" / "step-000012" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
