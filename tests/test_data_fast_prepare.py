@@ -171,6 +171,22 @@ def test_block_errors_name_the_right_line(tmp_path: Path) -> None:
             list(read_blocks(long, block_bytes=256, max_line_bytes=1000))
 
 
+def test_blocks_search_each_byte_about_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paragraph-mode file with no blank line is one document: reading it in blocks searches each new
+    read for a boundary, not the whole growing document again (which was quadratic: minutes per GB)."""
+    import lmforge.data.ingest as ingest
+
+    searched = []
+    real = ingest._cut
+    monkeypatch.setattr(ingest, "_cut", lambda data, *a: searched.append(len(data)) or real(data, *a))
+    text = "a line of one long paragraph \n" * 4000  # 124 KB, read 256 bytes at a time
+    path = write(tmp_path / "one.txt", text + "\n" + "tail\n")
+    blocks = list(read_blocks(path, block_bytes=256))
+    assert [b.data for b in blocks] == [(text + "\n").encode(), b"tail\n"]
+    assert sum(searched) < 3 * len(text)
+    assert [d for b in blocks for d in block_documents(b, path)] == list(read_documents(path))
+
+
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory: pytest.TempPathFactory, bpe: Tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"

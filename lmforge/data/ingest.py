@@ -464,6 +464,7 @@ BLOCK_BYTES = 4 << 20
 # other whitespace (U+3000 ...) are real separators too, but a block is only cut at these. The match
 # is a line end (a "\r" only when no "\n" follows it), blanks, and the blank line's own end: "\n",
 # "\r\n", or a "\r" followed by something else than "\n" (at the end of `data` it may be half a "\r\n").
+_WHITESPACE = b" \t\f\v\r\n"  # what `_BLANK_LINE` and the line ends are made of
 _BLANK_LINE = re.compile(rb"(?:\n|\r(?!\n))[ \t\f\v]*(?:\r?\n|\r(?=[^\n]))")
 
 
@@ -536,7 +537,8 @@ def read_blocks(
     check_not_binary(path)
     raw, stream = _open(path)
     jsonl = file_format(path) == "jsonl"
-    pending = b""
+    pending = bytearray()  # (appending to bytes would copy it all at each read)
+    start = 0  # pending[:start] holds no document boundary and ends at a non-whitespace byte (or is empty)
     lineno = 1
     reported = 0
     try:
@@ -547,11 +549,19 @@ def read_blocks(
                 on_bytes(position - reported)
                 reported = position
             pending += data
-            cut = len(pending) if not data else _cut(pending, doc_unit, jsonl)
+            # Search only what is new since the last whitespace run began: a boundary is all whitespace
+            # (line ends and blank lines), so one not found before must end in the new data. Searching from
+            # 0 each time was quadratic on a long paragraph-mode file with no blank line.
+            cut = len(pending) if not data else _cut(bytes(pending[start:]), doc_unit, jsonl)
+            if cut and data:
+                cut += start
+            elif data and (kept := len(data.rstrip(_WHITESPACE))):
+                start = len(pending) - len(data) + kept
             if cut:
-                block = Block(pending[:cut], lineno)
+                block = Block(bytes(pending[:cut]), lineno)
                 lineno += _count_lines(block.data, jsonl)
-                pending = pending[cut:]
+                del pending[:cut]
+                start = 0
                 yield block
             elif len(pending) - (end := _line_end(pending, jsonl)) > max_line_bytes:
                 raise _long_line(path, lineno + _count_lines(pending[:end], jsonl), max_line_bytes)
