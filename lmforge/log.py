@@ -211,6 +211,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def recorded_world_size(run_dir: Path) -> int:
+    """How many processes trained the run in `run_dir`, as its env.json says (1 if it says nothing)."""
+    try:
+        value = json.loads((run_dir / "env.json").read_text(encoding="utf-8")).get("world_size", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
 def capture_env(device: str) -> dict[str, Any]:
     """Command line, versions, device and git commit: what env.json records at the start of a run."""
     import numpy

@@ -83,3 +83,32 @@ def test_rank_shards_add_up_to_the_whole_split(data_dir: Path):
     assert sum(p["bytes"] for p in parts) == whole["bytes"]
     nats = sum(p["loss"] * p["tokens"] for p in parts)
     assert nats / whole["tokens"] == pytest.approx(whole["loss"], rel=1e-9)
+
+
+def test_eval_of_a_torchrun_run_forwards_one_ranks_batch(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`lmforge eval` in one process of a run trained by 2 ranks with micro_batch_size 0 forwards 4
+    sequences at a time (one rank's share of the global 8), not all 8; the metrics do not change."""
+    import json
+
+    import lmforge.eval.lm as lm
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    flags = {"train.batch_size": 8, "train.micro_batch_size": 0, "train.max_steps": 2, "eval.every": 0}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    sizes: list[int] = []
+    import lmforge.data.loader as loader
+
+    real = loader.eval_batches  # (imported by evaluate_checkpoint when it runs)
+    monkeypatch.setattr(loader, "eval_batches", lambda *a, **kw: sizes.append(kw["batch_size"]) or real(*a, **kw))
+    one = lm.evaluate_checkpoint(str(run), split="val", max_batches=2)
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
+    assert env["world_size"] == 1
+    (run / "env.json").write_text(json.dumps({**env, "world_size": 2}), encoding="utf-8")  # as torchrun's 2 ranks
+    two = lm.evaluate_checkpoint(str(run), split="val", max_batches=2)
+    assert sizes == [8, 4]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6) and two["tokens"] == one["tokens"]
+    (run / "env.json").write_text(json.dumps({**env, "world_size": 3}), encoding="utf-8")  # 8 does not split
+    lm.evaluate_checkpoint(str(run), split="val", max_batches=2)
+    assert sizes[-1] == 8

@@ -277,13 +277,13 @@ def quantize_run(
             "bytes_after": _model_bytes(ckpt_dir),
         }
         if compare:
-            from lmforge.eval.lm import evaluate_checkpoint
+            from lmforge.eval.lm import evaluate_checkpoint, run_forward_batch
 
             quantized = load_trained(tmp, cpu)
             if data_dir:
-                sample = dict(
-                    batch_size=trained.config.eval.forward_batch(trained.config.train), max_batches=max_batches
-                )
+                config = trained.config
+                forward = run_forward_batch(config.eval, config.train, trained.checkpoint.path.parent.parent)
+                sample = dict(batch_size=forward, max_batches=max_batches)
                 try:
                     result["bpb_before"] = evaluate_checkpoint(str(path), **sample, device="cpu")["bpb"]
                     result["bpb_after"] = evaluate_checkpoint(str(tmp), **sample, device="cpu")["bpb"]

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import EvalConfig, TrainConfig
 from lmforge.data.shards import read_shard
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
+from lmforge.log import recorded_world_size
 from lmforge.objectives import IGNORE_INDEX
 from lmforge.train.precision import Precision
 
@@ -159,6 +162,17 @@ def shard_batches(batches: Iterable[Any], rank: int, world_size: int) -> Iterato
             return
 
 
+def run_forward_batch(eval_cfg: EvalConfig, train_cfg: TrainConfig, run_dir: Path) -> int:
+    """Sequences per forward pass when one process evaluates a run: those of one of the processes that
+    trained it (env.json's world_size). Under torchrun, train.micro_batch_size 0 splits the global batch
+    over the ranks, and a forward of the whole global batch may not fit one GPU. Which sequences are
+    scored does not depend on it (`EvalConfig.sequences`)."""
+    try:
+        return eval_cfg.forward_batch(train_cfg, recorded_world_size(run_dir))
+    except ConfigError:  # (an env.json edited by hand: a world size the batch does not split over)
+        return eval_cfg.forward_batch(train_cfg)
+
+
 def evaluate_checkpoint(
     path: str,
     *,
@@ -215,7 +229,8 @@ def evaluate_checkpoint(
     eval_cfg = dataclasses.replace(
         trained.config.eval, batch_size=batch_size or trained.config.eval.batch_size, max_batches=max_batches
     )
-    forward, limit = eval_cfg.forward_batch(train_cfg), eval_cfg.sequences(train_cfg)
+    forward = run_forward_batch(eval_cfg, train_cfg, checkpoint.path.parent.parent)
+    limit = eval_cfg.sequences(train_cfg)
     if trained.config.objective.name != "clm":  # encoders: mlm_accuracy, mlm_ppl, nsp_accuracy, rtd_auc, ...
         from lmforge.data.masking import mlm_eval_batches
         from lmforge.eval.objectives import evaluate_encoder
