@@ -205,6 +205,11 @@ def test_json_array_files(tmp_path: Path) -> None:
     write(tmp_path / "lines.json", '{"text": "fourth doc"}\n{"text": "fifth doc"}\n')
     docs = [d.text for name in ("arr.json", "lines.json") for d in read_documents(tmp_path / name)]
     assert docs == ["first doc", "second doc", "third\ndoc", "fourth doc", "fifth doc"]
+    # a lone \r between JSON tokens is whitespace, as in a .jsonl file: the lines end at \n only
+    lines = '{"text":\r "sixth doc"}\r\n{"text": "seventh doc"}\n'
+    for name in ("cr.json", "cr.jsonl"):
+        (tmp_path / name).write_bytes(lines.encode())
+        assert [d.text for d in read_documents(tmp_path / name)] == ["sixth doc", "seventh doc"], name
     write(tmp_path / "keys.json", json.dumps([{"chapter": "学而", "paragraphs": ["子曰", "有子曰"]}]))
     with pytest.raises(DataError, match=r"item 1 has no field 'text' \(keys: chapter, paragraphs\)"):
         list(read_documents(tmp_path / "keys.json"))

@@ -668,7 +668,8 @@ def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: in
         value = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
-            yield from _jsonl_documents(path, iter(data.splitlines(keepends=True)), text_field, _no_progress)
+            lines = iter(io.BytesIO(data))  # at b"\n" only, as .jsonl: a lone b"\r" is JSON whitespace
+            yield from _jsonl_documents(path, lines, text_field, _no_progress)
             return
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     records = value if isinstance(value, list) else [value]
