@@ -574,7 +574,9 @@ def test_imported_run_whose_tokenizer_has_no_known_eos_generates(bpe: Tokenizer,
     answers = _answers(load_finetuned(run, torch.device("cpu")), [tok.encode(prompt)], max_new_tokens=12)
     assert answers == [tok.decode(theirs[:-1]).strip()]
     out = export_hf(run, tmp_path / "again")
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [end, eot]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [end, eot] and generation["pad_token_id"] == end  # (batched generate pads)
+    assert generation.get("bos_token_id") == json.loads((out / "config.json").read_text())["bos_token_id"]
     assert stop_ids_of(import_hf(out, tmp_path / "run2")) == [end, eot]
     gguf = pytest.importorskip("gguf")
     from lmforge.export.gguf import export_gguf

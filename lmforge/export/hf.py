@@ -589,13 +589,13 @@ def write_hf(trained: Any, out: Path) -> Path:
         fsync_file(tmp / "model.safetensors")
         # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
         # the context length is in config.json (n_positions / max_position_embeddings).
-        generation: dict[str, Any] = {}
+        generation: dict[str, Any] = {} if bos_id is None else {"bos_token_id": bos_id}
         extra = extra_stop_ids(trained, eos_id)  # an imported instruct model's end of turn follows its eos
         if eos_id is not None:
             eos_ids: int | list[int] = [eos_id, *extra] if extra else eos_id
-            generation.update(bos_token_id=bos_id, eos_token_id=eos_ids, pad_token_id=eos_id)
+            generation.update(eos_token_id=eos_ids, pad_token_id=eos_id)
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
-            generation.update(eos_token_id=extra if len(extra) > 1 else extra[0])
+            generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
         write_json(tmp / "generation_config.json", generation)
         chat = chat_template_of(trained)
         atomic_write_text(
