@@ -571,11 +571,13 @@ class DiLoCo:
         saved = ckpt.read_file(DILOCO_FILE)
         for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
             for name, t in zip(self.names, tensors, strict=True):
-                if f"{kind}.{name}" not in saved:
+                value = saved.get(f"{kind}.{name}")
+                if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
                     raise CheckpointError(
-                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name}; was it written for another model?"
+                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
+                        "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
                     )
-                t.copy_(saved[f"{kind}.{name}"])
+                t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
         """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
