@@ -584,6 +584,52 @@ def test_diloco_resume_is_exact(
     assert len(train_losses(one_worker)) == steps
 
 
+# lmforge's CLI with the training loop's clock made of steps: after step s it reads s seconds, so the
+# time budget is found spent at the first step that begins after it (3.5 s: step 5), on any machine
+BUDGET_IN_STEPS = """
+import sys
+from lmforge import cli, dist
+from lmforge.train import loop
+
+clock = [0.0]
+class StepClock:
+    perf_counter = staticmethod(lambda: clock[0])
+loop.time = StepClock
+after_step = dist.DiLoCo.after_step
+def tick(self, step, last=False):
+    after_step(self, step, last)
+    clock[0] = float(step)
+dist.DiLoCo.after_step = tick
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_diloco_time_budget_stop_resumes_exactly(data_dir: Path, diloco_straight: Path, tmp_path: Path) -> None:
+    """A time budget that stops the workers between two syncs does not sync them (before, it did, so raising
+    the budget and training on was not the straight run): the budget raised, the run ends bitwise where the
+    straight run does. The stopped checkpoint holds each worker's own weights; readers get worker 0's."""
+    script = tmp_path / "budget_in_steps.py"
+    script.write_text(BUDGET_IN_STEPS, encoding="utf-8")
+    out = tmp_path / "run"
+    p = torchrun(data_dir, out, entry=(str(script),), **{**DILOCO_RESUME, "train.time_budget": 3.5})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stopping at step 5 of 8: the time budget of 3.5 s" in p.stdout, p.stdout[-3000:]
+    assert "(5x less)" in p.stdout  # 1 sync (step 3) in 5 steps: none at the stop
+    assert "note: the time budget stopped the workers between outer syncs, so step-000005 gives" in p.stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["step"] == 5 and ckpt.meta["train_state"]["stop_reason"] == "time_budget"
+    worker0, worker1 = ckpt.model_state(0), ckpt.model_state(1)
+    assert any(not torch.equal(worker0[n], worker1[n]) for n in worker0)  # unsynced: each worker's own
+    assert all(torch.equal(t, worker0[n]) for n, t in load_checkpoint(out, verify="weights").model_state().items())
+
+    p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.time_budget": 1000.0})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert train_losses(out) == train_losses(diloco_straight)
+    got, want = weights(out, DILOCO_STEPS), weights(diloco_straight, DILOCO_STEPS)
+    for name in want:
+        assert torch.equal(got[name], want[name]), (name, (got[name] - want[name]).abs().max())
+
+
 def test_diloco_worker_whose_weights_do_not_fit_is_named(data_dir: Path, diloco_straight: Path, tmp_path: Path):
     """Worker 1's weights that pass their checksum but do not fit the model: the one-line error of the resume
     names worker 1's file (before, rank 1 named worker 0's, which fits) and says what to do."""
