@@ -443,6 +443,14 @@ class Checkpoint:
         """The weights file (a sharded checkpoint: its first shard), for messages."""
         return self.path / model_files(self.meta)[0]
 
+    def weights_file(self, rank: int = 0) -> Path:
+        """The file rank `rank`'s copy of the weights comes from (a DiLoCo worker's own, see `model_state`), for
+        messages: a worker whose weights do not fit names its own file, not worker 0's."""
+        sharded = self.meta.get("sharded")
+        if sharded is None or sharded["model"]:  # one file, or chunks of every rank's (FSDP2): the first
+            return self.weights_path
+        return self.path / shard_files(rank, int(sharded["world_size"]))[0]
+
     def model_state(self, rank: int = 0) -> dict[str, torch.Tensor]:
         """All weights, whole (a sharded checkpoint's chunks concatenated); `rank`: whose copy of the tensors
         each rank saves whole (a DiLoCo worker's own weights, see `_join_shards`)."""
@@ -532,21 +540,24 @@ class Checkpoint:
         """Load weights into `model` (tied weights restored through the module's own sharing); `rank`: the
         DiLoCo worker whose weights to load (see `model_state`)."""
         tensors = self.model_state(rank)
+        # (the model was built from this checkpoint's config, or a resume's config was checked against the
+        # run's: weights that do not fit it were not written for this checkpoint, e.g. a file copied in)
+        advice = (
+            "was it written for another model config? Use an earlier checkpoint "
+            "(to resume from one: --checkpoint.resume_from step-NNNNNN)"
+        )
         try:
             missing, unexpected = model.load_state_dict(tensors, strict=False)
         except RuntimeError as e:  # shape mismatches
             first = str(e).strip().splitlines()[-1].strip()
-            raise CheckpointError(
-                f"{self.weights_path} does not match the model ({first}); "
-                "was it written by another lmforge model config?"
-            ) from None
+            raise CheckpointError(f"{self.weights_file(rank)} does not match the model ({first}); {advice}") from None
         # a tied weight is stored once (savable); the other name is legitimately "missing".
         shared = _shared_names(model)
         missing = [k for k in missing if k not in shared]
         if missing or unexpected:
             raise CheckpointError(
-                f"{self.weights_path} does not match the model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}); was it written by another lmforge model config?"
+                f"{self.weights_file(rank)} does not match the model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); {advice}"
             )
 
     def load_optimizer(

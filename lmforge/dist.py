@@ -498,12 +498,16 @@ class DiLoCo:
     Every worker runs the inner optimizer (AdamW) alone on its own data for `sync_every` steps; then
     the workers average their parameter change since the last sync (one all-reduce of the parameters)
     and apply it to the shared parameters with Nesterov SGD (`outer_lr`, `outer_momentum`), and every
-    worker continues from the result. The last step of a finished run (max_steps, time budget, early
-    stopping) syncs too, so its final checkpoint holds the synced weights; an interrupted run (Ctrl-C,
-    SIGTERM) does not, since its resume must continue as if it had never stopped. Communication: one
-    all-reduce per `sync_every` steps instead of one per step (DDP), i.e. about `sync_every` x less
-    traffic, for slow interconnects between nodes. With outer_lr 1 and momentum 0 it is plain parameter
-    averaging; with one worker, plain training.
+    worker continues from the result. The last step of a finished run (max_steps, early stopping) syncs
+    too, so its final checkpoint holds the synced weights. A run stopped by a signal (Ctrl-C, SIGTERM) or
+    by its time budget does not: raising train.time_budget to train on must give what one longer run
+    gives, as a resume after Ctrl-C does, and a sync the longer run would not make changes every weight
+    after it. Such a checkpoint, like every one between syncs, gives `eval`, `generate` and `export`
+    worker 0's weights: a whole model, trained from the last synced weights on worker 0's share of the
+    data since (the run's final evaluation scores the same model); the synced model comes at the step
+    that reaches train.max_steps. Communication: one all-reduce per `sync_every` steps instead of one per
+    step (DDP), i.e. about `sync_every` x less traffic, for slow interconnects between nodes. With
+    outer_lr 1 and momentum 0 it is plain parameter averaging; with one worker, plain training.
 
     Resume is exact at any step: a checkpoint holds each worker's own weights (they differ between
     syncs) and inner optimizer state (AdamW's moments always differ) in per-rank files, as sharded FSDP2
@@ -571,11 +575,13 @@ class DiLoCo:
         saved = ckpt.read_file(DILOCO_FILE)
         for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
             for name, t in zip(self.names, tensors, strict=True):
-                if f"{kind}.{name}" not in saved:
+                value = saved.get(f"{kind}.{name}")
+                if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
                     raise CheckpointError(
-                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name}; was it written for another model?"
+                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
+                        "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
                     )
-                t.copy_(saved[f"{kind}.{name}"])
+                t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
         """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""

@@ -525,25 +525,35 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_diloco_resume_is_exact(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+DILOCO_STEPS = 8
+DILOCO_RESUME = {  # 2 workers with outer momentum and dropout, stopped between two syncs and resumed
+    "train.micro_batch_size": 4,
+    "train.max_steps": DILOCO_STEPS,
+    "model.dropout": 0.1,  # the torch RNG matters
+    "dist.strategy": "diloco",
+    "dist.sync_every": 3,  # syncs at 3, 6 and the last step, 8
+    "dist.outer_momentum": 0.9,
+}
+
+
+@pytest.fixture(scope="module")
+def diloco_straight(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DILOCO_RESUME run, straight through (checkpoints at steps 3, 6 and 8)."""
+    out = tmp_path_factory.mktemp("diloco") / "straight"
+    p = torchrun(data_dir, out, **DILOCO_RESUME)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_diloco_resume_is_exact(
+    data_dir: Path, diloco_straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 2-worker run with outer momentum, interrupted between two syncs and resumed, ends bitwise where the
     straight run does: each worker gets back its own weights and AdamW moments, and the outer momentum and
     anchor come back too. Resumed by 1 worker instead, it runs on from worker 0's state, with a note."""
     import shutil
 
-    steps = 8
-    flags = {
-        "train.micro_batch_size": 4,
-        "train.max_steps": steps,
-        "model.dropout": 0.1,  # the torch RNG matters
-        "dist.strategy": "diloco",
-        "dist.sync_every": 3,  # syncs at 3, 6 and the last step, 8
-        "dist.outer_momentum": 0.9,
-    }
-    straight = tmp_path / "straight"
-    p = torchrun(data_dir, straight, **flags)
-    assert p.returncode == 0, p.stderr[-3000:]
-
+    steps, flags, straight = DILOCO_STEPS, DILOCO_RESUME, diloco_straight
     script = tmp_path / "sigint_after_step.py"
     script.write_text(SIGINT_AFTER_STEP, encoding="utf-8")
     out = tmp_path / "interrupted"
@@ -572,6 +582,125 @@ def test_diloco_resume_is_exact(data_dir: Path, tmp_path: Path, monkeypatch: pyt
         "weights and inner optimizer state, so the resume is not exact" in p.stdout
     ), p.stdout[-3000:]
     assert len(train_losses(one_worker)) == steps
+
+
+# lmforge's CLI with the training loop's clock made of steps: after step s it reads s seconds, so the
+# time budget is found spent at the first step that begins after it (3.5 s: step 5), on any machine
+BUDGET_IN_STEPS = """
+import sys
+from lmforge import cli, dist
+from lmforge.train import loop
+
+clock = [0.0]
+class StepClock:
+    perf_counter = staticmethod(lambda: clock[0])
+loop.time = StepClock
+after_step = dist.DiLoCo.after_step
+def tick(self, step, last=False):
+    after_step(self, step, last)
+    clock[0] = float(step)
+dist.DiLoCo.after_step = tick
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_diloco_time_budget_stop_resumes_exactly(data_dir: Path, diloco_straight: Path, tmp_path: Path) -> None:
+    """A time budget that stops the workers between two syncs does not sync them (before, it did, so raising
+    the budget and training on was not the straight run): the budget raised, the run ends bitwise where the
+    straight run does. The stopped checkpoint holds each worker's own weights; readers get worker 0's."""
+    script = tmp_path / "budget_in_steps.py"
+    script.write_text(BUDGET_IN_STEPS, encoding="utf-8")
+    out = tmp_path / "run"
+    p = torchrun(data_dir, out, entry=(str(script),), **{**DILOCO_RESUME, "train.time_budget": 3.5})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stopping at step 5 of 8: the time budget of 3.5 s" in p.stdout, p.stdout[-3000:]
+    assert "(5x less)" in p.stdout  # 1 sync (step 3) in 5 steps: none at the stop
+    assert "note: the time budget stopped the workers between outer syncs, so step-000005 gives" in p.stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["step"] == 5 and ckpt.meta["train_state"]["stop_reason"] == "time_budget"
+    worker0, worker1 = ckpt.model_state(0), ckpt.model_state(1)
+    assert any(not torch.equal(worker0[n], worker1[n]) for n in worker0)  # unsynced: each worker's own
+    assert all(torch.equal(t, worker0[n]) for n, t in load_checkpoint(out, verify="weights").model_state().items())
+
+    p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.time_budget": 1000.0})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert train_losses(out) == train_losses(diloco_straight)
+    got, want = weights(out, DILOCO_STEPS), weights(diloco_straight, DILOCO_STEPS)
+    for name in want:
+        assert torch.equal(got[name], want[name]), (name, (got[name] - want[name]).abs().max())
+
+
+def test_diloco_worker_whose_weights_do_not_fit_is_named(data_dir: Path, diloco_straight: Path, tmp_path: Path):
+    """Worker 1's weights that pass their checksum but do not fit the model: the one-line error of the resume
+    names worker 1's file (before, rank 1 named worker 0's, which fits) and says what to do."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    shutil.copytree(diloco_straight, out)
+    ckpt = out / "checkpoints" / "step-000008"
+    damaged = ckpt / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(damaged))
+    tensors[sorted(tensors)[0]] = torch.zeros(3, 3)
+    save_file(tensors, str(damaged), {"format": "pt"})  # e.g. copied in from another run
+    meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    meta["files"][damaged.name] = {
+        "bytes": damaged.stat().st_size,
+        "sha256": hashlib.sha256(damaged.read_bytes()).hexdigest(),
+    }
+    (ckpt / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.max_steps": 10})
+    assert p.returncode != 0
+    # (rank 0, whose weights load, is stopped by torchrun, or finds its peer gone: its line names no file)
+    errors = [line for line in p.stderr.splitlines() if line.startswith(f"lmforge: error: {damaged} ")]
+    assert len(errors) == 1 and "model-00000-of-00002" not in p.stderr, p.stderr[-3000:]
+    assert errors[0].startswith(f"lmforge: error: {damaged} does not match the model (size mismatch for "), errors
+    assert errors[0].endswith("Use an earlier checkpoint (to resume from one: --checkpoint.resume_from step-NNNNNN)")
+
+
+def test_diloco_checkpoint_names_the_file_that_does_not_fit(tmp_path: Path) -> None:
+    """Each worker's weights load from its own file, and a file that does not fit is the one named (before,
+    worker 0's always was); so is a damaged or missing worker file, and outer state of another shape
+    (before: a traceback from copy_, or a silent broadcast of a smaller tensor into the anchor)."""
+    from safetensors.torch import save_file
+
+    from lmforge.checkpoint import DILOCO_FILE, begin_checkpoint, finish_checkpoint, shard_files, write_shard
+    from lmforge.dist import DiLoCo, DistConfig
+    from lmforge.errors import CheckpointError
+
+    model = torch.nn.Linear(4, 4)
+    workers = [model.state_dict(), {"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, {"weight": torch.zeros(4, 4)}]
+    tmp = begin_checkpoint(tmp_path, 5)
+    for rank, weights_of_rank in enumerate(workers):
+        write_shard(tmp, rank, 3, weights_of_rank, {})
+    diloco = DiLoCo(model, DistConfig(strategy="diloco"), torch.device("cpu"))
+    save_file({**diloco.state_dict(), "momentum.bias": torch.zeros(1)}, str(tmp / DILOCO_FILE))
+    meta = {"sharded": {"world_size": 3, "model": [], "optim": [], "tied": {}}, "diloco": {"workers": 3}}
+    files = [name for rank in range(3) for name in shard_files(rank, 3)] + [DILOCO_FILE]
+    path = finish_checkpoint(tmp, step=5, files=files, meta=meta)
+    ckpt = load_checkpoint(path)
+    ckpt.load_model(model, 0)  # worker 0's fit
+    with pytest.raises(
+        CheckpointError, match=r"model-00001-of-00003\.safetensors does not match the model \(size mismatch for weight"
+    ) as e:
+        ckpt.load_model(model, 1)
+    assert "\n" not in str(e.value)
+    with pytest.raises(
+        CheckpointError, match=r"model-00002-of-00003\.safetensors does not match the model \(missing \['bias'\]"
+    ):
+        ckpt.load_model(model, 2)
+    with pytest.raises(
+        CheckpointError, match=r"diloco\.safetensors has no momentum\.bias of shape \[4\]; was it written"
+    ):
+        diloco.load_checkpoint(ckpt)
+    (path / shard_files(2, 3)[0]).write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors is 7 bytes"):
+        load_checkpoint(path)
+    (path / shard_files(2, 3)[0]).unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors is missing"):
+        load_checkpoint(path)
 
 
 # lmforge's CLI with the causal-LM loss NaN on rank 1 only, for the micro-batch calls listed in argv[1]

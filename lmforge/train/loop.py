@@ -195,10 +195,10 @@ def train(
             counts and stop decisions are all-reduced, and logged numbers are global.
         rollback: restores model, optimizer, RNG and `state` (in place) from the latest checkpoint,
             keeping the data position; called after `cfg.rollback_after` non-finite steps in a row.
-        after_step: called with the new step number and whether the run finishes there (max_steps, time
-            budget; not a stop signal, after which a resume continues), after each optimizer step (DiLoCo's
-            outer sync, which also syncs the last step); when an evaluation stops the run early, called
-            again with True. The same on every rank (stop decisions are all-reduced).
+        after_step: called with the new step number and whether the run finishes there (max_steps; not a
+            stop signal or the time budget, after which a resume continues), after each optimizer step
+            (DiLoCo's outer sync, which also syncs the last step); when an evaluation stops the run early,
+            called again with True. The same on every rank (stop decisions are all-reduced).
         lr_schedule: lr for a step, replacing `schedule.lr_at` over `cfg` (continued pretraining follows
             its base run's schedule from the base's step).
         local_grads: each rank's gradients are its own (DiLoCo's workers, not all-reduced as under DDP), so
@@ -345,8 +345,10 @@ def train(
                 if pending.bad():
                     state.skipped_steps += 1
                 pending = None
-            if after_step is not None:  # (an interrupted run is not finished: its resume goes on as if never stopped)
-                after_step(state.step, state.stop_reason in ("max_steps", "time_budget"))
+            # a run stopped by a signal or its time budget is not finished: a resume (with a larger budget) goes on as
+            # if it had never stopped, so it must not do what the longer run would not (DiLoCo's sync, see dist.DiLoCo)
+            if after_step is not None:
+                after_step(state.step, state.stop_reason == "max_steps")
 
             # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped
             final_record = not log_now and state.stop_reason in ("interrupted", "time_budget")

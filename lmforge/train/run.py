@@ -510,6 +510,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         )
         if diloco:
             log.info(diloco.comm_report(world.world_size, state.step - first_step))
+            if state.stop_reason == "time_budget" and diloco.synced_at != state.step:  # (see dist.DiLoCo)
+                log.info(
+                    f"note: the time budget stopped the workers between outer syncs, so step-{state.step:06d} "
+                    "gives eval, generate and export worker 0's weights; raise train.time_budget to train on "
+                    "(as one longer run): the step that reaches train.max_steps syncs them into the final model"
+                )
         if cfg.data.mix:  # MixtureLoader: the share of sequences drawn from each directory
             log.info("data mix achieved: " + ", ".join(f"{k}={v:.4f}" for k, v in loader.achieved().items()))
     except BaseException as e:
