@@ -3,23 +3,33 @@
 Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
     GET  /v1/models[/NAME]        the one model served (named after the run directory)
     POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                                   "stream_options"}
+                                   "stream_options"}; "prompt" is a string, a list of strings, a list of token
+                                   ids or a list of such lists: one choice per prompt, `index` in order
     POST /v1/chat/completions     {"messages": [{"role", "content"}], same options, "max_completion_tokens"};
                                   the run's chat template ("developer" = "system"; text content parts joined)
     GET  /health                  {"status": "ok"}
 With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (completion text or chat
-`delta`s) and a final `data: [DONE]`, as the OpenAI client libraries expect; `"stream_options":
-{"include_usage": true}` adds a last chunk with no choices and the token counts. `model` and `user` are
-accepted and not checked (any name gets the one model, so an app written for OpenAI runs unchanged).
-`n` > 1, `logprobs`, `echo`, `suffix`, `best_of`, penalties, `logit_bias`, tools and `response_format`
-are refused with a 400 rather than ignored: each would change what a client gets back.
+`delta`s, each choice's carrying its `index`) and a final `data: [DONE]`, as the OpenAI client libraries
+expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
+(summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
+an app written for OpenAI runs unchanged). `n` > 1, `logprobs`, `echo`, `suffix`, `best_of`, penalties,
+`logit_bias`, tools and `response_format` are refused with a 400 rather than ignored: each would change
+what a client gets back.
+
+HTTP/1.1 with keep-alive, as the `openai` client (httpx) and browsers use it: one connection carries many
+requests. Every reply that is not streamed has a Content-Length; a stream is sent chunked (ending with the
+zero-length chunk), so the connection stays usable after it (an HTTP/1.0 client gets the stream ended by
+closing the connection instead). A request body the server does not read (a refusal before it is parsed)
+is read and dropped so the next request starts where it should; one too large to drop (or of unknown
+length) gets its error with `Connection: close`. A connection idle for `idle_timeout_s` is closed.
 
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
 `max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
-with OpenAI-style `{"error": {"message", "type", "code"}}` bodies. Requests run one at a time (one model,
-one lock) on a `ThreadingHTTPServer`, so a slow client never blocks the accept loop. With `compile`
-(`--compile`) the decode step is compiled by a short warm-up generation before the server answers, so
-no request waits for it.
+with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies, malformed HTTP and unknown
+methods included. Generations run one at a time (one model, one lock) on a `ThreadingHTTPServer`: each
+connection has its own thread, so a slow or idle kept-alive client never blocks the accept loop or
+another client's requests. With `compile` (`--compile`) the decode step is compiled by a short warm-up
+generation before the server answers, so no request waits for it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +58,9 @@ class ServeLimits:
     max_body_bytes: int = 1_000_000
     max_tokens: int = 512  # upper bound a request may ask for
     default_max_tokens: int = 128
+    # a kept-alive connection idle this long is closed (its thread ends); also bounds a stalled body read
+    # or a client that stops reading a stream. httpx drops idle pooled connections after 5 s, browsers ~1 min
+    idle_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:  # a zero or negative limit would refuse every request
         for flag, value in (
@@ -56,6 +70,8 @@ class ServeLimits:
         ):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if not self.idle_timeout_s > 0:
+            raise ConfigError(f"idle_timeout_s must be > 0 seconds, got {self.idle_timeout_s}")
 
 
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
@@ -81,9 +97,17 @@ class _StopGeneration(Exception):
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str = "invalid_request",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.param = status, code, param  # param: the request field at fault
+        self.headers = headers or {}  # e.g. a 405's Allow
 
 
 class LMServer(ThreadingHTTPServer):
@@ -178,43 +202,179 @@ def _openai_messages(messages: Any) -> Any:
     return out
 
 
+_PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """A completion request's prompts, in order, in OpenAI's four forms: a string, a list of strings, a list
+    of token ids (one prompt) or a list of lists of token ids. Token ids are checked against the vocabulary
+    here: one past it would fail inside the model (or decode as nothing) instead of being refused."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        got = "an empty list" if prompt == [] else _json(prompt)
+        raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got {got}", param="prompt")
+    if isinstance(prompt[0], str):
+        for i, p in enumerate(prompt):
+            if not isinstance(p, str):
+                raise RequestError(400, f"'prompt[{i}]' is {_json(p)}; a list of prompts holds strings", param="prompt")
+        return list(prompt)
+    if _is_token_id(prompt[0]):
+        return [_token_ids(prompt, "'prompt'", vocab_size)]
+    if isinstance(prompt[0], list):
+        return [_token_ids(p, f"'prompt[{i}]'", vocab_size) for i, p in enumerate(prompt)]
+    raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got a list of {_json(prompt[0])}", param="prompt")
+
+
+def _token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(ids, list):
+        raise RequestError(400, f"{name} must be a list of token ids, got {_json(ids)}", param="prompt")
+    if not ids:
+        raise RequestError(400, f"{name} is an empty list of token ids; give at least one", param="prompt")
+    for t in ids:
+        if not _is_token_id(t):
+            raise RequestError(400, f"{name} must hold token ids (integers), got {_json(t)}", param="prompt")
+        if not 0 <= t < vocab_size:
+            message = f"{name} holds token id {t}, outside this model's vocabulary (ids 0 to {vocab_size - 1})"
+            raise RequestError(400, message, param="prompt")
+    return ids
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false arrive as bools
+
+
+def _json(value: Any) -> str:
+    """A request value as the client wrote it, cut short for a one-line error."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: LMServer
-    protocol_version = "HTTP/1.0"  # streamed replies end when the connection closes
-    streaming = False  # a POST sets it once its streamed reply's 200 is out
+    # Keep-alive (one connection, many requests: httpx, which the openai client uses, pools connections).
+    # Streams are sent with Transfer-Encoding: chunked rather than ended by closing the connection: it is what
+    # OpenAI's own API sends, so every client written for it reads it (httpx/h11, requests, curl, browsers'
+    # fetch and EventSource), and the connection is reused for the next request instead of each stream
+    # costing a new one. Measured with openai 3.57: the async client sends streams and plain requests over
+    # one connection; the sync one closes a stream's response at `data: [DONE]` without reading the last
+    # chunk, so it reconnects after each stream (as it would after every stream ended by a close). A request
+    # made with HTTP/1.0, which has no chunked coding, gets the stream ended by the close (_start_stream).
+    protocol_version = "HTTP/1.1"
+    # per request (reset by _dispatch): a streamed reply's 200 is out / it is sent in chunks / the body was read
+    streaming = chunked = body_read = False
+    linger = False  # close gently: drain what the client still sends (finish)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
         pass
 
+    def setup(self) -> None:
+        self.timeout = self.server.limits.idle_timeout_s  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     # ---------------------------------------------------------------- plumbing
 
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        """A whole JSON reply, with its Content-Length (a HEAD request gets the headers alone)."""
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self._settle_body()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _error(self, e: RequestError) -> None:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
         error = {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.code}}
         if self.streaming:  # the 200 and some events are out: the error becomes the last event
             self._event(error)
+            self._end_stream()
         else:
-            self._send_json(e.status, error)
+            self._send_json(e.status, error, e.headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line or headers, an unknown method) as the same
+        one-line JSON error as ours, not its HTML page; the connection closes after it, as where the next
+        request would start is unknown."""
+        self.close_connection = self.linger = True
+        self.body_read = True  # not read: closing instead
+        if self.request_version == "HTTP/0.9":  # no version could be read: http.server would send the body alone
+            self.request_version = self.protocol_version
+        reason = message or self.responses.get(code, ("error",))[0]
+        error = {"error": {"message": reason, "type": "invalid_request_error", "param": None, "code": "bad_request"}}
+        with contextlib.suppress(OSError):
+            self._send_json(code, error)
+
+    def _settle_body(self) -> None:
+        """Before a reply: read and drop a request body that was not read (a refusal before parsing it), so
+        the next request on this connection starts at its first byte; one too large to read, or of unknown
+        size, closes the connection after the reply instead."""
+        if self.body_read:
+            return
+        self.body_read = True
+        length = self._content_length()
+        if length is not None and length <= self.server.limits.max_body_bytes:
+            self.rfile.read(length)
+        else:
+            self.close_connection = self.linger = True
+
+    def _content_length(self) -> int | None:
+        """The request body's size; None when unknown (a chunked body, a malformed header)."""
+        if self.headers.get("Transfer-Encoding"):
+            return None
+        value = self.headers.get("Content-Length", "0").strip()
+        return int(value) if value.isascii() and value.isdigit() else None  # int() also takes "+5", "1_0"
+
+    def finish(self) -> None:
+        super().finish()
+        if self.linger:
+            # closing a socket with unread data resets the connection, which can destroy the error reply
+            # before the client reads it (RFC 9112, 9.6): end our side, then drain the rest of its body, briefly
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(1.0)
+                deadline, left = time.monotonic() + 2.0, 16 * 2**20
+                while left > 0 and time.monotonic() < deadline and (data := self.connection.recv(65536)):
+                    left -= len(data)
+
+    def _start_stream(self) -> None:
+        """The 200 of a Server-Sent Events reply; its events follow as chunks (HTTP/1.1) or until the close."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.chunked = self.request_version != "HTTP/1.0"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if not self.chunked or self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.streaming = True
+
+    def _write_stream(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def _event(self, payload: dict[str, Any]) -> None:
         """One Server-Sent Event of a streamed reply."""
-        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
-        self.wfile.flush()
+        self._write_stream(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def _end_stream(self) -> None:
+        if self.chunked:
+            self.wfile.write(b"0\r\n\r\n")  # the last chunk: the reply ends, the connection stays
+        self.streaming = False
 
     def _read_body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0:
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError(
+                411, "chunked request bodies are not supported; send the JSON with a Content-Length", "length_required"
+            )
+        length = self._content_length()
+        if length is None:
             raise RequestError(400, "bad Content-Length header: it must be the body's size in bytes")
         if length > self.server.limits.max_body_bytes:
             raise RequestError(
@@ -222,6 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"request body is {length} bytes; the limit is {self.server.limits.max_body_bytes}",
                 "request_too_large",
             )
+        self.body_read = True
         try:
             body = json.loads(self.rfile.read(length).decode("utf-8") or "null")
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -236,95 +397,91 @@ class _Handler(BaseHTTPRequestHandler):
             ) from None
         return body
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = self.path.rstrip("/")
-        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
-        if path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [model]})
-        elif path.startswith("/v1/models/"):  # client.models.retrieve(name)
-            name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
-            if name == self.server.model_name:
-                self._send_json(200, model)
-            else:
-                message = f"model '{name}' not found; this server serves '{self.server.model_name}'"
-                self._error(RequestError(404, message, "model_not_found", param="model"))
-        elif path == "/health":
-            self._send_json(200, {"status": "ok"})
-        else:
-            self._error(RequestError(404, f"unknown path {self.path}", "not_found"))
+    # ---------------------------------------------------------------- routing
 
-    def do_POST(self) -> None:  # noqa: N802
-        self.streaming = False
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET  # wrong methods: a 405, not a 501
+
+    def _dispatch(self) -> None:
+        self.streaming = self.chunked = self.body_read = False
         try:
-            path = self.path.rstrip("/")
-            if path not in ("/v1/completions", "/v1/chat/completions"):
-                raise RequestError(404, f"unknown path {self.path}", "not_found")
-            body = self._read_body()
-            self._complete(body, chat=path.endswith("chat/completions"))
-        except RequestError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            try:
+                self._route(urllib.parse.urlsplit(self.path).path.rstrip("/"))
+            except RequestError as e:
+                self._error(e)
+        except (ConnectionError, TimeoutError):  # the client left, or stalled past idle_timeout_s
+            self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a bug must still answer, and not kill the request thread silently
             message = f"internal error ({type(e).__name__}: {e})"
             print(f"lmforge serve: {self.command} {self.path}: {message}", file=sys.stderr, flush=True)
+            self.close_connection = True  # the reply may be half out
             with contextlib.suppress(OSError):
                 self._error(RequestError(500, message, "server_error"))
 
+    def _route(self, path: str) -> None:
+        if path in ("/v1/completions", "/v1/chat/completions"):
+            allowed = ("POST",)
+        elif path in ("/v1/models", "/health") or path.startswith("/v1/models/"):
+            allowed = ("GET", "HEAD")
+        else:
+            raise RequestError(404, f"unknown path {self.path}", "not_found")
+        if self.command not in allowed:
+            message = f"{self.command} is not allowed on {path}; use {' or '.join(allowed)}"
+            raise RequestError(405, message, "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+        if self.command == "POST":
+            self._complete(self._read_body(), chat=path.endswith("chat/completions"))
+            return
+        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
+        if path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif path == "/health":
+            self._send_json(200, {"status": "ok"})
+        else:  # client.models.retrieve(name)
+            name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+            if name != self.server.model_name:
+                message = f"model '{name}' not found; this server serves '{self.server.model_name}'"
+                raise RequestError(404, message, "model_not_found", param="model")
+            self._send_json(200, model)
+
     # ---------------------------------------------------------------- the work
 
-    def _prompt_len(self, body: dict[str, Any], chat: bool) -> int:
-        try:
-            return len(self._prompt_ids(body, chat, 0))
-        except RequestError:
-            return 0  # reported properly by the real call
-
-    def _prompt_ids(self, body: dict[str, Any], chat: bool, max_tokens: int) -> list[int]:
+    def _prompts(self, body: dict[str, Any], chat: bool) -> list[list[int]]:
+        """The request's prompts as token ids, in order (chat: one, the conversation); the context is checked
+        by the caller."""
         ft = self.server.ft
-        context = ft.model.cfg.max_seq_len
         if chat:
             from lmforge.chat import ChatTemplate
 
-            messages = body.get("messages")
-            try:
-                template = ft.template or ChatTemplate()
-                ids, _ = template.prompt_ids(ft.tokenizer, messages, budget=context)
+            template = ft.template or ChatTemplate()
+            try:  # the whole conversation: one longer than the context is refused, not cut behind the client's back
+                ids, _ = template.prompt_ids(ft.tokenizer, body.get("messages"), budget=sys.maxsize)
             except DataError as e:
                 raise RequestError(400, str(e)) from None
-            full = sum(len(s) for s, _ in template.segments(ft.tokenizer, messages, add_generation_prompt=True))
-            if full != len(ids) or len(ids) + max_tokens > context:
-                raise RequestError(
-                    400,
-                    f"the messages need {full} tokens + {max_tokens} to generate; the context is {context}",
-                    "context_length_exceeded",
-                )
-            return ids
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError(400, "'prompt' must be a string (one prompt per request)")
-        ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt)  # (BOS: generate.py)
-        if not ids:  # a new document, after an end-of-text token
-            eos = ft.tokenizer.eos_id_or_none
-            if eos is None:
-                raise RequestError(
-                    400,
-                    "'prompt' is empty and this model's tokenizer has no end-of-text token "
-                    "to start a new document after; send some text to continue",
-                )
-            ids = [eos]
-        if len(ids) + max_tokens > context:
-            raise RequestError(
-                400,
-                f"the prompt is {len(ids)} tokens + {max_tokens} to generate; the context is {context}",
-                "context_length_exceeded",
-            )
-        return ids
+            return [ids]
+        prompts = _completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does
+                out.append(prompt)
+                continue
+            ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt)  # (BOS: generate.py)
+            if not ids:  # a new document, after an end-of-text token
+                eos = ft.tokenizer.eos_id_or_none
+                if eos is None:
+                    name = "'prompt'" if len(prompts) == 1 else f"'prompt[{i}]'"
+                    raise RequestError(
+                        400,
+                        f"{name} is empty and this model's tokenizer has no end-of-text token "
+                        "to start a new document after; send some text to continue",
+                        param="prompt",
+                    )
+                ids = [eos]
+            out.append(ids)
+        return out
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
-        from lmforge.generate import StreamDecoder, continuation_decoder, generate
-
         limits, ft = self.server.limits, self.server.ft
         if chat:
             body = {**body, "messages": _openai_messages(body.get("messages"))}
@@ -340,7 +497,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(max_tokens, int):
             raise RequestError(400, f"'{limit_key}' must be a whole number, got {max_tokens!r}", param=limit_key)
         if body.get("n", 1) not in (1, None):
-            raise RequestError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}", param="n")
+            raise RequestError(400, f"'n' must be 1 (one choice per prompt), got {body['n']!r}", param="n")
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
@@ -365,39 +522,90 @@ class _Handler(BaseHTTPRequestHandler):
         for key, neutral in _UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
+        prompts = self._prompts(body, chat)
         context = ft.model.cfg.max_seq_len
-        if not asked:  # no max_tokens given: whatever the context leaves, up to the default
-            max_tokens = max(1, min(max_tokens, context - self._prompt_len(body, chat)))
-        ids = self._prompt_ids(body, chat, max_tokens)
+        budgets = []
+        for i, ids in enumerate(prompts):
+            # no max_tokens given: whatever the context leaves, up to the default
+            budget = max_tokens if asked else max(1, min(max_tokens, context - len(ids)))
+            if len(ids) + budget > context:
+                what = "the messages need" if chat else "the prompt is" if len(prompts) == 1 else f"'prompt[{i}]' is"
+                raise RequestError(
+                    400,
+                    f"{what} {len(ids)} tokens + {budget} to generate; the context is {context}",
+                    "context_length_exceeded",
+                    param="messages" if chat else "prompt",
+                )
+            budgets.append(budget)
 
-        tok = ft.tokenizer
-        plain = functools.partial(tok.decode, skip_special_tokens=True)
-        decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
         kind = "chat.completion" if chat else "text_completion"  # streamed: "chat.completion.chunk", "text_completion"
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        text = ""
-        finish = "length"
-        sent = 0
 
-        def chunk(piece: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(index: int, piece: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
             if chat:
                 delta = ({"role": "assistant"} if first else {}) | ({"content": piece} if piece else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+                choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
             else:
-                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}
             out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created}
             out |= {"model": self.server.model_name, "choices": [choice]}
             return out | ({"usage": None} if include_usage else {})  # OpenAI: null on all but the usage chunk
 
+        def send_piece(index: int, piece: str) -> None:
+            self._event(chunk(index, piece, None))
+
         if stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
-            self.streaming = True
+            self._start_stream()
             if chat:  # the assistant's role comes first, as from OpenAI; completions start with text
-                self._event(chunk("", None, first=True))
+                self._event(chunk(0, "", None, first=True))
+        sampling = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        choices = []
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        # one choice per prompt, in order (`n` is 1; OpenAI puts prompt i's n choices at i*n .. i*n + n-1)
+        for index, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
+            emit = functools.partial(send_piece, index) if stream else None
+            text, finish, n_new = self._generate(ids, budget, sampling, stop, chat, emit)
+            if stream:
+                self._event(chunk(index, "", finish))
+            elif chat:
+                choices.append(
+                    {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                )
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += n_new
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if stream:
+            if include_usage:  # one more chunk, with no choices, as OpenAI sends it
+                self._event(chunk(0, "", None) | {"choices": [], "usage": usage})
+            self._write_stream(b"data: [DONE]\n\n")
+            self._end_stream()
+            return
+        reply = {"id": rid, "object": kind, "created": created, "model": self.server.model_name, "choices": choices}
+        self._send_json(200, reply | {"usage": usage})
+
+    def _generate(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampling: dict[str, Any],
+        stop: list[str],
+        chat: bool,
+        emit: Callable[[str], None] | None,
+    ) -> tuple[str, str, int]:
+        """One choice: (its text, finish_reason, tokens generated). With `emit` (streaming), its text is
+        passed on as soon as no stop string can still cut it."""
+        from lmforge.generate import StreamDecoder, continuation_decoder, generate
+
+        ft = self.server.ft
+        plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+        decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
+        hold = max((len(s) - 1 for s in stop), default=0)  # a tail that could still become a stop string
+        text = ""
+        finish = "length"
+        sent = 0
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
@@ -408,11 +616,9 @@ class _Handler(BaseHTTPRequestHandler):
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-            # hold back a tail that could still become a stop string
-            hold = max((len(s) - 1 for s in stop), default=0)
             ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
-            if stream and ready > sent:
-                self._event(chunk(text[sent:ready], None))
+            if emit is not None and ready > sent:
+                emit(text[sent:ready])
                 sent = ready
             if cut >= 0:
                 raise _StopGeneration
@@ -423,11 +629,9 @@ class _Handler(BaseHTTPRequestHandler):
                     ft.model,
                     ids,
                     max_new_tokens=max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
+                    **sampling,
                     use_cache=ft.use_cache,
-                    eos_id=tok.eos_id_or_none,
+                    eos_id=ft.tokenizer.eos_id_or_none,
                     stop_ids=self.server.stops,
                     on_token=on_token,
                     compile=self.server.compile,
@@ -439,28 +643,6 @@ class _Handler(BaseHTTPRequestHandler):
                 n_new = len(decoder.ids)
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n_new, "total_tokens": len(ids) + n_new}
-        if stream:
-            if len(text) > sent:
-                self._event(chunk(text[sent:], None))
-            self._event(chunk("", finish))
-            if include_usage:  # one more chunk, with no choices, as OpenAI sends it
-                self._event(chunk("", None) | {"choices": [], "usage": usage})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-            return
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        self._send_json(
-            200,
-            {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": self.server.model_name,
-                "choices": [choice],
-                "usage": usage,
-            },
-        )
+        if emit is not None and len(text) > sent:
+            emit(text[sent:])
+        return text, finish, n_new

@@ -447,3 +447,232 @@ def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(known_eos: bool, 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _exchange(
+    conn: http.client.HTTPConnection, method: str, path: str, payload: dict | bytes | None = None
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on `conn` (kept alive by HTTP/1.1) and its whole reply."""
+    body = payload if payload is None or isinstance(payload, bytes) else json.dumps(payload).encode()
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp, resp.read()
+
+
+def _raw(server: LMServer, data: bytes) -> tuple[bytes, bytes]:
+    """Send bytes on a fresh socket and read until the server closes it: (status line and headers, body)."""
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_serve_keeps_one_connection_for_many_requests(chat_run: Path):
+    """HTTP/1.1 keep-alive, as the openai client (httpx) uses it: one socket carries requests after replies of
+    every kind (JSON, errors, 404/405, HEAD, a chunked stream), each sized by Content-Length, and the body of
+    a request refused before it was read does not become the next request."""
+    from lmforge.serve import ServeLimits
+
+    hi = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16}
+    with _serving(chat_run, limits=ServeLimits(max_body_bytes=2000, max_tokens=16)) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.connect()
+        sock = conn.sock
+        steps: list[tuple[str, str, dict | bytes | None, int]] = [
+            ("GET", "/health", None, 200),
+            ("GET", "/v1/models", None, 200),
+            ("POST", "/v1/completions", hi, 200),
+            ("POST", "/v1/completions", b"{not json", 400),
+            ("POST", "/v1/completions", hi, 200),
+            ("GET", "/v1/nowhere", None, 404),
+            ("POST", "/v1/nowhere", json.dumps(hi).encode(), 404),  # its body is dropped, not read as a request
+            ("GET", "/v1/models/gpt-4", None, 404),
+            ("GET", "/v1/completions", None, 405),
+            ("POST", "/v1/models", json.dumps(hi).encode(), 405),
+            ("DELETE", "/v1/models", None, 405),
+            ("HEAD", "/health", None, 200),  # headers alone: a body here would be read as the next reply
+            ("POST", "/v1/completions", {**hi, "max_tokens": 99}, 400),
+            ("GET", "/v1/models?limit=5", None, 200),
+        ]
+        for method, path, payload, status in steps:
+            resp, body = _exchange(conn, method, path, payload)
+            assert resp.status == status and resp.version == 11, (method, path, resp.status, body)
+            assert conn.sock is sock and resp.getheader("Connection") is None, (method, path)  # still open
+            if method == "HEAD":
+                assert body == b"" and int(resp.getheader("Content-Length")) == len(b'{"status": "ok"}')
+                continue
+            assert int(resp.getheader("Content-Length")) == len(body), (method, path)
+            reply = json.loads(body)
+            if status == 200 and method == "POST":
+                assert reply["choices"][0]["text"] == "hello there", reply
+            elif status != 200:
+                assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
+                assert "\n" not in reply["error"]["message"]
+            if status == 405:
+                assert reply["error"]["code"] == "method_not_allowed" and method in reply["error"]["message"]
+                assert resp.getheader("Allow") == ("POST" if path == "/v1/completions" else "GET, HEAD")
+
+        # a stream is chunked and ends with the zero-length chunk: the connection goes on after it
+        for _ in range(2):
+            resp, body = _exchange(conn, "POST", "/v1/completions", {**hi, "stream": True})
+            assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+            assert "".join(c["choices"][0]["text"] for c in _events(body)) == "hello there"
+            assert conn.sock is sock
+            resp, body = _exchange(conn, "GET", "/health", None)
+            assert resp.status == 200 and json.loads(body) == {"status": "ok"} and conn.sock is sock
+        conn.close()
+
+        # an HTTP/1.0 client has no chunked coding: its stream is ended by closing the connection
+        data = json.dumps({**hi, "stream": True}).encode()
+        head, body = _raw(server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head and b"chunked" not in head
+        assert "".join(c["choices"][0]["text"] for c in _events(body)) == "hello there"
+
+
+def test_serve_refusals_that_end_the_connection_still_answer_in_json(chat_run: Path):
+    """A body too large to read (or of unknown size) and malformed HTTP are refused with a one-line JSON
+    error and `Connection: close`; the client reads the whole reply (the server drains what it still sends)."""
+    from lmforge.serve import ServeLimits
+
+    with _serving(chat_run, limits=ServeLimits(max_body_bytes=2000)) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        resp, body = _exchange(conn, "POST", "/v1/completions", {"prompt": "x" * 5_000_000})  # unread, and big
+        assert resp.status == 413 and resp.getheader("Connection") == "close"
+        assert json.loads(body)["error"]["code"] == "request_too_large"
+        resp, body = _exchange(conn, "GET", "/health")  # http.client reconnects
+        assert resp.status == 200 and json.loads(body) == {"status": "ok"}
+        conn.close()
+
+        chunked = b'POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n0\r\n\r\n'
+        cases = [
+            (chunked, b"411", "Content-Length"),
+            (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1_0\r\n\r\n{}", b"400", "Content-Length"),
+            (b"NONSENSE\r\n\r\n", b"400", "Bad request syntax"),
+            (b"GET /health HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431", "Too many headers"),
+            (b"BREW /health HTTP/1.1\r\n\r\n", b"501", "Unsupported method"),
+        ]
+        for request, status, needle in cases:
+            head, body = _raw(server, request)
+            assert head.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in head, (request, head)
+            assert b"Content-Length: %d" % len(body) in head, (request, head, body)
+            error = json.loads(body)["error"]
+            assert needle in error["message"] and "\n" not in error["message"], (request, error)
+
+
+def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytest.CaptureFixture[str]):
+    """Each connection has its own thread: an idle kept-alive one, or one stuck sending its body, does not
+    hold up another's requests; a client gone mid-stream leaves the server answering (no traceback); an
+    idle connection is closed after `idle_timeout_s`."""
+    from lmforge.serve import ServeLimits
+
+    hi = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16}
+    with _serving(chat_run, limits=ServeLimits(idle_timeout_s=1.0)) as server:
+        address = server.server_address[:2]
+        idle = http.client.HTTPConnection(*address, timeout=30)
+        assert _exchange(idle, "GET", "/health")[0].status == 200  # then left open, idle
+        stuck = socket.create_connection(address, timeout=30)
+        stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes never come
+        resp, body = _exchange(http.client.HTTPConnection(*address, timeout=30), "POST", "/v1/completions", hi)
+        assert resp.status == 200 and json.loads(body)["choices"][0]["text"] == "hello there"
+
+        # gone mid-stream: the connection is reset while the reply streams (SO_LINGER 0 sends a reset)
+        data = json.dumps({**hi, "stream": True}).encode()
+        for _ in range(3):
+            gone = socket.create_connection(address, timeout=30)
+            gone.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            gone.close()
+        resp, body = _exchange(http.client.HTTPConnection(*address, timeout=30), "POST", "/v1/completions", hi)
+        assert resp.status == 200 and json.loads(body)["choices"][0]["text"] == "hello there"
+
+        # idle past idle_timeout_s: the server closes it (recv sees the end)
+        for s in (idle.sock, stuck):
+            s.settimeout(10)
+            assert s.recv(1) == b""
+        stuck.close()
+        idle.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+
+
+def test_serve_completions_take_every_prompt_form(chat_run: Path):
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of lists of ids.
+    A list gives one choice per prompt, `index` in order, each as that prompt alone gets it (seeded
+    sampling included); streamed chunks carry their choice's index; usage sums over the prompts."""
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    hi, bye = "<|user|>\nhi\n<|assistant|>\n", "<|user|>\nbye\n<|assistant|>\n"
+    greedy = {"temperature": 0, "max_tokens": 16}
+    with _serving(chat_run) as server:
+        url = server.url + "/v1/completions"
+
+        def complete(prompt: Any, **options: Any) -> dict:
+            status, body = _post(url, {"prompt": prompt, **options})
+            assert status == 200, body
+            return json.loads(body)
+
+        alone = [complete(p, **greedy) for p in (hi, bye)]
+        assert [r["choices"][0]["text"] for r in alone] == ["hello there", "see you"]
+        usage = {k: alone[0]["usage"][k] + alone[1]["usage"][k] for k in alone[0]["usage"]}
+        choices = [
+            {"index": 0, "text": "hello there", "logprobs": None, "finish_reason": "stop"},
+            {"index": 1, "text": "see you", "logprobs": None, "finish_reason": "stop"},
+        ]
+        ids = [tok.encode(hi), tok.encode(bye)]
+        for prompt in ([hi, bye], ids):
+            reply = complete(prompt, **greedy)
+            assert reply["choices"] == choices and reply["usage"] == usage, (prompt, reply)
+        reply = complete(ids[1], **greedy)  # one prompt as token ids
+        assert reply["choices"] == [{**choices[1], "index": 0}] and reply["usage"] == alone[1]["usage"]
+        assert complete([hi], **greedy)["choices"] == choices[:1]
+
+        sampled = {"temperature": 1.0, "max_tokens": 8, "seed": 7}  # each prompt draws as if alone
+        together = complete(["once", "upon", "once"], **sampled)["choices"]
+        assert [c["text"] for c in together] == [
+            complete(p, **sampled)["choices"][0]["text"] for p in ("once", "upon", "once")
+        ]
+
+        # streamed: each choice's chunks (then its finish) carry its index; stop strings cut each prompt's text
+        options = {**greedy, "stream": True, "stop": " ", "stream_options": {"include_usage": True}}
+        status, body = _post(url, {"prompt": [hi, bye], **options})
+        chunks = _events(body)
+        assert (
+            status == 200
+            and chunks[-1]["choices"] == []
+            and chunks[-1]["usage"]["prompt_tokens"] == usage["prompt_tokens"]
+        )
+        texts: dict[int, str] = {}
+        finished = []
+        for c in chunks[:-1]:
+            (choice,) = c["choices"]
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finished.append((choice["index"], choice["finish_reason"]))
+        assert texts == {0: "hello", 1: "see"} and finished == [(0, "stop"), (1, "stop")]
+
+        vocab = tok.vocab_size
+        refused = [
+            ([], "got an empty list"),
+            ([[]], "'prompt[0]' is an empty list of token ids"),
+            ([ids[0], []], "'prompt[1]' is an empty list of token ids"),
+            ([1, vocab], f"token id {vocab}, outside this model's vocabulary (ids 0 to {vocab - 1})"),
+            ([[1], [-1]], "'prompt[1]' holds token id -1, outside"),
+            ([1, "a"], 'must hold token ids (integers), got "a"'),
+            ([[1.5]], "got 1.5"),
+            ([True], "got a list of true"),
+            (["a", 1], "'prompt[1]' is 1; a list of prompts holds strings"),
+            ([[1], "a"], "'prompt[1]' must be a list of token ids"),
+            ({"text": "a"}, "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists"),
+            (None, "got null"),
+            ([hi, "y" * 60], "'prompt[1]' is 60 tokens + 16 to generate"),
+        ]
+        for prompt, needle in refused:
+            status, body = _post(url, {"prompt": prompt, **greedy})
+            error = json.loads(body)["error"]
+            assert status == 400 and error["param"] == "prompt" and needle in error["message"], (prompt, error)
+        status, body = _post(url, {"prompt": [ids[0], [vocab]], **greedy, "stream": True})  # checked before streaming
+        assert status == 400 and "token id" in json.loads(body)["error"]["message"], body
