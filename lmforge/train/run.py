@@ -111,6 +111,12 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             if not has_ckpts:
                 if problem == "is damaged":
                     raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over")
+                from lmforge.runs import RUN_MARKERS
+
+                if not any((run_dir / name).exists() for name in RUN_MARKERS):  # --overwrite would refuse it
+                    raise ConfigError(
+                        f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out"
+                    )
                 raise ConfigError(
                     f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out or pass "
                     "--overwrite"
@@ -259,6 +265,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     rank_train = _rank_batch(cfg, world.world_size)
 
     def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
+        from lmforge.data.mixture import parse_mix
+        from lmforge.runs import check_run_out
+
+        mixed = [Path(name) for name, _ in parse_mix(cfg.data.mix)] if cfg.data.mix else []
+        check_run_out(run_dir, [Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim makes it
         claim(run_dir)
         return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
 
