@@ -102,3 +102,20 @@ def test_finetune_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
     with pytest.raises(ConfigError, match="not a fine-tuning run") as e:
         finetune(base, train_file=DATA / "alpaca.jsonl", out=folder, overrides=FAST, progress=False)
     assert "--overwrite" not in str(e.value)
+
+
+def test_pretrain_on_a_finetuned_quantized_or_hf_folder_says_what_it_is(data_dir: Path, tmp_path: Path):
+    """Before: a data-loader 'seq_len=None' error, missing weight names, or a model config of Nones."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.export.hf import export_hf
+
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dir, run, **{"train.max_steps": 2})
+    pretrain(cfg, progress=False)
+    quantize_run(run, tmp_path / "q8", bits=8, compare=False)
+    export_hf(run, tmp_path / "hf")
+    base = make_base(tmp_path / "b")
+    finetune(base, train_file=DATA / "alpaca.jsonl", out=tmp_path / "ft", overrides=FAST, progress=False)
+    for out, said in [("q8", "a quantized copy"), ("hf", "a Hugging Face model"), ("ft", "a fine-tuned run")]:
+        with pytest.raises(ConfigError, match=said):
+            pretrain(tiny_config(data_dir, tmp_path / out, **{"train.max_steps": 2}), progress=False)

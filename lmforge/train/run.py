@@ -81,6 +81,18 @@ def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changes[:3])
 
 
+def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
+    """What else an lmforge output with a config.json is (its resume failed later with a puzzling error: a
+    data-loader mismatch, missing weight names, a model config of Nones); "" for a pretraining run."""
+    if (run_dir / "finetune.json").is_file():
+        return "a fine-tuned run, which 'lmforge pretrain' does not resume: re-run its 'lmforge finetune' command"
+    if (run_dir / "quantize.json").is_file():
+        return "a quantized copy, which 'lmforge pretrain' does not resume: train the original run, then quantize it"
+    if "model" not in config and ("model_type" in config or "architectures" in config):
+        return "a Hugging Face model, not an lmforge run: 'lmforge import' it to use it"
+    return ""
+
+
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, overwrite: bool) -> bool:
     """Create or check the run directory; returns True when an existing run should be resumed.
 
@@ -144,6 +156,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                 file=sys.stderr,
             )
             old = saved
+        other = _not_a_pretraining_run(run_dir, old)
+        if other:
+            raise ConfigError(f"{run_dir} holds {other}, or choose another --out")
         old_optim, new_optim = old.get("optim", {}).get("name"), cfg.optim.name
         if old_optim and old_optim != new_optim:
             raise ConfigError(
