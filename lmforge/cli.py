@@ -220,7 +220,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="weight bits (default: 8)")
-    p.add_argument("--group-size", type=int, default=64, help="int4: inputs per scale (default: 64)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: 64)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
@@ -387,11 +387,13 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "quantize":
         from lmforge.compress.quantize import format_quantize, quantize_run
 
+        if args.bits == 8 and args.group_size is not None:  # it was ignored, and recorded in quantize.json
+            raise ConfigError("--group-size is for --bits 4 (int8 has one scale per output row); drop it")
         r = quantize_run(
             args.run,
             args.out,
             bits=args.bits,
-            group_size=args.group_size,
+            group_size=64 if args.group_size is None else args.group_size,
             overwrite=args.overwrite,
             compare=not args.no_compare,
             max_batches=args.max_batches,

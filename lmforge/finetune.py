@@ -343,7 +343,13 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     if not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir()):  # (a run killed as it began)
         return None
     if not (out / "finetune.json").is_file():
-        raise ConfigError(f"{out} exists and is not a fine-tuning run; choose another --out or pass --overwrite")
+        from lmforge.runs import RUN_MARKERS
+
+        overwritable = any((out / name).exists() for name in RUN_MARKERS)  # else --overwrite refuses it too
+        raise ConfigError(
+            f"{out} exists and is not a fine-tuning run; choose another --out"
+            + (" or pass --overwrite" if overwritable else "")
+        )
     info = read_json(out / "finetune.json", "pass --overwrite to start the run over")
     old = info.get("finetune_config", {})
     new = dataclasses.asdict(cfg)
@@ -447,6 +453,15 @@ def _finetune(
                     "learning rate); drop it, or use --schedule fresh"
                 )
     out = Path(out)
+    from lmforge.runs import check_run_out
+
+    # the base, teacher and task files are never in the folder that --overwrite deletes or training writes to
+    check_run_out(
+        out,
+        [Path(base), *([Path(cfg.teacher)] if cfg.teacher else [])],
+        overwrite=overwrite,
+        read_files=[Path(f) for f in (train_file, val_file, cfg.replay, cfg.old_val) if f],
+    )
     previous = None if overwrite else _existing_run(out, base, cfg)
     fields = field_map(cfg.task, cfg.field)
     train_rows = read_task_rows(train_file, cfg.task, fields)

@@ -55,6 +55,42 @@ LOCK_FILE = ".lock"
 _claims: dict[Path, Any] = {}  # run folder -> its open lock file, held until this process ends
 
 
+# what `pretrain` and `finetune` write into a run folder early on: a folder holding one of these is a run
+RUN_MARKERS = ("checkpoints", STATUS_FILE, "env.json", "metrics.jsonl", "finetune.json")
+
+
+def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = ()) -> None:
+    """`pretrain`/`finetune --out` before anything in it changes: never what the command reads, and
+    --overwrite deletes only a run.
+
+    `out` may not be or hold a folder in `read` (the data, the base run or checkpoint, a teacher):
+    training writes into it, and --overwrite would delete it. With --overwrite it may not hold a file
+    in `read_files` (the task files) either, and a non-empty folder that is not an lmforge run (no
+    checkpoints/, status.json, ...) is refused instead of deleted, as `prepare` refuses one that is not
+    prepared data.
+
+    Raises:
+        ConfigError: a one-line error that says which --out to choose instead.
+    """
+    out = Path(out)
+    where = out.resolve()
+    for source in [*read, *(read_files if overwrite else [])]:
+        src = Path(source).resolve()
+        if where == src or where in src.parents:
+            what = "is" if where == src else "holds"
+            raise ConfigError(
+                f"--out {out} {what} {source}, which this command reads (training writes into --out, and "
+                "--overwrite deletes it); choose another --out"
+            )
+    if overwrite and out.is_dir():
+        names = {p.name for p in out.iterdir()} - {LOCK_FILE}
+        if names and not names & set(RUN_MARKERS):
+            raise ConfigError(
+                f"refusing to overwrite {out}: it is not an lmforge run (no checkpoints/ or status.json), and "
+                "--overwrite would delete everything in it; choose another --out"
+            )
+
+
 def claim(run_dir: Path) -> None:
     """Refuse to train `run_dir` while another live process trains it; then hold it for this process.
 

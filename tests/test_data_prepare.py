@@ -411,6 +411,14 @@ def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:
 def test_load_data_dir_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"is not a prepared data directory \(no manifest.json\); run 'lmforge prepare"):
         load_data_dir(tmp_path / "nothing")
+    # a text file, a run and a folder of text: the advice is not "prepare ... --out THAT_PATH" (it would
+    # name a text file or a run as the output)
+    write(tmp_path / "raw" / "t.txt", "some text")
+    write(tmp_path / "run" / "config.json", "{}")
+    for path, said in [("raw/t.txt", "is a file"), ("run", "is a run or model directory"), ("raw", "prepare its text")]:
+        with pytest.raises(DataError, match=said) as e:
+            load_data_dir(tmp_path / path)
+        assert f"--out {tmp_path / path}" not in str(e.value)
     write(tmp_path / "a.txt", "\n\n".join(sentences(40, seed=12)))
     run(tmp_path, [tmp_path / "a.txt"], val_fraction=0.3, test_fraction=0)
     out = tmp_path / "out"

@@ -99,6 +99,14 @@ def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     finetune(base, train_file=DATA / "sentiment_train.csv", out=classify, cfg=cfg, overrides=FAST, progress=False)
     with pytest.raises(LmforgeError, match="only language models export"):
         export_hf(classify, tmp_path / "out")
+    # a prompt-tuned sft run is a language model: the error says why it does not export (it was told to
+    # fine-tune "on an LM task such as sft", which it was)
+    prompt = tmp_path / "prompt"
+    cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=4, eval_samples=1, max_new_tokens=2)
+    finetune(base, train_file=DATA / "alpaca.jsonl", out=prompt, cfg=cfg, overrides=FAST, progress=False)
+    with pytest.raises(LmforgeError, match="prompt-tuned sft run") as e:
+        export_hf(prompt, tmp_path / "out")
+    assert "such as sft" not in str(e.value) and not (tmp_path / "out").exists()
 
 
 def test_cli_export_peft(tmp_path: Path) -> None:

@@ -561,3 +561,21 @@ def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
     assert note == (not lmforge.plotting._have_cjk)  # said once, and only where boxes would be drawn
     plot_confusion(report, tmp_path / "d.png")
     assert "no CJK font" not in capsys.readouterr().err
+
+
+def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
+    """A JSON null under instruction/output was trained on as the text "None" (str(None)); `input` may be null."""
+    from lmforge.data.formats import read_task_rows
+
+    fields = {"messages": "messages", "instruction": "instruction", "input": "input", "output": "output"}
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"instruction": "hi", "input": None, "output": "hello"}) + "\n", encoding="utf-8")
+    assert read_task_rows(ok, "sft", fields)[0]["output"] == "hello"
+    for name in ("instruction", "output"):
+        row = {"instruction": "hi", "output": "hello", name: None}
+        bad = tmp_path / f"null_{name}.jsonl"
+        bad.write_text(
+            json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps(row) + "\n", encoding="utf-8"
+        )
+        with pytest.raises(DataError, match=f"row 2 has no value in column '{name}'"):
+            read_task_rows(bad, "sft", fields)

@@ -113,6 +113,10 @@ def test_errors(trained_run: Path, tmp_path: Path) -> None:
     result = run_cli("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    # --group-size with --bits 8 was ignored (one scale per row) and still written to quantize.json
+    result = run_cli("quantize", str(trained_run), "--bits", "8", "--group-size", "32", "--out", str(tmp_path / "d"))
+    assert result.returncode == 2 and "--group-size is for --bits 4" in result.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_out_may_not_overlap_the_run(trained_run: Path, tmp_path: Path) -> None:

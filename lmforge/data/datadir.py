@@ -62,6 +62,22 @@ def load_data_dir(path: str | Path) -> DataDir:
     p = Path(path)
     manifest_path = p / MANIFEST
     if not p.is_dir() or not manifest_path.is_file():
+        # the advice "prepare --out {p}" fits only a path that does not exist yet: never a text file or a run
+        if p.is_file():
+            raise DataError(
+                f"{p} is a file, not a prepared data directory; prepare it first ('lmforge prepare {p} --out "
+                "DATA_DIR') and pass DATA_DIR"
+            )
+        if (p / "config.json").is_file() or (p / "checkpoints").is_dir():
+            raise DataError(
+                f"{p} is a run or model directory, not a prepared data directory (no manifest.json); pass the "
+                "folder made by 'lmforge prepare' (a run's config.json names it under data.dir)"
+            )
+        if p.is_dir():
+            raise DataError(
+                f"{p} is not a prepared data directory (no manifest.json); prepare its text first ('lmforge "
+                f"prepare {p} --out DATA_DIR') and pass DATA_DIR"
+            )
         raise DataError(
             f"{p} is not a prepared data directory (no manifest.json); run 'lmforge prepare INPUT... --out {p}' first"
         )

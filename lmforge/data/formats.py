@@ -398,6 +398,11 @@ def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str],
                             f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
                             f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
                         )
+                    if row[fields[name]] is None:  # JSON null: str() would train on the text "None"
+                        raise DataError(
+                            f"{path}: row {i} has no value in column {fields[name]!r} (null); fill it in or drop "
+                            "the row"
+                        )
         return
     needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
     needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}

@@ -73,6 +73,12 @@ def _load_lm(ckpt_dir: Path) -> Any:
     from lmforge.adapt.load import load_finetuned
 
     ft = load_finetuned(ckpt_dir, torch.device("cpu"))
+    if ft.model.__class__.__name__ != "GPT" and ft.info.get("adapt") == "prompt":
+        raise LmforgeError(  # a language model, but its soft prompt has no place in a transformers model
+            f"{ft.run_dir} is a prompt-tuned {ft.info['task']} run (--adapt prompt): its soft prompt vectors have "
+            "no Hugging Face counterpart, so it does not export; use it with generate, chat or serve, or "
+            "fine-tune with --adapt lora or full to export"
+        )
     if ft.model.__class__.__name__ != "GPT":
         raise LmforgeError(
             f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}), not a language model; only "

@@ -81,6 +81,18 @@ def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changes[:3])
 
 
+def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
+    """What else an lmforge output with a config.json is (its resume failed later with a puzzling error: a
+    data-loader mismatch, missing weight names, a model config of Nones); "" for a pretraining run."""
+    if (run_dir / "finetune.json").is_file():
+        return "a fine-tuned run, which 'lmforge pretrain' does not resume: re-run its 'lmforge finetune' command"
+    if (run_dir / "quantize.json").is_file():
+        return "a quantized copy, which 'lmforge pretrain' does not resume: train the original run, then quantize it"
+    if "model" not in config and ("model_type" in config or "architectures" in config):
+        return "a Hugging Face model, not an lmforge run: 'lmforge import' it to use it"
+    return ""
+
+
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, overwrite: bool) -> bool:
     """Create or check the run directory; returns True when an existing run should be resumed.
 
@@ -111,6 +123,12 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             if not has_ckpts:
                 if problem == "is damaged":
                     raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over")
+                from lmforge.runs import RUN_MARKERS
+
+                if not any((run_dir / name).exists() for name in RUN_MARKERS):  # --overwrite would refuse it
+                    raise ConfigError(
+                        f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out"
+                    )
                 raise ConfigError(
                     f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out or pass "
                     "--overwrite"
@@ -138,6 +156,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                 file=sys.stderr,
             )
             old = saved
+        other = _not_a_pretraining_run(run_dir, old)
+        if other:
+            raise ConfigError(f"{run_dir} holds {other}, or choose another --out")
         old_optim, new_optim = old.get("optim", {}).get("name"), cfg.optim.name
         if old_optim and old_optim != new_optim:
             raise ConfigError(
@@ -259,6 +280,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     rank_train = _rank_batch(cfg, world.world_size)
 
     def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
+        from lmforge.data.mixture import parse_mix
+        from lmforge.runs import check_run_out
+
+        mixed = [Path(name) for name, _ in parse_mix(cfg.data.mix)] if cfg.data.mix else []
+        check_run_out(run_dir, [Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim makes it
         claim(run_dir)
         return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
 

@@ -1,0 +1,121 @@
+"""`pretrain`/`finetune --out`: never what the command reads, and --overwrite deletes only a run.
+
+Before: `pretrain --data D --out D --overwrite` deleted the prepared data, `finetune BASE --out BASE
+--overwrite` the base run, a --train file inside --out went with --overwrite, and --overwrite deleted
+any folder at all (the error for a non-run folder even suggested it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import ConfigError
+from lmforge.finetune import FinetuneConfig, finetune
+from lmforge.train.run import pretrain
+from tests.conftest import tiny_config
+from tests.test_finetune import DATA, FAST, make_base
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_pretrain_out_is_the_data_dir(data_dir: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    before = _files(data)
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="which this command reads"):
+            pretrain(tiny_config(data, data, **{"train.max_steps": 2}), overwrite=overwrite, progress=False)
+        assert _files(data) == before  # nothing deleted, nothing (not even a lock file) added
+
+
+def test_pretrain_out_holds_the_data_dir(data_dir: Path, tmp_path: Path):
+    data = tmp_path / "project" / "data"
+    shutil.copytree(data_dir, data)
+    with pytest.raises(ConfigError, match="holds"):
+        pretrain(tiny_config(data, tmp_path / "project", **{"train.max_steps": 2}), overwrite=True, progress=False)
+    assert (data / "manifest.json").is_file()
+
+
+def test_pretrain_overwrite_refuses_a_folder_that_is_not_a_run(data_dir: Path, tmp_path: Path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not an lmforge run") as e:
+        pretrain(tiny_config(data_dir, folder, **{"train.max_steps": 2}), overwrite=True, progress=False)
+    assert "--overwrite would delete" in str(e.value)
+    assert (folder / "thesis.txt").read_text(encoding="utf-8") == "precious"
+    # without --overwrite the error no longer suggests it
+    with pytest.raises(ConfigError, match="not an lmforge run") as e:
+        pretrain(tiny_config(data_dir, folder, **{"train.max_steps": 2}), progress=False)
+    assert "--overwrite" not in str(e.value)
+
+
+def test_pretrain_overwrite_still_replaces_a_run(data_dir: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2}), progress=False)
+    state = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 3}), overwrite=True, progress=False)
+    assert state.step == 3
+
+
+def test_finetune_out_is_the_base(tmp_path: Path):
+    base = make_base(tmp_path)
+    before = _files(base)
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="which this command reads"):
+            finetune(
+                base, train_file=DATA / "alpaca.jsonl", out=base, overrides=FAST, overwrite=overwrite, progress=False
+            )
+        assert _files(base) == before
+
+
+def test_finetune_overwrite_keeps_a_train_file_inside_out(tmp_path: Path):
+    base = make_base(tmp_path)
+    out = tmp_path / "ft"
+    out.mkdir()
+    train = out / "train.jsonl"
+    shutil.copy(DATA / "alpaca.jsonl", train)
+    with pytest.raises(ConfigError, match="holds"):
+        finetune(
+            base,
+            train_file=train,
+            out=out,
+            cfg=FinetuneConfig(task="sft"),
+            overrides=FAST,
+            overwrite=True,
+            progress=False,
+        )
+    assert train.is_file()
+
+
+def test_finetune_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path):
+    base = make_base(tmp_path)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not an lmforge run"):
+        finetune(base, train_file=DATA / "alpaca.jsonl", out=folder, overrides=FAST, overwrite=True, progress=False)
+    assert (folder / "thesis.txt").read_text(encoding="utf-8") == "precious"
+    with pytest.raises(ConfigError, match="not a fine-tuning run") as e:
+        finetune(base, train_file=DATA / "alpaca.jsonl", out=folder, overrides=FAST, progress=False)
+    assert "--overwrite" not in str(e.value)
+
+
+def test_pretrain_on_a_finetuned_quantized_or_hf_folder_says_what_it_is(data_dir: Path, tmp_path: Path):
+    """Before: a data-loader 'seq_len=None' error, missing weight names, or a model config of Nones."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.export.hf import export_hf
+
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dir, run, **{"train.max_steps": 2})
+    pretrain(cfg, progress=False)
+    quantize_run(run, tmp_path / "q8", bits=8, compare=False)
+    export_hf(run, tmp_path / "hf")
+    base = make_base(tmp_path / "b")
+    finetune(base, train_file=DATA / "alpaca.jsonl", out=tmp_path / "ft", overrides=FAST, progress=False)
+    for out, said in [("q8", "a quantized copy"), ("hf", "a Hugging Face model"), ("ft", "a fine-tuned run")]:
+        with pytest.raises(ConfigError, match=said):
+            pretrain(tiny_config(data_dir, tmp_path / out, **{"train.max_steps": 2}), progress=False)
