@@ -133,7 +133,10 @@ def test_two_ranks_interleave_to_one(shards: list[Path]) -> None:
 
 def test_too_little_data(tmp_path: Path) -> None:
     paths = make_shards(tmp_path, [16])
-    with pytest.raises(DataError, match=r"split has 16 tokens, fewer than seq_len\+1 = 17"):
+    with pytest.raises(
+        DataError,
+        match=r"the train split of .* has 16 tokens, fewer than the seq_len\+1 = 17 .*--data.seq_len 15 or lower",
+    ):
         TokenLoader(paths, seq_len=16, batch_size=2, seed=0)
     assert (
         TokenLoader(make_shards(tmp_path, [17], prefix="ok"), seq_len=16, batch_size=2, seed=0).windows_per_epoch == 1

@@ -47,7 +47,15 @@ class TokenLoader:
     """Infinite, resumable micro-batch iterator for causal LM training."""
 
     def __init__(
-        self, shards: list[Path], *, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        shards: list[Path],
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
     ) -> None:
         """Index the windows of `shards`.
 
@@ -58,6 +66,7 @@ class TokenLoader:
             seed: shuffling seed; epoch e uses `default_rng([seed, e])`.
             rank: this process's data-parallel rank.
             world_size: number of data-parallel ranks.
+            split: which split `shards` are, for the error when they are too short.
 
         Raises:
             DataError: no shards, or too few tokens for a single window.
@@ -82,9 +91,10 @@ class TokenLoader:
                     f"no shard has seq_len+1 = {seq_len + 1} tokens; lower --data.seq_len or re-run 'lmforge prepare' "
                     "with a larger --shard-tokens"
                 )
+            shorter = f"pass --data.seq_len {total_tokens - 1} or lower, or " if total_tokens > 1 else ""
             raise DataError(
-                f"split has {total_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}; "
-                "lower --data.seq_len/--model.max_seq_len or add data"
+                f"the {split} split of {Path(shards[0]).parent} has {total_tokens} tokens, fewer than the "
+                f"seq_len+1 = {seq_len + 1} one training sequence needs; {shorter}prepare more text"
             )
         self._first_window = np.concatenate([[0], np.cumsum(counts)])  # window id -> shard via searchsorted
         self._position = 0  # windows of the global stream consumed by all ranks together
