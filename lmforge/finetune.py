@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed_weights, load_teacher
 from lmforge.atomic import write_json
-from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
 from lmforge.fields import changed_fields, check, opt
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
@@ -434,7 +434,7 @@ def _finetune(
         read_task_rows,
     )
     from lmforge.log import RunLogger, capture_env
-    from lmforge.runs import claim, mark_running, mark_stopped, release
+    from lmforge.runs import LOCK_FILE, claim, mark_running, mark_stopped, release
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -474,80 +474,72 @@ def _finetune(
     precision = pick_precision(device, train_cfg.dtype, train_cfg.attention)
     keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 
-    created = not out.exists()
-    claim(out)  # no other process fine-tunes this folder (checked before --overwrite deletes it)
-    if overwrite and not created:
+    # no other process fine-tunes this folder (checked before --overwrite deletes it); a run that fails before
+    # it writes its files leaves nothing behind (release, in `finetune`, removes a folder the claim made)
+    claim(out)
+    out.mkdir(parents=True, exist_ok=True)  # (claim made it, but for where there is no flock)
+    if overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
         release(out)
         shutil.rmtree(out)
-        created = True
         claim(out)  # a fresh lock file in the fresh folder
-    out.mkdir(parents=True, exist_ok=True)
     teacher: nn.Module | None = None
-    try:
-        loaded, base_path, base_sha = load_base(base, out, device)
-        tok, body = loaded.tokenizer, loaded.model
-        _check_family(body.cfg.family, cfg, base)
-        frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
-        if cfg.adapt == "distill":
-            teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
-        context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
-        if context < 8:
-            raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
-        if cfg.max_len > context:
-            raise ConfigError(
-                f"--max-len {cfg.max_len} is longer than the model's context ({context} tokens"
-                f"{' after the soft prompt' if cfg.adapt == 'prompt' else ''}); use at most {context}, "
-                "or 0 for all of it"
-            )
-        if cfg.task in ("sft", "qa", "translate"):
-            from lmforge.eval.tasks import check_answer_room
+    loaded, base_path, base_sha = load_base(base, out, device)
+    tok, body = loaded.tokenizer, loaded.model
+    _check_family(body.cfg.family, cfg, base)
+    frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
+    if cfg.adapt == "distill":
+        teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
+    context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
+    if context < 8:
+        raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
+    if cfg.max_len > context:
+        raise ConfigError(
+            f"--max-len {cfg.max_len} is longer than the model's context ({context} tokens"
+            f"{' after the soft prompt' if cfg.adapt == 'prompt' else ''}); use at most {context}, "
+            "or 0 for all of it"
+        )
+    if cfg.task in ("sft", "qa", "translate"):
+        from lmforge.eval.tasks import check_answer_room
 
-            check_answer_room(cfg.max_new_tokens, context)  # scored answers need room for their prompt
-        max_len = cfg.max_len or context
-        labels: list[str] = []
-        if cfg.task == "classify":
-            labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
-            if len(labels) < 2:
-                raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
-            rng = random.Random(train_cfg.seed)
-            extra = [
-                {**r, fields["text"]: augment_text(str(r[fields["text"]]), rng)}
-                for _ in range(cfg.augment)
-                for r in train_rows
-            ]
-            train_rows = train_rows + extra
-        kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
-        train_ex = build_examples(train_rows, path=train_file, **kwargs)
-        val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
-        if cfg.task == "clm" and cfg.replay:
-            replay_rows = read_task_rows(cfg.replay, "clm", fields)
-            replay_ex = build_examples(replay_rows, path=cfg.replay, **kwargs)
-            k = min(len(replay_ex), max(1, round(cfg.replay_fraction * len(train_ex))))  # a fraction > 0 replays
-            train_ex += random.Random(train_cfg.seed).sample(replay_ex, k)
-        old_val_ex = []
-        if cfg.old_val:
-            old_val_ex = build_examples(read_task_rows(cfg.old_val, cfg.task, fields), path=cfg.old_val, **kwargs)
-        lr_schedule = _continued_schedule(loaded, base_path, base) if cfg.schedule == "continue" else None
-        if previous is not None:
-            if previous.get("base_sha256") and previous["base_sha256"] != base_sha:
-                raise CheckpointError(
-                    f"the base {base_path} changed since {out} started; restore it or pass --overwrite"
-                )
-            if previous.get("train_sha256", train_sha) != train_sha:
-                raise DataError(
-                    f"{train_file} is not the data {out} was trained on so far (its loader position would point "
-                    "into other rows); resume with the same --train file, or pass --overwrite to start again"
-                )
-            if previous.get("labels", []) != labels:
-                raise DataError(
-                    f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
-                    f"{', '.join(previous.get('labels', []))}; use the same file or pass --overwrite"
-                )
-    except LmforgeError:
-        if created:
-            release(out)  # (before its lock file goes)
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        check_answer_room(cfg.max_new_tokens, context)  # scored answers need room for their prompt
+    max_len = cfg.max_len or context
+    labels: list[str] = []
+    if cfg.task == "classify":
+        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
+        if len(labels) < 2:
+            raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
+        rng = random.Random(train_cfg.seed)
+        extra = [
+            {**r, fields["text"]: augment_text(str(r[fields["text"]]), rng)}
+            for _ in range(cfg.augment)
+            for r in train_rows
+        ]
+        train_rows = train_rows + extra
+    kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
+    train_ex = build_examples(train_rows, path=train_file, **kwargs)
+    val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
+    if cfg.task == "clm" and cfg.replay:
+        replay_rows = read_task_rows(cfg.replay, "clm", fields)
+        replay_ex = build_examples(replay_rows, path=cfg.replay, **kwargs)
+        k = min(len(replay_ex), max(1, round(cfg.replay_fraction * len(train_ex))))  # a fraction > 0 replays
+        train_ex += random.Random(train_cfg.seed).sample(replay_ex, k)
+    old_val_ex = []
+    if cfg.old_val:
+        old_val_ex = build_examples(read_task_rows(cfg.old_val, cfg.task, fields), path=cfg.old_val, **kwargs)
+    lr_schedule = _continued_schedule(loaded, base_path, base) if cfg.schedule == "continue" else None
+    if previous is not None:
+        if previous.get("base_sha256") and previous["base_sha256"] != base_sha:
+            raise CheckpointError(f"the base {base_path} changed since {out} started; restore it or pass --overwrite")
+        if previous.get("train_sha256", train_sha) != train_sha:
+            raise DataError(
+                f"{train_file} is not the data {out} was trained on so far (its loader position would point "
+                "into other rows); resume with the same --train file, or pass --overwrite to start again"
+            )
+        if previous.get("labels", []) != labels:
+            raise DataError(
+                f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
+                f"{', '.join(previous.get('labels', []))}; use the same file or pass --overwrite"
+            )
 
     torch.manual_seed(train_cfg.seed)
     info: dict[str, Any] = {

@@ -26,6 +26,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -91,6 +92,13 @@ def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: l
             )
 
 
+@dataclass
+class _Claim:
+    handle: Any  # the open RUN/.lock, flock-ed
+    made: Path | None  # the topmost folder the claim created (RUN itself or a parent); None: RUN existed
+    made_lock: bool  # the claim created RUN/.lock
+
+
 def claim(run_dir: Path) -> None:
     """Refuse to train `run_dir` while another live process trains it; then hold it for this process.
 
@@ -98,7 +106,9 @@ def claim(run_dir: Path) -> None:
     exclusive `flock` on RUN/.lock, which the OS releases however the holder ends (killed included), so
     no stale lock is ever left (a status.json left "running" by a killed run is no obstacle); where
     `fcntl` is missing (Windows), a running status.json whose pid is alive on this host is the check.
-    Call it before anything in the folder changes (--overwrite too).
+    Call it before anything in the folder changes (--overwrite too). The lock file may be removed by
+    `release` (a run that never started) or `--overwrite`, so a lock taken on a file that is no longer
+    RUN/.lock is let go and taken again on the new one: two processes never hold different files.
     """
     run_dir = Path(run_dir).resolve()
     if run_dir in _claims:
@@ -113,21 +123,83 @@ def claim(run_dir: Path) -> None:
         if run_status(run_dir) == "running" and (_read_json(run_dir / STATUS_FILE) or {}).get("pid") != os.getpid():
             raise busy from None
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the life of the process
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    lock = run_dir / LOCK_FILE
+    for _ in range(100):  # each retry means another process's `release` removed the folder or its lock just now
+        try:
+            made = _make_dirs(run_dir)
+            handle, made_lock = _open_lock(lock)
+        except FileNotFoundError:  # a folder on the way went between our mkdir calls and open
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise busy from None
+        try:
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            current = False
+        if current:
+            _claims[run_dir] = _Claim(handle, made, made_lock)
+            return
         handle.close()
-        raise busy from None
-    _claims[run_dir] = handle
+    raise busy
+
+
+def _make_dirs(path: Path) -> Path | None:
+    """`mkdir -p path`; the topmost folder it created under which every folder is its own (None: none)."""
+    made: Path | None = None
+    for folder in reversed([path, *path.parents]):
+        if folder.is_dir():  # there already (below one made here: another process made it just now)
+            made = None
+            continue
+        try:
+            folder.mkdir()
+            made = made or folder
+        except FileExistsError:  # another process made it just now: it and what holds it are not ours alone
+            made = None
+    return made
+
+
+def _open_lock(lock: Path) -> tuple[Any, bool]:
+    """RUN/.lock opened for flock, and whether this call created it."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        made = True
+    except FileExistsError:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        made = False
+    return os.fdopen(fd, "a+"), made
 
 
 def release(run_dir: Path) -> None:
-    """Let go of a `claim` (the process ending does the same)."""
-    handle = _claims.pop(Path(run_dir).resolve(), None)
-    if handle is not None:
-        handle.close()
+    """Let go of a `claim` (the process ending does the same).
+
+    A run that never started, whose folder holds none of RUN_MARKERS (it failed or was refused before
+    writing anything), leaves nothing the claim made: the folder, when the claim created it (with what
+    the run put there, e.g. fine-tuning's imported base/), and the empty parents it created; else the
+    .lock file, when the claim created it. Nothing that was there before the claim is touched.
+    """
+    run_dir = Path(run_dir).resolve()
+    held = _claims.pop(run_dir, None)
+    if held is None:
+        return
+    try:  # (still holding the lock: no other process may start in the folder while it goes)
+        if not any((run_dir / name).exists() for name in RUN_MARKERS):
+            if held.made is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                for folder in [run_dir, *run_dir.parents]:  # the parents the claim made, if nothing else is there
+                    if folder.is_dir():
+                        try:
+                            folder.rmdir()
+                        except OSError:
+                            break
+                    if folder == held.made:
+                        break
+            elif held.made_lock:
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    finally:
+        held.handle.close()
 
 
 def _holder(run_dir: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.train.run import pretrain
 from tests.conftest import tiny_config
@@ -119,3 +119,56 @@ def test_pretrain_on_a_finetuned_quantized_or_hf_folder_says_what_it_is(data_dir
     for out, said in [("q8", "a quantized copy"), ("hf", "a Hugging Face model"), ("ft", "a fine-tuned run")]:
         with pytest.raises(ConfigError, match=said):
             pretrain(tiny_config(data_dir, tmp_path / out, **{"train.max_steps": 2}), progress=False)
+
+
+def test_a_failed_pretrain_leaves_only_what_was_there(data_dir: Path, tmp_path: Path):
+    """Before: a run refused after it claimed its folder (here: a checkpoint to resume from that a new run lacks;
+    in the wild: a train split shorter than one sequence) left a folder holding only .lock, and dropped a .lock
+    into a user's folder it refused."""
+    failing = {"train.max_steps": 2, "checkpoint.resume_from": "step-000001"}
+    new = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        pretrain(tiny_config(data_dir, new, **failing), progress=False)
+    assert not (tmp_path / "new").exists()  # nor the parent it made
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        pretrain(tiny_config(data_dir, empty, **failing), progress=False)
+    assert empty.is_dir() and _files(empty) == set()  # the user's folder stays, without a .lock
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("precious", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not an lmforge run"):
+        pretrain(tiny_config(data_dir, notes, **{"train.max_steps": 2}), progress=False)
+    assert _files(notes) == {"thesis.txt"}
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2}), progress=False)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert run / ".lock" in before
+    with pytest.raises(ConfigError, match="different model config"):
+        pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2, "model.d_model": 64}), progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # a run keeps all it had
+    assert pretrain(tiny_config(data_dir, new, **{"train.max_steps": 2}), progress=False).step == 2
+
+
+def test_a_failed_finetune_leaves_only_what_was_there(tmp_path: Path):
+    """Before: an error after the folder was claimed (a LoRA target that matches nothing) left it holding .lock."""
+    base = make_base(tmp_path)
+    lora = FinetuneConfig(task="sft", adapt="lora", lora_targets="foo")
+    kw = {"train_file": DATA / "alpaca.jsonl", "overrides": FAST, "progress": False}
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        finetune(base, out=tmp_path / "new" / "ft", cfg=lora, **kw)
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        finetune(base, out=empty, cfg=lora, **kw)
+    assert empty.is_dir() and _files(empty) == set()
+    run = tmp_path / "ft"
+    finetune(base, out=run, cfg=FinetuneConfig(task="sft"), **kw)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join((DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines(True)[1:]), "utf-8")
+    with pytest.raises(DataError, match="is not the data"):  # a resume refused after the claim
+        finetune(base, out=run, cfg=FinetuneConfig(task="sft"), **{**kw, "train_file": other})
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

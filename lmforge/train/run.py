@@ -97,11 +97,12 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
     """Create or check the run directory; returns True when an existing run should be resumed.
 
     The caller has `claim`ed it: no other process trains it (and --overwrite cannot delete a live run)."""
-    if run_dir.exists() and overwrite:
+    occupied = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if occupied and overwrite:
         shutil.rmtree(run_dir)
         release(run_dir)
         claim(run_dir)  # a fresh lock file in the fresh folder
-    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    elif occupied:
         config_path = run_dir / "config.json"
         old: Any = None
         problem = "is missing"
