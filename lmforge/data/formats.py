@@ -387,6 +387,10 @@ def conversation(row: dict[str, Any], fields: dict[str, str], task: str) -> list
     ]
 
 
+# the column an answer is trained on and scored against, per generating task
+REFERENCE = {"sft": "output", "qa": "answer", "translate": "target"}
+
+
 def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str], path: str | Path) -> None:
     """Every row has the columns the task needs (one-line error naming the rename flag)."""
     if task == "sft":
@@ -403,15 +407,40 @@ def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str],
                             f"{path}: row {i} has no value in column {fields[name]!r} (null); fill it in or drop "
                             "the row"
                         )
-        return
-    needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
-    needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
-    for name in needed[task]:
-        column(rows, fields[name], name, path)
+    else:
+        needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
+        needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
+        for name in needed[task]:
+            column(rows, fields[name], name, path)
     if task == "classify":  # a blank cell would become a class of its own, named ""
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
+    if task in REFERENCE:  # a blank reference scores an empty answer as perfect, and trains the model to say nothing
+        empty = [i for i, row in enumerate(rows, 1) if _reference(row, task, fields) == ""]
+        if empty:
+            where = (
+                f"last assistant message in {fields['messages']!r}"
+                if task == "sft" and fields["messages"] in rows[empty[0] - 1]
+                else repr(fields[REFERENCE[task]])
+            )
+            more = f" ({len(empty)} rows have one)" if len(empty) > 1 else ""
+            raise DataError(
+                f"{path}: row {empty[0]} has an empty {where}{more}; write the reference {REFERENCE[task]} or "
+                "remove the row"
+            )
+
+
+def _reference(row: dict[str, Any], task: str, fields: dict[str, str]) -> str | None:
+    """The stripped reference answer of a row of a generating task; None for a messages list that does not end
+    with an assistant turn (the chat template and `eval` say what is wrong with it)."""
+    if task == "sft" and fields["messages"] in row:
+        turns = row[fields["messages"]]
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            return None
+        return str(last.get("content") or "").strip()
+    return str(row[fields[REFERENCE[task]]]).strip()
 
 
 def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
