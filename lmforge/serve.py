@@ -529,13 +529,19 @@ class _Handler(BaseHTTPRequestHandler):
             # no max_tokens given: whatever the context leaves, up to the default
             budget = max_tokens if asked else max(1, min(max_tokens, context - len(ids)))
             if len(ids) + budget > context:
-                what = "the messages need" if chat else "the prompt is" if len(prompts) == 1 else f"'prompt[{i}]' is"
-                raise RequestError(
-                    400,
-                    f"{what} {len(ids)} tokens + {budget} to generate; the context is {context}",
-                    "context_length_exceeded",
-                    param="messages" if chat else "prompt",
-                )
+                what = "the messages are" if chat else "the prompt is" if len(prompts) == 1 else f"'prompt[{i}]' is"
+                it = "them" if chat else "it"
+                if len(ids) >= context:  # (the only way without max_tokens: that takes what the context leaves)
+                    message = (
+                        f"{what} {len(ids)} tokens and the context is {context}, which leaves no room to generate; "
+                        f"shorten {it} to at most {context - 1} tokens"
+                    )
+                else:
+                    message = (
+                        f"{what} {len(ids)} tokens + {budget} to generate ('{limit_key}'); the context is {context}: "
+                        f"ask for at most {context - len(ids)} tokens or shorten {it}"
+                    )
+                raise RequestError(400, message, "context_length_exceeded", param="messages" if chat else "prompt")
             budgets.append(budget)
 
         kind = "chat.completion" if chat else "text_completion"  # streamed: "chat.completion.chunk", "text_completion"

@@ -199,6 +199,27 @@ def _post(url: str, payload: dict | bytes) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def test_serve_says_how_far_a_prompt_is_over_the_context(chat_run: Path):
+    """Without max_tokens the server generates what the context leaves (up to the default), so a prompt is
+    refused only when it fills the context; the error said "N tokens + 1 to generate" as if 1 were asked."""
+    chat = {"messages": [{"role": "user", "content": "y" * 70}]}
+    with _serving(chat_run) as server:  # the model's context: 64 tokens
+        for path, payload, said in [
+            ("/completions", {"prompt": "y" * 70}, "the prompt is 70 tokens and the context is 64, which leaves no "
+             "room to generate; shorten it to at most 63 tokens"),
+            ("/completions", {"prompt": "y" * 64}, "the prompt is 64 tokens and the context is 64"),
+            ("/chat/completions", chat, "tokens and the context is 64, which leaves no room to generate; shorten them"),
+            ("/completions", {"prompt": "y" * 60, "max_tokens": 16}, "the prompt is 60 tokens + 16 to generate "
+             "('max_tokens'); the context is 64: ask for at most 4 tokens or shorten it"),
+            ("/completions", {"prompt": "y" * 70, "max_tokens": 2}, "the prompt is 70 tokens and the context is 64"),
+        ]:  # fmt: skip
+            status, body = _post(server.url + "/v1" + path, payload)
+            error = json.loads(body)["error"]
+            assert status == 400 and error["code"] == "context_length_exceeded" and said in error["message"], error
+        status, body = _post(server.url + "/v1/completions", {"prompt": "y" * 63, "temperature": 0})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 1  # what the context left
+
+
 def test_openai_compatible_server_round_trip(chat_run: Path):
     from lmforge.serve import ServeLimits, make_server
 
