@@ -239,7 +239,8 @@ def build_parser() -> Parser:
         description="Plan a run before starting it: parameters (total, non-embedding), training FLOPs "
         "(6ND + attention), memory per device (weights, gradients, optimizer, activations with and without "
         "activation checkpointing), the Chinchilla-optimal token count, and wall-clock time and cost at a "
-        "stated MFU. Any --section.key setting of 'pretrain' is accepted (e.g. --model.n_layer 24).",
+        "stated MFU. Any --section.key setting of 'pretrain' is accepted (e.g. --model.n_layer 24; --data.dir "
+        "DATA_DIR: its tokenizer's vocabulary, unless --model.vocab_size is set).",
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

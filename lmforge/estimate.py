@@ -89,7 +89,7 @@ from lmforge.config import OptimConfig, RunConfig
 from lmforge.errors import ConfigError
 from lmforge.models.gpt import GPTConfig
 
-DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 (set from the data)
+DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 and no data.dir is given
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STRATEGIES = ("ddp", "fsdp")
@@ -412,7 +412,8 @@ def estimate(
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
     Args:
-        cfg: the run config; `cfg.model` and the batch in `cfg.train` (and `cfg.optim.name`) are used.
+        cfg: the run config; `cfg.model` and the batch in `cfg.train` (and `cfg.optim.name`) are used, and
+            `cfg.data.dir`'s tokenizer for the vocabulary when `model.vocab_size` is 0 (as `pretrain` does).
         tokens: training tokens (>= 1; a fraction is cut to a whole number).
         hardware: "cpu", "measure", "a100", "h100" or a peak in GFLOP/s (see `resolve_hardware`).
         mfu: model FLOPs utilization in (0, 1]; 0 = the documented default (`DEFAULT_MFU`).
@@ -450,11 +451,17 @@ def estimate(
             f"estimate covers GPT/Llama-style models only; model.family is {model.family!r} "
             "(a short 'lmforge pretrain' run reports its parameters and tokens/s)"
         )
-    if model.vocab_size == 0:
+    if model.vocab_size == 0 and cfg.data.dir:  # as pretrain sets it (train/run.py resolve_run_config)
+        from lmforge.data.datadir import load_data_dir
+
+        vocab = load_data_dir(cfg.data.dir).load_tokenizer().vocab_size
+        model = dataclasses.replace(model, vocab_size=vocab)
+        assumptions.append(f"model.vocab_size {vocab} from the tokenizer of {cfg.data.dir} (as pretrain sets it)")
+    elif model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=DEFAULT_VOCAB)
         assumptions.append(
             f"model.vocab_size is 0 (training takes it from the tokenizer); assumed {DEFAULT_VOCAB} (GPT-2); "
-            "set --model.vocab_size for your tokenizer"
+            "pass --data.dir DATA_DIR or set --model.vocab_size for your tokenizer"
         )
     seq_len = cfg.data.seq_len or model.max_seq_len
     if seq_len > model.max_seq_len:

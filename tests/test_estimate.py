@@ -315,6 +315,24 @@ def test_vocab_zero_is_assumed_and_said() -> None:
     assert any("vocab_size" in a and str(DEFAULT_VOCAB) in a for a in result["assumptions"])
 
 
+def test_vocab_zero_with_a_data_dir_is_its_tokenizers(data_dir, tmp_path) -> None:
+    """As pretrain sets it: the data's tokenizer (it was GPT-2's 50257 whatever --data.dir said)."""
+    from lmforge.data.datadir import load_data_dir
+    from lmforge.errors import DataError
+
+    vocab = load_data_dir(data_dir).load_tokenizer().vocab_size
+    result = estimate(
+        load_config(preset="tiny", overrides={"data": {"dir": str(data_dir)}}), tokens=1000, hardware=GFLOPS
+    )
+    assert result["model"]["vocab_size"] == vocab != DEFAULT_VOCAB
+    assert any(f"vocab_size {vocab}" in a and str(data_dir) in a for a in result["assumptions"])
+    assert not any(str(DEFAULT_VOCAB) in a for a in result["assumptions"])
+    given = load_config(preset="tiny", overrides={"data": {"dir": str(data_dir)}, "model": {"vocab_size": 512}})
+    assert estimate(given, tokens=1000, hardware=GFLOPS)["model"]["vocab_size"] == 512  # a given size stays
+    with pytest.raises(DataError, match="lmforge prepare"):
+        estimate(load_config(preset="tiny", overrides={"data": {"dir": str(tmp_path)}}), tokens=1000, hardware=GFLOPS)
+
+
 def test_result_is_json_and_formats() -> None:
     result = estimate(load_config(preset="gpt2-124m"), tokens=10**10, hardware="a100", world_size=8, strategy="fsdp")
     json.dumps(result)  # what `lmforge estimate --json` prints
