@@ -19,7 +19,8 @@ from lmforge.errors import LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.peft import export_peft
 from lmforge.finetune import FinetuneConfig, _TensorView, finetune
-from tests.conftest import run_cli
+from lmforge.generate import generate_from_checkpoint
+from tests.conftest import REPO, run_cli
 from tests.test_finetune import DATA, FAST, make_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,6 +108,11 @@ def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="prompt-tuned sft run") as e:
         export_hf(prompt, tmp_path / "out")
     assert "such as sft" not in str(e.value) and not (tmp_path / "out").exists()
+    assert isinstance(generate_from_checkpoint(prompt, prompt="hi", max_new_tokens=2, seed=0, device="cpu"), str)
+    # the README said "`generate` and `export` load LM-task runs of every adaptation mode"
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert "`generate` and `export` load LM-task runs of every adaptation mode" not in readme
+    assert "`export` takes all of them but prompt-tuned runs" in readme
 
 
 def test_cli_export_peft(tmp_path: Path) -> None:
