@@ -296,12 +296,13 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         quickstart(out=args.out, data_out=args.data_out, overrides=extra, overwrite=args.overwrite)
     elif args.command == "prepare":
         from lmforge.config import dataclass_from_namespace
+        from lmforge.data.card import summary_line
         from lmforge.data.prepare import PrepareConfig, prepare
 
         cfg = dataclass_from_namespace(PrepareConfig, args)
         if cfg.merge:
             cfg.check_merge_flags(getattr(args, "given", set()))
-        prepare(cfg, progress=not args.quiet)
+        print(summary_line(prepare(cfg, progress=not args.quiet), cfg.out))
     elif args.command == "pretrain":
         from lmforge.config import load_config, merge, parse_overrides
         from lmforge.train.run import pretrain

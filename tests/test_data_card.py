@@ -12,7 +12,7 @@ from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import EXTRA_SPECIALS, train_unigram, train_wordpiece
-from tests.conftest import shakespeare_text
+from tests.conftest import run_cli, shakespeare_text
 from tests.test_data_dedup import ZH
 from tests.test_data_prepare import docs_by_split, write
 
@@ -70,6 +70,25 @@ def test_manifest_keys_scripts_rely_on(prepared: tuple[Path, dict]) -> None:
         assert {"documents", "tokens"} <= set(m["splits"][split])
         assert m["splits"][split]["documents"] > 0
     assert load_data_dir(out).manifest == m
+
+
+def test_prepare_prints_one_summary_line(prepared: tuple[Path, dict], tmp_path: Path) -> None:
+    """`lmforge prepare` printed nothing on success: now one line on stdout (the progress bars stay on stderr)."""
+    from lmforge.data.card import summary_line
+
+    out, m = prepared
+    line = summary_line(m, "data/x")
+    docs, splits = m["documents"], m["splits"]
+    assert line.startswith(f"prepared data/x: {docs['out']:,} of {docs['in']:,} documents kept (")
+    assert f"{docs['removed']['exact_dup']:,} exact_dup" in line and "1 boilerplate" in line and "removed)" in line
+    tokens = " / ".join(f"{s} {splits[s]['tokens']:,}" for s in ("train", "val", "test"))
+    assert f"; tokens {tokens}; bpe tokenizer, vocab 400" in line and "\n" not in line
+    text = tmp_path / "t.txt"
+    text.write_text(shakespeare_text(3000), encoding="utf-8")
+    r = run_cli("prepare", str(text), "--out", str(tmp_path / "d"), "--tokenizer", "char", "--quiet")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout == summary_line(load_data_dir(tmp_path / "d").manifest, str(tmp_path / "d")) + "\n"
+    assert "documents kept; tokens train" in r.stdout and "char tokenizer" in r.stdout
 
 
 def test_tokenizer_report(prepared: tuple[Path, dict]) -> None:

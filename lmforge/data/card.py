@@ -115,3 +115,17 @@ def write_card(
     md.append(_table(["id", "token", "count"], [[t["id"], repr(t["token"]), f"{t['count']:,}"] for t in top_tokens]))
     atomic_write_text(directory / CARD_MD, "".join(md))
     return card
+
+
+def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
+    """The one line `lmforge prepare` prints when it is done: where, documents kept (and the main removal
+    reasons), tokens per split and the tokenizer, e.g. `prepared data/x: 564 of 600 documents kept (36
+    exact_dup removed); tokens train 49,325 / val 3,158; bpe tokenizer, vocab 300`."""
+    docs, tok = manifest["documents"], manifest["tokenizer"]
+    kept = f"{docs['out']:,} of {docs['in']:,} documents kept"
+    removed = sorted(((n, k) for k, n in docs["removed"].items() if n), reverse=True)
+    if removed:
+        more = ", ..." if len(removed) > 3 else ""
+        kept += f" ({', '.join(f'{n:,} {k}' for n, k in removed[:3])}{more} removed)"
+    tokens = " / ".join(f"{split} {info['tokens']:,}" for split, info in manifest["splits"].items())
+    return f"prepared {out}: {kept}; tokens {tokens}; {tok['kind']} tokenizer, vocab {tok['vocab_size']:,}"
