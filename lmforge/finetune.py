@@ -467,7 +467,7 @@ def _finetune(
     train_rows = read_task_rows(train_file, cfg.task, fields)
     # the rows, not the file's bytes or path: a resumed run must continue on the data it started on
     train_sha = hashlib.sha256(json.dumps(train_rows, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-    val_rows = read_task_rows(val_file, cfg.task, fields) if val_file else []
+    val_rows = read_task_rows(val_file, cfg.task, fields, scored=True) if val_file else []  # (answers scored)
     if cfg.replay and cfg.task != "clm":
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device, "--train.device")

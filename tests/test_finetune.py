@@ -581,23 +581,25 @@ def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
             read_task_rows(bad, "sft", fields)
 
 
-def test_an_empty_reference_is_an_error_in_finetune_and_eval(base: Path, tmp_path: Path):
+def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path: Path):
     """An empty qa answer scored exact match and F1 1.0 against an empty prediction (and sft outputs, translate
-    targets and a final assistant message likewise): refused as classify refuses an empty label."""
+    targets and a final assistant message likewise): refused in files whose answers are scored (eval --task, a
+    fine-tune's --val), as classify refuses an empty label. A training file keeps such rows: an empty output
+    teaches the model to stop (Alpaca has a few)."""
     from lmforge.data.formats import field_map, read_task_rows
 
     files = {
         "qa.csv": (
             "qa",
             "question,answer\nwhat,\nwho,me\n",
-            r"row 1 has an empty 'answer'; write the reference answer",
+            r"row 1 has an empty 'answer', which would score an empty answer as perfect; write the reference answer",
         ),
         "mt.tsv": ("translate", "source\ttarget\nhello\tbonjour\ncat\t \n", r"row 2 has an empty 'target'"),
         "mt.txt": ("translate", "hello\tbonjour\ncat\t\n", r"row 2 has an empty 'target'"),
         "sft.jsonl": (
             "sft",
             json.dumps({"instruction": "a", "output": ""}) + "\n" + json.dumps({"instruction": "b", "output": ""}),
-            r"row 1 has an empty 'output' \(2 rows have one\); write the reference output",
+            r"row 1 has an empty 'output' \(2 rows have one\), which would score",
         ),
         "chat.jsonl": (
             "sft",
@@ -608,9 +610,12 @@ def test_an_empty_reference_is_an_error_in_finetune_and_eval(base: Path, tmp_pat
     for name, (task, text, said) in files.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
         with pytest.raises(DataError, match=said):
-            read_task_rows(tmp_path / name, task, field_map(task, None))
+            read_task_rows(tmp_path / name, task, field_map(task, None), scored=True)
+        assert len(read_task_rows(tmp_path / name, task, field_map(task, None))) >= 1  # to train on: kept
     r = run_cli("eval", str(base), "--task", "qa", "--data", str(tmp_path / "qa.csv"))
     assert r.returncode == 2 and "row 1 has an empty 'answer'" in r.stderr and len(r.stderr.splitlines()) == 1
-    with pytest.raises(DataError, match=r"row 1 has an empty 'answer'"):
-        finetune(base, train_file=tmp_path / "qa.csv", out=tmp_path / "ft", cfg=FinetuneConfig(task="qa"))
+    (tmp_path / "good.csv").write_text("question,answer\nwho,me\nwhat,it\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa\.csv: row 1 has an empty 'answer'"):
+        finetune(base, train_file=tmp_path / "good.csv", val_file=tmp_path / "qa.csv", out=tmp_path / "ft",
+                 cfg=FinetuneConfig(task="qa"))  # fmt: skip
     assert not (tmp_path / "ft").exists()

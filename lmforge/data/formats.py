@@ -391,8 +391,11 @@ def conversation(row: dict[str, Any], fields: dict[str, str], task: str) -> list
 REFERENCE = {"sft": "output", "qa": "answer", "translate": "target"}
 
 
-def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str], path: str | Path) -> None:
-    """Every row has the columns the task needs (one-line error naming the rename flag)."""
+def check_columns(
+    rows: list[dict[str, Any]], task: str, fields: dict[str, str], path: str | Path, *, scored: bool = False
+) -> None:
+    """Every row has the columns the task needs (one-line error naming the rename flag); `scored` (rows whose
+    answers are scored: `eval --task`, a fine-tune's --val file): none has an empty reference answer."""
     if task == "sft":
         for i, row in enumerate(rows, 1):
             if fields["messages"] not in row:
@@ -416,7 +419,9 @@ def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str],
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
-    if task in REFERENCE:  # a blank reference scores an empty answer as perfect, and trains the model to say nothing
+    # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
+    # learns to stop at once; Alpaca has a few), so only files that are scored are checked.
+    if scored and task in REFERENCE:
         empty = [i for i, row in enumerate(rows, 1) if _reference(row, task, fields) == ""]
         if empty:
             where = (
@@ -426,8 +431,8 @@ def check_columns(rows: list[dict[str, Any]], task: str, fields: dict[str, str],
             )
             more = f" ({len(empty)} rows have one)" if len(empty) > 1 else ""
             raise DataError(
-                f"{path}: row {empty[0]} has an empty {where}{more}; write the reference {REFERENCE[task]} or "
-                "remove the row"
+                f"{path}: row {empty[0]} has an empty {where}{more}, which would score an empty answer as "
+                f"perfect; write the reference {REFERENCE[task]} or remove the row"
             )
 
 
@@ -455,8 +460,11 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[dict[str, Any]]:
-    """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents)."""
+def read_task_rows(
+    path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False
+) -> list[dict[str, Any]]:
+    """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents). `scored`: the
+    rows' answers will be scored, so an empty reference is an error (`check_columns`)."""
     p = Path(path)
     if task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file():
         from lmforge.data.ingest import check_not_binary
@@ -472,7 +480,7 @@ def read_task_rows(path: str | Path, task: str, fields: dict[str, str]) -> list[
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
     rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
-    check_columns(rows, task, fields, p)
+    check_columns(rows, task, fields, p, scored=scored)
     return rows
 
 
