@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -117,53 +118,47 @@ def test_end_to_end(trained_run):
 
 def test_user_errors_are_one_line(trained_run, tmp_path):
     data, run = trained_run
-    _one_line_error(run_cli("prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d")), "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n", encoding="utf-8")
-    _one_line_error(run_cli("prepare", str(empty), "--out", str(tmp_path / "d")), "no documents")
     binary = tmp_path / "image.txt"
     binary.write_bytes(bytes(range(256)) * 40)
-    _one_line_error(run_cli("prepare", str(binary), "--out", str(tmp_path / "d")), "binary")
-    assert not (tmp_path / "d").exists() and not (tmp_path / "d.tmp").exists()  # nothing half-written
-
     base = ["pretrain", "--data", str(data), "--out", str(tmp_path / "r")]
-    _one_line_error(run_cli(*base, "--preset", "tinny"), "did you mean 'tiny'")
-    _one_line_error(run_cli(*base, "--train.lrr", "1"), "did you mean 'train.lr'")
-    _one_line_error(run_cli(*base, "--train.lr", "fast"), "train.lr: expected float")
-    _one_line_error(run_cli(*base, "--config", str(tmp_path / "nope.toml")), "nope.toml")
-    _one_line_error(run_cli("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r")), "lmforge prepare")
-    no_cxx = run_cli(
-        "pretrain", "--data", str(data), "--out", str(tmp_path / "c"), "--preset", "tiny", "--train.compile", "true",
-        env={"CXX": "/nonexistent/c++"},
-    )  # fmt: skip
-    _one_line_error(no_cxx, "--train.compile on CPU needs a C++ compiler")
-    assert not (tmp_path / "c").exists()  # refused before the run directory is made
     on_cpu = ["--preset", "tiny", "--train.device", "cpu", "--train.attention", "cudnn"]
-    _one_line_error(run_cli(*base, *on_cpu), "picks a CUDA attention kernel")
-    assert not (tmp_path / "r").exists()
-    _one_line_error(
-        run_cli("pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model.n_layer", "3"),
-        "different model config",
-    )
-
-    _one_line_error(run_cli("eval", str(tmp_path)), "not an lmforge run")
-    _one_line_error(run_cli("generate", str(tmp_path / "nope"), "--prompt", "x"), "does not exist")
-    _one_line_error(run_cli("generate", str(run), "--prompt", "x" * 500), "context")
-    for flags, needle in [
+    hf = ["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]
+    task_file = str(REPO / "tests" / "data" / "sentiment_val.jsonl")
+    no_cxx = {"CXX": "/nonexistent/c++"}
+    cases: list[tuple[list[str], dict[str, str] | None, str]] = [  # (arguments, environment, the error says)
+        (["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d")], None, "missing.txt"),
+        (["prepare", str(empty), "--out", str(tmp_path / "d")], None, "no documents"),
+        (["prepare", str(binary), "--out", str(tmp_path / "d")], None, "binary"),
+        ([*base, "--preset", "tinny"], None, "did you mean 'tiny'"),
+        ([*base, "--train.lrr", "1"], None, "did you mean 'train.lr'"),
+        ([*base, "--train.lr", "fast"], None, "train.lr: expected float"),
+        ([*base, "--config", str(tmp_path / "nope.toml")], None, "nope.toml"),
+        (["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r")], None, "lmforge prepare"),
+        (["pretrain", "--data", str(data), "--out", str(tmp_path / "c"), "--preset", "tiny", "--train.compile", "true"],
+         no_cxx, "--train.compile on CPU needs a C++ compiler"),
+        ([*base, *on_cpu], None, "picks a CUDA attention kernel"),
+        (["pretrain", "--data", str(data), "--out", str(run), "--preset", "tiny", "--model.n_layer", "3"], None,
+         "different model config"),
+        (["eval", str(tmp_path)], None, "not an lmforge run"),
+        (["generate", str(tmp_path / "nope"), "--prompt", "x"], None, "does not exist"),
+        (["generate", str(run), "--prompt", "x" * 500], None, "context"),
+        (["eval", str(run), "--batch-size", "-4"], None, "--batch-size must be >= 1"),
+        ([*hf, "--dtype", "f16"], None, "--dtype is for --to gguf"),  # even at its default value
+        (["report", str(run), "--out", str(tmp_path / "r.pdf")], None, "name it .html or .md"),
+        ([*base, "--preset", "tiny", "--train.seed", "-1"], None, "train.seed must be in"),
+        ([*base, "--preset", "tiny", "--train.lr", "inf"], None, "train.lr must be a number > 0"),
+    ]  # fmt: skip
+    refused_before_echo = [  # refused before the prompt is echoed: nothing on stdout
         (("--seed", "-1"), "seed must be in"),
         (("--seed", "99999999999999999999"), "seed must be in"),
         (("--temperature", "inf"), "temperature"),
         (("--max-new-tokens", "-5"), "--max-new-tokens"),
-    ]:
-        bad = run_cli("generate", str(run), "--prompt", "ROMEO:", *flags)
-        _one_line_error(bad, needle)
-        assert bad.stdout == "", bad.stdout  # refused before the prompt is echoed
-    _one_line_error(run_cli("eval", str(run), "--batch-size", "-4"), "--batch-size must be >= 1")
-    hf = ["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]
-    _one_line_error(run_cli(*hf, "--dtype", "f16"), "--dtype is for --to gguf")  # even at its default value
-    _one_line_error(run_cli("report", str(run), "--out", str(tmp_path / "r.pdf")), "name it .html or .md")
-    assert not (tmp_path / "hf").exists() and not (tmp_path / "r.pdf").exists()
-    task_file = str(REPO / "tests" / "data" / "sentiment_val.jsonl")
+    ]
+    cases += [
+        (["generate", str(run), "--prompt", "ROMEO:", *flags], None, needle) for flags, needle in refused_before_echo
+    ]
     for flags, needle in [  # a flag of eval's other mode (or another task) would be ignored
         (("--k-shot", "4"), "--k-shot is for task metrics"),
         (("--task", "clm", "--data", task_file, "--max-batches", "1"), "--max-batches is for evaluating a prepared"),
@@ -173,9 +168,16 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         (("--task", "classify", "--data", task_file, "--max-new-tokens=48"), "--max-new-tokens is for --task sft"),
         (("--max-batches", "0", "--task", "clm", "--data", task_file), "--max-batches is for evaluating a prepared"),
     ]:
-        _one_line_error(run_cli("eval", str(run), *flags), needle)
-    _one_line_error(run_cli(*base, "--preset", "tiny", "--train.seed", "-1"), "train.seed must be in")
-    _one_line_error(run_cli(*base, "--preset", "tiny", "--train.lr", "inf"), "train.lr must be a number > 0")
+        cases.append((["eval", str(run), *flags], None, needle))
+    # each is a fresh interpreter importing torch (~1.5 s): two at a time on CI's two cores
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        replies = list(pool.map(lambda case: run_cli(*case[0], env=case[1]), cases))
+    for (args, _, needle), reply in zip(cases, replies, strict=True):
+        _one_line_error(reply, needle)
+        if args[0] == "generate" and "ROMEO:" in args:
+            assert reply.stdout == "", reply.stdout
+    for made in ("d", "d.tmp", "c", "r", "hf", "r.pdf"):  # nothing half-written, nothing made before refusing
+        assert not (tmp_path / made).exists(), made
 
     other = tmp_path / "other"
     ok = run_cli("prepare", str(REPO / "README.md"), "--out", str(other), "--tokenizer", "bpe", "--vocab-size", "300")
