@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -434,7 +433,7 @@ def _finetune(
         read_task_rows,
     )
     from lmforge.log import RunLogger, capture_env
-    from lmforge.runs import LOCK_FILE, claim, mark_running, mark_stopped, release
+    from lmforge.runs import LOCK_FILE, claim, discard_aside, mark_running, mark_stopped, set_aside
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -479,9 +478,7 @@ def _finetune(
     claim(out)
     out.mkdir(parents=True, exist_ok=True)  # (claim made it, but for where there is no flock)
     if overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
-        release(out)
-        shutil.rmtree(out)
-        claim(out)  # a fresh lock file in the fresh folder
+        set_aside(out)  # the old run is deleted once this one starts (put back if it is refused before)
     teacher: nn.Module | None = None
     loaded, base_path, base_sha = load_base(base, out, device)
     tok, body = loaded.tokenizer, loaded.model
@@ -639,6 +636,7 @@ def _finetune(
 
     # the run directory: architecture config, tokenizer, chat template, finetune.json
     base_config = dataclasses.replace(loaded.config, out=str(out))
+    discard_aside(out)  # (--overwrite: the old run goes only now that this one starts)
     write_json(out / "config.json", base_config.to_dict())
     write_json(out / "env.json", capture_env(str(device)))
     tok.save(out / "tokenizer.json")

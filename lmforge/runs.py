@@ -97,6 +97,7 @@ class _Claim:
     handle: Any  # the open RUN/.lock, flock-ed
     made: Path | None  # the topmost folder the claim created (RUN itself or a parent); None: RUN existed
     made_lock: bool  # the claim created RUN/.lock
+    aside: Path | None = None  # where --overwrite moved the old run until the new one starts (set_aside)
 
 
 def claim(run_dir: Path) -> None:
@@ -172,20 +173,63 @@ def _open_lock(lock: Path) -> tuple[Any, bool]:
     return os.fdopen(fd, "a+"), made
 
 
+def set_aside(run_dir: Path) -> None:
+    """--overwrite: move what a claimed RUN holds (but its lock) into a hidden sibling folder, not delete it.
+
+    The new run may still be refused during its setup (a resume flag, a data or model problem): `release`
+    then puts the old run back as it was. Once the new run writes its first files, `discard_aside`
+    deletes it. (A process killed in between leaves it in `.RUN.lmforge-old-*` beside RUN, not lost.)
+    Where no lock could be taken (no `fcntl`), the old run is deleted at once, as before.
+    """
+    run_dir = Path(run_dir).resolve()
+    held = _claims.get(run_dir)
+    children = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+    if held is None:
+        for child in children:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
+    aside = run_dir.parent / f".{run_dir.name}.lmforge-old-{os.getpid()}-{time.monotonic_ns()}"
+    aside.mkdir()
+    for child in children:
+        os.rename(child, aside / child.name)  # a sibling: the same filesystem, each move atomic
+    held.aside = aside
+
+
+def discard_aside(run_dir: Path) -> None:
+    """The new run has started in RUN: delete the old one `set_aside` kept."""
+    held = _claims.get(Path(run_dir).resolve())
+    if held is not None and held.aside is not None:
+        shutil.rmtree(held.aside, ignore_errors=True)
+        held.aside = None
+
+
+def _restore_aside(run_dir: Path, aside: Path) -> None:
+    """Put back the old run `set_aside` moved out, removing what the refused new run left in RUN."""
+    for child in run_dir.iterdir():
+        if child.name != LOCK_FILE:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for child in aside.iterdir():
+        os.rename(child, run_dir / child.name)
+    aside.rmdir()
+
+
 def release(run_dir: Path) -> None:
     """Let go of a `claim` (the process ending does the same).
 
     A run that never started, whose folder holds none of RUN_MARKERS (it failed or was refused before
     writing anything), leaves nothing the claim made: the folder, when the claim created it (with what
     the run put there, e.g. fine-tuning's imported base/), and the empty parents it created; else the
-    .lock file, when the claim created it. Nothing that was there before the claim is touched.
+    .lock file, when the claim created it. Nothing that was there before the claim is touched. A run
+    that --overwrite was to replace (`set_aside`) and that never started gets the old run back.
     """
     run_dir = Path(run_dir).resolve()
     held = _claims.pop(run_dir, None)
     if held is None:
         return
     try:  # (still holding the lock: no other process may start in the folder while it goes)
-        if not any((run_dir / name).exists() for name in RUN_MARKERS):
+        if held.aside is not None:  # --overwrite, and the new run never started: the old one comes back
+            _restore_aside(run_dir, held.aside)
+        elif not any((run_dir / name).exists() for name in RUN_MARKERS):
             if held.made is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 for folder in [run_dir, *run_dir.parents]:  # the parents the claim made, if nothing else is there

@@ -172,3 +172,36 @@ def test_a_failed_finetune_leaves_only_what_was_there(tmp_path: Path):
     with pytest.raises(DataError, match="is not the data"):  # a resume refused after the claim
         finetune(base, out=run, cfg=FinetuneConfig(task="sft"), **{**kw, "train_file": other})
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_refused_during_setup_keeps_the_old_run(data_dir: Path, tmp_path: Path):
+    """--overwrite used to delete the old run before the new one's setup was checked: a flag refused a moment
+    later (here --checkpoint.resume_from on what is now a fresh run, or a LoRA target that matches nothing)
+    lost it. Now the old run is set aside and comes back byte for byte; once the new run starts it is gone,
+    with nothing left beside the run folder."""
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2}), progress=False)
+    before = _contents(run)
+    refused = tiny_config(data_dir, run, **{"train.max_steps": 3, "checkpoint.resume_from": "step-000002"})
+    with pytest.raises(ConfigError, match="has no checkpoint to resume from"):
+        pretrain(refused, overwrite=True, progress=False)
+    assert _contents(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    state = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 3}), overwrite=True, progress=False)
+    assert state.step == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not (run / "checkpoints" / "step-000002").exists()  # the old run's checkpoint went with it
+
+    base = make_base(tmp_path / "b")
+    kw = {"train_file": DATA / "alpaca.jsonl", "overrides": FAST, "progress": False}
+    ft = tmp_path / "ft"
+    finetune(base, out=ft, cfg=FinetuneConfig(task="sft"), **kw)
+    before = _contents(ft)
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        finetune(base, out=ft, cfg=FinetuneConfig(task="sft", adapt="lora", lora_targets="foo"), overwrite=True, **kw)
+    assert _contents(ft) == before
+    finetune(base, out=ft, cfg=FinetuneConfig(task="sft", adapt="lora"), overwrite=True, **kw)
+    assert (ft / "finetune.json").read_text(encoding="utf-8") != before["finetune.json"].decode()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing set aside is left

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
-from lmforge.runs import LOCK_FILE, claim, mark_running, mark_stopped, release
+from lmforge.runs import LOCK_FILE, claim, discard_aside, mark_running, mark_stopped, release, set_aside
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
@@ -98,10 +97,8 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
 
     The caller has `claim`ed it: no other process trains it (and --overwrite cannot delete a live run)."""
     occupied = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
-    if occupied and overwrite:
-        shutil.rmtree(run_dir)
-        release(run_dir)
-        claim(run_dir)  # a fresh lock file in the fresh folder
+    if occupied and overwrite:  # kept aside until the new run starts: a refusal during setup puts it back
+        set_aside(run_dir)
     elif occupied:
         config_path = run_dir / "config.json"
         old: Any = None
@@ -358,6 +355,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
     if world.is_main:
+        discard_aside(run_dir)  # (--overwrite: the old run goes only now that the new one starts)
         if ckpt is not None and (aside := set_aside_later(run_dir, state.step)):  # an earlier step chosen
             print(f"note: resuming from {ckpt.path.name}; the later checkpoints were moved to {aside}", flush=True)
         write_json(run_dir / "config.json", cfg.to_dict())
