@@ -95,6 +95,12 @@ def test_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": pa.array(TEXTS * 2).dictionary_encode()}), cat)
     run(tmp_path, [cat], out="o5", dedup="none")
     assert sorted(docs_by_split(tmp_path / "o5")["train"]) == sorted(TEXTS * 2)
+    chapters = tmp_path / "lists" / "l.parquet"  # a list of strings per row (paragraphs): joined, as in .json
+    chapters.parent.mkdir()
+    pq.write_table(pa.table({"text": [["子曰", "有子曰"], ["one", None, "two"], None]}), chapters)
+    assert [d.text for d in read_documents(chapters)] == ["子曰\n有子曰", "one\ntwo", ""]
+    (tmp_path / "lists" / "l.json").write_text(json.dumps([{"text": ["子曰", "有子曰"]}]), encoding="utf-8")
+    assert [d.text for d in read_documents(tmp_path / "lists" / "l.json")] == ["子曰\n有子曰"]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         run(tmp_path, [tmp_path / "bad.parquet"], out="o4")

@@ -4,7 +4,8 @@ hub datasets (`hf:NAME[:CONFIG][:SPLIT]`), read as one string column.
 - Parquet and Arrow files are read in record batches of `ARROW_BATCH_ROWS` rows, with pyarrow alone (a
   save_to_disk folder's data files are Arrow IPC streams), so only hub names need the `datasets` package.
 - A dictionary-encoded column (a pandas Categorical) is decoded to its strings; a null row is an empty
-  document; any other column type is refused with the `--text-field` advice.
+  document; a list-of-strings column gives one document per row, its strings joined by newlines (as a
+  .json file's lists); any other column type is refused with the `--text-field` advice.
 - Split out of `ingest` (size guide); `ingest.read_documents` imports it only for these formats.
 """
 
@@ -46,6 +47,9 @@ def _arrow_files(folder: Path) -> list[Path]:
         ) from None
 
 
+_STRINGS = ("string", "large_string", "string_view")
+
+
 def _check_column(where: object, names: list[str], text_field: str) -> int:
     if text_field not in names:
         columns = ", ".join(names[:20]) or "none"
@@ -58,9 +62,15 @@ def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Ite
     if str(array.type).startswith("dictionary<"):  # dictionary-encoded (pandas Categorical): decode its strings
         array = array.cast(array.type.value_type)
     kind = str(array.type)
-    if kind not in ("string", "large_string", "string_view"):
-        raise DataError(f"{where}: column '{text_field}' holds {kind}, not strings; choose one with --text-field")
+    lists = kind.startswith(("list<", "large_list<")) and str(array.type.value_type) in _STRINGS
+    if kind not in _STRINGS and not lists:
+        raise DataError(
+            f"{where}: column '{text_field}' holds {kind}, not strings (or lists of strings); choose one with "
+            "--text-field"
+        )
     for text in array.to_pylist():
+        if lists:  # one document per row, its strings joined by newlines, as a .json file's list of strings
+            text = "\n".join(t for t in text or () if t is not None)
         text, surrogates = replace_surrogates(text or "")  # a null row is an empty document
         yield RawDocument(text, surrogates)
 
@@ -121,6 +131,8 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
             if text_field not in row:
                 _check_column(spec, list(row), text_field)
             text = row[text_field]
+            if isinstance(text, list) and all(isinstance(t, str) for t in text):
+                text = "\n".join(text)  # as a Parquet or .json list of strings
             if not isinstance(text, str):
                 raise DataError(f"{spec}: column '{text_field}' is {type(text).__name__}; choose one with --text-field")
             text, surrogates = replace_surrogates(text)
