@@ -619,3 +619,30 @@ def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path:
         finetune(base, train_file=tmp_path / "good.csv", val_file=tmp_path / "qa.csv", out=tmp_path / "ft",
                  cfg=FinetuneConfig(task="qa"))  # fmt: skip
     assert not (tmp_path / "ft").exists()
+
+
+def test_task_files_in_parquet(base: Path, tmp_path: Path):
+    """A Hugging Face dataset's Parquet data file is a task file as its JSONL would be (it was refused as
+    'a binary file'): the same rows, lists (chat messages) kept, and a fine-tune and eval run on it."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from lmforge.data.formats import field_map, read_task_rows
+
+    rows = [json.loads(line) for line in (DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "alpaca.parquet")
+    fields = field_map("sft", None)
+    assert read_task_rows(tmp_path / "alpaca.parquet", "sft", fields) == read_task_rows(
+        DATA / "alpaca.jsonl", "sft", fields
+    )
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    pq.write_table(pa.Table.from_pylist(chat), tmp_path / "chat.parquet")
+    assert read_task_rows(tmp_path / "chat.parquet", "sft", fields) == chat
+    out = tmp_path / "ft"
+    finetune(base, train_file=tmp_path / "alpaca.parquet", out=out, cfg=FinetuneConfig(task="sft"), overrides=FAST,
+             progress=False)  # fmt: skip
+    r = run_cli("eval", str(out), "--task", "sft", "--data", str(tmp_path / "alpaca.parquet"), "--limit", "2")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        read_task_rows(tmp_path / "bad.parquet", "sft", fields)

@@ -33,6 +33,15 @@ def _need_pyarrow(what: str) -> Any:
     return pyarrow
 
 
+def parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """A Parquet task file's rows as dicts (a fine-tune's --train/--val, `eval --task`), lists kept as lists."""
+    pa = _need_pyarrow(".parquet files")
+    try:
+        return pa.parquet.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)}); re-create it or remove it") from None
+
+
 def _arrow_files(folder: Path) -> list[Path]:
     """The Arrow data files of a save_to_disk folder (a DatasetDict: every split, in its order)."""
     try:

@@ -68,13 +68,21 @@ _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # (text read with universal newlines)
 
 
 def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Rows of a JSONL / JSON / CSV / TSV / headerless TXT file as dicts (one-line `DataError` on problems)."""
+    """Rows of a JSONL / JSON / CSV / TSV / Parquet / headerless TXT file as dicts (one-line `DataError` on
+    problems)."""
     p = Path(path)
     if p.is_dir():
-        raise DataError(f"{p} is a directory; pass one .jsonl, .csv, .tsv or .txt file")
+        raise DataError(f"{p} is a directory; pass one .jsonl, .csv, .tsv, .parquet or .txt file")
     if not p.exists():  # (a pipe such as <(cmd) exists without being a regular file, and reads fine)
-        raise DataError(f"data file {p} not found; pass a .jsonl, .csv, .tsv or .txt file")
+        raise DataError(f"data file {p} not found; pass a .jsonl, .csv, .tsv, .parquet or .txt file")
     name = p.name.lower().removesuffix(".gz")
+    if name.endswith(".parquet"):  # e.g. a Hugging Face dataset's data files
+        from lmforge.data.columnar import parquet_rows
+
+        rows = parquet_rows(p)
+        if not rows:
+            raise DataError(f"{p} holds no rows; check the file")
+        return rows
     try:
         raw = gzip.open(p, "rb").read() if p.name.lower().endswith(".gz") else p.read_bytes()
         text = raw.decode("utf-8-sig")
@@ -115,7 +123,7 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
                 parts = line.rsplit("\t", len(txt_columns) - 1) if txt_columns[-1] == "label" else line.split("\t")
                 rows.append(dict(zip(txt_columns, parts, strict=False)))  # extra columns: ignored
     else:
-        raise DataError(f"{p}: unknown file type; use .jsonl, .json, .csv, .tsv or .txt (optionally .gz)")
+        raise DataError(f"{p}: unknown file type; use .jsonl, .json, .csv, .tsv or .txt (optionally .gz), or .parquet")
     if not rows:
         raise DataError(f"{p} holds no rows; check the file")
     return rows
