@@ -35,6 +35,8 @@ cat "$OUT/env.txt"
 
 [ "${GPU_TESTS:-1}" = 0 ] || step tests 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_dist.py
 step speed_compile_b64 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 3
+# log steps (each syncs the host) only where a train() call ends: the idle time left in steady state
+step speed_compile_b64_nolog 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 8 --log-every 1000
 step speed_compile_b64_flash 120 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --attention flash
 step speed_eager_b32 90 $PY "${GPT2[@]}" --batch 32 --vocab-size 50304
 step speed_eager_b32_flash 90 $PY "${GPT2[@]}" --batch 32 --vocab-size 50304 --attention flash

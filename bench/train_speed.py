@@ -184,6 +184,7 @@ def bench(
     vocab_size: int = 0,
     attention: str = "auto",
     profile: int = 0,
+    log_every: int = 0,
 ) -> dict:
     vocab = vocab_size or load_config(preset=preset).model.vocab_size or 4096
     cfg = load_config(
@@ -197,6 +198,7 @@ def bench(
                 "device": device,
                 "compile": compile,
                 "attention": attention,
+                **({"log_every": log_every} if log_every else {}),
             },
             "optim": {"fused": fused},
         },
@@ -259,6 +261,9 @@ def main() -> None:
     )
     parser.add_argument("--nominal-peak", type=float, default=0.0, help="datasheet TFLOP/s: adds an MFU column")
     parser.add_argument("--profile", type=int, default=0, help="profile N more steps: device time by kernel kind")
+    parser.add_argument(
+        "--log-every", type=int, default=0, help="train.log_every (default: the preset's); a log step syncs the host"
+    )
     parser.add_argument("--inductor", action="append", default=[], help="KEY=VALUE torch._inductor.config option")
     args = parser.parse_args()
     set_inductor_options(args.inductor)
@@ -288,6 +293,7 @@ def main() -> None:
                 vocab_size=args.vocab_size,
                 attention=args.attention,
                 profile=args.profile,
+                log_every=args.log_every,
             )
         )
     gpu = rows[0]["mem_gib"] is not None
