@@ -5,7 +5,7 @@
 # cache, NCCL DDP/FSDP2, compile, `train.attention`, the CLI's eval and generate --compile).
 # Needs a CUDA build of torch and lmforge's dependencies; lmforge itself runs from this checkout.
 #
-#     bash bench/gpu_check.sh             # about 6 minutes on one H100
+#     bash bench/gpu_check.sh             # about 7 minutes on one H100 or H200
 #     GPU_TESTS=0 bash bench/gpu_check.sh # the speed rows alone
 set -u
 cd "$(dirname "$0")/.."
