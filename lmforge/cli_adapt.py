@@ -91,6 +91,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default: 512)")
+    p.add_argument(
+        "--idle-timeout", type=float, default=60.0, help="seconds a kept-alive connection may idle (default: 60)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(
         "--compile",
@@ -205,7 +208,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "serve":
         from lmforge.serve import ServeLimits, make_server, serve
 
-        limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
+        limits = ServeLimits(
+            max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, idle_timeout_s=args.idle_timeout
+        )
         serve(
             make_server(
                 args.run, host=args.host, port=args.port, limits=limits, device=args.device, compile=args.compile

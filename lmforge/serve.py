@@ -38,6 +38,7 @@ import contextlib
 import errno
 import functools
 import json
+import math
 import socket
 import sys
 import threading
@@ -70,8 +71,8 @@ class ServeLimits:
         ):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if not self.idle_timeout_s > 0:
-            raise ConfigError(f"idle_timeout_s must be > 0 seconds, got {self.idle_timeout_s}")
+        if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
+            raise ConfigError(f"--idle-timeout must be > 0 seconds, got {self.idle_timeout_s:g}")
 
 
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)

@@ -130,6 +130,8 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("serve", missing, "--port", "-1"), "--port must be 0-65535"),
         (("serve", missing, "--max-tokens", "0"), "--max-tokens must be >= 1"),  # every request failed
         (("serve", missing, "--max-body-bytes", "-5"), "--max-body-bytes must be >= 1"),
+        (("serve", missing, "--idle-timeout", "0"), "--idle-timeout must be > 0 seconds"),
+        (("serve", missing, "--idle-timeout", "nan"), "--idle-timeout must be > 0 seconds"),
         (("chat", missing, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("chat", missing, "--seed", "-1"), "seed must be in [0, 2**63)"),  # was refused after the first message
     ]
