@@ -94,6 +94,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--idle-timeout", type=float, default=60.0, help="seconds a kept-alive connection may idle (default: 60)"
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let scripts of the web page at ORIGIN (e.g. http://localhost:3000; '*' = any page) call the API from "
+        "a browser; repeatable (default: none)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(
         "--compile",
@@ -213,7 +221,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         )
         serve(
             make_server(
-                args.run, host=args.host, port=args.port, limits=limits, device=args.device, compile=args.compile
+                args.run,
+                host=args.host,
+                port=args.port,
+                limits=limits,
+                device=args.device,
+                compile=args.compile,
+                cors_origins=tuple(args.cors_origin),
             )
         )
     return 0

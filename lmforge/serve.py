@@ -39,6 +39,7 @@ import errno
 import functools
 import json
 import math
+import re
 import socket
 import sys
 import threading
@@ -114,12 +115,21 @@ class RequestError(Exception):
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], ft: Any, name: str, limits: ServeLimits, compile: bool) -> None:  # noqa: A002
+    def __init__(
+        self,
+        address: tuple[str, int],
+        ft: Any,
+        name: str,
+        limits: ServeLimits,
+        compile: bool,  # noqa: A002
+        cors_origins: tuple[str, ...] = (),
+    ) -> None:
         from lmforge.generate import run_stops
 
         self.stops = run_stops(ft)  # eos and the run's stop ids
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
+        self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
         self.lock = threading.Lock()
 
     @property
@@ -136,18 +146,29 @@ def make_server(
     limits: ServeLimits | None = None,
     device: str = "auto",
     compile: bool = False,  # noqa: A002 - the CLI flag's name
+    cors_origins: tuple[str, ...] = (),
 ) -> LMServer:
-    """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it."""
+    """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it.
+
+    `cors_origins`: web pages (`scheme://host[:port]`, or "*" for any) whose scripts may call the API from a
+    browser (CORS); none by default, so a page the user visits cannot use the model."""
     from lmforge.adapt.load import load_finetuned
     from lmforge.generate import generate, require_text_generator
     from lmforge.train.precision import pick_device
 
     if not 0 <= port <= 65535:  # before loading the model, which takes a while
         raise ConfigError(f"--port must be 0-65535 (0 = any free port), got {port}")
+    for origin in cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"--cors-origin {origin!r}: give a page's origin, scheme://host[:port] with no path (e.g. "
+                "http://localhost:3000), or '*' for any"
+            )
     ft = load_finetuned(run, pick_device(device))
     require_text_generator(run, ft)
     try:
-        server = LMServer((host, port), ft, Path(run).resolve().name, limits or ServeLimits(), compile)
+        name = Path(run).resolve().name
+        server = LMServer((host, port), ft, name, limits or ServeLimits(), compile, tuple(cors_origins))
     except OSError as e:
         if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host, not the port
             advice = "--host must name this machine (127.0.0.1: this machine only, 0.0.0.0: all its addresses)"
@@ -274,6 +295,38 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
 
     # ---------------------------------------------------------------- plumbing
+
+    def end_headers(self) -> None:
+        """Every reply (JSON, streams, errors) carries CORS's allow header for an allowed page's request."""
+        headers = getattr(self, "headers", None)  # (none yet when the request line itself was malformed)
+        origin = headers.get("Origin") if headers else None
+        allowed = self.server.cors_origins
+        if origin and ("*" in allowed or origin in allowed):
+            self.send_header("Access-Control-Allow-Origin", "*" if "*" in allowed else origin)
+            if "*" not in allowed:
+                self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _preflight(self, allowed: tuple[str, ...]) -> None:
+        """OPTIONS: a browser asking whether a page may call this path (CORS), or a plain query of the methods."""
+        origin = self.headers.get("Origin")
+        if origin and "*" not in self.server.cors_origins and origin not in self.server.cors_origins:
+            raise RequestError(
+                403,
+                f"requests from the web page {origin} are not allowed; start lmforge serve with --cors-origin "
+                f"{origin} to let it call the API",
+                "cors_not_allowed",
+            )
+        self._settle_body()
+        self.send_response(204)
+        self.send_header("Allow", ", ".join((*allowed, "OPTIONS")))
+        if origin:
+            self.send_header("Access-Control-Allow-Methods", ", ".join((*allowed, "OPTIONS")))
+            asked = self.headers.get("Access-Control-Request-Headers")
+            self.send_header("Access-Control-Allow-Headers", asked or "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         """A whole JSON reply, with its Content-Length (a HEAD request gets the headers alone)."""
@@ -404,6 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET  # wrong methods: a 405, not a 501
+    # (OPTIONS: CORS preflight, `_preflight`)
 
     def _dispatch(self) -> None:
         self.streaming = self.chunked = self.body_read = False
@@ -428,6 +482,9 @@ class _Handler(BaseHTTPRequestHandler):
             allowed = ("GET", "HEAD")
         else:
             raise RequestError(404, f"unknown path {self.path}", "not_found")
+        if self.command == "OPTIONS":
+            self._preflight(allowed)
+            return
         if self.command not in allowed:
             message = f"{self.command} is not allowed on {path}; use {' or '.join(allowed)}"
             raise RequestError(405, message, "method_not_allowed", headers={"Allow": ", ".join(allowed)})

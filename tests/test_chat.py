@@ -131,6 +131,7 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("serve", missing, "--max-tokens", "0"), "--max-tokens must be >= 1"),  # every request failed
         (("serve", missing, "--max-body-bytes", "-5"), "--max-body-bytes must be >= 1"),
         (("serve", missing, "--idle-timeout", "0"), "--idle-timeout must be > 0 seconds"),
+        (("serve", missing, "--cors-origin", "localhost:3000/app"), "--cors-origin 'localhost:3000/app': give"),
         (("serve", missing, "--idle-timeout", "nan"), "--idle-timeout must be > 0 seconds"),
         (("chat", missing, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("chat", missing, "--seed", "-1"), "seed must be in [0, 2**63)"),  # was refused after the first message
@@ -699,3 +700,47 @@ def test_serve_completions_take_every_prompt_form(chat_run: Path):
             assert status == 400 and error["param"] == "prompt" and needle in error["message"], (prompt, error)
         status, body = _post(url, {"prompt": [ids[0], [vocab]], **greedy, "stream": True})  # checked before streaming
         assert status == 400 and "token id" in json.loads(body)["error"]["message"], body
+
+
+def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
+    """Browser pages: none may call the API by default (a page the user visits cannot use the model); with
+    --cors-origin the named page's preflight and requests get CORS's allow headers, another page's do not."""
+    import http.client
+
+    page, other = "http://localhost:3000", "http://evil.example"
+
+    def ask(server, method: str, path: str, origin: str | None, body: bytes | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        headers = {"Content-Type": "application/json"} | ({"Origin": origin} if origin else {})
+        if method == "OPTIONS" and origin:
+            headers |= {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        conn.request(method, path, body=body, headers=headers)
+        reply = conn.getresponse()
+        data = reply.read()
+        conn.close()
+        return reply.status, dict(reply.getheaders()), data
+
+    completion = json.dumps({"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}).encode()
+    with _serving(chat_run) as server:
+        status, headers, _ = ask(server, "GET", "/v1/models", page)
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers
+        status, _, data = ask(server, "OPTIONS", "/v1/completions", page)
+        assert status == 403 and "--cors-origin http://localhost:3000" in json.loads(data)["error"]["message"]
+        status, headers, _ = ask(server, "OPTIONS", "/v1/completions", None)  # not a browser: the methods
+        assert status == 204 and headers["Allow"] == "POST, OPTIONS"
+    with _serving(chat_run, cors_origins=(page,)) as server:
+        status, headers, data = ask(server, "OPTIONS", "/v1/chat/completions", page)
+        assert status == 204 and data == b"" and headers["Access-Control-Allow-Origin"] == page
+        assert headers["Access-Control-Allow-Methods"] == "POST, OPTIONS" and headers["Vary"] == "Origin"
+        assert headers["Access-Control-Allow-Headers"] == "authorization"
+        status, headers, data = ask(server, "POST", "/v1/completions", page, completion)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == page and json.loads(data)["choices"]
+        status, headers, _ = ask(server, "POST", "/v1/completions", other, completion)
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers  # the browser hides the reply
+        assert ask(server, "OPTIONS", "/v1/completions", other)[0] == 403
+        status, headers, _ = ask(server, "GET", "/nowhere", page)  # errors carry it too: the page can read them
+        assert status == 404 and headers["Access-Control-Allow-Origin"] == page
+    with _serving(chat_run, cors_origins=("*",)) as server:
+        status, headers, _ = ask(server, "OPTIONS", "/v1/models", other)
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
+        assert headers["Access-Control-Allow-Methods"] == "GET, HEAD, OPTIONS"
