@@ -15,6 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,8 +137,9 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("chat", missing, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("chat", missing, "--seed", "-1"), "seed must be in [0, 2**63)"),  # was refused after the first message
     ]
-    for args, needle in cases:
-        r = run_cli(*args, input="hi\n")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # fresh interpreters importing torch: two at a time
+        replies = list(pool.map(lambda case: run_cli(*case[0], input="hi\n"), cases))
+    for (args, needle), r in zip(cases, replies, strict=True):
         assert r.returncode == 2 and r.stderr.startswith("lmforge: error: ") and needle in r.stderr, (args, r.stderr)
         assert len(r.stderr.splitlines()) == 1, r.stderr
 

@@ -432,15 +432,19 @@ def test_cli_json_matches_the_library_and_errors_are_one_line(tmp_path) -> None:
 
     p = run_cli("estimate", *args, "--hardware", "a100")
     assert p.returncode == 0 and "parameters" in p.stdout and "a100" in p.stdout, p.stderr
-    for bad in (
+    bad = [
         ["--tokens", "0"],
         ["--tokens", "0.5"],
         ["--tokens", "1e6", "--hardware", "tpu"],
         ["--tokens", "1e6", "--mfu", "2"],
         ["--tokens", "1e9", "--world-size", "3"],
         ["--tokens", "1e9", "--model.d_model", "0"],
-    ):
-        p = run_cli("estimate", "--preset", "tiny", *bad)
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # fresh interpreters importing torch: two at a time
+        replies = list(pool.map(lambda flags: run_cli("estimate", "--preset", "tiny", *flags), bad))
+    for p in replies:
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("lmforge: error:"), p.stderr
 
 
