@@ -337,14 +337,12 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     one-line error (like `pretrain` with another model config).
     """
     from lmforge.checkpoint import read_json
-    from lmforge.runs import LOCK_FILE
+    from lmforge.runs import has_run_markers, run_contents
 
-    if not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir()):  # (a run killed as it began)
+    if not run_contents(out):  # (none, or a run killed as it began)
         return None
     if not (out / "finetune.json").is_file():
-        from lmforge.runs import RUN_MARKERS
-
-        overwritable = any((out / name).exists() for name in RUN_MARKERS)  # else --overwrite refuses it too
+        overwritable = has_run_markers(out)  # else --overwrite refuses it too
         raise ConfigError(
             f"{out} exists and is not a fine-tuning run; choose another --out"
             + (" or pass --overwrite" if overwritable else "")
@@ -433,7 +431,7 @@ def _finetune(
         read_task_rows,
     )
     from lmforge.log import RunLogger, capture_env
-    from lmforge.runs import LOCK_FILE, claim, discard_aside, mark_running, mark_stopped, set_aside
+    from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
     from lmforge.train.loop import train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -477,7 +475,7 @@ def _finetune(
     # it writes its files leaves nothing behind (release, in `finetune`, removes a folder the claim made)
     claim(out)
     out.mkdir(parents=True, exist_ok=True)  # (claim made it, but for where there is no flock)
-    if overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
+    if overwrite and run_contents(out):
         set_aside(out)  # the old run is deleted once this one starts (put back if it is refused before)
     teacher: nn.Module | None = None
     loaded, base_path, base_sha = load_base(base, out, device)

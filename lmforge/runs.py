@@ -60,6 +60,23 @@ _claims: dict[Path, Any] = {}  # run folder -> its open lock file, held until th
 RUN_MARKERS = ("checkpoints", STATUS_FILE, "env.json", "metrics.jsonl", "finetune.json")
 
 
+def run_contents(folder: Path) -> list[Path]:
+    """What a run folder holds besides its lock file ([]: no folder, or one holding the lock alone)."""
+    folder = Path(folder)
+    return [p for p in folder.iterdir() if p.name != LOCK_FILE] if folder.is_dir() else []
+
+
+def has_run_markers(folder: Path) -> bool:
+    """Whether `folder` holds something only `pretrain`/`finetune` write (RUN_MARKERS): a run (or one that
+    started), which --overwrite may replace."""
+    return any((Path(folder) / name).exists() for name in RUN_MARKERS)
+
+
+def _remove(path: Path, *, ignore_errors: bool = False) -> None:
+    """Delete a file, link or folder (`ignore_errors`: what of a folder cannot go stays, as `shutil.rmtree`)."""
+    shutil.rmtree(path, ignore_errors=ignore_errors) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = ()) -> None:
     """`pretrain`/`finetune --out` before anything in it changes: never what the command reads, and
     --overwrite deletes only a run.
@@ -83,13 +100,11 @@ def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: l
                 f"--out {out} {what} {source}, which this command reads (training writes into --out, and "
                 "--overwrite deletes it); choose another --out"
             )
-    if overwrite and out.is_dir():
-        names = {p.name for p in out.iterdir()} - {LOCK_FILE}
-        if names and not names & set(RUN_MARKERS):
-            raise ConfigError(
-                f"refusing to overwrite {out}: it is not an lmforge run (no checkpoints/ or status.json), and "
-                "--overwrite would delete everything in it; choose another --out"
-            )
+    if overwrite and run_contents(out) and not has_run_markers(out):
+        raise ConfigError(
+            f"refusing to overwrite {out}: it is not an lmforge run (no checkpoints/ or status.json), and "
+            "--overwrite would delete everything in it; choose another --out"
+        )
 
 
 @dataclass
@@ -183,10 +198,10 @@ def set_aside(run_dir: Path) -> None:
     """
     run_dir = Path(run_dir).resolve()
     held = _claims.get(run_dir)
-    children = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
+    children = run_contents(run_dir)
     if held is None:
         for child in children:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            _remove(child)
         return
     aside = run_dir.parent / f".{run_dir.name}.lmforge-old-{os.getpid()}-{time.monotonic_ns()}"
     aside.mkdir()
@@ -205,9 +220,8 @@ def discard_aside(run_dir: Path) -> None:
 
 def _restore_aside(run_dir: Path, aside: Path) -> None:
     """Put back the old run `set_aside` moved out, removing what the refused new run left in RUN."""
-    for child in run_dir.iterdir():
-        if child.name != LOCK_FILE:
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for child in run_contents(run_dir):
+        _remove(child, ignore_errors=True)
     for child in aside.iterdir():
         os.rename(child, run_dir / child.name)
     aside.rmdir()
@@ -229,7 +243,7 @@ def release(run_dir: Path) -> None:
     try:  # (still holding the lock: no other process may start in the folder while it goes)
         if held.aside is not None:  # --overwrite, and the new run never started: the old one comes back
             _restore_aside(run_dir, held.aside)
-        elif not any((run_dir / name).exists() for name in RUN_MARKERS):
+        elif not has_run_markers(run_dir):
             if held.made is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 for folder in [run_dir, *run_dir.parents]:  # the parents the claim made, if nothing else is there

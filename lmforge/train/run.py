@@ -39,7 +39,16 @@ from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
-from lmforge.runs import LOCK_FILE, claim, discard_aside, mark_running, mark_stopped, release, set_aside
+from lmforge.runs import (
+    claim,
+    discard_aside,
+    has_run_markers,
+    mark_running,
+    mark_stopped,
+    release,
+    run_contents,
+    set_aside,
+)
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import open_trackers
 from lmforge.train.loop import train
@@ -96,7 +105,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
     """Create or check the run directory; returns True when an existing run should be resumed.
 
     The caller has `claim`ed it: no other process trains it (and --overwrite cannot delete a live run)."""
-    occupied = run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    occupied = bool(run_contents(run_dir))
     if occupied and overwrite:  # kept aside until the new run starts: a refusal during setup puts it back
         set_aside(run_dir)
     elif occupied:
@@ -121,9 +130,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             if not has_ckpts:
                 if problem == "is damaged":
                     raise ConfigError(f"{config_path} is damaged; pass --overwrite to start the run over")
-                from lmforge.runs import RUN_MARKERS
-
-                if not any((run_dir / name).exists() for name in RUN_MARKERS):  # --overwrite would refuse it
+                if not has_run_markers(run_dir):  # --overwrite would refuse it
                     raise ConfigError(
                         f"{run_dir} exists and is not an lmforge run (no config.json); choose another --out"
                     )
