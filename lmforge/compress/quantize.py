@@ -282,7 +282,7 @@ def quantize_run(
             quantized = load_trained(tmp, cpu)
             if data_dir:
                 config = trained.config
-                forward = run_forward_batch(config.eval, config.train, trained.checkpoint.path.parent.parent)
+                forward = run_forward_batch(config.eval, config.train, trained.checkpoint.path)
                 sample = dict(batch_size=forward, max_batches=max_batches)
                 try:
                     result["bpb_before"] = evaluate_checkpoint(str(path), **sample, device="cpu")["bpb"]

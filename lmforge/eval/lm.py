@@ -162,13 +162,15 @@ def shard_batches(batches: Iterable[Any], rank: int, world_size: int) -> Iterato
             return
 
 
-def run_forward_batch(eval_cfg: EvalConfig, train_cfg: TrainConfig, run_dir: Path) -> int:
-    """Sequences per forward pass when one process evaluates a run: those of one of the processes that
-    trained it (env.json's world_size). Under torchrun, train.micro_batch_size 0 splits the global batch
-    over the ranks, and a forward of the whole global batch may not fit one GPU. Which sequences are
-    scored does not depend on it (`EvalConfig.sequences`)."""
+def run_forward_batch(eval_cfg: EvalConfig, train_cfg: TrainConfig, ckpt_dir: Path) -> int:
+    """Sequences per forward pass when one process evaluates a run's checkpoint: those of one of the
+    processes that trained it (the run's env.json world_size). Under torchrun, train.micro_batch_size 0
+    splits the global batch over the ranks, and a forward of the whole global batch may not fit one GPU.
+    Which sequences are scored does not depend on it (`EvalConfig.sequences`)."""
+    from lmforge.adapt.load import run_dir_of
+
     try:
-        return eval_cfg.forward_batch(train_cfg, recorded_world_size(run_dir))
+        return eval_cfg.forward_batch(train_cfg, recorded_world_size(run_dir_of(ckpt_dir)))
     except ConfigError:  # (an env.json edited by hand: a world size the batch does not split over)
         return eval_cfg.forward_batch(train_cfg)
 
@@ -229,7 +231,7 @@ def evaluate_checkpoint(
     eval_cfg = dataclasses.replace(
         trained.config.eval, batch_size=batch_size or trained.config.eval.batch_size, max_batches=max_batches
     )
-    forward = run_forward_batch(eval_cfg, train_cfg, checkpoint.path.parent.parent)
+    forward = run_forward_batch(eval_cfg, train_cfg, checkpoint.path)
     limit = eval_cfg.sequences(train_cfg)
     if trained.config.objective.name != "clm":  # encoders: mlm_accuracy, mlm_ppl, nsp_accuracy, rtd_auc, ...
         from lmforge.data.masking import mlm_eval_batches
