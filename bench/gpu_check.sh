@@ -7,6 +7,7 @@
 #
 #     bash bench/gpu_check.sh             # about 7 minutes on one H100 or H200
 #     GPU_TESTS=0 bash bench/gpu_check.sh # the speed rows alone
+#     ONLY="tests speed_compile_b64_nolog" bash bench/gpu_check.sh  # the steps named (a short lease)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
@@ -18,10 +19,12 @@ GPT2=(bench/train_speed.py --device cuda --dtype bfloat16 --presets gpt2-124m --
 step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $OUT/NAME.txt, say how it ended
     local name=$1 limit=$2
     shift 2
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
     local t0=$SECONDS
     # a fresh inductor cache per step: a cached graph would hide both the compile time and an attention
     # kernel change (the AOTAutograd cache does not key on the SDPA kernel order)
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    # (CACHE=DIR shares one cache between the steps instead: a short lease's rows then compile once)
+    TORCHINDUCTOR_CACHE_DIR=${CACHE:-$(mktemp -d)} timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     local rc=$?
     echo "== $name: exit $rc in $((SECONDS - t0)) s"
     tail -n 8 "$OUT/$name.txt"
@@ -37,6 +40,10 @@ cat "$OUT/env.txt"
 step speed_compile_b64 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 3
 # log steps (each syncs the host) only where a train() call ends: the idle time left in steady state
 step speed_compile_b64_nolog 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 8 --log-every 1000
+# CUDA graphs (`--train.compile_mode reduce-overhead`): no launch gaps between kernels
+step speed_compile_b64_cudagraphs 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --compile-mode reduce-overhead --profile 3
+# GPT-2's own recipe: ~0.5M tokens per optimizer step, 8 micro-batches of 64 x 1024
+step speed_compile_b64_accum8 150 $PY "${GPT2[@]}" --batch 64 --accum 8 --steps 8 --compile on --vocab-size 50304
 step speed_compile_b64_flash 120 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --attention flash
 step speed_eager_b32 90 $PY "${GPT2[@]}" --batch 32 --vocab-size 50304
 step speed_eager_b32_flash 90 $PY "${GPT2[@]}" --batch 32 --vocab-size 50304 --attention flash

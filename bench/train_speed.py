@@ -54,12 +54,12 @@ def random_batches(vocab: int, batch: int, seq_len: int, seed: int = 0):
 def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, loader, precision, forward_model=None):
     """A function that runs the real training loop for n more steps (no eval, no saving) and returns seconds.
 
-    `train_cfg` gives the batch and schedule (its max_steps is replaced); one optimizer step per batch of
-    the loader (use micro_batch_size 0). `forward_model`: what the loop calls (a `torch.compile`
+    `train_cfg` gives the batch and schedule (its max_steps is replaced); the loader yields micro-batches,
+    `train_cfg.accum_steps` of them per optimizer step. `forward_model`: what the loop calls (a `torch.compile`
     wrapper of `model`, as `pretrain --train.compile true` makes); default `model`.
     """
     state = TrainState()
-    objective = CausalLM(compile=train_cfg.compile)  # compiled cross-entropy too, as pretrain does
+    objective = CausalLM(compile=train_cfg.compile, mode=train_cfg.compile_mode)  # cross-entropy too, as pretrain
 
     def run(n_steps: int) -> float:
         until = state.step + n_steps
@@ -181,10 +181,12 @@ def bench(
     device: str,
     fused: str = "auto",
     compile: bool = False,
+    compile_mode: str = "default",
     vocab_size: int = 0,
     attention: str = "auto",
     profile: int = 0,
     log_every: int = 0,
+    accum: int = 1,
 ) -> dict:
     vocab = vocab_size or load_config(preset=preset).model.vocab_size or 4096
     cfg = load_config(
@@ -192,11 +194,12 @@ def bench(
         overrides={
             "model": {"vocab_size": vocab, "dropout": 0.0},
             "train": {
-                "batch_size": batch,
-                "micro_batch_size": 0,
+                "batch_size": batch * accum,
+                "micro_batch_size": batch,
                 "dtype": dtype,
                 "device": device,
                 "compile": compile,
+                "compile_mode": compile_mode,
                 "attention": attention,
                 **({"log_every": log_every} if log_every else {}),
             },
@@ -212,7 +215,7 @@ def bench(
     optimizer = build_optimizer(model, cfg.optim, lr=cfg.train.lr, device=dev)
     seq_len = cfg.model.max_seq_len
     loader = random_batches(cfg.model.vocab_size, batch, seq_len)
-    forward_model = torch.compile(model) if compile else model  # as train/run.py does
+    forward_model = torch.compile(model, mode=compile_mode) if compile else model  # as train/run.py does
     run = stepper(cfg.train, cfg.optim, model, optimizer, loader, precision, forward_model)
 
     t0 = time.perf_counter()
@@ -221,19 +224,20 @@ def bench(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     seconds = run(steps)
-    tokens = steps * batch * seq_len
+    tokens = steps * accum * batch * seq_len
     tok_s = tokens / seconds
     prof = profile_steps(run, profile, dev) if profile else None
     peak = measure_matmul_flops(dev.type, precision.dtype)
     return {
         "profile": prof,
         # the linear layers' share of the count (flops_per_token less its attention term)
-        "matmul_flops_step": batch
+        "matmul_flops_step": accum
+        * batch
         * seq_len
         * (model.flops_per_token(seq_len) - 12.0 * cfg.model.n_layer * cfg.model.d_model * seq_len),
         "preset": preset,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "shape": f"{batch}x{seq_len}",
+        "shape": f"{batch}x{seq_len}" + (f" x{accum}" if accum > 1 else ""),
         "ms_step": 1000 * seconds / steps,
         "tok_s": tok_s,
         "tflops": model.flops_per_token(seq_len) * tok_s / 1e12,
@@ -241,6 +245,8 @@ def bench(
         "mfu": model.flops_per_token(seq_len) * tok_s / peak,
         "warmup_s": warmup_s,
         "mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        # what the process holds: CUDA graphs' private pool is reserved, not counted as allocated
+        "reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30 if dev.type == "cuda" else None,
     }
 
 
@@ -255,6 +261,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (optim.fused)")
     parser.add_argument("--compile", default="off", choices=["on", "off"], help="torch.compile the model")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="train.compile_mode (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary (e.g. 50304)")
     parser.add_argument(
         "--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient"], help="train.attention (CUDA)"
@@ -263,6 +275,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="profile N more steps: device time by kernel kind")
     parser.add_argument(
         "--log-every", type=int, default=0, help="train.log_every (default: the preset's); a log step syncs the host"
+    )
+    parser.add_argument(
+        "--accum", type=int, default=1, help="micro-batches of --batch per optimizer step (gradient accumulation)"
     )
     parser.add_argument("--inductor", action="append", default=[], help="KEY=VALUE torch._inductor.config option")
     args = parser.parse_args()
@@ -274,7 +289,9 @@ def main() -> None:
         where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     print(
         f"# torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, dtype {args.dtype}, "
-        f"fused AdamW {args.fused}, compile {args.compile}, attention {args.attention}"
+        f"fused AdamW {args.fused}, compile {args.compile}"
+        + (f" ({args.compile_mode})" if args.compile == "on" else "")
+        + f", attention {args.attention}"
         + (f", inductor {' '.join(args.inductor)}" if args.inductor else "")
     )
     rows = []
@@ -290,10 +307,12 @@ def main() -> None:
                 device=args.device,
                 fused=args.fused,
                 compile=args.compile == "on",
+                compile_mode=args.compile_mode,
                 vocab_size=args.vocab_size,
                 attention=args.attention,
                 profile=args.profile,
                 log_every=args.log_every,
+                accum=args.accum,
             )
         )
     gpu = rows[0]["mem_gib"] is not None
@@ -306,8 +325,8 @@ def main() -> None:
         head += f" MFU of {args.nominal_peak:g} |"
         rule += "-" * (len(f" MFU of {args.nominal_peak:g} ")) + "|"
     if gpu:
-        head += " peak mem GiB | warm-up s |"
-        rule += "--------------|-----------|"
+        head += " peak mem GiB | reserved GiB | warm-up s |"
+        rule += "--------------|--------------|-----------|"
     print(head)
     print(rule)
     for r in rows:
@@ -319,7 +338,7 @@ def main() -> None:
             mfu = r["tflops"] / args.nominal_peak
             line += f" {100 * mfu:>{len(f'MFU of {args.nominal_peak:g}') - 1}.1f}% |"
         if gpu:
-            line += f" {r['mem_gib']:>12.2f} | {r['warmup_s']:>9.1f} |"
+            line += f" {r['mem_gib']:>12.2f} | {r['reserved_gib']:>12.2f} | {r['warmup_s']:>9.1f} |"
         print(line)
     for r in rows:
         if r["profile"]:

@@ -103,8 +103,9 @@ PEAK_FLOPS = {
     "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
 }
 # Model FLOPs utilization assumed when the caller gives none. GPUs: 0.4 of the datasheet peak, measured
-# with bench/train_speed.py for GPT-2 124M on one H100 in bf16 with `--train.compile true`: 0.37-0.40
-# at 16-64 x 1024 tokens per step (eager: 0.27; nanoGPT / PaLM report 0.4-0.5 at larger scale). CPU: 0.45, measured
+# with bench/train_speed.py for GPT-2 124M on one H100 in bf16 with `--train.compile true`: 0.39-0.41
+# at 32-64 x 1024 tokens per step, 0.43-0.44 on an H200 (eager: 0.27; nanoGPT / PaLM report 0.4-0.5 at
+# larger scale). CPU: 0.45, measured
 # with bench/train_speed.py: the `small` preset reached 49% of the measured fp32 matmul peak on a
 # 2-vCPU AVX-512 VM (quickstart 40-52%, tiny 22-29%: tiny models are overhead-bound, see
 # bench/estimate_vs_measured.py).

@@ -138,9 +138,9 @@ class CausalLM:
     instead of materialising fp32 copies of a (tokens x vocab) tensor several times per step.
     """
 
-    def __init__(self, compile: bool = False) -> None:
-        if compile:
-            self.loss_fn = torch.compile(causal_lm_loss)  # shadows the method below
+    def __init__(self, compile: bool = False, mode: str = "default") -> None:
+        if compile:  # `mode`: torch.compile's (`--train.compile_mode`), as for the model
+            self.loss_fn = torch.compile(causal_lm_loss, mode=mode)  # shadows the method below
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(logits, targets)

@@ -68,6 +68,10 @@ def test_wrong_types_and_values():
         load_config(overrides=["--train.batch_size", "10", "--train.micro_batch_size", "4"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config(overrides=["--model.d_model", "100", "--model.n_head", "3"])
+    with pytest.raises(ConfigError, match="train.compile_mode 'reduce-overhead' needs train.compile true"):
+        load_config(overrides=["--train.compile_mode", "reduce-overhead"])
+    cfg = load_config(overrides=["--train.compile", "true", "--train.compile_mode", "reduce-overhead"])
+    assert cfg.train.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--train.lr"])
 

@@ -6,6 +6,8 @@ machine with `pytest -m gpu`.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -97,3 +99,26 @@ def test_compiled_generation_on_cuda_matches_eager(capsys: pytest.CaptureFixture
     eager = generate(model, prompt, max_new_tokens=24, temperature=0)
     assert generate(model, prompt, max_new_tokens=24, temperature=0, compile=True) == eager
     assert model not in _compile_failed and "--compile failed" not in capsys.readouterr().err
+
+
+def test_cuda_graphs_compile_mode_trains_as_the_default_mode(data_dir, tmp_path):
+    """`--train.compile_mode reduce-overhead`: the compiled model and loss replay as CUDA graphs (none skipped),
+    and the run's curve is the default mode's, to bf16 rounding (the same kernels, launched from a graph)."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    flags = {"train.device": "cuda", "train.compile": True, "checkpoint.every": 0}
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        counters.clear()
+        pretrain(tiny_config(data_dir, tmp_path / mode, **flags, **{"train.compile_mode": mode}), progress=False)
+        lines = (tmp_path / mode / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        runs[mode] = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+        if mode == "reduce-overhead":
+            assert counters["inductor"]["cudagraph_skips"] == 0
+    assert len(runs["default"]) == len(runs["reduce-overhead"]) == 12
+    assert runs["reduce-overhead"] == pytest.approx(runs["default"], rel=2e-2)
+    assert runs["default"][-1] < runs["default"][0]

@@ -139,7 +139,7 @@ def setup_objective(
             loader = mixture_loader(
                 cfg.data.mix, tokenizer.fingerprint, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks
             )
-            return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
+            return ObjectiveSetup(CausalLM(compile=cfg.train.compile, mode=cfg.train.compile_mode), loader, None)
         if cfg.data.curriculum != "none":  # easy windows first (lmforge/data/curriculum.py)
             from lmforge.data.curriculum import CurriculumLoader
 
@@ -147,11 +147,11 @@ def setup_objective(
                 train_shards, eos=tokenizer.eos_id, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed,
                 steps=cfg.data.curriculum_steps, start=cfg.data.curriculum_start, accum_steps=accum_steps, **ranks,
             )  # fmt: skip
-            return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
+            return ObjectiveSetup(CausalLM(compile=cfg.train.compile, mode=cfg.train.compile_mode), loader, None)
         from lmforge.data.loader import TokenLoader
 
         loader = TokenLoader(train_shards, seq_len=seq_len, batch_size=mb, seed=cfg.train.seed, **ranks)
-        return ObjectiveSetup(CausalLM(compile=cfg.train.compile), loader, None)
+        return ObjectiveSetup(CausalLM(compile=cfg.train.compile, mode=cfg.train.compile_mode), loader, None)
     if cfg.data.mix or cfg.data.curriculum != "none":
         raise ConfigError(f"data.mix and data.curriculum work with objective clm for now, not {name!r}")
 

@@ -515,7 +515,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
 
     comm_failed = False
     first_step = state.step
-    forward_model = torch.compile(train_model) if cfg.train.compile else train_model
+    forward_model = torch.compile(train_model, mode=cfg.train.compile_mode) if cfg.train.compile else train_model
     if world.is_main:
         mark_running(run_dir)  # status.json, read by `lmforge runs`
     try:
