@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to $OUT/NAM
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-[ "${GPU_TESTS:-1}" = 0 ] || step tests 300 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_dist.py
+[ "${GPU_TESTS:-1}" = 0 ] || step tests 300 $PY -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/test_gpu.py tests/test_gpu_dist.py
 step speed_compile_b64 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 3
 # log steps (each syncs the host) only where a train() call ends: the idle time left in steady state
 step speed_compile_b64_nolog 150 $PY "${GPT2[@]}" --batch 64 --compile on --vocab-size 50304 --profile 8 --log-every 1000
