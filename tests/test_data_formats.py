@@ -165,6 +165,29 @@ def test_corrupt_zst(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["cut.txt.zst", "cut.jsonl.zst"])
+def test_truncated_zst_is_an_error(tmp_path: Path, name: str) -> None:
+    # zstandard's stream_reader read a .zst cut short as a shorter text (here: nothing), with no error
+    import zstandard
+
+    texts = sentences(300, seed=23)
+    body = "\n\n".join(texts) if name.endswith(".txt.zst") else "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    whole = zstandard.ZstdCompressor().compress(body.encode("utf-8"))
+    (tmp_path / name).write_bytes(whole[: len(whole) - 20])
+    with pytest.raises(DataError, match=rf"{name}: (cannot decompress|read failed) \(.*truncated"):
+        run(tmp_path, [tmp_path / name])
+    assert_nothing_written(tmp_path)
+    frames = zstandard.ZstdCompressor().compress(body[:500].encode()) + zstandard.ZstdCompressor().compress(b"")
+    (tmp_path / name).write_bytes(frames + zstandard.ZstdCompressor().compress(body[500:].encode()))
+    assert [d.text for d in read_documents(tmp_path / name)] == [d.text for d in read_documents(_plain(tmp_path, body))]
+
+
+def _plain(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / ("plain.jsonl" if body.startswith("{") else "plain.txt")
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
 def test_mixed_encodings_are_an_error(tmp_path: Path) -> None:
     utf8 = "\n\n".join(sentences(30, seed=22)).encode("utf-8")
     gbk = ("\n\n" + "中文段落使用了另一种编码。" * 20).encode("gbk")

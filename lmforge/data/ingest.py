@@ -278,9 +278,43 @@ def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
     if name.endswith(".gz"):
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if zstd is not None:
-        reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        return raw, io.BufferedReader(reader)  # type: ignore[arg-type, return-value]
+        return raw, io.BufferedReader(_ZstdReader(raw, zstd), 1 << 16)  # type: ignore[return-value]
     return raw, raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file (all its frames), raising `ZstdError` if it ends mid-frame.
+
+    zstandard's own `stream_reader` returns what it could decode and then EOF when the file is cut
+    short, without an error: a truncated download prepared silently as part (or, for one-block files,
+    none) of the text. Gzip raises on the same damage (EOFError)."""
+
+    def __init__(self, raw: BinaryIO, zstd: Any) -> None:
+        self._raw, self._zstd = raw, zstd
+        self._frame: Any = None  # the decompressobj of the current frame
+        self._out = memoryview(b"")  # decompressed bytes not read yet
+        self._next = b""  # compressed bytes past the end of the last frame
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            data = self._next or self._raw.read(_PIECE_BYTES)
+            self._next = b""
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends in the middle of a frame (truncated)")
+                return 0
+            if self._frame is None or self._frame.eof:
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            self._out = memoryview(self._frame.decompress(data))
+            if self._frame.eof:
+                self._next = self._frame.unused_data
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def check_not_binary(path: Path) -> None:
