@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_binary
+from lmforge.data.ingest import resolve_inputs
 from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
 from lmforge.data.split import assign_split, bucket, doc_digest
@@ -377,6 +378,23 @@ def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
     run(tmp_path, [tmp_path / "texts"], out="texts/prepared")  # --out inside an input folder is fine
     with pytest.raises(LmforgeError, match="overlaps the directory being read"):  # merging into a part
         run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True, vocab_size=4096)
+
+
+def test_folder_walk_follows_links_and_refuses_dangling_ones(tmp_path: Path) -> None:
+    """A linked folder inside an input folder is read (os.walk skipped it silently), a link loop is walked
+    once, and a link to nothing is a one-line error naming it (it was '[Errno 2] ...' from a stat)."""
+    write(tmp_path / "books" / "b.txt", "a book")
+    write(tmp_path / "corpus" / "a.txt", "a text")
+    (tmp_path / "corpus" / "books").symlink_to(tmp_path / "books", target_is_directory=True)
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)
+    files, skipped = resolve_inputs([str(tmp_path / "corpus")])
+    assert files == [tmp_path / "corpus" / "a.txt", tmp_path / "corpus" / "books" / "b.txt"] and skipped == []
+    (tmp_path / "corpus" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match=r"gone\.txt is a symbolic link to .*missing\.txt, which does not exist"):
+        run(tmp_path, [tmp_path / "corpus"])
+    with pytest.raises(DataError, match=r"gone\.txt is a symbolic link"):  # a glob listed it and skipped it
+        run(tmp_path, [str(tmp_path / "corpus" / "*.txt")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
