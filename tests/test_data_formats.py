@@ -75,6 +75,11 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.csv:4: a quote opened in this row is never closed"):
         run(tmp_path, [tmp_path / "t.csv"])
     assert_nothing_written(tmp_path)
+    # text after a quoted field's closing quote: the error said only "'\t' expected after '\"'"
+    write(tmp_path / "t.tsv", 'text\tlabel\nfine\t1\n"Hi," he said.\t0\n')
+    with pytest.raises(DataError, match=r"t\.tsv:3: not valid TSV .*quote the whole field and write the quotes in it"):
+        run(tmp_path, [tmp_path / "t.tsv"])
+    assert_nothing_written(tmp_path)
 
 
 def test_parquet(tmp_path: Path) -> None:

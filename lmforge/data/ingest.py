@@ -820,4 +820,9 @@ def _table_documents(
                 f"{path}:{row_start}: a quote opened in this row is never closed, so the rest of the file would be "
                 f'one field; close it (a literal quote inside a quoted field is written "")'
             ) from None
-        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e})") from None
+        if "expected after" in str(e):  # strict: text after the closing quote of a quoted field
+            raise DataError(
+                f"{path}:{reader.line_num}: not valid {kind} ({e}): a field that starts with a quote is a quoted "
+                f'field, which must end at its closing quote; quote the whole field and write the quotes in it as ""'
+            ) from None
+        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e}); fix the row") from None
