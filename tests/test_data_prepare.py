@@ -232,6 +232,18 @@ def test_val_and_test_inputs(tmp_path: Path) -> None:
     assert [i["role"] for i in m["inputs"]] == ["val", "test", "auto"]
 
 
+def test_no_training_data_besides_eval_inputs_says_why(tmp_path: Path) -> None:
+    """Both said 'all N documents went to val/test ...; lower --val-fraction/--test-fraction', which no
+    fraction fixes: the inputs were the evaluation file itself, or a copy of it."""
+    write(tmp_path / "val.txt", "held out\n\nalso held out")
+    write(tmp_path / "copy.txt", "held out\r\n\r\nalso held out\r\n")
+    with pytest.raises(DataError, match=r"every input is also a --val-input/--test-input file"):
+        run(tmp_path, [tmp_path / "val.txt"], val_input=[str(tmp_path / "val.txt")])
+    with pytest.raises(DataError, match=r"none to train; 2 more were removed as copies of --val-input"):
+        run(tmp_path, [tmp_path / "copy.txt"], val_input=[str(tmp_path / "val.txt")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_val_input_only_keeps_hash_test_split(tmp_path: Path) -> None:
     paras = sentences(100, seed=7)
     write(tmp_path / "train.txt", "\n\n".join(paras))
