@@ -375,6 +375,9 @@ def test_existing_output(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a prepared data directory"):
         run(tmp_path, [tmp_path / "a.txt"], out="precious", overwrite=True)
     assert (tmp_path / "precious" / "thesis.txt").exists()
+    # an --out below a file: refused before reading (it was "[Errno 17] File exists" after the read)
+    with pytest.raises(DataError, match=r"cannot make --out .*a\.txt/sub/out: .*a\.txt is a file, not a folder"):
+        run(tmp_path, [tmp_path / "a.txt"], out="a.txt/sub/out")
 
 
 def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:

@@ -295,6 +295,10 @@ def _no_bar(progress: bool) -> bool | None:
 
 def check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
+        # the nearest existing parent must be a folder (it said "[Errno 17] File exists" after the whole read)
+        parent = next(p for p in out.parents if p.exists())
+        if not parent.is_dir():
+            raise DataError(f"cannot make --out {out}: {parent} is a file, not a folder; choose another --out")
         return
     if not overwrite:
         raise DataError(
