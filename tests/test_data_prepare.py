@@ -326,6 +326,7 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
     for data, source in [
         ((CHINESE * 20).encode("utf-16"), "UTF-16"),
         ("plain text\n".encode("utf-16-le"), "UTF-16LE"),
+        ((CHINESE * 20).encode("utf-16-be"), "UTF-16BE"),  # was "looks like a binary file": Chinese has no NULs
     ]:
         write(tmp_path / "in" / "z.txt", data * 10)
         with pytest.raises(DataError, match=rf"z\.txt is UTF-16 text, not UTF-8; .* iconv -f {source} -t UTF-8"):
