@@ -75,6 +75,11 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.csv:4: a quote opened in this row is never closed"):
         run(tmp_path, [tmp_path / "t.csv"])
     assert_nothing_written(tmp_path)
+    # text after a quoted field's closing quote: the error said only "'\t' expected after '\"'"
+    write(tmp_path / "t.tsv", 'text\tlabel\nfine\t1\n"Hi," he said.\t0\n')
+    with pytest.raises(DataError, match=r"t\.tsv:3: not valid TSV .*quote the whole field and write the quotes in it"):
+        run(tmp_path, [tmp_path / "t.tsv"])
+    assert_nothing_written(tmp_path)
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -163,6 +168,29 @@ def test_corrupt_zst(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"a\.txt\.zst: cannot decompress"):
         run(tmp_path, [tmp_path / "a.txt.zst"])
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["cut.txt.zst", "cut.jsonl.zst"])
+def test_truncated_zst_is_an_error(tmp_path: Path, name: str) -> None:
+    # zstandard's stream_reader read a .zst cut short as a shorter text (here: nothing), with no error
+    import zstandard
+
+    texts = sentences(300, seed=23)
+    body = "\n\n".join(texts) if name.endswith(".txt.zst") else "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    whole = zstandard.ZstdCompressor().compress(body.encode("utf-8"))
+    (tmp_path / name).write_bytes(whole[: len(whole) - 20])
+    with pytest.raises(DataError, match=rf"{name}: (cannot decompress|read failed) \(.*truncated"):
+        run(tmp_path, [tmp_path / name])
+    assert_nothing_written(tmp_path)
+    frames = zstandard.ZstdCompressor().compress(body[:500].encode()) + zstandard.ZstdCompressor().compress(b"")
+    (tmp_path / name).write_bytes(frames + zstandard.ZstdCompressor().compress(body[500:].encode()))
+    assert [d.text for d in read_documents(tmp_path / name)] == [d.text for d in read_documents(_plain(tmp_path, body))]
+
+
+def _plain(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / ("plain.jsonl" if body.startswith("{") else "plain.txt")
+    path.write_text(body, encoding="utf-8")
+    return path
 
 
 def test_mixed_encodings_are_an_error(tmp_path: Path) -> None:

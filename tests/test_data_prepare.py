@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_binary
+from lmforge.data.ingest import resolve_inputs
 from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
 from lmforge.data.split import assign_split, bucket, doc_digest
@@ -231,6 +232,18 @@ def test_val_and_test_inputs(tmp_path: Path) -> None:
     assert [i["role"] for i in m["inputs"]] == ["val", "test", "auto"]
 
 
+def test_no_training_data_besides_eval_inputs_says_why(tmp_path: Path) -> None:
+    """Both said 'all N documents went to val/test ...; lower --val-fraction/--test-fraction', which no
+    fraction fixes: the inputs were the evaluation file itself, or a copy of it."""
+    write(tmp_path / "val.txt", "held out\n\nalso held out")
+    write(tmp_path / "copy.txt", "held out\r\n\r\nalso held out\r\n")
+    with pytest.raises(DataError, match=r"every input is also a --val-input/--test-input file"):
+        run(tmp_path, [tmp_path / "val.txt"], val_input=[str(tmp_path / "val.txt")])
+    with pytest.raises(DataError, match=r"none to train; 2 more were removed as copies of --val-input"):
+        run(tmp_path, [tmp_path / "copy.txt"], val_input=[str(tmp_path / "val.txt")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_val_input_only_keeps_hash_test_split(tmp_path: Path) -> None:
     paras = sentences(100, seed=7)
     write(tmp_path / "train.txt", "\n\n".join(paras))
@@ -313,6 +326,7 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
     for data, source in [
         ((CHINESE * 20).encode("utf-16"), "UTF-16"),
         ("plain text\n".encode("utf-16-le"), "UTF-16LE"),
+        ((CHINESE * 20).encode("utf-16-be"), "UTF-16BE"),  # was "looks like a binary file": Chinese has no NULs
     ]:
         write(tmp_path / "in" / "z.txt", data * 10)
         with pytest.raises(DataError, match=rf"z\.txt is UTF-16 text, not UTF-8; .* iconv -f {source} -t UTF-8"):
@@ -362,6 +376,9 @@ def test_existing_output(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a prepared data directory"):
         run(tmp_path, [tmp_path / "a.txt"], out="precious", overwrite=True)
     assert (tmp_path / "precious" / "thesis.txt").exists()
+    # an --out below a file: refused before reading (it was "[Errno 17] File exists" after the read)
+    with pytest.raises(DataError, match=r"cannot make --out .*a\.txt/sub/out: .*a\.txt is a file, not a folder"):
+        run(tmp_path, [tmp_path / "a.txt"], out="a.txt/sub/out")
 
 
 def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
@@ -377,6 +394,23 @@ def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
     run(tmp_path, [tmp_path / "texts"], out="texts/prepared")  # --out inside an input folder is fine
     with pytest.raises(LmforgeError, match="overlaps the directory being read"):  # merging into a part
         run(tmp_path, [tmp_path / "out"], out="out", merge=True, overwrite=True, vocab_size=4096)
+
+
+def test_folder_walk_follows_links_and_refuses_dangling_ones(tmp_path: Path) -> None:
+    """A linked folder inside an input folder is read (os.walk skipped it silently), a link loop is walked
+    once, and a link to nothing is a one-line error naming it (it was '[Errno 2] ...' from a stat)."""
+    write(tmp_path / "books" / "b.txt", "a book")
+    write(tmp_path / "corpus" / "a.txt", "a text")
+    (tmp_path / "corpus" / "books").symlink_to(tmp_path / "books", target_is_directory=True)
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)
+    files, skipped = resolve_inputs([str(tmp_path / "corpus")])
+    assert files == [tmp_path / "corpus" / "a.txt", tmp_path / "corpus" / "books" / "b.txt"] and skipped == []
+    (tmp_path / "corpus" / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match=r"gone\.txt is a symbolic link to .*missing\.txt, which does not exist"):
+        run(tmp_path, [tmp_path / "corpus"])
+    with pytest.raises(DataError, match=r"gone\.txt is a symbolic link"):  # a glob listed it and skipped it
+        run(tmp_path, [str(tmp_path / "corpus" / "*.txt")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:

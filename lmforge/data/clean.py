@@ -157,7 +157,23 @@ def utf16_encoding(head: bytes) -> str | None:
         for zeros, chars, name in ((odd, even, "UTF-16LE"), (even, odd, "UTF-16BE")):
             if zeros.count(0) > 0.9 * len(zeros) and chars.count(0) < 0.1 * len(chars):
                 return name  # no byte-order mark: iconv needs the byte order
+        # Chinese/Japanese text has few NULs: 90% of its code units are CJK, CJK punctuation, fullwidth
+        # forms or ASCII text characters, where random binary data has about a third
+        for name in ("UTF-16LE", "UTF-16BE"):
+            text = sample.decode(name.lower(), errors="replace")
+            if sum(_likely_utf16_char(c) for c in text) > 0.9 * len(text):
+                return name
     return None
+
+
+def _likely_utf16_char(c: str) -> bool:
+    return (
+        "\u4e00" <= c <= "\u9fff"
+        or "\u3000" <= c <= "\u30ff"
+        or "\uff00" <= c <= "\uffef"
+        or " " <= c <= "~"
+        or c in "\n\r\t"
+    )
 
 
 def looks_binary(head: bytes) -> bool:

@@ -22,7 +22,8 @@ Key design decisions:
   files sorted by path, so the same inputs always give the same document stream.
 - Files found inside folders or by a glob are read only if their format is known; others are
   skipped and reported (`skipped_files` in the manifest). Hidden files and folders (".git") are not
-  searched. A file named explicitly - or by a glob that spells out its extension, like `logs/*.log` -
+  searched; symbolic links to files and folders are followed (each folder walked once), and a link to
+  nothing is an error. A file named explicitly - or by a glob that spells out its extension, like `logs/*.log` -
   is read as plain text whatever its extension, as long as it is text.
 - A text file whose first 8 KiB look binary (NUL bytes, or mostly invalid UTF-8) stops the run with
   a one-line `DataError`: silently training on a PNG is worse than asking the user to remove it.
@@ -161,8 +162,18 @@ def _lmforge_output(folder: Path) -> bool:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    """Files under `folder`, sorted; hidden files and folders and lmforge's own outputs are left out."""
-    for root, dirs, files in os.walk(folder):
+    """Files under `folder`, sorted; hidden files and folders and lmforge's own outputs are left out.
+
+    Symbolic links to folders are followed, as links to files are (os.walk's default skipped them
+    silently, and with them a corpus assembled from links); a folder reached twice (a link loop, or two
+    links to one folder) is walked once."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _lmforge_output(Path(root) / d))
         for name in sorted(files):
             if not name.startswith("."):
@@ -203,6 +214,10 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
         if exclude is not None and not is_hub(path) and _under_out(key, exclude):
             return
         if explicit or is_known_format(path):
+            if not is_hub(path) and not path.exists():  # found by a folder walk or glob: a dangling link
+                raise DataError(
+                    f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+                )
             chosen.setdefault(key, path)
         else:
             skipped.setdefault(key, path)
@@ -224,7 +239,7 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
                 elif match.is_dir():
                     for file in _walk(match):
                         take(file, explicit=False)
-                elif match.is_file():
+                elif match.is_file() or match.is_symlink():  # (a dangling link: refused in take)
                     # `logs/*.log` names the extension, so the user means these files
                     take(match, explicit=raw.lower().endswith(match.suffix.lower()) and bool(match.suffix))
             continue
@@ -278,9 +293,43 @@ def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
     if name.endswith(".gz"):
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if zstd is not None:
-        reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        return raw, io.BufferedReader(reader)  # type: ignore[arg-type, return-value]
+        return raw, io.BufferedReader(_ZstdReader(raw, zstd), 1 << 16)  # type: ignore[return-value]
     return raw, raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file (all its frames), raising `ZstdError` if it ends mid-frame.
+
+    zstandard's own `stream_reader` returns what it could decode and then EOF when the file is cut
+    short, without an error: a truncated download prepared silently as part (or, for one-block files,
+    none) of the text. Gzip raises on the same damage (EOFError)."""
+
+    def __init__(self, raw: BinaryIO, zstd: Any) -> None:
+        self._raw, self._zstd = raw, zstd
+        self._frame: Any = None  # the decompressobj of the current frame
+        self._out = memoryview(b"")  # decompressed bytes not read yet
+        self._next = b""  # compressed bytes past the end of the last frame
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            data = self._next or self._raw.read(_PIECE_BYTES)
+            self._next = b""
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends in the middle of a frame (truncated)")
+                return 0
+            if self._frame is None or self._frame.eof:
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            self._out = memoryview(self._frame.decompress(data))
+            if self._frame.eof:
+                self._next = self._frame.unused_data
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def check_not_binary(path: Path) -> None:
@@ -771,4 +820,9 @@ def _table_documents(
                 f"{path}:{row_start}: a quote opened in this row is never closed, so the rest of the file would be "
                 f'one field; close it (a literal quote inside a quoted field is written "")'
             ) from None
-        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e})") from None
+        if "expected after" in str(e):  # strict: text after the closing quote of a quoted field
+            raise DataError(
+                f"{path}:{reader.line_num}: not valid {kind} ({e}): a field that starts with a quote is a quoted "
+                f'field, which must end at its closing quote; quote the whole field and write the quotes in it as ""'
+            ) from None
+        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e}); fix the row") from None

@@ -295,6 +295,10 @@ def _no_bar(progress: bool) -> bool | None:
 
 def check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
+        # the nearest existing parent must be a folder (it said "[Errno 17] File exists" after the whole read)
+        parent = next(p for p in out.parents if p.exists())
+        if not parent.is_dir():
+            raise DataError(f"cannot make --out {out}: {parent} is a file, not a folder; choose another --out")
         return
     if not overwrite:
         raise DataError(
@@ -792,8 +796,13 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     sources = [(p, "val") for p in val_files] + [(p, "test") for p in test_files]
     sources += [(p, "auto") for p in train_files if p.resolve() not in eval_files]
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
-    if not sources:
+    if not train_files:
         raise DataError("no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; check the paths")
+    if all(role != "auto" for _, role in sources):
+        raise DataError(
+            "every input is also a --val-input/--test-input file, which is read only as evaluation data; "
+            "pass the training files as inputs"
+        )
 
     tmp = fresh_tmp_dir(out)
     pool = None
@@ -831,9 +840,15 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 "check the files, --text-field, --min-chars and the filters"
             )
         if counts.split_docs["train"] == 0:
+            overlap = counts.removed["overlap_with_eval"]
             raise DataError(
                 f"all {documents_out} documents went to val/test, none to train; "
-                "add data or lower --val-fraction/--test-fraction"
+                + (
+                    f"{overlap} more were removed as copies of --val-input/--test-input documents: "
+                    "pass training files that are not the evaluation files"
+                    if overlap
+                    else "add data or lower --val-fraction/--test-fraction"
+                )
             )
 
         splits: dict[str, Any] = {}
