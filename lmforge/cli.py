@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -462,15 +463,33 @@ def given_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) 
     return given
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+def _parse_and_run(argv: list[str] | None) -> int:
+    parser = build_parser()  # (imports torch, through the config's dataclasses: a Ctrl-C may land here)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
-        sys.exit(0)
+        return 0
     args.given = given_flags(parser, args.command, sys.argv[1:] if argv is None else argv)
+    return _run(args, extra)
+
+
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C (raise KeyboardInterrupt), remembered: one that lands inside an import (torch and
+    numpy load lazily, for seconds) can leave the module half made, so that the next use fails with some
+    other error; with a Ctrl-C seen, that error is the interrupt too."""
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where Ctrl-C is ignored: nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
-        code = _run(args, extra)
+        code = _parse_and_run(argv)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -484,6 +503,14 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
+        if _sigint_seen:
+            print("lmforge: interrupted", file=sys.stderr)
+            sys.exit(130)
         print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if _sigint_seen:  # a module an earlier Ctrl-C left half imported
+            print("lmforge: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
     sys.exit(code)

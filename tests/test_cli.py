@@ -203,3 +203,33 @@ def test_quickstart_help_shows_the_settings_it_trains_with():
     preset = preset_dict("quickstart")
     assert f"--model.n_layer                Transformer blocks (default: {preset['model']['n_layer']})" in text
     assert f"(default: {preset['train']['time_budget']!r})" in text
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """A Ctrl-C that lands while torch and numpy are still importing (the first second or two of any command)
+    printed a KeyboardInterrupt traceback, or, inside numpy's import, an AttributeError from the module it
+    left half made. Each delay here lands somewhere else in the start-up; all must end the same way."""
+    import signal
+    import time
+
+    text = tmp_path / "a.txt"
+    text.write_text("Some text to prepare.\n\n" * 50, encoding="utf-8")
+
+    def interrupt(delay: float) -> tuple[int, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "prepare", str(text), "--out", str(tmp_path / f"out{delay}")],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        return proc.returncode, err
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(interrupt, [0.2, 0.35, 0.5, 0.7, 1.0, 1.4]))
+    for code, err in results:
+        assert code == 130 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) <= 1, err
