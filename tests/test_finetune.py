@@ -621,6 +621,33 @@ def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path:
     assert not (tmp_path / "ft").exists()
 
 
+def test_a_scored_conversation_must_end_with_the_reply(base: Path, tmp_path: Path):
+    """A --val conversation ending with a user turn failed the run only after training (at the final scoring,
+    status 'failed', no eval.json), and `eval` on a `messages` string stopped with a TypeError traceback: both are
+    now one-line errors naming the row when the file is read, before anything runs."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    hello = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    trailing = {"messages": [*hello["messages"], {"role": "user", "content": "and?"}]}
+    said = {
+        "trailing.jsonl": (trailing, r"row 2: the conversation ends with a user turn; .* add it or drop the row"),
+        "string.jsonl": ({"messages": "hi there"}, r"row 2: 'messages' must be a list of \{role, content\} .*not str"),
+        "role.jsonl": ({"messages": [{"role": "tool", "content": "x"}]}, r"row 2: bad message"),
+    }
+    for name, (row, message) in said.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(hello) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=message):
+            read_task_rows(path, "sft", field_map("sft", None), scored=True)
+        r = run_cli("eval", str(base), "--task", "sft", "--data", str(path))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and name in r.stderr, r.stderr
+    assert len(read_task_rows(tmp_path / "trailing.jsonl", "sft", field_map("sft", None))) == 2  # trains as before
+    with pytest.raises(DataError, match="ends with a user turn"):
+        finetune(base, train_file=DATA / "alpaca.jsonl", val_file=tmp_path / "trailing.jsonl", out=tmp_path / "ft",
+                 cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False)  # fmt: skip
+    assert not (tmp_path / "ft").exists()
+
+
 def test_task_files_in_parquet(base: Path, tmp_path: Path):
     """A Hugging Face dataset's Parquet data file is a task file as its JSONL would be (it was refused as
     'a binary file'): the same rows, lists (chat messages) kept, and a fine-tune and eval run on it."""

@@ -427,6 +427,8 @@ def check_columns(
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
+    if scored and task == "sft":  # the last assistant turn is the reference: refused here, not after training
+        _check_scored_conversations(rows, fields, path)
     # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
     # learns to stop at once; Alpaca has a few), so only files that are scored are checked.
     if scored and task in REFERENCE:
@@ -441,6 +443,27 @@ def check_columns(
             raise DataError(
                 f"{path}: row {empty[0]} has an empty {where}{more}, which would score an empty answer as "
                 f"perfect; write the reference {REFERENCE[task]} or remove the row"
+            )
+
+
+def _check_scored_conversations(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> None:
+    """Each `messages` row of a scored file is a valid conversation ending with the assistant reply to compare
+    against. Checked when the file is read: a fine-tune's --val used to fail only after training, at the final
+    scoring, and `eval` on a `messages` string stopped with a TypeError."""
+    from lmforge.chat import check_messages
+
+    for i, row in enumerate(rows, 1):
+        if fields["messages"] not in row:
+            continue
+        turns = row[fields["messages"]]
+        try:
+            check_messages(turns, allow_trailing_user=True)
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        if turns[-1]["role"] != "assistant":
+            raise DataError(
+                f"{path}: row {i}: the conversation ends with a {turns[-1]['role']} turn; a scored conversation "
+                "must end with the assistant reply to compare against; add it or drop the row"
             )
 
 
