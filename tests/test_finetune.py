@@ -229,6 +229,33 @@ def test_dpo_finetune_starts_at_log2_and_reports_rewards(base: Path, tmp_path: P
     assert val["reward_margin"] > 0
 
 
+def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
+    """Pairs with chosen == rejected were kept: they train nothing (loss log 2, zero gradient) and eval counted
+    each as a wrong reward ordering, capping reward_accuracy. Now they are skipped with a count (log line, eval's
+    `skipped_identical`); a file of only such pairs is a one-line error before the run folder is made. A pair
+    with one empty side is a real preference (hh-rlhf has a few) and is kept."""
+    rows = (DATA / "hh_rlhf.jsonl").read_text(encoding="utf-8").splitlines()
+    same = [json.dumps({"prompt": f"Q{i}", "chosen": "yes", "rejected": "yes"}) for i in range(3)]
+    empty = json.dumps({"prompt": "Q", "chosen": "", "rejected": "no"})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(rows[:4] + same + [empty]) + "\n", encoding="utf-8")
+    out = tmp_path / "dpo"
+    overrides = {**FAST, "train": {**FAST["train"], "max_steps": 2}}
+    result = finetune(base, train_file=mixed, val_file=mixed, out=out, cfg=FinetuneConfig(task="dpo", adapt="lora"),
+                      overrides=overrides, progress=False)  # fmt: skip
+    assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
+    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
+                str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
+    assert r.returncode == 0 and "chosen and rejected are the same (no preference): 3 of train" in r.stdout, r.stderr
+    r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
+    only_same = tmp_path / "same.jsonl"
+    only_same.write_text("\n".join(same) + "\n", encoding="utf-8")
+    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(only_same), "--out", str(tmp_path / "no"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "all 3 pairs have the same" in r.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_classify_cli_end_to_end_and_eval_matches(base: Path, tmp_path: Path):
     out = tmp_path / "cls"
     r = run_cli(

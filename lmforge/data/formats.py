@@ -575,11 +575,19 @@ def build_examples(
             prompt = str(row[fields["prompt"]])
         else:
             prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
-        out.append(
-            {
-                "chosen": completion_example(tok, prompt, chosen, max_len),
-                "rejected": completion_example(tok, prompt, rejected, max_len),
-            }
+        pair = {
+            "chosen": completion_example(tok, prompt, chosen, max_len),
+            "rejected": completion_example(tok, prompt, rejected, max_len),
+        }
+        # Identical sides state no preference: their DPO loss is log 2 with zero gradient whatever the model, and
+        # scoring counts them as a wrong reward ordering. Dropped; the caller reports len(rows) - len(pairs).
+        # An empty side is kept: it is a preference for (or against) stopping at once (hh-rlhf has 4 such).
+        if pair["chosen"].ids != pair["rejected"].ids:
+            out.append(pair)
+    if not out:
+        raise DataError(
+            f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
+            "there is no preference to learn or score; check the chosen and rejected columns"
         )
     return out
 
