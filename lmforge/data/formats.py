@@ -427,6 +427,10 @@ def check_columns(
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
+            # a blank text is the bare frame ([EOS], or [CLS] [SEP]): a label learned or scored from nothing
+            # (ChnSentiCorp_htl_all.csv's last row is "0," and used to train silently)
+            if not str(row[fields["text"]]).strip():
+                raise DataError(f"{path}: row {i} has an empty {fields['text']!r}; write the text or remove the row")
     if scored and task == "sft":  # the last assistant turn is the reference: refused here, not after training
         _check_scored_conversations(rows, fields, path)
     # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
