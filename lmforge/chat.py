@@ -82,7 +82,10 @@ class ChatTemplate:
 
 def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
     """A conversation is a non-empty list of {role, content} with at least one assistant turn to learn."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):  # (a string, or JSON null)
+        kind = "null" if messages is None else type(messages).__name__
+        raise DataError(f"'messages' must be a list of {{role, content}} objects, not {kind}")
+    if not messages:
         raise DataError("empty conversation: 'messages' must be a non-empty list of {role, content} objects")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):

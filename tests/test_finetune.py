@@ -229,6 +229,33 @@ def test_dpo_finetune_starts_at_log2_and_reports_rewards(base: Path, tmp_path: P
     assert val["reward_margin"] > 0
 
 
+def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
+    """Pairs with chosen == rejected were kept: they train nothing (loss log 2, zero gradient) and eval counted
+    each as a wrong reward ordering, capping reward_accuracy. Now they are skipped with a count (log line, eval's
+    `skipped_identical`); a file of only such pairs is a one-line error before the run folder is made. A pair
+    with one empty side is a real preference (hh-rlhf has a few) and is kept."""
+    rows = (DATA / "hh_rlhf.jsonl").read_text(encoding="utf-8").splitlines()
+    same = [json.dumps({"prompt": f"Q{i}", "chosen": "yes", "rejected": "yes"}) for i in range(3)]
+    empty = json.dumps({"prompt": "Q", "chosen": "", "rejected": "no"})
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(rows[:4] + same + [empty]) + "\n", encoding="utf-8")
+    out = tmp_path / "dpo"
+    overrides = {**FAST, "train": {**FAST["train"], "max_steps": 2}}
+    result = finetune(base, train_file=mixed, val_file=mixed, out=out, cfg=FinetuneConfig(task="dpo", adapt="lora"),
+                      overrides=overrides, progress=False)  # fmt: skip
+    assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
+    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
+                str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
+    assert r.returncode == 0 and "chosen and rejected are the same (no preference): 3 of train" in r.stdout, r.stderr
+    r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
+    only_same = tmp_path / "same.jsonl"
+    only_same.write_text("\n".join(same) + "\n", encoding="utf-8")
+    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(only_same), "--out", str(tmp_path / "no"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "all 3 pairs have the same" in r.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_classify_cli_end_to_end_and_eval_matches(base: Path, tmp_path: Path):
     out = tmp_path / "cls"
     r = run_cli(
@@ -331,6 +358,23 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
     with pytest.raises(DataError, match="row 3 has an empty 'label'"):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
+
+
+def test_an_empty_classification_text_is_an_error(base: Path, tmp_path: Path):
+    """A row with a blank text (ChnSentiCorp_htl_all.csv ends with the row "0,") trained and was scored silently
+    as the bare frame ([EOS]): now a one-line error naming the row and column, as an empty label is, in
+    training, --val and eval files alike."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    blank = tmp_path / "blank.csv"
+    blank.write_text("review,label\n房间很干净,1\n太差了,0\n  ,0\n", encoding="utf-8")
+    fields = field_map("classify", ["text=review"])
+    with pytest.raises(DataError, match=r"blank\.csv: row 3 has an empty 'review'; write the text or remove the row"):
+        read_task_rows(blank, "classify", fields)
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(blank), "--field", "text=review",
+                "--out", str(tmp_path / "b"))  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "row 3 has an empty 'review'" in r.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_folder_being_fine_tuned_is_not_touched_by_another_process(base: Path, tmp_path: Path):
@@ -618,6 +662,33 @@ def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path:
     with pytest.raises(DataError, match=r"qa\.csv: row 1 has an empty 'answer'"):
         finetune(base, train_file=tmp_path / "good.csv", val_file=tmp_path / "qa.csv", out=tmp_path / "ft",
                  cfg=FinetuneConfig(task="qa"))  # fmt: skip
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_scored_conversation_must_end_with_the_reply(base: Path, tmp_path: Path):
+    """A --val conversation ending with a user turn failed the run only after training (at the final scoring,
+    status 'failed', no eval.json), and `eval` on a `messages` string stopped with a TypeError traceback: both are
+    now one-line errors naming the row when the file is read, before anything runs."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    hello = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    trailing = {"messages": [*hello["messages"], {"role": "user", "content": "and?"}]}
+    said = {
+        "trailing.jsonl": (trailing, r"row 2: the conversation ends with a user turn; .* add it or drop the row"),
+        "string.jsonl": ({"messages": "hi there"}, r"row 2: 'messages' must be a list of \{role, content\} .*not str"),
+        "role.jsonl": ({"messages": [{"role": "tool", "content": "x"}]}, r"row 2: bad message"),
+    }
+    for name, (row, message) in said.items():
+        path = tmp_path / name
+        path.write_text(json.dumps(hello) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=message):
+            read_task_rows(path, "sft", field_map("sft", None), scored=True)
+        r = run_cli("eval", str(base), "--task", "sft", "--data", str(path))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and name in r.stderr, r.stderr
+    assert len(read_task_rows(tmp_path / "trailing.jsonl", "sft", field_map("sft", None))) == 2  # trains as before
+    with pytest.raises(DataError, match="ends with a user turn"):
+        finetune(base, train_file=DATA / "alpaca.jsonl", val_file=tmp_path / "trailing.jsonl", out=tmp_path / "ft",
+                 cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False)  # fmt: skip
     assert not (tmp_path / "ft").exists()
 
 

@@ -427,6 +427,12 @@ def check_columns(
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
+            # a blank text is the bare frame ([EOS], or [CLS] [SEP]): a label learned or scored from nothing
+            # (ChnSentiCorp_htl_all.csv's last row is "0," and used to train silently)
+            if not str(row[fields["text"]]).strip():
+                raise DataError(f"{path}: row {i} has an empty {fields['text']!r}; write the text or remove the row")
+    if scored and task == "sft":  # the last assistant turn is the reference: refused here, not after training
+        _check_scored_conversations(rows, fields, path)
     # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
     # learns to stop at once; Alpaca has a few), so only files that are scored are checked.
     if scored and task in REFERENCE:
@@ -441,6 +447,27 @@ def check_columns(
             raise DataError(
                 f"{path}: row {empty[0]} has an empty {where}{more}, which would score an empty answer as "
                 f"perfect; write the reference {REFERENCE[task]} or remove the row"
+            )
+
+
+def _check_scored_conversations(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> None:
+    """Each `messages` row of a scored file is a valid conversation ending with the assistant reply to compare
+    against. Checked when the file is read: a fine-tune's --val used to fail only after training, at the final
+    scoring, and `eval` on a `messages` string stopped with a TypeError."""
+    from lmforge.chat import check_messages
+
+    for i, row in enumerate(rows, 1):
+        if fields["messages"] not in row:
+            continue
+        turns = row[fields["messages"]]
+        try:
+            check_messages(turns, allow_trailing_user=True)
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        if turns[-1]["role"] != "assistant":
+            raise DataError(
+                f"{path}: row {i}: the conversation ends with a {turns[-1]['role']} turn; a scored conversation "
+                "must end with the assistant reply to compare against; add it or drop the row"
             )
 
 
@@ -552,11 +579,19 @@ def build_examples(
             prompt = str(row[fields["prompt"]])
         else:
             prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
-        out.append(
-            {
-                "chosen": completion_example(tok, prompt, chosen, max_len),
-                "rejected": completion_example(tok, prompt, rejected, max_len),
-            }
+        pair = {
+            "chosen": completion_example(tok, prompt, chosen, max_len),
+            "rejected": completion_example(tok, prompt, rejected, max_len),
+        }
+        # Identical sides state no preference: their DPO loss is log 2 with zero gradient whatever the model, and
+        # scoring counts them as a wrong reward ordering. Dropped; the caller reports len(rows) - len(pairs).
+        # An empty side is kept: it is a preference for (or against) stopping at once (hh-rlhf has 4 such).
+        if pair["chosen"].ids != pair["rejected"].ids:
+            out.append(pair)
+    if not out:
+        raise DataError(
+            f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
+            "there is no preference to learn or score; check the chosen and rejected columns"
         )
     return out
 

@@ -274,6 +274,7 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
         "chosen_reward": sum(chosen) / n,
         "rejected_reward": sum(rejected) / n,
         "n": n,
+        "skipped_identical": len(rows) - n,  # pairs with chosen == rejected (`build_examples`)
     }
 
 
@@ -429,6 +430,7 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"{task}: "
         + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))
         + f" | n {m.get('n', m.get('tokens'))}"
+        + (f" ({m['skipped_identical']} pairs with chosen == rejected skipped)" if m.get("skipped_identical") else "")
     )
     lines = [line]
     for s in m.get("samples", []):
