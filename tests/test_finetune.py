@@ -360,21 +360,36 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
 
 
-def test_an_empty_classification_text_is_an_error(base: Path, tmp_path: Path):
+def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_scored(base: Path, tmp_path: Path):
     """A row with a blank text (ChnSentiCorp_htl_all.csv ends with the row "0,") trained and was scored silently
-    as the bare frame ([EOS]): now a one-line error naming the row and column, as an empty label is, in
-    training, --val and eval files alike."""
+    as the bare frame ([EOS]). A training file's blank rows are now skipped and counted in the log (one stray row
+    should not block a real dataset); in a file whose rows are scored (--val, eval) it is a one-line error naming
+    the row, as an empty label is; a training file of only blank texts is an error."""
     from lmforge.data.formats import field_map, read_task_rows
 
     blank = tmp_path / "blank.csv"
     blank.write_text("review,label\n房间很干净,1\n太差了,0\n  ,0\n", encoding="utf-8")
     fields = field_map("classify", ["text=review"])
     with pytest.raises(DataError, match=r"blank\.csv: row 3 has an empty 'review'; write the text or remove the row"):
-        read_task_rows(blank, "classify", fields)
-    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(blank), "--field", "text=review",
-                "--out", str(tmp_path / "b"))  # fmt: skip
+        read_task_rows(blank, "classify", fields, scored=True)
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(blank), "--val", str(blank),
+                "--field", "text=review", "--out", str(tmp_path / "b"))  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "row 3 has an empty 'review'" in r.stderr
     assert not (tmp_path / "b").exists()
+
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(blank), "--field", "text=review",
+                "--out", str(tmp_path / "c"), "--train.max_steps", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2 train / 0 val examples" in r.stdout
+    assert "skipped rows whose 'review' is empty (no text to learn the label from): 1 of train" in r.stdout
+
+    only_blank = tmp_path / "only_blank.csv"
+    only_blank.write_text("review,label\n ,1\n,0\n", encoding="utf-8")
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(only_blank), "--field", "text=review",
+                "--out", str(tmp_path / "d"))  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "only_blank.csv: every row's 'review' is empty" in r.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_folder_being_fine_tuned_is_not_touched_by_another_process(base: Path, tmp_path: Path):

@@ -427,9 +427,9 @@ def check_columns(
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
                 raise DataError(f"{path}: row {i} has an empty {fields['label']!r}; label it or remove the row")
-            # a blank text is the bare frame ([EOS], or [CLS] [SEP]): a label learned or scored from nothing
-            # (ChnSentiCorp_htl_all.csv's last row is "0," and used to train silently)
-            if not str(row[fields["text"]]).strip():
+            # a blank text is the bare frame ([EOS], or [CLS] [SEP]): a label scored from nothing. To train on,
+            # such a row is skipped and counted (`build_examples`; ChnSentiCorp_htl_all.csv's last row is "0,")
+            if scored and not str(row[fields["text"]]).strip():
                 raise DataError(f"{path}: row {i} has an empty {fields['text']!r}; write the text or remove the row")
     if scored and task == "sft":  # the last assistant turn is the reference: refused here, not after training
         _check_scored_conversations(rows, fields, path)
@@ -546,6 +546,8 @@ def build_examples(
             )
         out = []
         for i, row in enumerate(rows, 1):
+            if not str(row[fields["text"]]).strip():  # nothing to learn the label from (scored files refuse it)
+                continue
             name = label_name(row[fields["label"]])
             if name not in index:
                 raise DataError(
@@ -554,6 +556,8 @@ def build_examples(
                 )
             ids = before + tok.encode(str(row[fields["text"]]))[:room] + after
             out.append((ids, index[name]))
+        if rows and not out:
+            raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
         return out
     if task in ("sft", "qa"):
         template = ChatTemplate()
