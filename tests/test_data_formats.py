@@ -253,3 +253,18 @@ def test_json_array_files(tmp_path: Path) -> None:
     write(folder / "meta.json", '{"version": 1}')
     write(folder / "a.txt", "plain text")
     assert resolve_inputs([str(folder)]) == ([folder / "a.txt"], [str(folder / "meta.json")])
+
+
+def test_labels_read_the_same_from_json_and_csv(tmp_path):
+    """JSON `true` was the label "True" and a CSV's `true` the label "true", so a --val CSV was refused as
+    holding labels the model was never trained on; JSON 1 and 1.0 and CSV "1" are one label too."""
+    from lmforge.data.formats import field_map, label_name, read_task_rows
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": true}\n{"text": "y", "label": 1.0}\n', encoding="utf-8")
+    (tmp_path / "b.csv").write_text("text,label\nx,true\ny,1\n", encoding="utf-8")
+    fields = field_map("classify", [])
+    names = [
+        [label_name(r["label"]) for r in read_task_rows(tmp_path / f, "classify", fields)] for f in ("a.jsonl", "b.csv")
+    ]
+    assert names[0] == names[1] == ["true", "1"]
+    assert label_name(False) == "false" and label_name(0) == "0"

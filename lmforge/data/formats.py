@@ -278,7 +278,9 @@ def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
 
 
 def label_name(value: Any) -> str:
-    """Labels are compared as strings (CSV gives "1", JSON may give 1)."""
+    """Labels are compared as strings (CSV gives "1", JSON may give 1; CSV "true", JSON true)."""
+    if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
