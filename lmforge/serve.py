@@ -28,8 +28,10 @@ Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it)
 with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies, malformed HTTP and unknown
 methods included. Generations run one at a time (one model, one lock) on a `ThreadingHTTPServer`: each
 connection has its own thread, so a slow or idle kept-alive client never blocks the accept loop or
-another client's requests. With `compile` (`--compile`) the decode step is compiled by a short warm-up
-generation before the server answers, so no request waits for it.
+another client's requests, and a stream is written by its connection's thread outside the lock (the model
+hands it the text), so a client that stops reading its stream holds up no one else. With `compile`
+(`--compile`) the decode step is compiled by a short warm-up generation before the server answers, so no
+request waits for it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import errno
 import functools
 import json
 import math
+import queue
 import re
 import socket
 import sys
@@ -660,7 +663,48 @@ class _Handler(BaseHTTPRequestHandler):
         emit: Callable[[str], None] | None,
     ) -> tuple[str, str, int]:
         """One choice: (its text, finish_reason, tokens generated). With `emit` (streaming), its text is
-        passed on as soon as no stop string can still cut it."""
+        passed on as soon as no stop string can still cut it.
+
+        Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
+        this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
+        writes (until `idle_timeout_s`), never the lock every other request waits for: writing under the lock,
+        one such client held up all the others. A client that leaves stops its generation at the next token."""
+        if emit is None:
+            return self._generate_locked(ids, max_tokens, sampling, stop, chat)
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
+        client_gone = threading.Event()
+        outcome: list[Any] = []  # the result, or the exception to raise here
+
+        def work() -> None:
+            try:
+                outcome.append(self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone))
+            except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
+                outcome.append(e)
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=work, name="lmforge-generate", daemon=True).start()
+        try:
+            while (piece := pieces.get()) is not None:
+                emit(piece)
+        except BaseException:
+            client_gone.set()
+            raise
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _generate_locked(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampling: dict[str, Any],
+        stop: list[str],
+        chat: bool,
+        emit: Callable[[str], None] | None = None,
+        client_gone: threading.Event | None = None,
+    ) -> tuple[str, str, int]:
+        """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes)."""
         from lmforge.generate import StreamDecoder, continuation_decoder, generate
 
         ft = self.server.ft
@@ -673,6 +717,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
+            if client_gone is not None and client_gone.is_set():
+                raise _StopGeneration
             if t in self.server.stops:
                 finish = "stop"
                 return

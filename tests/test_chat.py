@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -746,3 +747,30 @@ def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
         status, headers, _ = ask(server, "OPTIONS", "/v1/models", other)
         assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
         assert headers["Access-Control-Allow-Methods"] == "GET, HEAD, OPTIONS"
+
+
+def test_serve_a_stream_nobody_reads_does_not_hold_up_other_requests(chat_run: Path):
+    """The model lock was held while a streamed reply was written, so a client that stopped reading (its
+    socket buffers full) blocked every other request until `idle_timeout_s` ended its connection. Now the
+    model hands the text to the connection's thread, which writes it without the lock."""
+    from lmforge.serve import ServeLimits
+
+    hi = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16}
+    with _serving(chat_run, limits=ServeLimits(idle_timeout_s=60.0)) as server:
+        # small buffers (a listening socket's are inherited by the connections it accepts): a few kB of
+        # events fill them, where the defaults would take megabytes
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(server.server_address[:2])
+        data = json.dumps({**hi, "prompt": [hi["prompt"]] * 100, "stream": True}).encode()  # ~150 kB of events
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        assert stalled.recv(1)  # the stream started; from here on it is never read
+        time.sleep(1.0)  # its writes fill the buffers and block
+        try:
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=20)
+            resp, body = _exchange(conn, "POST", "/v1/completions", hi)  # old code: timed out waiting for the lock
+            assert resp.status == 200 and json.loads(body)["choices"][0]["text"] == "hello there"
+            conn.close()
+        finally:
+            stalled.close()
