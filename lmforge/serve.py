@@ -24,7 +24,8 @@ is read and dropped so the next request starts where it should; one too large to
 length) gets its error with `Connection: close`. A connection idle for `idle_timeout_s` is closed.
 
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
-`max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
+`max_body_bytes` (413) and `max_tokens` over the limit, prompts longer than the context or more than
+`max_prompts` of them (400), all
 with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies, malformed HTTP and unknown
 methods included. Generations run one at a time (one model, one lock) on a `ThreadingHTTPServer`: each
 connection has its own thread, so a slow or idle kept-alive client never blocks the accept loop or
@@ -61,8 +62,11 @@ from lmforge.errors import ConfigError, DataError, LmforgeError
 @dataclass(frozen=True)
 class ServeLimits:
     max_body_bytes: int = 1_000_000
-    max_tokens: int = 512  # upper bound a request may ask for
+    max_tokens: int = 512  # upper bound a request may ask for (per prompt)
     default_max_tokens: int = 128
+    # prompts in one completion request's list: each is generated in turn, so without a bound one request of
+    # 100,000 one-token prompts (600 kB) kept the model busy for 3 minutes, and at max_tokens for hours
+    max_prompts: int = 64
     # a kept-alive connection idle this long is closed (its thread ends); also bounds a stalled body read
     # or a client that stops reading a stream. httpx drops idle pooled connections after 5 s, browsers ~1 min
     idle_timeout_s: float = 60.0
@@ -71,6 +75,7 @@ class ServeLimits:
         for flag, value in (
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-tokens", self.max_tokens),
+            ("--max-prompts", self.max_prompts),
             ("default_max_tokens", self.default_max_tokens),
         ):
             if value < 1:
@@ -522,6 +527,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(400, str(e)) from None
             return [ids]
         prompts = _completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
+        if len(prompts) > self.server.limits.max_prompts:
+            message = (
+                f"'prompt' holds {len(prompts)} prompts; this server takes at most "
+                f"{self.server.limits.max_prompts} per request (--max-prompts): send them in several requests"
+            )
+            raise RequestError(400, message, param="prompt")
         out = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does

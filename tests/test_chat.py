@@ -132,6 +132,7 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("serve", missing, "--port", "-1"), "--port must be 0-65535"),
         (("serve", missing, "--max-tokens", "0"), "--max-tokens must be >= 1"),  # every request failed
         (("serve", missing, "--max-body-bytes", "-5"), "--max-body-bytes must be >= 1"),
+        (("serve", missing, "--max-prompts", "0"), "--max-prompts must be >= 1"),
         (("serve", missing, "--idle-timeout", "0"), "--idle-timeout must be > 0 seconds"),
         (("serve", missing, "--cors-origin", "localhost:3000/app"), "--cors-origin 'localhost:3000/app': give"),
         (("serve", missing, "--idle-timeout", "nan"), "--idle-timeout must be > 0 seconds"),
@@ -696,6 +697,8 @@ def test_serve_completions_take_every_prompt_form(chat_run: Path):
             ({"text": "a"}, "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists"),
             (None, "got null"),
             ([hi, "y" * 60], "'prompt[1]' is 60 tokens + 16 to generate"),
+            # each prompt is generated in turn: 100,000 of them (600 kB) kept the server busy for minutes
+            ([hi] * 65, "'prompt' holds 65 prompts; this server takes at most 64 per request (--max-prompts)"),
         ]
         for prompt, needle in refused:
             status, body = _post(url, {"prompt": prompt, **greedy})
