@@ -373,6 +373,15 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self._send_json(code, error)
 
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` (curl sends it for bodies over 1 kB): the client waits for a "100 Continue"
+        before sending the body. Invite only a body that will be read; one over `max_body_bytes` (or of unknown
+        size) gets its refusal at once, so the client does not upload megabytes to be dropped."""
+        length = self._content_length()
+        if length is None or length > self.server.limits.max_body_bytes:
+            return True  # no 100: the request goes on to its 413/411, which closes the connection
+        return super().handle_expect_100()
+
     def _settle_body(self) -> None:
         """Before a reply: read and drop a request body that was not read (a refusal before parsing it), so
         the next request on this connection starts at its first byte; one too large to read, or of unknown

@@ -777,3 +777,30 @@ def test_serve_a_stream_nobody_reads_does_not_hold_up_other_requests(chat_run: P
             conn.close()
         finally:
             stalled.close()
+
+
+def test_serve_answers_expect_100_continue(chat_run: Path):
+    """curl sends `Expect: 100-continue` for bodies over 1 kB and waits for "100 Continue" before sending the
+    body: a body that will be read is invited and answered; one over the limit was invited too, then dropped
+    after the upload, and is now refused at once (no 100), before the client sends it."""
+    from lmforge.serve import ServeLimits
+
+    data = json.dumps({"prompt": "<|user|>\nhi\n<|assistant|>\n" + " " * 1500, "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with _serving(chat_run, limits=ServeLimits(max_body_bytes=4000)) as server:
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(head % len(data))
+            assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s.sendall(data)
+            resp = http.client.HTTPResponse(s)
+            resp.begin()
+            error = json.loads(resp.read())["error"]
+        assert resp.status == 400 and error["code"] == "context_length_exceeded", error  # it read the body
+
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(head % 5_000_000)  # the body is never sent
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply, reply
+        assert b"request_too_large" in reply
