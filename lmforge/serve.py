@@ -563,6 +563,8 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
+        from lmforge.generate import context_length
+
         limits, ft = self.server.limits, self.server.ft
         if chat:
             body = {**body, "messages": _openai_messages(body.get("messages"))}
@@ -604,7 +606,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         prompts = self._prompts(body, chat)
-        context = ft.model.cfg.max_seq_len
+        context = context_length(ft.model)  # a recurrent model's has no limit
         budgets = []
         for i, ids in enumerate(prompts):
             # no max_tokens given: whatever the context leaves, up to the default
