@@ -25,14 +25,13 @@ length) gets its error with `Connection: close`. A connection idle for `idle_tim
 
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
 `max_body_bytes` (413) and `max_tokens` over the limit, prompts longer than the context or more than
-`max_prompts` of them (400), all
-with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies, malformed HTTP and unknown
-methods included. Generations run one at a time (one model, one lock) on a `ThreadingHTTPServer`: each
-connection has its own thread, so a slow or idle kept-alive client never blocks the accept loop or
-another client's requests, and a stream is written by its connection's thread outside the lock (the model
-hands it the text), so a client that stops reading its stream holds up no one else. With `compile`
-(`--compile`) the decode step is compiled by a short warm-up generation before the server answers, so no
-request waits for it.
+`max_prompts` of them (400), all with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies,
+malformed HTTP and unknown methods included. Generations run one at a time (one model, one lock) on a
+`ThreadingHTTPServer`: each connection has its own thread, so a slow or idle kept-alive client never blocks
+the accept loop or another client's requests, and a stream is written by its connection's thread outside the
+lock (the model hands it the text), so a client that stops reading its stream holds up no one else. With
+`compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
+so no request waits for it.
 """
 
 from __future__ import annotations
