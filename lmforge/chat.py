@@ -137,7 +137,15 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import StreamDecoder, check_sampling, check_seed, generate, require_text_generator, run_stops
+    from lmforge.generate import (
+        StreamDecoder,
+        check_sampling,
+        check_seed,
+        context_length,
+        generate,
+        require_text_generator,
+        run_stops,
+    )
     from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
@@ -151,7 +159,7 @@ def chat(
     tok, model = ft.tokenizer, ft.model
     stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()
-    context = model.cfg.max_seq_len
+    context = context_length(model)  # a recurrent model's has no limit
     max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
     note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
     stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")

@@ -90,7 +90,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens one request may generate (default: 512)")
+    p.add_argument(
+        "--max-tokens", type=int, default=512, help="most tokens one request may generate per prompt (default: 512)"
+    )
+    p.add_argument(
+        "--max-prompts", type=int, default=64, help="most prompts in one completion request's list (default: 64)"
+    )
     p.add_argument(
         "--idle-timeout", type=float, default=60.0, help="seconds a kept-alive connection may idle (default: 60)"
     )
@@ -217,7 +222,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.serve import ServeLimits, make_server, serve
 
         limits = ServeLimits(
-            max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, idle_timeout_s=args.idle_timeout
+            max_body_bytes=args.max_body_bytes,
+            max_tokens=args.max_tokens,
+            max_prompts=args.max_prompts,
+            idle_timeout_s=args.idle_timeout,
         )
         serve(
             make_server(

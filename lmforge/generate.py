@@ -137,6 +137,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise LmforgeError(f"top_p must be in [0, 1] (1 = off, 0 = only the most likely token), got {top_p}")
 
 
+def context_length(model: Any) -> int:
+    """The longest sequence `generate` runs `model` on: its `max_seq_len`, or a recurrent model's `max_context`
+    (no limit: its `max_seq_len` is only the training window)."""
+    return getattr(model, "max_context", model.cfg.max_seq_len)
+
+
 def _check_prompt(prompt_ids: list[int], max_len: int, eos_id: int | None) -> list[int]:
     if not prompt_ids:
         if eos_id is None:
@@ -283,7 +289,7 @@ def generate(
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent models: no limit
+    max_len = context_length(model)
     ids = _check_prompt(prompt_ids, max_len, eos_id)
     stops = _stop_set(eos_id, stop_ids)
     device = next(model.parameters()).device
@@ -524,7 +530,7 @@ def generate_from_checkpoint(
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id_or_none  # None: an imported tokenizer without one (module docstring)
     stops = run_stops(loaded) if stop_at_eos else frozenset()
-    max_len = getattr(model, "max_context", model.cfg.max_seq_len)  # recurrent: no limit
+    max_len = context_length(model)
     # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
     prompt_ids = tokenizer.prompt_prefix + tokenizer.encode(prompt)
     if not prompt_ids and eos_id is None:

@@ -24,12 +24,14 @@ is read and dropped so the next request starts where it should; one too large to
 length) gets its error with `Connection: close`. A connection idle for `idle_timeout_s` is closed.
 
 Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it), rejects bodies over
-`max_body_bytes` (413) and `max_tokens` over the limit or prompts longer than the context (400), all
-with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies, malformed HTTP and unknown
-methods included. Generations run one at a time (one model, one lock) on a `ThreadingHTTPServer`: each
-connection has its own thread, so a slow or idle kept-alive client never blocks the accept loop or
-another client's requests. With `compile` (`--compile`) the decode step is compiled by a short warm-up
-generation before the server answers, so no request waits for it.
+`max_body_bytes` (413) and `max_tokens` over the limit, prompts longer than the context or more than
+`max_prompts` of them (400), all with OpenAI-style `{"error": {"message", "type", "param", "code"}}` bodies,
+malformed HTTP and unknown methods included. Generations run one at a time (one model, one lock) on a
+`ThreadingHTTPServer`: each connection has its own thread, so a slow or idle kept-alive client never blocks
+the accept loop or another client's requests, and a stream is written by its connection's thread outside the
+lock (the model hands it the text), so a client that stops reading its stream holds up no one else. With
+`compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
+so no request waits for it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import errno
 import functools
 import json
 import math
+import queue
 import re
 import socket
 import sys
@@ -58,8 +61,11 @@ from lmforge.errors import ConfigError, DataError, LmforgeError
 @dataclass(frozen=True)
 class ServeLimits:
     max_body_bytes: int = 1_000_000
-    max_tokens: int = 512  # upper bound a request may ask for
+    max_tokens: int = 512  # upper bound a request may ask for (per prompt)
     default_max_tokens: int = 128
+    # prompts in one completion request's list: each is generated in turn, so without a bound one request of
+    # 100,000 one-token prompts (600 kB) kept the model busy for 3 minutes, and at max_tokens for hours
+    max_prompts: int = 64
     # a kept-alive connection idle this long is closed (its thread ends); also bounds a stalled body read
     # or a client that stops reading a stream. httpx drops idle pooled connections after 5 s, browsers ~1 min
     idle_timeout_s: float = 60.0
@@ -68,6 +74,7 @@ class ServeLimits:
         for flag, value in (
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-tokens", self.max_tokens),
+            ("--max-prompts", self.max_prompts),
             ("default_max_tokens", self.default_max_tokens),
         ):
             if value < 1:
@@ -365,6 +372,15 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self._send_json(code, error)
 
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` (curl sends it for bodies over 1 kB): the client waits for a "100 Continue"
+        before sending the body. Invite only a body that will be read; one over `max_body_bytes` (or of unknown
+        size) gets its refusal at once, so the client does not upload megabytes to be dropped."""
+        length = self._content_length()
+        if length is None or length > self.server.limits.max_body_bytes:
+            return True  # no 100: the request goes on to its 413/411, which closes the connection
+        return super().handle_expect_100()
+
     def _settle_body(self) -> None:
         """Before a reply: read and drop a request body that was not read (a refusal before parsing it), so
         the next request on this connection starts at its first byte; one too large to read, or of unknown
@@ -519,6 +535,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(400, str(e)) from None
             return [ids]
         prompts = _completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
+        if len(prompts) > self.server.limits.max_prompts:
+            message = (
+                f"'prompt' holds {len(prompts)} prompts; this server takes at most "
+                f"{self.server.limits.max_prompts} per request (--max-prompts): send them in several requests"
+            )
+            raise RequestError(400, message, param="prompt")
         out = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does
@@ -540,6 +562,8 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
+        from lmforge.generate import context_length
+
         limits, ft = self.server.limits, self.server.ft
         if chat:
             body = {**body, "messages": _openai_messages(body.get("messages"))}
@@ -581,7 +605,7 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         prompts = self._prompts(body, chat)
-        context = ft.model.cfg.max_seq_len
+        context = context_length(ft.model)  # a recurrent model's has no limit
         budgets = []
         for i, ids in enumerate(prompts):
             # no max_tokens given: whatever the context leaves, up to the default
@@ -660,7 +684,48 @@ class _Handler(BaseHTTPRequestHandler):
         emit: Callable[[str], None] | None,
     ) -> tuple[str, str, int]:
         """One choice: (its text, finish_reason, tokens generated). With `emit` (streaming), its text is
-        passed on as soon as no stop string can still cut it."""
+        passed on as soon as no stop string can still cut it.
+
+        Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
+        this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
+        writes (until `idle_timeout_s`), never the lock every other request waits for: writing under the lock,
+        one such client held up all the others. A client that leaves stops its generation at the next token."""
+        if emit is None:
+            return self._generate_locked(ids, max_tokens, sampling, stop, chat)
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
+        client_gone = threading.Event()
+        outcome: list[Any] = []  # the result, or the exception to raise here
+
+        def work() -> None:
+            try:
+                outcome.append(self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone))
+            except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
+                outcome.append(e)
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=work, name="lmforge-generate", daemon=True).start()
+        try:
+            while (piece := pieces.get()) is not None:
+                emit(piece)
+        except BaseException:
+            client_gone.set()
+            raise
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _generate_locked(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampling: dict[str, Any],
+        stop: list[str],
+        chat: bool,
+        emit: Callable[[str], None] | None = None,
+        client_gone: threading.Event | None = None,
+    ) -> tuple[str, str, int]:
+        """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes)."""
         from lmforge.generate import StreamDecoder, continuation_decoder, generate
 
         ft = self.server.ft
@@ -673,6 +738,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
+            if client_gone is not None and client_gone.is_set():
+                raise _StopGeneration
             if t in self.server.stops:
                 finish = "stop"
                 return

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -131,6 +132,7 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("serve", missing, "--port", "-1"), "--port must be 0-65535"),
         (("serve", missing, "--max-tokens", "0"), "--max-tokens must be >= 1"),  # every request failed
         (("serve", missing, "--max-body-bytes", "-5"), "--max-body-bytes must be >= 1"),
+        (("serve", missing, "--max-prompts", "0"), "--max-prompts must be >= 1"),
         (("serve", missing, "--idle-timeout", "0"), "--idle-timeout must be > 0 seconds"),
         (("serve", missing, "--cors-origin", "localhost:3000/app"), "--cors-origin 'localhost:3000/app': give"),
         (("serve", missing, "--idle-timeout", "nan"), "--idle-timeout must be > 0 seconds"),
@@ -695,6 +697,8 @@ def test_serve_completions_take_every_prompt_form(chat_run: Path):
             ({"text": "a"}, "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists"),
             (None, "got null"),
             ([hi, "y" * 60], "'prompt[1]' is 60 tokens + 16 to generate"),
+            # each prompt is generated in turn: 100,000 of them (600 kB) kept the server busy for minutes
+            ([hi] * 65, "'prompt' holds 65 prompts; this server takes at most 64 per request (--max-prompts)"),
         ]
         for prompt, needle in refused:
             status, body = _post(url, {"prompt": prompt, **greedy})
@@ -746,3 +750,57 @@ def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
         status, headers, _ = ask(server, "OPTIONS", "/v1/models", other)
         assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
         assert headers["Access-Control-Allow-Methods"] == "GET, HEAD, OPTIONS"
+
+
+def test_serve_a_stream_nobody_reads_does_not_hold_up_other_requests(chat_run: Path):
+    """The model lock was held while a streamed reply was written, so a client that stopped reading (its
+    socket buffers full) blocked every other request until `idle_timeout_s` ended its connection. Now the
+    model hands the text to the connection's thread, which writes it without the lock."""
+    from lmforge.serve import ServeLimits
+
+    hi = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16}
+    with _serving(chat_run, limits=ServeLimits(idle_timeout_s=60.0)) as server:
+        # small buffers (a listening socket's are inherited by the connections it accepts): a few kB of
+        # events fill them, where the defaults would take megabytes
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(server.server_address[:2])
+        data = json.dumps({**hi, "prompt": [hi["prompt"]] * 100, "stream": True}).encode()  # ~150 kB of events
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        assert stalled.recv(1)  # the stream started; from here on it is never read
+        time.sleep(1.0)  # its writes fill the buffers and block
+        try:
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=20)
+            resp, body = _exchange(conn, "POST", "/v1/completions", hi)  # old code: timed out waiting for the lock
+            assert resp.status == 200 and json.loads(body)["choices"][0]["text"] == "hello there"
+            conn.close()
+        finally:
+            stalled.close()
+
+
+def test_serve_answers_expect_100_continue(chat_run: Path):
+    """curl sends `Expect: 100-continue` for bodies over 1 kB and waits for "100 Continue" before sending the
+    body: a body that will be read is invited and answered; one over the limit was invited too, then dropped
+    after the upload, and is now refused at once (no 100), before the client sends it."""
+    from lmforge.serve import ServeLimits
+
+    data = json.dumps({"prompt": "<|user|>\nhi\n<|assistant|>\n" + " " * 1500, "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with _serving(chat_run, limits=ServeLimits(max_body_bytes=4000)) as server:
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(head % len(data))
+            assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s.sendall(data)
+            resp = http.client.HTTPResponse(s)
+            resp.begin()
+            error = json.loads(resp.read())["error"]
+        assert resp.status == 400 and error["code"] == "context_length_exceeded", error  # it read the body
+
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(head % 5_000_000)  # the body is never sent
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply, reply
+        assert b"request_too_large" in reply

@@ -190,3 +190,32 @@ def test_truncated_bptt_objective_overfits_one_batch(family):
         losses.append(loss.item())
     assert objective.state.pos == 80 * 16
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_serve_and_chat_take_a_recurrent_model_past_its_training_window(data_dir, tmp_path, capsys):
+    """A recurrent model has no context limit (`generate` runs past its `max_seq_len`, the BPTT window), but
+    `serve` refused a prompt longer than the window as over "the context", and `chat` cut replies to half of it
+    (8 tokens here, whatever --max-new-tokens said) and the conversation to the other half."""
+    import io
+    import threading
+    import urllib.request
+
+    from lmforge.chat import chat
+    from lmforge.serve import make_server
+
+    run = tmp_path / "lstm"
+    pretrain(_cfg(data_dir, run), progress=False)  # window: 16 tokens
+    server = make_server(run, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        body = {"prompt": "ROMEO: " * 5, "max_tokens": 30, "temperature": 0}  # 35 + 30 tokens
+        req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+        assert reply["usage"]["prompt_tokens"] == 35, reply
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    chat(run, stdin=io.StringIO("hi\n"), stdout=io.StringIO(), max_new_tokens=30, seed=0)
+    assert "note: the conversation is" not in capsys.readouterr().err  # (it was cut to its last 8 tokens)
