@@ -15,7 +15,7 @@ network). File formats, chosen by file name (case-insensitive):
   (RFC 4180 quoting, so a quoted field may hold newlines).
 - `.parquet` (needs pyarrow, `pip install 'lmforge[parquet]'`): the string column `text_field`.
 - text, JSONL, CSV and TSV may be compressed: `.gz` (standard library) or `.zst` (needs zstandard,
-  `pip install 'lmforge[zstd]'`).
+  `pip install 'lmforge[zstd]'`; opened by `data/compressed.py`).
 
 Key design decisions:
 - Deterministic order: every input is expanded, duplicates (same resolved file) dropped, and the
@@ -54,17 +54,15 @@ from __future__ import annotations
 
 import csv
 import glob
-import gzip
 import io
 import json
 import os
 import re
 import sys
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
 from lmforge.data.clean import (
     BINARY_SNIFF_BYTES,
@@ -74,6 +72,7 @@ from lmforge.data.clean import (
     replace_surrogates,
     utf16_encoding,
 )
+from lmforge.data.compressed import open_input, read_errors
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
@@ -273,74 +272,15 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
 # opening (decompression) and line reading
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
-    if "zstandard" in sys.modules:
-        errors += (sys.modules["zstandard"].ZstdError,)
-    return errors
-
-
-def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
-    """(raw file, decompressed stream); the raw file's position measures progress."""
-    name = path.name.lower()
-    zstd: Any = None
-    if name.endswith(".zst"):
-        try:
-            import zstandard as zstd
-        except ImportError:
-            raise DataError(f"reading {path.name} needs zstandard: pip install 'lmforge[zstd]'") from None
-    raw = open(path, "rb")  # closed by the caller
-    if name.endswith(".gz"):
-        return raw, gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if zstd is not None:
-        return raw, io.BufferedReader(_ZstdReader(raw, zstd), 1 << 16)  # type: ignore[return-value]
-    return raw, raw
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a .zst file (all its frames), raising `ZstdError` if it ends mid-frame.
-
-    zstandard's own `stream_reader` returns what it could decode and then EOF when the file is cut
-    short, without an error: a truncated download prepared silently as part (or, for one-block files,
-    none) of the text. Gzip raises on the same damage (EOFError)."""
-
-    def __init__(self, raw: BinaryIO, zstd: Any) -> None:
-        self._raw, self._zstd = raw, zstd
-        self._frame: Any = None  # the decompressobj of the current frame
-        self._out = memoryview(b"")  # decompressed bytes not read yet
-        self._next = b""  # compressed bytes past the end of the last frame
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._out:
-            data = self._next or self._raw.read(_PIECE_BYTES)
-            self._next = b""
-            if not data:
-                if self._frame is not None and not self._frame.eof:
-                    raise self._zstd.ZstdError("the file ends in the middle of a frame (truncated)")
-                return 0
-            if self._frame is None or self._frame.eof:
-                self._frame = self._zstd.ZstdDecompressor().decompressobj()
-            self._out = memoryview(self._frame.decompress(data))
-            if self._frame.eof:
-                self._next = self._frame.unused_data
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-
 def check_not_binary(path: Path) -> None:
     """Raise `DataError` if the (decompressed) start of `path` looks like binary data."""
     try:
-        raw, stream = _open(path)
+        raw, stream = open_input(path)
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from None
     try:
         head = stream.read(BINARY_SNIFF_BYTES)
-    except _read_errors() as e:
+    except read_errors() as e:
         raise DataError(
             f"{path}: cannot decompress ({e}); re-create the compressed file or remove it from the inputs"
         ) from None
@@ -469,7 +409,7 @@ def read_documents(
             on_bytes(input_bytes(path))
         return
     check_not_binary(path)
-    raw, stream = _open(path)
+    raw, stream = open_input(path)
     reported = 0
 
     def progress() -> None:
@@ -496,7 +436,7 @@ def read_documents(
         else:
             yield from _text_documents(_text_lines(stream, path, max_line_bytes), doc_unit, progress)
         progress()
-    except _read_errors() as e:
+    except read_errors() as e:
         raise DataError(f"{path}: read failed ({e}); re-create the file or remove it from the inputs") from None
     finally:
         stream.close()
@@ -584,7 +524,7 @@ def read_blocks(
         DataError: binary file, corrupt compression or a line longer than `max_line_bytes`.
     """
     check_not_binary(path)
-    raw, stream = _open(path)
+    raw, stream = open_input(path)
     jsonl = file_format(path) == "jsonl"
     pending = bytearray()  # (appending to bytes would copy it all at each read)
     start = 0  # pending[:start] holds no document boundary and ends at a non-whitespace byte (or is empty)
@@ -616,7 +556,7 @@ def read_blocks(
                 raise _long_line(path, lineno + _count_lines(pending[:end], jsonl), max_line_bytes)
             if not data:
                 return
-    except _read_errors() as e:
+    except read_errors() as e:
         raise DataError(f"{path}: read failed ({e}); re-create the file or remove it from the inputs") from None
     finally:
         stream.close()
