@@ -57,6 +57,10 @@ from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
 
+# stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
+# would slow every token of the reply; OpenAI's API takes 4
+MAX_STOP_STRINGS = 16
+
 
 @dataclass(frozen=True)
 class ServeLimits:
@@ -589,6 +593,12 @@ class _Handler(BaseHTTPRequestHandler):
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
+        if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
+            raise RequestError(
+                400,
+                f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)",
+                param="stop",
+            )
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")

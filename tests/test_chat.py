@@ -285,6 +285,7 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
             ("/completions", {"prompt": "hi", "logprobs": 3}, "'logprobs' is not supported"),
             ("/completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
+            ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
             ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2}, "penalty"),
         ]
         for path, payload, needle in bad:
