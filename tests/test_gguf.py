@@ -177,7 +177,7 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="Llama-style"):
         export_gguf(gpt2_run, tmp_path / "a.gguf")
     char_run = make_run(tmp_path / "char", train_char(["hello world"]), **LLAMA)
-    with pytest.raises(LmforgeError, match="byte-level BPE"):
+    with pytest.raises(LmforgeError, match="byte-level BPE.*--to hf and convert that with llama.cpp's convert_hf"):
         export_gguf(char_run, tmp_path / "b.gguf")
     run = make_run(tmp_path / "run", bpe, **LLAMA)
     with pytest.raises(LmforgeError, match="--dtype"):

@@ -145,9 +145,11 @@ def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[list
     model = spec.get("model") or {}
     pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        # an imported Llama-2-style (SentencePiece) model has llama.cpp's converter; retraining is not its fix
         raise LmforgeError(
-            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one); "
-            "prepare the data with --tokenizer bpe and train again"
+            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one here); for an "
+            "imported model export with --to hf and convert that with llama.cpp's convert_hf_to_gguf.py, for one "
+            "trained here prepare the data with --tokenizer bpe and train again"
         )
     specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens: list[str | None] = [None] * max(vocab_size, tokenizer.vocab_size)
