@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_trained, save_checkpoint
 from lmforge.config import RunConfig
@@ -425,6 +426,35 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     ):
         import_hf(out, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["index-list", "index-map-int", "shard-outside", "bin-garbage"])
+def test_import_of_a_damaged_checkpoint_is_one_line(damage: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    """A sharded index that is not {"weight_map": {name: file}}, a shard named outside the directory (an
+    absolute path or ../) and a .bin that is not a torch.save file were tracebacks (AttributeError, an
+    arbitrary file read with torch.load, KeyError from the unpickler); now one line each."""
+    hf_dir = export_hf(make_run(tmp_path / "run", bpe, **LLAMA), tmp_path / "hf")
+    state = load_file(hf_dir / "model.safetensors")
+    (hf_dir / "model.safetensors").unlink()
+    if damage == "bin-garbage":
+        (hf_dir / "pytorch_model.bin").write_bytes(b"hello\n")
+        match = r"pytorch_model.bin is not a plain tensor checkpoint \(KeyError: .*\); convert it"
+    else:
+        save_file(state, str(hf_dir / "model-00001-of-00001.safetensors"))
+        index = {"weight_map": {name: "model-00001-of-00001.safetensors" for name in state}}
+        (tmp_path / "outside.safetensors").write_bytes(b"not here")
+        if damage == "index-list":
+            index, match = [index], "has no 'weight_map' of tensor names to shard files"
+        elif damage == "index-map-int":
+            index, match = {"weight_map": 5}, "has no 'weight_map' of tensor names to shard files"
+        else:
+            index["weight_map"]["model.norm.weight"] = "../outside.safetensors"
+            match = r"names shard '../outside.safetensors', which is not a file name in"
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=match) as excinfo:
+        import_hf(hf_dir, tmp_path / "a")
+    one_line(excinfo)
+    assert not (tmp_path / "a").exists()
 
 
 def test_export_does_not_need_transformers(bpe: Tokenizer, tmp_path: Path) -> None:

@@ -121,6 +121,20 @@ def test_values_match_ours(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
     assert tensors["blk.0.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_biases_get_a_note_for_transformers(bias: bool, bpe: Tokenizer, tmp_path: Path, capsys) -> None:
+    """transformers' GGUF loader drops a Llama's biases silently; the export (kept for llama.cpp, which
+    reads them) says so in one line on stderr, and says nothing for a bias-free model."""
+    run = make_run(tmp_path / "run", bpe, **dict(GQA, bias=bias))
+    export_gguf(run, tmp_path / "m.gguf")
+    err = capsys.readouterr().err
+    if bias:
+        assert err.count("\n") == 1 and err.startswith("note: this model has biases")
+        assert "drops them" in err and "--to hf" in err
+    else:
+        assert err == ""
+
+
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """llama.cpp's LLAMA (normal) rope: dimensions (2j, 2j+1) rotate together. x (T, n_head, head_dim)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -163,7 +177,7 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="Llama-style"):
         export_gguf(gpt2_run, tmp_path / "a.gguf")
     char_run = make_run(tmp_path / "char", train_char(["hello world"]), **LLAMA)
-    with pytest.raises(LmforgeError, match="byte-level BPE"):
+    with pytest.raises(LmforgeError, match="byte-level BPE.*--to hf and convert that with llama.cpp's convert_hf"):
         export_gguf(char_run, tmp_path / "b.gguf")
     run = make_run(tmp_path / "run", bpe, **LLAMA)
     with pytest.raises(LmforgeError, match="--dtype"):

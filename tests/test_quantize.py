@@ -197,3 +197,29 @@ def test_quantize_compares_on_forward_batches_not_the_whole_batch(data_dir: Path
     two = evaluate_checkpoint(str(run), batch_size=2, max_batches=1, device="cpu")
     eight = evaluate_checkpoint(str(run), max_batches=1, device="cpu")
     assert two["tokens"] < eight["tokens"] and r["bpb_before"] == two["bpb"] != eight["bpb"]
+
+
+def test_quantized_run_keeps_the_stop_ids_of_an_imported_instruct_model(tmp_path: Path) -> None:
+    """An imported instruct model ends its turns with another token than its eos (generation.json); the
+    quantized copy lost the file, so generate/chat/serve/export ran past the end of turn."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import RunConfig
+    from lmforge.generate import stop_ids_of, write_stop_ids
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.tokenizer.train import train_char
+
+    tok = train_char(["abc def"])
+    cfg = RunConfig(out=str(tmp_path / "run"), model=GPTConfig(vocab_size=tok.vocab_size, max_seq_len=16, n_layer=1))
+    model = GPT(cfg.model)
+    model.init_weights()
+    save_checkpoint(
+        tmp_path / "run",
+        step=0,
+        model=model,
+        optimizer=None,
+        state={"config": cfg.to_dict()},
+        tokenizer_json=tok.to_str(),
+    )
+    write_stop_ids(tmp_path / "run", [0, 5])
+    quantize_run(tmp_path / "run", tmp_path / "q", bits=8, group_size=64, compare=False)
+    assert stop_ids_of(tmp_path / "q") == [0, 5]

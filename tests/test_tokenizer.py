@@ -183,12 +183,13 @@ def test_load_errors(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("corpus", ["chinese", "shakespeare"])
+@pytest.mark.parametrize("corpus", ["chinese", "shakespeare", "no-repeats", "no-repeats-small"])
 def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
     """The HF trainer keeps every distinct character: it fails when they alone overflow the size (Chinese
     text has thousands), and silently returns more than asked when the specials and byte pieces on top do
     (281 asked, 581 made on Shakespeare). Both are one-line errors naming the smallest --vocab-size that
-    fits: that size trains, one less does not."""
+    fits: that size trains, one less does not. It needs one piece beyond the characters, except for a corpus
+    in which no two characters repeat together, where it has none (the error named one more than fits)."""
     from tests.conftest import shakespeare_text
 
     if corpus == "chinese":
@@ -196,16 +197,23 @@ def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
         chars = [chr(0x4E00 + i) for i in range(600)]  # 600 distinct CJK characters, and spaces and tabs
         texts = [" ".join("".join(rng.choice(chars) for _ in range(20)) for _ in range(10)) + "\t" for _ in range(50)]
         small = 400  # fewer than the characters: the trainer's own error
-    else:
+    elif corpus == "shakespeare":
         texts = shakespeare_text(100_000).split("\n\n")
         small = 281  # the smallest size allowed at all, where the trainer returns more
+    else:  # each CJK character once, in words of 7 (and a repeated document: the trainer counts words once)
+        chars = [chr(0x4E00 + i) for i in range(700 if corpus == "no-repeats" else 300)]
+        texts = [" ".join("".join(chars[i : i + 7]) for i in range(0, len(chars), 7))] * 2
+        small = 400 if corpus == "no-repeats" else 281  # the trainer's error, its overflow
     meta = pre_tokenizers.Metaspace()  # the trainer's words: "▁" for each space and before each text
     n_chars = len({c for text in texts for word, _ in meta.pre_tokenize_str(text) for c in word})
-    need = 1 + len(EXTRA_SPECIALS) + 1 + 256 + n_chars + 1  # <|endoftext|>, specials, [UNK], bytes, chars, 1 piece
+    piece = corpus in ("chinese", "shakespeare")
+    need = 1 + len(EXTRA_SPECIALS) + 1 + 256 + n_chars + piece  # <|endoftext|>, specials, [UNK], bytes, chars, piece
     with pytest.raises(ConfigError, match=rf"--vocab-size {small} is too small") as e:
         train_unigram(iter(texts), vocab_size=small)
     assert "\n" not in str(e.value) and f"needs at least {need} " in str(e.value)
-    assert f"{n_chars} distinct characters" in str(e.value) and f"set --vocab-size {need} or more" in str(e.value)
+    assert f"{n_chars} distinct characters{' + 1 piece' if piece else ';'}" in str(
+        e.value
+    ) and f"set --vocab-size {need} or more" in str(e.value)
     assert train_unigram(iter(texts), vocab_size=need).vocab_size == need
     with pytest.raises(ConfigError, match=f"needs at least {need} "):
         train_unigram(iter(texts), vocab_size=need - 1)

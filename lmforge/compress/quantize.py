@@ -2,6 +2,7 @@
 
     RUN ─► quantize every nn.Linear weight ─► RUN_Q/
         config.json, tokenizer.json          copied (same architecture, same data directory)
+        generation.json                      the run's stop ids (an imported instruct model's end of turn)
         checkpoints/step-N/model.safetensors {name}.qweight + {name}.scales for each quantized weight,
                                              every other tensor (embeddings, norms, biases) as it was
         checkpoints/step-N/state.json        the run's state + "quantization": {bits, group_size, layers}
@@ -211,6 +212,7 @@ def quantize_run(
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, write_json
     from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
+    from lmforge.generate import stop_ids_of, write_stop_ids
 
     if bits not in BITS:
         raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
@@ -268,6 +270,9 @@ def quantize_run(
         trained.tokenizer.save(tmp / "tokenizer.json")
         if (run_dir / "tokenizer_config.json").is_file():  # a chat-tuned run keeps its chat template
             shutil.copyfile(run_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        stop_ids = stop_ids_of(run_dir)  # an imported instruct model's end of turn (or its fine-tune's base's)
+        if stop_ids:
+            write_stop_ids(tmp, stop_ids)
         result: dict[str, Any] = {
             "out": str(out),
             "bits": bits,

@@ -41,7 +41,7 @@ Reference: https://github.com/huggingface/transformers/blob/main/src/transformer
 from __future__ import annotations
 
 import json
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -434,9 +434,10 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             "standard architecture (BertModel / BertForMaskedLM / BertForPreTraining)"
         )
     if missing_heads:
-        warnings.warn(
-            f"{hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised",
-            stacklevel=3,
+        print(  # one line, as lmforge's other notes (a UserWarning printed the file, line and source line too)
+            f"note: {hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised",
+            file=sys.stderr,
+            flush=True,
         )
     model.load_state_dict(state, strict=True)
     has_nsp = "nsp_head" not in missing_heads and "pooler" not in missing_heads

@@ -8,6 +8,10 @@ Key decisions:
 - Llama-style models only (rotary positions, RMSNorm, SwiGLU; GQA, biases and tied/untied heads are
   fine). GPT-2-style models are refused with a one-line error: use `--to hf` and llama.cpp's
   converter for those.
+- Biases: llama.cpp's Llama reads the optional `attn_q.bias` ... `ffn_down.bias` tensors, but
+  transformers' GGUF loader (`from_pretrained(..., gguf_file=...)`, 5.x) maps no Llama bias and drops them
+  without a word (measured: max |logit difference| 0.57 on a tiny model, other greedy tokens). The file
+  is still written, for llama.cpp, with a one-line note on stderr that says to use `--to hf` for transformers.
 - Rotary layout. Our `apply_rope` pairs dimension i with i + head_dim/2 ("rotate half", HF's layout);
   llama.cpp's LLAMA rope pairs neighbours (2i, 2i+1), as Meta's original checkpoints did. So the rows
   of the q and k projections (and their biases) are permuted within each head, exactly like
@@ -35,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +145,11 @@ def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[list
     model = spec.get("model") or {}
     pre = json.dumps(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        # an imported Llama-2-style (SentencePiece) model has llama.cpp's converter; retraining is not its fix
         raise LmforgeError(
-            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one); "
-            "prepare the data with --tokenizer bpe and train again"
+            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one here); for an "
+            "imported model export with --to hf and convert that with llama.cpp's convert_hf_to_gguf.py, for one "
+            "trained here prepare the data with --tokenizer bpe and train again"
         )
     specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens: list[str | None] = [None] * max(vocab_size, tokenizer.vocab_size)
@@ -194,6 +201,14 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)
+    if cfg.bias:  # see the module docstring: transformers would load this file without its biases
+        print(
+            "note: this model has biases (model.bias=true); llama.cpp reads them from the GGUF file, but transformers' "
+            "GGUF loader (from_pretrained(gguf_file=...)) drops them and computes other logits: load it in "
+            "transformers from an --to hf export instead",
+            file=sys.stderr,
+            flush=True,
+        )
     chat = chat_template_of(trained)
     tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=bool(chat))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))

@@ -171,8 +171,18 @@ def read_hf_tensors(hf_dir: Path) -> tuple[dict[str, Tensor], Path]:
         raise CheckpointError(f"{hf_dir} has no model weights; an HF model directory holds {HF_DIR_FILES}")
     if found.name.endswith(".index.json"):
         index = read_json(found, "the sharded checkpoint's index is damaged")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                f"{found} has no 'weight_map' of tensor names to shard files; save the model again with save_pretrained"
+            )
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in ("", ".", ".."):  # a shard lies beside its index, nowhere else
+                raise CheckpointError(
+                    f"{found} names shard {shard!r}, which is not a file name in {hf_dir}; "
+                    "save the model again with save_pretrained"
+                )
             state.update(_read_weight_file(hf_dir / shard))
         return state, found
     return _read_weight_file(found), found
@@ -215,9 +225,10 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
             f"{path} holds pickled objects besides tensors, which lmforge never loads (loading them can run "
             "code); convert it to safetensors where it was made"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file fails inside torch's unpickler in many ways (KeyError, ...)
         raise CheckpointError(
-            f"{path} is not a plain tensor checkpoint ({first_line(e)}); convert it to safetensors"
+            f"{path} is not a plain tensor checkpoint ({type(e).__name__}: {first_line(e)}); convert it to "
+            "safetensors where it was made"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors; convert it to safetensors")

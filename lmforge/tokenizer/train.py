@@ -172,23 +172,43 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
     )
 
     chars: set[str] = set()  # every character of the texts, for `too_small` (~20 ms per million characters)
+    words: set[str] = set()  # the trainer's distinct words and their adjacent character pairs, kept only
+    pairs: set[str] = set()  # until one pair repeats (at once in any real text), see `too_small`
+    repeats = False
+    words_of = pre_tokenizers.Metaspace().pre_tokenize_str  # not hf's own: the trainer holds its lock while reading
 
     def counted(texts: Iterable[str]) -> Iterable[str]:
+        nonlocal repeats
         for text in texts:
             chars.update(text)
+            for word, _ in [] if repeats else words_of(text):
+                if word in words:
+                    continue
+                words.add(word)
+                for i in range(len(word) - 1):
+                    if word[i : i + 2] in pairs:
+                        repeats = True
+                        break
+                    pairs.add(word[i : i + 2])
+            if repeats:
+                words.clear()
+                pairs.clear()
             yield text
 
-    def too_small() -> ConfigError:
+    def too_small(has_piece: bool) -> ConfigError:
         # What the trainer keeps: the fixed tokens, every character of its words (Metaspace turns each
         # space into "▁" and puts one before every text), then pieces until the total is exactly
-        # vocab_size, checked only after adding one, so at least one piece (tokenizers 0.23, measured:
-        # 408 characters fail at 265 + 408 and fit at 265 + 408 + 1; the +1 is spare only for a corpus in
-        # which no two characters ever repeat together). The floor above is the other bound.
+        # vocab_size, checked only after adding one, so one more when it has any piece of 2+ characters
+        # (tokenizers 0.23, measured: 408 characters fail at 265 + 408 and fit at 265 + 408 + 1). Its seed
+        # pieces are substrings found twice in its distinct words, so with no character pair repeating
+        # there it has none, and 265 + the characters fit (was +1 always: one above the smallest size that
+        # fits for such a corpus). The floor above is the other bound.
         n_chars = len(chars - {" "} | ({"▁"} if chars else set()))
-        need = max(len(fixed) + 16, len(fixed) + n_chars + 1)
+        need = max(len(fixed) + 16, len(fixed) + n_chars + int(has_piece))
+        plus_piece = " + 1 piece" if has_piece else ""
         return ConfigError(
             f"Unigram --vocab-size {vocab_size} is too small for this corpus: it needs at least {need} ({len(fixed)} "
-            f"special and byte tokens + {n_chars} distinct characters + 1 piece; Chinese text has thousands of "
+            f"special and byte tokens + {n_chars} distinct characters{plus_piece}; Chinese text has thousands of "
             f"characters); set --vocab-size {need} or more, or use --tokenizer bpe (byte-level: any text fits)"
         )
 
@@ -197,13 +217,13 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
     except Exception as e:  # noqa: BLE001 - the HF trainer raises a bare Exception
         if "not large enough to contain all chars" not in str(e):
             raise
-        raise too_small() from None
+        raise too_small(repeats) from None
     # The trainer keeps the byte pieces as specials; byte_fallback makes the model use them for unseen characters.
     config = json.loads(hf.to_str())
     # The HF trainer only raises when the characters alone overflow the size; with the specials and
     # byte pieces on top it silently returns more (281 asked, 581 made): refuse that too.
-    if len(config["model"]["vocab"]) > vocab_size:
-        raise too_small()
+    if len(config["model"]["vocab"]) > vocab_size:  # it trained: whether it kept a longer piece is known
+        raise too_small(any(len(piece) > 1 for piece, _ in config["model"]["vocab"][len(fixed) :]))
     config["model"]["byte_fallback"] = True
     vocab = config["model"]["vocab"]
     config["model"]["vocab"] = vocab[: len(fixed)] + _canonical_pieces(vocab[len(fixed) :])
