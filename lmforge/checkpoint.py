@@ -285,20 +285,33 @@ def save_checkpoint(
         model_state: consolidated weights to write instead of `model`'s own (FSDP, see dist.py).
     """
     tmp = begin_checkpoint(run_dir, step)
-    weights_meta = {"format": "pt", "lmforge_step": str(step)}
-    if model_state is not None:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
-    else:
-        tensors, dropped = savable(model.state_dict())
-        save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
-    files = ["model.safetensors"]
-    meta: dict[str, Any] = dict(state)
-    if optimizer is not None:
-        tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
-        save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
-        files.append("optim.safetensors")
-        meta["optimizer"] = structure
-    return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    try:
+        weights_meta = {"format": "pt", "lmforge_step": str(step)}
+        if model_state is not None:
+            model_state = {k: v.contiguous() for k, v in model_state.items()}
+            save_file(model_state, str(tmp / "model.safetensors"), weights_meta)
+        else:
+            tensors, dropped = savable(model.state_dict())
+            save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
+        files = ["model.safetensors"]
+        meta: dict[str, Any] = dict(state)
+        if optimizer is not None:
+            tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+            save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
+            files.append("optim.safetensors")
+            meta["optimizer"] = structure
+        return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    except (SafetensorError, OSError) as e:
+        # A full disk or a lost permission mid-write: safetensors raises its own error type (a traceback
+        # before), and the half-written folder held the space the next try needs. The complete
+        # checkpoints before it are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        resume = f"re-run the same command to resume from {previous.name}" if previous else "re-run the command"
+        raise CheckpointError(
+            f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); "
+            f"free disk space or fix permissions, then {resume}"
+        ) from None
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
