@@ -250,3 +250,17 @@ def test_time_budget_stops_and_saves(data_dir, tmp_path):
     assert load_checkpoint(tmp_path / "run").meta["step"] == state.step
     again = pretrain(cfg, progress=False)  # the budget is spent: nothing to do (it took one more step before)
     assert again.step == state.step and load_checkpoint(tmp_path / "run").meta["step"] == state.step
+
+
+def test_a_rerun_with_nothing_to_do_leaves_the_run_as_it_was(data_dir, tmp_path, capsys):
+    """Re-running a run trained to step 8 with max_steps 4 trains nothing, so it must not rewrite config.json
+    (which said max_steps 4 afterwards: `lmforge runs` showed 8/4) nor announce a new lr schedule."""
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 8, "checkpoint.every": 4}), progress=False)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "env.json", "metrics.jsonl")}
+    capsys.readouterr()
+    again = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4, "train.lr": 1e-3}), progress=True)
+    assert again.step == 8
+    assert {name: (run / name).read_bytes() for name in before} == before
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "schedule changed" not in out

@@ -359,9 +359,21 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
     if diloco is not None and ckpt is not None:
         diloco.load_checkpoint(ckpt)  # the outer momentum and the anchor (the weights at the last sync)
+    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
+    done = ""  # why a re-run of a finished run has nothing to do
+    if state.step >= cfg.train.max_steps:
+        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
+    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
+        done = (
+            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
+            "evaluations; raise train.early_stop_patience to train on)"
+        )
+    elif budget and state.elapsed_s >= budget:
+        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
-    # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
-    if world.is_main:
+    # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk, and
+    # so does a re-run with nothing to do (its config.json said max_steps 10 of a run trained to step 50).
+    if world.is_main and not done:
         discard_aside(run_dir)  # (--overwrite: the old run goes only now that the new one starts)
         if ckpt is not None and (aside := set_aside_later(run_dir, state.step)):  # an earlier step chosen
             print(f"note: resuming from {ckpt.path.name}; the later checkpoints were moved to {aside}", flush=True)
@@ -406,7 +418,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
             )
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
-        if schedule_note:
+        if schedule_note and not done:  # (no step follows it)
             log.info(schedule_note)
 
     val_shards = data.split_shards("val")
@@ -467,17 +479,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
         return step_dir(run_dir, st.step)
 
-    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
-    done = ""  # why a re-run of a finished run has nothing to do
-    if state.step >= cfg.train.max_steps:
-        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
-    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
-        done = (
-            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
-            "evaluations; raise train.early_stop_patience to train on)"
-        )
-    elif budget and state.elapsed_s >= budget:
-        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
     if done:
         log.info(f"{run_dir} is already {done}; nothing to do")
         log.close()
