@@ -264,3 +264,13 @@ def test_a_rerun_with_nothing_to_do_leaves_the_run_as_it_was(data_dir, tmp_path,
     assert {name: (run / name).read_bytes() for name in before} == before
     out = capsys.readouterr().out
     assert "nothing to do" in out and "schedule changed" not in out
+
+
+def test_warmup_covering_the_whole_run_is_said(data_dir, tmp_path, capsys):
+    """--train.max_steps 6 under 20 warmup steps trained at 30% of train.lr at most, with no word of it."""
+    pretrain(tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 6, "train.warmup_steps": 20}))
+    assert (
+        "train.warmup_steps 20 >= train.max_steps 6: the lr only warms up, to 0.0009 (30% of" in capsys.readouterr().out
+    )
+    pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 6, "train.warmup_steps": 2}))
+    assert "only warms up" not in capsys.readouterr().out
