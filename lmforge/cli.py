@@ -463,7 +463,11 @@ def given_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: a second or two in which Ctrl-C printed a traceback
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        sys.exit(130)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

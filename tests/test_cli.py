@@ -203,3 +203,18 @@ def test_quickstart_help_shows_the_settings_it_trains_with():
     preset = preset_dict("quickstart")
     assert f"--model.n_layer                Transformer blocks (default: {preset['model']['n_layer']})" in text
     assert f"(default: {preset['train']['time_budget']!r})" in text
+
+
+def test_ctrl_c_while_the_parser_imports_torch_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first second or two (build_parser imports torch) printed a KeyboardInterrupt traceback.
+    The signal cannot be timed into that window from outside, so the interrupt is raised where it lands."""
+    from lmforge import cli
+
+    def interrupted_import():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_import)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["runs", "."])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "lmforge: interrupted\n"
