@@ -549,6 +549,21 @@ def _resolve_format(out: Path, fmt: str) -> Literal["html", "md"]:
     return fmt  # type: ignore[return-value]
 
 
+def _refuse_run_file(out: Path, run_dirs: list[Path]) -> None:
+    """`--out RUN/config.json --format html` (or RUN/checkpoints/latest, which needs no flag: no suffix means
+    HTML) replaced the run's own file with the report. In a run folder only a new file or an earlier report
+    (.html/.md) may be written."""
+    if not out.exists() or out.suffix.lower() in (".md", ".markdown", ".html", ".htm"):
+        return
+    target = out.resolve()
+    for run_dir in run_dirs:
+        if run_dir.resolve() in target.parents:
+            raise ConfigError(
+                f"--out {out} is a file of the run {run_dir}, which the report would replace; "
+                "name a new file, e.g. report.html"
+            )
+
+
 def render_report(
     run_dirs: list[str | Path],
     out: str | Path = "report.html",
@@ -571,6 +586,7 @@ def render_report(
     runs = load_runs(list(run_dirs), allow_empty=allow_empty)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / 'report.html'}")
+    _refuse_run_file(out, [run.path for run in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
     atomic_write_text(out, text)
