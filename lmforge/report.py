@@ -164,7 +164,11 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
 def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run]:
     if not paths:
         raise ConfigError("no run directories given; pass one or more RUN_DIRs")
-    runs = [load_run(p, allow_empty=allow_empty) for p in paths]
+    # A run that has not logged a step (it crashed at start, or has just begun) is a row of the comparison:
+    # refusing it refused the whole `lmforge report runs/*`. Only a report with nothing in it is an error.
+    runs = [load_run(p, allow_empty=allow_empty or len(paths) > 1) for p in paths]
+    if not allow_empty and not any(run.train or run.evals for run in runs):
+        load_run(paths[0])  # its one-line error: nothing to report until a run logs a step
     names = [r.name for r in runs]
     for run in runs:  # two runs/…/a folders: tell them apart by their parent
         if names.count(run.name) > 1:

@@ -176,6 +176,21 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
 
 
+def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_runs, tmp_path):
+    """`lmforge report runs/*` with one run that failed at start (config.json, empty metrics.jsonl) was refused
+    as a whole; it is now a row with its status, and a report of that run alone is still a one-line error."""
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "config.json").write_text((two_runs[0] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    (crashed / "metrics.jsonl").write_text("", encoding="utf-8")
+    (crashed / "status.json").write_text('{"status": "failed", "pid": 1, "error": "boom"}', encoding="utf-8")
+    result = run_cli("report", str(two_runs[0]), str(crashed), "--out", str(tmp_path / "r.md"))
+    assert result.returncode == 0, result.stderr
+    assert "| crashed | tiny | failed | 0/" in (tmp_path / "r.md").read_text(encoding="utf-8")
+    with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
+        render_report([crashed, crashed], tmp_path / "r2.html")
+
+
 def test_an_out_that_is_a_file_of_a_run_is_refused(two_runs, tmp_path):
     """`--out RUN/config.json --format html` and `--out RUN/checkpoints/latest` (no suffix: HTML) replaced
     the run's own files with the report; a new file or an earlier report in the run folder is fine."""
