@@ -264,6 +264,9 @@ def test_a_rerun_with_nothing_to_do_leaves_the_run_as_it_was(data_dir, tmp_path,
     assert {name: (run / name).read_bytes() for name in before} == before
     out = capsys.readouterr().out
     assert "nothing to do" in out and "schedule changed" not in out
+    (run / "config.json").unlink()  # lost: the re-run stands in with the checkpoint's config and restores it
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4}), progress=False)
+    assert (run / "config.json").read_bytes() == before["config.json"]
 
 
 def test_warmup_covering_the_whole_run_is_said(data_dir, tmp_path, capsys):
