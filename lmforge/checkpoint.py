@@ -11,7 +11,7 @@ Layout::
               or, under DiLoCo, worker r's own whole weights and inner optimizer state in the same files,
             diloco.safetensors  + the outer state shared by the workers (anchor and Nesterov momentum)
             state.json          format version, step, train state, RNG states, loader state,
-                                resolved config, optimizer structure, file sizes + sha256,
+                                resolved config, optimizer structure, file sizes + sha256, its own sha256,
                                 "sharded": world size and the names of the split tensors,
                                 "diloco": the number of workers (see dist.DiLoCo)
             tokenizer.json      so that one checkpoint folder is usable on its own
@@ -72,6 +72,15 @@ def read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path} is missing; {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not valid JSON (truncated or damaged); {what}") from None
+
+
+def state_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of a state.json's content without its own "state_sha256" entry. JSON that still parses after
+    damage or a hand edit (a digit of the loader's cursor, a type) resumed silently wrong or crashed with a
+    traceback; the other files are covered by the sizes and sha256 it lists. (Python's json round-trips the
+    written text exactly, so the reader's dump of what it loaded is the writer's.)"""
+    rest = {k: v for k, v in meta.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(rest, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -285,20 +294,33 @@ def save_checkpoint(
         model_state: consolidated weights to write instead of `model`'s own (FSDP, see dist.py).
     """
     tmp = begin_checkpoint(run_dir, step)
-    weights_meta = {"format": "pt", "lmforge_step": str(step)}
-    if model_state is not None:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), weights_meta)
-    else:
-        tensors, dropped = savable(model.state_dict())
-        save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
-    files = ["model.safetensors"]
-    meta: dict[str, Any] = dict(state)
-    if optimizer is not None:
-        tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
-        save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
-        files.append("optim.safetensors")
-        meta["optimizer"] = structure
-    return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    try:
+        weights_meta = {"format": "pt", "lmforge_step": str(step)}
+        if model_state is not None:
+            model_state = {k: v.contiguous() for k, v in model_state.items()}
+            save_file(model_state, str(tmp / "model.safetensors"), weights_meta)
+        else:
+            tensors, dropped = savable(model.state_dict())
+            save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
+        files = ["model.safetensors"]
+        meta: dict[str, Any] = dict(state)
+        if optimizer is not None:
+            tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+            save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
+            files.append("optim.safetensors")
+            meta["optimizer"] = structure
+        return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    except (SafetensorError, OSError) as e:
+        # A full disk or a lost permission mid-write: safetensors raises its own error type (a traceback
+        # before), and the half-written folder held the space the next try needs. The complete
+        # checkpoints before it are untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        resume = f"re-run the same command to resume from {previous.name}" if previous else "re-run the command"
+        raise CheckpointError(
+            f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); "
+            f"free disk space or fix permissions, then {resume}"
+        ) from None
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
@@ -328,6 +350,7 @@ def finish_checkpoint(
             )
         fsync_file(tmp / name)
     meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+    meta["state_sha256"] = state_sha256(json.loads(json.dumps(meta)))  # as a reader will load it (str keys)
     write_json(tmp / "state.json", meta)  # the validity marker: written last
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():  # a re-save of the same step (e.g. interrupted right after a periodic save)
@@ -680,6 +703,10 @@ def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Ch
         raise CheckpointError(
             f"{ckpt_dir / 'state.json'} has checkpoint format {found!r}, this lmforge reads {FORMAT_VERSION}; "
             "use the lmforge version that wrote it"
+        )
+    if verify and "state_sha256" in meta and meta["state_sha256"] != state_sha256(meta):  # (older ones have none)
+        raise CheckpointError(
+            f"{ckpt_dir / 'state.json'} fails its checksum (damaged or edited by hand); use an earlier checkpoint"
         )
     ckpt = Checkpoint(ckpt_dir, meta)
     if verify:

@@ -522,7 +522,10 @@ def load_config(
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
+    _check_sections(file_dict, f"{config_file}")
     name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
+    if not isinstance(name, str):
+        raise ConfigError(f'preset: expected a preset name in quotes (preset = "tiny"), got {name!r}')
     from_preset = preset_dict(name) if name else {}
     merged = merge(base or {}, from_preset)
     merged = merge(merged, file_dict)
@@ -537,6 +540,15 @@ def load_config(
     written = [d.get("objective") for d in (file_dict, overrides)]
     cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
     return cfg
+
+
+def _check_sections(data: dict[str, Any], where: str) -> None:
+    """A section written as a plain value (`train = 3`) must fail here: merged under a later source's
+    table of the same section (a flag like --train.lr), it was replaced without a word."""
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in data.items():
+        if key in hints and _dataclass_members(hints[key]) and not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of settings ([{key}]), got {value!r} in {where}")
 
 
 def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:

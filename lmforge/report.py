@@ -164,7 +164,11 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
 def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run]:
     if not paths:
         raise ConfigError("no run directories given; pass one or more RUN_DIRs")
-    runs = [load_run(p, allow_empty=allow_empty) for p in paths]
+    # A run that has not logged a step (it crashed at start, or has just begun) is a row of the comparison:
+    # refusing it refused the whole `lmforge report runs/*`. Only a report with nothing in it is an error.
+    runs = [load_run(p, allow_empty=allow_empty or len(paths) > 1) for p in paths]
+    if not allow_empty and not any(run.train or run.evals for run in runs):
+        load_run(paths[0])  # its one-line error: nothing to report until a run logs a step
     names = [r.name for r in runs]
     for run in runs:  # two runs/…/a folders: tell them apart by their parent
         if names.count(run.name) > 1:
@@ -549,6 +553,21 @@ def _resolve_format(out: Path, fmt: str) -> Literal["html", "md"]:
     return fmt  # type: ignore[return-value]
 
 
+def _refuse_run_file(out: Path, run_dirs: list[Path]) -> None:
+    """`--out RUN/config.json --format html` (or RUN/checkpoints/latest, which needs no flag: no suffix means
+    HTML) replaced the run's own file with the report. In a run folder only a new file or an earlier report
+    (.html/.md) may be written."""
+    if not out.exists() or out.suffix.lower() in (".md", ".markdown", ".html", ".htm"):
+        return
+    target = out.resolve()
+    for run_dir in run_dirs:
+        if run_dir.resolve() in target.parents:
+            raise ConfigError(
+                f"--out {out} is a file of the run {run_dir}, which the report would replace; "
+                "name a new file, e.g. report.html"
+            )
+
+
 def render_report(
     run_dirs: list[str | Path],
     out: str | Path = "report.html",
@@ -571,6 +590,7 @@ def render_report(
     runs = load_runs(list(run_dirs), allow_empty=allow_empty)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / 'report.html'}")
+    _refuse_run_file(out, [run.path for run in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
     atomic_write_text(out, text)

@@ -97,6 +97,24 @@ def test_damaged_files_give_one_line_errors(tmp_path):
         load_checkpoint(path)
 
 
+def test_state_json_that_still_parses_after_damage_is_refused(tmp_path):
+    """state.json lists the other files' checksums but had none of its own: a changed digit (the loader's
+    cursor: a silently wrong resume) or a changed type (a TypeError traceback) went through."""
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 3, model, opt, tokens=96)
+    state = path / "state.json"
+    meta = json.loads(state.read_text(encoding="utf-8"))
+    state.write_text(json.dumps(meta), encoding="utf-8")  # reformatted, same content: still fine
+    load_checkpoint(path)
+    meta["train_state"]["tokens"] = "96"
+    state.write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"state.json fails its checksum \(damaged or edited by hand\)"):
+        load_checkpoint(path)
+    del meta["state_sha256"]  # a checkpoint written before the checksum existed still loads
+    state.write_text(json.dumps(meta), encoding="utf-8")
+    load_checkpoint(path)
+
+
 def test_readers_of_the_weights_check_only_their_files(tmp_path):
     """verify="weights" (eval, generate, export, a fine-tune's base): a damaged optimizer file, which only a
     resume reads, does not stop them, a damaged weights file still does, and a full check (resume) names it."""

@@ -57,6 +57,18 @@ def test_unknown_keys_fail_with_did_you_mean(tmp_path):
         load_config(preset="tin")
 
 
+def test_a_section_or_preset_of_the_wrong_type_in_toml_is_refused(tmp_path):
+    """`train = 3` was replaced, unseen, by any --train.* flag's table (the run trained 1000 steps);
+    `preset = 5` was a TypeError traceback from the did-you-mean."""
+    toml = tmp_path / "bad.toml"
+    toml.write_text('preset = "tiny"\ntrain = 3\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"train: expected a table of settings \(\[train\]\), got 3"):
+        load_config(config_file=toml, overrides=["--train.lr", "1e-3"])
+    toml.write_text("preset = 5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="preset: expected a preset name"):
+        load_config(config_file=toml)
+
+
 def test_wrong_types_and_values():
     with pytest.raises(ConfigError, match="train.lr: expected float"):
         load_config(overrides=["--train.lr", "fast"])

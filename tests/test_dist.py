@@ -638,6 +638,8 @@ def test_diloco_worker_whose_weights_do_not_fit_is_named(data_dir: Path, diloco_
 
     from safetensors.torch import load_file, save_file
 
+    from lmforge.checkpoint import state_sha256
+
     out = tmp_path / "run"
     shutil.copytree(diloco_straight, out)
     ckpt = out / "checkpoints" / "step-000008"
@@ -650,6 +652,7 @@ def test_diloco_worker_whose_weights_do_not_fit_is_named(data_dir: Path, diloco_
         "bytes": damaged.stat().st_size,
         "sha256": hashlib.sha256(damaged.read_bytes()).hexdigest(),
     }
+    meta["state_sha256"] = state_sha256(meta)  # a forged, consistent state.json: only the weights do not fit
     (ckpt / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.max_steps": 10})
     assert p.returncode != 0

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import resource
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.errors import TrainingDiverged
+from lmforge.errors import CheckpointError, TrainingDiverged
 from lmforge.objectives import CausalLM
 from lmforge.train.run import pretrain
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 
 
 def inject_nan(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
@@ -88,14 +92,37 @@ def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path,
 
     monkeypatch.setattr(ckpt, "save_file", failing_save_file)
     cfg = tiny_config(data_dir, run, **{"train.max_steps": 12, "checkpoint.every": 6, "eval.every": 0})
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left.*resume from step-000006"):
         pretrain(cfg, progress=False)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    assert not (run / "checkpoints" / "step-000012.tmp").exists()  # the partial folder gave its space back
     loaded = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))  # verifies sizes and sha256
     assert loaded.meta["step"] == 6
     monkeypatch.setattr(ckpt, "save_file", real)
     state = pretrain(cfg, progress=False)  # the same command resumes from step 6 and finishes
     assert state.step == 12
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as on Linux")
+def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+    """A real failed write (a file-size limit, as a full disk: safetensors raises its own SafetensorError,
+    which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone."""
+    run = tmp_path / "run"
+    base = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet"]
+    small = ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--eval.every", "0"]
+    first = run_cli(*base, *small, "--train.max_steps", "4", "--checkpoint.every", "4")
+    assert first.returncode == 0, first.stderr
+    limit = (run / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size + 1000  # < optim's 2x
+
+    def limit_file_size() -> None:  # in the child: writes past `limit` fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    second = run_cli(*base, *small, "--train.max_steps", "8", "--checkpoint.every", "4", preexec_fn=limit_file_size)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert "could not write checkpoint step-000008" in second.stderr and "resume from step-000004" in second.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004"]
 
 
 def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_dir: Path, tmp_path: Path) -> None:

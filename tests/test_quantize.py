@@ -142,11 +142,14 @@ def test_missing_data_dir_writes_nothing_and_points_to_no_compare(
     """The run's data directory was deleted: a one-line error naming --no-compare, and no half --out."""
     import shutil
 
+    from lmforge.checkpoint import state_sha256
+
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     for state_file in run.glob("checkpoints/step-*/state.json"):  # as if trained on a copy since deleted
         meta = json.loads(state_file.read_text(encoding="utf-8"))
         meta["config"]["data"]["dir"] = str(tmp_path / "deleted-data")
+        meta["state_sha256"] = state_sha256(meta)  # (a consistent state.json, as a real run would write)
         state_file.write_text(json.dumps(meta), encoding="utf-8")
     result = run_cli("quantize", str(run), "--out", str(tmp_path / "q"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -173,6 +174,38 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     ok = run_cli("report", *map(str, two_runs), "--out", str(tmp_path / "cli.md"))
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
+
+
+def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_runs, tmp_path):
+    """`lmforge report runs/*` with one run that failed at start (config.json, empty metrics.jsonl) was refused
+    as a whole; it is now a row with its status, and a report of that run alone is still a one-line error."""
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "config.json").write_text((two_runs[0] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    (crashed / "metrics.jsonl").write_text("", encoding="utf-8")
+    (crashed / "status.json").write_text('{"status": "failed", "pid": 1, "error": "boom"}', encoding="utf-8")
+    result = run_cli("report", str(two_runs[0]), str(crashed), "--out", str(tmp_path / "r.md"))
+    assert result.returncode == 0, result.stderr
+    assert "| crashed | tiny | failed | 0/" in (tmp_path / "r.md").read_text(encoding="utf-8")
+    with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
+        render_report([crashed, crashed], tmp_path / "r2.html")
+
+
+def test_an_out_that_is_a_file_of_a_run_is_refused(two_runs, tmp_path):
+    """`--out RUN/config.json --format html` and `--out RUN/checkpoints/latest` (no suffix: HTML) replaced
+    the run's own files with the report; a new file or an earlier report in the run folder is fine."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out, fmt in [(run / "config.json", "html"), (run / "checkpoints" / "latest", "auto"), (run / "x.json", "md")]:
+        if not out.exists():
+            out.write_text("{}", encoding="utf-8")
+            before[out] = b"{}"
+        with pytest.raises(ConfigError, match="is a file of the run .*; name a new file"):
+            render_report([run], out, fmt=fmt)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    render_report([run], run / "report.html")
+    render_report([run], run / "report.html")  # re-rendered over itself
 
 
 @pytest.mark.slow

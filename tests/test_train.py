@@ -250,3 +250,30 @@ def test_time_budget_stops_and_saves(data_dir, tmp_path):
     assert load_checkpoint(tmp_path / "run").meta["step"] == state.step
     again = pretrain(cfg, progress=False)  # the budget is spent: nothing to do (it took one more step before)
     assert again.step == state.step and load_checkpoint(tmp_path / "run").meta["step"] == state.step
+
+
+def test_a_rerun_with_nothing_to_do_leaves_the_run_as_it_was(data_dir, tmp_path, capsys):
+    """Re-running a run trained to step 8 with max_steps 4 trains nothing, so it must not rewrite config.json
+    (which said max_steps 4 afterwards: `lmforge runs` showed 8/4) nor announce a new lr schedule."""
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 8, "checkpoint.every": 4}), progress=False)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "env.json", "metrics.jsonl")}
+    capsys.readouterr()
+    again = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4, "train.lr": 1e-3}), progress=True)
+    assert again.step == 8
+    assert {name: (run / name).read_bytes() for name in before} == before
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "schedule changed" not in out
+    (run / "config.json").unlink()  # lost: the re-run stands in with the checkpoint's config and restores it
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4}), progress=False)
+    assert (run / "config.json").read_bytes() == before["config.json"]
+
+
+def test_warmup_covering_the_whole_run_is_said(data_dir, tmp_path, capsys):
+    """--train.max_steps 6 under 20 warmup steps trained at 30% of train.lr at most, with no word of it."""
+    pretrain(tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 6, "train.warmup_steps": 20}))
+    assert (
+        "train.warmup_steps 20 >= train.max_steps 6: the lr only warms up, to 0.0009 (30% of" in capsys.readouterr().out
+    )
+    pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 6, "train.warmup_steps": 2}))
+    assert "only warms up" not in capsys.readouterr().out

@@ -55,7 +55,7 @@ from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
-from lmforge.train.schedule import LR_KEYS, lr_at
+from lmforge.train.schedule import LR_KEYS, lr_at, warmup_note
 from lmforge.train.state import TrainState
 
 
@@ -99,6 +99,13 @@ def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
     if "model" not in config and ("model_type" in config or "architectures" in config):
         return "a Hugging Face model, not an lmforge run: 'lmforge import' it to use it"
     return ""
+
+
+def _readable_config(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, overwrite: bool) -> bool:
@@ -359,9 +366,23 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
     if diloco is not None and ckpt is not None:
         diloco.load_checkpoint(ckpt)  # the outer momentum and the anchor (the weights at the last sync)
+    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
+    done = ""  # why a re-run of a finished run has nothing to do
+    if state.step >= cfg.train.max_steps:
+        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
+    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
+        done = (
+            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
+            "evaluations; raise train.early_stop_patience to train on)"
+        )
+    elif budget and state.elapsed_s >= budget:
+        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
-    # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk.
-    if world.is_main:
+    # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk, and
+    # so does a re-run with nothing to do (its config.json said max_steps 10 of a run trained to step 50).
+    if world.is_main and done and ckpt is not None and not _readable_config(run_dir / "config.json"):
+        write_json(run_dir / "config.json", ckpt.meta["config"])  # the config prepare_run_dir stood in with
+    if world.is_main and not done:
         discard_aside(run_dir)  # (--overwrite: the old run goes only now that the new one starts)
         if ckpt is not None and (aside := set_aside_later(run_dir, state.step)):  # an earlier step chosen
             print(f"note: resuming from {ckpt.path.name}; the later checkpoints were moved to {aside}", flush=True)
@@ -406,7 +427,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
             )
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
-        if schedule_note:
+        if schedule_note and not done:  # (no step follows it)
             log.info(schedule_note)
 
     val_shards = data.split_shards("val")
@@ -430,6 +451,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             metrics["sample"] = tokenizer.decode(ids)
         return metrics
 
+    if not done and (
+        note := warmup_note(lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
+    ):
+        log.info(note)
     if not val_shards:
         log.info("note: the data has no validation split; training runs without evaluation or early stopping")
     if data.manifest.get("tokenizer", {}).get("kind") == "wordpiece" and cfg.model.family not in ("bert", "electra"):
@@ -467,17 +492,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         dist.barrier()  # nobody runs ahead of (or exits before) the checkpoint
         return step_dir(run_dir, st.step)
 
-    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
-    done = ""  # why a re-run of a finished run has nothing to do
-    if state.step >= cfg.train.max_steps:
-        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
-    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
-        done = (
-            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
-            "evaluations; raise train.early_stop_patience to train on)"
-        )
-    elif budget and state.elapsed_s >= budget:
-        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
     if done:
         log.info(f"{run_dir} is already {done}; nothing to do")
         log.close()

@@ -54,3 +54,15 @@ def lr_at(
     if schedule == "cosine":
         return final_lr + 0.5 * (lr - final_lr) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def warmup_note(*, lr: float, warmup_steps: int, max_steps: int) -> str:
+    """A note when warmup covers the whole run (`--train.max_steps 50` under the default 100 warmup steps):
+    the lr never reaches `lr` nor decays, which nothing else in the log would show. Empty otherwise."""
+    if warmup_steps < max_steps:
+        return ""
+    top = lr_at(max_steps - 1, lr=lr, final_lr=lr, warmup_steps=warmup_steps, max_steps=max_steps, schedule="constant")
+    return (
+        f"note: train.warmup_steps {warmup_steps} >= train.max_steps {max_steps}: the lr only warms up, to {top:.3g} "
+        f"({top / lr:.0%} of train.lr) at the last step, and never decays; lower --train.warmup_steps"
+    )
