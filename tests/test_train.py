@@ -277,3 +277,14 @@ def test_warmup_covering_the_whole_run_is_said(data_dir, tmp_path, capsys):
     )
     pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 6, "train.warmup_steps": 2}))
     assert "only warms up" not in capsys.readouterr().out
+
+
+def test_min_lr_above_lr_is_said(data_dir, tmp_path, capsys):
+    """A preset's min_lr under a lowered --train.lr made the cosine "decay" raise the lr, with no word of it."""
+    pretrain(tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 8, "train.lr": 1e-4, "train.min_lr": 3e-4}))
+    out = capsys.readouterr().out
+    assert "train.min_lr 0.0003 is above train.lr 0.0001, so the lr rises toward it" in out
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs[-1] > lrs[-2]  # what the note warns of
+    pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 3, "train.min_lr": 1e-4}))
+    assert "is above train.lr" not in capsys.readouterr().out

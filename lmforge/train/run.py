@@ -55,7 +55,7 @@ from lmforge.train.loop import train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
-from lmforge.train.schedule import LR_KEYS, lr_at, warmup_note
+from lmforge.train.schedule import LR_KEYS, lr_at, min_lr_note, warmup_note
 from lmforge.train.state import TrainState
 
 
@@ -451,10 +451,14 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             metrics["sample"] = tokenizer.decode(ids)
         return metrics
 
-    if not done and (
-        note := warmup_note(lr=cfg.train.lr, warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps)
-    ):
-        log.info(note)
+    if not done:
+        t = cfg.train
+        for note in (
+            warmup_note(lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
+            min_lr_note(lr=t.lr, min_lr=t.min_lr, schedule=t.schedule),
+        ):
+            if note:
+                log.info(note)
     if not val_shards:
         log.info("note: the data has no validation split; training runs without evaluation or early stopping")
     if data.manifest.get("tokenizer", {}).get("kind") == "wordpiece" and cfg.model.family not in ("bert", "electra"):

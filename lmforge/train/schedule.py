@@ -56,6 +56,17 @@ def lr_at(
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def min_lr_note(*, lr: float, min_lr: float, schedule: str) -> str:
+    """A note when `train.min_lr` is above `train.lr` (a preset's min_lr under a lowered --train.lr): the
+    "decay" then raises the lr toward min_lr. Empty otherwise."""
+    if schedule == "constant" or min_lr <= lr:
+        return ""
+    return (
+        f"note: train.min_lr {min_lr:g} is above train.lr {lr:g}, so the lr rises toward it while it should decay; "
+        "lower --train.min_lr"
+    )
+
+
 def warmup_note(*, lr: float, warmup_steps: int, max_steps: int) -> str:
     """A note when warmup covers the whole run (`--train.max_steps 50` under the default 100 warmup steps):
     the lr never reaches `lr` nor decays, which nothing else in the log would show. Empty otherwise."""
