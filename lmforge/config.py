@@ -412,7 +412,14 @@ def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", where: str =
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise _unknown_key(full, names, where)
+            error = _unknown_key(full, names, where)
+            if "family" in names and not str(error).endswith("?"):  # a model key of another family (n_head on LSTM)
+                family = data.get("family", next(f.default for f in dataclasses.fields(cls) if f.name == "family"))
+                error = ConfigError(
+                    f"{error}: model.family {family!r} has no such setting (its settings: "
+                    f"{', '.join(n for n in names if n != 'family')})"
+                )
+            raise error
         tp = hints[key]
         if _dataclass_members(tp):
             if not isinstance(value, dict):

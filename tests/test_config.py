@@ -80,6 +80,8 @@ def test_wrong_types_and_values():
         load_config(overrides=["--train.batch_size", "10", "--train.micro_batch_size", "4"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config(overrides=["--model.d_model", "100", "--model.n_head", "3"])
+    with pytest.raises(ConfigError, match="'model.n_head'.*model.family 'lstm' has no such setting.*d_model"):
+        load_config(preset="lstm-tiny", overrides=["--model.n_head", "4"])
     with pytest.raises(ConfigError, match="train.compile_mode 'reduce-overhead' needs train.compile true"):
         load_config(overrides=["--train.compile_mode", "reduce-overhead"])
     cfg = load_config(overrides=["--train.compile", "true", "--train.compile_mode", "reduce-overhead"])
