@@ -315,7 +315,11 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             flags["out"] = args.out
         if args.objective:
             flags["objective"] = {"name": args.objective}
-        cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(parse_overrides(extra), flags))
+        dotted = parse_overrides(extra)
+        for short, section, key in (("--data", "data", "dir"), ("--objective", "objective", "name")):
+            if section in flags and key in (dotted.get(section) or {}):  # (the shortcut used to win silently)
+                raise ConfigError(f"{short} and --{section}.{key} name the same setting; give one of them")
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(dotted, flags))
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
     elif args.command == "eval" and args.task:
         from lmforge.cli_adapt import check_eval_flags, run_eval_task
