@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,6 +31,7 @@ from lmforge.atomic import write_json
 from lmforge.errors import ConfigError, DataError
 
 TEMPLATE_NAME = "lmforge-v1"
+HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
 ROLES = ("system", "user", "assistant")
 JINJA_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
@@ -109,6 +111,56 @@ def save_tokenizer_config(run_dir: Path, tok: Any) -> None:
     )
 
 
+def hf_template_config(source: str, bos_token: str, eos_token: str) -> dict[str, str]:
+    """`tokenizer_config.json` of a run that keeps an HF model's Jinja chat template (import, its fine-tunes)."""
+    return {
+        "chat_template": source,
+        "lmforge_chat_template": HF_JINJA,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+@lru_cache(maxsize=8)
+def compile_jinja(source: str) -> Any:
+    """A chat template compiled as transformers' `apply_chat_template` does: jinja2's immutable sandbox (a
+    template from a checkpoint never runs code), trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`
+    and a `tojson` that keeps non-ASCII text; `{% generation %}` blocks render their body.
+
+    Raises:
+        jinja2.TemplateError: the template does not parse.
+    """
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # transformers' assistant-mask tag; here it only renders its body
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise DataError(
+            f"the chat template refuses this conversation: {str(message).splitlines()[0] if message else ''}"
+        )
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
 def load_template(run_dir: Path) -> ChatTemplate | None:
     """The run's chat template, or None when it was not chat-tuned."""
     path = Path(run_dir) / "tokenizer_config.json"
@@ -116,6 +168,8 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     name = data.get("lmforge_chat_template")
+    if name == HF_JINJA:
+        return None  # (prompting with an imported model's own template comes next)
     if name != TEMPLATE_NAME:
         raise DataError(f"{path}: unknown chat template {name!r}; this lmforge reads {TEMPLATE_NAME}")
     return ChatTemplate()
