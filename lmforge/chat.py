@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, first_line
 
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
@@ -80,6 +80,75 @@ class ChatTemplate:
                 return ids[-budget:], dropped  # a single overlong message keeps its end
             cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" else 1  # a user/assistant pair at a time
             rest, dropped = rest[cut:], dropped + cut
+
+
+@dataclass(frozen=True)
+class JinjaChatTemplate(ChatTemplate):
+    """An imported instruct model's own Jinja chat template (`HF_JINJA`), rendered as transformers'
+    `apply_chat_template` renders it (`compile_jinja`) and encoded whole as transformers encodes it
+    (`Tokenizer.encode_markup`: special-token strings become their ids, none are added: the template
+    writes a BOS itself where the model wants one)."""
+
+    name: str = HF_JINJA
+    source: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The template's text for `messages`.
+
+        Raises:
+            DataError: the template refuses the conversation or fails on it.
+        """
+        try:
+            return compile_jinja(self.source).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template's own bug surfaces as any error (TypeError, UndefinedError...)
+            raise DataError(
+                f"the chat template fails on this conversation ({type(e).__name__}: {first_line(e)})"
+            ) from None
+
+    def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
+        """[(ids, train)] pieces of a conversation, as `ChatTemplate.segments`.
+
+        With `add_generation_prompt` one piece, the whole prompt. Otherwise the conversation is encoded whole
+        (the ids a prompt has) and each assistant reply is marked by rendering prefixes: what
+        `render(messages[:i], add_generation_prompt=True)` holds is context, what `render(messages[:i + 1])`
+        adds after it is the target (the reply and its end marker, e.g. `<|im_end|>`; whitespace the template
+        writes after that marker is context, as the model stops at the marker). A token belongs where it starts.
+
+        Raises:
+            DataError: a malformed conversation, or a template whose renders are not prefixes of one another.
+        """
+        check_messages(messages, allow_trailing_user=add_generation_prompt)
+        if add_generation_prompt:
+            return [(tok.encode_markup(self.render(messages, add_generation_prompt=True)).ids, False)]
+        text = self.render(messages)
+        spans = []  # (start, end) character ranges of the targets in `text`
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                context, upto = self.render(messages[:i], add_generation_prompt=True), self.render(messages[: i + 1])
+                if not (text.startswith(upto) and upto.startswith(context)):
+                    raise DataError(
+                        "the chat template rewrites earlier turns as the conversation grows (a render is not a prefix "
+                        "of the next), so the replies cannot be marked for training with this template"
+                    )
+                spans.append((len(context), max(len(context), len(upto.rstrip()))))
+        enc = tok.encode_markup(text)
+        out: list[tuple[list[int], bool]] = []
+        for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
+            train = any(a <= start < b for a, b in spans)
+            if out and out[-1][1] == train:
+                out[-1][0].append(token_id)
+            else:
+                out.append(([token_id], train))
+        return out
 
 
 def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
@@ -169,7 +238,12 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
     data = json.loads(path.read_text(encoding="utf-8"))
     name = data.get("lmforge_chat_template")
     if name == HF_JINJA:
-        return None  # (prompting with an imported model's own template comes next)
+        source, bos, eos = (data.get(k) for k in ("chat_template", "bos_token", "eos_token"))
+        if not isinstance(source, str) or not all(isinstance(t, str) for t in (bos, eos)):
+            raise DataError(
+                f"{path}: 'chat_template', 'bos_token' and 'eos_token' must be strings; import the model again"
+            )
+        return JinjaChatTemplate(source=source, bos_token=bos, eos_token=eos)
     if name != TEMPLATE_NAME:
         raise DataError(f"{path}: unknown chat template {name!r}; this lmforge reads {TEMPLATE_NAME}")
     return ChatTemplate()
