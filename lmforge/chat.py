@@ -167,8 +167,15 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")
 
 
-def save_tokenizer_config(run_dir: Path, tok: Any) -> None:
-    """Write `tokenizer_config.json` with the chat template (HF's field name) next to tokenizer.json."""
+def save_tokenizer_config(run_dir: Path, tok: Any, template: ChatTemplate | None = None) -> None:
+    """Write `tokenizer_config.json` with the chat template (HF's field name) next to tokenizer.json: lmforge's,
+    or a `JinjaChatTemplate` (a fine-tune of an imported instruct model keeps its base's)."""
+    if isinstance(template, JinjaChatTemplate):
+        write_json(
+            Path(run_dir) / "tokenizer_config.json",
+            hf_template_config(template.source, template.bos_token, template.eos_token),
+        )
+        return
     write_json(
         Path(run_dir) / "tokenizer_config.json",
         {

@@ -855,3 +855,44 @@ def test_imported_chat_template_errors_are_one_line(tmp_path: Path):
     template = load_template(run)
     with pytest.raises(DataError, match="^the chat template refuses this conversation: a system message comes first$"):
         template.prompt_ids(Tokenizer.load(run / "tokenizer.json"), [{"role": "user", "content": "hi"}], budget=100)
+
+
+def test_imported_chat_template_marks_the_replies_for_training(tmp_path: Path):
+    """sft on an imported ChatML model: the conversation's ids are transformers' (no generation prompt), and the
+    targets are exactly each reply + `<|im_end|>` (the newline the template writes after it is context, since
+    generation stops at `<|im_end|>`); nothing of the system or user turns. The fine-tune keeps the template."""
+    from lmforge.chat import JinjaChatTemplate, load_template
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from tests.test_export import CONVERSATION
+
+    run, hf_tok = _imported_chatml(tmp_path)
+    tok, template = Tokenizer.load(run / "tokenizer.json"), load_template(run)
+    replies = ["jumps over the lazy dog, twice.", "你好！ The lazy dog."]
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": replies[0]}, CONVERSATION[3]]
+    conversation.append({"role": "assistant", "content": replies[1]})
+    segments = template.segments(tok, conversation)
+    assert [i for ids, _ in segments for i in ids] == hf_tok.apply_chat_template(
+        conversation, tokenize=True, return_dict=False
+    )
+    assert [ids for ids, train in segments if train] == [hf_tok.encode(r + "<|im_end|>") for r in replies]
+    assert [train for _, train in segments] == [False, True, False, True, False]  # the last: the final "\n"
+
+    rewriting = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(DataError, match="^the chat template rewrites earlier turns .* cannot be marked for training"):
+        JinjaChatTemplate(source=rewriting).segments(tok, conversation)
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")
+    overrides = {"train": {"max_steps": 2, "batch_size": 1}}
+    finetune(
+        run,
+        train_file=data,
+        out=tmp_path / "ft",
+        cfg=FinetuneConfig(task="sft", max_new_tokens=8),
+        overrides=overrides,
+        progress=False,
+    )
+    assert load_template(tmp_path / "ft") == template
