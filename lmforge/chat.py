@@ -12,6 +12,11 @@ uses), so `apply_chat_template` in transformers renders identical text. A prompt
 (`add_generation_prompt`) ends its past replies without the EOS when the tokenizer has none (an
 imported one may not: `Tokenizer.eos_id_or_none`), so such a run still chats; training needs it.
 
+An imported instruct model keeps its own Jinja template (`JinjaChatTemplate`, marked `hf-jinja` in
+tokenizer_config.json by `export/hf_import.py`): rendered in jinja2's immutable sandbox as transformers'
+`apply_chat_template` renders it (never code from a checkpoint), so prompts are the ids the model was
+trained on; for sft its replies are located by rendering prefixes of the conversation.
+
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
 `/reset` clears the history and `/exit` (or end of input) quits. It reads lines from any text
@@ -43,6 +48,11 @@ JINJA_TEMPLATE = (
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str = TEMPLATE_NAME
+
+    @property
+    def jinja(self) -> str:
+        """The template as Jinja, for `tokenizer_config.json` `chat_template` (exports)."""
+        return JINJA_TEMPLATE
 
     def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
         """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS.
@@ -93,6 +103,10 @@ class JinjaChatTemplate(ChatTemplate):
     source: str = ""
     bos_token: str = ""
     eos_token: str = ""
+
+    @property
+    def jinja(self) -> str:
+        return self.source
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
         """The template's text for `messages`.

@@ -708,3 +708,28 @@ def test_import_without_a_usable_chat_template(
     assert not (import_hf(tmp_path / "bad", tmp_path / "b") / "tokenizer_config.json").exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "chat template does not parse" in err and "imported without it" in err
+
+
+def test_export_of_an_imported_chat_model_keeps_its_template(bpe: Tokenizer, tmp_path: Path) -> None:
+    """import -> export --to hf: transformers renders and encodes conversations as with the original directory
+    (the template and its bos/eos strings go out unchanged, no lmforge marker handling); GGUF carries it too."""
+    original = chatml_dir(bpe, tmp_path / "hf")
+    out = export_hf(import_hf(tmp_path / "hf", tmp_path / "run"), tmp_path / "export")
+    exported = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert exported.chat_template == CHATML
+    for conversation, prompt in (
+        (CONVERSATION, True),
+        ([*CONVERSATION, {"role": "assistant", "content": "ok"}], False),
+    ):
+        want = original.apply_chat_template(
+            conversation, add_generation_prompt=prompt, tokenize=True, return_dict=False
+        )
+        got = exported.apply_chat_template(conversation, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert got == want
+    again = import_hf(out, tmp_path / "again")  # and back: the same template, bos and eos
+    assert (again / "tokenizer_config.json").read_text() == (tmp_path / "run" / "tokenizer_config.json").read_text()
+    gguf = pytest.importorskip("gguf")
+    from lmforge.export.gguf import export_gguf
+
+    fields = gguf.GGUFReader(str(export_gguf(tmp_path / "run", tmp_path / "m.gguf"))).fields
+    assert fields["tokenizer.chat_template"].contents() == CHATML
