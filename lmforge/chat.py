@@ -12,6 +12,11 @@ uses), so `apply_chat_template` in transformers renders identical text. A prompt
 (`add_generation_prompt`) ends its past replies without the EOS when the tokenizer has none (an
 imported one may not: `Tokenizer.eos_id_or_none`), so such a run still chats; training needs it.
 
+An imported instruct model keeps its own Jinja template (`JinjaChatTemplate`, marked `hf-jinja` in
+tokenizer_config.json by `export/hf_import.py`): rendered in jinja2's immutable sandbox as transformers'
+`apply_chat_template` renders it (never code from a checkpoint), so prompts are the ids the model was
+trained on; for sft its replies are located by rendering prefixes of the conversation.
+
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
 `/reset` clears the history and `/exit` (or end of input) quits. It reads lines from any text
@@ -23,13 +28,15 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, first_line
 
 TEMPLATE_NAME = "lmforge-v1"
+HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
 ROLES = ("system", "user", "assistant")
 JINJA_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
@@ -41,6 +48,11 @@ JINJA_TEMPLATE = (
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str = TEMPLATE_NAME
+
+    @property
+    def jinja(self) -> str:
+        """The template as Jinja, for `tokenizer_config.json` `chat_template` (exports)."""
+        return JINJA_TEMPLATE
 
     def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
         """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS.
@@ -80,6 +92,79 @@ class ChatTemplate:
             rest, dropped = rest[cut:], dropped + cut
 
 
+@dataclass(frozen=True)
+class JinjaChatTemplate(ChatTemplate):
+    """An imported instruct model's own Jinja chat template (`HF_JINJA`), rendered as transformers'
+    `apply_chat_template` renders it (`compile_jinja`) and encoded whole as transformers encodes it
+    (`Tokenizer.encode_markup`: special-token strings become their ids, none are added: the template
+    writes a BOS itself where the model wants one)."""
+
+    name: str = HF_JINJA
+    source: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @property
+    def jinja(self) -> str:
+        return self.source
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """The template's text for `messages`.
+
+        Raises:
+            DataError: the template refuses the conversation or fails on it.
+        """
+        try:
+            return compile_jinja(self.source).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template's own bug surfaces as any error (TypeError, UndefinedError...)
+            raise DataError(
+                f"the chat template fails on this conversation ({type(e).__name__}: {first_line(e)})"
+            ) from None
+
+    def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
+        """[(ids, train)] pieces of a conversation, as `ChatTemplate.segments`.
+
+        With `add_generation_prompt` one piece, the whole prompt. Otherwise the conversation is encoded whole
+        (the ids a prompt has) and each assistant reply is marked by rendering prefixes: what
+        `render(messages[:i], add_generation_prompt=True)` holds is context, what `render(messages[:i + 1])`
+        adds after it is the target (the reply and its end marker, e.g. `<|im_end|>`; whitespace the template
+        writes after that marker is context, as the model stops at the marker). A token belongs where it starts.
+
+        Raises:
+            DataError: a malformed conversation, or a template whose renders are not prefixes of one another.
+        """
+        check_messages(messages, allow_trailing_user=add_generation_prompt)
+        if add_generation_prompt:
+            return [(tok.encode_markup(self.render(messages, add_generation_prompt=True)).ids, False)]
+        text = self.render(messages)
+        spans = []  # (start, end) character ranges of the targets in `text`
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                context, upto = self.render(messages[:i], add_generation_prompt=True), self.render(messages[: i + 1])
+                if not (text.startswith(upto) and upto.startswith(context)):
+                    raise DataError(
+                        "the chat template rewrites earlier turns as the conversation grows (a render is not a prefix "
+                        "of the next), so the replies cannot be marked for training with this template"
+                    )
+                spans.append((len(context), max(len(context), len(upto.rstrip()))))
+        enc = tok.encode_markup(text)
+        out: list[tuple[list[int], bool]] = []
+        for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
+            train = any(a <= start < b for a, b in spans)
+            if out and out[-1][1] == train:
+                out[-1][0].append(token_id)
+            else:
+                out.append(([token_id], train))
+        return out
+
+
 def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
     """A conversation is a non-empty list of {role, content} with at least one assistant turn to learn."""
     if not isinstance(messages, list):  # (a string, or JSON null)
@@ -96,8 +181,15 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")
 
 
-def save_tokenizer_config(run_dir: Path, tok: Any) -> None:
-    """Write `tokenizer_config.json` with the chat template (HF's field name) next to tokenizer.json."""
+def save_tokenizer_config(run_dir: Path, tok: Any, template: ChatTemplate | None = None) -> None:
+    """Write `tokenizer_config.json` with the chat template (HF's field name) next to tokenizer.json: lmforge's,
+    or a `JinjaChatTemplate` (a fine-tune of an imported instruct model keeps its base's)."""
+    if isinstance(template, JinjaChatTemplate):
+        write_json(
+            Path(run_dir) / "tokenizer_config.json",
+            hf_template_config(template.source, template.bos_token, template.eos_token),
+        )
+        return
     write_json(
         Path(run_dir) / "tokenizer_config.json",
         {
@@ -109,6 +201,56 @@ def save_tokenizer_config(run_dir: Path, tok: Any) -> None:
     )
 
 
+def hf_template_config(source: str, bos_token: str, eos_token: str) -> dict[str, str]:
+    """`tokenizer_config.json` of a run that keeps an HF model's Jinja chat template (import, its fine-tunes)."""
+    return {
+        "chat_template": source,
+        "lmforge_chat_template": HF_JINJA,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+@lru_cache(maxsize=8)
+def compile_jinja(source: str) -> Any:
+    """A chat template compiled as transformers' `apply_chat_template` does: jinja2's immutable sandbox (a
+    template from a checkpoint never runs code), trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`
+    and a `tojson` that keeps non-ASCII text; `{% generation %}` blocks render their body.
+
+    Raises:
+        jinja2.TemplateError: the template does not parse.
+    """
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # transformers' assistant-mask tag; here it only renders its body
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise DataError(
+            f"the chat template refuses this conversation: {str(message).splitlines()[0] if message else ''}"
+        )
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
 def load_template(run_dir: Path) -> ChatTemplate | None:
     """The run's chat template, or None when it was not chat-tuned."""
     path = Path(run_dir) / "tokenizer_config.json"
@@ -116,6 +258,13 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     name = data.get("lmforge_chat_template")
+    if name == HF_JINJA:
+        source, bos, eos = (data.get(k) for k in ("chat_template", "bos_token", "eos_token"))
+        if not isinstance(source, str) or not all(isinstance(t, str) for t in (bos, eos)):
+            raise DataError(
+                f"{path}: 'chat_template', 'bos_token' and 'eos_token' must be strings; import the model again"
+            )
+        return JinjaChatTemplate(source=source, bos_token=bos, eos_token=eos)
     if name != TEMPLATE_NAME:
         raise DataError(f"{path}: unknown chat template {name!r}; this lmforge reads {TEMPLATE_NAME}")
     return ChatTemplate()

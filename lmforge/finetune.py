@@ -482,6 +482,10 @@ def _finetune(
     tok, body = loaded.tokenizer, loaded.model
     _check_family(body.cfg.family, cfg, base)
     frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
+    from lmforge.chat import ChatTemplate
+
+    # chat tasks keep the base's template: an imported instruct model's own (chat.JinjaChatTemplate), else lmforge's
+    template = (loaded.template or ChatTemplate()) if cfg.task in CHAT_TASKS else None
     if cfg.adapt == "distill":
         teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
     context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
@@ -511,6 +515,7 @@ def _finetune(
         ]
         train_rows = train_rows + extra
     kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
+    kwargs["template"] = template
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
     val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
     if cfg.task == "clm" and cfg.replay:
@@ -641,7 +646,7 @@ def _finetune(
     if cfg.task in CHAT_TASKS:
         from lmforge.chat import save_tokenizer_config
 
-        save_tokenizer_config(out, tok)
+        save_tokenizer_config(out, tok, template)
     write_json(out / "finetune.json", info)
 
     # resume: the latest checkpoint's weights, optimizer, loader position, train state and RNG (exact on CPU)
@@ -806,10 +811,7 @@ def _finetune(
             )
         if val_rows:
             ft = Finetuned(model.eval(), tok, loaded.config, info, None, out)
-            if cfg.task in CHAT_TASKS:
-                from lmforge.chat import ChatTemplate
-
-                ft.template = ChatTemplate()
+            ft.template = template
             metrics = task_metrics(
                 ft,
                 val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,

@@ -805,3 +805,94 @@ def test_serve_answers_expect_100_continue(chat_run: Path):
                 reply += chunk
         assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply, reply
         assert b"request_too_large" in reply
+
+
+# an imported instruct model's own (Jinja) chat template
+
+
+def _imported_chatml(root: Path, template: str | None = None) -> tuple[Path, Any]:
+    """A ChatML model built by transformers (tests.test_export.chatml_dir), imported; and its HF tokenizer."""
+    from lmforge.export.hf_import import import_hf
+    from lmforge.tokenizer.train import train_bpe
+    from tests.test_export import CHATML, CONVERSATION, chatml_dir
+
+    bpe = train_bpe([m["content"] for m in CONVERSATION] * 20 + ["system user assistant\n"] * 20, vocab_size=300)
+    hf_tok = chatml_dir(bpe, root / "hf", template=template or CHATML)
+    return import_hf(root / "hf", root / "run"), hf_tok
+
+
+def test_imported_chat_template_prompts_as_transformers_does(tmp_path: Path):
+    """The ids chat, serve and eval prompt an imported ChatML model with are transformers' apply_chat_template
+    ids (multi-turn, system message, the template's own BOS), and its `<|im_end|>` ends a reply."""
+    import io
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import JinjaChatTemplate, chat
+    from lmforge.generate import run_stops
+    from tests.test_export import CONVERSATION
+
+    run, hf_tok = _imported_chatml(tmp_path)
+    ft = load_finetuned(run, torch.device("cpu"))
+    assert isinstance(ft.template, JinjaChatTemplate)
+    theirs = hf_tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids, dropped = ft.template.prompt_ids(ft.tokenizer, CONVERSATION, budget=10_000)
+    assert ids == theirs and dropped == 0 and ids[0] == hf_tok.convert_tokens_to_ids("<s>")
+    assert hf_tok.convert_tokens_to_ids("<|im_end|>") in run_stops(ft)
+    out = io.StringIO()
+    assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, max_new_tokens=4, temperature=0, device="cpu") == 1
+    assert "not chat-tuned" not in out.getvalue() and "bot> " in out.getvalue()
+
+
+def test_imported_chat_template_errors_are_one_line(tmp_path: Path):
+    from lmforge.chat import load_template
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    refusing = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message comes first') }}{% endif %}"
+    )
+    run, _ = _imported_chatml(tmp_path, template=refusing + "{{ messages[0]['content'] }}")
+    template = load_template(run)
+    with pytest.raises(DataError, match="^the chat template refuses this conversation: a system message comes first$"):
+        template.prompt_ids(Tokenizer.load(run / "tokenizer.json"), [{"role": "user", "content": "hi"}], budget=100)
+
+
+def test_imported_chat_template_marks_the_replies_for_training(tmp_path: Path):
+    """sft on an imported ChatML model: the conversation's ids are transformers' (no generation prompt), and the
+    targets are exactly each reply + `<|im_end|>` (the newline the template writes after it is context, since
+    generation stops at `<|im_end|>`); nothing of the system or user turns. The fine-tune keeps the template."""
+    from lmforge.chat import JinjaChatTemplate, load_template
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from tests.test_export import CONVERSATION
+
+    run, hf_tok = _imported_chatml(tmp_path)
+    tok, template = Tokenizer.load(run / "tokenizer.json"), load_template(run)
+    replies = ["jumps over the lazy dog, twice.", "你好！ The lazy dog."]
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": replies[0]}, CONVERSATION[3]]
+    conversation.append({"role": "assistant", "content": replies[1]})
+    segments = template.segments(tok, conversation)
+    assert [i for ids, _ in segments for i in ids] == hf_tok.apply_chat_template(
+        conversation, tokenize=True, return_dict=False
+    )
+    assert [ids for ids, train in segments if train] == [hf_tok.encode(r + "<|im_end|>") for r in replies]
+    assert [train for _, train in segments] == [False, True, False, True, False]  # the last: the final "\n"
+
+    rewriting = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(DataError, match="^the chat template rewrites earlier turns .* cannot be marked for training"):
+        JinjaChatTemplate(source=rewriting).segments(tok, conversation)
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")
+    overrides = {"train": {"max_steps": 2, "batch_size": 1}}
+    finetune(
+        run,
+        train_file=data,
+        out=tmp_path / "ft",
+        cfg=FinetuneConfig(task="sft", max_new_tokens=8),
+        overrides=overrides,
+        progress=False,
+    )
+    assert load_template(tmp_path / "ft") == template

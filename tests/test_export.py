@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -639,3 +640,96 @@ def test_import_takes_stop_ids_from_each_hf_file(source: str, bpe: Tokenizer, tm
         assert stop_ids_of(run) == [] and not (run / "generation.json").exists()
     else:
         assert stop_ids_of(run) == ([end] if source == "config" else [eos, end])
+
+
+# an imported instruct model's own chat template
+
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are a lazy dog."},
+    {"role": "user", "content": "The quick brown fox?"},
+    {"role": "assistant", "content": "jumps over the lazy dog, twice."},
+    {"role": "user", "content": "你好，世界！"},
+]
+
+
+def chatml_dir(bpe: Tokenizer, hf_dir: Path, *, template: str | list | None = CHATML, jinja_file: bool = True) -> Any:
+    """A ChatML instruct model saved by transformers: `<s>`, `<|im_start|>`, `<|im_end|>` special tokens,
+    bos_token `<s>`, eos_token and generation_config eos `<|im_end|>`. `template` as a string is saved the
+    way transformers saves it (chat_template.jinja; `jinja_file=False`: in tokenizer_config.json), as a
+    list it goes into tokenizer_config.json as is. Returns transformers' tokenizer, loaded from `hf_dir`."""
+    raw = Tokenizer.from_str(bpe.to_str()).hf
+    raw.add_special_tokens(["<s>", "<|im_start|>", "<|im_end|>"])
+    end = raw.token_to_id("<|im_end|>")
+    torch.manual_seed(0)
+    model = _hf_llama(Tokenizer.from_str(raw.to_str()), bos_token_id=raw.token_to_id("<s>"), eos_token_id=end)
+    model.generation_config = transformers.GenerationConfig(eos_token_id=end)
+    model.save_pretrained(hf_dir)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="<|im_end|>")
+    if isinstance(template, str):
+        fast.chat_template = template
+    fast.save_pretrained(hf_dir)
+    config_path = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(template, list) or (isinstance(template, str) and not jinja_file):
+        (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
+        config["chat_template"] = template
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+
+
+@pytest.mark.parametrize("where", ["jinja-file", "tokenizer-config", "named-list"])
+def test_import_keeps_the_chat_template(where: str, bpe: Tokenizer, tmp_path: Path) -> None:
+    """The template lands in the run's tokenizer_config.json, marked as HF Jinja, with the special-token
+    strings it references; wherever transformers saved it."""
+    template: Any = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]
+    chatml_dir(
+        bpe, tmp_path / "hf", template=CHATML if where != "named-list" else template, jinja_file=where == "jinja-file"
+    )
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file() == (where == "jinja-file")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    config = json.loads((run / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == CHATML and config["lmforge_chat_template"] == "hf-jinja"
+    assert config["bos_token"] == "<s>" and config["eos_token"] == "<|im_end|>"
+
+
+def test_import_without_a_usable_chat_template(
+    bpe: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No template: no tokenizer_config.json, as before. One that does not parse: a one-line note, no template."""
+    chatml_dir(bpe, tmp_path / "none", template=None)
+    assert not (import_hf(tmp_path / "none", tmp_path / "a") / "tokenizer_config.json").exists()
+    chatml_dir(bpe, tmp_path / "bad", template="{% for m in messages %}{{ m['content'] }}", jinja_file=False)
+    capsys.readouterr()  # (transformers' progress bars)
+    assert not (import_hf(tmp_path / "bad", tmp_path / "b") / "tokenizer_config.json").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chat template does not parse" in err and "imported without it" in err
+
+
+def test_export_of_an_imported_chat_model_keeps_its_template(bpe: Tokenizer, tmp_path: Path) -> None:
+    """import -> export --to hf: transformers renders and encodes conversations as with the original directory
+    (the template and its bos/eos strings go out unchanged, no lmforge marker handling); GGUF carries it too."""
+    original = chatml_dir(bpe, tmp_path / "hf")
+    out = export_hf(import_hf(tmp_path / "hf", tmp_path / "run"), tmp_path / "export")
+    exported = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert exported.chat_template == CHATML
+    for conversation, prompt in (
+        (CONVERSATION, True),
+        ([*CONVERSATION, {"role": "assistant", "content": "ok"}], False),
+    ):
+        want = original.apply_chat_template(
+            conversation, add_generation_prompt=prompt, tokenize=True, return_dict=False
+        )
+        got = exported.apply_chat_template(conversation, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert got == want
+    again = import_hf(out, tmp_path / "again")  # and back: the same template, bos and eos
+    assert (again / "tokenizer_config.json").read_text() == (tmp_path / "run" / "tokenizer_config.json").read_text()
+    gguf = pytest.importorskip("gguf")
+    from lmforge.export.gguf import export_gguf
+
+    fields = gguf.GGUFReader(str(export_gguf(tmp_path / "run", tmp_path / "m.gguf"))).fields
+    assert fields["tokenizer.chat_template"].contents() == CHATML

@@ -531,10 +531,12 @@ def build_examples(
     labels: list[str] | None,
     path: str | Path,
     frame: tuple[list[int], list[int], int] | None = None,
+    template: Any = None,
 ) -> list[Any]:
     """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO.
 
-    `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`)."""
+    `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`); `template` the chat template of
+    sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`)."""
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
@@ -562,7 +564,7 @@ def build_examples(
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
         return out
     if task in ("sft", "qa"):
-        template = ChatTemplate()
+        template = template or ChatTemplate()
         out = []
         for i, row in enumerate(rows, 1):
             try:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import bos_id_of, chat_template_of, extra_stop_ids, without_chat_markers
+from lmforge.export.hf import bos_id_of, chat_template_of, extra_stop_ids, has_chat_markers, without_chat_markers
 
 DTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
@@ -209,8 +209,9 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             file=sys.stderr,
             flush=True,
         )
-    chat = chat_template_of(trained)
-    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=bool(chat))
+    template = chat_template_of(trained)
+    chat = template.jinja if template else ""  # an imported model's own goes out unchanged
+    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=has_chat_markers(template))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
     eos = trained.tokenizer.eos_id_or_none
     stops = extra_stop_ids(trained, eos)  # an imported model's end-of-sequence ids beside its eos

@@ -532,12 +532,21 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     return write_hf(trained, out)
 
 
-def chat_template_of(trained: Any) -> str:
-    """The Jinja chat template of a chat-tuned (sft) run, for `apply_chat_template`; "" for other runs."""
+def chat_template_of(trained: Any) -> Any:
+    """The chat template of a chat-tuned (sft) run or an imported instruct model (`chat.ChatTemplate`, its
+    `.jinja` for `apply_chat_template`), None for other runs."""
     from lmforge.adapt.load import run_dir_of
-    from lmforge.chat import JINJA_TEMPLATE, load_template
+    from lmforge.chat import load_template
 
-    return JINJA_TEMPLATE if load_template(run_dir_of(trained.checkpoint.path)) is not None else ""
+    return load_template(run_dir_of(trained.checkpoint.path))
+
+
+def has_chat_markers(template: Any) -> bool:
+    """Whether `template` is lmforge's own, whose role markers are ordinary text (`without_chat_markers`);
+    an imported model's own template goes out as it came in."""
+    from lmforge.chat import TEMPLATE_NAME
+
+    return template is not None and template.name == TEMPLATE_NAME
 
 
 def bos_id_of(tokenizer: Tokenizer, eos_id: int | None) -> int | None:
@@ -597,13 +606,21 @@ def write_hf(trained: Any, out: Path) -> Path:
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
             generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
         write_json(tmp / "generation_config.json", generation)
-        chat = chat_template_of(trained)
+        template = chat_template_of(trained)
+        chat = template.jinja if template else ""
+        markers = has_chat_markers(template)
         atomic_write_text(
-            tmp / "tokenizer.json", without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str()
+            tmp / "tokenizer.json", without_chat_markers(tokenizer.to_str()) if markers else tokenizer.to_str()
         )
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
         if specials and bos_id != eos_id:
             specials["bos_token"] = tokenizer.id_to_token(bos_id)
+        if template and not markers:  # an imported template renders the bos/eos strings its model had (or none)
+            for name in ("bos_token", "eos_token"):
+                if getattr(template, name):
+                    specials[name] = getattr(template, name)
+                else:
+                    specials.pop(name, None)
         write_json(
             tmp / "tokenizer_config.json",
             {
@@ -612,7 +629,8 @@ def write_hf(trained: Any, out: Path) -> Path:
                 "model_max_length": cfg.max_seq_len,
                 # lmforge encodes special-token strings found in text as plain text (only ids it adds are
                 # special); HF does the same with this set. A chat-tuned run's template writes its EOS as
-                # text after each assistant turn, which must become the EOS id: there it stays unset.
+                # text after each assistant turn, which must become the EOS id: there it stays unset (an imported
+                # template's special tokens, e.g. <|im_start|>, are written as text too).
                 "split_special_tokens": not chat,
                 "clean_up_tokenization_spaces": False,  # byte-level decoding is exact; no space "clean-up"
                 **({"chat_template": chat} if chat else {}),

@@ -10,11 +10,19 @@ instruct model also ends its turns with another (Llama-3-Instruct: `<|eot_id|>` 
 generation_config.json and config.json `eos_token_id` (an id or a list), tokenizer_config.json
 `eos_token`; when they name more than the tokenizer's eos, the run gets them as `generation.json`
 (`generate.stop_ids_of`), where `generate`, `chat`, `serve` and the HF export find them.
+
+Chat template: an instruct model's own (`chat_template.jinja`, which transformers prefers, else
+tokenizer_config.json `chat_template`: a string, or a list of {name, template} whose "default" is used)
+goes to the run's tokenizer_config.json marked `"lmforge_chat_template": "hf-jinja"`, with the
+`bos_token`/`eos_token` strings it may reference (`chat.hf_template_config`), so chat, serve, eval and
+sft fine-tuning prompt it the way it was trained (`chat.JinjaChatTemplate`). One that jinja2's sandbox
+cannot parse is left out with a note: the model still imports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from pickle import UnpicklingError  # only the error weights_only=True raises; nothing is unpickled here
 from typing import Any
@@ -94,7 +102,38 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     own_eos = tokenizer.eos_id_or_none  # None: no known end-of-text token (generate says so when it needs one)
     stop_ids = stop_ids if any(i != own_eos for i in stop_ids) else []  # only if they add to the eos
     run_cfg = RunConfig(out=str(out), model=cfg)
-    return write_imported_run(out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids)
+    chat = hf_chat_template(hf_dir)
+    return write_imported_run(out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids, chat=chat)
+
+
+def hf_chat_template(hf_dir: Path) -> dict[str, str] | None:
+    """The run's tokenizer_config.json for the directory's chat template (module docstring), or None
+    when it has none or one that does not parse (said on stderr)."""
+    from jinja2 import TemplateError
+
+    from lmforge.chat import compile_jinja, hf_template_config
+
+    tok_cfg_path = hf_dir / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg_path, "delete it or save it again") if tok_cfg_path.is_file() else {}
+    tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else {}
+    jinja_path = hf_dir / "chat_template.jinja"
+    source = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else tok_cfg.get("chat_template")
+    if isinstance(source, list):  # [{"name": ..., "template": ...}]: transformers' default is the one named so
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(source, str) or not source.strip():
+        return None
+    try:
+        compile_jinja(source)
+    except TemplateError as e:
+        print(f"note: {hf_dir}'s chat template does not parse ({first_line(e)}); imported without it", file=sys.stderr)
+        return None
+
+    def token(name: str) -> str:  # a string, or {"content": ...} (AddedToken's form)
+        value = tok_cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else ""
+
+    return hf_template_config(source, token("bos_token"), token("eos_token"))
 
 
 def hf_stop_ids(hf_dir: Path, hf_cfg: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
@@ -131,9 +170,11 @@ def write_imported_run(
     model_type: str,
     *,
     stop_ids: list[int] | None = None,
+    chat: dict[str, str] | None = None,
 ) -> Path:
     """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json, a weights-only
-    step-0 checkpoint and, with `stop_ids`, generation.json (`generate.write_stop_ids`)."""
+    step-0 checkpoint, with `stop_ids` generation.json (`generate.write_stop_ids`) and with `chat` (an HF
+    chat template's `hf_template_config`) tokenizer_config.json."""
     from lmforge.generate import write_stop_ids
     from lmforge.train.state import TrainState
 
@@ -142,6 +183,8 @@ def write_imported_run(
         tokenizer.save(tmp / "tokenizer.json")
         if stop_ids:
             write_stop_ids(tmp, stop_ids)
+        if chat:
+            write_json(tmp / "tokenizer_config.json", chat)
         save_checkpoint(
             tmp,
             step=0,

@@ -121,6 +121,15 @@ class Tokenizer:
         """Token ids of `text`; no special tokens are added."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def encode_markup(self, text: str) -> tokenizers.Encoding:
+        """Ids and character offsets of text a chat template wrote: unlike `encode`, its special-token strings
+        (`<|im_start|>`) become their ids, as transformers encodes `apply_chat_template`'s text; none are added."""
+        return self._markup.encode(text, add_special_tokens=False)
+
+    @cached_property
+    def _markup(self) -> tokenizers.Tokenizer:  # a copy that splits out special tokens (the flag is per object)
+        return tokenizers.Tokenizer.from_str(self.to_str())
+
     @cached_property
     def prompt_prefix(self) -> list[int]:
         """Special ids the tokenizer's own post-processor puts before a text, e.g. Llama's `<s>` (BOS) in an
