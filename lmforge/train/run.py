@@ -391,7 +391,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         + f"), {device} {str(precision.dtype)[6:]}, "
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
-    if resume:
+    if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
         if resume_note:
             log.info(resume_note)
@@ -400,7 +400,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
             )
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
-        if schedule_note and not done:  # (no step follows it)
+        if schedule_note:
             log.info(schedule_note)
 
     val_shards = data.split_shards("val")
