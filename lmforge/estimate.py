@@ -431,7 +431,11 @@ def estimate(
         ConfigError: tokens < 1, unknown hardware or strategy, mfu outside (0, 1], world_size < 1,
             negative price, data.seq_len > model.max_seq_len.
     """
-    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens) and tokens >= 1):  # 0.5 would become 0
+    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens)):  # (inf: "must be >= 1" misled)
+        raise ConfigError(
+            f"tokens must be a finite number, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
+        )
+    if tokens < 1:  # 0.5 would become 0
         raise ConfigError(
             f"tokens must be >= 1, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
         )
@@ -442,8 +446,8 @@ def estimate(
         raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
     if not (0.0 <= mfu <= 1.0):
         raise ConfigError(f"mfu must be in (0, 1] (a fraction, e.g. 0.4), got {mfu}; 0 = the default")
-    if price_per_hour is not None and not price_per_hour >= 0:
-        raise ConfigError(f"price_per_hour must be >= 0 (USD per device-hour), got {price_per_hour}")
+    if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
+        raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
 
     assumptions = []
     model = cfg.model
@@ -470,8 +474,10 @@ def estimate(
     hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
     if hw["peak_source"] == "given by the user":
         assumptions.append(
-            f"a given peak is taken as a {'CPU' if hw['device'] == 'cpu' else 'GPU (set --train.device cpu for a CPU)'}"
-            f" at {hw['dtype']}"
+            f"a given peak is a {'CPU' if hw['device'] == 'cpu' else 'GPU'}'s {hw['dtype']} peak ("
+            + ("--train.dtype bfloat16 for bf16" if hw["device"] == "cpu" else "--train.device cpu for a CPU, ")
+            + ("" if hw["device"] == "cpu" else "--train.dtype float32 or float16 for another dtype")
+            + ")"
         )
     batch, micro = cfg.train.batch_size, cfg.train.micro_batch_per_rank(world_size)  # per device, as training runs
 
@@ -581,8 +587,8 @@ def format_estimate(result: dict[str, Any]) -> str:
         + (", tied" if m["tie_embeddings"] else ", untied"),
         f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding",
         f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
-        f"{r['steps']:,} steps, {r['dtype']}, {r['optimizer']}",
-        f"tokens       {_count(r['tokens'])} ({r['tokens'] / r['params']:.1f} per parameter; "
+        f"{_big(r['steps'], '{:,}')} steps, {r['dtype']}, {r['optimizer']}",
+        f"tokens       {_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "
         f"Chinchilla-optimal {_count(r['chinchilla_tokens'])} = {CHINCHILLA_TOKENS_PER_PARAM} x params)",
         f"compute      {r['train_flops']:.3g} FLOPs ({r['flops_per_token']:.3g} per token, "
         f"attention {100 * r['attention_flops_share']:.1f}%)",
@@ -608,14 +614,22 @@ def format_estimate(result: dict[str, Any]) -> str:
         + (
             "unknown (pass a price per device-hour)"
             if r["cost_usd"] is None
-            else f"${r['cost_usd']:,.2f} at ${r['price_per_hour']:g} per device-hour"
+            else f"${_big(r['cost_usd'], '{:,.2f}')} at ${r['price_per_hour']:g} per device-hour"
         ),
     ]
     lines += ["assumptions"] + [f"  - {a}" for a in r["assumptions"]]
     return "\n".join(lines)
 
 
+def _big(n: float, fmt: str) -> str:
+    """`fmt` for ordinary numbers; 3 significant digits in scientific notation from 1e15 on (--tokens 1e30 gave
+    a 25-digit step count and cost)."""
+    return fmt.format(n) if abs(n) < 1e15 else f"{n:.3g}"
+
+
 def _count(n: float) -> str:
+    if abs(n) >= 1e15:  # (1e30 tokens read "1000000000000000000.00T")
+        return f"{n:.3g}"
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -637,4 +651,7 @@ def _duration(seconds: float) -> str:
         return f"{minutes:.1f} min"
     if hours < 48:
         return f"{hours:.1f} h"
-    return f"{days:.1f} days"
+    if days < 730:
+        return f"{days:.1f} days"
+    years = days / 365.25  # (--tokens 1e30 read "24998314796090327040.0 days")
+    return f"{years:.1f} years" if years < 1e4 else f"{years:.3g} years"

@@ -432,7 +432,7 @@ def _finetune(
     )
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
-    from lmforge.train.loop import train
+    from lmforge.train.loop import nothing_left, train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
     from lmforge.train.state import TrainState
@@ -534,6 +534,17 @@ def _finetune(
             raise DataError(
                 f"{train_file} is not the data {out} was trained on so far (its loader position would point "
                 "into other rows); resume with the same --train file, or pass --overwrite to start again"
+            )
+        if previous.get("seed", train_cfg.seed) != train_cfg.seed:  # the loader's order comes from the seed
+            raise ConfigError(
+                f"{out} was trained with --train.seed {previous['seed']}, not {train_cfg.seed} (its data position "
+                f"would point into another shuffle); resume with --train.seed {previous['seed']}, or pass --overwrite"
+            )
+        old_optim = (previous.get("optim") or {}).get("name")
+        if old_optim and old_optim != optim_cfg.name:  # (as pretrain refuses it)
+            raise ConfigError(
+                f"{out} was trained with --optim.name {old_optim}, whose state cannot continue as {optim_cfg.name}; "
+                f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
             )
         if previous.get("labels", []) != labels:
             raise DataError(
@@ -637,6 +648,29 @@ def _finetune(
             metrics["kl_to_teacher"] = kl_to_teacher(model, teacher, batches, device)
         return metrics
 
+    # resume: the latest checkpoint's weights, optimizer, loader position, train state and RNG (exact on CPU)
+    from lmforge.checkpoint import checkpoint_to_resume, latest_checkpoint, read_json, set_rng_state
+    from lmforge.log import truncate_metrics
+
+    ckpt = None
+    if previous is not None and latest_checkpoint(out) is not None:
+        ckpt = checkpoint_to_resume(out, ckpt_cfg.resume_from, log=print if progress else len)
+        load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
+    state = TrainState.from_dict(ckpt.meta["train_state"]) if ckpt is not None else TrainState()
+    # A re-run of a finished run trains nothing, so it leaves every file as it was: config.json, env.json,
+    # finetune.json (whose train settings `lmforge runs` shows: 10/6 after a re-run with max_steps 6), eval.json
+    # (scored again with the new command's --eval-samples) and status.json. Without eval.json the run stopped in
+    # its final evaluation, which the re-run below completes.
+    done = nothing_left(state, train_cfg) if ckpt is not None else ""
+    if done and (out / "eval.json").is_file():
+        from lmforge.train.run import _readable_config
+
+        if not _readable_config(out / "config.json"):  # (pretrain sends a run whose config.json broke here)
+            write_json(out / "config.json", ckpt.meta["config"])
+        if progress:
+            print(f"{out} is already {done}; nothing to do", flush=True)
+        return read_json(out / "eval.json", "re-run with --overwrite to fine-tune again")
+
     # the run directory: architecture config, tokenizer, chat template, finetune.json
     base_config = dataclasses.replace(loaded.config, out=str(out))
     discard_aside(out)  # (--overwrite: the old run goes only now that this one starts)
@@ -649,15 +683,6 @@ def _finetune(
         save_tokenizer_config(out, tok, template)
     write_json(out / "finetune.json", info)
 
-    # resume: the latest checkpoint's weights, optimizer, loader position, train state and RNG (exact on CPU)
-    from lmforge.checkpoint import checkpoint_to_resume, latest_checkpoint, set_rng_state
-    from lmforge.log import truncate_metrics
-
-    ckpt = None
-    if previous is not None and latest_checkpoint(out) is not None:
-        ckpt = checkpoint_to_resume(out, ckpt_cfg.resume_from, log=print if progress else len)
-        load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
-    state = TrainState.from_dict(ckpt.meta["train_state"]) if ckpt is not None else TrainState()
     resumed_extra: dict[str, Any] = ckpt.meta.get("finetune_extra", {}) if ckpt is not None else {}
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
@@ -669,8 +694,11 @@ def _finetune(
         metrics_path, max_steps=train_cfg.max_steps, start_step=state.step, console=progress, plot_path=out / "loss.png"
     )
     if ckpt is not None:
-        done = state.step >= train_cfg.max_steps
-        log.info(f"{out} is already trained to step {state.step}" if done else f"resuming {out} from step {state.step}")
+        log.info(
+            f"{out} is already {done}; running its final evaluation"
+            if done
+            else f"resuming {out} from step {state.step}"
+        )
     log.info(
         f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex)} train / {len(val_ex)} val examples"
         + (f" (packed into {len(train_items)} rows)" if cfg.pack else "")
@@ -688,6 +716,12 @@ def _finetune(
             + ", ".join(f"{n} of {split}" for split, n in skipped.items() if n)
         )
     log.info(format_trainable(model))
+    if ckpt is not None and lr_schedule is None and not done:  # a changed --train.lr, max_steps, ...
+        from lmforge.train.schedule import schedule_change
+
+        schedule_note = schedule_change(ckpt.meta.get("finetune", {}).get("train"), train_cfg, state.step)
+        if schedule_note:
+            log.info(schedule_note)
     if lr_schedule is not None:
         log.info(
             f"learning rate: the base run's schedule from its step {lr_schedule.start} "
@@ -713,7 +747,11 @@ def _finetune(
 
     optimizer = build_optimizer(model, optim_cfg, lr=train_cfg.lr, device=device)
     if ckpt is not None:
-        ckpt.load_optimizer(optimizer)
+        optim_changes = ckpt.load_optimizer(optimizer)
+        if optim_changes:  # (as pretrain says it)
+            log.info(
+                f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
+            )
         loader.load_state_dict(ckpt.meta["loader"])
         set_rng_state(ckpt.meta["rng"])  # last: nothing after this may draw random numbers before training
     tokenizer_json = tok.to_str()
@@ -745,22 +783,23 @@ def _finetune(
     mark_running(out)  # status.json, as pretrain keeps it: `lmforge runs` shows running / finished / ...
     try:
         try:
-            state = train(
-                model,
-                optimizer,
-                loader,
-                cfg=train_cfg,
-                optim_cfg=optim_cfg,
-                eval_cfg=eval_cfg,
-                ckpt_cfg=ckpt_cfg,
-                precision=precision,
-                state=state,
-                log=log,
-                save=save,
-                evaluate=(lambda: evaluate_on(val_batches)) if val_batches else None,
-                objective=objective,
-                lr_schedule=lr_schedule,
-            )
+            if not done:  # (a finished run whose final evaluation did not complete: only that is left)
+                state = train(
+                    model,
+                    optimizer,
+                    loader,
+                    cfg=train_cfg,
+                    optim_cfg=optim_cfg,
+                    eval_cfg=eval_cfg,
+                    ckpt_cfg=ckpt_cfg,
+                    precision=precision,
+                    state=state,
+                    log=log,
+                    save=save,
+                    evaluate=(lambda: evaluate_on(val_batches)) if val_batches else None,
+                    objective=objective,
+                    lr_schedule=lr_schedule,
+                )
         finally:
             log.close()
         if state.stop_reason == "interrupted":

@@ -27,7 +27,9 @@ import html
 import io
 import json
 import os
+import re
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -484,8 +486,22 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
 # Markdown
 
 
+# Characters that Markdown (GitHub's: HTML tags, entities, emphasis, links, code spans, strikethrough, $math$,
+# table cells) would read as markup; each is backslash-escaped, so a run named `x<b>` or `a|b` shows as written.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~!$#])")
+
+
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """`text` as literal Markdown inline text, on one line (a table cell, a heading, bold)."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def _md_code_block(text: str) -> list[str]:
+    """`text` as a fenced block whose tilde fence is longer than any run of tildes in it, so no line of the
+    text (```, ~~~~) can close it early."""
+    longest = max((len(run) for run in re.findall(r"~+", text)), default=0)
+    fence = "~" * max(4, longest + 1)
+    return [fence + "text", text, fence]
 
 
 def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
@@ -505,7 +521,7 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     assets = out.with_name(out.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
     parts = [
-        f"# lmforge report: {', '.join(r.name for r in runs)}",
+        f"# lmforge report: {', '.join(_md_escape(r.name) for r in runs)}",
         "",
         "## Summary",
         "",
@@ -521,18 +537,18 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     parts += ["", "## Plots", ""]
     for spec in available_plots(runs):
         _write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
-        parts.append(f"![{spec.title}]({assets.name}/{spec.slug}.png)")
+        parts.append(f"![{_md_escape(spec.title)}]({urllib.parse.quote(assets.name)}/{spec.slug}.png)")
     header, rows = eval_table(runs)
     parts += ["", "## Evaluations", "", _md_table(header, rows) if rows else "No evaluations logged yet."]
     for run in runs:
         if run.data_card:
             rows = [[(k, k), (_short(v), None)] for k, v in run.data_card.items()]
-            parts += ["", f"## Data: {run.name}", "", _md_table(["", "value"], rows)]
+            parts += ["", f"## Data: {_md_escape(run.name)}", "", _md_table(["", "value"], rows)]
     samples = [(run, r) for run in runs for r in run.evals if r.get("sample")]
     if samples:
         parts += ["", "## Samples"]
         for run, record in samples:
-            parts += ["", f"**{run.name} @ step {record['step']}**", "", "~~~~text", record["sample"], "~~~~"]
+            parts += ["", f"**{_md_escape(run.name)} @ step {record['step']}**", "", *_md_code_block(record["sample"])]
     return "\n".join(parts) + "\n"
 
 

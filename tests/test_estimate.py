@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.estimate import (
     DEFAULT_VOCAB,
     PEAK_FLOPS,
+    _duration,
     activation_bytes,
     estimate,
     flops_per_token,
@@ -348,6 +350,9 @@ def test_result_is_json_and_formats() -> None:
         (dict(tokens=0), "tokens must be >= 1"),
         (dict(tokens=-5), "tokens must be >= 1"),
         (dict(tokens=0.5), "tokens must be >= 1, got 0.5"),  # int() made it 0 tokens, 0 steps
+        (dict(tokens=float("inf")), "tokens must be a finite number, got inf"),  # said "must be >= 1, got inf"
+        (dict(tokens=float("nan")), "tokens must be a finite number, got nan"),
+        (dict(tokens=10, hardware=GFLOPS, price_per_hour=float("inf")), "price_per_hour must be >= 0 and finite"),
         # world sizes training refuses (TrainConfig.micro_batch_per_rank, shared with train/run.py): 16
         # sequences on 64 devices printed micro-batch 1, on 3 devices micro-batch 5
         (dict(tokens=10, hardware=GFLOPS, world_size=64), "batch_size 16 .global. must be a multiple of the 64"),
@@ -458,3 +463,17 @@ def test_cpu_bf16_is_assumed_no_faster_than_fp32():
     fp32 = resolve_hardware("cpu", "float32")
     assert fp32["default_mfu"] == 0.45
     assert bf16["default_mfu"] * bf16["peak_flops"] == pytest.approx(0.45 * measure_matmul_flops("cpu", torch.float32))
+
+
+def test_huge_numbers_print_in_scientific_notation() -> None:
+    """--tokens 1e30 printed "24998314796090327040.0 days", a 25-digit step count and cost, and
+    "1000000000000000000.00T" tokens; they read as years and 3 significant digits now. A given GFLOP/s peak says
+    which dtype it stands for."""
+    text = format_estimate(estimate(run_cfg(), tokens=1e30, hardware=GFLOPS, price_per_hour=2.0))
+    assert re.search(r"time +\d\.\d\de\+\d+ years on 1 device", text), text
+    assert re.search(r"cost +\$\d\.\d+e\+\d+ at", text) and "tokens       1e+30 (" in text
+    assert not re.search(r"\d{16}", text), text
+    assert _duration(60 * 86400) == "60.0 days" and _duration(3 * 365.25 * 86400) == "3.0 years"
+    given = estimate(run_cfg(), tokens=10, hardware=GFLOPS)
+    assert any(f"peak is a {'CPU' if given['device'] == 'cpu' else 'GPU'}'s {given['dtype']} peak" in a
+               and "--train.dtype" in a for a in given["assumptions"]), given["assumptions"]  # fmt: skip

@@ -178,3 +178,38 @@ def test_train_seconds_add_up_over_sessions(base: Path, tmp_path: Path):
     resumed = finetune(base, out=run, **kw)["train_seconds"]
     assert resumed > at_3 and resumed == load_checkpoint(run).meta["train_state"]["elapsed_s"]
     assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["train_seconds"] == resumed
+
+
+def test_a_rerun_of_a_finished_finetune_leaves_its_files_as_they_were(base: Path, tmp_path: Path, capsys):
+    """Re-running a fine-tune trained to step 4 with max_steps 2 and another lr trains nothing, so it must not
+    rewrite config.json, env.json or finetune.json (`lmforge runs` showed 4/2), nor eval.json or status.json."""
+    out = tmp_path / "run"
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    kw = {"train_file": DATA / "sentiment_train.csv", "val_file": DATA / "sentiment_train.csv", "cfg": cfg}
+    first = finetune(base, out=out, overrides={"train": {"max_steps": 4, "batch_size": 4}}, progress=False, **kw)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    again = finetune(base, out=out, overrides={"train": {"max_steps": 2, "batch_size": 4, "lr": 0.5}}, **kw)
+    assert again == first
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert "already trained to step 4 (train.max_steps 2); nothing to do" in capsys.readouterr().out
+
+
+def test_a_resume_with_other_train_settings_says_so_or_refuses(base: Path, tmp_path: Path, capsys):
+    """A changed lr or weight decay applies from the resumed step with a note (as in pretrain); another seed
+    (the loader's shuffle) or optimizer (its state) cannot continue the run and is refused before any file changes."""
+    out = tmp_path / "run"
+    kw = {"train_file": DATA / "sentiment_train.csv", "cfg": FinetuneConfig(task="classify", adapt="head")}
+    finetune(base, out=out, overrides={"train": {"max_steps": 2, "batch_size": 4}}, progress=False, **kw)
+    settings = (out / "finetune.json").read_bytes()
+    with pytest.raises(ConfigError, match="trained with --train.seed 1337, not 3"):
+        finetune(base, out=out, overrides={"train": {"max_steps": 4, "batch_size": 4, "seed": 3}}, **kw)
+    with pytest.raises(ConfigError, match="trained with --optim.name adamw, whose state cannot continue as sgd"):
+        finetune(base, out=out, overrides={"train": {"max_steps": 4, "batch_size": 4}, "optim": {"name": "sgd"}}, **kw)
+    assert (out / "finetune.json").read_bytes() == settings
+    capsys.readouterr()
+    changed = {"train": {"max_steps": 4, "batch_size": 4, "lr": 0.01}, "optim": {"weight_decay": 0.1}}
+    assert finetune(base, out=out, overrides=changed, **kw)["steps"] == 4
+    printed = capsys.readouterr().out
+    assert "schedule changed since the checkpoint (train.max_steps 2 -> 4, train.lr 0.001 -> 0.01)" in printed
+    assert "optimizer settings changed since the checkpoint, applied from now: weight_decay 0.0 -> 0.1" in printed

@@ -6,12 +6,14 @@ page with zero console errors and no network request, saving a screenshot to tes
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from html.parser import HTMLParser
 
 import pytest
@@ -251,3 +253,24 @@ def test_report_in_headless_chromium(two_runs, tmp_path):
     tables = dict(result.probe["tables"])
     assert tables["summary"] == 3 and tables["evals"] == 7  # header + rows, as the browser parsed them
     assert result.screenshot.startswith(PNG_MAGIC) and result.probe["height"] > 2000
+
+
+def test_markdown_shows_names_and_samples_as_written(two_runs, tmp_path):
+    """A run folder named `x<b>|*y*` and a sample holding ``` and ~~~~ lines render literally: no HTML tag, no
+    emphasis, no extra table column, and the sample's fence is not closed early."""
+    markdown_it = pytest.importorskip("markdown_it")
+    name, sample = "x<b>|*y* &amp; $z$", "a\n```\nb\n~~~~\n~~~~~~ c <i>"
+    odd = tmp_path / "dir with space" / name
+    shutil.copytree(two_runs[0], odd)
+    rows = (odd / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.dumps({**json.loads(r), "sample": sample}) if "sample" in r else r for r in rows]
+    (odd / "metrics.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = render_report([odd], tmp_path / "my report.md")
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(out.read_text(encoding="utf-8"))
+    assert "<b>" not in page and "<i>" not in page and "<em>" not in page
+    assert f"<h1>lmforge report: {html.escape(name, quote=False)}</h1>" in page
+    assert f"<td>{html.escape(name, quote=False)}</td>" in page  # one cell, not split at the |
+    assert page.count(f'<pre><code class="language-text">{html.escape(sample, quote=False)}\n</code></pre>') == 3
+    for line in out.read_text(encoding="utf-8").splitlines():
+        if line.startswith("!["):
+            assert (out.parent / urllib.parse.unquote(line.split("](", 1)[1].rstrip(")"))).is_file()

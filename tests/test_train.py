@@ -259,11 +259,15 @@ def test_a_rerun_with_nothing_to_do_leaves_the_run_as_it_was(data_dir, tmp_path,
     pretrain(tiny_config(data_dir, run, **{"train.max_steps": 8, "checkpoint.every": 4}), progress=False)
     before = {name: (run / name).read_bytes() for name in ("config.json", "env.json", "metrics.jsonl")}
     capsys.readouterr()
-    again = pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4, "train.lr": 1e-3}), progress=True)
+    again = pretrain(
+        tiny_config(data_dir, run, **{"train.max_steps": 4, "train.lr": 1e-3, "optim.weight_decay": 0.3}),
+        progress=True,
+    )
     assert again.step == 8
     assert {name: (run / name).read_bytes() for name in before} == before
     out = capsys.readouterr().out
     assert "nothing to do" in out and "schedule changed" not in out
+    assert "resuming" not in out and "applied from now" not in out  # (no step follows)
     (run / "config.json").unlink()  # lost: the re-run stands in with the checkpoint's config and restores it
     pretrain(tiny_config(data_dir, run, **{"train.max_steps": 4}), progress=False)
     assert (run / "config.json").read_bytes() == before["config.json"]

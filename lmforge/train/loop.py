@@ -150,6 +150,22 @@ def _step_is_finite(
     return dist.all_reduce([float(bad)], device, "max")[0] == 0
 
 
+def nothing_left(state: TrainState, cfg: TrainConfig) -> str:
+    """Why a run resumed at `state` has no step left to train under `cfg` ("" when it has): the reason a re-run
+    of a finished run (pretrain or finetune) says "nothing to do" and leaves the run's files as they are."""
+    budget, patience = cfg.time_budget, cfg.early_stop_patience
+    if state.step >= cfg.max_steps:
+        return f"trained to step {state.step} (train.max_steps {cfg.max_steps})"
+    if state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
+        return (
+            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
+            "evaluations; raise train.early_stop_patience to train on)"
+        )
+    if budget and state.elapsed_s >= budget:
+        return f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
+    return ""
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -51,11 +51,11 @@ from lmforge.runs import (
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import open_trackers
-from lmforge.train.loop import train
+from lmforge.train.loop import nothing_left, train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
-from lmforge.train.schedule import LR_KEYS, lr_at, min_lr_note, warmup_note
+from lmforge.train.schedule import min_lr_note, schedule_change, warmup_note
 from lmforge.train.state import TrainState
 
 
@@ -204,26 +204,9 @@ def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
     return dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // world_size, micro_batch_size=micro)
 
 
-_SCHEDULE_KEYS = ("max_steps", *LR_KEYS)
-
-
 def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:
-    """A note when a resume changes the learning-rate schedule (e.g. a longer train.max_steps): the lr at
-    the next step then follows the new schedule, which can jump; "" when nothing changed."""
-    old = (saved or {}).get("train") if isinstance(saved, dict) else None
-    if not isinstance(old, dict):
-        return ""
-    changed = [k for k in _SCHEDULE_KEYS if k in old and old[k] != getattr(cfg.train, k)]
-    if not changed:
-        return ""
-    t = cfg.train
-    new_lr = lr_at(step, lr=t.lr, final_lr=t.final_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
-                   schedule=t.schedule, decay_fraction=t.decay_fraction)  # fmt: skip
-    return (
-        "note: the learning-rate schedule changed since the checkpoint ("
-        + ", ".join(f"train.{k} {old[k]} -> {getattr(t, k)}" for k in changed)
-        + f"); the lr follows the new one from step {step + 1} ({new_lr:.3g})"
-    )
+    """A note when a resume changes the learning-rate schedule (see `schedule.schedule_change`)."""
+    return schedule_change(saved.get("train") if isinstance(saved, dict) else None, cfg.train, step)
 
 
 def _on_main(world: dist.DistInfo, fn: Any) -> Any:
@@ -366,17 +349,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
     if diloco is not None and ckpt is not None:
         diloco.load_checkpoint(ckpt)  # the outer momentum and the anchor (the weights at the last sync)
-    budget, patience = cfg.train.time_budget, cfg.train.early_stop_patience
-    done = ""  # why a re-run of a finished run has nothing to do
-    if state.step >= cfg.train.max_steps:
-        done = f"trained to step {state.step} (train.max_steps {cfg.train.max_steps})"
-    elif state.stop_reason == "early_stop" and patience and state.evals_since_best >= patience:
-        done = (
-            f"stopped early at step {state.step} (no val-loss improvement in {state.evals_since_best} "
-            "evaluations; raise train.early_stop_patience to train on)"
-        )
-    elif budget and state.elapsed_s >= budget:
-        done = f"trained for {state.elapsed_s:.0f} s (train.time_budget {budget:g} s; raise it to train on)"
+    done = nothing_left(state, cfg.train)  # why a re-run of a finished run has nothing to do
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk, and
     # so does a re-run with nothing to do (its config.json said max_steps 10 of a run trained to step 50).
@@ -418,7 +391,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         + f"), {device} {str(precision.dtype)[6:]}, "
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
-    if resume:
+    if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
         if resume_note:
             log.info(resume_note)
@@ -427,7 +400,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"
             )
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
-        if schedule_note and not done:  # (no step follows it)
+        if schedule_note:
             log.info(schedule_note)
 
     val_shards = data.split_shards("val")

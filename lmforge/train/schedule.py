@@ -11,6 +11,7 @@ last `decay_fraction` of `max_steps`, so a long stable phase can be cut anywhere
 from __future__ import annotations
 
 import math
+from typing import Any
 
 # The train settings `lr_at` reads besides the step and max_steps: what sets every step's learning rate
 LR_KEYS = ("warmup_steps", "lr", "final_lr", "schedule", "decay_fraction")
@@ -76,4 +77,28 @@ def warmup_note(*, lr: float, warmup_steps: int, max_steps: int) -> str:
     return (
         f"note: train.warmup_steps {warmup_steps} >= train.max_steps {max_steps}: the lr only warms up, to {top:.3g} "
         f"({top / lr:.0%} of train.lr) at the last step, and never decays; lower --train.warmup_steps"
+    )
+
+
+def schedule_change(old: Any, train: Any, step: int) -> str:
+    """A note when a resume changes the learning-rate schedule (e.g. a longer train.max_steps): the lr at
+    the next step then follows the new schedule, which can jump; "" when nothing changed.
+
+    Args:
+        old: the checkpoint's train settings (a dict; anything else, e.g. None from an old checkpoint: no note).
+        train: the resuming command's `TrainConfig`.
+        step: the step the run resumes at.
+    """
+    if not isinstance(old, dict):
+        return ""
+    changed = [k for k in ("max_steps", *LR_KEYS) if k in old and old[k] != getattr(train, k)]
+    if not changed:
+        return ""
+    t = train
+    new_lr = lr_at(step, lr=t.lr, final_lr=t.final_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                   schedule=t.schedule, decay_fraction=t.decay_fraction)  # fmt: skip
+    return (
+        "note: the learning-rate schedule changed since the checkpoint ("
+        + ", ".join(f"train.{k} {old[k]} -> {getattr(t, k)}" for k in changed)
+        + f"); the lr follows the new one from step {step + 1} ({new_lr:.3g})"
     )
