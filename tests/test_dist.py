@@ -509,6 +509,27 @@ def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Pa
     assert not (tmp_path / "r").exists()
 
 
+def test_ranks_started_with_other_flags_are_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """Two ranks launched by hand with different settings: before, another d_model was a DDP traceback wall on
+    both ranks (another batch size or lr would hang or train apart); now each says which setting differs."""
+    port = str(free_port())
+    procs = []
+    for rank, d_model in ((0, 32), (1, 64)):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        args = [f"--{k}={v}" for k, v in {**FLAGS, "model.d_model": d_model, "dist.timeout_s": 60}.items()]
+        cmd = [sys.executable, "-m", "lmforge", "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        err = p.communicate(timeout=120)[1]
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip() == (
+            "lmforge: error: rank 1 was started with other settings than rank 0 (model.d_model 64 vs 32); "
+            "start every rank with the same command and flags"
+        ), err[-2000:]
+    assert not (tmp_path / "r").exists()
+
+
 # lmforge's CLI, with rank 0 sending itself SIGINT after step $SIGINT_AFTER (as Ctrl-C or a preemption would):
 # the run stops, saves and exits 130 at the end of the next step, which is not an outer sync
 SIGINT_AFTER_STEP = """

@@ -268,6 +268,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    dist.check_same_config(cfg.to_dict(), device)  # ranks started with other flags: one line each, no hang
     if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy == "ddp":
         raise ConfigError(
             "--checkpoint.sharded needs --dist.strategy fsdp: under ddp every rank holds the whole model; drop "
