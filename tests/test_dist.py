@@ -530,6 +530,23 @@ def test_ranks_started_with_other_flags_are_a_one_line_error(data_dir: Path, tmp
     assert not (tmp_path / "r").exists()
 
 
+def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
+    """finetune is single-process: under torchrun each rank fine-tuned alone into the same folder, and the
+    second said the folder was "being trained by another process" (the first rank)."""
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    r = run_cli(
+        "finetune", str(tmp_path / "base"), "--task=sft", f"--train={train}", f"--out={tmp_path / 'ft'}", env=env
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == (
+        "lmforge: error: finetune runs in one process, not under torchrun (2 processes); "
+        "run it as 'lmforge finetune ...' (or torchrun --nproc-per-node 1)"
+    )
+    assert not (tmp_path / "ft").exists()
+
+
 # lmforge's CLI, with rank 0 sending itself SIGINT after step $SIGINT_AFTER (as Ctrl-C or a preemption would):
 # the run stops, saves and exits 130 at the end of the next step, which is not an outer sync
 SIGINT_AFTER_STEP = """
