@@ -197,6 +197,7 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
     (another learning rate). The configs travel as JSON bytes (no pickle); no-op without a group."""
     if not dist.is_initialized():
         return
+    config = {**config, "data": {**config.get("data", {}), "dir": None}}  # (nodes may hold local copies elsewhere)
     mine = torch.tensor(list(json.dumps(config, sort_keys=True).encode("utf-8")), dtype=torch.uint8, device=device)
     lengths = all_gather_1d(torch.tensor([len(mine)], dtype=torch.int64, device=device)).tolist()
     parts = all_gather_1d(mine).cpu().split(lengths)
