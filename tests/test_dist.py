@@ -239,6 +239,14 @@ def test_sharded_checkpoints_under_ddp_are_a_one_line_error(data_dir: Path, tmp_
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
 
 
+def test_meta_init_under_ddp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    # before: DDP broadcast the meta-device weights, a "Tensor.item() cannot be called on meta tensors" traceback
+    p = torchrun(data_dir, tmp_path / "run", **{"dist.meta_init": True})  # strategy ddp
+    assert p.returncode != 0
+    assert "lmforge: error: --dist.meta_init needs --dist.strategy fsdp" in p.stderr, p.stderr[-2000:]
+    assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
+
+
 def test_sigkilled_two_rank_run_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
     """SIGKILL torchrun and both ranks mid-run (as a dead node would), re-run: same as never killed."""
     import time

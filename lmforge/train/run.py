@@ -274,6 +274,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "--checkpoint.sharded needs --dist.strategy fsdp: under ddp every rank holds the whole model; drop "
             "--checkpoint.sharded (checkpoints are then consolidated)"
         )
+    if world.enabled and cfg.dist.meta_init and cfg.dist.strategy == "ddp":  # DDP's first broadcast reads the weights
+        raise ConfigError(
+            "--dist.meta_init needs --dist.strategy fsdp: under ddp every rank holds the whole model, so there is "
+            "nothing to save; drop --dist.meta_init"
+        )
     if world.enabled and cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError(
             "optim.name muon orthogonalises whole weight matrices, which FSDP2 shards across ranks; "
