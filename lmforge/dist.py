@@ -208,7 +208,6 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
                  if other.get(k) != reference.get(k)]  # fmt: skip
         if diffs:
             more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-            shutdown()  # every rank stops here together; a group left open aborts the process at exit
             raise ConfigError(
                 f"rank {rank} was started with other settings than rank 0 ({'; '.join(diffs[:3])}{more}); "
                 "start every rank with the same command and flags"

@@ -396,6 +396,27 @@ def test_diloco_resync_after_rolling_back_past_a_sync(tmp_path: Path) -> None:
     torch.testing.assert_close(model.weight, ckpt.model_state()["weight"] + 0.5, rtol=0, atol=1e-6)  # synced
 
 
+def test_a_refused_run_closes_its_process_group(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A ConfigError after the group started (here --checkpoint.sharded under ddp) left it open, and gloo's
+    threads then sometimes aborted the process at exit ("terminate called without an active exception", exit
+    134 instead of 2). A 1-rank gloo group stands in for torchrun's (init keeps a group that exists)."""
+    import torch.distributed as tdist
+
+    from lmforge.errors import ConfigError
+    from lmforge.train.run import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="--checkpoint.sharded needs --dist.strategy fsdp"):
+            pretrain(tiny_config(data_dir, tmp_path / "r", **{"checkpoint.sharded": True}), progress=False)
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
 def test_resume_notes_name_the_run_as_it_is() -> None:
     """A one-process run (strategy "ddp" by default) resuming a DiLoCo checkpoint is not called a ddp run."""
     from lmforge.checkpoint import Checkpoint

@@ -255,6 +255,12 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     """
     try:
         return _pretrain(cfg, overwrite=overwrite, progress=progress)
+    except LmforgeError as e:
+        # refused before training (every rank together): a gloo group left open at exit can abort the
+        # process ("terminate called without an active exception", exit 134). A dead peer's group cannot close.
+        if not isinstance(e, dist.CommFailure):
+            dist.shutdown()
+        raise
     finally:
         if cfg.out:
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
