@@ -576,6 +576,41 @@ def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
     assert not (tmp_path / "ft").exists()
 
 
+# lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)
+RANK1_DIES_IN_SETUP = """
+import os, signal, sys
+from lmforge import cli, dist
+
+broadcast_object = dist.broadcast_object
+def die(obj):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return broadcast_object(obj)
+dist.broadcast_object = die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_peer_dying_in_set_up_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """A peer lost between the process group's start and the training loop (claim, config check, DDP's first
+    broadcast, resume) left the survivor a gloo traceback wall; now it is the training loop's one line."""
+    script = tmp_path / "die.py"
+    script.write_text(RANK1_DIES_IN_SETUP, encoding="utf-8")
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(REPO)}
+        args = [f"--{k}={v}" for k, v in {**FLAGS, "dist.timeout_s": 30}.items()]
+        cmd = [sys.executable, str(script), "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    err = procs[0].communicate(timeout=120)[1]
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 2, err[-2000:]
+    assert err.strip().startswith("lmforge: error: rank 0: a collective with the other 1 process(es) failed"), err
+    assert len(err.strip().splitlines()) == 1, err[-2000:]
+
+
 # lmforge's CLI, with rank 0 sending itself SIGINT after step $SIGINT_AFTER (as Ctrl-C or a preemption would):
 # the run stops, saves and exits 130 at the end of the next step, which is not an outer sync
 SIGINT_AFTER_STEP = """

@@ -261,6 +261,11 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         if not isinstance(e, dist.CommFailure):
             dist.shutdown()
         raise
+    except Exception as e:  # a peer died or hung in set-up (claim, config check, DDP's first broadcast, resume)
+        world = dist.env_info()
+        if world.enabled and dist.is_comm_failure(e):  # (the training loop's own failures say so in _pretrain)
+            raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
+        raise
     finally:
         if cfg.out:
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
