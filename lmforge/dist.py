@@ -27,6 +27,7 @@ hanging forever). Models stay free of distributed code: wrapping happens here, i
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,38 @@ def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n.item())] for part, n in zip(parts, lengths, strict=True)])
+
+
+def check_same_config(config: dict[str, Any], device: torch.device) -> None:
+    """Refuse to train, on every rank, when the ranks were started with different settings.
+
+    Ranks launched with other flags (by hand, or one node's command edited) otherwise fail deep inside
+    DDP with a traceback wall (another model shape), hang (another batch size) or silently train apart
+    (another learning rate). The configs travel as JSON bytes (no pickle); no-op without a group."""
+    if not dist.is_initialized():
+        return
+    config = {**config, "data": {**config.get("data", {}), "dir": None}}  # (nodes may hold local copies elsewhere)
+    mine = torch.tensor(list(json.dumps(config, sort_keys=True).encode("utf-8")), dtype=torch.uint8, device=device)
+    lengths = all_gather_1d(torch.tensor([len(mine)], dtype=torch.int64, device=device)).tolist()
+    parts = all_gather_1d(mine).cpu().split(lengths)
+    reference = _dotted(json.loads(bytes(parts[0].tolist())))
+    for rank, part in enumerate(parts[1:], start=1):
+        other = _dotted(json.loads(bytes(part.tolist())))
+        diffs = [f"{k} {other.get(k)!r} vs {reference.get(k)!r}" for k in sorted(reference.keys() | other.keys())
+                 if other.get(k) != reference.get(k)]  # fmt: skip
+        if diffs:
+            more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+            raise ConfigError(
+                f"rank {rank} was started with other settings than rank 0 ({'; '.join(diffs[:3])}{more}); "
+                "start every rank with the same command and flags"
+            )
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def eval_share(strategy: str, rank: int, world_size: int) -> dict[str, int]:

@@ -239,6 +239,14 @@ def test_sharded_checkpoints_under_ddp_are_a_one_line_error(data_dir: Path, tmp_
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
 
 
+def test_meta_init_under_ddp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    # before: DDP broadcast the meta-device weights, a "Tensor.item() cannot be called on meta tensors" traceback
+    p = torchrun(data_dir, tmp_path / "run", **{"dist.meta_init": True})  # strategy ddp
+    assert p.returncode != 0
+    assert "lmforge: error: --dist.meta_init needs --dist.strategy fsdp" in p.stderr, p.stderr[-2000:]
+    assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
+
+
 def test_sigkilled_two_rank_run_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
     """SIGKILL torchrun and both ranks mid-run (as a dead node would), re-run: same as never killed."""
     import time
@@ -388,6 +396,27 @@ def test_diloco_resync_after_rolling_back_past_a_sync(tmp_path: Path) -> None:
     torch.testing.assert_close(model.weight, ckpt.model_state()["weight"] + 0.5, rtol=0, atol=1e-6)  # synced
 
 
+def test_a_refused_run_closes_its_process_group(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A ConfigError after the group started (here --checkpoint.sharded under ddp) left it open, and gloo's
+    threads then sometimes aborted the process at exit ("terminate called without an active exception", exit
+    134 instead of 2). A 1-rank gloo group stands in for torchrun's (init keeps a group that exists)."""
+    import torch.distributed as tdist
+
+    from lmforge.errors import ConfigError
+    from lmforge.train.run import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="--checkpoint.sharded needs --dist.strategy fsdp"):
+            pretrain(tiny_config(data_dir, tmp_path / "r", **{"checkpoint.sharded": True}), progress=False)
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
 def test_resume_notes_name_the_run_as_it_is() -> None:
     """A one-process run (strategy "ddp" by default) resuming a DiLoCo checkpoint is not called a ddp run."""
     from lmforge.checkpoint import Checkpoint
@@ -507,6 +536,79 @@ def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Pa
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lmforge: error: rank 1: cannot connect to the other 1 process(es)"), last
     assert not (tmp_path / "r").exists()
+
+
+def test_ranks_started_with_other_flags_are_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """Two ranks launched by hand with different settings: before, another d_model was a DDP traceback wall on
+    both ranks (another batch size or lr would hang or train apart); now each says which setting differs."""
+    port = str(free_port())
+    procs = []
+    for rank, d_model in ((0, 32), (1, 64)):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        args = [f"--{k}={v}" for k, v in {**FLAGS, "model.d_model": d_model, "dist.timeout_s": 60}.items()]
+        cmd = [sys.executable, "-m", "lmforge", "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        err = p.communicate(timeout=120)[1]
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip() == (
+            "lmforge: error: rank 1 was started with other settings than rank 0 (model.d_model 64 vs 32); "
+            "start every rank with the same command and flags"
+        ), err[-2000:]
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
+    """finetune is single-process: under torchrun each rank fine-tuned alone into the same folder, and the
+    second said the folder was "being trained by another process" (the first rank)."""
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    r = run_cli(
+        "finetune", str(tmp_path / "base"), "--task=sft", f"--train={train}", f"--out={tmp_path / 'ft'}", env=env
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == (
+        "lmforge: error: finetune runs in one process, not under torchrun (2 processes); "
+        "run it as 'lmforge finetune ...' (or torchrun --nproc-per-node 1)"
+    )
+    assert not (tmp_path / "ft").exists()
+
+
+# lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)
+RANK1_DIES_IN_SETUP = """
+import os, signal, sys
+from lmforge import cli, dist
+
+broadcast_object = dist.broadcast_object
+def die(obj):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return broadcast_object(obj)
+dist.broadcast_object = die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_peer_dying_in_set_up_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
+    """A peer lost between the process group's start and the training loop (claim, config check, DDP's first
+    broadcast, resume) left the survivor a gloo traceback wall; now it is the training loop's one line."""
+    script = tmp_path / "die.py"
+    script.write_text(RANK1_DIES_IN_SETUP, encoding="utf-8")
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(REPO)}
+        args = [f"--{k}={v}" for k, v in {**FLAGS, "dist.timeout_s": 30}.items()]
+        cmd = [sys.executable, str(script), "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    err = procs[0].communicate(timeout=120)[1]
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 2, err[-2000:]
+    assert err.strip().startswith("lmforge: error: rank 0: a collective with the other 1 process(es) failed"), err
+    assert len(err.strip().splitlines()) == 1, err[-2000:]
 
 
 # lmforge's CLI, with rank 0 sending itself SIGINT after step $SIGINT_AFTER (as Ctrl-C or a preemption would):

@@ -238,6 +238,17 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
     """
     try:
         return _pretrain(cfg, overwrite=overwrite, progress=progress)
+    except LmforgeError as e:
+        # refused before training (every rank together): a gloo group left open at exit can abort the
+        # process ("terminate called without an active exception", exit 134). A dead peer's group cannot close.
+        if not isinstance(e, dist.CommFailure):
+            dist.shutdown()
+        raise
+    except Exception as e:  # a peer died or hung in set-up (claim, config check, DDP's first broadcast, resume)
+        world = dist.env_info()
+        if world.enabled and dist.is_comm_failure(e):  # (the training loop's own failures say so in _pretrain)
+            raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
+        raise
     finally:
         if cfg.out:
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
@@ -251,10 +262,16 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    dist.check_same_config(cfg.to_dict(), device)  # ranks started with other flags: one line each, no hang
     if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy == "ddp":
         raise ConfigError(
             "--checkpoint.sharded needs --dist.strategy fsdp: under ddp every rank holds the whole model; drop "
             "--checkpoint.sharded (checkpoints are then consolidated)"
+        )
+    if world.enabled and cfg.dist.meta_init and cfg.dist.strategy == "ddp":  # DDP's first broadcast reads the weights
+        raise ConfigError(
+            "--dist.meta_init needs --dist.strategy fsdp: under ddp every rank holds the whole model, so there is "
+            "nothing to save; drop --dist.meta_init"
         )
     if world.enabled and cfg.dist.strategy == "fsdp" and cfg.optim.name == "muon":
         raise ConfigError(
