@@ -490,8 +490,17 @@ def _on_sigint(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where Ctrl-C is ignored: nohup, &)
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (not where Ctrl-C is ignored: nohup, &)
+    if ours:
         signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        _main(argv)
+    finally:
+        if ours:  # the exit code is decided: a Ctrl-C now would only interrupt Python's shutdown (torch's finalizers)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         code = _parse_and_run(argv)
     except LmforgeError as e:

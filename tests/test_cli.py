@@ -231,6 +231,10 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(interrupt, [0.2, 0.35, 0.5, 0.7, 1.0, 1.4]))
+    # 130, or killed by the SIGINT itself as Python may end after a KeyboardInterrupt (a shell shows both as 130);
+    # 0: the command had finished (a fast machine, the longest delays), and a Ctrl-C then must not print either
+    stopped = [err for code, err in results if code in (130, -signal.SIGINT)]
+    assert len(stopped) >= 3, results
     for code, err in results:
-        assert code == 130 and "Traceback" not in err, err
-        assert len(err.strip().splitlines()) <= 1, err
+        assert code in (130, -signal.SIGINT, 0) and "Traceback" not in err, (code, err)
+        assert err.strip() == ("lmforge: interrupted" if code else ""), (code, err)
