@@ -135,6 +135,7 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         ([*base, "--train.lrr", "1"], None, "did you mean 'train.lr'"),
         ([*base, "--train.lr", "fast"], None, "train.lr: expected float"),
         ([*base, "--data.dir", str(tmp_path)], None, "--data and --data.dir name the same setting"),
+        (["eval", str(run)], {"WORLD_SIZE": "2"}, "eval runs in one process, not under torchrun (2 processes)"),
         ([*base, "--config", str(tmp_path / "nope.toml")], None, "nope.toml"),
         (["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r")], None, "lmforge prepare"),
         (["pretrain", "--data", str(data), "--out", str(tmp_path / "c"), "--preset", "tiny", "--train.compile", "true"],
