@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from lmforge.checkpoint import DILOCO_FILE
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
-from lmforge.fields import check, opt
+from lmforge.fields import check, flatten, opt
 
 
 @dataclass(kw_only=True)
@@ -201,9 +201,9 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
     mine = torch.tensor(list(json.dumps(config, sort_keys=True).encode("utf-8")), dtype=torch.uint8, device=device)
     lengths = all_gather_1d(torch.tensor([len(mine)], dtype=torch.int64, device=device)).tolist()
     parts = all_gather_1d(mine).cpu().split(lengths)
-    reference = _dotted(json.loads(bytes(parts[0].tolist())))
+    reference = flatten(json.loads(bytes(parts[0].tolist())))
     for rank, part in enumerate(parts[1:], start=1):
-        other = _dotted(json.loads(bytes(part.tolist())))
+        other = flatten(json.loads(bytes(part.tolist())))
         diffs = [f"{k} {other.get(k)!r} vs {reference.get(k)!r}" for k in sorted(reference.keys() | other.keys())
                  if other.get(k) != reference.get(k)]  # fmt: skip
         if diffs:
@@ -212,13 +212,6 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
                 f"rank {rank} was started with other settings than rank 0 ({'; '.join(diffs[:3])}{more}); "
                 "start every rank with the same command and flags"
             )
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def eval_share(strategy: str, rank: int, world_size: int) -> dict[str, int]:

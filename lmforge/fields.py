@@ -1,4 +1,4 @@
-"""`opt()` and `check()`: the two helpers every config dataclass uses.
+"""`opt()` and `check()`: the two helpers every config dataclass uses; `flatten()`: a config's dotted keys.
 
 They live in their own tiny module (not in `config.py`) because model files define their config
 dataclasses at the top (STYLE.md) and `config.py` imports those to compose `RunConfig`; keeping the
@@ -37,3 +37,14 @@ def changed_fields(config: Any) -> set[str]:
         if getattr(config, f.name) != default:
             changed.add(f.name)
     return changed
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 0.001, ...}: a nested config dict's leaves under their dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

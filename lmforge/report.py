@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from lmforge.atomic import atomic_write_text
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
 from lmforge.runs import RunSummary, is_run_dir, run_config, summarize
 
@@ -176,16 +177,6 @@ def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run
         if names.count(run.name) > 1:
             run.name = f"{run.path.parent.name}/{run.path.name}"
     return runs
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from lmforge.config import LogConfig
 from lmforge.errors import ConfigError
+from lmforge.fields import flatten
 
 
 class Tracker(Protocol):
@@ -38,16 +39,6 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def _missing(flag: str, package: str) -> ConfigError:
     return ConfigError(f"--log.{flag} needs the {package} package: pip install {package} (or drop --log.{flag})")
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class TensorBoardTracker:
@@ -112,7 +103,7 @@ class MLflowTracker:
         experiment = self.client.get_experiment_by_name("lmforge")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("lmforge")
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
+        params = [Param(k, str(v)[:500]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 
