@@ -290,14 +290,10 @@ def build_parser() -> Parser:
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command not in ("pretrain", "quickstart", "estimate", "finetune") and extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if args.command not in ("pretrain", "finetune") and world.isdigit() and int(world) > 1:
-        # every rank would do the whole job: eval printed twice, export had two writers of one folder
-        # (finetune says the same itself; pretrain is the one command torchrun spreads over ranks)
-        raise ConfigError(
-            f"{args.command} runs in one process, not under torchrun ({world} processes); "
-            f"run it as 'lmforge {args.command} ...'"
-        )
+    if args.command not in ("pretrain", "finetune"):  # (finetune checks itself, for library callers too)
+        from lmforge.dist import require_one_process
+
+        require_one_process(args.command)
 
     if args.command == "quickstart":
         from lmforge.quickstart import quickstart

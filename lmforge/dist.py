@@ -88,6 +88,18 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, local_rank=local, world_size=world)
 
 
+def require_one_process(command: str) -> None:
+    """Refuse a command that runs in one process when torchrun started several: each rank would do the whole
+    job (two fine-tunes into one folder, eval printed twice, two writers of one export). Only `pretrain`
+    spreads over ranks."""
+    world = env_info().world_size
+    if world > 1:
+        raise ConfigError(
+            f"{command} runs in one process, not under torchrun ({world} processes); "
+            f"run it as 'lmforge {command} ...' (or torchrun --nproc-per-node 1)"
+        )
+
+
 def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """Start the process group when launched by torchrun; returns (info, this rank's device).
 

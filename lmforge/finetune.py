@@ -430,7 +430,7 @@ def _finetune(
         lm_batch,
         read_task_rows,
     )
-    from lmforge.dist import env_info
+    from lmforge.dist import require_one_process
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
     from lmforge.train.loop import nothing_left, train
@@ -438,12 +438,7 @@ def _finetune(
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
     from lmforge.train.state import TrainState
 
-    world_size = env_info().world_size
-    if world_size > 1:  # each rank would fine-tune alone into the same folder; the 2nd was told it is busy
-        raise ConfigError(
-            f"finetune runs in one process, not under torchrun ({world_size} processes); "
-            "run it as 'lmforge finetune ...' (or torchrun --nproc-per-node 1)"
-        )
+    require_one_process("finetune")  # each rank would fine-tune alone into the same folder
     cfg = cfg or FinetuneConfig()
     train_cfg, optim_cfg, eval_cfg, ckpt_cfg = finetune_sections(cfg.adapt, overrides)
     if cfg.schedule == "continue":  # the base run's schedule sets every step's learning rate
