@@ -665,9 +665,9 @@ def _finetune(
     # its final evaluation, which the re-run below completes.
     done = nothing_left(state, train_cfg) if ckpt is not None else ""
     if done and (out / "eval.json").is_file():
-        from lmforge.train.run import _readable_config
+        from lmforge.train.run import readable_config
 
-        if not _readable_config(out / "config.json"):  # (pretrain sends a run whose config.json broke here)
+        if not readable_config(out / "config.json"):  # (pretrain sends a run whose config.json broke here)
             write_json(out / "config.json", ckpt.meta["config"])
         if progress:
             print(f"{out} is already {done}; nothing to do", flush=True)

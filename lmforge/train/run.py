@@ -101,7 +101,9 @@ def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
     return ""
 
 
-def _readable_config(path: Path) -> bool:
+def readable_config(path: Path) -> bool:
+    """Whether a run's config.json parses to a dict (a nothing-to-do re-run of pretrain or finetune restores
+    a broken one from the checkpoint)."""
     try:
         return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -370,7 +372,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk, and
     # so does a re-run with nothing to do (its config.json said max_steps 10 of a run trained to step 50).
-    if world.is_main and done and ckpt is not None and not _readable_config(run_dir / "config.json"):
+    if world.is_main and done and ckpt is not None and not readable_config(run_dir / "config.json"):
         write_json(run_dir / "config.json", ckpt.meta["config"])  # the config prepare_run_dir stood in with
     if world.is_main and not done:
         discard_aside(run_dir)  # (--overwrite: the old run goes only now that the new one starts)
