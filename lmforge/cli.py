@@ -472,7 +472,11 @@ def given_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) 
 
 
 def _parse_and_run(argv: list[str] | None) -> int:
-    parser = build_parser()  # (imports torch, through the config's dataclasses: a Ctrl-C may land here)
+    global _starting
+    parser = build_parser()  # (imports torch, through the config's dataclasses: a Ctrl-C is held until it is done)
+    _starting = False
+    if _sigint_seen:
+        raise KeyboardInterrupt
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
@@ -482,15 +486,19 @@ def _parse_and_run(argv: list[str] | None) -> int:
 
 
 _sigint_seen = False
+_starting = True
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    """Python's own Ctrl-C (raise KeyboardInterrupt), remembered: one that lands inside an import (torch and
-    numpy load lazily, for seconds) can leave the module half made, so that the next use fails with some
-    other error; with a Ctrl-C seen, that error is the interrupt too."""
+    """Python's own Ctrl-C (raise KeyboardInterrupt), remembered, and held while torch imports: raised there,
+    inside a Python callback that torch's C++ start-up makes, it aborted the process (C++ `terminate`, exit
+    -6, no message) or left a module half made. After start-up a module imported later (numpy, lazily) can
+    still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
+    error is the interrupt too."""
     global _sigint_seen
     _sigint_seen = True
-    raise KeyboardInterrupt
+    if not _starting:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
