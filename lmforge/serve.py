@@ -29,7 +29,9 @@ Safety defaults: binds 127.0.0.1 (pass --host 0.0.0.0 deliberately to expose it)
 malformed HTTP and unknown methods included. Generations run one at a time (one model, one lock) on a
 `ThreadingHTTPServer`: each connection has its own thread, so a slow or idle kept-alive client never blocks
 the accept loop or another client's requests, and a stream is written by its connection's thread outside the
-lock (the model hands it the text), so a client that stops reading its stream holds up no one else. With
+lock (the model hands it the text), so a client that stops reading its stream holds up no one else. A
+client that leaves (closes or resets its connection) ends its generation at the next token, streamed or
+not; one that only shuts down its sending side (`nc -N`) looks the same and gets no reply. With
 `compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
 so no request waits for it.
 """
@@ -43,6 +45,7 @@ import json
 import math
 import queue
 import re
+import select
 import socket
 import sys
 import threading
@@ -107,6 +110,10 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 class _StopGeneration(Exception):
     """Raised from the token callback when a stop string appears."""
+
+
+class _ClientLeft(ConnectionError):
+    """The client of a reply that is not streamed closed its connection while it waited: nothing to send."""
 
 
 class RequestError(Exception):
@@ -417,6 +424,15 @@ class _Handler(BaseHTTPRequestHandler):
                 while left > 0 and time.monotonic() < deadline and (data := self.connection.recv(65536)):
                     left -= len(data)
 
+    def _client_left(self) -> bool:
+        """Whether the client closed (or reset) its connection: the socket reads as ended. A client that sent
+        its next request already (pipelining) has data waiting instead, and is still there."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or closed on our side
+            return True
+
     def _start_stream(self) -> None:
         """The 200 of a Server-Sent Events reply; its events follow as chunks (HTTP/1.1) or until the close."""
         self.send_response(200)
@@ -701,14 +717,16 @@ class _Handler(BaseHTTPRequestHandler):
         writes (until `idle_timeout_s`), never the lock every other request waits for: writing under the lock,
         one such client held up all the others. A client that leaves stops its generation at the next token."""
         if emit is None:
-            return self._generate_locked(ids, max_tokens, sampling, stop, chat)
+            return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
         pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
         client_gone = threading.Event()
         outcome: list[Any] = []  # the result, or the exception to raise here
 
         def work() -> None:
             try:
-                outcome.append(self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone))
+                outcome.append(
+                    self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone.is_set)
+                )
             except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
                 outcome.append(e)
             finally:
@@ -733,9 +751,15 @@ class _Handler(BaseHTTPRequestHandler):
         stop: list[str],
         chat: bool,
         emit: Callable[[str], None] | None = None,
-        client_gone: threading.Event | None = None,
+        client_left: Callable[[], bool] | None = None,
     ) -> tuple[str, str, int]:
-        """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes)."""
+        """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
+
+        `client_left` is asked before the generation and after each token: streamed, whether the connection's
+        thread failed to write (the generation then just ends); not streamed, whether the client closed its
+        socket (`_ClientLeft`, no reply: nobody reads it). A reply that is not streamed is written only at
+        the end, so without this a client that gave up (a timeout, Ctrl-C on curl) held the model for every
+        token it had asked for, with every other request waiting behind it."""
         from lmforge.generate import StreamDecoder, continuation_decoder, generate
 
         ft = self.server.ft
@@ -748,8 +772,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
-            if client_gone is not None and client_gone.is_set():
-                raise _StopGeneration
+            if client_left is not None and client_left():
+                raise _StopGeneration if emit is not None else _ClientLeft
             if t in self.server.stops:
                 finish = "stop"
                 return
@@ -765,6 +789,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _StopGeneration
 
         with self.server.lock:
+            if emit is None and client_left is not None and client_left():  # left while it waited for the lock
+                raise _ClientLeft
             try:
                 new = generate(
                     ft.model,

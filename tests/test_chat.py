@@ -627,6 +627,28 @@ def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytes
     assert "Traceback" not in err and "internal error" not in err, err
 
 
+def test_serve_drops_a_reply_whose_client_left_before_it_was_ready(chat_run: Path):
+    """A reply that is not streamed is written at the end: a client that gave up before then (a timeout,
+    Ctrl-C on curl) held the model for all the tokens it had asked for, every other request waiting behind
+    it. Its socket reads as ended now, and the server drops the request without running the model."""
+    data = json.dumps({"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16}).encode()
+    with _serving(chat_run) as server:
+        calls = []
+        hook = server.ft.model.register_forward_hook(lambda *_: calls.append(1))
+        with socket.create_connection(server.server_address[:2], timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        deadline = time.monotonic() + 60
+        while any("process_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the request's thread is done
+        assert not any("process_request" in t.name for t in threading.enumerate())
+        assert calls == []  # not even the prompt's forward pass
+        resp, body = _exchange(
+            http.client.HTTPConnection(*server.server_address[:2], timeout=30), "POST", "/v1/completions", data
+        )
+        assert resp.status == 200 and json.loads(body)["choices"][0]["text"] == "hello there" and calls
+        hook.remove()
+
+
 def test_serve_completions_take_every_prompt_form(chat_run: Path):
     """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of lists of ids.
     A list gives one choice per prompt, `index` in order, each as that prompt alone gets it (seeded
