@@ -150,8 +150,8 @@ def test_l1_penalty_shrinks_weights():
     _run_loop(a, [(x, y)], batch_size=4, micro=4, optim_cfg=opt0, steps=1, lr=0.01)
     _run_loop(b, [(x, y)], batch_size=4, micro=4, optim_cfg=opt1, steps=1, lr=0.01)
     # the L1 gradient is l1 * sign(w): each decayed weight moves lr * 0.5 further towards zero
-    la = sum(p.abs().sum() for p in a.parameters() if p.dim() >= 2)
-    lb = sum(p.abs().sum() for p in b.parameters() if p.dim() >= 2)
+    la = sum(p.detach().abs().sum() for p in a.parameters() if p.dim() >= 2)
+    lb = sum(p.detach().abs().sum() for p in b.parameters() if p.dim() >= 2)
     assert float(lb) < float(la)
 
 
