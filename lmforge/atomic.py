@@ -10,6 +10,7 @@ should import the others for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -36,6 +37,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Atomically write `data` as indented JSON, non-ASCII kept readable (Chinese stays Chinese)."""
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the file then given the permissions any other file lmforge writes gets
+    (0666 less the umask): the library creates it readable by its owner alone (0600), so the weights of a
+    run or export shared with a group, or served from a shared folder, could not be read by the others
+    while its config and tokenizer could."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def fsync_file(path: Path) -> None:

@@ -49,9 +49,9 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lmforge.atomic import atomic_write_text, fsync_file, write_json
+from lmforge.atomic import atomic_write_text, fsync_file, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError
 
 FORMAT_VERSION = 1
@@ -298,15 +298,15 @@ def save_checkpoint(
         weights_meta = {"format": "pt", "lmforge_step": str(step)}
         if model_state is not None:
             model_state = {k: v.contiguous() for k, v in model_state.items()}
-            save_file(model_state, str(tmp / "model.safetensors"), weights_meta)
+            save_safetensors(model_state, str(tmp / "model.safetensors"), weights_meta)
         else:
             tensors, dropped = savable(model.state_dict())
-            save_file(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
+            save_safetensors(tensors, str(tmp / "model.safetensors"), {**dropped, **weights_meta})
         files = ["model.safetensors"]
         meta: dict[str, Any] = dict(state)
         if optimizer is not None:
             tensors, structure = flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
-            save_file(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
+            save_safetensors(tensors, str(tmp / "optim.safetensors"), metadata={"format": "pt"})
             files.append("optim.safetensors")
             meta["optimizer"] = structure
         return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
@@ -394,8 +394,12 @@ def write_shard(
 ) -> None:
     """Write one rank's local model tensors and flattened optimizer tensors into `tmp`."""
     model_file, optim_file = shard_files(rank, world_size)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / model_file), {"format": "pt"})
-    save_file({k: v.detach().contiguous().cpu() for k, v in optim.items()}, str(tmp / optim_file), {"format": "pt"})
+    save_safetensors(
+        {k: v.detach().contiguous().cpu() for k, v in model.items()}, str(tmp / model_file), {"format": "pt"}
+    )
+    save_safetensors(
+        {k: v.detach().contiguous().cpu() for k, v in optim.items()}, str(tmp / optim_file), {"format": "pt"}
+    )
 
 
 def set_aside_later(run_dir: Path, step: int) -> Path | None:

@@ -469,8 +469,7 @@ def save_sharded_checkpoint(
 
     With `diloco` (whose workers are not sharded: each file holds one worker's whole state), rank 0 also
     writes the outer state the workers share to `DILOCO_FILE`, and state.json notes the worker count."""
-    from safetensors.torch import save_file
-
+    from lmforge.atomic import save_safetensors
     from lmforge.checkpoint import (
         begin_checkpoint,
         finish_checkpoint,
@@ -500,7 +499,7 @@ def save_sharded_checkpoint(
     }
     files = [name for r in range(world) for name in shard_files(r, world)]
     if diloco is not None:
-        save_file(diloco.state_dict(), str(tmp / DILOCO_FILE), {"format": "pt"})
+        save_safetensors(diloco.state_dict(), str(tmp / DILOCO_FILE), {"format": "pt"})
         files.append(DILOCO_FILE)
         meta["diloco"] = {"workers": world}
     return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)

@@ -4,7 +4,9 @@ optimizer state round trip, tied weights."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -41,6 +43,20 @@ def test_round_trip_model_and_optimizer(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
     ckpt = load_checkpoint(tmp_path)
     _assert_restores(ckpt, model, opt)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_weights_files_get_the_same_permissions_as_the_json_beside_them(tmp_path):
+    """safetensors creates its files readable by the owner alone (0600): a run shared with a group had a
+    readable config and unreadable weights. Every file of a checkpoint now gets 0666 less the umask."""
+    old = os.umask(0o022)
+    try:
+        model, opt = _model_and_optimizer()
+        path = _save(tmp_path, 3, model, opt)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert modes["model.safetensors"] == modes["optim.safetensors"] == modes["state.json"] == 0o644, modes
 
 
 def _assert_restores(ckpt, model, opt):

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.atomic import atomic_write_text, building_dir, fsync_file, write_json
+from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.export.hf import HF_HINT, _dtype_name, _last_eval, _own, training_progress
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
@@ -231,7 +230,7 @@ def write_bert(trained: Any, out: Path) -> Path:
 
     with building_dir(out) as tmp:
         write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fsync_file(tmp / "model.safetensors")
         atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
         write_json(

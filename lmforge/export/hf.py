@@ -75,7 +75,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.atomic import (
@@ -84,6 +83,7 @@ from lmforge.atomic import (
     check_not_inside,
     check_out_dir,
     fsync_file,
+    save_safetensors,
     write_json,
 )
 from lmforge.errors import CheckpointError, LmforgeError, first_line
@@ -594,7 +594,7 @@ def write_hf(trained: Any, out: Path) -> Path:
     with building_dir(out) as tmp:
         bos_id = bos_id_of(tokenizer, eos_id)
         write_json(tmp / "config.json", {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id})
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
+        save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
         fsync_file(tmp / "model.safetensors")
         # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;
         # the context length is in config.json (n_positions / max_position_embeddings).

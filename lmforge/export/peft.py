@@ -42,10 +42,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.atomic import atomic_write_text, write_json
+from lmforge.atomic import atomic_write_text, save_safetensors, write_json
 from lmforge.errors import LmforgeError
 
 
@@ -178,7 +177,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
                 "inference_mode": True,
             },
         )
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         fsync_file(tmp / "adapter_model.safetensors")
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
