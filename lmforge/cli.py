@@ -23,9 +23,9 @@ TOUR = """commands:
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
   generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
-  export       write a run as a Hugging Face directory (GPT-2/Llama/BERT/ELECTRA, LoRA merged or --peft) or GGUF
+  export       write a run as a Hugging Face directory (GPT-2/Llama/Qwen2/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
-  import       turn a local Hugging Face GPT-2/Llama/BERT directory into an lmforge run
+  import       turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run
   estimate     parameters, FLOPs, memory, time and cost of a run before you start it
   report       one HTML (or Markdown) page comparing runs: curves, config differences, evals, samples
   runs         table of the runs under a folder: status, steps, tokens, best val loss, last checkpoint
@@ -183,7 +183,7 @@ def build_parser() -> Parser:
         "export",
         help="write a run or checkpoint as a Hugging Face model directory (--to hf) or a GGUF file (--to gguf)",
         description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
-        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2 or Llama style models) or "
+        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2, Llama, Qwen2 style) or "
         "AutoModelForMaskedLM (BERT; ELECTRA: its discriminator as ElectraForPreTraining). LoRA runs export merged, "
         "or with --peft as a PEFT adapter directory. "
         "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE; pip install "
@@ -203,7 +203,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser(
         "import",
-        help="turn a local Hugging Face GPT-2/Llama/BERT directory into an lmforge run",
+        help="turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run",
         description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
         "and write a run directory that eval/generate load.",
     )

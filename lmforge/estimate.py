@@ -182,7 +182,7 @@ def param_counts(model: GPTConfig) -> dict[str, int]:
     fc_out = (2 if model.mlp == "swiglu" else 1) * ff  # swiglu: [gate; up] in one matrix
     norm = d * (2 if model.norm == "layernorm" and model.bias else 1)  # RMSNorm: weight only
     block_matmul = d * qkv_out + attn_in * d + d * fc_out + ff * d
-    block_bias = (qkv_out + d + fc_out + d) if model.bias else 0
+    block_bias = (qkv_out + d + fc_out + d) if model.bias else qkv_out if model.qkv_bias else 0
     block = block_matmul + block_bias + 2 * norm
     embedding = vocab * d + (model.max_seq_len * d if model.pos_emb == "learned" else 0)
     head = 0 if model.tie_embeddings else vocab * d

@@ -42,7 +42,7 @@ VARIANTS = [
     for p, n, m, kv, tie, bias in itertools.product(
         ["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [0, 2], [True, False], [True, False]
     )
-]
+] + [dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=True, bias=False, qkv_bias=True)]
 GFLOPS = "1000"  # a given peak (1 TFLOP/s): no measurement, exact arithmetic
 
 

@@ -46,6 +46,7 @@ VARIANTS = {
     "llama": dict(LLAMA),
     "llama-gqa-untied": dict(LLAMA, n_kv_head=2, tie_embeddings=False),
     "llama-bias-d64": dict(LLAMA, bias=True, d_model=64, rope_theta=500.0),
+    "qwen2": dict(LLAMA, qkv_bias=True, n_kv_head=2),  # biases on q, k and v alone: Qwen2ForCausalLM
 }
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, twice.",
@@ -131,7 +132,7 @@ def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path
     ]
     ours = load_trained(run, torch.device("cpu")).model
     theirs = hf_model(out)
-    family = "gpt2" if variant.startswith("gpt2") else "llama"
+    family = "gpt2" if variant.startswith("gpt2") else "qwen2" if variant == "qwen2" else "llama"
     assert theirs.config.model_type == family
     if family == "gpt2":
         assert theirs.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new"}[ours.cfg.mlp]
@@ -213,7 +214,8 @@ def test_export_import_round_trip_is_bitwise(variant: str, bpe: Tokenizer, tmp_p
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
-    for field in ("n_layer", "n_head", "kv_heads", "d_model", "ff_dim", "bias", "tie_embeddings", "norm_eps"):
+    fields = ("n_layer", "n_head", "kv_heads", "d_model", "ff_dim", "bias", "qkv_bias", "tie_embeddings", "norm_eps")
+    for field in fields:
         assert getattr(a.config.model, field) == getattr(b.config.model, field), field
     assert b.config.model.rope_theta == a.config.model.rope_theta or a.config.model.pos_emb == "learned"
     assert b.tokenizer.fingerprint == bpe.fingerprint
@@ -265,9 +267,26 @@ def _hf_llama(bpe: Tokenizer, **overrides: object) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _hf_qwen2(bpe: Tokenizer) -> torch.nn.Module:
+    config = transformers.Qwen2Config(
+        vocab_size=bpe.vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.Qwen2ForCausalLM(config)
+
+
 @pytest.mark.parametrize(
     "name",
-    ["gpt2", "gpt2-untied-bin", "gpt2-gelu-new", "gpt2-gelu-pytorch-tanh", "llama-gqa", "llama-tied-bias"],
+    ["gpt2", "gpt2-untied-bin", "gpt2-gelu-new", "gpt2-gelu-pytorch-tanh", "llama-gqa", "llama-tied-bias", "qwen2"],
 )
 def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Tokenizer, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -279,6 +298,8 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
         model = _hf_gpt2(bpe, activation_function=name.removeprefix("gpt2-").replace("-", "_"))
     elif name == "llama-gqa":
         model = _hf_llama(bpe)
+    elif name == "qwen2":  # Qwen2 / Qwen2.5: Llama with biases on q, k and v alone, tied like the small ones
+        model = _hf_qwen2(bpe)
     else:
         model = _hf_llama(bpe, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
     perturb_(model, seed=3)
@@ -293,7 +314,8 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
     run = import_hf(hf_dir, tmp_path / "run")
     ours = load_trained(run, torch.device("cpu"))
     assert ours.model.cfg.tie_embeddings == model.config.tie_word_embeddings
-    assert ours.model.cfg.bias == (name != "llama-gqa")  # perturbed GPT-2 biases: not taken for a bias-free model
+    assert ours.model.cfg.bias == (name not in ("llama-gqa", "qwen2"))  # perturbed GPT-2 biases: not bias-free
+    assert ours.model.cfg.qkv_bias == (name == "qwen2")
     if name.startswith("gpt2"):
         assert ours.model.cfg.mlp == ("gelu_tanh" if name.startswith("gpt2-gelu") else "gelu")
     idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(2))
@@ -423,7 +445,7 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     (out / "config.json").write_text(json.dumps(config | {"model_type": "roberta"}), encoding="utf-8")
     with pytest.raises(
-        LmforgeError, match="model_type 'roberta' is not supported; lmforge imports gpt2, llama and bert"
+        LmforgeError, match="model_type 'roberta' is not supported; lmforge imports gpt2, llama, qwen2 and bert"
     ):
         import_hf(out, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
@@ -490,6 +512,18 @@ def test_import_refuses_rope_scaling_under_either_key(bpe: Tokenizer, tmp_path: 
         with pytest.raises(LmforgeError, match="rope scaling '(linear|dynamic|llama3)' is not supported"):
             import_hf(out, tmp_path / "a")
         assert not (tmp_path / "a").exists()
+
+
+def test_import_refuses_a_qwen2_sliding_window_narrower_than_the_context(bpe: Tokenizer, tmp_path: Path) -> None:
+    out = export_hf(make_run(tmp_path / "run", bpe, **VARIANTS["qwen2"]), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    (out / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8}))
+    with pytest.raises(LmforgeError, match="sliding_window=8 < max_position_embeddings=32") as excinfo:
+        import_hf(out, tmp_path / "a")
+    assert "\n" not in str(excinfo.value) and not (tmp_path / "a").exists()
+    # a window as wide as the context is no window at all
+    (out / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 32}))
+    assert load_trained(import_hf(out, tmp_path / "b"), torch.device("cpu")).model.cfg.qkv_bias
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,9 +201,10 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
     cfg = trained.config.model
     _check_llama(cfg)
-    if cfg.bias:  # see the module docstring: transformers would load this file without its biases
+    if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases
+        which = "model.bias=true" if cfg.bias else "on q, k and v: model.qkv_bias=true"
         print(
-            "note: this model has biases (model.bias=true); llama.cpp reads them from the GGUF file, but transformers' "
+            f"note: this model has biases ({which}); llama.cpp reads them from the GGUF file, but transformers' "
             "GGUF loader (from_pretrained(gguf_file=...)) drops them and computes other logits: load it in "
             "transformers from an --to hf export instead",
             file=sys.stderr,

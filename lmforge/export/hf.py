@@ -108,7 +108,7 @@ def _misfits(have: dict[str, str], style: dict[str, tuple[str, ...]]) -> str:
 
 
 def hf_family(cfg: GPTConfig) -> str:
-    """ "gpt2" or "llama": the HF architecture that computes the same function as `cfg`.
+    """ "gpt2", "llama" or "qwen2": the HF architecture that computes the same function as `cfg`.
 
     Raises:
         LmforgeError: the variant has no HF twin; the message names the fields to change.
@@ -125,6 +125,8 @@ def hf_family(cfg: GPTConfig) -> str:
         )
     have = {key: getattr(cfg, key) for key in GPT2_STYLE}
     to_gpt2, to_llama = _misfits(have, GPT2_STYLE), _misfits(have, LLAMA_STYLE)
+    if not to_llama and cfg.qkv_bias and not cfg.bias:  # Qwen2: a Llama with biases on q, k and v alone
+        return "qwen2"
     if not to_gpt2:
         if cfg.kv_heads != cfg.n_head:
             raise LmforgeError(
@@ -266,8 +268,9 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: GPTConfig, family: str) -> d
         parts = t.split(entry.sizes, dim=0) if len(entry.hf) > 1 else (t,)
         for name, part in zip(entry.hf, parts, strict=True):
             out[name] = _own(part.t() if entry.transposed else part)
-    if family == "gpt2" and not cfg.bias:
-        # HF GPT-2 always has biases: zeros make it the same function as our bias-free model
+    if family == "gpt2":
+        # HF GPT-2 always has biases: zeros make it the same function as our bias-free model (or one with
+        # model.qkv_bias, whose q/k/v biases are the only ones it has)
         for ours, entry in table.items():
             if ours.endswith(".bias") and entry.hf[0] not in out:
                 weight = out[table[ours.removesuffix(".bias") + ".weight"].hf[0]]
@@ -483,6 +486,47 @@ def _llama_config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
     )
 
 
+QWEN2_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+}
+
+
+def _qwen2_config_to_hf(cfg: GPTConfig, eos_id: int | None, dtype: torch.dtype) -> dict[str, Any]:
+    """Qwen2's config: Llama's keys (it has q/k/v biases built in, none elsewhere) and no sliding window."""
+    hf = _llama_config_to_hf(cfg, eos_id, dtype)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp", "head_dim"):  # not Qwen2Config fields
+        del hf[key]
+    hf |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    hf |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer}
+    hf["layer_types"] = ["full_attention"] * cfg.n_layer  # transformers 5.x
+    return hf
+
+
+def _qwen2_config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
+    """Qwen2 (Qwen2 and Qwen2.5, base and instruct): Llama with biases on q, k and v alone. A sliding
+    window narrower than the context is refused (lmforge attends to the whole context); Qwen2.5's configs
+    have it switched off."""
+    h = {**QWEN2_DEFAULTS, **hf}
+    window = h.get("sliding_window")
+    if h["use_sliding_window"] and window and window < h["max_position_embeddings"]:
+        raise LmforgeError(
+            f"{where}: use_sliding_window with sliding_window={window} < max_position_embeddings="
+            f"{h['max_position_embeddings']}; lmforge attends to the whole context, so only models without a "
+            "sliding window import"
+        )
+    cfg = _llama_config_from_hf({**h, "attention_bias": False, "mlp_bias": False}, where)
+    return dataclasses.replace(cfg, qkv_bias=True)
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything that differs between HF families: key map and config translation."""
@@ -493,9 +537,11 @@ class Family:
     architecture: str
 
 
+STYLE_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2"}  # for model cards
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(GPT2_KEYS, _gpt2_config_to_hf, _gpt2_config_from_hf, "GPT2LMHeadModel"),
     "llama": Family(LLAMA_KEYS, _llama_config_to_hf, _llama_config_from_hf, "LlamaForCausalLM"),
+    "qwen2": Family(LLAMA_KEYS, _qwen2_config_to_hf, _qwen2_config_from_hf, "Qwen2ForCausalLM"),  # Llama's names
 }
 
 
@@ -666,7 +712,7 @@ def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
     architecture = FAMILIES[family].architecture
     n_new = max(1, min(50, cfg.model.max_seq_len // 2))  # the snippet must fit in the context
     rows = [
-        ("architecture", f"{architecture} ({'GPT-2' if family == 'gpt2' else 'Llama'}-style lmforge GPT)"),
+        ("architecture", f"{architecture} ({STYLE_NAMES[family]}-style lmforge GPT)"),
         ("parameters", f"{n_params:,}"),
         ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
         ("context", f"{cfg.model.max_seq_len} tokens"),

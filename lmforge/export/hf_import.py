@@ -1,4 +1,4 @@
-"""Hugging Face import: `import_hf(hf_dir, run)` turns a local GPT-2 or Llama directory into an lmforge
+"""Hugging Face import: `import_hf(hf_dir, run)` turns a local GPT-2, Llama or Qwen2 directory into an lmforge
 run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that
 `lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
 `export/bert.py`. The key maps and config translations it uses live in `export/hf.py`, shared with
@@ -52,7 +52,7 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Turn a local HF GPT-2 or Llama directory into an lmforge run directory.
+    """Turn a local HF GPT-2, Llama or Qwen2 directory into an lmforge run directory.
 
     Args:
         hf_dir: a directory with config.json, model.safetensors (or pytorch_model.bin, or their sharded

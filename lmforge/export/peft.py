@@ -187,14 +187,11 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
 
 def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
     lora = info["lora"]
-    from lmforge.export.hf import training_progress
+    from lmforge.export.hf import FAMILIES, training_progress
 
     steps, tokens = training_progress(json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8")))
     rows = [
-        (
-            "base",
-            f"`base/` ({'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'}), from `{info.get('base')}`",
-        ),  # fmt: skip
+        ("base", f"`base/` ({FAMILIES[family].architecture}), from `{info.get('base')}`"),
         ("task", info.get("task", "")),
         ("rank / alpha / dropout", f"{lora['rank']} / {lora['alpha']} / {lora['dropout']}"),
         ("target modules", ", ".join(f"`{t}`" for t in targets)),

@@ -42,6 +42,7 @@ Parameter names (state_dict keys; the HF key maps in `export/hf.py` are written 
     pos_emb.weight                      (max_seq_len, d_model)          learned positions only
     blocks.{i}.norm1.weight / .bias     (d_model,)                      bias: layernorm with bias only
     blocks.{i}.attn.qkv.weight / .bias  ((n_head + 2*n_kv_head) * head_dim, d_model)  rows: [q; k; v]
+                                        (its bias: with bias or qkv_bias)
     blocks.{i}.attn.proj.weight / .bias (d_model, n_head * head_dim)
     blocks.{i}.norm2.weight / .bias
     blocks.{i}.mlp.fc.weight / .bias    (d_ff, d_model) gelu; (2*d_ff, d_model) swiglu, rows: [gate; up]
@@ -88,6 +89,7 @@ class GPTConfig:
     d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu")
     dropout: float = opt(0.0, "dropout on attention weights, residual branches and embeddings")
     bias: bool = opt(True, "biases in linear layers and LayerNorm")
+    qkv_bias: bool = opt(False, "biases on the q/k/v projection alone (Qwen2); model.bias puts them everywhere")
     norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalisation layer")
     norm_eps: float = opt(1e-5, "epsilon of the normalisation layers")
     pos_emb: Literal["learned", "rope"] = opt("learned", "position encoding: learned table (GPT-2) or rotary (Llama)")
@@ -152,7 +154,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.qk_norm = cfg.qk_norm
         # one matmul for q, k and v: rows [q (n_head*hd); k (n_kv_head*hd); v (n_kv_head*hd)]
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        qkv_out = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(
