@@ -1,8 +1,9 @@
 """Task data → token ids with loss masks: reading JSONL/CSV/TSV tables, field names, templates.
 
 - `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz`, `.csv` and `.tsv` with a
-  header row, and headerless `.txt` (`a<TAB>b` per line, columns named after the task's fields, the
-  layout of Tatoeba pair files and the UCI sentiment sentences).
+  header row (a .tsv's quotes read as `prepare` reads them, `data/tsv.py`), and headerless `.txt`
+  (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
+  the UCI sentiment sentences).
 - `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
 - Every LM-style example is one token list plus a per-token `train` flag: the token is a target
   (its loss counts) only where the flag is set. `lm_batch` shifts them into (inputs, targets) with
@@ -94,13 +95,17 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
     if name.endswith(".jsonl") or name.endswith(".json"):
         rows = _read_json(text, p, lines=name.endswith(".jsonl"))
-    elif name.endswith(".csv") or name.endswith(".tsv"):
-        delimiter = "," if name.endswith(".csv") else "\t"
-        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 TSV has bare quotes
+    elif name.endswith(".tsv"):
+        from lmforge.data.tsv import tsv_rows  # (quoted fields where they are quoted, as `prepare` reads them)
+
+        # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
+        table = tsv_rows(io.StringIO(text, newline=""))
+        header = next(table, (0, []))[1]
+        rows = [_named(header, fields) for _, fields in table]
+    elif name.endswith(".csv"):
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
-        rows_in = io.StringIO(text, newline="")
-        reader = csv.DictReader(rows_in, delimiter=delimiter, quoting=quoting, strict=True)
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:
@@ -108,8 +113,8 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
                 start = reader.line_num + 1
         except csv.Error as e:  # strict: an unclosed quote would otherwise swallow the rest of the file
             raise DataError(
-                f"{p}:{start}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({e}); a quote opened in a field "
-                'must be closed (a literal quote inside a quoted field is written "")'
+                f"{p}:{start}: not valid CSV ({e}); a quote opened in a field must be closed (a literal quote "
+                'inside a quoted field is written "")'
             ) from None
     elif name.endswith(".txt"):
         if not txt_columns:
@@ -127,6 +132,15 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     if not rows:
         raise DataError(f"{p} holds no rows; check the file")
     return rows
+
+
+def _named(header: list[str], fields: list[str]) -> dict[Any, Any]:
+    """A TSV row as `csv.DictReader` gives a CSV row: a missing field is None, extra ones a list under None."""
+    row: dict[Any, Any] = dict(zip(header, fields, strict=False))
+    row.update({name: None for name in header[len(fields) :]})
+    if len(fields) > len(header):
+        row[None] = fields[len(header) :]
+    return row
 
 
 def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
