@@ -548,7 +548,7 @@ def _finetune(
                 f"{out} was trained with --optim.name {old_optim}, whose state cannot continue as {optim_cfg.name}; "
                 f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
             )
-        if previous.get("labels", []) != labels:
+        if [label_name(name) for name in previous.get("labels", [])] != labels:  # (saved before: "1.0" is "1")
             raise DataError(
                 f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
                 f"{', '.join(previous.get('labels', []))}; use the same file or pass --overwrite"

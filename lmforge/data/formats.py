@@ -291,13 +291,28 @@ def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
 # classification
 
 
+# an integer written as a float: pandas writes an int column that has a missing value as float64 ("1.0")
+_INTEGER_AS_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)\.0+")
+
+
 def label_name(value: Any) -> str:
-    """Labels are compared as strings (CSV gives "1", JSON may give 1; CSV "true", JSON true)."""
+    """A label as the string that names its class, spelled one way whichever file it comes from.
+
+    Labels are compared as strings, so every spelling of one label must give the same string, or one
+    dataset gets two classes ("1" and "1.0") and a --val file is refused as holding labels never trained
+    on: CSV "1", JSON 1 or 1.0, a float column's 1.0 and pandas' "1.0" are "1" ("1.5" stays "1.5");
+    JSON true, CSV "true" and pandas' "True" are "true". Other strings are kept as written (stripped).
+    """
     if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value).strip()
+    name = str(value).strip()
+    if _INTEGER_AS_FLOAT.fullmatch(name):
+        return str(int(name.split(".")[0]))  # (int: "-0.0" is "0")
+    if name.lower() in ("true", "false"):
+        return name.lower()
+    return name
 
 
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
@@ -554,7 +569,8 @@ def build_examples(
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
-        index = {name: i for i, name in enumerate(labels or [])}
+        # (label_name: a run saved before labels were spelled one way may hold "1.0"; its rows now read "1")
+        index = {label_name(name): i for i, name in enumerate(labels or [])}
         before, after, _ = frame or classify_frame(tok, "gpt")
         room = max_len - len(before) - len(after)
         if room < 1:
