@@ -29,7 +29,9 @@ Design:
   is created; an error after an HF import removes the directory again.
 - Re-running the same command on RUN_DIR resumes it (`_existing_run`): checkpoints carry the
   optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
-- Length (~830 lines, just over the 800-line guide): `_finetune` reads top to bottom in the order a
+  A finished run's re-run has nothing to do; a `--merge`d LoRA run cannot train on (its adapters are in
+  the weights and its last checkpoint has no optimizer state), so more steps are refused (`_merged_refusal`).
+- Length (~910 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
   flag applies to which task/mode stay beside it. The task formats, objectives, heads and metrics
   already live in their own modules; the next split would be the example building.
@@ -360,8 +362,6 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RESUME_FREE and k in old and old[k] != v]
     if changed:
         raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed[:3])}); {hint}")
-    if info.get("lora_merged"):
-        raise ConfigError(f"{out} holds a finished run with merged LoRA weights; it cannot resume; {hint}")
     return info
 
 
@@ -548,7 +548,7 @@ def _finetune(
                 f"{out} was trained with --optim.name {old_optim}, whose state cannot continue as {optim_cfg.name}; "
                 f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
             )
-        if previous.get("labels", []) != labels:
+        if [label_name(name) for name in previous.get("labels", [])] != labels:  # (saved before: "1.0" is "1")
             raise DataError(
                 f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
                 f"{', '.join(previous.get('labels', []))}; use the same file or pass --overwrite"
@@ -657,7 +657,6 @@ def _finetune(
     ckpt = None
     if previous is not None and latest_checkpoint(out) is not None:
         ckpt = checkpoint_to_resume(out, ckpt_cfg.resume_from, log=print if progress else len)
-        load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
     state = TrainState.from_dict(ckpt.meta["train_state"]) if ckpt is not None else TrainState()
     # A re-run of a finished run trains nothing, so it leaves every file as it was: config.json, env.json,
     # finetune.json (whose train settings `lmforge runs` shows: 10/6 after a re-run with max_steps 6), eval.json
@@ -672,6 +671,12 @@ def _finetune(
         if progress:
             print(f"{out} is already {done}; nothing to do", flush=True)
         return read_json(out / "eval.json", "re-run with --overwrite to fine-tune again")
+    if ckpt is not None and ckpt.meta.get("finetune", {}).get("lora_merged"):
+        # --merge folded the adapters into the weights: there are no adapters left to train, and the
+        # checkpoint holds no optimizer state. A finished run's identical re-run returned above.
+        raise ConfigError(_merged_refusal(out, state.step, train_cfg.max_steps, done, cfg.task))
+    if ckpt is not None:
+        load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
 
     # the run directory: architecture config, tokenizer, chat template, finetune.json
     base_config = dataclasses.replace(loaded.config, out=str(out))
@@ -875,6 +880,25 @@ def _finetune(
         raise
     mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
     return result
+
+
+def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) -> str:
+    """Why a run whose LoRA adapters `--merge` folded into its weights cannot go on, and what to do instead.
+
+    Its weights are the base's plus the adapters, so a new fine-tune can start from them, except a
+    classifier's (a model with a head is not a base `load_base` takes): that one can only be trained again.
+    """
+    if done:  # it merged, then stopped in its final evaluation (no eval.json)
+        return (
+            f"{out} merged its LoRA adapters at step {step} but stopped before its final evaluation; "
+            f"score it with 'lmforge eval {out} --task {task} --data FILE', or pass --overwrite to fine-tune again"
+        )
+    instead = "" if task == "classify" else f"fine-tune it further as a new base ('lmforge finetune {out} ...'), or "
+    return (
+        f"{out} finished at step {step} with its LoRA adapters merged into the weights (--merge), so LoRA "
+        f"training cannot continue to train.max_steps {max_steps}; {instead}pass --overwrite (or another --out) "
+        f"to train from the base again for {max_steps} steps"
+    )
 
 
 def _label_key(name: str) -> tuple[int, float | str]:

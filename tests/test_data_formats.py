@@ -75,11 +75,16 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.csv:4: a quote opened in this row is never closed"):
         run(tmp_path, [tmp_path / "t.csv"])
     assert_nothing_written(tmp_path)
-    # text after a quoted field's closing quote: the error said only "'\t' expected after '\"'"
-    write(tmp_path / "t.tsv", 'text\tlabel\nfine\t1\n"Hi," he said.\t0\n')
-    with pytest.raises(DataError, match=r"t\.tsv:3: not valid TSV .*quote the whole field and write the quotes in it"):
-        run(tmp_path, [tmp_path / "t.tsv"])
+    # text after a quoted field's closing quote: the error said only "',' expected after '\"'"
+    write(tmp_path / "t.csv", 'text,label\nfine,1\n"Hi" he said.,0\n')
+    with pytest.raises(DataError, match=r"t\.csv:3: not valid CSV .*quote the whole field and write the quotes in it"):
+        run(tmp_path, [tmp_path / "t.csv"])
     assert_nothing_written(tmp_path)
+    # in a .tsv that is a plain TSV's sentence that starts with a quote (Tatoeba's), read as written (data/tsv.py)
+    (tmp_path / "t.csv").unlink()
+    write(tmp_path / "t.tsv", 'text\tlabel\nfine\t1\n"Hi," he said.\t0\n')
+    run(tmp_path, [tmp_path / "t.tsv"], dedup="none")
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == ['"Hi," he said.', "fine"]
 
 
 def test_parquet(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ metrics against hand-computed values, DPO, task evaluation, and bad inputs -> on
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -390,6 +391,50 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "only_blank.csv: every row's 'review' is empty" in r.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_a_label_written_as_a_float_is_the_integer_label(base: Path, tmp_path: Path):
+    """pandas writes an int label column that has a gap as float64: "1.0", "0.0". That CSV gave the classes
+    "0.0" and "1.0" (and, mixed with "1" and "0", four classes silently), and a --val JSONL labelled 1 and 0
+    was refused as holding labels never trained on. Now all of them name the classes "0" and "1"."""
+    from lmforge.data.formats import build_examples, field_map, label_name, read_task_rows
+
+    train_rows = list(csv.DictReader((DATA / "sentiment_train.csv").read_text(encoding="utf-8").splitlines()))
+    number = {"negative": 0, "positive": 1}
+    mixed = tmp_path / "mixed.csv"  # half the rows as pandas writes a float column, half as an int one
+    with mixed.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i, row in enumerate(train_rows):
+            writer.writerow([row["text"], f"{number[row['label']]}.0" if i % 2 else number[row["label"]]])
+    val = tmp_path / "val.jsonl"
+    val_rows = [json.loads(line) for line in (DATA / "sentiment_val.jsonl").read_text(encoding="utf-8").splitlines()]
+    val.write_text("".join(json.dumps({**r, "label": number[r["label"]]}) + "\n" for r in val_rows), encoding="utf-8")
+    out = tmp_path / "run"
+    result = finetune(
+        base,
+        train_file=mixed,
+        val_file=val,
+        out=out,
+        cfg=FinetuneConfig(task="classify", adapt="head"),
+        overrides={"train": {"max_steps": 1, "batch_size": 4}},
+        progress=False,
+    )
+    assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["labels"] == ["0", "1"]
+    assert result["val"]["labels"] == ["0", "1"] and result["val"]["n"] == len(val_rows)
+    # every spelling of one label is one class; JSON true, CSV "true" and pandas' "True" too
+    assert {label_name(v) for v in (1, 1.0, "1", "1.0", " 1.00 ", "1.5")} == {"1", "1.5"}
+    assert {label_name(v) for v in (0, 0.0, "0", "0.0", "-0.0")} == {"0"}
+    assert {label_name(v) for v in (True, "true", "True", "TRUE")} == {"true"}
+    assert [label_name(v) for v in ("01", "1e0", "one", "True story")] == ["01", "1e0", "one", "True story"]
+    # a run saved with the labels "0.0" and "1.0" (before) still scores a file labelled 0 and 1
+    fields = field_map("classify", [])
+    rows = read_task_rows(val, "classify", fields, scored=True)
+    tok = Tokenizer.load(out / "tokenizer.json")
+    examples = build_examples(
+        rows, path=val, task="classify", tok=tok, fields=fields, max_len=64, labels=["0.0", "1.0"]
+    )
+    assert [label for _, label in examples] == [number[r["label"]] for r in val_rows]
 
 
 def test_a_folder_being_fine_tuned_is_not_touched_by_another_process(base: Path, tmp_path: Path):

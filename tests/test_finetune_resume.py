@@ -213,3 +213,31 @@ def test_a_resume_with_other_train_settings_says_so_or_refuses(base: Path, tmp_p
     printed = capsys.readouterr().out
     assert "schedule changed since the checkpoint (train.max_steps 2 -> 4, train.lr 0.001 -> 0.01)" in printed
     assert "optimizer settings changed since the checkpoint, applied from now: weight_decay 0.0 -> 0.1" in printed
+
+
+def test_a_rerun_of_a_finished_merged_lora_run_is_finished_and_more_steps_are_refused(base: Path, tmp_path: Path):
+    """`--merge` folds the adapters into the weights at the end, so an identical re-run has nothing to do (exit 0,
+    files untouched) like any finished run, while more steps cannot continue LoRA training: one-line refusal that
+    says what to do instead (a classifier cannot be a base, so only --overwrite / another --out is offered)."""
+    out = tmp_path / "merged"
+    cmd = ["finetune", str(base), "--task", "classify", "--adapt", "lora", "--merge", "--lora-rank", "2"]
+    cmd += ["--train", str(DATA / "sentiment_train.csv"), "--out", str(out), "--train.batch_size", "4"]
+    finetune(
+        base,
+        train_file=DATA / "sentiment_train.csv",
+        out=out,
+        cfg=FinetuneConfig(task="classify", adapt="lora", lora_rank=2, merge=True),
+        overrides={"train": {"max_steps": 2, "batch_size": 4}},
+        progress=False,
+    )
+    assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["lora_merged"] is True
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    r = run_cli(*cmd, "--train.max_steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"{out} is already trained to step 2 (train.max_steps 2); nothing to do" in r.stdout
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    r = run_cli(*cmd, "--train.max_steps", "4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "merged into the weights (--merge), so LoRA training cannot continue to train.max_steps 4" in r.stderr
+    assert "pass --overwrite (or another --out)" in r.stderr and "as a new base" not in r.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before

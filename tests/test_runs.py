@@ -1,4 +1,4 @@
-"""`lmforge runs`: status of real runs (running, interrupted by SIGINT, killed by SIGKILL = failed,
+"""`lmforge runs`: status of real runs (running, interrupted by SIGINT, killed by SIGKILL, failed,
 finished), the table and --json; and the training-time signals in metrics.jsonl (update ratio against
 checkpoint weights, grad norm before clipping, memory, skipped NaN steps)."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfi
 from lmforge.log import RunLogger, read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import CausalLM
-from lmforge.runs import format_runs, list_runs, run_status
+from lmforge.runs import list_runs, mark_stopped, run_status
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import pick_precision
@@ -29,11 +30,11 @@ from lmforge.train.state import TrainState
 from tests.conftest import REPO, run_cli, tiny_config
 
 
-def _start(data_dir, run):
+def _start(data_dir, run, checkpoint_every=1000):
     args = [
         "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--model.n_layer", "2",
         "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "100000",
-        "--train.log_every", "1", "--eval.every", "0", "--checkpoint.every", "1000", "--quiet",
+        "--train.log_every", "1", "--eval.every", "0", "--checkpoint.every", str(checkpoint_every), "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
@@ -47,10 +48,13 @@ def _wait_for_steps(run, n, proc, timeout=60):
 
 
 @pytest.mark.slow
-def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
-    """Three CLI processes (~12 s): SIGINT gives "interrupted", SIGKILL leaves "failed"."""
+def test_status_running_interrupted_killed_failed_finished(data_dir, tmp_path):
+    """Three CLI processes (~12 s): SIGINT gives "interrupted", SIGKILL "killed" (not "failed": nothing is known
+    to be wrong with the run) with a line saying a re-run resumes it from its last checkpoint; "failed" is a run
+    that recorded an exception."""
     root = tmp_path / "runs"
     stopped, killed, done = root / "stopped", root / "group" / "killed", root / "done"
+    crashed = root / "crashed"
 
     proc = _start(data_dir, stopped)
     _wait_for_steps(stopped, 3, proc)
@@ -65,21 +69,26 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     assert proc.wait(timeout=60) == 130
     assert run_status(stopped) == "interrupted"
 
-    proc = _start(data_dir, killed)
+    proc = _start(data_dir, killed, checkpoint_every=2)
     _wait_for_steps(killed, 3, proc)
     running = {r.name: r for r in list_runs(root)}
     assert running["group/killed"].status == "running" and running["group/killed"].step >= 3
     proc.kill()
     proc.wait(timeout=30)
-    assert run_status(killed) == "failed"  # status.json still says running, but its pid is gone
+    assert json.loads((killed / "status.json").read_text(encoding="utf-8"))["status"] == "running"
+    assert run_status(killed) == "killed"  # status.json still says running, but its pid is gone
+    shutil.copytree(stopped, crashed)  # a run that recorded an exception (as `pretrain` does on one) stays "failed"
+    mark_stopped(crashed, "failed", error="RuntimeError: boom")
+    assert run_status(crashed) == "failed"
 
     pretrain(tiny_config(data_dir, done), progress=False)
     result = run_cli("runs", str(root), "--json")
     assert result.returncode == 0, result.stderr
     runs = {r["name"]: r for r in json.loads(result.stdout)}
     assert {k: r["status"] for k, r in runs.items()} == {
+        "crashed": "failed",
         "done": "finished",
-        "group/killed": "failed",
+        "group/killed": "killed",
         "stopped": "interrupted",
     }
     metrics = read_metrics(done / "metrics.jsonl")
@@ -89,10 +98,18 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     assert runs["done"]["last_checkpoint"] == "step-000012"
     assert runs["stopped"]["last_checkpoint"] == f"step-{runs['stopped']['step']:06d}"  # saved where it stopped
 
-    table = format_runs(list_runs(root))
-    lines = table.splitlines()
-    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 4
-    assert lines[1].split()[:4] == ["done", "tiny", "finished", "12/12"]
+    killed_at, stopped_at = runs["group/killed"]["last_checkpoint"], runs["stopped"]["last_checkpoint"]
+    assert killed_at and (killed / "checkpoints" / killed_at / "state.json").is_file()
+    table = run_cli("runs", str(root))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 7
+    assert lines[2].split()[:4] == ["done", "tiny", "finished", "12/12"]
+    assert lines[3].split()[:3] == ["group/killed", "tiny", "killed"]
+    assert lines[5:] == [  # the rows of the runs a re-run resumes; none for the finished or the failed one
+        f"group/killed: killed; re-run its command (argv in its env.json) to resume from {killed_at}",
+        f"stopped: interrupted; re-run its command (argv in its env.json) to resume from {stopped_at}",
+    ]
 
 
 def test_runs_bad_dir_is_one_line_error(tmp_path):
@@ -252,7 +269,7 @@ def _start_finetune(base, run):
 @pytest.mark.slow
 def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     """A fine-tuned run's config.json is its base's: `runs` and `report` take max_steps and the other
-    settings from finetune.json, and status.json says running / finished / interrupted / failed (~10 s)."""
+    settings from finetune.json, and status.json says running / finished / interrupted / killed (~10 s)."""
     from lmforge.finetune import FinetuneConfig, finetune
     from lmforge.report import render_report
     from tests.test_finetune import DATA, make_base
@@ -283,7 +300,7 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     assert not any(k.startswith(("data.", "objective.")) for k in settings)  # the base's pretraining data, not ours
     assert page.rows("summary")[0]["steps"][0] == "6/6"
 
-    for run, sig, code, after in ((stopped, signal.SIGINT, 130, "interrupted"), (killed, signal.SIGKILL, -9, "failed")):
+    for run, sig, code, after in ((stopped, signal.SIGINT, 130, "interrupted"), (killed, signal.SIGKILL, -9, "killed")):
         proc = _start_finetune(base, run)
         _wait_for_steps(run, 3, proc)
         assert run_status(run) == "running"
@@ -293,6 +310,6 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     rows = {r.name: r for r in list_runs(root)}
     assert {k: (r.status, r.max_steps) for k, r in rows.items()} == {
         "done": ("finished", 6),
-        "killed": ("failed", 100000),
+        "killed": ("killed", 100000),
         "stopped": ("interrupted", 100000),
     }

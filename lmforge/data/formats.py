@@ -1,8 +1,9 @@
 """Task data → token ids with loss masks: reading JSONL/CSV/TSV tables, field names, templates.
 
 - `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz`, `.csv` and `.tsv` with a
-  header row, and headerless `.txt` (`a<TAB>b` per line, columns named after the task's fields, the
-  layout of Tatoeba pair files and the UCI sentiment sentences).
+  header row (a .tsv's quotes read as `prepare` reads them, `data/tsv.py`), and headerless `.txt`
+  (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
+  the UCI sentiment sentences).
 - `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
 - Every LM-style example is one token list plus a per-token `train` flag: the token is a target
   (its loss counts) only where the flag is set. `lm_batch` shifts them into (inputs, targets) with
@@ -94,13 +95,17 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
     if name.endswith(".jsonl") or name.endswith(".json"):
         rows = _read_json(text, p, lines=name.endswith(".jsonl"))
-    elif name.endswith(".csv") or name.endswith(".tsv"):
-        delimiter = "," if name.endswith(".csv") else "\t"
-        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE  # SST-2 TSV has bare quotes
+    elif name.endswith(".tsv"):
+        from lmforge.data.tsv import tsv_rows  # (quoted fields where they are quoted, as `prepare` reads them)
+
+        # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
+        table = tsv_rows(io.StringIO(text, newline=""))
+        header = next(table, (0, []))[1]
+        rows = [_named(header, fields) for _, fields in table]
+    elif name.endswith(".csv"):
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
-        rows_in = io.StringIO(text, newline="")
-        reader = csv.DictReader(rows_in, delimiter=delimiter, quoting=quoting, strict=True)
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:
@@ -108,8 +113,8 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
                 start = reader.line_num + 1
         except csv.Error as e:  # strict: an unclosed quote would otherwise swallow the rest of the file
             raise DataError(
-                f"{p}:{start}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({e}); a quote opened in a field "
-                'must be closed (a literal quote inside a quoted field is written "")'
+                f"{p}:{start}: not valid CSV ({e}); a quote opened in a field must be closed (a literal quote "
+                'inside a quoted field is written "")'
             ) from None
     elif name.endswith(".txt"):
         if not txt_columns:
@@ -127,6 +132,15 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     if not rows:
         raise DataError(f"{p} holds no rows; check the file")
     return rows
+
+
+def _named(header: list[str], fields: list[str]) -> dict[Any, Any]:
+    """A TSV row as `csv.DictReader` gives a CSV row: a missing field is None, extra ones a list under None."""
+    row: dict[Any, Any] = dict(zip(header, fields, strict=False))
+    row.update({name: None for name in header[len(fields) :]})
+    if len(fields) > len(header):
+        row[None] = fields[len(header) :]
+    return row
 
 
 def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
@@ -277,13 +291,28 @@ def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
 # classification
 
 
+# an integer written as a float: pandas writes an int column that has a missing value as float64 ("1.0")
+_INTEGER_AS_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)\.0+")
+
+
 def label_name(value: Any) -> str:
-    """Labels are compared as strings (CSV gives "1", JSON may give 1; CSV "true", JSON true)."""
+    """A label as the string that names its class, spelled one way whichever file it comes from.
+
+    Labels are compared as strings, so every spelling of one label must give the same string, or one
+    dataset gets two classes ("1" and "1.0") and a --val file is refused as holding labels never trained
+    on: CSV "1", JSON 1 or 1.0, a float column's 1.0 and pandas' "1.0" are "1" ("1.5" stays "1.5");
+    JSON true, CSV "true" and pandas' "True" are "true". Other strings are kept as written (stripped).
+    """
     if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return str(value).strip()
+    name = str(value).strip()
+    if _INTEGER_AS_FLOAT.fullmatch(name):
+        return str(int(name.split(".")[0]))  # (int: "-0.0" is "0")
+    if name.lower() in ("true", "false"):
+        return name.lower()
+    return name
 
 
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
@@ -540,7 +569,8 @@ def build_examples(
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
-        index = {name: i for i, name in enumerate(labels or [])}
+        # (label_name: a run saved before labels were spelled one way may hold "1.0"; its rows now read "1")
+        index = {label_name(name): i for i, name in enumerate(labels or [])}
         before, after, _ = frame or classify_frame(tok, "gpt")
         room = max_len - len(before) - len(after)
         if room < 1:

@@ -12,7 +12,8 @@ network). File formats, chosen by file name (case-insensitive):
   is really JSON Lines (one object per line) is read as JSONL. Read when named explicitly (or by a
   glob spelling out `.json`): folders often hold .json metadata, so a folder search skips them.
 - `.csv`, `.tsv`: a header row, then one document per row: the column named `text_field`
-  (RFC 4180 quoting, so a quoted field may hold newlines).
+  (RFC 4180 quoting, so a quoted field may hold newlines; in a .tsv a `"` that does not open a quoted
+  field is text, as plain TSVs write it: `data/tsv.py`, shared with `finetune`'s task files).
 - `.parquet` (needs pyarrow, `pip install 'lmforge[parquet]'`): the string column `text_field`.
 - text, JSONL, CSV and TSV may be compressed: `.gz` (standard library) or `.zst` (needs zstandard,
   `pip install 'lmforge[zstd]'`; opened by `data/compressed.py`).
@@ -73,6 +74,7 @@ from lmforge.data.clean import (
     utf16_encoding,
 )
 from lmforge.data.compressed import open_input, read_errors
+from lmforge.data.tsv import tsv_rows
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
@@ -731,30 +733,35 @@ def _table_documents(
 
     # the line limit already bounds a row; the csv module's own 128 KiB field limit would refuse long documents
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader(decoded(), delimiter=delimiter, strict=True)  # strict: an unclosed quote is an error
+    # (line number, fields) of each row: a TSV's from data/tsv.py (the line it starts on; quotes read as
+    # `finetune` reads them, never a csv.Error), a CSV's from `csv` (the line it ends on)
+    if delimiter == "\t":
+        rows = tsv_rows(decoded())
+    else:
+        reader = csv.reader(decoded(), delimiter=delimiter, strict=True)  # strict: an unclosed quote is an error
+        rows = ((reader.line_num, row) for row in reader)
     row_start = 1  # the line the row being read began on (an unclosed quote reads to the end of the file)
     try:
-        header = next(reader, None)
+        header_end, header = next(rows, (0, None))
         if header is None:
             return
         if text_field not in header:
             columns = ", ".join(header[:20]) or "none"
             raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
         column = header.index(text_field)
-        row_start = reader.line_num + 1
-        for row in reader:
+        row_start = header_end + 1
+        for lineno, row in rows:
             if row:  # (a blank line is no row)
                 if column >= len(row):
                     raise DataError(
-                        f"{path}:{reader.line_num}: row has {len(row)} fields but the header has {len(header)}; "
+                        f"{path}:{lineno}: row has {len(row)} fields but the header has {len(header)}; "
                         "fix the row or quote fields that contain the delimiter"
                     )
                 text, surrogates = replace_surrogates(row[column])
                 yield RawDocument(text, bad_pending + surrogates)
                 bad_pending = 0
-            row_start = reader.line_num + 1
-    except csv.Error as e:
-        kind = "CSV" if delimiter == "," else "TSV"
+            row_start = lineno + 1
+    except csv.Error as e:  # (a CSV's)
         if "unexpected end of data" in str(e):
             raise DataError(
                 f"{path}:{row_start}: a quote opened in this row is never closed, so the rest of the file would be "
@@ -762,7 +769,7 @@ def _table_documents(
             ) from None
         if "expected after" in str(e):  # strict: text after the closing quote of a quoted field
             raise DataError(
-                f"{path}:{reader.line_num}: not valid {kind} ({e}): a field that starts with a quote is a quoted "
+                f"{path}:{reader.line_num}: not valid CSV ({e}): a field that starts with a quote is a quoted "
                 f'field, which must end at its closing quote; quote the whole field and write the quotes in it as ""'
             ) from None
-        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({e}); fix the row") from None
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the row") from None
