@@ -276,7 +276,7 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "runs",
         help="table of the runs under a folder",
-        description="Name, preset, status (running, finished, interrupted, killed, failed), steps, tokens, best "
+        description="Name, preset, status (running, finished, interrupted, failed), steps, tokens, best "
         "validation loss, training time and last checkpoint of every run directory under DIR.",
     )
     p.add_argument(

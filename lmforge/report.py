@@ -368,7 +368,7 @@ pre.sample { background: #f7f7f9; border: 1px solid #e3e6ec; padding: 6px; margi
              max-height: 14em; overflow: auto; font-size: 12px; }
 #samples { width: 100%; table-layout: fixed; } #samples th:first-child { width: 4em; }
 .status-running { color: #0a6; font-weight: 600; } .status-failed { color: #c22; font-weight: 600; }
-.status-interrupted, .status-killed { color: #b70; font-weight: 600; }
+.status-interrupted { color: #b70; font-weight: 600; }
 """
 
 
@@ -382,11 +382,7 @@ def _html_table(table_id: str, header: list[str], rows: list[list[Cell]]) -> str
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out.append(f'<td class="num" data-value="{value!r}">{html.escape(text)}</td>')
             else:
-                cls = (
-                    f' class="status-{html.escape(text)}"'
-                    if text in ("running", "failed", "interrupted", "killed")
-                    else ""
-                )
+                cls = f' class="status-{html.escape(text)}"' if text in ("running", "failed", "interrupted") else ""
                 out.append(f"<td{cls}>{html.escape(text)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")

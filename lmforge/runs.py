@@ -6,17 +6,17 @@ error) when it ends. A process that dies without a word (SIGKILL, the OOM killer
 leaves "running" behind, so a reader decides in this order:
 
 1. `status.json` says running: the run is *running* if its pid is alive on this host (on another
-   host: if `metrics.jsonl` was written in the last `STALE_S` seconds), else it was *killed*.
+   host: if `metrics.jsonl` was written in the last `STALE_S` seconds), else it *failed*.
 2. `status.json` says finished / interrupted / failed: that.
 3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
    `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
 
-*failed* is kept for a run that recorded an exception (status.json's `error`: something to fix before a
-re-run), *killed* for a process that ended without recording anything (on another host: one taken as
-dead): nothing is known to be wrong with the run, and it resumes from its last complete checkpoint (a
-checkpoint folder is complete or absent, never half-written). Under the table, each killed or
-interrupted run gets a line saying whether re-running its command resumes it (and from which
-checkpoint) or starts it over.
+The statuses are the four the table has always shown: a process that ended without a word is *failed*
+like one that recorded an exception (status.json's `error`), though nothing may be wrong with its
+settings; either resumes from its last complete checkpoint (a checkpoint folder is complete or absent,
+never half-written). So under the table each failed or interrupted run gets a line saying whether
+re-running its command resumes it (and from which checkpoint) or starts it over, and, for a process that
+died without a word, that it did (killed: SIGKILL, the OOM killer, a power cut).
 
 `finetune` keeps the same file. Everything else in the table comes from files the run already
 has: `config.json` (preset, max_steps; for a fine-tuned run the settings in `finetune.json`, see
@@ -323,7 +323,7 @@ def _number(value: Any, default: Any = 0.0) -> Any:
 
 
 def run_status(run_dir: Path) -> str:
-    """running, finished, interrupted, killed, failed or unknown (see the module docstring for the rules)."""
+    """running, finished, interrupted, failed or unknown (see the module docstring for the rules)."""
     run_dir = Path(run_dir)
     info = _read_json(run_dir / STATUS_FILE)
     if info is not None:
@@ -333,10 +333,10 @@ def run_status(run_dir: Path) -> str:
         if status != "running":
             return status
         if info.get("host") == socket.gethostname():
-            return "running" if isinstance(info.get("pid"), int) and _pid_alive(info["pid"]) else "killed"
+            return "running" if isinstance(info.get("pid"), int) and _pid_alive(info["pid"]) else "failed"
         metrics = run_dir / "metrics.jsonl"
         fresh = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
-        return "running" if fresh else "killed"
+        return "running" if fresh else "failed"
     ckpt = _latest_checkpoint(run_dir)
     meta = _read_json(ckpt / "state.json") if ckpt else None
     reason = _section(meta, "train_state").get("stop_reason", "")
@@ -480,12 +480,19 @@ def format_runs(runs: list[RunSummary]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines += [f"{r.name}: unreadable ({r.error})" for r in runs if r.error]
-    lines += [f"{r.name}: {r.status}; {_resume_note(r)}" for r in runs if r.status in ("killed", "interrupted")]
+    lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted")]
     return "\n".join(lines)
 
 
-def _resume_note(run: RunSummary) -> str:
-    """What re-running a stopped run's command does: the question a user has about a killed run."""
+def _stop_note(run: RunSummary) -> str:
+    """How a failed or interrupted run ended, and what re-running its command does: the question a user
+    has about it."""
+    info = _read_json(Path(run.path) / STATUS_FILE)
+    how = run.status
+    if run.status == "failed" and isinstance(info, dict) and info.get("status") == "running":
+        how = "failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut)"
+    elif run.status == "failed" and isinstance(info, dict) and isinstance(info.get("error"), str):
+        how = f"failed: {info['error'].splitlines()[0] if info['error'] else 'an error'}"
     if run.last_checkpoint:
-        return f"re-run its command (argv in its env.json) to resume from {run.last_checkpoint}"
-    return "it saved no checkpoint; re-running its command (argv in its env.json) starts it over"
+        return f"{how}; re-run its command (argv in its env.json) to resume from {run.last_checkpoint}"
+    return f"{how}; it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"

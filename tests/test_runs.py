@@ -48,10 +48,10 @@ def _wait_for_steps(run, n, proc, timeout=60):
 
 
 @pytest.mark.slow
-def test_status_running_interrupted_killed_failed_finished(data_dir, tmp_path):
-    """Three CLI processes (~12 s): SIGINT gives "interrupted", SIGKILL "killed" (not "failed": nothing is known
-    to be wrong with the run) with a line saying a re-run resumes it from its last checkpoint; "failed" is a run
-    that recorded an exception."""
+def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
+    """Three CLI processes (~12 s): SIGINT gives "interrupted", SIGKILL "failed" like a run that recorded an
+    exception, each with a line under the table saying how it ended and that a re-run resumes it from its
+    last checkpoint."""
     root = tmp_path / "runs"
     stopped, killed, done = root / "stopped", root / "group" / "killed", root / "done"
     crashed = root / "crashed"
@@ -76,7 +76,7 @@ def test_status_running_interrupted_killed_failed_finished(data_dir, tmp_path):
     proc.kill()
     proc.wait(timeout=30)
     assert json.loads((killed / "status.json").read_text(encoding="utf-8"))["status"] == "running"
-    assert run_status(killed) == "killed"  # status.json still says running, but its pid is gone
+    assert run_status(killed) == "failed"  # status.json still says running, but its pid is gone
     shutil.copytree(stopped, crashed)  # a run that recorded an exception (as `pretrain` does on one) stays "failed"
     mark_stopped(crashed, "failed", error="RuntimeError: boom")
     assert run_status(crashed) == "failed"
@@ -88,7 +88,7 @@ def test_status_running_interrupted_killed_failed_finished(data_dir, tmp_path):
     assert {k: r["status"] for k, r in runs.items()} == {
         "crashed": "failed",
         "done": "finished",
-        "group/killed": "killed",
+        "group/killed": "failed",
         "stopped": "interrupted",
     }
     metrics = read_metrics(done / "metrics.jsonl")
@@ -103,12 +103,15 @@ def test_status_running_interrupted_killed_failed_finished(data_dir, tmp_path):
     table = run_cli("runs", str(root))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 7
+    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 8
     assert lines[2].split()[:4] == ["done", "tiny", "finished", "12/12"]
-    assert lines[3].split()[:3] == ["group/killed", "tiny", "killed"]
-    assert lines[5:] == [  # the rows of the runs a re-run resumes; none for the finished or the failed one
-        f"group/killed: killed; re-run its command (argv in its env.json) to resume from {killed_at}",
-        f"stopped: interrupted; re-run its command (argv in its env.json) to resume from {stopped_at}",
+    assert lines[3].split()[:3] == ["group/killed", "tiny", "failed"]
+    resume = "re-run its command (argv in its env.json) to resume from"
+    assert lines[5:] == [  # how each run that did not finish ended, and what a re-run does
+        f"crashed: failed: RuntimeError: boom; {resume} {stopped_at}",
+        f"group/killed: failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut); "
+        f"{resume} {killed_at}",
+        f"stopped: interrupted; {resume} {stopped_at}",
     ]
 
 
@@ -269,7 +272,7 @@ def _start_finetune(base, run):
 @pytest.mark.slow
 def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     """A fine-tuned run's config.json is its base's: `runs` and `report` take max_steps and the other
-    settings from finetune.json, and status.json says running / finished / interrupted / killed (~10 s)."""
+    settings from finetune.json, and status.json says running / finished / interrupted / failed (~10 s)."""
     from lmforge.finetune import FinetuneConfig, finetune
     from lmforge.report import render_report
     from tests.test_finetune import DATA, make_base
@@ -300,7 +303,7 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     assert not any(k.startswith(("data.", "objective.")) for k in settings)  # the base's pretraining data, not ours
     assert page.rows("summary")[0]["steps"][0] == "6/6"
 
-    for run, sig, code, after in ((stopped, signal.SIGINT, 130, "interrupted"), (killed, signal.SIGKILL, -9, "killed")):
+    for run, sig, code, after in ((stopped, signal.SIGINT, 130, "interrupted"), (killed, signal.SIGKILL, -9, "failed")):
         proc = _start_finetune(base, run)
         _wait_for_steps(run, 3, proc)
         assert run_status(run) == "running"
@@ -310,6 +313,6 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
     rows = {r.name: r for r in list_runs(root)}
     assert {k: (r.status, r.max_steps) for k, r in rows.items()} == {
         "done": ("finished", 6),
-        "killed": ("killed", 100000),
+        "killed": ("failed", 100000),
         "stopped": ("interrupted", 100000),
     }
