@@ -17,8 +17,9 @@ row too: a stray quote opening one row and one closing a later row would otherwi
 them. A plain field that is exactly `"text"` reads as `text`, as every CSV reader reads it (R's
 `write.table` quotes every field): one Tatoeba cmn-eng pair in 29,155 is written so.
 
-A quote that opens no quoted field is followed only up to the next `"` in the file (to the end, holding the
-lines, when there is none, as `csv` does with a CSV's unclosed quote), so reading stays linear in the file.
+A quote that opens no quoted field is followed only up to the next `"` in the file, and for at most
+`MAX_QUOTED_CHARS` (Python's `csv` stops at 128 kB a field), so reading stays linear in the file and a stray
+quote in a multi-gigabyte plain TSV holds no more than that in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 Line = tuple[int, str]  # (line number, the line with its line end)
+MAX_QUOTED_CHARS = 1 << 20  # a "quoted field" longer than this is a stray quote in a plain TSV
 
 
 def tsv_rows(lines: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
@@ -85,13 +87,14 @@ def _quoted_row(line: str, next_line: Callable[[], Line | None]) -> tuple[list[s
             fields.append(line[i:tab])
             i = tab + 1
             continue
-        parts, i = [], i + 1
+        parts, i, size = [], i + 1, 0
         while True:
             quote = line.find('"', i)
             if quote < 0:  # the field goes on: its line end is text
                 parts.append(line[i:])
-                item = next_line()
-                if item is None:  # never closed
+                size += len(line) - i
+                item = next_line() if size <= MAX_QUOTED_CHARS else None
+                if item is None:  # never closed (or not within a field's size)
                     return None, taken
                 taken.append(item)
                 line, i = item[1], 0
