@@ -205,7 +205,7 @@ def build_parser() -> Parser:
         "import",
         help="turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run",
         description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
-        "and write a run directory that eval/generate load.",
+        "(or GPT-2's vocab.json + merges.txt, BERT's vocab.txt) and write a run directory that eval/generate load.",
     )
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("--out", required=True, help="run directory to create")

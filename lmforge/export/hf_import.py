@@ -2,7 +2,8 @@
 run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that
 `lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
 `export/bert.py`. The key maps and config translations it uses live in `export/hf.py`, shared with
-the export direction; see its docstring for the design.
+the export direction; see its docstring for the design. The tokenizer is the directory's tokenizer.json, or,
+without one, the one `export/slow_tokenizer.py` builds from GPT-2's or BERT's slow tokenizer files.
 
 End-of-sequence ids: lmforge's tokenizer knows one end-of-text token (`Tokenizer.eos_id`), but an
 instruct model also ends its turns with another (Llama-3-Instruct: `<|eot_id|>` beside
@@ -47,6 +48,7 @@ from lmforge.export.hf import (
     _name_table,
     from_hf_state_dict,
 )
+from lmforge.export.slow_tokenizer import read_slow_tokenizer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -56,7 +58,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
 
     Args:
         hf_dir: a directory with config.json, model.safetensors (or pytorch_model.bin, or their sharded
-            index) and tokenizer.json.
+            index) and tokenizer.json (or GPT-2's vocab.json + merges.txt, BERT's vocab.txt).
         out: the run directory to create: config.json, tokenizer.json and a weights-only checkpoint
             `checkpoints/step-000000/` that `lmforge eval`, `generate` and fine-tuning load.
         overwrite: replace an existing `out` (only after the new one is complete).
@@ -232,13 +234,12 @@ def read_hf_tensors(hf_dir: Path) -> tuple[dict[str, Tensor], Path]:
 
 
 def read_hf_tokenizer(hf_dir: Path) -> tuple[Tokenizer, Path]:
-    """The directory's fast tokenizer (tokenizer.json) and its path."""
+    """The directory's tokenizer and the file it came from: tokenizer.json when there is one, else one built
+    from GPT-2's or BERT's slow tokenizer files (`slow_tokenizer.read_slow_tokenizer`; older fine-tunes and
+    BERT models ship only those)."""
     tok_path = hf_dir / "tokenizer.json"
     if not tok_path.is_file():
-        raise CheckpointError(
-            f"{hf_dir} has no tokenizer.json; save the fast tokenizer there "
-            "(AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and retry"
-        )
+        return read_slow_tokenizer(hf_dir)
     return Tokenizer.load(tok_path), tok_path
 
 
