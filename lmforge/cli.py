@@ -205,9 +205,10 @@ def build_parser() -> Parser:
         "import",
         help="turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run",
         description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
-        "(or GPT-2's vocab.json + merges.txt, BERT's vocab.txt) and write a run directory that eval/generate load.",
+        "(or GPT-2's vocab.json + merges.txt, BERT's vocab.txt) and write a run directory that eval/generate load. "
+        "HF_DIR may be hf:ORG/NAME[@REVISION], a model on the Hugging Face Hub (downloaded into its cache).",
     )
-    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a local HF model directory, or hf:ORG/NAME from the Hub")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
 

@@ -332,6 +332,13 @@ class _TensorView(nn.Module):
 RESUME_FREE = ("eval_samples", "max_new_tokens", "merge", "dpo_reference")
 
 
+def _base_arg(base: str | Path) -> str:
+    """BASE as finetune.json records it: a resolved path, or a hub name (`hf:ORG/NAME`) as written."""
+    from lmforge.export.hub import is_hub_spec
+
+    return str(base) if is_hub_spec(base) else str(Path(base).resolve())
+
+
 def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
     """finetune.json of the run in `out` when this command continues it; None for a new run.
 
@@ -356,7 +363,7 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     for key in ("task", "adapt"):
         if old.get(key) != new[key]:
             raise ConfigError(f"{out} holds a --{key} {old.get(key)} run, not --{key} {new[key]}; {hint}")
-    base_arg = str(Path(base).resolve())
+    base_arg = _base_arg(base)
     if info.get("base_arg", base_arg) != base_arg:
         raise ConfigError(f"{out} was fine-tuned from {info['base_arg']}, not {base_arg}; {hint}")
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RESUME_FREE and k in old and old[k] != v]
@@ -561,7 +568,7 @@ def _finetune(
         "adapt": cfg.adapt,
         "base": base_path,
         "base_sha256": base_sha,
-        "base_arg": str(Path(base).resolve()),
+        "base_arg": _base_arg(base),
         "labels": labels,
         "fields": fields,
         "train_sha256": train_sha,
@@ -617,7 +624,7 @@ def _finetune(
         if teacher is not None:
             from lmforge.compress.distill import Distill
 
-            info["teacher"] = str(Path(cfg.teacher).resolve())
+            info["teacher"] = _base_arg(cfg.teacher)
             objective = Distill(teacher, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha)
     train_items, train_collate = train_ex, collate
     if cfg.pack:

@@ -179,8 +179,9 @@ def load_teacher(teacher: str, student: Finetuned, device: torch.device, max_len
     import tempfile
 
     from lmforge.adapt.lora import merge_lora
+    from lmforge.export.hub import local_model_dir
 
-    p = Path(teacher)
+    p = local_model_dir(teacher)  # (a hub name: its cached or downloaded snapshot)
     if is_hf_dir(p):
         from lmforge.export.hf_import import import_hf
 
@@ -235,12 +236,14 @@ def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetu
     """The starting model as a plain GPT; returns (loaded, base path recorded, its model sha256)."""
     from lmforge.adapt.lora import merge_lora
     from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.export.hub import is_hub_spec, local_model_dir
 
-    p = Path(base)
+    imported = (out / "base" / "config.json").is_file()  # a resumed run imported its HF base already
+    p = out / "base" if is_hub_spec(base) and imported else local_model_dir(base)  # (no download on resume)
     if is_hf_dir(p):
         from lmforge.export.hf_import import import_hf
 
-        if not (out / "base" / "config.json").is_file():  # a resumed run imported it already
+        if not imported:
             import_hf(p, out / "base")
         p = out / "base"
     ckpt_dir = resolve_checkpoint(p)

@@ -58,7 +58,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
 
     Args:
         hf_dir: a directory with config.json, model.safetensors (or pytorch_model.bin, or their sharded
-            index) and tokenizer.json (or GPT-2's vocab.json + merges.txt, BERT's vocab.txt).
+            index) and tokenizer.json (or GPT-2's vocab.json + merges.txt, BERT's vocab.txt); or
+            `hf:ORG/NAME[@REVISION]`, a model on the Hugging Face Hub (`export/hub.py`: downloaded or cached).
         out: the run directory to create: config.json, tokenizer.json and a weights-only checkpoint
             `checkpoints/step-000000/` that `lmforge eval`, `generate` and fine-tuning load.
         overwrite: replace an existing `out` (only after the new one is complete).
@@ -70,10 +71,17 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
         LmforgeError: unsupported model_type or settings, missing or damaged files, `out` exists.
     """
     from lmforge.config import RunConfig
+    from lmforge.export.hub import is_hub_spec, local_model_dir
 
-    hf_dir, out = Path(hf_dir), Path(out)
+    out = Path(out)
+    if is_hub_spec(hf_dir):  # (checked before a download that would be for nothing)
+        check_out_dir(out, overwrite=overwrite)
+    hf_dir = local_model_dir(hf_dir)
     if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES})")
+        raise CheckpointError(
+            f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES}), or hf:ORG/NAME for "
+            "a model on the Hugging Face Hub"
+        )
     check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, hf_dir)
     config_path = hf_dir / "config.json"
