@@ -182,6 +182,11 @@ def test_qa_and_translation_metrics_against_hand_computed_values():
     hyp, ref = ["我很喜欢这本书。"], ["我非常喜欢这本书。"]
     assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp, [ref], tokenize="zh").score)
     assert bleu_chrf(hyp, ref)["bleu"] > 50  # with 13a tokens the one-"word" sentence scored 0
+    # a file of both directions, most references English: the Chinese pair is still scored per character
+    hyp, ref = ["the cat sat on the mat", "a dog ran in the park", *hyp], ["the cat sat on the mat", "a dog ran", *ref]
+    spaced = [" ".join(s) if "书" in s else s for s in hyp], [" ".join(s) if "书" in s else s for s in ref]
+    expected = sacrebleu.corpus_bleu(spaced[0], [spaced[1]], tokenize="13a", force=True).score
+    assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(expected)  # before: 62.4, the Chinese pair one 13a "word"
 
 
 def test_dpo_loss_against_hand_computed_value():
