@@ -336,6 +336,14 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
     (tmp_path / "in" / "z.csv").unlink()
+    # Japanese in Shift-JIS reads as GB18030 too (its kana as rare ideographs), and iconv -f GB18030 made mojibake
+    write(
+        tmp_path / "in" / "z.txt",
+        ("むかしむかし、あるところにおじいさんとおばあさんが住んでいました。\n" * 20).encode("shift_jis"),
+    )
+    with pytest.raises(DataError, match=r"reads as SHIFT_JIS .* iconv -f SHIFT_JIS -t UTF-8"):
+        run(tmp_path, [tmp_path / "in"])
+    (tmp_path / "in" / "z.txt").unlink()
     # UTF-16 (Windows "Unicode" text) is text too: with a byte-order mark, and little-endian without one
     for data, source in [
         ((CHINESE * 20).encode("utf-16"), "UTF-16"),
