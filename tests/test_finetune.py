@@ -602,13 +602,14 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
 
 
 def test_report_table_lines_up_with_chinese_labels():
-    from lmforge.eval.classify import _display_width, classification_report, format_report
+    from lmforge.eval.classify import classification_report, format_report
+    from lmforge.log import display_width
 
     lines = format_report(classification_report([0, 1, 1, 0], [0, 1, 0, 0], ["正面", "负面"])).splitlines()
     table = lines[2:5]  # header and one row per class: the same terminal width (a CJK character is 2 columns)
-    assert len({_display_width(line) for line in table}) == 1
+    assert len({display_width(line) for line in table}) == 1
     confusion = lines[-3:]
-    assert len({_display_width(line) for line in confusion}) == 1
+    assert len({display_width(line) for line in confusion}) == 1
 
 
 def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
