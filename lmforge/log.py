@@ -15,12 +15,18 @@ import os
 import platform
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from lmforge.atomic import atomic_write_text
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of `text`: wide and fullwidth characters (CJK) take two, so tables pad by this."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def format_duration(seconds: float) -> str:

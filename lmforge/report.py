@@ -43,9 +43,11 @@ from lmforge.runs import RunSummary, is_run_dir, run_config, summarize
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     """Draw train loss and validation loss against steps into `out_png`."""
-    from lmforge.plotting import pyplot
+    from lmforge.plotting import note_missing_cjk, pyplot
 
     plt = pyplot()
+    title = title or metrics_path.parent.name
+    note_missing_cjk([title], out_png.name)  # e.g. a run named 红楼梦
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -57,7 +59,7 @@ def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
         ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="val loss", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or metrics_path.parent.name)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -239,9 +241,10 @@ def available_plots(runs: list[Run]) -> list[PlotSpec]:
 
 def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
     """One PNG: every run's curves for `spec`, one color per run."""
-    from lmforge.plotting import pyplot
+    from lmforge.plotting import note_missing_cjk, pyplot
 
     plt = pyplot()
+    note_missing_cjk([run.name for run in runs], "the report's charts")  # run names label the curves
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -42,7 +42,7 @@ from typing import Any
 
 from lmforge.atomic import write_json
 from lmforge.errors import ConfigError, DataError
-from lmforge.log import format_duration, read_metrics
+from lmforge.log import display_width, format_duration, read_metrics
 
 STATUS_FILE = "status.json"
 STALE_S = 600.0  # a run on another host that has not logged for this long is taken as dead
@@ -477,8 +477,11 @@ def format_runs(runs: list[RunSummary]) -> str:
         ]
         for r in runs
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    widths = [max(display_width(row[i]) for row in [header, *rows]) for i in range(len(header))]  # 运行: 4 columns
+    lines = [
+        "  ".join(cell + " " * (w - display_width(cell)) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     lines += [f"{r.name}: unreadable ({r.error})" for r in runs if r.error]
     lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted")]
     return "\n".join(lines)

@@ -89,6 +89,11 @@ def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
     notices = "版权所有 © 2020 某某公司 保留所有权利\n未经许可不得转载"  # Chinese "all rights reserved" notices
     assert remove_boilerplate("正文。\n" + notices) == ("正文。", 2)
     assert remove_boilerplate("他保留了所有的书。")[1] == 0
+    # Chinese web chrome: repost notices, WeChat account prompts, previous/next links; not prose that names one
+    chrome_zh = "\n".join(["本站所有文章版权所有，转载请注明出处", "关注我们的微信公众号", "长按识别二维码，扫码关注"])
+    chrome_zh += "\n上一篇 | 下一篇 | 返回首页"
+    assert remove_boilerplate("正文。\n" + chrome_zh) == ("正文。", 4)
+    assert remove_boilerplate("他在公众号上写了一篇关于红楼梦的长文，读者很多。")[1] == 0
     write(tmp_path / "a.txt", "x  y\t\tz\n\nclean one\n\nAccept cookies\nbody")
     m = prepare(
         PrepareConfig(

@@ -264,6 +264,20 @@ def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> N
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
 
 
+@pytest.mark.parametrize("tokenizer", ["bpe", "char", "wordpiece", "unigram"])
+def test_nfkc_tokenizer_normalizes_later_text_as_the_training_text(tmp_path: Path, tokenizer: str) -> None:
+    # NFKC turns the full-width ，！？ of the training text into , ! ?; a Chinese prompt or fine-tuning file
+    # typed with ，！？ must be encoded as the model saw them (not as unseen bytes, nor WordPiece's [UNK])
+    write(tmp_path / "zh.txt", "\n\n".join([CHINESE, "天下大势，分久必合，合久必分。"] + sentences(20, seed=8)))
+    run(tmp_path, [tmp_path / "zh.txt"], tokenizer=tokenizer, normalize="NFKC", vocab_size=700)
+    tok = load_data_dir(tmp_path / "out").load_tokenizer()
+    assert tok.encode(CHINESE) == tok.encode("满纸荒唐言,一把辛酸泪!都云作者痴,谁解其中味?")
+    run(tmp_path, [tmp_path / "zh.txt"], out="nfc", tokenizer=tokenizer, vocab_size=700)
+    assert json.loads(load_data_dir(tmp_path / "nfc").load_tokenizer().to_str())["normalizer"] in (None, {}) or (
+        tokenizer == "wordpiece"  # (its BertNormalizer spaces out CJK characters)
+    )
+
+
 def test_existing_tokenizer_file_and_multiple_shards(tmp_path: Path, corpus: Path) -> None:
     first = run(tmp_path, [corpus], text_field="body", val_fraction=0, test_fraction=0)
     m = run(
@@ -322,6 +336,14 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
     (tmp_path / "in" / "z.csv").unlink()
+    # Japanese in Shift-JIS reads as GB18030 too (its kana as rare ideographs), and iconv -f GB18030 made mojibake
+    write(
+        tmp_path / "in" / "z.txt",
+        ("むかしむかし、あるところにおじいさんとおばあさんが住んでいました。\n" * 20).encode("shift_jis"),
+    )
+    with pytest.raises(DataError, match=r"reads as SHIFT_JIS .* iconv -f SHIFT_JIS -t UTF-8"):
+        run(tmp_path, [tmp_path / "in"])
+    (tmp_path / "in" / "z.txt").unlink()
     # UTF-16 (Windows "Unicode" text) is text too: with a byte-order mark, and little-endian without one
     for data, source in [
         ((CHINESE * 20).encode("utf-16"), "UTF-16"),

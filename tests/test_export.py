@@ -200,6 +200,19 @@ def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path
     assert verify_hf(tmp_path / "run", out) <= 1e-5
 
 
+def test_model_card_speaks_the_language_of_the_training_data(tmp_path: Path) -> None:
+    """A model trained on Chinese gets `language: zh` and a Chinese prompt in its card, not "Once upon a time"."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.train.run import pretrain
+
+    text = Path(__file__).parent / "data" / "hongloumeng_ch1.txt"
+    prepare(PrepareConfig(inputs=[str(text)], out=str(tmp_path / "data"), tokenizer="char"), progress=False)
+    pretrain(tiny_config(tmp_path / "data", tmp_path / "run", **{"train.max_steps": 1}), progress=False)
+    card = (export_hf(tmp_path / "run", tmp_path / "hf") / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlanguage:\n- zh\nlibrary_name: transformers\n")
+    assert 'tokenizer("从前有座山' in card and "Once upon a time" not in card
+
+
 # --------------------------------------------------------------------------------------------
 # import
 

@@ -183,6 +183,11 @@ def test_qa_and_translation_metrics_against_hand_computed_values():
     hyp, ref = ["我很喜欢这本书。"], ["我非常喜欢这本书。"]
     assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp, [ref], tokenize="zh").score)
     assert bleu_chrf(hyp, ref)["bleu"] > 50  # with 13a tokens the one-"word" sentence scored 0
+    # a file of both directions, most references English: the Chinese pair is still scored per character
+    hyp, ref = ["the cat sat on the mat", "a dog ran in the park", *hyp], ["the cat sat on the mat", "a dog ran", *ref]
+    spaced = [" ".join(s) if "书" in s else s for s in hyp], [" ".join(s) if "书" in s else s for s in ref]
+    expected = sacrebleu.corpus_bleu(spaced[0], [spaced[1]], tokenize="13a", force=True).score
+    assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(expected)  # before: 62.4, the Chinese pair one 13a "word"
 
 
 def test_dpo_loss_against_hand_computed_value():
@@ -642,13 +647,14 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
 
 
 def test_report_table_lines_up_with_chinese_labels():
-    from lmforge.eval.classify import _display_width, classification_report, format_report
+    from lmforge.eval.classify import classification_report, format_report
+    from lmforge.log import display_width
 
     lines = format_report(classification_report([0, 1, 1, 0], [0, 1, 0, 0], ["正面", "负面"])).splitlines()
     table = lines[2:5]  # header and one row per class: the same terminal width (a CJK character is 2 columns)
-    assert len({_display_width(line) for line in table}) == 1
+    assert len({display_width(line) for line in table}) == 1
     confusion = lines[-3:]
-    assert len({_display_width(line) for line in confusion}) == 1
+    assert len({display_width(line) for line in confusion}) == 1
 
 
 def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(

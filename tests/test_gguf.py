@@ -17,7 +17,7 @@ from lmforge.checkpoint import load_trained
 from lmforge.errors import LmforgeError
 from lmforge.models.layers import apply_rope, rope_cos_sin
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.tokenizer.train import train_bpe, train_char, with_nfkc
 
 gguf = pytest.importorskip("gguf")
 from lmforge.export.gguf import export_gguf, permute_rope_rows  # noqa: E402
@@ -133,6 +133,14 @@ def test_biases_get_a_note_for_transformers(bias: bool, bpe: Tokenizer, tmp_path
         assert "drops them" in err and "--to hf" in err
     else:
         assert err == ""
+
+
+def test_a_normalizing_tokenizer_gets_a_note_for_llama_cpp(bpe: Tokenizer, tmp_path: Path, capsys) -> None:
+    """`prepare --normalize NFKC` gives the tokenizer an NFKC normalizer, which GGUF cannot carry: one line says so."""
+    run = make_run(tmp_path / "run", with_nfkc(Tokenizer.from_str(bpe.to_str())), **GQA)
+    export_gguf(run, tmp_path / "m.gguf")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: this tokenizer normalizes text (NFKC")
 
 
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -274,3 +274,24 @@ def test_markdown_shows_names_and_samples_as_written(two_runs, tmp_path):
     for line in out.read_text(encoding="utf-8").splitlines():
         if line.startswith("!["):
             assert (out.parent / urllib.parse.unquote(line.split("](", 1)[1].rstrip(")"))).is_file()
+
+
+def test_a_chinese_run_name_that_the_charts_cannot_draw_gets_a_note(two_runs, tmp_path, capsys, monkeypatch):
+    """Run names label the report's curves and title loss.png: without a CJK font a run named 红楼梦 shows as
+    boxes, which one stderr line says (as confusion.png does for Chinese class names)."""
+    import lmforge.plotting
+    from lmforge.report import plot_loss
+
+    run = tmp_path / "红楼梦"
+    shutil.copytree(two_runs[0], run)
+    for draw in (
+        lambda: render_report([run], tmp_path / "r.html"),
+        lambda: plot_loss(run / "metrics.jsonl", run / "l.png"),
+    ):
+        monkeypatch.setattr(lmforge.plotting, "_noted", False)
+        capsys.readouterr()
+        draw()
+        assert ("no CJK font is installed" in capsys.readouterr().err) == (not lmforge.plotting._have_cjk)
+    monkeypatch.setattr(lmforge.plotting, "_noted", False)
+    render_report(list(two_runs), tmp_path / "plain.html")
+    assert "no CJK font" not in capsys.readouterr().err

@@ -21,7 +21,7 @@ from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfi
 from lmforge.log import RunLogger, read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import CausalLM
-from lmforge.runs import list_runs, mark_stopped, run_status
+from lmforge.runs import RunSummary, format_runs, list_runs, mark_stopped, run_status
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import pick_precision
@@ -113,6 +113,17 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
         f"{resume} {killed_at}",
         f"stopped: interrupted; {resume} {stopped_at}",
     ]
+
+
+def test_runs_table_lines_up_with_chinese_run_names():
+    """A CJK character takes two terminal columns: the columns after a run named 红楼梦 start where the header's do."""
+    from lmforge.log import display_width
+
+    row = dict(path="", preset="tiny", status="finished", step=2, max_steps=2, tokens=4096, best_val_loss=8.0)
+    runs = [RunSummary(name=name, elapsed_s=1.0, last_checkpoint="step-000002", **row) for name in ("红楼梦", "en")]
+    lines = format_runs(runs).splitlines()
+    starts = {display_width(line[: line.index("tiny")]) for line in lines[1:]}
+    assert starts == {display_width(lines[0][: lines[0].index("preset")])}
 
 
 def test_runs_bad_dir_is_one_line_error(tmp_path):

@@ -115,7 +115,7 @@ LEGACY_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc_kr")  # Chinese (simpli
 # punctuation, plus kana (Japanese) or Hangul (Korean)
 _CJK = ((0x4E00, 0x9FFF), (0x3000, 0x303F), (0xFF00, 0xFFEF))
 _EXPECTED = {
-    "gb18030": _CJK,
+    "gb18030": _CJK,  # (scored by GB2312 membership instead: `_expected`)
     "big5": _CJK,
     "shift_jis": (*_CJK, (0x3040, 0x30FF)),
     "euc_kr": (*_CJK, (0xAC00, 0xD7AF), (0x3130, 0x318F)),
@@ -138,12 +138,27 @@ def legacy_encoding(head: bytes) -> str | None:
             text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
         except UnicodeDecodeError:
             continue
-        wide = [ord(c) for c in text if ord(c) > 0x7F]
-        expected = sum(any(lo <= c <= hi for lo, hi in _EXPECTED[encoding]) for c in wide)
+        wide = [c for c in text if ord(c) > 0x7F]
+        expected = sum(_expected(encoding, c) for c in wide)
         score = expected / len(wide) if wide else 0.0
         if score > best_score:
             best, best_score = encoding, score
     return best
+
+
+def _expected(encoding: str, c: str) -> bool:
+    """Whether text in `encoding` commonly holds `c`. For GB18030 that is GB2312's 7,445 characters (what
+    simplified Chinese is written with), not every ideograph: Japanese Shift-JIS read as GB18030 turns
+    its kana into rare GBK ideographs, which tied with Shift-JIS and won as the first encoding. (Korean
+    EUC-KR still ties, as common GB2312 ideographs, and is named GB18030: telling them apart needs more
+    than which characters occur.)"""
+    if encoding == "gb18030":
+        try:
+            c.encode("gb2312")
+        except UnicodeEncodeError:
+            return False
+        return True
+    return any(lo <= ord(c) <= hi for lo, hi in _EXPECTED[encoding])
 
 
 def utf16_encoding(head: bytes) -> str | None:

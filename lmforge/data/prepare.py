@@ -91,7 +91,15 @@ from lmforge.errors import DataError, LmforgeError
 from lmforge.fields import changed_fields, check, opt
 from lmforge.tokenizer.fast_encode import DocumentEncoder
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import EXTRA_SPECIALS, MIN_BPE_VOCAB, train_bpe, train_char, train_unigram, train_wordpiece
+from lmforge.tokenizer.train import (
+    EXTRA_SPECIALS,
+    MIN_BPE_VOCAB,
+    train_bpe,
+    train_char,
+    train_unigram,
+    train_wordpiece,
+    with_nfkc,
+)
 
 _ENCODE_BATCH_DOCS = 4096
 _ENCODE_BATCH_CHARS = 4_000_000
@@ -619,6 +627,11 @@ def _make_tokenizer(
 ) -> tuple[Tokenizer, str]:
     if given is not None:
         return given, tokenizer_kind(given)
+    tok, kind = _train_tokenizer(cfg, train_docs, train_bytes, progress)
+    return (with_nfkc(tok) if cfg.normalize == "NFKC" else tok), kind  # later text normalized as this was
+
+
+def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, progress: bool) -> tuple[Tokenizer, str]:
     if cfg.tokenizer == "char":
         return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
     # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal

@@ -7,9 +7,10 @@ label set given (every class the model knows), not only the classes seen in this
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 from typing import Any
+
+from lmforge.log import display_width
 
 
 def classification_report(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
@@ -46,25 +47,20 @@ def classification_report(y_true: list[int], y_pred: list[int], labels: list[str
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table: per-class P/R/F1, then the confusion matrix."""
     labels = report["labels"]
-    width = max(8, *(_display_width(label) for label in labels))
+    width = max(8, *(display_width(label) for label in labels))
 
     def left(text: str) -> str:  # padded by terminal columns: a Chinese character takes two
-        return text + " " * (width - _display_width(text))
+        return text + " " * (width - display_width(text))
 
     lines = [f"accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f} | n {report['n']}", ""]
     lines.append(f"{left('label')}  precision  recall      f1  support")
     for name, m in report["per_class"].items():
         lines.append(f"{left(name)}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
     lines += ["", "confusion (rows: true, columns: predicted)"]
-    lines.append(" " * width + "  " + "  ".join(" " * (width - _display_width(label)) + label for label in labels))
+    lines.append(" " * width + "  " + "  ".join(" " * (width - display_width(label)) + label for label in labels))
     for name, row in zip(labels, report["confusion"], strict=True):
         lines.append(f"{left(name)}  " + "  ".join(f"{v:>{width}d}" for v in row))
     return "\n".join(lines)
-
-
-def _display_width(text: str) -> int:
-    """Terminal columns of `text`: wide and fullwidth characters (CJK) take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:

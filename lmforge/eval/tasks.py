@@ -12,7 +12,8 @@ EM and token F1 follow the SQuAD v1.1 evaluation script (lower-case, drop punctu
 articles a/an/the, split on whitespace); F1 counts overlapping tokens with multiplicity. For other
 scripts: punctuation is all of Unicode's (Chinese full-width marks too), text is NFKC-normalised, and
 each Chinese/Japanese character is a token (CMRC 2018 / MLQA style), so "五边形。" matches "五边形" and
-a near answer gets partial F1. Translation BLEU tokenises Chinese references with sacrebleu's "zh".
+a near answer gets partial F1. Translation BLEU tokenises each pair whose reference is Chinese with
+sacrebleu's "zh" (per character), the others with "13a".
 
 In-context classification (no training): each query is preceded by k labelled examples,
 `Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
@@ -77,22 +78,33 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def bleu_tokenizer(references: list[str]) -> str:
-    """sacrebleu's tokenizer for these references: "zh" (each Chinese character a word, the rest as 13a) when
-    most of them hold CJK characters, else its default "13a". With 13a a Chinese sentence is one or two
-    "words", so any difference scores a BLEU of ~0."""
-    cjk = sum(bool(_CJK.search(r)) for r in references)
-    return "zh" if references and cjk * 2 > len(references) else "13a"
+def bleu_tokenizer(reference: str) -> str:
+    """sacrebleu's tokenizer for one sentence pair, chosen by its reference: "zh" (each Chinese character a
+    word, the rest as 13a) when it holds CJK characters, else its default "13a". With 13a a Chinese
+    sentence is one or two "words", so any difference scores a BLEU of ~0."""
+    return "zh" if _CJK.search(reference) else "13a"
 
 
 def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU (tokenised by `bleu_tokenizer`) and chrF (characters: no tokenizer) with sacrebleu."""
+    """Corpus BLEU and chrF (characters: no tokenizer) with sacrebleu.
+
+    Each hypothesis/reference pair is tokenised by `bleu_tokenizer(reference)` and the corpus is scored on
+    those tokens, so a file that mixes directions (en->zh and zh->en) scores its Chinese sentences per
+    character and its English ones with 13a: the same BLEU as sacrebleu's "zh" or "13a" on a one-language
+    corpus. (One tokenizer for the whole corpus, "zh" only when most references were Chinese, scored the
+    Chinese sentences of a file with 40% of them as whole words.)"""
     try:
         import sacrebleu
+        from sacrebleu.metrics.bleu import BLEU
     except ImportError:
         raise ConfigError("translation metrics need sacrebleu; pip install 'lmforge[translate]'") from None
+    tokenizers = {name: BLEU(tokenize=name).tokenizer for name in ("zh", "13a")}
+    pairs = [(tokenizers[bleu_tokenizer(r)], h, r) for h, r in zip(hypotheses, references, strict=True)]
+    # (force: sacrebleu warns on stderr about text that looks tokenised, which this is, on purpose)
     return {
-        "bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenizer(references)).score,
+        "bleu": sacrebleu.corpus_bleu(
+            [tok(h) for tok, h, _ in pairs], [[tok(r) for tok, _, r in pairs]], tokenize="none", force=True
+        ).score,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
     }
 

@@ -50,7 +50,15 @@ from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError, first_line
-from lmforge.export.hf import HF_HINT, _dtype_name, _last_eval, _own, training_progress
+from lmforge.export.hf import (
+    HF_HINT,
+    _dtype_name,
+    _last_eval,
+    _own,
+    card_language_header,
+    data_language,
+    training_progress,
+)
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -274,6 +282,9 @@ def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
             )
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     config_json = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)
+    language = data_language(cfg.data.dir) if cfg.data.dir else ""
+    zh = language == "zh"  # WordPiece/char Chinese is one token per character: mask one, replace one
+    replaced = "我今天吃了一本书。" if zh else "The quick brown fox ate over the lazy dog."
     if electra:
         tag, pipeline = "electra", ""
         use = f"""```python
@@ -282,7 +293,7 @@ from transformers import AutoTokenizer, ElectraForPreTraining
 
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = ElectraForPreTraining.from_pretrained("{name}")
-inputs = tokenizer("The quick brown fox ate over the lazy dog.", return_tensors="pt")
+inputs = tokenizer("{replaced}", return_tensors="pt")
 replaced = torch.sigmoid(model(**inputs).logits) > 0.5  # True where a token looks replaced
 ```"""
     else:
@@ -291,13 +302,13 @@ replaced = torch.sigmoid(model(**inputs).logits) > 0.5  # True where a token loo
 from transformers import pipeline
 
 fill = pipeline("fill-mask", model="{name}")
-print(fill("The capital of France is {mask}."))
+print(fill("{f"中国的首都是北{mask}。" if zh else f"The capital of France is {mask}."}"))
 ```
 
 `AutoModelForMaskedLM` gives the MLM head alone, `AutoModelForPreTraining` adds the NSP head;
 fine-tune with `AutoModelForSequenceClassification` (a new head on the pooled [CLS] state)."""
     return f"""---
-library_name: transformers
+{card_language_header(language)}library_name: transformers
 {pipeline}tags:
 - lmforge
 - {tag}

@@ -25,7 +25,8 @@ Key decisions:
 - Tokenizer: byte-level BPE only (what `lmforge prepare --tokenizer bpe` trains), as tokenizer model
   "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types (special
   tokens CONTROL) and `<|endoftext|>` as bos/eos/padding, no BOS added (our models never saw one).
-  Character-level tokenizers have no llama.cpp twin; they get a one-line error.
+  Character-level tokenizers have no llama.cpp twin; they get a one-line error. GGUF has no place for
+  a normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize NFKC`) gets a one-line note.
 - The file is written to a hidden `.FILE.lmforge-tmp-<random>` beside it and renamed, so an
   interrupted export leaves no half file (and a user's `FILE.tmp` is never touched).
 
@@ -207,6 +208,13 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             f"note: this model has biases ({which}); llama.cpp reads them from the GGUF file, but transformers' "
             "GGUF loader (from_pretrained(gguf_file=...)) drops them and computes other logits: load it in "
             "transformers from an --to hf export instead",
+            file=sys.stderr,
+            flush=True,
+        )
+    if '"NFKC"' in json.dumps(json.loads(trained.tokenizer.to_str()).get("normalizer")):  # prepare --normalize NFKC
+        print(
+            "note: this tokenizer normalizes text (NFKC: full-width ，！ become , !) before encoding, and llama.cpp "
+            "does not: normalize prompts yourself (Python: unicodedata.normalize('NFKC', text)); --to hf keeps it",
             file=sys.stderr,
             flush=True,
         )

@@ -705,6 +705,26 @@ def _last_eval(ckpt_dir: Path, step: int) -> dict[str, Any] | None:
     return evals[-1] if evals else None
 
 
+# Model-card examples in the training data's language: a Chinese model continues Chinese, not "Once upon a time"
+CARD_PROMPTS = {"zh": "从前有座山，山里有座庙。", "ja": "むかしむかし、", "ko": "옛날 옛적에", "en": "Once upon a time"}
+
+
+def data_language(data_dir: str) -> str:
+    """The language most of the training data was guessed to be (`manifest["languages"]` of `prepare`) when it is
+    one `CARD_PROMPTS` has an ISO 639-1 code for; "" when unknown or the data folder is gone."""
+    try:
+        languages = json.loads((Path(data_dir) / "manifest.json").read_text(encoding="utf-8")).get("languages") or {}
+    except (OSError, ValueError):
+        return ""
+    top = max(languages, key=languages.get, default="")
+    return top if top in CARD_PROMPTS else ""
+
+
+def card_language_header(language: str) -> str:
+    """The model card's `language:` metadata line(s) (what the Hub filters by), or "" when unknown."""
+    return f"language:\n- {language}\n" if language else ""
+
+
 def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
     cfg = trained.config
     step, tokens = training_progress(trained.checkpoint.meta)
@@ -727,8 +747,10 @@ def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
             rows.append(("last validation bits per byte", f"{last['val_bpb']:.4f}"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     config_json = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)
+    language = data_language(cfg.data.dir) if cfg.data.dir else ""
+    prompt = CARD_PROMPTS[language or "en"]
     return f"""---
-library_name: transformers
+{card_language_header(language)}library_name: transformers
 pipeline_tag: text-generation
 tags:
 - lmforge
@@ -751,7 +773,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
-ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+ids = tokenizer("{prompt}", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens={n_new}, do_sample=False)[0]))
 ```
 

@@ -22,6 +22,13 @@ Key design decisions:
 - Unigram (`train_unigram`): the SentencePiece algorithm (Kudo 2018, https://arxiv.org/abs/1804.10959)
   with the Metaspace pre-tokenizer ("▁" marks a word start) and `byte_fallback`, so every character
   encodes (unseen ones as <0xNN> byte pieces) and decode(encode(text)) == text up to whitespace runs.
+- Normalization (`with_nfkc`): `prepare --normalize NFKC` rewrites the training text (full-width ，：！ become
+  ASCII , : !), so the tokenizer it trains gets an NFKC normalizer in front of its own: text encoded
+  later (fine-tuning files, prompts, task eval, the HF export) is changed the same way. Without it a
+  Chinese review's ， was three byte tokens the BPE model never saw, and WordPiece's [UNK] (12% of the
+  tokens of 600 food-delivery reviews; 3% once normalized). NFC, the default, adds nothing: it only
+  changes how a character is encoded, not which one it is, and the word cache of `fast_encode` (several
+  times faster) needs a BPE without a normalizer; an NFKC BPE encodes through `encode_batch`.
 - Special tokens: `<|endoftext|>` is always id 0. WordPiece and Unigram always add `EXTRA_SPECIALS`
   (padding, mask, separator, classifier and chat-role markers) right after it, for the MLM, pair and
   chat tasks; BPE adds them only with `specials="all"`, so existing BPE vocabularies keep their ids.
@@ -142,6 +149,14 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: boo
         show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def with_nfkc(tok: Tokenizer) -> Tokenizer:
+    """`tok` with Unicode NFKC applied before its own normalizer (module docstring), for text that
+    `prepare --normalize NFKC` trained it on; special tokens are matched before normalizing, as before."""
+    hf = tok.hf
+    hf.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([hf.normalizer] if hf.normalizer else []))
     return Tokenizer(hf)
 
 
