@@ -80,7 +80,7 @@ def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path,
     import lmforge.checkpoint as ckpt
 
     run = tmp_path / "run"
-    real = ckpt.save_file
+    real = ckpt.save_safetensors
     calls = {"n": 0}
 
     def failing_save_file(tensors, path, *args, **kwargs):
@@ -90,7 +90,7 @@ def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path,
             raise OSError(28, "No space left on device")
         return real(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    monkeypatch.setattr(ckpt, "save_safetensors", failing_save_file)
     cfg = tiny_config(data_dir, run, **{"train.max_steps": 12, "checkpoint.every": 6, "eval.every": 0})
     with pytest.raises(CheckpointError, match="No space left.*resume from step-000006"):
         pretrain(cfg, progress=False)
@@ -98,7 +98,7 @@ def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path,
     assert not (run / "checkpoints" / "step-000012.tmp").exists()  # the partial folder gave its space back
     loaded = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))  # verifies sizes and sha256
     assert loaded.meta["step"] == 6
-    monkeypatch.setattr(ckpt, "save_file", real)
+    monkeypatch.setattr(ckpt, "save_safetensors", real)
     state = pretrain(cfg, progress=False)  # the same command resumes from step 6 and finishes
     assert state.step == 12
 
