@@ -212,6 +212,10 @@ def main() -> None:
         for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             times[name].append(contestants[name].run(args.steps))
 
+    # the best of a measurement before and one after the rounds: one that overlapped a transient load
+    # (torch.compile's worker processes starting, on a 2-core machine) read 51 instead of 76 GFLOP/s and
+    # put MFU over 100% (__wrapped__: the function caches its first result)
+    peak = max(peak, measure_matmul_flops.__wrapped__("cpu", torch.float32, seconds=1.0))
     tokens = args.steps * args.batch * ctx
     tok_s = {name: tokens / statistics.median(ts) for name, ts in times.items()}
     print(
