@@ -287,6 +287,7 @@ def chat(
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
     from lmforge.adapt.load import load_finetuned
     from lmforge.generate import (
+        REPLACEMENT_CHAR,
         StreamDecoder,
         check_sampling,
         check_seed,
@@ -366,7 +367,8 @@ def chat(
             compile=compile,
         )
         stdout.write(stream.flush() + "\n")
-        reply = tok.decode([t for t in new if t not in stops], skip_special_tokens=True)
+        # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
+        reply = tok.decode([t for t in new if t not in stops], skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies
