@@ -273,3 +273,37 @@ def test_labels_read_the_same_from_json_and_csv(tmp_path):
     ]
     assert names[0] == names[1] == ["true", "1"]
     assert label_name(False) == "false" and label_name(0) == "0"
+
+
+def test_a_dotted_text_field_reaches_into_nested_json(tmp_path):
+    """A book stored as nested objects (as guwenguanzhi.json: volumes holding chapters holding paragraphs)
+    is one document per chapter; in JSONL a dotted path reads a nested field. A literal dotted key wins."""
+    from lmforge.errors import DataError
+
+    book = {
+        "title": "古文觀止",
+        "content": [
+            {
+                "title": "卷一",
+                "content": [{"chapter": "a", "paragraphs": ["第一段。", "第二段。"]}, {"paragraphs": "一段"}],
+            },
+            {"title": "卷二", "content": [{"chapter": "c", "paragraphs": ["另一章。"]}]},
+        ],
+    }
+    (tmp_path / "book.json").write_text(json.dumps(book, ensure_ascii=False), encoding="utf-8")
+    docs = [d.text for d in read_documents(tmp_path / "book.json", text_field="content.content.paragraphs")]
+    assert docs == ["第一段。\n第二段。", "一段", "另一章。"]
+    with pytest.raises(DataError, match=r"its top-level object: no field 'text' at 'content\[0\]\.content\[0\]'"):
+        list(read_documents(tmp_path / "book.json", text_field="content.content.text"))
+    with pytest.raises(DataError, match=r"'content\[0\]\.title' is dict|no field"):
+        list(read_documents(tmp_path / "book.json", text_field="content.title.x"))
+
+    rows = [{"doc": {"body": "nested text"}, "a.b": "literal key"}, {"doc": {"body": ["two", "lines"]}, "a.b": "x"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert [d.text for d in read_documents(tmp_path / "rows.jsonl", text_field="doc.body")] == [
+        "nested text",
+        "two\nlines",
+    ]
+    assert [d.text for d in read_documents(tmp_path / "rows.jsonl", text_field="a.b")] == ["literal key", "x"]
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: no field 'text' at 'doc' \(found: body\)"):
+        list(read_documents(tmp_path / "rows.jsonl", text_field="doc.text"))

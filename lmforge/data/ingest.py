@@ -7,6 +7,10 @@ network). File formats, chosen by file name (case-insensitive):
 - `.txt`, `.md`: plain text, cut into documents by `doc_unit`: "paragraph" (blank-line separated
   blocks, the default), "line" (each non-blank line) or "file" (the whole file).
 - `.jsonl`: one JSON object per line; the string under `text_field` is one document.
+  A dotted `text_field` that is not a key itself is a path into nested objects (`--text-field
+  doc.body`); a list of objects on the way is walked item by item, each leaf (a string, or a list of
+  strings joined by newlines) one document: `content.content.paragraphs` reads a book stored as
+  {"content": [{"content": [{"paragraphs": [...]}, ...]}, ...]} one chapter per document (`field_texts`).
 - `.json`: a JSON array of documents (strings, or objects whose `text_field` holds a string or a list
   of strings, joined by newlines: one document per object), or one such object; a `.json` file that
   is really JSON Lines (one object per line) is read as JSONL. Read when named explicitly (or by a
@@ -63,7 +67,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from lmforge.data.clean import (
     BINARY_SNIFF_BYTES,
@@ -665,7 +669,12 @@ def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: in
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     records = value if isinstance(value, list) else [value]
     for i, record in enumerate(records, 1):
-        where = f"{path}: item {i}"
+        where = f"{path}: item {i}" if isinstance(value, list) else f"{path}: its top-level object"
+        if isinstance(record, dict) and text_field not in record and "." in text_field:
+            for j, text in enumerate(field_texts(record, text_field, where)):
+                doc, surrogates = replace_surrogates(text)
+                yield RawDocument(doc, (bad if i == 1 and j == 0 else 0) + surrogates)
+            continue
         if isinstance(record, dict):
             if text_field not in record:
                 keys = ", ".join(list(record)[:8]) or "none"
@@ -680,6 +689,41 @@ def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: in
             )
         doc, surrogates = replace_surrogates(record)
         yield RawDocument(doc, (bad if i == 1 else 0) + surrogates)
+
+
+def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator[str]:
+    """The texts at dotted `field_path` in a JSON object: each key descends into an object, a list of objects
+    on the way is walked item by item, and each leaf is a string or a list of strings (joined by newlines).
+
+    Raises:
+        DataError: a key missing on the way, or a leaf of another kind; the message names the path so far.
+    """
+    parts = field_path.split(".")
+
+    def walk(value: Any, depth: int, at: str) -> Iterator[str]:
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and depth < len(parts):
+            for k, item in enumerate(value):
+                yield from walk(item, depth, f"{at}[{k}]")
+            return
+        if depth == len(parts):
+            if isinstance(value, list) and all(isinstance(t, str) for t in value):
+                value = "\n".join(value)
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{where}: '{at}' is {type(value).__name__}, not a string or a list of strings; "
+                    "choose the text field with --text-field"
+                )
+            yield value
+            return
+        if not isinstance(value, dict) or parts[depth] not in value:
+            keys = ", ".join(list(value)[:8]) if isinstance(value, dict) else f"a {type(value).__name__}"
+            raise DataError(
+                f"{where}: no field '{parts[depth]}' at '{at or field_path}' (found: {keys or 'none'}); "
+                "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
+            )
+        yield from walk(value[parts[depth]], depth + 1, ".".join(p for p in (at, parts[depth]) if p))
+
+    yield from walk(record, 0, "")
 
 
 def _jsonl_documents(
@@ -703,6 +747,11 @@ def _jsonl_documents(
         if not isinstance(record, dict):
             kind = type(record).__name__
             raise DataError(f'{where}: expected a JSON object, got {kind}; each line must be {{"{text_field}": ...}}')
+        if text_field not in record and "." in text_field:  # a path into nested objects
+            for j, text in enumerate(field_texts(record, text_field, where)):
+                text, surrogates = replace_surrogates(text)
+                yield RawDocument(text, (bad if j == 0 else 0) + surrogates)
+            continue
         if text_field not in record:
             keys = ", ".join(list(record)[:8]) or "none"
             raise DataError(f"{where}: no field '{text_field}' (keys: {keys}); choose the text field with --text-field")
