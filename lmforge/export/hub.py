@@ -48,8 +48,8 @@ def is_hub_spec(source: str | Path) -> bool:
 def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     """`hf:ORG/NAME[@REVISION]` -> (repo id, revision or None)."""
     name = spec.removeprefix(PREFIX)
-    repo, _, revision = name.partition("@")
-    if not _REPO_ID.fullmatch(repo) or (_ and not revision):
+    repo, at, revision = name.partition("@")
+    if not _REPO_ID.fullmatch(repo) or (at and not revision):
         raise CheckpointError(
             f"{spec!r} is not a Hugging Face model name; write hf:ORG/NAME (e.g. hf:Qwen/Qwen2.5-0.5B), "
             "optionally @REVISION (a branch, tag or commit)"
