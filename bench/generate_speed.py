@@ -37,7 +37,8 @@ from collections.abc import Callable
 
 import torch
 
-from lmforge.export.hf import _gpt2_config_to_hf, _llama_config_to_hf, to_hf_state_dict
+from lmforge.export.hf import to_hf_state_dict
+from lmforge.export.hf_families import _gpt2_config_to_hf, _llama_config_to_hf
 from lmforge.generate import _compile_failed, generate, generate_batch
 from lmforge.models.gpt import GPT, GPTConfig
 

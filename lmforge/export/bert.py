@@ -52,13 +52,13 @@ from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_saf
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.export.hf import (
     HF_HINT,
-    _dtype_name,
     _last_eval,
     _own,
     card_language_header,
     data_language,
     training_progress,
 )
+from lmforge.export.hf_families import _dtype_name
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.tokenizer.tokenizer import Tokenizer

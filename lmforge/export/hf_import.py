@@ -1,9 +1,10 @@
 """Hugging Face import: `import_hf(hf_dir, run)` turns a local GPT-2, Llama or Qwen2 directory into an lmforge
 run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that
 `lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
-`export/bert.py`. The key maps and config translations it uses live in `export/hf.py`, shared with
-the export direction; see its docstring for the design. The tokenizer is the directory's tokenizer.json, or,
-without one, the one `export/slow_tokenizer.py` builds from GPT-2's or BERT's slow tokenizer files.
+`export/bert.py`. The key maps and config translations it uses live in `export/hf_families.py`, shared
+with the export direction; see its docstring and `export/hf.py`'s for the design. The tokenizer is the
+directory's tokenizer.json, or, without one, the one `export/slow_tokenizer.py` builds from GPT-2's or
+BERT's slow tokenizer files.
 
 End-of-sequence ids: lmforge's tokenizer knows one end-of-text token (`Tokenizer.eos_id`), but an
 instruct model also ends its turns with another (Llama-3-Instruct: `<|eot_id|>` beside
@@ -41,13 +42,8 @@ from lmforge.atomic import (
 )
 from lmforge.checkpoint import read_json, save_checkpoint
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
-from lmforge.export.hf import (
-    FAMILIES,
-    HF_DIR_FILES,
-    KeyMap,
-    _name_table,
-    from_hf_state_dict,
-)
+from lmforge.export.hf import HF_DIR_FILES, from_hf_state_dict
+from lmforge.export.hf_families import FAMILIES, KeyMap, _name_table
 from lmforge.export.slow_tokenizer import read_slow_tokenizer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ soft prompts) are refused: transformers has no class that computes them.
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("out/base"), "out")
 
 Design decisions
-- Names come from export/hf.py's key maps, so adapters land on the modules the base weights went to.
+- Names come from export/hf_families.py's key maps, so adapters land on the modules the base weights went to.
   Our fused layers are split like their weights: on `qkv` (Llama: q/k/v_proj) and `mlp.fc` (gate/up),
   each HF module gets the same A (r x d_in) and its rows of B, which is the same update:
   [B_q; B_k; B_v] A x = [B_q A x; B_k A x; B_v A x]. GPT-2's fused c_attn keeps one adapter.
@@ -89,7 +89,8 @@ def _load_lm(ckpt_dir: Path) -> Any:
 def adapter_state_dict(model: nn.Module, family: str) -> tuple[dict[str, Tensor], list[str]]:
     """PEFT tensors (`base_model.model.<HF module>.lora_A.weight`, ...) and target_modules for `model`'s LoRA layers."""
     from lmforge.adapt.lora import LoRALinear
-    from lmforge.export.hf import FAMILIES, _name_table, _own
+    from lmforge.export.hf import _own
+    from lmforge.export.hf_families import FAMILIES, _name_table
 
     keys = FAMILIES[family].keys
     table = _name_table(keys, model.cfg)
@@ -134,7 +135,8 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, fsync_file
     from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
-    from lmforge.export.hf import hf_family, write_hf
+    from lmforge.export.hf import write_hf
+    from lmforge.export.hf_families import hf_family
 
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
@@ -187,7 +189,8 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
 
 def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
     lora = info["lora"]
-    from lmforge.export.hf import FAMILIES, training_progress
+    from lmforge.export.hf import training_progress
+    from lmforge.export.hf_families import FAMILIES
 
     steps, tokens = training_progress(json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8")))
     rows = [

@@ -37,7 +37,7 @@ Residual layout (pre-norm: each branch reads a normalized copy of x and adds its
             └─► norm2 ─► mlp (fc ─► gelu | swiglu ─► proj) ─► drop ───┘
     x ─► norm_f ─► lm_head (tok_emb.weight if tied) ─► logits (B, T, vocab_size)
 
-Parameter names (state_dict keys; the HF key maps in `export/hf.py` are written against these):
+Parameter names (state_dict keys; the HF key maps in `export/hf_families.py` are written against these):
     tok_emb.weight                      (vocab_size, d_model)
     pos_emb.weight                      (max_seq_len, d_model)          learned positions only
     blocks.{i}.norm1.weight / .bias     (d_model,)                      bias: layernorm with bias only
