@@ -10,7 +10,7 @@ network). File formats, chosen by file name (case-insensitive):
   A dotted `text_field` that is not a key itself is a path into nested objects (`--text-field
   doc.body`); a list of objects on the way is walked item by item, each leaf (a string, or a list of
   strings joined by newlines) one document: `content.content.paragraphs` reads a book stored as
-  {"content": [{"content": [{"paragraphs": [...]}, ...]}, ...]} one chapter per document (`field_texts`).
+  {"content": [{"content": [{"paragraphs": [...]}, ...]}, ...]} one chapter per document (`jsonl.field_texts`).
 - `.json`: a JSON array of documents (strings, or objects whose `text_field` holds a string or a list
   of strings, joined by newlines: one document per object), or one such object; a `.json` file that
   is really JSON Lines (one object per line) is read as JSONL. Read when named explicitly (or by a
@@ -49,6 +49,8 @@ Key design decisions:
   worker with the same line parsers, so the documents are the same as `read_documents` gives (a test
   compares them at several block sizes). A block of valid UTF-8 in "paragraph" mode is split with one
   regex instead of line by line.
+- JSONL and .json files are parsed by `jsonl.py` (the dotted `text_field` walk included), imported
+  only when one is read, as `columnar.py` is.
 - Parquet files, save_to_disk folders and hub datasets are read by `columnar.py`, with pyarrow alone
   but for hub names (which need `datasets`). A DatasetDict folder contributes all its splits; point at
   one split's subfolder to read only that.
@@ -60,14 +62,13 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
 from lmforge.data.clean import (
     BINARY_SNIFF_BYTES,
@@ -427,8 +428,12 @@ def read_documents(
 
     try:
         if fmt == "jsonl":
+            from lmforge.data.jsonl import _jsonl_documents
+
             yield from _jsonl_documents(path, _lines(stream, path, max_line_bytes), text_field, progress)
         elif fmt == "json":
+            from lmforge.data.jsonl import _json_documents
+
             yield from _json_documents(path, stream, text_field, max_line_bytes)
         elif fmt in ("csv", "tsv"):
             lines = _text_lines(stream, path, max_line_bytes)
@@ -604,6 +609,8 @@ def block_documents(
     jsonl = file_format(path) == "jsonl"
     lines = (_lines if jsonl else _text_lines)(io.BytesIO(block.data), path, max_line_bytes, block.first_lineno)
     if jsonl:
+        from lmforge.data.jsonl import _jsonl_documents
+
         yield from _jsonl_documents(path, lines, text_field, _no_progress, block.first_lineno)
         return
     if doc_unit == "paragraph" and len(block.data) <= max_line_bytes:  # no line can be too long
@@ -650,119 +657,6 @@ def _read_whole(stream: BinaryIO, path: Path, max_bytes: int, too_big: str) -> b
     if len(data) > max_bytes:
         raise DataError(f"{path}: longer than {max_bytes:,} bytes, {too_big}, or raise --max-line-bytes")
     return data
-
-
-def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
-    """A .json file: an array of strings / objects (or one object); JSON Lines under a .json name too."""
-    data = _read_whole(
-        stream, path, max_bytes, "and a .json file is read whole; convert it to .jsonl (one object per line)"
-    )
-    text, bad = decode_utf8(data)
-    text = text.removeprefix("\ufeff")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
-            lines = iter(io.BytesIO(data))  # at b"\n" only, as .jsonl: a lone b"\r" is JSON whitespace
-            yield from _jsonl_documents(path, lines, text_field, _no_progress)
-            return
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
-    records = value if isinstance(value, list) else [value]
-    for i, record in enumerate(records, 1):
-        where = f"{path}: item {i}" if isinstance(value, list) else f"{path}: its top-level object"
-        if isinstance(record, dict) and text_field not in record and "." in text_field:
-            for j, text in enumerate(field_texts(record, text_field, where)):
-                doc, surrogates = replace_surrogates(text)
-                yield RawDocument(doc, (bad if i == 1 and j == 0 else 0) + surrogates)
-            continue
-        if isinstance(record, dict):
-            if text_field not in record:
-                keys = ", ".join(list(record)[:8]) or "none"
-                raise DataError(f"{where} has no field '{text_field}' (keys: {keys}); choose one with --text-field")
-            record = record[text_field]
-        if isinstance(record, list) and all(isinstance(t, str) for t in record):
-            record = "\n".join(record)  # e.g. a chapter's list of paragraphs
-        if not isinstance(record, str):
-            raise DataError(
-                f"{where}: expected a string (or a list of strings) under '{text_field}', got "
-                f"{type(record).__name__}; choose the text field with --text-field"
-            )
-        doc, surrogates = replace_surrogates(record)
-        yield RawDocument(doc, (bad if i == 1 else 0) + surrogates)
-
-
-def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator[str]:
-    """The texts at dotted `field_path` in a JSON object: each key descends into an object, a list of objects
-    on the way is walked item by item, and each leaf is a string or a list of strings (joined by newlines).
-
-    Raises:
-        DataError: a key missing on the way, or a leaf of another kind; the message names the path so far.
-    """
-    parts = field_path.split(".")
-
-    def walk(value: Any, depth: int, at: str) -> Iterator[str]:
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and depth < len(parts):
-            for k, item in enumerate(value):
-                yield from walk(item, depth, f"{at}[{k}]")
-            return
-        if depth == len(parts):
-            if isinstance(value, list) and all(isinstance(t, str) for t in value):
-                value = "\n".join(value)
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{where}: '{at}' is {type(value).__name__}, not a string or a list of strings; "
-                    "choose the text field with --text-field"
-                )
-            yield value
-            return
-        if not isinstance(value, dict) or parts[depth] not in value:
-            keys = ", ".join(list(value)[:8]) if isinstance(value, dict) else f"a {type(value).__name__}"
-            raise DataError(
-                f"{where}: no field '{parts[depth]}' at '{at or field_path}' (found: {keys or 'none'}); "
-                "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
-            )
-        yield from walk(value[parts[depth]], depth + 1, ".".join(p for p in (at, parts[depth]) if p))
-
-    yield from walk(record, 0, "")
-
-
-def _jsonl_documents(
-    path: Path, lines: Iterator[bytes], text_field: str, progress: Callable[[], None], first_lineno: int = 1
-) -> Iterator[RawDocument]:
-    for lineno, line_bytes in enumerate(lines, start=first_lineno):
-        if lineno % _PROGRESS_EVERY == 0:
-            progress()
-        line, bad = decode_utf8(line_bytes)
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object"
-            ) from None
-        where = f"{path}:{lineno}"
-        if not isinstance(record, dict):
-            kind = type(record).__name__
-            raise DataError(f'{where}: expected a JSON object, got {kind}; each line must be {{"{text_field}": ...}}')
-        if text_field not in record and "." in text_field:  # a path into nested objects
-            for j, text in enumerate(field_texts(record, text_field, where)):
-                text, surrogates = replace_surrogates(text)
-                yield RawDocument(text, (bad if j == 0 else 0) + surrogates)
-            continue
-        if text_field not in record:
-            keys = ", ".join(list(record)[:8]) or "none"
-            raise DataError(f"{where}: no field '{text_field}' (keys: {keys}); choose the text field with --text-field")
-        text = record[text_field]
-        if not isinstance(text, str):
-            kind = type(text).__name__
-            raise DataError(
-                f"{where}: field '{text_field}' is {kind}, not a string; choose the field with --text-field"
-            )
-        text, surrogates = replace_surrogates(text)
-        yield RawDocument(text, bad + surrogates)
 
 
 def _table_documents(
