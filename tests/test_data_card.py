@@ -157,7 +157,7 @@ def test_bpe_with_all_special_tokens(tmp_path: Path) -> None:
 def test_top_tokens_show_a_unigram_word_start_and_specials():
     import numpy as np
 
-    from lmforge.data.prepare import _top_tokens
+    from lmforge.data.tokenizing import _top_tokens
     from lmforge.tokenizer.train import train_unigram
 
     texts = ["the cat sat on the mat and the dog ran off " * 3] * 40

@@ -531,11 +531,11 @@ def test_clean_functions() -> None:
 
 
 def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.data.prepare as prepare_module
+    import lmforge.data.tokenizing as tokenizing_module
 
     write(tmp_path / "a.txt", "\n\n".join(sentences(300, seed=13)))
     full = run(tmp_path, [tmp_path / "a.txt"], out="full", val_fraction=0, test_fraction=0)
-    monkeypatch.setattr(prepare_module, "TOKENIZER_SAMPLE_BYTES", full["splits"]["train"]["bytes"] // 3)
+    monkeypatch.setattr(tokenizing_module, "TOKENIZER_SAMPLE_BYTES", full["splits"]["train"]["bytes"] // 3)
     a = run(tmp_path, [tmp_path / "a.txt"], out="a", val_fraction=0, test_fraction=0)
     b = run(tmp_path, [tmp_path / "a.txt"], out="b", val_fraction=0, test_fraction=0)
     assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] != full["tokenizer"]["sha256"]  # sampled, deterministic
@@ -565,7 +565,7 @@ def test_tokenizer_kind_is_detected_from_a_given_file(tmp_path: Path) -> None:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
 
-    from lmforge.data.prepare import tokenizer_kind
+    from lmforge.data.tokenizing import tokenizer_kind
     from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
 
     texts = sentences(200, seed=2)

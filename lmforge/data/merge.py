@@ -49,16 +49,14 @@ from lmforge.data.prepare import (
     REMOVED_KEYS,
     PrepareConfig,
     _lmforge_version,
-    _tokenizer_report,
-    _top_tokens,
     check_out,
     dedup_report_path,
     output_dir,
-    tokenizer_kind,
     write_dedup_report,
 )
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.split import SPLITS, doc_digest
+from lmforge.data.tokenizing import _tokenizer_report, _top_tokens, tokenizer_kind
 from lmforge.errors import DataError
 
 _WRITE_TOKENS = 1 << 20

@@ -1,0 +1,189 @@
+"""`prepare`'s tokenizer stage: the tokenizer (a given tokenizer.json, or one trained on the kept train
+texts), encoding kept documents into token shards, and the tokenizer's report for the manifest and card.
+
+- With a given tokenizer, pass 1 encodes in the block workers and `_Encoded` appends each block's kept
+  tokens to the shards; a tokenizer to be trained needs the kept texts first, so pass 2 trains it on the
+  train split's temporary JSONL file (`_make_tokenizer`; for bpe, wordpiece and unigram a train split
+  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash) and `_encode_split` encodes each split's
+  file in batches. Both record the same statistics: train token counts (`_top_tokens`) and [UTF-8
+  bytes, tokens] per guessed language (`_tokenizer_report`).
+- `tokenizer_kind`, `_tokenizer_report` and `_top_tokens` serve `prepare --merge` (merge.py) too.
+- Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.data.blocks import BlockResult
+from lmforge.data.filters import LANGUAGES, guess_language, utf8_len
+from lmforge.data.shards import ShardWriter
+from lmforge.data.split import SPLITS, bucket, doc_digest
+from lmforge.tokenizer.fast_encode import DocumentEncoder
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
+
+if TYPE_CHECKING:
+    from lmforge.data.prepare import PrepareConfig
+
+_ENCODE_BATCH_DOCS = 4096
+_ENCODE_BATCH_CHARS = 4_000_000
+# BPE training memory grows with the number of distinct words it has seen, so a huge train split is
+# sampled (by document hash, deterministically) down to about this many bytes; nanochat trains its
+# tokenizer on ~2B characters for the same reason.
+TOKENIZER_SAMPLE_BYTES = 1 << 30
+TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
+
+
+class _Encoded:
+    """Pass 1's shard writers and token statistics when the tokenizer is given (no pass 2)."""
+
+    def __init__(self, tmp: Path, dtype: type[np.unsignedinteger], shard_tokens: int, vocab_size: int) -> None:
+        self.writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+        self.token_counts = np.zeros(vocab_size, dtype=np.int64)  # of train, EOS included
+        self.by_language = np.zeros((len(SPLITS), len(LANGUAGES), 2), dtype=np.int64)  # [UTF-8 bytes, tokens]
+
+    def write(self, r: BlockResult, keep: np.ndarray) -> None:
+        """Append the kept documents' tokens to their splits' shards."""
+        assert r.tokens is not None and r.token_counts is not None
+        token_split = np.repeat(np.where(keep, r.splits, len(SPLITS)), r.token_counts + 1)
+        for index, split in enumerate(SPLITS):
+            tokens = r.tokens[token_split == index]
+            if tokens.size:
+                self.writers[split].write(tokens)
+                if split == "train":
+                    vocab = len(self.token_counts)
+                    self.token_counts += np.bincount(tokens, minlength=vocab)[:vocab]
+        where = (r.splits[keep], r.languages[keep])
+        np.add.at(self.by_language[..., 0], where, r.nbytes[keep])
+        np.add.at(self.by_language[..., 1], where, r.token_counts[keep])
+
+    def language_stats(self, split: str) -> dict[str, list[int]]:
+        """{language: [UTF-8 bytes, tokens without EOS]} of `split`, as `_encode_split` counts them."""
+        table = self.by_language[SPLITS.index(split)].tolist()
+        return {LANGUAGES[i]: row for i, row in enumerate(table) if row[0] or row[1]}
+
+
+def _read_docs(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _sample_docs(path: Path, fraction: float) -> Iterator[str]:
+    """Documents of `path`, each kept with probability `fraction`, decided by its hash (deterministic)."""
+    for text in _read_docs(path):
+        # digest bytes 8..16: independent of the split bucket, which uses bytes 0..8
+        if fraction >= 1 or bucket(doc_digest(text)[8:16]) < fraction:
+            yield text
+
+
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """What a given tokenizer.json is, by its model type: "wordpiece", "unigram", "char" (lmforge's:
+    BPE without merges, byte fallback) or "bpe"; "file" when none of these (e.g. WordLevel).
+
+    Recorded as manifest["tokenizer"]["kind"], which `pretrain` reads to warn that a GPT trained on
+    WordPiece cannot decode its own text back, so a shared tokenizer must not hide its kind."""
+    model = json.loads(tok.to_str()).get("model") or {}
+    kind = {"WordPiece": "wordpiece", "Unigram": "unigram", "BPE": "bpe"}.get(model.get("type"), "file")
+    if kind == "bpe" and not model.get("merges") and model.get("byte_fallback"):
+        return "char"
+    return kind
+
+
+def _make_tokenizer(
+    cfg: PrepareConfig, given: Tokenizer | None, train_docs: Path, train_bytes: int, progress: bool
+) -> tuple[Tokenizer, str]:
+    if given is not None:
+        return given, tokenizer_kind(given)
+    tok, kind = _train_tokenizer(cfg, train_docs, train_bytes, progress)
+    return (with_nfkc(tok) if cfg.normalize == "NFKC" else tok), kind  # later text normalized as this was
+
+
+def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, progress: bool) -> tuple[Tokenizer, str]:
+    if cfg.tokenizer == "char":
+        return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
+    # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
+    show = progress and sys.stderr.isatty()
+    texts = _sample_docs(train_docs, TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1))
+    if cfg.tokenizer == "wordpiece":
+        return train_wordpiece(texts, cfg.vocab_size, show_progress=show), "wordpiece"
+    if cfg.tokenizer == "unigram":
+        return train_unigram(texts, cfg.vocab_size, show_progress=show), "unigram"
+    return train_bpe(texts, cfg.vocab_size, show_progress=show, extra_specials=cfg.special_tokens == "all"), "bpe"
+
+
+def _encode_split(
+    tok: Tokenizer,
+    docs: Path,
+    out_dir: Path,
+    split: str,
+    dtype: type[np.unsignedinteger],
+    max_tokens: int,
+    bar: tqdm,
+    *,
+    token_counts: np.ndarray | None = None,
+    by_language: dict[str, list[int]] | None = None,
+) -> tuple[list[str], int]:
+    """Encode one split's documents (EOS after each) into shards; return (shard names, tokens).
+
+    `token_counts` (if given) accumulates how often each id occurs; `by_language` accumulates
+    [UTF-8 bytes, tokens without EOS] per guessed language, for the tokenizer report.
+    """
+    writer = ShardWriter(out_dir, split, dtype, max_tokens)
+    encoder = DocumentEncoder(tok, dtype)
+
+    def flush(batch: list[str]) -> None:
+        tokens, counts = encoder.encode(batch)
+        writer.write(tokens)
+        sizes = [utf8_len(text) for text in batch]
+        bar.update(sum(sizes))
+        if token_counts is not None:
+            token_counts[:] += np.bincount(tokens, minlength=len(token_counts))[: len(token_counts)]
+        if by_language is not None:
+            for text, size, n in zip(batch, sizes, counts.tolist(), strict=True):
+                entry = by_language.setdefault(guess_language(text), [0, 0])
+                entry[0] += size
+                entry[1] += n
+
+    try:
+        batch: list[str] = []
+        chars = 0
+        for text in _read_docs(docs):
+            batch.append(text)
+            chars += len(text)
+            if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
+                flush(batch)
+                batch, chars = [], 0
+        if batch:
+            flush(batch)
+        return writer.close(), writer.total_tokens
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str, Any]:
+    """Compression (UTF-8 bytes per token) on `split`, overall and for English and Chinese."""
+    total = [sum(v[0] for v in by_language.values()), sum(v[1] for v in by_language.values())]
+    report: dict[str, Any] = {"split": split, "bytes_per_token": {}, "documents_bytes": {}}
+    for name, (nbytes, tokens) in [("all", total)] + [(lang, by_language.get(lang, [0, 0])) for lang in ("en", "zh")]:
+        report["bytes_per_token"][name] = round(nbytes / tokens, 4) if tokens else None
+        report["documents_bytes"][name] = nbytes
+    return report
+
+
+def _top_tokens(tok: Tokenizer, counts: np.ndarray, k: int = 30) -> list[dict[str, Any]]:
+    order = np.argsort(-counts, kind="stable")[:k]
+    # the text each token adds (decode([id]) drops a lone word-start "▁" of a Metaspace tokenizer: ''),
+    # or a special token's name (<|endoftext|>), which adds no text
+    pieces = tok.token_utf8()
+    shown = {int(i): pieces[int(i)].decode("utf-8", errors="replace") or tok.id_to_token(int(i)) for i in order}
+    return [{"id": int(i), "token": shown[int(i)], "count": int(counts[i])} for i in order if counts[i] > 0]
