@@ -157,12 +157,12 @@ def test_bpe_with_all_special_tokens(tmp_path: Path) -> None:
 def test_top_tokens_show_a_unigram_word_start_and_specials():
     import numpy as np
 
-    from lmforge.data.tokenizing import _top_tokens
+    from lmforge.data.tokenizing import top_tokens
     from lmforge.tokenizer.train import train_unigram
 
     texts = ["the cat sat on the mat and the dog ran off " * 3] * 40
     tok = train_unigram(iter(texts), 300)
     ids = [i for t in texts for i in [*tok.encode(t), tok.eos_id]]
-    shown = {t["id"]: t["token"] for t in _top_tokens(tok, np.bincount(ids, minlength=tok.vocab_size))}
+    shown = {t["id"]: t["token"] for t in top_tokens(tok, np.bincount(ids, minlength=tok.vocab_size))}
     assert shown[tok.eos_id] == "<|endoftext|>" and all(shown.values())
     assert shown[tok.hf.token_to_id("▁")] == " "  # the word-start mark alone (the commonest token): not ''

@@ -92,7 +92,7 @@ COMPRESSED = (".gz", ".zst")
 HUB_PREFIX = "hf:"
 DEFAULT_MAX_LINE_BYTES = 1 << 28  # 256 MiB
 _GLOB_CHARS = set("*?[")
-_PROGRESS_EVERY = 256  # lines between progress callbacks
+PROGRESS_EVERY = 256  # lines between progress callbacks
 _PIECE_BYTES = 1 << 16  # text is read in pieces this big and cut into lines (as fast as readline on LF files)
 
 
@@ -428,18 +428,18 @@ def read_documents(
 
     try:
         if fmt == "jsonl":
-            from lmforge.data.jsonl import _jsonl_documents
+            from lmforge.data.jsonl import jsonl_documents
 
-            yield from _jsonl_documents(path, _lines(stream, path, max_line_bytes), text_field, progress)
+            yield from jsonl_documents(path, _lines(stream, path, max_line_bytes), text_field, progress)
         elif fmt == "json":
-            from lmforge.data.jsonl import _json_documents
+            from lmforge.data.jsonl import json_documents
 
-            yield from _json_documents(path, stream, text_field, max_line_bytes)
+            yield from json_documents(path, stream, text_field, max_line_bytes)
         elif fmt in ("csv", "tsv"):
             lines = _text_lines(stream, path, max_line_bytes)
             yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
         elif doc_unit == "file":
-            data = _read_whole(
+            data = read_whole(
                 stream, path, max_line_bytes, "too big for one document; use --doc-unit paragraph or line"
             )
             text, bad = decode_utf8(data)
@@ -609,9 +609,9 @@ def block_documents(
     jsonl = file_format(path) == "jsonl"
     lines = (_lines if jsonl else _text_lines)(io.BytesIO(block.data), path, max_line_bytes, block.first_lineno)
     if jsonl:
-        from lmforge.data.jsonl import _jsonl_documents
+        from lmforge.data.jsonl import jsonl_documents
 
-        yield from _jsonl_documents(path, lines, text_field, _no_progress, block.first_lineno)
+        yield from jsonl_documents(path, lines, text_field, no_progress, block.first_lineno)
         return
     if doc_unit == "paragraph" and len(block.data) <= max_line_bytes:  # no line can be too long
         paragraphs = _fast_paragraphs(block.data, block.file_start)
@@ -619,10 +619,10 @@ def block_documents(
             for paragraph in paragraphs:
                 yield RawDocument(paragraph, 0)
             return
-    yield from _text_documents(lines, doc_unit, _no_progress, file_start=block.file_start)
+    yield from _text_documents(lines, doc_unit, no_progress, file_start=block.file_start)
 
 
-def _no_progress() -> None:
+def no_progress() -> None:
     pass
 
 
@@ -635,7 +635,7 @@ def _text_documents(
         line, bad = decode_utf8(line_bytes)
         if lineno == 0 and file_start:
             line = line.removeprefix("\ufeff")
-        if lineno % _PROGRESS_EVERY == _PROGRESS_EVERY - 1:
+        if lineno % PROGRESS_EVERY == PROGRESS_EVERY - 1:
             progress()
         if not line.strip():  # a blank line separates paragraphs; in "line" mode it is no document
             if paragraph:
@@ -651,7 +651,7 @@ def _text_documents(
         yield RawDocument("".join(paragraph), bad_total)
 
 
-def _read_whole(stream: BinaryIO, path: Path, max_bytes: int, too_big: str) -> bytes:
+def read_whole(stream: BinaryIO, path: Path, max_bytes: int, too_big: str) -> bytes:
     """All of `stream`, refused (one line: `too_big`, then --max-line-bytes) when over `max_bytes`."""
     data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
@@ -668,7 +668,7 @@ def _table_documents(
     def decoded() -> Iterator[str]:
         nonlocal bad_pending
         for lineno, line_bytes in enumerate(lines):
-            if lineno % _PROGRESS_EVERY == _PROGRESS_EVERY - 1:
+            if lineno % PROGRESS_EVERY == PROGRESS_EVERY - 1:
                 progress()
             line, bad = decode_utf8(line_bytes)
             bad_pending += bad

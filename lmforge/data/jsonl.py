@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmforge.data.clean import decode_utf8, replace_surrogates
-from lmforge.data.ingest import _PROGRESS_EVERY, RawDocument, _no_progress, _read_whole
+from lmforge.data.ingest import PROGRESS_EVERY, RawDocument, no_progress, read_whole
 from lmforge.errors import DataError
 
 
-def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
+def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int) -> Iterator[RawDocument]:
     """A .json file: an array of strings / objects (or one object); JSON Lines under a .json name too."""
-    data = _read_whole(
+    data = read_whole(
         stream, path, max_bytes, "and a .json file is read whole; convert it to .jsonl (one object per line)"
     )
     text, bad = decode_utf8(data)
@@ -33,7 +33,7 @@ def _json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: in
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # more than one value: JSON Lines under a .json name
             lines = iter(io.BytesIO(data))  # at b"\n" only, as .jsonl: a lone b"\r" is JSON whitespace
-            yield from _jsonl_documents(path, lines, text_field, _no_progress)
+            yield from jsonl_documents(path, lines, text_field, no_progress)
             return
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     records = value if isinstance(value, list) else [value]
@@ -95,11 +95,11 @@ def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator
     yield from walk(record, 0, "")
 
 
-def _jsonl_documents(
+def jsonl_documents(
     path: Path, lines: Iterator[bytes], text_field: str, progress: Callable[[], None], first_lineno: int = 1
 ) -> Iterator[RawDocument]:
     for lineno, line_bytes in enumerate(lines, start=first_lineno):
-        if lineno % _PROGRESS_EVERY == 0:
+        if lineno % PROGRESS_EVERY == 0:
             progress()
         line, bad = decode_utf8(line_bytes)
         if lineno == 1:

@@ -56,7 +56,7 @@ from lmforge.data.prepare import (
 )
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.split import SPLITS, doc_digest
-from lmforge.data.tokenizing import _tokenizer_report, _top_tokens, tokenizer_kind
+from lmforge.data.tokenizing import tokenizer_kind, tokenizer_report, top_tokens
 from lmforge.errors import DataError
 
 _WRITE_TOKENS = 1 << 20
@@ -230,7 +230,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 "vocab_size": tok.vocab_size,
                 "eos_id": eos,
                 "sha256": tok.fingerprint,
-                "report": _tokenizer_report(report_split, by_language),
+                "report": tokenizer_report(report_split, by_language),
             },
             "dtype": np.dtype(dtype).name,
             "splits": splits,
@@ -246,7 +246,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 steps={k: {"documents": v[0], "bytes": v[1]} for k, v in steps.items()},
                 removed_bytes=removed_bytes,
                 length_hist={int(k): v for k, v in sorted(length_hist.items())},
-                top_tokens=_top_tokens(tok, token_counts),
+                top_tokens=top_tokens(tok, token_counts),
             )
         write_json(tmp / MANIFEST, manifest)
         if cfg.dedup_report:

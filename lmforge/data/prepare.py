@@ -90,12 +90,12 @@ from lmforge.data.shards import dtype_for_vocab
 from lmforge.data.split import SPLITS
 from lmforge.data.tokenizing import (
     TRAINED_TOKENIZERS,
-    _encode_split,
-    _Encoded,
-    _make_tokenizer,
-    _tokenizer_report,
-    _top_tokens,
+    Encoded,
+    encode_split,
+    make_tokenizer,
     tokenizer_kind,
+    tokenizer_report,
+    top_tokens,
 )
 from lmforge.errors import DataError, LmforgeError
 from lmforge.fields import changed_fields, check, opt
@@ -490,7 +490,7 @@ def _pass1(
     bar: tqdm,
     worker: BlockWorker,
     pool: Any,
-    encoded: _Encoded | None,
+    encoded: Encoded | None,
 ) -> tuple[list[dict[str, Any]], NearDedup | None]:
     """Read, clean, filter, dedup and split every document (see blocks.py for the per-block part).
 
@@ -567,7 +567,7 @@ def _pass2(
 
     Returns (tokenizer, its kind, train token counts, per-language [bytes, tokens] of `report_split`).
     """
-    tok, kind = _make_tokenizer(cfg, None, _doc_file(tmp, "train"), counts.split_bytes["train"], progress)
+    tok, kind = make_tokenizer(cfg, None, _doc_file(tmp, "train"), counts.split_bytes["train"], progress)
     dtype = dtype_for_vocab(tok.vocab_size)
     token_counts = np.zeros(tok.vocab_size, dtype=np.int64)
     by_language: dict[str, list[int]] = {}
@@ -580,7 +580,7 @@ def _pass2(
         file=sys.stderr,
     ) as bar:
         for split in SPLITS:
-            shards, tokens = _encode_split(
+            shards, tokens = encode_split(
                 tok,
                 _doc_file(tmp, split),
                 tmp,
@@ -679,7 +679,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             tokenizer_json=given.to_str() if given is not None else None, dtype=np.dtype(dtype).name,
             keep_texts=cfg.dedup == "near",
         )  # fmt: skip
-        encoded = _Encoded(tmp, dtype, cfg.shard_tokens, given.vocab_size) if given is not None else None
+        encoded = Encoded(tmp, dtype, cfg.shard_tokens, given.vocab_size) if given is not None else None
         if cfg.workers > 1:
             pool = _start_pool(cfg.workers, worker)
         counts = _Counts()
@@ -749,7 +749,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id,
                 "sha256": tok.fingerprint,
-                "report": _tokenizer_report(report_split, by_language),
+                "report": tokenizer_report(report_split, by_language),
             },
             "dtype": np.dtype(dtype).name,
             "splits": splits,
@@ -764,7 +764,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 steps={k: {"documents": v[0], "bytes": v[1]} for k, v in counts.steps.items()},
                 removed_bytes=dict(counts.removed_bytes),
                 length_hist={int(k): v for k, v in sorted(counts.length_hist.items())},
-                top_tokens=_top_tokens(tok, token_counts),
+                top_tokens=top_tokens(tok, token_counts),
             )
         write_json(tmp / MANIFEST, manifest)
         if cfg.dedup_report:

@@ -1,13 +1,13 @@
 """`prepare`'s tokenizer stage: the tokenizer (a given tokenizer.json, or one trained on the kept train
 texts), encoding kept documents into token shards, and the tokenizer's report for the manifest and card.
 
-- With a given tokenizer, pass 1 encodes in the block workers and `_Encoded` appends each block's kept
+- With a given tokenizer, pass 1 encodes in the block workers and `Encoded` appends each block's kept
   tokens to the shards; a tokenizer to be trained needs the kept texts first, so pass 2 trains it on the
-  train split's temporary JSONL file (`_make_tokenizer`; for bpe, wordpiece and unigram a train split
-  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash) and `_encode_split` encodes each split's
-  file in batches. Both record the same statistics: train token counts (`_top_tokens`) and [UTF-8
-  bytes, tokens] per guessed language (`_tokenizer_report`).
-- `tokenizer_kind`, `_tokenizer_report` and `_top_tokens` serve `prepare --merge` (merge.py) too.
+  train split's temporary JSONL file (`make_tokenizer`; for bpe, wordpiece and unigram a train split
+  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash) and `encode_split` encodes each split's
+  file in batches. Both record the same statistics: train token counts (`top_tokens`) and [UTF-8
+  bytes, tokens] per guessed language (`tokenizer_report`).
+- `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
 - Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
 """
 
@@ -42,7 +42,7 @@ TOKENIZER_SAMPLE_BYTES = 1 << 30
 TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
 
 
-class _Encoded:
+class Encoded:
     """Pass 1's shard writers and token statistics when the tokenizer is given (no pass 2)."""
 
     def __init__(self, tmp: Path, dtype: type[np.unsignedinteger], shard_tokens: int, vocab_size: int) -> None:
@@ -66,7 +66,7 @@ class _Encoded:
         np.add.at(self.by_language[..., 1], where, r.token_counts[keep])
 
     def language_stats(self, split: str) -> dict[str, list[int]]:
-        """{language: [UTF-8 bytes, tokens without EOS]} of `split`, as `_encode_split` counts them."""
+        """{language: [UTF-8 bytes, tokens without EOS]} of `split`, as `encode_split` counts them."""
         table = self.by_language[SPLITS.index(split)].tolist()
         return {LANGUAGES[i]: row for i, row in enumerate(table) if row[0] or row[1]}
 
@@ -98,7 +98,7 @@ def tokenizer_kind(tok: Tokenizer) -> str:
     return kind
 
 
-def _make_tokenizer(
+def make_tokenizer(
     cfg: PrepareConfig, given: Tokenizer | None, train_docs: Path, train_bytes: int, progress: bool
 ) -> tuple[Tokenizer, str]:
     if given is not None:
@@ -120,7 +120,7 @@ def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, pro
     return train_bpe(texts, cfg.vocab_size, show_progress=show, extra_specials=cfg.special_tokens == "all"), "bpe"
 
 
-def _encode_split(
+def encode_split(
     tok: Tokenizer,
     docs: Path,
     out_dir: Path,
@@ -170,7 +170,7 @@ def _encode_split(
         raise
 
 
-def _tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str, Any]:
+def tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str, Any]:
     """Compression (UTF-8 bytes per token) on `split`, overall and for English and Chinese."""
     total = [sum(v[0] for v in by_language.values()), sum(v[1] for v in by_language.values())]
     report: dict[str, Any] = {"split": split, "bytes_per_token": {}, "documents_bytes": {}}
@@ -180,7 +180,7 @@ def _tokenizer_report(split: str, by_language: dict[str, list[int]]) -> dict[str
     return report
 
 
-def _top_tokens(tok: Tokenizer, counts: np.ndarray, k: int = 30) -> list[dict[str, Any]]:
+def top_tokens(tok: Tokenizer, counts: np.ndarray, k: int = 30) -> list[dict[str, Any]]:
     order = np.argsort(-counts, kind="stable")[:k]
     # the text each token adds (decode([id]) drops a lone word-start "▁" of a Metaspace tokenizer: ''),
     # or a special token's name (<|endoftext|>), which adds no text

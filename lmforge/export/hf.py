@@ -4,7 +4,7 @@
 and `AutoTokenizer.from_pretrained`:
 
     out/
-        config.json               GPT2LMHeadModel or LlamaForCausalLM config
+        config.json               GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM config
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
         generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
@@ -12,7 +12,7 @@ and `AutoTokenizer.from_pretrained`:
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last val loss/bpb, lmforge config
 
-`import_hf(hf_dir, run)` in `export/hf_import.py` is the reverse for local GPT-2 and Llama directories,
+`import_hf(hf_dir, run)` in `export/hf_import.py` is the reverse for local GPT-2, Llama and Qwen2 directories,
 with the key maps and config translations of `export/hf_families.py`: it writes a run directory (config.json,
 tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that `lmforge eval`, `lmforge
 generate` and fine-tuning load like any other run. `verify_hf` loads an export with
