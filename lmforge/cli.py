@@ -283,7 +283,13 @@ def build_parser() -> Parser:
     p.add_argument(
         "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list, an object per run: name, path, preset, status, step, max_steps, tokens, "
+        "best_val_loss, elapsed_s, last_checkpoint, error (why an unreadable run could not be read), failure (a "
+        "failed run: the first line of its error, or 'killed' when its process died without a word)",
+    )
     add_parsers(sub)
     return parser
 

@@ -324,25 +324,35 @@ def _number(value: Any, default: Any = 0.0) -> Any:
 
 def run_status(run_dir: Path) -> str:
     """running, finished, interrupted, failed or unknown (see the module docstring for the rules)."""
+    return _status(run_dir)[0]
+
+
+KILLED = "killed"  # RunSummary.failure of a run whose process died without a word
+
+
+def _status(run_dir: Path) -> tuple[str, str]:
+    """`run_status` and, for a failed run, why (`RunSummary.failure`): read once, where the status is decided."""
     run_dir = Path(run_dir)
     info = _read_json(run_dir / STATUS_FILE)
     if info is not None:
         status = info.get("status", "unknown")
         if not isinstance(status, str) or not status:
-            return "unknown"
+            return "unknown", ""
         if status != "running":
-            return status
+            error = info.get("error")
+            return status, error.splitlines()[0] if status == "failed" and isinstance(error, str) and error else ""
         if info.get("host") == socket.gethostname():
-            return "running" if isinstance(info.get("pid"), int) and _pid_alive(info["pid"]) else "failed"
-        metrics = run_dir / "metrics.jsonl"
-        fresh = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
-        return "running" if fresh else "failed"
+            alive = isinstance(info.get("pid"), int) and _pid_alive(info["pid"])
+        else:
+            metrics = run_dir / "metrics.jsonl"
+            alive = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
+        return ("running", "") if alive else ("failed", KILLED)
     ckpt = _latest_checkpoint(run_dir)
     meta = _read_json(ckpt / "state.json") if ckpt else None
     reason = _section(meta, "train_state").get("stop_reason", "")
     if reason in FINISHED_REASONS:
-        return "finished"
-    return "interrupted" if reason == "interrupted" else "unknown"
+        return "finished", ""
+    return "interrupted" if reason == "interrupted" else "unknown", ""
 
 
 @dataclass
@@ -358,6 +368,8 @@ class RunSummary:
     elapsed_s: float
     last_checkpoint: str
     error: str = ""  # why the run could not be read (status "unreadable")
+    # a failed run: the first line of the error it recorded, or KILLED (its process died without a word)
+    failure: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -416,11 +428,12 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     state = _section(_read_json(ckpt / "state.json"), "train_state") if ckpt else {}
     last = train[-1] if train else {}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
+    status, failure = _status(run_dir)
     return RunSummary(
         name=name,
         path=str(run_dir),
         preset=str(config.get("preset") or ""),
-        status=run_status(run_dir),
+        status=status,
         step=int(max(_number(last.get("step")), _number(state.get("step")))),
         max_steps=int(_number(_section(config, "train").get("max_steps"))),
         tokens=int(max(_number(last.get("tokens")), _number(state.get("tokens")))),
@@ -429,6 +442,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
             max(_number(records[-1].get("elapsed_s")) if records else 0.0, _number(state.get("elapsed_s")))
         ),
         last_checkpoint=ckpt.name if ckpt else "",
+        failure=failure,
     )
 
 
@@ -462,7 +476,8 @@ def _summarize_or_unreadable(run_dir: Path, root: Path) -> RunSummary:
 
 
 def format_runs(runs: list[RunSummary]) -> str:
-    """A plain-text table, one run per line."""
+    """A plain-text table, one run per line, then a line for each unreadable, failed or interrupted run; from
+    the summaries alone (no files read)."""
     header = ["run", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
     rows = [
         [
@@ -490,12 +505,11 @@ def format_runs(runs: list[RunSummary]) -> str:
 def _stop_note(run: RunSummary) -> str:
     """How a failed or interrupted run ended, and what re-running its command does: the question a user
     has about it."""
-    info = _read_json(Path(run.path) / STATUS_FILE)
     how = run.status
-    if run.status == "failed" and isinstance(info, dict) and info.get("status") == "running":
+    if run.failure == KILLED:
         how = "failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut)"
-    elif run.status == "failed" and isinstance(info, dict) and isinstance(info.get("error"), str):
-        how = f"failed: {info['error'].splitlines()[0] if info['error'] else 'an error'}"
+    elif run.failure:
+        how = f"failed: {run.failure}"
     if run.last_checkpoint:
         return f"{how}; re-run its command (argv in its env.json) to resume from {run.last_checkpoint}"
     return f"{how}; it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"

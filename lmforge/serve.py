@@ -615,6 +615,9 @@ class _Handler(BaseHTTPRequestHandler):
                 f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)",
                 param="stop",
             )
+        # what the model writes is in its tokenizer's normal form: with NFKC (prepare --normalize NFKC) a
+        # stop string "，" is looked for as the "," it writes, or it never matched
+        stop = [ft.tokenizer.in_unicode_form(s) for s in stop]
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")

@@ -420,6 +420,34 @@ def test_chat_and_serve_with_compile(chat_run: Path):
         server.server_close()
 
 
+def test_serve_stop_strings_match_an_nfkc_models_text(tmp_path: Path):
+    """`prepare --normalize NFKC` gives the tokenizer an NFKC normalizer: the model trained on "你好，朋友"
+    writes "你好,朋友", and a stop string "，" (as the user types it) never matched; it is looked for as ","."""
+    from lmforge.tokenizer.train import train_char, with_nfkc
+    from tests.test_finetune import DATA
+
+    tok = with_nfkc(train_char([p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.txt"))]))
+    assert tok.unicode_forms == ("NFKC",) and tok.in_unicode_form("你好，朋友。") == "你好,朋友。"
+    plain = train_char(["你好，"])  # (NFC, the default, adds no normalizer)
+    assert plain.unicode_forms == () and plain.in_unicode_form("，") == "，"
+    base = make_base(tmp_path, max_seq_len=64, tok=tok)
+    data = tmp_path / "chat.jsonl"
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "你好，朋友。再见"}]
+    data.write_text(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n", encoding="utf-8")
+    overrides = {"train": {"max_steps": 50, "batch_size": 4, "lr": 1e-2, "warmup_steps": 5}}
+    cfg = FinetuneConfig(task="sft")
+    finetune(base, train_file=data, out=tmp_path / "run", cfg=cfg, overrides=overrides, progress=False)
+    hi = {"messages": conversation[:1], "temperature": 0, "max_tokens": 16}
+    with _serving(tmp_path / "run") as server:
+        url = server.url + "/v1/chat/completions"
+        for stop, want in [(None, "你好,朋友。再见"), ("，", "你好"), (["再见", "朋友。"], "你好,")]:
+            status, body = _post(url, hi | ({"stop": stop} if stop else {}))
+            assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == want, (stop, body)
+        status, body = _post(url, hi | {"stop": "，", "stream": True})  # streamed: held back until it can't be one
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in _events(body))
+        assert status == 200 and content == "你好"
+
+
 @pytest.mark.parametrize("known_eos", [True, False])
 def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(known_eos: bool, tmp_path: Path):
     """An imported instruct model whose generation_config lists `<|eot_id|>` beside its eos: chat and serve

@@ -106,6 +106,25 @@ def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == ["body", "clean one", "x y z"]
 
 
+def test_normalize_whitespace_removes_line_indents() -> None:
+    # a Chinese paragraph is indented with two ideographic spaces: each one but the first kept one " " of them
+    paragraphs = [
+        "话说天下大势，分久必合，合久必分。",
+        "周末七国分争，并入于秦。",
+        "",
+        "及秦灭之后，楚、汉分争，又并入于汉。",
+    ]
+    text = "\n".join("　　" + p if p else p for p in paragraphs)
+    assert normalize_whitespace(text) == "\n".join(paragraphs)
+    nfkc = DocumentCleaner(normalize="NFKC", whitespace=True).one(text).text  # NFKC turns U+3000 into " " first
+    assert nfkc == "\n".join(paragraphs).replace("，", ",")
+    # any indent goes whole, as the first line's does: tabs, spaces, no-break spaces, a mix; a line of them is blank
+    assert normalize_whitespace("a\n\tb\n    c\n\u00a0\u00a0d\n \t\u3000e\n \u3000 \nf  g") == "a\nb\nc\nd\ne\n\nf g"
+    chapter = (Path(__file__).parent / "data" / "hongloumeng_ch1.txt").read_text(encoding="utf-8")  # 4-space indents
+    lines = normalize_whitespace(chapter).split("\n")
+    assert len([line for line in lines if line]) == 19 and not any(line[:1].isspace() for line in lines)
+
+
 def test_nfkc_option() -> None:
     assert DocumentCleaner(normalize="NFKC").one("ｆｕｌｌ ｗｉｄｔｈ ﬁ").text == "full width fi"
     assert DocumentCleaner(normalize="NFC").one("ｆｕｌｌ").text == "ｆｕｌｌ"

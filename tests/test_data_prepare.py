@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lmforge.data.clean import clean_text, decode_utf8, length_verdict, looks_binary
+from lmforge.data.clean import clean_text, decode_utf8, legacy_encoding, length_verdict, looks_binary
 from lmforge.data.ingest import resolve_inputs
 from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
@@ -354,6 +356,33 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=rf"z\.txt is UTF-16 text, not UTF-8; .* iconv -f {source} -t UTF-8"):
             run(tmp_path, [tmp_path / "in"])
         assert_nothing_written(tmp_path)
+
+
+KOREAN = (
+    "오늘은 날씨가 정말 좋습니다. 우리는 공원에 가서 산책을 했습니다.\n한국어로 된 글을 처리하는 것은 재미있습니다.\n"
+)
+
+
+def test_korean_euc_kr_is_named_euc_kr(tmp_path: Path) -> None:
+    # GB18030 reads each EUC-KR syllable as a common GB2312 ideograph: Korean was named GB18030, and
+    # converting as told made Chinese mojibake
+    write(tmp_path / "in" / "z.txt", (KOREAN * 10).encode("euc_kr"))
+    with pytest.raises(DataError, match=r"z\.txt is not UTF-8: it reads as EUC-KR .* iconv -f EUC-KR -t UTF-8") as e:
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    if shutil.which("iconv"):  # the advice works as given (glibc's iconv knows EUC-KR, not EUC_KR)
+        source = str(e.value).split("iconv -f ")[1].split()[0]
+        converted = subprocess.run(
+            ["iconv", "-f", source, "-t", "UTF-8", str(tmp_path / "in" / "z.txt")], capture_output=True
+        )
+        assert converted.returncode == 0 and converted.stdout.decode() == KOREAN * 10
+    hanja = "서울은 大韓民國의 수도입니다. " + KOREAN * 2  # 4 Hanja in 105 letters
+    assert legacy_encoding(hanja.encode("euc_kr")) == "EUC-KR"
+    # simplified Chinese decodes as EUC-KR too (both are 2-byte EUC), about half its ideographs as Hangul:
+    # it stays GB18030, short texts included, even ones that read as Hangul throughout ("对不起，好的。")
+    chapter = (Path(__file__).parent / "data" / "hongloumeng_ch1.txt").read_text(encoding="utf-8")
+    for chinese in ["今天天气很好。", "中华人民共和国", "对不起，好的。", CHINESE * 20, chapter]:
+        assert legacy_encoding(chinese.encode("gb18030")[:8192]) == "GB18030", chinese[:10]
 
 
 def test_missing_input(tmp_path: Path) -> None:

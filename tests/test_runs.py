@@ -21,7 +21,7 @@ from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfi
 from lmforge.log import RunLogger, read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import CausalLM
-from lmforge.runs import RunSummary, format_runs, list_runs, mark_stopped, run_status
+from lmforge.runs import RunSummary, format_runs, list_runs, mark_running, mark_stopped, run_status
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import pick_precision
@@ -97,6 +97,12 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     assert runs["done"]["best_val_loss"] == min(r["val_loss"] for r in metrics if "val_loss" in r)
     assert runs["done"]["last_checkpoint"] == "step-000012"
     assert runs["stopped"]["last_checkpoint"] == f"step-{runs['stopped']['step']:06d}"  # saved where it stopped
+    assert {k: r["failure"] for k, r in runs.items()} == {
+        "crashed": "RuntimeError: boom",
+        "done": "",
+        "group/killed": "killed",
+        "stopped": "",
+    }
 
     killed_at, stopped_at = runs["group/killed"]["last_checkpoint"], runs["stopped"]["last_checkpoint"]
     assert killed_at and (killed / "checkpoints" / killed_at / "state.json").is_file()
@@ -113,6 +119,43 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
         f"{resume} {killed_at}",
         f"stopped: interrupted; {resume} {stopped_at}",
     ]
+
+
+def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
+    """How a failed run ended is decided with its status, once, into its summary (`failure`, a key of --json):
+    `format_runs` read status.json a second time, so its line could disagree with the row above it."""
+    root = tmp_path / "runs"
+    for name in ("crashed", "killed", "stopped"):
+        (root / name).mkdir(parents=True)
+        config = {"preset": "tiny", "train": {"max_steps": 10}}
+        (root / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        (root / name / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 3.0}) + "\n", encoding="utf-8")
+    mark_running(root / "crashed")
+    mark_stopped(root / "crashed", "failed", error="RuntimeError: boom\nTraceback (most recent call last): ...")
+    mark_running(root / "stopped")
+    mark_stopped(root / "stopped", "interrupted", stop_reason="interrupted")
+    killed = f"from lmforge.runs import mark_running; mark_running({str(root / 'killed')!r})"
+    subprocess.run([sys.executable, "-c", killed], cwd=REPO, check=True)  # said "running", ended without a word
+    runs = list_runs(root)
+    assert {r.name: (r.status, r.failure) for r in runs} == {
+        "crashed": ("failed", "RuntimeError: boom"),
+        "killed": ("failed", "killed"),
+        "stopped": ("interrupted", ""),
+    }
+    assert list(runs[0].to_dict()) == [
+        "name", "path", "preset", "status", "step", "max_steps", "tokens", "best_val_loss", "elapsed_s",
+        "last_checkpoint", "error", "failure",
+    ]  # fmt: skip
+    table = format_runs(runs)
+    over = "it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"
+    assert table.splitlines()[4:] == [
+        f"crashed: failed: RuntimeError: boom; {over}",
+        f"killed: failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut); {over}",
+        f"stopped: interrupted; {over}",
+    ]
+    for name in ("crashed", "killed"):  # the files change after the summary: the table is still the summary's
+        (root / name / "status.json").unlink()
+    assert format_runs(runs) == table
 
 
 def test_runs_table_lines_up_with_chinese_run_names():

@@ -108,18 +108,22 @@ def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_sho
     return "too_short" if len(text) < min_chars else "ok"
 
 
-LEGACY_ENCODINGS = ("gb18030", "big5", "shift_jis", "euc_kr")  # Chinese (simplified, traditional), Japanese, Korean
+# Chinese (simplified, traditional), Japanese, Korean; spelled as both Python's codecs and iconv know them
+# (glibc's iconv has no "EUC_KR")
+LEGACY_ENCODINGS = ("GB18030", "BIG5", "SHIFT_JIS", "EUC-KR")
 
 
 # What text in each legacy encoding mostly holds beyond ASCII: CJK ideographs, CJK and full-width
-# punctuation, plus kana (Japanese) or Hangul (Korean)
+# punctuation, plus kana (Japanese). (EUC-KR is decided apart: `_reads_as_korean`.)
 _CJK = ((0x4E00, 0x9FFF), (0x3000, 0x303F), (0xFF00, 0xFFEF))
 _EXPECTED = {
-    "gb18030": _CJK,  # (scored by GB2312 membership instead: `_expected`)
-    "big5": _CJK,
-    "shift_jis": (*_CJK, (0x3040, 0x30FF)),
-    "euc_kr": (*_CJK, (0xAC00, 0xD7AF), (0x3130, 0x318F)),
+    "GB18030": _CJK,  # (scored by GB2312 membership instead: `_expected`)
+    "BIG5": _CJK,
+    "SHIFT_JIS": (*_CJK, (0x3040, 0x30FF)),
 }
+# Korean when its EUC-KR reading has this many Hangul syllables, and they are this share of its letters
+_KOREAN_MIN_SYLLABLES = 12
+_KOREAN_MIN_SHARE = 0.95
 
 
 def legacy_encoding(head: bytes) -> str | None:
@@ -127,13 +131,18 @@ def legacy_encoding(head: bytes) -> str | None:
     `looks_binary` flags may be CJK text in a pre-UTF-8 encoding.
 
     Decoding without an error is not enough: GB18030 accepts nearly any byte pairs, so Big5 text
-    decodes under it too, as rare ideographs and kana. Each encoding that decodes `head` (a character
-    cut at the end is fine) is scored by the share of its non-ASCII characters in the ranges its text
-    holds; the best wins, the first in `LEGACY_ENCODINGS` on a tie."""
+    decodes under it too, as rare ideographs and kana. EUC-KR when `_reads_as_korean`; otherwise each
+    other encoding that decodes `head` (a character cut at the end is fine) is scored by the share of
+    its non-ASCII characters in the ranges its text holds; the best wins, the first in
+    `LEGACY_ENCODINGS` on a tie."""
     if b"\x00" in head:
         return None
+    if _reads_as_korean(head):
+        return "EUC-KR"
     best, best_score = None, -1.0
     for encoding in LEGACY_ENCODINGS:
+        if encoding == "EUC-KR":
+            continue
         try:
             text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
         except UnicodeDecodeError:
@@ -146,13 +155,29 @@ def legacy_encoding(head: bytes) -> str | None:
     return best
 
 
+def _reads_as_korean(head: bytes) -> bool:
+    """Whether `head` is Korean in EUC-KR: its EUC-KR reading has at least `_KOREAN_MIN_SYLLABLES`
+    Hangul syllables (U+AC00-U+D7A3), `_KOREAN_MIN_SHARE` of its letters (Hangul and ideographs).
+
+    Which characters occur cannot tell EUC-KR from GB18030: both are 2-byte EUC, and GB18030 reads each
+    Korean syllable as a common GB2312 ideograph. The reverse differs: simplified Chinese read as EUC-KR
+    (when it decodes at all) gives Hangul only for the ideographs in GB2312's rows B0-C8 (pinyin a to
+    san; 54% of those in Hong Lou Meng's chapter 1) and Hanja for the rest, so 12 Hangul in a row is
+    about 1 in 1,600. Korean with up to 5% Hanja still counts; one under 12 syllables is named GB18030."""
+    try:
+        text = codecs.getincrementaldecoder("EUC-KR")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    letters = [c for c in text if ord(c) > 0x7F and unicodedata.category(c) == "Lo"]
+    syllables = sum("\uac00" <= c <= "\ud7a3" for c in letters)
+    return syllables >= _KOREAN_MIN_SYLLABLES and syllables >= _KOREAN_MIN_SHARE * len(letters)
+
+
 def _expected(encoding: str, c: str) -> bool:
     """Whether text in `encoding` commonly holds `c`. For GB18030 that is GB2312's 7,445 characters (what
     simplified Chinese is written with), not every ideograph: Japanese Shift-JIS read as GB18030 turns
-    its kana into rare GBK ideographs, which tied with Shift-JIS and won as the first encoding. (Korean
-    EUC-KR still ties, as common GB2312 ideographs, and is named GB18030: telling them apart needs more
-    than which characters occur.)"""
-    if encoding == "gb18030":
+    its kana into rare GBK ideographs, which tied with Shift-JIS and won as the first encoding."""
+    if encoding == "GB18030":
         try:
             c.encode("gb2312")
         except UnicodeEncodeError:

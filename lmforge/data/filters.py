@@ -3,7 +3,7 @@
 Applied by `prepare` after cleaning (see `clean.py`), in this order, each switched off by its
 default and counted under its own name in `manifest.json["documents"]["removed"]`:
 
-    normalize_whitespace   rewrite: runs of spaces/tabs -> one space, trailing spaces cut, 3+ newlines -> 2
+    normalize_whitespace   rewrite: runs of spaces/tabs -> one space, indents and trailing spaces cut, 3+ newlines -> 2
     remove_boilerplate     rewrite: drop short lines that are mostly a phrase like "All rights reserved" /
                            "版权所有" / "Accept cookies"; a document left empty is removed as "boilerplate"
     too_short / too_long   len(text) < min_chars / > max_chars (characters, after the rewrites)
@@ -45,7 +45,7 @@ CHAR_NGRAM = 10
 _GUESS_CHARS = 2000
 
 _HSPACE = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
-_TRAILING = re.compile(r" +\n")
+_LINE_EDGE = re.compile(r" ?\n ?")  # (after _HSPACE: one space at most on each side)
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _NOT_LETTER_CHAR = re.compile(r"[\W\d_]")
 _SPACES = re.compile(r"\s+")
@@ -103,9 +103,15 @@ _ASCII_WORDS = bytes(b if 97 <= b <= 122 else b + 32 if 65 <= b <= 90 else 32 fo
 
 
 def normalize_whitespace(text: str) -> str:
-    """Collapse runs of horizontal whitespace to one space, cut trailing spaces, keep at most one blank line."""
+    """Collapse runs of horizontal whitespace (spaces, tabs, no-break and ideographic spaces) to one space, cut
+    it at line starts and ends, keep at most one blank line.
+
+    A line's indent goes whole, whatever it is made of: a Chinese paragraph's U+3000 "　　", a tab, spaces or
+    no-break spaces, as the document's first line already lost its own to the strip. It was collapsed to one
+    space, so each paragraph but the first started with a stray " " (code and verse indents are not kept
+    either way: their runs of spaces collapse)."""
     text = _HSPACE.sub(" ", text)
-    text = _TRAILING.sub("\n", text)
+    text = _LINE_EDGE.sub("\n", text)
     return _MANY_NEWLINES.sub("\n\n", text).strip()
 
 

@@ -146,7 +146,7 @@ class PrepareConfig:
         "paragraph", "how .txt/.md files are cut into documents; each JSONL record is always one document"
     )
     normalize: Normalization = opt("NFC", "Unicode normalization of the text")
-    normalize_whitespace: bool = opt(False, "collapse runs of spaces/tabs, cut trailing spaces, keep <= 1 blank line")
+    normalize_whitespace: bool = opt(False, "collapse spaces/tabs, cut indents/trailing spaces, keep <= 1 blank line")
     boilerplate: bool = opt(False, "remove short boilerplate lines (cookies, 'All rights reserved', 版权所有, ...)")
     min_chars: int = opt(1, "drop documents shorter than this many characters after cleaning")
     max_chars: int = opt(0, "drop documents longer than this many characters (0 = no limit)")

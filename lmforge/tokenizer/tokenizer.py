@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,28 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens (EOS) are kept unless `skip_special_tokens`."""
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def unicode_forms(self) -> tuple[str, ...]:
+        """The Unicode normal forms ("NFC", "NFD", "NFKC", "NFKD") its normalizer applies, in order; () for
+        none. `prepare --normalize NFKC` puts NFKC there (`train.with_nfkc`)."""
+
+        def forms(node: Any) -> list[str]:
+            if not isinstance(node, dict):
+                return []
+            if node.get("type") == "Sequence":
+                return [form for child in node.get("normalizers") or [] for form in forms(child)]
+            return [node["type"]] if node.get("type") in ("NFC", "NFD", "NFKC", "NFKD") else []
+
+        return tuple(forms(json.loads(self.to_str()).get("normalizer")))
+
+    def in_unicode_form(self, text: str) -> str:
+        """`text` in the `unicode_forms` that text this tokenizer encodes, and so what a model trained with it
+        writes, is in: an NFKC tokenizer's model writes "," where a user types the full-width "，". Only those:
+        its other normalizer steps (lower-casing, Metaspace's "▁", spaces around CJK) do not survive decoding."""
+        for form in self.unicode_forms:
+            text = unicodedata.normalize(form, text)
+        return text
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of one id (byte-level tokens look like 'Ġthe')."""
