@@ -34,6 +34,8 @@ client that leaves (closes or resets its connection) ends its generation at the 
 not; one that only shuts down its sending side (`nc -N`) looks the same and gets no reply. With
 `compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
 so no request waits for it.
+
+Request bodies are checked and converted (prompts, messages, numbers) in `serve_request.py`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.serve_request import UNSUPPORTED, RequestError, completion_prompts, number, openai_messages
 
 # stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
 # would slow every token of the reply; OpenAI's API takes 4
@@ -90,44 +93,12 @@ class ServeLimits:
             raise ConfigError(f"--idle-timeout must be > 0 seconds, got {self.idle_timeout_s:g}")
 
 
-# OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-}
-
-
 class _StopGeneration(Exception):
     """Raised from the token callback when a stop string appears."""
 
 
 class _ClientLeft(ConnectionError):
     """The client of a reply that is not streamed closed its connection while it waited: nothing to send."""
-
-
-class RequestError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str = "invalid_request",
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param  # param: the request field at fault
-        self.headers = headers or {}  # e.g. a 405's Allow
 
 
 class LMServer(ThreadingHTTPServer):
@@ -207,87 +178,6 @@ def serve(server: LMServer) -> None:
         pass
     finally:
         server.server_close()
-
-
-def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}", param=key)
-    return value
-
-
-def _openai_messages(messages: Any) -> Any:
-    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
-    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
-    (what the current client types and many frameworks send) is their texts joined by newlines, as vLLM does.
-    Anything else (images, audio, tool turns) is left for the template's check to refuse."""
-    if not isinstance(messages, list):
-        return messages
-    out = []
-    for m in messages:
-        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
-            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
-            if isinstance(m.get("content"), list):
-                parts = m["content"]
-                if not all(
-                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
-                ):
-                    raise RequestError(
-                        400, "only text content parts ({'type': 'text', 'text': ...}) are supported", param="messages"
-                    )
-                m["content"] = "\n".join(p["text"] for p in parts)
-        out.append(m)
-    return out
-
-
-_PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
-
-
-def _completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
-    """A completion request's prompts, in order, in OpenAI's four forms: a string, a list of strings, a list
-    of token ids (one prompt) or a list of lists of token ids. Token ids are checked against the vocabulary
-    here: one past it would fail inside the model (or decode as nothing) instead of being refused."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        got = "an empty list" if prompt == [] else _json(prompt)
-        raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got {got}", param="prompt")
-    if isinstance(prompt[0], str):
-        for i, p in enumerate(prompt):
-            if not isinstance(p, str):
-                raise RequestError(400, f"'prompt[{i}]' is {_json(p)}; a list of prompts holds strings", param="prompt")
-        return list(prompt)
-    if _is_token_id(prompt[0]):
-        return [_token_ids(prompt, "'prompt'", vocab_size)]
-    if isinstance(prompt[0], list):
-        return [_token_ids(p, f"'prompt[{i}]'", vocab_size) for i, p in enumerate(prompt)]
-    raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got a list of {_json(prompt[0])}", param="prompt")
-
-
-def _token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
-    if not isinstance(ids, list):
-        raise RequestError(400, f"{name} must be a list of token ids, got {_json(ids)}", param="prompt")
-    if not ids:
-        raise RequestError(400, f"{name} is an empty list of token ids; give at least one", param="prompt")
-    for t in ids:
-        if not _is_token_id(t):
-            raise RequestError(400, f"{name} must hold token ids (integers), got {_json(t)}", param="prompt")
-        if not 0 <= t < vocab_size:
-            message = f"{name} holds token id {t}, outside this model's vocabulary (ids 0 to {vocab_size - 1})"
-            raise RequestError(400, message, param="prompt")
-    return ids
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false arrive as bools
-
-
-def _json(value: Any) -> str:
-    """A request value as the client wrote it, cut short for a one-line error."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -554,7 +444,7 @@ class _Handler(BaseHTTPRequestHandler):
             except DataError as e:
                 raise RequestError(400, str(e)) from None
             return [ids]
-        prompts = _completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
+        prompts = completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
         if len(prompts) > self.server.limits.max_prompts:
             message = (
                 f"'prompt' holds {len(prompts)} prompts; this server takes at most "
@@ -586,22 +476,22 @@ class _Handler(BaseHTTPRequestHandler):
 
         limits, ft = self.server.limits, self.server.ft
         if chat:
-            body = {**body, "messages": _openai_messages(body.get("messages"))}
+            body = {**body, "messages": openai_messages(body.get("messages"))}
         # the chat API renamed max_tokens to max_completion_tokens (the client marks max_tokens deprecated)
         limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         if limit_key == "max_completion_tokens" and body.get("max_tokens") not in (None, body[limit_key]):
             raise RequestError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_tokens")
         asked = body.get(limit_key) is not None
         default = min(limits.default_max_tokens, limits.max_tokens)
-        max_tokens = _number(body, limit_key, default, 1, limits.max_tokens)
+        max_tokens = number(body, limit_key, default, 1, limits.max_tokens)
         if isinstance(max_tokens, float) and max_tokens.is_integer():
             max_tokens = int(max_tokens)
         if not isinstance(max_tokens, int):
             raise RequestError(400, f"'{limit_key}' must be a whole number, got {max_tokens!r}", param=limit_key)
         if body.get("n", 1) not in (1, None):
             raise RequestError(400, f"'n' must be 1 (one choice per prompt), got {body['n']!r}", param="n")
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        temperature = number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
@@ -630,7 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(include_usage, bool):
             message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
             raise RequestError(400, message, param="stream_options")
-        for key, neutral in _UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
+        for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         prompts = self._prompts(body, chat)

@@ -1,0 +1,121 @@
+"""OpenAI request bodies for `serve.py`: the checks and conversions of their fields, each failure a
+`RequestError` (an HTTP status and OpenAI's error `code` and `param`) that the server sends as JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class RequestError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str = "invalid_request",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param  # param: the request field at fault
+        self.headers = headers or {}  # e.g. a 405's Allow
+
+
+def number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}", param=key)
+    return value
+
+
+def openai_messages(messages: Any) -> Any:
+    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
+    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
+    (what the current client types and many frameworks send) is their texts joined by newlines, as vLLM does.
+    Anything else (images, audio, tool turns) is left for the template's check to refuse."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
+            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
+            if isinstance(m.get("content"), list):
+                parts = m["content"]
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+                ):
+                    raise RequestError(
+                        400, "only text content parts ({'type': 'text', 'text': ...}) are supported", param="messages"
+                    )
+                m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return out
+
+
+_PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def completion_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    """A completion request's prompts, in order, in OpenAI's four forms: a string, a list of strings, a list
+    of token ids (one prompt) or a list of lists of token ids. Token ids are checked against the vocabulary
+    here: one past it would fail inside the model (or decode as nothing) instead of being refused."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        got = "an empty list" if prompt == [] else short_json(prompt)
+        raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got {got}", param="prompt")
+    if isinstance(prompt[0], str):
+        for i, p in enumerate(prompt):
+            if not isinstance(p, str):
+                raise RequestError(
+                    400, f"'prompt[{i}]' is {short_json(p)}; a list of prompts holds strings", param="prompt"
+                )
+        return list(prompt)
+    if _is_token_id(prompt[0]):
+        return [_token_ids(prompt, "'prompt'", vocab_size)]
+    if isinstance(prompt[0], list):
+        return [_token_ids(p, f"'prompt[{i}]'", vocab_size) for i, p in enumerate(prompt)]
+    raise RequestError(400, f"'prompt' must be {_PROMPT_FORMS}; got a list of {short_json(prompt[0])}", param="prompt")
+
+
+def _token_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(ids, list):
+        raise RequestError(400, f"{name} must be a list of token ids, got {short_json(ids)}", param="prompt")
+    if not ids:
+        raise RequestError(400, f"{name} is an empty list of token ids; give at least one", param="prompt")
+    for t in ids:
+        if not _is_token_id(t):
+            raise RequestError(400, f"{name} must hold token ids (integers), got {short_json(t)}", param="prompt")
+        if not 0 <= t < vocab_size:
+            message = f"{name} holds token id {t}, outside this model's vocabulary (ids 0 to {vocab_size - 1})"
+            raise RequestError(400, message, param="prompt")
+    return ids
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false arrive as bools
+
+
+def short_json(value: Any) -> str:
+    """A request value as the client wrote it, cut short for a one-line error."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
