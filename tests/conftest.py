@@ -17,6 +17,7 @@ import torch
 
 from lmforge.config import RunConfig, load_config
 from lmforge.quickstart import corpus_path
+from tests.cli_fork import run_lmforge
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,8 +91,12 @@ def tiny_config(data_dir: Path, out: Path, **overrides: object) -> RunConfig:
 def run_cli(
     *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
-    """`python -m lmforge ARGS` in a subprocess, as a user would run it (`env`: extra environment variables)."""
+    """`python -m lmforge ARGS` in a subprocess, as a user would run it (`env`: extra environment variables).
+
+    The subprocess is forked from an interpreter that has imported torch already (tests/cli_fork.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if os.environ.get("LMFORGE_TEST_SPAWN") != "1" and set(kwargs) <= {"input", "cwd"}:
+        return run_lmforge(list(args), env, timeout, **kwargs)
     return subprocess.run(
         [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )

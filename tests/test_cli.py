@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -218,20 +219,45 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     text.write_text("Some text to prepare.\n\n" * 50, encoding="utf-8")
 
     def interrupt(delay: float) -> tuple[int, str]:
+        # -X importtime prints each module as its import ends: the delay counts from lmforge.cli's, so a loaded
+        # machine cannot land the Ctrl-C in Python's own start-up (`site`), before any lmforge code runs
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lmforge", "prepare", str(text), "--out", str(tmp_path / f"out{delay}")],
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "lmforge",
+                "prepare",
+                str(text),
+                "--out",
+                str(tmp_path / f"o{delay}"),
+            ],
             cwd=REPO,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
+        lines: list[str] = []
+        started = threading.Event()
+
+        def read() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                lines.append(line)
+                if line.rstrip().endswith("| lmforge.cli"):
+                    started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(120), lines
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        return proc.returncode, err
+        proc.wait(timeout=60)
+        reader.join(60)
+        return proc.returncode, "".join(line for line in lines if not line.startswith("import time:"))
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(interrupt, [0.2, 0.35, 0.5, 0.7, 1.0, 1.4]))
+        results = list(pool.map(interrupt, [0.01, 0.15, 0.3, 0.5, 0.8, 1.2]))
     # 130, or killed by the SIGINT itself as Python may end after a KeyboardInterrupt (a shell shows both as 130);
     # 0: the command had finished (a fast machine, the longest delays), and a Ctrl-C then must not print either
     stopped = [err for code, err in results if code in (130, -signal.SIGINT)]
