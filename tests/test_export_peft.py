@@ -123,3 +123,20 @@ def test_cli_export_peft(tmp_path: Path) -> None:
     assert (tmp_path / "adapter" / "base" / "model.safetensors").is_file()
     r = run_cli("export", str(tmp_path / "base"), "--peft", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "not an adapter-only LoRA run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_card_of_a_fine_tune_names_its_base_task_and_chat_prompt(tmp_path: Path) -> None:
+    """The card of an exported fine-tune listed the base's pretraining data as "training data" beside the
+    fine-tune's steps, the base's pretraining config as the model's, and prompted a chat-tuned model with
+    plain text; the base/ of a --peft export claimed the adapter's steps and evaluations as its own."""
+    run = lora_run(tmp_path, {})
+    card = (export_hf(run, tmp_path / "merged") / "README.md").read_text(encoding="utf-8")
+    assert f"| fine-tuned from | `{tmp_path / 'base'}` |" in card
+    assert "| fine-tuning | `--task sft`, `--adapt lora` (LoRA merged into the weights) |" in card
+    assert "| fine-tuning steps | 6 |" in card and "| steps |" not in card and "| training data |" not in card
+    assert "apply_chat_template(messages, add_generation_prompt=True" in card  # how it was trained to be prompted
+    assert "Fine-tuning settings (`finetune.json`" in card and '"task": "sft"' in card
+    base_card = (export_peft(run, tmp_path / "adapter") / "base" / "README.md").read_text(encoding="utf-8")
+    assert "the base of the LoRA adapter" in base_card
+    assert "fine-tuning steps" not in base_card and "last validation" not in base_card
+    assert "apply_chat_template" not in base_card

@@ -203,8 +203,9 @@ def without_chat_markers(tokenizer_json: str) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-def write_hf(trained: Any, out: Path) -> Path:
-    """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
+def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
+    """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically). `adapter_base`: it is
+    the base of an `export --peft` adapter (the fine-tune's LoRA layers stripped), which its card says."""
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)
     tokenizer: Tokenizer = trained.tokenizer
@@ -261,7 +262,8 @@ def write_hf(trained: Any, out: Path) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in state.values())
-        atomic_write_text(tmp / "README.md", _model_card(out.name, trained, family, n_params))
+        card = _model_card(out.name, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base)
+        atomic_write_text(tmp / "README.md", card)
     return out
 
 
@@ -302,30 +304,74 @@ def card_language_header(language: str) -> str:
     return f"language:\n- {language}\n" if language else ""
 
 
-def _model_card(name: str, trained: Any, family: str, n_params: int) -> str:
+def finetune_info_of(trained: Any) -> dict[str, Any] | None:
+    """finetune.json of the run `trained` was loaded from; None for a pretrained or imported run."""
+    path = trained.checkpoint.path
+    if path.parent.name != "checkpoints":
+        return None
+    try:
+        return json.loads((path.parent.parent / "finetune.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _finetune_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """Model-card rows naming a fine-tune's base, task and mode (config.json there holds the base's settings)."""
+    settings = info.get("finetune_config") or {}
+    how = f"`--task {info.get('task')}`, `--adapt {info.get('adapt')}`"
+    if info.get("adapt") == "lora":
+        how += " (LoRA merged into the weights)"
+    if settings.get("teacher"):
+        how += f", teacher `{settings['teacher']}`"
+    return [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}`"), ("fine-tuning", how)]
+
+
+def _model_card(
+    name: str, trained: Any, family: str, n_params: int, *, chat: bool = False, adapter_base: bool = False
+) -> str:
     cfg = trained.config
+    info = finetune_info_of(trained)
     step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     architecture = FAMILIES[family].architecture
     n_new = max(1, min(50, cfg.model.max_seq_len // 2))  # the snippet must fit in the context
+    data = f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"
     rows = [
         ("architecture", f"{architecture} ({STYLE_NAMES[family]}-style lmforge GPT)"),
         ("parameters", f"{n_params:,}"),
         ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
         ("context", f"{cfg.model.max_seq_len} tokens"),
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer)"),
-        ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
-        ("steps", f"{step:,}"),
-        ("tokens seen", f"{tokens:,}"),
     ]
+    if info is None:
+        rows += [("training data", data), ("steps", f"{step:,}"), ("tokens seen", f"{tokens:,}")]
+    elif adapter_base:  # the fine-tune's steps, tokens and evaluations are the adapter's, not this model's
+        base = info.get("base_arg") or info.get("base")
+        rows += [("weights", f"`{base}`, the base of the LoRA adapter in `..`"), ("pretraining data", data)]
+        last = None
+    else:  # config.json (and so `cfg`) holds the base's settings; the steps and evaluations are the fine-tune's
+        rows += _finetune_rows(info)
+        rows += [("pretraining data", data), ("fine-tuning steps", f"{step:,}"), ("fine-tuning tokens", f"{tokens:,}")]
     if last is not None:
         rows.append(("last validation loss", f"{last['val_loss']:.4f} nats/token (step {last['step']})"))
         if last.get("val_bpb") is not None:
             rows.append(("last validation bits per byte", f"{last['val_bpb']:.4f}"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     config_json = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)
+    if info is not None and not adapter_base:
+        settings = {k: info[k] for k in ("finetune_config", "train", "optim") if k in info}
+        config_json += "\n```\n\nFine-tuning settings (`finetune.json`; the config above is the base's):\n\n```json\n"
+        config_json += json.dumps(settings, indent=2, ensure_ascii=False)
     language = data_language(cfg.data.dir) if cfg.data.dir else ""
     prompt = CARD_PROMPTS[language or "en"]
+    if chat and not adapter_base:  # a chat-tuned model learned its prompts through the chat template
+        encode = (
+            f'messages = [{{"role": "user", "content": "{prompt}"}}]\n'
+            'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+            "return_dict=True).input_ids"
+        )
+    else:
+        encode = f'ids = tokenizer("{prompt}", return_tensors="pt").input_ids'
     return f"""---
 {card_language_header(language)}library_name: transformers
 pipeline_tag: text-generation
@@ -350,7 +396,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
-ids = tokenizer("{prompt}", return_tensors="pt").input_ids
+{encode}
 print(tokenizer.decode(model.generate(ids, max_new_tokens={n_new}, do_sample=False)[0]))
 ```
 

@@ -158,7 +158,9 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
     with building_dir(out) as tmp:
         base = write_hf(
-            Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt), tmp / "base"
+            Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt),
+            tmp / "base",
+            adapter_base=True,
         )
         write_json(
             tmp / "adapter_config.json",
