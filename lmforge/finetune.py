@@ -516,6 +516,12 @@ def _finetune(
         labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
         if len(labels) < 2:
             raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
+        if len(labels) == len(train_rows) >= 20:  # no class seen twice: a text column read as the labels
+            raise DataError(
+                f"{train_file}: each of its {len(train_rows)} rows has a label of its own (e.g. {labels[0][:60]!r}), "
+                f"so no class has two examples to learn from; is the label column '{fields['label']}' right? "
+                "pick the column of class names with --field label=COLUMN"
+            )
         rng = random.Random(train_cfg.seed)
         extra = [
             {**r, fields["text"]: augment_text(str(r[fields["text"]]), rng)}

@@ -366,6 +366,22 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
 
 
+def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
+    """`--field label=sentence` on SST-2's dev.tsv trained an 872-class classifier, one class per row, silently
+    (and printed all 872 sentences as its labels); no class seen twice is a wrong column, said in one line."""
+    swapped = tmp_path / "swapped.tsv"
+    rows = [f"review number {i} of a film\t{i % 2}" for i in range(24)]
+    swapped.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(swapped), "--field", "text=label",
+                "--field", "label=sentence", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "each of its 24 rows has a label of its own" in r.stderr and "--field label=COLUMN" in r.stderr
+    assert not (tmp_path / "s").exists()
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(swapped), "--field", "text=sentence",
+                "--out", str(tmp_path / "ok"), "--train.max_steps", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
 def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_scored(base: Path, tmp_path: Path):
     """A row with a blank text (ChnSentiCorp_htl_all.csv ends with the row "0,") trained and was scored silently
     as the bare frame ([EOS]). A training file's blank rows are now skipped and counted in the log (one stray row
