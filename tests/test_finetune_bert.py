@@ -167,3 +167,16 @@ def test_hf_bert_directory_as_base(bert_run: Path, tmp_path: Path):
     for name, value in ft.model.body.state_dict().items():  # the encoder arrived unchanged and stayed frozen
         assert torch.equal(value, imported[name]), name
         assert torch.equal(value, original[name]), name
+
+
+def test_exporting_a_bert_classifier_points_to_eval_and_its_base(bert_run: Path, tmp_path: Path):
+    """`export` of a BERT classifier told the user to "fine-tune with --adapt full or lora on an LM task such as
+    sft", which an encoder cannot do (finetune refuses it); it now names what does work."""
+    out = tmp_path / "cls"
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    finetune(bert_run, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False)
+    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "hf"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "only language models export" in r.stderr and "such as sft" not in r.stderr
+    assert f"lmforge eval {out} --task classify" in r.stderr and f"lmforge export {bert_run} --to hf" in r.stderr
+    assert not (tmp_path / "hf").exists()

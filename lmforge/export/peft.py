@@ -79,9 +79,16 @@ def _load_lm(ckpt_dir: Path) -> Any:
             "fine-tune with --adapt lora or full to export"
         )
     if ft.model.__class__.__name__ != "GPT":
+        base = ft.info.get("base_arg") or ft.info.get("base")
+        todo = (  # an encoder has no LM task to fine-tune for: its base exports, the classifier is scored
+            f"score it with 'lmforge eval {ft.run_dir} --task classify', or export its base encoder "
+            f"('lmforge export {base} --to hf')"
+            if ft.config.model.family in ("bert", "electra")
+            else "fine-tune with --adapt full or lora on an LM task such as sft"
+        )
         raise LmforgeError(
             f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}), not a language model; only "
-            "language models export (fine-tune with --adapt full or lora on an LM task such as sft)"
+            f"language models export ({todo})"
         )
     return ft
 
