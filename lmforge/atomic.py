@@ -78,10 +78,22 @@ def fsync_file(path: Path) -> None:
 TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed just before publishing
 
 
+# What a model folder that `export`, `import` or `quantize` wrote (or a run, a Hugging Face model) holds: a
+# non-empty --out holding none of them is someone's own folder, which --overwrite would delete whole
+MODEL_DIR_MARKERS = ("config.json", "adapter_config.json", "checkpoints", "status.json")
+
+
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
-    """A non-empty `out` is an error unless `overwrite`."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    """A non-empty `out` is an error unless `overwrite`; even then, unless it is a model folder (above)."""
+    if not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
+    if not out.is_dir() or not any((out / name).exists() for name in MODEL_DIR_MARKERS):
+        raise LmforgeError(
+            f"refusing to overwrite {out}: it is not a model folder (no config.json, adapter_config.json or "
+            "checkpoints/), and --overwrite would delete everything in it; choose another --out"
+        )
 
 
 def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = False) -> None:

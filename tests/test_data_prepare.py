@@ -358,6 +358,15 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         assert_nothing_written(tmp_path)
 
 
+def test_utf8_text_with_a_nul_byte_is_not_called_utf16(tmp_path: Path) -> None:
+    # two ASCII letters read as one UTF-16 code unit are a CJK ideograph (b"te" -> U+6574), so a UTF-8 file
+    # with one stray NUL was "UTF-16 text" and the advice (iconv -f UTF-16LE) turned it into Chinese mojibake
+    write(tmp_path / "in" / "z.csv", b"text\nhello\x00world, the quick brown fox jumps\n")
+    with pytest.raises(DataError, match=r"z\.csv looks like a binary file, not text"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+
+
 KOREAN = (
     "오늘은 날씨가 정말 좋습니다. 우리는 공원에 가서 산책을 했습니다.\n한국어로 된 글을 처리하는 것은 재미있습니다.\n"
 )

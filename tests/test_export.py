@@ -434,6 +434,21 @@ def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
     import_hf(out, imported, overwrite=True)
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_model(bpe: Tokenizer, tmp_path: Path) -> None:
+    # export --overwrite deleted any folder named as --out: a user's folder of notes went with it
+    run = make_run(tmp_path / "run", bpe)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("precious", encoding="utf-8")
+    for out in (mine, tmp_path / "notes.txt"):
+        with pytest.raises(LmforgeError, match="refusing to overwrite .* not a model folder") as excinfo:
+            export_hf(run, out, overwrite=True)
+        one_line(excinfo)
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "precious"
+
+
 def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     out = export_hf(make_run(tmp_path / "run", bpe), tmp_path / "hf")
     with pytest.raises(CheckpointError, match="is not a directory"):

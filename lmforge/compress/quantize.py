@@ -219,8 +219,8 @@ def quantize_run(
     if group_size <= 0 or group_size % 2:
         raise LmforgeError(f"--group-size must be a positive even number, got {group_size}")
     out = Path(out)
-    check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, Path(path))  # not the run, a folder holding it, nor one inside it: --overwrite deletes out
+    check_out_dir(out, overwrite=overwrite)
     source = resolve_checkpoint(path)
     check_not_inside(out, source)
     cpu = torch.device("cpu")

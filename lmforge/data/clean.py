@@ -198,12 +198,25 @@ def utf16_encoding(head: bytes) -> str | None:
             if zeros.count(0) > 0.9 * len(zeros) and chars.count(0) < 0.1 * len(chars):
                 return name  # no byte-order mark: iconv needs the byte order
         # Chinese/Japanese text has few NULs: 90% of its code units are CJK, CJK punctuation, fullwidth
-        # forms or ASCII text characters, where random binary data has about a third
+        # forms or ASCII text characters, where random binary data has about a third. Not UTF-8 text with a
+        # stray NUL, though: two ASCII letters read as one UTF-16 unit are a CJK ideograph (b"te" is U+6574),
+        # so plain English passed this test, and the iconv advice turned it into Chinese mojibake
+        if _valid_utf8(sample):
+            return None
         for name in ("UTF-16LE", "UTF-16BE"):
             text = sample.decode(name.lower(), errors="replace")
             if sum(_likely_utf16_char(c) for c in text) > 0.9 * len(text):
                 return name
     return None
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """`data` decodes as UTF-8 (a character cut at its end allowed): real UTF-16 CJK text never does."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _likely_utf16_char(c: str) -> bool:

@@ -144,8 +144,8 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     from lmforge.export.peft import load_exportable
 
     out = Path(out)
-    check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, Path(path))  # the run given: never replaced, never written into
+    check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
     if trained.config.model.family in ("bert", "electra"):

@@ -78,8 +78,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
             f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES}), or hf:ORG/NAME for "
             "a model on the Hugging Face Hub"
         )
-    check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, hf_dir)
+    check_out_dir(out, overwrite=overwrite)
     config_path = hf_dir / "config.json"
     hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
     model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None

@@ -146,8 +146,8 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     from lmforge.export.hf_families import hf_family
 
     out = Path(out)
-    check_out_dir(out, overwrite=overwrite)
     check_not_inside(out, Path(path))
+    check_out_dir(out, overwrite=overwrite)
     ckpt_dir = resolve_checkpoint(path)
     check_not_inside(out, ckpt_dir)
     info_path = ckpt_dir.parent.parent / "finetune.json"
