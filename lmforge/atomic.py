@@ -75,7 +75,7 @@ def fsync_file(path: Path) -> None:
 # back) by the next one only when its name has the prefix, the marker is there and that process is
 # gone.
 
-TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed just before publishing
+TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed once it is published
 
 
 # What a model folder that `export`, `import` or `quantize` wrote (or a run, a Hugging Face model) holds: a
@@ -176,21 +176,23 @@ def publish_dir(tmp: Path, out: Path) -> None:
     """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and deleted last.
 
     If the swap fails (or is interrupted), the old `out` is put back; if the process is killed in
-    the middle, the next `fresh_tmp_dir(out)` puts it back."""
-    (tmp / TMP_MARKER).unlink(missing_ok=True)
+    the middle, the next `fresh_tmp_dir(out)` puts it back. `tmp` keeps its marker until it is `out`, so a
+    build folder left by a kill or a failed rename is still recognisably ours and removed by the next run
+    (a kill right after the rename leaves only the small hidden marker file in `out`)."""
     if not (out.exists() or out.is_symlink()):
         os.replace(tmp, out)
-        return
-    aside = _make_marked_dir(out, "old")
-    old = aside / out.name
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
+    else:
+        aside = _make_marked_dir(out, "old")
+        old = aside / out.name
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
         shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    (out / TMP_MARKER).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -61,6 +61,38 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_out(tmp_path: Path) -> No
     assert lmforge_leftovers(tmp_path) == []
 
 
+KILLED_AT_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+import lmforge.atomic as atomic
+out = Path(sys.argv[1])
+tmp = atomic.fresh_tmp_dir(out)
+(tmp / "weights.bin").write_bytes(b"x" * 1000)
+def replace(src, dst):  # SIGKILL as the build folder is about to become `out`
+    if Path(src) == tmp:
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.rename(src, dst)
+atomic.os.replace = replace
+atomic.publish_dir(tmp, out)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_build_killed_as_it_is_published_is_cleaned_up_by_the_next_run(tmp_path: Path, existing: bool) -> None:
+    """The marker used to be removed before the rename: a kill in between left an unmarked build folder that no
+    later run would touch (it could be gigabytes of weights)."""
+    out = tmp_path / "out"
+    if existing:  # --overwrite: the old out is moved aside first, and must come back
+        out.mkdir()
+        (out / "old.txt").write_text("old", encoding="utf-8")
+    p = subprocess.run([sys.executable, "-c", KILLED_AT_PUBLISH, str(out)], capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    assert any(name.startswith(".out.lmforge-tmp-") for name in lmforge_leftovers(tmp_path))
+    tmp = fresh_tmp_dir(out)  # the next run
+    assert lmforge_leftovers(tmp_path) == [tmp.name]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] if existing else not out.exists()
+
+
 def _mark(folder: Path, pid: int) -> None:
     folder.mkdir()
     (folder / TMP_MARKER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}), encoding="utf-8")
