@@ -398,9 +398,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+def _unknown_key(key: str, known: list[str], where: str, whole: str = "") -> ConfigError:
+    """`key` is not one of `known` (its siblings); `whole`: the full dotted key asked for, when `key` is a
+    section of it, looked up among every setting (`--log.every` is `train.log_every`)."""
     hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     extra = f"; did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}'?" if hint else ""
+    if not hint and "." in whole:
+        flat = whole.replace(".", "_")
+        leaves = [row[0] for row in help_lines()]
+        elsewhere = [k for k in leaves if k.endswith("." + flat)] or difflib.get_close_matches(whole, leaves, n=1)
+        extra = f"; did you mean '{elsewhere[0]}'?" if elsewhere else ""
+        key = whole
     return ConfigError(f"unknown config key '{key}' in {where}{extra}")
 
 
@@ -486,7 +494,7 @@ def _check_key_path(key: str) -> Any:
             raise ConfigError(f"unknown config key '{key}'; '{'.'.join(parts[:depth])}' has no sub-keys")
         names = list(dict.fromkeys(f.name for m in members for f in dataclasses.fields(m)))  # any model family's
         if part not in names:
-            raise _unknown_key(".".join(parts[: depth + 1]), names, "command-line overrides")
+            raise _unknown_key(".".join(parts[: depth + 1]), names, "command-line overrides", whole=key)
         cls = next(typing.get_type_hints(m)[part] for m in members if part in typing.get_type_hints(m))
     if _dataclass_members(cls):
         first = dataclasses.fields(_dataclass_members(cls)[0])[0].name

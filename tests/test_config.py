@@ -49,6 +49,11 @@ def test_unknown_keys_fail_with_did_you_mean(tmp_path):
         parse_overrides(["--train.lrr", "1"])
     with pytest.raises(ConfigError, match="did you mean 'model.n_layer'"):
         parse_overrides(["--model.n_layers", "2"])
+    # a setting looked for in a section that does not exist is found in the one that has it
+    with pytest.raises(ConfigError, match=r"unknown config key 'log.every'.*did you mean 'train.log_every'\?$"):
+        parse_overrides(["--log.every", "5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'foo.bar' in command-line overrides$"):
+        parse_overrides(["--foo.bar", "5"])
     toml = tmp_path / "bad.toml"
     toml.write_text("[train]\nmax_step = 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
