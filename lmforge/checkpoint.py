@@ -235,7 +235,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 "again resumes it)"
             )
         return ckpt
-    raise CheckpointError(f"{p} is not an lmforge run directory or checkpoint (no state.json / checkpoints/)")
+    if p.is_dir() and (p / "manifest.json").is_file() and (p / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{p} is a prepared data directory (lmforge prepare), not a run; train a model on it first "
+            f"(lmforge pretrain --data {p}) and pass that run directory"
+        )
+    raise CheckpointError(
+        f"{p} is not an lmforge run directory or checkpoint (no state.json / checkpoints/); pass a folder made by "
+        "lmforge pretrain, finetune or import"
+    )
 
 
 def _pruned(ckpt_dir: Path, run_dir: Path | None) -> bool:

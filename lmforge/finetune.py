@@ -224,7 +224,14 @@ def _continued_schedule(loaded: Finetuned, base_path: str, base: str | Path) -> 
             f"--schedule continue needs BASE to be an lmforge pretraining run part-way through its schedule; "
             f"{base} is {'a fine-tuned run' if loaded.info is not None else f'at step {step}'}; use --schedule fresh"
         )
-    return ContinuedSchedule(start=step, train=loaded.config.train)
+    schedule = ContinuedSchedule(start=step, train=loaded.config.train)
+    if step >= loaded.config.train.max_steps:  # lr_at holds the final lr from there on: nothing left to follow
+        raise ConfigError(
+            f"--schedule continue needs BASE to be part-way through its schedule; {base} finished it (step {step} of "
+            f"{loaded.config.train.max_steps}), where its lr stays at {schedule(0):g}; use --schedule fresh "
+            "with --train.lr"
+        )
+    return schedule
 
 
 def _check_family(family: str, cfg: FinetuneConfig, base: str | Path) -> None:

@@ -325,3 +325,17 @@ def test_a_checkpoint_pruned_while_read_is_read_again_from_latest(tmp_path, monk
     with pytest.raises(CheckpointError, match="was deleted while it was read") as excinfo:
         load_trained(latest_checkpoint(run), cpu)
     assert "damaged" not in str(excinfo.value) and "incomplete" not in str(excinfo.value)
+
+
+def test_a_data_directory_given_as_a_run_says_to_train_on_it_first(data_dir, tmp_path):
+    from lmforge.checkpoint import resolve_checkpoint
+    from tests.conftest import run_cli
+
+    with pytest.raises(CheckpointError, match=r"is a prepared data directory \(lmforge prepare\), not a run"):
+        resolve_checkpoint(data_dir)
+    with pytest.raises(CheckpointError, match="pass a folder made by lmforge pretrain, finetune or import"):
+        resolve_checkpoint(tmp_path)  # some other folder
+    text = tmp_path / "new.txt"
+    text.write_text("Some new text to adapt to.\n", encoding="utf-8")
+    r = run_cli("finetune", str(data_dir), "--task", "clm", "--train", str(text), "--out", str(tmp_path / "ft"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "lmforge pretrain --data" in r.stderr, r.stderr

@@ -155,6 +155,10 @@ def test_continued_pretraining_continues_the_base_schedule(data_dir: Path, tmp_p
     with pytest.raises(ConfigError, match="needs BASE to be an lmforge pretraining run"):
         finetune(base0, train_file=text, out=tmp_path / "x", cfg=FinetuneConfig(task="clm", schedule="continue"))
     assert not (tmp_path / "x").exists()
+    done = run / "checkpoints" / "step-000008"  # a finished base: its lr stays at final_lr, nothing to follow
+    with pytest.raises(ConfigError, match=r"finished it \(step 8 of 8\).*use --schedule fresh"):
+        finetune(done, train_file=text, out=tmp_path / "z", cfg=FinetuneConfig(task="clm", schedule="continue"))
+    assert not (tmp_path / "z").exists()
 
 
 def test_train_seconds_add_up_over_sessions(base: Path, tmp_path: Path):
