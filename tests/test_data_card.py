@@ -166,3 +166,24 @@ def test_top_tokens_show_a_unigram_word_start_and_specials():
     shown = {t["id"]: t["token"] for t in top_tokens(tok, np.bincount(ids, minlength=tok.vocab_size))}
     assert shown[tok.eos_id] == "<|endoftext|>" and all(shown.values())
     assert shown[tok.hf.token_to_id("▁")] == " "  # the word-start mark alone (the commonest token): not ''
+
+
+def test_a_character_only_wordpiece_vocabulary_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Below twice the corpus' characters WordPiece learns no longer piece: English then costs ~1 byte per token."""
+    write(tmp_path / "a.txt", shakespeare_text(20_000) + "\n\n" + ZH)
+    sizes, errs = {}, {}
+    for asked in (100, 600):
+        m = prepare(
+            PrepareConfig(
+                inputs=[str(tmp_path / "a.txt")],
+                out=str(tmp_path / f"o{asked}"),
+                tokenizer="wordpiece",
+                vocab_size=asked,
+            ),
+            progress=False,
+        )
+        sizes[asked] = (m["tokenizer"]["vocab_size"], m["tokenizer"]["report"]["bytes_per_token"]["en"])
+        errs[asked] = capsys.readouterr().err
+        assert ("is all single characters" in errs[asked]) == (asked == 100), errs[asked]
+    assert f"({sizes[100][0]:,} ids for --vocab-size 100)" in errs[100] and errs[100].count("\n") == 1
+    assert sizes[100][1] < 1.3 < sizes[600][1]  # character-level English vs learned pieces

@@ -114,10 +114,25 @@ def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, pro
     show = progress and sys.stderr.isatty()
     texts = _sample_docs(train_docs, TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1))
     if cfg.tokenizer == "wordpiece":
-        return train_wordpiece(texts, cfg.vocab_size, show_progress=show), "wordpiece"
+        tok = train_wordpiece(texts, cfg.vocab_size, show_progress=show)
+        _note_characters_only(tok, cfg.vocab_size)
+        return tok, "wordpiece"
     if cfg.tokenizer == "unigram":
         return train_unigram(texts, cfg.vocab_size, show_progress=show), "unigram"
     return train_bpe(texts, cfg.vocab_size, show_progress=show, extra_specials=cfg.special_tokens == "all"), "bpe"
+
+
+def _note_characters_only(tok: Tokenizer, asked: int) -> None:
+    """WordPiece keeps every character and its ## form first: a --vocab-size below that leaves no room for a single
+    longer piece, and the tokenizer is character-level (English at ~1.2 bytes per token) without a word said."""
+    pieces = [p.removeprefix("##") for p in tok.hf.get_vocab() if not (p.startswith("<|") or p.startswith("["))]
+    if pieces and max(len(p) for p in pieces) == 1:
+        print(
+            f"note: the WordPiece vocabulary ({tok.vocab_size:,} ids for --vocab-size {asked:,}) is all single "
+            "characters: the corpus' characters and their ## forms fill it; raise --vocab-size above "
+            f"{tok.vocab_size:,} to learn words and subwords",
+            file=sys.stderr,
+        )
 
 
 def encode_split(
