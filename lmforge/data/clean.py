@@ -143,9 +143,8 @@ def legacy_encoding(head: bytes) -> str | None:
     for encoding in LEGACY_ENCODINGS:
         if encoding == "EUC-KR":
             continue
-        try:
-            text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
-        except UnicodeDecodeError:
+        text = _decoded(head, encoding)
+        if text is None:
             continue
         wide = [c for c in text if ord(c) > 0x7F]
         expected = sum(_expected(encoding, c) for c in wide)
@@ -164,9 +163,8 @@ def _reads_as_korean(head: bytes) -> bool:
     (when it decodes at all) gives Hangul only for the ideographs in GB2312's rows B0-C8 (pinyin a to
     san; 54% of those in Hong Lou Meng's chapter 1) and Hanja for the rest, so 12 Hangul in a row is
     about 1 in 1,600. Korean with up to 5% Hanja still counts; one under 12 syllables is named GB18030."""
-    try:
-        text = codecs.getincrementaldecoder("EUC-KR")().decode(head, final=False)
-    except UnicodeDecodeError:
+    text = _decoded(head, "EUC-KR")
+    if text is None:
         return False
     letters = [c for c in text if ord(c) > 0x7F and unicodedata.category(c) == "Lo"]
     syllables = sum("\uac00" <= c <= "\ud7a3" for c in letters)
@@ -201,7 +199,7 @@ def utf16_encoding(head: bytes) -> str | None:
         # forms or ASCII text characters, where random binary data has about a third. Not UTF-8 text with a
         # stray NUL, though: two ASCII letters read as one UTF-16 unit are a CJK ideograph (b"te" is U+6574),
         # so plain English passed this test, and the iconv advice turned it into Chinese mojibake
-        if _valid_utf8(sample):
+        if _decoded(sample, "utf-8") is not None:
             return None
         for name in ("UTF-16LE", "UTF-16BE"):
             text = sample.decode(name.lower(), errors="replace")
@@ -210,13 +208,13 @@ def utf16_encoding(head: bytes) -> str | None:
     return None
 
 
-def _valid_utf8(data: bytes) -> bool:
-    """`data` decodes as UTF-8 (a character cut at its end allowed): real UTF-16 CJK text never does."""
+def _decoded(data: bytes, encoding: str) -> str | None:
+    """`data` read as `encoding` (a character cut at its end allowed: a file's first bytes), or None when it does
+    not decode. (Real UTF-16 CJK text never decodes as UTF-8.)"""
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+        return codecs.getincrementaldecoder(encoding)().decode(data, final=False)
     except UnicodeDecodeError:
-        return False
-    return True
+        return None
 
 
 def _likely_utf16_char(c: str) -> bool:
