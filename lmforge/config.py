@@ -398,9 +398,82 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
+# Names other trainers use (HF TrainingArguments, nanoGPT, litgpt) for settings lmforge calls otherwise:
+# a did-you-mean by spelling would point `learning_rate` at `optim.name`.
+_OTHER_NAMES = {
+    "learning_rate": "train.lr",
+    "lr": "train.lr",
+    "max_lr": "train.lr",
+    "max_iters": "train.max_steps",
+    "num_steps": "train.max_steps",
+    "steps": "train.max_steps",
+    "lr_decay_iters": "train.max_steps",
+    "warmup_iters": "train.warmup_steps",
+    "warmup": "train.warmup_steps",
+    "lr_scheduler_type": "train.schedule",
+    "scheduler": "train.schedule",
+    "per_device_train_batch_size": "train.batch_size",
+    "global_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.micro_batch_size",
+    "micro_batch": "train.micro_batch_size",
+    "bf16": "train.dtype",
+    "fp16": "train.dtype",
+    "precision": "train.dtype",
+    "dtype": "train.dtype",
+    "gradient_checkpointing": "train.activation_checkpointing",
+    "logging_steps": "train.log_every",
+    "log_interval": "train.log_every",
+    "max_grad_norm": "optim.grad_clip",
+    "gradient_clipping": "optim.grad_clip",
+    "clip_grad_norm": "optim.grad_clip",
+    "adam_beta1": "optim.beta1",
+    "adam_beta2": "optim.beta2",
+    "adam_epsilon": "optim.eps",
+    "optimizer": "optim.name",
+    "optim": "optim.name",
+    "eval_interval": "eval.every",
+    "eval_steps": "eval.every",
+    "eval_iters": "eval.max_batches",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "save_steps": "checkpoint.every",
+    "save_interval": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep",
+    "n_embd": "model.d_model",
+    "hidden_size": "model.d_model",
+    "n_embd_hidden": "model.d_ff",
+    "intermediate_size": "model.d_ff",
+    "num_hidden_layers": "model.n_layer",
+    "n_layers": "model.n_layer",
+    "num_attention_heads": "model.n_head",
+    "num_key_value_heads": "model.n_kv_head",
+    "n_query_groups": "model.n_kv_head",
+    "block_size": "data.seq_len",
+    "context_length": "data.seq_len",
+    "max_seq_length": "data.seq_len",
+    "seq_len": "data.seq_len",
+    "dataset": "data.dir",
+    "data_dir": "data.dir",
+    "output_dir": "out",
+    "out_dir": "out",
+    "epochs": "train.max_steps",
+    "num_train_epochs": "train.max_steps",
+}
+
+
+def other_name(name: str) -> str:
+    """lmforge's key for a setting another trainer calls `name` (`learning_rate` -> `train.lr`), or ''."""
+    target = _OTHER_NAMES.get(name.lower().replace("-", "_"), "")
+    return target if target != name else ""
+
+
 def _unknown_key(key: str, known: list[str], where: str, whole: str = "") -> ConfigError:
     """`key` is not one of `known` (its siblings); `whole`: the full dotted key asked for, when `key` is a
-    section of it, looked up among every setting (`--log.every` is `train.log_every`)."""
+    section of it, looked up among every setting (`--log.every` is `train.log_every`). A name another
+    trainer uses for a setting (`learning_rate`) points at lmforge's key for it (`train.lr`)."""
+    leaf = (whole or key).rsplit(".", 1)[-1]
+    if other_name(leaf):
+        key = whole or key
+        return ConfigError(f"unknown config key '{key}' in {where}; did you mean '{other_name(leaf)}'?")
     hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     extra = f"; did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{hint[0]}'?" if hint else ""
     if not hint and "." in whole:
@@ -460,6 +533,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
+            name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+            leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
+            known = other_name(name) or leaves.get(name.replace("-", "_"), "")
+            if known:
+                raise ConfigError(f"unexpected argument {arg!r}; did you mean --{known}?")
             raise ConfigError(
                 f"unexpected argument {arg!r}; settings look like --section.key VALUE (e.g. --train.lr 1e-3)"
             )

@@ -44,6 +44,31 @@ def test_preset_named_in_toml(tmp_path):
     assert cfg.model.tie_embeddings
 
 
+def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
+    # spelling alone pointed these at optim.name, train.min_lr, model.n_head and train.batch_size
+    for given, ours in [
+        ("optim.learning_rate", "train.lr"),
+        ("train.learning_rate", "train.lr"),
+        ("model.n_embd", "model.d_model"),
+        ("data.block_size", "data.seq_len"),
+        ("train.eval_interval", "eval.every"),
+        ("train.gradient_accumulation_steps", "train.micro_batch_size"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"unknown config key '{given}' .*did you mean '{ours}'\?$"):
+            parse_overrides([f"--{given}", "1"])
+    # a flag without a section: another trainer's name, or one of ours without its section
+    with pytest.raises(ConfigError, match=r"unexpected argument '--learning_rate'; did you mean --train.lr\?$"):
+        parse_overrides(["--learning_rate", "1e-3"])
+    with pytest.raises(ConfigError, match=r"unexpected argument '--max_steps'; did you mean --train.max_steps\?$"):
+        parse_overrides(["--max_steps", "5"])
+    with pytest.raises(ConfigError, match=r"unexpected argument '--bogus'; settings look like --section.key"):
+        parse_overrides(["--bogus", "5"])
+    toml = tmp_path / "hf_names.toml"
+    toml.write_text("[optim]\nlearning_rate = 1e-3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'.*did you mean 'train.lr'"):
+        load_config(config_file=toml)
+
+
 def test_unknown_keys_fail_with_did_you_mean(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
         parse_overrides(["--train.lrr", "1"])
