@@ -799,3 +799,18 @@ def test_task_files_in_parquet(base: Path, tmp_path: Path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         read_task_rows(tmp_path / "bad.parquet", "sft", fields)
+
+
+def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Path):
+    from lmforge.data.formats import read_table
+
+    head = tmp_path / "head.csv"  # a NUL near the start: binary, as prepare says of it
+    head.write_bytes(b"text,label\ngood movie,1\nbad\x00 movie,0\n")
+    with pytest.raises(DataError, match=r"head.csv looks like a binary file"):
+        read_table(head)
+    deep = tmp_path / "deep.csv"  # past the part prepare sniffs: named by its line
+    deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad\x00 movie,0\n")
+    with pytest.raises(DataError, match=r"deep.csv:1002: holds a NUL byte.*remove it or re-export the file$"):
+        read_table(deep)
+    deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad movie,0\n")
+    assert len(read_table(deep)) == 1001

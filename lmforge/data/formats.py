@@ -93,6 +93,12 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
 
             check_not_binary(p)
         raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
+    if "\x00" in text:  # UTF-16 or binary data (as prepare refuses it), or a NUL byte further in
+        from lmforge.data.ingest import check_not_binary
+
+        check_not_binary(p)
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"{p}:{line}: holds a NUL byte, which text never has; remove it or re-export the file")
     if name.endswith(".jsonl") or name.endswith(".json"):
         rows = _read_json(text, p, lines=name.endswith(".jsonl"))
     elif name.endswith(".tsv"):
