@@ -357,6 +357,11 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
 
     if not run_contents(out):  # (none, or a run killed as it began)
         return None
+    if (out / "quantize.json").is_file():  # (it holds a copy of its fine-tune's finetune.json)
+        raise ConfigError(
+            f"{out} is a quantized copy, which finetune does not continue; fine-tune the original run, or choose "
+            "another --out"
+        )
     if not (out / "finetune.json").is_file():
         overwritable = has_run_markers(out)  # else --overwrite refuses it too
         raise ConfigError(

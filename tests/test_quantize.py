@@ -226,3 +226,35 @@ def test_quantized_run_keeps_the_stop_ids_of_an_imported_instruct_model(tmp_path
     write_stop_ids(tmp_path / "run", [0, 5])
     quantize_run(tmp_path / "run", tmp_path / "q", bits=8, group_size=64, compare=False)
     assert stop_ids_of(tmp_path / "q") == [0, 5]
+
+
+def test_quantized_fine_tune_keeps_its_finetune_json(tmp_path: Path) -> None:
+    """A quantized chat fine-tune is still that fine-tune: loaders see its task and base, its export's card
+    names them and the quantization, and neither finetune nor pretrain takes it for a run to continue."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.export.hf import export_hf
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, FAST, make_base
+
+    base = make_base(tmp_path)
+    tuned = tmp_path / "sft"
+    finetune(
+        base, train_file=DATA / "chat.jsonl", out=tuned, cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False
+    )
+    quantize_run(tuned, tmp_path / "q", bits=8, group_size=64, compare=False)
+    assert json.loads((tmp_path / "q" / "finetune.json").read_text(encoding="utf-8"))["task"] == "sft"
+    loaded = load_finetuned(tmp_path / "q", torch.device("cpu"))
+    assert loaded.info["task"] == "sft" and loaded.template is not None
+    original = load_finetuned(tuned, torch.device("cpu"))
+    ids = torch.tensor([loaded.tokenizer.encode("hello there")])
+    with torch.no_grad():  # the int8 copy's logits stay near the float model's
+        assert (loaded.model(ids) - original.model(ids)).abs().max() < 0.05
+    card = (export_hf(tmp_path / "q", tmp_path / "hf") / "README.md").read_text(encoding="utf-8")
+    assert f"| fine-tuned from | `{base.resolve()}` |" in card
+    assert "| quantization | int8 weights (per output channel) of `" in card
+    r = run_cli("eval", str(tmp_path / "q"))  # its base names no prepared data: eval it on its task
+    assert r.returncode == 2 and "is a --task sft fine-tune of a base that names no prepared data" in r.stderr
+    r = run_cli(
+        "finetune", str(base), "--train", str(DATA / "chat.jsonl"), "--task", "sft", "--out", str(tmp_path / "q")
+    )
+    assert r.returncode == 2 and "is a quantized copy, which finetune does not continue" in r.stderr

@@ -64,6 +64,9 @@ def _load_finetuned(ckpt_dir: Path, device: torch.device) -> Finetuned:
         return Finetuned(t.model, t.tokenizer, t.config, None, load_template(run_dir), run_dir)
     info = read_json(info_path, "re-run lmforge finetune")
     ckpt = load_checkpoint(ckpt_dir, verify="weights")
+    if "quantization" in ckpt.meta:  # `lmforge quantize` of a whole-model fine-tune: a plain GPT of int weights
+        t = load_trained(ckpt_dir, device)
+        return Finetuned(t.model, t.tokenizer, t.config, info, load_template(run_dir), run_dir)
     if info["saved"] == "model":
         t = build_from_config(ckpt, device)
         body, tokenizer, config = t

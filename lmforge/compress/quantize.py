@@ -270,6 +270,8 @@ def quantize_run(
         trained.tokenizer.save(tmp / "tokenizer.json")
         if (run_dir / "tokenizer_config.json").is_file():  # a chat-tuned run keeps its chat template
             shutil.copyfile(run_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        if (run_dir / "finetune.json").is_file():  # a fine-tune's task, base and settings (eval, export's card)
+            shutil.copyfile(run_dir / "finetune.json", tmp / "finetune.json")
         stop_ids = stop_ids_of(run_dir)  # an imported instruct model's end of turn (or its fine-tune's base's)
         if stop_ids:
             write_stop_ids(tmp, stop_ids)

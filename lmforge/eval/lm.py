@@ -214,6 +214,12 @@ def evaluate_checkpoint(
         raise DataError(f"{path} is a classifier; evaluate it with --task classify --data FILE")
     checkpoint = load_checkpoint(path, verify=False)  # its folder and step (load_finetuned verified it)
     if not (data_dir or trained.config.data.dir):
+        if trained.info:  # a fine-tune of a base that names no data (an imported model, say)
+            task = trained.info.get("task")
+            raise DataError(
+                f"{path} is a --task {task} fine-tune of a base that names no prepared data; score it on its task "
+                f"with --task {task} --data FILE, or pass --data DATA_DIR for perplexity on prepared data"
+            )
         raise DataError(f"{path} does not name its training data (an imported model?); pass --data DATA_DIR")
     data = load_data_dir(data_dir or trained.config.data.dir)
     manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")

@@ -352,6 +352,10 @@ def _model_card(
     else:  # config.json (and so `cfg`) holds the base's settings; the steps and evaluations are the fine-tune's
         rows += _finetune_rows(info)
         rows += [("pretraining data", data), ("fine-tuning steps", f"{step:,}"), ("fine-tuning tokens", f"{tokens:,}")]
+    quant = trained.checkpoint.meta.get("quantization")
+    if quant:  # `lmforge quantize`: the integer weights are stored dequantized here
+        grouping = "per output channel" if quant["bits"] == 8 else f"in groups of {quant['group_size']} inputs"
+        rows.append(("quantization", f"int{quant['bits']} weights ({grouping}) of `{quant['source']}`, dequantized"))
     if last is not None:
         rows.append(("last validation loss", f"{last['val_loss']:.4f} nats/token (step {last['step']})"))
         if last.get("val_bpb") is not None:

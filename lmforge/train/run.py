@@ -92,10 +92,10 @@ def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
     """What else an lmforge output with a config.json is (its resume failed later with a puzzling error: a
     data-loader mismatch, missing weight names, a model config of Nones); "" for a pretraining run."""
+    if (run_dir / "quantize.json").is_file():  # (a quantized fine-tune holds a copy of its finetune.json)
+        return "a quantized copy, which 'lmforge pretrain' does not resume: train the original run, then quantize it"
     if (run_dir / "finetune.json").is_file():
         return "a fine-tuned run, which 'lmforge pretrain' does not resume: re-run its 'lmforge finetune' command"
-    if (run_dir / "quantize.json").is_file():
-        return "a quantized copy, which 'lmforge pretrain' does not resume: train the original run, then quantize it"
     if "model" not in config and ("model_type" in config or "architectures" in config):
         return "a Hugging Face model, not an lmforge run: 'lmforge import' it to use it"
     return ""
