@@ -512,11 +512,19 @@ def main(argv: list[str] | None = None) -> None:
     ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (not where Ctrl-C is ignored: nohup, &)
     if ours:
         signal.signal(signal.SIGINT, _on_sigint)
+    # SIGTERM (kill, docker stop, a scheduler's time limit) as Ctrl-C: the command stops as it does on Ctrl-C,
+    # removing its half-built output folder (prepare, export, ...) instead of dying with it in place; the
+    # training loop takes both signals over while it runs (finish the step, save, exit 130)
+    term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if term:
+        signal.signal(signal.SIGTERM, _on_sigint)
     try:
         _main(argv)
     finally:
         if ours:  # the exit code is decided: a Ctrl-C now would only interrupt Python's shutdown (torch's finalizers)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if term:  # (outputs are published by now: a kill during shutdown loses nothing)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _main(argv: list[str] | None) -> None:

@@ -136,3 +136,29 @@ def test_prepare_and_merge_keep_a_users_out_tmp(tmp_path: Path) -> None:
     assert_users_folders_intact(tmp_path)
     assert (tmp_path / "m.tmp" / "notes.txt").is_file()
     assert lmforge_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_prepare_like_ctrl_c_and_removes_its_build_folder(tmp_path: Path, workers: int) -> None:
+    """SIGTERM (kill, docker stop, a batch scheduler) used to end the process at once, leaving the hidden build
+    folder in place until some later run cleaned it up; it now stops the command as Ctrl-C does."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
+    text = tmp_path / "in.txt"  # ~3 MB: seconds of work after the build folder appears
+    text.write_text("\n\n".join(" ".join(rng.choices(words, k=50)) for _ in range(10000)), encoding="utf-8")
+    args = ["prepare", str(text), "--out", str(tmp_path / "out"), "--tokenizer", "bpe", "--workers", str(workers)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not lmforge_leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare ended before its build folder was seen"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.decode().strip()) == (130, "lmforge: interrupted")
+    assert lmforge_leftovers(tmp_path) == [] and not (tmp_path / "out").exists()

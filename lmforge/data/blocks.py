@@ -182,6 +182,9 @@ def init_pool_worker(worker: BlockWorker) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
     # a worker's own KeyboardInterrupt would only print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() stops workers with it
+    if hasattr(signal, "pthread_sigmask"):  # held by the parent while it started the pool (prepare._start_pool)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _WORKER = worker
 
 

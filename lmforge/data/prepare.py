@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -612,6 +613,11 @@ def _start_pool(workers: int, worker: BlockWorker) -> Any:
     method = "fork" if sys.platform == "linux" else "spawn"
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C/SIGTERM are held while the workers start: a KeyboardInterrupt raised inside an at-fork callback
+    # (logging's lock release) is printed as "Exception ignored" and lost, and the command ran on to the end.
+    # Held signals arrive when the mask is restored; the workers unblock them (init_pool_worker).
+    mask = getattr(signal, "pthread_sigmask", None)
+    held = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
     try:
         return multiprocessing.get_context(method).Pool(workers, initializer=init_pool_worker, initargs=(worker,))
     finally:
@@ -619,6 +625,8 @@ def _start_pool(workers: int, worker: BlockWorker) -> Any:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
+        if mask:
+            mask(signal.SIG_SETMASK, held)
 
 
 def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
