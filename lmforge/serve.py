@@ -2,19 +2,23 @@
 
 Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
     GET  /v1/models[/NAME]        the one model served (named after the run directory)
-    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                                   "stream_options"}; "prompt" is a string, a list of strings, a list of token
-                                   ids or a list of such lists: one choice per prompt, `index` in order
-    POST /v1/chat/completions     {"messages": [{"role", "content"}], same options, "max_completion_tokens"};
-                                  the run's chat template ("developer" = "system"; text content parts joined)
+    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
+                                   "stream_options", "echo", "logprobs"}; "prompt" is a string, a list of strings,
+                                   a list of token ids or a list of such lists: `n` choices per prompt, prompt
+                                   i's at `index` i*n .. i*n+n-1; "echo" puts the prompt before the text (with
+                                   "max_tokens": 0 the prompt is only scored) and "logprobs": K gives each token's
+                                   log-probability and its K likeliest alternatives (`serve_logprobs.py`)
+    POST /v1/chat/completions     {"messages": [{"role", "content"}], same options but "echo",
+                                  "max_completion_tokens", "logprobs": true, "top_logprobs"}; the run's chat
+                                  template ("developer" = "system"; text content parts joined)
     GET  /health                  {"status": "ok"}
 With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (completion text or chat
 `delta`s, each choice's carrying its `index`) and a final `data: [DONE]`, as the OpenAI client libraries
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
-an app written for OpenAI runs unchanged). `n` > 1, `logprobs`, `echo`, `suffix`, `best_of`, penalties,
+an app written for OpenAI runs unchanged). `logprobs` with `stream`, `suffix`, `best_of`, penalties,
 `logit_bias`, tools and `response_format` are refused with a 400 rather than ignored: each would change
-what a client gets back.
+what a client gets back. With a `seed`, choice j of a prompt samples with seed + j.
 
 HTTP/1.1 with keep-alive, as the `openai` client (httpx) and browsers use it: one connection carries many
 requests. Every reply that is not streamed has a Content-Length; a stream is sent chunked (ending with the
@@ -120,6 +124,16 @@ class LMServer(ThreadingHTTPServer):
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
         self.lock = threading.Lock()
+        self._names: Any = None
+
+    def token_names(self) -> Any:
+        """The tokenizer's token names for `logprobs` (read on first use: a walk over the vocabulary)."""
+        from lmforge.serve_logprobs import TokenNames
+
+        with self.lock:
+            if self._names is None:
+                self._names = TokenNames(self.ft.tokenizer)
+            return self._names
 
     @property
     def url(self) -> str:
@@ -471,6 +485,50 @@ class _Handler(BaseHTTPRequestHandler):
             out.append(ids)
         return out
 
+    @staticmethod
+    def _scoring(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
+        """(echo, logprobs, top alternatives per token) asked for: completions' `echo` and `logprobs` (an
+        integer, the alternatives), chat's `logprobs` (true/false) and `top_logprobs`."""
+        from lmforge.serve_logprobs import MAX_TOP_LOGPROBS
+
+        echo = body.get("echo")
+        if chat and echo is not None:
+            raise RequestError(400, "'echo' is for /v1/completions; leave it out of a chat request", param="echo")
+        if echo is not None and not isinstance(echo, bool):
+            raise RequestError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        in_range = f"a whole number 0-{MAX_TOP_LOGPROBS}"
+        if chat:
+            if wanted is not None and not isinstance(wanted, bool):
+                raise RequestError(400, f"'logprobs' must be true or false, got {wanted!r}", param="logprobs")
+            if top is not None and not wanted:
+                raise RequestError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+        else:
+            if top is not None:
+                message = "'top_logprobs' is for chat; /v1/completions takes the count as 'logprobs'"
+                raise RequestError(400, message, param="top_logprobs")
+            top, wanted = wanted, wanted is not None
+        top = 0 if top is None else top
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            key = "top_logprobs" if chat else "logprobs"
+            raise RequestError(400, f"'{key}' must be {in_range}, got {top!r}", param=key)
+        return bool(echo), bool(wanted), top
+
+    def _logprobs(self, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
+        """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too)."""
+        from lmforge.serve_logprobs import chat_logprobs, completion_logprobs, score
+
+        ft, names = self.server.ft, self.server.token_names()
+        first = 0 if echo else len(ids)
+        if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
+            new = [t for t in new if t not in self.server.stops]
+        with self.server.lock:
+            scored = score(ft.model, ids + new, first, top)
+        if chat:
+            return chat_logprobs(names, new, scored)
+        decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+        return completion_logprobs(names, decode, ids + new, first, scored)
+
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
         from lmforge.generate import context_length
 
@@ -483,13 +541,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_tokens")
         asked = body.get(limit_key) is not None
         default = min(limits.default_max_tokens, limits.max_tokens)
-        max_tokens = number(body, limit_key, default, 1, limits.max_tokens)
+        echo, logprobs, top = self._scoring(body, chat)
+        if body.get(limit_key) == 0 and not echo:
+            message = f"'{limit_key}' 0 generates nothing; ask for at least 1 token" + (
+                "" if chat else ' (0 is for "echo": true, to score the prompt)'
+            )
+            raise RequestError(400, message, param=limit_key)
+        max_tokens = number(body, limit_key, default, 0 if echo else 1, limits.max_tokens)  # 0: score the prompt
         if isinstance(max_tokens, float) and max_tokens.is_integer():
             max_tokens = int(max_tokens)
         if not isinstance(max_tokens, int):
             raise RequestError(400, f"'{limit_key}' must be a whole number, got {max_tokens!r}", param=limit_key)
-        if body.get("n", 1) not in (1, None):
-            raise RequestError(400, f"'n' must be 1 (one choice per prompt), got {body['n']!r}", param="n")
+        n = body.get("n")
+        n = 1 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
         seed = body.get("seed")
@@ -520,15 +586,24 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(include_usage, bool):
             message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
             raise RequestError(400, message, param="stream_options")
+        if stream and logprobs:
+            message = "'logprobs' is not supported with \"stream\": true; leave one of them out"
+            raise RequestError(400, message, param="logprobs")
         for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         prompts = self._prompts(body, chat)
+        if len(prompts) * n > limits.max_prompts:  # each choice is a generation of its own
+            message = (
+                f"{len(prompts)} prompt(s) x 'n' {n} = {len(prompts) * n} choices; this server makes at most "
+                f"{limits.max_prompts} per request (--max-prompts): ask for fewer"
+            )
+            raise RequestError(400, message, param="n")
         context = context_length(ft.model)  # a recurrent model's has no limit
         budgets = []
         for i, ids in enumerate(prompts):
             # no max_tokens given: whatever the context leaves, up to the default
-            budget = max_tokens if asked else max(1, min(max_tokens, context - len(ids)))
+            budget = max_tokens if asked else max(min(1, max_tokens), min(max_tokens, context - len(ids)))
             if len(ids) + budget > context:
                 what = "the messages are" if chat else "the prompt is" if len(prompts) == 1 else f"'prompt[{i}]' is"
                 it = "them" if chat else "it"
@@ -549,9 +624,9 @@ class _Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        def chunk(index: int, piece: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(index: int, piece: str, finish_reason: str | None, first: int | None = None) -> dict[str, Any]:
             if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": piece} if piece else {})
+                delta = ({"role": "assistant"} if first is not None else {}) | ({"content": piece} if piece else {})
                 choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
             else:
                 choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}
@@ -565,24 +640,37 @@ class _Handler(BaseHTTPRequestHandler):
         if stream:
             self._start_stream()
             if chat:  # the assistant's role comes first, as from OpenAI; completions start with text
-                self._event(chunk(0, "", None, first=True))
-        sampling = {"temperature": temperature, "top_p": top_p, "seed": seed}
+                for index in range(n):
+                    self._event(chunk(index, "", None, first=index))
         choices = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        # one choice per prompt, in order (`n` is 1; OpenAI puts prompt i's n choices at i*n .. i*n + n-1)
-        for index, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
-            emit = functools.partial(send_piece, index) if stream else None
-            text, finish, n_new = self._generate(ids, budget, sampling, stop, chat, emit)
-            if stream:
-                self._event(chunk(index, "", finish))
-            elif chat:
-                choices.append(
-                    {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                )
-            else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
-            usage["prompt_tokens"] += len(ids)
-            usage["completion_tokens"] += n_new
+        raw = body.get("prompt") if not chat else None
+        # choices in order: prompt i's n choices at i*n .. i*n + n-1, as OpenAI numbers them; with a seed,
+        # choice j of each prompt samples with seed + j (n different samples, the same again on a repeat)
+        for i, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
+            usage["prompt_tokens"] += len(ids)  # (counted once per prompt, as OpenAI counts it)
+            for j in range(n):
+                index = i * n + j
+                sampling = {"temperature": temperature, "top_p": top_p}
+                sampling["seed"] = None if seed is None else (seed + j) % 2**63
+                emit = functools.partial(send_piece, index) if stream else None
+                head = ""
+                if echo:  # the prompt's text first (as sent; token ids as they decode)
+                    prompt = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
+                    head = prompt if isinstance(prompt, str) else ft.tokenizer.decode(ids, skip_special_tokens=True)
+                    if emit is not None and head:
+                        emit(head)
+                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit)
+                usage["completion_tokens"] += len(new)
+                if stream:
+                    self._event(chunk(index, "", finish))
+                    continue
+                scores = self._logprobs(ids, new, echo, top, chat) if logprobs else None
+                if chat:
+                    message = {"role": "assistant", "content": text}
+                    choices.append({"index": index, "message": message, "logprobs": scores, "finish_reason": finish})
+                else:
+                    choices.append({"index": index, "text": head + text, "logprobs": scores, "finish_reason": finish})
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if stream:
             if include_usage:  # one more chunk, with no choices, as OpenAI sends it
@@ -601,14 +689,16 @@ class _Handler(BaseHTTPRequestHandler):
         stop: list[str],
         chat: bool,
         emit: Callable[[str], None] | None,
-    ) -> tuple[str, str, int]:
-        """One choice: (its text, finish_reason, tokens generated). With `emit` (streaming), its text is
+    ) -> tuple[str, str, list[int]]:
+        """One choice: (its text, finish_reason, the ids generated). With `emit` (streaming), its text is
         passed on as soon as no stop string can still cut it.
 
         Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
         this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
         writes (until `idle_timeout_s`), never the lock every other request waits for: writing under the lock,
         one such client held up all the others. A client that leaves stops its generation at the next token."""
+        if max_tokens == 0:  # `echo` with max_tokens 0: the prompt is only scored
+            return "", "length", []
         if emit is None:
             return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
         pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
@@ -645,7 +735,7 @@ class _Handler(BaseHTTPRequestHandler):
         chat: bool,
         emit: Callable[[str], None] | None = None,
         client_left: Callable[[], bool] | None = None,
-    ) -> tuple[str, str, int]:
+    ) -> tuple[str, str, list[int]]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
 
         `client_left` is asked before the generation and after each token: streamed, whether the connection's
@@ -696,13 +786,12 @@ class _Handler(BaseHTTPRequestHandler):
                     on_token=on_token,
                     compile=self.server.compile,
                 )
-                n_new = len(new)
                 if finish != "stop":
                     text += decoder.flush()
             except _StopGeneration:
-                n_new = len(decoder.ids)
+                new = decoder.ids
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
         if emit is not None and len(text) > sent:
             emit(text[sent:])
-        return text, finish, n_new
+        return text, finish, new

@@ -8,9 +8,6 @@ from typing import Any
 
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "frequency_penalty": (None, 0, 0.0),

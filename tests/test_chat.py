@@ -281,10 +281,12 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "surrogate"),
             ("/completions", {"prompt": "hi", "max_tokens": 3.5}, "whole number"),
             ("/completions", {"prompt": "hi", "seed": -1, "stream": True}, "'seed'"),  # a 400, not an SSE error
-            ("/completions", {"prompt": "hi", "n": 2}, "'n'"),
+            ("/completions", {"prompt": "hi", "n": 0}, "'n' must be a whole number >= 1"),
             ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
-            ("/completions", {"prompt": "hi", "logprobs": 3}, "'logprobs' is not supported"),
-            ("/completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
+            ("/completions", {"prompt": "hi", "logprobs": 21}, "'logprobs' must be a whole number 0-20"),
+            ("/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 'not supported with "stream"'),
+            ("/completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
+            ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
             ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2}, "penalty"),
         ]
@@ -339,6 +341,7 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
         assert status == 200 and reply["choices"][0] == {
             "index": 0,
             "message": {"role": "assistant", "content": "hel"},
+            "logprobs": None,
             "finish_reason": "length",
         }
         assert reply["usage"]["completion_tokens"] == 3
@@ -376,11 +379,13 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
         image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
         refused = [
             ("/chat/completions", {"messages": image}, "messages", "only text content parts"),
-            ("/chat/completions", {"messages": hi, "n": 2}, "n", "'n' must be 1"),
-            ("/chat/completions", {"messages": hi, "logprobs": True}, "logprobs", "'logprobs' is not supported"),
+            ("/chat/completions", {"messages": hi, "n": 1.5}, "n", "'n' must be a whole number"),
+            ("/chat/completions", {"messages": hi, "logprobs": 2}, "logprobs", "'logprobs' must be true or false"),
+            ("/chat/completions", {"messages": hi, "top_logprobs": 2}, "top_logprobs", 'needs "logprobs": true'),
+            ("/chat/completions", {"messages": hi, "echo": True}, "echo", "for /v1/completions"),
             ("/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
             ("/chat/completions", {"messages": hi, "max_tokens": 4, "max_completion_tokens": 3}, "max_tokens", "both"),
-            ("/chat/completions", {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens", "[1, 512]"),
+            ("/chat/completions", {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens", "nothing"),
             ("/chat/completions", {"messages": hi, "tools": [{"type": "function"}]}, "tools", "not supported"),
         ]
         for path, payload, param, needle in refused:
@@ -663,8 +668,9 @@ def test_serve_drops_a_reply_whose_client_left_before_it_was_ready(chat_run: Pat
     with _serving(chat_run) as server:
         calls = []
         hook = server.ft.model.register_forward_hook(lambda *_: calls.append(1))
-        with socket.create_connection(server.server_address[:2], timeout=30) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        with server.lock:  # the client is gone before the request can start, however the threads are scheduled
+            with socket.create_connection(server.server_address[:2], timeout=30) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
         deadline = time.monotonic() + 60
         while any("process_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
             time.sleep(0.02)  # until the request's thread is done
@@ -757,6 +763,60 @@ def test_serve_completions_take_every_prompt_form(chat_run: Path):
             assert status == 400 and error["param"] == "prompt" and needle in error["message"], (prompt, error)
         status, body = _post(url, {"prompt": [ids[0], [vocab]], **greedy, "stream": True})  # checked before streaming
         assert status == 400 and "token id" in json.loads(body)["error"]["message"], body
+
+
+def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
+    """logprobs are log-softmax of the model's own logits (checked against a forward pass here); echo with
+    max_tokens 1 and logprobs 1 is lm-evaluation-harness's `local-completions` scoring request, and the sum
+    it takes over a continuation's tokens is the continuation's log-likelihood; n gives n seeded samples."""
+    from lmforge.adapt.load import load_finetuned
+
+    ft = load_finetuned(chat_run, torch.device("cpu"))
+    context, answer = ft.tokenizer.encode("<|user|>\nhi\n<|assistant|>\n"), ft.tokenizer.encode("hello there")
+    with torch.no_grad():
+        logp = torch.log_softmax(ft.model(torch.tensor([context + answer]))[0].float(), dim=-1)
+    expected = [logp[t - 1, tok].item() for t, tok in enumerate(context + answer) if t > 0]
+    with _serving(chat_run) as server:
+        url = server.url + "/v1"
+        status, body = _post(url + "/completions", {"prompt": [context + answer], "max_tokens": 1, "temperature": 0,
+                                                    "echo": True, "logprobs": 1, "seed": 1234})  # fmt: skip
+        assert status == 200, body
+        choice = json.loads(body)["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"].startswith("<|user|>\nhi\n<|assistant|>\nhello there")
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(context + answer) + 1  # + the generated one
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:-1] == pytest.approx(expected, abs=1e-4)
+        assert lp["tokens"][len(context) : len(context) + 5] == list("hello")
+        assert lp["text_offset"][len(context)] == len("<|user|>\nhi\n<|assistant|>\n")
+        # the trained reply is greedy: each of its tokens is its position's top-1 (what the harness checks)
+        answer_part = slice(len(context), len(context) + len(answer))
+        for value, top in zip(lp["token_logprobs"][answer_part], lp["top_logprobs"][answer_part], strict=True):
+            assert value == max(top.values())
+        # max_tokens 0: the prompt scored, nothing generated
+        status, body = _post(url + "/completions", {"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 0})
+        reply = json.loads(body)
+        assert reply["choices"][0]["text"] == "hi" and reply["usage"]["completion_tokens"] == 0
+        assert reply["choices"][0]["logprobs"]["tokens"] == ["h", "i"]
+
+        hi = [{"role": "user", "content": "hi"}]
+        status, body = _post(url + "/chat/completions", {"messages": hi, "temperature": 0, "logprobs": True,
+                                                         "top_logprobs": 3})  # fmt: skip
+        choice = json.loads(body)["choices"][0]
+        content = choice["logprobs"]["content"]
+        assert "".join(c["token"] for c in content) == choice["message"]["content"] == "hello there"  # no EOS
+        assert [c["logprob"] for c in content] == pytest.approx(expected[len(context) - 1 :], abs=1e-4)
+        assert all(len(c["top_logprobs"]) == 3 and c["top_logprobs"][0]["token"] == c["token"] for c in content)
+        assert content[0]["bytes"] == [ord("h")]
+
+        sampled = {"prompt": ["once", "upon"], "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 3}
+        choices = json.loads(_post(url + "/completions", sampled)[1])["choices"]
+        assert [c["index"] for c in choices] == list(range(6))
+        for i, prompt in enumerate(["once", "upon"]):  # choice j of a prompt samples with seed + j
+            for j in range(3):
+                alone = json.loads(_post(url + "/completions", {**sampled, "prompt": prompt, "n": 1, "seed": 5 + j})[1])
+                assert choices[i * 3 + j]["text"] == alone["choices"][0]["text"]
+        assert len({c["text"] for c in choices[:3]}) > 1
 
 
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):

@@ -1,0 +1,89 @@
+"""Token log-probabilities for `lmforge serve`: `logprobs` of /v1/completions (with `echo`, the prompt's
+tokens too: how lm-evaluation-harness's `local-completions` model scores answer choices) and `logprobs` /
+`top_logprobs` of /v1/chat/completions, in the OpenAI API's shapes.
+
+The numbers are the model's own next-token distribution, the log-softmax of its logits before temperature
+or top-p (what sampling then reshapes; vLLM's default too), from one forward pass over prompt + completion
+after the generation: the same logits the KV-cached decode used, up to float summation order.
+
+A token's name is the text it adds (its UTF-8 bytes), or `bytes:\\xe4\\xbd` for a byte-level piece of a
+character that is not whole on its own, as OpenAI writes them; a special token (`<|endoftext|>`) is its name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
+
+
+class TokenNames:
+    """Each id's display name and bytes, read once from the tokenizer (`Tokenizer.token_utf8`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.utf8 = tokenizer.token_utf8()
+
+    def name(self, token_id: int) -> str:
+        raw = self.utf8[token_id] if 0 <= token_id < len(self.utf8) else b""
+        if not raw:  # a special token (it adds no text) or an id past the tokenizer's (a padded vocabulary)
+            return self.tokenizer.id_to_token(token_id) or ""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        raw = self.utf8[token_id] if 0 <= token_id < len(self.utf8) else b""
+        return list(raw or self.name(token_id).encode("utf-8"))
+
+
+@torch.no_grad()
+def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+    """For each position t in start..len(ids)-1: (log p(ids[t] | ids[:t]), the `top` likeliest ids at t with
+    their log-probabilities, likeliest first). Position 0 has no context: (None, [])."""
+    out: list[tuple[float | None, list[tuple[int, float]]]] = []
+    if start == 0 and ids:
+        out.append((None, []))
+        start = 1
+    if start >= len(ids):
+        return out
+    device = next(model.parameters()).device
+    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(1, torch.tensor(ids[start:], device=device).unsqueeze(1)).squeeze(1).tolist()
+    best_values, best_ids = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else (logp[:, :0], logp[:, :0])
+    for lp, values, alternatives in zip(chosen, best_values.tolist(), best_ids.long().tolist(), strict=True):
+        out.append((lp, list(zip(alternatives, values, strict=True))))
+    return out
+
+
+def completion_logprobs(
+    names: TokenNames, decode: Any, ids: list[int], first: int, scored: list[tuple[float | None, list]]
+) -> dict[str, Any]:
+    """/v1/completions' `logprobs` object for ids[first:] (scored by `score(..., first, top)`): tokens,
+    token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs is) and text_offset (characters
+    from the start of the prompt's text to where each token's text begins)."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for i, (lp, alternatives) in zip(range(first, len(ids)), scored, strict=True):
+        tokens.append(names.name(ids[i]))
+        token_logprobs.append(lp)
+        top_logprobs.append(None if lp is None else {names.name(t): v for t, v in alternatives})
+        offsets.append(len(decode(ids[:i]).rstrip("\ufffd")))  # whole characters before it
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]]) -> dict[str, Any]:
+    """/v1/chat/completions' `logprobs` object for a reply's ids: {"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}]}], "refusal": null}."""
+
+    def entry(token_id: int, lp: float) -> dict[str, Any]:
+        return {"token": names.name(token_id), "logprob": lp, "bytes": names.bytes_of(token_id)}
+
+    content = [
+        entry(t, lp) | {"top_logprobs": [entry(a, v) for a, v in alternatives]}
+        for t, (lp, alternatives) in zip(ids, scored, strict=True)
+    ]
+    return {"content": content, "refusal": None}
