@@ -2,6 +2,9 @@
 
 - `sample_next(logits, ...)`: one sampling step for a batch of logits: greedy (temperature 0),
   temperature, top-k and top-p (nucleus) filtering, drawn from a caller's `torch.Generator`.
+- `Penalties`: discouraging repeats, applied to the logits before sampling (greedy included): OpenAI's
+  presence and frequency penalties over the tokens generated so far, and the CTRL / transformers
+  repetition penalty over prompt and output.
 - `generate(model, prompt_ids, ...)`: autoregressive decoding of one sequence. The prompt is run once
   (prefill) into a KV cache, then one token per step. Randomness comes only from a local generator
   seeded by `seed`, so a seeded call is reproducible and never disturbs the global RNG (or a training
@@ -38,6 +41,9 @@
   complete.
 
 References:
+- repetition penalty: Keskar et al. 2019 (CTRL), https://arxiv.org/abs/1909.05858, section 4.1
+- presence / frequency penalties: OpenAI's API reference ("mu[j] -> mu[j] - c[j] * alpha_frequency -
+  float(c[j] > 0) * alpha_presence", c[j] the times token j was sampled before the current position)
 - top-p / nucleus sampling: Holtzman et al. 2019, https://arxiv.org/abs/1904.09751
 - top-k sampling: Fan et al. 2018, https://arxiv.org/abs/1805.04833
 """
@@ -49,6 +55,7 @@ import math
 import sys
 import weakref
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -135,6 +142,44 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise LmforgeError(f"top_p must be in [0, 1] (1 = off, 0 = only the most likely token), got {top_p}")
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Penalties on tokens already seen, subtracted from (or dividing) the logits before sampling.
+
+    presence, frequency: OpenAI's, each in [-2, 2] (0 = off): token j's logit loses
+        frequency * c[j] + presence * (c[j] > 0), c[j] = how often j was generated so far (not the prompt).
+    repetition: transformers' `repetition_penalty` (CTRL), > 0 (1 = off): a token anywhere in the prompt or
+        the output has its logit divided by it when positive and multiplied by it when negative.
+    """
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("presence", "frequency"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise LmforgeError(f"{name} penalty must be in [-2, 2] (0 = off), got {value}")
+        if not 0.0 < self.repetition < math.inf:
+            raise LmforgeError(f"repetition penalty must be > 0 (1 = off; 1.1-1.3 is typical), got {self.repetition}")
+
+    @property
+    def off(self) -> bool:
+        return self.presence == 0 and self.frequency == 0 and self.repetition == 1
+
+    def apply(self, logits: Tensor, counts: Tensor, seen: Tensor) -> Tensor:
+        """(1, V) logits -> penalised float32 logits; `counts` (V,): times generated, `seen` (V,) bool: in
+        the prompt or generated."""
+        out = logits.float()
+        if self.repetition != 1:
+            hit = out[:, seen]
+            out[:, seen] = torch.where(hit > 0, hit / self.repetition, hit * self.repetition)
+        if self.frequency or self.presence:
+            out = out - (self.frequency * counts + self.presence * (counts > 0).float())
+        return out
 
 
 def context_length(model: Any) -> int:
@@ -261,6 +306,7 @@ def generate(
     stop_ids: Collection[int] = (),
     on_token: Callable[[int], None] | None = None,
     compile: bool = False,  # noqa: A002 - the CLI flag's name
+    penalties: Penalties | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -278,6 +324,7 @@ def generate(
         stop_ids: more ids that stop it as `eos_id` does (a run's `stop_ids_of`), included like it.
         on_token: called with each new token id as soon as it is chosen (for streaming).
         compile: run the one-token decode steps through `torch.compile` (module docstring).
+        penalties: presence / frequency / repetition penalties (`Penalties`); None = none.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -298,6 +345,8 @@ def generate(
     was_training = model.training
     model.eval()
     decode = functools.partial(compiled_decode_step, model) if compile else model
+    penalise = penalties is not None and not penalties.off
+    counts = seen = None  # (V,) made at the first step, when the logits give V
     try:
         new: list[int] = []
         cache = model.new_cache(batch_size=1) if use_cache else None
@@ -311,9 +360,18 @@ def generate(
                 cache = None  # past the context: sliding window, full recompute (module docstring)
                 x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
+            if penalise:
+                if counts is None:
+                    counts = torch.zeros(logits.shape[-1], device=device)
+                    seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                    seen[torch.tensor(ids, device=device)] = True
+                logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
             chosen = _sample(logits, temperature, top_k, top_p, generator)  # (1,)
             x = chosen.view(1, 1)  # the next step's input stays a tensor (no list -> tensor per token)
             token = int(chosen)
+            if penalise:
+                counts[token] += 1  # type: ignore[index]
+                seen[token] = True  # type: ignore[index]
             ids.append(token)
             new.append(token)
             if on_token is not None:
@@ -504,6 +562,7 @@ def generate_from_checkpoint(
     stop_at_eos: bool = True,
     device: str = "auto",
     stream: TextIO | None = None,
+    penalties: Penalties | None = None,
 ) -> str:
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
@@ -587,6 +646,7 @@ def generate_from_checkpoint(
         stop_ids=stops,
         on_token=on_token,
         compile=compile,
+        penalties=penalties,
     )
     show(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     return "".join(shown)

@@ -16,8 +16,9 @@ With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (co
 `delta`s, each choice's carrying its `index`) and a final `data: [DONE]`, as the OpenAI client libraries
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
-an app written for OpenAI runs unchanged). `logprobs` with `stream`, `suffix`, `best_of`, penalties,
-`logit_bias`, tools and `response_format` are refused with a 400 rather than ignored: each would change
+an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
+(vLLM's extension) are `generate.Penalties`. `logprobs` with `stream`, `suffix`, `best_of`, `logit_bias`, tools
+and `response_format` are refused with a 400 rather than ignored: each would change
 what a client gets back. With a `seed`, choice j of a prompt samples with seed + j.
 
 HTTP/1.1 with keep-alive, as the `openai` client (httpx) and browsers use it: one connection carries many
@@ -514,6 +515,19 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"'{key}' must be {in_range}, got {top!r}", param=key)
         return bool(echo), bool(wanted), top
 
+    @staticmethod
+    def _penalties(body: dict[str, Any]) -> Any:
+        """OpenAI's presence/frequency penalties and the `repetition_penalty` extension (vLLM's, transformers')."""
+        from lmforge.generate import Penalties
+
+        presence = number(body, "presence_penalty", 0.0, -2.0, 2.0)
+        frequency = number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+        repetition = number(body, "repetition_penalty", 1.0, 0.0, 10.0)
+        if repetition == 0:
+            message = "'repetition_penalty' must be > 0 (1 = off; 1.1-1.3 is typical), got 0"
+            raise RequestError(400, message, param="repetition_penalty")
+        return Penalties(presence, frequency, repetition)
+
     def _logprobs(self, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
         """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too)."""
         from lmforge.serve_logprobs import chat_logprobs, completion_logprobs, score
@@ -558,6 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
+        penalties = self._penalties(body)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
@@ -651,7 +666,7 @@ class _Handler(BaseHTTPRequestHandler):
             usage["prompt_tokens"] += len(ids)  # (counted once per prompt, as OpenAI counts it)
             for j in range(n):
                 index = i * n + j
-                sampling = {"temperature": temperature, "top_p": top_p}
+                sampling = {"temperature": temperature, "top_p": top_p, "penalties": penalties}
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
                 emit = functools.partial(send_piece, index) if stream else None
                 head = ""

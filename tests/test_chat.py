@@ -288,7 +288,11 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
-            ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2}, "penalty"),
+            (
+                "/chat/completions",
+                {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3},
+                "presence_penalty",
+            ),
         ]
         for path, payload, needle in bad:
             status, body = _post(base + path, payload)
@@ -817,6 +821,21 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
                 alone = json.loads(_post(url + "/completions", {**sampled, "prompt": prompt, "n": 1, "seed": 5 + j})[1])
                 assert choices[i * 3 + j]["text"] == alone["choices"][0]["text"]
         assert len({c["text"] for c in choices[:3]}) > 1
+
+        # penalties: the server's greedy text is generate()'s with the same Penalties
+        from lmforge.generate import Penalties, generate, run_stops
+
+        asked = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2}
+        status, body = _post(url + "/completions", {"prompt": "once", "max_tokens": 12, "temperature": 0, **asked})
+        ids = generate(ft.model, ft.tokenizer.encode("once"), max_new_tokens=12, temperature=0,
+                       stop_ids=run_stops(ft), penalties=Penalties(1.0, 0.5, 1.2))  # fmt: skip
+        assert json.loads(body)["choices"][0]["text"] == ft.tokenizer.decode(ids, skip_special_tokens=True)
+        plain = json.loads(_post(url + "/completions", {"prompt": "once", "max_tokens": 12, "temperature": 0})[1])
+        assert plain["choices"][0]["text"] != json.loads(body)["choices"][0]["text"]
+    r = run_cli("generate", str(chat_run), "--prompt", "hi", "--repetition-penalty", "0")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "lmforge: error: repetition penalty must be > 0 (1 = off; 1.1-1.3 is typical), got 0.0"
+    )
 
 
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):

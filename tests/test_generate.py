@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import StreamDecoder, generate, sample_next
+from lmforge.generate import Penalties, StreamDecoder, generate, sample_next
 from lmforge.models.gpt import GPT, GPTConfig
 from tests.conftest import have_cpp_compiler
 
@@ -137,6 +137,39 @@ def test_greedy_equivalents() -> None:
     assert generate(model, prompt, max_new_tokens=10, top_k=1, seed=1) == greedy
     assert generate(model, prompt, max_new_tokens=10, top_p=1e-6, seed=2) == greedy
     assert generate(model, prompt, max_new_tokens=10, top_p=0, seed=2) == greedy  # OpenAI's "top token only"
+
+
+def test_penalties_against_hand_computed_logits_and_a_reference_loop() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    counts = torch.tensor([2.0, 1.0, 0.0, 0.0])  # tokens 0 and 1 generated; token 3 only in the prompt
+    seen = torch.tensor([True, True, False, True])
+    got = Penalties(presence=0.5, frequency=0.25, repetition=2.0).apply(logits, counts, seen)
+    # repetition: 2/2, -1*2, (unseen 0.5), 3/2; then minus 0.25*count + 0.5*(count > 0)
+    assert got.tolist() == [[1.0 - 1.0, -2.0 - 0.75, 0.5, 1.5]]
+    assert Penalties().off and not Penalties(repetition=1.1).off
+    with pytest.raises(LmforgeError, match=r"presence penalty must be in \[-2, 2\]"):
+        Penalties(presence=2.5)
+    with pytest.raises(LmforgeError, match="repetition penalty must be > 0"):
+        Penalties(repetition=0)
+
+    model = tiny(pos_emb="rope")
+    prompt = [1, 2, 3, 1, 2, 3]
+    penalties = Penalties(presence=0.3, frequency=0.2, repetition=1.3)
+    ids = list(prompt)  # the same rule, written out on a full forward pass per token
+    with torch.no_grad():
+        for _ in range(12):
+            scores = model(torch.tensor([ids]))[0, -1].clone()
+            for token in set(ids):
+                scores[token] = scores[token] / 1.3 if scores[token] > 0 else scores[token] * 1.3
+            for token in set(ids[len(prompt) :]):
+                scores[token] -= 0.2 * ids[len(prompt) :].count(token) + 0.3
+            ids.append(int(scores.argmax()))
+    new = generate(model, prompt, max_new_tokens=12, temperature=0, penalties=penalties)
+    assert new == ids[len(prompt) :]
+    assert new != generate(model, prompt, max_new_tokens=12, temperature=0)  # they change the greedy path
+    assert generate(model, prompt, max_new_tokens=12, temperature=0, penalties=Penalties()) == generate(
+        model, prompt, max_new_tokens=12, temperature=0
+    )
 
 
 def test_seeded_sampling() -> None:
