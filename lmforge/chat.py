@@ -283,8 +283,10 @@ def chat(
     seed: int | None = None,
     device: str = "auto",
     compile: bool = False,  # noqa: A002 - the CLI flag's name
+    penalties: Any = None,
 ) -> int:
-    """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given."""
+    """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given.
+    `penalties`: a `generate.Penalties`, applied within each reply."""
     from lmforge.adapt.load import load_finetuned
     from lmforge.generate import (
         REPLACEMENT_CHAR,
@@ -365,6 +367,7 @@ def chat(
             stop_ids=stops,
             on_token=on_token,
             compile=compile,
+            penalties=penalties,
         )
         stdout.write(stream.flush() + "\n")
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD

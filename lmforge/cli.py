@@ -167,19 +167,9 @@ def build_parser() -> Parser:
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.0,
-        help="divide the scores of tokens already in the prompt or output (CTRL, as transformers); 1 = off, 1.1-1.3 "
-        "curbs loops",
-    )
-    p.add_argument(
-        "--presence-penalty", type=float, default=0.0, help="subtract from tokens generated before (-2..2, OpenAI's)"
-    )
-    p.add_argument(
-        "--frequency-penalty", type=float, default=0.0, help="subtract per earlier use of a token (-2..2, OpenAI's)"
-    )
+    from lmforge.cli_adapt import add_penalty_args
+
+    add_penalty_args(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
     p.add_argument(
         "--compile",
@@ -375,9 +365,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 f"({m['tokens']} tokens, {m['bytes']} bytes) | {m['checkpoint']}"
             )
     elif args.command == "generate":
-        from lmforge.generate import Penalties, generate_from_checkpoint
+        from lmforge.cli_adapt import penalties_of
+        from lmforge.generate import generate_from_checkpoint
 
-        penalties = Penalties(args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
+        penalties = penalties_of(args)
         generate_from_checkpoint(
             args.run,
             prompt=args.prompt,

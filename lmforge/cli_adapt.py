@@ -31,6 +31,29 @@ def _finetune_epilog() -> str:
     return "\n".join(lines)
 
 
+def add_penalty_args(p: argparse.ArgumentParser) -> None:
+    """`generate` and `chat`: `generate.Penalties` as flags (serve takes them per request)."""
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the scores of tokens already in the prompt or output (CTRL, as transformers); 1 = off, 1.1-1.3 "
+        "curbs loops",
+    )
+    p.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="subtract from tokens generated before (-2..2, OpenAI's)"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="subtract per earlier use of a token (-2..2, OpenAI's)"
+    )
+
+
+def penalties_of(args: argparse.Namespace) -> Any:
+    from lmforge.generate import Penalties
+
+    return Penalties(args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
+
+
 def add_parsers(sub: Any) -> None:
     from lmforge.config import add_dataclass_args
     from lmforge.finetune import FinetuneConfig
@@ -73,6 +96,7 @@ def add_parsers(sub: Any) -> None:
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    add_penalty_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(
         "--compile",
@@ -206,6 +230,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "chat":
         from lmforge.chat import chat
 
+        penalties = penalties_of(args)  # (checked before the model loads)
         chat(
             args.run,
             stdin=sys.stdin,
@@ -218,6 +243,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             seed=args.seed,
             device=args.device,
             compile=args.compile,
+            penalties=penalties,
         )
     elif args.command == "serve":
         from lmforge.serve import ServeLimits, make_server, serve

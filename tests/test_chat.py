@@ -138,6 +138,7 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         (("serve", missing, "--idle-timeout", "nan"), "--idle-timeout must be > 0 seconds"),
         (("chat", missing, "--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("chat", missing, "--seed", "-1"), "seed must be in [0, 2**63)"),  # was refused after the first message
+        (("chat", missing, "--frequency-penalty", "-3"), "frequency penalty must be in [-2, 2]"),
     ]
     with ThreadPoolExecutor(max_workers=2) as pool:  # fresh interpreters importing torch: two at a time
         replies = list(pool.map(lambda case: run_cli(*case[0], input="hi\n"), cases))
