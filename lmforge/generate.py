@@ -152,11 +152,14 @@ class Penalties:
         frequency * c[j] + presence * (c[j] > 0), c[j] = how often j was generated so far (not the prompt).
     repetition: transformers' `repetition_penalty` (CTRL), > 0 (1 = off): a token anywhere in the prompt or
         the output has its logit divided by it when positive and multiplied by it when negative.
+    bias: OpenAI's `logit_bias`, ((token id, -100..100), ...) added to those tokens' logits last (-100 bans
+        a token, 100 all but forces it).
     """
 
     presence: float = 0.0
     frequency: float = 0.0
     repetition: float = 1.0
+    bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("presence", "frequency"):
@@ -165,20 +168,25 @@ class Penalties:
                 raise LmforgeError(f"{name} penalty must be in [-2, 2] (0 = off), got {value}")
         if not 0.0 < self.repetition < math.inf:
             raise LmforgeError(f"repetition penalty must be > 0 (1 = off; 1.1-1.3 is typical), got {self.repetition}")
+        for token, value in self.bias:
+            if not -100 <= value <= 100:
+                raise LmforgeError(f"logit bias of token {token} must be in [-100, 100], got {value}")
 
     @property
     def off(self) -> bool:
-        return self.presence == 0 and self.frequency == 0 and self.repetition == 1
+        return self.presence == 0 and self.frequency == 0 and self.repetition == 1 and not self.bias
 
     def apply(self, logits: Tensor, counts: Tensor, seen: Tensor) -> Tensor:
         """(1, V) logits -> penalised float32 logits; `counts` (V,): times generated, `seen` (V,) bool: in
         the prompt or generated."""
-        out = logits.float()
+        out = logits.to(torch.float32, copy=True)  # (the caller's logits stay as they were)
         if self.repetition != 1:
             hit = out[:, seen]
             out[:, seen] = torch.where(hit > 0, hit / self.repetition, hit * self.repetition)
         if self.frequency or self.presence:
             out = out - (self.frequency * counts + self.presence * (counts > 0).float())
+        for token, value in self.bias:
+            out[:, token] += value
         return out
 
 

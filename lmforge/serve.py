@@ -17,7 +17,7 @@ With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (co
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
 an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
-(vLLM's extension) are `generate.Penalties`. `logprobs` with `stream`, `suffix`, `best_of`, `logit_bias`, tools
+(vLLM's extension) and `logit_bias` are `generate.Penalties`. `logprobs` with `stream`, `suffix`, `best_of`, tools
 and `response_format` are refused with a 400 rather than ignored: each would change
 what a client gets back. With a `seed`, choice j of a prompt samples with seed + j.
 
@@ -66,7 +66,14 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.serve_request import UNSUPPORTED, RequestError, completion_prompts, number, openai_messages
+from lmforge.serve_request import (
+    UNSUPPORTED,
+    RequestError,
+    completion_prompts,
+    logit_bias,
+    number,
+    openai_messages,
+)
 
 # stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
 # would slow every token of the reply; OpenAI's API takes 4
@@ -516,7 +523,7 @@ class _Handler(BaseHTTPRequestHandler):
         return bool(echo), bool(wanted), top
 
     @staticmethod
-    def _penalties(body: dict[str, Any]) -> Any:
+    def _penalties(body: dict[str, Any], vocab_size: int) -> Any:
         """OpenAI's presence/frequency penalties and the `repetition_penalty` extension (vLLM's, transformers')."""
         from lmforge.generate import Penalties
 
@@ -526,7 +533,7 @@ class _Handler(BaseHTTPRequestHandler):
         if repetition == 0:
             message = "'repetition_penalty' must be > 0 (1 = off; 1.1-1.3 is typical), got 0"
             raise RequestError(400, message, param="repetition_penalty")
-        return Penalties(presence, frequency, repetition)
+        return Penalties(presence, frequency, repetition, logit_bias(body.get("logit_bias"), vocab_size))
 
     def _logprobs(self, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
         """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too)."""
@@ -572,7 +579,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
-        penalties = self._penalties(body)
+        penalties = self._penalties(body, ft.tokenizer.vocab_size)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")

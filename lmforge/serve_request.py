@@ -10,7 +10,6 @@ from typing import Any
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -40,6 +39,27 @@ def number(body: dict[str, Any], key: str, default: float, lo: float, hi: float)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
         raise RequestError(400, f"'{key}' must be a number in [{lo}, {hi}], got {value!r}", param=key)
     return value
+
+
+def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` ({"token id": bias, ...}, bias -100..100) as `generate.Penalties.bias`."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError(
+            400, f"'logit_bias' must be an object of token id -> bias, got {short_json(value)}", param="logit_bias"
+        )
+    out = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            message = f"'logit_bias' key {key!r} is not a token id of this model (0 to {vocab_size - 1})"
+            raise RequestError(400, message, param="logit_bias")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
+            message = f"'logit_bias' of token {key} must be a number in [-100, 100], got {short_json(bias)}"
+            raise RequestError(400, message, param="logit_bias")
+        out.append((token, float(bias)))
+    return tuple(out)
 
 
 def openai_messages(messages: Any) -> Any:

@@ -833,6 +833,16 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
         assert json.loads(body)["choices"][0]["text"] == ft.tokenizer.decode(ids, skip_special_tokens=True)
         plain = json.loads(_post(url + "/completions", {"prompt": "once", "max_tokens": 12, "temperature": 0})[1])
         assert plain["choices"][0]["text"] != json.loads(body)["choices"][0]["text"]
+        # logit_bias -100 bans a token: the trained reply "hello there" cannot start with its "h"
+        h = str(ft.tokenizer.encode("h")[0])
+        greedy_hi = {"messages": hi, "temperature": 0, "max_tokens": 5}
+        reply = json.loads(_post(url + "/chat/completions", {**greedy_hi, "logit_bias": {h: -100}})[1])
+        assert not reply["choices"][0]["message"]["content"].startswith("h")
+        for bias, needle in [({"x": 1}, "key 'x' is not a token id"), ({h: 200}, "must be a number in [-100, 100]"),
+                             ([1], "must be an object")]:  # fmt: skip
+            status, body = _post(url + "/chat/completions", {**greedy_hi, "logit_bias": bias})
+            error = json.loads(body)["error"]
+            assert status == 400 and error["param"] == "logit_bias" and needle in error["message"], error
     r = run_cli("generate", str(chat_run), "--prompt", "hi", "--repetition-penalty", "0")
     assert r.returncode == 2 and r.stderr.strip() == (
         "lmforge: error: repetition penalty must be > 0 (1 = off; 1.1-1.3 is typical), got 0.0"

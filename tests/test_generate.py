@@ -146,7 +146,11 @@ def test_penalties_against_hand_computed_logits_and_a_reference_loop() -> None:
     got = Penalties(presence=0.5, frequency=0.25, repetition=2.0).apply(logits, counts, seen)
     # repetition: 2/2, -1*2, (unseen 0.5), 3/2; then minus 0.25*count + 0.5*(count > 0)
     assert got.tolist() == [[1.0 - 1.0, -2.0 - 0.75, 0.5, 1.5]]
-    assert Penalties().off and not Penalties(repetition=1.1).off
+    assert Penalties().off and not Penalties(repetition=1.1).off and not Penalties(bias=((0, 1.0),)).off
+    biased = Penalties(bias=((2, -100.0), (1, 5.0))).apply(logits, counts, seen)
+    assert biased.tolist() == [[2.0, 4.0, -99.5, 3.0]]
+    with pytest.raises(LmforgeError, match=r"logit bias of token 3 must be in \[-100, 100\]"):
+        Penalties(bias=((3, 101.0),))
     with pytest.raises(LmforgeError, match=r"presence penalty must be in \[-2, 2\]"):
         Penalties(presence=2.5)
     with pytest.raises(LmforgeError, match="repetition penalty must be > 0"):
