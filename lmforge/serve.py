@@ -12,6 +12,7 @@ Endpoints (the subset of the OpenAI API that local clients use; checked with the
                                   "max_completion_tokens", "logprobs": true, "top_logprobs"}; the run's chat
                                   template ("developer" = "system"; text content parts joined)
     GET  /health                  {"status": "ok"}
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize    vLLM's tokenizer endpoints (`serve_request.py`)
 With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (completion text or chat
 `delta`s, each choice's carrying its `index`) and a final `data: [DONE]`, as the OpenAI client libraries
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
@@ -70,9 +71,13 @@ from lmforge.serve_request import (
     UNSUPPORTED,
     RequestError,
     completion_prompts,
-    logit_bias,
+    detokenize_reply,
     number,
     openai_messages,
+    sampling_penalties,
+    scoring_options,
+    tokenize_reply,
+    tokenizer_info,
 )
 
 # stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
@@ -424,9 +429,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(RequestError(500, message, "server_error"))
 
     def _route(self, path: str) -> None:
-        if path in ("/v1/completions", "/v1/chat/completions"):
+        if path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
             allowed = ("POST",)
-        elif path in ("/v1/models", "/health") or path.startswith("/v1/models/"):
+        elif path in ("/v1/models", "/health", "/tokenizer_info") or path.startswith("/v1/models/"):
             allowed = ("GET", "HEAD")
         else:
             raise RequestError(404, f"unknown path {self.path}", "not_found")
@@ -436,6 +441,18 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command not in allowed:
             message = f"{self.command} is not allowed on {path}; use {' or '.join(allowed)}"
             raise RequestError(405, message, "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+        from lmforge.generate import context_length
+
+        context = context_length(self.server.ft.model)
+        if path == "/tokenize":
+            self._send_json(200, tokenize_reply(self.server.ft, self._read_body(), context))
+            return
+        if path == "/detokenize":
+            self._send_json(200, detokenize_reply(self.server.ft, self._read_body()))
+            return
+        if path == "/tokenizer_info":
+            self._send_json(200, tokenizer_info(self.server.ft, context))
+            return
         if self.command == "POST":
             self._complete(self._read_body(), chat=path.endswith("chat/completions"))
             return
@@ -493,48 +510,6 @@ class _Handler(BaseHTTPRequestHandler):
             out.append(ids)
         return out
 
-    @staticmethod
-    def _scoring(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
-        """(echo, logprobs, top alternatives per token) asked for: completions' `echo` and `logprobs` (an
-        integer, the alternatives), chat's `logprobs` (true/false) and `top_logprobs`."""
-        from lmforge.serve_logprobs import MAX_TOP_LOGPROBS
-
-        echo = body.get("echo")
-        if chat and echo is not None:
-            raise RequestError(400, "'echo' is for /v1/completions; leave it out of a chat request", param="echo")
-        if echo is not None and not isinstance(echo, bool):
-            raise RequestError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
-        wanted, top = body.get("logprobs"), body.get("top_logprobs")
-        in_range = f"a whole number 0-{MAX_TOP_LOGPROBS}"
-        if chat:
-            if wanted is not None and not isinstance(wanted, bool):
-                raise RequestError(400, f"'logprobs' must be true or false, got {wanted!r}", param="logprobs")
-            if top is not None and not wanted:
-                raise RequestError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
-        else:
-            if top is not None:
-                message = "'top_logprobs' is for chat; /v1/completions takes the count as 'logprobs'"
-                raise RequestError(400, message, param="top_logprobs")
-            top, wanted = wanted, wanted is not None
-        top = 0 if top is None else top
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            key = "top_logprobs" if chat else "logprobs"
-            raise RequestError(400, f"'{key}' must be {in_range}, got {top!r}", param=key)
-        return bool(echo), bool(wanted), top
-
-    @staticmethod
-    def _penalties(body: dict[str, Any], vocab_size: int) -> Any:
-        """OpenAI's presence/frequency penalties and the `repetition_penalty` extension (vLLM's, transformers')."""
-        from lmforge.generate import Penalties
-
-        presence = number(body, "presence_penalty", 0.0, -2.0, 2.0)
-        frequency = number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-        repetition = number(body, "repetition_penalty", 1.0, 0.0, 10.0)
-        if repetition == 0:
-            message = "'repetition_penalty' must be > 0 (1 = off; 1.1-1.3 is typical), got 0"
-            raise RequestError(400, message, param="repetition_penalty")
-        return Penalties(presence, frequency, repetition, logit_bias(body.get("logit_bias"), vocab_size))
-
     def _logprobs(self, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
         """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too)."""
         from lmforge.serve_logprobs import chat_logprobs, completion_logprobs, score
@@ -562,7 +537,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_tokens")
         asked = body.get(limit_key) is not None
         default = min(limits.default_max_tokens, limits.max_tokens)
-        echo, logprobs, top = self._scoring(body, chat)
+        echo, logprobs, top = scoring_options(body, chat)
         if body.get(limit_key) == 0 and not echo:
             message = f"'{limit_key}' 0 generates nothing; ask for at least 1 token" + (
                 "" if chat else ' (0 is for "echo": true, to score the prompt)'
@@ -579,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
-        penalties = self._penalties(body, ft.tokenizer.vocab_size)
+        penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")

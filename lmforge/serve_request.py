@@ -134,3 +134,105 @@ def short_json(value: Any) -> str:
     """A request value as the client wrote it, cut short for a one-line error."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def scoring_options(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
+    """(echo, logprobs, top alternatives per token) asked for: completions' `echo` and `logprobs` (an
+    integer, the alternatives), chat's `logprobs` (true/false) and `top_logprobs`."""
+    from lmforge.serve_logprobs import MAX_TOP_LOGPROBS
+
+    echo = body.get("echo")
+    if chat and echo is not None:
+        raise RequestError(400, "'echo' is for /v1/completions; leave it out of a chat request", param="echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise RequestError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    in_range = f"a whole number 0-{MAX_TOP_LOGPROBS}"
+    if chat:
+        if wanted is not None and not isinstance(wanted, bool):
+            raise RequestError(400, f"'logprobs' must be true or false, got {wanted!r}", param="logprobs")
+        if top is not None and not wanted:
+            raise RequestError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    else:
+        if top is not None:
+            message = "'top_logprobs' is for chat; /v1/completions takes the count as 'logprobs'"
+            raise RequestError(400, message, param="top_logprobs")
+        top, wanted = wanted, wanted is not None
+    top = 0 if top is None else top
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        key = "top_logprobs" if chat else "logprobs"
+        raise RequestError(400, f"'{key}' must be {in_range}, got {top!r}", param=key)
+    return bool(echo), bool(wanted), top
+
+
+def sampling_penalties(body: dict[str, Any], vocab_size: int) -> Any:
+    """OpenAI's presence/frequency penalties and the `repetition_penalty` extension (vLLM's, transformers')."""
+    from lmforge.generate import Penalties
+
+    presence = number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = number(body, "repetition_penalty", 1.0, 0.0, 10.0)
+    if repetition == 0:
+        message = "'repetition_penalty' must be > 0 (1 = off; 1.1-1.3 is typical), got 0"
+        raise RequestError(400, message, param="repetition_penalty")
+    return Penalties(presence, frequency, repetition, logit_bias(body.get("logit_bias"), vocab_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM's tokenizer endpoints (GET /tokenizer_info, POST /tokenize, POST /detokenize): clients count tokens
+# with them, and lm-evaluation-harness tokenizes through them (its "remote" tokenizer) when they answer
+
+
+def tokenizer_info(ft: Any, context: int) -> dict[str, Any]:
+    """GET /tokenizer_info: the special tokens, the chat template serve renders and the context length."""
+    from lmforge.chat import ChatTemplate
+
+    tok = ft.tokenizer
+    eos = tok.eos_id_or_none
+    bos = tok.prompt_prefix[0] if tok.prompt_prefix else None
+    return {
+        "eos_token": None if eos is None else tok.id_to_token(eos),
+        "bos_token": None if bos is None else tok.id_to_token(bos),
+        "pad_token": None,
+        "chat_template": (ft.template or ChatTemplate()).jinja,
+        "model_max_length": context,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_class": "lmforge",
+    }
+
+
+def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any]:
+    """POST /tokenize: {"prompt": text, "add_special_tokens": true} (special-token strings such as
+    <|endoftext|> become their ids, as a transformers tokenizer reads them; add_special_tokens puts the
+    tokenizer's own prefix first, a BOS where it has one, as serve does to a prompt) or {"messages": [...],
+    "add_generation_prompt": true} (the chat template's prompt) -> {"tokens", "count", "max_model_len"}."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.errors import DataError
+
+    if "messages" in body:
+        ask = body.get("add_generation_prompt", True)
+        if not isinstance(ask, bool):
+            raise RequestError(400, f"'add_generation_prompt' must be true or false, got {short_json(ask)}")
+        template = ft.template or ChatTemplate()
+        try:
+            segments = template.segments(ft.tokenizer, openai_messages(body["messages"]), add_generation_prompt=ask)
+        except DataError as e:
+            raise RequestError(400, str(e), param="messages") from None
+        ids = [i for piece, _ in segments for i in piece]
+    else:
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str):
+            raise RequestError(400, f"'prompt' must be a string, got {short_json(prompt)}", param="prompt")
+        if not isinstance(special, bool):
+            message = f"'add_special_tokens' must be true or false, got {short_json(special)}"
+            raise RequestError(400, message, param="add_special_tokens")
+        ids = (ft.tokenizer.prompt_prefix if special else []) + ft.tokenizer.encode_markup(prompt).ids
+    return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+
+def detokenize_reply(ft: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /detokenize: {"tokens": [ids]} -> {"prompt": text} (special tokens written out, as vLLM does)."""
+    if body.get("tokens") == []:
+        return {"prompt": ""}
+    ids = _token_ids(body.get("tokens"), "'tokens'", ft.tokenizer.vocab_size)
+    return {"prompt": ft.tokenizer.decode(ids, skip_special_tokens=False)}

@@ -849,6 +849,35 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
     )
 
 
+def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
+    """GET /tokenizer_info, POST /tokenize and /detokenize: what lm-evaluation-harness's remote tokenizer reads
+    (it then needs no exported tokenizer), and clients use to count tokens."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import ChatTemplate
+
+    ft = load_finetuned(chat_run, torch.device("cpu"))
+    hi = [{"role": "user", "content": "hi"}]
+    with _serving(chat_run) as server:
+        with urllib.request.urlopen(server.url + "/tokenizer_info", timeout=30) as resp:
+            info = json.loads(resp.read())
+        assert info["eos_token"] == "<|endoftext|>" and info["bos_token"] is None
+        assert info["chat_template"] == ChatTemplate().jinja and info["model_max_length"] == 64
+        status, body = _post(server.url + "/tokenize", {"prompt": "hi<|endoftext|>", "add_special_tokens": False})
+        reply = json.loads(body)
+        assert reply["tokens"] == [*ft.tokenizer.encode("hi"), ft.tokenizer.eos_id] and reply["count"] == 3
+        status, body = _post(server.url + "/tokenize", {"messages": hi})
+        assert json.loads(body)["tokens"] == ChatTemplate().prompt_ids(ft.tokenizer, hi, budget=64)[0]
+        status, body = _post(server.url + "/detokenize", {"tokens": reply["tokens"]})
+        assert status == 200 and json.loads(body) == {"prompt": "hi<|endoftext|>"}
+        for path, payload, needle in [
+            ("/tokenize", {"prompt": 5}, "'prompt' must be a string"),
+            ("/tokenize", {"messages": "hi"}, "'messages' must be a list"),
+            ("/detokenize", {"tokens": [10**6]}, "outside this model's vocabulary"),
+        ]:
+            status, body = _post(server.url + path, payload)
+            assert status == 400 and needle in json.loads(body)["error"]["message"], body
+
+
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
     """Browser pages: none may call the API by default (a page the user visits cannot use the model); with
     --cors-origin the named page's preflight and requests get CORS's allow headers, another page's do not."""
