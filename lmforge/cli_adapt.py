@@ -109,7 +109,9 @@ def add_parsers(sub: Any) -> None:
         "serve",
         help="OpenAI-compatible HTTP API for a run (completions, chat, streaming)",
         description="Serve /v1/models, /v1/completions and /v1/chat/completions (with stream=true as "
-        "Server-Sent Events) using only the Python standard library. Binds 127.0.0.1 unless --host says otherwise.",
+        "Server-Sent Events; n, logprobs, echo, penalties, logit_bias) and vLLM's /tokenize, /detokenize and "
+        "/tokenizer_info (lm-evaluation-harness's local-completions model scores a run through them) using only the "
+        "Python standard library. Binds 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
