@@ -51,7 +51,7 @@ def tokenizer_kind(spec: str) -> str:
     return model.lower()
 
 
-def compare(run: Path, dtype: str, n_new: int, llama_cpp) -> dict:
+def compare(run: Path, dtype: str, prompt: str, n_new: int, llama_cpp) -> dict:
     """One row of the table: export `run` as `dtype`, load it in llama.cpp, compare with lmforge."""
     trained = load_exportable(run)
     model, tok = trained.model.float().eval(), trained.tokenizer
@@ -64,7 +64,10 @@ def compare(run: Path, dtype: str, n_new: int, llama_cpp) -> dict:
             return row | {"result": f"export refused: {e}"}
         ctx = model.cfg.max_seq_len
         try:
-            llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=2, verbose=False)
+            # use_mmap=False: the weights are read in before the temporary file goes
+            llm = llama_cpp.Llama(
+                str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, n_threads=2, use_mmap=False, verbose=False
+            )
         except Exception as e:
             return row | {"result": f"llama.cpp load failed: {e}"}
 
@@ -75,7 +78,6 @@ def compare(run: Path, dtype: str, n_new: int, llama_cpp) -> dict:
         same += ours == theirs
     row["tokens equal"] = f"{same}/{len(TEXTS)}"
 
-    prompt = TEXTS[1] if row["run"].endswith("zh") else TEXTS[0]
     ids = tok.prompt_prefix + tok.encode(prompt)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].float().numpy()  # (T, V)
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", help="site-packages folder holding llama_cpp (appended to sys.path)")
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0"])
     parser.add_argument("--new-tokens", type=int, default=30)
+    parser.add_argument("--prompt", default=TEXTS[0], help="text for the logits and the greedy continuation")
     args = parser.parse_args()
     if args.llama_cpp:
         sys.path.append(args.llama_cpp)
@@ -122,7 +125,7 @@ def main() -> None:
     notes = []
     for run in args.runs:
         for dtype in args.types:
-            row = compare(run, dtype, args.new_tokens, llama_cpp)
+            row = compare(run, dtype, args.prompt, args.new_tokens, llama_cpp)
             if "result" in row:  # refused or not loaded: the reason goes under the table, once per run
                 notes += [f"{row['run']}: {row['result']}"] if dtype == args.types[0] else []
                 row |= {c: "-" for c in cols[3:]} | {"tokens equal": row["result"].split(":")[0]}
