@@ -189,8 +189,8 @@ def build_parser() -> Parser:
         "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2, Llama, Qwen2 style) or "
         "AutoModelForMaskedLM (BERT; ELECTRA: its discriminator as ElectraForPreTraining). LoRA runs export merged, "
         "or with --peft as a PEFT adapter directory. "
-        "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE; pip install "
-        "'lmforge[gguf]').",
+        "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE or char tokenizer; "
+        "pip install 'lmforge[gguf]').",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")

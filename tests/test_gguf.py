@@ -17,19 +17,19 @@ from lmforge.checkpoint import load_trained
 from lmforge.errors import LmforgeError
 from lmforge.models.layers import apply_rope, rope_cos_sin
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import train_bpe, train_char, with_nfkc
+from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
 
 gguf = pytest.importorskip("gguf")
 from lmforge.export.gguf import export_gguf, permute_rope_rows  # noqa: E402
 from tests.test_export import LLAMA, make_run  # noqa: E402
 
 GQA = dict(LLAMA, d_model=64, n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
+CORPUS = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(40)] + ["你好世界 " * 20]
 
 
 @pytest.fixture(scope="module")
 def bpe() -> Tokenizer:
-    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(40)] + ["你好世界 " * 20]
-    return train_bpe(corpus, vocab_size=300)
+    return train_bpe(CORPUS, vocab_size=300)
 
 
 def read(path: Path) -> tuple[dict[str, object], dict[str, object]]:
@@ -184,9 +184,9 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     gpt2_run = make_run(tmp_path / "gpt2", bpe)
     with pytest.raises(LmforgeError, match="Llama-style"):
         export_gguf(gpt2_run, tmp_path / "a.gguf")
-    char_run = make_run(tmp_path / "char", train_char(["hello world"]), **LLAMA)
-    with pytest.raises(LmforgeError, match="byte-level BPE.*--to hf and convert that with llama.cpp's convert_hf"):
-        export_gguf(char_run, tmp_path / "b.gguf")
+    unigram_run = make_run(tmp_path / "unigram", train_unigram(CORPUS, vocab_size=320), **LLAMA)
+    with pytest.raises(LmforgeError, match="not this Unigram one.*--to hf and convert that with llama.cpp's conv"):
+        export_gguf(unigram_run, tmp_path / "b.gguf")
     run = make_run(tmp_path / "run", bpe, **LLAMA)
     with pytest.raises(LmforgeError, match="--dtype"):
         export_gguf(run, tmp_path / "c.gguf", dtype="q4_0")
@@ -340,3 +340,56 @@ def test_a_tokenizer_that_puts_bos_first_is_written_with_it(bpe: Tokenizer, tmp_
     assert fields["tokenizer.ggml.eos_token_id"] == bpe.eos_id
     fields, _ = read(export_gguf(run, tmp_path / "own.gguf"))  # lmforge's own tokenizer: no BOS added
     assert fields["tokenizer.ggml.add_bos_token"] is False
+
+
+def spm_tokenize(text: str, tokens: list[str]) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm, add_space_prefix false) on a vocabulary of single
+    characters: every " " becomes "▁", then each character is its piece or, missing, its UTF-8 byte tokens
+    (no pair of neighbours is a piece, so nothing is joined)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    out: list[int] = []
+    for ch in text.replace(" ", "\u2581"):
+        out += [ids[ch]] if ch in ids else [ids[f"<0x{b:02X}>"] for b in ch.encode("utf-8")]
+    return out
+
+
+def test_char_tokenizer_is_written_as_llama_cpps_sentencepiece(tmp_path: Path) -> None:
+    """A character-level run exports with tokenizer model "llama": in llama.cpp itself (llama-cpp-python 0.3.36,
+    bench/gguf_llamacpp.py) it gave lmforge's ids for 2,000 Shakespeare and 2,000 Hong Lou Meng snippets."""
+    tok = train_char(["the quick brown fox jumps over the lazy dog\n\tTHE END"])
+    run = make_run(tmp_path / "run", tok, **LLAMA)
+    fields, _ = read(export_gguf(run, tmp_path / "char.gguf"))
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"] is False
+    assert "tokenizer.ggml.merges" not in fields and "tokenizer.ggml.pre" not in fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == tok.vocab_size == len(fields["tokenizer.ggml.scores"])
+    space = tok.encode(" ")[0]
+    assert tokens[space] == "\u2581" and " " not in tokens and types[space] == gguf.TokenType.NORMAL
+    assert tokens[tok.encode("\n")[0]] == "\n"
+    assert types[tok.eos_id] == gguf.TokenType.CONTROL and tokens[tok.eos_id] == "<|endoftext|>"
+    assert [types[i] for i in range(1, 257)] == [gguf.TokenType.BYTE] * 256 and tokens[1 + 0xE4] == "<0xE4>"
+    assert fields["tokenizer.ggml.add_bos_token"] is False and fields["tokenizer.ggml.eos_token_id"] == tok.eos_id
+    for text in ["the lazy  dog", " leading and trailing ", "tabs\tand\nlines\n\n", "你好 🙂 é", "<|endoftext|>"]:
+        ids = tok.encode(text)
+        assert spm_tokenize(text, tokens) == ids and len(ids) >= len(text)
+
+
+def test_char_vocabulary_llama_cpp_would_read_otherwise_is_refused(tmp_path: Path) -> None:
+    """Spaces are looked up as "▁" in llama.cpp: a vocabulary without " " (its spaces are <0x20> here) or with
+    a "▁" of its own would tokenize differently there."""
+    for text, why in [("你好世界", "has no space character"), ("a \u2581 b", "has the character '▁'")]:
+        run = make_run(tmp_path / why[:6], train_char([text]), **LLAMA)
+        with pytest.raises(LmforgeError, match=f"vocabulary {why}.*--tokenizer bpe") as e:
+            export_gguf(run, tmp_path / "x.gguf")
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["unigram", "wordpiece"])
+def test_tokenizers_llama_cpp_cannot_represent_are_one_line_errors(kind: str, tmp_path: Path) -> None:
+    tok = train_unigram(CORPUS, vocab_size=320) if kind == "unigram" else train_wordpiece(CORPUS, vocab_size=100)
+    run = make_run(tmp_path / "run", tok, **LLAMA)
+    with pytest.raises(LmforgeError, match=f"not this {'Unigram' if kind == 'unigram' else 'WordPiece'} one") as e:
+        export_gguf(run, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and "--tokenizer bpe (or char)" in str(e.value)
+    assert not (tmp_path / "m.gguf").exists()

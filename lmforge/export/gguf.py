@@ -22,11 +22,19 @@ Key decisions:
 - dtypes: `f16` stores every matrix in float16; `q8_0` stores matrices whose rows are a multiple of 32
   as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
   (norms, biases) stay float32, as llama.cpp expects.
-- Tokenizer: byte-level BPE only (what `lmforge prepare --tokenizer bpe` trains), as tokenizer model
-  "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types (special
-  tokens CONTROL) and `<|endoftext|>` as bos/eos/padding, no BOS added (our models never saw one).
-  Character-level tokenizers have no llama.cpp twin; they get a one-line error. GGUF has no place for
-  a normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize NFKC`) gets a one-line note.
+- Tokenizer, two kinds, each checked in llama.cpp itself (`bench/gguf_llamacpp.py`: same ids for thousands
+  of English and Chinese snippets, same decoded text). Byte-level BPE (`lmforge prepare --tokenizer bpe`):
+  tokenizer model "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types
+  (special tokens CONTROL). Character level (`--tokenizer char`: single characters plus `<0xNN>` byte
+  fallback, no merges): tokenizer model "llama", llama.cpp's SentencePiece tokenizer, which escapes each
+  space as "▁", looks each character up and falls back to the byte tokens (type BYTE): so " " is written
+  as "▁", no space is put before a text (`add_space_prefix` false), and a vocabulary that has its own "▁",
+  lacks " " or holds longer pieces (SentencePiece would join them) is refused. Unigram and WordPiece get a
+  one-line error: llama.cpp's Unigram tokenizer has no byte fallback and its WordPiece one is BERT's.
+  `<|endoftext|>` is bos/eos/padding, no BOS added (our models never saw one). GGUF has no place for a
+  normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize NFKC`) gets a one-line note.
+- Known difference, not ours to fix: llama.cpp's `llama_detokenize` drops the space before . , ! ? for any
+  "gpt2" vocabulary (its `clean_spaces`, which no GGUF key turns off); the pieces it streams are exact.
 - The file is written to a hidden `.FILE.lmforge-tmp-<random>` beside it and renamed, so an
   interrupted export leaves no half file (and a user's `FILE.tmp` is never touched).
 
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -137,36 +146,82 @@ def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
     )
 
 
-def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[list[str], list[int], list[str]]:
-    """(tokens in id order, token types, merges) of a byte-level BPE tokenizer, padded to vocab_size.
-    `chat`: a chat-tuned run, whose role markers are ordinary text (see `without_chat_markers`)."""
+def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[str, list[str], list[int], list[str]]:
+    """(llama.cpp tokenizer model, tokens in id order, token types, merges), padded to vocab_size: "gpt2" for a
+    byte-level BPE, "llama" (SentencePiece) for a character-level one. `chat`: a chat-tuned run, whose role
+    markers are ordinary text (see `without_chat_markers`)."""
     import gguf
 
     spec = json.loads(without_chat_markers(tokenizer.to_str()) if chat else tokenizer.to_str())
     model = spec.get("model") or {}
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        # an imported Llama-2-style (SentencePiece) model has llama.cpp's converter; retraining is not its fix
-        raise LmforgeError(
-            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no twin for this one here); for an "
-            "imported model export with --to hf and convert that with llama.cpp's convert_hf_to_gguf.py, for one "
-            "trained here prepare the data with --tokenizer bpe and train again"
-        )
+    kind = _tokenizer_kind(spec)
     specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
     tokens: list[str | None] = [None] * max(vocab_size, tokenizer.vocab_size)
     for text, idx in model["vocab"].items():
         tokens[idx] = text
     for t in spec.get("added_tokens", []):
         tokens[t["id"]] = t["content"]
+    if kind == "char":
+        _check_char_vocab(model["vocab"], {t["content"] for t in spec.get("added_tokens", [])})
     types = []
     for idx, text in enumerate(tokens):
         if text is None:  # ids the model has but the tokenizer never produces
             tokens[idx] = f"[PAD{idx}]"
             types.append(gguf.TokenType.UNUSED)
+        elif idx in specials:
+            types.append(gguf.TokenType.CONTROL)
+        elif kind == "char" and BYTE_TOKEN.fullmatch(text):
+            types.append(gguf.TokenType.BYTE)  # llama.cpp's byte fallback looks these up by their "<0xNN>" text
         else:
-            types.append(gguf.TokenType.CONTROL if idx in specials else gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.NORMAL)
+            if kind == "char":  # llama.cpp's SentencePiece tokenizer reads every " " of a text as "▁"
+                tokens[idx] = text.replace(" ", SPM_SPACE)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return [str(t) for t in tokens], [int(t) for t in types], merges
+    return ("gpt2" if kind == "bpe" else "llama"), [str(t) for t in tokens], [int(t) for t in types], merges
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+SPM_SPACE = "\u2581"  # SentencePiece's "▁", llama.cpp's escaped space
+
+
+def _tokenizer_kind(spec: dict[str, Any]) -> str:
+    """ "bpe" (byte-level BPE) or "char" (`prepare --tokenizer char`: a merge-free BPE with byte fallback and no
+    pre-tokenizer, which is llama.cpp's SentencePiece tokenizer with single characters as pieces); any other is
+    a one-line error saying why llama.cpp would tokenize it differently."""
+    model = spec.get("model") or {}
+    if model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        return "bpe"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and not model.get("merges"):
+        if spec.get("pre_tokenizer") is None and all(f"<0x{b:02X}>" in model["vocab"] for b in range(256)):
+            return "char"
+    why = {
+        "Unigram": "llama.cpp's Unigram tokenizer has no byte fallback (unseen characters become its unknown token)",
+        "WordPiece": "llama.cpp's WordPiece tokenizer is BERT's, for encoders, and splits text differently",
+    }.get(model.get("type"))
+    raise LmforgeError(
+        f"GGUF export supports byte-level BPE and character-level tokenizers, not this {model.get('type')} one"
+        f"{': ' + why if why else ''}; prepare the data with --tokenizer bpe (or char) and train again, or for an "
+        "imported model export with --to hf and convert that with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def _check_char_vocab(vocab: dict[str, int], added: set[str]) -> None:
+    """llama.cpp turns each space of a text into "▁" before looking characters up, so the vocabulary needs " "
+    (written as "▁") and must not hold a "▁" of its own; and it joins neighbouring pieces whenever the pair is
+    in the vocabulary, so every piece (the special tokens and "<0xNN>" aside) must be one character."""
+    longer = [t for t in vocab if len(t) > 1 and t not in added and not BYTE_TOKEN.fullmatch(t)]
+    if longer:
+        raise LmforgeError(
+            f"GGUF export: this merge-free tokenizer has pieces longer than one character ({longer[0]!r}), which "
+            "llama.cpp would join where this tokenizer never does; export with --to hf instead"
+        )
+    if SPM_SPACE in vocab or " " not in vocab:
+        which = "has the character '▁' (U+2581)" if SPM_SPACE in vocab else "has no space character"
+        raise LmforgeError(
+            f"GGUF export: this character-level vocabulary {which}, and llama.cpp reads every space of a text as "
+            "'▁', so it would tokenize spaces differently; train on text with spaces and without '▁', or use "
+            "--tokenizer bpe"
+        )
 
 
 def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False) -> Path:
@@ -220,8 +275,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         )
     template = chat_template_of(trained)
     chat = template.jinja if template else ""  # an imported model's own goes out unchanged
-    tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=has_chat_markers(template))
-    pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str()))
+    tok_model, tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=has_chat_markers(template))
+    pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str())) if tok_model == "gpt2" else None
     eos = trained.tokenizer.eos_id_or_none
     stops = extra_stop_ids(trained, eos)  # an imported model's end-of-sequence ids beside its eos
     if eos is None and stops:  # a tokenizer without an end-of-text token lmforge knows: the HF directory's first
@@ -246,11 +301,15 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         writer.add_rope_dimension_count(cfg.head_dim)
         writer.add_rope_freq_base(float(cfg.rope_theta))
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer)
+        writer.add_tokenizer_model(tok_model)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_token_merges(merges)
+        if tok_model == "gpt2":
+            writer.add_tokenizer_pre(pre_tokenizer)
+            writer.add_token_merges(merges)
+        else:  # SentencePiece: no merges, so the scores never decide anything; no space put before a text
+            writer.add_token_scores([0.0] * len(tokens))
+            writer.add_add_space_prefix(False)
         if bos is not None:
             writer.add_bos_token_id(bos)
         if eos is not None:
