@@ -152,12 +152,15 @@ def add_eval_task_args(p: Any) -> None:
     """Task-evaluation flags of `lmforge eval` (with --task, --data is a task FILE)."""
     p.add_argument(
         "--task",
-        choices=["classify", "sft", "translate", "qa", "dpo", "clm"],
-        help="task metrics on --data FILE (accuracy/macro_f1, em/f1, bleu/chrf, reward accuracy, loss)",
+        choices=["classify", "sft", "translate", "qa", "dpo", "clm", "choice"],
+        help="task metrics on --data FILE (accuracy/macro_f1, em/f1, bleu/chrf, reward accuracy, loss; choice: "
+        "multiple choice by log-likelihood, accuracy/accuracy_norm)",
     )
     p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="rename a task field (repeatable)")
-    p.add_argument("--k-shot", type=int, default=0, help="classify in-context with k examples from --shots (no head)")
-    p.add_argument("--shots", metavar="FILE", help="labelled examples for --k-shot")
+    p.add_argument(
+        "--k-shot", type=int, default=0, help="classify/choice in-context with k examples from --shots (no head)"
+    )
+    p.add_argument("--shots", metavar="FILE", help="labelled examples (solved questions) for --k-shot")
     default = _TASK_FLAGS["max_new_tokens"]
     p.add_argument(
         "--max-new-tokens", type=int, default=default, help=f"sft/qa/translate: answer length (default: {default})"
@@ -182,8 +185,8 @@ def check_eval_flags(args: argparse.Namespace) -> None:
         return
     if given(_SPLIT_FLAGS):
         raise ConfigError(f"{given(_SPLIT_FLAGS)[0]} is for evaluating a prepared split (eval without --task); drop it")
-    if args.task != "classify" and (args.k_shot or args.shots or written & {"k_shot", "shots"}):
-        raise ConfigError("--k-shot and --shots are for --task classify (in-context classification); drop them")
+    if args.task not in ("classify", "choice") and (args.k_shot or args.shots or written & {"k_shot", "shots"}):
+        raise ConfigError("--k-shot and --shots are for --task classify or choice (in-context examples); drop them")
     if args.shots and not args.k_shot:
         raise ConfigError("--shots needs --k-shot K, the number of examples put before each row")
     if args.task not in ("sft", "qa", "translate") and given({"max_new_tokens": _TASK_FLAGS["max_new_tokens"]}):

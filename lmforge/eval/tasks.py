@@ -7,6 +7,7 @@
 | translate | greedy target after `<src> SOURCE <tgt> `                                 | bleu, chrf (sacrebleu)   |
 | dpo       | policy vs. the frozen base on chosen / rejected completions               | reward_accuracy, margin  |
 | clm       | next-token loss over the text                                             | loss, ppl                |
+| choice    | each option's log-likelihood after the question (`eval/choice.py`)        | accuracy, accuracy_norm  |
 
 EM and token F1 follow the SQuAD v1.1 evaluation script (lower-case, drop punctuation and the
 articles a/an/the, split on whitespace); F1 counts overlapping tokens with multiplicity. For other
@@ -387,6 +388,11 @@ def evaluate_task(
     if k_shot < 0:
         raise ConfigError(f"--k-shot must be >= 0, got {k_shot}")
     ft = load_finetuned(run, pick_device(device))
+    if task == "choice":  # an evaluation-only task, with its own file layouts (eval/choice.py)
+        from lmforge.eval.choice import evaluate_choice
+
+        result = evaluate_choice(ft, data, renames=field_renames, k=k_shot, shots=shots, limit=limit)
+        return result | {"run": str(run), "data": str(data)}
     if task in ("sft", "qa", "translate"):
         check_answer_room(max_new_tokens, answer_context(ft.model))
     info = ft.info or {}
@@ -437,7 +443,8 @@ def format_metrics(m: dict[str, Any]) -> str:
 
         text = format_report(m)
         return text + (f"\nconfusion matrix: {m['confusion_png']}" if m.get("confusion_png") else "")
-    keys = [k for k in ("em", "f1", "bleu", "chrf", "reward_accuracy", "reward_margin", "loss", "ppl", "bpb") if k in m]
+    names = ("accuracy", "accuracy_norm", "em", "f1", "bleu", "chrf", "reward_accuracy", "reward_margin", "loss", "ppl")
+    keys = [k for k in (*names, "bpb") if k in m]
     line = (
         f"{task}: "
         + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))

@@ -1,0 +1,107 @@
+"""`eval --task choice`: multiple choice by log-likelihood on both file layouts, against a hand-written scorer
+and a model that learned the answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.adapt.load import load_finetuned
+from lmforge.errors import DataError
+from lmforge.eval.choice import choice_fields, choice_metrics, read_choice_rows
+from lmforge.finetune import FinetuneConfig, finetune
+from tests.conftest import run_cli
+from tests.test_finetune import make_base
+
+FACTS = [
+    ("What is red?", ["a cloud", "an apple", "the sea"], 1),
+    ("What barks?", ["a dog", "a fish", "a stone"], 0),
+    ("What is cold?", ["fire", "the sun", "ice"], 2),
+    ("What flies?", ["a bird", "a rock", "a tree"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model fine-tuned (clm) on the questions with their right answers."""
+    root = tmp_path_factory.mktemp("choice")
+    base = make_base(root)
+    text = root / "facts.jsonl"
+    lines = [{"text": f"Question: {q}\nAnswer: {o[a]}"} for q, o, a in FACTS]
+    text.write_text("".join(json.dumps(r) + "\n" for r in lines * 8), encoding="utf-8")
+    overrides = {"train": {"max_steps": 120, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5}, "eval": {"every": 0}}
+    finetune(
+        base, train_file=text, out=root / "run", cfg=FinetuneConfig(task="clm"), overrides=overrides, progress=False
+    )
+    return root / "run"
+
+
+def _write_layouts(root: Path) -> tuple[Path, Path]:
+    """The same questions as JSONL with a `choices` list and index answers, and as CSV with A/B/C columns and
+    letter answers (MMLU / C-Eval style)."""
+    jsonl = root / "mc.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"question": q, "choices": o, "answer": a}) + "\n" for q, o, a in FACTS), encoding="utf-8"
+    )
+    table = root / "mc.csv"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "A", "B", "C", "answer"])
+        for q, o, a in FACTS:
+            w.writerow([q, *o, "ABC"[a]])
+    return jsonl, table
+
+
+def test_scores_are_option_log_likelihoods_and_a_trained_model_gets_them_right(learned: Path, tmp_path: Path):
+    jsonl, table = _write_layouts(tmp_path)
+    fields = choice_fields(None)
+    rows = read_choice_rows(jsonl, fields)
+    assert rows == read_choice_rows(table, fields) == [(q, o, a) for q, o, a in FACTS]
+    ft = load_finetuned(learned, torch.device("cpu"))
+    result = choice_metrics(ft, rows)
+    assert result["accuracy"] == result["accuracy_norm"] == 1.0 and result["n"] == 4
+    # a hand-written scorer (one forward pass over prompt + option) picks the same options
+    tok = ft.tokenizer
+    for question, options, answer in rows:
+        head = tok.encode(f"Question: {question}\nAnswer:")
+        sums = []
+        for option in options:
+            tail = tok.encode(" " + option)
+            with torch.no_grad():
+                logp = torch.log_softmax(ft.model(torch.tensor([head + tail]))[0], dim=-1)
+            sums.append(sum(logp[len(head) - 1 + j, t].item() for j, t in enumerate(tail)))
+        assert max(range(3), key=sums.__getitem__) == answer
+    # an untrained base is near chance: the trained answers are not an artefact of the scoring
+    untrained = load_finetuned(make_base(tmp_path / "fresh"), torch.device("cpu"))
+    assert choice_metrics(untrained, rows)["accuracy"] < 1.0
+
+    r = run_cli("eval", str(learned), "--task", "choice", "--data", str(table), "--json")
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert (reply["task"], reply["accuracy"], reply["n"], reply["k_shot"]) == ("choice", 1.0, 4, 0)
+    r = run_cli("eval", str(learned), "--task", "choice", "--data", str(jsonl), "--k-shot", "2", "--shots", str(jsonl))
+    assert r.returncode == 0 and r.stdout.startswith("choice: accuracy "), r.stderr
+
+
+def test_choice_rows_errors_name_the_row_and_the_fix(tmp_path: Path):
+    fields = choice_fields(None)
+    cases = [
+        ({"question": "q", "choices": ["a", "b"], "answer": "C"}, "answer 'C' names none of its 2 options"),
+        ({"question": "q", "choices": ["a"], "answer": 0}, "needs at least two options"),
+        ({"prompt": "q", "choices": ["a", "b"], "answer": 0}, "has no 'question' column"),
+    ]
+    for row, needle in cases:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=needle):
+            read_choice_rows(path, fields)
+    path = tmp_path / "renamed.jsonl"  # HellaSwag's names
+    path.write_text(json.dumps({"ctx": "q", "endings": ["a", "b"], "label": "1"}) + "\n", encoding="utf-8")
+    renamed = choice_fields(["question=ctx", "choices=endings", "answer=label"])
+    assert read_choice_rows(path, renamed) == [("q", ["a", "b"], 1)]
+    with pytest.raises(DataError, match="--task choice has the fields question, choices, answer"):
+        choice_fields(["label=x"])
