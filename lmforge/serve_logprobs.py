@@ -12,6 +12,7 @@ character that is not whole on its own, as OpenAI writes them; a special token (
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -67,11 +68,16 @@ def completion_logprobs(
     token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs is) and text_offset (characters
     from the start of the prompt's text to where each token's text begins)."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    before = decode(ids[:first])
     for i, (lp, alternatives) in zip(range(first, len(ids)), scored, strict=True):
         tokens.append(names.name(ids[i]))
         token_logprobs.append(lp)
         top_logprobs.append(None if lp is None else {names.name(t): v for t, v in alternatives})
-        offsets.append(len(decode(ids[:i]).rstrip("\ufffd")))  # whole characters before it
+        # the text both with and without the token: a character still cut (a trailing U+FFFD that this token
+        # completes) is not before it, one that never completes (a stray byte, shown as U+FFFD) is
+        after = decode(ids[: i + 1])
+        offsets.append(len(os.path.commonprefix([before, after])))
+        before = after
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 

@@ -849,6 +849,23 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
     )
 
 
+def test_logprobs_text_offsets_around_cut_characters():
+    """A byte-level token can hold part of a character: the token that completes it starts where the character
+    does, and a stray byte that never completes one (shown as U+FFFD) still takes up its character."""
+    from types import SimpleNamespace
+
+    from lmforge.serve_logprobs import completion_logprobs
+
+    pieces = {1: b"ab", 2: b"\xe4", 3: b"\xbd\xa0", 4: b"\xff", 5: b"cd"}  # ab, 你 in two tokens, a stray byte
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    names = SimpleNamespace(name=str)
+    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], 0, [(None, [])] + [(-1.0, [])] * 4)
+    assert decode([1, 2, 3, 4, 5]) == "ab你\ufffdcd" and result["text_offset"] == [0, 2, 2, 3, 4]
+
+
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
     """GET /tokenizer_info, POST /tokenize and /detokenize: what lm-evaluation-harness's remote tokenizer reads
     (it then needs no exported tokenizer), and clients use to count tokens."""
