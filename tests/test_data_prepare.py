@@ -338,6 +338,13 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
     (tmp_path / "in" / "z.csv").unlink()
+    # Big5 as files and iconv have it holds the ETEN extension (裏 is F9D8), which Python's strict "big5"
+    # codec lacks: such a file was named GB18030, and iconv -f GB18030 turned it into mojibake
+    write(tmp_path / "in" / "z.txt", ("風吹裏外，歸去來兮。山高水長，明月何時照我還。\n" * 20).encode("cp950"))
+    with pytest.raises(DataError, match=r"reads as BIG5 .* iconv -f BIG5 -t UTF-8"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    (tmp_path / "in" / "z.txt").unlink()
     # Japanese in Shift-JIS reads as GB18030 too (its kana as rare ideographs), and iconv -f GB18030 made mojibake
     write(
         tmp_path / "in" / "z.txt",
