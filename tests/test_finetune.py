@@ -4,6 +4,7 @@ metrics against hand-computed values, DPO, task evaluation, and bad inputs -> on
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import re
@@ -359,6 +360,17 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     gbk_csv.write_bytes(("text,label\n" + "房间很干净，服务很好。,positive\n" * 30).encode("gbk"))
     with pytest.raises(DataError, match=r"reads as GB18030 .* > '.*gbk\.utf8\.csv'"):
         finetune(base, train_file=gbk_csv, out=tmp_path / "g", cfg=FinetuneConfig(task="classify"), progress=False)
+    # mostly ASCII (Alpaca's English fields beside the Chinese ones): not flagged as GB18030 by its share of
+    # bad bytes, it said only "cannot read ... as UTF-8 text (...); convert it to UTF-8"
+    row = {"en_instruction": "Give three tips for staying healthy. " * 3, "instruction": "保持健康的三个提示。"}
+    gbk_jsonl = tmp_path / "gbk.jsonl"
+    gbk_jsonl.write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode("gbk") * 20)
+    with pytest.raises(DataError, match=r"gbk\.jsonl is not UTF-8 \(byte \d+: .*iconv -f ENCODING -t UTF-8 \(GB18030"):
+        finetune(base, train_file=gbk_jsonl, out=tmp_path / "g", cfg=FinetuneConfig(task="sft"), progress=False)
+    cut = tmp_path / "cut.jsonl.gz"  # a damaged .gz is not a matter of encoding
+    cut.write_bytes(gzip.compress(b'{"instruction": "hi", "output": "hello"}\n' * 50)[:-12])
+    with pytest.raises(DataError, match=r"cannot read .*cut\.jsonl\.gz \(.*\); check the file"):
+        finetune(base, train_file=cut, out=tmp_path / "g", cfg=FinetuneConfig(task="sft"), progress=False)
     assert not (tmp_path / "g").exists()
     blank = tmp_path / "blank.csv"
     blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
