@@ -345,6 +345,12 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
     (tmp_path / "in" / "z.txt").unlink()
+    # a compressed one is decompressed into iconv: `iconv ... 'z.txt.gz' > 'z.txt.utf8.gz'` failed on the gzip bytes
+    write(tmp_path / "in" / "z.txt.gz", (CHINESE * 20).encode("gbk"))
+    with pytest.raises(DataError, match=r"e\.g\. zcat '.*z\.txt\.gz' \| iconv -f GB18030 -t UTF-8 > '.*z\.utf8\.txt'$"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    (tmp_path / "in" / "z.txt.gz").unlink()
     # Japanese in Shift-JIS reads as GB18030 too (its kana as rare ideographs), and iconv -f GB18030 made mojibake
     write(
         tmp_path / "in" / "z.txt",
