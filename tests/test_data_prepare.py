@@ -280,6 +280,19 @@ def test_nfkc_tokenizer_normalizes_later_text_as_the_training_text(tmp_path: Pat
     )
 
 
+def test_a_given_nfkc_tokenizer_cleans_the_text_as_it_reads_it(tmp_path: Path) -> None:
+    """A part prepared with another part's NFKC tokenizer.json (README: Parts) and the default --normalize NFC:
+    the same shards, but its byte counts kept the 3-byte ，！ the tokens hold as 1-byte , !, so one text got
+    two bits-per-byte values (and its documents were hashed into splits as other text)."""
+    texts = [CHINESE, "天下大势，分久必合，合久必分。"] + [f"第{i}回，宝玉笑道：“好！”" for i in range(30)]
+    write(tmp_path / "zh.txt", "\n\n".join(texts))
+    first = run(tmp_path, [tmp_path / "zh.txt"], tokenizer="char", normalize="NFKC")
+    again = run(tmp_path, [tmp_path / "zh.txt"], out="part", tokenizer=str(tmp_path / "out" / "tokenizer.json"))
+    assert again["config"]["normalize"] == "NFKC"
+    assert again["splits"] == first["splits"]
+    assert again["tokenizer"]["report"] == first["tokenizer"]["report"]
+
+
 def test_existing_tokenizer_file_and_multiple_shards(tmp_path: Path, corpus: Path) -> None:
     first = run(tmp_path, [corpus], text_field="body", val_fraction=0, test_fraction=0)
     m = run(
