@@ -297,9 +297,26 @@ def build_parser() -> Parser:
     return parser
 
 
+# arguments that are text for the model or a column name, not paths: bytes that are not UTF-8 (a GBK terminal
+# or script) reach Python as lone surrogates, which the tokenizer cannot encode (a TypeError traceback)
+_TEXT_ARGS = {"prompt": "--prompt", "system": "--system", "text_field": "--text-field", "field": "--field"}
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    for dest, flag in _TEXT_ARGS.items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v):
+                raise ConfigError(
+                    f"{flag} is not valid UTF-8 (e.g. GBK bytes from the terminal or a script); set the terminal "
+                    "to UTF-8 and type it again, or convert the script with iconv -f GB18030 -t UTF-8"
+                )
+
+
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command not in ("pretrain", "quickstart", "estimate", "finetune") and extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    _check_text_args(args)
     if args.command not in ("pretrain", "finetune"):  # (finetune checks itself, for library callers too)
         from lmforge.dist import require_one_process
 

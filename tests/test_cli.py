@@ -265,3 +265,25 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     for code, err in results:
         assert code in (130, -signal.SIGINT, 0) and "Traceback" not in err, (code, err)
         assert err.strip() == ("lmforge: interrupted" if code else ""), (code, err)
+
+
+def test_text_arguments_that_are_not_utf8_are_one_line(tmp_path):
+    """A prompt, system message or column name typed in a GBK terminal (or a GBK script) reaches Python as
+    lone surrogates: the tokenizer raised a TypeError traceback for --prompt and --system."""
+    import os
+
+    from tests.test_finetune import make_base
+
+    base = str(make_base(tmp_path))
+    gbk = os.fsdecode("你好".encode("gbk"))  # what Python makes of those bytes in a UTF-8 locale
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("标签,评论\n1,很好\n", encoding="utf-8")
+    ft = ["finetune", base, "--task", "classify", "--train", str(csv), "--out", str(tmp_path / "f")]
+    for args, flag in [
+        (["generate", base, "--prompt", gbk, "--max-new-tokens", "2"], "--prompt"),
+        (["chat", base, "--system", gbk], "--system"),
+        (["prepare", str(csv), "--text-field", gbk, "--out", str(tmp_path / "d")], "--text-field"),
+        ([*ft, "--field", f"text={gbk}"], "--field"),
+    ]:
+        _one_line_error(run_cli(*args, input="hi\n/exit\n"), f"{flag} is not valid UTF-8")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()

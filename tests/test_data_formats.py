@@ -253,6 +253,15 @@ def test_json_array_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"item 1 has no field 'text' \(keys: chapter, paragraphs\)"):
         list(read_documents(tmp_path / "keys.json"))
     assert [d.text for d in read_documents(tmp_path / "keys.json", text_field="paragraphs")] == ["子曰\n有子曰"]
+    # objects under the field (古文观止: volumes whose 'content' lists pieces): "got list" read as if a list were fine
+    nested = {"title": "古文观止", "content": [{"title": "卷一", "content": [{"paragraphs": ["郑伯克段于鄢"]}]}]}
+    write(tmp_path / "nested.json", json.dumps(nested, ensure_ascii=False))
+    with pytest.raises(
+        DataError, match=r"'content' holds objects \(keys: title, content\), not text; .* content\.KEY$"
+    ):
+        list(read_documents(tmp_path / "nested.json", text_field="content"))
+    docs = read_documents(tmp_path / "nested.json", text_field="content.content.paragraphs")
+    assert [d.text for d in docs] == ["郑伯克段于鄢"]
     folder = tmp_path / "folder"
     folder.mkdir()
     write(folder / "meta.json", '{"version": 1}')

@@ -280,6 +280,19 @@ def test_nfkc_tokenizer_normalizes_later_text_as_the_training_text(tmp_path: Pat
     )
 
 
+def test_a_given_nfkc_tokenizer_cleans_the_text_as_it_reads_it(tmp_path: Path) -> None:
+    """A part prepared with another part's NFKC tokenizer.json (README: Parts) and the default --normalize NFC:
+    the same shards, but its byte counts kept the 3-byte ，！ the tokens hold as 1-byte , !, so one text got
+    two bits-per-byte values (and its documents were hashed into splits as other text)."""
+    texts = [CHINESE, "天下大势，分久必合，合久必分。"] + [f"第{i}回，宝玉笑道：“好！”" for i in range(30)]
+    write(tmp_path / "zh.txt", "\n\n".join(texts))
+    first = run(tmp_path, [tmp_path / "zh.txt"], tokenizer="char", normalize="NFKC")
+    again = run(tmp_path, [tmp_path / "zh.txt"], out="part", tokenizer=str(tmp_path / "out" / "tokenizer.json"))
+    assert again["config"]["normalize"] == "NFKC"
+    assert again["splits"] == first["splits"]
+    assert again["tokenizer"]["report"] == first["tokenizer"]["report"]
+
+
 def test_existing_tokenizer_file_and_multiple_shards(tmp_path: Path, corpus: Path) -> None:
     first = run(tmp_path, [corpus], text_field="body", val_fraction=0, test_fraction=0)
     m = run(
@@ -338,6 +351,19 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "in"])
     assert_nothing_written(tmp_path)
     (tmp_path / "in" / "z.csv").unlink()
+    # Big5 as files and iconv have it holds the ETEN extension (裏 is F9D8), which Python's strict "big5"
+    # codec lacks: such a file was named GB18030, and iconv -f GB18030 turned it into mojibake
+    write(tmp_path / "in" / "z.txt", ("風吹裏外，歸去來兮。山高水長，明月何時照我還。\n" * 20).encode("cp950"))
+    with pytest.raises(DataError, match=r"reads as BIG5 .* iconv -f BIG5 -t UTF-8"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    (tmp_path / "in" / "z.txt").unlink()
+    # a compressed one is decompressed into iconv: `iconv ... 'z.txt.gz' > 'z.txt.utf8.gz'` failed on the gzip bytes
+    write(tmp_path / "in" / "z.txt.gz", (CHINESE * 20).encode("gbk"))
+    with pytest.raises(DataError, match=r"e\.g\. zcat '.*z\.txt\.gz' \| iconv -f GB18030 -t UTF-8 > '.*z\.utf8\.txt'$"):
+        run(tmp_path, [tmp_path / "in"])
+    assert_nothing_written(tmp_path)
+    (tmp_path / "in" / "z.txt.gz").unlink()
     # Japanese in Shift-JIS reads as GB18030 too (its kana as rare ideographs), and iconv -f GB18030 made mojibake
     write(
         tmp_path / "in" / "z.txt",

@@ -4,6 +4,7 @@ metrics against hand-computed values, DPO, task evaluation, and bad inputs -> on
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import re
@@ -359,6 +360,17 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     gbk_csv.write_bytes(("text,label\n" + "房间很干净，服务很好。,positive\n" * 30).encode("gbk"))
     with pytest.raises(DataError, match=r"reads as GB18030 .* > '.*gbk\.utf8\.csv'"):
         finetune(base, train_file=gbk_csv, out=tmp_path / "g", cfg=FinetuneConfig(task="classify"), progress=False)
+    # mostly ASCII (Alpaca's English fields beside the Chinese ones): not flagged as GB18030 by its share of
+    # bad bytes, it said only "cannot read ... as UTF-8 text (...); convert it to UTF-8"
+    row = {"en_instruction": "Give three tips for staying healthy. " * 3, "instruction": "保持健康的三个提示。"}
+    gbk_jsonl = tmp_path / "gbk.jsonl"
+    gbk_jsonl.write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode("gbk") * 20)
+    with pytest.raises(DataError, match=r"gbk\.jsonl is not UTF-8 \(byte \d+: .*iconv -f ENCODING -t UTF-8 \(GB18030"):
+        finetune(base, train_file=gbk_jsonl, out=tmp_path / "g", cfg=FinetuneConfig(task="sft"), progress=False)
+    cut = tmp_path / "cut.jsonl.gz"  # a damaged .gz is not a matter of encoding
+    cut.write_bytes(gzip.compress(b'{"instruction": "hi", "output": "hello"}\n' * 50)[:-12])
+    with pytest.raises(DataError, match=r"cannot read .*cut\.jsonl\.gz \(.*\); check the file"):
+        finetune(base, train_file=cut, out=tmp_path / "g", cfg=FinetuneConfig(task="sft"), progress=False)
     assert not (tmp_path / "g").exists()
     blank = tmp_path / "blank.csv"
     blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
@@ -814,3 +826,47 @@ def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Pa
         read_table(deep)
     deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad movie,0\n")
     assert len(read_table(deep)) == 1001
+
+
+def test_translate_scores_an_nfkc_models_references_in_its_form(tmp_path: Path):
+    """A model prepared with --normalize NFKC trains on targets whose ，！ became , ! and writes those: its
+    exact translations scored BLEU 16 here against the raw references' full-width marks."""
+    from lmforge.eval.tasks import evaluate_task
+    from lmforge.tokenizer.train import with_nfkc
+
+    pairs = [("hi", "你好，世界！"), ("bye", "再见，朋友！")]
+    data = tmp_path / "en_zh.jsonl"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs), encoding="utf-8")
+    tok = with_nfkc(train_char(["hi bye 你好,世界!再见,朋友! <src> <tgt>"]))
+    base = make_base(tmp_path, max_seq_len=32, tok=tok)
+    overrides = {"train": {"max_steps": 60, "batch_size": 4, "lr": 1e-2, "warmup_steps": 5}}
+    cfg = FinetuneConfig(task="translate", max_new_tokens=8)
+    finetune(base, train_file=data, out=tmp_path / "mt", cfg=cfg, overrides=overrides, progress=False)
+    m = evaluate_task(tmp_path / "mt", task="translate", data=data, max_new_tokens=8)
+    assert [s["prediction"] for s in m["samples"]] == ["你好,世界!", "再见,朋友!"]  # learned exactly, NFKC
+    assert m["bleu"] == pytest.approx(100.0) and m["chrf"] == pytest.approx(100.0)
+
+
+def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):
+    """`eval --task clm FILE` and `eval` on the same text prepared with --normalize NFKC score the same tokens;
+    the task counted the file's raw bytes (each ，！ 3 bytes where the model reads a 1-byte , !), so the same
+    model on the same text got a bpb 14% lower here than on the prepared split."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.eval.tasks import evaluate_task
+    from lmforge.tokenizer.train import with_nfkc
+
+    tok = with_nfkc(train_char(["你好,世界!再见,朋友!我们明天见。"]))
+    base = make_base(tmp_path, max_seq_len=16, tok=tok)
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("我们明天见。\n", encoding="utf-8")
+    val.write_text("你好，世界！\n\n再见，朋友！我们明天见。\n", encoding="utf-8")
+    cfg = PrepareConfig(
+        inputs=[str(train)], val_input=[str(val)], tokenizer=str(base / "tokenizer.json"), normalize="NFKC",
+        out=str(tmp_path / "data"),
+    )  # fmt: skip
+    prepare(cfg, progress=False)
+    split = evaluate_checkpoint(str(base), data_dir=str(tmp_path / "data"), split="val", device="cpu")
+    task = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert task["loss"] == pytest.approx(split["loss"]) and task["tokens"] == split["tokens"]
+    assert task["bytes"] == split["bytes"] and task["bpb"] == pytest.approx(split["bpb"])

@@ -111,6 +111,10 @@ def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_sho
 # Chinese (simplified, traditional), Japanese, Korean; spelled as both Python's codecs and iconv know them
 # (glibc's iconv has no "EUC_KR")
 LEGACY_ENCODINGS = ("GB18030", "BIG5", "SHIFT_JIS", "EUC-KR")
+# Python's "big5" codec is the bare 1984 table; Big5 files (and iconv's BIG5) also hold the ETEN extension
+# (F9D6-F9FE: 裏 碁 銹 墻 恒 ... and box drawing), which Windows' CP950 has. A traditional text with one 裏 in
+# its head failed to decode as "big5" and was named GB18030, whose iconv command made mojibake.
+_DECODER = {"BIG5": "cp950"}
 
 
 # What text in each legacy encoding mostly holds beyond ASCII: CJK ideographs, CJK and full-width
@@ -143,7 +147,7 @@ def legacy_encoding(head: bytes) -> str | None:
     for encoding in LEGACY_ENCODINGS:
         if encoding == "EUC-KR":
             continue
-        text = _decoded(head, encoding)
+        text = _decoded(head, _DECODER.get(encoding, encoding))
         if text is None:
             continue
         wide = [c for c in text if ord(c) > 0x7F]

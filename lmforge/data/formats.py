@@ -87,12 +87,17 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     try:
         raw = gzip.open(p, "rb").read() if p.name.lower().endswith(".gz") else p.read_bytes()
         text = raw.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        if isinstance(e, UnicodeDecodeError):  # GBK, Big5, UTF-16...: say which and how to convert it
-            from lmforge.data.ingest import check_not_binary
+    except UnicodeDecodeError as e:  # GBK, Big5, UTF-16...: say which and how to convert it
+        from lmforge.data.ingest import check_not_binary
 
-            check_not_binary(p)
-        raise DataError(f"cannot read {p} as UTF-8 text ({e}); convert it to UTF-8") from None
+        check_not_binary(p)  # (names the encoding where the start of the file is mostly in it)
+        # mostly ASCII (a GBK .jsonl of Alpaca's English and Chinese fields): not flagged above, but still not UTF-8
+        raise DataError(
+            f"{p} is not UTF-8 (byte {e.start}: {e.reason}); convert it first with iconv -f ENCODING -t UTF-8 "
+            "(GB18030 for simplified Chinese, BIG5 for traditional, CP1252 for Western European text)"
+        ) from None
+    except (OSError, EOFError) as e:  # (a damaged .gz read as "convert it to UTF-8")
+        raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is a damaged .gz") from None
     if "\x00" in text:  # UTF-16 or binary data (as prepare refuses it), or a NUL byte further in
         from lmforge.data.ingest import check_not_binary
 

@@ -299,22 +299,23 @@ def check_not_binary(path: Path) -> None:
         if encoding:
             raise DataError(
                 f"{path} is not UTF-8: it reads as {encoding.upper()} (GB18030/GBK: simplified Chinese, BIG5: "
-                f"traditional, SHIFT_JIS, EUC-KR); convert it first, e.g. iconv -f {encoding.upper()} -t UTF-8 "
-                f"'{path}' > '{_utf8_name(path)}'"
+                f"traditional, SHIFT_JIS, EUC-KR); convert it first, e.g. {_iconv(path, encoding.upper())}"
             )
         utf16 = utf16_encoding(head)
         if utf16:
-            raise DataError(
-                f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. iconv -f {utf16} -t UTF-8 '{path}' > "
-                f"'{_utf8_name(path)}'"
-            )
+            raise DataError(f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. {_iconv(path, utf16)}")
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
-def _utf8_name(path: Path) -> Path:
-    """Where the iconv advice writes the converted file: its format suffix kept, so a .csv stays a .csv
-    (`reviews.csv` -> `reviews.utf8.csv`)."""
-    return path.with_name(f"{path.stem}.utf8{path.suffix}" if path.suffix else f"{path.name}.utf8.txt")
+def _iconv(path: Path, encoding: str) -> str:
+    """The iconv command that converts `path` to UTF-8, written where its format suffix is kept, so a .csv
+    stays a .csv (`reviews.csv` -> `reviews.utf8.csv`). A compressed file is decompressed into it first
+    (`zcat 'book.txt.gz' | iconv ... > 'book.utf8.txt'`): iconv on the .gz itself fails on its binary bytes."""
+    unpack = {".gz": "zcat", ".zst": "zstdcat"}.get(path.suffix)
+    inner = path.with_suffix("") if unpack else path
+    out = inner.with_name(f"{inner.stem}.utf8{inner.suffix}" if inner.suffix else f"{inner.name}.utf8.txt")
+    convert = f"iconv -f {encoding} -t UTF-8"
+    return f"{unpack} '{path}' | {convert} > '{out}'" if unpack else f"{convert} '{path}' > '{out}'"
 
 
 def _lines(stream: BinaryIO, path: Path, max_line_bytes: int, first_lineno: int = 1) -> Iterator[bytes]:

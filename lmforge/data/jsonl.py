@@ -51,6 +51,15 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
             record = record[text_field]
         if isinstance(record, list) and all(isinstance(t, str) for t in record):
             record = "\n".join(record)  # e.g. a chapter's list of paragraphs
+        inner = record if isinstance(record, dict) else None
+        if isinstance(record, list):
+            inner = next((t for t in record if isinstance(t, dict)), None)
+        if inner is not None:  # (古文观止's volumes of pieces: "got list" read as if a list were fine)
+            keys = ", ".join(list(inner)[:8]) or "none"
+            raise DataError(
+                f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
+                f"--text-field {text_field}.KEY"
+            )
         if not isinstance(record, str):
             raise DataError(
                 f"{where}: expected a string (or a list of strings) under '{text_field}', got "

@@ -653,6 +653,11 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.tokenizer not in TRAINED_TOKENIZERS:  # load (and check) an existing tokenizer before the long read
         given = Tokenizer.load(cfg.tokenizer)
         given.eos_id  # noqa: B018 - raises DataError if the tokenizer has no end-of-text token
+        if "NFKC" in given.unicode_forms and cfg.normalize == "NFC":
+            # it encodes NFKC text whatever it is handed (a ， as ","), so the text is cleaned so too: its byte
+            # counts (bits per byte) and split hashes are those of the text the tokens hold, as in the part that
+            # trained it with --normalize NFKC; NFC kept the 3-byte ，, and one text got two bpb values
+            cfg = dataclasses.replace(cfg, normalize="NFKC")
     if cfg.dedup == "near":
         NearDedup(max_examples=0)  # fail now, with the install hint, if datasketch is missing
 

@@ -339,7 +339,8 @@ def task_metrics(
     if task == "translate":
         prompts = [ft.tokenizer.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
         hyps = _answers(ft, prompts, max_new_tokens)
-        refs = [str(row[fields["target"]]).strip() for row in rows]
+        # in the form the model writes (and trained on): NFKC turned the targets' ，？！ into , ? ! before training
+        refs = [ft.tokenizer.in_unicode_form(str(row[fields["target"]]).strip()) for row in rows]
         samples = [
             {"source": str(r[fields["source"]]), "reference": ref, "prediction": h}
             for r, ref, h in list(zip(rows, refs, hyps, strict=True))[:3]
@@ -357,7 +358,8 @@ def task_metrics(
         examples = clm_examples(ft.tokenizer, texts, ft.model.cfg.max_seq_len)
         batches = [lm_batch(examples[i : i + 16], ft.tokenizer.eos_id) for i in range(0, len(examples), 16)]
         stream = [np.asarray(e.ids[1:]) for e in examples] + [np.asarray(examples[0].ids[:1])] if examples else []
-        text_bytes = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+        # the bytes of the text the model reads: an NFKC tokenizer's (a ， it reads as ",") as `prepare` counts them
+        text_bytes = sum(len(ft.tokenizer.in_unicode_form(t).encode("utf-8", errors="replace")) for t in texts)
         token_bytes = text_byte_table(ft.tokenizer.token_bytes(), stream, text_bytes)
         m = evaluate_lm(ft.model, batches, token_bytes=token_bytes, precision=Precision(device, torch.float32))
         return {"task": task, **m}
