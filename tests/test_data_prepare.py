@@ -420,6 +420,24 @@ def test_korean_euc_kr_is_named_euc_kr(tmp_path: Path) -> None:
         assert legacy_encoding(chinese.encode("gb18030")[:8192]) == "GB18030", chinese[:10]
 
 
+def test_windows_extensions_of_shift_jis_and_euc_kr_are_named_so_iconv_converts_them(tmp_path: Path) -> None:
+    """① (NEC row 13) is only in CP932, 똠 only in CP949: Python's strict codecs and iconv's SHIFT_JIS / EUC-KR
+    refuse or garble them, so such a file was named GB18030 (mojibake when converted as told)."""
+    japanese = "①これは日本語のテキストです。カタカナも含みます。\n" * 5
+    korean = "똠방각하. " + KOREAN * 3
+    for text, codec, name in [(japanese, "cp932", "CP932"), (korean, "cp949", "CP949")]:
+        data = text.encode(codec)
+        assert legacy_encoding(data) == name
+        if shutil.which("iconv"):
+            path = tmp_path / f"{name}.txt"
+            path.write_bytes(data)
+            converted = subprocess.run(["iconv", "-f", name, "-t", "UTF-8", str(path)], capture_output=True)
+            assert converted.returncode == 0 and converted.stdout.decode() == text
+    # plain Shift-JIS and EUC-KR keep their names
+    assert legacy_encoding(japanese.replace("①", "").encode("shift_jis")) == "SHIFT_JIS"
+    assert legacy_encoding((KOREAN * 3).encode("euc_kr")) == "EUC-KR"
+
+
 def test_missing_input(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         run(tmp_path, [tmp_path / "nope.txt"])

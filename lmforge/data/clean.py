@@ -115,6 +115,10 @@ LEGACY_ENCODINGS = ("GB18030", "BIG5", "SHIFT_JIS", "EUC-KR")
 # (F9D6-F9FE: 裏 碁 銹 墻 恒 ... and box drawing), which Windows' CP950 has. A traditional text with one 裏 in
 # its head failed to decode as "big5" and was named GB18030, whose iconv command made mojibake.
 _DECODER = {"BIG5": "cp950"}
+# Windows' supersets of Shift-JIS and EUC-KR (NEC/IBM rows: ①, Ⅱ, 髙; the 8,822 extra Hangul syllables: 똠, 햏),
+# which Python's strict codecs and iconv's SHIFT_JIS/EUC-KR refuse or garble: a file that only they read is
+# named by them, so the iconv advice converts it (iconv -f CP932 / CP949)
+_WINDOWS = {"SHIFT_JIS": "CP932", "EUC-KR": "CP949"}
 
 
 # What text in each legacy encoding mostly holds beyond ASCII: CJK ideographs, CJK and full-width
@@ -141,38 +145,52 @@ def legacy_encoding(head: bytes) -> str | None:
     `LEGACY_ENCODINGS` on a tie."""
     if b"\x00" in head:
         return None
-    if _reads_as_korean(head):
-        return "EUC-KR"
+    for korean in ("EUC-KR", "CP949"):
+        if _reads_as_korean(head, korean):
+            return korean
     best, best_score = None, -1.0
     for encoding in LEGACY_ENCODINGS:
         if encoding == "EUC-KR":
             continue
-        text = _decoded(head, _DECODER.get(encoding, encoding))
+        name, text = encoding, _decoded(head, _DECODER.get(encoding, encoding))
+        if text is None and encoding in _WINDOWS:
+            name, text = _WINDOWS[encoding], _decoded(head, _WINDOWS[encoding])
         if text is None:
             continue
         wide = [c for c in text if ord(c) > 0x7F]
         expected = sum(_expected(encoding, c) for c in wide)
         score = expected / len(wide) if wide else 0.0
         if score > best_score:
-            best, best_score = encoding, score
+            best, best_score = name, score
     return best
 
 
-def _reads_as_korean(head: bytes) -> bool:
-    """Whether `head` is Korean in EUC-KR: its EUC-KR reading has at least `_KOREAN_MIN_SYLLABLES`
-    Hangul syllables (U+AC00-U+D7A3), `_KOREAN_MIN_SHARE` of its letters (Hangul and ideographs).
+def _reads_as_korean(head: bytes, encoding: str = "EUC-KR") -> bool:
+    """Whether `head` is Korean in EUC-KR (or CP949): its reading has at least `_KOREAN_MIN_SYLLABLES`
+    Hangul syllables of EUC-KR's 2,350 (the common ones), `_KOREAN_MIN_SHARE` of its letters (Hangul and
+    ideographs). CP949's 8,822 extra syllables do not count: Korean has a few of them (똠), while Shift-JIS
+    read as CP949 is mostly them (its lead bytes 81-9F are CP949's extension rows).
 
     Which characters occur cannot tell EUC-KR from GB18030: both are 2-byte EUC, and GB18030 reads each
     Korean syllable as a common GB2312 ideograph. The reverse differs: simplified Chinese read as EUC-KR
     (when it decodes at all) gives Hangul only for the ideographs in GB2312's rows B0-C8 (pinyin a to
     san; 54% of those in Hong Lou Meng's chapter 1) and Hanja for the rest, so 12 Hangul in a row is
     about 1 in 1,600. Korean with up to 5% Hanja still counts; one under 12 syllables is named GB18030."""
-    text = _decoded(head, "EUC-KR")
+    text = _decoded(head, encoding)
     if text is None:
         return False
     letters = [c for c in text if ord(c) > 0x7F and unicodedata.category(c) == "Lo"]
-    syllables = sum("\uac00" <= c <= "\ud7a3" for c in letters)
+    syllables = sum("\uac00" <= c <= "\ud7a3" and _in_euc_kr(c) for c in letters)
     return syllables >= _KOREAN_MIN_SYLLABLES and syllables >= _KOREAN_MIN_SHARE * len(letters)
+
+
+def _in_euc_kr(c: str) -> bool:
+    """One of EUC-KR's own characters: 2 bytes (Python's codec writes any other syllable as an 8-byte jamo
+    sequence, KS X 1001's annex)."""
+    try:
+        return len(c.encode("euc_kr")) == 2
+    except UnicodeEncodeError:
+        return False
 
 
 def _expected(encoding: str, c: str) -> bool:
