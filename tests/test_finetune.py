@@ -870,3 +870,34 @@ def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):
     task = evaluate_task(base, task="clm", data=val, device="cpu")
     assert task["loss"] == pytest.approx(split["loss"]) and task["tokens"] == split["tokens"]
     assert task["bytes"] == split["bytes"] and task["bpb"] == pytest.approx(split["bpb"])
+
+
+def test_fewshot_accuracy_norm_does_not_favour_short_labels():
+    """Summed log-probabilities favour labels of fewer tokens: a model that gives each character of 正面评价
+    more probability than each of 负面 still loses on the sum (4 x -2.5 < 2 x -4) and wins per byte."""
+    from types import SimpleNamespace
+
+    from lmforge.eval.tasks import fewshot_classify
+
+    tok = train_char(["Text: 好 Label: 正面评价 负面\n"])
+    per_char = torch.full((tok.vocab_size,), -30.0)
+    for ch, logp in [*((c, -2.5) for c in "正评价"), ("负", -4.0), ("面", -3.25), (" ", -0.1)]:
+        (i,) = tok.encode(ch)
+        per_char[i] = logp
+
+    class FixedLM(torch.nn.Module):  # the same next-token scores at every position
+        cfg = SimpleNamespace(max_seq_len=256)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scores = torch.nn.Parameter(per_char.clone(), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scores.expand(*x.shape, -1)
+
+    rows = [{"text": "好", "label": "正面评价"}, {"text": "好好", "label": "正面评价"}]
+    shots = [*rows, {"text": "好好好", "label": "负面"}]  # the labels: both names
+    ft = SimpleNamespace(model=FixedLM(), tokenizer=tok)
+    m = fewshot_classify(ft, rows, shots, k=1, fields={"text": "text", "label": "label"})
+    # " 正面评价": -0.1 - 2.5 - 3.25 - 2.5 - 2.5 = -10.85 over 13 bytes; " 负面": -0.1 - 4 - 3.25 = -7.35 over 7
+    assert m["accuracy"] == 0.0 and m["accuracy_norm"] == 1.0

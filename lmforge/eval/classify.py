@@ -52,7 +52,8 @@ def format_report(report: dict[str, Any]) -> str:
     def left(text: str) -> str:  # padded by terminal columns: a Chinese character takes two
         return text + " " * (width - display_width(text))
 
-    lines = [f"accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f} | n {report['n']}", ""]
+    norm = f" | accuracy per label byte {report['accuracy_norm']:.4f}" if "accuracy_norm" in report else ""
+    lines = [f"accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f}{norm} | n {report['n']}", ""]
     lines.append(f"{left('label')}  precision  recall      f1  support")
     for name, m in report["per_class"].items():
         lines.append(f"{left(name)}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")

@@ -18,7 +18,9 @@ sacrebleu's "zh" (per character), the others with "13a".
 
 In-context classification (no training): each query is preceded by k labelled examples,
 `Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
-log-probability after `Label:` (scoring every label, not sampling, so the answer is always a label).
+log-probability after `Label:` (scoring every label, not sampling, so the answer is always a label);
+`accuracy_norm` is the accuracy of picking by log-probability per UTF-8 byte of the label instead, which
+does not favour short label names.
 """
 
 from __future__ import annotations
@@ -222,7 +224,8 @@ def fewshot_classify(
     device = next(model.parameters()).device
     context = model.cfg.max_seq_len
     label_ids = [tok.encode(" " + name) for name in labels]
-    y_true, y_pred = [], []
+    y_true, y_pred, y_norm = [], [], []
+    label_bytes = [max(1, len((" " + name).encode("utf-8"))) for name in labels]
     for row in rows:
         text = str(row[fields["text"]]).strip()
         pool = [i for i, t in enumerate(shot_texts) if t != text]
@@ -241,8 +244,11 @@ def fewshot_classify(
             scores.append(float(sequence_logprobs(model(x), y)))
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
+        y_norm.append(max(range(len(labels)), key=lambda i: scores[i] / label_bytes[i]))
     report = classification_report(y_true, y_pred, labels)
     report["k_shot"] = k
+    # per byte of the label: the sum favours short labels (正面评价 against 负面 always lost)
+    report["accuracy_norm"] = sum(t == p for t, p in zip(y_true, y_norm, strict=True)) / max(1, len(y_true))
     return report
 
 
