@@ -18,9 +18,10 @@ With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (co
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
 an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
-(vLLM's extension) and `logit_bias` are `generate.Penalties`. `logprobs` with `stream`, `suffix`, `best_of`, tools
-and `response_format` are refused with a 400 rather than ignored: each would change
-what a client gets back. With a `seed`, choice j of a prompt samples with seed + j.
+(vLLM's extension) and `logit_bias` are `generate.Penalties`. A completion's `best_of` draws that many per
+prompt and returns the `n` with the highest log-probability per token. `logprobs` or `best_of` with `stream`,
+`suffix`, tools and `response_format` are refused with a 400 rather than ignored: each would change
+what a client gets back. With a `seed`, choice (or draw) j of a prompt samples with seed + j.
 
 HTTP/1.1 with keep-alive, as the `openai` client (httpx) and browsers use it: one connection carries many
 requests. Every reply that is not streamed has a Content-Length; a stream is sent chunked (ending with the
@@ -67,9 +68,11 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.serve_logprobs import choice_logprobs, mean_logprob
 from lmforge.serve_request import (
     UNSUPPORTED,
     RequestError,
+    choice_counts,
     completion_prompts,
     detokenize_reply,
     number,
@@ -510,21 +513,6 @@ class _Handler(BaseHTTPRequestHandler):
             out.append(ids)
         return out
 
-    def _logprobs(self, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
-        """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too)."""
-        from lmforge.serve_logprobs import chat_logprobs, completion_logprobs, score
-
-        ft, names = self.server.ft, self.server.token_names()
-        first = 0 if echo else len(ids)
-        if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
-            new = [t for t in new if t not in self.server.stops]
-        with self.server.lock:
-            scored = score(ft.model, ids + new, first, top)
-        if chat:
-            return chat_logprobs(names, new, scored)
-        decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
-        return completion_logprobs(names, decode, ids + new, first, scored)
-
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
         from lmforge.generate import context_length
 
@@ -548,10 +536,7 @@ class _Handler(BaseHTTPRequestHandler):
             max_tokens = int(max_tokens)
         if not isinstance(max_tokens, int):
             raise RequestError(400, f"'{limit_key}' must be a whole number, got {max_tokens!r}", param=limit_key)
-        n = body.get("n")
-        n = 1 if n is None else n
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
+        n, best_of = choice_counts(body, chat)
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
         penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
@@ -586,16 +571,19 @@ class _Handler(BaseHTTPRequestHandler):
         if stream and logprobs:
             message = "'logprobs' is not supported with \"stream\": true; leave one of them out"
             raise RequestError(400, message, param="logprobs")
+        if stream and best_of > n:
+            raise RequestError(400, "'best_of' picks among whole completions, so it cannot stream", param="best_of")
         for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
             if body.get(key) not in neutral:
                 raise RequestError(400, f"'{key}' is not supported by lmforge serve; leave it out", param=key)
         prompts = self._prompts(body, chat)
-        if len(prompts) * n > limits.max_prompts:  # each choice is a generation of its own
+        if len(prompts) * best_of > limits.max_prompts:  # each choice (or best_of draw) is a generation of its own
+            what = "'best_of'" if best_of > n else "'n'"
             message = (
-                f"{len(prompts)} prompt(s) x 'n' {n} = {len(prompts) * n} choices; this server makes at most "
-                f"{limits.max_prompts} per request (--max-prompts): ask for fewer"
+                f"{len(prompts)} prompt(s) x {what} {best_of} = {len(prompts) * best_of} generations; this server "
+                f"makes at most {limits.max_prompts} per request (--max-prompts): ask for fewer"
             )
-            raise RequestError(400, message, param="n")
+            raise RequestError(400, message, param="best_of" if best_of > n else "n")
         context = context_length(ft.model)  # a recurrent model's has no limit
         budgets = []
         for i, ids in enumerate(prompts):
@@ -646,23 +634,29 @@ class _Handler(BaseHTTPRequestHandler):
         # choice j of each prompt samples with seed + j (n different samples, the same again on a repeat)
         for i, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
             usage["prompt_tokens"] += len(ids)  # (counted once per prompt, as OpenAI counts it)
-            for j in range(n):
+            head = ""
+            if echo:  # the prompt's text first (as sent; token ids as they decode)
+                prompt = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
+                head = prompt if isinstance(prompt, str) else ft.tokenizer.decode(ids, skip_special_tokens=True)
+            drawn = []
+            for j in range(best_of):
                 index = i * n + j
                 sampling = {"temperature": temperature, "top_p": top_p, "penalties": penalties}
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
                 emit = functools.partial(send_piece, index) if stream else None
-                head = ""
-                if echo:  # the prompt's text first (as sent; token ids as they decode)
-                    prompt = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
-                    head = prompt if isinstance(prompt, str) else ft.tokenizer.decode(ids, skip_special_tokens=True)
-                    if emit is not None and head:
-                        emit(head)
+                if emit is not None and head:
+                    emit(head)
                 text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit)
                 usage["completion_tokens"] += len(new)
                 if stream:
                     self._event(chunk(index, "", finish))
                     continue
-                scores = self._logprobs(ids, new, echo, top, chat) if logprobs else None
+                drawn.append((text, finish, new))
+            if best_of > n:  # the n with the highest log-probability per token, best first (OpenAI's best_of)
+                drawn = sorted(drawn, key=lambda d: -mean_logprob(self.server, ids, d[2]))[:n]
+            for j, (text, finish, new) in enumerate(drawn):
+                index = i * n + j
+                scores = choice_logprobs(self.server, ids, new, echo, top, chat) if logprobs else None
                 if chat:
                     message = {"role": "assistant", "content": text}
                     choices.append({"index": index, "message": message, "logprobs": scores, "finish_reason": finish})

@@ -12,6 +12,8 @@ character that is not whole on its own, as OpenAI writes them; a special token (
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Any
 
@@ -93,3 +95,27 @@ def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | 
         for t, (lp, alternatives) in zip(ids, scored, strict=True)
     ]
     return {"content": content, "refusal": None}
+
+
+def choice_logprobs(server: Any, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
+    """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too), scored under the
+    server's model lock."""
+    ft, names = server.ft, server.token_names()
+    first = 0 if echo else len(ids)
+    if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
+        new = [t for t in new if t not in server.stops]
+    with server.lock:
+        scored = score(ft.model, ids + new, first, top)
+    if chat:
+        return chat_logprobs(names, new, scored)
+    decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+    return completion_logprobs(names, decode, ids + new, first, scored)
+
+
+def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:
+    """Log-probability per generated token of one draw (`best_of` ranks draws by it); -inf for none."""
+    if not new:
+        return -math.inf
+    with server.lock:
+        scored = score(server.ft.model, ids + new, len(ids), 0)
+    return sum(lp for lp, _ in scored if lp is not None) / len(new)

@@ -9,7 +9,6 @@ from typing import Any
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
-    "best_of": (None, 1),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -134,6 +133,22 @@ def short_json(value: Any) -> str:
     """A request value as the client wrote it, cut short for a one-line error."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def choice_counts(body: dict[str, Any], chat: bool) -> tuple[int, int]:
+    """(`n`, `best_of`): choices per prompt, and completions' draws per prompt that the n best are picked from."""
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RequestError(400, f"'n' must be a whole number >= 1 (choices per prompt), got {n!r}", param="n")
+    best_of = body.get("best_of")
+    if chat and best_of not in (None, 1):
+        raise RequestError(400, "'best_of' is for /v1/completions; leave it out of a chat request", param="best_of")
+    best_of = n if best_of is None or chat else best_of
+    if not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < n:
+        message = f"'best_of' must be a whole number >= 'n' ({n}), got {short_json(best_of)}"
+        raise RequestError(400, message, param="best_of")
+    return n, best_of
 
 
 def scoring_options(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:

@@ -823,6 +823,27 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
                 assert choices[i * 3 + j]["text"] == alone["choices"][0]["text"]
         assert len({c["text"] for c in choices[:3]}) > 1
 
+        # best_of: of the draws with seeds 5, 6, 7 the one with the highest log-probability per token
+        draws = []
+        for j in range(3):
+            one = {"prompt": "once", "max_tokens": 6, "temperature": 1.0, "seed": 5 + j, "logprobs": 0}
+            choice = json.loads(_post(url + "/completions", one)[1])["choices"][0]
+            draws.append(
+                (sum(choice["logprobs"]["token_logprobs"]) / len(choice["logprobs"]["tokens"]), choice["text"])
+            )
+        best = {"prompt": "once", "max_tokens": 6, "temperature": 1.0, "seed": 5, "best_of": 3}
+        reply = json.loads(_post(url + "/completions", best)[1])
+        assert [c["text"] for c in reply["choices"]] == [max(draws)[1]]
+        assert reply["usage"]["completion_tokens"] >= 3  # every draw's tokens
+        for payload, where, needle in [
+            ({"prompt": "hi", "n": 2, "best_of": 1}, "/completions", "'best_of' must be a whole number >= 'n' (2)"),
+            ({"prompt": "hi", "best_of": 2, "stream": True}, "/completions", "cannot stream"),
+            ({"messages": hi, "best_of": 2}, "/chat/completions", "'best_of' is for /v1/completions"),
+        ]:
+            status, body = _post(url + where, payload)
+            error = json.loads(body)["error"]
+            assert status == 400 and error["param"] == "best_of" and needle in error["message"], error
+
         # penalties: the server's greedy text is generate()'s with the same Penalties
         from lmforge.generate import Penalties, generate, run_stops
 
