@@ -280,8 +280,9 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "runs",
         help="table of the runs under a folder",
-        description="Name, preset, status (running, finished, interrupted, failed), steps, tokens, best "
-        "validation loss, training time and last checkpoint of every run directory under DIR.",
+        description="Name, preset, status (running, finished, interrupted, failed; unknown for an imported "
+        "model), steps, tokens, best validation loss, training time and last checkpoint of every run directory "
+        "under DIR.",
     )
     p.add_argument(
         "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"

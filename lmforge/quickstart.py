@@ -84,6 +84,6 @@ def quickstart(
         f"  loss curve    : {run / 'loss.png'}\n"
         f"  checkpoints   : {run / 'checkpoints'} (latest: {(run / 'checkpoints' / 'latest').read_text().strip()})\n"
         f"  metrics       : {run / 'metrics.jsonl'}\n"
-        f"next: lmforge generate {run} --prompt 'JULIET:' | lmforge eval {run} --split test"
+        f"next (one command a line):\n  lmforge generate {run} --prompt 'JULIET:'\n  lmforge eval {run} --split test"
     )
     return metrics

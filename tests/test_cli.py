@@ -208,6 +208,30 @@ def test_quickstart_help_shows_the_settings_it_trains_with():
     assert f"(default: {preset['train']['time_budget']!r})" in text
 
 
+@pytest.mark.slow
+def test_quickstart_writes_where_the_readme_says_and_its_next_commands_run(tmp_path, monkeypatch, capsys):
+    """README: quickstart writes data/quickstart/ and runs/quickstart/ under the current folder and ends with
+    the commands to try next. Those were printed joined by ' | ', which a shell reads as a pipe."""
+    import shlex
+
+    from lmforge.quickstart import quickstart
+
+    monkeypatch.chdir(tmp_path)
+    quickstart(overrides=["--train.max_steps", "2", "--train.warmup_steps", "1", "--eval.every", "0"])
+    assert (tmp_path / "data" / "quickstart" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    out = capsys.readouterr().out
+    commands = [line.strip() for line in out.split("next (one command a line):\n", 1)[1].splitlines()]
+    assert commands == [
+        "lmforge generate runs/quickstart --prompt 'JULIET:'",
+        "lmforge eval runs/quickstart --split test",
+    ]
+    for command in commands:
+        extra = ["--max-new-tokens", "5"] if "generate" in command else ["--max-batches", "2"]
+        result = run_cli(*shlex.split(command)[1:], *extra, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+
+
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     """A Ctrl-C that lands while torch and numpy are still importing (the first second or two of any command)
     printed a KeyboardInterrupt traceback, or, inside numpy's import, an AttributeError from the module it

@@ -190,13 +190,25 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", bpe, **LLAMA)
     with pytest.raises(LmforgeError, match="--dtype"):
         export_gguf(run, tmp_path / "c.gguf", dtype="q4_0")
-    (tmp_path / "d.gguf").write_bytes(b"x")
+    export_gguf(run, tmp_path / "d.gguf", dtype="q8_0")
     with pytest.raises(LmforgeError, match="overwrite"):
         export_gguf(run, tmp_path / "d.gguf")
-    assert export_gguf(run, tmp_path / "d.gguf", overwrite=True).stat().st_size > 1000
+    small = (tmp_path / "d.gguf").stat().st_size
+    assert export_gguf(run, tmp_path / "d.gguf", overwrite=True).stat().st_size > small  # f16 replaced q8_0
     with pytest.raises(LmforgeError, match=r"ends in \.gguf"):
         export_gguf(run, tmp_path / "e.txt")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_overwrite_replaces_a_gguf_file_never_another_file(bpe: Tokenizer, tmp_path: Path) -> None:
+    # README: --overwrite replaces only what an export wrote; a file named .gguf that is not one is the user's
+    run = make_run(tmp_path / "run", bpe, **LLAMA)
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes, not a model\n")
+    with pytest.raises(LmforgeError, match="not a GGUF file.*choose another --out"):
+        export_gguf(run, notes, overwrite=True)
+    assert notes.read_text() == "my notes, not a model\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf", "run"]
 
 
 def test_pre_tokenizer_name_is_the_one_llama_cpp_splits_like() -> None:

@@ -119,6 +119,16 @@ def test_errors(trained_run: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
+def test_other_families_are_refused_with_what_to_do(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "gru"
+    pretrain = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "gru-tiny", "--quiet"]
+    assert run_cli(*pretrain, "--train.max_steps", "2").returncode == 0
+    result = run_cli("quantize", str(run), "--out", str(tmp_path / "q"), "--no-compare")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model.family is 'gru'" in result.stderr and "train a gpt model to quantize" in result.stderr
+    assert not (tmp_path / "q").exists()
+
+
 def test_out_may_not_overlap_the_run(trained_run: Path, tmp_path: Path) -> None:
     """--out --overwrite on the run, a folder holding it or one inside it would delete the run: refused."""
     import shutil

@@ -234,7 +234,10 @@ def quantize_run(
             )
     trained = load_trained(path, cpu)
     if trained.config.model.family != "gpt":
-        raise LmforgeError(f"quantize supports GPT models; this run's model.family is {trained.config.model.family!r}")
+        raise LmforgeError(
+            f"quantize supports GPT and Llama-style runs (model.family gpt); this run's model.family is "
+            f"{trained.config.model.family!r}: keep its float weights, or train a gpt model to quantize"
+        )
     if "quantization" in trained.checkpoint.meta:
         raise LmforgeError(f"{path} is already quantized; quantize the original run instead")
     data_dir = trained.config.data.dir if compare else None

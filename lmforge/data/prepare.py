@@ -165,7 +165,7 @@ class PrepareConfig:
     )
     dedup: DedupMode = opt("exact", "'exact' (sha256 of the cleaned text), 'near' (exact + MinHash LSH) or 'none'")
     near_threshold: float = opt(
-        0.8, "Jaccard similarity of 5-character shingles above which documents are near-duplicates"
+        0.8, "Jaccard similarity of 5-character shingles at or above which documents are near-duplicates"
     )
     dedup_report: str = opt("", "write example near-duplicate pairs to this file (JSONL)")
     max_line_bytes: int = opt(DEFAULT_MAX_LINE_BYTES, "longest line (or 'file'-unit document) accepted, in bytes")

@@ -224,6 +224,14 @@ def _check_char_vocab(vocab: dict[str, int], added: set[str]) -> None:
         )
 
 
+def _is_gguf_file(path: Path) -> bool:
+    """Whether `path` is a regular file that starts with GGUF's magic bytes (what --overwrite may replace)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False) -> Path:
     """Write a run (or checkpoint) of a Llama-style model as one GGUF file for llama.cpp.
 
@@ -231,7 +239,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         path: run directory (its latest checkpoint) or a checkpoint folder.
         out: the .gguf file to write.
         dtype: "f16" or "q8_0" for the matrices (1-D tensors stay float32).
-        overwrite: replace an existing file.
+        overwrite: replace an existing GGUF file (any other file is refused).
 
     Returns:
         the written file.
@@ -252,6 +260,11 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     if out.suffix.lower() != ".gguf":
         raise LmforgeError(
             f"--out {out}: a GGUF file's name ends in .gguf (llama.cpp looks for it); e.g. {out.stem}.gguf"
+        )
+    if out.exists() and not _is_gguf_file(out):  # --overwrite replaces an export, never another file
+        raise LmforgeError(
+            f"refusing to overwrite {out}: it is not a GGUF file (no GGUF magic), and --overwrite would replace it; "
+            "choose another --out"
         )
     check_not_inside(out, Path(path))  # a run (or checkpoint) is never written into
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
