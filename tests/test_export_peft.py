@@ -112,7 +112,7 @@ def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     # the README said "`generate` and `export` load LM-task runs of every adaptation mode"
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     assert "`generate` and `export` load LM-task runs of every adaptation mode" not in readme
-    assert "`export` takes all of them but prompt-tuned runs" in readme
+    assert "`export` takes those LM-task runs but prompt-tuned ones" in readme and "Classifiers" in readme
 
 
 def test_cli_export_peft(tmp_path: Path) -> None:
