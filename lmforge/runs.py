@@ -425,7 +425,10 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     train = [r for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     ckpt = _latest_checkpoint(run_dir)
-    state = _section(_read_json(ckpt / "state.json"), "train_state") if ckpt else {}
+    meta = _read_json(ckpt / "state.json") if ckpt else {}
+    state = _section(meta, "train_state")
+    # an imported model's config holds the default max_steps (1000) it was never trained towards: "0", not "0/1000"
+    imported = isinstance(meta, dict) and "imported_from" in meta and not train
     last = train[-1] if train else {}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     status, failure = _status(run_dir)
@@ -435,7 +438,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         preset=str(config.get("preset") or ""),
         status=status,
         step=int(max(_number(last.get("step")), _number(state.get("step")))),
-        max_steps=int(_number(_section(config, "train").get("max_steps"))),
+        max_steps=0 if imported else int(_number(_section(config, "train").get("max_steps"))),
         tokens=int(max(_number(last.get("tokens")), _number(state.get("tokens")))),
         best_val_loss=min(vals) if vals else _number(state.get("best_val_loss"), None),
         elapsed_s=float(

@@ -370,3 +370,19 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
         "killed": ("failed", 100000),
         "stopped": ("interrupted", 100000),
     }
+
+
+def test_an_imported_model_shows_its_step_without_a_target(tmp_path):
+    """An imported model's config holds the default max_steps it was never trained towards: it read 0/1000."""
+    from lmforge.config import RunConfig
+    from lmforge.export.hf_import import write_imported_run
+    from lmforge.tokenizer.train import train_char
+
+    tok = train_char(["abc def"])
+    cfg = RunConfig(out=str(tmp_path / "runs" / "imp"), model=GPTConfig(vocab_size=tok.vocab_size, max_seq_len=16))
+    model = GPT(cfg.model)
+    model.init_weights()
+    write_imported_run(tmp_path / "runs" / "imp", cfg, model, tok, tmp_path, "gpt2")
+    (summary,) = list_runs(tmp_path / "runs")
+    assert (summary.status, summary.step, summary.max_steps) == ("unknown", 0, 0)
+    assert " 0/" not in format_runs([summary])
