@@ -111,6 +111,7 @@ def choice_metrics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """accuracy, accuracy_norm, n and a few samples of a causal LM on multiple-choice rows (module docstring)."""
+    from lmforge.eval.tasks import continuation_logprob
     from lmforge.generate import context_length
 
     model, tok = ft.model, ft.tokenizer
@@ -118,7 +119,6 @@ def choice_metrics(
         raise DataError(f"--k-shot {k} but the shots file has {len(shots or [])} rows; lower --k-shot")
     rng = random.Random(seed)
     context = context_length(model)
-    device = next(model.parameters()).device
     right = right_norm = 0
     samples = []
     for question, options, answer in rows:
@@ -132,15 +132,7 @@ def choice_metrics(
                 demo += f"{prompt}{space}{o[a]}\n\n"
         prompt, space = _prompt(question)
         head = tok.prompt_prefix + tok.encode(demo + prompt)
-        scores = []
-        for option in options:
-            tail = tok.encode(space + option)
-            seq = (head + tail)[-(context + 1) :]  # the prompt's start dropped when it is too long
-            x = torch.tensor([seq[:-1]], device=device)
-            logp = torch.log_softmax(model(x)[0].float(), dim=-1)
-            n = min(len(tail), len(seq) - 1)
-            targets = torch.tensor(seq[-n:], device=device)
-            scores.append(float(logp[-n:].gather(1, targets.unsqueeze(1)).sum()))
+        scores = [continuation_logprob(model, head, tok.encode(space + option), context) for option in options]
         best = max(range(len(options)), key=scores.__getitem__)
         norm = [s / max(1, len((space + o).encode("utf-8"))) for s, o in zip(scores, options, strict=True)]
         best_norm = max(range(len(options)), key=norm.__getitem__)

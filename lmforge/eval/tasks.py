@@ -197,6 +197,21 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def continuation_logprob(model: Any, head: list[int], tail: list[int], context: int) -> float:
+    """Summed log-probability of `tail`'s tokens after `head` (a label after its prompt, an answer option after
+    its question), one forward pass; the start of `head` is dropped when the two exceed `context`."""
+    from lmforge.adapt.objectives import sequence_logprobs
+    from lmforge.objectives import IGNORE_INDEX
+
+    device = next(model.parameters()).device
+    seq = (head + tail)[-context - 1 :]
+    x = torch.tensor([seq[:-1]], device=device)
+    y = torch.tensor([seq[1:]], device=device)
+    y[:, : max(0, len(seq) - 1 - len(tail))] = IGNORE_INDEX  # score only the tail's tokens
+    return float(sequence_logprobs(model(x), y))
+
+
 def fewshot_classify(
     ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
 ) -> dict[str, Any]:
@@ -209,10 +224,8 @@ def fewshot_classify(
     """
     import random
 
-    from lmforge.adapt.objectives import sequence_logprobs
     from lmforge.data.formats import label_name
     from lmforge.eval.classify import classification_report
-    from lmforge.objectives import IGNORE_INDEX
 
     tok, model = ft.tokenizer, ft.model
     labels = sorted({label_name(r[fields["label"]]) for r in shots + rows})
@@ -221,7 +234,6 @@ def fewshot_classify(
     shot_texts = [str(r[fields["text"]]).strip() for r in shots]
     demos = [f"Text: {t}\nLabel: {label_name(r[fields['label']])}\n\n" for t, r in zip(shot_texts, shots, strict=True)]
     rng = random.Random(seed)
-    device = next(model.parameters()).device
     context = model.cfg.max_seq_len
     label_ids = [tok.encode(" " + name) for name in labels]
     y_true, y_pred, y_norm = [], [], []
@@ -235,13 +247,7 @@ def fewshot_classify(
             )
         demo = "".join(demos[i] for i in rng.sample(pool, k))
         prompt = tok.encode(demo + f"Text: {text}\nLabel:")
-        scores = []
-        for ids in label_ids:
-            seq = (prompt + ids)[-context - 1 :]
-            x = torch.tensor([seq[:-1]], device=device)
-            y = torch.tensor([seq[1:]], device=device)
-            y[:, : len(seq) - 1 - len(ids)] = IGNORE_INDEX  # score only the label's tokens
-            scores.append(float(sequence_logprobs(model(x), y)))
+        scores = [continuation_logprob(model, prompt, ids, context) for ids in label_ids]
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
         y_norm.append(max(range(len(labels)), key=lambda i: scores[i] / label_bytes[i]))
