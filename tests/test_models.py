@@ -254,6 +254,39 @@ def test_gelu_helper_equals_f_gelu_and_restores_onednn(dtype: torch.dtype) -> No
     assert torch.backends.mkldnn.enabled
 
 
+def test_gelu_tanh_through_a_sigmoid_has_f_gelus_values_and_gradients() -> None:
+    """layers.GeluTanh (the tanh GELU of a large float32 CPU tensor as x sigmoid(u)): within float32 rounding
+    of the float64 `F.gelu(approximate="tanh")`, values and gradients, as close as ATen's own float32 kernel
+    is (x from N(0, 16) and N(0, 900), where sigmoid(u) rounds to 0 or 1 and the slope must not cancel); the
+    same values without a gradient (in place); no silent second derivative."""
+    import torch.nn.functional as F
+
+    from lmforge.models.layers import GELU_SMALL, GeluTanh, gelu
+
+    for scale in (4.0, 30.0):
+        x64 = torch.randn(GELU_SMALL + 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * scale
+        g64 = torch.randn_like(x64)
+        x64.requires_grad_()
+        F.gelu(x64, approximate="tanh").backward(g64)
+        x = x64.detach().float().requires_grad_()
+        y = gelu(x, "tanh")
+        assert y.grad_fn is not None and "GeluTanh" in type(y.grad_fn).__name__
+        y.backward(g64.float())
+        aten_x = x64.detach().float().requires_grad_()
+        aten = F.gelu(aten_x, approximate="tanh")
+        aten.backward(g64.float())
+        ref, ref_grad = F.gelu(x64.detach(), approximate="tanh"), x64.grad
+        for ours, theirs, exact in ((y, aten, ref), (x.grad, aten_x.grad, ref_grad)):
+            err = (ours.double() - exact).abs().max().item()
+            assert err <= 4 * max((theirs.double() - exact).abs().max().item(), 1e-6), err
+        with torch.no_grad():
+            assert torch.equal(gelu(x, "tanh"), y.detach())
+    twice = torch.randn(GELU_SMALL, dtype=torch.float32, requires_grad=True)
+    (grad,) = torch.autograd.grad(GeluTanh.apply(twice).sum(), twice, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_equals_sdpa_for_one_query(n_kv_head: int, dtype: torch.dtype) -> None:
