@@ -170,3 +170,13 @@ def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
     load_config(preset="bert-tiny", overrides=["--objective.mask_prob", "0.15"])
     with pytest.raises(ConfigError, match="--special-tokens all applies to a trained bpe tokenizer"):
         PrepareConfig(inputs=["x.txt"], out="o", tokenizer="char", special_tokens="all")
+
+
+@pytest.mark.parametrize(("tokenizer", "least"), [("bpe", 257), ("wordpiece", 64), ("unigram", 281)])
+def test_a_too_small_prepare_vocabulary_names_the_flag_to_change(tokenizer: str, least: int) -> None:
+    """prepare's vocabulary floor names `--vocab-size`, the flag a user types, and the smallest size allowed."""
+    from lmforge.data.prepare import PrepareConfig
+
+    with pytest.raises(ConfigError, match=rf"^--vocab-size must be >= {least} .*got 50$"):
+        PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=50)
+    PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=least)

@@ -191,14 +191,14 @@ class PrepareConfig:
             least = MIN_BPE_VOCAB + (len(EXTRA_SPECIALS) if self.special_tokens == "all" else 0)
             check(
                 least <= self.vocab_size <= 2**32,
-                f"vocab_size must be >= {least} (256 bytes + special tokens) for bpe, got {self.vocab_size}",
+                f"--vocab-size must be >= {least} (256 bytes + special tokens) for bpe, got {self.vocab_size}",
             )
         if self.tokenizer == "wordpiece":
-            check(self.vocab_size >= 64, f"vocab_size must be >= 64 for wordpiece, got {self.vocab_size}")
+            check(self.vocab_size >= 64, f"--vocab-size must be >= 64 for wordpiece, got {self.vocab_size}")
         if self.tokenizer == "unigram":
             check(
                 self.vocab_size >= 281,
-                f"vocab_size must be >= 281 for unigram (specials + bytes), got {self.vocab_size}",
+                f"--vocab-size must be >= 281 for unigram (specials + bytes), got {self.vocab_size}",
             )
         check(
             self.special_tokens in ("eos", "all"), f"special_tokens must be 'eos' or 'all', got {self.special_tokens!r}"
