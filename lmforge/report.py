@@ -221,7 +221,10 @@ X_LABELS = {"step": "step", "tokens": "tokens trained on", "elapsed_s": "wall-cl
 
 
 def _x_values(run: Run, records: list[dict[str, Any]], x: str) -> list[float]:
-    """x for each record; eval records lack `tokens`, so it is interpolated from the train records."""
+    """x for each record; eval records lack `tokens`, so it is interpolated from the train records.
+
+    Every run starts at step 0 with 0 tokens (a fine-tune, a resumed run too): without that point an eval
+    before the first logged step (eval every 5, log every 10) read the tokens of that later step."""
     if x == "tokens":
         import numpy as np
 
@@ -229,6 +232,8 @@ def _x_values(run: Run, records: list[dict[str, Any]], x: str) -> list[float]:
         tokens = [r["tokens"] for r in run.train if "tokens" in r]
         if not steps:
             return [float("nan")] * len(records)
+        if steps[0] > 0:
+            steps, tokens = [0, *steps], [0, *tokens]
         return [float(r["tokens"]) if "tokens" in r else float(np.interp(r["step"], steps, tokens)) for r in records]
     return [float(r.get(x, float("nan"))) for r in records]
 

@@ -20,7 +20,7 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import read_metrics
-from lmforge.report import PLOTS, render_report, watch
+from lmforge.report import PLOTS, eval_table, load_runs, render_report, watch
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
@@ -155,6 +155,20 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     val = read_metrics(two_runs[1] / "metrics.jsonl")[-1]
     assert "| slow | 12 |" in text and f"{val['val_loss']:.4f}" in text
     assert not list(out.parent.rglob("*.tmp"))
+
+
+def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
+    """With train.log_every 8 and eval.every 4 the eval at step 4 comes before any train record: it read
+    the tokens of step 8 (np.interp holds the first value), as if it had seen twice the data."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    records = read_metrics(run / "metrics.jsonl")
+    kept = [r for r in records if "loss" not in r or r["step"] in (8, 12)]  # what log_every 8 writes
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    per_step = next(r for r in kept if "loss" in r)["tokens"] // 8
+    header, rows = eval_table(load_runs([run]))
+    step, tokens = header.index("step"), header.index("tokens")
+    assert {row[step][1]: row[tokens][1] for row in rows} == {4: 4 * per_step, 8: 8 * per_step, 12: 12 * per_step}
 
 
 def test_bad_input_is_one_line_error(two_runs, tmp_path):
