@@ -20,7 +20,7 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import read_metrics
-from lmforge.report import PLOTS, eval_table, load_runs, render_report, watch
+from lmforge.report import PLOTS, eval_table, load_runs, render_report, task_table, watch
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
@@ -309,3 +309,31 @@ def test_a_chinese_run_name_that_the_charts_cannot_draw_gets_a_note(two_runs, tm
     monkeypatch.setattr(lmforge.plotting, "_noted", False)
     render_report(list(two_runs), tmp_path / "plain.html")
     assert "no CJK font" not in capsys.readouterr().err
+
+
+def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
+    """metrics.jsonl holds only val_loss (and val_accuracy) per evaluation; a fine-tune's final accuracy, macro-F1,
+    BLEU, chrF, EM/F1 or reward accuracy are in its eval.json, which the report did not show, so two fine-tunes
+    could not be compared on their task. The table holds eval.json's numbers; a pretraining run has no row."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, make_base
+
+    two_steps = {"train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "warmup_steps": 0}}
+
+    base = make_base(tmp_path)
+    runs = {"classify": tmp_path / "classify", "qa": tmp_path / "qa"}
+    finetune(
+        base, train_file=DATA / "sentiment_train.csv", val_file=DATA / "sentiment_val.jsonl", out=runs["classify"],
+        cfg=FinetuneConfig(task="classify"), overrides=two_steps, progress=False,
+    )  # fmt: skip
+    qa = FinetuneConfig(task="qa", eval_samples=2, max_new_tokens=4)  # (a .txt: question<TAB>answer)
+    pairs = DATA / "eng_fra.txt"
+    finetune(base, train_file=pairs, val_file=pairs, out=runs["qa"], cfg=qa, overrides=two_steps, progress=False)
+    header, rows = task_table(load_runs([two_runs[0], runs["classify"], runs["qa"]]))
+    table = {row[0][0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert list(table) == ["classify", "qa"]  # the pretraining run has no task metrics
+    for name in ("classify", "qa"):
+        val = json.loads((runs[name] / "eval.json").read_text(encoding="utf-8"))["val"]
+        keys = ["accuracy", "macro_f1"] if name == "classify" else ["em", "f1"]
+        assert {k: table[name][k][1] for k in keys + ["n"]} == {k: val[k] for k in keys + ["n"]}
+    assert table["qa"]["accuracy"] == ("-", None) and table["classify"]["task"][0] == "classify"
