@@ -11,7 +11,8 @@ status.json, and the data directory's manifest.json / card.json) and writes one 
 
 Sections: summary (status, steps, tokens, best/final validation numbers, loss spikes, skipped
 steps, peak memory), config differences, plots (loss against steps, tokens and wall-clock,
-learning rate, gradient norm, tokens/s, MFU, update ratio, memory), evaluation table, data card,
+learning rate, gradient norm, tokens/s, MFU, update ratio, memory), evaluation table, the final task
+metrics of fine-tuned runs (their eval.json: accuracy, macro-F1, BLEU, chrF, EM, F1, ...), data card,
 and the generated sample of every evaluation. `watch` re-renders every N seconds with an HTML
 `<meta http-equiv="refresh">` until the runs stop, so a browser tab follows a live run.
 
@@ -83,6 +84,7 @@ class Run:
     evals: list[dict[str, Any]]  # metrics.jsonl records with "val_loss"
     summary: RunSummary
     data_card: dict[str, Any] = field(default_factory=dict)
+    task_eval: dict[str, Any] = field(default_factory=dict)  # a fine-tune's eval.json (its final task metrics)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -163,6 +165,7 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
         evals=[r for r in records if "val_loss" in r],
         summary=summary,
         data_card=data_card(data_dir if isinstance(data_dir, str) else ""),
+        task_eval=_read_json(p / "eval.json"),
     )
 
 
@@ -221,7 +224,10 @@ X_LABELS = {"step": "step", "tokens": "tokens trained on", "elapsed_s": "wall-cl
 
 
 def _x_values(run: Run, records: list[dict[str, Any]], x: str) -> list[float]:
-    """x for each record; eval records lack `tokens`, so it is interpolated from the train records."""
+    """x for each record; eval records lack `tokens`, so it is interpolated from the train records.
+
+    Every run starts at step 0 with 0 tokens (a fine-tune, a resumed run too): without that point an eval
+    before the first logged step (eval every 5, log every 10) read the tokens of that later step."""
     if x == "tokens":
         import numpy as np
 
@@ -229,6 +235,8 @@ def _x_values(run: Run, records: list[dict[str, Any]], x: str) -> list[float]:
         tokens = [r["tokens"] for r in run.train if "tokens" in r]
         if not steps:
             return [float("nan")] * len(records)
+        if steps[0] > 0:
+            steps, tokens = [0, *steps], [0, *tokens]
         return [float(r["tokens"]) if "tokens" in r else float(np.interp(r["step"], steps, tokens)) for r in records]
     return [float(r.get(x, float("nan"))) for r in records]
 
@@ -349,6 +357,37 @@ def eval_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     return header, rows
 
 
+def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
+    """The final task metrics of fine-tuned runs (eval.json: accuracy, macro_f1, bleu, chrf, em, f1, reward
+    accuracy, ... on the --val file), which metrics.jsonl does not hold; no rows without a fine-tune."""
+    scored = [run for run in runs if isinstance(run.task_eval.get("val"), dict)]
+
+    def numbers(run: Run) -> dict[str, Any]:
+        forgetting = run.task_eval.get("forgetting") or {}
+        out = {k: v for k, v in run.task_eval["val"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for when in ("before", "after"):  # continued pretraining: loss on the new and old text, before and after
+            for key, value in (forgetting.get(when) or {}).items():
+                if isinstance(value, (int, float)):
+                    out[f"{key} {when}"] = value
+        return out
+
+    keys = list(dict.fromkeys(k for run in scored for k in numbers(run)))
+    header = ["run", "task", "adapt", "trainable params", *keys]
+    rows = []
+    for run in scored:
+        values = numbers(run)
+        rows.append(
+            [
+                (run.name, run.name),
+                (str(run.task_eval.get("task", "-")), None),
+                (str(run.task_eval.get("adapt", "-")), None),
+                _num(run.task_eval.get("trainable_params"), "{}"),
+                *[_num(values.get(k), "{:,}" if isinstance(values.get(k), int) else "{:.4f}") for k in keys],
+            ]
+        )
+    return header, rows
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
@@ -431,6 +470,10 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
     parts.append("<h2>Evaluations</h2>")
     header, rows = eval_table(runs)
     parts.append(_html_table("evals", header, rows) if rows else "<p>No evaluations logged yet.</p>")
+    header, rows = task_table(runs)
+    if rows:
+        parts.append("<h2>Task metrics</h2>")
+        parts.append(_html_table("task", header, rows))
 
     cards = [(r.name, r.data_card) for r in runs if r.data_card]
     if cards:
@@ -534,6 +577,9 @@ def render_markdown(runs: list[Run], out: Path) -> str:
         parts.append(f"![{_md_escape(spec.title)}]({urllib.parse.quote(assets.name)}/{spec.slug}.png)")
     header, rows = eval_table(runs)
     parts += ["", "## Evaluations", "", _md_table(header, rows) if rows else "No evaluations logged yet."]
+    header, rows = task_table(runs)
+    if rows:
+        parts += ["", "## Task metrics", "", _md_table(header, rows)]
     for run in runs:
         if run.data_card:
             rows = [[(k, k), (_short(v), None)] for k, v in run.data_card.items()]

@@ -416,6 +416,13 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
     assert r.returncode == 0, r.stderr
     assert "2 train / 0 val examples" in r.stdout
     assert "skipped rows whose 'review' is empty (no text to learn the label from): 1 of train" in r.stdout
+    # eval --limit 2 scores rows 1-2 only: the blank row 3 after them is not scored, so it is not refused
+    # (ChnSentiCorp_htl_all.csv's blank row 6375 refused `--limit 3000`)
+    from lmforge.eval.tasks import evaluate_task
+
+    assert evaluate_task(tmp_path / "c", task="classify", data=blank, limit=2, device="cpu")["n"] == 2
+    with pytest.raises(DataError, match="row 3 has an empty 'review'"):
+        evaluate_task(tmp_path / "c", task="classify", data=blank, limit=3, device="cpu")
 
     only_blank = tmp_path / "only_blank.csv"
     only_blank.write_text("review,label\n ,1\n,0\n", encoding="utf-8")

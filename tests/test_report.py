@@ -20,7 +20,7 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import read_metrics
-from lmforge.report import PLOTS, render_report, watch
+from lmforge.report import PLOTS, eval_table, load_runs, render_report, task_table, watch
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
@@ -155,6 +155,20 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     val = read_metrics(two_runs[1] / "metrics.jsonl")[-1]
     assert "| slow | 12 |" in text and f"{val['val_loss']:.4f}" in text
     assert not list(out.parent.rglob("*.tmp"))
+
+
+def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
+    """With train.log_every 8 and eval.every 4 the eval at step 4 comes before any train record: it read
+    the tokens of step 8 (np.interp holds the first value), as if it had seen twice the data."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    records = read_metrics(run / "metrics.jsonl")
+    kept = [r for r in records if "loss" not in r or r["step"] in (8, 12)]  # what log_every 8 writes
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    per_step = next(r for r in kept if "loss" in r)["tokens"] // 8
+    header, rows = eval_table(load_runs([run]))
+    step, tokens = header.index("step"), header.index("tokens")
+    assert {row[step][1]: row[tokens][1] for row in rows} == {4: 4 * per_step, 8: 8 * per_step, 12: 12 * per_step}
 
 
 def test_bad_input_is_one_line_error(two_runs, tmp_path):
@@ -295,3 +309,31 @@ def test_a_chinese_run_name_that_the_charts_cannot_draw_gets_a_note(two_runs, tm
     monkeypatch.setattr(lmforge.plotting, "_noted", False)
     render_report(list(two_runs), tmp_path / "plain.html")
     assert "no CJK font" not in capsys.readouterr().err
+
+
+def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
+    """metrics.jsonl holds only val_loss (and val_accuracy) per evaluation; a fine-tune's final accuracy, macro-F1,
+    BLEU, chrF, EM/F1 or reward accuracy are in its eval.json, which the report did not show, so two fine-tunes
+    could not be compared on their task. The table holds eval.json's numbers; a pretraining run has no row."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, make_base
+
+    two_steps = {"train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "warmup_steps": 0}}
+
+    base = make_base(tmp_path)
+    runs = {"classify": tmp_path / "classify", "qa": tmp_path / "qa"}
+    finetune(
+        base, train_file=DATA / "sentiment_train.csv", val_file=DATA / "sentiment_val.jsonl", out=runs["classify"],
+        cfg=FinetuneConfig(task="classify"), overrides=two_steps, progress=False,
+    )  # fmt: skip
+    qa = FinetuneConfig(task="qa", eval_samples=2, max_new_tokens=4)  # (a .txt: question<TAB>answer)
+    pairs = DATA / "eng_fra.txt"
+    finetune(base, train_file=pairs, val_file=pairs, out=runs["qa"], cfg=qa, overrides=two_steps, progress=False)
+    header, rows = task_table(load_runs([two_runs[0], runs["classify"], runs["qa"]]))
+    table = {row[0][0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert list(table) == ["classify", "qa"]  # the pretraining run has no task metrics
+    for name in ("classify", "qa"):
+        val = json.loads((runs[name] / "eval.json").read_text(encoding="utf-8"))["val"]
+        keys = ["accuracy", "macro_f1"] if name == "classify" else ["em", "f1"]
+        assert {k: table[name][k][1] for k in keys + ["n"]} == {k: val[k] for k in keys + ["n"]}
+    assert table["qa"]["accuracy"] == ("-", None) and table["classify"]["task"][0] == "classify"

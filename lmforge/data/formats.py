@@ -538,10 +538,11 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def read_task_rows(
-    path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False
+    path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False, limit: int = 0
 ) -> list[dict[str, Any]]:
     """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents). `scored`: the
-    rows' answers will be scored, so an empty reference is an error (`check_columns`)."""
+    rows' answers will be scored, so an empty reference is an error (`check_columns`). `limit` > 0: only the
+    first `limit` rows (`eval --limit`), and only they are checked: a bad row after them is never read."""
     p = Path(path)
     if task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file():
         from lmforge.data.ingest import check_not_binary
@@ -553,10 +554,11 @@ def read_task_rows(
         docs = [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
         if not docs:
             raise DataError(f"{p} holds no text; check the file")
-        return [{fields["text"]: d} for d in docs]
+        return [{fields["text"]: d} for d in docs][: limit or None]
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
     rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    rows = rows[: limit or None]
     check_columns(rows, task, fields, p, scored=scored)
     return rows
 

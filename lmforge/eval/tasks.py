@@ -425,18 +425,16 @@ def evaluate_task(
     if info.get("task") == task and not field_renames:
         fields = dict(info["fields"])  # the columns the run was trained on, e.g. --field text=review
         try:
-            rows = read_task_rows(data, task, fields, scored=True)
+            rows = read_task_rows(data, task, fields, scored=True, limit=limit)
         except DataError as first:  # a file with the standard columns instead: use them
             try:
                 fields = field_map(task, None)
-                rows = read_task_rows(data, task, fields, scored=True)
+                rows = read_task_rows(data, task, fields, scored=True, limit=limit)
             except DataError:
                 raise first from None  # (what is wrong with the file in the run's own columns)
     else:
         fields = field_map(task, field_renames)
-        rows = read_task_rows(data, task, fields, scored=True)
-    if limit:
-        rows = rows[:limit]
+        rows = read_task_rows(data, task, fields, scored=True, limit=limit)
     if task == "classify" and k_shot:
         if not shots:
             raise ConfigError("--k-shot needs --shots FILE with labelled examples to put in the prompt")
