@@ -16,13 +16,15 @@ ADAPT_COMMANDS = ("finetune", "chat", "serve")
 
 
 def _finetune_epilog() -> str:
-    """The --train/--optim/--eval/--checkpoint settings with fine-tuning's own defaults (not pretrain's)."""
+    """The --train/--optim/--eval/--checkpoint/--log settings with fine-tuning's own defaults (not pretrain's)."""
     import dataclasses
 
     from lmforge.finetune import ADAPT_LR, finetune_sections
 
     lines = ["settings (--section.key VALUE; fine-tuning defaults, which differ from pretrain's):"]
-    for name, section in zip(("train", "optim", "eval", "checkpoint"), finetune_sections("full", None), strict=True):
+    for name, section in zip(
+        ("train", "optim", "eval", "checkpoint", "log"), finetune_sections("full", None), strict=True
+    ):
         for f in dataclasses.fields(section):
             key, default = f"{name}.{f.name}", repr(getattr(section, f.name))
             if key == "train.lr":
@@ -68,7 +70,7 @@ def add_parsers(sub: Any) -> None:
         "Fields default to text/label (classify), "
         "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
         "prompt/chosen/rejected (dpo), text (clm); rename with --field NAME=COLUMN. Training settings: "
-        "--train.*, --optim.*, --eval.*, --checkpoint.* (only those sections; see below).",
+        "--train.*, --optim.*, --eval.*, --checkpoint.*, --log.* (trackers; only those sections; see below).",
         epilog=_finetune_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -166,21 +166,23 @@ _APPLIES_TO: dict[str, tuple[Any, str]] = {
 }
 
 
-def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any]:
-    """Train/optim/eval/checkpoint sections: fine-tuning defaults < dotted overrides (`--train.lr 1e-3`)."""
-    from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, from_dict, merge
+def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any, Any]:
+    """Train/optim/eval/checkpoint/log sections: fine-tuning defaults < dotted overrides (`--train.lr 1e-3`)."""
+    from lmforge.config import CheckpointConfig, EvalConfig, LogConfig, OptimConfig, TrainConfig, from_dict, merge
 
     defaults = {
         "train": {"max_steps": 200, "batch_size": 16, "lr": ADAPT_LR[adapt], "warmup_steps": 10, "log_every": 10},
         "optim": {"weight_decay": 0.0},  # decay would pull pretrained weights towards 0, not towards the base
         "eval": {"every": 50},
         "checkpoint": {"every": 0, "keep": 1},
+        "log": {},  # trackers, off as in pretrain
     }
     merged = merge(defaults, overrides or {})
     extra = sorted(set(merged) - set(defaults))
     if extra:
         raise ConfigError(
-            f"fine-tuning takes --train.*, --optim.*, --eval.* and --checkpoint.* settings, not --{extra[0]}.*; "
+            f"fine-tuning takes --train.*, --optim.*, --eval.*, --checkpoint.* and --log.* settings, not "
+            f"--{extra[0]}.*; "
             "the model comes from BASE"
         )
     where = "finetune settings"
@@ -189,6 +191,7 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
         from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where),
         from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where),
         from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
+        from_dict(LogConfig, merged["log"], prefix="log.", where=where),
     )
 
 
@@ -413,7 +416,8 @@ def finetune(
         train_file, val_file: JSONL/CSV/TSV/TXT task data (`data/formats.py`); val is optional.
         out: the run directory to create.
         cfg: task, adapt mode and their settings.
-        overrides: nested {"train": {...}, "optim": {...}, "eval": {...}, "checkpoint": {...}} settings.
+        overrides: nested {"train": {...}, "optim": {...}, "eval": {...}, "checkpoint": {...}, "log": {...}}
+            settings (`log`: the trackers, as pretrain's).
         overwrite: replace an existing `out`.
         progress: print the progress bar and log lines.
     """
@@ -459,7 +463,7 @@ def _finetune(
 
     require_one_process("finetune")  # each rank would fine-tune alone into the same folder
     cfg = cfg or FinetuneConfig()
-    train_cfg, optim_cfg, eval_cfg, ckpt_cfg = finetune_sections(cfg.adapt, overrides)
+    train_cfg, optim_cfg, eval_cfg, ckpt_cfg, log_cfg = finetune_sections(cfg.adapt, overrides)
     if cfg.schedule == "continue":  # the base run's schedule sets every step's learning rate
         from lmforge.train.schedule import LR_KEYS
 
@@ -722,8 +726,15 @@ def _finetune(
     elif metrics_path.exists():
         metrics_path.unlink()
 
+    from lmforge.trackers import open_trackers
+
     log = RunLogger(
-        metrics_path, max_steps=train_cfg.max_steps, start_step=state.step, console=progress, plot_path=out / "loss.png"
+        metrics_path,
+        max_steps=train_cfg.max_steps,
+        start_step=state.step,
+        console=progress,
+        plot_path=out / "loss.png",
+        trackers=open_trackers(log_cfg, out, config=info, start_step=state.step),
     )
     if ckpt is not None:
         log.info(

@@ -69,6 +69,24 @@ def test_tensorboard_holds_the_metrics_jsonl_numbers(data_dir, tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_a_fine_tune_logs_to_tensorboard_too(tmp_path):
+    """`finetune --log.tensorboard`: its metrics.jsonl numbers in RUN/tensorboard (fine-tunes refused --log.*)."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, make_base
+
+    base, run = make_base(tmp_path), tmp_path / "ft"
+    overrides = {"train": {"max_steps": 4, "batch_size": 4, "log_every": 2, "warmup_steps": 1}, "eval": {"every": 2}}
+    cfg = FinetuneConfig(task="classify", adapt="lora")
+    data = DATA / "sentiment_train.csv"
+    finetune(
+        base, train_file=data, val_file=data, out=run, cfg=cfg, overrides=overrides | {"log": {"tensorboard": True}}
+    )
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert len(acc.Scalars("loss")) == 2 and len(acc.Scalars("val_loss")) == 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed")
 def test_mlflow_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
