@@ -258,7 +258,8 @@ def test_gelu_tanh_through_a_sigmoid_has_f_gelus_values_and_gradients() -> None:
     """layers.GeluTanh (the tanh GELU of a large float32 CPU tensor as x sigmoid(u)): within float32 rounding
     of the float64 `F.gelu(approximate="tanh")`, values and gradients, as close as ATen's own float32 kernel
     is (x from N(0, 16) and N(0, 900), where sigmoid(u) rounds to 0 or 1 and the slope must not cancel); the
-    same values without a gradient (in place); no silent second derivative."""
+    same values without a gradient (in place); the same function written out for a compiled graph; no silent
+    second derivative."""
     import torch.nn.functional as F
 
     from lmforge.models.layers import GELU_SMALL, GeluTanh, gelu
@@ -281,6 +282,16 @@ def test_gelu_tanh_through_a_sigmoid_has_f_gelus_values_and_gradients() -> None:
             assert err <= 4 * max((theirs.double() - exact).abs().max().item(), 1e-6), err
         with torch.no_grad():
             assert torch.equal(gelu(x, "tanh"), y.detach())
+    # inside a compiled graph (is_compiling) the same x sigmoid(u), as plain ops for inductor to fuse
+    x = (torch.randn(300, generator=torch.Generator().manual_seed(2)) * 4).requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)
+        y = gelu(x, "tanh")
+    assert y.grad_fn is not None and "GeluTanh" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), atol=2e-6, rtol=2e-6)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    (want,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
     twice = torch.randn(GELU_SMALL, dtype=torch.float32, requires_grad=True)
     (grad,) = torch.autograd.grad(GeluTanh.apply(twice).sum(), twice, create_graph=True)
     with pytest.raises(RuntimeError):

@@ -49,9 +49,15 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
       under `GELU_SMALL` values the oneDNN switch is turned off around this one call (values agree within
       ~1e-6); training's (batch x context, d_ff) activations are far above it and keep oneDNN.
     - The tanh form of a large float32 CPU tensor runs as `GeluTanh` (a sigmoid instead of a tanh, see there).
-    - A compiled graph fuses GELU itself: inside one, always `F.gelu` (the switch would be a graph break).
+    - A compiled graph fuses GELU itself: inside one, `F.gelu` (the switch would be a graph break), with the
+      tanh form of a float32 tensor written as x sigmoid(u) for inductor to fuse (its vectorised CPU tanh is
+      the same slow one).
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if x.device.type != "cpu":
+        return F.gelu(x, approximate=approximate)
+    if torch.compiler.is_compiling():  # inductor fuses the element-wise ops of either form into one kernel
+        if approximate == "tanh" and x.dtype == torch.float32:  # its CPU tanh is as slow as ATen's
+            return x * torch.sigmoid(x * (_GELU_C + _GELU_C * _GELU_A * x * x))
         return F.gelu(x, approximate=approximate)
     if approximate == "tanh":
         if x.dtype == torch.float32 and x.numel() >= GELU_SMALL:
