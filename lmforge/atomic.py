@@ -24,14 +24,21 @@ from lmforge.errors import LmforgeError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through `path.tmp`, fsynced, then renamed over `path`."""
+    """Write `text` (UTF-8) to `path` through `path.tmp`, fsynced, then renamed over `path`.
+
+    A failed write (a full disk) removes `path.tmp` and names `path`: it left an empty `config.json.tmp`
+    behind and the CLI's error was a bare "[Errno 28] No space left on device", with no file named."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def write_json(path: str | Path, data: Any) -> None:
