@@ -50,10 +50,19 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     """safetensors' `save_file`, the file then given the permissions any other file lmforge writes gets
     (0666 less the umask): the library creates it readable by its owner alone (0600), so the weights of a
     run or export shared with a group, or served from a shared folder, could not be read by the others
-    while its config and tokenizer could."""
+    while its config and tokenizer could.
+
+    A failed write (a full disk, a lost permission) is an OSError naming `path`: safetensors raises its own
+    SafetensorError for it, which `lmforge export --to hf` onto a full disk showed as a traceback."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata)
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as e:
+        if "I/O error" not in str(e):  # anything else is lmforge's bug: keep its traceback
+            raise
+        raise OSError(f"could not write {path} ({e})") from None
     os.chmod(path, 0o666 & ~_umask())
 
 

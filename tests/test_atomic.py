@@ -177,3 +177,17 @@ def test_a_failed_atomic_write_names_the_file_and_leaves_no_tmp(tmp_path: Path) 
         atomic_write_text(path, "new\n" * 10_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
     assert path.read_text(encoding="utf-8") == "old\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path: Path) -> None:
+    """safetensors reports a failed write (a full disk; here a real EFBIG from a file-size limit) as its own
+    SafetensorError, which the CLI did not catch (`export --to hf` onto a full disk ended in a traceback);
+    it is now an OSError naming the file."""
+    import torch
+
+    from lmforge.atomic import save_safetensors
+    from tests.conftest import file_size_limit
+
+    with file_size_limit(1000), pytest.raises(OSError, match=r"could not write .*model\.safetensors .*I/O error"):
+        save_safetensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")
