@@ -110,6 +110,13 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
             f"refusing to overwrite {out}: it is not a model folder (no config.json, adapter_config.json or "
             "checkpoints/), and --overwrite would delete everything in it; choose another --out"
         )
+    from lmforge.runs import being_trained  # (runs.py imports this module)
+
+    if being_trained(out):
+        raise LmforgeError(
+            f"refusing to overwrite {out}: a live process is training this run right now; wait for it to end or "
+            "stop it, or choose another --out"
+        )
 
 
 def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = False) -> None:

@@ -191,3 +191,21 @@ def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path: Path
 
     with file_size_limit(1000), pytest.raises(OSError, match=r"could not write .*model\.safetensors .*I/O error"):
         save_safetensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")
+
+
+def test_overwrite_refuses_a_run_that_a_live_process_trains(tmp_path: Path) -> None:
+    """`export/import/quantize --overwrite` onto a run folder being trained replaced it under the training,
+    which went on writing checkpoints into the export; a live claim on RUN/.lock is now a one-line refusal."""
+    from lmforge.atomic import check_out_dir
+    from lmforge.errors import LmforgeError
+    from lmforge.runs import claim, release
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    claim(run)  # what a live `pretrain` holds (flock: another open of the lock conflicts, in this process too)
+    try:
+        with pytest.raises(LmforgeError, match="live process is training this run"):
+            check_out_dir(run, overwrite=True)
+    finally:
+        release(run)
+    check_out_dir(run, overwrite=True)  # the training ended: replacing a finished run is what --overwrite does
