@@ -24,14 +24,21 @@ from lmforge.errors import LmforgeError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through `path.tmp`, fsynced, then renamed over `path`."""
+    """Write `text` (UTF-8) to `path` through `path.tmp`, fsynced, then renamed over `path`.
+
+    A failed write (a full disk) removes `path.tmp` and names `path`: it left an empty `config.json.tmp`
+    behind and the CLI's error was a bare "[Errno 28] No space left on device", with no file named."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -43,10 +50,19 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     """safetensors' `save_file`, the file then given the permissions any other file lmforge writes gets
     (0666 less the umask): the library creates it readable by its owner alone (0600), so the weights of a
     run or export shared with a group, or served from a shared folder, could not be read by the others
-    while its config and tokenizer could."""
+    while its config and tokenizer could.
+
+    A failed write (a full disk, a lost permission) is an OSError naming `path`: safetensors raises its own
+    SafetensorError for it, which `lmforge export --to hf` onto a full disk showed as a traceback."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata)
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as e:
+        if "I/O error" not in str(e):  # anything else is lmforge's bug: keep its traceback
+            raise
+        raise OSError(f"could not write {path} ({e})") from None
     os.chmod(path, 0o666 & ~_umask())
 
 
@@ -93,6 +109,13 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
         raise LmforgeError(
             f"refusing to overwrite {out}: it is not a model folder (no config.json, adapter_config.json or "
             "checkpoints/), and --overwrite would delete everything in it; choose another --out"
+        )
+    from lmforge.runs import being_trained  # (runs.py imports this module)
+
+    if being_trained(out):
+        raise LmforgeError(
+            f"refusing to overwrite {out}: a live process is training this run right now; wait for it to end or "
+            "stop it, or choose another --out"
         )
 
 

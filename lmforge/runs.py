@@ -169,6 +169,27 @@ def claim(run_dir: Path) -> None:
     raise busy
 
 
+def being_trained(run_dir: Path) -> bool:
+    """Whether a live process trains `run_dir` now (holds the `claim` lock on RUN/.lock); nothing is taken.
+
+    `export`, `import` and `quantize --overwrite` ask it: they replaced a run folder that a live `pretrain`
+    was writing, which then went on writing checkpoints into the export."""
+    lock = Path(run_dir) / LOCK_FILE
+    if not lock.is_file():
+        return False
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): a running status.json is the sign, as in `claim`
+        return run_status(Path(run_dir)) == "running"
+    with open(lock, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def _make_dirs(path: Path) -> Path | None:
     """`mkdir -p path`; the topmost folder it created under which every folder is its own (None: none)."""
     made: Path | None = None

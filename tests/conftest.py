@@ -6,10 +6,12 @@ text without ../shared or the network.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,20 @@ def have_cpp_compiler() -> bool:
     from lmforge.train.precision import cpp_compiler_problem
 
     return cpp_compiler_problem() is None
+
+
+@contextlib.contextmanager
+def file_size_limit(n_bytes: int) -> Iterator[None]:
+    """In this process, writes past `n_bytes` fail with a real EFBIG, as on a full disk (Linux RLIMIT_FSIZE;
+    SIGXFSZ ignored so the write fails instead of killing the process). Restored on exit."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)

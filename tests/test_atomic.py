@@ -162,3 +162,50 @@ def test_sigterm_stops_prepare_like_ctrl_c_and_removes_its_build_folder(tmp_path
     _, err = proc.communicate(timeout=60)
     assert (proc.returncode, err.decode().strip()) == (130, "lmforge: interrupted")
     assert lmforge_leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_failed_atomic_write_names_the_file_and_leaves_no_tmp(tmp_path: Path) -> None:
+    """A full disk (a real ENOSPC: `config.json.tmp` links to /dev/full) while writing a small file:
+    the old file stays, no `.tmp` is left, and the error names the file being written."""
+    from lmforge.atomic import atomic_write_text
+
+    path = tmp_path / "config.json"
+    path.write_text("old\n", encoding="utf-8")
+    (tmp_path / "config.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=r"No space left on device: '.*config\.json'"):
+        atomic_write_text(path, "new\n" * 10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert path.read_text(encoding="utf-8") == "old\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path: Path) -> None:
+    """safetensors reports a failed write (a full disk; here a real EFBIG from a file-size limit) as its own
+    SafetensorError, which the CLI did not catch (`export --to hf` onto a full disk ended in a traceback);
+    it is now an OSError naming the file."""
+    import torch
+
+    from lmforge.atomic import save_safetensors
+    from tests.conftest import file_size_limit
+
+    with file_size_limit(1000), pytest.raises(OSError, match=r"could not write .*model\.safetensors .*I/O error"):
+        save_safetensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")
+
+
+def test_overwrite_refuses_a_run_that_a_live_process_trains(tmp_path: Path) -> None:
+    """`export/import/quantize --overwrite` onto a run folder being trained replaced it under the training,
+    which went on writing checkpoints into the export; a live claim on RUN/.lock is now a one-line refusal."""
+    from lmforge.atomic import check_out_dir
+    from lmforge.errors import LmforgeError
+    from lmforge.runs import claim, release
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    claim(run)  # what a live `pretrain` holds (flock: another open of the lock conflicts, in this process too)
+    try:
+        with pytest.raises(LmforgeError, match="live process is training this run"):
+            check_out_dir(run, overwrite=True)
+    finally:
+        release(run)
+    check_out_dir(run, overwrite=True)  # the training ended: replacing a finished run is what --overwrite does

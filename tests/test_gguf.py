@@ -7,6 +7,7 @@ q/k weights and ours (rotate half) on the originals: attention scores must agree
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_
 
 gguf = pytest.importorskip("gguf")
 from lmforge.export.gguf import export_gguf, permute_rope_rows  # noqa: E402
+from tests.conftest import file_size_limit  # noqa: E402
 from tests.test_export import LLAMA, make_run  # noqa: E402
 
 GQA = dict(LLAMA, d_model=64, n_kv_head=2, tie_embeddings=False, rope_theta=500.0)
@@ -198,6 +200,16 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match=r"ends in \.gguf"):
         export_gguf(run, tmp_path / "e.txt")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_a_failed_write_names_the_file_and_leaves_nothing(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A full disk (a real EFBIG from a file-size limit) while writing: the error named no file ("4096
+    requested and 0 written"); it now names the .gguf, and no partial file is left."""
+    run = make_run(tmp_path / "run", bpe, **LLAMA)
+    with file_size_limit(20_000), pytest.raises(OSError, match=r"could not write .*m\.gguf \("):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_overwrite_replaces_a_gguf_file_never_another_file(bpe: Tokenizer, tmp_path: Path) -> None:

@@ -349,6 +349,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+    except OSError as e:  # a full disk: the bare "4096 requested and 0 written" named no file
+        raise OSError(f"could not write {out} ({e})") from None
     finally:
         writer.close()
         if tmp.exists():
