@@ -50,6 +50,7 @@ from lmforge.data.prepare import (
     PrepareConfig,
     _lmforge_version,
     check_out,
+    check_report_not_read,
     dedup_report_path,
     output_dir,
     write_dedup_report,
@@ -113,6 +114,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     check_out(out, cfg.overwrite)
     report_inside = dedup_report_path(cfg, out)
     parts = [load_data_dir(p) for p in cfg.inputs]
+    check_report_not_read(cfg, [part.path for part in parts])
     fingerprints = {part.manifest["tokenizer"]["sha256"] for part in parts}
     if len(fingerprints) > 1:
         raise DataError(
