@@ -685,7 +685,13 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     check_report_not_read(cfg, [p for p, _ in sources] + ([Path(cfg.tokenizer)] if given is not None else []))
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
     if not train_files:
-        raise DataError("no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; check the paths")
+        json_files = [name for name in skipped if name.lower().endswith((".json", ".json.gz", ".json.zst"))]
+        hint = (  # a folder of .json files: the walk skips them (usually metadata), naming them reads them
+            f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
+            if json_files
+            else "check the paths"
+        )
+        raise DataError(f"no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; {hint}")
     if all(role != "auto" for _, role in sources):
         raise DataError(
             "every input is also a --val-input/--test-input file, which is read only as evaluation data; "
