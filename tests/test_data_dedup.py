@@ -125,6 +125,23 @@ def test_dedup_report_inside_out_is_published(tmp_path: Path) -> None:
         assert not (tmp_path / "dr2").exists()
 
 
+def test_dedup_report_may_not_overwrite_what_prepare_reads(tmp_path: Path) -> None:
+    """A --dedup-report naming an input file (or a --merge part's file) is refused before any work: the
+    report used to replace the input, and its text was lost."""
+    text = "\n\n".join(originals(3))
+    write(tmp_path / "a.txt", text)
+    cfg = {"inputs": [str(tmp_path / "a.txt")], "tokenizer": "char", "dedup": "near", "val_fraction": 0}
+    with pytest.raises(DataError, match="which prepare reads"):
+        prepare(PrepareConfig(**cfg, out=str(tmp_path / "o"), dedup_report=str(tmp_path / "a.txt")), progress=False)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == text and not (tmp_path / "o").exists()
+    prepare(PrepareConfig(**cfg, out=str(tmp_path / "part"), test_fraction=0), progress=False)
+    manifest = (tmp_path / "part" / "manifest.json").read_text(encoding="utf-8")
+    merge = {"inputs": [str(tmp_path / "part")], "merge": True, "dedup": "near", "out": str(tmp_path / "m")}
+    with pytest.raises(DataError, match="which prepare reads"):
+        prepare(PrepareConfig(**merge, dedup_report=str(tmp_path / "part" / "manifest.json")), progress=False)
+    assert (tmp_path / "part" / "manifest.json").read_text(encoding="utf-8") == manifest
+
+
 def _edited_pairs(seed: int, n_words: int, edits: tuple[int, int], low: float, high: float, count: int) -> list:
     """`count` (text, edited copy) pairs of Tatoeba words whose exact 5-shingle Jaccard is in [low, high]."""
     words = (Path(__file__).parent / "data" / "eng_fra.txt").read_text(encoding="utf-8").split()

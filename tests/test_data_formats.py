@@ -225,6 +225,9 @@ def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="input folder .* is empty"):
         run(tmp_path, [tmp_path / "empty"])
+    write(tmp_path / "dump" / "a.json", json.dumps(["a document"]))  # folders skip .json: say how to read it
+    with pytest.raises(DataError, match=r"folders skip \.json files \(such as .*a\.json\); name them as inputs"):
+        run(tmp_path, [tmp_path / "dump"])
     write(tmp_path / "secret.txt", "text")
     os.chmod(tmp_path / "secret.txt", 0)
     try:

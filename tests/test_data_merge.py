@@ -86,6 +86,31 @@ def test_merge_keeps_true_bytes_for_wordpiece(tmp_path: Path) -> None:
     assert report["documents_bytes"]["all"] == want["documents_bytes"]["all"]
 
 
+def test_merge_keeps_a_parts_given_val_set_whole(tmp_path: Path) -> None:
+    """A part prepared with --val-input, merged with a part whose train text holds half of that val set:
+    as in prepare on the union, the val set stays whole and the train copies go as overlap_with_eval (the
+    merge walked train first and dropped those val documents as exact_dup, leaving their text in train)."""
+    paras = [p for p in shakespeare_text(30_000).split("\n\n") if p.strip()]
+    val = paras[100:120]
+    write(tmp_path / "t1.txt", "\n\n".join(paras[:100]))
+    write(tmp_path / "v.txt", "\n\n".join(val))
+    write(tmp_path / "t2.txt", "\n\n".join(paras[120:200] + val[:10]))
+    common = {"tokenizer": "char", "test_fraction": 0.0}
+    union = prep(
+        tmp_path, [tmp_path / "t1.txt", tmp_path / "t2.txt"], "u", val_input=[str(tmp_path / "v.txt")], **common
+    )
+    tok = str(tmp_path / "u" / "tokenizer.json")
+    prep(tmp_path, [tmp_path / "t1.txt"], "a", val_input=[str(tmp_path / "v.txt")], **{**common, "tokenizer": tok})
+    prep(tmp_path, [tmp_path / "t2.txt"], "b", val_fraction=0.0, **{**common, "tokenizer": tok})
+    merged = prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True)
+    assert (
+        merged["documents"]["removed"]["overlap_with_eval"] == union["documents"]["removed"]["overlap_with_eval"] == 10
+    )
+    assert merged["splits"] == {**union["splits"]} and merged["splits"]["val"]["documents"] == 20
+    got = docs_by_split(tmp_path / "m")
+    assert sorted(got["val"]) == sorted(val) and not set(val) & set(got["train"])
+
+
 def test_merge_near_dedup_keeps_the_train_copy(tmp_path: Path) -> None:
     """README's caveat, pinned: merge walks split by split, so a train document beats its val
     near-duplicate even when the val copy came first in the input (prepare on the union keeps the val one)."""

@@ -42,7 +42,13 @@ def test_parse_mix() -> None:
     assert [n for n, _ in parse_mix("a=0.7, b=0.2,c=0.1")] == ["a", "b", "c"]
     assert [w for _, w in parse_mix("a=0.7, b=0.2,c=0.1")] == pytest.approx([0.7, 0.2, 0.1])
     assert parse_mix("data/x=3,data/y=1") == [("data/x", 0.75), ("data/y", 0.25)]
-    for bad, match in [("a", "DATA_DIR=WEIGHT"), ("a=x", "not a number"), ("a=0", "> 0"), ("a=1,a=2", "twice")]:
+    for bad, match in [
+        ("a", "DATA_DIR=WEIGHT"),
+        ("a=x", "not a number"),
+        ("a=0", "> 0"),
+        ("a=inf,b=1", "finite"),
+        ("a=1,a=2", "twice"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             parse_mix(bad)
 

@@ -17,7 +17,10 @@ Key design decisions:
 - Dedup across parts works on the decoded text, which is exactly the cleaned text for byte-level
   BPE, char and Unigram tokenizers (they round-trip), so exact dedup here equals dedup over the
   union of the inputs. The hash split is content-based, so a document duplicated across parts is
-  in the same split in every part and no duplicate crosses train/eval.
+  in the same split in every part. A part's given --val-input/--test-input documents are not hashed:
+  a train document with the text of any part's val or test document is removed as
+  `overlap_with_eval` (a first pass collects their keys), as `prepare` on the union does, so the
+  given evaluation set stays whole and its text stays out of training.
 - Byte counts are the parts' own, not the decoded text's: WordPiece decoding adds spaces and drops
   newlines, so bytes are counted on decoded text and scaled per part-split to the part manifest's
   true total (`_true_bytes`; exact for split totals when nothing is deduplicated away, and always for
@@ -26,7 +29,8 @@ Key design decisions:
   decodes alike count as duplicates).
 - Near dedup is not the union's: shards keep no record of how a part's documents interleaved across
   splits, so the walk is split by split and a train copy always wins over a val/test near-duplicate
-  (prepare keeps the first in input order). Exact duplicates share a split, so exact dedup is unaffected.
+  (prepare keeps the first in input order). Exact duplicates share a split or are evaluation text
+  (above), so exact dedup is unaffected.
 - Streaming: one document at a time per split, kept documents buffered into writes of ~1M tokens.
 """
 
@@ -50,6 +54,7 @@ from lmforge.data.prepare import (
     PrepareConfig,
     _lmforge_version,
     check_out,
+    check_report_not_read,
     dedup_report_path,
     output_dir,
     write_dedup_report,
@@ -60,6 +65,7 @@ from lmforge.data.tokenizing import tokenizer_kind, tokenizer_report, top_tokens
 from lmforge.errors import DataError
 
 _WRITE_TOKENS = 1 << 20
+_MERGE_REMOVALS = ("exact_dup", "near_dup", "overlap_with_eval")
 
 
 def _documents(shards: list[Path], eos: int) -> Iterator[np.ndarray]:
@@ -81,6 +87,19 @@ def _documents(shards: list[Path], eos: int) -> Iterator[np.ndarray]:
         yield carry  # a part whose last document lacks EOS (not written by prepare; kept as is)
 
 
+def _eval_keys(parts: list[Any], tok: Any, eos: int) -> set[bytes]:
+    """The exact-dedup keys of every part's val and test documents: a train document with one of them is
+    evaluation text (a part's --val-input, say) and is removed as `overlap_with_eval`, as `prepare` does,
+    before the split-by-split walk reaches the val copy and drops that as a duplicate instead."""
+    keys: set[bytes] = set()
+    for part in parts:
+        for split in SPLITS:
+            if split != "train":
+                for doc in _documents(part.split_shards(split), eos):
+                    keys.add(doc_digest(tok.decode((doc[:-1] if doc[-1] == eos else doc).tolist()))[:16])
+    return keys
+
+
 def _true_bytes(decoded: Counter[str], part_bytes: int | None) -> dict[str, int]:
     """A part-split's byte counts (read, kept, removed per reason, per language) in the part's own
     UTF-8 bytes of cleaned text, from the same counts taken on decoded text.
@@ -97,9 +116,9 @@ def _true_bytes(decoded: Counter[str], part_bytes: int | None) -> dict[str, int]
     scale = part_bytes / read if part_bytes is not None and read else 1.0
     true = {name: round(n * scale) for name, n in decoded.items() if name != "read"}
     true["read"] = part_bytes if part_bytes is not None and read else read
-    true.setdefault("exact_dup", 0)
-    true.setdefault("near_dup", 0)
-    true["kept"] = true["read"] - true["exact_dup"] - true["near_dup"]
+    for reason in _MERGE_REMOVALS:
+        true.setdefault(reason, 0)
+    true["kept"] = true["read"] - sum(true[reason] for reason in _MERGE_REMOVALS)
     return true
 
 
@@ -113,6 +132,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     check_out(out, cfg.overwrite)
     report_inside = dedup_report_path(cfg, out)
     parts = [load_data_dir(p) for p in cfg.inputs]
+    check_report_not_read(cfg, [part.path for part in parts])
     fingerprints = {part.manifest["tokenizer"]["sha256"] for part in parts}
     if len(fingerprints) > 1:
         raise DataError(
@@ -129,6 +149,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     tmp = fresh_tmp_dir(out)
     try:
         seen: set[bytes] = set()
+        eval_keys = _eval_keys(parts, tok, eos)
         removed = dict.fromkeys(REMOVED_KEYS, 0)
         removed_bytes = dict.fromkeys(REMOVED_KEYS, 0)
         steps = {"read": [0, 0], "deduplicated": [0, 0]}
@@ -152,6 +173,10 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                     steps["read"][0] += 1
                     decoded["read"] += nbytes
                     key = doc_digest(text)[:16]
+                    if split == "train" and key in eval_keys:  # (even with dedup off, as in prepare)
+                        removed["overlap_with_eval"] += 1
+                        decoded["overlap_with_eval"] += nbytes
+                        continue
                     if cfg.dedup != "none":
                         if key in seen:
                             removed["exact_dup"] += 1
@@ -183,7 +208,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 steps["read"][1] += true["read"]
                 steps["deduplicated"][1] += true["kept"]
                 nbytes_split += true["kept"]
-                for reason in ("exact_dup", "near_dup"):
+                for reason in _MERGE_REMOVALS:
                     removed_bytes[reason] += true[reason]
                 for name, nbytes in true.items():
                     if name.startswith("lang:"):

@@ -16,6 +16,7 @@ far (it is stored with every checkpoint's loader state).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             value = float(weight)
         except ValueError:
             raise ConfigError(f"data.mix weight {weight!r} of {name!r} is not a number") from None
-        if not value > 0:
-            raise ConfigError(f"data.mix weight of {name!r} must be > 0, got {weight}")
+        if not 0 < value < math.inf:  # inf made every weight nan or 0: one source took every batch
+            raise ConfigError(f"data.mix weight of {name!r} must be a finite number > 0, got {weight}")
         entries.append((name.strip(), value))
     names = [name for name, _ in entries]
     if len(set(names)) != len(names):

@@ -337,6 +337,20 @@ def dedup_report_path(cfg: PrepareConfig, out: Path) -> Path | None:
     return None
 
 
+def check_report_not_read(cfg: PrepareConfig, read: list[Path]) -> None:
+    """--dedup-report may not be a file the command reads (an input, --tokenizer) nor lie inside a folder
+    it reads whole (a --merge part): the report replaced it, and the input text was lost."""
+    if not cfg.dedup_report:
+        return
+    report = Path(cfg.dedup_report).resolve()
+    for path in read:
+        path = path.resolve()
+        if report == path or path in report.parents:
+            raise DataError(
+                f"--dedup-report {cfg.dedup_report} would overwrite {path}, which prepare reads; choose another file"
+            )
+
+
 def write_dedup_report(cfg: PrepareConfig, inside: Path | None, tmp: Path, near: NearDedup | None) -> None:
     """Write the near-duplicate example pairs (JSONL) to --dedup-report, into the build folder `tmp`
     when the report lies inside --out (`inside`, from `dedup_report_path`)."""
@@ -668,9 +682,16 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     # Explicit eval files are read first (their documents win dedup) and never also read as `inputs`.
     sources = [(p, "val") for p in val_files] + [(p, "test") for p in test_files]
     sources += [(p, "auto") for p in train_files if p.resolve() not in eval_files]
+    check_report_not_read(cfg, [p for p, _ in sources] + ([Path(cfg.tokenizer)] if given is not None else []))
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
     if not train_files:
-        raise DataError("no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; check the paths")
+        json_files = [name for name in skipped if name.lower().endswith((".json", ".json.gz", ".json.zst"))]
+        hint = (  # a folder of .json files: the walk skips them (usually metadata), naming them reads them
+            f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
+            if json_files
+            else "check the paths"
+        )
+        raise DataError(f"no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; {hint}")
     if all(role != "auto" for _, role in sources):
         raise DataError(
             "every input is also a --val-input/--test-input file, which is read only as evaluation data; "
