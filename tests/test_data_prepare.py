@@ -243,6 +243,9 @@ def test_no_training_data_besides_eval_inputs_says_why(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "val.txt"], val_input=[str(tmp_path / "val.txt")])
     with pytest.raises(DataError, match=r"none to train; 2 more were removed as copies of --val-input"):
         run(tmp_path, [tmp_path / "copy.txt"], val_input=[str(tmp_path / "val.txt")])
+    # one file as both eval splits: every document went to val and test silently held none
+    with pytest.raises(DataError, match=r"val.txt is given as both --val-input and --test-input; give each"):
+        run(tmp_path, [tmp_path / "copy.txt"], val_input=[str(tmp_path / "val.txt")], test_input=[str(tmp_path)])
     assert not (tmp_path / "out").exists()
 
 

@@ -678,6 +678,9 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     val_files, val_skipped = resolve_inputs(cfg.val_input, out) if cfg.val_input else ([], [])
     test_files, test_skipped = resolve_inputs(cfg.test_input, out) if cfg.test_input else ([], [])
     train_files, skipped = resolve_inputs(cfg.inputs, out)
+    both = sorted({p.resolve() for p in val_files} & {p.resolve() for p in test_files})
+    if both:  # its documents would all go to val, and test would hold none (each counted as a duplicate)
+        raise DataError(f"{both[0]} is given as both --val-input and --test-input; give each split its own file")
     eval_files = {p.resolve() for p in val_files + test_files}
     # Explicit eval files are read first (their documents win dedup) and never also read as `inputs`.
     sources = [(p, "val") for p in val_files] + [(p, "test") for p in test_files]
