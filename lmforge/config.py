@@ -585,9 +585,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass an existing .toml file to --config")
-    try:
-        with open(p, "rb") as f:
-            return tomllib.load(f)
+    try:  # utf-8-sig: a BOM (Windows Notepad's UTF-8) is no TOML; tomllib read it as "Invalid statement" at 1:1
+        return tomllib.loads(p.read_bytes().decode("utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML ({e}); fix the file and retry") from None
     except UnicodeDecodeError:

@@ -44,6 +44,16 @@ def test_preset_named_in_toml(tmp_path):
     assert cfg.model.tie_embeddings
 
 
+def test_toml_saved_with_a_bom_and_crlf_loads(tmp_path):
+    # Windows Notepad's "UTF-8" starts with a BOM: it was "invalid TOML (Invalid statement (at line 1, column 1))"
+    toml = tmp_path / "run.toml"
+    toml.write_bytes(b"\xef\xbb\xbf[train]\r\nlr = 0.005\r\n")
+    assert load_config(config_file=toml).train.lr == 0.005
+    toml.write_bytes(b"\xff\xfe[\x00t\x00")  # UTF-16 is still refused in one line
+    with pytest.raises(ConfigError, match="not UTF-8 text; save the config as UTF-8 TOML"):
+        load_config(config_file=toml)
+
+
 def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
     # spelling alone pointed these at optim.name, train.min_lr, model.n_head and train.batch_size
     for given, ours in [
