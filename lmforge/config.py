@@ -536,6 +536,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
             known = other_name(name) or leaves.get(name.replace("-", "_"), "")
+            if name.replace("-", "_") in ("resume", "resume_from_checkpoint"):  # other trainers' resume flags
+                raise ConfigError(
+                    f"unexpected argument {arg!r}: re-running the same command on its --out resumes from the latest "
+                    "checkpoint by itself; drop it (--checkpoint.resume_from previous or step-NNNNNN picks another)"
+                )
             if known:
                 raise ConfigError(f"unexpected argument {arg!r}; did you mean --{known}?")
             raise ConfigError(

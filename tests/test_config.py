@@ -73,6 +73,10 @@ def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
         parse_overrides(["--max_steps", "5"])
     with pytest.raises(ConfigError, match=r"unexpected argument '--bogus'; settings look like --section.key"):
         parse_overrides(["--bogus", "5"])
+    # --resume (litgpt, nanoGPT's init_from) said only "settings look like --section.key VALUE"
+    for flag in (["--resume"], ["--resume_from_checkpoint", "runs/x"]):
+        with pytest.raises(ConfigError, match=r"resumes from the latest checkpoint by itself; drop it"):
+            parse_overrides(flag)
     toml = tmp_path / "hf_names.toml"
     toml.write_text("[optim]\nlearning_rate = 1e-3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'.*did you mean 'train.lr'"):
