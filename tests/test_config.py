@@ -194,3 +194,13 @@ def test_a_too_small_prepare_vocabulary_names_the_flag_to_change(tokenizer: str,
     with pytest.raises(ConfigError, match=rf"^--vocab-size must be >= {least} .*got 50$"):
         PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=50)
     PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=least)
+
+
+def test_an_odd_rotary_head_dim_says_what_to_change():
+    # it said only "rotary positions need an even head_dim", naming no setting
+    with pytest.raises(
+        ConfigError, match=r"model.d_model 66 / model.n_head 2 = 33; pick a model.d_model or model.n_head"
+    ):
+        load_config(
+            preset="llama-tiny", overrides=["--model.d_model", "66", "--model.n_head", "2", "--model.n_kv_head", "1"]
+        )
