@@ -536,6 +536,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
             known = other_name(name) or leaves.get(name.replace("-", "_"), "")
+            if name.replace("-", "_") in ("resume", "resume_from_checkpoint"):  # other trainers' resume flags
+                raise ConfigError(
+                    f"unexpected argument {arg!r}: re-running the same command on its --out resumes from the latest "
+                    "checkpoint by itself; drop it (--checkpoint.resume_from previous or step-NNNNNN picks another)"
+                )
             if known:
                 raise ConfigError(f"unexpected argument {arg!r}; did you mean --{known}?")
             raise ConfigError(
@@ -585,9 +590,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass an existing .toml file to --config")
-    try:
-        with open(p, "rb") as f:
-            return tomllib.load(f)
+    try:  # utf-8-sig: a BOM (Windows Notepad's UTF-8) is no TOML; tomllib read it as "Invalid statement" at 1:1
+        return tomllib.loads(p.read_bytes().decode("utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML ({e}); fix the file and retry") from None
     except UnicodeDecodeError:

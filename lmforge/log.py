@@ -146,7 +146,8 @@ class RunLogger:
         self.console = enabled and console  # False for --quiet: metrics.jsonl and loss.png are still written
         self.max_steps = max_steps
         self.metrics_path = metrics_path
-        self.plot_path = plot_path  # loss.png, redrawn at each evaluation record
+        self.plot_path = plot_path  # loss.png, redrawn at each evaluation record and at the end
+        self.unplotted = False  # train records written since loss.png was drawn (a run without a val split: all)
         self.trackers = trackers or []  # lmforge.trackers: TensorBoard/W&B/MLflow get the same records
         self.file = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None  # noqa: SIM115
         self.bar = tqdm(
@@ -176,12 +177,15 @@ class RunLogger:
             self.info(format_record(record, self.max_steps))
         if "val_loss" in record:
             self.plot()
+        else:
+            self.unplotted = True
 
     def plot(self) -> None:
         if self.enabled and self.plot_path and self.metrics_path:
             from lmforge.report import plot_loss
 
             plot_loss(self.metrics_path, self.plot_path)
+        self.unplotted = False
 
     def advance(self, n: int = 1) -> None:
         if self.console:
@@ -199,6 +203,8 @@ class RunLogger:
 
     def close(self) -> None:
         self.bar.close()
+        if self.unplotted:  # no evaluation drew the last records (no val split, Ctrl-C after the last eval)
+            self.plot()
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []

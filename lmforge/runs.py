@@ -99,6 +99,11 @@ def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: l
     """
     out = Path(out)
     where = out.resolve()
+    # a file on the way (--out notes.txt, --out notes.txt/run) said "[Errno 20] Not a directory: .../.lock"
+    blocker = next((p for p in [out, *out.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "is a file" if blocker == out else f"cannot be made: {blocker} is a file"
+        raise ConfigError(f"--out {out} {what}, not a folder; choose another --out")
     for source in [*read, *(read_files if overwrite else [])]:
         src = Path(source).resolve()
         if where == src or where in src.parents:

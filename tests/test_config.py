@@ -44,6 +44,16 @@ def test_preset_named_in_toml(tmp_path):
     assert cfg.model.tie_embeddings
 
 
+def test_toml_saved_with_a_bom_and_crlf_loads(tmp_path):
+    # Windows Notepad's "UTF-8" starts with a BOM: it was "invalid TOML (Invalid statement (at line 1, column 1))"
+    toml = tmp_path / "run.toml"
+    toml.write_bytes(b"\xef\xbb\xbf[train]\r\nlr = 0.005\r\n")
+    assert load_config(config_file=toml).train.lr == 0.005
+    toml.write_bytes(b"\xff\xfe[\x00t\x00")  # UTF-16 is still refused in one line
+    with pytest.raises(ConfigError, match="not UTF-8 text; save the config as UTF-8 TOML"):
+        load_config(config_file=toml)
+
+
 def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
     # spelling alone pointed these at optim.name, train.min_lr, model.n_head and train.batch_size
     for given, ours in [
@@ -63,6 +73,10 @@ def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
         parse_overrides(["--max_steps", "5"])
     with pytest.raises(ConfigError, match=r"unexpected argument '--bogus'; settings look like --section.key"):
         parse_overrides(["--bogus", "5"])
+    # --resume (litgpt, nanoGPT's init_from) said only "settings look like --section.key VALUE"
+    for flag in (["--resume"], ["--resume_from_checkpoint", "runs/x"]):
+        with pytest.raises(ConfigError, match=r"resumes from the latest checkpoint by itself; drop it"):
+            parse_overrides(flag)
     toml = tmp_path / "hf_names.toml"
     toml.write_text("[optim]\nlearning_rate = 1e-3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'.*did you mean 'train.lr'"):
@@ -180,3 +194,13 @@ def test_a_too_small_prepare_vocabulary_names_the_flag_to_change(tokenizer: str,
     with pytest.raises(ConfigError, match=rf"^--vocab-size must be >= {least} .*got 50$"):
         PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=50)
     PrepareConfig(inputs=["x.txt"], out="o", tokenizer=tokenizer, vocab_size=least)
+
+
+def test_an_odd_rotary_head_dim_says_what_to_change():
+    # it said only "rotary positions need an even head_dim", naming no setting
+    with pytest.raises(
+        ConfigError, match=r"model.d_model 66 / model.n_head 2 = 33; pick a model.d_model or model.n_head"
+    ):
+        load_config(
+            preset="llama-tiny", overrides=["--model.d_model", "66", "--model.n_head", "2", "--model.n_kv_head", "1"]
+        )

@@ -205,3 +205,15 @@ def test_overwrite_refused_during_setup_keeps_the_old_run(data_dir: Path, tmp_pa
     finetune(base, out=ft, cfg=FinetuneConfig(task="sft", adapt="lora"), overwrite=True, **kw)
     assert (ft / "finetune.json").read_text(encoding="utf-8") != before["finetune.json"].decode()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing set aside is left
+
+
+def test_pretrain_out_that_is_or_sits_in_a_file_says_so(data_dir: Path, tmp_path: Path):
+    # it said "[Errno 20] Not a directory: '.../notes.txt/.lock'; check the path, free space and permissions"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious", encoding="utf-8")
+    for out, said in ((notes, "is a file, not a folder"), (notes / "run", f"{notes} is a file, not a folder")):
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="choose another --out") as e:
+                pretrain(tiny_config(data_dir, out, **{"train.max_steps": 2}), overwrite=overwrite, progress=False)
+            assert said in str(e.value)
+    assert notes.read_text(encoding="utf-8") == "precious"

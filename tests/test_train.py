@@ -292,3 +292,16 @@ def test_min_lr_above_lr_is_said(data_dir, tmp_path, capsys):
     assert lrs[-1] > lrs[-2]  # what the note warns of
     pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 3, "train.min_lr": 1e-4}))
     assert "is above train.lr" not in capsys.readouterr().out
+
+
+def test_a_run_without_a_val_split_still_draws_loss_png(corpus_file, tmp_path):
+    """loss.png was drawn only at evaluations, so a run on data without a validation split had none."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    data = tmp_path / "data"
+    prepare(
+        PrepareConfig(inputs=[str(corpus_file)], out=str(data), tokenizer="char", val_fraction=0, card=False),
+        progress=False,
+    )
+    pretrain(tiny_config(data, tmp_path / "run", **{"train.max_steps": 3, "checkpoint.every": 0}), progress=False)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000

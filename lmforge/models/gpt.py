@@ -118,7 +118,11 @@ class GPTConfig:
             self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
             f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})",
         )
-        check(self.pos_emb != "rope" or self.head_dim % 2 == 0, "rotary positions need an even head_dim")
+        check(
+            self.pos_emb != "rope" or self.head_dim % 2 == 0,
+            f"rotary positions need an even head_dim, got model.d_model {self.d_model} / model.n_head {self.n_head} = "
+            f"{self.head_dim}; pick a model.d_model or model.n_head that makes it even",
+        )
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
         check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
