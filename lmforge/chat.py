@@ -368,6 +368,7 @@ def chat(
             on_token=on_token,
             compile=compile,
             penalties=penalties,
+            vocab_size=tok.vocab_size,
         )
         stdout.write(stream.flush() + "\n")
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD

@@ -315,6 +315,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     penalties: Penalties | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -333,6 +334,9 @@ def generate(
         on_token: called with each new token id as soon as it is chosen (for streaming).
         compile: run the one-token decode steps through `torch.compile` (module docstring).
         penalties: presence / frequency / repetition penalties (`Penalties`); None = none.
+        vocab_size: only ids below it are chosen (the tokenizer's size): a model whose embedding is padded
+            past its tokenizer (`--model.vocab_size 50304`, Qwen2's 151936 rows for 151665 ids) has ids that
+            were never trained and that no tokenizer decodes; None = every id of the model.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -368,6 +372,7 @@ def generate(
                 cache = None  # past the context: sliding window, full recompute (module docstring)
                 x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
+            logits = logits[:, :vocab_size]  # (1, V): the tokenizer's ids only
             if penalise:
                 if counts is None:
                     counts = torch.zeros(logits.shape[-1], device=device)
@@ -403,6 +408,7 @@ def generate_batch(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together, with one KV cache; return each one's new ids.
 
@@ -413,7 +419,8 @@ def generate_batch(
     output ends at that token, which is included, as in `generate`; decoding stops when every row has
     ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
     reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
-    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt.
+    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt. `vocab_size`:
+    as in `generate`.
 
     Raises:
         LmforgeError: an empty prompt without eos_id, invalid sampling settings, or a longest prompt
@@ -434,6 +441,7 @@ def generate_batch(
                 seed=seed,
                 eos_id=eos_id,
                 stop_ids=stop_ids,
+                vocab_size=vocab_size,
             )
             for p in prompts
         ]
@@ -464,7 +472,7 @@ def generate_batch(
         out: list[list[int]] = [[] for _ in rows]
         done = [False] * B
         for _ in range(max_new_tokens):
-            logits = model(x, cache, pad)[:, -1]  # (B, V); the first step prefills the padded prompts
+            logits = model(x, cache, pad)[:, -1, :vocab_size]  # (B, V); the first step prefills the padded prompts
             chosen = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
             x = chosen.view(B, 1)
             for b, token in enumerate(chosen.tolist()):
@@ -655,6 +663,7 @@ def generate_from_checkpoint(
         on_token=on_token,
         compile=compile,
         penalties=penalties,
+        vocab_size=tokenizer.vocab_size,
     )
     show(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     return "".join(shown)

@@ -776,6 +776,7 @@ class _Handler(BaseHTTPRequestHandler):
                     stop_ids=self.server.stops,
                     on_token=on_token,
                     compile=self.server.compile,
+                    vocab_size=ft.tokenizer.vocab_size,
                 )
                 if finish != "stop":
                     text += decoder.flush()

@@ -38,7 +38,9 @@ def make_base(
     tok = tok or train_char(texts)
     run = root / "base"
     run.mkdir(parents=True)
-    gpt = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=max_seq_len, **model)
+    gpt = GPTConfig(
+        **{"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": max_seq_len} | model
+    )
     cfg = RunConfig(out=str(run), model=gpt)
     torch.manual_seed(seed)
     m = GPT(cfg.model)

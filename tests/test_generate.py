@@ -338,3 +338,25 @@ def test_stop_ids_of_a_run_and_of_its_fine_tunes(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as e:
             stop_ids_of(base)
         assert "generation.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_padded_past_its_tokenizer_never_samples_the_padding_ids(tmp_path) -> None:
+    """`vocab_size`: only the tokenizer's ids are chosen (generate, generate_batch, and a checkpoint whose
+    model.vocab_size is padded past its tokenizer, as `--model.vocab_size 50304` pads): those rows were never
+    trained and no tokenizer decodes them, so at a high temperature most sampled tokens silently vanished."""
+    from lmforge.generate import generate_batch, generate_from_checkpoint
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from tests.test_finetune import make_base
+
+    tok = Tokenizer.load(make_base(tmp_path) / "tokenizer.json")
+    padded = make_base(tmp_path / "padded", tok=tok, vocab_size=4 * tok.vocab_size)  # 3/4 of the ids: padding
+    text = generate_from_checkpoint(padded, prompt="ab", max_new_tokens=30, temperature=50.0, seed=0)
+    assert len(text) >= 25  # every sampled id decodes (a character each; byte-fallback ids may merge)
+
+    model = tiny()  # VOCAB 96 ids; say the tokenizer has 64
+    drawn = generate(model, [1, 2], max_new_tokens=40, temperature=50.0, seed=0)
+    assert max(drawn) >= 64  # without the limit the padding ids are drawn
+    limited = generate(model, [1, 2], max_new_tokens=40, temperature=50.0, seed=0, vocab_size=64)
+    assert len(limited) == 40 and max(limited) < 64
+    rows = generate_batch(model, [[1, 2], [3]], max_new_tokens=10, temperature=50.0, seed=0, vocab_size=64)
+    assert all(len(r) == 10 and max(r) < 64 for r in rows)

@@ -151,7 +151,12 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
         for start in range(0, len(order), ANSWER_BATCH):
             chunk = order[start : start + ANSWER_BATCH]
             outs = generate_batch(
-                ft.model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=eos, stop_ids=stops
+                ft.model,
+                [prompts[i] for i in chunk],
+                max_new_tokens=max_new_tokens,
+                eos_id=eos,
+                stop_ids=stops,
+                vocab_size=ft.tokenizer.vocab_size,
             )
             for i, out in zip(chunk, outs, strict=True):
                 new[i] = out
@@ -165,6 +170,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
                 eos_id=eos,
                 stop_ids=stops,
                 use_cache=ft.use_cache,
+                vocab_size=ft.tokenizer.vocab_size,
             )  # fmt: skip
             for p in prompts
         ]

@@ -438,7 +438,13 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             from lmforge.generate import generate
 
             ids = generate(
-                model, [tokenizer.eos_id], max_new_tokens=cfg.eval.sample_tokens, temperature=0.8, top_k=50, seed=0
+                model,
+                [tokenizer.eos_id],
+                max_new_tokens=cfg.eval.sample_tokens,
+                temperature=0.8,
+                top_k=50,
+                seed=0,
+                vocab_size=tokenizer.vocab_size,
             )
             metrics["sample"] = tokenizer.decode(ids)
         return metrics
