@@ -580,8 +580,13 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     header, rows = task_table(runs)
     if rows:
         parts += ["", "## Task metrics", "", _md_table(header, rows)]
+    seen: dict[str, str] = {}  # data dir -> the first run shown with it (as the HTML says "same data as")
     for run in runs:
         if run.data_card:
+            if run.data_card["data dir"] in seen:
+                parts += ["", f"{_md_escape(run.name)}: same data as {_md_escape(seen[run.data_card['data dir']])}."]
+                continue
+            seen[run.data_card["data dir"]] = run.name
             rows = [[(k, k), (_short(v), None)] for k, v in run.data_card.items()]
             parts += ["", f"## Data: {_md_escape(run.name)}", "", _md_table(["", "value"], rows)]
     samples = [(run, r) for run in runs for r in run.evals if r.get("sample")]

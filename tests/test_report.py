@@ -155,6 +155,8 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     val = read_metrics(two_runs[1] / "metrics.jsonl")[-1]
     assert "| slow | 12 |" in text and f"{val['val_loss']:.4f}" in text
     assert not list(out.parent.rglob("*.tmp"))
+    # the two runs share their data: its card once, then "same data as" (as the HTML page says it)
+    assert text.count("## Data:") == 1 and "## Data: fast" in text and "slow: same data as fast." in text
 
 
 def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
