@@ -203,7 +203,6 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def continuation_logprob(model: Any, head: list[int], tail: list[int], context: int) -> float:
     """Summed log-probability of `tail`'s tokens after `head` (a label after its prompt, an answer option after
     its question), one forward pass; the start of `head` is dropped when the two exceed `context`."""
@@ -218,6 +217,7 @@ def continuation_logprob(model: Any, head: list[int], tail: list[int], context: 
     return float(sequence_logprobs(model(x), y))
 
 
+@torch.no_grad()
 def fewshot_classify(
     ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
 ) -> dict[str, Any]:
