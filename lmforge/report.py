@@ -388,6 +388,18 @@ def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     return header, rows
 
 
+def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
+    """(run name, data card, the earlier run with the same data dir or "") for each run with a card: both
+    renderers show a data set's card once and say "same data as" for the runs that share it."""
+    first: dict[str, str] = {}  # data dir -> the first run that has it
+    out = []
+    for run in runs:
+        if run.data_card:
+            out.append((run.name, run.data_card, first.get(run.data_card["data dir"], "")))
+            first.setdefault(run.data_card["data dir"], run.name)
+    return out
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
@@ -475,19 +487,19 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
         parts.append("<h2>Task metrics</h2>")
         parts.append(_html_table("task", header, rows))
 
-    cards = [(r.name, r.data_card) for r in runs if r.data_card]
+    cards = data_cards(runs)
     if cards:
         parts.append("<h2>Data</h2>")
-        seen: dict[str, str] = {}
-        for name, card in cards:
-            if card["data dir"] in seen:
-                parts.append(f"<p>{html.escape(name)}: same data as {html.escape(seen[card['data dir']])}.</p>")
+        shown = 0
+        for name, card, same_as in cards:
+            if same_as:
+                parts.append(f"<p>{html.escape(name)}: same data as {html.escape(same_as)}.</p>")
                 continue
-            seen[card["data dir"]] = name
+            shown += 1
             rows = [
                 [(k, k), _num(v, "{}") if isinstance(v, (int, float)) else (_short(v), None)] for k, v in card.items()
             ]
-            parts.append(f"<h3>{html.escape(name)}</h3>" + _html_table(f"data-{len(seen)}", ["", "value"], rows))
+            parts.append(f"<h3>{html.escape(name)}</h3>" + _html_table(f"data-{shown}", ["", "value"], rows))
 
     # Samples side by side: one row per evaluation step, one column per run.
     by_step: dict[int, dict[str, dict[str, Any]]] = {}
@@ -580,15 +592,12 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     header, rows = task_table(runs)
     if rows:
         parts += ["", "## Task metrics", "", _md_table(header, rows)]
-    seen: dict[str, str] = {}  # data dir -> the first run shown with it (as the HTML says "same data as")
-    for run in runs:
-        if run.data_card:
-            if run.data_card["data dir"] in seen:
-                parts += ["", f"{_md_escape(run.name)}: same data as {_md_escape(seen[run.data_card['data dir']])}."]
-                continue
-            seen[run.data_card["data dir"]] = run.name
-            rows = [[(k, k), (_short(v), None)] for k, v in run.data_card.items()]
-            parts += ["", f"## Data: {_md_escape(run.name)}", "", _md_table(["", "value"], rows)]
+    for name, card, same_as in data_cards(runs):
+        if same_as:
+            parts += ["", f"{_md_escape(name)}: same data as {_md_escape(same_as)}."]
+            continue
+        rows = [[(k, k), (_short(v), None)] for k, v in card.items()]
+        parts += ["", f"## Data: {_md_escape(name)}", "", _md_table(["", "value"], rows)]
     samples = [(run, r) for run in runs for r in run.evals if r.get("sample")]
     if samples:
         parts += ["", "## Samples"]
