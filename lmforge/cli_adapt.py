@@ -19,12 +19,10 @@ def _finetune_epilog() -> str:
     """The --train/--optim/--eval/--checkpoint/--log settings with fine-tuning's own defaults (not pretrain's)."""
     import dataclasses
 
-    from lmforge.finetune import ADAPT_LR, finetune_sections
+    from lmforge.finetune import ADAPT_LR, FINETUNE_SECTIONS, finetune_sections
 
     lines = ["settings (--section.key VALUE; fine-tuning defaults, which differ from pretrain's):"]
-    for name, section in zip(
-        ("train", "optim", "eval", "checkpoint", "log"), finetune_sections("full", None), strict=True
-    ):
+    for name, section in zip(FINETUNE_SECTIONS, finetune_sections("full", None), strict=True):
         for f in dataclasses.fields(section):
             key, default = f"{name}.{f.name}", repr(getattr(section, f.name))
             if key == "train.lr":

@@ -166,6 +166,9 @@ _APPLIES_TO: dict[str, tuple[Any, str]] = {
 }
 
 
+FINETUNE_SECTIONS = ("train", "optim", "eval", "checkpoint", "log")  # the --SECTION.key settings finetune takes
+
+
 def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any, Any]:
     """Train/optim/eval/checkpoint/log sections: fine-tuning defaults < dotted overrides (`--train.lr 1e-3`)."""
     from lmforge.config import CheckpointConfig, EvalConfig, LogConfig, OptimConfig, TrainConfig, from_dict, merge
@@ -178,12 +181,11 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
         "log": {},  # trackers, off as in pretrain
     }
     merged = merge(defaults, overrides or {})
-    extra = sorted(set(merged) - set(defaults))
+    extra = sorted(set(merged) - set(FINETUNE_SECTIONS))
     if extra:
+        *others, last = (f"--{name}.*" for name in FINETUNE_SECTIONS)
         raise ConfigError(
-            f"fine-tuning takes --train.*, --optim.*, --eval.*, --checkpoint.* and --log.* settings, not "
-            f"--{extra[0]}.*; "
-            "the model comes from BASE"
+            f"fine-tuning takes {', '.join(others)} and {last} settings, not --{extra[0]}.*; the model comes from BASE"
         )
     where = "finetune settings"
     return (
