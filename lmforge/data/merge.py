@@ -48,16 +48,14 @@ import numpy as np
 from lmforge.atomic import discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, load_data_dir
 from lmforge.data.dedup import NearDedup
+from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
 from lmforge.data.filters import guess_language, utf8_len
 from lmforge.data.prepare import (
     REMOVED_KEYS,
     PrepareConfig,
     _lmforge_version,
     check_out,
-    check_report_not_read,
-    dedup_report_path,
     output_dir,
-    write_dedup_report,
 )
 from lmforge.data.shards import ShardWriter, read_shard
 from lmforge.data.split import SPLITS, doc_digest

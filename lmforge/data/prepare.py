@@ -27,7 +27,8 @@ Key design decisions:
 - Every removal has its own counter in `manifest["documents"]["removed"]` (all keys always present,
   0 when a filter is off), and the card records documents and bytes after each step.
 - Layout: `prepare()` and its two passes read here in the order the data flows, and the config's
-  checks (flags `--merge` refuses, the dedup report's path) sit with it; the per-block work is in
+  checks (flags `--merge` refuses) sit with it; the `--dedup-report` file (its path checks and writing,
+  shared with `--merge`) is in dedup_report.py, the per-block work in
   blocks.py, the tokenizer stage (training, encoding into shards, the tokenizer report) in
   tokenizing.py, the reader of a prepared directory in datadir.py, and the config (~150 lines of
   typed, documented flags) stays beside the function it drives.
@@ -65,7 +66,6 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.atomic import (
-    atomic_write_text,
     check_not_inside,
     discard_tmp_dir,
     fresh_tmp_dir,
@@ -76,6 +76,7 @@ from lmforge.data.blocks import BlockResult, BlockWorker, Task, init_pool_worker
 from lmforge.data.clean import CleanStats, Normalization
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, load_data_dir  # noqa: F401 (re-exported)
 from lmforge.data.dedup import DedupMode, NearDedup
+from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
 from lmforge.data.filters import LANGUAGES, REMOVAL_REASONS, DocumentCleaner, QualityFilters
 from lmforge.data.ingest import (
     BLOCK_BYTES,
@@ -309,55 +310,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         )
     if not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir())):
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
-
-
-_OUT_NAMES = frozenset({MANIFEST, TOKENIZER, "card.md", "card.json", "length_hist.png"})
-
-
-def dedup_report_path(cfg: PrepareConfig, out: Path) -> Path | None:
-    """Where --dedup-report goes relative to `out`, checked before any work: None when it lies
-    outside `out` (its folder must exist), else its path inside `out`.
-
-    A report inside `out` must be written into the build folder, not to `out` itself: `out` does not
-    exist until publish, and an existing one is replaced by the folder swap, report and all."""
-    if not cfg.dedup_report:
-        return None
-    report = Path(os.path.abspath(cfg.dedup_report))
-    if report == out or out in report.parents:
-        inside = report.relative_to(out)
-        if report == out or inside.parts[0] in _OUT_NAMES or inside.suffix == ".bin":
-            raise DataError(
-                f"--dedup-report {cfg.dedup_report} would replace prepare's own output; choose another file"
-            )
-        return inside
-    if not report.parent.is_dir():
-        raise DataError(f"--dedup-report folder {report.parent} does not exist; create it or choose another file")
-    if report.is_dir():
-        raise DataError(f"--dedup-report {cfg.dedup_report} is a folder; name a file")
-    return None
-
-
-def check_report_not_read(cfg: PrepareConfig, read: list[Path]) -> None:
-    """--dedup-report may not be a file the command reads (an input, --tokenizer) nor lie inside a folder
-    it reads whole (a --merge part): the report replaced it, and the input text was lost."""
-    if not cfg.dedup_report:
-        return
-    report = Path(cfg.dedup_report).resolve()
-    for path in read:
-        path = path.resolve()
-        if report == path or path in report.parents:
-            raise DataError(
-                f"--dedup-report {cfg.dedup_report} would overwrite {path}, which prepare reads; choose another file"
-            )
-
-
-def write_dedup_report(cfg: PrepareConfig, inside: Path | None, tmp: Path, near: NearDedup | None) -> None:
-    """Write the near-duplicate example pairs (JSONL) to --dedup-report, into the build folder `tmp`
-    when the report lies inside --out (`inside`, from `dedup_report_path`)."""
-    pairs = near.examples if near is not None else []
-    target = Path(cfg.dedup_report) if inside is None else tmp / inside
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, "".join(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in pairs))
 
 
 def output_dir(cfg: PrepareConfig) -> Path:
