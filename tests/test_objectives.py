@@ -3,6 +3,7 @@ balance, ELECTRA labels, losses that fall when overfitting one batch, metrics, r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -163,6 +164,18 @@ def test_specials_are_appended_to_a_char_tokenizer(data_dir):
     tok = Tokenizer.load(load_data_dir(data_dir).tokenizer_path)
     sp = special_ids(tok)
     assert sp.added == 4 and sp.all == tuple(range(tok.vocab_size, tok.vocab_size + 4))
+
+
+@pytest.mark.parametrize("preset", ["bert-tiny", "electra-tiny"])
+def test_an_encoder_vocab_size_without_room_for_the_appended_specials_is_refused(data_dir, tmp_path, preset):
+    """319 + 1 ids for a char tokenizer of 319 passed, and the first batch's [MASK] id (322) then failed
+    as "the training data holds token id 322 ... a shard is damaged", after the run dir was written."""
+    vocab = Tokenizer.load(load_data_dir(data_dir).tokenizer_path).vocab_size
+    cfg = _cfg(data_dir, tmp_path / "run", preset)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab + 1))
+    with pytest.raises(ConfigError, match=f"4 special tokens an encoder appends.*at least {vocab + 4}$"):
+        pretrain(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def _loader(data_dir, name, **kw):

@@ -67,11 +67,14 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
 
     check_objective(cfg.objective.name, cfg.model.family)
     # encoders append [PAD]/[CLS]/[SEP]/[MASK] ids the tokenizer lacks (data/masking.py)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size + encoder_extra_vocab(cfg.model.family, tokenizer)
-    if vocab < tokenizer.vocab_size:
+    extra = encoder_extra_vocab(cfg.model.family, tokenizer)
+    needed = tokenizer.vocab_size + extra
+    vocab = cfg.model.vocab_size or needed
+    if vocab < needed:  # an encoder's appended ids failed at the first batch as "a shard is damaged"
+        what = f" plus the {extra} special tokens an encoder appends to it" if extra else ""
         raise ConfigError(
-            f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}; "
-            f"drop --model.vocab_size or set it to at least {tokenizer.vocab_size}"
+            f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}{what}; "
+            f"drop --model.vocab_size or set it to at least {needed}"
         )
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
     if seq_len > cfg.model.max_seq_len:
