@@ -17,7 +17,8 @@ import torch
 from lmforge.config import load_config
 from lmforge.data.masking import MLMLoader, SpecialIds, mask_tokens, mlm_eval_batches, special_ids, word_starts
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
-from lmforge.errors import ConfigError
+from lmforge.data.shards import ShardWriter
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.objectives import roc_auc
 from lmforge.models.bert import Bert, BertConfig, Electra
 from lmforge.objectives import (
@@ -203,6 +204,27 @@ def test_sentence_pairs_are_balanced_and_well_formed(data_dir, pairs):
             assert (ids[n_real:] == sp.pad).all() and (batch["labels"][row][n_real:] == IGNORE_INDEX).all()
             n += 1
     assert _within(float(np.mean(labels)), 0.5, len(labels))
+
+
+def _one_document(tmp_path, prefix="train", n=200):
+    writer = ShardWriter(tmp_path, prefix, np.uint16, 10_000)
+    writer.write([*range(10, 10 + n), 0])  # one document, then EOS (id 0)
+    return [tmp_path / name for name in writer.close()]
+
+
+def test_sop_trains_on_one_document_and_errors_name_the_split(tmp_path):
+    """SOP only swaps a document's own two segments, yet one document was refused with NSP's "need at least
+    2 documents"; and a split too small for its objective was called "this split", which sent users with
+    big train splits looking in the wrong place (it was the val split)."""
+    kw = {"seq_len": 16, "batch_size": 4, "seed": 0, "specials": SP, "eos_id": 0, "token_bytes": np.ones(100)}
+    batch = next(MLMLoader(_one_document(tmp_path), cfg=ObjectiveConfig(name="mlm+sop"), **kw))
+    assert batch["input_ids"].shape == (4, 16) and set(batch["pair_labels"].tolist()) <= {0, 1}
+    val = _one_document(tmp_path, "val", n=10)
+    with pytest.raises(DataError, match=rf"mlm\+nsp needs at least 2 documents .*'val' split of {tmp_path}.* has 1:"):
+        MLMLoader(val, cfg=ObjectiveConfig(name="mlm+nsp"), **kw)
+    with pytest.raises(DataError, match=r"^the 'val' split of .* has no shard of seq_len-2 = 14 tokens"):
+        MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 16})
+    assert next(MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 12}))["labels"].shape == (4, 12)
 
 
 def test_nsp_positives_continue_the_document(data_dir):

@@ -254,6 +254,8 @@ class MLMLoader:
         self.word_tables = word_tables if cfg.whole_word else None
         self._random_ids = np.flatnonzero(np.asarray(token_bytes) > 0)  # ordinary (text) tokens
         self._tokens = [read_shard(p) for p in shards]
+        # "train-00000.bin": the errors below name the split (a small val split failed as "this split")
+        split = f"the {shards[0].name.split('-')[0]!r} split of {shards[0].parent}"
         if self.pairs:
             # documents: spans between EOS tokens, at least 2 tokens (A and B each need one)
             rows = []
@@ -261,10 +263,11 @@ class MLMLoader:
                 ends = np.flatnonzero(np.asarray(toks) == eos_id)
                 starts = np.concatenate([[0], ends + 1])[: len(ends)]
                 rows += [(s, a, b - a) for a, b in zip(starts, ends, strict=True) if b - a >= 2]
-            if len(rows) < 2:
+            need = 2 if self.pairs == "nsp" else 1  # NSP's B may come from another document; SOP swaps A and B
+            if len(rows) < need:
                 raise DataError(
-                    f"sentence-pair objectives ({cfg.name}) need at least 2 documents of 2+ tokens; "
-                    "this split has fewer: add text or use --objective mlm"
+                    f"{cfg.name} needs at least {need} document{'s' * (need > 1)} of 2+ tokens; {split} has "
+                    f"{len(rows)}: add text to it or use --objective mlm"
                 )
             self._docs = np.array(rows, dtype=np.int64)  # (n_docs, 3): shard, start, length
             self._n_examples = len(rows)
@@ -272,7 +275,9 @@ class MLMLoader:
             n = seq_len - 2
             counts = np.array([len(t) // n for t in self._tokens], dtype=np.int64)
             if counts.sum() == 0:
-                raise DataError(f"no shard has seq_len-2 = {n} tokens; lower --data.seq_len or add data")
+                raise DataError(
+                    f"{split} has no shard of seq_len-2 = {n} tokens; lower --data.seq_len or add text to it"
+                )
             self._first = np.concatenate([[0], np.cumsum(counts)])
             self._n_examples = int(self._first[-1])
         self._position = 0
