@@ -3,6 +3,7 @@ the contiguous stream loader, generation with the recurrent state, and exact res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from lmforge.config import load_config
 from lmforge.data.stream import StreamLoader
+from lmforge.errors import ConfigError
 from lmforge.generate import generate
 from lmforge.models import build_model
 from lmforge.models.rnn import RNNLM, RNNConfig
@@ -170,6 +172,17 @@ def test_lstm_run_resumes_bit_identically_with_its_carried_state(data_dir, tmp_p
     assert m["ppl"] == pytest.approx(math.exp(m["loss"])) and 0 < m["bpb"] < 8
     text = generate_from_checkpoint(str(crashed), prompt="ROMEO: " * 5, max_new_tokens=30, seed=0, stop_at_eos=False)
     assert len(text) > 0
+
+
+def test_a_resume_that_flips_carry_state_is_refused_by_name(data_dir, tmp_path):
+    """Resuming a carried-state LSTM run with --objective.carry_state false failed as "the data loader was saved
+    with seed=None, now 1337; resume with the same seed" (a StreamLoader state read by a TokenLoader)."""
+    cfg = _cfg(data_dir, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")  # the run's
+    flipped = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, carry_state=False))
+    with pytest.raises(ConfigError, match=r"with --objective.carry_state true, not false; resume with --objective"):
+        pretrain(flipped, progress=False)
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru"])

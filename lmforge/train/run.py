@@ -182,6 +182,16 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                 f"{run_dir} was trained with --optim.name {old_optim}, whose state cannot continue as {new_optim}; "
                 f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
             )
+        # another objective reads the data another way: the loader's resume check blamed an unchanged seed
+        old_objective, new_objective = old.get("objective") or {}, cfg.to_dict()["objective"]
+        for key, flag in (("name", "--objective"), ("carry_state", "--objective.carry_state")):
+            was = old_objective.get(key, new_objective[key])
+            if was != new_objective[key]:
+                was, now = (str(v).lower() if isinstance(v, bool) else v for v in (was, new_objective[key]))
+                raise ConfigError(
+                    f"{run_dir} was trained with {flag} {was}, not {now}; resume with {flag} {was}, "
+                    "or use another --out or --overwrite to start over"
+                )
         new_model = cfg.to_dict()["model"]
         if old.get("model") != new_model:
             change = _describe_model_change(old.get("model", {}), new_model)
