@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data/bench-shakespeare-char")
     parser.add_argument("--out", default="runs/bench-architectures")
     args = parser.parse_args()
+    if args.budget <= 0:  # train.time_budget 0 means "no limit": each model would train 10**6 steps
+        parser.error(f"--budget must be > 0 seconds, got {args.budget:g}")
     torch.set_num_threads(args.threads)
     data = prepare_data(Path(args.data_dir))
     rows = []
@@ -111,7 +113,7 @@ def main() -> None:
         )
     print(
         f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        f"{args.budget:.0f} s per model, seq_len {args.seq_len}, batch {args.batch}, lr {args.lr} "
+        f"{args.budget:g} s per model, seq_len {args.seq_len}, batch {args.batch}, lr {args.lr} "
         f"(total {time.time() - start:.0f} s)\n"
     )
     print("| model | params | tokens/s | steps | tokens seen | val bpb |")

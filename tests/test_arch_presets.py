@@ -64,3 +64,19 @@ def test_estimate_and_generate_refuse_families_they_do_not_cover(data_dir, tmp_p
     pretrain(cfg, progress=False)
     with pytest.raises(LmforgeError, match="encoder \\(model.family 'bert'\\), which does not generate text"):
         generate_from_checkpoint(str(tmp_path / "bert"), max_new_tokens=5)
+
+
+@pytest.mark.parametrize("budget", ["0", "-5"])
+def test_architecture_bench_refuses_a_budget_that_would_never_end(monkeypatch, capsys, tmp_path, budget):
+    """--budget 0 became train.time_budget 0, "no limit": each of the four models trained for 10**6 steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import architectures
+
+    out = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--models", "lstm"]
+    monkeypatch.setattr(sys, "argv", ["architectures.py", "--budget", budget, *out])
+    with pytest.raises(SystemExit) as exit_info:
+        architectures.main()
+    assert exit_info.value.code == 2 and "--budget must be > 0 seconds" in capsys.readouterr().err
