@@ -8,7 +8,6 @@ saved a checkpoint) exits with 130; anything else is a bug and keeps its traceba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -373,7 +372,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             device=args.device,
         )
         if args.json:
-            print(json.dumps(m, ensure_ascii=False))
+            from lmforge.log import json_text
+
+            print(json_text(m))
         elif "bpb" not in m:  # encoder objectives
             keys = ("loss", "mlm_accuracy", "mlm_ppl", "nsp_accuracy", "rtd_accuracy", "rtd_auc")
             print(f"{m['split']}: " + " | ".join(f"{k} {m[k]:.4f}" for k in keys if k in m) + f" | {m['checkpoint']}")
@@ -440,7 +441,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             compare=not args.no_compare,
             max_batches=args.max_batches,
         )
-        print(json.dumps(r, ensure_ascii=False) if args.json else format_quantize(r))
+        from lmforge.log import json_text
+
+        print(json_text(r) if args.json else format_quantize(r))
     elif args.command == "import":
         from lmforge.export.hf_import import import_hf
 
@@ -464,7 +467,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             strategy=args.strategy,
             price_per_hour=args.price_per_hour,
         )
-        print(json.dumps(result, ensure_ascii=False) if args.json else format_estimate(result))
+        from lmforge.log import json_text
+
+        print(json_text(result) if args.json else format_estimate(result))
     elif args.command == "report":
         from lmforge.report import render_report, watch
 
@@ -478,7 +483,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         runs = list_runs(args.dir)
         if args.json:
-            print(json.dumps([r.to_dict() for r in runs], ensure_ascii=False))
+            from lmforge.log import json_text
+
+            print(json_text([r.to_dict() for r in runs]))
         else:
             print(format_runs(runs) if runs else f"no lmforge runs under {args.dir}")
     return 0

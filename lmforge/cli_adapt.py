@@ -8,7 +8,6 @@ once; like `cli.py`, nothing here has logic: each command calls one library func
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -211,7 +210,9 @@ def run_eval_task(args: argparse.Namespace) -> None:
         limit=args.limit,
         device=args.device,
     )
-    print(json.dumps(m, ensure_ascii=False) if args.json else format_metrics(m))
+    from lmforge.log import json_text
+
+    print(json_text(m) if args.json else format_metrics(m))
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -24,6 +24,22 @@ from tqdm import tqdm
 from lmforge.atomic import atomic_write_text
 
 
+def json_text(value: Any) -> str:
+    """`value` as strict JSON for a command's `--json` output: a NaN or infinite float (an MLM evaluation with no
+    masked token, a diverged loss) becomes null, which jq and JavaScript read; Python's NaN/Infinity they do not."""
+
+    def strict(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [strict(x) for x in v]
+        return v
+
+    return json.dumps(strict(value), ensure_ascii=False, allow_nan=False)
+
+
 def display_width(text: str) -> int:
     """Terminal columns of `text`: wide and fullwidth characters (CJK) take two, so tables pad by this."""
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)

@@ -305,3 +305,22 @@ def test_a_run_without_a_val_split_still_draws_loss_png(corpus_file, tmp_path):
     )
     pretrain(tiny_config(data, tmp_path / "run", **{"train.max_steps": 3, "checkpoint.every": 0}), progress=False)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_json_output_of_commands_is_strict_json():
+    """`eval --json` of an MLM split with no masked token printed `NaN`, which jq and JavaScript reject."""
+    import json
+
+    from lmforge.log import json_text
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    value = {"mlm_accuracy": float("nan"), "ppl": float("inf"), "curve": [1.5, float("-inf")], "split": "中文"}
+    text = json_text(value)
+    assert json.loads(text, parse_constant=refuse) == {
+        "mlm_accuracy": None,
+        "ppl": None,
+        "curve": [1.5, None],
+        "split": "中文",
+    }
