@@ -332,6 +332,12 @@ class _Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Content-Length", "0").strip()
         return int(value) if value.isascii() and value.isdigit() else None  # int() also takes "+5", "1_0"
 
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except ConnectionError:  # reset while waiting for its next request (a pooled connection of a client that
+            self.close_connection = True  # exited): it left; socketserver printed a traceback for each one
+
     def finish(self) -> None:
         super().finish()
         if self.linger:

@@ -665,6 +665,21 @@ def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytes
     assert "Traceback" not in err and "internal error" not in err, err
 
 
+def test_serve_is_quiet_when_a_client_resets_an_idle_connection(chat_run: Path, capfd: pytest.CaptureFixture[str]):
+    """A kept-alive connection reset between requests (a client process exiting with pooled connections) is a
+    client that left: socketserver printed a traceback on the server's stderr for each one."""
+    with _serving(chat_run) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        assert _exchange(conn, "GET", "/health")[0].status == 200  # its thread now waits for the next request
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # SO_LINGER 0: a reset
+        deadline = time.monotonic() + 30
+        while any("process_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the connection's thread is done
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+
+
 def test_serve_drops_a_reply_whose_client_left_before_it_was_ready(chat_run: Path):
     """A reply that is not streamed is written at the end: a client that gave up before then (a timeout,
     Ctrl-C on curl) held the model for all the tokens it had asked for, every other request waiting behind
