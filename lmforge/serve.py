@@ -504,7 +504,10 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does
                 out.append(prompt)
                 continue
-            ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt)  # (BOS: generate.py)
+            # special-token strings (<|endoftext|>, an imported model's <|im_start|>) are read as their ids, as
+            # /tokenize, vLLM and transformers read them: a prompt the client rendered with the chat template
+            # from /tokenizer_info is then the ids the model was trained on (as characters, it was not)
+            ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode_markup(prompt).ids  # (BOS: generate.py)
             if not ids:  # a new document, after an end-of-text token
                 eos = ft.tokenizer.eos_id_or_none
                 if eos is None:

@@ -931,6 +931,27 @@ def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
             assert status == 400 and needle in json.loads(body)["error"]["message"], body
 
 
+def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run: Path):
+    """A completion's string prompt holding "<|endoftext|>" went to the model as 13 characters' tokens, while
+    /tokenize counted it as the one EOS id: a client that rendered past replies with the chat template from
+    /tokenizer_info (each ends with the EOS) prompted the model with ids it was never trained on."""
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    past = "see you<|endoftext|><|user|>\nhi\n<|assistant|>\n"  # (a char tokenizer, a 64-token context)
+    greedy = {"temperature": 0, "max_tokens": 8}
+    with _serving(chat_run) as server:
+        tokens = json.loads(_post(server.url + "/tokenize", {"prompt": past})[1])["tokens"]
+        assert tok.eos_id in tokens
+        status, body = _post(server.url + "/v1/completions", {"prompt": past, **greedy})
+        as_text = json.loads(body)
+        status, body = _post(server.url + "/v1/completions", {"prompt": tokens, **greedy})
+        as_ids = json.loads(body)
+        assert status == 200 and as_text["usage"] == as_ids["usage"], (as_text, as_ids)
+        assert as_text["usage"]["prompt_tokens"] == len(tokens)
+        assert as_text["choices"][0]["text"] == as_ids["choices"][0]["text"]
+
+
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
     """Browser pages: none may call the API by default (a page the user visits cannot use the model); with
     --cors-origin the named page's preflight and requests get CORS's allow headers, another page's do not."""
