@@ -77,6 +77,7 @@ from lmforge.serve_request import (
     detokenize_reply,
     number,
     openai_messages,
+    prompt_text_ids,
     sampling_penalties,
     scoring_options,
     tokenize_reply,
@@ -504,10 +505,9 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does
                 out.append(prompt)
                 continue
-            # special-token strings (<|endoftext|>, an imported model's <|im_start|>) are read as their ids, as
-            # /tokenize, vLLM and transformers read them: a prompt the client rendered with the chat template
-            # from /tokenizer_info is then the ids the model was trained on (as characters, it was not)
-            ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode_markup(prompt).ids  # (BOS: generate.py)
+            # as /tokenize reads it: a prompt the client rendered with the chat template from /tokenizer_info
+            # is then the ids the model was trained on (its <|endoftext|> as characters, it was not)
+            ids = ft.tokenizer.prompt_prefix + prompt_text_ids(ft, prompt)  # (BOS: generate.py)
             if not ids:  # a new document, after an end-of-text token
                 eos = ft.tokenizer.eos_id_or_none
                 if eos is None:

@@ -952,6 +952,27 @@ def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run
         assert as_text["choices"][0]["text"] == as_ids["choices"][0]["text"]
 
 
+def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
+    """With <|user|>/<|assistant|> reserved in the tokenizer (--special-tokens all, unigram), lmforge's chat
+    template trains on them as text: a prompt's markers stay text, as the HF export reads them, and only the
+    EOS string becomes its id; an imported model's own template reads every special-token string as its id."""
+    from types import SimpleNamespace
+
+    from lmforge.chat import ChatTemplate, JinjaChatTemplate
+    from lmforge.serve_request import prompt_text_ids
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe([(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")], 400,
+                    extra_specials=True)  # fmt: skip
+    turn = "<|user|>\nhi\n<|assistant|>\nok"
+    want = tok.encode(turn) + [tok.eos_id]
+    assert tok.encode_markup(turn + "<|endoftext|>").ids != want  # the reserved marker ids
+    for template in (ChatTemplate(), None):  # a chat-tuned run, and a plain one (serve chats with lmforge's)
+        assert prompt_text_ids(SimpleNamespace(tokenizer=tok, template=template), turn + "<|endoftext|>") == want
+    imported = SimpleNamespace(tokenizer=tok, template=JinjaChatTemplate(source="", eos_token="<|endoftext|>"))
+    assert prompt_text_ids(imported, turn) == tok.encode_markup(turn).ids
+
+
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):
     """Browser pages: none may call the API by default (a page the user visits cannot use the model); with
     --cors-origin the named page's preflight and requests get CORS's allow headers, another page's do not."""
