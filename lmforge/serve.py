@@ -77,6 +77,7 @@ from lmforge.serve_request import (
     detokenize_reply,
     number,
     openai_messages,
+    prompt_text_ids,
     sampling_penalties,
     scoring_options,
     tokenize_reply,
@@ -332,6 +333,12 @@ class _Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Content-Length", "0").strip()
         return int(value) if value.isascii() and value.isdigit() else None  # int() also takes "+5", "1_0"
 
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except ConnectionError:  # reset while waiting for its next request (a pooled connection of a client that
+            self.close_connection = True  # exited): it left; socketserver printed a traceback for each one
+
     def finish(self) -> None:
         super().finish()
         if self.linger:
@@ -498,7 +505,9 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(prompt, list):  # token ids go to the model as sent (no BOS added), as OpenAI's API does
                 out.append(prompt)
                 continue
-            ids = ft.tokenizer.prompt_prefix + ft.tokenizer.encode(prompt)  # (BOS: generate.py)
+            # as /tokenize reads it: a prompt the client rendered with the chat template from /tokenizer_info
+            # is then the ids the model was trained on (its <|endoftext|> as characters, it was not)
+            ids = ft.tokenizer.prompt_prefix + prompt_text_ids(ft, prompt)  # (BOS: generate.py)
             if not ids:  # a new document, after an end-of-text token
                 eos = ft.tokenizer.eos_id_or_none
                 if eos is None:

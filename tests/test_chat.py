@@ -665,6 +665,21 @@ def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytes
     assert "Traceback" not in err and "internal error" not in err, err
 
 
+def test_serve_is_quiet_when_a_client_resets_an_idle_connection(chat_run: Path, capfd: pytest.CaptureFixture[str]):
+    """A kept-alive connection reset between requests (a client process exiting with pooled connections) is a
+    client that left: socketserver printed a traceback on the server's stderr for each one."""
+    with _serving(chat_run) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        assert _exchange(conn, "GET", "/health")[0].status == 200  # its thread now waits for the next request
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # SO_LINGER 0: a reset
+        deadline = time.monotonic() + 30
+        while any("process_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the connection's thread is done
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+
+
 def test_serve_drops_a_reply_whose_client_left_before_it_was_ready(chat_run: Path):
     """A reply that is not streamed is written at the end: a client that gave up before then (a timeout,
     Ctrl-C on curl) held the model for all the tokens it had asked for, every other request waiting behind
@@ -914,6 +929,48 @@ def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
         ]:
             status, body = _post(server.url + path, payload)
             assert status == 400 and needle in json.loads(body)["error"]["message"], body
+
+
+def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run: Path):
+    """A completion's string prompt holding "<|endoftext|>" went to the model as 13 characters' tokens, while
+    /tokenize counted it as the one EOS id: a client that rendered past replies with the chat template from
+    /tokenizer_info (each ends with the EOS) prompted the model with ids it was never trained on."""
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    past = "see you<|endoftext|><|user|>\nhi\n<|assistant|>\n"  # (a char tokenizer, a 64-token context)
+    greedy = {"temperature": 0, "max_tokens": 8}
+    with _serving(chat_run) as server:
+        tokens = json.loads(_post(server.url + "/tokenize", {"prompt": past})[1])["tokens"]
+        assert tok.eos_id in tokens
+        status, body = _post(server.url + "/v1/completions", {"prompt": past, **greedy})
+        as_text = json.loads(body)
+        status, body = _post(server.url + "/v1/completions", {"prompt": tokens, **greedy})
+        as_ids = json.loads(body)
+        assert status == 200 and as_text["usage"] == as_ids["usage"], (as_text, as_ids)
+        assert as_text["usage"]["prompt_tokens"] == len(tokens)
+        assert as_text["choices"][0]["text"] == as_ids["choices"][0]["text"]
+
+
+def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
+    """With <|user|>/<|assistant|> reserved in the tokenizer (--special-tokens all, unigram), lmforge's chat
+    template trains on them as text: a prompt's markers stay text, as the HF export reads them, and only the
+    EOS string becomes its id; an imported model's own template reads every special-token string as its id."""
+    from types import SimpleNamespace
+
+    from lmforge.chat import ChatTemplate, JinjaChatTemplate
+    from lmforge.serve_request import prompt_text_ids
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe([(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")], 400,
+                    extra_specials=True)  # fmt: skip
+    turn = "<|user|>\nhi\n<|assistant|>\nok"
+    want = tok.encode(turn) + [tok.eos_id]
+    assert tok.encode_markup(turn + "<|endoftext|>").ids != want  # the reserved marker ids
+    for template in (ChatTemplate(), None):  # a chat-tuned run, and a plain one (serve chats with lmforge's)
+        assert prompt_text_ids(SimpleNamespace(tokenizer=tok, template=template), turn + "<|endoftext|>") == want
+    imported = SimpleNamespace(tokenizer=tok, template=JinjaChatTemplate(source="", eos_token="<|endoftext|>"))
+    assert prompt_text_ids(imported, turn) == tok.encode_markup(turn).ids
 
 
 def test_serve_cors_lets_only_the_pages_named_call_it(chat_run: Path):

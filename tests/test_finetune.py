@@ -910,3 +910,24 @@ def test_fewshot_accuracy_norm_does_not_favour_short_labels():
     m = fewshot_classify(ft, rows, shots, k=1, fields={"text": "text", "label": "label"})
     # " 正面评价": -0.1 - 2.5 - 3.25 - 2.5 - 2.5 = -10.85 over 13 bytes; " 负面": -0.1 - 4 - 3.25 = -7.35 over 7
     assert m["accuracy"] == 0.0 and m["accuracy_norm"] == 1.0
+
+
+def test_a_json_list_or_object_where_one_text_belongs_is_refused(tmp_path: Path):
+    """UltraFeedback-style DPO rows (`chosen`/`rejected` as lists of chat messages) trained on the lists' Python
+    repr, silently; so did a multi-label row's list of labels, or an object as an sft output. One line now."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    talk = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    cases = [
+        ("dpo", {"prompt": "2+2?", "chosen": talk, "rejected": "5"}, "row 2 column 'chosen' holds a JSON list"),
+        ("dpo", {"prompt": talk[:1], "chosen": "4", "rejected": "5"}, "row 2 column 'prompt' holds a JSON list"),
+        ("classify", {"text": "good and fun", "label": [1, 3]}, "row 2 column 'label' holds a JSON list"),
+        ("sft", {"instruction": "hi", "output": {"text": "hello"}}, "row 2 column 'output' holds a JSON object"),
+    ]
+    ok = {"dpo": {"prompt": "hi", "chosen": "a", "rejected": "b"}, "classify": {"text": "bad", "label": 0}}
+    ok["sft"] = {"instruction": "hi", "output": "hello"}
+    for task, row, said in cases:
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text(json.dumps(ok[task]) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=re.escape(said) + ", not one text or label; write it as a string"):
+            read_task_rows(path, task, field_map(task, []))

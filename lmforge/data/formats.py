@@ -190,7 +190,19 @@ def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) 
                 f"{path}: row {i} has no value in column {field!r} (null, or a CSV row cut short by an unclosed "
                 "quote); fill it in or drop the row"
             )
+        _refuse_structured(row[field], field, i, path)
     return [row[field] for row in rows]
+
+
+def _refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None:
+    """A JSON list or object where one text or label belongs: str() trained on its Python repr, silently
+    (UltraFeedback-style DPO pairs, whose `chosen` is a list of messages; multi-label rows)."""
+    if isinstance(value, (list, dict)):
+        kind = "list" if isinstance(value, list) else "object"
+        raise DataError(
+            f"{path}: row {i} column {field!r} holds a JSON {kind}, not one text or label; write it as a string "
+            "(a list of chat messages goes in an sft file's 'messages'; one label per row)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,11 +472,15 @@ def check_columns(
                             f"{path}: row {i} has no value in column {fields[name]!r} (null); fill it in or drop "
                             "the row"
                         )
+                    _refuse_structured(row[fields[name]], fields[name], i, path)
     else:
         needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
         needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
         for name in needed[task]:
             column(rows, fields[name], name, path)
+        if task == "dpo":  # its optional prompt too (TRL's conversational format writes messages there)
+            for i, row in enumerate(rows, 1):
+                _refuse_structured(row.get(fields["prompt"]), fields["prompt"], i, path)
     if task == "classify":  # a blank cell would become a class of its own, named ""
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
