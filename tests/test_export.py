@@ -27,7 +27,7 @@ from lmforge.export.hf_import import import_hf
 from lmforge.generate import generate, generate_batch, generate_from_checkpoint, stop_ids_of
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
 from lmforge.train.state import TrainState
 from tests.conftest import run_cli, tiny_config
 
@@ -177,6 +177,23 @@ def test_autotokenizer_matches_ours(kind: str, bpe: Tokenizer, tmp_path: Path) -
         ids = tokenizer.encode(text)
         assert hf_tok(text)["input_ids"] == ids  # default call: no special tokens added
         assert hf_tok.decode(ids) == text == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_autotokenizer_unk_is_the_tokenizers_own(kind: str, tmp_path: Path) -> None:
+    # WordPiece and Unigram emit their own unknown token for what they cannot encode; the export named
+    # <|endoftext|> as unk_token, so AutoTokenizer's unk_token_id was the EOS id instead
+    train = train_wordpiece if kind == "wordpiece" else train_unigram
+    tokenizer = train([TEXTS[0]] * 20, 300)
+    out = export_hf(make_run(tmp_path / "run", tokenizer), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    unk_ids = set(tokenizer.encode("ß")) - set(
+        tokenizer.encode("")
+    )  # an unseen character (no byte fallback: WordPiece)
+    unk_id = hf_tok.unk_token_id
+    assert unk_id != tokenizer.eos_id and tokenizer.id_to_token(unk_id) in ("[UNK]", "<unk>", "<|unk|>")
+    if kind == "wordpiece":
+        assert unk_ids == {unk_id}
 
 
 def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path) -> None:
