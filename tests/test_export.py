@@ -496,6 +496,16 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
 
 
+def test_import_reads_json_files_saved_with_a_bom(bpe: Tokenizer, tmp_path: Path) -> None:
+    # a config.json edited in Windows Notepad starts with a UTF-8 BOM: it was "not valid JSON (truncated or damaged)"
+    out = export_hf(make_run(tmp_path / "run", bpe, **VARIANTS["llama"]), tmp_path / "hf")
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+        (out / name).write_bytes(b"\xef\xbb\xbf" + (out / name).read_bytes())
+    imported = load_trained(import_hf(out, tmp_path / "imported"), torch.device("cpu")).model.state_dict()
+    original = load_trained(tmp_path / "run", torch.device("cpu")).model.state_dict()
+    assert imported.keys() == original.keys() and all(torch.equal(imported[k], original[k]) for k in original)
+
+
 @pytest.mark.parametrize("damage", ["index-list", "index-map-int", "shard-outside", "bin-garbage"])
 def test_import_of_a_damaged_checkpoint_is_one_line(damage: str, bpe: Tokenizer, tmp_path: Path) -> None:
     """A sharded index that is not {"weight_map": {name: file}}, a shard named outside the directory (an
