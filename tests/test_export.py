@@ -499,7 +499,7 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
 def test_import_reads_json_files_saved_with_a_bom(bpe: Tokenizer, tmp_path: Path) -> None:
     # a config.json edited in Windows Notepad starts with a UTF-8 BOM: it was "not valid JSON (truncated or damaged)"
     out = export_hf(make_run(tmp_path / "run", bpe, **VARIANTS["llama"]), tmp_path / "hf")
-    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "tokenizer.json"):
         (out / name).write_bytes(b"\xef\xbb\xbf" + (out / name).read_bytes())
     imported = load_trained(import_hf(out, tmp_path / "imported"), torch.device("cpu")).model.state_dict()
     original = load_trained(tmp_path / "run", torch.device("cpu")).model.state_dict()
