@@ -65,8 +65,8 @@ T = TypeVar("T")
 
 
 def read_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
+    try:  # utf-8-sig: a config.json saved by a Windows editor starts with a BOM, which json calls invalid
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; {what}") from None

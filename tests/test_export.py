@@ -27,7 +27,7 @@ from lmforge.export.hf_import import import_hf
 from lmforge.generate import generate, generate_batch, generate_from_checkpoint, stop_ids_of
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.tokenizer.train import train_bpe, train_char
+from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
 from lmforge.train.state import TrainState
 from tests.conftest import run_cli, tiny_config
 
@@ -177,6 +177,23 @@ def test_autotokenizer_matches_ours(kind: str, bpe: Tokenizer, tmp_path: Path) -
         ids = tokenizer.encode(text)
         assert hf_tok(text)["input_ids"] == ids  # default call: no special tokens added
         assert hf_tok.decode(ids) == text == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_autotokenizer_unk_is_the_tokenizers_own(kind: str, tmp_path: Path) -> None:
+    # WordPiece and Unigram emit their own unknown token for what they cannot encode; the export named
+    # <|endoftext|> as unk_token, so AutoTokenizer's unk_token_id was the EOS id instead
+    train = train_wordpiece if kind == "wordpiece" else train_unigram
+    tokenizer = train([TEXTS[0]] * 20, 300)
+    out = export_hf(make_run(tmp_path / "run", tokenizer), tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    unk_ids = set(tokenizer.encode("ß")) - set(
+        tokenizer.encode("")
+    )  # an unseen character (no byte fallback: WordPiece)
+    unk_id = hf_tok.unk_token_id
+    assert unk_id != tokenizer.eos_id and tokenizer.id_to_token(unk_id) in ("[UNK]", "<unk>", "<|unk|>")
+    if kind == "wordpiece":
+        assert unk_ids == {unk_id}
 
 
 def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path) -> None:
@@ -477,6 +494,16 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     ):
         import_hf(out, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()
+
+
+def test_import_reads_json_files_saved_with_a_bom(bpe: Tokenizer, tmp_path: Path) -> None:
+    # a config.json edited in Windows Notepad starts with a UTF-8 BOM: it was "not valid JSON (truncated or damaged)"
+    out = export_hf(make_run(tmp_path / "run", bpe, **VARIANTS["llama"]), tmp_path / "hf")
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "tokenizer.json"):
+        (out / name).write_bytes(b"\xef\xbb\xbf" + (out / name).read_bytes())
+    imported = load_trained(import_hf(out, tmp_path / "imported"), torch.device("cpu")).model.state_dict()
+    original = load_trained(tmp_path / "run", torch.device("cpu")).model.state_dict()
+    assert imported.keys() == original.keys() and all(torch.equal(imported[k], original[k]) for k in original)
 
 
 @pytest.mark.parametrize("damage", ["index-list", "index-map-int", "shard-outside", "bin-garbage"])

@@ -199,6 +199,10 @@ def test_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     assert export_gguf(run, tmp_path / "d.gguf", overwrite=True).stat().st_size > small  # f16 replaced q8_0
     with pytest.raises(LmforgeError, match=r"ends in \.gguf"):
         export_gguf(run, tmp_path / "e.txt")
+    # an existing folder: the error said "pass --overwrite", which then failed with "is a directory"
+    (tmp_path / "models").mkdir()
+    with pytest.raises(LmforgeError, match=r"is a directory; --out for GGUF is a file such as .*model\.gguf"):
+        export_gguf(run, tmp_path / "models")
     assert not list(tmp_path.glob("*.tmp"))
 
 

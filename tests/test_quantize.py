@@ -45,6 +45,9 @@ def test_int4_groups_and_packing() -> None:
     # a group size that does not divide the row: the whole row is one group
     q, s = quantize_weight(torch.randn(3, 24), 4, 64)
     assert s.shape == (3, 1) and q.shape == (3, 12)
+    # an odd row cannot be packed: the error says what to do instead (it named no way out)
+    with pytest.raises(LmforgeError, match=r"odd number of inputs \(97\); quantize it with --bits 8"):
+        quantize_weight(torch.randn(2, 97), 4, 64)
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(1))
     q, s = quantize_weight(w, 4, 32)
     err = (dequantize_weight(q, s) - w).abs().view(8, 4, 32)

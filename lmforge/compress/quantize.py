@@ -64,7 +64,10 @@ def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
     if bits != 4:
         raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
     if in_f % 2:
-        raise LmforgeError(f"int4 packs two weights per byte; a Linear with {in_f} inputs cannot be packed")
+        raise LmforgeError(
+            f"--bits 4 packs two weights per byte, and this model has a Linear with an odd number of inputs "
+            f"({in_f}); quantize it with --bits 8, or train a model whose model.d_model and model.d_ff are even"
+        )
     group = group_size if in_f % group_size == 0 else in_f
     wg = w.view(out_f, in_f // group, group)  # (out, n_groups, group)
     scales = (wg.abs().amax(dim=2, keepdim=True) / 7).clamp(min=1e-12).half()  # (out, n_groups, 1)

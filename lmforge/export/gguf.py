@@ -253,10 +253,10 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     if dtype not in DTYPES:
         raise LmforgeError(f"--dtype {dtype!r} is not supported for GGUF; use one of {', '.join(DTYPES)}")
     out = Path(out)
+    if out.is_dir():  # before "pass --overwrite", which cannot replace a directory
+        raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as {out / 'model.gguf'}")
     if out.exists() and not overwrite:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-    if out.is_dir():
-        raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as model.gguf")
     if out.suffix.lower() != ".gguf":
         raise LmforgeError(
             f"--out {out}: a GGUF file's name ends in .gguf (llama.cpp looks for it); e.g. {out.stem}.gguf"

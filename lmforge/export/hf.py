@@ -8,7 +8,8 @@ and `AutoTokenizer.from_pretrained`:
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
         generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
-        tokenizer_config.json     PreTrainedTokenizerFast; our end-of-text token as bos/eos/unk/pad
+        tokenizer_config.json     PreTrainedTokenizerFast; our end-of-text token as bos/eos/pad (and unk,
+                                  unless the tokenizer has its own unknown token)
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last val loss/bpb, lmforge config
 
@@ -179,6 +180,17 @@ def bos_id_of(tokenizer: Tokenizer, eos_id: int | None) -> int | None:
     return prefix[0] if len(prefix) == 1 else eos_id
 
 
+def unk_token_of(tokenizer: Tokenizer) -> str | None:
+    """The token the tokenizer's model emits for what it cannot encode (WordPiece's and imported Llama-2's
+    `unk_token`, Unigram's `unk_id`), or None when it has none (byte-level BPE, byte fallback only)."""
+    model = json.loads(tokenizer.to_str()).get("model") or {}
+    unk_id = model.get("unk_id")
+    if model.get("type") == "Unigram" and type(unk_id) is int:
+        return tokenizer.id_to_token(unk_id)
+    unk = model.get("unk_token")
+    return unk if isinstance(unk, str) and tokenizer.hf.token_to_id(unk) is not None else None
+
+
 def extra_stop_ids(trained: Any, eos_id: int | None) -> list[int]:
     """An imported instruct model's end-of-turn ids beside its eos (`generate.stop_ids_of`), in order."""
     from lmforge.adapt.load import run_dir_of
@@ -239,6 +251,8 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
         specials = {f"{name}_token": eos for name in ("bos", "eos", "unk", "pad")} if eos is not None else {}
         if specials and bos_id != eos_id:
             specials["bos_token"] = tokenizer.id_to_token(bos_id)
+        if unk := unk_token_of(tokenizer):  # AutoTokenizer's unk_token_id: the id encoding really emits
+            specials["unk_token"] = unk
         if template and not markers:  # an imported template renders the bos/eos strings its model had (or none)
             for name in ("bos_token", "eos_token"):
                 if getattr(template, name):

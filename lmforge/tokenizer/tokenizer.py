@@ -85,7 +85,7 @@ class Tokenizer:
                 "unigram (lower case)"
             )
         try:
-            with open(p, encoding="utf-8") as f:
+            with open(p, encoding="utf-8-sig") as f:  # a BOM (a Windows editor's save) is no JSON
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"cannot read tokenizer {p} ({e}); pass a valid UTF-8 tokenizer.json") from None
