@@ -112,3 +112,17 @@ def test_speedrun_reads_configs_from_the_working_directory(monkeypatch, capsys, 
     assert speedrun.config_path(speedrun.SPEEDRUN) == str(speedrun.REPO / speedrun.SPEEDRUN)
     err = bench_exit(monkeypatch, capsys, speedrun.main, ["--configs", "missing.toml"])
     assert "config file 'missing.toml' not found" in err  # before the peak measurement and the data preparation
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        ("cost_model", ["--steps", "-1"], "--steps: expected an integer >= 0, got -1"),  # negative ms/step
+        ("generate_speed", ["--new", "0"], "--new: expected an integer >= 1, got 0"),
+        ("generate_speed", ["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
+    ],
+)
+def test_other_speed_benches_refuse_bad_counts_in_one_line(monkeypatch, capsys, script, argv, said):
+    import importlib
+
+    assert said in bench_exit(monkeypatch, capsys, importlib.import_module(script).main, argv)
