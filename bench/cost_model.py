@@ -20,10 +20,10 @@ random tokens (vocab 4096 where the preset leaves it to the tokenizer) and two t
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 
+import bench_cli
 import torch
 from train_speed import random_batches, stepper  # bench/ is on sys.path when run as a script
 
@@ -141,12 +141,16 @@ def measure(preset: str, *, batch: int, steps: int, warmup: int, peak: float) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--presets", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per preset (default: per preset)")
-    parser.add_argument("--batch", type=int, default=0, help="sequences per step (default: per preset)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--steps", type=bench_cli.count(0), default=0, help="timed steps per preset (default: per preset)"
+    )
+    parser.add_argument("--batch", type=bench_cli.count(0), default=0, help="sequences per step (default: per preset)")
+    parser.add_argument("--warmup", type=bench_cli.count(0), default=1, help="untimed steps before timing")
+    parser.add_argument(
+        "--threads", type=bench_cli.count(0), default=0, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

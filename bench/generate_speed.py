@@ -35,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import bench_cli
 import torch
 
 from lmforge.export.hf import to_hf_state_dict
@@ -222,7 +223,7 @@ def batched(shape: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument(
         "--shape",
         action="append",
@@ -234,11 +235,15 @@ def main() -> None:
         default="gpt2",
         help="GPT-2 style (vs GPT2LMHeadModel) or Llama style (vs LlamaForCausalLM)",
     )
-    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (vs HF)")
-    parser.add_argument("--new", type=int, default=48, help="generated tokens (capped by the context)")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--batch", type=int, default=0, help="also time generate_batch on this many prompts")
+    parser.add_argument("--prompt", type=bench_cli.count(1), default=16, help="prompt tokens (vs HF)")
+    parser.add_argument("--new", type=bench_cli.count(1), default=48, help="generated tokens (capped by the context)")
+    parser.add_argument("--rounds", type=bench_cli.count(1), default=10)
+    parser.add_argument(
+        "--threads", type=bench_cli.count(0), default=0, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--batch", type=bench_cli.count(0), default=0, help="also time generate_batch on this many prompts"
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip the HF comparison (with --batch)")
     parser.add_argument("--no-compile", action="store_true", help="skip the generate(compile=True) contestant")
     args = parser.parse_args()
@@ -298,4 +303,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli
+
 REPO = Path(__file__).resolve().parent.parent
 REPLICA = "configs/nanogpt-baby-cpu.toml"
 SPEEDRUN = "configs/speedrun-shakespeare-char.toml"
@@ -86,10 +88,18 @@ def run(config: str, data: Path, out: Path, extra: list[str]) -> tuple[list[tupl
     return evals, time.perf_counter() - t0
 
 
+def config_path(text: str) -> str:
+    """`--configs FILE`: as given (from the working directory), else under the repository (the defaults)."""
+    for path in (Path(text), REPO / text):
+        if path.is_file():
+            return str(path.resolve())  # (each run's process starts in the repository)
+    raise argparse.ArgumentTypeError(f"config file {text!r} not found; pass an existing .toml file")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     default = [REPLICA] + ([SPEEDRUN] if (REPO / SPEEDRUN).is_file() else [])  # the speedrun config is still to come
-    parser.add_argument("--configs", nargs="+", default=default)
+    parser.add_argument("--configs", nargs="+", type=config_path, default=default)
     parser.add_argument("--target", type=float, default=1.886, help="validation loss to reach (nats/char)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = parser.parse_args()
@@ -123,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -21,12 +21,12 @@ sets a `torch._inductor.config` option before compiling (e.g. `coordinate_descen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import platform
 import re
 import time
 
+import bench_cli
 import torch
 
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig, load_config
@@ -62,6 +62,8 @@ def stepper(train_cfg: TrainConfig, optim_cfg: OptimConfig, model, optimizer, lo
     objective = CausalLM(compile=train_cfg.compile, mode=train_cfg.compile_mode)  # cross-entropy too, as pretrain
 
     def run(n_steps: int) -> float:
+        if n_steps == 0:  # (--warmup 0)
+            return 0.0
         until = state.step + n_steps
         t0 = time.perf_counter()
         train(
@@ -251,14 +253,16 @@ def bench(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(DEFAULTS))
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: per preset)")
-    parser.add_argument("--batch", type=int, default=0, help="sequences per step (default: per preset)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=bench_cli.count(0), default=0, help="timed steps (default: per preset)")
+    parser.add_argument("--batch", type=bench_cli.count(0), default=0, help="sequences per step (default: per preset)")
+    parser.add_argument("--warmup", type=bench_cli.count(0), default=3)
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=bench_cli.count(0), default=0, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (optim.fused)")
     parser.add_argument("--compile", default="off", choices=["on", "off"], help="torch.compile the model")
     parser.add_argument(
@@ -267,21 +271,32 @@ def main() -> None:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="train.compile_mode (reduce-overhead: CUDA graphs)",
     )
-    parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary (e.g. 50304)")
+    parser.add_argument(
+        "--vocab-size", type=bench_cli.count(0), default=0, help="override the preset's vocabulary (e.g. 50304)"
+    )
     parser.add_argument(
         "--attention", default="auto", choices=["auto", "flash", "cudnn", "efficient"], help="train.attention (CUDA)"
     )
     parser.add_argument("--nominal-peak", type=float, default=0.0, help="datasheet TFLOP/s: adds an MFU column")
-    parser.add_argument("--profile", type=int, default=0, help="profile N more steps: device time by kernel kind")
     parser.add_argument(
-        "--log-every", type=int, default=0, help="train.log_every (default: the preset's); a log step syncs the host"
+        "--profile", type=bench_cli.count(0), default=0, help="profile N more steps: device time by kernel kind"
     )
     parser.add_argument(
-        "--accum", type=int, default=1, help="micro-batches of --batch per optimizer step (gradient accumulation)"
+        "--log-every",
+        type=bench_cli.count(0),
+        default=0,
+        help="train.log_every (default: the preset's); a log step syncs the host",
+    )
+    parser.add_argument(
+        "--accum",
+        type=bench_cli.count(1),
+        default=1,
+        help="micro-batches of --batch per optimizer step (gradient accumulation)",
     )
     parser.add_argument("--inductor", action="append", default=[], help="KEY=VALUE torch._inductor.config option")
     args = parser.parse_args()
     set_inductor_options(args.inductor)
+    pick_device(args.device)  # --device cuda without CUDA: one line, before the header asks for the GPU's name
     if args.threads:
         torch.set_num_threads(args.threads)
     where = platform.processor() or platform.machine()
@@ -347,4 +362,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

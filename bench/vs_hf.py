@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+import bench_cli
 import torch
 import torch.nn.functional as F
 from train_speed import random_batches, stepper  # bench/ is on sys.path when run as a script
@@ -143,25 +144,37 @@ def loop_stepper(
     return stepper(train_cfg, optim_cfg, model, optimizer, loader, precision, forward_model)
 
 
+def shape(text: str) -> tuple[int, int, int, int]:
+    """`--shape n_layer,n_head,d_model,context`: four integers >= 1."""
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected n_layer,n_head,d_model,context (four integers), got {text!r}")
+    return tuple(bench_cli.count(1)(part) for part in parts)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="4,4,128,64", help="n_layer,n_head,d_model,context (default: baby GPT)")
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser = bench_cli.parser(__doc__)
+    parser.add_argument(
+        "--shape", type=shape, default="4,4,128,64", help="n_layer,n_head,d_model,context (default: baby GPT)"
+    )
+    parser.add_argument("--batch", type=bench_cli.count(1), default=12)
+    parser.add_argument("--rounds", type=bench_cli.count(1), default=8)
     parser.add_argument(
         "--steps",
-        type=int,
+        type=bench_cli.count(1),
         default=25,
         help="steps per contestant per round (a round of our loop ends with a log step)",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=bench_cli.count(0), default=0, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument(
         "--compile", action="store_true", help="add our loop with --train.compile (its compile time is not timed)"
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_layer, n_head, d_model, ctx = (int(v) for v in args.shape.split(","))
+    n_layer, n_head, d_model, ctx = args.shape
 
     optim_cfg = OptimConfig(beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)  # fused: lmforge's default
     cpu = torch.device("cpu")
@@ -233,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -315,7 +315,7 @@ def _check_text_args(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command not in ("pretrain", "quickstart", "estimate", "finetune") and extra:
-        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}; see 'lmforge {args.command} --help'")
     _check_text_args(args)
     if args.command not in ("pretrain", "finetune"):  # (finetune checks itself, for library callers too)
         from lmforge.dist import require_one_process
@@ -491,11 +491,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def given_flags(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
     """The dests of the options written on `command`'s command line, also those given their default
     value (which a comparison with the default cannot tell from an absent flag)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    options = sub._option_string_actions
+    options = _subparser(parser, command)._option_string_actions
     given = set()
     for token in argv:
         if token == "--":
@@ -520,7 +523,22 @@ def _parse_and_run(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     args.given = given_flags(parser, args.command, sys.argv[1:] if argv is None else argv)
+    _check_flag_typos(parser, args.command, extra)
     return _run(args, extra)
+
+
+def _check_flag_typos(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    """A left-over `--name` (no dot: not a --section.key setting) close to one of `command`'s own flags is a
+    typo of it (`--temprature`, `--ovewrite`): say which, where argparse said only 'unrecognized arguments'."""
+    import difflib
+
+    flags = [f for f in _subparser(parser, command)._option_string_actions if f.startswith("--")]
+    for token in extra:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and "." not in name:
+            match = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.8)  # (not --resume)
+            if match:
+                raise ConfigError(f"unknown option {name}; did you mean {match[0]}? (see 'lmforge {command} --help')")
 
 
 _sigint_seen = False

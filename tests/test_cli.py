@@ -322,3 +322,24 @@ def test_text_arguments_that_are_not_utf8_are_one_line(tmp_path):
     ]:
         _one_line_error(run_cli(*args, input="hi\n/exit\n"), f"{flag} is not valid UTF-8")
     assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["generate", "RUN", "--temprature", "0"], "unknown option --temprature; did you mean --temperature?"),
+        (["generate", "RUN", "--max_new_tokens=5"], "did you mean --max-new-tokens?"),
+        (["pretrain", "--data", "D", "--ovewrite"], "did you mean --overwrite?"),  # was 'settings look like ...'
+        (["prepare", "x.txt", "--out", "D", "--tokenizr", "char"], "did you mean --tokenizer?"),
+        (["pretrain", "--data", "D", "--resume"], "resumes from the latest checkpoint by itself"),  # its own hint
+        (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus; see 'lmforge eval --help'"),
+    ],
+)
+def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)  # refused before anything is read: the paths need not exist
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed  # noqa: E402
@@ -54,3 +55,74 @@ def test_profile_of_a_tiny_run_covers_its_steps():
     assert p["by_kind"]["matmul"] > 0 and p["by_kind"]["attention"] > 0
     flops_per_token = r["tflops"] * 1e12 / r["tok_s"]  # 6 N_matmul + 12 L d T
     assert r["matmul_flops_step"] == pytest.approx(2 * 128 * (flops_per_token - 12 * 2 * 64 * 128), rel=1e-9)
+
+
+def bench_exit(monkeypatch, capsys, main, argv: list[str]) -> str:
+    """Run a bench script's `main` as `python bench/SCRIPT argv...` does; its stderr, after exit code 2."""
+    import bench_cli
+
+    monkeypatch.setattr(sys, "argv", ["bench/script.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cli.run(main)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--steps", "-1"], "--steps: expected an integer >= 0, got -1"),  # printed negative speeds
+        (["--accum", "0"], "--accum: expected an integer >= 1, got 0"),  # a ConfigError traceback
+        (["--profile", "x"], "--profile: expected an integer, got 'x'"),
+        (["--presets", "tiny", "--dtype", "float16", "--device", "cpu"], "float16 autocast is not supported"),
+    ],
+)
+def test_train_speed_bad_options_are_one_line(monkeypatch, capsys, argv, said):
+    assert said in bench_exit(monkeypatch, capsys, train_speed.main, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_speed_on_cuda_without_cuda_is_one_line(monkeypatch, capsys):
+    err = bench_exit(monkeypatch, capsys, train_speed.main, ["--device", "cuda", "--presets", "tiny"])
+    assert "--device cuda but no CUDA GPU is visible; use --device cpu" in err  # was torch's AssertionError
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--shape", "1,2,32"], "expected n_layer,n_head,d_model,context"),  # a ValueError traceback
+        (["--rounds", "0"], "--rounds: expected an integer >= 1"),  # statistics.median of nothing
+        (["--steps", "0"], "--steps: expected an integer >= 1"),  # ZeroDivisionError
+    ],
+)
+def test_vs_hf_bad_options_are_one_line(monkeypatch, capsys, argv, said):
+    import vs_hf
+
+    assert said in bench_exit(monkeypatch, capsys, vs_hf.main, argv)
+
+
+def test_speedrun_reads_configs_from_the_working_directory(monkeypatch, capsys, tmp_path):
+    import speedrun
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.toml").write_text("[train]\nmax_steps = 3\n", encoding="utf-8")
+    assert speedrun.config_path("mine.toml") == str(tmp_path / "mine.toml")  # runs start in the repository
+    assert speedrun.config_path(speedrun.SPEEDRUN) == str(speedrun.REPO / speedrun.SPEEDRUN)
+    err = bench_exit(monkeypatch, capsys, speedrun.main, ["--configs", "missing.toml"])
+    assert "config file 'missing.toml' not found" in err  # before the peak measurement and the data preparation
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "said"),
+    [
+        ("cost_model", ["--steps", "-1"], "--steps: expected an integer >= 0, got -1"),  # negative ms/step
+        ("generate_speed", ["--new", "0"], "--new: expected an integer >= 1, got 0"),
+        ("generate_speed", ["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
+    ],
+)
+def test_other_speed_benches_refuse_bad_counts_in_one_line(monkeypatch, capsys, script, argv, said):
+    import importlib
+
+    assert said in bench_exit(monkeypatch, capsys, importlib.import_module(script).main, argv)

@@ -1,0 +1,43 @@
+"""The bench scripts' command line, held to `lmforge`'s own rules: a bad option is one line on stderr
+(`lmforge.cli.Parser`: no usage dump), counts are checked as they are parsed (a negative `--steps` printed
+negative speeds), and a user error from lmforge (`LmforgeError`: `--device cuda` on a machine without
+CUDA, a setting the config refuses) is one line with exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lmforge.cli import Parser
+from lmforge.errors import LmforgeError
+
+
+def parser(doc: str | None) -> Parser:
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def run(main: Callable[[], None]) -> None:
+    """`main()`, with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
+    try:
+        main()
+    except LmforgeError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
