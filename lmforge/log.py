@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,11 @@ def truncate_metrics(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 
+# loss.png is redrawn at an evaluation at most this often (and always at the end): a draw costs 0.3-1 s of
+# matplotlib on a 2-core CPU, which a short run evaluating every few seconds paid at each evaluation
+PLOT_EVERY_S = 30.0
+
+
 class RunLogger:
     """Progress bar + console lines + metrics.jsonl for one run (only the main process logs)."""
 
@@ -162,8 +168,9 @@ class RunLogger:
         self.console = enabled and console  # False for --quiet: metrics.jsonl and loss.png are still written
         self.max_steps = max_steps
         self.metrics_path = metrics_path
-        self.plot_path = plot_path  # loss.png, redrawn at each evaluation record and at the end
-        self.unplotted = False  # train records written since loss.png was drawn (a run without a val split: all)
+        self.plot_path = plot_path  # loss.png, redrawn at evaluation records (PLOT_EVERY_S) and at the end
+        self.unplotted = False  # records written since loss.png was drawn (a run without a val split: all)
+        self.plotted_at = time.monotonic()  # a run shorter than PLOT_EVERY_S draws it once, at the end
         self.trackers = trackers or []  # lmforge.trackers: TensorBoard/W&B/MLflow get the same records
         self.file = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None  # noqa: SIM115
         self.bar = tqdm(
@@ -191,7 +198,7 @@ class RunLogger:
             tracker.log(record)
         if echo:
             self.info(format_record(record, self.max_steps))
-        if "val_loss" in record:
+        if "val_loss" in record and time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
             self.plot()
         else:
             self.unplotted = True
@@ -202,6 +209,7 @@ class RunLogger:
 
             plot_loss(self.metrics_path, self.plot_path)
         self.unplotted = False
+        self.plotted_at = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         if self.console:
@@ -219,7 +227,7 @@ class RunLogger:
 
     def close(self) -> None:
         self.bar.close()
-        if self.unplotted:  # no evaluation drew the last records (no val split, Ctrl-C after the last eval)
+        if self.unplotted:  # the last records are not drawn yet (too soon after the last draw, no val split, ...)
             self.plot()
         for tracker in self.trackers:
             tracker.close()

@@ -307,6 +307,43 @@ def test_a_run_without_a_val_split_still_draws_loss_png(corpus_file, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
+def test_loss_png_is_redrawn_at_evaluations_at_most_every_plot_every_s(tmp_path, monkeypatch):
+    """A short run drew loss.png at each evaluation (0.3-1 s of matplotlib each); now once PLOT_EVERY_S has
+    passed since the last draw, and always at the end, so the picture holds every record."""
+    from lmforge import log, report
+
+    draws = []
+
+    def plot_loss(metrics_path, out):  # the real drawing, counted
+        draws.append(len(read_metrics(metrics_path)))
+        real_plot_loss(metrics_path, out)
+
+    real_plot_loss = report.plot_loss
+    monkeypatch.setattr(report, "plot_loss", plot_loss)
+    records = [
+        {"step": 1, "loss": 3.0},
+        {"step": 1, "val_loss": 2.9},
+        {"step": 2, "loss": 2.5},
+        {"step": 2, "val_loss": 2.4},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    logger = log.RunLogger(run / "metrics.jsonl", max_steps=2, start_step=0, console=False, plot_path=run / "loss.png")
+    for record in records:
+        logger.metrics(record)
+    assert draws == []  # within PLOT_EVERY_S of the start: no draw at the evaluations
+    logger.close()
+    assert draws == [4] and (run / "loss.png").stat().st_size > 1000
+
+    monkeypatch.setattr(log, "PLOT_EVERY_S", 0.0)  # a long run: each evaluation redraws it
+    draws.clear()
+    logger = log.RunLogger(run / "metrics2.jsonl", max_steps=2, start_step=0, console=False, plot_path=run / "2.png")
+    for record in records:
+        logger.metrics(record)
+    logger.close()
+    assert draws == [2, 4]  # nothing left undrawn at the end: no third draw
+
+
 def test_json_output_of_commands_is_strict_json():
     """`eval --json` of an MLM split with no masked token printed `NaN`, which jq and JavaScript reject."""
     import json
