@@ -3,7 +3,9 @@
 Each call is still its own process, with its own arguments, environment, working directory, standard
 streams and exit status. A zygote interpreter imports torch and lmforge's command line once; then, per
 call, it forks a child that runs `python -m lmforge ARGS` as the interpreter would (`runpy`, as
-`__main__`). On CI's 2-core machines `import torch` takes 1.5-2.6 s and the suite makes ~300 calls.
+`__main__`). On CI's 2-core machines `import torch` takes 1.5-2.6 s and the suite makes ~300 calls; each
+training also imports torch._dynamo (torch.optim does) and matplotlib (loss.png), 2-4 s more, which the
+zygote imports too. Tests of several ranks fork each rank from one (tests/test_dist.py: launch_ranks).
 
 The zygote never runs a torch op, so no thread pool or device is set up before a fork. Tests that need
 a fresh interpreter (signals during start-up, stdin encodings) start one themselves; LMFORGE_TEST_SPAWN=1
@@ -17,6 +19,7 @@ import json
 import locale
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,16 +30,23 @@ from pathlib import Path
 # The zygote: imports what every call imports, then serves one request (a JSON line) at a time.
 ZYGOTE = r"""
 import io, json, os, runpy, sys
-import torch  # noqa: F401
+import torch
 import lmforge.cli
 lmforge.cli.build_parser()  # the config dataclasses, models, objectives, prepare
 import lmforge.checkpoint, lmforge.finetune, lmforge.generate, lmforge.quickstart, lmforge.train.run  # noqa: E401
 import safetensors.torch, tokenizers  # noqa: E401,F401  (not transformers or huggingface_hub: they read env at import)
+# every training imports these (torch.optim's first optimizer imports dynamo; loss.png needs pyplot): 2-4 s a call
+import torch._dynamo, torch._inductor.config  # noqa: E401
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: F401
 
 def run(req):
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    # inductor's config read $CXX when the zygote imported it: read it again as a fresh interpreter would
+    torch._inductor.config.cpp.cxx = (None, os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++"))
     streams = ((0, req["stdin"], os.O_RDONLY), (1, req["stdout"], os.O_WRONLY), (2, req["stderr"], os.O_WRONLY))
     for fd, path, flags in streams:
         new = os.open(path, flags)
@@ -47,8 +57,16 @@ def run(req):
     fresh = io.TextIOWrapper(raw, encoding=requests.encoding, errors=requests.errors, newline="\n")
     sys.stdin = sys.__stdin__ = fresh
     sys.argv = [req["argv0"], *req["argv"]]
-    runpy.run_module("lmforge", run_name="__main__", alter_sys=True)
+    if req["script"]:  # `python SCRIPT ARGS` (a test's wrapper around lmforge's CLI)
+        runpy.run_path(req["script"], run_name="__main__")
+    else:
+        runpy.run_module("lmforge", run_name="__main__", alter_sys=True)
 
+# the zygote's objects move out of the collector's reach: a child's collections (and the one at its exit)
+# walked all of them, writing to each, so every page of the heap it shares with the zygote was copied
+# (a tiny pretrain: 2.8 -> 1.4 s)
+import gc
+gc.freeze()
 requests = sys.stdin  # (kept: a dropped sys.stdin would close fd 0)
 channel = os.fdopen(os.dup(1), "w")  # replies; fds 0 and 1 become each child's stdin and stdout
 for line in requests:
@@ -76,23 +94,22 @@ class Zygote:
         )
         self.buffer = b""
 
-    def call(self, argv: list[str], env: dict[str, str], cwd: str, stdin: str, timeout: float) -> tuple[int, str, str]:
-        with tempfile.TemporaryDirectory(prefix="lmforge-call-") as tmp:
-            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            Path(out).touch()
-            Path(err).touch()
-            req = {"argv0": MAIN, "argv": argv, "env": env, "cwd": cwd, "stdin": stdin, "stdout": out, "stderr": err}
-            assert self.proc.stdin is not None and self.proc.stdout is not None
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            pid = json.loads(self._reply(60))["pid"]
-            try:
-                returncode = json.loads(self._reply(timeout))["returncode"]
-            except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(60)
-                raise subprocess.TimeoutExpired(["lmforge", *argv], timeout, _read(out), _read(err)) from None
-            return returncode, _read(out), _read(err)
+    def start(self, argv: list[str], env: dict[str, str], cwd: str, stdin: str, script: str | None) -> dict:
+        """Fork the child: its pid and where its stdout and stderr go (a temporary folder, removed by the caller)."""
+        tmp = tempfile.mkdtemp(prefix="lmforge-call-")
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        Path(out).touch()
+        Path(err).touch()
+        req = {"argv0": script or MAIN, "argv": argv, "env": env, "cwd": cwd, "stdin": stdin, "stdout": out}
+        req |= {"stderr": err, "script": script}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return {"pid": json.loads(self._reply(60))["pid"], "tmp": tmp, "stdout": out, "stderr": err}
+
+    def returncode(self, timeout: float) -> int:
+        """The child's exit status, once it has ended (subprocess.TimeoutExpired if not within `timeout` s)."""
+        return json.loads(self._reply(timeout))["returncode"]
 
     def _reply(self, timeout: float) -> str:
         """The zygote's next line; its own buffer, as a buffered reader could hold a line `select` cannot see."""
@@ -129,22 +146,80 @@ def _close_all() -> None:
         z.close()
 
 
+class ForkedProcess:
+    """`subprocess.Popen([python, -m, lmforge, *args], ...)` (or `[python, script, *args]`) as a child forked from
+    a zygote: a real process, which signals reach by its pid; its stdout and stderr are read once it has ended."""
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: str | None = None,
+        stdin: str = os.devnull,
+        script: str | None = None,
+    ) -> None:
+        with _lock:
+            zygote = _idle.pop() if _idle else None
+        self.zygote = zygote or Zygote()  # calls from several threads at once: one zygote each
+        self.args = [sys.executable, *([script] if script else ["-m", "lmforge"]), *args]
+        self.returncode: int | None = None
+        self.stdout = self.stderr = ""
+        try:
+            self.child = self.zygote.start(args, env, cwd or os.getcwd(), stdin, script)
+        except BaseException:
+            self.zygote.close()
+            raise
+        self.pid = self.child["pid"]
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status; subprocess.TimeoutExpired if the child runs on past `timeout` seconds."""
+        if self.returncode is None:
+            try:
+                self.returncode = self.zygote.returncode(3600 if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                raise
+            except BaseException:
+                self.zygote.close()
+                raise
+            self.stdout, self.stderr = _read(self.child["stdout"]), _read(self.child["stderr"])
+            shutil.rmtree(self.child["tmp"], ignore_errors=True)
+            with _lock:
+                _idle.append(self.zygote)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.stdout, self.stderr
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # ended (and reaped by the zygote) since the last poll
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 def run_lmforge(
     args: list[str], env: dict[str, str], timeout: float, input: str | None = None, cwd: str | None = None
 ) -> subprocess.CompletedProcess:
     """`subprocess.run([python, -m, lmforge, *args], capture_output=True, text=True, ...)` in a forked child."""
-    with _lock:
-        zygote = _idle.pop() if _idle else None
-    zygote = zygote or Zygote()  # calls from several threads at once: one zygote each
-    try:
-        with tempfile.NamedTemporaryFile("w", encoding=locale.getpreferredencoding(False), suffix=".stdin") as f:
-            f.write(input or "")
-            f.flush()
-            stdin = f.name if input is not None else os.devnull
-            code, out, err = zygote.call(args, env, cwd or os.getcwd(), stdin, timeout)
-    except BaseException:
-        zygote.close()
-        raise
-    with _lock:
-        _idle.append(zygote)
-    return subprocess.CompletedProcess([sys.executable, "-m", "lmforge", *args], code, out, err)
+    with tempfile.NamedTemporaryFile("w", encoding=locale.getpreferredencoding(False), suffix=".stdin") as f:
+        f.write(input or "")
+        f.flush()
+        proc = ForkedProcess(args, env, cwd, stdin=f.name if input is not None else os.devnull)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(60)
+            raise subprocess.TimeoutExpired(proc.args, timeout, proc.stdout, proc.stderr) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr)

@@ -19,7 +19,7 @@ import torch
 
 from lmforge.config import RunConfig, load_config
 from lmforge.quickstart import corpus_path
-from tests.cli_fork import run_lmforge
+from tests.cli_fork import ForkedProcess, run_lmforge
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,6 +102,17 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout, env=env, **kwargs
     )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None):
+    """`subprocess.Popen([python, -m, lmforge, ARGS], stdout=PIPE, stderr=PIPE, text=True)` started as `run_cli`
+    starts its calls (forked from a zygote, or LMFORGE_TEST_SPAWN=1: a fresh interpreter); signals reach it by
+    its pid, and `communicate()` gives its output once it has ended."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if os.environ.get("LMFORGE_TEST_SPAWN") != "1":
+        return ForkedProcess(list(args), env, cwd=str(REPO))
+    cmd = [sys.executable, "-m", "lmforge", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def have_cpp_compiler() -> bool:

@@ -81,6 +81,63 @@ def torchrun(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
+def forked_ranks(
+    data_dir: Path,
+    out: Path,
+    *extra: str,
+    nproc: int = 2,
+    entry: tuple[str, ...] = ("-m", "lmforge"),
+    **flags: object,
+) -> subprocess.CompletedProcess:
+    """`torchrun(...)` for the tests whose subject is not the launcher (see `launch_ranks`)."""
+    args = ["pretrain", "--preset=tiny", f"--data={data_dir}", f"--out={out}"]
+    args += [f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()] + list(extra)
+    script = None if entry == ("-m", "lmforge") else entry[0]
+    return launch_ranks(args if script is None else [*entry[1:], *args], nproc=nproc, script=script)
+
+
+def launch_ranks(
+    args: list[str], nproc: int = 2, script: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node NPROC -m lmforge ARGS` (or `SCRIPT ARGS`) without the launcher: the ranks it
+    starts, with its environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; rank 0 hosts the store),
+    each forked from a test zygote that imported torch already (tests/cli_fork.py), not three fresh
+    interpreters. As torchrun does, the first rank to fail gets the others stopped (SIGTERM, then SIGKILL
+    30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order."""
+    import time
+
+    from tests.cli_fork import ForkedProcess
+
+    port = str(free_port())
+    ranks = []
+    for rank in range(nproc):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+        env |= {"MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
+        env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+        ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+    deadline, kill_at, code = time.monotonic() + timeout, None, 0
+    try:
+        while any(r.poll() is None for r in ranks):
+            failed = [r.returncode for r in ranks if r.returncode]
+            if failed and kill_at is None:
+                kill_at, code = time.monotonic() + 30, failed[0]
+                for r in ranks:
+                    r.send_signal(signal.SIGTERM)
+            if time.monotonic() > min(deadline, kill_at or deadline):
+                break
+            time.sleep(0.05)
+    finally:
+        for r in ranks:
+            r.kill()
+            r.wait(60)
+    if not code and time.monotonic() > deadline:
+        raise subprocess.TimeoutExpired(ranks[0].args, timeout, "".join(r.stdout for r in ranks))
+    stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
+    return subprocess.CompletedProcess(
+        ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
+    )
+
+
 def train_losses(run: Path) -> list[float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [r["loss"] for r in records if "loss" in r]
@@ -120,7 +177,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(strategy: str, data_dir: Path, single: Path, tmp_path: Path):
     out = tmp_path / "run"
-    p = torchrun(data_dir, out, **{"train.micro_batch_size": 2, "dist.strategy": strategy})
+    launch = torchrun if strategy == "ddp" else forked_ranks  # (the launcher itself: once is enough)
+    p = launch(data_dir, out, **{"train.micro_batch_size": 2, "dist.strategy": strategy})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
     # only rank 0 writes: one metrics line per step and eval, one config, checkpoints as in 1 process
@@ -147,7 +205,7 @@ def test_two_ranks_evaluate_max_batches_of_the_global_batch(data_dir: Path, tmp_
     single = tmp_path / "single"
     pretrain(tiny_config(data_dir, single, **{**FLAGS, **flags}), progress=False)
     out = tmp_path / "two"
-    p = torchrun(data_dir, out, **{**flags, "train.micro_batch_size": 2})
+    p = forked_ranks(data_dir, out, **{**flags, "train.micro_batch_size": 2})
     assert p.returncode == 0, p.stderr[-3000:]
     want = val_metrics(single)
     assert want and all(tokens == 3 * 8 * FLAGS["model.max_seq_len"] for _, _, tokens in want)
@@ -160,14 +218,14 @@ def test_world_size_change_resumes(data_dir: Path, single: Path, tmp_path: Path)
     from lmforge.train.run import pretrain
 
     out = tmp_path / "two-then-one"
-    p = torchrun(data_dir, out, **{"train.micro_batch_size": 2, "train.max_steps": 3})
+    p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 2, "train.max_steps": 3})
     assert p.returncode == 0, p.stderr[-3000:]
     pretrain(tiny_config(data_dir, out, **FLAGS), progress=False)
     assert_same_run(out, single)
 
     out = tmp_path / "one-then-two"
     pretrain(tiny_config(data_dir, out, **{**FLAGS, "train.max_steps": 3}), progress=False)
-    p = torchrun(data_dir, out, **{"train.micro_batch_size": 4, "dist.strategy": "fsdp"})
+    p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 4, "dist.strategy": "fsdp"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
 
@@ -183,7 +241,7 @@ def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: P
 
 def test_muon_under_fsdp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
     # Muon orthogonalises whole matrices; FSDP2 hands each rank a shard, so the pair is refused up front
-    p = torchrun(data_dir, tmp_path / "run", **{"optim.name": "muon", "dist.strategy": "fsdp"})
+    p = forked_ranks(data_dir, tmp_path / "run", **{"optim.name": "muon", "dist.strategy": "fsdp"})
     assert p.returncode != 0
     assert "lmforge: error: optim.name muon orthogonalises whole weight matrices" in p.stderr
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
@@ -200,7 +258,7 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
 
     sharded = {"train.micro_batch_size": 2, "dist.strategy": "fsdp", "checkpoint.sharded": True}
     out = tmp_path / "sharded"
-    p = torchrun(data_dir, out, **sharded)
+    p = forked_ranks(data_dir, out, **sharded)
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
     step = out / "checkpoints" / f"step-{STEPS:06d}"
@@ -212,7 +270,7 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
     assert 0 < evaluate_checkpoint(out, split="val", max_batches=2)["loss"] < 10
 
     out = tmp_path / "two-sharded-then-one"  # world size 2 -> 1
-    p = torchrun(data_dir, out, **{**sharded, "train.max_steps": 3})
+    p = forked_ranks(data_dir, out, **{**sharded, "train.max_steps": 3})
     assert p.returncode == 0, p.stderr[-3000:]
     pretrain(tiny_config(data_dir, out, **FLAGS), progress=False)
     assert_same_run(out, single)
@@ -220,20 +278,20 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
     # Resumes under FSDP2 with meta init: each rank reads only its rows of each tensor, never the whole
     out = tmp_path / "one-sharded-then-two"  # 1 -> 2, from a 1-process sharded checkpoint (one shard)
     pretrain(tiny_config(data_dir, out, **{**FLAGS, "train.max_steps": 3, "checkpoint.sharded": True}), progress=False)
-    p = torchrun(data_dir, out, **sharded, **{"dist.meta_init": True})
+    p = forked_ranks(data_dir, out, **sharded, **{"dist.meta_init": True})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
 
     out = tmp_path / "two-sharded-then-two"  # 2 -> 2: each rank reads its own file
-    p = torchrun(data_dir, out, **{**sharded, "train.max_steps": 3})
+    p = forked_ranks(data_dir, out, **{**sharded, "train.max_steps": 3})
     assert p.returncode == 0, p.stderr[-3000:]
-    p = torchrun(data_dir, out, **sharded, **{"dist.meta_init": True})
+    p = forked_ranks(data_dir, out, **sharded, **{"dist.meta_init": True})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
 
 
 def test_sharded_checkpoints_under_ddp_are_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
-    p = torchrun(data_dir, tmp_path / "run", **{"checkpoint.sharded": True})  # strategy ddp
+    p = forked_ranks(data_dir, tmp_path / "run", **{"checkpoint.sharded": True})  # strategy ddp
     assert p.returncode != 0
     assert "lmforge: error: --checkpoint.sharded needs --dist.strategy fsdp" in p.stderr
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
@@ -241,7 +299,7 @@ def test_sharded_checkpoints_under_ddp_are_a_one_line_error(data_dir: Path, tmp_
 
 def test_meta_init_under_ddp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
     # before: DDP broadcast the meta-device weights, a "Tensor.item() cannot be called on meta tensors" traceback
-    p = torchrun(data_dir, tmp_path / "run", **{"dist.meta_init": True})  # strategy ddp
+    p = forked_ranks(data_dir, tmp_path / "run", **{"dist.meta_init": True})  # strategy ddp
     assert p.returncode != 0
     assert "lmforge: error: --dist.meta_init needs --dist.strategy fsdp" in p.stderr, p.stderr[-2000:]
     assert not re.search(r'File ".*[/\\]lmforge[/\\]', p.stderr), p.stderr
@@ -279,7 +337,7 @@ def test_sigkilled_two_rank_run_resumes_exactly(data_dir: Path, tmp_path: Path) 
     killed_at = latest_checkpoint(out)  # the `latest` pointer may not be written yet: that is allowed
     assert killed_at is not None and killed_at.name != f"step-{steps:06d}", "the run finished before the kill"
 
-    p = torchrun(data_dir, out, **{"train.micro_batch_size": 2, "train.max_steps": steps})
+    p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 2, "train.max_steps": steps})
     assert p.returncode == 0, p.stderr[-3000:]
     assert train_losses(out) == pytest.approx(train_losses(reference), rel=1e-5, abs=1e-6)
     got, want = weights(out, steps), weights(reference, steps)
@@ -299,7 +357,7 @@ def test_diloco_one_worker_at_outer_lr_1_is_plain_training(data_dir: Path, singl
 def test_diloco_two_workers_sync_rarely_and_learn(data_dir: Path, single: Path, tmp_path: Path) -> None:
     out = tmp_path / "diloco2"
     flags = {"train.micro_batch_size": 4, "dist.strategy": "diloco", "dist.sync_every": 3}
-    p = torchrun(data_dir, out, **flags)
+    p = forked_ranks(data_dir, out, **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sync every 3 steps" in p.stdout and "(3x less)" in p.stdout
     losses = train_losses(out)
@@ -345,7 +403,7 @@ def test_diloco_last_step_is_an_outer_sync(stop: dict, data_dir: Path, tmp_path:
     script.write_text(KEEP_RANK_WEIGHTS, encoding="utf-8")
     out = tmp_path / "run"
     flags = {"train.micro_batch_size": 4, "dist.strategy": "diloco", "dist.sync_every": 3, **stop}
-    p = torchrun(data_dir, out, entry=(str(script),), **flags)
+    p = forked_ranks(data_dir, out, entry=(str(script),), **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     last = 5 if "train.max_steps" in stop else 2
     assert len(train_losses(out)) == last
@@ -445,7 +503,7 @@ def test_fsdp_with_meta_init_trains_and_its_checkpoint_loads_in_one_process(data
     from lmforge.eval.lm import evaluate_checkpoint
 
     out = tmp_path / "fsdp-meta"
-    p = torchrun(data_dir, out, **{"train.micro_batch_size": 2, "dist.strategy": "fsdp", "dist.meta_init": True})
+    p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 2, "dist.strategy": "fsdp", "dist.meta_init": True})
     assert p.returncode == 0, p.stderr[-3000:]
     losses = train_losses(out)
     assert len(losses) == STEPS and losses[-1] < losses[0]
@@ -642,7 +700,7 @@ DILOCO_RESUME = {  # 2 workers with outer momentum and dropout, stopped between 
 def diloco_straight(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The DILOCO_RESUME run, straight through (checkpoints at steps 3, 6 and 8)."""
     out = tmp_path_factory.mktemp("diloco") / "straight"
-    p = torchrun(data_dir, out, **DILOCO_RESUME)
+    p = forked_ranks(data_dir, out, **DILOCO_RESUME)
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -660,7 +718,7 @@ def test_diloco_resume_is_exact(
     script.write_text(SIGINT_AFTER_STEP, encoding="utf-8")
     out = tmp_path / "interrupted"
     monkeypatch.setenv("SIGINT_AFTER", "4")
-    p = torchrun(data_dir, out, entry=(str(script),), **flags)
+    p = forked_ranks(data_dir, out, entry=(str(script),), **flags)
     assert p.returncode != 0 and "interrupted at step 5" in p.stderr, p.stderr[-3000:]
     ckpt = load_checkpoint(out)
     assert ckpt.meta["step"] == 5  # between the syncs at 3 and 6: the workers' weights differ
@@ -670,14 +728,14 @@ def test_diloco_resume_is_exact(
     one_worker = tmp_path / "one-worker"
     shutil.copytree(out, one_worker)
 
-    p = torchrun(data_dir, out, **flags)
+    p = forked_ranks(data_dir, out, **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     assert train_losses(out) == train_losses(straight)
     got, want = weights(out, steps), weights(straight, steps)
     for name in want:
         assert torch.equal(got[name], want[name]), (name, (got[name] - want[name]).abs().max())
 
-    p = torchrun(data_dir, one_worker, nproc=1, **flags)
+    p = forked_ranks(data_dir, one_worker, nproc=1, **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (
         "note: step-000005 holds 2 DiLoCo workers' states and this run has 1: each worker resumes from worker 0's "
@@ -713,7 +771,7 @@ def test_diloco_time_budget_stop_resumes_exactly(data_dir: Path, diloco_straight
     script = tmp_path / "budget_in_steps.py"
     script.write_text(BUDGET_IN_STEPS, encoding="utf-8")
     out = tmp_path / "run"
-    p = torchrun(data_dir, out, entry=(str(script),), **{**DILOCO_RESUME, "train.time_budget": 3.5})
+    p = forked_ranks(data_dir, out, entry=(str(script),), **{**DILOCO_RESUME, "train.time_budget": 3.5})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stopping at step 5 of 8: the time budget of 3.5 s" in p.stdout, p.stdout[-3000:]
     assert "(5x less)" in p.stdout  # 1 sync (step 3) in 5 steps: none at the stop
@@ -724,7 +782,7 @@ def test_diloco_time_budget_stop_resumes_exactly(data_dir: Path, diloco_straight
     assert any(not torch.equal(worker0[n], worker1[n]) for n in worker0)  # unsynced: each worker's own
     assert all(torch.equal(t, worker0[n]) for n, t in load_checkpoint(out, verify="weights").model_state().items())
 
-    p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.time_budget": 1000.0})
+    p = forked_ranks(data_dir, out, **{**DILOCO_RESUME, "train.time_budget": 1000.0})
     assert p.returncode == 0, p.stderr[-3000:]
     assert train_losses(out) == train_losses(diloco_straight)
     got, want = weights(out, DILOCO_STEPS), weights(diloco_straight, DILOCO_STEPS)
@@ -756,7 +814,7 @@ def test_diloco_worker_whose_weights_do_not_fit_is_named(data_dir: Path, diloco_
     }
     meta["state_sha256"] = state_sha256(meta)  # a forged, consistent state.json: only the weights do not fit
     (ckpt / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    p = torchrun(data_dir, out, **{**DILOCO_RESUME, "train.max_steps": 10})
+    p = forked_ranks(data_dir, out, **{**DILOCO_RESUME, "train.max_steps": 10})
     assert p.returncode != 0
     # (rank 0, whose weights load, is stopped by torchrun, or finds its peer gone: its line names no file)
     errors = [line for line in p.stderr.splitlines() if line.startswith(f"lmforge: error: {damaged} ")]
@@ -835,7 +893,7 @@ def test_diloco_workers_skip_and_roll_back_together(data_dir: Path, tmp_path: Pa
     # micro-batch 4 of a global batch 8 on 2 ranks: one loss call per step, so calls 3 and 4 are steps 4 and 5
     flags = {"train.micro_batch_size": 4, "dist.strategy": "diloco", "dist.sync_every": 2}
     flags |= {"train.rollback_after": 2, "dist.timeout_s": 60}
-    p = torchrun(data_dir, out, entry=(str(script), "3,4"), **flags)
+    p = forked_ranks(data_dir, out, entry=(str(script), "3,4"), **flags)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "non-finite steps in a row at step 5; rolled back to step 3" in p.stdout + p.stderr
     assert "(1.5x less)" in p.stdout, p.stdout[-2000:]  # 4 syncs in 6 steps: 2, 4, 4 again after the rollback, 6

@@ -10,9 +10,7 @@ final weights of 1 process with the whole batch of 8.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,7 @@ import torch
 
 from lmforge.checkpoint import load_checkpoint
 from lmforge.config import load_config
-from tests.conftest import REPO
-from tests.test_dist import free_port
+from tests.test_dist import launch_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -60,14 +57,12 @@ def one_process(data_dir: Path, out: Path, objective: str) -> None:
 
 
 def two_ranks(data_dir: Path, out: Path, objective: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}", "-m", "lmforge", "pretrain", f"--preset={PRESET[objective]}",
-        f"--data={data_dir}", f"--out={out}", f"--objective={objective}", "--train.micro_batch_size=2",
-        *(f"--{k}={v}" for k, v in FLAGS.items()), *extra,
+    """`torchrun --nproc-per-node 2 -m lmforge pretrain ...`, its ranks forked from a test zygote."""
+    args = [
+        "pretrain", f"--preset={PRESET[objective]}", f"--data={data_dir}", f"--out={out}",
+        f"--objective={objective}", "--train.micro_batch_size=2", *(f"--{k}={v}" for k, v in FLAGS.items()), *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    return launch_ranks(args)
 
 
 def assert_same_run(run: Path, reference: Path) -> None:

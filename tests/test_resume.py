@@ -3,11 +3,8 @@ straight run; SIGINT saves and exits 130; SIGKILL at any moment leaves a loadabl
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +13,7 @@ from safetensors.torch import load_file
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint
 from lmforge.log import read_metrics
 from lmforge.train.run import pretrain
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import run_cli, start_cli, tiny_config
 
 # Numbers that depend on the run's history, not on wall-clock.
 DETERMINISTIC = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "val_bpb", "val_ppl")
@@ -91,17 +88,6 @@ def _pretrain_args(data_dir, out, steps, every):
     ]  # fmt: skip
 
 
-def _start(args):
-    return subprocess.Popen(
-        [sys.executable, "-m", "lmforge", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 def _wait_for_steps(run, n, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -112,15 +98,23 @@ def _wait_for_steps(run, n, proc, timeout=120):
         time.sleep(0.05)
 
 
+SIGNAL_STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """The run the signal tests interrupt, straight through."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    assert run_cli(*_pretrain_args(data_dir, straight, SIGNAL_STEPS, 80), "--quiet").returncode == 0
+    return straight
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_path, signum):
-    """Three processes (~20 s): a straight run, an interrupted one, and its resumption."""
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    steps = 200
-    assert run_cli(*_pretrain_args(data_dir, straight, steps, 80), "--quiet").returncode == 0
-
-    proc = _start(_pretrain_args(data_dir, interrupted, steps, 80))
+def test_signal_saves_exits_130_and_resume_matches_straight_run(data_dir, straight_run, tmp_path, signum):
+    """An interrupted run and its resumption (two processes) end as the straight run does."""
+    interrupted, steps = tmp_path / "interrupted", SIGNAL_STEPS
+    proc = start_cli(*_pretrain_args(data_dir, interrupted, steps, 80))
     _wait_for_steps(interrupted, 20, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -131,7 +125,7 @@ def test_signal_saves_exits_130_and_resume_matches_straight_run(data_dir, tmp_pa
 
     resumed = run_cli(*_pretrain_args(data_dir, interrupted, steps, 80), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_same_run(straight, interrupted)
+    _assert_same_run(straight_run, interrupted)
 
 
 @pytest.mark.slow
@@ -139,7 +133,7 @@ def test_sigkill_leaves_a_loadable_checkpoint(data_dir, tmp_path):
     """Checkpoint every step and SIGKILL at an arbitrary moment, several times (~15 s)."""
     run = tmp_path / "run"
     for target in (5, 12, 20):
-        proc = _start(_pretrain_args(data_dir, run, 100000, 1))
+        proc = start_cli(*_pretrain_args(data_dir, run, 100000, 1))
         _wait_for_steps(run, target, proc)
         time.sleep(0.01 * target)  # land somewhere inside a step or a save
         proc.kill()

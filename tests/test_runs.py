@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import pick_precision
 from lmforge.train.run import pretrain
 from lmforge.train.state import TrainState
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, run_cli, start_cli, tiny_config
 
 
 def _start(data_dir, run, checkpoint_every=1000):
@@ -36,8 +35,7 @@ def _start(data_dir, run, checkpoint_every=1000):
         "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "100000",
         "--train.log_every", "1", "--eval.every", "0", "--checkpoint.every", str(checkpoint_every), "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    return start_cli(*args)
 
 
 def _wait_for_steps(run, n, proc, timeout=60):
@@ -319,8 +317,7 @@ def _start_finetune(base, run):
         "--out", str(run), "--train.batch_size", "4", "--train.max_steps", "100000", "--train.log_every", "1",
         "--eval.every", "0", "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    return start_cli(*args)
 
 
 @pytest.mark.slow
@@ -362,7 +359,7 @@ def test_finetuned_runs_show_their_own_settings_and_status(tmp_path):
         _wait_for_steps(run, 3, proc)
         assert run_status(run) == "running"
         proc.send_signal(sig)
-        assert proc.wait(timeout=60) == code, proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.wait(timeout=60) == code, proc.communicate()[1]
         assert run_status(run) == after
     rows = {r.name: r for r in list_runs(root)}
     assert {k: (r.status, r.max_steps) for k, r in rows.items()} == {
