@@ -4,7 +4,8 @@ For each preset (random tokens, a 4096-token vocabulary for presets that do not 
 fp32 on CPU by default) one child process:
 1. predicts with `estimate(cfg, tokens=batch * seq_len, hardware=PEAK)`, train.device cpu: step time from
    the matmul peak measured in that process (`measure_matmul_flops`, best of 1-second runs before and
-   after the timed loop) and the default CPU MFU (0.45), memory from the formula;
+   after the timed loop) and the default CPU MFU (0.45, scaled by d_model / 128 below 128 wide), memory
+   from the formula;
 2. times the real loop (`lmforge.train.loop.train`) after warm-up steps, as bench/train_speed.py does,
    in 3 chunks, and keeps the fastest chunk ("spread" = slowest / fastest - 1, a noise indicator);
 3. measures peak memory two ways:

@@ -110,6 +110,10 @@ PEAK_FLOPS = {
 # 2-vCPU AVX-512 VM (quickstart 40-52%, tiny 22-29%: tiny models are overhead-bound, see
 # bench/estimate_vs_measured.py).
 DEFAULT_MFU = {"cpu": 0.45, "cuda": 0.4}
+# On CPU a narrower model reaches less of the peak (its matmuls are small, and norms, the optimizer and
+# Python take a larger share): the CPU default is scaled by d_model / 128 below this width (tiny, 64 wide:
+# 0.225 for the 17-29% measured; quickstart, 128 wide: 40-52%; small, 384 wide: 49%).
+CPU_FULL_MFU_WIDTH = 128
 # Assumed on-demand prices in USD per device-hour (2024-25 cloud list prices vary 2x; pass your own).
 PRICE_PER_HOUR = {"a100": 1.8, "h100": 2.5, "cpu": 0.05}
 
@@ -512,10 +516,16 @@ def estimate(
 
     if mfu == 0.0:
         mfu = hw["default_mfu"]
+        narrow = hw["device"] == "cpu" and model.d_model < CPU_FULL_MFU_WIDTH
+        if narrow:
+            mfu *= model.d_model / CPU_FULL_MFU_WIDTH
         assumptions.append(
             f"MFU {mfu:.2f}: default for {hw['device']} "
             + (
-                "(measured by bench/train_speed.py on 2 CPU cores)"
+                f"(measured by bench/train_speed.py on 2 CPU cores; scaled by d_model {model.d_model}/"
+                f"{CPU_FULL_MFU_WIDTH}: narrow models are overhead-bound, the tiny preset measured 17-29%)"
+                if narrow
+                else "(measured by bench/train_speed.py on 2 CPU cores)"
                 if hw["device"] == "cpu"
                 else "(measured: GPT-2 124M on one H100 with --train.compile true; eager 0.27)"
             )

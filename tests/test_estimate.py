@@ -307,8 +307,13 @@ def test_cpu_hardware_measures_the_peak_at_the_train_dtype() -> None:
     result = estimate(run_cfg(), tokens=10**6, hardware="cpu")
     assert result["dtype"] == "float32" and result["device"] == "cpu"
     assert result["peak_flops"] == measure_matmul_flops("cpu", torch.float32)  # cached: the same measurement
-    assert result["mfu"] == 0.45 and result["cost_usd"] == pytest.approx(result["time_s"] / 3600 * 0.05)
-    assert estimate(run_cfg(train={"device": "cpu"}), tokens=1, hardware="150")["mfu"] == 0.45
+    assert result["mfu"] == 0.45 * 64 / 128  # tiny is 64 wide: the CPU default scaled by d_model / 128
+    assert result["cost_usd"] == pytest.approx(result["time_s"] / 3600 * 0.05)
+    assert any("scaled by d_model 64/128" in a for a in result["assumptions"])
+    assert estimate(run_cfg(train={"device": "cpu"}), tokens=1, hardware="150")["mfu"] == 0.45 * 64 / 128
+    for width in (128, 384):  # quickstart's and small's width: the measured 0.45
+        assert estimate(run_cfg({"d_model": width}), tokens=1, hardware="cpu")["mfu"] == 0.45
+    assert estimate(run_cfg(), tokens=1, hardware="h100")["mfu"] == 0.4  # GPUs are not scaled
 
 
 def test_vocab_zero_is_assumed_and_said() -> None:
