@@ -59,6 +59,19 @@ def test_round_trip(request: pytest.FixtureRequest, kind: str, text: str) -> Non
     assert tok.eos_id not in ids  # the literal "<|endoftext|>" in text is text, not the special id
 
 
+def test_unigram_reads_special_and_byte_piece_strings_as_text() -> None:
+    """Its model matched "<|endoftext|>" in a document as the EOS piece (a document boundary in the shards),
+    "<|user|>" as the chat-role id and "<0x41>" as the byte piece of "A"."""
+    tok = train_unigram(iter(corpus() + ["<tag> [note] x<y"] * 3), 400)
+    text = "a<|endoftext|>b <|user|> [UNK] <0x41> <|pad|>"
+    ids = tok.encode(text)
+    assert min(ids) > len(EXTRA_SPECIALS) + 1  # no special or [UNK] id (byte pieces: "|" is unseen)
+    assert tok.decode(ids) == text
+    assert (
+        tok.decode(tok.encode("  x <tag> [note] x<y 满纸")) == " x <tag> [note] x<y 满纸"
+    )  # Metaspace's one lost space
+
+
 def test_bpe_basics(bpe: Tokenizer) -> None:
     assert bpe.vocab_size == 300
     assert bpe.eos_id == 0

@@ -20,7 +20,8 @@ Key design decisions:
   Unknown characters become `[UNK]`; decoding joins pieces with spaces, so it does not round-trip
   text exactly (it is meant for encoders).
 - Unigram (`train_unigram`): the SentencePiece algorithm (Kudo 2018, https://arxiv.org/abs/1804.10959)
-  with the Metaspace pre-tokenizer ("▁" marks a word start) and `byte_fallback`, so every character
+  with the Metaspace pre-tokenizer ("▁" marks a word start; "<" and "[" are words of their own, so no text
+  matches a special or byte piece) and `byte_fallback`, so every character
   encodes (unseen ones as <0xNN> byte pieces) and decode(encode(text)) == text up to whitespace runs.
 - Normalization (`with_nfkc`): `prepare --normalize NFKC` rewrites the training text (full-width ，：！ become
   ASCII , : !), so the tokenizer it trains gets an NFKC normalizer in front of its own: text encoded
@@ -41,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import ConfigError
@@ -176,7 +177,7 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
             f"Unigram vocab_size must be >= {len(fixed) + 16} (specials + 256 bytes + pieces), got {vocab_size}"
         )
     hf = HFTokenizer(models.Unigram())
-    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.pre_tokenizer = _unigram_pre_tokenizer()
     # "▁" -> " " per piece (the first piece loses its prepended space), then bytes -> characters, join
     hf.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.UnigramTrainer(
@@ -190,7 +191,7 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
     words: set[str] = set()  # the trainer's distinct words and their adjacent character pairs, kept only
     pairs: set[str] = set()  # until one pair repeats (at once in any real text), see `too_small`
     repeats = False
-    words_of = pre_tokenizers.Metaspace().pre_tokenize_str  # not hf's own: the trainer holds its lock while reading
+    words_of = _unigram_pre_tokenizer().pre_tokenize_str  # not hf's own: the trainer holds its lock while reading
 
     def counted(texts: Iterable[str]) -> Iterable[str]:
         nonlocal repeats
@@ -244,6 +245,19 @@ def train_unigram(texts: Iterable[str], vocab_size: int, *, show_progress: bool 
     config["model"]["vocab"] = vocab[: len(fixed)] + _canonical_pieces(vocab[len(fixed) :])
     config["added_tokens"] = [t for t in config["added_tokens"] if not t["content"].startswith("<0x")]
     return Tokenizer(HFTokenizer.from_str(json.dumps(config, ensure_ascii=False)))
+
+
+def _unigram_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Metaspace ("▁" before each word), then every "<" and "[" as a word of its own.
+
+    The Unigram model matches text against all of its pieces, the specials and byte pieces included
+    (score 0, the best there is), so a document holding "<|endoftext|>" got the EOS id in the middle of
+    its tokens (a document boundary in the shards), "<|user|>" the chat-role id, and "<0x41>" the byte
+    piece of "A" (decoded as "A"). Every such piece starts with "<" or "[", which now never begins a
+    longer word, so no piece of the text can be one of them."""
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(r"[<\[]"), behavior="isolated")]
+    )
 
 
 def _canonical_pieces(pieces: list[list[Any]]) -> list[list[Any]]:
