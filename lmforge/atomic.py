@@ -120,13 +120,14 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
 
 
 def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = False) -> None:
-    """`out` may not be, contain or (unless `out_may_sit_inside`) sit inside the directory being read.
+    """`out` may not be, contain or (unless `out_may_sit_inside`) sit inside the directory (or file) being read.
 
     Replacing `out` (--overwrite) deletes everything under it, and writing inside the source changes
     what is read: either way the source could be lost."""
     out, source = Path(out).resolve(), Path(source).resolve()
     if out == source or out in source.parents or (source in out.parents and not out_may_sit_inside):
-        raise LmforgeError(f"--out {out} overlaps the directory being read ({source}); choose another --out")
+        what = "the file" if source.is_file() else "the directory"  # (`prepare a.txt --out a.txt`)
+        raise LmforgeError(f"--out {out} overlaps {what} being read ({source}); choose another --out")
 
 
 def _make_marked_dir(out: Path, kind: str) -> Path:

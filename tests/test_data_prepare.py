@@ -493,10 +493,13 @@ def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
     run(tmp_path, [tmp_path / "a.txt"])
     extra = write(tmp_path / "out" / "extra.txt", "more text\n\nand more")
-    for inputs in ([extra], [tmp_path / "out"]):
-        with pytest.raises(LmforgeError, match="overlaps the directory being read"):
+    for inputs, what in (([extra], "file"), ([tmp_path / "out"], "directory")):
+        with pytest.raises(LmforgeError, match=f"overlaps the {what} being read"):
             run(tmp_path, inputs, overwrite=True)
     assert extra.is_file()
+    with pytest.raises(LmforgeError, match="overlaps the file being read"):  # (it said "the directory")
+        run(tmp_path, [tmp_path / "a.txt"], out="a.txt", overwrite=True)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "hello there\n\ngeneral kenobi"
     write(tmp_path / "texts" / "b.txt", "hello there\n\ngeneral kenobi")
     run(tmp_path, [tmp_path / "texts"], out="texts/prepared")  # --out inside an input folder is fine
     with pytest.raises(LmforgeError, match="overlaps the directory being read"):  # merging into a part
