@@ -401,10 +401,16 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE)  # next to config.json: a run (is_run_dir)
+
+
 def is_run_dir(path: Path) -> bool:
-    """A folder with config.json and either metrics.jsonl or checkpoints/ is a run."""
+    """A folder with config.json and metrics.jsonl, checkpoints/ or status.json is a run.
+
+    status.json counts: a run in its first `log_every` steps (minutes, for a big model on a CPU) has no
+    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run"."""
     path = Path(path)
-    return (path / "config.json").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
+    return (path / "config.json").is_file() and any((path / name).exists() for name in RUN_FILES)
 
 
 def find_runs(root: Path, *, max_depth: int = 3) -> list[Path]:

@@ -254,6 +254,27 @@ def test_watch_follows_a_live_run(data_dir, tmp_path):
     assert page.rows("summary")[0]["steps"][0] == "200/200"
 
 
+def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
+    """What `pretrain` has written before its first `log_every` steps (config.json, status.json running, no
+    metrics.jsonl): `report --watch` refused it as "not an lmforge run directory" and `lmforge runs` left it out;
+    it is a live, empty row."""
+    from lmforge.atomic import write_json
+    from lmforge.runs import find_runs, mark_running
+
+    run, out = tmp_path / "starting", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)  # this process: alive, so the run is running
+    assert find_runs(tmp_path) == [run]  # `lmforge runs`
+    assert watch([run], out, every_s=2, max_renders=1, echo=False) == 1
+    page = Page(out.read_text(encoding="utf-8"))
+    assert page.refresh == "2"
+    assert page.rows("summary")[0]["status"][0] == "running"
+    assert page.rows("summary")[0]["steps"][0] == "0/12"
+    with pytest.raises(CheckpointError, match="nothing to report until the run logs a step"):  # (not --watch)
+        render_report([run], tmp_path / "report.html")
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")
 def test_report_in_headless_chromium(two_runs, tmp_path):
     out = render_report(list(two_runs), tmp_path / "report.html")
