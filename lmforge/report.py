@@ -301,6 +301,8 @@ def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
         return (str(value), value)
     if isinstance(value, int):  # counts (val_tokens, val_bytes, ...) read best with separators
         return (f"{value:,}", value)
+    if abs(value) >= 1e9 and value != float("inf"):  # a diverged run's perplexity (up to e^700) in 4 digits,
+        return (f"{value:.4g}", value)  # not "10142320547350044927...480.00", 300 characters in one cell
     return (fmt.format(value), value)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -171,6 +172,22 @@ def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_
     header, rows = eval_table(load_runs([run]))
     step, tokens = header.index("step"), header.index("tokens")
     assert {row[step][1]: row[tokens][1] for row in rows} == {4: 4 * per_step, 8: 8 * per_step, 12: 12 * per_step}
+
+
+def test_a_diverged_runs_huge_numbers_fit_their_cells(two_runs, tmp_path):
+    """A diverged run's val_ppl (capped at e^700 = 1.01e304) filled its table cell with 307 digits."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    records = read_metrics(run / "metrics.jsonl")
+    last = next(r for r in reversed(records) if "val_loss" in r)
+    last.update(val_loss=38552532648.0, val_ppl=math.exp(700.0))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    header, rows = eval_table(load_runs([run]))
+    text, value = rows[-1][header.index("val_ppl")]
+    assert (text, value) == ("1.014e+304", math.exp(700.0))  # the exact value stays in data-value
+    assert rows[-1][header.index("val_loss")][0] == "3.855e+10"
+    first = next(r for r in records if "val_ppl" in r)["val_ppl"]
+    assert rows[0][header.index("val_ppl")][0] == f"{first:.2f}"  # ordinary numbers as before
 
 
 def test_bad_input_is_one_line_error(two_runs, tmp_path):
