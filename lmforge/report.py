@@ -661,7 +661,7 @@ def render_report(
     kind = _resolve_format(out, fmt)
     runs = load_runs(list(run_dirs), allow_empty=allow_empty)
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / 'report.html'}")
+        raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
     _refuse_run_file(out, [run.path for run in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)

@@ -10,6 +10,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,13 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     ok = run_cli("report", *map(str, two_runs), "--out", str(tmp_path / "cli.md"))
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
+
+
+def test_an_out_folder_gets_a_file_name_of_the_format_asked_for(two_runs, tmp_path):
+    """`--out DIR --format md` suggested DIR/report.html, which would then write HTML."""
+    for fmt, name in (("md", "report.md"), ("html", "report.html"), ("auto", "report.html")):
+        with pytest.raises(ConfigError, match=re.escape(f"such as {tmp_path / name}") + "$"):
+            render_report([two_runs[0]], tmp_path, fmt=fmt)
 
 
 def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_runs, tmp_path):
