@@ -458,6 +458,7 @@ def _finetune(
     from lmforge.dist import require_one_process
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
+    from lmforge.trackers import check_packages
     from lmforge.train.loop import nothing_left, train
     from lmforge.train.optim import build_optimizer
     from lmforge.train.precision import keep_freed_memory, pick_device, pick_precision
@@ -496,6 +497,7 @@ def _finetune(
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device, "--train.device")
     precision = pick_precision(device, train_cfg.dtype, train_cfg.attention)
+    check_packages(log_cfg)  # --log.wandb without wandb: before the claim, and before --overwrite deletes anything
     keep_freed_memory(device)  # as pretrain: CPU steps reuse their buffers instead of page-faulting them in
 
     # no other process fine-tunes this folder (checked before --overwrite deletes it); a run that fails before

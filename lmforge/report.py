@@ -301,6 +301,8 @@ def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
         return (str(value), value)
     if isinstance(value, int):  # counts (val_tokens, val_bytes, ...) read best with separators
         return (f"{value:,}", value)
+    if abs(value) >= 1e9 and value != float("inf"):  # a diverged run's perplexity (up to e^700) in 4 digits,
+        return (f"{value:.4g}", value)  # not "10142320547350044927...480.00", 300 characters in one cell
     return (fmt.format(value), value)
 
 
@@ -659,7 +661,7 @@ def render_report(
     kind = _resolve_format(out, fmt)
     runs = load_runs(list(run_dirs), allow_empty=allow_empty)
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / 'report.html'}")
+        raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
     _refuse_run_file(out, [run.path for run in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)

@@ -401,10 +401,16 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE)  # next to config.json: a run (is_run_dir)
+
+
 def is_run_dir(path: Path) -> bool:
-    """A folder with config.json and either metrics.jsonl or checkpoints/ is a run."""
+    """A folder with config.json and metrics.jsonl, checkpoints/ or status.json is a run.
+
+    status.json counts: a run in its first `log_every` steps (minutes, for a big model on a CPU) has no
+    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run"."""
     path = Path(path)
-    return (path / "config.json").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
+    return (path / "config.json").is_file() and any((path / name).exists() for name in RUN_FILES)
 
 
 def find_runs(root: Path, *, max_depth: int = 3) -> list[Path]:
@@ -449,7 +455,9 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     config = run_config(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")  # only objects with a numeric step and numeric values
     train = [r for r in records if "loss" in r]
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    vals = [
+        r["val_loss"] for r in records if "val_loss" in r and math.isfinite(r["val_loss"])
+    ]  # min() kept a NaN first
     ckpt = _latest_checkpoint(run_dir)
     meta = _read_json(ckpt / "state.json") if ckpt else {}
     state = _section(meta, "train_state")

@@ -4,7 +4,8 @@ Off by default and never required: `--log.tensorboard`, `--log.wandb`, `--log.ml
 fed by `RunLogger.metrics`, i.e. exactly the records written to `metrics.jsonl`, so the numbers are
 the same everywhere: numbers become scalars under their metrics.jsonl key (`loss`, `val_bpb`, ...;
 booleans as 0/1), the eval sample becomes text. The package is imported when the tracker opens; a
-missing one is a one-line `ConfigError` with the install command, raised before training starts.
+missing one is a one-line `ConfigError` with the install command, raised by `check_packages` before the
+run folder changes (it used to come when the trackers opened, after `--overwrite` had deleted the old run).
 
 - TensorBoard: event files in `RUN_DIR/tensorboard/`. On resume the writer purges events after the
   checkpoint's step (`purge_step`), so the curves match `metrics.jsonl`, which is truncated too.
@@ -16,6 +17,7 @@ missing one is a one-line `ConfigError` with the install command, raised before 
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -39,6 +41,21 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def _missing(flag: str, package: str) -> ConfigError:
     return ConfigError(f"--log.{flag} needs the {package} package: pip install {package} (or drop --log.{flag})")
+
+
+# the module each tracker imports when it opens, by its --log flag (and the pip package that provides it)
+TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow.tracking"}
+
+
+def check_packages(cfg: LogConfig) -> None:
+    """Raise the one-line install hint for a tracker whose package is missing. Call it before the run folder
+    is claimed or changed: a flag problem must leave an existing run (and `--overwrite`'s old one) as it was."""
+    for flag, module in TRACKER_MODULES.items():
+        if getattr(cfg, flag):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise _missing(flag, flag) from None
 
 
 class TensorBoardTracker:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +175,22 @@ def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_
     assert {row[step][1]: row[tokens][1] for row in rows} == {4: 4 * per_step, 8: 8 * per_step, 12: 12 * per_step}
 
 
+def test_a_diverged_runs_huge_numbers_fit_their_cells(two_runs, tmp_path):
+    """A diverged run's val_ppl (capped at e^700 = 1.01e304) filled its table cell with 307 digits."""
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[0], run)
+    records = read_metrics(run / "metrics.jsonl")
+    last = next(r for r in reversed(records) if "val_loss" in r)
+    last.update(val_loss=38552532648.0, val_ppl=math.exp(700.0))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    header, rows = eval_table(load_runs([run]))
+    text, value = rows[-1][header.index("val_ppl")]
+    assert (text, value) == ("1.014e+304", math.exp(700.0))  # the exact value stays in data-value
+    assert rows[-1][header.index("val_loss")][0] == "3.855e+10"
+    first = next(r for r in records if "val_ppl" in r)["val_ppl"]
+    assert rows[0][header.index("val_ppl")][0] == f"{first:.2f}"  # ordinary numbers as before
+
+
 def test_bad_input_is_one_line_error(two_runs, tmp_path):
     result = run_cli("report", str(two_runs[0]), str(tmp_path / "missing"), "--out", str(tmp_path / "r.html"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -192,6 +210,13 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     ok = run_cli("report", *map(str, two_runs), "--out", str(tmp_path / "cli.md"))
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
+
+
+def test_an_out_folder_gets_a_file_name_of_the_format_asked_for(two_runs, tmp_path):
+    """`--out DIR --format md` suggested DIR/report.html, which would then write HTML."""
+    for fmt, name in (("md", "report.md"), ("html", "report.html"), ("auto", "report.html")):
+        with pytest.raises(ConfigError, match=re.escape(f"such as {tmp_path / name}") + "$"):
+            render_report([two_runs[0]], tmp_path, fmt=fmt)
 
 
 def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_runs, tmp_path):
@@ -252,6 +277,27 @@ def test_watch_follows_a_live_run(data_dir, tmp_path):
     assert renders >= 1 and page.refresh is None
     assert page.rows("summary")[0]["status"][0] == "finished"
     assert page.rows("summary")[0]["steps"][0] == "200/200"
+
+
+def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
+    """What `pretrain` has written before its first `log_every` steps (config.json, status.json running, no
+    metrics.jsonl): `report --watch` refused it as "not an lmforge run directory" and `lmforge runs` left it out;
+    it is a live, empty row."""
+    from lmforge.atomic import write_json
+    from lmforge.runs import find_runs, mark_running
+
+    run, out = tmp_path / "starting", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)  # this process: alive, so the run is running
+    assert find_runs(tmp_path) == [run]  # `lmforge runs`
+    assert watch([run], out, every_s=2, max_renders=1, echo=False) == 1
+    page = Page(out.read_text(encoding="utf-8"))
+    assert page.refresh == "2"
+    assert page.rows("summary")[0]["status"][0] == "running"
+    assert page.rows("summary")[0]["steps"][0] == "0/12"
+    with pytest.raises(CheckpointError, match="nothing to report until the run logs a step"):  # (not --watch)
+        render_report([run], tmp_path / "report.html")
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")

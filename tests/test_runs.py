@@ -167,6 +167,18 @@ def test_runs_table_lines_up_with_chinese_run_names():
     assert starts == {display_width(lines[0][: lines[0].index("preset")])}
 
 
+def test_a_nan_val_loss_is_not_the_best(tmp_path):
+    """`lmforge runs` and the report's "best val loss" showed NaN when the first evaluation was NaN (min keeps it)."""
+    from lmforge.runs import summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"preset": "tiny", "train": {"max_steps": 4}}', encoding="utf-8")
+    records = [{"step": 2, "val_loss": float("nan")}, {"step": 4, "val_loss": 3.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert summarize(run).best_val_loss == 3.5
+
+
 def test_runs_bad_dir_is_one_line_error(tmp_path):
     result = run_cli("runs", str(tmp_path / "nope"))
     assert result.returncode == 2 and "is not a folder" in result.stderr

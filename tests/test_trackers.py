@@ -152,3 +152,24 @@ def test_wandb_offline_run_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, m
     assert len(values) >= 8
     for key, value in values:
         assert json.dumps(value).encode() in data, (key, value)
+
+
+def test_missing_tracker_package_leaves_the_run_folder_as_it_was(data_dir, tmp_path):
+    """The package check comes before the run folder changes: `--overwrite --log.wandb` without wandb deleted the
+    old run (checkpoints, metrics) and left config.json/env.json stubs; a new --out was left behind half-made."""
+    flag = next((f for f in ("wandb", "mlflow") if importlib.util.find_spec(f) is None), None)
+    if flag is None:
+        pytest.skip("wandb and mlflow are both installed here")
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 1, "eval.max_batches": 1}), progress=False)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=f"pip install {flag}"):
+        pretrain(tiny_config(data_dir, run, **{f"log.{flag}": True}), overwrite=True, progress=False)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+
+    new = tmp_path / "new"
+    with pytest.raises(ConfigError, match=f"pip install {flag}"):
+        pretrain(tiny_config(data_dir, new, **{f"log.{flag}": True}), progress=False)
+    assert not new.exists()

@@ -238,6 +238,31 @@ def test_early_stopping(data_dir, tmp_path):
     assert again.step == 6 and load_checkpoint(tmp_path / "run").meta["step"] == 6
 
 
+def test_a_nan_evaluation_is_not_the_best_and_does_not_end_patience():
+    """A first val loss of NaN became the best: no later loss compares below NaN, so the best stayed NaN and
+    early stopping fired while the loss fell."""
+    model = _model()
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, warmup_steps=0, log_every=10, early_stop_patience=2)
+    optim_cfg = OptimConfig()
+    losses = iter([float("nan"), 5.0, 4.0, 3.0])
+    state = train(
+        model,
+        build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu")),
+        iter([_random_batches(2, seed=i) for i in range(4)]),
+        cfg=cfg,
+        optim_cfg=optim_cfg,
+        eval_cfg=EvalConfig(every=1),
+        ckpt_cfg=CheckpointConfig(every=0),
+        precision=pick_precision(torch.device("cpu"), "float32"),
+        state=TrainState(),
+        log=RunLogger(None, max_steps=4, start_step=0, console=False, enabled=False),
+        save=lambda st: None,
+        evaluate=lambda: {"loss": next(losses)},
+    )
+    assert state.stop_reason == "max_steps" and state.step == 4
+    assert (state.best_val_loss, state.best_step, state.evals_since_best) == (3.0, 4, 0)
+
+
 def test_time_budget_stops_and_saves(data_dir, tmp_path):
     cfg = tiny_config(
         data_dir, tmp_path / "run", **{"train.max_steps": 100000, "train.time_budget": 1.0, "train.log_every": 1000}

@@ -158,8 +158,9 @@ def input_bytes(path: Path) -> int:
 
 def _lmforge_output(folder: Path) -> bool:
     """A folder lmforge wrote: prepared data (manifest.json + tokenizer.json), a run (config.json +
-    checkpoints/ or metrics.jsonl) or a model export (config.json + model.safetensors). Found inside an
-    input folder, its card.md, metrics.jsonl or config.json would otherwise be read as text."""
+    checkpoints/, metrics.jsonl or status.json: `runs.is_run_dir`) or a model export (config.json +
+    model.safetensors). Found inside an input folder, its card.md, metrics.jsonl or config.json would
+    otherwise be read as text."""
     from lmforge.runs import is_run_dir
 
     has = lambda name: (folder / name).exists()  # noqa: E731

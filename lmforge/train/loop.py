@@ -435,11 +435,14 @@ def train(
                 # patience counts evaluations that do not beat the reference (the last loss that did) by more
                 # than min_delta, Keras' rule; the best is the lowest loss whatever min_delta is. With
                 # min_delta 0 the two are the same. (Runs from before patience_ref: their best was it.)
+                # A NaN loss is no best and no reference: once stored, no loss compares below it, so the best
+                # stayed NaN and patience ran out however the later losses fell.
                 loss_value = metrics["loss"]
+                finite = math.isfinite(loss_value)
                 reference = state.patience_ref if state.patience_ref is not None else state.best_val_loss
-                if state.best_val_loss is None or loss_value < state.best_val_loss:
+                if finite and (state.best_val_loss is None or loss_value < state.best_val_loss):
                     state.best_val_loss, state.best_step = loss_value, state.step
-                if reference is None or loss_value < reference - cfg.early_stop_min_delta:
+                if finite and (reference is None or loss_value < reference - cfg.early_stop_min_delta):
                     state.patience_ref, state.evals_since_best = loss_value, 0
                 else:
                     state.evals_since_best += 1

@@ -50,7 +50,7 @@ from lmforge.runs import (
     set_aside,
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
-from lmforge.trackers import open_trackers
+from lmforge.trackers import check_packages, open_trackers
 from lmforge.train.loop import nothing_left, train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
@@ -300,6 +300,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "install g++ (or set CXX), or drop --train.compile"
         )
     precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
+    check_packages(cfg.log)  # --log.wandb without wandb: before --overwrite sets the old run aside
     if cfg.data.mix:  # its directories too (manifests only; the loader opens them after the claim)
         from lmforge.data.mixture import mix_sources
 
