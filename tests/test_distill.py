@@ -45,6 +45,24 @@ def test_loss_equals_hand_computed_value() -> None:
     assert distill_loss(student, student, targets, temperature=T, alpha=1.0)[0].item() == pytest.approx(0, abs=1e-6)
 
 
+def test_a_teacher_padded_past_the_tokenizer_teaches_over_the_shared_ids() -> None:
+    """Models of one tokenizer padded to other sizes (--model.vocab_size 50304 vs the tokenizer's 50257) were
+    refused ("they must match"); the soft term now compares the ids both have."""
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # (1, 2, 3)
+    teacher = torch.tensor([[[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]]])
+    padded = torch.cat([teacher, torch.full((1, 2, 5), 7.0)], dim=-1)  # 5 more rows, with large logits
+    targets = torch.tensor([[1, 0]])
+    want = distill_loss(student, teacher, targets, temperature=2.0, alpha=0.5)
+    for got in (
+        distill_loss(student, padded, targets, temperature=2.0, alpha=0.5),
+        distill_loss(torch.cat([student, torch.full((1, 2, 1), -3.0)], -1), teacher, targets, temperature=2.0, alpha=0),
+    ):
+        assert got[1].item() == pytest.approx(want[1].item(), rel=1e-6)  # the soft term: the 3 shared ids only
+    assert distill_loss(student, padded, targets, temperature=2.0, alpha=0.5)[0].item() == pytest.approx(
+        want[0].item(), rel=1e-6
+    )
+
+
 def test_teacher_is_frozen_and_gets_no_gradient() -> None:
     from lmforge.models.gpt import GPT, GPTConfig
 
@@ -193,6 +211,12 @@ def test_teacher_kinds_and_context(runs: dict[str, Path], tmp_path: Path) -> Non
     bert = _save_teacher(tmp_path / "bert", BertConfig(vocab_size=vocab, n_layer=1, n_head=2, d_model=16), tok_json)
     with pytest.raises(ConfigError, match="is a bert encoder.*causal language model"):
         load_teacher(str(bert), student, cpu)
+    # a teacher padded past the tokenizer by more rows than the student is accepted (it was "they must match")
+    padded = GPTConfig(vocab_size=vocab + 8, max_seq_len=32, n_layer=1, n_head=2, d_model=16)
+    assert (
+        load_teacher(str(_save_teacher(tmp_path / "padded", padded, tok_json)), student, cpu).cfg.vocab_size
+        == vocab + 8
+    )
     # a recurrent LM is a causal LM with no context limit: it teaches
     lstm = _save_teacher(tmp_path / "lstm", RNNConfig(vocab_size=vocab, max_seq_len=8, n_layer=1, d_model=16), tok_json)
     assert load_teacher(str(lstm), student, cpu, max_len=0).__class__.__name__ == "RNNLM"

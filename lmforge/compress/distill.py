@@ -41,7 +41,9 @@ def distill_loss(
     """(summed total loss, summed soft term T^2 * KL) over the valid targets of a batch.
 
     Args:
-        student_logits, teacher_logits: (B, T, V).
+        student_logits, teacher_logits: (B, T, V) and (B, T, V'). Models of one tokenizer may pad their
+            output past it by different amounts (`--model.vocab_size 50304`, Qwen2's 151936 rows); the
+            soft term compares the two distributions over the ids both have, the tokenizer's among them.
         targets: (B, T) token ids, IGNORE_INDEX where nothing is predicted.
         temperature: T > 0 softens both distributions.
         alpha: weight of the soft term; 1 - alpha weighs the data cross-entropy.
@@ -49,8 +51,9 @@ def distill_loss(
     valid = targets.flatten() != IGNORE_INDEX  # (B*T,)
     s = student_logits.flatten(0, 1)[valid].float()  # (N, V)
     t = teacher_logits.flatten(0, 1)[valid].float()
-    log_p_student = F.log_softmax(s / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    shared = min(s.size(-1), t.size(-1))
+    log_p_student = F.log_softmax(s[:, :shared] / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t[:, :shared] / temperature, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()  # summed over tokens and vocab
     soft = temperature**2 * kl
     hard = F.cross_entropy(s, targets.flatten()[valid], reduction="sum")
