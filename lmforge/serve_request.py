@@ -201,14 +201,18 @@ def sampling_penalties(body: dict[str, Any], vocab_size: int) -> Any:
 
 def tokenizer_info(ft: Any, context: int) -> dict[str, Any]:
     """GET /tokenizer_info: the special tokens, the chat template serve renders and the context length."""
-    from lmforge.chat import ChatTemplate
+    from lmforge.chat import ChatTemplate, JinjaChatTemplate
 
     tok = ft.tokenizer
     eos = tok.eos_id_or_none
     bos = tok.prompt_prefix[0] if tok.prompt_prefix else None
+    eos_token = None if eos is None else tok.id_to_token(eos)
+    bos_token = None if bos is None else tok.id_to_token(bos)
+    if isinstance(ft.template, JinjaChatTemplate):  # the strings its chat_template renders (and its HF export names)
+        eos_token, bos_token = ft.template.eos_token or None, ft.template.bos_token or None
     return {
-        "eos_token": None if eos is None else tok.id_to_token(eos),
-        "bos_token": None if bos is None else tok.id_to_token(bos),
+        "eos_token": eos_token,
+        "bos_token": bos_token,
         "pad_token": None,
         "chat_template": (ft.template or ChatTemplate()).jinja,
         "model_max_length": context,

@@ -1093,6 +1093,7 @@ def test_imported_chat_template_prompts_as_transformers_does(tmp_path: Path):
     from lmforge.adapt.load import load_finetuned
     from lmforge.chat import JinjaChatTemplate, chat
     from lmforge.generate import run_stops
+    from lmforge.serve_request import tokenizer_info
     from tests.test_export import CONVERSATION
 
     run, hf_tok = _imported_chatml(tmp_path)
@@ -1102,6 +1103,8 @@ def test_imported_chat_template_prompts_as_transformers_does(tmp_path: Path):
     ids, dropped = ft.template.prompt_ids(ft.tokenizer, CONVERSATION, budget=10_000)
     assert ids == theirs and dropped == 0 and ids[0] == hf_tok.convert_tokens_to_ids("<s>")
     assert hf_tok.convert_tokens_to_ids("<|im_end|>") in run_stops(ft)
+    info = tokenizer_info(ft, 64)  # the bos/eos strings a client renders the template with, as vLLM names them
+    assert (info["bos_token"], info["eos_token"], info["chat_template"]) == ("<s>", "<|im_end|>", hf_tok.chat_template)
     out = io.StringIO()
     assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, max_new_tokens=4, temperature=0, device="cpu") == 1
     assert "not chat-tuned" not in out.getvalue() and "bot> " in out.getvalue()

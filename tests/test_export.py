@@ -815,6 +815,8 @@ def test_export_of_an_imported_chat_model_keeps_its_template(bpe: Tokenizer, tmp
         )
         got = exported.apply_chat_template(conversation, add_generation_prompt=prompt, tokenize=True, return_dict=False)
         assert got == want
+    bos = original.convert_tokens_to_ids("<s>")  # the template writes it, the tokenizer adds none: the BOS id is its
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == exported.bos_token_id == bos
     again = import_hf(out, tmp_path / "again")  # and back: the same template, bos and eos
     assert (again / "tokenizer_config.json").read_text() == (tmp_path / "run" / "tokenizer_config.json").read_text()
     gguf = pytest.importorskip("gguf")
@@ -822,3 +824,6 @@ def test_export_of_an_imported_chat_model_keeps_its_template(bpe: Tokenizer, tmp
 
     fields = gguf.GGUFReader(str(export_gguf(tmp_path / "run", tmp_path / "m.gguf"))).fields
     assert fields["tokenizer.chat_template"].contents() == CHATML
+    # llama.cpp renders {{ bos_token }} as the BOS id's text; the template writes it, so it is not added again
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == bos
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False

@@ -295,7 +295,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     if eos is None and stops:  # a tokenizer without an end-of-text token lmforge knows: the HF directory's first
         eos, stops = stops[0], stops[1:]
     end_of_turn = stops[:1]  # an imported instruct model's: llama.cpp's end of turn
-    bos = bos_id_of(trained.tokenizer, eos)  # an imported Llama's <s> / <|begin_of_text|>, else eos
+    bos = bos_id_of(trained.tokenizer, eos, template)  # an imported Llama's <s> / <|begin_of_text|>, else eos
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +328,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         if eos is not None:
             writer.add_eos_token_id(eos)
             writer.add_pad_token_id(eos)
-        writer.add_add_bos_token(bos is not None and bos != eos)
+        writer.add_add_bos_token(bool(trained.tokenizer.prompt_prefix) and bos != eos)  # a template's BOS is its own
         if end_of_turn:
             writer.add_eot_token_id(end_of_turn[0])
         if chat:  # the template the run was tuned with, as the HF export writes it

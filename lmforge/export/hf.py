@@ -173,11 +173,16 @@ def has_chat_markers(template: Any) -> bool:
     return template is not None and template.name == TEMPLATE_NAME
 
 
-def bos_id_of(tokenizer: Tokenizer, eos_id: int | None) -> int | None:
-    """The BOS an export names: what the tokenizer puts before a text (an imported Llama's <s>), else
-    our end-of-text token (lmforge's own models never saw a BOS)."""
+def bos_id_of(tokenizer: Tokenizer, eos_id: int | None, template: Any = None) -> int | None:
+    """The BOS an export names: what the tokenizer puts before a text (an imported Llama's <s>), else the
+    `bos_token` an imported chat template writes itself (Llama-3's `<|begin_of_text|>`: llama.cpp renders the
+    template with the BOS id's text), else our end-of-text token (lmforge's own models never saw a BOS)."""
     prefix = tokenizer.prompt_prefix
-    return prefix[0] if len(prefix) == 1 else eos_id
+    if len(prefix) == 1:
+        return prefix[0]
+    named = getattr(template, "bos_token", "")
+    named_id = tokenizer.hf.token_to_id(named) if named else None
+    return named_id if named_id is not None else eos_id
 
 
 def unk_token_of(tokenizer: Tokenizer) -> str | None:
@@ -228,7 +233,8 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
     tensors = to_hf_state_dict(state, cfg, family)
 
     with building_dir(out) as tmp:
-        bos_id = bos_id_of(tokenizer, eos_id)
+        template = chat_template_of(trained)
+        bos_id = bos_id_of(tokenizer, eos_id, template)
         write_json(tmp / "config.json", {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id})
         save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
         fsync_file(tmp / "model.safetensors")
@@ -242,7 +248,6 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
             generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
         write_json(tmp / "generation_config.json", generation)
-        template = chat_template_of(trained)
         chat = template.jinja if template else ""
         markers = has_chat_markers(template)
         atomic_write_text(
