@@ -455,9 +455,8 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     config = run_config(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")  # only objects with a numeric step and numeric values
     train = [r for r in records if "loss" in r]
-    vals = [
-        r["val_loss"] for r in records if "val_loss" in r and math.isfinite(r["val_loss"])
-    ]  # min() kept a NaN first
+    # finite only: min() keeps a NaN that comes first
+    vals = [r["val_loss"] for r in records if "val_loss" in r and math.isfinite(r["val_loss"])]
     ckpt = _latest_checkpoint(run_dir)
     meta = _read_json(ckpt / "state.json") if ckpt else {}
     state = _section(meta, "train_state")

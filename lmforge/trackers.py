@@ -39,11 +39,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
 
 
-def _missing(flag: str, package: str) -> ConfigError:
-    return ConfigError(f"--log.{flag} needs the {package} package: pip install {package} (or drop --log.{flag})")
-
-
-# the module each tracker imports when it opens, by its --log flag (and the pip package that provides it)
+# the module each tracker imports when it opens, by its --log flag (which is also the pip package's name)
 TRACKER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow.tracking"}
 
 
@@ -55,15 +51,15 @@ def check_packages(cfg: LogConfig) -> None:
             try:
                 importlib.import_module(module)
             except ImportError:
-                raise _missing(flag, flag) from None
+                raise ConfigError(
+                    f"--log.{flag} needs the {flag} package: pip install {flag} (or drop --log.{flag})"
+                ) from None
 
 
 class TensorBoardTracker:
     def __init__(self, log_dir: Path, *, start_step: int) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise _missing("tensorboard", "tensorboard") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         # purge_step: a resumed run drops the events a crashed session logged after its checkpoint, and a
         # run starting from step 0 (killed before its first checkpoint) those of step 1 on, as metrics.jsonl
         self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
@@ -83,10 +79,8 @@ class TensorBoardTracker:
 
 class WandbTracker:
     def __init__(self, run_dir: Path, *, project: str, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise _missing("wandb", "wandb") from None
+        import wandb
+
         self.run = wandb.init(
             project=project,
             name=run_dir.name,
@@ -107,11 +101,9 @@ class WandbTracker:
 
 class MLflowTracker:
     def __init__(self, run_dir: Path, *, config: dict[str, Any]) -> None:
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise _missing("mlflow", "mlflow") from None
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # a local file store: no server, no database package (MLflow 3.x asks to opt in to it)
             uri = (run_dir / "mlruns").resolve().as_uri()
@@ -137,6 +129,7 @@ class MLflowTracker:
 
 def open_trackers(cfg: LogConfig, run_dir: Path, *, config: dict[str, Any], start_step: int) -> list[Tracker]:
     """The trackers `cfg` turns on, opened (an empty list by default)."""
+    check_packages(cfg)  # (pretrain and finetune checked already, before they changed the run folder)
     trackers: list[Tracker] = []
     try:
         if cfg.tensorboard:
