@@ -51,26 +51,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pretrain_args(data_dir: Path, out: Path, *extra: str, **flags: object) -> list[str]:
+    """`pretrain` of the tiny preset on `data_dir` into `out` with the test flags (FLAGS, then `flags`)."""
+    args = [f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()]
+    return ["pretrain", "--preset=tiny", f"--data={data_dir}", f"--out={out}", *args, *extra]
+
+
 def torchrun_command(
     data_dir: Path, out: Path, *extra: str, nproc: int = 2, entry: tuple[str, ...] = ("-m", "lmforge"), **flags: object
 ) -> list[str]:
     """torchrun running `entry` (default: lmforge's CLI) with `pretrain` and the test flags."""
-    args = [f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        *entry,
-        "pretrain",
-        "--preset=tiny",
-        f"--data={data_dir}",
-        f"--out={out}",
-        *args,
-        *extra,
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    launcher += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return [*launcher, *entry, *pretrain_args(data_dir, out, *extra, **flags)]
 
 
 def torchrun(
@@ -90,8 +83,7 @@ def forked_ranks(
     **flags: object,
 ) -> subprocess.CompletedProcess:
     """`torchrun(...)` for the tests whose subject is not the launcher (see `launch_ranks`)."""
-    args = ["pretrain", "--preset=tiny", f"--data={data_dir}", f"--out={out}"]
-    args += [f"--{k}={v}" for k, v in {**FLAGS, **flags}.items()] + list(extra)
+    args = pretrain_args(data_dir, out, *extra, **flags)
     script = None if entry == ("-m", "lmforge") else entry[0]
     return launch_ranks(args if script is None else [*entry[1:], *args], nproc=nproc, script=script)
 
