@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from lmforge.data.filters import guess_language
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
 from lmforge.data.shards import read_shard
+from lmforge.errors import ConfigError
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import EXTRA_SPECIALS, train_unigram, train_wordpiece
 from tests.conftest import run_cli, shakespeare_text
@@ -169,10 +171,20 @@ def test_top_tokens_show_a_unigram_word_start_and_specials():
 
 
 def test_a_character_only_wordpiece_vocabulary_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Below twice the corpus' characters WordPiece learns no longer piece: English then costs ~1 byte per token."""
+    """Below the corpus' characters and their ## forms WordPiece is refused (it made 183 ids for 100 asked),
+    leaving nothing behind; at exactly that size it learns no longer piece: English then costs ~1 byte per token."""
     write(tmp_path / "a.txt", shakespeare_text(20_000) + "\n\n" + ZH)
+    with pytest.raises(ConfigError, match=r"WordPiece --vocab-size 100 is too small for this corpus") as e:
+        prepare(
+            PrepareConfig(
+                inputs=[str(tmp_path / "a.txt")], out=str(tmp_path / "o"), tokenizer="wordpiece", vocab_size=100
+            ),
+            progress=False,
+        )
+    assert "\n" not in str(e.value) and [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no output, no temp folder
+    least = int(re.search(r"set --vocab-size (\d+) or more", str(e.value)).group(1))
     sizes, errs = {}, {}
-    for asked in (100, 600):
+    for asked in (least, 600):
         m = prepare(
             PrepareConfig(
                 inputs=[str(tmp_path / "a.txt")],
@@ -184,6 +196,6 @@ def test_a_character_only_wordpiece_vocabulary_is_noted(tmp_path: Path, capsys: 
         )
         sizes[asked] = (m["tokenizer"]["vocab_size"], m["tokenizer"]["report"]["bytes_per_token"]["en"])
         errs[asked] = capsys.readouterr().err
-        assert ("is all single characters" in errs[asked]) == (asked == 100), errs[asked]
-    assert f"({sizes[100][0]:,} ids for --vocab-size 100)" in errs[100] and errs[100].count("\n") == 1
-    assert sizes[100][1] < 1.3 < sizes[600][1]  # character-level English vs learned pieces
+        assert ("is all single characters" in errs[asked]) == (asked == least), errs[asked]
+    assert sizes[least][0] == least and errs[least].count("\n") == 1
+    assert sizes[least][1] < 1.3 < sizes[600][1]  # character-level English vs learned pieces

@@ -196,6 +196,29 @@ def test_load_errors(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_wordpiece_too_small_names_the_smallest_size_that_fits():
+    """The WordPiece trainer keeps every character and the ## form of each one seen inside a word: below that
+    it silently returned more ids than asked. It is a one-line error naming the smallest --vocab-size that
+    fits, counted here from the tokenizer's own normalizer and pre-tokenizer: that size trains, one less does not."""
+    from tests.conftest import shakespeare_text
+
+    texts = shakespeare_text(20_000).split("\n\n") + ["满纸荒唐言，一把辛酸泪！都云作者痴，谁解其中味？"]
+    hf = train_wordpiece(iter(["x"]), 64).hf  # only for its normalizer and pre-tokenizer
+    words = [w for t in texts for w, _ in hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(t))]
+    chars = {c for w in words for c in w}
+    continued = {c for w in words for c in w[1:]}
+    need = 1 + len(EXTRA_SPECIALS) + 1 + len(chars) + len(continued)  # <|endoftext|>, specials, [UNK], alphabet
+    with pytest.raises(ConfigError, match=r"WordPiece --vocab-size 100 is too small") as e:
+        train_wordpiece(iter(texts), vocab_size=100)
+    assert "\n" not in str(e.value) and f"needs at least {need} (9 special tokens + {len(chars)} distinct " in str(
+        e.value
+    )
+    assert f"set --vocab-size {need} or more" in str(e.value)
+    assert train_wordpiece(iter(texts), vocab_size=need).vocab_size == need
+    with pytest.raises(ConfigError, match=f"needs at least {need} "):
+        train_wordpiece(iter(texts), vocab_size=need - 1)
+
+
 @pytest.mark.parametrize("corpus", ["chinese", "shakespeare", "no-repeats", "no-repeats-small"])
 def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
     """The HF trainer keeps every distinct character: it fails when they alone overflow the size (Chinese

@@ -123,8 +123,9 @@ def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, pro
 
 
 def _note_characters_only(tok: Tokenizer, asked: int) -> None:
-    """WordPiece keeps every character and its ## form first: a --vocab-size below that leaves no room for a single
-    longer piece, and the tokenizer is character-level (English at ~1.2 bytes per token) without a word said."""
+    """WordPiece keeps every character and its ## form first (a --vocab-size below that is refused by the trainer):
+    a --vocab-size of exactly that leaves no room for a single longer piece, and the tokenizer is character-level
+    (English at ~1.2 bytes per token) without a word said."""
     pieces = [b.decode("utf-8") for b in tok.token_utf8() if b]  # the text each id adds ("##" cut; specials: none)
     if pieces and max(len(p) for p in pieces) == 1:
         print(

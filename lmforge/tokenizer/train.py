@@ -133,10 +133,13 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: boo
         The `Tokenizer`: `<|endoftext|>` = 0, `EXTRA_SPECIALS` = 1..7, `[UNK]` = 8, then pieces.
 
     Raises:
-        ConfigError: vocab_size leaves no room for pieces (< 64).
+        ConfigError: vocab_size leaves no room for pieces (< 64), or is smaller than the specials plus every
+            distinct character of the texts and its "##" form (the HF trainer keeps them all); it names the size
+            that fits.
     """
     if vocab_size < 64:
         raise ConfigError(f"WordPiece vocab_size must be >= 64, got {vocab_size}")
+    specials = SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK]
     hf = HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
     hf.normalizer = normalizers.BertNormalizer(
         clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
@@ -145,11 +148,25 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: boo
     hf.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK],
+        special_tokens=specials,
         continuing_subword_prefix="##",
         show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer=trainer)
+    # The trainer starts from the specials, every character and the "##" form of each one seen inside a word,
+    # and merges until vocab_size: below that start it silently returned the start (100 asked, 1,579 made on
+    # 20 kB of Shakespeare + 30 kB of Hong Lou Meng), a character-level tokenizer of another size than asked.
+    # Then the vocabulary is exactly that start, so its size is the smallest --vocab-size that fits.
+    if hf.get_vocab_size() > vocab_size:
+        pieces = [piece for piece in hf.get_vocab() if piece not in specials]
+        n_continued = sum(piece.startswith("##") for piece in pieces)
+        need = hf.get_vocab_size()
+        raise ConfigError(
+            f"WordPiece --vocab-size {vocab_size} is too small for this corpus: it needs at least {need} "
+            f"({len(specials)} special tokens + {len(pieces) - n_continued} distinct characters + {n_continued} "
+            f"'##' continuation forms; Chinese text has thousands of characters); set --vocab-size {need} or more "
+            "(more to learn words and subwords), or use --tokenizer bpe (byte-level: any text fits)"
+        )
     return Tokenizer(hf)
 
 
