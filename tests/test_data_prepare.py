@@ -609,13 +609,28 @@ def test_clean_functions() -> None:
     assert decode_utf8(b"ok \xef\xbf\xbd") == ("ok \ufffd", 0)
     assert decode_utf8(b"\xe4\xb8") == ("\ufffd", 1)  # truncated multi-byte character
     cleaned = clean_text("\ufeff a\r\nb\rc\x85d\x7f\u200de\t ", "NFC")
-    assert cleaned.text == "\ufeff a\nb\ncd\u200de"  # BOM (Cf) and ZWJ (Cf) kept; NEL (Cc, U+0085), DEL removed
-    assert cleaned.control_chars_removed == 2 and not cleaned.normalized
+    assert cleaned.text == "\ufeff a\nb\nc\nd\u200de"  # BOM (Cf) and ZWJ (Cf) kept; NEL a line break; DEL removed
+    assert cleaned.control_chars_removed == 1 and not cleaned.normalized
     assert clean_text("ﬁ", "NFKC").text == "fi" and clean_text("ﬁ", "none").text == "ﬁ"
     assert [length_verdict(t, 3) for t in ("", "ab", "abc")] == ["empty", "too_short", "ok"]
     assert looks_binary(b"abc\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
     assert not looks_binary("latin-1 caf\xe9 text is mostly valid".encode("latin-1"))
     assert not looks_binary("满".encode()[:2])  # a character cut at the sniff boundary
+
+
+def test_line_break_controls_become_newlines(tmp_path: Path) -> None:
+    """VT, FF, NEL, U+2028 and U+2029 are line breaks: deleting them (Cc) or keeping them joined words or left odd
+    line ends ("foo\x0cbar" was "foobar"). Each is "\n" now, then --normalize-whitespace applies as to any "\n";
+    other control characters are still deleted and counted."""
+    breaks = ["\x0b", "\x0c", "\x85", "\u2028", "\u2029"]
+    for brk in breaks:
+        assert clean_text(f"foo{brk}bar").text == "foo\nbar" and clean_text(f"foo{brk}bar").control_chars_removed == 0
+    assert clean_text("a\x1cb\x0c\x0c\x0cc").text == "ab\n\n\nc"  # a separator (Cc) is still deleted
+    text = "Page one ends here.\x0c  Page two\u2029starts.\x0b\x85\x0c\x0cEnd\x07."
+    path = write(tmp_path / "a.txt", text.encode("utf-8"))
+    m = run(tmp_path, [path], tokenizer="char", normalize_whitespace=True, val_fraction=0, test_fraction=0)
+    assert docs_by_split(tmp_path / "out")["train"] == ["Page one ends here.\nPage two\nstarts.\n\nEnd."]
+    assert m["cleaning"]["control_chars_removed"] == 1  # the BEL
 
 
 def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

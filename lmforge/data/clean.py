@@ -2,7 +2,9 @@
 Unicode normalization, length filter, binary-file sniffing.
 
 Order applied to every document (`clean_text`):
-1. Newlines: "\\r\\n" and lone "\\r" become "\\n" (not counted as removed characters).
+1. Newlines: "\\r\\n", lone "\\r" and the other line breaks - vertical tab, form feed, NEL (U+0085),
+   LINE SEPARATOR (U+2028) and PARAGRAPH SEPARATOR (U+2029) - become "\\n" (not counted as removed
+   characters): deleting them joined words ("foo\\x0cbar" became "foobar").
 2. Control characters: Unicode category Cc except "\\n" and "\\t" are removed and counted
    (NUL, ESC, DEL, C1 controls, ...). Format characters (Cf: zero-width joiner in emoji, BOM inside
    text) are kept, since they are part of real text.
@@ -31,6 +33,8 @@ REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = REPLACEMENT.encode("utf-8")
 # Category Cc is exactly U+0000-U+001F and U+007F-U+009F; keep \t (09) and \n (0A).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Line breaks other than \n and \r (step 1): VT, FF, NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR.
+_LINE_BREAK = re.compile("[\x0b\x0c\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BINARY_SNIFF_BYTES = 8192
 Normalization = Literal["NFC", "NFKC", "none"]
@@ -80,7 +84,8 @@ def replace_surrogates(text: str) -> tuple[str, int]:
 
 
 def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
-    """Normalize newlines, drop control characters, apply Unicode normalization, strip.
+    """Normalize newlines (every line break becomes "\\n"), drop control characters, apply Unicode
+    normalization, strip.
 
     Args:
         text: decoded document text.
@@ -92,6 +97,7 @@ def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BREAK.sub("\n", text)
     text, removed = _CONTROL.subn("", text)
     normalized = False
     # ASCII text is in every normal form (str.isascii is O(1)): skip the scan
