@@ -4,6 +4,7 @@ metrics against hand-computed values, DPO, task evaluation, and bad inputs -> on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import math
@@ -879,6 +880,43 @@ def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):
     task = evaluate_task(base, task="clm", data=val, device="cpu")
     assert task["loss"] == pytest.approx(split["loss"]) and task["tokens"] == split["tokens"]
     assert task["bytes"] == split["bytes"] and task["bpb"] == pytest.approx(split["bpb"])
+
+
+def test_clm_task_reads_invalid_utf8_as_prepare_does(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`eval --task clm FILE` decoded the file with errors="replace" and said nothing; `prepare` counts the
+    replaced sequences and refuses a file that mixes encodings. Both now read it with the same helpers: the
+    same count (said on stderr), the same bytes and loss as the prepared split, and the same one-line error."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.eval.tasks import evaluate_task
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat\n", encoding="utf-8")
+    val.write_bytes(b"the caf\xe9 sat\r\non the mat\n\nthe \xff\xfe dog ran\n")  # 3 invalid sequences
+    cfg = PrepareConfig(
+        inputs=[str(train)],
+        val_input=[str(val)],
+        tokenizer=str(base / "tokenizer.json"),
+        out=str(tmp_path / "data"),
+        card=False,
+    )
+    m = prepare(cfg, progress=False)
+    assert m["cleaning"]["invalid_utf8_replaced"] == 3
+    split = evaluate_checkpoint(str(base), data_dir=str(tmp_path / "data"), split="val", device="cpu")
+    capsys.readouterr()
+    task = evaluate_task(base, task="clm", data=val, device="cpu")
+    err = capsys.readouterr().err
+    assert f"note: {val}: 3 invalid UTF-8 sequences replaced with U+FFFD" in err and err.count("\n") == 1
+    assert task["bytes"] == split["bytes"] and task["loss"] == pytest.approx(split["loss"])
+    mixed = tmp_path / "mixed.txt"  # Latin-1 accents throughout: 20 bad sequences in 200 characters
+    mixed.write_bytes(b"caf\xe9 cr\xe8me br\xfbl\xe9e " * 5 + b"plain text " * 10)
+    with pytest.raises(DataError) as prepared:
+        prepare(dataclasses.replace(cfg, val_input=[str(mixed)], out=str(tmp_path / "d2")), progress=False)
+    with pytest.raises(DataError) as evaluated:
+        evaluate_task(base, task="clm", data=mixed, device="cpu")
+    said = str(evaluated.value)
+    assert said.startswith(f"{mixed}: 20 invalid UTF-8 sequences in 199 characters: the file is not UTF-8 or mixes")
+    assert str(prepared.value) == said + " or pass --max-invalid-utf8 1 to replace them"  # (a prepare flag)
 
 
 def test_fewshot_accuracy_norm_does_not_favour_short_labels():

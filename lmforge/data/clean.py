@@ -27,7 +27,10 @@ import codecs
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
+
+from lmforge.errors import DataError
 
 REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = REPLACEMENT.encode("utf-8")
@@ -37,6 +40,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LINE_BREAK = re.compile("[\x0b\x0c\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 BINARY_SNIFF_BYTES = 8192
+# `check_encoding`'s default share (prepare's --max-invalid-utf8): one bad byte in a large scraped file passes
+MAX_INVALID_UTF8 = 0.001
 Normalization = Literal["NFC", "NFKC", "none"]
 
 
@@ -76,6 +81,17 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     # A valid EF BF BD always decodes to U+FFFD (EF is never a continuation byte), so the difference
     # is exactly the number of replacements the decoder made.
     return text, text.count(REPLACEMENT) - data.count(_REPLACEMENT_BYTES)
+
+
+def check_encoding(path: Path, invalid: int, chars: int, limit: float, *, flag: bool = True) -> None:
+    """Refuse a file whose invalid UTF-8 sequences (`decode_utf8`'s count) are over `limit` of its `chars` and
+    over 16: it is not UTF-8 or mixes encodings. `flag`: name `--max-invalid-utf8` (prepare's) as the way out."""
+    if limit < 1 and invalid > 16 and invalid > limit * chars:
+        raise DataError(
+            f"{path}: {invalid} invalid UTF-8 sequences in {chars} characters: the file is not UTF-8 or mixes "
+            "encodings; convert it with iconv -f ENCODING -t UTF-8 (GB18030 for Chinese, CP1252 or LATIN1 for "
+            "Western European text)" + (" or pass --max-invalid-utf8 1 to replace them" if flag else "")
+        )
 
 
 def replace_surrogates(text: str) -> tuple[str, int]:

@@ -25,6 +25,7 @@ import io
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8
 from lmforge.errors import DataError
 from lmforge.objectives import IGNORE_INDEX
 
@@ -564,12 +566,22 @@ def read_task_rows(
         from lmforge.data.ingest import check_not_binary
 
         check_not_binary(p)  # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
-        # universal newlines (any line end reads as "\n"); a line of only whitespace ends a document, as
-        # in `prepare --doc-unit paragraph`; utf-8-sig: a BOM is no text (str.strip keeps U+FEFF)
-        text = p.read_text(encoding="utf-8-sig", errors="replace")
+        # decoded and checked as prepare does (it was read with errors="replace" and not a word said): a file
+        # mixing encodings is refused, stray bad bytes are replaced, counted and reported; a BOM is no text
+        # (str.strip keeps U+FEFF); any line end reads as "\n"; a line of only whitespace ends a document, as
+        # in `prepare --doc-unit paragraph`
+        text, invalid = decode_utf8(p.read_bytes())
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         docs = [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
+        check_encoding(p, invalid, sum(map(len, docs)), MAX_INVALID_UTF8, flag=False)
         if not docs:
             raise DataError(f"{p} holds no text; check the file")
+        if invalid:
+            print(
+                f"note: {p}: {invalid} invalid UTF-8 sequences replaced with U+FFFD (invalid_utf8_replaced, as "
+                "prepare counts them); the scores include them: convert the file to UTF-8 for exact ones",
+                file=sys.stderr,
+            )
         return [{fields["text"]: d} for d in docs][: limit or None]
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)

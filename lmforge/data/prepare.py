@@ -73,7 +73,7 @@ from lmforge.atomic import (
     write_json,
 )
 from lmforge.data.blocks import BlockResult, BlockWorker, Task, init_pool_worker, run_in_pool_worker
-from lmforge.data.clean import CleanStats, Normalization
+from lmforge.data.clean import MAX_INVALID_UTF8, CleanStats, Normalization, check_encoding
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, load_data_dir  # noqa: F401 (re-exported)
 from lmforge.data.dedup import DedupMode, NearDedup
 from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
@@ -171,7 +171,7 @@ class PrepareConfig:
     dedup_report: str = opt("", "write example near-duplicate pairs to this file (JSONL)")
     max_line_bytes: int = opt(DEFAULT_MAX_LINE_BYTES, "longest line (or 'file'-unit document) accepted, in bytes")
     max_invalid_utf8: float = opt(
-        0.001,
+        MAX_INVALID_UTF8,
         "stop when a file's invalid UTF-8 sequences exceed this share of its characters (and 16): "
         "it mixes encodings; 1 = only replace and count",
     )
@@ -385,15 +385,6 @@ def _doc_file(tmp: Path, split: str) -> Path:
     return tmp / f"docs-{split}.jsonl.part"
 
 
-def _check_encoding(path: Path, invalid: int, chars: int, limit: float) -> None:
-    if limit < 1 and invalid > 16 and invalid > limit * chars:
-        raise DataError(
-            f"{path}: {invalid} invalid UTF-8 sequences in {chars} characters: the file is not UTF-8 or mixes "
-            "encodings; convert it with iconv -f ENCODING -t UTF-8 (GB18030 for Chinese, CP1252 or LATIN1 for "
-            "Western European text) or pass --max-invalid-utf8 1 to replace them"
-        )
-
-
 def _tasks(cfg: PrepareConfig, sources: list[tuple[Path, str]], bar: tqdm) -> Iterator[tuple[int, Task | None]]:
     """(source index, task) for every block of every input, in order; (index, None) closes an input."""
     for index, (path, role) in enumerate(sources):
@@ -482,7 +473,7 @@ def _pass1(
             path, role = sources[index]
             if r is None:  # end of this input
                 read, kept, invalid, chars = per_file
-                _check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
+                check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
                 inputs.append(
                     {"path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role}
                 )
