@@ -242,6 +242,29 @@ def test_nsp_positives_continue_the_document(data_dir):
     assert checked > 10
 
 
+def test_sentence_pairs_see_whole_documents_across_shard_boundaries(tmp_path):
+    """`prepare` cuts a document at a shard's end (--shard-tokens) and goes on in the next shard. Documents
+    were found per shard: such a document lost its head (only the tail after the seam was a document) or
+    all of it (a tail under 2 tokens). With documents found over the split's stream, each SOP example
+    (seq_len above the longest document) holds one whole document, and every document is there once."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(10, 100, n).tolist() for n in (30, 5, 40, 2, 12, 25, 3, 17)]
+    writer = ShardWriter(tmp_path, "train", np.uint16, 16)  # 142 tokens in 9 shards: most documents cut
+    writer.write([t for doc in docs for t in [*doc, 0]])
+    shards = [tmp_path / name for name in writer.close()]
+    kw = {"seq_len": 48, "batch_size": 4, "seed": 0, "specials": SP, "eos_id": 0, "token_bytes": np.ones(100)}
+    loader = MLMLoader(shards, cfg=ObjectiveConfig(name="mlm+sop"), **kw)
+    assert len(shards) == 9 and loader.windows_per_epoch == len(docs)
+    seen = []
+    for position in range(len(docs)):  # one epoch: each document once
+        ex = loader.example(position)
+        orig = np.where(ex["labels"] != IGNORE_INDEX, ex["labels"], ex["input_ids"])[: int(ex["pad_mask"].sum())]
+        sep = int(np.flatnonzero(orig == SP.sep)[0])
+        a, b = orig[1:sep].tolist(), orig[sep + 1 : -1].tolist()
+        seen.append(b + a if ex["pair_labels"][0] else a + b)  # SOP label 1: the segments were swapped
+    assert sorted(seen) == sorted(docs)
+
+
 def test_electra_labels_mark_exactly_the_replaced_tokens():
     torch.manual_seed(0)
     cfg = BertConfig(family="electra", vocab_size=20, max_seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.0)

@@ -1,7 +1,8 @@
 """Encoder pretraining batches: BERT masking (80/10/10, whole-word option) and NSP/SOP sentence pairs.
 
 Both are built from the same prepared token shards as causal LM training; documents are the spans
-between end-of-text (EOS) tokens, which `lmforge prepare` writes after every document.
+between end-of-text (EOS) tokens, which `lmforge prepare` writes after every document, in the split's
+whole token stream: a document `prepare` cut at a shard's end (`--shard-tokens`) is one document.
 
 Special tokens. Encoders need [PAD], [CLS], [SEP] and [MASK]. `special_ids(tokenizer)` takes each
 from the tokenizer when it has it (BERT's names, lmforge's <|pad|>/<|cls|>/<|sep|>/<|mask|> extra
@@ -256,21 +257,25 @@ class MLMLoader:
         self._tokens = [read_shard(p) for p in shards]
         # "train-00000.bin": the errors below name the split (a small val split failed as "this split")
         split = f"the {shards[0].name.split('-')[0]!r} split of {shards[0].parent}"
+        # where each shard starts in the split's token stream (a document may go on into the next shard)
+        self._offsets = np.concatenate([[0], np.cumsum([len(t) for t in self._tokens])]).astype(np.int64)
         if self.pairs:
-            # documents: spans between EOS tokens, at least 2 tokens (A and B each need one)
-            rows = []
-            for s, toks in enumerate(self._tokens):
-                ends = np.flatnonzero(np.asarray(toks) == eos_id)
-                starts = np.concatenate([[0], ends + 1])[: len(ends)]
-                rows += [(s, a, b - a) for a, b in zip(starts, ends, strict=True) if b - a >= 2]
+            # documents: spans between EOS tokens of the whole split, at least 2 tokens (A and B each need one).
+            # Found per shard, a document `prepare` cut at a shard's end lost its head (a 64-token shard kept
+            # 1,499 of 3,404 tokens for pairs; its whole text when its tail held under 2 tokens).
+            ends = np.concatenate(
+                [np.flatnonzero(np.asarray(t) == eos_id) + o for t, o in zip(self._tokens, self._offsets, strict=False)]
+            ).astype(np.int64)
+            starts = np.concatenate([[0], ends + 1])[: len(ends)]
+            keep = ends - starts >= 2
             need = 2 if self.pairs == "nsp" else 1  # NSP's B may come from another document; SOP swaps A and B
-            if len(rows) < need:
+            if keep.sum() < need:
                 raise DataError(
                     f"{cfg.name} needs at least {need} document{'s' * (need > 1)} of 2+ tokens; {split} has "
-                    f"{len(rows)}: add text to it or use --objective mlm"
+                    f"{keep.sum()}: add text to it or use --objective mlm"
                 )
-            self._docs = np.array(rows, dtype=np.int64)  # (n_docs, 3): shard, start, length
-            self._n_examples = len(rows)
+            self._docs = np.stack([starts[keep], (ends - starts)[keep]], axis=1)  # (n_docs, 2): start, length
+            self._n_examples = len(self._docs)
         else:
             n = seq_len - 2
             counts = np.array([len(t) // n for t in self._tokens], dtype=np.int64)
@@ -344,10 +349,21 @@ class MLMLoader:
         return out
 
     def _doc_tokens(self, doc: int, rng: np.random.Generator, length: int) -> np.ndarray:
-        shard, start, n = (int(v) for v in self._docs[doc])
+        start, n = (int(v) for v in self._docs[doc])
         length = min(length, n)
         offset = int(rng.integers(0, n - length + 1))
-        return np.asarray(self._tokens[shard][start + offset : start + offset + length], dtype=np.int64)
+        return self._stream(start + offset, length)
+
+    def _stream(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split's stream, read across shard boundaries."""
+        shard = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        pieces = []
+        while length > 0:
+            local = start - int(self._offsets[shard])
+            piece = self._tokens[shard][local : local + length]
+            pieces.append(np.asarray(piece, dtype=np.int64))
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
     def _pair(self, doc: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         sp = self.specials
