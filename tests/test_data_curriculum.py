@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.curriculum import CurriculumLoader, competence, window_difficulty
+from lmforge.data.curriculum import CurriculumLoader, _seam_tokens, competence, window_difficulty
 from lmforge.data.shards import ShardWriter
 from lmforge.errors import DataError
 
@@ -23,6 +23,26 @@ def test_window_difficulty_by_hand() -> None:
     d = window_difficulty(tokens, EOS, 4)  # windows start at 0, 4, 8, 12, 16 (5 tokens each)
     per_token = [3] * 3 + [5] * 5 + [9] * 9 + [4] * 4
     assert d.tolist() == [np.mean(per_token[s : s + 4]) for s in (0, 4, 8, 12, 16)]
+
+
+def test_documents_cut_at_a_shard_end_keep_their_whole_length(tmp_path: Path) -> None:
+    """`prepare` cuts a document at a shard's end (--shard-tokens) and goes on in the next shard. Its length
+    was counted per shard, so its pieces ranked as short documents: with every document 40 tokens long, the
+    seam windows got difficulties down to 8. Each token now counts its whole document, as over the stream."""
+    rng = np.random.default_rng(0)
+    lengths = [40, 3, 70, 9, 25, 2, 33]  # EOS included; 182 tokens, shards of 16: a 70-token one spans 5
+    stream = np.concatenate([np.append(rng.integers(1, 50, n - 1), EOS) for n in lengths])
+    shards = [stream[i : i + 16] for i in range(0, len(stream), 16)]
+    per_token = np.repeat(lengths, lengths)  # the reference: over the whole stream
+    for k, (before, after) in enumerate(_seam_tokens(shards, EOS)):
+        got = window_difficulty(shards[k], EOS, 4, before=before, after=after)
+        assert got.tolist() == [per_token[16 * k + s : 16 * k + s + 4].mean() for s in range(0, len(got) * 4, 4)]
+
+    writer = ShardWriter(tmp_path, "train", np.uint16, 64)
+    writer.write(np.concatenate([np.append(rng.integers(1, 50, 39), EOS) for _ in range(20)]))
+    shard_paths = [tmp_path / name for name in writer.close()]
+    loader = CurriculumLoader(shard_paths, eos=EOS, seq_len=SEQ, batch_size=4, seed=0, steps=10)
+    assert loader.difficulty_range == (40.0, 40.0)
 
 
 def test_competence_schedule() -> None:

@@ -5,6 +5,7 @@
 Competence-based curriculum (Platanios et al. 2019, https://arxiv.org/abs/1903.09848):
 
     difficulty(window) = mean, over the window's tokens, of the length of the document each token is in
+                         (its whole length, when `prepare` cut it at a shard's end)
     order              = windows sorted by difficulty (stable, so ties keep stream order)
     competence(step)   = min(1, sqrt(step * (1 - c0**2) / curriculum_steps + c0**2))      c0 = curriculum_start
     batch at step s    = windows order[i], i drawn uniformly from [0, competence(s) * n_windows)
@@ -36,17 +37,43 @@ Curriculum = Literal["none", "doc_length"]
 _STATE_VERSION = 2  # 1: 'step' counted micro-batches (read as such on resume)
 
 
-def window_difficulty(tokens: np.ndarray, eos: int, seq_len: int) -> np.ndarray:
-    """Mean document length (tokens) over each full window of `seq_len + 1` tokens at stride `seq_len`."""
+def window_difficulty(tokens: np.ndarray, eos: int, seq_len: int, *, before: int = 0, after: int = 0) -> np.ndarray:
+    """Mean document length (tokens) over each full window of `seq_len + 1` tokens at stride `seq_len`.
+
+    `before`/`after`: tokens of the shard's first/last document that lie in the shards before/after it
+    (`prepare` cuts a document at a shard's end and goes on in the next shard; `_seam_tokens`)."""
     n_windows = max(0, (len(tokens) - 1) // seq_len)
     if n_windows == 0:
         return np.zeros(0)
     ends = np.flatnonzero(np.asarray(tokens) == eos)
     if not len(ends) or ends[-1] != len(tokens) - 1:
-        ends = np.append(ends, len(tokens) - 1)  # a trailing document without EOS
-    lengths = np.diff(np.concatenate([[-1], ends])).astype(np.int32)  # document lengths, EOS included
-    per_token = np.repeat(lengths, lengths)  # sum(lengths) == len(tokens)
+        ends = np.append(ends, len(tokens) - 1)  # a trailing document without EOS (it goes on in the next shard)
+    here = np.diff(np.concatenate([[-1], ends])).astype(np.int64)  # document tokens in this shard, EOS included
+    lengths = here.copy()  # whole document lengths: a cut one counted only its piece here, so a long
+    lengths[0] += before  # document's seam windows ranked as easy as a short one's
+    lengths[-1] += after
+    per_token = np.repeat(lengths.astype(np.int32), here)  # sum(here) == len(tokens)
     return per_token[: n_windows * seq_len].reshape(n_windows, seq_len).mean(axis=1)
+
+
+def _seam_tokens(shards: list[np.ndarray], eos: int) -> list[tuple[int, int]]:
+    """(before, after) of `window_difficulty` for each shard of a split, in order."""
+    edges = []  # (tokens, first EOS, last EOS) of each shard; -1 when it has none
+    for tokens in shards:
+        ends = np.flatnonzero(np.asarray(tokens) == eos)
+        edges.append((len(tokens), int(ends[0]) if len(ends) else -1, int(ends[-1]) if len(ends) else -1))
+    before = [0] * len(shards)
+    for k in range(1, len(shards)):
+        n, _, last = edges[k - 1]
+        before[k] = n - 1 - last if last >= 0 else before[k - 1] + n
+    after = [0] * len(shards)
+    for k in range(len(shards) - 2, -1, -1):
+        n, _, last = edges[k]
+        if last == n - 1:  # the shard ends with a document's EOS
+            continue
+        n_next, first_next, _ = edges[k + 1]
+        after[k] = first_next + 1 if first_next >= 0 else n_next + after[k + 1]
+    return list(zip(before, after, strict=True))
 
 
 def competence(step: int, steps: int, start: float) -> float:
@@ -84,8 +111,10 @@ class CurriculumLoader:
         self.accum_steps = max(1, accum_steps)
         self._tokens = [read_shard(p) for p in shards]
         difficulty, where = [], []
-        for index, tokens in enumerate(self._tokens):
-            d = window_difficulty(tokens, eos, seq_len)
+        for index, (tokens, (before, after)) in enumerate(
+            zip(self._tokens, _seam_tokens(self._tokens, eos), strict=True)
+        ):
+            d = window_difficulty(tokens, eos, seq_len, before=before, after=after)
             difficulty.append(d)
             where.append(np.stack([np.full(len(d), index), np.arange(len(d)) * seq_len], axis=1))
         if not sum(len(d) for d in difficulty):
