@@ -482,3 +482,45 @@ def test_huge_numbers_print_in_scientific_notation() -> None:
     given = estimate(run_cfg(), tokens=10, hardware=GFLOPS)
     assert any(f"peak is a {'CPU' if given['device'] == 'cpu' else 'GPU'}'s {given['dtype']} peak" in a
                and "--train.dtype" in a for a in given["assumptions"]), given["assumptions"]  # fmt: skip
+
+
+def test_a_runs_config_json_or_folder_is_a_config_file(tmp_path) -> None:
+    """`estimate --config RUN/config.json` (or `--config RUN`): a run's resolved config.json, as pretrain, finetune
+    and import write it, reads back as the same typed config (it was "invalid TOML"); flags still apply on top.
+    An encoder run's config.json lists every objective key, which a TOML file may not: it loads all the same.
+    Other JSON (an HF model's config.json, a manifest) and folders without config.json are one-line errors."""
+    from lmforge.atomic import write_json
+    from tests.conftest import run_cli
+
+    for preset, name in (("llama-tiny", "llama"), ("bert-tiny", "bert")):
+        cfg = load_config(preset=preset, overrides={"model": {"n_layer": 3, "vocab_size": 700}, "out": str(tmp_path)})
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "config.json", cfg.to_dict())
+        for given in (tmp_path / name / "config.json", tmp_path / name):
+            assert load_config(config_file=given).to_dict() == cfg.to_dict()
+    wider = load_config(config_file=tmp_path / "llama", overrides={"model": {"d_model": 96}})
+    assert wider.model.d_model == 96 and wider.model.n_layer == 3 and wider.model.norm == "rmsnorm"
+
+    p = run_cli("estimate", "--config", str(tmp_path / "llama"), "--tokens", "1e6", "--hardware", GFLOPS, "--json")
+    assert p.returncode == 0, p.stderr
+    want = estimate(
+        load_config(preset="llama-tiny", overrides={"model": {"n_layer": 3, "vocab_size": 700}}),
+        tokens=10**6,
+        hardware=1000.0,
+    )
+    assert json.loads(p.stdout) == json.loads(json.dumps(want))
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}', encoding="utf-8")
+    (tmp_path / "manifest.json").write_text('{"inputs": []}', encoding="utf-8")
+    (tmp_path / "broken.json").write_text('{"model": ', encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    for given, match in (
+        (tmp_path / "hf", "a Hugging Face model's config.json; import it first"),
+        (tmp_path / "manifest.json", "not an lmforge run's config.json"),
+        (tmp_path / "broken.json", "is not valid JSON"),
+        (tmp_path / "empty", "a folder without config.json"),
+        (tmp_path / "missing.json", "not found"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(config_file=given)
