@@ -146,13 +146,14 @@ def test_activation_formula_matches_saved_tensors(variant: dict, dtype: str) -> 
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
-@pytest.mark.parametrize("vocab", [64, 2048], ids=["layers-dominate", "logits-dominate"])
+@pytest.mark.parametrize("vocab", [64, 2048, 8192], ids=["layers-dominate", "logits-dominate", "logits-only"])
 def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int) -> None:
     """The predicted total against the real loop's peak, counted by PyTorch's CPU allocator (torch.profiler).
 
     Measured when written: +6% (vocab 64) and +4% (vocab 2048); the estimate is meant as an upper bound
     (it adds all gradients to all activations), so the check is 0.95x .. 1.25x. Leaving out the loss terms
-    (log-probs, the two logits-sized gradients) fails the vocab-2048 case.
+    (log-probs, the two logits-sized gradients) fails the vocab-2048 case; counting the logits as kept (the
+    loop no longer holds them) had drifted to +24% there and fails vocab 8192 (+30%; +5% without).
     """
     cfg = run_cfg(
         model={"vocab_size": vocab, "n_layer": 3, "d_model": 64, "max_seq_len": 64},
@@ -245,9 +246,9 @@ def test_bf16_halves_matmul_activations_but_not_weights() -> None:
     cfg = small_cfg(vocab_size=64)
     fp32 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="float32", device="cuda")
     bf16 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="bfloat16", device="cuda")
-    # per layer: 2 fp32 residual inputs (+ norm stats) stay, the rest halves; logits halve, fp32 loss terms stay
+    # per layer: 2 fp32 residual inputs (+ norm stats) stay, the rest halves; fp32 loss terms stay
     assert 0.5 * fp32["per_layer"] < bf16["per_layer"] < 0.65 * fp32["per_layer"]
-    assert bf16["logits"] == fp32["logits"] // 2 and bf16["loss_backward"] == fp32["loss_backward"]
+    assert bf16["loss_backward"] == fp32["loss_backward"]
     m32, m16 = (
         memory_bytes(cfg, OptimConfig(), seq_len=32, micro_batch=8, dtype=d, device="cuda")
         for d in ("float32", "bfloat16")
