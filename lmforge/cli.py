@@ -111,7 +111,11 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="prepared data directory (from 'lmforge prepare')")
     p.add_argument("--out", help="run directory")
     p.add_argument("--preset", help="named preset (see the list below)")
-    p.add_argument("--config", help="TOML config file with [model], [train], ... sections")
+    p.add_argument(
+        "--config",
+        help="TOML config file with [model], [train], ... sections, or a run's config.json or run folder "
+        "(its resolved settings)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument(
@@ -249,7 +253,11 @@ def build_parser() -> Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", help="named preset (see the list below)")
-    p.add_argument("--config", help="TOML config file with [model], [train], ... sections")
+    p.add_argument(
+        "--config",
+        help="TOML config file with [model], [train], ... sections, or a run's config.json or run folder "
+        "(its resolved settings)",
+    )
     p.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 2.5e9")
     p.add_argument(
         "--hardware",

@@ -598,6 +598,35 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8 TOML") from None
 
 
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path, bool]:
+    """`--config`'s file as a nested dict: a TOML file, or a run's resolved `config.json` (written by `pretrain`,
+    `finetune` and `import`), or the run folder that holds it, so a bigger run can be planned from an existing
+    one. Returns (settings, the file read, whether it is a run's config.json); anything else is a `ConfigError`."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{p} is a folder without config.json; pass a .toml file or a run folder to --config")
+        p = p / "config.json"
+    if p.suffix.lower() != ".json":
+        return read_toml(p), p, False
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass a .toml file or a run's config.json to --config")
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{p} is not valid JSON; pass a .toml file or a run's config.json to --config") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        hf = isinstance(data, dict) and ("model_type" in data or "architectures" in data)
+        fix = (
+            f"import it first ('lmforge import {p.parent} --out RUN_DIR') and pass RUN_DIR"
+            if hf
+            else "pass a .toml file or the config.json of an lmforge run"
+        )
+        kind = "a Hugging Face model's config.json" if hf else "not an lmforge run's config.json (no model section)"
+        raise ConfigError(f"{p} is {kind}; {fix}")
+    return data, p, True
+
+
 def load_config(
     *,
     preset: str | None = None,
@@ -609,17 +638,18 @@ def load_config(
 
     Args:
         preset: name from `lmforge.presets.PRESETS` (a TOML file may also say `preset = "..."`).
-        config_file: path to a TOML file with sections like `[train]`, `[model]`.
+        config_file: path to a TOML file with sections like `[train]`, `[model]`, or a run's config.json or
+            run folder (`read_config_file`).
         overrides: dotted CLI arguments (`["--train.lr", "1e-3"]`) or an equivalent nested dict.
         base: a nested dict applied before the preset (used by commands with their own defaults).
     """
     from lmforge.presets import preset_dict
 
-    file_dict = read_toml(config_file) if config_file else {}
+    file_dict, config_path, from_run = read_config_file(config_file) if config_file else ({}, None, False)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
-    _check_sections(file_dict, f"{config_file}")
+    _check_sections(file_dict, f"{config_path}")
     name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
     if not isinstance(name, str):
         raise ConfigError(f'preset: expected a preset name in quotes (preset = "tiny"), got {name!r}')
@@ -630,11 +660,12 @@ def load_config(
     _drop_other_family_preset_keys(merged, from_preset, [file_dict, overrides])
     if name:
         merged["preset"] = name
-    where = f"{config_file}" if config_file else "config"
+    where = f"{config_path}" if config_file else "config"
     cfg = from_dict(RunConfig, merged, where=where)
     # written by the user (TOML or flag), an objective setting the objective never reads is refused also
-    # at its default value; a preset's own objective settings are not the user's
-    written = [d.get("objective") for d in (file_dict, overrides)]
+    # at its default value; a preset's own objective settings are not the user's, nor a run's config.json's
+    # (it lists every key)
+    written = [d.get("objective") for d in ([overrides] if from_run else [file_dict, overrides])]
     cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
     return cfg
 

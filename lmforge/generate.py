@@ -27,8 +27,9 @@
 - Stop ids: besides `eos_id`, `generate`/`generate_batch` stop at any id of `stop_ids`. A run keeps its
   extra ones in `generation.json` (`{"stop_ids": [...]}`): `lmforge import` writes it when the HF
   directory's end-of-sequence ids (generation_config.json, config.json, tokenizer_config.json) name
-  more than the tokenizer's own end-of-text token, e.g. Llama-3-Instruct's `<|eot_id|>`.
-  `stop_ids_of(run_dir)` reads it (a fine-tune without one uses its base's), for `generate`, `chat`,
+  more than the tokenizer's own end-of-text token, e.g. Llama-3-Instruct's `<|eot_id|>`, with the HF
+  config.json's own `eos_token_id` (`hf_eos_of`: Qwen2.5-Instruct's `<|im_end|>`, which the HF export writes
+  back). `stop_ids_of(run_dir)` reads it (a fine-tune without one uses its base's), for `generate`, `chat`,
   `serve` and the HF export.
 - No eos: an imported tokenizer may have no end-of-text token lmforge knows (`Tokenizer.eos_id_or_none`
   is None; its end token, if any, is then in `generation.json`). Its runs generate all the same, up to
@@ -70,11 +71,36 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet)
 STOP_IDS_FILE = "generation.json"  # in a run directory: {"stop_ids": [...]}, ids that end a generation
 
 
-def write_stop_ids(run_dir: Path, stop_ids: list[int]) -> None:
-    """Record `stop_ids` (token ids that end a generation, beside the tokenizer's eos) in `run_dir`."""
+def write_stop_ids(run_dir: Path, stop_ids: list[int], *, hf_eos: int | list[int] | None = None) -> None:
+    """Record `stop_ids` (token ids that end a generation, beside the tokenizer's eos) in `run_dir`, and
+    `hf_eos`, the `eos_token_id` of the HF config.json an imported model came with, for its HF export."""
     from lmforge.atomic import write_json
 
-    write_json(Path(run_dir) / STOP_IDS_FILE, {"stop_ids": list(stop_ids)})
+    extra = {} if hf_eos is None else {"hf_eos_token_id": hf_eos}
+    write_json(Path(run_dir) / STOP_IDS_FILE, {"stop_ids": list(stop_ids), **extra})
+
+
+def _generation_file(run_dir: str | Path) -> tuple[Path, Any] | None:
+    """(path, content) of the run's `STOP_IDS_FILE`, or of its fine-tune base's; None when neither has one."""
+    from lmforge.checkpoint import read_json
+
+    run_dir = Path(run_dir)
+    for _ in range(8):  # a fine-tune of a fine-tune of ...; the bound only guards against a loop
+        path = run_dir / STOP_IDS_FILE
+        if path.is_file():
+            return path, read_json(path, "delete it or re-import the model")
+        info_path = run_dir / "finetune.json"
+        if not info_path.is_file():
+            return None
+        info = read_json(info_path, "re-run lmforge finetune")
+        base = info.get("base") if isinstance(info, dict) else None
+        if not isinstance(base, str) or not Path(base).exists():
+            return None  # (loading the run names a missing base, where that matters)
+        from lmforge.adapt.load import run_dir_of
+
+        base_dir = Path(base).resolve()  # a checkpoint folder (as finetune records it) or a run directory
+        run_dir = base_dir if (base_dir / "checkpoints").is_dir() else run_dir_of(base_dir)
+    return None
 
 
 def stop_ids_of(run_dir: str | Path) -> list[int]:
@@ -86,29 +112,23 @@ def stop_ids_of(run_dir: str | Path) -> list[int]:
     Raises:
         CheckpointError: the file is not {"stop_ids": [non-negative ints]}.
     """
-    from lmforge.checkpoint import read_json
+    found = _generation_file(run_dir)
+    if found is None:
+        return []
+    path, data = found
+    ids = data.get("stop_ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise CheckpointError(f'{path} must be {{"stop_ids": [token ids]}}; delete it or re-import the model')
+    return ids
 
-    run_dir = Path(run_dir)
-    for _ in range(8):  # a fine-tune of a fine-tune of ...; the bound only guards against a loop
-        path = run_dir / STOP_IDS_FILE
-        if path.is_file():
-            data = read_json(path, "delete it or re-import the model")
-            ids = data.get("stop_ids") if isinstance(data, dict) else None
-            if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
-                raise CheckpointError(f'{path} must be {{"stop_ids": [token ids]}}; delete it or re-import the model')
-            return ids
-        info_path = run_dir / "finetune.json"
-        if not info_path.is_file():
-            return []
-        info = read_json(info_path, "re-run lmforge finetune")
-        base = info.get("base") if isinstance(info, dict) else None
-        if not isinstance(base, str) or not Path(base).exists():
-            return []  # (loading the run names a missing base, where that matters)
-        from lmforge.adapt.load import run_dir_of
 
-        base_dir = Path(base).resolve()  # a checkpoint folder (as finetune records it) or a run directory
-        run_dir = base_dir if (base_dir / "checkpoints").is_dir() else run_dir_of(base_dir)
-    return []
+def hf_eos_of(run_dir: str | Path) -> int | list[int] | None:
+    """The `eos_token_id` of the HF config.json this run (or its fine-tune base) was imported from, when it
+    named another token than the tokenizer's eos (Qwen2.5-Instruct: `<|im_end|>`), else None."""
+    found = _generation_file(run_dir)
+    value = found[1].get("hf_eos_token_id") if found and isinstance(found[1], dict) else None
+    ids = value if isinstance(value, list) else [value]
+    return value if ids and all(type(i) is int and i >= 0 for i in ids) else None
 
 
 def run_stops(loaded: Any) -> frozenset[int]:

@@ -827,3 +827,35 @@ def test_export_of_an_imported_chat_model_keeps_its_template(bpe: Tokenizer, tmp
     # llama.cpp renders {{ bos_token }} as the BOS id's text; the template writes it, so it is not added again
     assert fields["tokenizer.ggml.bos_token_id"].contents() == bos
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+
+
+def test_export_of_an_imported_qwen_chat_model_keeps_its_config_eos(bpe: Tokenizer, tmp_path: Path) -> None:
+    """Qwen2.5-Instruct's config.json names `<|im_end|>` as eos_token_id (transformers' default stop), while its
+    tokenizer's end-of-text token, lmforge's eos, is `<|endoftext|>`: import -> export --to hf writes the
+    original config.json's eos_token_id again (it wrote `<|endoftext|>`'s), generation_config.json both; a
+    quantized copy and a second round trip keep it."""
+    from lmforge.compress.quantize import quantize_run
+
+    raw = Tokenizer.from_str(bpe.to_str()).hf
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer.from_str(raw.to_str())
+    text_end, im_end = tok.eos_id, raw.token_to_id("<|im_end|>")
+    assert text_end != im_end
+    torch.manual_seed(0)
+    model = _hf_qwen2(tok)
+    model.config.bos_token_id, model.config.eos_token_id = text_end, im_end
+    model.generation_config = transformers.GenerationConfig(bos_token_id=text_end, eos_token_id=[im_end, text_end])
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    original = json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    assert original == im_end  # (what transformers wrote)
+
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    out = export_hf(run, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == original
+    assert transformers.AutoConfig.from_pretrained(str(out)).eos_token_id == im_end
+    assert sorted(transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id) == sorted([im_end, text_end])
+    quantized = quantize_run(run, tmp_path / "int8", bits=8, compare=False)["out"]
+    again = export_hf(import_hf(out, tmp_path / "run2"), tmp_path / "export2")
+    for folder in (export_hf(quantized, tmp_path / "export-int8"), again):
+        assert json.loads((folder / "config.json").read_text())["eos_token_id"] == im_end

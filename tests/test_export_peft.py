@@ -64,7 +64,7 @@ def test_peft_adapter_and_merged_export_match_our_lora_model(model: dict, tmp_pa
 
     out = export_peft(run, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    assert config["base_model_name_or_path"] == str(out / "base")
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
     if model:  # Llama: fused qkv / gate-up split into HF's modules
         assert config["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
@@ -115,7 +115,7 @@ def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     assert "`export` takes those LM-task runs but prompt-tuned ones" in readme and "Classifiers" in readme
 
 
-def test_cli_export_peft(tmp_path: Path) -> None:
+def test_cli_export_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = lora_run(tmp_path, {})
     r = run_cli("export", str(run), "--to", "hf", "--peft", "--out", str(tmp_path / "adapter"))
     assert r.returncode == 0, r.stderr
@@ -123,6 +123,21 @@ def test_cli_export_peft(tmp_path: Path) -> None:
     assert (tmp_path / "adapter" / "base" / "model.safetensors").is_file()
     r = run_cli("export", str(tmp_path / "base"), "--peft", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "not an adapter-only LoRA run" in r.stderr and "Traceback" not in r.stderr
+
+    # base_model_name_or_path was the exporting machine's absolute path; now `--out` as given + "/base", as
+    # PEFT records the path it loaded its base from: AutoPeftModelForCausalLM finds the base from the folder
+    # the export ran in, also after that folder tree moved elsewhere (another machine), with the same logits
+    (tmp_path / "work").mkdir()
+    r = run_cli("export", str(run), "--to", "hf", "--peft", "--out", "exports/adapter", cwd=str(tmp_path / "work"))
+    assert r.returncode == 0, r.stderr
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "work").rename(moved)
+    config = json.loads((moved / "exports" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.join("exports", "adapter", "base")
+    monkeypatch.chdir(moved)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained("exports/adapter")  # (an OSError without its base)
+    assert auto.base_model.model.config.name_or_path == os.path.join("exports", "adapter", "base")
+    assert auto.peft_config["default"].r == 4
 
 
 def test_model_card_of_a_fine_tune_names_its_base_task_and_chat_prompt(tmp_path: Path) -> None:

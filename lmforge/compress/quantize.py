@@ -215,7 +215,7 @@ def quantize_run(
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, write_json
     from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
-    from lmforge.generate import stop_ids_of, write_stop_ids
+    from lmforge.generate import hf_eos_of, stop_ids_of, write_stop_ids
 
     if bits not in BITS:
         raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
@@ -280,7 +280,7 @@ def quantize_run(
             shutil.copyfile(run_dir / "finetune.json", tmp / "finetune.json")
         stop_ids = stop_ids_of(run_dir)  # an imported instruct model's end of turn (or its fine-tune's base's)
         if stop_ids:
-            write_stop_ids(tmp, stop_ids)
+            write_stop_ids(tmp, stop_ids, hf_eos=hf_eos_of(run_dir))
         result: dict[str, Any] = {
             "out": str(out),
             "bits": bits,

@@ -4,7 +4,8 @@
 and `AutoTokenizer.from_pretrained`:
 
     out/
-        config.json               GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM config
+        config.json               GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM config (eos_token_id:
+                                  our end-of-text id, or an imported model's own, generate.hf_eos_of)
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
         generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
@@ -204,6 +205,15 @@ def extra_stop_ids(trained: Any, eos_id: int | None) -> list[int]:
     return [i for i in stop_ids_of(run_dir_of(trained.checkpoint.path)) if i != eos_id]
 
 
+def hf_eos_of_trained(trained: Any) -> int | list[int] | None:
+    """The eos_token_id of the HF config.json the run was imported from, when not its tokenizer's eos
+    (`generate.hf_eos_of`), which config.json names again so that transformers stops where it did."""
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.generate import hf_eos_of
+
+    return hf_eos_of(run_dir_of(trained.checkpoint.path))
+
+
 def without_chat_markers(tokenizer_json: str) -> str:
     """tokenizer.json for a chat-tuned export: the role markers (`<|user|>`, ...) leave the added tokens.
 
@@ -235,7 +245,10 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
     with building_dir(out) as tmp:
         template = chat_template_of(trained)
         bos_id = bos_id_of(tokenizer, eos_id, template)
-        write_json(tmp / "config.json", {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id})
+        hf_config = {**FAMILIES[family].config_to_hf(cfg, eos_id, dtype), "bos_token_id": bos_id}
+        if (hf_eos := hf_eos_of_trained(trained)) is not None:  # an imported model's own (Qwen: <|im_end|>)
+            hf_config["eos_token_id"] = hf_eos
+        write_json(tmp / "config.json", hf_config)
         save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF requires "format"
         fsync_file(tmp / "model.safetensors")
         # No max_length: transformers warns on every generate(max_new_tokens=...) when both are set;

@@ -11,7 +11,9 @@ instruct model also ends its turns with another (Llama-3-Instruct: `<|eot_id|>` 
 `<|end_of_text|>`; SmolLM2-Instruct: `<|im_end|>`). `hf_stop_ids` collects the directory's own:
 generation_config.json and config.json `eos_token_id` (an id or a list), tokenizer_config.json
 `eos_token`; when they name more than the tokenizer's eos, the run gets them as `generation.json`
-(`generate.stop_ids_of`), where `generate`, `chat`, `serve` and the HF export find them.
+(`generate.stop_ids_of`), where `generate`, `chat`, `serve` and the HF export find them. It also keeps
+config.json's own `eos_token_id` when that is not the tokenizer's eos (Qwen2.5-Instruct names `<|im_end|>`
+there, transformers' default stop for the model), so the HF export's config.json names it again.
 
 Chat template: an instruct model's own (`chat_template.jinja`, which transformers prefers, else
 tokenizer_config.json `chat_template`: a string, or a list of {name, template} whose "default" is used)
@@ -107,9 +109,15 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     stop_ids = hf_stop_ids(hf_dir, hf_cfg, tokenizer)
     own_eos = tokenizer.eos_id_or_none  # None: no known end-of-text token (generate says so when it needs one)
     stop_ids = stop_ids if any(i != own_eos for i in stop_ids) else []  # only if they add to the eos
+    hf_eos = hf_cfg.get("eos_token_id")  # an id or a list, kept for the HF export when it is not just our eos
+    hf_eos_ids = hf_eos if isinstance(hf_eos, list) else [hf_eos]
+    if hf_eos == own_eos or not (hf_eos_ids and all(i in stop_ids for i in hf_eos_ids)):
+        hf_eos = None
     run_cfg = RunConfig(out=str(out), model=cfg)
     chat = hf_chat_template(hf_dir)
-    return write_imported_run(out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids, chat=chat)
+    return write_imported_run(
+        out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids, hf_eos=hf_eos, chat=chat
+    )
 
 
 def hf_chat_template(hf_dir: Path) -> dict[str, str] | None:
@@ -176,10 +184,12 @@ def write_imported_run(
     model_type: str,
     *,
     stop_ids: list[int] | None = None,
+    hf_eos: int | list[int] | None = None,
     chat: dict[str, str] | None = None,
 ) -> Path:
     """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json, a weights-only
-    step-0 checkpoint, with `stop_ids` generation.json (`generate.write_stop_ids`) and with `chat` (an HF
+    step-0 checkpoint, with `stop_ids` generation.json (`generate.write_stop_ids`, holding `hf_eos`, the HF
+    config.json's eos_token_id, too) and with `chat` (an HF
     chat template's `hf_template_config`) tokenizer_config.json."""
     from lmforge.generate import write_stop_ids
     from lmforge.train.state import TrainState
@@ -188,7 +198,7 @@ def write_imported_run(
         write_json(tmp / "config.json", run_cfg.to_dict())
         tokenizer.save(tmp / "tokenizer.json")
         if stop_ids:
-            write_stop_ids(tmp, stop_ids)
+            write_stop_ids(tmp, stop_ids, hf_eos=hf_eos)
         if chat:
             write_json(tmp / "tokenizer_config.json", chat)
         save_checkpoint(

@@ -9,7 +9,7 @@ soft prompts) are refused: transformers has no class that computes them.
 
     out/
         adapter_config.json        PEFT LoraConfig: r, lora_alpha, lora_dropout, target_modules (HF names),
-                                   fan_in_fan_out (GPT-2's Conv1D), base_model_name_or_path = out/base
+                                   fan_in_fan_out (GPT-2's Conv1D), base_model_name_or_path = OUT/base
         adapter_model.safetensors  base_model.model.<HF module>.lora_A.weight / .lora_B.weight
         tokenizer.json, tokenizer_config.json, special_tokens_map.json   (the base's)
         README.md                  adapter card: base, task, rank, targets, training steps
@@ -27,8 +27,11 @@ Design decisions
 - target_modules are name suffixes PEFT matches at a dot boundary ("attn.c_proj" hits attention's
   output projection, not "mlp.c_proj").
 - The base is the model the adapter was trained on: the run's base with any earlier LoRA merged
-  (LoRA-on-LoRA runs), exported next to the adapter. base_model_name_or_path is its absolute path,
-  metadata only: `PeftModel.from_pretrained(model, out)` uses whatever model it is given.
+  (LoRA-on-LoRA runs), exported next to the adapter. base_model_name_or_path is `OUT/base` with OUT as the
+  user gave it (relative stays relative), as PEFT itself records the path its base was loaded from:
+  `AutoPeftModelForCausalLM.from_pretrained(OUT)` opens that path from the working directory, so it works
+  from where the export ran, also after the folder tree moved to another machine; an absolute path of the
+  exporting machine did not. `PeftModel.from_pretrained(model, out)` ignores it and uses the model given.
 - No `peft` import here: JSON and safetensors are written directly (tests load them with peft).
 
 Reference: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/config.py
@@ -174,7 +177,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
             {
                 "peft_type": "LORA",
                 "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": str((out / "base").resolve()),
+                "base_model_name_or_path": str(out / "base"),  # as given: see the module docstring
                 "r": lora["rank"],
                 "lora_alpha": lora["alpha"],
                 "lora_dropout": lora["dropout"],
