@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import ConfigError
-from lmforge.fields import check, opt
+from lmforge.fields import changed_fields, check, opt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,6 +205,28 @@ class OptimConfig:
         check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
         check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` that the chosen optimizer never reads is an error rather than silently ignored
+        (`load_config` and finetune pass the settings off their defaults and those the user wrote; not checked
+        here in `__post_init__`, so that a saved run whose preset set such a value still loads)."""
+        for name in sorted(names):
+            readers = OPTIM_READERS.get(name, (self.name,))
+            check(
+                self.name in readers,
+                f"optim.{name} is not used by optim.name {self.name} (only by {' or '.join(readers)}); drop it, "
+                f"or pass --optim.name {readers[0]}",
+            )
+
+
+# The optimizers that read each setting that not all of them read (train/optim.py: build_optimizer). Muon trains
+# embeddings, head, norms and biases with its own (unfused) AdamW, so it reads the betas and eps but not `fused`.
+OPTIM_READERS = {
+    **dict.fromkeys(("beta1", "beta2", "eps"), ("adamw", "muon")),
+    **dict.fromkeys(("momentum", "nesterov"), ("sgd",)),
+    "fused": ("adamw",),
+    **dict.fromkeys(("muon_lr", "muon_momentum", "muon_ns_steps", "muon_ns_dtype"), ("muon",)),
+}
 
 
 @dataclass(kw_only=True)
@@ -628,6 +650,7 @@ def load_config(
     merged = merge(merged, file_dict)
     merged = merge(merged, overrides)
     _drop_other_family_preset_keys(merged, from_preset, [file_dict, overrides])
+    _drop_unused_preset_optim_keys(merged, from_preset, [file_dict, overrides])
     if name:
         merged["preset"] = name
     where = f"{config_file}" if config_file else "config"
@@ -636,6 +659,9 @@ def load_config(
     # at its default value; a preset's own objective settings are not the user's
     written = [d.get("objective") for d in (file_dict, overrides)]
     cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
+    # the same for optimizer settings (--optim.momentum with AdamW was ignored), and those off their defaults
+    written = [d.get("optim") for d in (file_dict, overrides)]
+    cfg.optim.refuse_unused(changed_fields(cfg.optim) | {k for s in written if isinstance(s, dict) for k in s})
     return cfg
 
 
@@ -661,6 +687,18 @@ def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any
     given = {k for d in user for k in (d.get("model") or {})}
     for key in [k for k in model if k not in known and k not in given and k in preset_model]:
         del model[key]
+
+
+def _drop_unused_preset_optim_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:
+    """`--preset small --optim.name sgd`: the preset's AdamW betas are the preset's, not the user's: drop them
+    instead of refusing them as settings SGD does not read."""
+    optim, preset_optim = merged.get("optim"), preset.get("optim")
+    if not isinstance(optim, dict) or not isinstance(preset_optim, dict):
+        return
+    name = optim.get("name", OptimConfig().name)
+    given = {k for d in user if isinstance(d.get("optim"), dict) for k in d["optim"]}
+    for key in [k for k in preset_optim if k not in given and name not in OPTIM_READERS.get(k, (name,))]:
+        optim.pop(key, None)
 
 
 def config_from_json(data: dict[str, Any], where: str) -> RunConfig:
