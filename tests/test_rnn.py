@@ -101,6 +101,21 @@ def test_carried_state_equals_one_long_sequence(family):
     assert state.pos == 12
 
 
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_bfloat16_autocast_on_cpu_trains_a_recurrent_model(family):
+    """`--train.dtype bfloat16` on CPU: autocast ran nn.LSTM in bfloat16, where oneDNN failed ("could not create a
+    primitive descriptor for the LSTM forward propagation primitive"), a traceback at the first step."""
+    m = _model(family).train()
+    idx = torch.randint(0, 23, (3, 11))
+    state = m.new_cache(batch_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx, state)
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16 and state.h.dtype == torch.float32  # the head in bf16, the state fp32
+    with torch.no_grad():  # tolerance: the head's bf16 inputs and weights (8 mantissa bits), logits ~0.1
+        torch.testing.assert_close(logits.float(), m.eval()(idx), atol=2e-2, rtol=2e-2)
+
+
 def test_generation_with_state_equals_recompute_and_runs_past_the_window():
     m = _model("lstm")
     a = generate(m, [1, 2, 3], max_new_tokens=40, temperature=0.0, use_cache=True)
