@@ -133,6 +133,12 @@ class TrainConfig:
             f"train.compile_mode {self.compile_mode!r} needs train.compile true (--train.compile true)",
         )
         check(self.early_stop_patience >= 0, "train.early_stop_patience must be >= 0")
+        # (a negative min_delta let a worse loss reset the patience; NaN made every evaluation count as no better)
+        check(
+            0 <= self.early_stop_min_delta < math.inf,
+            f"train.early_stop_min_delta must be a number >= 0, got {self.early_stop_min_delta}",
+        )
+        check(self.rollback_after >= 0, f"train.rollback_after must be >= 0 (0 = never), got {self.rollback_after}")
 
     @property
     def micro_batch(self) -> int:
@@ -199,7 +205,7 @@ class OptimConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
         check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
-        check(self.l1 >= 0, f"optim.l1 must be >= 0, got {self.l1}")
+        check(0 <= self.l1 < math.inf, f"optim.l1 must be a number >= 0, got {self.l1}")  # inf: every step NaN
         check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
         check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")

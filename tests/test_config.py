@@ -221,6 +221,21 @@ def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
     assert finetune_sections("full", {"optim": {"name": "sgd", "momentum": 0.5}})[1].momentum == 0.5
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("train.early_stop_min_delta", "-1"),  # a worse loss reset the patience
+        ("train.early_stop_min_delta", "nan"),  # every evaluation counted as no better
+        ("train.rollback_after", "-1"),  # rolled back after the first non-finite step
+        ("optim.l1", "inf"),  # every step's gradient non-finite, every step skipped
+    ],
+)
+def test_out_of_range_loop_settings_are_refused(flag, value):
+    """These were accepted and trained: a one-line error naming the setting now."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(flag)} must be "):
+        load_config(preset="tiny", overrides=[f"--{flag}", value])
+
+
 @pytest.mark.parametrize(("tokenizer", "least"), [("bpe", 257), ("wordpiece", 64), ("unigram", 281)])
 def test_a_too_small_prepare_vocabulary_names_the_flag_to_change(tokenizer: str, least: int) -> None:
     """prepare's vocabulary floor names `--vocab-size`, the flag a user types, and the smallest size allowed."""
