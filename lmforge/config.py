@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import ConfigError
-from lmforge.fields import check, opt
+from lmforge.fields import changed_fields, check, opt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +133,12 @@ class TrainConfig:
             f"train.compile_mode {self.compile_mode!r} needs train.compile true (--train.compile true)",
         )
         check(self.early_stop_patience >= 0, "train.early_stop_patience must be >= 0")
+        # (a negative min_delta let a worse loss reset the patience; NaN made every evaluation count as no better)
+        check(
+            0 <= self.early_stop_min_delta < math.inf,
+            f"train.early_stop_min_delta must be a number >= 0, got {self.early_stop_min_delta}",
+        )
+        check(self.rollback_after >= 0, f"train.rollback_after must be >= 0 (0 = never), got {self.rollback_after}")
 
     @property
     def micro_batch(self) -> int:
@@ -199,12 +205,34 @@ class OptimConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
         check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
-        check(self.l1 >= 0, f"optim.l1 must be >= 0, got {self.l1}")
+        check(0 <= self.l1 < math.inf, f"optim.l1 must be a number >= 0, got {self.l1}")  # inf: every step NaN
         check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
         check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
         check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` that the chosen optimizer never reads is an error rather than silently ignored
+        (`load_config` and finetune pass the settings off their defaults and those the user wrote; not checked
+        here in `__post_init__`, so that a saved run whose preset set such a value still loads)."""
+        for name in sorted(names):
+            readers = OPTIM_READERS.get(name, (self.name,))
+            check(
+                self.name in readers,
+                f"optim.{name} is not used by optim.name {self.name} (only by {' or '.join(readers)}); drop it, "
+                f"or pass --optim.name {readers[0]}",
+            )
+
+
+# The optimizers that read each setting that not all of them read (train/optim.py: build_optimizer). Muon trains
+# embeddings, head, norms and biases with its own (unfused) AdamW, so it reads the betas and eps but not `fused`.
+OPTIM_READERS = {
+    **dict.fromkeys(("beta1", "beta2", "eps"), ("adamw", "muon")),
+    **dict.fromkeys(("momentum", "nesterov"), ("sgd",)),
+    "fused": ("adamw",),
+    **dict.fromkeys(("muon_lr", "muon_momentum", "muon_ns_steps", "muon_ns_dtype"), ("muon",)),
+}
 
 
 @dataclass(kw_only=True)
@@ -658,6 +686,9 @@ def load_config(
     merged = merge(merged, file_dict)
     merged = merge(merged, overrides)
     _drop_other_family_preset_keys(merged, from_preset, [file_dict, overrides])
+    _drop_unused_preset_optim_keys(merged, from_preset, [file_dict, overrides])
+    if from_run:  # a run's config.json lists every optimizer key: its values give way to another --optim.name too
+        _drop_unused_preset_optim_keys(merged, file_dict, [overrides])
     if name:
         merged["preset"] = name
     where = f"{config_path}" if config_file else "config"
@@ -667,6 +698,9 @@ def load_config(
     # (it lists every key)
     written = [d.get("objective") for d in ([overrides] if from_run else [file_dict, overrides])]
     cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
+    # the same for optimizer settings (--optim.momentum with AdamW was ignored), and those off their defaults
+    written = [d.get("optim") for d in ([overrides] if from_run else [file_dict, overrides])]
+    cfg.optim.refuse_unused(changed_fields(cfg.optim) | {k for s in written if isinstance(s, dict) for k in s})
     return cfg
 
 
@@ -692,6 +726,18 @@ def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any
     given = {k for d in user for k in (d.get("model") or {})}
     for key in [k for k in model if k not in known and k not in given and k in preset_model]:
         del model[key]
+
+
+def _drop_unused_preset_optim_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:
+    """`--preset small --optim.name sgd`: the preset's AdamW betas are the preset's, not the user's: drop them
+    instead of refusing them as settings SGD does not read."""
+    optim, preset_optim = merged.get("optim"), preset.get("optim")
+    if not isinstance(optim, dict) or not isinstance(preset_optim, dict):
+        return
+    name = optim.get("name", OptimConfig().name)
+    given = {k for d in user if isinstance(d.get("optim"), dict) for k in d["optim"]}
+    for key in [k for k in preset_optim if k not in given and name not in OPTIM_READERS.get(k, (name,))]:
+        optim.pop(key, None)
 
 
 def config_from_json(data: dict[str, Any], where: str) -> RunConfig:

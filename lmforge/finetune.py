@@ -188,9 +188,11 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
             f"fine-tuning takes {', '.join(others)} and {last} settings, not --{extra[0]}.*; the model comes from BASE"
         )
     where = "finetune settings"
+    optim = from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where)
+    optim.refuse_unused(changed_fields(optim) | set((overrides or {}).get("optim") or {}))  # --optim.momentum, adamw
     return (
         from_dict(TrainConfig, merged["train"], prefix="train.", where=where),
-        from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where),
+        optim,
         from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where),
         from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
         from_dict(LogConfig, merged["log"], prefix="log.", where=where),

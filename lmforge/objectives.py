@@ -160,21 +160,38 @@ class CarriedStateLM:
     stream, so the state after batch k is the right start for batch k + 1. The state is carried,
     detached (gradients stop at the chunk boundary), and saved with checkpoints (`state_dict`) so a
     resumed run continues bit-identically.
+
+    With gradient accumulation the state covers all `accum_steps x micro-batch` rows of a step, and the
+    m-th micro-batch of each step (the loop calls `loss` for them in order) starts from, and updates,
+    its own rows [m*b, (m+1)*b): the streams of one big batch, trained as the big batch would.
     """
 
-    def __init__(self) -> None:
-        self.state: Any = None  # the model's RNNState, or None before the first batch
+    def __init__(self, accum_steps: int = 1) -> None:
+        self.accum_steps = accum_steps
+        self.state: Any = None  # the model's RNNState for all rows of a step, or None before the first batch
+        self._micro = 0  # which micro-batch of the step comes next (0 between steps, when checkpoints are saved)
 
     def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return count_targets(batch[1])
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        if self.state is None or self.state.h.shape[1] != x.shape[0]:
-            self.state = model.new_cache(batch_size=x.shape[0])
-        else:
-            self.state.detach_()
-        return causal_lm_loss(model(x, self.state), y)
+        B = x.shape[0]
+        if self.state is None or self.state.h.shape[1] != B * self.accum_steps:
+            self.state, self._micro = model.new_cache(batch_size=B * self.accum_steps), 0
+        m, self._micro = self._micro, (self._micro + 1) % self.accum_steps
+        rows = slice(m * B, (m + 1) * B)
+        full = self.state
+        part = type(full)(full.h[:, rows].clone(), None if full.c is None else full.c[:, rows].clone())
+        part.pos = full.pos  # (the position of the step's chunk, the same for every micro-batch)
+        logits = model(x, part)
+        with torch.no_grad():  # the carried state is detached: gradients stop at the chunk boundary
+            full.h[:, rows] = part.h
+            if full.c is not None:
+                full.c[:, rows] = part.c
+        if m == self.accum_steps - 1:
+            full.pos = part.pos
+        return causal_lm_loss(logits, y)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy of the carried state (exact: raw float32 bytes, base64)."""
@@ -190,7 +207,7 @@ class CarriedStateLM:
 
     def load_state_dict(self, sd: dict[str, Any], model: nn.Module) -> None:
         if not sd:
-            self.state = None
+            self.state, self._micro = None, 0
             return
         w = next(model.parameters())
 
@@ -198,7 +215,7 @@ class CarriedStateLM:
             arr = np.frombuffer(base64.b64decode(d["data"]), dtype=np.float32).reshape(d["shape"])
             return torch.from_numpy(arr.copy()).to(device=w.device, dtype=w.dtype)
 
-        self.state = model.new_cache(batch_size=sd["h"]["shape"][1])
+        self.state, self._micro = model.new_cache(batch_size=sd["h"]["shape"][1]), 0
         self.state.h = decode(sd["h"])
         self.state.c = decode(sd["c"]) if "c" in sd else None
         self.state.pos = int(sd["pos"])

@@ -1,6 +1,7 @@
 """Config: defaults, preset < TOML < CLI precedence, strict keys with did-you-mean, types, JSON round trip."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,55 @@ def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
     load_config(preset="bert-tiny", overrides=["--objective.mask_prob", "0.15"])
     with pytest.raises(ConfigError, match="--special-tokens all applies to a trained bpe tokenizer"):
         PrepareConfig(inputs=["x.txt"], out="o", tokenizer="char", special_tokens="all")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["--optim.momentum", "0.5"], "optim.momentum is not used by optim.name adamw (only by sgd); drop it, or pass"),
+        (["--optim.name", "sgd", "--optim.beta2", "0.9"], "optim.beta2 is not used by optim.name sgd (only by adamw"),
+        (["--optim.muon_lr", "0.01"], "optim.muon_lr is not used by optim.name adamw (only by muon)"),
+        (["--optim.name", "muon", "--optim.fused", "on"], "optim.fused is not used by optim.name muon (only by adamw)"),
+        (["--optim.nesterov", "false"], "optim.nesterov is not used by optim.name adamw"),  # written, at its default
+    ],
+)
+def test_optimizer_settings_the_optimizer_would_not_read_are_refused(overrides, refused):
+    """--optim.momentum with AdamW, betas with SGD and Muon's settings without Muon were accepted and ignored."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(refused)}"):
+        load_config(preset="tiny", overrides=overrides)
+
+
+def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
+    """The preset's AdamW beta2 (0.99) is the preset's, not the user's: --optim.name sgd drops it; a config file's
+    is the user's, and refused; the same settings where they apply are kept."""
+    assert load_config(preset="small", overrides=["--optim.name", "sgd"]).optim.beta2 == 0.95  # the default
+    assert load_config(preset="small").optim.beta2 == 0.99
+    toml = tmp_path / "run.toml"
+    toml.write_text("[optim]\nbeta2 = 0.99\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="optim.beta2 is not used by optim.name sgd"):
+        load_config(preset="small", config_file=toml, overrides=["--optim.name", "sgd"])
+    cfg = load_config(overrides=["--optim.name", "muon", "--optim.muon_lr", "0.05", "--optim.beta1", "0.8"])
+    assert (cfg.optim.muon_lr, cfg.optim.beta1) == (0.05, 0.8)
+    from lmforge.finetune import finetune_sections
+
+    with pytest.raises(ConfigError, match="optim.momentum is not used by optim.name adamw"):
+        finetune_sections("full", {"optim": {"momentum": 0.5}})
+    assert finetune_sections("full", {"optim": {"name": "sgd", "momentum": 0.5}})[1].momentum == 0.5
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("train.early_stop_min_delta", "-1"),  # a worse loss reset the patience
+        ("train.early_stop_min_delta", "nan"),  # every evaluation counted as no better
+        ("train.rollback_after", "-1"),  # rolled back after the first non-finite step
+        ("optim.l1", "inf"),  # every step's gradient non-finite, every step skipped
+    ],
+)
+def test_out_of_range_loop_settings_are_refused(flag, value):
+    """These were accepted and trained: a one-line error naming the setting now."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(flag)} must be "):
+        load_config(preset="tiny", overrides=[f"--{flag}", value])
 
 
 @pytest.mark.parametrize(("tokenizer", "least"), [("bpe", 257), ("wordpiece", 64), ("unigram", 281)])

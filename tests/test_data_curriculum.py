@@ -162,3 +162,29 @@ def test_pretrain_with_curriculum_resumes_exactly(data_dir: Path, tmp_path: Path
     a = load_file(str(latest_checkpoint(straight) / "model.safetensors"))
     b = load_file(str(latest_checkpoint(crashed) / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "named"),
+    [
+        ({"data.curriculum_start": 0.1}, {"data.curriculum_start": 0.5}, "--data.curriculum_start 0.1, not 0.5"),
+        ({}, {"data.curriculum_steps": 50}, "--data.curriculum_steps 8, not 50"),
+        ({}, {"data.curriculum": "none"}, "--data.curriculum doc_length, not none"),
+    ],
+)
+def test_a_resume_that_changes_the_curriculum_is_refused_by_name(data_dir: Path, tmp_path: Path, saved, now, named):
+    """A changed curriculum_start resumed silently into another data order; a changed curriculum_steps failed as
+    "saved with curriculum_steps=8, now 50" (no fix said), and dropping the curriculum as "saved with
+    windows_per_epoch=None ... resume with the same data" (the data was the same)."""
+    from lmforge.errors import ConfigError
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = tiny_config(data_dir, run, **{"data.curriculum": "doc_length", "data.curriculum_steps": 8, **saved})
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")  # the run's
+    changed = tiny_config(data_dir, run, **{"data.curriculum": "doc_length", "data.curriculum_steps": 8, **now})
+    with pytest.raises(ConfigError, match=f"was trained with {named}; resume with "):
+        pretrain(changed, progress=False)
+    assert json.loads((run / "config.json").read_text(encoding="utf-8")) == cfg.to_dict()  # untouched

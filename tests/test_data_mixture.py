@@ -146,3 +146,20 @@ def test_pretrain_on_a_mixture_resumes_exactly(data_dir: Path, tmp_path: Path, c
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="DATA_DIR=WEIGHT"):
         tiny_config(data_dir, tmp_path / "bad", **{"data.mix": "oops"})
+
+
+@pytest.mark.parametrize("mixed_first", [True, False])
+def test_a_resume_that_adds_or_drops_the_mixture_is_refused_by_name(data_dir: Path, tmp_path: Path, mixed_first):
+    """Dropping data.mix on resume failed as "the data loader was saved with seq_len=None, now 32; resume with the
+    same seq_len" (the seq_len had not changed)."""
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mixed, plain = tiny_config(data_dir, run, **{"data.mix": f"{data_dir}=1"}), tiny_config(data_dir, run)
+    saved, now = (mixed, plain) if mixed_first else (plain, mixed)
+    (run / "config.json").write_text(json.dumps(saved.to_dict()), encoding="utf-8")  # the run's
+    named = f"with --data.mix {data_dir}=1, not none; resume with --data.mix" if mixed_first else "without --data.mix"
+    with pytest.raises(ConfigError, match=f"was trained {named}"):
+        pretrain(now, progress=False)

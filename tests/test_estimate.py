@@ -501,6 +501,14 @@ def test_a_runs_config_json_or_folder_is_a_config_file(tmp_path) -> None:
             assert load_config(config_file=given).to_dict() == cfg.to_dict()
     wider = load_config(config_file=tmp_path / "llama", overrides={"model": {"d_model": 96}})
     assert wider.model.d_model == 96 and wider.model.n_layer == 3 and wider.model.norm == "rmsnorm"
+    # its optimizer keys (all listed, AdamW's beta2 off its default) give way to another optimizer, as a preset's do
+    small = load_config(preset="small", overrides={"out": str(tmp_path)})
+    (tmp_path / "small").mkdir()
+    write_json(tmp_path / "small" / "config.json", small.to_dict())
+    sgd = load_config(config_file=tmp_path / "small", overrides={"optim": {"name": "sgd"}})
+    assert sgd.optim.name == "sgd" and sgd.optim.beta2 == OptimConfig().beta2 and small.optim.beta2 != sgd.optim.beta2
+    with pytest.raises(ConfigError, match="optim.momentum is not used by optim.name adamw"):
+        load_config(config_file=tmp_path / "small", overrides={"optim": {"momentum": 0.5}})
 
     p = run_cli("estimate", "--config", str(tmp_path / "llama"), "--tokens", "1e6", "--hardware", GFLOPS, "--json")
     assert p.returncode == 0, p.stderr

@@ -101,6 +101,21 @@ def test_carried_state_equals_one_long_sequence(family):
     assert state.pos == 12
 
 
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_bfloat16_autocast_on_cpu_trains_a_recurrent_model(family):
+    """`--train.dtype bfloat16` on CPU: autocast ran nn.LSTM in bfloat16, where oneDNN failed ("could not create a
+    primitive descriptor for the LSTM forward propagation primitive"), a traceback at the first step."""
+    m = _model(family).train()
+    idx = torch.randint(0, 23, (3, 11))
+    state = m.new_cache(batch_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx, state)
+    logits.float().sum().backward()
+    assert logits.dtype == torch.bfloat16 and state.h.dtype == torch.float32  # the head in bf16, the state fp32
+    with torch.no_grad():  # tolerance: the head's bf16 inputs and weights (8 mantissa bits), logits ~0.1
+        torch.testing.assert_close(logits.float(), m.eval()(idx), atol=2e-2, rtol=2e-2)
+
+
 def test_generation_with_state_equals_recompute_and_runs_past_the_window():
     m = _model("lstm")
     a = generate(m, [1, 2, 3], max_new_tokens=40, temperature=0.0, use_cache=True)
@@ -162,7 +177,7 @@ def test_lstm_run_resumes_bit_identically_with_its_carried_state(data_dir, tmp_p
     assert pretrain(_cfg(data_dir, crashed, dropout=0.1), progress=False).step == 12
     _assert_same_run(straight, crashed)
     meta = json.loads((crashed / "checkpoints" / "step-000006" / "state.json").read_text(encoding="utf-8"))
-    assert meta["objective"]["h"]["shape"] == [2, 4, 32]  # the carried (n_layer, B, d_model) state was saved
+    assert meta["objective"]["h"]["shape"] == [2, 8, 32]  # the carried (n_layer, batch, d_model) state was saved
 
     # eval (ppl/bpb) and generation from the checkpoint, past the 16-token training window
     from lmforge.eval.lm import evaluate_checkpoint
@@ -172,6 +187,47 @@ def test_lstm_run_resumes_bit_identically_with_its_carried_state(data_dir, tmp_p
     assert m["ppl"] == pytest.approx(math.exp(m["loss"])) and 0 < m["bpb"] < 8
     text = generate_from_checkpoint(str(crashed), prompt="ROMEO: " * 5, max_new_tokens=30, seed=0, stop_at_eos=False)
     assert len(text) > 0
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_accumulation_equals_big_batch_with_carried_state(data_dir, tmp_path, family):
+    """Batch 8 as 4 accumulated micro-batches of 2 trained 2 streams (4 consecutive chunks of each per step),
+    not the big batch's 8: the loss curves parted at the first step. Now they agree, as for Transformers."""
+    curves = {}
+    for micro in (8, 2):
+        cfg = _cfg(data_dir, tmp_path / f"mb{micro}", preset=f"{family}-tiny", dropout=0.0)
+        cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, micro_batch_size=micro, max_steps=4),
+            eval=dataclasses.replace(cfg.eval, every=0),
+            checkpoint=dataclasses.replace(cfg.checkpoint, every=0),
+        )
+        pretrain(cfg, progress=False)
+        lines = (tmp_path / f"mb{micro}" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        curves[micro] = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    assert len(curves[8]) == 4 and len(set(curves[8])) > 1
+    # float32 sums in another order: agreement to ~1e-7 relative, not bitwise
+    assert curves[2] == pytest.approx(curves[8], rel=1e-5)
+
+
+def test_stream_loader_refuses_a_checkpoint_that_read_micro_batch_rows(data_dir):
+    """A checkpoint from before the fix above (state version 1) counted micro-batches of micro-batch rows: with
+    accumulation it must not resume silently into other streams. Without it (same rows) it resumes as before."""
+    from lmforge.data.prepare import load_data_dir
+    from lmforge.errors import DataError
+
+    shards = load_data_dir(data_dir).split_shards("train")
+    old = StreamLoader(shards, seq_len=16, batch_size=2)  # what version 1 was: 2 rows, position in micro-batches
+    state = {**old.state_dict(), "version": 1, "position": 5}
+    state.pop("micro")
+    accumulated = StreamLoader(shards, seq_len=16, batch_size=2, accum_steps=4)
+    with pytest.raises(DataError, match=r"older lmforge .* resume with --train.batch_size 2 "):
+        accumulated.load_state_dict(state)
+    same_rows = StreamLoader(shards, seq_len=16, batch_size=2)
+    same_rows.load_state_dict(state)
+    for _ in range(5):
+        next(old)
+    assert torch.equal(next(same_rows)[0], next(old)[0])
 
 
 def test_a_resume_that_flips_carry_state_is_refused_by_name(data_dir, tmp_path):

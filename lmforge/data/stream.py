@@ -11,6 +11,13 @@ PyTorch word-language-model example; batch k holds the k-th seq_len chunk of eac
 so row r of batch k + 1 continues row r of batch k exactly. After the last full chunk the rows
 start again from their beginnings (a new epoch); no shuffling, by design. State is one number (the
 batch position), so resume is exact. Rank r of W takes rows [r*B, (r+1)*B).
+
+With gradient accumulation, B is the rank's whole share of the optimizer step (micro-batch x
+`accum_steps`), and the k-th chunk of those rows is served as `accum_steps` micro-batches of
+consecutive rows: micro-batch m of step k holds rows [m*b, (m+1)*b) of chunk k. So batch 32 as 4 x 8
+trains the same 32 streams as batch 32 in one forward (`objectives.CarriedStateLM` carries each
+micro-batch's rows' state). It used to cut the stream into micro-batch rows only, and the 4
+micro-batches of a step were 4 consecutive chunks of 8 streams: another run than the big batch's.
 """
 
 from __future__ import annotations
@@ -24,23 +31,37 @@ import torch
 from lmforge.data.shards import read_shard
 from lmforge.errors import DataError
 
-_STATE_VERSION = 1
+# 2: position counts optimizer steps (chunks of all the rows); 1 counted micro-batches of micro-batch rows,
+# which is the same thing only without accumulation
+_STATE_VERSION = 2
 
 
 class StreamLoader:
     """Infinite, resumable, contiguous-per-row micro-batch iterator (see the module docstring)."""
 
     def __init__(
-        self, shards: list[Path], *, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        shards: list[Path],
+        *,
+        seq_len: int,
+        batch_size: int,
+        accum_steps: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        if seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"seq_len and batch_size must be > 0, got {seq_len} and {batch_size}")
+        """`batch_size` is the micro-batch; each optimizer step reads `accum_steps` of them (one chunk of
+        `batch_size * accum_steps` rows on this rank)."""
+        if seq_len <= 0 or batch_size <= 0 or accum_steps <= 0:
+            raise ValueError(
+                f"seq_len, batch_size and accum_steps must be > 0, got {seq_len}, {batch_size} and {accum_steps}"
+            )
         if not shards:
             raise DataError("no token shards for this split; run 'lmforge prepare' or add data to the split")
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
+        self.accum_steps = accum_steps
         self._tokens = [read_shard(p) for p in shards]
         self._offsets = np.concatenate([[0], np.cumsum([len(t) for t in self._tokens])])
-        rows = batch_size * world_size
+        rows = self.rows
         self.row_len = (int(self._offsets[-1]) - 1) // rows
         self.chunks_per_epoch = self.row_len // seq_len
         if self.chunks_per_epoch == 0:
@@ -48,12 +69,17 @@ class StreamLoader:
                 f"{int(self._offsets[-1])} tokens are too few for {rows} rows of seq_len {seq_len}; "
                 "lower --train.batch_size or --data.seq_len, or add data"
             )
-        self._position = 0
+        self._position = 0  # micro-batches read
+
+    @property
+    def rows(self) -> int:
+        """Streams (rows) of one optimizer step, all ranks together."""
+        return self.batch_size * self.accum_steps * self.world_size
 
     @property
     def windows_per_epoch(self) -> int:
         """Sequences in one pass over the data (all ranks together)."""
-        return self.chunks_per_epoch * self.batch_size * self.world_size
+        return self.chunks_per_epoch * self.rows
 
     def __iter__(self) -> StreamLoader:
         return self
@@ -70,29 +96,40 @@ class StreamLoader:
         return np.concatenate(out)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next micro-batch: x, y int64 (batch_size, seq_len); row r continues row r of the previous one."""
+        """Next micro-batch: x, y int64 (batch_size, seq_len); row r continues row r of the same micro-batch
+        of the previous step."""
         B, T = self.batch_size, self.seq_len
-        chunk = self._position % self.chunks_per_epoch
-        batch = np.stack(
-            [self._read(row * self.row_len + chunk * T, T + 1) for row in range(self.rank * B, (self.rank + 1) * B)]
-        )
+        step, micro = divmod(self._position, self.accum_steps)
+        chunk = step % self.chunks_per_epoch
+        first = (self.rank * self.accum_steps + micro) * B
+        batch = np.stack([self._read(row * self.row_len + chunk * T, T + 1) for row in range(first, first + B)])
         self._position += 1
         batch_t = torch.from_numpy(batch)
         return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, Any]:
+        step, micro = divmod(self._position, self.accum_steps)
         return {
             "version": _STATE_VERSION,
-            "position": self._position,
+            "position": step,  # optimizer steps (the loop saves between steps, so micro is 0)
+            "micro": micro,
             "seq_len": self.seq_len,
-            "rows": self.batch_size * self.world_size,
+            "rows": self.rows,
             "row_len": self.row_len,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version", 1) == 1 and state.get("rows") != self.rows:
+            # version 1 read micro-batch rows: with accumulation its streams are not this run's rows
+            raise DataError(
+                f"cannot resume the data loader: the checkpoint was written by an older lmforge that trained "
+                f"{state.get('rows')} LSTM/GRU streams (the micro-batch) where train.batch_size asks for {self.rows}; "
+                f"resume with --train.batch_size {state.get('rows')} --train.micro_batch_size {state.get('rows')} "
+                "to go on with its streams, or start over with --overwrite"
+            )
         for key, mine in (
             ("seq_len", self.seq_len),
-            ("rows", self.batch_size * self.world_size),
+            ("rows", self.rows),
             ("row_len", self.row_len),
         ):
             if state.get(key) != mine:
@@ -100,4 +137,5 @@ class StreamLoader:
                     f"cannot resume the data loader: it was saved with {key}={state.get(key)}, now {mine}; "
                     "resume with the same data, seq_len and batch size as the original run"
                 )
-        self._position = int(state["position"])
+        # (version 1 counted micro-batches of `rows` rows: the same as steps when the rows are the same)
+        self._position = int(state["position"]) * self.accum_steps + int(state.get("micro", 0))

@@ -134,12 +134,17 @@ class RNNLM(nn.Module):
         """
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         x = x.transpose(0, 1)  # (T, B, C): nn.LSTM/GRU's native layout
-        if cache is None:
-            y, _ = self.rnn(x)
-        elif cache.c is not None:
-            y, (cache.h, cache.c) = self.rnn(x, (cache.h, cache.c))
-        else:
-            y, cache.h = self.rnn(x, cache.h)
+        # CPU autocast runs nn.LSTM in bfloat16, where oneDNN fails ("could not create a primitive descriptor for
+        # the LSTM forward propagation primitive", torch 2.13): `--train.dtype bfloat16` on CPU was a traceback at
+        # the first step. The recurrent core stays float32 on CPU (autocast leaves nn.GRU there anyway); the head
+        # still runs in bfloat16. CUDA autocast is untouched (cuDNN's LSTM takes bf16/fp16).
+        with torch.autocast("cpu", enabled=False):
+            if cache is None:
+                y, _ = self.rnn(x)
+            elif cache.c is not None:
+                y, (cache.h, cache.c) = self.rnn(x, (cache.h, cache.c))
+            else:
+                y, cache.h = self.rnn(x, cache.h)
         if cache is not None:
             cache.advance(idx.shape[1])
         y = self.drop(y.transpose(0, 1))  # (B, T, C)

@@ -130,9 +130,9 @@ def setup_objective(
                 )
             from lmforge.data.stream import StreamLoader
 
-            return ObjectiveSetup(
-                CarriedStateLM(), StreamLoader(train_shards, seq_len=seq_len, batch_size=mb, **ranks), None
-            )
+            # the streams are the step's rows (micro-batch x accum_steps), as one big batch's would be
+            loader = StreamLoader(train_shards, seq_len=seq_len, batch_size=mb, accum_steps=accum_steps, **ranks)
+            return ObjectiveSetup(CarriedStateLM(accum_steps), loader, None)
         if cfg.data.mix:  # weighted mixture of prepared directories (lmforge/data/mixture.py)
             from lmforge.data.mixture import mixture_loader
 

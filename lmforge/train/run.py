@@ -182,17 +182,29 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                 f"{run_dir} was trained with --optim.name {old_optim}, whose state cannot continue as {new_optim}; "
                 f"resume with --optim.name {old_optim}, or use another --out or --overwrite to start over"
             )
-        # another objective reads the data another way: the loader's resume check blamed an unchanged seed
-        old_objective, new_objective = old.get("objective") or {}, cfg.to_dict()["objective"]
-        for key, flag in (("name", "--objective"), ("carry_state", "--objective.carry_state")):
-            was = old_objective.get(key, new_objective[key])
-            if was != new_objective[key]:
-                was, now = (str(v).lower() if isinstance(v, bool) else v for v in (was, new_objective[key]))
+        # another objective or curriculum reads the data another way: the loader's resume check blamed an unchanged
+        # seed, or the data ("saved with windows_per_epoch=None"), and a changed curriculum_start went unnoticed
+        data_order = [("objective", "name", "--objective"), ("objective", "carry_state", "--objective.carry_state")]
+        data_order.append(("data", "curriculum", "--data.curriculum"))
+        if bool((old.get("data") or {}).get("mix")) != bool(cfg.data.mix):  # (changed weights: the mixture loader says)
+            data_order.append(("data", "mix", "--data.mix"))  # dropped, it failed as "saved with seq_len=None"
+        if cfg.data.curriculum != "none":  # (without a curriculum its settings are never read)
+            data_order += [("data", key, f"--data.{key}") for key in ("curriculum_steps", "curriculum_start")]
+        new_dict = cfg.to_dict()
+        for section, key, flag in data_order:
+            was, now = (old.get(section) or {}).get(key, new_dict[section][key]), new_dict[section][key]
+            if was != now:
+                was, now = (str(v).lower() if isinstance(v, bool) else v for v in (was, now))
+                if not was:  # (a mixture added to a run without one)
+                    raise ConfigError(
+                        f"{run_dir} was trained without {flag}; resume without it, or use another --out or --overwrite "
+                        "to start over"
+                    )
                 raise ConfigError(
-                    f"{run_dir} was trained with {flag} {was}, not {now}; resume with {flag} {was}, "
+                    f"{run_dir} was trained with {flag} {was}, not {now or 'none'}; resume with {flag} {was}, "
                     "or use another --out or --overwrite to start over"
                 )
-        new_model = cfg.to_dict()["model"]
+        new_model = new_dict["model"]
         if old.get("model") != new_model:
             change = _describe_model_change(old.get("model", {}), new_model)
             raise ConfigError(
