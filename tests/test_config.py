@@ -189,6 +189,12 @@ def test_preset_model_keys_of_another_family_are_dropped():
         load_config(preset="tiny", overrides={"model": {"family": "lstm", "n_head": 4}})
 
 
+def test_a_mixture_with_a_curriculum_says_what_to_drop():
+    # it said only "cannot be combined yet", not which flag to change
+    with pytest.raises(ConfigError, match=r"combined yet; drop --data.mix or --data.curriculum$"):
+        load_config(preset="tiny", overrides=["--data.mix", "a=0.5,b=0.5", "--data.curriculum", "doc_length"])
+
+
 def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
     from lmforge.data.prepare import PrepareConfig
 
