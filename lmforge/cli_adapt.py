@@ -62,7 +62,7 @@ def add_parsers(sub: Any) -> None:
         help="adapt a pretrained run or local HF model to a task",
         description="Fine-tune BASE (an lmforge run or checkpoint, a fine-tuned run, or a local Hugging Face "
         "GPT-2/Llama/Qwen2/BERT directory or hf:ORG/NAME on the Hub; BERT bases: --task classify with --adapt "
-        "full/head/lora) on a JSONL/CSV/TSV/TXT "
+        "full/head/lora) on a JSONL/JSON/CSV/TSV/Parquet/TXT "
         "task file. Re-running the same command on an existing --out resumes it from its latest checkpoint. "
         "Fields default to text/label (classify), "
         "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
@@ -198,7 +198,7 @@ def run_eval_task(args: argparse.Namespace) -> None:
     if not args.data:
         from lmforge.errors import ConfigError
 
-        raise ConfigError("--task needs --data FILE (a JSONL/CSV/TSV/TXT task file)")
+        raise ConfigError("--task needs --data FILE (a JSONL/JSON/CSV/TSV/Parquet/TXT task file)")
     m = evaluate_task(
         args.run,
         task=args.task,

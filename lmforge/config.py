@@ -66,7 +66,10 @@ class DataConfig:
         )
         check(self.curriculum_steps >= 0, f"data.curriculum_steps must be >= 0, got {self.curriculum_steps}")
         check(0 < self.curriculum_start <= 1, f"data.curriculum_start must be in (0, 1], got {self.curriculum_start}")
-        check(not (self.mix and self.curriculum != "none"), "data.mix and data.curriculum cannot be combined yet")
+        check(
+            not (self.mix and self.curriculum != "none"),
+            "data.mix and data.curriculum cannot be combined yet; drop --data.mix or --data.curriculum",
+        )
 
 
 @dataclass(kw_only=True)

@@ -164,12 +164,36 @@ def test_every_shipped_config_loads(path):
     assert cfg.preset, f"{path.name} should name the preset it builds on"
 
 
+def test_the_slurm_example_fits_the_world_size_it_asks_for():
+    """examples/slurm-pretrain.sbatch's settings load and split gpt2-124m's global batch of 480 over its
+    nodes x GPUs (its micro-batch 12 did not: 480 / 16 GPUs = 30 each, so pretrain refused to start)."""
+    import re
+    import shlex
+
+    text = (Path(__file__).parent.parent / "examples" / "slurm-pretrain.sbatch").read_text(encoding="utf-8")
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
+    per_node = int(re.search(r"--nproc-per-node (\d+)", text).group(1))
+    args = shlex.split(text.split("-m lmforge pretrain", 1)[1].replace("\\\n", " "))
+    settings = dict(zip(args[::2], args[1::2], strict=True))
+    preset = settings.pop("--preset")
+    assert settings.pop("--data") and settings.pop("--out")
+    cfg = load_config(preset=preset, overrides=[item for pair in settings.items() for item in pair])
+    assert cfg.dist.strategy == "fsdp"
+    assert cfg.train.micro_batch_per_rank(nodes * per_node) == cfg.train.micro_batch_size
+
+
 def test_preset_model_keys_of_another_family_are_dropped():
     """`--preset tiny --model.family lstm`: tiny's n_head is the preset's, not an unknown key of the user's."""
     cfg = load_config(preset="tiny", overrides={"model": {"family": "lstm"}})
     assert cfg.model.family == "lstm"
     with pytest.raises(ConfigError, match="unknown config key 'model.n_head'"):  # given by the user: still an error
         load_config(preset="tiny", overrides={"model": {"family": "lstm", "n_head": 4}})
+
+
+def test_a_mixture_with_a_curriculum_says_what_to_drop():
+    # it said only "cannot be combined yet", not which flag to change
+    with pytest.raises(ConfigError, match=r"combined yet; drop --data.mix or --data.curriculum$"):
+        load_config(preset="tiny", overrides=["--data.mix", "a=0.5,b=0.5", "--data.curriculum", "doc_length"])
 
 
 def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():

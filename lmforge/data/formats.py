@@ -75,9 +75,9 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     problems)."""
     p = Path(path)
     if p.is_dir():
-        raise DataError(f"{p} is a directory; pass one .jsonl, .csv, .tsv, .parquet or .txt file")
+        raise DataError(f"{p} is a directory; pass one .jsonl, .json, .csv, .tsv, .parquet or .txt file")
     if not p.exists():  # (a pipe such as <(cmd) exists without being a regular file, and reads fine)
-        raise DataError(f"data file {p} not found; pass a .jsonl, .csv, .tsv, .parquet or .txt file")
+        raise DataError(f"data file {p} not found; pass a .jsonl, .json, .csv, .tsv, .parquet or .txt file")
     name = p.name.lower().removesuffix(".gz")
     if name.endswith(".parquet"):  # e.g. a Hugging Face dataset's data files
         from lmforge.data.columnar import parquet_rows
