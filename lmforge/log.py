@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -256,6 +257,21 @@ def recorded_world_size(run_dir: Path) -> int:
     return value if isinstance(value, int) and value >= 1 else 1
 
 
+def rerun_command(argv: list[str], environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """The shell line that runs `argv` again, as a user types it: `lmforge ...` for the console script and
+    `python -m lmforge` (whose argv[0] is lmforge/__main__.py), `torchrun --nproc_per_node N -m lmforge ...`
+    under torchrun (`--nnodes` added for several nodes, whose rendezvous flags the user's launcher adds).
+    Anything else (a script calling lmforge's functions) is its python command line."""
+    first = Path(argv[0]) if argv else Path()
+    if not (first.name == "lmforge" or (first.name == "__main__.py" and first.parent.name == "lmforge")):
+        return shlex.join([Path(sys.executable).name, *argv])
+    world, local = int(environ.get("WORLD_SIZE", "1") or 1), int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return shlex.join(["lmforge", *argv[1:]])
+    nodes = [f"--nnodes={world // local}"] if world > local else []
+    return shlex.join(["torchrun", *nodes, f"--nproc_per_node={local}", "-m", "lmforge", *argv[1:]])
+
+
 def capture_env(device: str) -> dict[str, Any]:
     """Command line, versions, device and git commit: what env.json records at the start of a run."""
     import numpy
@@ -265,6 +281,7 @@ def capture_env(device: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "argv": sys.argv,
+        "command": rerun_command(sys.argv),  # argv[0] of `python -m lmforge` is a path to lmforge/__main__.py
         "cwd": os.getcwd(),
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "lmforge": lmforge.__version__,

@@ -396,6 +396,8 @@ class RunSummary:
     error: str = ""  # why the run could not be read (status "unreadable")
     # a failed run: the first line of the error it recorded, or KILLED (its process died without a word)
     failure: str = ""
+    command: str = ""  # env.json's: the shell line that started it, and resumes it (run in `cwd`)
+    cwd: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -465,6 +467,8 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     last = train[-1] if train else {}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     status, failure = _status(run_dir)
+    env = _read_json(run_dir / "env.json")
+    env = env if isinstance(env, dict) else {}
     return RunSummary(
         name=name,
         path=str(run_dir),
@@ -479,6 +483,8 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         ),
         last_checkpoint=ckpt.name if ckpt else "",
         failure=failure,
+        command=str(env.get("command") or ""),
+        cwd=str(env.get("cwd") or ""),
     )
 
 
@@ -546,6 +552,8 @@ def _stop_note(run: RunSummary) -> str:
         how = "failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut)"
     elif run.failure:
         how = f"failed: {run.failure}"
+    # env.json of a run before 'command' was recorded has only argv, whose argv[0] may be lmforge/__main__.py
+    command = f"`{run.command}` in {run.cwd}" if run.command else "its command (argv in its env.json)"
     if run.last_checkpoint:
-        return f"{how}; re-run its command (argv in its env.json) to resume from {run.last_checkpoint}"
-    return f"{how}; it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"
+        return f"{how}; re-run {command} to resume from {run.last_checkpoint}"
+    return f"{how}; it saved no checkpoint, so re-running {command} starts it over"

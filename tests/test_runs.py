@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
-from lmforge.log import RunLogger, read_metrics
+from lmforge.log import RunLogger, read_metrics, rerun_command
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import CausalLM
 from lmforge.runs import RunSummary, format_runs, list_runs, mark_running, mark_stopped, run_status
@@ -29,13 +31,16 @@ from lmforge.train.state import TrainState
 from tests.conftest import REPO, run_cli, start_cli, tiny_config
 
 
-def _start(data_dir, run, checkpoint_every=1000):
-    args = [
+def _start_args(data_dir, run, checkpoint_every=1000):
+    return [
         "pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--model.n_layer", "2",
         "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "100000",
         "--train.log_every", "1", "--eval.every", "0", "--checkpoint.every", str(checkpoint_every), "--quiet",
     ]  # fmt: skip
-    return start_cli(*args)
+
+
+def _start(data_dir, run, checkpoint_every=1000):
+    return start_cli(*_start_args(data_dir, run, checkpoint_every))
 
 
 def _wait_for_steps(run, n, proc, timeout=60):
@@ -110,12 +115,16 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 8
     assert lines[2].split()[:4] == ["done", "tiny", "finished", "12/12"]
     assert lines[3].split()[:3] == ["group/killed", "tiny", "failed"]
-    resume = "re-run its command (argv in its env.json) to resume from"
+    # the line names the command to re-run as typed (`python -m lmforge`'s argv[0] is lmforge/__main__.py)
+    commands = {r: json.loads((r / "env.json").read_text(encoding="utf-8"))["command"] for r in (stopped, killed)}
+    assert commands[killed] == shlex.join(["lmforge", *_start_args(data_dir, killed, checkpoint_every=2)])
+    assert runs["group/killed"]["command"] == commands[killed] and runs["group/killed"]["cwd"] == str(REPO)
+    resume = {r: f"re-run `{commands[r]}` in {REPO} to resume from" for r in (stopped, killed)}
     assert lines[5:] == [  # how each run that did not finish ended, and what a re-run does
-        f"crashed: failed: RuntimeError: boom; {resume} {stopped_at}",
+        f"crashed: failed: RuntimeError: boom; {resume[stopped]} {stopped_at}",  # (a copy of stopped)
         f"group/killed: failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut); "
-        f"{resume} {killed_at}",
-        f"stopped: interrupted; {resume} {stopped_at}",
+        f"{resume[killed]} {killed_at}",
+        f"stopped: interrupted; {resume[stopped]} {stopped_at}",
     ]
 
 
@@ -142,7 +151,7 @@ def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
     }
     assert list(runs[0].to_dict()) == [
         "name", "path", "preset", "status", "step", "max_steps", "tokens", "best_val_loss", "elapsed_s",
-        "last_checkpoint", "error", "failure",
+        "last_checkpoint", "error", "failure", "command", "cwd",
     ]  # fmt: skip
     table = format_runs(runs)
     over = "it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"
@@ -395,3 +404,18 @@ def test_an_imported_model_shows_its_step_without_a_target(tmp_path):
     (summary,) = list_runs(tmp_path / "runs")
     assert (summary.status, summary.step, summary.max_steps) == ("unknown", 0, 0)
     assert " 0/" not in format_runs([summary])
+
+
+def test_the_rerun_command_is_the_line_a_user_types():
+    """env.json's `command` (shown by `lmforge runs` for a run to resume): `python -m lmforge`'s argv[0] is a path
+    to lmforge/__main__.py, and under torchrun each rank's is too; the line is the one the user typed."""
+    main = str(REPO / "lmforge" / "__main__.py")
+    args = ["pretrain", "--out", "runs/a b", "--train.lr", "1e-3"]
+    assert rerun_command([main, *args], {}) == "lmforge pretrain --out 'runs/a b' --train.lr 1e-3"
+    assert rerun_command(["/venv/bin/lmforge", *args], {"WORLD_SIZE": "1"}) == rerun_command([main, *args], {})
+    two = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    assert rerun_command([main, *args], two) == "torchrun --nproc_per_node=2 -m lmforge " + shlex.join(args)
+    nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    assert rerun_command([main, *args], nodes).startswith("torchrun --nnodes=2 --nproc_per_node=8 -m lmforge pretrain")
+    script = rerun_command(["train.py", "--x"], {})
+    assert script == f"{Path(sys.executable).name} train.py --x"
