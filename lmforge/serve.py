@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.generate import prompt_text_ids
 from lmforge.serve_logprobs import choice_logprobs, mean_logprob
 from lmforge.serve_request import (
     UNSUPPORTED,
@@ -77,7 +78,6 @@ from lmforge.serve_request import (
     detokenize_reply,
     number,
     openai_messages,
-    prompt_text_ids,
     sampling_penalties,
     scoring_options,
     tokenize_reply,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -221,27 +220,6 @@ def tokenizer_info(ft: Any, context: int) -> dict[str, Any]:
     }
 
 
-def prompt_text_ids(ft: Any, text: str) -> list[int]:
-    """Ids of a client's prompt text (a completion's string prompt, /tokenize), read as the run's `export --to hf`
-    tokenizer and vLLM read it: special-token strings (<|endoftext|>, an imported model's <|im_start|>) become
-    their ids, while lmforge's chat role markers (<|user|>, ...) stay text, as its chat template trained on them
-    even where the tokenizer reserves them (--special-tokens all, unigram)."""
-    from lmforge.chat import JinjaChatTemplate
-
-    if isinstance(ft.template, JinjaChatTemplate):
-        return ft.tokenizer.encode_markup(text).ids
-    return _markers_as_text(ft.tokenizer).encode(text, add_special_tokens=False).ids
-
-
-@functools.lru_cache(maxsize=4)
-def _markers_as_text(tok: Any) -> Any:
-    import tokenizers
-
-    from lmforge.export.hf import without_chat_markers
-
-    return tokenizers.Tokenizer.from_str(without_chat_markers(tok.to_str()))
-
-
 def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any]:
     """POST /tokenize: {"prompt": text, "add_special_tokens": true} (special-token strings such as
     <|endoftext|> become their ids, as a transformers tokenizer reads them; add_special_tokens puts the
@@ -267,6 +245,8 @@ def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any
         if not isinstance(special, bool):
             message = f"'add_special_tokens' must be true or false, got {short_json(special)}"
             raise RequestError(400, message, param="add_special_tokens")
+        from lmforge.generate import prompt_text_ids
+
         ids = (ft.tokenizer.prompt_prefix if special else []) + prompt_text_ids(ft, prompt)
     return {"tokens": ids, "count": len(ids), "max_model_len": context}
 

@@ -952,6 +952,29 @@ def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run
         assert as_text["choices"][0]["text"] == as_ids["choices"][0]["text"]
 
 
+def test_generate_reads_a_prompt_as_serve_does(chat_run: Path):
+    """`lmforge generate --prompt` read "<|endoftext|>" as 13 characters while serve's completions read it as the
+    EOS id: the same prompt gave the model other ids (here 69 of them, past the 64-token context: an error)."""
+    import io
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.generate import generate_from_checkpoint, prompt_text_ids
+
+    ft = load_finetuned(chat_run, torch.device("cpu"))
+    prompt = "y" * 30 + "<|endoftext|><|user|>\nhi\n<|assistant|>\n"
+    ids = prompt_text_ids(ft, prompt)
+    assert len(ids) == 57 and ids[30] == ft.tokenizer.eos_id
+    shown = io.StringIO()
+    text = generate_from_checkpoint(chat_run, prompt=prompt, temperature=0, max_new_tokens=7, stream=shown)
+    assert shown.getvalue() == prompt + text
+    with _serving(chat_run) as server:
+        for sent in (prompt, ids):
+            status, body = _post(server.url + "/v1/completions", {"prompt": sent, "temperature": 0, "max_tokens": 7})
+            reply = json.loads(body)
+            assert status == 200 and reply["usage"]["prompt_tokens"] == 57, reply
+            assert reply["choices"][0]["text"] == text
+
+
 def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
     """With <|user|>/<|assistant|> reserved in the tokenizer (--special-tokens all, unigram), lmforge's chat
     template trains on them as text: a prompt's markers stay text, as the HF export reads them, and only the
@@ -959,7 +982,7 @@ def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
     from types import SimpleNamespace
 
     from lmforge.chat import ChatTemplate, JinjaChatTemplate
-    from lmforge.serve_request import prompt_text_ids
+    from lmforge.generate import prompt_text_ids
     from lmforge.tokenizer.train import train_bpe
 
     tok = train_bpe([(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")], 400,
