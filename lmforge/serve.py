@@ -620,7 +620,10 @@ class _Handler(BaseHTTPRequestHandler):
 
         def chunk(index: int, piece: str, finish_reason: str | None, first: int | None = None) -> dict[str, Any]:
             if chat:
-                delta = ({"role": "assistant"} if first is not None else {}) | ({"content": piece} if piece else {})
+                if first is not None:  # as OpenAI's first chunk: {"role": "assistant", "content": ""}
+                    delta = {"role": "assistant", "content": piece}
+                else:  # a piece of the reply, or {} in the last chunk (its finish_reason)
+                    delta = {"content": piece} if piece else {}
                 choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
             else:
                 choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}

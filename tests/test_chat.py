@@ -252,7 +252,7 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         assert status == 200 and events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # as OpenAI's first chunk
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "hello there"
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
