@@ -572,11 +572,16 @@ def prompt_text_ids(loaded: Any, text: str) -> list[int]:
 
     `lmforge generate --prompt`, a `serve` completion's string prompt and its /tokenize all read text with it,
     so one prompt gives the same ids (and the same greedy text) through each."""
+    return prompt_encoding(loaded, text).ids
+
+
+def prompt_encoding(loaded: Any, text: str) -> Any:
+    """`prompt_text_ids` as a `tokenizers.Encoding`: the ids and where each token is in `text` (`.offsets`)."""
     from lmforge.chat import JinjaChatTemplate
 
     if isinstance(loaded.template, JinjaChatTemplate):
-        return loaded.tokenizer.encode_markup(text).ids
-    return _markers_as_text(loaded.tokenizer).encode(text, add_special_tokens=False).ids
+        return loaded.tokenizer.encode_markup(text)
+    return _markers_as_text(loaded.tokenizer).encode(text, add_special_tokens=False)
 
 
 @functools.lru_cache(maxsize=4)

@@ -646,10 +646,12 @@ class _Handler(BaseHTTPRequestHandler):
         # choice j of each prompt samples with seed + j (n different samples, the same again on a repeat)
         for i, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
             usage["prompt_tokens"] += len(ids)  # (counted once per prompt, as OpenAI counts it)
+            # a completion's prompt string as sent (None: token ids, or chat)
+            sent = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
+            sent = sent if isinstance(sent, str) else None
             head = ""
             if echo:  # the prompt's text first (as sent; token ids as they decode)
-                prompt = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
-                head = prompt if isinstance(prompt, str) else ft.tokenizer.decode(ids, skip_special_tokens=True)
+                head = sent if sent is not None else ft.tokenizer.decode(ids, skip_special_tokens=True)
             drawn = []
             for j in range(best_of):
                 index = i * n + j
@@ -668,7 +670,7 @@ class _Handler(BaseHTTPRequestHandler):
                 drawn = sorted(drawn, key=lambda d: -mean_logprob(self.server, ids, d[2]))[:n]
             for j, (text, finish, new) in enumerate(drawn):
                 index = i * n + j
-                scores = choice_logprobs(self.server, ids, new, echo, top, chat) if logprobs else None
+                scores = choice_logprobs(self.server, ids, new, echo, top, chat, sent) if logprobs else None
                 if chat:
                     message = {"role": "assistant", "content": text}
                     choices.append({"index": index, "message": message, "logprobs": scores, "finish_reason": finish})

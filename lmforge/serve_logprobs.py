@@ -64,23 +64,48 @@ def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float 
 
 
 def completion_logprobs(
-    names: TokenNames, decode: Any, ids: list[int], first: int, scored: list[tuple[float | None, list]]
+    names: TokenNames,
+    decode: Any,
+    prompt: list[int],
+    new: list[int],
+    scored: list[tuple[float | None, list]],
+    *,
+    echo: bool,
+    prompt_text: str,
+    prompt_offsets: list[int] | None = None,
 ) -> dict[str, Any]:
-    """/v1/completions' `logprobs` object for ids[first:] (scored by `score(..., first, top)`): tokens,
-    token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs is) and text_offset (characters
-    from the start of the prompt's text to where each token's text begins)."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    before = decode(ids[:first])
-    for i, (lp, alternatives) in zip(range(first, len(ids)), scored, strict=True):
-        tokens.append(names.name(ids[i]))
+    """/v1/completions' `logprobs` object for a choice's tokens (the prompt's too with `echo`), scored by
+    `score(..., first, top)`: tokens, token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs
+    is) and text_offset: where each token's text begins in the prompt's text followed by the completion's, the
+    text the reply returns with `echo`. `prompt_text` is the prompt as sent (a token-id prompt: its decoding),
+    `prompt_offsets` where each prompt token begins in it (a string prompt: its encoding's; None: found by
+    decoding, right for a token-id prompt, whose text is that decoding). A special token in a string prompt is
+    its whole string there (<|endoftext|>, 13 characters), while decoding drops it: offsets found by decoding
+    the prompt put every later token 13 characters early."""
+    from lmforge.generate import continuation_decoder
+
+    offsets = []
+    if echo:
+        offsets = list(prompt_offsets) if prompt_offsets is not None else text_offsets(decode, prompt)
+    offsets += [len(prompt_text) + o for o in text_offsets(continuation_decoder(decode, prompt), new)]
+    tokens, token_logprobs, top_logprobs = [], [], []
+    for token_id, (lp, alternatives) in zip(prompt + new if echo else new, scored, strict=True):
+        tokens.append(names.name(token_id))
         token_logprobs.append(lp)
         top_logprobs.append(None if lp is None else {names.name(t): v for t, v in alternatives})
-        # the text both with and without the token: a character still cut (a trailing U+FFFD that this token
-        # completes) is not before it, one that never completes (a stray byte, shown as U+FFFD) is
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def text_offsets(decode: Any, ids: list[int]) -> list[int]:
+    """Where each of `ids` begins in `decode(ids)`, from the text both with and without the token: a character
+    still cut (a trailing U+FFFD that this token completes) is not before it, one that never completes (a stray
+    byte, shown as U+FFFD) is."""
+    offsets, before = [], decode([])
+    for i in range(len(ids)):
         after = decode(ids[: i + 1])
         offsets.append(len(os.path.commonprefix([before, after])))
         before = after
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    return offsets
 
 
 def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]]) -> dict[str, Any]:
@@ -97,9 +122,11 @@ def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | 
     return {"content": content, "refusal": None}
 
 
-def choice_logprobs(server: Any, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
+def choice_logprobs(
+    server: Any, ids: list[int], new: list[int], echo: bool, top: int, chat: bool, sent: str | None = None
+) -> dict[str, Any]:
     """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too), scored under the
-    server's model lock."""
+    server's model lock. `sent`: a completion's prompt string as the client sent it (None: token ids)."""
     ft, names = server.ft, server.token_names()
     first = 0 if echo else len(ids)
     if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
@@ -109,7 +136,13 @@ def choice_logprobs(server: Any, ids: list[int], new: list[int], echo: bool, top
     if chat:
         return chat_logprobs(names, new, scored)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
-    return completion_logprobs(names, decode, ids + new, first, scored)
+    if sent is None:
+        return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=decode(ids))
+    from lmforge.generate import prompt_encoding
+
+    starts = [start for start, _ in prompt_encoding(ft, sent).offsets]
+    starts = [0] * (len(ids) - len(starts)) + starts  # a prefix (BOS), or an empty prompt's eos: at 0
+    return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=sent, prompt_offsets=starts)
 
 
 def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:

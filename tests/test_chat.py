@@ -898,8 +898,29 @@ def test_logprobs_text_offsets_around_cut_characters():
         return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
 
     names = SimpleNamespace(name=str)
-    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], 0, [(None, [])] + [(-1.0, [])] * 4)
+    scored = [(None, [])] + [(-1.0, [])] * 4
+    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], [], scored, echo=True, prompt_text="ab你\ufffdcd")
     assert decode([1, 2, 3, 4, 5]) == "ab你\ufffdcd" and result["text_offset"] == [0, 2, 2, 3, 4]
+
+
+def test_logprobs_text_offsets_index_the_text_returned_after_a_special_token(chat_run: Path):
+    """With `echo`, a string prompt comes back as sent, <|endoftext|> as its 13 characters, but the offsets
+    were found by decoding the prompt's ids, which drops it: every later token's offset was 13 too small."""
+    past = "see you<|endoftext|><|user|>\nhi\n<|assistant|>\n"
+    with _serving(chat_run) as server:
+        for echo in (True, False):
+            asked = {"prompt": past, "echo": echo, "logprobs": 0, "max_tokens": 4, "temperature": 0}
+            status, body = _post(server.url + "/v1/completions", asked)
+            choice = json.loads(body)["choices"][0]
+            text, lp = (choice["text"] if echo else past + choice["text"]), choice["logprobs"]
+            assert status == 200 and text.startswith(past) and len(lp["tokens"]) == (len(past) - 12 + 4 if echo else 4)
+            for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+                if offset < len(past) or token != "<|endoftext|>":  # (a generated one ends the text, unwritten)
+                    assert text[offset : offset + len(token)] == token, (token, offset, text)
+            if echo:
+                assert lp["text_offset"][7:9] == [7, 20]  # <|endoftext|>, then the <|user|> after it
+            else:
+                assert lp["text_offset"][0] == len(past)  # a completion's offsets count from the prompt's start
 
 
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
