@@ -316,6 +316,7 @@ def generate(
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     penalties: Penalties | None = None,
     vocab_size: int | None = None,
+    on_logits: Callable[[Tensor], None] | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -337,6 +338,8 @@ def generate(
         vocab_size: only ids below it are chosen (the tokenizer's size): a model whose embedding is padded
             past its tokenizer (`--model.vocab_size 50304`, Qwen2's 151936 rows for 151665 ids) has ids that
             were never trained and that no tokenizer decodes; None = every id of the model.
+        on_logits: called at each step, before the token is chosen, with the (1, V) logits it is chosen from
+            (below `vocab_size`), before penalties and temperature: `serve` streams their log-probabilities.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -373,6 +376,8 @@ def generate(
                 x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
             logits = logits[:, :vocab_size]  # (1, V): the tokenizer's ids only
+            if on_logits is not None:
+                on_logits(logits)
             if penalise:
                 if counts is None:
                     counts = torch.zeros(logits.shape[-1], device=device)

@@ -19,7 +19,8 @@ expect; `"stream_options": {"include_usage": true}` adds a last chunk with no ch
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
 an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
 (vLLM's extension) and `logit_bias` are `generate.Penalties`. A completion's `best_of` draws that many per
-prompt and returns the `n` with the highest log-probability per token. `logprobs` or `best_of` with `stream`,
+prompt and returns the `n` with the highest log-probability per token. Streamed with `logprobs`, each chunk
+carries its tokens' logprobs, as OpenAI's do (`serve_logprobs.StreamedLogprobs`). `best_of` with `stream`,
 `suffix`, tools and `response_format` are refused with a 400 rather than ignored: each would change
 what a client gets back. With a `seed`, choice (or draw) j of a prompt samples with seed + j.
 
@@ -69,7 +70,7 @@ from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.generate import prompt_text_ids
-from lmforge.serve_logprobs import choice_logprobs, mean_logprob
+from lmforge.serve_logprobs import StreamedLogprobs, choice_logprobs, mean_logprob
 from lmforge.serve_request import (
     UNSUPPORTED,
     RequestError,
@@ -577,9 +578,6 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(include_usage, bool):
             message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
             raise RequestError(400, message, param="stream_options")
-        if stream and logprobs:
-            message = "'logprobs' is not supported with \"stream\": true; leave one of them out"
-            raise RequestError(400, message, param="logprobs")
         if stream and best_of > n:
             raise RequestError(400, "'best_of' picks among whole completions, so it cannot stream", param="best_of")
         for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
@@ -618,21 +616,26 @@ class _Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        def chunk(index: int, piece: str, finish_reason: str | None, first: int | None = None) -> dict[str, Any]:
+        def chunk(
+            index: int, piece: str, finish_reason: str | None, first: int | None = None, scores: Any = None
+        ) -> dict[str, Any]:
             if chat:
                 if first is not None:  # as OpenAI's first chunk: {"role": "assistant", "content": ""}
                     delta = {"role": "assistant", "content": piece}
                 else:  # a piece of the reply, or {} in the last chunk (its finish_reason)
                     delta = {"content": piece} if piece else {}
-                choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+                choice = {"index": index, "delta": delta, "logprobs": scores, "finish_reason": finish_reason}
             else:
-                choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "text": piece, "logprobs": scores, "finish_reason": finish_reason}
             out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created}
             out |= {"model": self.server.model_name, "choices": [choice]}
             return out | ({"usage": None} if include_usage else {})  # OpenAI: null on all but the usage chunk
 
-        def send_piece(index: int, piece: str) -> None:
-            self._event(chunk(index, piece, None))
+        def send_piece(index: int, scores: StreamedLogprobs | None, piece: str, steps: list) -> None:
+            """A chunk of a streamed choice: its text, and with logprobs those of its tokens (`steps`)."""
+            numbers = scores.chunk(steps) if scores is not None else None
+            if piece or numbers is not None:
+                self._event(chunk(index, piece, None, scores=numbers))
 
         if stream:
             self._start_stream()
@@ -657,10 +660,12 @@ class _Handler(BaseHTTPRequestHandler):
                 index = i * n + j
                 sampling = {"temperature": temperature, "top_p": top_p, "penalties": penalties}
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
-                emit = functools.partial(send_piece, index) if stream else None
-                if emit is not None and head:
-                    emit(head)
-                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit)
+                streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
+                emit = functools.partial(send_piece, index, streamed) if stream else None
+                if emit is not None and head:  # (with logprobs: the prompt's, scored as unstreamed)
+                    echoed = choice_logprobs(self.server, ids, [], echo, top, chat, sent) if logprobs else None
+                    self._event(chunk(index, head, None, scores=echoed))
+                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit, streamed)
                 usage["completion_tokens"] += len(new)
                 if stream:
                     self._event(chunk(index, "", finish))
@@ -693,10 +698,12 @@ class _Handler(BaseHTTPRequestHandler):
         sampling: dict[str, Any],
         stop: list[str],
         chat: bool,
-        emit: Callable[[str], None] | None,
+        emit: Callable[[str, list], None] | None,
+        scores: StreamedLogprobs | None = None,
     ) -> tuple[str, str, list[int]]:
         """One choice: (its text, finish_reason, the ids generated). With `emit` (streaming), its text is
-        passed on as soon as no stop string can still cut it.
+        passed on as soon as no stop string can still cut it, with (`scores`: logprobs asked for) the
+        `StreamedLogprobs.step`s of the tokens generated since the piece before.
 
         Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
         this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
@@ -706,14 +713,23 @@ class _Handler(BaseHTTPRequestHandler):
             return "", "length", []
         if emit is None:
             return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
-        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
+        pieces: queue.SimpleQueue[tuple[str, list] | None] = queue.SimpleQueue()  # None: the generation is over
         client_gone = threading.Event()
         outcome: list[Any] = []  # the result, or the exception to raise here
 
         def work() -> None:
             try:
                 outcome.append(
-                    self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone.is_set)
+                    self._generate_locked(
+                        ids,
+                        max_tokens,
+                        sampling,
+                        stop,
+                        chat,
+                        lambda *piece: pieces.put(piece),
+                        client_gone.is_set,
+                        scores,
+                    )
                 )
             except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
                 outcome.append(e)
@@ -723,7 +739,7 @@ class _Handler(BaseHTTPRequestHandler):
         threading.Thread(target=work, name="lmforge-generate", daemon=True).start()
         try:
             while (piece := pieces.get()) is not None:
-                emit(piece)
+                emit(*piece)
         except BaseException:
             client_gone.set()
             raise
@@ -738,8 +754,9 @@ class _Handler(BaseHTTPRequestHandler):
         sampling: dict[str, Any],
         stop: list[str],
         chat: bool,
-        emit: Callable[[str], None] | None = None,
+        emit: Callable[[str, list], None] | None = None,
         client_left: Callable[[], bool] | None = None,
+        scores: StreamedLogprobs | None = None,
     ) -> tuple[str, str, list[int]]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
 
@@ -757,11 +774,15 @@ class _Handler(BaseHTTPRequestHandler):
         text = ""
         finish = "length"
         sent = 0
+        steps: list = []  # with `scores`: the tokens' logprobs not yet emitted (they go with the next piece)
+        logits_of_step: list = []
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
+            if scores is not None:
+                steps.append(scores.step(logits_of_step.pop(), t))
             if t in self.server.stops:
                 finish = "stop"
                 return
@@ -771,7 +792,8 @@ class _Handler(BaseHTTPRequestHandler):
                 text, finish = text[:cut], "stop"
             ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
             if emit is not None and ready > sent:
-                emit(text[sent:ready])
+                emit(text[sent:ready], steps[:])
+                steps.clear()
                 sent = ready
             if cut >= 0:
                 raise _StopGeneration
@@ -791,6 +813,7 @@ class _Handler(BaseHTTPRequestHandler):
                     on_token=on_token,
                     compile=self.server.compile,
                     vocab_size=ft.tokenizer.vocab_size,
+                    on_logits=logits_of_step.append if scores is not None else None,
                 )
                 if finish != "stop":
                     text += decoder.flush()
@@ -798,6 +821,6 @@ class _Handler(BaseHTTPRequestHandler):
                 new = decoder.ids
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
-        if emit is not None and len(text) > sent:
-            emit(text[sent:])
+        if emit is not None and (len(text) > sent or steps):
+            emit(text[sent:], steps)
         return text, finish, new

@@ -4,7 +4,9 @@ tokens too: how lm-evaluation-harness's `local-completions` model scores answer 
 
 The numbers are the model's own next-token distribution, the log-softmax of its logits before temperature
 or top-p (what sampling then reshapes; vLLM's default too), from one forward pass over prompt + completion
-after the generation: the same logits the KV-cached decode used, up to float summation order.
+after the generation: the same logits the KV-cached decode used, up to float summation order. A stream
+(`"stream": true`) carries each chunk's tokens' numbers in that chunk, as OpenAI's does, taken from the decode
+step's logits as the tokens are chosen (`StreamedLogprobs`): the same numbers, up to that summation order.
 
 A token's name is the text it adds (its UTF-8 bytes), or `bytes:\\xe4\\xbd` for a byte-level piece of a
 character that is not whole on its own, as OpenAI writes them; a special token (`<|endoftext|>`) is its name.
@@ -86,26 +88,42 @@ def completion_logprobs(
 
     offsets = []
     if echo:
-        offsets = list(prompt_offsets) if prompt_offsets is not None else text_offsets(decode, prompt)
-    offsets += [len(prompt_text) + o for o in text_offsets(continuation_decoder(decode, prompt), new)]
+        offsets = list(prompt_offsets) if prompt_offsets is not None else TextOffsets(decode).feed(prompt)
+    offsets += TextOffsets(continuation_decoder(decode, prompt), len(prompt_text)).feed(new)
+    return logprobs_object(names, prompt + new if echo else new, scored, offsets)
+
+
+def logprobs_object(
+    names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]], offsets: list[int]
+) -> dict[str, Any]:
+    """/v1/completions' `logprobs` object of `ids`, from their scores (`score`) and text offsets."""
     tokens, token_logprobs, top_logprobs = [], [], []
-    for token_id, (lp, alternatives) in zip(prompt + new if echo else new, scored, strict=True):
+    for token_id, (lp, alternatives) in zip(ids, scored, strict=True):
         tokens.append(names.name(token_id))
         token_logprobs.append(lp)
         top_logprobs.append(None if lp is None else {names.name(t): v for t, v in alternatives})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def text_offsets(decode: Any, ids: list[int]) -> list[int]:
-    """Where each of `ids` begins in `decode(ids)`, from the text both with and without the token: a character
-    still cut (a trailing U+FFFD that this token completes) is not before it, one that never completes (a stray
-    byte, shown as U+FFFD) is."""
-    offsets, before = [], decode([])
-    for i in range(len(ids)):
-        after = decode(ids[: i + 1])
-        offsets.append(len(os.path.commonprefix([before, after])))
-        before = after
-    return offsets
+class TextOffsets:
+    """Where each token of a sequence begins in `decode` of it (plus `start`), fed a few tokens at a time (a
+    stream's chunks) or all at once. From the text both with and without the token: a character still cut (a
+    trailing U+FFFD that this token completes) is not before it, one that never completes (a stray byte,
+    shown as U+FFFD) is."""
+
+    def __init__(self, decode: Any, start: int = 0) -> None:
+        self.decode, self.start = decode, start
+        self.ids: list[int] = []
+        self.before = decode([])
+
+    def feed(self, ids: list[int]) -> list[int]:
+        offsets = []
+        for token_id in ids:
+            self.ids.append(token_id)
+            after = self.decode(self.ids)
+            offsets.append(self.start + len(os.path.commonprefix([self.before, after])))
+            self.before = after
+        return offsets
 
 
 def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]]) -> dict[str, Any]:
@@ -143,6 +161,37 @@ def choice_logprobs(
     starts = [start for start, _ in prompt_encoding(ft, sent).offsets]
     starts = [0] * (len(ids) - len(starts)) + starts  # a prefix (BOS), or an empty prompt's eos: at 0
     return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=sent, prompt_offsets=starts)
+
+
+class StreamedLogprobs:
+    """The `logprobs` of one streamed choice, a chunk's tokens at a time, in the shapes `choice_logprobs` gives
+    unstreamed: the chunks' lists joined are those of the whole choice (text offsets go on from the chunk before;
+    a chat reply leaves out the end-of-turn token that stopped it). The numbers are the decode step's (`step`),
+    the same log-softmax of the same logits as `score`'s forward pass, up to float summation order."""
+
+    def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None) -> None:
+        from lmforge.generate import continuation_decoder
+
+        self.server, self.names, self.top, self.chat = server, server.token_names(), top, chat
+        decode = functools.partial(server.ft.tokenizer.decode, skip_special_tokens=True)
+        self.offsets = TextOffsets(continuation_decoder(decode, ids), len(sent if sent is not None else decode(ids)))
+
+    def step(self, logits: torch.Tensor, token_id: int) -> tuple[int, float, list[tuple[int, float]]]:
+        """One generated token's (id, logprob, alternatives) from the (1, V) logits it was chosen from."""
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        values, alternatives = logp.topk(min(self.top, logp.shape[-1]))
+        return token_id, logp[token_id].item(), list(zip(alternatives.tolist(), values.tolist(), strict=True))
+
+    def chunk(self, steps: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any] | None:
+        """A chunk's `logprobs` object for the tokens generated since the chunk before (None: no tokens)."""
+        if self.chat:
+            steps = [s for s in steps if s[0] not in self.server.stops]
+        if not steps:
+            return None
+        ids, scored = [t for t, _, _ in steps], [(lp, alternatives) for _, lp, alternatives in steps]
+        if self.chat:
+            return chat_logprobs(self.names, ids, scored)
+        return logprobs_object(self.names, ids, scored, self.offsets.feed(ids))
 
 
 def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:

@@ -285,7 +285,6 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "n": 0}, "'n' must be a whole number >= 1"),
             ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
             ("/completions", {"prompt": "hi", "logprobs": 21}, "'logprobs' must be a whole number 0-20"),
-            ("/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 'not supported with "stream"'),
             ("/completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
@@ -921,6 +920,57 @@ def test_logprobs_text_offsets_index_the_text_returned_after_a_special_token(cha
                 assert lp["text_offset"][7:9] == [7, 20]  # <|endoftext|>, then the <|user|> after it
             else:
                 assert lp["text_offset"][0] == len(past)  # a completion's offsets count from the prompt's start
+
+
+def test_serve_streams_logprobs_in_each_chunk(chat_run: Path):
+    """`"stream": true` with logprobs was refused; OpenAI sends each chunk's tokens' logprobs in that chunk. The
+    chunks' lists joined are the unstreamed reply's (the numbers from the decode step's logits, to 1e-4)."""
+
+    def joined(chunks: list[dict], chat: bool) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for c in chunks:
+            choice = c["choices"][0]
+            if choice["logprobs"] is None:
+                continue
+            for key, values in choice["logprobs"].items():
+                out[key] = out.get(key, []) + (values or [])
+            if chat:  # each token's logprobs ride in the chunk that carries its text (one character each here)
+                assert "".join(e["token"] for e in choice["logprobs"]["content"]) == choice["delta"]["content"]
+        return out
+
+    completion = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16, "logprobs": 2}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    with _serving(chat_run) as server:
+        for path, payload in [
+            ("/v1/completions", completion),
+            ("/v1/completions", {**completion, "echo": True, "stop": " "}),  # the prompt's first, a stop string
+            ("/v1/chat/completions", chat),
+        ]:
+            status, body = _post(server.url + path, payload)
+            whole = json.loads(body)["choices"][0]
+            status, body = _post(server.url + path, {**payload, "stream": True})
+            assert status == 200, body
+            chunks = _events(body)
+            is_chat = "messages" in payload
+            streamed = joined(chunks, is_chat)
+            if is_chat:
+                content, expected = streamed["content"], whole["logprobs"]["content"]
+                assert "".join(e["token"] for e in content) == whole["message"]["content"] == "hello there"
+                assert [e["token"] for e in content] == [e["token"] for e in expected]
+                assert [e["logprob"] for e in content] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
+                assert [[a["token"] for a in e["top_logprobs"]] for e in content] == [
+                    [a["token"] for a in e["top_logprobs"]] for e in expected
+                ]
+                continue
+            expected = whole["logprobs"]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+            assert streamed["tokens"] == expected["tokens"] and streamed["text_offset"] == expected["text_offset"]
+            first = 1 if payload.get("echo") else 0  # (the prompt's first token has no logprob: null)
+            assert streamed["token_logprobs"][:first] == expected["token_logprobs"][:first]
+            assert streamed["token_logprobs"][first:] == pytest.approx(expected["token_logprobs"][first:], abs=1e-4)
+            assert [list(t or {}) for t in streamed["top_logprobs"]] == [
+                list(t or {}) for t in expected["top_logprobs"]
+            ]
 
 
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
