@@ -125,6 +125,10 @@ class _ClientLeft(ConnectionError):
 
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
+    # connections waiting to be accepted (listen's backlog): socketserver's default of 5 turned away the rest of
+    # a burst, and the async `openai` client, 24-32 requests at once, got a few "Connection error"s (ReadError)
+    # in most runs; with 128, none in 10
+    request_queue_size = 128
 
     def __init__(
         self,

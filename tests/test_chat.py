@@ -664,6 +664,34 @@ def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytes
     assert "Traceback" not in err and "internal error" not in err, err
 
 
+def test_serve_takes_a_burst_of_connections(chat_run: Path):
+    """The listen backlog was socketserver's 5: connections past it while the accept loop was busy waited for a
+    SYN retry (1 s and more), and the async openai client's bursts got "Connection error"s."""
+    from lmforge.serve import make_server
+
+    server = make_server(chat_run, port=0)  # not accepting yet: every connection waits in the backlog
+    clients, refused = [], 0
+    for _ in range(32):
+        sock = socket.socket()
+        sock.settimeout(0.5)
+        try:
+            sock.connect(server.server_address[:2])  # timed out past the 5th before
+        except TimeoutError:
+            refused += 1
+        clients.append(sock)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert refused == 0
+        for sock in clients:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in clients:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_serve_is_quiet_when_a_client_resets_an_idle_connection(chat_run: Path, capfd: pytest.CaptureFixture[str]):
     """A kept-alive connection reset between requests (a client process exiting with pooled connections) is a
     client that left: socketserver printed a traceback on the server's stderr for each one."""
