@@ -115,6 +115,17 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 
 
+def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
+    """Windows line ends and a byte-order mark went into the messages: "hi\r" got "see you", not "hello there"."""
+    import io
+
+    from lmforge.chat import chat
+
+    out = io.StringIO()
+    replies = chat(chat_run, stdin=io.StringIO("\ufeffhi\r\nbye\r\n/exit\r\nnever read\r\n"), stdout=out, temperature=0)
+    assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+
+
 def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
     """A message longer than the context is cut to its end: said on stderr, not silently."""
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
