@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lmforge.generate import REPLACEMENT_CHAR
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
 
 
@@ -108,8 +110,9 @@ def logprobs_object(
 class TextOffsets:
     """Where each token of a sequence begins in `decode` of it (plus `start`), fed a few tokens at a time (a
     stream's chunks) or all at once. From the text both with and without the token: a character still cut (a
-    trailing U+FFFD that this token completes) is not before it, one that never completes (a stray byte,
-    shown as U+FFFD) is."""
+    trailing U+FFFD that this token continues or completes) is not before it, one that never completes (a stray
+    byte, shown as U+FFFD) is. The middle byte of a 3-byte character (界: e7 95 8c, one token each) leaves the
+    text as it was, "a\ufffd": it starts where that cut character does, not after it."""
 
     def __init__(self, decode: Any, start: int = 0) -> None:
         self.decode, self.start = decode, start
@@ -121,7 +124,10 @@ class TextOffsets:
         for token_id in ids:
             self.ids.append(token_id)
             after = self.decode(self.ids)
-            offsets.append(self.start + len(os.path.commonprefix([self.before, after])))
+            if after == self.before and after.endswith(REPLACEMENT_CHAR):  # it continues the cut character
+                offsets.append(self.start + len(after) - 1)
+            else:
+                offsets.append(self.start + len(os.path.commonprefix([self.before, after])))
             self.before = after
         return offsets
 

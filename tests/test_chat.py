@@ -1012,6 +1012,20 @@ def test_serve_streams_logprobs_in_each_chunk(chat_run: Path):
             ]
 
 
+def test_logprobs_text_offsets_of_a_character_in_three_tokens():
+    """界 as three byte tokens: the middle one left the decoded text as it was ("a\ufffd") and was put after
+    the cut character (offsets 0, 1, 2, 1, 2); every piece of it starts where the character does."""
+    from lmforge.serve_logprobs import TextOffsets
+
+    pieces = {1: b"a", 2: b"\xe7", 3: b"\x95", 4: b"\x8c", 5: b"b"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    assert TextOffsets(decode).feed([1, 2, 3, 4, 5]) == [0, 1, 1, 1, 2]
+    assert TextOffsets(decode, start=3).feed([2, 3, 5]) == [3, 3, 4]  # never completed: it takes up its place
+
+
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
     """GET /tokenizer_info, POST /tokenize and /detokenize: what lm-evaluation-harness's remote tokenizer reads
     (it then needs no exported tokenizer), and clients use to count tokens."""
