@@ -48,9 +48,14 @@ class TokenNames:
 
 
 @torch.no_grad()
-def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+def score(
+    model: Any, ids: list[int], start: int, top: int, vocab_size: int | None = None
+) -> list[tuple[float | None, list[tuple[int, float]]]]:
     """For each position t in start..len(ids)-1: (log p(ids[t] | ids[:t]), the `top` likeliest ids at t with
-    their log-probabilities, likeliest first). Position 0 has no context: (None, [])."""
+    their log-probabilities, likeliest first). Position 0 has no context: (None, []). `vocab_size`: the
+    distribution is over the ids below it, the tokenizer's, as generation samples them: a model padded past its
+    tokenizer (`--model.vocab_size 50304`) has untrained rows that took a share of the probability (and could
+    be named as alternatives with no text)."""
     out: list[tuple[float | None, list[tuple[int, float]]]] = []
     if start == 0 and ids:
         out.append((None, []))
@@ -58,7 +63,7 @@ def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float 
     if start >= len(ids):
         return out
     device = next(model.parameters()).device
-    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1].float()
+    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1, :vocab_size].float()
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(1, torch.tensor(ids[start:], device=device).unsqueeze(1)).squeeze(1).tolist()
     best_values, best_ids = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else (logp[:, :0], logp[:, :0])
@@ -156,7 +161,7 @@ def choice_logprobs(
     if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
         new = [t for t in new if t not in server.stops]
     with server.lock:
-        scored = score(ft.model, ids + new, first, top)
+        scored = score(ft.model, ids + new, first, top, ft.tokenizer.vocab_size)
     if chat:
         return chat_logprobs(names, new, scored)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
@@ -205,5 +210,5 @@ def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:
     if not new:
         return -math.inf
     with server.lock:
-        scored = score(server.ft.model, ids + new, len(ids), 0)
+        scored = score(server.ft.model, ids + new, len(ids), 0, server.ft.tokenizer.vocab_size)
     return sum(lp for lp, _ in scored if lp is not None) / len(new)

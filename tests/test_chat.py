@@ -1026,6 +1026,26 @@ def test_logprobs_text_offsets_of_a_character_in_three_tokens():
     assert TextOffsets(decode, start=3).feed([2, 3, 5]) == [3, 3, 4]  # never completed: it takes up its place
 
 
+def test_serve_logprobs_of_a_model_padded_past_its_tokenizer(tmp_path: Path):
+    """A model padded past its tokenizer (`--model.vocab_size 50304`) samples only the tokenizer's ids, but its
+    unstreamed logprobs were a log-softmax over the padding rows too (and differed from the streamed ones)."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.tokenizer.train import train_char
+
+    tok = train_char(["once upon a time"])
+    base = make_base(tmp_path, max_seq_len=32, tok=tok, vocab_size=4 * tok.vocab_size)  # 3/4 of the ids: padding
+    ft = load_finetuned(base, torch.device("cpu"))
+    ids = ft.tokenizer.encode("once upon")
+    with torch.no_grad():
+        logits = ft.model(torch.tensor([ids]))[0, :, : ft.tokenizer.vocab_size].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    with _serving(base) as server:
+        asked = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3}
+        lp = json.loads(_post(server.url + "/v1/completions", asked)[1])["choices"][0]["logprobs"]
+    expected = [logp[t - 1, token].item() for t, token in enumerate(ids) if t > 0]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+
+
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
     """GET /tokenizer_info, POST /tokenize and /detokenize: what lm-evaluation-harness's remote tokenizer reads
     (it then needs no exported tokenizer), and clients use to count tokens."""
