@@ -325,6 +325,16 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         server.server_close()
 
 
+def test_serve_reads_a_request_body_that_starts_with_a_bom(chat_run: Path):
+    """A JSON file saved with a byte-order mark and sent with `curl -d @file` was "not valid JSON"."""
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
+    with _serving(chat_run) as server:
+        status, plain = _post(server.url + "/v1/completions", body)
+        status_bom, with_bom = _post(server.url + "/v1/completions", b"\xef\xbb\xbf" + body)
+    assert status == status_bom == 200, with_bom
+    assert json.loads(with_bom)["choices"] == json.loads(plain)["choices"]
+
+
 def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
     """The request forms and reply fields the official `openai` client (3.x) uses, checked with it and pinned
     here over plain HTTP: model lookup, `max_completion_tokens`, `stream_options.include_usage`, the
