@@ -81,6 +81,7 @@ from lmforge.serve_request import (
     openai_messages,
     sampling_penalties,
     scoring_options,
+    short_json,
     tokenize_reply,
     tokenizer_info,
 )
@@ -562,7 +563,9 @@ class _Handler(BaseHTTPRequestHandler):
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
+            got = short_json(body.get("stop"))  # ([""]: a list of strings, but one that would stop at once)
+            message = f"'stop' must be a non-empty string or a list of non-empty strings, got {got}"
+            raise RequestError(400, message, param="stop")
         if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
             raise RequestError(
                 400,

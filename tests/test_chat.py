@@ -299,6 +299,7 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
+            ("/completions", {"prompt": "hi", "stop": [""]}, 'list of non-empty strings, got [""]'),
             (
                 "/chat/completions",
                 {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3},
