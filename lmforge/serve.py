@@ -43,7 +43,8 @@ not; one that only shuts down its sending side (`nc -N`) looks the same and gets
 `compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
 so no request waits for it.
 
-Request bodies are checked and converted (prompts, messages, numbers) in `serve_request.py`.
+Request bodies are checked and converted (prompts, messages, numbers) in `serve_request.py`, logprobs are
+`serve_logprobs.py`'s; the HTTP/1.1 handling and the one request path left here run a little over 800 lines.
 """
 
 from __future__ import annotations
@@ -81,14 +82,11 @@ from lmforge.serve_request import (
     openai_messages,
     sampling_penalties,
     scoring_options,
-    short_json,
+    stop_strings,
+    stream_options,
     tokenize_reply,
     tokenizer_info,
 )
-
-# stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
-# would slow every token of the reply; OpenAI's API takes 4
-MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
@@ -126,9 +124,8 @@ class _ClientLeft(ConnectionError):
 
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
-    # connections waiting to be accepted (listen's backlog): socketserver's default of 5 turned away the rest of
-    # a burst, and the async `openai` client, 24-32 requests at once, got a few "Connection error"s (ReadError)
-    # in most runs; with 128, none in 10
+    # listen's backlog: with socketserver's 5, the async openai client's bursts (24-32 requests at once) got
+    # "Connection error"s in most runs; with 128, none in 10
     request_queue_size = 128
 
     def __init__(
@@ -407,8 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self.body_read = True
         try:
-            # utf-8-sig: a body file saved with a byte-order mark (Windows Notepad; `curl -d @request.json`),
-            # which RFC 8259 lets a parser ignore, was refused as "not valid JSON"
+            # utf-8-sig: RFC 8259 lets a parser ignore a BOM (a Notepad file sent with `curl -d @request.json`)
             body = json.loads(self.rfile.read(length).decode("utf-8-sig") or "null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not valid JSON") from None
@@ -560,33 +556,8 @@ class _Handler(BaseHTTPRequestHandler):
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            got = short_json(body.get("stop"))  # ([""]: a list of strings, but one that would stop at once)
-            message = f"'stop' must be a non-empty string or a list of non-empty strings, got {got}"
-            raise RequestError(400, message, param="stop")
-        if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
-            raise RequestError(
-                400,
-                f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)",
-                param="stop",
-            )
-        # what the model writes is in its tokenizer's normal form: with NFKC (prepare --normalize NFKC) a
-        # stop string "，" is looked for as the "," it writes, or it never matched
-        stop = [ft.tokenizer.in_unicode_form(s) for s in stop]
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
-        stream = bool(stream)
-        options = body.get("stream_options")
-        if options is not None and (not stream or not isinstance(options, dict)):
-            message = '\'stream_options\' needs "stream": true and an object such as {"include_usage": true}'
-            raise RequestError(400, message, param="stream_options")
-        include_usage = (options or {}).get("include_usage") or False
-        if not isinstance(include_usage, bool):
-            message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
-            raise RequestError(400, message, param="stream_options")
+        stop = [ft.tokenizer.in_unicode_form(s) for s in stop_strings(body)]  # (NFKC: stop_strings)
+        stream, include_usage = stream_options(body)
         if stream and best_of > n:
             raise RequestError(400, "'best_of' picks among whole completions, so it cannot stream", param="best_of")
         for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing

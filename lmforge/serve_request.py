@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
+# would slow every token of the reply; OpenAI's API takes 4
+MAX_STOP_STRINGS = 16
+
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
@@ -133,6 +137,39 @@ def short_json(value: Any) -> str:
     """A request value as the client wrote it, cut short for a one-line error."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    """`stop`: a string or a list of them (none: []). The server looks for them in the model's text after
+    putting them in its tokenizer's Unicode form: with NFKC (prepare --normalize NFKC) a stop string "，" is
+    looked for as the "," the model writes, or it never matched."""
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        got = short_json(body.get("stop"))  # ([""]: a list of strings, but one that would stop at once)
+        message = f"'stop' must be a non-empty string or a list of non-empty strings, got {got}"
+        raise RequestError(400, message, param="stop")
+    if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
+        message = f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)"
+        raise RequestError(400, message, param="stop")
+    return stop
+
+
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`)."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
+    stream = bool(stream)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        message = '\'stream_options\' needs "stream": true and an object such as {"include_usage": true}'
+        raise RequestError(400, message, param="stream_options")
+    include_usage = (options or {}).get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
+        raise RequestError(400, message, param="stream_options")
+    return stream, include_usage
 
 
 def choice_counts(body: dict[str, Any], chat: bool) -> tuple[int, int]:
