@@ -324,10 +324,12 @@ def chat(
         if any("\ud800" <= ch <= "\udfff" for ch in line):  # undecodable bytes (surrogate escapes)
             stdout.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
             continue
-        if not line or line.strip() == "/exit":
+        # the message as typed: a file piped in may start with a byte-order mark and end its lines with \r\n,
+        # which went into the message ("hi\r" got another reply than "hi")
+        text = line.removeprefix("\ufeff").rstrip("\r\n")
+        if not line or text.strip() == "/exit":
             stdout.write("\n" if not line else "")
             break
-        text = line.rstrip("\n")
         if text.strip() == "/reset":
             history = history[:1] if system else []
             stdout.write("(history cleared)\n")

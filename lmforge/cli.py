@@ -162,7 +162,12 @@ def build_parser() -> Parser:
         description="Generate a continuation of --prompt, streamed to the terminal as it comes.",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a new document)")
+    p.add_argument(
+        "--prompt",
+        default="",
+        help="text to continue; special-token strings in it (<|endoftext|>) are read as their ids, as serve and "
+        "the run's HF export read them (default: start of a new document)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")

@@ -336,6 +336,7 @@ def generate(
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     penalties: Penalties | None = None,
     vocab_size: int | None = None,
+    on_logits: Callable[[Tensor], None] | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -357,6 +358,8 @@ def generate(
         vocab_size: only ids below it are chosen (the tokenizer's size): a model whose embedding is padded
             past its tokenizer (`--model.vocab_size 50304`, Qwen2's 151936 rows for 151665 ids) has ids that
             were never trained and that no tokenizer decodes; None = every id of the model.
+        on_logits: called at each step, before the token is chosen, with the (1, V) logits it is chosen from
+            (below `vocab_size`), before penalties and temperature: `serve` streams their log-probabilities.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -393,6 +396,8 @@ def generate(
                 x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
             logits = logits[:, :vocab_size]  # (1, V): the tokenizer's ids only
+            if on_logits is not None:
+                on_logits(logits)
             if penalise:
                 if counts is None:
                     counts = torch.zeros(logits.shape[-1], device=device)
@@ -584,6 +589,35 @@ def require_text_generator(path: str | Path, loaded: Any) -> None:
         )
 
 
+def prompt_text_ids(loaded: Any, text: str) -> list[int]:
+    """Ids of a prompt's text for a loaded run (`adapt.load.Finetuned`), read as the run's `export --to hf`
+    tokenizer and vLLM read it: special-token strings (<|endoftext|>, an imported model's <|im_start|>) become
+    their ids, while lmforge's chat role markers (<|user|>, ...) stay text, as its chat template trained on them
+    even where the tokenizer reserves them (--special-tokens all, unigram). No prefix (BOS) is added.
+
+    `lmforge generate --prompt`, a `serve` completion's string prompt and its /tokenize all read text with it,
+    so one prompt gives the same ids (and the same greedy text) through each."""
+    return prompt_encoding(loaded, text).ids
+
+
+def prompt_encoding(loaded: Any, text: str) -> Any:
+    """`prompt_text_ids` as a `tokenizers.Encoding`: the ids and where each token is in `text` (`.offsets`)."""
+    from lmforge.chat import JinjaChatTemplate
+
+    if isinstance(loaded.template, JinjaChatTemplate):
+        return loaded.tokenizer.encode_markup(text)
+    return _markers_as_text(loaded.tokenizer).encode(text, add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _markers_as_text(tok: Any) -> Any:
+    import tokenizers
+
+    from lmforge.export.hf import without_chat_markers
+
+    return tokenizers.Tokenizer.from_str(without_chat_markers(tok.to_str()))
+
+
 def generate_from_checkpoint(
     path: str | Path,
     *,
@@ -602,8 +636,9 @@ def generate_from_checkpoint(
 ) -> str:
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
-    The prompt is encoded with the checkpoint's tokenizer (an empty prompt starts a new document
-    after an end-of-text token, so it needs a tokenizer that has one); generation stops at end-of-text
+    The prompt is encoded as `serve` reads a completion's prompt (`prompt_text_ids`: an `<|endoftext|>` in
+    it is the end-of-text id, not its characters); an empty prompt starts a new document after an
+    end-of-text token, so it needs a tokenizer that has one. Generation stops at end-of-text
     (or one of the run's `stop_ids_of`) unless `stop_at_eos` is False, in which case it runs on into
     new documents, shown separated by a blank line. With `stream`, the prompt and then each completed
     piece of the continuation are written to it as they come (no trailing newline).
@@ -627,7 +662,7 @@ def generate_from_checkpoint(
     stops = run_stops(loaded) if stop_at_eos else frozenset()
     max_len = context_length(model)
     # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
-    prompt_ids = tokenizer.prompt_prefix + tokenizer.encode(prompt)
+    prompt_ids = tokenizer.prompt_prefix + prompt_text_ids(loaded, prompt)
     if not prompt_ids and eos_id is None:
         raise LmforgeError(
             f"{path}: its tokenizer has no end-of-text token to start a new document after; "

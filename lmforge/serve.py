@@ -19,7 +19,8 @@ expect; `"stream_options": {"include_usage": true}` adds a last chunk with no ch
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
 an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
 (vLLM's extension) and `logit_bias` are `generate.Penalties`. A completion's `best_of` draws that many per
-prompt and returns the `n` with the highest log-probability per token. `logprobs` or `best_of` with `stream`,
+prompt and returns the `n` with the highest log-probability per token. Streamed with `logprobs`, each chunk
+carries its tokens' logprobs, as OpenAI's do (`serve_logprobs.StreamedLogprobs`). `best_of` with `stream`,
 `suffix`, tools and `response_format` are refused with a 400 rather than ignored: each would change
 what a client gets back. With a `seed`, choice (or draw) j of a prompt samples with seed + j.
 
@@ -42,7 +43,8 @@ not; one that only shuts down its sending side (`nc -N`) looks the same and gets
 `compile` (`--compile`) the decode step is compiled by a short warm-up generation before the server answers,
 so no request waits for it.
 
-Request bodies are checked and converted (prompts, messages, numbers) in `serve_request.py`.
+Request bodies are checked and converted (prompts, messages, numbers) in `serve_request.py`, logprobs are
+`serve_logprobs.py`'s; the HTTP/1.1 handling and the one request path left here run a little over 800 lines.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.serve_logprobs import choice_logprobs, mean_logprob
+from lmforge.generate import prompt_text_ids
+from lmforge.serve_logprobs import StreamedLogprobs, choice_logprobs, mean_logprob
 from lmforge.serve_request import (
     UNSUPPORTED,
     RequestError,
@@ -77,16 +80,13 @@ from lmforge.serve_request import (
     detokenize_reply,
     number,
     openai_messages,
-    prompt_text_ids,
     sampling_penalties,
     scoring_options,
+    stop_strings,
+    stream_options,
     tokenize_reply,
     tokenizer_info,
 )
-
-# stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
-# would slow every token of the reply; OpenAI's API takes 4
-MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ class _ClientLeft(ConnectionError):
 
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
+    # listen's backlog: with socketserver's 5, the async openai client's bursts (24-32 requests at once) got
+    # "Connection error"s in most runs; with 128, none in 10
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -401,7 +404,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self.body_read = True
         try:
-            body = json.loads(self.rfile.read(length).decode("utf-8") or "null")
+            # utf-8-sig: RFC 8259 lets a parser ignore a BOM (a Notepad file sent with `curl -d @request.json`)
+            body = json.loads(self.rfile.read(length).decode("utf-8-sig") or "null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -552,34 +556,8 @@ class _Handler(BaseHTTPRequestHandler):
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise RequestError(400, "'stop' must be a string or a list of strings", param="stop")
-        if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
-            raise RequestError(
-                400,
-                f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)",
-                param="stop",
-            )
-        # what the model writes is in its tokenizer's normal form: with NFKC (prepare --normalize NFKC) a
-        # stop string "，" is looked for as the "," it writes, or it never matched
-        stop = [ft.tokenizer.in_unicode_form(s) for s in stop]
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
-        stream = bool(stream)
-        options = body.get("stream_options")
-        if options is not None and (not stream or not isinstance(options, dict)):
-            message = '\'stream_options\' needs "stream": true and an object such as {"include_usage": true}'
-            raise RequestError(400, message, param="stream_options")
-        include_usage = (options or {}).get("include_usage") or False
-        if not isinstance(include_usage, bool):
-            message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
-            raise RequestError(400, message, param="stream_options")
-        if stream and logprobs:
-            message = "'logprobs' is not supported with \"stream\": true; leave one of them out"
-            raise RequestError(400, message, param="logprobs")
+        stop = [ft.tokenizer.in_unicode_form(s) for s in stop_strings(body)]  # (NFKC: stop_strings)
+        stream, include_usage = stream_options(body)
         if stream and best_of > n:
             raise RequestError(400, "'best_of' picks among whole completions, so it cannot stream", param="best_of")
         for key, neutral in UNSUPPORTED.items():  # accepted and ignored, they would silently change nothing
@@ -618,18 +596,26 @@ class _Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        def chunk(index: int, piece: str, finish_reason: str | None, first: int | None = None) -> dict[str, Any]:
+        def chunk(
+            index: int, piece: str, finish_reason: str | None, first: int | None = None, scores: Any = None
+        ) -> dict[str, Any]:
             if chat:
-                delta = ({"role": "assistant"} if first is not None else {}) | ({"content": piece} if piece else {})
-                choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+                if first is not None:  # as OpenAI's first chunk: {"role": "assistant", "content": ""}
+                    delta = {"role": "assistant", "content": piece}
+                else:  # a piece of the reply, or {} in the last chunk (its finish_reason)
+                    delta = {"content": piece} if piece else {}
+                choice = {"index": index, "delta": delta, "logprobs": scores, "finish_reason": finish_reason}
             else:
-                choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "text": piece, "logprobs": scores, "finish_reason": finish_reason}
             out = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created}
             out |= {"model": self.server.model_name, "choices": [choice]}
             return out | ({"usage": None} if include_usage else {})  # OpenAI: null on all but the usage chunk
 
-        def send_piece(index: int, piece: str) -> None:
-            self._event(chunk(index, piece, None))
+        def send_piece(index: int, scores: StreamedLogprobs | None, piece: str, steps: list) -> None:
+            """A chunk of a streamed choice: its text, and with logprobs those of its tokens (`steps`)."""
+            numbers = scores.chunk(steps) if scores is not None else None
+            if piece or numbers is not None:
+                self._event(chunk(index, piece, None, scores=numbers))
 
         if stream:
             self._start_stream()
@@ -643,19 +629,23 @@ class _Handler(BaseHTTPRequestHandler):
         # choice j of each prompt samples with seed + j (n different samples, the same again on a repeat)
         for i, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
             usage["prompt_tokens"] += len(ids)  # (counted once per prompt, as OpenAI counts it)
+            # a completion's prompt string as sent (None: token ids, or chat)
+            sent = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
+            sent = sent if isinstance(sent, str) else None
             head = ""
             if echo:  # the prompt's text first (as sent; token ids as they decode)
-                prompt = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
-                head = prompt if isinstance(prompt, str) else ft.tokenizer.decode(ids, skip_special_tokens=True)
+                head = sent if sent is not None else ft.tokenizer.decode(ids, skip_special_tokens=True)
             drawn = []
             for j in range(best_of):
                 index = i * n + j
                 sampling = {"temperature": temperature, "top_p": top_p, "penalties": penalties}
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
-                emit = functools.partial(send_piece, index) if stream else None
-                if emit is not None and head:
-                    emit(head)
-                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit)
+                streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
+                emit = functools.partial(send_piece, index, streamed) if stream else None
+                if emit is not None and head:  # (with logprobs: the prompt's, scored as unstreamed)
+                    echoed = choice_logprobs(self.server, ids, [], echo, top, chat, sent) if logprobs else None
+                    self._event(chunk(index, head, None, scores=echoed))
+                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit, streamed)
                 usage["completion_tokens"] += len(new)
                 if stream:
                     self._event(chunk(index, "", finish))
@@ -665,7 +655,7 @@ class _Handler(BaseHTTPRequestHandler):
                 drawn = sorted(drawn, key=lambda d: -mean_logprob(self.server, ids, d[2]))[:n]
             for j, (text, finish, new) in enumerate(drawn):
                 index = i * n + j
-                scores = choice_logprobs(self.server, ids, new, echo, top, chat) if logprobs else None
+                scores = choice_logprobs(self.server, ids, new, echo, top, chat, sent) if logprobs else None
                 if chat:
                     message = {"role": "assistant", "content": text}
                     choices.append({"index": index, "message": message, "logprobs": scores, "finish_reason": finish})
@@ -688,10 +678,12 @@ class _Handler(BaseHTTPRequestHandler):
         sampling: dict[str, Any],
         stop: list[str],
         chat: bool,
-        emit: Callable[[str], None] | None,
+        emit: Callable[[str, list], None] | None,
+        scores: StreamedLogprobs | None = None,
     ) -> tuple[str, str, list[int]]:
         """One choice: (its text, finish_reason, the ids generated). With `emit` (streaming), its text is
-        passed on as soon as no stop string can still cut it.
+        passed on as soon as no stop string can still cut it, with (`scores`: logprobs asked for) the
+        `StreamedLogprobs.step`s of the tokens generated since the piece before.
 
         Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
         this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
@@ -701,14 +693,23 @@ class _Handler(BaseHTTPRequestHandler):
             return "", "length", []
         if emit is None:
             return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
-        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: the generation is over
+        pieces: queue.SimpleQueue[tuple[str, list] | None] = queue.SimpleQueue()  # None: the generation is over
         client_gone = threading.Event()
         outcome: list[Any] = []  # the result, or the exception to raise here
 
         def work() -> None:
             try:
                 outcome.append(
-                    self._generate_locked(ids, max_tokens, sampling, stop, chat, pieces.put, client_gone.is_set)
+                    self._generate_locked(
+                        ids,
+                        max_tokens,
+                        sampling,
+                        stop,
+                        chat,
+                        lambda *piece: pieces.put(piece),
+                        client_gone.is_set,
+                        scores,
+                    )
                 )
             except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
                 outcome.append(e)
@@ -718,7 +719,7 @@ class _Handler(BaseHTTPRequestHandler):
         threading.Thread(target=work, name="lmforge-generate", daemon=True).start()
         try:
             while (piece := pieces.get()) is not None:
-                emit(piece)
+                emit(*piece)
         except BaseException:
             client_gone.set()
             raise
@@ -733,8 +734,9 @@ class _Handler(BaseHTTPRequestHandler):
         sampling: dict[str, Any],
         stop: list[str],
         chat: bool,
-        emit: Callable[[str], None] | None = None,
+        emit: Callable[[str, list], None] | None = None,
         client_left: Callable[[], bool] | None = None,
+        scores: StreamedLogprobs | None = None,
     ) -> tuple[str, str, list[int]]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
 
@@ -752,11 +754,15 @@ class _Handler(BaseHTTPRequestHandler):
         text = ""
         finish = "length"
         sent = 0
+        steps: list = []  # with `scores`: the tokens' logprobs not yet emitted (they go with the next piece)
+        logits_of_step: list = []
 
         def on_token(t: int) -> None:
             nonlocal text, finish, sent
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
+            if scores is not None:
+                steps.append(scores.step(logits_of_step.pop(), t))
             if t in self.server.stops:
                 finish = "stop"
                 return
@@ -766,7 +772,8 @@ class _Handler(BaseHTTPRequestHandler):
                 text, finish = text[:cut], "stop"
             ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
             if emit is not None and ready > sent:
-                emit(text[sent:ready])
+                emit(text[sent:ready], steps[:])
+                steps.clear()
                 sent = ready
             if cut >= 0:
                 raise _StopGeneration
@@ -786,6 +793,7 @@ class _Handler(BaseHTTPRequestHandler):
                     on_token=on_token,
                     compile=self.server.compile,
                     vocab_size=ft.tokenizer.vocab_size,
+                    on_logits=logits_of_step.append if scores is not None else None,
                 )
                 if finish != "stop":
                     text += decoder.flush()
@@ -793,6 +801,6 @@ class _Handler(BaseHTTPRequestHandler):
                 new = decoder.ids
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
-        if emit is not None and len(text) > sent:
-            emit(text[sent:])
+        if emit is not None and (len(text) > sent or steps):
+            emit(text[sent:], steps)
         return text, finish, new

@@ -4,7 +4,9 @@ tokens too: how lm-evaluation-harness's `local-completions` model scores answer 
 
 The numbers are the model's own next-token distribution, the log-softmax of its logits before temperature
 or top-p (what sampling then reshapes; vLLM's default too), from one forward pass over prompt + completion
-after the generation: the same logits the KV-cached decode used, up to float summation order.
+after the generation: the same logits the KV-cached decode used, up to float summation order. A stream
+(`"stream": true`) carries each chunk's tokens' numbers in that chunk, as OpenAI's does, taken from the decode
+step's logits as the tokens are chosen (`StreamedLogprobs`): the same numbers, up to that summation order.
 
 A token's name is the text it adds (its UTF-8 bytes), or `bytes:\\xe4\\xbd` for a byte-level piece of a
 character that is not whole on its own, as OpenAI writes them; a special token (`<|endoftext|>`) is its name.
@@ -18,6 +20,8 @@ import os
 from typing import Any
 
 import torch
+
+from lmforge.generate import REPLACEMENT_CHAR
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
 
@@ -44,9 +48,14 @@ class TokenNames:
 
 
 @torch.no_grad()
-def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+def score(
+    model: Any, ids: list[int], start: int, top: int, vocab_size: int | None = None
+) -> list[tuple[float | None, list[tuple[int, float]]]]:
     """For each position t in start..len(ids)-1: (log p(ids[t] | ids[:t]), the `top` likeliest ids at t with
-    their log-probabilities, likeliest first). Position 0 has no context: (None, [])."""
+    their log-probabilities, likeliest first). Position 0 has no context: (None, []). `vocab_size`: the
+    distribution is over the ids below it, the tokenizer's, as generation samples them: a model padded past its
+    tokenizer (`--model.vocab_size 50304`) has untrained rows that took a share of the probability (and could
+    be named as alternatives with no text)."""
     out: list[tuple[float | None, list[tuple[int, float]]]] = []
     if start == 0 and ids:
         out.append((None, []))
@@ -54,7 +63,7 @@ def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float 
     if start >= len(ids):
         return out
     device = next(model.parameters()).device
-    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1].float()
+    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1, :vocab_size].float()
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(1, torch.tensor(ids[start:], device=device).unsqueeze(1)).squeeze(1).tolist()
     best_values, best_ids = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else (logp[:, :0], logp[:, :0])
@@ -64,23 +73,68 @@ def score(model: Any, ids: list[int], start: int, top: int) -> list[tuple[float 
 
 
 def completion_logprobs(
-    names: TokenNames, decode: Any, ids: list[int], first: int, scored: list[tuple[float | None, list]]
+    names: TokenNames,
+    decode: Any,
+    prompt: list[int],
+    new: list[int],
+    scored: list[tuple[float | None, list]],
+    *,
+    echo: bool,
+    prompt_text: str,
+    prompt_offsets: list[int] | None = None,
 ) -> dict[str, Any]:
-    """/v1/completions' `logprobs` object for ids[first:] (scored by `score(..., first, top)`): tokens,
-    token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs is) and text_offset (characters
-    from the start of the prompt's text to where each token's text begins)."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    before = decode(ids[:first])
-    for i, (lp, alternatives) in zip(range(first, len(ids)), scored, strict=True):
-        tokens.append(names.name(ids[i]))
+    """/v1/completions' `logprobs` object for a choice's tokens (the prompt's too with `echo`), scored by
+    `score(..., first, top)`: tokens, token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs
+    is) and text_offset: where each token's text begins in the prompt's text followed by the completion's, the
+    text the reply returns with `echo`. `prompt_text` is the prompt as sent (a token-id prompt: its decoding),
+    `prompt_offsets` where each prompt token begins in it (a string prompt: its encoding's; None: found by
+    decoding, right for a token-id prompt, whose text is that decoding). A special token in a string prompt is
+    its whole string there (<|endoftext|>, 13 characters), while decoding drops it: offsets found by decoding
+    the prompt put every later token 13 characters early."""
+    from lmforge.generate import continuation_decoder
+
+    offsets = []
+    if echo:
+        offsets = list(prompt_offsets) if prompt_offsets is not None else TextOffsets(decode).feed(prompt)
+    offsets += TextOffsets(continuation_decoder(decode, prompt), len(prompt_text)).feed(new)
+    return logprobs_object(names, prompt + new if echo else new, scored, offsets)
+
+
+def logprobs_object(
+    names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]], offsets: list[int]
+) -> dict[str, Any]:
+    """/v1/completions' `logprobs` object of `ids`, from their scores (`score`) and text offsets."""
+    tokens, token_logprobs, top_logprobs = [], [], []
+    for token_id, (lp, alternatives) in zip(ids, scored, strict=True):
+        tokens.append(names.name(token_id))
         token_logprobs.append(lp)
         top_logprobs.append(None if lp is None else {names.name(t): v for t, v in alternatives})
-        # the text both with and without the token: a character still cut (a trailing U+FFFD that this token
-        # completes) is not before it, one that never completes (a stray byte, shown as U+FFFD) is
-        after = decode(ids[: i + 1])
-        offsets.append(len(os.path.commonprefix([before, after])))
-        before = after
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+class TextOffsets:
+    """Where each token of a sequence begins in `decode` of it (plus `start`), fed a few tokens at a time (a
+    stream's chunks) or all at once. From the text both with and without the token: a character still cut (a
+    trailing U+FFFD that this token continues or completes) is not before it, one that never completes (a stray
+    byte, shown as U+FFFD) is. The middle byte of a 3-byte character (界: e7 95 8c, one token each) leaves the
+    text as it was, "a\ufffd": it starts where that cut character does, not after it."""
+
+    def __init__(self, decode: Any, start: int = 0) -> None:
+        self.decode, self.start = decode, start
+        self.ids: list[int] = []
+        self.before = decode([])
+
+    def feed(self, ids: list[int]) -> list[int]:
+        offsets = []
+        for token_id in ids:
+            self.ids.append(token_id)
+            after = self.decode(self.ids)
+            if after == self.before and after.endswith(REPLACEMENT_CHAR):  # it continues the cut character
+                offsets.append(self.start + len(after) - 1)
+            else:
+                offsets.append(self.start + len(os.path.commonprefix([self.before, after])))
+            self.before = after
+        return offsets
 
 
 def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | None, list]]) -> dict[str, Any]:
@@ -97,19 +151,58 @@ def chat_logprobs(names: TokenNames, ids: list[int], scored: list[tuple[float | 
     return {"content": content, "refusal": None}
 
 
-def choice_logprobs(server: Any, ids: list[int], new: list[int], echo: bool, top: int, chat: bool) -> dict[str, Any]:
+def choice_logprobs(
+    server: Any, ids: list[int], new: list[int], echo: bool, top: int, chat: bool, sent: str | None = None
+) -> dict[str, Any]:
     """A choice's `logprobs` object: its generated tokens' (and with `echo` the prompt's too), scored under the
-    server's model lock."""
+    server's model lock. `sent`: a completion's prompt string as the client sent it (None: token ids)."""
     ft, names = server.ft, server.token_names()
     first = 0 if echo else len(ids)
     if chat:  # the reply's content: an end-of-turn token that stopped it is not part of it
         new = [t for t in new if t not in server.stops]
     with server.lock:
-        scored = score(ft.model, ids + new, first, top)
+        scored = score(ft.model, ids + new, first, top, ft.tokenizer.vocab_size)
     if chat:
         return chat_logprobs(names, new, scored)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
-    return completion_logprobs(names, decode, ids + new, first, scored)
+    if sent is None:
+        return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=decode(ids))
+    from lmforge.generate import prompt_encoding
+
+    starts = [start for start, _ in prompt_encoding(ft, sent).offsets]
+    starts = [0] * (len(ids) - len(starts)) + starts  # a prefix (BOS), or an empty prompt's eos: at 0
+    return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=sent, prompt_offsets=starts)
+
+
+class StreamedLogprobs:
+    """The `logprobs` of one streamed choice, a chunk's tokens at a time, in the shapes `choice_logprobs` gives
+    unstreamed: the chunks' lists joined are those of the whole choice (text offsets go on from the chunk before;
+    a chat reply leaves out the end-of-turn token that stopped it). The numbers are the decode step's (`step`),
+    the same log-softmax of the same logits as `score`'s forward pass, up to float summation order."""
+
+    def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None) -> None:
+        from lmforge.generate import continuation_decoder
+
+        self.server, self.names, self.top, self.chat = server, server.token_names(), top, chat
+        decode = functools.partial(server.ft.tokenizer.decode, skip_special_tokens=True)
+        self.offsets = TextOffsets(continuation_decoder(decode, ids), len(sent if sent is not None else decode(ids)))
+
+    def step(self, logits: torch.Tensor, token_id: int) -> tuple[int, float, list[tuple[int, float]]]:
+        """One generated token's (id, logprob, alternatives) from the (1, V) logits it was chosen from."""
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        values, alternatives = logp.topk(min(self.top, logp.shape[-1]))
+        return token_id, logp[token_id].item(), list(zip(alternatives.tolist(), values.tolist(), strict=True))
+
+    def chunk(self, steps: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any] | None:
+        """A chunk's `logprobs` object for the tokens generated since the chunk before (None: no tokens)."""
+        if self.chat:
+            steps = [s for s in steps if s[0] not in self.server.stops]
+        if not steps:
+            return None
+        ids, scored = [t for t, _, _ in steps], [(lp, alternatives) for _, lp, alternatives in steps]
+        if self.chat:
+            return chat_logprobs(self.names, ids, scored)
+        return logprobs_object(self.names, ids, scored, self.offsets.feed(ids))
 
 
 def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:
@@ -117,5 +210,5 @@ def mean_logprob(server: Any, ids: list[int], new: list[int]) -> float:
     if not new:
         return -math.inf
     with server.lock:
-        scored = score(server.ft.model, ids + new, len(ids), 0)
+        scored = score(server.ft.model, ids + new, len(ids), 0, server.ft.tokenizer.vocab_size)
     return sum(lp for lp, _ in scored if lp is not None) / len(new)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
+
+# stop strings per request: each is searched for in the text's tail after every token, so a 1 MB body of them
+# would slow every token of the reply; OpenAI's API takes 4
+MAX_STOP_STRINGS = 16
 
 # OpenAI request fields this server does not implement, with the values that mean "off" (accepted)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -136,6 +139,39 @@ def short_json(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    """`stop`: a string or a list of them (none: []). The server looks for them in the model's text after
+    putting them in its tokenizer's Unicode form: with NFKC (prepare --normalize NFKC) a stop string "，" is
+    looked for as the "," the model writes, or it never matched."""
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        got = short_json(body.get("stop"))  # ([""]: a list of strings, but one that would stop at once)
+        message = f"'stop' must be a non-empty string or a list of non-empty strings, got {got}"
+        raise RequestError(400, message, param="stop")
+    if len(stop) > MAX_STOP_STRINGS:  # each is searched for after every token
+        message = f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} (OpenAI's API takes 4)"
+        raise RequestError(400, message, param="stop")
+    return stop
+
+
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`)."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise RequestError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
+    stream = bool(stream)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)):
+        message = '\'stream_options\' needs "stream": true and an object such as {"include_usage": true}'
+        raise RequestError(400, message, param="stream_options")
+    include_usage = (options or {}).get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        message = f"'stream_options.include_usage' must be true or false, got {include_usage!r}"
+        raise RequestError(400, message, param="stream_options")
+    return stream, include_usage
+
+
 def choice_counts(body: dict[str, Any], chat: bool) -> tuple[int, int]:
     """(`n`, `best_of`): choices per prompt, and completions' draws per prompt that the n best are picked from."""
     n = body.get("n")
@@ -221,27 +257,6 @@ def tokenizer_info(ft: Any, context: int) -> dict[str, Any]:
     }
 
 
-def prompt_text_ids(ft: Any, text: str) -> list[int]:
-    """Ids of a client's prompt text (a completion's string prompt, /tokenize), read as the run's `export --to hf`
-    tokenizer and vLLM read it: special-token strings (<|endoftext|>, an imported model's <|im_start|>) become
-    their ids, while lmforge's chat role markers (<|user|>, ...) stay text, as its chat template trained on them
-    even where the tokenizer reserves them (--special-tokens all, unigram)."""
-    from lmforge.chat import JinjaChatTemplate
-
-    if isinstance(ft.template, JinjaChatTemplate):
-        return ft.tokenizer.encode_markup(text).ids
-    return _markers_as_text(ft.tokenizer).encode(text, add_special_tokens=False).ids
-
-
-@functools.lru_cache(maxsize=4)
-def _markers_as_text(tok: Any) -> Any:
-    import tokenizers
-
-    from lmforge.export.hf import without_chat_markers
-
-    return tokenizers.Tokenizer.from_str(without_chat_markers(tok.to_str()))
-
-
 def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any]:
     """POST /tokenize: {"prompt": text, "add_special_tokens": true} (special-token strings such as
     <|endoftext|> become their ids, as a transformers tokenizer reads them; add_special_tokens puts the
@@ -267,6 +282,8 @@ def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any
         if not isinstance(special, bool):
             message = f"'add_special_tokens' must be true or false, got {short_json(special)}"
             raise RequestError(400, message, param="add_special_tokens")
+        from lmforge.generate import prompt_text_ids
+
         ids = (ft.tokenizer.prompt_prefix if special else []) + prompt_text_ids(ft, prompt)
     return {"tokens": ids, "count": len(ids), "max_model_len": context}
 

@@ -115,6 +115,17 @@ def test_terminal_chat_through_stdin(chat_run: Path):
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 
 
+def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
+    """Windows line ends and a byte-order mark went into the messages: "hi\r" got "see you", not "hello there"."""
+    import io
+
+    from lmforge.chat import chat
+
+    out = io.StringIO()
+    replies = chat(chat_run, stdin=io.StringIO("\ufeffhi\r\nbye\r\n/exit\r\nnever read\r\n"), stdout=out, temperature=0)
+    assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+
+
 def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
     """A message longer than the context is cut to its end: said on stderr, not silently."""
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
@@ -252,7 +263,7 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         assert status == 200 and events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # as OpenAI's first chunk
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "hello there"
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
@@ -285,10 +296,10 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "n": 0}, "'n' must be a whole number >= 1"),
             ("/completions", {"prompt": "hi", "stream": "false"}, "'stream' must be true or false"),
             ("/completions", {"prompt": "hi", "logprobs": 21}, "'logprobs' must be a whole number 0-20"),
-            ("/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 'not supported with "stream"'),
             ("/completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
+            ("/completions", {"prompt": "hi", "stop": [""]}, 'list of non-empty strings, got [""]'),
             (
                 "/chat/completions",
                 {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3},
@@ -313,6 +324,16 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_reads_a_request_body_that_starts_with_a_bom(chat_run: Path):
+    """A JSON file saved with a byte-order mark and sent with `curl -d @file` was "not valid JSON"."""
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
+    with _serving(chat_run) as server:
+        status, plain = _post(server.url + "/v1/completions", body)
+        status_bom, with_bom = _post(server.url + "/v1/completions", b"\xef\xbb\xbf" + body)
+    assert status == status_bom == 200, with_bom
+    assert json.loads(with_bom)["choices"] == json.loads(plain)["choices"]
 
 
 def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
@@ -665,6 +686,34 @@ def test_serve_threads_idle_and_dropped_connections(chat_run: Path, capfd: pytes
     assert "Traceback" not in err and "internal error" not in err, err
 
 
+def test_serve_takes_a_burst_of_connections(chat_run: Path):
+    """The listen backlog was socketserver's 5: connections past it while the accept loop was busy waited for a
+    SYN retry (1 s and more), and the async openai client's bursts got "Connection error"s."""
+    from lmforge.serve import make_server
+
+    server = make_server(chat_run, port=0)  # not accepting yet: every connection waits in the backlog
+    clients, refused = [], 0
+    for _ in range(32):
+        sock = socket.socket()
+        sock.settimeout(0.5)
+        try:
+            sock.connect(server.server_address[:2])  # timed out past the 5th before
+        except TimeoutError:
+            refused += 1
+        clients.append(sock)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert refused == 0
+        for sock in clients:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in clients:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+
+
 def test_serve_is_quiet_when_a_client_resets_an_idle_connection(chat_run: Path, capfd: pytest.CaptureFixture[str]):
     """A kept-alive connection reset between requests (a client process exiting with pooled connections) is a
     client that left: socketserver printed a traceback on the server's stderr for each one."""
@@ -898,8 +947,114 @@ def test_logprobs_text_offsets_around_cut_characters():
         return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
 
     names = SimpleNamespace(name=str)
-    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], 0, [(None, [])] + [(-1.0, [])] * 4)
+    scored = [(None, [])] + [(-1.0, [])] * 4
+    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], [], scored, echo=True, prompt_text="ab你\ufffdcd")
     assert decode([1, 2, 3, 4, 5]) == "ab你\ufffdcd" and result["text_offset"] == [0, 2, 2, 3, 4]
+
+
+def test_logprobs_text_offsets_index_the_text_returned_after_a_special_token(chat_run: Path):
+    """With `echo`, a string prompt comes back as sent, <|endoftext|> as its 13 characters, but the offsets
+    were found by decoding the prompt's ids, which drops it: every later token's offset was 13 too small."""
+    past = "see you<|endoftext|><|user|>\nhi\n<|assistant|>\n"
+    with _serving(chat_run) as server:
+        for echo in (True, False):
+            asked = {"prompt": past, "echo": echo, "logprobs": 0, "max_tokens": 4, "temperature": 0}
+            status, body = _post(server.url + "/v1/completions", asked)
+            choice = json.loads(body)["choices"][0]
+            text, lp = (choice["text"] if echo else past + choice["text"]), choice["logprobs"]
+            assert status == 200 and text.startswith(past) and len(lp["tokens"]) == (len(past) - 12 + 4 if echo else 4)
+            for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+                if offset < len(past) or token != "<|endoftext|>":  # (a generated one ends the text, unwritten)
+                    assert text[offset : offset + len(token)] == token, (token, offset, text)
+            if echo:
+                assert lp["text_offset"][7:9] == [7, 20]  # <|endoftext|>, then the <|user|> after it
+            else:
+                assert lp["text_offset"][0] == len(past)  # a completion's offsets count from the prompt's start
+
+
+def test_serve_streams_logprobs_in_each_chunk(chat_run: Path):
+    """`"stream": true` with logprobs was refused; OpenAI sends each chunk's tokens' logprobs in that chunk. The
+    chunks' lists joined are the unstreamed reply's (the numbers from the decode step's logits, to 1e-4)."""
+
+    def joined(chunks: list[dict], chat: bool) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for c in chunks:
+            choice = c["choices"][0]
+            if choice["logprobs"] is None:
+                continue
+            for key, values in choice["logprobs"].items():
+                out[key] = out.get(key, []) + (values or [])
+            if chat:  # each token's logprobs ride in the chunk that carries its text (one character each here)
+                assert "".join(e["token"] for e in choice["logprobs"]["content"]) == choice["delta"]["content"]
+        return out
+
+    completion = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "temperature": 0, "max_tokens": 16, "logprobs": 2}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    with _serving(chat_run) as server:
+        for path, payload in [
+            ("/v1/completions", completion),
+            ("/v1/completions", {**completion, "echo": True, "stop": " "}),  # the prompt's first, a stop string
+            ("/v1/chat/completions", chat),
+        ]:
+            status, body = _post(server.url + path, payload)
+            whole = json.loads(body)["choices"][0]
+            status, body = _post(server.url + path, {**payload, "stream": True})
+            assert status == 200, body
+            chunks = _events(body)
+            is_chat = "messages" in payload
+            streamed = joined(chunks, is_chat)
+            if is_chat:
+                content, expected = streamed["content"], whole["logprobs"]["content"]
+                assert "".join(e["token"] for e in content) == whole["message"]["content"] == "hello there"
+                assert [e["token"] for e in content] == [e["token"] for e in expected]
+                assert [e["logprob"] for e in content] == pytest.approx([e["logprob"] for e in expected], abs=1e-4)
+                assert [[a["token"] for a in e["top_logprobs"]] for e in content] == [
+                    [a["token"] for a in e["top_logprobs"]] for e in expected
+                ]
+                continue
+            expected = whole["logprobs"]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+            assert streamed["tokens"] == expected["tokens"] and streamed["text_offset"] == expected["text_offset"]
+            first = 1 if payload.get("echo") else 0  # (the prompt's first token has no logprob: null)
+            assert streamed["token_logprobs"][:first] == expected["token_logprobs"][:first]
+            assert streamed["token_logprobs"][first:] == pytest.approx(expected["token_logprobs"][first:], abs=1e-4)
+            assert [list(t or {}) for t in streamed["top_logprobs"]] == [
+                list(t or {}) for t in expected["top_logprobs"]
+            ]
+
+
+def test_logprobs_text_offsets_of_a_character_in_three_tokens():
+    """界 as three byte tokens: the middle one left the decoded text as it was ("a\ufffd") and was put after
+    the cut character (offsets 0, 1, 2, 1, 2); every piece of it starts where the character does."""
+    from lmforge.serve_logprobs import TextOffsets
+
+    pieces = {1: b"a", 2: b"\xe7", 3: b"\x95", 4: b"\x8c", 5: b"b"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    assert TextOffsets(decode).feed([1, 2, 3, 4, 5]) == [0, 1, 1, 1, 2]
+    assert TextOffsets(decode, start=3).feed([2, 3, 5]) == [3, 3, 4]  # never completed: it takes up its place
+
+
+def test_serve_logprobs_of_a_model_padded_past_its_tokenizer(tmp_path: Path):
+    """A model padded past its tokenizer (`--model.vocab_size 50304`) samples only the tokenizer's ids, but its
+    unstreamed logprobs were a log-softmax over the padding rows too (and differed from the streamed ones)."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.tokenizer.train import train_char
+
+    tok = train_char(["once upon a time"])
+    base = make_base(tmp_path, max_seq_len=32, tok=tok, vocab_size=4 * tok.vocab_size)  # 3/4 of the ids: padding
+    ft = load_finetuned(base, torch.device("cpu"))
+    ids = ft.tokenizer.encode("once upon")
+    with torch.no_grad():
+        logits = ft.model(torch.tensor([ids]))[0, :, : ft.tokenizer.vocab_size].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    with _serving(base) as server:
+        asked = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3}
+        lp = json.loads(_post(server.url + "/v1/completions", asked)[1])["choices"][0]["logprobs"]
+    expected = [logp[t - 1, token].item() for t, token in enumerate(ids) if t > 0]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
 
 
 def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
@@ -952,6 +1107,29 @@ def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run
         assert as_text["choices"][0]["text"] == as_ids["choices"][0]["text"]
 
 
+def test_generate_reads_a_prompt_as_serve_does(chat_run: Path):
+    """`lmforge generate --prompt` read "<|endoftext|>" as 13 characters while serve's completions read it as the
+    EOS id: the same prompt gave the model other ids (here 69 of them, past the 64-token context: an error)."""
+    import io
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.generate import generate_from_checkpoint, prompt_text_ids
+
+    ft = load_finetuned(chat_run, torch.device("cpu"))
+    prompt = "y" * 30 + "<|endoftext|><|user|>\nhi\n<|assistant|>\n"
+    ids = prompt_text_ids(ft, prompt)
+    assert len(ids) == 57 and ids[30] == ft.tokenizer.eos_id
+    shown = io.StringIO()
+    text = generate_from_checkpoint(chat_run, prompt=prompt, temperature=0, max_new_tokens=7, stream=shown)
+    assert shown.getvalue() == prompt + text
+    with _serving(chat_run) as server:
+        for sent in (prompt, ids):
+            status, body = _post(server.url + "/v1/completions", {"prompt": sent, "temperature": 0, "max_tokens": 7})
+            reply = json.loads(body)
+            assert status == 200 and reply["usage"]["prompt_tokens"] == 57, reply
+            assert reply["choices"][0]["text"] == text
+
+
 def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
     """With <|user|>/<|assistant|> reserved in the tokenizer (--special-tokens all, unigram), lmforge's chat
     template trains on them as text: a prompt's markers stay text, as the HF export reads them, and only the
@@ -959,7 +1137,7 @@ def test_serve_prompt_text_keeps_lmforge_role_markers_as_text():
     from types import SimpleNamespace
 
     from lmforge.chat import ChatTemplate, JinjaChatTemplate
-    from lmforge.serve_request import prompt_text_ids
+    from lmforge.generate import prompt_text_ids
     from lmforge.tokenizer.train import train_bpe
 
     tok = train_bpe([(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")], 400,
