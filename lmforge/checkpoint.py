@@ -319,16 +319,20 @@ def save_checkpoint(
             meta["optimizer"] = structure
         return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
     except (SafetensorError, OSError) as e:
-        # A full disk or a lost permission mid-write: safetensors raises its own error type (a traceback
-        # before), and the half-written folder held the space the next try needs. The complete
-        # checkpoints before it are untouched.
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        resume = f"re-run the same command to resume from {previous.name}" if previous else "re-run the command"
-        raise CheckpointError(
-            f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); "
-            f"free disk space or fix permissions, then {resume}"
-        ) from None
+        raise write_failed(run_dir, step, e) from None
+
+
+def write_failed(run_dir: Path, step: int, e: BaseException) -> CheckpointError:
+    """The error for a checkpoint whose write failed (a full disk or a lost permission mid-write), once its
+    half-written folder is removed: it held the space the next try needs. The complete checkpoints before
+    it are untouched. (safetensors raises its own error type for this: a traceback before.)"""
+    shutil.rmtree(tmp_step_dir(run_dir, step), ignore_errors=True)
+    previous = latest_checkpoint(run_dir)
+    resume = f"re-run the same command to resume from {previous.name}" if previous else "re-run the command"
+    return CheckpointError(
+        f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); "
+        f"free disk space or fix permissions, then {resume}"
+    )
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:

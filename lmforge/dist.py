@@ -476,6 +476,7 @@ def save_sharded_checkpoint(
         shard_files,
         step_dir,
         tmp_step_dir,
+        write_failed,
         write_shard,
     )
 
@@ -483,7 +484,10 @@ def save_sharded_checkpoint(
     shards = local_shards(model, optimizer)
     tmp = begin_checkpoint(run_dir, step) if rank == 0 else tmp_step_dir(run_dir, step)
     barrier()
-    write_shard(tmp, rank, world, shards["model"], shards["optim"])
+    try:
+        write_shard(tmp, rank, world, shards["model"], shards["optim"])
+    except OSError as e:  # a full disk: the failing rank's one-line error (its peers then fail at the barrier)
+        raise write_failed(run_dir, step, e) from None
     barrier()
     if rank != 0:
         return step_dir(run_dir, step)
@@ -498,11 +502,14 @@ def save_sharded_checkpoint(
         },
     }
     files = [name for r in range(world) for name in shard_files(r, world)]
-    if diloco is not None:
-        save_safetensors(diloco.state_dict(), str(tmp / DILOCO_FILE), {"format": "pt"})
-        files.append(DILOCO_FILE)
-        meta["diloco"] = {"workers": world}
-    return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    try:
+        if diloco is not None:
+            save_safetensors(diloco.state_dict(), str(tmp / DILOCO_FILE), {"format": "pt"})
+            files.append(DILOCO_FILE)
+            meta["diloco"] = {"workers": world}
+        return finish_checkpoint(tmp, step=step, files=files, meta=meta, tokenizer_json=tokenizer_json)
+    except OSError as e:
+        raise write_failed(run_dir, step, e) from None
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Any, worker: int = 0) -> list[str]:

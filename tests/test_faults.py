@@ -103,6 +103,32 @@ def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path,
     assert state.step == 12
 
 
+def test_failing_disk_while_saving_per_rank_files_keeps_the_previous_checkpoint(
+    data_dir: Path, tmp_path: Path, monkeypatch
+):
+    """The per-rank writer (sharded FSDP2 and DiLoCo checkpoints; DiLoCo runs in one process) fails half-way
+    through the second checkpoint: one line naming the checkpoint to resume from, and the partial folder,
+    which held the space the next try needs, is gone (it was left, and the error said nothing of resuming)."""
+    import lmforge.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    real = ckpt.save_safetensors
+
+    def failing_save_file(tensors, path, *args, **kwargs):
+        if Path(path).parent.name.startswith("step-000004") and Path(path).name.startswith("optim"):
+            Path(path).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_safetensors", failing_save_file)
+    flags = {"train.max_steps": 4, "checkpoint.every": 2, "eval.every": 0, "dist.strategy": "diloco"}
+    cfg = tiny_config(data_dir, run, **flags, **{"dist.sync_every": 2})
+    with pytest.raises(CheckpointError, match="could not write checkpoint step-000004.*resume from step-000002"):
+        pretrain(cfg, progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000002"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).meta["step"] == 2  # verifies sizes and sha256
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as on Linux")
 def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path) -> None:
     """A real failed write (a file-size limit, as a full disk: safetensors raises its own SafetensorError,

@@ -128,6 +128,22 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     ]
 
 
+def test_rerun_of_a_run_that_died_after_its_last_checkpoint_marks_it_finished(data_dir, tmp_path):
+    """A run killed after writing its final checkpoint (under torchrun: a peer's SIGKILL while the last step's
+    collectives ran) is "failed", and `runs` says to re-run it; the re-run has nothing to train and used to
+    leave it "failed" for good. It now records the run as finished."""
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dir, run, **{"train.max_steps": 2, "checkpoint.every": 2, "eval.every": 0})
+    pretrain(cfg, progress=False)
+    mark_running(run)  # what a SIGKILL leaves: status.json says running, its pid is gone
+    (run / "status.json").write_text(
+        json.dumps({**json.loads((run / "status.json").read_text(encoding="utf-8")), "pid": 2**22 + 1})
+    )
+    assert run_status(run) == "failed"
+    assert pretrain(cfg, progress=False).step == 2  # nothing to do
+    assert run_status(run) == "finished"
+
+
 def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
     """How a failed run ended is decided with its status, once, into its summary (`failure`, a key of --json):
     `format_runs` read status.json a second time, so its line could disagree with the row above it."""

@@ -47,6 +47,7 @@ from lmforge.runs import (
     mark_stopped,
     release,
     run_contents,
+    run_status,
     set_aside,
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
@@ -521,6 +522,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         return step_dir(run_dir, st.step)
 
     if done:
+        if world.is_main and run_status(run_dir) != "finished":  # it died after its last checkpoint (a peer's
+            mark_stopped(run_dir, "finished", stop_reason=state.stop_reason)  # SIGKILL): `runs` said re-run it
         log.info(f"{run_dir} is already {done}; nothing to do")
         log.close()
         return state
