@@ -153,8 +153,8 @@ def is_comm_failure(e: BaseException) -> bool:
 
 def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) -> str:
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    # torchrun --max-restarts restarts the workers, but a restarted gloo group cannot re-form (torch 2.13)
-    restarts = " (torchrun --max-restarts does it automatically)" if backend() == "nccl" else ""
+    # torchrun --max-restarts restarts the workers, which resume (measured on gloo with torch 2.13: README)
+    restarts = " (torchrun --max-restarts does it automatically)"
     return (
         f"rank {info.rank}: a collective with the other {info.world_size - 1} process(es) failed ({first[:200]}); "
         f"a peer died or hung (dist.timeout_s={timeout_s:g}). The latest checkpoint is intact: re-run the same "

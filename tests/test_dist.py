@@ -560,19 +560,15 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file()
 
 
-@pytest.mark.parametrize(
-    ("backend", "ending"),
-    [
-        ("gloo", "re-run the same command to resume"),  # torchrun --max-restarts cannot re-form a gloo group
-        ("nccl", "re-run the same command to resume (torchrun --max-restarts does it automatically)"),
-    ],
-)
-def test_comm_failure_names_max_restarts_only_for_nccl(backend: str, ending: str, monkeypatch) -> None:
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_comm_failure_names_max_restarts(backend: str, monkeypatch) -> None:
+    """torchrun --max-restarts restarts the workers, which resume by themselves: on gloo too (torch 2.13, where an
+    earlier torch could not re-form the group and the line left the hint out there)."""
     from lmforge import dist
 
     monkeypatch.setattr(dist, "backend", lambda: backend)
     line = dist.describe_comm_failure(RuntimeError("Connection closed by peer"), dist.DistInfo(0, 0, 2), 5)
-    assert line.endswith(ending), line
+    assert line.endswith("re-run the same command to resume (torchrun --max-restarts does it automatically)"), line
 
 
 def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
