@@ -447,7 +447,10 @@ def estimate(
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
     if not (isinstance(world_size, int) and world_size >= 1):
-        raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
+        raise ConfigError(
+            f"world_size must be an integer >= 1, got {world_size!r}; pass the devices that train together "
+            "(--world-size 8)"
+        )
     if not (0.0 <= mfu <= 1.0):
         raise ConfigError(f"mfu must be in (0, 1] (a fraction, e.g. 0.4), got {mfu}; 0 = the default")
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
