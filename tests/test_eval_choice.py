@@ -105,3 +105,14 @@ def test_choice_rows_errors_name_the_row_and_the_fix(tmp_path: Path):
     assert read_choice_rows(path, renamed) == [("q", ["a", "b"], 1)]
     with pytest.raises(DataError, match="--task choice has the fields question, choices, answer"):
         choice_fields(["label=x"])
+
+
+def test_a_blank_option_column_is_refused_not_skipped(tmp_path: Path):
+    """MMLU-style columns: a blank B with C and D filled would give C's letter to D's text (the answer 'C' then
+    scored the wrong option); it is refused naming the column. Blank columns after the last option are fine."""
+    path = tmp_path / "gap.csv"
+    path.write_text("question,A,B,C,D,answer\nWhat is red?,a cloud,,an apple,the sea,C\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 1: option B is empty"):
+        read_choice_rows(path, choice_fields(None))
+    path.write_text("question,A,B,C,D,E,answer\nWhat is red?,a cloud,an apple,the sea,,,B\n", encoding="utf-8")
+    assert read_choice_rows(path, choice_fields(None)) == [("What is red?", ["a cloud", "an apple", "the sea"], 1)]

@@ -58,8 +58,15 @@ def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str
                 "rename with --field question=COLUMN"
             )
         options = row.get(fields["choices"])
-        if options is None:  # one column per option: A, B, C, ...
-            options = [row[c] for c in _LETTERS if c in row and row[c] is not None and str(row[c]).strip()]
+        if options is None:  # one column per option: A, B, C, ...; blank ones after the last option end the list
+            options = [row[c] if row[c] is not None else "" for c in _LETTERS if c in row]
+            while options and not str(options[-1]).strip():
+                options.pop()
+            if any(not str(o).strip() for o in options):  # dropping it would give the next options its letter
+                gap = _LETTERS[[str(o).strip() for o in options].index("")]
+                raise DataError(
+                    f"{where}: option {gap} is empty while later options are not; fill it in or drop the row"
+                )
         if isinstance(options, str) or not isinstance(options, list) or len(options) < 2:
             raise DataError(
                 f"{where} needs at least two options: a list in {fields['choices']!r}, or columns A, B, C, ... "
