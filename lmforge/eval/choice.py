@@ -87,14 +87,16 @@ def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str
 
 def _answer_index(answer: Any, options: list[str], where: str, fields: dict[str, str]) -> int:
     """The correct option of a row: its text, its letter, or its 0-based index (in that order of trust)."""
+    from lmforge.data.formats import label_name
+
     text = str(answer).strip() if answer is not None else ""
     if text in options:
         return options.index(text)
     if len(text) == 1 and text.upper() in _LETTERS[: len(options)]:
         return _LETTERS.index(text.upper())
-    if isinstance(answer, int) and not isinstance(answer, bool) or text.isdigit():
-        if 0 <= int(text) < len(options):
-            return int(text)
+    index = label_name(answer) if answer is not None and not isinstance(answer, bool) else ""
+    if index.isdigit() and int(index) < len(options):  # 1, "1", and 1.0 / "1.0" (pandas' int column with a gap)
+        return int(index)
     raise DataError(
         f"{where}: answer {text!r} names none of its {len(options)} options; give its letter (A-"
         f"{_LETTERS[len(options) - 1]}), its 0-based index or its text in {fields['answer']!r}"
