@@ -105,3 +105,30 @@ def test_choice_rows_errors_name_the_row_and_the_fix(tmp_path: Path):
     assert read_choice_rows(path, renamed) == [("q", ["a", "b"], 1)]
     with pytest.raises(DataError, match="--task choice has the fields question, choices, answer"):
         choice_fields(["label=x"])
+
+
+def test_a_blank_option_column_is_refused_not_skipped(tmp_path: Path):
+    """MMLU-style columns: a blank B with C and D filled would give C's letter to D's text (the answer 'C' then
+    scored the wrong option); it is refused naming the column. Blank columns after the last option are fine."""
+    path = tmp_path / "gap.csv"
+    path.write_text("question,A,B,C,D,answer\nWhat is red?,a cloud,,an apple,the sea,C\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 1: option B is empty"):
+        read_choice_rows(path, choice_fields(None))
+    path.write_text("question,A,B,C,D,E,answer\nWhat is red?,a cloud,an apple,the sea,,,B\n", encoding="utf-8")
+    assert read_choice_rows(path, choice_fields(None)) == [("What is red?", ["a cloud", "an apple", "the sea"], 1)]
+
+
+def test_an_index_answer_written_as_a_float_is_that_index(tmp_path: Path):
+    """pandas writes an int column that has a gap as floats ("1.0"), and JSON may hold 1.0: index 1, as a
+    classification label "1.0" is the class "1"; a non-integer stays an error."""
+    header = "question,A,B,C,answer\n"
+    for answer, expected in (("1.0", 1), ("2", 2)):
+        path = tmp_path / "float.csv"
+        path.write_text(f"{header}What is red?,a cloud,an apple,the sea,{answer}\n", encoding="utf-8")
+        assert read_choice_rows(path, choice_fields(None))[0][2] == expected
+    path = tmp_path / "float.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1.0}) + "\n", encoding="utf-8")
+    assert read_choice_rows(path, choice_fields(None))[0][2] == 1
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0.5}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="answer '0.5' names none of its 2 options"):
+        read_choice_rows(path, choice_fields(None))

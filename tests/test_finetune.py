@@ -565,6 +565,31 @@ def test_fewshot_demos_are_drawn_per_row_and_never_the_row_itself(base: Path, mo
         fewshot_classify(ft, rows, rows, k=len(rows), fields=fields, seed=0)
 
 
+def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """An imported Llama-style tokenizer puts <s> before every text: in-context classification prompts start
+    with it, as `generate` and `--task choice` prompts do (the model was pretrained to see it first)."""
+    from tokenizers import processors
+
+    import lmforge.eval.tasks as tasks
+    from lmforge.data.formats import read_task_rows
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    ft.tokenizer = Tokenizer(hf)
+    assert ft.tokenizer.prompt_prefix == [bos]
+    heads: list[list[int]] = []
+    score = tasks.continuation_logprob
+    monkeypatch.setattr(tasks, "continuation_logprob", lambda m, head, *a: heads.append(head) or score(m, head, *a))
+    fields = {"text": "text", "label": "label"}
+    rows = read_task_rows(DATA / "sentiment_val.jsonl", "classify", fields)[:3]
+    tasks.fewshot_classify(ft, rows, rows, k=1, fields=fields, seed=0)
+    assert heads and all(head[0] == bos and head[1] != bos for head in heads)
+
+
 def test_augmentation_is_seeded():
     import random
 

@@ -58,8 +58,15 @@ def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str
                 "rename with --field question=COLUMN"
             )
         options = row.get(fields["choices"])
-        if options is None:  # one column per option: A, B, C, ...
-            options = [row[c] for c in _LETTERS if c in row and row[c] is not None and str(row[c]).strip()]
+        if options is None:  # one column per option: A, B, C, ...; blank ones after the last option end the list
+            options = [row[c] if row[c] is not None else "" for c in _LETTERS if c in row]
+            while options and not str(options[-1]).strip():
+                options.pop()
+            if any(not str(o).strip() for o in options):  # dropping it would give the next options its letter
+                gap = _LETTERS[[str(o).strip() for o in options].index("")]
+                raise DataError(
+                    f"{where}: option {gap} is empty while later options are not; fill it in or drop the row"
+                )
         if isinstance(options, str) or not isinstance(options, list) or len(options) < 2:
             raise DataError(
                 f"{where} needs at least two options: a list in {fields['choices']!r}, or columns A, B, C, ... "
@@ -80,14 +87,16 @@ def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str
 
 def _answer_index(answer: Any, options: list[str], where: str, fields: dict[str, str]) -> int:
     """The correct option of a row: its text, its letter, or its 0-based index (in that order of trust)."""
+    from lmforge.data.formats import label_name
+
     text = str(answer).strip() if answer is not None else ""
     if text in options:
         return options.index(text)
     if len(text) == 1 and text.upper() in _LETTERS[: len(options)]:
         return _LETTERS.index(text.upper())
-    if isinstance(answer, int) and not isinstance(answer, bool) or text.isdigit():
-        if 0 <= int(text) < len(options):
-            return int(text)
+    index = label_name(answer) if answer is not None and not isinstance(answer, bool) else ""
+    if index.isdigit() and int(index) < len(options):  # 1, "1", and 1.0 / "1.0" (pandas' int column with a gap)
+        return int(index)
     raise DataError(
         f"{where}: answer {text!r} names none of its {len(options)} options; give its letter (A-"
         f"{_LETTERS[len(options) - 1]}), its 0-based index or its text in {fields['answer']!r}"

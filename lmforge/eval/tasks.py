@@ -252,7 +252,7 @@ def fewshot_classify(
                 f"--k-shot {k} but only {len(pool)} shots differ from the row {text[:40]!r}; lower --k-shot"
             )
         demo = "".join(demos[i] for i in rng.sample(pool, k))
-        prompt = tok.encode(demo + f"Text: {text}\nLabel:")
+        prompt = tok.prompt_prefix + tok.encode(demo + f"Text: {text}\nLabel:")  # an imported Llama's BOS first
         scores = [continuation_logprob(model, prompt, ids, context) for ids in label_ids]
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
