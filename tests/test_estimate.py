@@ -371,7 +371,7 @@ def test_result_is_json_and_formats() -> None:
         (dict(tokens=10, hardware="-3"), "positive number of GFLOP/s"),
         (dict(tokens=10, hardware="nan"), "positive number of GFLOP/s"),
         (dict(tokens=10, hardware=GFLOPS, mfu=1.5), "mfu must be in"),
-        (dict(tokens=10, hardware=GFLOPS, world_size=0), "world_size must be .*; pass .* \(--world-size 8\)"),
+        (dict(tokens=10, hardware=GFLOPS, world_size=0), r"world_size must be .*; pass .* \(--world-size 8\)"),
         (dict(tokens=10, hardware=GFLOPS, strategy="zero3"), "unknown strategy"),
         (dict(tokens=10, hardware=GFLOPS, price_per_hour=-1.0), "price_per_hour must be >= 0"),
     ],

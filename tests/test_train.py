@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -280,6 +282,37 @@ def test_a_nan_evaluation_is_not_the_best_and_does_not_end_patience():
     )
     assert state.stop_reason == "max_steps" and state.step == 4
     assert (state.best_val_loss, state.best_step, state.evals_since_best) == (3.0, 4, 0)
+
+
+def test_a_signal_during_the_final_evaluation_is_not_lost():
+    """Ctrl-C during the last step's evaluation came after the loop's last look at the signal: the run ended as
+    finished and a fine-tune went on into minutes of task scoring, exit 0. The run is saved at its last step, and
+    the signal reaches the caller (KeyboardInterrupt under the default SIGINT handler)."""
+    model = _model()
+    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, warmup_steps=0, log_every=10)
+    optim_cfg = OptimConfig()
+    saved = []
+
+    def evaluate():
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the final evaluation runs
+        return {"loss": 1.0}
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            model,
+            build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu")),
+            iter([_random_batches(2, seed=i) for i in range(3)]),
+            cfg=cfg,
+            optim_cfg=optim_cfg,
+            eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=0),
+            precision=pick_precision(torch.device("cpu"), "float32"),
+            state=TrainState(),
+            log=RunLogger(None, max_steps=3, start_step=0, console=False, enabled=False),
+            save=lambda st: saved.append((st.step, st.stop_reason)),
+            evaluate=evaluate,
+        )
+    assert saved == [(3, "max_steps")]  # trained and saved before the signal was passed on
 
 
 def test_time_budget_stops_and_saves(data_dir, tmp_path):

@@ -482,4 +482,10 @@ def train(
                 interval_tokens, interval_steps = 0, 0
             if state.stop_reason:
                 break
+    if stop.received is not None and state.stop_reason != "interrupted":
+        # A signal during the last evaluation or checkpoint came after the loop's last look at it: the run is
+        # trained and saved, but its caller must not go on as if no one had asked to stop (a fine-tune's task
+        # scoring ran for minutes and exited 0). Delivered again now that the caller's handlers are back: the
+        # CLI's raise KeyboardInterrupt (exit 130), and the re-run finds nothing left to train.
+        signal.raise_signal(stop.received)
     return state
