@@ -685,8 +685,10 @@ def watch(
     """
     from lmforge.runs import run_status
 
-    if every_s <= 0:
-        raise ConfigError(f"--every must be > 0 seconds, got {every_s}")
+    # (NaN passed `<= 0` and inf or 1e308 a `> 0`, then failed with a traceback in the page's refresh tag or
+    # in time.sleep; a day is far beyond any useful interval and well inside what sleep accepts)
+    if not 0 < every_s <= 86_400:
+        raise ConfigError(f"--every must be a number of seconds > 0 and at most 86400 (a day), got {every_s}")
     renders = 0
     try:
         while True:

@@ -300,6 +300,23 @@ def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
         render_report([run], tmp_path / "report.html")
 
 
+@pytest.mark.parametrize("every", [math.nan, math.inf, 1e308])
+def test_watch_refuses_an_interval_that_is_not_a_usable_number_of_seconds(data_dir, tmp_path, every):
+    """--every nan passed the `<= 0` check, inf and 1e308 any `> 0` one; on a live run each then failed with a
+    traceback (the page's refresh tag: "cannot convert float NaN to integer"; time.sleep: "timestamp out of
+    range"). A one-line error now, before anything is written."""
+    from lmforge.atomic import write_json
+    from lmforge.runs import mark_running
+
+    run, out = tmp_path / "live", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)
+    with pytest.raises(ConfigError, match=r"--every must be a number of seconds > 0 and at most 86400"):
+        watch([run], out, every_s=every, max_renders=2, echo=False)
+    assert not out.exists()
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")
 def test_report_in_headless_chromium(two_runs, tmp_path):
     out = render_report(list(two_runs), tmp_path / "report.html")
