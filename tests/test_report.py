@@ -161,6 +161,20 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     assert text.count("## Data:") == 1 and "## Data: fast" in text and "slow: same data as fast." in text
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_a_markdown_report_that_fails_to_write_leaves_nothing(two_runs, tmp_path):
+    """On a full disk the Markdown report left `report_files/` with a half-written `loss_steps.png.tmp` (and,
+    had more fit, some plots) but no report.md, and the error named no file. Now the folder it made is removed
+    and the error names the plot."""
+    from tests.conftest import file_size_limit
+
+    out = tmp_path / "report.md"
+    with file_size_limit(10_000), pytest.raises(OSError, match=r"No space left|too large") as e:
+        render_report(list(two_runs), out)
+    assert "report_files" in str(e.value) and ".png" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
     """With train.log_every 8 and eval.every 4 the eval at step 4 comes before any train record: it read
     the tokens of step 8 (np.interp holds the first value), as if it had seen twice the data."""
