@@ -438,6 +438,12 @@ def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> Non
     for p in root.glob("*.tmp"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+    # A step folder without state.json is what a kill in the middle of an earlier prune's rmtree leaves (a
+    # complete folder is renamed into place only with its state.json): not a checkpoint, but it kept whatever
+    # files the rmtree had not reached yet (the optimizer state: 2x the model) for the life of the run.
+    for p in root.iterdir():
+        if STEP_DIR.match(p.name) and p.is_dir() and not (p / "state.json").exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass

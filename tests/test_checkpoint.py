@@ -94,6 +94,19 @@ def test_keep_last_k_and_best(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000005", "step-000006"]
 
 
+def test_pruning_removes_what_a_kill_left_of_an_earlier_prune(tmp_path):
+    """A kill during a prune's rmtree left `step-N/` with its state.json gone and other files (the optimizer
+    state) still there: not a checkpoint, and never removed, so the run kept that disk space for good."""
+    model, opt = _model_and_optimizer()
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    half = tmp_path / "checkpoints" / "step-000001"
+    (half / "state.json").unlink()  # where the killed rmtree stopped
+    _save(tmp_path, 3, model, opt)
+    prune_checkpoints(tmp_path, keep=2, best_step=None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
+
+
 def test_damaged_files_give_one_line_errors(tmp_path):
     model, opt = _model_and_optimizer()
     path = _save(tmp_path, 1, model, opt)
