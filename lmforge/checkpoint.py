@@ -442,6 +442,12 @@ def prune_checkpoints(run_dir: Path, *, keep: int, best_step: int | None) -> Non
     for p in root.glob("*.tmp"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+    # A step folder without state.json is what a kill in the middle of an earlier prune's rmtree leaves (a
+    # complete folder is renamed into place only with its state.json): not a checkpoint, but it kept whatever
+    # files the rmtree had not reached yet (the optimizer state: 2x the model) for the life of the run.
+    for p in root.iterdir():
+        if STEP_DIR.match(p.name) and p.is_dir() and not (p / "state.json").exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass
@@ -714,8 +720,12 @@ def load_checkpoint(path: str | Path, *, verify: bool | Literal["weights"] = Tru
 
 def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Checkpoint:
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged; use an earlier one")
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):  # ("has checkpoint format None" sent the user looking for another lmforge)
+        raise CheckpointError(
+            f"{ckpt_dir / 'state.json'} is not a JSON object (damaged or edited by hand); use an earlier checkpoint"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version")
         raise CheckpointError(
             f"{ckpt_dir / 'state.json'} has checkpoint format {found!r}, this lmforge reads {FORMAT_VERSION}; "
             "use the lmforge version that wrote it"
@@ -724,10 +734,63 @@ def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Ch
         raise CheckpointError(
             f"{ckpt_dir / 'state.json'} fails its checksum (damaged or edited by hand); use an earlier checkpoint"
         )
+    _check_meta_types(meta, ckpt_dir / "state.json")
     ckpt = Checkpoint(ckpt_dir, meta)
     if verify:
         ckpt.verify(weights_only=verify == "weights")
     return ckpt
+
+
+# The JSON type of each state.json entry lmforge reads (checked where present; "a.b" is entry b of entry a). A
+# state.json without its checksum (an older one, or one rewritten by hand or by a script) holding another type
+# was a traceback deep in a resume or a load ("'int' object has no attribute 'items'", "'>=' not supported
+# between instances of 'str' and 'int'") instead of a line naming the file.
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "config": dict,
+    "files": dict,
+    "train_state": dict,
+    "train_state.step": int,
+    "train_state.tokens": int,
+    "train_state.elapsed_s": (int, float),
+    "loader": dict,
+    "loader.epoch": int,
+    "loader.cursor": int,
+    "objective": dict,
+    "optimizer": dict,
+    "optimizer.state": dict,
+    "optimizer.param_groups": list,
+    "rng": dict,
+    "rng.torch": str,
+    "sharded": dict,
+    "quantization": dict,
+    "diloco": dict,
+}
+_JSON_TYPE_NAMES = {int: "an integer", dict: "an object", list: "a list", str: "a string"}
+
+
+def _check_meta_types(meta: dict[str, Any], path: Path) -> None:
+    """A one-line CheckpointError for a state.json entry of the wrong JSON type (see `_META_TYPES`)."""
+
+    def wrong(key: str, expected: str, value: Any) -> CheckpointError:
+        shown = json.dumps(value, ensure_ascii=False)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return CheckpointError(
+            f"{path}: {key!r} should be {expected}, not {shown} (damaged or edited by hand); use an earlier checkpoint"
+        )
+
+    for key, types in _META_TYPES.items():
+        parent, _, name = key.rpartition(".")
+        holder = meta.get(parent) if parent else meta
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        value = holder[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            expected = "a number" if isinstance(types, tuple) else _JSON_TYPE_NAMES[types]
+            raise wrong(key, expected, value)
+    for name, info in meta.get("files", {}).items():
+        if not (isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)):
+            raise wrong(f"files.{name}", 'an object {"bytes": integer, "sha256": string}', info)
 
 
 @dataclass

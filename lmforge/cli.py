@@ -610,9 +610,37 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(130)
         print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
         sys.exit(2)
-    except Exception:
+    except Exception as e:
         if _sigint_seen:  # a module an earlier Ctrl-C left half imported
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
-        raise
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        print(
+            f"lmforge: error: out of memory ({oom}); use a smaller model (--model.*), batch (--train.batch_size, "
+            "--train.micro_batch_size) or input ('lmforge estimate' shows what a config needs)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     sys.exit(code)
+
+
+def _out_of_memory(e: Exception) -> str | None:
+    """What an allocation that failed asked for, or None when `e` is not one. A model or batch too big for the
+    machine (--model.d_model 262144, --train.batch_size 1e11) was a traceback: numpy raises MemoryError, torch's
+    CPU allocator a RuntimeError "can't allocate memory: you tried to allocate N bytes", CUDA
+    torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in text.lower())):
+        if not (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+            return None
+    import re
+
+    size = re.search(r"allocate (?:memory: you tried to allocate )?(\d[\d.]*) ?(bytes|[KMGTP]iB)", text)
+    if size is None:
+        return "a memory allocation failed"
+    amount, unit = size.groups()
+    if unit == "bytes":
+        amount, unit = f"{int(amount) / 2**30:.1f}", "GiB"
+    return f"tried to allocate {amount.rstrip('.')} {unit}"

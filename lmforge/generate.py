@@ -202,7 +202,10 @@ class Penalties:
         out = logits.to(torch.float32, copy=True)  # (the caller's logits stay as they were)
         if self.repetition != 1:
             hit = out[:, seen]
-            out[:, seen] = torch.where(hit > 0, hit / self.repetition, hit * self.repetition)
+            # clamped to float32's finite range: a penalty like 1e-300 (or 1e300) overflowed the scores to
+            # +-inf, and sampling then died on NaN probabilities ("probability tensor contains inf, nan")
+            big = torch.finfo(torch.float32).max
+            out[:, seen] = torch.where(hit > 0, hit / self.repetition, hit * self.repetition).clamp(-big, big)
         if self.frequency or self.presence:
             out = out - (self.frequency * counts + self.presence * (counts > 0).float())
         for token, value in self.bias:

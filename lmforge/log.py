@@ -48,6 +48,12 @@ def display_width(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
+    """H:MM:SS ("3 days, 4:05:06"); beyond timedelta's 999,999,999 days (an eta of --train.max_steps 1e23, which
+    raised OverflowError mid-run) in years, and "?" for a non-finite one."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds >= 8.6e13:
+        return f"{seconds / 31_557_600:.3g} years"
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 

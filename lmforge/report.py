@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -563,13 +564,25 @@ def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: no half-written `.png.tmp` left, and the error names the plot
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:  # Ctrl-C
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _assets_dir(out: Path) -> Path:
+    """Where a Markdown report's PNGs go: `<out stem>_files/` beside it."""
+    return out.with_name(out.stem + "_files")
 
 
 def render_markdown(runs: list[Run], out: Path) -> str:
     """The report as Markdown; plots are written as PNGs to `<out stem>_files/`."""
-    assets = out.with_name(out.stem + "_files")
+    assets = _assets_dir(out)
     assets.mkdir(parents=True, exist_ok=True)
     parts = [
         f"# lmforge report: {', '.join(_md_escape(r.name) for r in runs)}",
@@ -664,8 +677,16 @@ def render_report(
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
     _refuse_run_file(out, [run.path for run in runs])
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
-    atomic_write_text(out, text)
+    new_assets = kind == "md" and not _assets_dir(out).exists()
+    try:
+        text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
+        atomic_write_text(out, text)
+    except BaseException:
+        # a full disk (or Ctrl-C) after some plots: a `_files/` folder this call made, with a few PNGs and no
+        # report.md to show them, was left behind
+        if new_assets:
+            shutil.rmtree(_assets_dir(out), ignore_errors=True)
+        raise
     return out
 
 
@@ -685,8 +706,10 @@ def watch(
     """
     from lmforge.runs import run_status
 
-    if every_s <= 0:
-        raise ConfigError(f"--every must be > 0 seconds, got {every_s}")
+    # (NaN passed `<= 0` and inf or 1e308 a `> 0`, then failed with a traceback in the page's refresh tag or
+    # in time.sleep; a day is far beyond any useful interval and well inside what sleep accepts)
+    if not 0 < every_s <= 86_400:
+        raise ConfigError(f"--every must be a number of seconds > 0 and at most 86400 (a day), got {every_s}")
     renders = 0
     try:
         while True:

@@ -94,6 +94,19 @@ def test_keep_last_k_and_best(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000005", "step-000006"]
 
 
+def test_pruning_removes_what_a_kill_left_of_an_earlier_prune(tmp_path):
+    """A kill during a prune's rmtree left `step-N/` with its state.json gone and other files (the optimizer
+    state) still there: not a checkpoint, and never removed, so the run kept that disk space for good."""
+    model, opt = _model_and_optimizer()
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    half = tmp_path / "checkpoints" / "step-000001"
+    (half / "state.json").unlink()  # where the killed rmtree stopped
+    _save(tmp_path, 3, model, opt)
+    prune_checkpoints(tmp_path, keep=2, best_step=None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
+
+
 def test_damaged_files_give_one_line_errors(tmp_path):
     model, opt = _model_and_optimizer()
     path = _save(tmp_path, 1, model, opt)
@@ -126,9 +139,38 @@ def test_state_json_that_still_parses_after_damage_is_refused(tmp_path):
     state.write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"state.json fails its checksum \(damaged or edited by hand\)"):
         load_checkpoint(path)
+    meta["train_state"]["tokens"] = 96
     del meta["state_sha256"]  # a checkpoint written before the checksum existed still loads
     state.write_text(json.dumps(meta), encoding="utf-8")
     load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("step", "3", "'step' should be an integer"),
+        ("train_state", {"step": "three"}, "'train_state.step' should be an integer"),
+        ("loader", [1], "'loader' should be an object"),
+        ("rng", 5, "'rng' should be an object"),
+        ("files", {"model.safetensors": {"bytes": "1", "sha256": "x"}}, "'files.model.safetensors' should be"),
+    ],
+)
+def test_state_json_without_its_checksum_and_a_wrong_type_is_one_line(tmp_path, key, value, says):
+    """A state.json with no checksum (an older one, or one rewritten by a script) holding a wrong type was a
+    traceback deep in a load or a resume ("'int' object has no attribute 'items'"); now a line naming it."""
+    model, opt = _model_and_optimizer()
+    path = _save(tmp_path, 3, model, opt, tokens=96)
+    state = path / "state.json"
+    meta = json.loads(state.read_text(encoding="utf-8"))
+    del meta["state_sha256"]
+    meta[key] = value
+    state.write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"state.json: {says}.*use an earlier checkpoint") as e:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(e.value)
+    state.write_text("[]", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="state.json is not a JSON object"):
+        load_checkpoint(path)
 
 
 def test_readers_of_the_weights_check_only_their_files(tmp_path):

@@ -343,3 +343,24 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
+
+
+def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys):
+    """--model.d_ff 2**44 (a 4 PiB matrix, beyond any address space: no allocator grants it, so nothing is touched)
+    was a RuntimeError traceback from torch's CPU allocator; it is one line saying so and what to shrink, and no
+    run folder is left. (In process: the error is mapped in cli.main.)"""
+    import torch
+
+    from lmforge.cli import _out_of_memory, main
+
+    out = tmp_path / "big"
+    argv = ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--model.d_ff", str(2**44), "--train.max_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("lmforge: error: out of memory (tried to allocate ") and "use a smaller model" in err, err
+    assert not out.exists()
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
+    assert _out_of_memory(cuda) == "tried to allocate 20.00 MiB"
+    assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)

@@ -176,6 +176,22 @@ def test_penalties_against_hand_computed_logits_and_a_reference_loop() -> None:
     )
 
 
+@pytest.mark.parametrize("repetition", [1e-300, 1e300])
+def test_an_extreme_repetition_penalty_samples_instead_of_failing_on_nan(repetition: float) -> None:
+    """A penalty of 1e-300 divided the seen tokens' positive scores to inf (1e300: multiplied the negative ones
+    to -inf), and sampling died on "probability tensor contains either inf, nan or element < 0"; the scores
+    now stay finite, so a seen positive token is all but certain (1e-300) or seen tokens all but banned."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([True, True, False, False])
+    got = Penalties(repetition=repetition).apply(logits, torch.zeros(4), seen)
+    assert bool(torch.isfinite(got).all())
+    model = tiny()
+    out = generate(
+        model, [1, 2, 3], max_new_tokens=4, temperature=0.8, seed=0, penalties=Penalties(repetition=repetition)
+    )
+    assert len(out) == 4
+
+
 def test_seeded_sampling() -> None:
     model = tiny()
     rng = torch.get_rng_state()

@@ -161,6 +161,20 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     assert text.count("## Data:") == 1 and "## Data: fast" in text and "slow: same data as fast." in text
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_a_markdown_report_that_fails_to_write_leaves_nothing(two_runs, tmp_path):
+    """On a full disk the Markdown report left `report_files/` with a half-written `loss_steps.png.tmp` (and,
+    had more fit, some plots) but no report.md, and the error named no file. Now the folder it made is removed
+    and the error names the plot."""
+    from tests.conftest import file_size_limit
+
+    out = tmp_path / "report.md"
+    with file_size_limit(10_000), pytest.raises(OSError, match=r"No space left|too large") as e:
+        render_report(list(two_runs), out)
+    assert "report_files" in str(e.value) and ".png" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
     """With train.log_every 8 and eval.every 4 the eval at step 4 comes before any train record: it read
     the tokens of step 8 (np.interp holds the first value), as if it had seen twice the data."""
@@ -298,6 +312,23 @@ def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
     assert page.rows("summary")[0]["steps"][0] == "0/12"
     with pytest.raises(CheckpointError, match="nothing to report until the run logs a step"):  # (not --watch)
         render_report([run], tmp_path / "report.html")
+
+
+@pytest.mark.parametrize("every", [math.nan, math.inf, 1e308])
+def test_watch_refuses_an_interval_that_is_not_a_usable_number_of_seconds(data_dir, tmp_path, every):
+    """--every nan passed the `<= 0` check, inf and 1e308 any `> 0` one; on a live run each then failed with a
+    traceback (the page's refresh tag: "cannot convert float NaN to integer"; time.sleep: "timestamp out of
+    range"). A one-line error now, before anything is written."""
+    from lmforge.atomic import write_json
+    from lmforge.runs import mark_running
+
+    run, out = tmp_path / "live", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)
+    with pytest.raises(ConfigError, match=r"--every must be a number of seconds > 0 and at most 86400"):
+        watch([run], out, every_s=every, max_renders=2, echo=False)
+    assert not out.exists()
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")

@@ -438,3 +438,14 @@ def test_json_output_of_commands_is_strict_json():
         "curve": [1.5, None],
         "split": "中文",
     }
+
+
+def test_the_console_line_of_a_run_whose_eta_is_beyond_timedelta_is_written():
+    """--train.max_steps 1e23 trained until the first log line, whose eta (~1e18 s) overflowed
+    datetime.timedelta: an OverflowError traceback mid-run. It reads in years now (and "?" when not finite)."""
+    from lmforge.log import format_duration, format_record
+
+    line = format_record({"step": 10, "loss": 2.5, "eta_s": 1e18}, max_steps=10**23)
+    assert line.endswith("eta 3.17e+10 years"), line
+    assert format_duration(math.inf) == format_duration(math.nan) == "?"
+    assert format_duration(90061.7) == "1 day, 1:01:01"
