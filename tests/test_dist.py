@@ -556,7 +556,9 @@ def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Pat
     assert p.returncode != 0
     assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
     line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
-    assert "a peer died or hung (dist.timeout_s=5)" in line and line.endswith("re-run the same command to resume")
+    assert "a peer died or hung (dist.timeout_s=5)" in line and line.endswith(
+        "re-run the same command to resume (torchrun --max-restarts does it automatically)"
+    )
     assert (out / "checkpoints" / "step-000005" / "state.json").is_file()
 
 
