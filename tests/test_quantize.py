@@ -13,6 +13,7 @@ import torch
 from lmforge.checkpoint import load_trained
 from lmforge.compress.quantize import (
     dequantize_weight,
+    format_quantize,
     quantize_run,
     quantize_weight,
     to_quant_linears,
@@ -100,6 +101,18 @@ def test_quantized_run_bpb_size_and_loading(
     assert json.loads(result.stdout)["bpb"] == pytest.approx(r["bpb_after"], rel=1e-9)
     result = run_cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", "0")
     assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
+
+
+def test_the_summary_says_which_layers_group_size_does_not_divide(trained_run: Path, tmp_path: Path) -> None:
+    """`--group-size 128` on 64-wide inputs quantizes those rows as one group each: the summary said "groups of
+    128" for all 8 layers. Only the MLP's output projection (256 wide) is in groups of 128."""
+    r = quantize_run(trained_run, tmp_path / "q128", bits=4, group_size=128, compare=False)
+    assert (r["layers"], r["whole_row_layers"]) == (8, 6)
+    assert "groups of 128 (whole rows in 6 layers, whose width 128 does not divide), 8 Linear layers" in (
+        format_quantize(r)
+    )
+    r = quantize_run(trained_run, tmp_path / "q32", bits=4, group_size=32, compare=False)
+    assert r["whole_row_layers"] == 0 and "groups of 32, 8 Linear layers)" in format_quantize(r)
 
 
 def test_errors(trained_run: Path, tmp_path: Path) -> None:

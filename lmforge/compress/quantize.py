@@ -255,6 +255,8 @@ def quantize_run(
                 "comparison evaluates on it; pass --no-compare to quantize without the comparison"
             ) from None
     state, layers = quantize_state(trained.model, bits, group_size)
+    # int4 layers whose input width `group_size` does not divide are quantized with one group per row
+    whole_rows = [n for n in layers if trained.model.get_submodule(n).in_features % group_size]
 
     meta = trained.checkpoint.meta
     config = dataclasses.replace(trained.config, out=str(out))
@@ -286,6 +288,7 @@ def quantize_run(
             "bits": bits,
             "group_size": group_size,
             "layers": len(layers),
+            "whole_row_layers": len(whole_rows) if bits == 4 else 0,
             "bytes_before": _model_bytes(trained.checkpoint.path),
             "bytes_after": _model_bytes(ckpt_dir),
         }
@@ -310,8 +313,11 @@ def quantize_run(
 
 def format_quantize(r: dict[str, Any]) -> str:
     """The before/after table `lmforge quantize` prints."""
-    lines = [f"wrote {r['out']} (int{r['bits']}" + (f", groups of {r['group_size']}" if r["bits"] == 4 else "")
-             + f", {r['layers']} Linear layers)", f"{'':>16} {'before':>10} {'after':>10}"]  # fmt: skip
+    groups = f", groups of {r['group_size']}" if r["bits"] == 4 else ""
+    if r.get("whole_row_layers"):  # (group_size does not divide their input width)
+        groups += f" (whole rows in {r['whole_row_layers']} layers, whose width {r['group_size']} does not divide)"
+    lines = [f"wrote {r['out']} (int{r['bits']}{groups}, {r['layers']} Linear layers)",
+             f"{'':>16} {'before':>10} {'after':>10}"]  # fmt: skip
     lines.append(f"{'size (MB)':>16} {r['bytes_before'] / 1e6:>10.3f} {r['bytes_after'] / 1e6:>10.3f}")
     if "bpb_before" in r:
         lines.append(f"{'val bpb':>16} {r['bpb_before']:>10.4f} {r['bpb_after']:>10.4f}")
