@@ -180,6 +180,13 @@ def test_missing_data_dir_writes_nothing_and_points_to_no_compare(
     result = run_cli("quantize", str(run), "--out", str(tmp_path / "q"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "--no-compare" in result.stderr and "deleted-data" in result.stderr
+    from lmforge.eval.lm import evaluate_checkpoint
+
+    # `lmforge eval RUN` said "run 'lmforge prepare INPUT... --out .../deleted-data' first", not --data
+    with pytest.raises(
+        DataError, match="deleted-data, which is not there any more; pass the prepared data with --data"
+    ):
+        evaluate_checkpoint(run, max_batches=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, nothing left behind
     r = quantize_run(run, tmp_path / "q", compare=False)  # no --overwrite needed
     assert "bpb_before" not in r and (tmp_path / "q" / "quantize.json").is_file()

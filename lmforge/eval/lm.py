@@ -221,6 +221,11 @@ def evaluate_checkpoint(
                 f"with --task {task} --data FILE, or pass --data DATA_DIR for perplexity on prepared data"
             )
         raise DataError(f"{path} does not name its training data (an imported model?); pass --data DATA_DIR")
+    if not data_dir and not Path(trained.config.data.dir).exists():  # moved or deleted since the run trained
+        raise DataError(
+            f"{path} trained on {trained.config.data.dir}, which is not there any more; pass the prepared data with "
+            "--data DATA_DIR (moved, or prepared again with the run's tokenizer)"
+        )
     data = load_data_dir(data_dir or trained.config.data.dir)
     manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")
     if manifest_tok != trained.tokenizer.fingerprint:
