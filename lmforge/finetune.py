@@ -521,7 +521,10 @@ def _finetune(
         teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
     context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
     if context < 8:
-        raise ConfigError(f"the model's context {body.cfg.max_seq_len} leaves no room; lower --prompt-tokens")
+        raise ConfigError(
+            f"--prompt-tokens {cfg.prompt_tokens} leaves {context} of the model's {body.cfg.max_seq_len} context "
+            f"tokens for the text (8 at least); use --prompt-tokens {body.cfg.max_seq_len - 8} or fewer"
+        )
     if cfg.max_len > context:
         raise ConfigError(
             f"--max-len {cfg.max_len} is longer than the model's context ({context} tokens"

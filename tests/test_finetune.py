@@ -347,6 +347,10 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     r = run_cli("finetune", str(base), "--task", "sft", "--train", str(DATA / "alpaca.jsonl"), "--out", str(out),
                 "--max-new-tokens", "128")  # fmt: skip
     assert r.returncode == 2 and "leaves no room for the prompt" in r.stderr and not out.exists()
+    r = run_cli("finetune", str(base), "--task", "sft", "--train", str(DATA / "alpaca.jsonl"), "--out", str(out),
+                "--adapt", "prompt", "--prompt-tokens", "124")  # fmt: skip
+    assert r.returncode == 2 and "--prompt-tokens 124 leaves 4 of the model's 128" in r.stderr, r.stderr
+    assert "use --prompt-tokens 120 or fewer" in r.stderr and not out.exists()
     # on the command line, a flag written at its default value is refused too (it would still do nothing)
     r = run_cli("finetune", str(base), "--task", "classify", "--train", str(DATA / "sentiment_train.csv"),
                 "--out", str(out), "--adapt", "full", "--lora-rank", "8")  # fmt: skip
