@@ -63,7 +63,8 @@ class ChatTemplate:
         """
         check_messages(messages, allow_trailing_user=add_generation_prompt)
         eos = tok.eos_id_or_none if add_generation_prompt else tok.eos_id  # (module docstring)
-        out: list[tuple[list[int], bool]] = []
+        # an imported Llama's BOS first, as `generate` puts it before a prompt (none for lmforge's tokenizers)
+        out: list[tuple[list[int], bool]] = [(list(tok.prompt_prefix), False)] if tok.prompt_prefix else []
         for m in messages:
             out.append((tok.encode(f"<|{m['role']}|>\n"), False))
             if m["role"] == "assistant":

@@ -594,6 +594,55 @@ def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: 
     assert heads and all(head[0] == bos and head[1] != bos for head in heads)
 
 
+def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """An imported Llama-style tokenizer puts <s> before every text, and `generate`/`serve` put it before a
+    prompt: every task's training example starts with the very ids inference uses for its prompt (BOS once),
+    and `eval` generates qa/translate answers from those same prompts."""
+    from tokenizers import processors
+
+    import lmforge.eval.tasks as tasks
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import build_examples, classify_frame, field_map, translate_prompt
+    from lmforge.generate import prompt_text_ids
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    ft.tokenizer = tok = Tokenizer(hf)
+    assert tok.prompt_prefix == [bos]
+    asked: list[list[int]] = []
+    monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: asked.extend(prompts) or [""] * len(prompts))
+    question = [{"role": "user", "content": "Who wrote it?"}]
+    cases = {  # task: (row, the prompt's ids as inference builds them)
+        "classify": ({"text": "a fine day", "label": "1"}, tok.prompt_prefix + prompt_text_ids(ft, "a fine day")),
+        "translate": (
+            {"source": "hi", "target": "salut"},
+            tok.prompt_prefix + prompt_text_ids(ft, translate_prompt("hi")),
+        ),
+        "dpo": ({"prompt": "Q: ", "chosen": "yes", "rejected": "no"}, tok.prompt_prefix + prompt_text_ids(ft, "Q: ")),
+        "qa": ({"question": "Who wrote it?", "answer": "Cao"}, ChatTemplate().prompt_ids(tok, question, budget=99)[0]),
+        "sft": (
+            {"instruction": "Who wrote it?", "output": "Cao"},
+            ChatTemplate().prompt_ids(tok, question, budget=99)[0],
+        ),
+    }
+    for task, (row, prompt) in cases.items():
+        fields = field_map(task, None)
+        frame = classify_frame(tok, "gpt") if task == "classify" else None
+        (example,) = build_examples(
+            [row], task=task, tok=tok, fields=fields, max_len=64, labels=["0", "1"], path="x", frame=frame
+        )
+        ids = example[0] if task == "classify" else example["chosen"].ids if task == "dpo" else example.ids
+        assert prompt[:2] == [bos, prompt[1]] and prompt[1] != bos, task  # BOS first, once
+        assert ids[: len(prompt)] == prompt, task
+        if task in ("qa", "translate"):
+            tasks.task_metrics(ft, [row], path="x", task=task, fields=fields, max_new_tokens=1)
+            assert asked.pop() == prompt, task
+
+
 def test_augmentation_is_seeded():
     import random
 

@@ -239,12 +239,14 @@ def segments_example(segments: list[tuple[list[int], bool]], max_len: int) -> LM
 def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> LMExample:
     """prompt (no loss) + completion + EOS (loss): translation, DPO pairs, prompt/completion data.
 
-    Too long for the context: the prompt loses its *start* (the completion right after it matters
-    most), and the completion is cut only when it alone does not fit.
+    The prompt starts with the tokenizer's `prompt_prefix` (an imported Llama's BOS), as `generate` and
+    `serve` put it before a prompt. Too long for the context: the prompt loses its *start* after that
+    prefix (the completion right after it matters most), and the completion is cut only when it alone
+    does not fit.
     """
     p, c = tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
-    room = max_len + 1 - len(c)
-    p = p[-room:] if room > 0 else p[:1]
+    room = max_len + 1 - len(c) - len(tok.prompt_prefix)
+    p = tok.prompt_prefix + (p[-room:] if room > 0 else p[:1])
     return segments_example([(p, False), (c, True)], max_len)
 
 
@@ -343,7 +345,8 @@ def label_name(value: Any) -> str:
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
     """(ids before the text, ids after it, padding id) of a classification row for a model family.
 
-    Decoders read `text EOS` and pool the last real token (padding: EOS, never attended to);
+    Decoders read `text EOS` and pool the last real token (padding: EOS, never attended to), after the
+    tokenizer's `prompt_prefix` (an imported Llama's BOS, which `generate` puts first too; none for lmforge's);
     BERT reads `[CLS] text [SEP]` as in pretraining and pools [CLS] (padding: [PAD], masked out).
     """
     if family == "bert":
@@ -351,7 +354,7 @@ def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
 
         sp = special_ids(tok)
         return [sp.cls], [sp.sep], sp.pad
-    return [], [tok.eos_id], tok.eos_id
+    return list(tok.prompt_prefix), [tok.eos_id], tok.eos_id
 
 
 def classify_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:

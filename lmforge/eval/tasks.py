@@ -355,7 +355,8 @@ def task_metrics(
                 )
         return {"task": task, "em": em / len(rows), "f1": f1 / len(rows), "n": len(rows), "samples": samples}
     if task == "translate":
-        prompts = [ft.tokenizer.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
+        tok = ft.tokenizer  # (its BOS first, as in training: `completion_example`)
+        prompts = [tok.prompt_prefix + tok.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
         hyps = _answers(ft, prompts, max_new_tokens)
         # in the form the model writes (and trained on): NFKC turned the targets' ，？！ into , ? ! before training
         refs = [ft.tokenizer.in_unicode_form(str(row[fields["target"]]).strip()) for row in rows]
