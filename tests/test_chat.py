@@ -96,6 +96,40 @@ def test_hf_export_keeps_the_trained_ids_when_the_tokenizer_reserves_the_markers
     assert hf.decode(ours) == tok.decode(ours)
 
 
+def test_hf_export_of_a_chat_run_on_a_bos_tokenizer_starts_with_its_bos(tmp_path: Path):
+    """A base whose tokenizer adds a BOS (an imported Llama-style one) is chat-tuned with lmforge's template,
+    whose prompts start with that BOS (ChatTemplate.segments): the export's template renders it too, so
+    transformers' apply_chat_template gives the ids the run trained on (it had no BOS)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import ChatTemplate
+    from lmforge.export.hf import export_hf
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_bpe
+
+    texts = [(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8")]
+    hf_tok = train_bpe(texts, 400).hf
+    bos = hf_tok.token_to_id("<|endoftext|>")
+    hf_tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    base = make_base(tmp_path, max_seq_len=64, tok=Tokenizer(hf_tok))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS), encoding="utf-8")
+    run = tmp_path / "run"
+    finetune(base, train_file=data, out=run, cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False)
+    tok = load_finetuned(run, torch.device("cpu")).tokenizer
+    assert tok.prompt_prefix == [bos]
+    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(run, tmp_path / "hf")))
+    history = [*CONVERSATIONS[0], {"role": "user", "content": "bye"}]
+    ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
+    theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+    assert ours[0] == bos and ours[1] != bos
+    assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
+
+
 def test_terminal_chat_through_stdin(chat_run: Path):
     r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\nhi\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
