@@ -46,13 +46,27 @@ def _model(seed: int = 0, **cfg) -> GPT:
 
 
 def _run_loop(
-    model, batches, *, batch_size, micro, optim_cfg=None, steps=2, lr=1e-2, metrics=None, console=False, **loop
+    model,
+    batches,
+    *,
+    batch_size,
+    micro,
+    optim_cfg=None,
+    steps=2,
+    lr=1e-2,
+    metrics=None,
+    console=False,
+    eval_every=0,
+    save=None,
+    early_stop_patience=0,
+    **loop,
 ):
-    """`train` on `batches` with a constant lr and no eval/checkpoints; `metrics`: a metrics.jsonl path
-    (every step logged), else no log; `loop`: more `train` arguments (flops_per_token, world, ...)."""
+    """`train` on `batches` with a constant lr and no eval/checkpoints (`eval_every` with an `evaluate` in
+    `loop`; `save` gets the state at each save); `metrics`: a metrics.jsonl path (every step logged), else no
+    log; `loop`: more `train` arguments (flops_per_token, world, evaluate, ...)."""
     cfg = TrainConfig(
         max_steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr, warmup_steps=0, schedule="constant",
-        log_every=1,
+        log_every=1, early_stop_patience=early_stop_patience,
     )  # fmt: skip
     optim_cfg = optim_cfg or OptimConfig()
     precision = pick_precision(torch.device("cpu"), "float32")
@@ -65,12 +79,12 @@ def _run_loop(
             iter(batches),
             cfg=cfg,
             optim_cfg=optim_cfg,
-            eval_cfg=EvalConfig(every=0),
+            eval_cfg=EvalConfig(every=eval_every),
             ckpt_cfg=CheckpointConfig(every=0),
             precision=precision,
             state=TrainState(),
             log=log,
-            save=lambda st: None,
+            save=save or (lambda st: None),
             **loop,
         )
     finally:
@@ -262,24 +276,12 @@ def test_early_stopping(data_dir, tmp_path):
 def test_a_nan_evaluation_is_not_the_best_and_does_not_end_patience():
     """A first val loss of NaN became the best: no later loss compares below NaN, so the best stayed NaN and
     early stopping fired while the loss fell."""
-    model = _model()
-    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-3, warmup_steps=0, log_every=10, early_stop_patience=2)
-    optim_cfg = OptimConfig()
     losses = iter([float("nan"), 5.0, 4.0, 3.0])
-    state = train(
-        model,
-        build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu")),
-        iter([_random_batches(2, seed=i) for i in range(4)]),
-        cfg=cfg,
-        optim_cfg=optim_cfg,
-        eval_cfg=EvalConfig(every=1),
-        ckpt_cfg=CheckpointConfig(every=0),
-        precision=pick_precision(torch.device("cpu"), "float32"),
-        state=TrainState(),
-        log=RunLogger(None, max_steps=4, start_step=0, console=False, enabled=False),
-        save=lambda st: None,
+    batches = [_random_batches(2, seed=i) for i in range(4)]
+    state = _run_loop(
+        _model(), batches, batch_size=2, micro=2, steps=4, lr=1e-3, eval_every=1, early_stop_patience=2,
         evaluate=lambda: {"loss": next(losses)},
-    )
+    )  # fmt: skip
     assert state.stop_reason == "max_steps" and state.step == 4
     assert (state.best_val_loss, state.best_step, state.evals_since_best) == (3.0, 4, 0)
 
@@ -288,9 +290,6 @@ def test_a_signal_during_the_final_evaluation_is_not_lost():
     """Ctrl-C during the last step's evaluation came after the loop's last look at the signal: the run ended as
     finished and a fine-tune went on into minutes of task scoring, exit 0. The run is saved at its last step, and
     the signal reaches the caller (KeyboardInterrupt under the default SIGINT handler)."""
-    model = _model()
-    cfg = TrainConfig(max_steps=3, batch_size=2, lr=1e-3, warmup_steps=0, log_every=10)
-    optim_cfg = OptimConfig()
     saved = []
 
     def evaluate():
@@ -298,20 +297,10 @@ def test_a_signal_during_the_final_evaluation_is_not_lost():
         return {"loss": 1.0}
 
     with pytest.raises(KeyboardInterrupt):
-        train(
-            model,
-            build_optimizer(model, optim_cfg, lr=1e-3, device=torch.device("cpu")),
-            iter([_random_batches(2, seed=i) for i in range(3)]),
-            cfg=cfg,
-            optim_cfg=optim_cfg,
-            eval_cfg=EvalConfig(every=0),
-            ckpt_cfg=CheckpointConfig(every=0),
-            precision=pick_precision(torch.device("cpu"), "float32"),
-            state=TrainState(),
-            log=RunLogger(None, max_steps=3, start_step=0, console=False, enabled=False),
-            save=lambda st: saved.append((st.step, st.stop_reason)),
-            evaluate=evaluate,
-        )
+        _run_loop(
+            _model(), [_random_batches(2, seed=i) for i in range(3)], batch_size=2, micro=2, steps=3, lr=1e-3,
+            save=lambda st: saved.append((st.step, st.stop_reason)), evaluate=evaluate,
+        )  # fmt: skip
     assert saved == [(3, "max_steps")]  # trained and saved before the signal was passed on
 
 
