@@ -698,13 +698,17 @@ def load_config(
     cfg = from_dict(RunConfig, merged, where=where)
     # written by the user (TOML or flag), an objective setting the objective never reads is refused also
     # at its default value; a preset's own objective settings are not the user's, nor a run's config.json's
-    # (it lists every key)
-    written = [d.get("objective") for d in ([overrides] if from_run else [file_dict, overrides])]
-    cfg.objective.refuse_unused({k for section in written if isinstance(section, dict) for k in section})
-    # the same for optimizer settings (--optim.momentum with AdamW was ignored), and those off their defaults
-    written = [d.get("optim") for d in ([overrides] if from_run else [file_dict, overrides])]
-    cfg.optim.refuse_unused(changed_fields(cfg.optim) | {k for s in written if isinstance(s, dict) for k in s})
+    # (it lists every key). The same for optimizer settings (--optim.momentum with AdamW was ignored), and those
+    # off their defaults.
+    user = [overrides] if from_run else [file_dict, overrides]
+    cfg.objective.refuse_unused(_written_keys(user, "objective"))
+    cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     return cfg
+
+
+def _written_keys(dicts: list[dict[str, Any]], section: str) -> set[str]:
+    """The keys of `section` that any of `dicts` (the user's TOML file and flags) writes."""
+    return {k for d in dicts if isinstance(d.get(section), dict) for k in d[section]}
 
 
 def _check_sections(data: dict[str, Any], where: str) -> None:
@@ -726,7 +730,7 @@ def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any
     if family == preset_model.get("family", "gpt") or family not in CONFIGS:
         return
     known = {f.name for f in dataclasses.fields(CONFIGS[family])}
-    given = {k for d in user for k in (d.get("model") or {})}
+    given = _written_keys(user, "model")
     for key in [k for k in model if k not in known and k not in given and k in preset_model]:
         del model[key]
 
@@ -738,7 +742,7 @@ def _drop_unused_preset_optim_keys(merged: dict[str, Any], preset: dict[str, Any
     if not isinstance(optim, dict) or not isinstance(preset_optim, dict):
         return
     name = optim.get("name", OptimConfig().name)
-    given = {k for d in user if isinstance(d.get("optim"), dict) for k in d["optim"]}
+    given = _written_keys(user, "optim")
     for key in [k for k in preset_optim if k not in given and name not in OPTIM_READERS.get(k, (name,))]:
         optim.pop(key, None)
 
