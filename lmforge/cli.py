@@ -632,9 +632,9 @@ def _out_of_memory(e: Exception) -> str | None:
     CPU allocator a RuntimeError "can't allocate memory: you tried to allocate N bytes", CUDA
     torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"."""
     text = str(e)
-    if not (isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in text.lower())):
-        if not (isinstance(e, RuntimeError) and "can't allocate memory" in text):
-            return None
+    failed = isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+    if not (isinstance(e, MemoryError) or failed):
+        return None
     import re
 
     size = re.search(r"allocate (?:memory: you tried to allocate )?(\d[\d.]*) ?(bytes|[KMGTP]iB)", text)
