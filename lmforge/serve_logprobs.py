@@ -63,13 +63,18 @@ def score(
     if start >= len(ids):
         return out
     device = next(model.parameters()).device
-    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1, :vocab_size].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(1, torch.tensor(ids[start:], device=device).unsqueeze(1)).squeeze(1).tolist()
+    logits = model(torch.tensor([ids], device=device))[0, start - 1 : len(ids) - 1, :vocab_size]
+    return out + scored_rows(logits, ids[start:], top)
+
+
+def scored_rows(logits: torch.Tensor, targets: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of (n, V) logits: (the log-probability of its target, the `top` likeliest ids with theirs,
+    likeliest first). `score`'s positions and a stream's decode steps (`StreamedLogprobs.step`) alike."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
     best_values, best_ids = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else (logp[:, :0], logp[:, :0])
-    for lp, values, alternatives in zip(chosen, best_values.tolist(), best_ids.long().tolist(), strict=True):
-        out.append((lp, list(zip(alternatives, values, strict=True))))
-    return out
+    rows = zip(chosen, best_values.tolist(), best_ids.long().tolist(), strict=True)
+    return [(lp, list(zip(alternatives, values, strict=True))) for lp, values, alternatives in rows]
 
 
 def completion_logprobs(
@@ -189,9 +194,8 @@ class StreamedLogprobs:
 
     def step(self, logits: torch.Tensor, token_id: int) -> tuple[int, float, list[tuple[int, float]]]:
         """One generated token's (id, logprob, alternatives) from the (1, V) logits it was chosen from."""
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
-        values, alternatives = logp.topk(min(self.top, logp.shape[-1]))
-        return token_id, logp[token_id].item(), list(zip(alternatives.tolist(), values.tolist(), strict=True))
+        ((logprob, alternatives),) = scored_rows(logits, [token_id], self.top)
+        return token_id, logprob, alternatives
 
     def chunk(self, steps: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any] | None:
         """A chunk's `logprobs` object for the tokens generated since the chunk before (None: no tokens)."""
