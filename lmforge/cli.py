@@ -65,8 +65,8 @@ def _config_epilog(presets: bool = True) -> str:
 
 
 def build_parser() -> Parser:
-    from lmforge.config import add_dataclass_args
     from lmforge.data.prepare import PrepareConfig
+    from lmforge.fields import add_dataclass_args
 
     parser = Parser(
         prog="lmforge",
@@ -340,9 +340,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         quickstart(out=args.out, data_out=args.data_out, overrides=extra, overwrite=args.overwrite)
     elif args.command == "prepare":
-        from lmforge.config import dataclass_from_namespace
         from lmforge.data.card import summary_line
         from lmforge.data.prepare import PrepareConfig, prepare
+        from lmforge.fields import dataclass_from_namespace
 
         cfg = dataclass_from_namespace(PrepareConfig, args)
         if cfg.merge:

@@ -54,7 +54,7 @@ def penalties_of(args: argparse.Namespace) -> Any:
 
 
 def add_parsers(sub: Any) -> None:
-    from lmforge.config import add_dataclass_args
+    from lmforge.fields import add_dataclass_args
     from lmforge.finetune import FinetuneConfig
 
     p = sub.add_parser(
@@ -217,7 +217,8 @@ def run_eval_task(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "finetune":
-        from lmforge.config import dataclass_from_namespace, parse_overrides
+        from lmforge.config import parse_overrides
+        from lmforge.fields import dataclass_from_namespace
         from lmforge.finetune import FinetuneConfig, check_applies, finetune
 
         cfg = dataclass_from_namespace(FinetuneConfig, args)

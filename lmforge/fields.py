@@ -1,12 +1,17 @@
-"""`opt()` and `check()`: the two helpers every config dataclass uses; `flatten()`: a config's dotted keys.
+"""`opt()` and `check()`: the two helpers every config dataclass uses; `flatten()`: a config's dotted keys;
+`add_dataclass_args()` / `dataclass_from_namespace()`: argparse flags for a command whose options are one
+flat dataclass (`prepare`, `finetune`).
 
 They live in their own tiny module (not in `config.py`) because model files define their config
 dataclasses at the top (STYLE.md) and `config.py` imports those to compose `RunConfig`; keeping the
-helpers here avoids an import cycle.
+helpers here avoids an import cycle. The argparse bridge knows nothing of `RunConfig` either: it turns
+any flat dataclass's fields into flags.
 """
 
+import dataclasses
+import typing
 from dataclasses import MISSING, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from lmforge.errors import ConfigError
 
@@ -48,3 +53,48 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> argparse, for commands whose options are one flat dataclass (e.g. prepare)
+
+
+def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+    """Add one `--flag-name` per field of `cls` (help text, type, choices, defaults from the field).
+
+    `list[str]` fields take one or more values, bools get `--x/--no-x`, Literals get choices;
+    names in `positional` become positional arguments.
+    """
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
+        origin = typing.get_origin(tp)
+        if origin is list and f.name in positional:
+            kwargs.update(nargs="+", default=default, metavar=f.name.upper().rstrip("S"))
+        elif origin is list:  # repeatable flag, one value each, so it never swallows positional arguments
+            kwargs.update(action="append", default=None, metavar=f.name.upper().removesuffix("S"))
+            kwargs["help"] += " (repeat the flag for several)"
+        elif tp is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        elif origin is Literal:
+            kwargs.update(choices=list(typing.get_args(tp)), default=default)
+        else:
+            kwargs.update(type=tp, default=default, metavar=f.name.upper())
+        if f.name in positional:
+            kwargs.pop("default", None)
+            kwargs.pop("metavar", None)
+            parser.add_argument(f.name, **kwargs)
+        else:
+            if "default" in kwargs and kwargs.get("action") is None and default not in ("", [], None):
+                kwargs["help"] += f" (default: {default})"
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def dataclass_from_namespace(cls: type, namespace: Any) -> Any:
+    """Build `cls` from the attributes `add_dataclass_args` defined (validation runs as usual)."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**{k: v for k, v in values.items() if v is not None})

@@ -689,8 +689,9 @@ def _finetune(
         return metrics
 
     # resume: the latest checkpoint's weights, optimizer, loader position, train state and RNG (exact on CPU)
-    from lmforge.checkpoint import checkpoint_to_resume, latest_checkpoint, read_json, set_rng_state
+    from lmforge.checkpoint import checkpoint_to_resume, latest_checkpoint, read_json
     from lmforge.log import truncate_metrics
+    from lmforge.train.state import set_rng_state
 
     ckpt = None
     if previous is not None and latest_checkpoint(out) is not None:

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import flatten_optimizer, unflatten_optimizer
 from lmforge.config import OptimConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.export.hf_families import hf_family
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.optim import Muon, build_optimizer, muon_groups, newton_schulz, newton_schulz_many, param_groups
+from lmforge.train.state import flatten_optimizer, unflatten_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 

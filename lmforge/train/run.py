@@ -28,7 +28,6 @@ from lmforge.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     set_aside_later,
-    set_rng_state,
     step_dir,
 )
 from lmforge.config import RunConfig
@@ -57,7 +56,7 @@ from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
 from lmforge.train.schedule import min_lr_note, schedule_change, warmup_note
-from lmforge.train.state import TrainState
+from lmforge.train.state import TrainState, set_rng_state
 
 
 def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:

@@ -1,14 +1,18 @@
 """TrainState: everything about training progress that the next step depends on.
 
 Together with the model, optimizer, torch RNG and the data loader's `state_dict()`, this is the
-whole state of a run: the loop keeps nothing else, which is what makes resume bit-exact.
+whole state of a run: the loop keeps nothing else, which is what makes resume bit-exact. The RNG and
+optimizer states are turned into what a checkpoint stores (JSON and tensors) here too.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -32,3 +36,55 @@ class TrainState:
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG and optimizer state <-> JSON + tensors (what a checkpoint stores)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch CPU (and CUDA) generator states as base64 strings."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    def decode(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and a JSON structure."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, pstate in sd["state"].items():
+        entry = {}
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+                entry[name] = {"tensor": f"{pid}.{name}"}
+            else:
+                entry[name] = value
+        structure["state"][str(pid)] = entry
+    return tensors, structure
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, entry in structure["state"].items():
+        state[int(pid)] = {
+            name: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+            for name, value in entry.items()
+        }
+    # JSON turned tuples (AdamW's betas) into lists; give them back their type.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in structure["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
