@@ -250,7 +250,7 @@ def tokenizer_info(ft: Any, context: int) -> dict[str, Any]:
         "eos_token": eos_token,
         "bos_token": bos_token,
         "pad_token": None,
-        "chat_template": (ft.template or ChatTemplate()).jinja,
+        "chat_template": (ft.template or ChatTemplate()).jinja_for(tok),
         "model_max_length": context,
         "vocab_size": tok.vocab_size,
         "tokenizer_class": "lmforge",

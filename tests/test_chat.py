@@ -130,6 +130,48 @@ def test_hf_export_of_a_chat_run_on_a_bos_tokenizer_starts_with_its_bos(tmp_path
     assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
 
 
+@pytest.mark.parametrize("nfkc", [False, True])
+def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: bool):
+    """A Unigram tokenizer marks a word start ("▁") before every text it encodes, so `segments`, which encodes each
+    piece on its own (training, chat, serve), has one before every piece; transformers encodes the rendered
+    template whole. The template written for such a tokenizer (`jinja_for`, used by the HF export, the run's
+    tokenizer_config.json and serve's /tokenizer_info) renders those marks, so both give the same ids."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.chat import ChatTemplate
+    from lmforge.export.hf import without_chat_markers
+    from lmforge.tokenizer.train import train_unigram, with_nfkc
+
+    texts = [(Path(__file__).parent / "data" / "alpaca.jsonl").read_text(encoding="utf-8"), "你好，再见。"]
+    tok = train_unigram(texts, 400)
+    tok = with_nfkc(tok) if nfkc else tok
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer.from_str(without_chat_markers(tok.to_str())), eos_token="<|endoftext|>"
+    )
+    hf.chat_template = ChatTemplate().jinja_for(tok)
+    conversations = [
+        [{"role": "system", "content": "你是助手"}, *CONVERSATIONS[0], {"role": "user", "content": "bye"}],
+        [
+            {"role": "user", "content": "  two spaces"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": ""},
+        ],
+        [
+            {"role": "user", "content": "\u3000全角空格"},
+            {"role": "assistant", "content": " 你好\n"},
+            {"role": "user", "content": "\nx"},
+        ],
+    ]
+    for history in conversations:
+        ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
+        theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours, history
+        trained = [i for ids, _ in ChatTemplate().segments(tok, history[:-1]) for i in ids]
+        theirs = hf.apply_chat_template(history[:-1], tokenize=True)
+        assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == trained
+
+
 def test_terminal_chat_through_stdin(chat_run: Path):
     r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\nhi\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
