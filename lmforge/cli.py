@@ -340,14 +340,17 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         quickstart(out=args.out, data_out=args.data_out, overrides=extra, overwrite=args.overwrite)
     elif args.command == "prepare":
-        from lmforge.data.card import summary_line
+        from lmforge.data.card import skipped_json_note, summary_line
         from lmforge.data.prepare import PrepareConfig, prepare
         from lmforge.fields import dataclass_from_namespace
 
         cfg = dataclass_from_namespace(PrepareConfig, args)
         if cfg.merge:
             cfg.check_merge_flags(getattr(args, "given", set()))
-        print(summary_line(prepare(cfg, progress=not args.quiet), cfg.out))
+        manifest = prepare(cfg, progress=not args.quiet)
+        if skipped_json_note(manifest):
+            print(skipped_json_note(manifest), file=sys.stderr)
+        print(summary_line(manifest, cfg.out))
     elif args.command == "pretrain":
         from lmforge.config import load_config, merge, parse_overrides
         from lmforge.train.run import pretrain

@@ -652,6 +652,25 @@ def test_progress_bar_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out == ""
 
 
+def test_prepare_says_when_a_folder_skipped_json_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`prepare BOOK.txt POEMS/` read none of POEMS/*.json (a folder walk skips .json, usually metadata), said only
+    in manifest.json: stderr now names them and how to read them; a folder without .json files gets no note."""
+    from lmforge.cli import main
+
+    write(tmp_path / "book.txt", "\n\n".join(sentences(40, seed=3)))
+    write(tmp_path / "poems" / "tang.json", json.dumps([{"paragraphs": ["床前明月光"]}], ensure_ascii=False))
+    argv = ["prepare", str(tmp_path / "book.txt"), str(tmp_path / "poems"), "--vocab-size", "300", "--quiet"]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "tang.json" in captured.err and "DIR/*.json" in captured.err
+    assert captured.out.startswith("prepared ")
+    with pytest.raises(SystemExit):
+        main(["prepare", str(tmp_path / "book.txt"), "--vocab-size", "300", "--quiet", "--out", str(tmp_path / "o2")])
+    assert capsys.readouterr().err == ""
+
+
 def test_corrupt_gzip(tmp_path: Path) -> None:
     (tmp_path / "plain.txt.gz").write_text("not gzip at all", encoding="utf-8")
     with pytest.raises(DataError, match=r"plain\.txt\.gz: cannot decompress"):

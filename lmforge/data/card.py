@@ -117,6 +117,21 @@ def write_card(
     return card
 
 
+def skipped_json_note(manifest: dict[str, Any]) -> str:
+    """A note for `prepare`'s stderr when a folder or glob walk skipped .json files (usually metadata, but
+    a corpus of .json files, such as the classical poetry sets, is read only when named), else ''."""
+    json_files = [
+        n for n in manifest.get("skipped_files", []) if n.lower().endswith((".json", ".json.gz", ".json.zst"))
+    ]
+    if not json_files:
+        return ""
+    many = f"{len(json_files):,} .json files" if len(json_files) > 1 else "a .json file"
+    return (
+        f"note: folders skip .json files, so {many} (such as {json_files[0]}) went unread; "
+        "name them as inputs to read them, e.g. 'DIR/*.json' (listed in manifest.json skipped_files)"
+    )
+
+
 def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
     """The one line `lmforge prepare` prints when it is done: where, documents kept (and the main removal
     reasons), tokens per split and the tokenizer, e.g. `prepared data/x: 564 of 600 documents kept (36
