@@ -305,7 +305,8 @@ def build_parser() -> Parser:
         action="store_true",
         help="print a JSON list, an object per run: name, path, preset, status, step, max_steps, tokens, "
         "best_val_loss, elapsed_s, last_checkpoint, error (why an unreadable run could not be read), failure (a "
-        "failed run: the first line of its error, or 'killed' when its process died without a word)",
+        "failed run: the first line of its error, or 'killed' when its process died without a word), command and "
+        "cwd (env.json's: the line to re-run, and where, to resume the run)",
     )
     add_parsers(sub)
     return parser

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import shutil
 import signal
@@ -222,6 +223,17 @@ def test_files_saved_with_a_bom_and_crlf_are_read(tmp_path):
     assert (summary.preset, summary.status, summary.step, summary.max_steps) == ("tiny", "finished", 2, 4)
     assert summary.tokens == 64 and summary.best_val_loss == 4.5
     assert load_run(run).train == records[:1]
+
+
+def test_runs_json_help_names_every_field():
+    """`runs --help` listed the --json fields but not `command` and `cwd`, which the README documents."""
+    import dataclasses
+
+    from lmforge.cli import _subparser, build_parser
+
+    text = " ".join(_subparser(build_parser(), "runs").format_help().split())
+    for field in dataclasses.fields(RunSummary):
+        assert re.search(rf"\b{field.name}\b", text), field.name
 
 
 def test_runs_bad_dir_is_one_line_error(tmp_path):
