@@ -34,11 +34,13 @@ times), and if it still loses the race it says the training pruned it and to ret
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,15 +121,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+@functools.cache  # once per pointer, name and fallback in a process: a command looks `latest` up several times
+def _note_stale_pointer(pointer: Path, name: str, used: str) -> None:
+    note = f"note: {pointer} names {name!r}, which is not a complete checkpoint (deleted or moved?); {used}"
+    print(note, file=sys.stderr, flush=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint named by `checkpoints/latest`, else the newest complete one, else None."""
+    """The checkpoint named by `checkpoints/latest`, else the newest complete one, else None.
+
+    A `latest` naming a folder that is not a complete checkpoint (deleted by hand, or copied without it) fell back
+    without a word; a note on stderr now names the checkpoint used instead (complete: a resume from it is exact,
+    it trains the steps after it again)."""
     root = checkpoints_dir(run_dir)
     pointer = root / "latest"
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if STEP_DIR.match(name) and (root / name / "state.json").is_file():
-            return root / name
+    name = None
+    for _ in range(2):  # read twice: a training in run_dir moves `latest` on before it prunes what it named
+        if pointer.is_file():
+            name = pointer.read_text(encoding="utf-8").strip()
+            if STEP_DIR.match(name) and (root / name / "state.json").is_file():
+                return root / name
     complete = list_checkpoints(run_dir)
+    if name is not None:
+        _note_stale_pointer(pointer, name, f"using {complete[-1].name}" if complete else "no checkpoint is complete")
     return complete[-1] if complete else None
 
 
@@ -374,6 +390,8 @@ def set_aside_later(run_dir: Path, step: int) -> Path | None:
     aside.mkdir(parents=True, exist_ok=True)
     for p in later:
         os.replace(p, aside / p.name)
+    if (step_dir(run_dir, step) / "state.json").is_file():  # `latest` named a checkpoint just moved aside
+        atomic_write_text(checkpoints_dir(run_dir) / "latest", step_dir(run_dir, step).name + "\n")
     return aside
 
 

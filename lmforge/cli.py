@@ -288,6 +288,7 @@ def build_parser() -> Parser:
     p.add_argument("--format", default="auto", choices=["auto", "html", "md"], help="auto = by --out suffix")
     p.add_argument("--watch", action="store_true", help="re-render while a run is going (until it ends or Ctrl-C)")
     p.add_argument("--every", type=float, default=10.0, help="seconds between renders with --watch (default: 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not an earlier report")
 
     p = sub.add_parser(
         "runs",
@@ -304,7 +305,8 @@ def build_parser() -> Parser:
         action="store_true",
         help="print a JSON list, an object per run: name, path, preset, status, step, max_steps, tokens, "
         "best_val_loss, elapsed_s, last_checkpoint, error (why an unreadable run could not be read), failure (a "
-        "failed run: the first line of its error, or 'killed' when its process died without a word)",
+        "failed run: the first line of its error, or 'killed' when its process died without a word), command and "
+        "cwd (env.json's: the line to re-run, and where, to resume the run)",
     )
     add_parsers(sub)
     return parser
@@ -491,9 +493,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         out = args.out or ("report.md" if args.format == "md" else "report.html")
         if args.watch:
-            watch(args.runs, out, fmt=args.format, every_s=args.every)
+            watch(args.runs, out, fmt=args.format, every_s=args.every, overwrite=args.overwrite)
         else:
-            print(f"wrote {render_report(args.runs, out, fmt=args.format)}")
+            print(f"wrote {render_report(args.runs, out, fmt=args.format, overwrite=args.overwrite)}")
     elif args.command == "runs":
         from lmforge.runs import format_runs, list_runs
 

@@ -111,7 +111,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     with open(path, "rb") as f:
         for line in f:
             try:
-                record = clean_record(json.loads(line.decode("utf-8")))
+                record = clean_record(json.loads(line.decode("utf-8-sig")))  # (a BOM cost the first record)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if record is not None:

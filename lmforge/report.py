@@ -89,8 +89,8 @@ class Run:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a BOM (a Windows editor's save) is no JSON
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -653,6 +653,28 @@ def _refuse_run_file(out: Path, run_dirs: list[Path]) -> None:
             )
 
 
+def _is_report(path: Path) -> bool:
+    """Whether `path` starts as a page `render_html` or `render_markdown` writes (title or first heading)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return head.startswith("# lmforge report: ") or (
+        head.startswith("<!DOCTYPE html>") and "<title>lmforge report: " in head
+    )
+
+
+def _refuse_foreign_file(out: Path, *, overwrite: bool) -> None:
+    """An existing `--out` that is not an earlier report (someone's notes.md, index.html) was replaced without a
+    word; it now takes `--overwrite`, as the other commands' outputs do. Re-rendering a report needs no flag."""
+    if out.is_file() and not overwrite and not _is_report(out):
+        raise ConfigError(
+            f"--out {out} already exists and is not an lmforge report; choose another --out or pass --overwrite "
+            "to replace it"
+        )
+
+
 def render_report(
     run_dirs: list[str | Path],
     out: str | Path = "report.html",
@@ -660,6 +682,7 @@ def render_report(
     fmt: str = "auto",
     refresh_s: float | None = None,
     allow_empty: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write the report comparing `run_dirs` to `out` (HTML or Markdown + PNGs) and return its path.
 
@@ -669,6 +692,7 @@ def render_report(
         fmt: "auto", "html" or "md".
         refresh_s: add a meta refresh of this many seconds (live view).
         allow_empty: accept runs that have not logged anything yet (live view).
+        overwrite: replace an existing `out` that is not an earlier report (an earlier report is always replaced).
     """
     out = Path(out)
     kind = _resolve_format(out, fmt)
@@ -676,6 +700,7 @@ def render_report(
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
     _refuse_run_file(out, [run.path for run in runs])
+    _refuse_foreign_file(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     new_assets = kind == "md" and not _assets_dir(out).exists()
     try:
@@ -698,6 +723,7 @@ def watch(
     every_s: float = 10.0,
     max_renders: int = 0,
     echo: bool = True,
+    overwrite: bool = False,
 ) -> int:
     """Re-render the report every `every_s` seconds until no run is running (or Ctrl-C).
 
@@ -714,7 +740,9 @@ def watch(
     try:
         while True:
             live = any(run_status(Path(p)) == "running" for p in run_dirs)
-            path = render_report(run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, allow_empty=True)
+            path = render_report(
+                run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, allow_empty=True, overwrite=overwrite
+            )
             renders += 1
             if echo:
                 stamp = datetime.datetime.now().strftime("%H:%M:%S")
@@ -723,5 +751,6 @@ def watch(
                 return renders
             time.sleep(every_s)
     except KeyboardInterrupt:
-        render_report(run_dirs, out, fmt=fmt, allow_empty=True)  # the last page does not keep reloading
+        # the last page does not keep reloading
+        render_report(run_dirs, out, fmt=fmt, allow_empty=True, overwrite=overwrite)
         return renders + 1

@@ -317,8 +317,8 @@ def mark_stopped(run_dir: Path, status: str, *, stop_reason: str = "", error: st
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a config.json saved by a Windows editor starts with a BOM (pretrain reads it so too)
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None

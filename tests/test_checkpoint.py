@@ -17,6 +17,7 @@ from lmforge.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    set_aside_later,
 )
 from lmforge.errors import CheckpointError
 from lmforge.models.gpt import GPT, GPTConfig
@@ -84,6 +85,28 @@ def test_incomplete_folder_is_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-000003.tmp").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
     assert latest_checkpoint(tmp_path).name == "step-000001"
+
+
+def test_a_latest_that_names_a_missing_checkpoint_says_what_is_used_instead(tmp_path, capsys):
+    """`checkpoints/latest` naming a folder that is gone (deleted by hand, a copy without it) fell back to the
+    newest complete checkpoint without a word; a note on stderr now names both, once per command."""
+    model, opt = _model_and_optimizer()
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000002")
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    _assert_restores(load_checkpoint(tmp_path), model, opt)  # (a second lookup: no second note)
+    pointer = tmp_path / "checkpoints" / "latest"
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {pointer} names 'step-000002', which is not a complete checkpoint (deleted or moved?); "
+        "using step-000001"
+    ]
+    # resuming from an earlier checkpoint moves the later ones aside and points `latest` at it: nothing to say
+    for step in (2, 3):
+        _save(tmp_path, step, model, opt)
+    set_aside_later(tmp_path, 1)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert pointer.read_text(encoding="utf-8") == "step-000001\n" and capsys.readouterr().err == ""
 
 
 def test_keep_last_k_and_best(tmp_path):

@@ -265,6 +265,29 @@ def test_an_out_that_is_a_file_of_a_run_is_refused(two_runs, tmp_path):
     render_report([run], run / "report.html")  # re-rendered over itself
 
 
+def test_an_out_that_is_not_a_report_takes_overwrite(two_runs, tmp_path):
+    """`report --out notes.md` replaced a user's own notes.md (or index.html, or a file with no suffix) without a
+    word; it is refused unless --overwrite, and an earlier report is still re-rendered over without the flag."""
+    run = tmp_path / "new"  # a run that has logged nothing yet (as --watch reads it): a page without plots, quick
+    run.mkdir()
+    shutil.copy(two_runs[0] / "config.json", run / "config.json")
+    (run / "metrics.jsonl").write_text("", encoding="utf-8")
+    for name in ("notes.md", "index.html", "notes"):
+        (tmp_path / name).write_text("my own notes\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match="is not an lmforge report; .* pass --overwrite"):
+            render_report([run], tmp_path / name, allow_empty=True)
+        assert (tmp_path / name).read_text(encoding="utf-8") == "my own notes\n"
+    assert not (tmp_path / "notes_files").exists()
+    result = run_cli("report", str(two_runs[0]), "--out", str(tmp_path / "index.html"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not an lmforge report" in result.stderr
+
+    for name in ("notes.md", "index.html"):
+        out = render_report([run], tmp_path / name, overwrite=True, allow_empty=True)
+        assert "lmforge report: new" in out.read_text(encoding="utf-8")
+        render_report([run], out, allow_empty=True)  # an earlier report: re-rendered without the flag
+
+
 @pytest.mark.slow
 def test_watch_follows_a_live_run(data_dir, tmp_path):
     """A CLI training run in a subprocess (~6 s): the page refreshes itself while it runs, not after."""

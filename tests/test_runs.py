@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import shutil
 import signal
@@ -202,6 +203,37 @@ def test_a_nan_val_loss_is_not_the_best(tmp_path):
     records = [{"step": 2, "val_loss": float("nan")}, {"step": 4, "val_loss": 3.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     assert summarize(run).best_val_loss == 3.5
+
+
+def test_files_saved_with_a_bom_and_crlf_are_read(tmp_path):
+    """A config.json or metrics.jsonl saved by a Windows editor (BOM, CRLF): `pretrain` reads such a config, but
+    `runs` and `report` lost it (preset "-", no target step) and the first metrics record (the step's loss)."""
+    from lmforge.report import load_run
+    from lmforge.runs import summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    bom = "\ufeff"
+    (run / "config.json").write_text(bom + '{"preset": "tiny", "train": {"max_steps": 4}}', encoding="utf-8")
+    (run / "status.json").write_text(bom + '{"status": "finished"}', encoding="utf-8")
+    records = [{"step": 2, "loss": 4.25, "tokens": 64}, {"step": 2, "val_loss": 4.5}]
+    lines = bom + "".join(json.dumps(r) + "\r\n" for r in records)
+    (run / "metrics.jsonl").write_bytes(lines.encode("utf-8"))
+    summary = summarize(run)
+    assert (summary.preset, summary.status, summary.step, summary.max_steps) == ("tiny", "finished", 2, 4)
+    assert summary.tokens == 64 and summary.best_val_loss == 4.5
+    assert load_run(run).train == records[:1]
+
+
+def test_runs_json_help_names_every_field():
+    """`runs --help` listed the --json fields but not `command` and `cwd`, which the README documents."""
+    import dataclasses
+
+    from lmforge.cli import _subparser, build_parser
+
+    text = " ".join(_subparser(build_parser(), "runs").format_help().split())
+    for field in dataclasses.fields(RunSummary):
+        assert re.search(rf"\b{field.name}\b", text), field.name
 
 
 def test_runs_bad_dir_is_one_line_error(tmp_path):
