@@ -272,7 +272,11 @@ def build_parser() -> Parser:
     )
     p.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilization, e.g. 0.4 (default: per hardware)")
     p.add_argument("--world-size", type=int, default=1, help="devices training together (default: 1)")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallel strategy (default: ddp)")
+    p.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp", "diloco"],
+        help="data parallel strategy; diloco syncs every --dist.sync_every steps (default: --dist.strategy, ddp)",
+    )
     p.add_argument("--price-per-hour", type=float, default=None, help="USD per device-hour (default: an assumed price)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

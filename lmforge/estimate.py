@@ -50,6 +50,15 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
   gathers the largest unit's full parameters for the current and the prefetched unit and its full
   gradient before the reduce-scatter: 3 x 4 B x the largest unit.
 - FSDP divides weights, gradients and optimizer state by world_size; activations are per device.
+- DiLoCo (`dist.DiLoCo`, any world size): workers are not DDP-wrapped, so no gradient buckets; each keeps
+  the outer state, the anchor (the parameters at the last sync) and the outer Nesterov momentum, fp32
+  (outer_state: 8 B/param), and a sync builds the flat outer gradient it all-reduces (comm_buffers:
+  4 B/param; the per-parameter differences it is concatenated from briefly double that, but gradients are
+  freed by then, so the total still bounds the sync's peak).
+- comm_bytes, each device's all-reduce traffic over the run: ~2x the fp32 gradients per all-reduce (a
+  ring all-reduce sends and receives each byte ~once; the figure `dist.DiLoCo.comm_report` prints), one per
+  step under DDP, one per sync under DiLoCo (every dist.sync_every steps and at the last step, so
+  ceil(steps / H)); 0 on one device; FSDP's gathers and reduce-scatters are not estimated (None).
 - total = the sum. Gradients grow while activations are freed during backward, so for a single
   micro-batch the sum is an upper bound of the measured peak; with gradient accumulation the
   gradients of earlier micro-batches are all alive during the next one, and the sum is the peak.
@@ -94,7 +103,7 @@ from lmforge.models.gpt import GPTConfig
 DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 and no data.dir is given
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "diloco")
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (sparsity doubles the tensor-core numbers; we
 # never use it). A100 (SXM and PCIe alike): 312 TFLOP/s bf16/fp16 tensor core, 19.5 TFLOP/s plain
@@ -291,7 +300,7 @@ def memory_bytes(
     """Bytes per device of one training step, by component (see the module docstring for each term).
 
     Returns:
-        weights, gradients, optimizer, autocast_copies, comm_buffers, activations,
+        weights, gradients, optimizer, autocast_copies, comm_buffers, outer_state (DiLoCo), activations,
         activations_checkpointed, total and total_checkpointed.
     """
     counts = param_counts(model)
@@ -302,7 +311,9 @@ def memory_bytes(
         moments = 2  # exp_avg, exp_avg_sq
     else:
         moments = 1 if optim.momentum > 0 else 0  # momentum_buffer
-    if world_size == 1:
+    if strategy == "diloco":  # (module docstring) the flat outer gradient of a sync, on one worker too
+        comm = 4 * n
+    elif world_size == 1:
         comm = 0
     elif strategy == "ddp":
         comm = 4 * n  # gradient buckets
@@ -315,10 +326,11 @@ def memory_bytes(
         "optimizer": math.ceil(4 * moments * n / shards),
         "autocast_copies": 0 if dtype == "float32" else DTYPE_BYTES[dtype] * counts["matmul"],
         "comm_buffers": comm,
+        "outer_state": 2 * 4 * n if strategy == "diloco" else 0,  # anchor + outer momentum (dist.DiLoCo)
         "activations": act["total"],
         "activations_checkpointed": act["checkpointed"],
     }
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies", "comm_buffers"))
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies", "comm_buffers", "outer_state"))
     out["total"] = fixed + act["total"]
     out["total_checkpointed"] = fixed + act["checkpointed"]
     return out
@@ -411,7 +423,7 @@ def estimate(
     hardware: str | float = "cpu",
     mfu: float = 0.0,
     world_size: int = 1,
-    strategy: str = "ddp",
+    strategy: str | None = None,
     price_per_hour: float | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
@@ -423,7 +435,8 @@ def estimate(
         hardware: "cpu", "measure", "a100", "h100" or a peak in GFLOP/s (see `resolve_hardware`).
         mfu: model FLOPs utilization in (0, 1]; 0 = the documented default (`DEFAULT_MFU`).
         world_size: devices training together (data parallel).
-        strategy: "ddp" (full replicas) or "fsdp" (weights, gradients, optimizer sharded).
+        strategy: "ddp" (full replicas), "fsdp" (weights, gradients, optimizer sharded) or "diloco" (replicas
+            that sync every `cfg.dist.sync_every` steps); None = `cfg.dist.strategy`.
         price_per_hour: USD per device-hour; None = the assumed default for the hardware (if any).
 
     Returns:
@@ -444,6 +457,7 @@ def estimate(
             f"tokens must be >= 1, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
         )
     tokens = int(tokens)
+    strategy = cfg.dist.strategy if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
     if not (isinstance(world_size, int) and world_size >= 1):
@@ -510,7 +524,12 @@ def estimate(
         assumptions.append("dropout > 0 on CPU: SDPA uses its math path, which keeps s x s attention maps")
     else:
         assumptions.append("attention by SDPA flash/memory-efficient kernels: no s x s matrix kept")
-    if world_size > 1:
+    if strategy == "diloco":
+        assumptions.append(
+            "DiLoCo keeps fp32 outer state (anchor + momentum) and builds the flat outer gradient at each sync; "
+            f"one all-reduce every {cfg.dist.sync_every} steps (dist.sync_every) and at the last step"
+        )
+    elif world_size > 1:
         assumptions.append(
             "DDP keeps gradient buckets as large as the gradients"
             if strategy == "ddp"
@@ -538,6 +557,16 @@ def estimate(
             # quickstart reached 3-20% of the measured bf16 matmul peak, far below their fp32 MFU
             assumptions.append("CPU bf16 autocast measured 3-20% MFU for small models; pass --mfu 0.1 or so")
     time_s = train_flops / (hw["peak_flops"] * mfu * world_size)
+    steps = math.ceil(tokens / (batch * seq_len))
+    all_reduce = 2 * 4 * counts["total"]  # bytes a device moves per all-reduce of the fp32 gradients / parameters
+    if world_size == 1:
+        comm_bytes: int | None = 0
+    elif strategy == "ddp":
+        comm_bytes = all_reduce * steps
+    elif strategy == "diloco":
+        comm_bytes = all_reduce * math.ceil(steps / cfg.dist.sync_every)
+    else:
+        comm_bytes = None  # FSDP's gathers and reduce-scatters: not estimated
     price = price_per_hour if price_per_hour is not None else hw["price_per_hour"]
     if price_per_hour is None and price is not None:
         assumptions.append(f"price ${price:g} per device-hour: an assumed on-demand price; pass your own")
@@ -560,7 +589,7 @@ def estimate(
         "batch_size": batch,
         "micro_batch_size": micro,
         "tokens_per_step": batch * seq_len,
-        "steps": math.ceil(tokens / (batch * seq_len)),
+        "steps": steps,
         "dtype": hw["dtype"],
         "optimizer": cfg.optim.name,
         "params": counts["total"],
@@ -578,6 +607,8 @@ def estimate(
         "mfu": mfu,
         "world_size": world_size,
         "strategy": strategy,
+        "sync_every": cfg.dist.sync_every if strategy == "diloco" else None,
+        "comm_bytes": comm_bytes,
         "time_s": time_s,
         "price_per_hour": price,
         "cost_usd": cost,
@@ -593,7 +624,9 @@ def format_estimate(result: dict[str, Any]) -> str:
     """A readable multi-line summary of `estimate()`'s result, for the console."""
     r, m, mem = result, result["model"], result["memory_bytes"]
     kv = f" ({m['n_kv_head']} kv)" if m["n_kv_head"] != m["n_head"] else ""
-    devices = f"{r['world_size']} x {r['hardware']}" + (f", {r['strategy']}" if r["world_size"] > 1 else "")
+    diloco = f", every {r['sync_every']} steps" if r["strategy"] == "diloco" else ""
+    multi = r["world_size"] > 1 or diloco
+    devices = f"{r['world_size']} x {r['hardware']}" + (f", {r['strategy']}{diloco}" if multi else "")
     lines = [
         f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
         f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
@@ -613,6 +646,7 @@ def format_estimate(result: dict[str, Any]) -> str:
         ("optimizer", mem["optimizer"]),
         ("autocast copies", mem["autocast_copies"]),
         ("comm buffers", mem["comm_buffers"]),
+        ("outer state (diloco)", mem["outer_state"]),
         ("activations", mem["activations"]),
         ("activations, checkpointed", mem["activations_checkpointed"]),
         ("total", mem["total"]),
@@ -622,6 +656,10 @@ def format_estimate(result: dict[str, Any]) -> str:
     lines += [
         f"hardware     {r['hardware']}: peak {r['peak_flops'] / 1e12:.4g} TFLOP/s ({r['peak_source']}), "
         f"MFU {r['mfu']:.2f}",
+    ]
+    if r.get("comm_bytes"):  # (0 on one device; None for FSDP)
+        lines.append(f"communication {_bytes(r['comm_bytes'])} all-reduced per device over the run")
+    lines += [
         f"time         {_duration(r['time_s'])} on {r['world_size']} device{'s' if r['world_size'] > 1 else ''}",
         "cost         "
         + (

@@ -200,6 +200,33 @@ def test_import_of_a_transformers_bert_for_masked_lm(bpe: Tokenizer, tmp_path: P
     torch.testing.assert_close(got[pad], ref[pad], **TOL)
 
 
+def test_import_of_a_sequence_classifier_names_its_head_and_what_to_do(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A BertForSequenceClassification folder stores its head as `classifier.*` (not under `bert.`): the error
+    names those keys as stored, and the fix it gives (the encoder saved alone) imports."""
+    tok_dir = export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "tok")
+    vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
+    hf_cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=CONTEXT, num_labels=3,
+    )  # fmt: skip
+    theirs = transformers.BertForSequenceClassification(hf_cfg)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    theirs.save_pretrained(str(tmp_path / "cls"))
+    tokenizer.save_pretrained(str(tmp_path / "cls"))
+    with pytest.raises(LmforgeError) as e:
+        import_hf(tmp_path / "cls", tmp_path / "out")
+    message = str(e.value)
+    assert "classifier.weight" in message and "bert.classifier" not in message, message
+    assert "BertForSequenceClassification" in message and "model.bert.save_pretrained" in message
+    assert not (tmp_path / "out").exists()
+    theirs.bert.save_pretrained(str(tmp_path / "encoder"))  # what the message says to do
+    tokenizer.save_pretrained(str(tmp_path / "encoder"))
+    encoder = load_trained(import_hf(tmp_path / "encoder", tmp_path / "out"), torch.device("cpu")).model
+    torch.testing.assert_close(
+        encoder.state_dict()["embed.tok_emb.weight"], theirs.bert.embeddings.word_embeddings.weight
+    )
+
+
 def test_bad_bert_directories_are_one_line_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     src = export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())

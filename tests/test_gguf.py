@@ -421,3 +421,34 @@ def test_tokenizers_llama_cpp_cannot_represent_are_one_line_errors(kind: str, tm
         export_gguf(run, tmp_path / "m.gguf")
     assert "\n" not in str(e.value) and "--tokenizer bpe (or char)" in str(e.value)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_imported_qwen_chat_model_gets_the_eos_llama_cpps_converter_writes(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A Qwen2.5-Instruct-like directory (tokenizer_config eos_token and config.json eos_token_id `<|im_end|>`,
+    pad and bos `<|endoftext|>`): eos, bos and padding are those gguf's `SpecialVocab` reads from that
+    directory (what llama.cpp's convert_hf_to_gguf.py writes for Qwen2), and the end of turn is `<|im_end|>`."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.export.hf_import import import_hf
+    from tests.test_export import CHATML, _hf_qwen2
+
+    raw = Tokenizer.from_str(bpe.to_str()).hf
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer.from_str(raw.to_str())
+    text_end, im_end = tok.eos_id, raw.token_to_id("<|im_end|>")
+    assert tok.id_to_token(text_end) == "<|endoftext|>"
+    torch.manual_seed(0)
+    model = _hf_qwen2(tok)
+    model.config.bos_token_id, model.config.eos_token_id = text_end, im_end
+    model.generation_config = transformers.GenerationConfig(bos_token_id=text_end, eos_token_id=[im_end, text_end])
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML.replace("{{ bos_token }}", "")
+    fast.save_pretrained(hf_dir)
+    fields, _ = read(export_gguf(import_hf(hf_dir, tmp_path / "run"), tmp_path / "m.gguf"))
+    want = gguf.SpecialVocab(hf_dir, n_vocab=tok.vocab_size).special_token_ids
+    assert (want["eos"], want["bos"], want["pad"]) == (im_end, text_end, text_end)
+    assert fields["tokenizer.ggml.eos_token_id"] == want["eos"]
+    assert fields["tokenizer.ggml.bos_token_id"] == want["bos"]
+    assert fields["tokenizer.ggml.padding_token_id"] == want["pad"]
+    assert fields["tokenizer.ggml.eot_token_id"] == im_end

@@ -370,10 +370,14 @@ def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
     )
 
 
+BARE_BERT = ("embeddings.", "encoder.", "pooler.")  # a bare BertModel checkpoint's keys, unprefixed
+
+
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
-    """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`)."""
+    """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`; others, such
+    as a task head's `classifier.*`, keep the names the checkpoint has, so an error names them as stored)."""
     state, _ = read_hf_tensors(hf_dir)
-    return {k if k.startswith(("bert.", "cls.")) else "bert." + k: v for k, v in state.items()}
+    return {"bert." + k if k.startswith(BARE_BERT) else k: v for k, v in state.items()}
 
 
 def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
@@ -438,6 +442,13 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             raise CheckpointError(f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {want}")
         state[ours] = t.float()
     extra = sorted(k for k in hf_state if k not in IGNORED)
+    if extra and not any(k.startswith(("bert.", "cls.")) for k in extra):  # a task head beside the encoder
+        architectures = hf_cfg.get("architectures") or ["a task model"]
+        raise CheckpointError(
+            f"{hf_dir} is {architectures[0]}: its task head ({', '.join(extra[:3])}) is not part of a BERT that "
+            "lmforge imports; save its encoder alone (transformers: model.bert.save_pretrained(DIR), with the "
+            "tokenizer) and import DIR, then 'lmforge finetune' a new head on it"
+        )
     if extra:
         raise CheckpointError(
             f"{hf_dir} has tensors a plain BERT does not ({', '.join(extra[:3])}); lmforge imports only the "

@@ -31,7 +31,9 @@ Key decisions:
   as "▁", no space is put before a text (`add_space_prefix` false), and a vocabulary that has its own "▁",
   lacks " " or holds longer pieces (SentencePiece would join them) is refused. Unigram and WordPiece get a
   one-line error: llama.cpp's Unigram tokenizer has no byte fallback and its WordPiece one is BERT's.
-  `<|endoftext|>` is bos/eos/padding, no BOS added (our models never saw one). GGUF has no place for a
+  `<|endoftext|>` is bos/eos/padding, no BOS added (our models never saw one); an imported model's eos is
+  the one llama.cpp's converter would pick (`hf_named_eos`: Qwen2.5-Instruct's `<|im_end|>`, also its end of
+  turn; `<|endoftext|>` stays bos and padding). GGUF has no place for a
   normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize NFKC`) gets a one-line note.
 - Known difference, not ours to fix: llama.cpp's `llama_detokenize` drops the space before . , ! ? for any
   "gpt2" vocabulary (its `clean_spaces`, which no GGUF key turns off); the pieces it streams are exact.
@@ -58,7 +60,14 @@ from torch import Tensor
 
 from lmforge.atomic import check_not_inside
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import bos_id_of, chat_template_of, extra_stop_ids, has_chat_markers, without_chat_markers
+from lmforge.export.hf import (
+    bos_id_of,
+    chat_template_of,
+    extra_stop_ids,
+    has_chat_markers,
+    hf_eos_of_trained,
+    without_chat_markers,
+)
 
 DTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
@@ -103,6 +112,19 @@ def gguf_tensors(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     if "lm_head.weight" in state:
         out["output.weight"] = state["lm_head.weight"]
     return {name: t.detach().float().contiguous() for name, t in out.items()}
+
+
+def hf_named_eos(trained: Any, template: Any) -> int | None:
+    """The eos an imported HF directory names, as llama.cpp's `convert_hf_to_gguf.py` picks it (gguf's
+    `SpecialVocab`: tokenizer_config.json `eos_token` first, else an int config.json `eos_token_id`), or None
+    for runs lmforge trained (they name none). Qwen2.5-Instruct names `<|im_end|>`, its tokenizer's end of text
+    being `<|endoftext|>`: llama.cpp then stops a chat reply at `<|im_end|>` through the eos."""
+    named = getattr(template, "eos_token", "")  # an imported chat template keeps tokenizer_config.json's eos_token
+    named_id = trained.tokenizer.hf.token_to_id(named) if named else None
+    if named_id is not None:
+        return named_id
+    config_eos = hf_eos_of_trained(trained)  # config.json's eos_token_id, kept where it is not the tokenizer's
+    return config_eos if type(config_eos) is int else None  # (a list: SpecialVocab takes none)
 
 
 def _check_llama(cfg: Any) -> None:
@@ -296,6 +318,10 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         eos, stops = stops[0], stops[1:]
     end_of_turn = stops[:1]  # an imported instruct model's: llama.cpp's end of turn
     bos = bos_id_of(trained.tokenizer, eos, template)  # an imported Llama's <s> / <|begin_of_text|>, else eos
+    pad = eos
+    named = hf_named_eos(trained, template)
+    if named is not None and named != eos:  # Qwen2.5-Instruct's <|im_end|>: eos (and end of turn), as llama.cpp's
+        eos, end_of_turn = named, [named]  # converter writes it; <|endoftext|> stays bos and padding, as there
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +353,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             writer.add_bos_token_id(bos)
         if eos is not None:
             writer.add_eos_token_id(eos)
-            writer.add_pad_token_id(eos)
+            writer.add_pad_token_id(pad)
         writer.add_add_bos_token(bool(trained.tokenizer.prompt_prefix) and bos != eos)  # a template's BOS is its own
         if end_of_turn:
             writer.add_eot_token_id(end_of_turn[0])
