@@ -594,24 +594,31 @@ def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: 
     assert heads and all(head[0] == bos and head[1] != bos for head in heads)
 
 
+def _with_bos(ft: object) -> tuple[Tokenizer, int]:
+    """Give a loaded run the tokenizer an imported Llama-style model has: one whose post-processor puts a BOS
+    (here <|endoftext|>) before every text. Returns (tokenizer, bos id)."""
+    from tokenizers import processors
+
+    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    ft.tokenizer = Tokenizer(hf)
+    return ft.tokenizer, bos
+
+
 def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, monkeypatch: pytest.MonkeyPatch):
     """An imported Llama-style tokenizer puts <s> before every text, and `generate`/`serve` put it before a
     prompt: every task's training example starts with the very ids inference uses for its prompt (BOS once),
     and `eval` generates qa/translate answers from those same prompts."""
-    from tokenizers import processors
-
     import lmforge.eval.tasks as tasks
     from lmforge.chat import ChatTemplate
     from lmforge.data.formats import build_examples, classify_frame, field_map, translate_prompt
     from lmforge.generate import prompt_text_ids
 
     ft = load_finetuned(base, torch.device("cpu"))
-    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
-    bos = hf.token_to_id("<|endoftext|>")
-    hf.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
-    )
-    ft.tokenizer = tok = Tokenizer(hf)
+    tok, bos = _with_bos(ft)
     assert tok.prompt_prefix == [bos]
     asked: list[list[int]] = []
     monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: asked.extend(prompts) or [""] * len(prompts))
@@ -641,6 +648,51 @@ def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, 
         if task in ("qa", "translate"):
             tasks.task_metrics(ft, [row], path="x", task=task, fields=fields, max_new_tokens=1)
             assert asked.pop() == prompt, task
+
+
+def test_a_prompt_cut_to_fit_keeps_the_tokenizers_bos_first(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """A prompt too long for --max-len (or for the context beside an answer) loses its start *after* an imported
+    Llama-style tokenizer's BOS, in training examples and in every prompt inference cuts (eval's answers, chat's
+    history, scored continuations), so both see the BOS first; cutting from the very start dropped it."""
+    import lmforge.generate
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import build_examples, field_map
+    from lmforge.eval.tasks import _answers, continuation_logprob
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    tok, bos = _with_bos(ft)
+    question = "Summarise: " + "words and more words " * 40 + "in short."
+    whole = [
+        i
+        for ids, _ in ChatTemplate().segments(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+        for i in ids
+    ]
+    assert whole[0] == bos and len(whole) > 100
+
+    row = {"instruction": question, "output": "Blue."}
+    (example,) = build_examples(
+        [row], task="sft", tok=tok, fields=field_map("sft", None), max_len=64, labels=None, path="x"
+    )
+    answer = tok.encode("Blue.") + [tok.eos_id]
+    assert example.ids == [bos] + whole[-(64 - len(answer)) :] + answer and sum(example.train) == len(answer)
+
+    prompt, _ = ChatTemplate().prompt_ids(tok, [{"role": "user", "content": question}], budget=50)
+    assert prompt == [bos] + whole[-49:]
+
+    asked: list[list[int]] = []
+    batch = lmforge.generate.generate_batch
+    monkeypatch.setattr(
+        lmforge.generate, "generate_batch", lambda m, prompts, **kw: asked.extend(prompts) or batch(m, prompts, **kw)
+    )
+    _answers(ft, [whole], max_new_tokens=2)
+    assert asked == [[bos] + whole[-125:]]
+
+    tail = tok.encode(" yes")
+    seq = [bos] + (whole + tail)[-32:]  # the context (32) + 1 tokens, BOS first
+    with torch.no_grad():
+        logp = torch.log_softmax(ft.model(torch.tensor([seq[:-1]])), -1)[0, -len(tail) :]
+    expected = float(logp.gather(-1, torch.tensor(tail)[:, None]).sum())
+    assert continuation_logprob(ft.model, whole, tail, 32, tok.prompt_prefix) == pytest.approx(expected, abs=1e-5)
 
 
 def test_augmentation_is_seeded():

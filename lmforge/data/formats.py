@@ -26,7 +26,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,23 +217,38 @@ class LMExample:
     train: list[bool]  # train[i]: token i is a target (predicted from the tokens before it)
 
 
-def segments_example(segments: list[tuple[list[int], bool]], max_len: int) -> LMExample:
+def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefix: Sequence[int] = ()) -> LMExample:
     """Concatenate (ids, train) segments; cut to max_len + 1 tokens (inputs are the first max_len).
 
     The cut takes the end, unless that would leave no target at all (a prompt that fills the context):
     then the prompt loses its *start* instead, as in `completion_example`: the answer and the end of
-    the prompt right before it are kept, and the answer is cut only when it alone does not fit."""
+    the prompt right before it are kept, and the answer is cut only when it alone does not fit. A
+    `prefix` the ids start with (the tokenizer's `prompt_prefix`, an imported Llama's BOS) stays first
+    and the start is cut after it, as `keep_end` cuts a prompt at inference."""
     ids: list[int] = []
     train: list[bool] = []
     for seg_ids, flag in segments:
         ids += seg_ids
         train += [flag] * len(seg_ids)
     first = train.index(True) if True in train else None  # the first target
-    start = 0
-    if first is not None and first > max_len:  # the end cut would keep no target
-        # the whole tail when it fits, else from the token that predicts the first target on
-        start = min(len(ids) - (max_len + 1), first - 1)
-    return LMExample(ids[start : start + max_len + 1], train[start : start + max_len + 1])
+    if first is None or first <= max_len:  # the end cut keeps a target
+        return LMExample(ids[: max_len + 1], train[: max_len + 1])
+    p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and max_len > len(prefix) else 0
+    n = max_len + 1 - p  # tokens kept after the prefix
+    # the whole tail when it fits, else from the token that predicts the first target on
+    start = min(len(ids) - n, first - 1)
+    return LMExample(ids[:p] + ids[start : start + n], train[:p] + train[start : start + n])
+
+
+def keep_end(ids: list[int], n: int, prefix: Sequence[int]) -> list[int]:
+    """A prompt cut from its start to its last `n` tokens, for inference (eval's answers, `chat`, scored
+    continuations). `prefix` (the tokenizer's `prompt_prefix`, an imported Llama's BOS) stays first when the
+    prompt starts with it, and the cut is made after it: the model was trained on examples that start with it
+    (`segments_example`, `completion_example`), and a cut from the very start dropped it."""
+    if len(ids) <= n:
+        return ids
+    p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and n > len(prefix) else 0
+    return ids[:p] + ids[len(ids) - (n - p) :]
 
 
 def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> LMExample:
@@ -645,7 +660,7 @@ def build_examples(
                 segments = template.segments(tok, conversation(row, fields, task))
             except DataError as e:
                 raise DataError(f"{path}: row {i}: {e}") from None
-            out.append(segments_example(segments, max_len))
+            out.append(segments_example(segments, max_len, tok.prompt_prefix))
         return out
     if task == "translate":
         return [

@@ -30,6 +30,7 @@ import math
 import re
 import string
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +138,13 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     by length so a batch holds little padding; each answer equals the one `generate` gives the prompt
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
+    from lmforge.data.formats import keep_end
     from lmforge.generate import generate, generate_batch, run_stops
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
     room = context - max_new_tokens
-    prompts = [p[-room:] for p in prompts]
+    prompts = [keep_end(p, room, ft.tokenizer.prompt_prefix) for p in prompts]  # (an imported Llama's BOS kept)
     eos = ft.tokenizer.eos_id_or_none  # None: an imported tokenizer without one (generate.py)
     stops = run_stops(ft)  # eos, and an imported instruct model's end of turn ends its answer too
     if ft.use_cache and room > 0:
@@ -203,14 +205,18 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
 
 
 @torch.no_grad()
-def continuation_logprob(model: Any, head: list[int], tail: list[int], context: int) -> float:
+def continuation_logprob(
+    model: Any, head: list[int], tail: list[int], context: int, prefix: Sequence[int] = ()
+) -> float:
     """Summed log-probability of `tail`'s tokens after `head` (a label after its prompt, an answer option after
-    its question), one forward pass; the start of `head` is dropped when the two exceed `context`."""
+    its question), one forward pass; the start of `head` is dropped when the two exceed `context`, after the
+    `prefix` it starts with (the tokenizer's `prompt_prefix`: `keep_end`)."""
     from lmforge.adapt.objectives import sequence_logprobs
+    from lmforge.data.formats import keep_end
     from lmforge.objectives import IGNORE_INDEX
 
     device = next(model.parameters()).device
-    seq = (head + tail)[-context - 1 :]
+    seq = keep_end(head + tail, context + 1, prefix)
     x = torch.tensor([seq[:-1]], device=device)
     y = torch.tensor([seq[1:]], device=device)
     y[:, : max(0, len(seq) - 1 - len(tail))] = IGNORE_INDEX  # score only the tail's tokens
@@ -253,7 +259,7 @@ def fewshot_classify(
             )
         demo = "".join(demos[i] for i in rng.sample(pool, k))
         prompt = tok.prompt_prefix + tok.encode(demo + f"Text: {text}\nLabel:")  # an imported Llama's BOS first
-        scores = [continuation_logprob(model, prompt, ids, context) for ids in label_ids]
+        scores = [continuation_logprob(model, prompt, ids, context, tok.prompt_prefix) for ids in label_ids]
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
         y_norm.append(max(range(len(labels)), key=lambda i: scores[i] / label_bytes[i]))
