@@ -222,7 +222,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         cfg = dataclass_from_namespace(FinetuneConfig, args)
         check_applies(cfg, getattr(args, "given", set()))  # a flag written at its default value, too
-        result = finetune(
+        finetune(
             args.base,
             train_file=args.train_file,
             val_file=args.val_file,
@@ -231,8 +231,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             overrides=parse_overrides(extra),
             overwrite=args.overwrite,
             progress=not args.quiet,
+            summary=True,  # "wrote OUT (N steps, T s)", or a finished run's "nothing to do" alone
         )
-        print(f"wrote {args.out} ({result['steps']} steps, {result['train_seconds']:.1f} s)")
     elif args.command == "chat":
         from lmforge.chat import chat
 
