@@ -709,6 +709,33 @@ def test_augmentation_is_seeded():
     assert changed != chinese and " " not in changed and set(changed) <= set(chinese)
 
 
+def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
+    """Self-Instruct's seed tasks keep their answers in `instances`, a list of {input, output}: `--field
+    output=instances.output` reads each item as its own row (other columns repeated), as `prepare
+    --text-field` walks a list of objects; before, the file needed a conversion script."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    rows = [json.loads(line) for line in (DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    tasks = [  # the seed file's layout: the first task with two instances, one of them without an input
+        {"id": "t0", "instruction": rows[0]["instruction"], "tags": [{"name": "food"}], "instances": [
+            {"input": rows[0]["input"], "output": rows[0]["output"]}, {"output": rows[1]["output"]}]},
+        {"id": "t1", "instruction": rows[2]["instruction"], "instances": [
+            {"input": rows[2]["input"], "output": rows[2]["output"]}]},
+    ]  # fmt: skip
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
+    fields = field_map("sft", ["input=instances.input", "output=instances.output"])
+    got = read_task_rows(path, "sft", fields)
+    pairs = [(r["instruction"], r.get("instances.input"), r["instances.output"]) for r in got]
+    assert pairs == [
+        (rows[0]["instruction"], rows[0]["input"], rows[0]["output"]),
+        (rows[0]["instruction"], None, rows[1]["output"]),
+        (rows[2]["instruction"], rows[2]["input"], rows[2]["output"]),
+    ]
+    with pytest.raises(DataError, match=r"row 1: the --field paths .* walk different lists"):
+        read_task_rows(path, "qa", field_map("qa", ["question=instances.input", "answer=tags.name"]))
+
+
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
     """json.dumps(ensure_ascii=False) leaves U+2028 unescaped; splitlines() cut such a JSONL row in two."""
     from lmforge.data.formats import read_task_rows
