@@ -155,7 +155,12 @@ def add_eval_task_args(p: Any) -> None:
         help="task metrics on --data FILE (accuracy/macro_f1, em/f1, bleu/chrf, reward accuracy, loss; choice: "
         "multiple choice by log-likelihood, accuracy/accuracy_norm)",
     )
-    p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="rename a task field (repeatable)")
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="NAME=COLUMN",
+        help="rename a task field (repeatable; a dotted COLUMN reaches into nested JSON)",
+    )
     p.add_argument(
         "--k-shot", type=int, default=0, help="classify/choice in-context with k examples from --shots (no head)"
     )

@@ -98,7 +98,11 @@ class FinetuneConfig:
         "clm: learning rates from --train.* (fresh) or the base pretraining run's schedule from its step (continue)",
     )
     field: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "rename a task field: NAME=COLUMN, e.g. text=sentence"}
+        default_factory=list,
+        metadata={
+            "help": "rename a task field: NAME=COLUMN, e.g. text=sentence (a dotted COLUMN reaches into nested JSON: "
+            "output=instances.output, one example per item of a list)"
+        },
     )
     teacher: str = opt("", "--adapt distill: the teacher run or checkpoint (same tokenizer as BASE)")
     distill_temperature: float = opt(2.0, "--adapt distill: softmax temperature T of the soft targets")
