@@ -17,7 +17,7 @@ import torch
 from lmforge.adapt.load import load_finetuned
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
-from lmforge.config import RunConfig
+from lmforge.config import DataConfig, RunConfig
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.log import read_metrics
@@ -32,9 +32,16 @@ FAST = {"train": {"max_steps": 6, "batch_size": 8, "log_every": 3, "warmup_steps
 
 
 def make_base(
-    root: Path, *, max_seq_len: int = 128, seed: int = 0, tok: Tokenizer | None = None, **model: object
+    root: Path,
+    *,
+    max_seq_len: int = 128,
+    seed: int = 0,
+    tok: Tokenizer | None = None,
+    data: DataConfig | None = None,
+    **model: object,
 ) -> Path:
-    """A randomly initialised GPT saved as an lmforge run (default: char tokenizer over tests/data)."""
+    """A randomly initialised GPT saved as an lmforge run (default: char tokenizer over tests/data; `data`: the
+    prepared data it names as trained on)."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.*")) if p.suffix != ".md"]
     tok = tok or train_char(texts)
     run = root / "base"
@@ -42,7 +49,7 @@ def make_base(
     gpt = GPTConfig(
         **{"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": max_seq_len} | model
     )
-    cfg = RunConfig(out=str(run), model=gpt)
+    cfg = RunConfig(out=str(run), model=gpt, data=data or DataConfig())
     torch.manual_seed(seed)
     m = GPT(cfg.model)
     m.init_weights()
@@ -1037,6 +1044,54 @@ def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):
     task = evaluate_task(base, task="clm", data=val, device="cpu")
     assert task["loss"] == pytest.approx(split["loss"]) and task["tokens"] == split["tokens"]
     assert task["bytes"] == split["bytes"] and task["bpb"] == pytest.approx(split["bpb"])
+
+
+def test_clm_task_cleans_text_as_the_runs_data_was_prepared(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`eval --task clm valid.txt` on the file a run's val split was prepared from gives the split's (its logged)
+    numbers: the text is cleaned, filtered and deduplicated by the settings of the run's data manifest, in windows
+    of its data.seq_len. Scored raw, control characters, a decomposed é and a repeated paragraph were 11 tokens
+    the split never held (56 vs 45), in windows of the model's context rather than of its data.seq_len."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.eval.tasks import evaluate_task
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat\n", encoding="utf-8")
+    val.write_text(
+        "\ufeffthe cafe\u0301 sat\x07 on\r\nthe mat\r\n\r\nNurse:\r\n\r\nthe dog\x1b[0m ran\r\n\r\nNurse:\r\n",
+        encoding="utf-8",
+        newline="",
+    )
+    tok = train_char(["the cat sat on the mat caf\u00e9 dog ran Nurse:"])
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = PrepareConfig(
+        inputs=[str(train)], val_input=[str(val)], tokenizer=str(tmp_path / "tokenizer.json"),
+        out=str(tmp_path / "data"), card=False,
+    )  # fmt: skip
+    prepare(cfg, progress=False)
+    base = make_base(tmp_path, max_seq_len=16, tok=tok, data=DataConfig(dir=str(tmp_path / "data"), seq_len=8))
+    split = evaluate_checkpoint(str(base), split="val", device="cpu")  # the data the run names
+    capsys.readouterr()
+    task = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert (task["tokens"], task["bytes"]) == (split["tokens"], split["bytes"])
+    assert task["loss"] == pytest.approx(split["loss"], abs=1e-6) and task["bpb"] == pytest.approx(split["bpb"])
+    assert "1 of 4 documents left out as prepare left them out" in capsys.readouterr().err
+
+
+def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_path: Path):
+    """A `--task clm --max-len 16` fine-tune validates in windows of 16 tokens; its final task metrics (and
+    `eval --task clm` on its val file) took windows of the whole context, so they disagreed with its logged
+    val_loss on the same text (7.1716 vs 7.1692 on the whole chapter)."""
+    text = tmp_path / "ch1.txt"
+    text.write_text((DATA / "hongloumeng_ch1.txt").read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    overrides = {"train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 2}}
+    cfg = FinetuneConfig(task="clm", max_len=16)
+    result = finetune(
+        base, train_file=text, val_file=text, out=tmp_path / "ft", cfg=cfg, overrides=overrides, progress=False
+    )
+    logged = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert result["val"]["tokens"] == logged["val_tokens"]
+    assert result["val"]["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
 
 
 def test_clm_task_reads_invalid_utf8_as_prepare_does(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -29,6 +29,7 @@ import collections
 import math
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -379,8 +380,8 @@ def task_metrics(
         from lmforge.train.precision import Precision
 
         device = next(ft.model.parameters()).device
-        texts = [str(r[fields["text"]]) for r in rows]
-        examples = clm_examples(ft.tokenizer, texts, ft.model.cfg.max_seq_len)
+        texts, seq_len = clm_text_as_trained(ft, [str(r[fields["text"]]) for r in rows], path)
+        examples = clm_examples(ft.tokenizer, texts, seq_len)
         batches = [lm_batch(examples[i : i + 16], ft.tokenizer.eos_id) for i in range(0, len(examples), 16)]
         stream = [np.asarray(e.ids[1:]) for e in examples] + [np.asarray(examples[0].ids[:1])] if examples else []
         # the bytes of the text the model reads: an NFKC tokenizer's (a ， it reads as ",") as `prepare` counts them
@@ -389,6 +390,58 @@ def task_metrics(
         m = evaluate_lm(ft.model, batches, token_bytes=token_bytes, precision=Precision(device, torch.float32))
         return {"task": task, **m}
     raise ConfigError(f"unknown task {task!r}")
+
+
+def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str], int]:
+    """(documents, window length) of `--task clm` as the run's own validation had them, so that `eval --task clm`
+    on the text of its validation split gives the numbers its evaluations logged (`lmforge eval RUN`):
+
+    - a pretrained run whose prepared data folder is there: the documents `prepare` made of them, by the settings
+      its manifest.json records (newlines, control characters, NFC/NFKC, --normalize-whitespace, --boilerplate,
+      then its removal filters and exact dedup within the file), in windows of its data.seq_len. Scored raw, a
+      control character or a decomposed "é" was a token the split never held (36 vs 34 tokens on one sample);
+    - a fine-tune (`finetune --task clm` trains and validates on its files as they are): raw, in windows of its
+      --max-len;
+    - an imported model, or a run whose data folder is gone: raw, in windows of the context.
+    """
+    import json
+
+    from lmforge.data.filters import DocumentCleaner
+
+    context = ft.model.cfg.max_seq_len
+    if ft.info:
+        return texts, min(int(ft.info.get("max_len") or context), context)
+    manifest = Path(ft.config.data.dir or "") / "manifest.json"
+    if not ft.config.data.dir or not manifest.is_file():
+        return texts, context
+    try:
+        settings = json.loads(manifest.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return texts, context  # (not a manifest `prepare` wrote: `lmforge eval RUN` says so)
+    cleaner, seen, out = DocumentCleaner.from_manifest(settings), set(), []
+    removed: collections.Counter[str] = collections.Counter()
+    for text in texts:
+        done = cleaner.one(text)
+        reason = done.reason or (
+            "exact_dup" if settings.get("dedup", "exact") != "none" and done.text in seen else None
+        )
+        if reason:
+            removed[reason] += 1
+            continue
+        seen.add(done.text)
+        out.append(done.text)
+    if not out:
+        raise DataError(
+            f"{path}: every document is removed by the cleaning and filters {ft.config.data.dir} was "
+            f"prepared with ({', '.join(f'{n} {r}' for r, n in removed.items())}); check the file"
+        )
+    if removed:
+        print(
+            f"note: {path}: {sum(removed.values())} of {len(texts)} documents left out as prepare left them out of "
+            f"{ft.config.data.dir} ({', '.join(f'{n} {r}' for r, n in removed.items())})",
+            file=sys.stderr,
+        )
+    return out, min(ft.config.data.seq_len or context, context)
 
 
 def evaluate_task(
