@@ -739,6 +739,10 @@ def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
         (rows[0]["instruction"], None, rows[1]["output"]),
         (rows[2]["instruction"], rows[2]["input"], rows[2]["output"]),
     ]
+    with pytest.raises(
+        DataError, match=r"holds a JSON list.* dotted --field NAME=instances.KEY \(keys: input, output\)"
+    ):
+        read_task_rows(path, "sft", field_map("sft", ["output=instances"]))  # the error says how to reach in
     with pytest.raises(DataError, match=r"row 1: the --field paths .* walk different lists"):
         read_task_rows(path, "qa", field_map("qa", ["question=instances.input", "answer=tags.name"]))
 

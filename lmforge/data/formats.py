@@ -201,9 +201,12 @@ def _refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None
     (UltraFeedback-style DPO pairs, whose `chosen` is a list of messages; multi-label rows)."""
     if isinstance(value, (list, dict)):
         kind = "list" if isinstance(value, list) else "object"
+        inner = value[0] if isinstance(value, list) and value else value
+        keys = ", ".join(map(str, inner)) if isinstance(inner, dict) and "role" not in inner else ""  # (not chat)
+        reach = f"; or reach into it with a dotted --field NAME={field}.KEY (keys: {keys})" if keys else ""
         raise DataError(
             f"{path}: row {i} column {field!r} holds a JSON {kind}, not one text or label; write it as a string "
-            "(a list of chat messages goes in an sft file's 'messages'; one label per row)"
+            f"(a list of chat messages goes in an sft file's 'messages'; one label per row){reach}"
         )
 
 
