@@ -100,6 +100,8 @@ class ChatTemplate:
 
         A system message is kept. Returns (ids, number of messages dropped).
         """
+        from lmforge.data.formats import keep_end
+
         check_messages(messages, allow_trailing_user=True)  # before indexing into them
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = messages[len(system) :]
@@ -108,7 +110,7 @@ class ChatTemplate:
             segs = self.segments(tok, system + rest, add_generation_prompt=True)
             ids = [i for seg, _ in segs for i in seg]
             if len(ids) <= budget or len(rest) <= 1:
-                return ids[-budget:], dropped  # a single overlong message keeps its end
+                return keep_end(ids, budget, tok.prompt_prefix), dropped  # a single overlong message keeps its end
             cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" else 1  # a user/assistant pair at a time
             rest, dropped = rest[cut:], dropped + cut
 

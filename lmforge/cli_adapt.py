@@ -155,7 +155,12 @@ def add_eval_task_args(p: Any) -> None:
         help="task metrics on --data FILE (accuracy/macro_f1, em/f1, bleu/chrf, reward accuracy, loss; choice: "
         "multiple choice by log-likelihood, accuracy/accuracy_norm)",
     )
-    p.add_argument("--field", action="append", metavar="NAME=COLUMN", help="rename a task field (repeatable)")
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="NAME=COLUMN",
+        help="rename a task field (repeatable; a dotted COLUMN reaches into nested JSON)",
+    )
     p.add_argument(
         "--k-shot", type=int, default=0, help="classify/choice in-context with k examples from --shots (no head)"
     )
@@ -223,7 +228,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         cfg = dataclass_from_namespace(FinetuneConfig, args)
         check_applies(cfg, getattr(args, "given", set()))  # a flag written at its default value, too
-        result = finetune(
+        finetune(
             args.base,
             train_file=args.train_file,
             val_file=args.val_file,
@@ -232,8 +237,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             overrides=parse_overrides(extra),
             overwrite=args.overwrite,
             progress=not args.quiet,
+            summary=True,  # "wrote OUT (N steps, T s)", or a finished run's "nothing to do" alone
         )
-        print(f"wrote {args.out} ({result['steps']} steps, {result['train_seconds']:.1f} s)")
     elif args.command == "chat":
         from lmforge.chat import chat
 

@@ -98,7 +98,11 @@ class FinetuneConfig:
         "clm: learning rates from --train.* (fresh) or the base pretraining run's schedule from its step (continue)",
     )
     field: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "rename a task field: NAME=COLUMN, e.g. text=sentence"}
+        default_factory=list,
+        metadata={
+            "help": "rename a task field: NAME=COLUMN, e.g. text=sentence (a dotted COLUMN reaches into nested JSON: "
+            "output=instances.output, one example per item of a list)"
+        },
     )
     teacher: str = opt("", "--adapt distill: the teacher run or checkpoint (same tokenizer as BASE)")
     distill_temperature: float = opt(2.0, "--adapt distill: softmax temperature T of the soft targets")
@@ -412,6 +416,7 @@ def finetune(
     overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    summary: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune BASE on a task file into `out`; returns the final task metrics (also in out/eval.json).
 
@@ -424,13 +429,21 @@ def finetune(
             settings (`log`: the trackers, as pretrain's).
         overwrite: replace an existing `out`.
         progress: print the progress bar and log lines.
+        summary: end with one line on stdout, also without `progress` (the CLI's): `wrote OUT (N steps, T s)`
+            after training, or `OUT is already ...; nothing to do` for a finished run's re-run, which trains
+            nothing and returns the same metrics (so a caller cannot tell the two apart from them).
     """
     from lmforge.runs import release
 
     try:
-        return _finetune(base, train_file, out, val_file, cfg, overrides, overwrite, progress)
+        result, nothing_to_do = _finetune(base, train_file, out, val_file, cfg, overrides, overwrite, progress)
     finally:
         release(Path(out))  # the folder's claim (taken in _finetune), however it ended
+    if nothing_to_do and (progress or summary):
+        print(nothing_to_do, flush=True)
+    elif summary:
+        print(f"wrote {out} ({result['steps']} steps, {result['train_seconds']:.1f} s)", flush=True)
+    return result
 
 
 def _finetune(
@@ -442,7 +455,8 @@ def _finetune(
     overrides: dict[str, Any] | None,
     overwrite: bool,
     progress: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
+    """(the final task metrics, and for a finished run's re-run, which trains nothing, the line saying so)."""
     from lmforge.adapt.heads import set_trainable, trainable_state
     from lmforge.checkpoint import prune_checkpoints, save_checkpoint
     from lmforge.data.formats import (
@@ -707,9 +721,9 @@ def _finetune(
 
         if not readable_config(out / "config.json"):  # (pretrain sends a run whose config.json broke here)
             write_json(out / "config.json", ckpt.meta["config"])
-        if progress:
-            print(f"{out} is already {done}; nothing to do", flush=True)
-        return read_json(out / "eval.json", "re-run with --overwrite to fine-tune again")
+        return read_json(out / "eval.json", "re-run with --overwrite to fine-tune again"), (
+            f"{out} is already {done}; nothing to do"
+        )
     if ckpt is not None and ckpt.meta.get("finetune", {}).get("lora_merged"):
         # --merge folded the adapters into the weights: there are no adapters left to train, and the
         # checkpoint holds no optimizer state. A finished run's identical re-run returned above.
@@ -925,7 +939,7 @@ def _finetune(
         mark_stopped(out, "interrupted" if stopped else "failed", stop_reason=state.stop_reason, error=error)
         raise
     mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
-    return result
+    return result, ""
 
 
 def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) -> str:

@@ -17,7 +17,7 @@ import torch
 from lmforge.adapt.load import load_finetuned
 from lmforge.atomic import write_json
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
-from lmforge.config import RunConfig
+from lmforge.config import DataConfig, RunConfig
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.log import read_metrics
@@ -32,9 +32,16 @@ FAST = {"train": {"max_steps": 6, "batch_size": 8, "log_every": 3, "warmup_steps
 
 
 def make_base(
-    root: Path, *, max_seq_len: int = 128, seed: int = 0, tok: Tokenizer | None = None, **model: object
+    root: Path,
+    *,
+    max_seq_len: int = 128,
+    seed: int = 0,
+    tok: Tokenizer | None = None,
+    data: DataConfig | None = None,
+    **model: object,
 ) -> Path:
-    """A randomly initialised GPT saved as an lmforge run (default: char tokenizer over tests/data)."""
+    """A randomly initialised GPT saved as an lmforge run (default: char tokenizer over tests/data; `data`: the
+    prepared data it names as trained on)."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.*")) if p.suffix != ".md"]
     tok = tok or train_char(texts)
     run = root / "base"
@@ -42,7 +49,7 @@ def make_base(
     gpt = GPTConfig(
         **{"vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": max_seq_len} | model
     )
-    cfg = RunConfig(out=str(run), model=gpt)
+    cfg = RunConfig(out=str(run), model=gpt, data=data or DataConfig())
     torch.manual_seed(seed)
     m = GPT(cfg.model)
     m.init_weights()
@@ -594,24 +601,31 @@ def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: 
     assert heads and all(head[0] == bos and head[1] != bos for head in heads)
 
 
+def _with_bos(ft: object) -> tuple[Tokenizer, int]:
+    """Give a loaded run the tokenizer an imported Llama-style model has: one whose post-processor puts a BOS
+    (here <|endoftext|>) before every text. Returns (tokenizer, bos id)."""
+    from tokenizers import processors
+
+    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    ft.tokenizer = Tokenizer(hf)
+    return ft.tokenizer, bos
+
+
 def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, monkeypatch: pytest.MonkeyPatch):
     """An imported Llama-style tokenizer puts <s> before every text, and `generate`/`serve` put it before a
     prompt: every task's training example starts with the very ids inference uses for its prompt (BOS once),
     and `eval` generates qa/translate answers from those same prompts."""
-    from tokenizers import processors
-
     import lmforge.eval.tasks as tasks
     from lmforge.chat import ChatTemplate
     from lmforge.data.formats import build_examples, classify_frame, field_map, translate_prompt
     from lmforge.generate import prompt_text_ids
 
     ft = load_finetuned(base, torch.device("cpu"))
-    hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
-    bos = hf.token_to_id("<|endoftext|>")
-    hf.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
-    )
-    ft.tokenizer = tok = Tokenizer(hf)
+    tok, bos = _with_bos(ft)
     assert tok.prompt_prefix == [bos]
     asked: list[list[int]] = []
     monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: asked.extend(prompts) or [""] * len(prompts))
@@ -643,6 +657,51 @@ def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, 
             assert asked.pop() == prompt, task
 
 
+def test_a_prompt_cut_to_fit_keeps_the_tokenizers_bos_first(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """A prompt too long for --max-len (or for the context beside an answer) loses its start *after* an imported
+    Llama-style tokenizer's BOS, in training examples and in every prompt inference cuts (eval's answers, chat's
+    history, scored continuations), so both see the BOS first; cutting from the very start dropped it."""
+    import lmforge.generate
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import build_examples, field_map
+    from lmforge.eval.tasks import _answers, continuation_logprob
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    tok, bos = _with_bos(ft)
+    question = "Summarise: " + "words and more words " * 40 + "in short."
+    whole = [
+        i
+        for ids, _ in ChatTemplate().segments(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+        for i in ids
+    ]
+    assert whole[0] == bos and len(whole) > 100
+
+    row = {"instruction": question, "output": "Blue."}
+    (example,) = build_examples(
+        [row], task="sft", tok=tok, fields=field_map("sft", None), max_len=64, labels=None, path="x"
+    )
+    answer = tok.encode("Blue.") + [tok.eos_id]
+    assert example.ids == [bos] + whole[-(64 - len(answer)) :] + answer and sum(example.train) == len(answer)
+
+    prompt, _ = ChatTemplate().prompt_ids(tok, [{"role": "user", "content": question}], budget=50)
+    assert prompt == [bos] + whole[-49:]
+
+    asked: list[list[int]] = []
+    batch = lmforge.generate.generate_batch
+    monkeypatch.setattr(
+        lmforge.generate, "generate_batch", lambda m, prompts, **kw: asked.extend(prompts) or batch(m, prompts, **kw)
+    )
+    _answers(ft, [whole], max_new_tokens=2)
+    assert asked == [[bos] + whole[-125:]]
+
+    tail = tok.encode(" yes")
+    seq = [bos] + (whole + tail)[-32:]  # the context (32) + 1 tokens, BOS first
+    with torch.no_grad():
+        logp = torch.log_softmax(ft.model(torch.tensor([seq[:-1]])), -1)[0, -len(tail) :]
+    expected = float(logp.gather(-1, torch.tensor(tail)[:, None]).sum())
+    assert continuation_logprob(ft.model, whole, tail, 32, tok.prompt_prefix) == pytest.approx(expected, abs=1e-5)
+
+
 def test_augmentation_is_seeded():
     import random
 
@@ -655,6 +714,37 @@ def test_augmentation_is_seeded():
     chinese = "房间很干净，服务也很好，下次还会再来。"  # no spaces: each character is a word (it came back unchanged)
     changed = augment_text(chinese, random.Random(0))
     assert changed != chinese and " " not in changed and set(changed) <= set(chinese)
+
+
+def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
+    """Self-Instruct's seed tasks keep their answers in `instances`, a list of {input, output}: `--field
+    output=instances.output` reads each item as its own row (other columns repeated), as `prepare
+    --text-field` walks a list of objects; before, the file needed a conversion script."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    rows = [json.loads(line) for line in (DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    tasks = [  # the seed file's layout: the first task with two instances, one of them without an input
+        {"id": "t0", "instruction": rows[0]["instruction"], "tags": [{"name": "food"}], "instances": [
+            {"input": rows[0]["input"], "output": rows[0]["output"]}, {"output": rows[1]["output"]}]},
+        {"id": "t1", "instruction": rows[2]["instruction"], "instances": [
+            {"input": rows[2]["input"], "output": rows[2]["output"]}]},
+    ]  # fmt: skip
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
+    fields = field_map("sft", ["input=instances.input", "output=instances.output"])
+    got = read_task_rows(path, "sft", fields)
+    pairs = [(r["instruction"], r.get("instances.input"), r["instances.output"]) for r in got]
+    assert pairs == [
+        (rows[0]["instruction"], rows[0]["input"], rows[0]["output"]),
+        (rows[0]["instruction"], None, rows[1]["output"]),
+        (rows[2]["instruction"], rows[2]["input"], rows[2]["output"]),
+    ]
+    with pytest.raises(
+        DataError, match=r"holds a JSON list.* dotted --field NAME=instances.KEY \(keys: input, output\)"
+    ):
+        read_task_rows(path, "sft", field_map("sft", ["output=instances"]))  # the error says how to reach in
+    with pytest.raises(DataError, match=r"row 1: the --field paths .* walk different lists"):
+        read_task_rows(path, "qa", field_map("qa", ["question=instances.input", "answer=tags.name"]))
 
 
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
@@ -958,6 +1048,54 @@ def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):
     task = evaluate_task(base, task="clm", data=val, device="cpu")
     assert task["loss"] == pytest.approx(split["loss"]) and task["tokens"] == split["tokens"]
     assert task["bytes"] == split["bytes"] and task["bpb"] == pytest.approx(split["bpb"])
+
+
+def test_clm_task_cleans_text_as_the_runs_data_was_prepared(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`eval --task clm valid.txt` on the file a run's val split was prepared from gives the split's (its logged)
+    numbers: the text is cleaned, filtered and deduplicated by the settings of the run's data manifest, in windows
+    of its data.seq_len. Scored raw, control characters, a decomposed é and a repeated paragraph were 11 tokens
+    the split never held (56 vs 45), in windows of the model's context rather than of its data.seq_len."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.eval.tasks import evaluate_task
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat\n", encoding="utf-8")
+    val.write_text(
+        "\ufeffthe cafe\u0301 sat\x07 on\r\nthe mat\r\n\r\nNurse:\r\n\r\nthe dog\x1b[0m ran\r\n\r\nNurse:\r\n",
+        encoding="utf-8",
+        newline="",
+    )
+    tok = train_char(["the cat sat on the mat caf\u00e9 dog ran Nurse:"])
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = PrepareConfig(
+        inputs=[str(train)], val_input=[str(val)], tokenizer=str(tmp_path / "tokenizer.json"),
+        out=str(tmp_path / "data"), card=False,
+    )  # fmt: skip
+    prepare(cfg, progress=False)
+    base = make_base(tmp_path, max_seq_len=16, tok=tok, data=DataConfig(dir=str(tmp_path / "data"), seq_len=8))
+    split = evaluate_checkpoint(str(base), split="val", device="cpu")  # the data the run names
+    capsys.readouterr()
+    task = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert (task["tokens"], task["bytes"]) == (split["tokens"], split["bytes"])
+    assert task["loss"] == pytest.approx(split["loss"], abs=1e-6) and task["bpb"] == pytest.approx(split["bpb"])
+    assert "1 of 4 documents left out as prepare left them out" in capsys.readouterr().err
+
+
+def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_path: Path):
+    """A `--task clm --max-len 16` fine-tune validates in windows of 16 tokens; its final task metrics (and
+    `eval --task clm` on its val file) took windows of the whole context, so they disagreed with its logged
+    val_loss on the same text (7.1716 vs 7.1692 on the whole chapter)."""
+    text = tmp_path / "ch1.txt"
+    text.write_text((DATA / "hongloumeng_ch1.txt").read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    overrides = {"train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 2}}
+    cfg = FinetuneConfig(task="clm", max_len=16)
+    result = finetune(
+        base, train_file=text, val_file=text, out=tmp_path / "ft", cfg=cfg, overrides=overrides, progress=False
+    )
+    logged = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert result["val"]["tokens"] == logged["val_tokens"]
+    assert result["val"]["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
 
 
 def test_clm_task_reads_invalid_utf8_as_prepare_does(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

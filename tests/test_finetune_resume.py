@@ -197,6 +197,14 @@ def test_a_rerun_of_a_finished_finetune_leaves_its_files_as_they_were(base: Path
     assert again == first
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert "already trained to step 4 (train.max_steps 2); nothing to do" in capsys.readouterr().out
+    # the CLI's closing line (--quiet too) is that line alone, not also "wrote RUN (4 steps, ...)" as if it trained
+    assert (
+        finetune(
+            base, out=out, overrides={"train": {"max_steps": 4, "batch_size": 4}}, progress=False, summary=True, **kw
+        )
+        == first
+    )
+    assert capsys.readouterr().out == f"{out} is already trained to step 4 (train.max_steps 4); nothing to do\n"
 
 
 def test_a_resume_with_other_train_settings_says_so_or_refuses(base: Path, tmp_path: Path, capsys):
@@ -238,7 +246,7 @@ def test_a_rerun_of_a_finished_merged_lora_run_is_finished_and_more_steps_are_re
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     r = run_cli(*cmd, "--train.max_steps", "2")
     assert r.returncode == 0, r.stderr
-    assert f"{out} is already trained to step 2 (train.max_steps 2); nothing to do" in r.stdout
+    assert r.stdout == f"{out} is already trained to step 2 (train.max_steps 2); nothing to do\n"  # no "wrote ..."
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     r = run_cli(*cmd, "--train.max_steps", "4")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -35,7 +35,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from lmforge.data.clean import Normalization, clean_text, length_verdict
 
@@ -262,6 +262,25 @@ class DocumentCleaner:
     boilerplate: bool = False
     min_chars: int = 1
     filters: QualityFilters = QualityFilters()
+
+    @classmethod
+    def from_manifest(cls, config: dict[str, Any]) -> DocumentCleaner:
+        """The cleaner `prepare` ran with the settings its manifest.json records under "config" (a key it
+        lacks: prepare's default), so text scored later (`eval --task clm`) can be cleaned as the data was."""
+        languages = str(config.get("languages") or "")
+        return cls(
+            normalize=config.get("normalize", "NFC"),
+            whitespace=bool(config.get("normalize_whitespace", False)),
+            boilerplate=bool(config.get("boilerplate", False)),
+            min_chars=int(config.get("min_chars", 1)),
+            filters=QualityFilters(
+                max_chars=int(config.get("max_chars", 0)),
+                max_char_repetition=float(config.get("max_char_repetition", 0.0)),
+                max_line_repetition=float(config.get("max_line_repetition", 0.0)),
+                min_alpha_ratio=float(config.get("min_alpha_ratio", 0.0)),
+                languages=frozenset(lang.strip() for lang in languages.split(",") if lang.strip()),
+            ),
+        )
 
     def __call__(self, batch: list[tuple[str, int]]) -> list[Processed]:
         """Process a batch of (raw text, invalid UTF-8 count) pairs."""

@@ -26,7 +26,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,9 +201,12 @@ def _refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None
     (UltraFeedback-style DPO pairs, whose `chosen` is a list of messages; multi-label rows)."""
     if isinstance(value, (list, dict)):
         kind = "list" if isinstance(value, list) else "object"
+        inner = value[0] if isinstance(value, list) and value else value
+        keys = ", ".join(map(str, inner)) if isinstance(inner, dict) and "role" not in inner else ""  # (not chat)
+        reach = f"; or reach into it with a dotted --field NAME={field}.KEY (keys: {keys})" if keys else ""
         raise DataError(
             f"{path}: row {i} column {field!r} holds a JSON {kind}, not one text or label; write it as a string "
-            "(a list of chat messages goes in an sft file's 'messages'; one label per row)"
+            f"(a list of chat messages goes in an sft file's 'messages'; one label per row){reach}"
         )
 
 
@@ -217,23 +220,38 @@ class LMExample:
     train: list[bool]  # train[i]: token i is a target (predicted from the tokens before it)
 
 
-def segments_example(segments: list[tuple[list[int], bool]], max_len: int) -> LMExample:
+def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefix: Sequence[int] = ()) -> LMExample:
     """Concatenate (ids, train) segments; cut to max_len + 1 tokens (inputs are the first max_len).
 
     The cut takes the end, unless that would leave no target at all (a prompt that fills the context):
     then the prompt loses its *start* instead, as in `completion_example`: the answer and the end of
-    the prompt right before it are kept, and the answer is cut only when it alone does not fit."""
+    the prompt right before it are kept, and the answer is cut only when it alone does not fit. A
+    `prefix` the ids start with (the tokenizer's `prompt_prefix`, an imported Llama's BOS) stays first
+    and the start is cut after it, as `keep_end` cuts a prompt at inference."""
     ids: list[int] = []
     train: list[bool] = []
     for seg_ids, flag in segments:
         ids += seg_ids
         train += [flag] * len(seg_ids)
     first = train.index(True) if True in train else None  # the first target
-    start = 0
-    if first is not None and first > max_len:  # the end cut would keep no target
-        # the whole tail when it fits, else from the token that predicts the first target on
-        start = min(len(ids) - (max_len + 1), first - 1)
-    return LMExample(ids[start : start + max_len + 1], train[start : start + max_len + 1])
+    if first is None or first <= max_len:  # the end cut keeps a target
+        return LMExample(ids[: max_len + 1], train[: max_len + 1])
+    p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and max_len > len(prefix) else 0
+    n = max_len + 1 - p  # tokens kept after the prefix
+    # the whole tail when it fits, else from the token that predicts the first target on
+    start = min(len(ids) - n, first - 1)
+    return LMExample(ids[:p] + ids[start : start + n], train[:p] + train[start : start + n])
+
+
+def keep_end(ids: list[int], n: int, prefix: Sequence[int]) -> list[int]:
+    """A prompt cut from its start to its last `n` tokens, for inference (eval's answers, `chat`, scored
+    continuations). `prefix` (the tokenizer's `prompt_prefix`, an imported Llama's BOS) stays first when the
+    prompt starts with it, and the cut is made after it: the model was trained on examples that start with it
+    (`segments_example`, `completion_example`), and a cut from the very start dropped it."""
+    if len(ids) <= n:
+        return ids
+    p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and n > len(prefix) else 0
+    return ids[:p] + ids[len(ids) - (n - p) :]
 
 
 def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> LMExample:
@@ -589,9 +607,55 @@ def read_task_rows(
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
     rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
-    rows = rows[: limit or None]
+    rows = nested_rows(rows, fields, p)[: limit or None]
     check_columns(rows, task, fields, p, scored=scored)
     return rows
+
+
+def nested_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
+    """Rows with each dotted column (`--field output=instances.output`) that is not a key itself read from
+    nested objects, as `prepare --text-field doc.body` reads them; a list of objects on the way gives one row
+    per item, the row's other columns repeated (Self-Instruct's tasks hold their {input, output} pairs in an
+    `instances` list). Every such column that walks a list must walk the same one."""
+    dotted = [c for c in dict.fromkeys(fields.values()) if "." in c and rows and c not in rows[0]]
+    if not dotted:
+        return rows
+    out = []
+    for i, row in enumerate(rows, 1):
+        found: dict[str, Any] = {}  # column -> its value (no list on the way)
+        walks: dict[tuple[str, ...], dict[str, list[str]]] = {}  # a list's path -> column -> the path in its items
+        for column in dotted:
+            value, parts = row, column.split(".")
+            for k, part in enumerate(parts):
+                if isinstance(value, list):
+                    walks.setdefault(tuple(parts[:k]), {})[column] = parts[k:]
+                    break
+                value = value.get(part) if isinstance(value, dict) else None
+            else:
+                if value is not None:
+                    found[column] = value
+        if len(walks) > 1:
+            raise DataError(
+                f"{path}: row {i}: the --field paths {', '.join(c for w in walks.values() for c in w)} walk different "
+                "lists; name fields inside one list (e.g. instances.input and instances.output)"
+            )
+        if not walks:
+            out.append(row | found)
+            continue
+        ((where, columns),) = walks.items()
+        for item in _nested(row, where):
+            if not isinstance(item, dict):
+                raise DataError(f"{path}: row {i}: {'.'.join(where)!r} holds {type(item).__name__}s, not objects")
+            picked = {c: _nested(item, rest) for c, rest in columns.items()}
+            out.append(row | found | {c: v for c, v in picked.items() if v is not None})
+    return out
+
+
+def _nested(value: Any, parts: list[str] | tuple[str, ...]) -> Any:
+    """The value at `parts` inside nested objects; None where a key is missing."""
+    for part in parts:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def build_examples(
@@ -645,7 +709,7 @@ def build_examples(
                 segments = template.segments(tok, conversation(row, fields, task))
             except DataError as e:
                 raise DataError(f"{path}: row {i}: {e}") from None
-            out.append(segments_example(segments, max_len))
+            out.append(segments_example(segments, max_len, tok.prompt_prefix))
         return out
     if task == "translate":
         return [

@@ -141,7 +141,10 @@ def choice_metrics(
                 demo += f"{prompt}{space}{o[a]}\n\n"
         prompt, space = _prompt(question)
         head = tok.prompt_prefix + tok.encode(demo + prompt)
-        scores = [continuation_logprob(model, head, tok.encode(space + option), context) for option in options]
+        scores = [
+            continuation_logprob(model, head, tok.encode(space + option), context, tok.prompt_prefix)
+            for option in options
+        ]
         best = max(range(len(options)), key=scores.__getitem__)
         norm = [s / max(1, len((space + o).encode("utf-8"))) for s, o in zip(scores, options, strict=True)]
         best_norm = max(range(len(options)), key=norm.__getitem__)

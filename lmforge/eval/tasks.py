@@ -29,7 +29,9 @@ import collections
 import math
 import re
 import string
+import sys
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +139,13 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     by length so a batch holds little padding; each answer equals the one `generate` gives the prompt
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
+    from lmforge.data.formats import keep_end
     from lmforge.generate import generate, generate_batch, run_stops
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
     room = context - max_new_tokens
-    prompts = [p[-room:] for p in prompts]
+    prompts = [keep_end(p, room, ft.tokenizer.prompt_prefix) for p in prompts]  # (an imported Llama's BOS kept)
     eos = ft.tokenizer.eos_id_or_none  # None: an imported tokenizer without one (generate.py)
     stops = run_stops(ft)  # eos, and an imported instruct model's end of turn ends its answer too
     if ft.use_cache and room > 0:
@@ -203,14 +206,18 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
 
 
 @torch.no_grad()
-def continuation_logprob(model: Any, head: list[int], tail: list[int], context: int) -> float:
+def continuation_logprob(
+    model: Any, head: list[int], tail: list[int], context: int, prefix: Sequence[int] = ()
+) -> float:
     """Summed log-probability of `tail`'s tokens after `head` (a label after its prompt, an answer option after
-    its question), one forward pass; the start of `head` is dropped when the two exceed `context`."""
+    its question), one forward pass; the start of `head` is dropped when the two exceed `context`, after the
+    `prefix` it starts with (the tokenizer's `prompt_prefix`: `keep_end`)."""
     from lmforge.adapt.objectives import sequence_logprobs
+    from lmforge.data.formats import keep_end
     from lmforge.objectives import IGNORE_INDEX
 
     device = next(model.parameters()).device
-    seq = (head + tail)[-context - 1 :]
+    seq = keep_end(head + tail, context + 1, prefix)
     x = torch.tensor([seq[:-1]], device=device)
     y = torch.tensor([seq[1:]], device=device)
     y[:, : max(0, len(seq) - 1 - len(tail))] = IGNORE_INDEX  # score only the tail's tokens
@@ -253,7 +260,7 @@ def fewshot_classify(
             )
         demo = "".join(demos[i] for i in rng.sample(pool, k))
         prompt = tok.prompt_prefix + tok.encode(demo + f"Text: {text}\nLabel:")  # an imported Llama's BOS first
-        scores = [continuation_logprob(model, prompt, ids, context) for ids in label_ids]
+        scores = [continuation_logprob(model, prompt, ids, context, tok.prompt_prefix) for ids in label_ids]
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
         y_norm.append(max(range(len(labels)), key=lambda i: scores[i] / label_bytes[i]))
@@ -373,8 +380,8 @@ def task_metrics(
         from lmforge.train.precision import Precision
 
         device = next(ft.model.parameters()).device
-        texts = [str(r[fields["text"]]) for r in rows]
-        examples = clm_examples(ft.tokenizer, texts, ft.model.cfg.max_seq_len)
+        texts, seq_len = clm_text_as_trained(ft, [str(r[fields["text"]]) for r in rows], path)
+        examples = clm_examples(ft.tokenizer, texts, seq_len)
         batches = [lm_batch(examples[i : i + 16], ft.tokenizer.eos_id) for i in range(0, len(examples), 16)]
         stream = [np.asarray(e.ids[1:]) for e in examples] + [np.asarray(examples[0].ids[:1])] if examples else []
         # the bytes of the text the model reads: an NFKC tokenizer's (a ， it reads as ",") as `prepare` counts them
@@ -383,6 +390,58 @@ def task_metrics(
         m = evaluate_lm(ft.model, batches, token_bytes=token_bytes, precision=Precision(device, torch.float32))
         return {"task": task, **m}
     raise ConfigError(f"unknown task {task!r}")
+
+
+def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str], int]:
+    """(documents, window length) of `--task clm` as the run's own validation had them, so that `eval --task clm`
+    on the text of its validation split gives the numbers its evaluations logged (`lmforge eval RUN`):
+
+    - a pretrained run whose prepared data folder is there: the documents `prepare` made of them, by the settings
+      its manifest.json records (newlines, control characters, NFC/NFKC, --normalize-whitespace, --boilerplate,
+      then its removal filters and exact dedup within the file), in windows of its data.seq_len. Scored raw, a
+      control character or a decomposed "é" was a token the split never held (36 vs 34 tokens on one sample);
+    - a fine-tune (`finetune --task clm` trains and validates on its files as they are): raw, in windows of its
+      --max-len;
+    - an imported model, or a run whose data folder is gone: raw, in windows of the context.
+    """
+    import json
+
+    from lmforge.data.filters import DocumentCleaner
+
+    context = ft.model.cfg.max_seq_len
+    if ft.info:
+        return texts, min(int(ft.info.get("max_len") or context), context)
+    manifest = Path(ft.config.data.dir or "") / "manifest.json"
+    if not ft.config.data.dir or not manifest.is_file():
+        return texts, context
+    try:
+        settings = json.loads(manifest.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return texts, context  # (not a manifest `prepare` wrote: `lmforge eval RUN` says so)
+    cleaner, seen, out = DocumentCleaner.from_manifest(settings), set(), []
+    removed: collections.Counter[str] = collections.Counter()
+    for text in texts:
+        done = cleaner.one(text)
+        reason = done.reason or (
+            "exact_dup" if settings.get("dedup", "exact") != "none" and done.text in seen else None
+        )
+        if reason:
+            removed[reason] += 1
+            continue
+        seen.add(done.text)
+        out.append(done.text)
+    if not out:
+        raise DataError(
+            f"{path}: every document is removed by the cleaning and filters {ft.config.data.dir} was "
+            f"prepared with ({', '.join(f'{n} {r}' for r, n in removed.items())}); check the file"
+        )
+    if removed:
+        print(
+            f"note: {path}: {sum(removed.values())} of {len(texts)} documents left out as prepare left them out of "
+            f"{ft.config.data.dir} ({', '.join(f'{n} {r}' for r, n in removed.items())})",
+            file=sys.stderr,
+        )
+    return out, min(ft.config.data.seq_len or context, context)
 
 
 def evaluate_task(
