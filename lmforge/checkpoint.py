@@ -54,7 +54,7 @@ from safetensors.torch import load_file
 
 from lmforge.atomic import atomic_write_text, fsync_file, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError
-from lmforge.train.state import flatten_optimizer, rng_state, unflatten_optimizer
+from lmforge.train.state import flatten_optimizer, rng_state, savable, shared_names, unflatten_optimizer
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -563,7 +563,7 @@ class Checkpoint:
             first = str(e).strip().splitlines()[-1].strip()
             raise CheckpointError(f"{self.weights_file(rank)} does not match the model ({first}); {advice}") from None
         # a tied weight is stored once (savable); the other name is legitimately "missing".
-        shared = _shared_names(model)
+        shared = shared_names(model)
         missing = [k for k in missing if k not in shared]
         if missing or unexpected:
             raise CheckpointError(
@@ -607,43 +607,6 @@ class Checkpoint:
                         changed.append(described)
                 group[key] = value
         return changed
-
-
-def savable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors as safetensors can store them, and {dropped name: kept name} for metadata.
-
-    A tied weight (one tensor under several names) is written once, under its alphabetically first
-    name, as `safetensors.torch.save_model` does (`load_model` restores it through the module's own
-    sharing). Views into one flat buffer, which cuDNN makes of an LSTM/GRU's weights on CUDA, are
-    copied: safetensors refuses distinct tensors that share memory.
-    """
-    groups: dict[tuple, list[str]] = {}
-    for name, t in state.items():
-        key = (str(t.device), t.untyped_storage().data_ptr()) if t.numel() else ("empty", name)
-        groups.setdefault(key, []).append(name)
-    tensors: dict[str, torch.Tensor] = {}
-    dropped: dict[str, str] = {}
-    for names in groups.values():
-        first = state[names[0]]
-        same = (first.data_ptr(), first.shape, first.stride())
-        if all((state[n].data_ptr(), state[n].shape, state[n].stride()) == same for n in names):
-            keep = sorted(names)[0]  # one tensor, maybe tied under several names
-            tensors[keep] = state[keep].contiguous()
-            dropped.update({n: keep for n in names if n != keep})
-        else:  # distinct views of one buffer
-            tensors.update({n: state[n].detach().clone().contiguous() for n in names})
-    return tensors, dropped
-
-
-def _shared_names(model: nn.Module) -> set[str]:
-    seen: dict[int, str] = {}
-    shared = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = t.data_ptr()
-        if key in seen:
-            shared.update({name, seen[key]})
-        seen[key] = name
-    return shared
 
 
 @contextlib.contextmanager

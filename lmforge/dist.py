@@ -424,8 +424,7 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     """
     from torch.distributed.tensor import DTensor
 
-    from lmforge.checkpoint import savable
-    from lmforge.train.state import flatten_optimizer
+    from lmforge.train.state import flatten_optimizer, savable
 
     def local(name: str, t: torch.Tensor, split: list[str]) -> torch.Tensor:
         if not isinstance(t, DTensor):

@@ -91,9 +91,9 @@ def _load_finetuned(ckpt_dir: Path, device: torch.device) -> Finetuned:
     state = ckpt.model_state()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if info["saved"] == "model":
-        from lmforge.checkpoint import _shared_names
+        from lmforge.train.state import shared_names
 
-        missing = [k for k in missing if k not in _shared_names(model)]
+        missing = [k for k in missing if k not in shared_names(model)]
     else:
         missing = [k for k in missing if k in adapter_keys(model)]
     if missing or unexpected:

@@ -133,9 +133,9 @@ def load_quantized(model: nn.Module, ckpt: Any) -> None:
     info = ckpt.meta["quantization"]
     state = dequantized_state(ckpt.model_state(), list(info["layers"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    from lmforge.checkpoint import _shared_names
+    from lmforge.train.state import shared_names
 
-    missing = [k for k in missing if k not in _shared_names(model)]
+    missing = [k for k in missing if k not in shared_names(model)]
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt.weights_path} does not match the model (missing {missing[:3]}, "

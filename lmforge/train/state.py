@@ -2,7 +2,8 @@
 
 Together with the model, optimizer, torch RNG and the data loader's `state_dict()`, this is the
 whole state of a run: the loop keeps nothing else, which is what makes resume bit-exact. The RNG and
-optimizer states are turned into what a checkpoint stores (JSON and tensors) here too.
+optimizer states, and the model's weights, are turned into what a checkpoint stores (JSON and tensors)
+here too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 
 @dataclass
@@ -39,7 +41,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG and optimizer state <-> JSON + tensors (what a checkpoint stores)
+# RNG, optimizer and model state <-> JSON + tensors (what a checkpoint stores)
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,3 +90,42 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, A
         for g in structure["param_groups"]
     ]
     return {"state": state, "param_groups": groups}
+
+
+def savable(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors as safetensors can store them, and {dropped name: kept name} for metadata.
+
+    A tied weight (one tensor under several names) is written once, under its alphabetically first
+    name, as `safetensors.torch.save_model` does (`load_model` restores it through the module's own
+    sharing). Views into one flat buffer, which cuDNN makes of an LSTM/GRU's weights on CUDA, are
+    copied: safetensors refuses distinct tensors that share memory.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (str(t.device), t.untyped_storage().data_ptr()) if t.numel() else ("empty", name)
+        groups.setdefault(key, []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: dict[str, str] = {}
+    for names in groups.values():
+        first = state[names[0]]
+        same = (first.data_ptr(), first.shape, first.stride())
+        if all((state[n].data_ptr(), state[n].shape, state[n].stride()) == same for n in names):
+            keep = sorted(names)[0]  # one tensor, maybe tied under several names
+            tensors[keep] = state[keep].contiguous()
+            dropped.update({n: keep for n in names if n != keep})
+        else:  # distinct views of one buffer
+            tensors.update({n: state[n].detach().clone().contiguous() for n in names})
+    return tensors, dropped
+
+
+def shared_names(model: nn.Module) -> set[str]:
+    """The state-dict names of `model` that share their tensor with another name (tied weights): `savable`
+    stores one of each, so a loader counts the others as present."""
+    seen: dict[int, str] = {}
+    shared = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.data_ptr()
+        if key in seen:
+            shared.update({name, seen[key]})
+        seen[key] = name
+    return shared
