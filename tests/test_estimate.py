@@ -146,18 +146,24 @@ def test_activation_formula_matches_saved_tensors(variant: dict, dtype: str) -> 
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
-@pytest.mark.parametrize("vocab", [64, 2048, 8192], ids=["layers-dominate", "logits-dominate", "logits-only"])
-def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int) -> None:
+@pytest.mark.parametrize(
+    "vocab, d_model, batch, seq",
+    [(64, 64, 8, 64), (2048, 64, 8, 64), (8192, 64, 8, 64), (64, 128, 1, 16)],
+    ids=["layers-dominate", "logits-dominate", "logits-only", "weights-dominate"],
+)
+def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_model: int, batch: int, seq: int) -> None:
     """The predicted total against the real loop's peak, counted by PyTorch's CPU allocator (torch.profiler).
 
     Measured when written: +6% (vocab 64) and +4% (vocab 2048); the estimate is meant as an upper bound
     (it adds all gradients to all activations), so the check is 0.95x .. 1.25x. Leaving out the loss terms
     (log-probs, the two logits-sized gradients) fails the vocab-2048 case; counting the logits as kept (the
-    loop no longer holds them) had drifted to +24% there and fails vocab 8192 (+30%; +5% without).
+    loop no longer holds them) had drifted to +24% there and fails vocab 8192 (+30%; +5% without). With a
+    tiny batch the weights dominate, and the final (logging) step's copy of them for the update ratio is the
+    peak: left out, the estimate was 19% under the allocator's count.
     """
     cfg = run_cfg(
-        model={"vocab_size": vocab, "n_layer": 3, "d_model": 64, "max_seq_len": 64},
-        train={"batch_size": 8, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": "float32"},
+        model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": seq},
+        train={"batch_size": batch, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": "float32"},
     )
     predicted = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["total"]
 
@@ -166,8 +172,8 @@ def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int) -> Non
     model.init_weights()
     precision = pick_precision(torch.device("cpu"), "float32")
     optimizer = build_optimizer(model, cfg.optim, lr=1e-3, device=torch.device("cpu"))
-    batch = torch.randint(0, vocab, (8, 65))
-    loader = itertools.repeat((batch[:, :-1], batch[:, 1:]))
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    loader = itertools.repeat((tokens[:, :-1], tokens[:, 1:]))
 
     def run(steps: int) -> None:
         train(
