@@ -442,7 +442,8 @@ def finetune(
     if nothing_to_do and (progress or summary):
         print(nothing_to_do, flush=True)
     elif summary:
-        print(f"wrote {out} ({result['steps']} steps, {result['train_seconds']:.1f} s)", flush=True)
+        steps = f"{result['steps']} step{'s' if result['steps'] != 1 else ''}"
+        print(f"wrote {out} ({steps}, {result['train_seconds']:.1f} s)", flush=True)
     return result
 
 
