@@ -201,6 +201,7 @@ def build_parser() -> Parser:
         "--min-p",
         type=float,
         default=0.0,
+        metavar="P",
         help="min-p sampling: keep the tokens at least P x as likely as the most likely one; 0 = off, 0.05-0.1 typical",
     )
     p.add_argument(
