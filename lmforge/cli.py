@@ -21,7 +21,7 @@ TOUR = """commands:
   prepare      raw text/JSONL/CSV/Parquet/HF datasets -> cleaned, filtered, deduplicated, tokenized shards + card
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
   eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
-  generate     sample text from a run or checkpoint (greedy, temperature, top-k, top-p)
+  generate     sample text from a run or checkpoint (greedy, temperature, top-k/p, min-p, stop strings, batches)
   export       write a run as a Hugging Face directory (GPT-2/Llama/Qwen2/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
   import       turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run
@@ -159,20 +159,58 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "generate",
         help="sample text from a run or checkpoint",
-        description="Generate a continuation of --prompt, streamed to the terminal as it comes.",
+        description="Generate a continuation of --prompt, streamed to the terminal as it comes; or --num-samples "
+        "of it; or completions of every prompt of a --prompt-file, decoded in batches, as JSONL.",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument(
         "--prompt",
-        default="",
+        default=None,
         help="text to continue; special-token strings in it (<|endoftext|>) are read as their ids, as serve and "
         "the run's HF export read them (default: start of a new document)",
+    )
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        metavar="FILE",
+        help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
+        'line); empty lines are skipped. Prints JSONL, one {"prompt", "completion", "finish_reason"} per line '
+        'in input order (with --num-samples also "sample"); greedy, each equals --prompt\'s',
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="write --prompt-file's JSONL to FILE (atomically, replacing it) instead of printing it",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N completions of each prompt, decoded together (--prompt: printed one after another under "
+        "'=== sample i/N ===' lines); reproducible with --seed (default: 1)",
     )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="min-p sampling: keep the tokens at least P x as likely as the most likely one; 0 = off, 0.05-0.1 typical",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="end the completion where this text appears (matched on the decoded text, across tokens; the "
+        "string itself not shown, as OpenAI's stop); repeat for several",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     from lmforge.cli_adapt import add_penalty_args
@@ -409,23 +447,30 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.cli_adapt import penalties_of
         from lmforge.generate import generate_from_checkpoint
 
-        penalties = penalties_of(args)
-        generate_from_checkpoint(
+        text = generate_from_checkpoint(
             args.run,
             prompt=args.prompt,
+            prompt_file=args.prompt_file,
+            num_samples=args.num_samples,
+            out=args.out,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
             seed=args.seed,
             use_cache=not args.no_cache,
             compile=args.compile,
             stop_at_eos=not args.ignore_eos,
+            stop=args.stop,
             device=args.device,
-            stream=sys.stdout,
-            penalties=penalties,
+            stream=sys.stdout if args.out is None else None,
+            penalties=penalties_of(args),
         )
-        print()
+        if args.prompt_file is None and args.num_samples == 1:
+            print()  # (after the streamed text)
+        elif args.out is not None:
+            print(f"wrote {args.out} ({len(text.splitlines())} completions)")
     elif args.command in ("finetune", "chat", "serve"):
         from lmforge.cli_adapt import run as run_adapt
 

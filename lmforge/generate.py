@@ -1,7 +1,7 @@
 """Text generation: sampling rules, the decode loop with a KV cache, and streaming decode for terminals.
 
 - `sample_next(logits, ...)`: one sampling step for a batch of logits: greedy (temperature 0),
-  temperature, top-k and top-p (nucleus) filtering, drawn from a caller's `torch.Generator`.
+  temperature, top-k, top-p (nucleus) and min-p filtering, drawn from a caller's `torch.Generator`.
 - `Penalties`: discouraging repeats, applied to the logits before sampling (greedy included): OpenAI's
   presence and frequency penalties over the tokens generated so far, and the CTRL / transformers
   repetition penalty over prompt and output.
@@ -35,11 +35,16 @@
   is None; its end token, if any, is then in `generation.json`). Its runs generate all the same, up to
   the token limit or a stop id; only an empty prompt, which would start after an end-of-text token,
   is refused with what to do instead.
-- `generate_from_checkpoint(...)`: the `lmforge generate` command (load, encode, stream, decode).
+- `StopStrings`: OpenAI's `stop` on the decoded text as it comes (across tokens), for `serve` and `generate --stop`.
+- `generate_from_checkpoint(...)`: the `lmforge generate` command (load, encode, stream, decode); with
+  `--num-samples` or `--prompt-file` it hands the prompts to `generate_many.py`, which decodes them in batches.
 - `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
   tokens); decoding the whole sequence and withholding a trailing U+FFFD shows every character once,
   complete.
+
+Over STYLE.md's 800 lines: the sampling rules, both decode loops and the stop rules are read together, and
+the command's many-prompt half lives in generate_many.py.
 
 References:
 - repetition penalty: Keskar et al. 2019 (CTRL), https://arxiv.org/abs/1909.05858, section 4.1
@@ -47,6 +52,7 @@ References:
   float(c[j] > 0) * alpha_presence", c[j] the times token j was sampled before the current position)
 - top-p / nucleus sampling: Holtzman et al. 2019, https://arxiv.org/abs/1904.09751
 - top-k sampling: Fan et al. 2018, https://arxiv.org/abs/1805.04833
+- min-p sampling: Nguyen et al. 2024, https://arxiv.org/abs/2407.01082
 """
 
 from __future__ import annotations
@@ -154,7 +160,7 @@ def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generat
     return generator
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
     """Raise an LmforgeError naming the first sampling setting out of range."""
     if not 0 <= temperature < math.inf:
         raise LmforgeError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
@@ -162,6 +168,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise LmforgeError(f"top_p must be in [0, 1] (1 = off, 0 = only the most likely token), got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise LmforgeError(f"min_p must be in [0, 1] (0 = off; 0.05-0.1 is typical), got {min_p}")
 
 
 @dataclass(frozen=True)
@@ -197,15 +205,15 @@ class Penalties:
         return self.presence == 0 and self.frequency == 0 and self.repetition == 1 and not self.bias
 
     def apply(self, logits: Tensor, counts: Tensor, seen: Tensor) -> Tensor:
-        """(1, V) logits -> penalised float32 logits; `counts` (V,): times generated, `seen` (V,) bool: in
-        the prompt or generated."""
+        """(B, V) logits -> penalised float32 logits; `counts`: times generated, `seen` bool: in the prompt or
+        generated, both (V,) for every row or (B, V) per row."""
         out = logits.to(torch.float32, copy=True)  # (the caller's logits stay as they were)
         if self.repetition != 1:
-            hit = out[:, seen]
             # clamped to float32's finite range: a penalty like 1e-300 (or 1e300) overflowed the scores to
             # +-inf, and sampling then died on NaN probabilities ("probability tensor contains inf, nan")
             big = torch.finfo(torch.float32).max
-            out[:, seen] = torch.where(hit > 0, hit / self.repetition, hit * self.repetition).clamp(-big, big)
+            hit = torch.where(out > 0, out / self.repetition, out * self.repetition).clamp(-big, big)
+            out = torch.where(seen, hit, out)
         if self.frequency or self.presence:
             out = out - (self.frequency * counts + self.presence * (counts > 0).float())
         for token, value in self.bias:
@@ -237,6 +245,7 @@ def sample_next(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick the next token for each row of logits.
@@ -247,19 +256,29 @@ def sample_next(
         top_k: keep only the k highest-scoring tokens (0 = no limit).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (1 = no limit); the most likely token is always kept (0 = it alone, as OpenAI's API reads 0).
+        min_p: keep only the tokens whose probability is at least min_p times the most likely token's
+            (0 = no limit), after temperature, top-k and top-p, as transformers' `MinPLogitsWarper` does.
         generator: source of randomness (must live on logits' device); None = the global RNG.
 
     Returns:
         (B,) int64 token ids.
     """
-    check_sampling(temperature, top_k, top_p)
-    return _sample(logits, temperature, top_k, top_p, generator)
+    check_sampling(temperature, top_k, top_p, min_p)
+    return _sample(logits, temperature, top_k, top_p, min_p, generator)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+def _sample(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float, generator: torch.Generator | None
+) -> Tensor:
     """`sample_next` without the argument checks (the decode loops check once, not every token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> Tensor:
+    """(B, V) logits -> the (B, V) float32 distribution `sample_next` draws from at a temperature > 0."""
     scaled = logits.float() / temperature  # (B, V)
     if bool(torch.isinf(scaled).any()):
         # a tiny temperature overflowed the scores to inf (softmax would give NaN): divide the distances
@@ -279,7 +298,12 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, genera
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    if min_p > 0:
+        # min-p (Nguyen et al. 2024): a cut that scales with the model's confidence; the most likely token
+        # always stays, its probability being >= min_p x itself
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def _decode_step(model: torch.nn.Module, x: Tensor, cache: object) -> Tensor:
@@ -331,11 +355,12 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int | None = None,
     use_cache: bool = True,
     eos_id: int | None = None,
     stop_ids: Collection[int] = (),
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     penalties: Penalties | None = None,
     vocab_size: int | None = None,
@@ -348,14 +373,15 @@ def generate(
             It runs in eval mode (its previous mode is restored afterwards) on its own device and dtype.
         prompt_ids: the prompt's token ids. Empty is allowed only with `eos_id`, which then starts it.
         max_new_tokens: upper bound on generated tokens.
-        temperature, top_k, top_p: see `sample_next`.
+        temperature, top_k, top_p, min_p: see `sample_next`.
         seed: seeds a local generator on the model's device; None = a fresh random seed.
         use_cache: prefill once and decode with a KV cache (False recomputes the full context
             every step; the result is the same, only slower).
         eos_id: stop after this token is generated; it is included as the last returned token
             (and passed to `on_token`), so the caller can tell "stopped" from "ran out of tokens".
         stop_ids: more ids that stop it as `eos_id` does (a run's `stop_ids_of`), included like it.
-        on_token: called with each new token id as soon as it is chosen (for streaming).
+        on_token: called with each new token id as soon as it is chosen (for streaming); returning True ends
+            the generation after that token (a `StopStrings` match).
         compile: run the one-token decode steps through `torch.compile` (module docstring).
         penalties: presence / frequency / repetition penalties (`Penalties`); None = none.
         vocab_size: only ids below it are chosen (the tokenizer's size): a model whose embedding is padded
@@ -371,7 +397,7 @@ def generate(
         LmforgeError: empty prompt without eos_id, prompt longer than the model's context, or
             invalid sampling settings.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     max_len = context_length(model)
@@ -407,7 +433,7 @@ def generate(
                     seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
                     seen[torch.tensor(ids, device=device)] = True
                 logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
-            chosen = _sample(logits, temperature, top_k, top_p, generator)  # (1,)
+            chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (1,)
             x = chosen.view(1, 1)  # the next step's input stays a tensor (no list -> tensor per token)
             token = int(chosen)
             if penalise:
@@ -415,8 +441,8 @@ def generate(
                 seen[token] = True  # type: ignore[index]
             ids.append(token)
             new.append(token)
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and on_token(token):
+                break
             if token in stops:
                 break
         return new
@@ -435,8 +461,11 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int | None = None,
     vocab_size: int | None = None,
+    penalties: Penalties | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
 ) -> list[list[int]]:
     """Continue several prompts of different lengths together, with one KV cache; return each one's new ids.
 
@@ -447,14 +476,15 @@ def generate_batch(
     output ends at that token, which is included, as in `generate`; decoding stops when every row has
     ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
     reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
-    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt. `vocab_size`:
-    as in `generate`.
+    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt. `vocab_size`,
+    `penalties` (each row's own prompt and output): as in `generate`. `on_token(row, token)` is called with
+    each token a row gets (until it ends); returning True ends that row there, as a stop id does.
 
     Raises:
         LmforgeError: an empty prompt without eos_id, invalid sampling settings, or a longest prompt
             that does not leave room for max_new_tokens in the model's context (no sliding window here).
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not isinstance(model, GPT):
@@ -466,12 +496,15 @@ def generate_batch(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                min_p=min_p,
                 seed=seed,
                 eos_id=eos_id,
                 stop_ids=stop_ids,
                 vocab_size=vocab_size,
+                penalties=penalties,
+                on_token=None if on_token is None else functools.partial(on_token, b),
             )
-            for p in prompts
+            for b, p in enumerate(prompts)
         ]
     max_len = model.cfg.max_seq_len
     rows = [_check_prompt(p, max_len, eos_id) for p in prompts]
@@ -493,6 +526,8 @@ def generate_batch(
     pad = torch.tensor(pad_counts, dtype=torch.long, device=device) if any(pad_counts) else None  # (B,)
     # the padding id is irrelevant (masked); the row's first token keeps it in the vocabulary
     x = torch.tensor([[r[0]] * n + r for r, n in zip(rows, pad_counts, strict=True)], device=device)  # (B, longest)
+    penalise = penalties is not None and not penalties.off
+    counts = seen = None  # (B, V) made at the first step, when the logits give V
     was_training = model.training
     model.eval()
     try:
@@ -501,12 +536,20 @@ def generate_batch(
         done = [False] * B
         for _ in range(max_new_tokens):
             logits = model(x, cache, pad)[:, -1, :vocab_size]  # (B, V); the first step prefills the padded prompts
-            chosen = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if penalise:
+                if counts is None:  # (a padding id is the row's first token: in its prompt all the same)
+                    counts = torch.zeros_like(logits, dtype=torch.float32)
+                    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, x, True)
+                logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
+            chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+            if penalise:
+                counts[torch.arange(B), chosen] += 1  # type: ignore[index]
+                seen[torch.arange(B), chosen] = True  # type: ignore[index]
             x = chosen.view(B, 1)
             for b, token in enumerate(chosen.tolist()):
                 if not done[b]:
                     out[b].append(token)
-                    done[b] = token in stops
+                    done[b] = token in stops or (on_token is not None and bool(on_token(b, token)))
             if all(done):
                 break
         return out
@@ -574,6 +617,48 @@ class StreamDecoder:
         return out
 
 
+class StopStrings:
+    """Stop strings over a completion's text as it comes (OpenAI's `stop`): the text ends just before the
+    first of them to appear, which is not part of it; they match across token boundaries, on decoded text.
+
+    `feed` takes each new piece of text (a `StreamDecoder.feed`) and returns the part now safe to show: the
+    last `hold` characters (the longest stop string but one) are held back while they could still turn
+    into a stop string, and come out with the next pieces or `flush`. `serve` (each choice, streamed or not)
+    and `lmforge generate --stop` (one prompt, --num-samples, --prompt-file) use it; a decode loop ends
+    when `stopped` turns True (`generate`'s `on_token` returns it).
+    """
+
+    def __init__(self, stop: Collection[str]) -> None:
+        if not all(stop):
+            raise LmforgeError("a stop string (--stop) must not be empty: it would stop before the first token")
+        self.stop = list(stop)
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that could still become a stop string
+        self.text = ""  # the text so far; once `stopped`, all of it (cut before the stop string)
+        self.stopped = False
+        self.sent = 0  # characters returned so far
+
+    def feed(self, piece: str) -> str:
+        """Add `piece`; return the newly safe text (possibly ""). After a stop string nothing more is added."""
+        if self.stopped:
+            return ""
+        # a stop string new in `piece` ends inside it, so it starts at most `hold` characters before it
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        ready = len(self.text) if self.stopped else max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent : ready]
+        self.sent = ready
+        return out
+
+    def flush(self) -> str:
+        """The text not returned yet (call once the completion has ended)."""
+        out = self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
+
+
 def require_text_generator(path: str | Path, loaded: Any) -> None:
     """`generate`, `chat` and `serve` need a language model: not a classifier, not an encoder (BERT/ELECTRA).
 
@@ -621,66 +706,50 @@ def _markers_as_text(tok: Any) -> Any:
     return tokenizers.Tokenizer.from_str(without_chat_markers(tok.to_str()))
 
 
-def generate_from_checkpoint(
-    path: str | Path,
-    *,
-    prompt: str = "",
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    use_cache: bool = True,
-    compile: bool = False,  # noqa: A002 - the CLI flag's name
-    stop_at_eos: bool = True,
-    device: str = "auto",
-    stream: TextIO | None = None,
-    penalties: Penalties | None = None,
-) -> str:
-    """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
-
-    The prompt is encoded as `serve` reads a completion's prompt (`prompt_text_ids`: an `<|endoftext|>` in
-    it is the end-of-text id, not its characters); an empty prompt starts a new document after an
-    end-of-text token, so it needs a tokenizer that has one. Generation stops at end-of-text
-    (or one of the run's `stop_ids_of`) unless `stop_at_eos` is False, in which case it runs on into
-    new documents, shown separated by a blank line. With `stream`, the prompt and then each completed
-    piece of the continuation are written to it as they come (no trailing newline).
-
-    Returns:
-        The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
-        id) shows nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
+def load_generator(path: str | Path, device: str = "auto") -> Any:
+    """The run or checkpoint at `path`, loaded to generate text (`adapt.load.Finetuned`; any run: pretrained,
+    LoRA adapters, soft prompt, ...), on `device` ("auto": the best there is).
 
     Raises:
-        LmforgeError: missing/broken checkpoint, prompt longer than the context, an empty prompt with
-            a tokenizer that has no end-of-text token, bad settings.
-    """
+        LmforgeError: a missing or broken checkpoint, or a model that does not generate text."""
     from lmforge.adapt.load import load_finetuned
     from lmforge.train.precision import pick_device
 
-    loaded = load_finetuned(path, pick_device(device))  # any run: pretrained, LoRA adapters, soft prompt, ...
+    loaded = load_finetuned(path, pick_device(device))
     require_text_generator(path, loaded)
-    model = loaded.model
+    return loaded
+
+
+def command_prompt_ids(loaded: Any, prompt: str, where: str) -> list[int]:
+    """The ids `lmforge generate` continues for `prompt` (`prompt_text_ids`, after the tokenizer's prefix: an
+    imported Llama's BOS, as transformers puts it first); an empty prompt starts a new document after an
+    end-of-text token. `where` names the prompt in errors (the run's path, a prompt file's line).
+
+    Raises:
+        LmforgeError: an empty prompt with a tokenizer that has no end-of-text token, or a prompt longer
+            than the model's context."""
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_id_or_none  # None: an imported tokenizer without one (module docstring)
-    stops = run_stops(loaded) if stop_at_eos else frozenset()
-    max_len = context_length(model)
-    # an imported Llama's tokenizer puts BOS first, as transformers does; an empty prompt then starts from it
-    prompt_ids = tokenizer.prompt_prefix + prompt_text_ids(loaded, prompt)
-    if not prompt_ids and eos_id is None:
+    ids = tokenizer.prompt_prefix + prompt_text_ids(loaded, prompt)
+    if not ids and eos_id is None:
         raise LmforgeError(
-            f"{path}: its tokenizer has no end-of-text token to start a new document after; "
-            "give some text to continue with --prompt"
+            f"{where}: the prompt is empty, and the run's tokenizer has no end-of-text token to start a new "
+            "document after; give some text to continue"
         )
-    prompt_ids = _check_prompt(prompt_ids, max_len, eos_id)
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:  # (checked again by generate; here before the prompt is echoed)
-        raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    check_seed(seed)  # here too: before the prompt is echoed
+    try:
+        return _check_prompt(ids, context_length(loaded.model), eos_id)
+    except LmforgeError as e:
+        raise LmforgeError(f"{where}: {e}") from None
 
+
+def completion_decoder(tokenizer: Any, prompt_ids: list[int]) -> Callable[[list[int]], str]:
+    """`decode` for what `lmforge generate` shows of a continuation of `prompt_ids`: special tokens dropped,
+    and (--ignore-eos) the documents after each end-of-text separated by a blank line."""
+    eos_id = tokenizer.eos_id_or_none
     plain = functools.partial(tokenizer.decode, skip_special_tokens=True)
     after_prompt = continuation_decoder(plain, prompt_ids)
 
-    def decode(ids: list[int]) -> str:  # documents separated by a blank line, special tokens dropped
+    def decode(ids: list[int]) -> str:
         docs, current = [], []
         for i in ids:
             if i == eos_id:
@@ -691,7 +760,93 @@ def generate_from_checkpoint(
         first, *rest = [*docs, current]
         return "\n\n".join([after_prompt(first), *(plain(d) for d in rest)])
 
-    decoder = StreamDecoder(decode)
+    return decode
+
+
+def check_command(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, seed: int | None
+) -> None:
+    """`lmforge generate`'s settings, checked before anything is printed (`generate` checks them again)."""
+    check_sampling(temperature, top_k, top_p, min_p)
+    if max_new_tokens < 0:
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    check_seed(seed)
+
+
+def generate_from_checkpoint(
+    path: str | Path,
+    *,
+    prompt: str | None = None,
+    prompt_file: str | Path | None = None,
+    num_samples: int = 1,
+    out: str | Path | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    compile: bool = False,  # noqa: A002 - the CLI flag's name
+    stop_at_eos: bool = True,
+    stop: Collection[str] = (),
+    device: str = "auto",
+    stream: TextIO | None = None,
+    penalties: Penalties | None = None,
+) -> str:
+    """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
+
+    The prompt is encoded as `serve` reads a completion's prompt (`prompt_text_ids`: an `<|endoftext|>` in
+    it is the end-of-text id, not its characters); an empty prompt starts a new document after an
+    end-of-text token, so it needs a tokenizer that has one. Generation stops at end-of-text
+    (or one of the run's `stop_ids_of`) unless `stop_at_eos` is False, in which case it runs on into
+    new documents, shown separated by a blank line. It also stops when the text contains one of the `stop`
+    strings (`StopStrings`: matched on the decoded text, across tokens; the text ends before it). With
+    `stream`, the prompt and then each completed piece of the continuation are written to it as they come
+    (no trailing newline).
+
+    `num_samples` > 1, a `prompt_file` or an `out` file: many completions, decoded in batches and written
+    when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's completions as JSONL).
+
+    Returns:
+        The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
+        id) shows nothing, and a character cut off by `max_new_tokens` is dropped rather than shown as U+FFFD.
+        With many completions: the text written (`generate_many`).
+
+    Raises:
+        LmforgeError: missing/broken checkpoint, prompt longer than the context, an empty prompt with
+            a tokenizer that has no end-of-text token, bad settings, a bad prompt file.
+    """
+    many = prompt_file is not None or num_samples != 1 or out is not None
+    if many:
+        from lmforge.generate_many import generate_many, many_prompts
+
+        prompts = many_prompts(path, prompt, prompt_file, num_samples, out, compile)  # (before the model loads)
+    check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
+    StopStrings(stop)  # (an empty one is refused)
+    loaded = load_generator(path, device)
+    tokenizer = loaded.tokenizer
+    stops = run_stops(loaded) if stop_at_eos else frozenset()
+    # a model prepared with --normalize NFKC writes NFKC text: its stop strings are looked for in that form
+    stop = [tokenizer.in_unicode_form(s) for s in stop]
+    settings = dict(  # `generate`'s and `generate_batch`'s
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        eos_id=tokenizer.eos_id_or_none if stop_at_eos else None,
+        stop_ids=stops,
+        penalties=penalties,
+        vocab_size=tokenizer.vocab_size,
+    )
+    use_cache = use_cache and loaded.use_cache  # a soft prompt decodes without a KV cache
+    if many:
+        return generate_many(loaded, prompts, num_samples, settings, stop=stop, seed=seed, use_cache=use_cache, out=out,
+                             jsonl=prompt_file is not None, stream=stream)  # fmt: skip
+    prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
+    cut = StopStrings(stop)
+    decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))
     shown: list[str] = []  # the text as streamed: what is returned, too
 
     def show(text: str) -> None:
@@ -700,28 +855,16 @@ def generate_from_checkpoint(
             stream.write(text)
             stream.flush()
 
-    def on_token(token: int) -> None:
+    def on_token(token: int) -> bool:
         if token not in stops:  # the end, not a blank line before another document
-            show(decoder.feed(token))
+            show(cut.feed(decoder.feed(token)))
+        return cut.stopped
 
     if stream is not None:
-        stream.write(prompt)
+        stream.write(prompt or "")
         stream.flush()
-    generate(  # its tokens arrive through on_token
-        model,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        use_cache=use_cache and loaded.use_cache,  # a soft prompt decodes without a KV cache
-        eos_id=eos_id if stop_at_eos else None,
-        stop_ids=stops,
-        on_token=on_token,
-        compile=compile,
-        penalties=penalties,
-        vocab_size=tokenizer.vocab_size,
-    )
-    show(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
+    # its tokens arrive through on_token
+    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile)
+    cut.feed(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
+    show(cut.flush())
     return "".join(shown)

@@ -745,20 +745,18 @@ class _Handler(BaseHTTPRequestHandler):
         socket (`_ClientLeft`, no reply: nobody reads it). A reply that is not streamed is written only at
         the end, so without this a client that gave up (a timeout, Ctrl-C on curl) held the model for every
         token it had asked for, with every other request waiting behind it."""
-        from lmforge.generate import StreamDecoder, continuation_decoder, generate
+        from lmforge.generate import StopStrings, StreamDecoder, continuation_decoder, generate
 
         ft = self.server.ft
         plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
         decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
-        hold = max((len(s) - 1 for s in stop), default=0)  # a tail that could still become a stop string
-        text = ""
+        cut = StopStrings(stop)  # the text, ended before a stop string; what is safe to stream
         finish = "length"
-        sent = 0
         steps: list = []  # with `scores`: the tokens' logprobs not yet emitted (they go with the next piece)
         logits_of_step: list = []
 
         def on_token(t: int) -> None:
-            nonlocal text, finish, sent
+            nonlocal finish
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
             if scores is not None:
@@ -766,16 +764,13 @@ class _Handler(BaseHTTPRequestHandler):
             if t in self.server.stops:
                 finish = "stop"
                 return
-            text += decoder.feed(t)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            ready = len(text) if finish == "stop" else max(sent, len(text) - hold)
-            if emit is not None and ready > sent:
-                emit(text[sent:ready], steps[:])
+            ready = cut.feed(decoder.feed(t))
+            if cut.stopped:
+                finish = "stop"
+            if emit is not None and ready:
+                emit(ready, steps[:])
                 steps.clear()
-                sent = ready
-            if cut >= 0:
+            if cut.stopped:
                 raise _StopGeneration
 
         with self.server.lock:
@@ -796,11 +791,12 @@ class _Handler(BaseHTTPRequestHandler):
                     on_logits=logits_of_step.append if scores is not None else None,
                 )
                 if finish != "stop":
-                    text += decoder.flush()
+                    cut.feed(decoder.flush())
             except _StopGeneration:
                 new = decoder.ids
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
-        if emit is not None and (len(text) > sent or steps):
-            emit(text[sent:], steps)
-        return text, finish, new
+        rest = cut.flush()  # (held back while it could still have become a stop string)
+        if emit is not None and (rest or steps):
+            emit(rest, steps)
+        return cut.text, finish, new

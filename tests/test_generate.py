@@ -376,3 +376,73 @@ def test_a_model_padded_past_its_tokenizer_never_samples_the_padding_ids(tmp_pat
     assert len(limited) == 40 and max(limited) < 64
     rows = generate_batch(model, [[1, 2], [3]], max_new_tokens=10, temperature=50.0, seed=0, vocab_size=64)
     assert all(len(r) == 10 and max(r) < 64 for r in rows)
+
+
+def test_min_p_against_hand_computation_and_transformers() -> None:
+    """min-p keeps the tokens at least min_p x as likely as the top one, after temperature, top-k and top-p (the
+    order transformers applies its warpers in); the greedy pick never changes."""
+    from lmforge.generate import check_sampling, sampling_probs
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # min_p 0.2: cut at 0.2 x 0.5 = 0.1 -> 0.05 goes
+    got = sampling_probs(probs.log(), 1.0, 0, 1.0, min_p=0.2)
+    torch.testing.assert_close(got, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    # temperature 2 flattens it first, to sqrt(p) normalised: (.379, .294, .208, .120); the cut at 0.6 x .379
+    # keeps the first two
+    flat = probs.sqrt() * torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(sampling_probs(probs.log(), 2.0, 0, 1.0, min_p=0.6), flat / flat.sum())
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(probs.log().repeat(2000, 1), min_p=0.2, generator=g).tolist()) == {0, 1, 2}
+    assert sample_next(probs.log(), temperature=0, min_p=1.0).tolist() == [0]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(LmforgeError, match="min_p must be in"):
+            check_sampling(1.0, 0, 1.0, bad)
+
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    if not hasattr(warpers, "MinPLogitsWarper"):
+        pytest.skip("this transformers has no MinPLogitsWarper")
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 3  # (B, V)
+    for temperature, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.1), (0.7, 20, 0.9, 0.05), (1.5, 0, 0.95, 0.3)]:
+        theirs = warpers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            theirs = warpers.TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1:
+            theirs = warpers.TopPLogitsWarper(top_p)(None, theirs)
+        theirs = torch.softmax(warpers.MinPLogitsWarper(min_p)(None, theirs), dim=-1)
+        ours = sampling_probs(logits, temperature, top_k, top_p, min_p)
+        assert ((ours > 0) == (theirs > 0)).all() and (ours > 0).sum() < ours.numel() // 2  # the same tokens cut
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)  # (float32 softmax rounding)
+
+
+def test_stop_strings_cut_before_the_first_to_appear_and_hold_back_what_could_become_one() -> None:
+    from lmforge.generate import StopStrings
+
+    cut = StopStrings(["o w", "rl"])  # hold: 2 characters
+    assert [cut.feed(p) for p in ("Hel", "lo wo", "rld")] == ["H", "ell", ""]  # "o w" spans the two pieces
+    assert cut.stopped and cut.text == "Hell" and cut.flush() == ""
+    cut = StopStrings(["abc", "b"])  # "b" appears first (with the 2nd piece), though "abc" starts earlier
+    assert "".join(cut.feed(p) for p in "abcd") == "a" and cut.text == "a"
+    cut = StopStrings(["xyz"])
+    assert "".join(cut.feed(p) for p in ("ab", "xy")) == "ab" and cut.flush() == "xy" and not cut.stopped
+    with pytest.raises(LmforgeError, match="must not be empty"):
+        StopStrings(["\n", ""])
+
+
+def test_generate_stop_string_spanning_two_tokens(tmp_path: Path) -> None:
+    """`lmforge generate --stop S`: the text ends before S, which is matched on the decoded text, here across
+    two character tokens; streamed, nothing of S is shown either."""
+    import io
+
+    from lmforge.generate import generate_from_checkpoint
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from tests.test_finetune import make_base
+
+    base = make_base(tmp_path, max_seq_len=48, init_std=0.5)  # (init_std 0.5: a varied greedy text)
+    tok = Tokenizer.load(base / "tokenizer.json")
+    greedy = dict(prompt="Hello wor", max_new_tokens=30, temperature=0)
+    full = generate_from_checkpoint(base, **greedy)
+    at = next(i for i in range(4, len(full) - 1) if full.find(full[i : i + 2]) == i)  # first seen there
+    stop = full[at : at + 2]
+    assert len(tok.encode(stop)) == 2  # two tokens
+    out = io.StringIO()
+    got = generate_from_checkpoint(base, **greedy, stop=[stop, "never in it \u2603"], stream=out)
+    assert got == full[:at] and out.getvalue() == "Hello wor" + full[:at]

@@ -186,3 +186,24 @@ def test_eval_metrics_equal_sequential_path(tmp_path: Path) -> None:
         ft, tr_rows, path="rows", max_new_tokens=new, task="translate", fields={"source": "source", "target": "target"}
     )
     assert t["chrf"] == pytest.approx(100.0) and [s["prediction"] for s in t["samples"]] == hyps[:3]
+
+
+def test_penalties_min_p_and_on_token_per_row() -> None:
+    """`generate_batch` takes `generate`'s penalties (each row's own prompt and output), and an
+    `on_token(row, token)` that returns True ends that row there: each row as `generate` gives it alone."""
+    from lmforge.generate import Penalties
+
+    model = tiny(pos_emb="rope", init_std=0.5)
+    penalties = Penalties(presence=0.5, frequency=0.3, repetition=1.3)
+    alone = [generate(model, p, max_new_tokens=10, temperature=0, penalties=penalties) for p in PROMPTS]
+    assert alone != [generate(model, p, max_new_tokens=10, temperature=0) for p in PROMPTS]  # they change it
+    assert generate_batch(model, PROMPTS, max_new_tokens=10, penalties=penalties) == alone
+    seen: list[tuple[int, int]] = []
+
+    def on_token(row: int, token: int) -> bool:
+        seen.append((row, token))
+        return row == 1 and len([r for r, _ in seen if r == 1]) == 3  # row 1 ends at its 3rd token
+
+    rows = generate_batch(model, PROMPTS, max_new_tokens=10, penalties=penalties, on_token=on_token)
+    assert rows == alone[:1] + [alone[1][:3]] + alone[2:]
+    assert sorted(seen) == sorted((b, t) for b, r in enumerate(rows) for t in r)  # each kept token, once

@@ -1,0 +1,105 @@
+"""`lmforge generate --prompt-file / --num-samples`: batched = one prompt at a time; JSONL out; one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge import generate_many as many
+from lmforge.generate import generate_from_checkpoint
+from tests.test_generate import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
+
+# ragged lengths (1 to 32 characters: the char tokenizer's tokens), a special-token string, Chinese, a line of
+# spaces; with 20 new tokens in a 48-token context the 32-character one does not fit a batch cache
+PROMPTS = ["Hello wor", "a", "The cat sat on the mat and then t", "   ", "<|endoftext|>ab", "红楼梦", "xyz, said he"]
+GREEDY = dict(max_new_tokens=20, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_finetune import make_base
+
+    return make_base(tmp_path_factory.mktemp("many"), max_seq_len=48, init_std=0.5)  # (0.5: varied greedy text)
+
+
+def test_prompt_file_greedy_equals_one_prompt_at_a_time(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """Batched (left-padded, several batches, one prompt past the batch cache) greedy completions are those of
+    `--prompt` one at a time, with and without --stop; .txt and .jsonl give the same; --out gets the JSONL."""
+    monkeypatch.setattr(many, "PROMPT_BATCH", 3)  # 7 prompts: three batches, the last one partial
+    alone = [generate_from_checkpoint(base, prompt=p, **GREEDY) for p in PROMPTS]
+    assert len(set(alone)) == len(PROMPTS) and all(len(a) >= 15 for a in alone)
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(PROMPTS[:3]) + "\n\n" + "\r\n".join(PROMPTS[3:]) + "\n", encoding="utf-8")
+    out = io.StringIO()
+    written = generate_from_checkpoint(base, prompt_file=txt, **GREEDY, stream=out)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert written == out.getvalue() and [r["prompt"] for r in records] == PROMPTS
+    assert [r["completion"] for r in records] == alone
+    assert {r["finish_reason"] for r in records} == {"length"}
+
+    stop = alone[0][6:8]  # two characters: two tokens; cut where each text first has it
+    stopped = [generate_from_checkpoint(base, prompt=p, **GREEDY, stop=[stop]) for p in PROMPTS]
+    assert (
+        stopped[0] == alone[0][: alone[0].find(stop)] and sum(s != a for s, a in zip(stopped, alone, strict=True)) >= 1
+    )
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n\n" for i, p in enumerate(PROMPTS)), "utf-8")
+    generate_from_checkpoint(base, prompt_file=jsonl, out=tmp_path / "out" / "c.jsonl", **GREEDY, stop=[stop])
+    records = [json.loads(line) for line in (tmp_path / "out" / "c.jsonl").read_text("utf-8").splitlines()]
+    assert [r["completion"] for r in records] == stopped
+    assert [r["finish_reason"] for r in records] == [
+        "stop" if s != a else "length" for s, a in zip(stopped, alone, strict=True)
+    ]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
+    sampled = dict(max_new_tokens=12, temperature=1.0, seed=7)
+    out = io.StringIO()
+    text = generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled, stream=out)
+    assert out.getvalue() == text and text.startswith("=== sample 1/3 ===\nHello")
+    samples = text.split("=== sample ")[1:]
+    assert len(samples) == 3 and len(set(s.split("\n", 1)[1] for s in samples)) == 3  # three different draws
+    assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled) == text  # the same seed again
+    assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled | {"seed": 8}) != text
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\ncd\n", encoding="utf-8")
+    rows = [
+        json.loads(r)
+        for r in generate_from_checkpoint(base, prompt_file=prompts, num_samples=2, **sampled).split("\n")[:-1]
+    ]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("cd", 0), ("cd", 1)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "flags", "needle"),
+    [
+        ("p.jsonl", b'{"prompt": "a"}\n\n{"prompt": "b"\n', [], "p.jsonl line 3 is not valid JSON"),
+        ("p.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', [], 'p.jsonl line 2 has no "prompt" string'),
+        ("p.txt", b"\n\n", [], "holds no prompts"),
+        ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
+        ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
+        (None, b"", [], "does not exist"),
+        ("p.txt", b"a\n", ["--prompt", "b"], "not both"),
+        ("p.txt", b"a\n", ["--out", "OUT"], "overlaps the file being read"),
+        ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
+        ("p.txt", b"a\n", ["--compile"], "drop it"),
+        ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
+        ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
+    ],
+)
+def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, name, content, flags, needle) -> None:
+    from lmforge.cli import main
+
+    path = tmp_path / (name or "missing.txt")
+    if name:
+        path.write_bytes(content)
+    flags = [str(path) if f == "OUT" else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(base), "--prompt-file", str(path), "--max-new-tokens", "2", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("lmforge: error: ") and needle in err, err
