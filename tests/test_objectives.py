@@ -222,9 +222,14 @@ def test_sop_trains_on_one_document_and_errors_name_the_split(tmp_path):
     val = _one_document(tmp_path, "val", n=10)
     with pytest.raises(DataError, match=rf"mlm\+nsp needs at least 2 documents .*'val' split of {tmp_path}.* has 1:"):
         MLMLoader(val, cfg=ObjectiveConfig(name="mlm+nsp"), **kw)
-    with pytest.raises(DataError, match=r"^the 'val' split of .* has no shard of seq_len-2 = 14 tokens"):
+    with pytest.raises(
+        DataError, match=r"^the 'val' split of .* has no shard of seq_len-2 = 14 tokens; pass --data.se"
+    ):
         MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 16})
     assert next(MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 12}))["labels"].shape == (4, 12)
+    # a split too small for even the shortest encoder sequence (8): "lower --data.seq_len" could not be followed
+    with pytest.raises(DataError, match=r"seq_len-2 = 6 tokens; add text to it$"):
+        MLMLoader(_one_document(tmp_path, "test", n=4), cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 8})
 
 
 def test_nsp_positives_continue_the_document(data_dir):
