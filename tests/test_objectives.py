@@ -394,6 +394,21 @@ def test_electra_run_resumes_bit_identically(data_dir, tmp_path):
     _assert_same_run(straight, crashed)
 
 
+def test_a_resume_that_changes_the_masking_says_so(data_dir, tmp_path):
+    """A resume with another objective.mask_prob (or whole_word, rtd_weight, ...) trained and evaluated with
+    it from then on without a word, though it changes the val masks and loss the best checkpoint is picked by."""
+    from lmforge.train.run import _objective_change
+
+    cfg = _cfg(data_dir, tmp_path / "r", "electra-tiny", mask_prob=0.3, whole_word=True)
+    saved = cfg.to_dict()
+    assert _objective_change(saved, cfg, 4) == ""  # nothing changed: no note
+    saved["objective"] |= {"mask_prob": 0.15, "rtd_weight": 20.0}
+    note = _objective_change(saved, cfg, 4)
+    assert note.startswith("note: objective settings changed since the checkpoint, applied from step 5: ")
+    assert "objective.mask_prob 0.15 -> 0.3, objective.rtd_weight 20.0 -> 50.0;" in note
+    assert "whole_word" not in note and _objective_change(None, cfg, 4) == ""
+
+
 def test_pretrain_and_eval_json_report_each_objectives_metrics(data_dir, tmp_path):
     run = tmp_path / "bert"
     pretrain(_cfg(data_dir, run, "bert-tiny", whole_word=True), progress=False)
