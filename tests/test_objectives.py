@@ -368,6 +368,16 @@ def test_encoder_settings_the_loader_cannot_run_fail_before_the_run_dir(data_dir
     load_config(preset="bert-tiny", overrides={"model": {"n_segments": 1}, "objective": {"name": "mlm"}})
 
 
+def test_eval_sample_tokens_of_an_encoder_is_refused():
+    """An encoder generates no text: --eval.sample_tokens on a BERT/ELECTRA run was ignored without a word."""
+    for preset in ("bert-tiny", "electra-tiny"):
+        with pytest.raises(
+            ConfigError, match=rf"^eval.sample_tokens samples text, which a model.family '{preset[:-5]}'"
+        ):
+            load_config(preset=preset, overrides={"eval": {"sample_tokens": 8}})
+    assert load_config(preset="lstm-tiny", overrides={"eval": {"sample_tokens": 8}}).eval.sample_tokens == 8
+
+
 def _cfg(data_dir, out, preset, **objective):
     return load_config(
         preset=preset,
