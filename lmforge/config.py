@@ -703,6 +703,11 @@ def load_config(
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
+    if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
+        raise ConfigError(
+            f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
+            "drop it (evaluations report the objective's metrics)"
+        )
     return cfg
 
 

@@ -222,9 +222,14 @@ def test_sop_trains_on_one_document_and_errors_name_the_split(tmp_path):
     val = _one_document(tmp_path, "val", n=10)
     with pytest.raises(DataError, match=rf"mlm\+nsp needs at least 2 documents .*'val' split of {tmp_path}.* has 1:"):
         MLMLoader(val, cfg=ObjectiveConfig(name="mlm+nsp"), **kw)
-    with pytest.raises(DataError, match=r"^the 'val' split of .* has no shard of seq_len-2 = 14 tokens"):
+    with pytest.raises(
+        DataError, match=r"^the 'val' split of .* has no shard of seq_len-2 = 14 tokens; pass --data.se"
+    ):
         MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 16})
     assert next(MLMLoader(val, cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 12}))["labels"].shape == (4, 12)
+    # a split too small for even the shortest encoder sequence (8): "lower --data.seq_len" could not be followed
+    with pytest.raises(DataError, match=r"seq_len-2 = 6 tokens; add text to it$"):
+        MLMLoader(_one_document(tmp_path, "test", n=4), cfg=ObjectiveConfig(name="mlm"), **{**kw, "seq_len": 8})
 
 
 def test_nsp_positives_continue_the_document(data_dir):
@@ -363,6 +368,16 @@ def test_encoder_settings_the_loader_cannot_run_fail_before_the_run_dir(data_dir
     load_config(preset="bert-tiny", overrides={"model": {"n_segments": 1}, "objective": {"name": "mlm"}})
 
 
+def test_eval_sample_tokens_of_an_encoder_is_refused():
+    """An encoder generates no text: --eval.sample_tokens on a BERT/ELECTRA run was ignored without a word."""
+    for preset in ("bert-tiny", "electra-tiny"):
+        with pytest.raises(
+            ConfigError, match=rf"^eval.sample_tokens samples text, which a model.family '{preset[:-5]}'"
+        ):
+            load_config(preset=preset, overrides={"eval": {"sample_tokens": 8}})
+    assert load_config(preset="lstm-tiny", overrides={"eval": {"sample_tokens": 8}}).eval.sample_tokens == 8
+
+
 def _cfg(data_dir, out, preset, **objective):
     return load_config(
         preset=preset,
@@ -387,6 +402,21 @@ def test_electra_run_resumes_bit_identically(data_dir, tmp_path):
     (crashed / "checkpoints" / "latest").write_text("step-000004\n", encoding="utf-8")
     assert pretrain(_cfg(data_dir, crashed, "electra-tiny"), progress=False).step == 8
     _assert_same_run(straight, crashed)
+
+
+def test_a_resume_that_changes_the_masking_says_so(data_dir, tmp_path):
+    """A resume with another objective.mask_prob (or whole_word, rtd_weight, ...) trained and evaluated with
+    it from then on without a word, though it changes the val masks and loss the best checkpoint is picked by."""
+    from lmforge.train.run import _objective_change
+
+    cfg = _cfg(data_dir, tmp_path / "r", "electra-tiny", mask_prob=0.3, whole_word=True)
+    saved = cfg.to_dict()
+    assert _objective_change(saved, cfg, 4) == ""  # nothing changed: no note
+    saved["objective"] |= {"mask_prob": 0.15, "rtd_weight": 20.0}
+    note = _objective_change(saved, cfg, 4)
+    assert note.startswith("note: objective settings changed since the checkpoint, applied from step 5: ")
+    assert "objective.mask_prob 0.15 -> 0.3, objective.rtd_weight 20.0 -> 50.0;" in note
+    assert "whole_word" not in note and _objective_change(None, cfg, 4) == ""
 
 
 def test_pretrain_and_eval_json_report_each_objectives_metrics(data_dir, tmp_path):

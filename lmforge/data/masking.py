@@ -280,9 +280,10 @@ class MLMLoader:
             n = seq_len - 2
             counts = np.array([len(t) // n for t in self._tokens], dtype=np.int64)
             if counts.sum() == 0:
-                raise DataError(
-                    f"{split} has no shard of seq_len-2 = {n} tokens; lower --data.seq_len or add text to it"
-                )
+                # "lower --data.seq_len" alone sent a user at the shortest encoder sequence in a circle
+                fits = max(len(t) for t in self._tokens) + 2  # the longest seq_len its biggest shard can fill
+                lower = f"pass --data.seq_len {fits} or lower, or " if fits >= ENCODER_MIN_SEQ_LEN else ""
+                raise DataError(f"{split} has no shard of seq_len-2 = {n} tokens; {lower}add text to it")
             self._first = np.concatenate([[0], np.cumsum(counts)])
             self._n_examples = int(self._first[-1])
         self._position = 0

@@ -236,6 +236,25 @@ def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:
     return schedule_change(saved.get("train") if isinstance(saved, dict) else None, cfg.train, step)
 
 
+def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
+    """A note when a resume changes how the objective masks or weighs (objective.mask_prob, whole_word,
+    rtd_weight, ...): they apply from now, silently before, and they change the validation masks and loss
+    too, so the val numbers (and the best checkpoint they pick) before and after are not comparable.
+    The objective's name and carry_state are refused earlier (`prepare_run_dir`); "" when nothing changed."""
+    old = saved.get("objective") if isinstance(saved, dict) else None
+    if not isinstance(old, dict):
+        return ""
+    now = dataclasses.asdict(cfg.objective)
+    changed = [k for k in now if k not in ("name", "carry_state") and k in old and old[k] != now[k]]
+    if not changed:
+        return ""
+    changes = ", ".join(f"objective.{k} {old[k]} -> {now[k]}" for k in changed)
+    return (
+        f"note: objective settings changed since the checkpoint, applied from step {step + 1}: {changes}; "
+        "validation numbers before and after it are not comparable"
+    )
+
+
 def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     """Run `fn` on rank 0 only and give every rank its result (or its one-line error)."""
     outcome: tuple[str, Any] = ("ok", None)
@@ -447,6 +466,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
         if schedule_note:
             log.info(schedule_note)
+        objective_note = _objective_change(ckpt.meta.get("config"), cfg, state.step)
+        if objective_note:
+            log.info(objective_note)
 
     val_shards = data.split_shards("val")
     token_bytes = split_byte_table(data, "val", tokenizer.token_bytes())
