@@ -271,6 +271,13 @@ def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     return outcome[1]
 
 
+def flops_per_token(model: Any, cfg: RunConfig) -> float:
+    """Training FLOPs per token for MFU: an encoder's MLM head runs on the masked share of tokens only."""
+    if cfg.model.family in ("bert", "electra"):
+        return model.flops_per_token(cfg.data.seq_len, predicted=cfg.objective.mask_prob)
+    return model.flops_per_token(cfg.data.seq_len)
+
+
 def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> TrainState:
     """Train a causal LM on a prepared data directory into `cfg.out` (resuming if it exists).
 
@@ -599,7 +606,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             save=save,
             evaluate=(evaluate_rank0 if diloco else evaluate) if val_shards else None,
             objective=setup.objective,
-            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            flops_per_token=flops_per_token(model, cfg),
             peak_flops=measure_matmul_flops(device.type, precision.dtype, seconds=0.1),  # 0.1 s: start-up cost
             world=world,
             rollback=rollback,
