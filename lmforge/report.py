@@ -599,9 +599,13 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     else:
         parts.append("The runs have the same config (apart from the run directory).")
     parts += ["", "## Plots", ""]
-    for spec in available_plots(runs):
+    plots = available_plots(runs)
+    for spec in plots:
         _write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
         parts.append(f"![{_md_escape(spec.title)}]({urllib.parse.quote(assets.name)}/{spec.slug}.png)")
+    for spec in PLOTS:  # an earlier render's plot that this one has no numbers for (other runs) would linger
+        if spec not in plots:
+            (assets / f"{spec.slug}.png").unlink(missing_ok=True)
     header, rows = eval_table(runs)
     parts += ["", "## Evaluations", "", _md_table(header, rows) if rows else "No evaluations logged yet."]
     header, rows = task_table(runs)

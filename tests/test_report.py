@@ -161,6 +161,23 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     assert text.count("## Data:") == 1 and "## Data: fast" in text and "slow: same data as fast." in text
 
 
+def test_a_rerendered_markdown_report_drops_plots_it_no_longer_has(two_runs, tmp_path):
+    """A Markdown report rendered again to the same --out, of a run without MFU numbers, left the earlier
+    render's mfu.png in `_files/` beside the new report; it is removed, and a file of the user's there stays."""
+    out = render_report([two_runs[0]], tmp_path / "report.md")
+    assets = tmp_path / "report_files"
+    assert (assets / "mfu.png").is_file()
+    (assets / "mine.png").write_bytes(PNG_MAGIC)
+    no_mfu = tmp_path / "no_mfu"
+    shutil.copytree(two_runs[0], no_mfu)
+    records = [json.loads(line) for line in (no_mfu / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.dumps({k: v for k, v in r.items() if k != "mfu"}) for r in records]
+    (no_mfu / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    render_report([no_mfu], out)
+    assert "mfu.png" not in out.read_text(encoding="utf-8") and not (assets / "mfu.png").exists()
+    assert (assets / "loss_steps.png").is_file() and (assets / "mine.png").is_file()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
 def test_a_markdown_report_that_fails_to_write_leaves_nothing(two_runs, tmp_path):
     """On a full disk the Markdown report left `report_files/` with a half-written `loss_steps.png.tmp` (and,
