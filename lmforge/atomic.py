@@ -53,17 +53,40 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     while its config and tokenizer could.
 
     A failed write (a full disk, a lost permission) is an OSError naming `path`: safetensors raises its own
-    SafetensorError for it, which `lmforge export --to hf` onto a full disk showed as a traceback."""
+    SafetensorError for it, which `lmforge export --to hf` onto a full disk showed as a traceback.
+
+    The header's metadata is then put in sorted key order (`_sort_metadata`), so equal tensors and metadata
+    give equal bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     try:
         save_file(tensors, str(path), metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(Path(path))
     except SafetensorError as e:
         if "I/O error" not in str(e):  # anything else is lmforge's bug: keep its traceback
             raise
         raise OSError(f"could not write {path} ({e})") from None
     os.chmod(path, 0o666 & ~_umask())
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with its `__metadata__` keys sorted.
+
+    safetensors (0.8) writes the metadata in the order of a Rust HashMap, which changes from process to
+    process (safetensors issue #584): a checkpoint's model.safetensors (format, lmforge_step and a tied
+    weight's name) came out byte-different in half the runs with identical weights, so a resumed run's
+    file hash differed from an uninterrupted one's. The sorted header has the same entries, so the same
+    length (padded with spaces as the format allows); the tensor data after it does not move."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # (always: the same entries, reordered)
+            f.seek(8)
+            f.write(text.ljust(size))
 
 
 @functools.cache

@@ -193,6 +193,23 @@ def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path: Path
         save_safetensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")
 
 
+def test_safetensors_metadata_is_written_in_sorted_order(tmp_path: Path) -> None:
+    """safetensors writes its metadata in a Rust HashMap's order, which changes from process to process: a
+    checkpoint's model.safetensors (format, lmforge_step, a tied weight's name) differed byte for byte in half
+    the runs with identical weights. The header is now sorted, so equal contents give equal files."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.atomic import save_safetensors
+
+    metadata = {f"key{i:02d}": str(i) for i in range(16)}  # (sorted by chance once in 16! orders)
+    save_safetensors({"b": torch.ones(3), "a": torch.arange(5.0)}, tmp_path / "w.safetensors", metadata)
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert list(json.loads(raw[8 : 8 + size])["__metadata__"]) == sorted(metadata)
+    assert load_file(tmp_path / "w.safetensors")["a"].tolist() == [0, 1, 2, 3, 4]  # the data did not move
+
+
 def test_overwrite_refuses_a_run_that_a_live_process_trains(tmp_path: Path) -> None:
     """`export/import/quantize --overwrite` onto a run folder being trained replaced it under the training,
     which went on writing checkpoints into the export; a live claim on RUN/.lock is now a one-line refusal."""

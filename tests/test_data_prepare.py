@@ -249,6 +249,25 @@ def test_no_training_data_besides_eval_inputs_says_why(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_an_eval_input_that_gives_no_documents_is_one_line(tmp_path: Path) -> None:
+    """An empty --val-input (or a --test-input whose every document is a copy of a val one) was prepared with
+    no such split, silently: the run then trained without evaluation."""
+    write(tmp_path / "train.txt", "\n\n".join(sentences(30, seed=5)))
+    write(tmp_path / "empty.txt", "\n\n \n")
+    write(tmp_path / "val.txt", "held out")
+    with pytest.raises(DataError, match=r"--val-input .*empty.txt gave no val documents \(empty, or every one"):
+        run(tmp_path, [tmp_path / "train.txt"], val_input=[str(tmp_path / "empty.txt")])
+    write(tmp_path / "copy.txt", "held out\r\n")
+    with pytest.raises(DataError, match=r"--test-input .*copy.txt gave no test documents"):
+        run(
+            tmp_path,
+            [tmp_path / "train.txt"],
+            val_input=[str(tmp_path / "val.txt")],
+            test_input=[str(tmp_path / "copy.txt")],
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_val_input_only_keeps_hash_test_split(tmp_path: Path) -> None:
     paras = sentences(100, seed=7)
     write(tmp_path / "train.txt", "\n\n".join(paras))

@@ -57,6 +57,15 @@ def test_profile_of_a_tiny_run_covers_its_steps():
     assert r["matmul_flops_step"] == pytest.approx(2 * 128 * (flops_per_token - 12 * 2 * 64 * 128), rel=1e-9)
 
 
+def test_mfu_never_exceeds_one_when_the_measured_peak_is_below_the_training_rate(monkeypatch):
+    # bf16 on a CPU without AVX512-BF16/AMX: the emulated 1024^3 matmul measured 0.8 GFLOP/s while the
+    # tiny preset's small matmuls reached 1.7, and the table printed MFU 219.7%
+    monkeypatch.setattr(train_speed, "measure_matmul_flops", lambda *args, **kwargs: 1.0)  # 1 FLOP/s
+    r = train_speed.bench("tiny", batch=2, steps=1, warmup=0, dtype="float32", device="cpu")
+    assert r["measured_peak"] == 1e-12
+    assert r["mfu"] == 1.0 and r["peak"] == pytest.approx(r["tflops"])
+
+
 def bench_exit(monkeypatch, capsys, main, argv: list[str]) -> str:
     """Run a bench script's `main` as `python bench/SCRIPT argv...` does; its stderr, after exit code 2."""
     import bench_cli

@@ -690,6 +690,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                     else "add data or lower --val-fraction/--test-fraction"
                 )
             )
+        for split, given_inputs in (("val", cfg.val_input), ("test", cfg.test_input)):
+            if given_inputs and counts.split_docs[split] == 0:  # (it was written with no such split, silently)
+                raise DataError(
+                    f"--{split}-input {', '.join(given_inputs)} gave no {split} documents (empty, or every one removed "
+                    f"as a duplicate or by a filter); pass a file holding evaluation text, or drop --{split}-input"
+                )
 
         splits: dict[str, Any] = {}
         report_split = next((s for s in ("val", "test", "train") if counts.split_docs[s]), "train")
