@@ -734,7 +734,7 @@ def command_prompt_ids(loaded: Any, prompt: str, where: str) -> list[int]:
     if not ids and eos_id is None:
         raise LmforgeError(
             f"{where}: the prompt is empty, and the run's tokenizer has no end-of-text token to start a new "
-            "document after; give some text to continue"
+            "document after; give some text to continue (--prompt TEXT, or a non-empty prompt in --prompt-file)"
         )
     try:
         return _check_prompt(ids, context_length(loaded.model), eos_id)
