@@ -197,13 +197,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
-    p.add_argument(
-        "--min-p",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="min-p sampling: keep the tokens at least P x as likely as the most likely one; 0 = off, 0.05-0.1 typical",
-    )
+    from lmforge.cli_adapt import add_min_p_arg, add_penalty_args
+
+    add_min_p_arg(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -213,8 +209,6 @@ def build_parser() -> Parser:
         "string itself not shown, as OpenAI's stop); repeat for several",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    from lmforge.cli_adapt import add_penalty_args
-
     add_penalty_args(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
     p.add_argument(
