@@ -174,14 +174,24 @@ def build_parser() -> Parser:
         default=None,
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
-        'line); empty lines are skipped. Prints JSONL, one {"prompt", "completion", "finish_reason"} per line '
-        'in input order (with --num-samples also "sample"); greedy, each equals --prompt\'s',
+        'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
+        "its first non-blank line is a JSON object, else text); empty lines are skipped. Prints JSONL, one "
+        '{"prompt", "completion", "finish_reason"} per line in input order (with --num-samples also "sample"); '
+        "greedy, each equals --prompt's",
     )
     p.add_argument(
         "--out",
         default=None,
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it) instead of printing it",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--prompt-file / --num-samples: completions decoded together, in one KV cache (more rows: more "
+        "memory) (default: 16)",
     )
     p.add_argument(
         "--num-samples",
@@ -447,6 +457,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             prompt_file=args.prompt_file,
             num_samples=args.num_samples,
             out=args.out,
+            batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,

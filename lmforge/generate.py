@@ -780,6 +780,7 @@ def generate_from_checkpoint(
     prompt_file: str | Path | None = None,
     num_samples: int = 1,
     out: str | Path | None = None,
+    batch_size: int | None = None,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int = 0,
@@ -805,8 +806,9 @@ def generate_from_checkpoint(
     `stream`, the prompt and then each completed piece of the continuation are written to it as they come
     (no trailing newline).
 
-    `num_samples` > 1, a `prompt_file` or an `out` file: many completions, decoded in batches and written
-    when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's completions as JSONL).
+    `num_samples` > 1, a `prompt_file` ("-": stdin) or an `out` file: many completions, decoded `batch_size` (None:
+    16) at a time and written when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's
+    completions as JSONL).
 
     Returns:
         The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
@@ -821,7 +823,9 @@ def generate_from_checkpoint(
     if many:
         from lmforge.generate_many import generate_many, many_prompts
 
-        prompts = many_prompts(path, prompt, prompt_file, num_samples, out, compile)  # (before the model loads)
+        prompts = many_prompts(path, prompt, prompt_file, num_samples, out, compile, batch_size)  # (before the load)
+    elif batch_size is not None:
+        raise LmforgeError("--batch-size is for --prompt-file and --num-samples (decoded in batches); drop it")
     check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
     StopStrings(stop)  # (an empty one is refused)
     loaded = load_generator(path, device)
@@ -843,7 +847,7 @@ def generate_from_checkpoint(
     use_cache = use_cache and loaded.use_cache  # a soft prompt decodes without a KV cache
     if many:
         return generate_many(loaded, prompts, num_samples, settings, stop=stop, seed=seed, use_cache=use_cache, out=out,
-                             jsonl=prompt_file is not None, stream=stream)  # fmt: skip
+                             jsonl=prompt_file is not None, stream=stream, batch_size=batch_size)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
     decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))

@@ -74,6 +74,40 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
     assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("cd", 0), ("cd", 1)]
 
 
+def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Path, monkeypatch, capsys) -> None:
+    """`--prompt-file -` reads stdin (JSONL when its first line is a JSON object, else text; BOM and CRLF read
+    past); a JSONL line's other fields start each of its output lines (an output field's name in it is replaced,
+    with a note); `batch_size` is the rows per `generate_batch` call. Each completion equals `--prompt`'s."""
+    import lmforge.generate as gen
+
+    sizes: list[int] = []
+    batch = gen.generate_batch
+    monkeypatch.setattr(
+        gen, "generate_batch", lambda model, rows, **kw: sizes.append(len(rows)) or batch(model, rows, **kw)
+    )
+    lines = [
+        {"id": 7, "prompt": "Hello wor", "meta": {"tags": ["a", "红"]}},
+        {"prompt": "a", "completion": "reference", "sample": 9},
+        {"id": None, "prompt": "{xyz"},
+    ]
+    alone = [generate_from_checkpoint(base, prompt=line["prompt"], **GREEDY) for line in lines]
+    stdin = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\r\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", num_samples=2, batch_size=4,
+                                                               **GREEDY).splitlines()]  # fmt: skip
+    kept = [{k: v for k, v in line.items() if k not in ("completion", "sample")} for line in lines]
+    assert records == [
+        fields | {"completion": text, "finish_reason": "length", "sample": j}
+        for fields, text in zip(kept, alone, strict=True)
+        for j in range(2)
+    ]
+    assert list(records[0]) == ["id", "prompt", "meta", "completion", "finish_reason", "sample"]
+    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{xyz\n\na\n")))  # text: a "{" line is a prompt
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **GREEDY).splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2]), ("a", alone[1])]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "flags", "needle"),
     [
@@ -89,6 +123,7 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
+        ("p.txt", b"a\n", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
 def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, name, content, flags, needle) -> None:
