@@ -21,7 +21,8 @@
   per-row positions and a padding mask), each row's greedy result equal to `generate` on it alone;
   evaluation (`eval/tasks.py`) answers 16 prompts per batch with it.
 - Context overflow: once the sequence is longer than the model's `max_seq_len`, each further step
-  re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window). A cache
+  re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window); with `prefix`
+  (the tokenizer's BOS, which `lmforge generate` passes) the window is that prefix and then the last tokens. A cache
   cannot slide: its keys were computed at absolute positions, and with learned positions the
   window's first token must sit at position 0 again. Those steps cost a full forward pass each.
 - Stop ids: besides `eos_id`, `generate`/`generate_batch` stop at any id of `stop_ids`. A run keeps its
@@ -61,7 +62,7 @@ import functools
 import math
 import sys
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -365,6 +366,7 @@ def generate(
     penalties: Penalties | None = None,
     vocab_size: int | None = None,
     on_logits: Callable[[Tensor], None] | None = None,
+    prefix: Sequence[int] = (),
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -389,6 +391,9 @@ def generate(
             were never trained and that no tokenizer decodes; None = every id of the model.
         on_logits: called at each step, before the token is chosen, with the (1, V) logits it is chosen from
             (below `vocab_size`), before penalties and temperature: `serve` streams their log-probabilities.
+        prefix: ids kept first when the window slides past the context (`data.formats.keep_end`): the
+            tokenizer's `prompt_prefix` (an imported Llama's BOS), which every prompt and training example
+            starts with; a plain `ids[-max_len:]` window dropped it. Only when the prompt starts with it.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -397,6 +402,8 @@ def generate(
         LmforgeError: empty prompt without eos_id, prompt longer than the model's context, or
             invalid sampling settings.
     """
+    from lmforge.data.formats import keep_end
+
     check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -422,7 +429,8 @@ def generate(
                 logits = (model if step == 0 else decode)(x, cache)[:, -1]  # (1, V)
             else:
                 cache = None  # past the context: sliding window, full recompute (module docstring)
-                x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
+                window = keep_end(ids, max_len, prefix)  # the prefix (BOS) first, then the last tokens
+                x = torch.tensor([window], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
             logits = logits[:, :vocab_size]  # (1, V): the tokenizer's ids only
             if on_logits is not None:
@@ -868,7 +876,8 @@ def generate_from_checkpoint(
         stream.write(prompt or "")
         stream.flush()
     # its tokens arrive through on_token
-    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile)
+    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile,
+             prefix=tokenizer.prompt_prefix)  # fmt: skip
     cut.feed(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     show(cut.flush())
     return "".join(shown)

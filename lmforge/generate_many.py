@@ -238,6 +238,7 @@ def _complete(
                 seed=None if seed is None else (seed + b) % 2**63,
                 use_cache=use_cache,
                 on_token=lambda token, b=b: on_token(b, token),
+                prefix=loaded.tokenizer.prompt_prefix,  # (kept first when the window slides)
                 **settings,
             )
     texts, finishes = [], []

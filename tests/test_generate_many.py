@@ -108,6 +108,36 @@ def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Pat
     assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2]), ("a", alone[1])]
 
 
+def test_a_long_generation_keeps_an_imported_tokenizers_bos_first(tmp_path: Path) -> None:
+    """Past the context `generate` slid its window to the last tokens, dropping the BOS an imported Llama-style
+    tokenizer puts first (`prompt_prefix`); `--prompt` and a `--prompt-file` row (decoded alone: past the batch
+    cache) now keep it first, as `generate(..., prefix=)` does (tested against a reference loop)."""
+    from tokenizers import processors
+
+    from lmforge.generate import command_prompt_ids, generate, load_generator
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_char
+    from tests.test_finetune import DATA, make_base
+
+    hf = train_char([p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.txt"))]).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    run = make_base(tmp_path, max_seq_len=24, init_std=0.5, tok=Tokenizer(hf))
+    settings = dict(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    loaded = load_generator(run, "cpu")
+    ids = command_prompt_ids(loaded, "The cat sat", "test")
+    assert ids[0] == bos and bos not in ids[1:]
+    expected, plain = (generate(loaded.model, ids, max_new_tokens=30, temperature=0, prefix=p) for p in ([bos], ()))
+    assert expected != plain and bos not in expected  # (the window made the difference; no document break)
+    text = loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert generate_from_checkpoint(run, prompt="The cat sat", **settings) == text
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat sat\n", encoding="utf-8")
+    assert json.loads(generate_from_checkpoint(run, prompt_file=prompts, **settings))["completion"] == text
+
+
 @pytest.mark.parametrize(
     ("name", "content", "flags", "needle"),
     [
