@@ -230,6 +230,11 @@ def build_parser() -> Parser:
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="--prompt-file / --num-samples: no progress bar (drawn on stderr, on a terminal only)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
 
     p = sub.add_parser(
@@ -471,6 +476,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             device=args.device,
             stream=sys.stdout if args.out is None else None,
             penalties=penalties_of(args),
+            progress=not args.quiet,
         )
         if args.prompt_file is None and args.num_samples == 1:
             print()  # (after the streamed text)

@@ -802,6 +802,7 @@ def generate_from_checkpoint(
     device: str = "auto",
     stream: TextIO | None = None,
     penalties: Penalties | None = None,
+    progress: bool = False,
 ) -> str:
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
@@ -816,7 +817,7 @@ def generate_from_checkpoint(
 
     `num_samples` > 1, a `prompt_file` ("-": stdin) or an `out` file: many completions, decoded `batch_size` (None:
     16) at a time and written when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's
-    completions as JSONL).
+    completions as JSONL), with a progress bar on stderr when `progress` (drawn on a terminal only).
 
     Returns:
         The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
@@ -855,7 +856,8 @@ def generate_from_checkpoint(
     use_cache = use_cache and loaded.use_cache  # a soft prompt decodes without a KV cache
     if many:
         return generate_many(loaded, prompts, num_samples, settings, stop=stop, seed=seed, use_cache=use_cache, out=out,
-                             jsonl=prompt_file is not None, stream=stream, batch_size=batch_size)  # fmt: skip
+                             jsonl=prompt_file is not None, stream=stream, batch_size=batch_size,
+                             progress=progress)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
     decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))

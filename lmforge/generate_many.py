@@ -23,6 +23,8 @@
   output's own: an input field of one of those names is replaced (a note on stderr says so). To stdout, or
   written atomically to `--out` (`atomic.atomic_write_text`). With `--prompt` alone, the N samples are
   printed as text, each as prompt + completion under a `=== sample i/N ===` line.
+- Progress: a tqdm bar of completions done on stderr (on a terminal only, as prepare's; `--quiet`: none). An
+  interrupt (Ctrl-C, SIGTERM) ends the run before anything is written: `--out` stays as it was (cli: exit 130).
 
 vLLM's `run_batch` and llama.cpp's `llama-parallel` batch prompts for the same reason: a decode step of a
 small model costs about the same for 1 row as for 16 (README, Speed: 6.56x on 16 prompts).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -149,11 +152,13 @@ def generate_many(
     jsonl: bool,
     stream: TextIO | None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> str:
     """`num_samples` completions of each of `prompts` ((text, where, fields), `many_prompts`) with a loaded run,
     written as JSONL (`jsonl`: a prompt file's) to `out` or `stream`, else as text to `stream` (module docstring).
     `settings`: `generate_batch`'s sampling keywords, from `generate_from_checkpoint`; `batch_size`: rows decoded
-    together (None: `PROMPT_BATCH`). Returns what it wrote.
+    together (None: `PROMPT_BATCH`); `progress`: a bar of completions done on stderr (on a terminal). Returns what
+    it wrote.
 
     Raises:
         LmforgeError: a prompt that does not fit the context, or is empty without an end-of-text token.
@@ -164,7 +169,14 @@ def generate_many(
     prompt_ids = [command_prompt_ids(loaded, text, where) for text, where, _ in prompts]
     rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]  # (prompt, sample), in output order
     batch = PROMPT_BATCH if batch_size is None else batch_size
-    texts, finishes = _complete(loaded, [prompt_ids[i] for i, _ in rows], settings, stop, seed, use_cache, batch)
+    from tqdm import tqdm
+
+    # drawn only on a terminal (tqdm's None), as prepare's: a log or `2>file` gets no bar frames
+    with tqdm(total=len(rows), unit="completion", desc="generating", disable=None if progress else True,
+              file=sys.stderr) as bar:  # fmt: skip
+        texts, finishes = _complete(
+            loaded, [prompt_ids[i] for i, _ in rows], settings, stop, seed, use_cache, batch, bar.update
+        )
     records = []
     for (i, j), text, finish in zip(rows, texts, finishes, strict=True):
         text_in, _, fields = prompts[i]
@@ -195,8 +207,10 @@ def _complete(
     seed: int | None,
     use_cache: bool,
     batch_size: int,
+    done: Callable[[int], Any],
 ) -> tuple[list[str], list[str]]:
-    """Each row's completion text and finish reason ("stop" or "length"), decoded in batches where they fit."""
+    """Each row's completion text and finish reason ("stop" or "length"), decoded in batches where they fit;
+    `done(n)` is told each time n more rows are finished."""
     from lmforge.generate import (
         StopStrings,
         StreamDecoder,
@@ -230,6 +244,7 @@ def _complete(
             )
             for b, ids in zip(batch, outs, strict=True):
                 new[b] = ids
+            done(len(batch))
             continue
         for b in batch:  # alone: no cache, or past the context (sliding window)
             new[b] = generate(
@@ -241,6 +256,7 @@ def _complete(
                 prefix=loaded.tokenizer.prompt_prefix,  # (kept first when the window slides)
                 **settings,
             )
+            done(1)
     texts, finishes = [], []
     for b, ids in enumerate(new):
         cuts[b].feed(decoders[b].flush())  # (a character cut by max_new_tokens is dropped, as --prompt drops it)

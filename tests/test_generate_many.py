@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,47 @@ def test_a_long_generation_keeps_an_imported_tokenizers_bos_first(tmp_path: Path
     prompts = tmp_path / "p.txt"
     prompts.write_text("The cat sat\n", encoding="utf-8")
     assert json.loads(generate_from_checkpoint(run, prompt_file=prompts, **settings))["completion"] == text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(base: Path, tmp_path: Path, monkeypatch):
+    """A long --prompt-file showed nothing until it ended: a bar of completions now runs on stderr (a terminal's;
+    --quiet: none). Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic)."""
+    import lmforge.generate as gen
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(5)), encoding="utf-8")
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "3", "--batch-size", "2"]
+    for quiet in (False, True):
+        monkeypatch.setattr("sys.stderr", _Terminal())
+        with pytest.raises(SystemExit) as e:
+            main(run + ["--out", str(tmp_path / "o.jsonl")] + ["--quiet"] * quiet)
+        bar = sys.stderr.getvalue()
+        assert not e.value.code and ("generating: 100%" in bar and "5/5" in bar) != quiet, bar
+    kept = (tmp_path / "o.jsonl").read_bytes()
+    batch = gen.generate_batch
+    calls = iter([batch, None])
+
+    def interrupted(*args, **kwargs):
+        call = next(calls)
+        if call is None:
+            raise KeyboardInterrupt  # (as Ctrl-C, or SIGTERM through cli's handler, arrives mid-decode)
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", interrupted)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with pytest.raises(SystemExit) as e:
+        main(run + ["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"])
+    assert e.value.code == 130 and sys.stderr.getvalue() == "lmforge: interrupted\n"
+    assert (tmp_path / "o.jsonl").read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == [
+        "o.jsonl",
+        "p.txt",
+    ]
 
 
 @pytest.mark.parametrize(
