@@ -481,7 +481,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.prompt_file is None and args.num_samples == 1:
             print()  # (after the streamed text)
         elif args.out is not None:
-            print(f"wrote {args.out} ({len(text.splitlines())} completions)")
+            n = text.count("\n")  # one per line (splitlines also splits at a U+2028 or U+0085 in a completion)
+            print(f"wrote {args.out} ({n} completions)")
     elif args.command in ("finetune", "chat", "serve"):
         from lmforge.cli_adapt import run as run_adapt
 

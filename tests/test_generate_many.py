@@ -144,14 +144,17 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(base: Path, tmp_path: Path, monkeypatch):
+def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
+    base: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """A long --prompt-file showed nothing until it ended: a bar of completions now runs on stderr (a terminal's;
-    --quiet: none). Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic)."""
+    --quiet: none), and "wrote OUT (N completions)" counts lines (it counted a U+2028 in a prompt as one more).
+    Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic)."""
     import lmforge.generate as gen
     from lmforge.cli import main
 
     prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"prompt {i}\n" for i in range(5)), encoding="utf-8")
+    prompts.write_text("".join(f"prompt\u2028{i}\n" for i in range(5)), encoding="utf-8")  # (JSON keeps U+2028)
     run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "3", "--batch-size", "2"]
     for quiet in (False, True):
         monkeypatch.setattr("sys.stderr", _Terminal())
@@ -159,6 +162,7 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(base: P
             main(run + ["--out", str(tmp_path / "o.jsonl")] + ["--quiet"] * quiet)
         bar = sys.stderr.getvalue()
         assert not e.value.code and ("generating: 100%" in bar and "5/5" in bar) != quiet, bar
+        assert capsys.readouterr().out == f"wrote {tmp_path / 'o.jsonl'} (5 completions)\n"
     kept = (tmp_path / "o.jsonl").read_bytes()
     batch = gen.generate_batch
     calls = iter([batch, None])
