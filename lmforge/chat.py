@@ -323,6 +323,7 @@ def chat(
     temperature: float = 0.7,
     top_k: int = 50,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int | None = None,
     device: str = "auto",
     compile: bool = False,  # noqa: A002 - the CLI flag's name
@@ -343,7 +344,7 @@ def chat(
     )
     from lmforge.train.precision import pick_device
 
-    check_sampling(temperature, top_k, top_p)  # before loading, not after the first message is typed
+    check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -406,6 +407,7 @@ def chat(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             seed=seed,
             use_cache=ft.use_cache,
             eos_id=tok.eos_id_or_none,

@@ -174,14 +174,24 @@ def build_parser() -> Parser:
         default=None,
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
-        'line); empty lines are skipped. Prints JSONL, one {"prompt", "completion", "finish_reason"} per line '
-        'in input order (with --num-samples also "sample"); greedy, each equals --prompt\'s',
+        'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
+        "its first non-blank line is a JSON object, else text); empty lines are skipped. Prints JSONL, one "
+        '{"prompt", "completion", "finish_reason"} per line in input order (with --num-samples also "sample"); '
+        "greedy, each equals --prompt's",
     )
     p.add_argument(
         "--out",
         default=None,
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it) instead of printing it",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--prompt-file / --num-samples: completions decoded together, in one KV cache (more rows: more "
+        "memory) (default: 16)",
     )
     p.add_argument(
         "--num-samples",
@@ -197,13 +207,9 @@ def build_parser() -> Parser:
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
-    p.add_argument(
-        "--min-p",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="min-p sampling: keep the tokens at least P x as likely as the most likely one; 0 = off, 0.05-0.1 typical",
-    )
+    from lmforge.cli_adapt import add_min_p_arg, add_penalty_args
+
+    add_min_p_arg(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -213,8 +219,6 @@ def build_parser() -> Parser:
         "string itself not shown, as OpenAI's stop); repeat for several",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    from lmforge.cli_adapt import add_penalty_args
-
     add_penalty_args(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (no KV cache)")
     p.add_argument(
@@ -225,6 +229,11 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="--prompt-file / --num-samples: no progress bar (drawn on stderr, on a terminal only)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
 
@@ -453,6 +462,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             prompt_file=args.prompt_file,
             num_samples=args.num_samples,
             out=args.out,
+            batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -466,11 +476,13 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             device=args.device,
             stream=sys.stdout if args.out is None else None,
             penalties=penalties_of(args),
+            progress=not args.quiet,
         )
         if args.prompt_file is None and args.num_samples == 1:
             print()  # (after the streamed text)
         elif args.out is not None:
-            print(f"wrote {args.out} ({len(text.splitlines())} completions)")
+            n = text.count("\n")  # one per line (splitlines also splits at a U+2028 or U+0085 in a completion)
+            print(f"wrote {args.out} ({n} completions)")
     elif args.command in ("finetune", "chat", "serve"):
         from lmforge.cli_adapt import run as run_adapt
 

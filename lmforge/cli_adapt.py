@@ -30,6 +30,17 @@ def _finetune_epilog() -> str:
     return "\n".join(lines)
 
 
+def add_min_p_arg(p: argparse.ArgumentParser) -> None:
+    """`generate` and `chat`: --min-p (serve takes "min_p" per request)."""
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="min-p sampling: keep the tokens at least P x as likely as the most likely one; 0 = off, 0.05-0.1 typical",
+    )
+
+
 def add_penalty_args(p: argparse.ArgumentParser) -> None:
     """`generate` and `chat`: `generate.Penalties` as flags (serve takes them per request)."""
     p.add_argument(
@@ -94,6 +105,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
+    add_min_p_arg(p)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     add_penalty_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
@@ -252,6 +264,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
             seed=args.seed,
             device=args.device,
             compile=args.compile,

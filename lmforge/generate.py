@@ -21,7 +21,8 @@
   per-row positions and a padding mask), each row's greedy result equal to `generate` on it alone;
   evaluation (`eval/tasks.py`) answers 16 prompts per batch with it.
 - Context overflow: once the sequence is longer than the model's `max_seq_len`, each further step
-  re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window). A cache
+  re-runs the model on the last `max_seq_len` tokens without a cache (a sliding window); with `prefix`
+  (the tokenizer's BOS, which `lmforge generate` passes) the window is that prefix and then the last tokens. A cache
   cannot slide: its keys were computed at absolute positions, and with learned positions the
   window's first token must sit at position 0 again. Those steps cost a full forward pass each.
 - Stop ids: besides `eos_id`, `generate`/`generate_batch` stop at any id of `stop_ids`. A run keeps its
@@ -61,7 +62,7 @@ import functools
 import math
 import sys
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -365,6 +366,7 @@ def generate(
     penalties: Penalties | None = None,
     vocab_size: int | None = None,
     on_logits: Callable[[Tensor], None] | None = None,
+    prefix: Sequence[int] = (),
 ) -> list[int]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens and return only the new ones.
 
@@ -389,6 +391,9 @@ def generate(
             were never trained and that no tokenizer decodes; None = every id of the model.
         on_logits: called at each step, before the token is chosen, with the (1, V) logits it is chosen from
             (below `vocab_size`), before penalties and temperature: `serve` streams their log-probabilities.
+        prefix: ids kept first when the window slides past the context (`data.formats.keep_end`): the
+            tokenizer's `prompt_prefix` (an imported Llama's BOS), which every prompt and training example
+            starts with; a plain `ids[-max_len:]` window dropped it. Only when the prompt starts with it.
 
     Returns:
         The generated token ids (not including the prompt).
@@ -397,6 +402,8 @@ def generate(
         LmforgeError: empty prompt without eos_id, prompt longer than the model's context, or
             invalid sampling settings.
     """
+    from lmforge.data.formats import keep_end
+
     check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -422,7 +429,8 @@ def generate(
                 logits = (model if step == 0 else decode)(x, cache)[:, -1]  # (1, V)
             else:
                 cache = None  # past the context: sliding window, full recompute (module docstring)
-                x = torch.tensor([ids[-max_len:]], dtype=torch.long, device=device)  # (1, <= max_seq_len)
+                window = keep_end(ids, max_len, prefix)  # the prefix (BOS) first, then the last tokens
+                x = torch.tensor([window], dtype=torch.long, device=device)  # (1, <= max_seq_len)
                 logits = model(x)[:, -1]
             logits = logits[:, :vocab_size]  # (1, V): the tokenizer's ids only
             if on_logits is not None:
@@ -780,6 +788,7 @@ def generate_from_checkpoint(
     prompt_file: str | Path | None = None,
     num_samples: int = 1,
     out: str | Path | None = None,
+    batch_size: int | None = None,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int = 0,
@@ -793,6 +802,7 @@ def generate_from_checkpoint(
     device: str = "auto",
     stream: TextIO | None = None,
     penalties: Penalties | None = None,
+    progress: bool = False,
 ) -> str:
     """`lmforge generate`: continue `prompt` with the model of a run directory or checkpoint folder.
 
@@ -805,8 +815,9 @@ def generate_from_checkpoint(
     `stream`, the prompt and then each completed piece of the continuation are written to it as they come
     (no trailing newline).
 
-    `num_samples` > 1, a `prompt_file` or an `out` file: many completions, decoded in batches and written
-    when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's completions as JSONL).
+    `num_samples` > 1, a `prompt_file` ("-": stdin) or an `out` file: many completions, decoded `batch_size` (None:
+    16) at a time and written when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's
+    completions as JSONL), with a progress bar on stderr when `progress` (drawn on a terminal only).
 
     Returns:
         The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
@@ -821,7 +832,9 @@ def generate_from_checkpoint(
     if many:
         from lmforge.generate_many import generate_many, many_prompts
 
-        prompts = many_prompts(path, prompt, prompt_file, num_samples, out, compile)  # (before the model loads)
+        prompts = many_prompts(path, prompt, prompt_file, num_samples, out, compile, batch_size)  # (before the load)
+    elif batch_size is not None:
+        raise LmforgeError("--batch-size is for --prompt-file and --num-samples (decoded in batches); drop it")
     check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
     StopStrings(stop)  # (an empty one is refused)
     loaded = load_generator(path, device)
@@ -843,7 +856,8 @@ def generate_from_checkpoint(
     use_cache = use_cache and loaded.use_cache  # a soft prompt decodes without a KV cache
     if many:
         return generate_many(loaded, prompts, num_samples, settings, stop=stop, seed=seed, use_cache=use_cache, out=out,
-                             jsonl=prompt_file is not None, stream=stream)  # fmt: skip
+                             jsonl=prompt_file is not None, stream=stream, batch_size=batch_size,
+                             progress=progress)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
     decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))
@@ -864,7 +878,8 @@ def generate_from_checkpoint(
         stream.write(prompt or "")
         stream.flush()
     # its tokens arrive through on_token
-    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile)
+    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile,
+             prefix=tokenizer.prompt_prefix)  # fmt: skip
     cut.feed(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     show(cut.flush())
     return "".join(shown)

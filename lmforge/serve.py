@@ -2,12 +2,13 @@
 
 Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
     GET  /v1/models[/NAME]        the one model served (named after the run directory)
-    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
-                                   "stream_options", "echo", "logprobs"}; "prompt" is a string, a list of strings,
-                                   a list of token ids or a list of such lists: `n` choices per prompt, prompt
-                                   i's at `index` i*n .. i*n+n-1; "echo" puts the prompt before the text (with
-                                   "max_tokens": 0 the prompt is only scored) and "logprobs": K gives each token's
-                                   log-probability and its K likeliest alternatives (`serve_logprobs.py`)
+    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "min_p", "stop", "seed", "n",
+                                   "stream", "stream_options", "echo", "logprobs"}; "prompt" is a string, a list
+                                   of strings, a list of token ids or a list of such lists: `n` choices per
+                                   prompt, prompt i's at `index` i*n .. i*n+n-1; "echo" puts the prompt before
+                                   the text (with "max_tokens": 0 the prompt is only scored) and "logprobs": K
+                                   gives each token's log-probability and its K likeliest alternatives
+                                   (`serve_logprobs.py`)
     POST /v1/chat/completions     {"messages": [{"role", "content"}], same options but "echo",
                                   "max_completion_tokens", "logprobs": true, "top_logprobs"}; the run's chat
                                   template ("developer" = "system"; text content parts joined)
@@ -552,6 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
         n, best_of = choice_counts(body, chat)
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
+        min_p = number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's (`generate.sampling_probs`); was ignored
         penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
@@ -638,7 +640,7 @@ class _Handler(BaseHTTPRequestHandler):
             drawn = []
             for j in range(best_of):
                 index = i * n + j
-                sampling = {"temperature": temperature, "top_p": top_p, "penalties": penalties}
+                sampling = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "penalties": penalties}
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
                 streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
                 emit = functools.partial(send_piece, index, streamed) if stream else None

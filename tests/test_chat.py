@@ -234,6 +234,40 @@ def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
         assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
+def test_serve_and_chat_take_min_p(chat_run: Path, capsys: pytest.CaptureFixture[str]):
+    """vLLM's "min_p" was ignored by serve, and chat had no --min-p: at min_p 1 only the most likely token is left,
+    so a hot sample is the greedy reply; out of range it is a 400 in OpenAI's shape (chat: a one-line error)."""
+    import io
+
+    from lmforge.chat import chat
+    from lmforge.cli import main
+
+    hot = {"messages": [{"role": "user", "content": "hi"}], "temperature": 2.0, "max_tokens": 16, "seed": 3}
+    with _serving(chat_run) as server:
+        url = server.url + "/v1"
+        replies = [json.loads(_post(url + "/chat/completions", hot | extra)[1]) for extra in ({}, {"min_p": 1.0})]
+        assert [r["choices"][0]["message"]["content"] for r in replies][1] == "hello there"
+        assert replies[0]["choices"][0]["message"]["content"] != "hello there"  # (so min_p made the difference)
+        prompt = {"prompt": "<|user|>\nhi\n<|assistant|>\n", "max_tokens": 12, "seed": 3, "stream": True}
+        status, body = _post(url + "/completions", prompt | {"temperature": 2.0, "min_p": 1.0})
+        assert status == 200 and "".join(e["choices"][0]["text"] for e in _events(body)) == "hello there"
+        status, body = _post(url + "/completions", {"prompt": "hi", "min_p": 1.5})
+        error = json.loads(body)["error"]
+        assert (
+            status == 400 and error["param"] == "min_p" and "'min_p' must be a number in [0.0, 1.0]" in error["message"]
+        )
+    for min_p, reply in ((1.0, "bot> hello there\n"), (0.0, None)):
+        out = io.StringIO()
+        chat(chat_run, stdin=io.StringIO("hi\n"), stdout=out, temperature=2.0, top_k=0, seed=3, min_p=min_p)
+        assert (reply in out.getvalue()) if reply else "bot> hello there\n" not in out.getvalue(), out.getvalue()
+    with pytest.raises(SystemExit) as e:
+        main(["chat", str(chat_run), "--min-p", "2"])  # refused before the run loads
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2 and err.startswith("lmforge: error: min_p must be in [0, 1]") and len(err.splitlines()) == 1
+    )
+
+
 def test_serve_bind_errors_name_the_flag_to_change(chat_run: Path):
     from lmforge.errors import ConfigError
     from lmforge.serve import make_server

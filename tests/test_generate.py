@@ -215,6 +215,31 @@ def test_sliding_window_past_context() -> None:
     assert full == greedy_reference(model, list(range(CONTEXT)), 3)
 
 
+def test_sliding_window_keeps_the_prefix_first() -> None:
+    """Past the context the window was `ids[-max_len:]`, which drops an imported tokenizer's BOS that every prompt
+    and training example starts with; with `prefix` it is the BOS, then the last max_len - 1 tokens (a reference
+    loop written here). A prompt that does not start with the prefix slides as before."""
+    model, bos = tiny(init_std=0.5), 3  # (0.5: varied greedy text)
+    prompt = [bos, *range(10, 10 + CONTEXT - 5)]
+
+    def reference(prompt: list[int], n: int) -> list[int]:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                window = ids if len(ids) <= CONTEXT else [bos, *ids[-(CONTEXT - 1) :]]
+                ids.append(int(model(torch.tensor([window]))[0, -1].argmax()))
+        return ids[len(prompt) :]
+
+    expected = reference(prompt, 20)
+    for use_cache in (True, False):
+        assert generate(model, prompt, max_new_tokens=20, temperature=0, use_cache=use_cache, prefix=[bos]) == expected
+    assert generate(model, prompt, max_new_tokens=20, temperature=0) != expected  # (the plain window differs)
+    no_bos = prompt[1:]
+    assert generate(model, no_bos, max_new_tokens=20, temperature=0, prefix=[bos]) == greedy_reference(
+        model, no_bos, 20
+    )
+
+
 def test_prompt_errors_and_eos() -> None:
     model = tiny()
     with pytest.raises(LmforgeError, match=f"prompt is {CONTEXT + 1} tokens but the model's context is {CONTEXT}"):

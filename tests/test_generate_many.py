@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,115 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
     assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("cd", 0), ("cd", 1)]
 
 
+def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Path, monkeypatch, capsys) -> None:
+    """`--prompt-file -` reads stdin (JSONL when its first line is a JSON object, else text; BOM and CRLF read
+    past); a JSONL line's other fields start each of its output lines (an output field's name in it is replaced,
+    with a note); `batch_size` is the rows per `generate_batch` call. Each completion equals `--prompt`'s."""
+    import lmforge.generate as gen
+
+    sizes: list[int] = []
+    batch = gen.generate_batch
+    monkeypatch.setattr(
+        gen, "generate_batch", lambda model, rows, **kw: sizes.append(len(rows)) or batch(model, rows, **kw)
+    )
+    lines = [
+        {"id": 7, "prompt": "Hello wor", "meta": {"tags": ["a", "红"]}},
+        {"prompt": "a", "completion": "reference", "sample": 9},
+        {"id": None, "prompt": "{xyz"},
+    ]
+    alone = [generate_from_checkpoint(base, prompt=line["prompt"], **GREEDY) for line in lines]
+    stdin = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\r\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", num_samples=2, batch_size=4,
+                                                               **GREEDY).splitlines()]  # fmt: skip
+    kept = [{k: v for k, v in line.items() if k not in ("completion", "sample")} for line in lines]
+    assert records == [
+        fields | {"completion": text, "finish_reason": "length", "sample": j}
+        for fields, text in zip(kept, alone, strict=True)
+        for j in range(2)
+    ]
+    assert list(records[0]) == ["id", "prompt", "meta", "completion", "finish_reason", "sample"]
+    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{xyz\n\na\n")))  # text: a "{" line is a prompt
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **GREEDY).splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2]), ("a", alone[1])]
+
+
+def test_a_long_generation_keeps_an_imported_tokenizers_bos_first(tmp_path: Path) -> None:
+    """Past the context `generate` slid its window to the last tokens, dropping the BOS an imported Llama-style
+    tokenizer puts first (`prompt_prefix`); `--prompt` and a `--prompt-file` row (decoded alone: past the batch
+    cache) now keep it first, as `generate(..., prefix=)` does (tested against a reference loop)."""
+    from tokenizers import processors
+
+    from lmforge.generate import command_prompt_ids, generate, load_generator
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_char
+    from tests.test_finetune import DATA, make_base
+
+    hf = train_char([p.read_text(encoding="utf-8") for p in sorted(DATA.glob("*.txt"))]).hf
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    run = make_base(tmp_path, max_seq_len=24, init_std=0.5, tok=Tokenizer(hf))
+    settings = dict(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    loaded = load_generator(run, "cpu")
+    ids = command_prompt_ids(loaded, "The cat sat", "test")
+    assert ids[0] == bos and bos not in ids[1:]
+    expected, plain = (generate(loaded.model, ids, max_new_tokens=30, temperature=0, prefix=p) for p in ([bos], ()))
+    assert expected != plain and bos not in expected  # (the window made the difference; no document break)
+    text = loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert generate_from_checkpoint(run, prompt="The cat sat", **settings) == text
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The cat sat\n", encoding="utf-8")
+    assert json.loads(generate_from_checkpoint(run, prompt_file=prompts, **settings))["completion"] == text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
+    base: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A long --prompt-file showed nothing until it ended: a bar of completions now runs on stderr (a terminal's;
+    --quiet: none), and "wrote OUT (N completions)" counts lines (it counted a U+2028 in a prompt as one more).
+    Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic)."""
+    import lmforge.generate as gen
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt\u2028{i}\n" for i in range(5)), encoding="utf-8")  # (JSON keeps U+2028)
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "3", "--batch-size", "2"]
+    for quiet in (False, True):
+        monkeypatch.setattr("sys.stderr", _Terminal())
+        with pytest.raises(SystemExit) as e:
+            main(run + ["--out", str(tmp_path / "o.jsonl")] + ["--quiet"] * quiet)
+        bar = sys.stderr.getvalue()
+        assert not e.value.code and ("generating: 100%" in bar and "5/5" in bar) != quiet, bar
+        assert capsys.readouterr().out == f"wrote {tmp_path / 'o.jsonl'} (5 completions)\n"
+    kept = (tmp_path / "o.jsonl").read_bytes()
+    batch = gen.generate_batch
+    calls = iter([batch, None])
+
+    def interrupted(*args, **kwargs):
+        call = next(calls)
+        if call is None:
+            raise KeyboardInterrupt  # (as Ctrl-C, or SIGTERM through cli's handler, arrives mid-decode)
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", interrupted)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with pytest.raises(SystemExit) as e:
+        main(run + ["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"])
+    assert e.value.code == 130 and sys.stderr.getvalue() == "lmforge: interrupted\n"
+    assert (tmp_path / "o.jsonl").read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == [
+        "o.jsonl",
+        "p.txt",
+    ]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "flags", "needle"),
     [
@@ -89,6 +199,7 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
+        ("p.txt", b"a\n", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
 def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, name, content, flags, needle) -> None:
