@@ -2,8 +2,8 @@
 
 Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
     GET  /v1/models[/NAME]        the one model served (named after the run directory)
-    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "min_p", "stop", "seed", "n",
-                                   "stream", "stream_options", "echo", "logprobs"}; "prompt" is a string, a list
+    POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "min_p", "top_k", "stop", "seed",
+                                   "n", "stream", "stream_options", "echo", "logprobs"}; "prompt" is a string, a list
                                    of strings, a list of token ids or a list of such lists: `n` choices per
                                    prompt, prompt i's at `index` i*n .. i*n+n-1; "echo" puts the prompt before
                                    the text (with "max_tokens": 0 the prompt is only scored) and "logprobs": K
@@ -87,6 +87,7 @@ from lmforge.serve_request import (
     stream_options,
     tokenize_reply,
     tokenizer_info,
+    top_k_of,
 )
 
 
@@ -554,6 +555,7 @@ class _Handler(BaseHTTPRequestHandler):
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
         min_p = number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's (`generate.sampling_probs`); was ignored
+        top_k = top_k_of(body)  # vLLM's too: it was ignored the same way
         penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
@@ -640,7 +642,8 @@ class _Handler(BaseHTTPRequestHandler):
             drawn = []
             for j in range(best_of):
                 index = i * n + j
-                sampling = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "penalties": penalties}
+                sampling = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "top_k": top_k}
+                sampling["penalties"] = penalties
                 sampling["seed"] = None if seed is None else (seed + j) % 2**63
                 streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
                 emit = functools.partial(send_piece, index, streamed) if stream else None

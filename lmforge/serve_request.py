@@ -44,6 +44,20 @@ def number(body: dict[str, Any], key: str, default: float, lo: float, hi: float)
     return value
 
 
+def top_k_of(body: dict[str, Any]) -> int:
+    """vLLM's `top_k`: sample among the k most likely tokens; -1 or 0 (and null) = off, as `generate --top-k 0`."""
+    value = body.get("top_k")
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise RequestError(
+            400, f"'top_k' must be a whole number >= 1, or -1 or 0 for off; got {value!r}", param="top_k"
+        )
+    return max(value, 0)
+
+
 def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
     """`logit_bias` ({"token id": bias, ...}, bias -100..100) as `generate.Penalties.bias`."""
     if value is None:

@@ -268,6 +268,21 @@ def test_serve_and_chat_take_min_p(chat_run: Path, capsys: pytest.CaptureFixture
     )
 
 
+def test_serve_takes_top_k(chat_run: Path):
+    """vLLM's "top_k" was ignored by serve: at top_k 1 a hot sample is the greedy reply, -1 and 0 are off (the
+    seeded sample of a request without it), and anything else below 1 is a 400 naming it."""
+    hot = {"messages": [{"role": "user", "content": "hi"}], "temperature": 2.0, "max_tokens": 16, "seed": 3}
+    with _serving(chat_run) as server:
+        url = server.url + "/v1/chat/completions"
+        replies = [
+            json.loads(_post(url, hot | extra)[1])["choices"][0]["message"]["content"]
+            for extra in ({}, {"top_k": 1}, {"top_k": -1}, {"top_k": 0})
+        ]
+        assert replies[1] == "hello there" and replies[0] != "hello there" and replies[2] == replies[3] == replies[0]
+        status, body = _post(url, hot | {"top_k": -2})
+        assert status == 400 and json.loads(body)["error"]["param"] == "top_k"
+
+
 def test_serve_bind_errors_name_the_flag_to_change(chat_run: Path):
     from lmforge.errors import ConfigError
     from lmforge.serve import make_server
