@@ -276,12 +276,14 @@ def main() -> None:
                 if r["compiled_ms"] != r["compiled_ms"]  # NaN: skipped, or compiling failed
                 else f"{r['compiled_ms']:.2f} ({r['compile_s']:.1f}) | {r['hf_ms'] / r['compiled_ms']:.2f}x"
             )
+            ran = r["compiled_ms"] == r["compiled_ms"]
+            same_compiled = f"{r['same_compiled']}/{r['new']}" if ran else "n/a"
             print(
                 f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['bytes'] / 1e6:.1f} MB "
                 f"| {r['floor_ms']:.2f} ({r['gbps']:.0f}) | {r['matmul_ms']:.2f} | {r['ours_ms']:.2f} "
                 f"| {r['hf_ms']:.2f} | {r['hf_ms'] / r['ours_ms']:.2f}x | {compiled} "
                 f"| {r['hf_ms'] / r['matmul_ms']:.2f}x "
-                f"| {r['same']}/{r['new']}, {r['same_compiled']}/{r['new']} |",
+                f"| {r['same']}/{r['new']}, {same_compiled} |",
                 flush=True,
             )
         print(
