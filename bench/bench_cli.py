@@ -34,6 +34,18 @@ def count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def ints(names: str) -> Callable[[str], str]:
+    """An argparse `type`: comma-separated positive integers, one per name in `names` ("n_layer,n_head,...")."""
+
+    def parse(text: str) -> str:
+        parts = text.split(",")
+        if len(parts) != len(names.split(",")) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected {names} as positive integers (e.g. 4,4,128,64), got {text!r}")
+        return text
+
+    return parse
+
+
 def run(main: Callable[[], None]) -> None:
     """`main()`, with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
     try:

@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument(
         "--shape",
         action="append",
+        type=bench_cli.ints("n_layer,n_head,d_model,context"),
         help=f"n_layer,n_head,d_model,context (repeatable; default: {' '.join(SHAPES)})",
     )
     parser.add_argument(
