@@ -210,7 +210,8 @@ def build_parser() -> Parser:
         default=[],
         metavar="STRING",
         help="end the completion where this text appears (matched on the decoded text, across tokens; the "
-        "string itself not shown, as OpenAI's stop); repeat for several",
+        "string itself not shown, as OpenAI's stop); taken as typed, no escapes (a blank line: bash's $'\\n\\n'); "
+        "repeat for several",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     from lmforge.cli_adapt import add_penalty_args
