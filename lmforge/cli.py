@@ -20,7 +20,7 @@ TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
   prepare      raw text/JSONL/CSV/Parquet/HF datasets -> cleaned, filtered, deduplicated, tokenized shards + card
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
-  eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
+  eval         loss, perplexity and bits per byte of a run on a prepared split, or task metrics (--task) on a file
   generate     sample text from a run or checkpoint (greedy, temperature, top-k/p, min-p, stop strings, batches)
   export       write a run as a Hugging Face directory (GPT-2/Llama/Qwen2/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
