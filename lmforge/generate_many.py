@@ -104,6 +104,10 @@ def many_prompts(
         return [(prompt or "", str(path))]
     if out is not None:
         check_not_inside(Path(out), Path(prompt_file))  # writing over the prompts would lose them
+        # nor over a file of the run (`--out RUN/config.json` replaced the run's config): a checkpoint's whole run
+        checkpoint = (Path(path) / "state.json").is_file() and Path(path).parent.name == "checkpoints"
+        run = Path(path).parent.parent if checkpoint else Path(path)
+        check_not_inside(Path(out), run)
     return [(text, f"{prompt_file} line {n}") for n, text in read_prompts(prompt_file)]
 
 

@@ -103,3 +103,21 @@ def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("lmforge: error: ") and needle in err, err
+
+
+def test_out_inside_the_run_is_refused_before_it_is_written(base: Path, tmp_path: Path, capsys) -> None:
+    """`--out RUN/config.json` replaced the run's config with completions (the run no longer loaded); an --out in
+    the run folder (also when a checkpoint folder of it is given) is refused in one line, the run left as it was."""
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n", encoding="utf-8")
+    checkpoint = next(p for p in (base / "checkpoints").iterdir() if (p / "state.json").is_file())
+    config = (base / "config.json").read_bytes()
+    for run, out in [(base, base / "config.json"), (checkpoint, base / "metrics.jsonl")]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", str(run), "--prompt-file", str(prompts), "--max-new-tokens", "2", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "overlaps the directory being read" in err and str(base.resolve()) in err, err
+    assert (base / "config.json").read_bytes() == config
