@@ -103,6 +103,8 @@ def many_prompts(
     if prompt_file is None:
         return [(prompt or "", str(path))]
     if out is not None:
+        if Path(out).is_dir():  # (found only when the completions were written, after all the decoding)
+            raise LmforgeError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'completions.jsonl'}")
         check_not_inside(Path(out), Path(prompt_file))  # writing over the prompts would lose them
         # nor over a file of the run (`--out RUN/config.json` replaced the run's config): a checkpoint's whole run
         checkpoint = (Path(path) / "state.json").is_file() and Path(path).parent.name == "checkpoints"

@@ -85,6 +85,7 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
         (None, b"", [], "does not exist"),
         ("p.txt", b"a\n", ["--prompt", "b"], "not both"),
         ("p.txt", b"a\n", ["--out", "OUT"], "overlaps the file being read"),
+        ("p.txt", b"a\n", ["--out", "DIR"], "is a folder; pass a file name such as"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
@@ -97,7 +98,8 @@ def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, 
     path = tmp_path / (name or "missing.txt")
     if name:
         path.write_bytes(content)
-    flags = [str(path) if f == "OUT" else f for f in flags]
+    (tmp_path / "folder").mkdir()  # an --out that is a folder (not holding the prompts) was found only at the end
+    flags = [str(path) if f == "OUT" else str(tmp_path / "folder") if f == "DIR" else f for f in flags]
     with pytest.raises(SystemExit) as e:
         main(["generate", str(base), "--prompt-file", str(path), "--max-new-tokens", "2", *flags])
     err = capsys.readouterr().err
