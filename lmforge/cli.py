@@ -20,7 +20,7 @@ TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
   prepare      raw text/JSONL/CSV/Parquet/HF datasets -> cleaned, filtered, deduplicated, tokenized shards + card
   pretrain     train a GPT/Llama/LSTM/GRU (clm) or BERT/ELECTRA (mlm, mlm+nsp, electra) model (resumes on re-run)
-  eval         loss, perplexity and bits per byte of a run or checkpoint on a prepared split
+  eval         loss, perplexity and bits per byte of a run on a prepared split, or task metrics (--task) on a file
   generate     sample text from a run or checkpoint (greedy, temperature, top-k/p, min-p, stop strings, batches)
   export       write a run as a Hugging Face directory (GPT-2/Llama/Qwen2/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
@@ -216,7 +216,8 @@ def build_parser() -> Parser:
         default=[],
         metavar="STRING",
         help="end the completion where this text appears (matched on the decoded text, across tokens; the "
-        "string itself not shown, as OpenAI's stop); repeat for several",
+        "string itself not shown, as OpenAI's stop); taken as typed, no escapes (a blank line: bash's $'\\n\\n'); "
+        "repeat for several",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     add_penalty_args(p)

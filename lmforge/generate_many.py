@@ -128,8 +128,15 @@ def many_prompts(
         )
     if prompt_file is None:
         return [(prompt or "", str(path), {})]
-    if out is not None and str(prompt_file) != STDIN:
-        check_not_inside(Path(out), Path(prompt_file))  # writing over the prompts would lose them
+    if out is not None:
+        if Path(out).is_dir():  # (found only when the completions were written, after all the decoding)
+            raise LmforgeError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'completions.jsonl'}")
+        if str(prompt_file) != STDIN:
+            check_not_inside(Path(out), Path(prompt_file))  # writing over the prompts would lose them
+        # nor over a file of the run (`--out RUN/config.json` replaced the run's config): a checkpoint's whole run
+        checkpoint = (Path(path) / "state.json").is_file() and Path(path).parent.name == "checkpoints"
+        run = Path(path).parent.parent if checkpoint else Path(path)
+        check_not_inside(Path(out), run)
     name = "stdin" if str(prompt_file) == STDIN else prompt_file
     prompts = read_prompts(prompt_file)
     taken = [k for k in OUTPUT_FIELDS if any(k in row for _, _, row in prompts)]

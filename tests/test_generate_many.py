@@ -195,6 +195,7 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         (None, b"", [], "does not exist"),
         ("p.txt", b"a\n", ["--prompt", "b"], "not both"),
         ("p.txt", b"a\n", ["--out", "OUT"], "overlaps the file being read"),
+        ("p.txt", b"a\n", ["--out", "DIR"], "is a folder; pass a file name such as"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
@@ -208,9 +209,28 @@ def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, 
     path = tmp_path / (name or "missing.txt")
     if name:
         path.write_bytes(content)
-    flags = [str(path) if f == "OUT" else f for f in flags]
+    (tmp_path / "folder").mkdir()  # an --out that is a folder (not holding the prompts) was found only at the end
+    flags = [str(path) if f == "OUT" else str(tmp_path / "folder") if f == "DIR" else f for f in flags]
     with pytest.raises(SystemExit) as e:
         main(["generate", str(base), "--prompt-file", str(path), "--max-new-tokens", "2", *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("lmforge: error: ") and needle in err, err
+
+
+def test_out_inside_the_run_is_refused_before_it_is_written(base: Path, tmp_path: Path, capsys) -> None:
+    """`--out RUN/config.json` replaced the run's config with completions (the run no longer loaded); an --out in
+    the run folder (also when a checkpoint folder of it is given) is refused in one line, the run left as it was."""
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n", encoding="utf-8")
+    checkpoint = next(p for p in (base / "checkpoints").iterdir() if (p / "state.json").is_file())
+    config = (base / "config.json").read_bytes()
+    for run, out in [(base, base / "config.json"), (checkpoint, base / "metrics.jsonl")]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", str(run), "--prompt-file", str(prompts), "--max-new-tokens", "2", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "overlaps the directory being read" in err and str(base.resolve()) in err, err
+    assert (base / "config.json").read_bytes() == config
