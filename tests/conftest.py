@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,18 @@ def pytest_configure(config: pytest.Config) -> None:
     marks = config.getoption("markexpr") or ""
     if "gpu" not in marks or "not gpu" in marks:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers() -> Iterator[None]:
+    """Each test starts with the process's SIGINT/SIGTERM handlers as the last one left them, and puts them back:
+    `cli.main` called in process ends by ignoring SIGINT (a Ctrl-C during interpreter shutdown), so a later test
+    in the same worker that sends itself SIGINT saw nothing (test_train's final-evaluation signal test failed
+    by test order under xdist)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def shakespeare_text(n_bytes: int = 60_000) -> str:
