@@ -638,7 +638,9 @@ class StopStrings:
 
     def __init__(self, stop: Collection[str]) -> None:
         if not all(stop):
-            raise LmforgeError("a stop string (--stop) must not be empty: it would stop before the first token")
+            raise LmforgeError(
+                "a stop string (--stop) must not be empty: it would stop before the first token; drop the empty --stop"
+            )
         self.stop = list(stop)
         self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that could still become a stop string
         self.text = ""  # the text so far; once `stopped`, all of it (cut before the stop string)

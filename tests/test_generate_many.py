@@ -200,7 +200,7 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.txt", b"a\n", ["--out", "FILE/c.jsonl"], "which is a file, not a folder"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
-        ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
+        ("p.txt", b"a\n", ["--stop", ""], "must not be empty: it would stop before the first token; drop the"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
         ("p.txt", b"a\n", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
