@@ -557,7 +557,9 @@ def generate_batch(
             for b, token in enumerate(chosen.tolist()):
                 if not done[b]:
                     out[b].append(token)
-                    done[b] = token in stops or (on_token is not None and bool(on_token(b, token)))
+                    # on_token first: it sees a row's stop id too, as `generate`'s on_token does
+                    ended = on_token is not None and bool(on_token(b, token))
+                    done[b] = token in stops or ended
             if all(done):
                 break
         return out
