@@ -484,7 +484,8 @@ def generate_batch(
     output ends at that token, which is included, as in `generate`; decoding stops when every row has
     ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
     reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
-    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt. `vocab_size`,
+    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt (prompt b seeded
+    with seed + b, so the rows' draws differ there too). `vocab_size`,
     `penalties` (each row's own prompt and output): as in `generate`. `on_token(row, token)` is called with
     each token a row gets (until it ends); returning True ends that row there, as a stop id does.
 
@@ -505,7 +506,7 @@ def generate_batch(
                 top_k=top_k,
                 top_p=top_p,
                 min_p=min_p,
-                seed=seed,
+                seed=None if seed is None else (seed + b) % 2**63,  # (one seed for all: equal prompts, equal draws)
                 eos_id=eos_id,
                 stop_ids=stop_ids,
                 vocab_size=vocab_size,
