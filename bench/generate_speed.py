@@ -272,12 +272,12 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for shape in shapes:
             r = vs_hf(shape, args)
+            ran = r["compiled_ms"] == r["compiled_ms"]  # NaN: skipped, or compiling failed
             compiled = (
-                "n/a | n/a"
-                if r["compiled_ms"] != r["compiled_ms"]  # NaN: skipped, or compiling failed
-                else f"{r['compiled_ms']:.2f} ({r['compile_s']:.1f}) | {r['hf_ms'] / r['compiled_ms']:.2f}x"
+                f"{r['compiled_ms']:.2f} ({r['compile_s']:.1f}) | {r['hf_ms'] / r['compiled_ms']:.2f}x"
+                if ran
+                else "n/a | n/a"
             )
-            ran = r["compiled_ms"] == r["compiled_ms"]
             same_compiled = f"{r['same_compiled']}/{r['new']}" if ran else "n/a"
             print(
                 f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['bytes'] / 1e6:.1f} MB "

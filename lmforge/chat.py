@@ -331,7 +331,6 @@ def chat(
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given.
     `penalties`: a `generate.Penalties`, applied within each reply."""
-    from lmforge.adapt.load import load_finetuned
     from lmforge.generate import (
         REPLACEMENT_CHAR,
         StreamDecoder,
@@ -339,10 +338,9 @@ def chat(
         check_seed,
         context_length,
         generate,
-        require_text_generator,
+        load_generator,
         run_stops,
     )
-    from lmforge.train.precision import pick_device
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)
@@ -350,8 +348,7 @@ def chat(
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
-    ft = load_finetuned(run, pick_device(device))
-    require_text_generator(run, ft)
+    ft = load_generator(run, device)
     tok, model = ft.tokenizer, ft.model
     stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()

@@ -402,8 +402,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if cfg.merge:
             cfg.check_merge_flags(getattr(args, "given", set()))
         manifest = prepare(cfg, progress=not args.quiet)
-        if skipped_json_note(manifest):
-            print(skipped_json_note(manifest), file=sys.stderr)
+        note = skipped_json_note(manifest)
+        if note:
+            print(note, file=sys.stderr)
         print(summary_line(manifest, cfg.out))
     elif args.command == "pretrain":
         from lmforge.config import load_config, merge, parse_overrides

@@ -62,8 +62,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = ()) -> None:
     """Add one `--flag-name` per field of `cls` (help text, type, choices, defaults from the field).
 
-    `list[str]` fields take one or more values, bools get `--x/--no-x`, Literals get choices;
-    names in `positional` become positional arguments.
+    A `list[str]` field is a flag repeated once per value (`--val-input A --val-input B`), or, named in
+    `positional`, a positional argument taking one or more; bools get `--x/--no-x`, Literals get choices.
     """
     import argparse
 

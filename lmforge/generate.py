@@ -484,7 +484,8 @@ def generate_batch(
     output ends at that token, which is included, as in `generate`; decoding stops when every row has
     ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
     reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
-    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt. `vocab_size`,
+    Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt (prompt b seeded
+    with seed + b, so the rows' draws differ there too). `vocab_size`,
     `penalties` (each row's own prompt and output): as in `generate`. `on_token(row, token)` is called with
     each token a row gets (until it ends); returning True ends that row there, as a stop id does.
 
@@ -505,7 +506,7 @@ def generate_batch(
                 top_k=top_k,
                 top_p=top_p,
                 min_p=min_p,
-                seed=seed,
+                seed=None if seed is None else (seed + b) % 2**63,  # (one seed for all: equal prompts, equal draws)
                 eos_id=eos_id,
                 stop_ids=stop_ids,
                 vocab_size=vocab_size,
@@ -557,7 +558,9 @@ def generate_batch(
             for b, token in enumerate(chosen.tolist()):
                 if not done[b]:
                     out[b].append(token)
-                    done[b] = token in stops or (on_token is not None and bool(on_token(b, token)))
+                    # on_token first: it sees a row's stop id too, as `generate`'s on_token does
+                    ended = on_token is not None and bool(on_token(b, token))
+                    done[b] = token in stops or ended
             if all(done):
                 break
         return out
@@ -638,7 +641,9 @@ class StopStrings:
 
     def __init__(self, stop: Collection[str]) -> None:
         if not all(stop):
-            raise LmforgeError("a stop string (--stop) must not be empty: it would stop before the first token")
+            raise LmforgeError(
+                "a stop string (--stop) must not be empty: it would stop before the first token; drop the empty --stop"
+            )
         self.stop = list(stop)
         self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that could still become a stop string
         self.text = ""  # the text so far; once `stopped`, all of it (cut before the stop string)

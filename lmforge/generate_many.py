@@ -129,8 +129,7 @@ def many_prompts(
     if prompt_file is None:
         return [(prompt or "", str(path), {})]
     if out is not None:
-        if Path(out).is_dir():  # (found only when the completions were written, after all the decoding)
-            raise LmforgeError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'completions.jsonl'}")
+        _check_out_file(Path(out))
         if str(prompt_file) != STDIN:
             check_not_inside(Path(out), Path(prompt_file))  # writing over the prompts would lose them
         # nor over a file of the run (`--out RUN/config.json` replaced the run's config): a checkpoint's whole run
@@ -144,6 +143,16 @@ def many_prompts(
         names = ", ".join(f'"{k}"' for k in taken)
         print(f"note: {name} has {names} fields; the output lines' own replace them", file=sys.stderr, flush=True)
     return [(text, f"{name} line {n}", row) for n, text, row in prompts]
+
+
+def _check_out_file(out: Path) -> None:
+    """`--out` is written once every completion is done: a path that cannot take a file (a folder, or one under a
+    file) was an OSError only then, after all the generating; it is refused before the run loads."""
+    if out.is_dir():
+        raise LmforgeError(f"--out {out} is a folder; pass a file name such as {out / 'completions.jsonl'}")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise LmforgeError(f"--out {out} lies under {blocked}, which is a file, not a folder; choose another --out")
 
 
 def generate_many(

@@ -40,7 +40,7 @@ from lmforge.atomic import atomic_write_text
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
-from lmforge.runs import RunSummary, is_run_dir, run_config, summarize
+from lmforge.runs import RunSummary, is_run_dir, read_json_object, run_config, summarize
 
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
@@ -89,11 +89,7 @@ class Run:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:  # utf-8-sig: a BOM (a Windows editor's save) is no JSON
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) or {}
 
 
 def data_card(data_dir: str) -> dict[str, Any]:

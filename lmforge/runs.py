@@ -148,7 +148,10 @@ def claim(run_dir: Path) -> None:
     try:
         import fcntl
     except ImportError:  # no flock: a live pid in status.json (one that is not ours) is the sign
-        if run_status(run_dir) == "running" and (_read_json(run_dir / STATUS_FILE) or {}).get("pid") != os.getpid():
+        if (
+            run_status(run_dir) == "running"
+            and (read_json_object(run_dir / STATUS_FILE) or {}).get("pid") != os.getpid()
+        ):
             raise busy from None
         return
     lock = run_dir / LOCK_FILE
@@ -294,7 +297,7 @@ def release(run_dir: Path) -> None:
 
 
 def _holder(run_dir: Path) -> str:
-    info = _read_json(run_dir / STATUS_FILE) or {}
+    info = read_json_object(run_dir / STATUS_FILE) or {}
     return f"pid {info['pid']} on {info.get('host', '?')}" if "pid" in info else "see its status.json"
 
 
@@ -309,14 +312,15 @@ def mark_running(run_dir: Path) -> None:
 def mark_stopped(run_dir: Path, status: str, *, stop_reason: str = "", error: str = "") -> None:
     """Record how training ended: "finished", "interrupted" or "failed"."""
     path = Path(run_dir) / STATUS_FILE
-    info = _read_json(path) or {}
+    info = read_json_object(path) or {}
     info.update(status=status, stop_reason=stop_reason, ended=_now())
     if error:
         info["error"] = error
     write_json(path, info)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object (`runs`, `report`)."""
     try:  # utf-8-sig: a config.json saved by a Windows editor starts with a BOM (pretrain reads it so too)
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -359,7 +363,7 @@ KILLED = "killed"  # RunSummary.failure of a run whose process died without a wo
 def _status(run_dir: Path) -> tuple[str, str]:
     """`run_status` and, for a failed run, why (`RunSummary.failure`): read once, where the status is decided."""
     run_dir = Path(run_dir)
-    info = _read_json(run_dir / STATUS_FILE)
+    info = read_json_object(run_dir / STATUS_FILE)
     if info is not None:
         status = info.get("status", "unknown")
         if not isinstance(status, str) or not status:
@@ -374,7 +378,7 @@ def _status(run_dir: Path) -> tuple[str, str]:
             alive = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
         return ("running", "") if alive else ("failed", KILLED)
     ckpt = _latest_checkpoint(run_dir)
-    meta = _read_json(ckpt / "state.json") if ckpt else None
+    meta = read_json_object(ckpt / "state.json") if ckpt else None
     reason = _section(meta, "train_state").get("stop_reason", "")
     if reason in FINISHED_REASONS:
         return "finished", ""
@@ -441,8 +445,8 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     left out rather than shown with the base's numbers.
     """
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json") or {}
-    info = _read_json(run_dir / "finetune.json")
+    config = read_json_object(run_dir / "config.json") or {}
+    info = read_json_object(run_dir / "finetune.json")
     if info is None:
         return config
     out: dict[str, Any] = {k: config[k] for k in ("preset", "model") if k in config}
@@ -460,14 +464,14 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
     # finite only: min() keeps a NaN that comes first
     vals = [r["val_loss"] for r in records if "val_loss" in r and math.isfinite(r["val_loss"])]
     ckpt = _latest_checkpoint(run_dir)
-    meta = _read_json(ckpt / "state.json") if ckpt else {}
+    meta = read_json_object(ckpt / "state.json") if ckpt else {}
     state = _section(meta, "train_state")
     # an imported model's config holds the default max_steps (1000) it was never trained towards: "0", not "0/1000"
     imported = isinstance(meta, dict) and "imported_from" in meta and not train
     last = train[-1] if train else {}
     name = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     status, failure = _status(run_dir)
-    env = _read_json(run_dir / "env.json")
+    env = read_json_object(run_dir / "env.json")
     env = env if isinstance(env, dict) else {}
     return RunSummary(
         name=name,

@@ -177,9 +177,7 @@ def make_server(
 
     `cors_origins`: web pages (`scheme://host[:port]`, or "*" for any) whose scripts may call the API from a
     browser (CORS); none by default, so a page the user visits cannot use the model."""
-    from lmforge.adapt.load import load_finetuned
-    from lmforge.generate import generate, require_text_generator
-    from lmforge.train.precision import pick_device
+    from lmforge.generate import generate, load_generator
 
     if not 0 <= port <= 65535:  # before loading the model, which takes a while
         raise ConfigError(f"--port must be 0-65535 (0 = any free port), got {port}")
@@ -189,8 +187,7 @@ def make_server(
                 f"--cors-origin {origin!r}: give a page's origin, scheme://host[:port] with no path (e.g. "
                 "http://localhost:3000), or '*' for any"
             )
-    ft = load_finetuned(run, pick_device(device))
-    require_text_generator(run, ft)
+    ft = load_generator(run, device)
     try:
         name = Path(run).resolve().name
         server = LMServer((host, port), ft, name, limits or ServeLimits(), compile, tuple(cors_origins))

@@ -745,6 +745,10 @@ def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
         read_task_rows(path, "sft", field_map("sft", ["output=instances"]))  # the error says how to reach in
     with pytest.raises(DataError, match=r"row 1: the --field paths .* walk different lists"):
         read_task_rows(path, "qa", field_map("qa", ["question=instances.input", "answer=tags.name"]))
+    path.write_text(json.dumps({"instruction": "x", "instances": ["a plain string"]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1: 'instances' holds str values, not objects with keys for "
+                       r"instances.input, instances.output; point --field NAME=COLUMN at the text$"):  # fmt: skip
+        read_task_rows(path, "sft", fields)
 
 
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):

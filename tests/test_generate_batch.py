@@ -207,3 +207,20 @@ def test_penalties_min_p_and_on_token_per_row() -> None:
     rows = generate_batch(model, PROMPTS, max_new_tokens=10, penalties=penalties, on_token=on_token)
     assert rows == alone[:1] + [alone[1][:3]] + alone[2:]
     assert sorted(seen) == sorted((b, t) for b, r in enumerate(rows) for t in r)  # each kept token, once
+
+
+def test_on_token_sees_each_rows_stop_id_as_generates_does() -> None:
+    """`on_token(row, token)` is called with each token a row gets, its closing stop id included, as `generate`
+    calls its `on_token` (the batched loop skipped the call for a stop id: `token in stops or on_token(...)`)."""
+    model = tiny(pos_emb="rope", init_std=0.5)
+    free = [generate(model, p, max_new_tokens=10, temperature=0) for p in PROMPTS]
+    eos = free[0][3]  # a token row 0 generates: it ends there
+    alone = []
+    for p in PROMPTS:
+        got: list[int] = []
+        alone.append(generate(model, p, max_new_tokens=10, temperature=0, eos_id=eos, on_token=got.append))
+        assert got == alone[-1]
+    seen: list[tuple[int, int]] = []
+    rows = generate_batch(model, PROMPTS, max_new_tokens=10, eos_id=eos, on_token=lambda b, t: seen.append((b, t)))
+    assert rows == alone and rows[0][-1] == eos
+    assert seen == [(b, t) for _, b, t in sorted((i, b, t) for b, r in enumerate(rows) for i, t in enumerate(r))]

@@ -195,10 +195,12 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         (None, b"", [], "does not exist"),
         ("p.txt", b"a\n", ["--prompt", "b"], "not both"),
         ("p.txt", b"a\n", ["--out", "OUT"], "overlaps the file being read"),
+        # refused before generating (an OSError once every completion was done)
         ("p.txt", b"a\n", ["--out", "DIR"], "is a folder; pass a file name such as"),
+        ("p.txt", b"a\n", ["--out", "FILE/c.jsonl"], "which is a file, not a folder"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
-        ("p.txt", b"a\n", ["--stop", ""], "must not be empty"),
+        ("p.txt", b"a\n", ["--stop", ""], "must not be empty: it would stop before the first token; drop the"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
         ("p.txt", b"a\n", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
@@ -209,8 +211,9 @@ def test_bad_prompt_files_and_flags_are_one_line_errors(base, tmp_path, capsys, 
     path = tmp_path / (name or "missing.txt")
     if name:
         path.write_bytes(content)
-    (tmp_path / "folder").mkdir()  # an --out that is a folder (not holding the prompts) was found only at the end
-    flags = [str(path) if f == "OUT" else str(tmp_path / "folder") if f == "DIR" else f for f in flags]
+    (tmp_path / "other.txt").write_text("not a folder\n", encoding="utf-8")
+    places = {"OUT": path, "DIR": tmp_path, "FILE/c.jsonl": tmp_path / "other.txt" / "c.jsonl"}
+    flags = [str(places.get(f, f)) for f in flags]
     with pytest.raises(SystemExit) as e:
         main(["generate", str(base), "--prompt-file", str(path), "--max-new-tokens", "2", *flags])
     err = capsys.readouterr().err

@@ -125,6 +125,18 @@ def test_generation_with_state_equals_recompute_and_runs_past_the_window():
     assert len(long) == 5
 
 
+def test_batched_sampling_of_a_recurrent_model_draws_each_row_apart():
+    """`generate_batch` falls back to one `generate` per prompt for a recurrent model; it seeded every one with
+    `seed`, so equal prompts drew equal samples (a GPT's batch draws its rows from one generator: they differ)."""
+    from lmforge.generate import generate_batch
+
+    m = _model("lstm")
+    rows = generate_batch(m, [[1, 2], [1, 2], [3]], max_new_tokens=20, temperature=1.0, seed=5)
+    assert rows[0] != rows[1]
+    assert rows == generate_batch(m, [[1, 2], [1, 2], [3]], max_new_tokens=20, temperature=1.0, seed=5)
+    assert rows[2] == generate(m, [3], max_new_tokens=20, temperature=1.0, seed=7)  # prompt b: seed + b
+
+
 def test_stream_loader_rows_are_contiguous_and_resume(data_dir):
     from lmforge.data.prepare import load_data_dir
 

@@ -645,7 +645,10 @@ def nested_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | 
         ((where, columns),) = walks.items()
         for item in _nested(row, where):
             if not isinstance(item, dict):
-                raise DataError(f"{path}: row {i}: {'.'.join(where)!r} holds {type(item).__name__}s, not objects")
+                raise DataError(
+                    f"{path}: row {i}: {'.'.join(where)!r} holds {type(item).__name__} values, not objects with keys "
+                    f"for {', '.join(columns)}; point --field NAME=COLUMN at the text"
+                )
             picked = {c: _nested(item, rest) for c, rest in columns.items()}
             out.append(row | found | {c: v for c, v in picked.items() if v is not None})
     return out
