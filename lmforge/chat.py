@@ -68,11 +68,15 @@ class ChatTemplate:
 
     def jinja_for(self, tok: Any) -> str:
         """`jinja` as written for `tok`: rendered and encoded whole (transformers' `apply_chat_template`), it gives
-        the ids `segments` gives (`SPACED_JINJA_TEMPLATE` for a tokenizer that marks word starts)."""
-        spaces = word_start_spaces(tok)
-        if self.name != TEMPLATE_NAME or not spaces:
+        the ids `segments` gives: `SPACED_JINJA_TEMPLATE` for a tokenizer that marks word starts, and a tokenizer
+        that adds a BOS (an imported Llama-style one; `segments` puts it first) renders `{{ bos_token }}` first,
+        as apply_chat_template adds no special tokens of its own. One place for the HF export, the run's
+        tokenizer_config.json and serve's /tokenizer_info (the export alone had the BOS)."""
+        if self.name != TEMPLATE_NAME:
             return self.jinja
-        return SPACED_JINJA_TEMPLATE.replace("SPACES", json.dumps(spaces, ensure_ascii=False))
+        spaces = word_start_spaces(tok)
+        text = SPACED_JINJA_TEMPLATE.replace("SPACES", json.dumps(spaces, ensure_ascii=False)) if spaces else self.jinja
+        return "{{ bos_token }}" + text if len(tok.prompt_prefix) == 1 else text
 
     def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
         """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS.
@@ -239,6 +243,7 @@ def save_tokenizer_config(run_dir: Path, tok: Any, template: ChatTemplate | None
             "chat_template": ChatTemplate().jinja_for(tok),
             "lmforge_chat_template": TEMPLATE_NAME,
             "eos_token": tok.id_to_token(tok.eos_id),
+            **({"bos_token": tok.id_to_token(tok.prompt_prefix[0])} if len(tok.prompt_prefix) == 1 else {}),
             "tokenizer_class": "PreTrainedTokenizerFast",
         },
     )

@@ -122,12 +122,14 @@ def test_hf_export_of_a_chat_run_on_a_bos_tokenizer_starts_with_its_bos(tmp_path
     finetune(base, train_file=data, out=run, cfg=FinetuneConfig(task="sft"), overrides=FAST, progress=False)
     tok = load_finetuned(run, torch.device("cpu")).tokenizer
     assert tok.prompt_prefix == [bos]
-    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(run, tmp_path / "hf")))
     history = [*CONVERSATIONS[0], {"role": "user", "content": "bye"}]
     ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
-    theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
     assert ours[0] == bos and ours[1] != bos
-    assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
+    # the export, and the run folder itself (its tokenizer_config.json had no BOS, nor serve's /tokenizer_info)
+    for folder in (export_hf(run, tmp_path / "hf"), run):
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+        theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours, folder
 
 
 @pytest.mark.parametrize("nfkc", [False, True])

@@ -261,12 +261,8 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
             generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
         write_json(tmp / "generation_config.json", generation)
-        chat = template.jinja_for(tokenizer) if template else ""
+        chat = template.jinja_for(tokenizer) if template else ""  # (a BOS tokenizer's starts with {{ bos_token }})
         markers = has_chat_markers(template)
-        if markers and bos_id is not None and tokenizer.prompt_prefix == [bos_id]:
-            # lmforge's template on a tokenizer that adds a BOS (an imported Llama-style base): its prompts start
-            # with it (chat.ChatTemplate.segments), and apply_chat_template adds no special tokens of its own
-            chat = "{{ bos_token }}" + chat
         atomic_write_text(
             tmp / "tokenizer.json", without_chat_markers(tokenizer.to_str()) if markers else tokenizer.to_str()
         )
