@@ -456,7 +456,7 @@ def _pass1(
     kept texts go into tmp/docs-<split>.jsonl.part for tokenizer training and pass 2.
     """
     # The dedup indexes are the only things in `prepare` that grow with the corpus: 16 bytes of digest
-    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1 KiB per
+    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1.5 KB per
     # kept document for near dedup (see dedup.py).
     seen: set[bytes] = set()
     eval_seen: set[bytes] = set()  # digests of explicit val/test documents: always kept, for leak removal
