@@ -269,6 +269,27 @@ def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> N
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
 
 
+def test_bpe_trains_on_a_sample_of_the_chinese_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chinese clauses are BPE words of their own, nearly all distinct: HF's trainer held ~50 bytes per byte
+    of them (570 MB for 5 MB of Hong Lou Meng, 1 GiB asked ~50 GB). Beyond UNSPACED_SAMPLE_BYTES of them the
+    trainer gets a hash sample of the Chinese documents; every English one still."""
+    from lmforge.data import tokenizing
+
+    rng = random.Random(4)
+    han = "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳"
+    chinese = ["，".join("".join(rng.choice(han) for _ in range(10)) for _ in range(6)) for _ in range(100)]
+    english = sentences(100, seed=9)
+    write(tmp_path / "a.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese + english))
+    monkeypatch.setattr(tokenizing, "UNSPACED_SAMPLE_BYTES", 6_000)  # of ~19 kB of Chinese
+    seen: list[str] = []
+    train_bpe = tokenizing.train_bpe
+    monkeypatch.setattr(tokenizing, "train_bpe", lambda texts, *a, **k: train_bpe(seen.extend(texts) or seen, *a, **k))
+    m = run(tmp_path, [tmp_path / "a.jsonl"], val_fraction=0, test_fraction=0)
+    fed = sum(len(t.encode("utf-8")) for t in seen if t in chinese)
+    assert 3_000 < fed < 10_000 and sorted(t for t in seen if t not in chinese) == sorted(english)
+    assert m["splits"]["train"]["documents"] == 200  # (every document is still encoded)
+
+
 @pytest.mark.parametrize("tokenizer", ["bpe", "char", "wordpiece", "unigram"])
 def test_nfkc_tokenizer_normalizes_later_text_as_the_training_text(tmp_path: Path, tokenizer: str) -> None:
     # NFKC turns the full-width ，！？ of the training text into , ! ?; a Chinese prompt or fine-tuning file
