@@ -269,10 +269,13 @@ def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> N
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
 
 
-def test_bpe_trains_on_a_sample_of_the_chinese_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tokenizer", ["bpe", "unigram"])
+def test_tokenizer_trains_on_a_sample_of_the_chinese_documents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
     """Chinese clauses are BPE words of their own, nearly all distinct: HF's trainer held ~50 bytes per byte
-    of them (570 MB for 5 MB of Hong Lou Meng, 1 GiB asked ~50 GB). Beyond UNSPACED_SAMPLE_BYTES of them the
-    trainer gets a hash sample of the Chinese documents; every English one still."""
+    of them (570 MB for 5 MB of Hong Lou Meng, 1 GiB asked ~50 GB; Unigram ~500). Beyond UNSPACED_SAMPLE_BYTES
+    of them the trainer gets a hash sample of the Chinese documents; every English one still."""
     from lmforge.data import tokenizing
 
     rng = random.Random(4)
@@ -280,11 +283,12 @@ def test_bpe_trains_on_a_sample_of_the_chinese_documents(tmp_path: Path, monkeyp
     chinese = ["，".join("".join(rng.choice(han) for _ in range(10)) for _ in range(6)) for _ in range(100)]
     english = sentences(100, seed=9)
     write(tmp_path / "a.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese + english))
-    monkeypatch.setattr(tokenizing, "UNSPACED_SAMPLE_BYTES", 6_000)  # of ~19 kB of Chinese
+    monkeypatch.setitem(tokenizing.UNSPACED_SAMPLE_BYTES, tokenizer, 6_000)  # of ~19 kB of Chinese
     seen: list[str] = []
-    train_bpe = tokenizing.train_bpe
-    monkeypatch.setattr(tokenizing, "train_bpe", lambda texts, *a, **k: train_bpe(seen.extend(texts) or seen, *a, **k))
-    m = run(tmp_path, [tmp_path / "a.jsonl"], val_fraction=0, test_fraction=0)
+    name = f"train_{tokenizer}"
+    train = getattr(tokenizing, name)
+    monkeypatch.setattr(tokenizing, name, lambda texts, *a, **k: train(seen.extend(texts) or seen, *a, **k))
+    m = run(tmp_path, [tmp_path / "a.jsonl"], val_fraction=0, test_fraction=0, tokenizer=tokenizer, vocab_size=400)
     fed = sum(len(t.encode("utf-8")) for t in seen if t in chinese)
     assert 3_000 < fed < 10_000 and sorted(t for t in seen if t not in chinese) == sorted(english)
     assert m["splits"]["train"]["documents"] == 200  # (every document is still encoded)

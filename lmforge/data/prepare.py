@@ -14,7 +14,7 @@ Key design decisions:
   writes them to temporary JSONL files per split, the tokenizer is trained from an iterator over the
   train file only (no eval leakage into the vocabulary; a train split over 1 GiB is sampled by
   document hash for tokenizer training, whose memory grows with the distinct words it sees, and so
-  are a BPE's Chinese and Japanese documents over 20 MB, whose clauses are words of their own), and
+  are the Chinese and Japanese documents over 20 MB for BPE, 2 MB for Unigram: tokenizing.py), and
   pass 2 encodes the temporary files in batches.
 - Pass 1 works on blocks of ~4 MB (text and JSONL files are cut at document boundaries as raw
   bytes; other formats are read here and sent as batches of texts). `--workers N` runs the per-block

@@ -4,8 +4,8 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
 - With a given tokenizer, pass 1 encodes in the block workers and `Encoded` appends each block's kept
   tokens to the shards; a tokenizer to be trained needs the kept texts first, so pass 2 trains it on the
   train split's temporary JSONL file (`make_tokenizer`; for bpe, wordpiece and unigram a train split
-  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash, and for bpe its Chinese and Japanese
-  documents over `UNSPACED_SAMPLE_BYTES`) and `encode_split` encodes each split's
+  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash, and for bpe and unigram its Chinese and
+  Japanese documents over `UNSPACED_SAMPLE_BYTES`) and `encode_split` encodes each split's
   file in batches. Both record the same statistics: train token counts (`top_tokens`) and [UTF-8
   bytes, tokens] per guessed language (`tokenizer_report`).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
@@ -43,9 +43,10 @@ TOKENIZER_SAMPLE_BYTES = 1 << 30
 # ... but text without spaces (Chinese, Japanese) gives byte-level BPE one "word" per clause, nearly all
 # distinct, and HF's trainer keeps ~50 bytes per byte of them (measured: 570 MB of RSS training on 5 MB
 # of Hong Lou Meng, 800 MB on 10 MB, English flat at ~290 MB from 14 to 28 MB), so 1 GiB of Chinese
-# asked for ~50 GB. Such documents are sampled down to about this many bytes (~1 GB of trainer memory);
-# 20 MB of Chinese is ~7M characters, far more than a vocabulary of tens of thousands needs.
-UNSPACED_SAMPLE_BYTES = 20_000_000
+# asked for ~50 GB; Unigram (one Metaspace "word" per paragraph) took 534 MB on 1 MB and passed 2.5 GB
+# on 5 MB. Such documents are sampled down to about these many bytes (~1 GB of trainer memory); 20 MB
+# of Chinese is ~7M characters, 2 MB ~700k, for vocabularies of thousands to tens of thousands.
+UNSPACED_SAMPLE_BYTES = {"bpe": 20_000_000, "unigram": 2_000_000}
 UNSPACED_LANGUAGES = frozenset({"zh", "ja"})
 TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
 
@@ -135,10 +136,9 @@ def _train_tokenizer(
     # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
     show = progress and sys.stderr.isatty()
     fraction = TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1)
-    if cfg.tokenizer == "bpe":  # (WordPiece cuts Chinese into characters: no long words)
-        texts = _sample_docs(train_docs, fraction, UNSPACED_SAMPLE_BYTES / max(unspaced_bytes, 1))
-    else:
-        texts = _sample_docs(train_docs, fraction)
+    unspaced_budget = UNSPACED_SAMPLE_BYTES.get(cfg.tokenizer)  # (WordPiece cuts Chinese into characters)
+    unspaced_fraction = unspaced_budget / max(unspaced_bytes, 1) if unspaced_budget else 1.0
+    texts = _sample_docs(train_docs, fraction, unspaced_fraction)
     if cfg.tokenizer == "wordpiece":
         tok = train_wordpiece(texts, cfg.vocab_size, show_progress=show)
         _note_characters_only(tok, cfg.vocab_size)
