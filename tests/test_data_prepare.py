@@ -270,6 +270,30 @@ def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> N
 
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "unigram"])
+def test_a_long_document_trains_the_tokenizer_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """HF's trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file); a
+    document over LONG_DOCUMENT characters is fed in pieces cut between words: the same tokenizer."""
+    from lmforge.data import tokenizing
+    from lmforge.tokenizer import fast_encode
+
+    write(tmp_path / "one.txt", " ".join(sentences(300, seed=10)) + "\n\n" + "\n\n".join(sentences(20, seed=11)))
+    kwargs = {"val_fraction": 0, "test_fraction": 0, "tokenizer": tokenizer, "vocab_size": 400}
+    whole = run(tmp_path, [tmp_path / "one.txt"], out="whole", **kwargs)
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 500)
+    seen: list[str] = []
+    name = f"train_{tokenizer}"
+    train = getattr(tokenizing, name)
+    monkeypatch.setattr(tokenizing, name, lambda texts, *a, **k: train(seen.extend(texts) or seen, *a, **k))
+    pieces = run(tmp_path, [tmp_path / "one.txt"], out="pieces", **kwargs)
+    assert len(seen) > 20 and max(map(len, seen)) < 1000  # the long document went in pieces
+    # (not WordPiece: HF trains it differently from run to run on one input)
+    assert (tmp_path / "pieces" / "tokenizer.json").read_text() == (tmp_path / "whole" / "tokenizer.json").read_text()
+    assert pieces["splits"] == whole["splits"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "unigram"])
 def test_tokenizer_trains_on_a_sample_of_the_chinese_documents(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
 ) -> None:

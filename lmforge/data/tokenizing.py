@@ -27,7 +27,8 @@ from lmforge.data.blocks import BlockResult
 from lmforge.data.filters import LANGUAGES, guess_language, utf8_len
 from lmforge.data.shards import ShardWriter
 from lmforge.data.split import SPLITS, bucket, doc_digest
-from lmforge.tokenizer.fast_encode import DocumentEncoder
+from lmforge.tokenizer import fast_encode
+from lmforge.tokenizer.fast_encode import DocumentEncoder, long_pieces
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
 
@@ -95,7 +96,10 @@ def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) ->
             keep = unspaced_fraction
         # digest bytes 8..16: independent of the split bucket, which uses bytes 0..8
         if keep >= 1 or bucket(doc_digest(text)[8:16]) < keep:
-            yield text
+            # a long document goes in pieces cut where no pre-tokenizer joins text (the same words): HF's
+            # trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file)
+            size = fast_encode.LONG_DOCUMENT
+            yield from (long_pieces(text, size) if len(text) > size else (text,))
 
 
 def tokenizer_kind(tok: Tokenizer) -> str:
