@@ -131,6 +131,24 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch: pyt
     assert all("".join(fast_encode.long_pieces(d, 50)) == d for d in long_docs)
 
 
+def test_long_documents_go_through_the_segment_cache_in_pieces(bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split into its millions of words at once, a 30 MB one-line document took 1.5 GB to encode; over
+    LONG_DOCUMENT characters it is encoded piece by piece, with the ids of the whole text."""
+    from lmforge.tokenizer import fast_encode
+
+    text = shakespeare_text(20_000)
+    long_docs = [" ".join(TRICKY) * 3, text[:6000], "中文" * 200 + " x", text[:3000] + " "]
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
+    encoder = DocumentEncoder(bpe, np.uint16)
+    seen: list[int] = []
+    cached_docs = encoder._cached_docs
+    monkeypatch.setattr(encoder, "_cached_docs", lambda texts: seen.extend(map(len, texts)) or cached_docs(texts))
+    tokens, counts = encoder.encode(long_docs + TRICKY)
+    want, want_counts = reference(bpe, long_docs + TRICKY)
+    assert np.array_equal(tokens, want) and counts.tolist() == want_counts
+    assert len(seen) > 100 and max(seen) <= 400  # pieces of ~50 (the 400-character Chinese run: one piece)
+
+
 @pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
 def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None:
     paragraphs = shakespeare_text(20_000).split("\n\n")

@@ -129,7 +129,10 @@ class DocumentEncoder:
         if not texts:
             return np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int64)
         if self.cached:
-            docs = self._cached_docs(texts)
+            docs = self._cached_docs([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
+            for i, text in enumerate(texts):
+                if len(text) > LONG_DOCUMENT:  # split into millions of words at once, it took ~50 bytes a character
+                    docs[i] = self._long_cached_doc(text)
         else:
             whole = self.tok.encode_batch([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
             docs = [
@@ -149,6 +152,12 @@ class DocumentEncoder:
         return b"".join(
             np.array(self.tok.encode(piece), dtype=self.dtype).tobytes() for piece in long_pieces(text, LONG_DOCUMENT)
         )
+
+    def _long_cached_doc(self, text: str) -> bytes:
+        """Ids (and EOS) of a document over LONG_DOCUMENT characters, one piece at a time through the caches:
+        a piece starts at a safe cut (see `long_pieces`), so its segments are the whole text's."""
+        eos = len(self.eos)
+        return b"".join(self._cached_docs([piece])[0][:-eos] for piece in long_pieces(text, LONG_DOCUMENT)) + self.eos
 
     def _cached_docs(self, texts: list[str]) -> list[bytes]:
         first, spaced = self._first, self._spaced
