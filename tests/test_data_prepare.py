@@ -288,6 +288,55 @@ def test_chinese_round_trips_through_shards(tmp_path: Path, tokenizer: str) -> N
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
 
 
+@pytest.mark.parametrize("tokenizer", ["bpe", "unigram"])
+def test_a_long_document_trains_the_tokenizer_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """HF's trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file); a
+    document over LONG_DOCUMENT characters is fed in pieces cut between words: the same tokenizer."""
+    from lmforge.data import tokenizing
+    from lmforge.tokenizer import fast_encode
+
+    write(tmp_path / "one.txt", " ".join(sentences(300, seed=10)) + "\n\n" + "\n\n".join(sentences(20, seed=11)))
+    kwargs = {"val_fraction": 0, "test_fraction": 0, "tokenizer": tokenizer, "vocab_size": 400}
+    whole = run(tmp_path, [tmp_path / "one.txt"], out="whole", **kwargs)
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 500)
+    seen: list[str] = []
+    name = f"train_{tokenizer}"
+    train = getattr(tokenizing, name)
+    monkeypatch.setattr(tokenizing, name, lambda texts, *a, **k: train(seen.extend(texts) or seen, *a, **k))
+    pieces = run(tmp_path, [tmp_path / "one.txt"], out="pieces", **kwargs)
+    assert len(seen) > 20 and max(map(len, seen)) < 1000  # the long document went in pieces
+    # (not WordPiece: HF trains it differently from run to run on one input)
+    assert (tmp_path / "pieces" / "tokenizer.json").read_text() == (tmp_path / "whole" / "tokenizer.json").read_text()
+    assert pieces["splits"] == whole["splits"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "unigram"])
+def test_tokenizer_trains_on_a_sample_of_the_chinese_documents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """Chinese clauses are BPE words of their own, nearly all distinct: HF's trainer held ~50 bytes per byte
+    of them (570 MB for 5 MB of Hong Lou Meng, 1 GiB asked ~50 GB; Unigram ~500). Beyond UNSPACED_SAMPLE_BYTES
+    of them the trainer gets a hash sample of the Chinese documents; every English one still."""
+    from lmforge.data import tokenizing
+
+    rng = random.Random(4)
+    han = "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳"
+    chinese = ["，".join("".join(rng.choice(han) for _ in range(10)) for _ in range(6)) for _ in range(100)]
+    english = sentences(100, seed=9)
+    write(tmp_path / "a.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in chinese + english))
+    monkeypatch.setitem(tokenizing.UNSPACED_SAMPLE_BYTES, tokenizer, 6_000)  # of ~19 kB of Chinese
+    seen: list[str] = []
+    name = f"train_{tokenizer}"
+    train = getattr(tokenizing, name)
+    monkeypatch.setattr(tokenizing, name, lambda texts, *a, **k: train(seen.extend(texts) or seen, *a, **k))
+    m = run(tmp_path, [tmp_path / "a.jsonl"], val_fraction=0, test_fraction=0, tokenizer=tokenizer, vocab_size=400)
+    fed = sum(len(t.encode("utf-8")) for t in seen if t in chinese)
+    assert 3_000 < fed < 10_000 and sorted(t for t in seen if t not in chinese) == sorted(english)
+    assert m["splits"]["train"]["documents"] == 200  # (every document is still encoded)
+
+
 @pytest.mark.parametrize("tokenizer", ["bpe", "char", "wordpiece", "unigram"])
 def test_nfkc_tokenizer_normalizes_later_text_as_the_training_text(tmp_path: Path, tokenizer: str) -> None:
     # NFKC turns the full-width ，！？ of the training text into , ! ?; a Chinese prompt or fine-tuning file

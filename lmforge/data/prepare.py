@@ -13,7 +13,8 @@ Key design decisions:
   tokenizer.json there is one pass; a tokenizer to be trained needs the kept texts first, so pass 1
   writes them to temporary JSONL files per split, the tokenizer is trained from an iterator over the
   train file only (no eval leakage into the vocabulary; a train split over 1 GiB is sampled by
-  document hash for tokenizer training, whose memory grows with the distinct words it sees), and
+  document hash for tokenizer training, whose memory grows with the distinct words it sees, and so
+  are the Chinese and Japanese documents over 20 MB for BPE, 2 MB for Unigram: tokenizing.py), and
   pass 2 encodes the temporary files in batches.
 - Pass 1 works on blocks of ~4 MB (text and JSONL files are cut at document boundaries as raw
   bytes; other formats are read here and sent as batches of texts). `--workers N` runs the per-block
@@ -92,6 +93,7 @@ from lmforge.data.shards import dtype_for_vocab
 from lmforge.data.split import SPLITS
 from lmforge.data.tokenizing import (
     TRAINED_TOKENIZERS,
+    UNSPACED_LANGUAGES,
     Encoded,
     encode_split,
     make_tokenizer,
@@ -337,6 +339,7 @@ class _Counts:
         self.steps = {step: [0, 0] for step in ("read", "cleaned", "filtered", "deduplicated")}
         self.languages: Counter[str] = Counter()
         self.length_hist: Counter[int] = Counter()  # bit_length(characters) of kept documents
+        self.train_language_bytes = np.zeros(len(LANGUAGES), dtype=np.int64)  # for the tokenizer's sample
 
     def remove(self, reason: str, nbytes: int) -> None:
         self.removed[reason] += 1
@@ -370,6 +373,8 @@ class _Counts:
             mask = splits == index
             self.split_docs[split] += int(mask.sum())
             self.split_bytes[split] += int(nbytes[mask].sum())
+        train = splits == SPLITS.index("train")
+        np.add.at(self.train_language_bytes, languages[train], nbytes[train])
         # languages in order of first appearance, so that ties in most_common() keep the input order
         found, first = np.unique(languages, return_index=True)
         per_language = np.bincount(languages, minlength=len(LANGUAGES))
@@ -456,7 +461,7 @@ def _pass1(
     kept texts go into tmp/docs-<split>.jsonl.part for tokenizer training and pass 2.
     """
     # The dedup indexes are the only things in `prepare` that grow with the corpus: 16 bytes of digest
-    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1 KiB per
+    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1.5 KB per
     # kept document for near dedup (see dedup.py).
     seen: set[bytes] = set()
     eval_seen: set[bytes] = set()  # digests of explicit val/test documents: always kept, for leak removal
@@ -525,7 +530,10 @@ def _pass2(
 
     Returns (tokenizer, its kind, train token counts, per-language [bytes, tokens] of `report_split`).
     """
-    tok, kind = make_tokenizer(cfg, None, _doc_file(tmp, "train"), counts.split_bytes["train"], progress)
+    unspaced = sum(counts.train_language_bytes[LANGUAGES.index(lang)] for lang in UNSPACED_LANGUAGES)
+    tok, kind = make_tokenizer(
+        cfg, None, _doc_file(tmp, "train"), counts.split_bytes["train"], progress, unspaced_bytes=int(unspaced)
+    )
     dtype = dtype_for_vocab(tok.vocab_size)
     token_counts = np.zeros(tok.vocab_size, dtype=np.int64)
     by_language: dict[str, list[int]] = {}

@@ -4,7 +4,8 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
 - With a given tokenizer, pass 1 encodes in the block workers and `Encoded` appends each block's kept
   tokens to the shards; a tokenizer to be trained needs the kept texts first, so pass 2 trains it on the
   train split's temporary JSONL file (`make_tokenizer`; for bpe, wordpiece and unigram a train split
-  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash) and `encode_split` encodes each split's
+  over `TOKENIZER_SAMPLE_BYTES` is sampled by document hash, and for bpe and unigram its Chinese and
+  Japanese documents over `UNSPACED_SAMPLE_BYTES`) and `encode_split` encodes each split's
   file in batches. Both record the same statistics: train token counts (`top_tokens`) and [UTF-8
   bytes, tokens] per guessed language (`tokenizer_report`).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
@@ -26,7 +27,8 @@ from lmforge.data.blocks import BlockResult
 from lmforge.data.filters import LANGUAGES, guess_language, utf8_len
 from lmforge.data.shards import ShardWriter
 from lmforge.data.split import SPLITS, bucket, doc_digest
-from lmforge.tokenizer.fast_encode import DocumentEncoder
+from lmforge.tokenizer import fast_encode
+from lmforge.tokenizer.fast_encode import DocumentEncoder, long_pieces
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
 
@@ -39,6 +41,14 @@ _ENCODE_BATCH_CHARS = 4_000_000
 # sampled (by document hash, deterministically) down to about this many bytes; nanochat trains its
 # tokenizer on ~2B characters for the same reason.
 TOKENIZER_SAMPLE_BYTES = 1 << 30
+# ... but text without spaces (Chinese, Japanese) gives byte-level BPE one "word" per clause, nearly all
+# distinct, and HF's trainer keeps ~50 bytes per byte of them (measured: 570 MB of RSS training on 5 MB
+# of Hong Lou Meng, 800 MB on 10 MB, English flat at ~290 MB from 14 to 28 MB), so 1 GiB of Chinese
+# asked for ~50 GB; Unigram (one Metaspace "word" per paragraph) took 534 MB on 1 MB and passed 2.5 GB
+# on 5 MB. Such documents are sampled down to about these many bytes (~1 GB of trainer memory); 20 MB
+# of Chinese is ~7M characters, 2 MB ~700k, for vocabularies of thousands to tens of thousands.
+UNSPACED_SAMPLE_BYTES = {"bpe": 20_000_000, "unigram": 2_000_000}
+UNSPACED_LANGUAGES = frozenset({"zh", "ja"})
 TRAINED_TOKENIZERS = ("bpe", "char", "wordpiece", "unigram")
 
 
@@ -77,12 +87,19 @@ def _read_docs(path: Path) -> Iterator[str]:
             yield json.loads(line)
 
 
-def _sample_docs(path: Path, fraction: float) -> Iterator[str]:
-    """Documents of `path`, each kept with probability `fraction`, decided by its hash (deterministic)."""
+def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) -> Iterator[str]:
+    """Documents of `path`, each kept with probability `fraction` (`unspaced_fraction` for Chinese and
+    Japanese ones, when lower), decided by its hash (deterministic)."""
     for text in _read_docs(path):
+        keep = fraction
+        if unspaced_fraction < fraction and guess_language(text) in UNSPACED_LANGUAGES:
+            keep = unspaced_fraction
         # digest bytes 8..16: independent of the split bucket, which uses bytes 0..8
-        if fraction >= 1 or bucket(doc_digest(text)[8:16]) < fraction:
-            yield text
+        if keep >= 1 or bucket(doc_digest(text)[8:16]) < keep:
+            # a long document goes in pieces cut where no pre-tokenizer joins text (the same words): HF's
+            # trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file)
+            size = fast_encode.LONG_DOCUMENT
+            yield from (long_pieces(text, size) if len(text) > size else (text,))
 
 
 def tokenizer_kind(tok: Tokenizer) -> str:
@@ -99,20 +116,33 @@ def tokenizer_kind(tok: Tokenizer) -> str:
 
 
 def make_tokenizer(
-    cfg: PrepareConfig, given: Tokenizer | None, train_docs: Path, train_bytes: int, progress: bool
+    cfg: PrepareConfig,
+    given: Tokenizer | None,
+    train_docs: Path,
+    train_bytes: int,
+    progress: bool,
+    *,
+    unspaced_bytes: int = 0,
 ) -> tuple[Tokenizer, str]:
+    """The given tokenizer, or one trained on `train_docs` (`train_bytes` UTF-8 bytes in all, `unspaced_bytes` of
+    them in Chinese and Japanese documents: both decide how much of it the trainer sees)."""
     if given is not None:
         return given, tokenizer_kind(given)
-    tok, kind = _train_tokenizer(cfg, train_docs, train_bytes, progress)
+    tok, kind = _train_tokenizer(cfg, train_docs, train_bytes, unspaced_bytes, progress)
     return (with_nfkc(tok) if cfg.normalize == "NFKC" else tok), kind  # later text normalized as this was
 
 
-def _train_tokenizer(cfg: PrepareConfig, train_docs: Path, train_bytes: int, progress: bool) -> tuple[Tokenizer, str]:
+def _train_tokenizer(
+    cfg: PrepareConfig, train_docs: Path, train_bytes: int, unspaced_bytes: int, progress: bool
+) -> tuple[Tokenizer, str]:
     if cfg.tokenizer == "char":
         return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
     # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
     show = progress and sys.stderr.isatty()
-    texts = _sample_docs(train_docs, TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1))
+    fraction = TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1)
+    unspaced_budget = UNSPACED_SAMPLE_BYTES.get(cfg.tokenizer)  # (WordPiece cuts Chinese into characters)
+    unspaced_fraction = unspaced_budget / max(unspaced_bytes, 1) if unspaced_budget else 1.0
+    texts = _sample_docs(train_docs, fraction, unspaced_fraction)
     if cfg.tokenizer == "wordpiece":
         tok = train_wordpiece(texts, cfg.vocab_size, show_progress=show)
         _note_characters_only(tok, cfg.vocab_size)

@@ -22,8 +22,10 @@ Key design decisions:
 - Segments after a space are cached without the space (`str.split(" ")` makes them for free when no
   space precedes whitespace or the end, the common case); the document's first segment has its own
   cache. Natural text repeats its words (Zipf), so after a few MB nearly every segment is a hit and
-  the Rust tokenizer only sees new words; the caches are emptied when they pass `max_cache` entries,
-  so memory stays bounded.
+  the Rust tokenizer only sees new words; the caches are emptied when they pass `max_cache` entries
+  or `max_cache_chars` characters of keys, so memory stays bounded. The character bound matters for
+  text without spaces: a Chinese document is one segment, cached whole (~15 KB for 3,000 characters
+  with its ids), and 125,000 of them under the entry bound alone held ~1.4 GB in every process.
 - A segment not in the cache is cut further between ASCII letters, digits and symbols (also always
   piece boundaries, except after an apostrophe) and those pieces are cached too, so a new word like
   "[12.345]" costs dict lookups of "[", "12", ".", "345", "]" instead of a Rust call (~6 us each).
@@ -51,6 +53,8 @@ _SUBCUT = re.compile(
     f"(?<=[{_L}])(?=[{_N}{_P}])|(?<=[{_N}])(?=[{_L}{_P}])|(?<=[{_P}])(?=[{_N}])|(?<=[{_P_NO_APOSTROPHE}])(?=[{_L}])"
 )
 DEFAULT_MAX_CACHE = 500_000  # entries per cache; ~200 bytes each for typical words: ~100 MB per process
+# characters of all keys together (English words: ~3M at the entry bound); ~4 bytes each for Chinese with ids
+DEFAULT_MAX_CACHE_CHARS = 32_000_000
 
 
 def segment_cache_ok(tok: Tokenizer) -> bool:
@@ -101,12 +105,21 @@ def long_pieces(text: str, size: int = LONG_DOCUMENT) -> list[str]:
 class DocumentEncoder:
     """Encode lists of documents to `(tokens, counts)`: ids with EOS after each document, and ids per document."""
 
-    def __init__(self, tok: Tokenizer, dtype: type[np.unsignedinteger], *, max_cache: int = DEFAULT_MAX_CACHE):
+    def __init__(
+        self,
+        tok: Tokenizer,
+        dtype: type[np.unsignedinteger],
+        *,
+        max_cache: int = DEFAULT_MAX_CACHE,
+        max_cache_chars: int = DEFAULT_MAX_CACHE_CHARS,
+    ):
         self.tok = tok
         self.dtype = np.dtype(dtype).newbyteorder("=")
         self.eos = np.array([tok.eos_id], dtype=self.dtype).tobytes()
         self.cached = segment_cache_ok(tok)
         self.max_cache = max_cache
+        self.max_cache_chars = max_cache_chars
+        self._cache_chars = 0  # characters of the keys added since the caches were last emptied (an upper bound)
         # segment -> its ids as raw `dtype` bytes (joining bytes is a memcpy; no per-token Python work)
         self._first: dict[str, bytes] = {}  # first segment of a document
         self._spaced: dict[str, bytes] = {}  # segment after a space (key without it) -> ids of " " + key
@@ -116,7 +129,10 @@ class DocumentEncoder:
         if not texts:
             return np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int64)
         if self.cached:
-            docs = self._cached_docs(texts)
+            docs = self._cached_docs([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
+            for i, text in enumerate(texts):
+                if len(text) > LONG_DOCUMENT:  # split into millions of words at once, it took ~50 bytes a character
+                    docs[i] = self._long_cached_doc(text)
         else:
             whole = self.tok.encode_batch([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
             docs = [
@@ -137,8 +153,18 @@ class DocumentEncoder:
             np.array(self.tok.encode(piece), dtype=self.dtype).tobytes() for piece in long_pieces(text, LONG_DOCUMENT)
         )
 
+    def _long_cached_doc(self, text: str) -> bytes:
+        """Ids (and EOS) of a document over LONG_DOCUMENT characters, one piece at a time through the caches:
+        a piece starts at a safe cut (see `long_pieces`), so its segments are the whole text's."""
+        eos = len(self.eos)
+        return b"".join(self._cached_docs([piece])[0][:-eos] for piece in long_pieces(text, LONG_DOCUMENT)) + self.eos
+
     def _cached_docs(self, texts: list[str]) -> list[bytes]:
         first, spaced = self._first, self._spaced
+        if self._cache_chars > self.max_cache_chars:  # long keys (unspaced text): empty both
+            first.clear()
+            spaced.clear()
+            self._cache_chars = 0
         if len(first) > self.max_cache // 4:  # first segments repeat less (titles, ids, numbers)
             first.clear()
         if len(spaced) > self.max_cache:
@@ -156,6 +182,8 @@ class DocumentEncoder:
         first_ids = self._encode_new(new_first)
         spaced.update(zip(new_spaced, self._encode_new([" " + s for s in new_spaced]), strict=True))
         first.update(zip(new_first, first_ids, strict=True))
+        # (a first segment that is its own one piece was counted by `_encode_new` too: the count errs high)
+        self._cache_chars += sum(map(len, new_first)) + sum(map(len, new_spaced))
         get, eos, join = spaced.__getitem__, self.eos, b"".join
         return [first[parts[0]] + join(map(get, parts[1:])) + eos for parts in split]
 
@@ -165,6 +193,7 @@ class DocumentEncoder:
         pieces = [_SUBCUT.split(s) for s in segments]
         new = list(set(chain.from_iterable(pieces)) - first.keys())
         first.update(zip(new, self._encode_segments(new), strict=True))
+        self._cache_chars += sum(map(len, new))
         join, get = b"".join, first.__getitem__
         return [join(map(get, parts)) for parts in pieces]
 
