@@ -390,7 +390,7 @@ def chat(
         if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
             print(
                 f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
-                f"beside a {max_new_tokens}-token reply; only its last {len(ids)} tokens are used",
+                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used (its end, after any BOS)",
                 file=sys.stderr,
                 flush=True,
             )

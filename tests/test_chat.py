@@ -210,7 +210,7 @@ def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1, r.stderr  # only for the long message; "hi" fits
-    assert "context (64 tokens)" in notes[0] and "only its last 56 tokens are used" in notes[0], notes
+    assert "context (64 tokens)" in notes[0] and "only 56 tokens are used (its end, after any BOS)" in notes[0], notes
 
 
 def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):

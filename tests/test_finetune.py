@@ -1084,6 +1084,9 @@ def test_clm_task_cleans_text_as_the_runs_data_was_prepared(tmp_path: Path, caps
     assert (task["tokens"], task["bytes"]) == (split["tokens"], split["bytes"])
     assert task["loss"] == pytest.approx(split["loss"], abs=1e-6) and task["bpb"] == pytest.approx(split["bpb"])
     assert "1 of 4 documents left out as prepare left them out" in capsys.readouterr().err
+    (tmp_path / "data").rename(tmp_path / "moved")  # without its data folder: scored raw, and said so
+    raw = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert raw["tokens"] > split["tokens"] and "(the run's prepared data) is gone" in capsys.readouterr().err
 
 
 def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_path: Path):

@@ -413,6 +413,12 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
         return texts, min(int(ft.info.get("max_len") or context), context)
     manifest = Path(ft.config.data.dir or "") / "manifest.json"
     if not ft.config.data.dir or not manifest.is_file():
+        if ft.config.data.dir:  # (moved or deleted: the numbers can differ from the run's logged ones)
+            print(
+                f"note: {ft.config.data.dir} (the run's prepared data) is gone, so {path} is scored as it is, "
+                "without the cleaning its data had, in windows of the model's context",
+                file=sys.stderr,
+            )
         return texts, context
     try:
         settings = json.loads(manifest.read_text(encoding="utf-8"))["config"]
