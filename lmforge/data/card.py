@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write_text, write_json
+from lmforge.data.ingest import skipped_json
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
@@ -120,9 +121,7 @@ def write_card(
 def skipped_json_note(manifest: dict[str, Any]) -> str:
     """A note for `prepare`'s stderr when a folder or glob walk skipped .json files (usually metadata, but
     a corpus of .json files, such as the classical poetry sets, is read only when named), else ''."""
-    json_files = [
-        n for n in manifest.get("skipped_files", []) if n.lower().endswith((".json", ".json.gz", ".json.zst"))
-    ]
+    json_files = skipped_json(manifest.get("skipped_files", []))
     if not json_files:
         return ""
     many = f"{len(json_files):,} .json files" if len(json_files) > 1 else "a .json file"

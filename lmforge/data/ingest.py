@@ -112,6 +112,12 @@ def _inner_name(path: Path) -> str:
     return name
 
 
+def skipped_json(names: list[str]) -> list[str]:
+    """The .json files (maybe .gz/.zst) among the files a folder or glob walk skipped (`resolve_inputs`): read
+    only when named, as they are usually metadata; `prepare` says so when it skipped some."""
+    return [name for name in names if _inner_name(Path(name)).endswith(".json")]
+
+
 def is_hub(path: str | Path) -> bool:
     """True for a hub dataset name (`hf:NAME[:CONFIG][:SPLIT]`)."""
     return str(path).startswith(HUB_PREFIX)

@@ -88,6 +88,7 @@ from lmforge.data.ingest import (
     read_documents,
     reads_in_blocks,
     resolve_inputs,
+    skipped_json,
 )
 from lmforge.data.shards import dtype_for_vocab
 from lmforge.data.split import SPLITS
@@ -639,7 +640,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     check_report_not_read(cfg, [p for p, _ in sources] + ([Path(cfg.tokenizer)] if given is not None else []))
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
     if not train_files:
-        json_files = [name for name in skipped if name.lower().endswith((".json", ".json.gz", ".json.zst"))]
+        json_files = skipped_json(skipped)
         hint = (  # a folder of .json files: the walk skips them (usually metadata), naming them reads them
             f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
             if json_files
