@@ -554,6 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
         min_p = number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's (`generate.sampling_probs`); was ignored
         top_k = top_k_of(body)  # vLLM's too: it was ignored the same way
         penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
+        settings = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "top_k": top_k, "penalties": penalties}
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
             raise RequestError(400, f"'seed' must be an integer in [0, 2**63), got {seed!r}", param="seed")
@@ -639,9 +640,7 @@ class _Handler(BaseHTTPRequestHandler):
             drawn = []
             for j in range(best_of):
                 index = i * n + j
-                sampling = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "top_k": top_k}
-                sampling["penalties"] = penalties
-                sampling["seed"] = None if seed is None else (seed + j) % 2**63
+                sampling = settings | {"seed": None if seed is None else (seed + j) % 2**63}
                 streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
                 emit = functools.partial(send_piece, index, streamed) if stream else None
                 if emit is not None and head:  # (with logprobs: the prompt's, scored as unstreamed)

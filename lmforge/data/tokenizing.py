@@ -98,8 +98,7 @@ def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) ->
         if keep >= 1 or bucket(doc_digest(text)[8:16]) < keep:
             # a long document goes in pieces cut where no pre-tokenizer joins text (the same words): HF's
             # trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file)
-            size = fast_encode.LONG_DOCUMENT
-            yield from (long_pieces(text, size) if len(text) > size else (text,))
+            yield from long_pieces(text, fast_encode.LONG_DOCUMENT)  # (a shorter one whole)
 
 
 def tokenizer_kind(tok: Tokenizer) -> str:
