@@ -271,7 +271,7 @@ def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     return outcome[1]
 
 
-def flops_per_token(model: Any, cfg: RunConfig) -> float:
+def _mfu_flops_per_token(model: Any, cfg: RunConfig) -> float:
     """Training FLOPs per token for MFU: an encoder's MLM head runs on the masked share of tokens only."""
     if cfg.model.family in ("bert", "electra"):
         return model.flops_per_token(cfg.data.seq_len, predicted=cfg.objective.mask_prob)
@@ -606,7 +606,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             save=save,
             evaluate=(evaluate_rank0 if diloco else evaluate) if val_shards else None,
             objective=setup.objective,
-            flops_per_token=flops_per_token(model, cfg),
+            flops_per_token=_mfu_flops_per_token(model, cfg),
             peak_flops=measure_matmul_flops(device.type, precision.dtype, seconds=0.1),  # 0.1 s: start-up cost
             world=world,
             rollback=rollback,
