@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,15 +164,62 @@ def _make_marked_dir(out: Path, kind: str) -> Path:
             break
         except FileExistsError:
             continue
-    (folder / TMP_MARKER).write_text(
-        json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n", encoding="utf-8"
-    )
+    (folder / TMP_MARKER).write_text(json.dumps(this_process()) + "\n", encoding="utf-8")
     return folder
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: assume alive, keep the folder
+# --------------------------------------------------------------------------------------------
+# Which process made a file: a pid alone is not enough. After a crash or a reboot the pid a status.json
+# or a marker recorded may belong to an unrelated process, which made a dead run read "running" (and
+# `report --watch` render it forever). So the process's start is recorded beside its pid, and a pid
+# counts as that process only while its start is the same. Linux: the boot id and /proc/PID/stat's
+# field 22 (start time in clock ticks since boot); Windows: the creation time (GetProcessTimes). Where it
+# cannot be read (macOS, /proc mounted with hidepid), nothing is recorded or compared: a live pid is
+# trusted, as it is in files written before the start was recorded.
+
+
+def this_process() -> dict[str, Any]:
+    """`pid`, `host` and (where it can be read) `pid_start` of this process, for a status or marker file."""
+    info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
+    start = process_start(os.getpid())
+    if start is not None:
+        info["pid_start"] = start
+    return info
+
+
+def process_alive(info: dict[str, Any]) -> bool:
+    """Whether the process `this_process()` described in `info` is still alive (on this host: callers check
+    `host`): its pid is alive and, where `pid_start` was recorded and can be read now, started then."""
+    pid = info.get("pid")
+    # (0 and negative pids name process groups to os.kill, and True is 1: a hand-edited file read "running")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not _pid_alive(pid):
+        return False
+    recorded = info.get("pid_start")
+    if not isinstance(recorded, str):  # written before the start was recorded, or where it cannot be read
         return True
+    now = process_start(pid)
+    return now is None or now == recorded
+
+
+def process_start(pid: int) -> str | None:
+    """A token for when process `pid` started, different for two processes that had the same pid; None where
+    it cannot be read (the process is gone or hidden, or the platform offers no way here)."""
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
+            # field 2, the command name in parentheses, may itself hold spaces and ')': count after the last one
+            return f"{boot}/{int(stat[stat.rindex(b')') + 2 :].split()[19])}"
+        except (OSError, ValueError, IndexError):
+            return None
+    if os.name == "nt":
+        return _windows_process(pid)[1]
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there
+        return _windows_process(pid)[0]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -181,14 +229,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _windows_process(pid: int) -> tuple[bool, str | None]:
+    """Windows: whether `pid` is alive, and its creation time (100 ns units since 1601) as a start token."""
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:  # 87, ERROR_INVALID_PARAMETER: no such process; anything else (access denied): alive
+        return ctypes.get_last_error() != 87, None
+    try:
+        code = wintypes.DWORD()
+        alive = not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        times = [wintypes.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
+        if not kernel32.GetProcessTimes(handle, *(ctypes.byref(t) for t in times)):
+            return alive, None
+        return alive, f"win/{(times[0].dwHighDateTime << 32) | times[0].dwLowDateTime}"
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def _abandoned(folder: Path) -> bool:
     """An lmforge build/backup folder whose maker (a process on this host) is gone."""
     try:
         info = json.loads((folder / TMP_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # no marker: not recognisably ours (or just being published); leave it
-    pid = info.get("pid") if isinstance(info, dict) else None
-    return isinstance(pid, int) and info.get("host") == socket.gethostname() and not _pid_alive(pid)
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")  # (a marker without a usable pid is not recognisably ours: the folder stays)
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not process_alive(info)
 
 
 def clean_stale_dirs(out: Path) -> None:

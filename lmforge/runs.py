@@ -1,12 +1,14 @@
 """`lmforge runs [DIR]`: the runs under a folder and what state each is in; plus the run status file.
 
-`pretrain` keeps `RUN_DIR/status.json`: `{"status": "running", "pid", "host", "started"}` when
+`pretrain` keeps `RUN_DIR/status.json`: `{"status": "running", "pid", "pid_start", "host", "started"}` when
 training starts, rewritten to `finished`, `interrupted` or `failed` (with the stop reason or the
 error) when it ends. A process that dies without a word (SIGKILL, the OOM killer, a power cut)
 leaves "running" behind, so a reader decides in this order:
 
-1. `status.json` says running: the run is *running* if its pid is alive on this host (on another
-   host: if `metrics.jsonl` was written in the last `STALE_S` seconds), else it *failed*.
+1. `status.json` says running: the run is *running* if its process is alive on this host (its pid is alive
+   and started at `pid_start`: after a crash or a reboot the pid may be an unrelated process's;
+   `atomic.process_alive`), on another host if `metrics.jsonl` was written in the last `STALE_S`
+   seconds; else it *failed*.
 2. `status.json` says finished / interrupted / failed: that.
 3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
    `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import write_json
+from lmforge.atomic import process_alive, this_process, write_json
 from lmforge.errors import ConfigError, DataError
 from lmforge.log import display_width, format_duration, read_metrics
 
@@ -133,7 +135,7 @@ def claim(run_dir: Path) -> None:
     Two trainings in one folder would write each other's checkpoints and metrics. The check is an
     exclusive `flock` on RUN/.lock, which the OS releases however the holder ends (killed included), so
     no stale lock is ever left (a status.json left "running" by a killed run is no obstacle); where
-    `fcntl` is missing (Windows), a running status.json whose pid is alive on this host is the check.
+    `fcntl` is missing (Windows), a running status.json whose process is alive on this host is the check.
     Call it before anything in the folder changes (--overwrite too). The lock file may be removed by
     `release` (a run that never started) or `--overwrite`, so a lock taken on a file that is no longer
     RUN/.lock is let go and taken again on the new one: two processes never hold different files.
@@ -147,11 +149,8 @@ def claim(run_dir: Path) -> None:
     )
     try:
         import fcntl
-    except ImportError:  # no flock: a live pid in status.json (one that is not ours) is the sign
-        if (
-            run_status(run_dir) == "running"
-            and (read_json_object(run_dir / STATUS_FILE) or {}).get("pid") != os.getpid()
-        ):
+    except ImportError:  # no flock: a live process in status.json (one that is not this one) is the sign
+        if run_status(run_dir) == "running" and not _is_this_process(read_json_object(run_dir / STATUS_FILE) or {}):
             raise busy from None
         return
     lock = run_dir / LOCK_FILE
@@ -301,12 +300,15 @@ def _holder(run_dir: Path) -> str:
     return f"pid {info['pid']} on {info.get('host', '?')}" if "pid" in info else "see its status.json"
 
 
+def _is_this_process(info: dict[str, Any]) -> bool:
+    """Whether status.json names this process (a file without `pid_start`: by its pid alone)."""
+    me = this_process()
+    return info.get("pid") == me["pid"] and info.get("pid_start", me.get("pid_start")) == me.get("pid_start")
+
+
 def mark_running(run_dir: Path) -> None:
     """Record that this process is training `run_dir` (called by `pretrain` before the loop)."""
-    write_json(
-        Path(run_dir) / STATUS_FILE,
-        {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": _now()},
-    )
+    write_json(Path(run_dir) / STATUS_FILE, {"status": "running", **this_process(), "started": _now()})
 
 
 def mark_stopped(run_dir: Path, status: str, *, stop_reason: str = "", error: str = "") -> None:
@@ -326,18 +328,6 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _section(data: dict[str, Any] | None, key: str) -> dict[str, Any]:
@@ -372,7 +362,7 @@ def _status(run_dir: Path) -> tuple[str, str]:
             error = info.get("error")
             return status, error.splitlines()[0] if status == "failed" and isinstance(error, str) and error else ""
         if info.get("host") == socket.gethostname():
-            alive = isinstance(info.get("pid"), int) and _pid_alive(info["pid"])
+            alive = process_alive(info)
         else:
             metrics = run_dir / "metrics.jsonl"
             alive = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S

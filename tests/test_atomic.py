@@ -226,3 +226,24 @@ def test_overwrite_refuses_a_run_that_a_live_process_trains(tmp_path: Path) -> N
     finally:
         release(run)
     check_out_dir(run, overwrite=True)  # the training ended: replacing a finished run is what --overwrite does
+
+
+def test_a_marker_whose_pid_now_belongs_to_another_process_is_abandoned(tmp_path: Path) -> None:
+    """A build folder marked by a killed process whose pid was reused (after a reboot, say) stayed for good,
+    and an `out` moved aside mid-swap was never put back: the marker records the process's start, and a live
+    pid that started at another time is not its maker."""
+    from lmforge.atomic import this_process
+
+    me = this_process()
+    if "pid_start" not in me:
+        pytest.skip("the process start time cannot be read on this platform")
+    out = tmp_path / "out"
+    for name, start in (("old-reused01", me["pid_start"] + "0"), ("tmp-live0001", me["pid_start"])):
+        (tmp_path / f".out.lmforge-{name}").mkdir()
+        (tmp_path / f".out.lmforge-{name}" / TMP_MARKER).write_text(
+            json.dumps({**me, "pid_start": start}), encoding="utf-8"
+        )
+    (tmp_path / ".out.lmforge-old-reused01" / "out").mkdir()  # killed mid-swap: put back
+    tmp = fresh_tmp_dir(out)
+    assert out.is_dir() and lmforge_leftovers(tmp_path) == sorted([".out.lmforge-tmp-live0001", tmp.name])
+    assert json.loads((tmp / TMP_MARKER).read_text(encoding="utf-8")) == me  # what a new build records

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -467,3 +468,29 @@ def test_the_rerun_command_is_the_line_a_user_types():
     assert rerun_command([main, *args], nodes).startswith("torchrun --nnodes=2 --nproc_per_node=8 -m lmforge pretrain")
     script = rerun_command(["train.py", "--x"], {})
     assert script == f"{Path(sys.executable).name} train.py --x"
+
+
+def test_a_live_pid_that_started_at_another_time_is_not_the_run(tmp_path):
+    """After a crash or a reboot the pid in status.json may be an unrelated live process's: that run read
+    "running" for good (and `report --watch` rendered it forever). The process's start is recorded beside
+    its pid, and a live pid that started at another time is not the run; a file without it (written before
+    the start was recorded) keeps trusting a live pid."""
+    from lmforge.atomic import process_start
+    from lmforge.report import watch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "tiny"}), encoding="utf-8")
+    mark_running(run)  # this (live) process trains it
+    info = json.loads((run / "status.json").read_text(encoding="utf-8"))
+    assert info["pid_start"] == process_start(os.getpid()) and run_status(run) == "running"
+    # the same live pid, but a process that started at another time (the pid's earlier owner, before a reboot)
+    (run / "status.json").write_text(json.dumps({**info, "pid_start": info["pid_start"] + "0"}), encoding="utf-8")
+    assert run_status(run) == "failed" and list_runs(tmp_path)[0].failure == "killed"
+    assert watch([run], tmp_path / "report.html", every_s=0.01, echo=False, max_renders=5) == 1  # no run is running
+    for pid in (0, -1, True):  # a hand-edited pid that os.kill reads as a process group, or as pid 1
+        (run / "status.json").write_text(json.dumps({**info, "pid": pid}), encoding="utf-8")
+        assert run_status(run) == "failed", pid
+    info.pop("pid_start")  # a status.json from before the start was recorded: a live pid is the run, as before
+    (run / "status.json").write_text(json.dumps(info), encoding="utf-8")
+    assert run_status(run) == "running"
