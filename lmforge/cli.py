@@ -326,6 +326,13 @@ def build_parser() -> Parser:
         help="data parallel strategy; diloco syncs every --dist.sync_every steps (default: --dist.strategy, ddp)",
     )
     p.add_argument("--price-per-hour", type=float, default=None, help="USD per device-hour (default: an assumed price)")
+    p.add_argument(
+        "--interconnect",
+        default=None,
+        help="the slowest link each device's traffic crosses, for the communication time: nvlink (H100, 450 GB/s "
+        "each way), nvlink-a100 (300 GB/s), pcie (4.0 x16, 31.5 GB/s), ib (NDR, 400 Gbit/s per GPU), ethernet "
+        "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
@@ -547,6 +554,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             world_size=args.world_size,
             strategy=args.strategy,
             price_per_hour=args.price_per_hour,
+            interconnect=args.interconnect,
         )
         from lmforge.log import json_text
 

@@ -3,7 +3,8 @@
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
 without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
-training reports MFU against) lives here too.
+training reports MFU against) lives here too. (~880 lines, over the 800 of the house style: about 130 are
+this docstring, the derivation of every term, which belongs beside the arithmetic it explains.)
 
 Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
 preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:
@@ -68,7 +69,22 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
   and the sum is the peak.
   `micro_batch_size` is taken per device (each rank runs forward on that many sequences).
 
-Time = train FLOPs / (peak FLOP/s x MFU x world_size); cost = hours x price per device-hour x world_size.
+Time = compute + the communication not hidden behind it; cost = hours x price per device-hour x world_size.
+Compute = train FLOPs / (peak FLOP/s x MFU x world_size). Communication (`communication`), with an interconnect
+(`--interconnect`: a preset of `INTERCONNECTS` or a link speed, each way per device; none: not included): the
+bytes each device sends in one sync / the link's bandwidth, ring algorithms throughout (NCCL's bus bandwidth):
+- DDP: one all-reduce of the fp32 gradients per step (on the last micro-batch: `no_sync` before it):
+  2 (n-1)/n x 4 B/param. It runs bucket by bucket during that micro-batch's backward (2/3 of its FLOPs), so
+  only what does not fit in that backward is added, and never less than the last bucket (DDP's 25 MiB
+  bucket_cap_mb: the first layers' gradients, ready when backward ends).
+- FSDP (FSDP2, `dist.wrap_model`): every micro-batch all-gathers the parameters in the autocast dtype in
+  forward and the blocks' again in backward (the root stays gathered after forward), and the last
+  reduce-scatters the fp32 gradients: (n-1)/n x (accumulation x dtype bytes x (2 x params - root params) +
+  4 B/param) per step. Prefetching overlaps the gathers with compute: what exceeds the step's compute is added.
+- DiLoCo: one all-reduce of the flat fp32 outer gradient per sync (2 (n-1)/n x 4 B/param), every
+  dist.sync_every steps and at the last; the workers wait for it, so all of it is added.
+Latency, the DDP buffer broadcast (the small rotary tables) and NCCL reaching ~70-90% of a link's rate are
+left out: the communication time is a lower bound.
 Peaks: "cpu"/"measure" are measured here (`measure_matmul_flops`), "a100"/"h100" come from NVIDIA's
 datasheets (dense, no sparsity), a number is the user's GFLOP/s. Default MFU and prices are stated
 assumptions (see `DEFAULT_MFU`, `PRICE_PER_HOUR`); every assumption made ends up in the result's
@@ -131,6 +147,18 @@ DEFAULT_MFU = {"cpu": 0.45, "cuda": 0.4}
 CPU_FULL_MFU_WIDTH = 128
 # Assumed on-demand prices in USD per device-hour (2024-25 cloud list prices vary 2x; pass your own).
 PRICE_PER_HOUR = {"a100": 1.8, "h100": 2.5, "cpu": 0.05}
+# Link speeds per device, each way, in Gbit/s (signalling rate after line encoding), for `--interconnect`: pass
+# the slowest link a device's traffic crosses (across nodes: the network, per GPU). Sources: NVIDIA H100 and
+# A100 datasheets (NVLink 900 / 600 GB/s, both ways together), the PCI-SIG 4.0 spec (16 GT/s per lane,
+# 128b/130b), NVIDIA ConnectX-7 / DGX H100 (one 400 Gbit/s NDR port per GPU).
+INTERCONNECTS = {
+    "nvlink": (3600.0, "NVLink 4 (H100 SXM): 450 GB/s each way"),
+    "nvlink-a100": (2400.0, "NVLink 3 (A100 SXM): 300 GB/s each way"),
+    "pcie": (252.0, "PCIe 4.0 x16: 31.5 GB/s each way"),
+    "ib": (400.0, "InfiniBand NDR, one 400 Gbit/s port per GPU"),
+    "ethernet": (10.0, "10 Gigabit Ethernet"),
+}
+DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb default
 
 
 @functools.lru_cache(maxsize=8)
@@ -411,6 +439,94 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
     }
 
 
+def resolve_interconnect(interconnect: str | float) -> dict[str, Any]:
+    """`--interconnect`: a name in `INTERCONNECTS` or a link speed in Gbit/s -> name, gbps (each way), source."""
+    key = interconnect.strip().lower() if isinstance(interconnect, str) else interconnect
+    if key in INTERCONNECTS:
+        gbps, source = INTERCONNECTS[key]
+        return {"name": key, "gbps": gbps, "source": source}
+    try:
+        gbps = float(key)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"unknown interconnect {interconnect!r}; use {', '.join(INTERCONNECTS)} or a link speed in Gbit/s "
+            "each way per device (e.g. 100)"
+        ) from None
+    if not math.isfinite(gbps) or gbps <= 0:
+        raise ConfigError(
+            f"interconnect speed must be a positive number of Gbit/s, got {interconnect!r}; pass e.g. --interconnect "
+            f"100, or one of {', '.join(INTERCONNECTS)}"
+        )
+    return {"name": f"{gbps:g} Gbit/s", "gbps": gbps, "source": "given by the user"}
+
+
+def communication(
+    counts: dict[str, int],
+    *,
+    strategy: str,
+    world_size: int,
+    steps: int,
+    sync_every: int,
+    accumulation: int,
+    gather_bytes: int,
+    step_compute_s: float,
+    link: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Each device's collectives over the run and their time (the rules are in the module docstring).
+
+    Returns:
+        interconnect, link_gbps (None: no link given), collectives (what one sync runs), bytes_per_sync (sent by
+        each device), syncs (steps, or DiLoCo's syncs), sync_s, time_s (all of it) and exposed_s (the part not
+        hidden behind compute, which the run's time_s adds); times are None without a link, 0 on one device.
+    """
+    n, params = world_size, counts["total"]
+    share = (n - 1) / n
+    grads = 4 * params  # fp32 gradients (and DiLoCo's fp32 outer gradient)
+    if n == 1:
+        collectives, sent, syncs, overlap = "none (one device)", 0, 0, ""
+    elif strategy == "fsdp":
+        collectives = "all-gathers (forward, backward) + reduce-scatter of the fp32 gradients"
+        gathered = accumulation * gather_bytes * (2 * params - counts["root"])
+        sent, syncs = math.ceil(share * (gathered + grads)), steps
+        overlap = "FSDP prefetching overlaps the gathers and reduce-scatters with the step's compute"
+    else:
+        what = "outer gradient" if strategy == "diloco" else "gradients"
+        collectives = f"ring all-reduce of the fp32 {what}, 2(n-1)/n x 4 B/param"
+        sent = math.ceil(2 * share * grads)
+        syncs = math.ceil(steps / sync_every) if strategy == "diloco" else steps
+        overlap = (
+            "DiLoCo's workers wait for each sync: no overlap"
+            if strategy == "diloco"
+            else "DDP overlaps its bucketed all-reduce with the last micro-batch's backward, but for the last bucket"
+        )
+    out: dict[str, Any] = {
+        "interconnect": link["name"] if link else None,
+        "link_gbps": link["gbps"] if link else None,
+        "collectives": collectives,
+        "bytes_per_sync": sent,
+        "syncs": syncs,
+        "overlap": overlap,
+        "sync_s": None,
+        "time_s": None,
+        "exposed_s": None,
+    }
+    if n == 1:
+        return {**out, "sync_s": 0.0, "time_s": 0.0, "exposed_s": 0.0}
+    if link is None:
+        return out
+    bandwidth = link["gbps"] * 1e9 / 8  # bytes/s each way
+    sync_s = sent / bandwidth
+    if strategy == "diloco":
+        exposed = sync_s
+    elif strategy == "fsdp":
+        exposed = max(sync_s - step_compute_s, 0.0)
+    else:
+        backward_s = 2 / 3 * step_compute_s / accumulation  # the last micro-batch's backward: 4 of its 6 N FLOPs
+        last_bucket_s = 2 * share * min(grads, DDP_BUCKET_BYTES) / bandwidth
+        exposed = max(sync_s - backward_s, last_bucket_s)
+    return {**out, "sync_s": sync_s, "time_s": sync_s * syncs, "exposed_s": exposed * syncs}
+
+
 def _resolve_dtype(name: str, device: str) -> str:
     if name == "auto":  # as `train.precision.pick_precision`: bf16 on (capable) GPUs, fp32 on CPU
         return "bfloat16" if device == "cuda" else "float32"
@@ -430,6 +546,7 @@ def estimate(
     world_size: int = 1,
     strategy: str | None = None,
     price_per_hour: float | None = None,
+    interconnect: str | float | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
@@ -443,14 +560,17 @@ def estimate(
         strategy: "ddp" (full replicas), "fsdp" (weights, gradients, optimizer sharded) or "diloco" (replicas
             that sync every `cfg.dist.sync_every` steps); None = `cfg.dist.strategy`.
         price_per_hour: USD per device-hour; None = the assumed default for the hardware (if any).
+        interconnect: a name in `INTERCONNECTS` or a link speed in Gbit/s (each way, per device); None = the
+            communication time is not included (see `communication`).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
         train_flops, tokens, chinchilla_tokens, memory_bytes (per component), peak_flops, mfu,
-        time_s, cost_usd (None without a price), the settings used and an "assumptions" list.
+        compute_time_s, communication (see `communication`), time_s (compute + communication not overlapped),
+        cost_usd (None without a price), the settings used and an "assumptions" list.
 
     Raises:
-        ConfigError: tokens < 1, unknown hardware or strategy, mfu outside (0, 1], world_size < 1,
+        ConfigError: tokens < 1, unknown hardware, strategy or interconnect, mfu outside (0, 1], world_size < 1,
             negative price, data.seq_len > model.max_seq_len.
     """
     if not (isinstance(tokens, (int, float)) and math.isfinite(tokens)):  # (inf: "must be >= 1" misled)
@@ -474,6 +594,7 @@ def estimate(
         raise ConfigError(f"mfu must be in (0, 1] (a fraction, e.g. 0.4), got {mfu}; 0 = the default")
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
+    link = None if interconnect is None else resolve_interconnect(interconnect)
 
     assumptions = []
     model = cfg.model
@@ -561,8 +682,30 @@ def estimate(
             # bench/estimate_vs_measured.py --dtype bfloat16 (2-vCPU AVX-512 VM, shared, noisy): tiny and
             # quickstart reached 3-20% of the measured bf16 matmul peak, far below their fp32 MFU
             assumptions.append("CPU bf16 autocast measured 3-20% MFU for small models; pass --mfu 0.1 or so")
-    time_s = train_flops / (hw["peak_flops"] * mfu * world_size)
+    compute_s = train_flops / (hw["peak_flops"] * mfu * world_size)
     steps = math.ceil(tokens / (batch * seq_len))
+    comm = communication(
+        counts,
+        strategy=strategy,
+        world_size=world_size,
+        steps=steps,
+        sync_every=cfg.dist.sync_every,
+        accumulation=batch // (micro * world_size),
+        gather_bytes=DTYPE_BYTES[hw["dtype"]],
+        step_compute_s=per_token * batch * seq_len / (hw["peak_flops"] * mfu * world_size),
+        link=link,
+    )
+    time_s = compute_s + (comm["exposed_s"] or 0.0)
+    if world_size > 1 and link is None:
+        assumptions.append(
+            "communication time not included: pass --interconnect (nvlink, nvlink-a100, pcie, ib, ethernet or "
+            "Gbit/s each way per device)"
+        )
+    elif world_size > 1:
+        assumptions.append(
+            f"communication at {link['gbps']:g} Gbit/s each way per device ({link['source']}), ring collectives, "
+            f"no latency: a lower bound; {comm['overlap']}"
+        )
     all_reduce = 2 * 4 * counts["total"]  # bytes a device moves per all-reduce of the fp32 gradients / parameters
     if world_size == 1:
         comm_bytes: int | None = 0
@@ -614,6 +757,8 @@ def estimate(
         "strategy": strategy,
         "sync_every": cfg.dist.sync_every if strategy == "diloco" else None,
         "comm_bytes": comm_bytes,
+        "communication": comm,
+        "compute_time_s": compute_s,
         "time_s": time_s,
         "price_per_hour": price,
         "cost_usd": cost,
@@ -665,8 +810,26 @@ def format_estimate(result: dict[str, Any]) -> str:
     ]
     if r.get("comm_bytes"):  # (0 on one device; None for FSDP)
         lines.append(f"communication {_bytes(r['comm_bytes'])} all-reduced per device over the run")
+    c = r["communication"]
+    if r["world_size"] > 1:
+        per = "sync" if r["strategy"] == "diloco" else "step"
+        lines.append(
+            f"comm time    {_bytes(c['bytes_per_sync'])} sent per device per {per}: {c['collectives']}; "
+            + (
+                "not included (pass --interconnect)"
+                if c["sync_s"] is None
+                else f"{_duration(c['sync_s'])} per {per} over {c['interconnect']}, {_duration(c['time_s'])} in all, "
+                + (
+                    f"{_duration(c['exposed_s'])} not hidden behind compute"
+                    if c["exposed_s"]
+                    else "all hidden by compute"
+                )
+            )
+        )
+    exposed = c["exposed_s"]
     lines += [
-        f"time         {_duration(r['time_s'])} on {r['world_size']} device{'s' if r['world_size'] > 1 else ''}",
+        f"time         {_duration(r['time_s'])} on {r['world_size']} device{'s' if r['world_size'] > 1 else ''}"
+        + (f" ({_duration(r['compute_time_s'])} compute + {_duration(exposed)} communication)" if exposed else ""),
         "cost         "
         + (
             "unknown (pass a price per device-hour)"
@@ -701,6 +864,8 @@ def _bytes(n: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if 0 < seconds < 0.1:  # (a step's communication: "0.0 s" said nothing)
+        return f"{seconds * 1000:.3g} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 
 import pytest
@@ -257,6 +258,54 @@ def test_diloco_memory_and_communication_by_hand() -> None:
     assert p.returncode == 0 and json.loads(p.stdout) == json.loads(json.dumps(diloco)), p.stderr
 
 
+def test_communication_time_by_hand() -> None:
+    """--interconnect: each device's bytes per sync over the link, and what compute does not hide, added to the
+    time. World 4, 8 Gbit/s (1e9 B/s), 1 TFLOP/s at MFU 0.5, 25 steps, micro-batch 2 (2 per step per device)."""
+    model = {"d_model": 512, "n_layer": 4, "n_head": 8}  # 13.3M parameters: 53 MB of fp32 gradients, 3 DDP buckets
+    cfg = run_cfg(model, train={"micro_batch_size": 2, "dtype": "bfloat16"}, dist={"sync_every": 10})
+    tokens = 25 * 16 * 128
+    counts = param_counts(dataclasses.replace(cfg.model, vocab_size=512))
+    n, root = counts["total"], counts["root"]
+    step_s = flops_per_token(cfg.model, 128) * 16 * 128 / (1e12 * 0.5 * 4)  # compute of one step, per device
+
+    def run(strategy: str, gbps: float | None = 8, world_size: int = 4) -> dict:
+        return estimate(cfg, tokens=tokens, hardware=GFLOPS, mfu=0.5, world_size=world_size, strategy=strategy,
+                        interconnect=gbps)  # fmt: skip
+
+    ddp = run("ddp")
+    c = ddp["communication"]
+    assert c["bytes_per_sync"] == math.ceil(2 * 3 / 4 * 4 * n) and c["syncs"] == 25 and c["link_gbps"] == 8
+    assert c["sync_s"] == pytest.approx(6 * n / 1e9) and c["time_s"] == pytest.approx(25 * 6 * n / 1e9)
+    backward = 2 / 3 * step_s / 2  # the last of 2 micro-batches' backward
+    last_bucket = 2 * 3 / 4 * 25 * 2**20 / 1e9
+    assert 6 * n / 1e9 - backward > last_bucket  # (this link is slow enough that the all-reduce outlasts it)
+    assert c["exposed_s"] == pytest.approx(25 * (6 * n / 1e9 - backward))
+    assert ddp["compute_time_s"] == pytest.approx(ddp["train_flops"] / (1e12 * 0.5 * 4))
+    assert ddp["time_s"] == pytest.approx(ddp["compute_time_s"] + c["exposed_s"])
+    assert ddp["cost_usd"] is None and ddp["comm_bytes"] == 25 * 2 * 4 * n  # (the run's ~2x figure, unchanged)
+    fast = run("ddp", 3600)["communication"]  # NVLink: all but the last bucket hides behind backward
+    assert fast["exposed_s"] == pytest.approx(25 * 2 * 3 / 4 * 25 * 2**20 / 450e9)
+
+    fsdp = run("fsdp")["communication"]  # bf16 gathers in forward (all) and backward (blocks), per micro-batch
+    sent = math.ceil(3 / 4 * (2 * 2 * (2 * n - root) + 4 * n))
+    assert fsdp["bytes_per_sync"] == sent and fsdp["syncs"] == 25
+    assert fsdp["exposed_s"] == pytest.approx(25 * max(sent / 1e9 - step_s, 0)) and fsdp["exposed_s"] > 0
+
+    diloco = run("diloco")  # syncs at 10, 20 and 25; the workers wait for each
+    assert diloco["communication"]["syncs"] == 3 and diloco["communication"]["exposed_s"] == pytest.approx(18 * n / 1e9)
+    assert diloco["time_s"] == pytest.approx(diloco["compute_time_s"] + 18 * n / 1e9)
+
+    none = run("ddp", None)  # no interconnect given: bytes, no time; the time is compute, and says so
+    assert none["communication"]["bytes_per_sync"] == c["bytes_per_sync"] and none["communication"]["sync_s"] is None
+    assert none["time_s"] == none["compute_time_s"] and any("--interconnect" in a for a in none["assumptions"])
+    one = run("ddp", 8, world_size=1)["communication"]
+    assert one["bytes_per_sync"] == 0 and one["exposed_s"] == 0
+    text = format_estimate(ddp)
+    assert re.search(r"comm time +\d+\.\d\d MiB sent per device per step: ring all-reduce", text), text
+    assert f"({_duration(ddp['compute_time_s'])} compute + {_duration(c['exposed_s'])} communication)" in text
+    assert "all hidden by compute" in format_estimate(run("fsdp", 3600))
+
+
 def test_diloco_memory_over_plain_training_matches_the_allocator() -> None:
     """What DiLoCo adds to a step's peak (outer state + the sync's buffers), predicted against PyTorch's CPU
     allocator: the real loop with a 1-worker DiLoCo syncing after every step, minus the same loop without it.
@@ -460,6 +509,9 @@ def test_result_is_json_and_formats() -> None:
         (dict(tokens=10, hardware=GFLOPS, world_size=0), r"world_size must be .*; pass .* \(--world-size 8\)"),
         (dict(tokens=10, hardware=GFLOPS, strategy="zero3"), "unknown strategy"),
         (dict(tokens=10, hardware=GFLOPS, price_per_hour=-1.0), "price_per_hour must be >= 0"),
+        (dict(tokens=10, hardware=GFLOPS, interconnect="infiniband"), "unknown interconnect 'infiniband'; use nvlink"),
+        (dict(tokens=10, hardware=GFLOPS, interconnect="0"), "positive number of Gbit/s, got '0'; pass e.g."),
+        (dict(tokens=10, hardware=GFLOPS, interconnect=float("nan")), "positive number of Gbit/s"),
     ],
 )
 def test_bad_inputs_are_one_line_config_errors(kwargs: dict, match: str) -> None:
@@ -511,7 +563,8 @@ def test_cli_json_matches_the_library_and_errors_are_one_line(tmp_path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[model]\nn_layer = 3\nvocab_size = 1000\n", encoding="utf-8")
     args = ["--preset", "tiny", "--config", str(cfg), "--model.d_model", "96", "--tokens", "2e6"]
-    p = run_cli("estimate", *args, "--hardware", GFLOPS, "--world-size", "2", "--strategy", "fsdp", "--json")
+    flags = ["--hardware", GFLOPS, "--world-size", "2", "--strategy", "fsdp", "--interconnect", "IB", "--json"]
+    p = run_cli("estimate", *args, *flags)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     want = estimate(
@@ -520,7 +573,9 @@ def test_cli_json_matches_the_library_and_errors_are_one_line(tmp_path) -> None:
         hardware=1000.0,
         world_size=2,
         strategy="fsdp",
+        interconnect="ib",
     )
+    assert got["communication"]["link_gbps"] == 400 and got["communication"]["exposed_s"] is not None
     assert got == json.loads(json.dumps(want))
     assert got["model"]["n_layer"] == 3 and got["model"]["d_model"] == 96 and got["strategy"] == "fsdp"
     for key in ("params", "non_embedding_params", "train_flops", "chinchilla_tokens", "time_s", "cost_usd"):
