@@ -222,7 +222,7 @@ def _pid_alive(pid: int) -> bool:
         return _windows_process(pid)[0]
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (OverflowError: a hand-edited pid beyond any process's)
         return False
     except OSError:  # PermissionError: alive, owned by someone else
         return True

@@ -488,7 +488,7 @@ def test_a_live_pid_that_started_at_another_time_is_not_the_run(tmp_path):
     (run / "status.json").write_text(json.dumps({**info, "pid_start": info["pid_start"] + "0"}), encoding="utf-8")
     assert run_status(run) == "failed" and list_runs(tmp_path)[0].failure == "killed"
     assert watch([run], tmp_path / "report.html", every_s=0.01, echo=False, max_renders=5) == 1  # no run is running
-    for pid in (0, -1, True):  # a hand-edited pid that os.kill reads as a process group, or as pid 1
+    for pid in (0, -1, True, 2**70):  # hand-edited pids os.kill reads as a process group or pid 1, or refuses
         (run / "status.json").write_text(json.dumps({**info, "pid": pid}), encoding="utf-8")
         assert run_status(run) == "failed", pid
     info.pop("pid_start")  # a status.json from before the start was recorded: a live pid is the run, as before
