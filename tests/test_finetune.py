@@ -754,6 +754,26 @@ def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
         read_task_rows(path, "sft", fields)
 
 
+def test_a_dotted_field_no_row_has_is_an_error_naming_where_its_path_ends(tmp_path: Path):
+    """A dotted --field that is in no row is a typo: `--field input=instances.inptu` trained an sft model without
+    its inputs, silently (a key missing from some items stays allowed: sft's input is optional). Now a one-line
+    error names the row, where the path ends and the keys there; a required column's typo says the same."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    tasks = [{"instruction": "say hi", "instances": [{"input": "", "output": "hi"}, {"output": "hello"}]}]
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
+    good = field_map("sft", ["input=instances.input", "output=instances.output"])
+    assert [r.get("instances.input") for r in read_task_rows(path, "sft", good)] == ["", None]
+    for typo, end in [
+        ("input=instances.inptu", "inptu' at 'instances\\[0\\]'"),
+        ("output=instance.output", "instance'"),
+    ]:
+        fields = field_map("sft", [typo, "output=instances.output" if "input" in typo else "input=instances.input"])
+        with pytest.raises(DataError, match=rf"seed_tasks.jsonl: row 1: no field '{end} \(found: .*\); no row has"):
+            read_task_rows(path, "sft", fields)
+
+
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
     """json.dumps(ensure_ascii=False) leaves U+2028 unescaped; splitlines() cut such a JSONL row in two."""
     from lmforge.data.formats import read_task_rows
