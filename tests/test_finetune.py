@@ -162,6 +162,21 @@ def test_assistant_only_loss_mask_and_stored_template(base: Path):
     assert tok.decode(cut.ids).endswith("words \n<|assistant|>\nBlue.<|endoftext|>")
 
 
+def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
+    """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
+    when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after
+    the prefix (the token that predicts the first target, and the target), a prompt only its last token. At
+    the boundary, keeping the prefix would leave an example with no target, or a prompt of only the prefix."""
+    from lmforge.data.formats import keep_end, segments_example
+
+    bos, prompt, answer = [99], [1, 2, 3, 4], [5, 6]
+    at = segments_example([(bos + prompt, False), (answer, True)], max_len=1, prefix=bos)
+    assert (at.ids, at.train) == ([4, 5], [False, True])  # a target, predicted by the prompt's last token
+    past = segments_example([(bos + prompt, False), (answer, True)], max_len=2, prefix=bos)
+    assert (past.ids, past.train) == ([99, 4, 5], [False, False, True])
+    assert keep_end(bos + prompt, 1, bos) == [4] and keep_end(bos + prompt, 2, bos) == [99, 4]
+
+
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report
 

@@ -236,6 +236,10 @@ def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefi
     first = train.index(True) if True in train else None  # the first target
     if first is None or first <= max_len:  # the end cut keeps a target
         return LMExample(ids[: max_len + 1], train[: max_len + 1])
+    # The prefix stays when 2 tokens fit after it (max_len + 1 kept): the one that predicts the first target, and
+    # that target. At max_len == len(prefix) only one would, and the example would train on nothing, so the prefix
+    # goes and the window keeps a target; `keep_end`'s bound (n > len(prefix)) is the same rule for a prompt,
+    # which needs only its last token after the prefix (tested at both boundaries).
     p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and max_len > len(prefix) else 0
     n = max_len + 1 - p  # tokens kept after the prefix
     # the whole tail when it fits, else from the token that predicts the first target on
@@ -250,6 +254,7 @@ def keep_end(ids: list[int], n: int, prefix: Sequence[int]) -> list[int]:
     (`segments_example`, `completion_example`), and a cut from the very start dropped it."""
     if len(ids) <= n:
         return ids
+    # (n == len(prefix): the prefix alone would drop every prompt token; the prompt's last n are kept instead)
     p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and n > len(prefix) else 0
     return ids[:p] + ids[len(ids) - (n - p) :]
 
