@@ -640,15 +640,25 @@ class StopStrings:
     """
 
     def __init__(self, stop: Collection[str]) -> None:
-        if not all(stop):
-            raise LmforgeError(
-                "a stop string (--stop) must not be empty: it would stop before the first token; drop the empty --stop"
-            )
-        self.stop = list(stop)
+        self.stop = self.check(stop)
         self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that could still become a stop string
         self.text = ""  # the text so far; once `stopped`, all of it (cut before the stop string)
         self.stopped = False
         self.sent = 0  # characters returned so far
+
+    @staticmethod
+    def check(stop: Collection[str]) -> list[str]:
+        """`stop` as a list, refused when one is empty (it would stop before the first token): `generate --stop`
+        checks it so before the model loads.
+
+        Raises:
+            LmforgeError: an empty stop string, and what to do.
+        """
+        if not all(stop):
+            raise LmforgeError(
+                "a stop string (--stop) must not be empty: it would stop before the first token; drop the empty --stop"
+            )
+        return list(stop)
 
     def feed(self, piece: str) -> str:
         """Add `piece`; return the newly safe text (possibly ""). After a stop string nothing more is added."""
@@ -841,7 +851,7 @@ def generate_from_checkpoint(
     elif batch_size is not None:
         raise LmforgeError("--batch-size is for --prompt-file and --num-samples (decoded in batches); drop it")
     check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
-    StopStrings(stop)  # (an empty one is refused)
+    StopStrings.check(stop)  # (before the model loads)
     loaded = load_generator(path, device)
     tokenizer = loaded.tokenizer
     stops = run_stops(loaded) if stop_at_eos else frozenset()

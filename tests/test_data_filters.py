@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -174,6 +175,5 @@ def test_filter_config_validation() -> None:
     ]:
         with pytest.raises(ConfigError, match=match):
             PrepareConfig(**{**ok, **bad})
-    assert PrepareConfig(**ok, languages=" zh , en ").quality_filters() == QualityFilters(
-        languages=frozenset({"zh", "en"})
-    )
+    settings = dataclasses.asdict(PrepareConfig(**ok, languages=" zh , en "))
+    assert DocumentCleaner.from_settings(settings).filters == QualityFilters(languages=frozenset({"zh", "en"}))

@@ -319,3 +319,20 @@ def test_a_dotted_text_field_reaches_into_nested_json(tmp_path):
     assert [d.text for d in read_documents(tmp_path / "rows.jsonl", text_field="a.b")] == ["literal key", "x"]
     with pytest.raises(DataError, match=r"rows\.jsonl:1: no field 'text' at 'doc' \(found: body\)"):
         list(read_documents(tmp_path / "rows.jsonl", text_field="doc.text"))
+
+
+def test_a_dotted_text_field_walks_empty_lists_and_names_the_item_missing_a_key(tmp_path):
+    """An empty list on the way (a chapter with no paragraphs yet) holds no documents; it was an error saying
+    "no field 't' at 'doc.paras' (found: a list)", which no --text-field could fix. An item of a walked list
+    without the key is an error naming the line and the item, as a missing flat --text-field is."""
+    rows = [
+        {"doc": {"paras": [{"t": "p one"}, {"t": ["p", "two"]}]}},
+        {"doc": {"paras": []}},
+        {"doc": {"paras": [{"t": "p3"}]}},
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert [d.text for d in read_documents(tmp_path / "r.jsonl", text_field="doc.paras.t")] == ["p one", "p\ntwo", "p3"]
+    rows[2]["doc"]["paras"].append({"u": "no t"})
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"r\.jsonl:3: no field 't' at 'doc\.paras\[1\]' \(found: u\); choose the text"):
+        list(read_documents(tmp_path / "r.jsonl", text_field="doc.paras.t"))

@@ -3,12 +3,15 @@ metrics against hand-computed values, DPO, task evaluation, and bad inputs -> on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
+import io
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -157,6 +160,21 @@ def test_assistant_only_loss_mask_and_stored_template(base: Path):
     cut = segments_example(segments, max_len=64)
     assert len(cut.ids) == 65 and cut.ids[-len(answer) :] == answer and sum(cut.train) == len(answer)
     assert tok.decode(cut.ids).endswith("words \n<|assistant|>\nBlue.<|endoftext|>")
+
+
+def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
+    """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
+    when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after
+    the prefix (the token that predicts the first target, and the target), a prompt only its last token. At
+    the boundary, keeping the prefix would leave an example with no target, or a prompt of only the prefix."""
+    from lmforge.data.formats import keep_end, segments_example
+
+    bos, prompt, answer = [99], [1, 2, 3, 4], [5, 6]
+    at = segments_example([(bos + prompt, False), (answer, True)], max_len=1, prefix=bos)
+    assert (at.ids, at.train) == ([4, 5], [False, True])  # a target, predicted by the prompt's last token
+    past = segments_example([(bos + prompt, False), (answer, True)], max_len=2, prefix=bos)
+    assert (past.ids, past.train) == ([99, 4, 5], [False, False, True])
+    assert keep_end(bos + prompt, 1, bos) == [4] and keep_end(bos + prompt, 2, bos) == [99, 4]
 
 
 def test_classification_metrics_against_hand_computed_values():
@@ -751,6 +769,26 @@ def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
         read_task_rows(path, "sft", fields)
 
 
+def test_a_dotted_field_no_row_has_is_an_error_naming_where_its_path_ends(tmp_path: Path):
+    """A dotted --field that is in no row is a typo: `--field input=instances.inptu` trained an sft model without
+    its inputs, silently (a key missing from some items stays allowed: sft's input is optional). Now a one-line
+    error names the row, where the path ends and the keys there; a required column's typo says the same."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    tasks = [{"instruction": "say hi", "instances": [{"input": "", "output": "hi"}, {"output": "hello"}]}]
+    path = tmp_path / "seed_tasks.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
+    good = field_map("sft", ["input=instances.input", "output=instances.output"])
+    assert [r.get("instances.input") for r in read_task_rows(path, "sft", good)] == ["", None]
+    for typo, end in [
+        ("input=instances.inptu", "inptu' at 'instances\\[0\\]'"),
+        ("output=instance.output", "instance'"),
+    ]:
+        fields = field_map("sft", [typo, "output=instances.output" if "input" in typo else "input=instances.input"])
+        with pytest.raises(DataError, match=rf"seed_tasks.jsonl: row 1: no field '{end} \(found: .*\); no row has"):
+            read_task_rows(path, "sft", fields)
+
+
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
     """json.dumps(ensure_ascii=False) leaves U+2028 unescaped; splitlines() cut such a JSONL row in two."""
     from lmforge.data.formats import read_task_rows
@@ -1087,6 +1125,94 @@ def test_clm_task_cleans_text_as_the_runs_data_was_prepared(tmp_path: Path, caps
     (tmp_path / "data").rename(tmp_path / "moved")  # without its data folder: scored raw, and said so
     raw = evaluate_task(base, task="clm", data=val, device="cpu")
     assert raw["tokens"] > split["tokens"] and "(the run's prepared data) is gone" in capsys.readouterr().err
+
+
+# One document per cleaning setting, each changed or removed by it alone (and one the defaults keep as it is).
+_CLEANING_TEXT = (
+    "the cat sat on the mat and looked at the dog\n\n"
+    "ｆｕｌｌ width ｔｅｘｔ here\n\n"  # normalize NFKC
+    "spaces   and\ttabs    here\n\n"  # normalize_whitespace
+    "a real line\nAll rights reserved.\n\n"  # boilerplate
+    "short\n\n"  # min_chars
+    "a rather long paragraph that goes on and on for well over sixty characters in all\n\n"  # max_chars
+    "abcabcabcabcabcabcabcabcabcabcabcabc\n\n"  # max_char_repetition
+    "same line\nsame line\nsame line\nother\n\n"  # max_line_repetition
+    "12345 67890 !!! ??? 1234\n\n"  # min_alpha_ratio
+    "这是一个中文段落，没有英文。\n"  # languages
+)
+_CLEANING_SETTINGS = {
+    "normalize": "NFKC", "normalize_whitespace": True, "boilerplate": True, "min_chars": 8, "max_chars": 60,
+    "max_char_repetition": 0.5, "max_line_repetition": 0.3, "min_alpha_ratio": 0.5, "languages": "en",
+}  # fmt: skip
+
+
+def test_clm_task_cleans_by_each_setting_as_prepare_did(tmp_path: Path):
+    """`prepare` and `eval --task clm` build their cleaner from the same settings by one function (there were two
+    mappings): each cleaning setting (every one `DocumentCleaner.from_settings` reads) changes the prepared val
+    split, and `eval --task clm` makes of the val file exactly the documents that split holds, setting by setting."""
+    from lmforge.data.filters import CLEANING_SETTINGS
+    from lmforge.data.formats import read_task_rows
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.tasks import clm_text_as_trained
+    from tests.test_data_prepare import docs_by_split
+
+    assert set(_CLEANING_SETTINGS) == set(CLEANING_SETTINGS)  # a new setting needs its document above
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat\n", encoding="utf-8")
+    val.write_text(_CLEANING_TEXT, encoding="utf-8")
+    tok = train_char([_CLEANING_TEXT, unicodedata.normalize("NFKC", _CLEANING_TEXT)])
+    tok.save(tmp_path / "tokenizer.json")
+    data = tmp_path / "data"
+    base = make_base(tmp_path, max_seq_len=32, tok=tok, data=DataConfig(dir=str(data), seq_len=32))
+    ft = load_finetuned(base, torch.device("cpu"))
+    texts = [row["text"] for row in read_task_rows(val, "clm", {"text": "text"})]  # (as evaluate_task reads it)
+    common = {"inputs": [str(train)], "val_input": [str(val)], "tokenizer": str(tmp_path / "tokenizer.json")}
+    default = None
+    for name, value in [("min_chars", 1), *_CLEANING_SETTINGS.items()]:  # (min_chars 1: the defaults)
+        prepare(PrepareConfig(**common, out=str(data), card=False, overwrite=True, **{name: value}), progress=False)
+        split = docs_by_split(data)["val"]
+        default = default or split
+        assert (name, value) == ("min_chars", 1) or split != default, f"{name} changed nothing"
+        with contextlib.redirect_stderr(io.StringIO()):  # (its note on the documents left out)
+            assert clm_text_as_trained(ft, texts, val)[0] == split, name
+
+
+def test_clm_task_cleans_a_merged_folders_text_as_its_parts_were(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A `prepare --merge`d folder's manifest config is the merge's own (cleaning flags are refused with --merge),
+    so `eval --task clm` cleaned a run's val file with the defaults, not as its parts were prepared: 5,770 tokens
+    where the split held 3,979 with --normalize-whitespace parts. The merge records the settings its parts share;
+    parts cleaned differently are said in a note and the file is scored as it is."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.eval.tasks import evaluate_task
+
+    a, b, val = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "val.txt"
+    a.write_text("the cat sat on the mat\n", encoding="utf-8")
+    b.write_text("the dog ran\n", encoding="utf-8")
+    val.write_text("the  cat\t sat   on\n\nthe dog    ran  \n", encoding="utf-8")
+    tok = train_char(["the cat sat on the mat dog ran \t"])
+    tok.save(tmp_path / "tokenizer.json")
+    common = {"tokenizer": str(tmp_path / "tokenizer.json"), "card": False}
+    prepare(PrepareConfig(inputs=[str(a)], val_input=[str(val)], out=str(tmp_path / "pa"), normalize_whitespace=True,
+                          **common), progress=False)  # fmt: skip
+    prepare(
+        PrepareConfig(inputs=[str(b)], out=str(tmp_path / "pb"), normalize_whitespace=True, **common), progress=False
+    )
+    prepare(PrepareConfig(inputs=[str(b)], out=str(tmp_path / "pc"), **common), progress=False)
+    merged = tmp_path / "merged"
+    m = prepare(PrepareConfig(inputs=[str(tmp_path / "pa"), str(tmp_path / "pb")], out=str(merged), merge=True,
+                              card=False), progress=False)  # fmt: skip
+    assert m["part_cleaning"]["normalize_whitespace"] is True
+    base = make_base(tmp_path, max_seq_len=16, tok=tok, data=DataConfig(dir=str(merged), seq_len=8))
+    split = evaluate_checkpoint(str(base), split="val", device="cpu")
+    task = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert (task["tokens"], task["bytes"]) == (split["tokens"], split["bytes"])
+    prepare(PrepareConfig(inputs=[str(tmp_path / "pa"), str(tmp_path / "pc")], out=str(merged), merge=True,
+                          card=False, overwrite=True), progress=False)  # fmt: skip
+    capsys.readouterr()
+    raw = evaluate_task(base, task="clm", data=val, device="cpu")
+    assert raw["bytes"] > task["bytes"]  # (the spaces --normalize-whitespace took out are back)
+    assert "were cleaned with different settings, so" in capsys.readouterr().err
 
 
 def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_path: Path):

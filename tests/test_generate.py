@@ -439,7 +439,7 @@ def test_min_p_against_hand_computation_and_transformers() -> None:
 
 
 def test_stop_strings_cut_before_the_first_to_appear_and_hold_back_what_could_become_one() -> None:
-    from lmforge.generate import StopStrings
+    from lmforge.generate import StopStrings, generate_from_checkpoint
 
     cut = StopStrings(["o w", "rl"])  # hold: 2 characters
     assert [cut.feed(p) for p in ("Hel", "lo wo", "rld")] == ["H", "ell", ""]  # "o w" spans the two pieces
@@ -450,6 +450,10 @@ def test_stop_strings_cut_before_the_first_to_appear_and_hold_back_what_could_be
     assert "".join(cut.feed(p) for p in ("ab", "xy")) == "ab" and cut.flush() == "xy" and not cut.stopped
     with pytest.raises(LmforgeError, match="must not be empty"):
         StopStrings(["\n", ""])
+    # one check, StopStrings' own, which `generate` runs before the model loads (no run is there to load)
+    assert StopStrings.check(("\n", "Q:")) == ["\n", "Q:"]
+    with pytest.raises(LmforgeError, match="must not be empty"):
+        generate_from_checkpoint("no/such/run", prompt="x", stop=["\n", ""])
 
 
 def test_generate_stop_string_spanning_two_tokens(tmp_path: Path) -> None:

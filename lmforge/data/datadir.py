@@ -50,6 +50,17 @@ class DataDir:
         return Tokenizer.load(self.tokenizer_path)
 
 
+def cleaning_settings(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings a prepared folder's text was cleaned with (`filters.CLEANING_SETTINGS`, for
+    `DocumentCleaner.from_settings`): its manifest's "config"; for a `--merge`d folder, whose config is the
+    merge's own (which cleans nothing), the settings its parts shared, which the merge records as
+    "part_cleaning" (None: its parts were cleaned differently; a folder merged before that record: its config)."""
+    config = manifest["config"]
+    if config.get("merge") and "part_cleaning" in manifest:
+        return manifest["part_cleaning"]
+    return config
+
+
 def load_data_dir(path: str | Path) -> DataDir:
     """Open and validate a directory written by `prepare`.
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -41,6 +42,11 @@ from lmforge.data.clean import Normalization, clean_text, length_verdict
 
 LANGUAGES = ("zh", "en", "ja", "ko", "latin", "cyrillic", "arabic", "greek", "devanagari", "other", "unknown")
 REMOVAL_REASONS = ("too_long", "char_repetition", "line_repetition", "alpha_ratio", "boilerplate", "language")
+# The `PrepareConfig` fields that `DocumentCleaner.from_settings` reads: how a prepared folder's text was cleaned.
+CLEANING_SETTINGS = (
+    "normalize", "normalize_whitespace", "boilerplate", "min_chars", "max_chars", "max_char_repetition",
+    "max_line_repetition", "min_alpha_ratio", "languages",
+)  # fmt: skip
 CHAR_NGRAM = 10
 _GUESS_CHARS = 2000
 
@@ -206,9 +212,14 @@ def guess_language(text: str) -> str:
     return _latin_language(sample.lower()) if script == "latin" else script
 
 
+def language_list(languages: str) -> list[str]:
+    """A `--languages` value ("zh, en") as its codes, split at commas, blanks dropped."""
+    return [lang.strip() for lang in languages.split(",") if lang.strip()]
+
+
 @dataclass(frozen=True)
 class QualityFilters:
-    """Thresholds of the removal filters (0 / empty = off); built by `prepare` from `PrepareConfig`."""
+    """Thresholds of the removal filters (0 / empty = off); built by `DocumentCleaner.from_settings`."""
 
     max_chars: int = 0
     max_char_repetition: float = 0.0
@@ -264,21 +275,22 @@ class DocumentCleaner:
     filters: QualityFilters = QualityFilters()
 
     @classmethod
-    def from_manifest(cls, config: dict[str, Any]) -> DocumentCleaner:
-        """The cleaner `prepare` ran with the settings its manifest.json records under "config" (a key it
-        lacks: prepare's default), so text scored later (`eval --task clm`) can be cleaned as the data was."""
-        languages = str(config.get("languages") or "")
+    def from_settings(cls, settings: Mapping[str, Any]) -> DocumentCleaner:
+        """The cleaner of `prepare`'s settings, named as `PrepareConfig`'s fields (a key missing: prepare's
+        default). `prepare` builds its own from its config and `eval --task clm` from the config its manifest.json
+        records (`datadir.cleaning_settings`), so text scored later is cleaned by this one mapping as the data was.
+        """
         return cls(
-            normalize=config.get("normalize", "NFC"),
-            whitespace=bool(config.get("normalize_whitespace", False)),
-            boilerplate=bool(config.get("boilerplate", False)),
-            min_chars=int(config.get("min_chars", 1)),
+            normalize=settings.get("normalize", "NFC"),
+            whitespace=bool(settings.get("normalize_whitespace", False)),
+            boilerplate=bool(settings.get("boilerplate", False)),
+            min_chars=int(settings.get("min_chars", 1)),
             filters=QualityFilters(
-                max_chars=int(config.get("max_chars", 0)),
-                max_char_repetition=float(config.get("max_char_repetition", 0.0)),
-                max_line_repetition=float(config.get("max_line_repetition", 0.0)),
-                min_alpha_ratio=float(config.get("min_alpha_ratio", 0.0)),
-                languages=frozenset(lang.strip() for lang in languages.split(",") if lang.strip()),
+                max_chars=int(settings.get("max_chars", 0)),
+                max_char_repetition=float(settings.get("max_char_repetition", 0.0)),
+                max_line_repetition=float(settings.get("max_line_repetition", 0.0)),
+                min_alpha_ratio=float(settings.get("min_alpha_ratio", 0.0)),
+                languages=frozenset(language_list(str(settings.get("languages") or ""))),
             ),
         )
 

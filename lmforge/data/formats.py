@@ -236,6 +236,10 @@ def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefi
     first = train.index(True) if True in train else None  # the first target
     if first is None or first <= max_len:  # the end cut keeps a target
         return LMExample(ids[: max_len + 1], train[: max_len + 1])
+    # The prefix stays when 2 tokens fit after it (max_len + 1 kept): the one that predicts the first target, and
+    # that target. At max_len == len(prefix) only one would, and the example would train on nothing, so the prefix
+    # goes and the window keeps a target; `keep_end`'s bound (n > len(prefix)) is the same rule for a prompt,
+    # which needs only its last token after the prefix (tested at both boundaries).
     p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and max_len > len(prefix) else 0
     n = max_len + 1 - p  # tokens kept after the prefix
     # the whole tail when it fits, else from the token that predicts the first target on
@@ -250,6 +254,7 @@ def keep_end(ids: list[int], n: int, prefix: Sequence[int]) -> list[int]:
     (`segments_example`, `completion_example`), and a cut from the very start dropped it."""
     if len(ids) <= n:
         return ids
+    # (n == len(prefix): the prefix alone would drop every prompt token; the prompt's last n are kept instead)
     p = len(prefix) if prefix and ids[: len(prefix)] == list(prefix) and n > len(prefix) else 0
     return ids[:p] + ids[len(ids) - (n - p) :]
 
@@ -614,51 +619,25 @@ def read_task_rows(
 
 def nested_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
     """Rows with each dotted column (`--field output=instances.output`) that is not a key itself read from
-    nested objects, as `prepare --text-field doc.body` reads them; a list of objects on the way gives one row
-    per item, the row's other columns repeated (Self-Instruct's tasks hold their {input, output} pairs in an
-    `instances` list). Every such column that walks a list must walk the same one."""
+    nested objects by `jsonl.dotted_rows`, as `prepare --text-field doc.body` reads them; a list of objects on the
+    way gives one row per item, the row's other columns repeated (Self-Instruct's tasks hold their {input, output}
+    pairs in an `instances` list). Every such column that walks a list must walk the same one. A key missing
+    from a row or item leaves its column out there (sft's optional input; a required one is refused by
+    `check_columns`), but a column that no row has is a typo: an error naming the path and the keys found."""
+    from lmforge.data.jsonl import dotted_rows
+
     dotted = [c for c in dict.fromkeys(fields.values()) if "." in c and rows and c not in rows[0]]
     if not dotted:
         return rows
+    hint = "point --field NAME=COLUMN at the text"
     out = []
     for i, row in enumerate(rows, 1):
-        found: dict[str, Any] = {}  # column -> its value (no list on the way)
-        walks: dict[tuple[str, ...], dict[str, list[str]]] = {}  # a list's path -> column -> the path in its items
-        for column in dotted:
-            value, parts = row, column.split(".")
-            for k, part in enumerate(parts):
-                if isinstance(value, list):
-                    walks.setdefault(tuple(parts[:k]), {})[column] = parts[k:]
-                    break
-                value = value.get(part) if isinstance(value, dict) else None
-            else:
-                if value is not None:
-                    found[column] = value
-        if len(walks) > 1:
-            raise DataError(
-                f"{path}: row {i}: the --field paths {', '.join(c for w in walks.values() for c in w)} walk different "
-                "lists; name fields inside one list (e.g. instances.input and instances.output)"
-            )
-        if not walks:
-            out.append(row | found)
-            continue
-        ((where, columns),) = walks.items()
-        for item in _nested(row, where):
-            if not isinstance(item, dict):
-                raise DataError(
-                    f"{path}: row {i}: {'.'.join(where)!r} holds {type(item).__name__} values, not objects with keys "
-                    f"for {', '.join(columns)}; point --field NAME=COLUMN at the text"
-                )
-            picked = {c: _nested(item, rest) for c, rest in columns.items()}
-            out.append(row | found | {c: v for c, v in picked.items() if v is not None})
+        for found in dotted_rows(row, dotted, f"{path}: row {i}", missing="absent", hint=hint):
+            out.append(row | {c: v for c, v in found.items() if v is not None})  # (null: as if missing)
+    for c in dotted:
+        if out and not any(c in row for row in out):  # walked again to say where its path ends
+            dotted_rows(rows[0], [c], f"{path}: row 1", missing="error", hint=f"no row has '{c}': {hint}")
     return out
-
-
-def _nested(value: Any, parts: list[str] | tuple[str, ...]) -> Any:
-    """The value at `parts` inside nested objects; None where a key is missing."""
-    for part in parts:
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def build_examples(

@@ -10,7 +10,7 @@ network). File formats, chosen by file name (case-insensitive):
   A dotted `text_field` that is not a key itself is a path into nested objects (`--text-field
   doc.body`); a list of objects on the way is walked item by item, each leaf (a string, or a list of
   strings joined by newlines) one document: `content.content.paragraphs` reads a book stored as
-  {"content": [{"content": [{"paragraphs": [...]}, ...]}, ...]} one chapter per document (`jsonl.field_texts`).
+  {"content": [{"content": [{"paragraphs": [...]}, ...]}, ...]} one chapter per document (`jsonl.dotted_rows`).
 - `.json`: a JSON array of documents (strings, or objects whose `text_field` holds a string or a list
   of strings, joined by newlines: one document per object), or one such object; a `.json` file that
   is really JSON Lines (one object per line) is read as JSONL. Read when named explicitly (or by a

@@ -1,7 +1,8 @@
 """The JSON Lines and .json readers of `ingest.read_documents` (and of `ingest.block_documents` for JSONL blocks).
 
 What the two formats may hold, and how a dotted `text_field` reaches into nested objects, is listed in
-`ingest`'s docstring; `field_texts` is that walk, shared by both readers. `.jsonl` lines end at b"\\n" only
+`ingest`'s docstring; `dotted_rows` is that walk, shared by both readers and by `finetune`'s task files
+(`formats.nested_rows`). `.jsonl` lines end at b"\\n" only
 (the JSON Lines spec: a lone "\\r" is JSON whitespace); a `.json` file is read whole, up to `max_line_bytes`,
 and one that is really JSON Lines (more than one value) is read as JSONL.
 
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from lmforge.data.clean import decode_utf8, replace_surrogates
 from lmforge.data.ingest import PROGRESS_EVERY, RawDocument, no_progress, read_whole
@@ -70,38 +71,82 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
 
 
 def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator[str]:
-    """The texts at dotted `field_path` in a JSON object: each key descends into an object, a list of objects
-    on the way is walked item by item, and each leaf is a string or a list of strings (joined by newlines).
+    """The texts at dotted `field_path` in a JSON object (`dotted_rows`, a key missing on the way an error, as a
+    missing flat --text-field is), each a string or a list of strings (joined by newlines).
 
     Raises:
         DataError: a key missing on the way, or a leaf of another kind; the message names the path so far.
     """
-    parts = field_path.split(".")
-
-    def walk(value: Any, depth: int, at: str) -> Iterator[str]:
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and depth < len(parts):
-            for k, item in enumerate(value):
-                yield from walk(item, depth, f"{at}[{k}]")
-            return
-        if depth == len(parts):
-            if isinstance(value, list) and all(isinstance(t, str) for t in value):
-                value = "\n".join(value)
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{where}: '{at}' is {type(value).__name__}, not a string or a list of strings; "
-                    "choose the text field with --text-field"
-                )
-            yield value
-            return
-        if not isinstance(value, dict) or parts[depth] not in value:
-            keys = ", ".join(list(value)[:8]) if isinstance(value, dict) else f"a {type(value).__name__}"
+    hint = "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
+    for k, found in enumerate(dotted_rows(record, [field_path], where, missing="error", hint=hint), 1):
+        value = found[field_path]
+        if isinstance(value, list) and all(isinstance(t, str) for t in value):
+            value = "\n".join(value)
+        if not isinstance(value, str):
             raise DataError(
-                f"{where}: no field '{parts[depth]}' at '{at or field_path}' (found: {keys or 'none'}); "
-                "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
+                f"{where}: '{field_path}' is {type(value).__name__} (value {k} found there), not a string or a list of "
+                "strings; choose the text field with --text-field"
             )
-        yield from walk(value[parts[depth]], depth + 1, ".".join(p for p in (at, parts[depth]) if p))
+        yield value
 
-    yield from walk(record, 0, "")
+
+def dotted_rows(
+    record: Any, paths: Sequence[str], where: str, *, missing: Literal["error", "absent"], hint: str
+) -> list[dict[str, Any]]:
+    """The values at dotted `paths` in a JSON record (`prepare --text-field doc.body`, a task file's `--field
+    output=instances.output`): one {path: value} per item of the list of objects they walk, one when they walk
+    none, none for an empty list. Each key descends into an object; a list on the way is walked item by item
+    (lists inside its items too); paths that walk lists must walk the same ones.
+
+    `missing` is the policy for a key missing on the way. "error": a `DataError` naming `where`, the path so far
+    and the keys there, ending with `hint` (prepare: its flat --text-field is required too, and a typo should
+    stop a long run at the first record, not leave it with no documents). "absent": the path is left out of that
+    dict (task files: an optional field such as sft's input may be missing from some items; `nested_rows` refuses
+    a path that no row has).
+
+    Raises:
+        DataError: a missing key ("error"); a list of non-objects where a key is still to be found; paths that
+            walk different lists.
+    """
+
+    def walk(value: Any, rest: dict[str, list[str]], at: str) -> tuple[list[dict[str, Any]], bool]:
+        """(the dicts, whether a list was walked) for the paths in `rest` (path -> its keys still to descend)."""
+        done = {path: value for path, keys in rest.items() if not keys}
+        todo = {path: keys for path, keys in rest.items() if keys}
+        if not todo:
+            return [done], False
+        if isinstance(value, list):
+            odd = next((item for item in value if not isinstance(item, dict)), None)
+            if odd is not None or None in value:
+                raise DataError(
+                    f"{where}: '{at}' holds {type(odd).__name__} values, not objects with keys for "
+                    f"{', '.join(todo)}; {hint}"
+                )
+            rows = [row for k, item in enumerate(value) for row in walk(item, todo, f"{at}[{k}]")[0]]
+            return [done | row for row in rows], True
+        rows, walked_by = [done], ""
+        groups: dict[str, dict[str, list[str]]] = {}
+        for path, keys in todo.items():
+            groups.setdefault(keys[0], {})[path] = keys[1:]
+        for key, group in groups.items():
+            if not isinstance(value, dict) or key not in value:
+                if missing == "absent":
+                    continue
+                keys = (
+                    (", ".join(list(value)[:8]) or "none") if isinstance(value, dict) else f"a {type(value).__name__}"
+                )
+                raise DataError(f"{where}: no field '{key}'{f' at {at!r}' if at else ''} (found: {keys}); {hint}")
+            found, walked = walk(value[key], group, f"{at}.{key}" if at else key)
+            if walked and walked_by:
+                raise DataError(
+                    f"{where}: the --field paths {walked_by}, {', '.join(group)} walk different lists; name fields "
+                    "inside one list (e.g. instances.input and instances.output)"
+                )
+            walked_by = walked_by or (", ".join(group) if walked else "")
+            rows = [row | more for row in rows for more in found]
+        return rows, bool(walked_by)
+
+    return walk(record, {path: path.split(".") for path in paths}, "")[0]
 
 
 def jsonl_documents(

@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 
 from lmforge.atomic import discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
-from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, load_data_dir
+from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, cleaning_settings, load_data_dir
 from lmforge.data.dedup import NearDedup
 from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
-from lmforge.data.filters import guess_language, utf8_len
+from lmforge.data.filters import CLEANING_SETTINGS, DocumentCleaner, guess_language, utf8_len
 from lmforge.data.prepare import (
     REMOVED_KEYS,
     PrepareConfig,
@@ -118,6 +118,15 @@ def _true_bytes(decoded: Counter[str], part_bytes: int | None) -> dict[str, int]
         true.setdefault(reason, 0)
     true["kept"] = true["read"] - sum(true[reason] for reason in _MERGE_REMOVALS)
     return true
+
+
+def _part_cleaning(parts: list[DataDir]) -> dict[str, Any] | None:
+    """The cleaning settings the parts share (`eval --task clm` cleans a file by them), or None if they differ."""
+    settings = [cleaning_settings(part.manifest) for part in parts]
+    if any(s is None for s in settings) or len({DocumentCleaner.from_settings(s) for s in settings}) > 1:
+        return None
+    first = settings[0]
+    return {key: first[key] for key in CLEANING_SETTINGS if key in first}
 
 
 def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -258,6 +267,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "dtype": np.dtype(dtype).name,
             "splits": splits,
             "parts": [str(part.path) for part in parts],
+            "part_cleaning": _part_cleaning(parts),
         }
         tok.save(tmp / TOKENIZER)
         if cfg.card:

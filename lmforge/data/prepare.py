@@ -78,7 +78,7 @@ from lmforge.data.clean import MAX_INVALID_UTF8, CleanStats, Normalization, chec
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, load_data_dir  # noqa: F401 (re-exported)
 from lmforge.data.dedup import DedupMode, NearDedup
 from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
-from lmforge.data.filters import LANGUAGES, REMOVAL_REASONS, DocumentCleaner, QualityFilters
+from lmforge.data.filters import LANGUAGES, REMOVAL_REASONS, DocumentCleaner, language_list
 from lmforge.data.ingest import (
     BLOCK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
@@ -231,7 +231,7 @@ class PrepareConfig:
             0 <= self.max_invalid_utf8 <= 1,
             f"max_invalid_utf8 must be in [0, 1] (0 = strictest, 1 = replace and count), got {self.max_invalid_utf8}",
         )
-        unknown = set(self.language_list) - set(LANGUAGES)
+        unknown = set(language_list(self.languages)) - set(LANGUAGES)
         check(not unknown, f"unknown languages {sorted(unknown)}; choose from {', '.join(LANGUAGES)}")
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         check(self.max_line_bytes > 0, f"max_line_bytes must be > 0, got {self.max_line_bytes}")
@@ -265,21 +265,6 @@ class PrepareConfig:
             if f.name not in _MERGE_FLAGS and f.name in given:
                 flag = "--" + f.name.replace("_", "-")
                 check(False, f"{flag} is not applied by --merge (the parts were already prepared); drop it")
-
-    @property
-    def language_list(self) -> list[str]:
-        """`languages` split at commas, blanks dropped."""
-        return [lang.strip() for lang in self.languages.split(",") if lang.strip()]
-
-    def quality_filters(self) -> QualityFilters:
-        """The removal thresholds as a `QualityFilters`."""
-        return QualityFilters(
-            max_chars=self.max_chars,
-            max_char_repetition=self.max_char_repetition,
-            max_line_repetition=self.max_line_repetition,
-            min_alpha_ratio=self.min_alpha_ratio,
-            languages=frozenset(self.language_list),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,10 +643,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     try:
         dtype = dtype_for_vocab(given.vocab_size) if given is not None else np.uint16
         worker = BlockWorker(
-            cleaner=DocumentCleaner(
-                normalize=cfg.normalize, whitespace=cfg.normalize_whitespace, boilerplate=cfg.boilerplate,
-                min_chars=cfg.min_chars, filters=cfg.quality_filters(),
-            ),
+            cleaner=DocumentCleaner.from_settings(dataclasses.asdict(cfg)),  # (eval --task clm: from the manifest)
             doc_unit=cfg.doc_unit, text_field=cfg.text_field, max_line_bytes=cfg.max_line_bytes,
             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
             explicit=frozenset(role for _, role in sources if role != "auto"),

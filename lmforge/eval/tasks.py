@@ -398,14 +398,16 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
 
     - a pretrained run whose prepared data folder is there: the documents `prepare` made of them, by the settings
       its manifest.json records (newlines, control characters, NFC/NFKC, --normalize-whitespace, --boilerplate,
-      then its removal filters and exact dedup within the file), in windows of its data.seq_len. Scored raw, a
-      control character or a decomposed "é" was a token the split never held (36 vs 34 tokens on one sample);
+      then its removal filters and exact dedup within the file; a `--merge`d folder's: those its parts shared),
+      in windows of its data.seq_len. Scored raw, a control character or a decomposed "é" was a token the split
+      never held (36 vs 34 tokens on one sample);
     - a fine-tune (`finetune --task clm` trains and validates on its files as they are): raw, in windows of its
       --max-len;
     - an imported model, or a run whose data folder is gone: raw, in windows of the context.
     """
     import json
 
+    from lmforge.data.datadir import cleaning_settings
     from lmforge.data.filters import DocumentCleaner
 
     context = ft.model.cfg.max_seq_len
@@ -420,11 +422,21 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
                 file=sys.stderr,
             )
         return texts, context
+    seq_len = min(ft.config.data.seq_len or context, context)
     try:
-        settings = json.loads(manifest.read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        written = json.loads(manifest.read_text(encoding="utf-8"))
+        settings, cleaning = written["config"], cleaning_settings(written)
+        cleaner = DocumentCleaner.from_settings(cleaning) if cleaning is not None else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return texts, context  # (not a manifest `prepare` wrote: `lmforge eval RUN` says so)
-    cleaner, seen, out = DocumentCleaner.from_manifest(settings), set(), []
+    if cleaner is None:
+        print(
+            f"note: the parts merged into {ft.config.data.dir} were cleaned with different settings, so {path} "
+            "is scored as it is",
+            file=sys.stderr,
+        )
+        return texts, seq_len
+    seen, out = set(), []
     removed: collections.Counter[str] = collections.Counter()
     for text in texts:
         done = cleaner.one(text)
@@ -447,7 +459,7 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
             f"{ft.config.data.dir} ({', '.join(f'{n} {r}' for r, n in removed.items())})",
             file=sys.stderr,
         )
-    return out, min(ft.config.data.seq_len or context, context)
+    return out, seq_len
 
 
 def evaluate_task(
