@@ -67,7 +67,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
 
     Raises:
         LmforgeError: a missing, non-UTF-8 or empty file; a .jsonl line that is not a JSON object with a
-            "prompt" string (named by its line number).
+            "prompt" string, or holds a lone surrogate escape (named by its line number).
     """
     if str(path) == STDIN:
         name, data = "stdin", sys.stdin.buffer.read()
@@ -98,6 +98,12 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise LmforgeError(f'{name} line {n} has no "prompt" string; write each line as {{"prompt": "..."}}')
+        try:  # a lone surrogate escape ("\ud800") is no text: the tokenizer's TypeError, or the output's, a traceback
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise LmforgeError(
+                f"{name} line {n} holds an unpaired surrogate escape such as \\ud800, which is not text; fix that line"
+            ) from None
         prompts.append((n, row["prompt"], row))
     return prompts
 
@@ -364,7 +370,7 @@ def _job(
     sampling = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in settings.items() if k != "penalties"}
     penalties = settings.get("penalties")
     job = {
-        "prompts": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+        "prompts": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "checkpoint": checkpoint,
         "device": next(loaded.model.parameters()).device.type,
         **options,  # num_samples, batch_size (a batch's rows share its seed), seed, use_cache, stop

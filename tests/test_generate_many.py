@@ -192,6 +192,8 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
     [
         ("p.jsonl", b'{"prompt": "a"}\n\n{"prompt": "b"\n', [], "p.jsonl line 3 is not valid JSON"),
         ("p.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', [], 'p.jsonl line 2 has no "prompt" string'),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b\\ud800"}\n', [], "p.jsonl line 2 holds an unpaired surrogate"),
+        ("p.jsonl", b'{"prompt": "a", "id": "\\udc80"}\n', [], "p.jsonl line 1 holds an unpaired surrogate"),
         ("p.txt", b"\n\n", [], "holds no prompts"),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
         ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
