@@ -429,7 +429,7 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
             changed = [k for k in job if header["job"].get(k) != job[k]] or sorted(header["job"])
             names = ", ".join(dict.fromkeys(_JOB_FLAGS.get(k, "--" + k.replace("_", "-")) for k in changed))
             raise LmforgeError(
-                f"{path} holds the unfinished completions of another job ({names} differ; it was made by: "
+                f"{path} holds the unfinished completions of another job (what differs: {names}; it was made by: "
                 f"{header.get('command', '?')}); run that command to finish it, or delete {path} to start over"
             )
         keep = len(lines[0]) + 1

@@ -306,7 +306,7 @@ def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, ca
     kept = partial.read_bytes()
     capsys.readouterr()
     for flags, needle in [
-        (["--seed", "2"], "(--seed differ; it was made by: "),
+        (["--seed", "2"], "(what differs: --seed; it was made by: "),
         (["--seed", "1", "--prompt", "x"], "not both"),  # (flag errors come first)
     ]:
         with pytest.raises(SystemExit) as e:
