@@ -229,12 +229,8 @@ def generate_many(
             for finished in _complete(
                 loaded, [prompt_ids[i] for i, _ in rows], settings, stop, seed, use_cache, batch, set(done)
             ):
-                if partial is not None:  # (whole lines, synced: a kill or power loss leaves at most a torn last one)
-                    partial.write("".join(_partial_line(b, *finished[b]) for b in finished).encode("utf-8"))
-                    partial.flush()
-                    os.fsync(
-                        partial.fileno()
-                    )  # (6 ms measured on a VM disk; a batch of a real model decodes for seconds)
+                if partial is not None:
+                    _append(partial, finished)
                 done.update(finished)
                 bar.update(len(finished))
         except KeyboardInterrupt:
@@ -479,8 +475,14 @@ def _json_line(line: bytes) -> Any:
         return None
 
 
-def _partial_line(row: int, completion: str, finish: str) -> str:
-    return json.dumps({"row": row, "completion": completion, "finish_reason": finish}, ensure_ascii=False) + "\n"
+def _append(partial: BinaryIO, finished: dict[int, tuple[str, str]]) -> None:
+    """A batch's rows, a whole JSON line each, written in one call, flushed and synced: a kill or a power loss
+    leaves at most a torn last line (fsync: 6 ms measured on a VM disk; a batch of a real model decodes for
+    seconds)."""
+    lines = [{"row": b, "completion": text, "finish_reason": finish} for b, (text, finish) in finished.items()]
+    partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8"))
+    partial.flush()
+    os.fsync(partial.fileno())
 
 
 def _interrupted(out: Path, done: int, total: int, stdin: bool) -> str:
