@@ -183,7 +183,9 @@ def build_parser() -> Parser:
         "--out",
         default=None,
         metavar="FILE",
-        help="write --prompt-file's JSONL to FILE (atomically, replacing it) instead of printing it",
+        help="write --prompt-file's JSONL to FILE (atomically, replacing it, once all are done) instead of "
+        "printing it; finished completions are kept in FILE.partial meanwhile, so after Ctrl-C or a kill the same "
+        "command continues where it stopped (same prompts, checkpoint, settings and --seed: the same FILE)",
     )
     p.add_argument(
         "--batch-size",

@@ -832,7 +832,8 @@ def generate_from_checkpoint(
 
     `num_samples` > 1, a `prompt_file` ("-": stdin) or an `out` file: many completions, decoded `batch_size` (None:
     16) at a time and written when done (`generate_many`: the N samples of `prompt` as text, or a prompt file's
-    completions as JSONL), with a progress bar on stderr when `progress` (drawn on a terminal only).
+    completions as JSONL; with `out`, those finished are kept in `OUT.partial` meanwhile, which the same call
+    continues after an interrupt or a kill), with a progress bar on stderr when `progress` (on a terminal only).
 
     Returns:
         The continuation text (special tokens skipped), exactly as streamed: a final end-of-text (or stop
@@ -852,6 +853,11 @@ def generate_from_checkpoint(
         raise LmforgeError("--batch-size is for --prompt-file and --num-samples (decoded in batches); drop it")
     check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
     StopStrings.check(stop)  # (before the model loads)
+    checkpoint = ""
+    if out is not None:  # (read before the load: a run that trains on saves newer ones)
+        from lmforge.generate_many import checkpoint_identity
+
+        checkpoint = checkpoint_identity(path)
     loaded = load_generator(path, device)
     tokenizer = loaded.tokenizer
     stops = run_stops(loaded) if stop_at_eos else frozenset()
@@ -872,7 +878,7 @@ def generate_from_checkpoint(
     if many:
         return generate_many(loaded, prompts, num_samples, settings, stop=stop, seed=seed, use_cache=use_cache, out=out,
                              jsonl=prompt_file is not None, stream=stream, batch_size=batch_size,
-                             progress=progress)  # fmt: skip
+                             progress=progress, checkpoint=checkpoint)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
     decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))

@@ -149,7 +149,8 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
 ) -> None:
     """A long --prompt-file showed nothing until it ended: a bar of completions now runs on stderr (a terminal's;
     --quiet: none), and "wrote OUT (N completions)" counts lines (it counted a U+2028 in a prompt as one more).
-    Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic)."""
+    Ctrl-C or SIGTERM mid-file exits 130 with one line, the --out file as it was (atomic), the finished completions
+    kept in OUT.partial."""
     import lmforge.generate as gen
     from lmforge.cli import main
 
@@ -177,9 +178,11 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
     monkeypatch.setattr("sys.stderr", io.StringIO())
     with pytest.raises(SystemExit) as e:
         main(run + ["--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "4"])
-    assert e.value.code == 130 and sys.stderr.getvalue() == "lmforge: interrupted\n"
+    note = f"lmforge: interrupted: 2 of 5 completions done, kept in {tmp_path / 'o.jsonl.partial'}; run the same "
+    assert e.value.code == 130 and sys.stderr.getvalue().startswith(note) and sys.stderr.getvalue().count("\n") == 1
     assert (tmp_path / "o.jsonl").read_bytes() == kept and sorted(p.name for p in tmp_path.iterdir()) == [
         "o.jsonl",
+        "o.jsonl.partial",
         "p.txt",
     ]
 
@@ -189,6 +192,8 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
     [
         ("p.jsonl", b'{"prompt": "a"}\n\n{"prompt": "b"\n', [], "p.jsonl line 3 is not valid JSON"),
         ("p.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', [], 'p.jsonl line 2 has no "prompt" string'),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b\\ud800"}\n', [], "p.jsonl line 2 holds an unpaired surrogate"),
+        ("p.jsonl", b'{"prompt": "a", "id": "\\udc80"}\n', [], "p.jsonl line 1 holds an unpaired surrogate"),
         ("p.txt", b"\n\n", [], "holds no prompts"),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
         ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
@@ -237,3 +242,126 @@ def test_out_inside_the_run_is_refused_before_it_is_written(base: Path, tmp_path
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
         assert "overlaps the directory being read" in err and str(base.resolve()) in err, err
     assert (base / "config.json").read_bytes() == config
+
+
+def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """`--out` wrote once at the end: Ctrl-C (or a kill) at prompt 9,000 of 10,000 lost every completion. Finished
+    batches now go to OUT.partial as they come; the same command again decodes only the rest (a torn last line, as
+    a SIGKILL mid-write leaves, dropped) and writes OUT equal, byte for byte, to an uninterrupted run's (seeded
+    sampling, several samples, a row decoded alone past the batch cache), the partial file then removed."""
+    import lmforge.generate as gen
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), "utf-8")
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--num-samples", "2", "--batch-size", "3"]
+    run += ["--max-new-tokens", "20", "--temperature", "1", "--seed", "5", "--quiet"]
+    with pytest.raises(SystemExit):
+        main(run + ["--out", str(tmp_path / "straight.jsonl")])
+    straight = (tmp_path / "straight.jsonl").read_bytes()
+
+    batch, calls = gen.generate_batch, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 3 and interrupt:
+            raise KeyboardInterrupt  # (as Ctrl-C, or SIGTERM through cli's handler, arrives mid-decode)
+        return batch(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", counted)
+    out, interrupt = tmp_path / "out" / "c.jsonl", True
+    with pytest.raises(SystemExit) as e:
+        main(run + ["--out", str(out)])
+    partial = out.with_name("c.jsonl.partial")
+    lines = partial.read_text("utf-8").splitlines()
+    assert e.value.code == 130 and not out.exists() and len(lines) == 1 + 6  # a header, two batches of 3 rows
+    partial.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20], "utf-8")  # the last line torn by a kill
+    calls.clear()
+    interrupt = False
+    with pytest.raises(SystemExit) as e:
+        main(run + ["--out", str(out)])
+    assert e.value.code == 0 and out.read_bytes() == straight and not partial.exists()
+    assert calls == [3, 3, 3]  # 14 rows: 5 done; the second batch again, two more; the 32-character prompt's 2 alone
+
+
+def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """OUT.partial is continued only by the job that made it (prompts, checkpoint, sampling settings, seed):
+    anything else is one line naming what differs and what to do, the file left as it was; so is a file there that
+    lmforge did not write, and a second run while one writes it."""
+    import fcntl
+
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ab\ncd\n", encoding="utf-8")
+    out = tmp_path / "c.jsonl"
+    partial = tmp_path / "c.jsonl.partial"
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "3", "--out", str(out)]
+    import lmforge.generate as gen
+
+    with monkeypatch.context() as m:
+        m.setattr(gen, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(SystemExit):
+            main(run + ["--seed", "1"])  # stopped at once: a header only
+    kept = partial.read_bytes()
+    capsys.readouterr()
+    for flags, needle in [
+        (["--seed", "2"], "(what differs: --seed; it was made by: "),
+        (["--seed", "1", "--prompt", "x"], "not both"),  # (flag errors come first)
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(run + flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+        assert partial.read_bytes() == kept
+    assert f"run that command to finish it, or delete {partial} to start over" in main_error(run + ["--seed", "2"])
+    partial.write_text("my notes\n", encoding="utf-8")
+    assert "is not such a file of lmforge generate; move it away" in main_error(run)
+    partial.unlink()
+    with open(partial, "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run holds it
+        assert f"another lmforge generate is writing {partial} right now" in main_error(run)
+    assert not out.exists()
+
+
+def main_error(argv: list[str]) -> str:
+    """The one stderr line `lmforge ARGV` exits 2 with."""
+    from lmforge.cli import main
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as m:
+        m.setattr("sys.stderr", err)
+        main(argv)
+    assert e.value.code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
+    return err.getvalue()
+
+
+def test_a_sigkilled_run_leaves_whole_lines_and_the_same_command_finishes_it(base: Path, tmp_path: Path) -> None:
+    """A real `lmforge generate --out` process killed with SIGKILL mid-file keeps the batches it finished in
+    OUT.partial; the same command finishes the file as an uninterrupted run writes it."""
+    import signal
+    import time
+
+    from lmforge.cli import main
+    from tests.conftest import start_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"{i} {PROMPTS[i % 7][:9]}\n" for i in range(12)), encoding="utf-8")
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "24", "--batch-size", "1"]
+    run += ["--seed", "1", "--quiet", "--out"]
+    partial = tmp_path / "c.jsonl.partial"
+    proc = start_cli(*run, str(tmp_path / "c.jsonl"))
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if partial.is_file() and partial.read_bytes().count(b"\n") >= 3:  # the header and two completions
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL, proc.stderr
+    assert not (tmp_path / "c.jsonl").exists() and 3 <= partial.read_bytes().count(b"\n") < 13
+    for out in ("c.jsonl", "straight.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            main([*run, str(tmp_path / out)])
+        assert e.value.code == 0
+    assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    assert not partial.exists()
