@@ -316,6 +316,14 @@ def test_bad_inputs_are_one_line_errors(base: Path, tmp_path: Path):
     standard.write_text(json.dumps({"text": "great", "label": "positive"}) + "\n", encoding="utf-8")
     r = run_cli("eval", str(out), "--task", "classify", "--data", str(standard), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["n"] == 1, r.stderr
+    # ... and what is wrong with it in those columns is said, not that it lacks the run's (it said "no column
+    # 'sentence'" of a file whose only fault was an empty text)
+    from lmforge.eval.tasks import evaluate_task
+
+    blank = tmp_path / "blank.csv"
+    blank.write_text("text,label\ngreat,positive\n,negative\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2 has an empty 'text'; write the text"):
+        evaluate_task(out, task="classify", data=blank, device="cpu")
     # an empty conversation
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": []}) + "\n", encoding="utf-8")

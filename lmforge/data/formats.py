@@ -194,12 +194,16 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
     return rows
 
 
+class MissingColumnError(DataError):
+    """A row lacks a column the task reads (`eval --task` then tries the standard column names)."""
+
+
 def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
     """The values of one column; a row without it is a one-line `DataError` naming the rename flag."""
     for i, row in enumerate(rows, 1):
         if field not in row:
             columns = ", ".join(list(row)[:8])
-            raise DataError(
+            raise MissingColumnError(
                 f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
             )
         if row[field] is None:  # JSON null, or a CSV row cut short (e.g. by a quote that is never closed)
@@ -501,7 +505,7 @@ def check_columns(
             if fields["messages"] not in row:
                 for name in ("instruction", "output"):
                     if fields[name] not in row:
-                        raise DataError(
+                        raise MissingColumnError(
                             f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
                             f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
                         )
