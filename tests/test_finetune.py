@@ -334,6 +334,14 @@ def test_bad_inputs_are_one_line_errors(base: Path, tmp_path: Path):
     standard.write_text(json.dumps({"text": "great", "label": "positive"}) + "\n", encoding="utf-8")
     r = run_cli("eval", str(out), "--task", "classify", "--data", str(standard), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["n"] == 1, r.stderr
+    # ... and what is wrong with it in those columns is said, not that it lacks the run's (it said "no column
+    # 'sentence'" of a file whose only fault was an empty text)
+    from lmforge.eval.tasks import evaluate_task
+
+    blank = tmp_path / "blank.csv"
+    blank.write_text("text,label\ngreat,positive\n,negative\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2 has an empty 'text'; write the text"):
+        evaluate_task(out, task="classify", data=blank, device="cpu")
     # an empty conversation
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"messages": []}) + "\n", encoding="utf-8")
@@ -1046,6 +1054,21 @@ def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Pa
         read_table(deep)
     deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad movie,0\n")
     assert len(read_table(deep)) == 1001
+
+
+def test_csv_and_tsv_rows_past_their_header_and_long_fields(tmp_path: Path):
+    """A row with more fields than the header crashed `finetune` with a TypeError (the extras sat under the key
+    None, which its hash of the rows cannot sort); a text over the csv module's 128 KiB field limit was "not valid
+    CSV". Now: an extra field is a one-line error naming the line, a blank one (trailing delimiter) is dropped."""
+    from lmforge.data.formats import read_table
+
+    for name, sep in (("rows.csv", ","), ("rows.tsv", "\t")):
+        path = tmp_path / name
+        path.write_text(f"text{sep}label\ngood{sep}1\nbad movie{sep}0{sep}oops\n", encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{name}:3: row has 3 fields but the header has 2; .*quote fields"):
+            read_table(path)
+        path.write_text(f"text{sep}label\ngood{sep}1{sep}\n{'x' * 200_000}{sep}0{sep}\n", encoding="utf-8")
+        assert read_table(path) == [{"text": "good", "label": "1"}, {"text": "x" * 200_000, "label": "0"}]
 
 
 def test_translate_scores_an_nfkc_models_references_in_its_form(tmp_path: Path):

@@ -114,15 +114,17 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
         table = tsv_rows(io.StringIO(text, newline=""))
         header = next(table, (0, []))[1]
-        rows = [_named(header, fields) for _, fields in table]
+        rows = [_no_extra_fields(_named(header, fields), p, line, len(header)) for line, fields in table]
     elif name.endswith(".csv"):
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        # as in `prepare`: the csv module's own 128 KiB field limit refused a long text as "not valid CSV"
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:
-                rows.append(row)
+                rows.append(_no_extra_fields(row, p, start, len(reader.fieldnames or ())))
                 start = reader.line_num + 1
         except csv.Error as e:  # strict: an unclosed quote would otherwise swallow the rest of the file
             raise DataError(
@@ -156,6 +158,19 @@ def _named(header: list[str], fields: list[str]) -> dict[Any, Any]:
     return row
 
 
+def _no_extra_fields(row: dict[Any, Any], path: Path, line: int, n_header: int) -> dict[Any, Any]:
+    """A CSV/TSV row without the fields past its header (`csv.DictReader` and `_named` list them under the key
+    None, which crashed the fine-tune's hash of its rows). Blank ones (a trailing delimiter) are dropped; others
+    are an error, as in `prepare`: an unquoted comma in a text shifts its label into the next column."""
+    extra = row.pop(None, None)
+    if extra and any(str(f).strip() for f in extra):
+        raise DataError(
+            f"{path}:{line}: row has {n_header + len(extra)} fields but the header has {n_header}; fix the row or "
+            "quote fields that contain the delimiter"
+        )
+    return row
+
+
 def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
     if not lines:
         try:
@@ -179,12 +194,16 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
     return rows
 
 
+class MissingColumnError(DataError):
+    """A row lacks a column the task reads (`eval --task` then tries the standard column names)."""
+
+
 def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
     """The values of one column; a row without it is a one-line `DataError` naming the rename flag."""
     for i, row in enumerate(rows, 1):
         if field not in row:
             columns = ", ".join(list(row)[:8])
-            raise DataError(
+            raise MissingColumnError(
                 f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
             )
         if row[field] is None:  # JSON null, or a CSV row cut short (e.g. by a quote that is never closed)
@@ -491,7 +510,7 @@ def check_columns(
             if fields["messages"] not in row:
                 for name in ("instruction", "output"):
                     if fields[name] not in row:
-                        raise DataError(
+                        raise MissingColumnError(
                             f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
                             f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
                         )

@@ -476,7 +476,7 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.formats import MissingColumnError, field_map, read_task_rows
     from lmforge.train.precision import pick_device
 
     if limit < 0:
@@ -510,12 +510,14 @@ def evaluate_task(
         fields = dict(info["fields"])  # the columns the run was trained on, e.g. --field text=review
         try:
             rows = read_task_rows(data, task, fields, scored=True, limit=limit)
-        except DataError as first:  # a file with the standard columns instead: use them
+        except MissingColumnError as first:  # a file with the standard columns instead: use them
             try:
                 fields = field_map(task, None)
                 rows = read_task_rows(data, task, fields, scored=True, limit=limit)
-            except DataError:
-                raise first from None  # (what is wrong with the file in the run's own columns)
+            except MissingColumnError:
+                raise first from None  # (neither: name the run's own columns)
+            # any other error is about the file in the standard columns it has (an empty text, a null):
+            # it propagates, where it was reported as a "no column" of the run's own columns
     else:
         fields = field_map(task, field_renames)
         rows = read_task_rows(data, task, fields, scored=True, limit=limit)
