@@ -124,6 +124,10 @@ class _ClientLeft(ConnectionError):
     """The client of a reply that is not streamed closed its connection while it waited: nothing to send."""
 
 
+class _ServerStopping(ConnectionError):
+    """The server is shutting down (Ctrl-C, SIGTERM): a generation still running ends, unanswered."""
+
+
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
     # listen's backlog: with socketserver's 5, the async openai client's bursts (24-32 requests at once) got
@@ -146,6 +150,7 @@ class LMServer(ThreadingHTTPServer):
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
         self.lock = threading.Lock()
+        self.stopping = False  # set by `stop_generations`: a running generation ends at its next token
         self._names: Any = None
 
     def token_names(self) -> Any:
@@ -156,6 +161,14 @@ class LMServer(ThreadingHTTPServer):
             if self._names is None:
                 self._names = TokenNames(self.ft.tokenizer)
             return self._names
+
+    def stop_generations(self) -> None:
+        """End the generation in progress at its next token and keep the model lock, so that no other starts.
+        A generation runs on a connection's daemon thread: left running when Ctrl-C or SIGTERM ended the
+        server, it was inside torch when the interpreter exited, which aborted the process (C++ `terminate`,
+        exit -6, a core dump) instead of ending it."""
+        self.stopping = True
+        self.lock.acquire()
 
     @property
     def url(self) -> str:
@@ -211,6 +224,7 @@ def serve(server: LMServer) -> None:
         pass
     finally:
         server.server_close()
+        server.stop_generations()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -758,6 +772,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal finish
+            if self.server.stopping:
+                raise _ServerStopping
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
             if scores is not None:

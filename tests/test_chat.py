@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from lmforge.finetune import FinetuneConfig, finetune
-from tests.conftest import have_cpp_compiler, run_cli
+from tests.conftest import have_cpp_compiler, run_cli, start_cli
 from tests.test_finetune import FAST, make_base
 
 if TYPE_CHECKING:
@@ -1347,6 +1348,38 @@ def test_serve_a_stream_nobody_reads_does_not_hold_up_other_requests(chat_run: P
             conn.close()
         finally:
             stalled.close()
+
+
+def test_serve_stops_cleanly_on_ctrl_c_while_it_generates(chat_run: Path):
+    """Ctrl-C (or SIGTERM, the same handler) while a generation ran (on a connection's daemon thread) left it
+    inside torch as the interpreter exited: the process aborted (C++ `terminate called without an active
+    exception`, exit -6) instead of ending. Now the generation ends at its next token first; `serve` exits 0."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = start_cli("serve", str(chat_run), "--port", str(port), "--max-prompts", "1000")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+        with s:  # 1000 streamed choices of 40 tokens: far from done when the signal comes
+            data = json.dumps({"prompt": "hi", "max_tokens": 40, "n": 1000, "stream": True}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            got = b""
+            while b"data: " not in got:  # the first token is out: the generation runs
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "terminate" not in err, err
 
 
 def test_serve_answers_expect_100_continue(chat_run: Path):
