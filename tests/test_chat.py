@@ -1051,8 +1051,13 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
         greedy_hi = {"messages": hi, "temperature": 0, "max_tokens": 5}
         reply = json.loads(_post(url + "/chat/completions", {**greedy_hi, "logit_bias": {h: -100}})[1])
         assert not reply["choices"][0]["message"]["content"].startswith("h")
-        for bias, needle in [({"x": 1}, "key 'x' is not a token id"), ({h: 200}, "must be a number in [-100, 100]"),
-                             ([1], "must be an object")]:  # fmt: skip
+        for bias, needle in [
+            ({"x": 1}, "key 'x' is not a token id"),
+            ({h: 200}, "must be a number in [-100, 100]"),
+            ([1], "must be an object"),
+            ({"²": 1}, "key '²' is not a token id"),
+            ({"١": 1}, "key '١' is not a token id"),
+        ]:  # (Unicode digits: "²" was a 500, "١" token 1)
             status, body = _post(url + "/chat/completions", {**greedy_hi, "logit_bias": bias})
             error = json.loads(body)["error"]
             assert status == 400 and error["param"] == "logit_bias" and needle in error["message"], error
