@@ -507,8 +507,8 @@ class _Handler(BaseHTTPRequestHandler):
             template = ft.template or ChatTemplate()
             try:  # the whole conversation: one longer than the context is refused, not cut behind the client's back
                 ids, _ = template.prompt_ids(ft.tokenizer, body.get("messages"), budget=sys.maxsize)
-            except DataError as e:
-                raise RequestError(400, str(e)) from None
+            except DataError as e:  # (the field at fault, as OpenAI names it and as /tokenize's messages say)
+                raise RequestError(400, str(e), param="messages") from None
             return [ids]
         prompts = completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
         if len(prompts) > self.server.limits.max_prompts:

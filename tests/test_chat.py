@@ -406,7 +406,8 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 17})
         assert status == 400 and "max_tokens" in json.loads(body)["error"]["message"]
         status, body = _post(base + "/chat/completions", {"messages": []})
-        assert status == 400 and "empty conversation" in json.loads(body)["error"]["message"]
+        error = json.loads(body)["error"]
+        assert status == 400 and "empty conversation" in error["message"] and error["param"] == "messages", error
         status, body = _post(base + "/completions", {"prompt": "y" * 60, "max_tokens": 16})
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
         status, body = _post(base + "/chat/completions", {"messages": [{"role": "user", "content": "y" * 60}]})
