@@ -146,6 +146,8 @@ class LMServer(ThreadingHTTPServer):
         from lmforge.generate import run_stops
 
         self.stops = run_stops(ft)  # eos and the run's stop ids
+        if ":" in address[0]:  # an IPv6 address (--host ::1, or :: for every address): socketserver binds IPv4 only
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
@@ -173,7 +175,7 @@ class LMServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def make_server(

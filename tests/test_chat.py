@@ -299,6 +299,15 @@ def test_serve_bind_errors_name_the_flag_to_change(chat_run: Path):
             make_server(chat_run, port=taken.getsockname()[1])
 
 
+def test_serve_listens_on_an_ipv6_address(chat_run: Path):
+    """--host ::1 was refused as "Address family for hostname not supported" with the advice that --host must
+    name this machine, which it does: the server bound IPv4 only."""
+    with _serving(chat_run, host="::1") as server:
+        assert server.url == f"http://[::1]:{server.server_address[1]}"
+        with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+
+
 def test_history_is_trimmed_to_the_context(chat_run: Path):
     from lmforge.chat import ChatTemplate
     from lmforge.tokenizer.tokenizer import Tokenizer
