@@ -124,6 +124,10 @@ class _ClientLeft(ConnectionError):
     """The client of a reply that is not streamed closed its connection while it waited: nothing to send."""
 
 
+class _ServerStopping(ConnectionError):
+    """The server is shutting down (Ctrl-C, SIGTERM): a generation still running ends, unanswered."""
+
+
 class LMServer(ThreadingHTTPServer):
     daemon_threads = True
     # listen's backlog: with socketserver's 5, the async openai client's bursts (24-32 requests at once) got
@@ -142,10 +146,13 @@ class LMServer(ThreadingHTTPServer):
         from lmforge.generate import run_stops
 
         self.stops = run_stops(ft)  # eos and the run's stop ids
+        if ":" in address[0]:  # an IPv6 address (--host ::1, or :: for every address): socketserver binds IPv4 only
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
         self.lock = threading.Lock()
+        self.stopping = False  # set by `stop_generations`: a running generation ends at its next token
         self._names: Any = None
 
     def token_names(self) -> Any:
@@ -157,10 +164,18 @@ class LMServer(ThreadingHTTPServer):
                 self._names = TokenNames(self.ft.tokenizer)
             return self._names
 
+    def stop_generations(self) -> None:
+        """End the generation in progress at its next token and keep the model lock, so that no other starts.
+        A generation runs on a connection's daemon thread: left running when Ctrl-C or SIGTERM ended the
+        server, it was inside torch when the interpreter exited, which aborted the process (C++ `terminate`,
+        exit -6, a core dump) instead of ending it."""
+        self.stopping = True
+        self.lock.acquire()
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def make_server(
@@ -211,6 +226,7 @@ def serve(server: LMServer) -> None:
         pass
     finally:
         server.server_close()
+        server.stop_generations()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -493,8 +509,8 @@ class _Handler(BaseHTTPRequestHandler):
             template = ft.template or ChatTemplate()
             try:  # the whole conversation: one longer than the context is refused, not cut behind the client's back
                 ids, _ = template.prompt_ids(ft.tokenizer, body.get("messages"), budget=sys.maxsize)
-            except DataError as e:
-                raise RequestError(400, str(e)) from None
+            except DataError as e:  # (the field at fault, as OpenAI names it and as /tokenize's messages say)
+                raise RequestError(400, str(e), param="messages") from None
             return [ids]
         prompts = completion_prompts(body.get("prompt", ""), ft.tokenizer.vocab_size)
         if len(prompts) > self.server.limits.max_prompts:
@@ -758,6 +774,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         def on_token(t: int) -> None:
             nonlocal finish
+            if self.server.stopping:
+                raise _ServerStopping
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
             if scores is not None:

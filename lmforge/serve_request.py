@@ -68,7 +68,8 @@ def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
         )
     out = []
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        # ASCII digits only: str.isdigit() is also true of "²" (int() fails: a 500) and "١" (int() reads it as 1)
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
         if not 0 <= token < vocab_size:
             message = f"'logit_bias' key {key!r} is not a token id of this model (0 to {vocab_size - 1})"
             raise RequestError(400, message, param="logit_bias")

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from lmforge.finetune import FinetuneConfig, finetune
-from tests.conftest import have_cpp_compiler, run_cli
+from tests.conftest import have_cpp_compiler, run_cli, start_cli
 from tests.test_finetune import FAST, make_base
 
 if TYPE_CHECKING:
@@ -298,6 +299,15 @@ def test_serve_bind_errors_name_the_flag_to_change(chat_run: Path):
             make_server(chat_run, port=taken.getsockname()[1])
 
 
+def test_serve_listens_on_an_ipv6_address(chat_run: Path):
+    """--host ::1 was refused as "Address family for hostname not supported" with the advice that --host must
+    name this machine, which it does: the server bound IPv4 only."""
+    with _serving(chat_run, host="::1") as server:
+        assert server.url == f"http://[::1]:{server.server_address[1]}"
+        with urllib.request.urlopen(server.url + "/health", timeout=30) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+
+
 def test_history_is_trimmed_to_the_context(chat_run: Path):
     from lmforge.chat import ChatTemplate
     from lmforge.tokenizer.tokenizer import Tokenizer
@@ -405,7 +415,8 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 17})
         assert status == 400 and "max_tokens" in json.loads(body)["error"]["message"]
         status, body = _post(base + "/chat/completions", {"messages": []})
-        assert status == 400 and "empty conversation" in json.loads(body)["error"]["message"]
+        error = json.loads(body)["error"]
+        assert status == 400 and "empty conversation" in error["message"] and error["param"] == "messages", error
         status, body = _post(base + "/completions", {"prompt": "y" * 60, "max_tokens": 16})
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
         status, body = _post(base + "/chat/completions", {"messages": [{"role": "user", "content": "y" * 60}]})
@@ -1050,8 +1061,13 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
         greedy_hi = {"messages": hi, "temperature": 0, "max_tokens": 5}
         reply = json.loads(_post(url + "/chat/completions", {**greedy_hi, "logit_bias": {h: -100}})[1])
         assert not reply["choices"][0]["message"]["content"].startswith("h")
-        for bias, needle in [({"x": 1}, "key 'x' is not a token id"), ({h: 200}, "must be a number in [-100, 100]"),
-                             ([1], "must be an object")]:  # fmt: skip
+        for bias, needle in [
+            ({"x": 1}, "key 'x' is not a token id"),
+            ({h: 200}, "must be a number in [-100, 100]"),
+            ([1], "must be an object"),
+            ({"²": 1}, "key '²' is not a token id"),
+            ({"١": 1}, "key '١' is not a token id"),
+        ]:  # (Unicode digits: "²" was a 500, "١" token 1)
             status, body = _post(url + "/chat/completions", {**greedy_hi, "logit_bias": bias})
             error = json.loads(body)["error"]
             assert status == 400 and error["param"] == "logit_bias" and needle in error["message"], error
@@ -1347,6 +1363,38 @@ def test_serve_a_stream_nobody_reads_does_not_hold_up_other_requests(chat_run: P
             conn.close()
         finally:
             stalled.close()
+
+
+def test_serve_stops_cleanly_on_ctrl_c_while_it_generates(chat_run: Path):
+    """Ctrl-C (or SIGTERM, the same handler) while a generation ran (on a connection's daemon thread) left it
+    inside torch as the interpreter exited: the process aborted (C++ `terminate called without an active
+    exception`, exit -6) instead of ending. Now the generation ends at its next token first; `serve` exits 0."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = start_cli("serve", str(chat_run), "--port", str(port), "--max-prompts", "1000")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+        with s:  # 1000 streamed choices of 40 tokens: far from done when the signal comes
+            data = json.dumps({"prompt": "hi", "max_tokens": 40, "n": 1000, "stream": True}).encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            got = b""
+            while b"data: " not in got:  # the first token is out: the generation runs
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "terminate" not in err, err
 
 
 def test_serve_answers_expect_100_continue(chat_run: Path):
