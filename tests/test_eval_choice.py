@@ -91,6 +91,8 @@ def test_choice_rows_errors_name_the_row_and_the_fix(tmp_path: Path):
     fields = choice_fields(None)
     cases = [
         ({"question": "q", "choices": ["a", "b"], "answer": "C"}, "answer 'C' names none of its 2 options"),
+        ({"question": "q", "choices": ["a", "b"], "answer": "\u00b2"}, "names none of its 2 options"),  # not int()
+        ({"question": "q", "choices": ["a", "b"], "answer": "\u0661"}, "names none of its 2 options"),  # not 1
         ({"question": "q", "choices": ["a"], "answer": 0}, "needs at least two options"),
         ({"prompt": "q", "choices": ["a", "b"], "answer": 0}, "has no 'question' column"),
     ]

@@ -95,7 +95,8 @@ def _answer_index(answer: Any, options: list[str], where: str, fields: dict[str,
     if len(text) == 1 and text.upper() in _LETTERS[: len(options)]:
         return _LETTERS.index(text.upper())
     index = label_name(answer) if answer is not None and not isinstance(answer, bool) else ""
-    if index.isdigit() and int(index) < len(options):  # 1, "1", and 1.0 / "1.0" (pandas' int column with a gap)
+    # 1, "1", and 1.0 / "1.0" (pandas' int column with a gap); ASCII only: "²" passes isdigit() but not int()
+    if index.isascii() and index.isdigit() and int(index) < len(options):
         return int(index)
     raise DataError(
         f"{where}: answer {text!r} names none of its {len(options)} options; give its letter (A-"
