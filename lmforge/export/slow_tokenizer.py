@@ -187,7 +187,7 @@ def _added_tokens(
     placed: dict[str, tuple[int, AddedToken]] = {t: (i, _added_token(t, {})) for t, i in added.items()}
     decoder = config.get("added_tokens_decoder")
     for key, spec in decoder.items() if isinstance(decoder, dict) else ():
-        if not (key.isdigit() and isinstance(spec, dict) and isinstance(spec.get("content"), str)):
+        if not (key.isascii() and key.isdigit() and isinstance(spec, dict) and isinstance(spec.get("content"), str)):
             raise CheckpointError(
                 f"{hf_dir / 'tokenizer_config.json'}: added_tokens_decoder[{key!r}] is not "
                 '{"content": ..., ...} under a token id; ' + SAVE_FAST
