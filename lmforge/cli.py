@@ -658,6 +658,11 @@ def main(argv: list[str] | None = None) -> None:
     term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if term:
         signal.signal(signal.SIGTERM, _on_sigint)
+    # A terminal that is not UTF-8 (a zh_CN.GBK or Latin-1 locale) cannot hold every character a model writes
+    # (U+FFFD from a stray byte token, an emoji): generate and chat died with a UnicodeEncodeError on the first.
+    # Such characters are written as backslash escapes, as Python writes stderr.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         _main(argv)
     finally:

@@ -742,6 +742,24 @@ def test_augmentation_is_seeded():
     assert changed != chinese and " " not in changed and set(changed) <= set(chinese)
 
 
+def test_augmentation_of_chinese_with_spaces_changes_characters_not_phrases():
+    """A Chinese review with a space in it ("味道很好 送餐很快 ...", common in online reviews) was cut at the
+    spaces into a few phrases, so one edit deleted, doubled or moved a whole phrase (a third of the review)
+    instead of about 10% of its characters; each character is a word there, the spaces kept where they are."""
+    import collections
+    import random
+
+    from lmforge.data.formats import augment_text
+
+    review = "味道很好 送餐很快 服务也不错 下次还点"
+    letters = collections.Counter(review.replace(" ", ""))
+    for seed in range(12):
+        changed = augment_text(review, random.Random(seed))
+        got = collections.Counter(changed.replace(" ", ""))
+        assert (got - letters).total() + (letters - got).total() <= 1, (seed, changed)  # one character at most
+        assert changed.count(" ") == 3 and "  " not in changed, (seed, changed)
+
+
 def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
     """Self-Instruct's seed tasks keep their answers in `instances`, a list of {input, output}: `--field
     output=instances.output` reads each item as its own row (other columns repeated), as `prepare

@@ -334,6 +334,25 @@ def test_generate_from_checkpoint_returns_what_it_streamed(tmp_path):
         assert out.getvalue() == "红楼" + got and not got.endswith("\ufffd"), seed
 
 
+def test_generate_on_a_terminal_that_is_not_utf8(tmp_path, monkeypatch):
+    """A zh_CN.GBK (or Latin-1) locale's stdout cannot hold every character a model writes (U+FFFD from a stray
+    byte token, an emoji): `lmforge generate` died with a UnicodeEncodeError traceback on the first one; it now
+    writes it as a backslash escape, as Python writes stderr."""
+    import io
+    import sys
+
+    from lmforge import cli
+    from tests.test_finetune import make_base
+
+    base = make_base(tmp_path, max_seq_len=64)
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="gbk", write_through=True))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", str(base), "--prompt", "红楼😀", "--max-new-tokens", "3", "--seed", "0"])
+    assert exit_.value.code == 0
+    assert raw.getvalue().startswith("红楼".encode("gbk") + b"\\U0001f600")
+
+
 def test_stop_ids_end_generation_like_eos() -> None:
     """`stop_ids` end a sequence as `eos_id` does (the stop token included), in `generate` and per row in
     `generate_batch`."""

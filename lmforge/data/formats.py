@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import random
 import re
@@ -414,25 +415,37 @@ def augment_text(text: str, rng: random.Random, p: float = 0.1) -> str:
     """One of random deletion, swap or insertion of words (EDA, Wei & Zou 2019, arXiv:1901.11196).
 
     Text in a script written without spaces (Chinese, Japanese) has no words to split on: there each
-    character is a word, as whole-word masking treats it (`masking.NO_SPACE_RANGES`)."""
+    character is a word, as whole-word masking treats it (`masking.NO_SPACE_RANGES`), and so is each run of
+    other non-space characters; its few spaces ("味道很好 送餐很快") stay between the words they were between
+    (split at them, a Chinese review's phrases were its words, and one edit deleted or doubled a third of it)."""
     from lmforge.data.masking import NO_SPACE_RANGES
 
-    words, sep = text.split(), " "
-    if len(words) < 2 and any(a <= ord(ch) <= b for ch in text for a, b in NO_SPACE_RANGES):
-        words, sep = list(text.strip()), ""
+    no_space = any(a <= ord(ch) <= b for ch in text for a, b in NO_SPACE_RANGES)
+    if no_space:
+        cjk = "".join(f"{chr(a)}-{chr(b)}" for a, b in NO_SPACE_RANGES)
+        pieces = re.findall(rf"\s+|[{cjk}]|[^\s{cjk}]+", text.strip())
+        words = [piece for piece in pieces if not piece.isspace()]
+        gaps = [piece if piece.isspace() else "" for prev, piece in itertools.pairwise(pieces) if not prev.isspace()]
+    else:
+        words = text.split()
+        gaps = [" "] * (len(words) - 1)  # gaps[i]: the whitespace between words i and i + 1
     if len(words) < 2:
         return text
     n = max(1, int(p * len(words)))
     op = rng.choice(("delete", "swap", "insert"))
     for _ in range(n):
         if op == "delete" and len(words) > 1:
-            words.pop(rng.randrange(len(words)))
+            k = rng.randrange(len(words))
+            words.pop(k)
+            gaps.pop(k if k < len(gaps) and (k == 0 or not gaps[k]) else k - 1)  # an empty gap goes first
         elif op == "swap":
             i, j = rng.randrange(len(words)), rng.randrange(len(words))
             words[i], words[j] = words[j], words[i]
         elif op == "insert":
-            words.insert(rng.randrange(len(words) + 1), rng.choice(words))
-    return sep.join(words)
+            at = rng.randrange(len(words) + 1)
+            words.insert(at, rng.choice(words))
+            gaps.insert(at, "" if no_space else " ")
+    return words[0] + "".join(gap + word for gap, word in zip(gaps, words[1:], strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
