@@ -272,6 +272,21 @@ def test_json_array_files(tmp_path: Path) -> None:
     assert resolve_inputs([str(folder)]) == ([folder / "a.txt"], [str(folder / "meta.json")])
 
 
+def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
+    # the same objects as a .json array and as JSON Lines (.jsonl, or under a .json name) give the same documents;
+    # the lines were refused ("field 'text' is list, not a string; choose the field") where the array was read
+    records = [{"text": ["子曰", "有子曰"]}, {"text": "plain"}]
+    write(tmp_path / "arr.json", json.dumps(records))
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    write(tmp_path / "a.jsonl", lines)
+    write(tmp_path / "lines.json", lines)
+    for name in ("arr.json", "a.jsonl", "lines.json"):
+        assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", "plain"], name
+    write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
+        list(read_documents(tmp_path / "b.jsonl"))
+
+
 def test_labels_read_the_same_from_json_and_csv(tmp_path):
     """JSON `true` was the label "True" and a CSV's `true` the label "true", so a --val CSV was refused as
     holding labels the model was never trained on; JSON 1 and 1.0 and CSV "1" are one label too."""

@@ -6,7 +6,8 @@ Hugging Face datasets saved with `save_to_disk` (a folder holding `state.json` o
 network). File formats, chosen by file name (case-insensitive):
 - `.txt`, `.md`: plain text, cut into documents by `doc_unit`: "paragraph" (blank-line separated
   blocks, the default), "line" (each non-blank line) or "file" (the whole file).
-- `.jsonl`: one JSON object per line; the string under `text_field` is one document.
+- `.jsonl`: one JSON object per line; the string (or list of strings, joined by newlines) under `text_field`
+  is one document.
   A dotted `text_field` that is not a key itself is a path into nested objects (`--text-field
   doc.body`); a list of objects on the way is walked item by item, each leaf (a string, or a list of
   strings joined by newlines) one document: `content.content.paragraphs` reads a book stored as
