@@ -465,9 +465,10 @@ def _pass1(
             if r is None:  # end of this input
                 read, kept, invalid, chars = per_file
                 check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
-                inputs.append(
-                    {"path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role}
-                )
+                inputs.append({
+                    "path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role,
+                    "invalid_utf8_replaced": invalid,
+                })  # fmt: skip
                 per_file = [0, 0, 0, 0]
                 continue
             counts.add_block(r)
