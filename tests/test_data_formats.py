@@ -87,6 +87,19 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == ['"Hi," he said.', "fine"]
 
 
+@pytest.mark.parametrize("name", ["t.csv", "t.tsv"])
+def test_a_row_with_more_fields_than_the_header_is_an_error(tmp_path: Path, name: str) -> None:
+    # an unquoted delimiter in the text ('hello, world and more') made the document 'hello', the rest dropped silently
+    sep = "\t" if name.endswith(".tsv") else ","
+    write(tmp_path / name, f"id{sep}text\n1{sep}fine\n2{sep}hello{sep} world and more\n")
+    with pytest.raises(DataError, match=rf"{name}:3: row has 3 fields but the header has 2; .*quote fields"):
+        run(tmp_path, [tmp_path / name])
+    assert_nothing_written(tmp_path)
+    write(tmp_path / name, f"id{sep}text\n1{sep}fine{sep}\n")  # an empty extra (a trailing delimiter) loses no text
+    run(tmp_path, [tmp_path / name])
+    assert docs_by_split(tmp_path / "out")["train"] == ["fine"]
+
+
 def test_parquet(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

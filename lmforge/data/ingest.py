@@ -704,7 +704,9 @@ def _table_documents(
         row_start = header_end + 1
         for lineno, row in rows:
             if row:  # (a blank line is no row)
-                if column >= len(row):
+                # more fields than the header: a delimiter in an unquoted field ('1,hello, world' kept 'hello'
+                # and dropped the rest without a word); empty extras (a trailing delimiter) lose no text
+                if column >= len(row) or any(row[len(header) :]):
                     raise DataError(
                         f"{path}:{lineno}: row has {len(row)} fields but the header has {len(header)}; "
                         "fix the row or quote fields that contain the delimiter"
