@@ -234,6 +234,24 @@ def test_over_long_line_is_an_error(tmp_path: Path) -> None:
     assert [len(d.text) for d in docs] == [5000]
 
 
+def test_bz2_and_xz_inputs_say_to_decompress_them(tmp_path: Path) -> None:
+    # a .bz2/.xz corpus (OpenWebText ships .xz) was 'looks like a binary file, not text; remove it from the inputs'
+    # when named, and 'no readable ... files; check the paths' as a folder
+    import bz2
+    import lzma
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt.bz2").write_bytes(bz2.compress(b"some text " * 50))
+    (tmp_path / "c" / "b.jsonl.xz").write_bytes(lzma.compress(b'{"text": "doc"}\n' * 50))
+    with pytest.raises(DataError, match=r"a\.txt\.bz2: \.bz2 files are not read .*bunzip2 -k '.*a\.txt\.bz2'"):
+        run(tmp_path, [tmp_path / "c" / "a.txt.bz2"])
+    with pytest.raises(DataError, match=r"b\.jsonl\.xz: \.xz files are not read .*unxz -k"):
+        run(tmp_path, [tmp_path / "c" / "b.jsonl.xz"])
+    with pytest.raises(DataError, match=r"no readable .*a\.txt\.bz2 and the like are not read .* decompress them"):
+        run(tmp_path, [tmp_path / "c"])
+    assert_nothing_written(tmp_path)
+
+
 def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="input folder .* is empty"):

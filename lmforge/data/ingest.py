@@ -90,6 +90,11 @@ JSONL_SUFFIXES = (".jsonl",)
 TABLE_SUFFIXES = (".csv", ".tsv")
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
 COMPRESSED = (".gz", ".zst")
+# compressions and archives a corpus comes in that are not read, with the command that unpacks one
+_UNREAD_COMPRESSION = {
+    ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".lz4": "unlz4", ".zip": "unzip", ".7z": "7z x", ".tar": "tar -xf",
+    ".tgz": "tar -xzf",
+}  # fmt: skip
 HUB_PREFIX = "hf:"
 DEFAULT_MAX_LINE_BYTES = 1 << 28  # 256 MiB
 _GLOB_CHARS = set("*?[")
@@ -117,6 +122,12 @@ def skipped_json(names: list[str]) -> list[str]:
     """The .json files (maybe .gz/.zst) among the files a folder or glob walk skipped (`resolve_inputs`): read
     only when named, as they are usually metadata; `prepare` says so when it skipped some."""
     return [name for name in names if _inner_name(Path(name)).endswith(".json")]
+
+
+def unread_compressed(names: list[str]) -> list[str]:
+    """The files among `names` (a walk's skipped files) compressed or archived in a way that is not read (.bz2, .xz,
+    .zip, ...): `prepare` says to decompress them when nothing else was found."""
+    return [name for name in names if Path(name).suffix.lower() in _UNREAD_COMPRESSION]
 
 
 def is_hub(path: str | Path) -> bool:
@@ -312,6 +323,12 @@ def check_not_binary(path: Path) -> None:
         utf16 = utf16_encoding(head)
         if utf16:
             raise DataError(f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. {_iconv(path, utf16)}")
+        unpack = _UNREAD_COMPRESSION.get(path.suffix.lower())
+        if unpack:  # (was "looks like a binary file, not text; remove it": a compressed corpus is no mistake)
+            raise DataError(
+                f"{path}: {path.suffix} files are not read (only .gz and .zst are decompressed); decompress it "
+                f"first, e.g. {unpack} '{path}', or recompress it with gzip"
+            )
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
