@@ -65,6 +65,17 @@ def test_wrong_column_lists_the_columns(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(("name", "header"), [("s.csv", "id;text"), ("t.csv", "id\ttext"), ("c.tsv", "id,text")])
+def test_a_table_with_another_delimiter_says_so(tmp_path: Path, name: str, header: str) -> None:
+    # a semicolon CSV read as one column was told to 'choose one with --text-field' (columns: id;text)
+    write(tmp_path / name, f"{header}\n{header.replace('id', '1').replace('text', 'hello')}\n")
+    with pytest.raises(DataError, match=r"no column 'text' .*; the file looks '.+'-separated, .* save it with commas"):
+        run(tmp_path, [tmp_path / name])
+    write(tmp_path / "h.csv", "hello there,1\n")  # a headerless file keeps the --text-field advice
+    with pytest.raises(DataError, match=r"h\.csv: no column 'text' \(columns: hello there, 1\); choose one with"):
+        run(tmp_path, [tmp_path / "h.csv"])
+
+
 def test_ragged_csv_row(tmp_path: Path) -> None:
     write(tmp_path / "t.csv", "a,text\n1,fine\n2\n")
     with pytest.raises(DataError, match=r"t\.csv:3: row has 1 fields but the header has 2"):

@@ -716,7 +716,15 @@ def _table_documents(
             return
         if text_field not in header:
             columns = ", ".join(header[:20]) or "none"
-            raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+            hint = "choose one with --text-field"
+            other = next((c for c in ";|\t," if len(header) == 1 and c != delimiter and c in header[0]), None)
+            # a semicolon CSV (Excel's in much of Europe) is one column, and --text-field 'id;text' read rows whole
+            if other:
+                hint = (
+                    f"the file looks {other!r}-separated, but .csv files are read comma-separated and .tsv files "
+                    "tab-separated; save it with commas as .csv or with tabs as .tsv"
+                )
+            raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); {hint}")
         column = header.index(text_field)
         row_start = header_end + 1
         for lineno, row in rows:
