@@ -403,7 +403,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         quickstart(out=args.out, data_out=args.data_out, overrides=extra, overwrite=args.overwrite)
     elif args.command == "prepare":
-        from lmforge.data.card import skipped_json_note, summary_line
+        from lmforge.data.card import notes, summary_line
         from lmforge.data.prepare import PrepareConfig, prepare
         from lmforge.fields import dataclass_from_namespace
 
@@ -411,8 +411,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if cfg.merge:
             cfg.check_merge_flags(getattr(args, "given", set()))
         manifest = prepare(cfg, progress=not args.quiet)
-        note = skipped_json_note(manifest)
-        if note:
+        for note in notes(manifest):
             print(note, file=sys.stderr)
         print(summary_line(manifest, cfg.out))
     elif args.command == "pretrain":

@@ -74,6 +74,19 @@ def test_ratios_by_hand() -> None:
     assert alpha_ratio(hindi + " १२३") == pytest.approx(30 / 33)  # Devanagari digits are still not letters
 
 
+def test_repetition_exactly_at_the_threshold_is_kept() -> None:
+    # "above this" removes: 3 repeated lines of 10 is 0.3, which 1 - 7/10 (0.30000000000000004) overshot
+    lines = "\n".join([f"line {i}" for i in range(7)] + ["line 0"] * 3)
+    assert line_repetition(lines) == 0.3
+    assert QualityFilters(max_line_repetition=0.3).reason(lines, "en") is None
+    assert QualityFilters(max_line_repetition=0.29).reason(lines, "en") == "line_repetition"
+    text = "a" * 13 + "bcdefg"  # 10 10-grams, 7 distinct: 3 repeats
+    assert char_repetition(text) == 0.3
+    assert QualityFilters(max_char_repetition=0.3).reason(text, "en") is None
+    rows = "\n".join([f"row {i}" for i in range(14)] + ["row 1"] * 6)  # 6 of 20: 1 - 14/20 overshot 0.3 too
+    assert QualityFilters(max_line_repetition=0.3).reason(rows, "en") is None
+
+
 def test_whitespace_and_boilerplate_rewrites(tmp_path: Path) -> None:
     assert normalize_whitespace("a  \t b \u3000c  \nd\n\n\n\ne   ") == "a b c\nd\n\ne"
     text, removed = remove_boilerplate(

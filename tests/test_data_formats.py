@@ -65,6 +65,17 @@ def test_wrong_column_lists_the_columns(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(("name", "header"), [("s.csv", "id;text"), ("t.csv", "id\ttext"), ("c.tsv", "id,text")])
+def test_a_table_with_another_delimiter_says_so(tmp_path: Path, name: str, header: str) -> None:
+    # a semicolon CSV read as one column was told to 'choose one with --text-field' (columns: id;text)
+    write(tmp_path / name, f"{header}\n{header.replace('id', '1').replace('text', 'hello')}\n")
+    with pytest.raises(DataError, match=r"no column 'text' .*; the file looks '.+'-separated, .* save it with commas"):
+        run(tmp_path, [tmp_path / name])
+    write(tmp_path / "h.csv", "hello there,1\n")  # a headerless file keeps the --text-field advice
+    with pytest.raises(DataError, match=r"h\.csv: no column 'text' \(columns: hello there, 1\); choose one with"):
+        run(tmp_path, [tmp_path / "h.csv"])
+
+
 def test_ragged_csv_row(tmp_path: Path) -> None:
     write(tmp_path / "t.csv", "a,text\n1,fine\n2\n")
     with pytest.raises(DataError, match=r"t\.csv:3: row has 1 fields but the header has 2"):
@@ -85,6 +96,19 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     write(tmp_path / "t.tsv", 'text\tlabel\nfine\t1\n"Hi," he said.\t0\n')
     run(tmp_path, [tmp_path / "t.tsv"], dedup="none")
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == ['"Hi," he said.', "fine"]
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.tsv"])
+def test_a_row_with_more_fields_than_the_header_is_an_error(tmp_path: Path, name: str) -> None:
+    # an unquoted delimiter in the text ('hello, world and more') made the document 'hello', the rest dropped silently
+    sep = "\t" if name.endswith(".tsv") else ","
+    write(tmp_path / name, f"id{sep}text\n1{sep}fine\n2{sep}hello{sep} world and more\n")
+    with pytest.raises(DataError, match=rf"{name}:3: row has 3 fields but the header has 2; .*quote fields"):
+        run(tmp_path, [tmp_path / name])
+    assert_nothing_written(tmp_path)
+    write(tmp_path / name, f"id{sep}text\n1{sep}fine{sep}\n")  # an empty extra (a trailing delimiter) loses no text
+    run(tmp_path, [tmp_path / name])
+    assert docs_by_split(tmp_path / "out")["train"] == ["fine"]
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -221,6 +245,24 @@ def test_over_long_line_is_an_error(tmp_path: Path) -> None:
     assert [len(d.text) for d in docs] == [5000]
 
 
+def test_bz2_and_xz_inputs_say_to_decompress_them(tmp_path: Path) -> None:
+    # a .bz2/.xz corpus (OpenWebText ships .xz) was 'looks like a binary file, not text; remove it from the inputs'
+    # when named, and 'no readable ... files; check the paths' as a folder
+    import bz2
+    import lzma
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt.bz2").write_bytes(bz2.compress(b"some text " * 50))
+    (tmp_path / "c" / "b.jsonl.xz").write_bytes(lzma.compress(b'{"text": "doc"}\n' * 50))
+    with pytest.raises(DataError, match=r"a\.txt\.bz2: \.bz2 files are not read .*bunzip2 -k '.*a\.txt\.bz2'"):
+        run(tmp_path, [tmp_path / "c" / "a.txt.bz2"])
+    with pytest.raises(DataError, match=r"b\.jsonl\.xz: \.xz files are not read .*unxz -k"):
+        run(tmp_path, [tmp_path / "c" / "b.jsonl.xz"])
+    with pytest.raises(DataError, match=r"no readable .*a\.txt\.bz2 and the like are not read .* decompress them"):
+        run(tmp_path, [tmp_path / "c"])
+    assert_nothing_written(tmp_path)
+
+
 def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="input folder .* is empty"):
@@ -270,6 +312,21 @@ def test_json_array_files(tmp_path: Path) -> None:
     write(folder / "meta.json", '{"version": 1}')
     write(folder / "a.txt", "plain text")
     assert resolve_inputs([str(folder)]) == ([folder / "a.txt"], [str(folder / "meta.json")])
+
+
+def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
+    # the same objects as a .json array and as JSON Lines (.jsonl, or under a .json name) give the same documents;
+    # the lines were refused ("field 'text' is list, not a string; choose the field") where the array was read
+    records = [{"text": ["子曰", "有子曰"]}, {"text": "plain"}]
+    write(tmp_path / "arr.json", json.dumps(records))
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    write(tmp_path / "a.jsonl", lines)
+    write(tmp_path / "lines.json", lines)
+    for name in ("arr.json", "a.jsonl", "lines.json"):
+        assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", "plain"], name
+    write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
+        list(read_documents(tmp_path / "b.jsonl"))
 
 
 def test_labels_read_the_same_from_json_and_csv(tmp_path):

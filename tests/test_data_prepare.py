@@ -739,6 +739,25 @@ def test_prepare_says_when_a_folder_skipped_json_files(tmp_path: Path, capsys: p
     assert capsys.readouterr().err == ""
 
 
+def test_prepare_names_a_file_whose_invalid_utf8_was_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A small Latin-1 file (4 accents, under --max-invalid-utf8's 16) prepared to U+FFFD with only a count in
+    manifest.json and not a word: stderr now names it and the iconv way out; the manifest counts it per input."""
+    from lmforge.cli import main
+
+    (tmp_path / "fr.csv").write_bytes("text\ncafé naïve résumé\n".encode("latin-1"))
+    write(tmp_path / "en.txt", "plain text")
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "en.txt"), str(tmp_path / "fr.csv"), "--tokenizer", "char", "--quiet",
+              "--val-fraction", "0", "--test-fraction", "0", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert done.value.code == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fr.csv: 4 invalid UTF-8 sequences replaced" in err and "iconv" in err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
+    assert [i["invalid_utf8_replaced"] for i in m["inputs"]] == [0, 4]
+
+
 def test_corrupt_gzip(tmp_path: Path) -> None:
     (tmp_path / "plain.txt.gz").write_text("not gzip at all", encoding="utf-8")
     with pytest.raises(DataError, match=r"plain\.txt\.gz: cannot decompress"):

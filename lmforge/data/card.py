@@ -118,17 +118,29 @@ def write_card(
     return card
 
 
-def skipped_json_note(manifest: dict[str, Any]) -> str:
-    """A note for `prepare`'s stderr when a folder or glob walk skipped .json files (usually metadata, but
-    a corpus of .json files, such as the classical poetry sets, is read only when named), else ''."""
+def notes(manifest: dict[str, Any]) -> list[str]:
+    """Notes for `prepare`'s stderr, each one line: .json files a folder or glob walk skipped (usually metadata,
+    but a corpus of .json files, such as the classical poetry sets, is read only when named); inputs whose
+    invalid UTF-8 was replaced with U+FFFD under `--max-invalid-utf8` (a small Latin-1 file's accents were
+    silent mojibake, with only a count in manifest.json)."""
+    out = []
     json_files = skipped_json(manifest.get("skipped_files", []))
-    if not json_files:
-        return ""
-    many = f"{len(json_files):,} .json files" if len(json_files) > 1 else "a .json file"
-    return (
-        f"note: folders skip .json files, so {many} (such as {json_files[0]}) went unread; "
-        "name them as inputs to read them, e.g. 'DIR/*.json' (listed in manifest.json skipped_files)"
-    )
+    if json_files:
+        many = f"{len(json_files):,} .json files" if len(json_files) > 1 else "a .json file"
+        out.append(
+            f"note: folders skip .json files, so {many} (such as {json_files[0]}) went unread; "
+            "name them as inputs to read them, e.g. 'DIR/*.json' (listed in manifest.json skipped_files)"
+        )
+    bad = [(i["path"], i["invalid_utf8_replaced"]) for i in manifest["inputs"] if i.get("invalid_utf8_replaced")]
+    if bad:
+        more = f" and {len(bad) - 1:,} more file{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+        out.append(
+            f"note: {bad[0][0]}{more}: {sum(n for _, n in bad):,} invalid UTF-8 sequences replaced with U+FFFD "
+            "(manifest.json cleaning.invalid_utf8_replaced); if a file is in another encoding, convert it with "
+            "iconv -f ENCODING -t UTF-8 (CP1252 or LATIN1 for Western European text, GB18030 for Chinese) and "
+            "prepare again"
+        )
+    return out
 
 
 def summary_line(manifest: dict[str, Any], out: str | Path) -> str:

@@ -152,7 +152,9 @@ def char_repetition(text: str, n: int = CHAR_NGRAM) -> float:
     total = len(text) - n + 1
     if total <= 1:
         return 0.0
-    return 1.0 - len({text[i : i + n] for i in range(total)}) / total
+    # repeats / total, not 1 - unique / total: 1 - 7/10 is 0.30000000000000004, so a document exactly at the
+    # documented "above this" threshold (0.3) was removed
+    return (total - len({text[i : i + n] for i in range(total)})) / total
 
 
 def line_repetition(text: str) -> float:
@@ -160,7 +162,7 @@ def line_repetition(text: str) -> float:
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if len(lines) < 2:
         return 0.0
-    return 1.0 - len(set(lines)) / len(lines)
+    return (len(lines) - len(set(lines))) / len(lines)  # (as char_repetition: exact at the threshold)
 
 
 def alpha_ratio(text: str) -> float:

@@ -6,7 +6,8 @@ Hugging Face datasets saved with `save_to_disk` (a folder holding `state.json` o
 network). File formats, chosen by file name (case-insensitive):
 - `.txt`, `.md`: plain text, cut into documents by `doc_unit`: "paragraph" (blank-line separated
   blocks, the default), "line" (each non-blank line) or "file" (the whole file).
-- `.jsonl`: one JSON object per line; the string under `text_field` is one document.
+- `.jsonl`: one JSON object per line; the string (or list of strings, joined by newlines) under `text_field`
+  is one document.
   A dotted `text_field` that is not a key itself is a path into nested objects (`--text-field
   doc.body`); a list of objects on the way is walked item by item, each leaf (a string, or a list of
   strings joined by newlines) one document: `content.content.paragraphs` reads a book stored as
@@ -89,6 +90,11 @@ JSONL_SUFFIXES = (".jsonl",)
 TABLE_SUFFIXES = (".csv", ".tsv")
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
 COMPRESSED = (".gz", ".zst")
+# compressions and archives a corpus comes in that are not read, with the command that unpacks one
+_UNREAD_COMPRESSION = {
+    ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".lz4": "unlz4", ".zip": "unzip", ".7z": "7z x", ".tar": "tar -xf",
+    ".tgz": "tar -xzf",
+}  # fmt: skip
 HUB_PREFIX = "hf:"
 DEFAULT_MAX_LINE_BYTES = 1 << 28  # 256 MiB
 _GLOB_CHARS = set("*?[")
@@ -116,6 +122,12 @@ def skipped_json(names: list[str]) -> list[str]:
     """The .json files (maybe .gz/.zst) among the files a folder or glob walk skipped (`resolve_inputs`): read
     only when named, as they are usually metadata; `prepare` says so when it skipped some."""
     return [name for name in names if _inner_name(Path(name)).endswith(".json")]
+
+
+def unread_compressed(names: list[str]) -> list[str]:
+    """The files among `names` (a walk's skipped files) compressed or archived in a way that is not read (.bz2, .xz,
+    .zip, ...): `prepare` says to decompress them when nothing else was found."""
+    return [name for name in names if Path(name).suffix.lower() in _UNREAD_COMPRESSION]
 
 
 def is_hub(path: str | Path) -> bool:
@@ -311,6 +323,12 @@ def check_not_binary(path: Path) -> None:
         utf16 = utf16_encoding(head)
         if utf16:
             raise DataError(f"{path} is UTF-16 text, not UTF-8; convert it first, e.g. {_iconv(path, utf16)}")
+        unpack = _UNREAD_COMPRESSION.get(path.suffix.lower())
+        if unpack:  # (was "looks like a binary file, not text; remove it": a compressed corpus is no mistake)
+            raise DataError(
+                f"{path}: {path.suffix} files are not read (only .gz and .zst are decompressed); decompress it "
+                f"first, e.g. {unpack} '{path}', or recompress it with gzip"
+            )
         raise DataError(f"{path} looks like a binary file, not text; remove it from the inputs")
 
 
@@ -698,12 +716,22 @@ def _table_documents(
             return
         if text_field not in header:
             columns = ", ".join(header[:20]) or "none"
-            raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+            hint = "choose one with --text-field"
+            other = next((c for c in ";|\t," if len(header) == 1 and c != delimiter and c in header[0]), None)
+            # a semicolon CSV (Excel's in much of Europe) is one column, and --text-field 'id;text' read rows whole
+            if other:
+                hint = (
+                    f"the file looks {other!r}-separated, but .csv files are read comma-separated and .tsv files "
+                    "tab-separated; save it with commas as .csv or with tabs as .tsv"
+                )
+            raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); {hint}")
         column = header.index(text_field)
         row_start = header_end + 1
         for lineno, row in rows:
             if row:  # (a blank line is no row)
-                if column >= len(row):
+                # more fields than the header: a delimiter in an unquoted field ('1,hello, world' kept 'hello'
+                # and dropped the rest without a word); empty extras (a trailing delimiter) lose no text
+                if column >= len(row) or any(row[len(header) :]):
                     raise DataError(
                         f"{path}:{lineno}: row has {len(row)} fields but the header has {len(header)}; "
                         "fix the row or quote fields that contain the delimiter"

@@ -179,10 +179,15 @@ def jsonl_documents(
             keys = ", ".join(list(record)[:8]) or "none"
             raise DataError(f"{where}: no field '{text_field}' (keys: {keys}); choose the text field with --text-field")
         text = record[text_field]
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            # joined, as a .json array's objects, a dotted path's leaf and a Parquet list column are: the same
+            # objects as JSON Lines were refused ("is list, not a string; choose the field") where they pass
+            text = "\n".join(text)
         if not isinstance(text, str):
             kind = type(text).__name__
             raise DataError(
-                f"{where}: field '{text_field}' is {kind}, not a string; choose the field with --text-field"
+                f"{where}: field '{text_field}' is {kind}, not a string (or a list of strings); choose the field with "
+                "--text-field"
             )
         text, surrogates = replace_surrogates(text)
         yield RawDocument(text, bad + surrogates)

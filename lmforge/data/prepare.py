@@ -89,6 +89,7 @@ from lmforge.data.ingest import (
     reads_in_blocks,
     resolve_inputs,
     skipped_json,
+    unread_compressed,
 )
 from lmforge.data.shards import dtype_for_vocab
 from lmforge.data.split import SPLITS
@@ -465,9 +466,10 @@ def _pass1(
             if r is None:  # end of this input
                 read, kept, invalid, chars = per_file
                 check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
-                inputs.append(
-                    {"path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role}
-                )
+                inputs.append({
+                    "path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role,
+                    "invalid_utf8_replaced": invalid,
+                })  # fmt: skip
                 per_file = [0, 0, 0, 0]
                 continue
             counts.add_block(r)
@@ -625,12 +627,13 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     check_report_not_read(cfg, [p for p, _ in sources] + ([Path(cfg.tokenizer)] if given is not None else []))
     skipped_files = sorted(set(skipped + val_skipped + test_skipped))
     if not train_files:
-        json_files = skipped_json(skipped)
-        hint = (  # a folder of .json files: the walk skips them (usually metadata), naming them reads them
-            f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
-            if json_files
-            else "check the paths"
-        )
+        json_files, packed = skipped_json(skipped), unread_compressed(skipped)
+        hint = "check the paths"
+        if json_files:  # a folder of .json files: the walk skips them (usually metadata), naming them reads them
+            hint = f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
+        elif packed:  # a folder of .xz files (OpenWebText's): "check the paths" did not say why
+            hint = f"{packed[0]} and the like are not read (only .gz and .zst are decompressed); decompress them first"
+
         raise DataError(f"no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; {hint}")
     if all(role != "auto" for _, role in sources):
         raise DataError(
