@@ -64,6 +64,16 @@ def test_answers_are_read_in_every_layout(tmp_path: Path):
         assert len(rows) == 2, name
         expected = ["the Seine"] if name == "str" else [UNANSWERABLE] if name == "v2" else ["the Seine", "Seine"]
         assert references(rows[0], fields) == expected, name
+    # a CSV (BOM, CRLF) with SQuAD v2's flag as pandas writes it
+    path = tmp_path / "qa.csv"
+    path.write_bytes(
+        f"\ufeffquestion,answer,context,is_impossible\r\n{q},the Seine,{c},False\r\nWho?,x,,True\r\n".encode()
+    )
+    fields = field_map("qa", None)
+    assert [references(r, fields) for r in read_task_rows(path, "qa", fields, scored=True)] == [
+        ["the Seine"],
+        [UNANSWERABLE],
+    ]
     bad = {
         "no_text": ({"answers": {"answer_start": [3]}}, r"row 1: column 'answers' should be .* keys answer_start"),
         "nested": ({"answer": [["a"]]}, r"row 1: column 'answer' should be an answer text.* holds \['a'\]"),

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import MissingColumnError, _refuse_structured, column
+from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
@@ -145,8 +145,7 @@ def _texts(value: Any, where: str, name: str) -> tuple[list[str], int | None]:
 
 def unanswerable(row: dict[str, Any], fields: dict[str, str]) -> bool:
     """SQuAD v2's no-answer question: `is_impossible` true, or an answer list or SQuAD object with no text."""
-    flag = row.get("is_impossible")
-    if flag is True or (isinstance(flag, str) and flag.strip().lower() == "true"):
+    if row.get("is_impossible") is not None and label_name(row["is_impossible"]) in ("true", "1"):  # (CSV: "True")
         return True
     value = row.get(answer_column(row, fields))
     if isinstance(value, (list, dict)):
