@@ -76,7 +76,8 @@ def add_parsers(sub: Any) -> None:
         "full/head/lora) on a JSONL/JSON/CSV/TSV/Parquet/TXT "
         "task file. Re-running the same command on an existing --out resumes it from its latest checkpoint. "
         "Fields default to text/label (classify), "
-        "instruction/input/output or messages (sft), source/target (translate), question/answer (qa), "
+        "instruction/input/output or messages (sft), source/target (translate), question/answer/context (qa; "
+        "answer may be a list or SQuAD's answers, and a SQuAD JSON file is read as it is), "
         "prompt/chosen/rejected (dpo), text (clm); rename with --field NAME=COLUMN. Training settings: "
         "--train.*, --optim.*, --eval.*, --checkpoint.*, --log.* (trackers; only those sections; see below).",
         epilog=_finetune_epilog(),

@@ -45,7 +45,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "classify": ("text", "label"),
     "sft": ("instruction", "input", "output", "messages"),
     "translate": ("source", "target"),
-    "qa": ("question", "answer"),
+    "qa": ("question", "answer", "context"),
     "dpo": ("prompt", "chosen", "rejected"),
     "clm": ("text",),
 }
@@ -178,8 +178,15 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+        from lmforge.data.qa import is_squad, squad_rows
+
+        if is_squad(data):  # the official SQuAD file (CMRC 2018's, DRCD's): one row per question
+            return squad_rows(data, p)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{p} must hold a JSON list of objects (or use .jsonl, one object per line)")
+            raise DataError(
+                f"{p} must hold a JSON list of objects (or use .jsonl, one object per line), or be a SQuAD file "
+                '({"data": [{"paragraphs": [...]}]})'
+            )
         return data
     rows = []
     for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): json.dumps leaves U+2028 unescaped
@@ -494,10 +501,12 @@ class ExampleLoader:
 
 def conversation(row: dict[str, Any], fields: dict[str, str], task: str) -> list[dict[str, str]]:
     """A training row as chat messages (Alpaca, messages, or question/answer)."""
-    if task == "qa":
+    if task == "qa":  # (the context whole: `qa.qa_messages` cuts it to fit)
+        from lmforge.data.qa import context_of, references, user_content
+
         return [
-            {"role": "user", "content": str(row[fields["question"]])},
-            {"role": "assistant", "content": str(row[fields["answer"]])},
+            {"role": "user", "content": user_content(str(row[fields["question"]]), context_of(row, fields))},
+            {"role": "assistant", "content": references(row, fields)[0]},
         ]
     if fields["messages"] in row:
         return row[fields["messages"]]
@@ -534,10 +543,14 @@ def check_columns(
                         )
                     _refuse_structured(row[fields[name]], fields[name], i, path)
     else:
-        needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ("question", "answer")}
+        needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ()}
         needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
         for name in needed[task]:
             column(rows, fields[name], name, path)
+        if task == "qa":  # an answer may be a list of references, SQuAD's answers object, or in `answers`
+            from lmforge.data.qa import check_rows
+
+            check_rows(rows, fields, path)
         if task == "dpo":  # its optional prompt too (TRL's conversational format writes messages there)
             for i, row in enumerate(rows, 1):
                 _refuse_structured(row.get(fields["prompt"]), fields["prompt"], i, path)
@@ -554,12 +567,14 @@ def check_columns(
     # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
     # learns to stop at once; Alpaca has a few), so only files that are scored are checked.
     if scored and task in REFERENCE:
+        from lmforge.data.qa import answer_column
+
         empty = [i for i, row in enumerate(rows, 1) if _reference(row, task, fields) == ""]
         if empty:
             where = (
                 f"last assistant message in {fields['messages']!r}"
                 if task == "sft" and fields["messages"] in rows[empty[0] - 1]
-                else repr(fields[REFERENCE[task]])
+                else repr(answer_column(rows[empty[0] - 1], fields) if task == "qa" else fields[REFERENCE[task]])
             )
             more = f" ({len(empty)} rows have one)" if len(empty) > 1 else ""
             raise DataError(
@@ -598,6 +613,10 @@ def _reference(row: dict[str, Any], task: str, fields: dict[str, str]) -> str | 
         if not isinstance(last, dict) or last.get("role") != "assistant":
             return None
         return str(last.get("content") or "").strip()
+    if task == "qa":  # (its first reference: the others are blank too when it is, `qa.references`)
+        from lmforge.data.qa import references
+
+        return references(row, fields)[0].strip()
     return str(row[fields[REFERENCE[task]]]).strip()
 
 
@@ -644,6 +663,10 @@ def read_task_rows(
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
     rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
+        from lmforge.data.qa import dotted_answers
+
+        rows = dotted_answers(rows, fields)
     rows = nested_rows(rows, fields, p)[: limit or None]
     check_columns(rows, task, fields, p, scored=scored)
     return rows
@@ -715,7 +738,13 @@ def build_examples(
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
         return out
-    if task in ("sft", "qa"):
+    if task == "qa":
+        from lmforge.data.qa import qa_examples
+
+        return qa_examples(
+            rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path
+        )
+    if task == "sft":
         template = template or ChatTemplate()
         out = []
         for i, row in enumerate(rows, 1):

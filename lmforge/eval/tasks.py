@@ -4,6 +4,7 @@
 | --------- | ------------------------------------------------------------------------- | ------------------------ |
 | classify  | the run's head, or k-shot in-context prompts on any LM (`k_shot`)          | accuracy, macro_f1, P/R  |
 | sft, qa   | greedy answer to the conversation minus its last assistant turn           | em, f1 (SQuAD-style)     |
+| (qa)      | best EM / F1 over the references (SQuAD's answers list; `data/qa.py`)     |                          |
 | translate | greedy target after `<src> SOURCE <tgt> `                                 | bleu, chrf (sacrebleu)   |
 | dpo       | policy vs. the frozen base on chosen / rejected completions               | reward_accuracy, margin  |
 | clm       | next-token loss over the text                                             | loss, ppl                |
@@ -81,6 +82,12 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = overlap / len(pred), overlap / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def best_over_references(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+    """(EM, F1) of a prediction against several references: the best of each, as the official SQuAD v1.1
+    script's `metric_max_over_ground_truths` scores a question that has several answers."""
+    return max(exact_match(prediction, r) for r in references), max(token_f1(prediction, r) for r in references)
 
 
 def bleu_tokenizer(reference: str) -> str:
@@ -280,6 +287,46 @@ def _reference_text(row: dict[str, Any], fields: dict[str, str], task: str) -> t
     return messages[:-1], messages[-1]["content"]
 
 
+def _qa(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any, max_new_tokens: int) -> dict[str, Any]:
+    """EM and F1 of greedy answers, each the best over the row's references (the official SQuAD v1.1 script's
+    `metric_max_over_ground_truths`); a context too long for the prompt keeps its start (`data/qa.py`); with
+    unanswerable questions, `has_answer` and `no_answer` score the two kinds apart (SQuAD v2's HasAns/NoAns)."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.qa import context_of, qa_messages, references, unanswerable
+
+    template = ft.template or ChatTemplate()
+    budget = ft.model.cfg.max_seq_len - max_new_tokens
+    prompts, cut = [], 0
+    for row in rows:
+        messages, kept = qa_messages(ft.tokenizer, template, row, fields, budget, answer=False)
+        cut += kept != context_of(row, fields)
+        prompts.append(template.prompt_ids(ft.tokenizer, messages, budget=budget)[0])
+    if cut:
+        print(
+            f"note: {path}: {cut} of {len(rows)} contexts cut to their start to fit the model's context beside "
+            f"{max_new_tokens} answer tokens",
+            file=sys.stderr,
+        )
+    scores: dict[str, list[tuple[float, float]]] = {"has_answer": [], "no_answer": []}
+    samples = []
+    for row, prediction in zip(rows, _answers(ft, prompts, max_new_tokens), strict=True):
+        refs = references(row, fields)
+        kind = "no_answer" if unanswerable(row, fields) else "has_answer"
+        scores[kind].append(best_over_references(prediction, refs))
+        if len(samples) < 3:
+            question = str(row[fields["question"]])
+            samples.append(
+                {"prompt": question[:200], "reference": refs[0] if len(refs) == 1 else refs, "prediction": prediction}
+            )
+    every = scores["has_answer"] + scores["no_answer"]
+    result = {"em": sum(e for e, _ in every) / len(every), "f1": sum(f for _, f in every) / len(every), "n": len(every)}
+    if scores["no_answer"]:
+        for kind, pairs in scores.items():
+            n = max(1, len(pairs))
+            result[kind] = {"em": sum(e for e, _ in pairs) / n, "f1": sum(f for _, f in pairs) / n, "n": len(pairs)}
+    return result | {"samples": samples}
+
+
 @torch.no_grad()
 def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
     from lmforge.adapt.load import load_base_model
@@ -346,7 +393,9 @@ def task_metrics(
 
             report["confusion_png"] = str(plot_confusion(report, Path(out_dir) / "confusion.png"))
         return {"task": task, **report}
-    if task in ("sft", "qa"):
+    if task == "qa":
+        return {"task": task, **_qa(ft, rows, fields, path, max_new_tokens)}
+    if task == "sft":
         template = ft.template or ChatTemplate()
         em = f1 = 0.0
         samples = []
@@ -507,7 +556,10 @@ def evaluate_task(
             "that run with --task classify (no --k-shot)"
         )
     if info.get("task") == task and not field_renames:
-        fields = dict(info["fields"])  # the columns the run was trained on, e.g. --field text=review
+        # (field_map first: a run saved before a task read a field, qa's context, has no name for it)
+        fields = field_map(task, None) | dict(
+            info["fields"]
+        )  # the columns the run was trained on, e.g. --field text=review
         try:
             rows = read_task_rows(data, task, fields, scored=True, limit=limit)
         except MissingColumnError as first:  # a file with the standard columns instead: use them
@@ -548,6 +600,11 @@ def format_metrics(m: dict[str, Any]) -> str:
         + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))
         + f" | n {m.get('n', m.get('tokens'))}"
         + (f" ({m['skipped_identical']} pairs with chosen == rejected skipped)" if m.get("skipped_identical") else "")
+        + "".join(
+            f" | {kind} em {m[kind]['em']:.4f} f1 {m[kind]['f1']:.4f} n {m[kind]['n']}"
+            for kind in ("has_answer", "no_answer")
+            if kind in m
+        )
     )
     lines = [line]
     for s in m.get("samples", []):

@@ -1,0 +1,259 @@
+"""Question answering rows (`--task qa`): reading comprehension in the SQuAD / CMRC 2018 layouts.
+
+- Prompt: the user turn is the question; with a `context` it is `CONTEXT`, a blank line, then the question
+  (`user_content`). A row without a context (or with an empty one) gets the question alone, the prompt qa
+  always had, so runs trained before contexts were read see the same ids.
+- References: `answer` may be one string, a list of strings, Hugging Face datasets' SQuAD column
+  `{"text": [...], "answer_start": [...]}` or SQuAD's own `[{"text": ..., "answer_start": ...}, ...]`; a file
+  without an `answer` column is read from `answers` (SQuAD's name) unless `--field answer=...` names another.
+  Training uses the first reference; scoring takes the best EM and the best F1 over all of them, as the
+  official SQuAD v1.1 script's `metric_max_over_ground_truths` does.
+- The official SQuAD JSON file (`{"version", "data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`,
+  also CMRC 2018's and DRCD's) is read directly, one row per question (`squad_rows`).
+- Unanswerable questions (SQuAD v2's `is_impossible: true`, or an empty answer list): the target is the fixed
+  reply `UNANSWERABLE`, trained and scored like any answer, so a v2 model learns to abstain in words one can
+  see in `chat`, and EM on those rows is the share of abstentions (reported apart as `no_answer`).
+- Too long for `--max-len`: the context is cut, never the question or the answer (`fit_context`). Training
+  keeps the window of the context around the answer (from `answer_start`, else where the answer text first
+  occurs); evaluation, which must not know where the answer is, keeps the context's start.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name
+from lmforge.errors import DataError
+
+UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
+
+
+def is_squad(data: Any) -> bool:
+    """Whether parsed JSON is a SQuAD-shaped file (a `data` list of articles holding `paragraphs`)."""
+    articles = data.get("data") if isinstance(data, dict) else None
+    return (
+        bool(articles)
+        and isinstance(articles, list)
+        and all(isinstance(a, dict) and "paragraphs" in a for a in articles)
+    )
+
+
+def squad_rows(data: dict[str, Any], path: str | Path) -> list[dict[str, Any]]:
+    """One row per question of a SQuAD-shaped file: `question`, `context`, `answers` (as written; [] when the
+    question has none), and `id`, `title`, `is_impossible` where the file has them."""
+    rows = []
+    for i, article in enumerate(data["data"]):
+        for j, paragraph in enumerate(article["paragraphs"] or []):
+            where = f"{path}: data[{i}].paragraphs[{j}]"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise DataError(f'{where} has no \'context\' text; each paragraph is {{"context": ..., "qas": [...]}}')
+            for k, qa in enumerate(paragraph.get("qas") or []):
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
+                    raise DataError(f"{where}.qas[{k}] has no 'question' text; fix or remove that question")
+                row = {"question": qa["question"], "context": paragraph["context"], "answers": qa.get("answers") or []}
+                row |= {key: qa[key] for key in ("id", "is_impossible") if key in qa}
+                if "title" in article:
+                    row["title"] = article["title"]
+                rows.append(row)
+    return rows
+
+
+def answer_column(row: dict[str, Any], fields: dict[str, str]) -> str:
+    """The column a row's answers are in: `fields["answer"]`, or SQuAD's `answers` when the answer field has
+    its default name and the row has no such column."""
+    name = fields["answer"]
+    return "answers" if name == "answer" and name not in row and "answers" in row else name
+
+
+def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> None:
+    """A one-line error for the first row whose question, answers or context cannot be read."""
+    column(rows, fields["question"], "question", path)
+    context = fields.get("context", "context")
+    for i, row in enumerate(rows, 1):
+        name = answer_column(row, fields)
+        if name not in row:
+            raise MissingColumnError(
+                f"{path}: row {i} has no column {name!r} (columns: {', '.join(list(row)[:8])}); rename with "
+                "--field answer=COLUMN"
+            )
+        if row[name] is None:
+            raise DataError(f"{path}: row {i} has no value in column {name!r} (null); fill it in or drop the row")
+        references(row, fields, where=f"{path}: row {i}")
+        _refuse_structured(row.get(context), context, i, path)
+
+
+def dotted_answers(rows: list[dict[str, Any]], fields: dict[str, str]) -> list[dict[str, Any]]:
+    """Rows with a dotted answer column that is not a key itself (`--field answer=answers.text`) read into one
+    list of references per row, each list on the way walked item by item; `formats.nested_rows` would make one
+    row per answer of a list of SQuAD answers, asking the same question several times. Only where the question
+    and context are plain columns: with `--field question=instances.input --field answer=instances.output`
+    each item is a question of its own (`nested_rows`). A row where the path ends early is left without the
+    column (`check_rows` names it)."""
+    name = fields["answer"]
+    others = [fields["question"], fields.get("context", "context")]
+    if "." not in name or not rows or name in rows[0] or any("." in c and c not in rows[0] for c in others):
+        return rows
+
+    def walk(value: Any, keys: list[str]) -> Any:
+        if not keys:
+            return value
+        if isinstance(value, list):
+            found = [walk(item, keys) for item in value]
+            return [t for item in found for t in (item if isinstance(item, list) else [item]) if t is not None]
+        return walk(value[keys[0]], keys[1:]) if isinstance(value, dict) and keys[0] in value else None
+
+    out = []
+    for row in rows:
+        value = walk(row, name.split("."))
+        out.append(row if value is None else row | {name: value})
+    return out
+
+
+def _texts(value: Any, where: str, name: str) -> tuple[list[str], int | None]:
+    """(reference texts, the first one's answer_start or None) of an answer cell in any of the layouts."""
+    hint = (
+        f"{where}: column {name!r} should be an answer text, a list of them, or SQuAD's "
+        '{"text": [...], "answer_start": [...]} / [{"text": ..., "answer_start": ...}]'
+    )
+    if isinstance(value, dict):
+        if "text" not in value:
+            raise DataError(f"{hint}; it is an object with keys {', '.join(map(str, value)) or 'none'}")
+        texts = value["text"] if isinstance(value["text"], list) else [value["text"]]
+        starts = value.get("answer_start")
+        start = (starts[0] if starts else None) if isinstance(starts, list) else starts
+    elif isinstance(value, list):
+        texts, start = [], None
+        for k, item in enumerate(value):
+            if isinstance(item, dict):
+                if "text" not in item:
+                    raise DataError(f"{hint}; item {k} has keys {', '.join(map(str, item)) or 'none'}")
+                if not texts:
+                    start = item.get("answer_start")
+                texts.append(item["text"])
+            else:
+                texts.append(item)
+    else:
+        return [str(value)], None
+    for t in texts:
+        if t is None or isinstance(t, (list, dict)):
+            raise DataError(f"{hint}; it holds {t!r}")
+    return [str(t) for t in texts], start if isinstance(start, int) and not isinstance(start, bool) else None
+
+
+def unanswerable(row: dict[str, Any], fields: dict[str, str]) -> bool:
+    """SQuAD v2's no-answer question: `is_impossible` true, or an answer list or SQuAD object with no text."""
+    if row.get("is_impossible") is not None and label_name(row["is_impossible"]) in ("true", "1"):  # (CSV: "True")
+        return True
+    value = row.get(answer_column(row, fields))
+    if isinstance(value, (list, dict)):
+        return not any(t.strip() for t in _texts(value, "", "")[0])
+    return False
+
+
+def references(row: dict[str, Any], fields: dict[str, str], *, where: str = "") -> list[str]:
+    """The reference answers of a row, as written (the first one is trained on); `[UNANSWERABLE]` for a question
+    that has none. A plain string is kept even when empty (a scored file refuses it, `check_columns`)."""
+    name = answer_column(row, fields)
+    texts, _ = _texts(row[name], where, name)  # (checked first: a malformed cell is an error, not "no answer")
+    if unanswerable(row, fields):
+        return [UNANSWERABLE]
+    kept = [t for t in texts if t.strip()]  # (a blank item of a list is no reference)
+    return kept or texts
+
+
+def context_of(row: dict[str, Any], fields: dict[str, str]) -> str:
+    """The row's context, "" when it has none."""
+    value = row.get(fields.get("context", "context"))
+    return "" if value is None else str(value)
+
+
+def answer_span(row: dict[str, Any], fields: dict[str, str]) -> tuple[int, int] | None:
+    """(start, end) characters of the trained answer in the context: at its `answer_start` when the text is
+    there, else where it first occurs; None when it is not in the context."""
+    context, answer = context_of(row, fields), references(row, fields)[0]
+    if not answer or unanswerable(row, fields):
+        return None
+    _, start = _texts(row[answer_column(row, fields)], "", "")
+    if start is None or context[start : start + len(answer)] != answer:
+        start = context.find(answer)
+    return None if start < 0 else (start, start + len(answer))
+
+
+def user_content(question: str, context: str) -> str:
+    """The user turn: the question, after the context and a blank line when there is one."""
+    return f"{context.strip()}\n\n{question}" if context.strip() else question
+
+
+def fit_context(context: str, n_tokens: Callable[[str], int], room: int, span: tuple[int, int] | None) -> str:
+    """The longest window of `context` whose prompt (`n_tokens(window)`) takes at most `room` tokens: around
+    `span` (the answer, centred) when given, else the start. "" when even that does not fit. Searched by
+    bisection over the window's length in characters (a token count grows with it)."""
+
+    def window(n: int) -> str:
+        if span is None:
+            return context[:n]
+        a, b = span
+        start = max(0, min(a - (n - (b - a)) // 2, len(context) - n))
+        return context[start : start + n]
+
+    lo, hi = 0, len(context)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if n_tokens(window(mid)) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return window(lo)
+
+
+def qa_messages(
+    tok: Any, template: Any, row: dict[str, Any], fields: dict[str, str], room: int, *, answer: bool
+) -> tuple[list[dict[str, str]], str]:
+    """(the row's chat messages, the context they hold) with the context cut to fit `room` tokens: the whole
+    example (prompt, answer and its EOS) when `answer` (training, window around the answer), else the prompt to
+    answer (evaluation, the context's start)."""
+    question, context = str(row[fields["question"]]), context_of(row, fields)
+
+    def messages(ctx: str) -> list[dict[str, str]]:
+        turns = [{"role": "user", "content": user_content(question, ctx)}]
+        return turns + [{"role": "assistant", "content": references(row, fields)[0]}] if answer else turns
+
+    def n_tokens(ctx: str) -> int:
+        return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx), add_generation_prompt=not answer))
+
+    if context.strip() and n_tokens(context) > room:
+        context = fit_context(context, n_tokens, room, answer_span(row, fields) if answer else None)
+    return messages(context), context
+
+
+def qa_examples(
+    rows: list[dict[str, Any]], *, tok: Any, template: Any, fields: dict[str, str], max_len: int, path: str | Path
+) -> list[Any]:
+    """Training examples of qa rows (`formats.build_examples`): each context cut to fit `max_len` around its
+    answer; a note on stderr counts the contexts cut, answers the cut left out of their context, and answers
+    cut short (the question and answer alone are over `max_len`)."""
+    from lmforge.data.formats import segments_example
+
+    out, cut, lost, short = [], 0, 0, 0
+    for i, row in enumerate(rows, 1):
+        try:
+            messages, kept = qa_messages(tok, template, row, fields, max_len + 1, answer=True)
+            segments = template.segments(tok, messages)
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        context, answer = context_of(row, fields), messages[-1]["content"]
+        if kept != context:
+            cut += 1
+            lost += bool(answer) and answer in context and answer not in kept
+        example = segments_example(segments, max_len, tok.prompt_prefix)
+        short += sum(example.train) < sum(len(ids) for ids, train in segments if train)
+        out.append(example)
+    if cut or short:
+        notes = [f"{cut} of {len(rows)} contexts cut to fit --max-len {max_len} (around the answer)"] if cut else []
+        notes += [f"{lost} of them no longer hold the answer"] if lost else []
+        notes += [f"{short} answers cut short (question and answer alone exceed --max-len)"] if short else []
+        print(f"note: {path}: {'; '.join(notes)}; raise --max-len to keep more", file=sys.stderr)
+    return out

@@ -1,0 +1,181 @@
+"""Reading comprehension for `--task qa` (lmforge/data/qa.py): contexts in the prompt, SQuAD's answer layouts and
+JSON file, best-of-references EM/F1, SQuAD v2's unanswerable questions, and contexts cut to fit --max-len."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.adapt.load import load_finetuned
+from lmforge.chat import ChatTemplate
+from lmforge.data.formats import build_examples, field_map, read_task_rows
+from lmforge.data.qa import UNANSWERABLE, references
+from lmforge.errors import DataError
+from tests.test_finetune import DATA, make_base
+
+SQUAD = DATA / "squad_mini.json"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("qa"))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_squad_file_is_one_row_per_question_with_every_reference():
+    fields = field_map("qa", None)
+    rows = read_task_rows(SQUAD, "qa", fields, scored=True)
+    assert [r["id"] for r in rows] == ["en-1", "en-2", "en-3", "zh-1", "zh-2"]
+    assert rows[0]["context"].startswith("The old harbour town") and rows[3]["context"].startswith("甄士隐")
+    assert references(rows[0], fields) == ["at seven in the morning", "seven in the morning"]
+    assert references(rows[4], fields) == ["葫芦庙", "葫芦庙里"]
+    assert references(rows[2], fields) == [UNANSWERABLE]  # v2: is_impossible, answers []
+
+
+def test_answers_are_read_in_every_layout(tmp_path: Path):
+    """`answer` as a string or a list; SQuAD's `answers` as HF datasets' dict of lists or a list of objects, found
+    without --field, or named with --field answer=answers / answers.text (one row per question, not per answer)."""
+    q, c = "Which river?", "It lies on the Seine."
+    layouts = {
+        "str": ({"answer": "the Seine"}, None),
+        "list": ({"answer": ["the Seine", "Seine"]}, None),
+        "hf": ({"answers": {"text": ["the Seine", "Seine"], "answer_start": [11, 15]}}, None),
+        "squad": (
+            {"answers": [{"text": "the Seine", "answer_start": 11}, {"text": "Seine", "answer_start": 15}]},
+            None,
+        ),
+        "hf.text": ({"answers": {"text": ["the Seine", "Seine"]}}, ["answer=answers.text"]),
+        "squad.text": ({"answers": [{"text": "the Seine"}, {"text": "Seine"}]}, ["answer=answers.text"]),
+        "renamed": ({"gold": [{"text": "the Seine"}, {"text": "Seine"}]}, ["answer=gold"]),
+        "v2": ({"answers": {"text": [], "answer_start": []}}, None),
+    }
+    for name, (answer, renames) in layouts.items():
+        fields = field_map("qa", renames)
+        path = _write_jsonl(tmp_path / f"{name}.jsonl", [{"question": q, "context": c, **answer}] * 2)
+        rows = read_task_rows(path, "qa", fields, scored=True)
+        assert len(rows) == 2, name
+        expected = ["the Seine"] if name == "str" else [UNANSWERABLE] if name == "v2" else ["the Seine", "Seine"]
+        assert references(rows[0], fields) == expected, name
+    # a CSV (BOM, CRLF) with SQuAD v2's flag as pandas writes it
+    path = tmp_path / "qa.csv"
+    path.write_bytes(
+        f"\ufeffquestion,answer,context,is_impossible\r\n{q},the Seine,{c},False\r\nWho?,x,,True\r\n".encode()
+    )
+    fields = field_map("qa", None)
+    assert [references(r, fields) for r in read_task_rows(path, "qa", fields, scored=True)] == [
+        ["the Seine"],
+        [UNANSWERABLE],
+    ]
+    bad = {
+        "no_text": ({"answers": {"answer_start": [3]}}, r"row 1: column 'answers' should be .* keys answer_start"),
+        "nested": ({"answer": [["a"]]}, r"row 1: column 'answer' should be an answer text.* holds \['a'\]"),
+        "missing": ({"reply": "x"}, r"row 1 has no column 'answer' \(columns: question, context, reply\); rename with"),
+        "null": ({"answers": None}, r"row 1 has no value in column 'answers'"),
+        "context": ({"answer": "x", "context": ["a", "b"]}, r"row 1 column 'context' holds a JSON list"),
+    }  # fmt: skip
+    for name, (answer, said) in bad.items():
+        path = _write_jsonl(tmp_path / f"{name}.jsonl", [{"question": q, "context": c, **answer}])
+        with pytest.raises(DataError, match=said):
+            read_task_rows(path, "qa", field_map("qa", None))
+
+
+def test_a_malformed_squad_file_is_a_one_line_error(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"question": "q", "answers": []}]}]}]}))
+    with pytest.raises(DataError, match=r"bad.json: data\[0\].paragraphs\[0\] has no 'context' text"):
+        read_task_rows(bad, "qa", field_map("qa", None))
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"answers": []}]}]}]}))
+    with pytest.raises(DataError, match=r"paragraphs\[0\].qas\[0\] has no 'question' text"):
+        read_task_rows(bad, "qa", field_map("qa", None))
+
+
+def test_a_context_reaches_the_prompt_and_no_context_keeps_the_old_prompt(base: Path):
+    ft = load_finetuned(base, torch.device("cpu"))
+    tok, fields = ft.tokenizer, field_map("qa", None)
+    rows = [
+        {"question": "Which river?", "context": "It lies on the Seine.", "answer": "the Seine"},
+        {"question": "Which river?", "context": "", "answer": "the Seine"},
+        {"question": "Which river?", "answer": "the Seine"},
+    ]
+    examples = build_examples(rows, task="qa", tok=tok, fields=fields, max_len=100, labels=None, path="x")
+    old = ChatTemplate().segments(
+        tok, [{"role": "user", "content": "Which river?"}, {"role": "assistant", "content": "the Seine"}]
+    )
+    assert examples[1].ids == examples[2].ids == [i for ids, _ in old for i in ids]  # byte-identical to before
+    with_context = tok.encode("<|user|>\n") + tok.encode("It lies on the Seine.\n\nWhich river?\n")
+    assert examples[0].ids[: len(with_context)] == with_context
+    assert tok.decode([i for i, t in zip(examples[0].ids, examples[0].train, strict=True) if t][:-1]) == "the Seine"
+
+
+def test_a_long_context_is_cut_around_the_answer_never_the_question_or_answer(
+    base: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Training keeps the context window around the answer (its answer_start); evaluation keeps the context's
+    start (it must not know where the answer is); the question and the answer are never cut; a note counts."""
+    import lmforge.eval.tasks as tasks
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    tok, fields = ft.tokenizer, field_map("qa", None)
+    context = "A" * 60 + " the ferry leaves at seven. " + "B" * 60
+    # (answer_start 80 is off by two, as some SQuAD offsets are: the answer is found where it first occurs)
+    row = {"question": "When?", "context": context, "answers": [{"text": "at seven", "answer_start": 80}]}
+    (example,) = build_examples([row], task="qa", tok=tok, fields=fields, max_len=60, labels=None, path="f.jsonl")
+    text = tok.decode(example.ids)
+    assert len(example.ids) == 61
+    assert text.startswith("<|user|>\n") and "\n\nWhen?\n<|assistant|>\nat seven" in text
+    kept = text.removeprefix("<|user|>\n").split("\n\nWhen?")[0]
+    assert kept == context[72:93]  # the 21 characters that fit, centred on the answer (78 to 86)
+    assert "1 of 1 contexts cut to fit --max-len 60 (around the answer)" in capsys.readouterr().err
+    asked: list[list[int]] = []
+    monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: asked.extend(prompts) or ["at seven"])
+    m = tasks.task_metrics(ft, [row], path="f", task="qa", fields=fields, max_new_tokens=76)  # 52 prompt tokens
+    prompt = tok.decode(asked[0])
+    assert len(asked[0]) <= 52 and prompt.startswith("<|user|>\nAAAA") and prompt.endswith("\n\nWhen?\n<|assistant|>\n")
+    assert m["em"] == 1.0 and "1 of 1 contexts cut to their start" in capsys.readouterr().err
+
+
+def test_em_and_f1_take_the_best_reference_and_score_unanswerable_apart(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """Hand values: the official SQuAD v1.1 script scores each question by its best reference
+    (metric_max_over_ground_truths); a v2 unanswerable question expects the fixed reply."""
+    import lmforge.eval.tasks as tasks
+    from lmforge.eval.tasks import best_over_references
+
+    assert best_over_references("seven in the morning", ["at seven in the morning", "seven in the morning"]) == (1, 1)
+    # pred [ferry, at, seven] vs [at, seven, in, morning]: 2 shared, P 2/3 R 2/4 -> 4/7; vs [seven]: P 1/3 R 1 -> 1/2
+    em, f1 = best_over_references("ferry at seven", ["at seven in the morning", "seven"])
+    assert em == 0.0 and f1 == pytest.approx(4 / 7)
+    assert best_over_references("葫芦庙", ["葫芦庙里", "旁边"])[1] == pytest.approx(6 / 7)  # P 1, R 3/4
+    ft = load_finetuned(base, torch.device("cpu"))
+    fields = field_map("qa", None)
+    rows = read_task_rows(SQUAD, "qa", fields, scored=True)
+    predictions = ["seven in the morning", "Tuesday market", "unanswerable.", "英莲", "庙"]
+    monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: predictions)
+    m = tasks.task_metrics(ft, rows, path=SQUAD, task="qa", fields=fields, max_new_tokens=4)
+    # F1: 1, max(2/3 vs [every, tuesday], 2/3 vs [tuesday]) = 2/3, 1, 1, max(1/2, 2/5) = 1/2
+    assert m["em"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx((1 + 2 / 3 + 1 + 1 + 1 / 2) / 5)
+    assert m["no_answer"] == {"em": 1.0, "f1": 1.0, "n": 1} and m["has_answer"]["n"] == 4
+    assert "no_answer em 1.0000" in tasks.format_metrics(m)
+
+
+def test_finetune_and_eval_read_a_squad_file(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """End to end on the shipped SQuAD file: a fine-tune trains on it (the unanswerable row's target is the fixed
+    reply) and `eval --task qa` scores it from the command line."""
+    from lmforge.cli import main
+    from lmforge.finetune import FinetuneConfig, finetune
+
+    fast = {"train": {"max_steps": 2, "batch_size": 4, "log_every": 1, "warmup_steps": 1}, "eval": {"every": 2}}
+    out = tmp_path / "ft"
+    result = finetune(base, train_file=SQUAD, val_file=SQUAD, out=out, cfg=FinetuneConfig(task="qa", max_new_tokens=4),
+                      overrides=fast, progress=False)  # fmt: skip
+    assert result["val"]["n"] == 5 and result["val"]["no_answer"]["n"] == 1
+    with contextlib.suppress(SystemExit):  # (in process: a subprocess costs seconds)
+        main(["eval", str(out), "--task", "qa", "--data", str(SQUAD), "--max-new-tokens", "4", "--json"])
+    assert json.loads(capsys.readouterr().out)["has_answer"]["n"] == 4
