@@ -164,6 +164,10 @@ class CarriedStateLM:
     With gradient accumulation the state covers all `accum_steps x micro-batch` rows of a step, and the
     m-th micro-batch of each step (the loop calls `loss` for them in order) starts from, and updates,
     its own rows [m*b, (m+1)*b): the streams of one big batch, trained as the big batch would.
+
+    A batch is (x, y) or the loader's (x, y, fresh): rows where `fresh` is True start from a zero state,
+    because their chunk does not continue the one before (the loader wrapped to a new epoch). Without
+    it the state left by the end of an epoch's rows was carried into their beginnings, unrelated text.
     """
 
     def __init__(self, accum_steps: int = 1) -> None:
@@ -171,11 +175,11 @@ class CarriedStateLM:
         self.state: Any = None  # the model's RNNState for all rows of a step, or None before the first batch
         self._micro = 0  # which micro-batch of the step comes next (0 between steps, when checkpoints are saved)
 
-    def count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return count_targets(batch[1])
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch[0], batch[1]
         B = x.shape[0]
         if self.state is None or self.state.h.shape[1] != B * self.accum_steps:
             self.state, self._micro = model.new_cache(batch_size=B * self.accum_steps), 0
@@ -183,6 +187,10 @@ class CarriedStateLM:
         rows = slice(m * B, (m + 1) * B)
         full = self.state
         part = type(full)(full.h[:, rows].clone(), None if full.c is None else full.c[:, rows].clone())
+        if len(batch) > 2:  # torch.where, not a masked assignment: no host sync on CUDA
+            fresh = batch[2].view(1, B, 1)  # (1, B, 1) against the state's (n_layer, B, d_model)
+            part.h = torch.where(fresh, 0.0, part.h)
+            part.c = None if part.c is None else torch.where(fresh, 0.0, part.c)
         part.pos = full.pos  # (the position of the step's chunk, the same for every micro-batch)
         logits = model(x, part)
         with torch.no_grad():  # the carried state is detached: gradients stop at the chunk boundary

@@ -75,6 +75,37 @@ def test_repeated_rollbacks_give_up(data_dir: Path, tmp_path: Path, monkeypatch)
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()
 
 
+def test_a_rollback_starts_a_recurrent_models_carried_state_over(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """An LSTM's carried state that went NaN (as an fp16 overflow makes it) was kept through the rollback, which
+    restores weights, optimizer and RNG: every later step was NaN again, and the run ended "diverged again after
+    3 rollbacks; lower --train.lr". The rollback now starts the state over from zeros, and the run trains on."""
+    import dataclasses
+
+    from lmforge.objectives import CarriedStateLM
+    from tests.test_rnn import _cfg
+
+    real, calls = CarriedStateLM.loss, {"n": 0}
+
+    def loss(self, model, batch):
+        value = real(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 6 (one micro-batch a step): the state it carries on is NaN from here
+            self.state.h.fill_(float("nan"))
+        return value
+
+    monkeypatch.setattr(CarriedStateLM, "loss", loss)
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, micro_batch_size=8, max_steps=8, rollback_after=2),
+        eval=dataclasses.replace(cfg.eval, every=0),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=4),
+    )
+    state = pretrain(cfg, progress=False)  # steps 7 and 8 NaN: back to step 4, then 5 to 8 train
+    assert (state.step, state.rollbacks, state.skipped_steps) == (8, 1, 2)
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "run") if "loss" in r)
+
+
 def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch):
     """The writer fails half-way through the second checkpoint (as on a full disk)."""
     import lmforge.checkpoint as ckpt

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,16 +143,46 @@ def test_stream_loader_rows_are_contiguous_and_resume(data_dir):
 
     shards = load_data_dir(data_dir).split_shards("train")
     loader = StreamLoader(shards, seq_len=16, batch_size=4)
-    x1, y1 = next(loader)
-    x2, _ = next(loader)
+    x1, y1, _ = next(loader)
+    x2, *_ = next(loader)
     assert x1.shape == (4, 16)
     assert torch.equal(x2[:, 0], y1[:, -1])  # row r of batch k+1 continues row r of batch k
     assert torch.equal(x1[:, 1:], y1[:, :-1])
     state = loader.state_dict()
-    x3, _ = next(loader)
+    x3, *_ = next(loader)
     again = StreamLoader(shards, seq_len=16, batch_size=4)
     again.load_state_dict(state)
     assert torch.equal(next(again)[0], x3)
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+def test_carried_state_starts_from_zeros_when_the_stream_wraps_to_a_new_epoch(data_dir, tmp_path, family):
+    """After an epoch's last chunk the rows start again from their beginnings, but the state left by their ends
+    was carried into them (unrelated text): with the weights fixed, epoch 2's first step had another loss than
+    epoch 1's. Now the loader marks those rows fresh and they start from zeros, as at the very first step."""
+    from lmforge.data.prepare import load_data_dir
+    from lmforge.data.shards import ShardWriter, read_shard
+    from lmforge.objectives import CarriedStateLM
+
+    writer = ShardWriter(tmp_path, "train", np.uint16, 1000)  # 3,000 tokens of the text in 3 shards
+    writer.write(read_shard(load_data_dir(data_dir).split_shards("train")[0])[:3000])
+    torch.manual_seed(0)
+    model = RNNLM(RNNConfig(family=family, vocab_size=512, n_layer=2, d_model=16))
+    model.init_weights()
+    loader = StreamLoader([tmp_path / n for n in writer.close()], seq_len=64, batch_size=4, accum_steps=2)
+    objective, n = CarriedStateLM(accum_steps=2), loader.chunks_per_epoch
+    assert n == 5  # (8 rows of 374 tokens: the wrap comes soon)
+    windows = [[next(loader) for _ in range(2)] for _ in range(n + 2)]  # n + 2 steps of 2 micro-batches
+    assert [[bool(b[2].all()) for b in w] for w in windows] == [[True] * 2] + [[False] * 2] * (n - 1) + [
+        [True] * 2,
+        [False] * 2,
+    ]  # (each micro-batch's rows all start over at once, or none does)
+    with torch.no_grad():
+        losses = [sum(objective.loss(model, b).item() for b in w) for w in windows]
+        from_zeros = sum(CarriedStateLM(accum_steps=2).loss(model, b[:2]).item() for b in windows[1])
+    assert losses[n] == losses[0]  # the same chunk from the same (zero) state: bit for bit
+    assert losses[n + 1] == losses[1]  # ... and the state carried on within the epoch as in the first
+    assert losses[1] != from_zeros  # (which it does: chunk 1 from zeros is another loss)
 
 
 def test_family_flag_selects_the_model_and_wrong_keys_fail():
@@ -199,6 +230,27 @@ def test_lstm_run_resumes_bit_identically_with_its_carried_state(data_dir, tmp_p
     assert m["ppl"] == pytest.approx(math.exp(m["loss"])) and 0 < m["bpb"] < 8
     text = generate_from_checkpoint(str(crashed), prompt="ROMEO: " * 5, max_new_tokens=30, seed=0, stop_at_eos=False)
     assert len(text) > 0
+
+
+def test_lstm_run_resumes_bit_identically_across_an_epoch_wrap(data_dir, tmp_path):
+    """256 streams of 32-token chunks make 5 steps an epoch: step 6 wraps (its state starts over). A crash after
+    the step-4 checkpoint and a re-run give the straight run's weights and numbers, bit for bit."""
+    cfg = _cfg(data_dir, tmp_path / "straight", n_layer=1, d_model=8, max_seq_len=32, dropout=0.1)
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, batch_size=256, micro_batch_size=256, max_steps=7),
+        eval=dataclasses.replace(cfg.eval, every=0),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=4),
+    )
+    pretrain(cfg, progress=False)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "straight", crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000007")
+    (crashed / "checkpoints" / "latest").write_text("step-000004\n", encoding="utf-8")
+    meta = json.loads((crashed / "checkpoints" / "step-000004" / "state.json").read_text(encoding="utf-8"))
+    assert meta["loader"]["row_len"] // 32 == 5 and meta["objective"]["h"]["shape"] == [1, 256, 8]
+    assert pretrain(dataclasses.replace(cfg, out=str(crashed)), progress=False).step == 7
+    _assert_same_run(tmp_path / "straight", crashed)
 
 
 @pytest.mark.parametrize("family", ["lstm", "gru"])

@@ -9,8 +9,14 @@ PyTorch word-language-model example; batch k holds the k-th seq_len chunk of eac
     batch k: row r -> x = stream[r*L + k*T : r*L + k*T + T], y = the same shifted by one
 
 so row r of batch k + 1 continues row r of batch k exactly. After the last full chunk the rows
-start again from their beginnings (a new epoch); no shuffling, by design. State is one number (the
-batch position), so resume is exact. Rank r of W takes rows [r*B, (r+1)*B).
+start again from their beginnings (a new epoch); no shuffling, by design. That is the one place where
+a row does not continue its previous chunk, so each batch is (x, y, fresh): `fresh` (B,) bool marks the
+rows whose chunk starts their stream (all of them at chunk 0, i.e. the first batch and every epoch wrap),
+and `objectives.CarriedStateLM` starts those rows from a zero state. Without it the state after the end
+of row r (its last chunk) flowed into row r's beginning, unrelated text, once per epoch. Shard and
+document boundaries inside a row need no mark: the shards concatenate into one text, with an EOS after
+every document, as a model reads it at generation. State is one number (the batch position), so resume
+is exact. Rank r of W takes rows [r*B, (r+1)*B).
 
 With gradient accumulation, B is the rank's whole share of the optimizer step (micro-batch x
 `accum_steps`), and the k-th chunk of those rows is served as `accum_steps` micro-batches of
@@ -95,9 +101,9 @@ class StreamLoader:
             pos, length = pos + len(piece), length - len(piece)
         return np.concatenate(out)
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next micro-batch: x, y int64 (batch_size, seq_len); row r continues row r of the same micro-batch
-        of the previous step."""
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next micro-batch: x, y int64 (batch_size, seq_len) and fresh bool (batch_size,); row r continues
+        row r of the same micro-batch of the previous step, unless fresh[r] (its stream starts over)."""
         B, T = self.batch_size, self.seq_len
         step, micro = divmod(self._position, self.accum_steps)
         chunk = step % self.chunks_per_epoch
@@ -105,7 +111,8 @@ class StreamLoader:
         batch = np.stack([self._read(row * self.row_len + chunk * T, T + 1) for row in range(first, first + B)])
         self._position += 1
         batch_t = torch.from_numpy(batch)
-        return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()
+        fresh = torch.full((B,), chunk == 0)  # the first chunk of an epoch follows nothing of its row
+        return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous(), fresh
 
     def state_dict(self) -> dict[str, Any]:
         step, micro = divmod(self._position, self.accum_steps)

@@ -101,6 +101,16 @@ def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) ->
             yield from long_pieces(text, fast_encode.LONG_DOCUMENT)  # (a shorter one whole)
 
 
+class _SampledDocs:
+    """`_sample_docs` as an iterable that reads the file again on each pass (WordPiece training makes two)."""
+
+    def __init__(self, path: Path, fraction: float, unspaced_fraction: float) -> None:
+        self.path, self.fraction, self.unspaced_fraction = path, fraction, unspaced_fraction
+
+    def __iter__(self) -> Iterator[str]:
+        return _sample_docs(self.path, self.fraction, self.unspaced_fraction)
+
+
 def tokenizer_kind(tok: Tokenizer) -> str:
     """What a given tokenizer.json is, by its model type: "wordpiece", "unigram", "char" (lmforge's:
     BPE without merges, byte fallback) or "bpe"; "file" when none of these (e.g. WordLevel).
@@ -141,7 +151,7 @@ def _train_tokenizer(
     fraction = TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1)
     unspaced_budget = UNSPACED_SAMPLE_BYTES.get(cfg.tokenizer)  # (WordPiece cuts Chinese into characters)
     unspaced_fraction = unspaced_budget / max(unspaced_bytes, 1) if unspaced_budget else 1.0
-    texts = _sample_docs(train_docs, fraction, unspaced_fraction)
+    texts = _SampledDocs(train_docs, fraction, unspaced_fraction)
     if cfg.tokenizer == "wordpiece":
         tok = train_wordpiece(texts, cfg.vocab_size, show_progress=show)
         _note_characters_only(tok, cfg.vocab_size)

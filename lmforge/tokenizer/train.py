@@ -18,7 +18,8 @@ Key design decisions:
   nothing is lost), with the BertNormalizer putting spaces around CJK characters so Chinese is one
   piece per character, BertPreTokenizer (whitespace + punctuation) and "##" continuation pieces.
   Unknown characters become `[UNK]`; decoding joins pieces with spaces, so it does not round-trip
-  text exactly (it is meant for encoders).
+  text exactly (it is meant for encoders). The "##" forms are given to the HF trainer up front, in
+  code-point order (`_continuation_forms`): it numbered them in hash-map order, so each run chose other pieces.
 - Unigram (`train_unigram`): the SentencePiece algorithm (Kudo 2018, https://arxiv.org/abs/1804.10959)
   with the Metaspace pre-tokenizer ("▁" marks a word start; "<" and "[" are words of their own, so no text
   matches a special or byte piece) and `byte_fallback`, so every character
@@ -38,6 +39,7 @@ Key design decisions:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -129,6 +131,9 @@ def train_char(texts: Iterable[str], *, vocab_size: int = 0) -> Tokenizer:
 def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
     """Train a cased BERT-style WordPiece tokenizer (see the module docstring).
 
+    `texts` is read twice (see `_continuation_forms`): pass a list or another iterable that starts over on each
+    `iter()`, as `prepare` does; a one-shot iterator is read into a list first.
+
     Returns:
         The `Tokenizer`: `<|endoftext|>` = 0, `EXTRA_SPECIALS` = 1..7, `[UNK]` = 8, then pieces.
 
@@ -139,20 +144,20 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: boo
     """
     if vocab_size < 64:
         raise ConfigError(f"WordPiece vocab_size must be >= 64, got {vocab_size}")
+    if iter(texts) is texts:  # a generator: it would be empty the second time
+        texts = list(texts)
     specials = SPECIAL_TOKENS + EXTRA_SPECIALS + [UNK]
-    hf = HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
-    hf.normalizer = normalizers.BertNormalizer(
-        clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
-    )
-    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    hf.decoder = decoders.WordPiece(prefix="##")
+    hf = _wordpiece_tokenizer()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
-        special_tokens=specials,
+        special_tokens=specials + _continuation_forms(texts),
         continuing_subword_prefix="##",
         show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer=trainer)
+    config = json.loads(hf.to_str())  # the "##" forms are ordinary pieces, not special tokens that match text
+    config["added_tokens"] = [t for t in config["added_tokens"] if t["content"] in specials]
+    hf = HFTokenizer.from_str(json.dumps(config, ensure_ascii=False))
     # The trainer starts from the specials, every character and the "##" form of each one seen inside a word,
     # and merges until vocab_size: below that start it silently returned the start (100 asked, 1,579 made on
     # 20 kB of Shakespeare + 30 kB of Hong Lou Meng), a character-level tokenizer of another size than asked.
@@ -168,6 +173,46 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, *, show_progress: boo
             "(more to learn words and subwords), or use --tokenizer bpe (byte-level: any text fits)"
         )
     return Tokenizer(hf)
+
+
+def _wordpiece_tokenizer() -> HFTokenizer:
+    """An untrained BERT-style WordPiece: cased BertNormalizer (CJK characters spaced apart), BertPreTokenizer."""
+    hf = HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
+    )
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    return hf
+
+
+def _continuation_forms(texts: Iterable[str]) -> list[str]:
+    """The "##x" form of every character x that follows another inside a word of `texts`, in code-point order.
+
+    HF's WordPiece trainer numbers these forms as it meets them in its hash map of words, whose order changes
+    from process to process, and takes merges of equal count in id order: the same texts gave other pieces on
+    each run (tinyshakespeare + Hong Lou Meng, 3.6 MB at vocab 8,000: 3 runs of `prepare`, 3 different
+    tokenizer.json files and shards). Handed to it first, as special tokens in this order, the forms keep fixed
+    ids and the training is the same every time.
+
+    Whether the normalizer and pre-tokenizer end a word at a character depends on that character alone
+    (whitespace and punctuation split, CJK characters stand alone), so each distinct character is asked once, in
+    "a{x}a"; the text, with every such character made a space, then loses each word's first character and what
+    is left is the continuations. ~0.7 s for those 3.6 MB, next to ~4.5 s of training (a pass of the trainer
+    itself with no room for merges found the same forms in ~2.5 s).
+    """
+    hf = _wordpiece_tokenizer()
+    seen: set[str] = set()
+    apart: dict[int, str] = {}  # str.translate table: every character that ends a word -> " "
+    first = re.compile("(?:^| +)[^ ]?")  # a word's first character, with the spaces before it
+    continued: set[str] = set()
+    for text in texts:
+        for c in set(text) - seen:
+            seen.add(c)
+            if len(hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(f"a{c}a"))) != 1:
+                apart[ord(c)] = " "
+        continued.update(first.sub("", text.translate(apart)))
+    return sorted("##" + c for c in continued)
 
 
 def with_nfkc(tok: Tokenizer) -> Tokenizer:

@@ -576,6 +576,10 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         if diloco is not None:
             diloco.load_checkpoint(back)
         set_rng_state(back.meta["rng"])
+        # An LSTM/GRU's carried state starts over: it may be what went non-finite (it was kept, so one NaN in it
+        # made every later step NaN, and the run ended "diverged again after 3 rollbacks"), and the checkpoint's
+        # belongs to text the loader has moved past.
+        setup.load_state_dict({}, model)
         restored.skipped_steps, restored.rollbacks = st.skipped_steps, st.rollbacks + 1
         restored.elapsed_s = st.elapsed_s
         st.__dict__.update(restored.__dict__)  # in place: the loop holds this object
