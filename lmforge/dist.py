@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lmforge.checkpoint import DILOCO_FILE
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line
 from lmforge.fields import check, flatten, opt
 
 
@@ -135,10 +135,6 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
             ) from None
     return info, device
-
-
-class CommFailure(LmforgeError):
-    """A collective failed: a peer process died, hung past dist.timeout_s, or the network broke."""
 
 
 _COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo")

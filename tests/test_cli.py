@@ -364,3 +364,31 @@ def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys):
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
     assert _out_of_memory(cuda) == "tried to allocate 20.00 MiB"
     assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)
+
+
+def test_a_signal_on_top_of_a_failed_collective_keeps_its_line(monkeypatch, capsys):
+    """torchrun SIGTERMs every rank once one dies: a survivor whose collective had just failed got it while closing
+    its log and printed 'lmforge: interrupted' (exit 130) instead of the failure's line, which says re-running
+    resumes. A Ctrl-C with no failure under it is still an interrupt."""
+    from lmforge import cli
+    from lmforge.errors import CommFailure
+
+    def failing_then_signalled(argv):
+        try:
+            raise CommFailure("rank 0: a collective failed; re-run the same command to resume")
+        finally:
+            raise KeyboardInterrupt  # the launcher's SIGTERM, during the clean-up
+
+    monkeypatch.setattr(cli, "_parse_and_run", failing_then_signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        cli._main(["pretrain"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "lmforge: error: rank 0: a collective failed; re-run the same command to resume\n"
+
+    def signalled(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parse_and_run", signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        cli._main(["pretrain"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "lmforge: interrupted\n"
