@@ -392,3 +392,30 @@ def test_a_signal_on_top_of_a_failed_collective_keeps_its_line(monkeypatch, caps
     with pytest.raises(SystemExit) as exit_info:
         cli._main(["pretrain"])
     assert exit_info.value.code == 130 and capsys.readouterr().err == "lmforge: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "env", [{"RANK": "1"}, {"RANK": "5", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}]
+)
+def test_a_rank_outside_the_world_is_one_line(env, data_dir, tmp_path, monkeypatch, capsys):
+    """A hand-made launch (srun, a script exporting RANK) with RANK not below WORLD_SIZE: RANK=1 alone trained in
+    one process as a rank that is not rank 0 until the loader's ValueError traceback, and RANK=5 of 2 waited
+    dist.timeout_s (600 s) to say it could not connect. Both are refused at once in one line."""
+    from lmforge.cli import main
+    from lmforge.dist import DistInfo, env_info
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--train.max_steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: RANK=") and "launch with torchrun" in err, err
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert env_info() == DistInfo(rank=1, local_rank=1, world_size=2)
