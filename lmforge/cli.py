@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import ConfigError, Interrupted, LmforgeError
+from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -671,6 +671,18 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _comm_failure_under(interrupt: BaseException) -> CommFailure | None:
+    """The failed collective a Ctrl-C or SIGTERM arrived on top of (raised while its error was on its way out).
+
+    torchrun SIGTERMs every rank as soon as one fails: a rank whose collective had just failed because a peer
+    was killed got that signal while closing its log (plotting loss.png), and printed 'lmforge: interrupted'
+    instead of its one line (which rank failed, and that re-running the command resumes)."""
+    seen: BaseException | None = interrupt.__context__
+    while seen is not None and not isinstance(seen, CommFailure):
+        seen = seen.__context__
+    return seen
+
+
 def _main(argv: list[str] | None) -> None:
     try:
         code = _parse_and_run(argv)
@@ -680,7 +692,11 @@ def _main(argv: list[str] | None) -> None:
     except Interrupted as e:
         print(f"lmforge: {e}", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        failed = _comm_failure_under(e)
+        if failed is not None:  # the run was already failing: its line, not the launcher's signal, says what to do
+            print(f"lmforge: error: {failed}", file=sys.stderr)
+            sys.exit(2)
         print("lmforge: interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # `lmforge ... | head`: the reader left; nothing is wrong, and nothing to say

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lmforge.checkpoint import DILOCO_FILE
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line
 from lmforge.fields import check, flatten, opt
 
 
@@ -85,6 +85,11 @@ def env_info() -> DistInfo:
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
         raise ConfigError("WORLD_SIZE/RANK/LOCAL_RANK must be integers; launch with torchrun") from None
+    if world < 1 or not 0 <= rank < world or local < 0:  # (a hand-made launch: it waited dist.timeout_s, then
+        raise ConfigError(  # said it could not connect to the others)
+            f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}: each process needs a RANK from 0 to WORLD_SIZE-1 "
+            "and a LOCAL_RANK of 0 or more; launch with torchrun, which sets them"
+        )
     return DistInfo(rank=rank, local_rank=local, world_size=world)
 
 
@@ -135,10 +140,6 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
             ) from None
     return info, device
-
-
-class CommFailure(LmforgeError):
-    """A collective failed: a peer process died, hung past dist.timeout_s, or the network broke."""
 
 
 _COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo")

@@ -33,5 +33,9 @@ class TrainingDiverged(LmforgeError):
     """Loss or gradients stayed non-finite and rolling back did not help; the message says what to change."""
 
 
+class CommFailure(LmforgeError):
+    """A collective failed: a peer process died, hung past dist.timeout_s, or the network broke (`lmforge.dist`)."""
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with code 130."""

@@ -364,3 +364,58 @@ def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys):
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
     assert _out_of_memory(cuda) == "tried to allocate 20.00 MiB"
     assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)
+
+
+def test_a_signal_on_top_of_a_failed_collective_keeps_its_line(monkeypatch, capsys):
+    """torchrun SIGTERMs every rank once one dies: a survivor whose collective had just failed got it while closing
+    its log and printed 'lmforge: interrupted' (exit 130) instead of the failure's line, which says re-running
+    resumes. A Ctrl-C with no failure under it is still an interrupt."""
+    from lmforge import cli
+    from lmforge.errors import CommFailure
+
+    def failing_then_signalled(argv):
+        try:
+            raise CommFailure("rank 0: a collective failed; re-run the same command to resume")
+        finally:
+            raise KeyboardInterrupt  # the launcher's SIGTERM, during the clean-up
+
+    monkeypatch.setattr(cli, "_parse_and_run", failing_then_signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        cli._main(["pretrain"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "lmforge: error: rank 0: a collective failed; re-run the same command to resume\n"
+
+    def signalled(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parse_and_run", signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        cli._main(["pretrain"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "lmforge: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "env", [{"RANK": "1"}, {"RANK": "5", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}]
+)
+def test_a_rank_outside_the_world_is_one_line(env, data_dir, tmp_path, monkeypatch, capsys):
+    """A hand-made launch (srun, a script exporting RANK) with RANK not below WORLD_SIZE: RANK=1 alone trained in
+    one process as a rank that is not rank 0 until the loader's ValueError traceback, and RANK=5 of 2 waited
+    dist.timeout_s (600 s) to say it could not connect. Both are refused at once in one line."""
+    from lmforge.cli import main
+    from lmforge.dist import DistInfo, env_info
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--train.max_steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lmforge: error: RANK=") and "launch with torchrun" in err, err
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert env_info() == DistInfo(rank=1, local_rank=1, world_size=2)
