@@ -127,7 +127,8 @@ class TrainConfig:
         )
         check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
         check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
-        check(self.min_lr >= 0, f"train.min_lr must be >= 0, got {self.min_lr}")
+        # (inf made every lr after warmup inf or NaN: 5 NaN steps, then "lower --train.lr")
+        check(0 <= self.min_lr < math.inf, f"train.min_lr must be a number >= 0, got {self.min_lr}")
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.decay_fraction <= 1, f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
@@ -204,9 +205,11 @@ class OptimConfig:
     )
 
     def __post_init__(self) -> None:
-        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(  # (inf: every weight NaN after the first step)
+            0 <= self.weight_decay < math.inf, f"optim.weight_decay must be a number >= 0, got {self.weight_decay}"
+        )
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-        check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        check(0 < self.eps < math.inf, f"optim.eps must be a number > 0, got {self.eps}")  # inf: no update, silently
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         check(0 <= self.l1 < math.inf, f"optim.l1 must be a number >= 0, got {self.l1}")  # inf: every step NaN
         check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")

@@ -252,6 +252,9 @@ def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
         ("train.early_stop_min_delta", "nan"),  # every evaluation counted as no better
         ("train.rollback_after", "-1"),  # rolled back after the first non-finite step
         ("optim.l1", "inf"),  # every step's gradient non-finite, every step skipped
+        ("train.min_lr", "inf"),  # every lr after warmup inf or NaN: NaN steps, then "lower --train.lr"
+        ("optim.weight_decay", "inf"),  # every weight NaN after the first step
+        ("optim.eps", "inf"),  # every AdamW update 0: trained nothing, without a word
     ],
 )
 def test_out_of_range_loop_settings_are_refused(flag, value):

@@ -63,6 +63,29 @@ def test_different_model_config_on_existing_run_is_an_error(data_dir, tmp_path):
     assert state.step == 12
 
 
+def test_a_run_from_an_older_lmforge_without_newer_model_settings_resumes(data_dir, tmp_path):
+    """A run written before model.qkv_bias / model.qk_norm existed has no such keys in its config.json and
+    checkpoints: it resumes with them at their defaults (it was refused as "a different model config
+    (qkv_bias None -> False)"), and a real change is still refused."""
+    import json
+
+    from lmforge.checkpoint import state_sha256
+    from lmforge.errors import ConfigError
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2}), progress=False)
+    for path in [run / "config.json", *(run / "checkpoints").glob("step-*/state.json")]:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        config = saved.get("config", saved)
+        del config["model"]["qkv_bias"], config["model"]["qk_norm"]
+        if "state_sha256" in saved:
+            saved["state_sha256"] = state_sha256(saved)
+        path.write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"different model config \(n_layer 2 -> 3\)"):
+        pretrain(tiny_config(data_dir, run, **{"train.max_steps": 3, "model.n_layer": 3}), progress=False)
+    assert pretrain(tiny_config(data_dir, run, **{"train.max_steps": 3}), progress=False).step == 3
+
+
 def test_resume_applies_changed_optimizer_settings_and_refuses_another_optimizer(data_dir, tmp_path):
     """torch's load_state_dict brings back the saved group settings: a resume with a new weight decay
     trained with the old one while config.json said the new one. The config wins now; another optimizer

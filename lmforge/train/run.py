@@ -92,6 +92,16 @@ def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changes[:3])
 
 
+def _with_new_defaults(saved: Any, model: Any) -> Any:
+    """A saved model section with the settings that lmforge added since it was written (model.qkv_bias, ...)
+    at their defaults, which are the behaviour it was trained with: a run from an older lmforge was refused
+    as "a different model config (qkv_bias None -> False)". Another family or a non-dict: unchanged."""
+    if not isinstance(saved, dict) or saved.get("family", "gpt") != model.family:
+        return saved
+    defaults = {f.name: f.default for f in dataclasses.fields(model) if f.default is not dataclasses.MISSING}
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
 def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
     """What else an lmforge output with a config.json is (its resume failed later with a puzzling error: a
     data-loader mismatch, missing weight names, a model config of Nones); "" for a pretraining run."""
@@ -205,8 +215,9 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                     "or use another --out or --overwrite to start over"
                 )
         new_model = new_dict["model"]
-        if old.get("model") != new_model:
-            change = _describe_model_change(old.get("model", {}), new_model)
+        old_model = _with_new_defaults(old.get("model"), cfg.model)
+        if old_model != new_model:
+            change = _describe_model_change(old_model, new_model)
             raise ConfigError(
                 f"{run_dir} holds a run with a different model config ({change}); "
                 "use another --out, or --overwrite to start over"
