@@ -706,6 +706,12 @@ def load_config(
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
+    if cfg.optim.name == "muon" and cfg.model.family in ("lstm", "gru"):  # (every weight got AdamW, without a word)
+        raise ConfigError(
+            f"optim.name muon orthogonalises the hidden nn.Linear matrices, which a model.family "
+            f"{cfg.model.family!r} network has none of (its recurrent weights are not nn.Linear); "
+            "use --optim.name adamw or sgd"
+        )
     if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
         raise ConfigError(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "

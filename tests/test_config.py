@@ -227,6 +227,14 @@ def test_optimizer_settings_the_optimizer_would_not_read_are_refused(overrides, 
         load_config(preset="tiny", overrides=overrides)
 
 
+@pytest.mark.parametrize("preset", ["lstm-tiny", "gru-tiny"])
+def test_muon_on_a_recurrent_network_is_refused(preset):
+    """Muon trains hidden nn.Linear matrices; a recurrent network has none, so every weight got AdamW silently."""
+    with pytest.raises(ConfigError, match=r"^optim.name muon orthogonalises .* use --optim.name adamw or sgd$"):
+        load_config(preset=preset, overrides=["--optim.name", "muon"])
+    load_config(preset="tiny", overrides=["--optim.name", "muon"])  # a Transformer has them
+
+
 def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
     """The preset's AdamW beta2 (0.99) is the preset's, not the user's: --optim.name sgd drops it; a config file's
     is the user's, and refused; the same settings where they apply are kept."""
