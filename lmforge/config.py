@@ -224,10 +224,11 @@ class OptimConfig:
         here in `__post_init__`, so that a saved run whose preset set such a value still loads)."""
         for name in sorted(names):
             readers = OPTIM_READERS.get(name, (self.name,))
+            own = f"muon_{name}" if self.name == "muon" and f"muon_{name}" in OPTIM_READERS else None
             check(
                 self.name in readers,
                 f"optim.{name} is not used by optim.name {self.name} (only by {' or '.join(readers)}); drop it, "
-                f"or pass --optim.name {readers[0]}",
+                + (f"or set --optim.{own}, Muon's own" if own else f"or pass --optim.name {readers[0]}"),
             )
 
 

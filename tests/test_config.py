@@ -219,6 +219,10 @@ def test_settings_the_objective_or_tokenizer_would_not_use_are_refused():
         (["--optim.muon_lr", "0.01"], "optim.muon_lr is not used by optim.name adamw (only by muon)"),
         (["--optim.name", "muon", "--optim.fused", "on"], "optim.fused is not used by optim.name muon (only by adamw)"),
         (["--optim.nesterov", "false"], "optim.nesterov is not used by optim.name adamw"),  # written, at its default
+        (
+            ["--optim.name", "muon", "--optim.momentum", "0.9"],
+            "optim.momentum is not used by optim.name muon (only by sgd); drop it, or set --optim.muon_momentum",
+        ),
     ],
 )
 def test_optimizer_settings_the_optimizer_would_not_read_are_refused(overrides, refused):
