@@ -157,15 +157,19 @@ def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = Fals
 def _make_marked_dir(out: Path, kind: str) -> Path:
     """A new hidden sibling `.<out>.lmforge-<kind>-<random>/` holding a marker with this process's id."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    marker = json.dumps(this_process()) + "\n"  # (read before the folder exists: it reads /proc)
     while True:  # not tempfile.mkdtemp: its 0700 mode would stay on the published folder
         folder = out.parent / f".{out.name}.lmforge-{kind}-{secrets.token_hex(4)}"
         try:
             folder.mkdir()
-            break
         except FileExistsError:
             continue
-    (folder / TMP_MARKER).write_text(json.dumps(this_process()) + "\n", encoding="utf-8")
-    return folder
+        try:  # a Ctrl-C/SIGTERM before the marker is written would leave a folder no later run knows as ours
+            (folder / TMP_MARKER).write_text(marker, encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
 
 
 # --------------------------------------------------------------------------------------------
