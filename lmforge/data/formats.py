@@ -666,7 +666,7 @@ def read_task_rows(
     if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
         from lmforge.data.qa import dotted_answers
 
-        rows = dotted_answers(rows, fields)
+        rows = dotted_answers(rows, fields, p)
     rows = nested_rows(rows, fields, p)[: limit or None]
     check_columns(rows, task, fields, p, scored=scored)
     return rows
