@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name
+from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name, null_cell
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
@@ -80,7 +80,7 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | P
                 "--field answer=COLUMN"
             )
         if row[name] is None:
-            raise DataError(f"{path}: row {i} has no value in column {name!r} (null); fill it in or drop the row")
+            raise null_cell(path, i, name)
         references(row, fields, where=f"{path}: row {i}")
         _refuse_structured(row.get(context), context, i, path)
 
