@@ -126,7 +126,12 @@ def add_parsers(sub: Any) -> None:
         "Python standard library. Binds 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0: every IPv4 address; an IPv6 address "
+        "such as ::1, or :: for every one, binds IPv6)",
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default: 1000000)")
     p.add_argument(

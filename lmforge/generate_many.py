@@ -257,9 +257,8 @@ def generate_many(
         )
     if out is not None:
         atomic_write_text(out, written)
-        partial_path(Path(out)).unlink(
-            missing_ok=True
-        )  # (a kill before this: the next run finds every row done, and writes out)
+        # (a kill before this: the next run finds every row done, and writes out)
+        partial_path(Path(out)).unlink(missing_ok=True)
     elif stream is not None:
         stream.write(written)
         stream.flush()

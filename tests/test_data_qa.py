@@ -85,6 +85,10 @@ def test_answers_are_read_in_every_layout(tmp_path: Path):
         path = _write_jsonl(tmp_path / f"{name}.jsonl", [{"question": q, "context": c, **answer}])
         with pytest.raises(DataError, match=said):
             read_task_rows(path, "qa", field_map("qa", None))
+    # --field answer=answers.text over a list of strings (no "text" in them) read each row as unanswerable, silently
+    path = _write_jsonl(tmp_path / "strings.jsonl", [{"question": q, "context": c, "answers": ["the Seine"]}])
+    with pytest.raises(DataError, match=r"row 1: 'answers' holds str values, .*; .*e\.g\. --field answer=answers\)"):
+        read_task_rows(path, "qa", field_map("qa", ["answer=answers.text"]))
 
 
 def test_a_malformed_squad_file_is_a_one_line_error(tmp_path: Path):

@@ -18,6 +18,7 @@ from typing import Any
 
 from lmforge.data.clean import replace_surrogates
 from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument
+from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
 
 ARROW_BATCH_ROWS = 1024
@@ -139,12 +140,7 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
         for row in rows:
             if text_field not in row:
                 _check_column(spec, list(row), text_field)
-            text = row[text_field]
-            if isinstance(text, list) and all(isinstance(t, str) for t in text):
-                text = "\n".join(text)  # as a Parquet or .json list of strings
-            if not isinstance(text, str):
-                raise DataError(f"{spec}: column '{text_field}' is {type(text).__name__}; choose one with --text-field")
-            text, surrogates = replace_surrogates(text)
+            text, surrogates = replace_surrogates(document_text(row[text_field], spec, text_field))
             yield RawDocument(text, surrogates)
     except DataError:
         raise

@@ -214,13 +214,18 @@ def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) 
             raise MissingColumnError(
                 f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
             )
-        if row[field] is None:  # JSON null, or a CSV row cut short (e.g. by a quote that is never closed)
-            raise DataError(
-                f"{path}: row {i} has no value in column {field!r} (null, or a CSV row cut short by an unclosed "
-                "quote); fill it in or drop the row"
-            )
+        if row[field] is None:
+            raise null_cell(path, i, field)
         _refuse_structured(row[field], field, i, path)
     return [row[field] for row in rows]
+
+
+def null_cell(path: str | Path, i: int, field: str) -> DataError:
+    """Row `i`'s empty cell in `field` (JSON null, a CSV row cut short): str() would train on the text "None"."""
+    return DataError(
+        f"{path}: row {i} has no value in column {field!r} (null, or a CSV row cut short by an unclosed quote); "
+        "fill it in or drop the row"
+    )
 
 
 def _refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None:
@@ -536,11 +541,8 @@ def check_columns(
                             f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
                             f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
                         )
-                    if row[fields[name]] is None:  # JSON null: str() would train on the text "None"
-                        raise DataError(
-                            f"{path}: row {i} has no value in column {fields[name]!r} (null); fill it in or drop "
-                            "the row"
-                        )
+                    if row[fields[name]] is None:
+                        raise null_cell(path, i, fields[name])
                     _refuse_structured(row[fields[name]], fields[name], i, path)
     else:
         needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ()}
@@ -666,7 +668,7 @@ def read_task_rows(
     if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
         from lmforge.data.qa import dotted_answers
 
-        rows = dotted_answers(rows, fields)
+        rows = dotted_answers(rows, fields, p)
     rows = nested_rows(rows, fields, p)[: limit or None]
     check_columns(rows, task, fields, p, scored=scored)
     return rows

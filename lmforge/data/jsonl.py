@@ -50,8 +50,6 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
                 keys = ", ".join(list(record)[:8]) or "none"
                 raise DataError(f"{where} has no field '{text_field}' (keys: {keys}); choose one with --text-field")
             record = record[text_field]
-        if isinstance(record, list) and all(isinstance(t, str) for t in record):
-            record = "\n".join(record)  # e.g. a chapter's list of paragraphs
         inner = record if isinstance(record, dict) else None
         if isinstance(record, list):
             inner = next((t for t in record if isinstance(t, dict)), None)
@@ -61,12 +59,7 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
                 f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
                 f"--text-field {text_field}.KEY"
             )
-        if not isinstance(record, str):
-            raise DataError(
-                f"{where}: expected a string (or a list of strings) under '{text_field}', got "
-                f"{type(record).__name__}; choose the text field with --text-field"
-            )
-        doc, surrogates = replace_surrogates(record)
+        doc, surrogates = replace_surrogates(document_text(record, where, text_field))
         yield RawDocument(doc, (bad if i == 1 else 0) + surrogates)
 
 
@@ -79,15 +72,24 @@ def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator
     """
     hint = "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
     for k, found in enumerate(dotted_rows(record, [field_path], where, missing="error", hint=hint), 1):
-        value = found[field_path]
-        if isinstance(value, list) and all(isinstance(t, str) for t in value):
-            value = "\n".join(value)
-        if not isinstance(value, str):
-            raise DataError(
-                f"{where}: '{field_path}' is {type(value).__name__} (value {k} found there), not a string or a list of "
-                "strings; choose the text field with --text-field"
-            )
-        yield value
+        yield document_text(found[field_path], f"{where} (value {k} found there)", field_path)
+
+
+def document_text(value: Any, where: str, text_field: str) -> str:
+    """The document under `text_field`: a string, or a list of strings joined by newlines (a chapter's paragraphs),
+    in every format that holds JSON values (.json, .jsonl, a dotted path's leaf, a hub dataset's column).
+
+    Raises:
+        DataError: any other value, naming `where` and the field.
+    """
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return "\n".join(value)
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field '{text_field}' is {type(value).__name__}, not a string (or a list of strings); choose "
+            "the text field with --text-field"
+        )
+    return value
 
 
 def dotted_rows(
@@ -178,16 +180,5 @@ def jsonl_documents(
         if text_field not in record:
             keys = ", ".join(list(record)[:8]) or "none"
             raise DataError(f"{where}: no field '{text_field}' (keys: {keys}); choose the text field with --text-field")
-        text = record[text_field]
-        if isinstance(text, list) and all(isinstance(t, str) for t in text):
-            # joined, as a .json array's objects, a dotted path's leaf and a Parquet list column are: the same
-            # objects as JSON Lines were refused ("is list, not a string; choose the field") where they pass
-            text = "\n".join(text)
-        if not isinstance(text, str):
-            kind = type(text).__name__
-            raise DataError(
-                f"{where}: field '{text_field}' is {kind}, not a string (or a list of strings); choose the field with "
-                "--text-field"
-            )
-        text, surrogates = replace_surrogates(text)
+        text, surrogates = replace_surrogates(document_text(record[text_field], where, text_field))
         yield RawDocument(text, bad + surrogates)

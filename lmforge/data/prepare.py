@@ -633,7 +633,6 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             hint = f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
         elif packed:  # a folder of .xz files (OpenWebText's): "check the paths" did not say why
             hint = f"{packed[0]} and the like are not read (only .gz and .zst are decompressed); decompress them first"
-
         raise DataError(f"no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; {hint}")
     if all(role != "auto" for _, role in sources):
         raise DataError(

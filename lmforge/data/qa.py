@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name
+from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name, null_cell
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
@@ -80,35 +80,38 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | P
                 "--field answer=COLUMN"
             )
         if row[name] is None:
-            raise DataError(f"{path}: row {i} has no value in column {name!r} (null); fill it in or drop the row")
+            raise null_cell(path, i, name)
         references(row, fields, where=f"{path}: row {i}")
         _refuse_structured(row.get(context), context, i, path)
 
 
-def dotted_answers(rows: list[dict[str, Any]], fields: dict[str, str]) -> list[dict[str, Any]]:
-    """Rows with a dotted answer column that is not a key itself (`--field answer=answers.text`) read into one
-    list of references per row, each list on the way walked item by item; `formats.nested_rows` would make one
-    row per answer of a list of SQuAD answers, asking the same question several times. Only where the question
-    and context are plain columns: with `--field question=instances.input --field answer=instances.output`
-    each item is a question of its own (`nested_rows`). A row where the path ends early is left without the
-    column (`check_rows` names it)."""
+def dotted_answers(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
+    """Rows with a dotted answer column that is not a key itself (`--field answer=answers.text`) read into the
+    row's references: the value the path reaches, or every one of them as one list where it walks a list (the
+    walker of every dotted field, `jsonl.dotted_rows`); `formats.nested_rows` would make one row per answer of a
+    list of SQuAD answers, asking the same question several times. Only where the question and context are plain
+    columns: with `--field question=instances.input --field answer=instances.output` each item is a question of
+    its own (`nested_rows`). A row where the path ends early is left without the column (`check_rows` names it).
+
+    Raises:
+        DataError: a list on the way holds something other than objects (`answers.text` over ["Paris"]).
+    """
+    from lmforge.data.jsonl import dotted_rows
+
     name = fields["answer"]
     others = [fields["question"], fields.get("context", "context")]
     if "." not in name or not rows or name in rows[0] or any("." in c and c not in rows[0] for c in others):
         return rows
-
-    def walk(value: Any, keys: list[str]) -> Any:
-        if not keys:
-            return value
-        if isinstance(value, list):
-            found = [walk(item, keys) for item in value]
-            return [t for item in found for t in (item if isinstance(item, list) else [item]) if t is not None]
-        return walk(value[keys[0]], keys[1:]) if isinstance(value, dict) and keys[0] in value else None
-
+    hint = f"point --field answer=COLUMN at the answers (e.g. --field answer={name.rsplit('.', 1)[0]})"
     out = []
-    for row in rows:
-        value = walk(row, name.split("."))
-        out.append(row if value is None else row | {name: value})
+    for i, row in enumerate(rows, 1):
+        items = dotted_rows(row, [name], f"{path}: row {i}", missing="absent", hint=hint)
+        values = [item[name] for item in items if item.get(name) is not None]
+        if items and not values:  # the path ends early (or at null) everywhere: no column
+            out.append(row)
+            continue
+        texts = [t for v in values for t in (v if isinstance(v, list) else [v])]
+        out.append(row | {name: values[0] if len(items) == 1 else texts})  # (an empty list: no answer, SQuAD v2)
     return out
 
 

@@ -556,10 +556,9 @@ def evaluate_task(
             "that run with --task classify (no --k-shot)"
         )
     if info.get("task") == task and not field_renames:
-        # (field_map first: a run saved before a task read a field, qa's context, has no name for it)
-        fields = field_map(task, None) | dict(
-            info["fields"]
-        )  # the columns the run was trained on, e.g. --field text=review
+        # the columns the run was trained on (e.g. --field text=review), over the task's defaults: a run saved
+        # before the task read a field (qa's context) has no name for it
+        fields = field_map(task, None) | dict(info["fields"])
         try:
             rows = read_task_rows(data, task, fields, scored=True, limit=limit)
         except MissingColumnError as first:  # a file with the standard columns instead: use them
