@@ -13,7 +13,7 @@ import torch
 from lmforge.adapt.load import load_finetuned
 from lmforge.chat import ChatTemplate
 from lmforge.data.formats import build_examples, field_map, read_task_rows
-from lmforge.data.qa import UNANSWERABLE, references
+from lmforge.data.qa import UNANSWERABLE, references, unanswerable
 from lmforge.errors import DataError
 from tests.test_finetune import DATA, make_base
 
@@ -167,6 +167,10 @@ def test_em_and_f1_take_the_best_reference_and_score_unanswerable_apart(base: Pa
     assert m["em"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx((1 + 2 / 3 + 1 + 1 + 1 / 2) / 5)
     assert m["no_answer"] == {"em": 1.0, "f1": 1.0, "n": 1} and m["has_answer"]["n"] == 4
     assert "no_answer em 1.0000" in tasks.format_metrics(m)
+    only_unanswerable = [row for row in rows if unanswerable(row, fields)]  # no has_answer group: not "em 0 n 0"
+    predictions = ["unanswerable"]
+    m = tasks.task_metrics(ft, only_unanswerable, path=SQUAD, task="qa", fields=fields, max_new_tokens=4)
+    assert m["no_answer"]["n"] == 1 and "has_answer" not in m and "has_answer" not in tasks.format_metrics(m)
 
 
 def test_finetune_and_eval_read_a_squad_file(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

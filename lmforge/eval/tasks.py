@@ -320,10 +320,11 @@ def _qa(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any, 
             )
     every = scores["has_answer"] + scores["no_answer"]
     result = {"em": sum(e for e, _ in every) / len(every), "f1": sum(f for _, f in every) / len(every), "n": len(every)}
-    if scores["no_answer"]:
+    if scores["no_answer"]:  # (a kind with no question is left out: "has_answer em 0 n 0" read as a score)
         for kind, pairs in scores.items():
-            n = max(1, len(pairs))
-            result[kind] = {"em": sum(e for e, _ in pairs) / n, "f1": sum(f for _, f in pairs) / n, "n": len(pairs)}
+            if pairs:
+                n = len(pairs)
+                result[kind] = {"em": sum(e for e, _ in pairs) / n, "f1": sum(f for _, f in pairs) / n, "n": n}
     return result | {"samples": samples}
 
 
