@@ -216,7 +216,7 @@ def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) 
             )
         if row[field] is None:
             raise null_cell(path, i, field)
-        _refuse_structured(row[field], field, i, path)
+        refuse_structured(row[field], field, i, path)
     return [row[field] for row in rows]
 
 
@@ -228,7 +228,7 @@ def null_cell(path: str | Path, i: int, field: str) -> DataError:
     )
 
 
-def _refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None:
+def refuse_structured(value: Any, field: str, i: int, path: str | Path) -> None:
     """A JSON list or object where one text or label belongs: str() trained on its Python repr, silently
     (UltraFeedback-style DPO pairs, whose `chosen` is a list of messages; multi-label rows)."""
     if isinstance(value, (list, dict)):
@@ -543,7 +543,7 @@ def check_columns(
                         )
                     if row[fields[name]] is None:
                         raise null_cell(path, i, fields[name])
-                    _refuse_structured(row[fields[name]], fields[name], i, path)
+                    refuse_structured(row[fields[name]], fields[name], i, path)
     else:
         needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ()}
         needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
@@ -555,7 +555,7 @@ def check_columns(
             check_rows(rows, fields, path)
         if task == "dpo":  # its optional prompt too (TRL's conversational format writes messages there)
             for i, row in enumerate(rows, 1):
-                _refuse_structured(row.get(fields["prompt"]), fields["prompt"], i, path)
+                refuse_structured(row.get(fields["prompt"]), fields["prompt"], i, path)
     if task == "classify":  # a blank cell would become a class of its own, named ""
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import MissingColumnError, _refuse_structured, column, label_name, null_cell
+from lmforge.data.formats import MissingColumnError, column, label_name, null_cell, refuse_structured
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
@@ -82,7 +82,7 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | P
         if row[name] is None:
             raise null_cell(path, i, name)
         references(row, fields, where=f"{path}: row {i}")
-        _refuse_structured(row.get(context), context, i, path)
+        refuse_structured(row.get(context), context, i, path)
 
 
 def dotted_answers(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
@@ -219,10 +219,10 @@ def qa_messages(
     example (prompt, answer and its EOS) when `answer` (training, window around the answer), else the prompt to
     answer (evaluation, the context's start)."""
     question, context = str(row[fields["question"]]), context_of(row, fields)
+    reply = [{"role": "assistant", "content": references(row, fields)[0]}] if answer else []  # (once: not per try)
 
     def messages(ctx: str) -> list[dict[str, str]]:
-        turns = [{"role": "user", "content": user_content(question, ctx)}]
-        return turns + [{"role": "assistant", "content": references(row, fields)[0]}] if answer else turns
+        return [{"role": "user", "content": user_content(question, ctx)}, *reply]
 
     def n_tokens(ctx: str) -> int:
         return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx), add_generation_prompt=not answer))
