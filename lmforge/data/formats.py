@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8
+from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
 from lmforge.objectives import IGNORE_INDEX
 
@@ -110,8 +111,6 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     if name.endswith(".jsonl") or name.endswith(".json"):
         rows = _read_json(text, p, lines=name.endswith(".jsonl"))
     elif name.endswith(".tsv"):
-        from lmforge.data.tsv import tsv_rows  # (quoted fields where they are quoted, as `prepare` reads them)
-
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
         table = tsv_rows(io.StringIO(text, newline=""))
         header = next(table, (0, []))[1]
@@ -120,8 +119,7 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-        # as in `prepare`: the csv module's own 128 KiB field limit refused a long text as "not valid CSV"
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        allow_long_fields()  # as in `prepare`
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:
@@ -165,10 +163,7 @@ def _no_extra_fields(row: dict[Any, Any], path: Path, line: int, n_header: int) 
     are an error, as in `prepare`: an unquoted comma in a text shifts its label into the next column."""
     extra = row.pop(None, None)
     if extra and any(str(f).strip() for f in extra):
-        raise DataError(
-            f"{path}:{line}: row has {n_header + len(extra)} fields but the header has {n_header}; fix the row or "
-            "quote fields that contain the delimiter"
-        )
+        raise extra_fields_error(path, line, n_header + len(extra), n_header)
     return row
 
 

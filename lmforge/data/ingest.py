@@ -65,7 +65,6 @@ import glob
 import io
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,7 @@ from lmforge.data.clean import (
     utf16_encoding,
 )
 from lmforge.data.compressed import open_input, read_errors
-from lmforge.data.tsv import tsv_rows
+from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows
 from lmforge.errors import DataError
 
 DocUnit = Literal["paragraph", "file", "line"]
@@ -700,8 +699,7 @@ def _table_documents(
             bad_pending += bad
             yield line.removeprefix("\ufeff") if lineno == 0 else line
 
-    # the line limit already bounds a row; the csv module's own 128 KiB field limit would refuse long documents
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    allow_long_fields()  # (the line limit already bounds a row)
     # (line number, fields) of each row: a TSV's from data/tsv.py (the line it starts on; quotes read as
     # `finetune` reads them, never a csv.Error), a CSV's from `csv` (the line it ends on)
     if delimiter == "\t":
@@ -732,10 +730,7 @@ def _table_documents(
                 # more fields than the header: a delimiter in an unquoted field ('1,hello, world' kept 'hello'
                 # and dropped the rest without a word); empty extras (a trailing delimiter) lose no text
                 if column >= len(row) or any(row[len(header) :]):
-                    raise DataError(
-                        f"{path}:{lineno}: row has {len(row)} fields but the header has {len(header)}; "
-                        "fix the row or quote fields that contain the delimiter"
-                    )
+                    raise extra_fields_error(path, lineno, len(row), len(header))
                 text, surrogates = replace_surrogates(row[column])
                 yield RawDocument(text, bad_pending + surrogates)
                 bad_pending = 0

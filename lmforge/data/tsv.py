@@ -20,15 +20,38 @@ them. A plain field that is exactly `"text"` reads as `text`, as every CSV reade
 A quote that opens no quoted field is followed only up to the next `"` in the file, and for at most
 `MAX_QUOTED_CHARS` (Python's `csv` stops at 128 kB a field), so reading stays linear in the file and a stray
 quote in a multi-gigabyte plain TSV holds no more than that in memory.
+
+Both readers' CSV and TSV rows also share two rules kept here: a field may be longer than Python `csv`'s own
+128 KiB limit (`allow_long_fields`), and a row with more fields than its header is one error
+(`extra_fields_error`).
 """
 
 from __future__ import annotations
 
+import csv
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from lmforge.errors import DataError
 
 Line = tuple[int, str]  # (line number, the line with its line end)
 MAX_QUOTED_CHARS = 1 << 20  # a "quoted field" longer than this is a stray quote in a plain TSV
+
+
+def allow_long_fields() -> None:
+    """Lift the `csv` module's 128 KiB field limit, which refused a long document as "not valid CSV"."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def extra_fields_error(path: str | Path, line: int, n_fields: int, n_header: int) -> DataError:
+    """The error of a row with more (non-empty) fields than its header: a delimiter in an unquoted field, which
+    would shift or drop text."""
+    return DataError(
+        f"{path}:{line}: row has {n_fields} fields but the header has {n_header}; fix the row or quote fields "
+        "that contain the delimiter"
+    )
 
 
 def tsv_rows(lines: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
