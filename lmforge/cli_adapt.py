@@ -161,7 +161,8 @@ def add_parsers(sub: Any) -> None:
 
 
 # eval's two modes take different flags: these only apply with --task, the split ones only without it
-_TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0}
+# (doc_stride: data/qa.py's DOC_STRIDE, written here so that building the parser imports no torch)
+_TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0, "doc_stride": 128}
 _SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0}
 
 
@@ -188,6 +189,13 @@ def add_eval_task_args(p: Any) -> None:
         "--max-new-tokens", type=int, default=default, help=f"sft/qa/translate: answer length (default: {default})"
     )
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default: all)")
+    p.add_argument(
+        "--doc-stride",
+        type=int,
+        default=_TASK_FLAGS["doc_stride"],
+        help="qa: a context too long for the model is read in overlapping windows sharing this many tokens (at "
+        f"most half a window; default: {_TASK_FLAGS['doc_stride']})",
+    )
 
 
 def check_eval_flags(args: argparse.Namespace) -> None:
@@ -213,6 +221,8 @@ def check_eval_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--shots needs --k-shot K, the number of examples put before each row")
     if args.task not in ("sft", "qa", "translate") and given({"max_new_tokens": _TASK_FLAGS["max_new_tokens"]}):
         raise ConfigError("--max-new-tokens is for --task sft, qa or translate (generated answers); drop it")
+    if args.task != "qa" and given({"doc_stride": _TASK_FLAGS["doc_stride"]}):
+        raise ConfigError("--doc-stride is for --task qa (windows of a long context); drop it")
 
 
 def run_eval_task(args: argparse.Namespace) -> None:
@@ -231,6 +241,7 @@ def run_eval_task(args: argparse.Namespace) -> None:
         shots=args.shots,
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
+        doc_stride=args.doc_stride,
         device=args.device,
     )
     from lmforge.log import json_text

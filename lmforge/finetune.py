@@ -90,6 +90,9 @@ class FinetuneConfig:
     pack: bool = opt(False, "sft/qa/translate: pack short examples into shared rows (attention kept per example)")
     eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
     max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
+    doc_stride: int = opt(
+        128, "qa: scoring reads a context too long for the model in windows sharing this many tokens (<= half one)"
+    )
     replay: str = opt("", "clm: old-domain text file mixed into training (replay against forgetting)")
     replay_fraction: float = opt(0.0, "clm: replay windows as a fraction of the new training windows")
     old_val: str = opt("", "clm: old-domain validation text; loss before/after shows forgetting")
@@ -116,6 +119,7 @@ class FinetuneConfig:
         check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
         check(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
         check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check(self.doc_stride >= 0, f"--doc-stride must be a number of tokens >= 0, got {self.doc_stride}")
         check(0 <= self.replay_fraction <= 10, f"--replay-fraction must be in [0, 10], got {self.replay_fraction}")
         check(self.adapt != "head" or self.task != "dpo", "DPO with --adapt head is not supported; use full or lora")
         if self.adapt == "distill":
@@ -162,6 +166,7 @@ _APPLIES_TO: dict[str, tuple[Any, str]] = {
     },
     "augment": (lambda c: c.task == "classify", "--task classify"),
     **{k: (lambda c: c.task == "dpo", "--task dpo") for k in ("dpo_beta", "dpo_reference")},
+    "doc_stride": (lambda c: c.task == "qa", "--task qa (windows of a context too long for the model)"),
     **{
         k: (lambda c: c.task in _GENERATION_TASKS, "--task sft, qa or translate (scoring generated answers)")
         for k in ("eval_samples", "max_new_tokens")
@@ -347,7 +352,7 @@ class _TensorView(nn.Module):
 
 
 # settings that may change between a run and its resumption (they only shape the final report)
-RESUME_FREE = ("eval_samples", "max_new_tokens", "merge", "dpo_reference")
+RESUME_FREE = ("eval_samples", "max_new_tokens", "doc_stride", "merge", "dpo_reference")
 
 
 def _base_arg(base: str | Path) -> str:
@@ -925,6 +930,7 @@ def _finetune(
                 path=val_file,
                 max_new_tokens=cfg.max_new_tokens,
                 out_dir=out,
+                doc_stride=cfg.doc_stride,
             )
             result["val"] = metrics
             if progress:

@@ -122,10 +122,9 @@ def test_a_context_reaches_the_prompt_and_no_context_keeps_the_old_prompt(base: 
 def test_a_long_context_is_cut_around_the_answer_never_the_question_or_answer(
     base: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
-    """Training keeps the context window around the answer (its answer_start); evaluation keeps the context's
-    start (it must not know where the answer is); the question and the answer are never cut; a note counts."""
-    import lmforge.eval.tasks as tasks
-
+    """Training keeps the context window around the answer (its answer_start); the question and the answer are
+    never cut; a note counts. (Evaluation, which must not know where the answer is, reads every window:
+    `test_evaluation_reads_a_long_context_in_overlapping_windows`.)"""
     ft = load_finetuned(base, torch.device("cpu"))
     tok, fields = ft.tokenizer, field_map("qa", None)
     context = "A" * 60 + " the ferry leaves at seven. " + "B" * 60
@@ -138,12 +137,52 @@ def test_a_long_context_is_cut_around_the_answer_never_the_question_or_answer(
     kept = text.removeprefix("<|user|>\n").split("\n\nWhen?")[0]
     assert kept == context[72:93]  # the 21 characters that fit, centred on the answer (78 to 86)
     assert "1 of 1 contexts cut to fit --max-len 60 (around the answer)" in capsys.readouterr().err
+
+
+def test_evaluation_reads_a_long_context_in_overlapping_windows(
+    base: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A context too long for the prompt is split into windows of tokens (the char tokenizer: one per character)
+    that each fit, each with the whole question, consecutive ones sharing min(--doc-stride, half a window)
+    tokens, together holding every character; all windows are answered in one batch, and the answer only a late
+    window can see wins over the others' abstentions. A context that fits is asked exactly as before."""
+    import lmforge.eval.tasks as tasks
+    from lmforge.data.qa import user_content
+
+    ft = load_finetuned(base, torch.device("cpu"))  # (context 128)
+    tok, fields, template = ft.tokenizer, field_map("qa", None), ChatTemplate()
+    context = "x" * 150 + "seven" + "y" * 40  # (no spaces: a window's text is exactly its tokens)
+    rows = [
+        {"question": "When?", "context": context, "answers": [{"text": "seven", "answer_start": 150}]},
+        {"question": "When?", "context": "at seven", "answer": "seven"},
+    ]
     asked: list[list[int]] = []
-    monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: asked.extend(prompts) or ["at seven"])
-    m = tasks.task_metrics(ft, [row], path="f", task="qa", fields=fields, max_new_tokens=76)  # 52 prompt tokens
-    prompt = tok.decode(asked[0])
-    assert len(asked[0]) <= 52 and prompt.startswith("<|user|>\nAAAA") and prompt.endswith("\n\nWhen?\n<|assistant|>\n")
-    assert m["em"] == 1.0 and "1 of 1 contexts cut to their start" in capsys.readouterr().err
+
+    def answer(ft, prompts, n):  # a reader that finds the answer where its window holds it
+        asked.extend(prompts)
+        return ["seven" if "seven" in tok.decode(p) else "unanswerable" for p in prompts]
+
+    monkeypatch.setattr(tasks, "_answers", answer)
+    m = tasks.task_metrics(ft, rows, path="f", task="qa", fields=fields, max_new_tokens=28, doc_stride=16)
+    assert m["em"] == 1.0 and m["windowed"] == 1 and "1 long contexts read in windows" in tasks.format_metrics(m)
+    err = capsys.readouterr().err
+    assert "1 of 2 contexts too long for the model's context beside 28 answer tokens were read in 4 overlapping" in err
+    *windows, fitting = [tok.decode(p) for p in asked]
+    head, tail = "<|user|>\n", "\n\nWhen?\n<|assistant|>\n"
+    assert all(len(p) <= 100 for p in asked) and all(w.startswith(head) and w.endswith(tail) for w in windows)
+    texts = [w.removeprefix(head).removesuffix(tail) for w in windows]
+    # 69 context tokens beside the question's 31; 16 shared: each window starts 53 after the previous one, and the
+    # last one ends with the context (every character is in a window; "seven", at 150, only in the last two)
+    assert texts == [context[0:69], context[53:122], context[106:175], context[159:]]
+    expected = template.prompt_ids(tok, [{"role": "user", "content": user_content("When?", "at seven")}], budget=100)
+    assert asked[-1] == expected[0]  # a context that fits: the prompt as before windows
+    m = tasks.task_metrics(ft, rows[:1], path="f", task="qa", fields=fields, max_new_tokens=28, doc_stride=500)
+    assert m["windowed"] == 1 and "read in 5 overlapping" in capsys.readouterr().err  # (34 shared: half a window)
+    asked.clear()
+    wordy = {"question": "When? " + "w" * 100, "context": context, "answer": "seven"}  # no room left for the context
+    m = tasks.task_metrics(ft, [wordy], path="f", task="qa", fields=fields, max_new_tokens=28)
+    assert m["windowed"] == 0 and len(asked) == 1 and "x" not in tok.decode(asked[0])
+    assert "1 of 1 questions were asked without their context" in capsys.readouterr().err
 
 
 def test_em_and_f1_take_the_best_reference_and_score_unanswerable_apart(base: Path, monkeypatch: pytest.MonkeyPatch):
@@ -161,14 +200,21 @@ def test_em_and_f1_take_the_best_reference_and_score_unanswerable_apart(base: Pa
     fields = field_map("qa", None)
     rows = read_task_rows(SQUAD, "qa", fields, scored=True)
     predictions = ["seven in the morning", "Tuesday market", "unanswerable.", "英莲", "庙"]
-    monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n: predictions)
+
+    by_question = {r["question"]: p for r, p in zip(rows, predictions, strict=True)}
+
+    def answer(ft, prompts, n):  # each row's prediction, in every window of its context (150 tokens: 2 windows)
+        asked = [ft.tokenizer.decode(p) for p in prompts]
+        return [next(a for q, a in by_question.items() if q in text) for text in asked]
+
+    monkeypatch.setattr(tasks, "_answers", answer)
     m = tasks.task_metrics(ft, rows, path=SQUAD, task="qa", fields=fields, max_new_tokens=4)
     # F1: 1, max(2/3 vs [every, tuesday], 2/3 vs [tuesday]) = 2/3, 1, 1, max(1/2, 2/5) = 1/2
     assert m["em"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx((1 + 2 / 3 + 1 + 1 + 1 / 2) / 5)
     assert m["no_answer"] == {"em": 1.0, "f1": 1.0, "n": 1} and m["has_answer"]["n"] == 4
     assert "no_answer em 1.0000" in tasks.format_metrics(m)
     only_unanswerable = [row for row in rows if unanswerable(row, fields)]  # no has_answer group: not "em 0 n 0"
-    predictions = ["unanswerable"]
+    by_question = {only_unanswerable[0]["question"]: "unanswerable"}
     m = tasks.task_metrics(ft, only_unanswerable, path=SQUAD, task="qa", fields=fields, max_new_tokens=4)
     assert m["no_answer"]["n"] == 1 and "has_answer" not in m and "has_answer" not in tasks.format_metrics(m)
 
@@ -187,3 +233,44 @@ def test_finetune_and_eval_read_a_squad_file(base: Path, tmp_path: Path, capsys:
     with contextlib.suppress(SystemExit):  # (in process: a subprocess costs seconds)
         main(["eval", str(out), "--task", "qa", "--data", str(SQUAD), "--max-new-tokens", "4", "--json"])
     assert json.loads(capsys.readouterr().out)["has_answer"]["n"] == 4
+
+
+def test_a_question_keeps_the_answer_the_model_is_surest_of(base: Path):
+    """Per window, the score is the mean log-probability per token of the reply as trained (answer + EOS after the
+    window's prompt), checked against one unbatched forward pass each; the best-scored answer wins, an abstention
+    only when every window abstains, ties go to the earlier window."""
+    from lmforge.data.qa import pick_answer, user_content
+    from lmforge.eval.tasks import continuation_logprob, reply_logprobs
+
+    assert pick_answer(["unanswerable", "Paris", "London", ""], [-0.1, -2.0, -1.0, -0.05]) == "London"
+    assert pick_answer(["Unanswerable.", ""], [-3.0, -1.0]) == ""  # every window abstains: the surer abstention
+    assert pick_answer(["Paris", "London"], [-1.0, -1.0]) == "Paris"
+    ft = load_finetuned(base, torch.device("cpu"))
+    tok, template = ft.tokenizer, ChatTemplate()
+    pairs = [([{"role": "user", "content": user_content("When?", ctx)}], reply) for ctx, reply in
+             [("the ferry leaves at seven", "at seven"), ("x" * 60, "unanswerable"), ("早上七点", "七点")]]  # fmt: skip
+    got = reply_logprobs(ft, template, pairs)
+    for (messages, reply), score in zip(pairs, got, strict=True):
+        prompt = template.prompt_ids(tok, messages, budget=128)[0]
+        tail = tok.encode(reply) + [tok.eos_id]
+        alone = continuation_logprob(ft.model, prompt, tail, 128) / len(tail)
+        assert score == pytest.approx(alone, abs=1e-5)  # (right padding in the batch changes no logit)
+
+
+def test_doc_stride_is_a_qa_flag(base: Path, capsys: pytest.CaptureFixture):
+    """`--doc-stride` with another task, or below 0, is a one-line error (exit 2), in eval and in finetune."""
+    from lmforge.cli import main
+    from lmforge.errors import ConfigError
+    from lmforge.finetune import FinetuneConfig
+
+    for args, message in [
+        (["--task", "sft", "--doc-stride", "64"], "--doc-stride is for --task qa (windows of a long context); drop it"),
+        (["--task", "qa", "--doc-stride", "-1"], "--doc-stride must be a number of tokens >= 0, got -1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(base), "--data", str(SQUAD), *args])
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f"lmforge: error: {message}"
+    with pytest.raises(ConfigError, match=r"--doc-stride is for --task qa \(windows of a context too long"):
+        FinetuneConfig(task="sft", doc_stride=64)
+    with pytest.raises(ConfigError, match="--doc-stride must be a number of tokens >= 0"):
+        FinetuneConfig(task="qa", doc_stride=-1)

@@ -11,11 +11,20 @@
 - The official SQuAD JSON file (`{"version", "data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`,
   also CMRC 2018's and DRCD's) is read directly, one row per question (`squad_rows`).
 - Unanswerable questions (SQuAD v2's `is_impossible: true`, or an empty answer list): the target is the fixed
-  reply `UNANSWERABLE`, trained and scored like any answer, so a v2 model learns to abstain in words one can
-  see in `chat`, and EM on those rows is the share of abstentions (reported apart as `no_answer`).
+  reply `UNANSWERABLE`, so a v2 model learns to abstain in words one can see in `chat`; EM on those rows is
+  the share of abstentions (reported apart as `no_answer`).
 - Too long for `--max-len`: the context is cut, never the question or the answer (`fit_context`). Training
   keeps the window of the context around the answer (from `answer_start`, else where the answer text first
-  occurs); evaluation, which must not know where the answer is, keeps the context's start.
+  occurs).
+- Too long for the model at evaluation, which must not know where the answer is: the context is read in
+  overlapping windows of tokens, each with the whole question (`context_windows`; consecutive windows share
+  `--doc-stride` tokens, 128 by default and at most half a window, as the `doc_stride` of Hugging Face's
+  question-answering pipeline). Each window gets its own answer and the question's answer is the one the
+  model is surest of (`pick_answer`): the highest mean log-probability per token of the reply as trained
+  (answer + end of text) after its window. Abstaining (`unanswerable`, or nothing) is chosen only when every
+  window abstains: a window that does not hold the answer should abstain, so one window's abstention is no
+  evidence against an answer another window found (the pipeline's rule too: the no-answer score is the
+  minimum over the chunks).
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from lmforge.data.formats import MissingColumnError, column, label_name, null_ce
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
+# tokens consecutive evaluation windows of a long context share: Hugging Face's question-answering pipeline's
+# default doc_stride (beside its max_seq_len of 384); at most half a window (`context_windows`)
+DOC_STRIDE = 128
 
 
 def is_squad(data: Any) -> bool:
@@ -212,23 +224,80 @@ def fit_context(context: str, n_tokens: Callable[[str], int], room: int, span: t
     return window(lo)
 
 
-def qa_messages(
-    tok: Any, template: Any, row: dict[str, Any], fields: dict[str, str], room: int, *, answer: bool
-) -> tuple[list[dict[str, str]], str]:
-    """(the row's chat messages, the context they hold) with the context cut to fit `room` tokens: the whole
-    example (prompt, answer and its EOS) when `answer` (training, window around the answer), else the prompt to
-    answer (evaluation, the context's start)."""
+def context_windows(
+    tok: Any, context: str, n_tokens: Callable[[str], int], room: int, doc_stride: int = DOC_STRIDE
+) -> list[str]:
+    """Overlapping windows of a context too long for its prompt, in order: each the most context tokens whose
+    prompt (`n_tokens(window)`: the question and the template around it) takes at most `room` tokens; each
+    starts `doc_stride` tokens (at most half a window) before the previous one ended, and the last one ends
+    with the context, so every token of the context is in a window. Windows are cut between the context's
+    own tokens (their character offsets), so no character is split. [""] when not even one token fits."""
+    spans = tok.hf.encode(context, add_special_tokens=False).offsets  # (start, end) characters of each token
+    width = room - (n_tokens(context) - len(spans))  # the room the question and template leave (+-1 at the seams)
+    if width < 1 or not spans:
+        return [""]
+    overlap = min(doc_stride, width // 2)
+    windows, start = [], 0
+    while True:
+        end = min(len(spans), start + width)
+        while end > start + 1 and n_tokens(context[spans[start][0] : spans[end - 1][1]]) > room:
+            end -= 1  # (a seam encoded differently in the prompt than in the context alone)
+        windows.append(context[spans[start][0] : spans[end - 1][1]])
+        if end == len(spans):
+            return windows
+        start = max(start + 1, end - overlap)
+
+
+def abstains(prediction: str) -> bool:
+    """Whether a reply says the context holds no answer: `unanswerable` (any case, punctuation) or nothing."""
+    from lmforge.eval.tasks import normalize_answer
+
+    return normalize_answer(prediction) in ("", UNANSWERABLE)
+
+
+def pick_answer(answers: list[str], scores: list[float]) -> str:
+    """One answer from a question's windows (module docstring): the best-scored (`scores`: the mean
+    log-probability per token of each window's reply) of the replies that answer, an abstention only when
+    every reply abstains; ties go to the earlier window."""
+    found = [i for i, a in enumerate(answers) if not abstains(a)] or list(range(len(answers)))
+    return answers[max(found, key=scores.__getitem__)]
+
+
+def qa_windows(
+    tok: Any, template: Any, row: dict[str, Any], fields: dict[str, str], room: int, doc_stride: int = DOC_STRIDE
+) -> list[list[dict[str, str]]]:
+    """The evaluation prompts (chat messages to answer) of a row, each within `room` tokens: one when the
+    context fits, as `qa_messages` makes it, else one per window of the context (`context_windows`)."""
     question, context = str(row[fields["question"]]), context_of(row, fields)
-    reply = [{"role": "assistant", "content": references(row, fields)[0]}] if answer else []  # (once: not per try)
 
     def messages(ctx: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": user_content(question, ctx)}, *reply]
+        return [{"role": "user", "content": user_content(question, ctx)}]
 
     def n_tokens(ctx: str) -> int:
-        return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx), add_generation_prompt=not answer))
+        return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx), add_generation_prompt=True))
+
+    if not context.strip() or n_tokens(context) <= room:
+        return [messages(context)]
+    return [messages(window) for window in context_windows(tok, context, n_tokens, room, doc_stride)]
+
+
+def qa_messages(
+    tok: Any, template: Any, row: dict[str, Any], fields: dict[str, str], room: int
+) -> tuple[list[dict[str, str]], str]:
+    """(the row's training chat messages, the context they hold) with the context cut so that the whole example
+    (prompt, answer and its EOS) fits `room` tokens, keeping the window around the answer (evaluation reads
+    every window instead: `qa_windows`)."""
+    question, context = str(row[fields["question"]]), context_of(row, fields)
+    reply = {"role": "assistant", "content": references(row, fields)[0]}  # (once: not per try)
+
+    def messages(ctx: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": user_content(question, ctx)}, reply]
+
+    def n_tokens(ctx: str) -> int:
+        return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx)))
 
     if context.strip() and n_tokens(context) > room:
-        context = fit_context(context, n_tokens, room, answer_span(row, fields) if answer else None)
+        context = fit_context(context, n_tokens, room, answer_span(row, fields))
     return messages(context), context
 
 
@@ -243,7 +312,7 @@ def qa_examples(
     out, cut, lost, short = [], 0, 0, 0
     for i, row in enumerate(rows, 1):
         try:
-            messages, kept = qa_messages(tok, template, row, fields, max_len + 1, answer=True)
+            messages, kept = qa_messages(tok, template, row, fields, max_len + 1)
             segments = template.segments(tok, messages)
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}") from None

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import ConfigError, DataError
 
 # Chinese/Japanese characters (CJK ideographs, their extensions and compatibility forms, kana): text in these
@@ -287,29 +288,48 @@ def _reference_text(row: dict[str, Any], fields: dict[str, str], task: str) -> t
     return messages[:-1], messages[-1]["content"]
 
 
-def _qa(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any, max_new_tokens: int) -> dict[str, Any]:
+def _qa(
+    ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any, max_new_tokens: int, doc_stride: int
+) -> dict[str, Any]:
     """EM and F1 of greedy answers, each the best over the row's references (the official SQuAD v1.1 script's
-    `metric_max_over_ground_truths`); a context too long for the prompt keeps its start (`data/qa.py`); with
-    unanswerable questions, `has_answer` and `no_answer` score the two kinds apart (SQuAD v2's HasAns/NoAns)."""
+    `metric_max_over_ground_truths`); a context too long for the prompt is read in overlapping windows, all
+    generated in one batch, and the answer the model is surest of is kept (`data/qa.py`); with unanswerable
+    questions, `has_answer` and `no_answer` score the two kinds apart (SQuAD v2's HasAns/NoAns)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.qa import context_of, qa_messages, references, unanswerable
+    from lmforge.data.qa import context_of, pick_answer, qa_windows, references, unanswerable
 
     template = ft.template or ChatTemplate()
     budget = ft.model.cfg.max_seq_len - max_new_tokens
-    prompts, cut = [], 0
-    for row in rows:
-        messages, kept = qa_messages(ft.tokenizer, template, row, fields, budget, answer=False)
-        cut += kept != context_of(row, fields)
-        prompts.append(template.prompt_ids(ft.tokenizer, messages, budget=budget)[0])
-    if cut:
+    windows = [qa_windows(ft.tokenizer, template, row, fields, budget, doc_stride) for row in rows]
+    flat = [messages for row_windows in windows for messages in row_windows]
+    replies = iter(_answers(ft, [template.prompt_ids(ft.tokenizer, m, budget=budget)[0] for m in flat], max_new_tokens))
+    answers = [[next(replies) for _ in row_windows] for row_windows in windows]
+    long = [i for i, w in enumerate(windows) if len(w) > 1]
+    if long:
+        pairs = [(m, a) for i in long for m, a in zip(windows[i], answers[i], strict=True)]
+        logprobs = iter(reply_logprobs(ft, template, pairs))  # (one batched pass over every window's reply)
+        for i in long:
+            answers[i] = [pick_answer(answers[i], [next(logprobs) for _ in answers[i]])]
         print(
-            f"note: {path}: {cut} of {len(rows)} contexts cut to their start to fit the model's context beside "
-            f"{max_new_tokens} answer tokens",
+            f"note: {path}: {len(long)} of {len(rows)} contexts too long for the model's context beside "
+            f"{max_new_tokens} answer tokens were read in {sum(len(windows[i]) for i in long)} overlapping "
+            f"windows (sharing --doc-stride {doc_stride} tokens, at most half a window); each question kept the "
+            "answer the model is surest of",
+            file=sys.stderr,
+        )
+    dropped = sum(  # (not one token of the context fits beside the question: it is asked alone, as before windows)
+        bool(context_of(row, fields).strip()) and w[0][0]["content"] == str(row[fields["question"]])
+        for row, w in zip(rows, windows, strict=True)
+    )
+    if dropped:
+        print(
+            f"note: {path}: {dropped} of {len(rows)} questions were asked without their context: the question "
+            f"alone fills the model's context beside {max_new_tokens} answer tokens; lower --max-new-tokens",
             file=sys.stderr,
         )
     scores: dict[str, list[tuple[float, float]]] = {"has_answer": [], "no_answer": []}
     samples = []
-    for row, prediction in zip(rows, _answers(ft, prompts, max_new_tokens), strict=True):
+    for row, (prediction,) in zip(rows, answers, strict=True):
         refs = references(row, fields)
         kind = "no_answer" if unanswerable(row, fields) else "has_answer"
         scores[kind].append(best_over_references(prediction, refs))
@@ -325,7 +345,34 @@ def _qa(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any, 
             if pairs:
                 n = len(pairs)
                 result[kind] = {"em": sum(e for e, _ in pairs) / n, "f1": sum(f for _, f in pairs) / n, "n": n}
-    return result | {"samples": samples}
+    return result | {"windowed": len(long), "samples": samples}
+
+
+@torch.no_grad()
+def reply_logprobs(ft: Any, template: Any, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+    """Mean log-probability per token of each reply after its prompt (chat messages to answer), over the tokens
+    training targets: the reply and its end of text. Right-padded batches of ANSWER_BATCH: padding after a
+    row changes none of its logits (causal attention)."""
+    from lmforge.adapt.objectives import sequence_logprobs
+    from lmforge.data.formats import lm_batch, segments_example
+    from lmforge.objectives import IGNORE_INDEX
+
+    device = next(ft.model.parameters()).device
+    context = answer_context(ft.model)
+    examples = [
+        segments_example(
+            template.segments(ft.tokenizer, [*messages, {"role": "assistant", "content": reply}]),
+            context,
+            ft.tokenizer.prompt_prefix,
+        )
+        for messages, reply in pairs
+    ]
+    out: list[float] = []
+    for i in range(0, len(examples), ANSWER_BATCH):
+        x, y = lm_batch(examples[i : i + ANSWER_BATCH], pad_id=0)
+        x, y = x.to(device), y.to(device)
+        out += (sequence_logprobs(ft.model(x), y) / (y != IGNORE_INDEX).sum(-1).clamp(min=1)).tolist()
+    return out
 
 
 @torch.no_grad()
@@ -373,8 +420,10 @@ def task_metrics(
     out_dir: Path | None = None,
     task: str | None = None,
     fields: dict[str, str] | None = None,
+    doc_stride: int = DOC_STRIDE,
 ) -> dict[str, Any]:
-    """Metrics of a loaded run (`finetune.Finetuned`) on task rows; classification also writes confusion.png."""
+    """Metrics of a loaded run (`finetune.Finetuned`) on task rows; classification also writes confusion.png;
+    `doc_stride`: qa's overlap of the windows of a context too long for the model (`data/qa.py`)."""
     from lmforge.chat import ChatTemplate
     from lmforge.data.formats import translate_prompt
 
@@ -395,7 +444,7 @@ def task_metrics(
             report["confusion_png"] = str(plot_confusion(report, Path(out_dir) / "confusion.png"))
         return {"task": task, **report}
     if task == "qa":
-        return {"task": task, **_qa(ft, rows, fields, path, max_new_tokens)}
+        return {"task": task, **_qa(ft, rows, fields, path, max_new_tokens, doc_stride)}
     if task == "sft":
         template = ft.template or ChatTemplate()
         em = f1 = 0.0
@@ -522,6 +571,7 @@ def evaluate_task(
     shots: str | Path | None = None,
     max_new_tokens: int = 48,
     limit: int = 0,
+    doc_stride: int = DOC_STRIDE,
     device: str = "auto",
 ) -> dict[str, Any]:
     """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
@@ -535,6 +585,8 @@ def evaluate_task(
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if k_shot < 0:
         raise ConfigError(f"--k-shot must be >= 0, got {k_shot}")
+    if doc_stride < 0:
+        raise ConfigError(f"--doc-stride must be a number of tokens >= 0, got {doc_stride}")
     ft = load_finetuned(run, pick_device(device))
     if task == "choice":  # an evaluation-only task, with its own file layouts (eval/choice.py)
         from lmforge.eval.choice import evaluate_choice
@@ -579,7 +631,9 @@ def evaluate_task(
         shot_rows = read_task_rows(shots, task, fields)
         result = {"task": task, **fewshot_classify(ft, rows, shot_rows, k=k_shot, fields=fields)}
     else:
-        result = task_metrics(ft, rows, path=data, max_new_tokens=max_new_tokens, task=task, fields=fields)
+        result = task_metrics(
+            ft, rows, path=data, max_new_tokens=max_new_tokens, task=task, fields=fields, doc_stride=doc_stride
+        )
     result["run"] = str(run)
     result["data"] = str(data)
     return result
@@ -605,6 +659,7 @@ def format_metrics(m: dict[str, Any]) -> str:
             for kind in ("has_answer", "no_answer")
             if kind in m
         )
+        + (f" | {m['windowed']} long contexts read in windows" if m.get("windowed") else "")
     )
     lines = [line]
     for s in m.get("samples", []):
