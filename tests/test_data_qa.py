@@ -257,6 +257,24 @@ def test_a_question_keeps_the_answer_the_model_is_surest_of(base: Path):
         assert score == pytest.approx(alone, abs=1e-5)  # (right padding in the batch changes no logit)
 
 
+def test_unanswerable_is_scored_as_squad_v2s_empty_prediction(base: Path, monkeypatch: pytest.MonkeyPatch):
+    """The official v2 script scores a no-answer question against "" and F1 of an empty side is 1 only when both
+    are: the trained reply `unanswerable` (any case or punctuation) and an empty reply are the empty prediction,
+    so "it is unanswerable" no longer earns F1 1/2 against the reference `unanswerable`."""
+    import lmforge.eval.tasks as tasks
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    fields = field_map("qa", None)
+    rows = read_task_rows(SQUAD, "qa", fields, scored=True)
+    no_answer, has_answer = rows[2], rows[0]  # (en-3 is impossible; en-1 is answered "at seven in the morning")
+    cases = [("Unanswerable!", 1.0), ("", 1.0), ("it is unanswerable", 0.0), ("the river", 0.0)]
+    for prediction, expected in cases:
+        monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n, p=prediction: [p] * len(prompts))
+        m = tasks.task_metrics(ft, [no_answer, has_answer], path=SQUAD, task="qa", fields=fields, max_new_tokens=4)
+        assert m["no_answer"] == {"em": expected, "f1": expected, "n": 1}, prediction
+        assert m["has_answer"]["f1"] == 0.0, prediction  # (an abstention on an answerable question scores 0)
+
+
 def test_doc_stride_is_a_qa_flag(base: Path, capsys: pytest.CaptureFixture):
     """`--doc-stride` with another task, or below 0, is a one-line error (exit 2), in eval and in finetune."""
     from lmforge.cli import main

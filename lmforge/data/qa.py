@@ -25,6 +25,8 @@
   window abstains: a window that does not hold the answer should abstain, so one window's abstention is no
   evidence against an answer another window found (the pipeline's rule too: the no-answer score is the
   minimum over the chunks).
+- Scoring follows the official SQuAD v2 script: a reply of `unanswerable` (or an empty one) is the empty
+  prediction, and a question without answers is scored against the empty string (`scored_prediction`).
 """
 
 from __future__ import annotations
@@ -253,6 +255,11 @@ def abstains(prediction: str) -> bool:
     from lmforge.eval.tasks import normalize_answer
 
     return normalize_answer(prediction) in ("", UNANSWERABLE)
+
+
+def scored_prediction(prediction: str) -> str:
+    """The prediction as SQuAD v2's official script scores it: an abstention is the empty string."""
+    return "" if abstains(prediction) else prediction
 
 
 def pick_answer(answers: list[str], scores: list[float]) -> str:

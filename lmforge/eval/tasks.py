@@ -293,10 +293,11 @@ def _qa(
 ) -> dict[str, Any]:
     """EM and F1 of greedy answers, each the best over the row's references (the official SQuAD v1.1 script's
     `metric_max_over_ground_truths`); a context too long for the prompt is read in overlapping windows, all
-    generated in one batch, and the answer the model is surest of is kept (`data/qa.py`); with unanswerable
-    questions, `has_answer` and `no_answer` score the two kinds apart (SQuAD v2's HasAns/NoAns)."""
+    generated in one batch, and the answer the model is surest of is kept (`data/qa.py`); an abstention is
+    scored as the empty prediction, and an unanswerable question against the empty string (SQuAD v2's script),
+    with `has_answer` and `no_answer` scoring the two kinds apart (its HasAns/NoAns)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.qa import context_of, pick_answer, qa_windows, references, unanswerable
+    from lmforge.data.qa import context_of, pick_answer, qa_windows, references, scored_prediction, unanswerable
 
     template = ft.template or ChatTemplate()
     budget = ft.model.cfg.max_seq_len - max_new_tokens
@@ -332,7 +333,7 @@ def _qa(
     for row, (prediction,) in zip(rows, answers, strict=True):
         refs = references(row, fields)
         kind = "no_answer" if unanswerable(row, fields) else "has_answer"
-        scores[kind].append(best_over_references(prediction, refs))
+        scores[kind].append(best_over_references(scored_prediction(prediction), [""] if kind == "no_answer" else refs))
         if len(samples) < 3:
             question = str(row[fields["question"]])
             samples.append(
