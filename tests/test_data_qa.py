@@ -99,6 +99,9 @@ def test_a_malformed_squad_file_is_a_one_line_error(tmp_path: Path):
     bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "c", "qas": [{"answers": []}]}]}]}))
     with pytest.raises(DataError, match=r"paragraphs\[0\].qas\[0\] has no 'question' text"):
         read_task_rows(bad, "qa", field_map("qa", None))
+    bad.write_text(json.dumps({"version": "v2.0", "data": []}))  # SQuAD's shape, no article: no rows, not "no SQuAD"
+    with pytest.raises(DataError, match=r"bad.json holds no rows; check the file"):
+        read_task_rows(bad, "qa", field_map("qa", None))
 
 
 def test_a_context_reaches_the_prompt_and_no_context_keeps_the_old_prompt(base: Path):

@@ -46,13 +46,10 @@ DOC_STRIDE = 128
 
 
 def is_squad(data: Any) -> bool:
-    """Whether parsed JSON is a SQuAD-shaped file (a `data` list of articles holding `paragraphs`)."""
+    """Whether parsed JSON is a SQuAD-shaped file (a `data` list of articles holding `paragraphs`; an empty list
+    too, so that such a file is said to hold no questions rather than not to be SQuAD's shape)."""
     articles = data.get("data") if isinstance(data, dict) else None
-    return (
-        bool(articles)
-        and isinstance(articles, list)
-        and all(isinstance(a, dict) and "paragraphs" in a for a in articles)
-    )
+    return isinstance(articles, list) and all(isinstance(a, dict) and "paragraphs" in a for a in articles)
 
 
 def squad_rows(data: dict[str, Any], path: str | Path) -> list[dict[str, Any]]:
