@@ -91,7 +91,9 @@ class FinetuneConfig:
     eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
     max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
     doc_stride: int = opt(
-        128, "qa: scoring reads a context too long for the model in windows sharing this many tokens (<= half one)"
+        128,
+        "qa: a context too long for the model is scored in overlapping windows sharing this many tokens (at most "
+        "half a window)",
     )
     replay: str = opt("", "clm: old-domain text file mixed into training (replay against forgetting)")
     replay_fraction: float = opt(0.0, "clm: replay windows as a fraction of the new training windows")
