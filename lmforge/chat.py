@@ -19,8 +19,9 @@ trained on; for sft its replies are located by rendering prefixes of the convers
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
-`/reset` clears the history and `/exit` (or end of input) quits. It reads lines from any text
-stream, so tests drive it through stdin.
+`/reset` clears the history and `/exit` (or end of input) quits; Ctrl-C during a reply stops that reply
+(what was shown of it stays in the history) and the session goes on. It reads lines from any text stream, so
+tests drive it through stdin.
 """
 
 from __future__ import annotations
@@ -402,26 +403,30 @@ def chat(
                 stdout.write(stream.feed(t))
                 stdout.flush()
 
-        new = generate(
-            model,
-            ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-            use_cache=ft.use_cache,
-            eos_id=tok.eos_id_or_none,
-            stop_ids=stops,
-            on_token=on_token,
-            compile=compile,
-            penalties=penalties,
-            vocab_size=tok.vocab_size,
-        )
+        try:
+            generate(
+                model,
+                ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=seed,
+                use_cache=ft.use_cache,
+                eos_id=tok.eos_id_or_none,
+                stop_ids=stops,
+                on_token=on_token,
+                compile=compile,
+                penalties=penalties,
+                vocab_size=tok.vocab_size,
+            )
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
+            stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
         stdout.write(stream.flush() + "\n")
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
-        reply = tok.decode([t for t in new if t not in stops], skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
+        # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
+        reply = tok.decode(stream.ids, skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

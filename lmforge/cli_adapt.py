@@ -96,7 +96,7 @@ def add_parsers(sub: Any) -> None:
         help="interactive chat with a run in the terminal",
         description="Chat with a run using its chat template. The history is kept within the context "
         "window (oldest turns dropped first); replies stream as they are generated. /reset clears the "
-        "history, /exit (or Ctrl-D) quits. Reads from stdin, so it also works in a pipe.",
+        "history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply. Reads from stdin, so it also works in a pipe.",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--system", default="", help="system message kept at the top of the history")

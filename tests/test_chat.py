@@ -205,6 +205,29 @@ def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
     assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
 
 
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path):
+    """Ctrl-C while a reply streamed ended the whole chat ('lmforge: interrupted', exit 130). It stops the reply:
+    what was shown stays in the history, and the next message is read. The interrupt is raised where SIGINT
+    lands while streaming: in the write of a reply's text."""
+    import io
+
+    from lmforge.chat import chat
+
+    class CtrlCOnce(io.StringIO):
+        armed = True
+
+        def write(self, text: str) -> int:
+            if self.armed and self.getvalue().endswith("bot> hello"):  # after the first token, at the second
+                self.armed = False
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = CtrlCOnce()
+    replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
+    assert replies == 2, out.getvalue()
+    assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+
+
 def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
     """A message longer than the context is cut to its end: said on stderr, not silently."""
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
