@@ -20,8 +20,9 @@ trained on; for sft its replies are located by rendering prefixes of the convers
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
 `/reset` clears the history and `/exit` (or end of input) quits; Ctrl-C during a reply stops that reply
-(what was shown of it stays in the history) and the session goes on. It reads lines from any text stream, so
-tests drive it through stdin.
+(what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
+readline (`line_reader`: editing of wide characters, history, a pasted block as one message); it reads lines
+from any text stream too, so tests drive it through stdin.
 """
 
 from __future__ import annotations
@@ -319,6 +320,37 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
     return ChatTemplate()
 
 
+def line_reader(stdin: TextIO, stdout: TextIO) -> Any:
+    """A function that prompts `you> ` and returns the next line with its newline ("" at the end of input).
+
+    In a terminal it is `input()` with GNU readline: the terminal's own line editing erased one byte per
+    backspace, so a Chinese character left two of its three bytes behind (the line was then refused as not
+    UTF-8) and the cursor lost its place over wide characters; readline erases whole characters, moves with
+    the arrow keys, recalls earlier messages, and takes a pasted block of lines as one message (bracketed paste).
+    Elsewhere (a pipe, a file, a test's stream, or a Python without readline) it reads `stdin` line by line."""
+    if stdin is sys.stdin and stdout is sys.stdout and stdin.isatty() and stdout.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() its line editing
+        except ImportError:  # (Windows, a Python built without it)
+            pass
+        else:
+
+            def read_edited() -> str:
+                try:
+                    return input("you> ") + "\n"  # (decoded with stdin's errors: surrogate escapes as below)
+                except EOFError:
+                    return ""
+
+            return read_edited
+
+    def read() -> str:
+        stdout.write("you> ")
+        stdout.flush()
+        return stdin.readline()
+
+    return read
+
+
 def chat(
     run: str | Path,
     *,
@@ -363,11 +395,10 @@ def chat(
     note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
     stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    read_line = line_reader(stdin, stdout)
     replies = 0
     while True:
-        stdout.write("you> ")
-        stdout.flush()
-        line = stdin.readline()
+        line = read_line()
         if any("\ud800" <= ch <= "\udfff" for ch in line):  # undecodable bytes (surrogate escapes)
             stdout.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
             continue
