@@ -104,9 +104,12 @@ class ChatTemplate:
     def prompt_ids(self, tok: Any, messages: list[dict[str, str]], *, budget: int) -> tuple[list[int], int]:
         """Ids of the conversation ending in an assistant prompt, oldest turns dropped to fit `budget`.
 
-        A system message is kept. Returns (ids, number of messages dropped).
+        A system message is kept: when it and the last message alone are over the budget, that message keeps
+        its end (cut in characters, so its role marker stays and no token is split); the ids' start was cut,
+        system message first. Returns (ids, number of messages dropped).
         """
         from lmforge.data.formats import keep_end
+        from lmforge.data.qa import fit_context
 
         check_messages(messages, allow_trailing_user=True)  # before indexing into them
         system = [m for m in messages[:1] if m["role"] == "system"]
@@ -115,6 +118,20 @@ class ChatTemplate:
         while True:
             segs = self.segments(tok, system + rest, add_generation_prompt=True)
             ids = [i for seg, _ in segs for i in seg]
+            if len(ids) > budget and system and len(rest) == 1:
+                last = rest[0]
+
+                def n_tokens(content: str, role: str = last["role"]) -> int:
+                    pieces = self.segments(
+                        tok, system + [{"role": role, "content": content}], add_generation_prompt=True
+                    )
+                    return sum(len(seg) for seg, _ in pieces)
+
+                if n_tokens("") <= budget:  # (else the system message alone is over: its end is kept, below)
+                    end = len(last["content"])
+                    content = fit_context(last["content"], n_tokens, budget, (end, end))  # its last characters
+                    segs = self.segments(tok, system + [{**last, "content": content}], add_generation_prompt=True)
+                    return [i for seg, _ in segs for i in seg], dropped
             if len(ids) <= budget or len(rest) <= 1:
                 return keep_end(ids, budget, tok.prompt_prefix), dropped  # a single overlong message keeps its end
             cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" else 1  # a user/assistant pair at a time
@@ -420,9 +437,10 @@ def chat(
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
         full = sum(len(seg) for seg, _ in template.segments(tok, history, add_generation_prompt=True))
         if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
+            kept = "the system message and your message's end" if system else "its end, after any BOS"
             print(
                 f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
-                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used (its end, after any BOS)",
+                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used ({kept})",
                 file=sys.stderr,
                 flush=True,
             )

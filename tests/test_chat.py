@@ -402,6 +402,23 @@ def test_history_is_trimmed_to_the_context(chat_run: Path):
     assert "question 4" not in text and "question 5" in text and "answer 5" in text
 
 
+def test_a_message_too_long_beside_the_system_message_keeps_the_system_message(chat_run: Path):
+    """The last message alone over the budget cut the prompt's ids from the start: the system message went first,
+    then the message's role marker. The system message and the marker stay; the message keeps its end."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    history += [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "x" * 80 + " the end"}]
+    ids, dropped = ChatTemplate().prompt_ids(tok, history, budget=70)
+    text = tok.decode(ids)
+    assert dropped == 2 and len(ids) == 70, (dropped, text)  # (a character tokenizer: the budget is filled)
+    assert text.startswith("<|system|>\nBe brief.\n<|user|>\nxxx") and text.endswith(" the end\n<|assistant|>\n")
+    r = run_cli("chat", str(chat_run), "--system", "Be brief.", "--max-new-tokens", "8", input="y" * 300 + "\n")
+    assert r.returncode == 0 and "(the system message and your message's end)" in r.stderr, r.stderr
+
+
 @contextlib.contextmanager
 def _serving(run: Path, **kwargs: Any) -> Iterator[LMServer]:
     """A `make_server` server answering on a background thread for the duration of the block."""
