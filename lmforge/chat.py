@@ -19,8 +19,10 @@ trained on; for sft its replies are located by rendering prefixes of the convers
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
-`/reset` clears the history and `/exit` (or end of input) quits. It reads lines from any text
-stream, so tests drive it through stdin.
+`/reset` clears the history and `/exit` (or end of input) quits; Ctrl-C during a reply stops that reply
+(what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
+readline (`line_reader`: editing of wide characters, history, a pasted block as one message); it reads lines
+from any text stream too, so tests drive it through stdin.
 """
 
 from __future__ import annotations
@@ -102,9 +104,12 @@ class ChatTemplate:
     def prompt_ids(self, tok: Any, messages: list[dict[str, str]], *, budget: int) -> tuple[list[int], int]:
         """Ids of the conversation ending in an assistant prompt, oldest turns dropped to fit `budget`.
 
-        A system message is kept. Returns (ids, number of messages dropped).
+        A system message is kept: when it and the last message alone are over the budget, that message keeps
+        its end (cut in characters, so its role marker stays and no token is split); the ids' start was cut,
+        system message first. Returns (ids, number of messages dropped).
         """
         from lmforge.data.formats import keep_end
+        from lmforge.data.qa import fit_context
 
         check_messages(messages, allow_trailing_user=True)  # before indexing into them
         system = [m for m in messages[:1] if m["role"] == "system"]
@@ -113,6 +118,20 @@ class ChatTemplate:
         while True:
             segs = self.segments(tok, system + rest, add_generation_prompt=True)
             ids = [i for seg, _ in segs for i in seg]
+            if len(ids) > budget and system and len(rest) == 1:
+                last = rest[0]
+
+                def n_tokens(content: str, role: str = last["role"]) -> int:
+                    pieces = self.segments(
+                        tok, system + [{"role": role, "content": content}], add_generation_prompt=True
+                    )
+                    return sum(len(seg) for seg, _ in pieces)
+
+                if n_tokens("") <= budget:  # (else the system message alone is over: its end is kept, below)
+                    end = len(last["content"])
+                    content = fit_context(last["content"], n_tokens, budget, (end, end))  # its last characters
+                    segs = self.segments(tok, system + [{**last, "content": content}], add_generation_prompt=True)
+                    return [i for seg, _ in segs for i in seg], dropped
             if len(ids) <= budget or len(rest) <= 1:
                 return keep_end(ids, budget, tok.prompt_prefix), dropped  # a single overlong message keeps its end
             cut = 2 if len(rest) > 2 and rest[0]["role"] == "user" else 1  # a user/assistant pair at a time
@@ -318,6 +337,37 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
     return ChatTemplate()
 
 
+def line_reader(stdin: TextIO, stdout: TextIO) -> Any:
+    """A function that prompts `you> ` and returns the next line with its newline ("" at the end of input).
+
+    In a terminal it is `input()` with GNU readline: the terminal's own line editing erased one byte per
+    backspace, so a Chinese character left two of its three bytes behind (the line was then refused as not
+    UTF-8) and the cursor lost its place over wide characters; readline erases whole characters, moves with
+    the arrow keys, recalls earlier messages, and takes a pasted block of lines as one message (bracketed paste).
+    Elsewhere (a pipe, a file, a test's stream, or a Python without readline) it reads `stdin` line by line."""
+    if stdin is sys.stdin and stdout is sys.stdout and stdin.isatty() and stdout.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() its line editing
+        except ImportError:  # (Windows, a Python built without it)
+            pass
+        else:
+
+            def read_edited() -> str:
+                try:
+                    return input("you> ") + "\n"  # (decoded with stdin's errors: surrogate escapes as below)
+                except EOFError:
+                    return ""
+
+            return read_edited
+
+    def read() -> str:
+        stdout.write("you> ")
+        stdout.flush()
+        return stdin.readline()
+
+    return read
+
+
 def chat(
     run: str | Path,
     *,
@@ -362,11 +412,10 @@ def chat(
     note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
     stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    read_line = line_reader(stdin, stdout)
     replies = 0
     while True:
-        stdout.write("you> ")
-        stdout.flush()
-        line = stdin.readline()
+        line = read_line()
         if any("\ud800" <= ch <= "\udfff" for ch in line):  # undecodable bytes (surrogate escapes)
             stdout.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
             continue
@@ -388,9 +437,10 @@ def chat(
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
         full = sum(len(seg) for seg, _ in template.segments(tok, history, add_generation_prompt=True))
         if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
+            kept = "the system message and your message's end" if system else "its end, after any BOS"
             print(
                 f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
-                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used (its end, after any BOS)",
+                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used ({kept})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -402,26 +452,30 @@ def chat(
                 stdout.write(stream.feed(t))
                 stdout.flush()
 
-        new = generate(
-            model,
-            ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-            use_cache=ft.use_cache,
-            eos_id=tok.eos_id_or_none,
-            stop_ids=stops,
-            on_token=on_token,
-            compile=compile,
-            penalties=penalties,
-            vocab_size=tok.vocab_size,
-        )
+        try:
+            generate(
+                model,
+                ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=seed,
+                use_cache=ft.use_cache,
+                eos_id=tok.eos_id_or_none,
+                stop_ids=stops,
+                on_token=on_token,
+                compile=compile,
+                penalties=penalties,
+                vocab_size=tok.vocab_size,
+            )
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
+            stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
         stdout.write(stream.flush() + "\n")
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
-        reply = tok.decode([t for t in new if t not in stops], skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
+        # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
+        reply = tok.decode(stream.ids, skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

@@ -205,6 +205,84 @@ def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
     assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
 
 
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path):
+    """Ctrl-C while a reply streamed ended the whole chat ('lmforge: interrupted', exit 130). It stops the reply:
+    what was shown stays in the history, and the next message is read. The interrupt is raised where SIGINT
+    lands while streaming: in the write of a reply's text."""
+    import io
+
+    from lmforge.chat import chat
+
+    class CtrlCOnce(io.StringIO):
+        armed = True
+
+        def write(self, text: str) -> int:
+            if self.armed and self.getvalue().endswith("bot> hello"):  # after the first token, at the second
+                self.armed = False
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = CtrlCOnce()
+    replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
+    assert replies == 2, out.getvalue()
+    assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+
+
+CHAT_ON_A_TTY = """
+import io, os, sys
+tty = os.open(os.environ["CHAT_TTY"], os.O_RDWR)  # a terminal's side of a pty as stdin and stdout
+os.dup2(tty, 0)
+os.dup2(tty, 1)
+sys.stdin = io.TextIOWrapper(open(0, "rb", closefd=False), encoding="utf-8")
+sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), encoding="utf-8", line_buffering=True)
+from lmforge.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_chat_in_a_terminal_edits_wide_characters_and_takes_a_pasted_block_as_one_message(
+    chat_run: Path, tmp_path: Path
+):
+    """In a terminal, the tty's own line editing erased one byte per backspace: "hi你" and a backspace sent "hi" and
+    two bytes of 你, refused as not UTF-8 (a pasted block of lines was one message per line, escapes included).
+    Read with readline, the backspace erases the character and a bracketed paste is one message."""
+    import pty
+    import select
+
+    from tests.cli_fork import ForkedProcess
+
+    script = tmp_path / "chat_on_a_tty.py"
+    script.write_text(CHAT_ON_A_TTY, encoding="utf-8")
+    master, terminal = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm", "CHAT_TTY": os.ttyname(terminal)}
+    proc = ForkedProcess(["chat", str(chat_run), "--temperature", "0"], env, stdin=os.devnull, script=str(script))
+    seen = b""
+
+    def until_prompt(n: int) -> None:  # read the terminal until it has shown `you> ` n times
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while seen.count(b"you> ") < n and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert seen.count(b"you> ") >= n, (seen, proc.poll(), proc.stderr)
+
+    try:
+        until_prompt(1)
+        os.write(master, "hi你".encode() + b"\x7f\r")  # a backspace over the Chinese character
+        until_prompt(2)
+        os.write(master, b"\x1b[200~bye\nhi\x1b[201~\r")  # a pasted block of two lines
+        until_prompt(3)
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(60) == 0, proc.stderr
+    finally:
+        proc.kill()
+        os.close(master)
+        os.close(terminal)
+    text = seen.decode("utf-8", errors="replace")
+    assert "not valid UTF-8" not in text and "bot> hello there" in text, text
+    assert text.count("bot> ") == 2, text  # one reply to the pasted block
+
+
 def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
     """A message longer than the context is cut to its end: said on stderr, not silently."""
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
@@ -322,6 +400,23 @@ def test_history_is_trimmed_to_the_context(chat_run: Path):
     text = tok.decode(ids)
     assert text.startswith("<|system|>\nS\n") and text.endswith("<|user|>\nlast\n<|assistant|>\n")
     assert "question 4" not in text and "question 5" in text and "answer 5" in text
+
+
+def test_a_message_too_long_beside_the_system_message_keeps_the_system_message(chat_run: Path):
+    """The last message alone over the budget cut the prompt's ids from the start: the system message went first,
+    then the message's role marker. The system message and the marker stay; the message keeps its end."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(chat_run / "tokenizer.json")
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    history += [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "x" * 80 + " the end"}]
+    ids, dropped = ChatTemplate().prompt_ids(tok, history, budget=70)
+    text = tok.decode(ids)
+    assert dropped == 2 and len(ids) == 70, (dropped, text)  # (a character tokenizer: the budget is filled)
+    assert text.startswith("<|system|>\nBe brief.\n<|user|>\nxxx") and text.endswith(" the end\n<|assistant|>\n")
+    r = run_cli("chat", str(chat_run), "--system", "Be brief.", "--max-new-tokens", "8", input="y" * 300 + "\n")
+    assert r.returncode == 0 and "(the system message and your message's end)" in r.stderr, r.stderr
 
 
 @contextlib.contextmanager

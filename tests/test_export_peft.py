@@ -108,6 +108,9 @@ def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="prompt-tuned sft run") as e:
         export_hf(prompt, tmp_path / "out")
     assert "such as sft" not in str(e.value) and not (tmp_path / "out").exists()
+    with pytest.raises(LmforgeError, match="prompt-tuned sft run") as e:  # it said "export it without --peft"
+        export_peft(prompt, tmp_path / "out")
+    assert "without --peft" not in str(e.value) and not (tmp_path / "out").exists()
     assert isinstance(generate_from_checkpoint(prompt, prompt="hi", max_new_tokens=2, seed=0, device="cpu"), str)
     # the README said "`generate` and `export` load LM-task runs of every adaptation mode"
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())

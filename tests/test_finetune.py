@@ -627,6 +627,38 @@ def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: 
     assert heads and all(head[0] == bos and head[1] != bos for head in heads)
 
 
+def test_fewshot_demonstrations_that_do_not_fit_are_left_out_whole(
+    base: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """k demonstrations longer than the context were cut at the prompt's start token by token, so the model read
+    half a demonstration first. They are left out whole, the first ones first, and a note counts them; classify
+    (labels of one length, 128-character context) and choice (options of different lengths) alike."""
+    import lmforge.eval.tasks as tasks
+    from lmforge.data.formats import read_task_rows
+    from lmforge.eval.choice import choice_metrics
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    context = ft.model.cfg.max_seq_len
+    scored: list[tuple[list[int], list[int]]] = []
+    score = tasks.continuation_logprob
+    monkeypatch.setattr(
+        tasks, "continuation_logprob", lambda m, head, tail, *a: scored.append((head, tail)) or score(m, head, tail, *a)
+    )
+    fields = {"text": "text", "label": "label"}
+    rows = read_task_rows(DATA / "sentiment_val.jsonl", "classify", fields)[:4]
+    tasks.fewshot_classify(ft, rows, rows, k=3, fields=fields, seed=0)
+    facts = [(f"What is fact number {i} about the sea?", ["salt", "fresh water", "sand"], i % 3) for i in range(5)]
+    choice_metrics(ft, facts, shots=facts, k=3)
+    assert len(scored) == 4 * 2 + 5 * 3
+    for head, tail in scored:
+        text = ft.tokenizer.decode(head)
+        assert len(head) + len(tail) <= context + 1, text
+        assert text.startswith(("Text: ", "Question: ")), text  # a whole demonstration (or the query) first
+    notes = [line for line in capsys.readouterr().err.splitlines() if "left out whole" in line]
+    assert len(notes) == 2 and notes[0].startswith("note: ") and "of 12 demonstrations" in notes[0], notes
+    assert "of 15 demonstrations" in notes[1], notes
+
+
 def _with_bos(ft: object) -> tuple[Tokenizer, int]:
     """Give a loaded run the tokenizer an imported Llama-style model has: one whose post-processor puts a BOS
     (here <|endoftext|>) before every text. Returns (tokenizer, bos id)."""

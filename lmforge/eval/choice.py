@@ -12,7 +12,8 @@ log-probabilities after the prompt `Question: {question}\\nAnswer:` (a Chinese q
 答案：`), the option written after a space (none after the Chinese colon). `accuracy` picks the highest sum,
 `accuracy_norm` the highest sum per UTF-8 byte of the option (lm-evaluation-harness's acc_norm divides by
 characters; bytes weigh a Chinese option as its tokens mostly do), which does not favour short options.
-k-shot prompts put k solved questions first, drawn per row (seeded) from the shots, never the row itself.
+k-shot prompts put k solved questions first, drawn per row (seeded) from the shots, never the row itself;
+those that do not fit in the context beside the longest option are left out whole, the first ones first.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def choice_metrics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """accuracy, accuracy_norm, n and a few samples of a causal LM on multiple-choice rows (module docstring)."""
-    from lmforge.eval.tasks import continuation_logprob
+    from lmforge.eval.tasks import continuation_logprob, fewshot_head, note_dropped_demos
     from lmforge.generate import context_length
 
     model, tok = ft.model, ft.tokenizer
@@ -129,23 +130,23 @@ def choice_metrics(
         raise DataError(f"--k-shot {k} but the shots file has {len(shots or [])} rows; lower --k-shot")
     rng = random.Random(seed)
     context = context_length(model)
-    right = right_norm = 0
+    right = right_norm = dropped = 0
     samples = []
     for question, options, answer in rows:
-        demo = ""
+        demos = []
         if k:
             pool = [s for s in shots or [] if s[0] != question]  # never the row's own answer
             if k > len(pool):
                 raise DataError(f"--k-shot {k} but only {len(pool)} shots differ from {question[:40]!r}")
             for q, o, a in rng.sample(pool, k):
                 prompt, space = _prompt(q)
-                demo += f"{prompt}{space}{o[a]}\n\n"
+                demos.append(f"{prompt}{space}{o[a]}\n\n")
         prompt, space = _prompt(question)
-        head = tok.prompt_prefix + tok.encode(demo + prompt)
-        scores = [
-            continuation_logprob(model, head, tok.encode(space + option), context, tok.prompt_prefix)
-            for option in options
-        ]
+        tails = [tok.encode(space + option) for option in options]
+        # demonstrations that do not fit beside the longest option are left out whole (`fewshot_head`)
+        head, left_out = fewshot_head(tok, demos, prompt, context + 1 - max(len(t) for t in tails))
+        dropped += left_out
+        scores = [continuation_logprob(model, head, tail, context, tok.prompt_prefix) for tail in tails]
         best = max(range(len(options)), key=scores.__getitem__)
         norm = [s / max(1, len((space + o).encode("utf-8"))) for s, o in zip(scores, options, strict=True)]
         best_norm = max(range(len(options)), key=norm.__getitem__)
@@ -153,6 +154,7 @@ def choice_metrics(
         right_norm += best_norm == answer
         if len(samples) < 3:
             samples.append({"question": question[:200], "answer": options[answer], "prediction": options[best]})
+    note_dropped_demos(dropped, len(rows), k, context)
     n = len(rows)
     return {"accuracy": right / n, "accuracy_norm": right_norm / n, "n": n, "k_shot": k, "samples": samples}
 

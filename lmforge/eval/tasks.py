@@ -21,7 +21,8 @@ In-context classification (no training): each query is preceded by k labelled ex
 `Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
 log-probability after `Label:` (scoring every label, not sampling, so the answer is always a label);
 `accuracy_norm` is the accuracy of picking by log-probability per UTF-8 byte of the label instead, which
-does not favour short label names.
+does not favour short label names. Demonstrations that do not fit in the context beside the longest label
+are left out whole, the first ones first (`fewshot_head`; a note counts them).
 """
 
 from __future__ import annotations
@@ -232,6 +233,32 @@ def continuation_logprob(
     return float(sequence_logprobs(model(x), y))
 
 
+def fewshot_head(tok: Any, demos: list[str], query: str, room: int) -> tuple[list[int], int]:
+    """(ids, demonstrations left out) of a k-shot prompt: the tokenizer's `prompt_prefix` (an imported Llama's BOS),
+    the demonstrations, then the query, in at most `room` tokens. Demonstrations that do not fit are left out whole,
+    the first ones first (the query and the demonstrations nearest it stay): a cut of the whole prompt at its start
+    (`keep_end`, as lm-evaluation-harness cuts) began it in the middle of a demonstration, and a label scored
+    after a longer prompt than another label saw a different one. A query too long alone keeps its end
+    (`continuation_logprob` cuts it)."""
+    prefix = tok.prompt_prefix
+    ids = tok.encode("".join(demos) + query)
+    if len(prefix) + len(ids) <= room or not demos:
+        return prefix + ids, 0
+    shorter = tok.encode_batch(["".join(demos[first:]) + query for first in range(1, len(demos) + 1)])
+    first = next((i for i, s in enumerate(shorter) if len(prefix) + len(s) <= room), len(shorter) - 1)
+    return prefix + shorter[first], first + 1
+
+
+def note_dropped_demos(dropped: int, rows: int, k: int, context: int) -> None:
+    """The note of `fewshot_head`'s cuts over an evaluation, on stderr (none when every demonstration fit)."""
+    if dropped:
+        print(
+            f"note: {dropped} of {rows * k} demonstrations left out whole to fit the model's context ({context} "
+            "tokens) beside the answer; lower --k-shot or use shorter shots to keep them",
+            file=sys.stderr,
+        )
+
+
 @torch.no_grad()
 def fewshot_classify(
     ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
@@ -259,6 +286,8 @@ def fewshot_classify(
     label_ids = [tok.encode(" " + name) for name in labels]
     y_true, y_pred, y_norm = [], [], []
     label_bytes = [max(1, len((" " + name).encode("utf-8"))) for name in labels]
+    room = context + 1 - max(len(ids) for ids in label_ids)  # (`continuation_logprob` keeps context + 1 tokens)
+    dropped = 0
     for row in rows:
         text = str(row[fields["text"]]).strip()
         pool = [i for i, t in enumerate(shot_texts) if t != text]
@@ -266,12 +295,13 @@ def fewshot_classify(
             raise DataError(
                 f"--k-shot {k} but only {len(pool)} shots differ from the row {text[:40]!r}; lower --k-shot"
             )
-        demo = "".join(demos[i] for i in rng.sample(pool, k))
-        prompt = tok.prompt_prefix + tok.encode(demo + f"Text: {text}\nLabel:")  # an imported Llama's BOS first
+        prompt, left_out = fewshot_head(tok, [demos[i] for i in rng.sample(pool, k)], f"Text: {text}\nLabel:", room)
+        dropped += left_out
         scores = [continuation_logprob(model, prompt, ids, context, tok.prompt_prefix) for ids in label_ids]
         y_true.append(labels.index(label_name(row[fields["label"]])))
         y_pred.append(max(range(len(labels)), key=scores.__getitem__))
         y_norm.append(max(range(len(labels)), key=lambda i: scores[i] / label_bytes[i]))
+    note_dropped_demos(dropped, len(rows), k, context)
     report = classification_report(y_true, y_pred, labels)
     report["k_shot"] = k
     # per byte of the label: the sum favours short labels (正面评价 against 负面 always lost)

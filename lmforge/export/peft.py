@@ -156,6 +156,8 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     info_path = ckpt_dir.parent.parent / "finetune.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     if info.get("adapt") != "lora" or info.get("lora_merged"):
+        if info.get("adapt") == "prompt":  # exports neither way: its own error (it was sent to export without --peft)
+            _load_lm(ckpt_dir)
         raise LmforgeError(
             f"{path} is not an adapter-only LoRA run (finetune --adapt lora without --merge); export it without --peft"
         )
