@@ -437,7 +437,17 @@ def chat(
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
         full = sum(len(seg) for seg, _ in template.segments(tok, history, add_generation_prompt=True))
         if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
-            kept = "the system message and your message's end" if system else "its end, after any BOS"
+            kept = "its end, after any BOS"
+            if system:
+                alone = template.segments(
+                    tok, [history[0], {"role": "user", "content": ""}], add_generation_prompt=True
+                )
+                fits = sum(len(seg) for seg, _ in alone) <= context - max_new_tokens
+                kept = (
+                    "the system message and your message's end"
+                    if fits
+                    else "its end: the system message is over it alone, shorten --system"
+                )
             print(
                 f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
                 f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used ({kept})",
@@ -471,6 +481,9 @@ def chat(
                 vocab_size=tok.vocab_size,
             )
         except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
+            from lmforge.cli import interrupt_handled
+
+            interrupt_handled()
             stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
         stdout.write(stream.flush() + "\n")
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD

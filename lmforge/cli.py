@@ -647,6 +647,13 @@ def _on_sigint(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
+def interrupt_handled() -> None:
+    """A Ctrl-C that the command caught and recovered from (chat stops the reply, not the session): a later
+    error is that error, not the interrupt (`_on_sigint` remembers every Ctrl-C)."""
+    global _sigint_seen
+    _sigint_seen = False
+
+
 def main(argv: list[str] | None = None) -> None:
     ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (not where Ctrl-C is ignored: nohup, &)
     if ours:

@@ -205,13 +205,19 @@ def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
     assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
 
 
-def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path):
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, monkeypatch):
     """Ctrl-C while a reply streamed ended the whole chat ('lmforge: interrupted', exit 130). It stops the reply:
-    what was shown stays in the history, and the next message is read. The interrupt is raised where SIGINT
-    lands while streaming: in the write of a reply's text."""
+    what was shown stays in the history, and the next message is read. The interrupt is raised by the CLI's
+    SIGINT handler where it lands while streaming: in the write of a reply's text. Once the chat recovered, the
+    CLI no longer takes a later error for that interrupt (it reported any later error as 'interrupted')."""
     import io
+    import signal
 
+    from lmforge import cli
     from lmforge.chat import chat
+
+    monkeypatch.setattr(cli, "_starting", False)
+    monkeypatch.setattr(cli, "_sigint_seen", False)
 
     class CtrlCOnce(io.StringIO):
         armed = True
@@ -219,13 +225,14 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path):
         def write(self, text: str) -> int:
             if self.armed and self.getvalue().endswith("bot> hello"):  # after the first token, at the second
                 self.armed = False
-                raise KeyboardInterrupt
+                cli._on_sigint(signal.SIGINT, None)
             return super().write(text)
 
     out = CtrlCOnce()
     replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
     assert replies == 2, out.getvalue()
     assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+    assert not cli._sigint_seen
 
 
 CHAT_ON_A_TTY = """
@@ -417,6 +424,8 @@ def test_a_message_too_long_beside_the_system_message_keeps_the_system_message(c
     assert text.startswith("<|system|>\nBe brief.\n<|user|>\nxxx") and text.endswith(" the end\n<|assistant|>\n")
     r = run_cli("chat", str(chat_run), "--system", "Be brief.", "--max-new-tokens", "8", input="y" * 300 + "\n")
     assert r.returncode == 0 and "(the system message and your message's end)" in r.stderr, r.stderr
+    r = run_cli("chat", str(chat_run), "--system", "z" * 300, "--max-new-tokens", "8", input="hi\n")
+    assert r.returncode == 0 and "the system message is over it alone, shorten --system" in r.stderr, r.stderr
 
 
 @contextlib.contextmanager
