@@ -541,7 +541,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.config import load_config, parse_overrides
         from lmforge.estimate import estimate, format_estimate
 
-        cfg = load_config(preset=args.preset, config_file=args.config, overrides=parse_overrides(extra))
+        overrides = parse_overrides(extra)
+        if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
+            overrides.setdefault("dist", {})["strategy"] = args.strategy
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware
         try:
             hardware = float(args.hardware)

@@ -61,6 +61,22 @@ class DistConfig:
         check(self.outer_lr > 0, f"dist.outer_lr must be > 0, got {self.outer_lr}")
         check(0 <= self.outer_momentum < 1, f"dist.outer_momentum must be in [0, 1), got {self.outer_momentum}")
 
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` that `strategy` never reads is an error rather than silently ignored (`load_config`
+        passes those the user wrote, and those off their defaults but for a run's config.json's)."""
+        for name in sorted(names):
+            readers = DIST_READERS.get(name, (self.strategy,))
+            check(
+                self.strategy in readers,
+                f"dist.{name} is read only by --dist.strategy {' or '.join(readers)} (local SGD), not by "
+                f"{self.strategy}; drop it, or pass --dist.strategy {readers[0]}",
+            )
+
+
+# The strategies that read each setting that not all of them read (`DiLoCo`; `meta_init` is read by all three and
+# refused under ddp by train/run.py, in a run of several processes only).
+DIST_READERS = dict.fromkeys(("sync_every", "outer_lr", "outer_momentum"), ("diloco",))
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -262,7 +262,9 @@ def test_communication_time_by_hand() -> None:
     """--interconnect: each device's bytes per sync over the link, and what compute does not hide, added to the
     time. World 4, 8 Gbit/s (1e9 B/s), 1 TFLOP/s at MFU 0.5, 25 steps, micro-batch 2 (2 per step per device)."""
     model = {"d_model": 512, "n_layer": 4, "n_head": 8}  # 13.3M parameters: 53 MB of fp32 gradients, 3 DDP buckets
-    cfg = run_cfg(model, train={"micro_batch_size": 2, "dtype": "bfloat16"}, dist={"sync_every": 10})
+    cfg = run_cfg(
+        model, train={"micro_batch_size": 2, "dtype": "bfloat16"}, dist={"strategy": "diloco", "sync_every": 10}
+    )
     tokens = 25 * 16 * 128
     counts = param_counts(dataclasses.replace(cfg.model, vocab_size=512))
     n, root = counts["total"], counts["root"]
@@ -318,7 +320,7 @@ def test_diloco_memory_over_plain_training_matches_the_allocator() -> None:
         cfg = run_cfg(
             model={"vocab_size": 64, "n_layer": 2, "d_model": 128, "max_seq_len": 16},
             train={"batch_size": 1, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": "float32"},
-            dist={"strategy": strategy, "sync_every": 1},
+            dist={"strategy": strategy, **({"sync_every": 1} if strategy == "diloco" else {})},
         )
         torch.manual_seed(0)
         model = GPT(cfg.model)
