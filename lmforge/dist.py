@@ -121,6 +121,9 @@ def require_one_process(command: str) -> None:
         )
 
 
+joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
+
+
 def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """Start the process group when launched by torchrun; returns (info, this rank's device).
 
@@ -128,10 +131,12 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """
     from lmforge.train.precision import pick_device
 
+    global joined
     info = env_info()
     device = pick_device(device_pref, "--train.device")
     if not info.enabled:
         return info, device
+    joined = True  # from here on a rank's error may be its own (its device, its peers)
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise ConfigError(
