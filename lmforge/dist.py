@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -592,7 +593,7 @@ class DiLoCo:
         self.params = [p for _, p in named]
         self.anchor = [p.detach().clone() for p in self.params]  # the shared parameters at the last sync
         self.momentum = [torch.zeros_like(p) for p in self.params]
-        self.bytes_per_sync = 2 * sum(p.numel() * p.element_size() for p in self.params)  # ring all-reduce ~2x
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)  # the flat outer gradient's
         self.syncs = 0
         self.synced_at = -1  # the step of the last sync
 
@@ -650,15 +651,28 @@ class DiLoCo:
                 t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
-        """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
-        diloco = self.bytes_per_sync * self.syncs
-        ddp = self.bytes_per_sync * steps
+        """Bytes sent and received per worker by this run's syncs vs what DDP would move for the same steps (its
+        fp32 gradients' all-reduce: as many bytes); `lmforge estimate` reports the same (`comm_bytes`)."""
+        per_sync = all_reduce_traffic(self.param_bytes, world_size)
+        diloco, ddp = per_sync * self.syncs, per_sync * steps
         workers = "1 worker syncs" if world_size == 1 else f"{world_size} workers sync"
         return (
-            f"diloco: {workers} every {self.cfg.sync_every} steps; all-reduce traffic per worker "
+            f"diloco: {workers} every {self.cfg.sync_every} steps; all-reduce traffic (sent + received) per worker "
             f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
             + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )
+
+
+def ring_all_reduce_bytes(nbytes: int, world_size: int) -> int:
+    """Bytes each of `world_size` devices sends in a ring all-reduce of `nbytes` (reduce-scatter, then all-gather):
+    2(n-1)/n x nbytes, and receives as many (NCCL's bus bandwidth; gloo's ring too). 0 on one device."""
+    return math.ceil(2 * (world_size - 1) / world_size * nbytes)
+
+
+def all_reduce_traffic(nbytes: int, world_size: int) -> int:
+    """Bytes each device sends and receives in a ring all-reduce of `nbytes`: `comm_bytes` per all-reduce in
+    `lmforge estimate` and the DiLoCo line a run prints."""
+    return 2 * ring_all_reduce_bytes(nbytes, world_size)
 
 
 def resume_worker(ckpt: Any, strategy: str, info: DistInfo) -> tuple[int, str]:
