@@ -255,6 +255,33 @@ def _windows_process(pid: int) -> tuple[bool, str | None]:
         kernel32.CloseHandle(handle)
 
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+# Whether `try_lock` can lock here (`flock`). Where it cannot (Windows), each caller has its own fallback: `runs.claim`
+# and `runs.being_trained` read a running status.json, `generate --out` does without the check.
+FILE_LOCKS = fcntl is not None
+
+
+def try_lock(handle: Any) -> bool | None:
+    """Take an exclusive lock on the open file `handle` without waiting: True when taken (it is held until the
+    handle is closed, which the OS does however the process ends, killed included, so no stale lock is left),
+    False when another process holds it, None where there are no such locks (`FILE_LOCKS`). `flock` locks are
+    per open file: the same file opened twice, even by one process, is locked once.
+
+    Shared by `runs.claim` (a run folder being trained), `runs.being_trained` (a probe) and `generate --out`'s
+    partial file, each of which says in its own words what is busy and what to do."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def _abandoned(folder: Path) -> bool:
     """An lmforge build/backup folder whose maker (a process on this host) is gone."""
     try:

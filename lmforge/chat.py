@@ -80,14 +80,18 @@ class ChatTemplate:
         text = SPACED_JINJA_TEMPLATE.replace("SPACES", json.dumps(spaces, ensure_ascii=False)) if spaces else self.jinja
         return "{{ bos_token }}" + text if len(tok.prompt_prefix) == 1 else text
 
-    def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
-        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS.
+    def segments(
+        self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, training: bool = True
+    ) -> list:
+        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS. A conversation to
+        train on (`training`, without a generation prompt) must hold an assistant turn; serve's /tokenize passes
+        training=False to get any conversation's ids, as transformers' apply_chat_template gives them.
 
         Raises:
             DataError: a malformed conversation, or training pieces (no generation prompt) from a tokenizer
                 without an end-of-text token.
         """
-        check_messages(messages, allow_trailing_user=add_generation_prompt)
+        check_messages(messages, allow_trailing_user=add_generation_prompt or not training)
         eos = tok.eos_id_or_none if add_generation_prompt else tok.eos_id  # (module docstring)
         # an imported Llama's BOS first, as `generate` puts it before a prompt (none for lmforge's tokenizers)
         out: list[tuple[list[int], bool]] = [(list(tok.prompt_prefix), False)] if tok.prompt_prefix else []
@@ -174,8 +178,10 @@ class JinjaChatTemplate(ChatTemplate):
                 f"the chat template fails on this conversation ({type(e).__name__}: {first_line(e)})"
             ) from None
 
-    def segments(self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list:
-        """[(ids, train)] pieces of a conversation, as `ChatTemplate.segments`.
+    def segments(
+        self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, training: bool = True
+    ) -> list:
+        """[(ids, train)] pieces of a conversation, as `ChatTemplate.segments` (`training` too).
 
         With `add_generation_prompt` one piece, the whole prompt. Otherwise the conversation is encoded whole
         (the ids a prompt has) and each assistant reply is marked by rendering prefixes: what
@@ -186,7 +192,7 @@ class JinjaChatTemplate(ChatTemplate):
         Raises:
             DataError: a malformed conversation, or a template whose renders are not prefixes of one another.
         """
-        check_messages(messages, allow_trailing_user=add_generation_prompt)
+        check_messages(messages, allow_trailing_user=add_generation_prompt or not training)
         if add_generation_prompt:
             return [(tok.encode_markup(self.render(messages, add_generation_prompt=True)).ids, False)]
         text = self.render(messages)

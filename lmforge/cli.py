@@ -541,7 +541,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.config import load_config, parse_overrides
         from lmforge.estimate import estimate, format_estimate
 
-        cfg = load_config(preset=args.preset, config_file=args.config, overrides=parse_overrides(extra))
+        overrides = parse_overrides(extra)
+        if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
+            overrides.setdefault("dist", {})["strategy"] = args.strategy
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware
         try:
             hardware = float(args.hardware)
@@ -690,22 +693,45 @@ def _comm_failure_under(interrupt: BaseException) -> CommFailure | None:
     return seen
 
 
+def _quiet_rank(error: BaseException) -> bool:
+    """Whether this process is a rank other than 0 whose final line rank 0 prints too, so that a torchrun run ends
+    with one line, not one per rank: an error every rank raises alike (`LmforgeError.every_rank`: a refusal of the
+    settings they share, a stop or divergence they decided together), a Ctrl-C (torchrun passes it to every rank),
+    and, under torchrun before the ranks join (`dist.init`), any error, which the node's local rank 0, running the
+    same command, raises too. A rank's own failure (its device, a peer lost, a file) still prints."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return False
+    if getattr(error, "every_rank", False) or isinstance(error, KeyboardInterrupt):
+        return os.environ.get("RANK", "0") != "0"
+    dist = sys.modules.get("lmforge.dist")
+    before_join = dist is None or not dist.joined
+    return before_join and "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+def _exit(line: str, code: int, error: BaseException) -> None:
+    """Print `line` and exit with `code`. A quiet rank (`_quiet_rank`) prints nothing and, but on a Ctrl-C, exits 0:
+    the launcher stops every rank as soon as one fails, and rank 0 (plotting loss.png, say) was stopped before it
+    printed; rank 0's status is the run's."""
+    if not _quiet_rank(error):
+        print(line, file=sys.stderr)
+    elif not isinstance(error, KeyboardInterrupt):  # (a Ctrl-C stops every rank anyway)
+        code = 0
+    sys.exit(code)
+
+
 def _main(argv: list[str] | None) -> None:
     try:
         code = _parse_and_run(argv)
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"lmforge: error: {e}", 2, e)
     except Interrupted as e:
-        print(f"lmforge: {e}", file=sys.stderr)
-        sys.exit(130)
+        _exit(f"lmforge: {e}", 130, e)
     except KeyboardInterrupt as e:
         failed = _comm_failure_under(e)
         if failed is not None:  # the run was already failing: its line, not the launcher's signal, says what to do
             print(f"lmforge: error: {failed}", file=sys.stderr)
             sys.exit(2)
-        print("lmforge: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit("lmforge: interrupted", 130, e)
     except BrokenPipeError:  # `lmforge ... | head`: the reader left; nothing is wrong, and nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it

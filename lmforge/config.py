@@ -707,6 +707,8 @@ def load_config(
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
+    # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
+    cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))
     if cfg.optim.name == "muon" and cfg.model.family in ("lstm", "gru"):  # (every weight got AdamW, without a word)
         raise ConfigError(
             f"optim.name muon orthogonalises the hidden nn.Linear matrices, which a model.family "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,22 @@ class DistConfig:
         check(self.sync_every >= 1, f"dist.sync_every must be >= 1, got {self.sync_every}")
         check(self.outer_lr > 0, f"dist.outer_lr must be > 0, got {self.outer_lr}")
         check(0 <= self.outer_momentum < 1, f"dist.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` that `strategy` never reads is an error rather than silently ignored (`load_config`
+        passes those the user wrote, and those off their defaults but for a run's config.json's)."""
+        for name in sorted(names):
+            readers = DIST_READERS.get(name, (self.strategy,))
+            check(
+                self.strategy in readers,
+                f"dist.{name} is read only by --dist.strategy {' or '.join(readers)} (local SGD), not by "
+                f"{self.strategy}; drop it, or pass --dist.strategy {readers[0]}",
+            )
+
+
+# The strategies that read each setting that not all of them read (`DiLoCo`; `meta_init` is read by all three and
+# refused under ddp by train/run.py, in a run of several processes only).
+DIST_READERS = dict.fromkeys(("sync_every", "outer_lr", "outer_momentum"), ("diloco",))
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,9 @@ def require_one_process(command: str) -> None:
         )
 
 
+joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
+
+
 def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """Start the process group when launched by torchrun; returns (info, this rank's device).
 
@@ -112,10 +132,12 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """
     from lmforge.train.precision import pick_device
 
+    global joined
     info = env_info()
     device = pick_device(device_pref, "--train.device")
     if not info.enabled:
         return info, device
+    joined = True  # from here on a rank's error may be its own (its device, its peers)
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise ConfigError(
@@ -571,7 +593,7 @@ class DiLoCo:
         self.params = [p for _, p in named]
         self.anchor = [p.detach().clone() for p in self.params]  # the shared parameters at the last sync
         self.momentum = [torch.zeros_like(p) for p in self.params]
-        self.bytes_per_sync = 2 * sum(p.numel() * p.element_size() for p in self.params)  # ring all-reduce ~2x
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)  # the flat outer gradient's
         self.syncs = 0
         self.synced_at = -1  # the step of the last sync
 
@@ -629,15 +651,28 @@ class DiLoCo:
                 t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
-        """Bytes sent per worker by this run's syncs vs what DDP would send for the same steps."""
-        diloco = self.bytes_per_sync * self.syncs
-        ddp = self.bytes_per_sync * steps
+        """Bytes sent and received per worker by this run's syncs vs what DDP would move for the same steps (its
+        fp32 gradients' all-reduce: as many bytes); `lmforge estimate` reports the same (`comm_bytes`)."""
+        per_sync = all_reduce_traffic(self.param_bytes, world_size)
+        diloco, ddp = per_sync * self.syncs, per_sync * steps
         workers = "1 worker syncs" if world_size == 1 else f"{world_size} workers sync"
         return (
-            f"diloco: {workers} every {self.cfg.sync_every} steps; all-reduce traffic per worker "
+            f"diloco: {workers} every {self.cfg.sync_every} steps; all-reduce traffic (sent + received) per worker "
             f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
             + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )
+
+
+def ring_all_reduce_bytes(nbytes: int, world_size: int) -> int:
+    """Bytes each of `world_size` devices sends in a ring all-reduce of `nbytes` (reduce-scatter, then all-gather):
+    2(n-1)/n x nbytes, and receives as many (NCCL's bus bandwidth; gloo's ring too). 0 on one device."""
+    return math.ceil(2 * (world_size - 1) / world_size * nbytes)
+
+
+def all_reduce_traffic(nbytes: int, world_size: int) -> int:
+    """Bytes each device sends and receives in a ring all-reduce of `nbytes`: `comm_bytes` per all-reduce in
+    `lmforge estimate` and the DiLoCo line a run prints."""
+    return 2 * ring_all_reduce_bytes(nbytes, world_size)
 
 
 def resume_worker(ckpt: Any, strategy: str, info: DistInfo) -> tuple[int, str]:

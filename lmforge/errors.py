@@ -16,6 +16,10 @@ def first_line(e: BaseException) -> str:
 class LmforgeError(Exception):
     """A user error: one line on stderr, exit code 2, no traceback."""
 
+    # Raised alike by every process of a torchrun run (a refusal of the settings they share, checked equal; a
+    # divergence they decided together): the CLI prints it from rank 0 alone (`cli._quiet_rank`).
+    every_rank = False
+
 
 class ConfigError(LmforgeError):
     """Unknown key, wrong type or invalid value in a preset, TOML file or CLI override."""
@@ -32,6 +36,8 @@ class CheckpointError(LmforgeError):
 class TrainingDiverged(LmforgeError):
     """Loss or gradients stayed non-finite and rolling back did not help; the message says what to change."""
 
+    every_rank = True  # (whether a step is finite is all-reduced: every rank rolls back, and gives up, together)
+
 
 class CommFailure(LmforgeError):
     """A collective failed: a peer process died, hung past dist.timeout_s, or the network broke (`lmforge.dist`)."""
@@ -39,3 +45,5 @@ class CommFailure(LmforgeError):
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with code 130."""
+
+    every_rank = True  # (the stop decision is all-reduced: every rank stops at the same step)

@@ -56,10 +56,10 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
   (outer_state: 8 B/param), and a sync builds the flat outer gradient it all-reduces (comm_buffers:
   4 B/param; the per-parameter differences it is concatenated from briefly double that, but gradients are
   freed by then, so the total still bounds the sync's peak).
-- comm_bytes, each device's all-reduce traffic over the run: ~2x the fp32 gradients per all-reduce (a
-  ring all-reduce sends and receives each byte ~once; the figure `dist.DiLoCo.comm_report` prints), one per
-  step under DDP, one per sync under DiLoCo (every dist.sync_every steps and at the last step, so
-  ceil(steps / H)); 0 on one device; FSDP's gathers and reduce-scatters are not estimated (None).
+- comm_bytes, each device's traffic over the run, sent and received: twice the bytes it sends in the
+  collectives of `communication` (below; a ring collective receives as much as it sends), for every step
+  (DiLoCo: every sync, ceil(steps / H)); 0 on one device. `dist.DiLoCo.comm_report`, which a DiLoCo run
+  prints, counts its syncs' traffic the same way (`dist.all_reduce_traffic`).
 - update_copy: on a logging step the loop copies the trainable parameters (fp32, this device's shard)
   before the optimizer step, for the update ratio; activations are freed by then, so it counts instead
   of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it).
@@ -117,6 +117,7 @@ from typing import Any
 import torch
 
 from lmforge.config import OptimConfig, RunConfig
+from lmforge.dist import ring_all_reduce_bytes
 from lmforge.errors import ConfigError
 from lmforge.models.gpt import GPTConfig
 
@@ -492,7 +493,7 @@ def communication(
     else:
         what = "outer gradient" if strategy == "diloco" else "gradients"
         collectives = f"ring all-reduce of the fp32 {what}, 2(n-1)/n x 4 B/param"
-        sent = math.ceil(2 * share * grads)
+        sent = ring_all_reduce_bytes(grads, n)
         syncs = math.ceil(steps / sync_every) if strategy == "diloco" else steps
         overlap = (
             "DiLoCo's workers wait for each sync: no overlap"
@@ -706,15 +707,9 @@ def estimate(
             f"communication at {link['gbps']:g} Gbit/s each way per device ({link['source']}), ring collectives, "
             f"no latency: a lower bound; {comm['overlap']}"
         )
-    all_reduce = 2 * 4 * counts["total"]  # bytes a device moves per all-reduce of the fp32 gradients / parameters
-    if world_size == 1:
-        comm_bytes: int | None = 0
-    elif strategy == "ddp":
-        comm_bytes = all_reduce * steps
-    elif strategy == "diloco":
-        comm_bytes = all_reduce * math.ceil(steps / cfg.dist.sync_every)
-    else:
-        comm_bytes = None  # FSDP's gathers and reduce-scatters: not estimated
+    # each device's traffic over the run, sent and received (a ring collective receives what it sends): the bytes
+    # of `communication`, as the run's DiLoCo line counts them (dist.all_reduce_traffic)
+    comm_bytes = 2 * comm["bytes_per_sync"] * comm["syncs"]
     price = price_per_hour if price_per_hour is not None else hw["price_per_hour"]
     if price_per_hour is None and price is not None:
         assumptions.append(f"price ${price:g} per device-hour: an assumed on-demand price; pass your own")
@@ -808,8 +803,8 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"hardware     {r['hardware']}: peak {r['peak_flops'] / 1e12:.4g} TFLOP/s ({r['peak_source']}), "
         f"MFU {r['mfu']:.2f}",
     ]
-    if r.get("comm_bytes"):  # (0 on one device; None for FSDP)
-        lines.append(f"communication {_bytes(r['comm_bytes'])} all-reduced per device over the run")
+    if r.get("comm_bytes"):  # (0 on one device)
+        lines.append(f"communication {_bytes(r['comm_bytes'])} sent and received per device over the run")
     c = r["communication"]
     if r["world_size"] > 1:
         per = "sync" if r["strategy"] == "diloco" else "step"

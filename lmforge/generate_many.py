@@ -51,6 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from lmforge.atomic import try_lock
 from lmforge.errors import Interrupted, LmforgeError
 
 PROMPT_BATCH = 16  # rows decoded together by default (eval's ANSWER_BATCH); --batch-size
@@ -452,15 +453,9 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
 
 
 def _lock(handle: BinaryIO, path: Path) -> None:
-    """An exclusive lock on the open partial file (the OS lets go of it however the process ends): two runs
-    appending to one file would mix their lines. Where `fcntl` is missing (Windows) there is no check."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    """An exclusive lock on the open partial file (`atomic.try_lock`): two runs appending to one file would mix
+    their lines. Where there are no locks (Windows) there is no check."""
+    if try_lock(handle) is False:
         raise LmforgeError(
             f"another lmforge generate is writing {path} right now; wait for it to end or stop it, or choose "
             "another --out"

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import process_alive, this_process, write_json
+from lmforge.atomic import FILE_LOCKS, process_alive, this_process, try_lock, write_json
 from lmforge.errors import ConfigError, DataError
 from lmforge.log import display_width, format_duration, read_metrics
 
@@ -147,11 +147,9 @@ def claim(run_dir: Path) -> None:
         f"{run_dir} is being trained by another process right now ({_holder(run_dir)}); wait for it to end or "
         "stop it, or pass another --out"
     )
-    try:
-        import fcntl
-    except ImportError:  # no flock: a live process in status.json (one that is not this one) is the sign
+    if not FILE_LOCKS:  # (Windows) a live process in status.json (one that is not this one) is the sign
         if run_status(run_dir) == "running" and not _is_this_process(read_json_object(run_dir / STATUS_FILE) or {}):
-            raise busy from None
+            raise busy
         return
     lock = run_dir / LOCK_FILE
     for _ in range(100):  # each retry means another process's `release` removed the folder or its lock just now
@@ -160,11 +158,9 @@ def claim(run_dir: Path) -> None:
             handle, made_lock = _open_lock(lock)
         except FileNotFoundError:  # a folder on the way went between our mkdir calls and open
             continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(handle):
             handle.close()
-            raise busy from None
+            raise busy
         try:
             current = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
         except FileNotFoundError:
@@ -184,17 +180,10 @@ def being_trained(run_dir: Path) -> bool:
     lock = Path(run_dir) / LOCK_FILE
     if not lock.is_file():
         return False
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): a running status.json is the sign, as in `claim`
+    if not FILE_LOCKS:  # (Windows) a running status.json is the sign, as in `claim`
         return run_status(Path(run_dir)) == "running"
-    with open(lock, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    with open(lock, "a+", encoding="utf-8") as handle:  # (closing it lets go of the lock a probe took)
+        return not try_lock(handle)
 
 
 def _make_dirs(path: Path) -> Path | None:

@@ -276,7 +276,9 @@ def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any
     """POST /tokenize: {"prompt": text, "add_special_tokens": true} (special-token strings such as
     <|endoftext|> become their ids, as a transformers tokenizer reads them; add_special_tokens puts the
     tokenizer's own prefix first, a BOS where it has one, as serve does to a prompt) or {"messages": [...],
-    "add_generation_prompt": true} (the chat template's prompt) -> {"tokens", "count", "max_model_len"}."""
+    "add_generation_prompt": true} (the chat template's prompt; false: the conversation as rendered, replies or
+    none, as transformers' apply_chat_template(..., add_generation_prompt=False)) -> {"tokens", "count",
+    "max_model_len"}."""
     from lmforge.chat import ChatTemplate
     from lmforge.errors import DataError
 
@@ -286,7 +288,8 @@ def tokenize_reply(ft: Any, body: dict[str, Any], context: int) -> dict[str, Any
             raise RequestError(400, f"'add_generation_prompt' must be true or false, got {short_json(ask)}")
         template = ft.template or ChatTemplate()
         try:
-            segments = template.segments(ft.tokenizer, openai_messages(body["messages"]), add_generation_prompt=ask)
+            messages = openai_messages(body["messages"])  # (a conversation with no reply is tokenized too)
+            segments = template.segments(ft.tokenizer, messages, add_generation_prompt=ask, training=False)
         except DataError as e:
             raise RequestError(400, str(e), param="messages") from None
         ids = [i for piece, _ in segments for i in piece]

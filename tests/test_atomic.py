@@ -228,6 +228,29 @@ def test_overwrite_refuses_a_run_that_a_live_process_trains(tmp_path: Path) -> N
     check_out_dir(run, overwrite=True)  # the training ended: replacing a finished run is what --overwrite does
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock: the callers' own fallbacks")
+def test_try_lock_takes_a_free_lock_and_reports_a_held_one(tmp_path: Path) -> None:
+    """The one non-blocking lock of claim, being_trained and generate --out's partial file: taken, reported held
+    through another open file (another process's, or this one's), and free again once the holder closes."""
+    from lmforge.atomic import try_lock
+    from lmforge.runs import being_trained, claim, release
+
+    lock = tmp_path / "file.lock"
+    with open(lock, "a+", encoding="utf-8") as holder:
+        assert try_lock(holder) is True
+        with open(lock, "a+", encoding="utf-8") as other:
+            assert try_lock(other) is False
+    with open(lock, "a+", encoding="utf-8") as other:
+        assert try_lock(other) is True
+    run = tmp_path / "run"
+    claim(run)
+    try:
+        assert being_trained(run) and being_trained(run)  # a probe takes nothing
+    finally:
+        release(run)
+    assert not being_trained(run)
+
+
 def test_a_marker_whose_pid_now_belongs_to_another_process_is_abandoned(tmp_path: Path) -> None:
     """A build folder marked by a killed process whose pid was reused (after a reboot, say) stayed for good,
     and an `out` moved aside mid-swap was never put back: the marker records the process's start, and a live

@@ -1333,6 +1333,34 @@ def test_serve_tokenizer_endpoints_as_vllm_has_them(chat_run: Path):
             assert status == 400 and needle in json.loads(body)["error"]["message"], body
 
 
+def test_tokenize_without_a_generation_prompt_gives_any_conversations_ids(chat_run: Path):
+    """/tokenize with "add_generation_prompt": false refused a conversation without an assistant turn ("nothing to
+    learn", a check of training data): it gives the ids of the conversation as rendered, as transformers'
+    apply_chat_template(..., add_generation_prompt=False) gives them from the template /tokenizer_info serves."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.chat import ChatTemplate
+    from lmforge.serve_request import RequestError, tokenize_reply
+
+    ft = load_finetuned(chat_run, torch.device("cpu"))
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(chat_run / "tokenizer.json"), eos_token="<|endoftext|>"
+    )
+    hf.chat_template = ChatTemplate().jinja_for(ft.tokenizer)
+    user = {"role": "user", "content": "hi"}
+    for messages in (
+        [user],
+        [{"role": "system", "content": "be brief"}, user],
+        [user, {"role": "assistant", "content": "yo"}],
+    ):
+        for prompt in (False, True):
+            got = tokenize_reply(ft, {"messages": messages, "add_generation_prompt": prompt}, 64)["tokens"]
+            theirs = hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)
+            assert got == (theirs["input_ids"] if hasattr(theirs, "keys") else theirs), (messages, prompt)
+    with pytest.raises(RequestError, match="empty conversation"):  # a malformed one is still refused
+        tokenize_reply(ft, {"messages": [], "add_generation_prompt": False}, 64)
+
+
 def test_serve_reads_special_tokens_in_a_prompt_string_as_tokenize_does(chat_run: Path):
     """A completion's string prompt holding "<|endoftext|>" went to the model as 13 characters' tokens, while
     /tokenize counted it as the one EOS id: a client that rendered past replies with the chat template from

@@ -231,6 +231,35 @@ def test_optimizer_settings_the_optimizer_would_not_read_are_refused(overrides, 
         load_config(preset="tiny", overrides=overrides)
 
 
+def test_diloco_settings_under_another_strategy_are_refused(tmp_path, capsys):
+    """--dist.sync_every (and DiLoCo's outer optimizer settings) under ddp or fsdp were accepted and ignored; a TOML
+    file's and estimate's --strategy too. A diloco run's config.json gives them way to another --dist.strategy."""
+    for overrides, strategy in ((["--dist.sync_every", "10"], "ddp"), (["--dist.outer_lr", "0.5"], "ddp"),
+                                (["--dist.strategy", "fsdp", "--dist.outer_momentum", "0.9"], "fsdp")):  # fmt: skip
+        name = overrides[-2].removeprefix("--")
+        with pytest.raises(ConfigError, match=rf"^{name} is read only by --dist.strategy diloco .*not by {strategy}; "):
+            load_config(preset="tiny", overrides=overrides)
+    toml = tmp_path / "run.toml"
+    toml.write_text("[dist]\nsync_every = 20\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="pass --dist.strategy diloco$"):
+        load_config(preset="tiny", config_file=toml)
+    cfg = load_config(preset="tiny", config_file=toml, overrides=["--dist.strategy", "diloco"])
+    assert (cfg.dist.strategy, cfg.dist.sync_every) == ("diloco", 20)
+    run = tmp_path / "config.json"
+    run.write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    assert load_config(config_file=run, overrides=["--dist.strategy", "ddp"]).dist.strategy == "ddp"
+    from lmforge.cli import main
+
+    estimate = ["estimate", "--preset", "tiny", "--tokens", "1e5", "--hardware", "1000", "--dist.sync_every", "5"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(estimate)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("lmforge: error: dist.sync_every is read")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*estimate, "--strategy", "diloco", "--world-size", "2"])  # the plan's strategy reads it
+    assert exit_info.value.code == 0
+    assert "diloco, every 5 steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("preset", ["lstm-tiny", "gru-tiny"])
 def test_muon_on_a_recurrent_network_is_refused(preset):
     """Muon trains hidden nn.Linear matrices; a recurrent network has none, so every weight got AdamW silently."""

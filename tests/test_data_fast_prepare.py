@@ -263,11 +263,11 @@ def test_given_tokenizer_one_pass_is_exact_and_worker_independent(tmp_path: Path
 
 def test_worker_errors_reach_the_caller(tmp_path: Path, tokenizer_file: Path) -> None:
     write(tmp_path / "in" / "a.txt", shakespeare_text(20_000))
-    write(tmp_path / "in" / "b.jsonl", '{"text": "fine"}\n{"txt": "wrong field"}\n')
+    write(tmp_path / "in" / "b.jsonl", '{"text": "fine"}\n{"text": broken}\n')
     cfg = PrepareConfig(
         inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), tokenizer=str(tokenizer_file), workers=2
     )
-    with pytest.raises(DataError, match=r"b\.jsonl:2: no field 'text'"):
+    with pytest.raises(DataError, match=r"b\.jsonl:2: not valid JSON"):
         prepare(cfg, progress=False)
     assert_nothing_written(tmp_path / "in")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -132,13 +132,50 @@ def test_parquet(tmp_path: Path) -> None:
     chapters = tmp_path / "lists" / "l.parquet"  # a list of strings per row (paragraphs): joined, as in .json
     chapters.parent.mkdir()
     pq.write_table(pa.table({"text": [["子曰", "有子曰"], ["one", None, "two"], None]}), chapters)
-    assert [d.text for d in read_documents(chapters)] == ["子曰\n有子曰", "one\ntwo", ""]
+    assert [d.text for d in read_documents(chapters)] == ["子曰\n有子曰", "one\ntwo", None]  # a null row: no text
     (tmp_path / "lists" / "l.json").write_text(json.dumps([{"text": ["子曰", "有子曰"]}]), encoding="utf-8")
     assert [d.text for d in read_documents(tmp_path / "lists" / "l.json")] == ["子曰\n有子曰"]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         run(tmp_path, [tmp_path / "bad.parquet"], out="o4")
     assert not (tmp_path / "o4").exists()
+
+
+def test_a_row_with_no_text_is_skipped_and_counted_in_every_format(tmp_path: Path) -> None:
+    """A null (JSON, Parquet), an empty CSV/TSV cell and a JSON record without the field are one thing: a row with no
+    text, skipped and counted per input. A Parquet null was counted as "empty" while a JSON null stopped the run;
+    a record without the field stopped it too, though only a field that no row holds is a wrong --text-field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.card import notes
+
+    texts = [f"{TEXTS[0]} {i}" for i in range(10)]
+    pq.write_table(pa.table({"text": [texts[0], None, texts[1]]}), tmp_path / "a.parquet")
+    rows = [{"text": texts[2]}, {"text": None}, {"id": 7}, {"text": texts[3]}]
+    write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(tmp_path / "c.json", json.dumps([texts[4], None, {"id": 1}, {"text": None}, {"text": texts[5]}]))
+    write(tmp_path / "d.csv", f"id,text\n1,{texts[6]}\n2,\n3,{texts[7]}\n")
+    write(tmp_path / "e.tsv", f"text\tid\n{texts[8]}\t1\n\t2\n{texts[9]}\t3\n")
+    m = run(tmp_path, sorted(tmp_path.iterdir()) + [tmp_path / "c.json"], dedup="none", tokenizer="char")
+    assert {Path(i["path"]).name: i["no_text"] for i in m["inputs"]} == {
+        "a.parquet": 1, "b.jsonl": 2, "c.json": 3, "d.csv": 1, "e.tsv": 1
+    }  # fmt: skip
+    assert m["documents"]["removed"]["no_text"] == 8 and m["documents"]["removed"]["empty"] == 0
+    assert m["documents"]["in"] == 18 and sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(texts)
+    said = [n for n in notes(m) if "no text" in n]
+    assert len(said) == 5 and "b.jsonl: 2 of 4 rows have no text" in said[1] and "\n" not in "".join(said)
+    # a field no row holds is a wrong name: one line, naming the first row and its keys (block-read JSONL too)
+    write(tmp_path / "f.json", json.dumps([{"id": 1, "body": "x"}, {"id": 2}]))
+    for name, where in (
+        ("b.jsonl", r"b\.jsonl:1: no field 'body' \(keys: text\)"),
+        ("f.json", r"item 1 has no field 'text'"),
+    ):
+        with pytest.raises(
+            DataError, match=where + r".*nor has any other row; choose the text field with --text-field"
+        ):
+            run(tmp_path, [tmp_path / name], out="o2", text_field="text" if name == "f.json" else "body")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_hf_save_to_disk(tmp_path: Path) -> None:

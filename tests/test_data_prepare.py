@@ -521,8 +521,12 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "a.jsonl"])
     assert "\n" not in str(e.value)
     assert_nothing_written(tmp_path)
-    write(tmp_path / "a.jsonl", '{"text": "ok"}\n{"content": "x"}\n')
-    with pytest.raises(DataError, match=r"a\.jsonl:2: no field 'text' \(keys: content\).*--text-field"):
+    write(
+        tmp_path / "a.jsonl", '{"content": "ok"}\n{"content": "x"}\n'
+    )  # (one row without it: tests/test_data_formats.py)
+    with pytest.raises(
+        DataError, match=r"a\.jsonl:1: no field 'text' \(keys: content\), nor has any other row.*--text"
+    ):
         run(tmp_path, [tmp_path / "a.jsonl"])
     with pytest.raises(DataError, match=r"a\.jsonl:1: .*--text-field"):
         run(tmp_path, [tmp_path / "a.jsonl"], text_field="id")

@@ -27,22 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.filters import LANGUAGES, DocumentCleaner, utf8_len
-from lmforge.data.ingest import Block, DocUnit, block_documents
+from lmforge.data.ingest import Block, DocUnit, RawDocument, block_documents
 from lmforge.data.split import SPLITS, assign_split, doc_digest
 
-PRE_DEDUP_REASONS = ("empty", "too_short", "too_long", "char_repetition", "line_repetition", "alpha_ratio")
+PRE_DEDUP_REASONS = ("no_text", "empty", "too_short", "too_long", "char_repetition", "line_repetition", "alpha_ratio")
 PRE_DEDUP_REASONS += ("boilerplate", "language")
 _LANGUAGE_INDEX = {name: i for i, name in enumerate(LANGUAGES)}
 
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of pass-1 work: a byte block of `path`, or documents already read as (text, invalid UTF-8) pairs."""
+    """One unit of pass-1 work: a byte block of `path`, or documents already read."""
 
     path: str
     role: str  # "auto" (hash split), "val" or "test"
     block: Block | None = None
-    docs: list[tuple[str, int]] | None = None
+    docs: list[RawDocument] | None = None
 
 
 @dataclass
@@ -50,6 +50,8 @@ class BlockResult:
     """What pass 1 needs to know about a task's documents (see `BlockWorker`)."""
 
     documents: int = 0  # read
+    missing: int = 0  # of them, rows without the text field (`RawDocument.missing`; counted in removed["no_text"])
+    first_missing: str | None = None  # the first such row's `RawDocument.missing`
     raw_bytes: int = 0
     chars: int = 0  # characters after cleaning, of every document read (for the mixed-encoding check)
     invalid_utf8: int = 0
@@ -102,24 +104,28 @@ class BlockWorker:
 
     def __call__(self, task: Task) -> BlockResult:
         if task.block is not None:
-            raw = [
-                (doc.text, doc.invalid_utf8)
-                for doc in block_documents(
+            docs = list(
+                block_documents(
                     task.block,
                     Path(task.path),
                     doc_unit=self.doc_unit,
                     text_field=self.text_field,
                     max_line_bytes=self.max_line_bytes,
                 )
-            ]
+            )
         else:
-            raw = task.docs or []
+            docs = task.docs or []
         r = BlockResult(removed={reason: [0, 0] for reason in PRE_DEDUP_REASONS})
+        raw = [(doc.text, doc.invalid_utf8) for doc in docs if doc.text is not None]
+        r.removed["no_text"][0] = len(docs) - len(raw)  # a null, an empty cell, a row without the field
+        missing = [doc.missing for doc in docs if doc.missing is not None]
+        r.missing, r.first_missing = len(missing), missing[0] if missing else None
+        invalid_total = sum(doc.invalid_utf8 for doc in docs if doc.text is None)  # (a null's line's)
         keys, splits, nbytes, languages, bits, texts = [], [], [], [], [], []
         auto = task.role == "auto"
         role_index = SPLITS.index(task.role) if not auto else 0
         fractions = {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "explicit": self.explicit}
-        raw_bytes = chars = invalid_total = invalid_docs = control = normalized = whitespace = boilerplate = 0
+        raw_bytes = chars = invalid_docs = control = normalized = whitespace = boilerplate = 0
         for text, reason, language, size_in, invalid, removed_chars, changed, ws_changed, lines in self.cleaner(raw):
             raw_bytes += size_in
             chars += len(text)
@@ -145,7 +151,7 @@ class BlockWorker:
             languages.append(_LANGUAGE_INDEX[language])
             bits.append(len(text).bit_length())
             texts.append(text)
-        r.documents = len(raw)
+        r.documents = len(docs)
         r.raw_bytes, r.chars, r.invalid_utf8, r.documents_with_invalid_utf8 = (
             raw_bytes,
             chars,

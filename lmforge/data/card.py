@@ -140,6 +140,13 @@ def notes(manifest: dict[str, Any]) -> list[str]:
             "iconv -f ENCODING -t UTF-8 (CP1252 or LATIN1 for Western European text, GB18030 for Chinese) and "
             "prepare again"
         )
+    for i in manifest["inputs"]:
+        if i.get("no_text"):
+            field = manifest["config"]["text_field"]
+            out.append(
+                f"note: {i['path']}: {i['no_text']:,} of {i['documents']:,} rows have no text (a null, an empty cell "
+                f"or no field '{field}') and were skipped (manifest.json inputs[].no_text)"
+            )
     return out
 
 

@@ -3,8 +3,8 @@ hub datasets (`hf:NAME[:CONFIG][:SPLIT]`), read as one string column.
 
 - Parquet and Arrow files are read in record batches of `ARROW_BATCH_ROWS` rows, with pyarrow alone (a
   save_to_disk folder's data files are Arrow IPC streams), so only hub names need the `datasets` package.
-- A dictionary-encoded column (a pandas Categorical) is decoded to its strings; a null row is an empty
-  document; a list-of-strings column gives one document per row, its strings joined by newlines (as a
+- A dictionary-encoded column (a pandas Categorical) is decoded to its strings; a null row is no text
+  (`RawDocument`); a list-of-strings column gives one document per row, its strings joined by newlines (as a
   .json file's lists); any other column type is refused with the `--text-field` advice.
 - Split out of `ingest` (size guide); `ingest.read_documents` imports it only for these formats.
 """
@@ -79,9 +79,12 @@ def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Ite
             "--text-field"
         )
     for text in array.to_pylist():
+        if text is None:  # a null row: no text, skipped and counted
+            yield RawDocument(None, 0)
+            continue
         if lists:  # one document per row, its strings joined by newlines, as a .json file's list of strings
-            text = "\n".join(t for t in text or () if t is not None)
-        text, surrogates = replace_surrogates(text or "")  # a null row is an empty document
+            text = "\n".join(t for t in text if t is not None)
+        text, surrogates = replace_surrogates(text)
         yield RawDocument(text, surrogates)
 
 
@@ -140,6 +143,9 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
         for row in rows:
             if text_field not in row:
                 _check_column(spec, list(row), text_field)
+            if row[text_field] is None:
+                yield RawDocument(None, 0)
+                continue
             text, surrogates = replace_surrogates(document_text(row[text_field], spec, text_field))
             yield RawDocument(text, surrogates)
     except DataError:

@@ -56,6 +56,9 @@ Key design decisions:
   but for hub names (which need `datasets`). A DatasetDict folder contributes all its splits; point at
   one split's subfolder to read only that.
 - A UTF-8 byte-order mark at the start of a file is dropped.
+- A row with no text (a JSON or Parquet null, an empty CSV/TSV cell, a JSON record without the field) is a
+  `RawDocument` whose text is None, in every format alike: `prepare` skips and counts it (`no_text`). A field
+  that no row of an input holds is a wrong `--text-field`, an error once the input is read (`no_text_error`).
 """
 
 from __future__ import annotations
@@ -103,10 +106,21 @@ _PIECE_BYTES = 1 << 16  # text is read in pieces this big and cut into lines (as
 
 @dataclass(frozen=True)
 class RawDocument:
-    """A document as read: decoded text (not yet cleaned) and the invalid UTF-8 sequences replaced in it."""
+    """A document as read: decoded text (not yet cleaned) and the invalid UTF-8 sequences replaced in it.
 
-    text: str
+    `text` is None for a row with no text: a null (JSON, Parquet), an empty CSV/TSV cell, or a row without the
+    field, which `missing` describes ("FILE:LINE: no field 'text' (keys: ...)"). `prepare` skips such rows and
+    counts them (`no_text`); a field missing from every row of an input is a wrong --text-field (`no_text_error`).
+    """
+
+    text: str | None
     invalid_utf8: int
+    missing: str | None = None
+
+
+def no_text_error(missing: str) -> DataError:
+    """The error for an input none of whose rows has the text field; `missing` is its first row's."""
+    return DataError(f"{missing}, nor has any other row; choose the text field with --text-field")
 
 
 def _inner_name(path: Path) -> str:
@@ -427,6 +441,20 @@ def read_documents(
             missing optional package (with the pip command that installs it).
     """
     path = Path(path) if not isinstance(path, Path) else path
+    missing: str | None = None  # the first row's `RawDocument.missing`, while no row has had the field
+    for doc in _read_documents(path, doc_unit, text_field, on_bytes, max_line_bytes):
+        if doc.missing is None:
+            missing = ""
+        elif missing is None:
+            missing = doc.missing
+        yield doc
+    if missing:
+        raise no_text_error(missing)
+
+
+def _read_documents(
+    path: Path, doc_unit: DocUnit, text_field: str, on_bytes: Callable[[int], None] | None, max_line_bytes: int
+) -> Iterator[RawDocument]:
     fmt = file_format(path)
     if fmt == "hf_hub":
         from lmforge.data.columnar import hub_documents
@@ -731,8 +759,11 @@ def _table_documents(
                 # and dropped the rest without a word); empty extras (a trailing delimiter) lose no text
                 if column >= len(row) or any(row[len(header) :]):
                     raise extra_fields_error(path, lineno, len(row), len(header))
-                text, surrogates = replace_surrogates(row[column])
-                yield RawDocument(text, bad_pending + surrogates)
+                if row[column]:
+                    text, surrogates = replace_surrogates(row[column])
+                    yield RawDocument(text, bad_pending + surrogates)
+                else:  # an empty cell is the table's null: no text, skipped and counted as a null is
+                    yield RawDocument(None, bad_pending)
                 bad_pending = 0
             row_start = lineno + 1
     except csv.Error as e:  # (a CSV's)

@@ -48,8 +48,12 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
         if isinstance(record, dict):
             if text_field not in record:
                 keys = ", ".join(list(record)[:8]) or "none"
-                raise DataError(f"{where} has no field '{text_field}' (keys: {keys}); choose one with --text-field")
+                yield RawDocument(None, bad if i == 1 else 0, f"{where} has no field '{text_field}' (keys: {keys})")
+                continue
             record = record[text_field]
+        if record is None:  # a null item or text: no text, skipped and counted (as a Parquet null is)
+            yield RawDocument(None, bad if i == 1 else 0)
+            continue
         inner = record if isinstance(record, dict) else None
         if isinstance(record, list):
             inner = next((t for t in record if isinstance(t, dict)), None)
@@ -101,8 +105,8 @@ def dotted_rows(
     (lists inside its items too); paths that walk lists must walk the same ones.
 
     `missing` is the policy for a key missing on the way. "error": a `DataError` naming `where`, the path so far
-    and the keys there, ending with `hint` (prepare: its flat --text-field is required too, and a typo should
-    stop a long run at the first record, not leave it with no documents). "absent": the path is left out of that
+    and the keys there, ending with `hint` (prepare's dotted --text-field: a typo should stop a long run at
+    the first record, not leave it with no documents). "absent": the path is left out of that
     dict (task files: an optional field such as sft's input may be missing from some items; `nested_rows` refuses
     a path that no row has).
 
@@ -177,8 +181,12 @@ def jsonl_documents(
                 text, surrogates = replace_surrogates(text)
                 yield RawDocument(text, (bad if j == 0 else 0) + surrogates)
             continue
-        if text_field not in record:
+        if text_field not in record:  # skipped and counted; an error when no row has it (ingest.read_documents)
             keys = ", ".join(list(record)[:8]) or "none"
-            raise DataError(f"{where}: no field '{text_field}' (keys: {keys}); choose the text field with --text-field")
+            yield RawDocument(None, bad, f"{where}: no field '{text_field}' (keys: {keys})")
+            continue
+        if record[text_field] is None:  # a null: no text, skipped and counted (as a Parquet null is)
+            yield RawDocument(None, bad)
+            continue
         text, surrogates = replace_surrogates(document_text(record[text_field], where, text_field))
         yield RawDocument(text, bad + surrogates)

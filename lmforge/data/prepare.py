@@ -83,7 +83,9 @@ from lmforge.data.ingest import (
     BLOCK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
     DocUnit,
+    RawDocument,
     input_bytes,
+    no_text_error,
     read_blocks,
     read_documents,
     reads_in_blocks,
@@ -113,7 +115,7 @@ _TASK_DOCS = 4096  # documents per task for inputs read in this process (CSV, Pa
 _MERGE_FLAGS = frozenset(
     {"inputs", "out", "merge", "dedup", "near_threshold", "dedup_report", "shard_tokens", "card", "overwrite"}
 )
-REMOVED_KEYS = ("exact_dup", "near_dup", "empty", "too_short") + REMOVAL_REASONS + ("overlap_with_eval",)
+REMOVED_KEYS = ("exact_dup", "near_dup", "no_text", "empty", "too_short") + REMOVAL_REASONS + ("overlap_with_eval",)
 
 
 @dataclass(kw_only=True)
@@ -390,11 +392,11 @@ def _tasks(cfg: PrepareConfig, sources: list[tuple[Path, str]], bar: tqdm) -> It
                 path, doc_unit=cfg.doc_unit, text_field=cfg.text_field, on_bytes=bar.update,
                 max_line_bytes=cfg.max_line_bytes,
             )  # fmt: skip
-            batch: list[tuple[str, int]] = []
+            batch: list[RawDocument] = []
             chars = 0
             for doc in docs:
-                batch.append((doc.text, doc.invalid_utf8))
-                chars += len(doc.text)
+                batch.append(doc)
+                chars += len(doc.text or "")
                 if len(batch) >= _TASK_DOCS or chars >= BLOCK_BYTES:
                     yield index, Task(str(path), role, docs=batch)
                     batch, chars = [], 0
@@ -459,18 +461,22 @@ def _pass1(
     if encoded is None:
         outputs = {split: open(_doc_file(tmp, split), "w", encoding="utf-8", newline="\n") for split in SPLITS}
     inputs: list[dict[str, Any]] = []
-    per_file = [0, 0, 0, 0]  # documents read, kept, invalid UTF-8 sequences, characters of the current input
+    # documents read, kept, invalid UTF-8 sequences, characters, no text, rows without the field of the current input
+    per_file = [0, 0, 0, 0, 0, 0]
+    first_missing: str | None = None
     try:
         for index, r in _results(worker, _tasks(cfg, sources, bar), pool, window=2 * cfg.workers):
             path, role = sources[index]
             if r is None:  # end of this input
-                read, kept, invalid, chars = per_file
+                read, kept, invalid, chars, no_text, missing = per_file
+                if read and missing == read:  # (a block-read file; read_documents checks the others)
+                    raise no_text_error(first_missing or "")
                 check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
                 inputs.append({
                     "path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role,
-                    "invalid_utf8_replaced": invalid,
+                    "invalid_utf8_replaced": invalid, "no_text": no_text,
                 })  # fmt: skip
-                per_file = [0, 0, 0, 0]
+                per_file, first_missing = [0, 0, 0, 0, 0, 0], None
                 continue
             counts.add_block(r)
             keep = np.ones(len(r.keys), dtype=bool)
@@ -497,6 +503,9 @@ def _pass1(
             per_file[1] += kept
             per_file[2] += r.invalid_utf8
             per_file[3] += r.chars
+            per_file[4] += r.removed["no_text"][0]
+            per_file[5] += r.missing
+            first_missing = first_missing or r.first_missing
             if not kept:
                 continue
             counts.add_kept(r, keep)

@@ -318,15 +318,8 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
 
 
-def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
-    if not cfg.data.dir:
-        raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
-    data = load_data_dir(cfg.data.dir)
-    tokenizer = Tokenizer.load(data.tokenizer_path)
-    cfg = resolve_run_config(cfg, tokenizer)
-    run_dir = Path(cfg.out)
-    world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
-    dist.check_same_config(cfg.to_dict(), device)  # ranks started with other flags: one line each, no hang
+def _refuse_for_world(cfg: RunConfig, world: dist.DistInfo) -> None:
+    """Settings that do not work together with several processes (ConfigError)."""
     if world.enabled and cfg.checkpoint.sharded and cfg.dist.strategy == "ddp":
         raise ConfigError(
             "--checkpoint.sharded needs --dist.strategy fsdp: under ddp every rank holds the whole model; drop "
@@ -342,6 +335,23 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "optim.name muon orthogonalises whole weight matrices, which FSDP2 shards across ranks; "
             "use --dist.strategy ddp (or diloco) with Muon, or --optim.name adamw with FSDP2"
         )
+
+
+def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
+    if not cfg.data.dir:
+        raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
+    data = load_data_dir(cfg.data.dir)
+    tokenizer = Tokenizer.load(data.tokenizer_path)
+    cfg = resolve_run_config(cfg, tokenizer)
+    run_dir = Path(cfg.out)
+    world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
+    dist.check_same_config(cfg.to_dict(), device)  # ranks started with other flags: one line each, no hang
+    try:  # refusals of the settings every rank shares (checked equal just now): printed by rank 0 alone
+        _refuse_for_world(cfg, world)
+        rank_train = _rank_batch(cfg, world.world_size)
+    except ConfigError as e:
+        e.every_rank = True
+        raise
     problem = cpp_compiler_problem() if cfg.train.compile and device.type == "cpu" else None
     if problem:
         raise ConfigError(
@@ -354,7 +364,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         from lmforge.data.mixture import mix_sources
 
         mix_sources(cfg.data.mix, tokenizer.fingerprint)
-    rank_train = _rank_batch(cfg, world.world_size)
 
     def claim_and_prepare() -> bool:  # rank 0 only: no other process trains the folder, then check or make it
         from lmforge.data.mixture import parse_mix
