@@ -589,7 +589,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = "true"  # a bare boolean flag: --log.tensorboard
             i += 1
         else:
-            if i + 1 >= len(args):
+            # (`--train.lr --train.max_steps 5` took '--train.max_steps' as the lr and then called '5' unexpected)
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
             value = args[i + 1]
             i += 2

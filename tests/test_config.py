@@ -133,6 +133,9 @@ def test_wrong_types_and_values():
     assert cfg.train.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--train.lr"])
+    with pytest.raises(ConfigError, match=r"^--train.lr needs a value"):  # (was: "unexpected argument '5'")
+        parse_overrides(["--train.lr", "--train.max_steps", "5"])
+    assert parse_overrides(["--train.lr", "-1e-3"]) == {"train": {"lr": "-1e-3"}}  # a negative value is a value
 
 
 def test_bools_and_ints_from_strings():
