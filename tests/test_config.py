@@ -296,3 +296,12 @@ def test_an_odd_rotary_head_dim_says_what_to_change():
         load_config(
             preset="llama-tiny", overrides=["--model.d_model", "66", "--model.n_head", "2", "--model.n_kv_head", "1"]
         )
+
+
+def test_finetune_says_where_another_section_comes_from():
+    # `finetune ... --data.dir D` was told "the model comes from BASE"
+    from lmforge.finetune import finetune_sections
+
+    for section, where in [("model", "the model comes from BASE"), ("data", "the data comes from --train FILE")]:
+        with pytest.raises(ConfigError, match=rf"not --{section}\.\*; {where}"):
+            finetune_sections("full", {section: {"x": 1}})
