@@ -563,6 +563,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "report":
         from lmforge.report import render_report, watch
 
+        if "every" in args.given and not args.watch:  # (it was ignored: one render, at once)
+            raise ConfigError("--every is the seconds between renders with --watch; add --watch or drop it")
         out = args.out or ("report.md" if args.format == "md" else "report.html")
         if args.watch:
             watch(args.runs, out, fmt=args.format, every_s=args.every, overwrite=args.overwrite)
