@@ -521,6 +521,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         if args.bits == 8 and args.group_size is not None:  # it was ignored, and recorded in quantize.json
             raise ConfigError("--group-size is for --bits 4 (int8 has one scale per output row); drop it")
+        if args.no_compare and "max_batches" in args.given:  # (it was ignored without a word)
+            raise ConfigError("--max-batches sets the before/after comparison, which --no-compare skips; drop one")
         r = quantize_run(
             args.run,
             args.out,
