@@ -43,7 +43,15 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        import difflib
+        import re
+
+        # a typo of a command or a choice (`lmforge pretrian`, `--task clasify`) gets the closest one, as keys do
+        bad = re.match(r"argument .+: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        choices = [c.strip().strip("'") for c in bad[2].split(",")] if bad else []
+        hint = difflib.get_close_matches(bad[1], choices, n=1) if bad else []
+        see = f"did you mean '{hint[0]}'? (see '{self.prog} --help')" if hint else f"see '{self.prog} --help'"
+        self.exit(2, f"{self.prog}: error: {message}; {see}\n")
 
 
 def _config_epilog(presets: bool = True) -> str:
