@@ -570,7 +570,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not arg.startswith("--") or "." not in arg:
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
-            known = other_name(name) or leaves.get(name.replace("-", "_"), "")
+            flat = name.replace("-", "_")
+            dotted = flat.replace("_", ".", 1)  # --train-lr, --train_max_steps: the section's dot typed as - or _
+            known = other_name(name) or leaves.get(flat, "") or (dotted if dotted in leaves.values() else "")
             if name.replace("-", "_") in ("resume", "resume_from_checkpoint"):  # other trainers' resume flags
                 raise ConfigError(
                     f"unexpected argument {arg!r}: re-running the same command on its --out resumes from the latest "

@@ -133,6 +133,11 @@ def test_wrong_types_and_values():
     assert cfg.train.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--train.lr"])
+    for typed in ("--train-lr", "--train_lr=1e-3"):  # the dot typed as a dash or underscore
+        with pytest.raises(ConfigError, match=r"did you mean --train\.lr\?"):
+            parse_overrides([typed, "1e-3"])
+    with pytest.raises(ConfigError, match=r"did you mean --train\.max_steps\?"):
+        parse_overrides(["--train-max-steps", "5"])
     with pytest.raises(ConfigError, match=r"^--train.lr needs a value"):  # (was: "unexpected argument '5'")
         parse_overrides(["--train.lr", "--train.max_steps", "5"])
     assert parse_overrides(["--train.lr", "-1e-3"]) == {"train": {"lr": "-1e-3"}}  # a negative value is a value
