@@ -688,6 +688,13 @@ def load_config(
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     _check_sections(file_dict, f"{config_path}")
+    if (
+        from_run and preset and preset != file_dict.get("preset")
+    ):  # (it changed nothing, yet was recorded as the preset)
+        raise ConfigError(
+            f"--preset {preset}: {config_path} is a run's resolved config, which sets every key, so the preset would "
+            "change nothing; drop --preset (or start from a .toml file)"
+        )
     name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
     if not isinstance(name, str):
         raise ConfigError(f'preset: expected a preset name in quotes (preset = "tiny"), got {name!r}')
