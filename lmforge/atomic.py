@@ -127,9 +127,13 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
     """A non-empty `out` is an error unless `overwrite`; even then, unless it is a model folder (above)."""
     if not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
         return
+    replaceable = out.is_dir() and any((out / name).exists() for name in MODEL_DIR_MARKERS)
+    if not overwrite and not replaceable:  # (it said "pass --overwrite", which then refused it)
+        what = "a file" if not out.is_dir() else "not a model folder"
+        raise LmforgeError(f"{out} already exists and is {what}; choose another --out")
     if not overwrite:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
-    if not out.is_dir() or not any((out / name).exists() for name in MODEL_DIR_MARKERS):
+    if not replaceable:
         raise LmforgeError(
             f"refusing to overwrite {out}: it is not a model folder (no config.json, adapter_config.json or "
             "checkpoints/), and --overwrite would delete everything in it; choose another --out"

@@ -43,7 +43,15 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        import difflib
+        import re
+
+        # a typo of a command or a choice (`lmforge pretrian`, `--task clasify`) gets the closest one, as keys do
+        bad = re.match(r"argument .+: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        choices = [c.strip().strip("'") for c in bad[2].split(",")] if bad else []
+        hint = difflib.get_close_matches(bad[1], choices, n=1) if bad else []
+        see = f"did you mean '{hint[0]}'? (see '{self.prog} --help')" if hint else f"see '{self.prog} --help'"
+        self.exit(2, f"{self.prog}: error: {message}; {see}\n")
 
 
 def _config_epilog(presets: bool = True) -> str:
@@ -521,6 +529,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         if args.bits == 8 and args.group_size is not None:  # it was ignored, and recorded in quantize.json
             raise ConfigError("--group-size is for --bits 4 (int8 has one scale per output row); drop it")
+        if args.no_compare and "max_batches" in args.given:  # (it was ignored without a word)
+            raise ConfigError("--max-batches sets the before/after comparison, which --no-compare skips; drop one")
         r = quantize_run(
             args.run,
             args.out,
@@ -566,6 +576,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "report":
         from lmforge.report import render_report, watch
 
+        if "every" in args.given and not args.watch:  # (it was ignored: one render, at once)
+            raise ConfigError("--every is the seconds between renders with --watch; add --watch or drop it")
         out = args.out or ("report.md" if args.format == "md" else "report.html")
         if args.watch:
             watch(args.runs, out, fmt=args.format, every_s=args.every, overwrite=args.overwrite)

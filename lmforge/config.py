@@ -570,7 +570,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not arg.startswith("--") or "." not in arg:
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
-            known = other_name(name) or leaves.get(name.replace("-", "_"), "")
+            flat = name.replace("-", "_")
+            dotted = flat.replace("_", ".", 1)  # --train-lr, --train_max_steps: the section's dot typed as - or _
+            known = other_name(name) or leaves.get(flat, "") or (dotted if dotted in leaves.values() else "")
             if name.replace("-", "_") in ("resume", "resume_from_checkpoint"):  # other trainers' resume flags
                 raise ConfigError(
                     f"unexpected argument {arg!r}: re-running the same command on its --out resumes from the latest "
@@ -589,7 +591,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = "true"  # a bare boolean flag: --log.tensorboard
             i += 1
         else:
-            if i + 1 >= len(args):
+            # (`--train.lr --train.max_steps 5` took '--train.max_steps' as the lr and then called '5' unexpected)
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
             value = args[i + 1]
             i += 2
@@ -685,6 +688,13 @@ def load_config(
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     _check_sections(file_dict, f"{config_path}")
+    if (
+        from_run and preset and preset != file_dict.get("preset")
+    ):  # (it changed nothing, yet was recorded as the preset)
+        raise ConfigError(
+            f"--preset {preset}: {config_path} is a run's resolved config, which sets every key, so the preset would "
+            "change nothing; drop --preset (or start from a .toml file)"
+        )
     name = preset or overrides.get("preset") or file_dict.get("preset") or (base or {}).get("preset") or ""
     if not isinstance(name, str):
         raise ConfigError(f'preset: expected a preset name in quotes (preset = "tiny"), got {name!r}')

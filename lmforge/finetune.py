@@ -178,6 +178,13 @@ _APPLIES_TO: dict[str, tuple[Any, str]] = {
 
 
 FINETUNE_SECTIONS = ("train", "optim", "eval", "checkpoint", "log")  # the --SECTION.key settings finetune takes
+# where fine-tuning takes what pretrain's other sections set (`--data.dir x` was told "the model comes from BASE")
+_OTHER_SECTIONS = {
+    "model": "the model comes from BASE",
+    "data": "the data comes from --train FILE (and --val FILE)",
+    "objective": "--task says what it trains for",
+    "dist": "fine-tuning runs in one process",
+}
 
 
 def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any, Any]:
@@ -196,7 +203,8 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
     if extra:
         *others, last = (f"--{name}.*" for name in FINETUNE_SECTIONS)
         raise ConfigError(
-            f"fine-tuning takes {', '.join(others)} and {last} settings, not --{extra[0]}.*; the model comes from BASE"
+            f"fine-tuning takes {', '.join(others)} and {last} settings, not --{extra[0]}.*; "
+            + _OTHER_SECTIONS.get(extra[0], "drop it")
         )
     where = "finetune settings"
     optim = from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where)

@@ -333,6 +333,7 @@ def test_text_arguments_that_are_not_utf8_are_one_line(tmp_path):
         (["prepare", "x.txt", "--out", "D", "--tokenizr", "char"], "did you mean --tokenizer?"),
         (["pretrain", "--data", "D", "--resume"], "resumes from the latest checkpoint by itself"),  # its own hint
         (["eval", "RUN", "--bogus"], "unrecognized arguments: --bogus; see 'lmforge eval --help'"),
+        (["pretrian", "--data", "D"], "; did you mean 'pretrain'? (see 'lmforge --help')"),  # a command's typo too
     ],
 )
 def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):

@@ -133,6 +133,14 @@ def test_wrong_types_and_values():
     assert cfg.train.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--train.lr"])
+    for typed in ("--train-lr", "--train_lr=1e-3"):  # the dot typed as a dash or underscore
+        with pytest.raises(ConfigError, match=r"did you mean --train\.lr\?"):
+            parse_overrides([typed, "1e-3"])
+    with pytest.raises(ConfigError, match=r"did you mean --train\.max_steps\?"):
+        parse_overrides(["--train-max-steps", "5"])
+    with pytest.raises(ConfigError, match=r"^--train.lr needs a value"):  # (was: "unexpected argument '5'")
+        parse_overrides(["--train.lr", "--train.max_steps", "5"])
+    assert parse_overrides(["--train.lr", "-1e-3"]) == {"train": {"lr": "-1e-3"}}  # a negative value is a value
 
 
 def test_bools_and_ints_from_strings():
@@ -322,3 +330,12 @@ def test_an_odd_rotary_head_dim_says_what_to_change():
         load_config(
             preset="llama-tiny", overrides=["--model.d_model", "66", "--model.n_head", "2", "--model.n_kv_head", "1"]
         )
+
+
+def test_finetune_says_where_another_section_comes_from():
+    # `finetune ... --data.dir D` was told "the model comes from BASE"
+    from lmforge.finetune import finetune_sections
+
+    for section, where in [("model", "the model comes from BASE"), ("data", "the data comes from --train FILE")]:
+        with pytest.raises(ConfigError, match=rf"not --{section}\.\*; {where}"):
+            finetune_sections("full", {section: {"x": 1}})

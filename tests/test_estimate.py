@@ -662,6 +662,10 @@ def test_a_runs_config_json_or_folder_is_a_config_file(tmp_path) -> None:
     assert sgd.optim.name == "sgd" and sgd.optim.beta2 == OptimConfig().beta2 and small.optim.beta2 != sgd.optim.beta2
     with pytest.raises(ConfigError, match="optim.momentum is not used by optim.name adamw"):
         load_config(config_file=tmp_path / "small", overrides={"optim": {"momentum": 0.5}})
+    # a --preset under a run's config.json changed nothing, yet was recorded as the run's preset
+    with pytest.raises(ConfigError, match="--preset tiny: .* is a run's resolved config, .* drop --preset"):
+        load_config(preset="tiny", config_file=tmp_path / "small")
+    assert load_config(preset="small", config_file=tmp_path / "small").to_dict() == small.to_dict()
 
     p = run_cli("estimate", "--config", str(tmp_path / "llama"), "--tokens", "1e6", "--hardware", GFLOPS, "--json")
     assert p.returncode == 0, p.stderr

@@ -217,3 +217,28 @@ def test_pretrain_out_that_is_or_sits_in_a_file_says_so(data_dir: Path, tmp_path
                 pretrain(tiny_config(data_dir, out, **{"train.max_steps": 2}), overwrite=overwrite, progress=False)
             assert said in str(e.value)
     assert notes.read_text(encoding="utf-8") == "precious"
+
+
+def test_export_and_prepare_out_that_overwrite_cannot_replace_do_not_suggest_it(tmp_path: Path):
+    # `export --out FILE` and `prepare --out NOTES_DIR` said "pass --overwrite", which then refused them
+    from lmforge.atomic import check_out_dir
+    from lmforge.data.prepare import check_out
+    from lmforge.errors import LmforgeError
+
+    file, notes, model = tmp_path / "afile", tmp_path / "notes", tmp_path / "model"
+    file.write_text("x", encoding="utf-8")
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("precious", encoding="utf-8")
+    model.mkdir()
+    (model / "config.json").write_text("{}", encoding="utf-8")
+    for out, what in [(file, "is a file"), (notes, "is not a model folder")]:
+        with pytest.raises(LmforgeError, match=f"already exists and {what}; choose another --out$"):
+            check_out_dir(out, overwrite=False)
+    with pytest.raises(LmforgeError, match="or pass --overwrite to replace it"):  # a model folder: it can
+        check_out_dir(model, overwrite=False)
+    for out, what in [(file, "is a file"), (notes, "is not a prepared data directory")]:
+        with pytest.raises(DataError, match=f"already exists and {what}; choose another --out$"):
+            check_out(out, overwrite=False)
+    (notes / "manifest.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(DataError, match="pass --overwrite to replace it"):
+        check_out(notes, overwrite=False)

@@ -291,3 +291,15 @@ def test_quantized_fine_tune_keeps_its_finetune_json(tmp_path: Path) -> None:
         "finetune", str(base), "--train", str(DATA / "chat.jsonl"), "--task", "sft", "--out", str(tmp_path / "q")
     )
     assert r.returncode == 2 and "is a quantized copy, which finetune does not continue" in r.stderr
+
+
+def test_max_batches_with_no_compare_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # --max-batches sets only the comparison: with --no-compare it was ignored without a word (refused before the
+    # run is read, so it need not exist here)
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tmp_path / "run"), "--out", str(tmp_path / "q"), "--no-compare", "--max-batches", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("lmforge: error: --max-batches sets the before/after comparison")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "q").exists()

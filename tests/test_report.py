@@ -371,6 +371,22 @@ def test_watch_refuses_an_interval_that_is_not_a_usable_number_of_seconds(data_d
     assert not out.exists()
 
 
+def test_every_without_watch_is_refused(tmp_path, capsys):
+    """`report RUN --every 5` without --watch rendered once and ignored --every; refused in one line, before any
+    run is read (so the runs need not exist here)."""
+    from lmforge.cli import main
+
+    out = tmp_path / "r.html"
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "run"), "--out", str(out), "--every", "10"])
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and err == "lmforge: error: --every is the seconds between renders with --watch; add --watch or drop it\n"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (apt-get install chromium)")
 def test_report_in_headless_chromium(two_runs, tmp_path):
     out = render_report(list(two_runs), tmp_path / "report.html")

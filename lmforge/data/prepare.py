@@ -295,11 +295,15 @@ def check_out(out: Path, overwrite: bool) -> None:
         if not parent.is_dir():
             raise DataError(f"cannot make --out {out}: {parent} is a file, not a folder; choose another --out")
         return
+    replaceable = out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))
+    if not overwrite and not replaceable:  # (it said "pass --overwrite", which then refused it)
+        what = "a file" if not out.is_dir() else "not a prepared data directory"
+        raise DataError(f"output directory {out} already exists and is {what}; choose another --out")
     if not overwrite:
         raise DataError(
             f"output directory {out} already exists; pass --overwrite to replace it or choose another --out"
         )
-    if not out.is_dir() or (not (out / MANIFEST).is_file() and any(out.iterdir())):
+    if not replaceable:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
 
 
