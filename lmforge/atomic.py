@@ -24,13 +24,20 @@ from typing import Any
 from lmforge.errors import LmforgeError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through `path.tmp`, fsynced, then renamed over `path`.
+def tmp_beside(path: Path) -> Path:
+    """The hidden temporary a file is written to before it is renamed over `path`: `.NAME.tmp`. (`NAME.tmp` may be
+    a user's own file beside a `--out` of their choosing, e.g. `report.html.tmp`: it was overwritten, then renamed
+    away.)"""
+    return path.with_name(f".{path.name}.tmp")
 
-    A failed write (a full disk) removes `path.tmp` and names `path`: it left an empty `config.json.tmp`
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `tmp_beside(path)`, fsynced, then renamed over `path`.
+
+    A failed write (a full disk) removes the temporary and names `path`: it left an empty `config.json.tmp`
     behind and the CLI's error was a bare "[Errno 28] No space left on device", with no file named."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_beside(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.atomic import atomic_write_text
+from lmforge.atomic import atomic_write_text, tmp_beside
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
@@ -65,8 +65,8 @@ def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
+    tmp = tmp_beside(out_png)
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
@@ -559,7 +559,7 @@ def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_beside(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

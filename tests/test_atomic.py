@@ -166,13 +166,13 @@ def test_sigterm_stops_prepare_like_ctrl_c_and_removes_its_build_folder(tmp_path
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_failed_atomic_write_names_the_file_and_leaves_no_tmp(tmp_path: Path) -> None:
-    """A full disk (a real ENOSPC: `config.json.tmp` links to /dev/full) while writing a small file:
+    """A full disk (a real ENOSPC: `.config.json.tmp` links to /dev/full) while writing a small file:
     the old file stays, no `.tmp` is left, and the error names the file being written."""
     from lmforge.atomic import atomic_write_text
 
     path = tmp_path / "config.json"
     path.write_text("old\n", encoding="utf-8")
-    (tmp_path / "config.json.tmp").symlink_to("/dev/full")
+    (tmp_path / ".config.json.tmp").symlink_to("/dev/full")
     with pytest.raises(OSError, match=r"No space left on device: '.*config\.json'"):
         atomic_write_text(path, "new\n" * 10_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -157,6 +157,9 @@ def test_markdown_report_writes_pngs(two_runs, tmp_path):
     val = read_metrics(two_runs[1] / "metrics.jsonl")[-1]
     assert "| slow | 12 |" in text and f"{val['val_loss']:.4f}" in text
     assert not list(out.parent.rglob("*.tmp"))
+    (out.parent / "report.md.tmp").write_text("the user's own file", encoding="utf-8")  # (was overwritten, renamed)
+    render_report(list(two_runs), out)
+    assert (out.parent / "report.md.tmp").read_text(encoding="utf-8") == "the user's own file"
     # the two runs share their data: its card once, then "same data as" (as the HTML page says it)
     assert text.count("## Data:") == 1 and "## Data: fast" in text and "slow: same data as fast." in text
 
