@@ -582,8 +582,12 @@ class Checkpoint:
         i.e. the run's current config (torch's `load_state_dict` would bring back the saved ones, so a
         resume with a new --optim.weight_decay trained on with the old one while config.json said
         otherwise). Returns the settings that differ from the checkpoint's, as "name old -> new"."""
-        if "optimizer" not in self.meta:
-            raise CheckpointError(f"{self.path} holds no optimizer state; it cannot resume training")
+        if "optimizer" not in self.meta:  # weights only: `lmforge import` and `quantize` write such checkpoints
+            raise CheckpointError(
+                f"{self.path} holds weights only (no optimizer state), so it cannot resume training; to train "
+                f"these weights further, run lmforge finetune {self.path.parent.parent} --task clm --train FILE "
+                "--out NEW_RUN (continued pretraining)"
+            )
         if tensors is None and "sharded" in self.meta:
             tensors = self._join_shards(1, self.meta["sharded"]["optim"], rank)
         elif tensors is None:

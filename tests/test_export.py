@@ -451,6 +451,17 @@ def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
     import_hf(out, imported, overwrite=True)
 
 
+def test_resuming_an_imported_run_says_how_to_train_it_further(bpe: Tokenizer, tmp_path: Path) -> None:
+    # `pretrain --config IMPORTED --out IMPORTED` reached this with only "it cannot resume training" and no way on;
+    # make_run's checkpoint is weights-only, as import's (and quantize's) are
+    imported = make_run(tmp_path / "imported", bpe)
+    trained = load_trained(imported, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(trained.model.parameters())
+    with pytest.raises(CheckpointError) as e:
+        trained.checkpoint.load_optimizer(optimizer)
+    assert f"lmforge finetune {imported} --task clm" in one_line(e)
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_model(bpe: Tokenizer, tmp_path: Path) -> None:
     # export --overwrite deleted any folder named as --out: a user's folder of notes went with it
     run = make_run(tmp_path / "run", bpe)
