@@ -262,6 +262,7 @@ def test_cli_export_gguf(bpe: Tokenizer, tmp_path: Path) -> None:
     assert result.stdout.strip() == f"wrote {tmp_path / 'm.gguf'}"
     fields, tensors = read(tmp_path / "m.gguf")
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION
     assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     result = run_cli("export", str(make_run(tmp_path / "gpt2", bpe)), "--to", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1

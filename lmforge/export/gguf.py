@@ -330,6 +330,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     try:
         writer.add_name(Path(trained.config.out or out.stem).name or out.stem)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # (as llama.cpp's convert_hf_to_gguf.py writes it)
         writer.add_vocab_size(len(tokens))
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.d_model)
