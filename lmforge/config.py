@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -640,7 +641,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path, bool]:
     """`--config`'s file as a nested dict: a TOML file, or a run's resolved `config.json` (written by `pretrain`,
     `finetune` and `import`), or the run folder that holds it, so a bigger run can be planned from an existing
     one. Returns (settings, the file read, whether it is a run's config.json); anything else is a `ConfigError`."""
-    p = Path(path)
+    p = Path(path).expanduser()  # (`--config=~/c.toml`: the shell leaves that `~`)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p} is a folder without config.json; pass a .toml file or a run folder to --config")
@@ -730,6 +731,9 @@ def load_config(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
             "drop it (evaluations report the objective's metrics)"
         )
+    # a `~` the shell did not expand (`dir = "~/data"` in a TOML file, `--data.dir=~/data`) is the home folder,
+    # as the shell would have made it; it was a folder named "~" ("not found")
+    cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
     return cfg
 
 

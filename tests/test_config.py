@@ -339,3 +339,14 @@ def test_finetune_says_where_another_section_comes_from():
     for section, where in [("model", "the model comes from BASE"), ("data", "the data comes from --train FILE")]:
         with pytest.raises(ConfigError, match=rf"not --{section}\.\*; {where}"):
             finetune_sections("full", {section: {"x": 1}})
+
+
+def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
+    """`dir = "~/data"` in a TOML file, `--data.dir=~/d` and `--config=~/c.toml` (the shell expands no `~` there)
+    named a folder called "~" under the current one ("not found")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.toml").write_text('out = "~/runs/a"\n[data]\ndir = "~/data"\n', encoding="utf-8")
+    cfg = load_config(config_file="~/c.toml")
+    assert (cfg.data.dir, cfg.out) == (str(tmp_path / "data"), str(tmp_path / "runs" / "a"))
+    assert load_config(overrides=["--data.dir=~/d"]).data.dir == str(tmp_path / "d")
+    assert load_config(overrides=["--data.dir", "rel/~x"]).data.dir == "rel/~x"
