@@ -705,6 +705,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             token_counts, by_language = encoded.token_counts, encoded.language_stats(report_split)
         else:
             tok, kind, token_counts, by_language = _pass2(cfg, tmp, counts, splits, report_split, progress)
+            dtype = dtype_for_vocab(tok.vocab_size)  # as _pass2 wrote the shards (uint32 over 65,536 ids)
 
         dedup_info: dict[str, Any] = {"mode": cfg.dedup, "exact_dup": counts.removed["exact_dup"]}
         if near is not None:
