@@ -300,6 +300,18 @@ def test_bz2_and_xz_inputs_say_to_decompress_them(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_folder_of_other_extensions_says_to_name_the_files(tmp_path: Path) -> None:
+    # a folder of .log (or extensionless) files was 'no readable ... files in the inputs; check the paths'
+    write(tmp_path / "logs" / "a.log", "a log line of text")
+    with pytest.raises(DataError, match=r"skip files of other extensions \(such as .*a\.log\);.*'.*logs/\*\.log'"):
+        run(tmp_path, [tmp_path / "logs"])
+    write(tmp_path / "notes" / "README", "notes")
+    with pytest.raises(DataError, match=r"\(such as .*README\); name them as inputs .*e\.g\. '.*notes/README'"):
+        run(tmp_path, [tmp_path / "notes"])
+    assert_nothing_written(tmp_path)
+    run(tmp_path, [str(tmp_path / "logs" / "*.log")], tokenizer="char", card=False)
+
+
 def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="input folder .* is empty"):

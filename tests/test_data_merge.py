@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
+from lmforge.data.shards import read_shard
 from lmforge.errors import DataError, LmforgeError
 from tests.conftest import run_cli, shakespeare_text
 from tests.test_data_dedup import ZH, perturb
@@ -164,3 +166,26 @@ def test_merge_refuses_flags_it_does_not_apply(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--val-fraction is not applied by --merge" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()
     prep(tmp_path, [tmp_path / "a"], "m", merge=True, dedup="near", near_threshold=0.7, shard_tokens=1000, card=False)
+
+
+def test_shards_of_a_trained_vocabulary_over_65536_ids_are_uint32_in_the_manifest_and_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a trained tokenizer of over 65,536 ids (70,304 distinct Han characters, char) takes ~3 s here, so the
+    # rule that picks uint32 for one is applied to a small one: prepare wrote uint32 shards and a manifest
+    # saying uint16 (the dtype of the tokenizer it had not trained yet), and merge wrote the parts' uint32
+    # ids as uint16 (crashing on the first id over 65,535)
+    import lmforge.data.merge
+    import lmforge.data.prepare
+
+    for module in (lmforge.data.prepare, lmforge.data.merge):
+        monkeypatch.setattr(module, "dtype_for_vocab", lambda vocab_size: np.uint32, raising=False)
+    write(tmp_path / "a.txt", shakespeare_text(3_000))
+    part = prep(tmp_path, [tmp_path / "a.txt"], "part", tokenizer="char", val_fraction=0, test_fraction=0, card=False)
+    assert read_shard(tmp_path / "part" / "train-00000.bin").dtype == np.uint32
+    assert part["dtype"] == "uint32"
+    manifest = tmp_path / "part" / "manifest.json"  # as prepare wrote it before: merge reads the vocabulary
+    manifest.write_text(manifest.read_text().replace('"dtype": "uint32"', '"dtype": "uint16"'))
+    merged = prep(tmp_path, [tmp_path / "part"], "merged", merge=True, card=False)
+    assert read_shard(tmp_path / "merged" / "train-00000.bin").dtype == np.uint32
+    assert merged["dtype"] == "uint32" and docs_by_split(tmp_path / "merged") == docs_by_split(tmp_path / "part")

@@ -57,7 +57,7 @@ from lmforge.data.prepare import (
     check_out,
     output_dir,
 )
-from lmforge.data.shards import ShardWriter, read_shard
+from lmforge.data.shards import ShardWriter, dtype_for_vocab, read_shard
 from lmforge.data.split import SPLITS, doc_digest
 from lmforge.data.tokenizing import tokenizer_kind, tokenizer_report, top_tokens
 from lmforge.errors import DataError
@@ -148,7 +148,9 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         )
     tok = parts[0].load_tokenizer()
     eos = tok.eos_id
-    dtype = np.dtype(parts[0].manifest["dtype"]).type
+    # from the vocabulary, not manifest["dtype"]: prepare recorded uint16 there for a trained tokenizer of
+    # over 65,536 ids, whose shards are uint32
+    dtype = dtype_for_vocab(tok.vocab_size)
     near = None
     if cfg.dedup == "near":
         near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0)

@@ -646,6 +646,13 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             hint = f"folders skip .json files (such as {json_files[0]}); name them as inputs, e.g. 'DIR/*.json'"
         elif packed:  # a folder of .xz files (OpenWebText's): "check the paths" did not say why
             hint = f"{packed[0]} and the like are not read (only .gz and .zst are decompressed); decompress them first"
+        elif skipped:  # a folder of .log or extensionless files: "check the paths" when the path was right
+            example = Path(skipped[0])
+            pattern = f"'{example.parent}/*{example.suffix}'" if example.suffix else f"'{example}'"
+            hint = (
+                f"folders skip files of other extensions (such as {example}); name them as inputs to read them as "
+                f"text, e.g. {pattern}"
+            )
         raise DataError(f"no readable .txt, .md, .jsonl, .csv, .tsv or .parquet files in the inputs; {hint}")
     if all(role != "auto" for _, role in sources):
         raise DataError(
@@ -718,6 +725,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             token_counts, by_language = encoded.token_counts, encoded.language_stats(report_split)
         else:
             tok, kind, token_counts, by_language = _pass2(cfg, tmp, counts, splits, report_split, progress)
+            dtype = dtype_for_vocab(tok.vocab_size)  # as _pass2 wrote the shards (uint32 over 65,536 ids)
 
         dedup_info: dict[str, Any] = {"mode": cfg.dedup, "exact_dup": counts.removed["exact_dup"]}
         if near is not None:
