@@ -253,6 +253,10 @@ def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetu
             f"{base} is a classification or prompt-tuned run; start from a language model (pretrained, sft, clm)"
         )
     if family not in ("gpt", "bert"):
-        raise ConfigError(f"{base} is a {family} model; fine-tuning supports GPT and BERT bases")
+        # it said "is a electra model" and no way forward; an ELECTRA run's discriminator has no classifier path yet
+        raise ConfigError(
+            f"{base} is a model.family '{family}' run; fine-tuning supports gpt (GPT/Llama-style) and bert bases: "
+            "start from such a run (lmforge pretrain --preset bert-tiny, llama-tiny, ...)"
+        )
     merge_lora(loaded.model)  # a LoRA-tuned base becomes a plain GPT with the adapters folded in
     return loaded, str(ckpt_dir.resolve()), model_sha(ckpt_dir)
