@@ -118,7 +118,7 @@ def hf_model(path: Path) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path: Path) -> None:
+def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path: Path, capfd) -> None:
     run = make_run(tmp_path / "run", bpe, **VARIANTS[variant])
     out = export_hf(run, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == [
@@ -145,7 +145,9 @@ def test_export_logits_match_transformers(variant: str, bpe: Tokenizer, tmp_path
         torch.testing.assert_close(theirs(idx).logits, expected, **TOL)
         # a prefix alone gives the prefix's logits in both (causal attention, same position offsets)
         torch.testing.assert_close(theirs(idx[:, :5]).logits, expected[:, :5], **TOL)
+    capfd.readouterr()
     assert verify_hf(run, out) <= 1e-5
+    assert "Loading weights" not in capfd.readouterr().err  # (transformers' progress bar, amid export's lines)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-untied"])

@@ -466,8 +466,10 @@ def verify_hf(path: str | Path, hf_dir: str | Path, *, seq_len: int = 64, seed: 
 
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise LmforgeError(f"verifying an HF export needs transformers: {HF_HINT}") from None
+    hf_logging.disable_progress_bar()  # (its 'Loading weights' bar on stderr, between export's own lines)
     trained = load_exportable(path)
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import verify_bert
