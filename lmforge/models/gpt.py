@@ -86,7 +86,7 @@ class GPTConfig:
     n_head: int = opt(6, "attention heads")
     n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = n_head (plain multi-head)")
     d_model: int = opt(384, "residual stream width")
-    d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model for gelu, 8/3*d_model rounded to 64 for swiglu")
+    d_ff: int = opt(0, "MLP hidden width; 0 = 8/3*d_model rounded up to 64 for swiglu, else 4*d_model")
     dropout: float = opt(0.0, "dropout on attention weights, residual branches and embeddings")
     bias: bool = opt(True, "biases in linear layers and LayerNorm")
     qkv_bias: bool = opt(False, "biases on the q/k/v projection alone (Qwen2); model.bias puts them everywhere")
