@@ -419,3 +419,34 @@ def test_a_rank_outside_the_world_is_one_line(env, data_dir, tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert env_info() == DistInfo(rank=1, local_rank=1, world_size=2)
+
+
+def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path, capsys):
+    """A few documents prepared at the default fractions can all hash into train: `eval --split test` then said
+    'prepare with a test fraction', which the data was; it now says the split got no documents and how to give
+    it some."""
+    from lmforge.cli import main
+
+    data, run = trained_run
+    (tmp_path / "three.txt").write_text("ROMEO: a\nJULIET: b\nROMEO: c\n", encoding="utf-8")
+    tokenizer = str(run / "tokenizer.json")
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "prepare",
+                str(tmp_path / "three.txt"),
+                "--tokenizer",
+                tokenizer,
+                "--quiet",
+                "--no-card",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+    assert done.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(run), "--data", str(tmp_path / "d"), "--split", "test"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1, err
+    assert "the test split of" in err and "got no documents: 1 document in all" in err and "--test-input FILE" in err
