@@ -233,6 +233,21 @@ def test_quickstart_writes_where_the_readme_says_and_its_next_commands_run(tmp_p
         assert result.returncode == 0, result.stderr
 
 
+def test_quickstart_quotes_the_run_path_in_its_next_commands():
+    """`quickstart --out 'my runs/q'` ended with `lmforge eval my runs/q --split test`, which a shell reads as
+    two paths; the path is now quoted, while runs/quickstart is printed as before."""
+    import shlex
+    from pathlib import Path
+
+    from lmforge.quickstart import next_commands
+
+    assert next_commands(Path("runs/quickstart"))[1] == "lmforge eval runs/quickstart --split test"
+    for run in ("my runs/q", "运行 it's"):
+        generate, evaluate = (shlex.split(command) for command in next_commands(Path(run)))
+        assert generate == ["lmforge", "generate", run, "--prompt", "JULIET:"]
+        assert evaluate == ["lmforge", "eval", run, "--split", "test"]
+
+
 def _as_from_a_terminal() -> None:
     """In the child, before exec: Ctrl-C as a terminal delivers it (default disposition, not blocked), whatever
     the test process inherited (a SIGINT ignored or blocked there would make every child ignore it too)."""
