@@ -7,6 +7,7 @@ everything is. Re-running resumes/reuses what is already there; `--overwrite` st
 
 from __future__ import annotations
 
+import shlex
 import time
 from importlib import resources
 from pathlib import Path
@@ -84,6 +85,13 @@ def quickstart(
         f"  loss curve    : {run / 'loss.png'}\n"
         f"  checkpoints   : {run / 'checkpoints'} (latest: {(run / 'checkpoints' / 'latest').read_text().strip()})\n"
         f"  metrics       : {run / 'metrics.jsonl'}\n"
-        f"next (one command a line):\n  lmforge generate {run} --prompt 'JULIET:'\n  lmforge eval {run} --split test"
+        "next (one command a line):\n" + "\n".join(f"  {line}" for line in next_commands(run))
     )
     return metrics
+
+
+def next_commands(run: Path) -> list[str]:
+    """The commands quickstart suggests at its end, the run's path quoted for the shell (an --out with a space
+    or a quote, such as 'my runs/q', was printed bare, so the pasted command named two paths)."""
+    path = shlex.quote(str(run))
+    return [f"lmforge generate {path} --prompt 'JULIET:'", f"lmforge eval {path} --split test"]

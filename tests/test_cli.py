@@ -233,6 +233,21 @@ def test_quickstart_writes_where_the_readme_says_and_its_next_commands_run(tmp_p
         assert result.returncode == 0, result.stderr
 
 
+def test_quickstart_quotes_the_run_path_in_its_next_commands():
+    """`quickstart --out 'my runs/q'` ended with `lmforge eval my runs/q --split test`, which a shell reads as
+    two paths; the path is now quoted, while runs/quickstart is printed as before."""
+    import shlex
+    from pathlib import Path
+
+    from lmforge.quickstart import next_commands
+
+    assert next_commands(Path("runs/quickstart"))[1] == "lmforge eval runs/quickstart --split test"
+    for run in ("my runs/q", "运行 it's"):
+        generate, evaluate = (shlex.split(command) for command in next_commands(Path(run)))
+        assert generate == ["lmforge", "generate", run, "--prompt", "JULIET:"]
+        assert evaluate == ["lmforge", "eval", run, "--split", "test"]
+
+
 def _as_from_a_terminal() -> None:
     """In the child, before exec: Ctrl-C as a terminal delivers it (default disposition, not blocked), whatever
     the test process inherited (a SIGINT ignored or blocked there would make every child ignore it too)."""
@@ -420,3 +435,34 @@ def test_a_rank_outside_the_world_is_one_line(env, data_dir, tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert env_info() == DistInfo(rank=1, local_rank=1, world_size=2)
+
+
+def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path, capsys):
+    """A few documents prepared at the default fractions can all hash into train: `eval --split test` then said
+    'prepare with a test fraction', which the data was; it now says the split got no documents and how to give
+    it some."""
+    from lmforge.cli import main
+
+    data, run = trained_run
+    (tmp_path / "three.txt").write_text("ROMEO: a\nJULIET: b\nROMEO: c\n", encoding="utf-8")
+    tokenizer = str(run / "tokenizer.json")
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "prepare",
+                str(tmp_path / "three.txt"),
+                "--tokenizer",
+                tokenizer,
+                "--quiet",
+                "--no-card",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+    assert done.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(run), "--data", str(tmp_path / "d"), "--split", "test"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1, err
+    assert "the test split of" in err and "got no documents: 1 document in all" in err and "--test-input FILE" in err

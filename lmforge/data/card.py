@@ -150,6 +150,31 @@ def notes(manifest: dict[str, Any]) -> list[str]:
     return out
 
 
+def empty_splits(manifest: dict[str, Any]) -> list[str]:
+    """The val/test splits a fraction asked for that got no documents (a corpus of a few documents: each goes
+    to a split by a hash of its text, so 3 lines at --val-fraction 0.05 all land in train), for `eval`'s error."""
+    config, splits = manifest.get("config", {}), manifest.get("splits", {})
+    return [
+        split
+        for split in ("val", "test")
+        if config.get(f"{split}_fraction", 0) > 0
+        and not config.get(f"{split}_input")
+        and not splits.get(split, {}).get("documents", 0)
+    ]
+
+
+def empty_split_reason(manifest: dict[str, Any], splits: list[str]) -> str:
+    """Why the `splits` (of `empty_splits`) are empty and what to do."""
+    n = manifest.get("documents", {}).get("out", 0)
+    unit = manifest.get("config", {}).get("doc_unit", "paragraph")
+    more = "more documents" if unit == "line" else "more documents (--doc-unit line makes each line one)"
+    flags = " / ".join(f"--{split}-input FILE" for split in splits)
+    return (
+        f"{n:,} document{'s' if n != 1 else ''} in all, each put in a split by a hash of its text; "
+        f"prepare {more}, or give {'it its' if len(splits) == 1 else 'them their'} own text with {flags}"
+    )
+
+
 def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
     """The one line `lmforge prepare` prints when it is done: where, documents kept (and the main removal
     reasons), tokens per split and the tokenizer, e.g. `prepared data/x: 564 of 600 documents kept (36

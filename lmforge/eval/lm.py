@@ -235,6 +235,12 @@ def evaluate_checkpoint(
         )
     shards = data.split_shards(split)
     if not shards:
+        from lmforge.data.card import empty_split_reason, empty_splits
+
+        if split in empty_splits(data.manifest):  # a fraction was asked for, but a tiny corpus gave it nothing
+            raise DataError(
+                f"the {split} split of {data.path} got no documents: {empty_split_reason(data.manifest, [split])}"
+            )
         raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
     seq_len = min(trained.config.data.seq_len or trained.config.model.max_seq_len, trained.model.cfg.max_seq_len)
     # the run's eval settings with these flags: the same sequences as its evaluations with --eval.max_batches N
