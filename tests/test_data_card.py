@@ -91,6 +91,10 @@ def test_prepare_prints_one_summary_line(prepared: tuple[Path, dict], tmp_path: 
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout == summary_line(load_data_dir(tmp_path / "d").manifest, str(tmp_path / "d")) + "\n"
     assert "documents kept; tokens train" in r.stdout and "char tokenizer" in r.stdout
+    text.write_text("one line\nanother line\n", encoding="utf-8")  # (one document: train gets it, val and test none)
+    r = run_cli("prepare", str(text), "--out", str(tmp_path / "tiny"), "--tokenizer", "char", "--quiet")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1, r.stdout
+    assert "; val and test got no documents: 1 document in all" in r.stdout and "--val-input FILE" in r.stdout
 
 
 def test_tokenizer_report(prepared: tuple[Path, dict]) -> None:

@@ -152,7 +152,8 @@ def notes(manifest: dict[str, Any]) -> list[str]:
 
 def empty_splits(manifest: dict[str, Any]) -> list[str]:
     """The val/test splits a fraction asked for that got no documents (a corpus of a few documents: each goes
-    to a split by a hash of its text, so 3 lines at --val-fraction 0.05 all land in train), for `eval`'s error."""
+    to a split by a hash of its text, so 3 lines at --val-fraction 0.05 all land in train), for prepare's summary
+    line and `eval`'s error."""
     config, splits = manifest.get("config", {}), manifest.get("splits", {})
     return [
         split
@@ -186,4 +187,8 @@ def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
         more = ", ..." if len(removed) > 3 else ""
         kept += f" ({', '.join(f'{n:,} {k}' for n, k in removed[:3])}{more} removed)"
     tokens = " / ".join(f"{split} {info['tokens']:,}" for split, info in manifest["splits"].items())
-    return f"prepared {out}: {kept}; tokens {tokens}; {tok['kind']} tokenizer, vocab {tok['vocab_size']:,}"
+    line = f"prepared {out}: {kept}; tokens {tokens}; {tok['kind']} tokenizer, vocab {tok['vocab_size']:,}"
+    empty = empty_splits(manifest)  # (pretrain then trains without evaluating: say so here, not at eval time)
+    if empty:
+        line += f"; {' and '.join(empty)} got no documents: {empty_split_reason(manifest, empty)}"
+    return line
