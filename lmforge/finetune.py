@@ -52,6 +52,7 @@ import torch.nn as nn
 
 from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed_weights, load_teacher
 from lmforge.atomic import write_json
+from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
 from lmforge.fields import changed_fields, check, opt
 
@@ -91,7 +92,7 @@ class FinetuneConfig:
     eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
     max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
     doc_stride: int = opt(
-        128,
+        DOC_STRIDE,
         "qa: a context too long for the model is scored in overlapping windows sharing this many tokens (at most "
         "half a window)",
     )

@@ -285,12 +285,20 @@ def test_doc_stride_is_a_qa_flag(base: Path, capsys: pytest.CaptureFixture):
     from lmforge.finetune import FinetuneConfig
 
     for args, message in [
-        (["--task", "sft", "--doc-stride", "64"], "--doc-stride is for --task qa (windows of a long context); drop it"),
+        (
+            ["--task", "sft", "--doc-stride", "64"],
+            "--doc-stride is for --task qa (windows of a context too long for the model); drop it",
+        ),
         (["--task", "qa", "--doc-stride", "-1"], "--doc-stride must be a number of tokens >= 0, got -1"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["eval", str(base), "--data", str(SQUAD), *args])
         assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f"lmforge: error: {message}"
+    # one default: eval's parser writes data/qa.py's DOC_STRIDE out (it imports no torch), finetune takes it
+    from lmforge.cli_adapt import _TASK_FLAGS
+    from lmforge.data.qa import DOC_STRIDE
+
+    assert _TASK_FLAGS["doc_stride"] == FinetuneConfig(task="qa").doc_stride == DOC_STRIDE
     with pytest.raises(ConfigError, match=r"--doc-stride is for --task qa \(windows of a context too long"):
         FinetuneConfig(task="sft", doc_stride=64)
     with pytest.raises(ConfigError, match="--doc-stride must be a number of tokens >= 0"):
