@@ -163,7 +163,7 @@ def add_parsers(sub: Any) -> None:
 
 
 # eval's two modes take different flags: these only apply with --task, the split ones only without it
-# (doc_stride: data/qa.py's DOC_STRIDE, written here so that building the parser imports no torch)
+# (doc_stride: data/qa.py's DOC_STRIDE, written here so that building the parser imports no torch; a test checks)
 _TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0, "doc_stride": 128}
 _SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0}
 
@@ -224,7 +224,7 @@ def check_eval_flags(args: argparse.Namespace) -> None:
     if args.task not in ("sft", "qa", "translate") and given({"max_new_tokens": _TASK_FLAGS["max_new_tokens"]}):
         raise ConfigError("--max-new-tokens is for --task sft, qa or translate (generated answers); drop it")
     if args.task != "qa" and given({"doc_stride": _TASK_FLAGS["doc_stride"]}):
-        raise ConfigError("--doc-stride is for --task qa (windows of a long context); drop it")
+        raise ConfigError("--doc-stride is for --task qa (windows of a context too long for the model); drop it")
 
 
 def run_eval_task(args: argparse.Namespace) -> None:

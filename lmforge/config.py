@@ -689,9 +689,7 @@ def load_config(
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     _check_sections(file_dict, f"{config_path}")
-    if (
-        from_run and preset and preset != file_dict.get("preset")
-    ):  # (it changed nothing, yet was recorded as the preset)
+    if from_run and preset and preset != file_dict.get("preset"):  # (it changed nothing, yet was recorded)
         raise ConfigError(
             f"--preset {preset}: {config_path} is a run's resolved config, which sets every key, so the preset would "
             "change nothing; drop --preset (or start from a .toml file)"

@@ -31,7 +31,7 @@ Design:
   optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
   A finished run's re-run has nothing to do; a `--merge`d LoRA run cannot train on (its adapters are in
   the weights and its last checkpoint has no optimizer state), so more steps are refused (`_merged_refusal`).
-- Length (~970 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
+- Length (~990 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
   flag applies to which task/mode stay beside it. The task formats, objectives, heads and metrics
   already live in their own modules; the next split would be the example building.
@@ -52,6 +52,7 @@ import torch.nn as nn
 
 from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed_weights, load_teacher
 from lmforge.atomic import write_json
+from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
 from lmforge.fields import changed_fields, check, opt
 
@@ -91,7 +92,7 @@ class FinetuneConfig:
     eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
     max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
     doc_stride: int = opt(
-        128,
+        DOC_STRIDE,
         "qa: a context too long for the model is scored in overlapping windows sharing this many tokens (at most "
         "half a window)",
     )

@@ -350,3 +350,6 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
     assert (cfg.data.dir, cfg.out) == (str(tmp_path / "data"), str(tmp_path / "runs" / "a"))
     assert load_config(overrides=["--data.dir=~/d"]).data.dir == str(tmp_path / "d")
     assert load_config(overrides=["--data.dir", "rel/~x"]).data.dir == "rel/~x"
+    from lmforge.data.mixture import parse_mix  # data.mix's directories too (they were "~/web" under the current one)
+
+    assert parse_mix("~/web=3, books=1") == [(str(tmp_path / "web"), 0.75), ("books", 0.25)]

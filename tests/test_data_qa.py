@@ -285,13 +285,44 @@ def test_doc_stride_is_a_qa_flag(base: Path, capsys: pytest.CaptureFixture):
     from lmforge.finetune import FinetuneConfig
 
     for args, message in [
-        (["--task", "sft", "--doc-stride", "64"], "--doc-stride is for --task qa (windows of a long context); drop it"),
+        (
+            ["--task", "sft", "--doc-stride", "64"],
+            "--doc-stride is for --task qa (windows of a context too long for the model); drop it",
+        ),
         (["--task", "qa", "--doc-stride", "-1"], "--doc-stride must be a number of tokens >= 0, got -1"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["eval", str(base), "--data", str(SQUAD), *args])
         assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f"lmforge: error: {message}"
+    # one default: eval's parser writes data/qa.py's DOC_STRIDE out (it imports no torch), finetune takes it
+    from lmforge.cli_adapt import _TASK_FLAGS
+    from lmforge.data.qa import DOC_STRIDE
+
+    assert _TASK_FLAGS["doc_stride"] == FinetuneConfig(task="qa").doc_stride == DOC_STRIDE
     with pytest.raises(ConfigError, match=r"--doc-stride is for --task qa \(windows of a context too long"):
         FinetuneConfig(task="sft", doc_stride=64)
     with pytest.raises(ConfigError, match="--doc-stride must be a number of tokens >= 0"):
         FinetuneConfig(task="qa", doc_stride=-1)
+
+
+def test_windows_never_cut_inside_tokens_that_share_characters():
+    """A unigram tokenizer's byte pieces of a run of unseen characters all carry the whole run's offsets: a window
+    cut inside the run took in all of it, went over its room, and the next one moved on one token, so this context
+    of 183 tokens made 64 windows, 57 of them the same. Windows now start and end only between tokens that share
+    no character: the run longer than a window is one window of its own (over the room: nothing smaller holds it
+    whole), and no window is repeated."""
+    from lmforge.data.qa import context_windows
+    from lmforge.tokenizer.train import train_unigram
+
+    tok = train_unigram(iter(["the cat sat on the mat and then the dog ran off"] * 20), 300)
+    run = "猫坐在垫子上" * 3  # 18 unseen characters: 54 byte pieces, every one with the run's offsets
+    context = "the cat sat on the mat " * 4 + run + " and then the dog ran off" * 4
+    assert tok.hf.encode(context, add_special_tokens=False).offsets.count((92, 110)) == 54
+
+    def n_tokens(window: str) -> int:  # the question and template: 10 tokens
+        return 10 + len(tok.encode(window))
+
+    windows = context_windows(tok, context, n_tokens, room=40, doc_stride=4)
+    assert [w for w in windows if n_tokens(w) > 40] == [run], windows
+    assert len(windows) == len(set(windows)) == 7, windows  # (the 3 before the run, the run, the 3 after it)
+    assert windows[0] == context[: len(windows[0])] and context.endswith(windows[-1])

@@ -17,6 +17,7 @@ far (it is stored with every checkpoint's loader state).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ _STATE_VERSION = 1
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """`"a=0.7,b=0.3"` -> [("a", 0.7), ("b", 0.3)] with weights normalized to sum 1.
+    """`"a=0.7,b=0.3"` -> [("a", 0.7), ("b", 0.3)] with weights normalized to sum 1; a leading `~` is the home folder.
 
     Raises:
         ConfigError: a malformed entry, a weight that is not a positive number, or a repeated name.
@@ -44,7 +45,7 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             raise ConfigError(f"data.mix weight {weight!r} of {name!r} is not a number") from None
         if not 0 < value < math.inf:  # inf made every weight nan or 0: one source took every batch
             raise ConfigError(f"data.mix weight of {name!r} must be a finite number > 0, got {weight}")
-        entries.append((name.strip(), value))
+        entries.append((os.path.expanduser(name.strip()), value))  # (`~/web=0.7`: as data.dir, config.py)
     names = [name for name, _ in entries]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.mix names a directory twice: {', '.join(names)}")

@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import bisect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -230,21 +231,35 @@ def context_windows(
     prompt (`n_tokens(window)`: the question and the template around it) takes at most `room` tokens; each
     starts `doc_stride` tokens (at most half a window) before the previous one ended, and the last one ends
     with the context, so every token of the context is in a window. Windows are cut between the context's
-    own tokens (their character offsets), so no character is split. [""] when not even one token fits."""
+    own tokens (their character offsets), so no character is split: never inside a run of tokens that share
+    characters (byte-fallback pieces carry their character's offsets, a unigram model's pieces of a run of unseen
+    characters the whole run's), a run longer than a window staying whole. [""] when not even one token fits."""
     spans = tok.hf.encode(context, add_special_tokens=False).offsets  # (start, end) characters of each token
     width = room - (n_tokens(context) - len(spans))  # the room the question and template leave (+-1 at the seams)
     if width < 1 or not spans:
         return [""]
+    # the token indices a window may start or end at (a cut inside a shared run took in the whole run, went over
+    # `room` and moved on one token at a time: hundreds of windows of one run)
+    cuts = [0, *(i for i in range(1, len(spans)) if spans[i][0] >= spans[i - 1][1]), len(spans)]
+
+    def cut_at_or_before(i: int) -> int:
+        return cuts[bisect.bisect_right(cuts, i) - 1]
+
+    def cut_after(i: int) -> int:
+        return cuts[bisect.bisect_right(cuts, i)]
+
     overlap = min(doc_stride, width // 2)
     windows, start = [], 0
     while True:
-        end = min(len(spans), start + width)
-        while end > start + 1 and n_tokens(context[spans[start][0] : spans[end - 1][1]]) > room:
-            end -= 1  # (a seam encoded differently in the prompt than in the context alone)
+        end = max(cut_at_or_before(start + width), cut_after(start))
+        while cut_at_or_before(end - 1) > start and n_tokens(context[spans[start][0] : spans[end - 1][1]]) > room:
+            end = cut_at_or_before(end - 1)  # (a seam encoded differently in the prompt than in the context alone)
         windows.append(context[spans[start][0] : spans[end - 1][1]])
         if end == len(spans):
             return windows
-        start = max(start + 1, end - overlap)
+        start = max(cut_at_or_before(end - overlap), cut_after(start))
+        if cut_at_or_before(start + width) <= end:  # (a run longer than a window next: it, not windows in this one)
+            start = end
 
 
 def abstains(prediction: str) -> bool:
