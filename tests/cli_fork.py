@@ -29,7 +29,7 @@ from pathlib import Path
 
 # The zygote: imports what every call imports, then serves one request (a JSON line) at a time.
 ZYGOTE = r"""
-import io, json, os, runpy, sys
+import io, json, os, runpy, signal, sys
 import torch
 import lmforge.cli
 lmforge.cli.build_parser()  # the config dataclasses, models, objectives, prepare
@@ -42,6 +42,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401
 
 def run(req):
+    # Ctrl-C and SIGTERM as a fresh interpreter started from a terminal has them (Python's handler, not blocked),
+    # whatever the test process had when it started the zygote: an ignored or blocked SIGINT is inherited, and
+    # a `serve` that ignored it never stopped (test order under xdist)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])

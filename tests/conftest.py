@@ -46,9 +46,12 @@ def _signal_handlers() -> Iterator[None]:
     in the same worker that sends itself SIGINT saw nothing (test_train's final-evaluation signal test failed
     by test order under xdist)."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, []) if hasattr(signal, "pthread_sigmask") else None
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+    if mask is not None:  # (a signal a test left blocked would be blocked for every later test, and the zygote)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def shakespeare_text(n_bytes: int = 60_000) -> str:

@@ -291,6 +291,8 @@ def test_a_signal_during_the_final_evaluation_is_not_lost():
     finished and a fine-tune went on into minutes of task scoring, exit 0. The run is saved at its last step, and
     the signal reaches the caller (KeyboardInterrupt under the default SIGINT handler)."""
     saved = []
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (whatever an earlier test left; conftest restores it)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def evaluate():
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the final evaluation runs
