@@ -794,3 +794,20 @@ def test_tokenizer_kind_is_detected_from_a_given_file(tmp_path: Path) -> None:
     made["wordpiece"].save(tmp_path / "wp.json")
     m = run(tmp_path, [tmp_path / "a.txt"], tokenizer=str(tmp_path / "wp.json"))
     assert m["tokenizer"]["kind"] == "wordpiece"
+
+
+def test_vocab_size_for_a_tokenizer_prepare_does_not_train_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--tokenizer char --vocab-size 10` prepared a char tokenizer of every character, ignoring the size without
+    a word (as with a tokenizer.json); it is refused in one line before anything is written."""
+    from lmforge.cli import main
+
+    write(tmp_path / "a.txt", "some text\n")
+    for tokenizer in ("char", str(tmp_path / "tokenizer.json")):
+        with pytest.raises(SystemExit) as done:
+            main(["prepare", str(tmp_path / "a.txt"), "--tokenizer", tokenizer, "--vocab-size", "10",
+                  "--out", str(tmp_path / "out")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1 and "drop --vocab-size" in err, err
+        assert not (tmp_path / "out").exists()
