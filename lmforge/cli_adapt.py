@@ -102,7 +102,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--system", default="", help="system message kept at the top of the history")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit (default: 200)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="reply length limit (default: 200; at most half the model's context: the other half holds the history)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
     p.add_argument(
