@@ -559,6 +559,11 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
+            written = (overrides.get("dist") or {}).get("strategy", args.strategy)
+            if written != args.strategy:  # (--strategy won without a word)
+                raise ConfigError(
+                    f"--strategy {args.strategy} and --dist.strategy {written} name the same setting; give one of them"
+                )
             overrides.setdefault("dist", {})["strategy"] = args.strategy
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware

@@ -266,6 +266,10 @@ def test_diloco_settings_under_another_strategy_are_refused(tmp_path, capsys):
         main([*estimate, "--strategy", "diloco", "--world-size", "2"])  # the plan's strategy reads it
     assert exit_info.value.code == 0
     assert "diloco, every 5 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # two strategies named: --strategy won without a word
+        main([*estimate, "--strategy", "diloco", "--dist.strategy", "ddp", "--world-size", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--strategy diloco and --dist.strategy ddp name the same setting" in err, err
 
 
 @pytest.mark.parametrize("preset", ["lstm-tiny", "gru-tiny"])
