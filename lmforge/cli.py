@@ -416,14 +416,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from lmforge.fields import dataclass_from_namespace
 
         cfg = dataclass_from_namespace(PrepareConfig, args)
-        if cfg.merge:
-            cfg.check_merge_flags(getattr(args, "given", set()))
-        if "vocab_size" in getattr(args, "given", set()) and cfg.tokenizer not in ("bpe", "wordpiece", "unigram"):
-            kind = "char keeps every character it finds" if cfg.tokenizer == "char" else "FILE has its own vocabulary"
-            raise ConfigError(  # (it was ignored without a word)
-                f"--vocab-size sizes a tokenizer that prepare trains (bpe, wordpiece, unigram); --tokenizer {kind}; "
-                "drop --vocab-size"
-            )
+        cfg.check_written(getattr(args, "given", set()))
         manifest = prepare(cfg, progress=not args.quiet)
         for note in notes(manifest):
             print(note, file=sys.stderr)

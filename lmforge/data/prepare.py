@@ -258,6 +258,20 @@ class PrepareConfig:
         if self.merge:
             self.check_merge_flags(set())
 
+    def check_written(self, written: set[str]) -> None:
+        """The CLI's flags `written` (even at their default value) that this config would not apply are refused,
+        naming the flag: those --merge does not apply, and --vocab-size for a tokenizer prepare does not train
+        (it was ignored without a word)."""
+        if self.merge:
+            self.check_merge_flags(written)
+        if "vocab_size" in written:
+            kind = "char keeps every character it finds" if self.tokenizer == "char" else "FILE has its own vocabulary"
+            check(
+                self.tokenizer in ("bpe", "wordpiece", "unigram"),
+                f"--vocab-size sizes a tokenizer that prepare trains (bpe, wordpiece, unigram); --tokenizer {kind}; "
+                "drop --vocab-size",
+            )
+
     def check_merge_flags(self, written: set[str]) -> None:
         """--merge copies the parts' tokens: reading, cleaning, filtering, splitting and tokenizing
         options were the parts' to apply. Given anyway they would be recorded in manifest.config as
