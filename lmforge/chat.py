@@ -105,6 +105,15 @@ class ChatTemplate:
             out.append((tok.encode("<|assistant|>\n"), False))
         return out
 
+    def prompt_length(self, tok: Any, messages: list[dict[str, str]]) -> int:
+        """Tokens of `messages` rendered with the assistant prompt, before any turn is dropped or cut."""
+        return sum(len(seg) for seg, _ in self.segments(tok, messages, add_generation_prompt=True))
+
+    def system_fits(self, tok: Any, system: dict[str, str], budget: int, role: str = "user") -> bool:
+        """Whether the system message and an empty `role` message with the assistant prompt fit in `budget`
+        tokens: else `prompt_ids` keeps only the end of the ids, the system message's start cut."""
+        return self.prompt_length(tok, [system, {"role": role, "content": ""}]) <= budget
+
     def prompt_ids(self, tok: Any, messages: list[dict[str, str]], *, budget: int) -> tuple[list[int], int]:
         """Ids of the conversation ending in an assistant prompt, oldest turns dropped to fit `budget`.
 
@@ -126,12 +135,9 @@ class ChatTemplate:
                 last = rest[0]
 
                 def n_tokens(content: str, role: str = last["role"]) -> int:
-                    pieces = self.segments(
-                        tok, system + [{"role": role, "content": content}], add_generation_prompt=True
-                    )
-                    return sum(len(seg) for seg, _ in pieces)
+                    return self.prompt_length(tok, system + [{"role": role, "content": content}])
 
-                if n_tokens("") <= budget:  # (else the system message alone is over: its end is kept, below)
+                if self.system_fits(tok, system[0], budget, last["role"]):  # (else its end is kept, below)
                     end = len(last["content"])
                     content = fit_context(last["content"], n_tokens, budget, (end, end))  # its last characters
                     segs = self.segments(tok, system + [{**last, "content": content}], add_generation_prompt=True)
@@ -441,17 +447,13 @@ def chat(
         ids, dropped = template.prompt_ids(tok, history, budget=context - max_new_tokens)
         if dropped:
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
-        full = sum(len(seg) for seg, _ in template.segments(tok, history, add_generation_prompt=True))
+        full = template.prompt_length(tok, history)
         if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
             kept = "its end, after any BOS"
             if system:
-                alone = template.segments(
-                    tok, [history[0], {"role": "user", "content": ""}], add_generation_prompt=True
-                )
-                fits = sum(len(seg) for seg, _ in alone) <= context - max_new_tokens
                 kept = (
                     "the system message and your message's end"
-                    if fits
+                    if template.system_fits(tok, history[0], context - max_new_tokens)
                     else "its end: the system message is over it alone, shorten --system"
                 )
             print(
