@@ -677,7 +677,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     tmp = fresh_tmp_dir(out)
     pool = None
     try:
-        dtype = dtype_for_vocab(given.vocab_size) if given is not None else np.uint16
+        dtype = dtype_for_vocab(given.vocab_size) if given is not None else np.uint16  # (encoding in pass 1)
         worker = BlockWorker(
             cleaner=DocumentCleaner.from_settings(dataclasses.asdict(cfg)),  # (eval --task clm: from the manifest)
             doc_unit=cfg.doc_unit, text_field=cfg.text_field, max_line_bytes=cfg.max_line_bytes,
@@ -739,7 +739,6 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             token_counts, by_language = encoded.token_counts, encoded.language_stats(report_split)
         else:
             tok, kind, token_counts, by_language = _pass2(cfg, tmp, counts, splits, report_split, progress)
-            dtype = dtype_for_vocab(tok.vocab_size)  # as _pass2 wrote the shards (uint32 over 65,536 ids)
 
         dedup_info: dict[str, Any] = {"mode": cfg.dedup, "exact_dup": counts.removed["exact_dup"]}
         if near is not None:
@@ -765,7 +764,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
                 "sha256": tok.fingerprint,
                 "report": tokenizer_report(report_split, by_language),
             },
-            "dtype": np.dtype(dtype).name,
+            "dtype": np.dtype(dtype_for_vocab(tok.vocab_size)).name,  # the shards' (uint32 over 65,536 ids)
             "splits": splits,
         }
         tok.save(tmp / TOKENIZER)
