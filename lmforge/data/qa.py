@@ -293,7 +293,7 @@ def qa_windows(
         return [{"role": "user", "content": user_content(question, ctx)}]
 
     def n_tokens(ctx: str) -> int:
-        return sum(len(ids) for ids, _ in template.segments(tok, messages(ctx), add_generation_prompt=True))
+        return template.prompt_length(tok, messages(ctx))
 
     if not context.strip() or n_tokens(context) <= room:
         return [messages(context)]
