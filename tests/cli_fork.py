@@ -29,7 +29,7 @@ from pathlib import Path
 
 # The zygote: imports what every call imports, then serves one request (a JSON line) at a time.
 ZYGOTE = r"""
-import io, json, os, runpy, signal, sys
+import faulthandler, io, json, os, runpy, signal, sys
 import torch
 import lmforge.cli
 lmforge.cli.build_parser()  # the config dataclasses, models, objectives, prepare
@@ -63,6 +63,8 @@ def run(req):
     fresh = io.TextIOWrapper(raw, encoding=requests.encoding, errors=requests.errors, newline="\n")
     sys.stdin = sys.__stdin__ = fresh
     sys.argv = [req["argv0"], *req["argv"]]
+    # SIGUSR1 dumps every thread's Python stack to stderr (tests/test_dist.py: launch_ranks on a hang)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if req["script"]:  # `python SCRIPT ARGS` (a test's wrapper around lmforge's CLI)
         runpy.run_path(req["script"], run_name="__main__")
     else:

@@ -107,7 +107,7 @@ def launch_ranks(
         env |= {"MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
         env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
         ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
-    deadline, kill_at, code = time.monotonic() + timeout, None, 0
+    deadline, kill_at, code, hung = time.monotonic() + timeout, None, 0, False
     try:
         while any(r.poll() is None for r in ranks):
             failed = [r.returncode for r in ranks if r.returncode]
@@ -118,12 +118,18 @@ def launch_ranks(
             if time.monotonic() > min(deadline, kill_at or deadline):
                 break
             time.sleep(0.05)
+        hung = not code and time.monotonic() > deadline
+        if hung:  # each rank's Python stacks, to stderr (tests/cli_fork.py registers SIGUSR1 with faulthandler)
+            for r in ranks:
+                r.send_signal(signal.SIGUSR1)
+            time.sleep(2)
     finally:
         for r in ranks:
             r.kill()
             r.wait(60)
-    if not code and time.monotonic() > deadline:
-        raise subprocess.TimeoutExpired(ranks[0].args, timeout, "".join(r.stdout for r in ranks))
+    if hung:
+        stacks = "\n".join(f"--- rank {i} stderr (tail) ---\n{r.stderr[-4000:]}" for i, r in enumerate(ranks))
+        pytest.fail(f"{nproc} ranks still running after {timeout:g} s: {' '.join(args)}\n{stacks}")
     stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
