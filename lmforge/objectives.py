@@ -8,6 +8,7 @@ update as one big batch. Targets equal to `IGNORE_INDEX` (-100) count for nothin
 An objective is anything with
     count(batch) -> int                      targets in this micro-batch (before any forward pass)
     loss(model, batch) -> scalar tensor      summed loss over those targets (runs the forward pass)
+                                             (or a dict of summed terms with their own units, below)
 where `batch` is whatever the loader yields (a tuple or dict of tensors, already on the device).
 Objectives that need more than (inputs, targets) (MLM masks, sentence pairs, a reference model)
 are new classes here; the loop never changes.
@@ -17,12 +18,20 @@ Pretraining objectives (`ObjectiveConfig.name`, `lmforge pretrain --objective ..
 - "mlm", "mlm+nsp", "mlm+sop": `MaskedLM` on batches from `data/masking.py` (which does the 80/10/10
   masking, so a batch is a pure function of the loader position and resume stays exact).
 - "electra": `ReplacedTokenDetection`.
-Summed-loss convention for the sequence-level/all-token terms: the loop divides by the window's
-masked-token count, so each example's NSP loss is weighted by its own masked-token count, and each
-example's summed RTD loss by its (masked tokens / real tokens). After the division that is BERT's
-`mean MLM + mean NSP` and ELECTRA's `mean MLM + 50 * mean RTD`, with the NSP/RTD means weighted by
-each example's masked tokens (~ its length); being per example, the loss and gradient do not depend
-on how the global batch is split into micro-batches or ranks.
+Loss terms with their own units: BERT's NSP/SOP loss is a mean over sentence pairs and ELECTRA's
+replaced-token-detection loss a mean over real (non-pad) tokens, as in the reference implementations
+(google-research/bert `run_pretraining.py`: `masked_lm_loss + next_sentence_loss`, each a mean over
+its own items; google-research/electra `pretrain/pretrain_model.py`: generator MLM mean + 50 x
+discriminator mean over `input_mask`). These objectives have `units(batch)` ({"pairs": B} or
+{"real": tokens}) and their `loss` returns a dict of summed terms, {"targets": MLM, "pairs": NSP} or
+{"targets": generator MLM, "real": rtd_weight x RTD}; the loop divides each term by the window's
+total of its unit (`window_loss`), all-reduced over ranks like the targets, so the mean of each term is
+over the whole global batch and does not depend on how it is split into micro-batches or ranks. This
+is the quantity validation reports as `loss` (eval/objectives.py): one definition for train and val.
+(Before, each example's NSP loss was weighted by its masked-token count and its RTD loss by masked /
+real tokens, so train and val numbers of the same quantity disagreed. These objectives keep no state in
+checkpoints, so a run saved before resumes as it was; its logged train `loss` follows this definition
+from the resumed step on, its `val_loss` is unchanged.)
 """
 
 from __future__ import annotations
@@ -117,17 +126,44 @@ class Objective(Protocol):
     """What the training loop needs of an objective. `count(batch)`: the targets the summed loss is
     divided by. An objective whose targets are not the tokens the model reads (MLM's masked positions,
     one label per classified example) also has `tokens(batch)`, the tokens read, which tokens/s, MFU
-    and the run's token count use; without it those use `count`."""
+    and the run's token count use; without it those use `count`. An objective whose loss also has
+    terms averaged over other units (NSP: sentence pairs; RTD: real tokens) has `units(batch)`, those
+    units in the micro-batch by name, and its `loss` returns {"targets": summed term, unit: summed term, ...}
+    (see `window_loss`)."""
 
     def count(self, batch: Any) -> int: ...
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]: ...
 
 
 def tokens_read(objective: Objective, batch: Any) -> int:
     """The tokens the model reads in `batch`, for throughput (`objective.tokens`, else its `count`)."""
     tokens = getattr(objective, "tokens", None)
     return tokens(batch) if tokens is not None else objective.count(batch)
+
+
+def window_counts(objective: Objective, window: list[Any]) -> dict[str, int]:
+    """{"targets", "tokens" (read), and each of the objective's `units`} summed over an accumulation
+    window's micro-batches (host-side counts of the batches before they move to the device). The keys
+    come in the same order on every rank, so the loop all-reduces the values as one list."""
+    counts = {
+        "targets": sum(objective.count(batch) for batch in window),
+        "tokens": sum(tokens_read(objective, batch) for batch in window),
+    }
+    units = getattr(objective, "units", None)
+    for batch in window if units is not None else ():
+        for unit, n in units(batch).items():
+            counts[unit] = counts.get(unit, 0) + n
+    return counts
+
+
+def window_loss(loss: torch.Tensor | dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor:
+    """A micro-batch's share of its window's loss: a summed loss over the window's targets, or each
+    summed term of a dict over the window's count of its unit ("targets", "pairs", "real", ...), so the
+    window's shares add up to the sum of per-term means over the whole window."""
+    if isinstance(loss, torch.Tensor):
+        return loss / max(counts["targets"], 1)
+    return sum(term / max(counts[unit], 1) for unit, term in loss.items())
 
 
 class CausalLM:
@@ -242,7 +278,10 @@ class MaskedLM:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:  # every real token, not only the masked ones
         return int(batch["pad_mask"].sum())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:  # NSP/SOP: a mean over sentence pairs
+        return {"pairs": len(batch["pair_labels"])} if "pair_labels" in batch else {}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
         pairs = "pair_labels" in batch
@@ -250,11 +289,10 @@ class MaskedLM:
         mlm_logits, nsp_logits = model(
             batch["input_ids"], batch["segments"], batch["pad_mask"], select=selected, pairs=pairs
         )
-        loss = mlm_loss(mlm_logits, labels[selected])
-        if pairs:  # per example, weighted by its masked tokens: a (weighted) mean NSP after the loop's division
-            nsp = F.cross_entropy(nsp_logits.float(), batch["pair_labels"], reduction="none")  # (B,)
-            loss = loss + (nsp * selected.sum(1)).sum()
-        return loss
+        terms = {"targets": mlm_loss(mlm_logits, labels[selected])}
+        if pairs:  # summed over the pairs; `window_loss` divides by the window's pairs (BERT's mean NSP)
+            terms["pairs"] = F.cross_entropy(nsp_logits.float(), batch["pair_labels"], reduction="sum")
+        return terms
 
 
 class ReplacedTokenDetection:
@@ -277,13 +315,15 @@ class ReplacedTokenDetection:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:  # every real token, not only the masked ones
         return int(batch["pad_mask"].sum())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:  # RTD: a mean over real tokens
+        return {"real": int(batch["pad_mask"].sum())}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         step, rtd_labels, gen_loss = electra_step(model, batch)
         real = batch["pad_mask"]
         rtd = F.binary_cross_entropy_with_logits(step.disc_logits.float(), rtd_labels, reduction="none")  # (B, T)
-        # each example's summed RTD x its (masked / real tokens): a mean RTD after the loop's division
-        scale = (batch["labels"] != IGNORE_INDEX).sum(1) / real.sum(1).clamp(min=1)  # (B,)
-        return gen_loss + self.weight * ((rtd * real).sum(1) * scale).sum()
+        # summed over real tokens; `window_loss` divides by the window's real tokens (ELECTRA's mean RTD)
+        return {"targets": gen_loss, "real": self.weight * (rtd * real).sum()}
 
 
 def electra_step(

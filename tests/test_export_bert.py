@@ -20,6 +20,7 @@ from lmforge.checkpoint import load_trained, save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.data.masking import special_ids
 from lmforge.errors import LmforgeError
+from lmforge.export.bert import encoder_tokenizer_json
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.hf_import import import_hf
 from lmforge.models.bert import Bert, BertConfig, Electra
@@ -286,3 +287,48 @@ def test_imported_bert_run_evaluates(bpe: Tokenizer, tmp_path: Path) -> None:
     metrics = json.loads(r.stdout)
     assert metrics["objective"] == "mlm+nsp" and 0.0 <= metrics["mlm_accuracy"] <= 1.0
     assert 0.0 <= metrics["nsp_accuracy"] <= 1.0 and metrics["mlm_ppl"] > 1.0
+
+
+def test_imported_bert_run_evaluates_on_its_original_data_and_refuses_other_tokenizers(
+    bpe: Tokenizer, tmp_path: Path
+) -> None:
+    """export -> import gave the run's tokenizer [PAD]/[CLS]/[SEP]/[MASK] as added tokens after its ids (where
+    training had appended them), and `eval IMPORTED --data ORIGINAL_DATA` refused the data as "prepared with
+    another tokenizer" although every id reads the same; now it scores it as the original run does. Data
+    prepared with a really different tokenizer is still refused in one line."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from tests.conftest import run_cli, shakespeare_text
+
+    run = make_encoder_run(tmp_path / "run", bpe)
+    imported = import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "imported")
+    assert load_trained(imported, torch.device("cpu")).tokenizer.fingerprint != bpe.fingerprint  # the specials
+    bpe.save(tmp_path / "tokenizer.json")
+    docs = tmp_path / "docs.jsonl"
+    paragraphs = [p for p in shakespeare_text(20_000).split("\n\n") if p.strip()]
+    docs.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    for name, tokenizer in (("data", str(tmp_path / "tokenizer.json")), ("char", "char")):
+        prepare(PrepareConfig(inputs=[str(docs)], out=str(tmp_path / name), tokenizer=tokenizer,
+                              val_fraction=0.2, test_fraction=0.0), progress=False)  # fmt: skip
+    flags = ("--data", str(tmp_path / "data"), "--max-batches", "2", "--batch-size", "4", "--json")
+    original, again = run_cli("eval", str(run), *flags), run_cli("eval", str(imported), *flags)
+    assert original.returncode == 0 and again.returncode == 0, again.stderr
+    want, got = json.loads(original.stdout), json.loads(again.stdout)
+    keys = ("loss", "mlm_accuracy", "mlm_ppl", "nsp_accuracy", "tokens")
+    assert [got[k] for k in keys] == [want[k] for k in keys]  # the same masks, ids and model: the same numbers
+    r = run_cli("eval", str(imported), "--data", str(tmp_path / "char"), "--max-batches", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "was prepared with another tokenizer than" in r.stderr and "--tokenizer" in r.stderr
+
+
+def test_a_tokenizer_reads_the_ids_of_one_it_only_extends(bpe: Tokenizer) -> None:
+    from tokenizers import AddedToken
+
+    exported = Tokenizer.from_str(encoder_tokenizer_json(bpe)[0])
+    hf = Tokenizer.from_str(bpe.to_str())._hf
+    hf.add_special_tokens([AddedToken("[PAD]", special=True, normalized=False)])
+    extended = Tokenizer(hf)
+    assert bpe.reads_ids_of(bpe) and extended.reads_ids_of(bpe)
+    assert not bpe.reads_ids_of(extended)  # ids the run's tokenizer lacks
+    assert not exported.reads_ids_of(bpe)  # the export's [CLS] A [SEP] framing changes encoding: import drops it
+    other = train_bpe([f"{t} {i}" for i in range(20) for t in reversed(TEXTS)], vocab_size=280)
+    assert not other.reads_ids_of(bpe) and not bpe.reads_ids_of(other)

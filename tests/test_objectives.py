@@ -27,6 +27,8 @@ from lmforge.objectives import (
     ObjectiveConfig,
     ReplacedTokenDetection,
     electra_corrupt,
+    window_counts,
+    window_loss,
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.train.objective_setup import check_objective, encoder_loader_kwargs
@@ -294,7 +296,7 @@ def _overfit(model, objective, batch, steps=60):
     losses = []
     for _ in range(steps):
         torch.manual_seed(len(losses))  # ELECTRA sampling
-        loss = objective.loss(model, batch) / max(objective.count(batch), 1)
+        loss = window_loss(objective.loss(model, batch), window_counts(objective, [batch]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -456,3 +458,58 @@ def test_finetune_of_an_electra_run_says_which_bases_it_takes(data_dir, tmp_path
     with pytest.raises(ConfigError) as err:  # was "is a electra model; ...", with no way forward
         load_base(run, tmp_path / "ft", torch.device("cpu"))
     assert "model.family 'electra' run" in str(err.value) and "--preset bert-tiny" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["mlm+nsp", "electra"])
+def test_train_loss_is_the_validation_loss_and_the_reference_definition(data_dir, name):
+    """Training weighted each example's NSP loss by its masked-token count (and its RTD loss by masked / real
+    tokens) while validation took plain means, so `loss` and `val_loss` of one batch differed. Now both are
+    BERT's MLM mean + NSP mean over pairs, ELECTRA's generator MLM mean + 50 x RTD mean over real tokens."""
+    from lmforge.eval.objectives import evaluate_encoder
+    from lmforge.train.precision import pick_precision
+
+    loader, sp, tok = _loader(data_dir, name)
+    batch = next(loader)
+    tail = torch.arange(48) >= 48 - 2 * torch.arange(16)[:, None]  # (16, 48): row i's last 2i tokens made padding
+    batch["pad_mask"] &= ~tail
+    batch["input_ids"][tail], batch["labels"][tail] = sp.pad, IGNORE_INDEX
+    selected = batch["labels"] != IGNORE_INDEX  # rows with different masked and real token counts
+    assert len(set(selected.sum(1).tolist())) > 1 and len(set(batch["pad_mask"].sum(1).tolist())) > 1
+    electra = name == "electra"
+    cfg = BertConfig(family="electra" if electra else "bert", vocab_size=tok.vocab_size + sp.added, max_seq_len=48,
+                     n_layer=1, n_head=2, d_model=32, dropout=0.0, generator_ratio=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    model = (Electra if electra else Bert)(cfg)
+    model.init_weights()
+    objective = ReplacedTokenDetection(50.0) if electra else MaskedLM()
+
+    model.train()
+    train_loss = window_loss(objective.loss(model, batch), window_counts(objective, [batch])).item()
+    # the same batch as an accumulation window of two micro-batches: the same loss
+    halves = [{k: v[:6] for k, v in batch.items()}, {k: v[6:] for k, v in batch.items()}]
+    counts = window_counts(objective, halves)
+    assert sum(window_loss(objective.loss(model, half), counts) for half in halves).item() == pytest.approx(
+        train_loss, rel=1e-6
+    )
+    val = evaluate_encoder(model, [batch], precision=pick_precision(torch.device("cpu"), "float32"), electra=electra)
+    assert val["loss"] == pytest.approx(train_loss, rel=1e-6)
+
+    # by hand, in float64: each term a mean over its own items
+    with torch.no_grad():
+        if electra:
+            step = model(batch["input_ids"], batch["segments"], batch["pad_mask"], select=selected,
+                         noise=batch["sample_noise"])  # fmt: skip
+            mlm_logits = step.gen_logits.double()
+            original = torch.where(selected, batch["labels"], batch["input_ids"])
+            y = (step.corrupted != original).double()[batch["pad_mask"]]
+            s = step.disc_logits.double()[batch["pad_mask"]]
+            p = torch.sigmoid(s)
+            second = 50.0 * float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+        else:
+            mlm_logits, nsp_logits = model(batch["input_ids"], batch["segments"], batch["pad_mask"], select=selected,
+                                           pairs=True)  # fmt: skip
+            nsp_logp = nsp_logits.double().log_softmax(-1)
+            second = float(-nsp_logp[torch.arange(len(nsp_logp)), batch["pair_labels"]].mean())
+        mlm_logp = mlm_logits.double().log_softmax(-1)
+        first = float(-mlm_logp[torch.arange(len(mlm_logp)), batch["labels"][selected]].mean())
+    assert train_loss == pytest.approx(first + second, rel=1e-6)

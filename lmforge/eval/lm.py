@@ -228,7 +228,8 @@ def evaluate_checkpoint(
         )
     data = load_data_dir(data_dir or trained.config.data.dir)
     manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")
-    if manifest_tok != trained.tokenizer.fingerprint:
+    # the ids are what must agree: a BERT export adds its specials after them, so its import reads the run's data
+    if manifest_tok != trained.tokenizer.fingerprint and not trained.tokenizer.reads_ids_of(data.load_tokenizer()):
         raise DataError(
             f"{data.path} was prepared with another tokenizer than {path}; prepare the text again with "
             f"--tokenizer {checkpoint.path / 'tokenizer.json'}"

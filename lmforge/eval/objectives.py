@@ -7,8 +7,9 @@ Keys (as `lmforge eval --json` prints them):
 - `nsp_accuracy`: sentence-pair (NSP or SOP) classification accuracy
 - `rtd_accuracy`, `rtd_auc`: the ELECTRA discriminator's per-token accuracy (threshold 0) and
   ROC AUC over every real token, replaced = positive
-- `loss`: MLM mean (+ NSP mean) for BERT; generator MLM mean + rtd_weight * RTD mean for ELECTRA,
-  the quantity training minimizes, which early stopping and best-checkpoint selection use
+- `loss`: MLM mean over the selected positions (+ NSP mean over the pairs) for BERT; generator MLM mean
+  + rtd_weight * RTD mean over the real tokens for ELECTRA: the quantity training minimizes and logs as
+  `loss` (objectives.py, the same definition), which early stopping and best-checkpoint selection use
 Masks (and ELECTRA's generator samples, from the batches' fixed `sample_noise`) are the same at
 every evaluation, so numbers are comparable across steps and runs.
 """

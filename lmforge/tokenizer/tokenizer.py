@@ -12,7 +12,8 @@ Key design decisions:
   Exact for our byte-level BPE (GPT-2 byte<->unicode table) and char (byte-fallback) tokenizers;
   for foreign tokenizers it follows their decoder's conventions (Metaspace "▁", WordPiece "##").
 - `fingerprint` is the sha256 of the canonical JSON (sorted keys, no whitespace): data prepared with
-  one tokenizer can be recognised and refused by a model trained with another.
+  one tokenizer can be recognised and refused by a model trained with another. `reads_ids_of` allows
+  one difference, tokens added after the data's ids (a BERT export's specials), since ids mean the same.
 """
 
 from __future__ import annotations
@@ -220,6 +221,17 @@ class Tokenizer:
         """sha256 of the canonical tokenizer JSON: same fingerprint == same tokenization."""
         canonical = json.dumps(json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def reads_ids_of(self, prepared: Tokenizer) -> bool:
+        """Whether ids encoded with `prepared` mean the same to this tokenizer: the same tokenizer.json, or
+        the same with added tokens after `prepared`'s ids. An encoder's HF export adds [PAD]/[CLS]/[SEP]/[MASK]
+        (and [UNK]) there, where training had appended them, so its import reads its run's data unchanged."""
+        if self.fingerprint == prepared.fingerprint:
+            return True
+        mine = json.loads(self.to_str())
+        n = prepared.vocab_size
+        mine["added_tokens"] = [t for t in mine.get("added_tokens") or [] if t["id"] < n]
+        return mine == json.loads(prepared.to_str())
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id contributes to decoded text (int64, length vocab_size; 0 for specials)."""

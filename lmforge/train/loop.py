@@ -4,7 +4,8 @@ Read top to bottom, one optimizer step per iteration (nanoGPT's order):
 
     set lr from schedule.lr_at(step)
     fetch the accumulation window's micro-batches, count their valid targets
-    forward + backward each, loss divided by the window's valid-target count
+    forward + backward each, loss divided by the window's valid-target count (a loss term over other
+      units, NSP's sentence pairs say, by the window's count of those: objectives.window_loss)
     (L1 penalty) -> unscale -> clip -> optimizer step (skipped if the gradient is NaN/inf) -> zero grads
       (on CUDA with fused Adam(W) the skip is decided on the GPU and counted one step later: `_Verdict`)
     log every `log_every` steps (+ update ratio, loss-spike flag, skipped steps, memory)
@@ -34,7 +35,7 @@ from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.dist import DistInfo
 from lmforge.log import RunLogger
-from lmforge.objectives import CausalLM, Objective, to_device, tokens_read
+from lmforge.objectives import CausalLM, Objective, to_device, window_counts, window_loss
 from lmforge.train.optim import l1_penalty
 from lmforge.train.precision import Precision
 from lmforge.train.schedule import lr_at
@@ -201,7 +202,8 @@ def train(
         log: progress bar, console lines and metrics.jsonl.
         save: writes a checkpoint of the current state and returns its path.
         evaluate: validation metrics {"loss", "bpb", ...}; None = no evaluation.
-        objective: count(batch) -> targets, loss(model, batch) -> summed loss (see objectives.py);
+        objective: count(batch) -> targets, loss(model, batch) -> summed loss (or summed terms, each
+            over its own unit: objectives.window_loss);
             None = causal LM on (inputs, targets).
         flops_per_token: training FLOPs per token, for MFU.
         peak_flops: one device's measured peak FLOP/s, for MFU. Under torchrun tokens_per_s is global
@@ -276,15 +278,16 @@ def train(
                 group["lr"] = lr
 
             window = [next(loader) for _ in range(cfg.accum_steps)]
-            n_targets = sum(objective.count(batch) for batch in window)
-            n_tokens = sum(tokens_read(objective, batch) for batch in window)
+            counts = window_counts(objective, window)  # targets, tokens read, other loss units (NSP pairs, ...)
             if world_size > 1:  # normalise by the global window; DDP/FSDP average gradients, so undo that
-                n_targets, n_tokens = (int(v) for v in dist.all_reduce([n_targets, n_tokens], device))
+                totals = dist.all_reduce(list(counts.values()), device)
+                counts = {unit: int(n) for unit, n in zip(counts, totals, strict=True)}
+            n_tokens = counts["tokens"]
             step_loss = torch.zeros((), device=device)
             for i, batch in enumerate(window):
                 with dist.no_grad_sync(model, sync=i == len(window) - 1):  # all-reduce after the last only
                     with precision.autocast():
-                        loss = objective.loss(model, to_device(batch, device)) / max(n_targets, 1)
+                        loss = window_loss(objective.loss(model, to_device(batch, device)), counts)
                     step_loss += loss.detach()
                     loss = loss * world_size if world_size > 1 else loss
                     (scaler.scale(loss) if scaler else loss).backward()
