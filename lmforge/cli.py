@@ -158,6 +158,14 @@ def build_parser() -> Parser:
         help="evaluate only the first N batches (N x --batch-size sequences) of the split, the ones the run's "
         "evaluations with --eval.max_batches N cover (default: all)",
     )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tokens per scored sequence, at most the model's context (default: the run's data.seq_len, else its "
+        "context; an imported model knows only its context)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     from lmforge.cli_adapt import add_eval_task_args, add_parsers
@@ -456,6 +464,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             batch_size=args.batch_size,
             max_batches=args.max_batches,
             device=args.device,
+            seq_len=args.seq_len,
         )
         if args.json:
             from lmforge.log import json_text

@@ -170,7 +170,7 @@ def add_parsers(sub: Any) -> None:
 # eval's two modes take different flags: these only apply with --task, the split ones only without it
 # (doc_stride: data/qa.py's DOC_STRIDE, written here so that building the parser imports no torch; a test checks)
 _TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0, "doc_stride": 128}
-_SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0}
+_SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0, "seq_len": 0}
 
 
 def add_eval_task_args(p: Any) -> None:

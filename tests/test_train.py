@@ -440,3 +440,25 @@ def test_the_console_line_of_a_run_whose_eta_is_beyond_timedelta_is_written():
     assert line.endswith("eta 3.17e+10 years"), line
     assert format_duration(math.inf) == format_duration(math.nan) == "?"
     assert format_duration(90061.7) == "1 day, 1:01:01"
+
+
+def test_eval_seq_len_scores_an_imported_export_as_its_run(data_dir, tmp_path):
+    """A run trained on windows shorter than its context, exported and imported back, knows only the context:
+    `eval` scored it at the context (another loss); `--seq-len` scores both at one length, to the same numbers."""
+    from lmforge.errors import ConfigError
+    from lmforge.eval.lm import evaluate_checkpoint
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2, "data.seq_len": 16}), progress=False)
+    imported = import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "imported")
+    mine = evaluate_checkpoint(str(run))
+    assert mine["seq_len"] == 16
+    assert evaluate_checkpoint(str(imported), data_dir=str(data_dir))["seq_len"] == 32  # the context
+    theirs = evaluate_checkpoint(str(imported), data_dir=str(data_dir), seq_len=16)
+    assert theirs["tokens"] == mine["tokens"] and theirs["loss"] == pytest.approx(mine["loss"], rel=1e-6)
+    at_context = evaluate_checkpoint(str(run), seq_len=32)
+    assert at_context["seq_len"] == 32 and at_context["loss"] != pytest.approx(mine["loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="--seq-len 33 is longer than the model's context of 32 tokens"):
+        evaluate_checkpoint(str(run), seq_len=33)

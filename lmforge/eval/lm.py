@@ -183,6 +183,7 @@ def evaluate_checkpoint(
     batch_size: int = 0,
     max_batches: int = 0,
     device: str = "auto",
+    seq_len: int = 0,
 ) -> dict[str, float | int | str]:
     """`lmforge eval`: loss, perplexity and bits per byte of a run/checkpoint on a prepared split.
 
@@ -197,6 +198,8 @@ def evaluate_checkpoint(
             or its train.batch_size in forward passes of its micro-batch), as in its own evaluations.
         max_batches: evaluate the first max_batches x that batch sequences of the split; 0 = all of them.
         device: "auto", "cpu", "cuda" or "mps".
+        seq_len: tokens per scored sequence; 0 = the run's data.seq_len (else its model's context), so a run and
+            its export imported back (which knows only the context) are compared at one length.
     """
     from lmforge.adapt.load import load_finetuned
     from lmforge.checkpoint import load_checkpoint
@@ -205,9 +208,12 @@ def evaluate_checkpoint(
     from lmforge.errors import ConfigError, DataError
     from lmforge.train.precision import pick_device, pick_precision
 
-    if batch_size < 0 or max_batches < 0:
-        flag, value = ("--batch-size", batch_size) if batch_size < 0 else ("--max-batches", max_batches)
+    if batch_size < 0 or max_batches < 0 or seq_len < 0:
+        flag, value = next((f, v) for f, v in (("--batch-size", batch_size), ("--max-batches", max_batches),
+                                                ("--seq-len", seq_len)) if v < 0)  # fmt: skip
         raise ConfigError(f"{flag} must be >= 1 (or 0 for the default), got {value}")
+    if seq_len == 1:
+        raise ConfigError("--seq-len must be >= 2: a sequence of one token has nothing to predict")
     precision = pick_precision(pick_device(device), "auto")
     trained = load_finetuned(path, precision.device)  # any run: pretrained, LoRA adapters, soft prompt, ...
     if getattr(trained.model, "head", None) is not None:
@@ -243,7 +249,12 @@ def evaluate_checkpoint(
                 f"the {split} split of {data.path} got no documents: {empty_split_reason(data.manifest, [split])}"
             )
         raise DataError(f"{data.path} has no '{split}' split; pick another --split or prepare with a {split} fraction")
-    seq_len = min(trained.config.data.seq_len or trained.config.model.max_seq_len, trained.model.cfg.max_seq_len)
+    context = trained.model.cfg.max_seq_len
+    if seq_len > context:
+        raise ConfigError(
+            f"--seq-len {seq_len} is longer than the model's context of {context} tokens; pass at most {context}"
+        )
+    seq_len = seq_len or min(trained.config.data.seq_len or trained.config.model.max_seq_len, context)
     # the run's eval settings with these flags: the same sequences as its evaluations with --eval.max_batches N
     train_cfg = trained.config.train
     eval_cfg = dataclasses.replace(
@@ -256,7 +267,7 @@ def evaluate_checkpoint(
         from lmforge.eval.objectives import evaluate_encoder
         from lmforge.train.objective_setup import encoder_loader_kwargs
 
-        cfg = trained.config
+        cfg = dataclasses.replace(trained.config, data=dataclasses.replace(trained.config.data, seq_len=seq_len))
         kwargs = encoder_loader_kwargs(cfg, shards, trained.tokenizer, batch_size=forward, seed=0)
         metrics = evaluate_encoder(
             trained.model,
@@ -266,7 +277,8 @@ def evaluate_checkpoint(
             rtd_weight=cfg.objective.rtd_weight,
         )
         return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
-                "data": str(data.path), "split": split, "objective": cfg.objective.name, **metrics}  # fmt: skip
+                "data": str(data.path), "split": split, "seq_len": seq_len, "objective": cfg.objective.name,
+                **metrics}  # fmt: skip
     token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())  # (also checks the split's ids)
     batches = eval_batches(shards, seq_len=seq_len, batch_size=forward, max_sequences=limit)
     metrics = evaluate_lm(trained.model, batches, token_bytes=token_bytes, precision=precision)
@@ -275,5 +287,6 @@ def evaluate_checkpoint(
         "step": int(checkpoint.meta.get("step", 0)),
         "data": str(data.path),
         "split": split,
+        "seq_len": seq_len,
         **metrics,
     }
