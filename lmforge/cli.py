@@ -193,7 +193,8 @@ def build_parser() -> Parser:
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it, once all are done) instead of "
         "printing it; finished completions are kept in FILE.partial meanwhile, so after Ctrl-C or a kill the same "
-        "command continues where it stopped (same prompts, checkpoint, settings and --seed: the same FILE)",
+        "command continues where it stopped, with any --batch-size (same prompts, checkpoint, settings and --seed: "
+        "the same FILE)",
     )
     p.add_argument(
         "--batch-size",

@@ -12,12 +12,11 @@
   a run without a KV cache (a soft-prompt fine-tune, a recurrent model), `--no-cache`, or a batch whose
   longest prompt plus `--max-new-tokens` is past the context (`generate` slides a window there; a batch
   cache cannot).
-- Seeds: batch k samples with seed + k, a row generated alone with seed + its row number (rows in prompt
-  order, a prompt's samples in order), so the same command and seed give the same samples, and the N
-  samples of a prompt differ. The batches are a function of the job (the prompts' token lengths and
-  `--batch-size`), so a resumed run (below) decodes the same batches with the same seeds as an
-  uninterrupted one: its rows come out the same (tested), which per-batch seeds with resumed rows re-batched
-  would not give.
+- Seeds: row b (rows in prompt order, a prompt's samples in order) samples from its own generator seeded
+  seed + b, in a batch (`generate_batch(seeds=)`) or alone, so the same command and seed give the same
+  samples, the N samples of a prompt differ, and a row's completion does not depend on the rows beside it:
+  any `--batch-size` gives the same file, and row b is `lmforge generate --prompt P --seed seed+b` (up to float
+  rounding in batched matmuls, ~1e-7 on the logits, which can flip a near-tie; tested equal on the test model).
 - Each row ends as `--prompt` does: at end-of-text or a run stop id (unless `--ignore-eos`), or before the
   first `--stop` string (`generate.StopStrings`, fed token by token: the same cut as a single prompt's).
 - Output: with `--prompt-file`, JSONL in input order, one line per completion: a JSONL line's own fields
@@ -28,9 +27,10 @@
   alone, the N samples are printed as text, each as prompt + completion under a `=== sample i/N ===` line.
 - Resume (`--out` only): each finished batch is appended, flushed, to `OUT.partial` beside OUT (`partial_path`),
   a JSON line per row ({"row", "completion", "finish_reason"}) after a header line naming the job (`_job`: a
-  sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, batch size, device, and
-  the command that made it). The same command again continues it: done rows are read back and a batch of only
-  done rows is skipped; a torn last line (a SIGKILL mid-write) is cut off and its rows made again. A partial
+  sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, device, and the command
+  that made it). The same command again, with any `--batch-size`, continues it: done rows are read back and only
+  the others are batched and decoded; a torn last line (a SIGKILL mid-write) is cut off and its rows made
+  again. A partial
   file of another job, or not of lmforge, is a one-line error naming what differs and what to do, and a second
   run while one writes it is refused (`flock`). OUT appears, in input order, only at the end; then the partial
   file is removed.
@@ -59,6 +59,8 @@ STDIN = "-"  # --prompt-file -: the prompts come from stdin
 OUTPUT_FIELDS = ("completion", "finish_reason", "sample")  # an output line's own, after a JSONL line's fields
 PARTIAL_SUFFIX = ".partial"  # --out OUT: the completions finished so far are in OUT.partial (partial_path)
 PARTIAL_FORMAT = "lmforge_generate_partial"  # the header line's key, its value the format's version
+# 2: row b sampled with seed + b in any batch; 1 (seed + the batch's number) resumed only with the same --batch-size
+PARTIAL_VERSION = 2
 
 
 def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
@@ -218,8 +220,8 @@ def generate_many(
     partial = None
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        job = _job(prompts, settings, loaded, checkpoint, num_samples=num_samples, batch_size=batch, seed=seed,
-                   use_cache=use_cache, stop=stop)  # fmt: skip
+        job = _job(prompts, settings, loaded, checkpoint, num_samples=num_samples, seed=seed, use_cache=use_cache,
+                   stop=stop)  # fmt: skip
         partial, done = _open_partial(partial_path(Path(out)), job, len(rows))
     from tqdm import tqdm
 
@@ -278,8 +280,9 @@ def _complete(
 ) -> Iterator[dict[int, tuple[str, str]]]:
     """Each row's completion text and finish reason ("stop" or "length"), decoded in batches where they fit, given
     as each batch (or row decoded alone) is finished: {row: (text, finish)}. The rows in `skip` (done by an earlier
-    run of the same job) are not given again, and a batch of only those is not decoded: the batches and their
-    seeds are the same as an uninterrupted run's, so a batch decoded again (some of its rows done) gives the same."""
+    run of the same job) are left out before batching. Row b samples from its own generator seeded seed + b, batched
+    or alone, so its completion does not depend on which rows share its batch: any `batch_size`, and a resumed run
+    batching only the rest, give the same rows (up to float rounding, module docstring)."""
     from lmforge.generate import (
         StopStrings,
         StreamDecoder,
@@ -302,29 +305,29 @@ def _complete(
         cuts[b].feed(decoders[b].flush())  # (a character cut by max_new_tokens is dropped, as --prompt drops it)
         return cuts[b].text, "stop" if cuts[b].stopped or (ids and ids[-1] in stops) else "length"
 
-    order = sorted(range(len(rows)), key=lambda b: len(rows[b]))  # stable: a prompt's samples stay in order
+    def row_seed(b: int) -> int | None:
+        return None if seed is None else (seed + b) % 2**63
+
+    # stable: a prompt's samples stay in order
+    order = sorted((b for b in range(len(rows)) if b not in skip), key=lambda b: len(rows[b]))
     context = context_length(loaded.model)
-    for k, start in enumerate(range(0, len(order), batch_size)):
+    for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        if all(b in skip for b in batch):
-            continue
         if use_cache and len(rows[batch[-1]]) + settings["max_new_tokens"] - 1 <= context:
             outs = generate_batch(
                 loaded.model,
                 [rows[b] for b in batch],
-                seed=None if seed is None else (seed + k) % 2**63,  # (k: the batch's place in the whole run)
+                seeds=None if seed is None else [row_seed(b) for b in batch],
                 on_token=lambda row, token, batch=batch: on_token(batch[row], token),
                 **settings,
             )
-            yield {b: finished(b, ids) for b, ids in zip(batch, outs, strict=True) if b not in skip}
+            yield {b: finished(b, ids) for b, ids in zip(batch, outs, strict=True)}
             continue
         for b in batch:  # alone: no cache, or past the context (sliding window)
-            if b in skip:
-                continue
             ids = generate(
                 loaded.model,
                 rows[b],
-                seed=None if seed is None else (seed + b) % 2**63,
+                seed=row_seed(b),
                 use_cache=use_cache,
                 on_token=lambda token, b=b: on_token(b, token),
                 prefix=loaded.tokenizer.prompt_prefix,  # (kept first when the window slides)
@@ -369,7 +372,7 @@ def _job(
         "prompts": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "checkpoint": checkpoint,
         "device": next(loaded.model.parameters()).device.type,
-        **options,  # num_samples, batch_size (a batch's rows share its seed), seed, use_cache, stop
+        **options,  # num_samples, seed, use_cache, stop (not the batch size: rows are seeded alone, _complete)
         **sampling,
         "penalties": None if penalties is None or penalties.off else dataclasses.asdict(penalties),
     }
@@ -408,7 +411,7 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
         if b"\n" not in data and data.startswith(b'{"' + PARTIAL_FORMAT.encode()):
             data = b""  # a header cut by a kill: nothing was done yet
         if not data:
-            header = {PARTIAL_FORMAT: 1, "job": job, "command": rerun_command(sys.argv)}
+            header = {PARTIAL_FORMAT: PARTIAL_VERSION, "job": job, "command": rerun_command(sys.argv)}
             handle.truncate(0)
             # (ASCII: a --stop or path from argv's undecodable bytes is a lone surrogate, which UTF-8 cannot write)
             handle.write(json.dumps(header).encode("ascii") + b"\n")
@@ -416,7 +419,13 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
             return handle, done
         lines = data.split(b"\n")  # the last one: b"" after a whole line, else torn
         header = _json_line(lines[0])
-        if not (isinstance(header, dict) and header.get(PARTIAL_FORMAT) == 1 and isinstance(header.get("job"), dict)):
+        version = header.get(PARTIAL_FORMAT) if isinstance(header, dict) else None
+        if type(version) is int and version != PARTIAL_VERSION:
+            raise LmforgeError(
+                f"{path} holds unfinished completions of another lmforge version (partial format {version}, this "
+                f"one reads {PARTIAL_VERSION}); finish it with that version, or delete {path} to start over"
+            )
+        if not (version == PARTIAL_VERSION and isinstance(header.get("job"), dict)):
             raise LmforgeError(
                 f"{path} is in the way: --out keeps its unfinished completions there, and it is not such a file of "
                 "lmforge generate; move it away or choose another --out"

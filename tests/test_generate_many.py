@@ -66,6 +66,13 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
     assert len(samples) == 3 and len(set(s.split("\n", 1)[1] for s in samples)) == 3  # three different draws
     assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled) == text  # the same seed again
     assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled | {"seed": 8}) != text
+    # sample j is seeded 7 + j on its own: `--prompt --seed 7+j`'s text, in a batch of any size
+    assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, batch_size=2, **sampled) == text
+    for j, sample in enumerate(samples):
+        assert (
+            sample.split("\n", 1)[1]
+            == "Hello" + generate_from_checkpoint(base, prompt="Hello", **sampled | {"seed": 7 + j}) + "\n"
+        )
     prompts = tmp_path / "p.txt"
     prompts.write_text("ab\ncd\n", encoding="utf-8")
     rows = [
@@ -246,21 +253,22 @@ def test_out_inside_the_run_is_refused_before_it_is_written(base: Path, tmp_path
 
 def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_path: Path, monkeypatch) -> None:
     """`--out` wrote once at the end: Ctrl-C (or a kill) at prompt 9,000 of 10,000 lost every completion. Finished
-    batches now go to OUT.partial as they come; the same command again decodes only the rest (a torn last line, as
-    a SIGKILL mid-write leaves, dropped) and writes OUT equal, byte for byte, to an uninterrupted run's (seeded
-    sampling, several samples, a row decoded alone past the batch cache), the partial file then removed."""
+    batches now go to OUT.partial as they come; the same command again, with another --batch-size too, decodes only
+    the rest, each once (a torn last line, as a SIGKILL mid-write leaves, dropped) and writes OUT equal, byte for
+    byte, to an uninterrupted run's (seeded sampling, several samples, a row decoded alone past the batch cache),
+    the partial file then removed. (A resume used to need the same --batch-size, seeds being per batch.)"""
     import lmforge.generate as gen
     from lmforge.cli import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), "utf-8")
-    run = ["generate", str(base), "--prompt-file", str(prompts), "--num-samples", "2", "--batch-size", "3"]
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--num-samples", "2"]
     run += ["--max-new-tokens", "20", "--temperature", "1", "--seed", "5", "--quiet"]
     with pytest.raises(SystemExit):
-        main(run + ["--out", str(tmp_path / "straight.jsonl")])
+        main(run + ["--batch-size", "4", "--out", str(tmp_path / "straight.jsonl")])
     straight = (tmp_path / "straight.jsonl").read_bytes()
 
-    batch, calls = gen.generate_batch, []
+    batch, alone, calls = gen.generate_batch, gen.generate, []
 
     def counted(*args, **kwargs):
         calls.append(len(args[1]))
@@ -268,10 +276,15 @@ def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_pa
             raise KeyboardInterrupt  # (as Ctrl-C, or SIGTERM through cli's handler, arrives mid-decode)
         return batch(*args, **kwargs)
 
+    def counted_alone(*args, **kwargs):
+        calls.append(1)
+        return alone(*args, **kwargs)
+
     monkeypatch.setattr(gen, "generate_batch", counted)
+    monkeypatch.setattr(gen, "generate", counted_alone)
     out, interrupt = tmp_path / "out" / "c.jsonl", True
     with pytest.raises(SystemExit) as e:
-        main(run + ["--out", str(out)])
+        main(run + ["--batch-size", "3", "--out", str(out)])
     partial = out.with_name("c.jsonl.partial")
     lines = partial.read_text("utf-8").splitlines()
     assert e.value.code == 130 and not out.exists() and len(lines) == 1 + 6  # a header, two batches of 3 rows
@@ -279,9 +292,10 @@ def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_pa
     calls.clear()
     interrupt = False
     with pytest.raises(SystemExit) as e:
-        main(run + ["--out", str(out)])
+        main(run + ["--batch-size", "2", "--out", str(out)])
     assert e.value.code == 0 and out.read_bytes() == straight and not partial.exists()
-    assert calls == [3, 3, 3]  # 14 rows: 5 done; the second batch again, two more; the 32-character prompt's 2 alone
+    # 14 rows, 5 done: the 9 others once each (the last batch, the 32-character prompt's 2 rows, goes row by row)
+    assert calls == [2, 2, 2, 1, 1, 1]
 
 
 def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -315,6 +329,8 @@ def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, ca
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
         assert partial.read_bytes() == kept
     assert f"run that command to finish it, or delete {partial} to start over" in main_error(run + ["--seed", "2"])
+    partial.write_text('{"lmforge_generate_partial": 1, "job": {}}\n', encoding="utf-8")  # rows seeded per batch
+    assert "of another lmforge version (partial format 1, this one reads 2)" in main_error(run)
     partial.write_text("my notes\n", encoding="utf-8")
     assert "is not such a file of lmforge generate; move it away" in main_error(run)
     partial.unlink()
@@ -336,9 +352,13 @@ def main_error(argv: list[str]) -> str:
     return err.getvalue()
 
 
-def test_a_sigkilled_run_leaves_whole_lines_and_the_same_command_finishes_it(base: Path, tmp_path: Path) -> None:
-    """A real `lmforge generate --out` process killed with SIGKILL mid-file keeps the batches it finished in
-    OUT.partial; the same command finishes the file as an uninterrupted run writes it."""
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGKILL"])
+def test_a_stopped_process_is_finished_by_the_same_command_with_any_batch_size(
+    base: Path, tmp_path: Path, signum: str
+) -> None:
+    """A real `lmforge generate --out` process stopped mid-file (Ctrl-C: exit 130; SIGKILL) keeps the completions
+    it finished in OUT.partial; the same command with another --batch-size finishes the file as an uninterrupted
+    run with a third one writes it (seeded sampling). A resume used to be refused unless --batch-size matched."""
     import signal
     import time
 
@@ -347,21 +367,22 @@ def test_a_sigkilled_run_leaves_whole_lines_and_the_same_command_finishes_it(bas
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"{i} {PROMPTS[i % 7][:9]}\n" for i in range(12)), encoding="utf-8")
-    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "24", "--batch-size", "1"]
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "24", "--temperature", "1"]
     run += ["--seed", "1", "--quiet", "--out"]
     partial = tmp_path / "c.jsonl.partial"
-    proc = start_cli(*run, str(tmp_path / "c.jsonl"))
+    proc = start_cli(*run, str(tmp_path / "c.jsonl"), "--batch-size", "1")
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if partial.is_file() and partial.read_bytes().count(b"\n") >= 3:  # the header and two completions
             break
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL, proc.stderr
+    proc.send_signal(getattr(signal, signum))
+    code = proc.wait(60)
+    assert code == (130 if signum == "SIGINT" else -signal.SIGKILL), proc.communicate()
     assert not (tmp_path / "c.jsonl").exists() and 3 <= partial.read_bytes().count(b"\n") < 13
-    for out in ("c.jsonl", "straight.jsonl"):
+    for out, batch_size in (("c.jsonl", "5"), ("straight.jsonl", "3")):
         with pytest.raises(SystemExit) as e:
-            main([*run, str(tmp_path / out)])
+            main([*run, str(tmp_path / out), "--batch-size", batch_size])
         assert e.value.code == 0
     assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     assert not partial.exists()
