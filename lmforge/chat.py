@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import ConfigError, DataError, first_line
+from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
 
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
@@ -489,8 +489,6 @@ def chat(
                 vocab_size=tok.vocab_size,
             )
         except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
-            from lmforge.cli import interrupt_handled
-
             interrupt_handled()
             stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
         stdout.write(stream.flush() + "\n")

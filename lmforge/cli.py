@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError
+from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError, interrupt_seen, note_interrupt
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -626,7 +626,7 @@ def _parse_and_run(argv: list[str] | None) -> int:
     global _starting
     parser = build_parser()  # (imports torch, through the config's dataclasses: a Ctrl-C is held until it is done)
     _starting = False
-    if _sigint_seen:
+    if interrupt_seen():
         raise KeyboardInterrupt
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -651,7 +651,6 @@ def _check_flag_typos(parser: argparse.ArgumentParser, command: str, extra: list
                 raise ConfigError(f"unknown option {name}; did you mean {match[0]}? (see 'lmforge {command} --help')")
 
 
-_sigint_seen = False
 _starting = True
 
 
@@ -661,17 +660,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     -6, no message) or left a module half made. After start-up a module imported later (numpy, lazily) can
     still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
     error is the interrupt too."""
-    global _sigint_seen
-    _sigint_seen = True
+    note_interrupt()
     if not _starting:
         raise KeyboardInterrupt
-
-
-def interrupt_handled() -> None:
-    """A Ctrl-C that the command caught and recovered from (chat stops the reply, not the session): a later
-    error is that error, not the interrupt (`_on_sigint` remembers every Ctrl-C)."""
-    global _sigint_seen
-    _sigint_seen = False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -753,13 +744,13 @@ def _main(argv: list[str] | None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
-        if _sigint_seen:
+        if interrupt_seen():
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
         print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        if _sigint_seen:  # a module an earlier Ctrl-C left half imported
+        if interrupt_seen():  # a module an earlier Ctrl-C left half imported
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
         oom = _out_of_memory(e)

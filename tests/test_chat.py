@@ -213,11 +213,11 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
     import io
     import signal
 
-    from lmforge import cli
+    from lmforge import cli, errors
     from lmforge.chat import chat
 
     monkeypatch.setattr(cli, "_starting", False)
-    monkeypatch.setattr(cli, "_sigint_seen", False)
+    monkeypatch.setattr(errors, "_interrupt_seen", False)
 
     class CtrlCOnce(io.StringIO):
         armed = True
@@ -232,7 +232,7 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
     replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
     assert replies == 2, out.getvalue()
     assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
-    assert not cli._sigint_seen
+    assert not errors.interrupt_seen()
 
 
 CHAT_ON_A_TTY = """

@@ -58,6 +58,22 @@ def test_console_script_and_import_stay_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_no_library_module_imports_the_cli():
+    """cli dispatches to the commands, never the reverse (chat imported cli for its Ctrl-C flag, which now lives in
+    errors.py): only `python -m lmforge` (__main__) imports lmforge.cli."""
+    import ast
+
+    importers = []
+    for path in sorted((REPO / "lmforge").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if "lmforge.cli" in names:
+                importers.append(path.relative_to(REPO).as_posix())
+    assert importers == ["lmforge/__main__.py"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_file):
     root = tmp_path_factory.mktemp("cli")
