@@ -249,6 +249,28 @@ def test_quickstart_writes_where_the_readme_says_and_its_next_commands_run(tmp_p
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # two quickstarts: each samples 400 tokens (~6 s on a busy core)
+def test_a_quickstart_run_again_says_it_trained_nothing_not_that_the_budget_ended_it(tmp_path, data_dir, capsys):
+    """A re-run of a finished quickstart trains nothing (pretrain: "nothing to do"), but then said "the 3 s time
+    budget ended training at step 2 of 1000 (this machine is slower or busier than the README's)". It now says
+    that nothing new was trained, and which step the numbers are for. (Small data: the command's own corpus
+    takes ~40 s.)"""
+    from lmforge.quickstart import quickstart
+
+    run = tmp_path / "run"
+    flags = ["--train.time_budget", "0.001", "--eval.every", "0"]  # the budget ends it after its first step
+    quickstart(out=str(run), data_out=str(data_dir), overrides=flags)
+    first = capsys.readouterr().out
+    assert "      the 0.001 s time budget ended training at step 1 of 1000" in first, first
+    assert "nothing new was trained" not in first
+    quickstart(out=str(run), data_out=str(data_dir), overrides=flags)
+    again = capsys.readouterr().out
+    assert "time budget ended training" not in again, again
+    assert f"      nothing new was trained: {run} was trained before, to step 1 of 1000 (" in again, again
+    val = [line for line in first.splitlines() if line.startswith("      val loss ")]
+    assert len(val) == 1 and val[0] in again.splitlines()  # the same run's numbers
+
+
 def test_quickstart_quotes_the_run_path_in_its_next_commands():
     """`quickstart --out 'my runs/q'` ended with `lmforge eval my runs/q --split test`, which a shell reads as
     two paths; the path is now quoted, while runs/quickstart is printed as before."""
