@@ -12,11 +12,11 @@
   a run without a KV cache (a soft-prompt fine-tune, a recurrent model), `--no-cache`, or a batch whose
   longest prompt plus `--max-new-tokens` is past the context (`generate` slides a window there; a batch
   cache cannot).
-- Seeds: row b (rows in prompt order, a prompt's samples in order) samples from its own generator seeded
-  seed + b, in a batch (`generate_batch(seeds=)`) or alone, so the same command and seed give the same
-  samples, the N samples of a prompt differ, and a row's completion does not depend on the rows beside it:
-  any `--batch-size` gives the same file, and row b is `lmforge generate --prompt P --seed seed+b` (up to float
-  rounding in batched matmuls, ~1e-7 on the logits, which can flip a near-tie; tested equal on the test model).
+- Seeds: sample j of a prompt samples from its own generator seeded seed + j, in a batch
+  (`generate_batch(seeds=)`) or alone, as `serve` seeds choice j: so it is `lmforge generate --prompt P --seed
+  seed+j` (sample 0: `--seed seed`'s), the N samples of a prompt differ, and a completion does not depend on the
+  rows beside it: any `--batch-size` gives the same file (up to float rounding in batched matmuls, ~1e-7 on the
+  logits, which can flip a near-tie; tested equal on the test model). Two equal prompts get equal samples.
 - Each row ends as `--prompt` does: at end-of-text or a run stop id (unless `--ignore-eos`), or before the
   first `--stop` string (`generate.StopStrings`, fed token by token: the same cut as a single prompt's).
 - Output: with `--prompt-file`, JSONL in input order, one line per completion: a JSONL line's own fields
@@ -59,7 +59,7 @@ STDIN = "-"  # --prompt-file -: the prompts come from stdin
 OUTPUT_FIELDS = ("completion", "finish_reason", "sample")  # an output line's own, after a JSONL line's fields
 PARTIAL_SUFFIX = ".partial"  # --out OUT: the completions finished so far are in OUT.partial (partial_path)
 PARTIAL_FORMAT = "lmforge_generate_partial"  # the header line's key, its value the format's version
-# 2: row b sampled with seed + b in any batch; 1 (seed + the batch's number) resumed only with the same --batch-size
+# 2: sample j sampled with seed + j in any batch; 1 (seed + the batch's number) resumed only with the same --batch-size
 PARTIAL_VERSION = 2
 
 
@@ -230,7 +230,14 @@ def generate_many(
               disable=None if progress else True, file=sys.stderr) as bar:  # fmt: skip
         try:
             for finished in _complete(
-                loaded, [prompt_ids[i] for i, _ in rows], settings, stop, seed, use_cache, batch, set(done)
+                loaded,
+                [prompt_ids[i] for i, _ in rows],
+                settings,
+                stop,
+                [None if seed is None else (seed + j) % 2**63 for _, j in rows],  # (as `--prompt P --seed` seed + j)
+                use_cache,
+                batch,
+                set(done),
             ):
                 if partial is not None:
                     _append(partial, finished)
@@ -273,16 +280,16 @@ def _complete(
     rows: list[list[int]],
     settings: dict[str, Any],
     stop: list[str],
-    seed: int | None,
+    seeds: list[int | None],
     use_cache: bool,
     batch_size: int,
     skip: set[int],
 ) -> Iterator[dict[int, tuple[str, str]]]:
     """Each row's completion text and finish reason ("stop" or "length"), decoded in batches where they fit, given
     as each batch (or row decoded alone) is finished: {row: (text, finish)}. The rows in `skip` (done by an earlier
-    run of the same job) are left out before batching. Row b samples from its own generator seeded seed + b, batched
-    or alone, so its completion does not depend on which rows share its batch: any `batch_size`, and a resumed run
-    batching only the rest, give the same rows (up to float rounding, module docstring)."""
+    run of the same job) are left out before batching. Row b samples from its own generator seeded `seeds[b]` (None:
+    unseeded), batched or alone, so its completion does not depend on which rows share its batch: any `batch_size`,
+    and a resumed run batching only the rest, give the same rows (up to float rounding, module docstring)."""
     from lmforge.generate import (
         StopStrings,
         StreamDecoder,
@@ -305,9 +312,6 @@ def _complete(
         cuts[b].feed(decoders[b].flush())  # (a character cut by max_new_tokens is dropped, as --prompt drops it)
         return cuts[b].text, "stop" if cuts[b].stopped or (ids and ids[-1] in stops) else "length"
 
-    def row_seed(b: int) -> int | None:
-        return None if seed is None else (seed + b) % 2**63
-
     # stable: a prompt's samples stay in order
     order = sorted((b for b in range(len(rows)) if b not in skip), key=lambda b: len(rows[b]))
     context = context_length(loaded.model)
@@ -317,7 +321,7 @@ def _complete(
             outs = generate_batch(
                 loaded.model,
                 [rows[b] for b in batch],
-                seeds=None if seed is None else [row_seed(b) for b in batch],
+                seeds=[seeds[b] for b in batch] if any(s is not None for s in seeds) else None,
                 on_token=lambda row, token, batch=batch: on_token(batch[row], token),
                 **settings,
             )
@@ -327,7 +331,7 @@ def _complete(
             ids = generate(
                 loaded.model,
                 rows[b],
-                seed=row_seed(b),
+                seed=seeds[b],
                 use_cache=use_cache,
                 on_token=lambda token, b=b: on_token(b, token),
                 prefix=loaded.tokenizer.prompt_prefix,  # (kept first when the window slides)

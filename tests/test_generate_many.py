@@ -80,6 +80,10 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
         for r in generate_from_checkpoint(base, prompt_file=prompts, num_samples=2, **sampled).split("\n")[:-1]
     ]
     assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("cd", 0), ("cd", 1)]
+    for r in rows:  # each prompt's sample j: `--prompt P --seed 7+j`'s, as serve's choice j
+        assert r["completion"] == generate_from_checkpoint(
+            base, prompt=r["prompt"], **sampled | {"seed": 7 + r["sample"]}
+        )
 
 
 def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Path, monkeypatch, capsys) -> None:
