@@ -2,9 +2,11 @@
 
 - Prompts: `--prompt` (one), or `--prompt-file`: a `.jsonl` (one JSON object per line with a "prompt"
   string) or any other file as text, one prompt per line (a prompt with a newline in it needs the JSONL form).
-  Empty lines are skipped in both; a UTF-8 byte-order mark is read past. `--prompt-file -` reads stdin: it has
-  no name to tell the format by, so it is JSONL when its first non-blank line is a JSON object, else text
-  (`cat prompts.jsonl | lmforge generate RUN --prompt-file -`).
+  Empty lines are skipped in both; a UTF-8 byte-order mark is read past. Either may be compressed (`.jsonl.gz`,
+  `.txt.zst`: read as `prepare` reads its inputs); a `.json` file is refused (a JSON list read as text made each
+  of its lines a prompt), as are compressed bytes under another name or on stdin (they read as "not UTF-8").
+  `--prompt-file -` reads stdin: it has no name to tell the format by, so it is JSONL when its first non-blank
+  line is a JSON object, else text (`cat prompts.jsonl | lmforge generate RUN --prompt-file -`).
 - Each prompt gets `num_samples` completions. The (prompt, sample) rows are sorted by prompt length (little
   padding per batch) and decoded `--batch-size` (default `PROMPT_BATCH`) at a time with `generate.generate_batch`,
   which gives each row its own positions and hides the padding: a greedy row equals `lmforge generate --prompt` on that
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from lmforge.atomic import try_lock
-from lmforge.errors import Interrupted, LmforgeError
+from lmforge.errors import Interrupted, LmforgeError, first_line
 
 PROMPT_BATCH = 16  # rows decoded together by default (eval's ANSWER_BATCH); --batch-size
 STDIN = "-"  # --prompt-file -: the prompts come from stdin
@@ -73,13 +75,23 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             "prompt" string, or holds a lone surrogate escape (named by its line number).
     """
     if str(path) == STDIN:
-        name, data = "stdin", sys.stdin.buffer.read()
+        name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")
-        name, data = str(path), path.read_bytes()
+        name, data, inner = str(path), _read_file(path), _inner_name(path)
+        if inner.endswith(".json"):  # (read as text, a JSON list's lines were each completed as a prompt)
+            raise LmforgeError(
+                f"--prompt-file {path}: a .json file is neither JSONL nor one prompt per line; rename it to .jsonl if "
+                f"it holds one JSON object per line, or convert a JSON list: jq -c '.[]' {path} > prompts.jsonl"
+            )
+    packed = next((kind for magic, kind in _MAGIC.items() if data.startswith(magic)), None)
+    if packed is not None:  # (its bytes were reported as "not UTF-8 text; convert it from GBK")
+        suffix, kind, cat = packed
+        fix = f"pipe it through {cat}" if name == "stdin" else f"name it {path.name}{suffix} or unpack it"
+        raise LmforgeError(f"{name} is {kind}-compressed; {fix}")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -87,7 +99,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         fix = "pipe it through iconv -f GBK -t UTF-8" if name == "stdin" else f"e.g. iconv -f GBK -t UTF-8 {name}"
         raise LmforgeError(f"{name} line {line} is not UTF-8 text; convert the file ({fix})") from None
     lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
-    jsonl = _is_jsonl(lines) if name == "stdin" else path.suffix.lower() == ".jsonl"
+    jsonl = _is_jsonl(lines) if name == "stdin" else inner.endswith(".jsonl")
     lines = [(n, line) for n, line in lines if (line.strip() if jsonl else line)]  # (a line of spaces: a prompt)
     if not lines:
         raise LmforgeError(f'{name} holds no prompts; put one per line (in a .jsonl: {{"prompt": "..."}} per line)')
@@ -109,6 +121,36 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             ) from None
         prompts.append((n, row["prompt"], row))
     return prompts
+
+
+# the first bytes of a compressed file: (its suffix, its name, what unpacks it to stdout)
+_MAGIC = {b"\x1f\x8b": (".gz", "gzip", "zcat"), b"\x28\xb5\x2f\xfd": (".zst", "zstandard", "zstdcat")}
+
+
+def _inner_name(path: Path) -> str:
+    """`path`'s name, lowercase, without a .gz or .zst suffix (prompts.jsonl.gz: prompts.jsonl)."""
+    name = path.name.lower()
+    return name.removesuffix(".gz") if name.endswith(".gz") else name.removesuffix(".zst")
+
+
+def _read_file(path: Path) -> bytes:
+    """A prompt file's bytes, decompressed when it is named .gz or .zst (as `prepare` reads its inputs).
+
+    Raises:
+        LmforgeError: a damaged or cut-short compressed file, or a .zst without zstandard installed.
+    """
+    from lmforge.data.compressed import open_input, read_errors
+
+    if _inner_name(path) == path.name.lower():
+        return path.read_bytes()
+    raw, stream = open_input(path)
+    try:
+        with raw, stream:
+            return stream.read()
+    except read_errors() as e:
+        raise LmforgeError(
+            f"--prompt-file {path} could not be decompressed ({first_line(e)}); it is damaged or cut short"
+        ) from None
 
 
 def _is_jsonl(lines: list[tuple[int, str]]) -> bool:

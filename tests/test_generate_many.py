@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import generate_many as many
+from lmforge.errors import LmforgeError
 from lmforge.generate import generate_from_checkpoint
 from tests.test_generate import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
 
@@ -55,6 +57,20 @@ def test_prompt_file_greedy_equals_one_prompt_at_a_time(base: Path, tmp_path: Pa
         "stop" if s != a else "length" for s, a in zip(stopped, alone, strict=True)
     ]
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_a_compressed_prompt_file_is_read_as_prepare_reads_one(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """prompts.jsonl.gz is JSONL (it was read as text: its bytes "not UTF-8"), decompressed; gzip on stdin is a
+    one-line error saying to pipe it through zcat."""
+    plain = tmp_path / "p.jsonl"
+    plain.write_text('{"id": 1, "prompt": "红楼"}\n{"id": 2, "prompt": "ab"}\n', encoding="utf-8")
+    packed = tmp_path / "p.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    want = generate_from_checkpoint(base, prompt_file=plain, **GREEDY)
+    assert generate_from_checkpoint(base, prompt_file=packed, **GREEDY) == want and '"id": 2' in want
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(packed.read_bytes())))
+    with pytest.raises(LmforgeError, match="stdin is gzip-compressed; pipe it through zcat"):
+        generate_from_checkpoint(base, prompt_file="-", **GREEDY)
 
 
 def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
@@ -206,6 +222,10 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b\\ud800"}\n', [], "p.jsonl line 2 holds an unpaired surrogate"),
         ("p.jsonl", b'{"prompt": "a", "id": "\\udc80"}\n', [], "p.jsonl line 1 holds an unpaired surrogate"),
         ("p.txt", b"\n\n", [], "holds no prompts"),
+        # a JSON list was read as text (each line a prompt); compressed bytes were "not UTF-8, convert from GBK"
+        ("p.json", b'[{"prompt": "a"}]\n', [], "a .json file is neither JSONL nor one prompt per line; rename"),
+        ("p.txt", gzip.compress(b"a\n"), [], "p.txt is gzip-compressed; name it p.txt.gz or unpack it"),
+        ("p.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n')[:20], [], "could not be decompressed (Compressed file"),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
         ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
         (None, b"", [], "does not exist"),
