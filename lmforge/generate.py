@@ -563,9 +563,11 @@ def generate_batch(
                 logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
             if seeds is None or temperature == 0:
                 chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
-            else:  # each row as `generate` samples it alone: a (1, V) draw from its own generator
-                chosen = torch.cat([_sample(logits[b : b + 1], temperature, top_k, top_p, min_p, g)
-                                    for b, g in enumerate(generators)])  # fmt: skip
+            else:  # each row drawn as `generate` draws it alone, from its own generator; the filtering is per row
+                # anyway (row b's probabilities equal a (1, V) call's), so it runs once for the batch
+                probs = sampling_probs(logits, temperature, top_k, top_p, min_p)  # (B, V)
+                chosen = torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g)
+                                    for b, g in enumerate(generators)]).squeeze(-1)  # fmt: skip
             if penalise:
                 counts[torch.arange(B), chosen] += 1  # type: ignore[index]
                 seen[torch.arange(B), chosen] = True  # type: ignore[index]
