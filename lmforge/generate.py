@@ -915,9 +915,14 @@ def generate_from_checkpoint(
     if stream is not None:
         stream.write(prompt or "")
         stream.flush()
-    # its tokens arrive through on_token
-    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile,
-             prefix=tokenizer.prompt_prefix)  # fmt: skip
+    try:  # its tokens arrive through on_token
+        generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token,
+                 compile=compile, prefix=tokenizer.prompt_prefix)  # fmt: skip
+    except KeyboardInterrupt:
+        if stream is not None:  # the text so far ends its line: "lmforge: interrupted" was glued to it
+            stream.write("\n")
+            stream.flush()
+        raise
     cut.feed(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     show(cut.flush())
     return "".join(shown)
