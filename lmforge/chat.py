@@ -19,7 +19,8 @@ trained on; for sft its replies are located by rendering prefixes of the convers
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
-`/reset` clears the history and `/exit` (or end of input) quits; Ctrl-C during a reply stops that reply
+`/reset` clears the history and `/exit` (or end of input) quits; another `/word` alone on a line (/quit, /help)
+is answered with those two, not sent to the model; Ctrl-C during a reply stops that reply
 (what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
 readline (`line_reader`: editing of wide characters, history, a pasted block as one message); it reads lines
 from any text stream too, so tests drive it through stdin.
@@ -28,6 +29,7 @@ from any text stream too, so tests drive it through stdin.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -440,6 +442,9 @@ def chat(
         if text.strip() == "/reset":
             history = history[:1] if system else []
             stdout.write("(history cleared)\n")
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", text.strip()):  # /quit, /bye, /help: they went to the model as a message
+            stdout.write(f"(no command {text.strip()}: /reset clears the history, /exit or Ctrl-D quits)\n")
             continue
         if not text.strip():
             continue

@@ -176,10 +176,12 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
 
 
 def test_terminal_chat_through_stdin(chat_run: Path):
-    r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\nhi\n/exit\nnever read\n")
+    # /quit (no such command) went to the model as a message and got a reply; it is answered with the commands
+    r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\n/quit\nhi\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
     replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
     assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
+    assert "you> (no command /quit: /reset clears the history, /exit or Ctrl-D quits)\n" in r.stdout
     assert "(history cleared)" in r.stdout and "never read" not in r.stdout and "note:" not in r.stderr
     gbk = subprocess.run(  # a GBK terminal: the line is refused with a hint, the session goes on
         [sys.executable, "-m", "lmforge", "chat", str(chat_run), "--temperature", "0"],
