@@ -32,10 +32,9 @@
   sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, device, and the command
   that made it). The same command again, with any `--batch-size`, continues it: done rows are read back and only
   the others are batched and decoded; a torn last line (a SIGKILL mid-write) is cut off and its rows made
-  again. A partial
-  file of another job, or not of lmforge, is a one-line error naming what differs and what to do, and a second
-  run while one writes it is refused (`flock`). OUT appears, in input order, only at the end; then the partial
-  file is removed.
+  again. A partial file of another job, or not of lmforge, is a one-line error naming what differs and what to
+  do, and a second run while one writes it is refused (`flock`). OUT appears, in input order, only at the end;
+  then the partial file is removed.
 - Progress: a tqdm bar of completions done on stderr (on a terminal only, as prepare's; `--quiet`: none). An
   interrupt (Ctrl-C, SIGTERM) stops the run: `--out` stays as it was, the finished completions stay in
   `OUT.partial`, and one line says how many are done and the command that continues (cli: exit 130).
