@@ -19,7 +19,8 @@ trained on; for sft its replies are located by rendering prefixes of the convers
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
 dropped until the prompt plus the reply budget fits the context; replies stream token by token;
-`/reset` clears the history and `/exit` (or end of input) quits; Ctrl-C during a reply stops that reply
+`/reset` clears the history and `/exit` (or end of input) quits; another `/word` alone on a line (/quit, /help)
+is answered with those two, not sent to the model; Ctrl-C during a reply stops that reply
 (what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
 readline (`line_reader`: editing of wide characters, history, a pasted block as one message); it reads lines
 from any text stream too, so tests drive it through stdin.
@@ -28,6 +29,7 @@ from any text stream too, so tests drive it through stdin.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import ConfigError, DataError, first_line
+from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
 
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
@@ -441,6 +443,9 @@ def chat(
             history = history[:1] if system else []
             stdout.write("(history cleared)\n")
             continue
+        if re.fullmatch(r"/[A-Za-z]+", text.strip()):  # /quit, /bye, /help: they went to the model as a message
+            stdout.write(f"(no command {text.strip()}: /reset clears the history, /exit or Ctrl-D quits)\n")
+            continue
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
@@ -489,8 +494,6 @@ def chat(
                 vocab_size=tok.vocab_size,
             )
         except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
-            from lmforge.cli import interrupt_handled
-
             interrupt_handled()
             stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
         stdout.write(stream.flush() + "\n")

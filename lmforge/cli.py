@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError
+from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError, interrupt_seen, note_interrupt
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -191,7 +191,8 @@ def build_parser() -> Parser:
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
         'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
-        "its first non-blank line is a JSON object, else text); empty lines are skipped. Prints JSONL, one "
+        "its first non-blank line is a JSON object, else text); empty lines are skipped; .gz and .zst are "
+        "decompressed. Prints JSONL, one "
         '{"prompt", "completion", "finish_reason"} per line in input order (with --num-samples also "sample"); '
         "greedy, each equals --prompt's",
     )
@@ -201,7 +202,8 @@ def build_parser() -> Parser:
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it, once all are done) instead of "
         "printing it; finished completions are kept in FILE.partial meanwhile, so after Ctrl-C or a kill the same "
-        "command continues where it stopped (same prompts, checkpoint, settings and --seed: the same FILE)",
+        "command continues where it stopped, with any --batch-size (same prompts, checkpoint, settings and --seed: "
+        "the same FILE)",
     )
     p.add_argument(
         "--batch-size",
@@ -634,7 +636,7 @@ def _parse_and_run(argv: list[str] | None) -> int:
     global _starting
     parser = build_parser()  # (imports torch, through the config's dataclasses: a Ctrl-C is held until it is done)
     _starting = False
-    if _sigint_seen:
+    if interrupt_seen():
         raise KeyboardInterrupt
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -659,7 +661,6 @@ def _check_flag_typos(parser: argparse.ArgumentParser, command: str, extra: list
                 raise ConfigError(f"unknown option {name}; did you mean {match[0]}? (see 'lmforge {command} --help')")
 
 
-_sigint_seen = False
 _starting = True
 
 
@@ -669,17 +670,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     -6, no message) or left a module half made. After start-up a module imported later (numpy, lazily) can
     still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
     error is the interrupt too."""
-    global _sigint_seen
-    _sigint_seen = True
+    note_interrupt()
     if not _starting:
         raise KeyboardInterrupt
-
-
-def interrupt_handled() -> None:
-    """A Ctrl-C that the command caught and recovered from (chat stops the reply, not the session): a later
-    error is that error, not the interrupt (`_on_sigint` remembers every Ctrl-C)."""
-    global _sigint_seen
-    _sigint_seen = False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -761,13 +754,13 @@ def _main(argv: list[str] | None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it
     except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
-        if _sigint_seen:
+        if interrupt_seen():
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
         print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        if _sigint_seen:  # a module an earlier Ctrl-C left half imported
+        if interrupt_seen():  # a module an earlier Ctrl-C left half imported
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
         oom = _out_of_memory(e)

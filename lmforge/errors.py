@@ -47,3 +47,28 @@ class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving a checkpoint; the CLI exits with code 130."""
 
     every_rank = True  # (the stop decision is all-reduced: every rank stops at the same step)
+
+
+# Whether a Ctrl-C (or SIGTERM) reached this process and was not recovered from. `cli`'s signal handler notes it,
+# and cli then reports a later error as the interrupt (a module the Ctrl-C left half imported fails with some other
+# error); a command that catches the interrupt and goes on (chat: Ctrl-C stops the reply, not the session) clears
+# it. It lives here, below every command, so that such a command does not import the CLI that dispatches to it.
+_interrupt_seen = False
+
+
+def note_interrupt() -> None:
+    """Remember that a Ctrl-C or SIGTERM arrived (`cli._on_sigint`)."""
+    global _interrupt_seen
+    _interrupt_seen = True
+
+
+def interrupt_seen() -> bool:
+    """Whether a Ctrl-C or SIGTERM arrived that no command recovered from (`interrupt_handled`)."""
+    return _interrupt_seen
+
+
+def interrupt_handled() -> None:
+    """A Ctrl-C that the command caught and recovered from (chat stops the reply, not the session): a later
+    error is that error, not the interrupt."""
+    global _interrupt_seen
+    _interrupt_seen = False

@@ -471,6 +471,7 @@ def generate_batch(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     vocab_size: int | None = None,
     penalties: Penalties | None = None,
     on_token: Callable[[int, int], bool | None] | None = None,
@@ -483,9 +484,12 @@ def generate_batch(
     produced `eos_id` (or one of `stop_ids`) keeps being decoded (the batch stays rectangular) but its
     output ends at that token, which is included, as in `generate`; decoding stops when every row has
     ended or after `max_new_tokens`. Sampling (temperature > 0) draws all rows from one generator seeded by `seed`:
-    reproducible for the same prompts and seed, but not the draws `generate` makes per prompt.
+    reproducible for the same prompts and seed, but not the draws `generate` makes per prompt. With `seeds` instead
+    (one per row), each row draws from its own generator seeded `seeds[b]`: row b's tokens are then those of
+    `generate(prompts[b], seed=seeds[b])` (up to float rounding), whatever else is in the batch, which is what lets
+    `lmforge generate --prompt-file` batch and resume rows in any `--batch-size`.
     Models without `pad` support (recurrent ones) fall back to one `generate` call per prompt (prompt b seeded
-    with seed + b, so the rows' draws differ there too). `vocab_size`,
+    with seeds[b], or seed + b, so the rows' draws differ there too). `vocab_size`,
     `penalties` (each row's own prompt and output): as in `generate`. `on_token(row, token)` is called with
     each token a row gets (until it ends); returning True ends that row there, as a stop id does.
 
@@ -496,6 +500,11 @@ def generate_batch(
     check_sampling(temperature, top_k, top_p, min_p)
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seeds is not None and (seed is not None or len(seeds) != len(prompts)):
+        raise ValueError("generate_batch: give seed, or seeds with one seed per prompt; not both")
+    row_seeds = (
+        seeds if seeds is not None else [None if seed is None else (seed + b) % 2**63 for b in range(len(prompts))]
+    )
     if not isinstance(model, GPT):
         return [
             generate(
@@ -506,7 +515,7 @@ def generate_batch(
                 top_k=top_k,
                 top_p=top_p,
                 min_p=min_p,
-                seed=None if seed is None else (seed + b) % 2**63,  # (one seed for all: equal prompts, equal draws)
+                seed=row_seeds[b],  # (seed + b: one seed for all made equal prompts draw alike)
                 eos_id=eos_id,
                 stop_ids=stop_ids,
                 vocab_size=vocab_size,
@@ -528,7 +537,9 @@ def generate_batch(
             "shorten the prompts or lower max_new_tokens"
         )
     device = next(model.parameters()).device
-    generator = _sampling_generator(device, seed)
+    # one generator for the batch, or one per row (`seeds`): a row's draws then do not depend on the other rows
+    generator = _sampling_generator(device, seed) if seeds is None else None
+    generators = [] if seeds is None else [_sampling_generator(device, s) for s in seeds]
 
     B = len(rows)
     pad_counts = [longest - len(r) for r in rows]
@@ -550,7 +561,13 @@ def generate_batch(
                     counts = torch.zeros_like(logits, dtype=torch.float32)
                     seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, x, True)
                 logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
-            chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+            if seeds is None or temperature == 0:
+                chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+            else:  # each row drawn as `generate` draws it alone, from its own generator; the filtering is per row
+                # anyway (row b's probabilities equal a (1, V) call's), so it runs once for the batch
+                probs = sampling_probs(logits, temperature, top_k, top_p, min_p)  # (B, V)
+                chosen = torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g)
+                                    for b, g in enumerate(generators)]).squeeze(-1)  # fmt: skip
             if penalise:
                 counts[torch.arange(B), chosen] += 1  # type: ignore[index]
                 seen[torch.arange(B), chosen] = True  # type: ignore[index]
@@ -898,9 +915,14 @@ def generate_from_checkpoint(
     if stream is not None:
         stream.write(prompt or "")
         stream.flush()
-    # its tokens arrive through on_token
-    generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token, compile=compile,
-             prefix=tokenizer.prompt_prefix)  # fmt: skip
+    try:  # its tokens arrive through on_token
+        generate(loaded.model, prompt_ids, **settings, seed=seed, use_cache=use_cache, on_token=on_token,
+                 compile=compile, prefix=tokenizer.prompt_prefix)  # fmt: skip
+    except KeyboardInterrupt:
+        if stream is not None:  # the text so far ends its line: "lmforge: interrupted" was glued to it
+            stream.write("\n")
+            stream.flush()
+        raise
     cut.feed(decoder.flush())  # (a character cut by max_new_tokens is dropped, in the stream and the result)
     show(cut.flush())
     return "".join(shown)

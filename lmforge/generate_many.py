@@ -2,9 +2,11 @@
 
 - Prompts: `--prompt` (one), or `--prompt-file`: a `.jsonl` (one JSON object per line with a "prompt"
   string) or any other file as text, one prompt per line (a prompt with a newline in it needs the JSONL form).
-  Empty lines are skipped in both; a UTF-8 byte-order mark is read past. `--prompt-file -` reads stdin: it has
-  no name to tell the format by, so it is JSONL when its first non-blank line is a JSON object, else text
-  (`cat prompts.jsonl | lmforge generate RUN --prompt-file -`).
+  Empty lines are skipped in both; a UTF-8 byte-order mark is read past. Either may be compressed (`.jsonl.gz`,
+  `.txt.zst`: read as `prepare` reads its inputs); a `.json` file is refused (a JSON list read as text made each
+  of its lines a prompt), as are compressed bytes under another name or on stdin (they read as "not UTF-8").
+  `--prompt-file -` reads stdin: it has no name to tell the format by, so it is JSONL when its first non-blank
+  line is a JSON object, else text (`cat prompts.jsonl | lmforge generate RUN --prompt-file -`).
 - Each prompt gets `num_samples` completions. The (prompt, sample) rows are sorted by prompt length (little
   padding per batch) and decoded `--batch-size` (default `PROMPT_BATCH`) at a time with `generate.generate_batch`,
   which gives each row its own positions and hides the padding: a greedy row equals `lmforge generate --prompt` on that
@@ -12,12 +14,11 @@
   a run without a KV cache (a soft-prompt fine-tune, a recurrent model), `--no-cache`, or a batch whose
   longest prompt plus `--max-new-tokens` is past the context (`generate` slides a window there; a batch
   cache cannot).
-- Seeds: batch k samples with seed + k, a row generated alone with seed + its row number (rows in prompt
-  order, a prompt's samples in order), so the same command and seed give the same samples, and the N
-  samples of a prompt differ. The batches are a function of the job (the prompts' token lengths and
-  `--batch-size`), so a resumed run (below) decodes the same batches with the same seeds as an
-  uninterrupted one: its rows come out the same (tested), which per-batch seeds with resumed rows re-batched
-  would not give.
+- Seeds: sample j of a prompt samples from its own generator seeded seed + j, in a batch
+  (`generate_batch(seeds=)`) or alone, as `serve` seeds choice j: so it is `lmforge generate --prompt P --seed
+  seed+j` (sample 0: `--seed seed`'s), the N samples of a prompt differ, and a completion does not depend on the
+  rows beside it: any `--batch-size` gives the same file (up to float rounding in batched matmuls, ~1e-7 on the
+  logits, which can flip a near-tie; tested equal on the test model). Two equal prompts get equal samples.
 - Each row ends as `--prompt` does: at end-of-text or a run stop id (unless `--ignore-eos`), or before the
   first `--stop` string (`generate.StopStrings`, fed token by token: the same cut as a single prompt's).
 - Output: with `--prompt-file`, JSONL in input order, one line per completion: a JSONL line's own fields
@@ -28,12 +29,12 @@
   alone, the N samples are printed as text, each as prompt + completion under a `=== sample i/N ===` line.
 - Resume (`--out` only): each finished batch is appended, flushed, to `OUT.partial` beside OUT (`partial_path`),
   a JSON line per row ({"row", "completion", "finish_reason"}) after a header line naming the job (`_job`: a
-  sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, batch size, device, and
-  the command that made it). The same command again continues it: done rows are read back and a batch of only
-  done rows is skipped; a torn last line (a SIGKILL mid-write) is cut off and its rows made again. A partial
-  file of another job, or not of lmforge, is a one-line error naming what differs and what to do, and a second
-  run while one writes it is refused (`flock`). OUT appears, in input order, only at the end; then the partial
-  file is removed.
+  sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, device, and the command
+  that made it). The same command again, with any `--batch-size`, continues it: done rows are read back and only
+  the others are batched and decoded; a torn last line (a SIGKILL mid-write) is cut off and its rows made
+  again. A partial file of another job, or not of lmforge, is a one-line error naming what differs and what to
+  do, and a second run while one writes it is refused (`flock`). OUT appears, in input order, only at the end;
+  then the partial file is removed.
 - Progress: a tqdm bar of completions done on stderr (on a terminal only, as prepare's; `--quiet`: none). An
   interrupt (Ctrl-C, SIGTERM) stops the run: `--out` stays as it was, the finished completions stay in
   `OUT.partial`, and one line says how many are done and the command that continues (cli: exit 130).
@@ -52,13 +53,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from lmforge.atomic import try_lock
-from lmforge.errors import Interrupted, LmforgeError
+from lmforge.errors import Interrupted, LmforgeError, first_line
 
 PROMPT_BATCH = 16  # rows decoded together by default (eval's ANSWER_BATCH); --batch-size
 STDIN = "-"  # --prompt-file -: the prompts come from stdin
 OUTPUT_FIELDS = ("completion", "finish_reason", "sample")  # an output line's own, after a JSONL line's fields
 PARTIAL_SUFFIX = ".partial"  # --out OUT: the completions finished so far are in OUT.partial (partial_path)
 PARTIAL_FORMAT = "lmforge_generate_partial"  # the header line's key, its value the format's version
+# 2: sample j sampled with seed + j in any batch; 1 (seed + the batch's number) resumed only with the same --batch-size
+PARTIAL_VERSION = 2
 
 
 def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
@@ -71,13 +74,23 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             "prompt" string, or holds a lone surrogate escape (named by its line number).
     """
     if str(path) == STDIN:
-        name, data = "stdin", sys.stdin.buffer.read()
+        name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")
-        name, data = str(path), path.read_bytes()
+        name, data, inner = str(path), _read_file(path), _inner_name(path)
+        if inner.endswith(".json"):  # (read as text, a JSON list's lines were each completed as a prompt)
+            raise LmforgeError(
+                f"--prompt-file {path}: a .json file is neither JSONL nor one prompt per line; rename it to .jsonl if "
+                f"it holds one JSON object per line, or convert a JSON list: jq -c '.[]' {path} > prompts.jsonl"
+            )
+    packed = next((kind for magic, kind in _MAGIC.items() if data.startswith(magic)), None)
+    if packed is not None:  # (its bytes were reported as "not UTF-8 text; convert it from GBK")
+        suffix, kind, cat = packed
+        fix = f"pipe it through {cat}" if name == "stdin" else f"name it {path.name}{suffix} or unpack it"
+        raise LmforgeError(f"{name} is {kind}-compressed; {fix}")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -85,7 +98,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         fix = "pipe it through iconv -f GBK -t UTF-8" if name == "stdin" else f"e.g. iconv -f GBK -t UTF-8 {name}"
         raise LmforgeError(f"{name} line {line} is not UTF-8 text; convert the file ({fix})") from None
     lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
-    jsonl = _is_jsonl(lines) if name == "stdin" else path.suffix.lower() == ".jsonl"
+    jsonl = _is_jsonl(lines) if name == "stdin" else inner.endswith(".jsonl")
     lines = [(n, line) for n, line in lines if (line.strip() if jsonl else line)]  # (a line of spaces: a prompt)
     if not lines:
         raise LmforgeError(f'{name} holds no prompts; put one per line (in a .jsonl: {{"prompt": "..."}} per line)')
@@ -107,6 +120,36 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             ) from None
         prompts.append((n, row["prompt"], row))
     return prompts
+
+
+# the first bytes of a compressed file: (its suffix, its name, what unpacks it to stdout)
+_MAGIC = {b"\x1f\x8b": (".gz", "gzip", "zcat"), b"\x28\xb5\x2f\xfd": (".zst", "zstandard", "zstdcat")}
+
+
+def _inner_name(path: Path) -> str:
+    """`path`'s name, lowercase, without a .gz or .zst suffix (prompts.jsonl.gz: prompts.jsonl)."""
+    name = path.name.lower()
+    return name.removesuffix(".gz") if name.endswith(".gz") else name.removesuffix(".zst")
+
+
+def _read_file(path: Path) -> bytes:
+    """A prompt file's bytes, decompressed when it is named .gz or .zst (as `prepare` reads its inputs).
+
+    Raises:
+        LmforgeError: a damaged or cut-short compressed file, or a .zst without zstandard installed.
+    """
+    from lmforge.data.compressed import open_input, read_errors
+
+    if _inner_name(path) == path.name.lower():
+        return path.read_bytes()
+    raw, stream = open_input(path)
+    try:
+        with raw, stream:
+            return stream.read()
+    except read_errors() as e:
+        raise LmforgeError(
+            f"--prompt-file {path} could not be decompressed ({first_line(e)}); it is damaged or cut short"
+        ) from None
 
 
 def _is_jsonl(lines: list[tuple[int, str]]) -> bool:
@@ -218,8 +261,8 @@ def generate_many(
     partial = None
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        job = _job(prompts, settings, loaded, checkpoint, num_samples=num_samples, batch_size=batch, seed=seed,
-                   use_cache=use_cache, stop=stop)  # fmt: skip
+        job = _job(prompts, settings, loaded, checkpoint, num_samples=num_samples, seed=seed, use_cache=use_cache,
+                   stop=stop)  # fmt: skip
         partial, done = _open_partial(partial_path(Path(out)), job, len(rows))
     from tqdm import tqdm
 
@@ -228,7 +271,14 @@ def generate_many(
               disable=None if progress else True, file=sys.stderr) as bar:  # fmt: skip
         try:
             for finished in _complete(
-                loaded, [prompt_ids[i] for i, _ in rows], settings, stop, seed, use_cache, batch, set(done)
+                loaded,
+                [prompt_ids[i] for i, _ in rows],
+                settings,
+                stop,
+                [None if seed is None else (seed + j) % 2**63 for _, j in rows],  # (as `--prompt P --seed` seed + j)
+                use_cache,
+                batch,
+                set(done),
             ):
                 if partial is not None:
                     _append(partial, finished)
@@ -271,15 +321,16 @@ def _complete(
     rows: list[list[int]],
     settings: dict[str, Any],
     stop: list[str],
-    seed: int | None,
+    seeds: list[int | None],
     use_cache: bool,
     batch_size: int,
     skip: set[int],
 ) -> Iterator[dict[int, tuple[str, str]]]:
     """Each row's completion text and finish reason ("stop" or "length"), decoded in batches where they fit, given
     as each batch (or row decoded alone) is finished: {row: (text, finish)}. The rows in `skip` (done by an earlier
-    run of the same job) are not given again, and a batch of only those is not decoded: the batches and their
-    seeds are the same as an uninterrupted run's, so a batch decoded again (some of its rows done) gives the same."""
+    run of the same job) are left out before batching. Row b samples from its own generator seeded `seeds[b]` (None:
+    unseeded), batched or alone, so its completion does not depend on which rows share its batch: any `batch_size`,
+    and a resumed run batching only the rest, give the same rows (up to float rounding, module docstring)."""
     from lmforge.generate import (
         StopStrings,
         StreamDecoder,
@@ -302,29 +353,26 @@ def _complete(
         cuts[b].feed(decoders[b].flush())  # (a character cut by max_new_tokens is dropped, as --prompt drops it)
         return cuts[b].text, "stop" if cuts[b].stopped or (ids and ids[-1] in stops) else "length"
 
-    order = sorted(range(len(rows)), key=lambda b: len(rows[b]))  # stable: a prompt's samples stay in order
+    # stable: a prompt's samples stay in order
+    order = sorted((b for b in range(len(rows)) if b not in skip), key=lambda b: len(rows[b]))
     context = context_length(loaded.model)
-    for k, start in enumerate(range(0, len(order), batch_size)):
+    for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        if all(b in skip for b in batch):
-            continue
         if use_cache and len(rows[batch[-1]]) + settings["max_new_tokens"] - 1 <= context:
             outs = generate_batch(
                 loaded.model,
                 [rows[b] for b in batch],
-                seed=None if seed is None else (seed + k) % 2**63,  # (k: the batch's place in the whole run)
+                seeds=[seeds[b] for b in batch] if any(s is not None for s in seeds) else None,
                 on_token=lambda row, token, batch=batch: on_token(batch[row], token),
                 **settings,
             )
-            yield {b: finished(b, ids) for b, ids in zip(batch, outs, strict=True) if b not in skip}
+            yield {b: finished(b, ids) for b, ids in zip(batch, outs, strict=True)}
             continue
         for b in batch:  # alone: no cache, or past the context (sliding window)
-            if b in skip:
-                continue
             ids = generate(
                 loaded.model,
                 rows[b],
-                seed=None if seed is None else (seed + b) % 2**63,
+                seed=seeds[b],
                 use_cache=use_cache,
                 on_token=lambda token, b=b: on_token(b, token),
                 prefix=loaded.tokenizer.prompt_prefix,  # (kept first when the window slides)
@@ -369,7 +417,7 @@ def _job(
         "prompts": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "checkpoint": checkpoint,
         "device": next(loaded.model.parameters()).device.type,
-        **options,  # num_samples, batch_size (a batch's rows share its seed), seed, use_cache, stop
+        **options,  # num_samples, seed, use_cache, stop (not the batch size: rows are seeded alone, _complete)
         **sampling,
         "penalties": None if penalties is None or penalties.off else dataclasses.asdict(penalties),
     }
@@ -408,7 +456,7 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
         if b"\n" not in data and data.startswith(b'{"' + PARTIAL_FORMAT.encode()):
             data = b""  # a header cut by a kill: nothing was done yet
         if not data:
-            header = {PARTIAL_FORMAT: 1, "job": job, "command": rerun_command(sys.argv)}
+            header = {PARTIAL_FORMAT: PARTIAL_VERSION, "job": job, "command": rerun_command(sys.argv)}
             handle.truncate(0)
             # (ASCII: a --stop or path from argv's undecodable bytes is a lone surrogate, which UTF-8 cannot write)
             handle.write(json.dumps(header).encode("ascii") + b"\n")
@@ -416,7 +464,13 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
             return handle, done
         lines = data.split(b"\n")  # the last one: b"" after a whole line, else torn
         header = _json_line(lines[0])
-        if not (isinstance(header, dict) and header.get(PARTIAL_FORMAT) == 1 and isinstance(header.get("job"), dict)):
+        version = header.get(PARTIAL_FORMAT) if isinstance(header, dict) else None
+        if type(version) is int and version != PARTIAL_VERSION:
+            raise LmforgeError(
+                f"{path} holds unfinished completions of another lmforge version (partial format {version}, this "
+                f"one reads {PARTIAL_VERSION}); finish it with that version, or delete {path} to start over"
+            )
+        if not (version == PARTIAL_VERSION and isinstance(header.get("job"), dict)):
             raise LmforgeError(
                 f"{path} is in the way: --out keeps its unfinished completions there, and it is not such a file of "
                 "lmforge generate; move it away or choose another --out"

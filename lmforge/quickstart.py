@@ -32,6 +32,7 @@ def quickstart(
     """Prepare, train, evaluate and sample; returns the validation metrics."""
     import sys
 
+    from lmforge.checkpoint import STEP_DIR, latest_checkpoint
     from lmforge.config import load_config, merge, parse_overrides
     from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
     from lmforge.errors import DataError
@@ -53,8 +54,16 @@ def quickstart(
         prepare(PrepareConfig(inputs=[str(corpus_path())], out=data_out, tokenizer=TOKENIZER, overwrite=overwrite))
 
     print(f"[2/4] training a small GPT into {out}")
+    before = None if overwrite else latest_checkpoint(Path(out))  # a re-run of a finished quickstart trains nothing
     state = pretrain(cfg, overwrite=overwrite)
-    if state.stop_reason == "time_budget":
+    if before is not None and state.step == int(STEP_DIR.match(before.name).group(1)):
+        # (its state says how the earlier run stopped: "the time budget ended training" was said of no training)
+        print(
+            f"      nothing new was trained: {out} was trained before, to step {state.step} of {cfg.train.max_steps} "
+            "(the line above says why it stops there); the numbers below are for that step, and --overwrite "
+            "trains it again from the start"
+        )
+    elif state.stop_reason == "time_budget":
         print(
             f"      the {cfg.train.time_budget:g} s time budget ended training at step {state.step} of "
             f"{cfg.train.max_steps} (this machine is slower or busier than the README's): the numbers below "

@@ -176,10 +176,12 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
 
 
 def test_terminal_chat_through_stdin(chat_run: Path):
-    r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\nhi\n/exit\nnever read\n")
+    # /quit (no such command) went to the model as a message and got a reply; it is answered with the commands
+    r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\n/quit\nhi\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
     replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
     assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
+    assert "you> (no command /quit: /reset clears the history, /exit or Ctrl-D quits)\n" in r.stdout
     assert "(history cleared)" in r.stdout and "never read" not in r.stdout and "note:" not in r.stderr
     gbk = subprocess.run(  # a GBK terminal: the line is refused with a hint, the session goes on
         [sys.executable, "-m", "lmforge", "chat", str(chat_run), "--temperature", "0"],
@@ -213,11 +215,11 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
     import io
     import signal
 
-    from lmforge import cli
+    from lmforge import cli, errors
     from lmforge.chat import chat
 
     monkeypatch.setattr(cli, "_starting", False)
-    monkeypatch.setattr(cli, "_sigint_seen", False)
+    monkeypatch.setattr(errors, "_interrupt_seen", False)
 
     class CtrlCOnce(io.StringIO):
         armed = True
@@ -232,7 +234,7 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
     replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
     assert replies == 2, out.getvalue()
     assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
-    assert not cli._sigint_seen
+    assert not errors.interrupt_seen()
 
 
 CHAT_ON_A_TTY = """

@@ -58,6 +58,22 @@ def test_console_script_and_import_stay_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_no_library_module_imports_the_cli():
+    """cli dispatches to the commands, never the reverse (chat imported cli for its Ctrl-C flag, which now lives in
+    errors.py): only `python -m lmforge` (__main__) imports lmforge.cli."""
+    import ast
+
+    importers = []
+    for path in sorted((REPO / "lmforge").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if "lmforge.cli" in names:
+                importers.append(path.relative_to(REPO).as_posix())
+    assert importers == ["lmforge/__main__.py"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_file):
     root = tmp_path_factory.mktemp("cli")
@@ -231,6 +247,28 @@ def test_quickstart_writes_where_the_readme_says_and_its_next_commands_run(tmp_p
         extra = ["--max-new-tokens", "5"] if "generate" in command else ["--max-batches", "2"]
         result = run_cli(*shlex.split(command)[1:], *extra, cwd=str(tmp_path))
         assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow  # two quickstarts: each samples 400 tokens (~6 s on a busy core)
+def test_a_quickstart_run_again_says_it_trained_nothing_not_that_the_budget_ended_it(tmp_path, data_dir, capsys):
+    """A re-run of a finished quickstart trains nothing (pretrain: "nothing to do"), but then said "the 3 s time
+    budget ended training at step 2 of 1000 (this machine is slower or busier than the README's)". It now says
+    that nothing new was trained, and which step the numbers are for. (Small data: the command's own corpus
+    takes ~40 s.)"""
+    from lmforge.quickstart import quickstart
+
+    run = tmp_path / "run"
+    flags = ["--train.time_budget", "0.001", "--eval.every", "0"]  # the budget ends it after its first step
+    quickstart(out=str(run), data_out=str(data_dir), overrides=flags)
+    first = capsys.readouterr().out
+    assert "      the 0.001 s time budget ended training at step 1 of 1000" in first, first
+    assert "nothing new was trained" not in first
+    quickstart(out=str(run), data_out=str(data_dir), overrides=flags)
+    again = capsys.readouterr().out
+    assert "time budget ended training" not in again, again
+    assert f"      nothing new was trained: {run} was trained before, to step 1 of 1000 (" in again, again
+    val = [line for line in first.splitlines() if line.startswith("      val loss ")]
+    assert len(val) == 1 and val[0] in again.splitlines()  # the same run's numbers
 
 
 def test_quickstart_quotes_the_run_path_in_its_next_commands():

@@ -353,6 +353,31 @@ def test_generate_on_a_terminal_that_is_not_utf8(tmp_path, monkeypatch):
     assert raw.getvalue().startswith("红楼".encode("gbk") + b"\\U0001f600")
 
 
+def test_ctrl_c_mid_stream_ends_the_text_s_line_before_the_interrupted_line(tmp_path: Path) -> None:
+    """A real `lmforge generate --prompt` stopped by SIGINT mid-stream: the streamed text ends its line, so that
+    "lmforge: interrupted" (stderr, exit 130) is a line of its own on a terminal; it was glued to the text."""
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+    from tests.test_finetune import make_base
+
+    base = make_base(tmp_path, max_seq_len=32)
+    proc = start_cli("generate", str(base), "--prompt", "红楼", "--max-new-tokens", "100000", "--seed", "0")
+    # a forked child (tests/cli_fork.py) writes its stdout to a file, watched here; a spawned one is given 10 s
+    out = Path(proc.child["stdout"]) if hasattr(proc, "child") else None
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.stat().st_size > 40 if out is not None else time.monotonic() > deadline - 50:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    stdout, stderr = proc.communicate()
+    assert stdout.startswith("红楼") and len(stdout) > 10 and stdout.endswith("\n")
+    assert stderr == "lmforge: interrupted\n", stderr
+
+
 def test_stop_ids_end_generation_like_eos() -> None:
     """`stop_ids` end a sequence as `eos_id` does (the stop token included), in `generate` and per row in
     `generate_batch`."""

@@ -85,6 +85,20 @@ def test_sampling_seeded_and_top_k_one_is_greedy() -> None:
     assert generate_batch(model, PROMPTS, max_new_tokens=8, temperature=0.7, top_k=1, seed=5) == greedy
 
 
+def test_per_row_seeds_sample_each_row_as_alone_whatever_the_batch() -> None:
+    """`seeds=`: row b draws from its own generator, so its tokens are `generate(prompt, seed=seeds[b])`'s, in any
+    batch and beside any rows (what lets `generate --prompt-file` resume with another --batch-size); one `seed`
+    for the batch gave draws that depended on the batch's other rows."""
+    model = tiny(pos_emb="rope")
+    sampled = dict(max_new_tokens=10, temperature=1.0, top_k=20)
+    seeds = [11, 12, 13, 14, 15]
+    alone = [generate(model, p, seed=s, **sampled) for p, s in zip(PROMPTS, seeds, strict=True)]
+    assert generate_batch(model, PROMPTS, seeds=seeds, **sampled) == alone
+    assert generate_batch(model, PROMPTS[::2], seeds=seeds[::2], **sampled) == alone[::2]  # other companions
+    assert generate_batch(model, PROMPTS[1:2], seeds=seeds[1:2], **sampled) == alone[1:2]
+    assert generate_batch(model, PROMPTS, seed=11, **sampled)[1] != alone[1]  # (one generator: not so)
+
+
 def test_same_length_prompts_and_mode_restored() -> None:
     model = tiny(dropout=0.3).train()
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]  # no padding at all: the unmasked fast path

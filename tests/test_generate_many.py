@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import generate_many as many
+from lmforge.errors import LmforgeError
 from lmforge.generate import generate_from_checkpoint
 from tests.test_generate import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
 
@@ -57,6 +59,20 @@ def test_prompt_file_greedy_equals_one_prompt_at_a_time(base: Path, tmp_path: Pa
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+def test_a_compressed_prompt_file_is_read_as_prepare_reads_one(base: Path, tmp_path: Path, monkeypatch) -> None:
+    """prompts.jsonl.gz is JSONL (it was read as text: its bytes "not UTF-8"), decompressed; gzip on stdin is a
+    one-line error saying to pipe it through zcat."""
+    plain = tmp_path / "p.jsonl"
+    plain.write_text('{"id": 1, "prompt": "红楼"}\n{"id": 2, "prompt": "ab"}\n', encoding="utf-8")
+    packed = tmp_path / "p.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    want = generate_from_checkpoint(base, prompt_file=plain, **GREEDY)
+    assert generate_from_checkpoint(base, prompt_file=packed, **GREEDY) == want and '"id": 2' in want
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(packed.read_bytes())))
+    with pytest.raises(LmforgeError, match="stdin is gzip-compressed; pipe it through zcat"):
+        generate_from_checkpoint(base, prompt_file="-", **GREEDY)
+
+
 def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
     sampled = dict(max_new_tokens=12, temperature=1.0, seed=7)
     out = io.StringIO()
@@ -66,6 +82,13 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
     assert len(samples) == 3 and len(set(s.split("\n", 1)[1] for s in samples)) == 3  # three different draws
     assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled) == text  # the same seed again
     assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, **sampled | {"seed": 8}) != text
+    # sample j is seeded 7 + j on its own: `--prompt --seed 7+j`'s text, in a batch of any size
+    assert generate_from_checkpoint(base, prompt="Hello", num_samples=3, batch_size=2, **sampled) == text
+    for j, sample in enumerate(samples):
+        assert (
+            sample.split("\n", 1)[1]
+            == "Hello" + generate_from_checkpoint(base, prompt="Hello", **sampled | {"seed": 7 + j}) + "\n"
+        )
     prompts = tmp_path / "p.txt"
     prompts.write_text("ab\ncd\n", encoding="utf-8")
     rows = [
@@ -73,6 +96,10 @@ def test_num_samples_are_seeded_and_differ(base: Path, tmp_path: Path) -> None:
         for r in generate_from_checkpoint(base, prompt_file=prompts, num_samples=2, **sampled).split("\n")[:-1]
     ]
     assert [(r["prompt"], r["sample"]) for r in rows] == [("ab", 0), ("ab", 1), ("cd", 0), ("cd", 1)]
+    for r in rows:  # each prompt's sample j: `--prompt P --seed 7+j`'s, as serve's choice j
+        assert r["completion"] == generate_from_checkpoint(
+            base, prompt=r["prompt"], **sampled | {"seed": 7 + r["sample"]}
+        )
 
 
 def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Path, monkeypatch, capsys) -> None:
@@ -195,6 +222,10 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "b\\ud800"}\n', [], "p.jsonl line 2 holds an unpaired surrogate"),
         ("p.jsonl", b'{"prompt": "a", "id": "\\udc80"}\n', [], "p.jsonl line 1 holds an unpaired surrogate"),
         ("p.txt", b"\n\n", [], "holds no prompts"),
+        # a JSON list was read as text (each line a prompt); compressed bytes were "not UTF-8, convert from GBK"
+        ("p.json", b'[{"prompt": "a"}]\n', [], "a .json file is neither JSONL nor one prompt per line; rename"),
+        ("p.txt", gzip.compress(b"a\n"), [], "p.txt is gzip-compressed; name it p.txt.gz or unpack it"),
+        ("p.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n')[:20], [], "could not be decompressed (Compressed file"),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
         ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
         (None, b"", [], "does not exist"),
@@ -246,21 +277,22 @@ def test_out_inside_the_run_is_refused_before_it_is_written(base: Path, tmp_path
 
 def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_path: Path, monkeypatch) -> None:
     """`--out` wrote once at the end: Ctrl-C (or a kill) at prompt 9,000 of 10,000 lost every completion. Finished
-    batches now go to OUT.partial as they come; the same command again decodes only the rest (a torn last line, as
-    a SIGKILL mid-write leaves, dropped) and writes OUT equal, byte for byte, to an uninterrupted run's (seeded
-    sampling, several samples, a row decoded alone past the batch cache), the partial file then removed."""
+    batches now go to OUT.partial as they come; the same command again, with another --batch-size too, decodes only
+    the rest, each once (a torn last line, as a SIGKILL mid-write leaves, dropped) and writes OUT equal, byte for
+    byte, to an uninterrupted run's (seeded sampling, several samples, a row decoded alone past the batch cache),
+    the partial file then removed. (A resume used to need the same --batch-size, seeds being per batch.)"""
     import lmforge.generate as gen
     from lmforge.cli import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), "utf-8")
-    run = ["generate", str(base), "--prompt-file", str(prompts), "--num-samples", "2", "--batch-size", "3"]
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--num-samples", "2"]
     run += ["--max-new-tokens", "20", "--temperature", "1", "--seed", "5", "--quiet"]
     with pytest.raises(SystemExit):
-        main(run + ["--out", str(tmp_path / "straight.jsonl")])
+        main(run + ["--batch-size", "4", "--out", str(tmp_path / "straight.jsonl")])
     straight = (tmp_path / "straight.jsonl").read_bytes()
 
-    batch, calls = gen.generate_batch, []
+    batch, alone, calls = gen.generate_batch, gen.generate, []
 
     def counted(*args, **kwargs):
         calls.append(len(args[1]))
@@ -268,10 +300,15 @@ def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_pa
             raise KeyboardInterrupt  # (as Ctrl-C, or SIGTERM through cli's handler, arrives mid-decode)
         return batch(*args, **kwargs)
 
+    def counted_alone(*args, **kwargs):
+        calls.append(1)
+        return alone(*args, **kwargs)
+
     monkeypatch.setattr(gen, "generate_batch", counted)
+    monkeypatch.setattr(gen, "generate", counted_alone)
     out, interrupt = tmp_path / "out" / "c.jsonl", True
     with pytest.raises(SystemExit) as e:
-        main(run + ["--out", str(out)])
+        main(run + ["--batch-size", "3", "--out", str(out)])
     partial = out.with_name("c.jsonl.partial")
     lines = partial.read_text("utf-8").splitlines()
     assert e.value.code == 130 and not out.exists() and len(lines) == 1 + 6  # a header, two batches of 3 rows
@@ -279,9 +316,10 @@ def test_an_interrupted_out_resumes_to_the_uninterrupted_file(base: Path, tmp_pa
     calls.clear()
     interrupt = False
     with pytest.raises(SystemExit) as e:
-        main(run + ["--out", str(out)])
+        main(run + ["--batch-size", "2", "--out", str(out)])
     assert e.value.code == 0 and out.read_bytes() == straight and not partial.exists()
-    assert calls == [3, 3, 3]  # 14 rows: 5 done; the second batch again, two more; the 32-character prompt's 2 alone
+    # 14 rows, 5 done: the 9 others once each (the last batch, the 32-character prompt's 2 rows, goes row by row)
+    assert calls == [2, 2, 2, 1, 1, 1]
 
 
 def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -315,6 +353,8 @@ def test_a_partial_file_of_another_job_is_refused(base: Path, tmp_path: Path, ca
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
         assert partial.read_bytes() == kept
     assert f"run that command to finish it, or delete {partial} to start over" in main_error(run + ["--seed", "2"])
+    partial.write_text('{"lmforge_generate_partial": 1, "job": {}}\n', encoding="utf-8")  # rows seeded per batch
+    assert "of another lmforge version (partial format 1, this one reads 2)" in main_error(run)
     partial.write_text("my notes\n", encoding="utf-8")
     assert "is not such a file of lmforge generate; move it away" in main_error(run)
     partial.unlink()
@@ -336,9 +376,13 @@ def main_error(argv: list[str]) -> str:
     return err.getvalue()
 
 
-def test_a_sigkilled_run_leaves_whole_lines_and_the_same_command_finishes_it(base: Path, tmp_path: Path) -> None:
-    """A real `lmforge generate --out` process killed with SIGKILL mid-file keeps the batches it finished in
-    OUT.partial; the same command finishes the file as an uninterrupted run writes it."""
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGKILL"])
+def test_a_stopped_process_is_finished_by_the_same_command_with_any_batch_size(
+    base: Path, tmp_path: Path, signum: str
+) -> None:
+    """A real `lmforge generate --out` process stopped mid-file (Ctrl-C: exit 130; SIGKILL) keeps the completions
+    it finished in OUT.partial; the same command with another --batch-size finishes the file as an uninterrupted
+    run with a third one writes it (seeded sampling). A resume used to be refused unless --batch-size matched."""
     import signal
     import time
 
@@ -347,21 +391,22 @@ def test_a_sigkilled_run_leaves_whole_lines_and_the_same_command_finishes_it(bas
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"{i} {PROMPTS[i % 7][:9]}\n" for i in range(12)), encoding="utf-8")
-    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "24", "--batch-size", "1"]
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "24", "--temperature", "1"]
     run += ["--seed", "1", "--quiet", "--out"]
     partial = tmp_path / "c.jsonl.partial"
-    proc = start_cli(*run, str(tmp_path / "c.jsonl"))
+    proc = start_cli(*run, str(tmp_path / "c.jsonl"), "--batch-size", "1")
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if partial.is_file() and partial.read_bytes().count(b"\n") >= 3:  # the header and two completions
             break
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL, proc.stderr
+    proc.send_signal(getattr(signal, signum))
+    code = proc.wait(60)
+    assert code == (130 if signum == "SIGINT" else -signal.SIGKILL), proc.communicate()
     assert not (tmp_path / "c.jsonl").exists() and 3 <= partial.read_bytes().count(b"\n") < 13
-    for out in ("c.jsonl", "straight.jsonl"):
+    for out, batch_size in (("c.jsonl", "5"), ("straight.jsonl", "3")):
         with pytest.raises(SystemExit) as e:
-            main([*run, str(tmp_path / out)])
+            main([*run, str(tmp_path / out), "--batch-size", batch_size])
         assert e.value.code == 0
     assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     assert not partial.exists()
