@@ -48,14 +48,16 @@ def measure(docs: str, tokenizer: str, work: str) -> None:
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
         f.write("5")  # resets the peak (VmHWM) to the resident memory now: training's peak is not counted
     before = _status_mb("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with tqdm(disable=True) as bar:
         shards, tokens = encode_split(tok, Path(docs), Path(work), "train", np.uint16, 1 << 30, bar)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     for name in shards:
         (Path(work) / name).unlink()
     peak = _status_mb("VmHWM")
-    print(json.dumps({"seconds": seconds, "rss_before_mb": before, "peak_mb": peak, "tokens": tokens}))
+    print(
+        json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_before_mb": before, "peak_mb": peak, "tokens": tokens})
+    )
 
 
 def main() -> None:
@@ -74,16 +76,18 @@ def main() -> None:
         with open(docs, "w", encoding="utf-8") as f:
             f.write(json.dumps((line * (size // len(line) + 1))[:size], ensure_ascii=False) + "\n")
         print(f"{os.cpu_count()} CPUs, one document of {args.size_mb:g} MB on one line, load {os.getloadavg()[0]:.1f}")
-        print("| tokenizer | tokens | seconds | RSS before MB | peak MB | added MB |\n|---|---:|---:|---:|---:|---:|")
+        print("| tokenizer | tokens | seconds | CPU s | RSS before MB | peak MB | added MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for tokenizer in args.tokenizers:
             cmd = [sys.executable, __file__, "--measure", str(docs), tokenizer, work]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f"{tokenizer} failed: {result.stderr.strip().splitlines()[-1:]}")
             r = json.loads(result.stdout.strip().splitlines()[-1])
+            before, peak = r["rss_before_mb"], r["peak_mb"]
             print(
-                f"| {tokenizer} | {r['tokens']:,} | {r['seconds']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_mb']:.0f} "
-                f"| {r['peak_mb'] - r['rss_before_mb']:.0f} |"
+                f"| {tokenizer} | {r['tokens']:,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {before:.0f} "
+                f"| {peak:.0f} | {peak - before:.0f} |"
             )
 
 
