@@ -13,7 +13,8 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
   ids of encoding it whole (tested on a 2.2 MB document), so pass 2's memory holds a chunk and a piece, not the
   document; char training counts it chunk by chunk too. The other trainers still see a long document whole
   (cut into pieces by `long_pieces`), and pass 1 holds it whole. Measured (bench/long_document.py, memory
-  added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB with bpe: 737 -> 18 MB.
+  added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB: bpe 737 -> 18 MB, char
+  1,743 -> 27 MB (and 198 -> 122 CPU seconds: char encodes a piece faster than a 1M-character one).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
 - Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
 """
