@@ -119,6 +119,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch: pyt
     long_docs = [" ".join(TRICKY) * 3, text[:6000], "中文" * 200 + " x", "  ".join(text[:3000].split(" "))]
     long_docs += ["".join(rng.choice("ab  \n\t中é.") for _ in range(3000))]
     monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 50)
     calls = []
     for tok in (train_char([text]), train_wordpiece([text], 200), train_unigram([text], 400)):
         encode = tok.encode
@@ -139,6 +140,7 @@ def test_long_documents_go_through_the_segment_cache_in_pieces(bpe: Tokenizer, m
     text = shakespeare_text(20_000)
     long_docs = [" ".join(TRICKY) * 3, text[:6000], "中文" * 200 + " x", text[:3000] + " "]
     monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 50)
     encoder = DocumentEncoder(bpe, np.uint16)
     seen: list[int] = []
     cached_docs = encoder._cached_docs
@@ -147,6 +149,156 @@ def test_long_documents_go_through_the_segment_cache_in_pieces(bpe: Tokenizer, m
     want, want_counts = reference(bpe, long_docs + TRICKY)
     assert np.array_equal(tokens, want) and counts.tolist() == want_counts
     assert len(seen) > 100 and max(seen) <= 400  # pieces of ~50 (the 400-character Chinese run: one piece)
+
+
+def _one_line_document(n_chars: int) -> str:
+    """Real English (the packaged Shakespeare) on one line, with JSON escapes and non-ASCII text inside."""
+    book = shakespeare_text(1_200_000).replace("\n", " ")
+    tricky = ' "quoted" back\\slash\\\\ tab\there \x01\x1f ctrl 😀👍🏽 emoji 天地玄黄，宇宙洪荒 café '
+    text = ""
+    while len(text) < n_chars:
+        text += tricky + book
+    return text[:n_chars]
+
+
+def _encode_docs_file(
+    tmp_path: Path, tok: Tokenizer, docs: list[str], *, trace: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict, int]:
+    """`encode_split` of a docs file holding `docs` (as pass 1 writes it): (ids, train token counts, by_language,
+    the peak of Python's allocations during `encode_split` in bytes when `trace`, else 0)."""
+    import tracemalloc
+
+    from tqdm import tqdm
+
+    from lmforge.data.tokenizing import encode_split
+
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    token_counts, by_language = np.zeros(tok.vocab_size, dtype=np.int64), {}
+    if trace:
+        tracemalloc.start()
+    try:
+        with tqdm(disable=True) as bar:
+            shards, _ = encode_split(
+                tok,
+                path,
+                tmp_path,
+                "train",
+                np.uint16,
+                1 << 30,
+                bar,
+                token_counts=token_counts,
+                by_language=by_language,
+            )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    ids = np.concatenate([read_shard(tmp_path / name) for name in shards])
+    for name in shards:
+        (tmp_path / name).unlink()
+    return ids, token_counts, by_language, peak
+
+
+@pytest.mark.slow
+def test_a_multi_mb_one_line_document_is_streamed_with_the_ids_of_the_whole(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A 2.2 MB one-line document (over LONG_DOCUMENT and the streaming line length) is read from the docs
+    file in chunks and encoded in pieces: exactly `tokenizer.encode` of the whole text, for the byte-level
+    BPE (segment cache) and char tokenizers; the statistics too. ~10 s: the whole-text reference encodes."""
+    from lmforge.data import tokenizing
+    from lmforge.tokenizer import fast_encode
+
+    big = _one_line_document(2_200_000)
+    assert len(big.encode("utf-8")) > 2 * tokenizing._STREAM_BYTES and len(big) > 2 * fast_encode.LONG_DOCUMENT
+    docs = ["a short one", big, "", "天地 after"]
+    for tok in (bpe, train_char([shakespeare_text(60_000)])):
+        ids, token_counts, by_language, _ = _encode_docs_file(tmp_path, tok, docs)
+        want = np.array([i for d in docs for i in [*tok.encode(d), tok.eos_id]])
+        assert np.array_equal(ids, want)
+        assert np.array_equal(token_counts, np.bincount(want, minlength=tok.vocab_size))
+        assert sum(v[0] for v in by_language.values()) == sum(len(d.encode("utf-8")) for d in docs)
+        assert sum(v[1] for v in by_language.values()) == len(want) - len(docs)
+        assert by_language["en"][0] >= len(big.encode("utf-8"))
+
+
+def test_a_one_line_document_is_encoded_in_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory while encoding a long document holds a chunk and a piece, not the document: with chunks of 4 KB
+    and pieces of 1,000 characters, a 1 MB document peaks at a small fraction of its size in Python objects.
+    (Read whole, it was held as its JSON line and its text: 857 MB of RSS for a 50 MB line.)"""
+    from lmforge.data import tokenizing
+    from lmforge.tokenizer import fast_encode
+
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 4096, raising=False)  # (raising: so that it runs before the fix)
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 1000)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 1000, raising=False)
+    big = _one_line_document(1_000_000)
+    tok = train_char([shakespeare_text(60_000)])
+    ids, _, _, peak = _encode_docs_file(tmp_path, tok, [big], trace=True)
+    assert np.array_equal(ids, [*tok.encode(big), tok.eos_id])
+    assert peak < 500_000, peak  # bytes
+
+
+def test_a_char_tokenizer_trains_on_a_long_document_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tokenizer char` counts the characters of a long document chunk by chunk: the tokenizer of the whole."""
+    from lmforge.data import tokenizing
+
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 100)
+    docs = [_one_line_document(5000), "short", "天地"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    assert len(list(tokenizing._text_chunks(path))) > 50
+    cfg = PrepareConfig(inputs=["x"], out=str(tmp_path / "out"), tokenizer="char")
+    tok, kind = tokenizing.make_tokenizer(cfg, None, path, 0, progress=False)
+    assert kind == "char" and tok.to_str() == train_char(docs).to_str()
+
+
+def test_tokenizers_that_pieces_would_change_encode_a_long_document_whole(
+    bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A given tokenizer.json whose ids depend on where the text is cut (a Prepend normalizer, as Llama-2's adds
+    "▁" before the text; a Split regex first, as Llama-3's) encodes a long document whole: in pieces, each
+    piece got its own "▁". lmforge's own tokenizers are cut into pieces (the tests above)."""
+    from lmforge.tokenizer import fast_encode
+    from lmforge.tokenizer.train import train_unigram, with_nfkc
+
+    text = shakespeare_text(20_000)
+    config = json.loads(bpe.to_str())
+    prepend = Tokenizer.from_str(json.dumps({**config, "normalizer": {"type": "Prepend", "prepend": "_"}}))
+    split_first = {"type": "Split", "pattern": {"Regex": "\\w+ \\w+"}, "behavior": "Isolated", "invert": False}
+    llama3_like = {
+        **config,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split_first, config["pre_tokenizer"]]},
+    }
+    strip_right = {**config, "added_tokens": [*config["added_tokens"], {**config["added_tokens"][0], "id": 400,
+                   "content": "<x>", "special": False, "rstrip": True}]}  # fmt: skip
+    for tok in (prepend, Tokenizer.from_str(json.dumps(llama3_like)), Tokenizer.from_str(json.dumps(strip_right))):
+        assert not fast_encode.piecewise_exact(tok)
+    for tok in (bpe, with_nfkc(bpe), train_char([text]), train_wordpiece([text], 200), train_unigram([text], 400)):
+        assert fast_encode.piecewise_exact(tok)
+    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 50)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 50, raising=False)
+    long_docs = [text[:3000], " ".join(TRICKY)]
+    tokens, counts = DocumentEncoder(prepend, np.uint16).encode(long_docs)
+    want, want_counts = reference(prepend, long_docs)
+    assert np.array_equal(tokens, want) and counts.tolist() == want_counts
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13, 64])
+def test_long_json_lines_are_read_in_chunks_as_json_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Chunks of a long line end anywhere, inside a UTF-8 character or an escape (\\n, \\", \\\\, \\u001f, a
+    \\ud83d\\ude00 pair when the line was written with ensure_ascii): their texts join up to json.loads'."""
+    from lmforge.data import tokenizing
+
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", size)
+    texts = ['a"b\\c\nd\te\x1f\x00 😀 天地 \\\\"\\u" ' * 3, "\\", '"', "😀", "x\n", ""]
+    lines = [json.dumps(t, ensure_ascii=ascii) for t in texts for ascii in (False, True)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    got = [d if isinstance(d, str) else "".join(d) for d in tokenizing._streamed_docs(path)]
+    assert got == [t for t in texts for _ in (False, True)]
 
 
 @pytest.mark.parametrize("doc_unit", ["paragraph", "line"])

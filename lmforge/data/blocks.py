@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,8 +182,10 @@ class BlockWorker:
 _WORKER: BlockWorker | None = None
 
 
-def init_pool_worker(worker: BlockWorker) -> None:
+def init_pool_worker(worker: BlockWorker, parent: int) -> None:
+    """Set up a pool process (`parent`: the pid of the process that started the pool)."""
     global _WORKER
+    _die_with_parent(parent)
     # each process encodes on its own core; Rust threads on top would only compete for the same cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one line;
@@ -192,6 +195,25 @@ def init_pool_worker(worker: BlockWorker) -> None:
     if hasattr(signal, "pthread_sigmask"):  # held by the parent while it started the pool (prepare._start_pool)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _WORKER = worker
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux kill this process the moment `parent` dies (prctl PR_SET_PDEATHSIG).
+
+    A parent killed alone (SIGKILL, the OOM killer) left its workers running their blocks to the end, then
+    printing two BrokenPipeError tracebacks each when they sent the result to no one. Other platforms keep
+    that behaviour (no such call there); a pool's workers ending with it otherwise is the normal case."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl in this C library: keep running as before
+        return
+    if os.getppid() != parent:  # the parent died before the call: no signal will come
+        os._exit(1)
 
 
 def run_in_pool_worker(task: Task) -> BlockResult:

@@ -599,7 +599,9 @@ def _start_pool(workers: int, worker: BlockWorker) -> Any:
     mask = getattr(signal, "pthread_sigmask", None)
     held = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
     try:
-        return multiprocessing.get_context(method).Pool(workers, initializer=init_pool_worker, initargs=(worker,))
+        return multiprocessing.get_context(method).Pool(
+            workers, initializer=init_pool_worker, initargs=(worker, os.getpid())
+        )
     finally:
         if saved is None:
             del os.environ["TOKENIZERS_PARALLELISM"]

@@ -8,23 +8,32 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
   Japanese documents over `UNSPACED_SAMPLE_BYTES`) and `encode_split` encodes each split's
   file in batches. Both record the same statistics: train token counts (`top_tokens`) and [UTF-8
   bytes, tokens] per guessed language (`tokenizer_report`).
+- A document whose line in the temporary file is over 1 MiB is read a chunk at a time (`_streamed_docs`) and
+  encoded a piece at a time (`DocumentEncoder.encode_stream`), its ids written as they come, with exactly the
+  ids of encoding it whole (tested on a 2.2 MB document), so pass 2's memory holds a chunk and a piece, not the
+  document; char training counts it chunk by chunk too. The other trainers still see a long document whole
+  (cut into pieces by `long_pieces`), and pass 1 holds it whole. Measured (bench/long_document.py, memory
+  added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB: bpe 737 -> 18 MB, char
+  1,743 -> 27 MB (and 198 -> 122 CPU seconds: char encodes a piece faster than a 1M-character one).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
 - Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.blocks import BlockResult
-from lmforge.data.filters import LANGUAGES, guess_language, utf8_len
+from lmforge.data.filters import GUESS_CHARS, LANGUAGES, guess_language, utf8_len
 from lmforge.data.shards import ShardWriter
 from lmforge.data.split import SPLITS, bucket, doc_digest
 from lmforge.tokenizer import fast_encode
@@ -87,6 +96,71 @@ def _read_docs(path: Path) -> Iterator[str]:
             yield json.loads(line)
 
 
+# A document whose JSON line is longer than this many bytes is read in chunks of this size (`_streamed_docs`)
+_STREAM_BYTES = 1 << 20
+_HIGH_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _streamed_docs(path: Path) -> Iterator[str | Iterator[str]]:
+    """`_read_docs`, except that a document longer than _STREAM_BYTES comes as an iterator over its text in
+    chunks, read from the file as they are asked for (each must be used up before the next document).
+
+    Read whole, a 50 MB one-line document was in memory twice (its JSON line and its text) before encoding."""
+    with open(path, "rb") as f:
+        while line := f.readline(_STREAM_BYTES):
+            if line.endswith(b"\n") or len(line) < _STREAM_BYTES:
+                yield json.loads(line)
+            else:
+                yield _json_string_chunks(f, line)
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The documents of `path`, a long one in several chunks."""
+    for doc in _streamed_docs(path):
+        yield from [doc] if isinstance(doc, str) else doc
+
+
+def _json_string_chunks(f: BinaryIO, head: bytes) -> Iterator[str]:
+    """The text of the JSON string on the line that starts with `head`, the rest read from `f` to the line's end."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    rest = decoder.decode(head)[1:]  # after the opening quote
+    while True:
+        block = f.readline(_STREAM_BYTES)
+        end = block.endswith(b"\n") or not block
+        rest += decoder.decode(block, final=end)
+        if end:  # the closing quote, then the line end
+            yield json.loads('"' + rest.rstrip("\n"))
+            return
+        cut = _json_cut(rest)
+        if cut > 0:
+            yield json.loads('"' + rest[:cut] + '"')
+            rest = rest[cut:]
+
+
+def _json_cut(content: str) -> int:
+    """Where JSON string `content` (which starts outside an escape) may be cut: before its last character (it may
+    be the closing quote), before the first escape in its last 12 characters (an escape is at most 6 long), and not
+    between the halves of a \\u surrogate pair."""
+    cut = len(content) - 1
+    i = content.find("\\", max(0, cut - 12))
+    while i >= 0:
+        if _starts_escape(content, i):
+            cut = i
+            break
+        i = content.find("\\", i + 1)
+    if cut >= 6 and _HIGH_SURROGATE_ESCAPE.fullmatch(content, cut - 6, cut) and _starts_escape(content, cut - 6):
+        cut -= 6
+    return cut
+
+
+def _starts_escape(content: str, i: int) -> bool:
+    """Whether the backslash at `i` starts an escape: it ends an odd run of backslashes."""
+    start = i
+    while start > 0 and content[start - 1] == "\\":
+        start -= 1
+    return (i - start) % 2 == 0
+
+
 def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) -> Iterator[str]:
     """Documents of `path`, each kept with probability `fraction` (`unspaced_fraction` for Chinese and
     Japanese ones, when lower), decided by its hash (deterministic)."""
@@ -145,7 +219,8 @@ def _train_tokenizer(
     cfg: PrepareConfig, train_docs: Path, train_bytes: int, unspaced_bytes: int, progress: bool
 ) -> tuple[Tokenizer, str]:
     if cfg.tokenizer == "char":
-        return train_char(_read_docs(train_docs)), "char"  # memory: one counter per distinct character
+        # memory: one counter per distinct character (and a chunk of a long document: characters count the same)
+        return train_char(_text_chunks(train_docs)), "char"
     # the Rust trainers draw their own bar, and only print stray newlines when stderr is no terminal
     show = progress and sys.stderr.isatty()
     fraction = TOKENIZER_SAMPLE_BYTES / max(train_bytes, 1)
@@ -195,25 +270,55 @@ def encode_split(
     writer = ShardWriter(out_dir, split, dtype, max_tokens)
     encoder = DocumentEncoder(tok, dtype)
 
-    def flush(batch: list[str]) -> None:
-        tokens, counts = encoder.encode(batch)
+    def write(tokens: np.ndarray) -> None:
         writer.write(tokens)
-        sizes = [utf8_len(text) for text in batch]
-        bar.update(sum(sizes))
         if token_counts is not None:
             token_counts[:] += np.bincount(tokens, minlength=len(token_counts))[: len(token_counts)]
+
+    def note(text: str, size: int, n: int) -> None:  # a document of `size` UTF-8 bytes and `n` tokens
         if by_language is not None:
-            for text, size, n in zip(batch, sizes, counts.tolist(), strict=True):
-                entry = by_language.setdefault(guess_language(text), [0, 0])
-                entry[0] += size
-                entry[1] += n
+            entry = by_language.setdefault(guess_language(text), [0, 0])
+            entry[0] += size
+            entry[1] += n
+
+    def flush(batch: list[str]) -> None:
+        tokens, counts = encoder.encode(batch)
+        write(tokens)
+        sizes = [utf8_len(text) for text in batch]
+        bar.update(sum(sizes))
+        for text, size, n in zip(batch, sizes, counts.tolist(), strict=True):
+            note(text, size, n)
+
+    def long_document(chunks: Iterator[str]) -> None:
+        """One document read and encoded a piece at a time: memory holds a chunk and a piece, not the document."""
+        head, size, n = "", 0, 0  # its first characters (all the language guess reads), UTF-8 bytes, tokens
+
+        def counted() -> Iterator[str]:
+            nonlocal head, size
+            for chunk in chunks:
+                head += chunk[: max(GUESS_CHARS - len(head), 0)]
+                size += utf8_len(chunk)
+                bar.update(utf8_len(chunk))
+                yield chunk
+
+        for ids in encoder.encode_stream(counted()):
+            write(ids)
+            n += len(ids)
+        write(np.array([tok.eos_id], dtype=dtype))
+        note(head, size, n)
 
     try:
         batch: list[str] = []
         chars = 0
-        for text in _read_docs(docs):
-            batch.append(text)
-            chars += len(text)
+        for doc in _streamed_docs(docs):
+            if not isinstance(doc, str):
+                if batch:  # documents go into the shards in order
+                    flush(batch)
+                    batch, chars = [], 0
+                long_document(doc)
+                continue
+            batch.append(doc)
+            chars += len(doc)
             if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
                 flush(batch)
                 batch, chars = [], 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from itertools import chain
 
 import numpy as np
@@ -78,28 +79,79 @@ def segment_cache_ok(tok: Tokenizer) -> bool:
     )
 
 
-LONG_DOCUMENT = 1 << 20  # characters; longer documents are encoded in pieces of about this size
+LONG_DOCUMENT = 1 << 20  # characters; longer documents are encoded in pieces (`encode_stream`)
+# characters per piece of a long document: an HF `Encoding` holds ~190 bytes per character (offsets, strings),
+# so a piece of 64K characters costs ~12 MB while it is encoded (1M-character pieces took ~200 MB)
+PIECE_CHARS = 1 << 16
 
 
 def long_pieces(text: str, size: int = LONG_DOCUMENT) -> list[str]:
     """`text` cut into pieces of about `size` characters, each cut just before a " " with a non-space on
-    both sides (see `DocumentEncoder._long_doc`); a piece grows past `size` until such a space comes."""
+    both sides (see `DocumentEncoder.encode_stream`); a piece grows past `size` until such a space comes."""
     pieces, start = [], 0
     while len(text) - start > size:
-        cut = start + size
-        while cut < len(text) - 1 and not (
-            text[cut] == " " and not text[cut - 1].isspace() and not text[cut + 1].isspace()
-        ):
-            cut = text.find(" ", cut + 1)
-            if cut < 0:
-                cut = len(text)
-                break
-        if cut >= len(text) - 1:
+        cut = _next_cut(text, start + size)
+        if cut < 0:
             break
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
+
+
+def _next_cut(text: str, cut: int) -> int:
+    """The first position >= `cut` just before a " " with a non-space on both sides; -1 when none."""
+    while cut < len(text) - 1 and not (
+        text[cut] == " " and not text[cut - 1].isspace() and not text[cut + 1].isspace()
+    ):
+        cut = text.find(" ", cut + 1)
+        if cut < 0:
+            return -1
+    return cut if cut < len(text) - 1 else -1
+
+
+# Where a pre-tokenizer always ends a pre-token at a " " between two non-spaces (see `piecewise_exact`)
+_CUTTING_PRE_TOKENIZERS = {"ByteLevel", "Whitespace", "WhitespaceSplit", "BertPreTokenizer", "Metaspace"}
+# ... and those that only cut the pre-tokens further, each on its own
+_SUBSPLITTING_PRE_TOKENIZERS = _CUTTING_PRE_TOKENIZERS | {"Digits", "Punctuation", "UnicodeScripts", "Split"}
+# normalizers of one character at a time, whose output at a " " does not depend on its neighbours
+_LOCAL_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "BertNormalizer"}
+
+
+def piecewise_exact(tok: Tokenizer) -> bool:
+    """True when encoding a text in pieces cut before a " " between two non-spaces gives the ids of the whole
+    text: every tokenizer lmforge trains (byte-level BPE, char, WordPiece, Unigram) and tokenizer.json files
+    built the same way. Not, for example, a Llama-2-style file (a `Prepend("▁")` normalizer: each piece would
+    start with an extra "▁"), a pre-tokenizer that starts with a `Split` regex (Llama-3's: nothing says where
+    it cuts), no pre-tokenizer over a BPE with merges (merges may cross spaces), or an added token that takes
+    in the whitespace after it (`rstrip`): such tokenizers encode a long document whole."""
+    config = json.loads(tok.to_str())
+    model = config.get("model") or {}
+    if model.get("dropout") is not None or config.get("truncation") is not None or config.get("padding") is not None:
+        return False
+    norm = config.get("normalizer")
+    norms = (norm.get("normalizers") or [] if norm.get("type") == "Sequence" else [norm]) if norm else []
+    if any(n.get("type") not in _LOCAL_NORMALIZERS for n in norms):
+        return False
+    for added in config.get("added_tokens") or []:
+        matched = not added.get("special") or not tok.hf.encode_special_tokens  # (else never looked for in text)
+        if matched and (added.get("rstrip") or any(c.isspace() for c in added.get("content", ""))):
+            return False
+    pre = config.get("pre_tokenizer")
+    if pre is None:  # the whole text is one word: only a character-level BPE (no merges) cuts anywhere
+        return model.get("type") == "BPE" and not model.get("merges")
+    members = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    if not members or not _cuts_at_spaces(members[0]):
+        return False
+    return all(m.get("type") in _SUBSPLITTING_PRE_TOKENIZERS for m in members[1:])
+
+
+def _cuts_at_spaces(pre: dict) -> bool:
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex", True) is True  # GPT-2's split regex (see this module's docstring)
+    if pre.get("type") == "Metaspace":  # a piece starts with " " -> "▁": nothing is prepended to it
+        return pre.get("split", True) is True
+    return pre.get("type") in _CUTTING_PRE_TOKENIZERS
 
 
 class DocumentEncoder:
@@ -117,6 +169,7 @@ class DocumentEncoder:
         self.dtype = np.dtype(dtype).newbyteorder("=")
         self.eos = np.array([tok.eos_id], dtype=self.dtype).tobytes()
         self.cached = segment_cache_ok(tok)
+        self.piecewise = self.cached or piecewise_exact(tok)
         self.max_cache = max_cache
         self.max_cache_chars = max_cache_chars
         self._cache_chars = 0  # characters of the keys added since the caches were last emptied (an upper bound)
@@ -128,36 +181,45 @@ class DocumentEncoder:
         """Ids of `texts`, each followed by EOS, as one array; and each text's id count (EOS excluded)."""
         if not texts:
             return np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int64)
+        short = [t if len(t) <= LONG_DOCUMENT else "" for t in texts]
         if self.cached:
-            docs = self._cached_docs([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
-            for i, text in enumerate(texts):
-                if len(text) > LONG_DOCUMENT:  # split into millions of words at once, it took ~50 bytes a character
-                    docs[i] = self._long_cached_doc(text)
+            docs = self._cached_docs(short)
         else:
-            whole = self.tok.encode_batch([t if len(t) <= LONG_DOCUMENT else "" for t in texts])
-            docs = [
-                (self._long_doc(text) if len(text) > LONG_DOCUMENT else np.array(ids, dtype=self.dtype).tobytes())
-                + self.eos
-                for text, ids in zip(texts, whole, strict=True)
-            ]
+            docs = [np.array(ids, dtype=self.dtype).tobytes() + self.eos for ids in self.tok.encode_batch(short)]
+        for i, text in enumerate(texts):
+            if len(text) > LONG_DOCUMENT:  # split into millions of words at once, it took ~50 bytes a character
+                docs[i] = b"".join(ids.tobytes() for ids in self.encode_stream([text])) + self.eos
         counts = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)) // self.dtype.itemsize - 1
         return np.frombuffer(b"".join(docs), dtype=self.dtype), counts
 
-    def _long_doc(self, text: str) -> bytes:
-        """Ids of a document over LONG_DOCUMENT characters, encoded one piece at a time: an HF `Encoding`
-        keeps ~190 bytes per character (offsets, strings), so a 47 MB one-line document took 9 GB at once.
-        Pieces end before a space between two non-spaces, where no pre-tokenizer lmforge makes (byte-level
-        BPE, WordPiece, Metaspace, characters) joins text across, so the ids are those of the whole text
-        (tested); text with no such space (e.g. a long run of Chinese) stays in one piece."""
-        return b"".join(
-            np.array(self.tok.encode(piece), dtype=self.dtype).tobytes() for piece in long_pieces(text, LONG_DOCUMENT)
-        )
+    def encode_stream(self, chunks: Iterable[str]) -> Iterator[np.ndarray]:
+        """Ids of one document that arrives as consecutive `chunks` of its text (cut anywhere), a piece at a time
+        (no EOS), so memory holds a chunk and a piece of about PIECE_CHARS characters, not the document.
 
-    def _long_cached_doc(self, text: str) -> bytes:
-        """Ids (and EOS) of a document over LONG_DOCUMENT characters, one piece at a time through the caches:
-        a piece starts at a safe cut (see `long_pieces`), so its segments are the whole text's."""
-        eos = len(self.eos)
-        return b"".join(self._cached_docs([piece])[0][:-eos] for piece in long_pieces(text, LONG_DOCUMENT)) + self.eos
+        Pieces end before a " " between two non-spaces, where no pre-tokenizer of a `piecewise_exact` tokenizer
+        joins text across, so the ids are those of the whole text (tested); text with no such space (e.g. a
+        long run of Chinese) grows one piece until one comes. Other tokenizers get the whole text at once."""
+        if not self.piecewise:
+            yield self._piece_ids("".join(chunks))
+            return
+        carry = ""
+        for chunk in chunks:
+            text = carry + chunk
+            start = 0
+            while len(text) - start > PIECE_CHARS:
+                cut = _next_cut(text, start + PIECE_CHARS)
+                if cut < 0:
+                    break
+                yield self._piece_ids(text[start:cut])
+                start = cut
+            carry = text[start:]
+        if carry:
+            yield self._piece_ids(carry)
+
+    def _piece_ids(self, text: str) -> np.ndarray:
+        if self.cached:  # a piece starts at a safe cut (see `long_pieces`), so its segments are the whole text's
+            return np.frombuffer(self._cached_docs([text])[0][: -len(self.eos)], dtype=self.dtype)
+        return np.array(self.tok.encode(text), dtype=self.dtype)
 
     def _cached_docs(self, texts: list[str]) -> list[bytes]:
         first, spaced = self._first, self._spaced
@@ -176,8 +238,10 @@ class DocumentEncoder:
                 split.append([segments[0]] + [s[1:] for s in segments[1:]])
             else:
                 split.append(text.split(" "))
-        new_first = list({parts[0] for parts in split} - first.keys())
-        new_spaced = list(set(chain.from_iterable(parts[1:] for parts in split)) - spaced.keys())
+        # (set.difference(dict) looks each member up; `set - dict.keys()` walked the whole cache on every call,
+        # ~5 ms a call for a Shakespeare-sized cache: a long document's hundreds of pieces paid it each)
+        new_first = list({parts[0] for parts in split}.difference(first))
+        new_spaced = list(set(chain.from_iterable(parts[1:] for parts in split)).difference(spaced))
         # new first segments and new words go through `_encode_new`, which fills `first` with their pieces
         first_ids = self._encode_new(new_first)
         spaced.update(zip(new_spaced, self._encode_new([" " + s for s in new_spaced]), strict=True))
@@ -191,7 +255,7 @@ class DocumentEncoder:
         """Ids of uncached segments: cut at `_SUBCUT`, pieces looked up in (or added to) the `_first` cache."""
         first = self._first
         pieces = [_SUBCUT.split(s) for s in segments]
-        new = list(set(chain.from_iterable(pieces)) - first.keys())
+        new = list(set(chain.from_iterable(pieces)).difference(first))
         first.update(zip(new, self._encode_segments(new), strict=True))
         self._cache_chars += sum(map(len, new))
         join, get = b"".join, first.__getitem__
