@@ -544,6 +544,8 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
             ("/completions", {"prompt": "hi", "stop": [""]}, 'list of non-empty strings, got [""]'),
+            ("/completions", {"prompt": "hi", "stop": ""}, 'list of non-empty strings, got ""'),  # was no stop
+            ("/completions", {"prompt": "hi", "stop": {}}, "list of non-empty strings, got {}"),  # was no stop
             (
                 "/chat/completions",
                 {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3},
