@@ -118,22 +118,26 @@ def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Pat
         {"prompt": "a", "completion": "reference", "sample": 9},
         {"id": None, "prompt": "{xyz"},
     ]
-    alone = [generate_from_checkpoint(base, prompt=line["prompt"], **GREEDY) for line in lines]
+    sampled = GREEDY | {"temperature": 1.0, "seed": 3}  # (greedy, the two samples of a prompt would be one text)
+    alone = [
+        [generate_from_checkpoint(base, prompt=line["prompt"], **sampled | {"seed": 3 + j}) for j in range(2)]
+        for line in lines
+    ]
     stdin = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\r\n"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
     records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", num_samples=2, batch_size=4,
-                                                               **GREEDY).splitlines()]  # fmt: skip
+                                                               **sampled).splitlines()]  # fmt: skip
     kept = [{k: v for k, v in line.items() if k not in ("completion", "sample")} for line in lines]
     assert records == [
-        fields | {"completion": text, "finish_reason": "length", "sample": j}
-        for fields, text in zip(kept, alone, strict=True)
+        fields | {"completion": texts[j], "finish_reason": records[i * 2 + j]["finish_reason"], "sample": j}
+        for i, (fields, texts) in enumerate(zip(kept, alone, strict=True))
         for j in range(2)
     ]
     assert list(records[0]) == ["id", "prompt", "meta", "completion", "finish_reason", "sample"]
     assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{xyz\n\na\n")))  # text: a "{" line is a prompt
-    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **GREEDY).splitlines()]
-    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2]), ("a", alone[1])]
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **sampled).splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2][0]), ("a", alone[1][0])]
 
 
 def test_a_long_generation_keeps_an_imported_tokenizers_bos_first(tmp_path: Path) -> None:
@@ -235,6 +239,10 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.txt", b"a\n", ["--out", "DIR"], "is a folder; pass a file name such as"),
         ("p.txt", b"a\n", ["--out", "FILE/c.jsonl"], "which is a file, not a folder"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
+        # N identical greedy rows, decoded N times over
+        ("p.txt", b"a\n", ["--num-samples", "3", "--temperature", "0"], "--num-samples 3 with --temperature 0 decodes"),
+        ("p.txt", b"a\n", ["--num-samples", "2", "--top-k", "1"], "--num-samples 2 with --top-k 1 decodes the same"),
+        ("p.txt", b"a\n", ["--num-samples", "2", "--top-p", "0"], "with --top-p 0 decodes the same text 2 times"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty: it would stop before the first token; drop the"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
