@@ -134,7 +134,9 @@ def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Pat
         for j in range(2)
     ]
     assert list(records[0]) == ["id", "prompt", "meta", "completion", "finish_reason", "sample"]
-    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in err
+    assert "reading prompts from the terminal" not in err  # (not a terminal: test_prompts_from_a_terminal_...)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{xyz\n\na\n")))  # text: a "{" line is a prompt
     records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **sampled).splitlines()]
     assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2][0]), ("a", alone[1][0])]
@@ -418,3 +420,26 @@ def test_a_stopped_process_is_finished_by_the_same_command_with_any_batch_size(
         assert e.value.code == 0
     assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     assert not partial.exists()
+
+
+def test_prompts_from_a_terminal_say_what_they_wait_for(base: Path) -> None:
+    """`--prompt-file -` with stdin a terminal waited without a word; it now says on stderr what it reads and how
+    to end it (only on a terminal: piped, as in the test above, it says nothing more). A real terminal (a pty)
+    needs a child process: ~2 s, more when it is the first to start the forking interpreter (imports torch)."""
+    import os
+    import pty
+
+    from tests.cli_fork import ForkedProcess
+
+    args = ["generate", str(base), "--prompt-file", "-", "--max-new-tokens", "2", "--temperature", "0", "--quiet"]
+    master, terminal = pty.openpty()
+    os.write(master, b"a\n\x04")  # a prompt, then Ctrl-D (held by the terminal until it is read)
+    proc = ForkedProcess(args, {**os.environ, "OMP_NUM_THREADS": "1"}, stdin=os.ttyname(terminal))
+    try:
+        assert proc.wait(120) == 0, proc.stderr
+    finally:
+        proc.kill()
+        os.close(master)
+        os.close(terminal)
+    assert proc.stderr == "reading prompts from the terminal, one per line; end with Ctrl-D\n", proc.stderr
+    assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == ["a"]
