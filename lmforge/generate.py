@@ -869,6 +869,12 @@ def generate_from_checkpoint(
     elif batch_size is not None:
         raise LmforgeError("--batch-size is for --prompt-file and --num-samples (decoded in batches); drop it")
     check_command(max_new_tokens, temperature, top_k, top_p, min_p, seed)  # here too: before the prompt is echoed
+    greedy = "--temperature 0" if temperature == 0 else "--top-k 1" if top_k == 1 else "--top-p 0" if top_p == 0 else ""
+    if num_samples > 1 and greedy:  # N copies of one text, decoded N times over: surely not what was meant
+        raise LmforgeError(
+            f"--num-samples {num_samples} with {greedy} decodes the same text {num_samples} times (it keeps only the "
+            "likeliest token); sample with --temperature > 0 (and no --top-k 1, --top-p 0), or drop --num-samples"
+        )
     StopStrings.check(stop)  # (before the model loads)
     checkpoint = ""
     if out is not None:  # (read before the load: a run that trains on saves newer ones)

@@ -74,6 +74,9 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
             "prompt" string, or holds a lone surrogate escape (named by its line number).
     """
     if str(path) == STDIN:
+        if sys.stdin is not None and sys.stdin.isatty():  # (it waited without a word: for what, and how to end it)
+            end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
+            print(f"reading prompts from the terminal, one per line; end with {end}", file=sys.stderr, flush=True)
         name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)

@@ -662,8 +662,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if emit is not None and head:  # (with logprobs: the prompt's, scored as unstreamed)
                     echoed = choice_logprobs(self.server, ids, [], echo, top, chat, sent) if logprobs else None
                     self._event(chunk(index, head, None, scores=echoed))
-                text, finish, new = self._generate(ids, budget, sampling, stop, chat, emit, streamed)
-                usage["completion_tokens"] += len(new)
+                text, finish, new, generated = self._generate(ids, budget, sampling, stop, chat, emit, streamed)
+                usage["completion_tokens"] += generated  # (a stop string's tokens too: they were generated)
                 if stream:
                     self._event(chunk(index, "", finish))
                     continue
@@ -697,17 +697,19 @@ class _Handler(BaseHTTPRequestHandler):
         chat: bool,
         emit: Callable[[str, list], None] | None,
         scores: StreamedLogprobs | None = None,
-    ) -> tuple[str, str, list[int]]:
-        """One choice: (its text, finish_reason, the ids generated). With `emit` (streaming), its text is
-        passed on as soon as no stop string can still cut it, with (`scores`: logprobs asked for) the
-        `StreamedLogprobs.step`s of the tokens generated since the piece before.
+    ) -> tuple[str, str, list[int], int]:
+        """One choice: (its text, finish_reason, the ids of that text, how many ids were generated). The ids
+        leave out the tokens of a stop string that ended it (the text does), so its `logprobs` describe the
+        text returned: vLLM's and OpenAI's list tokens past the text's end, and summing them scored text the
+        client never got. With `emit` (streaming), its text is passed on as soon as no stop string can still
+        cut it, with (`scores`: logprobs asked for) the `StreamedLogprobs.step`s of the tokens that begin in it.
 
         Streaming, the model runs on a worker thread under the model lock and hands the text over a queue to
         this (the connection's) thread, which writes it. A client that stops reading then stalls only its own
         writes (until `idle_timeout_s`), never the lock every other request waits for: writing under the lock,
         one such client held up all the others. A client that leaves stops its generation at the next token."""
         if max_tokens == 0:  # `echo` with max_tokens 0: the prompt is only scored
-            return "", "length", []
+            return "", "length", [], 0
         if emit is None:
             return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
         pieces: queue.SimpleQueue[tuple[str, list] | None] = queue.SimpleQueue()  # None: the generation is over
@@ -754,7 +756,7 @@ class _Handler(BaseHTTPRequestHandler):
         emit: Callable[[str, list], None] | None = None,
         client_left: Callable[[], bool] | None = None,
         scores: StreamedLogprobs | None = None,
-    ) -> tuple[str, str, list[int]]:
+    ) -> tuple[str, str, list[int], int]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
 
         `client_left` is asked before the generation and after each token: streamed, whether the connection's
@@ -763,14 +765,25 @@ class _Handler(BaseHTTPRequestHandler):
         the end, so without this a client that gave up (a timeout, Ctrl-C on curl) held the model for every
         token it had asked for, with every other request waiting behind it."""
         from lmforge.generate import StopStrings, StreamDecoder, continuation_decoder, generate
+        from lmforge.serve_logprobs import TextOffsets
 
         ft = self.server.ft
         plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
         decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
         cut = StopStrings(stop)  # the text, ended before a stop string; what is safe to stream
         finish = "length"
-        steps: list = []  # with `scores`: the tokens' logprobs not yet emitted (they go with the next piece)
+        # where each token's text begins (only stop strings need it): a token that begins past the text's end (in
+        # the stop string) is not the text's; with `scores`, one that begins in held-back text waits with it
+        offsets = TextOffsets(decoder.decode) if stop else None
+        starts: list[int] = []
+        steps: list = []  # with `scores`: (start, logprobs) of the tokens not emitted yet (they go with a piece)
         logits_of_step: list = []
+
+        def steps_before(end: int) -> list:
+            """The logprobs of the tokens not emitted yet that begin before character `end`, taken out."""
+            ready = [step for start, step in steps if start < end]
+            steps[:] = [(start, step) for start, step in steps if start >= end]
+            return ready
 
         def on_token(t: int) -> None:
             nonlocal finish
@@ -778,17 +791,20 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _ServerStopping
             if client_left is not None and client_left():
                 raise _StopGeneration if emit is not None else _ClientLeft
-            if scores is not None:
-                steps.append(scores.step(logits_of_step.pop(), t))
-            if t in self.server.stops:
+            if t in self.server.stops:  # (the last token: no stop string can follow it)
+                if scores is not None:
+                    steps.append((-1, scores.step(logits_of_step.pop(), t)))
                 finish = "stop"
                 return
+            if offsets is not None:
+                starts.append(offsets.feed([t])[0])
+            if scores is not None:
+                steps.append((starts[-1] if offsets is not None else -1, scores.step(logits_of_step.pop(), t)))
             ready = cut.feed(decoder.feed(t))
             if cut.stopped:
                 finish = "stop"
             if emit is not None and ready:
-                emit(ready, steps[:])
-                steps.clear()
+                emit(ready, steps_before(cut.sent))
             if cut.stopped:
                 raise _StopGeneration
 
@@ -815,7 +831,11 @@ class _Handler(BaseHTTPRequestHandler):
                 new = decoder.ids
             except LmforgeError as e:
                 raise RequestError(400, str(e)) from None
+        generated = len(new)
+        if cut.stopped:  # the tokens that begin in the text (the one a stop string starts in, too)
+            new = new[: sum(start < len(cut.text) for start in starts)]
         rest = cut.flush()  # (held back while it could still have become a stop string)
+        steps[:] = [(start, step) for start, step in steps if not cut.stopped or start < len(cut.text)]
         if emit is not None and (rest or steps):
-            emit(rest, steps)
-        return cut.text, finish, new
+            emit(rest, steps_before(math.inf))
+        return cut.text, finish, new, generated

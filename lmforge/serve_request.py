@@ -157,8 +157,10 @@ def short_json(value: Any) -> str:
 def stop_strings(body: dict[str, Any]) -> list[str]:
     """`stop`: a string or a list of them (none: []). The server looks for them in the model's text after
     putting them in its tokenizer's Unicode form: with NFKC (prepare --normalize NFKC) a stop string "，" is
-    looked for as the "," the model writes, or it never matched."""
-    stop = body.get("stop") or []
+    looked for as the "," the model writes, or it never matched. An empty string is refused alone or in a list
+    (as vLLM refuses both): it would stop before the first token, and `"stop": ""` was silently no stop at all."""
+    stop = body.get("stop")
+    stop = [] if stop is None else stop
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         got = short_json(body.get("stop"))  # ([""]: a list of strings, but one that would stop at once)

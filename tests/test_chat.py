@@ -544,6 +544,8 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
             ("/completions", {"prompt": "hi", "max_tokens": 0}, '0 is for "echo": true'),
             ("/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, "'stop' holds 17 strings"),
             ("/completions", {"prompt": "hi", "stop": [""]}, 'list of non-empty strings, got [""]'),
+            ("/completions", {"prompt": "hi", "stop": ""}, 'list of non-empty strings, got ""'),  # was no stop
+            ("/completions", {"prompt": "hi", "stop": {}}, "list of non-empty strings, got {}"),  # was no stop
             (
                 "/chat/completions",
                 {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3},
@@ -1270,6 +1272,38 @@ def test_serve_streams_logprobs_in_each_chunk(chat_run: Path):
             assert [list(t or {}) for t in streamed["top_logprobs"]] == [
                 list(t or {}) for t in expected["top_logprobs"]
             ]
+
+
+def test_serve_logprobs_leave_out_the_stop_strings_tokens(chat_run: Path):
+    """A stop string is cut from the text, but its tokens were still in `logprobs` ("hello" came with the tokens
+    of "hello there"), streamed or not, and a stream sent those it held back early. The tokens listed are now
+    the text's, in every chunk with the text they begin in; usage still counts every token generated."""
+    hi = [{"role": "user", "content": "hi"}]
+    with _serving(chat_run) as server:
+        for path, payload in [
+            ("/v1/completions", {"prompt": "<|user|>\nhi\n<|assistant|>\n", "logprobs": 1}),
+            ("/v1/chat/completions", {"messages": hi, "logprobs": True, "top_logprobs": 1}),
+        ]:
+            asked = {**payload, "temperature": 0, "max_tokens": 16, "stop": [" there", "zz"]}
+            chat = "messages" in payload
+            status, body = _post(server.url + path, asked)
+            reply = json.loads(body)
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+            tokens = [e["token"] for e in choice["logprobs"]["content"]] if chat else choice["logprobs"]["tokens"]
+            assert status == 200 and text == "hello" and choice["finish_reason"] == "stop", body
+            assert "".join(tokens) == "hello"  # (was "hello there")
+            assert reply["usage"]["completion_tokens"] == len("hello there")
+            status, body = _post(server.url + path, {**asked, "stream": True})
+            streamed = []
+            for event in _events(body):
+                piece = event["choices"][0]
+                if piece["logprobs"] is None:
+                    continue
+                names = [e["token"] for e in piece["logprobs"]["content"]] if chat else piece["logprobs"]["tokens"]
+                assert "".join(names) == (piece["delta"]["content"] if chat else piece["text"]), event
+                streamed += names
+            assert streamed == tokens
 
 
 def test_logprobs_text_offsets_of_a_character_in_three_tokens():

@@ -118,22 +118,28 @@ def test_prompts_from_stdin_keep_their_fields_in_batches_of_batch_size(base: Pat
         {"prompt": "a", "completion": "reference", "sample": 9},
         {"id": None, "prompt": "{xyz"},
     ]
-    alone = [generate_from_checkpoint(base, prompt=line["prompt"], **GREEDY) for line in lines]
+    sampled = GREEDY | {"temperature": 1.0, "seed": 3}  # (greedy, the two samples of a prompt would be one text)
+    alone = [
+        [generate_from_checkpoint(base, prompt=line["prompt"], **sampled | {"seed": 3 + j}) for j in range(2)]
+        for line in lines
+    ]
     stdin = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\r\n"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
     records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", num_samples=2, batch_size=4,
-                                                               **GREEDY).splitlines()]  # fmt: skip
+                                                               **sampled).splitlines()]  # fmt: skip
     kept = [{k: v for k, v in line.items() if k not in ("completion", "sample")} for line in lines]
     assert records == [
-        fields | {"completion": text, "finish_reason": "length", "sample": j}
-        for fields, text in zip(kept, alone, strict=True)
+        fields | {"completion": texts[j], "finish_reason": records[i * 2 + j]["finish_reason"], "sample": j}
+        for i, (fields, texts) in enumerate(zip(kept, alone, strict=True))
         for j in range(2)
     ]
     assert list(records[0]) == ["id", "prompt", "meta", "completion", "finish_reason", "sample"]
-    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert sizes == [4, 2] and 'note: stdin has "completion", "sample" fields' in err
+    assert "reading prompts from the terminal" not in err  # (not a terminal: test_prompts_from_a_terminal_...)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{xyz\n\na\n")))  # text: a "{" line is a prompt
-    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **GREEDY).splitlines()]
-    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2]), ("a", alone[1])]
+    records = [json.loads(r) for r in generate_from_checkpoint(base, prompt_file="-", **sampled).splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in records] == [("{xyz", alone[2][0]), ("a", alone[1][0])]
 
 
 def test_a_long_generation_keeps_an_imported_tokenizers_bos_first(tmp_path: Path) -> None:
@@ -235,6 +241,10 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.txt", b"a\n", ["--out", "DIR"], "is a folder; pass a file name such as"),
         ("p.txt", b"a\n", ["--out", "FILE/c.jsonl"], "which is a file, not a folder"),
         ("p.txt", b"a\n", ["--num-samples", "0"], "--num-samples must be >= 1"),
+        # N identical greedy rows, decoded N times over
+        ("p.txt", b"a\n", ["--num-samples", "3", "--temperature", "0"], "--num-samples 3 with --temperature 0 decodes"),
+        ("p.txt", b"a\n", ["--num-samples", "2", "--top-k", "1"], "--num-samples 2 with --top-k 1 decodes the same"),
+        ("p.txt", b"a\n", ["--num-samples", "2", "--top-p", "0"], "with --top-p 0 decodes the same text 2 times"),
         ("p.txt", b"a\n", ["--compile"], "drop it"),
         ("p.txt", b"a\n", ["--stop", ""], "must not be empty: it would stop before the first token; drop the"),
         ("p.txt", b"a\n", ["--min-p", "1.5"], "min_p must be in [0, 1]"),
@@ -410,3 +420,26 @@ def test_a_stopped_process_is_finished_by_the_same_command_with_any_batch_size(
         assert e.value.code == 0
     assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     assert not partial.exists()
+
+
+def test_prompts_from_a_terminal_say_what_they_wait_for(base: Path) -> None:
+    """`--prompt-file -` with stdin a terminal waited without a word; it now says on stderr what it reads and how
+    to end it (only on a terminal: piped, as in the test above, it says nothing more). A real terminal (a pty)
+    needs a child process: ~2 s, more when it is the first to start the forking interpreter (imports torch)."""
+    import os
+    import pty
+
+    from tests.cli_fork import ForkedProcess
+
+    args = ["generate", str(base), "--prompt-file", "-", "--max-new-tokens", "2", "--temperature", "0", "--quiet"]
+    master, terminal = pty.openpty()
+    os.write(master, b"a\n\x04")  # a prompt, then Ctrl-D (held by the terminal until it is read)
+    proc = ForkedProcess(args, {**os.environ, "OMP_NUM_THREADS": "1"}, stdin=os.ttyname(terminal))
+    try:
+        assert proc.wait(120) == 0, proc.stderr
+    finally:
+        proc.kill()
+        os.close(master)
+        os.close(terminal)
+    assert proc.stderr == "reading prompts from the terminal, one per line; end with Ctrl-D\n", proc.stderr
+    assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == ["a"]
