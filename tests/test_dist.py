@@ -15,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch.distributed import TCPStore
 
 from lmforge.checkpoint import load_checkpoint, model_files
 from tests.conftest import REPO, run_cli, tiny_config
@@ -92,7 +94,7 @@ def launch_ranks(
     args: list[str], nproc: int = 2, script: str | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node NPROC -m lmforge ARGS` (or `SCRIPT ARGS`) without the launcher: the ranks it
-    starts, with its environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; rank 0 hosts the store),
+    starts, with its environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; this process hosts the store),
     each forked from a test zygote that imported torch already (tests/cli_fork.py), not three fresh
     interpreters. As torchrun does, the first rank to fail gets the others stopped (SIGTERM, then SIGKILL
     30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order."""
@@ -100,12 +102,15 @@ def launch_ranks(
 
     from tests.cli_fork import ForkedProcess
 
-    port = str(free_port())
+    # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
+    # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
+    # in between by another test's process
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
     ranks = []
     for rank in range(nproc):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-        env |= {"MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
-        env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+        env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
+        env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
         ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
     deadline, kill_at, code, hung = time.monotonic() + timeout, None, 0, False
     try:
@@ -127,6 +132,7 @@ def launch_ranks(
         for r in ranks:
             r.kill()
             r.wait(60)
+        del store
     if hung:
         stacks = "\n".join(f"--- rank {i} stderr (tail) ---\n{r.stderr[-4000:]}" for i, r in enumerate(ranks))
         pytest.fail(f"{nproc} ranks still running after {timeout:g} s: {' '.join(args)}\n{stacks}")
