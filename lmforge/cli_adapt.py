@@ -18,12 +18,14 @@ def _finetune_epilog() -> str:
     """The --train/--optim/--eval/--checkpoint/--log settings with fine-tuning's own defaults (not pretrain's)."""
     import dataclasses
 
-    from lmforge.finetune import ADAPT_LR, FINETUNE_SECTIONS, finetune_sections
+    from lmforge.finetune import ADAPT_LR, FINETUNE_SECTIONS, PRETRAIN_ONLY, finetune_sections
 
     lines = ["settings (--section.key VALUE; fine-tuning defaults, which differ from pretrain's):"]
     for name, section in zip(FINETUNE_SECTIONS, finetune_sections("full", None), strict=True):
         for f in dataclasses.fields(section):
             key, default = f"{name}.{f.name}", repr(getattr(section, f.name))
+            if key in PRETRAIN_ONLY:  # (refused by finetune)
+                continue
             if key == "train.lr":
                 default = ", ".join(f"{adapt} {lr:g}" for adapt, lr in ADAPT_LR.items()) + " (by --adapt)"
             lines.append(f"  --{key:<28} {f.metadata.get('help', '')} (default: {default})")

@@ -179,6 +179,16 @@ _APPLIES_TO: dict[str, tuple[Any, str]] = {
 
 
 FINETUNE_SECTIONS = ("train", "optim", "eval", "checkpoint", "log")  # the --SECTION.key settings finetune takes
+# settings of those sections that only pretrain applies: fine-tuning refuses them rather than ignore them
+PRETRAIN_ONLY = {
+    "train.compile": "fine-tuning runs the model uncompiled",
+    "train.compile_mode": "fine-tuning runs the model uncompiled",
+    "train.activation_checkpointing": "fine-tuning keeps every activation",
+    "train.rollback_after": "fine-tuning skips a non-finite step without rolling back",
+    "checkpoint.sharded": "fine-tuning runs in one process and saves whole checkpoints",
+    "eval.sample_tokens": "a fine-tune's evaluation prints --eval-samples answers of its --val file instead "
+    "(sft, qa, translate)",
+}
 # where fine-tuning takes what pretrain's other sections set (`--data.dir x` was told "the model comes from BASE")
 _OTHER_SECTIONS = {
     "model": "the model comes from BASE",
@@ -207,6 +217,10 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
             f"fine-tuning takes {', '.join(others)} and {last} settings, not --{extra[0]}.*; "
             + _OTHER_SECTIONS.get(extra[0], "drop it")
         )
+    for section, values in (overrides or {}).items():
+        for key in values if isinstance(values, dict) else ():
+            if f"{section}.{key}" in PRETRAIN_ONLY:
+                raise ConfigError(f"--{section}.{key} is pretrain's: {PRETRAIN_ONLY[f'{section}.{key}']}; drop it")
     where = "finetune settings"
     optim = from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where)
     optim.refuse_unused(changed_fields(optim) | set((overrides or {}).get("optim") or {}))  # --optim.momentum, adamw

@@ -358,16 +358,20 @@ def eval_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
 
 def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     """The final task metrics of fine-tuned runs (eval.json: accuracy, macro_f1, bleu, chrf, em, f1, reward
-    accuracy, ... on the --val file), which metrics.jsonl does not hold; no rows without a fine-tune."""
+    accuracy, ... on the --val file, and a distilled run's KL to its teacher before and after), which
+    metrics.jsonl does not hold; no rows without a fine-tune."""
     scored = [run for run in runs if isinstance(run.task_eval.get("val"), dict)]
 
     def numbers(run: Run) -> dict[str, Any]:
         forgetting = run.task_eval.get("forgetting") or {}
         out = {k: v for k, v in run.task_eval["val"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        distill = run.task_eval.get("distill") or {}
         for when in ("before", "after"):  # continued pretraining: loss on the new and old text, before and after
             for key, value in (forgetting.get(when) or {}).items():
                 if isinstance(value, (int, float)):
                     out[f"{key} {when}"] = value
+            if isinstance(distill.get(f"kl_{when}"), (int, float)):  # --adapt distill: KL to the teacher
+                out[f"kl_to_teacher {when}"] = distill[f"kl_{when}"]
         return out
 
     keys = list(dict.fromkeys(k for run in scored for k in numbers(run)))

@@ -326,3 +326,14 @@ def test_windows_never_cut_inside_tokens_that_share_characters():
     assert [w for w in windows if n_tokens(w) > 40] == [run], windows
     assert len(windows) == len(set(windows)) == 7, windows  # (the 3 before the run, the run, the 3 after it)
     assert windows[0] == context[: len(windows[0])] and context.endswith(windows[-1])
+
+
+def test_the_printed_samples_show_several_references_as_text():
+    """A QA row with several references printed its sample as the Python list "['Paris', 'in Paris']"."""
+    from lmforge.eval.tasks import format_metrics
+
+    m = {"task": "qa", "em": 0.0, "f1": 0.0, "n": 1}
+    m["samples"] = [{"prompt": "Where?", "reference": ["Paris", "in Paris"], "prediction": "巴黎"}]
+    assert (
+        format_metrics(m).splitlines()[1] == "  prompt: 'Where?' | reference: 'Paris / in Paris' | prediction: '巴黎'"
+    )

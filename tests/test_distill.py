@@ -123,6 +123,11 @@ def test_finetune_distill_moves_the_student_towards_the_teacher(runs: dict[str, 
     metrics = [json.loads(line) for line in (tmp_path / "student-distilled" / "metrics.jsonl").open(encoding="utf-8")]
     logged = [m["val_kl_to_teacher"] for m in metrics if "val_kl_to_teacher" in m]
     assert len(logged) == 2 and logged[-1] < kl["kl_before"]
+    from lmforge.report import load_runs, task_table  # the report shows the KL before and after (it did not)
+
+    header, (row,) = task_table(load_runs([tmp_path / "student-distilled"]))
+    shown = dict(zip(header, row, strict=True))
+    assert (shown["kl_to_teacher before"][1], shown["kl_to_teacher after"][1]) == (kl["kl_before"], kl["kl_after"])
     again = finetune(  # a re-run (as after an interrupted one) resumes and ends like the first
         runs["student"], train_file=runs["root"] / "train.txt", val_file=runs["root"] / "val.txt",
         out=tmp_path / "student-distilled", cfg=cfg, overrides=overrides, progress=False,

@@ -134,3 +134,18 @@ def test_an_index_answer_written_as_a_float_is_that_index(tmp_path: Path):
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0.5}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="answer '0.5' names none of its 2 options"):
         read_choice_rows(path, choice_fields(None))
+
+
+def test_a_number_answer_is_an_index_even_where_an_option_is_that_number(tmp_path: Path):
+    """A JSON number names the option by its 0-based index, as HF datasets store answers: with the options "1",
+    "2", "3", `answer: 1` is "2". Reading the text first scored such rows against "1", the wrong option. A
+    string answer still names an option's text first, and a number beyond the options still matches a text."""
+    path = tmp_path / "numbers.jsonl"
+    rows = [
+        {"question": "1+1=?", "choices": ["1", "2", "3"], "answer": 1},
+        {"question": "2+1=?", "choices": ["1", "2", "3"], "answer": 2.0},
+        {"question": "0+1=?", "choices": ["1", "2", "3"], "answer": "1"},
+        {"question": "5+5=?", "choices": ["5", "10"], "answer": 10},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert [row[2] for row in read_choice_rows(path, choice_fields(None))] == [1, 2, 0, 1]

@@ -1391,3 +1391,27 @@ def test_a_json_list_or_object_where_one_text_belongs_is_refused(tmp_path: Path)
         path.write_text(json.dumps(ok[task]) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
         with pytest.raises(DataError, match=re.escape(said) + ", not one text or label; write it as a string"):
             read_task_rows(path, task, field_map(task, []))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("train.compile", True),
+        ("train.compile_mode", "max-autotune"),
+        ("train.activation_checkpointing", True),
+        ("train.rollback_after", 2),
+        ("checkpoint.sharded", True),
+        ("eval.sample_tokens", 0),  # also at its default: written, so the user expects it to act
+    ],
+)
+def test_pretrain_only_settings_are_refused_by_finetune(flag: str, value: object) -> None:
+    """These were accepted and ignored by `finetune` (no compile, no activation checkpointing, no rollback,
+    no sample at evaluations): a one-line error naming the setting now, and its --help no longer lists them."""
+    from lmforge.cli_adapt import _finetune_epilog
+    from lmforge.finetune import finetune_sections
+
+    section, key = flag.split(".")
+    with pytest.raises(ConfigError, match=rf"^--{re.escape(flag)} is pretrain's: .*; drop it$"):
+        finetune_sections("full", {section: {key: value}})
+    assert f"--{flag} " not in _finetune_epilog()
+    finetune_sections("full", {"train": {"max_steps": 3}, "eval": {"every": 1}})  # the others still apply

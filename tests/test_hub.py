@@ -75,7 +75,7 @@ def test_import_of_a_hub_name_equals_the_import_of_its_folder(pickled: bool, tmp
     )
     for spec, needle in [
         ("hf:some-org/tiny-gpt2@v2", "cannot get hf:some-org/tiny-gpt2@v2 from the Hugging Face Hub"),
-        ("hf:some-org/absent", "huggingface-cli download some-org/absent --local-dir DIR"),
+        ("hf:some-org/absent", " download some-org/absent --local-dir DIR"),
         ("hf:not a/name", "is not a Hugging Face model name; write hf:ORG/NAME"),
         ("hf:org/name@", "is not a Hugging Face model name"),
     ]:
@@ -102,3 +102,18 @@ def test_finetune_from_a_hub_name_resumes_without_the_hub(tmp_path: Path) -> Non
     shutil.rmtree(cache)
     again = run_cli(*args, env=_offline(cache))
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+
+
+def test_a_failed_download_names_commands_that_exist(tmp_path: Path) -> None:
+    """The message told users to run 'huggingface-cli download', a command huggingface_hub 1.0 removed (the
+    version transformers 5 installs has only `hf`): the command it names is one this environment has."""
+    import re
+    import sys
+
+    result = run_cli("import", "hf:some-org/absent", "--out", str(tmp_path / "x"), env=_offline(tmp_path / "empty"))
+    assert result.returncode == 2, result.stderr
+    login, download = re.search(
+        r"needs '([^']+)'\), or download it .* \('([^']+) some-org/absent", result.stderr
+    ).groups()
+    for command in (login, download):
+        assert shutil.which(command.split()[0], path=str(Path(sys.executable).parent)), (command, result.stderr)

@@ -5,7 +5,8 @@ Rows: a `question`, its options and the `answer`, in one of two layouts:
 - `choices`: a list of option texts (JSONL: ARC, HellaSwag, PIQA as Hugging Face datasets hold them), or
 - one column per option, `A`, `B`, `C`, ... (the MMLU / C-Eval / CMMLU CSV layout).
 `answer` is the correct option's letter (`B`), its 0-based index (`1`, as HF datasets number labels), or
-its text. `--field question=ctx --field choices=endings --field answer=label` renames them.
+its text; a number (JSON, Parquet) is the index even where an option's text is that number.
+`--field question=ctx --field choices=endings --field answer=label` renames them.
 
 Each option is scored as lm-evaluation-harness scores a `multiple_choice` task: the sum of its tokens'
 log-probabilities after the prompt `Question: {question}\\nAnswer:` (a Chinese question: `问题：{question}\\n
@@ -87,9 +88,14 @@ def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str
 
 
 def _answer_index(answer: Any, options: list[str], where: str, fields: dict[str, str]) -> int:
-    """The correct option of a row: its text, its letter, or its 0-based index (in that order of trust)."""
+    """The correct option of a row: its text, its letter, or its 0-based index (in that order of trust), except
+    that a JSON/Parquet number is an index first: HF datasets' `answer: 1` is the second option even where the
+    options are numbers themselves (["1", "2", "3"]), which text first read as the first."""
     from lmforge.data.formats import label_name
 
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and float(answer).is_integer():
+        if 0 <= answer < len(options):
+            return int(answer)
     text = str(answer).strip() if answer is not None else ""
     if text in options:
         return options.index(text)

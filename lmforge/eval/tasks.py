@@ -697,7 +697,9 @@ def format_metrics(m: dict[str, Any]) -> str:
     )
     lines = [line]
     for s in m.get("samples", []):
-        lines.append("  " + " | ".join(f"{k}: {str(v)[:80]!r}" for k, v in s.items()))
+        # (a QA row's several references as "Paris / in Paris", not as the Python list "['Paris', 'in Paris']")
+        texts = {k: " / ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in s.items()}
+        lines.append("  " + " | ".join(f"{k}: {v[:80]!r}" for k, v in texts.items()))
     return "\n".join(lines)
 
 

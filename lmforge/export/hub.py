@@ -11,8 +11,9 @@ cache alone), and returns the snapshot folder, which is then imported like any l
 - the tokenizer files of either kind (tokenizer.json; vocab.json + merges.txt; vocab.txt), its config,
   special tokens and chat template (`chat_template.jinja`).
 A hub download needs `huggingface_hub` (which transformers installs: `pip install 'lmforge[hf]'`) and
-the network; a gated model needs `huggingface-cli login` (or `HF_TOKEN`) first. Every failure is one
-line that says what to do, including the way around it: download elsewhere and pass the folder.
+the network; a gated model needs `hf auth login` (or `HF_TOKEN`) first. Every failure is one
+line that says what to do, including the way around it: download elsewhere and pass the folder, with the
+commands of the installed huggingface_hub (`hf`, or `huggingface-cli` before 0.34; 1.0 removed that name).
 """
 
 from __future__ import annotations
@@ -77,12 +78,26 @@ def hub_model_dir(spec: str) -> Path:
         if not any(folder.glob("*.safetensors")):  # an older repository: its PyTorch pickles instead
             folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _PICKLED))
     except Exception as e:  # noqa: BLE001 - network, 401/404, offline cache misses: huggingface_hub raises many types
+        login, download = hub_commands()
         raise CheckpointError(
             f"cannot get {spec} from the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); check the name "
-            f"and the network (a gated model needs 'huggingface-cli login'), or download it where there is "
-            f"network ('huggingface-cli download {repo} --local-dir DIR') and pass DIR"
+            f"and the network (a gated model needs '{login}'), or download it where there is "
+            f"network ('{download} {repo} --local-dir DIR') and pass DIR"
         ) from None
     return folder
+
+
+def hub_commands() -> tuple[str, str]:
+    """(login, download) commands of the installed huggingface_hub: its `hf` CLI from 0.34 on (1.0 removed
+    `huggingface-cli`, which the message used to name), `huggingface-cli` before."""
+    import huggingface_hub
+
+    major, minor = (int(n) for n in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    return (
+        ("hf auth login", "hf download")
+        if (major, minor) >= (0, 34)
+        else ("huggingface-cli login", "huggingface-cli download")
+    )
 
 
 def local_model_dir(source: str | Path) -> Path:
