@@ -724,6 +724,8 @@ def load_config(
             f"{cfg.model.family!r} network has none of (its recurrent weights are not nn.Linear); "
             "use --optim.name adamw or sgd"
         )
+    if not from_run or {"early_stop_patience", "every"} & (_written_keys(user, "train") | _written_keys(user, "eval")):
+        check_early_stopping(cfg.train, cfg.eval)  # (a saved run's config.json still loads, for eval and estimate)
     if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
         raise ConfigError(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
@@ -733,6 +735,16 @@ def load_config(
     # as the shell would have made it; it was a folder named "~" ("not found")
     cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
     return cfg
+
+
+def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:
+    """Early stopping counts periodic evaluations; with `eval.every` 0 there are none before the end, so
+    `train.early_stop_patience` never stopped anything, without a word. Refused here (pretrain and finetune)."""
+    check(
+        not (train.early_stop_patience and not eval_cfg.every),
+        f"train.early_stop_patience {train.early_stop_patience} counts evaluations, and eval.every 0 runs none "
+        "before the last step; pass --eval.every N (steps between evaluations) or drop --train.early_stop_patience",
+    )
 
 
 def _written_keys(dicts: list[dict[str, Any]], section: str) -> set[str]:

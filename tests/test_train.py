@@ -251,6 +251,16 @@ def test_eval_max_batches_counts_batches_of_the_batch_size_not_the_micro_batch(d
     assert evaluate_checkpoint(str(run), max_batches=3)["tokens"] == 3 * 5 * seq_len
 
 
+def test_early_stopping_without_periodic_evaluation_is_refused(data_dir, tmp_path):
+    """eval.every 0 evaluates only after the last step, so a patience never stopped anything, without a word."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.every 0 runs none before the last step; pass --eval.every N"):
+        tiny_config(data_dir, tmp_path / "run", **{"eval.every": 0, "train.early_stop_patience": 2})
+    assert not (tmp_path / "run").exists()
+    tiny_config(data_dir, tmp_path / "run", **{"eval.every": 0})  # no patience: an evaluation at the end only
+
+
 def test_early_stopping(data_dir, tmp_path):
     cfg = tiny_config(
         data_dir,
