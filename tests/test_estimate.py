@@ -398,6 +398,9 @@ def test_optimizer_state_matches_the_built_optimizer(name: str, tied: bool) -> N
 
 
 def test_checkpointing_reduces_activations_and_grows_with_depth_more_slowly() -> None:
+    said = "train.activation_checkpointing is on: this run's peak is 'total, checkpointed'"
+    assert said in estimate(run_cfg(train={"activation_checkpointing": True}), tokens=1, hardware=GFLOPS)["assumptions"]
+    assert said not in estimate(run_cfg(), tokens=1, hardware=GFLOPS)["assumptions"]
     shallow, deep = run_cfg(model={"n_layer": 2}), run_cfg(model={"n_layer": 24})
     mem = [estimate(c, tokens=1, hardware=GFLOPS)["memory_bytes"] for c in (shallow, deep)]
     for m in mem:
