@@ -108,8 +108,14 @@ class TrainConfig:
         "(cuDNN's on an H100 with torch 2.11); only auto elsewhere",
     )
     log_every: int = opt(10, "steps between log lines and metrics.jsonl records")
-    early_stop_patience: int = opt(0, "stop after this many evaluations without a new best val loss; 0 = off")
-    early_stop_min_delta: float = opt(0.0, "an eval must beat the best val loss by more than this to count")
+    early_stop_patience: int = opt(
+        0, "stop after this many evaluations in a row that do not count as an improvement (min_delta); 0 = off"
+    )
+    early_stop_min_delta: float = opt(
+        0.0,
+        "an eval counts as an improvement when it beats the last eval that counted (not the lowest val loss) by "
+        "more than this (Keras' rule)",
+    )
     activation_checkpointing: bool = opt(
         False, "recompute each block's activations in backward: much less memory for ~1/3 more compute"
     )
