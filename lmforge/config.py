@@ -181,6 +181,28 @@ class TrainConfig:
     def final_lr(self) -> float:
         return self.min_lr or self.lr / 10
 
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` (those the user wrote) that this run never reads is an error, as for optim: each
+        of these was accepted and silently ignored."""
+        if "min_lr" in names:
+            check(
+                self.schedule != "constant",
+                "train.min_lr is not used by train.schedule constant (the lr stays at train.lr after warmup); drop "
+                "it, or pick a decaying --train.schedule (cosine, linear, wsd)",
+            )
+        if "decay_fraction" in names:
+            check(
+                self.schedule == "wsd",
+                f"train.decay_fraction is used by train.schedule wsd only, and this run's is {self.schedule}; drop "
+                "it, or pass --train.schedule wsd",
+            )
+        if "early_stop_min_delta" in names:
+            check(
+                self.early_stop_patience > 0,
+                "train.early_stop_min_delta is used by early stopping, which is off (train.early_stop_patience 0); "
+                "pass --train.early_stop_patience N or drop it",
+            )
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -721,6 +743,7 @@ def load_config(
     # off their defaults.
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
+    cfg.train.refuse_unused(_written_keys(user, "train"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))

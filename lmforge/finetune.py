@@ -222,6 +222,7 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
     train, eval_cfg = (from_dict(TrainConfig, merged["train"], prefix="train.", where=where),
                        from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where))  # fmt: skip
     check_early_stopping(train, eval_cfg)
+    train.refuse_unused(set((overrides or {}).get("train") or {}))  # --train.min_lr with a constant schedule, ...
     return (
         train,
         optim,
