@@ -108,8 +108,14 @@ class TrainConfig:
         "(cuDNN's on an H100 with torch 2.11); only auto elsewhere",
     )
     log_every: int = opt(10, "steps between log lines and metrics.jsonl records")
-    early_stop_patience: int = opt(0, "stop after this many evaluations without a new best val loss; 0 = off")
-    early_stop_min_delta: float = opt(0.0, "an eval must beat the best val loss by more than this to count")
+    early_stop_patience: int = opt(
+        0, "stop after this many evaluations in a row that do not count as an improvement (min_delta); 0 = off"
+    )
+    early_stop_min_delta: float = opt(
+        0.0,
+        "an eval counts as an improvement when it beats the last eval that counted (not the lowest val loss) by "
+        "more than this (Keras' rule)",
+    )
     activation_checkpointing: bool = opt(
         False, "recompute each block's activations in backward: much less memory for ~1/3 more compute"
     )
@@ -174,6 +180,28 @@ class TrainConfig:
     @property
     def final_lr(self) -> float:
         return self.min_lr or self.lr / 10
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """A setting in `names` (those the user wrote) that this run never reads is an error, as for optim: each
+        of these was accepted and silently ignored."""
+        if "min_lr" in names:
+            check(
+                self.schedule != "constant",
+                "train.min_lr is not used by train.schedule constant (the lr stays at train.lr after warmup); drop "
+                "it, or pick a decaying --train.schedule (cosine, linear, wsd)",
+            )
+        if "decay_fraction" in names:
+            check(
+                self.schedule == "wsd",
+                f"train.decay_fraction is used by train.schedule wsd only, and this run's is {self.schedule}; drop "
+                "it, or pass --train.schedule wsd",
+            )
+        if "early_stop_min_delta" in names:
+            check(
+                self.early_stop_patience > 0,
+                "train.early_stop_min_delta is used by early stopping, which is off (train.early_stop_patience 0); "
+                "pass --train.early_stop_patience N or drop it",
+            )
 
 
 @dataclass(kw_only=True)
@@ -715,6 +743,7 @@ def load_config(
     # off their defaults.
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
+    cfg.train.refuse_unused(_written_keys(user, "train"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))
@@ -724,6 +753,8 @@ def load_config(
             f"{cfg.model.family!r} network has none of (its recurrent weights are not nn.Linear); "
             "use --optim.name adamw or sgd"
         )
+    if not from_run or {"early_stop_patience", "every"} & (_written_keys(user, "train") | _written_keys(user, "eval")):
+        check_early_stopping(cfg.train, cfg.eval)  # (a saved run's config.json still loads, for eval and estimate)
     if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
         raise ConfigError(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
@@ -733,6 +764,16 @@ def load_config(
     # as the shell would have made it; it was a folder named "~" ("not found")
     cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
     return cfg
+
+
+def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:
+    """Early stopping counts periodic evaluations; with `eval.every` 0 there are none before the end, so
+    `train.early_stop_patience` never stopped anything, without a word. Refused here (pretrain and finetune)."""
+    check(
+        not (train.early_stop_patience and not eval_cfg.every),
+        f"train.early_stop_patience {train.early_stop_patience} counts evaluations, and eval.every 0 runs none "
+        "before the last step; pass --eval.every N (steps between evaluations) or drop --train.early_stop_patience",
+    )
 
 
 def _written_keys(dicts: list[dict[str, Any]], section: str) -> set[str]:

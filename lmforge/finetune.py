@@ -200,7 +200,16 @@ _OTHER_SECTIONS = {
 
 def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any, Any, Any, Any, Any]:
     """Train/optim/eval/checkpoint/log sections: fine-tuning defaults < dotted overrides (`--train.lr 1e-3`)."""
-    from lmforge.config import CheckpointConfig, EvalConfig, LogConfig, OptimConfig, TrainConfig, from_dict, merge
+    from lmforge.config import (
+        CheckpointConfig,
+        EvalConfig,
+        LogConfig,
+        OptimConfig,
+        TrainConfig,
+        check_early_stopping,
+        from_dict,
+        merge,
+    )
 
     defaults = {
         "train": {"max_steps": 200, "batch_size": 16, "lr": ADAPT_LR[adapt], "warmup_steps": 10, "log_every": 10},
@@ -224,10 +233,14 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
     where = "finetune settings"
     optim = from_dict(OptimConfig, merged["optim"], prefix="optim.", where=where)
     optim.refuse_unused(changed_fields(optim) | set((overrides or {}).get("optim") or {}))  # --optim.momentum, adamw
+    train, eval_cfg = (from_dict(TrainConfig, merged["train"], prefix="train.", where=where),
+                       from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where))  # fmt: skip
+    check_early_stopping(train, eval_cfg)
+    train.refuse_unused(set((overrides or {}).get("train") or {}))  # --train.min_lr with a constant schedule, ...
     return (
-        from_dict(TrainConfig, merged["train"], prefix="train.", where=where),
+        train,
         optim,
-        from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where),
+        eval_cfg,
         from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
         from_dict(LogConfig, merged["log"], prefix="log.", where=where),
     )
@@ -603,6 +616,11 @@ def _finetune(
     kwargs["template"] = template
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
     val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
+    if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)
+        raise ConfigError(
+            f"train.early_stop_patience {train_cfg.early_stop_patience} watches the validation loss, and this "
+            "fine-tune has no validation examples; pass --val FILE or drop --train.early_stop_patience"
+        )
     if cfg.task == "clm" and cfg.replay:
         replay_rows = read_task_rows(cfg.replay, "clm", fields)
         replay_ex = build_examples(replay_rows, path=cfg.replay, **kwargs)

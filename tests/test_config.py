@@ -239,6 +239,34 @@ def test_optimizer_settings_the_optimizer_would_not_read_are_refused(overrides, 
         load_config(preset="tiny", overrides=overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (
+            ["--train.schedule", "constant", "--train.min_lr", "1e-4"],
+            "train.min_lr is not used by train.schedule constant",
+        ),
+        (
+            ["--train.decay_fraction", "0.5"],
+            "train.decay_fraction is used by train.schedule wsd only, and this run's is",
+        ),
+        (["--train.early_stop_min_delta", "0.1"], "train.early_stop_min_delta is used by early stopping, which is off"),
+    ],
+)
+def test_train_settings_the_run_would_not_read_are_refused(overrides, refused, tmp_path):
+    """Each was accepted and silently ignored (a constant lr has no floor, only wsd reads decay_fraction, and
+    min_delta only matters with a patience); written in a TOML file, too. A preset's min_lr is not the user's."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(refused)}"):
+        load_config(preset="tiny", overrides=overrides)
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\ndecay_fraction = 0.5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="train.decay_fraction is used by train.schedule wsd only"):
+        load_config(preset="tiny", config_file=toml)
+    load_config(preset="tiny", overrides=["--train.schedule", "wsd", "--train.decay_fraction", "0.5"])
+    load_config(preset="tiny", overrides=["--train.early_stop_patience", "2", "--train.early_stop_min_delta", "0.1"])
+    assert load_config(preset="small", overrides=["--train.schedule", "constant"]).train.min_lr == 1e-4  # the preset's
+
+
 def test_diloco_settings_under_another_strategy_are_refused(tmp_path, capsys):
     """--dist.sync_every (and DiLoCo's outer optimizer settings) under ddp or fsdp were accepted and ignored; a TOML
     file's and estimate's --strategy too. A diloco run's config.json gives them way to another --dist.strategy."""

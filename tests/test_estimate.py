@@ -378,7 +378,29 @@ def test_optimizer_state_by_optimizer() -> None:
     assert plain["memory_bytes"]["optimizer"] == 0
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon", "sgd"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_optimizer_state_matches_the_built_optimizer(name: str, tied: bool) -> None:
+    """The predicted optimizer bytes are those of the state the real optimizer holds after one step (its
+    scalar `step` counters, 4 B per tensor, left out). Muon was estimated as one 4 B buffer per parameter
+    (SGD's optim.momentum), though embeddings, head, norms and biases get AdamW's two moments."""
+    cfg = run_cfg(model={"tie_embeddings": tied}, optim={"name": name})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    model.init_weights()
+    optimizer = build_optimizer(model, cfg.optim, lr=1e-3, device=torch.device("cpu"))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+    causal_lm_loss(model(x), x).backward()
+    optimizer.step()
+    held = sum(t.nbytes for st in optimizer.state.values() for k, t in st.items() if k != "step")
+    predicted = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["optimizer"]
+    assert predicted == held
+
+
 def test_checkpointing_reduces_activations_and_grows_with_depth_more_slowly() -> None:
+    said = "train.activation_checkpointing is on: this run's peak is 'total, checkpointed'"
+    assert said in estimate(run_cfg(train={"activation_checkpointing": True}), tokens=1, hardware=GFLOPS)["assumptions"]
+    assert said not in estimate(run_cfg(), tokens=1, hardware=GFLOPS)["assumptions"]
     shallow, deep = run_cfg(model={"n_layer": 2}), run_cfg(model={"n_layer": 24})
     mem = [estimate(c, tokens=1, hardware=GFLOPS)["memory_bytes"] for c in (shallow, deep)]
     for m in mem:

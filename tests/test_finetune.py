@@ -360,6 +360,20 @@ def test_bad_inputs_are_one_line_errors(base: Path, tmp_path: Path):
         )  # fmt: skip
 
 
+def test_early_stopping_without_validation_and_unread_train_settings_are_refused(base: Path, tmp_path: Path):
+    """A patience with no --val file, or with eval.every 0, was accepted and never stopped anything; a
+    --train.decay_fraction without the wsd schedule was ignored."""
+    args = dict(train_file=DATA / "alpaca.jsonl", cfg=FinetuneConfig(task="sft"), progress=False)
+    with pytest.raises(ConfigError, match=r"no validation examples; pass --val FILE or drop --train.early_stop_pat"):
+        finetune(base, out=tmp_path / "a", overrides={"train": {"early_stop_patience": 1}}, **args)
+    with pytest.raises(ConfigError, match=r"eval.every 0 runs none before the last step"):
+        finetune(base, out=tmp_path / "b", val_file=DATA / "alpaca.jsonl",
+                 overrides={"train": {"early_stop_patience": 1}, "eval": {"every": 0}}, **args)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.decay_fraction is used by train.schedule wsd only"):
+        finetune(base, out=tmp_path / "c", overrides={"train": {"decay_fraction": 0.3}}, **args)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     """Each of these was accepted and silently ignored; a blank label became a class named ""."""
     refused = [

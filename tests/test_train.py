@@ -59,6 +59,7 @@ def _run_loop(
     eval_every=0,
     save=None,
     early_stop_patience=0,
+    early_stop_min_delta=0.0,
     **loop,
 ):
     """`train` on `batches` with a constant lr and no eval/checkpoints (`eval_every` with an `evaluate` in
@@ -66,7 +67,7 @@ def _run_loop(
     log; `loop`: more `train` arguments (flops_per_token, world, evaluate, ...)."""
     cfg = TrainConfig(
         max_steps=steps, batch_size=batch_size, micro_batch_size=micro, lr=lr, warmup_steps=0, schedule="constant",
-        log_every=1, early_stop_patience=early_stop_patience,
+        log_every=1, early_stop_patience=early_stop_patience, early_stop_min_delta=early_stop_min_delta,
     )  # fmt: skip
     optim_cfg = optim_cfg or OptimConfig()
     precision = pick_precision(torch.device("cpu"), "float32")
@@ -251,6 +252,16 @@ def test_eval_max_batches_counts_batches_of_the_batch_size_not_the_micro_batch(d
     assert evaluate_checkpoint(str(run), max_batches=3)["tokens"] == 3 * 5 * seq_len
 
 
+def test_early_stopping_without_periodic_evaluation_is_refused(data_dir, tmp_path):
+    """eval.every 0 evaluates only after the last step, so a patience never stopped anything, without a word."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.every 0 runs none before the last step; pass --eval.every N"):
+        tiny_config(data_dir, tmp_path / "run", **{"eval.every": 0, "train.early_stop_patience": 2})
+    assert not (tmp_path / "run").exists()
+    tiny_config(data_dir, tmp_path / "run", **{"eval.every": 0})  # no patience: an evaluation at the end only
+
+
 def test_early_stopping(data_dir, tmp_path):
     cfg = tiny_config(
         data_dir,
@@ -284,6 +295,19 @@ def test_a_nan_evaluation_is_not_the_best_and_does_not_end_patience():
     )  # fmt: skip
     assert state.stop_reason == "max_steps" and state.step == 4
     assert (state.best_val_loss, state.best_step, state.evals_since_best) == (3.0, 4, 0)
+
+
+def test_min_delta_compares_with_the_last_counted_evaluation_not_the_lowest_loss():
+    """Keras' rule, as the help text of train.early_stop_min_delta says (it used to say "the best val loss"):
+    4.89 counts against the last counted 5.0 - 0.1, although it does not beat the lowest loss, 4.95, by 0.1."""
+    losses = iter([5.0, 4.95, 4.89, 4.88])
+    batches = [_random_batches(2, seed=i) for i in range(4)]
+    state = _run_loop(
+        _model(), batches, batch_size=2, micro=2, steps=4, lr=1e-3, eval_every=1, early_stop_patience=2,
+        early_stop_min_delta=0.1, evaluate=lambda: {"loss": next(losses)},
+    )  # fmt: skip
+    assert state.stop_reason == "max_steps" and state.step == 4
+    assert (state.best_val_loss, state.best_step, state.patience_ref, state.evals_since_best) == (4.88, 4, 4.89, 1)
 
 
 def test_a_signal_during_the_final_evaluation_is_not_lost():
