@@ -271,6 +271,9 @@ def test_unanswerable_is_scored_as_squad_v2s_empty_prediction(base: Path, monkey
     rows = read_task_rows(SQUAD, "qa", fields, scored=True)
     no_answer, has_answer = rows[2], rows[0]  # (en-3 is impossible; en-1 is answered "at seven in the morning")
     cases = [("Unanswerable!", 1.0), ("", 1.0), ("it is unanswerable", 0.0), ("the river", 0.0)]
+    # empty as the v2 script sees it (ASCII punctuation, articles, spaces); a reply of Chinese marks is a reply,
+    # though scoring drops them ("北京。" is "北京"): a degenerate "，，，" was scored a right abstention
+    cases += [("...", 1.0), (" the ", 1.0), ("unanswerable。", 1.0), ("，，，", 0.0), ("。", 0.0)]
     for prediction, expected in cases:
         monkeypatch.setattr(tasks, "_answers", lambda ft, prompts, n, p=prediction: [p] * len(prompts))
         m = tasks.task_metrics(ft, [no_answer, has_answer], path=SQUAD, task="qa", fields=fields, max_new_tokens=4)

@@ -32,6 +32,8 @@
 from __future__ import annotations
 
 import bisect
+import re
+import string
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -263,10 +265,17 @@ def context_windows(
 
 
 def abstains(prediction: str) -> bool:
-    """Whether a reply says the context holds no answer: `unanswerable` (any case, punctuation) or nothing."""
+    """Whether a reply says the context holds no answer: `unanswerable` (any case, punctuation) or nothing.
+
+    "Nothing" is what SQuAD v2's script takes for the empty prediction: nothing left once ASCII punctuation,
+    articles and spaces are dropped. Scoring drops every Unicode punctuation mark (so "北京。" is "北京"), but a
+    reply of only "，，，" is a reply, not an abstention: a degenerate model scored as abstaining correctly."""
     from lmforge.eval.tasks import normalize_answer
 
-    return normalize_answer(prediction) in ("", UNANSWERABLE)
+    if normalize_answer(prediction) == UNANSWERABLE:
+        return True
+    text = "".join(ch for ch in prediction.lower() if ch not in string.punctuation)
+    return not re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
 def scored_prediction(prediction: str) -> str:

@@ -327,7 +327,15 @@ def _qa(
     scored as the empty prediction, and an unanswerable question against the empty string (SQuAD v2's script),
     with `has_answer` and `no_answer` scoring the two kinds apart (its HasAns/NoAns)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.qa import context_of, pick_answer, qa_windows, references, scored_prediction, unanswerable
+    from lmforge.data.qa import (
+        abstains,
+        context_of,
+        pick_answer,
+        qa_windows,
+        references,
+        scored_prediction,
+        unanswerable,
+    )
 
     template = ft.template or ChatTemplate()
     budget = ft.model.cfg.max_seq_len - max_new_tokens
@@ -363,7 +371,10 @@ def _qa(
     for row, (prediction,) in zip(rows, answers, strict=True):
         refs = references(row, fields)
         kind = "no_answer" if unanswerable(row, fields) else "has_answer"
-        scores[kind].append(best_over_references(scored_prediction(prediction), [""] if kind == "no_answer" else refs))
+        if kind == "no_answer":  # right only when it abstains ("，，，" normalises to "" but is no abstention)
+            scores[kind].append((1.0, 1.0) if abstains(prediction) else (0.0, 0.0))
+        else:
+            scores[kind].append(best_over_references(scored_prediction(prediction), refs))
         if len(samples) < 3:
             question = str(row[fields["question"]])
             samples.append(
