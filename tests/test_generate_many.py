@@ -230,8 +230,13 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
         ("p.txt", b"\n\n", [], "holds no prompts"),
         # a JSON list was read as text (each line a prompt); compressed bytes were "not UTF-8, convert from GBK"
         ("p.json", b'[{"prompt": "a"}]\n', [], "a .json file is neither JSONL nor one prompt per line; rename"),
-        ("p.txt", gzip.compress(b"a\n"), [], "p.txt is gzip-compressed; name it p.txt.gz or unpack it"),
-        ("p.jsonl.gz", gzip.compress(b'{"prompt": "a"}\n')[:20], [], "could not be decompressed (Compressed file"),
+        ("p.txt", gzip.compress(b"a\n", mtime=0), [], "p.txt is gzip-compressed; name it p.txt.gz or unpack it"),
+        (
+            "p.jsonl.gz",
+            gzip.compress(b'{"prompt": "a"}\n', mtime=0)[:20],
+            [],
+            "could not be decompressed (Compressed file",
+        ),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
         ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
         (None, b"", [], "does not exist"),
