@@ -417,7 +417,7 @@ def chat(
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
-    ft = load_generator(run, device)
+    ft = load_generator(run, device, compile=compile)
     tok, model = ft.tokenizer, ft.model
     stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()

@@ -246,7 +246,7 @@ def build_parser() -> Parser:
         "--compile",
         action="store_true",
         help="torch.compile the decode step: compiling takes ~5-22 s on CPU (needs a C++ compiler), then each "
-        "token is ~5-15%% faster; pays off for long outputs",
+        "token is ~5-15%% faster; pays off for long outputs (gpt models; refused for lstm/gru, which it slows down)",
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep going past the end of a document (blank line between documents)"

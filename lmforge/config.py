@@ -52,7 +52,7 @@ class DataConfig:
     curriculum: Literal["none", "doc_length"] = opt(
         "none", "doc_length: train on windows of short documents first and phase in long ones over curriculum_steps"
     )
-    curriculum_steps: int = opt(1000, "steps until every window is eligible (with data.curriculum)")
+    curriculum_steps: int = opt(1000, "steps until every window is eligible (with data.curriculum; > 0)")
     curriculum_start: float = opt(0.1, "share of the easiest windows eligible at step 0 (with data.curriculum)")
 
     def __post_init__(self) -> None:
@@ -71,6 +71,17 @@ class DataConfig:
             not (self.mix and self.curriculum != "none"),
             "data.mix and data.curriculum cannot be combined yet; drop --data.mix or --data.curriculum",
         )
+
+    def refuse_unused(self, names: set[str]) -> None:
+        """Settings in `names` (those the user wrote) that would quietly turn the curriculum off are refused: with
+        data.curriculum_steps 0 every window is eligible from step 0, i.e. no curriculum (a saved run's
+        config.json is not checked, so such a run still loads)."""
+        if {"curriculum", "curriculum_steps"} & names and self.curriculum != "none":
+            check(
+                self.curriculum_steps > 0,
+                f"data.curriculum_steps 0 means no curriculum (every window eligible from step 0), yet data.curriculum "
+                f"is {self.curriculum}; pass --data.curriculum_steps N > 0, or drop --data.curriculum",
+            )
 
 
 @dataclass(kw_only=True)
@@ -744,6 +755,7 @@ def load_config(
     user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.train.refuse_unused(_written_keys(user, "train"))
+    cfg.data.refuse_unused(_written_keys(user, "data"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))

@@ -16,7 +16,8 @@
   model and kept for later calls; prefill stays eager. The first call compiles (~5-22 s on CPU), then
   each token is ~5-15% faster (bench/generate_speed.py): worth it for chat and serve sessions or long
   outputs, not for one short sample. Same ids up to float rounding in the fused kernels. If compiling
-  fails (on CPU inductor needs a C++ compiler), decoding goes on eagerly after a one-line warning.
+  fails (on CPU inductor needs a C++ compiler), decoding goes on eagerly after a one-line warning. An lstm/gru
+  run refuses it (`load_generator`): Dynamo cannot trace nn.LSTM/nn.GRU, so it only made decoding slower.
 - `generate_batch(model, prompts, ...)`: prompts of different lengths decoded together (left-padded,
   per-row positions and a padding mask), each row's greedy result equal to `generate` on it alone;
   evaluation (`eval/tasks.py`) answers 16 prompts per batch with it.
@@ -746,17 +747,26 @@ def _markers_as_text(tok: Any) -> Any:
     return tokenizers.Tokenizer.from_str(without_chat_markers(tok.to_str()))
 
 
-def load_generator(path: str | Path, device: str = "auto") -> Any:
+def load_generator(path: str | Path, device: str = "auto", *, compile: bool = False) -> Any:  # noqa: A002
     """The run or checkpoint at `path`, loaded to generate text (`adapt.load.Finetuned`; any run: pretrained,
-    LoRA adapters, soft prompt, ...), on `device` ("auto": the best there is).
+    LoRA adapters, soft prompt, ...), on `device` ("auto": the best there is); `compile`: the command's --compile.
 
     Raises:
-        LmforgeError: a missing or broken checkpoint, or a model that does not generate text."""
+        LmforgeError: a missing or broken checkpoint, a model that does not generate text, or --compile for a
+            recurrent model: Dynamo cannot trace nn.LSTM/nn.GRU and runs them eagerly between its graphs, so
+            compiling took ~20 s and each token then took ~25% longer (lstm, 2 x 256, 1 CPU thread: 2.3-2.4
+            vs 1.7-1.9 ms)."""
     from lmforge.adapt.load import load_finetuned
     from lmforge.train.precision import pick_device
 
     loaded = load_finetuned(path, pick_device(device))
     require_text_generator(path, loaded)
+    family = loaded.config.model.family
+    if compile and family in ("lstm", "gru"):
+        raise LmforgeError(
+            f"--compile does not speed up a model.family {family} run (torch.compile cannot trace nn.{family.upper()}: "
+            "it compiles for ~20 s, then each token is slower); drop --compile"
+        )
     return loaded
 
 
@@ -881,7 +891,7 @@ def generate_from_checkpoint(
         from lmforge.generate_many import checkpoint_identity
 
         checkpoint = checkpoint_identity(path)
-    loaded = load_generator(path, device)
+    loaded = load_generator(path, device, compile=compile)
     tokenizer = loaded.tokenizer
     stops = run_stops(loaded) if stop_at_eos else frozenset()
     # a model prepared with --normalize NFKC writes NFKC text: its stop strings are looked for in that form

@@ -446,6 +446,26 @@ def _html_table(table_id: str, header: list[str], rows: list[list[Cell]]) -> str
     return "".join(out)
 
 
+def _no_samples_hint(runs: list[Run]) -> str:
+    """What would give these runs samples, by kind: only a pretraining run of a decoder takes
+    --eval.sample_tokens (finetune refuses it; an encoder generates no text)."""
+    hints = []
+    if any(_kind(run) == "pretrain" for run in runs):
+        hints.append("pretrain with <code>--eval.sample_tokens 200</code> to log one per evaluation")
+    if any(_kind(run) == "finetune" for run in runs):
+        hints.append("a fine-tune logs none (its --val answers are scored at the end: Task metrics)")
+    if any(_kind(run) == "encoder" for run in runs):
+        hints.append("an encoder (bert, electra) generates no text")
+    return "; ".join(hints)
+
+
+def _kind(run: Run) -> str:
+    if "finetune" in run.config:  # (run_config: a fine-tuned run's settings have a finetune section)
+        return "finetune"
+    model = run.config.get("model")
+    return "encoder" if isinstance(model, dict) and model.get("family") in ("bert", "electra") else "pretrain"
+
+
 def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
     """The whole report as one self-contained HTML page."""
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -512,7 +532,7 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
                 by_step.setdefault(record["step"], {})[run.name] = record
     parts.append("<h2>Samples</h2>")
     if not by_step:
-        parts.append("<p>No samples: train with <code>--eval.sample_tokens 200</code> to log one per evaluation.</p>")
+        parts.append(f"<p>No samples: {_no_samples_hint(runs)}.</p>")
     else:
         parts.append('<table id="samples"><thead><tr><th>step</th>')
         parts += [f"<th>{html.escape(run.name)}</th>" for run in runs]

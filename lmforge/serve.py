@@ -202,7 +202,7 @@ def make_server(
                 f"--cors-origin {origin!r}: give a page's origin, scheme://host[:port] with no path (e.g. "
                 "http://localhost:3000), or '*' for any"
             )
-    ft = load_generator(run, device)
+    ft = load_generator(run, device, compile=compile)
     try:
         name = Path(run).resolve().name
         server = LMServer((host, port), ft, name, limits or ServeLimits(), compile, tuple(cors_origins))

@@ -267,6 +267,25 @@ def test_train_settings_the_run_would_not_read_are_refused(overrides, refused, t
     assert load_config(preset="small", overrides=["--train.schedule", "constant"]).train.min_lr == 1e-4  # the preset's
 
 
+def test_curriculum_steps_0_with_a_curriculum_is_refused(tmp_path):
+    """--data.curriculum doc_length --data.curriculum_steps 0 made every window eligible from step 0: accepted, and
+    quietly no curriculum. Refused in one line (flags and TOML); a saved run's config.json with it still loads."""
+    refused = "data.curriculum_steps 0 means no curriculum"
+    with pytest.raises(
+        ConfigError, match=f"^{refused}.*pass --data.curriculum_steps N > 0, or drop --data.curriculum$"
+    ):
+        load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", "--data.curriculum_steps", "0"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('[data]\ncurriculum = "doc_length"\ncurriculum_steps = 0\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        load_config(preset="tiny", config_file=toml)
+    load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: consistent
+    saved = load_config(preset="tiny", overrides=["--data.curriculum", "doc_length"]).to_dict()
+    saved["data"]["curriculum_steps"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    assert load_config(config_file=tmp_path).data.curriculum_steps == 0
+
+
 def test_diloco_settings_under_another_strategy_are_refused(tmp_path, capsys):
     """--dist.sync_every (and DiLoCo's outer optimizer settings) under ddp or fsdp were accepted and ignored; a TOML
     file's and estimate's --strategy too. A diloco run's config.json gives them way to another --dist.strategy."""

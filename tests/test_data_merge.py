@@ -144,6 +144,19 @@ def test_merge_near_dedup_keeps_the_train_copy(tmp_path: Path) -> None:
     assert pair[1] in got["train"] and pair[0] not in got["val"]
 
 
+def test_merge_refusal_comes_before_range_checks(tmp_path: Path) -> None:
+    """A flag --merge does not apply is refused as such even when its value is also out of range: the user
+    is told to drop it, not to fix a value that would do nothing."""
+    for kwargs, flag in (
+        ({"vocab_size": 10}, "--vocab-size"),
+        ({"special_tokens": "all", "tokenizer": "char"}, "--tokenizer"),
+    ):
+        with pytest.raises(LmforgeError, match=f"^{flag} is not applied by --merge"):
+            PrepareConfig(inputs=["a"], out=str(tmp_path / "m"), merge=True, **kwargs)
+    r = run_cli("prepare", str(tmp_path / "a"), "--merge", "--out", str(tmp_path / "m"), "--vocab-size", "10")
+    assert r.returncode == 2 and "--vocab-size is not applied by --merge" in r.stderr, r.stderr
+
+
 def test_merge_refuses_flags_it_does_not_apply(tmp_path: Path) -> None:
     """Filter/split/tokenizer flags were the parts' to apply: with --merge they are refused (one line,
     naming the flag) before anything is written, not recorded in manifest.config as if applied."""

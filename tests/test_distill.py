@@ -81,6 +81,33 @@ def test_teacher_is_frozen_and_gets_no_gradient() -> None:
     assert not teacher.training
 
 
+def test_loss_reads_nothing_back_to_the_host() -> None:
+    """Distill.loss runs on every micro-batch: a `float()`/`.item()` there (aten._local_scalar_dense) is a
+    GPU sync per step. It used to keep an unread `last_kl_sum` that way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmforge.models.gpt import GPT, GPTConfig
+
+    class CountScalarReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountScalarReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = GPTConfig(vocab_size=20, max_seq_len=8, n_layer=1, n_head=2, d_model=16)
+    teacher, student = GPT(cfg), GPT(cfg)
+    teacher.init_weights()
+    student.init_weights()
+    x = torch.randint(0, 20, (2, 8))
+    objective = Distill(teacher, temperature=2.0, alpha=0.5)
+    with CountScalarReads():
+        loss = objective.loss(student, (x, torch.roll(x, -1, dims=1)))
+        float(loss.detach())  # the mode does see a read
+    assert CountScalarReads.reads == 1
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A teacher trained for 150 steps and a smaller student trained for 10, on the same char data."""

@@ -22,7 +22,7 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import read_metrics
-from lmforge.report import PLOTS, eval_table, load_runs, render_report, task_table, watch
+from lmforge.report import PLOTS, eval_table, load_runs, render_html, render_report, task_table, watch
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
@@ -475,3 +475,12 @@ def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
         keys = ["accuracy", "macro_f1"] if name == "classify" else ["em", "f1"]
         assert {k: table[name][k][1] for k in keys + ["n"]} == {k: val[k] for k in keys + ["n"]}
     assert table["qa"]["accuracy"] == ("-", None) and table["classify"]["task"][0] == "classify"
+    # no samples: the hint fits the run kind (finetune refuses --eval.sample_tokens, which the hint used to suggest)
+    page = render_html(load_runs([runs["classify"], runs["qa"]]))
+    assert "No samples: a fine-tune logs none (its --val answers are scored at the end: Task metrics).</p>" in page
+    assert "sample_tokens" not in page.split("<h2>Samples</h2>")[1]
+    mixed = load_runs([two_runs[0], runs["qa"]])
+    mixed[0].evals = [{k: v for k, v in r.items() if k != "sample"} for r in mixed[0].evals]  # a run without any
+    assert "No samples: pretrain with <code>--eval.sample_tokens 200</code> to log one per evaluation; a fine-tune" in (
+        render_html(mixed)
+    )

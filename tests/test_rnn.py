@@ -363,3 +363,23 @@ def test_serve_and_chat_take_a_recurrent_model_past_its_training_window(data_dir
 
     chat(run, stdin=io.StringIO("hi\n"), stdout=io.StringIO(), max_new_tokens=30, seed=0)
     assert "note: the conversation is" not in capsys.readouterr().err  # (it was cut to its last 8 tokens)
+
+
+def test_compile_is_refused_for_a_recurrent_run(data_dir, tmp_path):
+    """`generate/chat --compile` on an LSTM/GRU run was accepted silently: Dynamo cannot trace nn.LSTM/nn.GRU, so
+    it compiled for ~20 s around them and each token then took ~25% longer. Refused in one line, before any work."""
+    from tests.conftest import run_cli
+
+    run = tmp_path / "gru"
+    cfg = _cfg(data_dir, run, family="gru")
+    cfg.train.max_steps = cfg.checkpoint.every = 2
+    pretrain(cfg, progress=False)
+    for command in (["generate", str(run), "--prompt", "RO"], ["chat", str(run)]):
+        r = run_cli(*command, "--compile", "--max-new-tokens", "4", input="hi\n")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            "lmforge: error: --compile does not speed up a model.family gru run (torch.compile cannot trace nn.GRU: "
+            "it compiles for ~20 s, then each token is slower); drop --compile"
+        ]
+    r = run_cli("generate", str(run), "--prompt", "RO", "--max-new-tokens", "4", "--seed", "0")
+    assert r.returncode == 0 and r.stdout.startswith("RO"), r.stderr  # without it, the run generates

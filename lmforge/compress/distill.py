@@ -16,8 +16,9 @@ Design:
   never saved with the student, and its logits are computed in float32 for the KL.
 - Teacher and student must share the tokenizer (same fingerprint): the soft targets are distributions
   over token ids, meaningless across vocabularies. Their architectures may differ freely.
-- The summed KL is kept in `last_kl_sum`, and `kl_to_teacher()` measures the mean per-token KL
-  (at T = 1) over validation batches, so the log shows the student approaching the teacher.
+- `loss()` reads nothing back to the host (no `.item()`/`float()`: a GPU sync per micro-batch);
+  `kl_to_teacher()` measures the mean per-token KL (at T = 1) over validation batches, so the log
+  shows the student approaching the teacher.
 
 Reference: https://arxiv.org/abs/1503.02531
 """
@@ -68,7 +69,6 @@ class Distill:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        self.last_kl_sum = 0.0
 
     def count(self, batch: tuple[Tensor, Tensor]) -> int:
         return count_targets(batch[1])
@@ -77,8 +77,7 @@ class Distill:
         x, y = batch
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        total, soft = distill_loss(model(x), teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
-        self.last_kl_sum = float(soft.detach()) / self.temperature**2
+        total, _ = distill_loss(model(x), teacher_logits, y, temperature=self.temperature, alpha=self.alpha)
         return total
 
 

@@ -192,6 +192,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         check(bool(self.inputs), "prepare needs at least one input file, folder or glob pattern")
         check(bool(self.out), "prepare needs an output directory (--out DIR)")
+        if self.merge:  # first: a flag --merge does not apply is refused as such, not range-checked
+            self.check_merge_flags(set())
         check(bool(self.text_field), "text_field must not be empty; name the JSONL field holding the text")
         check(bool(self.tokenizer), "tokenizer must be 'bpe', 'char', 'wordpiece', 'unigram' or a tokenizer.json path")
         if self.tokenizer == "bpe":
@@ -255,8 +257,6 @@ class PrepareConfig:
             self.shard_tokens >= 64,
             f"shard_tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
         )
-        if self.merge:
-            self.check_merge_flags(set())
 
     def check_written(self, written: set[str]) -> None:
         """The CLI's flags `written` (even at their default value) that this config would not apply are refused,
