@@ -526,17 +526,17 @@ def _finetune(
 
     require_one_process("finetune")  # each rank would fine-tune alone into the same folder
     cfg = cfg or FinetuneConfig()
-    train_cfg, optim_cfg, eval_cfg, ckpt_cfg, log_cfg = finetune_sections(cfg.adapt, overrides)
     if cfg.schedule == "continue":  # the base run's schedule sets every step's learning rate
-        from lmforge.train.schedule import LR_KEYS
-
+        # (before finetune_sections: its checks judge these against fine-tuning's own schedule, which is not used;
+        # min_lr is the setting behind the schedule's final_lr)
         train_given = (overrides or {}).get("train") or {}
-        for key in LR_KEYS:
+        for key in ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction"):
             if key in train_given:
                 raise ConfigError(
                     f"--train.{key} is not used with --schedule continue (the base run's schedule sets the "
                     "learning rate); drop it, or use --schedule fresh"
                 )
+    train_cfg, optim_cfg, eval_cfg, ckpt_cfg, log_cfg = finetune_sections(cfg.adapt, overrides)
     out = Path(out)
     from lmforge.runs import check_run_out
 

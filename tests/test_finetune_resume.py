@@ -253,3 +253,21 @@ def test_a_rerun_of_a_finished_merged_lora_run_is_finished_and_more_steps_are_re
     assert "merged into the weights (--merge), so LoRA training cannot continue to train.max_steps 4" in r.stderr
     assert "pass --overwrite (or another --out)" in r.stderr and "as a new base" not in r.stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+@pytest.mark.parametrize(
+    ("given", "flag"),
+    [
+        # judged against fine-tuning's own (unused) cosine schedule, this was told to pass --train.schedule wsd,
+        # which --schedule continue refuses in turn
+        ({"decay_fraction": 0.3}, "--train.decay_fraction"),
+        ({"min_lr": 1e-5}, "--train.min_lr"),  # the base's schedule sets the final lr: it was silently ignored
+        ({"schedule": "constant", "min_lr": 1e-5}, "--train.min_lr"),
+    ],
+)
+def test_continue_refuses_its_schedule_settings_as_such(tmp_path: Path, given: dict, flag: str):
+    cfg = FinetuneConfig(task="clm", schedule="continue")
+    with pytest.raises(ConfigError, match=f"^{flag} is not used with --schedule continue"):
+        finetune(tmp_path / "base", train_file=tmp_path / "t.txt", out=tmp_path / "x", cfg=cfg,
+                 overrides={"train": given})  # fmt: skip
+    assert not (tmp_path / "x").exists()
