@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from lmforge.atomic import try_lock
+from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.errors import Interrupted, LmforgeError, first_line
 
 PROMPT_BATCH = 16  # rows decoded together by default (eval's ANSWER_BATCH); --batch-size
@@ -83,7 +84,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")
-        name, data, inner = str(path), _read_file(path), _inner_name(path)
+        name, data, inner = str(path), _read_file(path), inner_name(path)
         if inner.endswith(".json"):  # (read as text, a JSON list's lines were each completed as a prompt)
             raise LmforgeError(
                 f"--prompt-file {path}: a .json file is neither JSONL nor one prompt per line; rename it to .jsonl if "
@@ -129,21 +130,13 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
 _MAGIC = {b"\x1f\x8b": (".gz", "gzip", "zcat"), b"\x28\xb5\x2f\xfd": (".zst", "zstandard", "zstdcat")}
 
 
-def _inner_name(path: Path) -> str:
-    """`path`'s name, lowercase, without a .gz or .zst suffix (prompts.jsonl.gz: prompts.jsonl)."""
-    name = path.name.lower()
-    return name.removesuffix(".gz") if name.endswith(".gz") else name.removesuffix(".zst")
-
-
 def _read_file(path: Path) -> bytes:
     """A prompt file's bytes, decompressed when it is named .gz or .zst (as `prepare` reads its inputs).
 
     Raises:
         LmforgeError: a damaged or cut-short compressed file, or a .zst without zstandard installed.
     """
-    from lmforge.data.compressed import open_input, read_errors
-
-    if _inner_name(path) == path.name.lower():
+    if inner_name(path) == path.name.lower():
         return path.read_bytes()
     raw, stream = open_input(path)
     try:

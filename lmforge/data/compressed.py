@@ -16,6 +16,16 @@ from typing import Any, BinaryIO
 from lmforge.errors import DataError
 
 _PIECE_BYTES = 1 << 16  # compressed bytes read at a time
+COMPRESSED = (".gz", ".zst")  # the suffixes `open_input` decompresses
+
+
+def inner_name(path: Path) -> str:
+    """`path`'s name, lowercase, without a .gz or .zst suffix (`Book.JSONL.gz`: `book.jsonl`)."""
+    name = path.name.lower()
+    for suffix in COMPRESSED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def read_errors() -> tuple[type[BaseException], ...]:

@@ -81,7 +81,7 @@ from lmforge.data.clean import (
     replace_surrogates,
     utf16_encoding,
 )
-from lmforge.data.compressed import open_input, read_errors
+from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows
 from lmforge.errors import DataError
 
@@ -91,7 +91,6 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 TABLE_SUFFIXES = (".csv", ".tsv")
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES
-COMPRESSED = (".gz", ".zst")
 # compressions and archives a corpus comes in that are not read, with the command that unpacks one
 _UNREAD_COMPRESSION = {
     ".bz2": "bunzip2 -k", ".xz": "unxz -k", ".lz4": "unlz4", ".zip": "unzip", ".7z": "7z x", ".tar": "tar -xf",
@@ -123,18 +122,10 @@ def no_text_error(missing: str) -> DataError:
     return DataError(f"{missing}, nor has any other row; choose the text field with --text-field")
 
 
-def _inner_name(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in COMPRESSED:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def skipped_json(names: list[str]) -> list[str]:
     """The .json files (maybe .gz/.zst) among the files a folder or glob walk skipped (`resolve_inputs`): read
     only when named, as they are usually metadata; `prepare` says so when it skipped some."""
-    return [name for name in names if _inner_name(Path(name)).endswith(".json")]
+    return [name for name in names if inner_name(Path(name)).endswith(".json")]
 
 
 def unread_compressed(names: list[str]) -> list[str]:
@@ -163,7 +154,7 @@ def file_format(path: str | Path) -> Format:
         return "hf_hub"
     if is_hf_disk(p):
         return "hf_disk"
-    name = _inner_name(p)
+    name = inner_name(p)
     if name.endswith(".parquet") and p.name.lower().endswith(".parquet"):
         return "parquet"
     for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
@@ -175,7 +166,7 @@ def file_format(path: str | Path) -> Format:
 def is_known_format(path: str | Path) -> bool:
     """True for .txt, .md, .jsonl, .csv, .tsv (each optionally .gz/.zst) and .parquet."""
     p = Path(path)
-    return _inner_name(p).endswith(KNOWN_SUFFIXES) or p.name.lower().endswith(".parquet")
+    return inner_name(p).endswith(KNOWN_SUFFIXES) or p.name.lower().endswith(".parquet")
 
 
 def input_bytes(path: Path) -> int:
