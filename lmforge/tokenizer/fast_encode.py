@@ -88,15 +88,24 @@ PIECE_CHARS = 1 << 16
 def long_pieces(text: str, size: int = LONG_DOCUMENT) -> list[str]:
     """`text` cut into pieces of about `size` characters, each cut just before a " " with a non-space on
     both sides (see `DocumentEncoder.encode_stream`); a piece grows past `size` until such a space comes."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = _next_cut(text, start + size)
-        if cut < 0:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+    return list(text_pieces([text], size)) or [text]
+
+
+def text_pieces(chunks: Iterable[str], size: int) -> Iterator[str]:
+    """The text that arrives as consecutive `chunks` (cut anywhere), given back in pieces cut as `long_pieces`
+    cuts, as the chunks come: memory holds a chunk and a piece, not the whole text."""
+    carry = ""
+    for chunk in chunks:
+        text, start = carry + chunk, 0
+        while len(text) - start > size:
+            cut = _next_cut(text, start + size)
+            if cut < 0:
+                break
+            yield text[start:cut]
+            start = cut
+        carry = text[start:]
+    if carry:
+        yield carry
 
 
 def _next_cut(text: str, cut: int) -> int:
@@ -202,19 +211,8 @@ class DocumentEncoder:
         if not self.piecewise:
             yield self._piece_ids("".join(chunks))
             return
-        carry = ""
-        for chunk in chunks:
-            text = carry + chunk
-            start = 0
-            while len(text) - start > PIECE_CHARS:
-                cut = _next_cut(text, start + PIECE_CHARS)
-                if cut < 0:
-                    break
-                yield self._piece_ids(text[start:cut])
-                start = cut
-            carry = text[start:]
-        if carry:
-            yield self._piece_ids(carry)
+        for piece in text_pieces(chunks, PIECE_CHARS):
+            yield self._piece_ids(piece)
 
     def _piece_ids(self, text: str) -> np.ndarray:
         if self.cached:  # a piece starts at a safe cut (see `long_pieces`), so its segments are the whole text's
