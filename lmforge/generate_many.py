@@ -24,9 +24,10 @@
 - Output: with `--prompt-file`, JSONL in input order, one line per completion: a JSONL line's own fields
   ("id", "meta", ...: carried unchanged, in their order, "prompt" among them), then "completion",
   "finish_reason" ("stop" or "length", as OpenAI's) and, with N > 1, "sample" (0..N-1). These three are the
-  output's own: an input field of one of those names is replaced (a note on stderr says so). To stdout, or
-  written atomically to `--out` (`atomic.atomic_write_text`) once every completion is done. With `--prompt`
-  alone, the N samples are printed as text, each as prompt + completion under a `=== sample i/N ===` line.
+  output's own: an input field of one of those names is replaced (a note on stderr says so). To stdout, each line
+  as soon as it and every line before it are done (the rows are decoded shortest first), or written atomically to
+  `--out` (`atomic.atomic_write_text`) once every completion is done. With `--prompt` alone, the N samples are
+  printed as text, each as prompt + completion under a `=== sample i/N ===` line, as they are done.
 - Resume (`--out` only): each finished batch is appended, flushed, to `OUT.partial` beside OUT (`partial_path`),
   a JSON line per row ({"row", "completion", "finish_reason"}) after a header line naming the job (`_job`: a
   sha256 of the prompts, of the checkpoint's state.json, the sampling settings, seed, device, and the command
@@ -37,7 +38,9 @@
   then the partial file is removed.
 - Progress: a tqdm bar of completions done on stderr (on a terminal only, as prepare's; `--quiet`: none). An
   interrupt (Ctrl-C, SIGTERM) stops the run: `--out` stays as it was, the finished completions stay in
-  `OUT.partial`, and one line says how many are done and the command that continues (cli: exit 130).
+  `OUT.partial`, and one line says how many are done and the command that continues (cli: exit 130). Without
+  `--out`, the finished rows not yet printed (held behind an unfinished one) are printed then, in input order,
+  and the line says how many are missing and the `--out` command that would keep them.
 
 vLLM's `run_batch` and llama.cpp's `llama-parallel` batch prompts for the same reason: a decode step of a
 small model costs about the same for 1 row as for 16 (README, Speed: 6.56x on 16 prompts).
@@ -262,6 +265,34 @@ def generate_many(
         partial, done = _open_partial(partial_path(Path(out)), job, len(rows))
     from tqdm import tqdm
 
+    def shown(b: int) -> str:  # row b as written: a JSONL line, or one sample under its === line
+        i, j = rows[b]
+        text_in, _, fields = prompts[i]
+        text, finish = done[b]
+        if not jsonl:
+            return f"=== sample {j + 1}/{num_samples} ===\n{text_in}{text}\n"
+        sample = {"sample": j} if num_samples > 1 else {}
+        # a JSONL line's own fields ("id", "meta", ...) first, as given; an output field's name in it is replaced
+        carried = {k: v for k, v in fields.items() if k not in OUTPUT_FIELDS}
+        record = carried | {"prompt": text_in, "completion": text, "finish_reason": finish} | sample
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
+    # Without --out the rows go to `stream` as soon as they and every row before them are done (in input order);
+    # they were printed only at the end, so that a Ctrl-C lost every finished one
+    printed: list[str] = []
+    if out is None and stream is not None:
+        next_row = 0
+
+        def print_ready() -> None:
+            nonlocal next_row
+            ready = []
+            while next_row in done:
+                ready.append(shown(next_row))
+                next_row += 1
+            if ready:
+                _write_whole(stream, "".join(ready), bar)
+                printed.extend(ready)
+
     # drawn only on a terminal (tqdm's None), as prepare's: a log or `2>file` gets no bar frames
     with tqdm(total=len(rows), initial=len(done), unit="completion", desc="generating",
               disable=None if progress else True, file=sys.stderr) as bar:  # fmt: skip
@@ -280,36 +311,56 @@ def generate_many(
                     _append(partial, finished)
                 done.update(finished)
                 bar.update(len(finished))
+                if out is None and stream is not None:
+                    print_ready()
         except KeyboardInterrupt:
-            if partial is None:
+            if partial is not None:
+                stdin = prompts[0][1].startswith("stdin line ")  # (many_prompts' name for them)
+                raise Interrupted(_interrupted(Path(out), len(done), len(rows), stdin)) from None
+            if stream is None:
                 raise
-            stdin = prompts[0][1].startswith("stdin line ")  # (many_prompts' name for them)
-            raise Interrupted(_interrupted(Path(out), len(done), len(rows), stdin)) from None
+            # the finished rows held back behind an unfinished one, in input order (each line names its prompt)
+            late = [shown(b) for b in sorted(done) if b >= next_row]
+            if late:
+                _write_whole(stream, "".join(late), bar)
+            raise Interrupted(_interrupted_unsaved(len(done), len(rows), jsonl)) from None
         finally:
             if partial is not None:
                 partial.close()
-    records = []
-    for b, (i, j) in enumerate(rows):
-        text_in, _, fields = prompts[i]
-        text, finish = done[b]
-        sample = {"sample": j} if num_samples > 1 else {}
-        # a JSONL line's own fields ("id", "meta", ...) first, as given; an output field's name in it is replaced
-        carried = {k: v for k, v in fields.items() if k not in OUTPUT_FIELDS}
-        records.append(carried | {"prompt": text_in, "completion": text, "finish_reason": finish} | sample)
-    if jsonl:
-        written = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:  # one prompt's samples
-        written = "".join(
-            f"=== sample {j}/{num_samples} ===\n{r['prompt']}{r['completion']}\n" for j, r in enumerate(records, 1)
-        )
+    if out is None and stream is not None:
+        return "".join(printed)
+    written = "".join(shown(b) for b in range(len(rows)))
     if out is not None:
         atomic_write_text(out, written)
         # (a kill before this: the next run finds every row done, and writes out)
         partial_path(Path(out)).unlink(missing_ok=True)
-    elif stream is not None:
-        stream.write(written)
-        stream.flush()
     return written
+
+
+def _write_whole(stream: TextIO, text: str, bar: Any) -> None:
+    """`text` written and flushed whole: a Ctrl-C or SIGTERM meanwhile is held and raised after it (Python checks
+    for signals between a pipe's partial writes, so a signal while a slow reader held the pipe full cut a JSONL
+    line short). The progress bar is cleared while it is written (a terminal)."""
+    import signal
+    import threading
+
+    held: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()  # (only its handlers can be changed)
+    before = (
+        {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in signums if signal.getsignal(s) is not None}
+        if main
+        else {}
+    )
+    try:
+        with bar.external_write_mode(file=stream):
+            stream.write(text)
+            stream.flush()
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if held:  # handled now as it would have been (cli's handler: an interrupt)
+            signal.raise_signal(held[0])
 
 
 def _complete(
@@ -527,6 +578,18 @@ def _append(partial: BinaryIO, finished: dict[int, tuple[str, str]]) -> None:
     partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8"))
     partial.flush()
     os.fsync(partial.fileno())
+
+
+def _interrupted_unsaved(done: int, total: int, jsonl: bool) -> str:
+    """The line an interrupted run without `--out` ends with: its finished completions were all printed."""
+    from lmforge.log import rerun_command
+
+    if not jsonl:  # (--num-samples of one --prompt: nothing to continue)
+        return f"interrupted: {done} of {total} samples printed, {total - done} missing"
+    return (
+        f"interrupted: {done} of {total} completions printed, {total - done} missing; with --out the finished ones "
+        f"are kept and the same command continues where it stopped: {rerun_command(sys.argv)} --out completions.jsonl"
+    )
 
 
 def _interrupted(out: Path, done: int, total: int, stdin: bool) -> str:

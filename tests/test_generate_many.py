@@ -448,3 +448,44 @@ def test_prompts_from_a_terminal_say_what_they_wait_for(base: Path) -> None:
         os.close(terminal)
     assert proc.stderr == "reading prompts from the terminal, one per line; end with Ctrl-D\n", proc.stderr
     assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == ["a"]
+
+
+def test_without_out_each_completion_prints_in_order_and_ctrl_c_keeps_the_finished(base: Path, tmp_path: Path) -> None:
+    """`--prompt-file` without --out printed every completion at the end, so a Ctrl-C lost all of them. A real
+    process now prints each as soon as it and those before it are done (in input order); a real SIGINT prints the
+    finished ones held behind an unfinished one too, as whole lines, and ends with one line: how many are missing
+    and the --out command that keeps them. What it printed equals the uninterrupted run's lines."""
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+
+    # the 2nd prompt is the longest: batched alone (--batch-size 1, shortest first) it is done last, so the 58
+    # after it wait behind it, and the 1st prints at once (60 rows: ~2 s of decoding, still going at the SIGINT)
+    texts = ["a", "x" * 20, *(f"{i} {PROMPTS[i % 7][:9]}" for i in range(58))]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "27", "--temperature", "0"]
+    straight = io.StringIO()
+    generate_from_checkpoint(base, prompt_file=prompts, max_new_tokens=27, temperature=0, stream=straight)
+    lines = straight.getvalue().splitlines(keepends=True)
+    assert len(lines) == 60
+
+    proc = start_cli(*run, "--batch-size", "1")
+    stdout = Path(proc.child["stdout"]) if hasattr(proc, "child") else None
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if stdout is None or stdout.read_text(encoding="utf-8").count("\n") >= 1:  # the 1st, before the rest
+            break
+        time.sleep(0.005)
+    time.sleep(0.2)  # (a few more done, held behind the 2nd)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(60)
+    out, err = proc.communicate()
+    assert code == 130, err
+    printed = out.splitlines(keepends=True)
+    assert printed[0] == lines[0] and 1 <= len(printed) < 60 and set(printed) <= set(lines), out
+    assert [lines.index(p) for p in printed] == sorted(lines.index(p) for p in printed)  # (input order)
+    missing = 60 - len(printed)
+    assert err.startswith(f"lmforge: interrupted: {len(printed)} of 60 completions printed, {missing} missing; with")
+    assert err.endswith(" --out completions.jsonl\n") and err.count("\n") == 1, err
