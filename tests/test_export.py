@@ -872,3 +872,30 @@ def test_export_of_an_imported_qwen_chat_model_keeps_its_config_eos(bpe: Tokeniz
     again = export_hf(import_hf(out, tmp_path / "run2"), tmp_path / "export2")
     for folder in (export_hf(quantized, tmp_path / "export-int8"), again):
         assert json.loads((folder / "config.json").read_text())["eos_token_id"] == im_end
+
+
+def card_snippet(hf_dir: Path) -> str:
+    """The Python usage example of the model card (README.md) that export wrote into `hf_dir`."""
+    card = (hf_dir / "README.md").read_text(encoding="utf-8")
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_the_model_cards_usage_example_runs_as_written(family: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The card's example loaded `from_pretrained("<the export's last folder name>")`, which transformers looked
+    up on the Hub (an OSError offline) unless one stood in the export's parent folder. It now names the folder as
+    exported to (`--out exports/tiny-en`), and runs as written from where export ran."""
+    from tests.test_export_bert import make_encoder_run
+    from tests.test_finetune import make_base
+
+    if family == "gpt":
+        run = make_base(tmp_path, max_seq_len=64)
+    else:
+        run = make_encoder_run(tmp_path / "enc", train_wordpiece(TEXTS * 20, vocab_size=120))
+    monkeypatch.chdir(tmp_path)
+    export_hf(run, "exports/tiny-en")  # (as `lmforge export RUN --out exports/tiny-en` passes it)
+    snippet = card_snippet(tmp_path / "exports" / "tiny-en")
+    exec(compile(snippet, "README.md", "exec"), {})  # (what a reader pastes)
+    assert '"exports/tiny-en"' in snippet
+    out = capsys.readouterr().out
+    assert out.startswith("Once upon a time" if family == "gpt" else "[{'score'"), out

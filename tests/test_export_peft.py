@@ -158,3 +158,17 @@ def test_model_card_of_a_fine_tune_names_its_base_task_and_chat_prompt(tmp_path:
     assert "the base of the LoRA adapter" in base_card
     assert "fine-tuning steps" not in base_card and "last validation" not in base_card
     assert "apply_chat_template" not in base_card
+
+
+def test_the_adapter_cards_usage_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+    """The adapter card loaded `from_pretrained("adapter/base")` and `"adapter"`: the export's last folder name,
+    looked up on the Hub from anywhere but its parent folder. It names `--out` as given, and runs as written."""
+    from tests.test_export import card_snippet
+
+    run = lora_run(tmp_path, {})
+    monkeypatch.chdir(tmp_path)
+    export_peft(run, "exports/adapter")
+    snippet = card_snippet(tmp_path / "exports" / "adapter")
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # (what a reader pastes)
+    assert '"exports/adapter/base"' in snippet and scope["model"].config.name_or_path == "exports/adapter/base"

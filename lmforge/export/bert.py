@@ -51,10 +51,12 @@ from torch import Tensor
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.export.hf import (
+    CARD_PATH_NOTE,
     HF_HINT,
     _last_eval,
     _own,
     card_language_header,
+    card_path,
     data_language,
     training_progress,
 )
@@ -253,12 +255,13 @@ def write_bert(trained: Any, out: Path) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in tensors.values())
-        atomic_write_text(tmp / "README.md", model_card(out.name, trained, n_params, specials["mask_token"]))
+        atomic_write_text(tmp / "README.md", model_card(out, trained, n_params, specials["mask_token"]))
     return out
 
 
-def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
+def model_card(out: Path, trained: Any, n_params: int, mask: str) -> str:
     """README.md of an encoder export: what it is, how it was trained, how to use it, the config."""
+    name, path = out.name, card_path(out)
     cfg = trained.config
     step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
@@ -291,8 +294,8 @@ def model_card(name: str, trained: Any, n_params: int, mask: str) -> str:
 import torch
 from transformers import AutoTokenizer, ElectraForPreTraining
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = ElectraForPreTraining.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained({path})
+model = ElectraForPreTraining.from_pretrained({path})
 inputs = tokenizer("{replaced}", return_tensors="pt")
 replaced = torch.sigmoid(model(**inputs).logits) > 0.5  # True where a token looks replaced
 ```"""
@@ -301,7 +304,7 @@ replaced = torch.sigmoid(model(**inputs).logits) > 0.5  # True where a token loo
         use = f"""```python
 from transformers import pipeline
 
-fill = pipeline("fill-mask", model="{name}")
+fill = pipeline("fill-mask", model={path})
 print(fill("{f"中国的首都是北{mask}。" if zh else f"The capital of France is {mask}."}"))
 ```
 
@@ -327,6 +330,8 @@ A bidirectional encoder trained with lmforge and exported to the Hugging Face fo
 ## Use
 
 {use}
+
+{CARD_PATH_NOTE.format(path=out.as_posix())}
 
 Exported from `{trained.checkpoint.path}`.
 

@@ -294,7 +294,7 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in state.values())
-        card = _model_card(out.name, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base)
+        card = _model_card(out, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base)
         atomic_write_text(tmp / "README.md", card)
     return out
 
@@ -358,9 +358,23 @@ def _finetune_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     return [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}`"), ("fine-tuning", how)]
 
 
+def card_path(out: Path) -> str:
+    """How a model card's usage example names its folder: the path the user exported to, as given (relative paths
+    are from where `lmforge export` ran), as a Python string literal. It named the folder's last component alone,
+    which `from_pretrained` looked for on the Hub unless the user happened to stand in the export's parent."""
+    return json.dumps(out.as_posix(), ensure_ascii=False)
+
+
+CARD_PATH_NOTE = (
+    "`{path}` is where `lmforge export` wrote this folder (a relative path counts from where it ran); from "
+    "elsewhere give its full path, and once it is uploaded to the Hub its repo id (`ORG/NAME`)."
+)
+
+
 def _model_card(
-    name: str, trained: Any, family: str, n_params: int, *, chat: bool = False, adapter_base: bool = False
+    out: Path, trained: Any, family: str, n_params: int, *, chat: bool = False, adapter_base: bool = False
 ) -> str:
+    name, path = out.name, card_path(out)
     cfg = trained.config
     info = finetune_info_of(trained)
     step, tokens = training_progress(trained.checkpoint.meta)
@@ -430,11 +444,13 @@ A causal language model trained with lmforge and exported to the Hugging Face fo
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained({path})
+model = AutoModelForCausalLM.from_pretrained({path})
 {encode}
 print(tokenizer.decode(model.generate(ids, max_new_tokens={n_new}, do_sample=False)[0]))
 ```
+
+{CARD_PATH_NOTE.format(path=out.as_posix())}
 
 Exported from `{trained.checkpoint.path}`.
 

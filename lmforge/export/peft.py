@@ -197,13 +197,13 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
         fsync_file(tmp / "adapter_model.safetensors")
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             atomic_write_text(tmp / name, (base / name).read_text(encoding="utf-8"))
-        atomic_write_text(tmp / "README.md", _adapter_card(out.name, info, targets, family, ckpt_dir))
+        atomic_write_text(tmp / "README.md", _adapter_card(out, info, targets, family, ckpt_dir))
     return out
 
 
-def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
+def _adapter_card(out: Path, info: dict[str, Any], targets: list[str], family: str, ckpt_dir: Path) -> str:
     lora = info["lora"]
-    from lmforge.export.hf import training_progress
+    from lmforge.export.hf import CARD_PATH_NOTE, card_path, training_progress
     from lmforge.export.hf_families import FAMILIES
 
     steps, tokens = training_progress(json.loads((ckpt_dir / "state.json").read_text(encoding="utf-8")))
@@ -216,6 +216,7 @@ def _adapter_card(name: str, info: dict[str, Any], targets: list[str], family: s
         ("tokens seen", f"{tokens:,}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    name, path, base = out.name, card_path(out), card_path(out / "base")
     return f"""---
 library_name: peft
 base_model: ./base
@@ -238,10 +239,12 @@ A LoRA adapter trained with `lmforge finetune --adapt lora`, exported for PEFT.
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}/base"), "{name}")
+tokenizer = AutoTokenizer.from_pretrained({path})
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base}), {path})
 model = model.merge_and_unload()  # optional: one plain model
 ```
+
+{CARD_PATH_NOTE.format(path=out.as_posix())}
 
 Exported from `{ckpt_dir}`.
 """
