@@ -160,6 +160,14 @@ def add_parsers(sub: Any) -> None:
         help="let scripts of the web page at ORIGIN (e.g. http://localhost:3000; '*' = any page) call the API from "
         "a browser; repeatable (default: none)",
     )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="the model's name(s) in the API, as vLLM's: replies carry the first, and a request for any other "
+        "'model' gets a 404 (default: named after the run directory, and any name is answered)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(
         "--compile",
@@ -314,6 +322,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 device=args.device,
                 compile=args.compile,
                 cors_origins=tuple(args.cors_origin),
+                served_model_names=tuple(args.served_model_name),
             )
         )
     return 0

@@ -1,7 +1,7 @@
 """`lmforge serve RUN_DIR`: an OpenAI-compatible HTTP API for local apps, on the standard library alone.
 
 Endpoints (the subset of the OpenAI API that local clients use; checked with the official `openai` client):
-    GET  /v1/models[/NAME]        the one model served (named after the run directory)
+    GET  /v1/models[/NAME]        the one model served (named after the run directory, or --served-model-name)
     POST /v1/completions          {"prompt", "max_tokens", "temperature", "top_p", "min_p", "top_k", "stop", "seed",
                                    "n", "stream", "stream_options", "echo", "logprobs"}; "prompt" is a string, a list
                                    of strings, a list of token ids or a list of such lists: `n` choices per
@@ -18,7 +18,10 @@ With `"stream": true` the reply is Server-Sent Events: `data: {chunk}` lines (co
 `delta`s, each choice's carrying its `index`) and a final `data: [DONE]`, as the OpenAI client libraries
 expect; `"stream_options": {"include_usage": true}` adds a last chunk with no choices and the token counts
 (summed over the prompts). `model` and `user` are accepted and not checked (any name gets the one model, so
-an app written for OpenAI runs unchanged). `presence_penalty`, `frequency_penalty` and `repetition_penalty`
+an app written for OpenAI runs unchanged), unless names are given (`--served-model-name`, as vLLM's): then the
+model is known by those (replies carry the first) and a request for another gets OpenAI's 404
+`model_not_found`, so a client pointed at the wrong server finds out instead of getting this model's text.
+`presence_penalty`, `frequency_penalty` and `repetition_penalty`
 (vLLM's extension) and `logit_bias` are `generate.Penalties`. A completion's `best_of` draws that many per
 prompt and returns the `n` with the highest log-probability per token. Streamed with `logprobs`, each chunk
 carries its tokens' logprobs, as OpenAI's do (`serve_logprobs.StreamedLogprobs`). `best_of` with `stream`,
@@ -142,6 +145,7 @@ class LMServer(ThreadingHTTPServer):
         limits: ServeLimits,
         compile: bool,  # noqa: A002
         cors_origins: tuple[str, ...] = (),
+        served_names: tuple[str, ...] = (),
     ) -> None:
         from lmforge.generate import run_stops
 
@@ -151,6 +155,7 @@ class LMServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.ft, self.model_name, self.limits, self.compile = ft, name, limits, compile
         self.cors_origins = cors_origins  # web pages allowed to call the API from a browser ("*": any)
+        self.served_names = served_names  # --served-model-name: the only "model" names answered (none: any)
         self.lock = threading.Lock()
         self.stopping = False  # set by `stop_generations`: a running generation ends at its next token
         self._names: Any = None
@@ -187,11 +192,14 @@ def make_server(
     device: str = "auto",
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     cors_origins: tuple[str, ...] = (),
+    served_model_names: tuple[str, ...] = (),
 ) -> LMServer:
     """Load the run and bind the server (port 0 = any free port); call `serve_forever()` to run it.
 
     `cors_origins`: web pages (`scheme://host[:port]`, or "*" for any) whose scripts may call the API from a
-    browser (CORS); none by default, so a page the user visits cannot use the model."""
+    browser (CORS); none by default, so a page the user visits cannot use the model. `served_model_names`: the
+    names the model answers to (vLLM's `--served-model-name`; replies carry the first), a request naming another
+    is a 404; none: it is named after the run directory and answers to any name."""
     from lmforge.generate import generate, load_generator
 
     if not 0 <= port <= 65535:  # before loading the model, which takes a while
@@ -202,10 +210,14 @@ def make_server(
                 f"--cors-origin {origin!r}: give a page's origin, scheme://host[:port] with no path (e.g. "
                 "http://localhost:3000), or '*' for any"
             )
+    for served in served_model_names:
+        if not served.strip():
+            raise ConfigError("--served-model-name must not be empty; give the name clients send as 'model'")
     ft = load_generator(run, device, compile=compile)
     try:
-        name = Path(run).resolve().name
-        server = LMServer((host, port), ft, name, limits or ServeLimits(), compile, tuple(cors_origins))
+        names = tuple(dict.fromkeys(served_model_names))
+        name = names[0] if names else Path(run).resolve().name
+        server = LMServer((host, port), ft, name, limits or ServeLimits(), compile, tuple(cors_origins), names)
     except OSError as e:
         if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host, not the port
             advice = "--host must name this machine (127.0.0.1: this machine only, 0.0.0.0: all its addresses)"
@@ -485,17 +497,23 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "POST":
             self._complete(self._read_body(), chat=path.endswith("chat/completions"))
             return
-        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "lmforge"}
+        names = self.server.served_names or (self.server.model_name,)
+        models = [{"id": name, "object": "model", "created": 0, "owned_by": "lmforge"} for name in names]
         if path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [model]})
+            self._send_json(200, {"object": "list", "data": models})
         elif path == "/health":
             self._send_json(200, {"status": "ok"})
         else:  # client.models.retrieve(name)
             name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
-            if name != self.server.model_name:
-                message = f"model '{name}' not found; this server serves '{self.server.model_name}'"
-                raise RequestError(404, message, "model_not_found", param="model")
-            self._send_json(200, model)
+            if name not in names:
+                raise self._unknown_model(name)
+            self._send_json(200, models[names.index(name)])
+
+    def _unknown_model(self, name: object) -> RequestError:
+        names = self.server.served_names or (self.server.model_name,)
+        served = ", ".join(f"'{n}'" for n in names)
+        message = f"The model '{name}' does not exist; this server serves {served}"
+        return RequestError(404, message, "model_not_found", param="model")
 
     # ---------------------------------------------------------------- the work
 
@@ -545,6 +563,9 @@ class _Handler(BaseHTTPRequestHandler):
         from lmforge.generate import context_length
 
         limits, ft = self.server.limits, self.server.ft
+        model = body.get("model")  # (vLLM too: none given is the served model)
+        if self.server.served_names and model is not None and model not in self.server.served_names:
+            raise self._unknown_model(model)
         if chat:
             body = {**body, "messages": openai_messages(body.get("messages"))}
         # the chat API renamed max_tokens to max_completion_tokens (the client marks max_tokens deprecated)

@@ -1684,3 +1684,41 @@ def test_imported_chat_template_marks_the_replies_for_training(tmp_path: Path):
         progress=False,
     )
     assert load_template(tmp_path / "ft") == template
+
+
+def test_serve_answers_only_its_served_model_names_when_given(chat_run: Path):
+    """`--served-model-name` (vLLM's): /v1/models lists those names, replies carry the first, and a completion or
+    chat request (streamed or not) for another model is OpenAI's 404 `model_not_found`, not this model's text.
+    Without it any name is answered, as before (an OpenAI app runs unchanged)."""
+    from lmforge.serve import make_server
+
+    hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2}
+    with _serving(chat_run, served_model_names=("tiny", "tiny-alias", "tiny")) as server:
+        base = server.url + "/v1"
+        with urllib.request.urlopen(base + "/models", timeout=30) as resp:
+            assert [m["id"] for m in json.loads(resp.read())["data"]] == ["tiny", "tiny-alias"]
+        with urllib.request.urlopen(base + "/models/tiny-alias", timeout=30) as resp:
+            assert json.loads(resp.read())["id"] == "tiny-alias"
+        for path, payload in [
+            ("/completions", {"prompt": "a", "max_tokens": 2, "model": "gpt-4o"}),
+            ("/chat/completions", {**hi, "model": "run"}),  # (the run directory's name is no longer one)
+            ("/chat/completions", {**hi, "model": "gpt-4o", "stream": True}),
+        ]:
+            status, body = _post(base + path, payload)
+            error = json.loads(body)["error"]
+            assert status == 404 and error == {
+                "message": f"The model '{payload['model']}' does not exist; this server serves 'tiny', 'tiny-alias'",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        for model in ("tiny-alias", None):  # (none named: the served model, as vLLM)
+            status, body = _post(base + "/chat/completions", {**hi, "model": model})
+            assert status == 200 and json.loads(body)["model"] == "tiny", body
+    with _serving(chat_run) as server:
+        status, body = _post(server.url + "/v1/chat/completions", {**hi, "model": "gpt-4o"})
+        assert status == 200 and json.loads(body)["model"] == "run"
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--served-model-name must not be empty"):
+        make_server(chat_run, port=0, served_model_names=(" ",))
