@@ -31,7 +31,7 @@ is the quantity validation reports as `loss` (eval/objectives.py): one definitio
 (Before, each example's NSP loss was weighted by its masked-token count and its RTD loss by masked /
 real tokens, so train and val numbers of the same quantity disagreed. These objectives keep no state in
 checkpoints, so a run saved before resumes as it was; its logged train `loss` follows this definition
-from the resumed step on, its `val_loss` is unchanged.)
+from the resumed step on, its `val_loss` is unchanged, and the resume says so: `LOSS_DEFINITION_CHANGES`.)
 """
 
 from __future__ import annotations
@@ -120,6 +120,51 @@ _UNUSED_BY = {  # the settings each objective never reads
     "mlm+sop": ("rtd_weight", "carry_state"),
     "electra": ("carry_state",),
 }
+
+
+# How each objective's logged training loss is defined, by version: every pretraining checkpoint saves its
+# objective's version ("loss_definition" in state.json), and resuming one saved under another version says once
+# what changed (train/run.py), so that a train-loss curve that jumps at the resume is explained. Version 1 is the
+# first definition, and a checkpoint without the stamp (saved before it existed); each change appends its line.
+# Add one whenever the same weights and batch would log another train loss.
+LOSS_DEFINITION_CHANGES: dict[str, list[str]] = {
+    "mlm+nsp": [
+        "train loss = MLM mean + NSP mean over the sentence pairs, the quantity val_loss reports (before: each "
+        "pair's NSP loss weighted by its masked-token count)"
+    ],
+    "mlm+sop": [
+        "train loss = MLM mean + SOP mean over the sentence pairs, the quantity val_loss reports (before: each "
+        "pair's SOP loss weighted by its masked-token count)"
+    ],
+    "electra": [
+        "train loss = generator MLM mean + rtd_weight x RTD mean over the real tokens, the quantity val_loss "
+        "reports (before: each example's RTD loss weighted by its masked / real tokens)"
+    ],
+}
+
+
+def loss_definition(name: str) -> int:
+    """The version of objective `name`'s training-loss definition (`LOSS_DEFINITION_CHANGES`)."""
+    return 1 + len(LOSS_DEFINITION_CHANGES.get(name, []))
+
+
+def loss_definition_note(name: str, saved: Any, step: int) -> str:
+    """The one line a resume says when its checkpoint was saved under another definition of objective `name`'s
+    train loss (`saved`: its "loss_definition"; None: saved before the stamp, version 1); "" when the same."""
+    now = loss_definition(name)
+    was = saved if type(saved) is int and saved >= 1 else 1
+    if was == now:
+        return ""
+    if was > now:
+        return (
+            f"note: the checkpoint was saved by a newer lmforge whose {name} train loss is defined differently "
+            f"(definition {was}; this one computes {now}); train loss before and after step {step} is not comparable"
+        )
+    changes = "; ".join(LOSS_DEFINITION_CHANGES[name][was - 1 :])
+    return (
+        f"note: the {name} train loss is defined differently since the checkpoint was saved, from step {step + 1}: "
+        f"{changes}; train loss before and after is not comparable (val_loss is)"
+    )
 
 
 class Objective(Protocol):

@@ -513,3 +513,34 @@ def test_train_loss_is_the_validation_loss_and_the_reference_definition(data_dir
         mlm_logp = mlm_logits.double().log_softmax(-1)
         first = float(-mlm_logp[torch.arange(len(mlm_logp)), batch["labels"][selected]].mean())
     assert train_loss == pytest.approx(first + second, rel=1e-6)
+
+
+def test_a_resume_across_a_change_of_the_loss_definition_says_so_once(data_dir, tmp_path, capsys):
+    """BERT NSP/SOP and ELECTRA's train loss changed definition (to the validation one); a run saved before
+    resumed with its train-loss curve jumping and nothing said. Checkpoints now carry the objective's
+    "loss_definition", and resuming one saved without it (or under an older one) says once what changed."""
+    import json
+
+    from lmforge.checkpoint import state_sha256
+    from lmforge.objectives import loss_definition, loss_definition_note
+
+    run = tmp_path / "bert"
+    cfg = _cfg(data_dir, run, "bert-tiny", name="mlm+nsp")
+    pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4)), progress=False)
+    state_file = run / "checkpoints" / "step-000004" / "state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    assert state["loss_definition"] == loss_definition("mlm+nsp") == 2
+    del state["loss_definition"]  # as saved by lmforge before the stamp
+    state["state_sha256"] = state_sha256(state)
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    capsys.readouterr()
+    pretrain(cfg)  # (progress: its console lines; the bar only on a terminal)
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "defined differently" in line]
+    assert notes == [
+        "note: the mlm+nsp train loss is defined differently since the checkpoint was saved, from step 5: train "
+        "loss = MLM mean + NSP mean over the sentence pairs, the quantity val_loss reports (before: each pair's NSP "
+        "loss weighted by its masked-token count); train loss before and after is not comparable (val_loss is)"
+    ], out
+    assert loss_definition_note("mlm+nsp", 2, 4) == "" and loss_definition_note("clm", None, 4) == ""
+    assert loss_definition_note("electra", 3, 4).startswith("note: the checkpoint was saved by a newer lmforge")

@@ -38,6 +38,7 @@ from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
+from lmforge.objectives import loss_definition, loss_definition_note
 from lmforge.runs import (
     claim,
     discard_aside,
@@ -496,6 +497,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         objective_note = _objective_change(ckpt.meta.get("config"), cfg, state.step)
         if objective_note:
             log.info(objective_note)
+        loss_note = loss_definition_note(cfg.objective.name, ckpt.meta.get("loss_definition"), state.step)
+        if loss_note:
+            log.info(loss_note)
 
     val_shards = data.split_shards("val")
     token_bytes = split_byte_table(data, "val", tokenizer.token_bytes())
@@ -547,6 +551,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "loader": loader.state_dict(),
             "config": cfg.to_dict(),
             "objective": setup.state_dict(),
+            "loss_definition": loss_definition(cfg.objective.name),  # (a resume under another one says so)
         }
         if cfg.checkpoint.sharded or diloco is not None:  # every rank writes its own shards (DiLoCo: its state)
             dist.save_sharded_checkpoint(run_dir, st.step, model, optimizer, meta, tokenizer_json, diloco)
