@@ -314,8 +314,8 @@ def generate_many(
                 if out is None and stream is not None:
                     print_ready()
         except KeyboardInterrupt:
+            stdin = prompts[0][1].startswith("stdin line ")  # (many_prompts' name for them)
             if partial is not None:
-                stdin = prompts[0][1].startswith("stdin line ")  # (many_prompts' name for them)
                 raise Interrupted(_interrupted(Path(out), len(done), len(rows), stdin)) from None
             if stream is None:
                 raise
@@ -323,7 +323,7 @@ def generate_many(
             late = [shown(b) for b in sorted(done) if b >= next_row]
             if late:
                 _write_whole(stream, "".join(late), bar)
-            raise Interrupted(_interrupted_unsaved(len(done), len(rows), jsonl)) from None
+            raise Interrupted(_interrupted_unsaved(len(done), len(rows), jsonl, stdin)) from None
         finally:
             if partial is not None:
                 partial.close()
@@ -580,15 +580,17 @@ def _append(partial: BinaryIO, finished: dict[int, tuple[str, str]]) -> None:
     os.fsync(partial.fileno())
 
 
-def _interrupted_unsaved(done: int, total: int, jsonl: bool) -> str:
+def _interrupted_unsaved(done: int, total: int, jsonl: bool, stdin: bool) -> str:
     """The line an interrupted run without `--out` ends with: its finished completions were all printed."""
     from lmforge.log import rerun_command
 
     if not jsonl:  # (--num-samples of one --prompt: nothing to continue)
         return f"interrupted: {done} of {total} samples printed, {total - done} missing"
+    again = " (the same prompts on stdin)" if stdin else ""
     return (
         f"interrupted: {done} of {total} completions printed, {total - done} missing; with --out the finished ones "
-        f"are kept and the same command continues where it stopped: {rerun_command(sys.argv)} --out completions.jsonl"
+        f"are kept and the same command{again} continues where it stopped: {rerun_command(sys.argv)} --out "
+        "completions.jsonl"
     )
 
 
