@@ -484,7 +484,9 @@ def chat(
                 top_k=top_k,
                 top_p=top_p,
                 min_p=min_p,
-                seed=seed,
+                # reply i with seed + i (as serve's choice j): with one seed for every reply, each drew the same
+                # random numbers, so a question asked again after /reset got the same reply, and others its echo
+                seed=None if seed is None else (seed + replies) % 2**63,
                 use_cache=ft.use_cache,
                 eos_id=tok.eos_id_or_none,
                 stop_ids=stops,

@@ -116,7 +116,13 @@ def add_parsers(sub: Any) -> None:
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )
     add_min_p_arg(p)
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for reproducible sessions: reply i (from 0) samples with seed + i, so the same messages get the "
+        "same replies, and a message sent again gets a new one",
+    )
     add_penalty_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
     p.add_argument(

@@ -1722,3 +1722,21 @@ def test_serve_answers_only_its_served_model_names_when_given(chat_run: Path):
 
     with pytest.raises(ConfigError, match="--served-model-name must not be empty"):
         make_server(chat_run, port=0, served_model_names=(" ",))
+
+
+def test_chat_seed_gives_each_reply_of_a_session_its_own_draws(chat_run: Path):
+    """`chat --seed S` seeded every reply with S: they all drew the same random numbers, so a message sent again
+    after /reset got the very same reply. Reply i now samples with S + i (serve's choice j: seed + j): the session
+    is still reproducible, and the second reply is the one a session seeded S + 1 gives first."""
+    import io
+
+    from lmforge.chat import chat
+
+    def replies(stdin: str, seed: int) -> list[str]:
+        out = io.StringIO()
+        chat(chat_run, stdin=io.StringIO(stdin), stdout=out, temperature=2.0, top_k=0, seed=seed, max_new_tokens=12)
+        return [line.split("bot> ", 1)[1] for line in out.getvalue().splitlines() if "bot> " in line]
+
+    first, again = replies("hi\n/reset\nhi\n", seed=3)
+    assert first != again and [first, again] == replies("hi\n/reset\nhi\n", seed=3)
+    assert replies("hi\n", seed=4) == [again] and replies("hi\n", seed=3) == [first]
