@@ -48,6 +48,7 @@ small model costs about the same for 1 row as for 16 (README, Speed: 6.56x on 16
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -285,13 +286,16 @@ def generate_many(
 
         def print_ready() -> None:
             nonlocal next_row
-            ready = []
-            while next_row in done:
-                ready.append(shown(next_row))
-                next_row += 1
-            if ready:
-                _write_whole(stream, "".join(ready), bar)
-                printed.extend(ready)
+            end = next_row
+            while end in done:
+                end += 1
+            if end > next_row:
+                text = "".join(shown(b) for b in range(next_row, end))
+                with _signals_held(), bar.external_write_mode(file=stream):  # (the bar cleared meanwhile)
+                    stream.write(text)
+                    stream.flush()
+                    printed.append(text)
+                    next_row = end  # (before a Ctrl-C held meanwhile is raised: these are not printed again)
 
     # drawn only on a terminal (tqdm's None), as prepare's: a log or `2>file` gets no bar frames
     with tqdm(total=len(rows), initial=len(done), unit="completion", desc="generating",
@@ -320,9 +324,10 @@ def generate_many(
             if stream is None:
                 raise
             # the finished rows held back behind an unfinished one, in input order (each line names its prompt)
-            late = [shown(b) for b in sorted(done) if b >= next_row]
-            if late:
-                _write_whole(stream, "".join(late), bar)
+            late = "".join(shown(b) for b in sorted(done) if b >= next_row)
+            with _signals_held(), bar.external_write_mode(file=stream):
+                stream.write(late)
+                stream.flush()
             raise Interrupted(_interrupted_unsaved(len(done), len(rows), jsonl, stdin)) from None
         finally:
             if partial is not None:
@@ -337,29 +342,28 @@ def generate_many(
     return written
 
 
-def _write_whole(stream: TextIO, text: str, bar: Any) -> None:
-    """`text` written and flushed whole: a Ctrl-C or SIGTERM meanwhile is held and raised after it (Python checks
-    for signals between a pipe's partial writes, so a signal while a slow reader held the pipe full cut a JSONL
-    line short). The progress bar is cleared while it is written (a terminal)."""
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held until the block is done, then handled as they would have been (cli's handler: an
+    interrupt): Python checks for signals between a pipe's partial writes, so a signal while a slow reader kept
+    the pipe full cut a JSONL line short. Only the main thread can change handlers; elsewhere nothing is held."""
     import signal
     import threading
 
     held: list[int] = []
     signums = (signal.SIGINT, signal.SIGTERM)
-    main = threading.current_thread() is threading.main_thread()  # (only its handlers can be changed)
+    main = threading.current_thread() is threading.main_thread()
     before = (
         {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in signums if signal.getsignal(s) is not None}
         if main
         else {}
     )
     try:
-        with bar.external_write_mode(file=stream):
-            stream.write(text)
-            stream.flush()
+        yield
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
-        if held:  # handled now as it would have been (cli's handler: an interrupt)
+        if held:
             signal.raise_signal(held[0])
 
 

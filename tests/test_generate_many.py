@@ -489,3 +489,19 @@ def test_without_out_each_completion_prints_in_order_and_ctrl_c_keeps_the_finish
     missing = 60 - len(printed)
     assert err.startswith(f"lmforge: interrupted: {len(printed)} of 60 completions printed, {missing} missing; with")
     assert err.endswith(" --out completions.jsonl\n") and err.count("\n") == 1, err
+
+
+def test_a_ctrl_c_while_a_line_is_written_is_raised_after_it() -> None:
+    """The lines printed as they are done are written with Ctrl-C and SIGTERM held (Python checks for signals
+    between a full pipe's partial writes: a line could be cut short); a real SIGINT meanwhile is raised after."""
+    import os
+    import signal
+    import time
+
+    wrote = []
+    with pytest.raises(KeyboardInterrupt):
+        with many._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (a signal is handled between bytecodes: here, were it not held)
+            wrote.append("the whole line")
+    assert wrote == ["the whole line"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
