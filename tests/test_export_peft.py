@@ -154,6 +154,9 @@ def test_model_card_of_a_fine_tune_names_its_base_task_and_chat_prompt(tmp_path:
     assert "| fine-tuning steps | 6 |" in card and "| steps |" not in card and "| training data |" not in card
     assert "apply_chat_template(messages, add_generation_prompt=True" in card  # how it was trained to be prompted
     assert "Fine-tuning settings (`finetune.json`" in card and '"task": "sft"' in card
+    from tests.test_export import card_snippet
+
+    exec(compile(card_snippet(tmp_path / "merged"), "README.md", "exec"), {})  # the chat example runs as written
     base_card = (export_peft(run, tmp_path / "adapter") / "base" / "README.md").read_text(encoding="utf-8")
     assert "the base of the LoRA adapter" in base_card
     assert "fine-tuning steps" not in base_card and "last validation" not in base_card

@@ -380,7 +380,6 @@ def _model_card(
     step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     architecture = FAMILIES[family].architecture
-    n_new = max(1, min(50, cfg.model.max_seq_len // 2))  # the snippet must fit in the context
     data = f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"
     rows = [
         ("architecture", f"{architecture} ({STYLE_NAMES[family]}-style lmforge GPT)"),
@@ -414,6 +413,14 @@ def _model_card(
         config_json += json.dumps(settings, indent=2, ensure_ascii=False)
     language = data_language(cfg.data.dir) if cfg.data.dir else ""
     prompt = CARD_PROMPTS[language or "en"]
+    tok = trained.tokenizer
+    if chat and not adapter_base:
+        used = chat_template_of(trained).prompt_length(tok, [{"role": "user", "content": prompt}])
+    else:
+        used = len(tok.prompt_prefix) + len(tok.encode(prompt))
+    # the example's prompt and reply must fit the context: max_seq_len // 2 new tokens after a chat template's
+    # prompt ran a 64-token model's positions out of range (IndexError in the example, as written)
+    n_new = max(1, min(50, cfg.model.max_seq_len - used))
     if chat and not adapter_base:  # a chat-tuned model learned its prompts through the chat template
         encode = (
             f'messages = [{{"role": "user", "content": "{prompt}"}}]\n'
