@@ -880,7 +880,7 @@ def card_snippet(hf_dir: Path) -> str:
     return card.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "electra"])
 def test_the_model_cards_usage_example_runs_as_written(family: str, tmp_path: Path, monkeypatch, capsys) -> None:
     """The card's example loaded `from_pretrained("<the export's last folder name>")`, which transformers looked
     up on the Hub (an OSError offline) unless one stood in the export's parent folder. It now names the folder as
@@ -891,11 +891,15 @@ def test_the_model_cards_usage_example_runs_as_written(family: str, tmp_path: Pa
     if family == "gpt":
         run = make_base(tmp_path, max_seq_len=64)
     else:
-        run = make_encoder_run(tmp_path / "enc", train_wordpiece(TEXTS * 20, vocab_size=120))
+        run = make_encoder_run(tmp_path / "enc", train_wordpiece(TEXTS * 20, vocab_size=120), family)
     monkeypatch.chdir(tmp_path)
     export_hf(run, "exports/tiny-en")  # (as `lmforge export RUN --out exports/tiny-en` passes it)
     snippet = card_snippet(tmp_path / "exports" / "tiny-en")
-    exec(compile(snippet, "README.md", "exec"), {})  # (what a reader pastes)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # (what a reader pastes)
     assert '"exports/tiny-en"' in snippet
     out = capsys.readouterr().out
-    assert out.startswith("Once upon a time" if family == "gpt" else "[{'score'"), out
+    if family == "electra":  # (a mask of the tokens that look replaced)
+        assert scope["replaced"].dtype == torch.bool and not out
+    else:
+        assert out.startswith("Once upon a time" if family == "gpt" else "[{'score'"), out
