@@ -311,6 +311,13 @@ def build_parser() -> Parser:
         help="bpb comparison on the first N forward batches of val sequences (the run's eval.batch_size, or its "
         "training micro-batch) (default: 20)",
     )
+    p.add_argument(
+        "--val",
+        default=None,
+        metavar="FILE",
+        help="a fine-tune: the task file to compare val loss/bpb on (default: the --val it was fine-tuned with; "
+        "a pretrained run is compared on its prepared data's val split)",
+    )
     p.add_argument("--no-compare", action="store_true", help="skip the before/after bpb and speed measurements")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -549,6 +556,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             overwrite=args.overwrite,
             compare=not args.no_compare,
             max_batches=args.max_batches,
+            val_file=args.val,
         )
         from lmforge.log import json_text
 
