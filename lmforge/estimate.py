@@ -430,11 +430,16 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
             ) from None
         if not math.isfinite(gflops) or gflops <= 0:
             raise ConfigError(f"hardware peak must be a positive number of GFLOP/s, got {hardware!r}")
+        # a bare number says nothing of the device, and the device sets the dtype and the default MFU (0.4 on a
+        # GPU, 0.45 or less on a CPU): train.device decides, and the name says which it was taken for
         device = "cpu" if train_device == "cpu" else "cuda"
         dtype = _resolve_dtype(dtype, device)
         peak = gflops * 1e9
-        name = f"{gflops:g} GFLOP/s"
-        source = "given by the user"
+        name = f"{gflops:g} GFLOP/s {'CPU' if device == 'cpu' else 'GPU'}"
+        kind = "CPU" if device == "cpu" else "GPU"
+        source = f"given by the user; taken as a {kind}'s {dtype} peak, as --train.device is {train_device}" + (
+            "" if device == "cpu" else ": pass --train.device cpu for a CPU"
+        )
         price = None
     return {
         "name": name,
@@ -627,7 +632,7 @@ def estimate(
     if seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}; lower it")
     hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
-    if hw["peak_source"] == "given by the user":
+    if hw["peak_source"].startswith("given by the user"):
         assumptions.append(
             f"a given peak is a {'CPU' if hw['device'] == 'cpu' else 'GPU'}'s {hw['dtype']} peak ("
             + ("--train.dtype bfloat16 for bf16" if hw["device"] == "cpu" else "--train.device cpu for a CPU, ")

@@ -712,3 +712,15 @@ def test_a_runs_config_json_or_folder_is_a_config_file(tmp_path) -> None:
     ):
         with pytest.raises(ConfigError, match=match):
             load_config(config_file=given)
+
+
+def test_a_bare_gflops_number_says_which_device_it_was_taken_for() -> None:
+    """`--hardware 150` alone was taken for a GPU (bf16, MFU 0.4) and printed as just "150 GFLOP/s"; the
+    hardware line now names the device it assumed and how to say CPU."""
+    gpu = estimate(run_cfg(), tokens=1e6, hardware=150.0)
+    assert gpu["device"] == "cuda" and gpu["hardware"] == "150 GFLOP/s GPU" and gpu["mfu"] == 0.4
+    line = next(x for x in format_estimate(gpu).splitlines() if x.startswith("hardware"))
+    assert "GPU" in line and "pass --train.device cpu for a CPU" in line
+    cpu = estimate(run_cfg(train={"device": "cpu"}), tokens=1e6, hardware="150")
+    assert cpu["device"] == "cpu" and cpu["hardware"] == "150 GFLOP/s CPU" and cpu["dtype"] == "float32"
+    assert "CPU's float32 peak" in cpu["peak_source"]
