@@ -360,6 +360,20 @@ def build_parser() -> Parser:
         "each way), nvlink-a100 (300 GB/s), pcie (4.0 x16, 31.5 GB/s), ib (NDR, 400 Gbit/s per GPU), ethernet "
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
+    p.add_argument(
+        "--adapt",
+        default="full",
+        choices=["full", "lora"],
+        help="full: every weight trains (pretraining, full fine-tuning); lora: finetune --adapt lora, the base "
+        "frozen (default: full)",
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="--adapt lora: LoRA rank r (default: 8, as finetune)")
+    p.add_argument(
+        "--lora-targets",
+        default="qkv,attn.proj",
+        help="--adapt lora: comma-separated layers with adapters: qkv, attn.proj, mlp.fc, mlp.proj (default: "
+        "qkv,attn.proj, as finetune)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
@@ -592,6 +606,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             strategy=args.strategy,
             price_per_hour=args.price_per_hour,
             interconnect=args.interconnect,
+            adapt=args.adapt,
+            lora_rank=args.lora_rank,
+            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         )
         from lmforge.log import json_text
 
