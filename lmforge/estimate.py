@@ -402,14 +402,14 @@ def lora_memory_bytes(
     Autograd keeps no input of a frozen Linear (nothing needs its weight gradient), and nothing below the first
     adapter needs a gradient at all, so against full training a step keeps, per token (counted tensor by tensor
     with saved-tensor hooks in tests/test_estimate.py): in each block, without the input of every Linear without an
-    adapter (qkv, mlp.fc: d_model; attn.proj: n_head x head_dim; mlp.proj: d_ff) but with each adapter's r-wide
-    x @ A^T; once, without the first block's first norm, the token ids and the head's input. When qkv has no adapter,
-    the first block's attention is not kept either, which this leaves in: then it is an upper bound. Measured
-    against the saved tensors: exact for LayerNorm and RMSNorm, GELU and SwiGLU, every target set; -2% with
+    adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not attn.proj's, which SDPA keeps for its own backward) but with
+    each adapter's r-wide x @ A^T; once, without the first block's first norm, the token ids and the head's input;
+    under RMSNorm, without each other norm's normalized input (kept only for its weight's gradient). When qkv has
+    no adapter, the first block's attention is not kept either, which this leaves in: then it is an upper bound.
+    Measured against the saved tensors: exact for LayerNorm and RMSNorm, GELU and SwiGLU, every target set; -2% with
     rotary positions at 4 x 64 tokens (the rotary tables are kept once per use, a constant).
     """
     full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    n = param_counts(model)["total"]
     trainable = lora_param_count(model, rank, targets)
     e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
     widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
@@ -438,8 +438,6 @@ def lora_memory_bytes(
         activations=activations,
         activations_checkpointed=min(full["activations_checkpointed"], activations),
         update_copy=4 * trainable,
-        trainable_params=trainable,
-        frozen_params=n,
     )
     fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
     out["total"] = fixed + max(out["activations"], out["update_copy"])

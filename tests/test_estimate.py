@@ -737,7 +737,7 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
     counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_memory_bytes)."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
-    from lmforge.estimate import lora_memory_bytes
+    from lmforge.estimate import lora_memory_bytes, lora_param_count
 
     model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
     torch.manual_seed(0)
@@ -761,10 +761,9 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
     ff = (2 if mlp == "swiglu" else 1) * model_cfg.ff_dim
     backward = max(activation_bytes(model_cfg, **kwargs)["loss_backward"], 4 * 32 * 4 * (ff + model_cfg.d_model))
     assert result["activations"] - backward == pytest.approx(saved, abs=8)  # (the loss's 0-d output: 4 B)
-    assert result["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert (
-        result["gradients"] == 4 * result["trainable_params"] and result["optimizer"] == 8 * result["trainable_params"]
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_param_count(model_cfg, 4, targets) == trainable
+    assert result["gradients"] == 4 * trainable and result["optimizer"] == 8 * trainable
 
 
 @pytest.mark.parametrize("vocab, batch", [(64, 8), (2048, 8)], ids=["layers-dominate", "logits-dominate"])
