@@ -754,9 +754,14 @@ def estimate(
             "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base)"
         )
     assumptions.append(
-        f"memory per device: fp32 weights and gradients, {cfg.optim.name} state, {hw['dtype']} activations for "
-        f"{micro} x {seq_len} tokens per forward on each device; total is an upper bound (gradients grow as "
-        "activations are freed) except under gradient accumulation"
+        "memory per device: fp32 weights"
+        + (
+            f", gradients and {cfg.optim.name} state of the adapters only"
+            if adapt == "lora"
+            else f" and gradients, {cfg.optim.name} state"
+        )
+        + f", {hw['dtype']} activations for {micro} x {seq_len} tokens per forward on each device; total is an "
+        "upper bound (gradients grow as activations are freed) except under gradient accumulation"
     )
     if cfg.train.activation_checkpointing:  # (the plain total was the only headline, as if it did not)
         assumptions.append("train.activation_checkpointing is on: this run's peak is 'total, checkpointed'")
