@@ -581,7 +581,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import estimate, format_estimate
+        from lmforge.estimate import estimate, finetune_plan, format_estimate
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
@@ -591,6 +591,18 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                     f"--strategy {args.strategy} and --dist.strategy {written} name the same setting; give one of them"
                 )
             overrides.setdefault("dist", {})["strategy"] = args.strategy
+        # a fine-tune's folder: its own batch, optimizer, example length and adapters (finetune.json), under the flags
+        plan = finetune_plan(args.config) if args.config else None
+        if plan is not None:
+            from lmforge.config import merge
+
+            overrides = merge(plan[0], overrides)
+        given = getattr(args, "given", set())
+        adapt = {k: getattr(args, k) for k in ("adapt", "lora_rank") if plan is None or k in given}
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if plan is None or "lora_targets" in given:
+            adapt["lora_targets"] = targets
+        adapt = (plan[1] if plan is not None else {}) | adapt
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware
         try:
@@ -606,9 +618,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             strategy=args.strategy,
             price_per_hour=args.price_per_hour,
             interconnect=args.interconnect,
-            adapt=args.adapt,
-            lora_rank=args.lora_rank,
-            lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            **adapt,
         )
         from lmforge.log import json_text
 

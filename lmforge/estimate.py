@@ -114,6 +114,7 @@ import math
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -443,6 +444,41 @@ def lora_memory_bytes(
     out["total"] = fixed + max(out["activations"], out["update_copy"])
     out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
     return out
+
+
+ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
+
+
+def finetune_plan(config_file: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(settings, adapt arguments of `estimate`) of a fine-tuned run that `--config` names (its folder or
+    config.json); None for any other config. A fine-tune's config.json is its base's (the architecture, and the
+    base's pretraining batch and optimizer: planned from it alone, a LoRA run was estimated as full pretraining);
+    what it trained with is in finetune.json: its train and optim sections, tokens per example (max_len), the
+    adapt mode and the LoRA rank and targets."""
+    from lmforge.checkpoint import read_json
+
+    path = Path(config_file).expanduser()
+    run = path if path.is_dir() else path.parent
+    if not (run / "finetune.json").is_file():
+        return None
+    info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
+    adapt = {"full": "full", "distill": "full", "lora": "lora"}.get(info.get("adapt", ""))
+    if adapt is None:
+        raise ConfigError(
+            f"{run} is a --adapt {info.get('adapt')} fine-tune; estimate plans full and LoRA training: pass --adapt "
+            "full for an upper bound"
+        )
+    train, optim = info.get("train") or {}, info.get("optim") or {}
+    # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
+    settings = {
+        "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
+        "optim": {k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")},
+    }
+    if info.get("max_len"):
+        settings["data"] = {"seq_len": int(info["max_len"])}
+    lora = info.get("lora") or {}
+    kwargs = {"adapt": adapt, "lora_rank": lora.get("rank", 8), "lora_targets": tuple(lora.get("targets") or ())}
+    return settings, kwargs
 
 
 # --------------------------------------------------------------------------------------------

@@ -820,3 +820,21 @@ def test_lora_estimate_flags_follow_finetune_defaults_and_refuse_bad_input() -> 
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lora-targets from qkv" in r.stderr
     r = run_cli("estimate", "--preset", "tiny", "--tokens", "1e6", "--adapt", "lora", "--world-size", "2")
     assert r.returncode == 2 and "one process" in r.stderr
+
+
+def test_config_of_a_lora_fine_tune_plans_that_fine_tune(tmp_path) -> None:
+    """`estimate --config FINETUNE_RUN` read only its config.json, which is its base's (architecture and the base's
+    pretraining batch), so a LoRA fine-tune was planned as full pretraining at another batch. It now takes the
+    fine-tune's own batch, example length and adapters from finetune.json; flags still win."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, FAST, make_base
+
+    tuned = tmp_path / "lora"
+    cfg = FinetuneConfig(task="sft", adapt="lora", lora_rank=4, max_len=96, eval_samples=1, max_new_tokens=2)
+    finetune(make_base(tmp_path), train_file=DATA / "chat.jsonl", out=tuned, cfg=cfg, overrides=FAST, progress=False)
+    args = ("estimate", "--config", str(tuned), "--tokens", "1e5", "--hardware", "1000", "--json")
+    out = json.loads(run_cli(*args).stdout)
+    assert out["adapt"] == "lora" and out["batch_size"] == FAST["train"]["batch_size"] and out["seq_len"] == 96
+    assert out["trainable_params"] == 2 * 4 * ((32 + 3 * 32) + (32 + 32))  # 2 blocks, rank 4 on qkv and attn.proj
+    out = json.loads(run_cli(*args, "--adapt", "full", "--train.batch_size", "2").stdout)
+    assert out["adapt"] == "full" and out["batch_size"] == 2 and out["trainable_params"] == out["params"]
