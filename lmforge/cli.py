@@ -311,6 +311,13 @@ def build_parser() -> Parser:
         help="bpb comparison on the first N forward batches of val sequences (the run's eval.batch_size, or its "
         "training micro-batch) (default: 20)",
     )
+    p.add_argument(
+        "--val",
+        default=None,
+        metavar="FILE",
+        help="a fine-tune: the task file to compare val loss/bpb on (default: the --val it was fine-tuned with; "
+        "a pretrained run is compared on its prepared data's val split)",
+    )
     p.add_argument("--no-compare", action="store_true", help="skip the before/after bpb and speed measurements")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -352,6 +359,20 @@ def build_parser() -> Parser:
         help="the slowest link each device's traffic crosses, for the communication time: nvlink (H100, 450 GB/s "
         "each way), nvlink-a100 (300 GB/s), pcie (4.0 x16, 31.5 GB/s), ib (NDR, 400 Gbit/s per GPU), ethernet "
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
+    )
+    p.add_argument(
+        "--adapt",
+        default="full",
+        choices=["full", "lora"],
+        help="full: every weight trains (pretraining, full fine-tuning); lora: finetune --adapt lora, the base "
+        "frozen (default: full)",
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="--adapt lora: LoRA rank r (default: 8, as finetune)")
+    p.add_argument(
+        "--lora-targets",
+        default="qkv,attn.proj",
+        help="--adapt lora: comma-separated layers with adapters: qkv, attn.proj, mlp.fc, mlp.proj (default: "
+        "qkv,attn.proj, as finetune)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -549,6 +570,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             overwrite=args.overwrite,
             compare=not args.no_compare,
             max_batches=args.max_batches,
+            val_file=args.val,
         )
         from lmforge.log import json_text
 
@@ -559,7 +581,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import estimate, format_estimate
+        from lmforge.estimate import estimate, finetune_plan, format_estimate
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
@@ -569,6 +591,18 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                     f"--strategy {args.strategy} and --dist.strategy {written} name the same setting; give one of them"
                 )
             overrides.setdefault("dist", {})["strategy"] = args.strategy
+        # a fine-tune's folder: its own batch, optimizer, example length and adapters (finetune.json), under the flags
+        plan = finetune_plan(args.config) if args.config else None
+        if plan is not None:
+            from lmforge.config import merge
+
+            overrides = merge(plan[0], overrides)
+        given = getattr(args, "given", set())
+        adapt = {k: getattr(args, k) for k in ("adapt", "lora_rank") if plan is None or k in given}
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if plan is None or "lora_targets" in given:
+            adapt["lora_targets"] = targets
+        adapt = (plan[1] if plan is not None else {}) | adapt
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware
         try:
@@ -584,6 +618,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             strategy=args.strategy,
             price_per_hour=args.price_per_hour,
             interconnect=args.interconnect,
+            **adapt,
         )
         from lmforge.log import json_text
 

@@ -114,6 +114,7 @@ import math
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -378,6 +379,109 @@ def memory_bytes(
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA fine-tuning (`lmforge finetune --adapt lora`: adapt/lora.py, one process)
+
+LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
+
+
+def lora_param_count(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Adapter parameters: r x (d_in + d_out) for each targeted Linear of each block (A: r x d_in, B: d_out x r)."""
+    q, qkv_out = model.n_head * model.head_dim, (model.n_head + 2 * model.kv_heads) * model.head_dim
+    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
+    shapes = {"qkv": (model.d_model, qkv_out), "attn.proj": (q, model.d_model),
+              "mlp.fc": (model.d_model, fc_out), "mlp.proj": (model.ff_dim, model.d_model)}  # fmt: skip
+    return model.n_layer * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def lora_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
+    dtype: str, device: str,
+) -> dict[str, int]:  # fmt: skip
+    """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
+    float32), gradients, optimizer state and the update-ratio copy for the adapters alone, and fewer activations.
+
+    Autograd keeps no input of a frozen Linear (nothing needs its weight gradient), and nothing below the first
+    adapter needs a gradient at all, so against full training a step keeps, per token (counted tensor by tensor
+    with saved-tensor hooks in tests/test_estimate.py): in each block, without the input of every Linear without an
+    adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not attn.proj's, which SDPA keeps for its own backward) but with
+    each adapter's r-wide x @ A^T; once, without the first block's first norm, the token ids and the head's input;
+    under RMSNorm, without each other norm's normalized input (kept only for its weight's gradient). When qkv has
+    no adapter, the first block's attention is not kept either, which this leaves in: then it is an upper bound.
+    Measured against the saved tensors: exact for LayerNorm and RMSNorm, GELU and SwiGLU, every target set; -2% with
+    rotary positions at 4 x 64 tokens (the rotary tables are kept once per use, a constant).
+    """
+    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    trainable = lora_param_count(model, rank, targets)
+    e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
+    widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
+    per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
+    norm = 4 * h + (8 if model.norm == "layernorm" else 4 + 4 * h)  # as activation_bytes counts a norm
+    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
+    once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
+    if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
+        once += 2 * model.n_layer * 4 * h
+    saved = tokens * (model.n_layer * per_layer + once)
+    state_floats = (
+        trainable if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trainable
+    )
+    # Full training's total adds every gradient to every activation, which covers backward's working set; here
+    # the gradients are tiny, so that set shows: in a block's MLP, the gradients of its hidden and of the residual
+    # stream (measured: 0.65 MB of 6.26 at 3 layers, 8 x 64 tokens, d_model 64), instead of the loss's two
+    # logits-sized gradients when those are larger (they are freed before the blocks' backward)
+    loss_backward = tokens * 8 * model.vocab_size
+    working = tokens * (e * (2 if model.mlp == "swiglu" else 1) * model.ff_dim + 4 * h)
+    activations = full["activations"] - saved - loss_backward + max(loss_backward, working)
+    out = dict(full)
+    out.update(
+        weights=full["weights"] + 4 * trainable,
+        gradients=4 * trainable,
+        optimizer=4 * state_floats,
+        activations=activations,
+        activations_checkpointed=min(full["activations_checkpointed"], activations),
+        update_copy=4 * trainable,
+    )
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
+    out["total"] = fixed + max(out["activations"], out["update_copy"])
+    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
+    return out
+
+
+ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
+
+
+def finetune_plan(config_file: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(settings, adapt arguments of `estimate`) of a fine-tuned run that `--config` names (its folder or
+    config.json); None for any other config. A fine-tune's config.json is its base's (the architecture, and the
+    base's pretraining batch and optimizer: planned from it alone, a LoRA run was estimated as full pretraining);
+    what it trained with is in finetune.json: its train and optim sections, tokens per example (max_len), the
+    adapt mode and the LoRA rank and targets."""
+    from lmforge.checkpoint import read_json
+
+    path = Path(config_file).expanduser()
+    run = path if path.is_dir() else path.parent
+    if not (run / "finetune.json").is_file():
+        return None
+    info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
+    adapt = {"full": "full", "distill": "full", "lora": "lora"}.get(info.get("adapt", ""))
+    if adapt is None:
+        raise ConfigError(
+            f"{run} is a --adapt {info.get('adapt')} fine-tune; estimate plans full and LoRA training: pass --adapt "
+            "full for an upper bound"
+        )
+    train, optim = info.get("train") or {}, info.get("optim") or {}
+    # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
+    settings = {
+        "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
+        "optim": {k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")},
+    }
+    if info.get("max_len"):
+        settings["data"] = {"seq_len": int(info["max_len"])}
+    lora = info.get("lora") or {}
+    kwargs = {"adapt": adapt, "lora_rank": lora.get("rank", 8), "lora_targets": tuple(lora.get("targets") or ())}
+    return settings, kwargs
+
+
+# --------------------------------------------------------------------------------------------
 # Hardware, time, cost
 
 
@@ -430,11 +534,16 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
             ) from None
         if not math.isfinite(gflops) or gflops <= 0:
             raise ConfigError(f"hardware peak must be a positive number of GFLOP/s, got {hardware!r}")
+        # a bare number says nothing of the device, and the device sets the dtype and the default MFU (0.4 on a
+        # GPU, 0.45 or less on a CPU): train.device decides, and the name says which it was taken for
         device = "cpu" if train_device == "cpu" else "cuda"
         dtype = _resolve_dtype(dtype, device)
         peak = gflops * 1e9
-        name = f"{gflops:g} GFLOP/s"
-        source = "given by the user"
+        name = f"{gflops:g} GFLOP/s {'CPU' if device == 'cpu' else 'GPU'}"
+        kind = "CPU" if device == "cpu" else "GPU"
+        source = f"given by the user; taken as a {kind}'s {dtype} peak, as --train.device is {train_device}" + (
+            "" if device == "cpu" else ": pass --train.device cpu for a CPU"
+        )
         price = None
     return {
         "name": name,
@@ -555,6 +664,9 @@ def estimate(
     strategy: str | None = None,
     price_per_hour: float | None = None,
     interconnect: str | float | None = None,
+    adapt: str = "full",
+    lora_rank: int = 8,
+    lora_targets: tuple[str, ...] = ("qkv", "attn.proj"),
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
@@ -570,6 +682,10 @@ def estimate(
         price_per_hour: USD per device-hour; None = the assumed default for the hardware (if any).
         interconnect: a name in `INTERCONNECTS` or a link speed in Gbit/s (each way, per device); None = the
             communication time is not included (see `communication`).
+        adapt: "full" (every weight trains: pretraining or a full fine-tune) or "lora" (`finetune --adapt lora`:
+            `lora_rank` adapters on `lora_targets`, the base frozen; see `lora_memory_bytes`). A LoRA step's
+            FLOPs are 4 N (forward, and backward to the inputs only: no weight gradients) + 6 x the adapters
+            + attention.
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
@@ -603,6 +719,17 @@ def estimate(
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
     link = None if interconnect is None else resolve_interconnect(interconnect)
+    if adapt not in ("full", "lora"):
+        raise ConfigError(f"unknown adapt mode {adapt!r}; use full or lora")
+    if adapt == "lora":
+        bad = [t for t in lora_targets if t not in LORA_TARGETS]
+        if bad or not lora_targets or lora_rank < 1:
+            raise ConfigError(
+                f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
+                f"targets {', '.join(lora_targets) or 'none'}"
+            )
+        if world_size > 1:  # (finetune.py: require_one_process)
+            raise ConfigError("lmforge finetune runs in one process; drop --world-size for --adapt lora")
 
     assumptions = []
     model = cfg.model
@@ -627,7 +754,7 @@ def estimate(
     if seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}; lower it")
     hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
-    if hw["peak_source"] == "given by the user":
+    if hw["peak_source"].startswith("given by the user"):
         assumptions.append(
             f"a given peak is a {'CPU' if hw['device'] == 'cpu' else 'GPU'}'s {hw['dtype']} peak ("
             + ("--train.dtype bfloat16 for bf16" if hw["device"] == "cpu" else "--train.device cpu for a CPU, ")
@@ -638,6 +765,9 @@ def estimate(
 
     counts = param_counts(model)
     per_token = flops_per_token(model, seq_len)
+    if adapt == "lora":
+        trainable = lora_param_count(model, lora_rank, tuple(lora_targets))
+        per_token = 4.0 * counts["matmul"] + 6.0 * trainable + attention_flops_per_token(model, seq_len)
     train_flops = per_token * tokens
     memory = memory_bytes(
         model,
@@ -649,10 +779,25 @@ def estimate(
         world_size=world_size,
         strategy=strategy,
     )
+    if adapt == "lora":
+        memory = lora_memory_bytes(
+            model, cfg.optim, rank=lora_rank, targets=tuple(lora_targets), seq_len=seq_len, micro_batch=micro,
+            dtype=hw["dtype"], device=hw["device"],
+        )  # fmt: skip
+        assumptions.append(
+            f"LoRA rank {lora_rank} on {', '.join(lora_targets)}: {trainable:,} trainable parameters; the frozen base "
+            "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
+            "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base)"
+        )
     assumptions.append(
-        f"memory per device: fp32 weights and gradients, {cfg.optim.name} state, {hw['dtype']} activations for "
-        f"{micro} x {seq_len} tokens per forward on each device; total is an upper bound (gradients grow as "
-        "activations are freed) except under gradient accumulation"
+        "memory per device: fp32 weights"
+        + (
+            f", gradients and {cfg.optim.name} state of the adapters only"
+            if adapt == "lora"
+            else f" and gradients, {cfg.optim.name} state"
+        )
+        + f", {hw['dtype']} activations for {micro} x {seq_len} tokens per forward on each device; total is an "
+        "upper bound (gradients grow as activations are freed) except under gradient accumulation"
     )
     if cfg.train.activation_checkpointing:  # (the plain total was the only headline, as if it did not)
         assumptions.append("train.activation_checkpointing is on: this run's peak is 'total, checkpointed'")
@@ -746,6 +891,8 @@ def estimate(
         "optimizer": cfg.optim.name,
         "params": counts["total"],
         "non_embedding_params": counts["non_embedding"],
+        "adapt": adapt,
+        "trainable_params": trainable if adapt == "lora" else counts["total"],
         "flops_per_token": per_token,
         "attention_flops_share": attention_flops_per_token(model, seq_len) / per_token,
         "tokens": tokens,
@@ -785,7 +932,8 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
         f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
         + (", tied" if m["tie_embeddings"] else ", untied"),
-        f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding",
+        f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding"
+        + (f"; LoRA: {_count(r['trainable_params'])} trainable" if r.get("adapt") == "lora" else ""),
         f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
         f"{_big(r['steps'], '{:,}')} steps, {r['dtype']}, {r['optimizer']}",
         f"tokens       {_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "

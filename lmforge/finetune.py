@@ -374,6 +374,34 @@ def val_metrics(
     return out
 
 
+def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 0) -> dict[str, float]:
+    """A fine-tuned LM's (`ft`, loaded on CPU) validation loss and bpb on `val_file`, with its examples built as
+    `finetune` built its --val examples (the run's fields, max_len and chat template), so the whole file gives the
+    val_loss / val_bpb its evaluations logged. `max_batches`: the first that many of the run's eval forward batches
+    (0 = all). Used by `lmforge quantize` to compare a fine-tune before and after on its own validation data."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.config import EvalConfig, TrainConfig, from_dict
+    from lmforge.data.formats import build_examples, lm_batch, read_task_rows
+    from lmforge.train.precision import pick_precision
+
+    info = ft.info or {}
+    task = info["task"]
+    rows = read_task_rows(val_file, task, info["fields"], scored=True)
+    template = (ft.template or ChatTemplate()) if task in CHAT_TASKS else None
+    kwargs = {"task": task, "tok": ft.tokenizer, "fields": info["fields"], "max_len": info["max_len"], "labels": []}
+    examples = build_examples(rows, path=val_file, template=template, **kwargs)
+    train_cfg = from_dict(TrainConfig, info.get("train") or {}, prefix="train.", where=str(ft.run_dir))
+    forward = from_dict(EvalConfig, info.get("eval") or {}, prefix="eval.", where=str(ft.run_dir)).forward_batch(
+        train_cfg
+    )
+    if max_batches:
+        examples = examples[: max_batches * forward]
+    batches = [lm_batch(examples[i : i + forward], ft.tokenizer.eos_id) for i in range(0, len(examples), forward)]
+    token_bytes = torch.as_tensor(ft.tokenizer.token_bytes(), dtype=torch.int64)
+    precision = pick_precision(torch.device("cpu"), "float32")
+    return val_metrics(ft.model, task, batches, beta=0.0, token_bytes=token_bytes, precision=precision)
+
+
 # ---------------------------------------------------------------------------------------------
 # saving
 
@@ -666,6 +694,8 @@ def _finetune(
         "labels": labels,
         "fields": fields,
         "train_sha256": train_sha,
+        # the validation file its evaluations (metrics.jsonl val_*) scored: `quantize` compares on it
+        "val_file": str(Path(val_file).resolve()) if val_file else None,
         "max_len": max_len,
         "lora": {
             "rank": cfg.lora_rank,

@@ -303,3 +303,38 @@ def test_max_batches_with_no_compare_is_refused(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("lmforge: error: --max-batches sets the before/after comparison")
     assert len(err.splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+def test_a_fine_tune_is_compared_on_its_own_validation_data(tmp_path: Path) -> None:
+    """quantize compared a fine-tune on its base's prepared data (or, a base naming none, on nothing, silently);
+    it now scores the fine-tune's own --val file as its evaluations did: the whole file gives the val_loss and
+    val_bpb its last evaluation logged, and --val FILE picks another task file."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, FAST, make_base
+
+    base = make_base(tmp_path)
+    tuned = tmp_path / "sft"
+    val = DATA / "chat.jsonl"
+    overrides = FAST | {"eval": {"every": 3, "max_batches": 0}}
+    cfg = FinetuneConfig(task="sft", eval_samples=1, max_new_tokens=2)
+    finetune(base, train_file=DATA / "alpaca.jsonl", val_file=val, out=tuned, cfg=cfg, overrides=overrides,
+             progress=False)  # fmt: skip
+    logged = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = [m for m in logged if "val_bpb" in m][-1]
+    r = quantize_run(tuned, tmp_path / "q", bits=4, group_size=16, max_batches=0, gen_tokens=4)
+    assert r["compared_on"].startswith(str(val.resolve()))
+    assert r["bpb_before"] == pytest.approx(last["val_bpb"], rel=1e-6)
+    assert r["loss_before"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert r["bpb_after"] != r["bpb_before"] and abs(r["bpb_after"] / r["bpb_before"] - 1) < 0.1
+    assert "val compared on" in format_quantize(r)
+    other = DATA / "alpaca.jsonl"  # --val: another task file
+    r2 = quantize_run(tuned, tmp_path / "q2", bits=8, group_size=64, max_batches=1, gen_tokens=4, val_file=other)
+    assert r2["compared_on"].startswith(str(other)) and r2["bpb_before"] != r["bpb_before"]
+    # a fine-tune that recorded no validation file, of a base naming no data: said, not silent
+    info = json.loads((tuned / "finetune.json").read_text(encoding="utf-8"))
+    info.pop("val_file")
+    (tuned / "finetune.json").write_text(json.dumps(info), encoding="utf-8")
+    r3 = quantize_run(tuned, tmp_path / "q3", bits=8, group_size=64, gen_tokens=4)
+    assert "bpb_before" not in r3 and "pass --val FILE" in format_quantize(r3)
+    with pytest.raises(LmforgeError, match="--val is for fine-tuned runs"):
+        quantize_run(base, tmp_path / "q4", val_file=val)

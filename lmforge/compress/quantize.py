@@ -195,6 +195,7 @@ def quantize_run(
     compare: bool = True,
     max_batches: int = 20,
     gen_tokens: int = 64,
+    val_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """`lmforge quantize`: write a weight-quantized copy of a run, and compare it with the original.
 
@@ -207,11 +208,16 @@ def quantize_run(
         compare: also measure val bpb (the first `max_batches` forward batches of the split: of the run's
             eval.batch_size, or its training micro-batch, the most that fits one forward; not of its whole
             batch, which for gpt2-124m is 480 sequences), size on disk and CPU greedy generation speed
-            (`gen_tokens` tokens, KV cache, 1 sequence) before and after.
+            (`gen_tokens` tokens, KV cache, 1 sequence) before and after. A pretrained run is compared on its
+            prepared data's val split; a fine-tune on its own validation file (`val_file`, default: the --val
+            it was fine-tuned with, which finetune.json records), as its evaluations were, and only on its
+            base's prepared data when it had none (`compared_on` says which).
+        val_file: a fine-tune's task file to compare on instead of the one it recorded.
 
     Returns:
         {"out", "bits", "group_size", "layers", "bytes_before", "bytes_after"} plus, with `compare`,
-        {"bpb_before", "bpb_after", "tok_s_before", "tok_s_after"}.
+        {"compared_on", "tok_s_before", "tok_s_after"} and, with data to compare on, {"bpb_before", "bpb_after"}
+        (a fine-tune's also {"loss_before", "loss_after"}: its val_loss).
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, write_json
     from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
@@ -228,6 +234,7 @@ def quantize_run(
     check_not_inside(out, source)
     cpu = torch.device("cpu")
     run_dir = source.parent.parent
+    info: dict[str, Any] = {}  # finetune.json of a fine-tune
     if (run_dir / "finetune.json").is_file():
         info = read_json(run_dir / "finetune.json", "re-run lmforge finetune")
         if info.get("saved") != "model" or info.get("task") == "classify" or info.get("adapt") == "prompt":
@@ -243,7 +250,30 @@ def quantize_run(
         )
     if "quantization" in trained.checkpoint.meta:
         raise LmforgeError(f"{path} is already quantized; quantize the original run instead")
-    data_dir = trained.config.data.dir if compare else None
+    # what the comparison scores: a fine-tune's own validation file, as its evaluations did; else prepared data
+    if val_file is not None and not compare:
+        raise LmforgeError("--val sets the before/after comparison, which --no-compare skips; drop one")
+    if val_file is not None and not info:
+        raise LmforgeError(
+            f"--val is for fine-tuned runs (their task file); {path} is compared on the val split of its prepared "
+            "data (data.dir)"
+        )
+    val_file = val_file or (info.get("val_file") if compare else None)
+    if val_file and info.get("task") == "dpo":  # (its loss needs the reference model's log-probs)
+        raise LmforgeError(
+            f"{path} is a --task dpo fine-tune, whose val loss is not a language-model loss; pass --no-compare"
+        )
+    if val_file:  # checked before anything is written, as the data directory below
+        from lmforge.data.formats import read_task_rows
+
+        try:
+            read_task_rows(val_file, info["task"], info["fields"], scored=True)
+        except LmforgeError as e:
+            raise DataError(
+                f"the fine-tune's validation file cannot be read ({str(e).split(';')[0]}), and the before/after "
+                "comparison evaluates on it; pass --val FILE, or --no-compare to quantize without the comparison"
+            ) from None
+    data_dir = trained.config.data.dir if compare and not val_file else None
     if data_dir:  # checked before anything is written: the comparison evaluates on it
         from lmforge.data.datadir import load_data_dir
 
@@ -296,7 +326,22 @@ def quantize_run(
             from lmforge.eval.lm import evaluate_checkpoint, run_forward_batch
 
             quantized = load_trained(tmp, cpu)
-            if data_dir:
+            if val_file:
+                from lmforge.adapt.load import load_finetuned
+                from lmforge.finetune import task_val_metrics
+
+                before = task_val_metrics(load_finetuned(path, cpu), val_file, max_batches=max_batches)
+                after = task_val_metrics(load_finetuned(tmp, cpu), val_file, max_batches=max_batches)
+                result["compared_on"] = f"{val_file} (the fine-tune's --task {info['task']} validation data)"
+                result.update(loss_before=before["loss"], loss_after=after["loss"])
+                result.update(bpb_before=before["bpb"], bpb_after=after["bpb"])
+            elif data_dir:
+                result["compared_on"] = f"the val split of {data_dir}" + (
+                    " (the base's prepared data: this fine-tune records no validation file; pass --val FILE to "
+                    "compare on its task data)"
+                    if info
+                    else ""
+                )
                 config = trained.config
                 forward = run_forward_batch(config.eval, config.train, trained.checkpoint.path)
                 sample = dict(batch_size=forward, max_batches=max_batches)
@@ -305,6 +350,11 @@ def quantize_run(
                     result["bpb_after"] = evaluate_checkpoint(str(tmp), **sample, device="cpu")["bpb"]
                 except LmforgeError as e:
                     raise type(e)(f"{e} (or pass --no-compare to quantize without the comparison)") from None
+            else:
+                result["compared_on"] = None
+                result["no_bpb"] = "no val bpb: the run names no prepared data" + (
+                    " and records no validation file; pass --val FILE (its task data)" if info else ""
+                )
             result["tok_s_before"] = generation_speed(trained.model, n_tokens=gen_tokens)
             result["tok_s_after"] = generation_speed(quantized.model, n_tokens=gen_tokens)
         write_json(tmp / "quantize.json", result)
@@ -319,8 +369,14 @@ def format_quantize(r: dict[str, Any]) -> str:
     lines = [f"wrote {r['out']} (int{r['bits']}{groups}, {r['layers']} Linear layers)",
              f"{'':>16} {'before':>10} {'after':>10}"]  # fmt: skip
     lines.append(f"{'size (MB)':>16} {r['bytes_before'] / 1e6:>10.3f} {r['bytes_after'] / 1e6:>10.3f}")
+    if "loss_before" in r:
+        lines.append(f"{'val loss':>16} {r['loss_before']:>10.4f} {r['loss_after']:>10.4f}")
     if "bpb_before" in r:
         lines.append(f"{'val bpb':>16} {r['bpb_before']:>10.4f} {r['bpb_after']:>10.4f}")
     if "tok_s_before" in r:
         lines.append(f"{'generate tok/s':>16} {r['tok_s_before']:>10.1f} {r['tok_s_after']:>10.1f}")
+    if r.get("compared_on"):
+        lines.append(f"val compared on {r['compared_on']}")
+    elif r.get("no_bpb"):
+        lines.append(r["no_bpb"])
     return "\n".join(lines)
