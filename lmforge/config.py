@@ -95,7 +95,7 @@ class TrainConfig:
     batch_size: int = opt(32, "global batch: sequences per optimizer step")
     micro_batch_size: int = opt(0, "sequences per forward pass; 0 = batch_size (accumulation is derived)")
     lr: float = opt(3e-4, "peak learning rate")
-    min_lr: float = opt(0.0, "learning rate at the end of decay; 0 = lr / 10")
+    min_lr: float | None = opt(None, "learning rate at the end of decay; unset = lr / 10, 0 = decay to zero")
     warmup_steps: int = opt(100, "linear warmup steps from 0 to lr")
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
         "cosine", "learning-rate decay after warmup; wsd = warmup-stable-decay"
@@ -150,7 +150,9 @@ class TrainConfig:
         check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
         check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         # (inf made every lr after warmup inf or NaN: 5 NaN steps, then "lower --train.lr")
-        check(0 <= self.min_lr < math.inf, f"train.min_lr must be a number >= 0, got {self.min_lr}")
+        check(
+            self.min_lr is None or 0 <= self.min_lr < math.inf, f"train.min_lr must be a number >= 0, got {self.min_lr}"
+        )
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.decay_fraction <= 1, f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
@@ -194,7 +196,7 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        return self.min_lr or self.lr / 10
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def refuse_unused(self, names: set[str]) -> None:
         """A setting in `names` (those the user wrote) that this run never reads is an error, as for optim: each
@@ -357,6 +359,42 @@ class LogConfig:
     mlflow: bool = opt(False, "also log to MLflow: RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set (needs mlflow)")
 
 
+# The version of a saved config (config.json, state.json's config, finetune.json's train section). 2: train.min_lr
+# unset means lr / 10 and 0 decays to zero; a saved config without a version was written when 0 meant lr / 10,
+# and `saved_train` reads it so (its runs resume, are evaluated and continued with the schedule they trained with).
+CONFIG_VERSION = 2
+
+
+def saved_train(train: Any, version: Any) -> Any:
+    """A saved train section as this lmforge reads it: one saved before version 2 with min_lr 0 decayed toward
+    lr / 10, which is min_lr unset now. Anything else is returned as it is."""
+    old = not (isinstance(version, int) and version >= 2)
+    if old and isinstance(train, dict) and train.get("min_lr") == 0:
+        return {**train, "min_lr": None}
+    return train
+
+
+def saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved `RunConfig.to_dict()` (config.json, state.json) as the nested dict `from_dict` reads: without its
+    config_version, its train section read by that version (`saved_train`)."""
+    out = {k: v for k, v in data.items() if k != "config_version"}
+    if "train" in out:
+        out["train"] = saved_train(out["train"], data.get("config_version"))
+    return out
+
+
+def resumed_train(saved: Any, version: Any, train: TrainConfig) -> tuple[TrainConfig, str]:
+    """`train` (the re-run command's settings) for resuming a run whose saved train section is `saved`: a run
+    saved before version 2 with min_lr 0 decayed toward lr / 10, and the same min_lr 0 (its command, re-run)
+    keeps that schedule rather than switching to a decay to zero part-way. Returns (settings, a note or "")."""
+    if train.min_lr == 0 and saved_train(saved, version) is not saved:
+        return dataclasses.replace(train, min_lr=None), (
+            f"note: this run was started when train.min_lr 0 meant lr / 10; it keeps that schedule (to "
+            f"{train.lr / 10:g}); to decay to zero instead, start a new run with --train.min_lr 0"
+        )
+    return train, ""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     preset: str = opt("", "name of the preset this config started from")
@@ -376,7 +414,8 @@ class RunConfig:
         self.objective.check_encoder(self.model, self.data.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as saved (config.json, state.json): every section, under its `CONFIG_VERSION`."""
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -706,7 +745,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path, bool]:
         )
         kind = "a Hugging Face model's config.json" if hf else "not an lmforge run's config.json (no model section)"
         raise ConfigError(f"{p} is {kind}; {fix}")
-    return data, p, True
+    return saved_config(data), p, True
 
 
 def load_config(
@@ -834,8 +873,8 @@ def _drop_unused_preset_optim_keys(merged: dict[str, Any], preset: dict[str, Any
 
 
 def config_from_json(data: dict[str, Any], where: str) -> RunConfig:
-    """Rebuild a `RunConfig` saved in `config.json` / `state.json` (strict, same checks)."""
-    return from_dict(RunConfig, data, where=where)
+    """Rebuild a `RunConfig` saved in `config.json` / `state.json` (strict, same checks; `saved_config`)."""
+    return from_dict(RunConfig, saved_config(data), where=where)
 
 
 def help_lines(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:

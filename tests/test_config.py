@@ -404,3 +404,32 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
     from lmforge.data.mixture import parse_mix  # data.mix's directories too (they were "~/web" under the current one)
 
     assert parse_mix("~/web=3, books=1") == [(str(tmp_path / "web"), 0.75), ("books", 0.25)]
+
+
+def test_min_lr_0_decays_to_zero_and_unset_means_lr_over_10(tmp_path):
+    """--train.min_lr 0 meant lr / 10, so a decay to exactly zero could not be configured."""
+    from lmforge.train.schedule import lr_at
+
+    zero = load_config(overrides=["--train.min_lr", "0", "--train.max_steps", "10", "--train.warmup_steps", "0"])
+    assert zero.train.min_lr == 0 and zero.train.final_lr == 0
+    t = zero.train
+    kwargs = dict(lr=t.lr, final_lr=t.final_lr, warmup_steps=0, max_steps=10, schedule="cosine")
+    assert lr_at(10, **kwargs) == 0 and lr_at(9, **kwargs) > 0
+    unset = load_config(overrides=["--train.lr", "1e-3"]).train
+    assert unset.min_lr is None and unset.final_lr == pytest.approx(1e-4)
+    assert load_config(preset="small", overrides=["--train.min_lr", "none"]).train.final_lr == pytest.approx(1e-4)
+    (tmp_path / "zero.toml").write_text("[train]\nmin_lr = 0\n", encoding="utf-8")
+    assert load_config(config_file=tmp_path / "zero.toml").train.final_lr == 0
+
+
+def test_a_config_saved_when_min_lr_0_meant_lr_over_10_is_read_so(tmp_path):
+    """A config.json / state.json config without config_version was written when min_lr 0 meant lr / 10: eval,
+    `finetune --schedule continue` and `--config RUN` read it so; one with the version keeps an explicit 0."""
+    old = load_config(overrides=["--train.lr", "1e-3"]).to_dict()
+    del old["config_version"]
+    old["train"]["min_lr"] = 0.0
+    assert config_from_json(old, where="state.json").train.final_lr == pytest.approx(1e-4)
+    (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    assert load_config(config_file=tmp_path).train.final_lr == pytest.approx(1e-4)
+    new = load_config(overrides=["--train.lr", "1e-3", "--train.min_lr", "0"]).to_dict()
+    assert new["config_version"] == 2 and config_from_json(new, where="state.json").train.final_lr == 0
