@@ -208,6 +208,8 @@ def test_a_resume_that_changes_the_schedule_says_so(data_dir, tmp_path):
     note = _schedule_change(saved, cfg, 20)
     assert "train.max_steps 20 -> 30" in note and "from step 21" in note
     assert _schedule_change(None, cfg, 20) == ""  # a checkpoint without its config
+    saved["train"].update(max_steps=30, min_lr=0.0)  # (min_lr was not compared: the note looked for final_lr)
+    assert "train.min_lr 0.0 -> unset (lr / 10)" in _schedule_change(saved, cfg, 20)
 
 
 def test_a_run_saved_when_min_lr_0_meant_lr_over_10_resumes_with_that_schedule(data_dir, tmp_path):
