@@ -77,9 +77,16 @@ class DataConfig:
         )
 
     def refuse_unused(self, names: set[str]) -> None:
-        """Settings in `names` (those the user wrote) that would quietly turn the curriculum off are refused: with
+        """Settings in `names` (those the user wrote) that the run would not read, or that would quietly turn the
+        curriculum off, are refused: curriculum_steps or curriculum_start without data.curriculum; with
         data.curriculum_steps 0 every window is eligible from step 0, i.e. no curriculum (a saved run's
         config.json is not checked, so such a run still loads)."""
+        given = sorted({"curriculum_steps", "curriculum_start"} & names)
+        if given and self.curriculum == "none":  # (both were accepted and silently ignored)
+            raise ConfigError(
+                f"data.{given[0]} is used by data.curriculum doc_length only, and this run has none; drop it, or "
+                "pass --data.curriculum doc_length"
+            )
         if {"curriculum", "curriculum_steps"} & names and self.curriculum != "none":
             check(
                 self.curriculum_steps > 0,

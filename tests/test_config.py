@@ -279,7 +279,8 @@ def test_curriculum_steps_0_with_a_curriculum_is_refused(tmp_path):
     toml.write_text('[data]\ncurriculum = "doc_length"\ncurriculum_steps = 0\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{refused}"):
         load_config(preset="tiny", config_file=toml)
-    load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: consistent
+    with pytest.raises(ConfigError, match="^data.curriculum_steps is used by data.curriculum doc_length only"):
+        load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: unused
     saved = load_config(preset="tiny", overrides=["--data.curriculum", "doc_length"]).to_dict()
     saved["data"]["curriculum_steps"] = 0
     (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
@@ -433,3 +434,22 @@ def test_a_config_saved_when_min_lr_0_meant_lr_over_10_is_read_so(tmp_path):
     assert load_config(config_file=tmp_path).train.final_lr == pytest.approx(1e-4)
     new = load_config(overrides=["--train.lr", "1e-3", "--train.min_lr", "0"]).to_dict()
     assert new["config_version"] == 2 and config_from_json(new, where="state.json").train.final_lr == 0
+
+
+@pytest.mark.parametrize("key", ["curriculum_steps", "curriculum_start"])
+def test_curriculum_settings_without_a_curriculum_are_refused(tmp_path, key):
+    """--data.curriculum_steps / --data.curriculum_start without --data.curriculum were accepted and ignored."""
+    value = "500" if key == "curriculum_steps" else "0.5"
+    refused = (
+        f"^data.{key} is used by data.curriculum doc_length only, and this run has none; drop it, or pass "
+        "--data.curriculum doc_length$"
+    )
+    with pytest.raises(ConfigError, match=refused):
+        load_config(preset="tiny", overrides=[f"--data.{key}", value])
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"[data]\n{key} = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=refused):
+        load_config(preset="tiny", config_file=toml)
+    assert load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", f"--data.{key}", value])
+    (tmp_path / "config.json").write_text(json.dumps(load_config(preset="tiny").to_dict()), encoding="utf-8")
+    assert load_config(config_file=tmp_path).data.curriculum == "none"  # a run's config.json lists every key
