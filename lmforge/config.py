@@ -21,6 +21,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -797,12 +798,28 @@ def load_config(
     if name:
         merged["preset"] = name
     where = f"{config_path}" if config_file else "config"
-    cfg = from_dict(RunConfig, merged, where=where)
+    user = [overrides] if from_run else [file_dict, overrides]
+    try:
+        cfg = from_dict(RunConfig, merged, where=where)
+        _refuse_unread(cfg, user, from_run)
+    except ConfigError as e:  # (`--config c.toml --train.schedule constant` was refused for min_lr, the file's)
+        source = _source(str(e), overrides, [(str(config_path), file_dict), (f"preset {name}", from_preset)])
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+    # a `~` the shell did not expand (`dir = "~/data"` in a TOML file, `--data.dir=~/data`) is the home folder,
+    # as the shell would have made it; it was a folder named "~" ("not found")
+    cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
+    return cfg
+
+
+def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -> None:
+    """Settings that the run would not read, or that combine badly, are refused (`user`: the TOML file's and the
+    flags' dicts, or the flags' alone for a run's config.json, which lists every key)."""
     # written by the user (TOML or flag), an objective setting the objective never reads is refused also
     # at its default value; a preset's own objective settings are not the user's, nor a run's config.json's
     # (it lists every key). The same for optimizer settings (--optim.momentum with AdamW was ignored), and those
     # off their defaults.
-    user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.train.refuse_unused(_written_keys(user, "train"))
     cfg.data.refuse_unused(_written_keys(user, "data"))
@@ -822,10 +839,19 @@ def load_config(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
             "drop it (evaluations report the objective's metrics)"
         )
-    # a `~` the shell did not expand (`dir = "~/data"` in a TOML file, `--data.dir=~/data`) is the home folder,
-    # as the shell would have made it; it was a folder named "~" ("not found")
-    cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
-    return cfg
+
+
+def _source(message: str, flags: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> str:
+    """Where the setting a refusal starts with (`train.min_lr is not used ...`) came from when no flag set it:
+    the first of `sources` (name, nested dict) that writes it, e.g. the --config file's path; "" otherwise."""
+    match = re.match(r"([a-z_]+)\.([a-z0-9_]+)\b", message)
+    if not match:
+        return ""
+    section, key = match.groups()
+    for name, data in [("", flags), *sources]:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            return name
+    return ""
 
 
 def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:

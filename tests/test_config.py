@@ -277,7 +277,7 @@ def test_curriculum_steps_0_with_a_curriculum_is_refused(tmp_path):
         load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", "--data.curriculum_steps", "0"])
     toml = tmp_path / "run.toml"
     toml.write_text('[data]\ncurriculum = "doc_length"\ncurriculum_steps = 0\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match=f"^{refused}"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
         load_config(preset="tiny", config_file=toml)
     with pytest.raises(ConfigError, match="^data.curriculum_steps is used by data.curriculum doc_length only"):
         load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: unused
@@ -441,15 +441,31 @@ def test_curriculum_settings_without_a_curriculum_are_refused(tmp_path, key):
     """--data.curriculum_steps / --data.curriculum_start without --data.curriculum were accepted and ignored."""
     value = "500" if key == "curriculum_steps" else "0.5"
     refused = (
-        f"^data.{key} is used by data.curriculum doc_length only, and this run has none; drop it, or pass "
+        f"data.{key} is used by data.curriculum doc_length only, and this run has none; drop it, or pass "
         "--data.curriculum doc_length$"
     )
-    with pytest.raises(ConfigError, match=refused):
+    with pytest.raises(ConfigError, match=f"^{refused}"):
         load_config(preset="tiny", overrides=[f"--data.{key}", value])
     toml = tmp_path / "run.toml"
     toml.write_text(f"[data]\n{key} = {value}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=refused):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
         load_config(preset="tiny", config_file=toml)
     assert load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", f"--data.{key}", value])
     (tmp_path / "config.json").write_text(json.dumps(load_config(preset="tiny").to_dict()), encoding="utf-8")
     assert load_config(config_file=tmp_path).data.curriculum == "none"  # a run's config.json lists every key
+
+
+def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
+    """`--config configs/nanogpt-baby-cpu.toml --train.schedule constant` was refused for the file's min_lr with no
+    word of the file, so the user looked for a flag they never typed."""
+    shipped = Path(__file__).parent.parent / "configs" / "nanogpt-baby-cpu.toml"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(shipped))}: train.min_lr is not used by train.schedule"):
+        load_config(config_file=shipped, overrides=["--train.schedule", "constant"])
+    with pytest.raises(ConfigError, match="^train.min_lr is not used"):  # typed as a flag: the user knows
+        load_config(config_file=shipped, overrides=["--train.schedule", "constant", "--train.min_lr", "1e-4"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nlr = "fast"\n[optim]\nbeta2 = 0.99\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: train.lr: expected float, got 'fast'$"):
+        load_config(config_file=toml)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: optim.beta2 is not used by optim.name sgd"):
+        load_config(config_file=toml, overrides=["--optim.name", "sgd", "--train.lr", "1e-3"])
