@@ -342,6 +342,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     if not cfg.data.dir:
         raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
     data = load_data_dir(cfg.data.dir)
+    if cfg.train.early_stop_patience and not data.split_shards("val"):  # (noted, and nothing ever stopped early)
+        raise ConfigError(
+            f"train.early_stop_patience {cfg.train.early_stop_patience} watches the validation loss, and "
+            f"{cfg.data.dir} has no validation split; prepare it with --val-fraction F or --val-input FILE, or drop "
+            "--train.early_stop_patience"
+        )
     tokenizer = Tokenizer.load(data.tokenizer_path)
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
