@@ -832,7 +832,9 @@ def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -
             f"{cfg.model.family!r} network has none of (its recurrent weights are not nn.Linear); "
             "use --optim.name adamw or sgd"
         )
-    if not from_run or {"early_stop_patience", "every"} & (_written_keys(user, "train") | _written_keys(user, "eval")):
+    if not from_run or {"early_stop_patience", "every", "max_steps"} & (
+        _written_keys(user, "train") | _written_keys(user, "eval")
+    ):
         check_early_stopping(cfg.train, cfg.eval)  # (a saved run's config.json still loads, for eval and estimate)
     if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
         raise ConfigError(
@@ -856,11 +858,20 @@ def _source(message: str, flags: dict[str, Any], sources: list[tuple[str, dict[s
 
 def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:
     """Early stopping counts periodic evaluations; with `eval.every` 0 there are none before the end, so
-    `train.early_stop_patience` never stopped anything, without a word. Refused here (pretrain and finetune)."""
+    `train.early_stop_patience` never stopped anything, without a word; nor with fewer than patience + 1 of them
+    before `train.max_steps` (the first sets the reference). Refused here (pretrain and finetune)."""
+    patience = train.early_stop_patience
     check(
-        not (train.early_stop_patience and not eval_cfg.every),
-        f"train.early_stop_patience {train.early_stop_patience} counts evaluations, and eval.every 0 runs none "
+        not (patience and not eval_cfg.every),
+        f"train.early_stop_patience {patience} counts evaluations, and eval.every 0 runs none "
         "before the last step; pass --eval.every N (steps between evaluations) or drop --train.early_stop_patience",
+    )
+    runs = (train.max_steps - 1) // eval_cfg.every if patience else 0  # evaluations before the last step
+    check(
+        not patience or runs > patience,
+        f"train.early_stop_patience {patience} can never stop this run: it needs {patience + 1} evaluations before "
+        f"train.max_steps {train.max_steps}, and eval.every {eval_cfg.every} runs {runs}; lower --eval.every or "
+        "--train.early_stop_patience, or drop it",
     )
 
 

@@ -469,3 +469,19 @@ def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
         load_config(config_file=toml)
     with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: optim.beta2 is not used by optim.name sgd"):
         load_config(config_file=toml, overrides=["--optim.name", "sgd", "--train.lr", "1e-3"])
+
+
+def test_early_stopping_that_can_never_stop_the_run_is_refused():
+    """Patience 3 with evaluations at steps 4 and 8 of 10 could never stop anything (the first evaluation sets
+    the reference, so it needs 4 before the last step): accepted and silently inert."""
+    flags = ["--train.max_steps", "10", "--eval.every", "4", "--train.early_stop_patience"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.early_stop_patience 3 can never stop this run: it needs 4 evaluations before train.max_steps "
+        r"10, and eval.every 4 runs 2; lower --eval.every or --train.early_stop_patience, or drop it$",
+    ):
+        load_config(preset="tiny", overrides=[*flags, "3"])
+    with pytest.raises(ConfigError, match="^train.early_stop_patience 2 can never stop"):  # 2 needs 3: at 4, 8, 12
+        load_config(preset="tiny", overrides=["--train.max_steps", "12", *flags[2:], "2"])
+    assert load_config(preset="tiny", overrides=[*flags, "1"]).train.early_stop_patience == 1  # stops at 8 at best
+    assert load_config(preset="tiny", overrides=["--train.max_steps", "13", *flags[2:], "2"])

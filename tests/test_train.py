@@ -409,10 +409,10 @@ def test_early_stopping_on_data_without_a_val_split_is_refused(corpus_file, tmp_
     prepare(PrepareConfig(inputs=[str(corpus_file)], out=str(data), tokenizer="char", val_fraction=0, card=False))
     with pytest.raises(
         ConfigError,
-        match=r"^train.early_stop_patience 2 watches the validation loss, and .* has no "
+        match=r"^train.early_stop_patience 1 watches the validation loss, and .* has no "
         r"validation split; prepare it with --val-fraction F .*or drop --train.early_stop_patience$",
     ):
-        pretrain(tiny_config(data, tmp_path / "run", **{"train.early_stop_patience": 2}), progress=False)
+        pretrain(tiny_config(data, tmp_path / "run", **{"train.early_stop_patience": 1}), progress=False)
     assert not (tmp_path / "run").exists()
 
 
