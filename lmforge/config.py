@@ -366,6 +366,14 @@ class LogConfig:
     wandb_project: str = opt("lmforge", "W&B project name")
     mlflow: bool = opt(False, "also log to MLflow: RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set (needs mlflow)")
 
+    def refuse_unused(self, names: set[str]) -> None:
+        """log.wandb_project in `names` (those the user wrote) without log.wandb is refused: it was ignored."""
+        check(
+            "wandb_project" not in names or self.wandb,
+            "log.wandb_project names the Weights & Biases project of log.wandb, which is off; pass --log.wandb or "
+            "drop it",
+        )
+
 
 # The version of a saved config (config.json, state.json's config, finetune.json's train section). 2: train.min_lr
 # unset means lr / 10 and 0 decays to zero; a saved config without a version was written when 0 meant lr / 10,
@@ -823,6 +831,7 @@ def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.train.refuse_unused(_written_keys(user, "train"))
     cfg.data.refuse_unused(_written_keys(user, "data"))
+    cfg.log.refuse_unused(_written_keys(user, "log"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))

@@ -237,12 +237,14 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
                        from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where))  # fmt: skip
     check_early_stopping(train, eval_cfg)
     train.refuse_unused(set((overrides or {}).get("train") or {}))  # --train.min_lr with a constant schedule, ...
+    log = from_dict(LogConfig, merged["log"], prefix="log.", where=where)
+    log.refuse_unused(set((overrides or {}).get("log") or {}))  # --log.wandb_project without --log.wandb
     return (
         train,
         optim,
         eval_cfg,
         from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
-        from_dict(LogConfig, merged["log"], prefix="log.", where=where),
+        log,
     )
 
 

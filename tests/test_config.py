@@ -485,3 +485,22 @@ def test_early_stopping_that_can_never_stop_the_run_is_refused():
         load_config(preset="tiny", overrides=["--train.max_steps", "12", *flags[2:], "2"])
     assert load_config(preset="tiny", overrides=[*flags, "1"]).train.early_stop_patience == 1  # stops at 8 at best
     assert load_config(preset="tiny", overrides=["--train.max_steps", "13", *flags[2:], "2"])
+
+
+def test_a_wandb_project_without_wandb_is_refused(tmp_path):
+    """--log.wandb_project without --log.wandb was accepted and ignored (pretrain, finetune, TOML)."""
+    from lmforge.finetune import finetune_sections
+
+    refused = (
+        "log.wandb_project names the Weights & Biases project of log.wandb, which is off; pass --log.wandb or drop it$"
+    )
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        load_config(preset="tiny", overrides=["--log.wandb_project", "mine"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('[log]\nwandb_project = "mine"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
+        load_config(preset="tiny", config_file=toml)
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        finetune_sections("full", {"log": {"wandb_project": "mine"}})
+    assert load_config(preset="tiny", overrides=["--log.wandb", "--log.wandb_project", "mine"]).log.wandb_project
+    assert finetune_sections("full", {"log": {"wandb": True, "wandb_project": "mine"}})[4].wandb_project == "mine"
