@@ -268,7 +268,7 @@ class OptimConfig:
         check(0 <= self.l1 < math.inf, f"optim.l1 must be a number >= 0, got {self.l1}")  # inf: every step NaN
         check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
-        check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
+        check(0 < self.muon_lr < math.inf, f"optim.muon_lr must be a number > 0, got {self.muon_lr}")  # inf: NaN
         check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
 

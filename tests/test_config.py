@@ -356,6 +356,7 @@ def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
         ("train.min_lr", "inf"),  # every lr after warmup inf or NaN: NaN steps, then "lower --train.lr"
         ("optim.weight_decay", "inf"),  # every weight NaN after the first step
         ("optim.eps", "inf"),  # every AdamW update 0: trained nothing, without a word
+        ("optim.muon_lr", "inf"),  # every hidden matrix non-finite after the first Muon step
     ],
 )
 def test_out_of_range_loop_settings_are_refused(flag, value):
