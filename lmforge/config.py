@@ -21,6 +21,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -77,9 +78,16 @@ class DataConfig:
         )
 
     def refuse_unused(self, names: set[str]) -> None:
-        """Settings in `names` (those the user wrote) that would quietly turn the curriculum off are refused: with
+        """Settings in `names` (those the user wrote) that the run would not read, or that would quietly turn the
+        curriculum off, are refused: curriculum_steps or curriculum_start without data.curriculum; with
         data.curriculum_steps 0 every window is eligible from step 0, i.e. no curriculum (a saved run's
         config.json is not checked, so such a run still loads)."""
+        given = sorted({"curriculum_steps", "curriculum_start"} & names)
+        if given and self.curriculum == "none":  # (both were accepted and silently ignored)
+            raise ConfigError(
+                f"data.{given[0]} is used by data.curriculum doc_length only, and this run has none; drop it, or "
+                "pass --data.curriculum doc_length"
+            )
         if {"curriculum", "curriculum_steps"} & names and self.curriculum != "none":
             check(
                 self.curriculum_steps > 0,
@@ -95,7 +103,7 @@ class TrainConfig:
     batch_size: int = opt(32, "global batch: sequences per optimizer step")
     micro_batch_size: int = opt(0, "sequences per forward pass; 0 = batch_size (accumulation is derived)")
     lr: float = opt(3e-4, "peak learning rate")
-    min_lr: float = opt(0.0, "learning rate at the end of decay; 0 = lr / 10")
+    min_lr: float | None = opt(None, "learning rate at the end of decay; unset = lr / 10, 0 = decay to zero")
     warmup_steps: int = opt(100, "linear warmup steps from 0 to lr")
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
         "cosine", "learning-rate decay after warmup; wsd = warmup-stable-decay"
@@ -150,7 +158,9 @@ class TrainConfig:
         check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
         check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         # (inf made every lr after warmup inf or NaN: 5 NaN steps, then "lower --train.lr")
-        check(0 <= self.min_lr < math.inf, f"train.min_lr must be a number >= 0, got {self.min_lr}")
+        check(
+            self.min_lr is None or 0 <= self.min_lr < math.inf, f"train.min_lr must be a number >= 0, got {self.min_lr}"
+        )
         check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.decay_fraction <= 1, f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
@@ -194,7 +204,7 @@ class TrainConfig:
 
     @property
     def final_lr(self) -> float:
-        return self.min_lr or self.lr / 10
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def refuse_unused(self, names: set[str]) -> None:
         """A setting in `names` (those the user wrote) that this run never reads is an error, as for optim: each
@@ -258,7 +268,7 @@ class OptimConfig:
         check(0 <= self.l1 < math.inf, f"optim.l1 must be a number >= 0, got {self.l1}")  # inf: every step NaN
         check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         check(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
-        check(self.muon_lr > 0, f"optim.muon_lr must be > 0, got {self.muon_lr}")
+        check(0 < self.muon_lr < math.inf, f"optim.muon_lr must be a number > 0, got {self.muon_lr}")  # inf: NaN
         check(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_ns_steps > 0, f"optim.muon_ns_steps must be > 0, got {self.muon_ns_steps}")
 
@@ -356,6 +366,50 @@ class LogConfig:
     wandb_project: str = opt("lmforge", "W&B project name")
     mlflow: bool = opt(False, "also log to MLflow: RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set (needs mlflow)")
 
+    def refuse_unused(self, names: set[str]) -> None:
+        """log.wandb_project in `names` (those the user wrote) without log.wandb is refused: it was ignored."""
+        check(
+            "wandb_project" not in names or self.wandb,
+            "log.wandb_project names the Weights & Biases project of log.wandb, which is off; pass --log.wandb or "
+            "drop it",
+        )
+
+
+# The version of a saved config (config.json, state.json's config, finetune.json's train section). 2: train.min_lr
+# unset means lr / 10 and 0 decays to zero; a saved config without a version was written when 0 meant lr / 10,
+# and `saved_train` reads it so (its runs resume, are evaluated and continued with the schedule they trained with).
+CONFIG_VERSION = 2
+
+
+def saved_train(train: Any, version: Any) -> Any:
+    """A saved train section as this lmforge reads it: one saved before version 2 with min_lr 0 decayed toward
+    lr / 10, which is min_lr unset now. Anything else is returned as it is."""
+    old = not (isinstance(version, int) and version >= 2)
+    if old and isinstance(train, dict) and train.get("min_lr") == 0:
+        return {**train, "min_lr": None}
+    return train
+
+
+def saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved `RunConfig.to_dict()` (config.json, state.json) as the nested dict `from_dict` reads: without its
+    config_version, its train section read by that version (`saved_train`)."""
+    out = {k: v for k, v in data.items() if k != "config_version"}
+    if "train" in out:
+        out["train"] = saved_train(out["train"], data.get("config_version"))
+    return out
+
+
+def resumed_train(saved: Any, version: Any, train: TrainConfig) -> tuple[TrainConfig, str]:
+    """`train` (the re-run command's settings) for resuming a run whose saved train section is `saved`: a run
+    saved before version 2 with min_lr 0 decayed toward lr / 10, and the same min_lr 0 (its command, re-run)
+    keeps that schedule rather than switching to a decay to zero part-way. Returns (settings, a note or "")."""
+    if train.min_lr == 0 and saved_train(saved, version) is not saved:
+        return dataclasses.replace(train, min_lr=None), (
+            f"note: this run was started when train.min_lr 0 meant lr / 10; it keeps that schedule (to "
+            f"{train.lr / 10:g}); to decay to zero instead, start a new run with --train.min_lr 0"
+        )
+    return train, ""
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -376,7 +430,8 @@ class RunConfig:
         self.objective.check_encoder(self.model, self.data.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as saved (config.json, state.json): every section, under its `CONFIG_VERSION`."""
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -706,7 +761,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path, bool]:
         )
         kind = "a Hugging Face model's config.json" if hf else "not an lmforge run's config.json (no model section)"
         raise ConfigError(f"{p} is {kind}; {fix}")
-    return data, p, True
+    return saved_config(data), p, True
 
 
 def load_config(
@@ -751,15 +806,32 @@ def load_config(
     if name:
         merged["preset"] = name
     where = f"{config_path}" if config_file else "config"
-    cfg = from_dict(RunConfig, merged, where=where)
+    user = [overrides] if from_run else [file_dict, overrides]
+    try:
+        cfg = from_dict(RunConfig, merged, where=where)
+        _refuse_unread(cfg, user, from_run)
+    except ConfigError as e:  # (`--config c.toml --train.schedule constant` was refused for min_lr, the file's)
+        source = _source(str(e), overrides, [(str(config_path), file_dict), (f"preset {name}", from_preset)])
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+    # a `~` the shell did not expand (`dir = "~/data"` in a TOML file, `--data.dir=~/data`) is the home folder,
+    # as the shell would have made it; it was a folder named "~" ("not found")
+    cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
+    return cfg
+
+
+def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -> None:
+    """Settings that the run would not read, or that combine badly, are refused (`user`: the TOML file's and the
+    flags' dicts, or the flags' alone for a run's config.json, which lists every key)."""
     # written by the user (TOML or flag), an objective setting the objective never reads is refused also
     # at its default value; a preset's own objective settings are not the user's, nor a run's config.json's
     # (it lists every key). The same for optimizer settings (--optim.momentum with AdamW was ignored), and those
     # off their defaults.
-    user = [overrides] if from_run else [file_dict, overrides]
     cfg.objective.refuse_unused(_written_keys(user, "objective"))
     cfg.train.refuse_unused(_written_keys(user, "train"))
     cfg.data.refuse_unused(_written_keys(user, "data"))
+    cfg.log.refuse_unused(_written_keys(user, "log"))
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))
@@ -769,26 +841,46 @@ def load_config(
             f"{cfg.model.family!r} network has none of (its recurrent weights are not nn.Linear); "
             "use --optim.name adamw or sgd"
         )
-    if not from_run or {"early_stop_patience", "every"} & (_written_keys(user, "train") | _written_keys(user, "eval")):
+    if not from_run or {"early_stop_patience", "every", "max_steps"} & (
+        _written_keys(user, "train") | _written_keys(user, "eval")
+    ):
         check_early_stopping(cfg.train, cfg.eval)  # (a saved run's config.json still loads, for eval and estimate)
     if cfg.eval.sample_tokens and cfg.model.family in ("bert", "electra"):  # (it was ignored without a word)
         raise ConfigError(
             f"eval.sample_tokens samples text, which a model.family {cfg.model.family!r} encoder does not generate; "
             "drop it (evaluations report the objective's metrics)"
         )
-    # a `~` the shell did not expand (`dir = "~/data"` in a TOML file, `--data.dir=~/data`) is the home folder,
-    # as the shell would have made it; it was a folder named "~" ("not found")
-    cfg.data.dir, cfg.out = os.path.expanduser(cfg.data.dir), os.path.expanduser(cfg.out)
-    return cfg
+
+
+def _source(message: str, flags: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> str:
+    """Where the setting a refusal starts with (`train.min_lr is not used ...`) came from when no flag set it:
+    the first of `sources` (name, nested dict) that writes it, e.g. the --config file's path; "" otherwise."""
+    match = re.match(r"([a-z_]+)\.([a-z0-9_]+)\b", message)
+    if not match:
+        return ""
+    section, key = match.groups()
+    for name, data in [("", flags), *sources]:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            return name
+    return ""
 
 
 def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:
     """Early stopping counts periodic evaluations; with `eval.every` 0 there are none before the end, so
-    `train.early_stop_patience` never stopped anything, without a word. Refused here (pretrain and finetune)."""
+    `train.early_stop_patience` never stopped anything, without a word; nor with fewer than patience + 1 of them
+    before `train.max_steps` (the first sets the reference). Refused here (pretrain and finetune)."""
+    patience = train.early_stop_patience
     check(
-        not (train.early_stop_patience and not eval_cfg.every),
-        f"train.early_stop_patience {train.early_stop_patience} counts evaluations, and eval.every 0 runs none "
+        not (patience and not eval_cfg.every),
+        f"train.early_stop_patience {patience} counts evaluations, and eval.every 0 runs none "
         "before the last step; pass --eval.every N (steps between evaluations) or drop --train.early_stop_patience",
+    )
+    runs = (train.max_steps - 1) // eval_cfg.every if patience else 0  # evaluations before the last step
+    check(
+        not patience or runs > patience,
+        f"train.early_stop_patience {patience} can never stop this run: it needs {patience + 1} evaluations before "
+        f"train.max_steps {train.max_steps}, and eval.every {eval_cfg.every} runs {runs}; lower --eval.every or "
+        "--train.early_stop_patience, or drop it",
     )
 
 
@@ -834,8 +926,8 @@ def _drop_unused_preset_optim_keys(merged: dict[str, Any], preset: dict[str, Any
 
 
 def config_from_json(data: dict[str, Any], where: str) -> RunConfig:
-    """Rebuild a `RunConfig` saved in `config.json` / `state.json` (strict, same checks)."""
-    return from_dict(RunConfig, data, where=where)
+    """Rebuild a `RunConfig` saved in `config.json` / `state.json` (strict, same checks; `saved_config`)."""
+    return from_dict(RunConfig, saved_config(data), where=where)
 
 
 def help_lines(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:

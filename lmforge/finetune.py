@@ -237,12 +237,14 @@ def finetune_sections(adapt: str, overrides: dict[str, Any] | None) -> tuple[Any
                        from_dict(EvalConfig, merged["eval"], prefix="eval.", where=where))  # fmt: skip
     check_early_stopping(train, eval_cfg)
     train.refuse_unused(set((overrides or {}).get("train") or {}))  # --train.min_lr with a constant schedule, ...
+    log = from_dict(LogConfig, merged["log"], prefix="log.", where=where)
+    log.refuse_unused(set((overrides or {}).get("log") or {}))  # --log.wandb_project without --log.wandb
     return (
         train,
         optim,
         eval_cfg,
         from_dict(CheckpointConfig, merged["checkpoint"], prefix="checkpoint.", where=where),
-        from_dict(LogConfig, merged["log"], prefix="log.", where=where),
+        log,
     )
 
 
@@ -531,6 +533,7 @@ def _finetune(
     """(the final task metrics, and for a finished run's re-run, which trains nothing, the line saying so)."""
     from lmforge.adapt.heads import set_trainable, trainable_state
     from lmforge.checkpoint import prune_checkpoints, save_checkpoint
+    from lmforge.config import CONFIG_VERSION, resumed_train, saved_train
     from lmforge.data.formats import (
         ExampleLoader,
         augment_text,
@@ -658,6 +661,7 @@ def _finetune(
     if cfg.old_val:
         old_val_ex = build_examples(read_task_rows(cfg.old_val, cfg.task, fields), path=cfg.old_val, **kwargs)
     lr_schedule = _continued_schedule(loaded, base_path, base) if cfg.schedule == "continue" else None
+    min_lr_kept = ""
     if previous is not None:
         if previous.get("base_sha256") and previous["base_sha256"] != base_sha:
             raise CheckpointError(f"the base {base_path} changed since {out} started; restore it or pass --overwrite")
@@ -682,10 +686,13 @@ def _finetune(
                 f"{train_file} has the labels {', '.join(labels)}, the run in {out} "
                 f"{', '.join(previous.get('labels', []))}; use the same file or pass --overwrite"
             )
+        # a run saved when min_lr 0 meant lr / 10 keeps that schedule (config.py)
+        train_cfg, min_lr_kept = resumed_train(previous.get("train"), previous.get("config_version"), train_cfg)
 
     torch.manual_seed(train_cfg.seed)
     info: dict[str, Any] = {
         "format_version": 1,
+        "config_version": CONFIG_VERSION,  # of the train section below (config.py)
         "task": cfg.task,
         "adapt": cfg.adapt,
         "base": base_path,
@@ -865,9 +872,11 @@ def _finetune(
     if ckpt is not None and lr_schedule is None and not done:  # a changed --train.lr, max_steps, ...
         from lmforge.train.schedule import schedule_change
 
-        schedule_note = schedule_change(ckpt.meta.get("finetune", {}).get("train"), train_cfg, state.step)
-        if schedule_note:
-            log.info(schedule_note)
+        saved = ckpt.meta.get("finetune", {})
+        old_train = saved_train(saved.get("train"), saved.get("config_version"))
+        for note in (min_lr_kept, schedule_change(old_train, train_cfg, state.step)):
+            if note:
+                log.info(note)
     if lr_schedule is not None:
         log.info(
             f"learning rate: the base run's schedule from its step {lr_schedule.start} "

@@ -277,9 +277,10 @@ def test_curriculum_steps_0_with_a_curriculum_is_refused(tmp_path):
         load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", "--data.curriculum_steps", "0"])
     toml = tmp_path / "run.toml"
     toml.write_text('[data]\ncurriculum = "doc_length"\ncurriculum_steps = 0\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match=f"^{refused}"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
         load_config(preset="tiny", config_file=toml)
-    load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: consistent
+    with pytest.raises(ConfigError, match="^data.curriculum_steps is used by data.curriculum doc_length only"):
+        load_config(preset="tiny", overrides=["--data.curriculum_steps", "0"])  # no curriculum asked for: unused
     saved = load_config(preset="tiny", overrides=["--data.curriculum", "doc_length"]).to_dict()
     saved["data"]["curriculum_steps"] = 0
     (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
@@ -355,6 +356,7 @@ def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
         ("train.min_lr", "inf"),  # every lr after warmup inf or NaN: NaN steps, then "lower --train.lr"
         ("optim.weight_decay", "inf"),  # every weight NaN after the first step
         ("optim.eps", "inf"),  # every AdamW update 0: trained nothing, without a word
+        ("optim.muon_lr", "inf"),  # every hidden matrix non-finite after the first Muon step
     ],
 )
 def test_out_of_range_loop_settings_are_refused(flag, value):
@@ -404,3 +406,102 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
     from lmforge.data.mixture import parse_mix  # data.mix's directories too (they were "~/web" under the current one)
 
     assert parse_mix("~/web=3, books=1") == [(str(tmp_path / "web"), 0.75), ("books", 0.25)]
+
+
+def test_min_lr_0_decays_to_zero_and_unset_means_lr_over_10(tmp_path):
+    """--train.min_lr 0 meant lr / 10, so a decay to exactly zero could not be configured."""
+    from lmforge.train.schedule import lr_at
+
+    zero = load_config(overrides=["--train.min_lr", "0", "--train.max_steps", "10", "--train.warmup_steps", "0"])
+    assert zero.train.min_lr == 0 and zero.train.final_lr == 0
+    t = zero.train
+    kwargs = dict(lr=t.lr, final_lr=t.final_lr, warmup_steps=0, max_steps=10, schedule="cosine")
+    assert lr_at(10, **kwargs) == 0 and lr_at(9, **kwargs) > 0
+    unset = load_config(overrides=["--train.lr", "1e-3"]).train
+    assert unset.min_lr is None and unset.final_lr == pytest.approx(1e-4)
+    assert load_config(preset="small", overrides=["--train.min_lr", "none"]).train.final_lr == pytest.approx(1e-4)
+    (tmp_path / "zero.toml").write_text("[train]\nmin_lr = 0\n", encoding="utf-8")
+    assert load_config(config_file=tmp_path / "zero.toml").train.final_lr == 0
+
+
+def test_a_config_saved_when_min_lr_0_meant_lr_over_10_is_read_so(tmp_path):
+    """A config.json / state.json config without config_version was written when min_lr 0 meant lr / 10: eval,
+    `finetune --schedule continue` and `--config RUN` read it so; one with the version keeps an explicit 0."""
+    old = load_config(overrides=["--train.lr", "1e-3"]).to_dict()
+    del old["config_version"]
+    old["train"]["min_lr"] = 0.0
+    assert config_from_json(old, where="state.json").train.final_lr == pytest.approx(1e-4)
+    (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    assert load_config(config_file=tmp_path).train.final_lr == pytest.approx(1e-4)
+    new = load_config(overrides=["--train.lr", "1e-3", "--train.min_lr", "0"]).to_dict()
+    assert new["config_version"] == 2 and config_from_json(new, where="state.json").train.final_lr == 0
+
+
+@pytest.mark.parametrize("key", ["curriculum_steps", "curriculum_start"])
+def test_curriculum_settings_without_a_curriculum_are_refused(tmp_path, key):
+    """--data.curriculum_steps / --data.curriculum_start without --data.curriculum were accepted and ignored."""
+    value = "500" if key == "curriculum_steps" else "0.5"
+    refused = (
+        f"data.{key} is used by data.curriculum doc_length only, and this run has none; drop it, or pass "
+        "--data.curriculum doc_length$"
+    )
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        load_config(preset="tiny", overrides=[f"--data.{key}", value])
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"[data]\n{key} = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
+        load_config(preset="tiny", config_file=toml)
+    assert load_config(preset="tiny", overrides=["--data.curriculum", "doc_length", f"--data.{key}", value])
+    (tmp_path / "config.json").write_text(json.dumps(load_config(preset="tiny").to_dict()), encoding="utf-8")
+    assert load_config(config_file=tmp_path).data.curriculum == "none"  # a run's config.json lists every key
+
+
+def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
+    """`--config configs/nanogpt-baby-cpu.toml --train.schedule constant` was refused for the file's min_lr with no
+    word of the file, so the user looked for a flag they never typed."""
+    shipped = Path(__file__).parent.parent / "configs" / "nanogpt-baby-cpu.toml"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(shipped))}: train.min_lr is not used by train.schedule"):
+        load_config(config_file=shipped, overrides=["--train.schedule", "constant"])
+    with pytest.raises(ConfigError, match="^train.min_lr is not used"):  # typed as a flag: the user knows
+        load_config(config_file=shipped, overrides=["--train.schedule", "constant", "--train.min_lr", "1e-4"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nlr = "fast"\n[optim]\nbeta2 = 0.99\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: train.lr: expected float, got 'fast'$"):
+        load_config(config_file=toml)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: optim.beta2 is not used by optim.name sgd"):
+        load_config(config_file=toml, overrides=["--optim.name", "sgd", "--train.lr", "1e-3"])
+
+
+def test_early_stopping_that_can_never_stop_the_run_is_refused():
+    """Patience 3 with evaluations at steps 4 and 8 of 10 could never stop anything (the first evaluation sets
+    the reference, so it needs 4 before the last step): accepted and silently inert."""
+    flags = ["--train.max_steps", "10", "--eval.every", "4", "--train.early_stop_patience"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.early_stop_patience 3 can never stop this run: it needs 4 evaluations before train.max_steps "
+        r"10, and eval.every 4 runs 2; lower --eval.every or --train.early_stop_patience, or drop it$",
+    ):
+        load_config(preset="tiny", overrides=[*flags, "3"])
+    with pytest.raises(ConfigError, match="^train.early_stop_patience 2 can never stop"):  # 2 needs 3: at 4, 8, 12
+        load_config(preset="tiny", overrides=["--train.max_steps", "12", *flags[2:], "2"])
+    assert load_config(preset="tiny", overrides=[*flags, "1"]).train.early_stop_patience == 1  # stops at 8 at best
+    assert load_config(preset="tiny", overrides=["--train.max_steps", "13", *flags[2:], "2"])
+
+
+def test_a_wandb_project_without_wandb_is_refused(tmp_path):
+    """--log.wandb_project without --log.wandb was accepted and ignored (pretrain, finetune, TOML)."""
+    from lmforge.finetune import finetune_sections
+
+    refused = (
+        "log.wandb_project names the Weights & Biases project of log.wandb, which is off; pass --log.wandb or drop it$"
+    )
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        load_config(preset="tiny", overrides=["--log.wandb_project", "mine"])
+    toml = tmp_path / "run.toml"
+    toml.write_text('[log]\nwandb_project = "mine"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: {refused}"):
+        load_config(preset="tiny", config_file=toml)
+    with pytest.raises(ConfigError, match=f"^{refused}"):
+        finetune_sections("full", {"log": {"wandb_project": "mine"}})
+    assert load_config(preset="tiny", overrides=["--log.wandb", "--log.wandb_project", "mine"]).log.wandb_project
+    assert finetune_sections("full", {"log": {"wandb": True, "wandb_project": "mine"}})[4].wandb_project == "mine"

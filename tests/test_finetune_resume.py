@@ -271,3 +271,36 @@ def test_continue_refuses_its_schedule_settings_as_such(tmp_path: Path, given: d
         finetune(tmp_path / "base", train_file=tmp_path / "t.txt", out=tmp_path / "x", cfg=cfg,
                  overrides={"train": given})  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_a_run_saved_when_min_lr_0_meant_lr_over_10_resumes_with_that_schedule(base: Path, tmp_path: Path):
+    """A fine-tune saved before config_version 2 with --train.min_lr 0 (then lr / 10), re-run with its command,
+    keeps decaying toward lr / 10 (bit-identical to a straight run so); it switched to a decay to zero."""
+    from lmforge.checkpoint import state_sha256
+
+    overrides = {
+        "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "warmup_steps": 1},
+        "eval": {"every": 3, "max_batches": 1},
+        "checkpoint": {"every": 3, "keep": 5, "keep_best": False},
+    }
+    kw = {"train_file": DATA / "sentiment_train.csv", "cfg": FinetuneConfig(task="classify", adapt="full")}
+    straight = tmp_path / "straight"
+    finetune(base, out=straight, overrides=overrides, progress=False, **kw)
+    old = tmp_path / "old"
+    shutil.copytree(straight, old)
+    shutil.rmtree(old / "checkpoints" / "step-000006")
+    (old / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    (old / "eval.json").unlink()
+    for path in [old / "finetune.json", old / "checkpoints" / "step-000003" / "state.json"]:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        info = saved.get("finetune", saved)
+        del info["config_version"]
+        info["train"]["min_lr"] = 0.0  # as the old lmforge wrote --train.min_lr 0 (lr / 10)
+        if "state_sha256" in saved:
+            saved["state_sha256"] = state_sha256(saved)
+        path.write_text(json.dumps(saved), encoding="utf-8")
+    again = {**overrides, "train": {**overrides["train"], "min_lr": 0}}
+    assert finetune(base, out=old, overrides=again, progress=False, **kw)["steps"] == 6
+    a, b = load_checkpoint(straight).model_state(), load_checkpoint(old).model_state()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert _losses(old) == _losses(straight)

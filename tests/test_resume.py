@@ -208,3 +208,33 @@ def test_a_resume_that_changes_the_schedule_says_so(data_dir, tmp_path):
     note = _schedule_change(saved, cfg, 20)
     assert "train.max_steps 20 -> 30" in note and "from step 21" in note
     assert _schedule_change(None, cfg, 20) == ""  # a checkpoint without its config
+    saved["train"].update(max_steps=30, min_lr=0.0)  # (min_lr was not compared: the note looked for final_lr)
+    assert "train.min_lr 0.0 -> unset (lr / 10)" in _schedule_change(saved, cfg, 20)
+
+
+def test_a_run_saved_when_min_lr_0_meant_lr_over_10_resumes_with_that_schedule(data_dir, tmp_path):
+    """Before config_version 2, train.min_lr 0 meant lr / 10; now it decays to zero. A run saved with the old
+    meaning (no config_version, min_lr 0.0 in config.json and state.json), re-run with its command (min_lr 0),
+    ends bit-identical to a straight run decaying to lr / 10; it would have switched to a decay to zero."""
+    import json
+
+    from lmforge.checkpoint import state_sha256
+
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(data_dir, straight, **{"train.min_lr": None}), progress=False)
+    old = tmp_path / "old"
+    shutil.copytree(straight, old)
+    shutil.rmtree(old / "checkpoints" / "step-000012")
+    (old / "checkpoints" / "latest").write_text("step-000006\n", encoding="utf-8")
+    for path in [old / "config.json", old / "checkpoints" / "step-000006" / "state.json"]:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        config = saved.get("config", saved)
+        del config["config_version"]
+        config["train"]["min_lr"] = 0.0  # as the old lmforge wrote its default (lr / 10)
+        if "state_sha256" in saved:
+            saved["state_sha256"] = state_sha256(saved)
+        path.write_text(json.dumps(saved), encoding="utf-8")
+    assert pretrain(tiny_config(data_dir, old, **{"train.min_lr": 0}), progress=False).step == 12
+    _assert_same_run(straight, old)
+    saved = json.loads((old / "config.json").read_text(encoding="utf-8"))  # rewritten in the new format
+    assert saved["config_version"] == 2 and saved["train"]["min_lr"] is None

@@ -13,6 +13,7 @@ import torch
 
 from lmforge.checkpoint import load_checkpoint
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
+from lmforge.errors import ConfigError
 from lmforge.log import RunLogger, read_metrics
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.loop import train
@@ -397,6 +398,22 @@ def test_a_run_without_a_val_split_still_draws_loss_png(corpus_file, tmp_path):
     )
     pretrain(tiny_config(data, tmp_path / "run", **{"train.max_steps": 3, "checkpoint.every": 0}), progress=False)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_early_stopping_on_data_without_a_val_split_is_refused(corpus_file, tmp_path, capsys):
+    """pretrain only noted that early stopping would not run (finetune refused it): refused alike, in one line,
+    before the run folder is made."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    data = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(corpus_file)], out=str(data), tokenizer="char", val_fraction=0, card=False))
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.early_stop_patience 1 watches the validation loss, and .* has no "
+        r"validation split; prepare it with --val-fraction F .*or drop --train.early_stop_patience$",
+    ):
+        pretrain(tiny_config(data, tmp_path / "run", **{"train.early_stop_patience": 1}), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_loss_png_is_redrawn_at_evaluations_at_most_every_plot_every_s(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from lmforge.checkpoint import (
     set_aside_later,
     step_dir,
 )
-from lmforge.config import RunConfig
+from lmforge.config import RunConfig, resumed_train, saved_train
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import IdCheckedLoader, eval_batches
 from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
@@ -245,7 +245,8 @@ def _rank_batch(cfg: RunConfig, world_size: int) -> Any:
 
 def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:
     """A note when a resume changes the learning-rate schedule (see `schedule.schedule_change`)."""
-    return schedule_change(saved.get("train") if isinstance(saved, dict) else None, cfg.train, step)
+    old = saved_train(saved.get("train"), saved.get("config_version")) if isinstance(saved, dict) else None
+    return schedule_change(old, cfg.train, step)
 
 
 def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
@@ -342,6 +343,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     if not cfg.data.dir:
         raise ConfigError("no training data given; pass --data DATA_DIR (made by 'lmforge prepare')")
     data = load_data_dir(cfg.data.dir)
+    if cfg.train.early_stop_patience and not data.split_shards("val"):  # (noted, and nothing ever stopped early)
+        raise ConfigError(
+            f"train.early_stop_patience {cfg.train.early_stop_patience} watches the validation loss, and "
+            f"{cfg.data.dir} has no validation split; prepare it with --val-fraction F or --val-input FILE, or drop "
+            "--train.early_stop_patience"
+        )
     tokenizer = Tokenizer.load(data.tokenizer_path)
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
@@ -417,6 +424,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     )
     # which saved state this rank resumes from: a DiLoCo worker its own (0 for everything else)
     worker, resume_note = dist.resume_worker(ckpt, cfg.dist.strategy, world) if ckpt is not None else (0, "")
+    saved, min_lr_kept = ckpt.meta.get("config") if ckpt is not None else None, ""
+    if isinstance(saved, dict):  # a run saved when min_lr 0 meant lr / 10 keeps that schedule (config.py)
+        train_cfg, min_lr_kept = resumed_train(saved.get("train"), saved.get("config_version"), cfg.train)
+        cfg = dataclasses.replace(cfg, train=train_cfg)
+        rank_train = _rank_batch(cfg, world.world_size)
     if ckpt is not None and not cfg.dist.meta_init:
         ckpt.load_model(model, worker)  # before sharding: every rank loads the consolidated weights (or its own)
     if cfg.train.activation_checkpointing and not dist.apply_activation_checkpointing(model):
@@ -485,8 +497,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     )
     if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
-        if resume_note:
-            log.info(resume_note)
+        for note in (resume_note, min_lr_kept):
+            if note:
+                log.info(note)
         if optim_changes:
             log.info(
                 f"note: optimizer settings changed since the checkpoint, applied from now: {', '.join(optim_changes)}"

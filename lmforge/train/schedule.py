@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The train settings `lr_at` reads besides the step and max_steps: what sets every step's learning rate
-LR_KEYS = ("warmup_steps", "lr", "final_lr", "schedule", "decay_fraction")
+# The train settings that set every step's learning rate besides max_steps (min_lr: through `final_lr`)
+LR_KEYS = ("warmup_steps", "lr", "min_lr", "schedule", "decay_fraction")
 
 
 def lr_at(
@@ -57,10 +57,10 @@ def lr_at(
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def min_lr_note(*, lr: float, min_lr: float, schedule: str) -> str:
+def min_lr_note(*, lr: float, min_lr: float | None, schedule: str) -> str:
     """A note when `train.min_lr` is above `train.lr` (a preset's min_lr under a lowered --train.lr): the
     "decay" then raises the lr toward min_lr. Empty otherwise."""
-    if schedule == "constant" or min_lr <= lr:
+    if schedule == "constant" or min_lr is None or min_lr <= lr:
         return ""
     return (
         f"note: train.min_lr {min_lr:g} is above train.lr {lr:g}, so the lr rises toward it while it should decay; "
@@ -85,7 +85,8 @@ def schedule_change(old: Any, train: Any, step: int) -> str:
     the next step then follows the new schedule, which can jump; "" when nothing changed.
 
     Args:
-        old: the checkpoint's train settings (a dict; anything else, e.g. None from an old checkpoint: no note).
+        old: the checkpoint's train settings, as `config.saved_train` reads them (a dict; anything else, e.g. None
+            from an old checkpoint: no note).
         train: the resuming command's `TrainConfig`.
         step: the step the run resumes at.
     """
@@ -99,6 +100,10 @@ def schedule_change(old: Any, train: Any, step: int) -> str:
                    schedule=t.schedule, decay_fraction=t.decay_fraction)  # fmt: skip
     return (
         "note: the learning-rate schedule changed since the checkpoint ("
-        + ", ".join(f"train.{k} {old[k]} -> {getattr(t, k)}" for k in changed)
+        + ", ".join(f"train.{k} {_shown(old[k])} -> {_shown(getattr(t, k))}" for k in changed)
         + f"); the lr follows the new one from step {step + 1} ({new_lr:.3g})"
     )
+
+
+def _shown(value: Any) -> Any:
+    return "unset (lr / 10)" if value is None else value  # (min_lr's default)
