@@ -190,6 +190,18 @@ def test_classification_metrics_against_hand_computed_values():
     assert r["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
+def test_macro_f1_averages_the_classes_the_data_holds_or_gets():
+    from lmforge.eval.classify import classification_report
+
+    # A 4-class model scored on a file of 2 classes, all right: macro-F1 1.0 (scikit-learn's f1_score(average=
+    # "macro")), not 0.5 from two never-seen, never-predicted classes counted as F1 0. They stay in the table.
+    r = classification_report([0, 0, 1, 1], [0, 0, 1, 1], ["World", "Sports", "Business", "Sci/Tech"])
+    assert r["macro_f1"] == 1.0 and r["per_class"]["Business"]["support"] == 0
+    # a class only predicted counts (its F1 is 0): true a a a a, pred a a a c -> (6/7 + 0) / 2
+    r = classification_report([0, 0, 0, 0], [0, 0, 0, 2], ["a", "b", "c"])
+    assert r["macro_f1"] == pytest.approx((2 * 0.75 / 1.75 + 0) / 2)
+
+
 def test_qa_and_translation_metrics_against_hand_computed_values():
     from lmforge.eval.tasks import bleu_chrf, exact_match, token_f1
 
