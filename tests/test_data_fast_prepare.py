@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,79 @@ def test_a_char_tokenizer_trains_on_a_long_document_in_chunks(tmp_path: Path, mo
     cfg = PrepareConfig(inputs=["x"], out=str(tmp_path / "out"), tokenizer="char")
     tok, kind = tokenizing.make_tokenizer(cfg, None, path, 0, progress=False)
     assert kind == "char" and tok.to_str() == train_char(docs).to_str()
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "wordpiece", "unigram"])
+def test_a_long_document_prepares_through_the_cli_as_its_whole_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """`lmforge prepare` of a one-line document trains its tokenizer on the docs file read in chunks and fed in
+    pieces (here chunks of 4 KB and pieces of 300 characters, for a 60 kB line): the tokenizer.json of the
+    trainer given the whole cleaned text at once, and the shard ids of encoding it whole. (Before, a long
+    document was read whole and fed in pieces of 1M characters: +323 MB of training memory for a 50 MB line.)"""
+    from lmforge.cli import main
+    from lmforge.data import tokenizing
+    from lmforge.data.filters import DocumentCleaner
+    from lmforge.tokenizer import fast_encode, train
+
+    line = _one_line_document(60_000)
+    write(tmp_path / "one.txt", line + "\n")
+    text = DocumentCleaner().one(line).text  # (its control characters removed)
+    whole = getattr(train, f"train_{tokenizer}")([text], 600)
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 4096)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 300)
+    pieces: list[str] = []
+    trainer = getattr(tokenizing, f"train_{tokenizer}")
+    monkeypatch.setattr(tokenizing, f"train_{tokenizer}", lambda texts, *a, **k: trainer(_seen(texts, pieces), *a, **k))
+    out = tmp_path / "out"
+    argv = ["prepare", str(tmp_path / "one.txt"), "--out", str(out), "--tokenizer", tokenizer, "--vocab-size", "600"]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--val-fraction", "0", "--test-fraction", "0", "--quiet"])
+    assert done.value.code == 0
+    assert len(pieces) > 100 and max(map(len, pieces)) < 2000  # the trainer got pieces, not the document
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == whole.to_str()
+    data = load_data_dir(out)
+    ids = np.concatenate([read_shard(path) for path in data.split_shards("train")])
+    assert np.array_equal(ids, [*whole.encode(text), whole.eos_id])
+
+
+def _seen(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
+    """`texts` as they are read, each noted in `seen`; a new pass over `texts` on each `iter()`, as texts allow."""
+
+    class Seen:
+        def __iter__(self) -> Iterator[str]:
+            for text in texts:
+                seen.append(text)
+                yield text
+
+    return Seen()  # type: ignore[return-value]
+
+
+def test_a_sampled_long_document_is_hashed_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the tokenizer trains on a hash sample of the train split, a long document is kept or left out by
+    the sha256 of its whole text (and a Chinese one by its language) as a short one is, though read in chunks:
+    the kept documents' text is fed in pieces, read a second time."""
+    from lmforge.data import tokenizing
+    from lmforge.data.split import bucket, doc_digest
+    from lmforge.tokenizer import fast_encode
+
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 256)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 100)
+    book = shakespeare_text(200_000).replace("\n", " ")
+    docs = [book[i : i + 3000 + 37 * i % 2000] for i in range(0, 150_000, 5000)]
+    docs += ["天地玄黄，宇宙洪荒。" * (50 + i) + " x y" for i in range(10)] + ["short", "天地"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    for fraction, unspaced in ((0.5, 1.0), (1.0, 0.4), (0.7, 0.3)):
+        want = []
+        for d in docs:
+            keep = unspaced if unspaced < fraction and tokenizing.guess_language(d) == "zh" else fraction
+            if keep >= 1 or bucket(doc_digest(d)[8:16]) < keep:
+                want.append(d)
+        assert 0 < len(want) < len(docs) or fraction == 1.0
+        pieces = list(tokenizing._sample_docs(path, fraction, unspaced))
+        assert "".join(pieces) == "".join(want)
+        assert len(pieces) > len(want) and max(map(len, pieces)) < 1000
 
 
 def test_tokenizers_that_pieces_would_change_encode_a_long_document_whole(
