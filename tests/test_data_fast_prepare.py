@@ -288,6 +288,64 @@ def test_a_long_document_prepares_through_the_cli_as_its_whole_text(
     assert np.array_equal(ids, [*whole.encode(text), whole.eos_id])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Pass 1 streams a text file's document over LONG_DOCUMENT_BYTES (here 2 kB; blocks of 1 kB, chunks of ~500 B) from
+    the input through cleaning (NFC across its chunks, control characters, a byte-order mark, CRLF), hashing
+    (split, exact dedup: its copy is removed) and the filters into the docs file: the prepared folder is the one
+    of reading it whole, byte for byte (manifest counts included), and a document the filters remove (too long,
+    Chinese with --languages en) is removed as it was."""
+    from lmforge.cli import main
+    from lmforge.data import blocks, ingest
+    from lmforge.data import prepare as prepare_module
+
+    book = shakespeare_text(120_000).replace("\n", " ")
+    long = book[:40_000] + " café e\u0301 \x01 天地玄黄 ." * 30
+    text = (
+        "\ufeff  " + long + "\r\n" + book[:3000] + "\n\n" + "\n\n".join(book[i : i + 300] for i in range(0, 6000, 300))
+    )
+    text += (
+        "\n\n"
+        + long
+        + "\r\n"
+        + book[:3000]
+        + "\n\n"
+        + "天地玄黄，宇宙洪荒。" * 500
+        + "\n\n"
+        + book[50_000:110_000]
+        + "\n"
+    )
+    write(tmp_path / "a.txt", text)
+    argv = ["prepare", str(tmp_path / "a.txt"), "--vocab-size", "500", "--quiet", "--no-card"]
+    argv += ["--workers", str(workers), "--languages", "en", "--max-chars", "50000"]
+    streamed: list[int] = []
+    long_document = blocks.BlockWorker._long_document
+    monkeypatch.setattr(
+        blocks.BlockWorker, "_long_document", lambda self, task: streamed.append(1) or long_document(self, task)
+    )
+
+    def prepared(out: str) -> dict[str, bytes]:
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--out", str(tmp_path / out)])
+        assert done.value.code == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text(encoding="utf-8"))
+        del manifest["created"], manifest["config"]["out"]
+        files = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir() if p.name != "manifest.json"}
+        return {**files, "manifest": json.dumps(manifest).encode()}
+
+    whole = prepared("whole")
+    assert not streamed
+    monkeypatch.setattr(prepare_module, "LONG_DOCUMENT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 500)
+    assert prepared("streamed") == whole
+    assert len(streamed) == 4  # the two copies of the long one, the Chinese one, the too-long one
+    removed = json.loads(whole["manifest"])["documents"]["removed"]
+    assert removed["exact_dup"] == 1 and removed["language"] == 1 and removed["too_long"] == 1
+
+
 def _seen(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
     """`texts` as they are read, each noted in `seen`; a new pass over `texts` on each `iter()`, as texts allow."""
 
@@ -403,6 +461,55 @@ def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None
     else:
         lines = [line.strip().removeprefix("\ufeff") for p in paragraphs for line in p.split("\n") if line.strip()]
         assert cleaned[: len(lines)] == lines
+
+
+@pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
+def test_long_documents_stream_as_the_whole_file_parses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc_unit: str
+) -> None:
+    """With `long_bytes`, a document that outgrows it comes as a `LongDocument` in chunks (here of ~300 bytes)
+    whose texts and invalid UTF-8 counts join up to the document that `read_documents` gives, whatever follows:
+    more lines of its paragraph (one long too), a blank line of U+3000, blank lines before it, a byte-order
+    mark, bad bytes, old-Mac and Windows line ends, Chinese without spaces, the end of the file. (Read whole, it
+    was held as bytes, text and cleaned text: pass 1 added ~190 MB for a 50 MB line.)"""
+    from lmforge.data.ingest import LongDocument
+
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 300)
+    book = shakespeare_text(40_000).replace("\n", " ")
+    long = book[:5000]
+    data = (
+        (
+            "\ufeff"
+            + long
+            + "\nnext line of it\r\n"
+            + book[5000:9000]
+            + "\n\u3000\nshort one\n\n\n\r\n"
+            + "天地玄黄宇宙洪荒" * 400
+            + "\r"
+            + "x \xff" * 10
+            + "\n\n"
+            + long[:200]
+            + "\n\n"
+            + long
+        )
+        .encode("utf-8", errors="surrogateescape")
+        .replace("\xc3\xbf".encode("latin-1"), b"\xff")
+    )
+    path = write(tmp_path / "a.txt", data)
+    want = list(read_documents(path, doc_unit=doc_unit))
+    assert sum(d.invalid_utf8 for d in want) == 10
+    for block_bytes in (100, 999):
+        got, streamed = [], 0
+        for item in read_blocks(path, doc_unit=doc_unit, block_bytes=block_bytes, long_bytes=1000):
+            if isinstance(item, LongDocument):
+                chunks = list(item.chunks)
+                got.append(ingest.RawDocument("".join(t for t, _ in chunks), sum(n for _, n in chunks)))
+                streamed += 1
+                assert len(chunks) > 1 and max(len(t) for t, _ in chunks) <= 300
+            else:
+                got.extend(block_documents(item, path, doc_unit=doc_unit))
+        assert got == want, block_bytes
+        assert streamed >= 3
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 2, 3, 7, 1 << 16])
