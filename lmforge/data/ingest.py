@@ -49,7 +49,9 @@ Key design decisions:
   JSONL, never between the b"\\r" and b"\\n" of one) and `block_documents` parses one block in a
   worker with the same line parsers, so the documents are the same as `read_documents` gives (a test
   compares them at several block sizes). A block of valid UTF-8 in "paragraph" mode is split with one
-  regex instead of line by line.
+  regex instead of line by line. Asked to (`long_bytes`, prepare's LONG_DOCUMENT_BYTES), it gives a text
+  file's document that outgrows a block with no boundary in sight as a `LongDocument`, decoded chunks of ~1 MiB
+  read as they are asked for (`_LongReader`), so a 200 MB one-line document is never held whole.
 - JSONL and .json files are parsed by `jsonl.py` (the dotted `text_field` walk included), imported
   only when one is read, as `columnar.py` is.
 - Parquet files, save_to_disk folders and hub datasets are read by `columnar.py`, with pyarrow alone
