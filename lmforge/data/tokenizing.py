@@ -16,6 +16,8 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
   sampled, its hash is taken over the chunks and the chunks read again). Measured (bench/long_document.py,
   memory added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB: bpe 737 -> 18 MB,
   char 1,743 -> 27 MB (and 198 -> 122 CPU seconds: char encodes a piece faster than a 1M-character one).
+  Training on one 50 MB line (`--prepare`, memory over the start of prepare): bpe 291 -> 70 MB, wordpiece
+  287 -> 79 MB, unigram 292 -> 110 MB (pieces of 1M characters read whole before; README has the table).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
 - Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
 """
