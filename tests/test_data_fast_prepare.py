@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,137 @@ def test_a_char_tokenizer_trains_on_a_long_document_in_chunks(tmp_path: Path, mo
     assert kind == "char" and tok.to_str() == train_char(docs).to_str()
 
 
+@pytest.mark.parametrize("tokenizer", ["bpe", "wordpiece", "unigram"])
+def test_a_long_document_prepares_through_the_cli_as_its_whole_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """`lmforge prepare` of a one-line document trains its tokenizer on the docs file read in chunks and fed in
+    pieces (here chunks of 4 KB and pieces of 300 characters, for a 60 kB line): the tokenizer.json of the
+    trainer given the whole cleaned text at once, and the shard ids of encoding it whole. (Before, a long
+    document was read whole and fed in pieces of 1M characters: +323 MB of training memory for a 50 MB line.)"""
+    from lmforge.cli import main
+    from lmforge.data import tokenizing
+    from lmforge.data.filters import DocumentCleaner
+    from lmforge.tokenizer import fast_encode, train
+
+    line = _one_line_document(60_000)
+    write(tmp_path / "one.txt", line + "\n")
+    text = DocumentCleaner().one(line).text  # (its control characters removed)
+    whole = getattr(train, f"train_{tokenizer}")([text], 600)
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 4096)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 300)
+    pieces: list[str] = []
+    trainer = getattr(tokenizing, f"train_{tokenizer}")
+    monkeypatch.setattr(tokenizing, f"train_{tokenizer}", lambda texts, *a, **k: trainer(_seen(texts, pieces), *a, **k))
+    out = tmp_path / "out"
+    argv = ["prepare", str(tmp_path / "one.txt"), "--out", str(out), "--tokenizer", tokenizer, "--vocab-size", "600"]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--val-fraction", "0", "--test-fraction", "0", "--quiet"])
+    assert done.value.code == 0
+    assert len(pieces) > 100 and max(map(len, pieces)) < 2000  # the trainer got pieces, not the document
+    assert (out / "tokenizer.json").read_text(encoding="utf-8") == whole.to_str()
+    data = load_data_dir(out)
+    ids = np.concatenate([read_shard(path) for path in data.split_shards("train")])
+    assert np.array_equal(ids, [*whole.encode(text), whole.eos_id])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Pass 1 streams a text file's document over LONG_DOCUMENT_BYTES (here 2 kB; blocks of 1 kB, chunks of ~500 B) from
+    the input through cleaning (NFC across its chunks, control characters, a byte-order mark, CRLF), hashing
+    (split, exact dedup: its copy is removed) and the filters into the docs file: the prepared folder is the one
+    of reading it whole, byte for byte (manifest counts included), and a document the filters remove (too long,
+    Chinese with --languages en) is removed as it was."""
+    from lmforge.cli import main
+    from lmforge.data import blocks, ingest
+    from lmforge.data import prepare as prepare_module
+
+    book = shakespeare_text(120_000).replace("\n", " ")
+    long = book[:40_000] + " café e\u0301 \x01 天地玄黄 ." * 30
+    text = (
+        "\ufeff  " + long + "\r\n" + book[:3000] + "\n\n" + "\n\n".join(book[i : i + 300] for i in range(0, 6000, 300))
+    )
+    text += (
+        "\n\n"
+        + long
+        + "\r\n"
+        + book[:3000]
+        + "\n\n"
+        + "天地玄黄，宇宙洪荒。" * 500
+        + "\n\n"
+        + book[50_000:110_000]
+        + "\n"
+    )
+    write(tmp_path / "a.txt", text)
+    argv = ["prepare", str(tmp_path / "a.txt"), "--vocab-size", "500", "--quiet", "--no-card"]
+    argv += ["--workers", str(workers), "--languages", "en", "--max-chars", "50000"]
+    streamed: list[int] = []
+    long_document = blocks.BlockWorker._long_document
+    monkeypatch.setattr(
+        blocks.BlockWorker, "_long_document", lambda self, task: streamed.append(1) or long_document(self, task)
+    )
+
+    def prepared(out: str) -> dict[str, bytes]:
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--out", str(tmp_path / out)])
+        assert done.value.code == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text(encoding="utf-8"))
+        del manifest["created"], manifest["config"]["out"]
+        files = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir() if p.name != "manifest.json"}
+        return {**files, "manifest": json.dumps(manifest).encode()}
+
+    whole = prepared("whole")
+    assert not streamed
+    monkeypatch.setattr(prepare_module, "LONG_DOCUMENT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 500)
+    assert prepared("streamed") == whole
+    assert len(streamed) == 4  # the two copies of the long one, the Chinese one, the too-long one
+    removed = json.loads(whole["manifest"])["documents"]["removed"]
+    assert removed["exact_dup"] == 1 and removed["language"] == 1 and removed["too_long"] == 1
+
+
+def _seen(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
+    """`texts` as they are read, each noted in `seen`; a new pass over `texts` on each `iter()`, as texts allow."""
+
+    class Seen:
+        def __iter__(self) -> Iterator[str]:
+            for text in texts:
+                seen.append(text)
+                yield text
+
+    return Seen()  # type: ignore[return-value]
+
+
+def test_a_sampled_long_document_is_hashed_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the tokenizer trains on a hash sample of the train split, a long document is kept or left out by
+    the sha256 of its whole text (and a Chinese one by its language) as a short one is, though read in chunks:
+    the kept documents' text is fed in pieces, read a second time."""
+    from lmforge.data import tokenizing
+    from lmforge.data.split import bucket, doc_digest
+    from lmforge.tokenizer import fast_encode
+
+    monkeypatch.setattr(tokenizing, "_STREAM_BYTES", 256)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 100)
+    book = shakespeare_text(200_000).replace("\n", " ")
+    docs = [book[i : i + 3000 + 37 * i % 2000] for i in range(0, 150_000, 5000)]
+    docs += ["天地玄黄，宇宙洪荒。" * (50 + i) + " x y" for i in range(10)] + ["short", "天地"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    for fraction, unspaced in ((0.5, 1.0), (1.0, 0.4), (0.7, 0.3)):
+        want = []
+        for d in docs:
+            keep = unspaced if unspaced < fraction and tokenizing.guess_language(d) == "zh" else fraction
+            if keep >= 1 or bucket(doc_digest(d)[8:16]) < keep:
+                want.append(d)
+        assert 0 < len(want) < len(docs) or fraction == 1.0
+        pieces = list(tokenizing._sample_docs(path, fraction, unspaced))
+        assert "".join(pieces) == "".join(want)
+        assert len(pieces) > len(want) and max(map(len, pieces)) < 1000
+
+
 def test_tokenizers_that_pieces_would_change_encode_a_long_document_whole(
     bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,6 +461,55 @@ def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None
     else:
         lines = [line.strip().removeprefix("\ufeff") for p in paragraphs for line in p.split("\n") if line.strip()]
         assert cleaned[: len(lines)] == lines
+
+
+@pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
+def test_long_documents_stream_as_the_whole_file_parses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc_unit: str
+) -> None:
+    """With `long_bytes`, a document that outgrows it comes as a `LongDocument` in chunks (here of ~300 bytes)
+    whose texts and invalid UTF-8 counts join up to the document that `read_documents` gives, whatever follows:
+    more lines of its paragraph (one long too), a blank line of U+3000, blank lines before it, a byte-order
+    mark, bad bytes, old-Mac and Windows line ends, Chinese without spaces, the end of the file. (Read whole, it
+    was held as bytes, text and cleaned text: pass 1 added ~190 MB for a 50 MB line.)"""
+    from lmforge.data.ingest import LongDocument
+
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 300)
+    book = shakespeare_text(40_000).replace("\n", " ")
+    long = book[:5000]
+    data = (
+        (
+            "\ufeff"
+            + long
+            + "\nnext line of it\r\n"
+            + book[5000:9000]
+            + "\n\u3000\nshort one\n\n\n\r\n"
+            + "天地玄黄宇宙洪荒" * 400
+            + "\r"
+            + "x \xff" * 10
+            + "\n\n"
+            + long[:200]
+            + "\n\n"
+            + long
+        )
+        .encode("utf-8", errors="surrogateescape")
+        .replace("\xc3\xbf".encode("latin-1"), b"\xff")
+    )
+    path = write(tmp_path / "a.txt", data)
+    want = list(read_documents(path, doc_unit=doc_unit))
+    assert sum(d.invalid_utf8 for d in want) == 10
+    for block_bytes in (100, 999):
+        got, streamed = [], 0
+        for item in read_blocks(path, doc_unit=doc_unit, block_bytes=block_bytes, long_bytes=1000):
+            if isinstance(item, LongDocument):
+                chunks = list(item.chunks)
+                got.append(ingest.RawDocument("".join(t for t, _ in chunks), sum(n for _, n in chunks)))
+                streamed += 1
+                assert len(chunks) > 1 and max(len(t) for t, _ in chunks) <= 300
+            else:
+                got.extend(block_documents(item, path, doc_unit=doc_unit))
+        assert got == want, block_bytes
+        assert streamed >= 3
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 2, 3, 7, 1 << 16])

@@ -190,3 +190,41 @@ def test_filter_config_validation() -> None:
             PrepareConfig(**{**ok, **bad})
     settings = dataclasses.asdict(PrepareConfig(**ok, languages=" zh , en "))
     assert DocumentCleaner.from_settings(settings).filters == QualityFilters(languages=frozenset({"zh", "en"}))
+
+
+def test_a_document_cleaned_in_parts_is_the_document_cleaned_whole() -> None:
+    """`DocumentCleaner.stream` (pass 1's long documents) cleans parts cut where `ingest.LongDocument` cuts (before
+    printable ASCII or a CJK ideograph, after a line end) into the text of `one`, with its counts and verdict:
+    normalization across parts (NFC, NFKC), control characters, whitespace at the edges, length, letter ratio
+    and language filters."""
+    import re
+
+    from lmforge.data.filters import DocumentCleaner, QualityFilters
+
+    texts = [
+        "  \n\u3000 Café e\u0301 \x01 naïve ﬁne，天地玄黄 宇宙洪荒\r\nsecond\x0cline ½ \u2028 x  \n\t ",
+        " \n \t ",
+        "ab",
+        "12 34 56 !! ?? 天",
+        "天地玄黄宇宙洪荒" * 40 + " The end of it.",
+    ]
+    cleaners = [
+        DocumentCleaner(),
+        DocumentCleaner(normalize="NFKC", min_chars=5),
+        DocumentCleaner(normalize="none", filters=QualityFilters(max_chars=30, min_alpha_ratio=0.6)),
+        DocumentCleaner(filters=QualityFilters(languages=frozenset({"en"}))),
+    ]
+    cut = re.compile(r"(?=[ -~\u4e00-\u9fff])|(?<=[\r\n])(?!\n)")
+    for cleaner in cleaners:
+        assert cleaner.streams()
+        for text in texts:
+            want = cleaner.one(text, 3)
+            for every in (1, 2, 5):
+                positions = [m.start() for m in cut.finditer(text)][::every] + [len(text)]
+                parts = [text[a:b] for a, b in zip([0, *positions[:-1]], positions, strict=True) if b > a]
+                written: list[str] = []
+                got, chars = cleaner.stream([(p, 3 if i == 0 else 0) for i, p in enumerate(parts)], written.append)
+                assert "".join(written) == want.text and chars == len(want.text)
+                assert got._replace(text=want.text) == want, (cleaner, text, every)
+    assert not DocumentCleaner(whitespace=True).streams()
+    assert not DocumentCleaner(filters=QualityFilters(max_char_repetition=0.5)).streams()

@@ -293,14 +293,14 @@ def test_a_long_document_trains_the_tokenizer_in_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
 ) -> None:
     """HF's trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file); a
-    document over LONG_DOCUMENT characters is fed in pieces cut between words: the same tokenizer."""
+    document is fed in pieces of about PIECE_CHARS characters cut between words: the same tokenizer."""
     from lmforge.data import tokenizing
     from lmforge.tokenizer import fast_encode
 
     write(tmp_path / "one.txt", " ".join(sentences(300, seed=10)) + "\n\n" + "\n\n".join(sentences(20, seed=11)))
     kwargs = {"val_fraction": 0, "test_fraction": 0, "tokenizer": tokenizer, "vocab_size": 400}
     whole = run(tmp_path, [tmp_path / "one.txt"], out="whole", **kwargs)
-    monkeypatch.setattr(fast_encode, "LONG_DOCUMENT", 500)
+    monkeypatch.setattr(fast_encode, "PIECE_CHARS", 500)
     seen: list[str] = []
     name = f"train_{tokenizer}"
     train = getattr(tokenizing, name)

@@ -15,20 +15,26 @@ Key design decisions:
 - Plain-text and JSONL inputs travel as raw byte blocks cut at document boundaries (the worker
   parses them); other formats (CSV, Parquet, datasets, --doc-unit file) are read in the main
   process and sent as batches of texts.
+- A text file's document too long for a block (`ingest.LongDocument`, with a trained tokenizer) is a task of
+  its own, run in the main process in input order (it reads the input as it goes): cleaned, filtered and hashed
+  a chunk at a time, its text written to a spill file, not returned (`BlockWorker._long_document`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.filters import LANGUAGES, DocumentCleaner, utf8_len
-from lmforge.data.ingest import Block, DocUnit, RawDocument, block_documents
+from lmforge.data.filters import LANGUAGES, DocumentCleaner, Processed, utf8_len
+from lmforge.data.ingest import Block, DocUnit, LongDocument, RawDocument, block_documents
 from lmforge.data.split import SPLITS, assign_split, doc_digest
 
 PRE_DEDUP_REASONS = ("no_text", "empty", "too_short", "too_long", "char_repetition", "line_repetition", "alpha_ratio")
@@ -44,6 +50,8 @@ class Task:
     role: str  # "auto" (hash split), "val" or "test"
     block: Block | None = None
     docs: list[RawDocument] | None = None
+    long: LongDocument | None = None  # (run in the main process: it reads from the file as it goes)
+    spill: str | None = None  # where a long document's cleaned text goes (`BlockWorker._long_document`)
 
 
 @dataclass
@@ -73,6 +81,7 @@ class BlockResult:
     texts: list[str] | None = None
     tokens: np.ndarray | None = None  # ids of all these documents, EOS after each
     token_counts: np.ndarray | None = None  # int64 ids per document, EOS excluded
+    spill: str | None = None  # a kept long document's text, as JSON string content in this file (texts: [""])
 
 
 @dataclass
@@ -104,6 +113,8 @@ class BlockWorker:
         return self._encoder
 
     def __call__(self, task: Task) -> BlockResult:
+        if task.long is not None:
+            return self._long_document(task)
         if task.block is not None:
             docs = list(
                 block_documents(
@@ -122,14 +133,29 @@ class BlockWorker:
         missing = [doc.missing for doc in docs if doc.missing is not None]
         r.missing, r.first_missing = len(missing), missing[0] if missing else None
         invalid_total = sum(doc.invalid_utf8 for doc in docs if doc.text is None)  # (a null's line's)
+        rows = ((p, len(p.text), utf8_len(p.text), None) for p in self.cleaner(raw))
+        texts = self._fill(r, rows, task.role, invalid_total)
+        r.documents = len(docs)
+        if self.tokenizer_json is not None:
+            r.tokens, r.token_counts = self.encoder().encode(texts)
+        if self.tokenizer_json is None or self.keep_texts:
+            r.texts = texts
+        return r
+
+    def _fill(
+        self, r: BlockResult, rows: Iterable[tuple[Processed, int, int, bytes | None]], role: str, invalid_total: int
+    ) -> list[str]:
+        """Count the cleaned documents `rows` into `r`: (its `Processed`, characters, UTF-8 bytes, digest or None to
+        take it of the text), with a row for each one that passed the filters, whose texts it returns."""
         keys, splits, nbytes, languages, bits, texts = [], [], [], [], [], []
-        auto = task.role == "auto"
-        role_index = SPLITS.index(task.role) if not auto else 0
+        auto = role == "auto"
+        role_index = SPLITS.index(role) if not auto else 0
         fractions = {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "explicit": self.explicit}
         raw_bytes = chars = invalid_docs = control = normalized = whitespace = boilerplate = 0
-        for text, reason, language, size_in, invalid, removed_chars, changed, ws_changed, lines in self.cleaner(raw):
+        for p, n_chars, size, digest in rows:
+            text, reason, language, size_in, invalid, removed_chars, changed, ws_changed, lines = p
             raw_bytes += size_in
-            chars += len(text)
+            chars += n_chars
             if invalid:
                 invalid_total += invalid
                 invalid_docs += 1
@@ -137,7 +163,6 @@ class BlockWorker:
             normalized += changed
             whitespace += ws_changed
             boilerplate += lines
-            size = utf8_len(text)
             if reason is not None:
                 if reason not in ("empty", "boilerplate"):
                     r.cleaned[0] += 1
@@ -145,14 +170,13 @@ class BlockWorker:
                 r.removed[reason][0] += 1
                 r.removed[reason][1] += size
                 continue
-            digest = doc_digest(text)
+            digest = digest or doc_digest(text)
             keys.append(digest[:16])
             splits.append(SPLITS.index(assign_split(digest, **fractions)) if auto else role_index)
             nbytes.append(size)
             languages.append(_LANGUAGE_INDEX[language])
-            bits.append(len(text).bit_length())
+            bits.append(n_chars.bit_length())
             texts.append(text)
-        r.documents = len(docs)
         r.raw_bytes, r.chars, r.invalid_utf8, r.documents_with_invalid_utf8 = (
             raw_bytes,
             chars,
@@ -169,10 +193,29 @@ class BlockWorker:
         r.nbytes = np.array(nbytes, dtype=np.int64)
         r.languages = np.array(languages, dtype=np.int8)
         r.length_bits = np.array(bits, dtype=np.int8)
-        if self.tokenizer_json is not None:
-            r.tokens, r.token_counts = self.encoder().encode(texts)
-        if self.tokenizer_json is None or self.keep_texts:
-            r.texts = texts
+        return texts
+
+    def _long_document(self, task: Task) -> BlockResult:
+        """The one document of `task.long`, cleaned a part at a time (`DocumentCleaner.stream`) into the file
+        `task.spill` as the content of its JSON string (what `json.dumps` writes between the quotes), hashed as it
+        goes: memory holds a part, not the document. A kept one's row has `spill` set and "" as its text."""
+        assert task.long is not None and task.spill is not None
+        r = BlockResult(removed={reason: [0, 0] for reason in PRE_DEDUP_REASONS})
+        digest = hashlib.sha256()
+        size = 0
+        with open(task.spill, "w", encoding="utf-8", newline="\n") as f:
+
+            def write(part: str) -> None:
+                nonlocal size
+                data = part.encode("utf-8")
+                digest.update(data)
+                size += len(data)
+                f.write(json.dumps(part, ensure_ascii=False)[1:-1])
+
+            processed, chars = self.cleaner.stream(task.long.chunks, write)
+        r.texts = self._fill(r, [(processed, chars, size, digest.digest())], task.role, 0)
+        r.documents = 1
+        r.spill = task.spill if r.keys else None
         return r
 
 

@@ -111,6 +111,16 @@ def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
         `Cleaned` with the new text, the number of control characters removed and whether the
         normalization changed the text.
     """
+    text, removed, normalized = clean_part(text, normalize)
+    return Cleaned(text=text.strip(), control_chars_removed=removed, normalized=normalized)
+
+
+def clean_part(text: str, normalize: Normalization = "NFC") -> tuple[str, int, bool]:
+    """`clean_text` without the strip: (text, control characters removed, changed by the normalization).
+
+    Of a document cut into parts where `ingest.LongDocument` cuts it (after a line end, or before a printable
+    ASCII character or a CJK ideograph, which no step here removes, changes or composes with what precedes it),
+    the cleaned parts join up to the cleaned document (before its strip)."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _LINE_BREAK.sub("\n", text)
@@ -120,7 +130,7 @@ def clean_text(text: str, normalize: Normalization = "NFC") -> Cleaned:
     if normalize != "none" and not text.isascii() and not unicodedata.is_normalized(normalize, text):
         text = unicodedata.normalize(normalize, text)
         normalized = True
-    return Cleaned(text=text.strip(), control_chars_removed=removed, normalized=normalized)
+    return text, removed, normalized
 
 
 def length_verdict(text: str, min_chars: int) -> Literal["ok", "empty", "too_short"]:

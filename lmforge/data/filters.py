@@ -34,11 +34,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from lmforge.data.clean import Normalization, clean_text, length_verdict
+from lmforge.data.clean import Normalization, clean_part, clean_text, length_verdict
 
 LANGUAGES = ("zh", "en", "ja", "ko", "latin", "cyrillic", "arabic", "greek", "devanagari", "other", "unknown")
 REMOVAL_REASONS = ("too_long", "char_repetition", "line_repetition", "alpha_ratio", "boilerplate", "language")
@@ -167,14 +167,18 @@ def line_repetition(text: str) -> float:
 
 def alpha_ratio(text: str) -> float:
     """Letters (any script) / non-whitespace characters; 0 for a text without visible characters."""
+    letters, visible = _alpha_counts(text)
+    return letters / visible if visible else 0.0
+
+
+def _alpha_counts(text: str) -> tuple[int, int]:
+    """(letters, non-whitespace characters) of `text`: sums over the parts of a text give the whole's."""
     visible = len(text) - sum(len(m) for m in _SPACES.findall(text))
-    if visible == 0:
-        return 0.0
     # Combining marks (Unicode Mn/Mc: Devanagari and Thai vowel signs, viramas) are \W to `re` but part
     # of the letter they sit on: counted with the letters, clean Hindi or Thai is not scored as junk.
     other = Counter(_NOT_LETTER_CHAR.findall(text))
     marks = sum(n for char, n in other.items() if unicodedata.category(char) in ("Mn", "Mc"))
-    return (len(text) - sum(other.values()) + marks) / visible
+    return len(text) - sum(other.values()) + marks, visible
 
 
 def _english_or_latin(english: int, other: int, accented: bool) -> str:
@@ -229,15 +233,17 @@ class QualityFilters:
     min_alpha_ratio: float = 0.0
     languages: frozenset[str] = frozenset()
 
-    def reason(self, text: str, language: str) -> str | None:
-        """The first filter that removes `text` (a name from `REMOVAL_REASONS`), or None to keep it."""
-        if self.max_chars and len(text) > self.max_chars:
+    def reason(self, text: str, language: str, *, chars: int = -1, alpha: float | None = None) -> str | None:
+        """The first filter that removes `text` (a name from `REMOVAL_REASONS`), or None to keep it. A streamed
+        document (`DocumentCleaner.stream`) gives its length and letter ratio instead of its text (""): it
+        has no repetition filter (`DocumentCleaner.streams`)."""
+        if self.max_chars and (chars if chars >= 0 else len(text)) > self.max_chars:
             return "too_long"
         if self.max_char_repetition and char_repetition(text) > self.max_char_repetition:
             return "char_repetition"
         if self.max_line_repetition and line_repetition(text) > self.max_line_repetition:
             return "line_repetition"
-        if self.min_alpha_ratio and alpha_ratio(text) < self.min_alpha_ratio:
+        if self.min_alpha_ratio and (alpha_ratio(text) if alpha is None else alpha) < self.min_alpha_ratio:
             return "alpha_ratio"
         if self.languages and language not in self.languages:
             return "language"
@@ -299,6 +305,50 @@ class DocumentCleaner:
     def __call__(self, batch: list[tuple[str, int]]) -> list[Processed]:
         """Process a batch of (raw text, invalid UTF-8 count) pairs."""
         return [self.one(text, invalid) for text, invalid in batch]
+
+    def streams(self) -> bool:
+        """Whether `stream` cleans as `one` does: no rewrite or filter here needs a document's whole text."""
+        f = self.filters
+        return not (self.whitespace or self.boilerplate or f.max_char_repetition or f.max_line_repetition)
+
+    def stream(self, parts: Iterable[tuple[str, int]], write: Callable[[str], None]) -> tuple[Processed, int]:
+        """`one` for a document that comes as parts of raw text with their invalid UTF-8 counts
+        (`ingest.LongDocument`), when `streams()`: the cleaned text goes to `write` a part at a time, never
+        held whole; returns its `Processed` (with "" for the text) and its length in characters.
+
+        Each part is cleaned on its own (`clean_part`: the parts' cuts are where that is exact), whitespace
+        at the document's start is dropped and whitespace after a part is held back until more text
+        follows, so the parts written join up to `one`'s text."""
+        raw_bytes = invalid = removed = chars = letters = visible = 0
+        normalized, started = False, False
+        head, held = "", ""  # the first GUESS_CHARS characters (all the language guess reads); trailing space
+        for raw, bad in parts:
+            raw_bytes += utf8_len(raw)
+            invalid += bad
+            text, n, changed = clean_part(raw, self.normalize)
+            removed += n
+            normalized = normalized or changed
+            if not started:
+                text = text.lstrip()
+                started = bool(text)
+            text = held + text
+            body = text.rstrip()
+            held = text[len(body) :]
+            if body:
+                chars += len(body)
+                head += body[: max(GUESS_CHARS - len(head), 0)]
+                if self.filters.min_alpha_ratio:
+                    a, v = _alpha_counts(body)
+                    letters, visible = letters + a, visible + v
+                write(body)
+        reason: str | None = (
+            "empty" if not chars else "too_short" if chars < self.min_chars else None
+        )  # (length_verdict)
+        language = guess_language(head) if chars else "unknown"
+        if reason is None:
+            alpha = letters / visible if visible else 0.0
+            reason = self.filters.reason("", language, chars=chars, alpha=alpha)
+        return Processed("", reason, language, raw_bytes, invalid, removed, normalized, False, 0), chars
 
     def one(self, raw: str, invalid_utf8: int = 0) -> Processed:
         """Process one raw document."""

@@ -49,7 +49,9 @@ Key design decisions:
   JSONL, never between the b"\\r" and b"\\n" of one) and `block_documents` parses one block in a
   worker with the same line parsers, so the documents are the same as `read_documents` gives (a test
   compares them at several block sizes). A block of valid UTF-8 in "paragraph" mode is split with one
-  regex instead of line by line.
+  regex instead of line by line. Asked to (`long_bytes`, prepare's LONG_DOCUMENT_BYTES), it gives a text
+  file's document that outgrows a block with no boundary in sight as a `LongDocument`, decoded chunks of ~1 MiB
+  read as they are asked for (`_LongReader`), so a 200 MB one-line document is never held whole.
 - JSONL and .json files are parsed by `jsonl.py` (the dotted `text_field` walk included), imported
   only when one is read, as `columnar.py` is.
 - Parquet files, save_to_disk folders and hub datasets are read by `columnar.py`, with pyarrow alone
@@ -504,6 +506,8 @@ def _read_documents(
 
 
 BLOCK_BYTES = 4 << 20
+# prepare streams a text file's document that grows past this without a boundary (`LongDocument`)
+LONG_DOCUMENT_BYTES = 16 << 20
 # A paragraph surely ends at a line that is empty or holds only ASCII blanks; blank lines made of
 # other whitespace (U+3000 ...) are real separators too, but a block is only cut at these. The match
 # is a line end (a "\r" only when no "\n" follows it), blanks, and the blank line's own end: "\n",
@@ -522,6 +526,15 @@ class Block:
     @property
     def file_start(self) -> bool:
         return self.first_lineno == 1
+
+
+@dataclass(frozen=True)
+class LongDocument:
+    """One text-file document too long for a block (`read_blocks` with `long_bytes`): its raw text as decoded
+    chunks (text, invalid UTF-8 sequences replaced in it), read from the file as they are asked for; they must
+    be used up before the next block is asked for. Joined, they are the `RawDocument` the block parser gives."""
+
+    chunks: Iterator[tuple[str, int]]
 
 
 def reads_in_blocks(path: Path, doc_unit: DocUnit) -> bool:
@@ -570,10 +583,13 @@ def read_blocks(
     on_bytes: Callable[[int], None] | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     block_bytes: int = BLOCK_BYTES,
-) -> Iterator[Block]:
+    long_bytes: int | None = None,
+) -> Iterator[Block | LongDocument]:
     """Cut a file accepted by `reads_in_blocks` into blocks of about `block_bytes` at document boundaries.
 
-    Parsing the blocks with `block_documents` gives the documents of `read_documents`, in order.
+    Parsing the blocks with `block_documents` gives the documents of `read_documents`, in order. With
+    `long_bytes`, a text file's document that passes `long_bytes` with no boundary in sight comes as a
+    `LongDocument` instead, streamed in chunks (memory holds a chunk, not the document; see `_LongReader`).
 
     Raises:
         DataError: binary file, corrupt compression or a line longer than `max_line_bytes`.
@@ -585,13 +601,19 @@ def read_blocks(
     start = 0  # pending[:start] holds no document boundary and ends at a non-whitespace byte (or is empty)
     lineno = 1
     reported = 0
+
+    def read() -> bytes:
+        nonlocal reported
+        data = stream.read(block_bytes)
+        if on_bytes is not None:
+            position = raw.tell()
+            on_bytes(position - reported)
+            reported = position
+        return data
+
     try:
         while True:
-            data = stream.read(block_bytes)
-            if on_bytes is not None:
-                position = raw.tell()
-                on_bytes(position - reported)
-                reported = position
+            data = read()
             pending += data
             # Search only what is new since the last whitespace run began: a boundary is all whitespace
             # (line ends and blank lines), so one not found before must end in the new data. Searching from
@@ -607,6 +629,14 @@ def read_blocks(
                 del pending[:cut]
                 start = 0
                 yield block
+            elif long_bytes is not None and not jsonl and data and len(pending) > long_bytes:
+                reader = _LongReader(pending, read, path, doc_unit, max_line_bytes, lineno)
+                yield LongDocument(reader.chunks())
+                lineno, start = reader.lineno, 0
+                if reader.eof:  # the file was read to its end: what the document left is the last block
+                    if pending:
+                        yield Block(bytes(pending), lineno)
+                    return
             elif len(pending) - (end := _line_end(pending, jsonl)) > max_line_bytes:
                 raise _long_line(path, lineno + _count_lines(pending[:end], jsonl), max_line_bytes)
             if not data:
@@ -616,6 +646,106 @@ def read_blocks(
     finally:
         stream.close()
         raw.close()
+
+
+# Where a long line may be cut into chunks: before a printable ASCII character or a CJK ideograph (U+4000-U+9FFF,
+# 3 bytes from E4-E9). Such a character ends any invalid UTF-8 sequence before it (decoding the parts gives the
+# text and the U+FFFD of decoding the whole), is no line break or control character that cleaning changes, and is
+# a Unicode starter that no normalization composes with what comes before it: cleaning the parts cleans the whole.
+_CHUNK_BYTES = 1 << 20
+
+
+def _safe_cut(data: bytearray) -> int:
+    """The last position in (0, _CHUNK_BYTES] of `data` where a long line may be cut (see above), searched in the
+    64 KiB before it; 0 if none."""
+    end = min(len(data) - 1, _CHUNK_BYTES)
+    for i in range(end, max(0, end - (1 << 16)), -1):
+        byte = data[i]
+        if 0x20 <= byte <= 0x7E:
+            return i
+        if 0xE4 <= byte <= 0xE9 and i + 2 < len(data) and 0x80 <= data[i + 1] <= 0xBF and 0x80 <= data[i + 2] <= 0xBF:
+            return i
+    return 0
+
+
+def _first_line_end(data: bytearray, final: bool) -> int:
+    """The length of the first line of `data` with its end (b"\n", b"\r\n" or a lone b"\r"); 0 if it has not
+    ended yet (a b"\r" that ends `data` may be the first half of a b"\r\n", unless `final`)."""
+    n = data.find(b"\n")
+    r = data.find(b"\r", 0, n if n >= 0 else len(data))
+    if r < 0:
+        return n + 1
+    if r + 1 < len(data):
+        return r + 2 if data[r + 1] == 0x0A else r + 1
+    return r + 1 if final else 0
+
+
+class _LongReader:
+    """Reads one long document of a text file from `read_blocks`' pending bytes and stream, in chunks.
+
+    The document is what `_text_documents` would make of the lines that follow: in "line" mode the next non-blank
+    line, in "paragraph" mode the lines up to a blank one (whitespace only, as decoded: `str.strip`). Whole lines
+    are given one each; a line longer than _CHUNK_BYTES in parts cut by `_safe_cut`, a part that holds only
+    whitespace held back until the line shows it is not blank; so a chunk is at most _CHUNK_BYTES, unless no
+    position to cut comes in a line's 64 KiB before that. Blank lines before the document are skipped; the
+    blank line after it and the rest stay in `pending` for `read_blocks`."""
+
+    def __init__(
+        self, pending: bytearray, read: Callable[[], bytes], path: Path, doc_unit: DocUnit, max_line_bytes: int,
+        lineno: int,
+    ) -> None:  # fmt: skip
+        self.pending, self.read, self.path = pending, read, path
+        self.doc_unit, self.max_line_bytes = doc_unit, max_line_bytes
+        self.lineno = lineno  # the line that pending starts with
+        self.eof = False
+
+    def chunks(self) -> Iterator[tuple[str, int]]:
+        pending = self.pending
+        started = False  # any line of the document given
+        line_bytes = 0  # bytes of the current line given so far
+        line_blank = True  # the current line's given parts are whitespace only
+        while True:
+            end = _first_line_end(pending, self.eof) or (len(pending) if self.eof else 0)
+            if (not end or end > _CHUNK_BYTES) and len(pending) > _CHUNK_BYTES and (cut := _safe_cut(pending)):
+                text, bad = self._decode(bytes(pending[:cut]), line_bytes == 0)
+                if not line_blank or text.strip():  # (a blank line's parts would be given before it shows blank)
+                    line_bytes += cut
+                    if line_bytes > self.max_line_bytes:
+                        raise _long_line(self.path, self.lineno, self.max_line_bytes)
+                    del pending[:cut]
+                    started, line_blank = True, False
+                    yield text, bad
+                    continue
+            if end:
+                text, bad = self._decode(bytes(pending[:end]), line_bytes == 0)
+                if line_blank and not text.strip():  # a blank line: before the document skipped, after it kept
+                    if started:
+                        return
+                    del pending[:end]
+                    self.lineno += 1
+                    continue
+                if line_bytes + end > self.max_line_bytes:
+                    raise _long_line(self.path, self.lineno, self.max_line_bytes)
+                del pending[:end]
+                self.lineno += 1
+                started, line_bytes, line_blank = True, 0, True
+                yield text, bad
+                if self.doc_unit == "line":
+                    return
+                continue
+            if self.eof:
+                return
+            if len(pending) + line_bytes > self.max_line_bytes + 1:  # (+1: a last b"\r" may be a line end)
+                raise _long_line(self.path, self.lineno, self.max_line_bytes)
+            data = self.read()
+            self.eof = not data
+            pending += data
+
+    def _decode(self, data: bytes, line_start: bool) -> tuple[str, int]:
+        text, bad = decode_utf8(data)
+        if line_start and self.lineno == 1:  # the file's first line: a byte-order mark is no text
+            text = text.removeprefix("\ufeff")
+        return text, bad
 
 
 def _fast_paragraphs(data: bytes, file_start: bool) -> list[str] | None:

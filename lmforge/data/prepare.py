@@ -17,7 +17,14 @@ Key design decisions:
   are the Chinese and Japanese documents over 20 MB for BPE, 2 MB for Unigram: tokenizing.py), and
   pass 2 encodes the temporary files in batches.
 - Pass 1 works on blocks of ~4 MB (text and JSONL files are cut at document boundaries as raw
-  bytes; other formats are read here and sent as batches of texts). `--workers N` runs the per-block
+  bytes; other formats are read here and sent as batches of texts). A text file's document that grows past
+  LONG_DOCUMENT_BYTES (16 MiB) with no boundary in sight (one giant line) is streamed instead, when the
+  tokenizer is trained and nothing else needs its whole text (near dedup, --normalize-whitespace,
+  --boilerplate and the repetition filters are off): read in ~1 MiB chunks (`ingest.LongDocument`), cleaned,
+  filtered, hashed (split, exact dedup) and written a chunk at a time (`BlockWorker._long_document`) to a
+  spill file that is copied into its split's docs file, in this process and in input order, with the
+  output of reading it whole (tested); pass 2 reads it in chunks too (tokenizing.py). Otherwise it is held
+  whole (about 4 times its size at the peak). `--workers N` runs the per-block
   work (`BlockWorker`: parse, clean, filter, hash, split, encode) in N processes, at most 2N blocks
   in flight, results taken in input order; this process only deduplicates (order matters there),
   counts and writes, so the output is byte-identical for any N. With N = 1 the same code runs here.
@@ -82,7 +89,9 @@ from lmforge.data.filters import LANGUAGES, REMOVAL_REASONS, DocumentCleaner, la
 from lmforge.data.ingest import (
     BLOCK_BYTES,
     DEFAULT_MAX_LINE_BYTES,
+    LONG_DOCUMENT_BYTES,
     DocUnit,
+    LongDocument,
     RawDocument,
     input_bytes,
     no_text_error,
@@ -392,19 +401,36 @@ class _Counts:
             self.length_hist[bits] += int(per_bits[bits])
 
 
+def _copy_spilled(spill: str, out: Any) -> None:
+    """Write the JSON string content in file `spill` to docs file `out` as one JSON line, a chunk at a time."""
+    out.write('"')
+    with open(spill, encoding="utf-8", newline="\n") as f:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+    out.write('"\n')
+
+
 def _doc_file(tmp: Path, split: str) -> Path:
     # ".part" is no input format, so a stale tmp folder inside an input folder is never read back
     return tmp / f"docs-{split}.jsonl.part"
 
 
-def _tasks(cfg: PrepareConfig, sources: list[tuple[Path, str]], bar: tqdm) -> Iterator[tuple[int, Task | None]]:
-    """(source index, task) for every block of every input, in order; (index, None) closes an input."""
+def _tasks(
+    cfg: PrepareConfig, sources: list[tuple[Path, str]], bar: tqdm, spill: Path | None
+) -> Iterator[tuple[int, Task | None]]:
+    """(source index, task) for every block of every input, in order; (index, None) closes an input. With `spill`,
+    a text file's document over LONG_DOCUMENT_BYTES is a task of its own, streamed (its text goes to `spill`)."""
+    long_bytes = LONG_DOCUMENT_BYTES if spill is not None else None
     for index, (path, role) in enumerate(sources):
         if reads_in_blocks(path, cfg.doc_unit):
             for block in read_blocks(
-                path, doc_unit=cfg.doc_unit, on_bytes=bar.update, max_line_bytes=cfg.max_line_bytes
-            ):
-                yield index, Task(str(path), role, block=block)
+                path, doc_unit=cfg.doc_unit, on_bytes=bar.update, max_line_bytes=cfg.max_line_bytes,
+                block_bytes=BLOCK_BYTES, long_bytes=long_bytes,
+            ):  # fmt: skip
+                if isinstance(block, LongDocument):
+                    yield index, Task(str(path), role, long=block, spill=str(spill))
+                else:
+                    yield index, Task(str(path), role, block=block)
         else:
             docs = read_documents(
                 path, doc_unit=cfg.doc_unit, text_field=cfg.text_field, on_bytes=bar.update,
@@ -426,7 +452,8 @@ def _tasks(cfg: PrepareConfig, sources: list[tuple[Path, str]], bar: tqdm) -> It
 def _results(
     worker: BlockWorker, tasks: Iterator[tuple[int, Task | None]], pool: Any, window: int
 ) -> Iterator[tuple[int, BlockResult | None]]:
-    """Run the tasks (in `pool`, at most `window` at a time, or here) and yield the results in task order."""
+    """Run the tasks (in `pool`, at most `window` at a time, or here) and yield the results in task order. A long
+    document's task runs here, after the tasks before it: it reads its text from the input as it goes."""
     if pool is None:
         for index, task in tasks:
             yield index, (worker(task) if task is not None else None)
@@ -443,6 +470,12 @@ def _results(
         if item is None:
             break
         index, task = item
+        if task is not None and task.long is not None:
+            while pending:
+                earlier, job = pending.popleft()
+                yield earlier, (job.get() if job is not None else None)
+            yield index, worker(task)
+            continue
         pending.append((index, pool.apply_async(run_in_pool_worker, (task,)) if task is not None else None))
         while len(pending) > window:
             index, job = pending.popleft()
@@ -478,12 +511,17 @@ def _pass1(
     outputs = {}
     if encoded is None:
         outputs = {split: open(_doc_file(tmp, split), "w", encoding="utf-8", newline="\n") for split in SPLITS}
+    # A text file's document too long for a block is streamed through cleaning into this file, then copied into
+    # its split's docs file, so memory holds a chunk of it, not it: when nothing needs its whole text (the
+    # tokenizer is trained in pass 2, near dedup is off, and so are the rewrites and filters that need it).
+    streamed = encoded is None and near is None and worker.cleaner.streams()
+    spill = tmp / "long-document.part" if streamed else None
     inputs: list[dict[str, Any]] = []
     # documents read, kept, invalid UTF-8 sequences, characters, no text, rows without the field of the current input
     per_file = [0, 0, 0, 0, 0, 0]
     first_missing: str | None = None
     try:
-        for index, r in _results(worker, _tasks(cfg, sources, bar), pool, window=2 * cfg.workers):
+        for index, r in _results(worker, _tasks(cfg, sources, bar, spill), pool, window=2 * cfg.workers):
             path, role = sources[index]
             if r is None:  # end of this input
                 read, kept, invalid, chars, no_text, missing = per_file
@@ -529,12 +567,16 @@ def _pass1(
             counts.add_kept(r, keep)
             if encoded is not None:
                 encoded.write(r, keep)
+            elif r.spill is not None:  # a long document (one), its text not held: copied from the spill file
+                _copy_spilled(r.spill, outputs[SPLITS[r.splits[0]]])
             else:
                 for i in np.flatnonzero(keep).tolist():
                     outputs[SPLITS[r.splits[i]]].write(json.dumps(r.texts[i], ensure_ascii=False) + "\n")
     finally:
         for f in outputs.values():
             f.close()
+        if spill is not None:
+            spill.unlink(missing_ok=True)
     return inputs, near
 
 

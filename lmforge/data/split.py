@@ -19,6 +19,7 @@ Key design decisions:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Literal
 
 Split = Literal["train", "val", "test"]
@@ -28,6 +29,14 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 def doc_digest(text: str) -> bytes:
     """sha256 of the UTF-8 text (32 bytes)."""
     return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def chunks_digest(chunks: Iterable[str]) -> bytes:
+    """`doc_digest` of the text that `chunks` hold one after the other (a long document, never held whole)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk.encode("utf-8"))
+    return h.digest()
 
 
 def bucket(digest: bytes) -> float:

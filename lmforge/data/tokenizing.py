@@ -11,10 +11,13 @@ texts), encoding kept documents into token shards, and the tokenizer's report fo
 - A document whose line in the temporary file is over 1 MiB is read a chunk at a time (`_streamed_docs`) and
   encoded a piece at a time (`DocumentEncoder.encode_stream`), its ids written as they come, with exactly the
   ids of encoding it whole (tested on a 2.2 MB document), so pass 2's memory holds a chunk and a piece, not the
-  document; char training counts it chunk by chunk too. The other trainers still see a long document whole
-  (cut into pieces by `long_pieces`), and pass 1 holds it whole. Measured (bench/long_document.py, memory
-  added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB: bpe 737 -> 18 MB, char
-  1,743 -> 27 MB (and 198 -> 122 CPU seconds: char encodes a piece faster than a 1M-character one).
+  document; char training counts it chunk by chunk too, and the bpe, wordpiece and unigram trainers get it
+  read in chunks and cut into pieces of about PIECE_CHARS characters (`_sample_docs`; when the train split is
+  sampled, its hash is taken over the chunks and the chunks read again). Measured (bench/long_document.py,
+  memory added while encoding one 50 MB line): bpe 222 -> 17 MB, char 488 -> 26 MB; 200 MB: bpe 737 -> 18 MB,
+  char 1,743 -> 27 MB (and 198 -> 122 CPU seconds: char encodes a piece faster than a 1M-character one).
+  Training on one 50 MB line (`--prepare`, memory over the start of prepare): bpe 291 -> 70 MB, wordpiece
+  287 -> 79 MB, unigram 292 -> 110 MB (pieces of 1M characters read whole before; README has the table).
 - `tokenizer_kind`, `tokenizer_report` and `top_tokens` serve `prepare --merge` (merge.py) too.
 - Split out of `prepare.py` (size guide); the passes themselves stay there, in the order the data flows.
 """
@@ -25,7 +28,8 @@ import codecs
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -35,9 +39,9 @@ from tqdm import tqdm
 from lmforge.data.blocks import BlockResult
 from lmforge.data.filters import GUESS_CHARS, LANGUAGES, guess_language, utf8_len
 from lmforge.data.shards import ShardWriter
-from lmforge.data.split import SPLITS, bucket, doc_digest
+from lmforge.data.split import SPLITS, bucket, chunks_digest, doc_digest
 from lmforge.tokenizer import fast_encode
-from lmforge.tokenizer.fast_encode import DocumentEncoder, long_pieces
+from lmforge.tokenizer.fast_encode import DocumentEncoder, text_pieces
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
 
@@ -90,28 +94,39 @@ class Encoded:
         return {LANGUAGES[i]: row for i, row in enumerate(table) if row[0] or row[1]}
 
 
-def _read_docs(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
-            yield json.loads(line)
-
-
 # A document whose JSON line is longer than this many bytes is read in chunks of this size (`_streamed_docs`)
 _STREAM_BYTES = 1 << 20
 _HIGH_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 def _streamed_docs(path: Path) -> Iterator[str | Iterator[str]]:
-    """`_read_docs`, except that a document longer than _STREAM_BYTES comes as an iterator over its text in
-    chunks, read from the file as they are asked for (each must be used up before the next document).
+    """The documents of docs file `path`, except that one longer than _STREAM_BYTES comes as an iterator over its
+    text in chunks, read from the file as they are asked for (each must be used up before the next document).
 
     Read whole, a 50 MB one-line document was in memory twice (its JSON line and its text) before encoding."""
+    for _, doc in _docs_at(path):
+        yield doc
+
+
+def _docs_at(path: Path) -> Iterator[tuple[int, str | Iterator[str]]]:
+    """`_streamed_docs`, each document with the file offset of its line (`_chunks_at` reads a long one again)."""
     with open(path, "rb") as f:
-        while line := f.readline(_STREAM_BYTES):
+        while True:
+            offset = f.tell()
+            line = f.readline(_STREAM_BYTES)
+            if not line:
+                return
             if line.endswith(b"\n") or len(line) < _STREAM_BYTES:
-                yield json.loads(line)
+                yield offset, json.loads(line)
             else:
-                yield _json_string_chunks(f, line)
+                yield offset, _json_string_chunks(f, line)
+
+
+def _chunks_at(path: Path, offset: int) -> Iterator[str]:
+    """The text of the long document whose line starts at `offset` of `path`, in chunks (a second reading)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        yield from _json_string_chunks(f, f.readline(_STREAM_BYTES))
 
 
 def _text_chunks(path: Path) -> Iterator[str]:
@@ -163,16 +178,37 @@ def _starts_escape(content: str, i: int) -> bool:
 
 def _sample_docs(path: Path, fraction: float, unspaced_fraction: float = 1.0) -> Iterator[str]:
     """Documents of `path`, each kept with probability `fraction` (`unspaced_fraction` for Chinese and
-    Japanese ones, when lower), decided by its hash (deterministic)."""
-    for text in _read_docs(path):
+    Japanese ones, when lower), decided by its hash (deterministic), in pieces of about PIECE_CHARS.
+
+    A document goes in pieces cut where no pre-tokenizer joins text (`text_pieces`: the trainer counts the same
+    words): HF's trainers held ~120 bytes per character of the text they were given (3.6 GB for a 30 MB one-line
+    file whole; in 1M-character pieces +323 MB for a 50 MB one). A long document is read in chunks (as pass 2
+    reads it), and when it is sampled its hash is taken over the chunks and its text read a second time, so
+    memory holds a chunk and a piece, not the document."""
+    for offset, doc in _docs_at(path):
+        chunks: Iterable[str] = [doc] if isinstance(doc, str) else doc
         keep = fraction
-        if unspaced_fraction < fraction and guess_language(text) in UNSPACED_LANGUAGES:
-            keep = unspaced_fraction
-        # digest bytes 8..16: independent of the split bucket, which uses bytes 0..8
-        if keep >= 1 or bucket(doc_digest(text)[8:16]) < keep:
-            # a long document goes in pieces cut where no pre-tokenizer joins text (the same words): HF's
-            # trainers held ~120 bytes per character of one document (3.6 GB for a 30 MB one-line file)
-            yield from long_pieces(text, fast_encode.LONG_DOCUMENT)  # (a shorter one whole)
+        if unspaced_fraction < fraction:
+            head, chunks = _head(chunks, GUESS_CHARS)  # all that guess_language reads
+            if guess_language(head) in UNSPACED_LANGUAGES:
+                keep = unspaced_fraction
+        if keep < 1:
+            if isinstance(doc, str):
+                digest = doc_digest(doc)
+            else:
+                digest, chunks = chunks_digest(chunks), _chunks_at(path, offset)
+            if bucket(digest[8:16]) >= keep:  # digest bytes 8..16: independent of the split's bucket (0..8)
+                continue
+        yield from text_pieces(chunks, fast_encode.PIECE_CHARS)
+
+
+def _head(chunks: Iterable[str], n: int) -> tuple[str, Iterable[str]]:
+    """The first `n` characters of the text that `chunks` hold, and chunks that still hold all of it."""
+    it = iter(chunks)
+    taken: list[str] = []
+    while sum(map(len, taken)) < n and (chunk := next(it, None)) is not None:
+        taken.append(chunk)
+    return "".join(taken)[:n], chain(taken, it)
 
 
 class _SampledDocs:
