@@ -309,7 +309,7 @@ def _duration(seconds: float) -> str:
 
 def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     header = [
-        "run", "preset", "status", "steps", "tokens", "best val loss", "final val ppl", "final val bpb",
+        "run", "kind", "preset", "status", "steps", "tokens", "best val loss", "final val ppl", "final val bpb",
         "wall-clock", "loss spikes", "skipped steps", "peak memory (MiB)", "last checkpoint",
     ]  # fmt: skip
     rows = []
@@ -319,6 +319,7 @@ def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
         rows.append(
             [
                 (run.name, run.name),
+                (s.kind or "-", s.kind),
                 (s.preset or "-", s.preset),
                 (s.status, s.status),
                 (f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step), s.step),

@@ -364,6 +364,28 @@ def _status(run_dir: Path) -> tuple[str, str]:
     return "interrupted" if reason == "interrupted" else "unknown", ""
 
 
+def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
+    """What made the run, as `lmforge runs` and `report` show it: "pretrain", "imported", "finetune TASK ADAPT"
+    or "distill TASK" (finetune.json), then ", int8" / ", int4" for a `quantize` copy (its checkpoint's
+    `quantization`). A quantized copy, a fine-tune and its distilled student otherwise read alike: same preset,
+    same steps, and a quantized copy the same config as its original."""
+    info = read_json_object(Path(run_dir) / "finetune.json")
+    meta = checkpoint_meta if isinstance(checkpoint_meta, dict) else {}
+    if info is not None:
+        task, adapt = info.get("task"), info.get("adapt")
+        task = task if isinstance(task, str) else "?"
+        kind = (
+            f"distill {task}" if adapt == "distill" else f"finetune {task} {adapt if isinstance(adapt, str) else '?'}"
+        )
+    else:
+        kind = "imported" if "imported_from" in meta else "pretrain"
+    quant = _section(meta, "quantization")
+    bits = quant.get("bits") if quant else None
+    if quant:
+        kind += f", int{bits}" if isinstance(bits, int) and not isinstance(bits, bool) else ", quantized"
+    return kind
+
+
 @dataclass
 class RunSummary:
     name: str
@@ -381,6 +403,7 @@ class RunSummary:
     failure: str = ""
     command: str = ""  # env.json's: the shell line that started it, and resumes it (run in `cwd`)
     cwd: str = ""
+    kind: str = ""  # run_kind: pretrain, imported, finetune TASK ADAPT, distill TASK; ", int8"/", int4": quantized
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -468,6 +491,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         failure=failure,
         command=str(env.get("command") or ""),
         cwd=str(env.get("cwd") or ""),
+        kind=run_kind(run_dir, meta),
     )
 
 
@@ -503,10 +527,11 @@ def _summarize_or_unreadable(run_dir: Path, root: Path) -> RunSummary:
 def format_runs(runs: list[RunSummary]) -> str:
     """A plain-text table, one run per line, then a line for each unreadable, failed or interrupted run; from
     the summaries alone (no files read)."""
-    header = ["run", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
+    header = ["run", "kind", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
     rows = [
         [
             r.name,
+            r.kind or "-",
             r.preset or "-",
             r.status,
             f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step),

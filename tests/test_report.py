@@ -263,7 +263,7 @@ def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_
     (crashed / "status.json").write_text('{"status": "failed", "pid": 1, "error": "boom"}', encoding="utf-8")
     result = run_cli("report", str(two_runs[0]), str(crashed), "--out", str(tmp_path / "r.md"))
     assert result.returncode == 0, result.stderr
-    assert "| crashed | tiny | failed | 0/" in (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "| crashed | pretrain | tiny | failed | 0/" in (tmp_path / "r.md").read_text(encoding="utf-8")
     with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
         render_report([crashed, crashed], tmp_path / "r2.html")
 

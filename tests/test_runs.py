@@ -114,9 +114,9 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     table = run_cli("runs", str(root))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 8
-    assert lines[2].split()[:4] == ["done", "tiny", "finished", "12/12"]
-    assert lines[3].split()[:3] == ["group/killed", "tiny", "failed"]
+    assert lines[0].split()[:4] == ["run", "kind", "preset", "status"] and len(lines) == 8
+    assert lines[2].split()[:5] == ["done", "pretrain", "tiny", "finished", "12/12"]
+    assert lines[3].split()[:4] == ["group/killed", "pretrain", "tiny", "failed"]
     # the line names the command to re-run as typed (`python -m lmforge`'s argv[0] is lmforge/__main__.py)
     commands = {r: json.loads((r / "env.json").read_text(encoding="utf-8"))["command"] for r in (stopped, killed)}
     assert commands[killed] == shlex.join(["lmforge", *_start_args(data_dir, killed, checkpoint_every=2)])
@@ -169,7 +169,7 @@ def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
     }
     assert list(runs[0].to_dict()) == [
         "name", "path", "preset", "status", "step", "max_steps", "tokens", "best_val_loss", "elapsed_s",
-        "last_checkpoint", "error", "failure", "command", "cwd",
+        "last_checkpoint", "error", "failure", "command", "cwd", "kind",
     ]  # fmt: skip
     table = format_runs(runs)
     over = "it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"
@@ -372,7 +372,8 @@ def test_malformed_records_and_config_do_not_break_runs_or_report(data_dir, tmp_
     result = run_cli("runs", str(root))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].split()[:3] == ["bad", "-", "unreadable"] and lines[2].split()[:3] == ["good", "tiny", "finished"]
+    assert lines[1].split()[:4] == ["bad", "-", "-", "unreadable"]
+    assert lines[2].split()[:4] == ["good", "pretrain", "tiny", "finished"]
     assert lines[3].startswith("bad: unreadable (UnicodeDecodeError")
     bad_report = run_cli("report", str(bad), str(good), "--out", str(tmp_path / "r2.html"))
     assert bad_report.returncode == 2 and len(bad_report.stderr.strip().splitlines()) == 1, bad_report.stderr
