@@ -394,9 +394,9 @@ def build_parser() -> Parser:
         "runs",
         help="table of the runs under a folder",
         description="Name, kind (pretrain, imported, finetune TASK ADAPT, distill TASK; ', int8' or ', int4' after "
-        "it for a quantized copy), preset, status (running, finished, interrupted, failed; unknown for an imported "
-        "model), steps, tokens, best validation loss, training time and last checkpoint of every run directory "
-        "under DIR.",
+        "it for a quantized copy), preset, status (running, finished, interrupted, failed; stopped: before training "
+        "began; unknown for an imported model), steps, tokens, best validation loss, training time and last "
+        "checkpoint of every run directory under DIR.",
     )
     p.add_argument(
         "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"

@@ -10,15 +10,19 @@ leaves "running" behind, so a reader decides in this order:
    `atomic.process_alive`), on another host if `metrics.jsonl` was written in the last `STALE_S`
    seconds; else it *failed*.
 2. `status.json` says finished / interrupted / failed: that.
-3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
-   `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
+3. No `status.json` (a run set up but killed before its loop began, a fine-tune killed in the evaluation
+   before its training, runs from before status.json, imported models): *running* while a process on this
+   host holds the run's `.lock` (the `claim`, taken before anything is written; env.json's `host` says the
+   run is this host's); else the latest checkpoint's `stop_reason` (max_steps/time_budget/early_stop =
+   finished, interrupted); else, with no checkpoint, *stopped* (before training began) when the lock is
+   this host's to judge, and `unknown` when it is not (another host, no `.lock` or no `host`: no guess).
 
-The statuses are the four the table has always shown: a process that ended without a word is *failed*
-like one that recorded an exception (status.json's `error`), though nothing may be wrong with its
-settings; either resumes from its last complete checkpoint (a checkpoint folder is complete or absent,
-never half-written). So under the table each failed or interrupted run gets a line saying whether
-re-running its command resumes it (and from which checkpoint) or starts it over, and, for a process that
-died without a word, that it did (killed: SIGKILL, the OOM killer, a power cut).
+Besides *stopped* and *unknown*, the statuses are the four the table has always shown: a process that
+ended without a word is *failed* like one that recorded an exception (status.json's `error`), though
+nothing may be wrong with its settings; either resumes from its last complete checkpoint (a checkpoint
+folder is complete or absent, never half-written). So under the table each failed, interrupted or stopped
+run gets a line saying whether re-running its command resumes it (and from which checkpoint) or starts
+it over, and, for a process that died without a word, that it did (killed: SIGKILL, the OOM killer, a power cut).
 
 `finetune` keeps the same file. Everything else in the table comes from files the run already
 has: `config.json` (preset, max_steps; for a fine-tuned run the settings in `finetune.json`, see
@@ -356,12 +360,26 @@ def _status(run_dir: Path) -> tuple[str, str]:
             metrics = run_dir / "metrics.jsonl"
             alive = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
         return ("running", "") if alive else ("failed", KILLED)
+    # No status.json: a run set up (config.json, env.json) but killed before its loop began, a fine-tune killed
+    # during its evaluation before training, or one from before status.json. The claim lock on RUN/.lock says
+    # whether a process holds the run now: it is taken before anything is written and let go however the
+    # process ends. It speaks for a process on this host (env.json's `host`); elsewhere, or for a run that
+    # recorded no host, what remains is unknown.
+    local = (
+        FILE_LOCKS
+        and (run_dir / LOCK_FILE).is_file()
+        and (read_json_object(run_dir / "env.json") or {}).get("host") == socket.gethostname()
+    )
+    if local and being_trained(run_dir):
+        return "running", ""
     ckpt = _latest_checkpoint(run_dir)
     meta = read_json_object(ckpt / "state.json") if ckpt else None
     reason = _section(meta, "train_state").get("stop_reason", "")
     if reason in FINISHED_REASONS:
         return "finished", ""
-    return "interrupted" if reason == "interrupted" else "unknown", ""
+    if reason == "interrupted":
+        return "interrupted", ""
+    return ("stopped", "") if local and ckpt is None else ("unknown", "")
 
 
 def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
@@ -409,14 +427,17 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE)  # next to config.json: a run (is_run_dir)
+# next to config.json: a run (is_run_dir)
+RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE, "env.json")
 
 
 def is_run_dir(path: Path) -> bool:
-    """A folder with config.json and metrics.jsonl, checkpoints/ or status.json is a run.
+    """A folder with config.json and metrics.jsonl, checkpoints/, status.json or env.json is a run.
 
     status.json counts: a run in its first `log_every` steps (minutes, for a big model on a CPU) has no
-    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run"."""
+    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run".
+    env.json too: pretrain and finetune write it with config.json, before the setup (data, model, compile)
+    that may take minutes; a run killed there was no run at all."""
     path = Path(path)
     return (path / "config.json").is_file() and any((path / name).exists() for name in RUN_FILES)
 
@@ -548,7 +569,7 @@ def format_runs(runs: list[RunSummary]) -> str:
         for row in [header, *rows]
     ]
     lines += [f"{r.name}: unreadable ({r.error})" for r in runs if r.error]
-    lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted")]
+    lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted", "stopped")]
     return "\n".join(lines)
 
 
@@ -556,7 +577,9 @@ def _stop_note(run: RunSummary) -> str:
     """How a failed or interrupted run ended, and what re-running its command does: the question a user
     has about it."""
     how = run.status
-    if run.failure == KILLED:
+    if run.status == "stopped":
+        how = "stopped before training began (no status.json, and no process on this host holds its .lock)"
+    elif run.failure == KILLED:
         how = "failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut)"
     elif run.failure:
         how = f"failed: {run.failure}"

@@ -495,3 +495,44 @@ def test_a_live_pid_that_started_at_another_time_is_not_the_run(tmp_path):
     info.pop("pid_start")  # a status.json from before the start was recorded: a live pid is the run, as before
     (run / "status.json").write_text(json.dumps(info), encoding="utf-8")
     assert run_status(run) == "running"
+
+
+SET_UP_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from lmforge.atomic import write_json
+from lmforge.log import capture_env
+from lmforge.runs import claim
+run = Path(sys.argv[1])
+claim(run)  # what pretrain does first, then config.json and env.json, then minutes of setup (data, model, compile)
+write_json(run / "config.json", {"preset": "tiny", "train": {"max_steps": 10}})
+write_json(run / "env.json", capture_env("cpu"))
+print("set up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_killed_before_its_loop_is_stopped_not_unknown(tmp_path):
+    """A run killed during its setup (config.json, env.json and its .lock; no status.json, metrics or checkpoint)
+    was left out of `lmforge runs` (and, with an empty metrics.jsonl, shown as "unknown"); while its process lives
+    it is running, once it is gone it stopped before training began. Where the lock cannot speak for the process
+    (env.json names another host), it stays unknown rather than a guess."""
+    run = tmp_path / "runs" / "setup"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SET_UP_THEN_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "set up"
+        (row,) = list_runs(tmp_path / "runs")
+        assert (row.name, row.status) == ("setup", "running")
+    finally:
+        proc.kill()
+        proc.wait()
+    (row,) = list_runs(tmp_path / "runs")
+    assert row.status == "stopped" and row.last_checkpoint == ""
+    note = format_runs([row]).splitlines()[-1]
+    assert note.startswith("setup: stopped before training began (no status.json, and no process on this host holds")
+    assert note.endswith("it saved no checkpoint, so re-running " + f"`{row.command}` in {row.cwd} starts it over")
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
+    (run / "env.json").write_text(json.dumps({**env, "host": "another-machine"}), encoding="utf-8")
+    assert run_status(run) == "unknown"
