@@ -48,6 +48,7 @@ from typing import Any
 
 from lmforge.atomic import FILE_LOCKS, process_alive, this_process, try_lock, write_json
 from lmforge.errors import ConfigError, DataError
+from lmforge.fields import saved_config, saved_train
 from lmforge.log import display_width, format_duration, read_metrics
 
 STATUS_FILE = "status.json"
@@ -468,13 +469,17 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     left out rather than shown with the base's numbers.
     """
     run_dir = Path(run_dir)
-    config = read_json_object(run_dir / "config.json") or {}
+    # read by its config_version, as training reads it: a config saved before version 2 with min_lr 0 decayed to
+    # lr / 10, as min_lr unset does now (`report` showed the two as a difference); the version itself is no setting
+    config = saved_config(read_json_object(run_dir / "config.json") or {})
     info = read_json_object(run_dir / "finetune.json")
     if info is None:
         return config
     out: dict[str, Any] = {k: config[k] for k in ("preset", "model") if k in config}
     out["finetune"] = {"base": info.get("base"), **_section(info, "finetune_config")}
     out.update({k: info[k] for k in FINETUNE_SECTIONS if isinstance(info.get(k), dict)})
+    if "train" in out:  # (finetune.json's config_version is its train section's)
+        out["train"] = saved_train(out["train"], info.get("config_version"))
     return out
 
 

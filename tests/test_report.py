@@ -493,3 +493,25 @@ def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
     assert "No samples: pretrain with <code>--eval.sample_tokens 200</code> to log one per evaluation; a fine-tune" in (
         render_html(mixed)
     )
+
+
+def test_an_old_config_without_a_version_is_compared_as_training_reads_it(two_runs, tmp_path):
+    """A config.json saved before config_version 2 with min_lr 0 decayed to lr / 10, as min_lr unset (None) does
+    now: the report listed train.min_lr 0.0 vs None (and config_version absent vs 2) as differences; it compares
+    them as training reads them. min_lr 0 in a new config (a decay to zero) still differs from unset."""
+    from lmforge.report import config_differences
+
+    saved = json.loads((two_runs[0] / "config.json").read_text(encoding="utf-8"))
+    assert saved["config_version"] == 2 and saved["train"]["min_lr"] is None
+    runs = {}
+    for name, version, min_lr in [("old", None, 0.0), ("new", 2, None), ("to-zero", 2, 0.0)]:
+        run = tmp_path / name
+        shutil.copytree(two_runs[0], run)
+        config = {k: v for k, v in saved.items() if k != "config_version"}
+        config["train"] = {**saved["train"], "min_lr": min_lr}
+        if version is not None:
+            config["config_version"] = version
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        runs[name] = run
+    assert config_differences(load_runs([runs["old"], runs["new"]])) == []
+    assert config_differences(load_runs([runs["old"], runs["to-zero"]])) == [("train.min_lr", [None, 0.0])]
