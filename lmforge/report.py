@@ -183,11 +183,23 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     return runs
 
 
+class _Absent:
+    """A setting a run does not have (a fine-tune's config has no data or objective section, a pretraining run no
+    finetune one): shown as "-", where it read "null" like a setting left unset (train.min_lr null = lr / 10)."""
+
+    def __repr__(self) -> str:
+        return "-"
+
+
+ABSENT = _Absent()
+
+
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
-    """(dotted key, value per run) for every setting that differs (all settings for a single run)."""
+    """(dotted key, value per run; `ABSENT` where a run has no such setting) for every setting that differs (all
+    settings for a single run)."""
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    rows = [(k, [f.get(k) for f in flat]) for k in keys if k != "out"]
+    rows = [(k, [f.get(k, ABSENT) for f in flat]) for k in keys if k != "out"]
     if len(runs) == 1:
         return rows
     return [(k, vals) for k, vals in rows if any(v != vals[0] for v in vals)]
@@ -407,6 +419,8 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def _short(value: Any) -> str:
+    if value is ABSENT:
+        return "-"
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -454,6 +468,14 @@ def _not_logged(runs: list[Run]) -> list[str]:
     notes = []
     for run in runs:
         if run.train or run.evals:
+            continue
+        kind = run.summary.kind
+        if ", int" in kind or kind.endswith(", quantized"):  # (quantize writes no metrics.jsonl: none will come)
+            notes.append(f"{run.name}: a quantized copy; its training metrics are its original's (quantize.json "
+                         "holds the before/after comparison)")  # fmt: skip
+            continue
+        if kind == "imported":
+            notes.append(f"{run.name}: an imported model, trained elsewhere; it has no training metrics")
             continue
         train = run.config.get("train")
         every = train.get("log_every") if isinstance(train, dict) else None

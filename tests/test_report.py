@@ -515,3 +515,26 @@ def test_an_old_config_without_a_version_is_compared_as_training_reads_it(two_ru
         runs[name] = run
     assert config_differences(load_runs([runs["old"], runs["new"]])) == []
     assert config_differences(load_runs([runs["old"], runs["to-zero"]])) == [("train.min_lr", [None, 0.0])]
+
+
+def test_a_quantized_copy_and_a_fine_tune_read_as_what_they_are(two_runs, tmp_path):
+    """Comparing runs of different kinds: a quantized copy read as a pretraining run that had not logged a step
+    yet, and a setting a fine-tune has no section for (data.dir) read "null", as a setting left unset does."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.finetune import FinetuneConfig, finetune
+    from lmforge.report import ABSENT, config_differences
+    from tests.test_finetune import DATA, FAST, make_base
+
+    fast, q8, sft = two_runs[0], tmp_path / "q8", tmp_path / "sft"
+    quantize_run(fast, q8, bits=8, compare=False)
+    finetune(make_base(tmp_path), train_file=DATA / "chat.jsonl", out=sft, cfg=FinetuneConfig(task="sft"),
+             overrides=FAST, progress=False)  # fmt: skip
+    runs = load_runs([fast, q8, sft])
+    assert [run.summary.kind for run in runs] == ["pretrain", "pretrain, int8", "finetune sft full"]
+    dirs = dict(config_differences(runs))["data.dir"]
+    assert dirs[0] == dirs[1] == runs[0].config["data"]["dir"] and dirs[2] is ABSENT
+    text = render_report([fast, q8, sft], tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "q8: a quantized copy; its training metrics are its original's" in text
+    assert "no steps logged yet" not in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| data.dir |")]
+    assert row.endswith(" | - |") and "null" not in row
