@@ -393,9 +393,10 @@ def build_parser() -> Parser:
     p = sub.add_parser(
         "runs",
         help="table of the runs under a folder",
-        description="Name, preset, status (running, finished, interrupted, failed; unknown for an imported "
-        "model), steps, tokens, best validation loss, training time and last checkpoint of every run directory "
-        "under DIR.",
+        description="Name, kind (pretrain, imported, finetune TASK ADAPT, distill TASK; ', int8' or ', int4' after "
+        "it for a quantized copy), preset, status (running, finished, interrupted, failed; stopped: before training "
+        "began; unknown for an imported model), steps, tokens, best validation loss, training time and last "
+        "checkpoint of every run directory under DIR.",
     )
     p.add_argument(
         "dir", nargs="?", default="runs", metavar="DIR", help="folder holding run directories (default: runs)"
@@ -406,7 +407,7 @@ def build_parser() -> Parser:
         help="print a JSON list, an object per run: name, path, preset, status, step, max_steps, tokens, "
         "best_val_loss, elapsed_s, last_checkpoint, error (why an unreadable run could not be read), failure (a "
         "failed run: the first line of its error, or 'killed' when its process died without a word), command and "
-        "cwd (env.json's: the line to re-run, and where, to resume the run)",
+        "cwd (env.json's: the line to re-run, and where, to resume the run), kind (the table's)",
     )
     add_parsers(sub)
     return parser

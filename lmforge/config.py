@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import ConfigError
-from lmforge.fields import changed_fields, check, opt
+from lmforge.fields import CONFIG_VERSION, changed_fields, check, opt, saved_config, saved_train
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -373,30 +373,6 @@ class LogConfig:
             "log.wandb_project names the Weights & Biases project of log.wandb, which is off; pass --log.wandb or "
             "drop it",
         )
-
-
-# The version of a saved config (config.json, state.json's config, finetune.json's train section). 2: train.min_lr
-# unset means lr / 10 and 0 decays to zero; a saved config without a version was written when 0 meant lr / 10,
-# and `saved_train` reads it so (its runs resume, are evaluated and continued with the schedule they trained with).
-CONFIG_VERSION = 2
-
-
-def saved_train(train: Any, version: Any) -> Any:
-    """A saved train section as this lmforge reads it: one saved before version 2 with min_lr 0 decayed toward
-    lr / 10, which is min_lr unset now. Anything else is returned as it is."""
-    old = not (isinstance(version, int) and version >= 2)
-    if old and isinstance(train, dict) and train.get("min_lr") == 0:
-        return {**train, "min_lr": None}
-    return train
-
-
-def saved_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A saved `RunConfig.to_dict()` (config.json, state.json) as the nested dict `from_dict` reads: without its
-    config_version, its train section read by that version (`saved_train`)."""
-    out = {k: v for k, v in data.items() if k != "config_version"}
-    if "train" in out:
-        out["train"] = saved_train(out["train"], data.get("config_version"))
-    return out
 
 
 def resumed_train(saved: Any, version: Any, train: TrainConfig) -> tuple[TrainConfig, str]:

@@ -4,8 +4,10 @@ flat dataclass (`prepare`, `finetune`).
 
 They live in their own tiny module (not in `config.py`) because model files define their config
 dataclasses at the top (STYLE.md) and `config.py` imports those to compose `RunConfig`; keeping the
-helpers here avoids an import cycle. The argparse bridge knows nothing of `RunConfig` either: it turns
-any flat dataclass's fields into flags.
+helpers here avoids an import cycle. The version of a saved config (`CONFIG_VERSION`, `saved_train`,
+`saved_config`, re-exported by `config.py`) is here so that `lmforge runs` and `report` read a saved config
+as training does without importing torch (`config.py` imports the model files). The argparse bridge knows
+nothing of `RunConfig` either: it turns any flat dataclass's fields into flags.
 """
 
 import dataclasses
@@ -42,6 +44,30 @@ def changed_fields(config: Any) -> set[str]:
         if getattr(config, f.name) != default:
             changed.add(f.name)
     return changed
+
+
+# The version of a saved config (config.json, state.json's config, finetune.json's train section). 2: train.min_lr
+# unset means lr / 10 and 0 decays to zero; a saved config without a version was written when 0 meant lr / 10,
+# and `saved_train` reads it so (its runs resume, are evaluated and continued with the schedule they trained with).
+CONFIG_VERSION = 2
+
+
+def saved_train(train: Any, version: Any) -> Any:
+    """A saved train section as this lmforge reads it: one saved before version 2 with min_lr 0 decayed toward
+    lr / 10, which is min_lr unset now. Anything else is returned as it is."""
+    old = not (isinstance(version, int) and version >= 2)
+    if old and isinstance(train, dict) and train.get("min_lr") == 0:
+        return {**train, "min_lr": None}
+    return train
+
+
+def saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved `RunConfig.to_dict()` (config.json, state.json) as the nested dict `from_dict` reads: without its
+    config_version, its train section read by that version (`saved_train`)."""
+    out = {k: v for k, v in data.items() if k != "config_version"}
+    if "train" in out:
+        out["train"] = saved_train(out["train"], data.get("config_version"))
+    return out
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

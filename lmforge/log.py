@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -289,6 +290,7 @@ def capture_env(device: str) -> dict[str, Any]:
         "argv": sys.argv,
         "command": rerun_command(sys.argv),  # argv[0] of `python -m lmforge` is a path to lmforge/__main__.py
         "cwd": os.getcwd(),
+        "host": socket.gethostname(),  # `lmforge runs`: whether RUN/.lock speaks for the run's process (runs._status)
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "lmforge": lmforge.__version__,
         "python": sys.version.split()[0],

@@ -136,13 +136,18 @@ def data_card(data_dir: str) -> dict[str, Any]:
     return out
 
 
-def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
-    """Read one run directory; not a run or no metrics yet is a one-line `CheckpointError`."""
+def load_run(path: str | Path) -> Run:
+    """Read one run directory (one that has not logged a step yet too); not a run is a one-line `CheckpointError`."""
     p = Path(path)
     if not p.is_dir() or not is_run_dir(p):
+        if (p / "config.json").is_file():  # (a model export or a copied config has one too: not taken for a run)
+            raise CheckpointError(
+                f"{p} has a config.json but none of the files a run writes beside it (env.json, status.json, "
+                "metrics.jsonl, checkpoints/); pass a folder made by 'lmforge pretrain' or 'lmforge finetune'"
+            )
         raise CheckpointError(
-            f"{p} is not an lmforge run directory (no config.json + metrics.jsonl); pass a folder made by "
-            "'lmforge pretrain'"
+            f"{p} is not an lmforge run directory (no config.json); pass a folder made by 'lmforge pretrain' or "
+            "'lmforge finetune'"
         )
     try:
         records = read_metrics(p / "metrics.jsonl")
@@ -150,8 +155,6 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
         config = run_config(p)  # a fine-tuned run: its own settings from finetune.json, not its base's
     except (OSError, ValueError) as e:  # permissions, I/O errors, undecodable files: one line, not a traceback
         raise CheckpointError(f"cannot read run {p}: {type(e).__name__}: {e}") from None
-    if not records and not allow_empty:
-        raise CheckpointError(f"{p}/metrics.jsonl is missing or empty; nothing to report until the run logs a step")
     data = config.get("data")
     data_dir = data.get("dir") if isinstance(data, dict) else None  # a hand-edited `"data": null` has none
     return Run(
@@ -166,14 +169,13 @@ def load_run(path: str | Path, *, allow_empty: bool = False) -> Run:
     )
 
 
-def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run]:
+def load_runs(paths: list[str | Path]) -> list[Run]:
     if not paths:
         raise ConfigError("no run directories given; pass one or more RUN_DIRs")
-    # A run that has not logged a step (it crashed at start, or has just begun) is a row of the comparison:
-    # refusing it refused the whole `lmforge report runs/*`. Only a report with nothing in it is an error.
-    runs = [load_run(p, allow_empty=allow_empty or len(paths) > 1) for p in paths]
-    if not allow_empty and not any(run.train or run.evals for run in runs):
-        load_run(paths[0])  # its one-line error: nothing to report until a run logs a step
+    # A run that has not logged a step (it has just begun, or crashed at start) is a row of the report, with its
+    # status, config and a note (`_not_logged`): refusing it refused the whole `lmforge report runs/*`, and a
+    # report of a run just started ("nothing to report until the run logs a step") showed nothing of it.
+    runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
     for run in runs:  # two runs/…/a folders: tell them apart by their parent
         if names.count(run.name) > 1:
@@ -181,11 +183,23 @@ def load_runs(paths: list[str | Path], *, allow_empty: bool = False) -> list[Run
     return runs
 
 
+class _Absent:
+    """A setting a run does not have (a fine-tune's config has no data or objective section, a pretraining run no
+    finetune one): shown as "-", where it read "null" like a setting left unset (train.min_lr null = lr / 10)."""
+
+    def __repr__(self) -> str:
+        return "-"
+
+
+ABSENT = _Absent()
+
+
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
-    """(dotted key, value per run) for every setting that differs (all settings for a single run)."""
+    """(dotted key, value per run; `ABSENT` where a run has no such setting) for every setting that differs (all
+    settings for a single run)."""
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    rows = [(k, [f.get(k) for f in flat]) for k in keys if k != "out"]
+    rows = [(k, [f.get(k, ABSENT) for f in flat]) for k in keys if k != "out"]
     if len(runs) == 1:
         return rows
     return [(k, vals) for k, vals in rows if any(v != vals[0] for v in vals)]
@@ -309,7 +323,7 @@ def _duration(seconds: float) -> str:
 
 def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     header = [
-        "run", "preset", "status", "steps", "tokens", "best val loss", "final val ppl", "final val bpb",
+        "run", "kind", "preset", "status", "steps", "tokens", "best val loss", "final val ppl", "final val bpb",
         "wall-clock", "loss spikes", "skipped steps", "peak memory (MiB)", "last checkpoint",
     ]  # fmt: skip
     rows = []
@@ -319,6 +333,7 @@ def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
         rows.append(
             [
                 (run.name, run.name),
+                (s.kind or "-", s.kind),
                 (s.preset or "-", s.preset),
                 (s.status, s.status),
                 (f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step), s.step),
@@ -404,6 +419,8 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def _short(value: Any) -> str:
+    if value is ABSENT:
+        return "-"
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -446,6 +463,28 @@ def _html_table(table_id: str, header: list[str], rows: list[list[Cell]]) -> str
     return "".join(out)
 
 
+def _not_logged(runs: list[Run]) -> list[str]:
+    """A line for each run with no metrics yet, saying when it will have some."""
+    notes = []
+    for run in runs:
+        if run.train or run.evals:
+            continue
+        kind = run.summary.kind
+        if ", int" in kind or kind.endswith(", quantized"):  # (quantize writes no metrics.jsonl: none will come)
+            notes.append(f"{run.name}: a quantized copy; its training metrics are its original's (quantize.json "
+                         "holds the before/after comparison)")  # fmt: skip
+            continue
+        if kind == "imported":
+            notes.append(f"{run.name}: an imported model, trained elsewhere; it has no training metrics")
+            continue
+        train = run.config.get("train")
+        every = train.get("log_every") if isinstance(train, dict) else None
+        known = isinstance(every, int) and not isinstance(every, bool)
+        when = f"a line every {every} steps (train.log_every)" if known else "a line per log interval"
+        notes.append(f"{run.name}: no steps logged yet ({run.summary.status}; its metrics.jsonl gets {when})")
+    return notes
+
+
 def _no_samples_hint(runs: list[Run]) -> str:
     """What would give these runs samples, by kind: only a pretraining run of a decoder takes
     --eval.sample_tokens (finetune refuses it; an encoder generates no text)."""
@@ -484,6 +523,7 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
 
     parts.append("<h2>Summary</h2>")
     parts.append(_html_table("summary", *summary_table(runs)))
+    parts += [f'<p class="meta">{html.escape(note)}</p>' for note in _not_logged(runs)]
 
     diffs = config_differences(runs)
     parts.append("<h2>Config differences</h2>" if len(runs) > 1 else "<h2>Config</h2>")
@@ -611,6 +651,7 @@ def render_markdown(runs: list[Run], out: Path) -> str:
         "",
         _md_table(*summary_table(runs)),
     ]
+    parts += [line for note in _not_logged(runs) for line in ("", _md_escape(note))]
     diffs = config_differences(runs)
     parts += ["", "## Config differences" if len(runs) > 1 else "## Config", ""]
     if diffs:
@@ -705,7 +746,6 @@ def render_report(
     *,
     fmt: str = "auto",
     refresh_s: float | None = None,
-    allow_empty: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write the report comparing `run_dirs` to `out` (HTML or Markdown + PNGs) and return its path.
@@ -715,12 +755,11 @@ def render_report(
         out: the output file; `.md` means Markdown unless `fmt` says otherwise.
         fmt: "auto", "html" or "md".
         refresh_s: add a meta refresh of this many seconds (live view).
-        allow_empty: accept runs that have not logged anything yet (live view).
         overwrite: replace an existing `out` that is not an earlier report (an earlier report is always replaced).
     """
     out = Path(out)
     kind = _resolve_format(out, fmt)
-    runs = load_runs(list(run_dirs), allow_empty=allow_empty)
+    runs = load_runs(list(run_dirs))
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
     _refuse_run_file(out, [run.path for run in runs])
@@ -764,9 +803,7 @@ def watch(
     try:
         while True:
             live = any(run_status(Path(p)) == "running" for p in run_dirs)
-            path = render_report(
-                run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, allow_empty=True, overwrite=overwrite
-            )
+            path = render_report(run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, overwrite=overwrite)
             renders += 1
             if echo:
                 stamp = datetime.datetime.now().strftime("%H:%M:%S")
@@ -776,5 +813,5 @@ def watch(
             time.sleep(every_s)
     except KeyboardInterrupt:
         # the last page does not keep reloading
-        render_report(run_dirs, out, fmt=fmt, allow_empty=True, overwrite=overwrite)
+        render_report(run_dirs, out, fmt=fmt, overwrite=overwrite)
         return renders + 1

@@ -10,15 +10,19 @@ leaves "running" behind, so a reader decides in this order:
    `atomic.process_alive`), on another host if `metrics.jsonl` was written in the last `STALE_S`
    seconds; else it *failed*.
 2. `status.json` says finished / interrupted / failed: that.
-3. No `status.json` (runs from before it existed, imported models): the latest checkpoint's
-   `stop_reason` (max_steps/time_budget/early_stop = finished, interrupted), else `unknown`.
+3. No `status.json` (a run set up but killed before its loop began, a fine-tune killed in the evaluation
+   before its training, runs from before status.json, imported models): *running* while a process on this
+   host holds the run's `.lock` (the `claim`, taken before anything is written; env.json's `host` says the
+   run is this host's); else the latest checkpoint's `stop_reason` (max_steps/time_budget/early_stop =
+   finished, interrupted); else, with no checkpoint, *stopped* (before training began) when the lock is
+   this host's to judge, and `unknown` when it is not (another host, no `.lock` or no `host`: no guess).
 
-The statuses are the four the table has always shown: a process that ended without a word is *failed*
-like one that recorded an exception (status.json's `error`), though nothing may be wrong with its
-settings; either resumes from its last complete checkpoint (a checkpoint folder is complete or absent,
-never half-written). So under the table each failed or interrupted run gets a line saying whether
-re-running its command resumes it (and from which checkpoint) or starts it over, and, for a process that
-died without a word, that it did (killed: SIGKILL, the OOM killer, a power cut).
+Besides *stopped* and *unknown*, the statuses are the four the table has always shown: a process that
+ended without a word is *failed* like one that recorded an exception (status.json's `error`), though
+nothing may be wrong with its settings; either resumes from its last complete checkpoint (a checkpoint
+folder is complete or absent, never half-written). So under the table each failed, interrupted or stopped
+run gets a line saying whether re-running its command resumes it (and from which checkpoint) or starts
+it over, and, for a process that died without a word, that it did (killed: SIGKILL, the OOM killer, a power cut).
 
 `finetune` keeps the same file. Everything else in the table comes from files the run already
 has: `config.json` (preset, max_steps; for a fine-tuned run the settings in `finetune.json`, see
@@ -44,6 +48,7 @@ from typing import Any
 
 from lmforge.atomic import FILE_LOCKS, process_alive, this_process, try_lock, write_json
 from lmforge.errors import ConfigError, DataError
+from lmforge.fields import saved_config, saved_train
 from lmforge.log import display_width, format_duration, read_metrics
 
 STATUS_FILE = "status.json"
@@ -356,12 +361,48 @@ def _status(run_dir: Path) -> tuple[str, str]:
             metrics = run_dir / "metrics.jsonl"
             alive = metrics.is_file() and time.time() - metrics.stat().st_mtime < STALE_S
         return ("running", "") if alive else ("failed", KILLED)
+    # No status.json: a run set up (config.json, env.json) but killed before its loop began, a fine-tune killed
+    # during its evaluation before training, or one from before status.json. The claim lock on RUN/.lock says
+    # whether a process holds the run now: it is taken before anything is written and let go however the
+    # process ends. It speaks for a process on this host (env.json's `host`); elsewhere, or for a run that
+    # recorded no host, what remains is unknown.
+    local = (
+        FILE_LOCKS
+        and (run_dir / LOCK_FILE).is_file()
+        and (read_json_object(run_dir / "env.json") or {}).get("host") == socket.gethostname()
+    )
+    if local and being_trained(run_dir):
+        return "running", ""
     ckpt = _latest_checkpoint(run_dir)
     meta = read_json_object(ckpt / "state.json") if ckpt else None
     reason = _section(meta, "train_state").get("stop_reason", "")
     if reason in FINISHED_REASONS:
         return "finished", ""
-    return "interrupted" if reason == "interrupted" else "unknown", ""
+    if reason == "interrupted":
+        return "interrupted", ""
+    return ("stopped", "") if local and ckpt is None else ("unknown", "")
+
+
+def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
+    """What made the run, as `lmforge runs` and `report` show it: "pretrain", "imported", "finetune TASK ADAPT"
+    or "distill TASK" (finetune.json), then ", int8" / ", int4" for a `quantize` copy (its checkpoint's
+    `quantization`). A quantized copy, a fine-tune and its distilled student otherwise read alike: same preset,
+    same steps, and a quantized copy the same config as its original."""
+    info = read_json_object(Path(run_dir) / "finetune.json")
+    meta = checkpoint_meta if isinstance(checkpoint_meta, dict) else {}
+    if info is not None:
+        task, adapt = info.get("task"), info.get("adapt")
+        task = task if isinstance(task, str) else "?"
+        kind = (
+            f"distill {task}" if adapt == "distill" else f"finetune {task} {adapt if isinstance(adapt, str) else '?'}"
+        )
+    else:
+        kind = "imported" if "imported_from" in meta else "pretrain"
+    quant = _section(meta, "quantization")
+    bits = quant.get("bits") if quant else None
+    if quant:
+        kind += f", int{bits}" if isinstance(bits, int) and not isinstance(bits, bool) else ", quantized"
+    return kind
 
 
 @dataclass
@@ -381,19 +422,23 @@ class RunSummary:
     failure: str = ""
     command: str = ""  # env.json's: the shell line that started it, and resumes it (run in `cwd`)
     cwd: str = ""
+    kind: str = ""  # run_kind: pretrain, imported, finetune TASK ADAPT, distill TASK; ", int8"/", int4": quantized
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE)  # next to config.json: a run (is_run_dir)
+# next to config.json: a run (is_run_dir)
+RUN_FILES = ("metrics.jsonl", "checkpoints", STATUS_FILE, "env.json")
 
 
 def is_run_dir(path: Path) -> bool:
-    """A folder with config.json and metrics.jsonl, checkpoints/ or status.json is a run.
+    """A folder with config.json and metrics.jsonl, checkpoints/, status.json or env.json is a run.
 
     status.json counts: a run in its first `log_every` steps (minutes, for a big model on a CPU) has no
-    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run"."""
+    metrics.jsonl yet, and `lmforge runs` left it out while `report --watch` refused it as "not a run".
+    env.json too: pretrain and finetune write it with config.json, before the setup (data, model, compile)
+    that may take minutes; a run killed there was no run at all."""
     path = Path(path)
     return (path / "config.json").is_file() and any((path / name).exists() for name in RUN_FILES)
 
@@ -424,13 +469,17 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     left out rather than shown with the base's numbers.
     """
     run_dir = Path(run_dir)
-    config = read_json_object(run_dir / "config.json") or {}
+    # read by its config_version, as training reads it: a config saved before version 2 with min_lr 0 decayed to
+    # lr / 10, as min_lr unset does now (`report` showed the two as a difference); the version itself is no setting
+    config = saved_config(read_json_object(run_dir / "config.json") or {})
     info = read_json_object(run_dir / "finetune.json")
     if info is None:
         return config
     out: dict[str, Any] = {k: config[k] for k in ("preset", "model") if k in config}
     out["finetune"] = {"base": info.get("base"), **_section(info, "finetune_config")}
     out.update({k: info[k] for k in FINETUNE_SECTIONS if isinstance(info.get(k), dict)})
+    if "train" in out:  # (finetune.json's config_version is its train section's)
+        out["train"] = saved_train(out["train"], info.get("config_version"))
     return out
 
 
@@ -468,6 +517,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         failure=failure,
         command=str(env.get("command") or ""),
         cwd=str(env.get("cwd") or ""),
+        kind=run_kind(run_dir, meta),
     )
 
 
@@ -503,10 +553,11 @@ def _summarize_or_unreadable(run_dir: Path, root: Path) -> RunSummary:
 def format_runs(runs: list[RunSummary]) -> str:
     """A plain-text table, one run per line, then a line for each unreadable, failed or interrupted run; from
     the summaries alone (no files read)."""
-    header = ["run", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
+    header = ["run", "kind", "preset", "status", "steps", "tokens", "best val loss", "time", "last checkpoint"]
     rows = [
         [
             r.name,
+            r.kind or "-",
             r.preset or "-",
             r.status,
             f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step),
@@ -523,7 +574,7 @@ def format_runs(runs: list[RunSummary]) -> str:
         for row in [header, *rows]
     ]
     lines += [f"{r.name}: unreadable ({r.error})" for r in runs if r.error]
-    lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted")]
+    lines += [f"{r.name}: {_stop_note(r)}" for r in runs if r.status in ("failed", "interrupted", "stopped")]
     return "\n".join(lines)
 
 
@@ -531,7 +582,9 @@ def _stop_note(run: RunSummary) -> str:
     """How a failed or interrupted run ended, and what re-running its command does: the question a user
     has about it."""
     how = run.status
-    if run.failure == KILLED:
+    if run.status == "stopped":
+        how = "stopped before training began (no status.json, and no process on this host holds its .lock)"
+    elif run.failure == KILLED:
         how = "failed: its process died without a word (killed: SIGKILL, the OOM killer, a power cut)"
     elif run.failure:
         how = f"failed: {run.failure}"

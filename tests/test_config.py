@@ -365,6 +365,25 @@ def test_out_of_range_loop_settings_are_refused(flag, value):
         load_config(preset="tiny", overrides=[f"--{flag}", value])
 
 
+@pytest.mark.parametrize(
+    ("preset", "flag", "value"),
+    [
+        ("llama-tiny", "model.rope_theta", "inf"),  # every rotary frequency 0: no positional information at all
+        ("llama-tiny", "model.norm_eps", "inf"),  # every normalised activation 0
+        ("tiny", "model.init_std", "inf"),  # non-finite weights from the start
+        ("bert-tiny", "model.norm_eps", "inf"),
+        ("bert-tiny", "model.init_std", "inf"),
+        ("lstm-tiny", "model.init_std", "inf"),
+        ("tiny", "model.norm_eps", "nan"),
+    ],
+)
+def test_non_finite_model_settings_are_refused(preset, flag, value):
+    """Like `train.lr inf`, a model setting that is not a finite number is a one-line error naming it (these
+    were accepted and trained)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(flag)} must be a number .*, got {value}$"):
+        load_config(preset=preset, overrides=[f"--{flag}", value])
+
+
 @pytest.mark.parametrize(("tokenizer", "least"), [("bpe", 257), ("wordpiece", 64), ("unigram", 281)])
 def test_a_too_small_prepare_vocabulary_names_the_flag_to_change(tokenizer: str, least: int) -> None:
     """prepare's vocabulary floor names `--vocab-size`, the flag a user types, and the smallest size allowed."""

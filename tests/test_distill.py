@@ -171,6 +171,19 @@ def test_finetune_distill_moves_the_student_towards_the_teacher(runs: dict[str, 
 
     quantize_run(tmp_path / "student-distilled", tmp_path / "q8", bits=8, compare=False)
     assert load_trained(tmp_path / "q8", torch.device("cpu")).model.cfg.d_model == 32
+    # `lmforge runs` tells them apart (a quantized copy read exactly like its original, a student like any run)
+    from lmforge.runs import format_runs, summarize
+
+    quantize_run(runs["student"], tmp_path / "student-q4", bits=4, group_size=32, compare=False)
+    rows = [summarize(p) for p in (runs["student"], tmp_path / "student-q4", tmp_path / "student-distilled")]
+    rows.append(summarize(tmp_path / "q8"))
+    assert [r.kind for r in rows] == ["pretrain", "pretrain, int4", "distill clm", "distill clm, int8"]
+    table = format_runs(rows).splitlines()
+    assert table[0].split()[:3] == ["run", "kind", "preset"] and table[2].split()[:3] == [
+        "student-q4",
+        "pretrain,",
+        "int4",
+    ]
 
 
 def test_errors(runs: dict[str, Path], tmp_path: Path) -> None:

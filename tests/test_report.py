@@ -234,9 +234,8 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((two_runs[0] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
-    (empty / "metrics.jsonl").write_text("", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
-        render_report([empty], tmp_path / "r.html")
+    with pytest.raises(CheckpointError, match=r"has a config.json but none of the files a run writes"):
+        render_report([empty], tmp_path / "r.html")  # (a model export has a config.json too)
     with pytest.raises(ConfigError, match="is a folder"):
         render_report([two_runs[0]], tmp_path)
     assert not (tmp_path / "r.html").exists()  # nothing half-written
@@ -255,7 +254,7 @@ def test_an_out_folder_gets_a_file_name_of_the_format_asked_for(two_runs, tmp_pa
 
 def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_runs, tmp_path):
     """`lmforge report runs/*` with one run that failed at start (config.json, empty metrics.jsonl) was refused
-    as a whole; it is now a row with its status, and a report of that run alone is still a one-line error."""
+    as a whole; it is now a row with its status and a note, and so is a report of that run alone."""
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     (crashed / "config.json").write_text((two_runs[0] / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
@@ -263,9 +262,11 @@ def test_a_run_that_crashed_before_its_first_log_is_a_row_of_the_comparison(two_
     (crashed / "status.json").write_text('{"status": "failed", "pid": 1, "error": "boom"}', encoding="utf-8")
     result = run_cli("report", str(two_runs[0]), str(crashed), "--out", str(tmp_path / "r.md"))
     assert result.returncode == 0, result.stderr
-    assert "| crashed | tiny | failed | 0/" in (tmp_path / "r.md").read_text(encoding="utf-8")
-    with pytest.raises(CheckpointError, match="metrics.jsonl is missing or empty"):
-        render_report([crashed, crashed], tmp_path / "r2.html")
+    text = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "| crashed | pretrain | tiny | failed | 0/" in text
+    assert "crashed: no steps logged yet (failed; its metrics.jsonl gets a line every" in text
+    page = Page(render_report([crashed], tmp_path / "r2.html").read_text(encoding="utf-8"))  # alone too
+    assert page.rows("summary")[0]["status"][0] == "failed"
 
 
 def test_an_out_that_is_a_file_of_a_run_is_refused(two_runs, tmp_path):
@@ -295,7 +296,7 @@ def test_an_out_that_is_not_a_report_takes_overwrite(two_runs, tmp_path):
     for name in ("notes.md", "index.html", "notes"):
         (tmp_path / name).write_text("my own notes\n", encoding="utf-8")
         with pytest.raises(ConfigError, match="is not an lmforge report; .* pass --overwrite"):
-            render_report([run], tmp_path / name, allow_empty=True)
+            render_report([run], tmp_path / name)
         assert (tmp_path / name).read_text(encoding="utf-8") == "my own notes\n"
     assert not (tmp_path / "notes_files").exists()
     result = run_cli("report", str(two_runs[0]), "--out", str(tmp_path / "index.html"))
@@ -303,9 +304,9 @@ def test_an_out_that_is_not_a_report_takes_overwrite(two_runs, tmp_path):
     assert "not an lmforge report" in result.stderr
 
     for name in ("notes.md", "index.html"):
-        out = render_report([run], tmp_path / name, overwrite=True, allow_empty=True)
+        out = render_report([run], tmp_path / name, overwrite=True)
         assert "lmforge report: new" in out.read_text(encoding="utf-8")
-        render_report([run], out, allow_empty=True)  # an earlier report: re-rendered without the flag
+        render_report([run], out)  # an earlier report: re-rendered without the flag
 
 
 @pytest.mark.slow
@@ -353,8 +354,16 @@ def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
     assert page.refresh == "2"
     assert page.rows("summary")[0]["status"][0] == "running"
     assert page.rows("summary")[0]["steps"][0] == "0/12"
-    with pytest.raises(CheckpointError, match="nothing to report until the run logs a step"):  # (not --watch)
-        render_report([run], tmp_path / "report.html")
+    # without --watch too: what a user expects right after starting a run (it was "nothing to report until the
+    # run logs a step"), with a line saying when there will be more
+    text = render_report([run], tmp_path / "report.html").read_text(encoding="utf-8")
+    assert Page(text).rows("summary")[0]["status"][0] == "running" and Page(text).refresh is None
+    assert "starting: no steps logged yet (running; its metrics.jsonl gets a line every" in text
+    (run / "status.json").unlink()  # killed while setting up: config.json and env.json only
+    write_json(run / "env.json", {"command": "lmforge pretrain ..."})
+    assert "| starting | pretrain | tiny | unknown | 0/12 |" in render_report([run], tmp_path / "r.md").read_text(
+        encoding="utf-8"
+    )
 
 
 @pytest.mark.parametrize("every", [math.nan, math.inf, 1e308])
@@ -484,3 +493,48 @@ def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
     assert "No samples: pretrain with <code>--eval.sample_tokens 200</code> to log one per evaluation; a fine-tune" in (
         render_html(mixed)
     )
+
+
+def test_an_old_config_without_a_version_is_compared_as_training_reads_it(two_runs, tmp_path):
+    """A config.json saved before config_version 2 with min_lr 0 decayed to lr / 10, as min_lr unset (None) does
+    now: the report listed train.min_lr 0.0 vs None (and config_version absent vs 2) as differences; it compares
+    them as training reads them. min_lr 0 in a new config (a decay to zero) still differs from unset."""
+    from lmforge.report import config_differences
+
+    saved = json.loads((two_runs[0] / "config.json").read_text(encoding="utf-8"))
+    assert saved["config_version"] == 2 and saved["train"]["min_lr"] is None
+    runs = {}
+    for name, version, min_lr in [("old", None, 0.0), ("new", 2, None), ("to-zero", 2, 0.0)]:
+        run = tmp_path / name
+        shutil.copytree(two_runs[0], run)
+        config = {k: v for k, v in saved.items() if k != "config_version"}
+        config["train"] = {**saved["train"], "min_lr": min_lr}
+        if version is not None:
+            config["config_version"] = version
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        runs[name] = run
+    assert config_differences(load_runs([runs["old"], runs["new"]])) == []
+    assert config_differences(load_runs([runs["old"], runs["to-zero"]])) == [("train.min_lr", [None, 0.0])]
+
+
+def test_a_quantized_copy_and_a_fine_tune_read_as_what_they_are(two_runs, tmp_path):
+    """Comparing runs of different kinds: a quantized copy read as a pretraining run that had not logged a step
+    yet, and a setting a fine-tune has no section for (data.dir) read "null", as a setting left unset does."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.finetune import FinetuneConfig, finetune
+    from lmforge.report import ABSENT, config_differences
+    from tests.test_finetune import DATA, FAST, make_base
+
+    fast, q8, sft = two_runs[0], tmp_path / "q8", tmp_path / "sft"
+    quantize_run(fast, q8, bits=8, compare=False)
+    finetune(make_base(tmp_path), train_file=DATA / "chat.jsonl", out=sft, cfg=FinetuneConfig(task="sft"),
+             overrides=FAST, progress=False)  # fmt: skip
+    runs = load_runs([fast, q8, sft])
+    assert [run.summary.kind for run in runs] == ["pretrain", "pretrain, int8", "finetune sft full"]
+    dirs = dict(config_differences(runs))["data.dir"]
+    assert dirs[0] == dirs[1] == runs[0].config["data"]["dir"] and dirs[2] is ABSENT
+    text = render_report([fast, q8, sft], tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "q8: a quantized copy; its training metrics are its original's" in text
+    assert "no steps logged yet" not in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| data.dir |")]
+    assert row.endswith(" | - |") and "null" not in row

@@ -114,9 +114,9 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     table = run_cli("runs", str(root))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["run", "preset", "status"] and len(lines) == 8
-    assert lines[2].split()[:4] == ["done", "tiny", "finished", "12/12"]
-    assert lines[3].split()[:3] == ["group/killed", "tiny", "failed"]
+    assert lines[0].split()[:4] == ["run", "kind", "preset", "status"] and len(lines) == 8
+    assert lines[2].split()[:5] == ["done", "pretrain", "tiny", "finished", "12/12"]
+    assert lines[3].split()[:4] == ["group/killed", "pretrain", "tiny", "failed"]
     # the line names the command to re-run as typed (`python -m lmforge`'s argv[0] is lmforge/__main__.py)
     commands = {r: json.loads((r / "env.json").read_text(encoding="utf-8"))["command"] for r in (stopped, killed)}
     assert commands[killed] == shlex.join(["lmforge", *_start_args(data_dir, killed, checkpoint_every=2)])
@@ -169,7 +169,7 @@ def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
     }
     assert list(runs[0].to_dict()) == [
         "name", "path", "preset", "status", "step", "max_steps", "tokens", "best_val_loss", "elapsed_s",
-        "last_checkpoint", "error", "failure", "command", "cwd",
+        "last_checkpoint", "error", "failure", "command", "cwd", "kind",
     ]  # fmt: skip
     table = format_runs(runs)
     over = "it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"
@@ -372,7 +372,8 @@ def test_malformed_records_and_config_do_not_break_runs_or_report(data_dir, tmp_
     result = run_cli("runs", str(root))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].split()[:3] == ["bad", "-", "unreadable"] and lines[2].split()[:3] == ["good", "tiny", "finished"]
+    assert lines[1].split()[:4] == ["bad", "-", "-", "unreadable"]
+    assert lines[2].split()[:4] == ["good", "pretrain", "tiny", "finished"]
     assert lines[3].startswith("bad: unreadable (UnicodeDecodeError")
     bad_report = run_cli("report", str(bad), str(good), "--out", str(tmp_path / "r2.html"))
     assert bad_report.returncode == 2 and len(bad_report.stderr.strip().splitlines()) == 1, bad_report.stderr
@@ -494,3 +495,44 @@ def test_a_live_pid_that_started_at_another_time_is_not_the_run(tmp_path):
     info.pop("pid_start")  # a status.json from before the start was recorded: a live pid is the run, as before
     (run / "status.json").write_text(json.dumps(info), encoding="utf-8")
     assert run_status(run) == "running"
+
+
+SET_UP_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from lmforge.atomic import write_json
+from lmforge.log import capture_env
+from lmforge.runs import claim
+run = Path(sys.argv[1])
+claim(run)  # what pretrain does first, then config.json and env.json, then minutes of setup (data, model, compile)
+write_json(run / "config.json", {"preset": "tiny", "train": {"max_steps": 10}})
+write_json(run / "env.json", capture_env("cpu"))
+print("set up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_killed_before_its_loop_is_stopped_not_unknown(tmp_path):
+    """A run killed during its setup (config.json, env.json and its .lock; no status.json, metrics or checkpoint)
+    was left out of `lmforge runs` (and, with an empty metrics.jsonl, shown as "unknown"); while its process lives
+    it is running, once it is gone it stopped before training began. Where the lock cannot speak for the process
+    (env.json names another host), it stays unknown rather than a guess."""
+    run = tmp_path / "runs" / "setup"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SET_UP_THEN_WAIT, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "set up"
+        (row,) = list_runs(tmp_path / "runs")
+        assert (row.name, row.status) == ("setup", "running")
+    finally:
+        proc.kill()
+        proc.wait()
+    (row,) = list_runs(tmp_path / "runs")
+    assert row.status == "stopped" and row.last_checkpoint == ""
+    note = format_runs([row]).splitlines()[-1]
+    assert note.startswith("setup: stopped before training began (no status.json, and no process on this host holds")
+    assert note.endswith("it saved no checkpoint, so re-running " + f"`{row.command}` in {row.cwd} starts it over")
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
+    (run / "env.json").write_text(json.dumps({**env, "host": "another-machine"}), encoding="utf-8")
+    assert run_status(run) == "unknown"

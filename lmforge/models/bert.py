@@ -36,6 +36,7 @@ ELECTRA https://arxiv.org/abs/2003.10555
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -77,8 +78,9 @@ class BertConfig:
         )
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.n_segments >= 1, "model.n_segments must be >= 1")
-        check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
-        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
+        # finite: inf passed (norm_eps inf: every activation 0; init_std inf: non-finite weights)
+        check(0 <= self.norm_eps < math.inf, f"model.norm_eps must be a number >= 0, got {self.norm_eps}")
+        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
         check(0.0 < self.generator_ratio <= 1.0, "model.generator_ratio must be in (0, 1]")
         if self.family == "electra":
             g = self.generator

@@ -125,9 +125,11 @@ class GPTConfig:
         )
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
-        check(self.norm_eps >= 0, f"model.norm_eps must be >= 0, got {self.norm_eps}")
-        check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
-        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
+        # finite: inf passed these checks (norm_eps inf: every activation 0; rope_theta inf: every rotary frequency 0,
+        # so no positional information at all; init_std inf: non-finite weights), all trained without a word
+        check(0 <= self.norm_eps < math.inf, f"model.norm_eps must be a number >= 0, got {self.norm_eps}")
+        check(0 < self.rope_theta < math.inf, f"model.rope_theta must be a number > 0, got {self.rope_theta}")
+        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
 
     @property
     def head_dim(self) -> int:

@@ -60,7 +60,8 @@ class RNNConfig:
         check(self.n_layer > 0, f"model.n_layer must be > 0, got {self.n_layer}")
         check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        check(self.init_std >= 0, f"model.init_std must be >= 0, got {self.init_std}")
+        # finite: inf passed (non-finite embedding weights, trained without a word)
+        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
 
 
 class RNNState:
