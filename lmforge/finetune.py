@@ -75,8 +75,8 @@ class FinetuneConfig:
     lora_targets: list[str] = field(
         default_factory=lambda: ["qkv", "attn.proj"],
         metadata={
-            "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT and BERT; "
-            "pooler: BERT's)"
+            "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT, BERT, "
+            "ELECTRA; pooler: BERT's)"
         },
     )
     prompt_tokens: int = opt(16, "soft-prompt length for --adapt prompt")

@@ -111,15 +111,25 @@ def test_head_only_keeps_the_discriminator_bit_identical(electra_run: Path, tmp_
 
 
 def test_lora_targets_the_discriminator_only(electra_run: Path, tmp_path: Path):
+    """The --lora-targets names mean the same layers as on GPT and BERT (`mlp.fc` missed ELECTRA's `fc`)."""
     out = tmp_path / "lora"
     train, _ = _toy_task(tmp_path)
-    cfg = FinetuneConfig(task="classify", adapt="lora", lora_rank=2, lora_targets=["qkv", "attn.proj"])
+    targets = ["qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+    cfg = FinetuneConfig(task="classify", adapt="lora", lora_rank=2, lora_targets=targets)
     result = finetune(electra_run, train_file=train, out=out, cfg=cfg, overrides=FAST, progress=False)
-    lora = 2 * (32 + 96) + 2 * (32 + 32)  # rank 2 on the one discriminator layer's qkv (32 -> 96) and attn.proj
+    # rank 2 on the one discriminator layer's qkv (32 -> 96), attn.proj, fc (32 -> 64), proj (64 -> 32)
+    lora = 2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 64) + 2 * (64 + 32)
     assert result["trainable_params"] == lora + 32 * 32 + 32 + 32 * 2 + 2
     assert sorted(k for k in _saved_names(out) if "lora" in k) == sorted(
-        f"body.discriminator.layers.0.attn.{m}.{ab}" for m in ("qkv", "proj") for ab in ("lora_A", "lora_B")
+        f"body.discriminator.layers.0.{m}.{ab}"
+        for m in ("attn.qkv", "attn.proj", "fc", "proj")
+        for ab in ("lora_A", "lora_B")
     )
+    bad = FinetuneConfig(task="classify", adapt="lora", lora_targets=["pooler"])  # BERT's; ELECTRA has none
+    with pytest.raises(
+        ConfigError, match=r"'pooler' matches no linear layer; choose from attn.proj, attn.qkv, mlp.fc, mlp.proj$"
+    ):
+        finetune(electra_run, train_file=train, out=tmp_path / "bad", cfg=bad, overrides=FAST, progress=False)
     ft = load_finetuned(out, torch.device("cpu"))
     assert ft.model.classify(torch.tensor([[1, 2, 3, 4]]), torch.tensor([4])).shape == (1, 2)
     from lmforge.data.formats import classify_frame
