@@ -75,8 +75,8 @@ class FinetuneConfig:
     lora_targets: list[str] = field(
         default_factory=lambda: ["qkv", "attn.proj"],
         metadata={
-            "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT and BERT; "
-            "pooler: BERT's)"
+            "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT, BERT, "
+            "ELECTRA; pooler: BERT's)"
         },
     )
     prompt_tokens: int = opt(16, "soft-prompt length for --adapt prompt")
@@ -291,10 +291,12 @@ def _continued_schedule(loaded: Finetuned, base_path: str, base: str | Path) -> 
 
 
 def _check_family(family: str, cfg: FinetuneConfig, base: str | Path) -> None:
-    """Encoders classify; everything generative needs a decoder."""
-    if family == "bert" and (cfg.task != "classify" or cfg.adapt not in ("full", "head", "lora")):
+    """Encoders (BERT, ELECTRA's discriminator) classify; everything generative needs a decoder."""
+    if family in ("bert", "electra") and (cfg.task != "classify" or cfg.adapt not in ("full", "head", "lora")):
+        article = "an" if family == "electra" else "a"
         raise ConfigError(
-            f"{base} is a BERT encoder: it fine-tunes with --task classify and --adapt full, head or lora "
+            f"{base} is {article} {family.upper()} encoder: it fine-tunes with --task classify and --adapt full, "
+            "head or lora "
             f"(not --task {cfg.task} --adapt {cfg.adapt}); use a GPT base for generation tasks"
         )
 

@@ -19,7 +19,15 @@ pretrained by NSP when the run used it) feeds the new head:
 
     idx (B, T), lengths ─► Bert(idx, pad_mask) ─► h[:, 0] ─► tanh(pooler) ─► head ─► (B, n_labels)
 
-BERT bodies take classification only (no soft prompt, no LM tasks): `Adapted` refuses the rest.
+ELECTRA bodies (`models.bert.ElectraDiscriminator`: the discriminator, generator dropped) pool [CLS]
+through a new `ElectraClassificationHead` instead (HF's, as the paper fine-tunes: dropout, dense, GELU,
+dropout, projection). ELECTRA pretrains no pooler (BERT's pooler is NSP's), so the dense layer is as new
+as the projection; as part of the task head it trains and is saved in every mode (under BERT's path it
+would be a frozen random projection with --adapt head or lora):
+
+    idx (B, T), lengths ─► ElectraDiscriminator(idx, pad_mask) ─► h[:, 0] ─► dense, GELU, out_proj ─► (B, n_labels)
+
+Encoder bodies take classification only (no soft prompt, no LM tasks): `Adapted` refuses the rest.
 
 Modes (`set_trainable`): `full` trains everything; `head` only the task head (classification) or the
 final norm and an untied output head (LM tasks); `lora` the adapters (and a classification head);
@@ -40,6 +48,7 @@ from torch import Tensor
 from lmforge.adapt.lora import LORA_KEYS
 from lmforge.adapt.prompt_tuning import SoftPrompt
 from lmforge.errors import ConfigError
+from lmforge.models.layers import gelu
 
 ADAPT_MODES = ("full", "head", "lora", "prompt")
 
@@ -50,18 +59,26 @@ class Adapted(nn.Module):
     def __init__(self, body: nn.Module, *, prompt: SoftPrompt | None = None, n_labels: int = 0) -> None:
         super().__init__()
         family = getattr(body.cfg, "family", "gpt")
-        if family not in ("gpt", "bert"):
-            raise ConfigError(f"fine-tuning {family} models is not supported; use a GPT or BERT base")
-        if family == "bert" and (prompt is not None or not n_labels):
-            raise ConfigError("a BERT base fine-tunes for --task classify with --adapt full, head or lora")
+        if family not in ("gpt", "bert", "electra"):
+            raise ConfigError(f"fine-tuning {family} models is not supported; use a GPT, BERT or ELECTRA base")
+        if family == "electra" and body.__class__.__name__ != "ElectraDiscriminator":
+            raise ValueError("an ELECTRA body is its discriminator: pass ElectraDiscriminator(electra)")
+        self.encoder = family in ("bert", "electra")
+        if self.encoder and (prompt is not None or not n_labels):
+            raise ConfigError(f"a {family.upper()} base fine-tunes for --task classify with --adapt full, head or lora")
         self.body = body
         self.prompt = prompt
-        self.encoder = family == "bert"
-        self.head = nn.Linear(body.cfg.d_model, n_labels) if n_labels else None
+        self.head: nn.Module | None = None
+        if n_labels and family == "electra":
+            self.head = ElectraClassificationHead(body.cfg.d_model, n_labels, body.cfg.dropout)
+        elif n_labels:
+            self.head = nn.Linear(body.cfg.d_model, n_labels)
         if self.head is not None:
             self.head.to(next(body.parameters()).device)
-            nn.init.normal_(self.head.weight, std=body.cfg.init_std)
-            nn.init.zeros_(self.head.bias)
+            for m in self.head.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=body.cfg.init_std)
+                    nn.init.zeros_(m.bias)
 
     @property
     def n_prompt(self) -> int:
@@ -89,11 +106,26 @@ class Adapted(nn.Module):
         if self.encoder:
             pad_mask = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]  # (B, T)
             h = self.body(idx, pad_mask=pad_mask)  # (B, T, C)
+            if isinstance(self.head, ElectraClassificationHead):
+                return self.head(h[:, 0])  # [CLS] -> (B, n_labels)
             return self.head(torch.tanh(self.body.pooler(h[:, 0])))  # [CLS] -> (B, n_labels)
         h = self.hidden(idx)  # (B, P + T, C)
         last = self.n_prompt + lengths - 1  # (B,)
         pooled = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
         return self.head(pooled)
+
+
+class ElectraClassificationHead(nn.Module):
+    """HF's `ElectraClassificationHead` on the [CLS] state: dropout, dense, GELU, dropout, out_proj."""
+
+    def __init__(self, d_model: int, n_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, n_labels)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.out_proj(self.drop(gelu(self.dense(self.drop(h)))))  # (B, C) -> (B, n_labels)
 
 
 def decoder_hidden(

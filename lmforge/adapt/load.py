@@ -20,7 +20,7 @@ from lmforge.models import CAUSAL_FAMILIES
 class Finetuned:
     """A loaded model with what using it needs."""
 
-    model: nn.Module  # GPT, or adapt.heads.Adapted (soft prompt / classification head)
+    model: nn.Module  # GPT, Bert, Electra, or adapt.heads.Adapted (soft prompt / classification head)
     tokenizer: Any
     config: Any  # the run config of the architecture
     info: dict[str, Any] | None  # finetune.json, None for a plain (pretrained/imported) run
@@ -141,12 +141,19 @@ def build_from_config(ckpt: Any, device: torch.device) -> tuple[nn.Module, Any, 
 
 
 def build_adapted(body: nn.Module, info: dict[str, Any], device: torch.device) -> nn.Module:
-    """Wrap `body` as `info` (finetune.json) says: LoRA layers, soft prompt, classification head."""
+    """Wrap `body` as `info` (finetune.json) says: LoRA layers, soft prompt, classification head.
+
+    An `Electra` body is cut to its discriminator (`ElectraDiscriminator`) first: its generator and
+    replaced-token head are neither trained nor saved."""
     from lmforge.adapt.heads import Adapted, set_trainable
     from lmforge.adapt.lora import inject_lora
     from lmforge.adapt.prompt_tuning import SoftPrompt
 
     adapt = info["adapt"]
+    if body.__class__.__name__ == "Electra":  # the discriminator is what ELECTRA fine-tunes; the generator stays out
+        from lmforge.models.bert import ElectraDiscriminator
+
+        body = ElectraDiscriminator(body)
     if adapt == "lora" and not info.get("lora_merged"):
         lora = info["lora"]
         inject_lora(body, targets=lora["targets"], rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"])
@@ -252,11 +259,10 @@ def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetu
         raise ConfigError(
             f"{base} is a classification or prompt-tuned run; start from a language model (pretrained, sft, clm)"
         )
-    if family not in ("gpt", "bert"):
-        # it said "is a electra model" and no way forward; an ELECTRA run's discriminator has no classifier path yet
+    if family not in ("gpt", "bert", "electra"):
         raise ConfigError(
-            f"{base} is a model.family '{family}' run; fine-tuning supports gpt (GPT/Llama-style) and bert bases: "
-            "start from such a run (lmforge pretrain --preset bert-tiny, llama-tiny, ...)"
+            f"{base} is a model.family '{family}' run; fine-tuning supports gpt (GPT/Llama-style), bert and electra "
+            "bases: start from such a run (lmforge pretrain --preset bert-tiny, electra-tiny, llama-tiny, ...)"
         )
     merge_lora(loaded.model)  # a LoRA-tuned base becomes a plain GPT with the adapters folded in
     return loaded, str(ckpt_dir.resolve()), model_sha(ckpt_dir)

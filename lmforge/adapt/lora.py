@@ -61,11 +61,12 @@ class LoRALinear(nn.Linear):
         return self.weight + (self.lora_B @ self.lora_A) * self.scaling  # (d_out, d_in)
 
 
-_BERT_FFN = re.compile(r"^(encoder\.layers\.\d+)\.(fc|proj)$")
+_BERT_FFN = re.compile(r"^((?:encoder|discriminator)\.layers\.\d+)\.(fc|proj)$")  # BERT, ELECTRA
 
 
 def target_name(name: str) -> str:
-    """The name targets are matched against: BERT's `encoder.layers.{i}.fc` reads as `...mlp.fc` (GPT's)."""
+    """The name targets are matched against: BERT's `encoder.layers.{i}.fc` (ELECTRA's
+    `discriminator.layers.{i}.fc`) reads as `...mlp.fc` (GPT's)."""
     return _BERT_FFN.sub(r"\1.mlp.\2", name)
 
 
@@ -91,7 +92,7 @@ def inject_lora(model: nn.Module, *, targets: list[str], rank: int, alpha: float
     for target in targets:
         hits = [n for n, _ in linears if target_name(n) == target or target_name(n).endswith("." + target)]
         if not hits:
-            local = re.compile(r"^(blocks|encoder\.layers)\.\d+\.")
+            local = re.compile(r"^(blocks|encoder\.layers|discriminator\.layers)\.\d+\.")
             known = sorted({local.sub("", target_name(n)) for n, _ in linears})
             raise ConfigError(f"LoRA target {target!r} matches no linear layer; choose from {', '.join(known)}")
         names += [h for h in hits if h not in names]

@@ -397,9 +397,9 @@ def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
 
     Decoders read `text EOS` and pool the last real token (padding: EOS, never attended to), after the
     tokenizer's `prompt_prefix` (an imported Llama's BOS, which `generate` puts first too; none for lmforge's);
-    BERT reads `[CLS] text [SEP]` as in pretraining and pools [CLS] (padding: [PAD], masked out).
+    BERT and ELECTRA read `[CLS] text [SEP]` as in pretraining and pool [CLS] (padding: [PAD], masked out).
     """
-    if family == "bert":
+    if family in ("bert", "electra"):
         from lmforge.data.masking import special_ids
 
         sp = special_ids(tok)

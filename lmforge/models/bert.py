@@ -17,6 +17,9 @@ Notable features
   segment embeddings are shared, of the discriminator's width; the generator reads them through a
   projection and its MLM head projects back to that width, so the output matrix is the shared token
   table (as HF's ELECTRA with `embedding_size`).
+- fine-tuning ELECTRA starts from `ElectraDiscriminator(electra)`: the shared embeddings and the
+  discriminator encoder only, as the paper and HF `ElectraForSequenceClassification` do (the
+  generator and the replaced-token head are pretraining-only and are dropped)
 - no loss and no `torch.distributed` here; `init_weights()` is explicit (N(0, init_std), biases 0)
 - pretraining runs the heads inside `forward` (`select=` the masked positions): DDP and FSDP2 wrappers
   only see `forward`, and DDP synchronises gradients only of what ran through it. Without `select`,
@@ -376,3 +379,23 @@ class Electra(nn.Module):
         head = self.gen_head.dense.weight.numel() + self.embed.tok_emb.weight.numel()
         attn = 12.0 * self.cfg.n_layer * (self.cfg.d_model + self.cfg.generator.d_model) * seq_len
         return 6.0 * (every + predicted * head) + attn
+
+
+class ElectraDiscriminator(nn.Module):
+    """ELECTRA's discriminator encoder alone: `embed` + `discriminator` of an `Electra`, nothing else.
+
+    The model ELECTRA fine-tunes downstream (Clark et al. 2020, section 3.1; HF `ElectraModel` under
+    `ElectraForSequenceClassification`): the generator and the replaced-token head are left out, so they
+    are neither trained nor saved. Parameter names stay `embed.*` / `discriminator.*` as in `Electra`, so a
+    pretraining checkpoint's tensors load by name.
+    """
+
+    def __init__(self, electra: Electra) -> None:
+        super().__init__()
+        self.cfg = electra.cfg
+        self.embed = electra.embed
+        self.discriminator = electra.discriminator
+
+    def forward(self, idx: Tensor, segments: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, d_model) of token ids idx (B, T); pad_mask (B, T) is True at real tokens."""
+        return self.discriminator(self.embed(idx, segments), pad_mask)
