@@ -97,10 +97,14 @@ def launch_ranks(
     starts, with its environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; this process hosts the store),
     each forked from a test zygote that imported torch already (tests/cli_fork.py), not three fresh
     interpreters. As torchrun does, the first rank to fail gets the others stopped (SIGTERM, then SIGKILL
-    30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order."""
+    30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order. Ranks still
+    running after `timeout` s, or close to pytest's own timeout of the test, fail it with every rank's stacks."""
     import time
 
-    from tests.cli_fork import ForkedProcess
+    from tests.cli_fork import ForkedProcess, seconds_left
+
+    # (a test that trained in process first left less than its 300 s: pytest-timeout failed it, stackless)
+    timeout = min(timeout, seconds_left(margin=20))
 
     # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
     # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
@@ -134,8 +138,8 @@ def launch_ranks(
             r.wait(60)
         del store
     if hung:
-        stacks = "\n".join(f"--- rank {i} stderr (tail) ---\n{r.stderr[-4000:]}" for i, r in enumerate(ranks))
-        pytest.fail(f"{nproc} ranks still running after {timeout:g} s: {' '.join(args)}\n{stacks}")
+        stacks = "\n".join(f"--- rank {i} stderr ---\n{r.stderr}" for i, r in enumerate(ranks))
+        pytest.fail(f"{nproc} ranks still running after {timeout:.0f} s: {' '.join(args)}\n{stacks}")
     stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
@@ -232,6 +236,31 @@ def test_world_size_change_resumes(data_dir: Path, single: Path, tmp_path: Path)
     p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 4, "dist.strategy": "fsdp"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
+
+
+def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_path: Path, monkeypatch) -> None:
+    """Ranks that never end fail their test with each rank's Python stack while the test has time left: launch_ranks
+    waited its own 300 s, so a test that had trained in process first was failed by pytest-timeout, stackless."""
+    import time
+
+    from tests import cli_fork
+
+    assert 200 < cli_fork.seconds_left(margin=0) <= 300  # pytest-timeout's limit of each test (pyproject.toml)
+    idle = tmp_path / "idle.py"
+    idle.write_text("", encoding="utf-8")
+    # two zygotes ready first: their imports take 5-60 s, which the 25 s below is not about
+    warm = [cli_fork.ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(2)]
+    assert [p.wait(240) for p in warm] == [0, 0]
+    monkeypatch.setattr(cli_fork, "test_deadline", time.monotonic() + 25)  # as if the test had 25 s left
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nwhile True:\n    time.sleep(0.1)  # the hang\n", encoding="utf-8")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="2 ranks still running after") as failed:
+        launch_ranks([], script=str(script))
+    assert time.monotonic() - started < 25
+    stacks = str(failed.value)
+    assert "--- rank 1 stderr ---" in stacks
+    assert stacks.count(f'File "{script}", line 3') == 2, stacks  # faulthandler's dump of each rank
 
 
 def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: Path) -> None:
