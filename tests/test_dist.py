@@ -103,21 +103,23 @@ def launch_ranks(
 
     from tests.cli_fork import ForkedProcess, seconds_left
 
-    # (a test that trained in process first left less than its 300 s: pytest-timeout failed it, stackless)
-    timeout = min(timeout, seconds_left(margin=20))
-
     # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
     # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
     # in between by another test's process
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-    ranks = []
-    for rank in range(nproc):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-        env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
-        env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
-        ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
-    deadline, kill_at, code, hung = time.monotonic() + timeout, None, 0, False
-    try:
+    ranks: list[ForkedProcess] = []
+    kill_at, code, hung = None, 0, False
+    try:  # (a rank that failed to start has the ones started before it stopped, not left waiting for it)
+        for rank in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+        # ends before pytest-timeout fails the test, which would leave no clue (a test that trained in process
+        # first, or started cold zygotes, has less than its 300 s left)
+        limit = min(timeout, seconds_left(margin=20))
+        deadline = time.monotonic() + limit
         while any(r.poll() is None for r in ranks):
             failed = [r.returncode for r in ranks if r.returncode]
             if failed and kill_at is None:
@@ -139,7 +141,7 @@ def launch_ranks(
         del store
     if hung:
         stacks = "\n".join(f"--- rank {i} stderr ---\n{r.stderr}" for i, r in enumerate(ranks))
-        pytest.fail(f"{nproc} ranks still running after {timeout:.0f} s: {' '.join(args)}\n{stacks}")
+        pytest.fail(f"{nproc} ranks still running after {limit:.0f} s: {' '.join(args)}\n{stacks}")
     stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
