@@ -667,6 +667,39 @@ def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
     assert not (tmp_path / "ft").exists()
 
 
+# lmforge's CLI under torchrun --max-restarts: attempt 0 trains, then rank 1 fails, so torchrun restarts both; in
+# attempt 1 rank 0 starts late, so rank 1 looks up rank 0's address before rank 0 has written its new one
+RESTARTED_WITH_A_LATE_RANK_0 = """
+import os, sys, time
+from lmforge import cli
+
+rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+if attempt == "1" and rank == "0":
+    time.sleep(5)
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+sys.exit(3 if attempt == "0" and rank == "1" else code)
+"""
+
+
+def test_max_restarts_of_the_static_rendezvous_form_a_new_group(data_dir: Path, tmp_path: Path) -> None:
+    """torchrun --master-port --max-restarts keeps one store for every attempt: the restarted rank 1 took rank 0's
+    address from attempt 0 and every restart failed ('Gloo connectFullMesh failed ... Connection refused')."""
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED_WITH_A_LATE_RANK_0, encoding="utf-8")
+    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script),), **{"train.max_steps": 2})
+    cmd.insert(3, "--max-restarts=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert "connectFullMesh" not in p.stderr, p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "is already trained to step 2" in p.stdout  # attempt 1 joined the group and found the run finished
+
+
 # lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)
 RANK1_DIES_IN_SETUP = """
 import os, signal, sys
