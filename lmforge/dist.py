@@ -149,11 +149,13 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     elif device.type != "cpu":
         raise ConfigError(f"distributed training supports cuda and cpu, not {device.type}; set --train.device")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
         try:
             dist.init_process_group(
                 backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
+                **_attempt_store(info, timeout),
             )
         except (RuntimeError, ValueError) as e:  # torch's DistError family subclasses RuntimeError
             raise CommFailure(
@@ -162,6 +164,27 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
             ) from None
     return info, device
+
+
+def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> dict[str, Any]:
+    """`init_process_group` arguments that give each torchrun restart attempt its own keys in the launcher's store.
+
+    torchrun's static rendezvous (`--master-port`, no `--rdzv-backend`) keeps one store for every attempt of
+    `--max-restarts`, and torch 2.13 no longer prefixes the workers' keys by attempt (it assumes a new store per
+    attempt, which only the c10d rendezvous makes): a restarted rank read its peer's address from the dead attempt,
+    and the group failed ("Gloo connectFullMesh failed ... Connection refused") on every restart. {} (torch's own
+    env:// set-up) outside torchrun's agent store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size, is_master=False, timeout=timeout
+    )
+    return {
+        "store": dist.PrefixStore(f"lmforge/attempt_{attempt}", client),
+        "rank": info.rank,
+        "world_size": info.world_size,
+    }
 
 
 _COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl", "gloo")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import locale
+import math
 import os
 import select
 import shutil
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 # The zygote: imports what every call imports, then serves one request (a JSON line) at a time.
@@ -77,6 +79,8 @@ import gc
 gc.freeze()
 requests = sys.stdin  # (kept: a dropped sys.stdin would close fd 0)
 channel = os.fdopen(os.dup(1), "w")  # replies; fds 0 and 1 become each child's stdin and stdout
+channel.write(json.dumps({"ready": True}) + "\n")  # the imports are done (Zygote.start waits longer for this)
+channel.flush()
 for line in requests:
     req = json.loads(line)
     pid = os.fork()
@@ -91,6 +95,18 @@ for line in requests:
     channel.flush()
 """
 
+STARTUP_TIMEOUT = 240  # seconds a new zygote may take to import torch and lmforge
+# when pytest-timeout fails the running test (time.monotonic(); None: never), set by conftest.py for each test here
+# (pytest imports conftest.py as `conftest`, and the tests' `from tests.conftest import ...` makes a second copy)
+test_deadline: float | None = None
+
+
+def seconds_left(margin: float) -> float:
+    """Seconds until pytest-timeout fails the running test, less `margin` (inf without a timeout): a wait that
+    must end first to report what it waited for (tests/test_dist.py: launch_ranks' stacks of hung ranks)."""
+    return math.inf if test_deadline is None else test_deadline - time.monotonic() - margin
+
+
 MAIN = str(Path(__file__).resolve().parent.parent / "lmforge" / "__main__.py")  # sys.argv[0] under -m
 
 
@@ -101,6 +117,7 @@ class Zygote:
             [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
         self.buffer = b""
+        self.ready = False  # whether the zygote said it has imported everything
 
     def start(self, argv: list[str], env: dict[str, str], cwd: str, stdin: str, script: str | None) -> dict:
         """Fork the child: its pid and where its stdout and stderr go (a temporary folder, removed by the caller)."""
@@ -113,6 +130,9 @@ class Zygote:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
+        if not self.ready:  # its imports take 5-15 s, and over 60 s on a loaded 2-core machine (the fork, a moment)
+            json.loads(self._reply(STARTUP_TIMEOUT))
+            self.ready = True
         return {"pid": json.loads(self._reply(60))["pid"], "tmp": tmp, "stdout": out, "stderr": err}
 
     def returncode(self, timeout: float) -> int:
@@ -136,7 +156,11 @@ class Zygote:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()  # type: ignore[union-attr]
-            self.proc.wait(30)
+            try:  # (it exits at end of input, once its imports are done)
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # still importing: stopped, so this error does not hide the caller's
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _read(path: str) -> str:

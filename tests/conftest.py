@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from lmforge.config import RunConfig, load_config
 from lmforge.quickstart import corpus_path
+from tests import cli_fork
 from tests.cli_fork import ForkedProcess, run_lmforge
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +39,16 @@ def pytest_configure(config: pytest.Config) -> None:
     marks = config.getoption("markexpr") or ""
     if "gpu" not in marks or "not gpu" in marks:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Note when pytest-timeout (its timer starts with the test's set-up) will fail this test
+    (tests/cli_fork.py: seconds_left)."""
+    marker = item.get_closest_marker("timeout")
+    timeout = marker.args[0] if marker and marker.args else item.config.getoption("timeout", None)
+    timeout = timeout or os.environ.get("PYTEST_TIMEOUT") or item.config.getini("timeout")
+    cli_fork.test_deadline = time.monotonic() + float(timeout) if timeout else None
 
 
 @pytest.fixture(autouse=True)

@@ -97,23 +97,29 @@ def launch_ranks(
     starts, with its environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; this process hosts the store),
     each forked from a test zygote that imported torch already (tests/cli_fork.py), not three fresh
     interpreters. As torchrun does, the first rank to fail gets the others stopped (SIGTERM, then SIGKILL
-    30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order."""
+    30 s later) and its status is the run's; stdout and stderr are the ranks', in rank order. Ranks still
+    running after `timeout` s, or close to pytest's own timeout of the test, fail it with every rank's stacks."""
     import time
 
-    from tests.cli_fork import ForkedProcess
+    from tests.cli_fork import ForkedProcess, seconds_left
 
     # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
     # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
     # in between by another test's process
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-    ranks = []
-    for rank in range(nproc):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-        env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
-        env |= {"LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
-        ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
-    deadline, kill_at, code, hung = time.monotonic() + timeout, None, 0, False
-    try:
+    ranks: list[ForkedProcess] = []
+    kill_at, code, hung = None, 0, False
+    try:  # (a rank that failed to start has the ones started before it stopped, not left waiting for it)
+        for rank in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+        # ends before pytest-timeout fails the test, which would leave no clue (a test that trained in process
+        # first, or started cold zygotes, has less than its 300 s left)
+        limit = min(timeout, seconds_left(margin=20))
+        deadline = time.monotonic() + limit
         while any(r.poll() is None for r in ranks):
             failed = [r.returncode for r in ranks if r.returncode]
             if failed and kill_at is None:
@@ -134,8 +140,8 @@ def launch_ranks(
             r.wait(60)
         del store
     if hung:
-        stacks = "\n".join(f"--- rank {i} stderr (tail) ---\n{r.stderr[-4000:]}" for i, r in enumerate(ranks))
-        pytest.fail(f"{nproc} ranks still running after {timeout:g} s: {' '.join(args)}\n{stacks}")
+        stacks = "\n".join(f"--- rank {i} stderr ---\n{r.stderr}" for i, r in enumerate(ranks))
+        pytest.fail(f"{nproc} ranks still running after {limit:.0f} s: {' '.join(args)}\n{stacks}")
     stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
@@ -232,6 +238,31 @@ def test_world_size_change_resumes(data_dir: Path, single: Path, tmp_path: Path)
     p = forked_ranks(data_dir, out, **{"train.micro_batch_size": 4, "dist.strategy": "fsdp"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
+
+
+def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_path: Path, monkeypatch) -> None:
+    """Ranks that never end fail their test with each rank's Python stack while the test has time left: launch_ranks
+    waited its own 300 s, so a test that had trained in process first was failed by pytest-timeout, stackless."""
+    import time
+
+    from tests import cli_fork
+
+    assert 200 < cli_fork.seconds_left(margin=0) <= 300  # pytest-timeout's limit of each test (pyproject.toml)
+    idle = tmp_path / "idle.py"
+    idle.write_text("", encoding="utf-8")
+    # two zygotes ready first: their imports take 5-60 s, which the 25 s below is not about
+    warm = [cli_fork.ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(2)]
+    assert [p.wait(240) for p in warm] == [0, 0]
+    monkeypatch.setattr(cli_fork, "test_deadline", time.monotonic() + 25)  # as if the test had 25 s left
+    script = tmp_path / "hang.py"
+    script.write_text("import time\nwhile True:\n    time.sleep(0.1)  # the hang\n", encoding="utf-8")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="2 ranks still running after") as failed:
+        launch_ranks([], script=str(script))
+    assert time.monotonic() - started < 25
+    stacks = str(failed.value)
+    assert "--- rank 1 stderr ---" in stacks
+    assert stacks.count(f'File "{script}", line 3') == 2, stacks  # faulthandler's dump of each rank
 
 
 def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: Path) -> None:
@@ -634,6 +665,39 @@ def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
         "run it as 'lmforge finetune ...' (or torchrun --nproc-per-node 1)"
     )
     assert not (tmp_path / "ft").exists()
+
+
+# lmforge's CLI under torchrun --max-restarts: attempt 0 trains, then rank 1 fails, so torchrun restarts both; in
+# attempt 1 rank 0 starts late, so rank 1 looks up rank 0's address before rank 0 has written its new one
+RESTARTED_WITH_A_LATE_RANK_0 = """
+import os, sys, time
+from lmforge import cli
+
+rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
+if attempt == "1" and rank == "0":
+    time.sleep(5)
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+sys.exit(3 if attempt == "0" and rank == "1" else code)
+"""
+
+
+def test_max_restarts_of_the_static_rendezvous_form_a_new_group(data_dir: Path, tmp_path: Path) -> None:
+    """torchrun --master-port --max-restarts keeps one store for every attempt: the restarted rank 1 took rank 0's
+    address from attempt 0 and every restart failed ('Gloo connectFullMesh failed ... Connection refused')."""
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED_WITH_A_LATE_RANK_0, encoding="utf-8")
+    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script),), **{"train.max_steps": 2})
+    cmd.insert(3, "--max-restarts=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert "connectFullMesh" not in p.stderr, p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "is already trained to step 2" in p.stdout  # attempt 1 joined the group and found the run finished
 
 
 # lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)
