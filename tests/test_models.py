@@ -209,9 +209,9 @@ def test_rope_in_two_multiplications_equals_the_textbook_rotation_bit_for_bit(dt
         ("gpt", {"d_model": 0}, "model.d_model must be > 0, got 0"),
         ("gpt", {"n_head": 0}, "model.n_head must be > 0"),
         ("gpt", {"d_ff": -1}, "model.d_ff must be >= 0"),
-        ("gpt", {"init_std": -0.02}, "model.init_std must be >= 0"),
-        ("gpt", {"rope_theta": 0.0, "pos_emb": "rope"}, "model.rope_theta must be > 0"),
-        ("gpt", {"norm_eps": -1e-5}, "model.norm_eps must be >= 0"),
+        ("gpt", {"init_std": -0.02}, "model.init_std must be a number >= 0"),
+        ("gpt", {"rope_theta": 0.0, "pos_emb": "rope"}, "model.rope_theta must be a number > 0"),
+        ("gpt", {"norm_eps": -1e-5}, "model.norm_eps must be a number >= 0"),
         ("bert", {"d_model": -8}, "model.d_model must be > 0, got -8"),
         ("bert", {"d_model": 0}, "model.d_model must be > 0, got 0"),
         ("bert", {"d_ff": -1}, "model.d_ff must be >= 0"),
@@ -219,7 +219,7 @@ def test_rope_in_two_multiplications_equals_the_textbook_rotation_bit_for_bit(dt
         ("electra", {"d_model": -8}, "model.d_model must be > 0"),
         ("lstm", {"d_model": 0}, "model.d_model must be > 0"),
         ("gru", {"n_layer": 0}, "model.n_layer must be > 0"),
-        ("lstm", {"init_std": -1.0}, "model.init_std must be >= 0"),
+        ("lstm", {"init_std": -1.0}, "model.init_std must be a number >= 0"),
     ],
 )
 def test_model_sizes_are_validated_for_every_family(family: str, fields: dict, match: str) -> None:
