@@ -595,6 +595,30 @@ def test_folder_walk_follows_links_and_refuses_dangling_ones(tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipe_or_fifo_input_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A named FIFO (given, or found in a folder) made prepare wait forever for a writer, and a shell pipe
+    (`prepare <(zcat x.gz)`, a /dev/fd path) failed with '[Errno 29] Illegal seek ... re-create the file';
+    both are refused up front, saying to save the text to a file."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(DataError, match=r"fifo\.txt is a pipe or device, not a file: .* save the text to a file"):
+        resolve_inputs([str(tmp_path / "fifo.txt")])
+    write(tmp_path / "corpus" / "a.txt", "a text")
+    os.mkfifo(tmp_path / "corpus" / "b.txt")
+    with pytest.raises(DataError, match=r"b\.txt is a pipe or device"):
+        resolve_inputs([str(tmp_path / "corpus")])
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"hello there\n\ngeneral kenobi\n")
+        os.close(write_end)
+        with pytest.raises(DataError, match=rf"/dev/fd/{read_end} is a pipe or device, not a file"):
+            run(tmp_path, [f"/dev/fd/{read_end}"])
+    finally:
+        os.close(read_end)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     """A re-run with --out inside the input folder reads the same documents, not the last run's
     card.md (nor anything in lmforge's hidden build/backup folders beside --out)."""

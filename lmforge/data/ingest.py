@@ -247,6 +247,11 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
                 raise DataError(
                     f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
                 )
+            if not is_hub(path) and not path.is_file() and not path.is_dir():  # opening a FIFO waits for a writer
+                raise DataError(
+                    f"{path} is a pipe or device, not a file: prepare reads each input more than once; save the "
+                    "text to a file first (.gz and .zst files are read as they are)"
+                )
             chosen.setdefault(key, path)
         else:
             skipped.setdefault(key, path)
