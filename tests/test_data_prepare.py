@@ -835,3 +835,25 @@ def test_vocab_size_for_a_tokenizer_prepare_does_not_train_is_refused(
         err = capsys.readouterr().err
         assert done.value.code == 2 and err.count("\n") == 1 and "drop --vocab-size" in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_near_threshold_without_near_dedup_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--near-threshold 0.5` with the default exact dedup (or none, or a --merge) removed no near-duplicate and
+    said nothing, so a user believed near dedup had run; it is refused in one line, even at its default value."""
+    from lmforge.cli import main
+
+    write(tmp_path / "a.txt", "some text\n\nsome text!\n")
+    for extra in ([], ["--dedup", "none"], ["--near-threshold", "0.8"]):
+        with pytest.raises(SystemExit) as done:
+            main(
+                ["prepare", str(tmp_path / "a.txt"), "--near-threshold", "0.5", *extra, "--out", str(tmp_path / "out")]
+            )
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1, err
+        assert "--near-threshold applies to near-duplicate removal" in err and "add --dedup near" in err, err
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "a.txt"), "--near-threshold", "0.5", "--dedup", "near", "--quiet",
+              "--tokenizer", "char", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert done.value.code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dedup"]["threshold"] == 0.5

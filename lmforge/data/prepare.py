@@ -260,8 +260,8 @@ class PrepareConfig:
 
     def check_written(self, written: set[str]) -> None:
         """The CLI's flags `written` (even at their default value) that this config would not apply are refused,
-        naming the flag: those --merge does not apply, and --vocab-size for a tokenizer prepare does not train
-        (it was ignored without a word)."""
+        naming the flag: those --merge does not apply, --vocab-size for a tokenizer prepare does not train and
+        --near-threshold without --dedup near (each was ignored without a word)."""
         if self.merge:
             self.check_merge_flags(written)
         if "vocab_size" in written:
@@ -271,6 +271,11 @@ class PrepareConfig:
                 f"--vocab-size sizes a tokenizer that prepare trains (bpe, wordpiece, unigram); --tokenizer {kind}; "
                 "drop --vocab-size",
             )
+        check(
+            "near_threshold" not in written or self.dedup == "near",
+            f"--near-threshold applies to near-duplicate removal, not --dedup {self.dedup}; add --dedup near or drop "
+            "--near-threshold",
+        )
 
     def check_merge_flags(self, written: set[str]) -> None:
         """--merge copies the parts' tokens: reading, cleaning, filtering, splitting and tokenizing
