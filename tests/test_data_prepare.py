@@ -786,6 +786,32 @@ def test_prepare_names_a_file_whose_invalid_utf8_was_replaced(
     assert [i["invalid_utf8_replaced"] for i in m["inputs"]] == [0, 4]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_json_lone_surrogates_are_replaced_without_a_mixed_encoding_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
+) -> None:
+    """Scraped posts in JSON Lines often hold an emoji cut in half, escaped as "\\ud83d": valid UTF-8 bytes. 40
+    of them were counted as invalid UTF-8 and refused as 'not UTF-8 or mixes encodings; convert it with iconv',
+    which changes nothing; they are replaced and counted (and named as what they are), and the run goes on."""
+    from lmforge.cli import main
+
+    rows = [json.dumps({"text": f"post {i} cut emoji \ud83d"}) for i in range(40)]  # (ensure_ascii: escaped)
+    write(tmp_path / "posts.jsonl", "\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "posts.jsonl"), "--tokenizer", "char", "--quiet", "--workers", str(workers),
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert done.value.code == 0, err
+    assert err.count("\n") == 1 and "40 lone surrogates escaped in JSON strings" in err and "iconv" not in err, err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
+    assert m["inputs"][0]["invalid_utf8_replaced"] == m["inputs"][0]["lone_surrogates_replaced"] == 40
+    assert m["documents"]["out"] == 40 and "post 7 cut emoji \ufffd" in docs_by_split(tmp_path / "out")["train"]
+    (tmp_path / "mixed.jsonl").write_bytes(b"".join(b'{"text": "caf\xe9 %d"}\n' % i for i in range(40)))
+    with pytest.raises(SystemExit) as done:  # invalid UTF-8 bytes are still refused
+        main(["prepare", str(tmp_path / "mixed.jsonl"), "--quiet", "--out", str(tmp_path / "out2")])
+    assert done.value.code == 2 and "mixes encodings" in capsys.readouterr().err
+
+
 def test_corrupt_gzip(tmp_path: Path) -> None:
     (tmp_path / "plain.txt.gz").write_text("not gzip at all", encoding="utf-8")
     with pytest.raises(DataError, match=r"plain\.txt\.gz: cannot decompress"):

@@ -56,6 +56,7 @@ class BlockResult:
     raw_bytes: int = 0
     chars: int = 0  # characters after cleaning, of every document read (for the mixed-encoding check)
     invalid_utf8: int = 0
+    surrogates: int = 0  # of invalid_utf8, JSON's escaped lone surrogates (`RawDocument.surrogates`)
     documents_with_invalid_utf8: int = 0
     control_chars_removed: int = 0
     normalized_documents: int = 0
@@ -153,6 +154,7 @@ class BlockWorker:
             bits.append(len(text).bit_length())
             texts.append(text)
         r.documents = len(docs)
+        r.surrogates = sum(doc.surrogates for doc in docs)
         r.raw_bytes, r.chars, r.invalid_utf8, r.documents_with_invalid_utf8 = (
             raw_bytes,
             chars,
