@@ -127,8 +127,8 @@ def _is_number(value: Any) -> bool:
 def clean_record(record: Any) -> dict[str, Any] | None:
     """`record` with only well-typed values, or None when it is not a metrics record at all.
 
-    What the logger writes: numbers (NaN and infinities included), `loss_spike` as a bool and the
-    evaluation `sample` as a string. Anything else under a key is dropped.
+    What the logger writes: numbers (NaN and infinities included), `loss_spike` and `interrupted` as bools and
+    the evaluation `sample` as a string. Anything else under a key is dropped.
     """
     if not isinstance(record, dict) or not _is_number(record.get("step")) or not math.isfinite(record["step"]):
         return None
@@ -136,7 +136,7 @@ def clean_record(record: Any) -> dict[str, Any] | None:
     for key, value in record.items():
         if key == "sample":
             ok = isinstance(value, str)
-        elif key == "loss_spike":
+        elif key in ("loss_spike", "interrupted"):
             ok = isinstance(value, bool)
         else:
             ok = _is_number(value)
@@ -146,10 +146,11 @@ def clean_record(record: Any) -> dict[str, Any] | None:
 
 
 def truncate_metrics(path: Path, max_step: int) -> None:
-    """Keep only records up to `max_step` (used on resume, so the file matches a straight run)."""
+    """Keep only records up to `max_step` (used on resume, so the file matches a straight run), and none that an
+    interrupted run logged at the step it stopped on, off the log interval (marked `interrupted`)."""
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= max_step]
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= max_step and not r.get("interrupted")]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
 

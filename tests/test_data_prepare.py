@@ -595,6 +595,30 @@ def test_folder_walk_follows_links_and_refuses_dangling_ones(tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipe_or_fifo_input_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A named FIFO (given, or found in a folder) made prepare wait forever for a writer, and a shell pipe
+    (`prepare <(zcat x.gz)`, a /dev/fd path) failed with '[Errno 29] Illegal seek ... re-create the file';
+    both are refused up front, saying to save the text to a file."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(DataError, match=r"fifo\.txt is a pipe or device, not a file: .* save the text to a file"):
+        resolve_inputs([str(tmp_path / "fifo.txt")])
+    write(tmp_path / "corpus" / "a.txt", "a text")
+    os.mkfifo(tmp_path / "corpus" / "b.txt")
+    with pytest.raises(DataError, match=r"b\.txt is a pipe or device"):
+        resolve_inputs([str(tmp_path / "corpus")])
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"hello there\n\ngeneral kenobi\n")
+        os.close(write_end)
+        with pytest.raises(DataError, match=rf"/dev/fd/{read_end} is a pipe or device, not a file"):
+            run(tmp_path, [f"/dev/fd/{read_end}"])
+    finally:
+        os.close(read_end)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     """A re-run with --out inside the input folder reads the same documents, not the last run's
     card.md (nor anything in lmforge's hidden build/backup folders beside --out)."""
@@ -762,6 +786,32 @@ def test_prepare_names_a_file_whose_invalid_utf8_was_replaced(
     assert [i["invalid_utf8_replaced"] for i in m["inputs"]] == [0, 4]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_json_lone_surrogates_are_replaced_without_a_mixed_encoding_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
+) -> None:
+    """Scraped posts in JSON Lines often hold an emoji cut in half, escaped as "\\ud83d": valid UTF-8 bytes. 40
+    of them were counted as invalid UTF-8 and refused as 'not UTF-8 or mixes encodings; convert it with iconv',
+    which changes nothing; they are replaced and counted (and named as what they are), and the run goes on."""
+    from lmforge.cli import main
+
+    rows = [json.dumps({"text": f"post {i} cut emoji \ud83d"}) for i in range(40)]  # (ensure_ascii: escaped)
+    write(tmp_path / "posts.jsonl", "\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "posts.jsonl"), "--tokenizer", "char", "--quiet", "--workers", str(workers),
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert done.value.code == 0, err
+    assert err.count("\n") == 1 and "40 lone surrogates escaped in JSON strings" in err and "iconv" not in err, err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
+    assert m["inputs"][0]["invalid_utf8_replaced"] == m["inputs"][0]["lone_surrogates_replaced"] == 40
+    assert m["documents"]["out"] == 40 and "post 7 cut emoji \ufffd" in docs_by_split(tmp_path / "out")["train"]
+    (tmp_path / "mixed.jsonl").write_bytes(b"".join(b'{"text": "caf\xe9 %d"}\n' % i for i in range(40)))
+    with pytest.raises(SystemExit) as done:  # invalid UTF-8 bytes are still refused
+        main(["prepare", str(tmp_path / "mixed.jsonl"), "--quiet", "--out", str(tmp_path / "out2")])
+    assert done.value.code == 2 and "mixes encodings" in capsys.readouterr().err
+
+
 def test_corrupt_gzip(tmp_path: Path) -> None:
     (tmp_path / "plain.txt.gz").write_text("not gzip at all", encoding="utf-8")
     with pytest.raises(DataError, match=r"plain\.txt\.gz: cannot decompress"):
@@ -811,3 +861,25 @@ def test_vocab_size_for_a_tokenizer_prepare_does_not_train_is_refused(
         err = capsys.readouterr().err
         assert done.value.code == 2 and err.count("\n") == 1 and "drop --vocab-size" in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_near_threshold_without_near_dedup_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--near-threshold 0.5` with the default exact dedup (or none, or a --merge) removed no near-duplicate and
+    said nothing, so a user believed near dedup had run; it is refused in one line, even at its default value."""
+    from lmforge.cli import main
+
+    write(tmp_path / "a.txt", "some text\n\nsome text!\n")
+    for extra in ([], ["--dedup", "none"], ["--near-threshold", "0.8"]):
+        with pytest.raises(SystemExit) as done:
+            main(
+                ["prepare", str(tmp_path / "a.txt"), "--near-threshold", "0.5", *extra, "--out", str(tmp_path / "out")]
+            )
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1, err
+        assert "--near-threshold applies to near-duplicate removal" in err and "add --dedup near" in err, err
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "a.txt"), "--near-threshold", "0.5", "--dedup", "near", "--quiet",
+              "--tokenizer", "char", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert done.value.code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dedup"]["threshold"] == 0.5

@@ -153,6 +153,32 @@ def test_signal_saves_exits_130_and_resume_matches_straight_run(data_dir, straig
 
 
 @pytest.mark.slow
+def test_an_interruption_off_the_log_interval_leaves_metrics_as_a_straight_run(data_dir, tmp_path):
+    """An interrupted run logs the step it stopped on, so its curve ends there; with --train.log_every > 1 that
+    record stayed after the resume (a line the straight run does not have) and its loss moved the running mean
+    that flags spikes (state.json's loss_ema). The resume drops it, and the loss mean never saw it."""
+    import json
+
+    args = lambda run: [*_pretrain_args(data_dir, run, 40, 10), "--train.log_every", "1000"]  # noqa: E731
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert run_cli(*args(straight), "--quiet").returncode == 0
+    proc = start_cli(*args(interrupted))
+    deadline = time.time() + 120
+    while latest_checkpoint(interrupted) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    stopped = load_checkpoint(interrupted).meta["step"]
+    assert 10 <= stopped < 40 and [r["step"] for r in _numbers(interrupted) if "loss" in r] == [stopped]
+    resumed = run_cli(*args(interrupted), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(straight, interrupted)
+    state = [json.loads((latest_checkpoint(run) / "state.json").read_text()) for run in (straight, interrupted)]
+    assert state[0]["train_state"]["loss_ema"] == state[1]["train_state"]["loss_ema"] is not None
+
+
+@pytest.mark.slow
 def test_sigkill_leaves_a_loadable_checkpoint(data_dir, tmp_path):
     """Checkpoint every step and SIGKILL at an arbitrary moment, several times (~15 s)."""
     run = tmp_path / "run"

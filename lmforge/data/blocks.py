@@ -64,6 +64,7 @@ class BlockResult:
     raw_bytes: int = 0
     chars: int = 0  # characters after cleaning, of every document read (for the mixed-encoding check)
     invalid_utf8: int = 0
+    surrogates: int = 0  # of invalid_utf8, JSON's escaped lone surrogates (`RawDocument.surrogates`)
     documents_with_invalid_utf8: int = 0
     control_chars_removed: int = 0
     normalized_documents: int = 0
@@ -136,6 +137,7 @@ class BlockWorker:
         rows = ((p, len(p.text), utf8_len(p.text), None) for p in self.cleaner(raw))
         texts = self._fill(r, rows, task.role, invalid_total)
         r.documents = len(docs)
+        r.surrogates = sum(doc.surrogates for doc in docs)
         if self.tokenizer_json is not None:
             r.tokens, r.token_counts = self.encoder().encode(texts)
         if self.tokenizer_json is None or self.keep_texts:

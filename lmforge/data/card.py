@@ -118,6 +118,13 @@ def write_card(
     return card
 
 
+def _files_and_total(counts: dict[str, int]) -> str:
+    """'a.txt and 2 more files: 1,234' for the files with a nonzero count (at least one), in order."""
+    files = [path for path, n in counts.items() if n]
+    more = f" and {len(files) - 1:,} more file{'s' if len(files) > 2 else ''}" if len(files) > 1 else ""
+    return f"{files[0]}{more}: {sum(counts.values()):,}"
+
+
 def notes(manifest: dict[str, Any]) -> list[str]:
     """Notes for `prepare`'s stderr, each one line: .json files a folder or glob walk skipped (usually metadata,
     but a corpus of .json files, such as the classical poetry sets, is read only when named); inputs whose
@@ -131,11 +138,18 @@ def notes(manifest: dict[str, Any]) -> list[str]:
             f"note: folders skip .json files, so {many} (such as {json_files[0]}) went unread; "
             "name them as inputs to read them, e.g. 'DIR/*.json' (listed in manifest.json skipped_files)"
         )
-    bad = [(i["path"], i["invalid_utf8_replaced"]) for i in manifest["inputs"] if i.get("invalid_utf8_replaced")]
-    if bad:
-        more = f" and {len(bad) - 1:,} more file{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+    # (JSON's escaped lone surrogates are counted as invalid UTF-8 too, but say nothing about the file's encoding)
+    lone = {i["path"]: i.get("lone_surrogates_replaced", 0) for i in manifest["inputs"]}
+    bad = {i["path"]: i["invalid_utf8_replaced"] - lone[i["path"]] for i in manifest["inputs"]}
+    if any(lone.values()):
         out.append(
-            f"note: {bad[0][0]}{more}: {sum(n for _, n in bad):,} invalid UTF-8 sequences replaced with U+FFFD "
+            f"note: {_files_and_total(lone)} lone surrogates escaped in JSON strings (half an emoji, like \\ud83d, "
+            "cut from its pair) replaced with U+FFFD (manifest.json inputs[].lone_surrogates_replaced, counted in "
+            "cleaning.invalid_utf8_replaced too)"
+        )
+    if any(bad.values()):
+        out.append(
+            f"note: {_files_and_total(bad)} invalid UTF-8 sequences replaced with U+FFFD "
             "(manifest.json cleaning.invalid_utf8_replaced); if a file is in another encoding, convert it with "
             "iconv -f ENCODING -t UTF-8 (CP1252 or LATIN1 for Western European text, GB18030 for Chinese) and "
             "prepare again"

@@ -16,7 +16,8 @@ Key design decisions:
   file should not stop a run. `decode_utf8` counts only the U+FFFD characters the decoder
   introduced, not ones already present (encoded as EF BF BD) in the input.
 - Lone surrogates (possible in JSON strings, e.g. "\\ud800") cannot be encoded as UTF-8; they are
-  replaced by U+FFFD and counted as invalid UTF-8 too.
+  replaced by U+FFFD and counted as invalid UTF-8 too, but not toward `check_encoding`'s refusal: the file's
+  bytes are valid UTF-8, so they are no sign of another encoding (`RawDocument.surrogates`).
 - Everything here is a pure function on one document; counting across documents is the caller's job
   (`CleanStats.add`), so the functions are trivial to test.
 """

@@ -85,7 +85,7 @@ def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Ite
         if lists:  # one document per row, its strings joined by newlines, as a .json file's list of strings
             text = "\n".join(t for t in text if t is not None)
         text, surrogates = replace_surrogates(text)
-        yield RawDocument(text, surrogates)
+        yield RawDocument(text, surrogates, surrogates=surrogates)
 
 
 def arrow_documents(path: Path, fmt: Format, text_field: str) -> Iterator[RawDocument]:
@@ -147,7 +147,7 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
                 yield RawDocument(None, 0)
                 continue
             text, surrogates = replace_surrogates(document_text(row[text_field], spec, text_field))
-            yield RawDocument(text, surrogates)
+            yield RawDocument(text, surrogates, surrogates=surrogates)
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad config: datasets raises many types

@@ -112,11 +112,14 @@ class RawDocument:
     `text` is None for a row with no text: a null (JSON, Parquet), an empty CSV/TSV cell, or a row without the
     field, which `missing` describes ("FILE:LINE: no field 'text' (keys: ...)"). `prepare` skips such rows and
     counts them (`no_text`); a field missing from every row of an input is a wrong --text-field (`no_text_error`).
+    `surrogates`: of `invalid_utf8`, the lone surrogates a JSON string escaped (`"\\ud83d"`, an emoji cut in half):
+    replaced and counted alike, but valid UTF-8 bytes, so no sign that the file is in another encoding.
     """
 
     text: str | None
     invalid_utf8: int
     missing: str | None = None
+    surrogates: int = 0
 
 
 def no_text_error(missing: str) -> DataError:
@@ -248,6 +251,11 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
             if not is_hub(path) and not path.exists():  # found by a folder walk or glob: a dangling link
                 raise DataError(
                     f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+                )
+            if not is_hub(path) and not path.is_file() and not path.is_dir():  # opening a FIFO waits for a writer
+                raise DataError(
+                    f"{path} is a pipe or device, not a file: prepare reads each input more than once; save the "
+                    "text to a file first (.gz and .zst files are read as they are)"
                 )
             chosen.setdefault(key, path)
         else:
@@ -882,7 +890,7 @@ def _table_documents(
                     raise extra_fields_error(path, lineno, len(row), len(header))
                 if row[column]:
                     text, surrogates = replace_surrogates(row[column])
-                    yield RawDocument(text, bad_pending + surrogates)
+                    yield RawDocument(text, bad_pending + surrogates, surrogates=surrogates)
                 else:  # an empty cell is the table's null: no text, skipped and counted as a null is
                     yield RawDocument(None, bad_pending)
                 bad_pending = 0

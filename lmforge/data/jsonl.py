@@ -43,7 +43,7 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
         if isinstance(record, dict) and text_field not in record and "." in text_field:
             for j, text in enumerate(field_texts(record, text_field, where)):
                 doc, surrogates = replace_surrogates(text)
-                yield RawDocument(doc, (bad if i == 1 and j == 0 else 0) + surrogates)
+                yield RawDocument(doc, (bad if i == 1 and j == 0 else 0) + surrogates, surrogates=surrogates)
             continue
         if isinstance(record, dict):
             if text_field not in record:
@@ -64,7 +64,7 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
                 f"--text-field {text_field}.KEY"
             )
         doc, surrogates = replace_surrogates(document_text(record, where, text_field))
-        yield RawDocument(doc, (bad if i == 1 else 0) + surrogates)
+        yield RawDocument(doc, (bad if i == 1 else 0) + surrogates, surrogates=surrogates)
 
 
 def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator[str]:
@@ -179,7 +179,7 @@ def jsonl_documents(
         if text_field not in record and "." in text_field:  # a path into nested objects
             for j, text in enumerate(field_texts(record, text_field, where)):
                 text, surrogates = replace_surrogates(text)
-                yield RawDocument(text, (bad if j == 0 else 0) + surrogates)
+                yield RawDocument(text, (bad if j == 0 else 0) + surrogates, surrogates=surrogates)
             continue
         if text_field not in record:  # skipped and counted; an error when no row has it (ingest.read_documents)
             keys = ", ".join(list(record)[:8]) or "none"
@@ -189,4 +189,4 @@ def jsonl_documents(
             yield RawDocument(None, bad)
             continue
         text, surrogates = replace_surrogates(document_text(record[text_field], where, text_field))
-        yield RawDocument(text, bad + surrogates)
+        yield RawDocument(text, bad + surrogates, surrogates=surrogates)

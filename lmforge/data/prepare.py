@@ -269,8 +269,8 @@ class PrepareConfig:
 
     def check_written(self, written: set[str]) -> None:
         """The CLI's flags `written` (even at their default value) that this config would not apply are refused,
-        naming the flag: those --merge does not apply, and --vocab-size for a tokenizer prepare does not train
-        (it was ignored without a word)."""
+        naming the flag: those --merge does not apply, --vocab-size for a tokenizer prepare does not train and
+        --near-threshold without --dedup near (each was ignored without a word)."""
         if self.merge:
             self.check_merge_flags(written)
         if "vocab_size" in written:
@@ -280,6 +280,11 @@ class PrepareConfig:
                 f"--vocab-size sizes a tokenizer that prepare trains (bpe, wordpiece, unigram); --tokenizer {kind}; "
                 "drop --vocab-size",
             )
+        check(
+            "near_threshold" not in written or self.dedup == "near",
+            f"--near-threshold applies to near-duplicate removal, not --dedup {self.dedup}; add --dedup near or drop "
+            "--near-threshold",
+        )
 
     def check_merge_flags(self, written: set[str]) -> None:
         """--merge copies the parts' tokens: reading, cleaning, filtering, splitting and tokenizing
@@ -517,22 +522,23 @@ def _pass1(
     streamed = encoded is None and near is None and worker.cleaner.streams()
     spill = tmp / "long-document.part" if streamed else None
     inputs: list[dict[str, Any]] = []
-    # documents read, kept, invalid UTF-8 sequences, characters, no text, rows without the field of the current input
-    per_file = [0, 0, 0, 0, 0, 0]
+    # documents read, kept, invalid UTF-8 sequences, characters, no text, rows without the field, JSON's lone
+    # surrogates (replaced and counted as invalid UTF-8, but no sign of another encoding) of the current input
+    per_file = [0, 0, 0, 0, 0, 0, 0]
     first_missing: str | None = None
     try:
         for index, r in _results(worker, _tasks(cfg, sources, bar, spill), pool, window=2 * cfg.workers):
             path, role = sources[index]
             if r is None:  # end of this input
-                read, kept, invalid, chars, no_text, missing = per_file
+                read, kept, invalid, chars, no_text, missing, surrogates = per_file
                 if read and missing == read:  # (a block-read file; read_documents checks the others)
                     raise no_text_error(first_missing or "")
-                check_encoding(path, invalid, chars, cfg.max_invalid_utf8)
+                check_encoding(path, invalid - surrogates, chars, cfg.max_invalid_utf8)
                 inputs.append({
                     "path": str(path), "bytes": input_bytes(path), "documents": read, "kept": kept, "role": role,
-                    "invalid_utf8_replaced": invalid, "no_text": no_text,
+                    "invalid_utf8_replaced": invalid, "lone_surrogates_replaced": surrogates, "no_text": no_text,
                 })  # fmt: skip
-                per_file, first_missing = [0, 0, 0, 0, 0, 0], None
+                per_file, first_missing = [0, 0, 0, 0, 0, 0, 0], None
                 continue
             counts.add_block(r)
             keep = np.ones(len(r.keys), dtype=bool)
@@ -561,6 +567,7 @@ def _pass1(
             per_file[3] += r.chars
             per_file[4] += r.removed["no_text"][0]
             per_file[5] += r.missing
+            per_file[6] += r.surrogates
             first_missing = first_missing or r.first_missing
             if not kept:
                 continue

@@ -371,8 +371,11 @@ def train(
             if after_step is not None:
                 after_step(state.step, state.stop_reason == "max_steps")
 
-            # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped
+            # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped.
+            # An interrupted run's such record is marked: the straight run has none, so a resume drops it
+            # (`truncate_metrics`) and it leaves the loss mean alone, and metrics.jsonl ends as the straight run's.
             final_record = not log_now and state.stop_reason in ("interrupted", "time_budget")
+            interrupted_record = final_record and state.stop_reason == "interrupted"
             if log_now or final_record:
                 dt = time.perf_counter() - interval_start
                 tokens_per_s = interval_tokens / dt if dt > 0 else 0.0
@@ -396,7 +399,7 @@ def train(
                     loss_value = dist.all_reduce([loss_value], device)[0]
                 ema = state.loss_ema
                 spike = ema is not None and loss_value > SPIKE_FACTOR * ema
-                if math.isfinite(loss_value):
+                if math.isfinite(loss_value) and not interrupted_record:
                     state.loss_ema = loss_value if ema is None else SPIKE_EMA * ema + (1 - SPIKE_EMA) * loss_value
                 log.metrics(
                     {
@@ -415,6 +418,7 @@ def train(
                         **({"mfu": achieved / peak_flops} if flops_per_token and peak_flops else {}),
                         "elapsed_s": state.elapsed_s,
                         "eta_s": eta,
+                        **({"interrupted": True} if interrupted_record else {}),
                     }
                 )
                 if not math.isfinite(loss_value):
