@@ -203,3 +203,20 @@ def test_a_character_only_wordpiece_vocabulary_is_noted(tmp_path: Path, capsys: 
         assert ("is all single characters" in errs[asked]) == (asked == least), errs[asked]
     assert sizes[least][0] == least and errs[least].count("\n") == 1
     assert sizes[least][1] < 1.3 < sizes[600][1]  # character-level English vs learned pieces
+
+
+def test_notes_count_one_in_the_singular() -> None:
+    """A file with one replaced byte was noted as '1 invalid UTF-8 sequences'; the count now agrees with its noun."""
+    from lmforge.data.card import notes
+
+    def inputs(**counts: int) -> dict:
+        return {
+            "inputs": [
+                {"path": p, "invalid_utf8_replaced": n, "lone_surrogates_replaced": 0} for p, n in counts.items()
+            ]
+        }
+
+    assert "note: a: 1 invalid UTF-8 sequence replaced with U+FFFD" in notes(inputs(a=1))[0]
+    assert "note: a and 1 more file: 3 invalid UTF-8 sequences replaced" in notes(inputs(a=1, b=2))[0]
+    one_surrogate = {"inputs": [{"path": "p.jsonl", "invalid_utf8_replaced": 1, "lone_surrogates_replaced": 1}]}
+    assert [n[:43] for n in notes(one_surrogate)] == ["note: p.jsonl: 1 lone surrogate escaped in "]

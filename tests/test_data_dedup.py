@@ -130,7 +130,7 @@ def test_shingles_work_without_spaces() -> None:
 
 
 def test_dedup_flags_are_validated() -> None:
-    with pytest.raises(ConfigError, match="near_threshold"):
+    with pytest.raises(ConfigError, match=r"--near-threshold must be in \(0, 1\)"):
         PrepareConfig(inputs=["x"], out="o", dedup="near", near_threshold=1.5)
     with pytest.raises(ConfigError, match="--dedup near"):
         PrepareConfig(inputs=["x"], out="o", dedup_report="r.jsonl")

@@ -181,14 +181,18 @@ def test_language_mix_in_manifest(tmp_path: Path) -> None:
 def test_filter_config_validation() -> None:
     ok = {"inputs": ["x"], "out": "o"}
     for bad, match in [
-        ({"languages": "zh,klingon"}, "unknown languages"),
-        ({"max_char_repetition": 1.5}, "max_char_repetition"),
-        ({"min_alpha_ratio": -0.1}, "min_alpha_ratio"),
-        ({"max_chars": 5, "min_chars": 10}, "max_chars"),
+        ({"languages": "zh,klingon"}, "--languages: unknown language klingon; choose from zh, en, ja"),
+        ({"languages": "xx,klingon"}, "unknown languages klingon, xx"),
+        ({"max_char_repetition": 1.5}, "--max-char-repetition"),
+        ({"min_alpha_ratio": -0.1}, "--min-alpha-ratio"),
+        ({"max_chars": 5, "min_chars": 10}, r"--max-chars \(5\) must be >= --min-chars \(10\)"),
     ]:
         with pytest.raises(ConfigError, match=match):
             PrepareConfig(**{**ok, **bad})
     settings = dataclasses.asdict(PrepareConfig(**ok, languages=" zh , en "))
+    assert DocumentCleaner.from_settings(settings).filters == QualityFilters(languages=frozenset({"zh", "en"}))
+    # codes in any case: "ZH" was refused as unknown (only "zh" worked), and a manifest that recorded it cleans alike
+    settings = dataclasses.asdict(PrepareConfig(**ok, languages="ZH, En"))
     assert DocumentCleaner.from_settings(settings).filters == QualityFilters(languages=frozenset({"zh", "en"}))
 
 

@@ -686,13 +686,22 @@ def test_load_data_dir_errors(tmp_path: Path) -> None:
 def test_config_validation() -> None:
     ok = {"inputs": ["x"], "out": "o"}
     for bad, match in [
-        ({"val_fraction": 1.0}, "val_fraction"),
-        ({"test_fraction": -0.1}, "test_fraction"),
-        ({"val_fraction": 0.6, "test_fraction": 0.5}, "must be < 1"),
+        # each message names the flag the user typed (--val-fraction), not the config field (val_fraction)
+        ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
+        ({"test_fraction": -0.1}, r"--test-fraction must be in \[0, 1\)"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, r"--val-fraction \+ --test-fraction must be < 1"),
         ({"vocab_size": 200}, "257"),
-        ({"doc_unit": "sentence"}, "doc_unit"),
-        ({"normalize": "NFD"}, "normalize"),
-        ({"shard_tokens": 0}, "shard_tokens"),
+        ({"doc_unit": "sentence"}, "--doc-unit must be one of"),
+        ({"normalize": "NFD"}, "--normalize must be one of"),
+        ({"shard_tokens": 0}, "--shard-tokens must be >= 64"),
+        ({"min_chars": -1}, "--min-chars must be >= 0"),
+        ({"max_chars": -1}, "--max-chars must be >= 0"),
+        ({"workers": 0}, "--workers must be >= 1"),
+        ({"max_line_bytes": 0}, "--max-line-bytes must be > 0"),
+        ({"max_invalid_utf8": 2.0}, r"--max-invalid-utf8 must be in \[0, 1\]"),
+        ({"text_field": ""}, "--text-field must not be empty"),
+        ({"tokenizer": ""}, "--tokenizer must be"),
+        ({"special_tokens": "some"}, "--special-tokens must be"),
         ({"inputs": []}, "at least one input"),
         ({"out": ""}, "--out"),
     ]:

@@ -71,7 +71,7 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
     for args, needle in [
         ([str(tmp_path / "empty")], "is empty"),
         ([str(tmp_path / "nope.csv")], "does not exist"),
-        ([str(tmp_path / "empty"), "--languages", "xx"], "unknown languages"),
+        ([str(tmp_path / "empty"), "--languages", "xx"], "--languages: unknown language xx; choose from zh, en"),
     ]:
         result = run_cli("prepare", *args, "--out", str(out))
         assert result.returncode == 2, result.stderr

@@ -118,11 +118,13 @@ def write_card(
     return card
 
 
-def _files_and_total(counts: dict[str, int]) -> str:
-    """'a.txt and 2 more files: 1,234' for the files with a nonzero count (at least one), in order."""
+def _files_and_total(counts: dict[str, int], noun: str) -> str:
+    """'a.txt and 2 more files: 1,234 {noun}s' for the files with a nonzero count (at least one), in order
+    ('a.txt: 1 {noun}' for one)."""
     files = [path for path, n in counts.items() if n]
     more = f" and {len(files) - 1:,} more file{'s' if len(files) > 2 else ''}" if len(files) > 1 else ""
-    return f"{files[0]}{more}: {sum(counts.values()):,}"
+    total = sum(counts.values())
+    return f"{files[0]}{more}: {total:,} {noun}{'s' if total != 1 else ''}"
 
 
 def notes(manifest: dict[str, Any]) -> list[str]:
@@ -143,13 +145,13 @@ def notes(manifest: dict[str, Any]) -> list[str]:
     bad = {i["path"]: i["invalid_utf8_replaced"] - lone[i["path"]] for i in manifest["inputs"]}
     if any(lone.values()):
         out.append(
-            f"note: {_files_and_total(lone)} lone surrogates escaped in JSON strings (half an emoji, like \\ud83d, "
+            f"note: {_files_and_total(lone, 'lone surrogate')} escaped in JSON strings (half an emoji, like \\ud83d, "
             "cut from its pair) replaced with U+FFFD (manifest.json inputs[].lone_surrogates_replaced, counted in "
             "cleaning.invalid_utf8_replaced too)"
         )
     if any(bad.values()):
         out.append(
-            f"note: {_files_and_total(bad)} invalid UTF-8 sequences replaced with U+FFFD "
+            f"note: {_files_and_total(bad, 'invalid UTF-8 sequence')} replaced with U+FFFD "
             "(manifest.json cleaning.invalid_utf8_replaced); if a file is in another encoding, convert it with "
             "iconv -f ENCODING -t UTF-8 (CP1252 or LATIN1 for Western European text, GB18030 for Chinese) and "
             "prepare again"

@@ -219,8 +219,9 @@ def guess_language(text: str) -> str:
 
 
 def language_list(languages: str) -> list[str]:
-    """A `--languages` value ("zh, en") as its codes, split at commas, blanks dropped."""
-    return [lang.strip() for lang in languages.split(",") if lang.strip()]
+    """A `--languages` value ("zh, EN") as its codes, split at commas, blanks dropped, lowercased (the codes
+    of `LANGUAGES` are, and "ZH" was refused as unknown)."""
+    return [lang.strip().lower() for lang in languages.split(",") if lang.strip()]
 
 
 @dataclass(frozen=True)

@@ -652,7 +652,8 @@ def read_task_rows(
             raise DataError(f"{p} holds no text; check the file")
         if invalid:
             print(
-                f"note: {p}: {invalid} invalid UTF-8 sequences replaced with U+FFFD (invalid_utf8_replaced, as "
+                f"note: {p}: {invalid} invalid UTF-8 sequence{'s' if invalid != 1 else ''} replaced with U+FFFD "
+                "(invalid_utf8_replaced, as "
                 "prepare counts them); the scores include them: convert the file to UTF-8 for exact ones",
                 file=sys.stderr,
             )

@@ -203,8 +203,10 @@ class PrepareConfig:
         check(bool(self.out), "prepare needs an output directory (--out DIR)")
         if self.merge:  # first: a flag --merge does not apply is refused as such, not range-checked
             self.check_merge_flags(set())
-        check(bool(self.text_field), "text_field must not be empty; name the JSONL field holding the text")
-        check(bool(self.tokenizer), "tokenizer must be 'bpe', 'char', 'wordpiece', 'unigram' or a tokenizer.json path")
+        check(bool(self.text_field), "--text-field must not be empty; name the JSONL field holding the text")
+        check(
+            bool(self.tokenizer), "--tokenizer must be 'bpe', 'char', 'wordpiece', 'unigram' or a tokenizer.json path"
+        )
         if self.tokenizer == "bpe":
             least = MIN_BPE_VOCAB + (len(EXTRA_SPECIALS) if self.special_tokens == "all" else 0)
             check(
@@ -219,7 +221,8 @@ class PrepareConfig:
                 f"--vocab-size must be >= 281 for unigram (specials + bytes), got {self.vocab_size}",
             )
         check(
-            self.special_tokens in ("eos", "all"), f"special_tokens must be 'eos' or 'all', got {self.special_tokens!r}"
+            self.special_tokens in ("eos", "all"),
+            f"--special-tokens must be 'eos' or 'all', got {self.special_tokens!r}",
         )
         check(  # (wordpiece and unigram always reserve them; char and a given tokenizer.json cannot)
             self.special_tokens == "eos" or self.tokenizer in ("bpe", "wordpiece", "unigram"),
@@ -227,44 +230,50 @@ class PrepareConfig:
         )
         if isinstance(self.dedup, bool):  # older configs said dedup = true/false
             object.__setattr__(self, "dedup", "exact" if self.dedup else "none")
-        check(self.dedup in get_args(DedupMode), f"dedup must be one of {get_args(DedupMode)}, got {self.dedup!r}")
+        check(self.dedup in get_args(DedupMode), f"--dedup must be one of {get_args(DedupMode)}, got {self.dedup!r}")
         check(
             not self.dedup_report or self.dedup == "near",
             "--dedup-report lists near-duplicate pairs; add --dedup near",
         )
-        check(0 < self.near_threshold < 1, f"near_threshold must be in (0, 1), got {self.near_threshold}")
-        check(self.max_chars >= 0, f"max_chars must be >= 0 (0 = no limit), got {self.max_chars}")
+        check(0 < self.near_threshold < 1, f"--near-threshold must be in (0, 1), got {self.near_threshold}")
+        check(self.max_chars >= 0, f"--max-chars must be >= 0 (0 = no limit), got {self.max_chars}")
         check(
             self.max_chars == 0 or self.max_chars >= self.min_chars,
-            f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})",
+            f"--max-chars ({self.max_chars}) must be >= --min-chars ({self.min_chars})",
         )
         for name in ("max_char_repetition", "max_line_repetition", "min_alpha_ratio"):
             value = getattr(self, name)
-            check(0 <= value <= 1, f"{name} must be in [0, 1] (0 = off), got {value}")
+            check(0 <= value <= 1, f"--{name.replace('_', '-')} must be in [0, 1] (0 = off), got {value}")
         check(
             0 <= self.max_invalid_utf8 <= 1,
-            f"max_invalid_utf8 must be in [0, 1] (0 = strictest, 1 = replace and count), got {self.max_invalid_utf8}",
+            f"--max-invalid-utf8 must be in [0, 1] (0 = strictest, 1 = replace and count), got {self.max_invalid_utf8}",
         )
         unknown = set(language_list(self.languages)) - set(LANGUAGES)
-        check(not unknown, f"unknown languages {sorted(unknown)}; choose from {', '.join(LANGUAGES)}")
-        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
-        check(self.max_line_bytes > 0, f"max_line_bytes must be > 0, got {self.max_line_bytes}")
+        check(
+            not unknown,
+            f"--languages: unknown language{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(LANGUAGES)} (any case)",
+        )
+        check(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        check(self.max_line_bytes > 0, f"--max-line-bytes must be > 0, got {self.max_line_bytes}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
-            check(0 <= value < 1, f"{name} must be in [0, 1), got {value}")
+            check(0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         check(
             self.val_fraction + self.test_fraction < 1,
-            f"val_fraction + test_fraction must be < 1, got {self.val_fraction + self.test_fraction}",
+            f"--val-fraction + --test-fraction must be < 1, got {self.val_fraction + self.test_fraction}",
         )
-        check(self.doc_unit in get_args(DocUnit), f"doc_unit must be one of {get_args(DocUnit)}, got {self.doc_unit!r}")
+        check(
+            self.doc_unit in get_args(DocUnit), f"--doc-unit must be one of {get_args(DocUnit)}, got {self.doc_unit!r}"
+        )
         check(
             self.normalize in get_args(Normalization),
-            f"normalize must be one of {get_args(Normalization)}, got {self.normalize!r}",
+            f"--normalize must be one of {get_args(Normalization)}, got {self.normalize!r}",
         )
-        check(self.min_chars >= 0, f"min_chars must be >= 0, got {self.min_chars}")
+        check(self.min_chars >= 0, f"--min-chars must be >= 0, got {self.min_chars}")
         check(
             self.shard_tokens >= 64,
-            f"shard_tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
+            f"--shard-tokens must be >= 64 (tiny shards only multiply files; default 50M), got {self.shard_tokens}",
         )
 
     def check_written(self, written: set[str]) -> None:
