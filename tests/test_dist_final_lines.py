@@ -72,3 +72,19 @@ def test_an_interrupted_run_says_so_once(data_dir: Path, tmp_path: Path, monkeyp
     said = errors(p.stderr)
     assert p.returncode == 130 and len(said) == 1, p.stderr[-2000:]
     assert said[0].startswith("lmforge: interrupted at step 2; saved ") and "re-run the same command" in said[0]
+
+
+def test_a_damaged_checkpoint_is_reported_once(data_dir: Path, tmp_path: Path) -> None:
+    """Every rank checks the consolidated checkpoint it resumes from and found the same damaged file: each printed
+    the line; now rank 0 alone does, and the run's status is still 2."""
+    out = tmp_path / "r"
+    assert forked_ranks(data_dir, out, nproc=1, **{"train.max_steps": 3, "eval.every": 0}).returncode == 0
+    weights = out / "checkpoints" / "step-000003" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern: same size, wrong sha256
+    weights.write_bytes(bytes(data))
+    p = forked_ranks(data_dir, out, **{"train.max_steps": 6, "eval.every": 0})
+    assert p.returncode == 2 and errors(p.stderr) == [
+        f"lmforge: error: {weights} fails its sha256 check (damaged); use an earlier checkpoint (re-run with "
+        "--checkpoint.resume_from previous)"
+    ], p.stderr[-2000:]

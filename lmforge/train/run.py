@@ -22,6 +22,7 @@ import torch
 from lmforge import dist
 from lmforge.atomic import write_json
 from lmforge.checkpoint import (
+    Checkpoint,
     checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
@@ -33,7 +34,7 @@ from lmforge.checkpoint import (
 from lmforge.config import RunConfig, resumed_train, saved_train
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import IdCheckedLoader, eval_batches
-from lmforge.errors import ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
+from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.log import RunLogger, capture_env, truncate_metrics
@@ -284,6 +285,23 @@ def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     return outcome[1]
 
 
+def _checkpoint_to_resume(run_dir: Path, which: str, world: dist.DistInfo, device: torch.device) -> Checkpoint:
+    """`checkpoint_to_resume` on every rank. Each rank checks the whole checkpoint's files (their sizes and
+    sha256), so a damaged one fails every rank alike: then rank 0 alone prints the line (each rank did), with
+    the same exit status. A rank that failed alone (its node's copy) still prints its own."""
+    try:
+        ckpt, error = checkpoint_to_resume(run_dir, which, log=print if world.is_main else len), None
+    except CheckpointError as e:
+        ckpt, error = None, e
+    if world.enabled:
+        failed = dist.all_reduce([float(error is not None)], device)[0]
+        if error is not None and failed == world.world_size:
+            error.every_rank = True
+    if error is not None:
+        raise error
+    return ckpt
+
+
 def _mfu_flops_per_token(model: Any, cfg: RunConfig) -> float:
     """Training FLOPs per token for MFU: an encoder's MLM head runs on the masked share of tokens only."""
     if cfg.model.family in ("bert", "electra"):
@@ -417,11 +435,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             f"checkpoint.resume_from {cfg.checkpoint.resume_from!r}: {run_dir} has no checkpoint to resume from "
             "(this run starts at step 0); drop the flag"
         )
-    ckpt = (
-        checkpoint_to_resume(run_dir, cfg.checkpoint.resume_from, log=print if world.is_main else len)
-        if resume
-        else None
-    )
+    ckpt = _checkpoint_to_resume(run_dir, cfg.checkpoint.resume_from, world, device) if resume else None
     # which saved state this rank resumes from: a DiLoCo worker its own (0 for everything else)
     worker, resume_note = dist.resume_worker(ckpt, cfg.dist.strategy, world) if ckpt is not None else (0, "")
     saved, min_lr_kept = ckpt.meta.get("config") if ckpt is not None else None, ""
