@@ -146,8 +146,9 @@ def clean_record(record: Any) -> dict[str, Any] | None:
 
 
 def truncate_metrics(path: Path, max_step: int) -> None:
-    """Keep only records up to `max_step` (used on resume, so the file matches a straight run), and none that an
-    interrupted run logged at the step it stopped on, off the log interval (marked `interrupted`)."""
+    """Keep only records up to `max_step` (used on resume, so the file matches a straight run), and none that a
+    run stopped early (Ctrl-C, SIGTERM, its time budget) logged at the step it stopped on, off the log or eval
+    interval (marked `interrupted`)."""
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= max_step and not r.get("interrupted")]

@@ -264,3 +264,40 @@ def test_a_run_saved_when_min_lr_0_meant_lr_over_10_resumes_with_that_schedule(d
     _assert_same_run(straight, old)
     saved = json.loads((old / "config.json").read_text(encoding="utf-8"))  # rewritten in the new format
     assert saved["config_version"] == 2 and saved["train"]["min_lr"] is None
+
+
+def test_a_time_budget_stop_resumed_with_a_larger_budget_is_the_straight_run(data_dir, tmp_path, monkeypatch):
+    """A run stopped by train.time_budget off the log and eval intervals logged a train line and ran an evaluation
+    there that the straight run does not have; the evaluation moved the best loss and the patience count in
+    state.json. Both records are now marked as an interruption's (dropped by the resume) and the evaluation leaves
+    the best/patience state alone: raising the budget and re-running ends as one run with that budget."""
+    import json
+    from types import SimpleNamespace
+
+    from lmforge.log import RunLogger
+    from lmforge.train import loop
+
+    clock = [0.0]  # the loop's clock reads one second per step taken, so the budget stops at a known step
+    advance = RunLogger.advance
+
+    def tick(self, *args, **kwargs):
+        clock[0] += 1.0
+        return advance(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunLogger, "advance", tick)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # no evaluation beats the first by min_delta 10: each later one counts toward patience, and the third (step 9)
+    # stops the run early; an evaluation at the budget stop (step 7) that counted would leave the count one ahead
+    flags = {"train.log_every": 4, "eval.every": 3, "train.early_stop_patience": 2, "train.early_stop_min_delta": 10}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    pretrain(tiny_config(data_dir, straight, **flags, **{"train.time_budget": 1000.0}), progress=False)
+    state = pretrain(tiny_config(data_dir, stopped, **flags, **{"train.time_budget": 5.5}), progress=False)
+    assert state.stop_reason == "time_budget" and state.step == 7
+    said = [r for r in read_metrics(stopped / "metrics.jsonl") if r["step"] == 7]
+    assert [sorted(r.keys() & {"loss", "val_loss"}) for r in said] == [["loss"], ["val_loss"]]  # the curve ends at 7
+    resumed = pretrain(tiny_config(data_dir, stopped, **flags, **{"train.time_budget": 1000.0}), progress=False)
+    assert (resumed.step, resumed.stop_reason) == (9, "early_stop")
+    _assert_same_run(straight, stopped)
+    meta = [json.loads((latest_checkpoint(run) / "state.json").read_text()) for run in (straight, stopped)]
+    assert meta[0]["train_state"] == meta[1]["train_state"] and meta[0]["rng"] == meta[1]["rng"]
+    assert meta[0]["loader"] == meta[1]["loader"]

@@ -372,10 +372,11 @@ def train(
                 after_step(state.step, state.stop_reason == "max_steps")
 
             # a run stopped early (Ctrl-C, time budget) logs its last step too, so its curve ends where it stopped.
-            # An interrupted run's such record is marked: the straight run has none, so a resume drops it
-            # (`truncate_metrics`) and it leaves the loss mean alone, and metrics.jsonl ends as the straight run's.
+            # Such a record is marked: the straight run has none, so a resume (after a time budget: with the budget
+            # raised) drops it (`truncate_metrics`) and it leaves the loss mean alone, and metrics.jsonl ends as the
+            # straight run's. (Before, a time-budget stop's record stayed and fed the mean.)
             final_record = not log_now and state.stop_reason in ("interrupted", "time_budget")
-            interrupted_record = final_record and state.stop_reason == "interrupted"
+            interrupted_record = final_record
             if log_now or final_record:
                 dt = time.perf_counter() - interval_start
                 tokens_per_s = interval_tokens / dt if dt > 0 else 0.0
@@ -431,10 +432,13 @@ def train(
                 interval_start, interval_tokens, interval_steps = time.perf_counter(), 0, 0
 
             evaluated = False
-            want_eval = (eval_cfg.every and state.step % eval_cfg.every == 0) or state.stop_reason in (
-                "max_steps",
-                "time_budget",
-            )
+            on_interval = bool(eval_cfg.every and state.step % eval_cfg.every == 0)
+            want_eval = on_interval or state.stop_reason in ("max_steps", "time_budget")
+            # A time-budget stop off the eval interval evaluates for the user (the numbers the run ends with), not
+            # for the run: a longer straight run has no evaluation there. Its record is marked as an interruption's
+            # (a resume drops it) and it moves neither the best loss nor patience (state.json), so that a resume
+            # with the budget raised ends as the straight run does (before, both stayed).
+            budget_only = state.stop_reason == "time_budget" and not on_interval
             if evaluate is not None and want_eval:
                 metrics = evaluate()
                 evaluated = True
@@ -446,6 +450,8 @@ def train(
                 record["elapsed_s"] = state.elapsed_s
                 if metrics.get("sample"):
                     record["sample"] = metrics["sample"]  # shown by `lmforge report`
+                if budget_only:
+                    record["interrupted"] = True
                 log.metrics(record)
                 if metrics.get("sample"):
                     log.info(f"sample @ step {state.step}: {metrics['sample']!r}")
@@ -456,26 +462,27 @@ def train(
                 # stayed NaN and patience ran out however the later losses fell.
                 loss_value = metrics["loss"]
                 finite = math.isfinite(loss_value)
-                reference = state.patience_ref if state.patience_ref is not None else state.best_val_loss
-                if finite and (state.best_val_loss is None or loss_value < state.best_val_loss):
-                    state.best_val_loss, state.best_step = loss_value, state.step
-                if finite and (reference is None or loss_value < reference - cfg.early_stop_min_delta):
-                    state.patience_ref, state.evals_since_best = loss_value, 0
-                else:
-                    state.evals_since_best += 1
-                    if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
-                        state.stop_reason = state.stop_reason or "early_stop"
-                        log.info(
-                            f"early stopping at step {state.step}: no val loss below "
-                            f"{reference - cfg.early_stop_min_delta:.4f} (the reference "
-                            f"{reference:.4f} minus min_delta {cfg.early_stop_min_delta:g}) in "
-                            f"{state.evals_since_best} evaluations; best {state.best_val_loss:.4f} at step "
-                            f"{state.best_step}"
-                            if cfg.early_stop_min_delta
-                            else f"early stopping at step {state.step}: no val-loss improvement in "
-                            f"{state.evals_since_best} evaluations (best {state.best_val_loss:.4f} at step "
-                            f"{state.best_step})"
-                        )
+                if not budget_only:
+                    reference = state.patience_ref if state.patience_ref is not None else state.best_val_loss
+                    if finite and (state.best_val_loss is None or loss_value < state.best_val_loss):
+                        state.best_val_loss, state.best_step = loss_value, state.step
+                    if finite and (reference is None or loss_value < reference - cfg.early_stop_min_delta):
+                        state.patience_ref, state.evals_since_best = loss_value, 0
+                    else:
+                        state.evals_since_best += 1
+                        if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
+                            state.stop_reason = state.stop_reason or "early_stop"
+                            log.info(
+                                f"early stopping at step {state.step}: no val loss below "
+                                f"{reference - cfg.early_stop_min_delta:.4f} (the reference "
+                                f"{reference:.4f} minus min_delta {cfg.early_stop_min_delta:g}) in "
+                                f"{state.evals_since_best} evaluations; best {state.best_val_loss:.4f} at step "
+                                f"{state.best_step}"
+                                if cfg.early_stop_min_delta
+                                else f"early stopping at step {state.step}: no val-loss improvement in "
+                                f"{state.evals_since_best} evaluations (best {state.best_val_loss:.4f} at step "
+                                f"{state.best_step})"
+                            )
 
             if after_step is not None and state.stop_reason == "early_stop":
                 after_step(state.step, True)  # before the final checkpoint
