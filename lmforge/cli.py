@@ -370,9 +370,9 @@ def build_parser() -> Parser:
     p.add_argument("--lora-rank", type=int, default=8, help="--adapt lora: LoRA rank r (default: 8, as finetune)")
     p.add_argument(
         "--lora-targets",
-        default="qkv,attn.proj",
-        help="--adapt lora: comma-separated layers with adapters: qkv, attn.proj, mlp.fc, mlp.proj (default: "
-        "qkv,attn.proj, as finetune)",
+        action="append",
+        help="--adapt lora: layers with adapters, among qkv, attn.proj, mlp.fc, mlp.proj: repeat the flag as for "
+        "finetune, or separate them with commas (default: qkv,attn.proj, as finetune)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -600,7 +600,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             overrides = merge(plan[0], overrides)
         given = getattr(args, "given", set())
         adapt = {k: getattr(args, k) for k in ("adapt", "lora_rank") if plan is None or k in given}
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        # finetune's form (--lora-targets qkv --lora-targets mlp.fc) or commas: only the last flag counted before
+        given_targets = args.lora_targets or ["qkv,attn.proj"]
+        targets = tuple(t.strip() for value in given_targets for t in value.split(",") if t.strip())
         if plan is None or "lora_targets" in given:
             adapt["lora_targets"] = targets
         adapt = (plan[1] if plan is not None else {}) | adapt

@@ -838,3 +838,17 @@ def test_config_of_a_lora_fine_tune_plans_that_fine_tune(tmp_path) -> None:
     assert out["trainable_params"] == 2 * 4 * ((32 + 3 * 32) + (32 + 32))  # 2 blocks, rank 4 on qkv and attn.proj
     out = json.loads(run_cli(*args, "--adapt", "full", "--train.batch_size", "2").stdout)
     assert out["adapt"] == "full" and out["batch_size"] == 2 and out["trainable_params"] == out["params"]
+
+
+def test_lora_targets_take_finetunes_repeated_flag_and_commas() -> None:
+    """finetune takes `--lora-targets qkv --lora-targets mlp.fc` (one flag per target); estimate took commas only,
+    so that command, copied from finetune, planned the last target alone, without a word."""
+    counts = []
+    for targets in (["--lora-targets", "qkv", "--lora-targets", "mlp.fc"], ["--lora-targets", "qkv,mlp.fc"]):
+        r = run_cli("estimate", "--preset", "tiny", "--tokens", "1e6", "--hardware", "1000", "--adapt", "lora",
+                    *targets, "--json")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        counts.append(json.loads(r.stdout)["trainable_params"])
+    m = json.loads(r.stdout)["model"]
+    rank = 8  # qkv: d -> 3d, mlp.fc: d -> d_ff, per block
+    assert counts == [m["n_layer"] * rank * (4 * m["d_model"] + m["d_model"] + m["d_ff"])] * 2
