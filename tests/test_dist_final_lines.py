@@ -88,3 +88,14 @@ def test_a_damaged_checkpoint_is_reported_once(data_dir: Path, tmp_path: Path) -
         f"lmforge: error: {weights} fails its sha256 check (damaged); use an earlier checkpoint (re-run with "
         "--checkpoint.resume_from previous)"
     ], p.stderr[-2000:]
+
+
+def test_a_refusal_of_rank_0s_setup_is_printed_once(data_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 alone checks --out and claims it (train/run.py: claim_and_prepare) and passes its refusal to the other
+    ranks, which raised it too: each printed the line; now rank 0 alone does, and the run's status is still 2."""
+    out = data_dir.parent  # holds the data it reads: check_run_out refuses it
+    p = forked_ranks(data_dir, out, **{"train.max_steps": 1, "eval.every": 0})
+    assert p.returncode == 2 and errors(p.stderr) == [
+        f"lmforge: error: --out {out} holds {data_dir}, which this command reads (training writes into --out, and "
+        "--overwrite deletes it); choose another --out"
+    ], p.stderr[-2000:]

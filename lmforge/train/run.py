@@ -270,7 +270,8 @@ def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
 
 
 def _on_main(world: dist.DistInfo, fn: Any) -> Any:
-    """Run `fn` on rank 0 only and give every rank its result (or its one-line error)."""
+    """Run `fn` on rank 0 only and give every rank its result (or its one-line error, which every rank then raises
+    alike: rank 0 alone prints it, `cli._quiet_rank`)."""
     outcome: tuple[str, Any] = ("ok", None)
     if world.is_main:
         try:
@@ -281,6 +282,7 @@ def _on_main(world: dist.DistInfo, fn: Any) -> Any:
             outcome = ("error", e)
     outcome = dist.broadcast_object(outcome)
     if outcome[0] == "error":
+        outcome[1].every_rank = True
         raise outcome[1]
     return outcome[1]
 
