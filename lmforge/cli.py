@@ -66,7 +66,8 @@ def _config_epilog(presets: bool = True) -> str:
             continue
         section, _, name = key.partition(".")
         default = (quickstart.get(section) or {}).get(name, default) if name else quickstart.get(key, default)
-        lines.append(f"  --{key:<28} {text} (default: {default!r})")
+        shown = "" if default is None else f" (default: {default!r})"  # (its text says what unset means)
+        lines.append(f"  --{key:<28} {text}{shown}")
     if presets:
         lines.append(f"\npresets: {', '.join(PRESETS)}")
     return "\n".join(lines)

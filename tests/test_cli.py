@@ -42,6 +42,18 @@ def test_help_of_every_command(command):
             assert key in result.stdout
 
 
+def test_an_unset_default_reads_as_its_help_says():
+    """--train.min_lr's help said "unset = lr / 10" and then "(default: None)"; a setting unset by default has its
+    help text say what unset means, and no "(default: None)" after it."""
+    from lmforge.config import help_lines
+
+    unset = {key: text for key, text, default in help_lines() if default is None}
+    assert "train.min_lr" in unset and all("unset" in text for text in unset.values()), unset
+    text = run_cli("pretrain", "--help").stdout
+    assert "(default: None)" not in text
+    assert "unset = lr / 10, 0 = decay to zero\n" in text
+
+
 def test_top_level_help_and_version():
     result = run_cli("--help")
     assert result.returncode == 0
