@@ -619,6 +619,16 @@ def test_a_pipe_or_fifo_input_is_refused_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_stdin_as_input_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare -` said "input '-' does not exist; check the path": it says that prepare reads files, not stdin,
+    and to save the text to a file first; a file named '-' is still read."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^input '-': prepare reads files, not stdin .*save the text to a file first"):
+        resolve_inputs(["-"])
+    write(tmp_path / "-", "a text")
+    assert [p.name for p in resolve_inputs(["-"])[0]] == ["-"]
+
+
 def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     """A re-run with --out inside the input folder reads the same documents, not the last run's
     card.md (nor anything in lmforge's hidden build/backup folders beside --out)."""

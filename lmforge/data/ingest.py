@@ -282,6 +282,11 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
                     # `logs/*.log` names the extension, so the user means these files
                     take(match, explicit=raw.lower().endswith(match.suffix.lower()) and bool(match.suffix))
             continue
+        if raw == "-" and not path.exists():  # (a file named '-' is read, as any other)
+            raise DataError(
+                "input '-': prepare reads files, not stdin (it reads each input more than once); save the text to "
+                "a file first and pass its path"
+            )
         if not path.exists():
             raise DataError(f"input {raw!r} does not exist; check the path")
         if is_hf_disk(path):
