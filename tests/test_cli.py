@@ -54,6 +54,12 @@ def test_an_unset_default_reads_as_its_help_says():
     assert "unset = lr / 10, 0 = decay to zero\n" in text
 
 
+def test_prepare_help_says_languages_take_any_case():
+    """`--languages ZH,En` works as `zh,en` does (data/filters.py: language_list); --help did not say so."""
+    text = " ".join(run_cli("prepare", "--help").stdout.split())  # (argparse wraps the help text)
+    assert "--languages LANGUAGES keep only these guessed languages, comma-separated, any case (" in text
+
+
 def test_top_level_help_and_version():
     result = run_cli("--help")
     assert result.returncode == 0

@@ -177,7 +177,9 @@ class PrepareConfig:
         0.0, "drop documents whose letters (any script, Han included) / visible characters is below this (0 = off)"
     )
     languages: str = opt(
-        "", f"keep only these guessed languages, comma-separated (e.g. 'zh,en'; from {', '.join(LANGUAGES)})"
+        "",
+        f"keep only these guessed languages, comma-separated, any case (e.g. 'zh,en' or 'ZH,En'; from "
+        f"{', '.join(LANGUAGES)})",
     )
     dedup: DedupMode = opt("exact", "'exact' (sha256 of the cleaned text), 'near' (exact + MinHash LSH) or 'none'")
     near_threshold: float = opt(
