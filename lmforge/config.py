@@ -8,7 +8,7 @@ Design:
   into dataclasses once, strictly: an unknown key is a `ConfigError` with a did-you-mean
   (nanotron's strict config), a wrong type is a `ConfigError` naming the key and the expected type.
 - Validation lives in each section's `__post_init__`; nothing mutates a config after loading.
-- Length (~850 lines, over the 800-line guide): each section's fields, help and checks (`__post_init__`, and
+- Length (~920 lines, over the 800-line guide): each section's fields, help and checks (`__post_init__`, and
   `refuse_unused` for settings the user wrote that the run would not read) stay beside each other, in the one
   place `--help`, the TOML reader and the refusals all read; the next split would be the override parsing and
   `--help` text (`parse_overrides`, `help_lines`).

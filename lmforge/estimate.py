@@ -3,8 +3,9 @@
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
 without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
-training reports MFU against) lives here too. (~880 lines, over the 800 of the house style: about 130 are
-this docstring, the derivation of every term, which belongs beside the arithmetic it explains.)
+training reports MFU against) lives here too. (~1,030 lines, over the 800 of the house style: about 130 are
+this docstring, the derivation of every term, which belongs beside the arithmetic it explains; the LoRA plan
+reuses every term with the frozen base's changes, and would be the next module of its own.)
 
 Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
 preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:

@@ -31,7 +31,7 @@ Design:
   optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
   A finished run's re-run has nothing to do; a `--merge`d LoRA run cannot train on (its adapters are in
   the weights and its last checkpoint has no optimizer state), so more steps are refused (`_merged_refusal`).
-- Length (~1,020 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
+- Length (~1,060 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
   flag applies to which task/mode stay beside it. The task formats, objectives, heads and metrics
   already live in their own modules; the next split would be the example building.

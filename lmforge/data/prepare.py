@@ -54,6 +54,10 @@ Key design decisions:
   the model still sees document boundaries.
 - `load_data_dir` validates a prepared directory (manifest version, every shard header and size)
   and is what training and evaluation use to find shards.
+
+Length (~860 lines, over the 800-line guide): `prepare` reads as its two passes in order (`_pass1`, `_pass2`,
+and the counting between them, `_Counts`) with `PrepareConfig`'s ~185 lines of fields and checks above them; the
+next split would be `PrepareConfig` into a module of its own, as `config.py` holds the training settings.
 """
 
 from __future__ import annotations
