@@ -118,6 +118,26 @@ def tiny_config(data_dir: Path, out: Path, **overrides: object) -> RunConfig:
     return load_config(preset="tiny", overrides=nested)
 
 
+def pretrain_tiny_encoder(preset: str, data_dir: Path, out: Path, **sections: dict) -> Path:
+    """An encoder preset (bert-tiny, electra-tiny) shrunk to 1 layer, 32 wide, pretrained for 3 steps on the test
+    corpus into `out`; `sections` add settings (e.g. objective={"name": "mlm"})."""
+    from lmforge.train.run import pretrain
+
+    cfg = load_config(
+        preset=preset,
+        overrides={
+            "out": str(out),
+            "data": {"dir": str(data_dir)},
+            "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_seq_len": 64},
+            **sections,
+            "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "log_every": 1},
+            "eval": {"every": 0, "max_batches": 1},
+        },
+    )
+    pretrain(cfg, progress=False)
+    return out
+
+
 def run_cli(
     *args: str, timeout: float = 240, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:

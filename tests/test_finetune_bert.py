@@ -13,11 +13,9 @@ import torch
 
 from lmforge.adapt.load import load_finetuned
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import load_config
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.finetune import FinetuneConfig, finetune
-from lmforge.train.run import pretrain
-from tests.conftest import run_cli
+from tests.conftest import pretrain_tiny_encoder, run_cli
 
 DATA = Path(__file__).parent / "data"
 FAST = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 1}, "eval": {"every": 2}}
@@ -26,20 +24,9 @@ FAST = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps
 @pytest.fixture(scope="module")
 def bert_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bert-tiny shrunk, pretrained with MLM for a few steps on the shared test corpus."""
-    out = tmp_path_factory.mktemp("bert") / "mlm"
-    cfg = load_config(
-        preset="bert-tiny",
-        overrides={
-            "out": str(out),
-            "data": {"dir": str(data_dir)},
-            "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_seq_len": 64},
-            "objective": {"name": "mlm"},
-            "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "log_every": 1},
-            "eval": {"every": 0, "max_batches": 1},
-        },
+    return pretrain_tiny_encoder(
+        "bert-tiny", data_dir, tmp_path_factory.mktemp("bert") / "mlm", objective={"name": "mlm"}
     )
-    pretrain(cfg, progress=False)
-    return out
 
 
 def test_head_only_bert_keeps_the_encoder_bit_identical(bert_run: Path, tmp_path: Path):

@@ -16,11 +16,9 @@ import torch
 
 from lmforge.adapt.load import load_finetuned
 from lmforge.checkpoint import load_checkpoint
-from lmforge.config import load_config
 from lmforge.errors import ConfigError
 from lmforge.finetune import FinetuneConfig, finetune
-from lmforge.train.run import pretrain
-from tests.conftest import run_cli
+from tests.conftest import pretrain_tiny_encoder, run_cli
 
 FAST = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 1}, "eval": {"every": 2}}
 
@@ -28,19 +26,7 @@ FAST = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps
 @pytest.fixture(scope="module")
 def electra_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """electra-tiny shrunk (1 layer, 32 wide; generator 16 wide), pretrained for a few steps on the test corpus."""
-    out = tmp_path_factory.mktemp("electra") / "rtd"
-    cfg = load_config(
-        preset="electra-tiny",
-        overrides={
-            "out": str(out),
-            "data": {"dir": str(data_dir)},
-            "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_seq_len": 64},
-            "train": {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "log_every": 1},
-            "eval": {"every": 0, "max_batches": 1},
-        },
-    )
-    pretrain(cfg, progress=False)
-    return out
+    return pretrain_tiny_encoder("electra-tiny", data_dir, tmp_path_factory.mktemp("electra") / "rtd")
 
 
 def _toy_task(root: Path) -> tuple[Path, Path]:
