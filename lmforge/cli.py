@@ -372,12 +372,17 @@ def build_parser() -> Parser:
         help="full: every weight trains (pretraining, full fine-tuning); lora: finetune --adapt lora, the base "
         "frozen (default: full)",
     )
-    p.add_argument("--lora-rank", type=int, default=8, help="--adapt lora: LoRA rank r (default: 8, as finetune)")
+    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate.plan_arguments)
+
+    finetune_cfg = FinetuneConfig()
+    p.add_argument(
+        "--lora-rank", type=int, help=f"--adapt lora: LoRA rank r (default: {finetune_cfg.lora_rank}, as finetune)"
+    )
     p.add_argument(
         "--lora-targets",
         action="append",
         help="--adapt lora: layers with adapters, among qkv, attn.proj, mlp.fc, mlp.proj: repeat the flag as for "
-        "finetune, or separate them with commas (default: qkv,attn.proj, as finetune)",
+        f"finetune, or separate them with commas (default: {','.join(finetune_cfg.lora_targets)}, as finetune)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -587,7 +592,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import estimate, finetune_plan, format_estimate
+        from lmforge.estimate import ADAPT_FLAGS, estimate, format_estimate, plan_arguments
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
@@ -598,19 +603,12 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 )
             overrides.setdefault("dist", {})["strategy"] = args.strategy
         # a fine-tune's folder: its own batch, optimizer, example length and adapters (finetune.json), under the flags
-        plan = finetune_plan(args.config) if args.config else None
-        if plan is not None:
+        flags = {k: getattr(args, k) for k in ADAPT_FLAGS if k in args.given}
+        settings, adapt = plan_arguments(args.config, flags)
+        if settings:
             from lmforge.config import merge
 
-            overrides = merge(plan[0], overrides)
-        given = getattr(args, "given", set())
-        adapt = {k: getattr(args, k) for k in ("adapt", "lora_rank") if plan is None or k in given}
-        # finetune's form (--lora-targets qkv --lora-targets mlp.fc) or commas: only the last flag counted before
-        given_targets = args.lora_targets or ["qkv,attn.proj"]
-        targets = tuple(t.strip() for value in given_targets for t in value.split(",") if t.strip())
-        if plan is None or "lora_targets" in given:
-            adapt["lora_targets"] = targets
-        adapt = (plan[1] if plan is not None else {}) | adapt
+            overrides = merge(settings, overrides)
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
         hardware: str | float = args.hardware
         try:

@@ -447,38 +447,71 @@ def lora_memory_bytes(
     return out
 
 
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets")  # the flags of `lmforge estimate` that `plan_arguments` takes
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
-def finetune_plan(config_file: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(settings, adapt arguments of `estimate`) of a fine-tuned run that `--config` names (its folder or
-    config.json); None for any other config. A fine-tune's config.json is its base's (the architecture, and the
-    base's pretraining batch and optimizer: planned from it alone, a LoRA run was estimated as full pretraining);
-    what it trained with is in finetune.json: its train and optim sections, tokens per example (max_len), the
-    adapt mode and the LoRA rank and targets."""
-    from lmforge.checkpoint import read_json
+def finetune_defaults() -> Any:
+    """`lmforge finetune`'s own defaults (FinetuneConfig), which the adapt modes' flags take (imported here, not at
+    the top: the fine-tuning module imports the training code, which imports this one)."""
+    from lmforge.finetune import FinetuneConfig
 
-    path = Path(config_file).expanduser()
-    run = path if path.is_dir() else path.parent
-    if not (run / "finetune.json").is_file():
-        return None
-    info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
-    adapt = {"full": "full", "distill": "full", "lora": "lora"}.get(info.get("adapt", ""))
-    if adapt is None:
-        raise ConfigError(
-            f"{run} is a --adapt {info.get('adapt')} fine-tune; estimate plans full and LoRA training: pass --adapt "
-            "full for an upper bound"
-        )
-    train, optim = info.get("train") or {}, info.get("optim") or {}
-    # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
-    settings = {
-        "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
-        "optim": {k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")},
+    return FinetuneConfig()
+
+
+def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What `lmforge estimate` plans for `--config` and the adapt flags written: (settings that go under the dotted
+    `--section.key` overrides, keyword arguments of `estimate`).
+
+    Args:
+        config_file: `--config`; a fine-tuned run (its folder or config.json, beside a finetune.json) plans that
+            fine-tune. A fine-tune's config.json is its base's (the architecture, and the base's pretraining batch
+            and optimizer: planned from it alone, a LoRA run was estimated as full pretraining); what it trained
+            with is in finetune.json: its train and optim sections, tokens per example (max_len), the adapt mode
+            and the LoRA rank and targets.
+        flags: the adapt flags written on the command line (adapt, lora_rank, lora_targets: finetune's repeated
+            `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
+            neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart.
+    """
+    defaults = finetune_defaults()
+    settings: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {
+        "adapt": "full",
+        "lora_rank": defaults.lora_rank,
+        "lora_targets": tuple(defaults.lora_targets),
     }
-    if info.get("max_len"):
-        settings["data"] = {"seq_len": int(info["max_len"])}
-    lora = info.get("lora") or {}
-    kwargs = {"adapt": adapt, "lora_rank": lora.get("rank", 8), "lora_targets": tuple(lora.get("targets") or ())}
+    run = None
+    if config_file:
+        path = Path(config_file).expanduser()
+        run = path if path.is_dir() else path.parent
+    if run is not None and (run / "finetune.json").is_file():
+        from lmforge.checkpoint import read_json
+
+        info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
+        adapt = {"full": "full", "distill": "full", "lora": "lora"}.get(info.get("adapt", ""))
+        if adapt is None:
+            raise ConfigError(
+                f"{run} is a --adapt {info.get('adapt')} fine-tune; estimate plans full and LoRA training: pass "
+                "--adapt full for an upper bound"
+            )
+        train, optim = info.get("train") or {}, info.get("optim") or {}
+        # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
+        settings = {
+            "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
+            "optim": {
+                k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")
+            },
+        }
+        if info.get("max_len"):
+            settings["data"] = {"seq_len": int(info["max_len"])}
+        lora = info.get("lora") or {}
+        kwargs["adapt"] = adapt
+        kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
+        kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
+    for key, value in flags.items():
+        if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
+            value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
+        kwargs[key] = value
     return settings, kwargs
 
 
@@ -666,8 +699,8 @@ def estimate(
     price_per_hour: float | None = None,
     interconnect: str | float | None = None,
     adapt: str = "full",
-    lora_rank: int = 8,
-    lora_targets: tuple[str, ...] = ("qkv", "attn.proj"),
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
@@ -723,6 +756,9 @@ def estimate(
     if adapt not in ("full", "lora"):
         raise ConfigError(f"unknown adapt mode {adapt!r}; use full or lora")
     if adapt == "lora":
+        defaults = finetune_defaults()  # (finetune's: the two cannot drift apart)
+        lora_rank = defaults.lora_rank if lora_rank is None else lora_rank
+        lora_targets = tuple(defaults.lora_targets) if lora_targets is None else lora_targets
         bad = [t for t in lora_targets if t not in LORA_TARGETS]
         if bad or not lora_targets or lora_rank < 1:
             raise ConfigError(
