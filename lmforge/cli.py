@@ -365,12 +365,15 @@ def build_parser() -> Parser:
         "each way), nvlink-a100 (300 GB/s), pcie (4.0 x16, 31.5 GB/s), ib (NDR, 400 Gbit/s per GPU), ethernet "
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
+    from lmforge.estimate import ADAPT_MODES
+
     p.add_argument(
         "--adapt",
         default="full",
-        choices=["full", "lora"],
-        help="full: every weight trains (pretraining, full fine-tuning); lora: finetune --adapt lora, the base "
-        "frozen (default: full)",
+        choices=list(ADAPT_MODES),
+        help="full: every weight trains (pretraining, full fine-tuning); lora, head, prompt: finetune's modes, the "
+        "base frozen: LoRA adapters, the head alone (no backward through the body), a soft prompt (backward through "
+        "every block to it) (default: full)",
     )
     from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate.plan_arguments)
 
@@ -383,6 +386,19 @@ def build_parser() -> Parser:
         action="append",
         help="--adapt lora: layers with adapters, among qkv, attn.proj, mlp.fc, mlp.proj: repeat the flag as for "
         f"finetune, or separate them with commas (default: {','.join(finetune_cfg.lora_targets)}, as finetune)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help=f"--adapt prompt: soft-prompt length; the text gets the rest of the context (default: "
+        f"{finetune_cfg.prompt_tokens}, as finetune)",
+    )
+    p.add_argument(
+        "--labels",
+        type=int,
+        default=0,
+        help="--adapt head or prompt: plan finetune --task classify with this many labels (a head on the last "
+        "token, no vocabulary logits) (default: 0, an LM task: sft, qa, translate, clm)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -3,9 +3,10 @@
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
 without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
-training reports MFU against) lives here too. (~1,030 lines, over the 800 of the house style: about 130 are
-this docstring, the derivation of every term, which belongs beside the arithmetic it explains; the LoRA plan
-reuses every term with the frozen base's changes, and would be the next module of its own.)
+training reports MFU against) lives here too. (~1,300 lines, over the 800 of the house style: about 130 are
+this docstring, the derivation of every term, which belongs beside the arithmetic it explains; the fine-tuning
+plans (LoRA, head-only, prompt tuning, ~290 lines, and reading a fine-tune's finetune.json) reuse every term with
+the frozen base's changes, and would be the next module of its own.)
 
 Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
 preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:
@@ -164,6 +165,10 @@ INTERCONNECTS = {
     "ethernet": (10.0, "10 Gigabit Ethernet"),
 }
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb default
+# `--adapt`: what trains. full: every weight (pretraining, full or distillation fine-tuning); the others are
+# `lmforge finetune`'s modes on a frozen base (adapt/heads.py set_trainable), as the table names them
+ADAPT_NAMES = {"full": "full", "lora": "LoRA", "head": "head only", "prompt": "prompt tuning"}
+ADAPT_MODES = tuple(ADAPT_NAMES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -380,9 +385,53 @@ def memory_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# LoRA fine-tuning (`lmforge finetune --adapt lora`: adapt/lora.py, one process)
+# Fine-tuning a frozen base (`lmforge finetune --adapt lora|head|prompt`: one process, the base in fp32)
 
 LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
+
+
+def frozen_base_memory(
+    full: dict[str, int], optim: OptimConfig, *, trainable: int, activations: int, autocast_copies: int | None = None
+) -> dict[str, int]:
+    """`memory_bytes` of a step that trains `trainable` new parameters on a frozen base (`full`: the base's
+    `memory_bytes`): the base's fp32 weights plus the trainable ones; gradients, optimizer state and the log step's
+    update-ratio copy of the trainable ones only; `activations` (the mode's own count) and, by default, the
+    autocast copies of full training (a frozen matmul weight's cast copy is kept for the input's gradient)."""
+    state_floats = (
+        trainable if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trainable
+    )
+    out = dict(full)
+    out.update(
+        weights=full["weights"] + 4 * trainable,
+        gradients=4 * trainable,
+        optimizer=4 * state_floats,
+        activations=activations,
+        activations_checkpointed=min(full["activations_checkpointed"], activations),
+        update_copy=4 * trainable,
+    )
+    if autocast_copies is not None:
+        out["autocast_copies"] = autocast_copies
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
+    out["total"] = fixed + max(out["activations"], out["update_copy"])
+    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
+    return out
+
+
+def _rope_table_bytes(model: GPTConfig, positions: int) -> int:
+    """The fp32 cos and sin rows of one forward (GPT.rope_tables: expanded over the query and key heads); 0 without
+    rotary positions."""
+    if model.pos_emb != "rope":
+        return 0
+    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
+
+
+def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
+    """Bytes per token a norm keeps for backward, as `activation_bytes` counts one: LayerNorm (one ATen op) its fp32
+    input, mean and rstd whatever needs a gradient; RMSNorm (composite) its input and rsqrt when its input needs a
+    gradient, and its normalized input when its weight `trains`."""
+    if model.norm == "layernorm":
+        return 4 * model.d_model + 8
+    return (4 * model.d_model + 4 if input_grad else 0) + (4 * model.d_model if trains else 0)
 
 
 def lora_param_count(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
@@ -416,15 +465,12 @@ def lora_memory_bytes(
     e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
     widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
     per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
-    norm = 4 * h + (8 if model.norm == "layernorm" else 4 + 4 * h)  # as activation_bytes counts a norm
+    norm = _norm_bytes(model, trains=True)
     mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
     once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
     saved = tokens * (model.n_layer * per_layer + once)
-    state_floats = (
-        trainable if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trainable
-    )
     # Full training's total adds every gradient to every activation, which covers backward's working set; here
     # the gradients are tiny, so that set shows: in a block's MLP, the gradients of its hidden and of the residual
     # stream (measured: 0.65 MB of 6.26 at 3 layers, 8 x 64 tokens, d_model 64), instead of the loss's two
@@ -432,22 +478,126 @@ def lora_memory_bytes(
     loss_backward = tokens * 8 * model.vocab_size
     working = tokens * (e * (2 if model.mlp == "swiglu" else 1) * model.ff_dim + 4 * h)
     activations = full["activations"] - saved - loss_backward + max(loss_backward, working)
-    out = dict(full)
-    out.update(
-        weights=full["weights"] + 4 * trainable,
-        gradients=4 * trainable,
-        optimizer=4 * state_floats,
-        activations=activations,
-        activations_checkpointed=min(full["activations_checkpointed"], activations),
-        update_copy=4 * trainable,
-    )
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
+    return frozen_base_memory(full, optim, trainable=trainable, activations=activations)
 
 
-ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets")  # the flags of `lmforge estimate` that `plan_arguments` takes
+def head_param_count(model: GPTConfig, labels: int) -> int:
+    """What `finetune --adapt head` trains (adapt/heads.py `set_trainable`): a new classification head (a Linear
+    d_model -> labels, with bias) when `labels` > 0; on an LM task the final norm and an untied output head (a
+    tied one is the input table too, and stays frozen)."""
+    if labels:
+        return model.d_model * labels + labels
+    norm = model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
+    return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
+
+
+def head_activation_bytes(
+    model: GPTConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """Activation memory of a head-only fine-tuning step (`finetune --adapt head`; see `head_param_count`), by part.
+
+    Nothing before the head needs a gradient, so autograd records nothing in the body: its activations are freed
+    as the forward goes, and what a step holds at once is the larger of
+    - working: the forward's working set, in a block's MLP (measured with torch.profiler: the peak is at its
+      activation function): the block's input, the attention output, the new residual and the norm's output (fp32
+      residual-sized; the attention output in the autocast dtype), the fc output and the activation's (GELU:
+      2 x d_ff values; SwiGLU: [gate; up], silu(gate) and the product, 4 x d_ff), and the rotary tables;
+    - tail: what the loss keeps and needs at the start of backward: on an LM task the final norm's input and
+      statistics, an untied head's input, the fp32 log-probs and targets, and the loss's two logits-sized
+      gradients (as in full training); for classification the pooled last-token states and the label scores.
+    """
+    e, r, h, tokens = DTYPE_BYTES[dtype], 4, model.d_model, seq_len * micro_batch
+    working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
+    if labels:
+        tail = micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
+    else:
+        head_input = 0 if model.tie_embeddings else e * h  # (a frozen tied head keeps no input)
+        # the final norm (it trains), the head's input, fp32 log-probs + int64 targets, the loss's two gradients
+        norm = _norm_bytes(model, trains=True, input_grad=False)  # the final norm trains; the body needs no gradient
+        tail = tokens * (norm + head_input + 12 * model.vocab_size + 8)
+    return {"working": working, "tail": tail, "total": max(working, tail)}
+
+
+def head_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """`memory_bytes` of a head-only fine-tuning step: the activations of `head_activation_bytes`; under autocast
+    the body's matmul weights are cast for each use and freed (no graph keeps them); only an LM task's output head
+    keeps its cast copy (tied or not: the final norm's gradient needs it)."""
+    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = head_activation_bytes(model, labels=labels, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
+                                device=device)  # fmt: skip
+    # (a classification head's input needs no gradient: its cast weight is not kept)
+    copies = 0 if dtype == "float32" or labels else DTYPE_BYTES[dtype] * model.d_model * model.vocab_size
+    trainable = head_param_count(model, labels)
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
+
+
+def prompt_activation_bytes(
+    model: GPTConfig, *, prompt_tokens: int, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """Activation memory of a prompt-tuning step (`finetune --adapt prompt`: `prompt_tokens` trainable vectors in
+    front of each `seq_len`-token text, and a classification head when `labels` > 0), by part.
+
+    The prompt is the body's first input, so backward runs through every block to it and autograd keeps what it
+    needs for the inputs' gradients, over prompt + text positions:
+    - layers: full training's (activation_bytes) without the input of every frozen Linear (qkv's, the MLP's fc and
+      proj: nothing needs their weights' gradients) and RMSNorm's normalized inputs (kept for its weight's gradient
+      only); the frozen table keeps no token ids;
+    - tail: the final norm's input and statistics over all positions; on an LM task the fp32 log-probs and targets
+      of the text positions (the frozen head keeps no input); for classification the pooled states and scores.
+    Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py. Backward's peak (measured with
+    torch.profiler) is the larger of the loss's two logits-sized gradients (loss_backward, LM) on top of all that,
+    and, once the loss and the final norm have freed theirs, the last block's MLP (working): the residual's gradient
+    and two (GELU: the activation's output and input) or three (SwiGLU) d_ff-sized gradients.
+    """
+    positions = seq_len + prompt_tokens
+    act = activation_bytes(model, seq_len=positions, micro_batch=micro_batch, dtype=dtype, device=device)
+    e, h, tokens, text = DTYPE_BYTES[dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
+    frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
+    layers = act["layers"] - model.n_layer * tokens * frozen_inputs
+    # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
+    tables = _rope_table_bytes(model, positions)
+    layers += tables if e == 4 else model.n_layer * tables // 4 * e
+    tail = tokens * _norm_bytes(model, trains=False)
+    if labels:
+        tail += micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
+        loss_backward = 0
+    else:
+        tail += text * (4 * model.vocab_size + 8)  # fp32 log-probs, int64 targets
+        loss_backward = text * 8 * model.vocab_size
+    working = tokens * (4 * h + e * (3 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    total = max(layers + tail + loss_backward, layers + working)
+    return {"layers": layers, "tail": tail, "loss_backward": loss_backward, "working": working, "total": total}
+
+
+def prompt_memory_bytes(
+    model: GPTConfig,
+    optim: OptimConfig,
+    *,
+    prompt_tokens: int,
+    labels: int,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str,
+    device: str,
+) -> dict[str, int]:
+    """`memory_bytes` of a prompt-tuning step: the activations of `prompt_activation_bytes`, the soft prompt (and a
+    classification head) trained; the frozen weights' autocast copies as in full training (each is kept for its
+    input's gradient), but for the output head's when a classification head replaces it."""
+    kwargs = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = prompt_activation_bytes(model, prompt_tokens=prompt_tokens, labels=labels, **kwargs)
+    full = memory_bytes(model, optim, **{**kwargs, "seq_len": seq_len + prompt_tokens})
+    trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
+    copies = full["autocast_copies"]
+    if labels and copies:
+        copies += DTYPE_BYTES[dtype] * model.d_model * (labels - model.vocab_size)
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
+
+
+# the flags of `lmforge estimate` that `plan_arguments` takes
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
@@ -469,9 +619,11 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             and optimizer: planned from it alone, a LoRA run was estimated as full pretraining); what it trained
             with is in finetune.json: its train and optim sections, tokens per example (max_len), the adapt mode
             and the LoRA rank and targets.
-        flags: the adapt flags written on the command line (adapt, lora_rank, lora_targets: finetune's repeated
+        flags: the adapt flags written on the command line (`ADAPT_FLAGS`; lora_targets: finetune's repeated
             `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
-            neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart.
+            neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
+            prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
+            labels with --adapt head or prompt (LoRA and full plans count the LM head).
     """
     defaults = finetune_defaults()
     settings: dict[str, Any] = {}
@@ -488,11 +640,11 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         from lmforge.checkpoint import read_json
 
         info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
-        adapt = {"full": "full", "distill": "full", "lora": "lora"}.get(info.get("adapt", ""))
-        if adapt is None:
+        adapt = {"distill": "full"}.get(info.get("adapt", ""), info.get("adapt", ""))
+        if adapt not in ADAPT_MODES:
             raise ConfigError(
-                f"{run} is a --adapt {info.get('adapt')} fine-tune; estimate plans full and LoRA training: pass "
-                "--adapt full for an upper bound"
+                f"{run} is a --adapt {info.get('adapt')} fine-tune, which estimate does not plan: pass --adapt "
+                f"({', '.join(ADAPT_MODES)})"
             )
         train, optim = info.get("train") or {}, info.get("optim") or {}
         # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
@@ -508,6 +660,11 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         kwargs["adapt"] = adapt
         kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
         kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
+        planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
+        if planned == adapt == "prompt":
+            kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
+        if planned in ("head", "prompt") and info.get("task") == "classify":  # the task's head, in either mode
+            kwargs["labels"] = len(info.get("labels") or [])
     for key, value in flags.items():
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
             value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
@@ -701,6 +858,8 @@ def estimate(
     adapt: str = "full",
     lora_rank: int | None = None,
     lora_targets: tuple[str, ...] | None = None,
+    prompt_tokens: int | None = None,
+    labels: int = 0,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
@@ -716,10 +875,15 @@ def estimate(
         price_per_hour: USD per device-hour; None = the assumed default for the hardware (if any).
         interconnect: a name in `INTERCONNECTS` or a link speed in Gbit/s (each way, per device); None = the
             communication time is not included (see `communication`).
-        adapt: "full" (every weight trains: pretraining or a full fine-tune) or "lora" (`finetune --adapt lora`:
-            `lora_rank` adapters on `lora_targets`, the base frozen; see `lora_memory_bytes`). A LoRA step's
-            FLOPs are 4 N (forward, and backward to the inputs only: no weight gradients) + 6 x the adapters
-            + attention.
+        adapt: "full" (every weight trains: pretraining or a full fine-tune) or one of finetune's modes on a frozen
+            base, in one process: "lora" (`lora_rank` adapters on `lora_targets`; see `lora_memory_bytes`), "head"
+            (the head alone; see `head_memory_bytes`) or "prompt" (`prompt_tokens` soft-prompt vectors; see
+            `prompt_memory_bytes`). FLOPs per token: LoRA 4 N (forward, and backward to the inputs only: no weight
+            gradients) + 6 x the adapters + attention; head 2 N (forward) + the head's backward; prompt 4 N +
+            attention over the prompt and text positions, per text token. `lora_rank`, `lora_targets` and
+            `prompt_tokens` default to finetune's (None).
+        labels: with "head" or "prompt", plan `finetune --task classify` with this many labels: a head on the last
+            token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
@@ -729,7 +893,8 @@ def estimate(
 
     Raises:
         ConfigError: tokens < 1, unknown hardware, strategy or interconnect, mfu outside (0, 1], world_size < 1,
-            negative price, data.seq_len > model.max_seq_len.
+            negative price, data.seq_len > model.max_seq_len (less the soft prompt), a setting the adapt mode does
+            not use, a fine-tuning mode on several devices.
     """
     if not (isinstance(tokens, (int, float)) and math.isfinite(tokens)):  # (inf: "must be >= 1" misled)
         raise ConfigError(
@@ -753,8 +918,22 @@ def estimate(
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
     link = None if interconnect is None else resolve_interconnect(interconnect)
-    if adapt not in ("full", "lora"):
-        raise ConfigError(f"unknown adapt mode {adapt!r}; use full or lora")
+    if adapt not in ADAPT_MODES:
+        raise ConfigError(f"unknown adapt mode {adapt!r}; use one of: {', '.join(ADAPT_MODES)}")
+    if prompt_tokens is not None and adapt != "prompt":  # (a setting the plan would not use is refused, as finetune)
+        raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
+    if not (isinstance(labels, int) and labels >= 0) or labels == 1:
+        raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
+    if labels and adapt not in ("head", "prompt"):
+        raise ConfigError(
+            f"--labels plans a classification head for --adapt head or prompt; drop it (this plan: --adapt {adapt})"
+        )
+    if adapt == "prompt":
+        prompt_tokens = finetune_defaults().prompt_tokens if prompt_tokens is None else prompt_tokens
+        if not (isinstance(prompt_tokens, int) and prompt_tokens >= 1):
+            raise ConfigError(f"--prompt-tokens must be >= 1, got {prompt_tokens!r}")
+    if adapt != "full" and world_size > 1:  # (finetune.py: require_one_process)
+        raise ConfigError(f"lmforge finetune runs in one process; drop --world-size for --adapt {adapt}")
     if adapt == "lora":
         defaults = finetune_defaults()  # (finetune's: the two cannot drift apart)
         lora_rank = defaults.lora_rank if lora_rank is None else lora_rank
@@ -765,8 +944,6 @@ def estimate(
                 f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
                 f"targets {', '.join(lora_targets) or 'none'}"
             )
-        if world_size > 1:  # (finetune.py: require_one_process)
-            raise ConfigError("lmforge finetune runs in one process; drop --world-size for --adapt lora")
 
     assumptions = []
     model = cfg.model
@@ -787,9 +964,20 @@ def estimate(
             f"model.vocab_size is 0 (training takes it from the tokenizer); assumed {DEFAULT_VOCAB} (GPT-2); "
             "pass --data.dir DATA_DIR or set --model.vocab_size for your tokenizer"
         )
-    seq_len = cfg.data.seq_len or model.max_seq_len
-    if seq_len > model.max_seq_len:
-        raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}; lower it")
+    # a soft prompt takes the first positions of the context; the text gets the rest (finetune.py: max_len)
+    context = model.max_seq_len - (prompt_tokens if adapt == "prompt" else 0)
+    if context < 8:  # (finetune refuses it the same way)
+        raise ConfigError(
+            f"--prompt-tokens {prompt_tokens} leaves {context} of the model's {model.max_seq_len} context tokens for "
+            f"the text (8 at least); use --prompt-tokens {model.max_seq_len - 8} or fewer"
+        )
+    seq_len = cfg.data.seq_len or context
+    if seq_len > context:
+        raise ConfigError(
+            f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}"
+            + (f" less the {prompt_tokens} soft-prompt tokens" if adapt == "prompt" else "")
+            + "; lower it"
+        )
     hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
     if hw["peak_source"].startswith("given by the user"):
         assumptions.append(
@@ -802,9 +990,26 @@ def estimate(
 
     counts = param_counts(model)
     per_token = flops_per_token(model, seq_len)
+    trainable = counts["total"]
+    attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
+    vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
+    head_flops = 6.0 * model.d_model * labels / seq_len  # a classification head: once per sequence
     if adapt == "lora":
         trainable = lora_param_count(model, lora_rank, tuple(lora_targets))
-        per_token = 4.0 * counts["matmul"] + 6.0 * trainable + attention_flops_per_token(model, seq_len)
+        per_token = 4.0 * counts["matmul"] + 6.0 * trainable + attention
+    elif adapt == "head":  # forward only through the body; backward from the loss to the head alone
+        trainable = head_param_count(model, labels)
+        attention /= 3  # (its forward: 4 of 12)
+        if labels:  # the last token's state goes to the new head: no vocabulary matmul at all
+            per_token = 2.0 * (counts["matmul"] - vocab_matmul) + attention + head_flops
+        else:  # the head's input gradient (for the final norm) and, untied, its weight gradient
+            per_token = 2.0 * counts["matmul"] + attention + (2 if model.tie_embeddings else 4) * vocab_matmul
+    elif adapt == "prompt":  # forward + the inputs' gradients over prompt + text positions, per text token
+        trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
+        positions = seq_len + prompt_tokens
+        attention = attention_flops_per_token(model, positions) * positions / seq_len
+        per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
+        per_token += head_flops if labels else 4.0 * vocab_matmul
     train_flops = per_token * tokens
     memory = memory_bytes(
         model,
@@ -816,21 +1021,40 @@ def estimate(
         world_size=world_size,
         strategy=strategy,
     )
+    step = dict(seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"])  # (one device)
     if adapt == "lora":
-        memory = lora_memory_bytes(
-            model, cfg.optim, rank=lora_rank, targets=tuple(lora_targets), seq_len=seq_len, micro_batch=micro,
-            dtype=hw["dtype"], device=hw["device"],
-        )  # fmt: skip
+        memory = lora_memory_bytes(model, cfg.optim, rank=lora_rank, targets=tuple(lora_targets), **step)
         assumptions.append(
             f"LoRA rank {lora_rank} on {', '.join(lora_targets)}: {trainable:,} trainable parameters; the frozen base "
             "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
             "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base)"
         )
+    elif adapt == "head":
+        memory = head_memory_bytes(model, cfg.optim, labels=labels, **step)
+        trained = (
+            f"a classification head for {labels} labels on the last token"
+            if labels
+            else "the final norm" + ("" if model.tie_embeddings else " and the untied output head")
+        )
+        assumptions.append(
+            f"head only: {trained} ({trainable:,} parameters) on a frozen fp32 base; nothing before the head needs a "
+            "gradient, so the body keeps no activations (memory: its forward working set or the loss's tail); "
+            "FLOPs: the body's forward, 2N, + the head's backward"
+        )
+    elif adapt == "prompt":
+        memory = prompt_memory_bytes(model, cfg.optim, prompt_tokens=prompt_tokens, labels=labels, **step)
+        assumptions.append(
+            f"prompt tuning: {prompt_tokens} soft-prompt vectors"
+            + (f" and a classification head for {labels} labels" if labels else "")
+            + f" ({trainable:,} parameters) on a frozen fp32 base; backward runs through every block to the prompt, "
+            f"over {seq_len} + {prompt_tokens} positions, with no input of a frozen Linear kept; FLOPs 4N + attention "
+            "per position (no weight gradients for the base)"
+        )
     assumptions.append(
         "memory per device: fp32 weights"
         + (
-            f", gradients and {cfg.optim.name} state of the adapters only"
-            if adapt == "lora"
+            f", gradients and {cfg.optim.name} state of the trained parameters only"
+            if adapt != "full"
             else f" and gradients, {cfg.optim.name} state"
         )
         + f", {hw['dtype']} activations for {micro} x {seq_len} tokens per forward on each device; total is an "
@@ -929,9 +1153,11 @@ def estimate(
         "params": counts["total"],
         "non_embedding_params": counts["non_embedding"],
         "adapt": adapt,
-        "trainable_params": trainable if adapt == "lora" else counts["total"],
+        "trainable_params": trainable,
+        "prompt_tokens": prompt_tokens if adapt == "prompt" else None,
+        "labels": labels,
         "flops_per_token": per_token,
-        "attention_flops_share": attention_flops_per_token(model, seq_len) / per_token,
+        "attention_flops_share": attention / per_token,
         "tokens": tokens,
         "train_flops": train_flops,
         "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * counts["total"],
@@ -970,7 +1196,11 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
         + (", tied" if m["tie_embeddings"] else ", untied"),
         f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding"
-        + (f"; LoRA: {_count(r['trainable_params'])} trainable" if r.get("adapt") == "lora" else ""),
+        + (
+            f"; {ADAPT_NAMES[r['adapt']]}: {_count(r['trainable_params'])} trainable"
+            if r.get("adapt", "full") != "full"
+            else ""
+        ),
         f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
         f"{_big(r['steps'], '{:,}')} steps, {r['dtype']}, {r['optimizer']}",
         f"tokens       {_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "
