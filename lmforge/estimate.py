@@ -993,7 +993,7 @@ def estimate(
     trainable = counts["total"]
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
     vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
-    head_flops = 6.0 * model.d_model * labels / seq_len  # a classification head: once per sequence
+    head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
     if adapt == "lora":
         trainable = lora_param_count(model, lora_rank, tuple(lora_targets))
         per_token = 4.0 * counts["matmul"] + 6.0 * trainable + attention
@@ -1001,7 +1001,7 @@ def estimate(
         trainable = head_param_count(model, labels)
         attention /= 3  # (its forward: 4 of 12)
         if labels:  # the last token's state goes to the new head: no vocabulary matmul at all
-            per_token = 2.0 * (counts["matmul"] - vocab_matmul) + attention + head_flops
+            per_token = 2.0 * (counts["matmul"] - vocab_matmul) + attention + 4.0 * head_matmul  # (no input grad)
         else:  # the head's input gradient (for the final norm) and, untied, its weight gradient
             per_token = 2.0 * counts["matmul"] + attention + (2 if model.tie_embeddings else 4) * vocab_matmul
     elif adapt == "prompt":  # forward + the inputs' gradients over prompt + text positions, per text token
@@ -1009,7 +1009,7 @@ def estimate(
         positions = seq_len + prompt_tokens
         attention = attention_flops_per_token(model, positions) * positions / seq_len
         per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
-        per_token += head_flops if labels else 4.0 * vocab_matmul
+        per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
     train_flops = per_token * tokens
     memory = memory_bytes(
         model,

@@ -1046,3 +1046,28 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
     (tmp_path / "finetune.json").write_text(json.dumps({**info, "adapt": "sparse"}), encoding="utf-8")
     with pytest.raises(ConfigError, match="--adapt sparse fine-tune, which estimate does not plan"):
         plan_arguments(tmp_path, {})
+
+
+@pytest.mark.parametrize(
+    "adapt, labels, variant",
+    [("head", 3, {}), ("head", 0, {}), ("head", 0, LLAMA), ("prompt", 0, {}), ("prompt", 3, LLAMA)],
+    ids=["head-classify", "head-lm-tied", "head-lm-llama", "prompt-lm", "prompt-classify-llama"],
+)
+def test_head_and_prompt_flops_are_a_real_steps_matmuls(adapt: str, labels: int, variant: dict) -> None:
+    """A head-only or prompt-tuning step's FLOPs, but for attention's scores, equal the matmul FLOPs torch's
+    FlopCounterMode counts in a real forward + backward (exactly, when written): head-only is the body's forward
+    (no vocabulary matmul under a classification head) + the head's backward; prompt tuning the forward and the
+    inputs' gradients over prompt + text positions, no weight gradient of the base. (FlopCounterMode has no formula
+    for CPU flash attention, so the attention term, PaLM's as in full training, is left out of the comparison.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    prompt_tokens = 16 if adapt == "prompt" else 0
+    cfg = run_cfg(model={"n_layer": 3, "d_model": 64, "max_seq_len": 64 + prompt_tokens, **variant},
+                  train={"batch_size": 4})  # fmt: skip
+    result = estimate(cfg, tokens=1, hardware=GFLOPS, adapt=adapt, labels=labels, prompt_tokens=prompt_tokens or None)
+    model = adapted_model(cfg.model, adapt, labels, prompt_tokens)
+    with FlopCounterMode(display=False) as counter:
+        adapted_objective(labels).loss(model, adapted_batch(512, labels, 4, 64)).backward()
+    assert not any("attention" in str(op) for op in counter.get_flop_counts()["Global"])  # (else: compare all)
+    predicted = result["flops_per_token"] * (1 - result["attention_flops_share"]) * 4 * 64
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)
