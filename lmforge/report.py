@@ -44,7 +44,7 @@ from lmforge.atomic import atomic_write_text, tmp_beside
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
-from lmforge.runs import RunSummary, is_run_dir, read_json_object, run_config, summarize
+from lmforge.runs import RunSummary, is_finetune_kind, is_run_dir, read_json_object, run_config, summarize
 
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
@@ -503,7 +503,8 @@ def _no_samples_hint(runs: list[Run]) -> str:
 
 
 def _kind(run: Run) -> str:
-    if "finetune" in run.config:  # (run_config: a fine-tuned run's settings have a finetune section)
+    """What the samples hint needs: "finetune" (`runs.run_kind` says so), else "encoder" or "pretrain"."""
+    if is_finetune_kind(run.summary.kind):
         return "finetune"
     model = run.config.get("model")
     return "encoder" if isinstance(model, dict) and model.get("family") in ("bert", "electra") else "pretrain"

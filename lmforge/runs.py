@@ -405,6 +405,11 @@ def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
     return kind
 
 
+def is_finetune_kind(kind: str) -> bool:
+    """Whether a `run_kind` is a fine-tuned run's (one with finetune.json: `finetune ...` or `distill ...`)."""
+    return kind.startswith(("finetune ", "distill "))
+
+
 @dataclass
 class RunSummary:
     name: str
