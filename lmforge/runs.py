@@ -405,6 +405,30 @@ def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
     return kind
 
 
+# What metrics.jsonl's loss and val_loss are per: a pretraining run's (and a clm fine-tune's) are the corpus
+# cross-entropy per token; a fine-tune of another task logs its task loss on its --val file, which is not that loss
+# (a classify run's is per example, over its classes), so one "best val loss" column held numbers of different kinds
+TOKEN_LOSS = "nats/token"
+TASK_LOSS_UNITS = {
+    "sft": "nats/answer token",  # -100 on the prompt: only the answer's tokens are scored
+    "qa": "nats/answer token",
+    "translate": "nats/answer token",
+    "classify": "nats/example",  # cross-entropy over the classes
+    "dpo": "DPO loss/pair",
+}
+
+
+def loss_unit(run_dir: Path) -> str:
+    """What a run's loss and val_loss are per: TOKEN_LOSS, or a fine-tune's TASK_LOSS_UNITS (finetune.json's task)."""
+    task = (read_json_object(Path(run_dir) / "finetune.json") or {}).get("task")
+    return TASK_LOSS_UNITS.get(task, TOKEN_LOSS) if isinstance(task, str) else TOKEN_LOSS
+
+
+def with_unit(loss: str, unit: str) -> str:
+    """A formatted loss as the `runs` table and the report show it: TOKEN_LOSS bare, another unit after it."""
+    return loss if unit in ("", TOKEN_LOSS) else f"{loss} ({unit})"
+
+
 def is_finetune_kind(kind: str) -> bool:
     """Whether a `run_kind` is a fine-tuned run's (one with finetune.json: `finetune ...` or `distill ...`)."""
     return kind.startswith(("finetune ", "distill "))
@@ -428,6 +452,7 @@ class RunSummary:
     command: str = ""  # env.json's: the shell line that started it, and resumes it (run in `cwd`)
     cwd: str = ""
     kind: str = ""  # run_kind: pretrain, imported, finetune TASK ADAPT, distill TASK; ", int8"/", int4": quantized
+    loss_unit: str = ""  # loss_unit: what best_val_loss is per (nats/token; a fine-tune's task loss: nats/example, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -523,6 +548,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         command=str(env.get("command") or ""),
         cwd=str(env.get("cwd") or ""),
         kind=run_kind(run_dir, meta),
+        loss_unit=loss_unit(run_dir),
     )
 
 
@@ -567,7 +593,7 @@ def format_runs(runs: list[RunSummary]) -> str:
             r.status,
             f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step),
             f"{r.tokens:,}",
-            f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else "-",
+            with_unit(f"{r.best_val_loss:.4f}", r.loss_unit) if r.best_val_loss is not None else "-",
             format_duration(r.elapsed_s),
             r.last_checkpoint or "-",
         ]
