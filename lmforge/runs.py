@@ -91,12 +91,16 @@ def _remove(path: Path, *, ignore_errors: bool = False) -> None:
     shutil.rmtree(path, ignore_errors=ignore_errors) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = ()) -> None:
+def check_run_out(
+    out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = (), data_dirs: list[Path] = ()
+) -> None:
     """`pretrain`/`finetune --out` before anything in it changes: never what the command reads, and
     --overwrite deletes only a run.
 
-    `out` may not be or hold a folder in `read` (the data, the base run or checkpoint, a teacher):
-    training writes into it, and --overwrite would delete it. With --overwrite it may not hold a file
+    `out` may not be or hold a folder in `read` or `data_dirs` (the data, the base run or checkpoint, a teacher):
+    training writes into it, and --overwrite would delete it. Nor may it be inside one of `data_dirs` (prepared
+    data): `prepare --out D --overwrite`, which the error for an existing D suggests, replaces D whole and deleted
+    a run in D/run with it, checkpoints and all. With --overwrite it may not hold a file
     in `read_files` (the task files) either, and a non-empty folder that is not an lmforge run (no
     checkpoints/, status.json, ...) is refused instead of deleted, as `prepare` refuses one that is not
     prepared data.
@@ -111,7 +115,13 @@ def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: l
     if blocker is not None and not blocker.is_dir():
         what = "is a file" if blocker == out else f"cannot be made: {blocker} is a file"
         raise ConfigError(f"--out {out} {what}, not a folder; choose another --out")
-    for source in [*read, *(read_files if overwrite else [])]:
+    for data in data_dirs:
+        if Path(data).resolve() in where.parents:
+            raise ConfigError(
+                f"--out {out} is inside the prepared data {data}, which 'lmforge prepare --out {data} --overwrite' "
+                f"replaces whole, this run with it; choose an --out outside it (e.g. runs/{where.name})"
+            )
+    for source in [*read, *data_dirs, *(read_files if overwrite else [])]:
         src = Path(source).resolve()
         if where == src or where in src.parents:
             what = "is" if where == src else "holds"
