@@ -212,7 +212,7 @@ def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
     assert replies == 2 and out.getvalue() == "hello there\nsee you\n", out.getvalue()
 
 
-def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, monkeypatch):
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, monkeypatch, capsys):
     """Ctrl-C while a reply streamed ended the whole chat ('lmforge: interrupted', exit 130). It stops the reply:
     what was shown stays in the history, and the next message is read. The interrupt is raised by the CLI's
     SIGINT handler where it lands while streaming: in the write of a reply's text. Once the chat recovered, the
@@ -230,7 +230,7 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
         armed = True
 
         def write(self, text: str) -> int:
-            if self.armed and self.getvalue().endswith("bot> hello"):  # after the first token, at the second
+            if self.armed and self.getvalue().endswith("hello"):  # after the first token, at the second
                 self.armed = False
                 cli._on_sigint(signal.SIGINT, None)
             return super().write(text)
@@ -240,6 +240,10 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
     assert replies == 2, out.getvalue()
     assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
     assert not errors.interrupt_seen()
+    capsys.readouterr()
+    out = CtrlCOnce()  # piped: the reply as far as it went, then the next; the note on stderr
+    assert chat(chat_run, stdin=io.StringIO("hi\nbye\n"), stdout=out, temperature=0) == 2
+    assert out.getvalue() == "hello\nsee you\n" and "(reply stopped)\n" in capsys.readouterr().err, out.getvalue()
 
 
 CHAT_ON_A_TTY = """
