@@ -23,7 +23,9 @@ dropped until the prompt plus the reply budget fits the context; replies stream 
 is answered with those two, not sent to the model; Ctrl-C during a reply stops that reply
 (what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
 readline (`line_reader`: editing of wide characters, history, a pasted block as one message); it reads lines
-from any text stream too, so tests drive it through stdin.
+from any text stream too, so tests drive it through stdin. With stdin not a terminal (`printf 'hi\n' | lmforge
+chat RUN`, a script) there is no one to prompt: stdout holds the replies alone, each ending in a newline, and the
+banner and notices go to stderr (piped output read `lmforge chat: RUN. ...\nyou> bot> hello\nyou> \n`).
 """
 
 from __future__ import annotations
@@ -351,8 +353,8 @@ def load_template(run_dir: Path) -> ChatTemplate | None:
     return ChatTemplate()
 
 
-def line_reader(stdin: TextIO, stdout: TextIO) -> Any:
-    """A function that prompts `you> ` and returns the next line with its newline ("" at the end of input).
+def line_reader(stdin: TextIO, stdout: TextIO, prompt: str = "you> ") -> Any:
+    """A function that prompts `prompt` and returns the next line with its newline ("" at the end of input).
 
     In a terminal it is `input()` with GNU readline: the terminal's own line editing erased one byte per
     backspace, so a Chinese character left two of its three bytes behind (the line was then refused as not
@@ -368,15 +370,16 @@ def line_reader(stdin: TextIO, stdout: TextIO) -> Any:
 
             def read_edited() -> str:
                 try:
-                    return input("you> ") + "\n"  # (decoded with stdin's errors: surrogate escapes as below)
+                    return input(prompt) + "\n"  # (decoded with stdin's errors: surrogate escapes as below)
                 except EOFError:
                     return ""
 
             return read_edited
 
     def read() -> str:
-        stdout.write("you> ")
-        stdout.flush()
+        if prompt:
+            stdout.write(prompt)
+            stdout.flush()
         return stdin.readline()
 
     return read
@@ -397,9 +400,12 @@ def chat(
     device: str = "auto",
     compile: bool = False,  # noqa: A002 - the CLI flag's name
     penalties: Any = None,
+    interactive: bool | None = None,
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given.
-    `penalties`: a `generate.Penalties`, applied within each reply."""
+    `penalties`: a `generate.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
+    write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
+    ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
     from lmforge.generate import (
         REPLACEMENT_CHAR,
         StreamDecoder,
@@ -423,28 +429,31 @@ def chat(
     template = ft.template or ChatTemplate()
     context = context_length(model)  # a recurrent model's has no limit
     max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
+    if interactive is None:
+        interactive = stdin.isatty()
+    notices = stdout if interactive else sys.stderr  # piped: stdout is the replies alone, for the script reading it
     note = "" if ft.template else " (this run was not chat-tuned; replies may ramble)"
-    stdout.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
+    notices.write(f"lmforge chat: {run}{note}. /reset clears the history, /exit quits.\n")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    read_line = line_reader(stdin, stdout)
+    read_line = line_reader(stdin, stdout, "you> " if interactive else "")
     replies = 0
     while True:
         line = read_line()
         if any("\ud800" <= ch <= "\udfff" for ch in line):  # undecodable bytes (surrogate escapes)
-            stdout.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
+            notices.write("(that line is not valid UTF-8; set the terminal to UTF-8 and type it again)\n")
             continue
         # the message as typed: a file piped in may start with a byte-order mark and end its lines with \r\n,
         # which went into the message ("hi\r" got another reply than "hi")
         text = line.removeprefix("\ufeff").rstrip("\r\n")
         if not line or text.strip() == "/exit":
-            stdout.write("\n" if not line else "")
+            stdout.write("\n" if not line and interactive else "")  # (ends the prompt's line)
             break
         if text.strip() == "/reset":
             history = history[:1] if system else []
-            stdout.write("(history cleared)\n")
+            notices.write("(history cleared)\n")
             continue
         if re.fullmatch(r"/[A-Za-z]+", text.strip()):  # /quit, /bye, /help: they went to the model as a message
-            stdout.write(f"(no command {text.strip()}: /reset clears the history, /exit or Ctrl-D quits)\n")
+            notices.write(f"(no command {text.strip()}: /reset clears the history, /exit or Ctrl-D quits)\n")
             continue
         if not text.strip():
             continue
@@ -468,7 +477,7 @@ def chat(
                 flush=True,
             )
         stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
-        stdout.write("bot> ")
+        stdout.write("bot> " if interactive else "")
 
         def on_token(t: int, stream: StreamDecoder = stream) -> None:
             if t not in stops:
@@ -497,8 +506,11 @@ def chat(
             )
         except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the session (it ended it)
             interrupt_handled()
-            stdout.write(stream.flush() + "\n(reply stopped; /exit or Ctrl-D quits)")
+            stdout.write(stream.flush() + ("\n(reply stopped; /exit or Ctrl-D quits)" if interactive else ""))
+            if not interactive:
+                notices.write("(reply stopped)\n")
         stdout.write(stream.flush() + "\n")
+        stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
         # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
         reply = tok.decode(stream.ids, skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)

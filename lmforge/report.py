@@ -44,7 +44,17 @@ from lmforge.atomic import atomic_write_text, tmp_beside
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
-from lmforge.runs import RunSummary, is_run_dir, read_json_object, run_config, summarize
+from lmforge.runs import (
+    TOKEN_LOSS,
+    RunSummary,
+    is_finetune_kind,
+    is_run_dir,
+    loss_unit,
+    read_json_object,
+    run_config,
+    summarize,
+    with_unit,
+)
 
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
@@ -64,7 +74,7 @@ def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     if val:
         ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="val loss", linewidth=1.5, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"loss ({loss_unit(metrics_path.parent)})")  # a fine-tune's task loss: per example, ...
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -225,9 +235,10 @@ class PlotSpec:
 
 
 PLOTS = (
-    PlotSpec("loss_steps", "Loss vs steps", "step", ("loss", "val_loss"), "loss (nats/token)"),
-    PlotSpec("loss_tokens", "Loss vs tokens", "tokens", ("loss", "val_loss"), "loss (nats/token)"),
-    PlotSpec("loss_time", "Loss vs wall-clock", "elapsed_s", ("loss", "val_loss"), "loss (nats/token)"),
+    # (the loss plots' ylabel says what the runs' losses are per: `render_plot`)
+    PlotSpec("loss_steps", "Loss vs steps", "step", ("loss", "val_loss"), "loss"),
+    PlotSpec("loss_tokens", "Loss vs tokens", "tokens", ("loss", "val_loss"), "loss"),
+    PlotSpec("loss_time", "Loss vs wall-clock", "elapsed_s", ("loss", "val_loss"), "loss"),
     PlotSpec("lr", "Learning rate", "step", ("lr",), "learning rate"),
     PlotSpec("grad_norm", "Gradient norm (before clipping)", "step", ("grad_norm",), "global L2 norm", log_y=True),
     PlotSpec("tokens_per_s", "Throughput", "step", ("tokens_per_s",), "tokens/s"),
@@ -262,6 +273,19 @@ def available_plots(runs: list[Run]) -> list[PlotSpec]:
     return [spec for spec in PLOTS if any(k in have for k in spec.keys) and spec.x in have | {"tokens"}]
 
 
+def _loss_units(spec: PlotSpec, runs: list[Run]) -> list[str]:
+    """What the runs' losses are per, for a loss plot ([] for another): a fine-tune's is its task's."""
+    return sorted({_unit(run) for run in runs}) if "loss" in spec.keys else []
+
+
+def plot_ylabel(spec: PlotSpec, runs: list[Run]) -> str:
+    """A loss plot's axis says what the losses are per, or, where the runs' differ, that each curve says it."""
+    units = _loss_units(spec, runs)
+    if not units:
+        return spec.ylabel
+    return f"loss ({units[0]})" if len(units) == 1 else "loss (units differ: see the legend)"
+
+
 def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
     """One PNG: every run's curves for `spec`, one color per run."""
     from lmforge.plotting import note_missing_cjk, pyplot
@@ -271,6 +295,7 @@ def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    mixed = len(_loss_units(spec, runs)) > 1
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
         for key in spec.keys:
@@ -280,6 +305,8 @@ def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
             xs = _x_values(run, records, spec.x)
             ys = [float(r[key]) * spec.scale for r in records]
             label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
+            if mixed:
+                label += f" ({_unit(run)})"
             if key.startswith("val_"):
                 ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
             else:
@@ -291,7 +318,7 @@ def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
     if spec.log_y:
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[spec.x])
-    ax.set_ylabel(spec.ylabel)
+    ax.set_ylabel(plot_ylabel(spec, runs))
     ax.set_title(spec.title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -321,6 +348,16 @@ def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
     return (fmt.format(value), value)
 
 
+def _loss_cell(value: Any, unit: str) -> Cell:
+    """A validation loss with what it is per where that is not TOKEN_LOSS (a fine-tune's task loss)."""
+    text, raw = _num(value)
+    return (with_unit(text, unit) if raw is not None else text, raw)
+
+
+def _unit(run: Run) -> str:
+    return run.summary.loss_unit or TOKEN_LOSS
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds)
 
@@ -342,7 +379,7 @@ def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                 (s.status, s.status),
                 (f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step), s.step),
                 (f"{s.tokens:,}", s.tokens),
-                _num(s.best_val_loss),
+                _loss_cell(s.best_val_loss, s.loss_unit),
                 _num(last_eval.get("val_ppl"), "{:.2f}"),
                 _num(last_eval.get("val_bpb")),
                 (_duration(s.elapsed_s), s.elapsed_s),
@@ -368,7 +405,8 @@ def eval_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                     (run.name, run.name),
                     (str(record["step"]), record["step"]),
                     (f"{tok:,.0f}" if tok == tok else "-", tok if tok == tok else None),
-                    *[_num(record.get(k), "{:.2f}" if k == "val_ppl" else "{:.4f}") for k in keys + extra],
+                    _loss_cell(record.get("val_loss"), run.summary.loss_unit),
+                    *[_num(record.get(k), "{:.2f}" if k == "val_ppl" else "{:.4f}") for k in keys[1:] + extra],
                     (_duration(record.get("elapsed_s", 0.0)), record.get("elapsed_s")),
                 ]
             )
@@ -503,7 +541,8 @@ def _no_samples_hint(runs: list[Run]) -> str:
 
 
 def _kind(run: Run) -> str:
-    if "finetune" in run.config:  # (run_config: a fine-tuned run's settings have a finetune section)
+    """What the samples hint needs: "finetune" (`runs.run_kind` says so), else "encoder" or "pretrain"."""
+    if is_finetune_kind(run.summary.kind):
         return "finetune"
     model = run.config.get("model")
     return "encoder" if isinstance(model, dict) and model.get("family") in ("bert", "electra") else "pretrain"

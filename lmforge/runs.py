@@ -91,12 +91,16 @@ def _remove(path: Path, *, ignore_errors: bool = False) -> None:
     shutil.rmtree(path, ignore_errors=ignore_errors) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = ()) -> None:
+def check_run_out(
+    out: Path, read: list[Path], *, overwrite: bool, read_files: list[Path] = (), data_dirs: list[Path] = ()
+) -> None:
     """`pretrain`/`finetune --out` before anything in it changes: never what the command reads, and
     --overwrite deletes only a run.
 
-    `out` may not be or hold a folder in `read` (the data, the base run or checkpoint, a teacher):
-    training writes into it, and --overwrite would delete it. With --overwrite it may not hold a file
+    `out` may not be or hold a folder in `read` or `data_dirs` (the data, the base run or checkpoint, a teacher):
+    training writes into it, and --overwrite would delete it. Nor may it be inside one of `data_dirs` (prepared
+    data): `prepare --out D --overwrite`, which the error for an existing D suggests, replaces D whole and deleted
+    a run in D/run with it, checkpoints and all. With --overwrite it may not hold a file
     in `read_files` (the task files) either, and a non-empty folder that is not an lmforge run (no
     checkpoints/, status.json, ...) is refused instead of deleted, as `prepare` refuses one that is not
     prepared data.
@@ -111,7 +115,13 @@ def check_run_out(out: Path, read: list[Path], *, overwrite: bool, read_files: l
     if blocker is not None and not blocker.is_dir():
         what = "is a file" if blocker == out else f"cannot be made: {blocker} is a file"
         raise ConfigError(f"--out {out} {what}, not a folder; choose another --out")
-    for source in [*read, *(read_files if overwrite else [])]:
+    for data in data_dirs:
+        if Path(data).resolve() in where.parents:
+            raise ConfigError(
+                f"--out {out} is inside the prepared data {data}, which 'lmforge prepare --out {data} --overwrite' "
+                f"replaces whole, this run with it; choose an --out outside it (e.g. runs/{where.name})"
+            )
+    for source in [*read, *data_dirs, *(read_files if overwrite else [])]:
         src = Path(source).resolve()
         if where == src or where in src.parents:
             what = "is" if where == src else "holds"
@@ -405,6 +415,35 @@ def run_kind(run_dir: Path, checkpoint_meta: dict[str, Any] | None) -> str:
     return kind
 
 
+# What metrics.jsonl's loss and val_loss are per: a pretraining run's (and a clm fine-tune's) are the corpus
+# cross-entropy per token; a fine-tune of another task logs its task loss on its --val file, which is not that loss
+# (a classify run's is per example, over its classes), so one "best val loss" column held numbers of different kinds
+TOKEN_LOSS = "nats/token"
+TASK_LOSS_UNITS = {
+    "sft": "nats/answer token",  # -100 on the prompt: only the answer's tokens are scored
+    "qa": "nats/answer token",
+    "translate": "nats/answer token",
+    "classify": "nats/example",  # cross-entropy over the classes
+    "dpo": "DPO loss/pair",
+}
+
+
+def loss_unit(run_dir: Path) -> str:
+    """What a run's loss and val_loss are per: TOKEN_LOSS, or a fine-tune's TASK_LOSS_UNITS (finetune.json's task)."""
+    task = (read_json_object(Path(run_dir) / "finetune.json") or {}).get("task")
+    return TASK_LOSS_UNITS.get(task, TOKEN_LOSS) if isinstance(task, str) else TOKEN_LOSS
+
+
+def with_unit(loss: str, unit: str) -> str:
+    """A formatted loss as the `runs` table and the report show it: TOKEN_LOSS bare, another unit after it."""
+    return loss if unit in ("", TOKEN_LOSS) else f"{loss} ({unit})"
+
+
+def is_finetune_kind(kind: str) -> bool:
+    """Whether a `run_kind` is a fine-tuned run's (one with finetune.json: `finetune ...` or `distill ...`)."""
+    return kind.startswith(("finetune ", "distill "))
+
+
 @dataclass
 class RunSummary:
     name: str
@@ -423,6 +462,7 @@ class RunSummary:
     command: str = ""  # env.json's: the shell line that started it, and resumes it (run in `cwd`)
     cwd: str = ""
     kind: str = ""  # run_kind: pretrain, imported, finetune TASK ADAPT, distill TASK; ", int8"/", int4": quantized
+    loss_unit: str = ""  # loss_unit: what best_val_loss is per (nats/token; a fine-tune's task loss: nats/example, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -518,6 +558,7 @@ def summarize(run_dir: Path, *, root: Path | None = None) -> RunSummary:
         command=str(env.get("command") or ""),
         cwd=str(env.get("cwd") or ""),
         kind=run_kind(run_dir, meta),
+        loss_unit=loss_unit(run_dir),
     )
 
 
@@ -562,7 +603,7 @@ def format_runs(runs: list[RunSummary]) -> str:
             r.status,
             f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step),
             f"{r.tokens:,}",
-            f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else "-",
+            with_unit(f"{r.best_val_loss:.4f}", r.loss_unit) if r.best_val_loss is not None else "-",
             format_duration(r.elapsed_s),
             r.last_checkpoint or "-",
         ]

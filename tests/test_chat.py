@@ -175,14 +175,19 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
         assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == trained
 
 
-def test_terminal_chat_through_stdin(chat_run: Path):
-    # /quit (no such command) went to the model as a message and got a reply; it is answered with the commands
+def test_piped_chat_prints_the_replies_alone(chat_run: Path):
+    """`printf 'hi\\n...' | lmforge chat RUN` printed what a terminal needs, prompts and notices among the replies:
+    `lmforge chat: RUN. /reset ...\\nyou> bot> hello there\\nyou> bot> see you\\nyou> (history cleared)\\n...`. With
+    stdin not a terminal, stdout holds the replies alone, a line each; the banner and notices go to stderr.
+    (/quit, no such command, went to the model as a message and got a reply; it is answered with the commands.)"""
     r = run_cli("chat", str(chat_run), "--temperature", "0", input="hi\nbye\n/reset\n/quit\nhi\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
-    replies = [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line]
-    assert replies == ["bot> hello there", "bot> see you", "bot> hello there"]
-    assert "you> (no command /quit: /reset clears the history, /exit or Ctrl-D quits)\n" in r.stdout
-    assert "(history cleared)" in r.stdout and "never read" not in r.stdout and "note:" not in r.stderr
+    assert r.stdout == "hello there\nsee you\nhello there\n", r.stdout
+    assert r.stderr.splitlines() == [
+        f"lmforge chat: {chat_run}. /reset clears the history, /exit quits.",
+        "(history cleared)",
+        "(no command /quit: /reset clears the history, /exit or Ctrl-D quits)",
+    ]
     gbk = subprocess.run(  # a GBK terminal: the line is refused with a hint, the session goes on
         [sys.executable, "-m", "lmforge", "chat", str(chat_run), "--temperature", "0"],
         input="你好\n".encode("gbk") + b"hi\n/exit\n",
@@ -190,8 +195,8 @@ def test_terminal_chat_through_stdin(chat_run: Path):
         timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    out = gbk.stdout.decode("utf-8")
-    assert gbk.returncode == 0 and "not valid UTF-8" in out and "bot> hello there" in out, gbk.stderr
+    out, err = gbk.stdout.decode("utf-8"), gbk.stderr.decode("utf-8")
+    assert gbk.returncode == 0 and "not valid UTF-8" in err and out == "hello there\n", err
     bad = run_cli("chat", str(chat_run), "--top-p", "1.5", input="hi\n")  # refused before the first message
     assert bad.returncode == 2 and "top_p" in bad.stderr and "you>" not in bad.stdout, (bad.stdout, bad.stderr)
 
@@ -204,10 +209,10 @@ def test_chat_reads_a_file_with_a_bom_and_crlf_lines(chat_run: Path):
 
     out = io.StringIO()
     replies = chat(chat_run, stdin=io.StringIO("\ufeffhi\r\nbye\r\n/exit\r\nnever read\r\n"), stdout=out, temperature=0)
-    assert replies == 2 and "bot> hello there\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
+    assert replies == 2 and out.getvalue() == "hello there\nsee you\n", out.getvalue()
 
 
-def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, monkeypatch):
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, monkeypatch, capsys):
     """Ctrl-C while a reply streamed ended the whole chat ('lmforge: interrupted', exit 130). It stops the reply:
     what was shown stays in the history, and the next message is read. The interrupt is raised by the CLI's
     SIGINT handler where it lands while streaming: in the write of a reply's text. Once the chat recovered, the
@@ -225,16 +230,20 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_session(chat_run: Path, m
         armed = True
 
         def write(self, text: str) -> int:
-            if self.armed and self.getvalue().endswith("bot> hello"):  # after the first token, at the second
+            if self.armed and self.getvalue().endswith("hello"):  # after the first token, at the second
                 self.armed = False
                 cli._on_sigint(signal.SIGINT, None)
             return super().write(text)
 
     out = CtrlCOnce()
-    replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0)
+    replies = chat(chat_run, stdin=io.StringIO("hi\nbye\n/exit\n"), stdout=out, temperature=0, interactive=True)
     assert replies == 2, out.getvalue()
     assert "bot> hello\n(reply stopped; /exit or Ctrl-D quits)\nyou> bot> see you\n" in out.getvalue(), out.getvalue()
     assert not errors.interrupt_seen()
+    capsys.readouterr()
+    out = CtrlCOnce()  # piped: the reply as far as it went, then the next; the note on stderr
+    assert chat(chat_run, stdin=io.StringIO("hi\nbye\n"), stdout=out, temperature=0) == 2
+    assert out.getvalue() == "hello\nsee you\n" and "(reply stopped)\n" in capsys.readouterr().err, out.getvalue()
 
 
 CHAT_ON_A_TTY = """
@@ -346,10 +355,11 @@ def test_serve_and_chat_take_min_p(chat_run: Path, capsys: pytest.CaptureFixture
         assert (
             status == 400 and error["param"] == "min_p" and "'min_p' must be a number in [0.0, 1.0]" in error["message"]
         )
-    for min_p, reply in ((1.0, "bot> hello there\n"), (0.0, None)):
+    for min_p, same in ((1.0, True), (0.0, False)):
         out = io.StringIO()
         chat(chat_run, stdin=io.StringIO("hi\n"), stdout=out, temperature=2.0, top_k=0, seed=3, min_p=min_p)
-        assert (reply in out.getvalue()) if reply else "bot> hello there\n" not in out.getvalue(), out.getvalue()
+        assert (out.getvalue() == "hello there\n") == same, out.getvalue()
+    capsys.readouterr()  # (the banners of those piped chats, on stderr)
     with pytest.raises(SystemExit) as e:
         main(["chat", str(chat_run), "--min-p", "2"])  # refused before the run loads
     err = capsys.readouterr().err
@@ -677,10 +687,7 @@ def test_chat_and_serve_with_compile(chat_run: Path):
 
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--compile", input="hi\nbye\n/exit\n")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
-    assert [line.removeprefix("you> ") for line in r.stdout.splitlines() if "bot> " in line] == [
-        "bot> hello there",
-        "bot> see you",
-    ]
+    assert r.stdout == "hello there\nsee you\n", r.stdout
     before = counters["stats"]["unique_graphs"]
     server = make_server(chat_run, port=0, compile=True)
     compiled = counters["stats"]["unique_graphs"]
@@ -753,7 +760,7 @@ def test_chat_and_serve_stop_at_an_imported_models_end_of_turn(known_eos: bool, 
 
     out = io.StringIO()
     assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, temperature=0, device="cpu") == 1
-    assert f"bot> {want}\nyou> " in out.getvalue()
+    assert out.getvalue() == f"{want}\n"
 
     server = make_server(run, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -1627,7 +1634,8 @@ def test_imported_chat_template_prompts_as_transformers_does(tmp_path: Path):
     info = tokenizer_info(ft, 64)  # the bos/eos strings a client renders the template with, as vLLM names them
     assert (info["bos_token"], info["eos_token"], info["chat_template"]) == ("<s>", "<|im_end|>", hf_tok.chat_template)
     out = io.StringIO()
-    assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, max_new_tokens=4, temperature=0, device="cpu") == 1
+    kwargs = {"max_new_tokens": 4, "temperature": 0, "device": "cpu", "interactive": True}  # (the banner on stdout)
+    assert chat(run, stdin=io.StringIO("hi\n/exit\n"), stdout=out, **kwargs) == 1
     assert "not chat-tuned" not in out.getvalue() and "bot> " in out.getvalue()
 
 
@@ -1734,7 +1742,8 @@ def test_chat_seed_gives_each_reply_of_a_session_its_own_draws(chat_run: Path):
 
     def replies(stdin: str, seed: int) -> list[str]:
         out = io.StringIO()
-        chat(chat_run, stdin=io.StringIO(stdin), stdout=out, temperature=2.0, top_k=0, seed=seed, max_new_tokens=12)
+        kwargs = {"temperature": 2.0, "top_k": 0, "seed": seed, "max_new_tokens": 12, "interactive": True}
+        chat(chat_run, stdin=io.StringIO(stdin), stdout=out, **kwargs)  # (a reply of random text may hold a newline)
         return [line.split("bot> ", 1)[1] for line in out.getvalue().splitlines() if "bot> " in line]
 
     first, again = replies("hi\n/reset\nhi\n", seed=3)

@@ -560,6 +560,20 @@ def test_existing_output(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "a.txt"], out="a.txt/sub/out")
 
 
+def test_overwrite_keeps_a_run_inside_the_data(tmp_path: Path) -> None:
+    """A run trained into the data folder (`pretrain --data out --out out/run`, from before pretrain refused it) was
+    deleted, checkpoints and all, by `prepare --out out --overwrite`; that is refused in one line, and nothing goes."""
+    write(tmp_path / "a.txt", "\n\n".join(sentences(10, seed=10)))
+    run(tmp_path, [tmp_path / "a.txt"])
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    write(run_dir / "config.json", "{}")
+    write(run_dir / "metrics.jsonl", '{"step": 1, "loss": 3.0}\n')
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with pytest.raises(DataError, match=r"holds the training run .*r1, which --overwrite would delete; move it out"):
+        run(tmp_path, [tmp_path / "a.txt"], overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before and (run_dir / "metrics.jsonl").is_file()
+
+
 def test_out_may_not_be_or_hold_an_input(tmp_path: Path) -> None:
     """--overwrite replaces --out: an input that is it or lies inside it would be deleted."""
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")

@@ -108,6 +108,68 @@ def test_loss_reads_nothing_back_to_the_host() -> None:
     assert CountScalarReads.reads == 1
 
 
+def _masked_distill_loss(student_logits, teacher_logits, targets, *, temperature, alpha):  # noqa: ANN001, ANN202
+    """distill_loss as it was, selecting the targets by boolean mask three times (three syncs on a GPU)."""
+    import torch.nn.functional as F
+
+    valid = targets.flatten() != -100
+    s, t = student_logits.flatten(0, 1)[valid].float(), teacher_logits.flatten(0, 1)[valid].float()
+    shared = min(s.size(-1), t.size(-1))
+    log_p_student = F.log_softmax(s[:, :shared] / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t[:, :shared] / temperature, dim=-1)
+    soft = temperature**2 * (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum()
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(s, targets.flatten()[valid], reduction="sum"), soft
+
+
+def test_loss_finds_its_targets_once_and_trains_bit_identically() -> None:
+    """Distill.loss indexed the logits of both models and the targets by a boolean mask: each index finds the
+    valid positions again, a GPU-to-host sync (the count sets the shape), three per micro-batch. They are now
+    found once (the count's one sync stays: masking instead of selecting changes the sums' rounding), and a few
+    training steps give bit-identical losses and weights to the masked version on CPU."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmforge.models.gpt import GPT, GPTConfig
+
+    class CountSyncs(TorchDispatchMode):  # ops whose output size (or value) the host must read from the device
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            masked_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]
+            )
+            if masked_index or func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+                CountSyncs.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=20, max_seq_len=8, n_layer=1, n_head=2, d_model=16)
+    teacher, student = GPT(cfg), GPT(cfg)
+    teacher.init_weights()
+    student.init_weights()
+    reference = copy.deepcopy(student)
+    objective = Distill(teacher, temperature=2.0, alpha=0.5)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (student, reference)]
+    for step in range(4):
+        x = torch.randint(0, 20, (3, 8))
+        y = torch.roll(x, -1, dims=1)
+        y[0, :3] = y[1, 5:] = y[2, 2] = -100  # ignored positions inside and at the ends of rows
+        with CountSyncs():
+            loss = objective.loss(student, (x, y))
+        assert CountSyncs.syncs == step + 1
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        want, _ = _masked_distill_loss(reference(x), teacher_logits, y, temperature=2.0, alpha=0.5)
+        assert torch.equal(loss, want), (step, loss.item(), want.item())
+        for opt, value in zip(optimizers, (loss, want), strict=True):
+            opt.zero_grad()
+            (value / 10).backward()
+            opt.step()
+    for (name, p), q in zip(student.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A teacher trained for 150 steps and a smaller student trained for 10, on the same char data."""

@@ -40,6 +40,20 @@ def test_pretrain_out_holds_the_data_dir(data_dir: Path, tmp_path: Path):
     assert (data / "manifest.json").is_file()
 
 
+def test_pretrain_out_inside_the_data_dir(data_dir: Path, tmp_path: Path):
+    """`pretrain --data D --out D/run` was accepted, and `prepare --out D --overwrite` (re-preparing D, as the error
+    for an existing D suggests) then replaced D whole: the run went with it, checkpoints and all. Refused in one
+    line before anything is written."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    before = _files(data)
+    for out in (data / "run", data / "runs" / "a"):
+        with pytest.raises(ConfigError, match=r"is inside the prepared data .*; choose an --out outside it") as e:
+            pretrain(tiny_config(data, out, **{"train.max_steps": 2}), progress=False)
+        assert f"(e.g. runs/{out.name})" in str(e.value) and "\n" not in str(e.value)
+        assert _files(data) == before  # no run folder, no lock file
+
+
 def test_pretrain_overwrite_refuses_a_folder_that_is_not_a_run(data_dir: Path, tmp_path: Path):
     folder = tmp_path / "notes"
     folder.mkdir()

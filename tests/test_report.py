@@ -538,3 +538,35 @@ def test_a_quantized_copy_and_a_fine_tune_read_as_what_they_are(two_runs, tmp_pa
     assert "no steps logged yet" not in text
     (row,) = [line for line in text.splitlines() if line.startswith("| data.dir |")]
     assert row.endswith(" | - |") and "null" not in row
+
+
+def test_a_task_loss_says_what_it_is_per(tmp_path):
+    """A classify fine-tune logs its val_loss per example (over its classes), an sft one per answer token, a
+    pretraining run per token of its corpus: `runs` and the report showed all three as a bare "best val loss" and
+    the loss plots' axis said nats/token for each. A task loss now carries its unit, and the axis says it."""
+    from lmforge.report import plot_ylabel, summary_table
+    from lmforge.runs import format_runs, list_runs
+
+    for name, task, loss in [("pre", None, 2.5), ("cls", "classify", 0.6931), ("sft", "sft", 1.25)]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"preset": "tiny", "train": {"max_steps": 2}}), encoding="utf-8")
+        if task:
+            (run / "finetune.json").write_text(json.dumps({"task": task, "adapt": "full"}), encoding="utf-8")
+        records = [{"step": 2, "loss": loss + 0.1, "tokens": 64}, {"step": 2, "val_loss": loss}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    rows = {line.split()[0]: line for line in format_runs(list_runs(tmp_path / "runs")).splitlines()[1:]}
+    assert "  2.5000  " in rows["pre"] and "(" not in rows["pre"]
+    assert "  0.6931 (nats/example)  " in rows["cls"] and "  1.2500 (nats/answer token)  " in rows["sft"]
+    runs = load_runs([tmp_path / "runs" / name for name in ("pre", "cls", "sft")])
+    header, table = summary_table(runs)
+    best = header.index("best val loss")
+    assert [row[best] for row in table] == [("2.5000", 2.5), ("0.6931 (nats/example)", 0.6931),
+                                            ("1.2500 (nats/answer token)", 1.25)]  # fmt: skip
+    header, table = eval_table(runs)
+    assert [row[header.index("val_loss")][0] for row in table] == [row[best][0] for row in summary_table(runs)[1]]
+    loss_plot = PLOTS[0]
+    assert plot_ylabel(loss_plot, runs[:1]) == "loss (nats/token)"
+    assert plot_ylabel(loss_plot, runs[1:2]) == "loss (nats/example)"
+    assert plot_ylabel(loss_plot, runs) == "loss (units differ: see the legend)"
+    assert plot_ylabel(PLOTS[3], runs) == "learning rate"

@@ -169,7 +169,7 @@ def test_runs_table_is_formatted_from_the_summaries_alone(tmp_path):
     }
     assert list(runs[0].to_dict()) == [
         "name", "path", "preset", "status", "step", "max_steps", "tokens", "best_val_loss", "elapsed_s",
-        "last_checkpoint", "error", "failure", "command", "cwd", "kind",
+        "last_checkpoint", "error", "failure", "command", "cwd", "kind", "loss_unit",
     ]  # fmt: skip
     table = format_runs(runs)
     over = "it saved no checkpoint, so re-running its command (argv in its env.json) starts it over"

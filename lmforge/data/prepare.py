@@ -348,6 +348,16 @@ def check_out(out: Path, overwrite: bool) -> None:
         )
     if not replaceable:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
+    from lmforge.runs import find_runs
+
+    # a run trained into the data (`pretrain --out D/run`, which pretrain now refuses) went with the old folder
+    runs = find_runs(out)
+    if runs:
+        more = f" (and {len(runs) - 1} more)" if len(runs) > 1 else ""
+        raise DataError(
+            f"refusing to overwrite {out}: it holds the training run {runs[0]}{more}, which --overwrite would delete; "
+            f"move it out of {out} first, or choose another --out"
+        )
 
 
 def output_dir(cfg: PrepareConfig) -> Path:

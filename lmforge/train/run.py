@@ -398,7 +398,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         from lmforge.runs import check_run_out
 
         mixed = [Path(name) for name, _ in parse_mix(cfg.data.mix)] if cfg.data.mix else []
-        check_run_out(run_dir, [Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim makes it
+        check_run_out(run_dir, [], data_dirs=[Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim
         claim(run_dir)
         return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
 
