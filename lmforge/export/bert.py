@@ -1,4 +1,4 @@
-"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining` directories, ELECTRA discriminators out.
+"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining`, ELECTRA runs <-> `ElectraForPreTraining`.
 
 `write_bert(trained, out)` (called by `export_hf` for model.family bert/electra) writes:
 
@@ -11,8 +11,9 @@
         README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
 
 A BERT export loads with `AutoModelForMaskedLM` (BertForMaskedLM; the pooler and NSP head are then
-unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_bert(hf_dir, out)` is the
-reverse for local BERT directories (BertForPreTraining, BertForMaskedLM or bare BertModel checkpoints).
+unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_encoder(hf_dir, out)` is the
+reverse for local BERT directories (BertForPreTraining, BertForMaskedLM or bare BertModel checkpoints) and
+ELECTRA discriminators (ElectraForPreTraining or bare ElectraModel, e.g. google/electra-small-discriminator).
 
 Design decisions
 - Our encoder is HF BERT's post-LN layout with exact-erf GELU (see models/bert.py), so the map is
@@ -20,10 +21,13 @@ Design decisions
   attention.self.query/key/value (and concatenated on import). The MLM output matrix is the token
   embedding in both (tied); HF's `cls.predictions.decoder.bias` is tied to `cls.predictions.bias`,
   so only the latter is stored.
-- ELECTRA: only the discriminator leaves (`ElectraForPreTraining`, the model people fine-tune). Its
-  embeddings are the discriminator's width, so HF's `embedding_size` = `hidden_size` and no
-  `embeddings_project` exists; the discriminator head is dense -> GELU -> dense_prediction in both.
-  The generator is a training device and is not exported (the model card says so).
+- ELECTRA: only the discriminator leaves (`ElectraForPreTraining`, the model people fine-tune). HF's
+  `embedding_size` is our `model.d_embed` (0 = d_model, as lmforge pretrains): when it is narrower than
+  `hidden_size` (ELECTRA-small: 128 vs 256) HF's `electra.embeddings_project` is our
+  `discriminator.in_proj`; the discriminator head is dense -> GELU -> dense_prediction in both.
+  The generator is a training device and is not exported (the model card says so); an imported
+  discriminator has none, so its run gets a freshly initialised one (fine-tuning drops it). A generator
+  directory (ElectraForMaskedLM) is refused: the discriminator is what ELECTRA fine-tunes.
 - Special tokens: an lmforge encoder appends the [PAD]/[CLS]/[SEP]/[MASK] ids its tokenizer lacks
   after the vocabulary (`data/masking.special_ids`); the export adds exactly those tokens to
   tokenizer.json as special added tokens (appended in the same order, so they get the same ids) and
@@ -49,7 +53,7 @@ import torch
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
-from lmforge.errors import CheckpointError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.export.hf import (
     CARD_PATH_NOTE,
     HF_HINT,
@@ -62,7 +66,7 @@ from lmforge.export.hf import (
 )
 from lmforge.export.hf_families import _dtype_name
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
-from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.bert import Bert, BertConfig, Electra
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 ENCODER_FAMILIES = ("bert", "electra")
@@ -83,6 +87,7 @@ LAYER = {
     "norm2.weight": "output.LayerNorm.weight",
     "norm2.bias": "output.LayerNorm.bias",
 }
+PARTS = ("weight", "bias")
 QKV = ("attention.self.query", "attention.self.key", "attention.self.value")  # our fused rows, in order
 EMBED = {
     "embed.tok_emb.weight": "embeddings.word_embeddings.weight",
@@ -110,8 +115,12 @@ ELECTRA_HEADS = {
 }
 ELECTRA_NOT_EXPORTED = ("generator.", "gen_head.")  # the generator is a pretraining device only
 # HF tensors that are tied copies or buffers, never weights of their own
-IGNORED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.bias")
-OPTIONAL_HEADS = ("pooler.", "nsp_head.", "mlm_head.")  # absent from BertForMaskedLM / BertModel checkpoints
+IGNORED = tuple(
+    f"{model}.embeddings.{buffer}" for model in ENCODER_FAMILIES for buffer in ("position_ids", "token_type_ids")
+)
+IGNORED += ("cls.predictions.decoder.bias",)
+# absent from BertForMaskedLM / BertModel (bert) and ElectraModel (electra) checkpoints
+OPTIONAL_HEADS = {"bert": ("pooler.", "nsp_head.", "mlm_head."), "electra": ("disc_dense.", "disc_head.")}
 
 
 def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
@@ -119,10 +128,12 @@ def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
     electra = cfg.family == "electra"
     prefix, stack = ("electra.", "discriminator.layers") if electra else ("bert.", "encoder.layers")
     table = {ours: (prefix + hf,) for ours, hf in EMBED.items()}
+    if electra and cfg.embed_dim != cfg.d_model:  # HF ELECTRA's embeddings_project (embedding_size -> hidden_size)
+        table.update({f"discriminator.in_proj.{part}": (f"electra.embeddings_project.{part}",) for part in PARTS})
     for i in range(cfg.n_layer):
         ours_prefix, hf_prefix = f"{stack}.{i}.", f"{prefix}encoder.layer.{i}."
         table.update({ours_prefix + ours: (hf_prefix + hf,) for ours, hf in LAYER.items()})
-        for part in ("weight", "bias"):
+        for part in PARTS:
             table[f"{ours_prefix}attn.qkv.{part}"] = tuple(f"{hf_prefix}{n}.{part}" for n in QKV)
     table.update({ours: (hf,) for ours, hf in (ELECTRA_HEADS if electra else BERT_HEADS).items()})
     return table
@@ -164,9 +175,11 @@ def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, 
         "dtype": _dtype_name(dtype),
     }
     if cfg.family == "electra":
-        return {"architectures": ["ElectraForPreTraining"], "model_type": "electra", "embedding_size": cfg.d_model} | (
-            common
-        )
+        return {
+            "architectures": ["ElectraForPreTraining"],
+            "model_type": "electra",
+            "embedding_size": cfg.embed_dim,
+        } | (common)
     return {"architectures": ["BertForPreTraining"], "model_type": "bert"} | common
 
 
@@ -348,20 +361,23 @@ Exported from `{trained.checkpoint.path}`.
 
 
 def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
-    """An HF BERT config.json -> our BertConfig; settings we do not compute are one-line errors."""
+    """An HF BERT or ELECTRA config.json -> our BertConfig; settings we do not compute are one-line errors."""
+    family = h["model_type"]
     defaults = {"hidden_act": "gelu", "position_embedding_type": "absolute", "type_vocab_size": 2}
     h = defaults | h
     if h["hidden_act"] != "gelu":
-        raise LmforgeError(f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's BERT uses exact GELU")
+        raise LmforgeError(
+            f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's {family.upper()} uses exact GELU"
+        )
     if h["position_embedding_type"] != "absolute":
         raise LmforgeError(
             f"{where}: position_embedding_type {h['position_embedding_type']!r} is not supported; "
-            "lmforge's BERT has absolute learned positions"
+            f"lmforge's {family.upper()} has absolute learned positions"
         )
     if h.get("is_decoder") or h.get("add_cross_attention"):
-        raise LmforgeError(f"{where}: a decoder BERT (is_decoder / add_cross_attention) cannot be imported")
-    return BertConfig(
-        family="bert",
+        raise LmforgeError(f"{where}: a decoder {family.upper()} (is_decoder / add_cross_attention) cannot be imported")
+    fields = dict(
+        family=family,
         vocab_size=int(h["vocab_size"]),
         max_seq_len=int(h["max_position_embeddings"]),
         n_layer=int(h["num_hidden_layers"]),
@@ -373,16 +389,41 @@ def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
         n_segments=int(h["type_vocab_size"]),
         init_std=float(h.get("initializer_range", 0.02)),
     )
+    if family == "bert":
+        return BertConfig(**fields)
+    # ElectraConfig's own default embedding_size is 128; d_embed 0 (= d_model) when they agree, as lmforge's runs
+    d_embed = int(h.get("embedding_size", 128))
+    fields["d_embed"] = 0 if d_embed == fields["d_model"] else d_embed
+    # the directory holds no generator (a discriminator does not say how big its generator was): lmforge's
+    # default 1/4 size, or the next ratio whose width divides into its heads; 1 always does
+    for ratio in (0.25, 0.5, 1.0):
+        try:
+            return BertConfig(**fields, generator_ratio=ratio)
+        except ConfigError:
+            if ratio == 1.0:
+                raise
+    raise AssertionError("unreachable")
 
 
-BARE_BERT = ("embeddings.", "encoder.", "pooler.")  # a bare BertModel checkpoint's keys, unprefixed
+# a bare BertModel / ElectraModel checkpoint's keys, unprefixed
+BARE = {"bert": ("embeddings.", "encoder.", "pooler."), "electra": ("embeddings.", "embeddings_project.", "encoder.")}
+# what the standard checkpoints hold besides the encoder, per family (anything else is a task head or unknown)
+STANDARD = {
+    "bert": ("bert.", "cls."),
+    "electra": ("electra.", "discriminator_predictions."),
+}
+ARCHITECTURES = {
+    "bert": "BertModel / BertForMaskedLM / BertForPreTraining",
+    "electra": "ElectraModel / ElectraForPreTraining, the discriminator",
+}
 
 
-def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
-    """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`; others, such
-    as a task head's `classifier.*`, keep the names the checkpoint has, so an error names them as stored)."""
+def _read_weights(hf_dir: Path, family: str) -> dict[str, Tensor]:
+    """The directory's tensors under BertForPreTraining / ElectraForPreTraining names (bare BertModel /
+    ElectraModel keys get `bert.` / `electra.`; others, such as a task head's `classifier.*`, keep the names
+    the checkpoint has, so an error names them as stored)."""
     state, _ = read_hf_tensors(hf_dir)
-    return {"bert." + k if k.startswith(BARE_BERT) else k: v for k, v in state.items()}
+    return {f"{family}.{k}" if k.startswith(BARE[family]) else k: v for k, v in state.items()}
 
 
 def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
@@ -401,17 +442,21 @@ def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
-def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
-    """Write a local HF BERT directory as an lmforge run at `out` (checks on `out` done by `import_hf`)."""
+def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
+    """Write a local HF BERT or ELECTRA (discriminator) directory as an lmforge run at `out` (model_type
+    "bert" / "electra"; checks on `out` done by `import_hf`)."""
     from lmforge.config import RunConfig
     from lmforge.data.masking import special_ids
     from lmforge.objectives import ObjectiveConfig
 
+    family = hf_cfg["model_type"]
+    name = family.upper()
+    article = "an" if family == "electra" else "a"
     where = hf_dir / "config.json"
     try:
         cfg = config_from_hf(hf_cfg, where)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{where}: unusable bert config ({e})") from None
+    except (TypeError, ValueError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: unusable {family} config ({e})") from None
     tokenizer, tok_path = read_hf_tokenizer(hf_dir)
     tokenizer = _without_framing(tokenizer)
     ids = special_ids(tokenizer)
@@ -420,13 +465,18 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             f"{tok_path} (with [PAD]/[CLS]/[SEP]/[MASK]) needs {max(tokenizer.vocab_size, max(ids.all) + 1)} ids "
             f"but the model has {cfg.vocab_size}; the tokenizer does not belong to this model"
         )
-    hf_state = _read_weights(hf_dir)
+    hf_state = _read_weights(hf_dir, family)
+    if any(k.startswith(("generator_predictions.", "generator_lm_head.")) for k in hf_state):
+        raise CheckpointError(
+            f"{hf_dir} is an ELECTRA generator (ElectraForMaskedLM); lmforge imports the discriminator, the model "
+            "ELECTRA fine-tunes: import its ElectraForPreTraining directory (e.g. google/electra-small-discriminator)"
+        )
     decoder = hf_state.pop("cls.predictions.decoder.weight", None)
     if decoder is not None and not torch.equal(decoder, hf_state.get("bert.embeddings.word_embeddings.weight")):
         raise CheckpointError(f"{hf_dir}: the MLM decoder is not tied to the word embeddings; lmforge's BERT ties them")
 
     with torch.device("meta"):
-        model = Bert(cfg)
+        model = (Electra if family == "electra" else Bert)(cfg)
     model = model.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]):  # heads the checkpoint lacks start as in pretraining, reproducibly
         torch.manual_seed(0)
@@ -435,11 +485,11 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     missing_heads = set()
     for ours, names in name_table(cfg).items():
         absent = [n for n in names if n not in hf_state]
-        if absent and ours.startswith(OPTIONAL_HEADS):
+        if absent and ours.startswith(OPTIONAL_HEADS[family]):
             missing_heads.add(ours.split(".", 1)[0])
             continue
         if absent:
-            raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete BERT checkpoint?")
+            raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete {name} checkpoint?")
         parts = [hf_state.pop(n) for n in names]
         t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if t.shape != state[ours].shape:
@@ -447,28 +497,34 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             raise CheckpointError(f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {want}")
         state[ours] = t.float()
     extra = sorted(k for k in hf_state if k not in IGNORED)
-    if extra and not any(k.startswith(("bert.", "cls.")) for k in extra):  # a task head beside the encoder
+    if extra and not any(k.startswith(STANDARD[family]) for k in extra):  # a task head beside the encoder
         architectures = hf_cfg.get("architectures") or ["a task model"]
         raise CheckpointError(
-            f"{hf_dir} is {architectures[0]}: its task head ({', '.join(extra[:3])}) is not part of a BERT that "
-            "lmforge imports; save its encoder alone (transformers: model.bert.save_pretrained(DIR), with the "
-            "tokenizer) and import DIR, then 'lmforge finetune' a new head on it"
+            f"{hf_dir} is {architectures[0]}: its task head ({', '.join(extra[:3])}) is not part of {article} {name} "
+            f"that lmforge imports; save its encoder alone (transformers: model.{family}.save_pretrained(DIR), with "
+            "the tokenizer) and import DIR, then 'lmforge finetune' a new head on it"
         )
     if extra:
         raise CheckpointError(
-            f"{hf_dir} has tensors a plain BERT does not ({', '.join(extra[:3])}); lmforge imports only the "
-            "standard architecture (BertModel / BertForMaskedLM / BertForPreTraining)"
+            f"{hf_dir} has tensors a plain {name} does not ({', '.join(extra[:3])}); lmforge imports only the "
+            f"standard architecture ({ARCHITECTURES[family]})"
         )
+    if family == "electra":  # a discriminator directory never holds its generator
+        missing_heads.add("generator")
     if missing_heads:
         print(  # one line, as lmforge's other notes (a UserWarning printed the file, line and source line too)
-            f"note: {hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised",
+            f"note: {hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised"
+            + (" (fine-tuning uses the discriminator alone)" if family == "electra" else ""),
             file=sys.stderr,
             flush=True,
         )
     model.load_state_dict(state, strict=True)
-    has_nsp = "nsp_head" not in missing_heads and "pooler" not in missing_heads
-    run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name="mlm+nsp" if has_nsp else "mlm"))
-    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, "bert")
+    if family == "electra":
+        objective = "electra"
+    else:
+        objective = "mlm+nsp" if "nsp_head" not in missing_heads and "pooler" not in missing_heads else "mlm"
+    run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name=objective))
+    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, family)
 
 
 # --------------------------------------------------------------------------------------------

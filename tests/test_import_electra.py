@@ -1,0 +1,142 @@
+"""HF ELECTRA directories as a base: tiny `transformers` ELECTRA models (embedding_size below and equal to
+hidden_size) saved with `save_pretrained` and a BertTokenizerFast, imported through the CLI, checked against
+transformers (discriminator scores, hidden states), fine-tuned for classification, evaluated, exported back
+and reloaded; generator and task-head directories are refused in one line.
+
+The models are random with every 1-D parameter perturbed (HF initialises LayerNorms to 1/0 and biases to 0),
+so a swapped norm or bias mapping moves the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import load_trained
+from lmforge.errors import ConfigError
+from lmforge.export.hf import verify_hf
+from lmforge.models.bert import BertConfig, Electra
+from tests.conftest import run_cli
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+transformers = pytest.importorskip("transformers")
+
+# Float32 on both sides, different kernels (our fused qkv + SDPA vs HF's eager attention); measured max
+# |diff| ~1e-6 on scores of size ~1 (torch 2.13, transformers 5.x). A missing embeddings_project or a swapped
+# norm moves them by > 1e-1.
+TOL = dict(atol=1e-5, rtol=1e-4)
+WORDS = "the a cat dog sat ran on mat red blue sun moon and is was big small".split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz", "##s", "##ed"]
+
+
+def _tokenizer() -> object:
+    """ELECTRA's tokenizer is BERT's WordPiece (uncased), here over a 50-token vocabulary."""
+    return transformers.BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=True)
+
+
+def hf_electra(root: Path, *, embedding_size: int, cls: str = "ElectraForPreTraining", seed: int = 0) -> object:
+    """A tiny random ELECTRA of class `cls` saved with its tokenizer at `root` (as save_pretrained writes one)."""
+    config = transformers.ElectraConfig(
+        vocab_size=len(VOCAB), embedding_size=embedding_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(root))
+    _tokenizer().save_pretrained(str(root))
+    return model
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, len(VOCAB), (3, 20), generator=g)
+    segments = (torch.arange(20) >= 9).long().expand(3, 20)
+    pad = torch.ones(3, 20, dtype=torch.bool)
+    pad[1, 14:] = False
+    return idx, segments, pad
+
+
+@pytest.mark.parametrize("embedding_size", [16, 32])
+def test_cli_import_matches_transformers(embedding_size: int, tmp_path: Path) -> None:
+    theirs = hf_electra(tmp_path / "hf", embedding_size=embedding_size)
+    r = run_cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "no generator weights; they start freshly initialised" in r.stderr
+    run = load_trained(tmp_path / "run", torch.device("cpu"))
+    cfg = run.config.model
+    assert (cfg.family, cfg.d_model, cfg.embed_dim) == ("electra", 32, embedding_size)
+    assert cfg.d_embed == (0 if embedding_size == 32 else embedding_size)  # equal widths: an ordinary run
+    assert run.config.objective.name == "electra"
+    ours = run.model
+    assert (ours.discriminator.in_proj is None) == (embedding_size == 32)
+    idx, segments, pad = _inputs()
+    with torch.no_grad():
+        ref = theirs(input_ids=idx, token_type_ids=segments, attention_mask=pad.long(), output_hidden_states=True)
+        torch.testing.assert_close(ours(idx, segments, pad)[pad], ref.logits[pad], **TOL)
+        hidden = ours.discriminator(ours.embed(idx, segments), pad)
+        torch.testing.assert_close(hidden[pad], ref.hidden_states[-1][pad], **TOL)
+    # the tokenizer came in without its [CLS]/[SEP] framing, with the ids the model knows
+    assert run.tokenizer.encode("the cat sat") == [VOCAB.index(w) for w in ("the", "cat", "sat")]
+    # and goes back out as ElectraForPreTraining with the same embedding_size and tensors
+    r = run_cli("export", str(tmp_path / "run"), "--to", "hf", "--out", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "back" / "config.json").read_text(encoding="utf-8"))["embedding_size"] == (
+        embedding_size
+    )
+    original = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert exported.keys() == {k for k in original if not k.endswith(("position_ids", "token_type_ids"))}
+    assert all(torch.equal(exported[k], original[k]) for k in exported)
+    assert verify_hf(tmp_path / "run", tmp_path / "back") <= 2e-5
+
+
+def test_bare_electra_model_imports_with_a_fresh_head(tmp_path: Path) -> None:
+    theirs = hf_electra(tmp_path / "hf", embedding_size=16, cls="ElectraModel")
+    r = run_cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "has no disc_dense, disc_head, generator weights" in r.stderr
+    ours = load_trained(tmp_path / "run", torch.device("cpu")).model
+    idx, segments, pad = _inputs()
+    with torch.no_grad():
+        ref = theirs(input_ids=idx, token_type_ids=segments, attention_mask=pad.long()).last_hidden_state
+        torch.testing.assert_close(ours.discriminator(ours.embed(idx, segments), pad)[pad], ref[pad], **TOL)
+
+
+def test_generator_and_classifier_directories_are_refused_in_one_line(tmp_path: Path) -> None:
+    hf_electra(tmp_path / "gen", embedding_size=16, cls="ElectraForMaskedLM")
+    r = run_cli("import", str(tmp_path / "gen"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "ELECTRA generator (ElectraForMaskedLM)" in r.stderr and "discriminator" in r.stderr
+    theirs = hf_electra(tmp_path / "cls", embedding_size=16, cls="ElectraForSequenceClassification")
+    r = run_cli("import", str(tmp_path / "cls"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "classifier.dense.bias" in r.stderr and "model.electra.save_pretrained" in r.stderr
+    assert not (tmp_path / "out").exists()
+    theirs.electra.save_pretrained(str(tmp_path / "encoder"))  # what the message says to do
+    _tokenizer().save_pretrained(str(tmp_path / "encoder"))
+    r = run_cli("import", str(tmp_path / "encoder"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_d_embed_narrows_electra_embeddings_only() -> None:
+    common = dict(vocab_size=50, max_seq_len=16, n_layer=1, n_head=4, d_model=32, generator_ratio=0.5)
+    default = Electra(BertConfig(family="electra", **common)).state_dict()
+    assert "discriminator.in_proj.weight" not in default  # d_embed 0: the layout every earlier run has
+    assert default["embed.tok_emb.weight"].shape == (50, 32)
+    narrow = Electra(BertConfig(family="electra", d_embed=8, **common)).state_dict()
+    assert narrow.keys() - default.keys() == {"discriminator.in_proj.weight", "discriminator.in_proj.bias"}
+    assert narrow["embed.tok_emb.weight"].shape == (50, 8) and narrow["discriminator.in_proj.weight"].shape == (32, 8)
+    assert narrow["generator.in_proj.weight"].shape == (16, 8) and narrow["gen_head.dense.weight"].shape == (8, 16)
+    with pytest.raises(ConfigError, match="model.d_embed is for family electra"):
+        BertConfig(family="bert", d_embed=8, **common)
