@@ -17,11 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import load_trained
-from lmforge.errors import ConfigError
-from lmforge.export.hf import verify_hf
+from lmforge.adapt.load import load_finetuned
+from lmforge.checkpoint import load_checkpoint, load_trained
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.export.hf import export_hf, verify_hf
+from lmforge.export.peft import export_peft
+from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.bert import BertConfig, Electra
 from tests.conftest import run_cli
+from tests.test_finetune_electra import _toy_task  # vowels vs consonants: WordPiece reads them letter by letter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -32,7 +36,8 @@ transformers = pytest.importorskip("transformers")
 # norm moves them by > 1e-1.
 TOL = dict(atol=1e-5, rtol=1e-4)
 WORDS = "the a cat dog sat ran on mat red blue sun moon and is was big small".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz", "##s", "##ed"]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *LETTERS, *(f"##{c}" for c in LETTERS)]
 
 
 def _tokenizer() -> object:
@@ -140,3 +145,62 @@ def test_d_embed_narrows_electra_embeddings_only() -> None:
     assert narrow["generator.in_proj.weight"].shape == (16, 8) and narrow["gen_head.dense.weight"].shape == (8, 16)
     with pytest.raises(ConfigError, match="model.d_embed is for family electra"):
         BertConfig(family="bert", d_embed=8, **common)
+
+
+def _same_classifier_logits(run: Path, hf_dir: Path, texts: list[str]) -> object:
+    """Our classifier's and transformers' label scores on `texts` (padded batch) are equal; returns theirs."""
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(hf_dir)).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(str(hf_dir))(texts, padding=True, return_tensors="pt")
+    ours = load_finetuned(run, torch.device("cpu")).model
+    with torch.no_grad():
+        got = ours.classify(batch["input_ids"], batch["attention_mask"].sum(1))
+        torch.testing.assert_close(got, theirs(**batch).logits, **TOL)
+    return theirs
+
+
+def test_hf_electra_finetunes_evaluates_and_exports_as_a_sequence_classifier(tmp_path: Path) -> None:
+    hf_electra(tmp_path / "hf", embedding_size=16)
+    train, val = _toy_task(tmp_path)
+    out = tmp_path / "cls"
+    steps = ["--train.max_steps", "30", "--train.batch_size", "16", "--train.lr", "3e-3", "--train.warmup_steps", "2"]
+    r = run_cli("finetune", str(tmp_path / "hf"), "--task", "classify", "--adapt", "full", "--train", str(train),
+                "--val", str(val), "--out", str(out), "--quiet", *steps)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    accuracy = json.loads((out / "eval.json").read_text(encoding="utf-8"))["val"]["accuracy"]
+    assert accuracy >= 0.9  # chance is 0.5 (20 of each class); measured 1.0
+    assert not [n for n in load_checkpoint(out).model_state() if "generator" in n]  # the fresh generator stays out
+    r = run_cli("eval", str(out), "--task", "classify", "--data", str(val), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(accuracy)
+    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "export"), "--verify")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "export" / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["ElectraForSequenceClassification"] and config["embedding_size"] == 16
+    assert config["id2label"] == {"0": "closed", "1": "open"}
+    texts = ["aei ou", "tds nr", "a", "oa ie ua eo iu"]
+    theirs = _same_classifier_logits(out, tmp_path / "export", texts)
+    assert type(theirs).__name__ == "ElectraForSequenceClassification"
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "export"))
+    assert [p["label"] for p in pipe(texts[:2])] == ["open", "closed"]
+    assert "pipeline_tag: text-classification" in (tmp_path / "export" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("adapt", ["head", "lora"])
+def test_head_and_lora_classifiers_of_an_hf_electra_export_merged(adapt: str, tmp_path: Path) -> None:
+    hf_electra(tmp_path / "hf", embedding_size=16)
+    train, val = _toy_task(tmp_path)
+    out = tmp_path / adapt
+    fast = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 1}, "eval": {"every": 0}}
+    cfg = FinetuneConfig(task="classify", adapt=adapt, **({"lora_rank": 2} if adapt == "lora" else {}))
+    finetune(tmp_path / "hf", train_file=train, val_file=val, out=out, cfg=cfg, overrides=fast, progress=False)
+    if adapt == "head":  # the imported encoder (embeddings_project included) arrived unchanged and stayed frozen
+        imported = load_checkpoint(out / "base").model_state()
+        body = load_finetuned(out, torch.device("cpu")).model.body.state_dict()
+        assert "discriminator.in_proj.weight" in body
+        assert all(torch.equal(value, imported[name]) for name, value in body.items())
+    else:  # the adapter merges into the exported weights; PEFT has no classifier adapter to write
+        with pytest.raises(LmforgeError, match="export it without --peft"):
+            export_peft(out, tmp_path / "peft")
+    export_hf(out, tmp_path / "export")
+    _same_classifier_logits(out, tmp_path / "export", ["aei ou", "tds nr", "a"])
+    assert verify_hf(out, tmp_path / "export") <= 2e-5

@@ -1,4 +1,5 @@
-"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining`, ELECTRA runs <-> `ElectraForPreTraining`.
+"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining`, ELECTRA runs <-> `ElectraForPreTraining`,
+fine-tuned BERT/ELECTRA classifiers -> `*ForSequenceClassification`.
 
 `write_bert(trained, out)` (called by `export_hf` for model.family bert/electra) writes:
 
@@ -9,6 +10,12 @@
         tokenizer_config.json     PreTrainedTokenizerFast with cls/sep/pad/mask tokens
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
+
+A fine-tuned BERT/ELECTRA classifier (`finetune --task classify`, any of full/head/lora, LoRA merged) exports
+as `BertForSequenceClassification` / `ElectraForSequenceClassification` instead: the same encoder names, our
+head as HF's `classifier` (BERT: on the body's pooler, `bert.pooler.dense`; ELECTRA: HF's
+`ElectraClassificationHead`, dense -> GELU -> out_proj, which is ours), `id2label` from finetune.json; the
+MLM/NSP heads and ELECTRA's generator stay behind; the `text-classification` pipeline loads it.
 
 A BERT export loads with `AutoModelForMaskedLM` (BertForMaskedLM; the pooler and NSP head are then
 unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_encoder(hf_dir, out)` is the
@@ -114,6 +121,13 @@ ELECTRA_HEADS = {
     "disc_head.bias": "discriminator_predictions.dense_prediction.bias",
 }
 ELECTRA_NOT_EXPORTED = ("generator.", "gen_head.")  # the generator is a pretraining device only
+# a fine-tuned classifier (`adapt.heads.Adapted` on an encoder): its `head.*` -> *ForSequenceClassification's
+# names. BERT's head reads the body's pooler (kept, as `bert.pooler.dense`); its MLM and NSP heads stay behind.
+CLASSIFIER_HEADS = {
+    "bert": {"weight": "classifier.weight", "bias": "classifier.bias"},
+    "electra": {f"{layer}.{part}": f"classifier.{layer}.{part}" for layer in ("dense", "out_proj") for part in PARTS},
+}
+BERT_PRETRAINING_HEADS = ("mlm_head.", "nsp_head.")
 # HF tensors that are tied copies or buffers, never weights of their own
 IGNORED = tuple(
     f"{model}.embeddings.{buffer}" for model in ENCODER_FAMILIES for buffer in ("position_ids", "token_type_ids")
@@ -152,6 +166,15 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: BertConfig) -> dict[str, Ten
         parts = t.chunk(len(names), dim=0) if len(names) > 1 else (t,)
         out.update({name: _own(part) for name, part in zip(names, parts, strict=True)})
     return out
+
+
+def classifier_to_hf(model: Any, cfg: BertConfig) -> dict[str, Tensor]:
+    """A fine-tuned encoder classifier (LoRA merged) -> HF `*ForSequenceClassification` tensors."""
+    body = {k: v for k, v in model.body.state_dict().items() if not k.startswith(BERT_PRETRAINING_HEADS)}
+    tensors = to_hf_state_dict(body, cfg)
+    heads = CLASSIFIER_HEADS[cfg.family]
+    tensors.update({heads[name]: _own(t) for name, t in model.head.state_dict().items()})
+    return tensors
 
 
 def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -241,18 +264,36 @@ def encoder_tokenizer_json(tokenizer: Tokenizer) -> tuple[str, dict[str, str]]:
 # Export
 
 
+def classifier_info(trained: Any) -> dict[str, Any] | None:
+    """A fine-tuned classifier's finetune.json (`labels` in head order, `base_arg`, `adapt`), None for other runs."""
+    if getattr(trained.model, "head", None) is None:
+        return None
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.checkpoint import read_json
+
+    return read_json(run_dir_of(trained.checkpoint.path) / "finetune.json", "the fine-tuned run is damaged")
+
+
 def write_bert(trained: Any, out: Path) -> Path:
-    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
+    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically):
+    `*ForPreTraining`, or `*ForSequenceClassification` for a fine-tuned classifier."""
     cfg: BertConfig = trained.config.model
     tokenizer: Tokenizer = trained.tokenizer
-    state = trained.model.state_dict()
-    dtype = trained.model.embed.tok_emb.weight.dtype
-    tensors = to_hf_state_dict(state, cfg)
+    info = classifier_info(trained)
+    labels = [str(label) for label in info["labels"]] if info else None
+    body = trained.model.body if labels else trained.model
+    dtype = body.embed.tok_emb.weight.dtype
+    tensors = classifier_to_hf(trained.model, cfg) if labels else to_hf_state_dict(body.state_dict(), cfg)
     tokenizer_json, specials = encoder_tokenizer_json(tokenizer)
     pad_id = special_names(tokenizer)["pad"][1]
+    hf_config = config_to_hf(cfg, pad_id, dtype)
+    if labels:
+        hf_config["architectures"] = [f"{cfg.family.capitalize()}ForSequenceClassification"]
+        hf_config["id2label"] = dict(enumerate(labels))
+        hf_config["label2id"] = {label: i for i, label in enumerate(labels)}
 
     with building_dir(out) as tmp:
-        write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
+        write_json(tmp / "config.json", hf_config)
         save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fsync_file(tmp / "model.safetensors")
         atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
@@ -268,25 +309,33 @@ def write_bert(trained: Any, out: Path) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in tensors.values())
-        atomic_write_text(tmp / "README.md", model_card(out, trained, n_params, specials["mask_token"]))
+        atomic_write_text(tmp / "README.md", model_card(out, trained, n_params, specials["mask_token"], info))
     return out
 
 
-def model_card(out: Path, trained: Any, n_params: int, mask: str) -> str:
-    """README.md of an encoder export: what it is, how it was trained, how to use it, the config."""
+def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str, Any] | None = None) -> str:
+    """README.md of an encoder export (`info`: a fine-tuned classifier's finetune.json): what it is, how it was
+    trained, how to use it, the config."""
     name, path = out.name, card_path(out)
     cfg = trained.config
     step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     electra = cfg.model.family == "electra"
-    architecture = "ElectraForPreTraining" if electra else "BertForPreTraining"
+    labels = [str(label) for label in info["labels"]] if info else None
+    architecture = f"{cfg.model.family.capitalize()}For{'SequenceClassification' if labels else 'PreTraining'}"
+    trained_as = f"classify: {', '.join(labels)}" if labels else f"objective `{cfg.objective.name}`"
     rows = [
-        ("architecture", f"{architecture} (lmforge {cfg.model.family}, objective `{cfg.objective.name}`)"),
+        ("architecture", f"{architecture} (lmforge {cfg.model.family}, {trained_as})"),
         ("parameters", f"{n_params:,}" + (" (discriminator; the generator is not exported)" if electra else "")),
         ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
         ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
+        *(
+            [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}` (--adapt {info.get('adapt')})")]
+            if info
+            else []
+        ),
         ("steps", f"{step:,}"),
         ("tokens seen", f"{tokens:,}"),
     ]
@@ -301,7 +350,15 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str) -> str:
     language = data_language(cfg.data.dir) if cfg.data.dir else ""
     zh = language == "zh"  # WordPiece/char Chinese is one token per character: mask one, replace one
     replaced = "我今天吃了一本书。" if zh else "The quick brown fox ate over the lazy dog."
-    if electra:
+    if labels:
+        tag, pipeline = cfg.model.family, "pipeline_tag: text-classification\n"
+        use = f"""```python
+from transformers import pipeline
+
+classify = pipeline("text-classification", model={path})
+print(classify("{replaced}"))  # [{{'label': ..., 'score': ...}}], labels {", ".join(labels)}
+```"""
+    elif electra:
         tag, pipeline = "electra", ""
         use = f"""```python
 import torch
@@ -533,14 +590,17 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
 
 @torch.no_grad()
 def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
-    """Largest |difference| of MLM + NSP logits (bert) or discriminator scores (electra) from `transformers`."""
+    """Largest |difference| of MLM + NSP logits (bert), discriminator scores (electra) or a fine-tuned
+    classifier's label scores from `transformers`."""
     try:
         import transformers
     except ImportError:
         raise LmforgeError(f"verifying an HF export needs transformers: {HF_HINT}") from None
     ours = trained.model.float().eval()
     cfg: BertConfig = ours.cfg
-    cls = transformers.ElectraForPreTraining if cfg.family == "electra" else transformers.BertForPreTraining
+    classifier = getattr(ours, "head", None) is not None
+    kind = "SequenceClassification" if classifier else "PreTraining"
+    cls = getattr(transformers, f"{cfg.family.capitalize()}For{kind}")
     try:
         theirs = cls.from_pretrained(str(hf_dir)).float().eval()
     except (OSError, ValueError, KeyError) as e:
@@ -549,6 +609,12 @@ def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
         ) from None
     T = min(32, cfg.max_seq_len)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+    if classifier:  # the second row padded after half its tokens
+        lengths = torch.tensor([T, max(1, T // 2)])
+        pad_mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+        return float(
+            (ours.classify(idx, lengths) - theirs(input_ids=idx, attention_mask=pad_mask.long()).logits).abs().max()
+        )
     if cfg.family == "electra":
         return float((ours(idx) - theirs(input_ids=idx).logits).abs().max())
     hidden, ref = ours(idx), theirs(input_ids=idx)
