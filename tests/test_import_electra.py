@@ -145,6 +145,17 @@ def test_d_embed_narrows_electra_embeddings_only() -> None:
     assert narrow["generator.in_proj.weight"].shape == (16, 8) and narrow["gen_head.dense.weight"].shape == (8, 16)
     with pytest.raises(ConfigError, match="model.d_embed is for family electra"):
         BertConfig(family="bert", d_embed=8, **common)
+    # a pretraining step runs through both projections (generator and discriminator) and trains them
+    torch.manual_seed(0)
+    model = Electra(BertConfig(family="electra", d_embed=8, **common))
+    model.init_weights()
+    idx = torch.randint(0, 50, (2, 16))
+    select = torch.rand(2, 16) < 0.3
+    step = model(idx, select=select, noise=torch.rand(2, 16))
+    assert step.gen_logits.shape == (int(select.sum()), 50) and step.disc_logits.shape == (2, 16)
+    (step.gen_logits.logsumexp(-1).sum() + step.disc_logits.sum()).backward()
+    assert model.generator.in_proj.weight.grad.abs().sum() > 0
+    assert model.discriminator.in_proj.weight.grad.abs().sum() > 0
 
 
 def _same_classifier_logits(run: Path, hf_dir: Path, texts: list[str]) -> object:
