@@ -104,6 +104,8 @@ def test_cli_import_matches_transformers(embedding_size: int, tmp_path: Path) ->
     assert exported.keys() == {k for k in original if not k.endswith(("position_ids", "token_type_ids"))}
     assert all(torch.equal(exported[k], original[k]) for k in exported)
     assert verify_hf(tmp_path / "run", tmp_path / "back") <= 2e-5
+    card = (tmp_path / "back" / "README.md").read_text(encoding="utf-8")
+    assert ("| embedding width | 16 " in card) == (embedding_size == 16)
 
 
 def test_bare_electra_model_imports_with_a_fresh_head(tmp_path: Path) -> None:

@@ -328,6 +328,11 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str
         ("architecture", f"{architecture} (lmforge {cfg.model.family}, {trained_as})"),
         ("parameters", f"{n_params:,}" + (" (discriminator; the generator is not exported)" if electra else "")),
         ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
+        *(
+            [("embedding width", f"{cfg.model.embed_dim} (`embedding_size`, projected to the width)")]
+            if cfg.model.d_embed
+            else []
+        ),
         ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
