@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lmforge.adapt.load import load_finetuned
 from lmforge.checkpoint import load_checkpoint, load_trained
+from lmforge.config import RunConfig, config_from_json
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.peft import export_peft
@@ -147,6 +148,10 @@ def test_d_embed_narrows_electra_embeddings_only() -> None:
     assert narrow["generator.in_proj.weight"].shape == (16, 8) and narrow["gen_head.dense.weight"].shape == (8, 16)
     with pytest.raises(ConfigError, match="model.d_embed is for family electra"):
         BertConfig(family="bert", d_embed=8, **common)
+    # a config.json written before the field existed reads as d_embed 0
+    saved = RunConfig(out="run", model=BertConfig(family="electra", **common)).to_dict()
+    del saved["model"]["d_embed"]
+    assert config_from_json(saved, "config.json").model == BertConfig(family="electra", **common)
     # a pretraining step runs through both projections (generator and discriminator) and trains them
     torch.manual_seed(0)
     model = Electra(BertConfig(family="electra", d_embed=8, **common))
