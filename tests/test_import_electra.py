@@ -22,6 +22,7 @@ from lmforge.checkpoint import load_checkpoint, load_trained
 from lmforge.config import RunConfig, config_from_json
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
+from lmforge.export.hf_import import import_hf
 from lmforge.export.peft import export_peft
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.bert import BertConfig, Electra
@@ -135,6 +136,10 @@ def test_generator_and_classifier_directories_are_refused_in_one_line(tmp_path: 
     _tokenizer().save_pretrained(str(tmp_path / "encoder"))
     r = run_cli("import", str(tmp_path / "encoder"), "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "encoder" / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "encoder" / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu_new"}), encoding="utf-8")
+    with pytest.raises(LmforgeError, match="hidden_act 'gelu_new' is not supported; lmforge's ELECTRA uses exact GELU"):
+        import_hf(tmp_path / "encoder", tmp_path / "out2")
 
 
 def test_d_embed_narrows_electra_embeddings_only() -> None:

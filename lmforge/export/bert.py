@@ -198,11 +198,8 @@ def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, 
         "dtype": _dtype_name(dtype),
     }
     if cfg.family == "electra":
-        return {
-            "architectures": ["ElectraForPreTraining"],
-            "model_type": "electra",
-            "embedding_size": cfg.embed_dim,
-        } | (common)
+        electra = {"architectures": ["ElectraForPreTraining"], "model_type": "electra", "embedding_size": cfg.embed_dim}
+        return electra | common
     return {"architectures": ["BertForPreTraining"], "model_type": "bert"} | common
 
 
@@ -458,13 +455,12 @@ def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
     fields["d_embed"] = 0 if d_embed == fields["d_model"] else d_embed
     # the directory holds no generator (a discriminator does not say how big its generator was): lmforge's
     # default 1/4 size, or the next ratio whose width divides into its heads; 1 always does
-    for ratio in (0.25, 0.5, 1.0):
+    for ratio in (0.25, 0.5):
         try:
             return BertConfig(**fields, generator_ratio=ratio)
         except ConfigError:
-            if ratio == 1.0:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return BertConfig(**fields, generator_ratio=1.0)  # an error here is the discriminator's own
 
 
 # a bare BertModel / ElectraModel checkpoint's keys, unprefixed
