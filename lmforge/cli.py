@@ -28,7 +28,7 @@ TOUR = """commands:
   generate     sample text from a run or checkpoint (greedy, temperature, top-k/p, min-p, stop strings, batches)
   export       write a run as a Hugging Face directory (GPT-2/Llama/Qwen2/BERT/ELECTRA, LoRA merged or --peft) or GGUF
   quantize     weight-only int8/int4 copy of a run; prints bpb, size and generation speed before/after
-  import       turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run
+  import       turn a local Hugging Face GPT-2/Llama/Qwen2/BERT/ELECTRA directory into an lmforge run
   estimate     parameters, FLOPs, memory, time and cost of a run before you start it
   report       one HTML (or Markdown) page comparing runs: curves, config differences, evals, samples
   runs         table of the runs under a folder: status, steps, tokens, best val loss, last checkpoint
@@ -287,7 +287,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser(
         "import",
-        help="turn a local Hugging Face GPT-2/Llama/Qwen2/BERT directory into an lmforge run",
+        help="turn a local Hugging Face GPT-2/Llama/Qwen2/BERT/ELECTRA directory into an lmforge run",
         description="Read config.json + model.safetensors (or pytorch_model.bin, weights only) + tokenizer.json "
         "(or GPT-2's vocab.json + merges.txt, BERT's vocab.txt) and write a run directory that eval/generate load. "
         "HF_DIR may be hf:ORG/NAME[@REVISION], a model on the Hugging Face Hub (downloaded into its cache).",

@@ -74,7 +74,8 @@ def add_parsers(sub: Any) -> None:
         "finetune",
         help="adapt a pretrained run or local HF model to a task",
         description="Fine-tune BASE (an lmforge run or checkpoint, a fine-tuned run, or a local Hugging Face "
-        "GPT-2/Llama/Qwen2/BERT directory or hf:ORG/NAME on the Hub; BERT bases: --task classify with --adapt "
+        "GPT-2/Llama/Qwen2/BERT/ELECTRA directory or hf:ORG/NAME on the Hub; BERT/ELECTRA bases: --task classify "
+        "with --adapt "
         "full/head/lora) on a JSONL/JSON/CSV/TSV/Parquet/TXT "
         "task file. Re-running the same command on an existing --out resumes it from its latest checkpoint. "
         "Fields default to text/label (classify), "

@@ -13,9 +13,9 @@
 
 Design:
 - BASE is an lmforge run or checkpoint, another fine-tuned run (LoRA adapters are merged into it
-  first), or a local Hugging Face GPT-2/Llama/Qwen2/BERT directory (imported into RUN_DIR/base/ first).
-  BERT bases (lmforge MLM runs or HF BERT) fine-tune for classification only (full/head/lora),
-  with a head on the pooled [CLS] state (`adapt/heads.py`).
+  first), or a local Hugging Face GPT-2/Llama/Qwen2/BERT/ELECTRA directory (imported into RUN_DIR/base/ first).
+  BERT and ELECTRA bases (lmforge MLM/ELECTRA runs, HF BERT, HF ELECTRA discriminators) fine-tune for
+  classification only (full/head/lora), with a head on the pooled [CLS] state (`adapt/heads.py`).
 - Tasks differ only in how rows become batches (`data/formats.py`), which objective scores them
   (`objectives.CausalLM` on -100-masked targets for sft/translate/qa/clm, `adapt.objectives`
   for classify and dpo) and which metrics evaluate them (`eval/tasks.py`); the loop is

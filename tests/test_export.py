@@ -503,7 +503,8 @@ def test_import_errors(bpe: Tokenizer, tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     (out / "config.json").write_text(json.dumps(config | {"model_type": "roberta"}), encoding="utf-8")
     with pytest.raises(
-        LmforgeError, match="model_type 'roberta' is not supported; lmforge imports gpt2, llama, qwen2 and bert"
+        LmforgeError,
+        match="model_type 'roberta' is not supported; lmforge imports gpt2, llama, qwen2, bert and electra",
     ):
         import_hf(out, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.tmp").exists()

@@ -156,14 +156,23 @@ def test_hf_bert_directory_as_base(bert_run: Path, tmp_path: Path):
         assert torch.equal(value, original[name]), name
 
 
-def test_exporting_a_bert_classifier_points_to_eval_and_its_base(bert_run: Path, tmp_path: Path):
-    """`export` of a BERT classifier told the user to "fine-tune with --adapt full or lora on an LM task such as
-    sft", which an encoder cannot do (finetune refuses it); it now names what does work."""
+def test_a_bert_classifier_exports_as_bert_for_sequence_classification(bert_run: Path, tmp_path: Path):
+    """`export` of a BERT classifier was refused; it now writes BertForSequenceClassification (the body's pooler
+    under `bert.pooler`, our head as `classifier`, the MLM and NSP heads left behind) with the same scores."""
     out = tmp_path / "cls"
     cfg = FinetuneConfig(task="classify", adapt="head")
     finetune(bert_run, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False)
-    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "hf"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert "only language models export" in r.stderr and "such as sft" not in r.stderr
-    assert f"lmforge eval {out} --task classify" in r.stderr and f"lmforge export {bert_run} --to hf" in r.stderr
-    assert not (tmp_path / "hf").exists()
+    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "hf"), "--verify")
+    assert r.returncode == 0, r.stderr
+    transformers = pytest.importorskip("transformers")
+    theirs, loading = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True
+    )
+    assert type(theirs).__name__ == "BertForSequenceClassification" and not any(loading.values()), loading
+    ft = load_finetuned(out, torch.device("cpu"))
+    assert [theirs.config.id2label[i] for i in range(len(ft.info["labels"]))] == ft.info["labels"]
+    texts = ["a fine film", "dull and far too long, sadly", "ok"]
+    batch = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = ft.model.classify(batch["input_ids"], batch["attention_mask"].sum(1))
+        torch.testing.assert_close(got, theirs.eval()(**batch).logits, atol=1e-5, rtol=1e-4)

@@ -90,10 +90,12 @@ def test_head_only_keeps_the_discriminator_bit_identical(electra_run: Path, tmp_
     pretrained = load_checkpoint(electra_run).model_state()
     for name, value in ft.model.body.state_dict().items():
         assert torch.equal(value, pretrained[name]), name
-    # export refuses a classifier as it does a BERT one: one line naming eval and the base's export
-    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "hf"))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert f"lmforge eval {out} --task classify" in r.stderr and f"lmforge export {electra_run} --to hf" in r.stderr
+    # the classifier exports as transformers' ElectraForSequenceClassification (the generator left behind)
+    r = run_cli("export", str(out), "--to", "hf", "--out", str(tmp_path / "hf"), "--verify")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["ElectraForSequenceClassification"]
+    assert config["id2label"] == {"0": "closed", "1": "open"}
 
 
 def test_lora_targets_the_discriminator_only(electra_run: Path, tmp_path: Path):

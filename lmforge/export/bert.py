@@ -1,4 +1,5 @@
-"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining` directories, ELECTRA discriminators out.
+"""Hugging Face interop for encoders: BERT runs <-> `BertForPreTraining`, ELECTRA runs <-> `ElectraForPreTraining`,
+fine-tuned BERT/ELECTRA classifiers -> `*ForSequenceClassification`.
 
 `write_bert(trained, out)` (called by `export_hf` for model.family bert/electra) writes:
 
@@ -10,9 +11,16 @@
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
 
+A fine-tuned BERT/ELECTRA classifier (`finetune --task classify`, any of full/head/lora, LoRA merged) exports
+as `BertForSequenceClassification` / `ElectraForSequenceClassification` instead: the same encoder names, our
+head as HF's `classifier` (BERT: on the body's pooler, `bert.pooler.dense`; ELECTRA: HF's
+`ElectraClassificationHead`, dense -> GELU -> out_proj, which is ours), `id2label` from finetune.json; the
+MLM/NSP heads and ELECTRA's generator stay behind; the `text-classification` pipeline loads it.
+
 A BERT export loads with `AutoModelForMaskedLM` (BertForMaskedLM; the pooler and NSP head are then
-unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_bert(hf_dir, out)` is the
-reverse for local BERT directories (BertForPreTraining, BertForMaskedLM or bare BertModel checkpoints).
+unused), `AutoModelForPreTraining` and the `fill-mask` pipeline. `import_encoder(hf_dir, out)` is the
+reverse for local BERT directories (BertForPreTraining, BertForMaskedLM or bare BertModel checkpoints) and
+ELECTRA discriminators (ElectraForPreTraining or bare ElectraModel, e.g. google/electra-small-discriminator).
 
 Design decisions
 - Our encoder is HF BERT's post-LN layout with exact-erf GELU (see models/bert.py), so the map is
@@ -20,10 +28,13 @@ Design decisions
   attention.self.query/key/value (and concatenated on import). The MLM output matrix is the token
   embedding in both (tied); HF's `cls.predictions.decoder.bias` is tied to `cls.predictions.bias`,
   so only the latter is stored.
-- ELECTRA: only the discriminator leaves (`ElectraForPreTraining`, the model people fine-tune). Its
-  embeddings are the discriminator's width, so HF's `embedding_size` = `hidden_size` and no
-  `embeddings_project` exists; the discriminator head is dense -> GELU -> dense_prediction in both.
-  The generator is a training device and is not exported (the model card says so).
+- ELECTRA: only the discriminator leaves (`ElectraForPreTraining`, the model people fine-tune). HF's
+  `embedding_size` is our `model.d_embed` (0 = d_model, as lmforge pretrains): when it is narrower than
+  `hidden_size` (ELECTRA-small: 128 vs 256) HF's `electra.embeddings_project` is our
+  `discriminator.in_proj`; the discriminator head is dense -> GELU -> dense_prediction in both.
+  The generator is a training device and is not exported (the model card says so); an imported
+  discriminator has none, so its run gets a freshly initialised one (fine-tuning drops it). A generator
+  directory (ElectraForMaskedLM) is refused: the discriminator is what ELECTRA fine-tunes.
 - Special tokens: an lmforge encoder appends the [PAD]/[CLS]/[SEP]/[MASK] ids its tokenizer lacks
   after the vocabulary (`data/masking.special_ids`); the export adds exactly those tokens to
   tokenizer.json as special added tokens (appended in the same order, so they get the same ids) and
@@ -49,7 +60,7 @@ import torch
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
-from lmforge.errors import CheckpointError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
 from lmforge.export.hf import (
     CARD_PATH_NOTE,
     HF_HINT,
@@ -62,7 +73,7 @@ from lmforge.export.hf import (
 )
 from lmforge.export.hf_families import _dtype_name
 from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
-from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.bert import Bert, BertConfig, Electra
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 ENCODER_FAMILIES = ("bert", "electra")
@@ -83,6 +94,7 @@ LAYER = {
     "norm2.weight": "output.LayerNorm.weight",
     "norm2.bias": "output.LayerNorm.bias",
 }
+PARTS = ("weight", "bias")
 QKV = ("attention.self.query", "attention.self.key", "attention.self.value")  # our fused rows, in order
 EMBED = {
     "embed.tok_emb.weight": "embeddings.word_embeddings.weight",
@@ -109,9 +121,20 @@ ELECTRA_HEADS = {
     "disc_head.bias": "discriminator_predictions.dense_prediction.bias",
 }
 ELECTRA_NOT_EXPORTED = ("generator.", "gen_head.")  # the generator is a pretraining device only
+# a fine-tuned classifier (`adapt.heads.Adapted` on an encoder): its `head.*` -> *ForSequenceClassification's
+# names. BERT's head reads the body's pooler (kept, as `bert.pooler.dense`); its MLM and NSP heads stay behind.
+CLASSIFIER_HEADS = {
+    "bert": {"weight": "classifier.weight", "bias": "classifier.bias"},
+    "electra": {f"{layer}.{part}": f"classifier.{layer}.{part}" for layer in ("dense", "out_proj") for part in PARTS},
+}
+BERT_PRETRAINING_HEADS = ("mlm_head.", "nsp_head.")
 # HF tensors that are tied copies or buffers, never weights of their own
-IGNORED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.bias")
-OPTIONAL_HEADS = ("pooler.", "nsp_head.", "mlm_head.")  # absent from BertForMaskedLM / BertModel checkpoints
+IGNORED = tuple(
+    f"{model}.embeddings.{buffer}" for model in ENCODER_FAMILIES for buffer in ("position_ids", "token_type_ids")
+)
+IGNORED += ("cls.predictions.decoder.bias",)
+# absent from BertForMaskedLM / BertModel (bert) and ElectraModel (electra) checkpoints
+OPTIONAL_HEADS = {"bert": ("pooler.", "nsp_head.", "mlm_head."), "electra": ("disc_dense.", "disc_head.")}
 
 
 def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
@@ -119,10 +142,12 @@ def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
     electra = cfg.family == "electra"
     prefix, stack = ("electra.", "discriminator.layers") if electra else ("bert.", "encoder.layers")
     table = {ours: (prefix + hf,) for ours, hf in EMBED.items()}
+    if electra and cfg.embed_dim != cfg.d_model:  # HF ELECTRA's embeddings_project (embedding_size -> hidden_size)
+        table.update({f"discriminator.in_proj.{part}": (f"electra.embeddings_project.{part}",) for part in PARTS})
     for i in range(cfg.n_layer):
         ours_prefix, hf_prefix = f"{stack}.{i}.", f"{prefix}encoder.layer.{i}."
         table.update({ours_prefix + ours: (hf_prefix + hf,) for ours, hf in LAYER.items()})
-        for part in ("weight", "bias"):
+        for part in PARTS:
             table[f"{ours_prefix}attn.qkv.{part}"] = tuple(f"{hf_prefix}{n}.{part}" for n in QKV)
     table.update({ours: (hf,) for ours, hf in (ELECTRA_HEADS if electra else BERT_HEADS).items()})
     return table
@@ -141,6 +166,15 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: BertConfig) -> dict[str, Ten
         parts = t.chunk(len(names), dim=0) if len(names) > 1 else (t,)
         out.update({name: _own(part) for name, part in zip(names, parts, strict=True)})
     return out
+
+
+def classifier_to_hf(model: Any, cfg: BertConfig) -> dict[str, Tensor]:
+    """A fine-tuned encoder classifier (LoRA merged) -> HF `*ForSequenceClassification` tensors."""
+    body = {k: v for k, v in model.body.state_dict().items() if not k.startswith(BERT_PRETRAINING_HEADS)}
+    tensors = to_hf_state_dict(body, cfg)
+    heads = CLASSIFIER_HEADS[cfg.family]
+    tensors.update({heads[name]: _own(t) for name, t in model.head.state_dict().items()})
+    return tensors
 
 
 def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -164,9 +198,8 @@ def config_to_hf(cfg: BertConfig, pad_id: int, dtype: torch.dtype) -> dict[str, 
         "dtype": _dtype_name(dtype),
     }
     if cfg.family == "electra":
-        return {"architectures": ["ElectraForPreTraining"], "model_type": "electra", "embedding_size": cfg.d_model} | (
-            common
-        )
+        electra = {"architectures": ["ElectraForPreTraining"], "model_type": "electra", "embedding_size": cfg.embed_dim}
+        return electra | common
     return {"architectures": ["BertForPreTraining"], "model_type": "bert"} | common
 
 
@@ -228,18 +261,36 @@ def encoder_tokenizer_json(tokenizer: Tokenizer) -> tuple[str, dict[str, str]]:
 # Export
 
 
+def classifier_info(trained: Any) -> dict[str, Any] | None:
+    """A fine-tuned classifier's finetune.json (`labels` in head order, `base_arg`, `adapt`), None for other runs."""
+    if getattr(trained.model, "head", None) is None:
+        return None
+    from lmforge.adapt.load import run_dir_of
+    from lmforge.checkpoint import read_json
+
+    return read_json(run_dir_of(trained.checkpoint.path) / "finetune.json", "the fine-tuned run is damaged")
+
+
 def write_bert(trained: Any, out: Path) -> Path:
-    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically)."""
+    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically):
+    `*ForPreTraining`, or `*ForSequenceClassification` for a fine-tuned classifier."""
     cfg: BertConfig = trained.config.model
     tokenizer: Tokenizer = trained.tokenizer
-    state = trained.model.state_dict()
-    dtype = trained.model.embed.tok_emb.weight.dtype
-    tensors = to_hf_state_dict(state, cfg)
+    info = classifier_info(trained)
+    labels = [str(label) for label in info["labels"]] if info else None
+    body = trained.model.body if labels else trained.model
+    dtype = body.embed.tok_emb.weight.dtype
+    tensors = classifier_to_hf(trained.model, cfg) if labels else to_hf_state_dict(body.state_dict(), cfg)
     tokenizer_json, specials = encoder_tokenizer_json(tokenizer)
     pad_id = special_names(tokenizer)["pad"][1]
+    hf_config = config_to_hf(cfg, pad_id, dtype)
+    if labels:
+        hf_config["architectures"] = [f"{cfg.family.capitalize()}ForSequenceClassification"]
+        hf_config["id2label"] = dict(enumerate(labels))
+        hf_config["label2id"] = {label: i for i, label in enumerate(labels)}
 
     with building_dir(out) as tmp:
-        write_json(tmp / "config.json", config_to_hf(cfg, pad_id, dtype))
+        write_json(tmp / "config.json", hf_config)
         save_safetensors(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         fsync_file(tmp / "model.safetensors")
         atomic_write_text(tmp / "tokenizer.json", tokenizer_json)
@@ -255,25 +306,38 @@ def write_bert(trained: Any, out: Path) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in tensors.values())
-        atomic_write_text(tmp / "README.md", model_card(out, trained, n_params, specials["mask_token"]))
+        atomic_write_text(tmp / "README.md", model_card(out, trained, n_params, specials["mask_token"], info))
     return out
 
 
-def model_card(out: Path, trained: Any, n_params: int, mask: str) -> str:
-    """README.md of an encoder export: what it is, how it was trained, how to use it, the config."""
+def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str, Any] | None = None) -> str:
+    """README.md of an encoder export (`info`: a fine-tuned classifier's finetune.json): what it is, how it was
+    trained, how to use it, the config."""
     name, path = out.name, card_path(out)
     cfg = trained.config
     step, tokens = training_progress(trained.checkpoint.meta)
     last = _last_eval(trained.checkpoint.path, step)
     electra = cfg.model.family == "electra"
-    architecture = "ElectraForPreTraining" if electra else "BertForPreTraining"
+    labels = [str(label) for label in info["labels"]] if info else None
+    architecture = f"{cfg.model.family.capitalize()}For{'SequenceClassification' if labels else 'PreTraining'}"
+    trained_as = f"classify: {', '.join(labels)}" if labels else f"objective `{cfg.objective.name}`"
     rows = [
-        ("architecture", f"{architecture} (lmforge {cfg.model.family}, objective `{cfg.objective.name}`)"),
+        ("architecture", f"{architecture} (lmforge {cfg.model.family}, {trained_as})"),
         ("parameters", f"{n_params:,}" + (" (discriminator; the generator is not exported)" if electra else "")),
         ("layers / width / heads", f"{cfg.model.n_layer} / {cfg.model.d_model} / {cfg.model.n_head}"),
+        *(
+            [("embedding width", f"{cfg.model.embed_dim} (`embedding_size`, projected to the width)")]
+            if cfg.model.d_embed
+            else []
+        ),
         ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
         ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
+        *(
+            [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}` (--adapt {info.get('adapt')})")]
+            if info
+            else []
+        ),
         ("steps", f"{step:,}"),
         ("tokens seen", f"{tokens:,}"),
     ]
@@ -288,7 +352,15 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str) -> str:
     language = data_language(cfg.data.dir) if cfg.data.dir else ""
     zh = language == "zh"  # WordPiece/char Chinese is one token per character: mask one, replace one
     replaced = "我今天吃了一本书。" if zh else "The quick brown fox ate over the lazy dog."
-    if electra:
+    if labels:
+        tag, pipeline = cfg.model.family, "pipeline_tag: text-classification\n"
+        use = f"""```python
+from transformers import pipeline
+
+classify = pipeline("text-classification", model={path})
+print(classify("{replaced}"))  # [{{'label': ..., 'score': ...}}], labels {", ".join(labels)}
+```"""
+    elif electra:
         tag, pipeline = "electra", ""
         use = f"""```python
 import torch
@@ -348,20 +420,23 @@ Exported from `{trained.checkpoint.path}`.
 
 
 def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
-    """An HF BERT config.json -> our BertConfig; settings we do not compute are one-line errors."""
+    """An HF BERT or ELECTRA config.json -> our BertConfig; settings we do not compute are one-line errors."""
+    family = h["model_type"]
     defaults = {"hidden_act": "gelu", "position_embedding_type": "absolute", "type_vocab_size": 2}
     h = defaults | h
     if h["hidden_act"] != "gelu":
-        raise LmforgeError(f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's BERT uses exact GELU")
+        raise LmforgeError(
+            f"{where}: hidden_act {h['hidden_act']!r} is not supported; lmforge's {family.upper()} uses exact GELU"
+        )
     if h["position_embedding_type"] != "absolute":
         raise LmforgeError(
             f"{where}: position_embedding_type {h['position_embedding_type']!r} is not supported; "
-            "lmforge's BERT has absolute learned positions"
+            f"lmforge's {family.upper()} has absolute learned positions"
         )
     if h.get("is_decoder") or h.get("add_cross_attention"):
-        raise LmforgeError(f"{where}: a decoder BERT (is_decoder / add_cross_attention) cannot be imported")
-    return BertConfig(
-        family="bert",
+        raise LmforgeError(f"{where}: a decoder {family.upper()} (is_decoder / add_cross_attention) cannot be imported")
+    fields = dict(
+        family=family,
         vocab_size=int(h["vocab_size"]),
         max_seq_len=int(h["max_position_embeddings"]),
         n_layer=int(h["num_hidden_layers"]),
@@ -373,16 +448,40 @@ def config_from_hf(h: dict[str, Any], where: Path) -> BertConfig:
         n_segments=int(h["type_vocab_size"]),
         init_std=float(h.get("initializer_range", 0.02)),
     )
+    if family == "bert":
+        return BertConfig(**fields)
+    # ElectraConfig's own default embedding_size is 128; d_embed 0 (= d_model) when they agree, as lmforge's runs
+    d_embed = int(h.get("embedding_size", 128))
+    fields["d_embed"] = 0 if d_embed == fields["d_model"] else d_embed
+    # the directory holds no generator (a discriminator does not say how big its generator was): lmforge's
+    # default 1/4 size, or the next ratio whose width divides into its heads; 1 always does
+    for ratio in (0.25, 0.5):
+        try:
+            return BertConfig(**fields, generator_ratio=ratio)
+        except ConfigError:
+            pass
+    return BertConfig(**fields, generator_ratio=1.0)  # an error here is the discriminator's own
 
 
-BARE_BERT = ("embeddings.", "encoder.", "pooler.")  # a bare BertModel checkpoint's keys, unprefixed
+# a bare BertModel / ElectraModel checkpoint's keys, unprefixed
+BARE = {"bert": ("embeddings.", "encoder.", "pooler."), "electra": ("embeddings.", "embeddings_project.", "encoder.")}
+# what the standard checkpoints hold besides the encoder, per family (anything else is a task head or unknown)
+STANDARD = {
+    "bert": ("bert.", "cls."),
+    "electra": ("electra.", "discriminator_predictions."),
+}
+ARCHITECTURES = {
+    "bert": "BertModel / BertForMaskedLM / BertForPreTraining",
+    "electra": "ElectraModel / ElectraForPreTraining, the discriminator",
+}
 
 
-def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
-    """The directory's tensors under BertForPreTraining names (bare BertModel keys get `bert.`; others, such
-    as a task head's `classifier.*`, keep the names the checkpoint has, so an error names them as stored)."""
+def _read_weights(hf_dir: Path, family: str) -> dict[str, Tensor]:
+    """The directory's tensors under BertForPreTraining / ElectraForPreTraining names (bare BertModel /
+    ElectraModel keys get `bert.` / `electra.`; others, such as a task head's `classifier.*`, keep the names
+    the checkpoint has, so an error names them as stored)."""
     state, _ = read_hf_tensors(hf_dir)
-    return {"bert." + k if k.startswith(BARE_BERT) else k: v for k, v in state.items()}
+    return {f"{family}.{k}" if k.startswith(BARE[family]) else k: v for k, v in state.items()}
 
 
 def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
@@ -401,17 +500,21 @@ def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
-def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
-    """Write a local HF BERT directory as an lmforge run at `out` (checks on `out` done by `import_hf`)."""
+def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
+    """Write a local HF BERT or ELECTRA (discriminator) directory as an lmforge run at `out` (model_type
+    "bert" / "electra"; checks on `out` done by `import_hf`)."""
     from lmforge.config import RunConfig
     from lmforge.data.masking import special_ids
     from lmforge.objectives import ObjectiveConfig
 
+    family = hf_cfg["model_type"]
+    name = family.upper()
+    article = "an" if family == "electra" else "a"
     where = hf_dir / "config.json"
     try:
         cfg = config_from_hf(hf_cfg, where)
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{where}: unusable bert config ({e})") from None
+    except (TypeError, ValueError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: unusable {family} config ({e})") from None
     tokenizer, tok_path = read_hf_tokenizer(hf_dir)
     tokenizer = _without_framing(tokenizer)
     ids = special_ids(tokenizer)
@@ -420,13 +523,18 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             f"{tok_path} (with [PAD]/[CLS]/[SEP]/[MASK]) needs {max(tokenizer.vocab_size, max(ids.all) + 1)} ids "
             f"but the model has {cfg.vocab_size}; the tokenizer does not belong to this model"
         )
-    hf_state = _read_weights(hf_dir)
+    hf_state = _read_weights(hf_dir, family)
+    if any(k.startswith(("generator_predictions.", "generator_lm_head.")) for k in hf_state):
+        raise CheckpointError(
+            f"{hf_dir} is an ELECTRA generator (ElectraForMaskedLM); lmforge imports the discriminator, the model "
+            "ELECTRA fine-tunes: import its ElectraForPreTraining directory (e.g. google/electra-small-discriminator)"
+        )
     decoder = hf_state.pop("cls.predictions.decoder.weight", None)
     if decoder is not None and not torch.equal(decoder, hf_state.get("bert.embeddings.word_embeddings.weight")):
         raise CheckpointError(f"{hf_dir}: the MLM decoder is not tied to the word embeddings; lmforge's BERT ties them")
 
     with torch.device("meta"):
-        model = Bert(cfg)
+        model = (Electra if family == "electra" else Bert)(cfg)
     model = model.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]):  # heads the checkpoint lacks start as in pretraining, reproducibly
         torch.manual_seed(0)
@@ -435,11 +543,11 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     missing_heads = set()
     for ours, names in name_table(cfg).items():
         absent = [n for n in names if n not in hf_state]
-        if absent and ours.startswith(OPTIONAL_HEADS):
+        if absent and ours.startswith(OPTIONAL_HEADS[family]):
             missing_heads.add(ours.split(".", 1)[0])
             continue
         if absent:
-            raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete BERT checkpoint?")
+            raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete {name} checkpoint?")
         parts = [hf_state.pop(n) for n in names]
         t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if t.shape != state[ours].shape:
@@ -447,28 +555,34 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             raise CheckpointError(f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {want}")
         state[ours] = t.float()
     extra = sorted(k for k in hf_state if k not in IGNORED)
-    if extra and not any(k.startswith(("bert.", "cls.")) for k in extra):  # a task head beside the encoder
+    if extra and not any(k.startswith(STANDARD[family]) for k in extra):  # a task head beside the encoder
         architectures = hf_cfg.get("architectures") or ["a task model"]
         raise CheckpointError(
-            f"{hf_dir} is {architectures[0]}: its task head ({', '.join(extra[:3])}) is not part of a BERT that "
-            "lmforge imports; save its encoder alone (transformers: model.bert.save_pretrained(DIR), with the "
-            "tokenizer) and import DIR, then 'lmforge finetune' a new head on it"
+            f"{hf_dir} is {architectures[0]}: its task head ({', '.join(extra[:3])}) is not part of {article} {name} "
+            f"that lmforge imports; save its encoder alone (transformers: model.{family}.save_pretrained(DIR), with "
+            "the tokenizer) and import DIR, then 'lmforge finetune' a new head on it"
         )
     if extra:
         raise CheckpointError(
-            f"{hf_dir} has tensors a plain BERT does not ({', '.join(extra[:3])}); lmforge imports only the "
-            "standard architecture (BertModel / BertForMaskedLM / BertForPreTraining)"
+            f"{hf_dir} has tensors a plain {name} does not ({', '.join(extra[:3])}); lmforge imports only the "
+            f"standard architecture ({ARCHITECTURES[family]})"
         )
+    if family == "electra":  # a discriminator directory never holds its generator
+        missing_heads.add("generator")
     if missing_heads:
         print(  # one line, as lmforge's other notes (a UserWarning printed the file, line and source line too)
-            f"note: {hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised",
+            f"note: {hf_dir} has no {', '.join(sorted(missing_heads))} weights; they start freshly initialised"
+            + (" (fine-tuning uses the discriminator alone)" if family == "electra" else ""),
             file=sys.stderr,
             flush=True,
         )
     model.load_state_dict(state, strict=True)
-    has_nsp = "nsp_head" not in missing_heads and "pooler" not in missing_heads
-    run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name="mlm+nsp" if has_nsp else "mlm"))
-    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, "bert")
+    if family == "electra":
+        objective = "electra"
+    else:
+        objective = "mlm+nsp" if "nsp_head" not in missing_heads and "pooler" not in missing_heads else "mlm"
+    run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name=objective))
+    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, family)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,14 +591,17 @@ def import_bert(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
 
 @torch.no_grad()
 def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
-    """Largest |difference| of MLM + NSP logits (bert) or discriminator scores (electra) from `transformers`."""
+    """Largest |difference| of MLM + NSP logits (bert), discriminator scores (electra) or a fine-tuned
+    classifier's label scores from `transformers`."""
     try:
         import transformers
     except ImportError:
         raise LmforgeError(f"verifying an HF export needs transformers: {HF_HINT}") from None
     ours = trained.model.float().eval()
     cfg: BertConfig = ours.cfg
-    cls = transformers.ElectraForPreTraining if cfg.family == "electra" else transformers.BertForPreTraining
+    classifier = getattr(ours, "head", None) is not None
+    kind = "SequenceClassification" if classifier else "PreTraining"
+    cls = getattr(transformers, f"{cfg.family.capitalize()}For{kind}")
     try:
         theirs = cls.from_pretrained(str(hf_dir)).float().eval()
     except (OSError, ValueError, KeyError) as e:
@@ -493,6 +610,12 @@ def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
         ) from None
     T = min(32, cfg.max_seq_len)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
+    if classifier:  # the second row padded after half its tokens
+        lengths = torch.tensor([T, max(1, T // 2)])
+        pad_mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+        return float(
+            (ours.classify(idx, lengths) - theirs(input_ids=idx, attention_mask=pad_mask.long()).logits).abs().max()
+        )
     if cfg.family == "electra":
         return float((ours(idx) - theirs(input_ids=idx).logits).abs().max())
     hidden, ref = ours(idx), theirs(input_ids=idx)

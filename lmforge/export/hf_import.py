@@ -1,7 +1,7 @@
 """Hugging Face import: `import_hf(hf_dir, run)` turns a local GPT-2, Llama or Qwen2 directory into an lmforge
 run directory (config.json, tokenizer.json, weights-only checkpoint `checkpoints/step-000000/`) that
-`lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT directories go to
-`export/bert.py`. The key maps and config translations it uses live in `export/hf_families.py`, shared
+`lmforge eval`, `lmforge generate` and fine-tuning load like any other run; BERT and ELECTRA directories go
+to `export/bert.py`. The key maps and config translations it uses live in `export/hf_families.py`, shared
 with the export direction; see its docstring and `export/hf.py`'s for the design. The tokenizer is the
 directory's tokenizer.json, or, without one, the one `export/slow_tokenizer.py` builds from GPT-2's or
 BERT's slow tokenizer files.
@@ -85,13 +85,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     config_path = hf_dir / "config.json"
     hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
     model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
-    if model_type == "bert":
-        from lmforge.export.bert import import_bert
+    if model_type in ("bert", "electra"):
+        from lmforge.export.bert import import_encoder
 
-        return import_bert(hf_dir, hf_cfg, out)
+        return import_encoder(hf_dir, hf_cfg, out)
     if model_type not in FAMILIES:
         raise LmforgeError(
-            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)} and bert"
+            f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)}, "
+            "bert and electra"
         )
     tokenizer, tok_path = read_hf_tokenizer(hf_dir)
     try:

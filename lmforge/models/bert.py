@@ -16,7 +16,10 @@ Notable features
   width, heads and MLP size (same depth; the paper's best is 1/4-1/2 size). Token, position and
   segment embeddings are shared, of the discriminator's width; the generator reads them through a
   projection and its MLM head projects back to that width, so the output matrix is the shared token
-  table (as HF's ELECTRA with `embedding_size`).
+  table (as HF's ELECTRA with `embedding_size`). `d_embed` makes the embeddings narrower than the
+  discriminator (HF's `embedding_size`: 128 under ELECTRA-small's 256); the discriminator then reads
+  them through its own projection too (`discriminator.in_proj`, HF's `embeddings_project`). 0, the
+  default, keeps them d_model wide with no projection, as every run before the field had.
 - fine-tuning ELECTRA starts from `ElectraDiscriminator(electra)`: the shared embeddings and the
   discriminator encoder only, as the paper and HF `ElectraForSequenceClassification` do (the
   generator and the replaced-token head are pretraining-only and are dropped)
@@ -68,6 +71,10 @@ class BertConfig:
     n_segments: int = opt(2, "segment (token type) embeddings")
     init_std: float = opt(0.02, "std of the normal init")
     generator_ratio: float = opt(0.25, "electra: generator width/heads/MLP as a fraction of the discriminator's")
+    d_embed: int = opt(
+        0,
+        "electra: embedding width (HF ELECTRA's embedding_size), projected to each encoder's width; 0 = d_model",
+    )
 
     def __post_init__(self) -> None:
         check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
@@ -85,6 +92,11 @@ class BertConfig:
         check(0 <= self.norm_eps < math.inf, f"model.norm_eps must be a number >= 0, got {self.norm_eps}")
         check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
         check(0.0 < self.generator_ratio <= 1.0, "model.generator_ratio must be in (0, 1]")
+        check(self.d_embed >= 0, f"model.d_embed must be >= 0, got {self.d_embed}")
+        check(
+            self.family == "electra" or self.d_embed in (0, self.d_model),
+            "model.d_embed is for family electra (HF ELECTRA's embedding_size); a BERT's embeddings are d_model wide",
+        )
         if self.family == "electra":
             g = self.generator
             check(
@@ -96,6 +108,11 @@ class BertConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token/position/segment embeddings (d_embed, or d_model when 0)."""
+        return self.d_embed or self.d_model
 
     @property
     def generator(self) -> BertConfig:
@@ -123,10 +140,11 @@ class BertConfig:
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.seg_emb = nn.Embedding(cfg.n_segments, cfg.d_model)
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        C = cfg.embed_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, C)
+        self.seg_emb = nn.Embedding(cfg.n_segments, C)
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, idx: Tensor, segments: Tensor | None) -> Tensor:
@@ -318,10 +336,10 @@ class Electra(nn.Module):
         self.cfg = cfg
         gen = cfg.generator
         with torch.random.fork_rng(devices=[]):
-            self.embed = Embeddings(cfg)  # shared, discriminator width
-            self.generator = Encoder(gen, cfg.d_model)
-            self.gen_head = MLMHead(gen, cfg.d_model)
-            self.discriminator = Encoder(cfg, cfg.d_model)
+            self.embed = Embeddings(cfg)  # shared, embed_dim wide (the discriminator's width unless d_embed)
+            self.generator = Encoder(gen, cfg.embed_dim)
+            self.gen_head = MLMHead(gen, cfg.embed_dim)
+            self.discriminator = Encoder(cfg, cfg.embed_dim)  # in_proj = HF's embeddings_project when they differ
             self.disc_dense = nn.Linear(cfg.d_model, cfg.d_model)
             self.disc_head = nn.Linear(cfg.d_model, 1)
 
