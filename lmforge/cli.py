@@ -375,7 +375,7 @@ def build_parser() -> Parser:
         "base frozen: LoRA adapters, the head alone (no backward through the body), a soft prompt (backward through "
         "every block to it) (default: full)",
     )
-    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate.plan_arguments)
+    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate_adapt.plan_arguments)
 
     finetune_cfg = FinetuneConfig()
     p.add_argument(
@@ -608,7 +608,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import ADAPT_FLAGS, estimate, format_estimate, plan_arguments
+        from lmforge.estimate import estimate, format_estimate
+        from lmforge.estimate_adapt import ADAPT_FLAGS, plan_arguments
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it

@@ -737,7 +737,7 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
     counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_memory_bytes)."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
-    from lmforge.estimate import lora_memory_bytes, lora_param_count
+    from lmforge.estimate_adapt import lora_memory_bytes, lora_param_count
 
     model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
     torch.manual_seed(0)
@@ -903,7 +903,12 @@ def test_head_and_prompt_activations_are_what_autograd_keeps(
     they count as kept is the tensors autograd saves in such a fine-tuning forward, with saved-tensor hooks
     (parameters left out): head-only keeps nothing in the body; prompt tuning keeps, over prompt + text positions,
     what the inputs' gradients need and no input of a frozen Linear."""
-    from lmforge.estimate import head_activation_bytes, head_memory_bytes, prompt_activation_bytes, prompt_memory_bytes
+    from lmforge.estimate_adapt import (
+        head_activation_bytes,
+        head_memory_bytes,
+        prompt_activation_bytes,
+        prompt_memory_bytes,
+    )
 
     prompt_tokens = 8 if adapt == "prompt" else 0
     model_cfg = small_cfg(n_layer=3, max_seq_len=32 + prompt_tokens, **variant)
@@ -1028,7 +1033,7 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
     """`estimate --config FINETUNE_RUN` refused a head-only or prompt-tuning run ("estimate plans full and LoRA
     training"). Its finetune.json (the keys finetune writes) now gives the mode, the soft-prompt length and, for
     classification, the labels; --adapt on the command line wins and takes only what it uses."""
-    from lmforge.estimate import plan_arguments
+    from lmforge.estimate_adapt import plan_arguments
 
     info = {"task": "classify", "adapt": "prompt", "labels": ["neg", "pos", "neutral"], "prompt_tokens": 4,
             "max_len": 60, "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["qkv"]},
