@@ -590,7 +590,8 @@ def estimate(
             base, in one process (planned by `estimate_adapt.adapted_plan`): "lora" (`lora_rank` adapters on
             `lora_targets`; see `lora_memory_bytes`), "head" (the head alone; see `head_memory_bytes`) or "prompt"
             (`prompt_tokens` soft-prompt vectors; see `prompt_memory_bytes`). FLOPs per token: LoRA 4 N (forward,
-            and backward to the inputs only: no weight gradients) + 6 x the adapters + attention; head 2 N (forward)
+            and backward to the inputs only: no weight gradients) + 6 x the adapters + attention, less the input
+            gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
             + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
             `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
         labels: with "head" or "prompt", plan `finetune --task classify` with this many labels: a head on the last

@@ -858,16 +858,20 @@ def test_lora_targets_take_finetunes_repeated_flag_and_commas() -> None:
 # head-only and prompt tuning (`estimate --adapt head|prompt`)
 
 
-def adapted_model(model_cfg: GPTConfig, adapt: str, labels: int, prompt_tokens: int) -> torch.nn.Module:
+def adapted_model(
+    model_cfg: GPTConfig, adapt: str, labels: int, prompt_tokens: int, targets: tuple[str, ...] = ("qkv", "attn.proj")
+) -> torch.nn.Module:
     """A fine-tuning model as `finetune` builds it (adapt/load.build_adapted): the base in fp32, frozen but for
-    what `adapt` trains; a classification head when `labels` > 0."""
+    what `adapt` trains (LoRA: rank 8 on `targets`, finetune's default rank); a classification head when `labels` >
+    0."""
     from lmforge.adapt.load import build_adapted
 
     torch.manual_seed(0)
     body = GPT(model_cfg)
     body.init_weights()
     info = {"adapt": adapt, "task": "classify" if labels else "sft", "labels": [str(i) for i in range(labels)],
-            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0}  # fmt: skip
+            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0,
+            "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(targets)}}  # fmt: skip
     model = build_adapted(body, info, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
@@ -1075,4 +1079,35 @@ def test_head_and_prompt_flops_are_a_real_steps_matmuls(adapt: str, labels: int,
         adapted_objective(labels).loss(model, adapted_batch(512, labels, 4, 64)).backward()
     assert not any("attention" in str(op) for op in counter.get_flop_counts()["Global"])  # (else: compare all)
     predicted = result["flops_per_token"] * (1 - result["attention_flops_share"]) * 4 * 64
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+@pytest.mark.parametrize("variant", [{}, LLAMA, {"dropout": 0.1}], ids=["gpt2", "llama", "math-attention"])
+@pytest.mark.parametrize(
+    "targets",
+    [("qkv", "attn.proj"), ("mlp.proj",), ("attn.proj", "mlp.fc"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")],
+    ids=lambda t: "+".join(t),
+)
+def test_lora_flops_are_a_real_steps_matmuls(targets: tuple[str, ...], variant: dict) -> None:
+    """A LoRA step's FLOPs against torch's FlopCounterMode on a real forward + backward. It was counted as 4 N + 6 x
+    the adapters: +3.5% for finetune's default targets, +16% for mlp.proj alone, because nothing needs a gradient
+    before the first adapter (the first block's Linears up to it, its A's input gradient, and its attention's
+    backward when qkv has none). Now exact but attention's scores under SDPA's flash kernel (FlopCounterMode has no
+    formula for it); with dropout > 0 SDPA takes its math path on CPU, whose bmm it counts: exact, attention
+    included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = run_cfg(model={"n_layer": 3, "d_model": 64, "max_seq_len": 64, **variant}, train={"batch_size": 4})
+    result = estimate(cfg, tokens=1, hardware=GFLOPS, adapt="lora", lora_targets=targets)
+    model = adapted_model(cfg.model, "lora", 0, 0, targets)
+    assert result["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with FlopCounterMode(display=False) as counter:
+        adapted_objective(0).loss(model, adapted_batch(512, 0, 4, 64)).backward()
+    counted = {str(op) for op in counter.get_flop_counts()["Global"]}
+    predicted = result["flops_per_token"] * 4 * 64
+    if "dropout" not in variant:
+        assert not any("attention" in op for op in counted)  # (else: compare all)
+        predicted *= 1 - result["attention_flops_share"]
+    else:
+        assert "aten.bmm" in counted  # the math path's q @ k^T and att @ v
     assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)
