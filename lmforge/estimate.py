@@ -594,8 +594,8 @@ def estimate(
             gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
             + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
             `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
-        labels: with "head" or "prompt", plan `finetune --task classify` with this many labels: a head on the last
-            token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
+        labels: with "head", "lora" or "prompt", plan `finetune --task classify` with this many labels: a head on
+            the last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,

@@ -89,8 +89,20 @@ def lora_param_count(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> i
     return model.n_layer * sum(rank * sum(shapes[t]) for t in targets)
 
 
-def lora_flops_per_token(model: GPTConfig, rank: int, targets: tuple[str, ...], seq_len: int) -> tuple[float, float]:
-    """Training FLOPs per token of a LoRA step and their attention part: (flops, attention).
+def _lora_no_input_grad(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Weights (frozen and adapters' A) whose input needs no gradient in a LoRA step: the first block's Linears up to
+    and including its first adapted one, and that adapter's A (their inputs come from the frozen embedding)."""
+    shapes = _linear_shapes(model)
+    first = min(list(shapes).index(t) for t in targets)
+    return sum(i * o for i, o in list(shapes.values())[: first + 1]) + rank * list(shapes.values())[first][0]
+
+
+def lora_flops_per_token(
+    model: GPTConfig, rank: int, targets: tuple[str, ...], seq_len: int, labels: int = 0
+) -> tuple[float, float]:
+    """Training FLOPs per token of a LoRA step and their attention part: (flops, attention). With `labels` (finetune
+    --task classify) a classification head on the last token's state replaces the vocabulary matmul: it runs once per
+    sequence, forward, weight and input gradients (6 x d_model x labels).
 
     Forward: 2 N (every matmul, the output head's included) + 2 x the adapters (x @ A^T, then @ B^T). Backward, with
     no weight gradient of the frozen base: each adapter's two weight gradients and the gradient of its r-wide middle
@@ -102,37 +114,43 @@ def lora_flops_per_token(model: GPTConfig, rank: int, targets: tuple[str, ...], 
     adapters, was 2-16% over torch's FlopCounterMode (qkv, attn.proj: +3.5%; mlp.proj alone: +16%); this one equals
     it (tests/test_estimate.py), attention included under SDPA's math path.
     """
-    shapes = _linear_shapes(model)
-    order = list(shapes)
-    first = min(order.index(t) for t in targets)  # the first block's first adapted Linear
-    d_in = shapes[order[first]][0]
-    no_input_grad = sum(i * o for i, o in list(shapes.values())[: first + 1]) + rank * d_in
     attention = attention_flops_per_token(model, seq_len)
-    if first > 0:  # the first block's attention runs forward only (4 of its 12 d_model x seq_len)
+    if "qkv" not in targets:  # the first block's attention runs forward only (4 of its 12 d_model x seq_len)
         attention -= 8.0 * model.d_model * seq_len
-    flops = 4.0 * param_counts(model)["matmul"] + 6.0 * lora_param_count(model, rank, targets) - 2.0 * no_input_grad
+    flops = 4.0 * param_counts(model)["matmul"] + 6.0 * lora_param_count(model, rank, targets)
+    flops -= 2.0 * _lora_no_input_grad(model, rank, targets)
+    if labels:
+        flops += 6.0 * model.d_model * labels / seq_len - 4.0 * model.vocab_size * model.d_model
     return flops + attention, attention
 
 
-def lora_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
-    dtype: str, device: str,
+def lora_activation_bytes(
+    model: GPTConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int, dtype: str, device: str,
+    labels: int = 0,
 ) -> dict[str, int]:  # fmt: skip
-    """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
-    float32), gradients, optimizer state and the update-ratio copy for the adapters alone, and fewer activations.
+    """Activation memory of a LoRA fine-tuning step (`rank` adapters on `targets`; a classification head on the last
+    token's state when `labels` > 0), by part.
 
     Autograd keeps no input of a frozen Linear (nothing needs its weight gradient), and nothing below the first
-    adapter needs a gradient at all, so against full training a step keeps, per token (counted tensor by tensor
-    with saved-tensor hooks in tests/test_estimate.py): in each block, without the input of every Linear without an
-    adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not attn.proj's, which SDPA keeps for its own backward) but with
-    each adapter's r-wide x @ A^T; once, without the first block's first norm, the token ids and the head's input;
-    under RMSNorm, without each other norm's normalized input (kept only for its weight's gradient). When qkv has
-    no adapter, the first block's attention is not kept either, which this leaves in: then it is an upper bound.
-    Measured against the saved tensors: exact for LayerNorm and RMSNorm, GELU and SwiGLU, every target set; -2% with
-    rotary positions at 4 x 64 tokens (the rotary tables are kept once per use, a constant).
+    adapter needs a gradient at all, so against full training (`activation_bytes`) a step keeps (kept), per token:
+    in each block, without the input of every Linear without an adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not
+    attn.proj's, which SDPA keeps for its own backward) but with each adapter's r-wide x @ A^T; once, without the
+    first block's first norm, the token ids and the head's input; under RMSNorm, without each other norm's
+    normalized input (kept only for its weight's gradient); with rotary positions, the tables q and k are multiplied
+    by (one fp32 pair, or each layer's cast copy). With `labels`, the pooled states and scores instead of the
+    vocabulary log-probs. When qkv has no adapter, the first block's attention is not kept either, which this leaves
+    in: then it is an upper bound. Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py: exact
+    for LayerNorm and RMSNorm, GELU and SwiGLU, learned and rotary positions, fp32 and bf16, every target set.
+
+    Full training's total adds every gradient to every activation, which covers backward's working set; here the
+    gradients are tiny, so that set shows. Backward's peak (total) is the larger of everything kept + the loss's two
+    logits-sized gradients (loss_backward, LM), and, once the loss and the final norm have freed theirs (tail), the
+    last block's MLP (working): the residual's gradient and two (GELU: the activation's output and input) or three
+    (SwiGLU) d_ff-sized gradients, as for prompt tuning. (Counting one or two d_ff-sized ones on top of the tail was
+    -3.5% of the allocator's peak at 3 layers, 8 x 64 tokens, d_model 64, vocab 64, and -5.6% with a classification
+    head.)
     """
-    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    trainable = lora_param_count(model, rank, targets)
+    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
     e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
     widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
     per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
@@ -141,15 +159,40 @@ def lora_memory_bytes(
     once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
-    saved = tokens * (model.n_layer * per_layer + once)
-    # Full training's total adds every gradient to every activation, which covers backward's working set; here
-    # the gradients are tiny, so that set shows: in a block's MLP, the gradients of its hidden and of the residual
-    # stream (measured: 0.65 MB of 6.26 at 3 layers, 8 x 64 tokens, d_model 64), instead of the loss's two
-    # logits-sized gradients when those are larger (they are freed before the blocks' backward)
-    loss_backward = tokens * 8 * model.vocab_size
-    working = tokens * (e * (2 if model.mlp == "swiglu" else 1) * model.ff_dim + 4 * h)
-    activations = full["activations"] - saved - loss_backward + max(loss_backward, working)
-    return frozen_base_memory(full, optim, trainable=trainable, activations=activations)
+    kept = act["layers"] + act["head"] - tokens * (model.n_layer * per_layer + once)
+    tables = _rope_table_bytes(model, seq_len)  # the fp32 rotary tables (cast copies under autocast), as for prompts
+    kept += tables if e == 4 else model.n_layer * tables // 4 * e
+    tail = tokens * (_norm_bytes(model, trains=False) + 4 * model.vocab_size + 8)  # final norm, log-probs, targets
+    loss_backward = act["loss_backward"]
+    if labels:  # a classification head on the last token: no vocabulary logits, their log-probs or gradients
+        rows = micro_batch * (e * h + 4 * labels + 16) - tokens * (4 * model.vocab_size + 8)  # pooled, scores, labels
+        kept, tail, loss_backward = kept + rows, tail + rows, 0
+    working = tokens * (4 * h + e * (3 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    total = max(kept + loss_backward, kept - tail + working)
+    return {"kept": kept, "tail": tail, "loss_backward": loss_backward, "working": working, "total": total}
+
+
+def lora_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
+    dtype: str, device: str, labels: int = 0,
+) -> dict[str, int]:  # fmt: skip
+    """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
+    float32), gradients, optimizer state and the update-ratio copy for the adapters alone (and, with `labels`, the
+    classification head finetune trains with them), and the activations of `lora_activation_bytes`. Under autocast a
+    matmul's cast weight is kept for its input's gradient: every frozen one's and every adapter's but those whose
+    input needs none (counting full training's, every frozen one, was 7 kB over the saved tensors' 1 MB)."""
+    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    full = memory_bytes(model, optim, **step)
+    act = lora_activation_bytes(model, rank=rank, targets=targets, labels=labels, **step)
+    trainable = lora_param_count(model, rank, targets)
+    e = DTYPE_BYTES[dtype]
+    copies = (
+        0 if e == 4 else e * (param_counts(model)["matmul"] + trainable - _lora_no_input_grad(model, rank, targets))
+    )
+    if labels:  # the classification head's cast weight instead of the output head's
+        trainable += head_param_count(model, labels)
+        copies += e * model.d_model * (labels - model.vocab_size) if copies else 0
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
 def head_param_count(model: GPTConfig, labels: int) -> int:
@@ -294,7 +337,7 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
             neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
             prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
-            labels with --adapt head or prompt (LoRA and full plans count the LM head).
+            labels with --adapt head, lora or prompt (a full plan counts the LM head).
     """
     defaults = finetune_defaults()
     settings: dict[str, Any] = {}
@@ -334,7 +377,7 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
         if planned == adapt == "prompt":
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
-        if planned in ("head", "prompt") and info.get("task") == "classify":  # the task's head, in either mode
+        if planned != "full" and info.get("task") == "classify":  # the task's head, in every frozen-base mode
             kwargs["labels"] = len(info.get("labels") or [])
     for key, value in flags.items():
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
@@ -360,9 +403,9 @@ def check_adapt(
         raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
     if not (isinstance(labels, int) and labels >= 0) or labels == 1:
         raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
-    if labels and adapt not in ("head", "prompt"):
+    if labels and adapt == "full":
         raise ConfigError(
-            f"--labels plans a classification head for --adapt head or prompt; drop it (this plan: --adapt {adapt})"
+            "--labels plans a classification head for --adapt head, lora or prompt; drop it (this plan: --adapt full)"
         )
     if adapt == "prompt":
         prompt_tokens = finetune_defaults().prompt_tokens if prompt_tokens is None else prompt_tokens
@@ -405,8 +448,10 @@ def adapted_plan(
     vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
     head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
     if adapt == "lora":
-        trainable = lora_param_count(model, lora_rank, tuple(lora_targets))
-        per_token, attention = lora_flops_per_token(model, lora_rank, tuple(lora_targets), seq_len)
+        trainable = lora_param_count(model, lora_rank, tuple(lora_targets)) + (
+            head_param_count(model, labels) if labels else 0
+        )
+        per_token, attention = lora_flops_per_token(model, lora_rank, tuple(lora_targets), seq_len, labels)
     elif adapt == "head":  # forward only through the body; backward from the loss to the head alone
         trainable = head_param_count(model, labels)
         attention /= 3  # (its forward: 4 of 12)
@@ -422,9 +467,11 @@ def adapted_plan(
         per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
     step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)  # (one device)
     if adapt == "lora":
-        memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), **step)
+        memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), labels=labels, **step)
         assumption = (
-            f"LoRA rank {lora_rank} on {', '.join(lora_targets)}: {trainable:,} trainable parameters; the frozen base "
+            f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"
+            + (f" and a classification head for {labels} labels on the last token" if labels else "")
+            + f": {trainable:,} trainable parameters; the frozen base "
             "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
             "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base), less the input gradients nothing "
             "before the first adapter needs"
