@@ -366,14 +366,18 @@ def build_parser() -> Parser:
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
     from lmforge.estimate import ADAPT_MODES
+    from lmforge.finetune import finetune_sections
 
+    finetune_batch = finetune_sections("lora", None)[0].batch_size  # (the same in every mode)
     p.add_argument(
         "--adapt",
         default="full",
         choices=list(ADAPT_MODES),
         help="full: every weight trains (pretraining, full fine-tuning); lora, head, prompt: finetune's modes, the "
         "base frozen: LoRA adapters, the head alone (no backward through the body), a soft prompt (backward through "
-        "every block to it) (default: full)",
+        f"every block to it); these take finetune's batch ({finetune_batch} sequences), optimizer and "
+        "--train.device/dtype, not "
+        "the preset's or --config's pretraining ones, unless --train.* / --optim.* says (default: full)",
     )
     from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate_adapt.plan_arguments)
 

@@ -13,6 +13,7 @@ allocator's peak in tests/test_estimate.py). `plan_arguments` reads a fine-tuned
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,15 @@ def finetune_defaults() -> Any:
     return FinetuneConfig()
 
 
+def _trained_with(train: dict[str, Any], optim: dict[str, Any]) -> dict[str, Any]:
+    """The settings a fine-tune's train and optim sections give the estimate: what it reads (the schedule's keys would
+    be refused as unused by another schedule)."""
+    return {
+        "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
+        "optim": {k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")},
+    }
+
+
 def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What `lmforge estimate` plans for `--config` and the adapt flags written: (settings that go under the dotted
     `--section.key` overrides, keyword arguments of `estimate`).
@@ -337,7 +347,10 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
             neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
             prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
-            labels with --adapt head, lora or prompt (a full plan counts the LM head).
+            labels with --adapt head, lora or prompt (a full plan counts the LM head). Without a fine-tune's folder,
+            --adapt lora, head or prompt take finetune's batch, optimizer and train.device/dtype (its
+            `finetune_sections` defaults), not the preset's or config's, which are pretraining's; `--train.*` and
+            `--optim.*` overrides still win.
     """
     defaults = finetune_defaults()
     settings: dict[str, Any] = {}
@@ -360,14 +373,7 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
                 f"{run} is a --adapt {info.get('adapt')} fine-tune, which estimate does not plan: pass --adapt "
                 f"({', '.join(ADAPT_MODES)})"
             )
-        train, optim = info.get("train") or {}, info.get("optim") or {}
-        # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
-        settings = {
-            "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
-            "optim": {
-                k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")
-            },
-        }
+        settings = _trained_with(info.get("train") or {}, info.get("optim") or {})
         if info.get("max_len"):
             settings["data"] = {"seq_len": int(info["max_len"])}
         lora = info.get("lora") or {}
@@ -379,6 +385,13 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
         if planned != "full" and info.get("task") == "classify":  # the task's head, in every frozen-base mode
             kwargs["labels"] = len(info.get("labels") or [])
+    elif flags.get("adapt", "full") != "full":
+        # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
+        # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
+        from lmforge.finetune import finetune_sections
+
+        train, optim = finetune_sections(flags["adapt"], None)[:2]
+        settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
     for key, value in flags.items():
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
             value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())

@@ -841,6 +841,26 @@ def test_config_of_a_lora_fine_tune_plans_that_fine_tune(tmp_path) -> None:
     assert out["adapt"] == "full" and out["batch_size"] == 2 and out["trainable_params"] == out["params"]
 
 
+def test_adapt_modes_plan_finetunes_batch_not_the_presets() -> None:
+    """`estimate --preset small --adapt lora` planned the preset's batch (64 sequences, pretraining's), which finetune
+    never reads: a fine-tune without --train.batch_size trains finetune's own (16). The adapt modes now take
+    finetune's train and optim defaults; --train.* still wins, and --adapt full keeps the preset's."""
+    from lmforge.estimate_adapt import plan_arguments
+    from lmforge.finetune import finetune_sections
+
+    for adapt in ("lora", "head", "prompt"):
+        train, optim = finetune_sections(adapt, None)[:2]
+        settings, _ = plan_arguments(None, {"adapt": adapt})
+        assert settings["train"]["batch_size"] == train.batch_size == 16 and settings["optim"]["name"] == optim.name
+    assert plan_arguments(None, {})[0] == {}  # (pretraining: the preset's or config's)
+    base = ("estimate", "--preset", "small", "--tokens", "1e6", "--hardware", "1000", "--json")
+    assert load_config(preset="small").train.batch_size == 64
+    out = json.loads(run_cli(*base, "--adapt", "lora").stdout)
+    assert out["batch_size"] == out["micro_batch_size"] == 16
+    out = json.loads(run_cli(*base, "--adapt", "lora", "--train.batch_size", "8").stdout)
+    assert out["batch_size"] == 8
+
+
 def test_lora_targets_take_finetunes_repeated_flag_and_commas() -> None:
     """finetune takes `--lora-targets qkv --lora-targets mlp.fc` (one flag per target); estimate took commas only,
     so that command, copied from finetune, planned the last target alone, without a word."""
