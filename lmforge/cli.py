@@ -366,16 +366,20 @@ def build_parser() -> Parser:
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
     from lmforge.estimate import ADAPT_MODES
+    from lmforge.finetune import finetune_sections
 
+    finetune_batch = finetune_sections("lora", None)[0].batch_size  # (the same in every mode)
     p.add_argument(
         "--adapt",
         default="full",
         choices=list(ADAPT_MODES),
         help="full: every weight trains (pretraining, full fine-tuning); lora, head, prompt: finetune's modes, the "
         "base frozen: LoRA adapters, the head alone (no backward through the body), a soft prompt (backward through "
-        "every block to it) (default: full)",
+        f"every block to it); these take finetune's batch ({finetune_batch} sequences), optimizer and "
+        "--train.device/dtype, not "
+        "the preset's or --config's pretraining ones, unless --train.* / --optim.* says (default: full)",
     )
-    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate.plan_arguments)
+    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate_adapt.plan_arguments)
 
     finetune_cfg = FinetuneConfig()
     p.add_argument(
@@ -397,7 +401,7 @@ def build_parser() -> Parser:
         "--labels",
         type=int,
         default=0,
-        help="--adapt head or prompt: plan finetune --task classify with this many labels (a head on the last "
+        help="--adapt head, lora or prompt: plan finetune --task classify with this many labels (a head on the last "
         "token, no vocabulary logits) (default: 0, an LM task: sft, qa, translate, clm)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -609,7 +613,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import ADAPT_FLAGS, estimate, format_estimate, plan_arguments
+        from lmforge.estimate import estimate, format_estimate
+        from lmforge.estimate_adapt import ADAPT_FLAGS, plan_arguments
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it

@@ -3,10 +3,10 @@
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
 without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
-training reports MFU against) lives here too. (~1,300 lines, over the 800 of the house style: about 130 are
-this docstring, the derivation of every term, which belongs beside the arithmetic it explains; the fine-tuning
-plans (LoRA, head-only, prompt tuning, ~290 lines, and reading a fine-tune's finetune.json) reuse every term with
-the frozen base's changes, and would be the next module of its own.)
+training reports MFU against) lives here too. The fine-tuning plans on a frozen base (LoRA, head-only, prompt
+tuning, and reading a fine-tune's finetune.json) are in `lmforge.estimate_adapt`, which reuses these terms.
+(~950 lines, over the 800 of the house style: about 130 are this docstring, the derivation of every term, which
+belongs beside the arithmetic it explains; hardware, time and communication (~300 lines) would be the next split.)
 
 Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
 preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:
@@ -116,7 +116,6 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -385,294 +384,6 @@ def memory_bytes(
 
 
 # --------------------------------------------------------------------------------------------
-# Fine-tuning a frozen base (`lmforge finetune --adapt lora|head|prompt`: one process, the base in fp32)
-
-LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
-
-
-def frozen_base_memory(
-    full: dict[str, int], optim: OptimConfig, *, trainable: int, activations: int, autocast_copies: int | None = None
-) -> dict[str, int]:
-    """`memory_bytes` of a step that trains `trainable` new parameters on a frozen base (`full`: the base's
-    `memory_bytes`): the base's fp32 weights plus the trainable ones; gradients, optimizer state and the log step's
-    update-ratio copy of the trainable ones only; `activations` (the mode's own count) and, by default, the
-    autocast copies of full training (a frozen matmul weight's cast copy is kept for the input's gradient)."""
-    state_floats = (
-        trainable if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trainable
-    )
-    out = dict(full)
-    out.update(
-        weights=full["weights"] + 4 * trainable,
-        gradients=4 * trainable,
-        optimizer=4 * state_floats,
-        activations=activations,
-        activations_checkpointed=min(full["activations_checkpointed"], activations),
-        update_copy=4 * trainable,
-    )
-    if autocast_copies is not None:
-        out["autocast_copies"] = autocast_copies
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
-
-
-def _rope_table_bytes(model: GPTConfig, positions: int) -> int:
-    """The fp32 cos and sin rows of one forward (GPT.rope_tables: expanded over the query and key heads); 0 without
-    rotary positions."""
-    if model.pos_emb != "rope":
-        return 0
-    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
-
-
-def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
-    """Bytes per token a norm keeps for backward, as `activation_bytes` counts one: LayerNorm (one ATen op) its fp32
-    input, mean and rstd whatever needs a gradient; RMSNorm (composite) its input and rsqrt when its input needs a
-    gradient, and its normalized input when its weight `trains`."""
-    if model.norm == "layernorm":
-        return 4 * model.d_model + 8
-    return (4 * model.d_model + 4 if input_grad else 0) + (4 * model.d_model if trains else 0)
-
-
-def lora_param_count(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
-    """Adapter parameters: r x (d_in + d_out) for each targeted Linear of each block (A: r x d_in, B: d_out x r)."""
-    q, qkv_out = model.n_head * model.head_dim, (model.n_head + 2 * model.kv_heads) * model.head_dim
-    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
-    shapes = {"qkv": (model.d_model, qkv_out), "attn.proj": (q, model.d_model),
-              "mlp.fc": (model.d_model, fc_out), "mlp.proj": (model.ff_dim, model.d_model)}  # fmt: skip
-    return model.n_layer * sum(rank * sum(shapes[t]) for t in targets)
-
-
-def lora_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
-    dtype: str, device: str,
-) -> dict[str, int]:  # fmt: skip
-    """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
-    float32), gradients, optimizer state and the update-ratio copy for the adapters alone, and fewer activations.
-
-    Autograd keeps no input of a frozen Linear (nothing needs its weight gradient), and nothing below the first
-    adapter needs a gradient at all, so against full training a step keeps, per token (counted tensor by tensor
-    with saved-tensor hooks in tests/test_estimate.py): in each block, without the input of every Linear without an
-    adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not attn.proj's, which SDPA keeps for its own backward) but with
-    each adapter's r-wide x @ A^T; once, without the first block's first norm, the token ids and the head's input;
-    under RMSNorm, without each other norm's normalized input (kept only for its weight's gradient). When qkv has
-    no adapter, the first block's attention is not kept either, which this leaves in: then it is an upper bound.
-    Measured against the saved tensors: exact for LayerNorm and RMSNorm, GELU and SwiGLU, every target set; -2% with
-    rotary positions at 4 x 64 tokens (the rotary tables are kept once per use, a constant).
-    """
-    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    trainable = lora_param_count(model, rank, targets)
-    e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
-    widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
-    per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
-    norm = _norm_bytes(model, trains=True)
-    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
-    once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
-    if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
-        once += 2 * model.n_layer * 4 * h
-    saved = tokens * (model.n_layer * per_layer + once)
-    # Full training's total adds every gradient to every activation, which covers backward's working set; here
-    # the gradients are tiny, so that set shows: in a block's MLP, the gradients of its hidden and of the residual
-    # stream (measured: 0.65 MB of 6.26 at 3 layers, 8 x 64 tokens, d_model 64), instead of the loss's two
-    # logits-sized gradients when those are larger (they are freed before the blocks' backward)
-    loss_backward = tokens * 8 * model.vocab_size
-    working = tokens * (e * (2 if model.mlp == "swiglu" else 1) * model.ff_dim + 4 * h)
-    activations = full["activations"] - saved - loss_backward + max(loss_backward, working)
-    return frozen_base_memory(full, optim, trainable=trainable, activations=activations)
-
-
-def head_param_count(model: GPTConfig, labels: int) -> int:
-    """What `finetune --adapt head` trains (adapt/heads.py `set_trainable`): a new classification head (a Linear
-    d_model -> labels, with bias) when `labels` > 0; on an LM task the final norm and an untied output head (a
-    tied one is the input table too, and stays frozen)."""
-    if labels:
-        return model.d_model * labels + labels
-    norm = model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
-    return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
-
-
-def head_activation_bytes(
-    model: GPTConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
-    """Activation memory of a head-only fine-tuning step (`finetune --adapt head`; see `head_param_count`), by part.
-
-    Nothing before the head needs a gradient, so autograd records nothing in the body: its activations are freed
-    as the forward goes, and what a step holds at once is the larger of
-    - working: the forward's working set, in a block's MLP (measured with torch.profiler: the peak is at its
-      activation function): the block's input, the attention output, the new residual and the norm's output (fp32
-      residual-sized; the attention output in the autocast dtype), the fc output and the activation's (GELU:
-      2 x d_ff values; SwiGLU: [gate; up], silu(gate) and the product, 4 x d_ff), and the rotary tables;
-    - tail: what the loss keeps and needs at the start of backward: on an LM task the final norm's input and
-      statistics, an untied head's input, the fp32 log-probs and targets, and the loss's two logits-sized
-      gradients (as in full training); for classification the pooled last-token states and the label scores.
-    """
-    e, r, h, tokens = DTYPE_BYTES[dtype], 4, model.d_model, seq_len * micro_batch
-    working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
-    working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
-    if labels:
-        tail = micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
-    else:
-        head_input = 0 if model.tie_embeddings else e * h  # (a frozen tied head keeps no input)
-        # the final norm (it trains), the head's input, fp32 log-probs + int64 targets, the loss's two gradients
-        norm = _norm_bytes(model, trains=True, input_grad=False)  # the final norm trains; the body needs no gradient
-        tail = tokens * (norm + head_input + 12 * model.vocab_size + 8)
-    return {"working": working, "tail": tail, "total": max(working, tail)}
-
-
-def head_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
-    """`memory_bytes` of a head-only fine-tuning step: the activations of `head_activation_bytes`; under autocast
-    the body's matmul weights are cast for each use and freed (no graph keeps them); only an LM task's output head
-    keeps its cast copy (tied or not: the final norm's gradient needs it)."""
-    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = head_activation_bytes(model, labels=labels, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
-                                device=device)  # fmt: skip
-    # (a classification head's input needs no gradient: its cast weight is not kept)
-    copies = 0 if dtype == "float32" or labels else DTYPE_BYTES[dtype] * model.d_model * model.vocab_size
-    trainable = head_param_count(model, labels)
-    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
-
-
-def prompt_activation_bytes(
-    model: GPTConfig, *, prompt_tokens: int, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
-    """Activation memory of a prompt-tuning step (`finetune --adapt prompt`: `prompt_tokens` trainable vectors in
-    front of each `seq_len`-token text, and a classification head when `labels` > 0), by part.
-
-    The prompt is the body's first input, so backward runs through every block to it and autograd keeps what it
-    needs for the inputs' gradients, over prompt + text positions:
-    - layers: full training's (activation_bytes) without the input of every frozen Linear (qkv's, the MLP's fc and
-      proj: nothing needs their weights' gradients) and RMSNorm's normalized inputs (kept for its weight's gradient
-      only); the frozen table keeps no token ids;
-    - tail: the final norm's input and statistics over all positions; on an LM task the fp32 log-probs and targets
-      of the text positions (the frozen head keeps no input); for classification the pooled states and scores.
-    Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py. Backward's peak (measured with
-    torch.profiler) is the larger of the loss's two logits-sized gradients (loss_backward, LM) on top of all that,
-    and, once the loss and the final norm have freed theirs, the last block's MLP (working): the residual's gradient
-    and two (GELU: the activation's output and input) or three (SwiGLU) d_ff-sized gradients.
-    """
-    positions = seq_len + prompt_tokens
-    act = activation_bytes(model, seq_len=positions, micro_batch=micro_batch, dtype=dtype, device=device)
-    e, h, tokens, text = DTYPE_BYTES[dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
-    frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
-    layers = act["layers"] - model.n_layer * tokens * frozen_inputs
-    # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
-    tables = _rope_table_bytes(model, positions)
-    layers += tables if e == 4 else model.n_layer * tables // 4 * e
-    tail = tokens * _norm_bytes(model, trains=False)
-    if labels:
-        tail += micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
-        loss_backward = 0
-    else:
-        tail += text * (4 * model.vocab_size + 8)  # fp32 log-probs, int64 targets
-        loss_backward = text * 8 * model.vocab_size
-    working = tokens * (4 * h + e * (3 if model.mlp == "swiglu" else 2) * model.ff_dim)
-    total = max(layers + tail + loss_backward, layers + working)
-    return {"layers": layers, "tail": tail, "loss_backward": loss_backward, "working": working, "total": total}
-
-
-def prompt_memory_bytes(
-    model: GPTConfig,
-    optim: OptimConfig,
-    *,
-    prompt_tokens: int,
-    labels: int,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
-) -> dict[str, int]:
-    """`memory_bytes` of a prompt-tuning step: the activations of `prompt_activation_bytes`, the soft prompt (and a
-    classification head) trained; the frozen weights' autocast copies as in full training (each is kept for its
-    input's gradient), but for the output head's when a classification head replaces it."""
-    kwargs = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = prompt_activation_bytes(model, prompt_tokens=prompt_tokens, labels=labels, **kwargs)
-    full = memory_bytes(model, optim, **{**kwargs, "seq_len": seq_len + prompt_tokens})
-    trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
-    copies = full["autocast_copies"]
-    if labels and copies:
-        copies += DTYPE_BYTES[dtype] * model.d_model * (labels - model.vocab_size)
-    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
-
-
-# the flags of `lmforge estimate` that `plan_arguments` takes
-ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
-ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
-
-
-def finetune_defaults() -> Any:
-    """`lmforge finetune`'s own defaults (FinetuneConfig), which the adapt modes' flags take (imported here, not at
-    the top: the fine-tuning module imports the training code, which imports this one)."""
-    from lmforge.finetune import FinetuneConfig
-
-    return FinetuneConfig()
-
-
-def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What `lmforge estimate` plans for `--config` and the adapt flags written: (settings that go under the dotted
-    `--section.key` overrides, keyword arguments of `estimate`).
-
-    Args:
-        config_file: `--config`; a fine-tuned run (its folder or config.json, beside a finetune.json) plans that
-            fine-tune. A fine-tune's config.json is its base's (the architecture, and the base's pretraining batch
-            and optimizer: planned from it alone, a LoRA run was estimated as full pretraining); what it trained
-            with is in finetune.json: its train and optim sections, tokens per example (max_len), the adapt mode
-            and the LoRA rank and targets.
-        flags: the adapt flags written on the command line (`ADAPT_FLAGS`; lora_targets: finetune's repeated
-            `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
-            neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
-            prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
-            labels with --adapt head or prompt (LoRA and full plans count the LM head).
-    """
-    defaults = finetune_defaults()
-    settings: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {
-        "adapt": "full",
-        "lora_rank": defaults.lora_rank,
-        "lora_targets": tuple(defaults.lora_targets),
-    }
-    run = None
-    if config_file:
-        path = Path(config_file).expanduser()
-        run = path if path.is_dir() else path.parent
-    if run is not None and (run / "finetune.json").is_file():
-        from lmforge.checkpoint import read_json
-
-        info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
-        adapt = {"distill": "full"}.get(info.get("adapt", ""), info.get("adapt", ""))
-        if adapt not in ADAPT_MODES:
-            raise ConfigError(
-                f"{run} is a --adapt {info.get('adapt')} fine-tune, which estimate does not plan: pass --adapt "
-                f"({', '.join(ADAPT_MODES)})"
-            )
-        train, optim = info.get("train") or {}, info.get("optim") or {}
-        # what the estimate reads (the schedule's keys would be refused as unused by another schedule)
-        settings = {
-            "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
-            "optim": {
-                k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")
-            },
-        }
-        if info.get("max_len"):
-            settings["data"] = {"seq_len": int(info["max_len"])}
-        lora = info.get("lora") or {}
-        kwargs["adapt"] = adapt
-        kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
-        kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
-        planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
-        if planned == adapt == "prompt":
-            kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
-        if planned in ("head", "prompt") and info.get("task") == "classify":  # the task's head, in either mode
-            kwargs["labels"] = len(info.get("labels") or [])
-    for key, value in flags.items():
-        if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
-            value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
-        kwargs[key] = value
-    return settings, kwargs
-
-
-# --------------------------------------------------------------------------------------------
 # Hardware, time, cost
 
 
@@ -876,14 +587,15 @@ def estimate(
         interconnect: a name in `INTERCONNECTS` or a link speed in Gbit/s (each way, per device); None = the
             communication time is not included (see `communication`).
         adapt: "full" (every weight trains: pretraining or a full fine-tune) or one of finetune's modes on a frozen
-            base, in one process: "lora" (`lora_rank` adapters on `lora_targets`; see `lora_memory_bytes`), "head"
-            (the head alone; see `head_memory_bytes`) or "prompt" (`prompt_tokens` soft-prompt vectors; see
-            `prompt_memory_bytes`). FLOPs per token: LoRA 4 N (forward, and backward to the inputs only: no weight
-            gradients) + 6 x the adapters + attention; head 2 N (forward) + the head's backward; prompt 4 N +
-            attention over the prompt and text positions, per text token. `lora_rank`, `lora_targets` and
-            `prompt_tokens` default to finetune's (None).
-        labels: with "head" or "prompt", plan `finetune --task classify` with this many labels: a head on the last
-            token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
+            base, in one process (planned by `estimate_adapt.adapted_plan`): "lora" (`lora_rank` adapters on
+            `lora_targets`; see `lora_memory_bytes`), "head" (the head alone; see `head_memory_bytes`) or "prompt"
+            (`prompt_tokens` soft-prompt vectors; see `prompt_memory_bytes`). FLOPs per token: LoRA 4 N (forward,
+            and backward to the inputs only: no weight gradients) + 6 x the adapters + attention, less the input
+            gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
+            + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
+            `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
+        labels: with "head", "lora" or "prompt", plan `finetune --task classify` with this many labels: a head on
+            the last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
@@ -918,32 +630,12 @@ def estimate(
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
     link = None if interconnect is None else resolve_interconnect(interconnect)
-    if adapt not in ADAPT_MODES:
-        raise ConfigError(f"unknown adapt mode {adapt!r}; use one of: {', '.join(ADAPT_MODES)}")
-    if prompt_tokens is not None and adapt != "prompt":  # (a setting the plan would not use is refused, as finetune)
-        raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
-    if not (isinstance(labels, int) and labels >= 0) or labels == 1:
-        raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
-    if labels and adapt not in ("head", "prompt"):
-        raise ConfigError(
-            f"--labels plans a classification head for --adapt head or prompt; drop it (this plan: --adapt {adapt})"
-        )
-    if adapt == "prompt":
-        prompt_tokens = finetune_defaults().prompt_tokens if prompt_tokens is None else prompt_tokens
-        if not (isinstance(prompt_tokens, int) and prompt_tokens >= 1):
-            raise ConfigError(f"--prompt-tokens must be >= 1, got {prompt_tokens!r}")
-    if adapt != "full" and world_size > 1:  # (finetune.py: require_one_process)
-        raise ConfigError(f"lmforge finetune runs in one process; drop --world-size for --adapt {adapt}")
-    if adapt == "lora":
-        defaults = finetune_defaults()  # (finetune's: the two cannot drift apart)
-        lora_rank = defaults.lora_rank if lora_rank is None else lora_rank
-        lora_targets = tuple(defaults.lora_targets) if lora_targets is None else lora_targets
-        bad = [t for t in lora_targets if t not in LORA_TARGETS]
-        if bad or not lora_targets or lora_rank < 1:
-            raise ConfigError(
-                f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
-                f"targets {', '.join(lora_targets) or 'none'}"
-            )
+    from lmforge.estimate_adapt import adapted_plan, check_adapt  # (it builds on this module's terms)
+
+    lora_rank, lora_targets, prompt_tokens = check_adapt(
+        adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
+        labels=labels,
+    )  # fmt: skip
 
     assumptions = []
     model = cfg.model
@@ -992,25 +684,6 @@ def estimate(
     per_token = flops_per_token(model, seq_len)
     trainable = counts["total"]
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
-    vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
-    head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
-    if adapt == "lora":
-        trainable = lora_param_count(model, lora_rank, tuple(lora_targets))
-        per_token = 4.0 * counts["matmul"] + 6.0 * trainable + attention
-    elif adapt == "head":  # forward only through the body; backward from the loss to the head alone
-        trainable = head_param_count(model, labels)
-        attention /= 3  # (its forward: 4 of 12)
-        if labels:  # the last token's state goes to the new head: no vocabulary matmul at all
-            per_token = 2.0 * (counts["matmul"] - vocab_matmul) + attention + 4.0 * head_matmul  # (no input grad)
-        else:  # the head's input gradient (for the final norm) and, untied, its weight gradient
-            per_token = 2.0 * counts["matmul"] + attention + (2 if model.tie_embeddings else 4) * vocab_matmul
-    elif adapt == "prompt":  # forward + the inputs' gradients over prompt + text positions, per text token
-        trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
-        positions = seq_len + prompt_tokens
-        attention = attention_flops_per_token(model, positions) * positions / seq_len
-        per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
-        per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
-    train_flops = per_token * tokens
     memory = memory_bytes(
         model,
         cfg.optim,
@@ -1021,35 +694,15 @@ def estimate(
         world_size=world_size,
         strategy=strategy,
     )
-    step = dict(seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"])  # (one device)
-    if adapt == "lora":
-        memory = lora_memory_bytes(model, cfg.optim, rank=lora_rank, targets=tuple(lora_targets), **step)
-        assumptions.append(
-            f"LoRA rank {lora_rank} on {', '.join(lora_targets)}: {trainable:,} trainable parameters; the frozen base "
-            "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
-            "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base)"
-        )
-    elif adapt == "head":
-        memory = head_memory_bytes(model, cfg.optim, labels=labels, **step)
-        trained = (
-            f"a classification head for {labels} labels on the last token"
-            if labels
-            else "the final norm" + ("" if model.tie_embeddings else " and the untied output head")
-        )
-        assumptions.append(
-            f"head only: {trained} ({trainable:,} parameters) on a frozen fp32 base; nothing before the head needs a "
-            "gradient, so the body keeps no activations (memory: its forward working set or the loss's tail); "
-            "FLOPs: the body's forward, 2N, + the head's backward"
-        )
-    elif adapt == "prompt":
-        memory = prompt_memory_bytes(model, cfg.optim, prompt_tokens=prompt_tokens, labels=labels, **step)
-        assumptions.append(
-            f"prompt tuning: {prompt_tokens} soft-prompt vectors"
-            + (f" and a classification head for {labels} labels" if labels else "")
-            + f" ({trainable:,} parameters) on a frozen fp32 base; backward runs through every block to the prompt, "
-            f"over {seq_len} + {prompt_tokens} positions, with no input of a frozen Linear kept; FLOPs 4N + attention "
-            "per position (no weight gradients for the base)"
-        )
+    if adapt != "full":  # a frozen base: finetune's modes (estimate_adapt)
+        plan = adapted_plan(
+            model, cfg.optim, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
+            labels=labels, seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"],
+        )  # fmt: skip
+        trainable, per_token = plan["trainable"], plan["flops_per_token"]
+        attention, memory = plan["attention"], plan["memory"]
+        assumptions.append(plan["assumption"])
+    train_flops = per_token * tokens
     assumptions.append(
         "memory per device: fp32 weights"
         + (

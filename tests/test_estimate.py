@@ -734,10 +734,10 @@ def test_a_bare_gflops_number_says_which_device_it_was_taken_for() -> None:
 def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: tuple[str, ...]) -> None:
     """`estimate --adapt lora` had no LoRA mode (a LoRA fine-tune was estimated as full training: every gradient,
     all optimizer state, every activation). Its activations are now the tensors autograd saves in a LoRA forward,
-    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_memory_bytes)."""
+    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_activation_bytes)."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
-    from lmforge.estimate import lora_memory_bytes, lora_param_count
+    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes, lora_param_count
 
     model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
     torch.manual_seed(0)
@@ -758,9 +758,9 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
     saved = sum(n for ptr, n in kept.items() if ptr not in params)
     kwargs = dict(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
     result = lora_memory_bytes(model_cfg, OptimConfig(), rank=4, targets=targets, **kwargs)
-    ff = (2 if mlp == "swiglu" else 1) * model_cfg.ff_dim
-    backward = max(activation_bytes(model_cfg, **kwargs)["loss_backward"], 4 * 32 * 4 * (ff + model_cfg.d_model))
-    assert result["activations"] - backward == pytest.approx(saved, abs=8)  # (the loss's 0-d output: 4 B)
+    act = lora_activation_bytes(model_cfg, rank=4, targets=targets, **kwargs)
+    assert act["kept"] == pytest.approx(saved, abs=8)  # (the loss's 0-d output: 4 B)
+    assert result["activations"] == act["total"] >= act["kept"] + act["loss_backward"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_param_count(model_cfg, 4, targets) == trainable
     assert result["gradients"] == 4 * trainable and result["optimizer"] == 8 * trainable
@@ -770,7 +770,8 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
 def test_lora_total_matches_allocator_peak_of_a_real_lora_step(vocab: int, batch: int) -> None:
     """A LoRA step's predicted total against the real loop's peak (PyTorch's CPU allocator), as for full training.
     Measured when written: -3.5% (6.04 vs 6.26 MB) and +0.2% (18.35 vs 18.31 MB); the full-training estimate it
-    gave before was +52% and +30%."""
+    gave before was +52% and +30%. With backward's working set counted as for prompt tuning (the tail freed, two
+    d_ff-sized gradients): +0.6% (6.30 vs 6.26 MB) and +0.2%, within the head/prompt tests' -3% .. +10%."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
 
@@ -800,7 +801,7 @@ def test_lora_total_matches_allocator_peak_of_a_real_lora_step(vocab: int, batch
     persistent = sum(p.numel() * p.element_size() for p in model.parameters())
     persistent += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     measured = persistent + measure_cpu_allocations(lambda: run(2))
-    assert 0.95 * measured <= result["memory_bytes"]["total"] <= 1.25 * measured, (result["memory_bytes"], measured)
+    assert 0.97 * measured <= result["memory_bytes"]["total"] <= 1.10 * measured, (result["memory_bytes"], measured)
     full = estimate(cfg, tokens=1, hardware=GFLOPS)
     assert result["memory_bytes"]["total"] < full["memory_bytes"]["total"]
     assert result["flops_per_token"] < full["flops_per_token"]
@@ -840,6 +841,26 @@ def test_config_of_a_lora_fine_tune_plans_that_fine_tune(tmp_path) -> None:
     assert out["adapt"] == "full" and out["batch_size"] == 2 and out["trainable_params"] == out["params"]
 
 
+def test_adapt_modes_plan_finetunes_batch_not_the_presets() -> None:
+    """`estimate --preset small --adapt lora` planned the preset's batch (64 sequences, pretraining's), which finetune
+    never reads: a fine-tune without --train.batch_size trains finetune's own (16). The adapt modes now take
+    finetune's train and optim defaults; --train.* still wins, and --adapt full keeps the preset's."""
+    from lmforge.estimate_adapt import plan_arguments
+    from lmforge.finetune import finetune_sections
+
+    for adapt in ("lora", "head", "prompt"):
+        train, optim = finetune_sections(adapt, None)[:2]
+        settings, _ = plan_arguments(None, {"adapt": adapt})
+        assert settings["train"]["batch_size"] == train.batch_size == 16 and settings["optim"]["name"] == optim.name
+    assert plan_arguments(None, {})[0] == {}  # (pretraining: the preset's or config's)
+    base = ("estimate", "--preset", "small", "--tokens", "1e6", "--hardware", "1000", "--json")
+    assert load_config(preset="small").train.batch_size == 64
+    out = json.loads(run_cli(*base, "--adapt", "lora").stdout)
+    assert out["batch_size"] == out["micro_batch_size"] == 16
+    out = json.loads(run_cli(*base, "--adapt", "lora", "--train.batch_size", "8").stdout)
+    assert out["batch_size"] == 8
+
+
 def test_lora_targets_take_finetunes_repeated_flag_and_commas() -> None:
     """finetune takes `--lora-targets qkv --lora-targets mlp.fc` (one flag per target); estimate took commas only,
     so that command, copied from finetune, planned the last target alone, without a word."""
@@ -858,16 +879,20 @@ def test_lora_targets_take_finetunes_repeated_flag_and_commas() -> None:
 # head-only and prompt tuning (`estimate --adapt head|prompt`)
 
 
-def adapted_model(model_cfg: GPTConfig, adapt: str, labels: int, prompt_tokens: int) -> torch.nn.Module:
+def adapted_model(
+    model_cfg: GPTConfig, adapt: str, labels: int, prompt_tokens: int, targets: tuple[str, ...] = ("qkv", "attn.proj")
+) -> torch.nn.Module:
     """A fine-tuning model as `finetune` builds it (adapt/load.build_adapted): the base in fp32, frozen but for
-    what `adapt` trains; a classification head when `labels` > 0."""
+    what `adapt` trains (LoRA: rank 8 on `targets`, finetune's default rank); a classification head when `labels` >
+    0."""
     from lmforge.adapt.load import build_adapted
 
     torch.manual_seed(0)
     body = GPT(model_cfg)
     body.init_weights()
     info = {"adapt": adapt, "task": "classify" if labels else "sft", "labels": [str(i) for i in range(labels)],
-            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0}  # fmt: skip
+            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0,
+            "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(targets)}}  # fmt: skip
     model = build_adapted(body, info, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
@@ -895,15 +920,23 @@ def adapted_objective(labels: int) -> object:
     [{}, dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False)],
     ids=["gpt2", "llama"],
 )
-@pytest.mark.parametrize("adapt", ["head", "prompt"])
+@pytest.mark.parametrize("adapt", ["head", "prompt", "lora"])
 def test_head_and_prompt_activations_are_what_autograd_keeps(
     adapt: str, variant: dict, labels: int, dtype: str
 ) -> None:
     """`estimate --adapt head|prompt` were refused (pointed at --adapt full, every gradient and activation). What
     they count as kept is the tensors autograd saves in such a fine-tuning forward, with saved-tensor hooks
     (parameters left out): head-only keeps nothing in the body; prompt tuning keeps, over prompt + text positions,
-    what the inputs' gradients need and no input of a frozen Linear."""
-    from lmforge.estimate import head_activation_bytes, head_memory_bytes, prompt_activation_bytes, prompt_memory_bytes
+    what the inputs' gradients need and no input of a frozen Linear. LoRA (finetune's rank and targets) as its own
+    test below, here with a classification head too (`--adapt lora --labels N` was refused)."""
+    from lmforge.estimate_adapt import (
+        head_activation_bytes,
+        head_memory_bytes,
+        lora_activation_bytes,
+        lora_memory_bytes,
+        prompt_activation_bytes,
+        prompt_memory_bytes,
+    )
 
     prompt_tokens = 8 if adapt == "prompt" else 0
     model_cfg = small_cfg(n_layer=3, max_seq_len=32 + prompt_tokens, **variant)
@@ -926,10 +959,13 @@ def test_head_and_prompt_activations_are_what_autograd_keeps(
         # the tail without the loss's two gradients (backward makes them); classification: pooled states + scores
         predicted = act["tail"] - (0 if labels else 4 * 32 * 8 * model_cfg.vocab_size)
         memory = head_memory_bytes(model_cfg, OptimConfig(), **kwargs)
-    else:
+    elif adapt == "prompt":
         act = prompt_activation_bytes(model_cfg, prompt_tokens=prompt_tokens, **kwargs)
         predicted = act["layers"] + act["tail"]
         memory = prompt_memory_bytes(model_cfg, OptimConfig(), prompt_tokens=prompt_tokens, **kwargs)
+    else:
+        predicted = lora_activation_bytes(model_cfg, rank=8, targets=("qkv", "attn.proj"), **kwargs)["kept"]
+        memory = lora_memory_bytes(model_cfg, OptimConfig(), rank=8, targets=("qkv", "attn.proj"), **kwargs)
     predicted += memory["autocast_copies"]  # the cast weights a bf16 forward keeps
     # (the loss's 0-d output: 4 B; classification: the labels' and scores' few bytes per row, < 64 B in all)
     assert predicted == pytest.approx(saved, abs=64)
@@ -953,9 +989,12 @@ LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=Fal
         ("prompt", 0, 64, 64, 8, {}),
         ("prompt", 0, 2048, 64, 8, LLAMA),
         ("prompt", 3, 2048, 128, 2, {}),
+        ("lora", 3, 64, 64, 8, {}),
+        ("lora", 3, 2048, 128, 2, LLAMA),
     ],
-    ids=["head-classify", "head-classify-llama", "head-lm", "prompt-lm", "prompt-lm-llama", "prompt-classify"],
-)
+    ids=["head-classify", "head-classify-llama", "head-lm", "prompt-lm", "prompt-lm-llama", "prompt-classify",
+         "lora-classify", "lora-classify-llama"],
+)  # fmt: skip
 def test_head_and_prompt_totals_match_allocator_peak_of_a_real_step(
     adapt: str, labels: int, vocab: int, d_model: int, batch: int, variant: dict
 ) -> None:
@@ -967,7 +1006,9 @@ def test_head_and_prompt_totals_match_allocator_peak_of_a_real_step(
     full-training plan they got before was 1.5-4.6x these. Leaving out the rotary tables (alive through a head-only
     forward) made head-classify-llama -1.6%; counting the first block's MLP gradients once (LoRA's working set)
     instead of twice, prompt-lm -4.9%. The bounds, -3% .. +10%, hold those to what the count is meant to be:
-    the allocator's peak, a little above it at most."""
+    the allocator's peak, a little above it at most. LoRA classification (finetune's rank and targets and the head
+    it trains with them) was refused, and a LoRA classify run's --config planned with the LM head's logits:
+    lora-classify 6.30 vs 6.26 MB (+0.6%), lora-classify-llama 8.69 vs 8.62 (+0.8%)."""
     prompt_tokens = 16 if adapt == "prompt" else 0
     cfg = run_cfg(
         model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": 64 + prompt_tokens, **variant},
@@ -1016,7 +1057,7 @@ def test_head_and_prompt_flags_follow_finetune_and_refuse_what_they_do_not_use()
         (["--adapt", "prompt", "--prompt-tokens", "125"], "--prompt-tokens 125 leaves 3 of the model's 128"),
         (["--adapt", "prompt", "--prompt-tokens", "16", "--data.seq_len", "120"], "less the 16 soft-prompt tokens"),
         (["--adapt", "head", "--prompt-tokens", "4"], "--prompt-tokens is for --adapt prompt"),
-        (["--adapt", "lora", "--labels", "2"], "--labels plans a classification head for --adapt head or prompt"),
+        (["--labels", "2"], "--labels plans a classification head for --adapt head, lora or prompt"),
         (["--adapt", "head", "--labels", "1"], "--labels must be 0 (an LM task) or the number of classes"),
         (["--adapt", "prompt", "--world-size", "2"], "one process"),
     ]:
@@ -1028,7 +1069,7 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
     """`estimate --config FINETUNE_RUN` refused a head-only or prompt-tuning run ("estimate plans full and LoRA
     training"). Its finetune.json (the keys finetune writes) now gives the mode, the soft-prompt length and, for
     classification, the labels; --adapt on the command line wins and takes only what it uses."""
-    from lmforge.estimate import plan_arguments
+    from lmforge.estimate_adapt import plan_arguments
 
     info = {"task": "classify", "adapt": "prompt", "labels": ["neg", "pos", "neutral"], "prompt_tokens": 4,
             "max_len": 60, "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["qkv"]},
@@ -1039,6 +1080,8 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
     assert kwargs["adapt"] == "prompt" and kwargs["prompt_tokens"] == 4 and kwargs["labels"] == 3
     _, kwargs = plan_arguments(tmp_path, {"adapt": "head"})
     assert kwargs["labels"] == 3 and "prompt_tokens" not in kwargs
+    _, kwargs = plan_arguments(tmp_path, {"adapt": "lora"})  # (LoRA classification trains the head too)
+    assert kwargs["labels"] == 3 and kwargs["lora_targets"] == ("qkv",) and "prompt_tokens" not in kwargs
     _, kwargs = plan_arguments(tmp_path / "config.json", {"adapt": "full"})
     assert kwargs["adapt"] == "full" and "labels" not in kwargs and "prompt_tokens" not in kwargs
     (tmp_path / "finetune.json").write_text(json.dumps({**info, "adapt": "head", "task": "sft"}), encoding="utf-8")
@@ -1050,8 +1093,24 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "adapt, labels, variant",
-    [("head", 3, {}), ("head", 0, {}), ("head", 0, LLAMA), ("prompt", 0, {}), ("prompt", 3, LLAMA)],
-    ids=["head-classify", "head-lm-tied", "head-lm-llama", "prompt-lm", "prompt-classify-llama"],
+    [
+        ("head", 3, {}),
+        ("head", 0, {}),
+        ("head", 0, LLAMA),
+        ("prompt", 0, {}),
+        ("prompt", 3, LLAMA),
+        ("lora", 3, {}),
+        ("lora", 3, LLAMA),
+    ],
+    ids=[
+        "head-classify",
+        "head-lm-tied",
+        "head-lm-llama",
+        "prompt-lm",
+        "prompt-classify-llama",
+        "lora-classify",
+        "lora-classify-llama",
+    ],
 )
 def test_head_and_prompt_flops_are_a_real_steps_matmuls(adapt: str, labels: int, variant: dict) -> None:
     """A head-only or prompt-tuning step's FLOPs, but for attention's scores, equal the matmul FLOPs torch's
@@ -1070,4 +1129,35 @@ def test_head_and_prompt_flops_are_a_real_steps_matmuls(adapt: str, labels: int,
         adapted_objective(labels).loss(model, adapted_batch(512, labels, 4, 64)).backward()
     assert not any("attention" in str(op) for op in counter.get_flop_counts()["Global"])  # (else: compare all)
     predicted = result["flops_per_token"] * (1 - result["attention_flops_share"]) * 4 * 64
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+@pytest.mark.parametrize("variant", [{}, LLAMA, {"dropout": 0.1}], ids=["gpt2", "llama", "math-attention"])
+@pytest.mark.parametrize(
+    "targets",
+    [("qkv", "attn.proj"), ("mlp.proj",), ("attn.proj", "mlp.fc"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")],
+    ids=lambda t: "+".join(t),
+)
+def test_lora_flops_are_a_real_steps_matmuls(targets: tuple[str, ...], variant: dict) -> None:
+    """A LoRA step's FLOPs against torch's FlopCounterMode on a real forward + backward. It was counted as 4 N + 6 x
+    the adapters: +3.5% for finetune's default targets, +16% for mlp.proj alone, because nothing needs a gradient
+    before the first adapter (the first block's Linears up to it, its A's input gradient, and its attention's
+    backward when qkv has none). Now exact but attention's scores under SDPA's flash kernel (FlopCounterMode has no
+    formula for it); with dropout > 0 SDPA takes its math path on CPU, whose bmm it counts: exact, attention
+    included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = run_cfg(model={"n_layer": 3, "d_model": 64, "max_seq_len": 64, **variant}, train={"batch_size": 4})
+    result = estimate(cfg, tokens=1, hardware=GFLOPS, adapt="lora", lora_targets=targets)
+    model = adapted_model(cfg.model, "lora", 0, 0, targets)
+    assert result["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with FlopCounterMode(display=False) as counter:
+        adapted_objective(0).loss(model, adapted_batch(512, 0, 4, 64)).backward()
+    counted = {str(op) for op in counter.get_flop_counts()["Global"]}
+    predicted = result["flops_per_token"] * 4 * 64
+    if "dropout" not in variant:
+        assert not any("attention" in op for op in counted)  # (else: compare all)
+        predicted *= 1 - result["attention_flops_share"]
+    else:
+        assert "aten.bmm" in counted  # the math path's q @ k^T and att @ v
     assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)

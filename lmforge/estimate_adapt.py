@@ -1,0 +1,519 @@
+"""Compute planning for fine-tuning a frozen base (`lmforge finetune --adapt lora|head|prompt`): what trains, the
+FLOPs and the memory of a step, and the settings `lmforge estimate` plans a fine-tune with.
+
+`estimate.estimate(cfg, adapt=...)` plans pretraining and full fine-tuning itself (every weight trains) and asks this
+module for the rest: `check_adapt` validates the mode's settings (finetune's defaults when not given), `adapted_plan`
+gives the trainable parameters, FLOPs per token, memory per component and the assumption line. Every count reuses
+the full-training terms of `lmforge.estimate` (its docstring derives them) with the frozen base's changes: one
+process, the base in fp32 as finetune loads it, gradients and optimizer state for the trained parameters only, and
+the activations autograd really keeps when most weights need no gradient (checked tensor by tensor and against the
+allocator's peak in tests/test_estimate.py). `plan_arguments` reads a fine-tuned run's finetune.json, so
+`estimate --config FINETUNE_RUN` plans that fine-tune and not its base's pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import OptimConfig
+from lmforge.errors import ConfigError
+from lmforge.estimate import (
+    ADAPT_MODES,
+    DTYPE_BYTES,
+    activation_bytes,
+    attention_flops_per_token,
+    memory_bytes,
+    param_counts,
+)
+from lmforge.models.gpt import GPTConfig
+
+LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
+
+
+def frozen_base_memory(
+    full: dict[str, int], optim: OptimConfig, *, trainable: int, activations: int, autocast_copies: int | None = None
+) -> dict[str, int]:
+    """`memory_bytes` of a step that trains `trainable` new parameters on a frozen base (`full`: the base's
+    `memory_bytes`): the base's fp32 weights plus the trainable ones; gradients, optimizer state and the log step's
+    update-ratio copy of the trainable ones only; `activations` (the mode's own count) and, by default, the
+    autocast copies of full training (a frozen matmul weight's cast copy is kept for the input's gradient)."""
+    state_floats = (
+        trainable if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trainable
+    )
+    out = dict(full)
+    out.update(
+        weights=full["weights"] + 4 * trainable,
+        gradients=4 * trainable,
+        optimizer=4 * state_floats,
+        activations=activations,
+        activations_checkpointed=min(full["activations_checkpointed"], activations),
+        update_copy=4 * trainable,
+    )
+    if autocast_copies is not None:
+        out["autocast_copies"] = autocast_copies
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
+    out["total"] = fixed + max(out["activations"], out["update_copy"])
+    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
+    return out
+
+
+def _rope_table_bytes(model: GPTConfig, positions: int) -> int:
+    """The fp32 cos and sin rows of one forward (GPT.rope_tables: expanded over the query and key heads); 0 without
+    rotary positions."""
+    if model.pos_emb != "rope":
+        return 0
+    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
+
+
+def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
+    """Bytes per token a norm keeps for backward, as `activation_bytes` counts one: LayerNorm (one ATen op) its fp32
+    input, mean and rstd whatever needs a gradient; RMSNorm (composite) its input and rsqrt when its input needs a
+    gradient, and its normalized input when its weight `trains`."""
+    if model.norm == "layernorm":
+        return 4 * model.d_model + 8
+    return (4 * model.d_model + 4 if input_grad else 0) + (4 * model.d_model if trains else 0)
+
+
+def _linear_shapes(model: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each Linear `--lora-targets` names, in the order a block's forward runs them."""
+    q, qkv_out = model.n_head * model.head_dim, (model.n_head + 2 * model.kv_heads) * model.head_dim
+    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
+    return {"qkv": (model.d_model, qkv_out), "attn.proj": (q, model.d_model),
+            "mlp.fc": (model.d_model, fc_out), "mlp.proj": (model.ff_dim, model.d_model)}  # fmt: skip
+
+
+def lora_param_count(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Adapter parameters: r x (d_in + d_out) for each targeted Linear of each block (A: r x d_in, B: d_out x r)."""
+    shapes = _linear_shapes(model)
+    return model.n_layer * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def _lora_no_input_grad(model: GPTConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Weights (frozen and adapters' A) whose input needs no gradient in a LoRA step: the first block's Linears up to
+    and including its first adapted one, and that adapter's A (their inputs come from the frozen embedding)."""
+    shapes = _linear_shapes(model)
+    first = min(list(shapes).index(t) for t in targets)
+    return sum(i * o for i, o in list(shapes.values())[: first + 1]) + rank * list(shapes.values())[first][0]
+
+
+def lora_flops_per_token(
+    model: GPTConfig, rank: int, targets: tuple[str, ...], seq_len: int, labels: int = 0
+) -> tuple[float, float]:
+    """Training FLOPs per token of a LoRA step and their attention part: (flops, attention). With `labels` (finetune
+    --task classify) a classification head on the last token's state replaces the vocabulary matmul: it runs once per
+    sequence, forward, weight and input gradients (6 x d_model x labels).
+
+    Forward: 2 N (every matmul, the output head's included) + 2 x the adapters (x @ A^T, then @ B^T). Backward, with
+    no weight gradient of the frozen base: each adapter's two weight gradients and the gradient of its r-wide middle
+    (4 x its parameters, less A's 2 r d_in: r d_out twice, r d_in once), and the input gradients (2 d_in d_out of each
+    Linear, the output head's too, 2 r d_in of each adapter's A, attention's backward: 8 of PaLM's 12) wherever a
+    gradient is needed upstream, which is everywhere after the first adapter: not in the first block up to and
+    including its first adapted Linear (its input comes from the frozen embedding), nor in the first block's
+    attention when qkv has no adapter. So 4 N + 6 x the adapters + attention, less those. The old count, 4 N + 6 x the
+    adapters, was 2-16% over torch's FlopCounterMode (qkv, attn.proj: +3.5%; mlp.proj alone: +16%); this one equals
+    it (tests/test_estimate.py), attention included under SDPA's math path.
+    """
+    attention = attention_flops_per_token(model, seq_len)
+    if "qkv" not in targets:  # the first block's attention runs forward only (4 of its 12 d_model x seq_len)
+        attention -= 8.0 * model.d_model * seq_len
+    flops = 4.0 * param_counts(model)["matmul"] + 6.0 * lora_param_count(model, rank, targets)
+    flops -= 2.0 * _lora_no_input_grad(model, rank, targets)
+    if labels:
+        flops += 6.0 * model.d_model * labels / seq_len - 4.0 * model.vocab_size * model.d_model
+    return flops + attention, attention
+
+
+def lora_activation_bytes(
+    model: GPTConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int, dtype: str, device: str,
+    labels: int = 0,
+) -> dict[str, int]:  # fmt: skip
+    """Activation memory of a LoRA fine-tuning step (`rank` adapters on `targets`; a classification head on the last
+    token's state when `labels` > 0), by part.
+
+    Autograd keeps no input of a frozen Linear (nothing needs its weight gradient), and nothing below the first
+    adapter needs a gradient at all, so against full training (`activation_bytes`) a step keeps (kept), per token:
+    in each block, without the input of every Linear without an adapter (qkv, mlp.fc: d_model; mlp.proj: d_ff; not
+    attn.proj's, which SDPA keeps for its own backward) but with each adapter's r-wide x @ A^T; once, without the
+    first block's first norm, the token ids and the head's input; under RMSNorm, without each other norm's
+    normalized input (kept only for its weight's gradient); with rotary positions, the tables q and k are multiplied
+    by (one fp32 pair, or each layer's cast copy). With `labels`, the pooled states and scores instead of the
+    vocabulary log-probs. When qkv has no adapter, the first block's attention is not kept either, which this leaves
+    in: then it is an upper bound. Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py: exact
+    for LayerNorm and RMSNorm, GELU and SwiGLU, learned and rotary positions, fp32 and bf16, every target set.
+
+    Full training's total adds every gradient to every activation, which covers backward's working set; here the
+    gradients are tiny, so that set shows. Backward's peak (total) is the larger of everything kept + the loss's two
+    logits-sized gradients (loss_backward, LM), and, once the loss and the final norm have freed theirs (tail), the
+    last block's MLP (working): the residual's gradient and two (GELU: the activation's output and input) or three
+    (SwiGLU) d_ff-sized gradients, as for prompt tuning. (Counting one or two d_ff-sized ones on top of the tail was
+    -3.5% of the allocator's peak at 3 layers, 8 x 64 tokens, d_model 64, vocab 64, and -5.6% with a classification
+    head.)
+    """
+    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
+    widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
+    per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
+    norm = _norm_bytes(model, trains=True)
+    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
+    once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
+    if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
+        once += 2 * model.n_layer * 4 * h
+    kept = act["layers"] + act["head"] - tokens * (model.n_layer * per_layer + once)
+    tables = _rope_table_bytes(model, seq_len)  # the fp32 rotary tables (cast copies under autocast), as for prompts
+    kept += tables if e == 4 else model.n_layer * tables // 4 * e
+    tail = tokens * (_norm_bytes(model, trains=False) + 4 * model.vocab_size + 8)  # final norm, log-probs, targets
+    loss_backward = act["loss_backward"]
+    if labels:  # a classification head on the last token: no vocabulary logits, their log-probs or gradients
+        rows = micro_batch * (e * h + 4 * labels + 16) - tokens * (4 * model.vocab_size + 8)  # pooled, scores, labels
+        kept, tail, loss_backward = kept + rows, tail + rows, 0
+    working = tokens * (4 * h + e * (3 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    total = max(kept + loss_backward, kept - tail + working)
+    return {"kept": kept, "tail": tail, "loss_backward": loss_backward, "working": working, "total": total}
+
+
+def lora_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
+    dtype: str, device: str, labels: int = 0,
+) -> dict[str, int]:  # fmt: skip
+    """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
+    float32), gradients, optimizer state and the update-ratio copy for the adapters alone (and, with `labels`, the
+    classification head finetune trains with them), and the activations of `lora_activation_bytes`. Under autocast a
+    matmul's cast weight is kept for its input's gradient: every frozen one's and every adapter's but those whose
+    input needs none (counting full training's, every frozen one, was 7 kB over the saved tensors' 1 MB)."""
+    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    full = memory_bytes(model, optim, **step)
+    act = lora_activation_bytes(model, rank=rank, targets=targets, labels=labels, **step)
+    trainable = lora_param_count(model, rank, targets)
+    e = DTYPE_BYTES[dtype]
+    copies = (
+        0 if e == 4 else e * (param_counts(model)["matmul"] + trainable - _lora_no_input_grad(model, rank, targets))
+    )
+    if labels:  # the classification head's cast weight instead of the output head's
+        trainable += head_param_count(model, labels)
+        copies += e * model.d_model * (labels - model.vocab_size) if copies else 0
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
+
+
+def head_param_count(model: GPTConfig, labels: int) -> int:
+    """What `finetune --adapt head` trains (adapt/heads.py `set_trainable`): a new classification head (a Linear
+    d_model -> labels, with bias) when `labels` > 0; on an LM task the final norm and an untied output head (a
+    tied one is the input table too, and stays frozen)."""
+    if labels:
+        return model.d_model * labels + labels
+    norm = model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
+    return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
+
+
+def head_activation_bytes(
+    model: GPTConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """Activation memory of a head-only fine-tuning step (`finetune --adapt head`; see `head_param_count`), by part.
+
+    Nothing before the head needs a gradient, so autograd records nothing in the body: its activations are freed
+    as the forward goes, and what a step holds at once is the larger of
+    - working: the forward's working set, in a block's MLP (measured with torch.profiler: the peak is at its
+      activation function): the block's input, the attention output, the new residual and the norm's output (fp32
+      residual-sized; the attention output in the autocast dtype), the fc output and the activation's (GELU:
+      2 x d_ff values; SwiGLU: [gate; up], silu(gate) and the product, 4 x d_ff), and the rotary tables;
+    - tail: what the loss keeps and needs at the start of backward: on an LM task the final norm's input and
+      statistics, an untied head's input, the fp32 log-probs and targets, and the loss's two logits-sized
+      gradients (as in full training); for classification the pooled last-token states and the label scores.
+    """
+    e, r, h, tokens = DTYPE_BYTES[dtype], 4, model.d_model, seq_len * micro_batch
+    working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
+    if labels:
+        tail = micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
+    else:
+        head_input = 0 if model.tie_embeddings else e * h  # (a frozen tied head keeps no input)
+        # the final norm (it trains), the head's input, fp32 log-probs + int64 targets, the loss's two gradients
+        norm = _norm_bytes(model, trains=True, input_grad=False)  # the final norm trains; the body needs no gradient
+        tail = tokens * (norm + head_input + 12 * model.vocab_size + 8)
+    return {"working": working, "tail": tail, "total": max(working, tail)}
+
+
+def head_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """`memory_bytes` of a head-only fine-tuning step: the activations of `head_activation_bytes`; under autocast
+    the body's matmul weights are cast for each use and freed (no graph keeps them); only an LM task's output head
+    keeps its cast copy (tied or not: the final norm's gradient needs it)."""
+    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = head_activation_bytes(model, labels=labels, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
+                                device=device)  # fmt: skip
+    # (a classification head's input needs no gradient: its cast weight is not kept)
+    copies = 0 if dtype == "float32" or labels else DTYPE_BYTES[dtype] * model.d_model * model.vocab_size
+    trainable = head_param_count(model, labels)
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
+
+
+def prompt_activation_bytes(
+    model: GPTConfig, *, prompt_tokens: int, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """Activation memory of a prompt-tuning step (`finetune --adapt prompt`: `prompt_tokens` trainable vectors in
+    front of each `seq_len`-token text, and a classification head when `labels` > 0), by part.
+
+    The prompt is the body's first input, so backward runs through every block to it and autograd keeps what it
+    needs for the inputs' gradients, over prompt + text positions:
+    - layers: full training's (activation_bytes) without the input of every frozen Linear (qkv's, the MLP's fc and
+      proj: nothing needs their weights' gradients) and RMSNorm's normalized inputs (kept for its weight's gradient
+      only); the frozen table keeps no token ids;
+    - tail: the final norm's input and statistics over all positions; on an LM task the fp32 log-probs and targets
+      of the text positions (the frozen head keeps no input); for classification the pooled states and scores.
+    Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py. Backward's peak (measured with
+    torch.profiler) is the larger of the loss's two logits-sized gradients (loss_backward, LM) on top of all that,
+    and, once the loss and the final norm have freed theirs, the last block's MLP (working): the residual's gradient
+    and two (GELU: the activation's output and input) or three (SwiGLU) d_ff-sized gradients.
+    """
+    positions = seq_len + prompt_tokens
+    act = activation_bytes(model, seq_len=positions, micro_batch=micro_batch, dtype=dtype, device=device)
+    e, h, tokens, text = DTYPE_BYTES[dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
+    frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
+    layers = act["layers"] - model.n_layer * tokens * frozen_inputs
+    # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
+    tables = _rope_table_bytes(model, positions)
+    layers += tables if e == 4 else model.n_layer * tables // 4 * e
+    tail = tokens * _norm_bytes(model, trains=False)
+    if labels:
+        tail += micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
+        loss_backward = 0
+    else:
+        tail += text * (4 * model.vocab_size + 8)  # fp32 log-probs, int64 targets
+        loss_backward = text * 8 * model.vocab_size
+    working = tokens * (4 * h + e * (3 if model.mlp == "swiglu" else 2) * model.ff_dim)
+    total = max(layers + tail + loss_backward, layers + working)
+    return {"layers": layers, "tail": tail, "loss_backward": loss_backward, "working": working, "total": total}
+
+
+def prompt_memory_bytes(
+    model: GPTConfig,
+    optim: OptimConfig,
+    *,
+    prompt_tokens: int,
+    labels: int,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str,
+    device: str,
+) -> dict[str, int]:
+    """`memory_bytes` of a prompt-tuning step: the activations of `prompt_activation_bytes`, the soft prompt (and a
+    classification head) trained; the frozen weights' autocast copies as in full training (each is kept for its
+    input's gradient), but for the output head's when a classification head replaces it."""
+    kwargs = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = prompt_activation_bytes(model, prompt_tokens=prompt_tokens, labels=labels, **kwargs)
+    full = memory_bytes(model, optim, **{**kwargs, "seq_len": seq_len + prompt_tokens})
+    trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
+    copies = full["autocast_copies"]
+    if labels and copies:
+        copies += DTYPE_BYTES[dtype] * model.d_model * (labels - model.vocab_size)
+    return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
+
+
+# the flags of `lmforge estimate` that `plan_arguments` takes
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
+ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
+
+
+def finetune_defaults() -> Any:
+    """`lmforge finetune`'s own defaults (FinetuneConfig), which the adapt modes' flags take (imported here, not at
+    the top: the fine-tuning module imports the training code, which imports this one)."""
+    from lmforge.finetune import FinetuneConfig
+
+    return FinetuneConfig()
+
+
+def _trained_with(train: dict[str, Any], optim: dict[str, Any]) -> dict[str, Any]:
+    """The settings a fine-tune's train and optim sections give the estimate: what it reads (the schedule's keys would
+    be refused as unused by another schedule)."""
+    return {
+        "train": {k: train[k] for k in ESTIMATE_TRAIN_KEYS if k in train},
+        "optim": {k: optim[k] for k in ("name", "momentum") if k in optim and (k == "name" or optim["name"] == "sgd")},
+    }
+
+
+def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What `lmforge estimate` plans for `--config` and the adapt flags written: (settings that go under the dotted
+    `--section.key` overrides, keyword arguments of `estimate`).
+
+    Args:
+        config_file: `--config`; a fine-tuned run (its folder or config.json, beside a finetune.json) plans that
+            fine-tune. A fine-tune's config.json is its base's (the architecture, and the base's pretraining batch
+            and optimizer: planned from it alone, a LoRA run was estimated as full pretraining); what it trained
+            with is in finetune.json: its train and optim sections, tokens per example (max_len), the adapt mode
+            and the LoRA rank and targets.
+        flags: the adapt flags written on the command line (`ADAPT_FLAGS`; lora_targets: finetune's repeated
+            `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
+            neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
+            prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
+            labels with --adapt head, lora or prompt (a full plan counts the LM head). Without a fine-tune's folder,
+            --adapt lora, head or prompt take finetune's batch, optimizer and train.device/dtype (its
+            `finetune_sections` defaults), not the preset's or config's, which are pretraining's; `--train.*` and
+            `--optim.*` overrides still win.
+    """
+    defaults = finetune_defaults()
+    settings: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {
+        "adapt": "full",
+        "lora_rank": defaults.lora_rank,
+        "lora_targets": tuple(defaults.lora_targets),
+    }
+    run = None
+    if config_file:
+        path = Path(config_file).expanduser()
+        run = path if path.is_dir() else path.parent
+    if run is not None and (run / "finetune.json").is_file():
+        from lmforge.checkpoint import read_json
+
+        info = read_json(run / "finetune.json", "pass the fine-tune's settings as flags instead")
+        adapt = {"distill": "full"}.get(info.get("adapt", ""), info.get("adapt", ""))
+        if adapt not in ADAPT_MODES:
+            raise ConfigError(
+                f"{run} is a --adapt {info.get('adapt')} fine-tune, which estimate does not plan: pass --adapt "
+                f"({', '.join(ADAPT_MODES)})"
+            )
+        settings = _trained_with(info.get("train") or {}, info.get("optim") or {})
+        if info.get("max_len"):
+            settings["data"] = {"seq_len": int(info["max_len"])}
+        lora = info.get("lora") or {}
+        kwargs["adapt"] = adapt
+        kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
+        kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
+        planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
+        if planned == adapt == "prompt":
+            kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
+        if planned != "full" and info.get("task") == "classify":  # the task's head, in every frozen-base mode
+            kwargs["labels"] = len(info.get("labels") or [])
+    elif flags.get("adapt", "full") != "full":
+        # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
+        # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
+        from lmforge.finetune import finetune_sections
+
+        train, optim = finetune_sections(flags["adapt"], None)[:2]
+        settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
+    for key, value in flags.items():
+        if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
+            value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
+        kwargs[key] = value
+    return settings, kwargs
+
+
+def check_adapt(
+    adapt: str,
+    *,
+    world_size: int,
+    lora_rank: int | None,
+    lora_targets: tuple[str, ...] | None,
+    prompt_tokens: int | None,
+    labels: int,
+) -> tuple[int | None, tuple[str, ...] | None, int | None]:
+    """Refuse a setting `adapt` does not use or cannot take (one-line `ConfigError`s); returns lora_rank, lora_targets
+    and prompt_tokens with finetune's defaults (`finetune_defaults`) where the plan uses them and none was given."""
+    if adapt not in ADAPT_MODES:
+        raise ConfigError(f"unknown adapt mode {adapt!r}; use one of: {', '.join(ADAPT_MODES)}")
+    if prompt_tokens is not None and adapt != "prompt":  # (a setting the plan would not use is refused, as finetune)
+        raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
+    if not (isinstance(labels, int) and labels >= 0) or labels == 1:
+        raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
+    if labels and adapt == "full":
+        raise ConfigError(
+            "--labels plans a classification head for --adapt head, lora or prompt; drop it (this plan: --adapt full)"
+        )
+    if adapt == "prompt":
+        prompt_tokens = finetune_defaults().prompt_tokens if prompt_tokens is None else prompt_tokens
+        if not (isinstance(prompt_tokens, int) and prompt_tokens >= 1):
+            raise ConfigError(f"--prompt-tokens must be >= 1, got {prompt_tokens!r}")
+    if adapt != "full" and world_size > 1:  # (finetune.py: require_one_process)
+        raise ConfigError(f"lmforge finetune runs in one process; drop --world-size for --adapt {adapt}")
+    if adapt == "lora":
+        defaults = finetune_defaults()  # (finetune's: the two cannot drift apart)
+        lora_rank = defaults.lora_rank if lora_rank is None else lora_rank
+        lora_targets = tuple(defaults.lora_targets) if lora_targets is None else lora_targets
+        bad = [t for t in lora_targets if t not in LORA_TARGETS]
+        if bad or not lora_targets or lora_rank < 1:
+            raise ConfigError(
+                f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
+                f"targets {', '.join(lora_targets) or 'none'}"
+            )
+    return lora_rank, lora_targets, prompt_tokens
+
+
+def adapted_plan(
+    model: GPTConfig,
+    optim: OptimConfig,
+    *,
+    adapt: str,
+    lora_rank: int,
+    lora_targets: tuple[str, ...],
+    prompt_tokens: int,
+    labels: int,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str,
+    device: str,
+) -> dict[str, Any]:
+    """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt; settings as `check_adapt` returns them):
+    trainable (parameters), flops_per_token and attention (its attention-score part, per token of text),
+    memory (`memory_bytes`' components) and assumption (the line `format_estimate` prints)."""
+    counts = param_counts(model)
+    attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
+    vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
+    head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
+    if adapt == "lora":
+        trainable = lora_param_count(model, lora_rank, tuple(lora_targets)) + (
+            head_param_count(model, labels) if labels else 0
+        )
+        per_token, attention = lora_flops_per_token(model, lora_rank, tuple(lora_targets), seq_len, labels)
+    elif adapt == "head":  # forward only through the body; backward from the loss to the head alone
+        trainable = head_param_count(model, labels)
+        attention /= 3  # (its forward: 4 of 12)
+        if labels:  # the last token's state goes to the new head: no vocabulary matmul at all
+            per_token = 2.0 * (counts["matmul"] - vocab_matmul) + attention + 4.0 * head_matmul  # (no input grad)
+        else:  # the head's input gradient (for the final norm) and, untied, its weight gradient
+            per_token = 2.0 * counts["matmul"] + attention + (2 if model.tie_embeddings else 4) * vocab_matmul
+    else:  # prompt: forward + the inputs' gradients over prompt + text positions, per text token
+        trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
+        positions = seq_len + prompt_tokens
+        attention = attention_flops_per_token(model, positions) * positions / seq_len
+        per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
+        per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
+    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)  # (one device)
+    if adapt == "lora":
+        memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), labels=labels, **step)
+        assumption = (
+            f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"
+            + (f" and a classification head for {labels} labels on the last token" if labels else "")
+            + f": {trainable:,} trainable parameters; the frozen base "
+            "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
+            "FLOPs 4N + 6 x adapters + attention (no weight gradients for the base), less the input gradients nothing "
+            "before the first adapter needs"
+        )
+    elif adapt == "head":
+        memory = head_memory_bytes(model, optim, labels=labels, **step)
+        trained = (
+            f"a classification head for {labels} labels on the last token"
+            if labels
+            else "the final norm" + ("" if model.tie_embeddings else " and the untied output head")
+        )
+        assumption = (
+            f"head only: {trained} ({trainable:,} parameters) on a frozen fp32 base; nothing before the head needs a "
+            "gradient, so the body keeps no activations (memory: its forward working set or the loss's tail); "
+            "FLOPs: the body's forward, 2N, + the head's backward"
+        )
+    else:
+        memory = prompt_memory_bytes(model, optim, prompt_tokens=prompt_tokens, labels=labels, **step)
+        assumption = (
+            f"prompt tuning: {prompt_tokens} soft-prompt vectors"
+            + (f" and a classification head for {labels} labels" if labels else "")
+            + f" ({trainable:,} parameters) on a frozen fp32 base; backward runs through every block to the prompt, "
+            f"over {seq_len} + {prompt_tokens} positions, with no input of a frozen Linear kept; FLOPs 4N + attention "
+            "per position (no weight gradients for the base)"
+        )
+    return {
+        "trainable": trainable,
+        "flops_per_token": per_token,
+        "attention": attention,
+        "memory": memory,
+        "assumption": assumption,
+    }
