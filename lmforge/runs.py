@@ -491,10 +491,28 @@ TASK_LOSS_UNITS = {
 }
 
 
+# An encoder's pretraining loss is not per token of the corpus either: MLM scores only the selected (masked, ~15%)
+# positions, and mlm+nsp/sop and ELECTRA log the sum of two means (objectives.py, eval/objectives.py): MLM per masked
+# token + NSP/SOP per sentence pair, or the generator's MLM per masked token + rtd_weight x the discriminator's RTD
+# per real token (ELECTRA's 40.49 was 5.99 + 50 x 0.69, labelled nats/token). "{rtd_weight}": the run's weight.
+OBJECTIVE_LOSS_UNITS = {
+    "mlm": "nats/masked token",
+    "mlm+nsp": "MLM nats/masked token + NSP nats/pair",
+    "mlm+sop": "MLM nats/masked token + SOP nats/pair",
+    "electra": "MLM nats/masked token + {rtd_weight} x RTD nats/token",
+}
+
+
 def loss_unit(run_dir: Path) -> str:
-    """What a run's loss and val_loss are per: TOKEN_LOSS, or a fine-tune's TASK_LOSS_UNITS (finetune.json's task)."""
+    """What a run's loss and val_loss are per: a fine-tune's TASK_LOSS_UNITS (finetune.json's task), an encoder
+    pretraining's OBJECTIVE_LOSS_UNITS (config.json's objective), else TOKEN_LOSS."""
     task = (read_json_object(Path(run_dir) / "finetune.json") or {}).get("task")
-    return TASK_LOSS_UNITS.get(task, TOKEN_LOSS) if isinstance(task, str) else TOKEN_LOSS
+    if isinstance(task, str):
+        return TASK_LOSS_UNITS.get(task, TOKEN_LOSS)
+    objective = _section(read_json_object(Path(run_dir) / "config.json"), "objective")
+    name = objective.get("name")
+    unit = OBJECTIVE_LOSS_UNITS.get(name, TOKEN_LOSS) if isinstance(name, str) else TOKEN_LOSS
+    return unit.format(rtd_weight=f"{_number(objective.get('rtd_weight'), 50.0):g}")  # (ObjectiveConfig's default)
 
 
 def with_unit(loss: str, unit: str) -> str:
