@@ -131,7 +131,11 @@ MODEL_DIR_MARKERS = ("config.json", "adapter_config.json", "checkpoints", "statu
 
 
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
-    """A non-empty `out` is an error unless `overwrite`; even then, unless it is a model folder (above)."""
+    """A non-empty `out` is an error unless `overwrite`; even then, unless it is a model folder (above) that holds
+    no other run and no live process trains. Nor may `out` lie inside a run (`runs.check_not_in_run`)."""
+    from lmforge.runs import being_trained, check_holds_no_run, check_not_in_run  # (runs.py imports this module)
+
+    check_not_in_run(out, error=LmforgeError)
     if not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
         return
     replaceable = out.is_dir() and any((out / name).exists() for name in MODEL_DIR_MARKERS)
@@ -145,13 +149,12 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
             f"refusing to overwrite {out}: it is not a model folder (no config.json, adapter_config.json or "
             "checkpoints/), and --overwrite would delete everything in it; choose another --out"
         )
-    from lmforge.runs import being_trained  # (runs.py imports this module)
-
     if being_trained(out):
         raise LmforgeError(
             f"refusing to overwrite {out}: a live process is training this run right now; wait for it to end or "
             "stop it, or choose another --out"
         )
+    check_holds_no_run(out, error=LmforgeError)
 
 
 def check_not_inside(out: Path, source: Path, *, out_may_sit_inside: bool = False) -> None:

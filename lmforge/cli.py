@@ -438,7 +438,8 @@ def build_parser() -> Parser:
         "best_val_loss, elapsed_s, last_checkpoint, error (why an unreadable run could not be read), failure (a "
         "failed run: the first line of its error, or 'killed' when its process died without a word), command and "
         "cwd (env.json's: the line to re-run, and where, to resume the run), kind (the table's), loss_unit (what "
-        "best_val_loss is per: nats/token, or a fine-tune's task loss: nats/answer token, nats/example, DPO loss/pair)",
+        "best_val_loss is per: nats/token; a fine-tune's task loss: nats/answer token, nats/example, DPO loss/pair; an "
+        "encoder's pretraining loss: nats/masked token, plus NSP/SOP nats/pair or rtd_weight x RTD nats/token)",
     )
     add_parsers(sub)
     return parser

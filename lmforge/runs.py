@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import FILE_LOCKS, process_alive, this_process, try_lock, write_json
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.fields import saved_config, saved_train
 from lmforge.log import display_width, format_duration, read_metrics
 
@@ -103,7 +103,8 @@ def check_run_out(
     a run in D/run with it, checkpoints and all. With --overwrite it may not hold a file
     in `read_files` (the task files) either, and a non-empty folder that is not an lmforge run (no
     checkpoints/, status.json, ...) is refused instead of deleted, as `prepare` refuses one that is not
-    prepared data.
+    prepared data. Nor may `out` lie inside a run (`check_not_in_run`), or --overwrite replace one holding another
+    run (`check_holds_no_run`).
 
     Raises:
         ConfigError: a one-line error that says which --out to choose instead.
@@ -129,10 +130,72 @@ def check_run_out(
                 f"--out {out} {what} {source}, which this command reads (training writes into --out, and "
                 "--overwrite deletes it); choose another --out"
             )
+    check_not_in_run(out)
     if overwrite and run_contents(out) and not has_run_markers(out):
         raise ConfigError(
             f"refusing to overwrite {out}: it is not an lmforge run (no checkpoints/ or status.json), and "
             "--overwrite would delete everything in it; choose another --out"
+        )
+    if overwrite:
+        check_holds_no_run(out)
+
+
+def _beside(folder: Path, inner: Path) -> Path:
+    """Where `inner`, inside `folder`, goes instead: beside `folder`, named after both (runs/base/sft: base-sft)."""
+    return folder.parent / "-".join([folder.name, *inner.relative_to(folder).parts])
+
+
+def check_not_in_run(out: Path, *, error: type[LmforgeError] = ConfigError) -> None:
+    """An --out that a command makes (a run, a model or data folder) may not lie inside a run folder.
+
+    `lmforge finetune runs/base --out runs/base/sft` trained into the base run: `pretrain`/`finetune --overwrite`
+    of runs/base (or `import`/`quantize --overwrite` into it) then deleted the fine-tune with it, and
+    `lmforge runs runs/` did not list it (it does not look inside runs). Files a command writes about a run
+    (`report`, `generate --out`, a .gguf) may sit in it; they are not checked here.
+    """
+    out = Path(out)
+    where = out.resolve()
+    typed = {p.resolve(): p for p in out.parents}  # (the run as the user wrote it, where they did)
+    run = next((p for p in where.parents if is_run_dir(p)), None)
+    if run is None:
+        return
+    shown = typed.get(run, run)
+    shown = shown if shown.name not in ("", "..") else run  # (--out sft run in runs/base: not "-sft")
+    beside = _beside(shown, shown / where.relative_to(run))
+    fix = (
+        f"move it beside it (mv {out} {beside})" if run_contents(out) else f"choose an --out beside it (e.g. {beside})"
+    )
+    raise error(
+        f"--out {out} is inside the run {shown}, which '--overwrite' of {shown} would delete with it and 'lmforge "
+        f"runs' does not look inside; {fix}"
+    )
+
+
+def runs_inside(folder: Path) -> list[Path]:
+    """Runs in `folder` below itself (`find_runs` of each sub-folder: up to 3 levels down), sorted by path; not a
+    fine-tune's own `base/`, the HF base it imported (`adapt.load.load_base`), which is part of it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    own_base = folder / "base" if (folder / "finetune.json").is_file() else None
+    return [
+        r
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and p != own_base
+        for r in find_runs(p, max_depth=2)
+    ]
+
+
+def check_holds_no_run(out: Path, *, error: type[LmforgeError] = ConfigError) -> None:
+    """`--overwrite` replaces `out` whole: refused while another run lies inside it (`prepare --out D` holding
+    `pretrain --out D/run`, a run holding a fine-tune trained into it), which would go with it, checkpoints and all.
+    """
+    runs = runs_inside(out)
+    if runs:
+        more = f" (and {len(runs) - 1} more)" if len(runs) > 1 else ""
+        raise error(
+            f"refusing to overwrite {out}: it holds the training run {runs[0]}{more}, which --overwrite would delete; "
+            f"move it out of {out} first (e.g. mv {runs[0]} {_beside(Path(out), runs[0])}), or choose another --out"
         )
 
 
@@ -428,10 +491,28 @@ TASK_LOSS_UNITS = {
 }
 
 
+# An encoder's pretraining loss is not per token of the corpus either: MLM scores only the selected (masked, ~15%)
+# positions, and mlm+nsp/sop and ELECTRA log the sum of two means (objectives.py, eval/objectives.py): MLM per masked
+# token + NSP/SOP per sentence pair, or the generator's MLM per masked token + rtd_weight x the discriminator's RTD
+# per real token (ELECTRA's 40.49 was 5.99 + 50 x 0.69, labelled nats/token). "{rtd_weight}": the run's weight.
+OBJECTIVE_LOSS_UNITS = {
+    "mlm": "nats/masked token",
+    "mlm+nsp": "MLM nats/masked token + NSP nats/pair",
+    "mlm+sop": "MLM nats/masked token + SOP nats/pair",
+    "electra": "MLM nats/masked token + {rtd_weight} x RTD nats/token",
+}
+
+
 def loss_unit(run_dir: Path) -> str:
-    """What a run's loss and val_loss are per: TOKEN_LOSS, or a fine-tune's TASK_LOSS_UNITS (finetune.json's task)."""
+    """What a run's loss and val_loss are per: a fine-tune's TASK_LOSS_UNITS (finetune.json's task), an encoder
+    pretraining's OBJECTIVE_LOSS_UNITS (config.json's objective), else TOKEN_LOSS."""
     task = (read_json_object(Path(run_dir) / "finetune.json") or {}).get("task")
-    return TASK_LOSS_UNITS.get(task, TOKEN_LOSS) if isinstance(task, str) else TOKEN_LOSS
+    if isinstance(task, str):
+        return TASK_LOSS_UNITS.get(task, TOKEN_LOSS)
+    objective = _section(read_json_object(Path(run_dir) / "config.json"), "objective")
+    name = objective.get("name")
+    unit = OBJECTIVE_LOSS_UNITS.get(name, TOKEN_LOSS) if isinstance(name, str) else TOKEN_LOSS
+    return unit.format(rtd_weight=f"{_number(objective.get('rtd_weight'), 50.0):g}")  # (ObjectiveConfig's default)
 
 
 def with_unit(loss: str, unit: str) -> str:

@@ -916,3 +916,14 @@ def test_near_threshold_without_near_dedup_is_refused(tmp_path: Path, capsys: py
               "--tokenizer", "char", "--out", str(tmp_path / "out")])  # fmt: skip
     assert done.value.code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dedup"]["threshold"] == 0.5
+
+
+def test_out_inside_a_run_is_refused(tmp_path: Path) -> None:
+    """`prepare --out runs/base/data` put the data inside a run, which `pretrain --overwrite` of it deleted whole."""
+    write(tmp_path / "a.txt", "\n\n".join(sentences(10, seed=10)))
+    run_dir = tmp_path / "runs" / "base"
+    write(run_dir / "config.json", "{}")
+    write(run_dir / "metrics.jsonl", '{"step": 1, "loss": 3.0}\n')
+    with pytest.raises(DataError, match=r"--out .*base/data is inside the run .*base, which '--overwrite' of"):
+        run(tmp_path, [tmp_path / "a.txt"], out="runs/base/data")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "metrics.jsonl"]

@@ -219,6 +219,29 @@ def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path
     assert verify_hf(tmp_path / "run", out) <= 1e-5
 
 
+def test_model_card_of_an_sft_fine_tune_says_its_val_loss_is_per_answer_token(tmp_path: Path) -> None:
+    """The card said "nats/token" after an sft fine-tune's val loss, which scores the answers alone (`lmforge runs`
+    says nats/answer token); it now says what `runs` says."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from lmforge.log import read_metrics
+    from tests.test_finetune import DATA, FAST, make_base
+
+    alpaca = DATA / "alpaca.jsonl"
+    cfg = FinetuneConfig(task="sft", max_new_tokens=2)
+    finetune(
+        make_base(tmp_path),
+        train_file=alpaca,
+        val_file=alpaca,
+        out=tmp_path / "sft",
+        cfg=cfg,
+        overrides=FAST,
+        progress=False,
+    )
+    (val,) = [r for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "val_loss" in r][-1:]
+    card = (export_hf(tmp_path / "sft", tmp_path / "hf") / "README.md").read_text(encoding="utf-8")
+    assert f"| last validation loss | {val['val_loss']:.4f} nats/answer token (step {val['step']}) |" in card
+
+
 def test_model_card_speaks_the_language_of_the_training_data(tmp_path: Path) -> None:
     """A model trained on Chinese gets `language: zh` and a Chinese prompt in its card, not "Once upon a time"."""
     from lmforge.data.prepare import PrepareConfig, prepare

@@ -70,6 +70,7 @@ def make_encoder_run(root: Path, tokenizer: Tokenizer, family: str = "bert", see
     save_checkpoint(root, step=5, model=model, optimizer=None,
                     state={"train_state": state.to_dict(), "config": cfg.to_dict()},
                     tokenizer_json=tokenizer.to_str())  # fmt: skip
+    (root / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")  # as pretrain writes it
     return root
 
 
@@ -111,6 +112,7 @@ def test_bert_export_matches_transformers(bpe: Tokenizer, tmp_path: Path) -> Non
         "pipeline_tag: fill-mask" in card and "| steps | 5 |" in card and f"| tokens seen | {5 * 4 * CONTEXT} |" in card
     )
     assert "| last validation mlm accuracy | 0.1250 (step 5) |" in card and "last validation nsp accuracy" in card
+    assert "| last validation loss | 5.5000 MLM nats/masked token + NSP nats/pair (step 5) |" in card  # not per token
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])

@@ -256,3 +256,76 @@ def test_export_and_prepare_out_that_overwrite_cannot_replace_do_not_suggest_it(
     (notes / "manifest.json").write_text("{}", encoding="utf-8")
     with pytest.raises(DataError, match="pass --overwrite to replace it"):
         check_out(notes, overwrite=False)
+
+
+def _nest(run: Path, inner: Path) -> Path:
+    """`inner` (a run) moved into `run`, as `finetune RUN --out RUN/sft` made it before that was refused."""
+    return Path(shutil.move(inner, run / inner.name))
+
+
+def test_finetune_or_pretrain_out_inside_a_run(data_dir: Path, tmp_path: Path):
+    """`lmforge finetune runs/base --out runs/base/sft` trained into the base run: `pretrain --overwrite` of the
+    base then deleted the fine-tune with it, and `lmforge runs runs/` did not list it. Refused in one line, before
+    anything is written, inside the base run or any other (a checkpoint of it given as the base too)."""
+    from tests.conftest import run_cli
+
+    base = make_base(tmp_path / "runs")
+    before = _files(base)
+    cases = [(base, base / "sft", "base-sft"), (base / "checkpoints" / "step-000000", base / "a" / "b", "base-a-b")]
+    for src, out, beside in cases:
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=rf"--out {out} is inside the run {base}, which '--overwrite'") as e:
+                finetune(src, train_file=DATA / "alpaca.jsonl", out=out, overrides=FAST, overwrite=overwrite)
+            assert str(e.value).endswith(f"choose an --out beside it (e.g. {base.parent / beside})")
+            with pytest.raises(ConfigError, match=f"is inside the run {base}"):
+                pretrain(tiny_config(data_dir, out, **{"train.max_steps": 2}), overwrite=overwrite, progress=False)
+    assert _files(base) == before  # no folder, no lock file
+    # the real command, as typed: a one-line error naming the paths as given, exit 2
+    r = run_cli(
+        "finetune", "runs/base", "--train", str(DATA / "alpaca.jsonl"), "--out", "runs/base/sft", cwd=str(tmp_path)
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--out runs/base/sft is inside the run runs/base" in r.stderr and "(e.g. runs/base-sft)" in r.stderr
+    # a run already inside (made before the check): resuming it says how to move it out
+    ft = _nest(base, make_base(tmp_path / "old"))
+    with pytest.raises(ConfigError, match=rf"; move it beside it \(mv {ft} {base.parent / 'base-base'}\)$"):
+        finetune(base, train_file=DATA / "alpaca.jsonl", out=ft, overrides=FAST)
+
+
+def test_overwrite_refuses_a_run_that_holds_another(data_dir: Path, tmp_path: Path):
+    """--overwrite of a run replaced it whole, a fine-tune trained into it (`--out runs/base/sft`, before that was
+    refused) with it, checkpoints and all: `pretrain`, `finetune`, `import` and `quantize --overwrite` refuse it
+    in one line saying to move the inner run out first, as `prepare --overwrite` does for a run in its data."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.errors import LmforgeError
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    base = make_base(tmp_path / "runs")
+    other = make_base(tmp_path / "other")
+    hf = export_hf(other, tmp_path / "hf")
+    inner = _nest(base, make_base(tmp_path / "sft"))
+    before = _files(base)
+    said = rf"refusing to overwrite {base}: it holds the training run {inner}, which --overwrite would delete; move"
+    with pytest.raises(ConfigError, match=said):
+        pretrain(tiny_config(data_dir, base, **{"train.max_steps": 2}), overwrite=True, progress=False)
+    with pytest.raises(ConfigError, match=said):
+        finetune(other, train_file=DATA / "alpaca.jsonl", out=base, overrides=FAST, overwrite=True)
+    with pytest.raises(LmforgeError, match=said):
+        quantize_run(other, base, bits=8, compare=False, overwrite=True)
+    with pytest.raises(LmforgeError, match=said) as e:
+        import_hf(hf, base, overwrite=True)
+    assert f"(e.g. mv {inner} {tmp_path / 'runs' / 'base-base'})" in str(e.value)
+    assert _files(base) == before
+    # and none of them writes into a run either
+    for make in (lambda out: quantize_run(other, out, bits=8, compare=False), lambda out: import_hf(hf, out)):
+        with pytest.raises(LmforgeError, match=f"--out {base / 'q'} is inside the run {base}"):
+            make(base / "q")
+    with pytest.raises(LmforgeError, match=f"--out {base / 'q'} is inside the run {base}"):
+        export_hf(other, base / "q")
+    assert _files(base) == before
+    # a fine-tune's own base/, the HF base it imported, is no other run: --overwrite starts it over
+    kw = {"train_file": DATA / "alpaca.jsonl", "out": tmp_path / "ft", "overrides": FAST, "progress": False}
+    finetune(hf, **kw)
+    assert (tmp_path / "ft" / "base" / "config.json").is_file()
+    finetune(hf, **kw, overwrite=True)

@@ -536,3 +536,41 @@ def test_a_run_killed_before_its_loop_is_stopped_not_unknown(tmp_path):
     env = json.loads((run / "env.json").read_text(encoding="utf-8"))
     (run / "env.json").write_text(json.dumps({**env, "host": "another-machine"}), encoding="utf-8")
     assert run_status(run) == "unknown"
+
+
+def test_an_encoder_pretraining_loss_says_what_it_is_per(data_dir: Path, tmp_path: Path):
+    """BERT/ELECTRA pretraining's val loss is not nats per corpus token, yet `runs` and the report labelled it so:
+    MLM's is per masked token, mlm+nsp's the MLM mean plus the NSP mean per pair, ELECTRA's the generator's MLM
+    mean plus rtd_weight x the discriminator's mean per real token (40.49 = 5.99 + 50 x 0.69 on a tiny run)."""
+    from lmforge.config import load_config
+    from lmforge.report import PLOTS, load_runs, plot_ylabel
+
+    cases = [
+        ("bert-tiny", {"name": "mlm"}, "nats/masked token"),
+        ("bert-tiny", {"name": "mlm+nsp"}, "MLM nats/masked token + NSP nats/pair"),
+        ("electra-tiny", {"rtd_weight": 20.0}, "MLM nats/masked token + 20 x RTD nats/token"),
+    ]
+    for i, (preset, objective, _) in enumerate(cases):
+        model = {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64, "max_seq_len": 64}
+        cfg = load_config(
+            preset=preset,
+            overrides={
+                "out": str(tmp_path / "runs" / f"r{i}"),
+                "data": {"dir": str(data_dir)},
+                "model": model,
+                "objective": objective,
+                "train": {"batch_size": 8, "max_steps": 2, "warmup_steps": 1, "log_every": 1},
+                "eval": {"every": 2, "max_batches": 1},
+            },
+        )
+        pretrain(cfg, progress=False)
+    summaries = list_runs(tmp_path / "runs")
+    assert [s.loss_unit for s in summaries] == [unit for _, _, unit in cases]
+    rows = format_runs(summaries).splitlines()[1:]
+    for row, summary, (_, _, unit) in zip(rows, summaries, cases, strict=True):
+        assert f"  {summary.best_val_loss:.4f} ({unit})  " in row
+    # MLM alone: the loss is the mean cross-entropy over the masked positions, whose exp is the logged mlm_ppl
+    (mlm,) = [r for r in read_metrics(tmp_path / "runs" / "r0" / "metrics.jsonl") if "val_loss" in r]
+    assert mlm["val_loss"] == pytest.approx(math.log(mlm["val_mlm_ppl"]), rel=1e-9)
+    runs = load_runs([tmp_path / "runs" / "r0"])
+    assert plot_ylabel(PLOTS[0], runs) == "loss (nats/masked token)"

@@ -332,6 +332,9 @@ def _no_bar(progress: bool) -> bool | None:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    from lmforge.runs import check_holds_no_run, check_not_in_run
+
+    check_not_in_run(out, error=DataError)  # `pretrain --overwrite` of that run would delete the data with it
     if not out.exists():
         # the nearest existing parent must be a folder (it said "[Errno 17] File exists" after the whole read)
         parent = next(p for p in out.parents if p.exists())
@@ -348,16 +351,8 @@ def check_out(out: Path, overwrite: bool) -> None:
         )
     if not replaceable:
         raise DataError(f"refusing to overwrite {out}: it is not a prepared data directory; choose another --out")
-    from lmforge.runs import find_runs
-
     # a run trained into the data (`pretrain --out D/run`, which pretrain now refuses) went with the old folder
-    runs = find_runs(out)
-    if runs:
-        more = f" (and {len(runs) - 1} more)" if len(runs) > 1 else ""
-        raise DataError(
-            f"refusing to overwrite {out}: it holds the training run {runs[0]}{more}, which --overwrite would delete; "
-            f"move it out of {out} first, or choose another --out"
-        )
+    check_holds_no_run(out, error=DataError)
 
 
 def output_dir(cfg: PrepareConfig) -> Path:

@@ -66,6 +66,7 @@ from lmforge.export.hf import (
     HF_HINT,
     _last_eval,
     _own,
+    _val_loss_text,
     card_language_header,
     card_path,
     data_language,
@@ -344,8 +345,9 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str
     if last is not None:
         numbers = {k: v for k, v in last.items() if k.startswith("val_") and isinstance(v, (int, float))}
         for key, value in numbers.items():
+            text = _val_loss_text(trained.checkpoint.path, last) if key == "val_loss" else f"{value:.4f}"
             rows.append(
-                (f"last validation {key.removeprefix('val_').replace('_', ' ')}", f"{value:.4f} (step {last['step']})")
+                (f"last validation {key.removeprefix('val_').replace('_', ' ')}", f"{text} (step {last['step']})")
             )
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     config_json = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False)

@@ -316,6 +316,14 @@ def _last_eval(ckpt_dir: Path, step: int) -> dict[str, Any] | None:
     return evals[-1] if evals else None
 
 
+def _val_loss_text(ckpt_dir: Path, record: dict[str, Any]) -> str:
+    """A model card's last validation loss with what it is per (`runs.loss_unit`): an sft fine-tune's is per answer
+    token, an encoder's per masked token (+ its second term), not per token of the corpus as the card said."""
+    from lmforge.runs import loss_unit
+
+    return f"{record['val_loss']:.4f} {loss_unit(ckpt_dir.parent.parent)}"
+
+
 # Model-card examples in the training data's language: a Chinese model continues Chinese, not "Once upon a time"
 CARD_PROMPTS = {"zh": "从前有座山，山里有座庙。", "ja": "むかしむかし、", "ko": "옛날 옛적에", "en": "Once upon a time"}
 
@@ -402,7 +410,7 @@ def _model_card(
         grouping = "per output channel" if quant["bits"] == 8 else f"in groups of {quant['group_size']} inputs"
         rows.append(("quantization", f"int{quant['bits']} weights ({grouping}) of `{quant['source']}`, dequantized"))
     if last is not None:
-        rows.append(("last validation loss", f"{last['val_loss']:.4f} nats/token (step {last['step']})"))
+        rows.append(("last validation loss", f"{_val_loss_text(trained.checkpoint.path, last)} (step {last['step']})"))
         if last.get("val_bpb") is not None:
             rows.append(("last validation bits per byte", f"{last['val_bpb']:.4f}"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
