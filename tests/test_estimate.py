@@ -867,7 +867,7 @@ def adapted_model(model_cfg: GPTConfig, adapt: str, labels: int, prompt_tokens: 
     body = GPT(model_cfg)
     body.init_weights()
     info = {"adapt": adapt, "task": "classify" if labels else "sft", "labels": [str(i) for i in range(labels)],
-            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0}  # fmt: skip
+            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0, "head_bias": False}  # fmt: skip
     model = build_adapted(body, info, torch.device("cpu"))
     for p in model.parameters():
         p.grad = None
@@ -1009,7 +1009,7 @@ def test_head_and_prompt_flags_follow_finetune_and_refuse_what_they_do_not_use()
     assert out["adapt"] == "prompt" and out["prompt_tokens"] == prompt_tokens
     assert out["trainable_params"] == prompt_tokens * m["d_model"] and out["seq_len"] == 128 - prompt_tokens
     out = json.loads(run_cli(*base, "--adapt", "head", "--labels", "5").stdout)
-    assert out["trainable_params"] == 5 * m["d_model"] + 5 and out["labels"] == 5
+    assert out["trainable_params"] == 5 * m["d_model"] and out["labels"] == 5
     full = json.loads(run_cli(*base).stdout)
     assert 2 * out["flops_per_token"] < full["flops_per_token"]  # forward only, and no vocabulary matmul
     for flags, message in [

@@ -60,15 +60,18 @@ import torch
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.export.hf import (
     CARD_PATH_NOTE,
+    FRAMING,
     HF_HINT,
     _last_eval,
     _own,
     card_language_header,
     card_path,
     data_language,
+    framed_tokenizer_json,
+    loaded_by_transformers,
     training_progress,
 )
 from lmforge.export.hf_families import _dtype_name
@@ -79,7 +82,6 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 ENCODER_FAMILIES = ("bert", "electra")
 SPECIAL_KEYS = ("pad", "cls", "sep", "mask")
 DEFAULT_NAMES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
-FRAMING = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")  # post-processors that add [CLS]/[SEP]
 
 # our names under `{stack}.{i}.` -> HF names under `{prefix}encoder.layer.{i}.`
 LAYER = {
@@ -241,20 +243,12 @@ def encoder_tokenizer_json(tokenizer: Tokenizer) -> tuple[str, dict[str, str]]:
         pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, cls_id), (sep, sep_id)],
     )
-    before = json.loads(hf.to_str())["post_processor"]
-    hf.post_processor = template
-    data = json.loads(hf.to_str())
-    # keep what the tokenizer already post-processes (e.g. byte-level offsets) but drop an earlier
-    # framing (a re-export of an imported BERT), then frame: [CLS] text [SEP]
-    kept = before["processors"] if before and before["type"] == "Sequence" else [before] if before else []
-    kept = [p for p in kept if p["type"] not in FRAMING]
-    if kept:
-        data["post_processor"] = {"type": "Sequence", "processors": [*kept, data["post_processor"]]}
     specials = {f"{key}_token": name for key, (name, _) in names.items()}
     unk = next((t for t in ("[UNK]", "<unk>", "<|unk|>") if hf.token_to_id(t) is not None), None)
     if unk is not None:
         specials["unk_token"] = unk
-    return json.dumps(data, ensure_ascii=False), specials
+    # (an earlier framing, e.g. a re-export of an imported BERT's, gives way to [CLS] text [SEP])
+    return framed_tokenizer_json(hf, template), specials
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,12 +596,7 @@ def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
     classifier = getattr(ours, "head", None) is not None
     kind = "SequenceClassification" if classifier else "PreTraining"
     cls = getattr(transformers, f"{cfg.family.capitalize()}For{kind}")
-    try:
-        theirs = cls.from_pretrained(str(hf_dir)).float().eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise LmforgeError(
-            f"transformers cannot load {hf_dir} ({first_line(e)}); export it again with lmforge"
-        ) from None
+    theirs = loaded_by_transformers(lambda: cls.from_pretrained(str(hf_dir)), hf_dir)
     T = min(32, cfg.max_seq_len)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
     if classifier:  # the second row padded after half its tokens
