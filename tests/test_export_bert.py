@@ -111,6 +111,11 @@ def test_bert_export_matches_transformers(bpe: Tokenizer, tmp_path: Path) -> Non
         "pipeline_tag: fill-mask" in card and "| steps | 5 |" in card and f"| tokens seen | {5 * 4 * CONTEXT} |" in card
     )
     assert "| last validation mlm accuracy | 0.1250 (step 5) |" in card and "last validation nsp accuracy" in card
+    n = bpe.vocab_size  # a BPE lmforge trained: the encoder's special tokens were appended after its vocabulary
+    assert (
+        f"| vocabulary | {n + 4} ({n} tokens in the tokenizer, [PAD], [CLS], [SEP], [MASK] appended after them) |"
+        in card
+    )
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])

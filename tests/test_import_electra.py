@@ -108,6 +108,9 @@ def test_cli_import_matches_transformers(embedding_size: int, tmp_path: Path) ->
     assert verify_hf(tmp_path / "run", tmp_path / "back") <= 2e-5
     card = (tmp_path / "back" / "README.md").read_text(encoding="utf-8")
     assert ("| embedding width | 16 " in card) == (embedding_size == 16)
+    # VOCAB lists "a" twice (a word and a letter): 73 tokens on ids 0-73, its specials inside (the card said
+    # "73 in the tokenizer before specials")
+    assert "| vocabulary | 74 (73 tokens in the tokenizer on ids 0-73, [PAD]/[CLS]/[SEP]/[MASK] among them) |" in card
 
 
 def test_bare_electra_model_imports_with_a_fresh_head(tmp_path: Path) -> None:

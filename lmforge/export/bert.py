@@ -304,6 +304,19 @@ def write_bert(trained: Any, out: Path) -> Path:
     return out
 
 
+def vocabulary_row(vocab_size: int, tokenizer: Tokenizer) -> str:
+    """The model card's vocabulary: the model's ids, the tokenizer's tokens and the ids they span, and where the
+    [PAD]/[CLS]/[SEP]/[MASK] tokens are. It said "N in the tokenizer before specials" for every encoder, also an
+    imported one whose tokenizer holds its specials (none appended), and counted tokens as if they were ids: a
+    vocab.txt that lists a token twice leaves the first line's id unused, so 74 tokens span ids 0-75."""
+    n_tokens = tokenizer.vocab_size
+    n_ids = max(tokenizer.hf.get_vocab(with_added_tokens=True).values()) + 1
+    spans = f" on ids 0-{n_ids - 1}" if n_ids != n_tokens else ""
+    appended = [name for name, token_id in special_names(tokenizer).values() if token_id >= n_tokens]
+    where = f"{', '.join(appended)} appended after them" if appended else "[PAD]/[CLS]/[SEP]/[MASK] among them"
+    return f"{vocab_size} ({n_tokens} tokens in the tokenizer{spans}, {where})"
+
+
 def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str, Any] | None = None) -> str:
     """README.md of an encoder export (`info`: a fine-tuned classifier's finetune.json): what it is, how it was
     trained, how to use it, the config."""
@@ -325,7 +338,7 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str
             else []
         ),
         ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
-        ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
+        ("vocabulary", vocabulary_row(cfg.model.vocab_size, trained.tokenizer)),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
         *(
             [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}` (--adapt {info.get('adapt')})")]
