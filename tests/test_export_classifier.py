@@ -121,3 +121,16 @@ def test_a_head_with_a_bias_is_refused_in_one_line_and_old_runs_load_with_theirs
         write_hf_classifier(trained, tmp_path / "biased")
     assert len(str(e.value).splitlines()) == 1 and "fine-tune it again" in str(e.value)
     assert not (tmp_path / "biased").exists()
+
+
+def test_a_prompt_tuned_classifier_is_refused_in_one_line(bpe: Tokenizer, tmp_path: Path) -> None:
+    """Its soft prompt comes before the text; HF's classifier has no place for it (the export dropped it)."""
+    base = make_base(tmp_path, max_seq_len=64, tok=bpe)
+    out = tmp_path / "cls"
+    cfg = FinetuneConfig(task="classify", adapt="prompt", prompt_tokens=4)
+    fast = {"train": {"max_steps": 1, "batch_size": 4, "log_every": 1, "warmup_steps": 0}, "eval": {"every": 0}}
+    finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=fast, progress=False)
+    with pytest.raises(LmforgeError, match="prompt-tuned classify run") as e:
+        export_hf(out, tmp_path / "hf")
+    assert "score it with eval --task classify" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "hf").exists()

@@ -79,15 +79,18 @@ def _load_lm(ckpt_dir: Path, *, classifiers: bool = False) -> Any:
 
     ft = load_finetuned(ckpt_dir, torch.device("cpu"))
     encoder = ft.config.model.family in ("bert", "electra")
-    if classifiers and getattr(ft.model, "head", None) is not None:
-        return ft
+    head = getattr(ft.model, "head", None) is not None
     if ft.model.__class__.__name__ != "GPT" and ft.info.get("adapt") == "prompt":
-        raise LmforgeError(  # a language model, but its soft prompt has no place in a transformers model
+        # (a classifier's too: *ForSequenceClassification has no place for the soft prompt it reads first)
+        use = "score it with eval --task classify" if head else "use it with generate, chat or serve"
+        raise LmforgeError(
             f"{ft.run_dir} is a prompt-tuned {ft.info['task']} run (--adapt prompt): its soft prompt vectors have "
-            "no Hugging Face counterpart, so it does not export; use it with generate, chat or serve, or "
-            "fine-tune with --adapt lora or full to export"
+            f"no Hugging Face counterpart, so it does not export; {use}, or fine-tune with --adapt lora or full to "
+            "export"
         )
-    if getattr(ft.model, "head", None) is not None:  # reached with --peft only: PEFT has no classifier adapter
+    if classifiers and head:
+        return ft
+    if head:  # reached with --peft only: PEFT has no classifier adapter
         kind = f"{ft.config.model.family} encoder" if encoder else "decoder"
         raise LmforgeError(
             f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}) of a {kind}; export it without "
