@@ -50,10 +50,21 @@ def bpe() -> Tokenizer:
     return train_bpe([p.read_text(encoding="utf-8") for p in sorted(DATA.glob("sentiment_*"))] * 3, vocab_size=400)
 
 
+def with_bos(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with a <s> its post-processor puts before every text, as an imported Llama's."""
+    from tokenizers import AddedToken, processors
+
+    hf = Tokenizer.from_str(tokenizer.to_str()).hf
+    hf.add_special_tokens([AddedToken("<s>", special=True, normalized=False)])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))])
+    return Tokenizer(hf)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_decoder_classifier_exports_as_a_sequence_classifier(case: str, bpe: Tokenizer, tmp_path: Path) -> None:
     variant, adapt, architecture = CASES[case]
-    base = make_base(tmp_path, max_seq_len=64, tok=bpe, **variant)
+    tok = with_bos(bpe) if adapt == "lora" else bpe  # the Llama's rows are <s> text EOS
+    base = make_base(tmp_path, max_seq_len=64, tok=tok, **variant)
     out = tmp_path / "cls"
     cfg = FinetuneConfig(task="classify", adapt=adapt, **({"lora_rank": 2} if adapt == "lora" else {}))
     finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False)
@@ -73,8 +84,10 @@ def test_decoder_classifier_exports_as_a_sequence_classifier(case: str, bpe: Tok
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     assert type(theirs).__name__ == architecture
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    for text in TEXTS:  # framed as lmforge's rows: text, then the end-of-text token
-        assert tok(text)["input_ids"] == ours.tokenizer.encode(text) + [eos]
+    prefix = ours.tokenizer.prompt_prefix
+    assert len(prefix) == (adapt == "lora")
+    for text in TEXTS:  # framed as lmforge's rows: [BOS] text, then the end-of-text token
+        assert tok(text)["input_ids"] == prefix + ours.tokenizer.encode(text) + [eos]
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     lengths = batch["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) == len(TEXTS)  # every row a different length
