@@ -295,6 +295,12 @@ def build_parser() -> Parser:
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local HF model directory, or hf:ORG/NAME from the Hub")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--generator",
+        metavar="GEN_DIR",
+        help="ELECTRA: the generator (ElectraForMaskedLM) trained with the discriminator HF_DIR, imported too "
+        "(default: a freshly initialised one)",
+    )
 
     p = sub.add_parser(
         "quantize",
@@ -611,7 +617,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.command == "import":
         from lmforge.export.hf_import import import_hf
 
-        print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite)}")
+        print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite, generator=args.generator)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
         from lmforge.estimate import estimate, format_estimate

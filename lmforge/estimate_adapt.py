@@ -198,10 +198,10 @@ def lora_memory_bytes(
 
 def head_param_count(model: GPTConfig, labels: int) -> int:
     """What `finetune --adapt head` trains (adapt/heads.py `set_trainable`): a new classification head (a Linear
-    d_model -> labels, with bias) when `labels` > 0; on an LM task the final norm and an untied output head (a
-    tied one is the input table too, and stays frozen)."""
+    d_model -> labels without bias, as HF's `score`) when `labels` > 0; on an LM task the final norm and an untied
+    output head (a tied one is the input table too, and stays frozen)."""
     if labels:
-        return model.d_model * labels + labels
+        return model.d_model * labels
     norm = model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
     return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
 

@@ -701,6 +701,8 @@ def _finetune(
         "base_sha256": base_sha,
         "base_arg": _base_arg(base),
         "labels": labels,
+        # a decoder's classification head: bias-free as HF's `score` (a run continued from before keeps its bias)
+        "head_bias": bool(previous.get("head_bias", True)) if previous is not None else False,
         "fields": fields,
         "train_sha256": train_sha,
         # the validation file its evaluations (metrics.jsonl val_*) scored: `quantize` compares on it

@@ -891,7 +891,7 @@ def adapted_model(
     body = GPT(model_cfg)
     body.init_weights()
     info = {"adapt": adapt, "task": "classify" if labels else "sft", "labels": [str(i) for i in range(labels)],
-            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0,
+            "prompt_tokens": prompt_tokens, "saved": "adapter", "seed": 0, "head_bias": False,
             "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(targets)}}  # fmt: skip
     model = build_adapted(body, info, torch.device("cpu"))
     for p in model.parameters():
@@ -1050,7 +1050,7 @@ def test_head_and_prompt_flags_follow_finetune_and_refuse_what_they_do_not_use()
     assert out["adapt"] == "prompt" and out["prompt_tokens"] == prompt_tokens
     assert out["trainable_params"] == prompt_tokens * m["d_model"] and out["seq_len"] == 128 - prompt_tokens
     out = json.loads(run_cli(*base, "--adapt", "head", "--labels", "5").stdout)
-    assert out["trainable_params"] == 5 * m["d_model"] + 5 and out["labels"] == 5
+    assert out["trainable_params"] == 5 * m["d_model"] and out["labels"] == 5
     full = json.loads(run_cli(*base).stdout)
     assert 2 * out["flops_per_token"] < full["flops_per_token"]  # forward only, and no vocabulary matmul
     for flags, message in [

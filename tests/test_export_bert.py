@@ -113,6 +113,11 @@ def test_bert_export_matches_transformers(bpe: Tokenizer, tmp_path: Path) -> Non
     )
     assert "| last validation mlm accuracy | 0.1250 (step 5) |" in card and "last validation nsp accuracy" in card
     assert "| last validation loss | 5.5000 MLM nats/masked token + NSP nats/pair (step 5) |" in card  # not per token
+    n = bpe.vocab_size  # a BPE lmforge trained: the encoder's special tokens were appended after its vocabulary
+    assert (
+        f"| vocabulary | {n + 4} ({n} tokens in the tokenizer, [PAD], [CLS], [SEP], [MASK] appended after them) |"
+        in card
+    )
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])

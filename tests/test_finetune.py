@@ -76,13 +76,13 @@ def test_head_only_keeps_body_bit_identical(base: Path, tmp_path: Path):
     out = tmp_path / "head"
     cfg = FinetuneConfig(task="classify", adapt="head")
     result = finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=FAST, progress=False)
-    assert result["trainable_params"] == 32 * 2 + 2  # head: d_model x 2 labels + bias
+    assert result["trainable_params"] == 32 * 2  # head: d_model x 2 labels, no bias (as HF's score)
     ft = load_finetuned(out, torch.device("cpu"))
     before = _base_state(base)
     for name, value in ft.model.body.state_dict().items():
         assert torch.equal(value, before[name]), name
     saved = load_checkpoint(out).model_state()
-    assert sorted(saved) == ["head.bias", "head.weight"]  # adapter-only: the base is named, not copied
+    assert sorted(saved) == ["head.weight"]  # adapter-only: the base is named, not copied
     info = json.loads((out / "finetune.json").read_text(encoding="utf-8"))
     assert info["base"].endswith("step-000000") and len(info["base_sha256"]) == 64
 
@@ -316,7 +316,7 @@ def test_classify_cli_end_to_end_and_eval_matches(base: Path, tmp_path: Path):
     # tokens and tokens/s count the sentences' tokens (padding left out), not the 8 x 8 examples
     last = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
     assert last["step"] == 8 and last["tokens"] > 8 * 8 * 10
-    assert saved["trainable_params"] == 2 * (4 * 32 + 96 * 4) + 2 * (4 * 32 + 32 * 4) + 66  # qkv + attn.proj + head
+    assert saved["trainable_params"] == 2 * (4 * 32 + 96 * 4) + 2 * (4 * 32 + 32 * 4) + 64  # qkv + attn.proj + head
     from lmforge.eval.tasks import evaluate_task
 
     m = evaluate_task(out, task="classify", data=DATA / "sentiment_val.jsonl")

@@ -108,6 +108,9 @@ def test_cli_import_matches_transformers(embedding_size: int, tmp_path: Path) ->
     assert verify_hf(tmp_path / "run", tmp_path / "back") <= 2e-5
     card = (tmp_path / "back" / "README.md").read_text(encoding="utf-8")
     assert ("| embedding width | 16 " in card) == (embedding_size == 16)
+    # VOCAB lists "a" twice (a word and a letter): 73 tokens on ids 0-73, its specials inside (the card said
+    # "73 in the tokenizer before specials")
+    assert "| vocabulary | 74 (73 tokens in the tokenizer on ids 0-73, [PAD]/[CLS]/[SEP]/[MASK] among them) |" in card
 
 
 def test_bare_electra_model_imports_with_a_fresh_head(tmp_path: Path) -> None:
@@ -228,3 +231,84 @@ def test_head_and_lora_classifiers_of_an_hf_electra_export_merged(adapt: str, tm
     export_hf(out, tmp_path / "export")
     _same_classifier_logits(out, tmp_path / "export", ["aei ou", "tds nr", "a"])
     assert verify_hf(out, tmp_path / "export") <= 2e-5
+
+
+def hf_generator(
+    root: Path, disc: object, *, hidden: int = 16, heads: int = 2, layers: int = 2, seed: int = 1
+) -> object:
+    """A tiny random ElectraForMaskedLM beside `disc` (an ElectraForPreTraining), holding its embeddings as an
+    ELECTRA generator does (one table trained for both), saved at `root`."""
+    config = transformers.ElectraConfig(
+        vocab_size=len(VOCAB), embedding_size=disc.config.embedding_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=40, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.ElectraForMaskedLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.electra.embeddings.load_state_dict(disc.electra.embeddings.state_dict())  # (the tied decoder too)
+    model.save_pretrained(str(root))
+    return model
+
+
+# generator widths: 16 = the 16-wide embeddings (no projection), 16 under 32-wide ones (embeddings_project)
+@pytest.mark.parametrize("embedding_size", [16, 32])
+def test_cli_import_with_generator_matches_transformers_and_pretrains(embedding_size: int, tmp_path: Path) -> None:
+    disc = hf_electra(tmp_path / "disc", embedding_size=embedding_size)
+    gen = hf_generator(tmp_path / "gen", disc)
+    r = run_cli("import", str(tmp_path / "disc"), "--out", str(tmp_path / "run"), "--generator", str(tmp_path / "gen"))
+    assert r.returncode == 0, r.stderr
+    assert "generator" not in r.stderr  # no "freshly initialised" note: it was imported
+    run = load_trained(tmp_path / "run", torch.device("cpu"))
+    assert run.config.model.generator_ratio == 0.5 and run.config.model.generator.d_model == 16
+    ours = run.model
+    assert (ours.generator.in_proj is None) == (embedding_size == 16)
+    idx, segments, pad = _inputs()
+    with torch.no_grad():  # measured max |diff| 2.4e-7 (embedding_size 16) and 3.9e-7 (32) on MLM scores of size ~1
+        ref = gen(input_ids=idx, token_type_ids=segments, attention_mask=pad.long()).logits
+        torch.testing.assert_close(ours.mlm_logits(ours.generator_hidden(idx, segments, pad))[pad], ref[pad], **TOL)
+        disc_ref = disc(input_ids=idx, token_type_ids=segments, attention_mask=pad.long()).logits
+        torch.testing.assert_close(ours(idx, segments, pad)[pad], disc_ref[pad], **TOL)  # (unchanged by it)
+    # a pretraining step starts from the imported generator: its MLM loss is transformers', and it trains
+    select = (torch.rand(idx.shape, generator=torch.Generator().manual_seed(2)) < 0.3) & pad
+    step = ours.train()(idx, segments, pad, select=select, noise=torch.rand(idx.shape))
+    gen_loss = torch.nn.functional.cross_entropy(step.gen_logits, idx[select])
+    torch.testing.assert_close(gen_loss, torch.nn.functional.cross_entropy(ref[select], idx[select]), **TOL)
+    before = ours.gen_head.dense.weight.detach().clone()
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    (gen_loss + step.disc_logits.sum()).backward()
+    optimizer.step()
+    assert not torch.equal(ours.gen_head.dense.weight, before)
+
+
+def test_generators_lmforge_cannot_hold_are_refused_in_one_line(tmp_path: Path) -> None:
+    disc = hf_electra(tmp_path / "disc", embedding_size=16)
+    cases = {  # generator directory -> what the one line says
+        "other": "was not trained with this discriminator",  # its own embeddings, not the discriminator's
+        "deeper": "scaled by one ratio",  # 3 layers under a 2-layer discriminator
+        "disc2": "is not an ELECTRA generator (no generator_predictions",  # a discriminator given as --generator
+    }
+    hf_generator(tmp_path / "deeper", disc, layers=3)
+    other = hf_generator(tmp_path / "other", disc)
+    with torch.no_grad():
+        other.electra.embeddings.LayerNorm.bias.add_(0.01)
+    other.save_pretrained(str(tmp_path / "other"))
+    hf_electra(tmp_path / "disc2", embedding_size=16)
+    for name, message in cases.items():
+        r = run_cli(
+            "import", str(tmp_path / "disc"), "--out", str(tmp_path / "run"), "--generator", str(tmp_path / name)
+        )
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
+    bert = transformers.BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40,
+    )  # fmt: skip
+    transformers.BertForMaskedLM(bert).save_pretrained(str(tmp_path / "bert"))
+    _tokenizer().save_pretrained(str(tmp_path / "bert"))
+    with pytest.raises(LmforgeError, match="--generator is for ELECTRA discriminators"):
+        import_hf(tmp_path / "bert", tmp_path / "run", generator=tmp_path / "deeper")

@@ -1,11 +1,16 @@
 """Task heads and freezing: the `Adapted` wrapper and `set_trainable` for each `--adapt` mode.
 
-`Adapted(body, prompt=None, n_labels=0)` puts an optional soft prompt in front of a decoder body and
-an optional classification head on top:
+`Adapted(body, prompt=None, n_labels=0, head_bias=False)` puts an optional soft prompt in front of a decoder
+body and an optional classification head on top:
 
     idx (B, T) ─► body.tok_emb ─► [soft prompt (P, C) prepended] ─► positions ─► blocks ─► norm_f ─► h (B, P+T, C)
         LM tasks:        h[:, P:] ─► output head (tied tok_emb or lm_head) ─► logits (B, T, V)
         classification:  h[b, P + length_b - 1] (the last real token, "last-token pooling") ─► head ─► (B, n_labels)
+
+The decoder's classification head is a Linear without bias, as HF's `score` in GPT2/Llama/Qwen2
+ForSequenceClassification (which pool the same token: the last one that is not padding), so a fine-tuned
+decoder classifier exports as one (export/hf.py). Runs fine-tuned before (finetune.json without `head_bias`)
+have a bias: `head_bias=True` rebuilds their head as it was saved.
 
 The forward pass is written out here (not `GPT.forward`) because a soft prompt enters as embeddings
 and classification needs hidden states, neither of which the LM forward exposes. Batches are padded
@@ -56,7 +61,9 @@ ADAPT_MODES = ("full", "head", "lora", "prompt")
 class Adapted(nn.Module):
     """A decoder body with an optional soft prompt and an optional classification head."""
 
-    def __init__(self, body: nn.Module, *, prompt: SoftPrompt | None = None, n_labels: int = 0) -> None:
+    def __init__(
+        self, body: nn.Module, *, prompt: SoftPrompt | None = None, n_labels: int = 0, head_bias: bool = False
+    ) -> None:
         super().__init__()
         family = getattr(body.cfg, "family", "gpt")
         if family not in ("gpt", "bert", "electra"):
@@ -71,14 +78,15 @@ class Adapted(nn.Module):
         self.head: nn.Module | None = None
         if n_labels and family == "electra":
             self.head = ElectraClassificationHead(body.cfg.d_model, n_labels, body.cfg.dropout)
-        elif n_labels:
-            self.head = nn.Linear(body.cfg.d_model, n_labels)
+        elif n_labels:  # BERT's classifier has a bias (HF's has one too); a decoder's has none unless an old run's
+            self.head = nn.Linear(body.cfg.d_model, n_labels, bias=self.encoder or head_bias)
         if self.head is not None:
             self.head.to(next(body.parameters()).device)
             for m in self.head.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=body.cfg.init_std)
-                    nn.init.zeros_(m.bias)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     @property
     def n_prompt(self) -> int:

@@ -163,7 +163,9 @@ def build_adapted(body: nn.Module, info: dict[str, Any], device: torch.device) -
         prompt.init_from_embeddings(body.tok_emb.weight, seed=info.get("seed", 0))
     model = body
     if prompt is not None or info["task"] == "classify":
-        model = Adapted(body, prompt=prompt, n_labels=len(info.get("labels") or []))
+        # a decoder classifier fine-tuned before heads lost their bias has one (finetune.json without head_bias)
+        head_bias = bool(info.get("head_bias", True))
+        model = Adapted(body, prompt=prompt, n_labels=len(info.get("labels") or []), head_bias=head_bias)
     set_trainable(model, adapt if info["saved"] == "adapter" else "full")
     return model
 

@@ -33,8 +33,12 @@ Design decisions
   `hidden_size` (ELECTRA-small: 128 vs 256) HF's `electra.embeddings_project` is our
   `discriminator.in_proj`; the discriminator head is dense -> GELU -> dense_prediction in both.
   The generator is a training device and is not exported (the model card says so); an imported
-  discriminator has none, so its run gets a freshly initialised one (fine-tuning drops it). A generator
-  directory (ElectraForMaskedLM) is refused: the discriminator is what ELECTRA fine-tunes.
+  discriminator has none, so its run gets a freshly initialised one (fine-tuning drops it), unless the
+  generator trained with it (ElectraForMaskedLM, e.g. google/electra-small-generator) is given as well
+  (`import --generator`): ELECTRA trains one embedding table for both, which lmforge holds once, so its
+  embeddings must be the discriminator's (checked exactly), and its shape the discriminator's scaled by one
+  `generator_ratio` (width, heads, MLP; same depth), as Google's are. A generator directory alone is
+  refused: the discriminator is what ELECTRA fine-tunes.
 - Special tokens: an lmforge encoder appends the [PAD]/[CLS]/[SEP]/[MASK] ids its tokenizer lacks
   after the vocabulary (`data/masking.special_ids`); the export adds exactly those tokens to
   tokenizer.json as special added tokens (appended in the same order, so they get the same ids) and
@@ -51,6 +55,7 @@ Reference: https://github.com/huggingface/transformers/blob/main/src/transformer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -60,9 +65,11 @@ import torch
 from torch import Tensor
 
 from lmforge.atomic import atomic_write_text, building_dir, fsync_file, save_safetensors, write_json
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, first_line
+from lmforge.checkpoint import read_json
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.export.hf import (
     CARD_PATH_NOTE,
+    FRAMING,
     HF_HINT,
     _last_eval,
     _own,
@@ -70,6 +77,8 @@ from lmforge.export.hf import (
     card_language_header,
     card_path,
     data_language,
+    framed_tokenizer_json,
+    loaded_by_transformers,
     training_progress,
 )
 from lmforge.export.hf_families import _dtype_name
@@ -80,7 +89,6 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 ENCODER_FAMILIES = ("bert", "electra")
 SPECIAL_KEYS = ("pad", "cls", "sep", "mask")
 DEFAULT_NAMES = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
-FRAMING = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")  # post-processors that add [CLS]/[SEP]
 
 # our names under `{stack}.{i}.` -> HF names under `{prefix}encoder.layer.{i}.`
 LAYER = {
@@ -121,6 +129,13 @@ ELECTRA_HEADS = {
     "disc_head.weight": "discriminator_predictions.dense_prediction.weight",
     "disc_head.bias": "discriminator_predictions.dense_prediction.bias",
 }
+GENERATOR_HEADS = {  # our gen_head -> ElectraForMaskedLM's (its decoder weight is tied to the word embeddings)
+    "gen_head.dense.weight": "generator_predictions.dense.weight",
+    "gen_head.dense.bias": "generator_predictions.dense.bias",
+    "gen_head.norm.weight": "generator_predictions.LayerNorm.weight",
+    "gen_head.norm.bias": "generator_predictions.LayerNorm.bias",
+    "gen_head.bias": "generator_lm_head.bias",
+}
 ELECTRA_NOT_EXPORTED = ("generator.", "gen_head.")  # the generator is a pretraining device only
 # a fine-tuned classifier (`adapt.heads.Adapted` on an encoder): its `head.*` -> *ForSequenceClassification's
 # names. BERT's head reads the body's pooler (kept, as `bert.pooler.dense`); its MLM and NSP heads stay behind.
@@ -145,12 +160,31 @@ def name_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
     table = {ours: (prefix + hf,) for ours, hf in EMBED.items()}
     if electra and cfg.embed_dim != cfg.d_model:  # HF ELECTRA's embeddings_project (embedding_size -> hidden_size)
         table.update({f"discriminator.in_proj.{part}": (f"electra.embeddings_project.{part}",) for part in PARTS})
-    for i in range(cfg.n_layer):
+    table.update(_layers_table(stack, prefix, cfg.n_layer))
+    table.update({ours: (hf,) for ours, hf in (ELECTRA_HEADS if electra else BERT_HEADS).items()})
+    return table
+
+
+def _layers_table(stack: str, prefix: str, n_layer: int) -> dict[str, tuple[str, ...]]:
+    """Our `{stack}.{i}.*` encoder layer names -> HF's `{prefix}encoder.layer.{i}.*`."""
+    table: dict[str, tuple[str, ...]] = {}
+    for i in range(n_layer):
         ours_prefix, hf_prefix = f"{stack}.{i}.", f"{prefix}encoder.layer.{i}."
         table.update({ours_prefix + ours: (hf_prefix + hf,) for ours, hf in LAYER.items()})
         for part in PARTS:
             table[f"{ours_prefix}attn.qkv.{part}"] = tuple(f"{hf_prefix}{n}.{part}" for n in QKV)
-    table.update({ours: (hf,) for ours, hf in (ELECTRA_HEADS if electra else BERT_HEADS).items()})
+    return table
+
+
+def generator_table(cfg: BertConfig) -> dict[str, tuple[str, ...]]:
+    """An ELECTRA generator's names (ours -> HF `ElectraForMaskedLM`'s), the shared embeddings left out: our
+    `generator.*` is its `electra.encoder.*` (and `electra.embeddings_project` when the embeddings are narrower),
+    our `gen_head` its `generator_predictions` (dense -> GELU -> LayerNorm) and `generator_lm_head.bias`."""
+    gen = cfg.generator
+    table = _layers_table("generator.layers", "electra.", gen.n_layer)
+    if cfg.embed_dim != gen.d_model:
+        table.update({f"generator.in_proj.{part}": (f"electra.embeddings_project.{part}",) for part in PARTS})
+    table.update({ours: (hf,) for ours, hf in GENERATOR_HEADS.items()})
     return table
 
 
@@ -242,20 +276,12 @@ def encoder_tokenizer_json(tokenizer: Tokenizer) -> tuple[str, dict[str, str]]:
         pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, cls_id), (sep, sep_id)],
     )
-    before = json.loads(hf.to_str())["post_processor"]
-    hf.post_processor = template
-    data = json.loads(hf.to_str())
-    # keep what the tokenizer already post-processes (e.g. byte-level offsets) but drop an earlier
-    # framing (a re-export of an imported BERT), then frame: [CLS] text [SEP]
-    kept = before["processors"] if before and before["type"] == "Sequence" else [before] if before else []
-    kept = [p for p in kept if p["type"] not in FRAMING]
-    if kept:
-        data["post_processor"] = {"type": "Sequence", "processors": [*kept, data["post_processor"]]}
     specials = {f"{key}_token": name for key, (name, _) in names.items()}
     unk = next((t for t in ("[UNK]", "<unk>", "<|unk|>") if hf.token_to_id(t) is not None), None)
     if unk is not None:
         specials["unk_token"] = unk
-    return json.dumps(data, ensure_ascii=False), specials
+    # (an earlier framing, e.g. a re-export of an imported BERT's, gives way to [CLS] text [SEP])
+    return framed_tokenizer_json(hf, template), specials
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +337,19 @@ def write_bert(trained: Any, out: Path) -> Path:
     return out
 
 
+def vocabulary_row(vocab_size: int, tokenizer: Tokenizer) -> str:
+    """The model card's vocabulary: the model's ids, the tokenizer's tokens and the ids they span, and where the
+    [PAD]/[CLS]/[SEP]/[MASK] tokens are. It said "N in the tokenizer before specials" for every encoder, also an
+    imported one whose tokenizer holds its specials (none appended), and counted tokens as if they were ids: a
+    vocab.txt that lists a token twice leaves the first line's id unused, so 74 tokens span ids 0-75."""
+    n_tokens = tokenizer.vocab_size
+    n_ids = max(tokenizer.hf.get_vocab(with_added_tokens=True).values()) + 1
+    spans = f" on ids 0-{n_ids - 1}" if n_ids != n_tokens else ""
+    appended = [name for name, token_id in special_names(tokenizer).values() if token_id >= n_tokens]
+    where = f"{', '.join(appended)} appended after them" if appended else "[PAD]/[CLS]/[SEP]/[MASK] among them"
+    return f"{vocab_size} ({n_tokens} tokens in the tokenizer{spans}, {where})"
+
+
 def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str, Any] | None = None) -> str:
     """README.md of an encoder export (`info`: a fine-tuned classifier's finetune.json): what it is, how it was
     trained, how to use it, the config."""
@@ -332,7 +371,7 @@ def model_card(out: Path, trained: Any, n_params: int, mask: str, info: dict[str
             else []
         ),
         ("context", f"{cfg.model.max_seq_len} tokens ([CLS] and [SEP] included)"),
-        ("vocabulary", f"{cfg.model.vocab_size} ({trained.tokenizer.vocab_size} in the tokenizer before specials)"),
+        ("vocabulary", vocabulary_row(cfg.model.vocab_size, trained.tokenizer)),
         ("training data", f"`{cfg.data.dir}`" if cfg.data.dir else "(none recorded: imported or untrained)"),
         *(
             [("fine-tuned from", f"`{info.get('base_arg') or info.get('base')}` (--adapt {info.get('adapt')})")]
@@ -502,9 +541,97 @@ def _without_framing(tokenizer: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
-def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
+def _take(hf_state: dict[str, Tensor], names: tuple[str, ...], like: Tensor, hf_dir: Path) -> Tensor:
+    """Pop the HF tensors `names` (our tensor is their concatenation along dim 0) as float32 shaped like `like`."""
+    parts = [hf_state.pop(n) for n in names]
+    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    if t.shape != like.shape:
+        raise CheckpointError(
+            f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {tuple(like.shape)}"
+        )
+    return t.float()
+
+
+def with_generator_of(cfg: BertConfig, gen_dir: Path) -> BertConfig:
+    """`cfg` (an imported discriminator's) with the generator_ratio that gives lmforge's generator the shape of the
+    HF ELECTRA generator in `gen_dir` (ElectraForMaskedLM); a generator lmforge cannot hold is a one-line error.
+
+    lmforge's generator is the discriminator scaled by one ratio in width, heads and MLP, at the same depth, and
+    reads the discriminator's embeddings (models/bert.py), as Google's generators are: electra-small's at 1,
+    base's at 1/3 (256 of 768 wide, 4 of 12 heads, 1024 of 3072), large's at 1/4."""
+    where = gen_dir / "config.json"
+    h = read_json(where, "an HF ELECTRA generator directory holds config.json and model.safetensors")
+    if not isinstance(h, dict) or h.get("model_type") != "electra":
+        kind = h.get("model_type") if isinstance(h, dict) else None
+        raise CheckpointError(f"{where}: model_type {kind!r} is not an ELECTRA generator (ElectraForMaskedLM)")
+    try:
+        gen = config_from_hf(h, where)
+    except (TypeError, ValueError, KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: unusable electra config ({e})") from None
+    shared = ("vocab_size", "max_seq_len", "n_segments", "embed_dim")
+    theirs, ours = (tuple(getattr(c, k) for k in shared) for c in (gen, cfg))
+    if theirs != ours:
+        raise CheckpointError(
+            f"{gen_dir}: the generator's embeddings (vocabulary, positions, segments, width: {theirs}) are not the "
+            f"discriminator's {ours}; ELECTRA's generator reads the discriminator's embeddings, so pass the "
+            "generator trained with this discriminator"
+        )
+    shape = ("n_layer", "n_head", "d_model", "ff_dim", "norm_eps")
+    try:
+        scaled = dataclasses.replace(cfg, generator_ratio=gen.d_model / cfg.d_model)
+        fits = tuple(getattr(scaled.generator, k) for k in shape) == tuple(getattr(gen, k) for k in shape)
+    except ConfigError:
+        fits = False
+    if not fits:
+        have = ", ".join(f"{k} {getattr(gen, k)}" for k in shape)
+        want = ", ".join(f"{k} {getattr(cfg, k)}" for k in shape)
+        raise CheckpointError(
+            f"{gen_dir}: a generator of {have} is not the discriminator ({want}) scaled by one ratio in width, heads "
+            "and MLP at the same depth, which lmforge's ELECTRA generator is (model.generator_ratio); import without "
+            "--generator to start a fresh one"
+        )
+    return scaled
+
+
+def generator_state(gen_dir: Path, cfg: BertConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The `generator.*` and `gen_head.*` tensors of the HF ElectraForMaskedLM in `gen_dir` under our names, for a
+    model of `cfg` (`with_generator_of`) whose discriminator tensors `state` holds: its embeddings must be those
+    (ELECTRA trains one table for both; lmforge holds it once), its decoder tied to them."""
+    hf_state = _read_weights(gen_dir, "electra")
+    if "generator_predictions.dense.weight" not in hf_state:
+        raise CheckpointError(
+            f"{gen_dir} is not an ELECTRA generator (no generator_predictions.*); pass the ElectraForMaskedLM "
+            "directory saved beside the discriminator (e.g. google/electra-small-generator)"
+        )
+    for ours, hf in EMBED.items():
+        t = hf_state.pop(f"electra.{hf}", None)
+        if t is None or t.shape != state[ours].shape or not torch.equal(t.float(), state[ours]):
+            raise CheckpointError(
+                f"{gen_dir}: the generator's electra.{hf} is not the discriminator's; ELECTRA's generator and "
+                "discriminator share their embeddings (lmforge holds them once), so this generator was not trained "
+                "with this discriminator: pass its own, or import without --generator"
+            )
+    decoder = hf_state.pop("generator_lm_head.weight", None)
+    if decoder is not None and not torch.equal(decoder.float(), state["embed.tok_emb.weight"]):
+        raise CheckpointError(f"{gen_dir}: generator_lm_head is not tied to the word embeddings, as ELECTRA's is")
+    out: dict[str, Tensor] = {}
+    for ours, names in generator_table(cfg).items():
+        absent = [n for n in names if n not in hf_state]
+        if absent:
+            raise CheckpointError(f"{gen_dir} has no tensor {absent[0]!r}; is it a complete ELECTRA generator?")
+        out[ours] = _take(hf_state, names, state[ours], gen_dir)
+    extra = sorted(k for k in hf_state if k not in IGNORED)
+    if extra:
+        raise CheckpointError(
+            f"{gen_dir} has tensors an ELECTRA generator (ElectraForMaskedLM) does not ({', '.join(extra[:3])})"
+        )
+    return out
+
+
+def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path, generator: Path | None = None) -> Path:
     """Write a local HF BERT or ELECTRA (discriminator) directory as an lmforge run at `out` (model_type
-    "bert" / "electra"; checks on `out` done by `import_hf`)."""
+    "bert" / "electra"; checks on `out` done by `import_hf`). `generator`: the ELECTRA generator directory
+    (ElectraForMaskedLM) trained with the discriminator, imported too (else the run's starts freshly initialised)."""
     from lmforge.config import RunConfig
     from lmforge.data.masking import special_ids
     from lmforge.objectives import ObjectiveConfig
@@ -517,6 +644,8 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
         cfg = config_from_hf(hf_cfg, where)
     except (TypeError, ValueError, KeyError, ConfigError) as e:
         raise CheckpointError(f"{where}: unusable {family} config ({e})") from None
+    if generator is not None:
+        cfg = with_generator_of(cfg, generator)
     tokenizer, tok_path = read_hf_tokenizer(hf_dir)
     tokenizer = _without_framing(tokenizer)
     ids = special_ids(tokenizer)
@@ -529,7 +658,8 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
     if any(k.startswith(("generator_predictions.", "generator_lm_head.")) for k in hf_state):
         raise CheckpointError(
             f"{hf_dir} is an ELECTRA generator (ElectraForMaskedLM); lmforge imports the discriminator, the model "
-            "ELECTRA fine-tunes: import its ElectraForPreTraining directory (e.g. google/electra-small-discriminator)"
+            "ELECTRA fine-tunes: import its ElectraForPreTraining directory (e.g. google/electra-small-discriminator), "
+            "with this one as --generator"
         )
     decoder = hf_state.pop("cls.predictions.decoder.weight", None)
     if decoder is not None and not torch.equal(decoder, hf_state.get("bert.embeddings.word_embeddings.weight")):
@@ -550,12 +680,7 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             continue
         if absent:
             raise CheckpointError(f"{hf_dir} has no tensor {absent[0]!r}; is it a complete {name} checkpoint?")
-        parts = [hf_state.pop(n) for n in names]
-        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        if t.shape != state[ours].shape:
-            want = tuple(state[ours].shape)
-            raise CheckpointError(f"{hf_dir}: {names[0]} has shape {tuple(t.shape)}, config.json implies {want}")
-        state[ours] = t.float()
+        state[ours] = _take(hf_state, names, state[ours], hf_dir)
     extra = sorted(k for k in hf_state if k not in IGNORED)
     if extra and not any(k.startswith(STANDARD[family]) for k in extra):  # a task head beside the encoder
         architectures = hf_cfg.get("architectures") or ["a task model"]
@@ -569,7 +694,9 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path) -> Path:
             f"{hf_dir} has tensors a plain {name} does not ({', '.join(extra[:3])}); lmforge imports only the "
             f"standard architecture ({ARCHITECTURES[family]})"
         )
-    if family == "electra":  # a discriminator directory never holds its generator
+    if family == "electra" and generator is not None:
+        state.update(generator_state(generator, cfg, state))
+    elif family == "electra":  # a discriminator directory never holds its generator
         missing_heads.add("generator")
     if missing_heads:
         print(  # one line, as lmforge's other notes (a UserWarning printed the file, line and source line too)
@@ -604,12 +731,7 @@ def verify_bert(trained: Any, hf_dir: str | Path, *, seed: int = 0) -> float:
     classifier = getattr(ours, "head", None) is not None
     kind = "SequenceClassification" if classifier else "PreTraining"
     cls = getattr(transformers, f"{cfg.family.capitalize()}For{kind}")
-    try:
-        theirs = cls.from_pretrained(str(hf_dir)).float().eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise LmforgeError(
-            f"transformers cannot load {hf_dir} ({first_line(e)}); export it again with lmforge"
-        ) from None
+    theirs = loaded_by_transformers(lambda: cls.from_pretrained(str(hf_dir)), hf_dir)
     T = min(32, cfg.max_seq_len)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))  # (B, T)
     if classifier:  # the second row padded after half its tokens

@@ -51,7 +51,9 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def import_hf(
+    hf_dir: str | Path, out: str | Path, *, overwrite: bool = False, generator: str | Path | None = None
+) -> Path:
     """Turn a local HF GPT-2, Llama or Qwen2 directory into an lmforge run directory.
 
     Args:
@@ -61,6 +63,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
         out: the run directory to create: config.json, tokenizer.json and a weights-only checkpoint
             `checkpoints/step-000000/` that `lmforge eval`, `generate` and fine-tuning load.
         overwrite: replace an existing `out` (only after the new one is complete).
+        generator: with an ELECTRA discriminator, the HF ElectraForMaskedLM generator trained with it (a local
+            directory or `hf:ORG/NAME`), imported as the run's generator (`export/bert.py`); without it the run
+            gets a freshly initialised one.
 
     Returns:
         `out`.
@@ -85,10 +90,18 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     config_path = hf_dir / "config.json"
     hf_cfg = read_json(config_path, f"an HF model directory holds {HF_DIR_FILES}")
     model_type = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
+    if generator is not None:
+        generator = local_model_dir(generator)
+        if not (generator / "config.json").is_file():
+            raise CheckpointError(f"--generator {generator} is not an HF model directory (it has no config.json)")
+        if model_type != "electra":
+            raise LmforgeError(
+                f"--generator is for ELECTRA discriminators; {config_path} has model_type {model_type!r}"
+            )
     if model_type in ("bert", "electra"):
         from lmforge.export.bert import import_encoder
 
-        return import_encoder(hf_dir, hf_cfg, out)
+        return import_encoder(hf_dir, hf_cfg, out, generator)
     if model_type not in FAMILIES:
         raise LmforgeError(
             f"{config_path}: model_type {model_type!r} is not supported; lmforge imports {', '.join(FAMILIES)}, "

@@ -2,10 +2,9 @@
 
 `load_exportable(path)` is how `export_hf` loads any run: pretrained, imported, quantized, or
 fine-tuned. An adapter-only LoRA run is rebuilt on its base and merged (`adapt/lora.py merge_lora`), so
-the export is a plain GPT-2/Llama model. BERT/ELECTRA classifiers come back whole (LoRA merged) for
-export/bert.py to write as `*ForSequenceClassification`, whose head is the one they trained. Other runs that
-are not a language model (a GPT's last-token classification head, soft prompts) are refused: transformers has
-no class that computes them.
+the export is a plain GPT-2/Llama model. Classifiers come back whole (LoRA merged) for export/bert.py
+(BERT/ELECTRA) or export/hf.py (a GPT's last-token head) to write as `*ForSequenceClassification`, whose head
+is the one they trained. Soft prompts are refused: transformers has no class that computes them.
 
 `export_peft(path, out)` keeps the adapter separate instead (`lmforge export RUN --to hf --peft`):
 
@@ -67,32 +66,35 @@ def _load_exportable(ckpt_dir: Path) -> Any:
 
     if not (ckpt_dir.parent.parent / "finetune.json").is_file():
         return load_trained(ckpt_dir, torch.device("cpu"))
-    ft = _load_lm(ckpt_dir, encoder_classifiers=True)
+    ft = _load_lm(ckpt_dir, classifiers=True)
     merge_lora(ft.model)
     ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
     return Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt)
 
 
-def _load_lm(ckpt_dir: Path, *, encoder_classifiers: bool = False) -> Any:
-    """A fine-tuned language model; with `encoder_classifiers` a BERT/ELECTRA classifier too (merged exports
-    write it as `*ForSequenceClassification`, export/bert.py); anything else is a one-line error."""
+def _load_lm(ckpt_dir: Path, *, classifiers: bool = False) -> Any:
+    """A fine-tuned language model; with `classifiers` a BERT/ELECTRA/GPT classifier too (merged exports write
+    it as `*ForSequenceClassification`); anything else is a one-line error."""
     from lmforge.adapt.load import load_finetuned
 
     ft = load_finetuned(ckpt_dir, torch.device("cpu"))
     encoder = ft.config.model.family in ("bert", "electra")
-    if encoder and encoder_classifiers:
-        return ft
+    head = getattr(ft.model, "head", None) is not None
     if ft.model.__class__.__name__ != "GPT" and ft.info.get("adapt") == "prompt":
-        raise LmforgeError(  # a language model, but its soft prompt has no place in a transformers model
-            f"{ft.run_dir} is a prompt-tuned {ft.info['task']} run (--adapt prompt): its soft prompt vectors have "
-            "no Hugging Face counterpart, so it does not export; use it with generate, chat or serve, or "
-            "fine-tune with --adapt lora or full to export"
-        )
-    if encoder:  # reached with --peft only: the merged export is the classifier transformers has a class for
+        # (a classifier's too: *ForSequenceClassification has no place for the soft prompt it reads first)
+        use = "score it with eval --task classify" if head else "use it with generate, chat or serve"
         raise LmforgeError(
-            f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}) of a {ft.config.model.family} "
-            f"encoder; export it without --peft (LoRA merged, as "
-            f"{ft.config.model.family.capitalize()}ForSequenceClassification)"
+            f"{ft.run_dir} is a prompt-tuned {ft.info['task']} run (--adapt prompt): its soft prompt vectors have "
+            f"no Hugging Face counterpart, so it does not export; {use}, or fine-tune with --adapt lora or full to "
+            "export"
+        )
+    if classifiers and head:
+        return ft
+    if head:  # reached with --peft only: PEFT has no classifier adapter
+        kind = f"{ft.config.model.family} encoder" if encoder else "decoder"
+        raise LmforgeError(
+            f"{ft.run_dir} is a {ft.info['task']} run (--adapt {ft.info['adapt']}) of a {kind}; export it without "
+            "--peft (LoRA merged, as a *ForSequenceClassification)"
         )
     if ft.model.__class__.__name__ != "GPT":
         raise LmforgeError(
