@@ -284,3 +284,66 @@ def test_deferred_finite_check_rolls_back(data_dir: Path, tmp_path: Path, monkey
     assert state.step == 12 and state.rollbacks == 1 and state.skipped_steps == 5
     final = load_file(str(tmp_path / "run" / "checkpoints" / "step-000012" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line `lmforge ARGV`, run in this process, exits 2 with."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+@pytest.mark.parametrize("limit", [1, 2_000, 30_000])  # the build folder's marker, a split's texts, the shards
+def test_prepare_onto_a_full_disk_is_one_line_naming_out_and_keeps_the_old_one(
+    corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: int
+) -> None:
+    """`prepare --overwrite` whose writes fail (a real EFBIG from a file-size limit, as a full disk) says which --out
+    and what to do in one line ("[Errno 27] File too large", no file named, it was), leaves the data directory it
+    was replacing as it was, and no build folder."""
+    from tests.conftest import file_size_limit
+
+    out = tmp_path / "data"
+    argv = ["prepare", str(corpus_file), "--out", str(out), "--tokenizer", "char", "--quiet"]
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with file_size_limit(limit):
+        err = cli_error([*argv, "--overwrite", "--dedup", "none"], capsys)
+    assert err.startswith(f"lmforge: error: cannot write {out}") and "file too large" in err, err
+    assert "choose another --out" in err and ".lmforge-tmp" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+@pytest.mark.parametrize("limit", [1, 500, 20_000])  # the marker, config.json, model.safetensors
+def test_export_onto_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: int
+) -> None:
+    """`export --overwrite` whose writes fail (a real EFBIG) names the file as it would be in --out (not the hidden
+    build folder's, nor no file at all: "[Errno 27] File too large") and what to do, in one line; the earlier export
+    is as it was and no build folder is left."""
+    from lmforge.tokenizer.train import train_char
+    from tests.conftest import file_size_limit, shakespeare_text
+    from tests.test_export import make_run
+
+    run = make_run(tmp_path / "run", train_char([shakespeare_text(5_000)]))
+    out = tmp_path / "hf"
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with file_size_limit(limit):
+        err = cli_error(["export", str(run), "--out", str(out), "--overwrite"], capsys)
+    assert err.startswith(f"lmforge: error: cannot write {out}") and "file too large" in err, err
+    assert ".lmforge-tmp" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
