@@ -161,15 +161,23 @@ def test_failing_disk_while_saving_per_rank_files_keeps_the_previous_checkpoint(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as on Linux")
-def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fails", ["optim", "all but small files"])
+def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path, fails: str) -> None:
     """A real failed write (a file-size limit, as a full disk: safetensors raises its own SafetensorError,
-    which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone."""
+    which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone, and
+    the same command, once there is room, resumes from the previous checkpoint to the uninterrupted run's weights
+    and metrics. When loss.png could not be redrawn either (a limit below its size, as a disk that stays full), that
+    second failure, on the way out, replaced the line with a bare "[Errno 27] File too large"."""
     run = tmp_path / "run"
     base = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet"]
     small = ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--eval.every", "0"]
+    small += ["--train.log_every", "1"]
     first = run_cli(*base, *small, "--train.max_steps", "4", "--checkpoint.every", "4")
     assert first.returncode == 0, first.stderr
     limit = (run / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size + 1000  # < optim's 2x
+    if fails != "optim":
+        limit = 6_000  # config.json, status.json, metrics.jsonl fit; the weights and loss.png do not
+        assert (run / "loss.png").stat().st_size > limit
 
     def limit_file_size() -> None:  # in the child: writes past `limit` fail with EFBIG instead of killing it
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -180,6 +188,17 @@ def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: P
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert "could not write checkpoint step-000008" in second.stderr and "resume from step-000004" in second.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004"]
+    if fails == "optim":
+        return
+    third = run_cli(*base, *small, "--train.max_steps", "8", "--checkpoint.every", "4")
+    assert third.returncode == 0, third.stderr
+    straight = tmp_path / "straight"
+    run_cli(*base[:4], str(straight), *base[5:], *small, "--train.max_steps", "8", "--checkpoint.every", "4")
+    final = [load_file(str(r / "checkpoints" / "step-000008" / "model.safetensors")) for r in (run, straight)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
+    assert [{k: r[k] for k in ("step", "loss")} for r in records(run) if "loss" in r] == [
+        {k: r[k] for k in ("step", "loss")} for r in records(straight) if "loss" in r
+    ]
 
 
 def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_dir: Path, tmp_path: Path) -> None:
