@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -379,7 +380,9 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     except OSError as e:  # a full disk: the bare "4096 requested and 0 written" named no file
         raise OSError(f"could not write {out} ({e})") from None
     finally:
-        writer.close()
-        if tmp.exists():
-            tmp.unlink()
+        # closing flushes what the writer buffered, which fails again on a full disk: that second error skipped
+        # the unlink (a `.m.gguf.lmforge-tmp-*` was left for good) and replaced the one naming the file
+        with contextlib.suppress(OSError):
+            writer.close()
+        tmp.unlink(missing_ok=True)
     return out
