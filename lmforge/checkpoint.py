@@ -300,12 +300,17 @@ def write_failed(run_dir: Path, step: int, e: BaseException) -> CheckpointError:
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
-    """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`)."""
-    checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`). A folder that
+    cannot be made (the permission to write in checkpoints/ lost mid-run) is `write_failed`'s error, which names
+    the checkpoint to resume from: it was a bare "[Errno 13] Permission denied: '.../step-000012.tmp'"."""
     tmp = tmp_step_dir(run_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_failed(run_dir, step, e) from None
     return tmp
 
 

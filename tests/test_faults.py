@@ -201,6 +201,23 @@ def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: P
     ]
 
 
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="POSIX permissions, which root ignores")
+def test_write_permission_lost_mid_run_names_the_checkpoint_to_resume_from(data_dir: Path, tmp_path: Path) -> None:
+    """checkpoints/ made read-only between two saves (a permission lost mid-run): the save's error says which
+    checkpoint the same command resumes from (it was a bare "[Errno 13] Permission denied: '.../step-000012.tmp'"),
+    and once the permission is back it does, to the end."""
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 6, "checkpoint.every": 6, "eval.every": 0}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match=r"step-000012 .*Permission denied.*resume from step-000006"):
+            pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 12}), progress=False)
+    finally:
+        (run / "checkpoints").chmod(0o755)
+    assert pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 12}), progress=False).step == 12
+
+
 def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_dir: Path, tmp_path: Path) -> None:
     from lmforge.errors import CheckpointError
 
