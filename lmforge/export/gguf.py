@@ -378,6 +378,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:  # a full disk: the bare "4096 requested and 0 written" named no file
+        if e.errno is not None:  # (the CLI's line for a full disk or a file-size limit goes by it)
+            raise OSError(e.errno, e.strerror, str(out)) from None
         raise OSError(f"could not write {out} ({e})") from None
     finally:
         # closing flushes what the writer buffered, which fails again on a full disk: that second error skipped
