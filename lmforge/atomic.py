@@ -225,9 +225,9 @@ def _make_marked_dir(out: Path, kind: str) -> Path:
 
 
 def public_path(path: str | Path) -> str:
-    """`path` as the user knows it: a file in a build folder (`.<out>.lmforge-tmp-<random>/config.json`) is named by
-    where it is going (`<out>/config.json`), for an error message."""
-    return re.sub(r"(^|/)\.([^/]+)\.lmforge-(?:tmp|old)-[0-9a-f]{8}(?=/|$)", r"\1\2", os.fspath(path))
+    """`path` (or each path in a message) as the user knows it: a file in a build folder
+    (`.<out>.lmforge-tmp-<random>/config.json`) is named by where it is going (`<out>/config.json`)."""
+    return re.sub(r"(^|/)\.([^/'\s]+)\.lmforge-(?:tmp|old)-[0-9a-f]{8}(?=[/'\s)]|$)", r"\1\2", os.fspath(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -383,3 +383,27 @@ def test_export_onto_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_e
     assert ".lmforge-tmp" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_quantize_onto_a_full_disk_names_out_not_its_build_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantize --overwrite` whose checkpoint write fails (a real EFBIG) names --out's checkpoints, not the hidden
+    `.q.lmforge-tmp-<random>/checkpoints/...` it is built in, and the earlier quantized run stays as it was."""
+    from lmforge.cli import main
+    from lmforge.tokenizer.train import train_char
+    from tests.conftest import file_size_limit, shakespeare_text
+    from tests.test_export import make_run
+
+    run = make_run(tmp_path / "run", train_char([shakespeare_text(5_000)]))
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit):
+        main(["quantize", str(run), "--out", str(out), "--no-compare"])
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with file_size_limit(2_000):
+        err = cli_error(["quantize", str(run), "--out", str(out), "--no-compare", "--overwrite"], capsys)
+    assert f"could not write checkpoint step-000007 in {out / 'checkpoints'} (" in err, err
+    assert ".lmforge-tmp" not in err and "File too large" in err
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]
