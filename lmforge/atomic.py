@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -31,22 +32,56 @@ def tmp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError raised in the block names `path` when it named no file: a write through an open file (a full
+    disk's ENOSPC, a file-size limit's EFBIG) raises a bare "[Errno 28] No space left on device", and the CLI's
+    one line then said nothing of which file, or which --out, to free space for."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """`with replacing(path) as tmp:` write the whole file to `tmp` (`tmp_beside(path)`); it is renamed over `path`
+    when the block ends. On any error (a full disk, Ctrl-C) the temporary is removed and `path` is as it was; an
+    OSError names `path`, not the hidden temporary (nor no file at all, as a failed write through a handle)."""
+    path = Path(path)
+    tmp = tmp_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is None or (e.filename is not None and str(e.filename) != str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` through `tmp_beside(path)`, fsynced, then renamed over `path`.
 
     A failed write (a full disk) removes the temporary and names `path`: it left an empty `config.json.tmp`
     behind and the CLI's error was a bare "[Errno 28] No space left on device", with no file named."""
-    path = Path(path)
-    tmp = tmp_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (a plot's PNG): all of `data` at `path`, or `path` as it was."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -60,7 +95,8 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     run or export shared with a group, or served from a shared folder, could not be read by the others
     while its config and tokenizer could.
 
-    A failed write (a full disk, a lost permission) is an OSError naming `path`: safetensors raises its own
+    A failed write (a full disk, a lost permission) is an OSError naming `path`, with the errno the library's
+    message gives ("I/O error: No space left on device (os error 28)"): safetensors raises its own
     SafetensorError for it, which `lmforge export --to hf` onto a full disk showed as a traceback.
 
     The header's metadata is then put in sorted key order (`_sort_metadata`), so equal tensors and metadata
@@ -75,7 +111,10 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     except SafetensorError as e:
         if "I/O error" not in str(e):  # anything else is lmforge's bug: keep its traceback
             raise
-        raise OSError(f"could not write {path} ({e})") from None
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise OSError(f"could not write {path} ({e})") from None
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     os.chmod(path, 0o666 & ~_umask())
 
 
@@ -180,10 +219,18 @@ def _make_marked_dir(out: Path, kind: str) -> Path:
             continue
         try:  # a Ctrl-C/SIGTERM before the marker is written would leave a folder no later run knows as ours
             (folder / TMP_MARKER).write_text(marker, encoding="utf-8")
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno is not None:  # (a full disk: name `out`, not the hidden marker)
+                raise OSError(e.errno, e.strerror, str(out)) from None
             raise
         return folder
+
+
+def public_path(path: str | Path) -> str:
+    """`path` (or each path in a message) as the user knows it: a file in a build folder
+    (`.<out>.lmforge-tmp-<random>/config.json`) is named by where it is going (`<out>/config.json`)."""
+    return re.sub(r"(^|/)\.([^/'\s]+)\.lmforge-(?:tmp|old)-[0-9a-f]{8}(?=[/'\s)]|$)", r"\1\2", os.fspath(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,5 +415,6 @@ def building_dir(out: Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         discard_tmp_dir(tmp)
-        raise
+        with naming(out):  # (a full disk's error from a write through a handle names no file: it names `out`)
+            raise
     publish_dir(tmp, out)

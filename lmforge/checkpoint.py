@@ -52,7 +52,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lmforge.atomic import atomic_write_text, fsync_file, save_safetensors, write_json
+from lmforge.atomic import atomic_write_text, fsync_file, public_path, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.train.state import flatten_optimizer, rng_state, savable, shared_names, unflatten_optimizer
 
@@ -289,23 +289,29 @@ def save_checkpoint(
 def write_failed(run_dir: Path, step: int, e: BaseException) -> CheckpointError:
     """The error for a checkpoint whose write failed (a full disk or a lost permission mid-write), once its
     half-written folder is removed: it held the space the next try needs. The complete checkpoints before
-    it are untouched. (safetensors raises its own error type for this: a traceback before.)"""
+    it are untouched. (safetensors raises its own error type for this: a traceback before.) Paths are named as the
+    user knows them (`atomic.public_path`): quantize builds its run in a hidden `.<out>.lmforge-tmp-<random>`."""
     shutil.rmtree(tmp_step_dir(run_dir, step), ignore_errors=True)
     previous = latest_checkpoint(run_dir)
     resume = f"re-run the same command to resume from {previous.name}" if previous else "re-run the command"
     return CheckpointError(
-        f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); "
-        f"free disk space or fix permissions, then {resume}"
+        public_path(f"could not write checkpoint step-{step:06d} in {checkpoints_dir(run_dir)} ({e}); ")
+        + f"free disk space or fix permissions, then {resume}"
     )
 
 
 def begin_checkpoint(run_dir: Path, step: int) -> Path:
-    """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`)."""
-    checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    """The empty temporary folder a checkpoint of `step` is written into (see `finish_checkpoint`). A folder that
+    cannot be made (the permission to write in checkpoints/ lost mid-run) is `write_failed`'s error, which names
+    the checkpoint to resume from: it was a bare "[Errno 13] Permission denied: '.../step-000012.tmp'"."""
     tmp = tmp_step_dir(run_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_failed(run_dir, step, e) from None
     return tmp
 
 

@@ -12,6 +12,7 @@ call. The next split would be the per-command parsers into a `cli_parsers.py` be
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -827,7 +828,7 @@ def _main(argv: list[str] | None) -> None:
         if interrupt_seen():
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
-        print(f"lmforge: error: {e}; check the path, free space and permissions", file=sys.stderr)
+        print(f"lmforge: error: {_os_error(e)}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         if interrupt_seen():  # a module an earlier Ctrl-C left half imported
@@ -843,6 +844,27 @@ def _main(argv: list[str] | None) -> None:
         )
         sys.exit(2)
     sys.exit(code)
+
+
+# A write the file system refused, by errno: what failed, and what to do
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device; free space or choose another --out",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another --out",
+    errno.EFBIG: "file too large for the file system or the file-size limit (ulimit -f); choose another --out",
+    errno.EROFS: "read-only file system; choose another --out",
+}
+
+
+def _os_error(e: OSError) -> str:
+    """The line for a failed file operation. A full disk (or quota, file-size limit, read-only file system) is
+    "cannot write FILE: no space left on device; free space or choose another --out", FILE as the user knows it
+    (not the hidden folder an output is built in: `atomic.public_path`); it was "[Errno 28] No space left on
+    device" with a hidden build folder's file, or no file at all."""
+    from lmforge.atomic import public_path
+
+    if e.errno in _WRITE_ERRORS and e.filename is not None:
+        return f"cannot write {public_path(e.filename)}: {_WRITE_ERRORS[e.errno]}"
+    return f"{e}; check the path, free space and permissions"
 
 
 def _out_of_memory(e: Exception) -> str | None:

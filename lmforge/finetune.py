@@ -959,8 +959,10 @@ def _finetune(
                     objective=objective,
                     lr_schedule=lr_schedule,
                 )
-        finally:
-            log.close()
+        except BaseException:
+            log.close(failing=True)
+            raise
+        log.close()
         if state.stop_reason == "interrupted":
             raise Interrupted(f"interrupted at step {state.step}; the last checkpoint is in {out}/checkpoints")
 

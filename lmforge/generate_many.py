@@ -56,7 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from lmforge.atomic import try_lock
+from lmforge.atomic import naming, try_lock
 from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.errors import Interrupted, LmforgeError, first_line
 
@@ -331,7 +331,7 @@ def generate_many(
             raise Interrupted(_interrupted_unsaved(len(done), len(rows), jsonl, stdin)) from None
         finally:
             if partial is not None:
-                partial.close()
+                _close(partial)
     if out is None and stream is not None:
         return "".join(printed)
     written = "".join(shown(b) for b in range(len(rows)))
@@ -504,14 +504,16 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
         handle.seek(0)
         data = handle.read()
         done: dict[int, tuple[str, str]] = {}
-        if b"\n" not in data and data.startswith(b'{"' + PARTIAL_FORMAT.encode()):
-            data = b""  # a header cut by a kill: nothing was done yet
+        start = b'{"' + PARTIAL_FORMAT.encode()
+        if b"\n" not in data and (data.startswith(start) or start.startswith(data)):
+            data = b""  # a header cut by a kill or a full disk (`{` alone was "not such a file"): nothing done yet
         if not data:
             header = {PARTIAL_FORMAT: PARTIAL_VERSION, "job": job, "command": rerun_command(sys.argv)}
-            handle.truncate(0)
-            # (ASCII: a --stop or path from argv's undecodable bytes is a lone surrogate, which UTF-8 cannot write)
-            handle.write(json.dumps(header).encode("ascii") + b"\n")
-            handle.flush()
+            with naming(path):
+                handle.truncate(0)
+                # (ASCII: a --stop or path from argv's undecodable bytes is a lone surrogate, which UTF-8 cannot write)
+                handle.write(json.dumps(header).encode("ascii") + b"\n")
+                handle.flush()
             return handle, done
         lines = data.split(b"\n")  # the last one: b"" after a whole line, else torn
         header = _json_line(lines[0])
@@ -548,13 +550,23 @@ def _open_partial(path: Path, job: dict[str, Any], n_rows: int) -> tuple[BinaryI
             keep += len(line) + 1
         if keep < len(data):  # (appending after a torn line would glue the next record to it)
             handle.truncate(keep)
-            print(f"note: {path} ended in a torn line (a killed run's); it is dropped and made again", file=sys.stderr)
+            print(
+                f"note: {path} ended in a torn line (a killed run's, or a full disk's); it is dropped and made again",
+                file=sys.stderr,
+            )
         if done:
             print(f"resuming: {len(done)} of {n_rows} completions are done in {path}", file=sys.stderr, flush=True)
         return handle, done
     except BaseException:
-        handle.close()
+        _close(handle)
         raise
+
+
+def _close(partial: BinaryIO) -> None:
+    """Close the partial file. Every write was flushed and synced, or failed and is being raised: closing retries a
+    failed one's bytes, and its second "[Errno 28] No space left on device" replaced the error that named the file."""
+    with contextlib.suppress(OSError):
+        partial.close()
 
 
 def _lock(handle: BinaryIO, path: Path) -> None:
@@ -579,9 +591,10 @@ def _append(partial: BinaryIO, finished: dict[int, tuple[str, str]]) -> None:
     leaves at most a torn last line (fsync: 6 ms measured on a VM disk; a batch of a real model decodes for
     seconds)."""
     lines = [{"row": b, "completion": text, "finish_reason": finish} for b, (text, finish) in finished.items()]
-    partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8"))
-    partial.flush()
-    os.fsync(partial.fileno())
+    with naming(partial.name):  # (a full disk: the rows before stay, a torn last line is made again on a re-run)
+        partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode("utf-8"))
+        partial.flush()
+        os.fsync(partial.fileno())
 
 
 def _interrupted_unsaved(done: int, total: int, jsonl: bool, stdin: bool) -> str:

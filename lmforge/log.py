@@ -8,6 +8,7 @@ killed run keeps everything it logged.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -24,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmforge.atomic import atomic_write_text
+from lmforge.atomic import atomic_write_text, naming
 
 
 def json_text(value: Any) -> str:
@@ -202,8 +203,9 @@ class RunLogger:
         if not self.enabled:
             return
         if self.file:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.file.flush()
+            with naming(self.metrics_path):
+                self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.file.flush()
         for tracker in self.trackers:
             tracker.log(record)
         if echo:
@@ -235,16 +237,25 @@ class RunLogger:
         self.bar.n = step
         self.bar.refresh()
 
-    def close(self) -> None:
+    def close(self, *, failing: bool = False) -> None:
+        """Draw the last records, close metrics.jsonl and the trackers (a second call does nothing). `failing`: the
+        run is stopping on an error, which a failed write here must not replace: a full disk turned a checkpoint's
+        "could not write checkpoint step-000006 ...; re-run the same command to resume from step-000004" into a bare
+        "[Errno 28] No space left on device" from redrawing loss.png on the way out."""
+        quiet = (lambda: contextlib.suppress(OSError)) if failing else contextlib.nullcontext
         self.bar.close()
         if self.unplotted:  # the last records are not drawn yet (too soon after the last draw, no val split, ...)
-            self.plot()
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []
+            self.unplotted = False
+            with quiet():
+                self.plot()
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            with quiet():
+                tracker.close()
         if self.file:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            with quiet(), naming(self.metrics_path):
+                file.close()
 
 
 def _git_commit() -> str | None:

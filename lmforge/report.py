@@ -31,7 +31,6 @@ import datetime
 import html
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.atomic import atomic_write_text, tmp_beside
+from lmforge.atomic import atomic_write_bytes, atomic_write_text, replacing
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
@@ -79,10 +78,11 @@ def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = tmp_beside(out_png)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with replacing(out_png) as tmp:  # (a full disk: no `.loss.png.tmp` left, and the error names loss.png)
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out_png
 
 
@@ -665,19 +665,6 @@ def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
     return "\n".join(lines)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = tmp_beside(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk: no half-written `.png.tmp` left, and the error names the plot
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    except BaseException:  # Ctrl-C
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _assets_dir(out: Path) -> Path:
     """Where a Markdown report's PNGs go: `<out stem>_files/` beside it."""
     return out.with_name(out.stem + "_files")
@@ -705,7 +692,7 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     parts += ["", "## Plots", ""]
     plots = available_plots(runs)
     for spec in plots:
-        _write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
+        atomic_write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
         parts.append(f"![{_md_escape(spec.title)}]({urllib.parse.quote(assets.name)}/{spec.slug}.png)")
     for spec in PLOTS:  # an earlier render's plot that this one has no numbers for (other runs) would linger
         if spec not in plots:

@@ -34,6 +34,7 @@ never hides the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -379,13 +380,18 @@ def mark_running(run_dir: Path) -> None:
 
 
 def mark_stopped(run_dir: Path, status: str, *, stop_reason: str = "", error: str = "") -> None:
-    """Record how training ended: "finished", "interrupted" or "failed"."""
+    """Record how training ended: "finished", "interrupted" or "failed".
+
+    An error while recording "failed" or "interrupted" is dropped: the run is already stopping on an error (a full
+    disk's, often), whose line says what to do, and this one replaced it. (`lmforge runs` then tells the dead
+    process by its pid.)"""
     path = Path(run_dir) / STATUS_FILE
     info = read_json_object(path) or {}
     info.update(status=status, stop_reason=stop_reason, ended=_now())
     if error:
         info["error"] = error
-    write_json(path, info)
+    with contextlib.nullcontext() if status == "finished" else contextlib.suppress(OSError):
+        write_json(path, info)
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@ folders it made, so a user's `out.tmp` / `out.old` survive every prepare, export
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -183,14 +184,16 @@ def test_a_failed_atomic_write_names_the_file_and_leaves_no_tmp(tmp_path: Path) 
 def test_a_failed_safetensors_write_is_an_oserror_naming_the_file(tmp_path: Path) -> None:
     """safetensors reports a failed write (a full disk; here a real EFBIG from a file-size limit) as its own
     SafetensorError, which the CLI did not catch (`export --to hf` onto a full disk ended in a traceback);
-    it is now an OSError naming the file."""
+    it is now an OSError naming the file, with the errno safetensors' message gives (the CLI's line says what a
+    full disk or a file-size limit needs by it)."""
     import torch
 
     from lmforge.atomic import save_safetensors
     from tests.conftest import file_size_limit
 
-    with file_size_limit(1000), pytest.raises(OSError, match=r"could not write .*model\.safetensors .*I/O error"):
+    with file_size_limit(1000), pytest.raises(OSError, match=r"File too large: '.*model\.safetensors'") as e:
         save_safetensors({"w": torch.zeros(1000)}, tmp_path / "model.safetensors")
+    assert e.value.errno == errno.EFBIG
 
 
 def test_safetensors_metadata_is_written_in_sorted_order(tmp_path: Path) -> None:

@@ -161,15 +161,23 @@ def test_failing_disk_while_saving_per_rank_files_keeps_the_previous_checkpoint(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as on Linux")
-def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fails", ["optim", "all but small files"])
+def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path, fails: str) -> None:
     """A real failed write (a file-size limit, as a full disk: safetensors raises its own SafetensorError,
-    which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone."""
+    which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone, and
+    the same command, once there is room, resumes from the previous checkpoint to the uninterrupted run's weights
+    and metrics. When loss.png could not be redrawn either (a limit below its size, as a disk that stays full), that
+    second failure, on the way out, replaced the line with a bare "[Errno 27] File too large"."""
     run = tmp_path / "run"
     base = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet"]
     small = ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--eval.every", "0"]
+    small += ["--train.log_every", "1"]
     first = run_cli(*base, *small, "--train.max_steps", "4", "--checkpoint.every", "4")
     assert first.returncode == 0, first.stderr
     limit = (run / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size + 1000  # < optim's 2x
+    if fails != "optim":
+        limit = 6_000  # config.json, status.json, metrics.jsonl fit; the weights and loss.png do not
+        assert (run / "loss.png").stat().st_size > limit
 
     def limit_file_size() -> None:  # in the child: writes past `limit` fail with EFBIG instead of killing it
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -180,6 +188,34 @@ def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: P
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert "could not write checkpoint step-000008" in second.stderr and "resume from step-000004" in second.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004"]
+    if fails == "optim":
+        return
+    third = run_cli(*base, *small, "--train.max_steps", "8", "--checkpoint.every", "4")
+    assert third.returncode == 0, third.stderr
+    straight = tmp_path / "straight"
+    run_cli(*base[:4], str(straight), *base[5:], *small, "--train.max_steps", "8", "--checkpoint.every", "4")
+    final = [load_file(str(r / "checkpoints" / "step-000008" / "model.safetensors")) for r in (run, straight)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
+    assert [{k: r[k] for k in ("step", "loss")} for r in records(run) if "loss" in r] == [
+        {k: r[k] for k in ("step", "loss")} for r in records(straight) if "loss" in r
+    ]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="POSIX permissions, which root ignores")
+def test_write_permission_lost_mid_run_names_the_checkpoint_to_resume_from(data_dir: Path, tmp_path: Path) -> None:
+    """checkpoints/ made read-only between two saves (a permission lost mid-run): the save's error says which
+    checkpoint the same command resumes from (it was a bare "[Errno 13] Permission denied: '.../step-000012.tmp'"),
+    and once the permission is back it does, to the end."""
+    run = tmp_path / "run"
+    flags = {"train.max_steps": 6, "checkpoint.every": 6, "eval.every": 0}
+    pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match=r"step-000012 .*Permission denied.*resume from step-000006"):
+            pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 12}), progress=False)
+    finally:
+        (run / "checkpoints").chmod(0o755)
+    assert pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 12}), progress=False).step == 12
 
 
 def test_damaged_latest_checkpoint_names_the_file_and_previous_falls_back(data_dir: Path, tmp_path: Path) -> None:
@@ -284,3 +320,90 @@ def test_deferred_finite_check_rolls_back(data_dir: Path, tmp_path: Path, monkey
     assert state.step == 12 and state.rollbacks == 1 and state.skipped_steps == 5
     final = load_file(str(tmp_path / "run" / "checkpoints" / "step-000012" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line `lmforge ARGV`, run in this process, exits 2 with."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+@pytest.mark.parametrize("limit", [1, 2_000, 30_000])  # the build folder's marker, a split's texts, the shards
+def test_prepare_onto_a_full_disk_is_one_line_naming_out_and_keeps_the_old_one(
+    corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: int
+) -> None:
+    """`prepare --overwrite` whose writes fail (a real EFBIG from a file-size limit, as a full disk) says which --out
+    and what to do in one line ("[Errno 27] File too large", no file named, it was), leaves the data directory it
+    was replacing as it was, and no build folder."""
+    from tests.conftest import file_size_limit
+
+    out = tmp_path / "data"
+    argv = ["prepare", str(corpus_file), "--out", str(out), "--tokenizer", "char", "--quiet"]
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with file_size_limit(limit):
+        err = cli_error([*argv, "--overwrite", "--dedup", "none"], capsys)
+    assert err.startswith(f"lmforge: error: cannot write {out}") and "file too large" in err, err
+    assert "choose another --out" in err and ".lmforge-tmp" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+@pytest.mark.parametrize("limit", [1, 500, 20_000])  # the marker, config.json, model.safetensors
+def test_export_onto_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: int
+) -> None:
+    """`export --overwrite` whose writes fail (a real EFBIG) names the file as it would be in --out (not the hidden
+    build folder's, nor no file at all: "[Errno 27] File too large") and what to do, in one line; the earlier export
+    is as it was and no build folder is left."""
+    from lmforge.tokenizer.train import train_char
+    from tests.conftest import file_size_limit, shakespeare_text
+    from tests.test_export import make_run
+
+    run = make_run(tmp_path / "run", train_char([shakespeare_text(5_000)]))
+    out = tmp_path / "hf"
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with file_size_limit(limit):
+        err = cli_error(["export", str(run), "--out", str(out), "--overwrite"], capsys)
+    assert err.startswith(f"lmforge: error: cannot write {out}") and "file too large" in err, err
+    assert ".lmforge-tmp" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_quantize_onto_a_full_disk_names_out_not_its_build_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantize --overwrite` whose checkpoint write fails (a real EFBIG) names --out's checkpoints, not the hidden
+    `.q.lmforge-tmp-<random>/checkpoints/...` it is built in, and the earlier quantized run stays as it was."""
+    from lmforge.cli import main
+    from lmforge.tokenizer.train import train_char
+    from tests.conftest import file_size_limit, shakespeare_text
+    from tests.test_export import make_run
+
+    run = make_run(tmp_path / "run", train_char([shakespeare_text(5_000)]))
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit):
+        main(["quantize", str(run), "--out", str(out), "--no-compare"])
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with file_size_limit(2_000):
+        err = cli_error(["quantize", str(run), "--out", str(out), "--no-compare", "--overwrite"], capsys)
+    assert f"could not write checkpoint step-000007 in {out / 'checkpoints'} (" in err, err
+    assert ".lmforge-tmp" not in err and "File too large" in err
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]

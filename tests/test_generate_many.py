@@ -505,3 +505,39 @@ def test_a_ctrl_c_while_a_line_is_written_is_raised_after_it() -> None:
             time.sleep(0.05)  # (a signal is handled between bytecodes: here, were it not held)
             wrote.append("the whole line")
     assert wrote == ["the whole line"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE as on Linux")
+def test_a_full_disk_under_out_is_one_line_and_the_same_command_finishes_the_file(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Writes that fail (a real EFBIG from a file-size limit, as a full disk) while OUT.partial's header, a batch's
+    rows or OUT itself is written: one line naming the file, OUT untouched, no temporary left; once there is room,
+    the same command finishes OUT equal to an uninterrupted run's. The header cut at its first byte read "is not
+    such a file of lmforge generate; move it away", so every later run was refused, and the errors named no file."""
+    from lmforge.cli import main
+    from tests.conftest import file_size_limit
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"{i} {PROMPTS[i % 7][:9]}\n" for i in range(12)), encoding="utf-8")
+    run = ["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "12", "--temperature", "0"]
+    run += ["--batch-size", "4", "--quiet", "--out"]
+    with pytest.raises(SystemExit):
+        main([*run, str(tmp_path / "straight.jsonl")])
+    straight = (tmp_path / "straight.jsonl").read_bytes()
+    out, partial = tmp_path / "c.jsonl", tmp_path / "c.jsonl.partial"
+    sizes = []
+    for limit in (1, 1_000, 1_400, len(straight) - 1):  # the header, then a batch's rows, then OUT itself fail
+        with file_size_limit(limit), pytest.raises(SystemExit) as e:
+            main([*run, str(out)])
+        err = capsys.readouterr().err  # ("resuming: 4 of 12 completions are done in ..." and the like before it)
+        assert e.value.code == 2 and "Traceback" not in err, err
+        err = err.splitlines()[-1]
+        assert err.startswith("lmforge: error: cannot write ") and "file too large" in err, err
+        assert str(partial) in err or str(out) in err, err
+        assert not out.exists() and not list(tmp_path.glob(".c.jsonl*"))
+        sizes.append(partial.stat().st_size)
+    assert sizes[0] == 1 and 1 < sizes[1] < sizes[2]  # (each case was met: the header cut, rows done, all done)
+    with pytest.raises(SystemExit) as e:
+        main([*run, str(out)])
+    assert e.value.code == 0 and out.read_bytes() == straight and not partial.exists()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import atomic_write_text, tmp_beside, write_json
+from lmforge.atomic import atomic_write_text, replacing, write_json
 from lmforge.data.ingest import skipped_json
 
 CARD_JSON = "card.json"
@@ -48,9 +48,8 @@ def _plot_histogram(path: Path, length_hist: dict[int, int]) -> None:
     ax.set_ylabel("documents")
     ax.set_title("kept documents by length")
     fig.tight_layout()
-    tmp = tmp_beside(path)
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.atomic import discard_tmp_dir, fresh_tmp_dir, publish_dir, write_json
+from lmforge.atomic import discard_tmp_dir, fresh_tmp_dir, naming, publish_dir, write_json
 from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, cleaning_settings, load_data_dir
 from lmforge.data.dedup import NearDedup
 from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
@@ -290,4 +290,5 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         return manifest
     except BaseException:
         discard_tmp_dir(tmp)
-        raise
+        with naming(out):  # (a full disk's error from writing a shard names no file: it names --out)
+            raise

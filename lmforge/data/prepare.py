@@ -81,6 +81,7 @@ from lmforge.atomic import (
     check_not_inside,
     discard_tmp_dir,
     fresh_tmp_dir,
+    naming,
     publish_dir,
     write_json,
 )
@@ -860,7 +861,8 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
         if pool is not None:
             pool.terminate()
         discard_tmp_dir(tmp)
-        raise
+        with naming(out):  # (a full disk's error from writing a split or shard names no file: it names --out)
+            raise
     finally:
         if pool is not None:
             pool.join()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import tmp_beside
+from lmforge.atomic import replacing
 from lmforge.log import display_width
 
 
@@ -91,8 +91,9 @@ def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "")
     ax.set_title(title or f"accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
     fig.tight_layout()
     path = Path(path)
-    tmp = tmp_beside(path)
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")  # a title wider than a small matrix is not cut off
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with replacing(path) as tmp:  # a title wider than a small matrix is not cut off (bbox_inches)
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

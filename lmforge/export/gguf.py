@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -377,9 +378,13 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as e:  # a full disk: the bare "4096 requested and 0 written" named no file
+        if e.errno is not None:  # (the CLI's line for a full disk or a file-size limit goes by it)
+            raise OSError(e.errno, e.strerror, str(out)) from None
         raise OSError(f"could not write {out} ({e})") from None
     finally:
-        writer.close()
-        if tmp.exists():
-            tmp.unlink()
+        # closing flushes what the writer buffered, which fails again on a full disk: that second error skipped
+        # the unlink (a `.m.gguf.lmforge-tmp-*` was left for good) and replaced the one naming the file
+        with contextlib.suppress(OSError):
+            writer.close()
+        tmp.unlink(missing_ok=True)
     return out

@@ -683,6 +683,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             log.info("data mix achieved: " + ", ".join(f"{k}={v:.4f}" for k, v in loader.achieved().items()))
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt)
+        log.close(failing=True)
         if world.is_main:
             mark_stopped(run_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"[:500])
         if world.enabled and dist.is_comm_failure(e):
