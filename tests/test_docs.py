@@ -138,3 +138,14 @@ def test_every_bench_command_in_the_docs_uses_the_scripts_flags(path):
             elif unknown := [f for f in FLAG.findall(args) if f.split("=")[0] not in _script_flags(script)]:
                 wrong.append(f"{script} has no {', '.join(unknown)}: {line}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readmes_name_the_columns_of_the_runs_table():
+    """Both READMEs' `lmforge runs runs/` line listed six of the table's eight columns (no preset, no time)."""
+    from lmforge.runs import format_runs
+
+    columns = re.split(r"\s{2,}", format_runs([]).splitlines()[0])[1:]  # (after "run")
+    english = re.search(r"lmforge runs runs/ +# table: (.*)", (REPO / "README.md").read_text(encoding="utf-8"))
+    assert english and english[1].split(", ") == columns, (english, columns)
+    chinese = re.search(r"lmforge runs runs/ +# 表格：(.*)", (REPO / "README.zh-CN.md").read_text(encoding="utf-8"))
+    assert chinese and len(re.sub(r"（.*?）", "", chinese[1]).split("、")) == len(columns), (chinese, columns)
