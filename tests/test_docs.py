@@ -149,3 +149,18 @@ def test_the_readmes_name_the_columns_of_the_runs_table():
     assert english and english[1].split(", ") == columns, (english, columns)
     chinese = re.search(r"lmforge runs runs/ +# 表格：(.*)", (REPO / "README.zh-CN.md").read_text(encoding="utf-8"))
     assert chinese and len(re.sub(r"（.*?）", "", chinese[1]).split("、")) == len(columns), (chinese, columns)
+
+
+def test_the_chinese_readme_lists_the_tasks_and_adaptations_there_are():
+    """README.zh-CN.md sums the tasks and --adapt modes up in two lines of its own; they are the parsers' choices."""
+    subs = _subparsers()
+    text = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
+    tasks = re.search(r"- 任务：(.*?)；评估另有 (.*?)。", text, re.S)
+    assert tasks, "the task line is gone"
+    finetune = subs["finetune"]._option_string_actions["--task"].choices
+    assert sorted(re.findall(r"`(\w+)`", tasks[1])) == sorted(finetune)  # (in an order of its own)
+    assert re.findall(r"`(\w+)`", tasks[2]) == [
+        t for t in subs["eval"]._option_string_actions["--task"].choices if t not in finetune
+    ]
+    adapt = re.search(r"- 适配方式：`--adapt (.*?)`", text)
+    assert adapt and adapt[1].split(" | ") == list(subs["finetune"]._option_string_actions["--adapt"].choices)
