@@ -164,3 +164,10 @@ def test_the_chinese_readme_lists_the_tasks_and_adaptations_there_are():
     ]
     adapt = re.search(r"- 适配方式：`--adapt (.*?)`", text)
     assert adapt and adapt[1].split(" | ") == list(subs["finetune"]._option_string_actions["--adapt"].choices)
+
+
+def test_lmforge_help_lists_every_command_once():
+    """`lmforge --help`'s command list (cli.TOUR) is written by hand beside the parsers it describes."""
+    from lmforge.cli import TOUR
+
+    assert sorted(re.findall(r"^  ([a-z]+) ", TOUR, re.M)) == sorted(_subparsers())
