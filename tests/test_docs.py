@@ -171,3 +171,12 @@ def test_lmforge_help_lists_every_command_once():
     from lmforge.cli import TOUR
 
     assert sorted(re.findall(r"^  ([a-z]+) ", TOUR, re.M)) == sorted(_subparsers())
+
+
+def test_the_readme_lists_every_preset():
+    """README's "Presets: ..." sentence (Tour) names exactly the presets `--preset` takes."""
+    from lmforge.presets import PRESETS
+
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    listed = re.search(r"Presets: (.*?) \(\*Architectures", text)
+    assert listed and sorted(re.findall(r"`([\w.-]+)`", listed[1])) == sorted(PRESETS), listed
