@@ -505,3 +505,25 @@ def test_a_ctrl_c_while_a_line_is_written_is_raised_after_it() -> None:
             time.sleep(0.05)  # (a signal is handled between bytecodes: here, were it not held)
             wrote.append("the whole line")
     assert wrote == ["the whole line"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_one_completion_is_counted_in_the_singular(base: Path, tmp_path: Path, capsys) -> None:
+    """`generate --prompt-file 提示.jsonl --out 补全.jsonl` (README.zh-CN) of one prompt said "(1 completions)"."""
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "宝玉"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "generate",
+                str(base),
+                "--prompt-file",
+                str(prompts),
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert not e.value.code and capsys.readouterr().out == f"wrote {tmp_path / 'o'} (1 completion)\n"
