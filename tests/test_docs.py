@@ -180,3 +180,16 @@ def test_the_readme_lists_every_preset():
     text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     listed = re.search(r"Presets: (.*?) \(\*Architectures", text)
     assert listed and sorted(re.findall(r"`([\w.-]+)`", listed[1])) == sorted(PRESETS), listed
+
+
+def test_both_readmes_open_with_the_same_two_commands():
+    """The set-up + quickstart and set-up + tests commands are the first two code blocks of both READMEs, the same
+    lines (one edited without the other would send Chinese readers to an older command)."""
+    from lmforge.presets import preset_dict
+
+    blocks = [FENCE.findall((REPO / path).read_text(encoding="utf-8"))[:2] for path in DOCS]
+    assert blocks[0] == blocks[1] and "lmforge quickstart" in blocks[0][0] and "pytest" in blocks[0][1], blocks
+    for path in DOCS:  # quickstart's time budget, as both say it
+        text = (REPO / path).read_text(encoding="utf-8")
+        budget = preset_dict("quickstart")["train"]["time_budget"]
+        assert f"{budget:g} s" in text or f"{budget:g} 秒" in text, (path, budget)
