@@ -14,7 +14,7 @@ import shlex
 import pytest
 
 from lmforge.cli import build_parser
-from lmforge.config import help_lines, load_config, merge, parse_overrides
+from lmforge.config import help_lines, load_config, parse_overrides
 from tests.conftest import REPO
 
 DOCS = ["README.md", "README.zh-CN.md"]
@@ -104,11 +104,9 @@ def test_every_complete_lmforge_command_in_the_docs_parses(path, monkeypatch, ca
             if not block and re.search(r"arguments are required|expected one argument", error):
                 continue
             pytest.fail(f"argparse refused {line}: {error}")
-        from_run = (
-            ns.config is not None and not ns.config.endswith(".toml") if command in ("pretrain", "estimate") else 0
-        )
-        if command in ("pretrain", "estimate") and not from_run:  # (`--config runs/mine`: a run made earlier)
-            load_config(preset=ns.preset, config_file=ns.config, overrides=merge(parse_overrides(extra), {}))
+        if command in ("pretrain", "estimate"):
+            if ns.config is None or ns.config.endswith(".toml"):  # (`--config runs/mine` reads a run made earlier)
+                load_config(preset=ns.preset, config_file=ns.config, overrides=parse_overrides(extra))
         elif command not in DOTTED_COMMANDS:
             assert not extra, f"not lmforge {command}'s: {extra}: {line}"
         parsed += 1
