@@ -513,17 +513,7 @@ def test_one_completion_is_counted_in_the_singular(base: Path, tmp_path: Path, c
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "宝玉"}\n', encoding="utf-8")
+    out = tmp_path / "o.jsonl"
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "generate",
-                str(base),
-                "--prompt-file",
-                str(prompts),
-                "--max-new-tokens",
-                "2",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-    assert not e.value.code and capsys.readouterr().out == f"wrote {tmp_path / 'o'} (1 completion)\n"
+        main(["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "2", "--out", str(out)])
+    assert not e.value.code and capsys.readouterr().out == f"wrote {out} (1 completion)\n"
