@@ -571,7 +571,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             print()  # (after the streamed text)
         elif args.out is not None:
             n = text.count("\n")  # one per line (splitlines also splits at a U+2028 or U+0085 in a completion)
-            print(f"wrote {args.out} ({n} completions)")
+            print(f"wrote {args.out} ({n} completion{'s' if n != 1 else ''})")
     elif args.command in ("finetune", "chat", "serve"):
         from lmforge.cli_adapt import run as run_adapt
 

@@ -202,3 +202,17 @@ def test_shards_of_a_trained_vocabulary_over_65536_ids_are_uint32_in_the_manifes
     merged = prep(tmp_path, [tmp_path / "part"], "merged", merge=True, card=False)
     assert read_shard(tmp_path / "merged" / "train-00000.bin").dtype == np.uint32
     assert merged["dtype"] == "uint32" and docs_by_split(tmp_path / "merged") == docs_by_split(tmp_path / "part")
+
+
+def test_the_readmes_merge_command_runs(tmp_path: Path) -> None:
+    """`lmforge prepare part-* --merge --out data/all` (README, Parts) wrote the merged folder and then stopped on a
+    traceback (KeyError 'invalid_utf8_replaced': the notes read a count that a merge's part inputs do not have)."""
+    write(tmp_path / "a.txt", shakespeare_text(20_000))
+    prep(tmp_path, [tmp_path / "a.txt"], "part-1", tokenizer="char")
+    write(tmp_path / "b.txt", shakespeare_text(40_000)[20_000:])
+    prep(tmp_path, [tmp_path / "b.txt"], "part-2", tokenizer=str(tmp_path / "part-1" / "tokenizer.json"))
+    r = run_cli(
+        "prepare", str(tmp_path / "part-1"), str(tmp_path / "part-2"), "--merge", "--out", str(tmp_path / "all")
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"prepared {tmp_path / 'all'}: "), r.stdout

@@ -541,3 +541,15 @@ def test_a_full_disk_under_out_is_one_line_and_the_same_command_finishes_the_fil
     with pytest.raises(SystemExit) as e:
         main([*run, str(out)])
     assert e.value.code == 0 and out.read_bytes() == straight and not partial.exists()
+
+
+def test_one_completion_is_counted_in_the_singular(base: Path, tmp_path: Path, capsys) -> None:
+    """`generate --prompt-file 提示.jsonl --out 补全.jsonl` (README.zh-CN) of one prompt said "(1 completions)"."""
+    from lmforge.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "宝玉"}\n', encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "2", "--out", str(out)])
+    assert not e.value.code and capsys.readouterr().out == f"wrote {out} (1 completion)\n"

@@ -141,7 +141,8 @@ def notes(manifest: dict[str, Any]) -> list[str]:
         )
     # (JSON's escaped lone surrogates are counted as invalid UTF-8 too, but say nothing about the file's encoding)
     lone = {i["path"]: i.get("lone_surrogates_replaced", 0) for i in manifest["inputs"]}
-    bad = {i["path"]: i["invalid_utf8_replaced"] - lone[i["path"]] for i in manifest["inputs"]}
+    # (a --merge manifest's inputs are the parts, which read no text: their own manifests hold those counts)
+    bad = {i["path"]: i.get("invalid_utf8_replaced", 0) - lone[i["path"]] for i in manifest["inputs"]}
     if any(lone.values()):
         out.append(
             f"note: {_files_and_total(lone, 'lone surrogate')} escaped in JSON strings (half an emoji, like \\ud83d, "
