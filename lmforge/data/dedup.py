@@ -83,7 +83,7 @@ def _crc_table() -> np.ndarray:
 _CRC_TABLE = _crc_table()
 _PIECE_CHARS = 1 << 16  # a longer text is hashed in overlapping pieces (same shingles), so memory stays bounded
 _BATCH_CHARS = 1 << 17  # characters hashed per numpy batch
-_CHUNK_SHINGLES = 1 << 14  # shingles per (shingles x permutations) array: 8 MB at 128 permutations
+_CHUNK_SHINGLES = 1 << 12  # shingles per (permutations x shingles) array: 2 MB at 128 permutations
 
 
 @functools.lru_cache(maxsize=4)

@@ -559,7 +559,7 @@ def _pass1(
                 continue
             counts.add_block(r)
             keep = np.ones(len(r.keys), dtype=bool)
-            band_keys = near.band_keys(r.signatures).tolist() if near is not None else []
+            band_keys = near.band_keys(r.signatures) if near is not None else None
             nbytes = r.nbytes.tolist()
             auto = role == "auto"
             exact = cfg.dedup != "none"
@@ -575,7 +575,7 @@ def _pass1(
                         seen.add(key)
                     # (the text only for --dedup-report's snippets: workers encoding the tokens send none else)
                     text = r.texts[i] if r.texts is not None else ""
-                    if near is not None and near.is_duplicate(text, r.signatures[i], band_keys[i]):
+                    if near is not None and near.is_duplicate(text, r.signatures[i], band_keys[i].tolist()):
                         counts.remove("near_dup", nbytes[i])
                         keep[i] = False
                     elif not auto:
