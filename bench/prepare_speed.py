@@ -76,7 +76,12 @@ def build_corpus(folder: Path, size_mb: float, seed: int = 0) -> int:
 STAGES = ("pass 1", "tokenizer", "encode", "card")
 
 
-def _timed_stages(seconds: dict[str, float], rss: dict[str, float]) -> None:
+def _cpu_seconds() -> float:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed_stages(seconds: dict[str, float], cpu: dict[str, float], rss: dict[str, float]) -> None:
     """Wrap prepare's stage functions to add up each stage's seconds and note the peak RSS (this process's, MB)
     when it ends: pass 1 (read, clean, filter, hash, split, near MinHash, dedup, and with a given tokenizer
     encoding and shard writing), tokenizer training, encoding of pass 2 and the data card."""
@@ -87,11 +92,12 @@ def _timed_stages(seconds: dict[str, float], rss: dict[str, float]) -> None:
         inner = getattr(owner, name)
 
         def timed(*args: object, **kwargs: object) -> object:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             try:
                 return inner(*args, **kwargs)
             finally:
                 seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+                cpu[stage] = cpu.get(stage, 0.0) + _cpu_seconds() - c0
                 rss[stage] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _TO_MB
 
         setattr(owner, name, timed)
@@ -110,8 +116,9 @@ def measure(args: argparse.Namespace) -> None:
     from lmforge.data.prepare import PrepareConfig, prepare
 
     stage_seconds: dict[str, float] = {}
+    stage_cpu: dict[str, float] = {}
     stage_rss: dict[str, float] = {}
-    _timed_stages(stage_seconds, stage_rss)
+    _timed_stages(stage_seconds, stage_cpu, stage_rss)
     cfg = PrepareConfig(
         inputs=[args.corpus], out=args.out, tokenizer=args.tokenizer_path, workers=args.measure, dedup=args.dedup[0],
         overwrite=True, card=True,
@@ -125,6 +132,7 @@ def measure(args: argparse.Namespace) -> None:
     print(json.dumps({
         "seconds": seconds,
         "stage_seconds": stage_seconds,
+        "stage_cpu_seconds": stage_cpu,
         "stage_rss_mb": stage_rss,
         "rss_before_mb": rss_before,
         "cpu_seconds": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
@@ -215,18 +223,21 @@ def main() -> None:
                 f"{r['load'][0]:>8.1f} {r['load'][1]:>8.1f}"
             )
         print(
-            "\nper stage (wall seconds, input MB per second of the stage, peak RSS of the main process when it ended)"
+            "\nper stage (wall seconds, input MB per wall second, CPU seconds of the main process - pass 1's --workers"
+            " are joined at the end, so their CPU time is only in the total above -, peak RSS of the main process when"
+            " the stage ended)"
         )
         print(f"{'MB':>5} | {'tokenizer':>9} | {'dedup':>5} | {'workers':>7} | {'stage':>9} | {'seconds':>7} | "
-              f"{'MB/s':>7} | {'peak RSS MB':>11}")  # fmt: skip
-        print("-" * 84)
+              f"{'MB/s':>7} | {'CPU s':>6} | {'peak RSS MB':>11}")  # fmt: skip
+        print("-" * 93)
         for size, tokenizer, dedup, workers, r in rows:
             for stage in STAGES:
                 if stage in r["stage_seconds"]:
                     sec = r["stage_seconds"][stage]
                     print(
                         f"{size / 1e6:>5.0f} | {tokenizer:>9} | {dedup:>5} | {workers:>7} | {stage:>9} | {sec:>7.1f} | "
-                        f"{size / 1e6 / max(sec, 1e-9):>7.1f} | {r['stage_rss_mb'][stage]:>11.0f}"
+                        f"{size / 1e6 / max(sec, 1e-9):>7.1f} | {r['stage_cpu_seconds'][stage]:>6.1f} | "
+                        f"{r['stage_rss_mb'][stage]:>11.0f}"
                     )
     finally:
         if not args.work_dir:
