@@ -108,18 +108,50 @@ def test_near_index_is_compact_and_finds_what_datasketch_lsh_finds() -> None:
 
     # the same decisions with datasketch's own LSH tables (what the index replaced)
     lsh = MinHashLSH(threshold=0.8 - 0.15, num_perm=128)
-    reference = NearDedup(threshold=0.8)
+    reference = NearDedup(threshold=0.8)  # (for its signatures only)
     signatures = []
     want = []
     for d in docs:
-        m = reference._minhash(d)
+        m = datasketch_minhash(d)
         signature = m.hashvalues.astype(np.uint32)
+        assert (signature == reference.signature(d)).all()
         hit = any(np.mean(signatures[i] == signature) >= 0.8 for i in lsh.query(m))
         if not hit:
             lsh.insert(len(signatures), m)
             signatures.append(signature)
         want.append(hit)
     assert got == want and 0 < sum(got) < 200
+
+
+def datasketch_minhash(text: str):  # noqa: ANN201 - datasketch.MinHash
+    """`text`'s MinHash as datasketch computes it one shingle at a time (what the index used before)."""
+    import zlib
+
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=128, seed=1, hashfunc=zlib.crc32)
+    m.update_batch(list(shingles(text, 5)))
+    return m
+
+
+def test_vectorised_signatures_equal_datasketch_minhash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """minhash_signatures hashes a batch with numpy; its values are datasketch's, bit for bit: ASCII and 2-, 3- and
+    4-byte UTF-8, texts of 0 to 5 characters (one shingle), whitespace runs, and with tiny pieces, batches and
+    chunks, so that long texts split into overlapping pieces and pieces across chunks are covered too."""
+    import numpy as np
+
+    import lmforge.data.dedup as dedup
+
+    rng = random.Random(0)
+    alphabet = "abc dEF  \t\n xyz é ü 中文字 🙂 ∑"
+    texts = ["", " ", "a", "abcd", "abcde", "abcdef", "🙂🙂🙂🙂🙂", "🙂🙂🙂🙂", "中文 字", "  Hi  THERE  ", ZH]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(400))) for _ in range(120)]
+    texts += ["".join(rng.choice(alphabet) for _ in range(5_000))]
+    want = np.array([datasketch_minhash(t).hashvalues for t in texts], dtype=np.uint32)
+    assert (dedup.minhash_signatures(texts) == want).all()
+    for name, value in (("_PIECE_CHARS", 700), ("_BATCH_CHARS", 2_000), ("_CHUNK_SHINGLES", 500)):
+        monkeypatch.setattr(dedup, name, value)
+    assert (dedup.minhash_signatures(texts) == want).all()
 
 
 def test_shingles_work_without_spaces() -> None:

@@ -3,14 +3,16 @@
     main process                                   worker (or the main process with --workers 1)
     read_blocks / read_documents ──Task──►  BlockWorker: parse ─► DocumentCleaner ─► sha256 ─► split
                                                              ─► DocumentEncoder (if the tokenizer is given)
+                                                             ─► MinHash signatures (--dedup near)
     dedup, counters, shard writers ◄──BlockResult (counters + one row per filtered document + tokens)──┘
 
 Key design decisions:
 - Everything that depends on one document alone runs in the worker; only what depends on the order
   of documents (exact/near dedup, removal of eval overlap) runs in the main process, in input order,
   so any number of workers gives byte-identical output.
-- A worker sends back numbers, 16-byte digests and one numpy token array per block, not texts
-  (texts only when the main process needs them: near dedup, or a tokenizer still to be trained), so
+- A worker sends back numbers, 16-byte digests, one numpy token array per block and, for near dedup, one
+  array of MinHash signatures, not texts (texts only when the main process needs them: the near-dedup
+  report's snippets, or a tokenizer still to be trained), so
   the main process stays light (about a tenth of the CPU time) and results are about half the input's size.
 - Plain-text and JSONL inputs travel as raw byte blocks cut at document boundaries (the worker
   parses them); other formats (CSV, Parquet, datasets, --doc-unit file) are read in the main
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.dedup import minhash_signatures
 from lmforge.data.filters import LANGUAGES, DocumentCleaner, Processed, utf8_len
 from lmforge.data.ingest import Block, DocUnit, LongDocument, RawDocument, block_documents
 from lmforge.data.split import SPLITS, assign_split, doc_digest
@@ -80,6 +83,7 @@ class BlockResult:
     languages: np.ndarray | None = None  # int8 index into LANGUAGES
     length_bits: np.ndarray | None = None  # int8 bit_length(characters)
     texts: list[str] | None = None
+    signatures: np.ndarray | None = None  # uint32 MinHash values per document (near dedup), one row each
     tokens: np.ndarray | None = None  # ids of all these documents, EOS after each
     token_counts: np.ndarray | None = None  # int64 ids per document, EOS excluded
     spill: str | None = None  # a kept long document's text, as JSON string content in this file (texts: [""])
@@ -98,7 +102,8 @@ class BlockWorker:
     explicit: frozenset[str]
     tokenizer_json: str | None  # encode with this tokenizer; None = return texts only
     dtype: str = "uint16"
-    keep_texts: bool = False  # also return texts when encoding (near dedup needs them)
+    keep_texts: bool = False  # also return texts when encoding (the near-dedup report's snippets need them)
+    minhash: bool = False  # compute each document's MinHash signature for near dedup (dedup.minhash_signatures)
     _encoder: object = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -140,6 +145,8 @@ class BlockWorker:
         r.surrogates = sum(doc.surrogates for doc in docs)
         if self.tokenizer_json is not None:
             r.tokens, r.token_counts = self.encoder().encode(texts)
+        if self.minhash:
+            r.signatures = minhash_signatures(texts)
         if self.tokenizer_json is None or self.keep_texts:
             r.texts = texts
         return r

@@ -1,10 +1,12 @@
 """`lmforge prepare`: raw text -> cleaned, filtered, deduplicated, split, tokenized shards + manifest + card.
 
-    inputs ─read blocks─► [worker: parse ─► clean ─► rewrite ─► filter ─► sha256 ─► split ─► encode*] ─► dedup
-    (ingest.py)           (blocks.py; clean.py, filters.py: DocumentCleaner; fast_encode.py)   (dedup.py, here)
+    inputs ─read blocks─► [worker: parse ─► clean ─► rewrite ─► filter ─► sha256 ─► split ─► encode* ─► minhash**]
+    (ingest.py)           (blocks.py; clean.py, filters.py: DocumentCleaner; fast_encode.py; dedup.py)
+                          ─► dedup (dedup.py, here: in input order, in this process)
        * tokenizer.json given: ids go straight into TMP/{train,val,test}-NNNNN.bin (one pass)
        * tokenizer trained:    texts go to TMP/docs-<split>.jsonl.part; train bpe/char/wordpiece/
                                unigram on train; pass 2 encodes the files into the shards (tokenizing.py)
+      ** --dedup near: each document's MinHash signature, so this process only looks up and inserts LSH bands
             TMP/{manifest.json, card.json, card.md, length_hist.png} ──► os.replace(TMP, <out>)
     (TMP = .<out>.lmforge-tmp-<random>/, a sibling of <out> no user folder can be; atomic.py)
 
@@ -563,6 +565,7 @@ def _pass1(
                 continue
             counts.add_block(r)
             keep = np.ones(len(r.keys), dtype=bool)
+            band_keys = near.band_keys(r.signatures) if near is not None else None
             nbytes = r.nbytes.tolist()
             auto = role == "auto"
             exact = cfg.dedup != "none"
@@ -576,7 +579,9 @@ def _pass1(
                 else:
                     if exact:
                         seen.add(key)
-                    if near is not None and near.is_duplicate(r.texts[i]):
+                    # (the text only for --dedup-report's snippets: workers encoding the tokens send none else)
+                    text = r.texts[i] if r.texts is not None else ""
+                    if near is not None and near.is_duplicate(text, r.signatures[i], band_keys[i].tolist()):
                         counts.remove("near_dup", nbytes[i])
                         keep[i] = False
                     elif not auto:
@@ -756,7 +761,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
             explicit=frozenset(role for _, role in sources if role != "auto"),
             tokenizer_json=given.to_str() if given is not None else None, dtype=np.dtype(dtype).name,
-            keep_texts=cfg.dedup == "near",
+            keep_texts=bool(cfg.dedup_report), minhash=cfg.dedup == "near",
         )  # fmt: skip
         encoded = Encoded(tmp, dtype, cfg.shard_tokens, given.vocab_size) if given is not None else None
         if cfg.workers > 1:

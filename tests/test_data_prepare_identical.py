@@ -1,0 +1,100 @@
+"""`prepare` output pinned byte for byte: the speed work on near dedup (MinHash in the workers, vectorised)
+must not change a shard, the tokenizer, the data card or a count.
+
+The hashes were taken from the code before that change (commit 'prepscale' base) on a small corpus with
+near-duplicates in English and Chinese, emoji (4-byte UTF-8), documents shorter than a shingle and extra
+whitespace; each path is run with a trained tokenizer (texts to pass 2) and a given one (pass-1 encoding),
+with 1 and 2 workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.prepare import PrepareConfig, prepare
+from tests.conftest import REPO, shakespeare_text
+
+PUBLISHED = ("tokenizer.json", "card.md", "card.json", "train-00000.bin", "val-00000.bin", "test-00000.bin")
+
+
+def golden_corpus(folder: Path) -> list[str]:
+    """Write the corpus into `folder`; return the input paths."""
+    rng = random.Random(7)
+    paras = [p for p in shakespeare_text(120_000).split("\n\n") if p.strip()]
+    words = sorted({w for p in paras for w in p.split() if w.isalpha()})
+    zh = (REPO / "tests/data/hongloumeng_ch1.txt").read_text(encoding="utf-8").replace("\r\n", "\n")
+    zh_paras = [p.strip() for p in zh.split("\n") if len(p.strip()) > 20]
+    docs = list(paras) + zh_paras
+    for p in rng.sample(paras, 60) + zh_paras[:8]:  # near-duplicates: one to three words or characters changed
+        tokens = p.split(" ") if " " in p else list(p)
+        for _ in range(rng.randint(1, 3)):
+            tokens[rng.randrange(len(tokens))] = rng.choice(words)
+        docs.append((" " if " " in p else "").join(tokens))
+    docs += ["Hi 🙂 there", "ok", "", "A  b\tc", "🙂🙂🙂🙂🙂🙂", "Ünïcödé  text, ÜNÏCÖDÉ TEXT"] * 2
+    docs += [f"{p}\n\n  {p.upper()}" for p in paras[:5]]  # case and whitespace variants
+    rng.shuffle(docs)
+    half = len(docs) // 2
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs[:half]) + "\n", encoding="utf-8")
+    with open(folder / "b.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[half:]:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    return [str(folder / "a.txt"), str(folder / "b.jsonl")]
+
+
+def output_digest(out: Path, manifest: dict, corpus: Path) -> str:
+    """sha256 over the published files and the manifest's counts (not the date, the corpus folder or version)."""
+    h = hashlib.sha256()
+    for name in PUBLISHED:
+        data = (out / name).read_bytes()
+        if name == "card.md":  # its first line has the date
+            data = b"\n".join(line for line in data.split(b"\n") if not line.startswith(b"Prepared by"))
+        h.update(name.encode() + b"\0" + data.replace(str(corpus).encode(), b"CORPUS"))
+    kept = {k: manifest[k] for k in ("documents", "cleaning", "dedup", "languages", "tokenizer", "dtype", "splits")}
+    h.update(json.dumps(kept, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run(tmp_path: Path, name: str, **kwargs: object) -> str:
+    inputs = golden_corpus(tmp_path / "corpus")
+    out = tmp_path / name
+    cfg = PrepareConfig(inputs=inputs, out=str(out), vocab_size=300, **kwargs)  # type: ignore[arg-type]
+    return output_digest(out, prepare(cfg, progress=False), tmp_path / "corpus")
+
+
+GOLDEN = {
+    "near-trained": "60af807820bdc1a8",
+    "exact-trained": "357812b456579ba2",
+    "near-given": "a38c229e1acdab42",
+    "near-given-report": "2cdc8bebcb0ea199",
+}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_near_dedup_output_is_unchanged(tmp_path: Path, workers: int) -> None:
+    assert run(tmp_path, "near", dedup="near", near_threshold=0.7, workers=workers) == GOLDEN["near-trained"]
+
+
+def test_exact_dedup_output_is_unchanged(tmp_path: Path) -> None:
+    assert run(tmp_path, "exact", dedup="exact", workers=2) == GOLDEN["exact-trained"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_near_dedup_with_a_given_tokenizer_is_unchanged(tmp_path: Path, workers: int) -> None:
+    run(tmp_path, "tok", dedup="none")
+    got = run(tmp_path, "near", dedup="near", tokenizer=str(tmp_path / "tok" / "tokenizer.json"), workers=workers)
+    assert got == GOLDEN["near-given"]
+
+
+def test_near_dedup_report_with_a_given_tokenizer_is_unchanged(tmp_path: Path) -> None:
+    """The workers send texts back only for the report's snippets: the report is what it was."""
+    run(tmp_path, "tok", dedup="none")
+    report = tmp_path / "pairs.jsonl"
+    tokenizer = str(tmp_path / "tok" / "tokenizer.json")
+    run(tmp_path, "near", dedup="near", tokenizer=tokenizer, workers=2, dedup_report=str(report))
+    assert hashlib.sha256(report.read_bytes()).hexdigest()[:16] == GOLDEN["near-given-report"]
