@@ -191,3 +191,30 @@ def test_both_readmes_open_with_the_same_two_commands():
         text = (REPO / path).read_text(encoding="utf-8")
         budget = preset_dict("quickstart")["train"]["time_budget"]
         assert f"{budget:g} s" in text or f"{budget:g} 秒" in text, (path, budget)
+
+
+def test_both_readmes_name_the_loss_units_runs_prints():
+    """`lmforge runs` and `report` print each fine-tune's and encoder pretraining's "best val loss" with its unit;
+    both READMEs say what each unit is (README.zh-CN.md was left without them). mlm+sop's is written as its
+    NSP counterpart's ("SOP for mlm+sop") in README.md."""
+    from lmforge.objectives import ObjectiveConfig
+    from lmforge.runs import OBJECTIVE_LOSS_UNITS, TASK_LOSS_UNITS
+
+    rtd_weight = f"{ObjectiveConfig().rtd_weight:g}"
+    objectives = [u.format(rtd_weight=rtd_weight) for name, u in OBJECTIVE_LOSS_UNITS.items() if name != "mlm+sop"]
+    for path in DOCS:
+        text = " ".join((REPO / path).read_text(encoding="utf-8").split())
+        missing = [unit for unit in dict.fromkeys([*TASK_LOSS_UNITS.values(), *objectives]) if f"`{unit}`" not in text]
+        assert not missing, (path, missing)
+
+
+def test_both_readmes_quote_the_full_disk_line_the_cli_prints():
+    """A write the disk refuses is one line naming the file; both READMEs show that line as the CLI words it."""
+    import errno
+
+    from lmforge.cli import _os_error
+
+    line = _os_error(OSError(errno.ENOSPC, "No space left on device", "hf/model.safetensors"))
+    for path in DOCS:
+        text = " ".join((REPO / path).read_text(encoding="utf-8").split())
+        assert f"`lmforge: error: {line}`" in text, (path, line)
