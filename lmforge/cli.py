@@ -67,7 +67,7 @@ def _config_epilog(presets: bool = True) -> str:
     lines = [f"settings (any of these as --section.key VALUE; precedence: {order}):"]
     quickstart = {} if presets else preset_dict("quickstart")  # quickstart trains its preset: show its values
     for key, text, default in help_lines():
-        if key in ("preset", "out", "data.dir"):
+        if key in ("preset", "out", "data.dir", "init_from"):  # (their own flags; --init-from: pretrain's)
             continue
         section, _, name = key.partition(".")
         default = (quickstart.get(section) or {}).get(name, default) if name else quickstart.get(key, default)

@@ -115,16 +115,19 @@ def test_mismatches_are_refused_in_one_line_and_weights_only_points_to_init_from
     assert r.returncode == 2 and f"--init-from {run}" in r.stderr, r.stderr
 
 
-def test_decoder_run_init_from_loads_its_weights(data_dir: Path, tmp_path: Path) -> None:
+def test_decoder_and_quantized_runs_init_from_load_their_weights(data_dir: Path, tmp_path: Path) -> None:
     base = tmp_path / "base"
     pretrain(tiny_config(data_dir, base, **{"train.max_steps": 6, "eval.every": 0}), progress=False)
-    new = tmp_path / "new"
-    r = run_cli("pretrain", "--data", str(data_dir), "--out", str(new), "--init-from", str(base),
-                "--train.max_steps", "3", "--train.lr", "1e-3", *STEPS)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    first = read_metrics(new / "metrics.jsonl")[0]
-    assert first["step"] == 1  # step 0 again, a fresh schedule
-    assert first["loss"] == pytest.approx(_first_step_loss(new, load_trained(base, torch.device("cpu")).model))
+    assert run_cli("quantize", str(base), "--bits", "8", "--out", str(tmp_path / "q8"), "--no-compare").returncode == 0
+    for start in (base, tmp_path / "q8"):  # a quantized run: its int8 weights dequantized, as eval reads them
+        new = tmp_path / f"from_{start.name}"
+        r = run_cli("pretrain", "--data", str(data_dir), "--out", str(new), "--init-from", str(start),
+                    "--train.max_steps", "3", "--train.lr", "1e-3", *STEPS)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        first = read_metrics(new / "metrics.jsonl")[0]
+        assert first["step"] == 1  # step 0 again, a fresh schedule
+        want = _first_step_loss(new, load_trained(start, torch.device("cpu")).model)
+        assert first["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_a_killed_init_from_run_resumes_its_own_checkpoint_exactly(imported, tmp_path: Path) -> None:
