@@ -110,7 +110,10 @@ def test_mismatches_are_refused_in_one_line_and_weights_only_points_to_init_from
     err = refused("--data", str(data_dir))  # char-level data: not the BERT's WordPiece
     assert f"--tokenizer {run / 'tokenizer.json'}" in err and "lmforge prepare" in err
     assert "model.n_layer 3 differs from that run's 2" in refused("--data", str(data), "--model.n_layer", "3")
-    assert "objective 'clm' cannot train" in refused("--data", str(data), "--objective", "clm")
+    err = refused("--data", str(data), "--objective", "clm")
+    assert "objective 'clm' cannot train its model.family 'bert' model; pass --objective mlm or mlm+nsp" in err
+    hf = run.parent / "hf"  # not imported yet
+    assert f"import it first (lmforge import {hf} --out RUN_DIR)" in run_cli("pretrain", "--init-from", str(hf)).stderr
     r = run_cli("pretrain", "--data", str(data), "--out", str(run), "--config", str(run))  # resuming an import
     assert r.returncode == 2 and f"--init-from {run}" in r.stderr, r.stderr
 

@@ -90,12 +90,23 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     )
 
 
+def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokenizer]:
+    """`--init-from`'s checkpoint (RUN's latest, or the checkpoint folder given), its config and tokenizer."""
+    from lmforge.adapt.load import is_hf_dir
+    from lmforge.checkpoint import open_trained, resolve_checkpoint
+
+    if is_hf_dir(Path(source)):  # (resolve_checkpoint called it a run without a checkpoint: "train it first")
+        raise ConfigError(
+            f"--init-from {source} is a Hugging Face model folder; import it first (lmforge import {source} --out "
+            "RUN_DIR) and pass --init-from RUN_DIR"
+        )
+    return open_trained(resolve_checkpoint(source))
+
+
 def init_settings(source: str | Path) -> dict[str, Any]:
     """`pretrain --init-from RUN`'s starting settings, applied under the flags: RUN's model section (which a flag
     may not change, `_init_checkpoint`) and objective (which one may, within what the model's family trains)."""
-    from lmforge.checkpoint import open_trained, resolve_checkpoint
-
-    config = open_trained(resolve_checkpoint(source))[1]
+    config = _open_init_source(source)[1]
     return {"model": dataclasses.asdict(config.model), "objective": {"name": config.objective.name}}
 
 
@@ -103,10 +114,10 @@ def _init_checkpoint(cfg: RunConfig, tokenizer: Tokenizer) -> Checkpoint:
     """`--init-from`: the checkpoint whose weights start a new run (RUN's latest, or the checkpoint folder given),
     once its model and tokenizer are checked to be the run's (one-line errors, before anything is written; a
     model.vocab_size 0, "from the data", is the run's)."""
-    from lmforge.checkpoint import open_trained, resolve_checkpoint
+    from lmforge.train.objective_setup import objectives_for
 
     source = cfg.init_from
-    ckpt, config, source_tokenizer = open_trained(resolve_checkpoint(source))
+    ckpt, config, source_tokenizer = _open_init_source(source)
     if cfg.dist.meta_init:
         raise ConfigError(f"--init-from {source} loads whole weights before sharding; drop --dist.meta_init")
     want = _with_new_defaults(dataclasses.asdict(config.model), cfg.model)
@@ -118,6 +129,12 @@ def _init_checkpoint(cfg: RunConfig, tokenizer: Tokenizer) -> Checkpoint:
                 f"--init-from {source}: model.{key} {given.get(key)!r} differs from that run's {want.get(key)!r}; "
                 f"drop --model.{key} (and any --preset): the model comes from {source}"
             )
+    fits = objectives_for(cfg.model.family)
+    if cfg.objective.name not in fits:  # (resolve_run_config's refusal suggested a --preset, which differs)
+        raise ConfigError(
+            f"--init-from {source}: objective {cfg.objective.name!r} cannot train its model.family "
+            f"{cfg.model.family!r} model; pass --objective {' or '.join(fits)}"
+        )
     if source_tokenizer.fingerprint != tokenizer.fingerprint:
         tok_path = ckpt.path.parent.parent / "tokenizer.json"
         raise DataError(
