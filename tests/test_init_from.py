@@ -118,11 +118,26 @@ def test_mismatches_are_refused_in_one_line_and_weights_only_points_to_init_from
     assert r.returncode == 2 and f"--init-from {run}" in r.stderr, r.stderr
 
 
-def test_decoder_and_quantized_runs_init_from_load_their_weights(data_dir: Path, tmp_path: Path) -> None:
+def test_decoder_quantized_and_whole_fine_tuned_runs_init_from_load_their_weights(
+    data_dir: Path, corpus_file: Path, tmp_path: Path
+) -> None:
+    from lmforge.finetune import FinetuneConfig, finetune
+
     base = tmp_path / "base"
     pretrain(tiny_config(data_dir, base, **{"train.max_steps": 6, "eval.every": 0}), progress=False)
     assert run_cli("quantize", str(base), "--bits", "8", "--out", str(tmp_path / "q8"), "--no-compare").returncode == 0
-    for start in (base, tmp_path / "q8"):  # a quantized run: its int8 weights dequantized, as eval reads them
+    text = tmp_path / "text.txt"
+    text.write_text(corpus_file.read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    fast = {"train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 0}}
+    for adapt in ("full", "lora"):
+        cfg = FinetuneConfig(task="clm", adapt=adapt)
+        finetune(base, train_file=text, out=tmp_path / f"ft_{adapt}", cfg=cfg, overrides=fast, progress=False)
+    r = run_cli(
+        "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "no"), "--init-from", str(tmp_path / "ft_lora")
+    )
+    assert r.returncode == 2 and "that fine-tune saved adapter weights for task clm" in r.stderr, r.stderr
+    # a quantized run: its int8 weights dequantized, as eval reads them; a whole-model fine-tune: a plain GPT
+    for start in (base, tmp_path / "q8", tmp_path / "ft_full"):
         new = tmp_path / f"from_{start.name}"
         r = run_cli("pretrain", "--data", str(data_dir), "--out", str(new), "--init-from", str(start),
                     "--train.max_steps", "3", "--train.lr", "1e-3", *STEPS)  # fmt: skip

@@ -100,7 +100,23 @@ def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokeni
             f"--init-from {source} is a Hugging Face model folder; import it first (lmforge import {source} --out "
             "RUN_DIR) and pass --init-from RUN_DIR"
         )
-    return open_trained(resolve_checkpoint(source))
+    ckpt_dir = resolve_checkpoint(source)
+    info_path = ckpt_dir.parent.parent / "finetune.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    # what a whole-model fine-tune of a decoder saves is a plain model; adapters, prompts, heads and ELECTRA's
+    # discriminator alone are not (they failed later as weights "written for another model config")
+    if isinstance(info, dict) and (info.get("saved") != "model" or info.get("task") == "classify"):
+        raise ConfigError(
+            f"--init-from {source}: that fine-tune saved {info.get('saved')} weights for task {info.get('task')}, "
+            "not a whole language model; start from its base run, or from a fine-tune saved whole (--adapt full, "
+            "or --merge)"
+        )
+    ckpt, config, tokenizer = open_trained(ckpt_dir)
+    if info is not None and config.model.family == "electra":
+        raise ConfigError(
+            f"--init-from {source}: an ELECTRA fine-tune keeps only its discriminator; start from its base run"
+        )
+    return ckpt, config, tokenizer
 
 
 def init_settings(source: str | Path) -> dict[str, Any]:
