@@ -591,8 +591,8 @@ class Checkpoint:
         if "optimizer" not in self.meta:  # weights only: `lmforge import` and `quantize` write such checkpoints
             raise CheckpointError(
                 f"{self.path} holds weights only (no optimizer state), so it cannot resume training; to train "
-                f"these weights further, run lmforge finetune {self.path.parent.parent} --task clm --train FILE "
-                "--out NEW_RUN (continued pretraining)"
+                f"these weights further (continued pretraining, encoders too), start a new run from them: lmforge "
+                f"pretrain --data DATA --out NEW_RUN --init-from {self.path.parent.parent}"
             )
         if tensors is None and "sharded" in self.meta:
             tensors = self._join_shards(1, self.meta["sharded"]["optim"], rank)
@@ -752,9 +752,24 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
 
 
 def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
+    from lmforge.models import build_model
+
+    ckpt, config, tokenizer = open_trained(ckpt_dir)
+    with torch.device("meta"):
+        model = build_model(config.model)
+    model = model.to_empty(device=device)
+    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten below
+    load_weights(model, ckpt)
+    model.eval()
+    return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)
+
+
+def open_trained(ckpt_dir: Path) -> tuple[Checkpoint, Any, Any]:
+    """A whole model's checkpoint (pretrained, imported, quantized, fully fine-tuned) with its run config and
+    tokenizer, checked and not yet loaded: (checkpoint, RunConfig, Tokenizer). `load_trained` builds the model from
+    them; `pretrain --init-from` loads the weights into the model it built. Nothing is unpickled."""
     from lmforge.config import config_from_json
     from lmforge.errors import ConfigError
-    from lmforge.models import build_model
     from lmforge.tokenizer.tokenizer import Tokenizer
 
     ckpt = _open_checkpoint(ckpt_dir, verify="weights")
@@ -773,16 +788,15 @@ def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
     tok_path = ckpt.path / "tokenizer.json"
     if not tok_path.is_file():
         tok_path = ckpt.path.parent.parent / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path)
-    with torch.device("meta"):
-        model = build_model(config.model)
-    model = model.to_empty(device=device)
-    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten below
-    if "quantization" in ckpt.meta:  # written by `lmforge quantize`: integer weights, dequantized here
+    return ckpt, config, Tokenizer.load(tok_path)
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Put a whole model's checkpoint weights into `model` (built from its config); a quantized one's integer
+    weights (`lmforge quantize`) dequantized."""
+    if "quantization" in ckpt.meta:
         from lmforge.compress.quantize import load_quantized
 
         load_quantized(model, ckpt)
     else:
         ckpt.load_model(model)
-    model.eval()
-    return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)

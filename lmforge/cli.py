@@ -67,7 +67,7 @@ def _config_epilog(presets: bool = True) -> str:
     lines = [f"settings (any of these as --section.key VALUE; precedence: {order}):"]
     quickstart = {} if presets else preset_dict("quickstart")  # quickstart trains its preset: show its values
     for key, text, default in help_lines():
-        if key in ("preset", "out", "data.dir"):
+        if key in ("preset", "out", "data.dir", "init_from"):  # (their own flags; --init-from: pretrain's)
             continue
         section, _, name = key.partition(".")
         default = (quickstart.get(section) or {}).get(name, default) if name else quickstart.get(key, default)
@@ -131,6 +131,14 @@ def build_parser() -> Parser:
         "(its resolved settings)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="continued pretraining: start from RUN's model and weights (its latest checkpoint, or the checkpoint "
+        "folder given; a pretrained, imported or quantized run, encoders too) with a fresh optimizer and schedule; "
+        "the data must be prepared with RUN's tokenizer.json. Ignored (with a note) when --out already has "
+        "checkpoints: those resume",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument(
         "--objective",
@@ -507,7 +515,13 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         for short, section, key in (("--data", "data", "dir"), ("--objective", "objective", "name")):
             if section in flags and key in (dotted.get(section) or {}):  # (the shortcut used to win silently)
                 raise ConfigError(f"{short} and --{section}.{key} name the same setting; give one of them")
-        cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(dotted, flags))
+        base = None
+        if args.init_from:  # RUN's model and objective, under the flags (a model flag that differs is refused)
+            from lmforge.train.run import init_settings
+
+            flags["init_from"] = args.init_from
+            base = init_settings(args.init_from)
+        cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(dotted, flags), base=base)
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
     elif args.command == "eval" and args.task:
         from lmforge.cli_adapt import check_eval_flags, run_eval_task

@@ -391,6 +391,11 @@ def resumed_train(saved: Any, version: Any, train: TrainConfig) -> tuple[TrainCo
 class RunConfig:
     preset: str = opt("", "name of the preset this config started from")
     out: str = opt("", "run directory")
+    init_from: str = opt(
+        "",
+        "a run (its latest checkpoint) or checkpoint folder whose model and weights start this run at step 0 "
+        "(continued pretraining: --init-from RUN; the run's own checkpoints are resumed after that)",
+    )
     model: ModelConfig = field(default_factory=GPTConfig, metadata={"help": "model architecture (by model.family)"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})

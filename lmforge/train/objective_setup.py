@@ -49,6 +49,11 @@ def check_objective(name: str, family: str) -> None:
         )
 
 
+def objectives_for(family: str) -> list[str]:
+    """The objectives that can train a model of `family` (`pretrain --init-from` names them)."""
+    return [name for name, families in _FAMILIES.items() if family in families]
+
+
 def is_encoder(family: str) -> bool:
     return family not in CAUSAL_FAMILIES
 

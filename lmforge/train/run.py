@@ -26,6 +26,7 @@ from lmforge.checkpoint import (
     checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     prune_checkpoints,
     save_checkpoint,
     set_aside_later,
@@ -87,6 +88,76 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
         data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve()), seq_len=seq_len),
         out=str(Path(cfg.out)),
     )
+
+
+def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokenizer]:
+    """`--init-from`'s checkpoint (RUN's latest, or the checkpoint folder given), its config and tokenizer."""
+    from lmforge.adapt.load import is_hf_dir
+    from lmforge.checkpoint import open_trained, resolve_checkpoint
+
+    if is_hf_dir(Path(source)):  # (resolve_checkpoint called it a run without a checkpoint: "train it first")
+        raise ConfigError(
+            f"--init-from {source} is a Hugging Face model folder; import it first (lmforge import {source} --out "
+            "RUN_DIR) and pass --init-from RUN_DIR"
+        )
+    ckpt_dir = resolve_checkpoint(source)
+    info_path = ckpt_dir.parent.parent / "finetune.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    # what a whole-model fine-tune of a decoder saves is a plain model; adapters, prompts, heads and ELECTRA's
+    # discriminator alone are not (they failed later as weights "written for another model config")
+    if isinstance(info, dict) and (info.get("saved") != "model" or info.get("task") == "classify"):
+        raise ConfigError(
+            f"--init-from {source}: that fine-tune saved {info.get('saved')} weights for task {info.get('task')}, "
+            "not a whole language model; start from its base run, or from a fine-tune saved whole (--adapt full, "
+            "or --merge)"
+        )
+    ckpt, config, tokenizer = open_trained(ckpt_dir)
+    if info is not None and config.model.family == "electra":
+        raise ConfigError(
+            f"--init-from {source}: an ELECTRA fine-tune keeps only its discriminator; start from its base run"
+        )
+    return ckpt, config, tokenizer
+
+
+def init_settings(source: str | Path) -> dict[str, Any]:
+    """`pretrain --init-from RUN`'s starting settings, applied under the flags: RUN's model section (which a flag
+    may not change, `_init_checkpoint`) and objective (which one may, within what the model's family trains)."""
+    config = _open_init_source(source)[1]
+    return {"model": dataclasses.asdict(config.model), "objective": {"name": config.objective.name}}
+
+
+def _init_checkpoint(cfg: RunConfig, tokenizer: Tokenizer) -> Checkpoint:
+    """`--init-from`: the checkpoint whose weights start a new run (RUN's latest, or the checkpoint folder given),
+    once its model and tokenizer are checked to be the run's (one-line errors, before anything is written; a
+    model.vocab_size 0, "from the data", is the run's)."""
+    from lmforge.train.objective_setup import objectives_for
+
+    source = cfg.init_from
+    ckpt, config, source_tokenizer = _open_init_source(source)
+    if cfg.dist.meta_init:
+        raise ConfigError(f"--init-from {source} loads whole weights before sharding; drop --dist.meta_init")
+    want = _with_new_defaults(dataclasses.asdict(config.model), cfg.model)
+    given = {**dataclasses.asdict(cfg.model), **({} if cfg.model.vocab_size else {"vocab_size": want["vocab_size"]})}
+    keys = ["family"] if want.get("family") != given.get("family") else [*given, *(k for k in want if k not in given)]
+    for key in keys:
+        if given.get(key) != want.get(key):
+            raise ConfigError(
+                f"--init-from {source}: model.{key} {given.get(key)!r} differs from that run's {want.get(key)!r}; "
+                f"drop --model.{key} (and any --preset): the model comes from {source}"
+            )
+    fits = objectives_for(cfg.model.family)
+    if cfg.objective.name not in fits:  # (resolve_run_config's refusal suggested a --preset, which differs)
+        raise ConfigError(
+            f"--init-from {source}: objective {cfg.objective.name!r} cannot train its model.family "
+            f"{cfg.model.family!r} model; pass --objective {' or '.join(fits)}"
+        )
+    if source_tokenizer.fingerprint != tokenizer.fingerprint:
+        tok_path = ckpt.path.parent.parent / "tokenizer.json"
+        raise DataError(
+            f"the data in {cfg.data.dir} was prepared with another tokenizer than {source}'s; prepare it with "
+            f"lmforge prepare INPUTS --out DATA --tokenizer {tok_path}"
+        )
+    return ckpt
 
 
 def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -370,6 +441,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "--train.early_stop_patience"
         )
     tokenizer = Tokenizer.load(data.tokenizer_path)
+    # --init-from starts a run: a folder with checkpoints resumes them instead (a note says so, below)
+    starts = cfg.init_from and cfg.out and (overwrite or not latest_checkpoint(Path(cfg.out)))
+    init = _init_checkpoint(cfg, tokenizer) if starts else None
+    if init is not None:
+        cfg = dataclasses.replace(cfg, init_from=str(init.path.resolve()))  # (config.json: the checkpoint used)
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
@@ -398,7 +474,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         from lmforge.runs import check_run_out
 
         mixed = [Path(name) for name, _ in parse_mix(cfg.data.mix)] if cfg.data.mix else []
-        check_run_out(run_dir, [], data_dirs=[Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim
+        starts = [Path(cfg.init_from)] if cfg.init_from else []
+        check_run_out(run_dir, starts, data_dirs=[Path(cfg.data.dir), *mixed], overwrite=overwrite)  # before the claim
         claim(run_dir)
         return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
 
@@ -414,6 +491,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     else:
         model = build_model(cfg.model).to(device)  # construction leaves the RNG alone: init sees the seed
         model.init_weights()
+        if init is not None and not resume:
+            load_weights(model, init)  # (the RNG as without --init-from: init_weights drew first)
     train_shards = data.split_shards("train")
     if not train_shards:
         raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
@@ -441,9 +520,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     # which saved state this rank resumes from: a DiLoCo worker its own (0 for everything else)
     worker, resume_note = dist.resume_worker(ckpt, cfg.dist.strategy, world) if ckpt is not None else (0, "")
     saved, min_lr_kept = ckpt.meta.get("config") if ckpt is not None else None, ""
+    given_init = cfg.init_from if ckpt is not None else ""
     if isinstance(saved, dict):  # a run saved when min_lr 0 meant lr / 10 keeps that schedule (config.py)
         train_cfg, min_lr_kept = resumed_train(saved.get("train"), saved.get("config_version"), cfg.train)
-        cfg = dataclasses.replace(cfg, train=train_cfg)
+        # a resume keeps the run's own record of what started it
+        cfg = dataclasses.replace(cfg, train=train_cfg, init_from=str(saved.get("init_from") or ""))
         rank_train = _rank_batch(cfg, world.world_size)
     if ckpt is not None and not cfg.dist.meta_init:
         ckpt.load_model(model, worker)  # before sharding: every rank loads the consolidated weights (or its own)
@@ -511,8 +592,14 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         + f"), {device} {str(precision.dtype)[6:]}, "
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
+    if init is not None and not resume:
+        log.info(f"starting from the weights of {init.path} (a fresh optimizer and schedule, step 0)")
     if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
+        if given_init:
+            log.info(
+                f"note: --init-from {given_init} is ignored: it starts a run, and {run_dir} resumes its own checkpoint"
+            )
         for note in (resume_note, min_lr_kept):
             if note:
                 log.info(note)

@@ -1,0 +1,165 @@
+"""`lmforge pretrain --init-from RUN`: continued pretraining from any run's weights (an imported HF BERT, a
+pretrained decoder) with a fresh optimizer and schedule: the first step's loss is the loss of RUN's weights on that
+batch, the model and tokenizer must be RUN's (one-line refusals), and a killed run resumes its own checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_trained
+from lmforge.config import config_from_json
+from lmforge.data.datadir import load_data_dir
+from lmforge.data.prepare import PrepareConfig, prepare
+from lmforge.export.hf_import import import_hf
+from lmforge.log import read_metrics
+from lmforge.tokenizer.tokenizer import Tokenizer
+from lmforge.train.loop import window_counts, window_loss
+from lmforge.train.objective_setup import setup_objective
+from lmforge.train.precision import pick_precision
+from lmforge.train.run import pretrain
+from tests.conftest import run_cli, tiny_config
+from tests.test_resume import _assert_same_run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+WORDS = "the a cat dog sat ran on mat red blue sun moon and is was big small".split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+STEPS = ("--train.batch_size", "4", "--train.warmup_steps", "0", "--train.log_every", "1", "--eval.every", "0")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random transformers BertForMaskedLM imported with `lmforge import`, and text prepared with its
+    tokenizer (sentences of a 17-word vocabulary, so a few MLM steps learn the word frequencies)."""
+    root = tmp_path_factory.mktemp("init_from")
+    hf_cfg = transformers.BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(hf_cfg).save_pretrained(str(root / "hf"))
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(VOCAB)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(root / "hf"))
+    run = import_hf(root / "hf", root / "bert")
+    rng = random.Random(0)
+    docs = root / "docs.jsonl"
+    weights = [1 + 5 * (i % 4 == 0) for i in range(len(WORDS))]  # a skewed unigram distribution to learn
+    lines = [" ".join(rng.choices(WORDS, weights, k=rng.randint(8, 20))) for _ in range(400)]
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
+    data = root / "data"
+    prepare(PrepareConfig(inputs=[str(docs)], out=str(data), tokenizer=str(run / "tokenizer.json"),
+                          val_fraction=0.0, test_fraction=0.0), progress=False)  # fmt: skip
+    return run, data
+
+
+def _first_step_loss(new_run: Path, model: torch.nn.Module) -> float:
+    """The loss `model` has on the first optimizer step's window of `new_run` (its loader and objective rebuilt
+    from its config.json, as `pretrain` builds them)."""
+    cfg = config_from_json(json.loads((new_run / "config.json").read_text()), "config.json")
+    data = load_data_dir(cfg.data.dir)
+    precision = pick_precision(torch.device("cpu"), cfg.train.dtype, cfg.train.attention)
+    micro = cfg.train.micro_batch_per_rank(1)
+    setup = setup_objective(
+        cfg, data.split_shards("train"), data.split_shards("val"), Tokenizer.load(data.tokenizer_path), precision,
+        micro_batch=micro, accum_steps=cfg.train.batch_size // micro,
+    )  # fmt: skip
+    loader = iter(setup.loader)
+    window = [next(loader) for _ in range(cfg.train.batch_size // micro)]
+    counts = window_counts(setup.objective, window)
+    model.train()
+    with torch.no_grad():
+        return sum(float(window_loss(setup.objective.loss(model, batch), counts)) for batch in window)
+
+
+def test_imported_bert_continues_mlm_pretraining_from_its_weights(imported, tmp_path: Path) -> None:
+    run, data = imported
+    new = tmp_path / "new"
+    r = run_cli("pretrain", "--data", str(data), "--out", str(new), "--init-from", str(run), "--objective", "mlm",
+                "--train.max_steps", "12", "--train.lr", "3e-3", *STEPS)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "starting from the weights of" in r.stdout + r.stderr
+    losses = [m["loss"] for m in read_metrics(new / "metrics.jsonl") if "loss" in m]
+    want = _first_step_loss(new, load_trained(run, torch.device("cpu")).model)
+    assert losses[0] == pytest.approx(want, rel=1e-5)  # the imported weights were loaded: the same loss
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2  # and it trains
+    config = json.loads((new / "config.json").read_text())
+    assert config["init_from"] == str((run / "checkpoints" / "step-000000").resolve())
+    assert config["model"] == json.loads((run / "config.json").read_text())["model"]
+    assert (new / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+
+
+def test_mismatches_are_refused_in_one_line_and_weights_only_points_to_init_from(
+    imported, data_dir: Path, tmp_path: Path
+) -> None:
+    run, data = imported
+
+    def refused(*args: str) -> str:
+        r = run_cli("pretrain", "--init-from", str(run), "--out", str(tmp_path / "new"), *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert not (tmp_path / "new").exists()
+        return r.stderr
+
+    err = refused("--data", str(data_dir))  # char-level data: not the BERT's WordPiece
+    assert f"--tokenizer {run / 'tokenizer.json'}" in err and "lmforge prepare" in err
+    assert "model.n_layer 3 differs from that run's 2" in refused("--data", str(data), "--model.n_layer", "3")
+    err = refused("--data", str(data), "--objective", "clm")
+    assert "objective 'clm' cannot train its model.family 'bert' model; pass --objective mlm or mlm+nsp" in err
+    hf = run.parent / "hf"  # not imported yet
+    assert f"import it first (lmforge import {hf} --out RUN_DIR)" in run_cli("pretrain", "--init-from", str(hf)).stderr
+    r = run_cli("pretrain", "--data", str(data), "--out", str(run), "--config", str(run))  # resuming an import
+    assert r.returncode == 2 and f"--init-from {run}" in r.stderr, r.stderr
+
+
+def test_decoder_quantized_and_whole_fine_tuned_runs_init_from_load_their_weights(
+    data_dir: Path, corpus_file: Path, tmp_path: Path
+) -> None:
+    from lmforge.finetune import FinetuneConfig, finetune
+
+    base = tmp_path / "base"
+    pretrain(tiny_config(data_dir, base, **{"train.max_steps": 6, "eval.every": 0}), progress=False)
+    assert run_cli("quantize", str(base), "--bits", "8", "--out", str(tmp_path / "q8"), "--no-compare").returncode == 0
+    text = tmp_path / "text.txt"
+    text.write_text(corpus_file.read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    fast = {"train": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 0}}
+    for adapt in ("full", "lora"):
+        cfg = FinetuneConfig(task="clm", adapt=adapt)
+        finetune(base, train_file=text, out=tmp_path / f"ft_{adapt}", cfg=cfg, overrides=fast, progress=False)
+    r = run_cli(
+        "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "no"), "--init-from", str(tmp_path / "ft_lora")
+    )
+    assert r.returncode == 2 and "that fine-tune saved adapter weights for task clm" in r.stderr, r.stderr
+    # a quantized run: its int8 weights dequantized, as eval reads them; a whole-model fine-tune: a plain GPT
+    for start in (base, tmp_path / "q8", tmp_path / "ft_full"):
+        new = tmp_path / f"from_{start.name}"
+        r = run_cli("pretrain", "--data", str(data_dir), "--out", str(new), "--init-from", str(start),
+                    "--train.max_steps", "3", "--train.lr", "1e-3", *STEPS)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        first = read_metrics(new / "metrics.jsonl")[0]
+        assert first["step"] == 1  # step 0 again, a fresh schedule
+        want = _first_step_loss(new, load_trained(start, torch.device("cpu")).model)
+        assert first["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_killed_init_from_run_resumes_its_own_checkpoint_exactly(imported, tmp_path: Path) -> None:
+    run, data = imported
+    straight = tmp_path / "straight"
+    args = ["pretrain", "--data", str(data), "--init-from", str(run), "--train.max_steps", "6",
+            "--checkpoint.every", "3", "--checkpoint.keep", "5", *STEPS]  # fmt: skip
+    assert run_cli(*args, "--out", str(straight)).returncode == 0
+    crashed = tmp_path / "crashed"  # killed after the step-3 checkpoint
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000006")
+    (crashed / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    r = run_cli(*args, "--out", str(crashed))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout + r.stderr and "--init-from" in r.stdout + r.stderr  # the note: ignored
+    _assert_same_run(straight, crashed)
+    assert json.loads((crashed / "config.json").read_text())["init_from"].endswith("step-000000")
