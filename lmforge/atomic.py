@@ -18,7 +18,7 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -383,25 +383,35 @@ def discard_tmp_dir(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path, *, then: Callable[[], None] | None = None) -> None:
     """Rename the finished `tmp` to `out`; an existing `out` is moved aside first and deleted last.
 
     If the swap fails (or is interrupted), the old `out` is put back; if the process is killed in
     the middle, the next `fresh_tmp_dir(out)` puts it back. `tmp` keeps its marker until it is `out`, so a
     build folder left by a kill or a failed rename is still recognisably ours and removed by the next run
-    (a kill right after the rename leaves only the small hidden marker file in `out`)."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-    else:
+    (a kill right after the rename leaves only the small hidden marker file in `out`).
+
+    `then` runs once the new `out` is in place, before the old one is deleted: the rename of a file that goes
+    with the folder (a Markdown report beside its `_files/` plots). If it fails, the new `out` goes back to
+    `tmp` (for the caller's `discard_tmp_dir`) and the old one is put back, so the two change together."""
+    aside = None
+    if out.exists() or out.is_symlink():
         aside = _make_marked_dir(out, "old")
-        old = aside / out.name
-        os.replace(out, old)
+        os.replace(out, aside / out.name)
+    try:
+        os.replace(tmp, out)
         try:
-            os.replace(tmp, out)
+            if then is not None:
+                then()
         except BaseException:
-            os.replace(old, out)
-            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out, tmp)
             raise
+    except BaseException:
+        if aside is not None:
+            os.replace(aside / out.name, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     (out / TMP_MARKER).unlink(missing_ok=True)
 

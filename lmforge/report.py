@@ -31,6 +31,7 @@ import datetime
 import html
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -39,7 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.atomic import atomic_write_bytes, atomic_write_text, replacing
+from lmforge.atomic import (
+    TMP_MARKER,
+    atomic_write_bytes,
+    atomic_write_text,
+    discard_tmp_dir,
+    fresh_tmp_dir,
+    naming,
+    publish_dir,
+    replacing,
+    tmp_beside,
+)
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fields import flatten
 from lmforge.log import format_duration, read_metrics
@@ -670,10 +681,10 @@ def _assets_dir(out: Path) -> Path:
     return out.with_name(out.stem + "_files")
 
 
-def render_markdown(runs: list[Run], out: Path) -> str:
-    """The report as Markdown; plots are written as PNGs to `<out stem>_files/`."""
+def render_markdown(runs: list[Run], out: Path, plots_dir: Path) -> str:
+    """The report as Markdown for `out`; its plots are written as PNGs to `plots_dir`, the folder that becomes
+    `<out stem>_files/` (`render_report` builds it beside and swaps it in with the page)."""
     assets = _assets_dir(out)
-    assets.mkdir(parents=True, exist_ok=True)
     parts = [
         f"# lmforge report: {', '.join(_md_escape(r.name) for r in runs)}",
         "",
@@ -692,11 +703,8 @@ def render_markdown(runs: list[Run], out: Path) -> str:
     parts += ["", "## Plots", ""]
     plots = available_plots(runs)
     for spec in plots:
-        atomic_write_bytes(assets / f"{spec.slug}.png", render_plot(spec, runs))
+        atomic_write_bytes(plots_dir / f"{spec.slug}.png", render_plot(spec, runs))
         parts.append(f"![{_md_escape(spec.title)}]({urllib.parse.quote(assets.name)}/{spec.slug}.png)")
-    for spec in PLOTS:  # an earlier render's plot that this one has no numbers for (other runs) would linger
-        if spec not in plots:
-            (assets / f"{spec.slug}.png").unlink(missing_ok=True)
     header, rows = eval_table(runs)
     parts += ["", "## Evaluations", "", _md_table(header, rows) if rows else "No evaluations logged yet."]
     header, rows = task_table(runs)
@@ -795,17 +803,65 @@ def render_report(
     _refuse_run_file(out, [run.path for run in runs])
     _refuse_foreign_file(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    new_assets = kind == "md" and not _assets_dir(out).exists()
-    try:
-        text = render_markdown(runs, out) if kind == "md" else render_html(runs, refresh_s=refresh_s)
-        atomic_write_text(out, text)
-    except BaseException:
-        # a full disk (or Ctrl-C) after some plots: a `_files/` folder this call made, with a few PNGs and no
-        # report.md to show them, was left behind
-        if new_assets:
-            shutil.rmtree(_assets_dir(out), ignore_errors=True)
-        raise
+    if kind == "html":  # one self-contained file: all of it, or the earlier page as it was
+        atomic_write_text(out, render_html(runs, refresh_s=refresh_s))
+    else:
+        _write_markdown(runs, out)
     return out
+
+
+def _write_markdown(runs: list[Run], out: Path) -> None:
+    """Write the Markdown report `out` and its `_files/` plots as one set: an earlier report and its plots stay as
+    they were unless both are replaced.
+
+    The plots were replaced one at a time in `_files/` before the page was written, so a full disk part-way left
+    the old page beside some new plots (and a new `_files/` with a few PNGs and no page). Now the new plots (with
+    the user's own files of the old folder, `_carry_over`) are built in a hidden folder beside and the page is
+    written to its temporary first; only then are both renamed in (`atomic.publish_dir`), the old folder put back
+    if the page's rename fails. A kill between the two renames is the one moment that can mix them."""
+    assets = _assets_dir(out)
+    if assets.is_symlink() or (assets.exists() and not assets.is_dir()):
+        what = "a link" if assets.is_symlink() else "a file"
+        raise ConfigError(f"--out {out}: its plots go in {assets}/, which is {what}; move it or choose another --out")
+    build = fresh_tmp_dir(assets)
+    page = tmp_beside(out)
+    try:
+        text = render_markdown(runs, out, build)
+        _carry_over(assets, build)
+        with naming(out), open(page, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_dir(build, assets, then=lambda: os.replace(page, out))
+    except BaseException:
+        page.unlink(missing_ok=True)
+        discard_tmp_dir(build)
+        raise
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """The user's own files in an earlier report's `_files/` (anything but the plots lmforge writes there) go into
+    the new folder too, as hard links (copies where the file system has none): they stayed when plots were
+    replaced in place. An earlier render's plot this one has no numbers for (mfu.png of other runs) is dropped."""
+    if not old.is_dir():
+        return
+    ours = {f"{spec.slug}.png" for spec in PLOTS} | {f".{spec.slug}.png.tmp" for spec in PLOTS} | {TMP_MARKER}
+    for entry in sorted(old.iterdir()):
+        if entry.name in ours:
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def watch(

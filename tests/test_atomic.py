@@ -117,6 +117,28 @@ def test_only_abandoned_marked_lmforge_folders_are_cleaned_up(tmp_path: Path) ->
     assert not (out / "manifest.json").exists()
 
 
+def test_publish_dir_puts_the_old_folder_back_when_the_file_that_goes_with_it_fails(tmp_path: Path) -> None:
+    """`publish_dir(..., then=...)`: a Markdown report's page is renamed in with its `_files/` folder; when that
+    rename fails the old folder is back in place and the new one is in its build folder, for `discard_tmp_dir`."""
+    out = tmp_path / "report_files"
+    out.mkdir()
+    (out / "loss.png").write_text("old", encoding="utf-8")
+    tmp = fresh_tmp_dir(out)
+    (tmp / "loss.png").write_text("new", encoding="utf-8")
+
+    def then() -> None:
+        assert (out / "loss.png").read_text(encoding="utf-8") == "new"  # (runs with the new folder in place)
+        raise OSError(28, "No space left on device", str(tmp_path / "report.md"))
+
+    with pytest.raises(OSError, match="No space left"):
+        publish_dir(tmp, out, then=then)
+    assert (out / "loss.png").read_text(encoding="utf-8") == "old" and (tmp / "loss.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report_files", tmp.name])
+    publish_dir(tmp, out, then=lambda: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["report_files"] and [p.name for p in out.iterdir()] == ["loss.png"]
+    assert (out / "loss.png").read_text(encoding="utf-8") == "new"
+
+
 def test_prepare_and_merge_keep_a_users_out_tmp(tmp_path: Path) -> None:
     from lmforge.data.prepare import PrepareConfig, prepare
 

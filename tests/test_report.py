@@ -195,6 +195,60 @@ def test_a_markdown_report_that_fails_to_write_leaves_nothing(two_runs, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def _files_under(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_a_markdown_report_that_fails_over_an_earlier_one_keeps_the_earlier_page_and_plots(two_runs, tmp_path):
+    """`report --out report.md` over an earlier report replaced the plots in `report_files/` one at a time before
+    writing report.md, so a full disk part-way left the old page beside some new plots. The new set is now built
+    beside and swapped in whole: whichever write fails (the build folder's marker, a plot, the page), the old page,
+    its plots and the user's own file there are byte for byte as they were, and nothing else is left."""
+    from tests.conftest import file_size_limit
+
+    big = tmp_path / "runs" / "big"  # a long sample makes the page bigger than any plot: the page's write can fail
+    shutil.copytree(two_runs[1], big)
+    records = read_metrics(big / "metrics.jsonl")
+    next(r for r in reversed(records) if "val_loss" in r)["sample"] = "to be or not to be\n" * 10_000
+    (big / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    site = tmp_path / "site"
+    out = render_report([two_runs[0]], site / "report.md")
+    (site / "report_files" / "mine.txt").write_text("the user's own file", encoding="utf-8")
+    before = _files_under(site)
+    sizes = sorted(len(data) for name, data in before.items() if name.endswith(".png"))
+    for limit in (1, sizes[len(sizes) // 2], 150_000):  # the marker, a plot part-way, the page after every plot
+        with file_size_limit(limit), pytest.raises(OSError, match="File too large") as e:
+            render_report([two_runs[0], big], out)
+        assert _files_under(site) == before, limit
+        assert sorted(p.name for p in site.iterdir()) == ["report.md", "report_files"], limit
+        if limit == 150_000:
+            assert e.value.filename == str(out)
+    # (with room the new set replaces it: test_a_rerendered_markdown_report_drops_plots_it_no_longer_has)
+
+
+def test_a_markdown_reports_files_folder_that_is_a_file_is_refused(two_runs, tmp_path):
+    """A file named `report_files` where the plots go is the user's: refused in one line, and left as it was (the
+    folder swap would have moved it aside and deleted it)."""
+    (tmp_path / "report_files").write_text("mine", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"its plots go in .*report_files/, which is a file; move it or choose"):
+        render_report([two_runs[0]], tmp_path / "report.md")
+    assert [p.name for p in tmp_path.iterdir()] == ["report_files"]
+    assert (tmp_path / "report_files").read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE stands in for a full disk")
+def test_an_html_report_that_fails_over_an_earlier_one_keeps_it(two_runs, tmp_path):
+    """The HTML report is one file (plots embedded): a write that fails leaves the earlier page as it was."""
+    from tests.conftest import file_size_limit
+
+    out = render_report([two_runs[0]], tmp_path / "report.html")
+    before = out.read_bytes()
+    with file_size_limit(len(before)), pytest.raises(OSError, match="File too large"):
+        render_report(list(two_runs), out)  # two runs' curves: a bigger page
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
 def test_an_eval_before_the_first_logged_step_gets_its_own_tokens(two_runs, tmp_path):
     """With train.log_every 8 and eval.every 4 the eval at step 4 comes before any train record: it read
     the tokens of step 8 (np.interp holds the first value), as if it had seen twice the data."""
