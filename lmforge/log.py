@@ -182,6 +182,7 @@ class RunLogger:
         self.plot_path = plot_path  # loss.png, redrawn at evaluation records (PLOT_EVERY_S) and at the end
         self.unplotted = False  # records written since loss.png was drawn (a run without a val split: all)
         self.plotted_at = time.monotonic()  # a run shorter than PLOT_EVERY_S draws it once, at the end
+        self.plot_warned = False  # a failed redraw is said once per run
         self.trackers = trackers or []  # lmforge.trackers: TensorBoard/W&B/MLflow get the same records
         self.file = open(metrics_path, "a", encoding="utf-8") if (enabled and metrics_path) else None  # noqa: SIM115
         self.bar = tqdm(
@@ -215,11 +216,21 @@ class RunLogger:
         else:
             self.unplotted = True
 
-    def plot(self) -> None:
+    def plot(self, *, then: str = "training goes on", quiet: bool = False) -> None:
+        """Redraw loss.png. A redraw that fails (a full disk, a file-size limit, a folder in its way) is one warning
+        on stderr ending in `then`, not the run's error: the run's work is its checkpoints and metrics.jsonl, and a
+        run whose final checkpoint was saved exited 2 for the loss.png it could not redraw after it. `quiet`: say
+        nothing (the run is failing with its own error line)."""
         if self.enabled and self.plot_path and self.metrics_path:
             from lmforge.report import plot_loss
 
-            plot_loss(self.metrics_path, self.plot_path)
+            try:
+                plot_loss(self.metrics_path, self.plot_path)
+            except OSError as e:
+                if not (quiet or self.plot_warned):
+                    self.plot_warned = True
+                    reason = e.strerror or str(e)
+                    tqdm.write(f"warning: could not redraw {self.plot_path}: {reason}; {then}", file=sys.stderr)
         self.unplotted = False
         self.plotted_at = time.monotonic()
 
@@ -245,9 +256,7 @@ class RunLogger:
         quiet = (lambda: contextlib.suppress(OSError)) if failing else contextlib.nullcontext
         self.bar.close()
         if self.unplotted:  # the last records are not drawn yet (too soon after the last draw, no val split, ...)
-            self.unplotted = False
-            with quiet():
-                self.plot()
+            self.plot(then="the checkpoints and metrics.jsonl are saved", quiet=failing)
         trackers, self.trackers = self.trackers, []
         for tracker in trackers:
             with quiet():

@@ -201,6 +201,27 @@ def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: P
     ]
 
 
+def test_a_finished_run_that_cannot_redraw_loss_png_warns_and_exits_0(data_dir: Path, tmp_path: Path) -> None:
+    """A run whose final checkpoint was saved but whose loss.png could not be redrawn at the end (here a folder of
+    the user's in its way; a full disk alike) exited 2 with that error, its status.json left "running": its work
+    is saved, so the plot is now one warning line and the run exits 0, finished."""
+    run = tmp_path / "run"
+    base = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet", "--eval.every", "0"]
+    base += ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--checkpoint.every", "2"]
+    assert run_cli(*base, "--train.max_steps", "2").returncode == 0
+    (run / "loss.png").unlink()
+    (run / "loss.png").mkdir()
+    (run / "loss.png" / "mine.txt").write_text("the user's own file", encoding="utf-8")
+    result = run_cli(*base, "--train.max_steps", "4")  # resumed from step 2: the last records are drawn at the end
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"warning: could not redraw {run / 'loss.png'}: Is a directory; the checkpoints and metrics.jsonl are saved\n"
+    )
+    assert (run / "checkpoints" / "step-000004" / "state.json").is_file()
+    assert json.loads((run / "status.json").read_text(encoding="utf-8"))["status"] == "finished"
+    assert [p.name for p in (run / "loss.png").iterdir()] == ["mine.txt"] and not list(run.glob(".loss.png*"))
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="POSIX permissions, which root ignores")
 def test_write_permission_lost_mid_run_names_the_checkpoint_to_resume_from(data_dir: Path, tmp_path: Path) -> None:
     """checkpoints/ made read-only between two saves (a permission lost mid-run): the save's error says which

@@ -87,6 +87,25 @@ def test_head_only_keeps_body_bit_identical(base: Path, tmp_path: Path):
     assert info["base"].endswith("step-000000") and len(info["base_sha256"]) == 64
 
 
+def test_a_finetune_that_cannot_redraw_loss_png_warns_and_finishes(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A fine-tune whose loss.png could not be redrawn after training (a folder in its way; a full disk alike)
+    failed there (exit 2), its checkpoints saved but no eval.json; it is now one warning line and the run finishes."""
+    out = tmp_path / "ft"
+    kw = {"train_file": DATA / "sentiment_train.csv", "out": out, "cfg": FinetuneConfig(task="classify", adapt="head")}
+    finetune(base, **kw, overrides={"train": {**FAST["train"], "max_steps": 3}}, progress=False)
+    (out / "loss.png").unlink()
+    (out / "loss.png").mkdir()
+    capsys.readouterr()
+    result = finetune(base, **kw, overrides=FAST, progress=False)  # resumed at step 3: steps 4-6 are not drawn
+    assert result["steps"] == 6 and json.loads((out / "eval.json").read_text(encoding="utf-8"))["steps"] == 6
+    warning = (
+        f"warning: could not redraw {out / 'loss.png'}: Is a directory; the checkpoints and metrics.jsonl are saved"
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [warning]
+
+
 def test_eval_max_batches_counts_batches_of_the_batch_size(base: Path, tmp_path: Path):
     """Fine-tuning's eval.max_batches 1 scores the first train.batch_size (8) val examples, with or without
     accumulation: the tokens of exactly those 8 examples (a val file of only them), not of 2 micro-batches."""

@@ -453,6 +453,24 @@ def test_loss_png_is_redrawn_at_evaluations_at_most_every_plot_every_s(tmp_path,
     assert draws == [2, 4]  # nothing left undrawn at the end: no third draw
 
 
+def test_a_loss_png_that_cannot_be_redrawn_mid_run_is_one_warning(tmp_path, monkeypatch, capsys):
+    """A redraw of loss.png at an evaluation that failed (a full disk, a folder in its way) stopped the run there,
+    before its next checkpoint; it is one warning for the run, which goes on logging."""
+    from lmforge import log
+
+    monkeypatch.setattr(log, "PLOT_EVERY_S", 0.0)  # each evaluation redraws it
+    run = tmp_path / "run"
+    (run / "loss.png").mkdir(parents=True)
+    logger = log.RunLogger(run / "metrics.jsonl", max_steps=2, start_step=0, console=False, plot_path=run / "loss.png")
+    for step in (1, 2):
+        logger.metrics({"step": step, "loss": 3.0})
+        logger.metrics({"step": step, "val_loss": 2.9})
+    logger.close()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 1, 2, 2]
+    warning = f"warning: could not redraw {run / 'loss.png'}: Is a directory; training goes on"
+    assert capsys.readouterr().err.splitlines() == [warning]
+
+
 def test_json_output_of_commands_is_strict_json():
     """`eval --json` of an MLM split with no masked token printed `NaN`, which jq and JavaScript reject."""
     import json
