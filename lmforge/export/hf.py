@@ -357,7 +357,7 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
             out, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base, own_tokenizer=own_ids
         )
         atomic_write_text(tmp / "README.md", card)
-    if own_ids:
+    if own_ids and not adapter_base:  # (an adapter's folder has no config.json: AutoTokenizer reads it as is)
         print(QWEN2_TOKENIZER_NOTE.format(out=card_path(out)), file=sys.stderr, flush=True)
     return out
 
