@@ -276,7 +276,8 @@ def build_parser() -> Parser:
         "export",
         help="write a run or checkpoint as a Hugging Face model directory (--to hf) or a GGUF file (--to gguf)",
         description="Write config.json, model.safetensors, generation_config.json, tokenizer files and a model "
-        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2, Llama, Qwen2 style) or "
+        "card that transformers loads with AutoModelForCausalLM / AutoTokenizer (GPT-2, Llama, Qwen2 style; a Qwen2 "
+        "export whose tokenizer is not split as Qwen2's notes that it loads with PreTrainedTokenizerFast) or "
         "AutoModelForMaskedLM (BERT; ELECTRA: its discriminator as ElectraForPreTraining). LoRA runs export merged, "
         "or with --peft as a PEFT adapter directory. "
         "--to gguf writes one .gguf file for llama.cpp instead (Llama style, byte-level BPE or char tokenizer; "

@@ -198,6 +198,65 @@ def test_autotokenizer_unk_is_the_tokenizers_own(kind: str, tmp_path: Path) -> N
         assert unk_ids == {unk_id}
 
 
+# digits, Chinese, runs of spaces, tabs and newlines: where pre-tokenizers differ
+TOKENIZER_TEXTS = [
+    "in 2024 there were 12345 foxes\n\n  and 7 dogs",
+    "价格是 42 元。\n第二行",
+    "  leading  and\ttabs \n",
+    *TEXTS,
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_kinds(bpe: Tokenizer) -> dict[str, Tokenizer]:
+    """One tokenizer of each kind lmforge trains, and a byte-level BPE split as Qwen2's own (an imported Qwen2's)."""
+    corpus = [f"{t} {i} 12345 2024" for i in range(30) for t in TEXTS] + ["the lazy dog " * 20, "你好世界 " * 20]
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.export.hf import QWEN2_SPLIT
+
+    qwen2_style = json.loads(bpe.to_str())
+    split = {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    qwen2_style["normalizer"] = {"type": "NFC"}
+    qwen2_style["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+    return {
+        "bpe": bpe,
+        "char": train_char([TEXTS[0] + " 0123456789\n", "敏捷的狐狸"]),
+        "wordpiece": train_wordpiece(corpus, 300),
+        "unigram": train_unigram(corpus, 400),
+        "qwen2-style-bpe": Tokenizer(HFTokenizer.from_str(json.dumps(qwen2_style))),
+    }
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_the_tokenizer_the_card_loads_gives_our_ids(
+    family: str, tokenizer_kinds: dict[str, Tokenizer], tmp_path: Path, capfd
+) -> None:
+    # transformers 5 loads any qwen2 directory as Qwen2Tokenizer (tokenizer_class in tokenizer_config.json is
+    # ignored), which rebuilds Qwen2's pre-tokenizer: digits one by one, and char/WordPiece/Unigram vocabularies
+    # broken (spaces dropped). The export said nothing and its card loaded AutoTokenizer: other ids than lmforge's.
+    for kind, tokenizer in tokenizer_kinds.items():
+        out = export_hf(make_run(tmp_path / kind / "run", tokenizer, **VARIANTS[family]), tmp_path / kind / "hf")
+        err = capfd.readouterr().err
+        auto = transformers.AutoTokenizer.from_pretrained(str(out))
+        auto_differs = any(auto(text)["input_ids"] != tokenizer.encode(text) for text in TOKENIZER_TEXTS)
+        assert auto_differs == (family == "qwen2" and kind != "qwen2-style-bpe"), kind
+        assert ("Qwen2Tokenizer" in err) == auto_differs, (kind, err)  # a one-line note, exactly when needed
+        if auto_differs:
+            assert len(
+                err.strip().splitlines()
+            ) == 1 and f"PreTrainedTokenizerFast.from_pretrained({str(out)!r}" in err.replace('"', "'")
+        card = (out / "README.md").read_text()
+        name = "PreTrainedTokenizerFast" if auto_differs else "AutoTokenizer"
+        assert f"tokenizer = {name}.from_pretrained(" in card
+        hf_tok = getattr(transformers, name).from_pretrained(str(out))
+        for text in TOKENIZER_TEXTS:
+            ids = tokenizer.encode(text)
+            assert hf_tok(text)["input_ids"] == ids, (kind, text)
+            assert hf_tok.decode(ids) == tokenizer.decode(ids), (kind, text)
+
+
 def test_export_of_a_trained_run_has_a_model_card(data_dir: Path, tmp_path: Path) -> None:
     from lmforge.train.run import pretrain
 

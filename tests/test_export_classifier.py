@@ -36,9 +36,10 @@ CASES = {
     "qwen2-head": (dict(LLAMA, qkv_bias=True), "head", "Qwen2ForSequenceClassification"),
 }
 FAST = {"train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "warmup_steps": 1, "lr": 3e-3}, "eval": {"every": 0}}
-# (no digits: transformers loads a qwen2 directory's tokenizer as Qwen2Tokenizer, whose own pre-tokenizer splits
-# digits one by one where a byte-level BPE lmforge trained keeps them together; other text encodes the same)
-TEXTS = ["Loved this place.", "Crust is not good, and the texture was just nasty!", "ok", "Great food; slow service."]
+# (digits: transformers' AutoTokenizer loads a qwen2 directory's tokenizer as Qwen2Tokenizer, whose own pre-tokenizer
+# splits them one by one where lmforge's byte-level BPE keeps them together; the card names the class that reads
+# tokenizer.json as it is)
+TEXTS = ["Loved this place.", "Crust is not good, and the texture was just nasty!", "ok", "Great food; 10/10, 2025."]
 # Same float32 math on both sides (our fused qkv/gate-up matmuls and SDPA vs HF's split ones and eager attention);
 # measured max |diff| 6e-8 on scores of size ~0.1; a head on the wrong token moves them by 1e-2 or more.
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -83,7 +84,10 @@ def test_decoder_classifier_exports_as_a_sequence_classifier(case: str, bpe: Tok
     assert config["pad_token_id"] != eos  # HF pools the last non-pad token, which must be our EOS
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     assert type(theirs).__name__ == architecture
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    tokenizer_class = "PreTrainedTokenizerFast" if "qwen2" in case else "AutoTokenizer"
+    assert (f"tokenizer = {tokenizer_class}.from_pretrained(" in card) == ("qwen2" in case)
+    tok = getattr(transformers, tokenizer_class).from_pretrained(str(tmp_path / "hf"))
     prefix = ours.tokenizer.prompt_prefix
     assert len(prefix) == (adapt == "lora")
     for text in TEXTS:  # framed as lmforge's rows: [BOS] text, then the end-of-text token
@@ -98,12 +102,12 @@ def test_decoder_classifier_exports_as_a_sequence_classifier(case: str, bpe: Tok
             tok.padding_side = "left"
             torch.testing.assert_close(theirs(**tok(TEXTS, padding=True, return_tensors="pt")).logits, expected, **TOL)
     names = [config["id2label"][str(i)] for i in expected.argmax(-1).tolist()]
-    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "hf"))
+    tok.padding_side = "right"
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), tokenizer=tok)  # as the card
     got = pipe(TEXTS)
     assert [p["label"] for p in got] == names
     probs = expected.softmax(-1).max(-1).values.tolist()
     assert [p["score"] for p in got] == pytest.approx(probs, abs=1e-5)
-    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     assert "pipeline_tag: text-classification" in card and architecture in card
     if adapt == "lora":  # merged; PEFT has no classifier adapter to write
         with pytest.raises(LmforgeError, match="export it without --peft"):

@@ -90,6 +90,23 @@ def test_peft_adapter_and_merged_export_match_our_lora_model(model: dict, tmp_pa
         torch.testing.assert_close(plain(x).logits, expected, **TOL)
 
 
+def test_qwen2_adapter_tokenizer_gives_our_ids_where_its_card_loads_it(tmp_path: Path, capfd) -> None:
+    # AutoTokenizer loads the adapter folder (no config.json) from tokenizer.json as it is, but the Qwen2 base/
+    # folder as Qwen2Tokenizer: the base's card names PreTrainedTokenizerFast, and export prints no note naming
+    # base/ (it named the hidden folder export builds in, and the adapter card's AutoTokenizer is right)
+    run = lora_run(tmp_path, dict(LLAMA, qkv_bias=True))
+    capfd.readouterr()
+    out = export_peft(run, tmp_path / "adapter")
+    assert "note" not in capfd.readouterr().err
+    tokenizer = load_finetuned(run, torch.device("cpu")).tokenizer
+    assert "tokenizer = AutoTokenizer.from_pretrained(" in (out / "README.md").read_text()
+    assert "tokenizer = PreTrainedTokenizerFast.from_pretrained(" in (out / "base" / "README.md").read_text()
+    for where, name in [(out, "AutoTokenizer"), (out / "base", "PreTrainedTokenizerFast")]:
+        hf_tok = getattr(transformers, name).from_pretrained(str(where))
+        for text in ["In 2024 we sold 12345 apples.", "价格是 42 元。\n  第二行"]:
+            assert hf_tok(text)["input_ids"] == tokenizer.encode(text), (where, text)
+
+
 def test_peft_refuses_runs_without_an_adapter(tmp_path: Path) -> None:
     base = make_base(tmp_path)
     with pytest.raises(LmforgeError, match="not an adapter-only LoRA run"):

@@ -38,12 +38,16 @@ Design decisions
   `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
   the run being read is refused even with `overwrite`.
 - Tokenizer: our tokenizer encodes the text "<|endoftext|>" literally (see `tokenizer.py`) while an
-  HF tokenizer parses it as the special token; ordinary text encodes to the same ids.
+  HF tokenizer parses it as the special token; ordinary text encodes to the same ids. transformers 5's
+  AutoTokenizer makes any qwen2 directory's tokenizer a Qwen2Tokenizer, whose own pre-tokenizer gives other ids
+  unless ours is split as Qwen2's (`qwen2_tokenizer_differs`); no file we could write changes that, so such an
+  export notes it in one line and its model card loads `PreTrainedTokenizerFast`, which reads tokenizer.json as is.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +220,58 @@ def hf_eos_of_trained(trained: Any) -> int | list[int] | None:
     return hf_eos_of(run_dir_of(trained.checkpoint.path))
 
 
+# transformers 5 loads every `model_type: "qwen2"` directory as Qwen2Tokenizer, whatever tokenizer_config.json
+# names (qwen2 is in AutoTokenizer's MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS). That class keeps tokenizer.json's
+# vocabulary and merges but rebuilds the rest as Qwen2's: byte-level BPE, NFC, this split (models/qwen2/
+# tokenization_qwen2.py, PRETOKENIZE_REGEX; a real Qwen2 tokenizer.json has the same).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN2_TOKENIZER_NOTE = (
+    "note: transformers' AutoTokenizer loads a Qwen2 directory as Qwen2Tokenizer, which splits text its own way "
+    "(digits one by one) and would give other ids than this run's tokenizer; load it with "
+    "PreTrainedTokenizerFast.from_pretrained({out}), as its model card does"
+)
+
+
+def _without_trim_offsets(value: Any) -> Any:
+    """A tokenizer.json section without ByteLevel's trim_offsets (it moves offsets, never ids)."""
+    if isinstance(value, dict):
+        return {k: _without_trim_offsets(v) for k, v in value.items() if k != "trim_offsets"}
+    if isinstance(value, list):
+        return [_without_trim_offsets(v) for v in value]
+    return value
+
+
+def qwen2_tokenizer_differs(tokenizer_json: str) -> bool:
+    """Whether transformers' Qwen2Tokenizer, rebuilt from this tokenizer.json's vocabulary and merges, encodes
+    text otherwise than the tokenizer.json itself: anything but a byte-level BPE with Qwen2's normalizer and
+    pre-tokenizer (lmforge's own BPE keeps digits together; char, WordPiece and Unigram are other models)."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    qwen2 = HFTokenizer(BPE())
+    qwen2.normalizer = normalizers.NFC()
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    want, have = json.loads(qwen2.to_str()), json.loads(tokenizer_json)
+    model = have.get("model") or {}
+    plain_bpe = model.get("type") == "BPE" and not any(
+        model.get(key)
+        for key in ("unk_token", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges")
+    )
+    same_split = all(
+        _without_trim_offsets(have.get(k)) == _without_trim_offsets(want[k]) for k in ("normalizer", "pre_tokenizer")
+    )
+    return not (plain_bpe and same_split)
+
+
 def without_chat_markers(tokenizer_json: str) -> str:
     """tokenizer.json for a chat-tuned export: the role markers (`<|user|>`, ...) leave the added tokens.
 
@@ -296,8 +352,13 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in state.values())
-        card = _model_card(out, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base)
+        own_ids = family == "qwen2" and qwen2_tokenizer_differs(tokenizer.to_str())  # (AutoTokenizer's would differ)
+        card = _model_card(
+            out, trained, family, n_params, chat=bool(chat), adapter_base=adapter_base, own_tokenizer=own_ids
+        )
         atomic_write_text(tmp / "README.md", card)
+    if own_ids and not adapter_base:  # (an adapter's folder has no config.json: AutoTokenizer reads it as is)
+        print(QWEN2_TOKENIZER_NOTE.format(out=card_path(out)), file=sys.stderr, flush=True)
     return out
 
 
@@ -416,14 +477,25 @@ def write_hf_classifier(trained: Any, out: Path) -> Path:
         )
         write_json(tmp / "special_tokens_map.json", specials)
         n_params = sum(t.numel() for t in tensors.values())
-        card = _classifier_card(out, trained, info, architecture, n_params, pad_id)
+        own_ids = family == "qwen2" and qwen2_tokenizer_differs(tokenizer.to_str())  # (AutoTokenizer's would differ)
+        card = _classifier_card(out, trained, info, architecture, n_params, pad_id, own_tokenizer=own_ids)
         atomic_write_text(tmp / "README.md", card)
+    if own_ids:
+        print(QWEN2_TOKENIZER_NOTE.format(out=card_path(out)), file=sys.stderr, flush=True)
     return out
 
 
 def _classifier_card(
-    out: Path, trained: Any, info: dict[str, Any], architecture: str, n_params: int, pad_id: int
+    out: Path,
+    trained: Any,
+    info: dict[str, Any],
+    architecture: str,
+    n_params: int,
+    pad_id: int,
+    *,
+    own_tokenizer: bool = False,
 ) -> str:
+    """The classifier export's README.md (`own_tokenizer`: as `_model_card`'s)."""
     cfg = trained.config
     labels = [str(label) for label in info["labels"]]
     step, tokens = training_progress(trained.checkpoint.meta)
@@ -445,6 +517,13 @@ def _classifier_card(
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     language = data_language(cfg.data.dir) if cfg.data.dir else ""
     path = card_path(out)
+    load = f'from transformers import pipeline\n\nclassify = pipeline("text-classification", model={path})'
+    if own_tokenizer:
+        load = (
+            "from transformers import PreTrainedTokenizerFast, pipeline\n\n"
+            f"tokenizer = PreTrainedTokenizerFast.from_pretrained({path})\n"
+            f'classify = pipeline("text-classification", model={path}, tokenizer=tokenizer)'
+        )
     return f"""---
 {card_language_header(language)}library_name: transformers
 pipeline_tag: text-classification
@@ -466,9 +545,7 @@ token) and scores the last token's state, as in training.
 ## Use
 
 ```python
-from transformers import pipeline
-
-classify = pipeline("text-classification", model={path})
+{load}
 print(classify("{CARD_PROMPTS[language or "en"]}"))  # [{{'label': ..., 'score': ...}}], labels {", ".join(labels)}
 ```
 
@@ -559,8 +636,17 @@ CARD_PATH_NOTE = (
 
 
 def _model_card(
-    out: Path, trained: Any, family: str, n_params: int, *, chat: bool = False, adapter_base: bool = False
+    out: Path,
+    trained: Any,
+    family: str,
+    n_params: int,
+    *,
+    chat: bool = False,
+    adapter_base: bool = False,
+    own_tokenizer: bool = False,
 ) -> str:
+    """The export's README.md. `own_tokenizer`: AutoTokenizer would not load tokenizer.json as it is
+    (`qwen2_tokenizer_differs`), so the example loads it with PreTrainedTokenizerFast."""
     name, path = out.name, card_path(out)
     cfg = trained.config
     info = finetune_info_of(trained)
@@ -616,6 +702,7 @@ def _model_card(
         )
     else:
         encode = f'ids = tokenizer("{prompt}", return_tensors="pt").input_ids'
+    tokenizer_class = "PreTrainedTokenizerFast" if own_tokenizer else "AutoTokenizer"
     return f"""---
 {card_language_header(language)}library_name: transformers
 pipeline_tag: text-generation
@@ -636,9 +723,9 @@ A causal language model trained with lmforge and exported to the Hugging Face fo
 ## Use
 
 ```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, {tokenizer_class}
 
-tokenizer = AutoTokenizer.from_pretrained({path})
+tokenizer = {tokenizer_class}.from_pretrained({path})
 model = AutoModelForCausalLM.from_pretrained({path})
 {encode}
 print(tokenizer.decode(model.generate(ids, max_new_tokens={n_new}, do_sample=False)[0]))
