@@ -536,14 +536,15 @@ def test_existing_out_needs_overwrite(bpe: Tokenizer, tmp_path: Path) -> None:
 
 
 def test_resuming_an_imported_run_says_how_to_train_it_further(bpe: Tokenizer, tmp_path: Path) -> None:
-    # `pretrain --config IMPORTED --out IMPORTED` reached this with only "it cannot resume training" and no way on;
-    # make_run's checkpoint is weights-only, as import's (and quantize's) are
+    # `pretrain --config IMPORTED --out IMPORTED` reached this with only "it cannot resume training" and no way on; it
+    # now names `pretrain --init-from`, which encoders can use too. make_run's checkpoint is weights-only, as
+    # import's (and quantize's) are
     imported = make_run(tmp_path / "imported", bpe)
     trained = load_trained(imported, torch.device("cpu"))
     optimizer = torch.optim.AdamW(trained.model.parameters())
     with pytest.raises(CheckpointError) as e:
         trained.checkpoint.load_optimizer(optimizer)
-    assert f"lmforge finetune {imported} --task clm" in one_line(e)
+    assert f"lmforge pretrain --data DATA --out NEW_RUN --init-from {imported}" in one_line(e)
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_model(bpe: Tokenizer, tmp_path: Path) -> None:
