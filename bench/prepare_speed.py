@@ -22,6 +22,10 @@ values show what grows with the corpus (the dedup indexes should; nothing else).
     python bench/prepare_speed.py                     # 200 MB, workers 1 and 2
     python bench/prepare_speed.py --size-mb 20 --workers 1 2 --dedup near
     python bench/prepare_speed.py --size-mb 25 50 --dedup exact near --tokenizer given bpe --workers 1 2
+
+`--index 100000 1000000` instead times the near-dedup index alone (NearDedup.duplicates, blocks of 25,000 as
+prepare sends them) on random MinHash signatures with 10% planted near-duplicates, a fresh process per count:
+its RSS growth per kept document (signatures included) and microseconds per document.
 """
 
 from __future__ import annotations
@@ -145,6 +149,36 @@ def measure(args: argparse.Namespace) -> None:
     }))  # fmt: skip
 
 
+def measure_index(documents: int, block: int = 25_000) -> None:
+    """Child process: feed `documents` random signatures (a tenth of them copies of an earlier one with 8 of 128
+    values changed) to a NearDedup; print one JSON line with the RSS it grew by and the seconds it took."""
+    import numpy as np
+
+    from lmforge.data.dedup import NearDedup
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm", encoding="utf-8") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    rng = np.random.default_rng(0)
+    index = NearDedup(threshold=0.8)
+    index.duplicates([""], rng.integers(0, 2**32, size=(1, 128), dtype=np.uint32))  # (imports, first allocations)
+    before, seconds, previous = rss_mb(), 0.0, None
+    for start in range(0, documents, block):
+        signatures = rng.integers(0, 2**32, size=(min(block, documents - start), 128), dtype=np.uint32)
+        if previous is not None:  # plant near-duplicates of the previous block
+            planted = rng.random(len(signatures)) < 0.1
+            signatures[planted] = previous[rng.integers(len(previous), size=int(planted.sum()))]
+            changed = rng.integers(128, size=(int(planted.sum()), 8))
+            signatures[np.flatnonzero(planted)[:, None], changed] += np.uint32(1)
+        t0 = time.perf_counter()
+        index.duplicates([""] * len(signatures), signatures)
+        seconds += time.perf_counter() - t0
+        previous = signatures
+    kept = documents + 1 - index.removed
+    print(json.dumps({"rss_mb": rss_mb() - before, "seconds": seconds, "kept": kept, "removed": index.removed}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, nargs="+", default=[200], help="corpus sizes to build (default 200)")
@@ -156,6 +190,8 @@ def main() -> None:
         "4,096-id BPE on the corpus (pass 1, training, pass 2)",
     )  # fmt: skip
     parser.add_argument("--work-dir", help="where to build the corpus (default: a temporary folder, removed after)")
+    parser.add_argument("--index", type=int, nargs="+", help="time the near-dedup index alone at these document counts")
+    parser.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -163,6 +199,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         measure(args)
+        return
+    if args.measure_index:
+        measure_index(args.measure_index)
+        return
+    if args.index:
+        print(f"{'documents':>9} | {'kept':>9} | {'removed':>7} | {'index RSS MB':>12} | {'bytes/kept doc':>14} | "
+              f"{'us/doc':>6}")  # fmt: skip
+        for documents in args.index:
+            cmd = [sys.executable, __file__, "--measure-index", str(documents)]
+            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            print(
+                f"{documents:>9} | {r['kept']:>9} | {r['removed']:>7} | {r['rss_mb']:>12.0f} | "
+                f"{r['rss_mb'] * 1e6 / r['kept']:>14.0f} | {r['seconds'] / documents * 1e6:>6.1f}"
+            )
         return
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lmforge-prepare-bench-"))

@@ -256,3 +256,86 @@ def test_near_dedup_finds_pairs_just_above_the_threshold():
     tuned below it, with the MinHash estimate deciding, it finds 145-149 of 150 pairs spread over 0.85-0.90
     (seeds 1-5; the estimate's own spread misses some of those nearest the threshold)."""
     assert _flagged(_edited_pairs(1, 60, 0.85, 0.9, 150)) >= 142
+
+
+def _reference_duplicates(signatures, bands: int, rows: int, threshold: float) -> tuple[list[bool], dict[int, int]]:
+    """The index as it was (one dict per band, every kept document under each of its bands), keyed by the band's
+    values themselves: (is a duplicate, cluster sizes by kept id) for each signature in order."""
+    import numpy as np
+
+    tables: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+    kept: list = []
+    out, clusters = [], {}
+    for signature in signatures:
+        keys = [signature[b * rows : (b + 1) * rows].tobytes() for b in range(bands)]
+        candidates = {i for table, key in zip(tables, keys, strict=True) for i in table.get(key, [])}
+        similar = [i for i in sorted(candidates) if np.mean(kept[i] == signature) >= threshold]
+        out.append(bool(similar))
+        if similar:
+            clusters[similar[0]] = clusters.get(similar[0], 1) + 1
+            continue
+        for table, key in zip(tables, keys, strict=True):
+            table.setdefault(key, []).append(len(kept))
+        kept.append(signature)
+    return out, clusters
+
+
+def test_compact_index_decides_as_the_dict_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random signatures with planted near-duplicates (copies with 4 to 60 of 128 values changed: estimates on both
+    sides of the threshold), copies of copies and copies that keep a single band (a candidate that fails the
+    estimate): the same removals and the same kept document matched as the plain one-dict-per-band index, across
+    many merges of the recent keys into the sorted arrays (made small here) and blocks of every size."""
+    import numpy as np
+
+    import lmforge.data.dedup as dedup
+
+    monkeypatch.setattr(dedup, "_RECENT_MIN", 50)
+    monkeypatch.setattr(dedup, "_RECENT_SHARE", 2)
+    rng = np.random.default_rng(0)
+    signatures = list(rng.integers(0, 2**32, size=(1500, 128), dtype=np.uint32))
+    for _ in range(1500):
+        copy = signatures[rng.integers(len(signatures))].copy()
+        if rng.random() < 0.2:  # shares one band only
+            band = rng.integers(16)
+            keep = np.zeros(128, dtype=bool)
+            keep[band * 8 : band * 8 + 8] = True
+            copy[~keep] = rng.integers(0, 2**32, size=120, dtype=np.uint32)
+        else:
+            changed = rng.choice(128, size=rng.integers(4, 61), replace=False)
+            copy[changed] = rng.integers(0, 2**32, size=len(changed), dtype=np.uint32)
+        signatures.insert(int(rng.integers(len(signatures) + 1)), copy)
+    alike = rng.integers(0, 2**32, size=(300, 128), dtype=np.uint32)  # 300 with band 3 alike: a bucket of >32 keys
+    alike[:, 24:32] = alike[0, 24:32]
+    near_alike = alike[rng.integers(300, size=100)]
+    near_alike[:, [b * 8 for b in range(16) if b != 3]] += np.uint32(1)  # estimate 0.88, sharing only band 3
+    signatures = np.concatenate([alike, np.stack(signatures), near_alike])
+    index = NearDedup(threshold=0.8)
+    want, clusters = _reference_duplicates(signatures, index._bands, index._rows, 0.8)
+    got, start = [], 0
+    while start < len(signatures):
+        size = int(rng.choice([1, 7, 64, 300]))
+        got += index.duplicates([""] * len(signatures[start : start + size]), signatures[start : start + size])
+        start += size
+    assert (
+        index._merged > 1000 and len(index._window) == dedup._WINDOW and 400 < sum(want) < 2600
+    )  # (merged keys were looked up; both decisions are common)
+    assert got == want and index.cluster_sizes == clusters and index.removed == sum(want) and all(want[-100:])
+
+
+def test_near_index_memory_per_document() -> None:
+    """The dict per band held ~1.5 KB per kept document besides its 512-byte signature (2.0-2.2 KB in all, ~2 GB per
+    million); the sorted key arrays hold ~0.2 KB (bench/prepare_speed.py --index)."""
+    import tracemalloc
+
+    import numpy as np
+
+    signatures = np.random.default_rng(1).integers(0, 2**32, size=(20_000, 128), dtype=np.uint32)
+    index = NearDedup(threshold=0.8)
+    tracemalloc.start()
+    try:
+        for start in range(0, len(signatures), 5_000):
+            index.duplicates([""] * 5_000, signatures[start : start + 5_000])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert index.removed == 0 and held / len(signatures) < 1_000

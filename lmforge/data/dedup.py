@@ -9,15 +9,20 @@
 Key design decisions:
 - Streaming and first-come: documents are checked in input order and the first of a cluster is kept,
   so `prepare` never holds the corpus, only the index (exact: 16 bytes per kept document; near:
-  ~1.5 KB per kept document with 128 permutations, its signature and its band keys, so ~1.5 GB per
-  million documents).
+  ~0.95 KB per kept document with 128 permutations, its 512-byte signature and its band keys, so ~1 GB
+  per million documents; `python bench/prepare_speed.py --index 100000 1000000`).
 - The LSH tables are ours: datasketch's `MinHashLSH` picks the bands (16 of 8 rows at 0.8), but its
   own tables keep each band as a bytes key with a one-element set and a per-key list, 6.4 KB per
-  document (measured on 20,000 news and book paragraphs), ~6 GB per million documents. Here a band is
-  one dict entry per table, its 8 values hashed into a 64-bit int (a collision only adds
-  a candidate, which the estimate check then judges), pointing to the id of the first document with
-  that band (a list when several share it); the signatures live in fixed blocks of a 2-D uint32 array.
-  Same candidates, same removals as datasketch's tables (tested).
+  document (measured on 20,000 news and book paragraphs), ~6 GB per million documents. Here a band's
+  8 values are hashed into a 64-bit key (a collision only adds a candidate, which the estimate check
+  then judges). The newest documents' keys are in one dict per band (key -> id, a list when several
+  share it): ~100 bytes a key, 1.5 KB a document, which for every document made 2.1 KB in all (2 GB
+  per million). Every 1/16th of the corpus (at least 4,096 documents) they move into one sorted
+  uint64 array of all bands' keys with a parallel array of id * bands + band (a key only matches in
+  its own band) and a bucket directory by the top bits of the key, ~14 bytes a key; a chunk of
+  documents is looked up there at once with numpy, then each in order in the dicts. The signatures
+  live in fixed blocks of a 2-D uint32 array. Same candidates, same removals as datasketch's tables
+  and as the dicts alone (tested); about as fast (bench/prepare_speed.py --index).
 - Character shingles, not words: Chinese has no spaces, and 5 characters of Chinese (or ~1 English
   word) is a shingle size that separates unrelated texts while tolerating small edits.
 - `datasketch` (maintained, MIT) does MinHash and chooses the LSH bands; we choose the shingles. Its LSH picks
@@ -58,6 +63,12 @@ SNIPPET_CHARS = 160
 # find only ~75% of pairs at Jaccard 0.82-0.90; the estimate check then removes the extra candidates.
 LSH_MARGIN = 0.15
 _SIGNATURE_BLOCK = 4096  # signatures per block of the index (grown a block at a time, never copied)
+# The newest kept documents' band keys are in dicts (fast to look up one document at a time, ~100 bytes a key) until
+# there are max(_RECENT_MIN, merged documents / _RECENT_SHARE) of them; then they move into sorted arrays (12 bytes).
+_RECENT_MIN = 4096
+_RECENT_SHARE = 16
+_WINDOW = 32  # keys compared from the start of a bucket (a larger bucket, of many keys alike, is searched in full)
+_LOOKUP_ROWS = 2048  # documents looked up in the merged keys at once: (2048, 16, window ~13) int64 positions, 3 MB
 
 
 def _crc32(data: bytes) -> int:
@@ -195,7 +206,16 @@ class NearDedup:
 
         lsh = MinHashLSH(threshold=max(0.1, self.threshold - LSH_MARGIN), num_perm=self.num_perm)
         self._bands, self._rows = lsh.b, lsh.r  # only its choice of bands: its tables cost ~6 KB a document
-        self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self._bands)]  # band key -> id(s)
+        # band keys of the kept documents: merged ones in two numpy arrays, the newest in dicts (see _merge)
+        self._keys = np.zeros(0, dtype=np.uint64)  # sorted band keys of every merged document, all bands
+        self._values = np.zeros(0, dtype=np.uint32)  # parallel: id * bands + band (a key matches in its own band)
+        self._recent: list[dict[int, int | list[int]]] = [{} for _ in range(self._bands)]  # band key -> id(s)
+        self._recent_rows: list[np.ndarray] = []  # band keys of the documents in `_recent` (ids `_merged` on)
+        self._starts = np.zeros(2, dtype=np.intp)  # bucket b's keys: _keys[_starts[b]:_starts[b + 1]]
+        self._shift = np.uint64(63)  # bucket of a key: key >> _shift
+        self._window = np.zeros(0, dtype=np.intp)
+        self._entries = 0  # keys in _keys (then _WINDOW copies of the last)
+        self._merged = 0  # documents in _keys (ids 0 .. _merged - 1)
         self._next_id = 0
         self._signatures: list[np.ndarray] = []  # blocks of kept documents' MinHash values (uint32), by id
         self._snippets: dict[int, str] = {}  # each kept document's start, only while examples are wanted
@@ -204,26 +224,47 @@ class NearDedup:
         """`text`'s MinHash values (uint32), as `is_duplicate` computes them."""
         return minhash_signatures([text], self.num_perm, self.shingle_chars)[0]
 
-    def is_duplicate(self, text: str, signature: np.ndarray | None = None, keys: list[int] | None = None) -> bool:
-        """True if an earlier document is a near-duplicate of `text`; otherwise index `text` and return False.
-        `signature` and `keys`: its `minhash_signatures` row and `band_keys` when computed already (prepare does
-        it a block at a time); `text` then only supplies the `--dedup-report` snippet."""
-        if signature is None:
-            signature = self.signature(text)
+    def is_duplicate(self, text: str) -> bool:
+        """True if an earlier document is a near-duplicate of `text`; otherwise index `text` and return False."""
+        return self.duplicates([text], self.signature(text)[None])[0]
+
+    def duplicates(self, texts: list[str], signatures: np.ndarray, keys: np.ndarray | None = None) -> list[bool]:
+        """`is_duplicate` for each of a block of documents in order (an earlier one of the block counts too).
+        `signatures`: their `minhash_signatures` rows (prepare's workers compute them), `keys` their `band_keys`
+        when computed already; `texts` only supply the `--dedup-report` snippets."""
         if keys is None:
-            keys = self.band_keys(signature[None])[0].tolist()
-        # one dict operation per band: a band no document had yet gets this one's id at once (taken back if this
-        # one is a duplicate), so a new document, the common case, costs 16 setdefault calls, not 16 gets + 16 sets
+            keys = self.band_keys(signatures)
+        out: list[bool] = []
+        # a chunk at a time: its keys are looked up in the merged arrays at once, then each document in order in the
+        # recent dicts, which are merged between chunks (so they stay small), never inside one
+        for start in range(0, len(texts), _LOOKUP_ROWS):
+            chunk = keys[start : start + _LOOKUP_ROWS]
+            merged = self._merged_candidates(chunk) if self._merged else {}
+            rows = chunk.tolist()
+            dup = [
+                self._check(texts[start + i], signatures[start + i], rows[i], merged.get(i)) for i in range(len(rows))
+            ]
+            self._recent_rows.append(chunk[~np.array(dup, dtype=bool)])
+            out += dup
+            if self._next_id - self._merged >= max(_RECENT_MIN, self._merged // _RECENT_SHARE):
+                self._merge()
+        return out
+
+    def _check(self, text: str, signature: np.ndarray, keys: list[int], merged: list[int] | None) -> bool:
+        """One document: `merged` are the merged documents sharing a band with it; the recent ones are looked up
+        here, and it is indexed (among the recent ones) unless it is a duplicate."""
+        # one dict operation per band: a band no recent document had yet gets this one's id at once (taken back if
+        # this one is a duplicate), so a new document, the common case, costs 16 setdefault calls, not 16 gets + 16 sets
         doc_id = self._next_id
-        tables = self._tables
+        tables = self._recent
         fresh: list[int] = []  # bands where this document was inserted
-        hits: list[int] = []  # bands that held earlier documents
+        hits: list[int] = []  # bands that held earlier recent documents
         for band, key in enumerate(keys):
             if tables[band].setdefault(key, doc_id) is doc_id:
                 fresh.append(band)
             else:
                 hits.append(band)
-        candidates: set[int] = set()
+        candidates: set[int] = set(merged) if merged else set()
         for band in hits:
             hit = tables[band][keys[band]]
             if isinstance(hit, int):
@@ -253,16 +294,80 @@ class NearDedup:
                 table[key] = [hit, doc_id]
             else:
                 hit.append(doc_id)
-        block, row = divmod(doc_id, _SIGNATURE_BLOCK)
+        block, offset = divmod(doc_id, _SIGNATURE_BLOCK)
         if block == len(self._signatures):
             self._signatures.append(np.zeros((_SIGNATURE_BLOCK, self.num_perm), dtype=np.uint32))
-        self._signatures[block][row] = signature
+        self._signatures[block][offset] = signature
         if len(self.examples) < self.max_examples:
             self._snippets[self._next_id] = text[:SNIPPET_CHARS]
         elif self._snippets:
             self._snippets.clear()  # report is full: stop paying memory for it
         self._next_id += 1
         return False
+
+    def _merged_candidates(self, keys: np.ndarray) -> dict[int, list[int]]:
+        """For the documents (rows of band keys `keys`) that share a band with a merged document: row -> those
+        documents' ids. A key's top bits pick its bucket of the sorted keys (`_starts`); the `_window` keys from the
+        bucket's start hold every key equal to it (a bucket has ~2, rarely over 15; past the end the last entry is
+        repeated, and an extra match of it only repeats an id), except in a bucket larger than _WINDOW (many
+        documents with one band alike), searched in full. A chunk of documents at a time: per document, these few
+        numpy calls cost more than the 16 dict lookups they replace; np.searchsorted costs ~20 cache misses a key."""
+        bucket = keys >> self._shift
+        first = self._starts[bucket]
+        at = first[..., None] + self._window  # (documents, bands, window)
+        docs, bands, columns = np.nonzero(self._keys[at] == keys[..., None])
+        found: dict[int, list[int]] = {}
+        if len(docs):
+            values = self._values[at[docs, bands, columns]].astype(np.int64)
+            same_band = values % self._bands == bands
+            for doc, doc_id in zip(docs[same_band].tolist(), (values[same_band] // self._bands).tolist(), strict=True):
+                found.setdefault(doc, []).append(doc_id)
+        if len(self._window) == _WINDOW:  # the largest bucket may be larger than the window
+            for doc, band in zip(*np.nonzero(self._starts[bucket + np.uint64(1)] - first > _WINDOW), strict=True):
+                start = int(np.searchsorted(self._keys[: self._entries], keys[doc, band], side="left"))
+                end = int(np.searchsorted(self._keys[: self._entries], keys[doc, band], side="right"))
+                for value in self._values[start:end].tolist():
+                    if value % self._bands == band:
+                        found.setdefault(int(doc), []).append(value // self._bands)
+        return found
+
+    def _merge(self) -> None:
+        """Move the recent documents' band keys from the dicts (~100 bytes a key) into the sorted arrays (~14 bytes a
+        key: 8 of key, 4 of id and band, ~2 of bucket start) and empty the dicts. The recent share is kept at
+        1/_RECENT_SHARE of the merged documents, so each merge copies the arrays but all merges together copy
+        ~_RECENT_SHARE times their final size: linear in the corpus."""
+        old_keys, old_values = self._keys[: self._entries], self._values[: self._entries]
+        ids = np.arange(self._merged, self._next_id, dtype=np.uint64)
+        values = (ids[:, None] * np.uint64(self._bands) + np.arange(self._bands, dtype=np.uint64)).ravel()
+        if self._next_id * self._bands > np.iinfo(np.uint32).max:
+            old_values = old_values.astype(np.uint64)
+        keys = np.concatenate(self._recent_rows).ravel()
+        order = np.argsort(keys)  # (the order among equal keys does not matter: candidates are a set)
+        keys, values = keys[order], values[order].astype(old_values.dtype)
+        at = np.searchsorted(old_keys, keys) + np.arange(len(keys))  # where each new key lands in the merged array
+        n = len(old_keys) + len(keys)
+        old = np.ones(n + _WINDOW, dtype=bool)
+        old[at] = False
+        old[n:] = False
+        merged_keys = np.empty(
+            n + _WINDOW, dtype=np.uint64
+        )  # (_WINDOW more: a bucket's window never runs past the end)
+        merged_keys[at], merged_keys[old] = keys, old_keys
+        merged_values = np.empty(n + _WINDOW, dtype=old_values.dtype)
+        merged_values[at], merged_values[old] = values, old_values
+        merged_keys[n:], merged_values[n:] = merged_keys[n - 1], merged_values[n - 1]
+        del old_keys, old_values, keys, values, at, old
+        self._keys, self._values, self._entries = merged_keys, merged_values, n
+        # buckets by the top bits: ~2-4 keys a bucket, so 2-4 bytes of start (int64) per key
+        bits = max(1, (n // 4).bit_length())
+        self._shift = np.uint64(64 - bits)
+        counts = np.bincount((merged_keys[:n] >> self._shift).astype(np.intp), minlength=1 << bits)
+        self._starts = np.zeros(len(counts) + 1, dtype=np.intp)
+        np.cumsum(counts, out=self._starts[1:])
+        self._window = np.arange(min(int(counts.max()), _WINDOW))
+        self._merged = self._next_id
+        self._recent = [{} for _ in range(self._bands)]
+        self._recent_rows = []
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """(documents, bands) uint64 keys of `signatures` (documents, num_perm): each band's `rows` MinHash values

@@ -529,7 +529,7 @@ def _pass1(
     kept texts go into tmp/docs-<split>.jsonl.part for tokenizer training and pass 2.
     """
     # The dedup indexes are the only things in `prepare` that grow with the corpus: 16 bytes of digest
-    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~1.5 KB per
+    # per kept document (~100 bytes with Python's set overhead; 10M documents ~ 1 GB), plus ~0.8 KB per
     # kept document for near dedup (see dedup.py).
     seen: set[bytes] = set()
     eval_seen: set[bytes] = set()  # digests of explicit val/test documents: always kept, for leak removal
@@ -565,10 +565,10 @@ def _pass1(
                 continue
             counts.add_block(r)
             keep = np.ones(len(r.keys), dtype=bool)
-            band_keys = near.band_keys(r.signatures) if near is not None else None
             nbytes = r.nbytes.tolist()
             auto = role == "auto"
             exact = cfg.dedup != "none"
+            unique = []  # documents of the block that are neither exact duplicates nor eval text, in order
             for i, key in enumerate(r.keys):
                 if auto and key in eval_seen:
                     counts.remove("overlap_with_eval", nbytes[i])
@@ -579,13 +579,16 @@ def _pass1(
                 else:
                     if exact:
                         seen.add(key)
-                    # (the text only for --dedup-report's snippets: workers encoding the tokens send none else)
-                    text = r.texts[i] if r.texts is not None else ""
-                    if near is not None and near.is_duplicate(text, r.signatures[i], band_keys[i].tolist()):
+                    unique.append(i)
+            if near is not None and unique:  # (near dedup a block at a time: NearDedup looks its keys up at once)
+                # (the texts only for --dedup-report's snippets: workers encoding the tokens send none else)
+                texts = [r.texts[i] for i in unique] if r.texts is not None else [""] * len(unique)
+                for i, duplicate in zip(unique, near.duplicates(texts, r.signatures[unique]), strict=True):
+                    if duplicate:
                         counts.remove("near_dup", nbytes[i])
                         keep[i] = False
-                    elif not auto:
-                        eval_seen.add(key)
+            if not auto:
+                eval_seen.update(r.keys[i] for i in unique if keep[i])
             kept = int(keep.sum())
             per_file[0] += r.documents
             per_file[1] += kept
