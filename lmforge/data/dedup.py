@@ -41,14 +41,22 @@ Key design decisions:
   made `--dedup near` ~4x slower than exact and `--workers` no help (bench/prepare_speed.py).
 - Band keys are computed for a block at once too (`band_keys`, numpy), not by a blake2b call per band.
 - Clusters are counted by the kept document each removed one matched first; `examples` keeps up
-  to `max_examples` (kept, removed) pairs with their estimated Jaccard for `--dedup-report`.
+  to `max_examples` (kept, removed) pairs with their estimated Jaccard for `--dedup-report`. Until the
+  examples are found, any kept document may be a pair's first, so each one's first `SNIPPET_CHARS`
+  characters are needed: they go to an unnamed temporary file (in `snippet_dir`) and memory holds only
+  their offsets, 8 bytes a document (held as strings they cost 260 bytes a document in English, 450 in
+  Chinese, 0.26-0.45 GB per million when duplicates are rare); a snippet is read back when a pair needs
+  it (at most `max_examples` reads). The file is dropped once the examples are found.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import tempfile
+import weakref
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -196,6 +204,7 @@ class NearDedup:
     num_perm: int = 128
     shingle_chars: int = 5
     max_examples: int = 0
+    snippet_dir: str | None = None  # where the kept documents' snippets are spilled (None: the system's temp folder)
     removed: int = 0
     cluster_sizes: dict[int, int] = field(default_factory=dict)
     examples: list[NearPair] = field(default_factory=list)
@@ -218,7 +227,14 @@ class NearDedup:
         self._merged = 0  # documents in _keys (ids 0 .. _merged - 1)
         self._next_id = 0
         self._signatures: list[np.ndarray] = []  # blocks of kept documents' MinHash values (uint32), by id
-        self._snippets: dict[int, str] = {}  # each kept document's start, only while examples are wanted
+        # while examples are wanted: each kept document's first SNIPPET_CHARS characters (UTF-8) in an unnamed
+        # temporary file, document i's at _snippet_starts[i] up to the next one's start (or the file's end)
+        self._snippet_file = None
+        self._snippet_starts = array("q")
+        self._snippet_end = 0
+        if self.max_examples > 0:
+            self._snippet_file = tempfile.TemporaryFile(dir=self.snippet_dir)
+            weakref.finalize(self, self._snippet_file.close)
 
     def signature(self, text: str) -> np.ndarray:
         """`text`'s MinHash values (uint32), as `is_duplicate` computes them."""
@@ -284,8 +300,8 @@ class NearDedup:
             first = min(similar)
             self.removed += 1
             self.cluster_sizes[first] = self.cluster_sizes.get(first, 1) + 1
-            if len(self.examples) < self.max_examples and first in self._snippets:
-                self.examples.append(NearPair(self._snippets[first], text[:SNIPPET_CHARS], round(similar[first], 3)))
+            if len(self.examples) < self.max_examples and first < len(self._snippet_starts):
+                self.examples.append(NearPair(self._snippet(first), text[:SNIPPET_CHARS], round(similar[first], 3)))
             return True
         for band in hits:
             table, key = tables[band], keys[band]
@@ -299,11 +315,25 @@ class NearDedup:
             self._signatures.append(np.zeros((_SIGNATURE_BLOCK, self.num_perm), dtype=np.uint32))
         self._signatures[block][offset] = signature
         if len(self.examples) < self.max_examples:
-            self._snippets[self._next_id] = text[:SNIPPET_CHARS]
-        elif self._snippets:
-            self._snippets.clear()  # report is full: stop paying memory for it
+            # (surrogatepass: a lone surrogate, which the JSON of a report can hold, comes back as it went)
+            data = text[:SNIPPET_CHARS].encode("utf-8", "surrogatepass")
+            self._snippet_starts.append(self._snippet_end)
+            self._snippet_file.write(data)
+            self._snippet_end += len(data)
+        elif self._snippet_file is not None:  # report is full: stop paying disk and memory for it
+            self._snippet_file.close()
+            self._snippet_file, self._snippet_starts = None, array("q")
         self._next_id += 1
         return False
+
+    def _snippet(self, doc_id: int) -> str:
+        """The first SNIPPET_CHARS characters of kept document `doc_id`, read back from the snippet file."""
+        start = self._snippet_starts[doc_id]
+        end = self._snippet_starts[doc_id + 1] if doc_id + 1 < len(self._snippet_starts) else self._snippet_end
+        self._snippet_file.seek(start)
+        data = self._snippet_file.read(end - start)
+        self._snippet_file.seek(0, 2)  # (writes go on at the end)
+        return data.decode("utf-8", "surrogatepass")
 
     def _merged_candidates(self, keys: np.ndarray) -> dict[int, list[int]]:
         """For the documents (rows of band keys `keys`) that share a band with a merged document: row -> those
