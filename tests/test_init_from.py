@@ -148,18 +148,73 @@ def test_decoder_quantized_and_whole_fine_tuned_runs_init_from_load_their_weight
         assert first["loss"] == pytest.approx(want, rel=1e-5)
 
 
+def _kill_after_step_3_and_rerun(args: list[str], straight: Path) -> tuple[Path, str]:
+    """A copy of the 6-step run `straight` as if killed after its step-3 checkpoint, re-run with `args`: it resumes
+    and ends as `straight` did (weights bitwise, metrics). Returns the copy and the re-run's output."""
+    crashed = straight.parent / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-000006")
+    (crashed / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
+    r = run_cli(*args, "--out", str(crashed))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout + r.stderr
+    _assert_same_run(straight, crashed)
+    return crashed, r.stdout + r.stderr
+
+
 def test_a_killed_init_from_run_resumes_its_own_checkpoint_exactly(imported, tmp_path: Path) -> None:
     run, data = imported
     straight = tmp_path / "straight"
     args = ["pretrain", "--data", str(data), "--init-from", str(run), "--train.max_steps", "6",
             "--checkpoint.every", "3", "--checkpoint.keep", "5", *STEPS]  # fmt: skip
     assert run_cli(*args, "--out", str(straight)).returncode == 0
-    crashed = tmp_path / "crashed"  # killed after the step-3 checkpoint
-    shutil.copytree(straight, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step-000006")
-    (crashed / "checkpoints" / "latest").write_text("step-000003\n", encoding="utf-8")
-    r = run_cli(*args, "--out", str(crashed))
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout + r.stderr and "--init-from" in r.stdout + r.stderr  # the note: ignored
-    _assert_same_run(straight, crashed)
+    crashed, out = _kill_after_step_3_and_rerun(args, straight)
+    assert "--init-from" in out  # the note: ignored
     assert json.loads((crashed / "config.json").read_text())["init_from"].endswith("step-000000")
+
+
+@pytest.fixture(scope="module")
+def electra_imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random transformers ELECTRA (discriminator and generator) imported with `lmforge import`, and text
+    prepared with its tokenizer."""
+    from tests.test_import_electra import VOCAB as ELECTRA_VOCAB
+    from tests.test_import_electra import hf_electra, hf_generator
+
+    root = tmp_path_factory.mktemp("init_from_electra")
+    hf_generator(root / "gen", hf_electra(root / "disc", embedding_size=16))
+    run = root / "electra"
+    r = run_cli("import", str(root / "disc"), "--out", str(run), "--generator", str(root / "gen"))
+    assert r.returncode == 0, r.stderr
+    rng = random.Random(1)
+    words = [w for w in WORDS if w in ELECTRA_VOCAB]
+    lines = [" ".join(rng.choices(words, k=rng.randint(8, 20))) for _ in range(300)]
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
+    data = root / "data"
+    prepare(PrepareConfig(inputs=[str(docs)], out=str(data), tokenizer=str(run / "tokenizer.json"),
+                          val_fraction=0.0, test_fraction=0.0), progress=False)  # fmt: skip
+    return run, data
+
+
+def test_imported_electra_continues_pretraining_from_its_weights_and_resumes_exactly(
+    electra_imported, tmp_path: Path
+) -> None:
+    """The first step's loss (generator MLM + weighted replaced-token detection; samples from the loader's noise)
+    is the loss of RUN's discriminator and generator on that window, and a run killed after a checkpoint resumes
+    to the same weights (bitwise) and metrics as one run straight."""
+    run, data = electra_imported
+    straight = tmp_path / "straight"
+    args = ["pretrain", "--data", str(data), "--init-from", str(run), "--objective", "electra",
+            "--train.max_steps", "6", "--train.lr", "1e-3", "--checkpoint.every", "3", "--checkpoint.keep", "5",
+            *STEPS]  # fmt: skip
+    r = run_cli(*args, "--out", str(straight))
+    assert r.returncode == 0, r.stderr
+    assert "starting from the weights of" in r.stdout + r.stderr
+    config = json.loads((straight / "config.json").read_text())
+    assert config["model"] == json.loads((run / "config.json").read_text())["model"]
+    assert config["objective"]["name"] == "electra"
+    first = read_metrics(straight / "metrics.jsonl")[0]
+    assert first["step"] == 1
+    want = _first_step_loss(straight, load_trained(run, torch.device("cpu")).model)
+    assert first["loss"] == want  # exactly: RUN's weights (both networks) were loaded, the same ops ran
+    _kill_after_step_3_and_rerun(args, straight)
