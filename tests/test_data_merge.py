@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -53,9 +54,14 @@ def test_merge_near_dedup_across_parts(tmp_path: Path) -> None:
     prep(tmp_path, [tmp_path / "a.txt"], "a", tokenizer="char", val_fraction=0, test_fraction=0)
     tok = str(tmp_path / "a" / "tokenizer.json")
     prep(tmp_path, [tmp_path / "b.txt"], "b", tokenizer=tok, val_fraction=0, test_fraction=0)
-    m = prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True, dedup="near")
+    report = tmp_path / "pairs.jsonl"
+    m = prep(tmp_path, [tmp_path / "a", tmp_path / "b"], "m", merge=True, dedup="near", dedup_report=str(report))
     assert m["documents"]["removed"]["near_dup"] == 8 and m["documents"]["out"] == 20
     assert m["dedup"]["near_dup_clusters"] == 8
+    # the kept documents' starts, read back from the snippet file (an unnamed one: nothing is left beside --out)
+    pairs = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    assert [p["kept"] for p in pairs] == [p[:160] for p in paras[:8]]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a", "a.txt", "b", "b.txt", "m", "pairs.jsonl"]
 
 
 def test_merge_refuses_mixed_tokenizers_and_non_parts(tmp_path: Path) -> None:

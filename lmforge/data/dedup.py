@@ -204,7 +204,9 @@ class NearDedup:
     num_perm: int = 128
     shingle_chars: int = 5
     max_examples: int = 0
-    snippet_dir: str | None = None  # where the kept documents' snippets are spilled (None: the system's temp folder)
+    # where the kept documents' snippets are spilled (None: the system's temp folder); prepare: beside --out, on the
+    # disk it was given, and not in the build folder, which a file open in it could keep from being renamed (Windows)
+    snippet_dir: str | None = None
     removed: int = 0
     cluster_sizes: dict[int, int] = field(default_factory=dict)
     examples: list[NearPair] = field(default_factory=list)

@@ -153,7 +153,9 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
     dtype = dtype_for_vocab(tok.vocab_size)
     near = None
     if cfg.dedup == "near":
-        near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0)
+        near = NearDedup(
+            threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0, snippet_dir=str(out.parent)
+        )
 
     tmp = fresh_tmp_dir(out)
     try:

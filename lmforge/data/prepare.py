@@ -535,7 +535,9 @@ def _pass1(
     eval_seen: set[bytes] = set()  # digests of explicit val/test documents: always kept, for leak removal
     near = None
     if cfg.dedup == "near":
-        near = NearDedup(threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0, snippet_dir=str(tmp))
+        near = NearDedup(
+            threshold=cfg.near_threshold, max_examples=20 if cfg.dedup_report else 0, snippet_dir=str(tmp.parent)
+        )
     outputs = {}
     if encoded is None:
         outputs = {split: open(_doc_file(tmp, split), "w", encoding="utf-8", newline="\n") for split in SPLITS}
