@@ -417,7 +417,7 @@ def build_parser() -> Parser:
         "--labels",
         type=int,
         default=0,
-        help="--adapt head, lora or prompt: plan finetune --task classify with this many labels (a head on the last "
+        help="plan finetune --task classify with this many labels, in any --adapt mode (a head on the last "
         "token, no vocabulary logits) (default: 0, an LM task: sft, qa, translate, clm)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -594,8 +594,8 @@ def estimate(
             gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
             + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
             `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
-        labels: with "head", "lora" or "prompt", plan `finetune --task classify` with this many labels: a head on
-            the last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
+        labels: plan `finetune --task classify` with this many labels (in every mode, full too): a head on the
+            last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
@@ -694,7 +694,7 @@ def estimate(
         world_size=world_size,
         strategy=strategy,
     )
-    if adapt != "full":  # a frozen base: finetune's modes (estimate_adapt)
+    if adapt != "full" or labels:  # finetune's modes on a frozen base, or a full classification fine-tune
         plan = adapted_plan(
             model, cfg.optim, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
             labels=labels, seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"],

@@ -196,6 +196,47 @@ def lora_memory_bytes(
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
+def full_classify_memory_bytes(
+    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
+) -> dict[str, int]:
+    """`memory_bytes` of a full classification fine-tune (`finetune --task classify --adapt full`): every weight of
+    the body trains and a new head (d_model x `labels`, no bias) reads the last token's state, so no vocabulary
+    logits, log-probs or their gradients. An untied lm_head stays a parameter (it requires a gradient, so the log
+    step copies it) but the forward never uses it: no gradient, no optimizer state; a tied one is the input table
+    and trains. Activations (checked tensor by tensor with saved-tensor hooks in tests/test_estimate.py): full
+    training's blocks, the final norm and token ids over every token, the rotary tables (as for LoRA), and per
+    sequence the pooled state, scores and label. The log step holds, besides the gradients, a copy of every
+    parameter that requires a gradient and one weight's update (p - copy) at a time: without that one, -4.6% of
+    the allocator's peak (tiny Llama)."""
+    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    full = memory_bytes(model, optim, **step)
+    act = activation_bytes(model, **step)
+    counts, e, h = param_counts(model), DTYPE_BYTES[dtype], model.d_model
+    unused = 0 if model.tie_embeddings else model.vocab_size * h  # the untied lm_head: no gradient ever
+    head = head_param_count(model, labels)
+    trained = counts["total"] - unused + head
+    state_floats = trained if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trained
+    tail = seq_len * micro_batch * (_norm_bytes(model, trains=True) + 8) + micro_batch * (e * h + 4 * labels + 16)
+    tables = _rope_table_bytes(model, seq_len)  # the rotary tables q and k are multiplied by, as for LoRA
+    tail += tables if e == 4 else model.n_layer * tables // 4 * e
+    # the log step's copy of every parameter that requires a gradient, and one weight's update (p - copy) at a time
+    largest = max(model.vocab_size * h, *(i * o for i, o in _linear_shapes(model).values()))
+    out = dict(full)
+    out.update(
+        weights=full["weights"] + 4 * head,
+        gradients=4 * trained,
+        optimizer=4 * state_floats,
+        autocast_copies=0 if e == 4 else e * (counts["matmul"] - model.vocab_size * h + head),
+        activations=act["layers"] + tail,
+        activations_checkpointed=act["block_inputs"] + act["per_layer"] + tail,
+        update_copy=4 * (counts["total"] + head + largest),
+    )
+    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
+    out["total"] = fixed + max(out["activations"], out["update_copy"])
+    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
+    return out
+
+
 def head_param_count(model: GPTConfig, labels: int) -> int:
     """What `finetune --adapt head` trains (adapt/heads.py `set_trainable`): a new classification head (a Linear
     d_model -> labels without bias, as HF's `score`) when `labels` > 0; on an LM task the final norm and an untied
@@ -347,10 +388,10 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             `--lora-targets qkv --lora-targets mlp.fc` or commas); they win over the run's settings, and what
             neither gives is finetune's default (`finetune_defaults`), so the two commands cannot drift apart. A
             prompt-tuning run's soft-prompt length is planned with --adapt prompt only, and a classification run's
-            labels with --adapt head, lora or prompt (a full plan counts the LM head). Without a fine-tune's folder,
-            --adapt lora, head or prompt take finetune's batch, optimizer and train.device/dtype (its
-            `finetune_sections` defaults), not the preset's or config's, which are pretraining's; `--train.*` and
-            `--optim.*` overrides still win.
+            labels in every mode (a full plan too: the classification head replaces the LM head). Without a
+            fine-tune's folder, --adapt lora, head or prompt (or --labels) take finetune's batch, optimizer and
+            train.device/dtype (its `finetune_sections` defaults), not the preset's or config's, which are
+            pretraining's; `--train.*` and `--optim.*` overrides still win.
     """
     defaults = finetune_defaults()
     settings: dict[str, Any] = {}
@@ -383,14 +424,14 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
         if planned == adapt == "prompt":
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
-        if planned != "full" and info.get("task") == "classify":  # the task's head, in every frozen-base mode
+        if info.get("task") == "classify":  # the task's head, in every mode (full: instead of the LM head)
             kwargs["labels"] = len(info.get("labels") or [])
-    elif flags.get("adapt", "full") != "full":
+    elif flags.get("adapt", "full") != "full" or flags.get("labels"):  # (--labels: a full fine-tune is finetune's)
         # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
         # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
         from lmforge.finetune import finetune_sections
 
-        train, optim = finetune_sections(flags["adapt"], None)[:2]
+        train, optim = finetune_sections(flags.get("adapt", "full"), None)[:2]
         settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
     for key, value in flags.items():
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
@@ -416,10 +457,8 @@ def check_adapt(
         raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
     if not (isinstance(labels, int) and labels >= 0) or labels == 1:
         raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
-    if labels and adapt == "full":
-        raise ConfigError(
-            "--labels plans a classification head for --adapt head, lora or prompt; drop it (this plan: --adapt full)"
-        )
+    if labels and world_size > 1:  # (a full classification fine-tune is finetune's too: one process)
+        raise ConfigError("lmforge finetune runs in one process; drop --world-size for --labels")
     if adapt == "prompt":
         prompt_tokens = finetune_defaults().prompt_tokens if prompt_tokens is None else prompt_tokens
         if not (isinstance(prompt_tokens, int) and prompt_tokens >= 1):
@@ -453,14 +492,18 @@ def adapted_plan(
     dtype: str,
     device: str,
 ) -> dict[str, Any]:
-    """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt; settings as `check_adapt` returns them):
+    """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt), or a full classification one (full with
+    `labels`; settings as `check_adapt` returns them):
     trainable (parameters), flops_per_token and attention (its attention-score part, per token of text),
     memory (`memory_bytes`' components) and assumption (the line `format_estimate` prints)."""
     counts = param_counts(model)
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
     vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
     head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
-    if adapt == "lora":
+    if adapt == "full":  # classification (labels > 0): every weight, the new head instead of the vocabulary matmul
+        trainable = counts["total"] + head_param_count(model, labels)
+        per_token = 6.0 * (counts["matmul"] - vocab_matmul) + attention + 6.0 * head_matmul
+    elif adapt == "lora":
         trainable = lora_param_count(model, lora_rank, tuple(lora_targets)) + (
             head_param_count(model, labels) if labels else 0
         )
@@ -479,7 +522,14 @@ def adapted_plan(
         per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
         per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
     step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)  # (one device)
-    if adapt == "lora":
+    if adapt == "full":
+        memory = full_classify_memory_bytes(model, optim, labels=labels, **step)
+        assumption = (
+            f"full classification fine-tune: every weight trains and a classification head for {labels} labels on "
+            f"the last token replaces the LM head ({trainable:,} parameters); no vocabulary matmul or logits; "
+            "FLOPs 6N + attention with the head's 6 x d_model x labels per sequence"
+        )
+    elif adapt == "lora":
         memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), labels=labels, **step)
         assumption = (
             f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"

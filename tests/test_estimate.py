@@ -853,6 +853,9 @@ def test_adapt_modes_plan_finetunes_batch_not_the_presets() -> None:
         settings, _ = plan_arguments(None, {"adapt": adapt})
         assert settings["train"]["batch_size"] == train.batch_size == 16 and settings["optim"]["name"] == optim.name
     assert plan_arguments(None, {})[0] == {}  # (pretraining: the preset's or config's)
+    train, optim = finetune_sections("full", None)[:2]  # a full classification fine-tune is finetune's too
+    settings, _ = plan_arguments(None, {"labels": 3})
+    assert settings["train"]["batch_size"] == train.batch_size == 16 and settings["optim"]["name"] == optim.name
     base = ("estimate", "--preset", "small", "--tokens", "1e6", "--hardware", "1000", "--json")
     assert load_config(preset="small").train.batch_size == 64
     out = json.loads(run_cli(*base, "--adapt", "lora").stdout)
@@ -980,6 +983,33 @@ def test_head_and_prompt_activations_are_what_autograd_keeps(
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_full_classify_activations_are_what_autograd_keeps(variant: dict, dtype: str) -> None:
+    """`estimate --adapt full --labels N` was refused (and a full classify run planned with the LM head's logits).
+    What it counts as kept is what autograd saves in a real `finetune --task classify --adapt full` forward
+    (parameters left out): no vocabulary logits or log-probs."""
+    from lmforge.estimate_adapt import full_classify_memory_bytes
+
+    model_cfg = small_cfg(n_layer=3, max_seq_len=32, **variant)
+    model = adapted_model(model_cfg, "full", 3, 0)
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            adapted_objective(3).loss(model, adapted_batch(model_cfg.vocab_size, 3, 4, 32))
+    saved = sum(n for ptr, (n, _) in kept.items() if ptr not in params)
+    memory = full_classify_memory_bytes(model_cfg, OptimConfig(), labels=3, seq_len=32, micro_batch=4, dtype=dtype,
+                                        device="cpu")  # fmt: skip
+    # (the loss's 0-d output and the scores' and labels' few bytes per row, < 96 B in all)
+    assert memory["activations"] + memory["autocast_copies"] == pytest.approx(saved, abs=96)
+
+
 @pytest.mark.parametrize(
     "adapt, labels, vocab, d_model, batch, variant",
     [
@@ -991,9 +1021,11 @@ LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=Fal
         ("prompt", 3, 2048, 128, 2, {}),
         ("lora", 3, 64, 64, 8, {}),
         ("lora", 3, 2048, 128, 2, LLAMA),
+        ("full", 3, 2048, 64, 8, {}),
+        ("full", 3, 2048, 128, 2, LLAMA),
     ],
     ids=["head-classify", "head-classify-llama", "head-lm", "prompt-lm", "prompt-lm-llama", "prompt-classify",
-         "lora-classify", "lora-classify-llama"],
+         "lora-classify", "lora-classify-llama", "full-classify", "full-classify-llama"],
 )  # fmt: skip
 def test_head_and_prompt_totals_match_allocator_peak_of_a_real_step(
     adapt: str, labels: int, vocab: int, d_model: int, batch: int, variant: dict
@@ -1008,7 +1040,10 @@ def test_head_and_prompt_totals_match_allocator_peak_of_a_real_step(
     instead of twice, prompt-lm -4.9%. The bounds, -3% .. +10%, hold those to what the count is meant to be:
     the allocator's peak, a little above it at most. LoRA classification (finetune's rank and targets and the head
     it trains with them) was refused, and a LoRA classify run's --config planned with the LM head's logits:
-    lora-classify 6.30 vs 6.26 MB (+0.6%), lora-classify-llama 8.69 vs 8.62 (+0.8%)."""
+    lora-classify 6.30 vs 6.26 MB (+0.6%), lora-classify-llama 8.69 vs 8.62 (+0.8%). A full classify fine-tune
+    was refused (--labels) and its run's --config planned with the LM head (+127% and +27%): full-classify 11.05 vs
+    10.49 MB (+5.3%: every gradient on top of every activation, as in full training), full-classify-llama 20.22 vs
+    20.21 (+0.0%)."""
     prompt_tokens = 16 if adapt == "prompt" else 0
     cfg = run_cfg(
         model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": 64 + prompt_tokens, **variant},
@@ -1053,11 +1088,14 @@ def test_head_and_prompt_flags_follow_finetune_and_refuse_what_they_do_not_use()
     assert out["trainable_params"] == 5 * m["d_model"] and out["labels"] == 5
     full = json.loads(run_cli(*base).stdout)
     assert 2 * out["flops_per_token"] < full["flops_per_token"]  # forward only, and no vocabulary matmul
+    out = json.loads(run_cli(*base, "--labels", "5").stdout)  # a full classification fine-tune (it was refused)
+    assert out["trainable_params"] == full["params"] + 5 * m["d_model"] and out["labels"] == 5
+    assert out["flops_per_token"] < full["flops_per_token"]  # (no vocabulary matmul)
     for flags, message in [
         (["--adapt", "prompt", "--prompt-tokens", "125"], "--prompt-tokens 125 leaves 3 of the model's 128"),
         (["--adapt", "prompt", "--prompt-tokens", "16", "--data.seq_len", "120"], "less the 16 soft-prompt tokens"),
         (["--adapt", "head", "--prompt-tokens", "4"], "--prompt-tokens is for --adapt prompt"),
-        (["--labels", "2"], "--labels plans a classification head for --adapt head, lora or prompt"),
+        (["--labels", "2", "--world-size", "2"], "one process"),
         (["--adapt", "head", "--labels", "1"], "--labels must be 0 (an LM task) or the number of classes"),
         (["--adapt", "prompt", "--world-size", "2"], "one process"),
     ]:
@@ -1082,8 +1120,10 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
     assert kwargs["labels"] == 3 and "prompt_tokens" not in kwargs
     _, kwargs = plan_arguments(tmp_path, {"adapt": "lora"})  # (LoRA classification trains the head too)
     assert kwargs["labels"] == 3 and kwargs["lora_targets"] == ("qkv",) and "prompt_tokens" not in kwargs
-    _, kwargs = plan_arguments(tmp_path / "config.json", {"adapt": "full"})
-    assert kwargs["adapt"] == "full" and "labels" not in kwargs and "prompt_tokens" not in kwargs
+    _, kwargs = plan_arguments(tmp_path / "config.json", {"adapt": "full"})  # (the head replaces the LM head)
+    assert kwargs["adapt"] == "full" and kwargs["labels"] == 3 and "prompt_tokens" not in kwargs
+    (tmp_path / "finetune.json").write_text(json.dumps({**info, "adapt": "full"}), encoding="utf-8")
+    assert plan_arguments(tmp_path, {})[1]["labels"] == 3  # a full classify run was planned with the LM head
     (tmp_path / "finetune.json").write_text(json.dumps({**info, "adapt": "head", "task": "sft"}), encoding="utf-8")
     assert plan_arguments(tmp_path, {})[1]["adapt"] == "head" and "labels" not in plan_arguments(tmp_path, {})[1]
     (tmp_path / "finetune.json").write_text(json.dumps({**info, "adapt": "sparse"}), encoding="utf-8")
@@ -1101,6 +1141,8 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
         ("prompt", 3, LLAMA),
         ("lora", 3, {}),
         ("lora", 3, LLAMA),
+        ("full", 3, {}),
+        ("full", 3, LLAMA),
     ],
     ids=[
         "head-classify",
@@ -1110,6 +1152,8 @@ def test_a_prompt_or_head_fine_tunes_json_plans_its_mode(tmp_path) -> None:
         "prompt-classify-llama",
         "lora-classify",
         "lora-classify-llama",
+        "full-classify",
+        "full-classify-llama",
     ],
 )
 def test_head_and_prompt_flops_are_a_real_steps_matmuls(adapt: str, labels: int, variant: dict) -> None:
