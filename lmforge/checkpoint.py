@@ -29,6 +29,10 @@ Reading a run that is still training: the trainer writes step N, points `latest`
 older folders, so the folder a reader resolved through `latest` can vanish while it is read. That
 checkpoint is not damaged: `reading_latest` re-resolves `latest` and loads the newer one (a few
 times), and if it still loses the race it says the training pruned it and to retry.
+
+Length (~810 lines, just over the 800-line guide): writing, resolving and verifying a checkpoint share the
+layout above and its checks; the next split is the readers (`Trained`, `load_trained`, `open_trained`,
+`load_weights`) into a module of their own.
 """
 
 from __future__ import annotations

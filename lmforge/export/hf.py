@@ -42,6 +42,10 @@ Design decisions
   AutoTokenizer makes any qwen2 directory's tokenizer a Qwen2Tokenizer, whose own pre-tokenizer gives other ids
   unless ours is split as Qwen2's (`qwen2_tokenizer_differs`); no file we could write changes that, so such an
   export notes it in one line and its model card loads `PreTrainedTokenizerFast`, which reads tokenizer.json as is.
+- Length (~820 lines, over the 800-line guide): the causal-LM export, the classifier export
+  (`write_hf_classifier`, `classifier_pad_id`, `framed_tokenizer_json`, `_classifier_card`, `_verify_classifier`,
+  ~190 lines) and the model cards share the card and tokenizer helpers here; the next split is the classifier
+  export into `export/hf_classifier.py`.
 """
 
 from __future__ import annotations
