@@ -679,13 +679,14 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
 
 
 @pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.timeout(900)  # a cold inductor cache (a fresh machine) compiles C++ kernels: ~1 min quiet, 4+ loaded
 def test_chat_and_serve_with_compile(chat_run: Path):
     """--compile: the same replies; serve compiles before it answers, so a request adds no graph."""
     from torch._dynamo.utils import counters
 
     from lmforge.serve import make_server
 
-    r = run_cli("chat", str(chat_run), "--temperature", "0", "--compile", input="hi\nbye\n/exit\n")
+    r = run_cli("chat", str(chat_run), "--temperature", "0", "--compile", input="hi\nbye\n/exit\n", timeout=600)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     assert r.stdout == "hello there\nsee you\n", r.stdout
     before = counters["stats"]["unique_graphs"]

@@ -82,6 +82,7 @@ def test_kv_cache_logits_match_full_forward(variant: dict) -> None:
 
 
 @pytest.mark.skipif(not have_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.timeout(900)  # cold inductor cache: 114 s at load 6 (30 s warm); 300 s ran out at load 10
 def test_compiled_decode_gives_the_same_tokens_and_compiles_once() -> None:
     """generate(compile=True): the eager tokens (greedy and seeded sampling, learned positions and rope +
     GQA), compiled once for a model shape (later calls, other prompt lengths, another model of the same
