@@ -1024,6 +1024,26 @@ def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
     assert "no CJK font" not in capsys.readouterr().err
 
 
+def test_confusion_png_of_many_classes_stays_a_readable_size(tmp_path: Path):
+    """40 classes drew a 26-inch figure with 1,600 cell counts; 150 (CLINC150's intents) a 92-inch one with 22,500,
+    192 s at the end of a fine-tune for a 3.3 MB PNG. Past 30 classes the figure stops growing and cells are
+    colour only, with a colour bar; a small matrix is drawn as before."""
+    import struct
+
+    from lmforge.eval.classify import MAX_ANNOTATED, classification_report, plot_confusion
+
+    def pixels(png: Path) -> tuple[int, int]:
+        return struct.unpack(">II", png.read_bytes()[16:24])  # (the IHDR chunk: width, height)
+
+    k = 40
+    report = classification_report(list(range(k)), [(i * 7) % k for i in range(k)], [f"intent_{i}" for i in range(k)])
+    width, height = pixels(plot_confusion(report, tmp_path / "many.png"))
+    limit = 100 * (0.6 * MAX_ANNOTATED + 2) * 1.1  # (dpi 100; the colour bar and tight bbox add a little)
+    assert width <= limit and height <= limit, (width, height)
+    few = classification_report([0, 1, 2], [0, 2, 2], ["a", "b", "c"])
+    assert max(pixels(plot_confusion(few, tmp_path / "few.png"))) < 500
+
+
 def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
     """A JSON null under instruction/output was trained on as the text "None" (str(None)); `input` may be null."""
     from lmforge.data.formats import read_task_rows
