@@ -87,7 +87,8 @@ class ChatTemplate:
     def segments(
         self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, training: bool = True
     ) -> list:
-        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS. A conversation to
+        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS (not where the
+        message has weight 0: `trains`). A conversation to
         train on (`training`, without a generation prompt) must hold an assistant turn; serve's /tokenize passes
         training=False to get any conversation's ids, as transformers' apply_chat_template gives them.
 
@@ -102,7 +103,7 @@ class ChatTemplate:
         for m in messages:
             out.append((tok.encode(f"<|{m['role']}|>\n"), False))
             if m["role"] == "assistant":
-                out.append((tok.encode(m["content"]) + ([] if eos is None else [eos]), True))
+                out.append((tok.encode(m["content"]) + ([] if eos is None else [eos]), trains(m)))
             else:
                 out.append((tok.encode(m["content"] + "\n"), False))
         if add_generation_prompt:
@@ -208,7 +209,7 @@ class JinjaChatTemplate(ChatTemplate):
         text = self.render(messages)
         spans = []  # (start, end) character ranges of the targets in `text`
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
+            if trains(m):
                 context, upto = self.render(messages[:i], add_generation_prompt=True), self.render(messages[: i + 1])
                 if not (text.startswith(upto) and upto.startswith(context)):
                     raise DataError(
@@ -259,8 +260,20 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
             raise DataError(
                 f"bad message {str(m)[:60]!r}: each needs 'role' (system, user or assistant) and a 'content' string"
             )
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise DataError(
+                f"bad message {str(m)[:60]!r}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
+            )
     if not allow_trailing_user and not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")
+    if not allow_trailing_user and not any(map(trains, messages)):
+        raise DataError("every assistant turn has weight 0, so nothing to learn; set a weight to 1 or drop the row")
+
+
+def trains(message: dict[str, Any]) -> bool:
+    """Whether a message is a training target: an assistant reply, unless its `weight` is 0 (OpenAI's fine-tuning
+    format marks a reply to keep as context, not to learn, so; training on it silently taught what was excluded)."""
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
 def save_tokenizer_config(run_dir: Path, tok: Any, template: ChatTemplate | None = None) -> None:

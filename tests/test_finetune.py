@@ -181,6 +181,34 @@ def test_assistant_only_loss_mask_and_stored_template(base: Path):
     assert tok.decode(cut.ids).endswith("words \n<|assistant|>\nBlue.<|endoftext|>")
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_a_target(base: Path, tmp_path: Path):
+    """OpenAI's chat fine-tuning files mark a reply not to learn with "weight": 0; it was trained on all the same."""
+    from lmforge.chat import JINJA_TEMPLATE, ChatTemplate, JinjaChatTemplate
+    from lmforge.data.formats import lm_batch, segments_example
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base / "tokenizer.json")
+    messages = [
+        {"role": "system", "content": "Marv is sarcastic."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris.", "weight": 0},
+        {"role": "user", "content": "More sarcastic?"},
+        {"role": "assistant", "content": "Paris, obviously.", "weight": 1},
+    ]
+    jinja = JinjaChatTemplate(source=JINJA_TEMPLATE, eos_token=tok.id_to_token(tok.eos_id))
+    for template in (ChatTemplate(), jinja):  # (lmforge's, and an imported model's own)
+        x, y = lm_batch([segments_example(template.segments(tok, messages), max_len=200)], pad_id=tok.eos_id)
+        assert [t for t in y[0].tolist() if t != -100] == tok.encode("Paris, obviously.") + [tok.eos_id]
+    rows = tmp_path / "weights.jsonl"
+    rows.write_text(json.dumps({"messages": [*messages[:3], {**messages[3], "weight": 2}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1: bad message .*'weight' is 0 \(not trained on\) or 1"):
+        finetune(base, train_file=rows, out=tmp_path / "w", cfg=FinetuneConfig(task="sft"), progress=False)
+    rows.write_text(json.dumps({"messages": messages[:3]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 1: every assistant turn has weight 0, so nothing to learn"):
+        finetune(base, train_file=rows, out=tmp_path / "w", cfg=FinetuneConfig(task="sft"), progress=False)
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after
