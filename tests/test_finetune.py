@@ -491,6 +491,25 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
 
 
+def test_a_val_file_in_the_standard_columns_is_read_beside_a_renamed_train_file(base: Path, tmp_path: Path):
+    """A training CSV of review/label (--field text=review) with a --val JSONL of text/label was refused ("no
+    column 'review'"), and no --field could read both files; `eval --task` already read such a file in the standard
+    columns. A val file with neither is still refused, naming the renamed column."""
+    train = tmp_path / "train.csv"
+    train.write_text("review,label\n很好吃,1\n太难吃了,0\n送得很快,1\n凉了,0\n", encoding="utf-8")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in ({"text": "好吃", "label": 1}, {"text": "难吃", "label": 0})))
+    cfg = FinetuneConfig(task="classify", adapt="head", field=["text=review"])
+    out = tmp_path / "run"
+    result = finetune(base, train_file=train, val_file=val, out=out, cfg=cfg, overrides=FAST, progress=False)
+    assert result["val"]["n"] == 2 and sum(map(sum, result["val"]["confusion"])) == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r] == [3, 6]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"txt": "好吃", "label": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1 has no column 'review' \(columns: txt, label\)"):
+        finetune(base, train_file=train, val_file=bad, out=tmp_path / "b", cfg=cfg, overrides=FAST, progress=False)
+
+
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
     """`--field label=sentence` on SST-2's dev.tsv trained an 872-class classifier, one class per row, silently
     (and printed all 872 sentences as its labels); no class seen twice is a wrong column, said in one line."""

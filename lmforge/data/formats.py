@@ -670,6 +670,27 @@ def read_task_rows(
     return rows
 
 
+def read_rows_or_standard(
+    path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False, limit: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(rows, fields) of a file read in `fields` (a run's renamed columns, e.g. --field text=review), or in the
+    task's standard columns when it has those instead: a test or --val file is often in another layout than the
+    training file (`eval --task` on a run trained on renamed columns; a fine-tune's --val JSONL of text/label
+    beside a training CSV of review/label, which no --field could read both of)."""
+    try:
+        return read_task_rows(path, task, fields, scored=scored, limit=limit), fields
+    except MissingColumnError as first:
+        standard = field_map(task, None)
+        if standard == fields:
+            raise
+        try:
+            return read_task_rows(path, task, standard, scored=scored, limit=limit), standard
+        except MissingColumnError:
+            raise first from None  # (neither: name the columns asked for)
+        # any other error is about the file in the standard columns it has (an empty text, a null): it
+        # propagates, where it was reported as a "no column" of the renamed ones
+
+
 def nested_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
     """Rows with each dotted column (`--field output=instances.output`) that is not a key itself read from
     nested objects by `jsonl.dotted_rows`, as `prepare --text-field doc.body` reads them; a list of objects on the
