@@ -1074,10 +1074,10 @@ def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
 def test_confusion_png_of_many_classes_stays_a_readable_size(tmp_path: Path):
     """40 classes drew a 26-inch figure with 1,600 cell counts; 150 (CLINC150's intents) a 92-inch one with 22,500,
     192 s at the end of a fine-tune for a 3.3 MB PNG. Past 30 classes the figure stops growing and cells are
-    colour only, with a colour bar; a small matrix is drawn as before."""
+    colour only, with a colour bar; a small matrix is drawn as before. The printed report leaves such a matrix out."""
     import struct
 
-    from lmforge.eval.classify import MAX_ANNOTATED, classification_report, plot_confusion
+    from lmforge.eval.classify import MAX_ANNOTATED, classification_report, format_report, plot_confusion
 
     def pixels(png: Path) -> tuple[int, int]:
         return struct.unpack(">II", png.read_bytes()[16:24])  # (the IHDR chunk: width, height)
@@ -1089,6 +1089,16 @@ def test_confusion_png_of_many_classes_stays_a_readable_size(tmp_path: Path):
     assert width <= limit and height <= limit, (width, height)
     few = classification_report([0, 1, 2], [0, 2, 2], ["a", "b", "c"])
     assert max(pixels(plot_confusion(few, tmp_path / "few.png"))) < 500
+    # printed: the per-class table, and the matrix only where a terminal can show it (40 lines of 480 characters)
+    printed = format_report(report).splitlines()
+    assert len(printed) == 3 + k + 2 and max(map(len, printed)) < 100
+    assert printed[-1] == "confusion matrix of 40 classes: too wide to print; it is 'confusion' in --json / eval.json"
+    assert format_report(few).splitlines()[-4:] == [
+        "                 a         b         c",
+        "a                1         0         0",
+        "b                0         0         1",
+        "c                0         0         1",
+    ]
 
 
 def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
