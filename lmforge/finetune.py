@@ -544,6 +544,7 @@ def _finetune(
         classify_frame,
         dpo_collate,
         field_map,
+        label_key,
         label_name,
         lm_batch,
         read_rows_or_standard,
@@ -631,7 +632,7 @@ def _finetune(
     max_len = cfg.max_len or context
     labels: list[str] = []
     if cfg.task == "classify":
-        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
+        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=label_key)
         if len(labels) < 2:
             raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
         if len(labels) == len(train_rows) >= 20:  # no class seen twice: a text column read as the labels
@@ -1057,11 +1058,3 @@ def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) 
         f"training cannot continue to train.max_steps {max_steps}; {instead}pass --overwrite (or another --out) "
         f"to train from the base again for {max_steps} steps"
     )
-
-
-def _label_key(name: str) -> tuple[int, float | str]:
-    """Numeric labels in numeric order (2 before 10), others alphabetically."""
-    try:
-        return (0, float(name))
-    except ValueError:
-        return (1, name)

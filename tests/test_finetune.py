@@ -671,6 +671,17 @@ def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):
     assert before["old_val_loss"] > 0 and after["old_val_loss"] > 0
 
 
+def test_fewshot_orders_numeric_labels_as_a_fine_tune_does(base: Path):
+    """k-shot sorted its labels as strings (1, 10, 2: the order of its per-class table and confusion matrix), where a
+    fine-tune on the same file orders them 1, 2, 10."""
+    from lmforge.eval.tasks import fewshot_classify
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate([1, 2, 10, 1, 2, 10])]
+    report = fewshot_classify(ft, rows[:3], rows, k=1, fields={"text": "text", "label": "label"})
+    assert report["labels"] == list(report["per_class"]) == ["1", "2", "10"]
+
+
 def test_fewshot_demos_are_drawn_per_row_and_never_the_row_itself(base: Path, monkeypatch: pytest.MonkeyPatch):
     """The shots may be the evaluated file: a row's own labelled copy must never be in its prompt."""
     from lmforge.data.formats import read_task_rows

@@ -392,6 +392,14 @@ def label_name(value: Any) -> str:
     return name
 
 
+def label_key(name: str) -> tuple[int, float | str]:
+    """The order of a classifier's labels: numeric ones in numeric order (2 before 10), others alphabetically."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
     """(ids before the text, ids after it, padding id) of a classification row for a model family.
 

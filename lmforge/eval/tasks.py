@@ -272,11 +272,11 @@ def fewshot_classify(
     """
     import random
 
-    from lmforge.data.formats import label_name
+    from lmforge.data.formats import label_key, label_name
     from lmforge.eval.classify import classification_report
 
     tok, model = ft.tokenizer, ft.model
-    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows})
+    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows}, key=label_key)  # (as `finetune` orders)
     if k > len(shots):
         raise DataError(f"--k-shot {k} but the shots file has only {len(shots)} rows; lower --k-shot")
     shot_texts = [str(r[fields["text"]]).strip() for r in shots]
