@@ -1055,6 +1055,33 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
         read_task_rows(DATA / "eng_fra.txt", "translate", field_map("translate", ["source=review"]))
 
 
+def test_a_headerless_table_is_told_how_to_give_it_columns(tmp_path: Path):
+    """A headerless .tsv of pairs (Tatoeba's, Moses') lost its first pair as the header and was told only to
+    rename with --field source=COLUMN, which reads the file one pair short; the error now says how to name them."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    pairs = (DATA / "eng_fra.txt").read_text(encoding="utf-8")
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text(pairs, encoding="utf-8")
+    hint = (
+        r"pairs\.tsv: row 1 has no column 'source' \(columns: .*\); rename with --field source=COLUMN; if the file has "
+        r"no header row, add the line source<TAB>target at its top, or name it \.txt \(columns source, target in that "
+        r"order\)$"
+    )
+    with pytest.raises(DataError, match=hint):
+        read_task_rows(tsv, "translate", field_map("translate", None))
+    tsv.write_text("source\ttarget\n" + pairs, encoding="utf-8")  # the first advice, taken
+    assert read_task_rows(tsv, "translate", field_map("translate", None)) == read_task_rows(
+        DATA / "eng_fra.txt", "translate", field_map("translate", None)
+    )
+    csv_file = tmp_path / "reviews.csv"
+    csv_file.write_text("很好吃,1\n太难吃了,0\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"add the line review,label at its top, or name it \.txt \(columns text, label"
+    ):
+        read_task_rows(csv_file, "classify", field_map("classify", ["text=review"]))
+
+
 def test_report_table_lines_up_with_chinese_labels():
     from lmforge.eval.classify import classification_report, format_report
     from lmforge.log import display_width

@@ -668,13 +668,25 @@ def read_task_rows(
         return [{fields["text"]: d} for d in docs][: limit or None]
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
-    rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    txt_columns = tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages"))
+    rows = read_table(p, txt_columns=txt_columns)
     if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
         from lmforge.data.qa import dotted_answers
 
         rows = dotted_answers(rows, fields, p)
     rows = nested_rows(rows, fields, p)[: limit or None]
-    check_columns(rows, task, fields, p, scored=scored)
+    try:
+        check_columns(rows, task, fields, p, scored=scored)
+    except MissingColumnError as e:
+        kind = p.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+        if kind not in ("csv", "tsv"):
+            raise
+        # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header
+        header = ("<TAB>" if kind == "tsv" else ",").join(fields[f] for f in txt_columns)
+        raise MissingColumnError(
+            f"{e}; if the file has no header row, add the line {header} at its top, or name it .txt (columns "
+            f"{', '.join(txt_columns)} in that order)"
+        ) from None
     return rows
 
 
