@@ -270,6 +270,32 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError("every assistant turn has weight 0, so nothing to learn; set a weight to 1 or drop the row")
 
 
+def openai_text_messages(messages: Any) -> Any:
+    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
+    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
+    (what the current client types and many frameworks send, and OpenAI's fine-tuning files may hold) is their
+    texts joined by newlines, as vLLM does. Anything else (tool turns, ...) is left for `check_messages` to refuse.
+
+    Raises:
+        DataError: a content part that is not text (an image, audio).
+    """
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
+            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
+            if isinstance(m.get("content"), list):
+                parts = m["content"]
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+                ):
+                    raise DataError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return out
+
+
 def trains(message: dict[str, Any]) -> bool:
     """Whether a message is a training target: an assistant reply, unless its `weight` is 0 (OpenAI's fine-tuning
     format marks a reply to keep as context, not to learn, so; training on it silently taught what was excluded)."""

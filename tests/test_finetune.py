@@ -209,6 +209,50 @@ def test_an_assistant_turn_of_weight_0_is_context_not_a_target(base: Path, tmp_p
     assert not (tmp_path / "w").exists()
 
 
+def test_openai_message_forms_train_and_score_as_serve_reads_them(base: Path, tmp_path: Path):
+    """Text content parts and a developer turn (OpenAI's forms, which `serve` reads) were refused in a training or
+    val file ("each needs ... a 'content' string"); they are the same examples as the plain strings. An image part
+    is refused in one line naming the row."""
+    from lmforge.data.formats import build_examples, field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    plain = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who wrote Hamlet?\nAnd when?"},
+        {"role": "assistant", "content": "Shakespeare, about 1600."},
+    ]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Who wrote Hamlet?"}, {"type": "text", "text": "And when?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Shakespeare, about 1600."}]},
+    ]
+    files = {}
+    for name, messages in (("plain", plain), ("parts", parts)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text(json.dumps({"messages": messages}) + "\n", encoding="utf-8")
+    tok, fields = Tokenizer.load(base / "tokenizer.json"), field_map("sft", None)
+    examples = [
+        build_examples(
+            read_task_rows(files[n], "sft", fields, scored=True),
+            task="sft",
+            tok=tok,
+            fields=fields,
+            max_len=128,
+            labels=None,
+            path=files[n],
+        )  # fmt: skip
+        for n in ("plain", "parts")
+    ]
+    assert examples[0] == examples[1]
+    image = tmp_path / "image.jsonl"
+    image.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, plain[2]]}) + "\n")
+    with pytest.raises(DataError, match=r"image\.jsonl: row 1: only text content parts .* are supported; write the"):
+        read_task_rows(image, "sft", fields)
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after

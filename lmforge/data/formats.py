@@ -675,6 +675,8 @@ def read_task_rows(
 
         rows = dotted_answers(rows, fields, p)
     rows = nested_rows(rows, fields, p)[: limit or None]
+    if task == "sft":  # OpenAI's forms (a developer turn, text content parts) in the template's, as `serve` reads them
+        rows = _text_messages(rows, fields["messages"], p)
     try:
         check_columns(rows, task, fields, p, scored=scored)
     except MissingColumnError as e:
@@ -688,6 +690,18 @@ def read_task_rows(
             f"{', '.join(txt_columns)} in that order)"
         ) from None
     return rows
+
+
+def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
+    from lmforge.chat import openai_text_messages
+
+    out = []
+    for i, row in enumerate(rows, 1):
+        try:
+            out.append(row | {column: openai_text_messages(row[column])} if column in row else row)
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}; write the message's text as its content") from None
+    return out
 
 
 def read_rows_or_standard(
