@@ -76,7 +76,7 @@ class FinetuneConfig:
         default_factory=lambda: ["qkv", "attn.proj"],
         metadata={
             "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT, BERT, "
-            "ELECTRA; pooler: BERT's)"
+            "ELECTRA; pooler: BERT's; several in one flag: qkv,mlp.fc)"
         },
     )
     prompt_tokens: int = opt(16, "soft-prompt length for --adapt prompt")
@@ -115,6 +115,8 @@ class FinetuneConfig:
     distill_alpha: float = opt(0.5, "--adapt distill: weight of the soft (KL * T^2) term; 1 - alpha on the data loss")
 
     def __post_init__(self) -> None:
+        # `--lora-targets qkv,mlp.fc` is those two, as `estimate` reads it (finetune refused it: "matches no layer")
+        self.lora_targets = [t.strip() for value in self.lora_targets for t in value.split(",") if t.strip()]
         check(self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
         check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.prompt_tokens > 0, f"--prompt-tokens must be > 0, got {self.prompt_tokens}")

@@ -477,6 +477,17 @@ def test_early_stopping_without_validation_and_unread_train_settings_are_refused
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_lora_targets_take_commas_as_estimate_does(base: Path, tmp_path: Path):
+    """`--lora-targets qkv,mlp.fc` (as `estimate` takes it) was refused: "LoRA target 'qkv,mlp.fc' matches no linear
+    layer"; it is the two targets, as the repeated flag gives them."""
+    cfg = FinetuneConfig(task="sft", adapt="lora", lora_rank=2, lora_targets=["qkv, mlp.fc"])
+    assert cfg.lora_targets == ["qkv", "mlp.fc"]
+    result = finetune(
+        base, train_file=DATA / "alpaca.jsonl", out=tmp_path / "r", cfg=cfg, overrides=FAST, progress=False
+    )
+    assert result["trainable_params"] == 2 * 2 * (32 + 96) + 2 * 2 * (32 + 128)  # per block: qkv 32->96, fc 32->128
+
+
 def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     """Each of these was accepted and silently ignored; a blank label became a class named ""."""
     refused = [
