@@ -87,7 +87,8 @@ class ChatTemplate:
     def segments(
         self, tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, training: bool = True
     ) -> list:
-        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS. A conversation to
+        """[(ids, train)] pieces of a conversation; `train` is True for assistant content + EOS (not where the
+        message has weight 0: `trains`). A conversation to
         train on (`training`, without a generation prompt) must hold an assistant turn; serve's /tokenize passes
         training=False to get any conversation's ids, as transformers' apply_chat_template gives them.
 
@@ -102,7 +103,7 @@ class ChatTemplate:
         for m in messages:
             out.append((tok.encode(f"<|{m['role']}|>\n"), False))
             if m["role"] == "assistant":
-                out.append((tok.encode(m["content"]) + ([] if eos is None else [eos]), True))
+                out.append((tok.encode(m["content"]) + ([] if eos is None else [eos]), trains(m)))
             else:
                 out.append((tok.encode(m["content"] + "\n"), False))
         if add_generation_prompt:
@@ -208,7 +209,7 @@ class JinjaChatTemplate(ChatTemplate):
         text = self.render(messages)
         spans = []  # (start, end) character ranges of the targets in `text`
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
+            if trains(m):
                 context, upto = self.render(messages[:i], add_generation_prompt=True), self.render(messages[: i + 1])
                 if not (text.startswith(upto) and upto.startswith(context)):
                     raise DataError(
@@ -259,8 +260,46 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
             raise DataError(
                 f"bad message {str(m)[:60]!r}: each needs 'role' (system, user or assistant) and a 'content' string"
             )
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise DataError(
+                f"bad message {str(m)[:60]!r}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
+            )
     if not allow_trailing_user and not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")
+    if not allow_trailing_user and not any(map(trains, messages)):
+        raise DataError("every assistant turn has weight 0, so nothing to learn; set a weight to 1 or drop the row")
+
+
+def openai_text_messages(messages: Any) -> Any:
+    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
+    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
+    (what the current client types and many frameworks send, and OpenAI's fine-tuning files may hold) is their
+    texts joined by newlines, as vLLM does. Anything else (tool turns, ...) is left for `check_messages` to refuse.
+
+    Raises:
+        DataError: a content part that is not text (an image, audio).
+    """
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
+            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
+            if isinstance(m.get("content"), list):
+                parts = m["content"]
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
+                ):
+                    raise DataError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+                m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return out
+
+
+def trains(message: dict[str, Any]) -> bool:
+    """Whether a message is a training target: an assistant reply, unless its `weight` is 0 (OpenAI's fine-tuning
+    format marks a reply to keep as context, not to learn, so; training on it silently taught what was excluded)."""
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
 def save_tokenizer_config(run_dir: Path, tok: Any, template: ChatTemplate | None = None) -> None:

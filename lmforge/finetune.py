@@ -76,7 +76,7 @@ class FinetuneConfig:
         default_factory=lambda: ["qkv", "attn.proj"],
         metadata={
             "help": "linear layers that get adapters (name suffixes: qkv, attn.proj, mlp.fc, mlp.proj; GPT, BERT, "
-            "ELECTRA; pooler: BERT's)"
+            "ELECTRA; pooler: BERT's; several in one flag: qkv,mlp.fc)"
         },
     )
     prompt_tokens: int = opt(16, "soft-prompt length for --adapt prompt")
@@ -115,6 +115,8 @@ class FinetuneConfig:
     distill_alpha: float = opt(0.5, "--adapt distill: weight of the soft (KL * T^2) term; 1 - alpha on the data loss")
 
     def __post_init__(self) -> None:
+        # `--lora-targets qkv,mlp.fc` is those two, as `estimate` reads it (finetune refused it: "matches no layer")
+        self.lora_targets = [t.strip() for value in self.lora_targets for t in value.split(",") if t.strip()]
         check(self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
         check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.prompt_tokens > 0, f"--prompt-tokens must be > 0, got {self.prompt_tokens}")
@@ -385,14 +387,14 @@ def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 
     (0 = all). Used by `lmforge quantize` to compare a fine-tune before and after on its own validation data."""
     from lmforge.chat import ChatTemplate
     from lmforge.config import EvalConfig, TrainConfig, from_dict
-    from lmforge.data.formats import build_examples, lm_batch, read_task_rows
+    from lmforge.data.formats import build_examples, lm_batch, read_rows_or_standard
     from lmforge.train.precision import pick_precision
 
     info = ft.info or {}
     task = info["task"]
-    rows = read_task_rows(val_file, task, info["fields"], scored=True)
+    rows, fields = read_rows_or_standard(val_file, task, info["fields"], scored=True)  # (as `finetune` read it)
     template = (ft.template or ChatTemplate()) if task in CHAT_TASKS else None
-    kwargs = {"task": task, "tok": ft.tokenizer, "fields": info["fields"], "max_len": info["max_len"], "labels": []}
+    kwargs = {"task": task, "tok": ft.tokenizer, "fields": fields, "max_len": info["max_len"], "labels": []}
     examples = build_examples(rows, path=val_file, template=template, **kwargs)
     train_cfg = from_dict(TrainConfig, info.get("train") or {}, prefix="train.", where=str(ft.run_dir))
     forward = from_dict(EvalConfig, info.get("eval") or {}, prefix="eval.", where=str(ft.run_dir)).forward_batch(
@@ -544,8 +546,10 @@ def _finetune(
         classify_frame,
         dpo_collate,
         field_map,
+        label_key,
         label_name,
         lm_batch,
+        read_rows_or_standard,
         read_task_rows,
     )
     from lmforge.dist import require_one_process
@@ -585,7 +589,8 @@ def _finetune(
     train_rows = read_task_rows(train_file, cfg.task, fields)
     # the rows, not the file's bytes or path: a resumed run must continue on the data it started on
     train_sha = hashlib.sha256(json.dumps(train_rows, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-    val_rows = read_task_rows(val_file, cfg.task, fields, scored=True) if val_file else []  # (answers scored)
+    # (answers scored; a --val file in the task's standard columns is read in those, as `eval --task` reads it)
+    val_rows, val_fields = read_rows_or_standard(val_file, cfg.task, fields, scored=True) if val_file else ([], fields)
     if cfg.replay and cfg.task != "clm":
         raise ConfigError("--replay is for --task clm (continued pretraining)")
     device = pick_device(train_cfg.device, "--train.device")
@@ -629,7 +634,7 @@ def _finetune(
     max_len = cfg.max_len or context
     labels: list[str] = []
     if cfg.task == "classify":
-        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=_label_key)
+        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=label_key)
         if len(labels) < 2:
             raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
         if len(labels) == len(train_rows) >= 20:  # no class seen twice: a text column read as the labels
@@ -648,7 +653,7 @@ def _finetune(
     kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
     kwargs["template"] = template
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
-    val_ex = build_examples(val_rows, path=val_file, **kwargs) if val_rows else []
+    val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
     if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)
         raise ConfigError(
             f"train.early_stop_patience {train_cfg.early_stop_patience} watches the validation loss, and this "
@@ -1016,6 +1021,7 @@ def _finetune(
                 ft,
                 val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
                 path=val_file,
+                fields=val_fields,
                 max_new_tokens=cfg.max_new_tokens,
                 out_dir=out,
                 doc_stride=cfg.doc_stride,
@@ -1054,11 +1060,3 @@ def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) 
         f"training cannot continue to train.max_steps {max_steps}; {instead}pass --overwrite (or another --out) "
         f"to train from the base again for {max_steps} steps"
     )
-
-
-def _label_key(name: str) -> tuple[int, float | str]:
-    """Numeric labels in numeric order (2 before 10), others alphabetically."""
-    try:
-        return (0, float(name))
-    except ValueError:
-        return (1, name)

@@ -81,27 +81,15 @@ def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
 
 
 def openai_messages(messages: Any) -> Any:
-    """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
-    the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts
-    (what the current client types and many frameworks send) is their texts joined by newlines, as vLLM does.
-    Anything else (images, audio, tool turns) is left for the template's check to refuse."""
-    if not isinstance(messages, list):
-        return messages
-    out = []
-    for m in messages:
-        if isinstance(m, dict) and (m.get("role") == "developer" or isinstance(m.get("content"), list)):
-            m = {**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
-            if isinstance(m.get("content"), list):
-                parts = m["content"]
-                if not all(
-                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts
-                ):
-                    raise RequestError(
-                        400, "only text content parts ({'type': 'text', 'text': ...}) are supported", param="messages"
-                    )
-                m["content"] = "\n".join(p["text"] for p in parts)
-        out.append(m)
-    return out
+    """`chat.openai_text_messages` of a request's messages (OpenAI's "developer" role and text content parts), a
+    content part of another type refused with a 400."""
+    from lmforge.chat import openai_text_messages
+    from lmforge.errors import DataError
+
+    try:
+        return openai_text_messages(messages)
+    except DataError as e:
+        raise RequestError(400, str(e), param="messages") from None
 
 
 _PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of lists of token ids"

@@ -181,6 +181,78 @@ def test_assistant_only_loss_mask_and_stored_template(base: Path):
     assert tok.decode(cut.ids).endswith("words \n<|assistant|>\nBlue.<|endoftext|>")
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_a_target(base: Path, tmp_path: Path):
+    """OpenAI's chat fine-tuning files mark a reply not to learn with "weight": 0; it was trained on all the same."""
+    from lmforge.chat import JINJA_TEMPLATE, ChatTemplate, JinjaChatTemplate
+    from lmforge.data.formats import lm_batch, segments_example
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base / "tokenizer.json")
+    messages = [
+        {"role": "system", "content": "Marv is sarcastic."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris.", "weight": 0},
+        {"role": "user", "content": "More sarcastic?"},
+        {"role": "assistant", "content": "Paris, obviously.", "weight": 1},
+    ]
+    jinja = JinjaChatTemplate(source=JINJA_TEMPLATE, eos_token=tok.id_to_token(tok.eos_id))
+    for template in (ChatTemplate(), jinja):  # (lmforge's, and an imported model's own)
+        x, y = lm_batch([segments_example(template.segments(tok, messages), max_len=200)], pad_id=tok.eos_id)
+        assert [t for t in y[0].tolist() if t != -100] == tok.encode("Paris, obviously.") + [tok.eos_id]
+    rows = tmp_path / "weights.jsonl"
+    rows.write_text(json.dumps({"messages": [*messages[:3], {**messages[3], "weight": 2}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1: bad message .*'weight' is 0 \(not trained on\) or 1"):
+        finetune(base, train_file=rows, out=tmp_path / "w", cfg=FinetuneConfig(task="sft"), progress=False)
+    rows.write_text(json.dumps({"messages": messages[:3]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="row 1: every assistant turn has weight 0, so nothing to learn"):
+        finetune(base, train_file=rows, out=tmp_path / "w", cfg=FinetuneConfig(task="sft"), progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_openai_message_forms_train_and_score_as_serve_reads_them(base: Path, tmp_path: Path):
+    """Text content parts and a developer turn (OpenAI's forms, which `serve` reads) were refused in a training or
+    val file ("each needs ... a 'content' string"); they are the same examples as the plain strings. An image part
+    is refused in one line naming the row."""
+    from lmforge.data.formats import build_examples, field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    plain = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who wrote Hamlet?\nAnd when?"},
+        {"role": "assistant", "content": "Shakespeare, about 1600."},
+    ]
+    parts = [
+        {"role": "developer", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Who wrote Hamlet?"}, {"type": "text", "text": "And when?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Shakespeare, about 1600."}]},
+    ]
+    files = {}
+    for name, messages in (("plain", plain), ("parts", parts)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text(json.dumps({"messages": messages}) + "\n", encoding="utf-8")
+    tok, fields = Tokenizer.load(base / "tokenizer.json"), field_map("sft", None)
+    examples = [
+        build_examples(
+            read_task_rows(files[n], "sft", fields, scored=True),
+            task="sft",
+            tok=tok,
+            fields=fields,
+            max_len=128,
+            labels=None,
+            path=files[n],
+        )  # fmt: skip
+        for n in ("plain", "parts")
+    ]
+    assert examples[0] == examples[1]
+    image = tmp_path / "image.jsonl"
+    image.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}, plain[2]]}) + "\n")
+    with pytest.raises(DataError, match=r"image\.jsonl: row 1: only text content parts .* are supported; write the"):
+        read_task_rows(image, "sft", fields)
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after
@@ -405,6 +477,17 @@ def test_early_stopping_without_validation_and_unread_train_settings_are_refused
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_lora_targets_take_commas_as_estimate_does(base: Path, tmp_path: Path):
+    """`--lora-targets qkv,mlp.fc` (as `estimate` takes it) was refused: "LoRA target 'qkv,mlp.fc' matches no linear
+    layer"; it is the two targets, as the repeated flag gives them."""
+    cfg = FinetuneConfig(task="sft", adapt="lora", lora_rank=2, lora_targets=["qkv, mlp.fc"])
+    assert cfg.lora_targets == ["qkv", "mlp.fc"]
+    result = finetune(
+        base, train_file=DATA / "alpaca.jsonl", out=tmp_path / "r", cfg=cfg, overrides=FAST, progress=False
+    )
+    assert result["trainable_params"] == 2 * 2 * (32 + 96) + 2 * 2 * (32 + 128)  # per block: qkv 32->96, fc 32->128
+
+
 def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     """Each of these was accepted and silently ignored; a blank label became a class named ""."""
     refused = [
@@ -461,6 +544,25 @@ def test_settings_the_run_would_not_use_are_refused(base: Path, tmp_path: Path):
     blank.write_text("text,label\ngreat,positive\nawful,negative\nso-so,\n", encoding="utf-8")
     with pytest.raises(DataError, match="row 3 has an empty 'label'"):
         finetune(base, train_file=blank, out=tmp_path / "b", cfg=FinetuneConfig(task="classify"), progress=False)
+
+
+def test_a_val_file_in_the_standard_columns_is_read_beside_a_renamed_train_file(base: Path, tmp_path: Path):
+    """A training CSV of review/label (--field text=review) with a --val JSONL of text/label was refused ("no
+    column 'review'"), and no --field could read both files; `eval --task` already read such a file in the standard
+    columns. A val file with neither is still refused, naming the renamed column."""
+    train = tmp_path / "train.csv"
+    train.write_text("review,label\n很好吃,1\n太难吃了,0\n送得很快,1\n凉了,0\n", encoding="utf-8")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in ({"text": "好吃", "label": 1}, {"text": "难吃", "label": 0})))
+    cfg = FinetuneConfig(task="classify", adapt="head", field=["text=review"])
+    out = tmp_path / "run"
+    result = finetune(base, train_file=train, val_file=val, out=out, cfg=cfg, overrides=FAST, progress=False)
+    assert result["val"]["n"] == 2 and sum(map(sum, result["val"]["confusion"])) == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r] == [3, 6]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"txt": "好吃", "label": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1 has no column 'review' \(columns: txt, label\)"):
+        finetune(base, train_file=train, val_file=bad, out=tmp_path / "b", cfg=cfg, overrides=FAST, progress=False)
 
 
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
@@ -622,6 +724,17 @@ def test_translate_fewshot_and_clm_forgetting(base: Path, tmp_path: Path):
     before, after = result["forgetting"]["before"], result["forgetting"]["after"]
     assert after["new_val_loss"] < before["new_val_loss"]
     assert before["old_val_loss"] > 0 and after["old_val_loss"] > 0
+
+
+def test_fewshot_orders_numeric_labels_as_a_fine_tune_does(base: Path):
+    """k-shot sorted its labels as strings (1, 10, 2: the order of its per-class table and confusion matrix), where a
+    fine-tune on the same file orders them 1, 2, 10."""
+    from lmforge.eval.tasks import fewshot_classify
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate([1, 2, 10, 1, 2, 10])]
+    report = fewshot_classify(ft, rows[:3], rows, k=1, fields={"text": "text", "label": "label"})
+    assert report["labels"] == list(report["per_class"]) == ["1", "2", "10"]
 
 
 def test_fewshot_demos_are_drawn_per_row_and_never_the_row_itself(base: Path, monkeypatch: pytest.MonkeyPatch):
@@ -997,6 +1110,33 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
         read_task_rows(DATA / "eng_fra.txt", "translate", field_map("translate", ["source=review"]))
 
 
+def test_a_headerless_table_is_told_how_to_give_it_columns(tmp_path: Path):
+    """A headerless .tsv of pairs (Tatoeba's, Moses') lost its first pair as the header and was told only to
+    rename with --field source=COLUMN, which reads the file one pair short; the error now says how to name them."""
+    from lmforge.data.formats import field_map, read_task_rows
+
+    pairs = (DATA / "eng_fra.txt").read_text(encoding="utf-8")
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text(pairs, encoding="utf-8")
+    hint = (
+        r"pairs\.tsv: row 1 has no column 'source' \(columns: .*\); rename with --field source=COLUMN; if the file has "
+        r"no header row, add the line source<TAB>target at its top, or name it \.txt \(columns source, target in that "
+        r"order\)$"
+    )
+    with pytest.raises(DataError, match=hint):
+        read_task_rows(tsv, "translate", field_map("translate", None))
+    tsv.write_text("source\ttarget\n" + pairs, encoding="utf-8")  # the first advice, taken
+    assert read_task_rows(tsv, "translate", field_map("translate", None)) == read_task_rows(
+        DATA / "eng_fra.txt", "translate", field_map("translate", None)
+    )
+    csv_file = tmp_path / "reviews.csv"
+    csv_file.write_text("很好吃,1\n太难吃了,0\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"add the line review,label at its top, or name it \.txt \(columns text, label"
+    ):
+        read_task_rows(csv_file, "classify", field_map("classify", ["text=review"]))
+
+
 def test_report_table_lines_up_with_chinese_labels():
     from lmforge.eval.classify import classification_report, format_report
     from lmforge.log import display_width
@@ -1022,6 +1162,36 @@ def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
     assert note == (not lmforge.plotting._have_cjk)  # said once, and only where boxes would be drawn
     plot_confusion(report, tmp_path / "d.png")
     assert "no CJK font" not in capsys.readouterr().err
+
+
+def test_confusion_png_of_many_classes_stays_a_readable_size(tmp_path: Path):
+    """40 classes drew a 26-inch figure with 1,600 cell counts; 150 (CLINC150's intents) a 92-inch one with 22,500,
+    192 s at the end of a fine-tune for a 3.3 MB PNG. Past 30 classes the figure stops growing and cells are
+    colour only, with a colour bar; a small matrix is drawn as before. The printed report leaves such a matrix out."""
+    import struct
+
+    from lmforge.eval.classify import MAX_ANNOTATED, classification_report, format_report, plot_confusion
+
+    def pixels(png: Path) -> tuple[int, int]:
+        return struct.unpack(">II", png.read_bytes()[16:24])  # (the IHDR chunk: width, height)
+
+    k = 40
+    report = classification_report(list(range(k)), [(i * 7) % k for i in range(k)], [f"intent_{i}" for i in range(k)])
+    width, height = pixels(plot_confusion(report, tmp_path / "many.png"))
+    limit = 100 * (0.6 * MAX_ANNOTATED + 2) * 1.1  # (dpi 100; the colour bar and tight bbox add a little)
+    assert width <= limit and height <= limit, (width, height)
+    few = classification_report([0, 1, 2], [0, 2, 2], ["a", "b", "c"])
+    assert max(pixels(plot_confusion(few, tmp_path / "few.png"))) < 500
+    # printed: the per-class table, and the matrix only where a terminal can show it (40 lines of 480 characters)
+    printed = format_report(report).splitlines()
+    assert len(printed) == 3 + k + 2 and max(map(len, printed)) < 100
+    assert printed[-1] == "confusion matrix of 40 classes: too wide to print; it is 'confusion' in --json / eval.json"
+    assert format_report(few).splitlines()[-4:] == [
+        "                 a         b         c",
+        "a                1         0         0",
+        "b                0         0         1",
+        "c                0         0         1",
+    ]
 
 
 def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):

@@ -392,6 +392,14 @@ def label_name(value: Any) -> str:
     return name
 
 
+def label_key(name: str) -> tuple[int, float | str]:
+    """The order of a classifier's labels: numeric ones in numeric order (2 before 10), others alphabetically."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
     """(ids before the text, ids after it, padding id) of a classification row for a model family.
 
@@ -660,14 +668,61 @@ def read_task_rows(
         return [{fields["text"]: d} for d in docs][: limit or None]
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
-    rows = read_table(p, txt_columns=tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages")))
+    txt_columns = tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages"))
+    rows = read_table(p, txt_columns=txt_columns)
     if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
         from lmforge.data.qa import dotted_answers
 
         rows = dotted_answers(rows, fields, p)
     rows = nested_rows(rows, fields, p)[: limit or None]
-    check_columns(rows, task, fields, p, scored=scored)
+    if task == "sft":  # OpenAI's forms (a developer turn, text content parts) in the template's, as `serve` reads them
+        rows = _text_messages(rows, fields["messages"], p)
+    try:
+        check_columns(rows, task, fields, p, scored=scored)
+    except MissingColumnError as e:
+        kind = p.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+        if kind not in ("csv", "tsv"):
+            raise
+        # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header
+        header = ("<TAB>" if kind == "tsv" else ",").join(fields[f] for f in txt_columns)
+        raise MissingColumnError(
+            f"{e}; if the file has no header row, add the line {header} at its top, or name it .txt (columns "
+            f"{', '.join(txt_columns)} in that order)"
+        ) from None
     return rows
+
+
+def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
+    from lmforge.chat import openai_text_messages
+
+    out = []
+    for i, row in enumerate(rows, 1):
+        try:
+            out.append(row | {column: openai_text_messages(row[column])} if column in row else row)
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}; write the message's text as its content") from None
+    return out
+
+
+def read_rows_or_standard(
+    path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False, limit: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(rows, fields) of a file read in `fields` (a run's renamed columns, e.g. --field text=review), or in the
+    task's standard columns when it has those instead: a test or --val file is often in another layout than the
+    training file (`eval --task` on a run trained on renamed columns; a fine-tune's --val JSONL of text/label
+    beside a training CSV of review/label, which no --field could read both of)."""
+    try:
+        return read_task_rows(path, task, fields, scored=scored, limit=limit), fields
+    except MissingColumnError as first:
+        standard = field_map(task, None)
+        if standard == fields:
+            raise
+        try:
+            return read_task_rows(path, task, standard, scored=scored, limit=limit), standard
+        except MissingColumnError:
+            raise first from None  # (neither: name the columns asked for)
+        # any other error is about the file in the standard columns it has (an empty text, a null): it
+        # propagates, where it was reported as a "no column" of the renamed ones
 
 
 def nested_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:

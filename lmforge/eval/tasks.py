@@ -272,11 +272,11 @@ def fewshot_classify(
     """
     import random
 
-    from lmforge.data.formats import label_name
+    from lmforge.data.formats import label_key, label_name
     from lmforge.eval.classify import classification_report
 
     tok, model = ft.tokenizer, ft.model
-    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows})
+    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows}, key=label_key)  # (as `finetune` orders)
     if k > len(shots):
         raise DataError(f"--k-shot {k} but the shots file has only {len(shots)} rows; lower --k-shot")
     shot_texts = [str(r[fields["text"]]).strip() for r in shots]
@@ -621,7 +621,7 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.data.formats import MissingColumnError, field_map, read_task_rows
+    from lmforge.data.formats import field_map, read_rows_or_standard, read_task_rows
     from lmforge.train.precision import pick_device
 
     if limit < 0:
@@ -656,17 +656,10 @@ def evaluate_task(
     if info.get("task") == task and not field_renames:
         # the columns the run was trained on (e.g. --field text=review), over the task's defaults: a run saved
         # before the task read a field (qa's context) has no name for it
-        fields = field_map(task, None) | dict(info["fields"])
-        try:
-            rows = read_task_rows(data, task, fields, scored=True, limit=limit)
-        except MissingColumnError as first:  # a file with the standard columns instead: use them
-            try:
-                fields = field_map(task, None)
-                rows = read_task_rows(data, task, fields, scored=True, limit=limit)
-            except MissingColumnError:
-                raise first from None  # (neither: name the run's own columns)
-            # any other error is about the file in the standard columns it has (an empty text, a null):
-            # it propagates, where it was reported as a "no column" of the run's own columns
+        # (or a file with the standard columns instead)
+        rows, fields = read_rows_or_standard(
+            data, task, field_map(task, None) | dict(info["fields"]), scored=True, limit=limit
+        )
     else:
         fields = field_map(task, field_renames)
         rows = read_task_rows(data, task, fields, scored=True, limit=limit)
