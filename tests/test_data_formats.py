@@ -195,6 +195,21 @@ def test_hf_save_to_disk(tmp_path: Path) -> None:
         run(tmp_path, [tmp_path / "ds"], out="out4", text_field="body")
 
 
+def test_a_save_to_disk_dataset_inside_a_folder_is_read(tmp_path: Path) -> None:
+    """A corpus folder holding a saved dataset (and a DatasetDict) beside text files reads them all; the walk
+    used to skip the datasets' .arrow files, so they went missing with only a note about their .json files."""
+    datasets = pytest.importorskip("datasets")
+    corpus = tmp_path / "corpus"
+    datasets.Dataset.from_dict({"text": TEXTS[:6]}).save_to_disk(str(corpus / "web"))
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[6:9]})})
+    dd.save_to_disk(str(corpus / "sub" / "books"))
+    write(corpus / "notes.txt", "\n\n".join(TEXTS[9:]))
+    m = run(tmp_path, [corpus])
+    assert [i["path"] for i in m["inputs"]] == [str(corpus / p) for p in ("notes.txt", "sub/books", "web")]
+    assert m["skipped_files"] == [] and m["documents"]["in"] == len(TEXTS)
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS)
+
+
 def test_hub_input_on_a_local_dataset_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`hf:NAME` goes through `datasets.load_dataset(streaming=True)`; a local folder laid out like a hub
     dataset repo (one data file per split) exercises that path offline, with the split and column checks."""

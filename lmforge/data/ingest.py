@@ -203,9 +203,11 @@ def _lmforge_output(folder: Path) -> bool:
 def _walk(folder: Path) -> Iterator[Path]:
     """Files under `folder`, sorted; hidden files and folders and lmforge's own outputs are left out.
 
-    Symbolic links to folders are followed, as links to files are (os.walk's default skipped them
-    silently, and with them a corpus assembled from links); a folder reached twice (a link loop, or two
-    links to one folder) is walked once."""
+    A `save_to_disk` dataset folder found inside is given whole, as a folder, not walked: its .arrow files
+    are not read one by one, and walking it skipped them, so the dataset went missing from the corpus
+    with only a note about its .json files. Symbolic links to folders are followed, as links to files are
+    (os.walk's default skipped them silently, and with them a corpus assembled from links); a folder
+    reached twice (a link loop, or two links to one folder) is walked once."""
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -214,6 +216,9 @@ def _walk(folder: Path) -> Iterator[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _lmforge_output(Path(root) / d))
+        datasets = [d for d in dirs if is_hf_disk(Path(root) / d)]
+        dirs[:] = [d for d in dirs if d not in datasets]
+        yield from (Path(root) / d for d in datasets)
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name
@@ -252,7 +257,7 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
         key = path if is_hub(path) else path.resolve()
         if exclude is not None and not is_hub(path) and _under_out(key, exclude):
             return
-        if explicit or is_known_format(path):
+        if explicit or is_known_format(path) or is_hf_disk(path):
             if not is_hub(path) and not path.exists():  # found by a folder walk or glob: a dangling link
                 raise DataError(
                     f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
