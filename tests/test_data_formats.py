@@ -388,6 +388,13 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
     write(tmp_path / "lines.json", lines)
     for name in ("arr.json", "a.jsonl", "lines.json"):
         assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", "plain"], name
+    # a null in the list is left out, as Parquet's list columns leave it out (it was an error here)
+    nulls = [{"text": ["子曰", None, "有子曰"]}, {"text": [None]}]
+    write(tmp_path / "n.jsonl", "".join(json.dumps(r) + "\n" for r in nulls))
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": [r["text"] for r in nulls]}), tmp_path / "n.parquet")
+    for name in ("n.jsonl", "n.parquet"):
+        assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", ""], name
     write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
     with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
         list(read_documents(tmp_path / "b.jsonl"))

@@ -82,12 +82,14 @@ def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator
 def document_text(value: Any, where: str, text_field: str) -> str:
     """The document under `text_field`: a string, or a list of strings joined by newlines (a chapter's paragraphs),
     in every format that holds JSON values (.json, .jsonl, a dotted path's leaf, a hub dataset's column).
+    A null in the list is left out, as a Parquet or Arrow list column's nulls are (`columnar.py`): the same
+    rows gave a document from Parquet and a "not a list of strings" error from JSON Lines.
 
     Raises:
         DataError: any other value, naming `where` and the field.
     """
-    if isinstance(value, list) and all(isinstance(t, str) for t in value):
-        return "\n".join(value)
+    if isinstance(value, list) and all(isinstance(t, str) or t is None for t in value):
+        return "\n".join(t for t in value if t is not None)
     if not isinstance(value, str):
         raise DataError(
             f"{where}: field '{text_field}' is {type(value).__name__}, not a string (or a list of strings); choose "
