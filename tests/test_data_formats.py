@@ -208,6 +208,11 @@ def test_a_save_to_disk_dataset_inside_a_folder_is_read(tmp_path: Path) -> None:
     assert [i["path"] for i in m["inputs"]] == [str(corpus / p) for p in ("notes.txt", "sub/books", "web")]
     assert m["skipped_files"] == [] and m["documents"]["in"] == len(TEXTS)
     assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS)
+    # `corpus/**` lists the datasets' own files too: they are not skipped files (nor a note to read their .json)
+    assert resolve_inputs([f"{corpus}/**"]) == (
+        sorted([corpus / "notes.txt", corpus / "sub/books", corpus / "web"]),
+        [],
+    )
 
 
 def test_hub_input_on_a_local_dataset_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

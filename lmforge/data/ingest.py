@@ -282,7 +282,10 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
                 raise DataError(f"input pattern {raw!r} matches no files; check the pattern (quote it for the shell)")
+            datasets = {match for match in map(Path, matches) if is_hf_disk(match)}
             for match in map(Path, matches):
+                if datasets & set(match.parents):  # `corpus/**` also lists a dataset's own files: it is read whole
+                    continue
                 if is_hf_disk(match):
                     take(match, explicit=True)
                 elif match.is_dir():
