@@ -400,6 +400,13 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": [r["text"] for r in nulls]}), tmp_path / "n.parquet")
     for name in ("n.jsonl", "n.parquet"):
         assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", ""], name
+    # an object under the field names its keys and the dotted path, in .jsonl as in .json (it said "is dict")
+    write(tmp_path / "o.jsonl", json.dumps({"text": {"en": "hi", "zh": "你好"}}) + "\n")
+    with pytest.raises(
+        DataError, match=r"o\.jsonl:1: 'text' holds objects \(keys: en, zh\), .* --text-field text\.KEY$"
+    ):
+        list(read_documents(tmp_path / "o.jsonl"))
+    assert [d.text for d in read_documents(tmp_path / "o.jsonl", text_field="text.zh")] == ["你好"]
     write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
     with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
         list(read_documents(tmp_path / "b.jsonl"))

@@ -54,15 +54,6 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
         if record is None:  # a null item or text: no text, skipped and counted (as a Parquet null is)
             yield RawDocument(None, bad if i == 1 else 0)
             continue
-        inner = record if isinstance(record, dict) else None
-        if isinstance(record, list):
-            inner = next((t for t in record if isinstance(t, dict)), None)
-        if inner is not None:  # (古文观止's volumes of pieces: "got list" read as if a list were fine)
-            keys = ", ".join(list(inner)[:8]) or "none"
-            raise DataError(
-                f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
-                f"--text-field {text_field}.KEY"
-            )
         doc, surrogates = replace_surrogates(document_text(record, where, text_field))
         yield RawDocument(doc, (bad if i == 1 else 0) + surrogates, surrogates=surrogates)
 
@@ -90,6 +81,15 @@ def document_text(value: Any, where: str, text_field: str) -> str:
     """
     if isinstance(value, list) and all(isinstance(t, str) or t is None for t in value):
         return "\n".join(t for t in value if t is not None)
+    inner = value if isinstance(value, dict) else None
+    if isinstance(value, list):
+        inner = next((t for t in value if isinstance(t, dict)), None)
+    if inner is not None:  # (古文观止's volumes of pieces, a JSONL {"text": {"en": ..., "zh": ...}}): name the keys
+        keys = ", ".join(list(inner)[:8]) or "none"
+        raise DataError(
+            f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
+            f"--text-field {text_field}.KEY"
+        )
     if not isinstance(value, str):
         raise DataError(
             f"{where}: field '{text_field}' is {type(value).__name__}, not a string (or a list of strings); choose "
