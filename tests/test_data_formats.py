@@ -65,6 +65,21 @@ def test_wrong_column_lists_the_columns(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_a_column_spelled_with_other_case_or_spaces_is_named(tmp_path: Path) -> None:
+    """A hand-written 'id, text' header's column is ' text' and Excel's may be 'Text': the listing of the columns
+    hid the space, so the error names the column and the flag that reads it."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    write(tmp_path / "s.csv", "id, text\n1, hello there\n")
+    write(tmp_path / "c.tsv", "id\tText\n1\thello there\n")
+    pq.write_table(pa.table({"Text": ["hello there"]}), tmp_path / "p.parquet")
+    for name, column in (("s.csv", "' text'"), ("c.tsv", "Text"), ("p.parquet", "Text")):
+        with pytest.raises(
+            DataError, match=rf"no column 'text' .*; the column is spelled .*: pass --text-field {column}$"
+        ):
+            run(tmp_path, [tmp_path / name])
+    assert run(tmp_path, [tmp_path / "s.csv"], text_field=" text")["documents"]["out"] == 1
+
+
 @pytest.mark.parametrize(("name", "header"), [("s.csv", "id;text"), ("t.csv", "id\ttext"), ("c.tsv", "id,text")])
 def test_a_table_with_another_delimiter_says_so(tmp_path: Path, name: str, header: str) -> None:
     # a semicolon CSV read as one column was told to 'choose one with --text-field' (columns: id;text)

@@ -75,6 +75,7 @@ import glob
 import io
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,17 @@ def unread_compressed(names: list[str]) -> list[str]:
     """The files among `names` (a walk's skipped files) compressed or archived in a way that is not read (.bz2, .xz,
     .zip, ...): `prepare` says to decompress them when nothing else was found."""
     return [name for name in names if Path(name).suffix.lower() in _UNREAD_COMPRESSION]
+
+
+def column_hint(columns: list[str], text_field: str) -> str:
+    """What to do about a `--text-field` that names no column: the column it differs from only in case or
+    surrounding spaces (a hand-written 'id, text' header has ' text', an Excel one 'Text'; the listing of the
+    columns hid the space), else to choose one."""
+    wanted = text_field.strip().casefold()
+    near = next((c for c in columns if c.strip().casefold() == wanted), None)
+    if near is None:
+        return "choose one with --text-field"
+    return f"the column is spelled {near!r}: pass --text-field {shlex.quote(near)}"
 
 
 def is_hub(path: str | Path) -> bool:
@@ -897,6 +909,8 @@ def _table_documents(
                     f"the file looks {other!r}-separated, but .csv files are read comma-separated and .tsv files "
                     "tab-separated; save it with commas as .csv or with tabs as .tsv"
                 )
+            else:
+                hint = column_hint(header, text_field)
             raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); {hint}")
         column = header.index(text_field)
         row_start = header_end + 1
