@@ -65,6 +65,21 @@ def test_wrong_column_lists_the_columns(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_a_column_spelled_with_other_case_or_spaces_is_named(tmp_path: Path) -> None:
+    """A hand-written 'id, text' header's column is ' text' and Excel's may be 'Text': the listing of the columns
+    hid the space, so the error names the column and the flag that reads it."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    write(tmp_path / "s.csv", "id, text\n1, hello there\n")
+    write(tmp_path / "c.tsv", "id\tText\n1\thello there\n")
+    pq.write_table(pa.table({"Text": ["hello there"]}), tmp_path / "p.parquet")
+    for name, column in (("s.csv", "' text'"), ("c.tsv", "Text"), ("p.parquet", "Text")):
+        with pytest.raises(
+            DataError, match=rf"no column 'text' .*; the column is spelled .*: pass --text-field {column}$"
+        ):
+            run(tmp_path, [tmp_path / name])
+    assert run(tmp_path, [tmp_path / "s.csv"], text_field=" text")["documents"]["out"] == 1
+
+
 @pytest.mark.parametrize(("name", "header"), [("s.csv", "id;text"), ("t.csv", "id\ttext"), ("c.tsv", "id,text")])
 def test_a_table_with_another_delimiter_says_so(tmp_path: Path, name: str, header: str) -> None:
     # a semicolon CSV read as one column was told to 'choose one with --text-field' (columns: id;text)
@@ -193,6 +208,26 @@ def test_hf_save_to_disk(tmp_path: Path) -> None:
     assert run(tmp_path, [tmp_path / "dd" / "test"], out="out3")["documents"]["in"] == len(TEXTS) - 10
     with pytest.raises(DataError, match=r"no column 'body' \(columns: text, n\)"):
         run(tmp_path, [tmp_path / "ds"], out="out4", text_field="body")
+
+
+def test_a_save_to_disk_dataset_inside_a_folder_is_read(tmp_path: Path) -> None:
+    """A corpus folder holding a saved dataset (and a DatasetDict) beside text files reads them all; the walk
+    used to skip the datasets' .arrow files, so they went missing with only a note about their .json files."""
+    datasets = pytest.importorskip("datasets")
+    corpus = tmp_path / "corpus"
+    datasets.Dataset.from_dict({"text": TEXTS[:6]}).save_to_disk(str(corpus / "web"))
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[6:9]})})
+    dd.save_to_disk(str(corpus / "sub" / "books"))
+    write(corpus / "notes.txt", "\n\n".join(TEXTS[9:]))
+    m = run(tmp_path, [corpus])
+    assert [i["path"] for i in m["inputs"]] == [str(corpus / p) for p in ("notes.txt", "sub/books", "web")]
+    assert m["skipped_files"] == [] and m["documents"]["in"] == len(TEXTS)
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(TEXTS)
+    # `corpus/**` lists the datasets' own files too: they are not skipped files (nor a note to read their .json)
+    assert resolve_inputs([f"{corpus}/**"]) == (
+        sorted([corpus / "notes.txt", corpus / "sub/books", corpus / "web"]),
+        [],
+    )
 
 
 def test_hub_input_on_a_local_dataset_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,6 +408,20 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
     write(tmp_path / "lines.json", lines)
     for name in ("arr.json", "a.jsonl", "lines.json"):
         assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", "plain"], name
+    # a null in the list is left out, as Parquet's list columns leave it out (it was an error here)
+    nulls = [{"text": ["子曰", None, "有子曰"]}, {"text": [None]}]
+    write(tmp_path / "n.jsonl", "".join(json.dumps(r) + "\n" for r in nulls))
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": [r["text"] for r in nulls]}), tmp_path / "n.parquet")
+    for name in ("n.jsonl", "n.parquet"):
+        assert [d.text for d in read_documents(tmp_path / name)] == ["子曰\n有子曰", ""], name
+    # an object under the field names its keys and the dotted path, in .jsonl as in .json (it said "is dict")
+    write(tmp_path / "o.jsonl", json.dumps({"text": {"en": "hi", "zh": "你好"}}) + "\n")
+    with pytest.raises(
+        DataError, match=r"o\.jsonl:1: 'text' holds objects \(keys: en, zh\), .* --text-field text\.KEY$"
+    ):
+        list(read_documents(tmp_path / "o.jsonl"))
+    assert [d.text for d in read_documents(tmp_path / "o.jsonl", text_field="text.zh")] == ["你好"]
     write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
     with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
         list(read_documents(tmp_path / "b.jsonl"))

@@ -66,3 +66,16 @@ def test_a_plain_tsv_reads_its_quotes_as_text(tmp_path: Path):
     rows, documents = both_readers(quoted)
     assert rows == [{"text": "good film", "label": "pos"}, {"text": 'say "hi"', "label": "neg"}]
     assert documents == ["good film", 'say "hi"']
+
+
+def test_a_one_column_tsv_written_by_pandas_reads_its_multi_line_fields(tmp_path: Path):
+    """In a one-column file every line reads as a whole row, which made each line of a quoted multi-line document
+    a document of its own, its quotes kept ('"two' and 'lines here'), where pandas reads one field."""
+    texts = ["two\nlines here", 'he said "hi"', "plain", "a\n\nparagraph break"]
+    path = tmp_path / "one.tsv"
+    path.write_text('text\n"two\nlines here"\n"he said ""hi"""\nplain\n"a\n\nparagraph break"\n', encoding="utf-8")
+    pandas = pytest.importorskip("pandas")
+    assert pandas.DataFrame({"text": texts}).to_csv(sep="\t", index=False) == path.read_text(encoding="utf-8")
+    rows, documents = both_readers(path)
+    assert rows == [{"text": t} for t in texts]
+    assert documents == texts

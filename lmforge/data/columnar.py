@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.clean import replace_surrogates
-from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument
+from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
 
@@ -63,7 +63,7 @@ _STRINGS = ("string", "large_string", "string_view")
 def _check_column(where: object, names: list[str], text_field: str) -> int:
     if text_field not in names:
         columns = ", ".join(names[:20]) or "none"
-        raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); choose one with --text-field")
+        raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); {column_hint(names, text_field)}")
     return names.index(text_field)
 
 

@@ -75,6 +75,7 @@ import glob
 import io
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,17 @@ def unread_compressed(names: list[str]) -> list[str]:
     return [name for name in names if Path(name).suffix.lower() in _UNREAD_COMPRESSION]
 
 
+def column_hint(columns: list[str], text_field: str) -> str:
+    """What to do about a `--text-field` that names no column: the column it differs from only in case or
+    surrounding spaces (a hand-written 'id, text' header has ' text', an Excel one 'Text'; the listing of the
+    columns hid the space), else to choose one."""
+    wanted = text_field.strip().casefold()
+    near = next((c for c in columns if c.strip().casefold() == wanted), None)
+    if near is None:
+        return "choose one with --text-field"
+    return f"the column is spelled {near!r}: pass --text-field {shlex.quote(near)}"
+
+
 def is_hub(path: str | Path) -> bool:
     """True for a hub dataset name (`hf:NAME[:CONFIG][:SPLIT]`)."""
     return str(path).startswith(HUB_PREFIX)
@@ -203,9 +215,11 @@ def _lmforge_output(folder: Path) -> bool:
 def _walk(folder: Path) -> Iterator[Path]:
     """Files under `folder`, sorted; hidden files and folders and lmforge's own outputs are left out.
 
-    Symbolic links to folders are followed, as links to files are (os.walk's default skipped them
-    silently, and with them a corpus assembled from links); a folder reached twice (a link loop, or two
-    links to one folder) is walked once."""
+    A `save_to_disk` dataset folder found inside is given whole, as a folder, not walked: its .arrow files
+    are not read one by one, and walking it skipped them, so the dataset went missing from the corpus
+    with only a note about its .json files. Symbolic links to folders are followed, as links to files are
+    (os.walk's default skipped them silently, and with them a corpus assembled from links); a folder
+    reached twice (a link loop, or two links to one folder) is walked once."""
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -214,6 +228,9 @@ def _walk(folder: Path) -> Iterator[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _lmforge_output(Path(root) / d))
+        datasets = [d for d in dirs if is_hf_disk(Path(root) / d)]
+        dirs[:] = [d for d in dirs if d not in datasets]
+        yield from (Path(root) / d for d in datasets)
         for name in sorted(files):
             if not name.startswith("."):
                 yield Path(root) / name
@@ -252,7 +269,7 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
         key = path if is_hub(path) else path.resolve()
         if exclude is not None and not is_hub(path) and _under_out(key, exclude):
             return
-        if explicit or is_known_format(path):
+        if explicit or is_known_format(path) or is_hf_disk(path):
             if not is_hub(path) and not path.exists():  # found by a folder walk or glob: a dangling link
                 raise DataError(
                     f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
@@ -277,7 +294,10 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
             matches = sorted(glob.glob(raw, recursive=True))
             if not matches:
                 raise DataError(f"input pattern {raw!r} matches no files; check the pattern (quote it for the shell)")
+            datasets = {match for match in map(Path, matches) if is_hf_disk(match)}
             for match in map(Path, matches):
+                if datasets & set(match.parents):  # `corpus/**` also lists a dataset's own files: it is read whole
+                    continue
                 if is_hf_disk(match):
                     take(match, explicit=True)
                 elif match.is_dir():
@@ -889,6 +909,8 @@ def _table_documents(
                     f"the file looks {other!r}-separated, but .csv files are read comma-separated and .tsv files "
                     "tab-separated; save it with commas as .csv or with tabs as .tsv"
                 )
+            else:
+                hint = column_hint(header, text_field)
             raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); {hint}")
         column = header.index(text_field)
         row_start = header_end + 1

@@ -54,15 +54,6 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
         if record is None:  # a null item or text: no text, skipped and counted (as a Parquet null is)
             yield RawDocument(None, bad if i == 1 else 0)
             continue
-        inner = record if isinstance(record, dict) else None
-        if isinstance(record, list):
-            inner = next((t for t in record if isinstance(t, dict)), None)
-        if inner is not None:  # (古文观止's volumes of pieces: "got list" read as if a list were fine)
-            keys = ", ".join(list(inner)[:8]) or "none"
-            raise DataError(
-                f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
-                f"--text-field {text_field}.KEY"
-            )
         doc, surrogates = replace_surrogates(document_text(record, where, text_field))
         yield RawDocument(doc, (bad if i == 1 else 0) + surrogates, surrogates=surrogates)
 
@@ -82,12 +73,23 @@ def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator
 def document_text(value: Any, where: str, text_field: str) -> str:
     """The document under `text_field`: a string, or a list of strings joined by newlines (a chapter's paragraphs),
     in every format that holds JSON values (.json, .jsonl, a dotted path's leaf, a hub dataset's column).
+    A null in the list is left out, as a Parquet or Arrow list column's nulls are (`columnar.py`): the same
+    rows gave a document from Parquet and a "not a list of strings" error from JSON Lines.
 
     Raises:
         DataError: any other value, naming `where` and the field.
     """
-    if isinstance(value, list) and all(isinstance(t, str) for t in value):
-        return "\n".join(value)
+    if isinstance(value, list) and all(isinstance(t, str) or t is None for t in value):
+        return "\n".join(t for t in value if t is not None)
+    inner = value if isinstance(value, dict) else None
+    if isinstance(value, list):
+        inner = next((t for t in value if isinstance(t, dict)), None)
+    if inner is not None:  # (古文观止's volumes of pieces, a JSONL {"text": {"en": ..., "zh": ...}}): name the keys
+        keys = ", ".join(list(inner)[:8]) or "none"
+        raise DataError(
+            f"{where}: '{text_field}' holds objects (keys: {keys}), not text; reach into them with a dotted "
+            f"--text-field {text_field}.KEY"
+        )
     if not isinstance(value, str):
         raise DataError(
             f"{where}: field '{text_field}' is {type(value).__name__}, not a string (or a list of strings); choose "

@@ -87,8 +87,12 @@ def _written_rows(fields: list[str], taken: list[Line], width: int) -> bool:
     """Whether a quoted reading is better read as written, given that its first line read as written has the
     header's number of fields: it has another number, or it spans lines that each read as a whole row
     (a plain TSV's `"unclosed start` and a later `ends with a quote."`, which it would merge with the rows
-    between them)."""
-    return len(fields) != width or bool(taken) and all(len(_without_end(t).split("\t")) == width for _, t in taken)
+    between them). In a one-column file every line is a whole row, so that says nothing there: its quoted
+    reading is kept, as pandas and Python's `csv` read it (pandas' `df[["text"]].to_csv(sep="\t")` quotes each
+    multi-line document, and each of its lines was a document of its own)."""
+    if len(fields) != width:
+        return True
+    return width > 1 and bool(taken) and all(len(_without_end(t).split("\t")) == width for _, t in taken)
 
 
 def _without_end(line: str) -> str:
