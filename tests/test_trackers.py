@@ -70,6 +70,23 @@ def test_tensorboard_holds_the_metrics_jsonl_numbers(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_drops_the_steps_a_rollback_drops(data_dir, tmp_path, monkeypatch):
+    """Steps 9-11 NaN: the third rolls back to the step-8 checkpoint and metrics.jsonl drops steps 9-11, then
+    logs 9-12 again. TensorBoard kept the dropped records beside the new ones (two values at steps 9-11, the
+    skipped_steps curve going 1, 2, 3 then 3 again); it now holds what metrics.jsonl holds."""
+    from tests.test_faults import inject_nan
+
+    inject_nan(monkeypatch, {8, 9, 10})  # one micro-batch a step: call i is step i + 1
+    run = tmp_path / "run"
+    flags = {"log.tensorboard": True, "checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0}
+    state = pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    assert state.rollbacks == 1 and state.step == 12
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
 def test_a_fine_tune_logs_to_tensorboard_too(tmp_path):
     """`finetune --log.tensorboard`: its metrics.jsonl numbers in RUN/tensorboard (fine-tunes refused --log.*)."""
     from lmforge.finetune import FinetuneConfig, finetune
