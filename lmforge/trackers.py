@@ -11,8 +11,9 @@ run folder changes (it used to come when the trackers opened, after `--overwrite
   during the run (`rewind`), the writer purges events after the checkpoint's step (`purge_step`), so the curves
   match `metrics.jsonl`, which is truncated too (a rollback's dropped steps used to stay in TensorBoard beside
   the rewritten ones: three values at a step that metrics.jsonl holds once).
-- W&B and MLflow keep what they were sent: after a rollback the dropped steps stay in their history (W&B, whose
-  steps only go up, ignores the rewritten ones until the run passes the step it had reached).
+- W&B and MLflow keep what they were sent: after a rollback the dropped steps stay in their history beside the
+  rewritten ones. W&B charts use the logged `step` as their x axis (`define_metric`); its own `_step` only goes
+  up, and when records were logged at `_step` = training step, W&B dropped the rewritten steps.
 - W&B: `WANDB_MODE` decides; unset means offline (files under `RUN_DIR/wandb/`, upload later with
   `wandb sync`), so nothing needs an account or the network.
 - MLflow: `MLFLOW_TRACKING_URI` decides; unset means a file store in `RUN_DIR/mlruns/`
@@ -102,14 +103,18 @@ class WandbTracker:
             config=config,
             mode=os.environ.get("WANDB_MODE", "offline"),
         )
+        # the training step is a logged metric that every chart uses as its x axis, not W&B's own `_step`, which
+        # only goes up: logged as `step=`, the steps a rollback rewrote were dropped ("less than the current step")
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, record: dict[str, Any]) -> None:
-        data: dict[str, Any] = scalars(record)
+        data: dict[str, Any] = {"step": int(record["step"]), **scalars(record)}
         if record.get("sample"):
             data["sample"] = record["sample"]
-        self.run.log(data, step=int(record["step"]))
+        self.run.log(data)
 
-    def rewind(self, step: int) -> None:  # W&B steps only go up (module docstring)
+    def rewind(self, step: int) -> None:  # W&B keeps every value it was sent (module docstring)
         pass
 
     def close(self) -> None:
