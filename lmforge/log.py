@@ -239,7 +239,10 @@ class RunLogger:
             self.bar.update(n)
 
     def rewind(self, step: int) -> None:
-        """Drop metrics.jsonl records after `step` (a rollback) and keep appending to the new file."""
+        """Drop metrics.jsonl records after `step` (a rollback) and keep appending to the new file; TensorBoard
+        drops its events after `step` too."""
+        for tracker in self.trackers:
+            tracker.rewind(step)
         if not self.file or self.metrics_path is None:
             return
         self.file.close()

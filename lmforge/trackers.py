@@ -7,8 +7,13 @@ booleans as 0/1), the eval sample becomes text. The package is imported when the
 missing one is a one-line `ConfigError` with the install command, raised by `check_packages` before the
 run folder changes (it used to come when the trackers opened, after `--overwrite` had deleted the old run).
 
-- TensorBoard: event files in `RUN_DIR/tensorboard/`. On resume the writer purges events after the
-  checkpoint's step (`purge_step`), so the curves match `metrics.jsonl`, which is truncated too.
+- TensorBoard: event files in `RUN_DIR/tensorboard/`. On resume, and on a rollback to the latest checkpoint
+  during the run (`rewind`), the writer purges events after the checkpoint's step (`purge_step`), so the curves
+  match `metrics.jsonl`, which is truncated too (a rollback's dropped steps used to stay in TensorBoard beside
+  the rewritten ones: three values at a step that metrics.jsonl holds once).
+- W&B and MLflow keep what they were sent: after a rollback the dropped steps stay in their history beside the
+  rewritten ones. W&B charts use the logged `step` as their x axis (`define_metric`); its own `_step` only goes
+  up, and when records were logged at `_step` = training step, W&B dropped the rewritten steps.
 - W&B: `WANDB_MODE` decides; unset means offline (files under `RUN_DIR/wandb/`, upload later with
   `wandb sync`), so nothing needs an account or the network.
 - MLflow: `MLFLOW_TRACKING_URI` decides; unset means a file store in `RUN_DIR/mlruns/`
@@ -30,6 +35,8 @@ from lmforge.fields import flatten
 
 class Tracker(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
+
+    def rewind(self, step: int) -> None: ...  # a rollback: the records after `step` are dropped
 
     def close(self) -> None: ...
 
@@ -62,6 +69,7 @@ class TensorBoardTracker:
 
         # purge_step: a resumed run drops the events a crashed session logged after its checkpoint, and a
         # run starting from step 0 (killed before its first checkpoint) those of step 1 on, as metrics.jsonl
+        self.log_dir = log_dir
         self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -72,6 +80,13 @@ class TensorBoardTracker:
             self.writer.add_text("sample", record["sample"], step)
         if "val_loss" in record:
             self.writer.flush()
+
+    def rewind(self, step: int) -> None:
+        """A new event file whose purge marker drops the events after `step`, as at a resume."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1)
 
     def close(self) -> None:
         self.writer.close()
@@ -88,12 +103,19 @@ class WandbTracker:
             config=config,
             mode=os.environ.get("WANDB_MODE", "offline"),
         )
+        # the training step is a logged metric that every chart uses as its x axis, not W&B's own `_step`, which
+        # only goes up: logged as `step=`, the steps a rollback rewrote were dropped ("less than the current step")
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, record: dict[str, Any]) -> None:
-        data: dict[str, Any] = scalars(record)
+        data: dict[str, Any] = {"step": int(record["step"]), **scalars(record)}
         if record.get("sample"):
             data["sample"] = record["sample"]
-        self.run.log(data, step=int(record["step"]))
+        self.run.log(data)
+
+    def rewind(self, step: int) -> None:  # W&B keeps every value it was sent (module docstring)
+        pass
 
     def close(self) -> None:
         self.run.finish()
@@ -122,6 +144,9 @@ class MLflowTracker:
         now, step = int(time.time() * 1000), int(record["step"])
         metrics = [Metric(k, v, now, step) for k, v in scalars(record).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
+
+    def rewind(self, step: int) -> None:  # MLflow keeps every value it was sent (module docstring)
+        pass
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

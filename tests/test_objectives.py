@@ -532,3 +532,16 @@ def test_a_resume_across_a_change_of_the_loss_definition_says_so_once(data_dir, 
     ], out
     assert loss_definition_note("mlm+nsp", 2, 4) == "" and loss_definition_note("clm", None, 4) == ""
     assert loss_definition_note("electra", 3, 4).startswith("note: the checkpoint was saved by a newer lmforge")
+
+
+def test_a_family_without_its_objective_says_which_objectives_train_it():
+    """`--model.family electra` alone keeps the default objective clm; the line said only what clm needs."""
+    from lmforge.errors import ConfigError
+    from lmforge.train.objective_setup import check_objective
+
+    with pytest.raises(ConfigError, match=r"; model.family .electra. trains with --objective electra$"):
+        check_objective("clm", "electra")
+    with pytest.raises(ConfigError, match=r"--objective mlm or --objective mlm\+nsp or --objective mlm\+sop$"):
+        check_objective("clm", "bert")
+    with pytest.raises(ConfigError, match=r"--objective clm$"):
+        check_objective("electra", "lstm")

@@ -70,6 +70,23 @@ def test_tensorboard_holds_the_metrics_jsonl_numbers(data_dir, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_drops_the_steps_a_rollback_drops(data_dir, tmp_path, monkeypatch):
+    """Steps 9-11 NaN: the third rolls back to the step-8 checkpoint and metrics.jsonl drops steps 9-11, then
+    logs 9-12 again. TensorBoard kept the dropped records beside the new ones (two values at steps 9-11, the
+    skipped_steps curve going 1, 2, 3 then 3 again); it now holds what metrics.jsonl holds."""
+    from tests.test_faults import inject_nan
+
+    inject_nan(monkeypatch, {8, 9, 10})  # one micro-batch a step: call i is step i + 1
+    run = tmp_path / "run"
+    flags = {"log.tensorboard": True, "checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0}
+    state = pretrain(tiny_config(data_dir, run, **flags), progress=False)
+    assert state.rollbacks == 1 and state.step == 12
+    acc = _events(run / "tensorboard")
+    _assert_same(acc, run)
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
 def test_a_fine_tune_logs_to_tensorboard_too(tmp_path):
     """`finetune --log.tensorboard`: its metrics.jsonl numbers in RUN/tensorboard (fine-tunes refused --log.*)."""
     from lmforge.finetune import FinetuneConfig, finetune
@@ -152,6 +169,27 @@ def test_wandb_offline_run_holds_the_metrics_jsonl_numbers(data_dir, tmp_path, m
     assert len(values) >= 8
     for key, value in values:
         assert json.dumps(value).encode() in data, (key, value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed")
+def test_wandb_keeps_the_steps_a_rollback_rewrites(data_dir, tmp_path, monkeypatch):
+    """Steps 9-11 NaN: the third rolls back to step 8 and steps 9-12 are trained again. Logged with W&B's
+    `step=`, which only goes up, the rewritten step 9 was dropped ("less than the current step"); the step is
+    now a logged metric, so every metrics.jsonl value is in the offline run file (read as in the test above)."""
+    import json
+
+    from tests.test_faults import inject_nan
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    inject_nan(monkeypatch, {8, 9, 10})  # one micro-batch a step: call i is step i + 1
+    run = tmp_path / "run"
+    flags = {"log.wandb": True, "checkpoint.every": 4, "train.rollback_after": 3, "eval.every": 0}
+    assert pretrain(tiny_config(data_dir, run, **flags), progress=False).rollbacks == 1
+    data = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    losses = [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [step for step, _ in losses] == list(range(1, 13))
+    assert [step for step, value in losses if json.dumps(value).encode() not in data] == []
 
 
 def test_missing_tracker_package_leaves_the_run_folder_as_it_was(data_dir, tmp_path):

@@ -43,9 +43,12 @@ def check_objective(name: str, family: str) -> None:
     """A one-line `ConfigError` unless objective `name` can train a model of `family`."""
     if family not in _FAMILIES[name]:
         hint = _PRESET_HINT.get(name, "bert-tiny")
+        # `--model.family electra` alone left the default objective clm, and the line only said what clm needs
+        mine = " or ".join(f"--objective {o}" for o in objectives_for(family))
         raise ConfigError(
             f"objective {name!r} cannot train a model.family {family!r} model; it needs "
             f"{' or '.join(_FAMILIES[name])} (e.g. --preset {hint})"
+            + (f"; model.family {family!r} trains with {mine}" * bool(mine))
         )
 
 
