@@ -462,3 +462,27 @@ def test_imported_qwen_chat_model_gets_the_eos_llama_cpps_converter_writes(bpe: 
     assert fields["tokenizer.ggml.bos_token_id"] == want["bos"]
     assert fields["tokenizer.ggml.padding_token_id"] == want["pad"]
     assert fields["tokenizer.ggml.eot_token_id"] == im_end
+
+
+def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(bpe: Tokenizer, tmp_path: Path) -> None:
+    """An imported tokenizer's added tokens that are not special (Qwen2.5's `<tool_call>`, `<|fim_prefix|>`)
+    are matched whole by lmforge (the tokenizers library splits them out before BPE). llama.cpp matches a
+    token whole only when its type is USER_DEFINED or CONTROL, and its convert_hf_to_gguf.py writes such a
+    token USER_DEFINED, or CONTROL when it looks special (`<|...|>`): as NORMAL they were cut into pieces
+    there, and in transformers' GGUF tokenizer, which follows llama.cpp's types."""
+    transformers = pytest.importorskip("transformers")
+    raw = Tokenizer.from_str(bpe.to_str()).hf
+    raw.add_tokens(["<tool_call>", "<|fim_prefix|>"])
+    raw.add_special_tokens(["<|im_end|>"])
+    tok = Tokenizer.from_str(raw.to_str())
+    tool, fim, im_end = (raw.token_to_id(t) for t in ("<tool_call>", "<|fim_prefix|>", "<|im_end|>"))
+    run = make_run(tmp_path / "run", tok, **dict(LLAMA, vocab_size=tok.vocab_size))
+    fields, _ = read(export_gguf(run, tmp_path / "m.gguf"))
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tool] == gguf.TokenType.USER_DEFINED
+    assert types[fim] == types[im_end] == types[tok.eos_id] == gguf.TokenType.CONTROL
+    assert types[tok.encode("the")[0]] == gguf.TokenType.NORMAL
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the fox<tool_call>jumps 你好<tool_call>"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert tok.encode(text).count(tool) == 2
