@@ -486,3 +486,19 @@ def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(bpe: Tokenize
     text = "the fox<tool_call>jumps 你好<tool_call>"
     assert theirs(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     assert tok.encode(text).count(tool) == 2
+
+
+def test_a_classification_fine_tune_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A `finetune --task classify` run of a Llama-style base has a classification head and no LM head: the
+    GGUF export raised a bare KeyError ('tok_emb.weight') from its wrapped body; now it says to use --to hf."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, make_base
+
+    base = make_base(tmp_path, max_seq_len=64, **LLAMA)
+    out = tmp_path / "cls"
+    fast = {"train": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 0}}
+    finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=FinetuneConfig(task="classify"),
+             overrides=fast, progress=False)  # fmt: skip
+    with pytest.raises(LmforgeError, match="classif.*--to hf") as e:
+        export_gguf(out, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()

@@ -309,6 +309,11 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         )
     check_not_inside(out, Path(path))  # a run (or checkpoint) is never written into
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
+    if getattr(trained.model, "head", None) is not None:  # finetune --task classify: a label head, no LM head
+        raise LmforgeError(
+            f"{path} is a classification fine-tune (its head scores labels; there is no language-model head), which "
+            "GGUF's llama architecture cannot hold; export it with --to hf (as a *ForSequenceClassification model)"
+        )
     cfg = trained.config.model
     _check_llama(cfg)
     if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases
