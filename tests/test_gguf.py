@@ -502,3 +502,24 @@ def test_a_classification_fine_tune_is_refused_in_one_line(tmp_path: Path) -> No
     with pytest.raises(LmforgeError, match="classif.*--to hf") as e:
         export_gguf(out, tmp_path / "m.gguf")
     assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
+
+
+def test_an_hf_model_directory_is_pointed_to_import(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A user who exported to HF and then passes that folder to `--to gguf` (or quantize, eval, ...) was told
+    'run directory ... has no complete checkpoint yet; train it first', which is wrong: it needs `lmforge import`."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.export.hf import export_hf
+
+    hf_dir = export_hf(make_run(tmp_path / "run", bpe, **LLAMA), tmp_path / "hf")
+    for call in (lambda: export_gguf(hf_dir, tmp_path / "m.gguf"), lambda: quantize_run(hf_dir, tmp_path / "q")):
+        with pytest.raises(LmforgeError, match=f"Hugging Face model directory.*lmforge import {hf_dir} --out") as e:
+            call()
+        assert "\n" not in str(e.value) and "train it first" not in str(e.value)
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "q").exists()
+    from lmforge.export.hf_import import import_hf
+
+    with pytest.raises(
+        LmforgeError, match="is an lmforge run or checkpoint already"
+    ):  # the other way round ('model_type None')
+        import_hf(tmp_path / "run", tmp_path / "imported")
+    assert not (tmp_path / "imported").exists()
