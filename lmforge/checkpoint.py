@@ -187,6 +187,15 @@ def checkpoint_to_resume(run_dir: Path, which: str, log: Any = print) -> Checkpo
     return load_checkpoint(checkpoints_dir(run_dir) / which)
 
 
+def _is_hf_config(path: Path) -> bool:
+    """Whether `path` is a transformers config.json (model_type or architectures, no lmforge model section)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model" not in data and ("model_type" in data or "architectures" in data)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory or a checkpoint folder → the checkpoint folder to load (one-line errors)."""
     p = Path(path)
@@ -196,6 +205,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "config.json").is_file()):
         ckpt = latest_checkpoint(p)
+        if ckpt is None and not (p / "checkpoints").is_dir() and _is_hf_config(p / "config.json"):
+            raise CheckpointError(
+                f"{p} is a Hugging Face model directory, not an lmforge run; import it first "
+                f"(lmforge import {p} --out RUN_DIR) and pass RUN_DIR"
+            )
         if ckpt is None:
             command = "lmforge finetune" if (p / "finetune.json").is_file() else "lmforge pretrain"
             raise CheckpointError(

@@ -133,7 +133,11 @@ class FinetuneConfig:
                 self.task in ("clm", "sft", "qa", "translate") and not self.pack,
                 "--adapt distill works for --task clm, sft, qa or translate, without --pack",
             )
-        check(self.distill_temperature > 0, f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        # (finite: inf passed, and T^2 * KL = inf * 0 made every step's loss NaN, skipped, with the run still written)
+        check(
+            0 < self.distill_temperature < float("inf"),
+            f"--distill-temperature must be a number > 0, got {self.distill_temperature}",
+        )
         check(0 <= self.distill_alpha <= 1, f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
         check(
             not self.pack or (self.task in ("sft", "qa", "translate") and self.adapt != "prompt"),

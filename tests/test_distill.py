@@ -333,3 +333,10 @@ def test_teacher_kinds_and_context(runs: dict[str, Path], tmp_path: Path) -> Non
     x = torch.randint(0, vocab, (1, 32))
     reference = load_finetuned(runs["teacher"], cpu).model
     torch.testing.assert_close(teacher(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_an_infinite_temperature_is_refused() -> None:
+    """--distill-temperature inf passed the check (> 0): T^2 * KL was inf * 0, every step's loss NaN and skipped,
+    and the run was written anyway with a hint to lower --train.lr."""
+    with pytest.raises(ConfigError, match="--distill-temperature must be a number > 0, got inf"):
+        FinetuneConfig(task="clm", adapt="distill", teacher="x", distill_temperature=float("inf"))

@@ -462,3 +462,64 @@ def test_imported_qwen_chat_model_gets_the_eos_llama_cpps_converter_writes(bpe: 
     assert fields["tokenizer.ggml.bos_token_id"] == want["bos"]
     assert fields["tokenizer.ggml.padding_token_id"] == want["pad"]
     assert fields["tokenizer.ggml.eot_token_id"] == im_end
+
+
+def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(bpe: Tokenizer, tmp_path: Path) -> None:
+    """An imported tokenizer's added tokens that are not special (Qwen2.5's `<tool_call>`, `<|fim_prefix|>`)
+    are matched whole by lmforge (the tokenizers library splits them out before BPE). llama.cpp matches a
+    token whole only when its type is USER_DEFINED or CONTROL, and its convert_hf_to_gguf.py writes such a
+    token USER_DEFINED, or CONTROL when it looks special (`<|...|>`): as NORMAL they were cut into pieces
+    there, and in transformers' GGUF tokenizer, which follows llama.cpp's types."""
+    transformers = pytest.importorskip("transformers")
+    raw = Tokenizer.from_str(bpe.to_str()).hf
+    raw.add_tokens(["<tool_call>", "<|fim_prefix|>"])
+    raw.add_special_tokens(["<|im_end|>"])
+    tok = Tokenizer.from_str(raw.to_str())
+    tool, fim, im_end = (raw.token_to_id(t) for t in ("<tool_call>", "<|fim_prefix|>", "<|im_end|>"))
+    run = make_run(tmp_path / "run", tok, **dict(LLAMA, vocab_size=tok.vocab_size))
+    fields, _ = read(export_gguf(run, tmp_path / "m.gguf"))
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tool] == gguf.TokenType.USER_DEFINED
+    assert types[fim] == types[im_end] == types[tok.eos_id] == gguf.TokenType.CONTROL
+    assert types[tok.encode("the")[0]] == gguf.TokenType.NORMAL
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the fox<tool_call>jumps 你好<tool_call>"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert tok.encode(text).count(tool) == 2
+
+
+def test_a_classification_fine_tune_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A `finetune --task classify` run of a Llama-style base has a classification head and no LM head: the
+    GGUF export raised a bare KeyError ('tok_emb.weight') from its wrapped body; now it says to use --to hf."""
+    from lmforge.finetune import FinetuneConfig, finetune
+    from tests.test_finetune import DATA, make_base
+
+    base = make_base(tmp_path, max_seq_len=64, **LLAMA)
+    out = tmp_path / "cls"
+    fast = {"train": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 0}}
+    finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=FinetuneConfig(task="classify"),
+             overrides=fast, progress=False)  # fmt: skip
+    with pytest.raises(LmforgeError, match="classif.*--to hf") as e:
+        export_gguf(out, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
+
+
+def test_an_hf_model_directory_is_pointed_to_import(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A user who exported to HF and then passes that folder to `--to gguf` (or quantize, eval, ...) was told
+    'run directory ... has no complete checkpoint yet; train it first', which is wrong: it needs `lmforge import`."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.export.hf import export_hf
+
+    hf_dir = export_hf(make_run(tmp_path / "run", bpe, **LLAMA), tmp_path / "hf")
+    for call in (lambda: export_gguf(hf_dir, tmp_path / "m.gguf"), lambda: quantize_run(hf_dir, tmp_path / "q")):
+        with pytest.raises(LmforgeError, match=f"Hugging Face model directory.*lmforge import {hf_dir} --out") as e:
+            call()
+        assert "\n" not in str(e.value) and "train it first" not in str(e.value)
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "q").exists()
+    from lmforge.export.hf_import import import_hf
+
+    with pytest.raises(
+        LmforgeError, match="is an lmforge run or checkpoint already"
+    ):  # the other way round ('model_type None')
+        import_hf(tmp_path / "run", tmp_path / "imported")
+    assert not (tmp_path / "imported").exists()

@@ -22,19 +22,21 @@ Key decisions:
 - dtypes: `f16` stores every matrix in float16; `q8_0` stores matrices whose rows are a multiple of 32
   as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
   (norms, biases) stay float32, as llama.cpp expects.
-- Tokenizer, two kinds, each checked in llama.cpp itself (`bench/gguf_llamacpp.py`: same ids for thousands
-  of English and Chinese snippets, same decoded text). Byte-level BPE (`lmforge prepare --tokenizer bpe`):
+- Tokenizer, two kinds, each checked in llama.cpp itself (`bench/gguf_llamacpp.py`: same ids for thousands of
+  English and Chinese snippets, same decoded text). Byte-level BPE (`lmforge prepare --tokenizer bpe`):
   tokenizer model "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types
-  (special tokens CONTROL). Character level (`--tokenizer char`: single characters plus `<0xNN>` byte
-  fallback, no merges): tokenizer model "llama", llama.cpp's SentencePiece tokenizer, which escapes each
-  space as "▁", looks each character up and falls back to the byte tokens (type BYTE): so " " is written
-  as "▁", no space is put before a text (`add_space_prefix` false), and a vocabulary that has its own "▁",
-  lacks " " or holds longer pieces (SentencePiece would join them) is refused. Unigram and WordPiece get a
-  one-line error: llama.cpp's Unigram tokenizer has no byte fallback and its WordPiece one is BERT's.
-  `<|endoftext|>` is bos/eos/padding, no BOS added (our models never saw one); an imported model's eos is
-  the one llama.cpp's converter would pick (`hf_named_eos`: Qwen2.5-Instruct's `<|im_end|>`, also its end of
-  turn; `<|endoftext|>` stays bos and padding). GGUF has no place for a
-  normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize NFKC`) gets a one-line note.
+  (special tokens CONTROL; other added tokens, such as Qwen2.5's `<tool_call>`, USER_DEFINED, or CONTROL when
+  they look special, `<|...|>`, as llama.cpp's converter types them: llama.cpp matches only those two types
+  whole). Character level (`--tokenizer char`: single characters plus `<0xNN>` byte fallback, no merges):
+  tokenizer model "llama", llama.cpp's SentencePiece tokenizer, which escapes each space as "▁", looks each
+  character up and falls back to the byte tokens (type BYTE): so " " is written as "▁", no space is put before
+  a text (`add_space_prefix` false), and a vocabulary that has its own "▁", lacks " " or holds longer pieces
+  (SentencePiece would join them) is refused. Unigram and WordPiece get a one-line error: llama.cpp's Unigram
+  tokenizer has no byte fallback and its WordPiece one is BERT's. `<|endoftext|>` is bos/eos/padding, no BOS
+  added (our models never saw one); an imported model's eos is the one llama.cpp's converter would pick
+  (`hf_named_eos`: Qwen2.5-Instruct's `<|im_end|>`, also its end of turn; `<|endoftext|>` stays bos and
+  padding). GGUF has no place for a normalizer, so a tokenizer that NFKC-normalizes (`prepare --normalize
+  NFKC`) gets a one-line note.
 - Known difference, not ours to fix: llama.cpp's `llama_detokenize` drops the space before . , ! ? for any
   "gpt2" vocabulary (its `clean_spaces`, which no GGUF key turns off); the pieces it streams are exact.
 - The file is written to a hidden `.FILE.lmforge-tmp-<random>` beside it and renamed, so an
@@ -179,6 +181,7 @@ def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[str,
     model = spec.get("model") or {}
     kind = _tokenizer_kind(spec)
     specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["id"] for t in spec.get("added_tokens", [])}
     tokens: list[str | None] = [None] * max(vocab_size, tokenizer.vocab_size)
     for text, idx in model["vocab"].items():
         tokens[idx] = text
@@ -191,8 +194,10 @@ def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[str,
         if text is None:  # ids the model has but the tokenizer never produces
             tokens[idx] = f"[PAD{idx}]"
             types.append(gguf.TokenType.UNUSED)
-        elif idx in specials:
+        elif idx in specials or (idx in added and looks_special(text)):
             types.append(gguf.TokenType.CONTROL)
+        elif idx in added:  # matched whole in any text, as the tokenizers library matches a non-special added token
+            types.append(gguf.TokenType.USER_DEFINED)
         elif kind == "char" and BYTE_TOKEN.fullmatch(text):
             types.append(gguf.TokenType.BYTE)  # llama.cpp's byte fallback looks these up by their "<0xNN>" text
         else:
@@ -204,6 +209,19 @@ def _vocab(tokenizer: Any, vocab_size: int, *, chat: bool = False) -> tuple[str,
 
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def looks_special(text: str) -> bool:
+    """Whether llama.cpp's convert_hf_to_gguf.py (`does_token_look_special`) types an added token that is not
+    marked special as CONTROL anyway (Qwen2.5's `<|fim_prefix|>`), rather than USER_DEFINED (its `<tool_call>`)."""
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))  # DeepSeek's full-width bars
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
 SPM_SPACE = "\u2581"  # SentencePiece's "▁", llama.cpp's escaped space
 
 
@@ -291,6 +309,11 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         )
     check_not_inside(out, Path(path))  # a run (or checkpoint) is never written into
     trained = load_exportable(path)  # any run: LoRA adapters merged, as for the HF export
+    if getattr(trained.model, "head", None) is not None:  # finetune --task classify: a label head, no LM head
+        raise LmforgeError(
+            f"{path} is a classification fine-tune (its head scores labels; there is no language-model head), which "
+            "GGUF's llama architecture cannot hold; export it with --to hf (as a *ForSequenceClassification model)"
+        )
     cfg = trained.config.model
     _check_llama(cfg)
     if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases

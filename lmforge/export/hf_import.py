@@ -85,6 +85,11 @@ def import_hf(
             f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES}), or hf:ORG/NAME for "
             "a model on the Hugging Face Hub"
         )
+    if (hf_dir / "checkpoints").is_dir() or (hf_dir / "state.json").is_file():  # (its config.json has no model_type)
+        raise LmforgeError(
+            f"{hf_dir} is an lmforge run or checkpoint already; pass it to eval, generate, finetune or export as it "
+            "is: import reads Hugging Face model directories"
+        )
     check_not_inside(out, hf_dir)
     check_out_dir(out, overwrite=overwrite)
     config_path = hf_dir / "config.json"
