@@ -140,7 +140,12 @@ def build_parser() -> Parser:
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help="prepared data directory (from 'lmforge prepare')")
+    p.add_argument(
+        "--data",
+        action=Once,
+        hint="to train on several prepared folders, mix them: --data.mix 'DIR=0.7,DIR2=0.3'",
+        help="prepared data directory (from 'lmforge prepare')",
+    )
     p.add_argument("--out", help="run directory")
     p.add_argument("--preset", help="named preset (see the list below)")
     p.add_argument(

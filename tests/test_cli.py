@@ -422,6 +422,7 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
     [
         (["pretrain", "--data", "D", "--config", "a.toml", "--config", "b.toml"], "--config is given twice"),
         (["estimate", "--config=a.toml", "--config", "b.toml", "--tokens", "1e6"], "merge the files into one"),
+        (["pretrain", "--data", "D1", "--data", "D2"], "--data.mix 'DIR=0.7,DIR2=0.3'"),  # D1 was not trained on
         (["generate", "RUN", "--prompt", "A", "--prompt", "B"], "pass --prompt-file FILE"),
         (["generate", "RUN", "--prompt", "", "--prompt=B"], "--prompt is given twice"),  # an empty one counts
         (["generate", "RUN", "--prompt-file", "a.txt", "--prompt-file", "b.txt"], "--prompt-file is given twice"),
