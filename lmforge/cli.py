@@ -59,6 +59,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; {see}\n")
 
 
+class Once(argparse.Action):
+    """An option that takes one value and refuses a second: argparse kept the last one without a word, so
+    `--config base.toml --config run.toml` trained without base.toml's settings and `--prompt A --prompt B`
+    completed B alone. `hint` says what to do instead."""
+
+    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+        self.hint = hint
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise ConfigError(f"{option_string} is given twice, but takes one value; {self.hint}")
+        setattr(namespace, self.dest, values)
+
+
+_ONE_CONFIG = "merge the files into one, or give the other file's settings as --section.key flags"
+
+
 def _config_epilog(presets: bool = True) -> str:
     from lmforge.config import help_lines
     from lmforge.presets import PRESETS, preset_dict
@@ -122,11 +140,18 @@ def build_parser() -> Parser:
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help="prepared data directory (from 'lmforge prepare')")
+    p.add_argument(
+        "--data",
+        action=Once,
+        hint="to train on several prepared folders, mix them: --data.mix 'DIR=0.7,DIR2=0.3'",
+        help="prepared data directory (from 'lmforge prepare')",
+    )
     p.add_argument("--out", help="run directory")
     p.add_argument("--preset", help="named preset (see the list below)")
     p.add_argument(
         "--config",
+        action=Once,
+        hint=_ONE_CONFIG,
         help="TOML config file with [model], [train], ... sections, or a run's config.json or run folder "
         "(its resolved settings)",
     )
@@ -196,12 +221,16 @@ def build_parser() -> Parser:
     p.add_argument(
         "--prompt",
         default=None,
+        action=Once,
+        hint="for several prompts write them to a file, one per line, and pass --prompt-file FILE",
         help="text to continue; special-token strings in it (<|endoftext|>) are read as their ids, as serve and "
         "the run's HF export read them (default: start of a new document)",
     )
     p.add_argument(
         "--prompt-file",
         default=None,
+        action=Once,
+        hint="join the prompt files into one (or run the command once per file)",
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
         'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
@@ -356,6 +385,8 @@ def build_parser() -> Parser:
     p.add_argument("--preset", help="named preset (see the list below)")
     p.add_argument(
         "--config",
+        action=Once,
+        hint=_ONE_CONFIG,
         help="TOML config file with [model], [train], ... sections, or a run's config.json or run folder "
         "(its resolved settings)",
     )

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,8 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         raise LmforgeError(f"{name} line {line} is not UTF-8 text; convert the file ({fix})") from None
     lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
     jsonl = _is_jsonl(lines) if name == "stdin" else inner.endswith(".jsonl")
+    if not jsonl:  # a text line ends at \n, \r\n or a lone \r, as prepare reads text (a lone \r joined two prompts)
+        lines = list(enumerate(re.split(r"\r\n?|\n", text), 1))
     lines = [(n, line) for n, line in lines if (line.strip() if jsonl else line)]  # (a line of spaces: a prompt)
     if not lines:
         raise LmforgeError(f'{name} holds no prompts; put one per line (in a .jsonl: {{"prompt": "..."}} per line)')

@@ -417,6 +417,29 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["pretrain", "--data", "D", "--config", "a.toml", "--config", "b.toml"], "--config is given twice"),
+        (["estimate", "--config=a.toml", "--config", "b.toml", "--tokens", "1e6"], "merge the files into one"),
+        (["pretrain", "--data", "D1", "--data", "D2"], "--data.mix 'DIR=0.7,DIR2=0.3'"),  # D1 was not trained on
+        (["generate", "RUN", "--prompt", "A", "--prompt", "B"], "pass --prompt-file FILE"),
+        (["generate", "RUN", "--prompt", "", "--prompt=B"], "--prompt is given twice"),  # an empty one counts
+        (["generate", "RUN", "--prompt-file", "a.txt", "--prompt-file", "b.txt"], "--prompt-file is given twice"),
+    ],
+)
+def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
+    """argparse kept the last value without a word: `--config base.toml --config more.toml` trained with the
+    defaults in place of base.toml's settings, and `generate --prompt A --prompt B` completed B alone."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)  # refused before anything is read: the paths need not exist
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
+
+
 def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys):
     """--model.d_ff 2**44 (a 4 PiB matrix, beyond any address space: no allocator grants it, so nothing is touched)
     was a RuntimeError traceback from torch's CPU allocator; it is one line saying so and what to shrink, and no

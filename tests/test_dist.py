@@ -546,6 +546,43 @@ def test_fsdp_with_meta_init_trains_and_its_checkpoint_loads_in_one_process(data
     assert 0 < metrics["loss"] < losses[0]
 
 
+RANK1_DIES_THEN_RANK0_IS_SIGNALLED_WHILE_CLOSING = """
+import os, signal, sys
+from lmforge import cli, log
+from lmforge.train import loop
+
+lr_at = loop.lr_at
+def dying_lr_at(step, *args, **kwargs):  # rank 1 dies at its third step, as a SIGKILLed rank would
+    if step == 2 and os.environ["RANK"] == "1":
+        os._exit(1)
+    return lr_at(step, *args, **kwargs)
+loop.lr_at = dying_lr_at
+
+close = log.RunLogger.close
+def signalled_close(self, *, failing=False):  # the launcher's SIGTERM arrives while rank 0 closes its log
+    if failing and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGTERM)
+    close(self, failing=failing)
+log.RunLogger.close = signalled_close
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_peer_death_then_the_launchers_signal_keeps_the_failures_line(data_dir: Path, tmp_path: Path) -> None:
+    """torchrun SIGTERMs every rank once one dies. Rank 0, whose collective had failed, got it while closing its log
+    (loss.png), before the failure was turned into its line: it printed 'lmforge: interrupted' (exit 130, which
+    says nothing of the lost peer or of resuming) and left status.json 'running' with its dead pid. Now the
+    failure's line is printed (exit 2) and the status says failed."""
+    script = tmp_path / "peer_dies.py"
+    script.write_text(RANK1_DIES_THEN_RANK0_IS_SIGNALLED_WHILE_CLOSING, encoding="utf-8")
+    out = tmp_path / "r"
+    p = forked_ranks(data_dir, out, entry=(str(script),), **{"train.max_steps": 6, "dist.timeout_s": 60})
+    rank0 = [line for line in p.stderr.splitlines() if line.startswith("lmforge")]
+    assert rank0 and rank0[0].startswith("lmforge: error: rank 0: a collective with the other 1 process(es) failed")
+    assert "re-run the same command to resume" in rank0[0] and "interrupted" not in p.stderr, p.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+
+
 def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
     """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang."""
     import time

@@ -553,3 +553,20 @@ def test_one_completion_is_counted_in_the_singular(base: Path, tmp_path: Path, c
     with pytest.raises(SystemExit) as e:
         main(["generate", str(base), "--prompt-file", str(prompts), "--max-new-tokens", "2", "--out", str(out)])
     assert not e.value.code and capsys.readouterr().out == f"wrote {out} (1 completion)\n"
+
+
+def test_a_text_prompt_file_ends_its_lines_as_prepare_does(tmp_path: Path, monkeypatch) -> None:
+    """A text prompt file's line ends at \\n, \\r\\n or a lone \\r (old Mac OS files), as `prepare` reads text: lone
+    \\r line ends made one prompt "a\\rb" of two. A .jsonl's lines end at \\n only (a \\r is JSON whitespace)."""
+    import io
+
+    from lmforge.generate_many import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("宝玉\r黛玉\r\nthird\n\rfourth\r".encode())
+    assert [(n, p) for n, p, _ in read_prompts(path)] == [(1, "宝玉"), (2, "黛玉"), (3, "third"), (5, "fourth")]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"one\rtwo\r")))
+    assert [p for _, p, _ in read_prompts("-")] == ["one", "two"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b'{"prompt": "a"}\r\n{"prompt": "b"\r}\n')
+    assert [p for _, p, _ in read_prompts(jsonl)] == ["a", "b"]

@@ -770,12 +770,18 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             log.info("data mix achieved: " + ", ".join(f"{k}={v:.4f}" for k, v in loader.achieved().items()))
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt)
-        log.close(failing=True)
+        # status first, and the clean-up under the failure's own line: torchrun SIGTERMs every rank as soon as one
+        # dies, and a survivor whose collective had failed got it while closing its log (plotting loss.png), before
+        # the CommFailure existed; it printed "lmforge: interrupted" (exit 130) and left status.json "running"
         if world.is_main:
             mark_stopped(run_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"[:500])
         if world.enabled and dist.is_comm_failure(e):
             comm_failed = True  # a peer died or hung: the group cannot be shut down cleanly
-            raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
+            try:
+                raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
+            finally:  # (a signal here is a KeyboardInterrupt over the CommFailure, whose line cli prints)
+                log.close(failing=True)
+        log.close(failing=True)
         raise
     finally:
         log.close()
