@@ -289,55 +289,74 @@ def _loss_units(spec: PlotSpec, runs: list[Run]) -> list[str]:
     return sorted({_unit(run) for run in runs}) if "loss" in spec.keys else []
 
 
-def plot_ylabel(spec: PlotSpec, runs: list[Run]) -> str:
-    """A loss plot's axis says what the losses are per, or, where the runs' differ, that each curve says it."""
+def plot_panels(spec: PlotSpec, runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """(y-axis label, the runs drawn on it) for each panel of `spec`'s chart, top to bottom.
+
+    Losses in different units do not share an axis: an ELECTRA run's ~40 (MLM + 50 x RTD) on the axis of a GPT's
+    ~3 nats/token flattened every other curve to a line at the bottom. A loss plot gets one panel per unit, each
+    with its own y axis; any other plot is one panel."""
     units = _loss_units(spec, runs)
     if not units:
-        return spec.ylabel
-    return f"loss ({units[0]})" if len(units) == 1 else "loss (units differ: see the legend)"
+        return [(spec.ylabel, runs)]
+    return [(f"loss ({unit})", [run for run in runs if _unit(run) == unit]) for unit in units]
 
 
-def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
-    """One PNG: every run's curves for `spec`, one color per run."""
+def plot_figure(spec: PlotSpec, runs: list[Run]) -> Any:
+    """The matplotlib figure of `spec`: every run's curves, one color per run (the same in every panel), one panel
+    per loss unit (`plot_panels`), each panel's legend outside its axes on the right, where it covers no data.
+    The caller closes it (`render_plot`)."""
+    import textwrap
+
     from lmforge.plotting import note_missing_cjk, pyplot
 
     plt = pyplot()
     note_missing_cjk([run.name for run in runs], "the report's charts")  # run names label the curves
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    panels = plot_panels(spec, runs)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7.6, 0.8 + 2.8 * len(panels)), dpi=100, sharex=True, squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    mixed = len(_loss_units(spec, runs)) > 1
-    for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
-        for key in spec.keys:
-            records = [r for r in (run.evals if key.startswith("val_") else run.train) if key in r]
-            if not records:
-                continue
-            xs = _x_values(run, records, spec.x)
-            ys = [float(r[key]) * spec.scale for r in records]
-            label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
-            if mixed:
-                label += f" ({_unit(run)})"
-            if key.startswith("val_"):
-                ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
-            else:
-                ax.plot(xs, ys, "-", color=color, label=label, linewidth=1.1, alpha=0.9)
-            if key == "loss":
-                spikes = [(x, y) for x, y, r in zip(xs, ys, records, strict=True) if r.get("loss_spike")]
-                if spikes:
-                    ax.plot(*zip(*spikes, strict=True), "x", color="red", markersize=7)
-    if spec.log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel(X_LABELS[spec.x])
-    ax.set_ylabel(plot_ylabel(spec, runs))
-    ax.set_title(spec.title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    for ax, (ylabel, panel_runs) in zip(axes[:, 0], panels, strict=True):
+        for run in panel_runs:
+            color = colors[runs.index(run) % len(colors)]
+            for key in spec.keys:
+                records = [r for r in (run.evals if key.startswith("val_") else run.train) if key in r]
+                if not records:
+                    continue
+                xs = _x_values(run, records, spec.x)
+                ys = [float(r[key]) * spec.scale for r in records]
+                label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
+                if key.startswith("val_"):
+                    ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
+                else:
+                    ax.plot(xs, ys, "-", color=color, label=label, linewidth=1.1, alpha=0.9)
+                if key == "loss":
+                    spikes = [(x, y) for x, y, r in zip(xs, ys, records, strict=True) if r.get("loss_spike")]
+                    if spikes:
+                        ax.plot(*zip(*spikes, strict=True), "x", color="red", markersize=7)
+        if spec.log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 30)))  # (an ELECTRA unit is 50 characters)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    axes[0, 0].set_title(spec.title)
+    axes[-1, 0].set_xlabel(X_LABELS[spec.x])
     fig.tight_layout()
+    return fig
+
+
+def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
+    """One PNG of `plot_figure`."""
+    from lmforge.plotting import pyplot
+
+    fig = plot_figure(spec, runs)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        pyplot().close(fig)
     return buf.getvalue()
 
 
