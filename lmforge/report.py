@@ -30,7 +30,6 @@ import base64
 import datetime
 import html
 import io
-import json
 import os
 import re
 import shutil
@@ -52,7 +51,7 @@ from lmforge.atomic import (
     tmp_beside,
 )
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fields import flatten
+from lmforge.fields import flatten, spelled
 from lmforge.log import format_duration, read_metrics
 from lmforge.runs import (
     TOKEN_LOSS,
@@ -493,7 +492,7 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
 def _short(value: Any) -> str:
     if value is ABSENT:
         return "-"
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    text = spelled(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
