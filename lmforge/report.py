@@ -218,15 +218,56 @@ class _Absent:
 ABSENT = _Absent()
 
 
+# model settings whose 0 stands for a value derived from others (d_ff 0 = 4 x d_model, or 8/3 x for swiglu; n_kv_head
+# 0 = n_head): the model config's property that gives the value the model was built with
+RESOLVED = {"model.d_ff": "ff_dim", "model.n_kv_head": "kv_heads"}
+
+
+def _resolved(config: dict[str, Any], key: str) -> Any:
+    """The value `key` of RESOLVED had when the run's model was built, or None where its model section does not
+    build (a hand-edited config). (Imports the model configs, and so torch: only for a row that needs it.)"""
+    from lmforge.config import from_dict
+    from lmforge.errors import LmforgeError
+    from lmforge.models import CONFIGS
+
+    model = config.get("model")
+    family = model.get("family", "gpt") if isinstance(model, dict) else None
+    if family not in CONFIGS:
+        return None
+    try:
+        return getattr(from_dict(CONFIGS[family], model, prefix="model."), RESOLVED[key])
+    except (LmforgeError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _resolve_row(runs: list[Run], key: str, values: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(values to show, values to compare) of a RESOLVED row: a 0 shows as "0 (=192)", and compares as 192."""
+    if key not in RESOLVED or not any(v == 0 and not isinstance(v, bool) for v in values):
+        return values, values
+    resolved = [_resolved(run.config, key) if v is not ABSENT else ABSENT for run, v in zip(runs, values, strict=True)]
+    compared = [r if r is not None else v for v, r in zip(values, resolved, strict=True)]
+    shown = [
+        f"{v} (={r})" if r is not None and r is not ABSENT and r != v else v
+        for v, r in zip(values, resolved, strict=True)
+    ]
+    return shown, compared
+
+
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
     """(dotted key, value per run; `ABSENT` where a run has no such setting) for every setting that differs (all
-    settings for a single run)."""
+    settings for a single run). A setting whose 0 means a derived value (`RESOLVED`: model.d_ff 0 = 4 x d_model)
+    is compared by the value the model was built with, and its 0 shown as "0 (=192)": d_ff 0 and 192 of one
+    d_model are the same model, and were listed as a difference."""
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    rows = [(k, [f.get(k, ABSENT) for f in flat]) for k in keys if k != "out"]
-    if len(runs) == 1:
-        return rows
-    return [(k, vals) for k, vals in rows if any(v != vals[0] for v in vals)]
+    rows = []
+    for key in keys:
+        if key == "out":
+            continue
+        shown, compared = _resolve_row(runs, key, [f.get(key, ABSENT) for f in flat])
+        if len(runs) == 1 or any(v != compared[0] for v in compared):
+            rows.append((key, shown))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +531,7 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def _short(value: Any) -> str:
-    if value is ABSENT:
+    if value is ABSENT or value == "":  # (an imported run has no preset: "", shown as "-" like a missing one)
         return "-"
     text = spelled(value)
     return text if len(text) <= 80 else text[:77] + "..."

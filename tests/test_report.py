@@ -662,3 +662,26 @@ def test_losses_in_other_units_get_their_own_panel_and_legends_cover_no_data(tmp
             assert legend.x1 <= fig.bbox.x1  # and inside the picture
     finally:
         pyplot().close(fig)
+
+
+def test_config_differences_compare_the_model_as_built_and_show_an_empty_preset_as_a_dash(tmp_path):
+    """model.d_ff 0 means 4 x d_model: 0 and 192 of a 48-wide model are one model, yet the table listed them as a
+    difference; and an imported run's empty preset was an empty cell. A derived 0 now compares as the value the
+    model was built with and shows as "0 (=192)"; an empty preset shows as "-"."""
+    from lmforge.report import config_differences
+
+    for name, preset, d_ff in [("zero", "tiny", 0), ("same", "tiny", 192), ("other", "", 100)]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        config = {"preset": preset, "model": {"family": "gpt", "d_model": 48, "n_head": 2, "d_ff": d_ff}}
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "tokens": 64}) + "\n", encoding="utf-8")
+    zero, same, other = load_runs([tmp_path / "runs" / name for name in ("zero", "same", "other")])
+    assert config_differences([zero, same]) == []  # the same model
+    assert dict(config_differences([zero, other])) == {"model.d_ff": ["0 (=192)", 100], "preset": ["tiny", ""]}
+    assert dict(config_differences([zero]))["model.d_ff"] == ["0 (=192)"]
+    page = Page(render_html([zero, other]))
+    assert {row["setting"][0]: (row["zero"][0], row["other"][0]) for row in page.rows("config")} == {
+        "model.d_ff": ("0 (=192)", "100"),
+        "preset": ("tiny", "-"),
+    }
