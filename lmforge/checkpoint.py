@@ -58,6 +58,7 @@ from safetensors.torch import load_file
 
 from lmforge.atomic import atomic_write_text, fsync_file, public_path, save_safetensors, write_json
 from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.fields import spelled
 from lmforge.train.state import flatten_optimizer, rng_state, savable, shared_names, unflatten_optimizer
 
 FORMAT_VERSION = 1
@@ -630,7 +631,7 @@ class Checkpoint:
                 old = group.get(key)
                 same = list(old) == list(value) if isinstance(value, (list, tuple)) else old == value
                 if not same and key not in ("lr", "initial_lr"):  # lr: set by the schedule every step
-                    described = f"{key} {old} -> {value}"
+                    described = f"{key} {spelled(old)} -> {spelled(value)}"
                     if described not in changed:
                         changed.append(described)
                 group[key] = value

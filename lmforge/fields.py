@@ -1,4 +1,5 @@
 """`opt()` and `check()`: the two helpers every config dataclass uses; `flatten()`: a config's dotted keys;
+`spelled()`: a config value as a config file and the CLI write it (true/false, not Python's True/False);
 `add_dataclass_args()` / `dataclass_from_namespace()`: argparse flags for a command whose options are one
 flat dataclass (`prepare`, `finetune`).
 
@@ -11,6 +12,7 @@ nothing of `RunConfig` either: it turns any flat dataclass's fields into flags.
 """
 
 import dataclasses
+import json
 import typing
 from dataclasses import MISSING, field, fields
 from typing import Any, Literal
@@ -79,6 +81,17 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def spelled(value: Any) -> str:
+    """`value` as a config file and the CLI spell it, for a message or a table: true/false and null (JSON, as
+    config.json and TOML write them; Python's True/False/None is not what a user types), lists as JSON, a
+    string as it is (`--model.mlp swiglu`, not 'swiglu')."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False, default=str)  # (anything else: its str)
 
 
 # --------------------------------------------------------------------------------------------

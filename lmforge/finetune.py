@@ -54,7 +54,7 @@ from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed
 from lmforge.atomic import write_json
 from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
-from lmforge.fields import changed_fields, check, opt
+from lmforge.fields import changed_fields, check, opt, spelled
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
 # few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
@@ -470,7 +470,11 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     base_arg = _base_arg(base)
     if info.get("base_arg", base_arg) != base_arg:
         raise ConfigError(f"{out} was fine-tuned from {info['base_arg']}, not {base_arg}; {hint}")
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k not in RESUME_FREE and k in old and old[k] != v]
+    changed = [
+        f"{k} {spelled(old[k])} -> {spelled(v)}"
+        for k, v in new.items()
+        if k not in RESUME_FREE and k in old and old[k] != v
+    ]
     if changed:
         raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed[:3])}); {hint}")
     return info

@@ -30,7 +30,6 @@ import base64
 import datetime
 import html
 import io
-import json
 import os
 import re
 import shutil
@@ -52,7 +51,7 @@ from lmforge.atomic import (
     tmp_beside,
 )
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fields import flatten
+from lmforge.fields import flatten, spelled
 from lmforge.log import format_duration, read_metrics
 from lmforge.runs import (
     TOKEN_LOSS,
@@ -219,15 +218,56 @@ class _Absent:
 ABSENT = _Absent()
 
 
+# model settings whose 0 stands for a value derived from others (d_ff 0 = 4 x d_model, or 8/3 x for swiglu; n_kv_head
+# 0 = n_head): the model config's property that gives the value the model was built with
+RESOLVED = {"model.d_ff": "ff_dim", "model.n_kv_head": "kv_heads"}
+
+
+def _resolved(config: dict[str, Any], key: str) -> Any:
+    """The value `key` of RESOLVED had when the run's model was built, or None where its model section does not
+    build (a hand-edited config). (Imports the model configs, and so torch: only for a row that needs it.)"""
+    from lmforge.config import from_dict
+    from lmforge.errors import LmforgeError
+    from lmforge.models import CONFIGS
+
+    model = config.get("model")
+    family = model.get("family", "gpt") if isinstance(model, dict) else None
+    if family not in CONFIGS:
+        return None
+    try:
+        return getattr(from_dict(CONFIGS[family], model, prefix="model."), RESOLVED[key])
+    except (LmforgeError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _resolve_row(runs: list[Run], key: str, values: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(values to show, values to compare) of a RESOLVED row: a 0 shows as "0 (=192)", and compares as 192."""
+    if key not in RESOLVED or not any(v == 0 and not isinstance(v, bool) for v in values):
+        return values, values
+    resolved = [_resolved(run.config, key) if v is not ABSENT else ABSENT for run, v in zip(runs, values, strict=True)]
+    compared = [r if r is not None else v for v, r in zip(values, resolved, strict=True)]
+    shown = [
+        f"{v} (={r})" if r is not None and r is not ABSENT and r != v else v
+        for v, r in zip(values, resolved, strict=True)
+    ]
+    return shown, compared
+
+
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
     """(dotted key, value per run; `ABSENT` where a run has no such setting) for every setting that differs (all
-    settings for a single run)."""
+    settings for a single run). A setting whose 0 means a derived value (`RESOLVED`: model.d_ff 0 = 4 x d_model)
+    is compared by the value the model was built with, and its 0 shown as "0 (=192)": d_ff 0 and 192 of one
+    d_model are the same model, and were listed as a difference."""
     flat = [flatten(r.config) for r in runs]
     keys = sorted(set().union(*flat))
-    rows = [(k, [f.get(k, ABSENT) for f in flat]) for k in keys if k != "out"]
-    if len(runs) == 1:
-        return rows
-    return [(k, vals) for k, vals in rows if any(v != vals[0] for v in vals)]
+    rows = []
+    for key in keys:
+        if key == "out":
+            continue
+        shown, compared = _resolve_row(runs, key, [f.get(key, ABSENT) for f in flat])
+        if len(runs) == 1 or any(v != compared[0] for v in compared):
+            rows.append((key, shown))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,55 +329,74 @@ def _loss_units(spec: PlotSpec, runs: list[Run]) -> list[str]:
     return sorted({_unit(run) for run in runs}) if "loss" in spec.keys else []
 
 
-def plot_ylabel(spec: PlotSpec, runs: list[Run]) -> str:
-    """A loss plot's axis says what the losses are per, or, where the runs' differ, that each curve says it."""
+def plot_panels(spec: PlotSpec, runs: list[Run]) -> list[tuple[str, list[Run]]]:
+    """(y-axis label, the runs drawn on it) for each panel of `spec`'s chart, top to bottom.
+
+    Losses in different units do not share an axis: an ELECTRA run's ~40 (MLM + 50 x RTD) on the axis of a GPT's
+    ~3 nats/token flattened every other curve to a line at the bottom. A loss plot gets one panel per unit, each
+    with its own y axis; any other plot is one panel."""
     units = _loss_units(spec, runs)
     if not units:
-        return spec.ylabel
-    return f"loss ({units[0]})" if len(units) == 1 else "loss (units differ: see the legend)"
+        return [(spec.ylabel, runs)]
+    return [(f"loss ({unit})", [run for run in runs if _unit(run) == unit]) for unit in units]
 
 
-def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
-    """One PNG: every run's curves for `spec`, one color per run."""
+def plot_figure(spec: PlotSpec, runs: list[Run]) -> Any:
+    """The matplotlib figure of `spec`: every run's curves, one color per run (the same in every panel), one panel
+    per loss unit (`plot_panels`), each panel's legend outside its axes on the right, where it covers no data.
+    The caller closes it (`render_plot`)."""
+    import textwrap
+
     from lmforge.plotting import note_missing_cjk, pyplot
 
     plt = pyplot()
     note_missing_cjk([run.name for run in runs], "the report's charts")  # run names label the curves
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    panels = plot_panels(spec, runs)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7.6, 0.8 + 2.8 * len(panels)), dpi=100, sharex=True, squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    mixed = len(_loss_units(spec, runs)) > 1
-    for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
-        for key in spec.keys:
-            records = [r for r in (run.evals if key.startswith("val_") else run.train) if key in r]
-            if not records:
-                continue
-            xs = _x_values(run, records, spec.x)
-            ys = [float(r[key]) * spec.scale for r in records]
-            label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
-            if mixed:
-                label += f" ({_unit(run)})"
-            if key.startswith("val_"):
-                ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
-            else:
-                ax.plot(xs, ys, "-", color=color, label=label, linewidth=1.1, alpha=0.9)
-            if key == "loss":
-                spikes = [(x, y) for x, y, r in zip(xs, ys, records, strict=True) if r.get("loss_spike")]
-                if spikes:
-                    ax.plot(*zip(*spikes, strict=True), "x", color="red", markersize=7)
-    if spec.log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel(X_LABELS[spec.x])
-    ax.set_ylabel(plot_ylabel(spec, runs))
-    ax.set_title(spec.title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    for ax, (ylabel, panel_runs) in zip(axes[:, 0], panels, strict=True):
+        for run in panel_runs:
+            color = colors[runs.index(run) % len(colors)]
+            for key in spec.keys:
+                records = [r for r in (run.evals if key.startswith("val_") else run.train) if key in r]
+                if not records:
+                    continue
+                xs = _x_values(run, records, spec.x)
+                ys = [float(r[key]) * spec.scale for r in records]
+                label = f"{run.name} {key}" if len(spec.keys) > 1 else run.name
+                if key.startswith("val_"):
+                    ax.plot(xs, ys, "o--", color=color, label=label, linewidth=1.4, markersize=3)
+                else:
+                    ax.plot(xs, ys, "-", color=color, label=label, linewidth=1.1, alpha=0.9)
+                if key == "loss":
+                    spikes = [(x, y) for x, y, r in zip(xs, ys, records, strict=True) if r.get("loss_spike")]
+                    if spikes:
+                        ax.plot(*zip(*spikes, strict=True), "x", color="red", markersize=7)
+        if spec.log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 30)))  # (an ELECTRA unit is 50 characters)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    axes[0, 0].set_title(spec.title)
+    axes[-1, 0].set_xlabel(X_LABELS[spec.x])
     fig.tight_layout()
+    return fig
+
+
+def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
+    """One PNG of `plot_figure`."""
+    from lmforge.plotting import pyplot
+
+    fig = plot_figure(spec, runs)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(buf, format="png")
+    finally:
+        pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -472,9 +531,9 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def _short(value: Any) -> str:
-    if value is ABSENT:
+    if value is ABSENT or value == "":  # (an imported run has no preset: "", shown as "-" like a missing one)
         return "-"
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    text = spelled(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -180,6 +180,33 @@ def test_the_readme_lists_every_preset():
     assert listed and sorted(re.findall(r"`([\w.-]+)`", listed[1])) == sorted(PRESETS), listed
 
 
+def test_the_readme_gives_the_architecture_presets_parameters_as_pretrain_prints_them():
+    """README said `bert-tiny` (0.46M): its total on a 68-character vocabulary, while `pretrain` printed 0.98M total /
+    0.43M non-embedding on the 4,096-token one the docs use. Each architecture preset's "(N M / T M" is now the
+    non-embedding / total count the pretrain line prints (`{:.2f}M`), total on 4,096 tokens or the preset's own."""
+    import dataclasses
+
+    import torch
+
+    from lmforge.models import build_model
+
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    shown = dict(
+        (name, (non_embedding, total))
+        for name, non_embedding, total in re.findall(r"`([\w-]+)` \((\d+\.\d\d)M / (\d+\.\d\d)M", text)
+    )
+    assert sorted(shown) == sorted(["llama-tiny", "llama-160m", "lstm-tiny", "gru-tiny", "bert-tiny", "electra-tiny",
+                                    "bert-base"])  # fmt: skip
+    for name, numbers in shown.items():
+        model_cfg = load_config(preset=name).model
+        if not model_cfg.vocab_size:
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=4096)
+        with torch.device("meta"):  # no memory for the 100M+ presets
+            model = build_model(model_cfg)
+        total = sum(p.numel() for p in model.parameters())
+        assert numbers == (f"{model.num_params() / 1e6:.2f}", f"{total / 1e6:.2f}"), name
+
+
 def test_both_readmes_open_with_the_same_two_commands():
     """The set-up + quickstart and set-up + tests commands are the first two code blocks of both READMEs, the same
     lines (one edited without the other would send Chinese readers to an older command)."""

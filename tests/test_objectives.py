@@ -419,6 +419,12 @@ def test_a_resume_that_changes_the_masking_says_so(data_dir, tmp_path):
     assert note.startswith("note: objective settings changed since the checkpoint, applied from step 5: ")
     assert "objective.mask_prob 0.15 -> 0.3, objective.rtd_weight 20.0 -> 50.0;" in note
     assert "whole_word" not in note and _objective_change(None, cfg, 4) == ""
+    saved["objective"]["whole_word"] = False  # a boolean is written as the config and the CLI spell it
+    assert "objective.whole_word false -> true" in _objective_change(saved, cfg, 4)
+    from lmforge.train.run import _describe_model_change  # (a refused resume of another model: the same spelling)
+
+    change = _describe_model_change({"mlp": "gelu", "bias": True}, {"mlp": "swiglu", "bias": False})
+    assert change == "mlp gelu -> swiglu, bias true -> false"
 
 
 def test_pretrain_and_eval_json_report_each_objectives_metrics(data_dir, tmp_path):

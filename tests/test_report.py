@@ -598,7 +598,7 @@ def test_a_task_loss_says_what_it_is_per(tmp_path):
     """A classify fine-tune logs its val_loss per example (over its classes), an sft one per answer token, a
     pretraining run per token of its corpus: `runs` and the report showed all three as a bare "best val loss" and
     the loss plots' axis said nats/token for each. A task loss now carries its unit, and the axis says it."""
-    from lmforge.report import plot_ylabel, summary_table
+    from lmforge.report import plot_panels, summary_table
     from lmforge.runs import format_runs, list_runs
 
     for name, task, loss in [("pre", None, 2.5), ("cls", "classify", 0.6931), ("sft", "sft", 1.25)]:
@@ -620,7 +620,68 @@ def test_a_task_loss_says_what_it_is_per(tmp_path):
     header, table = eval_table(runs)
     assert [row[header.index("val_loss")][0] for row in table] == [row[best][0] for row in summary_table(runs)[1]]
     loss_plot = PLOTS[0]
-    assert plot_ylabel(loss_plot, runs[:1]) == "loss (nats/token)"
-    assert plot_ylabel(loss_plot, runs[1:2]) == "loss (nats/example)"
-    assert plot_ylabel(loss_plot, runs) == "loss (units differ: see the legend)"
-    assert plot_ylabel(PLOTS[3], runs) == "learning rate"
+    assert [label for label, _ in plot_panels(loss_plot, runs[:1])] == ["loss (nats/token)"]
+    assert [label for label, _ in plot_panels(loss_plot, runs[1:2])] == ["loss (nats/example)"]
+    assert [label for label, _ in plot_panels(loss_plot, runs)] == [
+        "loss (nats/answer token)", "loss (nats/example)", "loss (nats/token)"
+    ]  # fmt: skip
+    assert [label for label, _ in plot_panels(PLOTS[3], runs)] == ["learning rate"]
+
+
+def test_losses_in_other_units_get_their_own_panel_and_legends_cover_no_data(tmp_path):
+    """An ELECTRA run's loss (~40: MLM + 50 x RTD) shared the y axis of GPT runs' ~3 nats/token, flattening
+    their curves to a line at the bottom, and the legend sat on the curves. Each loss unit now has its own panel
+    (its own y axis, labelled with the unit), and every legend is outside its axes, on the right."""
+    from lmforge.plotting import pyplot
+    from lmforge.report import plot_figure
+
+    for name, objective, loss in [("gpt-a", None, 3.0), ("gpt-b", None, 2.5), ("electra", "electra", 40.0)]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        config = {"preset": "tiny", "train": {"max_steps": 4}}
+        if objective:
+            config["objective"] = {"name": objective, "rtd_weight": 50.0}
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        records = [{"step": s, "loss": loss + 1 / s, "tokens": 64 * s} for s in range(1, 5)]
+        records.append({"step": 4, "val_loss": loss})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    runs = load_runs([tmp_path / "runs" / name for name in ("gpt-a", "gpt-b", "electra")])
+    fig = plot_figure(PLOTS[0], runs)
+    try:
+        fig.canvas.draw()
+        axes = fig.get_axes()
+        assert len(axes) == 2
+        drawn = [{line.get_label().split()[0] for line in ax.get_lines()} for ax in axes]
+        assert drawn == [{"electra"}, {"gpt-a", "gpt-b"}]
+        assert axes[0].get_ylabel().replace("\n", " ") == "loss (MLM nats/masked token + 50 x RTD nats/token)"
+        assert axes[1].get_ylabel() == "loss (nats/token)"
+        assert axes[1].get_ylim()[1] < 5  # the GPT curves fill their own axis
+        for ax in axes:
+            legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+            assert legend.x0 >= box.x1  # right of the plotting area: on no curve
+            assert legend.x1 <= fig.bbox.x1  # and inside the picture
+    finally:
+        pyplot().close(fig)
+
+
+def test_config_differences_compare_the_model_as_built_and_show_an_empty_preset_as_a_dash(tmp_path):
+    """model.d_ff 0 means 4 x d_model: 0 and 192 of a 48-wide model are one model, yet the table listed them as a
+    difference; and an imported run's empty preset was an empty cell. A derived 0 now compares as the value the
+    model was built with and shows as "0 (=192)"; an empty preset shows as "-"."""
+    from lmforge.report import config_differences
+
+    for name, preset, d_ff in [("zero", "tiny", 0), ("same", "tiny", 192), ("other", "", 100)]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        config = {"preset": preset, "model": {"family": "gpt", "d_model": 48, "n_head": 2, "d_ff": d_ff}}
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "tokens": 64}) + "\n", encoding="utf-8")
+    zero, same, other = load_runs([tmp_path / "runs" / name for name in ("zero", "same", "other")])
+    assert config_differences([zero, same]) == []  # the same model
+    assert dict(config_differences([zero, other])) == {"model.d_ff": ["0 (=192)", 100], "preset": ["tiny", ""]}
+    assert dict(config_differences([zero]))["model.d_ff"] == ["0 (=192)"]
+    page = Page(render_html([zero, other]))
+    assert {row["setting"][0]: (row["zero"][0], row["other"][0]) for row in page.rows("config")} == {
+        "model.d_ff": ("0 (=192)", "100"),
+        "preset": ("tiny", "-"),
+    }

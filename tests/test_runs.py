@@ -543,7 +543,7 @@ def test_an_encoder_pretraining_loss_says_what_it_is_per(data_dir: Path, tmp_pat
     MLM's is per masked token, mlm+nsp's the MLM mean plus the NSP mean per pair, ELECTRA's the generator's MLM
     mean plus rtd_weight x the discriminator's mean per real token (40.49 = 5.99 + 50 x 0.69 on a tiny run)."""
     from lmforge.config import load_config
-    from lmforge.report import PLOTS, load_runs, plot_ylabel
+    from lmforge.report import PLOTS, load_runs, plot_panels
 
     cases = [
         ("bert-tiny", {"name": "mlm"}, "nats/masked token"),
@@ -573,4 +573,4 @@ def test_an_encoder_pretraining_loss_says_what_it_is_per(data_dir: Path, tmp_pat
     (mlm,) = [r for r in read_metrics(tmp_path / "runs" / "r0" / "metrics.jsonl") if "val_loss" in r]
     assert mlm["val_loss"] == pytest.approx(math.log(mlm["val_mlm_ppl"]), rel=1e-9)
     runs = load_runs([tmp_path / "runs" / "r0"])
-    assert plot_ylabel(PLOTS[0], runs) == "loss (nats/masked token)"
+    assert [label for label, _ in plot_panels(PLOTS[0], runs)] == ["loss (nats/masked token)"]

@@ -38,6 +38,7 @@ from lmforge.data.loader import IdCheckedLoader, eval_batches
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
 from lmforge.estimate import measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
+from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
 from lmforge.objectives import loss_definition, loss_definition_note
@@ -161,7 +162,7 @@ def _init_checkpoint(cfg: RunConfig, tokenizer: Tokenizer) -> Checkpoint:
 
 
 def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changes = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    changes = [f"{k} {spelled(old.get(k))} -> {spelled(new.get(k))}" for k in new if old.get(k) != new.get(k)]
     return ", ".join(changes[:3])
 
 
@@ -333,7 +334,7 @@ def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
     changed = [k for k in now if k not in ("name", "carry_state") and k in old and old[k] != now[k]]
     if not changed:
         return ""
-    changes = ", ".join(f"objective.{k} {old[k]} -> {now[k]}" for k in changed)
+    changes = ", ".join(f"objective.{k} {spelled(old[k])} -> {spelled(now[k])}" for k in changed)
     return (
         f"note: objective settings changed since the checkpoint, applied from step {step + 1}: {changes}; "
         "validation numbers before and after it are not comparable"
