@@ -20,7 +20,10 @@ from lmforge.data.filters import (
 )
 from lmforge.data.prepare import REMOVED_KEYS, PrepareConfig, prepare
 from lmforge.errors import ConfigError
+from tests.conftest import REPO
 from tests.test_data_prepare import CHINESE, docs_by_split, write
+
+DATA = REPO / "tests" / "data"
 
 GOOD_EN = "The committee met on Tuesday and agreed that the bridge would be repaired before the winter."
 GOOD_ZH = "今天天气很好，我们一起去公园散步，看到很多人在湖边钓鱼和聊天。"
@@ -151,14 +154,37 @@ def test_nfkc_option() -> None:
         (GOOD_ZH, "zh"),
         ("我们用 PyTorch 和 Python 训练一个小模型。", "zh"),  # a few English names stay Chinese
         (GOOD_EN, "en"),
-        ("Der Ausschuss trat am Dienstag zusammen und beschloss, die Brücke zu reparieren.", "latin"),
+        ("Der Ausschuss trat am Dienstag zusammen und beschloss, die Brücke zu reparieren.", "de"),
         # short English without function words stays English (it was "latin", so --languages en dropped it)
         ("Good morning, Sir.", "en"),
         ("Machine learning models require large datasets.", "en"),
         ("Second Lord:\nThou hast done a deed whereat valour will weep.", "en"),
         ("“Hello,” she said — “welcome.”", "en"),  # curly quotes and dashes are not accents
-        ("Le chat est sur la table et il dort.", "latin"),  # French function words, all ASCII
-        ("Ich bin müde.", "latin"),  # no function words, but accented letters
+        ("Le chat est sur la table et il dort.", "fr"),  # French function words, all ASCII
+        ("Ich bin müde.", "de"),
+        ("Die Straße ist nass.", "de"),  # ß
+        ("Mañana vamos a la playa con los niños.", "es"),
+        ("¿Dónde está la estación?", "es"),
+        ("Il comitato si è riunito martedì e ha deciso che il ponte sarà riparato prima dell'inverno.", "it"),
+        ("Non lo so, perché sono stanco.", "it"),
+        ("Não sei onde está a estação.", "pt"),  # ã, ç
+        ("O comitê se reuniu na terça-feira e concordou que a ponte seria consertada antes do inverno.", "pt"),
+        ("Ik weet niet waar het station is.", "nl"),
+        ("De commissie kwam dinsdag bijeen en besloot dat de brug voor de winter zou worden gerepareerd.", "nl"),
+        ("J'ai faim.", "fr"),  # an elision, no listed word: it was "en"
+        ("Qu'il vienne !", "fr"),
+        ("Café au lait, s'il vous plaît.", "fr"),
+        ("Ça y est.", "fr"),
+        ("Dzień dobry, jak się masz?", "latin"),  # Polish: none of the profiles claims it
+        ("Je conduis.", "latin"),  # "je" is French and Dutch: a tie names neither
+        # English that holds a word or letter of another profile stays English
+        ("I don't know, and he didn't say.", "en"),
+        ("did n't laugh .", "en"),  # SST-2's tokenization: "n't" is no French elision
+        ("for j in range(n): print(l[j])", "en"),
+        ("Samuel L. Jackson", "en"),
+        ("Ha! Marcius coming home!", "en"),
+        ("The café served crème brûlée to the committee.", "en"),
+        ("Beyoncé and Zoë met de Gaulle's grandson in the museum.", "en"),
         ("日本語の文章はひらがなとカタカナを含みます。", "ja"),
         ("한국어 문장입니다.", "ko"),
         ("Привет, как дела?", "cyrillic"),
@@ -167,6 +193,74 @@ def test_nfkc_option() -> None:
 )
 def test_guess_language(text: str, language: str) -> None:
     assert guess_language(text) == language
+
+
+# One planted document per guess that `--languages` can name in Latin script (and Chinese)
+PLANTED = {
+    "en": GOOD_EN,
+    "fr": "Le comité s'est réuni mardi et a convenu que le pont serait réparé avant l'hiver.",
+    "de": "Der Ausschuss trat am Dienstag zusammen und beschloss, die Brücke vor dem Winter zu reparieren.",
+    "es": "El comité se reunió el martes y acordó que el puente sería reparado antes del invierno.",
+    "it": "Il comitato si è riunito martedì e ha deciso che il ponte sarà riparato prima dell'inverno.",
+    "pt": "O comitê se reuniu na terça-feira e concordou que a ponte seria consertada antes do inverno.",
+    "nl": "De commissie kwam dinsdag bijeen en besloot dat de brug voor de winter zou worden gerepareerd.",
+    "latin": "Komitet zebrał się wtorek, zgodził się, że most zostanie naprawiony przed zimą.",  # Polish
+    "zh": GOOD_ZH,
+}
+NAMED_LATIN = {"fr", "de", "es", "it", "pt", "nl"}
+
+
+@pytest.mark.parametrize(
+    ("languages", "kept"),
+    [
+        ("fr", {"fr"}),  # was refused: "--languages: unknown language fr"
+        ("en,fr", {"en", "fr"}),
+        ("DE", {"de"}),
+        ("es", {"es"}),
+        ("it", {"it"}),
+        ("pt", {"pt"}),
+        ("nl", {"nl"}),
+        ("en", {"en"}),
+        # "latin" keeps what it kept before the guess named any of them: every Latin-script language but English
+        ("latin", NAMED_LATIN | {"latin"}),
+        ("zh,latin", NAMED_LATIN | {"latin", "zh"}),
+    ],
+)
+def test_languages_keep_the_named_languages(tmp_path: Path, languages: str, kept: set[str]) -> None:
+    write(tmp_path / "in.jsonl", "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in PLANTED.values()))
+    cfg = PrepareConfig(
+        inputs=[str(tmp_path / "in.jsonl")], out=str(tmp_path / "out"), tokenizer="char",
+        val_fraction=0, test_fraction=0, card=False, languages=languages,
+    )  # fmt: skip
+    m = prepare(cfg, progress=False)
+    assert m["languages"] == dict.fromkeys(kept, 1)  # (of the documents kept)
+    assert {language: guess_language(text) for language, text in PLANTED.items()} == {k: k for k in PLANTED}
+    assert m["documents"]["removed"]["language"] == len(PLANTED) - len(kept)
+    assert sorted(docs_by_split(tmp_path / "out")["train"]) == sorted(PLANTED[lang] for lang in kept)
+
+
+def test_a_manifest_saying_latin_cleans_as_it_did() -> None:
+    """A folder prepared with `--languages latin` (its manifest records the string) kept French and German: the
+    cleaner `eval`/`merge` rebuild from it keeps them too, now that they have names of their own."""
+    filters = DocumentCleaner.from_settings({"languages": "latin"}).filters
+    assert filters.languages == NAMED_LATIN | {"latin"}
+    for language, text in PLANTED.items():
+        assert (filters.reason(text, guess_language(text)) is None) == (language not in ("en", "zh")), language
+
+
+def test_tatoeba_slice_sides_are_told_apart() -> None:
+    """Real short sentences (tests/data/eng_fra.txt, Tatoeba, CC BY 2.0 FR): `--languages en` keeps every English
+    line and no French one (a fifth of short French lines were "en" before); `--languages fr` keeps no English line
+    and 54 of the 60 French ones (the 6 others, "Je conduis.", "Je lis.", are "latin": "je" is French and Dutch)."""
+    pairs = [line.rstrip("\n").split("\t") for line in open(DATA / "eng_fra.txt", encoding="utf-8")]
+    assert len(pairs) == 60
+    english = [guess_language(en) for en, _ in pairs]
+    french = [guess_language(fr) for _, fr in pairs]
+    assert english == ["en"] * 60
+    assert "en" not in french and french.count("fr") == 54 and set(french) == {"fr", "latin"}
+    # a paragraph of them is French (or English) as a whole
+    assert guess_language(" ".join(fr for _, fr in pairs)) == "fr"
+    assert guess_language(" ".join(en for en, _ in pairs)) == "en"
 
 
 def test_language_mix_in_manifest(tmp_path: Path) -> None:

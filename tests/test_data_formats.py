@@ -491,3 +491,22 @@ def test_a_dotted_text_field_walks_empty_lists_and_names_the_item_missing_a_key(
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with pytest.raises(DataError, match=r"r\.jsonl:3: no field 't' at 'doc\.paras\[1\]' \(found: u\); choose the text"):
         list(read_documents(tmp_path / "r.jsonl", text_field="doc.paras.t"))
+
+
+def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> None:
+    """`cat a.jsonl b.jsonl` of two files a Windows editor saved puts b.jsonl's BOM (U+FEFF) at the start of a line
+    in the middle: `prepare` (whole-file and block readers) and `finetune` (read_table) read it, where it was a
+    one-line error ("ab.jsonl:2: not valid JSON (Unexpected UTF-8 BOM ...)"), and the BOM is not in the text."""
+    from lmforge.data.formats import read_table
+    from lmforge.data.ingest import block_documents, read_blocks
+
+    rows = [{"text": "first file", "label": "a"}, {"text": "second file", "label": "b"}, {"text": "三", "label": "c"}]
+    path = tmp_path / "ab.jsonl"
+    path.write_bytes(b"".join(b"\xef\xbb\xbf" + json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    texts = [r["text"] for r in rows]
+    assert [doc.text for doc in read_documents(path)] == texts
+    blocks = read_blocks(path, block_bytes=30)
+    assert [doc.text for block in blocks for doc in block_documents(block, path)] == texts
+    assert read_table(path) == rows
+    m = run(tmp_path, [path], tokenizer="char")
+    assert m["documents"]["out"] == 3 and docs_by_split(tmp_path / "out")["train"] == texts

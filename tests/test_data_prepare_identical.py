@@ -67,10 +67,13 @@ def run(tmp_path: Path, name: str, **kwargs: object) -> str:
     return output_digest(out, prepare(cfg, progress=False), tmp_path / "corpus")
 
 
+# Re-taken when the language guess learned fr, de, es, it, pt, nl: the corpus' "Ünïcödé  text, ÜNÏCÖDÉ TEXT" is
+# now "de", not "latin", in manifest["languages"] and the card; every shard, tokenizer.json and the report are
+# byte-identical to before (checked by running both versions).
 GOLDEN = {
-    "near-trained": "60af807820bdc1a8",
-    "exact-trained": "357812b456579ba2",
-    "near-given": "a38c229e1acdab42",
+    "near-trained": "8f7177b90bd97864",
+    "exact-trained": "76a4114baaf4cb42",
+    "near-given": "1711b5e1dc0ae832",
     "near-given-report": "2cdc8bebcb0ea199",
 }
 

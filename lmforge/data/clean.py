@@ -84,6 +84,13 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     return text, text.count(REPLACEMENT) - data.count(_REPLACEMENT_BYTES)
 
 
+def json_line(line: str) -> str:
+    """A JSON Lines line without the U+FEFF (BOM) it may start with, for `json.loads` (which refuses it: "Unexpected
+    UTF-8 BOM"). Every line, not only a file's first: `cat a.jsonl b.jsonl` of files a Windows editor saved carries
+    b.jsonl's BOM to the start of a line in the middle. Used by `prepare`'s and `finetune`'s JSONL readers alike."""
+    return line.removeprefix("\ufeff")
+
+
 def check_encoding(path: Path, invalid: int, chars: int, limit: float, *, flag: bool = True) -> None:
     """Refuse a file whose invalid UTF-8 sequences (`decode_utf8`'s count) are over `limit` of its `chars` and
     over 16: it is not UTF-8 or mixes encodings. `flag`: name `--max-invalid-utf8` (prepare's) as the way out."""

@@ -10,7 +10,7 @@ default and counted under its own name in `manifest.json["documents"]["removed"]
     char_repetition        share of character 10-grams that repeat an earlier 10-gram  > max_char_repetition
     line_repetition        share of non-blank lines that repeat an earlier line          > max_line_repetition
     alpha_ratio            letters (any script: Latin, Han, kana, ...) / non-space chars < min_alpha_ratio
-    language               guess_language(text) not in the --languages allow-list
+    language               guess_language(text) not in the --languages allow-list ("latin": all of fr, de, ... too)
 
 Key design decisions:
 - Ratios, not absolute counts, so one threshold works for a tweet and a book; the definitions follow
@@ -22,11 +22,21 @@ Key design decisions:
   vowel signs) count as letters too.
 - Language guess by script, not a trained model: count letters per Unicode script in the first
   2,000 characters; Han counts x3 (one Han character carries about as much as a 3-4 letter word, so
-  a Chinese sentence with a few English names stays "zh"); kana makes it "ja", Hangul "ko". Latin
-  text is "en" when at least 15% of its words are common English function words, otherwise "latin".
+  a Chinese sentence with a few English names stays "zh"); kana makes it "ja", Hangul "ko".
   Other scripts report the script ("cyrillic", "arabic", "greek", "devanagari"); no letters: "unknown".
-  This is enough to keep Chinese and English first-class and to drop other languages on request;
-  telling French from Spanish needs a model such as fastText lid.176, which is not a dependency.
+- Latin-script text is "en" unless it holds more function words of French, German, Spanish, Italian,
+  Portuguese or Dutch (short lists, none a frequent English word; French/Italian elisions such as l', qu'
+  count too) than common English ones, or, with neither, accented letters. Otherwise the language whose
+  function words (a word that k of the lists share counts 1/k) and distinctive letters (ß, ñ, ã/õ, ç,
+  è...) score highest: "fr", "de", "es", "it", "pt", "nl"; "latin" when none scores or two tie. Measured
+  with bench/language_guess.py on Tatoeba's 76,037 en-fr pairs: every English sentence stays "en"; French
+  sentences are "fr" 90.7% (7.0% "latin", 1.6% "en"; before: 0% "fr", 16.6% "en"), French runs of 5
+  sentences 99.6%; English recall on SST-2, tinyshakespeare, AG News is unchanged within 0.03%. English
+  documents take the ASCII fast path as before: paragraphs and news as fast (~60-90k docs/s on one shared core),
+  one-line sentences ~1 us slower (440k -> 300k docs/s); French sentences 126k -> 80k docs/s.
+  A trained model (fastText lid.176) would tell more languages apart; it is not a dependency.
+- `--languages latin` keeps every Latin-script language but English, the named ones included
+  (`allowed_languages`), as it did when the guess named none of them.
 """
 
 from __future__ import annotations
@@ -40,7 +50,25 @@ from typing import Any, NamedTuple
 
 from lmforge.data.clean import Normalization, clean_part, clean_text, length_verdict
 
-LANGUAGES = ("zh", "en", "ja", "ko", "latin", "cyrillic", "arabic", "greek", "devanagari", "other", "unknown")
+LANGUAGES = (
+    "zh",
+    "en",
+    "ja",
+    "ko",
+    "fr",
+    "de",
+    "es",
+    "it",
+    "pt",
+    "nl",
+    "latin",
+    "cyrillic",
+    "arabic",
+    "greek",
+    "devanagari",
+    "other",
+    "unknown",
+)
 REMOVAL_REASONS = ("too_long", "char_repetition", "line_repetition", "alpha_ratio", "boilerplate", "language")
 # The `PrepareConfig` fields that `DocumentCleaner.from_settings` reads: how a prepared folder's text was cleaned.
 CLEANING_SETTINGS = (
@@ -96,14 +124,71 @@ _ENGLISH = frozenset(
 )
 
 _ENGLISH_BYTES = frozenset(word.encode("ascii") for word in _ENGLISH)
-# Frequent function words of French, Spanish, German, Italian, Portuguese and Dutch that are not English
-# words: evidence that Latin-script text is not English
-_OTHER_LATIN = frozenset(
-    "de la le les des et est une du que qui dans pour pas sur au il elle ne ce cette der das und ist nicht ein "
-    "eine zu mit sich von auf für dem el los las y es por con una para del lo di che non della sono het een "
-    "ik niet dat voor zijn não os uma com".split()
+# Frequent function words (and, for French and Italian, the pieces an apostrophe leaves: l', d', j', qu', n')
+# of the Latin-script languages the guess names. None is a frequent English word ("a", "in", "on", "me", "no",
+# "do", "was", "die", "come", "war" are left out), so English text scores (close to) 0 on all of them; words
+# that two of these languages share ("de", "la", "que") count for each.
+_LATIN_PROFILES = {
+    "fr": "de la le les des et est une du que qui dans pour pas sur au aux il elle ils elles ne ce cette ces je tu "
+    "nous vous suis es sommes êtes sont avons avez ont était être avoir fait très avec mais où sa ses ma mes "
+    "leur se tout tous rien ça y en été cela ici là déjà aussi bien peut dit à non moi toi lui votre vos "
+    "notre nos tes veux peux fais dois vais va faut pourquoi quel quelle quelque quelqu jamais "
+    "maintenant beaucoup vraiment toujours encore avais avait ceci si puis peu chez donc alors sois soyez "
+    "moins trop",
+    "de": "der das und ist nicht ein eine einen einem einer zu mit sich von auf für dem des ich du sie es wir ihr "
+    "sind bin bist habe haben wird werden auch noch nur wie aber oder wenn dass sehr schon kann mir mich dir "
+    "dich uns ihm ihn nach bei aus um zum zur kein keine mein meine dein sein seine gibt nichts etwas hier "
+    "jetzt immer nie danke bitte möchte ja doch mal",
+    "es": "el la los las y es por con una para del lo que de en un se su sus más pero como muy está están estoy "
+    "eres somos fue hay yo tú él ella nosotros usted te mi tu qué cuando donde este esta esto eso todo "
+    "también porque sí tiene tengo hace le les sobre cómo nada algo aquí ahora siempre nunca mucho bien "
+    "gracias hola quiero puedo estás tienes",
+    "it": "il la le lo gli di da che non è e un una uno del della dei delle con su sono abbiamo sei siamo siete mi "
+    "ti si ci ne questo questa quello ma anche più molto io tu lui lei noi voi loro mio mia suo sua nel nella "
+    "alla dal dalla sul perché cosa essere stato fatto quando sempre ciao grazie voglio posso qui ora adesso "
+    "tutto niente bene",
+    "pt": "um uma de da dos das na nos nas é e que não para por pelo pela se mais mas como muito tu ele ela nós "
+    "você vocês eles elas meu minha seu sua isso isto este esta está estão sou são foi tem tenho ao aos à há "
+    "já também quando onde porque ser estar fazer obrigado aqui agora sempre nada tudo bem nunca quero posso "
+    "estou",
+    "nl": "de het een en van ik je niet dat te zijn op voor maar ook als aan om dan nog wel naar kan uit hij zij "
+    "wij jij ze bij heb heeft hebben werd wordt zal zou mijn jouw hem haar geen nu meer heel dit deze wat hoe "
+    "waar wie omdat niets iets hier altijd nooit dank alsjeblieft wil moet jullie",
+}
+
+
+# word -> the languages whose profile holds it
+_PROFILE_OF: dict[str, tuple[str, ...]] = {}
+for _language, _words in _LATIN_PROFILES.items():
+    for _word in _words.split():
+        _PROFILE_OF[_word] = (*_PROFILE_OF.get(_word, ()), _language)
+# The words that count against English: one letter is too weak ("e" and "y" are "and" in Italian and Spanish,
+# but also "Samuel L. Jackson", "for j in range(n)", "e.g.")
+_EVIDENCE = frozenset(word for word in _PROFILE_OF if len(word) > 1)
+_EVIDENCE_BYTES = frozenset(word.encode("utf-8") for word in _EVIDENCE)
+# word -> (language, 1/k) for its k profiles: a word that k profiles share counts 1/k for each, so distinctive
+# words weigh more ("je" is French and Dutch, "veux" French alone)
+_WEIGHTS = {word: tuple((language, 1 / len(langs)) for language in langs) for word, langs in _PROFILE_OF.items()}
+_WEIGHTS_BYTES = {word.encode("utf-8"): weights for word, weights in _WEIGHTS.items()}
+# French elisions (j'ai, l'homme, qu'il, d'accord, n'est) and Italian ones (dell'anno, un'altra, l'uomo): the
+# apostrophe splits them into one-letter words, and English has none at a word start ("don't", "I'm", "o'clock";
+# SST-2's tokenized "does n't" is not one either)
+_ELISION = re.compile(
+    r"\b(?:(j|qu|d|n(?!['’]t\b)|m|t|s|jusqu|lorsqu|puisqu)|(l)|(dell|all|nell|dall|sull|un|quest|quell))['’](?=\w)",
+    re.IGNORECASE,
 )
-_OTHER_LATIN_BYTES = frozenset(word.encode("utf-8") for word in _OTHER_LATIN)
+# Letters (and Spanish's ¿ ¡) that point to one or a few of them: ß to German, ñ to Spanish, ã/õ to Portuguese,
+# è to French or Italian... A letter adds 1 split over its languages; with no function word to go by (a short
+# sentence) the letters decide.
+_LETTERS = {
+    "ß": "de", "ä": "de", "ö": "de", "ü": "de", "ñ": "es", "¿": "es", "¡": "es", "ã": "pt", "õ": "pt",
+    "ç": "fr pt", "è": "fr it", "ê": "fr pt", "à": "fr it pt", "ù": "fr it", "û": "fr", "î": "fr", "ï": "fr",
+    "œ": "fr", "ë": "fr nl", "ô": "fr pt", "â": "fr pt", "ò": "it", "ì": "it", "á": "es pt", "í": "es pt",
+    "ó": "es pt", "ú": "es pt", "é": "fr es it pt",
+}  # fmt: skip
+_LETTER_WEIGHTS = {char: {lang: 1 / len(langs.split()) for lang in langs.split()} for char, langs in _LETTERS.items()}
+_DISTINCT = re.compile("[" + "".join(_LETTERS) + "]")
+LATIN_LANGUAGES = tuple(_LATIN_PROFILES)
 # bytes table: A-Z -> a-z, a-z kept, every other byte -> space
 _ASCII_WORDS = bytes(b if 97 <= b <= 122 else b + 32 if 65 <= b <= 90 else 32 for b in range(256))
 
@@ -181,20 +266,39 @@ def _alpha_counts(text: str) -> tuple[int, int]:
     return len(text) - sum(other.values()) + marks, visible
 
 
-def _english_or_latin(english: int, other: int, accented: bool) -> str:
-    """English unless the text shows another Latin-script language: more of its function words than of
-    English ones, or (with neither) accented letters. Short English without function words ("Good
+def _english_or_other(english: int, other: int, accented: bool) -> bool:
+    """Whether Latin-script text is English: unless it shows another language, by more of the profiles' function
+    words than English ones, or (with neither) by accented letters. Short English without function words ("Good
     morning, Sir.", "Machine learning models require large datasets.") stays English."""
     if other > english:
+        return False
+    return bool(english) or not accented
+
+
+def _elisions(text: str) -> list[tuple[str, str, str]]:
+    return _ELISION.findall(text) if "'" in text or "’" in text else []
+
+
+def _latin_language(
+    words: Iterable[Any], weights: Mapping[Any, tuple[tuple[str, float], ...]], letters: Iterable[str],
+    elisions: list[tuple[str, str, str]],
+) -> str:  # fmt: skip
+    """The profile language with the most function words (`words`, scored by `_WEIGHTS` or `_WEIGHTS_BYTES`) and
+    elisions, plus letter points (`_LETTERS`), or "latin" when none or two lead."""
+    scores = dict.fromkeys(LATIN_LANGUAGES, 0.0)
+    for french, both, _ in elisions:
+        for language in ("fr",) if french else ("fr", "it") if both else ("it",):
+            scores[language] += 1
+    for word in words:
+        for language, weight in weights.get(word, ()):
+            scores[language] += weight
+    for letter in letters:
+        for language, weight in _LETTER_WEIGHTS[letter].items():
+            scores[language] += weight
+    first, second = sorted(scores.values(), reverse=True)[:2]
+    if first == 0 or first == second:
         return "latin"
-    return "en" if english or not accented else "latin"
-
-
-def _latin_language(lowered: str) -> str:
-    words = _LATIN_WORD.findall(lowered)
-    english = sum(map(_ENGLISH.__contains__, words))
-    other = sum(map(_OTHER_LATIN.__contains__, words))
-    return _english_or_latin(english, other, accented=_ACCENTED.search(lowered) is not None)
+    return max(scores, key=scores.__getitem__)
 
 
 def guess_language(text: str) -> str:
@@ -206,7 +310,11 @@ def guess_language(text: str) -> str:
         if not words:
             return "unknown"
         english = sum(map(_ENGLISH_BYTES.__contains__, words))
-        return _english_or_latin(english, sum(map(_OTHER_LATIN_BYTES.__contains__, words)), accented=False)
+        other = sum(map(_EVIDENCE_BYTES.__contains__, words))
+        elisions = _elisions(sample) if other + sample.count("'") > english else []  # (_ELISION ignores case)
+        if _english_or_other(english, other + len(elisions), accented=False):
+            return "en"
+        return _latin_language(words, _WEIGHTS_BYTES, (), elisions)
     counts = {script: len(pattern.findall(sample)) for script, pattern in _SCRIPTS.items()}
     if counts["ja"] and counts["ja"] * 4 >= counts["zh"]:  # kana alongside kanji: Japanese
         counts["ja"] += counts["zh"]
@@ -215,13 +323,32 @@ def guess_language(text: str) -> str:
     script, top = max(counts.items(), key=lambda item: item[1])
     if top == 0:
         return "other" if any(c.isalpha() for c in sample) else "unknown"
-    return _latin_language(sample.lower()) if script == "latin" else script
+    if script != "latin":
+        return script
+    lowered = sample.lower()
+    words = _LATIN_WORD.findall(lowered)
+    english = sum(map(_ENGLISH.__contains__, words))
+    elisions = _elisions(lowered)
+    other = sum(map(_EVIDENCE.__contains__, words)) + len(elisions)
+    if _english_or_other(english, other, accented=_ACCENTED.search(lowered) is not None):
+        return "en"
+    return _latin_language(words, _WEIGHTS, _DISTINCT.findall(lowered), elisions)
 
 
 def language_list(languages: str) -> list[str]:
     """A `--languages` value ("zh, EN") as its codes, split at commas, blanks dropped, lowercased (the codes
     of `LANGUAGES` are, and "ZH" was refused as unknown)."""
     return [lang.strip().lower() for lang in languages.split(",") if lang.strip()]
+
+
+def allowed_languages(languages: str) -> frozenset[str]:
+    """The guesses a `--languages` value keeps: its codes, with "latin" standing for every Latin-script language
+    but English (the guess named none of them before fr, de, es, it, pt and nl were added, so a folder prepared
+    with `--languages latin` kept them, and a manifest that records it cleans alike)."""
+    codes = set(language_list(languages))
+    if "latin" in codes:
+        codes.update(LATIN_LANGUAGES)
+    return frozenset(codes)
 
 
 @dataclass(frozen=True)
@@ -299,7 +426,7 @@ class DocumentCleaner:
                 max_char_repetition=float(settings.get("max_char_repetition", 0.0)),
                 max_line_repetition=float(settings.get("max_line_repetition", 0.0)),
                 min_alpha_ratio=float(settings.get("min_alpha_ratio", 0.0)),
-                languages=frozenset(language_list(str(settings.get("languages") or ""))),
+                languages=allowed_languages(str(settings.get("languages") or "")),
             ),
         )
 

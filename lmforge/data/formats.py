@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8
+from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8, json_line
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
 from lmforge.objectives import IGNORE_INDEX
@@ -185,6 +185,7 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
         return data
     rows = []
     for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): json.dumps leaves U+2028 unescaped
+        line = json_line(line)
         if not line.strip():
             continue
         try:

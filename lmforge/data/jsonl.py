@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lmforge.data.clean import decode_utf8, replace_surrogates
+from lmforge.data.clean import decode_utf8, json_line, replace_surrogates
 from lmforge.data.ingest import PROGRESS_EVERY, RawDocument, no_progress, read_whole
 from lmforge.errors import DataError
 
@@ -164,8 +164,7 @@ def jsonl_documents(
         if lineno % PROGRESS_EVERY == 0:
             progress()
         line, bad = decode_utf8(line_bytes)
-        if lineno == 1:
-            line = line.removeprefix("\ufeff")
+        line = json_line(line)
         if not line.strip():
             continue
         try:

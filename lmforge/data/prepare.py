@@ -186,7 +186,7 @@ class PrepareConfig:
     languages: str = opt(
         "",
         f"keep only these guessed languages, comma-separated, any case (e.g. 'zh,en' or 'ZH,En'; from "
-        f"{', '.join(LANGUAGES)})",
+        f"{', '.join(LANGUAGES)}; 'latin' is every Latin-script language but English, the named ones included)",
     )
     dedup: DedupMode = opt("exact", "'exact' (sha256 of the cleaned text), 'near' (exact + MinHash LSH) or 'none'")
     near_threshold: float = opt(
