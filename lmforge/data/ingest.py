@@ -337,6 +337,11 @@ def check_not_binary(path: Path) -> None:
     finally:
         stream.close()
         raw.close()
+    check_head_not_binary(path, head)
+
+
+def check_head_not_binary(path: Path, head: bytes) -> None:
+    """`check_not_binary` on the (decompressed) first bytes of `path` already read: a pipe cannot be opened twice."""
     if looks_binary(head):
         encoding = legacy_encoding(head[:BINARY_SNIFF_BYTES])
         if encoding:
