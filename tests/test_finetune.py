@@ -148,6 +148,29 @@ def test_prompt_tuning_trains_only_the_prompt(base: Path, tmp_path: Path):
     assert ft.model.cfg.max_seq_len == 128 - 4
 
 
+def test_the_default_answer_length_fits_a_short_context_and_a_given_one_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A prompt-tuned sft run of a 40-token base (32 after its soft prompt) was refused without --val, nothing to
+    score, told to lower a --max-new-tokens 48 the user never passed. The default now fits itself (half the
+    context, with a note where answers are scored); a --max-new-tokens given that does not fit is still refused."""
+    short = make_base(tmp_path, max_seq_len=40)
+    cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=8, eval_samples=1)
+    finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "a", cfg=cfg, overrides=FAST, progress=False)
+    assert "note:" not in capsys.readouterr().err  # (nothing scored: nothing to say)
+    result = finetune(short, train_file=DATA / "alpaca.jsonl", val_file=DATA / "alpaca.jsonl", out=tmp_path / "b",
+                      cfg=cfg, overrides=FAST, progress=False)  # fmt: skip
+    assert "note: answers are scored up to 16 new tokens, half the model's context of 32" in capsys.readouterr().err
+    assert result["val"]["n"] == 1
+    from lmforge.eval.tasks import evaluate_task
+
+    assert evaluate_task(tmp_path / "b", task="sft", data=DATA / "alpaca.jsonl", limit=1)["n"] == 1  # (as eval)
+    assert "up to 16 new tokens" in capsys.readouterr().err
+    given = dataclasses.replace(cfg, max_new_tokens=48)
+    with pytest.raises(ConfigError, match="--max-new-tokens 48 leaves no room .* context of 32 tokens; use at most 31"):
+        finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "c", cfg=given, overrides=FAST, progress=False)
+
+
 def test_assistant_only_loss_mask_and_stored_template(base: Path):
     import jinja2
 
