@@ -28,6 +28,7 @@ are left out whole, the first ones first (`fewshot_head`; a note counts them).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 import string
@@ -172,7 +173,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
     from lmforge.data.formats import keep_end
-    from lmforge.generate import generate, generate_batch, run_stops
+    from lmforge.generate import generate, generate_batch, run_stops, whole_characters
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
@@ -209,7 +210,9 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
             )  # fmt: skip
             for p in prompts
         ]
-    return [ft.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True).strip() for ids in new]
+    # an answer cut by max_new_tokens mid-character is scored and shown without its U+FFFD, as generate shows it
+    decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+    return [whole_characters(decode([t for t in ids if t not in stops])).strip() for ids in new]
 
 
 @torch.no_grad()
