@@ -446,7 +446,6 @@ def chat(
     write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
     ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
     from lmforge.generate import (
-        REPLACEMENT_CHAR,
         StreamDecoder,
         check_sampling,
         check_seed,
@@ -454,6 +453,7 @@ def chat(
         generate,
         load_generator,
         run_stops,
+        whole_characters,
     )
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
@@ -552,7 +552,7 @@ def chat(
         stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
         # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
-        reply = tok.decode(stream.ids, skip_special_tokens=True).rstrip(REPLACEMENT_CHAR)
+        reply = whole_characters(tok.decode(stream.ids, skip_special_tokens=True))
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

@@ -186,7 +186,7 @@ def add_parsers(sub: Any) -> None:
 
 # eval's two modes take different flags: these only apply with --task, the split ones only without it
 # (doc_stride: data/qa.py's DOC_STRIDE, written here so that building the parser imports no torch; a test checks)
-_TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 48, "limit": 0, "doc_stride": 128}
+_TASK_FLAGS = {"field": None, "k_shot": 0, "shots": None, "max_new_tokens": 0, "limit": 0, "doc_stride": 128}
 _SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0, "seq_len": 0}
 
 
@@ -210,7 +210,10 @@ def add_eval_task_args(p: Any) -> None:
     p.add_argument("--shots", metavar="FILE", help="labelled examples (solved questions) for --k-shot")
     default = _TASK_FLAGS["max_new_tokens"]
     p.add_argument(
-        "--max-new-tokens", type=int, default=default, help=f"sft/qa/translate: answer length (default: {default})"
+        "--max-new-tokens",
+        type=int,
+        default=default,
+        help="sft/qa/translate: answer length (default: 48, or half the model's context where 48 does not fit)",
     )
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default: all)")
     p.add_argument(

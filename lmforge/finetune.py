@@ -90,7 +90,9 @@ class FinetuneConfig:
     merge: bool = opt(False, "LoRA: save weights with the adapters merged in, instead of adapters only")
     pack: bool = opt(False, "sft/qa/translate: pack short examples into shared rows (attention kept per example)")
     eval_samples: int = opt(200, "val examples scored with task metrics at the end (generation tasks)")
-    max_new_tokens: int = opt(48, "generation tasks: answer length limit when scoring")
+    max_new_tokens: int = opt(
+        0, "generation tasks: answer length limit when scoring (0: 48, or half the context where 48 does not fit)"
+    )
     doc_stride: int = opt(
         DOC_STRIDE,
         "qa: a context too long for the model is scored in overlapping windows sharing this many tokens (at most "
@@ -123,7 +125,10 @@ class FinetuneConfig:
         check(self.max_len >= 0 and self.augment >= 0, "--max-len and --augment must be >= 0")
         check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
         check(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
-        check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check(
+            self.max_new_tokens >= 0,
+            f"--max-new-tokens must be >= 1 (or 0: 48 where it fits), got {self.max_new_tokens}",
+        )
         check(self.doc_stride >= 0, f"--doc-stride must be a number of tokens >= 0, got {self.doc_stride}")
         check(0 <= self.replay_fraction <= 10, f"--replay-fraction must be in [0, 10], got {self.replay_fraction}")
         check(self.adapt != "head" or self.task != "dpo", "DPO with --adapt head is not supported; use full or lora")
@@ -635,10 +640,13 @@ def _finetune(
             f"{' after the soft prompt' if cfg.adapt == 'prompt' else ''}); use at most {context}, "
             "or 0 for all of it"
         )
-    if cfg.task in ("sft", "qa", "translate"):
-        from lmforge.eval.tasks import check_answer_room
+    max_new_tokens = cfg.max_new_tokens
+    if cfg.task in _GENERATION_TASKS:
+        from lmforge.eval.tasks import answer_length
 
-        check_answer_room(cfg.max_new_tokens, context)  # scored answers need room for their prompt
+        # scored answers need room for their prompt: a --max-new-tokens given that leaves none is refused (also
+        # without --val); the default fits itself to the context, with a note where there is something to score
+        max_new_tokens = answer_length(cfg.max_new_tokens, context, note=bool(val_rows))
     max_len = cfg.max_len or context
     labels: list[str] = []
     if cfg.task == "classify":
@@ -1030,7 +1038,7 @@ def _finetune(
                 val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
                 path=val_file,
                 fields=val_fields,
-                max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 out_dir=out,
                 doc_stride=cfg.doc_stride,
             )

@@ -43,7 +43,8 @@
 - `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
   tokens); decoding the whole sequence and withholding a trailing U+FFFD shows every character once,
-  complete.
+  complete. `whole_characters` is that one rule, for every text a model wrote that is shown or scored: generate,
+  chat (and its history), serve, and `eval --task`'s answers.
 
 Over STYLE.md's 800 lines: the sampling rules, both decode loops and the stop rules are read together, and
 the command's many-prompt half lives in generate_many.py.
@@ -607,6 +608,13 @@ def continuation_decoder(decode: Callable[[list[int]], str], context: list[int])
     return text
 
 
+def whole_characters(text: str) -> str:
+    """`text` (decoded token ids) without the U+FFFD that a character whose bytes did not all come (generation
+    stopped on max tokens halfway through it) decodes to at its end: a reply cut by a length limit ends at its
+    last whole character, in the text only (the token ids stay as generated)."""
+    return text.rstrip(REPLACEMENT_CHAR)
+
+
 class StreamDecoder:
     """Incremental detokenizer: feed token ids, get back only text that is complete.
 
@@ -629,7 +637,7 @@ class StreamDecoder:
     def feed(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""
         self.ids.append(token_id)
-        text = self.decode(self.ids).rstrip(REPLACEMENT_CHAR)
+        text = whole_characters(self.decode(self.ids))
         if len(text) <= self.emitted:
             return ""
         out = text[self.emitted :]
@@ -640,7 +648,7 @@ class StreamDecoder:
         """Return whatever is left (call once the stream has ended). A character whose bytes never all came
         (generation stopped on max tokens halfway through it) is dropped, not shown as U+FFFD: the text
         stays valid, as a reply cut by a length limit ends at its last whole character."""
-        text = self.decode(self.ids).rstrip(REPLACEMENT_CHAR)
+        text = whole_characters(self.decode(self.ids))
         out = text[self.emitted :]
         self.emitted = len(text)
         return out

@@ -150,8 +150,8 @@ def check_not_in_run(out: Path, *, error: type[LmforgeError] = ConfigError) -> N
     """An --out that a command makes (a run, a model or data folder) may not lie inside a run folder.
 
     `lmforge finetune runs/base --out runs/base/sft` trained into the base run: `pretrain`/`finetune --overwrite`
-    of runs/base (or `import`/`quantize --overwrite` into it) then deleted the fine-tune with it, and
-    `lmforge runs runs/` did not list it (it does not look inside runs). Files a command writes about a run
+    of runs/base (or `import`/`quantize --overwrite` into it) then deleted the fine-tune with it (`lmforge runs`
+    lists such a run, made before this check, as base/sft: `_runs_in_run`). Files a command writes about a run
     (`report`, `generate --out`, a .gguf) may sit in it; they are not checked here.
     """
     out = Path(out)
@@ -166,10 +166,7 @@ def check_not_in_run(out: Path, *, error: type[LmforgeError] = ConfigError) -> N
     fix = (
         f"move it beside it (mv {out} {beside})" if run_contents(out) else f"choose an --out beside it (e.g. {beside})"
     )
-    raise error(
-        f"--out {out} is inside the run {shown}, which '--overwrite' of {shown} would delete with it and 'lmforge "
-        f"runs' does not look inside; {fix}"
-    )
+    raise error(f"--out {out} is inside the run {shown}, which '--overwrite' of {shown} would delete with it; {fix}")
 
 
 def runs_inside(folder: Path) -> list[Path]:
@@ -178,13 +175,18 @@ def runs_inside(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    own_base = folder / "base" if (folder / "finetune.json").is_file() else None
+    own_base = _own_base(folder)
     return [
         r
         for p in sorted(folder.iterdir())
         if p.is_dir() and not p.name.startswith(".") and p != own_base
         for r in find_runs(p, max_depth=2)
     ]
+
+
+def _own_base(run_dir: Path) -> Path | None:
+    """A fine-tune's `base/`: the HF model it imported (`adapt.load.load_base`), part of it, not a run of its own."""
+    return run_dir / "base" if (run_dir / "finetune.json").is_file() else None
 
 
 def check_holds_no_run(out: Path, *, error: type[LmforgeError] = ConfigError) -> None:
@@ -571,14 +573,30 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(root: Path, *, max_depth: int = 3) -> list[Path]:
-    """Run directories at or under `root` (not looking inside runs), sorted by path."""
+    """Run directories at or under `root`, sorted by path; inside a run, only its sub-folders that are runs too
+    (`_runs_in_run`)."""
     root = Path(root)
     if is_run_dir(root):
-        return [root]
+        return [root, *_runs_in_run(root)]
     found: list[Path] = []
     if max_depth > 0 and root.is_dir():
         for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             found.extend(find_runs(child, max_depth=max_depth - 1))
+    return found
+
+
+def _runs_in_run(run_dir: Path, *, max_depth: int = 3) -> list[Path]:
+    """Runs trained into `run_dir`'s own folder (older lmforge took `finetune runs/base --out runs/base/sft`, which
+    `lmforge runs` then never listed), and the runs in those, sorted by path. Only a run's direct sub-folders that
+    are runs themselves are looked at: its checkpoints/, a data folder, or a fine-tune's own base/ (part of it) are
+    never walked. `max_depth` bounds the nesting (a symbolic link back up would otherwise never end)."""
+    if max_depth <= 0:
+        return []
+    skip = {run_dir / "checkpoints", _own_base(run_dir)}
+    found: list[Path] = []
+    for child in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in skip):
+        if is_run_dir(child):
+            found += [child, *_runs_in_run(child, max_depth=max_depth - 1)]
     return found
 
 

@@ -510,3 +510,23 @@ def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> No
     assert read_table(path) == rows
     m = run(tmp_path, [path], tokenizer="char")
     assert m["documents"]["out"] == 3 and docs_by_split(tmp_path / "out")["train"] == texts
+
+
+def test_a_file_named_without_an_extension_is_read_by_its_content(tmp_path: Path) -> None:
+    """`prepare corpus` (a JSON Lines file saved without an extension) prepared each raw line of JSON as a document,
+    where `finetune --train corpus` reads it by its content. A file named without any extension is JSON Lines when
+    its first non-blank line is a JSON object (gzip-compressed too), else text, as before."""
+    import gzip
+
+    lines = '\n{"text": "第一篇"}\n{"text": "second one"}\n'
+    (tmp_path / "corpus").write_text(lines, encoding="utf-8")
+    (tmp_path / "corpus.gz").write_bytes(gzip.compress(("\ufeff" + lines).encode("utf-8")))
+    for name in ("corpus", "corpus.gz"):
+        assert file_format(tmp_path / name) == "jsonl"
+        assert [d.text for d in read_documents(tmp_path / name)] == ["第一篇", "second one"], name
+    (tmp_path / "notes").write_text("{curly} text\n\nnot JSON\n", encoding="utf-8")
+    (tmp_path / "list").write_text('["a JSON list"]\n', encoding="utf-8")
+    (tmp_path / "log.txt2").write_text('{"text": "an unknown extension is text, as before"}\n', encoding="utf-8")
+    for name in ("notes", "list", "log.txt2"):
+        assert file_format(tmp_path / name) == "text", name
+    assert [d.text for d in read_documents(tmp_path / "notes")] == ["{curly} text\n", "not JSON\n"]

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,29 @@ def test_prompt_tuning_trains_only_the_prompt(base: Path, tmp_path: Path):
     init.init_from_embeddings(before["tok_emb.weight"], seed=ft.info["seed"])
     assert not torch.equal(init.weight, saved["prompt.weight"])
     assert ft.model.cfg.max_seq_len == 128 - 4
+
+
+def test_the_default_answer_length_fits_a_short_context_and_a_given_one_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A prompt-tuned sft run of a 40-token base (32 after its soft prompt) was refused without --val, nothing to
+    score, told to lower a --max-new-tokens 48 the user never passed. The default now fits itself (half the
+    context, with a note where answers are scored); a --max-new-tokens given that does not fit is still refused."""
+    short = make_base(tmp_path, max_seq_len=40)
+    cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=8, eval_samples=1)
+    finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "a", cfg=cfg, overrides=FAST, progress=False)
+    assert "note:" not in capsys.readouterr().err  # (nothing scored: nothing to say)
+    result = finetune(short, train_file=DATA / "alpaca.jsonl", val_file=DATA / "alpaca.jsonl", out=tmp_path / "b",
+                      cfg=cfg, overrides=FAST, progress=False)  # fmt: skip
+    assert "note: answers are scored up to 16 new tokens, half the model's context of 32" in capsys.readouterr().err
+    assert result["val"]["n"] == 1
+    from lmforge.eval.tasks import evaluate_task
+
+    assert evaluate_task(tmp_path / "b", task="sft", data=DATA / "alpaca.jsonl", limit=1)["n"] == 1  # (as eval)
+    assert "up to 16 new tokens" in capsys.readouterr().err
+    given = dataclasses.replace(cfg, max_new_tokens=48)
+    with pytest.raises(ConfigError, match="--max-new-tokens 48 leaves no room .* context of 32 tokens; use at most 31"):
+        finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "c", cfg=given, overrides=FAST, progress=False)
 
 
 def test_assistant_only_loss_mask_and_stored_template(base: Path):
@@ -563,6 +587,53 @@ def test_a_val_file_in_the_standard_columns_is_read_beside_a_renamed_train_file(
     bad.write_text(json.dumps({"txt": "好吃", "label": 1}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"row 1 has no column 'review' \(columns: txt, label\)"):
         finetune(base, train_file=train, val_file=bad, out=tmp_path / "b", cfg=cfg, overrides=FAST, progress=False)
+
+
+@contextlib.contextmanager
+def _pipe(data: bytes) -> Iterator[str]:
+    """A real pipe holding `data`, by the name a shell's process substitution gives it: <(cat FILE) is /dev/fd/N."""
+    import os
+    import threading
+
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        yield f"/dev/fd/{read_end}"
+    finally:
+        os.close(read_end)
+        writer.join(timeout=10)
+
+
+def test_task_files_from_a_pipe_are_read_once_in_the_format_their_content_has(base: Path, tmp_path: Path):
+    """`finetune --train <(zcat data.jsonl.gz)`: the path /dev/fd/63 has no extension and was refused as "unknown
+    file type"; a --val in the standard columns beside a renamed train file was read a second time (the retry in
+    those columns), which a pipe cannot give. Now a file named without an extension is read by its content (JSON
+    Lines, a JSON list, gzip, else headerless tab-separated text as a .txt) and every task file is read once."""
+    train = [{"review": t, "label": y} for t, y in (("很好吃", 1), ("太难吃了", 0), ("送得很快", 1), ("凉了", 0))]
+    val = [{"text": "好吃", "label": 1}, {"text": "难吃", "label": 0}]
+    jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")  # noqa: E731
+    cfg = FinetuneConfig(task="classify", adapt="head", field=["text=review"])
+    with _pipe(jsonl(train)) as train_file, _pipe(gzip.compress(jsonl(val))) as val_file:
+        result = finetune(base, train_file=train_file, val_file=val_file, out=tmp_path / "run", cfg=cfg,
+                          overrides=FAST, progress=False)  # fmt: skip
+    assert result["val"]["n"] == 2 and sum(map(sum, result["val"]["confusion"])) == 2
+    from lmforge.data.formats import read_table, read_task_rows
+
+    fields = {"text": "text", "label": "label"}
+    with _pipe(json.dumps(val).encode("utf-8")) as listed, _pipe(b"good\t1\nbad\t0\n") as tabbed:
+        assert read_task_rows(listed, "classify", fields) == val
+        assert read_task_rows(tabbed, "classify", fields) == [
+            {"text": "good", "label": "1"},
+            {"text": "bad", "label": "0"},
+        ]
+    with _pipe(b"text,label\ngood,1\n") as table, pytest.raises(DataError, match="not JSON, and its name has no "):
+        read_table(table)  # (no task to name a .txt file's columns: asked for a name that says the format)
 
 
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):

@@ -318,6 +318,25 @@ def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
     assert continuation_decoder(tok.decode, prompt)(rest) == " come"
 
 
+def test_eval_answers_cut_mid_character_end_at_a_whole_character(tmp_path):
+    """`eval --task` (and a fine-tune's final scoring) decoded its answers on their own: one cut by
+    --max-new-tokens in the middle of a character ended with U+FFFD, shown in the samples and scored, where
+    generate, chat and serve drop it (`whole_characters`, the one rule for all of them)."""
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.eval.tasks import _answers
+    from lmforge.tokenizer.train import train_bpe
+    from tests.test_finetune import make_base
+
+    text = (Path(__file__).parent / "data" / "hongloumeng_ch1.txt").read_text(encoding="utf-8")
+    ft = load_finetuned(make_base(tmp_path, max_seq_len=64, tok=train_bpe([text], 300)), torch.device("cpu"))
+    prompts = [ft.tokenizer.encode(p) for p in ("红楼", "甄士隐", "贾雨村", "石头", "女娲", "通灵宝玉", "神瑛", "绛珠")]
+    answers = _answers(ft, prompts, max_new_tokens=7)
+    raw = [ft.tokenizer.decode(generate(ft.model, p, max_new_tokens=7, temperature=0.0)) for p in prompts]
+    assert any(r.endswith("\ufffd") for r in raw)  # (these prompts do cut a character)
+    assert not any(a.endswith("\ufffd") for a in answers)
+    assert answers == [r.rstrip("\ufffd").strip() for r in raw]
+
+
 def test_generate_from_checkpoint_returns_what_it_streamed(tmp_path):
     """Byte-level BPE on Chinese: a reply cut by max_new_tokens mid-character was streamed without its
     U+FFFD but returned with it (8 of these 16 seeds differed)."""

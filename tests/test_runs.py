@@ -574,3 +574,35 @@ def test_an_encoder_pretraining_loss_says_what_it_is_per(data_dir: Path, tmp_pat
     assert mlm["val_loss"] == pytest.approx(math.log(mlm["val_mlm_ppl"]), rel=1e-9)
     runs = load_runs([tmp_path / "runs" / "r0"])
     assert [label for label, _ in plot_panels(PLOTS[0], runs)] == ["loss (nats/masked token)"]
+
+
+def test_a_run_trained_into_another_runs_folder_is_listed_without_walking_the_rest(tmp_path):
+    """Older lmforge let `finetune runs/base --out runs/base/sft`; `lmforge runs runs/` never listed the fine-tune
+    (it stopped at the run it was in). A run's sub-folders that are runs are listed (as base/sft, and the runs in
+    those), and nothing else of a run is walked: a run-like folder in its checkpoints/ or deeper in a data folder is
+    not listed, nor a fine-tune's own base/ (the HF model it imported)."""
+    from lmforge.atomic import write_json
+    from lmforge.config import RunConfig
+    from lmforge.runs import find_runs
+
+    def run(path: Path, **extra: dict) -> Path:
+        path.mkdir(parents=True)
+        write_json(path / "config.json", RunConfig(out=str(path), model=GPTConfig(vocab_size=64)).to_dict())
+        (path / "metrics.jsonl").write_text('{"step": 3, "loss": 2.5, "tokens": 96}\n', encoding="utf-8")
+        for name, data in extra.items():
+            write_json(path / name, data)
+        return path
+
+    root = tmp_path / "runs"
+    base = run(root / "base")
+    sft = run(base / "sft")
+    dpo = run(sft / "dpo")
+    run(base / "checkpoints" / "step-000003")  # (looks like a run: never looked at)
+    run(base / "data" / "shards" / "old")  # (not a direct sub-folder of the run)
+    ft = run(root / "ft", **{"finetune.json": {"task": "sft"}})
+    run(ft / "base")  # its imported base, part of it
+    other = run(root / "group" / "other")
+    assert find_runs(root) == [base, sft, dpo, ft, other]
+    names = [r.name for r in list_runs(root)]
+    assert names == ["base", "base/sft", "base/sft/dpo", "ft", "group/other"]
+    assert "base/sft/dpo" in format_runs(list_runs(root))

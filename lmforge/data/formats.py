@@ -3,7 +3,8 @@
 - `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz`, `.csv` and `.tsv` with a
   header row (a .tsv's quotes read as `prepare` reads them, `data/tsv.py`), and headerless `.txt`
   (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
-  the UCI sentiment sentences).
+  the UCI sentiment sentences). A file named without one of those extensions (a pipe, `<(zcat x.jsonl.gz)`) is
+  read by its content (`_sniff_kind`), and every file is read once: a pipe gives its bytes only once.
 - `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
 - Every LM-style example is one token list plus a per-token `train` flag: the token is a target
   (its loss counts) only where the flag is set. `lm_batch` shifts them into (inputs, targets) with
@@ -88,13 +89,19 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         if not rows:
             raise DataError(f"{p} holds no rows; check the file")
         return rows
-    try:
-        raw = gzip.open(p, "rb").read() if p.name.lower().endswith(".gz") else p.read_bytes()
+    kind = next((k for k in ("jsonl", "json", "csv", "tsv", "txt") if name.endswith("." + k)), None)
+    raw = b""
+    try:  # read once: a pipe (<(zcat data.jsonl.gz), named /dev/fd/63) cannot be read a second time
+        raw = p.read_bytes()
+        if p.name.lower().endswith(".gz") or (kind is None and raw.startswith(_GZIP_MAGIC)):
+            raw = gzip.decompress(raw)
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:  # GBK, Big5, UTF-16...: say which and how to convert it
-        from lmforge.data.ingest import check_not_binary
+        from lmforge.data.clean import BINARY_SNIFF_BYTES
+        from lmforge.data.ingest import check_head_not_binary
 
-        check_not_binary(p)  # (names the encoding where the start of the file is mostly in it)
+        # (names the encoding where the start of the file is mostly in it)
+        check_head_not_binary(p, raw[:BINARY_SNIFF_BYTES])
         # mostly ASCII (a GBK .jsonl of Alpaca's English and Chinese fields): not flagged above, but still not UTF-8
         raise DataError(
             f"{p} is not UTF-8 (byte {e.start}: {e.reason}); convert it first with iconv -f ENCODING -t UTF-8 "
@@ -103,19 +110,23 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
     except (OSError, EOFError) as e:  # (a damaged .gz read as "convert it to UTF-8")
         raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is a damaged .gz") from None
     if "\x00" in text:  # UTF-16 or binary data (as prepare refuses it), or a NUL byte further in
-        from lmforge.data.ingest import check_not_binary
+        from lmforge.data.clean import BINARY_SNIFF_BYTES
+        from lmforge.data.ingest import check_head_not_binary
 
-        check_not_binary(p)
+        check_head_not_binary(p, raw[:BINARY_SNIFF_BYTES])
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise DataError(f"{p}:{line}: holds a NUL byte, which text never has; remove it or re-export the file")
-    if name.endswith(".jsonl") or name.endswith(".json"):
-        rows = _read_json(text, p, lines=name.endswith(".jsonl"))
-    elif name.endswith(".tsv"):
+    sniffed = kind is None
+    if sniffed:
+        kind = _sniff_kind(text)
+    if kind in ("jsonl", "json"):
+        rows = _read_json(text, p, lines=kind == "jsonl")
+    elif kind == "tsv":
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
         table = tsv_rows(io.StringIO(text, newline=""))
         header = next(table, (0, []))[1]
         rows = [_no_extra_fields(_named(header, fields), p, line, len(header)) for line, fields in table]
-    elif name.endswith(".csv"):
+    elif kind == "csv":
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
@@ -130,9 +141,13 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
                 f"{p}:{start}: not valid CSV ({e}); a quote opened in a field must be closed (a literal quote "
                 'inside a quoted field is written "")'
             ) from None
-    elif name.endswith(".txt"):
+    else:  # .txt, or text that is not JSON in a file named without an extension
         if not txt_columns:
-            raise DataError(f"{p}: a headerless .txt file needs a task to name its columns")
+            raise DataError(
+                f"{p}: not JSON, and its name has no extension that says its format; save it as .csv, .tsv or .txt"
+                if sniffed
+                else f"{p}: a headerless .txt file needs a task to name its columns"
+            )
         rows = []
         # lines end at "\n", "\r\n" or a lone "\r", as in `prepare`; not splitlines(): U+2028, U+0085
         # etc. are text inside a row
@@ -141,11 +156,29 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
                 # split from the right: UCI's imdb file has stray quotes and tabs inside sentences
                 parts = line.rsplit("\t", len(txt_columns) - 1) if txt_columns[-1] == "label" else line.split("\t")
                 rows.append(dict(zip(txt_columns, parts, strict=False)))  # extra columns: ignored
-    else:
-        raise DataError(f"{p}: unknown file type; use .jsonl, .json, .csv, .tsv or .txt (optionally .gz), or .parquet")
     if not rows:
         raise DataError(f"{p} holds no rows; check the file")
     return rows
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _sniff_kind(text: str) -> str:
+    """The format of a file whose name does not say it (a pipe such as <(zcat data.jsonl.gz) is /dev/fd/63): JSON
+    Lines if it starts with `{` (a JSON object, such as a SQuAD file, when its first line alone is not one), a JSON
+    list if with `[`, else headerless tab-separated text, as a .txt file. (A CSV or TSV header row could not be told
+    from a first row, so tables are read by extension only.)"""
+    start = text.lstrip()
+    if start.startswith("["):
+        return "json"
+    if start.startswith("{"):
+        try:
+            json.loads(start.split("\n", 1)[0])
+        except json.JSONDecodeError:
+            return "json"
+        return "jsonl"
+    return "txt"
 
 
 def _named(header: list[str], fields: list[str]) -> dict[Any, Any]:
@@ -645,7 +678,7 @@ def read_task_rows(
     rows' answers will be scored, so an empty reference is an error (`check_columns`). `limit` > 0: only the
     first `limit` rows (`eval --limit`), and only they are checked: a bad row after them is never read."""
     p = Path(path)
-    if task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file():
+    if _is_text_documents(p, task):
         from lmforge.data.ingest import check_not_binary
 
         check_not_binary(p)  # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
@@ -667,10 +700,28 @@ def read_task_rows(
                 file=sys.stderr,
             )
         return [{fields["text"]: d} for d in docs][: limit or None]
+    return _task_rows(_read_task_table(p, task), p, task, fields, scored=scored, limit=limit)
+
+
+def _is_text_documents(p: Path, task: str) -> bool:
+    return task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file()
+
+
+def _read_task_table(p: Path, task: str) -> list[dict[str, Any]]:
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
     # among them as among a header's names (--field source=target --field target=source: zh -> en)
-    txt_columns = tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages"))
-    rows = read_table(p, txt_columns=txt_columns)
+    return read_table(p, txt_columns=_txt_columns(task))
+
+
+def _txt_columns(task: str) -> tuple[str, ...]:
+    return tuple(f for f in TASK_FIELDS[task] if f not in ("input", "messages"))
+
+
+def _task_rows(
+    rows: list[dict[str, Any]], p: Path, task: str, fields: dict[str, str], *, scored: bool = False, limit: int = 0
+) -> list[dict[str, Any]]:
+    """`read_task_rows` on the rows of a table already read (`read_table`)."""
+    txt_columns = _txt_columns(task)
     if task == "qa":  # a dotted answer path (answers.text) is one row's list of references, not a row per answer
         from lmforge.data.qa import dotted_answers
 
@@ -712,14 +763,18 @@ def read_rows_or_standard(
     task's standard columns when it has those instead: a test or --val file is often in another layout than the
     training file (`eval --task` on a run trained on renamed columns; a fine-tune's --val JSONL of text/label
     beside a training CSV of review/label, which no --field could read both of)."""
+    p = Path(path)
+    if _is_text_documents(p, task):  # (documents of text: no columns to miss)
+        return read_task_rows(p, task, fields, scored=scored, limit=limit), fields
+    table = _read_task_table(p, task)  # read once: a pipe (<(zcat val.jsonl.gz)) cannot be read a second time
     try:
-        return read_task_rows(path, task, fields, scored=scored, limit=limit), fields
+        return _task_rows(table, p, task, fields, scored=scored, limit=limit), fields
     except MissingColumnError as first:
         standard = field_map(task, None)
         if standard == fields:
             raise
         try:
-            return read_task_rows(path, task, standard, scored=scored, limit=limit), standard
+            return _task_rows(table, p, task, standard, scored=scored, limit=limit), standard
         except MissingColumnError:
             raise first from None  # (neither: name the columns asked for)
         # any other error is about the file in the standard columns it has (an empty text, a null): it

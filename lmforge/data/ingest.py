@@ -20,6 +20,8 @@ network). File formats, chosen by file name (case-insensitive):
   (RFC 4180 quoting, so a quoted field may hold newlines; in a .tsv a `"` that does not open a quoted
   field is text, as plain TSVs write it: `data/tsv.py`, shared with `finetune`'s task files).
 - `.parquet` (needs pyarrow, `pip install 'lmforge[parquet]'`): the string column `text_field`.
+- a file named without any extension (`corpus`, `corpus.gz`): JSON Lines if its first non-blank line is a JSON
+  object (as `finetune --train` reads such a file), else text.
 - text, JSONL, CSV and TSV may be compressed: `.gz` (standard library) or `.zst` (needs zstandard,
   `pip install 'lmforge[zstd]'`; opened by `data/compressed.py`).
 
@@ -73,6 +75,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import os
 import re
 import shlex
@@ -182,7 +185,34 @@ def file_format(path: str | Path) -> Format:
     for suffix, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".csv", "csv"), (".tsv", "tsv")):
         if name.endswith(suffix):
             return fmt  # type: ignore[return-value]
+    if "." not in name and _starts_with_json_object(p):  # (a file saved as `corpus`, named explicitly)
+        return "jsonl"
     return "text"
+
+
+_SNIFF_LINE_BYTES = 1 << 20
+
+
+def _starts_with_json_object(path: Path) -> bool:
+    """The first non-blank line of `path` (decompressed) is a JSON object: a file named without an extension is
+    then JSON Lines, as `finetune --train` reads such a file (`formats.read_table`), not text whose documents
+    would be its raw JSON."""
+    try:
+        raw, stream = open_input(path)
+    except OSError:
+        return False  # (said when it is read)
+    try:
+        while line := stream.readline(_SNIFF_LINE_BYTES):
+            whole = len(line) < _SNIFF_LINE_BYTES or line.endswith(b"\n")  # (a longer line: by its start)
+            line = line.removeprefix(b"\xef\xbb\xbf").strip()
+            if line:
+                return line.startswith(b"{") and (not whole or isinstance(json.loads(line), dict))
+    except (ValueError, *read_errors()):  # not JSON, not UTF-8, a damaged .gz: text (or said when it is read)
+        return False
+    finally:
+        stream.close()
+        raw.close()
+    return False
 
 
 def is_known_format(path: str | Path) -> bool:
@@ -357,6 +387,11 @@ def check_not_binary(path: Path) -> None:
     finally:
         stream.close()
         raw.close()
+    check_head_not_binary(path, head)
+
+
+def check_head_not_binary(path: Path, head: bytes) -> None:
+    """`check_not_binary` on the (decompressed) first bytes of `path` already read: a pipe cannot be opened twice."""
     if looks_binary(head):
         encoding = legacy_encoding(head[:BINARY_SNIFF_BYTES])
         if encoding:

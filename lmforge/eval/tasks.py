@@ -28,6 +28,7 @@ are left out whole, the first ones first (`fewshot_head`; a note counts them).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 import string
@@ -131,6 +132,29 @@ def answer_context(model: Any) -> int:
     return getattr(model, "max_context", model.cfg.max_seq_len)
 
 
+DEFAULT_MAX_NEW_TOKENS = 48  # the answer length scored when --max-new-tokens is not given (0), where it fits
+
+
+def answer_length(max_new_tokens: int, context: int, *, note: bool = True) -> int:
+    """The answer length to score with in a model's `context`: `max_new_tokens` as given (an error if it leaves its
+    prompt no room), or for 0 (not given) DEFAULT_MAX_NEW_TOKENS, lowered to half the context where it does not fit
+    (`note`: saying so on stderr). A prompt-tuned model of a short context (its soft prompt takes tokens) was refused,
+    told to lower a --max-new-tokens that was never passed."""
+    if max_new_tokens:
+        check_answer_room(max_new_tokens, context)
+        return max_new_tokens
+    if DEFAULT_MAX_NEW_TOKENS < context:
+        return DEFAULT_MAX_NEW_TOKENS
+    fitted = max(1, context // 2)
+    if note:
+        print(
+            f"note: answers are scored up to {fitted} new tokens, half the model's context of {context} (the default "
+            f"{DEFAULT_MAX_NEW_TOKENS} would leave no room for the prompt); pass --max-new-tokens to choose",
+            file=sys.stderr,
+        )
+    return fitted
+
+
 def check_answer_room(max_new_tokens: int, context: int) -> None:
     """An answer of `max_new_tokens` must leave its prompt at least one token of the context (the
     prompt keeps its last tokens; with none left the model would answer without the question)."""
@@ -149,7 +173,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
     from lmforge.data.formats import keep_end
-    from lmforge.generate import generate, generate_batch, run_stops
+    from lmforge.generate import generate, generate_batch, run_stops, whole_characters
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
@@ -186,7 +210,9 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
             )  # fmt: skip
             for p in prompts
         ]
-    return [ft.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True).strip() for ids in new]
+    # an answer cut by max_new_tokens mid-character is scored and shown without its U+FFFD, as generate shows it
+    decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+    return [whole_characters(decode([t for t in ids if t not in stops])).strip() for ids in new]
 
 
 @torch.no_grad()
@@ -461,7 +487,7 @@ def task_metrics(
     rows: list[dict[str, Any]],
     *,
     path: Any,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 0,
     out_dir: Path | None = None,
     task: str | None = None,
     fields: dict[str, str] | None = None,
@@ -476,6 +502,8 @@ def task_metrics(
     task = task or info.get("task")
     fields = fields or info.get("fields")
     ft.model.eval()
+    if task in ("sft", "qa", "translate"):
+        max_new_tokens = answer_length(max_new_tokens, answer_context(ft.model))
     if task == "classify":
         if not hasattr(ft.model, "classify") or ft.model.head is None:
             raise ConfigError(
@@ -614,7 +642,7 @@ def evaluate_task(
     field_renames: list[str] | None = None,
     k_shot: int = 0,
     shots: str | Path | None = None,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 0,
     limit: int = 0,
     doc_stride: int = DOC_STRIDE,
     device: str = "auto",
@@ -626,8 +654,8 @@ def evaluate_task(
 
     if limit < 0:
         raise ConfigError(f"--limit must be a number of rows >= 1 (or 0 for all), got {limit}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 1 (or 0 for the default), got {max_new_tokens}")
     if k_shot < 0:
         raise ConfigError(f"--k-shot must be >= 0, got {k_shot}")
     if doc_stride < 0:
@@ -639,7 +667,7 @@ def evaluate_task(
         result = evaluate_choice(ft, data, renames=field_renames, k=k_shot, shots=shots, limit=limit)
         return result | {"run": str(run), "data": str(data)}
     if task in ("sft", "qa", "translate"):
-        check_answer_room(max_new_tokens, answer_context(ft.model))
+        max_new_tokens = answer_length(max_new_tokens, answer_context(ft.model))
     info = ft.info or {}
     if info.get("task") == "classify" and task != "classify":
         raise ConfigError(f"{run} is a classifier; evaluate it with --task classify")
