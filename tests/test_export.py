@@ -314,6 +314,21 @@ def test_model_card_speaks_the_language_of_the_training_data(tmp_path: Path) -> 
     assert 'tokenizer("从前有座山' in card and "Once upon a time" not in card
 
 
+def test_a_french_model_card_says_fr(tmp_path: Path) -> None:
+    """prepare's language guess names fr/de/es/it/pt/nl now; a French corpus's card got no `language:` line and the
+    English prompt, as `data_language` knew only zh/ja/ko/en."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.export.hf import card_language_header, data_language
+
+    pairs = (Path(__file__).parent / "data" / "eng_fra.txt").read_text(encoding="utf-8").splitlines()
+    french = [line.split("\t")[1] for line in pairs if "\t" in line]
+    text = tmp_path / "fr.txt"
+    text.write_text("\n\n".join(" ".join(french[i : i + 5]) for i in range(0, len(french), 5)), encoding="utf-8")
+    prepare(PrepareConfig(inputs=[str(text)], out=str(tmp_path / "data"), tokenizer="char"), progress=False)
+    assert data_language(str(tmp_path / "data")) == "fr"
+    assert card_language_header("fr") == "language:\n- fr\n"
+
+
 # --------------------------------------------------------------------------------------------
 # import
 

@@ -585,7 +585,11 @@ def _val_loss_text(ckpt_dir: Path, record: dict[str, Any]) -> str:
 
 
 # Model-card examples in the training data's language: a Chinese model continues Chinese, not "Once upon a time"
-CARD_PROMPTS = {"zh": "从前有座山，山里有座庙。", "ja": "むかしむかし、", "ko": "옛날 옛적에", "en": "Once upon a time"}
+CARD_PROMPTS = {
+    "zh": "从前有座山，山里有座庙。", "ja": "むかしむかし、", "ko": "옛날 옛적에", "en": "Once upon a time",
+    "fr": "Il était une fois", "de": "Es war einmal", "es": "Érase una vez", "it": "C'era una volta",
+    "pt": "Era uma vez", "nl": "Er was eens",
+}  # fmt: skip
 
 
 def data_language(data_dir: str) -> str:
