@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from lmforge.atomic import naming, try_lock
+from lmforge.data.clean import json_line
 from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.errors import Interrupted, LmforgeError, first_line
 
@@ -118,7 +119,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
     prompts = []
     for n, line in lines:
         try:
-            row = json.loads(line)
+            row = json.loads(json_line(line))  # (a BOM mid-file: `cat a.jsonl b.jsonl` of Windows-saved files)
         except json.JSONDecodeError as e:
             raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):

@@ -570,3 +570,12 @@ def test_a_text_prompt_file_ends_its_lines_as_prepare_does(tmp_path: Path, monke
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_bytes(b'{"prompt": "a"}\r\n{"prompt": "b"\r}\n')
     assert [p for _, p, _ in read_prompts(jsonl)] == ["a", "b"]
+
+
+def test_a_jsonl_prompt_file_reads_a_bom_at_the_start_of_any_line(tmp_path: Path) -> None:
+    """`cat a.jsonl b.jsonl` of Windows-saved prompt files puts b's BOM mid-file: "line 2 is not valid JSON"."""
+    from lmforge.generate_many import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes('\ufeff{"prompt": "a"}\n\ufeff{"prompt": "宝玉"}\n'.encode())
+    assert [p for _, p, _ in read_prompts(path)] == ["a", "宝玉"]
