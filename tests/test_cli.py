@@ -426,6 +426,20 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
         (["generate", "RUN", "--prompt", "A", "--prompt", "B"], "pass --prompt-file FILE"),
         (["generate", "RUN", "--prompt", "", "--prompt=B"], "--prompt is given twice"),  # an empty one counts
         (["generate", "RUN", "--prompt-file", "a.txt", "--prompt-file", "b.txt"], "--prompt-file is given twice"),
+        (["finetune", "B", "--train", "a.jsonl", "--train", "b.jsonl", "--out", "O"], "join the files into one"),
+        (["finetune", "B", "--train", "a", "--val", "a.jsonl", "--val=b.jsonl", "--out", "O"], "--val is given twice"),
+        (
+            ["finetune", "B", "--train", "a", "--out", "O", "--adapt", "distill", "--teacher", "T1", "--teacher", "T2"],
+            "--teacher is given twice",
+        ),  # fmt: skip
+        (["finetune", "B", "--train", "a", "--out", "O", "--replay", "r", "--replay", "s"], "--replay is given twice"),
+        (["finetune", "B", "--train", "a", "--out", "O", "--old-val", "r", "--old-val", "s"], "--old-val is given"),
+        (["eval", "RUN", "--data", "D1", "--data", "D2"], "run it once for each"),
+        (["eval", "RUN", "--task", "choice", "--data", "F", "--shots", "a", "--shots", "b"], "--shots is given twice"),
+        (["pretrain", "--data", "D", "--init-from", "R1", "--init-from", "R2"], "--init-from is given twice"),
+        (["quantize", "RUN", "--out", "O", "--val", "a.jsonl", "--val", "b.jsonl"], "--val is given twice"),
+        (["import", "HF", "--out", "O", "--generator", "G1", "--generator", "G2"], "--generator is given twice"),
+        (["prepare", "in.txt", "--out", "O", "--tokenizer", "char", "--tokenizer", "t.json"], "one tokenizer"),
     ],
 )
 def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
