@@ -288,6 +288,13 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                     f"{run_dir} was trained with {flag} {was}, not {now or 'none'}; resume with {flag} {was}, "
                     "or use another --out or --overwrite to start over"
                 )
+        # before the model: another tokenizer's vocabulary was refused as "a different model config (vocab_size ...)"
+        tok_path = run_dir / "tokenizer.json"
+        if tok_path.is_file() and Tokenizer.load(tok_path).fingerprint != tokenizer.fingerprint:
+            raise DataError(
+                f"the data in {cfg.data.dir} was prepared with another tokenizer than the run in {run_dir}; "
+                f"prepare it with --tokenizer {tok_path} or use another --out"
+            )
         new_model = new_dict["model"]
         old_model = _with_new_defaults(old.get("model"), cfg.model)
         if old_model != new_model:
@@ -295,12 +302,6 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             raise ConfigError(
                 f"{run_dir} holds a run with a different model config ({change}); "
                 "use another --out, or --overwrite to start over"
-            )
-        tok_path = run_dir / "tokenizer.json"
-        if tok_path.is_file() and Tokenizer.load(tok_path).fingerprint != tokenizer.fingerprint:
-            raise DataError(
-                f"the data in {cfg.data.dir} was prepared with another tokenizer than the run in {run_dir}; "
-                f"prepare it with --tokenizer {tok_path} or use another --out"
             )
         return latest_checkpoint(run_dir) is not None
     run_dir.mkdir(parents=True, exist_ok=True)
