@@ -107,6 +107,17 @@ def trained_run(tmp_path_factory, corpus_file):
     return data, run
 
 
+def test_eval_json_gives_the_data_directory_absolute_whether_given_or_not(trained_run):
+    """`eval --json` said "data" as typed (relative) with --data and absolute (as the run records it) without."""
+    data, run = trained_run
+    flags = ["--split", "test", "--max-batches", "1", "--json"]
+    given = run_cli("eval", str(run), "--data", data.name, *flags, cwd=str(data.parent))
+    recorded = run_cli("eval", str(run), *flags)
+    assert given.returncode == 0 and recorded.returncode == 0, given.stderr + recorded.stderr
+    said = [json.loads(r.stdout)["data"] for r in (given, recorded)]
+    assert said == [str(data.resolve())] * 2, said
+
+
 def test_end_to_end(trained_run):
     data, run = trained_run
     for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "tokenizer.json"):
