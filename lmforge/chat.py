@@ -467,7 +467,14 @@ def chat(
     stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()
     context = context_length(model)  # a recurrent model's has no limit
-    max_new_tokens = min(max_new_tokens, context // 2)  # the other half holds the history
+    if max_new_tokens > context // 2:  # the other half holds the history (it was capped without a word)
+        print(
+            f"note: --max-new-tokens {max_new_tokens} is more than half the model's context ({context} tokens); "
+            f"replies are capped at {context // 2} tokens, the other half holds the conversation",
+            file=sys.stderr,
+            flush=True,
+        )
+        max_new_tokens = context // 2
     if interactive is None:
         interactive = stdin.isatty()
     notices = stdout if interactive else sys.stderr  # piped: stdout is the replies alone, for the script reading it

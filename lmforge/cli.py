@@ -20,6 +20,7 @@ from typing import Any
 
 from lmforge import __version__
 from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError, interrupt_seen, note_interrupt
+from lmforge.fields import Once
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -57,21 +58,6 @@ class Parser(argparse.ArgumentParser):
         hint = difflib.get_close_matches(bad[1], choices, n=1) if bad else []
         see = f"did you mean '{hint[0]}'? (see '{self.prog} --help')" if hint else f"see '{self.prog} --help'"
         self.exit(2, f"{self.prog}: error: {message}; {see}\n")
-
-
-class Once(argparse.Action):
-    """An option that takes one value and refuses a second: argparse kept the last one without a word, so
-    `--config base.toml --config run.toml` trained without base.toml's settings and `--prompt A --prompt B`
-    completed B alone. `hint` says what to do instead."""
-
-    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
-        self.hint = hint
-        super().__init__(*args, **kwargs)
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
-            raise ConfigError(f"{option_string} is given twice, but takes one value; {self.hint}")
-        setattr(namespace, self.dest, values)
 
 
 _ONE_CONFIG = "merge the files into one, or give the other file's settings as --section.key flags"
@@ -128,7 +114,12 @@ def build_parser() -> Parser:
         "Hugging Face datasets; clean, filter, deduplicate (exact or near), train or load a tokenizer, split "
         "train/val/test by document hash, write token shards, manifest.json and a data card.",
     )
-    add_dataclass_args(p, PrepareConfig, positional=("inputs",))
+    add_dataclass_args(
+        p,
+        PrepareConfig,
+        positional=("inputs",),
+        once={"tokenizer": "prepare with one tokenizer (a kind, or one tokenizer.json)"},
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser(
@@ -158,6 +149,8 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.add_argument(
         "--init-from",
+        action=Once,
+        hint="a run starts from one model; pick the RUN to continue from",
         metavar="RUN",
         help="continued pretraining: start from RUN's model and weights (its latest checkpoint, or the checkpoint "
         "folder given; a pretrained, imported or quantized run, encoders too) with a fresh optimizer and schedule; "
@@ -180,7 +173,12 @@ def build_parser() -> Parser:
         "(ELECTRA).",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--data", help="prepared data directory (default: the one the run trained on); with --task a FILE")
+    p.add_argument(
+        "--data",
+        action=Once,
+        hint="evaluate one data directory or task file per command (run it once for each)",
+        help="prepared data directory (default: the one the run trained on); with --task a FILE",
+    )
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument(
         "--batch-size",
@@ -336,6 +334,8 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
         "--generator",
+        action=Once,
+        hint="ELECTRA has one generator; pick the GEN_DIR trained with HF_DIR",
         metavar="GEN_DIR",
         help="ELECTRA: the generator (ElectraForMaskedLM) trained with the discriminator HF_DIR, imported too "
         "(default: a freshly initialised one)",
@@ -364,6 +364,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--val",
         default=None,
+        action=Once,
+        hint="join the validation files into one (or run the command once per file)",
         metavar="FILE",
         help="a fine-tune: the task file to compare val loss/bpb on (default: the --val it was fine-tuned with; "
         "a pretrained run is compared on its prepared data's val split)",

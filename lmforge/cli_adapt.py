@@ -67,7 +67,7 @@ def penalties_of(args: argparse.Namespace) -> Any:
 
 
 def add_parsers(sub: Any) -> None:
-    from lmforge.fields import add_dataclass_args
+    from lmforge.fields import Once, add_dataclass_args
     from lmforge.finetune import FinetuneConfig
 
     p = sub.add_parser(
@@ -87,12 +87,25 @@ def add_parsers(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("base", metavar="BASE")
-    p.add_argument("--train", dest="train_file", required=True, metavar="FILE", help="training data")
-    p.add_argument("--val", dest="val_file", metavar="FILE", help="validation data (metrics at the end)")
+    join = "join the files into one (a JSONL/CSV file's rows one after another)"
+    p.add_argument(
+        "--train", dest="train_file", required=True, action=Once, hint=join, metavar="FILE", help="training data"
+    )
+    p.add_argument(
+        "--val", dest="val_file", action=Once, hint=join, metavar="FILE", help="validation data (metrics at the end)"
+    )
     p.add_argument("--out", required=True, help="run directory (an existing one of the same command is resumed)")
     p.add_argument("--overwrite", action="store_true", help="start an existing --out over instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    add_dataclass_args(p, FinetuneConfig)
+    add_dataclass_args(
+        p,
+        FinetuneConfig,
+        once={
+            "teacher": "distillation learns from one teacher; pick one",
+            "replay": join.replace("the files", "the replay files"),
+            "old_val": join.replace("the files", "the old-domain files"),
+        },
+    )
 
     p = sub.add_parser(
         "chat",
@@ -192,6 +205,8 @@ _SPLIT_FLAGS = {"split": "val", "batch_size": 0, "max_batches": 0, "seq_len": 0}
 
 def add_eval_task_args(p: Any) -> None:
     """Task-evaluation flags of `lmforge eval` (with --task, --data is a task FILE)."""
+    from lmforge.fields import Once
+
     p.add_argument(
         "--task",
         choices=["classify", "sft", "translate", "qa", "dpo", "clm", "choice"],
@@ -207,7 +222,13 @@ def add_eval_task_args(p: Any) -> None:
     p.add_argument(
         "--k-shot", type=int, default=0, help="classify/choice in-context with k examples from --shots (no head)"
     )
-    p.add_argument("--shots", metavar="FILE", help="labelled examples (solved questions) for --k-shot")
+    p.add_argument(
+        "--shots",
+        action=Once,
+        hint="join the example files into one",
+        metavar="FILE",
+        help="labelled examples (solved questions) for --k-shot",
+    )
     default = _TASK_FLAGS["max_new_tokens"]
     p.add_argument(
         "--max-new-tokens",

@@ -834,16 +834,24 @@ def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -
 
 
 def _source(message: str, flags: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> str:
-    """Where the setting a refusal starts with (`train.min_lr is not used ...`) came from when no flag set it:
-    the first of `sources` (name, nested dict) that writes it, e.g. the --config file's path; "" otherwise."""
+    """Where the settings a refusal names came from, as its prefix: the first of `sources` (name, nested dict)
+    that writes the one it starts with (`train.min_lr is not used ...`), e.g. the --config file's path, and the
+    flags that set the others it names ("c.toml and --model.n_head": `model.d_model (64) must be divisible by
+    model.n_head (3)` was blamed on the file that set d_model alone); "" when a flag set the first (the user
+    typed it) or nothing did."""
     match = re.match(r"([a-z_]+)\.([a-z0-9_]+)\b", message)
     if not match:
         return ""
+
+    def writes(data: dict[str, Any], section: str, key: str) -> bool:
+        return isinstance(data.get(section), dict) and key in data[section]
+
     section, key = match.groups()
-    for name, data in [("", flags), *sources]:
-        if isinstance(data.get(section), dict) and key in data[section]:
-            return name
-    return ""
+    if writes(flags, section, key):
+        return ""
+    named = [m for m in dict.fromkeys(re.findall(r"\b([a-z_]+)\.([a-z0-9_]+)\b", message)) if writes(flags, *m)]
+    first = [name for name, data in sources if writes(data, section, key)][:1]
+    return " and ".join(first + [f"--{s}.{k}" for s, k in named])
 
 
 def check_early_stopping(train: TrainConfig, eval_cfg: EvalConfig) -> None:

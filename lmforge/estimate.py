@@ -383,6 +383,51 @@ def memory_bytes(
     return out
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of `device`: the GPU's own, or the machine's RAM (Linux /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # (kB)
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(
+    model: GPTConfig, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
+) -> None:
+    """Refuse (ConfigError) a model whose weights, gradients and optimizer state alone exceed `device`'s total memory.
+
+    A margin on purpose: activations, autocast copies and buffers are left out, so nothing that might fit is refused;
+    this catches the model far too big for the machine before it is built (it grew to 21 GB before being killed).
+    Under FSDP the three are each rank's share (`memory_bytes`)."""
+    total = device_memory_bytes(device)
+    if total is None:
+        return
+    mem = memory_bytes(
+        model, optim, seq_len=1, micro_batch=1, dtype="float32", device=device.type, world_size=world_size,
+        strategy=strategy,
+    )  # fmt: skip
+    need = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    if need <= total:
+        return
+    where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
+    share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
+    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
+    raise ConfigError(
+        f"the model ({_count(param_counts(model)['total'])} parameters: n_layer {model.n_layer}, d_model "
+        f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
+        f"and {optim.name} state alone, more than the {_bytes(total)} of {where}; use a smaller --model.n_layer, "
+        "--model.d_model or --model.vocab_size ('lmforge estimate' shows what a config needs)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Hardware, time, cost
 

@@ -11,6 +11,7 @@ as training does without importing torch (`config.py` imports the model files). 
 nothing of `RunConfig` either: it turns any flat dataclass's fields into flags.
 """
 
+import argparse
 import dataclasses
 import json
 import typing
@@ -98,13 +99,32 @@ def spelled(value: Any) -> str:
 # dataclass <-> argparse, for commands whose options are one flat dataclass (e.g. prepare)
 
 
-def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+class Once(argparse.Action):
+    """An option that takes one value and refuses a second: argparse kept the last one without a word, so
+    `--config base.toml --config run.toml` trained without base.toml's settings and `--prompt A --prompt B`
+    completed B alone. `hint` says what to do instead. (Its default must be None: a value already there is
+    taken for a first one.)"""
+
+    def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
+        self.hint = hint
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise ConfigError(f"{option_string} is given twice, but takes one value; {self.hint}")
+        setattr(namespace, self.dest, values)
+
+
+def add_dataclass_args(
+    parser: Any, cls: type, *, positional: tuple[str, ...] = (), once: dict[str, str] | None = None
+) -> None:
     """Add one `--flag-name` per field of `cls` (help text, type, choices, defaults from the field).
 
     A `list[str]` field is a flag repeated once per value (`--val-input A --val-input B`), or, named in
     `positional`, a positional argument taking one or more; bools get `--x/--no-x`, Literals get choices.
+    A field named in `once` (name -> what to do instead) refuses a second value (`Once`); its namespace value
+    is None until given, so `dataclass_from_namespace` keeps the field's default.
     """
-    import argparse
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -121,6 +141,9 @@ def add_dataclass_args(parser: Any, cls: type, *, positional: tuple[str, ...] = 
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         elif origin is Literal:
             kwargs.update(choices=list(typing.get_args(tp)), default=default)
+        elif f.name in (once or {}):
+            kwargs.update(action=Once, hint=once[f.name], type=tp, default=None, metavar=f.name.upper())
+            kwargs["help"] += f" (default: {default})" if default not in ("", None) else ""
         else:
             kwargs.update(type=tp, default=default, metavar=f.name.upper())
         if f.name in positional:

@@ -405,6 +405,19 @@ def test_serve_listens_on_an_ipv6_address(chat_run: Path):
             assert json.loads(resp.read()) == {"status": "ok"}
 
 
+def test_chat_notes_a_reply_length_capped_to_half_the_context(chat_run: Path):
+    """--max-new-tokens above half the context was capped to it without a word: one note on stderr says so."""
+    r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "500", input="hi\nbye\n")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: --max-new-tokens 500 is more than half the model's context (64 tokens); replies are capped at 32 "
+        "tokens, the other half holds the conversation"
+    ], r.stderr
+    r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "32", input="hi\n")
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr  # exactly half: nothing to say
+
+
 def test_history_is_trimmed_to_the_context(chat_run: Path):
     from lmforge.chat import ChatTemplate
     from lmforge.tokenizer.tokenizer import Tokenizer

@@ -107,6 +107,17 @@ def trained_run(tmp_path_factory, corpus_file):
     return data, run
 
 
+def test_eval_json_gives_the_data_directory_absolute_whether_given_or_not(trained_run):
+    """`eval --json` said "data" as typed (relative) with --data and absolute (as the run records it) without."""
+    data, run = trained_run
+    flags = ["--split", "test", "--max-batches", "1", "--json"]
+    given = run_cli("eval", str(run), "--data", data.name, *flags, cwd=str(data.parent))
+    recorded = run_cli("eval", str(run), *flags)
+    assert given.returncode == 0 and recorded.returncode == 0, given.stderr + recorded.stderr
+    said = [json.loads(r.stdout)["data"] for r in (given, recorded)]
+    assert said == [str(data.resolve())] * 2, said
+
+
 def test_end_to_end(trained_run):
     data, run = trained_run
     for name in ("config.json", "env.json", "metrics.jsonl", "loss.png", "tokenizer.json"):
@@ -426,6 +437,20 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
         (["generate", "RUN", "--prompt", "A", "--prompt", "B"], "pass --prompt-file FILE"),
         (["generate", "RUN", "--prompt", "", "--prompt=B"], "--prompt is given twice"),  # an empty one counts
         (["generate", "RUN", "--prompt-file", "a.txt", "--prompt-file", "b.txt"], "--prompt-file is given twice"),
+        (["finetune", "B", "--train", "a.jsonl", "--train", "b.jsonl", "--out", "O"], "join the files into one"),
+        (["finetune", "B", "--train", "a", "--val", "a.jsonl", "--val=b.jsonl", "--out", "O"], "--val is given twice"),
+        (
+            ["finetune", "B", "--train", "a", "--out", "O", "--adapt", "distill", "--teacher", "T1", "--teacher", "T2"],
+            "--teacher is given twice",
+        ),  # fmt: skip
+        (["finetune", "B", "--train", "a", "--out", "O", "--replay", "r", "--replay", "s"], "--replay is given twice"),
+        (["finetune", "B", "--train", "a", "--out", "O", "--old-val", "r", "--old-val", "s"], "--old-val is given"),
+        (["eval", "RUN", "--data", "D1", "--data", "D2"], "run it once for each"),
+        (["eval", "RUN", "--task", "choice", "--data", "F", "--shots", "a", "--shots", "b"], "--shots is given twice"),
+        (["pretrain", "--data", "D", "--init-from", "R1", "--init-from", "R2"], "--init-from is given twice"),
+        (["quantize", "RUN", "--out", "O", "--val", "a.jsonl", "--val", "b.jsonl"], "--val is given twice"),
+        (["import", "HF", "--out", "O", "--generator", "G1", "--generator", "G2"], "--generator is given twice"),
+        (["prepare", "in.txt", "--out", "O", "--tokenizer", "char", "--tokenizer", "t.json"], "one tokenizer"),
     ],
 )
 def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
@@ -440,22 +465,30 @@ def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
 
 
-def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys):
-    """--model.d_ff 2**44 (a 4 PiB matrix, beyond any address space: no allocator grants it, so nothing is touched)
-    was a RuntimeError traceback from torch's CPU allocator; it is one line saying so and what to shrink, and no
-    run folder is left. (In process: the error is mapped in cli.main.)"""
-    import torch
-
-    from lmforge.cli import _out_of_memory, main
+@pytest.mark.parametrize("flag, value", [("--model.d_ff", str(2**44)), ("--model.n_layer", "99999999999999999999")])
+def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys, flag, value):
+    """--model.d_ff 2**44 (a 4 PiB matrix) was a RuntimeError traceback from torch's CPU allocator, and
+    --model.n_layer 99999999999999999999 grew to 21 GB building layers before it was killed; both are refused
+    before the model is built, in one line naming the need and the machine's RAM, and no run folder is left.
+    (In process: the error is mapped in cli.main.)"""
+    from lmforge.cli import main
 
     out = tmp_path / "big"
     argv = ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--quiet"]
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--model.d_ff", str(2**44), "--train.max_steps", "1"])
+        main([*argv, flag, value, "--train.max_steps", "1"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("lmforge: error: out of memory (tried to allocate ") and "use a smaller model" in err, err
+    assert err.startswith("lmforge: error: the model (") and "of this machine's RAM; use a smaller" in err, err
     assert not out.exists()
+
+
+def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
+    """What slips past the up-front check (activations, another process's memory) is still one line."""
+    import torch
+
+    from lmforge.cli import _out_of_memory
+
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
     assert _out_of_memory(cuda) == "tried to allocate 20.00 MiB"
     assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)

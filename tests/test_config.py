@@ -479,7 +479,8 @@ def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
     """`--config configs/nanogpt-baby-cpu.toml --train.schedule constant` was refused for the file's min_lr with no
     word of the file, so the user looked for a flag they never typed."""
     shipped = Path(__file__).parent.parent / "configs" / "nanogpt-baby-cpu.toml"
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(shipped))}: train.min_lr is not used by train.schedule"):
+    said = f"^{re.escape(str(shipped))} and --train.schedule: train.min_lr is not used by train.schedule"
+    with pytest.raises(ConfigError, match=said):
         load_config(config_file=shipped, overrides=["--train.schedule", "constant"])
     with pytest.raises(ConfigError, match="^train.min_lr is not used"):  # typed as a flag: the user knows
         load_config(config_file=shipped, overrides=["--train.schedule", "constant", "--train.min_lr", "1e-4"])
@@ -487,8 +488,20 @@ def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
     toml.write_text('[train]\nlr = "fast"\n[optim]\nbeta2 = 0.99\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: train.lr: expected float, got 'fast'$"):
         load_config(config_file=toml)
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: optim.beta2 is not used by optim.name sgd"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))} and --optim.name: optim.beta2 is not used by"):
         load_config(config_file=toml, overrides=["--optim.name", "sgd", "--train.lr", "1e-3"])
+
+
+def test_a_refusal_about_a_flag_names_the_flag_not_only_the_file_that_set_the_other_value(tmp_path):
+    """`--config c.toml --model.n_head 3` with d_model 64 in c.toml was refused as "c.toml: model.d_model (64) must
+    be divisible by model.n_head (3)", so the user searched the file for the 3 they had typed."""
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nd_model = 64\n", encoding="utf-8")
+    said = f"^{re.escape(str(toml))} and --model.n_head: model.d_model \\(64\\) must be divisible by model.n_head"
+    with pytest.raises(ConfigError, match=said):
+        load_config(config_file=toml, preset="tiny", overrides=["--model.n_head", "3"])
+    with pytest.raises(ConfigError, match="^model.d_model \\(66\\) must be divisible"):  # both typed: no prefix
+        load_config(config_file=toml, preset="tiny", overrides=["--model.n_head", "4", "--model.d_model", "66"])
 
 
 def test_early_stopping_that_can_never_stop_the_run_is_refused():

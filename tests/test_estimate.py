@@ -1205,3 +1205,27 @@ def test_lora_flops_are_a_real_steps_matmuls(targets: tuple[str, ...], variant: 
     else:
         assert "aten.bmm" in counted  # the math path's q @ k^T and att @ v
     assert predicted == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_check_fits_refuses_weights_grads_and_state_beyond_the_memory_and_shares_them_under_fsdp():
+    """A model whose fp32 weights, gradients and AdamW state alone exceed the machine's RAM is refused in one line
+    naming the need, the memory and what to shrink; under FSDP each rank holds its share, so 4 ranks fit it."""
+    from lmforge.estimate import check_fits, device_memory_bytes
+
+    cpu = torch.device("cpu")
+    total = device_memory_bytes(cpu)
+    assert total and total > 2**28  # MemTotal of /proc/meminfo, in bytes
+    adamw = OptimConfig()
+    layer = GPTConfig(n_layer=1, n_head=32, d_model=4096, vocab_size=64)
+    per_layer = 16 * param_counts(layer)["block"]  # 4 B weights + 4 B gradients + 8 B AdamW moments
+    model = dataclasses.replace(layer, n_layer=math.ceil(1.5 * total / per_layer))  # 1.5x the RAM
+    with pytest.raises(ConfigError) as e:
+        check_fits(model, adamw, cpu)
+    said = str(e.value)
+    assert "\n" not in said and "RAM" in said and "--model.n_layer" in said, said
+    with pytest.raises(ConfigError, match="per rank"):
+        check_fits(dataclasses.replace(model, n_layer=8 * model.n_layer), adamw, cpu, world_size=4, strategy="fsdp")
+    check_fits(model, adamw, cpu, world_size=4, strategy="fsdp")  # 0.375x the RAM per rank: fits
+    with pytest.raises(ConfigError):
+        check_fits(model, adamw, cpu, world_size=4, strategy="ddp")  # every DDP rank holds it all
+    check_fits(dataclasses.replace(model, n_layer=model.n_layer // 2), adamw, cpu)  # 0.75x: not refused

@@ -79,10 +79,11 @@ def test_scores_are_option_log_likelihoods_and_a_trained_model_gets_them_right(l
     untrained = load_finetuned(make_base(tmp_path / "fresh"), torch.device("cpu"))
     assert choice_metrics(untrained, rows)["accuracy"] < 1.0
 
-    r = run_cli("eval", str(learned), "--task", "choice", "--data", str(table), "--json")
+    r = run_cli("eval", str(learned), "--task", "choice", "--data", table.name, "--json", cwd=str(table.parent))
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)
     assert (reply["task"], reply["accuracy"], reply["n"], reply["k_shot"]) == ("choice", 1.0, 4, 0)
+    assert reply["data"] == str(table.resolve())  # absolute, as eval without --task gives it (it was as typed)
     r = run_cli("eval", str(learned), "--task", "choice", "--data", str(jsonl), "--k-shot", "2", "--shots", str(jsonl))
     assert r.returncode == 0 and r.stdout.startswith("choice: accuracy "), r.stderr
 

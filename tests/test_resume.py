@@ -3,6 +3,7 @@ straight run; SIGINT saves and exits 130; SIGKILL at any moment leaves a loadabl
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import time
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint
 from lmforge.log import read_metrics
 from lmforge.train.run import pretrain
-from tests.conftest import run_cli, start_cli, tiny_config
+from tests.conftest import REPO, run_cli, start_cli, tiny_config
 
 # Numbers that depend on the run's history, not on wall-clock.
 DETERMINISTIC = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss", "val_bpb", "val_ppl")
@@ -301,3 +302,20 @@ def test_a_time_budget_stop_resumed_with_a_larger_budget_is_the_straight_run(dat
     meta = [json.loads((latest_checkpoint(run) / "state.json").read_text()) for run in (straight, stopped)]
     assert meta[0]["train_state"] == meta[1]["train_state"] and meta[0]["rng"] == meta[1]["rng"]
     assert meta[0]["loader"] == meta[1]["loader"]
+
+
+def test_data_of_another_tokenizer_on_an_existing_run_names_the_tokenizer(data_dir, tmp_path):
+    """Re-running a run on data prepared with another tokenizer (another vocabulary size) was refused as "a
+    different model config (vocab_size 316 -> 396)": it names the tokenizer and how to prepare with the run's."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.errors import DataError
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 1, "eval.every": 0}), progress=False)
+    other = tmp_path / "other"
+    prepare(PrepareConfig(inputs=[str(REPO / "README.md")], out=str(other), tokenizer="char"), progress=False)
+    said = (
+        f"prepared with another tokenizer than the run in {run}; prepare it with --tokenizer {run / 'tokenizer.json'}"
+    )
+    with pytest.raises(DataError, match=re.escape(said)):
+        pretrain(tiny_config(other, run, **{"train.max_steps": 1, "eval.every": 0}), progress=False)

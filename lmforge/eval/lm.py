@@ -233,6 +233,7 @@ def evaluate_checkpoint(
             "--data DATA_DIR (moved, or prepared again with the run's tokenizer)"
         )
     data = load_data_dir(data_dir or trained.config.data.dir)
+    data_path = str(data.path.resolve())  # (the result's "data": absolute, as the run records it, given or not)
     manifest_tok = data.manifest.get("tokenizer", {}).get("sha256")
     # the ids are what must agree: a BERT export adds its specials after them, so its import reads the run's data
     if manifest_tok != trained.tokenizer.fingerprint and not trained.tokenizer.reads_ids_of(data.load_tokenizer()):
@@ -277,7 +278,7 @@ def evaluate_checkpoint(
             rtd_weight=cfg.objective.rtd_weight,
         )
         return {"checkpoint": str(checkpoint.path), "step": int(checkpoint.meta.get("step", 0)),
-                "data": str(data.path), "split": split, "seq_len": seq_len, "objective": cfg.objective.name,
+                "data": data_path, "split": split, "seq_len": seq_len, "objective": cfg.objective.name,
                 **metrics}  # fmt: skip
     token_bytes = split_byte_table(data, split, trained.tokenizer.token_bytes())  # (also checks the split's ids)
     batches = eval_batches(shards, seq_len=seq_len, batch_size=forward, max_sequences=limit)
@@ -285,7 +286,7 @@ def evaluate_checkpoint(
     return {
         "checkpoint": str(checkpoint.path),
         "step": int(checkpoint.meta.get("step", 0)),
-        "data": str(data.path),
+        "data": data_path,
         "split": split,
         "seq_len": seq_len,
         **metrics,

@@ -665,7 +665,7 @@ def evaluate_task(
         from lmforge.eval.choice import evaluate_choice
 
         result = evaluate_choice(ft, data, renames=field_renames, k=k_shot, shots=shots, limit=limit)
-        return result | {"run": str(run), "data": str(data)}
+        return result | {"run": str(run), "data": str(Path(data).resolve())}
     if task in ("sft", "qa", "translate"):
         max_new_tokens = answer_length(max_new_tokens, answer_context(ft.model))
     info = ft.info or {}
@@ -701,7 +701,7 @@ def evaluate_task(
             ft, rows, path=data, max_new_tokens=max_new_tokens, task=task, fields=fields, doc_stride=doc_stride
         )
     result["run"] = str(run)
-    result["data"] = str(data)
+    result["data"] = str(Path(data).resolve())  # (absolute, as eval's "data" without --task)
     return result
 
 

@@ -36,11 +36,12 @@ from lmforge.config import RunConfig, resumed_train, saved_train
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import IdCheckedLoader, eval_batches
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
-from lmforge.estimate import measure_matmul_flops
+from lmforge.estimate import check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
+from lmforge.models.gpt import GPTConfig
 from lmforge.objectives import loss_definition, loss_definition_note
 from lmforge.runs import (
     claim,
@@ -288,6 +289,13 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                     f"{run_dir} was trained with {flag} {was}, not {now or 'none'}; resume with {flag} {was}, "
                     "or use another --out or --overwrite to start over"
                 )
+        # before the model: another tokenizer's vocabulary was refused as "a different model config (vocab_size ...)"
+        tok_path = run_dir / "tokenizer.json"
+        if tok_path.is_file() and Tokenizer.load(tok_path).fingerprint != tokenizer.fingerprint:
+            raise DataError(
+                f"the data in {cfg.data.dir} was prepared with another tokenizer than the run in {run_dir}; "
+                f"prepare it with --tokenizer {tok_path} or use another --out"
+            )
         new_model = new_dict["model"]
         old_model = _with_new_defaults(old.get("model"), cfg.model)
         if old_model != new_model:
@@ -295,12 +303,6 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
             raise ConfigError(
                 f"{run_dir} holds a run with a different model config ({change}); "
                 "use another --out, or --overwrite to start over"
-            )
-        tok_path = run_dir / "tokenizer.json"
-        if tok_path.is_file() and Tokenizer.load(tok_path).fingerprint != tokenizer.fingerprint:
-            raise DataError(
-                f"the data in {cfg.data.dir} was prepared with another tokenizer than the run in {run_dir}; "
-                f"prepare it with --tokenizer {tok_path} or use another --out"
             )
         return latest_checkpoint(run_dir) is not None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -464,6 +466,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "install g++ (or set CXX), or drop --train.compile"
         )
     precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
+    if isinstance(cfg.model, GPTConfig):  # a model far too big for the device: refused before it is built
+        check_fits(cfg.model, cfg.optim, device, world_size=world.world_size, strategy=cfg.dist.strategy)
     check_packages(cfg.log)  # --log.wandb without wandb: before --overwrite sets the old run aside
     if cfg.data.mix:  # its directories too (manifests only; the loader opens them after the claim)
         from lmforge.data.mixture import mix_sources
