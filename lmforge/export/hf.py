@@ -7,7 +7,8 @@ and `AutoTokenizer.from_pretrained`:
         config.json               GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM config (eos_token_id:
                                   our end-of-text id, or an imported model's own, generate.hf_eos_of)
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
-        generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
+        generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of);
+                                  `suppress_tokens`: the ids of an embedding padded past its tokenizer
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
         tokenizer_config.json     PreTrainedTokenizerFast; our end-of-text token as bos/eos/pad (and unk,
                                   unless the tokenizer has its own unknown token)
@@ -292,6 +293,15 @@ def without_chat_markers(tokenizer_json: str) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
+def padded_ids(model_vocab: int, tokenizer_vocab: int) -> list[int]:
+    """The ids of an embedding padded past its tokenizer (`--model.vocab_size 50304` over GPT-2's 50257 ids,
+    Qwen2's 151936 rows over 151665): lmforge generate never samples them (`generate(vocab_size=)`), and an HF
+    export says the same in generation_config.json `suppress_tokens`, which transformers' generate applies to
+    causal LMs (greedy, sampling and beam search alike). Without it, generate could emit an id its tokenizer
+    cannot decode."""
+    return list(range(tokenizer_vocab, model_vocab))
+
+
 def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically). `adapter_base`: it is
     the base of an `export --peft` adapter (the fine-tune's LoRA layers stripped), which its card says."""
@@ -322,6 +332,8 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
             generation.update(eos_token_id=eos_ids, pad_token_id=eos_id)
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
             generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
+        if padded := padded_ids(cfg.vocab_size, tokenizer.vocab_size):  # rows no id of the tokenizer reaches
+            generation["suppress_tokens"] = padded  # (transformers' generate sets their scores to -inf)
         write_json(tmp / "generation_config.json", generation)
         chat = template.jinja_for(tokenizer) if template else ""  # (a BOS tokenizer's starts with {{ bos_token }})
         markers = has_chat_markers(template)
