@@ -286,7 +286,11 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
-    p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="gguf: weight type (default: f16)")
+    p.add_argument(
+        "--dtype",
+        help="hf: auto (default: the weights' dtype, an imported model's source dtype), float32, bfloat16 or "
+        "float16; gguf: f16 (default) or q8_0",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
     p.add_argument(
@@ -597,15 +601,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.verify or args.peft:
             flag = "--verify" if args.verify else "--peft"
             raise ConfigError(f"{flag} is for --to hf exports; drop it with --to gguf (llama.cpp loads the file)")
-        print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+        dtype = args.dtype or "f16"
+        print(f"wrote {export_gguf(args.run, args.out, dtype=dtype, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
         from lmforge.export.peft import export_peft
 
-        if "dtype" in getattr(args, "given", set()):
-            raise ConfigError("--dtype is for --to gguf exports; drop it (an HF export keeps the run's fp32 weights)")
         export = export_peft if args.peft else export_hf
-        out = export(args.run, args.out, overwrite=args.overwrite)
+        out = export(args.run, args.out, overwrite=args.overwrite, dtype=args.dtype or "auto")
         print(f"wrote {out}")
         if args.verify:
             diff = verify_hf(args.run, out, peft=args.peft)

@@ -476,6 +476,41 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
         torch.testing.assert_close(ours.model(idx), model.eval()(idx).logits, **TOL)
 
 
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+def test_export_of_an_imported_half_precision_model_keeps_its_dtype(
+    source: str, bpe: Tokenizer, tmp_path: Path, capsys
+) -> None:
+    torch.manual_seed(0)
+    model = _hf_llama(bpe).to(getattr(torch, source))
+    model.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    original = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    out = export_hf(run, tmp_path / "out")  # auto: the dtype recorded at import
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    for key, t in original.items():
+        assert exported[key].dtype == t.dtype and torch.equal(exported[key], t), key
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["dtype"] == config["torch_dtype"] == source
+    assert verify_hf(run, out) == 0.0  # the same values: float32 math on both sides
+    # an explicit --dtype chooses: float32 is twice the size, with the same values widened
+    assert run_cli("export", str(run), "--out", str(tmp_path / "f32"), "--dtype", "float32").returncode == 0
+    wide = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    assert all(wide[k].dtype == torch.float32 and torch.equal(wide[k], t.float()) for k, t in original.items())
+    size = (out / "model.safetensors").stat().st_size
+    assert 1.9 * size < (tmp_path / "f32" / "model.safetensors").stat().st_size < 2.1 * size
+    # a run lmforge trained (float32) stays float32 by default, and rounds when asked
+    trained = make_run(tmp_path / "trained", bpe)
+    wide = load_file(str(export_hf(trained, tmp_path / "t32") / "model.safetensors"))
+    assert {t.dtype for t in wide.values()} == {torch.float32}
+    half = export_hf(trained, tmp_path / "t16", dtype=source)
+    assert {t.dtype for t in load_file(str(half / "model.safetensors")).values()} == {getattr(torch, source)}
+    assert 0 < verify_hf(trained, half) < 0.1  # (rounded weights: close, not equal)
+    with pytest.raises(LmforgeError, match="not an HF export dtype.*for --to gguf"):
+        export_hf(trained, tmp_path / "q", dtype="q8_0")
+
+
 def test_imported_tokenizer_that_adds_bos_generates_like_transformers(bpe: Tokenizer, tmp_path: Path) -> None:
     """A Llama-2-style tokenizer puts <s> before every text (its post-processor): lmforge's prompts start
     with it too, so greedy continuations equal transformers', and the export names it as BOS."""

@@ -32,8 +32,9 @@ Design decisions
 - Export needs no `transformers` at all: JSON and safetensors are written directly. Only `verify_hf`
   imports it, inside the function, with an install hint.
 - Tensors are written contiguous with their own storage (safetensors refuses views that share a
-  buffer, which splits and transposes are). Export keeps the checkpoint's dtype; import stores float32,
-  the dtype lmforge trains its master weights in (autocast does the rest).
+  buffer, which splits and transposes are). Import stores float32, the dtype lmforge trains its master weights
+  in (autocast does the rest), and records the source's dtype; export writes that again, else the checkpoint's
+  dtype, unless `--dtype` names one (`export_dtype`).
 - Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
   (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
   `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
@@ -137,13 +138,14 @@ def from_hf_state_dict(
 # Export
 
 
-def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "auto") -> Path:
     """Write the model of a run directory or checkpoint folder as an HF model directory.
 
     Args:
         path: an lmforge run directory (its latest checkpoint is used) or a checkpoint folder.
         out: the HF directory to create.
         overwrite: replace an existing `out` (only after the new one is complete).
+        dtype: the weights' dtype in the export (`export_dtype`): "auto", "float32", "bfloat16" or "float16".
 
     Returns:
         `out`, which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load.
@@ -155,10 +157,12 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     from lmforge.export.peft import load_exportable
 
     out = Path(out)
+    check_dtype(dtype)
     check_not_inside(out, Path(path))  # the run given: never replaced, never written into
     check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
+    trained.model.to(export_dtype(trained.checkpoint.meta, trained.model, dtype))  # (the writers keep it)
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import write_bert
 
@@ -166,6 +170,29 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     if getattr(trained.model, "head", None) is not None:  # a fine-tuned decoder classifier
         return write_hf_classifier(trained, out)
     return write_hf(trained, out)
+
+
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in HF_DTYPES:
+        raise LmforgeError(
+            f"--dtype {dtype!r} is not an HF export dtype; use auto (the default), {', '.join(HF_DTYPES)} "
+            "(f16 and q8_0 are GGUF types, for --to gguf)"
+        )
+
+
+def export_dtype(meta: dict[str, Any], model: torch.nn.Module, dtype: str) -> torch.dtype:
+    """The dtype an HF export writes its weights in. "auto": an imported run's source dtype (recorded at import,
+    `hf_import.source_dtype`: a bf16 model exports as bf16, the same values at half float32's size, since import
+    only widened them), else the dtype the weights are in (float32 for what lmforge trains). Otherwise the one
+    named (`--dtype`), rounding float32 weights to bfloat16/float16 when asked."""
+    if dtype != "auto":
+        return HF_DTYPES[dtype]
+    imported = meta.get("imported_from")
+    source = imported.get("dtype") if isinstance(imported, dict) else None
+    return HF_DTYPES.get(source, next(model.parameters()).dtype)
 
 
 def chat_template_of(trained: Any) -> Any:
