@@ -882,7 +882,25 @@ def _os_error(e: OSError) -> str:
 
     if e.errno in _WRITE_ERRORS and e.filename is not None:
         return f"cannot write {public_path(e.filename)}: {_WRITE_ERRORS[e.errno]}"
+    if (blocker := _file_in_the_way(e)) is not None:
+        target = public_path(e.filename) if e.errno == errno.ENOTDIR else f"the folder {blocker}"
+        return f"cannot create {target}: {blocker} is a file, not a folder; choose another --out"
     return f"{e}; check the path, free space and permissions"
+
+
+def _file_in_the_way(e: OSError) -> str | None:
+    """The regular file where a folder of the path being created has to be, or None. `--out notes.txt/x` failed as
+    "[Errno 17] File exists: 'notes.txt'" (os.makedirs on the file, EEXIST) or "[Errno 20] Not a directory:
+    'notes.txt/x'" (a file under it, ENOTDIR)."""
+    from pathlib import Path
+
+    if e.errno not in (errno.EEXIST, errno.ENOTDIR) or not isinstance(e.filename, str):
+        return None
+    path = Path(e.filename)
+    for folder in [*reversed(path.parents), path] if e.errno == errno.ENOTDIR else [path]:
+        if folder.exists() and not folder.is_dir():
+            return str(folder)
+    return None
 
 
 def _out_of_memory(e: Exception) -> str | None:
