@@ -339,3 +339,18 @@ def test_a_tokenizer_reads_the_ids_of_one_it_only_extends(bpe: Tokenizer) -> Non
     assert not exported.reads_ids_of(bpe)  # the export's [CLS] A [SEP] framing changes encoding: import drops it
     other = train_bpe([f"{t} {i}" for i in range(20) for t in reversed(TEXTS)], vocab_size=280)
     assert not other.reads_ids_of(bpe) and not bpe.reads_ids_of(other)
+
+
+def test_the_readmes_name_the_special_tokens_a_bert_export_really_has(bpe: Tokenizer, tmp_path: Path) -> None:
+    # README said every BERT export gets [PAD]/[CLS]/[SEP]/[MASK]; an lmforge WordPiece tokenizer's are <|pad|>, ...
+    from lmforge.tokenizer.train import train_wordpiece
+
+    repo = Path(__file__).resolve().parent.parent
+    readmes = [(repo / name).read_text(encoding="utf-8") for name in ("README.md", "README.zh-CN.md")]
+    english = readmes[0].split("**Encoders.**", 1)[1].split("\n\n", 1)[0]  # (its export paragraph)
+    for kind, tokenizer in (("wordpiece", train_wordpiece(TEXTS * 20, vocab_size=120)), ("bpe", bpe)):
+        out = export_hf(make_encoder_run(tmp_path / kind, tokenizer), tmp_path / f"hf-{kind}")
+        specials = json.loads((out / "special_tokens_map.json").read_text(encoding="utf-8"))
+        names = "/".join(f"`{specials[f'{k}_token']}`" for k in ("pad", "cls", "sep", "mask"))
+        for text in (english, readmes[1]):
+            assert names in text, names

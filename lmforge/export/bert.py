@@ -6,7 +6,8 @@ fine-tuned BERT/ELECTRA classifiers -> `*ForSequenceClassification`.
     out/
         config.json               BertForPreTraining (bert) or ElectraForPreTraining (electra) config
         model.safetensors         weights under HF names (the tied MLM decoder stored once, as HF expects)
-        tokenizer.json            ours + [PAD]/[CLS]/[SEP]/[MASK] as special tokens, "[CLS] A [SEP] (B [SEP])"
+        tokenizer.json            ours + the [PAD]/[CLS]/[SEP]/[MASK] it lacked as special tokens (those it has keep
+                                  their names: <|cls|>, ...), "[CLS] A [SEP] (B [SEP])"
         tokenizer_config.json     PreTrainedTokenizerFast with cls/sep/pad/mask tokens
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
