@@ -289,7 +289,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--dtype",
         help="hf: auto (default: the weights' dtype, an imported model's source dtype), float32, bfloat16 or "
-        "float16; gguf: f16 (default) or q8_0",
+        "float16; gguf: auto (default: bf16 for a model imported from bf16, else f16), f16, bf16 or q8_0",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
@@ -601,7 +601,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.verify or args.peft:
             flag = "--verify" if args.verify else "--peft"
             raise ConfigError(f"{flag} is for --to hf exports; drop it with --to gguf (llama.cpp loads the file)")
-        dtype = args.dtype or "f16"
+        dtype = args.dtype or "auto"
         print(f"wrote {export_gguf(args.run, args.out, dtype=dtype, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf

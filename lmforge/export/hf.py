@@ -179,7 +179,7 @@ def check_dtype(dtype: str) -> None:
     if dtype != "auto" and dtype not in HF_DTYPES:
         raise LmforgeError(
             f"--dtype {dtype!r} is not an HF export dtype; use auto (the default), {', '.join(HF_DTYPES)} "
-            "(f16 and q8_0 are GGUF types, for --to gguf)"
+            "(f16, bf16 and q8_0 are GGUF types, for --to gguf)"
         )
 
 
