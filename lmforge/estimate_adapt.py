@@ -388,7 +388,8 @@ def read_teacher(teacher: str | Path) -> GPTConfig:
         model = config_from_json(read_json(ckpt / "state.json", "")["config"], where=str(ckpt)).model
     except (LmforgeError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"cannot read the distillation teacher {teacher} ({e}); estimate plans a distillation run with its teacher"
+            f"cannot read the distillation teacher {teacher} ({e}); planning this run needs the teacher its "
+            "finetune.json names: put it back there"
         ) from None
     if not isinstance(model, GPTConfig) or model.family != "gpt":
         raise ConfigError(f"the distillation teacher {teacher} is not a GPT/Llama-style model; estimate cannot plan it")

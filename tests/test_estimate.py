@@ -1308,3 +1308,20 @@ def test_config_of_a_distill_fine_tune_plans_its_teacher(tmp_path) -> None:
     assert lora["teacher_params"] is None and "teacher_weights" not in lora["memory_bytes"]
     text = run_cli(*args).stdout
     assert "distillation: a frozen teacher" in text and "teacher weights" in text
+
+
+def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:
+    from lmforge.estimate_adapt import read_teacher
+    from tests.test_finetune import make_base
+
+    transformers = pytest.importorskip("transformers")
+    run = make_base(tmp_path / "t", n_layer=3, d_model=64)
+    assert read_teacher(run) == load_config(config_file=str(run / "config.json")).model
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    assert param_counts(read_teacher(tmp_path / "hf"))["total"] == sum(p.numel() for p in hf.parameters())
+    with pytest.raises(ConfigError, match=r"^cannot read the distillation teacher .*nope"):
+        read_teacher(tmp_path / "nope")
