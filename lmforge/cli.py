@@ -313,7 +313,11 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
-    p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="gguf: weight type (default: f16)")
+    p.add_argument(
+        "--dtype",
+        help="hf: auto (default: the weights' dtype, an imported model's source dtype), float32, bfloat16 or "
+        "float16; gguf: auto (default: bf16 for a model imported from bf16, else f16), f16, bf16 or q8_0",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")
     p.add_argument(
@@ -630,15 +634,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.verify or args.peft:
             flag = "--verify" if args.verify else "--peft"
             raise ConfigError(f"{flag} is for --to hf exports; drop it with --to gguf (llama.cpp loads the file)")
-        print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+        dtype = args.dtype or "auto"
+        print(f"wrote {export_gguf(args.run, args.out, dtype=dtype, overwrite=args.overwrite)}")
     elif args.command == "export":
         from lmforge.export.hf import export_hf, verify_hf
         from lmforge.export.peft import export_peft
 
-        if "dtype" in getattr(args, "given", set()):
-            raise ConfigError("--dtype is for --to gguf exports; drop it (an HF export keeps the run's fp32 weights)")
         export = export_peft if args.peft else export_hf
-        out = export(args.run, args.out, overwrite=args.overwrite)
+        out = export(args.run, args.out, overwrite=args.overwrite, dtype=args.dtype or "auto")
         print(f"wrote {out}")
         if args.verify:
             diff = verify_hf(args.run, out, peft=args.peft)
@@ -912,7 +915,25 @@ def _os_error(e: OSError) -> str:
 
     if e.errno in _WRITE_ERRORS and e.filename is not None:
         return f"cannot write {public_path(e.filename)}: {_WRITE_ERRORS[e.errno]}"
+    if (blocker := _file_in_the_way(e)) is not None:
+        target = public_path(e.filename) if e.errno == errno.ENOTDIR else f"the folder {blocker}"
+        return f"cannot create {target}: {blocker} is a file, not a folder; choose another --out"
     return f"{e}; check the path, free space and permissions"
+
+
+def _file_in_the_way(e: OSError) -> str | None:
+    """The regular file where a folder of the path being created has to be, or None. `--out notes.txt/x` failed as
+    "[Errno 17] File exists: 'notes.txt'" (os.makedirs on the file, EEXIST) or "[Errno 20] Not a directory:
+    'notes.txt/x'" (a file under it, ENOTDIR)."""
+    from pathlib import Path
+
+    if e.errno not in (errno.EEXIST, errno.ENOTDIR) or not isinstance(e.filename, str):
+        return None
+    path = Path(e.filename)
+    for folder in [*reversed(path.parents), path] if e.errno == errno.ENOTDIR else [path]:
+        if folder.exists() and not folder.is_dir():
+            return str(folder)
+    return None
 
 
 def _out_of_memory(e: Exception) -> str | None:

@@ -616,6 +616,7 @@ def estimate(
     lora_targets: tuple[str, ...] | None = None,
     prompt_tokens: int | None = None,
     labels: int = 0,
+    teacher: GPTConfig | None = None,
 ) -> dict[str, Any]:
     """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
 
@@ -641,6 +642,8 @@ def estimate(
             `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
         labels: plan `finetune --task classify` with this many labels (in every mode, full too): a head on the
             last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
+        teacher: a distillation fine-tune's frozen teacher (`finetune --adapt distill`; adapt full, an LM task, one
+            process): its forward FLOPs, weights and the soft targets' memory are added (`estimate_adapt.teacher_plan`).
 
     Returns:
         A JSON-serializable dict: params, non_embedding_params, flops_per_token, attention_flops_share,
@@ -675,13 +678,18 @@ def estimate(
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
     link = None if interconnect is None else resolve_interconnect(interconnect)
-    from lmforge.estimate_adapt import adapted_plan, check_adapt  # (it builds on this module's terms)
+    from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan  # (it builds on this module's terms)
 
     lora_rank, lora_targets, prompt_tokens = check_adapt(
         adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
         labels=labels,
     )  # fmt: skip
 
+    if teacher is not None and (adapt != "full" or labels or world_size > 1):
+        raise ConfigError(
+            "a distillation fine-tune trains every weight of the student, on an LM task, in one process: drop "
+            "--adapt, --labels and --world-size to plan it"
+        )
     assumptions = []
     model = cfg.model
     if model.family != "gpt":  # the formulas below are the decoder Transformer's (models/gpt.py)
@@ -747,6 +755,14 @@ def estimate(
         trainable, per_token = plan["trainable"], plan["flops_per_token"]
         attention, memory = plan["attention"], plan["memory"]
         assumptions.append(plan["assumption"])
+    distill = None
+    if teacher is not None:
+        distill = teacher_plan(teacher, model, seq_len=seq_len, micro_batch=micro)
+        per_token, attention = per_token + distill["flops_per_token"], attention + distill["attention"]
+        extra = sum(distill["memory"].values())
+        memory = {**memory, **distill["memory"]}
+        memory.update(total=memory["total"] + extra, total_checkpointed=memory["total_checkpointed"] + extra)
+        assumptions.append(distill["assumption"])
     train_flops = per_token * tokens
     assumptions.append(
         "memory per device: fp32 weights"
@@ -854,6 +870,7 @@ def estimate(
         "trainable_params": trainable,
         "prompt_tokens": prompt_tokens if adapt == "prompt" else None,
         "labels": labels,
+        "teacher_params": None if distill is None else distill["params"],
         "flops_per_token": per_token,
         "attention_flops_share": attention / per_token,
         "tokens": tokens,
@@ -917,6 +934,8 @@ def format_estimate(result: dict[str, Any]) -> str:
         ("activations", mem["activations"]),
         ("activations, checkpointed", mem["activations_checkpointed"]),
         ("log-step weight copy", mem["update_copy"] if mem["update_copy"] > mem["activations_checkpointed"] else 0),
+        ("teacher weights", mem.get("teacher_weights", 0)),
+        ("soft targets (distill)", mem.get("soft_targets", 0)),
         ("total", mem["total"]),
         ("total, checkpointed", mem["total_checkpointed"]),
     ]

@@ -357,6 +357,70 @@ ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
+# The logits-sized fp32 tensors a distillation step holds at its loss beyond plain next-token training's (whose
+# log-probs and two logits gradients `activation_bytes` counts): the teacher's logits, their copy at the predicted
+# rows, its tempered log-softmax and the softmax (exp) kept for backward, the student's tempered log-probs (kept for
+# backward) and the tempered logits they come from (compress/distill.distill_loss). Measured: 5.3-5.8 of them over
+# the plain plan (tests/test_estimate.py).
+SOFT_TARGET_COPIES = 6
+
+
+def read_teacher(teacher: str | Path) -> GPTConfig:
+    """The model config of a distillation teacher as finetune.json records it (`--teacher`: a run or checkpoint
+    folder, an HF directory, or hf:ORG/NAME from the hub cache); a one-line ConfigError when it cannot be read or
+    is not a GPT/Llama-style model (the formulas here are the decoder Transformer's)."""
+    from lmforge.adapt.load import is_hf_dir
+    from lmforge.checkpoint import read_json, resolve_checkpoint
+    from lmforge.config import config_from_json
+    from lmforge.errors import LmforgeError
+    from lmforge.export.hub import is_hub_spec, local_model_dir
+
+    try:
+        path = local_model_dir(teacher) if is_hub_spec(teacher) else Path(teacher)
+        if is_hf_dir(path):
+            from lmforge.export.hf_families import FAMILIES
+
+            hf = read_json(path / "config.json", "pass --config a run to plan instead")
+            if not isinstance(hf, dict) or hf.get("model_type") not in FAMILIES:
+                raise ConfigError(f"model_type {hf.get('model_type') if isinstance(hf, dict) else None!r}")
+            return FAMILIES[hf["model_type"]].config_from_hf(hf, path / "config.json")
+        ckpt = resolve_checkpoint(path)
+        model = config_from_json(read_json(ckpt / "state.json", "")["config"], where=str(ckpt)).model
+    except (LmforgeError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"cannot read the distillation teacher {teacher} ({e}); planning this run needs the teacher its "
+            "finetune.json names: put it back there"
+        ) from None
+    if not isinstance(model, GPTConfig) or model.family != "gpt":
+        raise ConfigError(f"the distillation teacher {teacher} is not a GPT/Llama-style model; estimate cannot plan it")
+    return model
+
+
+def teacher_plan(teacher: GPTConfig, student: GPTConfig, *, seq_len: int, micro_batch: int) -> dict[str, Any]:
+    """What a frozen distillation teacher adds to a full fine-tune's step (compress/distill.py): its forward, 2 N of
+    its matmul weights + its attention's forward per token (no backward: it runs under no_grad), its weights (fp32, as
+    finetune loads it, with its rotary tables) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
+    Returns flops_per_token, attention (its attention-score part), memory (teacher_weights, soft_targets), params
+    and the assumption line."""
+    counts = param_counts(teacher)
+    attention = attention_flops_per_token(teacher, seq_len) / 3  # (its forward: 4 of 12)
+    rope_tables = 2 * teacher.max_seq_len * (teacher.head_dim // 2) * 4 if teacher.pos_emb == "rope" else 0
+    vocab = max(teacher.vocab_size, student.vocab_size)
+    soft = SOFT_TARGET_COPIES * 4 * vocab * seq_len * micro_batch
+    return {
+        "flops_per_token": 2.0 * counts["matmul"] + attention,
+        "attention": attention,
+        "memory": {"teacher_weights": 4 * counts["total"] + rope_tables, "soft_targets": soft},
+        "params": counts["total"],
+        "assumption": (
+            f"distillation: a frozen teacher ({counts['total']:,} parameters, {teacher.n_layer} layers, d_model "
+            f"{teacher.d_model}) in fp32 as finetune loads it, no gradients or optimizer state; its forward adds 2N "
+            f"+ attention per token; the soft targets hold {SOFT_TARGET_COPIES} fp32 logits-sized tensors (teacher "
+            "logits and softmax, the student's tempered log-probs) at the loss"
+        ),
+    }
+
+
 def finetune_defaults() -> Any:
     """`lmforge finetune`'s own defaults (FinetuneConfig), which the adapt modes' flags take (imported here, not at
     the top: the fine-tuning module imports the training code, which imports this one)."""
@@ -419,6 +483,8 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             settings["data"] = {"seq_len": int(info["max_len"])}
         lora = info.get("lora") or {}
         kwargs["adapt"] = adapt
+        if info.get("adapt") == "distill" and flags.get("adapt", adapt) == "full":  # (the teacher runs in full only)
+            kwargs["teacher"] = read_teacher(info.get("teacher") or "")
         kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
         kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
         planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)

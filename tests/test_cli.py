@@ -194,7 +194,7 @@ def test_user_errors_are_one_line(trained_run, tmp_path):
         (["generate", str(tmp_path / "nope"), "--prompt", "x"], None, "does not exist"),
         (["generate", str(run), "--prompt", "x" * 500], None, "context"),
         (["eval", str(run), "--batch-size", "-4"], None, "--batch-size must be >= 1"),
-        ([*hf, "--dtype", "f16"], None, "--dtype is for --to gguf"),  # even at its default value
+        ([*hf, "--dtype", "f16"], None, "f16, bf16 and q8_0 are GGUF types, for --to gguf"),
         (["report", str(run), "--out", str(tmp_path / "r.pdf")], None, "name it .html or .md"),
         ([*base, "--preset", "tiny", "--train.seed", "-1"], None, "train.seed must be in"),
         ([*base, "--preset", "tiny", "--train.lr", "inf"], None, "train.lr must be a number > 0"),

@@ -86,8 +86,9 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=generator))
 
 
-def make_run(root: Path, tokenizer: Tokenizer, *, seed: int = 0, **overrides: object) -> Path:
-    """A run directory holding one weights-only checkpoint of a seeded random GPT."""
+def make_run(root: Path, tokenizer: Tokenizer, *, seed: int = 0, edit: Any = None, **overrides: object) -> Path:
+    """A run directory holding one weights-only checkpoint of a seeded random GPT (`edit(model)` changes it
+    before it is saved)."""
     model_cfg = GPTConfig(
         **{"vocab_size": tokenizer.vocab_size, "max_seq_len": CONTEXT, "n_layer": 2, "n_head": 4, "d_model": 32}
         | overrides
@@ -97,6 +98,9 @@ def make_run(root: Path, tokenizer: Tokenizer, *, seed: int = 0, **overrides: ob
     model = GPT(model_cfg)
     model.init_weights()
     perturb_(model, seed)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     state = TrainState(step=7, tokens=7 * 8 * CONTEXT)
     save_checkpoint(
         root,
@@ -164,6 +168,41 @@ def test_greedy_generation_matches_transformers(variant: str, bpe: Tokenizer, tm
     theirs = hf_model(out)
     ids = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new)
     assert ids[0, len(prompt) :].tolist() == new
+
+
+def padded_rows_most_likely(n_real: int) -> Any:
+    """A GPT-2 edit: every position's final hidden state is all ones (final LayerNorm weight 0, bias 1), and the
+    head rows past the tokenizer's `n_real` ids are all ones, so those ids score d_model against ~0.1."""
+
+    def edit(model: GPT) -> None:
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.fill_(1.0)
+        model.lm_head.weight[n_real:] = 1.0
+
+    return edit
+
+
+def test_transformers_generate_never_emits_padded_vocabulary_ids(bpe: Tokenizer, tmp_path: Path) -> None:
+    n_real = bpe.vocab_size
+    run = make_run(
+        tmp_path / "run", bpe, vocab_size=n_real + 20, tie_embeddings=False, edit=padded_rows_most_likely(n_real)
+    )
+    out = export_hf(run, tmp_path / "hf")
+    assert json.loads((out / "generation_config.json").read_text())["suppress_tokens"] == list(
+        range(n_real, n_real + 20)
+    )
+    theirs = hf_model(out)
+    prompt = torch.tensor([bpe.encode("The quick")])
+    with torch.no_grad():
+        assert int(theirs(prompt).logits[0, -1].argmax()) >= n_real  # the padded rows are the most likely
+    greedy = theirs.generate(prompt, do_sample=False, max_new_tokens=8)
+    torch.manual_seed(0)
+    sampled = theirs.generate(prompt, do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=4)
+    for ids in (greedy, sampled):
+        assert int(ids[:, prompt.shape[1] :].max()) < n_real
+    ours = load_trained(run, torch.device("cpu")).model  # lmforge's generate picks the same greedy ids
+    expected = generate(ours, prompt[0].tolist(), max_new_tokens=8, temperature=0, vocab_size=n_real)
+    assert greedy[0, prompt.shape[1] :].tolist() == expected
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
@@ -450,6 +489,41 @@ def test_import_of_a_transformers_model_matches_its_logits(name: str, bpe: Token
     idx = torch.randint(0, bpe.vocab_size, (2, CONTEXT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(ours.model(idx), model.eval()(idx).logits, **TOL)
+
+
+@pytest.mark.parametrize("source", ["bfloat16", "float16"])
+def test_export_of_an_imported_half_precision_model_keeps_its_dtype(
+    source: str, bpe: Tokenizer, tmp_path: Path, capsys
+) -> None:
+    torch.manual_seed(0)
+    model = _hf_llama(bpe).to(getattr(torch, source))
+    model.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    original = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    out = export_hf(run, tmp_path / "out")  # auto: the dtype recorded at import
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    for key, t in original.items():
+        assert exported[key].dtype == t.dtype and torch.equal(exported[key], t), key
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["dtype"] == config["torch_dtype"] == source
+    assert verify_hf(run, out) == 0.0  # the same values: float32 math on both sides
+    # an explicit --dtype chooses: float32 is twice the size, with the same values widened
+    assert run_cli("export", str(run), "--out", str(tmp_path / "f32"), "--dtype", "float32").returncode == 0
+    wide = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    assert all(wide[k].dtype == torch.float32 and torch.equal(wide[k], t.float()) for k, t in original.items())
+    size = (out / "model.safetensors").stat().st_size
+    assert 1.9 * size < (tmp_path / "f32" / "model.safetensors").stat().st_size < 2.1 * size
+    # a run lmforge trained (float32) stays float32 by default, and rounds when asked
+    trained = make_run(tmp_path / "trained", bpe)
+    wide = load_file(str(export_hf(trained, tmp_path / "t32") / "model.safetensors"))
+    assert {t.dtype for t in wide.values()} == {torch.float32}
+    half = export_hf(trained, tmp_path / "t16", dtype=source)
+    assert {t.dtype for t in load_file(str(half / "model.safetensors")).values()} == {getattr(torch, source)}
+    assert 0 < verify_hf(trained, half) < 0.1  # (rounded weights: close, not equal)
+    with pytest.raises(LmforgeError, match="not an HF export dtype.*for --to gguf"):
+        export_hf(trained, tmp_path / "q", dtype="q8_0")
 
 
 def test_imported_tokenizer_that_adds_bos_generates_like_transformers(bpe: Tokenizer, tmp_path: Path) -> None:

@@ -208,6 +208,26 @@ def test_import_of_a_transformers_bert_for_masked_lm(bpe: Tokenizer, tmp_path: P
     torch.testing.assert_close(got[pad], ref[pad], **TOL)
 
 
+def test_a_bf16_bert_exports_as_bf16_with_its_values(bpe: Tokenizer, tmp_path: Path) -> None:
+    # an imported bf16 encoder exported float32: the same values at twice the size
+    tok_dir = export_hf(make_encoder_run(tmp_path / "run", bpe), tmp_path / "tok")
+    vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
+    hf_cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    src = tmp_path / "src"
+    transformers.BertForPreTraining(hf_cfg).to(torch.bfloat16).save_pretrained(str(src))
+    transformers.AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(src))
+    original = load_file(str(src / "model.safetensors"))
+    out = export_hf(import_hf(src, tmp_path / "imported"), tmp_path / "out")
+    exported = load_file(str(out / "model.safetensors"))
+    for key, t in exported.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, original[key]), key
+    assert verify_hf(tmp_path / "imported", out) <= 2e-5  # (float32 on both sides; kernels differ: 1.5e-7)
+
+
 def test_import_of_a_sequence_classifier_names_its_head_and_what_to_do(bpe: Tokenizer, tmp_path: Path) -> None:
     """A BertForSequenceClassification folder stores its head as `classifier.*` (not under `bert.`): the error
     names those keys as stored, and the fix it gives (the encoder saved alone) imports."""
@@ -339,3 +359,18 @@ def test_a_tokenizer_reads_the_ids_of_one_it_only_extends(bpe: Tokenizer) -> Non
     assert not exported.reads_ids_of(bpe)  # the export's [CLS] A [SEP] framing changes encoding: import drops it
     other = train_bpe([f"{t} {i}" for i in range(20) for t in reversed(TEXTS)], vocab_size=280)
     assert not other.reads_ids_of(bpe) and not bpe.reads_ids_of(other)
+
+
+def test_the_readmes_name_the_special_tokens_a_bert_export_really_has(bpe: Tokenizer, tmp_path: Path) -> None:
+    # README said every BERT export gets [PAD]/[CLS]/[SEP]/[MASK]; an lmforge WordPiece tokenizer's are <|pad|>, ...
+    from lmforge.tokenizer.train import train_wordpiece
+
+    repo = Path(__file__).resolve().parent.parent
+    readmes = [(repo / name).read_text(encoding="utf-8") for name in ("README.md", "README.zh-CN.md")]
+    english = readmes[0].split("**Encoders.**", 1)[1].split("\n\n", 1)[0]  # (its export paragraph)
+    for kind, tokenizer in (("wordpiece", train_wordpiece(TEXTS * 20, vocab_size=120)), ("bpe", bpe)):
+        out = export_hf(make_encoder_run(tmp_path / kind, tokenizer), tmp_path / f"hf-{kind}")
+        specials = json.loads((out / "special_tokens_map.json").read_text(encoding="utf-8"))
+        names = "/".join(f"`{specials[f'{k}_token']}`" for k in ("pad", "cls", "sep", "mask"))
+        for text in (english, readmes[1]):
+            assert names in text, names

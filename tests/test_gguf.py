@@ -124,6 +124,31 @@ def test_values_match_ours(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
     assert tensors["blk.0.attn_q.bias"].tensor_type == gguf.GGMLQuantizationType.F32
 
 
+def test_a_model_imported_from_bf16_exports_bf16_by_default(bpe: Tokenizer, tmp_path: Path) -> None:
+    # it was written f16 (the only 16-bit choice): bf16 values past f16's range overflow, the smallest lose bits
+    from lmforge.export.hf_import import import_hf
+    from tests.test_export import _hf_llama
+
+    torch.manual_seed(0)
+    hf = _hf_llama(bpe).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight[0, :2] = torch.tensor([1e5, 1e-7])  # outside f16: inf and 0
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    fields, tensors = read(export_gguf(run, tmp_path / "m.gguf"))
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType.BF16
+    source = hf.model.layers[0].mlp.down_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(dequant(down), source)  # the same values, 1e5 and 1e-7 included
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.BF16 for t in tensors.values() if len(t.shape) == 2)
+    _, f16 = read(export_gguf(run, tmp_path / "f16.gguf", dtype="f16"))  # --dtype f16 still chooses f16
+    assert f16["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    _, trained = read(export_gguf(make_run(tmp_path / "ours", bpe, **GQA), tmp_path / "ours.gguf"))
+    assert trained["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # float32 runs: f16
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_biases_get_a_note_for_transformers(bias: bool, bpe: Tokenizer, tmp_path: Path, capsys) -> None:
     """transformers' GGUF loader drops a Llama's biases silently; the export (kept for llama.cpp, which
@@ -280,7 +305,7 @@ def test_cli_export_gguf(bpe: Tokenizer, tmp_path: Path) -> None:
     assert result.returncode == 2 and "--verify is for --to hf" in result.stderr and not (tmp_path / "y.gguf").exists()
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
 def test_transformers_reads_the_gguf_and_gives_our_logits(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
     """An independent reader: transformers' GGUF loader (it undoes llama.cpp's q/k permutation itself)."""
     transformers = pytest.importorskip("transformers")
@@ -296,6 +321,8 @@ def test_transformers_reads_the_gguf_and_gives_our_logits(dtype: str, bpe: Token
         for p in ours.parameters():
             if p.ndim == 2 and dtype == "f16":
                 p.copy_(p.half().float())
+            elif p.ndim == 2 and dtype == "bf16":
+                p.copy_(p.bfloat16().float())
             elif p.ndim == 2:
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
     idx = torch.randint(0, bpe.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -329,3 +329,26 @@ def test_overwrite_refuses_a_run_that_holds_another(data_dir: Path, tmp_path: Pa
     finetune(hf, **kw)
     assert (tmp_path / "ft" / "base" / "config.json").is_file()
     finetune(hf, **kw, overwrite=True)
+
+
+def test_out_under_a_file_says_the_file_is_in_the_way(tmp_path: Path):
+    # export/quantize said "[Errno 17] File exists: '.../notes.txt'" (os.makedirs of --out's parent, a file) and
+    # "[Errno 20] Not a directory: '.../notes.txt/x'"; check the path, free space and permissions
+    from lmforge.tokenizer.train import train_char
+    from tests.conftest import run_cli
+    from tests.test_export import LLAMA, make_run
+
+    run = make_run(tmp_path / "run", train_char(["the quick brown fox jumps over the lazy dog"]), **LLAMA)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious", encoding="utf-8")
+    for command, out, target in [
+        (["export"], notes / "x", f"the folder {notes}"),
+        (["export", "--to", "gguf"], notes / "x.gguf", f"the folder {notes}"),
+        (["quantize"], notes / "x", f"the folder {notes}"),
+        (["export"], notes / "x" / "y", f"{notes / 'x'}"),
+    ]:
+        result = run_cli(command[0], str(run), *command[1:], "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        expected = f"lmforge: error: cannot create {target}: {notes} is a file, not a folder; choose another --out\n"
+        assert result.stderr == expected
+    assert notes.read_text(encoding="utf-8") == "precious"

@@ -450,7 +450,7 @@ def test_an_imported_model_shows_its_step_without_a_target(tmp_path):
     cfg = RunConfig(out=str(tmp_path / "runs" / "imp"), model=GPTConfig(vocab_size=tok.vocab_size, max_seq_len=16))
     model = GPT(cfg.model)
     model.init_weights()
-    write_imported_run(tmp_path / "runs" / "imp", cfg, model, tok, tmp_path, "gpt2")
+    write_imported_run(tmp_path / "runs" / "imp", cfg, model, tok, tmp_path, "gpt2", "float32")
     (summary,) = list_runs(tmp_path / "runs")
     assert (summary.status, summary.step, summary.max_steps) == ("unknown", 0, 0)
     assert " 0/" not in format_runs([summary])

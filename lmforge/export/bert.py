@@ -6,7 +6,8 @@ fine-tuned BERT/ELECTRA classifiers -> `*ForSequenceClassification`.
     out/
         config.json               BertForPreTraining (bert) or ElectraForPreTraining (electra) config
         model.safetensors         weights under HF names (the tied MLM decoder stored once, as HF expects)
-        tokenizer.json            ours + [PAD]/[CLS]/[SEP]/[MASK] as special tokens, "[CLS] A [SEP] (B [SEP])"
+        tokenizer.json            ours + the [PAD]/[CLS]/[SEP]/[MASK] it lacked as special tokens (those it has keep
+                                  their names: <|cls|>, ...), "[CLS] A [SEP] (B [SEP])"
         tokenizer_config.json     PreTrainedTokenizerFast with cls/sep/pad/mask tokens
         special_tokens_map.json
         README.md                 model card: data, steps, tokens seen, last eval numbers, lmforge config
@@ -82,7 +83,7 @@ from lmforge.export.hf import (
     training_progress,
 )
 from lmforge.export.hf_families import _dtype_name
-from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, write_imported_run
+from lmforge.export.hf_import import read_hf_tensors, read_hf_tokenizer, source_dtype, write_imported_run
 from lmforge.models.bert import Bert, BertConfig, Electra
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -655,6 +656,7 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path, generator: P
             f"but the model has {cfg.vocab_size}; the tokenizer does not belong to this model"
         )
     hf_state = _read_weights(hf_dir, family)
+    dtype = source_dtype(hf_state)
     if any(k.startswith(("generator_predictions.", "generator_lm_head.")) for k in hf_state):
         raise CheckpointError(
             f"{hf_dir} is an ELECTRA generator (ElectraForMaskedLM); lmforge imports the discriminator, the model "
@@ -711,7 +713,7 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path, generator: P
     else:
         objective = "mlm+nsp" if "nsp_head" not in missing_heads and "pooler" not in missing_heads else "mlm"
     run_cfg = RunConfig(out=str(out), model=cfg, objective=ObjectiveConfig(name=objective))
-    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, family)
+    return write_imported_run(out, run_cfg, model.eval(), tokenizer, hf_dir, family, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ Key decisions:
   q.k scores are then identical (tested in tests/test_gguf.py by running both rope layouts).
 - Our fused projections are split: qkv -> attn_q / attn_k / attn_v, mlp.fc [gate; up] -> ffn_gate /
   ffn_up. A tied head writes no `output.weight` (llama.cpp then reuses `token_embd.weight`).
-- dtypes: `f16` stores every matrix in float16; `q8_0` stores matrices whose rows are a multiple of 32
-  as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
-  (norms, biases) stay float32, as llama.cpp expects.
+- dtypes: `f16` stores every matrix in float16; `bf16` in bfloat16; `q8_0` stores matrices whose rows are a
+  multiple of 32 as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
+  (norms, biases) stay float32, as llama.cpp expects. `auto` (the default) is bf16 for a model imported from
+  bf16 weights (the same values; f16 would overflow past 65504 and lose the smallest ones, so llama.cpp's
+  converter picks bf16 for such a model too), else f16.
 - Tokenizer, two kinds, each checked in llama.cpp itself (`bench/gguf_llamacpp.py`: same ids for thousands of
   English and Chinese snippets, same decoded text). Byte-level BPE (`lmforge prepare --tokenizer bpe`):
   tokenizer model "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types
@@ -59,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lmforge.atomic import check_not_inside
@@ -66,13 +69,14 @@ from lmforge.errors import LmforgeError
 from lmforge.export.hf import (
     bos_id_of,
     chat_template_of,
+    export_dtype,
     extra_stop_ids,
     has_chat_markers,
     hf_eos_of_trained,
     without_chat_markers,
 )
 
-DTYPES = ("f16", "q8_0")
+DTYPES = ("auto", "f16", "bf16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
 
 
@@ -273,13 +277,14 @@ def _is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwrite: bool = False) -> Path:
+def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Write a run (or checkpoint) of a Llama-style model as one GGUF file for llama.cpp.
 
     Args:
         path: run directory (its latest checkpoint) or a checkpoint folder.
         out: the .gguf file to write.
-        dtype: "f16" or "q8_0" for the matrices (1-D tensors stay float32).
+        dtype: "auto", "f16", "bf16" or "q8_0" for the matrices (1-D tensors stay float32); auto: bf16 for a model
+            imported from bf16 weights, else f16.
         overwrite: replace an existing GGUF file (any other file is refused).
 
     Returns:
@@ -316,6 +321,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
         )
     cfg = trained.config.model
     _check_llama(cfg)
+    if dtype == "auto":  # (the source dtype import recorded, as the HF export reads it)
+        dtype = "bf16" if export_dtype(trained.checkpoint.meta, trained.model, "auto") == torch.bfloat16 else "f16"
     if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases
         which = "model.bias=true" if cfg.bias else "on q, k and v: model.qkv_bias=true"
         print(
@@ -353,7 +360,8 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
     writer = gguf.GGUFWriter(str(tmp), "llama")
     try:
         writer.add_name(Path(trained.config.out or out.stem).name or out.stem)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+        file_types = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+        writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # (as llama.cpp's convert_hf_to_gguf.py writes it)
         writer.add_vocab_size(len(tokens))
         writer.add_context_length(cfg.max_seq_len)
@@ -388,9 +396,10 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "f16", overwr
             arr = t.numpy()
             if arr.ndim == 1:
                 writer.add_tensor(name, arr.astype(np.float32))
-            elif dtype == "q8_0" and arr.shape[-1] % Q8_BLOCK == 0:
-                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif dtype == "q8_0" and arr.shape[-1] % Q8_BLOCK == 0 or dtype == "bf16":
+                qtype = gguf.GGMLQuantizationType.Q8_0 if dtype == "q8_0" else gguf.GGMLQuantizationType.BF16
+                q = gguf.quants.quantize(arr, qtype)
+                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
             else:
                 writer.add_tensor(name, arr.astype(np.float16))
         writer.write_header_to_file()

@@ -7,7 +7,8 @@ and `AutoTokenizer.from_pretrained`:
         config.json               GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM config (eos_token_id:
                                   our end-of-text id, or an imported model's own, generate.hf_eos_of)
         model.safetensors         weights under HF names (a tied head stored once, as HF expects)
-        generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of)
+        generation_config.json    bos/eos/pad ids (eos: a list when the run has stop ids, generate.stop_ids_of);
+                                  `suppress_tokens`: the ids of an embedding padded past its tokenizer
         tokenizer.json            ours, unchanged (it is already the HF `tokenizers` format)
         tokenizer_config.json     PreTrainedTokenizerFast; our end-of-text token as bos/eos/pad (and unk,
                                   unless the tokenizer has its own unknown token)
@@ -31,8 +32,9 @@ Design decisions
 - Export needs no `transformers` at all: JSON and safetensors are written directly. Only `verify_hf`
   imports it, inside the function, with an install hint.
 - Tensors are written contiguous with their own storage (safetensors refuses views that share a
-  buffer, which splits and transposes are). Export keeps the checkpoint's dtype; import stores float32,
-  the dtype lmforge trains its master weights in (autocast does the rest).
+  buffer, which splits and transposes are). Import stores float32, the dtype lmforge trains its master weights
+  in (autocast does the rest), and records the source's dtype; export writes that again, else the checkpoint's
+  dtype, unless `--dtype` names one (`export_dtype`).
 - Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
   (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
   `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
@@ -136,13 +138,14 @@ def from_hf_state_dict(
 # Export
 
 
-def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "auto") -> Path:
     """Write the model of a run directory or checkpoint folder as an HF model directory.
 
     Args:
         path: an lmforge run directory (its latest checkpoint is used) or a checkpoint folder.
         out: the HF directory to create.
         overwrite: replace an existing `out` (only after the new one is complete).
+        dtype: the weights' dtype in the export (`export_dtype`): "auto", "float32", "bfloat16" or "float16".
 
     Returns:
         `out`, which `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load.
@@ -154,10 +157,12 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     from lmforge.export.peft import load_exportable
 
     out = Path(out)
+    check_dtype(dtype)
     check_not_inside(out, Path(path))  # the run given: never replaced, never written into
     check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
+    trained.model.to(export_dtype(trained.checkpoint.meta, trained.model, dtype))  # (the writers keep it)
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import write_bert
 
@@ -165,6 +170,29 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     if getattr(trained.model, "head", None) is not None:  # a fine-tuned decoder classifier
         return write_hf_classifier(trained, out)
     return write_hf(trained, out)
+
+
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in HF_DTYPES:
+        raise LmforgeError(
+            f"--dtype {dtype!r} is not an HF export dtype; use auto (the default), {', '.join(HF_DTYPES)} "
+            "(f16, bf16 and q8_0 are GGUF types, for --to gguf)"
+        )
+
+
+def export_dtype(meta: dict[str, Any], model: torch.nn.Module, dtype: str) -> torch.dtype:
+    """The dtype an HF export writes its weights in. "auto": an imported run's source dtype (recorded at import,
+    `hf_import.source_dtype`: a bf16 model exports as bf16, the same values at half float32's size, since import
+    only widened them), else the dtype the weights are in (float32 for what lmforge trains). Otherwise the one
+    named (`--dtype`), rounding float32 weights to bfloat16/float16 when asked."""
+    if dtype != "auto":
+        return HF_DTYPES[dtype]
+    imported = meta.get("imported_from")
+    source = imported.get("dtype") if isinstance(imported, dict) else None
+    return HF_DTYPES.get(source, next(model.parameters()).dtype)
 
 
 def chat_template_of(trained: Any) -> Any:
@@ -292,6 +320,15 @@ def without_chat_markers(tokenizer_json: str) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
+def padded_ids(model_vocab: int, tokenizer_vocab: int) -> list[int]:
+    """The ids of an embedding padded past its tokenizer (`--model.vocab_size 50304` over GPT-2's 50257 ids,
+    Qwen2's 151936 rows over 151665): lmforge generate never samples them (`generate(vocab_size=)`), and an HF
+    export says the same in generation_config.json `suppress_tokens`, which transformers' generate applies to
+    causal LMs (greedy, sampling and beam search alike). Without it, generate could emit an id its tokenizer
+    cannot decode."""
+    return list(range(tokenizer_vocab, model_vocab))
+
+
 def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
     """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically). `adapter_base`: it is
     the base of an `export --peft` adapter (the fine-tune's LoRA layers stripped), which its card says."""
@@ -322,6 +359,8 @@ def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
             generation.update(eos_token_id=eos_ids, pad_token_id=eos_id)
         elif extra:  # an imported tokenizer whose end token has another name: its stop ids end generation alone
             generation.update(eos_token_id=extra if len(extra) > 1 else extra[0], pad_token_id=extra[0])
+        if padded := padded_ids(cfg.vocab_size, tokenizer.vocab_size):  # rows no id of the tokenizer reaches
+            generation["suppress_tokens"] = padded  # (transformers' generate sets their scores to -inf)
         write_json(tmp / "generation_config.json", generation)
         chat = template.jinja_for(tokenizer) if template else ""  # (a BOS tokenizer's starts with {{ bos_token }})
         markers = has_chat_markers(template)

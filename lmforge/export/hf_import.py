@@ -123,6 +123,7 @@ def import_hf(
             "the tokenizer does not belong to this model"
         )
     hf_state, weights_path = _read_hf_weights(hf_dir, FAMILIES[model_type].keys)
+    dtype = source_dtype(hf_state)
     model = _load_imported(hf_state, cfg, model_type, weights_path)
     cfg = model.cfg
     stop_ids = hf_stop_ids(hf_dir, hf_cfg, tokenizer)
@@ -135,8 +136,18 @@ def import_hf(
     run_cfg = RunConfig(out=str(out), model=cfg)
     chat = hf_chat_template(hf_dir)
     return write_imported_run(
-        out, run_cfg, model, tokenizer, hf_dir, model_type, stop_ids=stop_ids, hf_eos=hf_eos, chat=chat
+        out, run_cfg, model, tokenizer, hf_dir, model_type, dtype, stop_ids=stop_ids, hf_eos=hf_eos, chat=chat
     )
+
+
+def source_dtype(hf_state: dict[str, Tensor]) -> str:
+    """The dtype most of an HF model's floating-point weights are stored in ("bfloat16", "float16", "float32"),
+    recorded at import (the run holds float32) so that `export` writes them back in it (`hf.export_dtype`)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in hf_state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return str(max(counts, key=counts.__getitem__, default=torch.float32)).removeprefix("torch.")
 
 
 def hf_chat_template(hf_dir: Path) -> dict[str, str] | None:
@@ -201,15 +212,16 @@ def write_imported_run(
     tokenizer: Tokenizer,
     hf_dir: Path,
     model_type: str,
+    dtype: str,
     *,
     stop_ids: list[int] | None = None,
     hf_eos: int | list[int] | None = None,
     chat: dict[str, str] | None = None,
 ) -> Path:
     """Write `out` (built in a hidden sibling, then renamed): config.json, tokenizer.json, a weights-only
-    step-0 checkpoint, with `stop_ids` generation.json (`generate.write_stop_ids`, holding `hf_eos`, the HF
-    config.json's eos_token_id, too) and with `chat` (an HF
-    chat template's `hf_template_config`) tokenizer_config.json."""
+    step-0 checkpoint (its state.json `imported_from` names the source and the `dtype` of its weights), with
+    `stop_ids` generation.json (`generate.write_stop_ids`, holding `hf_eos`, the HF config.json's eos_token_id,
+    too) and with `chat` (an HF chat template's `hf_template_config`) tokenizer_config.json."""
     from lmforge.generate import write_stop_ids
     from lmforge.train.state import TrainState
 
@@ -228,7 +240,8 @@ def write_imported_run(
             state={
                 "train_state": TrainState().to_dict(),
                 "config": run_cfg.to_dict(),
-                "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type},
+                # dtype: the source weights' (`source_dtype`), which export writes back by default
+                "imported_from": {"path": str(hf_dir.resolve()), "model_type": model_type, "dtype": dtype},
             },
             tokenizer_json=tokenizer.to_str(),
         )

@@ -145,18 +145,20 @@ def strip_lora(model: nn.Module) -> int:
     return count
 
 
-def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write an adapter-only LoRA run as a PEFT adapter directory with its base next to it (module docstring).
+def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "auto") -> Path:
+    """Write an adapter-only LoRA run as a PEFT adapter directory with its base next to it (module docstring);
+    `dtype` as `hf.export_hf`'s, for the base and the adapter alike.
 
     Raises:
         LmforgeError: not an unmerged LoRA language-model run, no HF twin for the architecture, `out` exists.
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, fsync_file
     from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
-    from lmforge.export.hf import write_hf
+    from lmforge.export.hf import check_dtype, export_dtype, write_hf
     from lmforge.export.hf_families import hf_family
 
     out = Path(out)
+    check_dtype(dtype)
     check_not_inside(out, Path(path))
     check_out_dir(out, overwrite=overwrite)
     ckpt_dir = resolve_checkpoint(path)
@@ -170,12 +172,13 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False) -
             f"{path} is not an adapter-only LoRA run (finetune --adapt lora without --merge); export it without --peft"
         )
     ft = _load_lm(ckpt_dir)
+    ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
+    ft.model.to(export_dtype(ckpt.meta, ft.model, dtype))
     family = hf_family(ft.model.cfg)
     tensors, targets = adapter_state_dict(ft.model, family)
     lora = info["lora"]
     strip_lora(ft.model)  # what is left is the base the adapter was trained on
 
-    ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
     with building_dir(out) as tmp:
         base = write_hf(
             Trained(model=ft.model, tokenizer=ft.tokenizer, config=ft.config, checkpoint=ckpt),
