@@ -424,13 +424,16 @@ def line_reader(stdin: TextIO, stdout: TextIO, prompt: str = "you> ") -> Any:
     return read
 
 
+DEFAULT_REPLY_TOKENS = 200  # chat's reply length when --max-new-tokens is not given
+
+
 def chat(
     run: str | Path,
     *,
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
     system: str = "",
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     temperature: float = 0.7,
     top_k: int = 50,
     top_p: float = 1.0,
@@ -458,6 +461,8 @@ def chat(
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)
+    given = max_new_tokens is not None  # (None: 200, capped to half the context without a note)
+    max_new_tokens = DEFAULT_REPLY_TOKENS if max_new_tokens is None else max_new_tokens
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
@@ -467,14 +472,14 @@ def chat(
     stops = run_stops(ft)  # eos and an imported instruct model's end of turn
     template = ft.template or ChatTemplate()
     context = context_length(model)  # a recurrent model's has no limit
-    if max_new_tokens > context // 2:  # the other half holds the history (it was capped without a word)
+    if max_new_tokens > context // 2 and given:  # the other half holds the history (it was capped without a word)
         print(
             f"note: --max-new-tokens {max_new_tokens} is more than half the model's context ({context} tokens); "
             f"replies are capped at {context // 2} tokens, the other half holds the conversation",
             file=sys.stderr,
             flush=True,
         )
-        max_new_tokens = context // 2
+    max_new_tokens = min(max_new_tokens, context // 2)
     if interactive is None:
         interactive = stdin.isatty()
     notices = stdout if interactive else sys.stderr  # piped: stdout is the replies alone, for the script reading it

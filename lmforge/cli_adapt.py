@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             stdin=sys.stdin,
             stdout=sys.stdout,
             system=args.system,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens if "max_new_tokens" in args.given else None,  # (a default: no note)
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
