@@ -34,6 +34,21 @@ def count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def number(above: float) -> Callable[[str], float]:
+    """An argparse `type`: a finite number > `above` (a budget of 0 seconds or a -1 MB corpus is a typo)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > above or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number > {above:g}, got {text}")
+        return value
+
+    return parse
+
+
 def ints(names: str) -> Callable[[str], str]:
     """An argparse `type`: comma-separated positive integers, one per name in `names` ("n_layer,n_head,...")."""
 
@@ -46,10 +61,10 @@ def ints(names: str) -> Callable[[str], str]:
     return parse
 
 
-def run(main: Callable[[], None]) -> None:
-    """`main()`, with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
+def run(main: Callable[[], int | None]) -> int | None:
+    """`main()` (its result returned), with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
     try:
-        main()
+        return main()
     except LmforgeError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
