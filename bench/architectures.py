@@ -13,11 +13,11 @@ the recurrent models get no state from the previous window either).
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
 import torch
 
 from lmforge.config import load_config
@@ -91,13 +91,13 @@ def run(name: str, data: Path, out: Path, *, budget: float, seq_len: int, batch:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model (default: 60)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=bench_cli.count(1), default=128)
+    parser.add_argument("--batch", type=bench_cli.count(1), default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=bench_cli.count(1), default=1)
     parser.add_argument("--data-dir", default="data/bench-shakespeare-char")
     parser.add_argument("--out", default="runs/bench-architectures")
     args = parser.parse_args()
@@ -126,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lmforge.cli import Parser
 from lmforge.errors import LmforgeError
@@ -19,19 +20,29 @@ def parser(doc: str | None) -> Parser:
     return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse `type`: an integer >= `minimum`."""
+def _checked(convert: Callable[[str], Any], kind: str, ok: Callable[[Any], bool], want: str) -> Callable[[str], Any]:
+    """An argparse `type`: `convert(text)`, refused unless `ok(value)`; `kind` and `want` word the two errors."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
         return value
 
     return parse
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: an integer >= `minimum`."""
+    return _checked(int, "an integer", lambda v: v >= minimum, f"an integer >= {minimum}")
+
+
+def number(above: float) -> Callable[[str], float]:
+    """An argparse `type`: a finite number > `above` (a budget of 0 seconds or a -1 MB corpus is a typo)."""
+    return _checked(float, "a number", lambda v: above < v < float("inf"), f"a finite number > {above:g}")
 
 
 def ints(names: str) -> Callable[[str], str]:
@@ -46,10 +57,10 @@ def ints(names: str) -> Callable[[str], str]:
     return parse
 
 
-def run(main: Callable[[], None]) -> None:
-    """`main()`, with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
+def run(main: Callable[[], int | None]) -> int | None:
+    """`main()` (its result returned), with an `LmforgeError` printed as `SCRIPT: error: MESSAGE` and exit code 2."""
     try:
-        main()
+        return main()
     except LmforgeError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)

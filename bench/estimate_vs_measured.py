@@ -40,6 +40,7 @@ import platform
 import subprocess
 import sys
 
+import bench_cli  # bench/ is on sys.path when run as a script
 import torch
 from train_speed import DEFAULTS, random_batches, stepper  # same batches and sizes as bench/train_speed.py
 
@@ -144,14 +145,18 @@ def pct(pred: float, meas: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--presets", nargs="+", default=["tiny", "quickstart"], choices=sorted(DEFAULTS))
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: per preset)")
-    parser.add_argument("--batch", type=int, default=0, help="sequences per step (default: per preset)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=bench_cli.count(0), default=0, help="timed steps (default: per preset)")
+    parser.add_argument("--batch", type=bench_cli.count(0), default=0, help="sequences per step (default: per preset)")
+    parser.add_argument("--warmup", type=bench_cli.count(0), default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary for presets that do not fix one")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--vocab", type=bench_cli.count(1), default=4096, help="vocabulary for presets that do not fix one"
+    )
+    parser.add_argument(
+        "--threads", type=bench_cli.count(0), default=0, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument(
         "--adapt",
         nargs="+",
@@ -215,4 +220,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -14,7 +14,6 @@ run (on CPU); the script prints one row per kill and exits 1 on any difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
 import torch
 
 from lmforge.checkpoint import load_checkpoint
@@ -117,13 +117,15 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--nproc", type=int, default=1)
+    parser = bench_cli.parser(__doc__)
+    parser.add_argument("--kills", type=bench_cli.count(1), default=10)
+    parser.add_argument("--steps", type=bench_cli.count(3), default=60)
+    parser.add_argument("--nproc", type=bench_cli.count(1), default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("extra", nargs="*", help="more pretrain flags, after --")
     args = parser.parse_args()
+    if args.kills > args.steps - 2:  # kill targets are distinct steps in [2, steps)
+        parser.error(f"--kills {args.kills} needs --steps of at least {args.kills + 2}, got {args.steps}")
     rng = random.Random(args.seed)
 
     from lmforge.data.prepare import PrepareConfig, prepare
@@ -178,4 +180,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_cli.run(main))

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ["full", "head", "lora", "prompt"]
 
@@ -136,12 +138,14 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--work", default="runs/bench-finetune-modes", help="cache and run folder")
-    parser.add_argument("--n-train", type=int, default=4000, help="labelled SST-2 train sentences")
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per mode (batch 32)")
-    parser.add_argument("--pretrain-seconds", type=float, default=150.0, help="time budget of the base pretraining")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-train", type=bench_cli.count(2), default=4000, help="labelled SST-2 train sentences")
+    parser.add_argument("--steps", type=bench_cli.count(1), default=150, help="fine-tuning steps per mode (batch 32)")
+    parser.add_argument(
+        "--pretrain-seconds", type=bench_cli.number(0), default=150.0, help="time budget of the base pretraining"
+    )
+    parser.add_argument("--threads", type=bench_cli.count(1), default=1)
     parser.add_argument("--family", choices=["gpt", "bert"], default="gpt", help="the base: GPT or BERT (MLM)")
     parser.add_argument(
         "--modes", default="", help="default: full,head,lora,prompt,fewshot (GPT), full,head,lora (BERT)"
@@ -192,4 +196,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -12,10 +12,11 @@ mask of chat SFT made visible.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+
+import bench_cli  # bench/ is on sys.path when run as a script
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,13 +33,13 @@ def show_mask(tok, messages: list[dict[str, str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--work", default="runs/bench-finetune-tasks")
-    parser.add_argument("--pretrain-seconds", type=float, default=120.0)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--n-train", type=int, default=8000)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pretrain-seconds", type=bench_cli.number(0), default=120.0)
+    parser.add_argument("--steps", type=bench_cli.count(1), default=300)
+    parser.add_argument("--n-train", type=bench_cli.count(1), default=8000)
+    parser.add_argument("--n-test", type=bench_cli.count(1), default=200)
+    parser.add_argument("--threads", type=bench_cli.count(1), default=1)
     args = parser.parse_args()
 
     import torch
@@ -112,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -18,11 +18,11 @@ that venv's site-packages (appended to sys.path, so this venv's numpy and torch 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
 import numpy as np
 import torch
 
@@ -103,11 +103,11 @@ def compare(run: Path, dtype: str, prompt: str, n_new: int, llama_cpp) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="Llama-style run directories (or checkpoints)")
     parser.add_argument("--llama-cpp", help="site-packages folder holding llama_cpp (appended to sys.path)")
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0"])
-    parser.add_argument("--new-tokens", type=int, default=30)
+    parser.add_argument("--new-tokens", type=bench_cli.count(1), default=30)
     parser.add_argument("--prompt", default=TEXTS[0], help="text for the logits and the greedy continuation")
     args = parser.parse_args()
     if args.llama_cpp:
@@ -115,8 +115,7 @@ def main() -> None:
     try:
         import llama_cpp
     except ImportError:
-        print("skipped: llama_cpp is not importable (pip install llama-cpp-python, or pass --llama-cpp SITE)")
-        return
+        parser.error("llama_cpp is not importable: pip install llama-cpp-python, or pass --llama-cpp SITE")
     torch.set_num_threads(2)
     print(f"llama-cpp-python {llama_cpp.__version__}\n")
     cols = ["run", "tokenizer", "type", "tokens equal", "max |logit diff|", "greedy equal"]
@@ -134,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
+
 from lmforge.quickstart import corpus_path
 
 
@@ -119,8 +121,8 @@ def _run(args: list[str], what: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, default=50, help="document size (default 50)")
+    parser = bench_cli.parser(__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=bench_cli.number(0), default=50, help="document size (default 50)")
     parser.add_argument(
         "--tokenizers", nargs="+", default=["bpe", "char"], choices=["bpe", "char", "wordpiece", "unigram"]
     )
@@ -173,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

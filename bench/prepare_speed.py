@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
+
 from lmforge.quickstart import corpus_path
 
 FILES = 8
@@ -180,9 +182,11 @@ def measure_index(documents: int, block: int = 25_000) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, nargs="+", default=[200], help="corpus sizes to build (default 200)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    parser = bench_cli.parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--size-mb", type=bench_cli.number(0), nargs="+", default=[200], help="corpus sizes to build (default 200)"
+    )
+    parser.add_argument("--workers", type=bench_cli.count(1), nargs="+", default=[1, 2], help="worker counts to time")
     parser.add_argument("--dedup", nargs="+", default=["exact"], choices=["none", "exact", "near"])
     parser.add_argument(
         "--tokenizer", nargs="+", default=["given"], choices=["given", "bpe"],
@@ -190,7 +194,9 @@ def main() -> None:
         "4,096-id BPE on the corpus (pass 1, training, pass 2)",
     )  # fmt: skip
     parser.add_argument("--work-dir", help="where to build the corpus (default: a temporary folder, removed after)")
-    parser.add_argument("--index", type=int, nargs="+", help="time the near-dedup index alone at these document counts")
+    parser.add_argument(
+        "--index", type=bench_cli.count(1), nargs="+", help="time the near-dedup index alone at these document counts"
+    )
     parser.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -295,4 +301,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

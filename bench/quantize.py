@@ -12,11 +12,11 @@ once into float32), and with `QuantLinear` (integer weights kept, dequantized in
 
 from __future__ import annotations
 
-import argparse
 import platform
 import tempfile
 from pathlib import Path
 
+import bench_cli  # bench/ is on sys.path when run as a script
 import torch
 
 from lmforge.checkpoint import load_trained
@@ -29,12 +29,14 @@ from lmforge.train.run import pretrain
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.parser(__doc__)
     parser.add_argument("--run", default="runs/bench-quantize", help="run directory to train (or reuse)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps; 0 = reuse --run as it is")
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=128, help="generated tokens per timing")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--steps", type=bench_cli.count(0), default=300, help="training steps; 0 = reuse --run as it is"
+    )
+    parser.add_argument("--group-size", type=bench_cli.count(1), default=64)
+    parser.add_argument("--tokens", type=bench_cli.count(1), default=128, help="generated tokens per timing")
+    parser.add_argument("--threads", type=bench_cli.count(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -82,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

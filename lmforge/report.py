@@ -68,11 +68,11 @@ from lmforge.runs import (
 
 def plot_loss(metrics_path: Path, out_png: Path, *, title: str = "") -> Path:
     """Draw train loss and validation loss against steps into `out_png`."""
-    from lmforge.plotting import note_missing_cjk, pyplot
+    from lmforge.plotting import pyplot, use_cjk_font
 
     plt = pyplot()
     title = title or metrics_path.parent.name
-    note_missing_cjk([title], out_png.name)  # e.g. a run named 红楼梦
+    use_cjk_font([title], out_png.name)  # e.g. a run named 红楼梦
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -347,10 +347,10 @@ def plot_figure(spec: PlotSpec, runs: list[Run]) -> Any:
     The caller closes it (`render_plot`)."""
     import textwrap
 
-    from lmforge.plotting import note_missing_cjk, pyplot
+    from lmforge.plotting import pyplot, use_cjk_font
 
     plt = pyplot()
-    note_missing_cjk([run.name for run in runs], "the report's charts")  # run names label the curves
+    use_cjk_font([run.name for run in runs], "the report's charts")  # run names label the curves
 
     panels = plot_panels(spec, runs)
     fig, axes = plt.subplots(

@@ -1230,7 +1230,7 @@ def test_confusion_png_says_when_chinese_labels_cannot_be_drawn(
     report = classification_report([0, 1, 1, 0], [0, 1, 0, 0], ["正面", "负面"])
     assert plot_confusion(report, tmp_path / "c.png").stat().st_size > 1000
     note = "no CJK font is installed" in capsys.readouterr().err
-    assert note == (not lmforge.plotting._have_cjk)  # said once, and only where boxes would be drawn
+    assert note == (lmforge.plotting._cjk_font is None)  # said once, and only where boxes would be drawn
     plot_confusion(report, tmp_path / "d.png")
     assert "no CJK font" not in capsys.readouterr().err
 

@@ -506,7 +506,7 @@ def test_a_chinese_run_name_that_the_charts_cannot_draw_gets_a_note(two_runs, tm
         monkeypatch.setattr(lmforge.plotting, "_noted", False)
         capsys.readouterr()
         draw()
-        assert ("no CJK font is installed" in capsys.readouterr().err) == (not lmforge.plotting._have_cjk)
+        assert ("no CJK font is installed" in capsys.readouterr().err) == (lmforge.plotting._cjk_font is None)
     monkeypatch.setattr(lmforge.plotting, "_noted", False)
     render_report(list(two_runs), tmp_path / "plain.html")
     assert "no CJK font" not in capsys.readouterr().err

@@ -129,6 +129,18 @@ def test_speedrun_reads_configs_from_the_working_directory(monkeypatch, capsys, 
         ("cost_model", ["--steps", "-1"], "--steps: expected an integer >= 0, got -1"),  # negative ms/step
         ("generate_speed", ["--new", "0"], "--new: expected an integer >= 1, got 0"),
         ("generate_speed", ["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
+        # the scripts below took any int or float: tracebacks, a hang (--workers 0), nonsense tables (--tokens 0)
+        ("estimate_vs_measured", ["--steps", "-1"], "--steps: expected an integer >= 0, got -1"),
+        ("faults", ["--kills", "5", "--steps", "4"], "--kills 5 needs --steps of at least 7, got 4"),
+        ("faults", ["--steps", "0"], "--steps: expected an integer >= 3, got 0"),
+        ("finetune_modes", ["--n-train", "0"], "--n-train: expected an integer >= 2, got 0"),
+        ("finetune_tasks", ["--n-test", "0"], "--n-test: expected an integer >= 1, got 0"),
+        ("quantize", ["--tokens", "0"], "--tokens: expected an integer >= 1, got 0"),
+        ("quantize", ["--run", "no/such/run", "--steps", "0"], "no/such/run does not exist; pass a run directory"),
+        ("long_document", ["--size-mb", "0"], "--size-mb: expected a finite number > 0, got 0"),
+        ("prepare_speed", ["--workers", "0"], "--workers: expected an integer >= 1, got 0"),
+        ("architectures", ["--batch", "0"], "--batch: expected an integer >= 1, got 0"),
+        ("gguf_llamacpp", ["run", "--new-tokens", "-3"], "--new-tokens: expected an integer >= 1, got -3"),
     ],
 )
 def test_other_speed_benches_refuse_bad_counts_in_one_line(monkeypatch, capsys, script, argv, said):

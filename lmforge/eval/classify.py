@@ -83,12 +83,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_confusion(report: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
     """Write the confusion matrix as a PNG heat map with counts in the cells."""
-    from lmforge.plotting import note_missing_cjk, pyplot
+    from lmforge.plotting import pyplot, use_cjk_font
 
     plt = pyplot()
 
     labels, matrix = report["labels"], report["confusion"]
-    note_missing_cjk([str(label) for label in labels], Path(path).name)
+    use_cjk_font([title, *(str(label) for label in labels)], Path(path).name)
     k = len(labels)
     # Up to MAX_ANNOTATED classes: 0.6 inch a class, a count in each cell. More (CLINC150's 150 intents): the figure
     # stops growing and the cells are colour only, with smaller class names. Drawn as before, 150 classes gave a
