@@ -326,3 +326,22 @@ def test_a_document_cleaned_in_parts_is_the_document_cleaned_whole() -> None:
                 assert got._replace(text=want.text) == want, (cleaner, text, every)
     assert not DocumentCleaner(whitespace=True).streams()
     assert not DocumentCleaner(filters=QualityFilters(max_char_repetition=0.5)).streams()
+
+
+def test_letters_of_other_latin_languages_count_against_english_and_german() -> None:
+    """Polish's "to jest" made "Kocham cię bardzo, to jest ważne." English (its "to"), and ä/ö alone made Swedish,
+    Finnish and Turkish German: letters of none of the named languages count for "latin" and against English,
+    and ä ö ü count half for German, half for "latin". German and English with a foreign name stay as they were."""
+    from lmforge.data.filters import guess_language
+
+    for text in (
+        "Kocham cię bardzo, to jest ważne.",
+        "Děkuji, to je dobré.",
+        "Jag är här på söndag och det är så bra.",
+        "Hyvää huomenta, mitä kuuluu? Minä olen kotona.",
+        "Çok teşekkür ederim, bu çok güzel.",
+    ):
+        assert guess_language(text) == "latin", text
+    for text in ("Ich bin müde.", "Der Bär läuft über die Straße.", "Schöne Grüße aus Köln."):
+        assert guess_language(text) == "de", text
+    assert guess_language("I visited Łódź and Kraków with my friend last year, and it was great.") == "en"

@@ -69,11 +69,13 @@ def run(tmp_path: Path, name: str, **kwargs: object) -> str:
 
 # Re-taken when the language guess learned fr, de, es, it, pt, nl: the corpus' "Ünïcödé  text, ÜNÏCÖDÉ TEXT" is
 # now "de", not "latin", in manifest["languages"] and the card; every shard, tokenizer.json and the report are
-# byte-identical to before (checked by running both versions).
+# byte-identical to before (checked by running both versions). Again when ä ö ü counted half for "latin" (Swedish,
+# Finnish, Turkish write them): that document is "fr" now (its ï é); with its label set back to "de" the digests
+# equal the previous ones.
 GOLDEN = {
-    "near-trained": "8f7177b90bd97864",
-    "exact-trained": "76a4114baaf4cb42",
-    "near-given": "1711b5e1dc0ae832",
+    "near-trained": "f4366a5af8134bf1",
+    "exact-trained": "61a1225c3f041980",
+    "near-given": "2a193639614e0856",
     "near-given-report": "2cdc8bebcb0ea199",
 }
 

@@ -177,17 +177,22 @@ _ELISION = re.compile(
     r"\b(?:(j|qu|d|n(?!['’]t\b)|m|t|s|jusqu|lorsqu|puisqu)|(l)|(dell|all|nell|dall|sull|un|quest|quell))['’](?=\w)",
     re.IGNORECASE,
 )
-# Letters (and Spanish's ¿ ¡) that point to one or a few of them: ß to German, ñ to Spanish, ã/õ to Portuguese,
+# Letters (and Spanish's ¿ ¡) that point to one or a few of them: ß to German (ä ö ü half to German, half to
+# "latin": Swedish, Finnish, Turkish, Hungarian and Estonian write them too), ñ to Spanish, ã/õ to Portuguese,
 # è to French or Italian... A letter adds 1 split over its languages; with no function word to go by (a short
 # sentence) the letters decide.
 _LETTERS = {
-    "ß": "de", "ä": "de", "ö": "de", "ü": "de", "ñ": "es", "¿": "es", "¡": "es", "ã": "pt", "õ": "pt",
+    "ß": "de", "ä": "de latin", "ö": "de latin", "ü": "de latin", "ñ": "es", "¿": "es", "¡": "es", "ã": "pt", "õ": "pt",
     "ç": "fr pt", "è": "fr it", "ê": "fr pt", "à": "fr it pt", "ù": "fr it", "û": "fr", "î": "fr", "ï": "fr",
     "œ": "fr", "ë": "fr nl", "ô": "fr pt", "â": "fr pt", "ò": "it", "ì": "it", "á": "es pt", "í": "es pt",
     "ó": "es pt", "ú": "es pt", "é": "fr es it pt",
+    # letters of none of them nor of English (Polish, Czech, Nordic, Turkish, Romanian, Hungarian, Baltic...): they
+    # count for "latin", and against English ("Kocham cię, to jest ważne" was "en" by its "to")
+    **dict.fromkeys("ąęłńśźżćőűåøæğşıčřšžěůďťňėįųșțăþðđ", "latin"),
 }  # fmt: skip
 _LETTER_WEIGHTS = {char: {lang: 1 / len(langs.split()) for lang in langs.split()} for char, langs in _LETTERS.items()}
 _DISTINCT = re.compile("[" + "".join(_LETTERS) + "]")
+_FOREIGN = frozenset(letter for letter, langs in _LETTERS.items() if langs == "latin")  # (ä ö ü: German's too)
 LATIN_LANGUAGES = tuple(_LATIN_PROFILES)
 # bytes table: A-Z -> a-z, a-z kept, every other byte -> space
 _ASCII_WORDS = bytes(b if 97 <= b <= 122 else b + 32 if 65 <= b <= 90 else 32 for b in range(256))
@@ -285,7 +290,7 @@ def _latin_language(
 ) -> str:  # fmt: skip
     """The profile language with the most function words (`words`, scored by `_WEIGHTS` or `_WEIGHTS_BYTES`) and
     elisions, plus letter points (`_LETTERS`), or "latin" when none or two lead."""
-    scores = dict.fromkeys(LATIN_LANGUAGES, 0.0)
+    scores = dict.fromkeys((*LATIN_LANGUAGES, "latin"), 0.0)
     for french, both, _ in elisions:
         for language in ("fr",) if french else ("fr", "it") if both else ("it",):
             scores[language] += 1
@@ -329,10 +334,12 @@ def guess_language(text: str) -> str:
     words = _LATIN_WORD.findall(lowered)
     english = sum(map(_ENGLISH.__contains__, words))
     elisions = _elisions(lowered)
-    other = sum(map(_EVIDENCE.__contains__, words)) + len(elisions)
+    letters = _DISTINCT.findall(lowered)
+    foreign = sum(letter in _FOREIGN for letter in letters)
+    other = sum(map(_EVIDENCE.__contains__, words)) + len(elisions) + foreign
     if _english_or_other(english, other, accented=_ACCENTED.search(lowered) is not None):
         return "en"
-    return _latin_language(words, _WEIGHTS, _DISTINCT.findall(lowered), elisions)
+    return _latin_language(words, _WEIGHTS, letters, elisions)
 
 
 def language_list(languages: str) -> list[str]:
