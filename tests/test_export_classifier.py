@@ -16,7 +16,8 @@ import torch
 
 from lmforge.adapt.load import build_adapted, load_finetuned
 from lmforge.errors import LmforgeError
-from lmforge.export.hf import export_hf, verify_hf, write_hf_classifier
+from lmforge.export.hf import export_hf, verify_hf
+from lmforge.export.hf_classifier import write_hf_classifier
 from lmforge.export.peft import export_peft, load_exportable
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.tokenizer.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ body and an optional classification head on top:
 
 The decoder's classification head is a Linear without bias, as HF's `score` in GPT2/Llama/Qwen2
 ForSequenceClassification (which pool the same token: the last one that is not padding), so a fine-tuned
-decoder classifier exports as one (export/hf.py). Runs fine-tuned before (finetune.json without `head_bias`)
+decoder classifier exports as one (export/hf_classifier.py). Runs fine-tuned before (finetune.json without `head_bias`)
 have a bias: `head_bias=True` rebuilds their head as it was saved.
 
 The forward pass is written out here (not `GPT.forward`) because a soft prompt enters as embeddings
