@@ -76,7 +76,7 @@ def run(name: str, data: Path, out: Path, *, budget: float, seq_len: int, batch:
     records = read_metrics(out / name / "metrics.jsonl")
     train_records = [r for r in records if "tokens_per_s" in r]
     final = [r for r in records if "val_bpb" in r][-1]
-    from lmforge.checkpoint import load_trained
+    from lmforge.trained import load_trained
 
     model = load_trained(out / name, torch.device("cpu")).model
     return {

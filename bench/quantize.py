@@ -19,13 +19,13 @@ from pathlib import Path
 import bench_cli  # bench/ is on sys.path when run as a script
 import torch
 
-from lmforge.checkpoint import load_trained
 from lmforge.compress.quantize import generation_speed, quantize_run, to_quant_linears
 from lmforge.config import load_config
 from lmforge.data.prepare import PrepareConfig, prepare
 from lmforge.eval.lm import evaluate_checkpoint
 from lmforge.quickstart import corpus_path
 from lmforge.train.run import pretrain
+from lmforge.trained import load_trained
 
 
 def main() -> None:

@@ -30,9 +30,8 @@ older folders, so the folder a reader resolved through `latest` can vanish while
 checkpoint is not damaged: `reading_latest` re-resolves `latest` and loads the newer one (a few
 times), and if it still loses the race it says the training pruned it and to retry.
 
-Length (~810 lines, just over the 800-line guide): writing, resolving and verifying a checkpoint share the
-layout above and its checks; the next split is the readers (`Trained`, `load_trained`, `open_trained`,
-`load_weights`) into a module of their own.
+Rebuilding a whole model from a checkpoint (`Trained`, `load_trained`, `open_trained`, `load_weights`) is in
+`lmforge/trained.py`; this module writes, resolves, verifies and opens the checkpoint files themselves.
 """
 
 from __future__ import annotations
@@ -749,73 +748,3 @@ def _check_meta_types(meta: dict[str, Any], path: Path) -> None:
     for name, info in meta.get("files", {}).items():
         if not (isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)):
             raise wrong(f"files.{name}", 'an object {"bytes": integer, "sha256": string}', info)
-
-
-@dataclass
-class Trained:
-    """A model restored from a checkpoint, with what is needed to use it."""
-
-    model: nn.Module
-    tokenizer: Any  # lmforge.tokenizer.tokenizer.Tokenizer
-    config: Any  # lmforge.config.RunConfig
-    checkpoint: Checkpoint
-
-
-def load_trained(path: str | Path, device: torch.device) -> Trained:
-    """Rebuild the model of a run directory or checkpoint folder and load its weights (eval mode).
-
-    The config and tokenizer come from the checkpoint itself (state.json, tokenizer.json), so a
-    copied checkpoint folder works on its own. Nothing is unpickled.
-    """
-    return reading_latest(path, lambda ckpt_dir: _load_trained(ckpt_dir, device))
-
-
-def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
-    from lmforge.models import build_model
-
-    ckpt, config, tokenizer = open_trained(ckpt_dir)
-    with torch.device("meta"):
-        model = build_model(config.model)
-    model = model.to_empty(device=device)
-    model.init_weights()  # buffers (e.g. rotary tables); weights are overwritten below
-    load_weights(model, ckpt)
-    model.eval()
-    return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)
-
-
-def open_trained(ckpt_dir: Path) -> tuple[Checkpoint, Any, Any]:
-    """A whole model's checkpoint (pretrained, imported, quantized, fully fine-tuned) with its run config and
-    tokenizer, checked and not yet loaded: (checkpoint, RunConfig, Tokenizer). `load_trained` builds the model from
-    them; `pretrain --init-from` loads the weights into the model it built. Nothing is unpickled."""
-    from lmforge.config import config_from_json
-    from lmforge.errors import ConfigError
-    from lmforge.tokenizer.tokenizer import Tokenizer
-
-    ckpt = _open_checkpoint(ckpt_dir, verify="weights")
-    if "config" not in ckpt.meta:
-        raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
-    info = ckpt.path.parent.parent / "finetune.json"
-    if info.is_file() and read_json(info, "re-run lmforge finetune").get("saved") == "adapter":
-        raise CheckpointError(
-            f"{ckpt.path} holds only fine-tuned adapters, prompt or head; open it with "
-            "lmforge.adapt.load.load_finetuned (as eval, generate, chat and export do), which rebuilds it on its base"
-        )
-    try:
-        config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt.path / 'state.json'}: {e}") from None
-    tok_path = ckpt.path / "tokenizer.json"
-    if not tok_path.is_file():
-        tok_path = ckpt.path.parent.parent / "tokenizer.json"
-    return ckpt, config, Tokenizer.load(tok_path)
-
-
-def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Put a whole model's checkpoint weights into `model` (built from its config); a quantized one's integer
-    weights (`lmforge quantize`) dequantized."""
-    if "quantization" in ckpt.meta:
-        from lmforge.compress.quantize import load_quantized
-
-        load_quantized(model, ckpt)
-    else:
-        ckpt.load_model(model)

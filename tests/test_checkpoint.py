@@ -336,8 +336,8 @@ def test_a_checkpoint_pruned_while_read_is_read_again_from_latest(tmp_path, monk
     reader (deterministically here, through a hook); the reader loads the newer one instead."""
     import lmforge.checkpoint as ckpt_module
     from lmforge.adapt.load import load_finetuned
-    from lmforge.checkpoint import load_trained
     from lmforge.export.peft import load_exportable
+    from lmforge.trained import load_trained
 
     run = tmp_path / "run"
     model = _trained_run(run)

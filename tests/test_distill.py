@@ -228,8 +228,8 @@ def test_finetune_distill_moves_the_student_towards_the_teacher(runs: dict[str, 
     loaded = load_finetuned(tmp_path / "student-distilled", torch.device("cpu"))
     assert loaded.model.cfg.n_layer == 1 and loaded.model.cfg.d_model == 32
     # ... and it quantizes like one (the next step when shrinking a model)
-    from lmforge.checkpoint import load_trained
     from lmforge.compress.quantize import quantize_run
+    from lmforge.trained import load_trained
 
     quantize_run(tmp_path / "student-distilled", tmp_path / "q8", bits=8, compare=False)
     assert load_trained(tmp_path / "q8", torch.device("cpu")).model.cfg.d_model == 32

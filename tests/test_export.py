@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import load_trained, save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, DataError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
@@ -29,6 +29,7 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece
 from lmforge.train.state import TrainState
+from lmforge.trained import load_trained
 from tests.conftest import run_cli, tiny_config
 
 # Local directories only: never let huggingface_hub try the network (there is none, and retries are slow).

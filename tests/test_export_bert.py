@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import load_trained, save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 from lmforge.config import RunConfig
 from lmforge.data.masking import special_ids
 from lmforge.errors import LmforgeError
@@ -28,6 +28,7 @@ from lmforge.objectives import ObjectiveConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char
 from lmforge.train.state import TrainState
+from lmforge.trained import load_trained
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

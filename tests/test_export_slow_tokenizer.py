@@ -22,13 +22,13 @@ import tokenizers
 import torch
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from lmforge.checkpoint import load_trained
 from lmforge.data.masking import special_ids
 from lmforge.errors import CheckpointError
 from lmforge.export.hf import export_hf
 from lmforge.export.hf_import import import_hf, read_hf_tokenizer
 from lmforge.generate import generate, generate_from_checkpoint
 from lmforge.tokenizer.tokenizer import bytes_to_unicode
+from lmforge.trained import load_trained
 from tests.conftest import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1121,9 +1121,9 @@ def test_task_files_read_unix_windows_and_old_mac_line_ends_alike(end: str, tmp_
 def test_packing_keeps_examples_apart(model: dict, tmp_path: Path):
     from lmforge.adapt.heads import packed_logits
     from lmforge.adapt.objectives import PackedCausalLM
-    from lmforge.checkpoint import load_trained
     from lmforge.data.formats import build_examples, field_map, lm_batch, pack_examples, packed_batch, read_task_rows
     from lmforge.objectives import CausalLM
+    from lmforge.trained import load_trained
 
     base = make_base(tmp_path, **model)
     trained = load_trained(base, torch.device("cpu"))

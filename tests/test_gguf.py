@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint import load_trained
 from lmforge.errors import LmforgeError
 from lmforge.models.layers import apply_rope, rope_cos_sin
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char, train_unigram, train_wordpiece, with_nfkc
+from lmforge.trained import load_trained
 
 gguf = pytest.importorskip("gguf")
 from lmforge.export.gguf import export_gguf, permute_rope_rows  # noqa: E402

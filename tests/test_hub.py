@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_trained
 from lmforge.export.hf_import import import_hf
 from lmforge.tokenizer.train import train_bpe
+from lmforge.trained import load_trained
 from tests.conftest import run_cli
 
 transformers = pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.adapt.load import load_finetuned
-from lmforge.checkpoint import load_checkpoint, load_trained
+from lmforge.checkpoint import load_checkpoint
 from lmforge.config import RunConfig, config_from_json
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.export.hf import export_hf, verify_hf
@@ -26,6 +26,7 @@ from lmforge.export.hf_import import import_hf
 from lmforge.export.peft import export_peft
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.bert import BertConfig, Electra
+from lmforge.trained import load_trained
 from tests.conftest import run_cli
 from tests.test_finetune_electra import _toy_task  # vowels vs consonants: WordPiece reads them letter by letter
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_trained
 from lmforge.config import config_from_json
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.prepare import PrepareConfig, prepare
@@ -24,6 +23,7 @@ from lmforge.train.loop import window_counts, window_loss
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.precision import pick_precision
 from lmforge.train.run import pretrain
+from lmforge.trained import load_trained
 from tests.conftest import run_cli, tiny_config
 from tests.test_resume import _assert_same_run
 

@@ -11,11 +11,12 @@ import torch
 
 from lmforge.adapt.load import load_finetuned
 from lmforge.adapt.lora import LoRALinear, inject_lora, lora_state_dict, merge_lora
-from lmforge.checkpoint import load_checkpoint, load_trained
+from lmforge.checkpoint import load_checkpoint
 from lmforge.errors import CheckpointError
 from lmforge.eval.lm import evaluate_checkpoint
 from lmforge.finetune import FinetuneConfig, finetune
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.trained import load_trained
 from tests.conftest import run_cli
 from tests.test_finetune import DATA, FAST, make_base
 

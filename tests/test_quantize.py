@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import load_trained
 from lmforge.compress.quantize import (
     dequantize_weight,
     format_quantize,
@@ -19,6 +18,7 @@ from lmforge.compress.quantize import (
     to_quant_linears,
 )
 from lmforge.errors import DataError, LmforgeError
+from lmforge.trained import load_trained
 from tests.conftest import run_cli, tiny_config
 
 

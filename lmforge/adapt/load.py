@@ -55,7 +55,8 @@ def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
 
 def _load_finetuned(ckpt_dir: Path, device: torch.device) -> Finetuned:
     from lmforge.chat import load_template
-    from lmforge.checkpoint import load_checkpoint, load_trained, read_json, resolve_checkpoint
+    from lmforge.checkpoint import load_checkpoint, read_json, resolve_checkpoint
+    from lmforge.trained import load_trained
 
     run_dir = run_dir_of(ckpt_dir)
     info_path = run_dir / "finetune.json"

@@ -19,7 +19,7 @@ Schemes (symmetric, no zero point, round to nearest; the baselines of LLM.int8/G
 - Embeddings (and a tied output head, which *is* the embedding) stay float32: a lookup table is not
   a matmul, and the tied head is shared with it. Norms and biases stay float32 (tiny).
 
-Loading (`checkpoint.load_trained`, so `eval`, `generate`, `chat`, `serve`, `export` all work): the
+Loading (`trained.load_trained`, so `eval`, `generate`, `chat`, `serve`, `export` all work): the
 weights are dequantized once into an ordinary float32 model ("dequantize on load"). `QuantLinear`,
 which keeps the integers and dequantizes on the fly in every forward, is here too; bench/quantize.py
 measures both, and on CPU dequantize-on-load generates faster (see the README table), because
@@ -220,8 +220,9 @@ def quantize_run(
         (a fine-tune's also {"loss_before", "loss_after"}: its val_loss).
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, write_json
-    from lmforge.checkpoint import load_trained, read_json, resolve_checkpoint, save_checkpoint
+    from lmforge.checkpoint import read_json, resolve_checkpoint, save_checkpoint
     from lmforge.generate import hf_eos_of, stop_ids_of, write_stop_ids
+    from lmforge.trained import load_trained
 
     if bits not in BITS:
         raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")

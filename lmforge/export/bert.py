@@ -300,7 +300,7 @@ def classifier_info(trained: Any) -> dict[str, Any] | None:
 
 
 def write_bert(trained: Any, out: Path) -> Path:
-    """Write a loaded BERT/ELECTRA run (`checkpoint.Trained`) as an HF directory at `out` (atomically):
+    """Write a loaded BERT/ELECTRA run (`trained.Trained`) as an HF directory at `out` (atomically):
     `*ForPreTraining`, or `*ForSequenceClassification` for a fine-tuned classifier."""
     cfg: BertConfig = trained.config.model
     tokenizer: Tokenizer = trained.tokenizer

@@ -330,7 +330,7 @@ def padded_ids(model_vocab: int, tokenizer_vocab: int) -> list[int]:
 
 
 def write_hf(trained: Any, out: Path, *, adapter_base: bool = False) -> Path:
-    """Write a loaded GPT (`checkpoint.Trained`) as an HF directory at `out` (atomically). `adapter_base`: it is
+    """Write a loaded GPT (`trained.Trained`) as an HF directory at `out` (atomically). `adapter_base`: it is
     the base of an `export --peft` adapter (the fine-tune's LoRA layers stripped), which its card says."""
     cfg: GPTConfig = trained.config.model
     family = hf_family(cfg)

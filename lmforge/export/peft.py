@@ -53,7 +53,7 @@ from lmforge.errors import LmforgeError
 
 
 def load_exportable(path: str | Path) -> Any:
-    """The model of any run or checkpoint as a `checkpoint.Trained` on CPU; LoRA adapters merged
+    """The model of any run or checkpoint as a `trained.Trained` on CPU; LoRA adapters merged
     (a checkpoint pruned mid-load by a training still running is re-resolved: `reading_latest`)."""
     from lmforge.checkpoint import reading_latest
 
@@ -62,7 +62,8 @@ def load_exportable(path: str | Path) -> Any:
 
 def _load_exportable(ckpt_dir: Path) -> Any:
     from lmforge.adapt.lora import merge_lora
-    from lmforge.checkpoint import Trained, load_checkpoint, load_trained
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.trained import Trained, load_trained
 
     if not (ckpt_dir.parent.parent / "finetune.json").is_file():
         return load_trained(ckpt_dir, torch.device("cpu"))
@@ -153,9 +154,10 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False, d
         LmforgeError: not an unmerged LoRA language-model run, no HF twin for the architecture, `out` exists.
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, fsync_file
-    from lmforge.checkpoint import Trained, load_checkpoint, resolve_checkpoint
+    from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
     from lmforge.export.hf import check_dtype, export_dtype, write_hf
     from lmforge.export.hf_families import hf_family
+    from lmforge.trained import Trained
 
     out = Path(out)
     check_dtype(dtype)

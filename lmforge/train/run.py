@@ -29,7 +29,6 @@ from lmforge.checkpoint import (
     checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
     prune_checkpoints,
     save_checkpoint,
     set_aside_later,
@@ -65,6 +64,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
 from lmforge.train.schedule import min_lr_note, schedule_change, warmup_note
 from lmforge.train.state import TrainState, set_rng_state
+from lmforge.trained import load_weights
 
 
 def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
@@ -98,7 +98,8 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
 def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokenizer]:
     """`--init-from`'s checkpoint (RUN's latest, or the checkpoint folder given), its config and tokenizer."""
     from lmforge.adapt.load import is_hf_dir
-    from lmforge.checkpoint import open_trained, resolve_checkpoint
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.trained import open_trained
 
     if is_hf_dir(Path(source)):  # (resolve_checkpoint called it a run without a checkpoint: "train it first")
         raise ConfigError(
