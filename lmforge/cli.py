@@ -315,8 +315,9 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
     p.add_argument(
         "--dtype",
-        help="hf: auto (default: the weights' dtype, an imported model's source dtype), float32, bfloat16 or "
-        "float16; gguf: auto (default: bf16 for a model imported from bf16, else f16), f16, bf16 or q8_0",
+        help="hf: auto (default: the source dtype of an imported model, also after fine-tuning it, else the weights' "
+        "dtype), float32, bfloat16 or float16; gguf: auto (default: bf16 for a model imported from bf16 or "
+        "fine-tuned from one, else f16), f16, bf16 or q8_0",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--verify", action="store_true", help="load the export with transformers and compare logits")

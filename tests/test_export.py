@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -525,6 +526,78 @@ def test_export_of_an_imported_half_precision_model_keeps_its_dtype(
     assert 0 < verify_hf(trained, half) < 0.1  # (rounded weights: close, not equal)
     with pytest.raises(LmforgeError, match="not an HF export dtype.*for --to gguf"):
         export_hf(trained, tmp_path / "q", dtype="q8_0")
+
+
+@pytest.fixture(scope="module")
+def bf16_import(bpe: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random bf16 Llama imported with `lmforge import` (the run holds float32, its state.json says bf16), and
+    a text file to train it on."""
+    root = tmp_path_factory.mktemp("bf16_import")
+    torch.manual_seed(0)
+    _hf_llama(bpe).to(torch.bfloat16).save_pretrained(root / "hf")
+    bpe.save(root / "hf" / "tokenizer.json")
+    text = root / "text.txt"
+    text.write_text("\n\n".join(TEXTS * 4), encoding="utf-8")
+    return import_hf(root / "hf", root / "run"), text
+
+
+def _exported(path: Path, out: Path, dtype: str = "auto") -> dict[str, torch.Tensor]:
+    return load_file(str(export_hf(path, out, dtype=dtype) / "model.safetensors"))
+
+
+def test_a_fine_tune_of_a_bf16_import_exports_bf16(bf16_import: tuple[Path, Path], tmp_path: Path) -> None:
+    """`lmforge import` of a bf16 model, `finetune` on the imported run (full, LoRA adapters, LoRA on that full
+    fine-tune), then `export --to hf` wrote float32, twice the size: `--dtype auto` read the dtype import records
+    only in the imported run's own state.json. It now follows finetune.json's `base` back to the import: bf16, the
+    fine-tuned weights rounded, as `--dtype bfloat16` writes them. (~12 s: three 2-step fine-tunes, ten exports.)"""
+    from lmforge.export.peft import export_peft
+    from lmforge.finetune import FinetuneConfig, finetune
+
+    run, text = bf16_import
+    shutil.copytree(run, tmp_path / "run")  # (deleted at the end)
+    fast = {"train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "lr": 1e-2}}
+
+    def tune(base: Path, name: str, adapt: str) -> Path:
+        finetune(base, train_file=text, out=tmp_path / name, cfg=FinetuneConfig(task="clm", adapt=adapt),
+                 overrides=fast, progress=False)  # fmt: skip
+        return tmp_path / name
+
+    full = tune(tmp_path / "run", "full", "full")
+    tuned = {"full": full, "lora": tune(tmp_path / "run", "lora", "lora"), "lora-of-full": tune(full, "lora2", "lora")}
+    imported = _exported(run, tmp_path / "imported.hf")
+    for name, ft in tuned.items():
+        exported = _exported(ft, tmp_path / f"{name}.hf")
+        assert {t.dtype for t in exported.values()} == {torch.bfloat16}, name
+        assert json.loads((tmp_path / f"{name}.hf" / "config.json").read_text(encoding="utf-8"))["dtype"] == "bfloat16"
+        rounded = _exported(ft, tmp_path / f"{name}.bf16", "bfloat16")
+        assert all(torch.equal(exported[k], rounded[k]) for k in rounded), name  # the fine-tuned weights, rounded
+        assert any(not torch.equal(exported[k], imported[k]) for k in imported), name  # (it did fine-tune)
+    wide = _exported(full, tmp_path / "full.f32", "float32")  # --dtype float32 still chooses
+    assert {t.dtype for t in wide.values()} == {torch.float32}
+    peft = export_peft(tuned["lora"], tmp_path / "lora.peft")  # the adapter's base: the import, in its dtype
+    assert {t.dtype for t in load_file(str(peft / "base" / "model.safetensors")).values()} == {torch.bfloat16}
+    # the imported base deleted after a full fine-tune: the lineage ends there; the weights' own dtype is written
+    shutil.rmtree(tmp_path / "run")
+    assert {t.dtype for t in _exported(full, tmp_path / "lost.hf").values()} == {torch.float32}
+
+
+def test_continued_pretraining_of_a_bf16_import_exports_bf16(bf16_import: tuple[Path, Path], tmp_path: Path) -> None:
+    """`pretrain --init-from` an imported bf16 model exported float32, as fine-tunes did; its config's `init_from`
+    leads back to the import now."""
+    from lmforge.config import load_config
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.train.run import init_settings, pretrain
+
+    run, text = bf16_import
+    data = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(text)], out=str(data), tokenizer=str(run / "tokenizer.json"),
+                          val_fraction=0.0, test_fraction=0.0), progress=False)  # fmt: skip
+    steps = {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "log_every": 1}
+    flags = {"out": str(tmp_path / "more"), "data": {"dir": str(data)}, "init_from": str(run), "train": steps}
+    pretrain(load_config(overrides=flags | {"eval": {"every": 0}}, base=init_settings(run)), progress=False)
+    exported = _exported(tmp_path / "more", tmp_path / "more.hf")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert exported.keys() == _exported(run, tmp_path / "imported.hf").keys()
 
 
 def test_imported_tokenizer_that_adds_bos_generates_like_transformers(bpe: Tokenizer, tmp_path: Path) -> None:

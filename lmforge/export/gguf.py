@@ -322,7 +322,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
     cfg = trained.config.model
     _check_llama(cfg)
     if dtype == "auto":  # (the source dtype import recorded, as the HF export reads it)
-        dtype = "bf16" if export_dtype(trained.checkpoint.meta, trained.model, "auto") == torch.bfloat16 else "f16"
+        dtype = "bf16" if export_dtype(trained.checkpoint, trained.model, "auto") == torch.bfloat16 else "f16"
     if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases
         which = "model.bias=true" if cfg.bias else "on q, k and v: model.qkv_bias=true"
         print(

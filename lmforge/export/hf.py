@@ -33,8 +33,9 @@ Design decisions
   imports it, inside the function, with an install hint.
 - Tensors are written contiguous with their own storage (safetensors refuses views that share a
   buffer, which splits and transposes are). Import stores float32, the dtype lmforge trains its master weights
-  in (autocast does the rest), and records the source's dtype; export writes that again, else the checkpoint's
-  dtype, unless `--dtype` names one (`export_dtype`).
+  in (autocast does the rest), and records the source's dtype; export writes that again, for the import and for
+  fine-tunes and continued pretraining of it (`imported_dtype` follows the lineage), else the checkpoint's dtype,
+  unless `--dtype` names one (`export_dtype`).
 - Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
   (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
   `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
@@ -160,7 +161,7 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False, dty
     check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
-    trained.model.to(export_dtype(trained.checkpoint.meta, trained.model, dtype))  # (the writers keep it)
+    trained.model.to(export_dtype(trained.checkpoint, trained.model, dtype))  # (the writers keep it)
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import write_bert
 
@@ -183,16 +184,69 @@ def check_dtype(dtype: str) -> None:
         )
 
 
-def export_dtype(meta: dict[str, Any], model: torch.nn.Module, dtype: str) -> torch.dtype:
-    """The dtype an HF export writes its weights in. "auto": an imported run's source dtype (recorded at import,
-    `hf_import.source_dtype`: a bf16 model exports as bf16, the same values at half float32's size, since import
-    only widened them), else the dtype the weights are in (float32 for what lmforge trains). Otherwise the one
-    named (`--dtype`), rounding float32 weights to bfloat16/float16 when asked."""
+def export_dtype(ckpt: Any, model: torch.nn.Module, dtype: str) -> torch.dtype:
+    """The dtype an HF export of checkpoint `ckpt` (a `checkpoint.Checkpoint`) writes its weights in. "auto": the
+    dtype of the HF model the weights descend from (`imported_dtype`: a bf16 import, or a fine-tune or continued
+    pretraining of one, exports as bf16, half float32's size; import only widened the values), else the dtype the
+    weights are in (float32 for what lmforge trains). Otherwise the one named (`--dtype`), rounding float32
+    weights to bfloat16/float16 when asked."""
     if dtype != "auto":
         return HF_DTYPES[dtype]
-    imported = meta.get("imported_from")
-    source = imported.get("dtype") if isinstance(imported, dict) else None
-    return HF_DTYPES.get(source, next(model.parameters()).dtype)
+    return HF_DTYPES.get(imported_dtype(ckpt.path, ckpt.meta) or "", next(model.parameters()).dtype)
+
+
+LINEAGE_DEPTH = 32  # links followed from a checkpoint towards its import (a loop of hand-edited files ends too)
+
+
+def imported_dtype(ckpt_dir: Path, meta: dict[str, Any]) -> str | None:
+    """The dtype of the HF model a checkpoint's weights descend from, None when they descend from none.
+
+    Import records it in the imported run's state.json (`imported_from.dtype`, `hf_import.source_dtype`). A
+    fine-tune names its base checkpoint in finetune.json (`base`; an HF directory given as BASE is imported into
+    RUN/base/ first) and a continued pretraining its start in its config (`init_from`): those links are followed
+    back to the import, so `lmforge import` of a bf16 model, then `finetune` (full, LoRA merged or not) or
+    `pretrain --init-from` on it, exports bf16 by default, as the import itself does. A link whose checkpoint is
+    gone (a base deleted after a full fine-tune) ends the search: the weights' own dtype is used."""
+    seen: set[Path] = set()
+    while len(seen) < LINEAGE_DEPTH:
+        imported = meta.get("imported_from")
+        if isinstance(imported, dict):
+            source = imported.get("dtype")
+            return source if isinstance(source, str) else None
+        parent = _lineage_parent(ckpt_dir, meta)
+        if parent is None or parent in seen:
+            return None
+        seen.add(parent)
+        try:
+            meta = json.loads((parent / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+        ckpt_dir = parent
+    return None
+
+
+def _lineage_parent(ckpt_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The checkpoint `ckpt_dir`'s weights started from: a fine-tune's base, a continued pretraining's
+    `--init-from` checkpoint; None for a run that started from scratch (or an unreadable record)."""
+    from lmforge.checkpoint import resolve_checkpoint
+
+    info_path = ckpt_dir.parent.parent / "finetune.json"
+    if ckpt_dir.parent.name == "checkpoints" and info_path.is_file():
+        try:
+            base = json.loads(info_path.read_text(encoding="utf-8")).get("base")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return Path(base).resolve() if isinstance(base, str) and base else None
+    config = meta.get("config")
+    start = config.get("init_from") if isinstance(config, dict) else None
+    if not (isinstance(start, str) and start):
+        return None
+    try:  # (recorded as the checkpoint folder used; a run directory resolves to its latest)
+        return resolve_checkpoint(start).resolve()
+    except LmforgeError:
+        return None
 
 
 def chat_template_of(trained: Any) -> Any:

@@ -175,7 +175,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False, d
         )
     ft = _load_lm(ckpt_dir)
     ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
-    ft.model.to(export_dtype(ckpt.meta, ft.model, dtype))
+    ft.model.to(export_dtype(ckpt, ft.model, dtype))
     family = hf_family(ft.model.cfg)
     tensors, targets = adapter_state_dict(ft.model, family)
     lora = info["lora"]
