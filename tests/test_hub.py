@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,14 +107,99 @@ def test_finetune_from_a_hub_name_resumes_without_the_hub(tmp_path: Path) -> Non
 
 def test_a_failed_download_names_commands_that_exist(tmp_path: Path) -> None:
     """The message told users to run 'huggingface-cli download', a command huggingface_hub 1.0 removed (the
-    version transformers 5 installs has only `hf`): the command it names is one this environment has."""
+    version transformers 5 installs has only `hf`): the commands it names are ones this environment has (the
+    login command comes with an answer from the Hub: here a local stand-in's 404)."""
     import re
     import sys
 
-    result = run_cli("import", "hf:some-org/absent", "--out", str(tmp_path / "x"), env=_offline(tmp_path / "empty"))
+    with _LocalHub(answer=True) as hub:
+        result = run_cli("import", "hf:some-org/absent", "--out", str(tmp_path / "x"), env=hub.env(tmp_path / "hf"))
     assert result.returncode == 2, result.stderr
     login, download = re.search(
         r"needs '([^']+)'\), or download it .* \('([^']+) some-org/absent", result.stderr
     ).groups()
     for command in (login, download):
         assert shutil.which(command.split()[0], path=str(Path(sys.executable).parent)), (command, result.stderr)
+
+
+class _LocalHub:
+    """A local stand-in for the Hub's address (HF_ENDPOINT; there is no network here): it records the first line
+    of each request and answers 404 (`answer`: an unknown repository) or never (a Hub behind a firewall or proxy
+    that accepts the connection and then hangs, where huggingface_hub's first request, without a timeout, hung)."""
+
+    def __init__(self, *, answer: bool) -> None:
+        import socket
+        import threading
+
+        self.answer, self.requests, self._open = answer, [], []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            self._open.append(conn)
+            self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0].decode("latin-1"))
+            if self.answer:
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                conn.close()
+
+    def env(self, hf_home: Path, **extra: str) -> dict[str, str]:
+        port = self._server.getsockname()[1]
+        cache = str(hf_home / "hub")
+        return {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(hf_home), "HF_HUB_CACHE": cache,
+                "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", **extra}  # fmt: skip
+
+    def __enter__(self) -> _LocalHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.close()
+        for conn in self._open:
+            conn.close()
+
+
+def test_an_unreachable_hub_is_a_one_line_error_within_seconds(tmp_path: Path) -> None:
+    """A Hub that cannot be reached and a model not in the cache: `lmforge import hf:...` hung (huggingface_hub's
+    first request has no timeout; a failing connection took ~37 s of retries). It is now one line that says what to
+    do, once the Hub has had `HUB_TIMEOUT_S` (5 s) to answer; the time beyond a call that needs no Hub at all
+    (HF_HUB_OFFLINE, which also imports huggingface_hub) is under 10 s (measured 4.5 s)."""
+    import time
+
+    args = ["import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x")]
+
+    def timed(**extra: str) -> tuple[subprocess.CompletedProcess, float]:
+        start = time.monotonic()
+        return run_cli(*args, env=hub.env(tmp_path / "hf", **extra), timeout=120), time.monotonic() - start
+
+    with _LocalHub(answer=False) as hub:
+        timed(HF_HUB_OFFLINE="1")  # (the first call of a test session starts tests/cli_fork.py's zygote)
+        result, seconds = timed()
+        offline, baseline = timed(HF_HUB_OFFLINE="1")
+    waited = seconds - baseline
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE is set and the local Hugging Face cache" in offline.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the Hugging Face Hub cannot be reached" in result.stderr and "does not hold it" in result.stderr
+    assert "download some-org/tiny-gpt2 --local-dir DIR') and pass DIR" in result.stderr
+    assert any("/api/models/some-org/tiny-gpt2" in r for r in hub.requests), hub.requests  # (it did ask)
+    assert waited < 10, (waited, baseline)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_cached_model_loads_without_asking_the_hub(tmp_path: Path) -> None:
+    """With HF_HUB_OFFLINE unset, a model already in the cache was fetched again through the Hub first (a Hub that
+    does not answer: a hang); the cache is read first now, and the Hub is not asked for the model at all."""
+    cache = _cache(tmp_path, "some-org/tiny-gpt2", _saved_gpt2(tmp_path / "local"))
+    with _LocalHub(answer=False) as hub:
+        env = hub.env(tmp_path / "hf", HF_HUB_CACHE=str(cache))
+        result = run_cli("import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "run"), env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not any("/api/models/" in r for r in hub.requests), hub.requests
+    a = load_trained(tmp_path / "run", torch.device("cpu")).model.state_dict()
+    import_hf(tmp_path / "local", tmp_path / "from-folder")
+    b = load_trained(tmp_path / "from-folder", torch.device("cpu")).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,6 +14,13 @@ A hub download needs `huggingface_hub` (which transformers installs: `pip instal
 the network; a gated model needs `hf auth login` (or `HF_TOKEN`) first. Every failure is one
 line that says what to do, including the way around it: download elsewhere and pass the folder, with the
 commands of the installed huggingface_hub (`hf`, or `huggingface-cli` before 0.34; 1.0 removed that name).
+
+Without network it must fail fast: huggingface_hub asks the Hub before it looks in its cache, with no
+timeout on that request (a Hub that accepts the connection and never answers, or a firewall that drops it,
+hung `lmforge import hf:...` for good; an address answering 404 took 22 s of retries). So the cache comes first
+(`local_files_only=True`: a model cached once, as `hf download` or an earlier import left it, loads with no
+network and no request at all; `@REVISION` or `hf download` fetch a newer one), HF_HUB_OFFLINE stops there,
+and only then is the Hub asked, once, with a `HUB_TIMEOUT_S` limit, before the download.
 """
 
 from __future__ import annotations
@@ -58,33 +65,88 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+HUB_TIMEOUT_S = 5.0  # the Hub's first answer (model info, a few kB): ~0.3 s on a working connection
+
+
 def hub_model_dir(spec: str) -> Path:
-    """The local snapshot folder of hub model `spec` (`hf:ORG/NAME[@REVISION]`), downloaded if not cached.
+    """The local snapshot folder of hub model `spec` (`hf:ORG/NAME[@REVISION]`): the one in the local Hugging Face
+    cache, else downloaded, once the Hub has answered within `HUB_TIMEOUT_S`.
 
     Raises:
-        CheckpointError: a malformed name, no huggingface_hub, or the download failed (network, unknown or
-            gated repository); one line with what to do.
+        CheckpointError: a malformed name, no huggingface_hub, HF_HUB_OFFLINE set and nothing cached, the Hub
+            unreachable, or the download failed (unknown or gated repository); one line with what to do.
     """
     repo, revision = parse_hub_spec(spec)
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, constants
     except ImportError:
         raise CheckpointError(
             f"loading {spec} from the Hugging Face Hub needs huggingface_hub: pip install 'lmforge[hf]' "
             "(or download the model elsewhere and pass its folder)"
         ) from None
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _SAFETENSORS))
-        if not any(folder.glob("*.safetensors")):  # an older repository: its PyTorch pickles instead
-            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _PICKLED))
-    except Exception as e:  # noqa: BLE001 - network, 401/404, offline cache misses: huggingface_hub raises many types
-        login, download = hub_commands()
+    cached = _cached_snapshot(repo, revision)
+    if cached is not None:
+        return cached
+    login, download = hub_commands()
+    elsewhere = f"download it where there is network ('{download} {repo} --local-dir DIR') and pass DIR"
+    where = f"the local Hugging Face cache {constants.HF_HUB_CACHE}"
+    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
+    if offline:
         raise CheckpointError(
-            f"cannot get {spec} from the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); check the name "
-            f"and the network (a gated model needs '{login}'), or download it where there is "
-            f"network ('{download} {repo} --local-dir DIR') and pass DIR"
-        ) from None
+            f"cannot get {spec} from the Hugging Face Hub: HF_HUB_OFFLINE is set and {where} does not hold it; "
+            f"unset HF_HUB_OFFLINE to download it, or {elsewhere}"
+        )
+    try:  # one request with a time limit: huggingface_hub's own first request has none
+        HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - requests/httpx connection errors and timeouts, 401/404: many types
+        if not _is_http_error(e):
+            raise CheckpointError(
+                f"cannot get {spec}: the Hugging Face Hub cannot be reached ({type(e).__name__}: {first_line(e)}; "
+                f"lmforge waits {HUB_TIMEOUT_S:g} s for it) and {where} does not hold it; {elsewhere}"
+            ) from None
+        raise _download_failed(spec, e, login, elsewhere) from None
+    try:
+        folder = _snapshot(repo, revision)
+    except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
+        raise _download_failed(spec, e, login, elsewhere) from None
     return folder
+
+
+def _download_failed(spec: str, e: Exception, login: str, elsewhere: str) -> CheckpointError:
+    return CheckpointError(
+        f"cannot get {spec} from the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); check the name "
+        f"and the network (a gated model needs '{login}'), or {elsewhere}"
+    )
+
+
+def _is_http_error(e: Exception) -> bool:
+    """Whether the Hub answered (an HTTP error status: unknown, private or gated repository), as opposed to a
+    connection that failed or timed out."""
+    from huggingface_hub.utils import HfHubHTTPError
+
+    return isinstance(e, HfHubHTTPError)
+
+
+def _snapshot(repo: str, revision: str | None, *, local_files_only: bool = False) -> Path:
+    """The snapshot folder holding what import reads: the safetensors weights, or an older repository's pickles."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _SAFETENSORS,
+                                    local_files_only=local_files_only))  # fmt: skip
+    if not any(folder.glob("*.safetensors")):  # an older repository: its PyTorch pickles instead
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _PICKLED,
+                                        local_files_only=local_files_only))  # fmt: skip
+    return folder
+
+
+def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The cached snapshot of `repo` at `revision` when the cache holds its weights, without any request."""
+    try:
+        folder = _snapshot(repo, revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or cached in part (huggingface_hub's own error types)
+        return None
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return folder if weights and (folder / "config.json").is_file() else None
 
 
 def hub_commands() -> tuple[str, str]:
