@@ -555,7 +555,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 raise ConfigError(f"{short} and --{section}.{key} name the same setting; give one of them")
         base = None
         if args.init_from:  # RUN's model and objective, under the flags (a model flag that differs is refused)
-            from lmforge.train.run import init_settings
+            from lmforge.train.init_from import init_settings
 
             flags["init_from"] = args.init_from
             base = init_settings(args.init_from)
