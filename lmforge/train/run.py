@@ -28,7 +28,6 @@ from lmforge.checkpoint import (
     checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
     prune_checkpoints,
     save_checkpoint,
     set_aside_later,
@@ -58,7 +57,7 @@ from lmforge.runs import (
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import check_packages, open_trackers
-from lmforge.train.init_from import init_checkpoint, with_new_defaults
+from lmforge.train.init_from import init_start, load_init_weights, with_new_defaults
 from lmforge.train.loop import nothing_left, train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
@@ -369,9 +368,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     tokenizer = Tokenizer.load(data.tokenizer_path)
     # --init-from starts a run: a folder with checkpoints resumes them instead (a note says so, below)
     starts = cfg.init_from and cfg.out and (overwrite or not latest_checkpoint(Path(cfg.out)))
-    init = init_checkpoint(cfg, tokenizer) if starts else None
-    if init is not None:
-        cfg = dataclasses.replace(cfg, init_from=str(init.path.resolve()))  # (config.json: the checkpoint used)
+    init = None
+    if cfg.init_from and cfg.out:  # (RUN's other tokenizer gives the model the data's vocab_size on a resume too)
+        cfg, init = init_start(cfg, tokenizer, starts=bool(starts))
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
@@ -420,7 +419,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         model = build_model(cfg.model).to(device)  # construction leaves the RNG alone: init sees the seed
         model.init_weights()
         if init is not None and not resume:
-            load_weights(model, init)  # (the RNG as without --init-from: init_weights drew first)
+            load_init_weights(model, init)  # (the RNG as without --init-from: init_weights drew first)
     train_shards = data.split_shards("train")
     if not train_shards:
         raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
@@ -495,6 +494,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         )
         if not (run_dir / "tokenizer.json").is_file():
             tokenizer.save(run_dir / "tokenizer.json")
+        if init is not None and not resume:
+            write_json(run_dir / "init_from.json", init.record())
         if ckpt is not None:
             truncate_metrics(metrics_path, state.step)
         elif metrics_path.exists():
@@ -521,7 +522,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
     if init is not None and not resume:
-        log.info(f"starting from the weights of {init.path} (a fresh optimizer and schedule, step 0)")
+        log.info(f"starting from the weights of {init.checkpoint.path} (a fresh optimizer and schedule, step 0)")
+        if init.summary():
+            log.info(init.summary())
     if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
         if given_init:
