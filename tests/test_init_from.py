@@ -28,7 +28,7 @@ from lmforge.train.loop import window_counts, window_loss
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.precision import pick_precision
 from lmforge.train.run import pretrain, resolve_run_config
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import pretrain_tiny_encoder, run_cli, tiny_config
 from tests.test_resume import _assert_same_run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -323,3 +323,36 @@ def test_init_from_with_another_tokenizer_trains_says_so_records_it_and_resumes_
     first = read_metrics(straight / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(_first_step_loss(straight, model), rel=1e-5)
     _kill_after_step_3_and_rerun(args, straight)
+
+
+def test_an_encoder_with_another_tokenizer_keeps_its_appended_specials_and_mlm_bias_by_token(
+    retokenized, data_dir: Path, tmp_path: Path
+) -> None:
+    """BERT on char data, whose tokenizer lacks [PAD]/[CLS]/[SEP]/[MASK]: the encoder appended them after the
+    vocabulary, at other ids with each tokenizer; they keep their rows by role, and the MLM bias goes by token."""
+    from lmforge.data.masking import special_ids
+
+    _, data = retokenized
+    base = pretrain_tiny_encoder("bert-tiny", data_dir, tmp_path / "bert", objective={"name": "mlm"})
+    base_tok, new_tok = Tokenizer.load(base / "tokenizer.json"), Tokenizer.load(data / "tokenizer.json")
+    cfg = config_from_json(json.loads((base / "config.json").read_text(encoding="utf-8")), "config.json")
+    cfg = dataclasses.replace(cfg, init_from=str(base), data=dataclasses.replace(cfg.data, dir=str(data)))
+    cfg, init = init_start(cfg, new_tok, starts=True)
+    cfg = resolve_run_config(cfg, new_tok)
+    model = build_model(cfg.model)
+    model.init_weights()
+    load_init_weights(model, init)
+    old, new = load_trained(base, torch.device("cpu")).model.state_dict(), model.state_dict()
+    old_specials, new_specials = special_ids(base_tok), special_ids(new_tok)
+    assert new_specials.added == 4 and new_specials.pad == new_tok.vocab_size != old_specials.pad
+    old_ids = base_tok.hf.get_vocab(with_added_tokens=True)
+    pairs = [
+        (new_ids, old_ids[s]) for s, new_ids in new_tok.hf.get_vocab(with_added_tokens=True).items() if s in old_ids
+    ]
+    pairs += list(zip(new_specials.all, old_specials.all, strict=True))
+    assert init.kept == len(pairs) and cfg.model.vocab_size == new_tok.vocab_size + 4
+    for name in ("embed.tok_emb.weight", "mlm_head.bias"):
+        for i, j in pairs:
+            assert torch.equal(new[name][i], old[name][j])
+        mean = old[name][: base_tok.vocab_size + 4].mean(dim=0)
+        assert torch.equal(new[name][new_tok.hf.token_to_id(CHINESE[0])], mean)
