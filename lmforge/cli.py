@@ -154,8 +154,8 @@ def build_parser() -> Parser:
         metavar="RUN",
         help="continued pretraining: start from RUN's model and weights (its latest checkpoint, or the checkpoint "
         "folder given; a pretrained, imported or quantized run, encoders too) with a fresh optimizer and schedule; "
-        "the data must be prepared with RUN's tokenizer.json. Ignored (with a note) when --out already has "
-        "checkpoints: those resume",
+        "data prepared with another tokenizer than RUN's keeps RUN's rows of the tokens both have (new ones start "
+        "at their mean). Ignored (with a note) when --out already has checkpoints: those resume",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument(
