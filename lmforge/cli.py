@@ -154,8 +154,8 @@ def build_parser() -> Parser:
         metavar="RUN",
         help="continued pretraining: start from RUN's model and weights (its latest checkpoint, or the checkpoint "
         "folder given; a pretrained, imported or quantized run, encoders too) with a fresh optimizer and schedule; "
-        "the data must be prepared with RUN's tokenizer.json. Ignored (with a note) when --out already has "
-        "checkpoints: those resume",
+        "data prepared with another tokenizer than RUN's keeps RUN's rows of the tokens both have (new ones start "
+        "at their mean). Ignored (with a note) when --out already has checkpoints: those resume",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument(
@@ -556,7 +556,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 raise ConfigError(f"{short} and --{section}.{key} name the same setting; give one of them")
         base = None
         if args.init_from:  # RUN's model and objective, under the flags (a model flag that differs is refused)
-            from lmforge.train.run import init_settings
+            from lmforge.train.init_from import init_settings
 
             flags["init_from"] = args.init_from
             base = init_settings(args.init_from)

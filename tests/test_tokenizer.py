@@ -269,3 +269,33 @@ def test_unigram_too_small_names_the_smallest_size_that_fits(corpus: str):
         train_unigram(iter(texts), vocab_size=need - 1)
     with pytest.raises(ConfigError, match=r"must be >= 281 \(.*\), got 280$"):  # below any corpus's need
         train_unigram(iter(texts), vocab_size=280)
+
+
+def test_vocab_size_is_the_ids_a_model_needs_when_an_imported_vocabulary_has_a_hole(tmp_path: Path) -> None:
+    """transformers builds a WordPiece from a vocabulary that lists "a" twice (a word and a letter, as real vocab.txt
+    files sometimes do) with the later id: 73 tokens on ids 0-73. Sized by the token count, a model refused the data
+    prepared with it ("holds token id 73, beyond the tokenizer's 73 ids"), and an encoder's appended [PAD] took id 73
+    of a real token."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.train.run import pretrain
+    from tests.conftest import tiny_config
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = "the a cat dog sat ran on mat red blue sun moon and is was big small".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *(f"##{c}" for c in letters)]
+    transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(tmp_path / "hf"))
+    tok = Tokenizer.load(tmp_path / "hf" / "tokenizer.json")
+    assert len(tok.hf.get_vocab(with_added_tokens=True)) == 73 and tok.vocab_size == 74
+    assert tok.encode("quiz") == [vocab.index(t) for t in ("q", "##u", "##i", "##z")]  # ##z: id 73
+    rng = random.Random(0)
+    lines = [" ".join(rng.choices([*words, "quiz", "xyz"], k=12)) for _ in range(200)]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(docs)], out=str(data), tokenizer=str(tmp_path / "hf" / "tokenizer.json")),
+            progress=False)  # fmt: skip
+    state = pretrain(tiny_config(data, tmp_path / "run", **{"train.max_steps": 2, "eval.every": 0}), progress=False)
+    assert state.step == 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert config["model"]["vocab_size"] == 74

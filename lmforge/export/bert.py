@@ -343,10 +343,10 @@ def vocabulary_row(vocab_size: int, tokenizer: Tokenizer) -> str:
     [PAD]/[CLS]/[SEP]/[MASK] tokens are. It said "N in the tokenizer before specials" for every encoder, also an
     imported one whose tokenizer holds its specials (none appended), and counted tokens as if they were ids: a
     vocab.txt that lists a token twice leaves the first line's id unused, so 74 tokens span ids 0-75."""
-    n_tokens = tokenizer.vocab_size
-    n_ids = max(tokenizer.hf.get_vocab(with_added_tokens=True).values()) + 1
+    n_tokens = len(tokenizer.hf.get_vocab(with_added_tokens=True))
+    n_ids = tokenizer.vocab_size
     spans = f" on ids 0-{n_ids - 1}" if n_ids != n_tokens else ""
-    appended = [name for name, token_id in special_names(tokenizer).values() if token_id >= n_tokens]
+    appended = [name for name, token_id in special_names(tokenizer).values() if token_id >= n_ids]
     where = f"{', '.join(appended)} appended after them" if appended else "[PAD]/[CLS]/[SEP]/[MASK] among them"
     return f"{vocab_size} ({n_tokens} tokens in the tokenizer{spans}, {where})"
 

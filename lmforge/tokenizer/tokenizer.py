@@ -186,10 +186,15 @@ class Tokenizer:
         """The wrapped `tokenizers.Tokenizer`."""
         return self._hf
 
-    @property
+    @cached_property
     def vocab_size(self) -> int:
-        """Number of ids, special tokens included (ids are 0..vocab_size-1)."""
-        return self._hf.get_vocab_size(with_added_tokens=True)
+        """Number of ids, special tokens included (ids are 0..vocab_size-1): the size a model's vocabulary needs.
+
+        The largest id + 1, not the number of tokens (`get_vocab_size`), which is smaller when the ids have a hole:
+        transformers builds a WordPiece from a vocabulary that lists a token twice (a word and a letter) with the
+        later line's id, so 73 tokens span ids 0-73, and a model sized 73 refused its own data as damaged."""
+        largest = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1)
+        return max(self._hf.get_vocab_size(with_added_tokens=True), largest + 1)
 
     @property
     def eos_id(self) -> int:

@@ -9,8 +9,7 @@ Kept apart from `loop.py` so the loop stays a loop: this file owns the run direc
 - A different model config or a different tokenizer on an existing run is a one-line error unless
   `overwrite=True` (which starts the run over).
 
-Over STYLE.md's 800 lines (~800): the run's set-up checks (model fits the device, resumes, --init-from) are read
-with the set-up they guard; the next split is the --init-from half into its own module.
+`--init-from`'s checks live in `train/init_from.py`.
 """
 
 from __future__ import annotations
@@ -58,13 +57,13 @@ from lmforge.runs import (
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.trackers import check_packages, open_trackers
+from lmforge.train.init_from import init_start, load_init_weights, with_new_defaults
 from lmforge.train.loop import nothing_left, train
 from lmforge.train.objective_setup import setup_objective
 from lmforge.train.optim import build_optimizer
 from lmforge.train.precision import cpp_compiler_problem, keep_freed_memory, pick_precision
 from lmforge.train.schedule import min_lr_note, schedule_change, warmup_note
 from lmforge.train.state import TrainState, set_rng_state
-from lmforge.trained import load_weights
 
 
 def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
@@ -95,90 +94,9 @@ def resolve_run_config(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     )
 
 
-def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokenizer]:
-    """`--init-from`'s checkpoint (RUN's latest, or the checkpoint folder given), its config and tokenizer."""
-    from lmforge.adapt.load import is_hf_dir
-    from lmforge.checkpoint import resolve_checkpoint
-    from lmforge.trained import open_trained
-
-    if is_hf_dir(Path(source)):  # (resolve_checkpoint called it a run without a checkpoint: "train it first")
-        raise ConfigError(
-            f"--init-from {source} is a Hugging Face model folder; import it first (lmforge import {source} --out "
-            "RUN_DIR) and pass --init-from RUN_DIR"
-        )
-    ckpt_dir = resolve_checkpoint(source)
-    info_path = ckpt_dir.parent.parent / "finetune.json"
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
-    # what a whole-model fine-tune of a decoder saves is a plain model; adapters, prompts, heads and ELECTRA's
-    # discriminator alone are not (they failed later as weights "written for another model config")
-    if isinstance(info, dict) and (info.get("saved") != "model" or info.get("task") == "classify"):
-        raise ConfigError(
-            f"--init-from {source}: that fine-tune saved {info.get('saved')} weights for task {info.get('task')}, "
-            "not a whole language model; start from its base run, or from a fine-tune saved whole (--adapt full, "
-            "or --merge)"
-        )
-    ckpt, config, tokenizer = open_trained(ckpt_dir)
-    if info is not None and config.model.family == "electra":
-        raise ConfigError(
-            f"--init-from {source}: an ELECTRA fine-tune keeps only its discriminator; start from its base run"
-        )
-    return ckpt, config, tokenizer
-
-
-def init_settings(source: str | Path) -> dict[str, Any]:
-    """`pretrain --init-from RUN`'s starting settings, applied under the flags: RUN's model section (which a flag
-    may not change, `_init_checkpoint`) and objective (which one may, within what the model's family trains)."""
-    config = _open_init_source(source)[1]
-    return {"model": dataclasses.asdict(config.model), "objective": {"name": config.objective.name}}
-
-
-def _init_checkpoint(cfg: RunConfig, tokenizer: Tokenizer) -> Checkpoint:
-    """`--init-from`: the checkpoint whose weights start a new run (RUN's latest, or the checkpoint folder given),
-    once its model and tokenizer are checked to be the run's (one-line errors, before anything is written; a
-    model.vocab_size 0, "from the data", is the run's)."""
-    from lmforge.train.objective_setup import objectives_for
-
-    source = cfg.init_from
-    ckpt, config, source_tokenizer = _open_init_source(source)
-    if cfg.dist.meta_init:
-        raise ConfigError(f"--init-from {source} loads whole weights before sharding; drop --dist.meta_init")
-    want = _with_new_defaults(dataclasses.asdict(config.model), cfg.model)
-    given = {**dataclasses.asdict(cfg.model), **({} if cfg.model.vocab_size else {"vocab_size": want["vocab_size"]})}
-    keys = ["family"] if want.get("family") != given.get("family") else [*given, *(k for k in want if k not in given)]
-    for key in keys:
-        if given.get(key) != want.get(key):
-            raise ConfigError(
-                f"--init-from {source}: model.{key} {given.get(key)!r} differs from that run's {want.get(key)!r}; "
-                f"drop --model.{key} (and any --preset): the model comes from {source}"
-            )
-    fits = objectives_for(cfg.model.family)
-    if cfg.objective.name not in fits:  # (resolve_run_config's refusal suggested a --preset, which differs)
-        raise ConfigError(
-            f"--init-from {source}: objective {cfg.objective.name!r} cannot train its model.family "
-            f"{cfg.model.family!r} model; pass --objective {' or '.join(fits)}"
-        )
-    if source_tokenizer.fingerprint != tokenizer.fingerprint:
-        tok_path = ckpt.path.parent.parent / "tokenizer.json"
-        raise DataError(
-            f"the data in {cfg.data.dir} was prepared with another tokenizer than {source}'s; prepare it with "
-            f"lmforge prepare INPUTS --out DATA --tokenizer {tok_path}"
-        )
-    return ckpt
-
-
 def _describe_model_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     changes = [f"{k} {spelled(old.get(k))} -> {spelled(new.get(k))}" for k in new if old.get(k) != new.get(k)]
     return ", ".join(changes[:3])
-
-
-def _with_new_defaults(saved: Any, model: Any) -> Any:
-    """A saved model section with the settings that lmforge added since it was written (model.qkv_bias, ...)
-    at their defaults, which are the behaviour it was trained with: a run from an older lmforge was refused
-    as "a different model config (qkv_bias None -> False)". Another family or a non-dict: unchanged."""
-    if not isinstance(saved, dict) or saved.get("family", "gpt") != model.family:
-        return saved
-    defaults = {f.name: f.default for f in dataclasses.fields(model) if f.default is not dataclasses.MISSING}
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def _not_a_pretraining_run(run_dir: Path, config: dict[str, Any]) -> str:
@@ -301,7 +219,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, tokenizer: Tokenizer, *, over
                 f"prepare it with --tokenizer {tok_path} or use another --out"
             )
         new_model = new_dict["model"]
-        old_model = _with_new_defaults(old.get("model"), cfg.model)
+        old_model = with_new_defaults(old.get("model"), cfg.model)
         if old_model != new_model:
             change = _describe_model_change(old_model, new_model)
             raise ConfigError(
@@ -450,9 +368,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     tokenizer = Tokenizer.load(data.tokenizer_path)
     # --init-from starts a run: a folder with checkpoints resumes them instead (a note says so, below)
     starts = cfg.init_from and cfg.out and (overwrite or not latest_checkpoint(Path(cfg.out)))
-    init = _init_checkpoint(cfg, tokenizer) if starts else None
-    if init is not None:
-        cfg = dataclasses.replace(cfg, init_from=str(init.path.resolve()))  # (config.json: the checkpoint used)
+    init = None
+    if cfg.init_from and cfg.out:  # (RUN's other tokenizer gives the model the data's vocab_size on a resume too)
+        cfg, init = init_start(cfg, tokenizer, starts=bool(starts))
     cfg = resolve_run_config(cfg, tokenizer)
     run_dir = Path(cfg.out)
     world, device = dist.init(cfg.dist, cfg.train.device)  # one process unless launched by torchrun
@@ -501,7 +419,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         model = build_model(cfg.model).to(device)  # construction leaves the RNG alone: init sees the seed
         model.init_weights()
         if init is not None and not resume:
-            load_weights(model, init)  # (the RNG as without --init-from: init_weights drew first)
+            load_init_weights(model, init)  # (the RNG as without --init-from: init_weights drew first)
     train_shards = data.split_shards("train")
     if not train_shards:
         raise DataError(f"{cfg.data.dir} has no train shards; re-run 'lmforge prepare' with more input text")
@@ -576,6 +494,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         )
         if not (run_dir / "tokenizer.json").is_file():
             tokenizer.save(run_dir / "tokenizer.json")
+        if init is not None and not resume:
+            write_json(run_dir / "init_from.json", init.record())
         if ckpt is not None:
             truncate_metrics(metrics_path, state.step)
         elif metrics_path.exists():
@@ -602,7 +522,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         f"train {loader.windows_per_epoch} sequences/epoch"
     )
     if init is not None and not resume:
-        log.info(f"starting from the weights of {init.path} (a fresh optimizer and schedule, step 0)")
+        log.info(f"starting from the weights of {init.checkpoint.path} (a fresh optimizer and schedule, step 0)")
+        if init.summary():
+            log.info(init.summary())
     if resume and not done:  # (with nothing to do, no step follows: "resuming", "applied from now" misled)
         log.info(f"resuming {run_dir} from step {state.step}")
         if given_init:
