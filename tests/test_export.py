@@ -586,7 +586,8 @@ def test_continued_pretraining_of_a_bf16_import_exports_bf16(bf16_import: tuple[
     leads back to the import now."""
     from lmforge.config import load_config
     from lmforge.data.prepare import PrepareConfig, prepare
-    from lmforge.train.run import init_settings, pretrain
+    from lmforge.train.init_from import init_settings
+    from lmforge.train.run import pretrain
 
     run, text = bf16_import
     data = tmp_path / "data"
