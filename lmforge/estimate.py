@@ -269,18 +269,29 @@ def attention_flops_per_token(model: GPTConfig, seq_len: int) -> float:
 # Memory
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepShape:
+    """What one device runs in a training step, which every memory plan (pretraining, full, LoRA, head-only, prompt
+    tuning, distillation) takes: `seq_len` tokens per sequence, `micro_batch` sequences per forward, `dtype` the
+    autocast dtype name ("float32" = no autocast) and `device` "cpu" or "cuda"."""
+
+    seq_len: int
+    micro_batch: int
+    dtype: str
+    device: str
+
+
 def uses_math_attention(model: GPTConfig, device: str) -> bool:
     """Whether SDPA falls back to its math path (s x s maps kept): dropout > 0 on CPU, whose flash kernel has none."""
     return device == "cpu" and model.dropout > 0
 
 
-def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype: str, device: str) -> dict[str, int]:
+def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
     """Activation memory of one micro-batch at the start of backward, by part (formula in the module docstring).
 
     Args:
         model: model config (vocab_size > 0).
-        seq_len: tokens per sequence; micro_batch: sequences per forward pass.
-        dtype: autocast dtype name ("float32" = no autocast); device: "cpu" or "cuda".
+        step: the tokens, dtype and device of one forward.
 
     Returns:
         per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask), head
@@ -288,9 +299,9 @@ def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype:
         gradients at the start of backward), total,
         block_inputs (the fp32 block inputs kept under checkpointing) and checkpointed.
     """
-    e = DTYPE_BYTES[dtype]  # matmul inputs and outputs (autocast dtype)
+    e, device = DTYPE_BYTES[step.dtype], step.device  # matmul inputs and outputs (autocast dtype)
     r = 4  # the residual stream stays fp32 under autocast
-    s, b, h, ff, vocab = seq_len, micro_batch, model.d_model, model.ff_dim, model.vocab_size
+    s, b, h, ff, vocab = step.seq_len, step.micro_batch, model.d_model, model.ff_dim, model.vocab_size
     q = model.n_head * model.head_dim
     kv = model.kv_heads * model.head_dim
     mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0  # dropout mask bytes per element
@@ -330,15 +341,7 @@ def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype:
 
 
 def memory_bytes(
-    model: GPTConfig,
-    optim: OptimConfig,
-    *,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
-    world_size: int = 1,
-    strategy: str = "ddp",
+    model: GPTConfig, optim: OptimConfig, step: StepShape, *, world_size: int = 1, strategy: str = "ddp"
 ) -> dict[str, int]:
     """Bytes per device of one training step, by component (see the module docstring for each term).
 
@@ -365,7 +368,8 @@ def memory_bytes(
         comm = 4 * n  # gradient buckets
     else:
         comm = 3 * 4 * max(counts["block"], counts["root"])  # gathered params (current + prefetch) + full grads
-    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = activation_bytes(model, step)
+    dtype = step.dtype
     out = {
         "weights": math.ceil(4 * n / shards) + rope_tables,
         "gradients": math.ceil(4 * n / shards),
@@ -410,10 +414,8 @@ def check_fits(
     total = device_memory_bytes(device)
     if total is None:
         return
-    mem = memory_bytes(
-        model, optim, seq_len=1, micro_batch=1, dtype="float32", device=device.type, world_size=world_size,
-        strategy=strategy,
-    )  # fmt: skip
+    step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
+    mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
     need = mem["weights"] + mem["gradients"] + mem["optimizer"]
     if need <= total:
         return
@@ -737,27 +739,19 @@ def estimate(
     per_token = flops_per_token(model, seq_len)
     trainable = counts["total"]
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
-    memory = memory_bytes(
-        model,
-        cfg.optim,
-        seq_len=seq_len,
-        micro_batch=micro,
-        dtype=hw["dtype"],
-        device=hw["device"],
-        world_size=world_size,
-        strategy=strategy,
-    )
+    step = StepShape(seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"])
+    memory = memory_bytes(model, cfg.optim, step, world_size=world_size, strategy=strategy)
     if adapt != "full" or labels:  # finetune's modes on a frozen base, or a full classification fine-tune
         plan = adapted_plan(
-            model, cfg.optim, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
-            labels=labels, seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"],
+            model, cfg.optim, step, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets,
+            prompt_tokens=prompt_tokens, labels=labels,
         )  # fmt: skip
         trainable, per_token = plan["trainable"], plan["flops_per_token"]
         attention, memory = plan["attention"], plan["memory"]
         assumptions.append(plan["assumption"])
     distill = None
     if teacher is not None:
-        distill = teacher_plan(teacher, model, seq_len=seq_len, micro_batch=micro)
+        distill = teacher_plan(teacher, model, step)
         per_token, attention = per_token + distill["flops_per_token"], attention + distill["attention"]
         extra = sum(distill["memory"].values())
         memory = {**memory, **distill["memory"]}

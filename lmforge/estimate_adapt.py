@@ -22,6 +22,7 @@ from lmforge.errors import ConfigError
 from lmforge.estimate import (
     ADAPT_MODES,
     DTYPE_BYTES,
+    StepShape,
     activation_bytes,
     attention_flops_per_token,
     memory_bytes,
@@ -126,9 +127,8 @@ def lora_flops_per_token(
 
 
 def lora_activation_bytes(
-    model: GPTConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int, dtype: str, device: str,
-    labels: int = 0,
-) -> dict[str, int]:  # fmt: skip
+    model: GPTConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0
+) -> dict[str, int]:
     """Activation memory of a LoRA fine-tuning step (`rank` adapters on `targets`; a classification head on the last
     token's state when `labels` > 0), by part.
 
@@ -151,12 +151,13 @@ def lora_activation_bytes(
     -3.5% of the allocator's peak at 3 layers, 8 x 64 tokens, d_model 64, vocab 64, and -5.6% with a classification
     head.)
     """
-    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
+    act = activation_bytes(model, step)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    e, h, tokens = DTYPE_BYTES[step.dtype], model.d_model, seq_len * micro_batch
     widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
     per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
     norm = _norm_bytes(model, trains=True)
-    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
+    mask = (e if step.device == "cpu" else 1) if model.dropout > 0 else 0
     once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
@@ -174,19 +175,17 @@ def lora_activation_bytes(
 
 
 def lora_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
-    dtype: str, device: str, labels: int = 0,
-) -> dict[str, int]:  # fmt: skip
+    model: GPTConfig, optim: OptimConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0
+) -> dict[str, int]:
     """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
     float32), gradients, optimizer state and the update-ratio copy for the adapters alone (and, with `labels`, the
     classification head finetune trains with them), and the activations of `lora_activation_bytes`. Under autocast a
     matmul's cast weight is kept for its input's gradient: every frozen one's and every adapter's but those whose
     input needs none (counting full training's, every frozen one, was 7 kB over the saved tensors' 1 MB)."""
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    full = memory_bytes(model, optim, **step)
-    act = lora_activation_bytes(model, rank=rank, targets=targets, labels=labels, **step)
+    full = memory_bytes(model, optim, step)
+    act = lora_activation_bytes(model, step, rank=rank, targets=targets, labels=labels)
     trainable = lora_param_count(model, rank, targets)
-    e = DTYPE_BYTES[dtype]
+    e = DTYPE_BYTES[step.dtype]
     copies = (
         0 if e == 4 else e * (param_counts(model)["matmul"] + trainable - _lora_no_input_grad(model, rank, targets))
     )
@@ -196,9 +195,7 @@ def lora_memory_bytes(
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
-def full_classify_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def full_classify_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """`memory_bytes` of a full classification fine-tune (`finetune --task classify --adapt full`): every weight of
     the body trains and a new head (d_model x `labels`, no bias) reads the last token's state, so no vocabulary
     logits, log-probs or their gradients. An untied lm_head stays a parameter (it requires a gradient, so the log
@@ -208,10 +205,10 @@ def full_classify_memory_bytes(
     sequence the pooled state, scores and label. The log step holds, besides the gradients, a copy of every
     parameter that requires a gradient and one weight's update (p - copy) at a time: without that one, -4.6% of
     the allocator's peak (tiny Llama)."""
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    full = memory_bytes(model, optim, **step)
-    act = activation_bytes(model, **step)
-    counts, e, h = param_counts(model), DTYPE_BYTES[dtype], model.d_model
+    full = memory_bytes(model, optim, step)
+    act = activation_bytes(model, step)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    counts, e, h = param_counts(model), DTYPE_BYTES[step.dtype], model.d_model
     unused = 0 if model.tie_embeddings else model.vocab_size * h  # the untied lm_head: no gradient ever
     head = head_param_count(model, labels)
     trained = counts["total"] - unused + head
@@ -247,9 +244,7 @@ def head_param_count(model: GPTConfig, labels: int) -> int:
     return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
 
 
-def head_activation_bytes(
-    model: GPTConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def head_activation_bytes(model: GPTConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """Activation memory of a head-only fine-tuning step (`finetune --adapt head`; see `head_param_count`), by part.
 
     Nothing before the head needs a gradient, so autograd records nothing in the body: its activations are freed
@@ -262,7 +257,8 @@ def head_activation_bytes(
       statistics, an untied head's input, the fp32 log-probs and targets, and the loss's two logits-sized
       gradients (as in full training); for classification the pooled last-token states and the label scores.
     """
-    e, r, h, tokens = DTYPE_BYTES[dtype], 4, model.d_model, seq_len * micro_batch
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    e, r, h, tokens = DTYPE_BYTES[step.dtype], 4, model.d_model, seq_len * micro_batch
     working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
     working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
     if labels:
@@ -275,24 +271,20 @@ def head_activation_bytes(
     return {"working": working, "tail": tail, "total": max(working, tail)}
 
 
-def head_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def head_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """`memory_bytes` of a head-only fine-tuning step: the activations of `head_activation_bytes`; under autocast
     the body's matmul weights are cast for each use and freed (no graph keeps them); only an LM task's output head
     keeps its cast copy (tied or not: the final norm's gradient needs it)."""
-    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = head_activation_bytes(model, labels=labels, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
-                                device=device)  # fmt: skip
+    full = memory_bytes(model, optim, step)
+    act = head_activation_bytes(model, step, labels=labels)
     # (a classification head's input needs no gradient: its cast weight is not kept)
-    copies = 0 if dtype == "float32" or labels else DTYPE_BYTES[dtype] * model.d_model * model.vocab_size
+    e = DTYPE_BYTES[step.dtype]
+    copies = 0 if e == 4 or labels else e * model.d_model * model.vocab_size
     trainable = head_param_count(model, labels)
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
-def prompt_activation_bytes(
-    model: GPTConfig, *, prompt_tokens: int, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def prompt_activation_bytes(model: GPTConfig, step: StepShape, *, prompt_tokens: int, labels: int) -> dict[str, int]:
     """Activation memory of a prompt-tuning step (`finetune --adapt prompt`: `prompt_tokens` trainable vectors in
     front of each `seq_len`-token text, and a classification head when `labels` > 0), by part.
 
@@ -308,9 +300,10 @@ def prompt_activation_bytes(
     and, once the loss and the final norm have freed theirs, the last block's MLP (working): the residual's gradient
     and two (GELU: the activation's output and input) or three (SwiGLU) d_ff-sized gradients.
     """
+    seq_len, micro_batch = step.seq_len, step.micro_batch
     positions = seq_len + prompt_tokens
-    act = activation_bytes(model, seq_len=positions, micro_batch=micro_batch, dtype=dtype, device=device)
-    e, h, tokens, text = DTYPE_BYTES[dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
+    act = activation_bytes(model, dataclasses.replace(step, seq_len=positions))
+    e, h, tokens, text = DTYPE_BYTES[step.dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
     frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
     layers = act["layers"] - model.n_layer * tokens * frozen_inputs
     # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
@@ -329,26 +322,17 @@ def prompt_activation_bytes(
 
 
 def prompt_memory_bytes(
-    model: GPTConfig,
-    optim: OptimConfig,
-    *,
-    prompt_tokens: int,
-    labels: int,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
+    model: GPTConfig, optim: OptimConfig, step: StepShape, *, prompt_tokens: int, labels: int
 ) -> dict[str, int]:
     """`memory_bytes` of a prompt-tuning step: the activations of `prompt_activation_bytes`, the soft prompt (and a
     classification head) trained; the frozen weights' autocast copies as in full training (each is kept for its
     input's gradient), but for the output head's when a classification head replaces it."""
-    kwargs = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = prompt_activation_bytes(model, prompt_tokens=prompt_tokens, labels=labels, **kwargs)
-    full = memory_bytes(model, optim, **{**kwargs, "seq_len": seq_len + prompt_tokens})
+    act = prompt_activation_bytes(model, step, prompt_tokens=prompt_tokens, labels=labels)
+    full = memory_bytes(model, optim, dataclasses.replace(step, seq_len=step.seq_len + prompt_tokens))
     trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
     copies = full["autocast_copies"]
     if labels and copies:
-        copies += DTYPE_BYTES[dtype] * model.d_model * (labels - model.vocab_size)
+        copies += DTYPE_BYTES[step.dtype] * model.d_model * (labels - model.vocab_size)
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
@@ -396,13 +380,14 @@ def read_teacher(teacher: str | Path) -> GPTConfig:
     return model
 
 
-def teacher_plan(teacher: GPTConfig, student: GPTConfig, *, seq_len: int, micro_batch: int) -> dict[str, Any]:
+def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dict[str, Any]:
     """What a frozen distillation teacher adds to a full fine-tune's step (compress/distill.py): its forward, 2 N of
     its matmul weights + its attention's forward per token (no backward: it runs under no_grad), its weights (fp32, as
     finetune loads it, with its rotary tables) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
     Returns flops_per_token, attention (its attention-score part), memory (teacher_weights, soft_targets), params
     and the assumption line."""
     counts = param_counts(teacher)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
     attention = attention_flops_per_token(teacher, seq_len) / 3  # (its forward: 4 of 12)
     rope_tables = 2 * teacher.max_seq_len * (teacher.head_dim // 2) * 4 if teacher.pos_emb == "rope" else 0
     vocab = max(teacher.vocab_size, student.vocab_size)
@@ -547,22 +532,19 @@ def check_adapt(
 def adapted_plan(
     model: GPTConfig,
     optim: OptimConfig,
+    step: StepShape,
     *,
     adapt: str,
     lora_rank: int,
     lora_targets: tuple[str, ...],
     prompt_tokens: int,
     labels: int,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
 ) -> dict[str, Any]:
     """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt), or a full classification one (full with
     `labels`; settings as `check_adapt` returns them):
     trainable (parameters), flops_per_token and attention (its attention-score part, per token of text),
     memory (`memory_bytes`' components) and assumption (the line `format_estimate` prints)."""
-    counts = param_counts(model)
+    counts, seq_len = param_counts(model), step.seq_len
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
     vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
     head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
@@ -587,16 +569,15 @@ def adapted_plan(
         attention = attention_flops_per_token(model, positions) * positions / seq_len
         per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
         per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)  # (one device)
     if adapt == "full":
-        memory = full_classify_memory_bytes(model, optim, labels=labels, **step)
+        memory = full_classify_memory_bytes(model, optim, step, labels=labels)
         assumption = (
             f"full classification fine-tune: every weight trains and a classification head for {labels} labels on "
             f"the last token replaces the LM head ({trainable:,} parameters); no vocabulary matmul or logits; "
             "FLOPs 6N + attention with the head's 6 x d_model x labels per sequence"
         )
     elif adapt == "lora":
-        memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), labels=labels, **step)
+        memory = lora_memory_bytes(model, optim, step, rank=lora_rank, targets=tuple(lora_targets), labels=labels)
         assumption = (
             f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"
             + (f" and a classification head for {labels} labels on the last token" if labels else "")
@@ -606,7 +587,7 @@ def adapted_plan(
             "before the first adapter needs"
         )
     elif adapt == "head":
-        memory = head_memory_bytes(model, optim, labels=labels, **step)
+        memory = head_memory_bytes(model, optim, step, labels=labels)
         trained = (
             f"a classification head for {labels} labels on the last token"
             if labels
@@ -618,7 +599,7 @@ def adapted_plan(
             "FLOPs: the body's forward, 2N, + the head's backward"
         )
     else:
-        memory = prompt_memory_bytes(model, optim, prompt_tokens=prompt_tokens, labels=labels, **step)
+        memory = prompt_memory_bytes(model, optim, step, prompt_tokens=prompt_tokens, labels=labels)
         assumption = (
             f"prompt tuning: {prompt_tokens} soft-prompt vectors"
             + (f" and a classification head for {labels} labels" if labels else "")

@@ -18,6 +18,7 @@ from lmforge.errors import ConfigError
 from lmforge.estimate import (
     DEFAULT_VOCAB,
     PEAK_FLOPS,
+    StepShape,
     _duration,
     activation_bytes,
     estimate,
@@ -138,12 +139,11 @@ def test_activation_formula_matches_saved_tensors(variant: dict, dtype: str) -> 
     # Measured over all 64 switch combinations, with and without dropout, fp32 and bf16: worst 1.4% (small
     # bf16 copies of the rotary tables and one math-path buffer are left out); 3% leaves room, not slack.
     cfg = small_cfg(**variant)
-    act = activation_bytes(cfg, seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    act = activation_bytes(cfg, step)
     predicted = act["layers"] + act["head"]
     if dtype == "bfloat16":  # the saved bf16 weight copies are a memory component of their own
-        predicted += memory_bytes(cfg, OptimConfig(), seq_len=32, micro_batch=4, dtype=dtype, device="cpu")[
-            "autocast_copies"
-        ]
+        predicted += memory_bytes(cfg, OptimConfig(), step)["autocast_copies"]
     measured = saved_activation_bytes(cfg, dtype, batch=4, seq_len=32)
     assert predicted == pytest.approx(measured, rel=0.03)
 
@@ -414,13 +414,13 @@ def test_checkpointing_reduces_activations_and_grows_with_depth_more_slowly() ->
 
 def test_bf16_halves_matmul_activations_but_not_weights() -> None:
     cfg = small_cfg(vocab_size=64)
-    fp32 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="float32", device="cuda")
-    bf16 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="bfloat16", device="cuda")
+    fp32 = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=8, dtype="float32", device="cuda"))
+    bf16 = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=8, dtype="bfloat16", device="cuda"))
     # per layer: 2 fp32 residual inputs (+ norm stats) stay, the rest halves; fp32 loss terms stay
     assert 0.5 * fp32["per_layer"] < bf16["per_layer"] < 0.65 * fp32["per_layer"]
     assert bf16["loss_backward"] == fp32["loss_backward"]
     m32, m16 = (
-        memory_bytes(cfg, OptimConfig(), seq_len=32, micro_batch=8, dtype=d, device="cuda")
+        memory_bytes(cfg, OptimConfig(), StepShape(seq_len=32, micro_batch=8, dtype=d, device="cuda"))
         for d in ("float32", "bfloat16")
     )
     assert m16["weights"] == m32["weights"] and m16["gradients"] == m32["gradients"]  # fp32 master weights
@@ -436,10 +436,10 @@ def test_activations_scale_with_micro_batch_not_global_batch() -> None:
 
 def test_math_attention_only_with_dropout_on_cpu() -> None:
     cfg = small_cfg(dropout=0.1)
-    cpu = activation_bytes(cfg, seq_len=32, micro_batch=1, dtype="float32", device="cpu")
-    gpu = activation_bytes(cfg, seq_len=32, micro_batch=1, dtype="float32", device="cuda")
+    cpu = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cpu"))
+    gpu = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cuda"))
     assert cpu["per_layer"] > gpu["per_layer"]  # s x s maps on CPU; flash keeps dropout's RNG state only
-    no_dropout = activation_bytes(small_cfg(), seq_len=32, micro_batch=1, dtype="float32", device="cpu")
+    no_dropout = activation_bytes(small_cfg(), StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cpu"))
     assert no_dropout["per_layer"] < gpu["per_layer"]  # masks cost something even on GPU
 
 
@@ -756,9 +756,9 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         causal_lm_loss(model(x[:, :-1]), x[:, 1:])
     saved = sum(n for ptr, n in kept.items() if ptr not in params)
-    kwargs = dict(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
-    result = lora_memory_bytes(model_cfg, OptimConfig(), rank=4, targets=targets, **kwargs)
-    act = lora_activation_bytes(model_cfg, rank=4, targets=targets, **kwargs)
+    step = StepShape(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
+    result = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)
+    act = lora_activation_bytes(model_cfg, step, rank=4, targets=targets)
     assert act["kept"] == pytest.approx(saved, abs=8)  # (the loss's 0-d output: 4 B)
     assert result["activations"] == act["total"] >= act["kept"] + act["loss_backward"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -956,19 +956,20 @@ def test_head_and_prompt_activations_are_what_autograd_keeps(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             adapted_objective(labels).loss(model, batch)
     saved = sum(n for ptr, n in kept.items() if ptr not in params)
-    kwargs = dict(labels=labels, seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
     if adapt == "head":
-        act = head_activation_bytes(model_cfg, **kwargs)
+        act = head_activation_bytes(model_cfg, step, labels=labels)
         # the tail without the loss's two gradients (backward makes them); classification: pooled states + scores
         predicted = act["tail"] - (0 if labels else 4 * 32 * 8 * model_cfg.vocab_size)
-        memory = head_memory_bytes(model_cfg, OptimConfig(), **kwargs)
+        memory = head_memory_bytes(model_cfg, OptimConfig(), step, labels=labels)
     elif adapt == "prompt":
-        act = prompt_activation_bytes(model_cfg, prompt_tokens=prompt_tokens, **kwargs)
+        act = prompt_activation_bytes(model_cfg, step, prompt_tokens=prompt_tokens, labels=labels)
         predicted = act["layers"] + act["tail"]
-        memory = prompt_memory_bytes(model_cfg, OptimConfig(), prompt_tokens=prompt_tokens, **kwargs)
+        memory = prompt_memory_bytes(model_cfg, OptimConfig(), step, prompt_tokens=prompt_tokens, labels=labels)
     else:
-        predicted = lora_activation_bytes(model_cfg, rank=8, targets=("qkv", "attn.proj"), **kwargs)["kept"]
-        memory = lora_memory_bytes(model_cfg, OptimConfig(), rank=8, targets=("qkv", "attn.proj"), **kwargs)
+        lora = dict(rank=8, targets=("qkv", "attn.proj"), labels=labels)
+        predicted = lora_activation_bytes(model_cfg, step, **lora)["kept"]
+        memory = lora_memory_bytes(model_cfg, OptimConfig(), step, **lora)
     predicted += memory["autocast_copies"]  # the cast weights a bf16 forward keeps
     # (the loss's 0-d output: 4 B; classification: the labels' and scores' few bytes per row, < 64 B in all)
     assert predicted == pytest.approx(saved, abs=64)
@@ -1004,8 +1005,8 @@ def test_full_classify_activations_are_what_autograd_keeps(variant: dict, dtype:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             adapted_objective(3).loss(model, adapted_batch(model_cfg.vocab_size, 3, 4, 32))
     saved = sum(n for ptr, (n, _) in kept.items() if ptr not in params)
-    memory = full_classify_memory_bytes(model_cfg, OptimConfig(), labels=3, seq_len=32, micro_batch=4, dtype=dtype,
-                                        device="cpu")  # fmt: skip
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    memory = full_classify_memory_bytes(model_cfg, OptimConfig(), step, labels=3)
     # (the loss's 0-d output and the scores' and labels' few bytes per row, < 96 B in all)
     assert memory["activations"] + memory["autocast_copies"] == pytest.approx(saved, abs=96)
 
