@@ -13,9 +13,9 @@ preset and every architecture switch). FLOPs use the same convention as `GPT.flo
 6 * N_matmul + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020 plus PaLM's attention term).
 
 Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/fp16 autocast):
-- weights 4 B/param (+ the rotary tables); gradients 4 B/param; optimizer: AdamW 2 fp32 moments
-  (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0; Muon one momentum buffer for the
-  hidden matrices (4 B/param) and AdamW's two moments for embeddings, head, norms and biases (8 B/param).
+- weights 4 B/param (+ the rotary buffers, 2 x max_seq_len x head_dim fp32); gradients 4 B/param; optimizer:
+  AdamW 2 fp32 moments (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0; Muon one momentum buffer
+  for the hidden matrices (4 B/param) and AdamW's two moments for embeddings, head, norms and biases (8 B/param).
 - autocast copies: under bf16/fp16 autocast every matmul weight is cast once per forward and the
   copy is saved for backward (2 B per matmul weight); 0 in fp32.
 - activations, per micro-batch, at their peak (the start of backward). Korthikanti et al. 2022
@@ -34,7 +34,9 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
       promote to fp32), so the two norm inputs cost 4 B each, not 2; LayerNorm also keeps fp32 mean and
       rstd (8 B/token), RMSNorm (a composite op on CPU) its fp32 normalized input plus rsqrt.
     * q, k, v are one fused projection, kept whole (v is a view of it): (n_head + 2 n_kv_head) * head_dim
-      values per token; rotary positions add the rotated q and k.
+      values per token; rotary positions add the rotated q and k, and the cos/sin tables they are multiplied
+      by (`rope_kept_bytes`: 2 x seq_len x (n_head + n_kv_head) x head_dim fp32, once, or each layer's cast
+      copy under autocast; left out, a 4-layer Llama at 256 positions kept 8.6% more in bf16 than predicted).
     * SwiGLU keeps the fused [gate; up] output, silu(gate) and the product: 4 * d_ff values per token
       (GELU: input and output, 2 * d_ff).
     * dropout defaults to 0, and `F.dropout(p=0)` saves nothing; with dropout > 0 each of the two
@@ -66,7 +68,9 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
   prints, counts its syncs' traffic the same way (`dist.all_reduce_traffic`).
 - update_copy: on a logging step the loop copies the trainable parameters (fp32, this device's shard)
   before the optimizer step, for the update ratio; activations are freed by then, so it counts instead
-  of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it).
+  of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it),
+  and, one weight at a time, that weight's update (p - copy): the largest parameter's 4 B/element
+  (without it, -2.1% (GPT-2) and -3.2% (Llama) of the allocator's peak of a 1 x 16-token step, d_model 128).
 - total = the sum, with the larger of activations and update_copy. Gradients grow while activations
   are freed during backward, so for a single micro-batch the sum is an upper bound of the measured peak;
   with gradient accumulation the gradients of earlier micro-batches are all alive during the next one,
@@ -281,6 +285,39 @@ class StepShape:
     device: str
 
 
+def rope_buffer_bytes(model: GPTConfig) -> int:
+    """The model's rotary buffers (`rope_cos`, `rope_sin`: fp32, max_seq_len x head_dim each); 0 without rotary
+    positions. (Counted as max_seq_len x head_dim / 2 until 2026-11: half the buffers.)"""
+    return 2 * model.max_seq_len * model.head_dim * 4 if model.pos_emb == "rope" else 0
+
+
+def rope_table_bytes(model: GPTConfig, positions: int) -> int:
+    """The fp32 cos and sin rows of one forward (`GPT.rope_tables`: expanded over the query and key heads, made
+    contiguous, shared by every sequence of the batch); 0 without rotary positions."""
+    if model.pos_emb != "rope":
+        return 0
+    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
+
+
+def rope_kept_bytes(model: GPTConfig, step: StepShape, positions: int | None = None) -> int:
+    """What autograd keeps of the rotary tables for backward (`layers.apply_rope` multiplies q and k by them): the
+    fp32 pair, shared by every layer, or under autocast each layer's cast copy (`cos.to(x.dtype)`). Over
+    `positions` (default: step.seq_len). Llama-style 4 layers, 256 positions, bf16: 384 KiB, 8.6% of the tensors a
+    tiny step saves; 32 layers, 8192 positions, 40 heads of 128 in bf16: 5.0 GiB."""
+    tables, e = rope_table_bytes(model, step.seq_len if positions is None else positions), DTYPE_BYTES[step.dtype]
+    return tables if e == 4 else model.n_layer * tables // 4 * e
+
+
+def largest_param(model: GPTConfig) -> int:
+    """Elements of the model's largest parameter: the token table (or an untied head, the same size), the learned
+    position table or one block's largest Linear."""
+    qkv_out = (model.n_head + 2 * model.kv_heads) * model.head_dim
+    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
+    learned = model.max_seq_len if model.pos_emb == "learned" else 0
+    d = model.d_model
+    return max(model.vocab_size, learned, qkv_out, fc_out, model.n_head * model.head_dim) * d
+
+
 def uses_math_attention(model: GPTConfig, device: str) -> bool:
     """Whether SDPA falls back to its math path (s x s maps kept): dropout > 0 on CPU, whose flash kernel has none."""
     return device == "cpu" and model.dropout > 0
@@ -294,7 +331,8 @@ def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
         step: the tokens, dtype and device of one forward.
 
     Returns:
-        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask), head
+        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask + the rotary
+        tables, `rope_kept_bytes`), head
         (final norm, head input, log-probs, token ids and targets), loss_backward (the two fp32 logits-sized
         gradients at the start of backward), total,
         block_inputs (the fp32 block inputs kept under checkpointing) and checkpointed.
@@ -325,9 +363,11 @@ def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
     per_layer = s * b * per_token + b * per_seq_scores
 
     layers = model.n_layer * per_layer + s * b * mask * h  # + the embedding dropout mask
+    layers += rope_kept_bytes(model, step)
     head = s * b * (norm + e * h + 4 * vocab + 16)  # final norm, head input, fp32 log-probs, int64 ids + targets
     loss_backward = s * b * 8 * vocab
     block_inputs = model.n_layer * s * b * r * h
+    tables = rope_table_bytes(model, s)
     tail = head + loss_backward
     return {
         "per_layer": per_layer,
@@ -336,7 +376,8 @@ def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
         "loss_backward": loss_backward,
         "total": layers + tail,
         "block_inputs": block_inputs,
-        "checkpointed": block_inputs + per_layer + tail,
+        # + the fp32 rotary tables (the checkpointed blocks' inputs) and one block's cast copy under autocast
+        "checkpointed": block_inputs + per_layer + tail + tables + (0 if e == 4 else tables // 4 * e),
     }
 
 
@@ -352,7 +393,6 @@ def memory_bytes(
     counts = param_counts(model)
     n = counts["total"]
     shards = world_size if strategy == "fsdp" else 1
-    rope_tables = 2 * model.max_seq_len * (model.head_dim // 2) * 4 if model.pos_emb == "rope" else 0
     if optim.name == "adamw":
         state_floats = 2 * n  # exp_avg, exp_avg_sq
     elif optim.name == "muon":  # one momentum buffer per hidden matrix, AdamW's two moments for the rest
@@ -371,7 +411,7 @@ def memory_bytes(
     act = activation_bytes(model, step)
     dtype = step.dtype
     out = {
-        "weights": math.ceil(4 * n / shards) + rope_tables,
+        "weights": math.ceil(4 * n / shards) + rope_buffer_bytes(model),
         "gradients": math.ceil(4 * n / shards),
         "optimizer": math.ceil(4 * state_floats / shards),
         "autocast_copies": 0 if dtype == "float32" else DTYPE_BYTES[dtype] * counts["matmul"],
@@ -379,7 +419,8 @@ def memory_bytes(
         "outer_state": 2 * 4 * n if strategy == "diloco" else 0,  # anchor + outer momentum (dist.DiLoCo)
         "activations": act["total"],
         "activations_checkpointed": act["checkpointed"],
-        "update_copy": math.ceil(4 * n / shards),  # the log step's copy of the weights (loop._update_ratio)
+        # the log step's copy of the weights and one weight's update (p - copy) at a time (loop._update_ratio)
+        "update_copy": math.ceil(4 * n / shards) + math.ceil(4 * largest_param(model) / shards),
     }
     fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies", "comm_buffers", "outer_state"))
     out["total"] = fixed + max(act["total"], out["update_copy"])

@@ -25,8 +25,11 @@ from lmforge.estimate import (
     StepShape,
     activation_bytes,
     attention_flops_per_token,
+    largest_param,
     memory_bytes,
     param_counts,
+    rope_buffer_bytes,
+    rope_table_bytes,
 )
 from lmforge.models.gpt import GPTConfig
 
@@ -58,14 +61,6 @@ def frozen_base_memory(
     out["total"] = fixed + max(out["activations"], out["update_copy"])
     out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
     return out
-
-
-def _rope_table_bytes(model: GPTConfig, positions: int) -> int:
-    """The fp32 cos and sin rows of one forward (GPT.rope_tables: expanded over the query and key heads); 0 without
-    rotary positions."""
-    if model.pos_emb != "rope":
-        return 0
-    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
 
 
 def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
@@ -162,8 +157,6 @@ def lora_activation_bytes(
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
     kept = act["layers"] + act["head"] - tokens * (model.n_layer * per_layer + once)
-    tables = _rope_table_bytes(model, seq_len)  # the fp32 rotary tables (cast copies under autocast), as for prompts
-    kept += tables if e == 4 else model.n_layer * tables // 4 * e
     tail = tokens * (_norm_bytes(model, trains=False) + 4 * model.vocab_size + 8)  # final norm, log-probs, targets
     loss_backward = act["loss_backward"]
     if labels:  # a classification head on the last token: no vocabulary logits, their log-probs or gradients
@@ -214,10 +207,7 @@ def full_classify_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepS
     trained = counts["total"] - unused + head
     state_floats = trained if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trained
     tail = seq_len * micro_batch * (_norm_bytes(model, trains=True) + 8) + micro_batch * (e * h + 4 * labels + 16)
-    tables = _rope_table_bytes(model, seq_len)  # the rotary tables q and k are multiplied by, as for LoRA
-    tail += tables if e == 4 else model.n_layer * tables // 4 * e
     # the log step's copy of every parameter that requires a gradient, and one weight's update (p - copy) at a time
-    largest = max(model.vocab_size * h, *(i * o for i, o in _linear_shapes(model).values()))
     out = dict(full)
     out.update(
         weights=full["weights"] + 4 * head,
@@ -226,7 +216,7 @@ def full_classify_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepS
         autocast_copies=0 if e == 4 else e * (counts["matmul"] - model.vocab_size * h + head),
         activations=act["layers"] + tail,
         activations_checkpointed=act["block_inputs"] + act["per_layer"] + tail,
-        update_copy=4 * (counts["total"] + head + largest),
+        update_copy=4 * (counts["total"] + head + largest_param(model)),
     )
     fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
     out["total"] = fixed + max(out["activations"], out["update_copy"])
@@ -260,7 +250,7 @@ def head_activation_bytes(model: GPTConfig, step: StepShape, *, labels: int) -> 
     seq_len, micro_batch = step.seq_len, step.micro_batch
     e, r, h, tokens = DTYPE_BYTES[step.dtype], 4, model.d_model, seq_len * micro_batch
     working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
-    working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
+    working += rope_table_bytes(model, seq_len)  # (alive through the forward)
     if labels:
         tail = micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
     else:
@@ -306,9 +296,6 @@ def prompt_activation_bytes(model: GPTConfig, step: StepShape, *, prompt_tokens:
     e, h, tokens, text = DTYPE_BYTES[step.dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
     frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
     layers = act["layers"] - model.n_layer * tokens * frozen_inputs
-    # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
-    tables = _rope_table_bytes(model, positions)
-    layers += tables if e == 4 else model.n_layer * tables // 4 * e
     tail = tokens * _norm_bytes(model, trains=False)
     if labels:
         tail += micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
@@ -389,13 +376,12 @@ def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dic
     counts = param_counts(teacher)
     seq_len, micro_batch = step.seq_len, step.micro_batch
     attention = attention_flops_per_token(teacher, seq_len) / 3  # (its forward: 4 of 12)
-    rope_tables = 2 * teacher.max_seq_len * (teacher.head_dim // 2) * 4 if teacher.pos_emb == "rope" else 0
     vocab = max(teacher.vocab_size, student.vocab_size)
     soft = SOFT_TARGET_COPIES * 4 * vocab * seq_len * micro_batch
     return {
         "flops_per_token": 2.0 * counts["matmul"] + attention,
         "attention": attention,
-        "memory": {"teacher_weights": 4 * counts["total"] + rope_tables, "soft_targets": soft},
+        "memory": {"teacher_weights": 4 * counts["total"] + rope_buffer_bytes(teacher), "soft_targets": soft},
         "params": counts["total"],
         "assumption": (
             f"distillation: a frozen teacher ({counts['total']:,} parameters, {teacher.n_layer} layers, d_model "

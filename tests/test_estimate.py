@@ -148,12 +148,36 @@ def test_activation_formula_matches_saved_tensors(variant: dict, dtype: str) -> 
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", [{}, dict(n_kv_head=1)], ids=["llama", "llama-mqa"])
+def test_rotary_tables_are_counted_as_autograd_keeps_them(variant: dict, dtype: str) -> None:
+    """The rotary cos/sin rows q and k are multiplied by are kept for backward: once in fp32, or each layer's cast
+    copy under autocast. Left out, the pretraining plan was 3.1% (fp32) and 8.6% (bf16) under the saved tensors of
+    this 4-layer, 256-position Llama step; now equal to them (the loss's 0-d output: 4 B)."""
+    cfg = small_cfg(**{**LLAMA, **variant}, max_seq_len=256, n_layer=4)
+    step = StepShape(seq_len=256, micro_batch=1, dtype=dtype, device="cpu")
+    predicted = activation_bytes(cfg, step)["layers"] + activation_bytes(cfg, step)["head"]
+    predicted += memory_bytes(cfg, OptimConfig(), step)["autocast_copies"]
+    assert predicted == pytest.approx(saved_activation_bytes(cfg, dtype, batch=1, seq_len=256), abs=8)
+    model = GPT(cfg)  # the rotary buffers: max_seq_len x head_dim fp32 each (they were counted at half that)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert memory_bytes(cfg, OptimConfig(), step)["weights"] == 4 * param_counts(cfg)["total"] + buffers
+
+
 @pytest.mark.parametrize(
-    "vocab, d_model, batch, seq",
-    [(64, 64, 8, 64), (2048, 64, 8, 64), (8192, 64, 8, 64), (64, 128, 1, 16)],
-    ids=["layers-dominate", "logits-dominate", "logits-only", "weights-dominate"],
+    "vocab, d_model, batch, seq, variant",
+    [
+        (64, 64, 8, 64, {}),
+        (2048, 64, 8, 64, {}),
+        (8192, 64, 8, 64, {}),
+        (64, 128, 1, 16, {}),
+        (64, 128, 1, 16, "llama"),
+    ],
+    ids=["layers-dominate", "logits-dominate", "logits-only", "weights-dominate", "weights-dominate-llama"],
 )
-def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_model: int, batch: int, seq: int) -> None:
+def test_total_matches_allocator_peak_of_a_real_training_step(
+    vocab: int, d_model: int, batch: int, seq: int, variant: dict | str
+) -> None:
     """The predicted total against the real loop's peak, counted by PyTorch's CPU allocator (torch.profiler).
 
     Measured when written: +6% (vocab 64) and +4% (vocab 2048); the estimate is meant as an upper bound
@@ -161,10 +185,12 @@ def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_mode
     (log-probs, the two logits-sized gradients) fails the vocab-2048 case; counting the logits as kept (the
     loop no longer holds them) had drifted to +24% there and fails vocab 8192 (+30%; +5% without). With a
     tiny batch the weights dominate, and the final (logging) step's copy of them for the update ratio is the
-    peak: left out, the estimate was 19% under the allocator's count.
+    peak: left out, the estimate was 19% under the allocator's count; with it, 2.1% (GPT-2) and 3.2% (Llama) under,
+    until the update of the largest weight (p - copy, one at a time) was counted too: now within 0.1%.
     """
+    variant = LLAMA if variant == "llama" else variant
     cfg = run_cfg(
-        model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": seq},
+        model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": seq, **variant},
         train={"batch_size": batch, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": "float32"},
     )
     predicted = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["total"]
@@ -193,11 +219,12 @@ def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_mode
         )
 
     run(1)  # creates the optimizer state: from here on only parameters and moments persist
-    persistent = sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
     persistent += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     transient = measure_cpu_allocations(lambda: run(2))
     measured = persistent + transient
-    assert 0.95 * measured <= predicted <= 1.25 * measured, (predicted, measured)
+    low = 0.995 if batch == 1 else 0.95  # (the weights' peak is exact: no activations, whose bound is loose)
+    assert low * measured <= predicted <= 1.25 * measured, (predicted, measured)
 
 
 # --------------------------------------------------------------------------------------------
