@@ -445,6 +445,12 @@ def build_parser() -> Parser:
         f"finetune, or separate them with commas (default: {','.join(finetune_cfg.lora_targets)}, as finetune)",
     )
     p.add_argument(
+        "--lora-dropout",
+        type=float,
+        help=f"--adapt lora: dropout on the adapters' input, whose mask a step keeps (default: "
+        f"{finetune_cfg.lora_dropout:g}, as finetune)",
+    )
+    p.add_argument(
         "--prompt-tokens",
         type=int,
         help=f"--adapt prompt: soft-prompt length; the text gets the rest of the context (default: "

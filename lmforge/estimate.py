@@ -657,6 +657,7 @@ def estimate(
     adapt: str = "full",
     lora_rank: int | None = None,
     lora_targets: tuple[str, ...] | None = None,
+    lora_dropout: float | None = None,
     prompt_tokens: int | None = None,
     labels: int = 0,
     teacher: GPTConfig | None = None,
@@ -682,7 +683,8 @@ def estimate(
             and backward to the inputs only: no weight gradients) + 6 x the adapters + attention, less the input
             gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
             + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
-            `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
+            `lora_rank`, `lora_targets`, `lora_dropout` (its mask is kept: `lora_dropout_bytes`) and `prompt_tokens`
+            default to finetune's (None).
         labels: plan `finetune --task classify` with this many labels (in every mode, full too): a head on the
             last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
         teacher: a distillation fine-tune's frozen teacher (`finetune --adapt distill`; adapt full, an LM task, one
@@ -723,9 +725,9 @@ def estimate(
     link = None if interconnect is None else resolve_interconnect(interconnect)
     from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan  # (it builds on this module's terms)
 
-    lora_rank, lora_targets, prompt_tokens = check_adapt(
+    lora_rank, lora_targets, prompt_tokens, lora_dropout = check_adapt(
         adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
-        labels=labels,
+        labels=labels, lora_dropout=lora_dropout,
     )  # fmt: skip
 
     if teacher is not None and (adapt != "full" or labels or world_size > 1):
@@ -785,7 +787,7 @@ def estimate(
     if adapt != "full" or labels:  # finetune's modes on a frozen base, or a full classification fine-tune
         plan = adapted_plan(
             model, cfg.optim, step, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets,
-            prompt_tokens=prompt_tokens, labels=labels,
+            prompt_tokens=prompt_tokens, labels=labels, lora_dropout=lora_dropout,
         )  # fmt: skip
         trainable, per_token = plan["trainable"], plan["flops_per_token"]
         attention, memory = plan["attention"], plan["memory"]

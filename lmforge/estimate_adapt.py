@@ -94,6 +94,30 @@ def _lora_no_input_grad(model: GPTConfig, rank: int, targets: tuple[str, ...]) -
     return sum(i * o for i, o in list(shapes.values())[: first + 1]) + rank * list(shapes.values())[first][0]
 
 
+def lora_dropout_bytes(model: GPTConfig, step: StepShape, *, targets: tuple[str, ...], dropout: float) -> int:
+    """What `--lora-dropout` > 0 adds to a LoRA step's kept tensors (adapt/lora.py: `lora_dropout(x) @ A^T`), per
+    adapted Linear of each block: the dropout's mask where its input needs a gradient (CPU: the noise, in the input's
+    dtype; CUDA: 1 B), which is everywhere but in the first block's first adapter (its input comes from the frozen
+    embedding); A keeps the dropout's output instead of x, the same size, so that adds nothing, except for attn.proj,
+    whose input SDPA keeps too (where SDPA keeps anything: not in the first block when attn.proj is the first
+    adapter). The inputs of qkv and mlp.fc are norm outputs (fp32 under autocast too), of attn.proj and mlp.proj
+    the autocast dtype. Exact against saved-tensor hooks in tests/test_estimate.py (they were left out: -12% of
+    the tensors a 3-layer step on every Linear keeps, fp32)."""
+    if dropout <= 0:
+        return 0
+    e, cpu = DTYPE_BYTES[step.dtype], step.device == "cpu"
+    q, ff = model.n_head * model.head_dim, model.ff_dim
+    inputs = {"qkv": (model.d_model, 4), "attn.proj": (q, e), "mlp.fc": (model.d_model, 4), "mlp.proj": (ff, e)}
+    order = list(_linear_shapes(model))
+    first = min(order.index(t) for t in targets)
+    per_token = 0
+    for t in targets:
+        width, x_bytes = inputs[t]
+        kept = width * ((x_bytes if cpu else 1) + (e if t == "attn.proj" else 0))  # mask (+ the output's copy)
+        per_token += (model.n_layer - (order.index(t) == first)) * kept
+    return per_token * step.seq_len * step.micro_batch
+
+
 def lora_flops_per_token(
     model: GPTConfig, rank: int, targets: tuple[str, ...], seq_len: int, labels: int = 0
 ) -> tuple[float, float]:
@@ -122,7 +146,7 @@ def lora_flops_per_token(
 
 
 def lora_activation_bytes(
-    model: GPTConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0
+    model: GPTConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0, dropout: float = 0.0
 ) -> dict[str, int]:
     """Activation memory of a LoRA fine-tuning step (`rank` adapters on `targets`; a classification head on the last
     token's state when `labels` > 0), by part.
@@ -134,9 +158,10 @@ def lora_activation_bytes(
     first block's first norm, the token ids and the head's input; under RMSNorm, without each other norm's
     normalized input (kept only for its weight's gradient); with rotary positions, the tables q and k are multiplied
     by (one fp32 pair, or each layer's cast copy). With `labels`, the pooled states and scores instead of the
-    vocabulary log-probs. When qkv has no adapter, the first block's attention is not kept either, which this leaves
-    in: then it is an upper bound. Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py: exact
-    for LayerNorm and RMSNorm, GELU and SwiGLU, learned and rotary positions, fp32 and bf16, every target set.
+    vocabulary log-probs; with `dropout` on the adapters' input, `lora_dropout_bytes`. When qkv has no adapter,
+    the first block's attention is not kept either, which this leaves in: then it is an upper bound. Counted tensor
+    by tensor with saved-tensor hooks in tests/test_estimate.py: exact for LayerNorm and RMSNorm, GELU and SwiGLU,
+    learned and rotary positions, fp32 and bf16, every target set, with and without dropout.
 
     Full training's total adds every gradient to every activation, which covers backward's working set; here the
     gradients are tiny, so that set shows. Backward's peak (total) is the larger of everything kept + the loss's two
@@ -157,6 +182,7 @@ def lora_activation_bytes(
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
     kept = act["layers"] + act["head"] - tokens * (model.n_layer * per_layer + once)
+    kept += lora_dropout_bytes(model, step, targets=targets, dropout=dropout)
     tail = tokens * (_norm_bytes(model, trains=False) + 4 * model.vocab_size + 8)  # final norm, log-probs, targets
     loss_backward = act["loss_backward"]
     if labels:  # a classification head on the last token: no vocabulary logits, their log-probs or gradients
@@ -168,7 +194,14 @@ def lora_activation_bytes(
 
 
 def lora_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0
+    model: GPTConfig,
+    optim: OptimConfig,
+    step: StepShape,
+    *,
+    rank: int,
+    targets: tuple[str, ...],
+    labels: int = 0,
+    dropout: float = 0.0,
 ) -> dict[str, int]:
     """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
     float32), gradients, optimizer state and the update-ratio copy for the adapters alone (and, with `labels`, the
@@ -176,7 +209,7 @@ def lora_memory_bytes(
     matmul's cast weight is kept for its input's gradient: every frozen one's and every adapter's but those whose
     input needs none (counting full training's, every frozen one, was 7 kB over the saved tensors' 1 MB)."""
     full = memory_bytes(model, optim, step)
-    act = lora_activation_bytes(model, step, rank=rank, targets=targets, labels=labels)
+    act = lora_activation_bytes(model, step, rank=rank, targets=targets, labels=labels, dropout=dropout)
     trainable = lora_param_count(model, rank, targets)
     e = DTYPE_BYTES[step.dtype]
     copies = (
@@ -324,7 +357,7 @@ def prompt_memory_bytes(
 
 
 # the flags of `lmforge estimate` that `plan_arguments` takes
-ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "lora_dropout", "prompt_tokens", "labels")
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
@@ -458,6 +491,8 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             kwargs["teacher"] = read_teacher(info.get("teacher") or "")
         kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
         kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
+        if flags.get("adapt", adapt) == adapt == "lora":  # (--adapt head on a LoRA run's folder would refuse it)
+            kwargs["lora_dropout"] = float(lora.get("dropout") or 0.0)
         planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
         if planned == adapt == "prompt":
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
@@ -485,13 +520,17 @@ def check_adapt(
     lora_targets: tuple[str, ...] | None,
     prompt_tokens: int | None,
     labels: int,
-) -> tuple[int | None, tuple[str, ...] | None, int | None]:
-    """Refuse a setting `adapt` does not use or cannot take (one-line `ConfigError`s); returns lora_rank, lora_targets
-    and prompt_tokens with finetune's defaults (`finetune_defaults`) where the plan uses them and none was given."""
+    lora_dropout: float | None = None,
+) -> tuple[int | None, tuple[str, ...] | None, int | None, float]:
+    """Refuse a setting `adapt` does not use or cannot take (one-line `ConfigError`s); returns lora_rank, lora_targets,
+    prompt_tokens and lora_dropout with finetune's defaults (`finetune_defaults`) where the plan uses them and none
+    was given."""
     if adapt not in ADAPT_MODES:
         raise ConfigError(f"unknown adapt mode {adapt!r}; use one of: {', '.join(ADAPT_MODES)}")
     if prompt_tokens is not None and adapt != "prompt":  # (a setting the plan would not use is refused, as finetune)
         raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
+    if lora_dropout is not None and adapt != "lora":
+        raise ConfigError(f"--lora-dropout is for --adapt lora; drop it (this plan: --adapt {adapt})")
     if not (isinstance(labels, int) and labels >= 0) or labels == 1:
         raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
     if labels and world_size > 1:  # (a full classification fine-tune is finetune's too: one process)
@@ -512,7 +551,10 @@ def check_adapt(
                 f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
                 f"targets {', '.join(lora_targets) or 'none'}"
             )
-    return lora_rank, lora_targets, prompt_tokens
+        lora_dropout = defaults.lora_dropout if lora_dropout is None else lora_dropout
+        if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):  # (finetune's own check)
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {lora_dropout!r}")
+    return lora_rank, lora_targets, prompt_tokens, float(lora_dropout or 0.0)
 
 
 def adapted_plan(
@@ -525,6 +567,7 @@ def adapted_plan(
     lora_targets: tuple[str, ...],
     prompt_tokens: int,
     labels: int,
+    lora_dropout: float = 0.0,
 ) -> dict[str, Any]:
     """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt), or a full classification one (full with
     `labels`; settings as `check_adapt` returns them):
@@ -563,9 +606,12 @@ def adapted_plan(
             "FLOPs 6N + attention with the head's 6 x d_model x labels per sequence"
         )
     elif adapt == "lora":
-        memory = lora_memory_bytes(model, optim, step, rank=lora_rank, targets=tuple(lora_targets), labels=labels)
+        memory = lora_memory_bytes(
+            model, optim, step, rank=lora_rank, targets=tuple(lora_targets), labels=labels, dropout=lora_dropout
+        )
         assumption = (
             f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"
+            + (f", dropout {lora_dropout:g} on their input (its mask kept)" if lora_dropout else "")
             + (f" and a classification head for {labels} labels on the last token" if labels else "")
             + f": {trainable:,} trainable parameters; the frozen base "
             "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
