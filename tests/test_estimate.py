@@ -754,25 +754,20 @@ def test_a_bare_gflops_number_says_which_device_it_was_taken_for() -> None:
     assert "CPU's float32 peak" in cpu["peak_source"]
 
 
-@pytest.mark.parametrize("mlp, norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm")])
-@pytest.mark.parametrize(
-    "targets", [("qkv", "attn.proj"), ("qkv", "mlp.proj"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")]
-)
-def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: tuple[str, ...]) -> None:
-    """`estimate --adapt lora` had no LoRA mode (a LoRA fine-tune was estimated as full training: every gradient,
-    all optimizer state, every activation). Its activations are now the tensors autograd saves in a LoRA forward,
-    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_activation_bytes)."""
+def lora_saved_bytes(
+    model_cfg: GPTConfig, targets: tuple[str, ...], *, dtype: str = "float32", dropout: float = 0.0
+) -> tuple[int, GPT]:
+    """Bytes of the storages autograd saves in one LoRA (rank 4) forward + loss on 4 x 32 tokens (parameters and
+    buffers left out), and the model."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
-    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes, lora_param_count
 
-    model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
     torch.manual_seed(0)
     model = GPT(model_cfg)
     model.init_weights()
-    inject_lora(model, targets=list(targets), rank=4, alpha=8, dropout=0.0)
+    inject_lora(model, targets=list(targets), rank=4, alpha=8, dropout=dropout)
     set_trainable(model, "lora")
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -781,8 +776,24 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
 
     x = torch.randint(0, model_cfg.vocab_size, (4, 33))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model(x[:, :-1]), x[:, 1:])
-    saved = sum(n for ptr, n in kept.items() if ptr not in params)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(x[:, :-1])
+        causal_lm_loss(logits, x[:, 1:])
+    return sum(n for ptr, n in kept.items() if ptr not in params), model
+
+
+@pytest.mark.parametrize("mlp, norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm")])
+@pytest.mark.parametrize(
+    "targets", [("qkv", "attn.proj"), ("qkv", "mlp.proj"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+)
+def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: tuple[str, ...]) -> None:
+    """`estimate --adapt lora` had no LoRA mode (a LoRA fine-tune was estimated as full training: every gradient,
+    all optimizer state, every activation). Its activations are now the tensors autograd saves in a LoRA forward,
+    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_activation_bytes)."""
+    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes, lora_param_count
+
+    model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
+    saved, model = lora_saved_bytes(model_cfg, targets)
     step = StepShape(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
     result = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)
     act = lora_activation_bytes(model_cfg, step, rank=4, targets=targets)
@@ -808,31 +819,12 @@ def test_lora_dropout_keeps_its_masks(variant: dict | str, targets: tuple[str, .
     tensors a 3-layer step keeps, 18% / 14% on finetune's default targets. Now exact where qkv has an adapter (the
     loss's 0-d output: 4 B); without one the plan is an upper bound (the first block's attention is counted), and
     what dropout adds is exact."""
-    from lmforge.adapt.heads import set_trainable
-    from lmforge.adapt.lora import inject_lora
     from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes
 
     model_cfg = small_cfg(n_layer=3, **(LLAMA if variant == "llama" else variant))
 
     def saved(dropout: float) -> int:
-        torch.manual_seed(0)
-        model = GPT(model_cfg)
-        model.init_weights()
-        inject_lora(model, targets=list(targets), rank=4, alpha=8, dropout=dropout)
-        set_trainable(model, "lora")
-        params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
-        kept: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        x = torch.randint(0, model_cfg.vocab_size, (4, 33))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                logits = model(x[:, :-1])
-            causal_lm_loss(logits, x[:, 1:])
-        return sum(n for ptr, n in kept.items() if ptr not in params)
+        return lora_saved_bytes(model_cfg, targets, dtype=dtype, dropout=dropout)[0]
 
     step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
     copies = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)["autocast_copies"]
