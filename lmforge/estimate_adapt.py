@@ -30,6 +30,7 @@ from lmforge.estimate import (
     param_counts,
     rope_buffer_bytes,
     rope_table_bytes,
+    with_totals,
 )
 from lmforge.models.gpt import GPTConfig
 
@@ -57,10 +58,7 @@ def frozen_base_memory(
     )
     if autocast_copies is not None:
         out["autocast_copies"] = autocast_copies
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
+    return with_totals(out)
 
 
 def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
@@ -251,10 +249,7 @@ def full_classify_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepS
         activations_checkpointed=act["block_inputs"] + act["per_layer"] + tail,
         update_copy=4 * (counts["total"] + head + largest_param(model)),
     )
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
+    return with_totals(out)
 
 
 def head_param_count(model: GPTConfig, labels: int) -> int:
