@@ -457,6 +457,13 @@ def build_parser() -> Parser:
         f"{finetune_cfg.prompt_tokens}, as finetune)",
     )
     p.add_argument(
+        "--teacher",
+        metavar="RUN_OR_PRESET",
+        help="plan finetune --adapt distill --teacher: a frozen teacher's forward, fp32 weights and soft targets on "
+        "top of the full fine-tune (a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset; it "
+        "runs in the student's --train.dtype) (default: none; a distillation run's --config names its own)",
+    )
+    p.add_argument(
         "--labels",
         type=int,
         default=0,

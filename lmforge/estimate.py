@@ -805,6 +805,13 @@ def estimate(
         assumptions.append(plan["assumption"])
     distill = None
     if teacher is not None:
+        if teacher.vocab_size == 0:  # (a preset's: the student's tokenizer, which a teacher must share)
+            teacher = dataclasses.replace(teacher, vocab_size=model.vocab_size)
+        if teacher.max_seq_len < seq_len:  # (finetune refuses it: adapt/load.load_teacher)
+            raise ConfigError(
+                f"the teacher's context of {teacher.max_seq_len} tokens is shorter than the {seq_len}-token examples; "
+                f"use a teacher with a context of at least {seq_len}, or pass --data.seq_len {teacher.max_seq_len}"
+            )
         distill = teacher_plan(teacher, model, step)
         per_token, attention = per_token + distill["flops_per_token"], attention + distill["attention"]
         extra = sum(distill["memory"].values())

@@ -352,7 +352,7 @@ def prompt_memory_bytes(
 
 
 # the flags of `lmforge estimate` that `plan_arguments` takes
-ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "lora_dropout", "prompt_tokens", "labels")
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "lora_dropout", "prompt_tokens", "labels", "teacher")
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
@@ -364,10 +364,23 @@ ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "act
 SOFT_TARGET_COPIES = 6
 
 
-def read_teacher(teacher: str | Path) -> GPTConfig:
-    """The model config of a distillation teacher as finetune.json records it (`--teacher`: a run or checkpoint
-    folder, an HF directory, or hf:ORG/NAME from the hub cache); a one-line ConfigError when it cannot be read or
-    is not a GPT/Llama-style model (the formulas here are the decoder Transformer's)."""
+def read_teacher(teacher: str | Path, *, flag: bool = False) -> GPTConfig:
+    """The model config of a distillation teacher as finetune.json records it, or as `estimate --teacher` (`flag`)
+    names it: a run or checkpoint folder, an HF directory, hf:ORG/NAME from the hub cache, or (the flag only) a
+    preset name, whose vocabulary, when it has none, is the student's (a teacher shares its tokenizer); a one-line
+    ConfigError when it cannot be read or is not a GPT/Llama-style model (the formulas here are the decoder
+    Transformer's)."""
+    from lmforge.presets import PRESETS
+
+    if flag and str(teacher) in PRESETS and not Path(teacher).exists():
+        from lmforge.config import load_config
+
+        model = load_config(preset=str(teacher)).model
+        if not isinstance(model, GPTConfig) or model.family != "gpt":
+            raise ConfigError(
+                f"--teacher {teacher} is a {model.family} preset; estimate plans GPT/Llama-style teachers only"
+            )
+        return model
     from lmforge.adapt.load import is_hf_dir
     from lmforge.checkpoint import read_json, resolve_checkpoint
     from lmforge.config import config_from_json
@@ -387,8 +400,12 @@ def read_teacher(teacher: str | Path) -> GPTConfig:
         model = config_from_json(read_json(ckpt / "state.json", "")["config"], where=str(ckpt)).model
     except (LmforgeError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"cannot read the distillation teacher {teacher} ({e}); planning this run needs the teacher its "
-            "finetune.json names: put it back there"
+            f"cannot read the distillation teacher {teacher} ({e}); "
+            + (
+                "pass --teacher a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset name"
+                if flag
+                else "planning this run needs the teacher its finetune.json names: put it back there"
+            )
         ) from None
     if not isinstance(model, GPTConfig) or model.family != "gpt":
         raise ConfigError(f"the distillation teacher {teacher} is not a GPT/Llama-style model; estimate cannot plan it")
@@ -398,14 +415,18 @@ def read_teacher(teacher: str | Path) -> GPTConfig:
 def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dict[str, Any]:
     """What a frozen distillation teacher adds to a full fine-tune's step (compress/distill.py): its forward, 2 N of
     its matmul weights + its attention's forward per token (no backward: it runs under no_grad), its weights (fp32, as
-    finetune loads it, with its rotary tables) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
+    finetune loads it, with its rotary buffers) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
+    The teacher runs inside the student's autocast (train/loop.py), so its logits are in `step.dtype` (the other
+    copies are fp32: distill_loss casts them), and its cast weights are freed after each use (no graph keeps them).
+    Planned all in fp32, a bf16 distillation step was over the allocator's peak by 9-13% on three tiny CPU steps.
     Returns flops_per_token, attention (its attention-score part), memory (teacher_weights, soft_targets), params
     and the assumption line."""
     counts = param_counts(teacher)
     seq_len, micro_batch = step.seq_len, step.micro_batch
     attention = attention_flops_per_token(teacher, seq_len) / 3  # (its forward: 4 of 12)
     vocab = max(teacher.vocab_size, student.vocab_size)
-    soft = SOFT_TARGET_COPIES * 4 * vocab * seq_len * micro_batch
+    e = DTYPE_BYTES[step.dtype]  # the teacher's logits: the autocast dtype; the other copies fp32
+    soft = ((SOFT_TARGET_COPIES - 1) * 4 + e) * vocab * seq_len * micro_batch
     return {
         "flops_per_token": 2.0 * counts["matmul"] + attention,
         "attention": attention,
@@ -413,9 +434,10 @@ def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dic
         "params": counts["total"],
         "assumption": (
             f"distillation: a frozen teacher ({counts['total']:,} parameters, {teacher.n_layer} layers, d_model "
-            f"{teacher.d_model}) in fp32 as finetune loads it, no gradients or optimizer state; its forward adds 2N "
-            f"+ attention per token; the soft targets hold {SOFT_TARGET_COPIES} fp32 logits-sized tensors (teacher "
-            "logits and softmax, the student's tempered log-probs) at the loss"
+            f"{teacher.d_model}) with fp32 weights as finetune loads it, no gradients or optimizer state, running in "
+            f"the student's {step.dtype}; its forward adds 2N + attention per token; the soft targets hold "
+            f"{SOFT_TARGET_COPIES} logits-sized tensors (the teacher's logits in {step.dtype}; fp32: their copy, "
+            "log-softmax and softmax, the student's tempered logits and log-probs) at the loss"
         ),
     }
 
@@ -493,14 +515,20 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
         if info.get("task") == "classify":  # the task's head, in every mode (full: instead of the LM head)
             kwargs["labels"] = len(info.get("labels") or [])
-    elif flags.get("adapt", "full") != "full" or flags.get("labels"):  # (--labels: a full fine-tune is finetune's)
+    elif flags.get("adapt", "full") != "full" or flags.get("labels") or flags.get("teacher"):
+        # (--labels: a full fine-tune is finetune's; --teacher: a distillation fine-tune is too)
         # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
         # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
         from lmforge.finetune import finetune_sections
 
-        train, optim = finetune_sections(flags.get("adapt", "full"), None)[:2]
+        mode = (
+            "distill" if flags.get("teacher") and flags.get("adapt", "full") == "full" else flags.get("adapt", "full")
+        )
+        train, optim = finetune_sections(mode, None)[:2]
         settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
     for key, value in flags.items():
+        if key == "teacher":  # (finetune's --teacher: it wins over the one a distillation run's finetune.json names)
+            value = read_teacher(value, flag=True)
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
             value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
         kwargs[key] = value

@@ -1347,24 +1347,34 @@ def distill_cfgs(vocab: int, d_model: int, batch: int, teacher: dict) -> tuple[R
 
 
 @pytest.mark.parametrize(
-    "vocab, d_model, batch, teacher",
-    [(512, 64, 8, {"d_model": 128, "n_layer": 4}), (4096, 64, 8, {"n_layer": 3}), (64, 128, 1, {"d_model": 128})],
-    ids=["layers", "logits-dominate", "weights-dominate"],
+    "vocab, d_model, batch, teacher, dtype",
+    [
+        (512, 64, 8, {"d_model": 128, "n_layer": 4}, "float32"),
+        (4096, 64, 8, {"n_layer": 3}, "float32"),
+        (64, 128, 1, {"d_model": 128}, "float32"),
+        (4096, 64, 8, {"n_layer": 3}, "bfloat16"),
+    ],
+    ids=["layers", "logits-dominate", "weights-dominate", "logits-dominate-bf16"],
 )
-def test_distill_total_matches_allocator_peak_of_a_real_step(vocab: int, d_model: int, batch: int, teacher: dict):
+def test_distill_total_matches_allocator_peak_of_a_real_step(
+    vocab: int, d_model: int, batch: int, teacher: dict, dtype: str
+) -> None:
     """A distillation step (finetune --adapt distill) against the real loop's peak (PyTorch's CPU allocator). It was
     planned as a plain full fine-tune, without the teacher's weights or the soft targets: 41%, 55% and 80% of the
-    measured peak when written (12.8 vs 21.8 MB, 38.4 vs 88.8, 12.2 vs 14.9). Now +3.5%, +1.9% and -1.1%."""
+    measured peak when written (12.8 vs 21.8 MB, 38.4 vs 88.8, 12.2 vs 14.9). Now +3.5%, +1.9% and +0.7%. In bf16
+    the teacher's logits are bf16 (it runs in the student's autocast) and the cast weights are freed before the
+    log step's update: planned all fp32 and through the update, +12.8% (logits-dominate), now +7.5%."""
     from lmforge.compress.distill import Distill
 
     cfg, teacher_cfg = distill_cfgs(vocab, d_model, batch, teacher)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
     result = estimate(cfg, tokens=1, hardware=GFLOPS, teacher=teacher_cfg)
     torch.manual_seed(0)
     model, frozen = GPT(cfg.model), GPT(teacher_cfg)
     model.init_weights()
     frozen.init_weights()
     assert result["teacher_params"] == sum(p.numel() for p in frozen.parameters())
-    precision = pick_precision(torch.device("cpu"), "float32")
+    precision = pick_precision(torch.device("cpu"), dtype)
     optimizer = build_optimizer(model, cfg.optim, lr=1e-3, device=torch.device("cpu"))
     tokens = torch.randint(0, vocab, (batch, 65))
     loader = itertools.repeat((tokens[:, :-1], tokens[:, 1:]))
@@ -1381,7 +1391,7 @@ def test_distill_total_matches_allocator_peak_of_a_real_step(vocab: int, d_model
     persistent += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     measured = persistent + measure_cpu_allocations(lambda: run(2))
     predicted = result["memory_bytes"]["total"]
-    assert 0.95 * measured <= predicted <= 1.25 * measured, (result["memory_bytes"], measured)
+    assert 0.95 * measured <= predicted <= 1.1 * measured, (result["memory_bytes"], measured)
     plain = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["total"]
     assert plain < 0.85 * measured  # (what it was planned as)
 
@@ -1435,6 +1445,31 @@ def test_config_of_a_distill_fine_tune_plans_its_teacher(tmp_path) -> None:
     assert lora["teacher_params"] is None and "teacher_weights" not in lora["memory_bytes"]
     text = run_cli(*args).stdout
     assert "distillation: a frozen teacher" in text and "teacher weights" in text
+    flag = json.loads(run_cli(*args, "--json", "--teacher", str(teacher)).stdout)  # (finetune's flag, a run folder)
+    assert flag["teacher_params"] == out["teacher_params"] and flag["flops_per_token"] == out["flops_per_token"]
+
+
+def test_teacher_flag_plans_a_distillation_from_a_preset_and_refuses_what_finetune_would() -> None:
+    """`estimate` had no --teacher: a distillation was planned only from a distillation run's --config. The flag
+    (finetune's name) takes a run, an HF directory or a preset (its vocabulary the student's), plans finetune's
+    batch and optimizer (distill's defaults, not the preset's pretraining ones), and refuses in one line what
+    cannot be planned or what finetune would refuse."""
+    args = ("estimate", "--preset", "tiny", "--model.vocab_size", "512", "--tokens", "1e5", "--hardware", "1000")
+    out = json.loads(run_cli(*args, "--teacher", "small", "--json").stdout)
+    teacher = dataclasses.replace(load_config(preset="small").model, vocab_size=512)
+    assert out["teacher_params"] == param_counts(teacher)["total"]
+    assert out["batch_size"] == 16  # finetune's, not tiny's pretraining batch
+    assert out["memory_bytes"]["teacher_weights"] == 4 * param_counts(teacher)["total"]
+    for teacher_arg, match in (
+        ("bert-base", "is a bert preset; estimate plans GPT/Llama-style teachers only"),
+        ("no-such-run", "pass --teacher a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset"),
+    ):
+        err = run_cli(*args, "--teacher", teacher_arg)
+        assert err.returncode == 2 and match in err.stderr and len(err.stderr.strip().splitlines()) == 1
+    short = run_cli("estimate", "--preset", "small", "--teacher", "tiny", "--tokens", "1e5")
+    assert short.returncode == 2 and "the teacher's context of 128 tokens is shorter" in short.stderr
+    lora = run_cli(*args, "--teacher", "small", "--adapt", "lora")
+    assert lora.returncode == 2 and "a distillation fine-tune trains every weight" in lora.stderr
 
 
 def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:
