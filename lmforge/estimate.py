@@ -455,31 +455,61 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def model_param_count(model: Any) -> int:
+    """Parameters of any family's model (a tied matrix once) without allocating it: GPT/Llama-style by `param_counts`;
+    BERT/ELECTRA and LSTM/GRU built on the meta device (no memory), with at most 3 layers: past that, each layer
+    is the third's (the first may differ: an LSTM's reads the embedding), so n_layer 10**20 takes no longer."""
+    if isinstance(model, GPTConfig):
+        return param_counts(model)["total"]
+    from lmforge.models import build_model
+
+    def count(n_layer: int) -> int:
+        with torch.device("meta"):
+            built = build_model(dataclasses.replace(model, n_layer=n_layer))
+        return sum(p.numel() for p in built.parameters())
+
+    if model.n_layer <= 3:
+        return count(model.n_layer)
+    two, three = count(2), count(3)
+    return two + (model.n_layer - 2) * (three - two)
+
+
 def check_fits(
-    model: GPTConfig, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
+    model: Any, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
 ) -> None:
     """Refuse (ConfigError) a model whose weights, gradients and optimizer state alone exceed `device`'s total memory.
 
     A margin on purpose: activations, autocast copies and buffers are left out, so nothing that might fit is refused;
     this catches the model far too big for the machine before it is built (it grew to 21 GB before being killed).
-    Under FSDP the three are each rank's share (`memory_bytes`)."""
+    Under FSDP the three are each rank's share (`memory_bytes`). Every family: GPT/Llama-style by `memory_bytes`;
+    BERT/ELECTRA and LSTM/GRU from `model_param_count` at 4 B weights + 4 B gradients + the optimizer's state
+    (AdamW 8 B, SGD with momentum 4 B; Muon at its least, 4 B). Every rank checks the same model against its own
+    device, alike under torchrun, so the refusal is every rank's and rank 0 alone prints it."""
     total = device_memory_bytes(device)
     if total is None:
         return
-    step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
-    mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
-    need = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    if isinstance(model, GPTConfig):
+        step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
+        mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
+        need = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    else:
+        shards = world_size if strategy == "fsdp" else 1
+        state = 2 if optim.name == "adamw" else 1 if optim.name == "muon" or optim.momentum > 0 else 0
+        need = math.ceil(4 * (2 + state) * model_param_count(model) / shards)
     if need <= total:
         return
     where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
     share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
     needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
-    raise ConfigError(
-        f"the model ({_count(param_counts(model)['total'])} parameters: n_layer {model.n_layer}, d_model "
+    error = ConfigError(
+        f"the {model.family} model ({_count(model_param_count(model))} parameters: n_layer {model.n_layer}, d_model "
         f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
         f"and {optim.name} state alone, more than the {_bytes(total)} of {where}; use a smaller --model.n_layer, "
-        "--model.d_model or --model.vocab_size ('lmforge estimate' shows what a config needs)"
+        "--model.d_model or --model.vocab_size"
+        + (" ('lmforge estimate' shows what a config needs)" if isinstance(model, GPTConfig) else "")
     )
+    error.every_rank = True  # (under torchrun: one line, from rank 0; every rank exits 2)
+    raise error
 
 
 # --------------------------------------------------------------------------------------------

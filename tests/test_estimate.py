@@ -1334,6 +1334,29 @@ def test_check_fits_refuses_weights_grads_and_state_beyond_the_memory_and_shares
     check_fits(dataclasses.replace(model, n_layer=model.n_layer // 2), adamw, cpu)  # 0.75x: not refused
 
 
+@pytest.mark.parametrize("preset", ["bert-tiny", "electra-tiny", "lstm-tiny", "gru-tiny"])
+def test_check_fits_covers_encoders_and_recurrent_models(preset: str) -> None:
+    """check_fits covered GPT/Llama shapes only: a BERT, ELECTRA, LSTM or GRU far beyond the RAM was built (and
+    grew until killed). Their parameters are counted on the meta device (exactly the built model's, with 3 layers
+    at most: the rest extrapolated), and 4 B weights + 4 B gradients + 8 B AdamW moments each are checked."""
+    from lmforge.estimate import check_fits, device_memory_bytes, model_param_count
+    from lmforge.models import build_model
+
+    model = dataclasses.replace(load_config(preset=preset).model, vocab_size=128)
+    for n_layer in (1, 5):
+        sized = dataclasses.replace(model, n_layer=n_layer)
+        assert model_param_count(sized) == sum(p.numel() for p in build_model(sized).parameters())
+    cpu, adamw = torch.device("cpu"), OptimConfig()
+    per_layer = model_param_count(dataclasses.replace(model, n_layer=3)) - model_param_count(model)
+    per_layer //= 3 - model.n_layer
+    huge = dataclasses.replace(model, n_layer=math.ceil(1.5 * device_memory_bytes(cpu) / (16 * per_layer)))
+    with pytest.raises(ConfigError) as e:
+        check_fits(huge, adamw, cpu)
+    assert f"the {model.family} model (" in str(e.value) and "RAM" in str(e.value) and e.value.every_rank
+    check_fits(huge, adamw, cpu, world_size=4, strategy="fsdp")  # each rank's share fits
+    check_fits(huge, OptimConfig(name="sgd", momentum=0.0), torch.device("meta"))  # (no memory known: no check)
+
+
 # --------------------------------------------------------------------------------------------
 # distillation: the frozen teacher
 
