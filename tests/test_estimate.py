@@ -19,16 +19,15 @@ from lmforge.estimate import (
     DEFAULT_VOCAB,
     PEAK_FLOPS,
     StepShape,
-    _duration,
     activation_bytes,
     estimate,
     flops_per_token,
-    format_estimate,
     measure_cpu_allocations,
     measure_matmul_flops,
     memory_bytes,
     param_counts,
 )
+from lmforge.estimate_table import _duration, format_estimate
 from lmforge.log import RunLogger
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import causal_lm_loss
