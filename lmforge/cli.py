@@ -446,10 +446,23 @@ def build_parser() -> Parser:
         f"finetune, or separate them with commas (default: {','.join(finetune_cfg.lora_targets)}, as finetune)",
     )
     p.add_argument(
+        "--lora-dropout",
+        type=float,
+        help=f"--adapt lora: dropout on the adapters' input, whose mask a step keeps (default: "
+        f"{finetune_cfg.lora_dropout:g}, as finetune)",
+    )
+    p.add_argument(
         "--prompt-tokens",
         type=int,
         help=f"--adapt prompt: soft-prompt length; the text gets the rest of the context (default: "
         f"{finetune_cfg.prompt_tokens}, as finetune)",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="RUN_OR_PRESET",
+        help="plan finetune --adapt distill --teacher: a frozen teacher's forward, fp32 weights and soft targets on "
+        "top of the full fine-tune (a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset; it "
+        "runs in the student's --train.dtype) (default: none; a distillation run's --config names its own)",
     )
     p.add_argument(
         "--labels",
@@ -673,8 +686,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite, generator=args.generator)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import estimate, format_estimate
+        from lmforge.estimate import estimate
         from lmforge.estimate_adapt import ADAPT_FLAGS, plan_arguments
+        from lmforge.estimate_table import format_estimate
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it

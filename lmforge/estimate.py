@@ -5,7 +5,8 @@ need per device, and how long and how much money will `tokens` tokens take on th
 without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
 training reports MFU against) lives here too. The fine-tuning plans on a frozen base (LoRA, head-only, prompt
 tuning, and reading a fine-tune's finetune.json) are in `lmforge.estimate_adapt`, which reuses these terms.
-(~950 lines, over the 800 of the house style: about 130 are this docstring, the derivation of every term, which
+The console table (`format_estimate`) is in `lmforge.estimate_table`.
+(~1,000 lines, over the 800 of the house style: about 140 are this docstring, the derivation of every term, which
 belongs beside the arithmetic it explains; hardware, time and communication (~300 lines) would be the next split.)
 
 Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
@@ -13,9 +14,9 @@ preset and every architecture switch). FLOPs use the same convention as `GPT.flo
 6 * N_matmul + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020 plus PaLM's attention term).
 
 Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/fp16 autocast):
-- weights 4 B/param (+ the rotary tables); gradients 4 B/param; optimizer: AdamW 2 fp32 moments
-  (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0; Muon one momentum buffer for the
-  hidden matrices (4 B/param) and AdamW's two moments for embeddings, head, norms and biases (8 B/param).
+- weights 4 B/param (+ the rotary buffers, 2 x max_seq_len x head_dim fp32); gradients 4 B/param; optimizer:
+  AdamW 2 fp32 moments (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0; Muon one momentum buffer
+  for the hidden matrices (4 B/param) and AdamW's two moments for embeddings, head, norms and biases (8 B/param).
 - autocast copies: under bf16/fp16 autocast every matmul weight is cast once per forward and the
   copy is saved for backward (2 B per matmul weight); 0 in fp32.
 - activations, per micro-batch, at their peak (the start of backward). Korthikanti et al. 2022
@@ -34,7 +35,9 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
       promote to fp32), so the two norm inputs cost 4 B each, not 2; LayerNorm also keeps fp32 mean and
       rstd (8 B/token), RMSNorm (a composite op on CPU) its fp32 normalized input plus rsqrt.
     * q, k, v are one fused projection, kept whole (v is a view of it): (n_head + 2 n_kv_head) * head_dim
-      values per token; rotary positions add the rotated q and k.
+      values per token; rotary positions add the rotated q and k, and the cos/sin tables they are multiplied
+      by (`rope_kept_bytes`: 2 x seq_len x (n_head + n_kv_head) x head_dim fp32, once, or each layer's cast
+      copy under autocast; left out, a 4-layer Llama at 256 positions kept 8.6% more in bf16 than predicted).
     * SwiGLU keeps the fused [gate; up] output, silu(gate) and the product: 4 * d_ff values per token
       (GELU: input and output, 2 * d_ff).
     * dropout defaults to 0, and `F.dropout(p=0)` saves nothing; with dropout > 0 each of the two
@@ -66,8 +69,11 @@ Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/
   prints, counts its syncs' traffic the same way (`dist.all_reduce_traffic`).
 - update_copy: on a logging step the loop copies the trainable parameters (fp32, this device's shard)
   before the optimizer step, for the update ratio; activations are freed by then, so it counts instead
-  of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it).
-- total = the sum, with the larger of activations and update_copy. Gradients grow while activations
+  of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it),
+  and, one weight at a time, that weight's update (p - copy): the largest parameter's 4 B/element
+  (without it, -2.1% (GPT-2) and -3.2% (Llama) of the allocator's peak of a 1 x 16-token step, d_model 128).
+- total = the sum, with the larger of activations + autocast copies (freed as backward ends) and update_copy
+  (`with_totals`). Gradients grow while activations
   are freed during backward, so for a single micro-batch the sum is an upper bound of the measured peak;
   with gradient accumulation the gradients of earlier micro-batches are all alive during the next one,
   and the sum is the peak.
@@ -269,28 +275,73 @@ def attention_flops_per_token(model: GPTConfig, seq_len: int) -> float:
 # Memory
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepShape:
+    """What one device runs in a training step, which every memory plan (pretraining, full, LoRA, head-only, prompt
+    tuning, distillation) takes: `seq_len` tokens per sequence, `micro_batch` sequences per forward, `dtype` the
+    autocast dtype name ("float32" = no autocast) and `device` "cpu" or "cuda"."""
+
+    seq_len: int
+    micro_batch: int
+    dtype: str
+    device: str
+
+
+def rope_buffer_bytes(model: GPTConfig) -> int:
+    """The model's rotary buffers (`rope_cos`, `rope_sin`: fp32, max_seq_len x head_dim each); 0 without rotary
+    positions. (Counted as max_seq_len x head_dim / 2 until 2026-11: half the buffers.)"""
+    return 2 * model.max_seq_len * model.head_dim * 4 if model.pos_emb == "rope" else 0
+
+
+def rope_table_bytes(model: GPTConfig, positions: int) -> int:
+    """The fp32 cos and sin rows of one forward (`GPT.rope_tables`: expanded over the query and key heads, made
+    contiguous, shared by every sequence of the batch); 0 without rotary positions."""
+    if model.pos_emb != "rope":
+        return 0
+    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
+
+
+def rope_kept_bytes(model: GPTConfig, step: StepShape, positions: int | None = None) -> int:
+    """What autograd keeps of the rotary tables for backward (`layers.apply_rope` multiplies q and k by them): the
+    fp32 pair, shared by every layer, or under autocast each layer's cast copy (`cos.to(x.dtype)`). Over
+    `positions` (default: step.seq_len). Llama-style 4 layers, 256 positions, bf16: 384 KiB, 8.6% of the tensors a
+    tiny step saves; 32 layers, 8192 positions, 40 heads of 128 in bf16: 5.0 GiB."""
+    tables, e = rope_table_bytes(model, step.seq_len if positions is None else positions), DTYPE_BYTES[step.dtype]
+    return tables if e == 4 else model.n_layer * tables // 4 * e
+
+
+def largest_param(model: GPTConfig) -> int:
+    """Elements of the model's largest parameter: the token table (or an untied head, the same size), the learned
+    position table or one block's largest Linear."""
+    qkv_out = (model.n_head + 2 * model.kv_heads) * model.head_dim
+    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
+    learned = model.max_seq_len if model.pos_emb == "learned" else 0
+    d = model.d_model
+    return max(model.vocab_size, learned, qkv_out, fc_out, model.n_head * model.head_dim) * d
+
+
 def uses_math_attention(model: GPTConfig, device: str) -> bool:
     """Whether SDPA falls back to its math path (s x s maps kept): dropout > 0 on CPU, whose flash kernel has none."""
     return device == "cpu" and model.dropout > 0
 
 
-def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype: str, device: str) -> dict[str, int]:
+def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
     """Activation memory of one micro-batch at the start of backward, by part (formula in the module docstring).
 
     Args:
         model: model config (vocab_size > 0).
-        seq_len: tokens per sequence; micro_batch: sequences per forward pass.
-        dtype: autocast dtype name ("float32" = no autocast); device: "cpu" or "cuda".
+        step: the tokens, dtype and device of one forward.
 
     Returns:
-        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask), head
+        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask + the rotary
+        tables, `rope_kept_bytes`), head
         (final norm, head input, log-probs, token ids and targets), loss_backward (the two fp32 logits-sized
         gradients at the start of backward), total,
         block_inputs (the fp32 block inputs kept under checkpointing) and checkpointed.
     """
-    e = DTYPE_BYTES[dtype]  # matmul inputs and outputs (autocast dtype)
+    e, device = DTYPE_BYTES[step.dtype], step.device  # matmul inputs and outputs (autocast dtype)
     r = 4  # the residual stream stays fp32 under autocast
-    s, b, h, ff, vocab = seq_len, micro_batch, model.d_model, model.ff_dim, model.vocab_size
+    s, b, h, ff, vocab = step.seq_len, step.micro_batch, model.d_model, model.ff_dim, model.vocab_size
     q = model.n_head * model.head_dim
     kv = model.kv_heads * model.head_dim
     mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0  # dropout mask bytes per element
@@ -314,9 +365,11 @@ def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype:
     per_layer = s * b * per_token + b * per_seq_scores
 
     layers = model.n_layer * per_layer + s * b * mask * h  # + the embedding dropout mask
+    layers += rope_kept_bytes(model, step)
     head = s * b * (norm + e * h + 4 * vocab + 16)  # final norm, head input, fp32 log-probs, int64 ids + targets
     loss_backward = s * b * 8 * vocab
     block_inputs = model.n_layer * s * b * r * h
+    tables = rope_table_bytes(model, s)
     tail = head + loss_backward
     return {
         "per_layer": per_layer,
@@ -325,20 +378,13 @@ def activation_bytes(model: GPTConfig, *, seq_len: int, micro_batch: int, dtype:
         "loss_backward": loss_backward,
         "total": layers + tail,
         "block_inputs": block_inputs,
-        "checkpointed": block_inputs + per_layer + tail,
+        # + the fp32 rotary tables (the checkpointed blocks' inputs) and one block's cast copy under autocast
+        "checkpointed": block_inputs + per_layer + tail + tables + (0 if e == 4 else tables // 4 * e),
     }
 
 
 def memory_bytes(
-    model: GPTConfig,
-    optim: OptimConfig,
-    *,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
-    world_size: int = 1,
-    strategy: str = "ddp",
+    model: GPTConfig, optim: OptimConfig, step: StepShape, *, world_size: int = 1, strategy: str = "ddp"
 ) -> dict[str, int]:
     """Bytes per device of one training step, by component (see the module docstring for each term).
 
@@ -349,7 +395,6 @@ def memory_bytes(
     counts = param_counts(model)
     n = counts["total"]
     shards = world_size if strategy == "fsdp" else 1
-    rope_tables = 2 * model.max_seq_len * (model.head_dim // 2) * 4 if model.pos_emb == "rope" else 0
     if optim.name == "adamw":
         state_floats = 2 * n  # exp_avg, exp_avg_sq
     elif optim.name == "muon":  # one momentum buffer per hidden matrix, AdamW's two moments for the rest
@@ -365,9 +410,10 @@ def memory_bytes(
         comm = 4 * n  # gradient buckets
     else:
         comm = 3 * 4 * max(counts["block"], counts["root"])  # gathered params (current + prefetch) + full grads
-    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
+    act = activation_bytes(model, step)
+    dtype = step.dtype
     out = {
-        "weights": math.ceil(4 * n / shards) + rope_tables,
+        "weights": math.ceil(4 * n / shards) + rope_buffer_bytes(model),
         "gradients": math.ceil(4 * n / shards),
         "optimizer": math.ceil(4 * state_floats / shards),
         "autocast_copies": 0 if dtype == "float32" else DTYPE_BYTES[dtype] * counts["matmul"],
@@ -375,12 +421,23 @@ def memory_bytes(
         "outer_state": 2 * 4 * n if strategy == "diloco" else 0,  # anchor + outer momentum (dist.DiLoCo)
         "activations": act["total"],
         "activations_checkpointed": act["checkpointed"],
-        "update_copy": math.ceil(4 * n / shards),  # the log step's copy of the weights (loop._update_ratio)
+        # the log step's copy of the weights and one weight's update (p - copy) at a time (loop._update_ratio)
+        "update_copy": math.ceil(4 * n / shards) + math.ceil(4 * largest_param(model) / shards),
     }
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies", "comm_buffers", "outer_state"))
-    out["total"] = fixed + max(act["total"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(act["checkpointed"], out["update_copy"])
-    return out
+    return with_totals(out)
+
+
+def with_totals(memory: dict[str, int]) -> dict[str, int]:
+    """`memory` with its total and total_checkpointed: what lives through the whole step (weights, gradients,
+    optimizer and outer state, communication buffers) + the larger of what forward and backward hold (activations
+    and the autocast copies, which the graph frees as backward ends) and the log step's update copy (made after
+    them). The autocast copies were counted through the update: a bf16 step whose peak is that copy was planned
+    +9.6% over the allocator's peak (1 x 64 tokens, d_model 128), now within 0.1%."""
+    fixed = sum(memory.get(k, 0) for k in ("weights", "gradients", "optimizer", "comm_buffers", "outer_state"))
+    copies, update = memory["autocast_copies"], memory["update_copy"]
+    memory["total"] = fixed + max(memory["activations"] + copies, update)
+    memory["total_checkpointed"] = fixed + max(memory["activations_checkpointed"] + copies, update)
+    return memory
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -399,33 +456,61 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def model_param_count(model: Any) -> int:
+    """Parameters of any family's model (a tied matrix once) without allocating it: GPT/Llama-style by `param_counts`;
+    BERT/ELECTRA and LSTM/GRU built on the meta device (no memory), with at most 3 layers: past that, each layer
+    is the third's (the first may differ: an LSTM's reads the embedding), so n_layer 10**20 takes no longer."""
+    if isinstance(model, GPTConfig):
+        return param_counts(model)["total"]
+    from lmforge.models import build_model
+
+    def count(n_layer: int) -> int:
+        with torch.device("meta"):
+            built = build_model(dataclasses.replace(model, n_layer=n_layer))
+        return sum(p.numel() for p in built.parameters())
+
+    if model.n_layer <= 3:
+        return count(model.n_layer)
+    two, three = count(2), count(3)
+    return two + (model.n_layer - 2) * (three - two)
+
+
 def check_fits(
-    model: GPTConfig, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
+    model: Any, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
 ) -> None:
     """Refuse (ConfigError) a model whose weights, gradients and optimizer state alone exceed `device`'s total memory.
 
     A margin on purpose: activations, autocast copies and buffers are left out, so nothing that might fit is refused;
     this catches the model far too big for the machine before it is built (it grew to 21 GB before being killed).
-    Under FSDP the three are each rank's share (`memory_bytes`)."""
+    Under FSDP the three are each rank's share (`memory_bytes`). Every family: GPT/Llama-style by `memory_bytes`;
+    BERT/ELECTRA and LSTM/GRU from `model_param_count` at 4 B weights + 4 B gradients + the optimizer's state
+    (AdamW 8 B, SGD with momentum 4 B; Muon at its least, 4 B). Every rank checks the same model against its own
+    device, alike under torchrun, so the refusal is every rank's and rank 0 alone prints it."""
     total = device_memory_bytes(device)
     if total is None:
         return
-    mem = memory_bytes(
-        model, optim, seq_len=1, micro_batch=1, dtype="float32", device=device.type, world_size=world_size,
-        strategy=strategy,
-    )  # fmt: skip
-    need = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    if isinstance(model, GPTConfig):
+        step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
+        mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
+        need = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    else:
+        shards = world_size if strategy == "fsdp" else 1
+        state = 2 if optim.name == "adamw" else 1 if optim.name == "muon" or optim.momentum > 0 else 0
+        need = math.ceil(4 * (2 + state) * model_param_count(model) / shards)
     if need <= total:
         return
     where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
     share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
     needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
-    raise ConfigError(
-        f"the model ({_count(param_counts(model)['total'])} parameters: n_layer {model.n_layer}, d_model "
+    error = ConfigError(
+        f"the {model.family} model ({_count(model_param_count(model))} parameters: n_layer {model.n_layer}, d_model "
         f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
         f"and {optim.name} state alone, more than the {_bytes(total)} of {where}; use a smaller --model.n_layer, "
-        "--model.d_model or --model.vocab_size ('lmforge estimate' shows what a config needs)"
+        "--model.d_model or --model.vocab_size"
+        + (" ('lmforge estimate' shows what a config needs)" if isinstance(model, GPTConfig) else "")
     )
+    error.every_rank = True  # (under torchrun: one line, from rank 0; every rank exits 2)
+    raise error
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +699,7 @@ def estimate(
     adapt: str = "full",
     lora_rank: int | None = None,
     lora_targets: tuple[str, ...] | None = None,
+    lora_dropout: float | None = None,
     prompt_tokens: int | None = None,
     labels: int = 0,
     teacher: GPTConfig | None = None,
@@ -639,7 +725,8 @@ def estimate(
             and backward to the inputs only: no weight gradients) + 6 x the adapters + attention, less the input
             gradients nothing before the first adapter needs (`lora_flops_per_token`); head 2 N (forward)
             + the head's backward; prompt 4 N + attention over the prompt and text positions, per text token.
-            `lora_rank`, `lora_targets` and `prompt_tokens` default to finetune's (None).
+            `lora_rank`, `lora_targets`, `lora_dropout` (its mask is kept: `lora_dropout_bytes`) and `prompt_tokens`
+            default to finetune's (None).
         labels: plan `finetune --task classify` with this many labels (in every mode, full too): a head on the
             last token's state instead of the vocabulary logits; 0 = an LM task (sft, qa, translate, clm).
         teacher: a distillation fine-tune's frozen teacher (`finetune --adapt distill`; adapt full, an LM task, one
@@ -680,9 +767,9 @@ def estimate(
     link = None if interconnect is None else resolve_interconnect(interconnect)
     from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan  # (it builds on this module's terms)
 
-    lora_rank, lora_targets, prompt_tokens = check_adapt(
+    lora_rank, lora_targets, prompt_tokens, lora_dropout = check_adapt(
         adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
-        labels=labels,
+        labels=labels, lora_dropout=lora_dropout,
     )  # fmt: skip
 
     if teacher is not None and (adapt != "full" or labels or world_size > 1):
@@ -737,27 +824,26 @@ def estimate(
     per_token = flops_per_token(model, seq_len)
     trainable = counts["total"]
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
-    memory = memory_bytes(
-        model,
-        cfg.optim,
-        seq_len=seq_len,
-        micro_batch=micro,
-        dtype=hw["dtype"],
-        device=hw["device"],
-        world_size=world_size,
-        strategy=strategy,
-    )
+    step = StepShape(seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"])
+    memory = memory_bytes(model, cfg.optim, step, world_size=world_size, strategy=strategy)
     if adapt != "full" or labels:  # finetune's modes on a frozen base, or a full classification fine-tune
         plan = adapted_plan(
-            model, cfg.optim, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
-            labels=labels, seq_len=seq_len, micro_batch=micro, dtype=hw["dtype"], device=hw["device"],
+            model, cfg.optim, step, adapt=adapt, lora_rank=lora_rank, lora_targets=lora_targets,
+            prompt_tokens=prompt_tokens, labels=labels, lora_dropout=lora_dropout,
         )  # fmt: skip
         trainable, per_token = plan["trainable"], plan["flops_per_token"]
         attention, memory = plan["attention"], plan["memory"]
         assumptions.append(plan["assumption"])
     distill = None
     if teacher is not None:
-        distill = teacher_plan(teacher, model, seq_len=seq_len, micro_batch=micro)
+        if teacher.vocab_size == 0:  # (a preset's: the student's tokenizer, which a teacher must share)
+            teacher = dataclasses.replace(teacher, vocab_size=model.vocab_size)
+        if teacher.max_seq_len < seq_len:  # (finetune refuses it: adapt/load.load_teacher)
+            raise ConfigError(
+                f"the teacher's context of {teacher.max_seq_len} tokens is shorter than the {seq_len}-token examples; "
+                f"use a teacher with a context of at least {seq_len}, or pass --data.seq_len {teacher.max_seq_len}"
+            )
+        distill = teacher_plan(teacher, model, step)
         per_token, attention = per_token + distill["flops_per_token"], attention + distill["attention"]
         extra = sum(distill["memory"].values())
         memory = {**memory, **distill["memory"]}
@@ -896,91 +982,7 @@ def estimate(
 
 
 # --------------------------------------------------------------------------------------------
-# Console table
-
-
-def format_estimate(result: dict[str, Any]) -> str:
-    """A readable multi-line summary of `estimate()`'s result, for the console."""
-    r, m, mem = result, result["model"], result["memory_bytes"]
-    kv = f" ({m['n_kv_head']} kv)" if m["n_kv_head"] != m["n_head"] else ""
-    diloco = f", every {r['sync_every']} steps" if r["strategy"] == "diloco" else ""
-    multi = r["world_size"] > 1 or diloco
-    devices = f"{r['world_size']} x {r['hardware']}" + (f", {r['strategy']}{diloco}" if multi else "")
-    lines = [
-        f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
-        f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
-        + (", tied" if m["tie_embeddings"] else ", untied"),
-        f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding"
-        + (
-            f"; {ADAPT_NAMES[r['adapt']]}: {_count(r['trainable_params'])} trainable"
-            if r.get("adapt", "full") != "full"
-            else ""
-        ),
-        f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
-        f"{_big(r['steps'], '{:,}')} steps, {r['dtype']}, {r['optimizer']}",
-        f"tokens       {_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "
-        f"Chinchilla-optimal {_count(r['chinchilla_tokens'])} = {CHINCHILLA_TOKENS_PER_PARAM} x params)",
-        f"compute      {r['train_flops']:.3g} FLOPs ({r['flops_per_token']:.3g} per token, "
-        f"attention {100 * r['attention_flops_share']:.1f}%)",
-        f"memory       per device ({devices}):",
-    ]
-    rows = [
-        ("weights", mem["weights"]),
-        ("gradients", mem["gradients"]),
-        ("optimizer", mem["optimizer"]),
-        ("autocast copies", mem["autocast_copies"]),
-        ("comm buffers", mem["comm_buffers"]),
-        ("outer state (diloco)", mem["outer_state"]),
-        ("activations", mem["activations"]),
-        ("activations, checkpointed", mem["activations_checkpointed"]),
-        ("log-step weight copy", mem["update_copy"] if mem["update_copy"] > mem["activations_checkpointed"] else 0),
-        ("teacher weights", mem.get("teacher_weights", 0)),
-        ("soft targets (distill)", mem.get("soft_targets", 0)),
-        ("total", mem["total"]),
-        ("total, checkpointed", mem["total_checkpointed"]),
-    ]
-    lines += [f"  {name:<26}{_bytes(value):>12}" for name, value in rows if value or name.startswith("total")]
-    lines += [
-        f"hardware     {r['hardware']}: peak {r['peak_flops'] / 1e12:.4g} TFLOP/s ({r['peak_source']}), "
-        f"MFU {r['mfu']:.2f}",
-    ]
-    if r.get("comm_bytes"):  # (0 on one device)
-        lines.append(f"communication {_bytes(r['comm_bytes'])} sent and received per device over the run")
-    c = r["communication"]
-    if r["world_size"] > 1:
-        per = "sync" if r["strategy"] == "diloco" else "step"
-        lines.append(
-            f"comm time    {_bytes(c['bytes_per_sync'])} sent per device per {per}: {c['collectives']}; "
-            + (
-                "not included (pass --interconnect)"
-                if c["sync_s"] is None
-                else f"{_duration(c['sync_s'])} per {per} over {c['interconnect']}, {_duration(c['time_s'])} in all, "
-                + (
-                    f"{_duration(c['exposed_s'])} not hidden behind compute"
-                    if c["exposed_s"]
-                    else "all hidden by compute"
-                )
-            )
-        )
-    exposed = c["exposed_s"]
-    lines += [
-        f"time         {_duration(r['time_s'])} on {r['world_size']} device{'s' if r['world_size'] > 1 else ''}"
-        + (f" ({_duration(r['compute_time_s'])} compute + {_duration(exposed)} communication)" if exposed else ""),
-        "cost         "
-        + (
-            "unknown (pass a price per device-hour)"
-            if r["cost_usd"] is None
-            else f"${_big(r['cost_usd'], '{:,.2f}')} at ${r['price_per_hour']:g} per device-hour"
-        ),
-    ]
-    lines += ["assumptions"] + [f"  - {a}" for a in r["assumptions"]]
-    return "\n".join(lines)
-
-
-def _big(n: float, fmt: str) -> str:
-    """`fmt` for ordinary numbers; 3 significant digits in scientific notation from 1e15 on (--tokens 1e30 gave
-    a 25-digit step count and cost)."""
-    return fmt.format(n) if abs(n) < 1e15 else f"{n:.3g}"
+# Numbers for people (check_fits, and the console table in lmforge.estimate_table)
 
 
 def _count(n: float) -> str:
@@ -997,19 +999,3 @@ def _bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:g} B"
-
-
-def _duration(seconds: float) -> str:
-    if 0 < seconds < 0.1:  # (a step's communication: "0.0 s" said nothing)
-        return f"{seconds * 1000:.3g} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
-    if minutes < 60:
-        return f"{minutes:.1f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    if days < 730:
-        return f"{days:.1f} days"
-    years = days / 365.25  # (--tokens 1e30 read "24998314796090327040.0 days")
-    return f"{years:.1f} years" if years < 1e4 else f"{years:.3g} years"

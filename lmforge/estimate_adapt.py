@@ -22,10 +22,15 @@ from lmforge.errors import ConfigError
 from lmforge.estimate import (
     ADAPT_MODES,
     DTYPE_BYTES,
+    StepShape,
     activation_bytes,
     attention_flops_per_token,
+    largest_param,
     memory_bytes,
     param_counts,
+    rope_buffer_bytes,
+    rope_table_bytes,
+    with_totals,
 )
 from lmforge.models.gpt import GPTConfig
 
@@ -53,18 +58,7 @@ def frozen_base_memory(
     )
     if autocast_copies is not None:
         out["autocast_copies"] = autocast_copies
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
-
-
-def _rope_table_bytes(model: GPTConfig, positions: int) -> int:
-    """The fp32 cos and sin rows of one forward (GPT.rope_tables: expanded over the query and key heads); 0 without
-    rotary positions."""
-    if model.pos_emb != "rope":
-        return 0
-    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
+    return with_totals(out)
 
 
 def _norm_bytes(model: GPTConfig, *, trains: bool, input_grad: bool = True) -> int:
@@ -98,6 +92,30 @@ def _lora_no_input_grad(model: GPTConfig, rank: int, targets: tuple[str, ...]) -
     return sum(i * o for i, o in list(shapes.values())[: first + 1]) + rank * list(shapes.values())[first][0]
 
 
+def lora_dropout_bytes(model: GPTConfig, step: StepShape, *, targets: tuple[str, ...], dropout: float) -> int:
+    """What `--lora-dropout` > 0 adds to a LoRA step's kept tensors (adapt/lora.py: `lora_dropout(x) @ A^T`), per
+    adapted Linear of each block: the dropout's mask where its input needs a gradient (CPU: the noise, in the input's
+    dtype; CUDA: 1 B), which is everywhere but in the first block's first adapter (its input comes from the frozen
+    embedding); A keeps the dropout's output instead of x, the same size, so that adds nothing, except for attn.proj,
+    whose input SDPA keeps too (where SDPA keeps anything: not in the first block when attn.proj is the first
+    adapter). The inputs of qkv and mlp.fc are norm outputs (fp32 under autocast too), of attn.proj and mlp.proj
+    the autocast dtype. Exact against saved-tensor hooks in tests/test_estimate.py (they were left out: -12% of
+    the tensors a 3-layer step on every Linear keeps, fp32)."""
+    if dropout <= 0:
+        return 0
+    e, cpu = DTYPE_BYTES[step.dtype], step.device == "cpu"
+    q, ff = model.n_head * model.head_dim, model.ff_dim
+    inputs = {"qkv": (model.d_model, 4), "attn.proj": (q, e), "mlp.fc": (model.d_model, 4), "mlp.proj": (ff, e)}
+    order = list(_linear_shapes(model))
+    first = min(order.index(t) for t in targets)
+    per_token = 0
+    for t in targets:
+        width, x_bytes = inputs[t]
+        kept = width * ((x_bytes if cpu else 1) + (e if t == "attn.proj" else 0))  # mask (+ the output's copy)
+        per_token += (model.n_layer - (order.index(t) == first)) * kept
+    return per_token * step.seq_len * step.micro_batch
+
+
 def lora_flops_per_token(
     model: GPTConfig, rank: int, targets: tuple[str, ...], seq_len: int, labels: int = 0
 ) -> tuple[float, float]:
@@ -126,9 +144,8 @@ def lora_flops_per_token(
 
 
 def lora_activation_bytes(
-    model: GPTConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int, dtype: str, device: str,
-    labels: int = 0,
-) -> dict[str, int]:  # fmt: skip
+    model: GPTConfig, step: StepShape, *, rank: int, targets: tuple[str, ...], labels: int = 0, dropout: float = 0.0
+) -> dict[str, int]:
     """Activation memory of a LoRA fine-tuning step (`rank` adapters on `targets`; a classification head on the last
     token's state when `labels` > 0), by part.
 
@@ -139,9 +156,10 @@ def lora_activation_bytes(
     first block's first norm, the token ids and the head's input; under RMSNorm, without each other norm's
     normalized input (kept only for its weight's gradient); with rotary positions, the tables q and k are multiplied
     by (one fp32 pair, or each layer's cast copy). With `labels`, the pooled states and scores instead of the
-    vocabulary log-probs. When qkv has no adapter, the first block's attention is not kept either, which this leaves
-    in: then it is an upper bound. Counted tensor by tensor with saved-tensor hooks in tests/test_estimate.py: exact
-    for LayerNorm and RMSNorm, GELU and SwiGLU, learned and rotary positions, fp32 and bf16, every target set.
+    vocabulary log-probs; with `dropout` on the adapters' input, `lora_dropout_bytes`. When qkv has no adapter,
+    the first block's attention is not kept either, which this leaves in: then it is an upper bound. Counted tensor
+    by tensor with saved-tensor hooks in tests/test_estimate.py: exact for LayerNorm and RMSNorm, GELU and SwiGLU,
+    learned and rotary positions, fp32 and bf16, every target set, with and without dropout.
 
     Full training's total adds every gradient to every activation, which covers backward's working set; here the
     gradients are tiny, so that set shows. Backward's peak (total) is the larger of everything kept + the loss's two
@@ -151,18 +169,18 @@ def lora_activation_bytes(
     -3.5% of the allocator's peak at 3 layers, 8 x 64 tokens, d_model 64, vocab 64, and -5.6% with a classification
     head.)
     """
-    act = activation_bytes(model, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    e, h, tokens = DTYPE_BYTES[dtype], model.d_model, seq_len * micro_batch
+    act = activation_bytes(model, step)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    e, h, tokens = DTYPE_BYTES[step.dtype], model.d_model, seq_len * micro_batch
     widths = {"qkv": h, "attn.proj": 0, "mlp.fc": h, "mlp.proj": model.ff_dim}  # (SDPA keeps proj's input)
     per_layer = sum(e * w for t, w in widths.items() if t not in targets) - e * rank * len(targets)
     norm = _norm_bytes(model, trains=True)
-    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0
+    mask = (e if step.device == "cpu" else 1) if model.dropout > 0 else 0
     once = norm + 8 + e * h + mask * h  # first norm, token ids, head input, embedding dropout mask
     if model.norm == "rmsnorm":  # its normalized input is kept for the weight's gradient only (the other norms)
         once += 2 * model.n_layer * 4 * h
     kept = act["layers"] + act["head"] - tokens * (model.n_layer * per_layer + once)
-    tables = _rope_table_bytes(model, seq_len)  # the fp32 rotary tables (cast copies under autocast), as for prompts
-    kept += tables if e == 4 else model.n_layer * tables // 4 * e
+    kept += lora_dropout_bytes(model, step, targets=targets, dropout=dropout)
     tail = tokens * (_norm_bytes(model, trains=False) + 4 * model.vocab_size + 8)  # final norm, log-probs, targets
     loss_backward = act["loss_backward"]
     if labels:  # a classification head on the last token: no vocabulary logits, their log-probs or gradients
@@ -174,19 +192,24 @@ def lora_activation_bytes(
 
 
 def lora_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, rank: int, targets: tuple[str, ...], seq_len: int, micro_batch: int,
-    dtype: str, device: str, labels: int = 0,
-) -> dict[str, int]:  # fmt: skip
+    model: GPTConfig,
+    optim: OptimConfig,
+    step: StepShape,
+    *,
+    rank: int,
+    targets: tuple[str, ...],
+    labels: int = 0,
+    dropout: float = 0.0,
+) -> dict[str, int]:
     """`memory_bytes` of a LoRA fine-tuning step: the frozen base's fp32 weights (finetune loads the base in
     float32), gradients, optimizer state and the update-ratio copy for the adapters alone (and, with `labels`, the
     classification head finetune trains with them), and the activations of `lora_activation_bytes`. Under autocast a
     matmul's cast weight is kept for its input's gradient: every frozen one's and every adapter's but those whose
     input needs none (counting full training's, every frozen one, was 7 kB over the saved tensors' 1 MB)."""
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    full = memory_bytes(model, optim, **step)
-    act = lora_activation_bytes(model, rank=rank, targets=targets, labels=labels, **step)
+    full = memory_bytes(model, optim, step)
+    act = lora_activation_bytes(model, step, rank=rank, targets=targets, labels=labels, dropout=dropout)
     trainable = lora_param_count(model, rank, targets)
-    e = DTYPE_BYTES[dtype]
+    e = DTYPE_BYTES[step.dtype]
     copies = (
         0 if e == 4 else e * (param_counts(model)["matmul"] + trainable - _lora_no_input_grad(model, rank, targets))
     )
@@ -196,9 +219,7 @@ def lora_memory_bytes(
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
-def full_classify_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def full_classify_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """`memory_bytes` of a full classification fine-tune (`finetune --task classify --adapt full`): every weight of
     the body trains and a new head (d_model x `labels`, no bias) reads the last token's state, so no vocabulary
     logits, log-probs or their gradients. An untied lm_head stays a parameter (it requires a gradient, so the log
@@ -208,19 +229,16 @@ def full_classify_memory_bytes(
     sequence the pooled state, scores and label. The log step holds, besides the gradients, a copy of every
     parameter that requires a gradient and one weight's update (p - copy) at a time: without that one, -4.6% of
     the allocator's peak (tiny Llama)."""
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    full = memory_bytes(model, optim, **step)
-    act = activation_bytes(model, **step)
-    counts, e, h = param_counts(model), DTYPE_BYTES[dtype], model.d_model
+    full = memory_bytes(model, optim, step)
+    act = activation_bytes(model, step)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    counts, e, h = param_counts(model), DTYPE_BYTES[step.dtype], model.d_model
     unused = 0 if model.tie_embeddings else model.vocab_size * h  # the untied lm_head: no gradient ever
     head = head_param_count(model, labels)
     trained = counts["total"] - unused + head
     state_floats = trained if optim.name == "sgd" and optim.momentum > 0 else 0 if optim.name == "sgd" else 2 * trained
     tail = seq_len * micro_batch * (_norm_bytes(model, trains=True) + 8) + micro_batch * (e * h + 4 * labels + 16)
-    tables = _rope_table_bytes(model, seq_len)  # the rotary tables q and k are multiplied by, as for LoRA
-    tail += tables if e == 4 else model.n_layer * tables // 4 * e
     # the log step's copy of every parameter that requires a gradient, and one weight's update (p - copy) at a time
-    largest = max(model.vocab_size * h, *(i * o for i, o in _linear_shapes(model).values()))
     out = dict(full)
     out.update(
         weights=full["weights"] + 4 * head,
@@ -229,12 +247,9 @@ def full_classify_memory_bytes(
         autocast_copies=0 if e == 4 else e * (counts["matmul"] - model.vocab_size * h + head),
         activations=act["layers"] + tail,
         activations_checkpointed=act["block_inputs"] + act["per_layer"] + tail,
-        update_copy=4 * (counts["total"] + head + largest),
+        update_copy=4 * (counts["total"] + head + largest_param(model)),
     )
-    fixed = sum(out[k] for k in ("weights", "gradients", "optimizer", "autocast_copies"))
-    out["total"] = fixed + max(out["activations"], out["update_copy"])
-    out["total_checkpointed"] = fixed + max(out["activations_checkpointed"], out["update_copy"])
-    return out
+    return with_totals(out)
 
 
 def head_param_count(model: GPTConfig, labels: int) -> int:
@@ -247,9 +262,7 @@ def head_param_count(model: GPTConfig, labels: int) -> int:
     return norm + (0 if model.tie_embeddings else model.vocab_size * model.d_model)
 
 
-def head_activation_bytes(
-    model: GPTConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def head_activation_bytes(model: GPTConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """Activation memory of a head-only fine-tuning step (`finetune --adapt head`; see `head_param_count`), by part.
 
     Nothing before the head needs a gradient, so autograd records nothing in the body: its activations are freed
@@ -262,9 +275,10 @@ def head_activation_bytes(
       statistics, an untied head's input, the fp32 log-probs and targets, and the loss's two logits-sized
       gradients (as in full training); for classification the pooled last-token states and the label scores.
     """
-    e, r, h, tokens = DTYPE_BYTES[dtype], 4, model.d_model, seq_len * micro_batch
+    seq_len, micro_batch = step.seq_len, step.micro_batch
+    e, r, h, tokens = DTYPE_BYTES[step.dtype], 4, model.d_model, seq_len * micro_batch
     working = tokens * (3 * r * h + e * h + e * (4 if model.mlp == "swiglu" else 2) * model.ff_dim)
-    working += _rope_table_bytes(model, seq_len)  # (alive through the forward)
+    working += rope_table_bytes(model, seq_len)  # (alive through the forward)
     if labels:
         tail = micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
     else:
@@ -275,24 +289,20 @@ def head_activation_bytes(
     return {"working": working, "tail": tail, "total": max(working, tail)}
 
 
-def head_memory_bytes(
-    model: GPTConfig, optim: OptimConfig, *, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def head_memory_bytes(model: GPTConfig, optim: OptimConfig, step: StepShape, *, labels: int) -> dict[str, int]:
     """`memory_bytes` of a head-only fine-tuning step: the activations of `head_activation_bytes`; under autocast
     the body's matmul weights are cast for each use and freed (no graph keeps them); only an LM task's output head
     keeps its cast copy (tied or not: the final norm's gradient needs it)."""
-    full = memory_bytes(model, optim, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = head_activation_bytes(model, labels=labels, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
-                                device=device)  # fmt: skip
+    full = memory_bytes(model, optim, step)
+    act = head_activation_bytes(model, step, labels=labels)
     # (a classification head's input needs no gradient: its cast weight is not kept)
-    copies = 0 if dtype == "float32" or labels else DTYPE_BYTES[dtype] * model.d_model * model.vocab_size
+    e = DTYPE_BYTES[step.dtype]
+    copies = 0 if e == 4 or labels else e * model.d_model * model.vocab_size
     trainable = head_param_count(model, labels)
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
-def prompt_activation_bytes(
-    model: GPTConfig, *, prompt_tokens: int, labels: int, seq_len: int, micro_batch: int, dtype: str, device: str
-) -> dict[str, int]:
+def prompt_activation_bytes(model: GPTConfig, step: StepShape, *, prompt_tokens: int, labels: int) -> dict[str, int]:
     """Activation memory of a prompt-tuning step (`finetune --adapt prompt`: `prompt_tokens` trainable vectors in
     front of each `seq_len`-token text, and a classification head when `labels` > 0), by part.
 
@@ -308,14 +318,12 @@ def prompt_activation_bytes(
     and, once the loss and the final norm have freed theirs, the last block's MLP (working): the residual's gradient
     and two (GELU: the activation's output and input) or three (SwiGLU) d_ff-sized gradients.
     """
+    seq_len, micro_batch = step.seq_len, step.micro_batch
     positions = seq_len + prompt_tokens
-    act = activation_bytes(model, seq_len=positions, micro_batch=micro_batch, dtype=dtype, device=device)
-    e, h, tokens, text = DTYPE_BYTES[dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
+    act = activation_bytes(model, dataclasses.replace(step, seq_len=positions))
+    e, h, tokens, text = DTYPE_BYTES[step.dtype], model.d_model, positions * micro_batch, seq_len * micro_batch
     frozen_inputs = e * (2 * h + model.ff_dim) + (2 * 4 * h if model.norm == "rmsnorm" else 0)
     layers = act["layers"] - model.n_layer * tokens * frozen_inputs
-    # the rotary tables q and k are multiplied by: one fp32 pair shared by the layers, or each layer's cast copy
-    tables = _rope_table_bytes(model, positions)
-    layers += tables if e == 4 else model.n_layer * tables // 4 * e
     tail = tokens * _norm_bytes(model, trains=False)
     if labels:
         tail += micro_batch * (e * h + 4 * labels + 16)  # pooled states, scores, labels
@@ -329,31 +337,22 @@ def prompt_activation_bytes(
 
 
 def prompt_memory_bytes(
-    model: GPTConfig,
-    optim: OptimConfig,
-    *,
-    prompt_tokens: int,
-    labels: int,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
+    model: GPTConfig, optim: OptimConfig, step: StepShape, *, prompt_tokens: int, labels: int
 ) -> dict[str, int]:
     """`memory_bytes` of a prompt-tuning step: the activations of `prompt_activation_bytes`, the soft prompt (and a
     classification head) trained; the frozen weights' autocast copies as in full training (each is kept for its
     input's gradient), but for the output head's when a classification head replaces it."""
-    kwargs = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)
-    act = prompt_activation_bytes(model, prompt_tokens=prompt_tokens, labels=labels, **kwargs)
-    full = memory_bytes(model, optim, **{**kwargs, "seq_len": seq_len + prompt_tokens})
+    act = prompt_activation_bytes(model, step, prompt_tokens=prompt_tokens, labels=labels)
+    full = memory_bytes(model, optim, dataclasses.replace(step, seq_len=step.seq_len + prompt_tokens))
     trainable = prompt_tokens * model.d_model + (head_param_count(model, labels) if labels else 0)
     copies = full["autocast_copies"]
     if labels and copies:
-        copies += DTYPE_BYTES[dtype] * model.d_model * (labels - model.vocab_size)
+        copies += DTYPE_BYTES[step.dtype] * model.d_model * (labels - model.vocab_size)
     return frozen_base_memory(full, optim, trainable=trainable, activations=act["total"], autocast_copies=copies)
 
 
 # the flags of `lmforge estimate` that `plan_arguments` takes
-ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "prompt_tokens", "labels")
+ADAPT_FLAGS = ("adapt", "lora_rank", "lora_targets", "lora_dropout", "prompt_tokens", "labels", "teacher")
 ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "activation_checkpointing")
 
 
@@ -365,10 +364,23 @@ ESTIMATE_TRAIN_KEYS = ("batch_size", "micro_batch_size", "device", "dtype", "act
 SOFT_TARGET_COPIES = 6
 
 
-def read_teacher(teacher: str | Path) -> GPTConfig:
-    """The model config of a distillation teacher as finetune.json records it (`--teacher`: a run or checkpoint
-    folder, an HF directory, or hf:ORG/NAME from the hub cache); a one-line ConfigError when it cannot be read or
-    is not a GPT/Llama-style model (the formulas here are the decoder Transformer's)."""
+def read_teacher(teacher: str | Path, *, flag: bool = False) -> GPTConfig:
+    """The model config of a distillation teacher as finetune.json records it, or as `estimate --teacher` (`flag`)
+    names it: a run or checkpoint folder, an HF directory, hf:ORG/NAME from the hub cache, or (the flag only) a
+    preset name, whose vocabulary, when it has none, is the student's (a teacher shares its tokenizer); a one-line
+    ConfigError when it cannot be read or is not a GPT/Llama-style model (the formulas here are the decoder
+    Transformer's)."""
+    from lmforge.presets import PRESETS
+
+    if flag and str(teacher) in PRESETS and not Path(teacher).exists():
+        from lmforge.config import load_config
+
+        model = load_config(preset=str(teacher)).model
+        if not isinstance(model, GPTConfig) or model.family != "gpt":
+            raise ConfigError(
+                f"--teacher {teacher} is a {model.family} preset; estimate plans GPT/Llama-style teachers only"
+            )
+        return model
     from lmforge.adapt.load import is_hf_dir
     from lmforge.checkpoint import read_json, resolve_checkpoint
     from lmforge.config import config_from_json
@@ -388,35 +400,44 @@ def read_teacher(teacher: str | Path) -> GPTConfig:
         model = config_from_json(read_json(ckpt / "state.json", "")["config"], where=str(ckpt)).model
     except (LmforgeError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"cannot read the distillation teacher {teacher} ({e}); planning this run needs the teacher its "
-            "finetune.json names: put it back there"
+            f"cannot read the distillation teacher {teacher} ({e}); "
+            + (
+                "pass --teacher a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset name"
+                if flag
+                else "planning this run needs the teacher its finetune.json names: put it back there"
+            )
         ) from None
     if not isinstance(model, GPTConfig) or model.family != "gpt":
         raise ConfigError(f"the distillation teacher {teacher} is not a GPT/Llama-style model; estimate cannot plan it")
     return model
 
 
-def teacher_plan(teacher: GPTConfig, student: GPTConfig, *, seq_len: int, micro_batch: int) -> dict[str, Any]:
+def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dict[str, Any]:
     """What a frozen distillation teacher adds to a full fine-tune's step (compress/distill.py): its forward, 2 N of
     its matmul weights + its attention's forward per token (no backward: it runs under no_grad), its weights (fp32, as
-    finetune loads it, with its rotary tables) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
+    finetune loads it, with its rotary buffers) and the soft targets' logits-sized tensors (`SOFT_TARGET_COPIES`).
+    The teacher runs inside the student's autocast (train/loop.py), so its logits are in `step.dtype` (the other
+    copies are fp32: distill_loss casts them), and its cast weights are freed after each use (no graph keeps them).
+    Planned all in fp32, a bf16 distillation step was over the allocator's peak by 9-13% on three tiny CPU steps.
     Returns flops_per_token, attention (its attention-score part), memory (teacher_weights, soft_targets), params
     and the assumption line."""
     counts = param_counts(teacher)
+    seq_len, micro_batch = step.seq_len, step.micro_batch
     attention = attention_flops_per_token(teacher, seq_len) / 3  # (its forward: 4 of 12)
-    rope_tables = 2 * teacher.max_seq_len * (teacher.head_dim // 2) * 4 if teacher.pos_emb == "rope" else 0
     vocab = max(teacher.vocab_size, student.vocab_size)
-    soft = SOFT_TARGET_COPIES * 4 * vocab * seq_len * micro_batch
+    e = DTYPE_BYTES[step.dtype]  # the teacher's logits: the autocast dtype; the other copies fp32
+    soft = ((SOFT_TARGET_COPIES - 1) * 4 + e) * vocab * seq_len * micro_batch
     return {
         "flops_per_token": 2.0 * counts["matmul"] + attention,
         "attention": attention,
-        "memory": {"teacher_weights": 4 * counts["total"] + rope_tables, "soft_targets": soft},
+        "memory": {"teacher_weights": 4 * counts["total"] + rope_buffer_bytes(teacher), "soft_targets": soft},
         "params": counts["total"],
         "assumption": (
             f"distillation: a frozen teacher ({counts['total']:,} parameters, {teacher.n_layer} layers, d_model "
-            f"{teacher.d_model}) in fp32 as finetune loads it, no gradients or optimizer state; its forward adds 2N "
-            f"+ attention per token; the soft targets hold {SOFT_TARGET_COPIES} fp32 logits-sized tensors (teacher "
-            "logits and softmax, the student's tempered log-probs) at the loss"
+            f"{teacher.d_model}) with fp32 weights as finetune loads it, no gradients or optimizer state, running in "
+            f"the student's {step.dtype}; its forward adds 2N + attention per token; the soft targets hold "
+            f"{SOFT_TARGET_COPIES} logits-sized tensors (the teacher's logits in {step.dtype}; fp32: their copy, "
+            "log-softmax and softmax, the student's tempered logits and log-probs) at the loss"
         ),
     }
 
@@ -487,19 +508,27 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
             kwargs["teacher"] = read_teacher(info.get("teacher") or "")
         kwargs["lora_rank"] = lora.get("rank", defaults.lora_rank)
         kwargs["lora_targets"] = tuple(lora.get("targets") or defaults.lora_targets)
+        if flags.get("adapt", adapt) == adapt == "lora":  # (--adapt head on a LoRA run's folder would refuse it)
+            kwargs["lora_dropout"] = float(lora.get("dropout") or 0.0)
         planned = flags.get("adapt", adapt)  # (--adapt on the command line wins; it takes what it uses)
         if planned == adapt == "prompt":
             kwargs["prompt_tokens"] = int(info.get("prompt_tokens") or defaults.prompt_tokens)
         if info.get("task") == "classify":  # the task's head, in every mode (full: instead of the LM head)
             kwargs["labels"] = len(info.get("labels") or [])
-    elif flags.get("adapt", "full") != "full" or flags.get("labels"):  # (--labels: a full fine-tune is finetune's)
+    elif flags.get("adapt", "full") != "full" or flags.get("labels") or flags.get("teacher"):
+        # (--labels: a full fine-tune is finetune's; --teacher: a distillation fine-tune is too)
         # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
         # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
         from lmforge.finetune import finetune_sections
 
-        train, optim = finetune_sections(flags.get("adapt", "full"), None)[:2]
+        mode = (
+            "distill" if flags.get("teacher") and flags.get("adapt", "full") == "full" else flags.get("adapt", "full")
+        )
+        train, optim = finetune_sections(mode, None)[:2]
         settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
     for key, value in flags.items():
+        if key == "teacher":  # (finetune's --teacher: it wins over the one a distillation run's finetune.json names)
+            value = read_teacher(value, flag=True)
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
             value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
         kwargs[key] = value
@@ -514,13 +543,17 @@ def check_adapt(
     lora_targets: tuple[str, ...] | None,
     prompt_tokens: int | None,
     labels: int,
-) -> tuple[int | None, tuple[str, ...] | None, int | None]:
-    """Refuse a setting `adapt` does not use or cannot take (one-line `ConfigError`s); returns lora_rank, lora_targets
-    and prompt_tokens with finetune's defaults (`finetune_defaults`) where the plan uses them and none was given."""
+    lora_dropout: float | None = None,
+) -> tuple[int | None, tuple[str, ...] | None, int | None, float]:
+    """Refuse a setting `adapt` does not use or cannot take (one-line `ConfigError`s); returns lora_rank, lora_targets,
+    prompt_tokens and lora_dropout with finetune's defaults (`finetune_defaults`) where the plan uses them and none
+    was given."""
     if adapt not in ADAPT_MODES:
         raise ConfigError(f"unknown adapt mode {adapt!r}; use one of: {', '.join(ADAPT_MODES)}")
     if prompt_tokens is not None and adapt != "prompt":  # (a setting the plan would not use is refused, as finetune)
         raise ConfigError(f"--prompt-tokens is for --adapt prompt; drop it (this plan: --adapt {adapt})")
+    if lora_dropout is not None and adapt != "lora":
+        raise ConfigError(f"--lora-dropout is for --adapt lora; drop it (this plan: --adapt {adapt})")
     if not (isinstance(labels, int) and labels >= 0) or labels == 1:
         raise ConfigError(f"--labels must be 0 (an LM task) or the number of classes (2 or more), got {labels!r}")
     if labels and world_size > 1:  # (a full classification fine-tune is finetune's too: one process)
@@ -541,28 +574,29 @@ def check_adapt(
                 f"LoRA needs --lora-rank >= 1 and --lora-targets from {', '.join(LORA_TARGETS)}; got rank {lora_rank}, "
                 f"targets {', '.join(lora_targets) or 'none'}"
             )
-    return lora_rank, lora_targets, prompt_tokens
+        lora_dropout = defaults.lora_dropout if lora_dropout is None else lora_dropout
+        if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):  # (finetune's own check)
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {lora_dropout!r}")
+    return lora_rank, lora_targets, prompt_tokens, float(lora_dropout or 0.0)
 
 
 def adapted_plan(
     model: GPTConfig,
     optim: OptimConfig,
+    step: StepShape,
     *,
     adapt: str,
     lora_rank: int,
     lora_targets: tuple[str, ...],
     prompt_tokens: int,
     labels: int,
-    seq_len: int,
-    micro_batch: int,
-    dtype: str,
-    device: str,
+    lora_dropout: float = 0.0,
 ) -> dict[str, Any]:
     """A fine-tuning step on a frozen base (`adapt`: lora, head or prompt), or a full classification one (full with
     `labels`; settings as `check_adapt` returns them):
     trainable (parameters), flops_per_token and attention (its attention-score part, per token of text),
     memory (`memory_bytes`' components) and assumption (the line `format_estimate` prints)."""
-    counts = param_counts(model)
+    counts, seq_len = param_counts(model), step.seq_len
     attention = attention_flops_per_token(model, seq_len)  # (per token of text, as per_token)
     vocab_matmul = model.vocab_size * model.d_model  # the output head's (tied or not)
     head_matmul = model.d_model * labels / seq_len  # a classification head's, per token: it runs once per sequence
@@ -587,18 +621,20 @@ def adapted_plan(
         attention = attention_flops_per_token(model, positions) * positions / seq_len
         per_token = 4.0 * (counts["matmul"] - vocab_matmul) * positions / seq_len + attention
         per_token += 6.0 * head_matmul if labels else 4.0 * vocab_matmul
-    step = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, device=device)  # (one device)
     if adapt == "full":
-        memory = full_classify_memory_bytes(model, optim, labels=labels, **step)
+        memory = full_classify_memory_bytes(model, optim, step, labels=labels)
         assumption = (
             f"full classification fine-tune: every weight trains and a classification head for {labels} labels on "
             f"the last token replaces the LM head ({trainable:,} parameters); no vocabulary matmul or logits; "
             "FLOPs 6N + attention with the head's 6 x d_model x labels per sequence"
         )
     elif adapt == "lora":
-        memory = lora_memory_bytes(model, optim, rank=lora_rank, targets=tuple(lora_targets), labels=labels, **step)
+        memory = lora_memory_bytes(
+            model, optim, step, rank=lora_rank, targets=tuple(lora_targets), labels=labels, dropout=lora_dropout
+        )
         assumption = (
             f"LoRA rank {lora_rank} on {', '.join(lora_targets)}"
+            + (f", dropout {lora_dropout:g} on their input (its mask kept)" if lora_dropout else "")
             + (f" and a classification head for {labels} labels on the last token" if labels else "")
             + f": {trainable:,} trainable parameters; the frozen base "
             "in fp32 (as finetune loads it) with no gradients or optimizer state; no input of a frozen Linear kept; "
@@ -606,7 +642,7 @@ def adapted_plan(
             "before the first adapter needs"
         )
     elif adapt == "head":
-        memory = head_memory_bytes(model, optim, labels=labels, **step)
+        memory = head_memory_bytes(model, optim, step, labels=labels)
         trained = (
             f"a classification head for {labels} labels on the last token"
             if labels
@@ -618,7 +654,7 @@ def adapted_plan(
             "FLOPs: the body's forward, 2N, + the head's backward"
         )
     else:
-        memory = prompt_memory_bytes(model, optim, prompt_tokens=prompt_tokens, labels=labels, **step)
+        memory = prompt_memory_bytes(model, optim, step, prompt_tokens=prompt_tokens, labels=labels)
         assumption = (
             f"prompt tuning: {prompt_tokens} soft-prompt vectors"
             + (f" and a classification head for {labels} labels" if labels else "")

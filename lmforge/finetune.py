@@ -568,7 +568,6 @@ def _finetune(
     from lmforge.dist import require_one_process
     from lmforge.estimate import check_fits
     from lmforge.log import RunLogger, capture_env
-    from lmforge.models.gpt import GPTConfig
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
     from lmforge.trackers import check_packages
     from lmforge.train.loop import nothing_left, train
@@ -623,7 +622,7 @@ def _finetune(
     loaded, base_path, base_sha = load_base(base, out, device)
     tok, body = loaded.tokenizer, loaded.model
     _check_family(body.cfg.family, cfg, base)
-    if cfg.adapt in ("full", "distill") and isinstance(body.cfg, GPTConfig):  # every weight trains: grads + state
+    if cfg.adapt in ("full", "distill"):  # every weight trains: grads + state (any family)
         check_fits(body.cfg, optim_cfg, device)
     frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
     from lmforge.chat import ChatTemplate

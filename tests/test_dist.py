@@ -283,6 +283,16 @@ def test_muon_under_fsdp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> 
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_a_model_too_big_for_memory_is_one_line_from_rank_0(data_dir: Path, tmp_path: Path) -> None:
+    """The up-front memory check (estimate.check_fits) refused on every rank, and each printed the same line: two
+    lines under 2 ranks. Every rank checks the same model alike, so rank 0 alone prints it; the run fails (2)."""
+    p = forked_ranks(data_dir, tmp_path / "run", **{"model.n_layer": 99999999999999999999})
+    lines = [line for line in p.stderr.splitlines() if line.startswith("lmforge")]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith("lmforge: error: the gpt model (") and "of this machine's RAM" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size(
     data_dir: Path, single: Path, tmp_path: Path
 ) -> None:

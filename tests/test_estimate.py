@@ -18,16 +18,16 @@ from lmforge.errors import ConfigError
 from lmforge.estimate import (
     DEFAULT_VOCAB,
     PEAK_FLOPS,
-    _duration,
+    StepShape,
     activation_bytes,
     estimate,
     flops_per_token,
-    format_estimate,
     measure_cpu_allocations,
     measure_matmul_flops,
     memory_bytes,
     param_counts,
 )
+from lmforge.estimate_table import _duration, format_estimate
 from lmforge.log import RunLogger
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.objectives import causal_lm_loss
@@ -138,22 +138,53 @@ def test_activation_formula_matches_saved_tensors(variant: dict, dtype: str) -> 
     # Measured over all 64 switch combinations, with and without dropout, fp32 and bf16: worst 1.4% (small
     # bf16 copies of the rotary tables and one math-path buffer are left out); 3% leaves room, not slack.
     cfg = small_cfg(**variant)
-    act = activation_bytes(cfg, seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    act = activation_bytes(cfg, step)
     predicted = act["layers"] + act["head"]
     if dtype == "bfloat16":  # the saved bf16 weight copies are a memory component of their own
-        predicted += memory_bytes(cfg, OptimConfig(), seq_len=32, micro_batch=4, dtype=dtype, device="cpu")[
-            "autocast_copies"
-        ]
+        predicted += memory_bytes(cfg, OptimConfig(), step)["autocast_copies"]
     measured = saved_activation_bytes(cfg, dtype, batch=4, seq_len=32)
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", [{}, dict(n_kv_head=1)], ids=["llama", "llama-mqa"])
+def test_rotary_tables_are_counted_as_autograd_keeps_them(variant: dict, dtype: str) -> None:
+    """The rotary cos/sin rows q and k are multiplied by are kept for backward: once in fp32, or each layer's cast
+    copy under autocast. Left out, the pretraining plan was 3.1% (fp32) and 8.6% (bf16) under the saved tensors of
+    this 4-layer, 256-position Llama step; now equal to them (the loss's 0-d output: 4 B)."""
+    cfg = small_cfg(**{**LLAMA, **variant}, max_seq_len=256, n_layer=4)
+    step = StepShape(seq_len=256, micro_batch=1, dtype=dtype, device="cpu")
+    predicted = activation_bytes(cfg, step)["layers"] + activation_bytes(cfg, step)["head"]
+    predicted += memory_bytes(cfg, OptimConfig(), step)["autocast_copies"]
+    assert predicted == pytest.approx(saved_activation_bytes(cfg, dtype, batch=1, seq_len=256), abs=8)
+    model = GPT(cfg)  # the rotary buffers: max_seq_len x head_dim fp32 each (they were counted at half that)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert memory_bytes(cfg, OptimConfig(), step)["weights"] == 4 * param_counts(cfg)["total"] + buffers
+
+
 @pytest.mark.parametrize(
-    "vocab, d_model, batch, seq",
-    [(64, 64, 8, 64), (2048, 64, 8, 64), (8192, 64, 8, 64), (64, 128, 1, 16)],
-    ids=["layers-dominate", "logits-dominate", "logits-only", "weights-dominate"],
+    "vocab, d_model, batch, seq, variant",
+    [
+        (64, 64, 8, 64, {}),
+        (2048, 64, 8, 64, {}),
+        (8192, 64, 8, 64, {}),
+        (64, 128, 1, 16, {}),
+        (64, 128, 1, 16, "llama"),
+        (64, 128, 1, 64, "bf16"),
+    ],
+    ids=[
+        "layers-dominate",
+        "logits-dominate",
+        "logits-only",
+        "weights-dominate",
+        "weights-dominate-llama",
+        "weights-dominate-bf16",
+    ],
 )
-def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_model: int, batch: int, seq: int) -> None:
+def test_total_matches_allocator_peak_of_a_real_training_step(
+    vocab: int, d_model: int, batch: int, seq: int, variant: dict | str
+) -> None:
     """The predicted total against the real loop's peak, counted by PyTorch's CPU allocator (torch.profiler).
 
     Measured when written: +6% (vocab 64) and +4% (vocab 2048); the estimate is meant as an upper bound
@@ -161,18 +192,22 @@ def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_mode
     (log-probs, the two logits-sized gradients) fails the vocab-2048 case; counting the logits as kept (the
     loop no longer holds them) had drifted to +24% there and fails vocab 8192 (+30%; +5% without). With a
     tiny batch the weights dominate, and the final (logging) step's copy of them for the update ratio is the
-    peak: left out, the estimate was 19% under the allocator's count.
+    peak: left out, the estimate was 19% under the allocator's count; with it, 2.1% (GPT-2) and 3.2% (Llama) under,
+    until the update of the largest weight (p - copy, one at a time) was counted too: now within 0.1%. Under bf16
+    autocast the cast weights were counted through that update, which comes after backward has freed them: +9.6%.
     """
+    dtype = "bfloat16" if variant == "bf16" else "float32"
+    variant = LLAMA if variant == "llama" else {} if variant == "bf16" else variant
     cfg = run_cfg(
-        model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": seq},
-        train={"batch_size": batch, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": "float32"},
+        model={"vocab_size": vocab, "n_layer": 3, "d_model": d_model, "max_seq_len": seq, **variant},
+        train={"batch_size": batch, "max_steps": 2, "warmup_steps": 0, "device": "cpu", "dtype": dtype},
     )
     predicted = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["total"]
 
     torch.manual_seed(0)
     model = GPT(cfg.model)
     model.init_weights()
-    precision = pick_precision(torch.device("cpu"), "float32")
+    precision = pick_precision(torch.device("cpu"), dtype)
     optimizer = build_optimizer(model, cfg.optim, lr=1e-3, device=torch.device("cpu"))
     tokens = torch.randint(0, vocab, (batch, seq + 1))
     loader = itertools.repeat((tokens[:, :-1], tokens[:, 1:]))
@@ -193,11 +228,12 @@ def test_total_matches_allocator_peak_of_a_real_training_step(vocab: int, d_mode
         )
 
     run(1)  # creates the optimizer state: from here on only parameters and moments persist
-    persistent = sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
     persistent += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     transient = measure_cpu_allocations(lambda: run(2))
     measured = persistent + transient
-    assert 0.95 * measured <= predicted <= 1.25 * measured, (predicted, measured)
+    low, high = (0.995, 1.005) if batch == 1 else (0.95, 1.25)  # (the weights' peak is exact; activations' loose)
+    assert low * measured <= predicted <= high * measured, (predicted, measured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,13 +450,13 @@ def test_checkpointing_reduces_activations_and_grows_with_depth_more_slowly() ->
 
 def test_bf16_halves_matmul_activations_but_not_weights() -> None:
     cfg = small_cfg(vocab_size=64)
-    fp32 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="float32", device="cuda")
-    bf16 = activation_bytes(cfg, seq_len=32, micro_batch=8, dtype="bfloat16", device="cuda")
+    fp32 = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=8, dtype="float32", device="cuda"))
+    bf16 = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=8, dtype="bfloat16", device="cuda"))
     # per layer: 2 fp32 residual inputs (+ norm stats) stay, the rest halves; fp32 loss terms stay
     assert 0.5 * fp32["per_layer"] < bf16["per_layer"] < 0.65 * fp32["per_layer"]
     assert bf16["loss_backward"] == fp32["loss_backward"]
     m32, m16 = (
-        memory_bytes(cfg, OptimConfig(), seq_len=32, micro_batch=8, dtype=d, device="cuda")
+        memory_bytes(cfg, OptimConfig(), StepShape(seq_len=32, micro_batch=8, dtype=d, device="cuda"))
         for d in ("float32", "bfloat16")
     )
     assert m16["weights"] == m32["weights"] and m16["gradients"] == m32["gradients"]  # fp32 master weights
@@ -436,10 +472,10 @@ def test_activations_scale_with_micro_batch_not_global_batch() -> None:
 
 def test_math_attention_only_with_dropout_on_cpu() -> None:
     cfg = small_cfg(dropout=0.1)
-    cpu = activation_bytes(cfg, seq_len=32, micro_batch=1, dtype="float32", device="cpu")
-    gpu = activation_bytes(cfg, seq_len=32, micro_batch=1, dtype="float32", device="cuda")
+    cpu = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cpu"))
+    gpu = activation_bytes(cfg, StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cuda"))
     assert cpu["per_layer"] > gpu["per_layer"]  # s x s maps on CPU; flash keeps dropout's RNG state only
-    no_dropout = activation_bytes(small_cfg(), seq_len=32, micro_batch=1, dtype="float32", device="cpu")
+    no_dropout = activation_bytes(small_cfg(), StepShape(seq_len=32, micro_batch=1, dtype="float32", device="cpu"))
     assert no_dropout["per_layer"] < gpu["per_layer"]  # masks cost something even on GPU
 
 
@@ -727,25 +763,20 @@ def test_a_bare_gflops_number_says_which_device_it_was_taken_for() -> None:
     assert "CPU's float32 peak" in cpu["peak_source"]
 
 
-@pytest.mark.parametrize("mlp, norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm")])
-@pytest.mark.parametrize(
-    "targets", [("qkv", "attn.proj"), ("qkv", "mlp.proj"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")]
-)
-def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: tuple[str, ...]) -> None:
-    """`estimate --adapt lora` had no LoRA mode (a LoRA fine-tune was estimated as full training: every gradient,
-    all optimizer state, every activation). Its activations are now the tensors autograd saves in a LoRA forward,
-    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_activation_bytes)."""
+def lora_saved_bytes(
+    model_cfg: GPTConfig, targets: tuple[str, ...], *, dtype: str = "float32", dropout: float = 0.0
+) -> tuple[int, GPT]:
+    """Bytes of the storages autograd saves in one LoRA (rank 4) forward + loss on 4 x 32 tokens (parameters and
+    buffers left out), and the model."""
     from lmforge.adapt.heads import set_trainable
     from lmforge.adapt.lora import inject_lora
-    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes, lora_param_count
 
-    model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
     torch.manual_seed(0)
     model = GPT(model_cfg)
     model.init_weights()
-    inject_lora(model, targets=list(targets), rank=4, alpha=8, dropout=0.0)
+    inject_lora(model, targets=list(targets), rank=4, alpha=8, dropout=dropout)
     set_trainable(model, "lora")
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -754,16 +785,81 @@ def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: 
 
     x = torch.randint(0, model_cfg.vocab_size, (4, 33))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(model(x[:, :-1]), x[:, 1:])
-    saved = sum(n for ptr, n in kept.items() if ptr not in params)
-    kwargs = dict(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
-    result = lora_memory_bytes(model_cfg, OptimConfig(), rank=4, targets=targets, **kwargs)
-    act = lora_activation_bytes(model_cfg, rank=4, targets=targets, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(x[:, :-1])
+        causal_lm_loss(logits, x[:, 1:])
+    return sum(n for ptr, n in kept.items() if ptr not in params), model
+
+
+@pytest.mark.parametrize("mlp, norm", [("gelu", "layernorm"), ("swiglu", "rmsnorm")])
+@pytest.mark.parametrize(
+    "targets", [("qkv", "attn.proj"), ("qkv", "mlp.proj"), ("qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+)
+def test_lora_activations_are_what_autograd_keeps(mlp: str, norm: str, targets: tuple[str, ...]) -> None:
+    """`estimate --adapt lora` had no LoRA mode (a LoRA fine-tune was estimated as full training: every gradient,
+    all optimizer state, every activation). Its activations are now the tensors autograd saves in a LoRA forward,
+    counted with saved-tensor hooks (parameters left out), plus backward's working set (see lora_activation_bytes)."""
+    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes, lora_param_count
+
+    model_cfg = small_cfg(mlp=mlp, norm=norm, n_layer=3)
+    saved, model = lora_saved_bytes(model_cfg, targets)
+    step = StepShape(seq_len=32, micro_batch=4, dtype="float32", device="cpu")
+    result = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)
+    act = lora_activation_bytes(model_cfg, step, rank=4, targets=targets)
     assert act["kept"] == pytest.approx(saved, abs=8)  # (the loss's 0-d output: 4 B)
     assert result["activations"] == act["total"] >= act["kept"] + act["loss_backward"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_param_count(model_cfg, 4, targets) == trainable
     assert result["gradients"] == 4 * trainable and result["optimizer"] == 8 * trainable
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "variant, targets",
+    [
+        ({}, ("qkv", "attn.proj", "mlp.fc", "mlp.proj")),
+        ("llama", ("qkv", "attn.proj")),
+        ({}, ("attn.proj", "mlp.proj")),
+    ],
+    ids=["all", "llama-default", "no-qkv"],
+)
+def test_lora_dropout_keeps_its_masks(variant: dict | str, targets: tuple[str, ...], dtype: str) -> None:
+    """`--lora-dropout` was not modelled: with 0.1 on every Linear the plan was 31% (fp32) / 27% (bf16) under the
+    tensors a 3-layer step keeps, 18% / 14% on finetune's default targets. Now exact where qkv has an adapter (the
+    loss's 0-d output: 4 B); without one the plan is an upper bound (the first block's attention is counted), and
+    what dropout adds is exact."""
+    from lmforge.estimate_adapt import lora_activation_bytes, lora_memory_bytes
+
+    model_cfg = small_cfg(n_layer=3, **(LLAMA if variant == "llama" else variant))
+
+    def saved(dropout: float) -> int:
+        return lora_saved_bytes(model_cfg, targets, dtype=dtype, dropout=dropout)[0]
+
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    copies = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)["autocast_copies"]
+    planned = {p: lora_activation_bytes(model_cfg, step, rank=4, targets=targets, dropout=p)["kept"] for p in (0, 0.1)}
+    if "qkv" in targets:
+        assert planned[0.1] + copies == pytest.approx(saved(0.1), abs=8)
+    else:
+        assert planned[0.1] - planned[0] == saved(0.1) - saved(0.0)
+    memory = lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets, dropout=0.1)
+    assert (
+        memory["activations"]
+        > lora_memory_bytes(model_cfg, OptimConfig(), step, rank=4, targets=targets)["activations"]
+    )
+
+
+def test_lora_dropout_flag_follows_finetune() -> None:
+    """`estimate --lora-dropout` (finetune's flag) plans it; a LoRA run's finetune.json gives its own; other modes
+    refuse it, as finetune does, and a bad value is one line."""
+    plain = estimate(run_cfg(), tokens=1, hardware=GFLOPS, adapt="lora")
+    dropped = estimate(run_cfg(), tokens=1, hardware=GFLOPS, adapt="lora", lora_dropout=0.1)
+    assert dropped["memory_bytes"]["activations"] > plain["memory_bytes"]["activations"]
+    assert any("dropout 0.1" in a for a in dropped["assumptions"])
+    with pytest.raises(ConfigError, match="--lora-dropout is for --adapt lora"):
+        estimate(run_cfg(), tokens=1, hardware=GFLOPS, adapt="head", lora_dropout=0.1)
+    with pytest.raises(ConfigError, match=r"--lora-dropout must be in \[0, 1\)"):
+        estimate(run_cfg(), tokens=1, hardware=GFLOPS, adapt="lora", lora_dropout=1.5)
 
 
 @pytest.mark.parametrize("vocab, batch", [(64, 8), (2048, 8)], ids=["layers-dominate", "logits-dominate"])
@@ -831,12 +927,17 @@ def test_config_of_a_lora_fine_tune_plans_that_fine_tune(tmp_path) -> None:
     from tests.test_finetune import DATA, FAST, make_base
 
     tuned = tmp_path / "lora"
-    cfg = FinetuneConfig(task="sft", adapt="lora", lora_rank=4, max_len=96, eval_samples=1, max_new_tokens=2)
+    cfg = FinetuneConfig(
+        task="sft", adapt="lora", lora_rank=4, lora_dropout=0.1, max_len=96, eval_samples=1, max_new_tokens=2
+    )
     finetune(make_base(tmp_path), train_file=DATA / "chat.jsonl", out=tuned, cfg=cfg, overrides=FAST, progress=False)
     args = ("estimate", "--config", str(tuned), "--tokens", "1e5", "--hardware", "1000", "--json")
     out = json.loads(run_cli(*args).stdout)
     assert out["adapt"] == "lora" and out["batch_size"] == FAST["train"]["batch_size"] and out["seq_len"] == 96
     assert out["trainable_params"] == 2 * 4 * ((32 + 3 * 32) + (32 + 32))  # 2 blocks, rank 4 on qkv and attn.proj
+    assert any("dropout 0.1" in a for a in out["assumptions"])  # the run's --lora-dropout; the flag wins
+    undropped = json.loads(run_cli(*args, "--lora-dropout", "0").stdout)
+    assert undropped["memory_bytes"]["activations"] < out["memory_bytes"]["activations"]
     out = json.loads(run_cli(*args, "--adapt", "full", "--train.batch_size", "2").stdout)
     assert out["adapt"] == "full" and out["batch_size"] == 2 and out["trainable_params"] == out["params"]
 
@@ -956,19 +1057,20 @@ def test_head_and_prompt_activations_are_what_autograd_keeps(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             adapted_objective(labels).loss(model, batch)
     saved = sum(n for ptr, n in kept.items() if ptr not in params)
-    kwargs = dict(labels=labels, seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
     if adapt == "head":
-        act = head_activation_bytes(model_cfg, **kwargs)
+        act = head_activation_bytes(model_cfg, step, labels=labels)
         # the tail without the loss's two gradients (backward makes them); classification: pooled states + scores
         predicted = act["tail"] - (0 if labels else 4 * 32 * 8 * model_cfg.vocab_size)
-        memory = head_memory_bytes(model_cfg, OptimConfig(), **kwargs)
+        memory = head_memory_bytes(model_cfg, OptimConfig(), step, labels=labels)
     elif adapt == "prompt":
-        act = prompt_activation_bytes(model_cfg, prompt_tokens=prompt_tokens, **kwargs)
+        act = prompt_activation_bytes(model_cfg, step, prompt_tokens=prompt_tokens, labels=labels)
         predicted = act["layers"] + act["tail"]
-        memory = prompt_memory_bytes(model_cfg, OptimConfig(), prompt_tokens=prompt_tokens, **kwargs)
+        memory = prompt_memory_bytes(model_cfg, OptimConfig(), step, prompt_tokens=prompt_tokens, labels=labels)
     else:
-        predicted = lora_activation_bytes(model_cfg, rank=8, targets=("qkv", "attn.proj"), **kwargs)["kept"]
-        memory = lora_memory_bytes(model_cfg, OptimConfig(), rank=8, targets=("qkv", "attn.proj"), **kwargs)
+        lora = dict(rank=8, targets=("qkv", "attn.proj"), labels=labels)
+        predicted = lora_activation_bytes(model_cfg, step, **lora)["kept"]
+        memory = lora_memory_bytes(model_cfg, OptimConfig(), step, **lora)
     predicted += memory["autocast_copies"]  # the cast weights a bf16 forward keeps
     # (the loss's 0-d output: 4 B; classification: the labels' and scores' few bytes per row, < 64 B in all)
     assert predicted == pytest.approx(saved, abs=64)
@@ -1004,8 +1106,8 @@ def test_full_classify_activations_are_what_autograd_keeps(variant: dict, dtype:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             adapted_objective(3).loss(model, adapted_batch(model_cfg.vocab_size, 3, 4, 32))
     saved = sum(n for ptr, (n, _) in kept.items() if ptr not in params)
-    memory = full_classify_memory_bytes(model_cfg, OptimConfig(), labels=3, seq_len=32, micro_batch=4, dtype=dtype,
-                                        device="cpu")  # fmt: skip
+    step = StepShape(seq_len=32, micro_batch=4, dtype=dtype, device="cpu")
+    memory = full_classify_memory_bytes(model_cfg, OptimConfig(), step, labels=3)
     # (the loss's 0-d output and the scores' and labels' few bytes per row, < 96 B in all)
     assert memory["activations"] + memory["autocast_copies"] == pytest.approx(saved, abs=96)
 
@@ -1231,6 +1333,29 @@ def test_check_fits_refuses_weights_grads_and_state_beyond_the_memory_and_shares
     check_fits(dataclasses.replace(model, n_layer=model.n_layer // 2), adamw, cpu)  # 0.75x: not refused
 
 
+@pytest.mark.parametrize("preset", ["bert-tiny", "electra-tiny", "lstm-tiny", "gru-tiny"])
+def test_check_fits_covers_encoders_and_recurrent_models(preset: str) -> None:
+    """check_fits covered GPT/Llama shapes only: a BERT, ELECTRA, LSTM or GRU far beyond the RAM was built (and
+    grew until killed). Their parameters are counted on the meta device (exactly the built model's, with 3 layers
+    at most: the rest extrapolated), and 4 B weights + 4 B gradients + 8 B AdamW moments each are checked."""
+    from lmforge.estimate import check_fits, device_memory_bytes, model_param_count
+    from lmforge.models import build_model
+
+    model = dataclasses.replace(load_config(preset=preset).model, vocab_size=128)
+    for n_layer in (1, 5):
+        sized = dataclasses.replace(model, n_layer=n_layer)
+        assert model_param_count(sized) == sum(p.numel() for p in build_model(sized).parameters())
+    cpu, adamw = torch.device("cpu"), OptimConfig()
+    per_layer = model_param_count(dataclasses.replace(model, n_layer=3)) - model_param_count(model)
+    per_layer //= 3 - model.n_layer
+    huge = dataclasses.replace(model, n_layer=math.ceil(1.5 * device_memory_bytes(cpu) / (16 * per_layer)))
+    with pytest.raises(ConfigError) as e:
+        check_fits(huge, adamw, cpu)
+    assert f"the {model.family} model (" in str(e.value) and "RAM" in str(e.value) and e.value.every_rank
+    check_fits(huge, adamw, cpu, world_size=4, strategy="fsdp")  # each rank's share fits
+    check_fits(huge, OptimConfig(name="sgd", momentum=0.0), torch.device("meta"))  # (no memory known: no check)
+
+
 # --------------------------------------------------------------------------------------------
 # distillation: the frozen teacher
 
@@ -1244,24 +1369,34 @@ def distill_cfgs(vocab: int, d_model: int, batch: int, teacher: dict) -> tuple[R
 
 
 @pytest.mark.parametrize(
-    "vocab, d_model, batch, teacher",
-    [(512, 64, 8, {"d_model": 128, "n_layer": 4}), (4096, 64, 8, {"n_layer": 3}), (64, 128, 1, {"d_model": 128})],
-    ids=["layers", "logits-dominate", "weights-dominate"],
+    "vocab, d_model, batch, teacher, dtype",
+    [
+        (512, 64, 8, {"d_model": 128, "n_layer": 4}, "float32"),
+        (4096, 64, 8, {"n_layer": 3}, "float32"),
+        (64, 128, 1, {"d_model": 128}, "float32"),
+        (4096, 64, 8, {"n_layer": 3}, "bfloat16"),
+    ],
+    ids=["layers", "logits-dominate", "weights-dominate", "logits-dominate-bf16"],
 )
-def test_distill_total_matches_allocator_peak_of_a_real_step(vocab: int, d_model: int, batch: int, teacher: dict):
+def test_distill_total_matches_allocator_peak_of_a_real_step(
+    vocab: int, d_model: int, batch: int, teacher: dict, dtype: str
+) -> None:
     """A distillation step (finetune --adapt distill) against the real loop's peak (PyTorch's CPU allocator). It was
     planned as a plain full fine-tune, without the teacher's weights or the soft targets: 41%, 55% and 80% of the
-    measured peak when written (12.8 vs 21.8 MB, 38.4 vs 88.8, 12.2 vs 14.9). Now +3.5%, +1.9% and -1.1%."""
+    measured peak when written (12.8 vs 21.8 MB, 38.4 vs 88.8, 12.2 vs 14.9). Now +3.5%, +1.9% and +0.7%. In bf16
+    the teacher's logits are bf16 (it runs in the student's autocast) and the cast weights are freed before the
+    log step's update: planned all fp32 and through the update, +12.8% (logits-dominate), now +7.5%."""
     from lmforge.compress.distill import Distill
 
     cfg, teacher_cfg = distill_cfgs(vocab, d_model, batch, teacher)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
     result = estimate(cfg, tokens=1, hardware=GFLOPS, teacher=teacher_cfg)
     torch.manual_seed(0)
     model, frozen = GPT(cfg.model), GPT(teacher_cfg)
     model.init_weights()
     frozen.init_weights()
     assert result["teacher_params"] == sum(p.numel() for p in frozen.parameters())
-    precision = pick_precision(torch.device("cpu"), "float32")
+    precision = pick_precision(torch.device("cpu"), dtype)
     optimizer = build_optimizer(model, cfg.optim, lr=1e-3, device=torch.device("cpu"))
     tokens = torch.randint(0, vocab, (batch, 65))
     loader = itertools.repeat((tokens[:, :-1], tokens[:, 1:]))
@@ -1278,7 +1413,7 @@ def test_distill_total_matches_allocator_peak_of_a_real_step(vocab: int, d_model
     persistent += sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values())
     measured = persistent + measure_cpu_allocations(lambda: run(2))
     predicted = result["memory_bytes"]["total"]
-    assert 0.95 * measured <= predicted <= 1.25 * measured, (result["memory_bytes"], measured)
+    assert 0.95 * measured <= predicted <= 1.1 * measured, (result["memory_bytes"], measured)
     plain = estimate(cfg, tokens=1, hardware=GFLOPS)["memory_bytes"]["total"]
     assert plain < 0.85 * measured  # (what it was planned as)
 
@@ -1332,6 +1467,31 @@ def test_config_of_a_distill_fine_tune_plans_its_teacher(tmp_path) -> None:
     assert lora["teacher_params"] is None and "teacher_weights" not in lora["memory_bytes"]
     text = run_cli(*args).stdout
     assert "distillation: a frozen teacher" in text and "teacher weights" in text
+    flag = json.loads(run_cli(*args, "--json", "--teacher", str(teacher)).stdout)  # (finetune's flag, a run folder)
+    assert flag["teacher_params"] == out["teacher_params"] and flag["flops_per_token"] == out["flops_per_token"]
+
+
+def test_teacher_flag_plans_a_distillation_from_a_preset_and_refuses_what_finetune_would() -> None:
+    """`estimate` had no --teacher: a distillation was planned only from a distillation run's --config. The flag
+    (finetune's name) takes a run, an HF directory or a preset (its vocabulary the student's), plans finetune's
+    batch and optimizer (distill's defaults, not the preset's pretraining ones), and refuses in one line what
+    cannot be planned or what finetune would refuse."""
+    args = ("estimate", "--preset", "tiny", "--model.vocab_size", "512", "--tokens", "1e5", "--hardware", "1000")
+    out = json.loads(run_cli(*args, "--teacher", "small", "--json").stdout)
+    teacher = dataclasses.replace(load_config(preset="small").model, vocab_size=512)
+    assert out["teacher_params"] == param_counts(teacher)["total"]
+    assert out["batch_size"] == 16  # finetune's, not tiny's pretraining batch
+    assert out["memory_bytes"]["teacher_weights"] == 4 * param_counts(teacher)["total"]
+    for teacher_arg, match in (
+        ("bert-base", "is a bert preset; estimate plans GPT/Llama-style teachers only"),
+        ("no-such-run", "pass --teacher a run or checkpoint folder, an HF model directory, hf:ORG/NAME or a preset"),
+    ):
+        err = run_cli(*args, "--teacher", teacher_arg)
+        assert err.returncode == 2 and match in err.stderr and len(err.stderr.strip().splitlines()) == 1
+    short = run_cli("estimate", "--preset", "small", "--teacher", "tiny", "--tokens", "1e5")
+    assert short.returncode == 2 and "the teacher's context of 128 tokens is shorter" in short.stderr
+    lora = run_cli(*args, "--teacher", "small", "--adapt", "lora")
+    assert lora.returncode == 2 and "a distillation fine-tune trains every weight" in lora.stderr
 
 
 def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:

@@ -42,7 +42,6 @@ from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
-from lmforge.models.gpt import GPTConfig
 from lmforge.objectives import loss_definition, loss_definition_note
 from lmforge.runs import (
     claim,
@@ -388,8 +387,8 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
             "install g++ (or set CXX), or drop --train.compile"
         )
     precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
-    if isinstance(cfg.model, GPTConfig):  # a model far too big for the device: refused before it is built
-        check_fits(cfg.model, cfg.optim, device, world_size=world.world_size, strategy=cfg.dist.strategy)
+    # a model far too big for the device (any family): refused before it is built
+    check_fits(cfg.model, cfg.optim, device, world_size=world.world_size, strategy=cfg.dist.strategy)
     check_packages(cfg.log)  # --log.wandb without wandb: before --overwrite sets the old run aside
     if cfg.data.mix:  # its directories too (manifests only; the loader opens them after the claim)
         from lmforge.data.mixture import mix_sources
