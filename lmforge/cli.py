@@ -19,7 +19,15 @@ import sys
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError, interrupt_seen, note_interrupt
+from lmforge.errors import (
+    CommFailure,
+    ConfigError,
+    Interrupted,
+    LmforgeError,
+    hold_interrupt,
+    interrupt_seen,
+    note_interrupt,
+)
 from lmforge.fields import Once
 
 TOUR = """commands:
@@ -791,7 +799,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     inside a Python callback that torch's C++ start-up makes, it aborted the process (C++ `terminate`, exit
     -6, no message) or left a module half made. After start-up a module imported later (numpy, lazily) can
     still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
-    error is the interrupt too."""
+    error is the interrupt too. One held (`errors.hold_interrupts`) interrupts nothing: it is only noted there."""
+    if not _starting and hold_interrupt():
+        return
     note_interrupt()
     if not _starting:
         raise KeyboardInterrupt
