@@ -28,7 +28,7 @@ from lmforge.errors import (
     interrupt_seen,
     note_interrupt,
 )
-from lmforge.fields import Once
+from lmforge.fields import ONE_OUT, Once
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -111,8 +111,16 @@ def build_parser() -> Parser:
         epilog=_config_epilog(presets=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    p.add_argument("--data-out", default="data/quickstart", help="prepared data directory (default: data/quickstart)")
+    p.add_argument(
+        "--out", default="runs/quickstart", action=Once, hint=ONE_OUT, help="run directory (default: runs/quickstart)"
+    )
+    p.add_argument(
+        "--data-out",
+        default="data/quickstart",
+        action=Once,
+        hint=ONE_OUT,
+        help="prepared data directory (default: data/quickstart)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing run")
 
     p = sub.add_parser(
@@ -126,7 +134,7 @@ def build_parser() -> Parser:
         p,
         PrepareConfig,
         positional=("inputs",),
-        once={"tokenizer": "prepare with one tokenizer (a kind, or one tokenizer.json)"},
+        once={"tokenizer": "prepare with one tokenizer (a kind, or one tokenizer.json)", "out": ONE_OUT},
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -145,7 +153,7 @@ def build_parser() -> Parser:
         hint="to train on several prepared folders, mix them: --data.mix 'DIR=0.7,DIR2=0.3'",
         help="prepared data directory (from 'lmforge prepare')",
     )
-    p.add_argument("--out", help="run directory")
+    p.add_argument("--out", action=Once, hint=ONE_OUT, help="run directory")
     p.add_argument("--preset", help="named preset (see the list below)")
     p.add_argument(
         "--config",
@@ -248,6 +256,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--out",
         default=None,
+        action=Once,
+        hint=ONE_OUT,
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it, once all are done) instead of "
         "printing it; finished completions are kept in FILE.partial meanwhile, so after Ctrl-C or a kill the same "
@@ -320,7 +330,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")
-    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="output directory (hf) or .gguf file (gguf)")
     p.add_argument(
         "--dtype",
         help="hf: auto (default: the weights' dtype, an imported model's source dtype), float32, bfloat16 or "
@@ -342,7 +352,7 @@ def build_parser() -> Parser:
         "HF_DIR may be hf:ORG/NAME[@REVISION], a model on the Hugging Face Hub (downloaded into its cache).",
     )
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local HF model directory, or hf:ORG/NAME from the Hub")
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
         "--generator",
@@ -364,7 +374,7 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="weight bits (default: 8)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: 64)")
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--max-batches",
@@ -475,7 +485,13 @@ def build_parser() -> Parser:
         "The HTML page embeds its plots and opens from disk without network.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default="", help="output file (default: report.html, or report.md with --format md)")
+    p.add_argument(
+        "--out",
+        default="",
+        action=Once,
+        hint=ONE_OUT,
+        help="output file (default: report.html, or report.md with --format md)",
+    )
     p.add_argument("--format", default="auto", choices=["auto", "html", "md"], help="auto = by --out suffix")
     p.add_argument("--watch", action="store_true", help="re-render while a run is going (until it ends or Ctrl-C)")
     p.add_argument("--every", type=float, default=10.0, help="seconds between renders with --watch (default: 10)")

@@ -428,6 +428,18 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
 
 
+def test_an_output_flag_given_once_keeps_its_default_otherwise() -> None:
+    """Once tracks what was given, so a flag with a default (quickstart's --out) takes one value, and a dotted
+    override given twice (scripts append them on purpose) still keeps the last."""
+    from lmforge.cli import build_parser
+    from lmforge.config import parse_overrides
+
+    args = build_parser().parse_known_args(["quickstart", "--out", "mine"])[0]
+    assert (args.out, args.data_out) == ("mine", "data/quickstart")
+    args, extra = build_parser().parse_known_args(["pretrain", "--out", "o", "--train.lr", "1", "--train.lr", "2"])
+    assert args.out == "o" and parse_overrides(extra) == {"train": {"lr": "2"}}
+
+
 @pytest.mark.parametrize(
     "argv, said",
     [
@@ -451,6 +463,14 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
         (["quantize", "RUN", "--out", "O", "--val", "a.jsonl", "--val", "b.jsonl"], "--val is given twice"),
         (["import", "HF", "--out", "O", "--generator", "G1", "--generator", "G2"], "--generator is given twice"),
         (["prepare", "in.txt", "--out", "O", "--tokenizer", "char", "--tokenizer", "t.json"], "one tokenizer"),
+        # output flags: `--out a --out b` wrote b alone (a default, as quickstart's and report's, is no value given)
+        (["pretrain", "--data", "D", "--out", "a", "--out=b"], "--out is given twice"),
+        (["prepare", "in.txt", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["quickstart", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["quickstart", "--data-out", "a", "--data-out", "b"], "--data-out is given twice"),
+        (["export", "RUN", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["finetune", "BASE", "--train", "t.jsonl", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["report", "RUN", "--out", "a.html", "--out", "b.html"], "--out is given twice"),
     ],
 )
 def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
