@@ -874,6 +874,18 @@ def _quiet_rank(error: BaseException) -> bool:
     return before_join and "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
+def _before_joining() -> str:
+    """What an interrupt of a torchrun rank before the ranks joined (`dist.init`) may have been: torchrun SIGTERMs
+    every rank once one dies, and a rank still starting (importing torch) has no group yet that could show it the
+    dead peer; it said only "interrupted" (the last one of 20 kills of rank 1 that did). "" otherwise."""
+    dist = sys.modules.get("lmforge.dist")
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or (dist is not None and dist.joined):
+        return ""
+    return (
+        " before the ranks joined (by Ctrl-C, or by torchrun stopping every rank after one failed: its report names it)"
+    )
+
+
 def _exit(line: str, code: int, error: BaseException) -> None:
     """Print `line` and exit with `code`. A quiet rank (`_quiet_rank`) prints nothing and, but on a Ctrl-C, exits 0:
     the launcher stops every rank as soon as one fails, and rank 0 (plotting loss.png, say) was stopped before it
@@ -897,7 +909,7 @@ def _main(argv: list[str] | None) -> None:
         if failed is not None:  # the run was already failing: its line, not the launcher's signal, says what to do
             print(f"lmforge: error: {failed}", file=sys.stderr)
             sys.exit(2)
-        _exit("lmforge: interrupted", 130, e)
+        _exit("lmforge: interrupted" + _before_joining(), 130, e)
     except BrokenPipeError:  # `lmforge ... | head`: the reader left; nothing is wrong, and nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it

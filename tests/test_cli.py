@@ -514,6 +514,30 @@ def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
     assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)
 
 
+def test_a_torchrun_rank_interrupted_before_joining_says_what_it_may_be(monkeypatch, capsys):
+    """torchrun SIGTERMs every rank once one dies: rank 0, still importing torch when rank 1 died (2 of 20 real kills),
+    printed a bare 'lmforge: interrupted', as for a Ctrl-C. Before the ranks join there is no group to show it the
+    dead peer, so the line now says both; one process, or a rank that joined, still says 'interrupted'."""
+    from lmforge import cli, dist
+
+    def signalled(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parse_and_run", signalled)
+    for world, joined, said in [
+        ("2", False, "lmforge: interrupted before the ranks joined (by Ctrl-C, or by torchrun stopping every rank "
+         "after one failed: its report names it)\n"),
+        ("2", True, "lmforge: interrupted\n"),
+        ("1", False, "lmforge: interrupted\n"),
+    ]:  # fmt: skip
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setattr(dist, "joined", joined)
+        with pytest.raises(SystemExit) as exit_info:
+            cli._main(["pretrain"])
+        assert exit_info.value.code == 130 and capsys.readouterr().err == said
+
+
 def test_a_signal_on_top_of_a_failed_collective_keeps_its_line(monkeypatch, capsys):
     """torchrun SIGTERMs every rank once one dies: a survivor whose collective had just failed got it while closing
     its log and printed 'lmforge: interrupted' (exit 130) instead of the failure's line, which says re-running
