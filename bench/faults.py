@@ -10,6 +10,10 @@ target step plus a random 0-300 ms (so kills land in steps, in evaluations and i
 the same command is then re-run and resumes from the latest complete checkpoint.
 At the end the final weights and the metrics.jsonl losses must be bit-identical to an uninterrupted
 run (on CPU); the script prints one row per kill and exits 1 on any difference.
+
+A kill that comes after the run had saved its last checkpoint (the process had ended, or was only closing
+its log) tests no resume: its row says `missed`, it does not count as a pass, and the script exits 1 (a
+short `--steps` run with a target near its end could otherwise report "bit-identical" after no real kill).
 """
 
 from __future__ import annotations
@@ -116,6 +120,22 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
+def kill_attempt(cmd: list[str], run: Path, target: int, delay: float, steps: int) -> tuple[bool, float]:
+    """Start `cmd`, SIGKILL it (all its processes) `delay` s after metrics.jsonl reaches step `target`; returns
+    (whether the kill landed, seconds from the start to the kill). It missed when the run had saved its final
+    checkpoint (step `steps`) before the kill: the process had ended, or was only closing its log, and a
+    resume has nothing left to do."""
+    p = subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_start = time.perf_counter()
+    while p.poll() is None and last_logged_step(run) < target:
+        time.sleep(0.01)
+    time.sleep(delay)
+    ended = p.poll() is not None
+    kill_tree(p.pid)  # torchrun starts each rank in its own session: kill them all, as a dead node would
+    p.wait()
+    return not ended and latest_step(run) < steps, time.perf_counter() - t_start
+
+
 def main() -> int:
     parser = bench_cli.parser(__doc__)
     parser.add_argument("--kills", type=bench_cli.count(1), default=10)
@@ -147,26 +167,19 @@ def main() -> int:
 
         run = tmp / "killed"
         print(f"# straight run: {args.steps} steps in {duration:.1f} s; killing a second run {args.kills} times")
-        print("| kill | target step | after s | latest checkpoint before | latest after kill |")
-        print("|------|-------------|---------|--------------------------|-------------------|")
+        print("| kill | target step | after s | latest checkpoint before | latest after kill | result |")
+        print("|------|-------------|---------|--------------------------|-------------------|--------|")
         targets = sorted(rng.sample(range(2, args.steps), args.kills))
+        missed = 0
         for k, target in enumerate(targets):
             before = latest_step(run)
-            p = subprocess.Popen(
-                command(data, run, args.steps, args.nproc, args.extra),
-                env=env(),
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            cmd = command(data, run, args.steps, args.nproc, args.extra)
+            landed, delay = kill_attempt(cmd, run, target, rng.uniform(0.0, 0.3), args.steps)
+            missed += not landed
+            print(
+                f"| {k + 1:4d} | {target:11d} | {delay:7.2f} | {before:24d} | {latest_step(run):17d} | "
+                f"{'landed' if landed else 'missed'} |"
             )
-            t_start = time.perf_counter()
-            while p.poll() is None and last_logged_step(run) < target:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
-            kill_tree(p.pid)  # torchrun starts each rank in its own session: kill them all, as a dead node would
-            p.wait()
-            delay = time.perf_counter() - t_start
-            print(f"| {k + 1:4d} | {target:11d} | {delay:7.2f} | {before:24d} | {latest_step(run):17d} |")
         subprocess.run(
             command(data, run, args.steps, args.nproc, args.extra), check=True, env=env(), stdout=subprocess.DEVNULL
         )
@@ -176,7 +189,13 @@ def main() -> int:
         same_weights = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
         same_losses = losses(straight) == losses(run)
         print(f"\nfinal weights bit-identical: {same_weights}; metrics.jsonl losses identical: {same_losses}")
-        return 0 if same_weights and same_losses else 1
+        print(f"kills that landed before the final checkpoint: {args.kills - missed} of {args.kills}")
+        if missed:
+            print(
+                f"{missed} kill(s) missed: the run had saved its step-{args.steps:06d} before them, so they test no "
+                "resume; raise --steps (or lower --kills)"
+            )
+        return 0 if same_weights and same_losses and not missed else 1
 
 
 if __name__ == "__main__":

@@ -19,8 +19,16 @@ import sys
 from typing import Any
 
 from lmforge import __version__
-from lmforge.errors import CommFailure, ConfigError, Interrupted, LmforgeError, interrupt_seen, note_interrupt
-from lmforge.fields import Once
+from lmforge.errors import (
+    CommFailure,
+    ConfigError,
+    Interrupted,
+    LmforgeError,
+    hold_interrupt,
+    interrupt_seen,
+    note_interrupt,
+)
+from lmforge.fields import ONE_OUT, Once
 
 TOUR = """commands:
   quickstart   train a small GPT on the built-in Shakespeare corpus, evaluate it and sample from it
@@ -103,8 +111,16 @@ def build_parser() -> Parser:
         epilog=_config_epilog(presets=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    p.add_argument("--data-out", default="data/quickstart", help="prepared data directory (default: data/quickstart)")
+    p.add_argument(
+        "--out", default="runs/quickstart", action=Once, hint=ONE_OUT, help="run directory (default: runs/quickstart)"
+    )
+    p.add_argument(
+        "--data-out",
+        default="data/quickstart",
+        action=Once,
+        hint=ONE_OUT,
+        help="prepared data directory (default: data/quickstart)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing run")
 
     p = sub.add_parser(
@@ -118,7 +134,7 @@ def build_parser() -> Parser:
         p,
         PrepareConfig,
         positional=("inputs",),
-        once={"tokenizer": "prepare with one tokenizer (a kind, or one tokenizer.json)"},
+        once={"tokenizer": "prepare with one tokenizer (a kind, or one tokenizer.json)", "out": ONE_OUT},
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -137,7 +153,7 @@ def build_parser() -> Parser:
         hint="to train on several prepared folders, mix them: --data.mix 'DIR=0.7,DIR2=0.3'",
         help="prepared data directory (from 'lmforge prepare')",
     )
-    p.add_argument("--out", help="run directory")
+    p.add_argument("--out", action=Once, hint=ONE_OUT, help="run directory")
     p.add_argument("--preset", help="named preset (see the list below)")
     p.add_argument(
         "--config",
@@ -240,6 +256,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--out",
         default=None,
+        action=Once,
+        hint=ONE_OUT,
         metavar="FILE",
         help="write --prompt-file's JSONL to FILE (atomically, replacing it, once all are done) instead of "
         "printing it; finished completions are kept in FILE.partial meanwhile, so after Ctrl-C or a kill the same "
@@ -312,7 +330,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target format (default: hf)")
-    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="output directory (hf) or .gguf file (gguf)")
     p.add_argument(
         "--dtype",
         help="hf: auto (default: the source dtype of an imported model, also after fine-tuning it, else the weights' "
@@ -335,7 +353,7 @@ def build_parser() -> Parser:
         "HF_DIR may be hf:ORG/NAME[@REVISION], a model on the Hugging Face Hub (downloaded into its cache).",
     )
     p.add_argument("hf_dir", metavar="HF_DIR", help="a local HF model directory, or hf:ORG/NAME from the Hub")
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
         "--generator",
@@ -357,7 +375,7 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="weight bits (default: 8)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: 64)")
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--max-batches",
@@ -481,7 +499,13 @@ def build_parser() -> Parser:
         "The HTML page embeds its plots and opens from disk without network.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default="", help="output file (default: report.html, or report.md with --format md)")
+    p.add_argument(
+        "--out",
+        default="",
+        action=Once,
+        hint=ONE_OUT,
+        help="output file (default: report.html, or report.md with --format md)",
+    )
     p.add_argument("--format", default="auto", choices=["auto", "html", "md"], help="auto = by --out suffix")
     p.add_argument("--watch", action="store_true", help="re-render while a run is going (until it ends or Ctrl-C)")
     p.add_argument("--every", type=float, default=10.0, help="seconds between renders with --watch (default: 10)")
@@ -806,7 +830,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     inside a Python callback that torch's C++ start-up makes, it aborted the process (C++ `terminate`, exit
     -6, no message) or left a module half made. After start-up a module imported later (numpy, lazily) can
     still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
-    error is the interrupt too."""
+    error is the interrupt too. One held (`errors.hold_interrupts`) interrupts nothing: it is only noted there."""
+    if not _starting and hold_interrupt():
+        return
     note_interrupt()
     if not _starting:
         raise KeyboardInterrupt
@@ -863,6 +889,18 @@ def _quiet_rank(error: BaseException) -> bool:
     return before_join and "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") != "0"
 
 
+def _before_joining() -> str:
+    """What an interrupt of a torchrun rank before the ranks joined (`dist.init`) may have been: torchrun SIGTERMs
+    every rank once one dies, and a rank still starting (importing torch) has no group yet that could show it the
+    dead peer; it said only "interrupted" (the last one of 20 kills of rank 1 that did). "" otherwise."""
+    dist = sys.modules.get("lmforge.dist")
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1") or (dist is not None and dist.joined):
+        return ""
+    return (
+        " before the ranks joined (by Ctrl-C, or by torchrun stopping every rank after one failed: its report names it)"
+    )
+
+
 def _exit(line: str, code: int, error: BaseException) -> None:
     """Print `line` and exit with `code`. A quiet rank (`_quiet_rank`) prints nothing and, but on a Ctrl-C, exits 0:
     the launcher stops every rank as soon as one fails, and rank 0 (plotting loss.png, say) was stopped before it
@@ -886,7 +924,7 @@ def _main(argv: list[str] | None) -> None:
         if failed is not None:  # the run was already failing: its line, not the launcher's signal, says what to do
             print(f"lmforge: error: {failed}", file=sys.stderr)
             sys.exit(2)
-        _exit("lmforge: interrupted", 130, e)
+        _exit("lmforge: interrupted" + _before_joining(), 130, e)
     except BrokenPipeError:  # `lmforge ... | head`: the reader left; nothing is wrong, and nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit would fail)
         sys.exit(141)  # 128 + SIGPIPE, as a shell tool killed by it

@@ -67,7 +67,7 @@ def penalties_of(args: argparse.Namespace) -> Any:
 
 
 def add_parsers(sub: Any) -> None:
-    from lmforge.fields import Once, add_dataclass_args
+    from lmforge.fields import ONE_OUT, Once, add_dataclass_args
     from lmforge.finetune import FinetuneConfig
 
     p = sub.add_parser(
@@ -94,7 +94,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--val", dest="val_file", action=Once, hint=join, metavar="FILE", help="validation data (metrics at the end)"
     )
-    p.add_argument("--out", required=True, help="run directory (an existing one of the same command is resumed)")
+    p.add_argument(
+        "--out",
+        required=True,
+        action=Once,
+        hint=ONE_OUT,
+        help="run directory (an existing one of the same command is resumed)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start an existing --out over instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     add_dataclass_args(

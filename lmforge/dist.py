@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lmforge.checkpoint import DILOCO_FILE
-from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line
+from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line, hold_interrupts
 from lmforge.fields import check, flatten, opt
 
 
@@ -163,6 +163,7 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 f"({first_line(e)[:200]}); check that every process started and can reach the rendezvous "
                 "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
             ) from None
+    hold_interrupts()  # torchrun's SIGTERM after a peer died: acted on where the ranks meet (errors.hold_interrupts)
     return info, device
 
 

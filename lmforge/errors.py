@@ -67,6 +67,48 @@ def interrupt_seen() -> bool:
     return _interrupt_seen
 
 
+# Ctrl-C and SIGTERM held (noted, not raised, by `cli._on_sigint`): from the moment the ranks of a torchrun run join
+# (`dist.init`), and in any run from its training loop on, until `pretrain` returns (train/run.py). torchrun SIGTERMs
+# every rank as soon as one dies; raised at once, it ended a survivor that was not in a collective (building its
+# model, drawing loss.png after the final checkpoint) as "lmforge: interrupted", exit 130, status.json "running",
+# instead of the dead peer's line. Held, it is acted on where the ranks meet (a dead peer fails that collective
+# first: `CommFailure`), by the training loop (`StopSignal` takes it over), or by `pretrain` once status.json says
+# how the run ended. A second one is raised at once ("now").
+_holding = False
+_held = False
+
+
+def hold_interrupts() -> None:
+    global _holding
+    _holding = True
+
+
+def release_interrupts() -> None:
+    """Stop holding; a held interrupt not taken is dropped (its command has acted on it or failed)."""
+    global _holding, _held
+    _holding = _held = False
+
+
+def hold_interrupt() -> bool:
+    """Hold this Ctrl-C or SIGTERM (`cli._on_sigint`); False when it is to be raised: nothing is held, or one is."""
+    global _held
+    if not _holding or _held:
+        return False
+    _held = True
+    return True
+
+
+def interrupt_held() -> bool:
+    return _held
+
+
+def take_held_interrupt() -> bool:
+    """Whether an interrupt is held, which the caller now acts on (a later one is held again)."""
+    global _held
+    taken, _held = _held, False
+    return taken
+
+
 def interrupt_handled() -> None:
     """A Ctrl-C that the command caught and recovered from (chat stops the reply, not the session): a later
     error is that error, not the interrupt."""

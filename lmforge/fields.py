@@ -101,18 +101,24 @@ def spelled(value: Any) -> str:
 
 class Once(argparse.Action):
     """An option that takes one value and refuses a second: argparse kept the last one without a word, so
-    `--config base.toml --config run.toml` trained without base.toml's settings and `--prompt A --prompt B`
-    completed B alone. `hint` says what to do instead. (Its default must be None: a value already there is
-    taken for a first one.)"""
+    `--config base.toml --config run.toml` trained without base.toml's settings, `--prompt A --prompt B`
+    completed B alone and `--out a --out b` wrote b alone. `hint` says what to do instead. (With a default of
+    None, a value already there is taken for a first one.)"""
 
     def __init__(self, *args: Any, hint: str, **kwargs: Any) -> None:
         self.hint = hint
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
+        given = namespace.__dict__.setdefault("_once_given", set())  # (a default is no value given)
+        if self.dest in given or (self.default is None and getattr(namespace, self.dest, None) is not None):
             raise ConfigError(f"{option_string} is given twice, but takes one value; {self.hint}")
+        given.add(self.dest)
         setattr(namespace, self.dest, values)
+
+
+# `Once`'s hint for an output flag (--out, --data-out): a command writes one output
+ONE_OUT = "the command writes one output: keep the one you mean (run the command again for another)"
 
 
 def add_dataclass_args(

@@ -428,6 +428,18 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
     assert err.count("\n") == 1 and err.startswith("lmforge: error: ") and said in err, err
 
 
+def test_an_output_flag_given_once_keeps_its_default_otherwise() -> None:
+    """Once tracks what was given, so a flag with a default (quickstart's --out) takes one value, and a dotted
+    override given twice (scripts append them on purpose) still keeps the last."""
+    from lmforge.cli import build_parser
+    from lmforge.config import parse_overrides
+
+    args = build_parser().parse_known_args(["quickstart", "--out", "mine"])[0]
+    assert (args.out, args.data_out) == ("mine", "data/quickstart")
+    args, extra = build_parser().parse_known_args(["pretrain", "--out", "o", "--train.lr", "1", "--train.lr", "2"])
+    assert args.out == "o" and parse_overrides(extra) == {"train": {"lr": "2"}}
+
+
 @pytest.mark.parametrize(
     "argv, said",
     [
@@ -451,6 +463,14 @@ def test_a_mistyped_flag_names_the_flag_it_is_close_to(capsys, argv, said):
         (["quantize", "RUN", "--out", "O", "--val", "a.jsonl", "--val", "b.jsonl"], "--val is given twice"),
         (["import", "HF", "--out", "O", "--generator", "G1", "--generator", "G2"], "--generator is given twice"),
         (["prepare", "in.txt", "--out", "O", "--tokenizer", "char", "--tokenizer", "t.json"], "one tokenizer"),
+        # output flags: `--out a --out b` wrote b alone (a default, as quickstart's and report's, is no value given)
+        (["pretrain", "--data", "D", "--out", "a", "--out=b"], "--out is given twice"),
+        (["prepare", "in.txt", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["quickstart", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["quickstart", "--data-out", "a", "--data-out", "b"], "--data-out is given twice"),
+        (["export", "RUN", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["finetune", "BASE", "--train", "t.jsonl", "--out", "a", "--out", "b"], "--out is given twice"),
+        (["report", "RUN", "--out", "a.html", "--out", "b.html"], "--out is given twice"),
     ],
 )
 def test_an_option_of_one_value_given_twice_is_refused(capsys, argv, said):
@@ -499,6 +519,30 @@ def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity")
     assert _out_of_memory(cuda) == "tried to allocate 20.00 MiB"
     assert _out_of_memory(RuntimeError("shape mismatch")) is None  # (a bug keeps its traceback)
+
+
+def test_a_torchrun_rank_interrupted_before_joining_says_what_it_may_be(monkeypatch, capsys):
+    """torchrun SIGTERMs every rank once one dies: rank 0, still importing torch when rank 1 died (2 of 20 real kills),
+    printed a bare 'lmforge: interrupted', as for a Ctrl-C. Before the ranks join there is no group to show it the
+    dead peer, so the line now says both; one process, or a rank that joined, still says 'interrupted'."""
+    from lmforge import cli, dist
+
+    def signalled(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parse_and_run", signalled)
+    for world, joined, said in [
+        ("2", False, "lmforge: interrupted before the ranks joined (by Ctrl-C, or by torchrun stopping every rank "
+         "after one failed: its report names it)\n"),
+        ("2", True, "lmforge: interrupted\n"),
+        ("1", False, "lmforge: interrupted\n"),
+    ]:  # fmt: skip
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setattr(dist, "joined", joined)
+        with pytest.raises(SystemExit) as exit_info:
+            cli._main(["pretrain"])
+        assert exit_info.value.code == 130 and capsys.readouterr().err == said
 
 
 def test_a_signal_on_top_of_a_failed_collective_keeps_its_line(monkeypatch, capsys):

@@ -120,7 +120,7 @@ def launch_ranks(
         # first, or started cold zygotes, has less than its 300 s left)
         limit = min(timeout, seconds_left(margin=20))
         deadline = time.monotonic() + limit
-        while any(r.poll() is None for r in ranks):
+        while any([r.poll() is None for r in ranks]):  # (every rank polled: a generator stopped at rank 0)
             failed = [r.returncode for r in ranks if r.returncode]
             if failed and kill_at is None:
                 kill_at, code = time.monotonic() + 30, failed[0]
@@ -591,6 +591,73 @@ def test_a_peer_death_then_the_launchers_signal_keeps_the_failures_line(data_dir
     assert rank0 and rank0[0].startswith("lmforge: error: rank 0: a collective with the other 1 process(es) failed")
     assert "re-run the same command to resume" in rank0[0] and "interrupted" not in p.stderr, p.stderr[-3000:]
     assert json.loads((out / "status.json").read_text())["status"] == "failed"
+
+
+# lmforge's CLI where rank 1 dies at a point of its run (SIGNAL_AT: "setup", as it wraps its model, after the ranks
+# joined; "end", as it closes its log after the final checkpoint) and rank 0 meanwhile does work of its own, no
+# collective, until the launcher's SIGTERM reaches it (forked_ranks stops the others once one fails, as torchrun does)
+RANK1_DIES_WHILE_RANK0_WORKS_ALONE = """
+import os, sys, time
+from lmforge import cli, dist, errors, log
+
+at, rank = os.environ["SIGNAL_AT"], os.environ["RANK"]
+signalled = getattr(errors, "interrupt_held", errors.interrupt_seen)  # (a raised interrupt leaves the loop anyway)
+def until_signalled():  # local work (building the model, drawing loss.png) that the SIGTERM lands in
+    deadline = time.monotonic() + 60
+    while not signalled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+wrap_model = dist.wrap_model
+def wrap(*args, **kwargs):
+    if at == "setup":
+        if rank == "1":
+            os._exit(1)
+        until_signalled()
+    return wrap_model(*args, **kwargs)
+dist.wrap_model = wrap
+
+close, closed = log.RunLogger.close, []
+def closing(self, *, failing=False):
+    if at == "end" and not failing and not closed:
+        closed.append(True)
+        if rank == "1":
+            os._exit(1)
+        until_signalled()
+    close(self, failing=failing)
+log.RunLogger.close = closing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_peer_death_in_set_up_keeps_the_failures_line(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """torchrun SIGTERMs every rank once one dies. Rank 0, building its model (no collective) when rank 1 died after
+    the ranks joined, printed 'lmforge: interrupted' (exit 130): 2 of 6 real kills in start-up. The signal is now
+    held until the ranks meet (DDP's first broadcast), where the dead peer is found: the failure's line."""
+    script = tmp_path / "peer_dies.py"
+    script.write_text(RANK1_DIES_WHILE_RANK0_WORKS_ALONE, encoding="utf-8")
+    monkeypatch.setenv("SIGNAL_AT", "setup")
+    p = forked_ranks(data_dir, tmp_path / "r", entry=(str(script),), **{"train.max_steps": 2, "dist.timeout_s": 60})
+    said = [line for line in p.stderr.splitlines() if line.startswith("lmforge")]
+    assert said and said[0].startswith("lmforge: error: rank 0: a collective with the other 1 process(es) failed")
+    assert "interrupted" not in p.stderr, p.stderr[-3000:]
+
+
+def test_a_peer_death_after_the_final_checkpoint_is_no_interruption(data_dir: Path, tmp_path: Path, monkeypatch):
+    """Rank 1 died after the final checkpoint while rank 0 drew loss.png: rank 0 printed 'lmforge: interrupted' and
+    left status.json 'running' (3 of 6 real kills). The run is trained and saved: the signal is held until its
+    status says finished and loss.png is drawn, then stops the command (exit 130) with a line that says so."""
+    script = tmp_path / "peer_dies.py"
+    script.write_text(RANK1_DIES_WHILE_RANK0_WORKS_ALONE, encoding="utf-8")
+    monkeypatch.setenv("SIGNAL_AT", "end")
+    out = tmp_path / "r"
+    p = forked_ranks(data_dir, out, entry=(str(script),), **{"train.max_steps": 3, "eval.every": 0})
+    said = [line for line in p.stderr.splitlines() if line.startswith("lmforge")]
+    assert said == [
+        "lmforge: stopped by a signal as the run ended: it trained to step 3 (max_steps) and saved "
+        f"{out / 'checkpoints' / 'step-000003'}; nothing is lost"
+    ], p.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
+    assert (out / "loss.png").is_file()
 
 
 def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ import torch.nn as nn
 from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.dist import DistInfo
+from lmforge.errors import take_held_interrupt
 from lmforge.log import RunLogger
 from lmforge.objectives import CausalLM, Objective, to_device, window_counts, window_loss
 from lmforge.train.optim import l1_penalty
@@ -43,13 +44,16 @@ from lmforge.train.state import TrainState
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only). One the CLI held
+    before the loop (`errors.hold_interrupts`) is taken over as received."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
+        if take_held_interrupt():
+            self.received = signal.SIGINT
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

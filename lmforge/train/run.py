@@ -36,7 +36,17 @@ from lmforge.checkpoint import (
 from lmforge.config import RunConfig, resumed_train, saved_train
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import IdCheckedLoader, eval_batches
-from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted, LmforgeError, TrainingDiverged
+from lmforge.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    LmforgeError,
+    TrainingDiverged,
+    hold_interrupts,
+    interrupt_held,
+    release_interrupts,
+)
 from lmforge.estimate import check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
@@ -318,7 +328,14 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
         The final train state. Raises `Interrupted` after saving when stopped by SIGINT/SIGTERM.
     """
     try:
-        return _pretrain(cfg, overwrite=overwrite, progress=progress)
+        state = _pretrain(cfg, overwrite=overwrite, progress=progress)
+        if interrupt_held():  # held as the run ended (errors.hold_interrupts): it is trained, saved and recorded
+            latest = latest_checkpoint(Path(cfg.out))
+            raise Interrupted(
+                f"stopped by a signal as the run ended: it trained to step {state.step} "
+                f"({state.stop_reason or 'done'}) and saved {latest}; nothing is lost"
+            )
+        return state
     except LmforgeError as e:
         # refused before training (every rank together): a gloo group left open at exit can abort the
         # process ("terminate called without an active exception", exit 134). A dead peer's group cannot close.
@@ -331,6 +348,7 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
             raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
         raise
     finally:
+        release_interrupts()
         if cfg.out:
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
 
@@ -664,6 +682,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     comm_failed = False
     first_step = state.step
     forward_model = torch.compile(train_model, mode=cfg.train.compile_mode) if cfg.train.compile else train_model
+    # From here a signal is held and acted on by the loop, or once status.json says how the run ended (a Ctrl-C
+    # while loss.png was drawn after the final checkpoint printed "interrupted" and left the status "running")
+    hold_interrupts()
     if world.is_main:
         mark_running(run_dir)  # status.json, read by `lmforge runs`
     try:
