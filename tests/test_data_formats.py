@@ -430,7 +430,8 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
 def test_labels_read_the_same_from_json_and_csv(tmp_path):
     """JSON `true` was the label "True" and a CSV's `true` the label "true", so a --val CSV was refused as
     holding labels the model was never trained on; JSON 1 and 1.0 and CSV "1" are one label too."""
-    from lmforge.data.formats import field_map, label_name, read_task_rows
+    from lmforge.data.formats import label_name
+    from lmforge.data.tables import field_map, read_task_rows
 
     (tmp_path / "a.jsonl").write_text('{"text": "x", "label": true}\n{"text": "y", "label": 1.0}\n', encoding="utf-8")
     (tmp_path / "b.csv").write_text("text,label\nx,true\ny,1\n", encoding="utf-8")
@@ -497,8 +498,8 @@ def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> No
     """`cat a.jsonl b.jsonl` of two files a Windows editor saved puts b.jsonl's BOM (U+FEFF) at the start of a line
     in the middle: `prepare` (whole-file and block readers) and `finetune` (read_table) read it, where it was a
     one-line error ("ab.jsonl:2: not valid JSON (Unexpected UTF-8 BOM ...)"), and the BOM is not in the text."""
-    from lmforge.data.formats import read_table
     from lmforge.data.ingest import block_documents, read_blocks
+    from lmforge.data.tables import read_table
 
     rows = [{"text": "first file", "label": "a"}, {"text": "second file", "label": "b"}, {"text": "三", "label": "c"}]
     path = tmp_path / "ab.jsonl"

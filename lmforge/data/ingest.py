@@ -195,7 +195,7 @@ _SNIFF_LINE_BYTES = 1 << 20
 
 def _starts_with_json_object(path: Path) -> bool:
     """The first non-blank line of `path` (decompressed) is a JSON object: a file named without an extension is
-    then JSON Lines, as `finetune --train` reads such a file (`formats.read_table`), not text whose documents
+    then JSON Lines, as `finetune --train` reads such a file (`tables.read_table`), not text whose documents
     would be its raw JSON."""
     try:
         raw, stream = open_input(path)
