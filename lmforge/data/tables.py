@@ -4,7 +4,9 @@
   header row (a .tsv's quotes read as `prepare` reads them, `data/tsv.py`), and headerless `.txt`
   (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
   the UCI sentiment sentences). A file named without one of those extensions (a pipe, `<(zcat x.jsonl.gz)`) is
-  read by its content (`_sniff_kind`), and every file is read once: a pipe gives its bytes only once.
+  read by its content (`_sniff_kind`), and every file is read once: a pipe gives its bytes only once. For
+  `--task clm`, plain text (a .txt, .md or a file or pipe whose content is not JSON) is documents cut at blank
+  lines, as `prepare` cuts it (`_text_documents`), not tab-separated rows.
 - `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
 - `read_task_rows` / `read_rows_or_standard`: a task's rows, their columns checked (`check_columns`) with a
   one-line error naming the rename flag; rows become examples in `data/formats.py`.
@@ -61,9 +63,13 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n")  # (text read with universal newlines)
 
 
-def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def read_table(
+    path: str | Path, *, txt_columns: tuple[str, ...] = (), text_column: str | None = None
+) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / CSV / TSV / Parquet / headerless TXT file as dicts (one-line `DataError` on
-    problems)."""
+    problems). `text_column` (`--task clm`): plain text (a .txt or .md file, optionally .gz, or a file whose name
+    says no format and whose content is not JSON, such as a pipe) is documents, one row each under that column
+    (`_text_documents`), not tab-separated lines."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p} is a directory; pass one .jsonl, .json, .csv, .tsv, .parquet or .txt file")
@@ -78,11 +84,18 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
             raise DataError(f"{p} holds no rows; check the file")
         return rows
     kind = next((k for k in ("jsonl", "json", "csv", "tsv", "txt") if name.endswith("." + k)), None)
-    raw = b""
     try:  # read once: a pipe (<(zcat data.jsonl.gz), named /dev/fd/63) cannot be read a second time
         raw = p.read_bytes()
         if p.name.lower().endswith(".gz") or (kind is None and raw.startswith(_GZIP_MAGIC)):
             raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:  # (a damaged .gz read as "convert it to UTF-8")
+        raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is a damaged .gz") from None
+    sniffed = kind is None
+    if sniffed:
+        kind = _sniff_kind(raw)
+    if text_column is not None and (kind == "txt" or name.endswith(".md")):
+        return _text_documents(p, raw, text_column)
+    try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:  # GBK, Big5, UTF-16...: say which and how to convert it
         from lmforge.data.clean import BINARY_SNIFF_BYTES
@@ -95,8 +108,6 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
             f"{p} is not UTF-8 (byte {e.start}: {e.reason}); convert it first with iconv -f ENCODING -t UTF-8 "
             "(GB18030 for simplified Chinese, BIG5 for traditional, CP1252 for Western European text)"
         ) from None
-    except (OSError, EOFError) as e:  # (a damaged .gz read as "convert it to UTF-8")
-        raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is a damaged .gz") from None
     if "\x00" in text:  # UTF-16 or binary data (as prepare refuses it), or a NUL byte further in
         from lmforge.data.clean import BINARY_SNIFF_BYTES
         from lmforge.data.ingest import check_head_not_binary
@@ -104,9 +115,6 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
         check_head_not_binary(p, raw[:BINARY_SNIFF_BYTES])
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise DataError(f"{p}:{line}: holds a NUL byte, which text never has; remove it or re-export the file")
-    sniffed = kind is None
-    if sniffed:
-        kind = _sniff_kind(text)
     if kind in ("jsonl", "json"):
         rows = _read_json(text, p, lines=kind == "jsonl")
     elif kind == "tsv":
@@ -150,23 +158,54 @@ def read_table(path: str | Path, *, txt_columns: tuple[str, ...] = ()) -> list[d
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*([\[{])")  # (after a BOM and ASCII whitespace)
 
 
-def _sniff_kind(text: str) -> str:
+def _sniff_kind(raw: bytes) -> str:
     """The format of a file whose name does not say it (a pipe such as <(zcat data.jsonl.gz) is /dev/fd/63): JSON
     Lines if it starts with `{` (a JSON object, such as a SQuAD file, when its first line alone is not one), a JSON
-    list if with `[`, else headerless tab-separated text, as a .txt file. (A CSV or TSV header row could not be told
-    from a first row, so tables are read by extension only.)"""
-    start = text.lstrip()
-    if start.startswith("["):
+    list if with `[`, else text, as a .txt file: headerless tab-separated rows, or for `--task clm` documents. (A CSV
+    or TSV header row could not be told from a first row, so tables are read by extension only.) Sniffed on the
+    bytes: plain text in a legacy encoding is still text for clm, read as `prepare` reads it."""
+    start = _JSON_START.match(raw)
+    if not start:
+        return "txt"
+    if start[1] == b"[":
         return "json"
-    if start.startswith("{"):
-        try:
-            json.loads(start.split("\n", 1)[0])
-        except json.JSONDecodeError:
-            return "json"
-        return "jsonl"
-    return "txt"
+    end = raw.find(b"\n", start.start(1))
+    try:
+        json.loads(raw[start.start(1) : end if end >= 0 else None])
+    except ValueError:  # (not JSON, or not UTF-8: then said when the file is decoded)
+        return "json"
+    return "jsonl"
+
+
+def _text_documents(p: Path, raw: bytes, column: str) -> list[dict[str, Any]]:
+    """Plain text for `--task clm`, cut into documents at lines of only whitespace (as `prepare --doc-unit
+    paragraph`), one row each under `column`; a pipe or a file named `corpus` reads as the same text in a .txt."""
+    from lmforge.data.clean import BINARY_SNIFF_BYTES
+    from lmforge.data.ingest import check_head_not_binary
+
+    # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
+    check_head_not_binary(p, raw[:BINARY_SNIFF_BYTES])
+    # decoded and checked as prepare does (it was read with errors="replace" and not a word said): a file
+    # mixing encodings is refused, stray bad bytes are replaced, counted and reported; a BOM is no text
+    # (str.strip keeps U+FEFF); any line end reads as "\n"; a line of only whitespace ends a document, as
+    # in `prepare --doc-unit paragraph`
+    text, invalid = decode_utf8(raw)
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    docs = [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
+    check_encoding(p, invalid, sum(map(len, docs)), MAX_INVALID_UTF8, flag=False)
+    if not docs:
+        raise DataError(f"{p} holds no text; check the file")
+    if invalid:
+        print(
+            f"note: {p}: {invalid} invalid UTF-8 sequence{'s' if invalid != 1 else ''} replaced with U+FFFD "
+            "(invalid_utf8_replaced, as "
+            "prepare counts them); the scores include them: convert the file to UTF-8 for exact ones",
+            file=sys.stderr,
+        )
+    return [{column: d} for d in docs]
 
 
 def _named(header: list[str], fields: list[str]) -> dict[Any, Any]:
@@ -365,43 +404,19 @@ def _reference(row: dict[str, Any], task: str, fields: dict[str, str]) -> str | 
 def read_task_rows(
     path: str | Path, task: str, fields: dict[str, str], *, scored: bool = False, limit: int = 0
 ) -> list[dict[str, Any]]:
-    """Rows of a task file; a plain .txt is raw text for clm (blank-line separated documents). `scored`: the
+    """Rows of a task file; plain text is documents for clm (`read_table`'s `text_column`). `scored`: the
     rows' answers will be scored, so an empty reference is an error (`check_columns`). `limit` > 0: only the
     first `limit` rows (`eval --limit`), and only they are checked: a bad row after them is never read."""
     p = Path(path)
-    if _is_text_documents(p, task):
-        from lmforge.data.ingest import check_not_binary
-
-        check_not_binary(p)  # as prepare: text in another encoding is refused, naming it; stray bad bytes pass
-        # decoded and checked as prepare does (it was read with errors="replace" and not a word said): a file
-        # mixing encodings is refused, stray bad bytes are replaced, counted and reported; a BOM is no text
-        # (str.strip keeps U+FEFF); any line end reads as "\n"; a line of only whitespace ends a document, as
-        # in `prepare --doc-unit paragraph`
-        text, invalid = decode_utf8(p.read_bytes())
-        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-        docs = [d.strip() for d in _BLANK_LINE.split(text) if d.strip()]
-        check_encoding(p, invalid, sum(map(len, docs)), MAX_INVALID_UTF8, flag=False)
-        if not docs:
-            raise DataError(f"{p} holds no text; check the file")
-        if invalid:
-            print(
-                f"note: {p}: {invalid} invalid UTF-8 sequence{'s' if invalid != 1 else ''} replaced with U+FFFD "
-                "(invalid_utf8_replaced, as "
-                "prepare counts them); the scores include them: convert the file to UTF-8 for exact ones",
-                file=sys.stderr,
-            )
-        return [{fields["text"]: d} for d in docs][: limit or None]
-    return _task_rows(_read_task_table(p, task), p, task, fields, scored=scored, limit=limit)
+    return _task_rows(_read_task_table(p, task, fields), p, task, fields, scored=scored, limit=limit)
 
 
-def _is_text_documents(p: Path, task: str) -> bool:
-    return task == "clm" and p.suffix.lower() in (".txt", ".md") and p.is_file()
-
-
-def _read_task_table(p: Path, task: str) -> list[dict[str, Any]]:
+def _read_task_table(p: Path, task: str, fields: dict[str, str]) -> list[dict[str, Any]]:
     # a headerless .txt's columns are the task's fields in order (source, target); --field then picks
-    # among them as among a header's names (--field source=target --field target=source: zh -> en)
-    return read_table(p, txt_columns=_txt_columns(task))
+    # among them as among a header's names (--field source=target --field target=source: zh -> en);
+    # for clm, plain text is documents under the text column
+    text_column = fields["text"] if task == "clm" else None
+    return read_table(p, txt_columns=_txt_columns(task), text_column=text_column)
 
 
 def _txt_columns(task: str) -> tuple[str, ...]:
@@ -455,9 +470,7 @@ def read_rows_or_standard(
     training file (`eval --task` on a run trained on renamed columns; a fine-tune's --val JSONL of text/label
     beside a training CSV of review/label, which no --field could read both of)."""
     p = Path(path)
-    if _is_text_documents(p, task):  # (documents of text: no columns to miss)
-        return read_task_rows(p, task, fields, scored=scored, limit=limit), fields
-    table = _read_task_table(p, task)  # read once: a pipe (<(zcat val.jsonl.gz)) cannot be read a second time
+    table = _read_task_table(p, task, fields)  # read once: a pipe (<(zcat val.jsonl.gz)) cannot be read a second time
     try:
         return _task_rows(table, p, task, fields, scored=scored, limit=limit), fields
     except MissingColumnError as first:
