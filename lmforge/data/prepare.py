@@ -20,7 +20,8 @@ Key design decisions:
   pass 2 encodes the temporary files in batches.
 - Pass 1 works on blocks of ~4 MB (text and JSONL files are cut at document boundaries as raw
   bytes; other formats are read here and sent as batches of texts). A text file's document that grows past
-  LONG_DOCUMENT_BYTES (16 MiB) with no boundary in sight (one giant line) is streamed instead, when the
+  LONG_DOCUMENT_BYTES (16 MiB) with no boundary in sight (one giant line; a whole file with --doc-unit file) is
+  streamed instead, when the
   tokenizer is trained and nothing else needs its whole text (near dedup, --normalize-whitespace,
   --boilerplate and the repetition filters are off): read in ~1 MiB chunks (`ingest.LongDocument`), cleaned,
   filtered, hashed (split, exact dedup) and written a chunk at a time (`BlockWorker._long_document`) to a
