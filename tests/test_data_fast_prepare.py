@@ -360,12 +360,14 @@ def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_wh
     assert removed["exact_dup"] == 1 and removed["language"] == 1 and removed["too_long"] == 1
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "given"])
 def test_file_unit_documents_stream_with_the_output_of_the_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
 ) -> None:
-    """`--doc-unit file` read each file whole (bytes, then text: a 200 MB file peaked at ~1 GB more than the same
-    text in paragraphs). Now a file is one block, and one over LONG_DOCUMENT_BYTES streams in chunks when the
-    tokenizer is trained, blank lines, a BOM, CRLF and an empty file included, with the output of reading it whole."""
+    """`--doc-unit file` read each file whole, and with a given tokenizer.json a long document of any unit was held
+    whole (its text, cleaned text and ids). Now a file is one block, and a document over LONG_DOCUMENT_BYTES
+    streams in chunks (with a given tokenizer, encoded a piece at a time from the spill file into its split's
+    shard), blank lines, a BOM, CRLF and an empty file included, with the output of reading it whole."""
     book = shakespeare_text(60_000)
     (tmp_path / "in").mkdir()
     write(
@@ -374,7 +376,10 @@ def test_file_unit_documents_stream_with_the_output_of_the_whole(
     write(tmp_path / "in" / "b.txt", book[30_000:31_000] + "\n\n\n")
     write(tmp_path / "in" / "c.txt", "")
     write(tmp_path / "in" / "d.txt", "\n" + book[:20_000] + "\n\n  \n" + book[20_000:30_000] + "\n")  # a's text
-    argv = ["prepare", str(tmp_path / "in"), "--doc-unit", "file", "--tokenizer", "char", "--quiet", "--no-card"]
+    if tokenizer == "given":
+        train_bpe([book], 400).save(tmp_path / "tokenizer.json")
+        tokenizer = str(tmp_path / "tokenizer.json")
+    argv = ["prepare", str(tmp_path / "in"), "--doc-unit", "file", "--tokenizer", tokenizer, "--quiet", "--no-card"]
     streamed = _count_long_documents(monkeypatch)
     whole = _prepared(argv, tmp_path / "whole")
     assert not streamed
