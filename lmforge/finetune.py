@@ -396,7 +396,8 @@ def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 
     (0 = all). Used by `lmforge quantize` to compare a fine-tune before and after on its own validation data."""
     from lmforge.chat import ChatTemplate
     from lmforge.config import EvalConfig, TrainConfig, from_dict
-    from lmforge.data.formats import build_examples, lm_batch, read_rows_or_standard
+    from lmforge.data.formats import build_examples, lm_batch
+    from lmforge.data.tables import read_rows_or_standard
     from lmforge.train.precision import pick_precision
 
     info = ft.info or {}
@@ -558,13 +559,11 @@ def _finetune(
         classify_batch,
         classify_frame,
         dpo_collate,
-        field_map,
         label_key,
         label_name,
         lm_batch,
-        read_rows_or_standard,
-        read_task_rows,
     )
+    from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.dist import require_one_process
     from lmforge.estimate import check_fits
     from lmforge.log import RunLogger, capture_env

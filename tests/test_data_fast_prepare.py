@@ -288,6 +288,40 @@ def test_a_long_document_prepares_through_the_cli_as_its_whole_text(
     assert np.array_equal(ids, [*whole.encode(text), whole.eos_id])
 
 
+def _count_long_documents(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an item for each long document `prepare` streams (`BlockWorker._long_document`)."""
+    from lmforge.data import blocks
+
+    streamed: list[int] = []
+    long_document = blocks.BlockWorker._long_document
+    monkeypatch.setattr(
+        blocks.BlockWorker, "_long_document", lambda self, task: streamed.append(1) or long_document(self, task)
+    )
+    return streamed
+
+
+def _stream_from_2000_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare` streams a document over 2,000 bytes, in chunks of 500, from blocks of 1,000."""
+    from lmforge.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "LONG_DOCUMENT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 500)
+
+
+def _prepared(argv: list[str], out: Path) -> dict[str, bytes]:
+    """The files `lmforge prepare ARGV --out OUT` writes, by name; the manifest without its date and out path."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--out", str(out)])
+    assert done.value.code == 0
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["created"], manifest["config"]["out"]
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+    return {**files, "manifest": json.dumps(manifest).encode()}
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
@@ -297,10 +331,6 @@ def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_wh
     (split, exact dedup: its copy is removed) and the filters into the docs file: the prepared folder is the one
     of reading it whole, byte for byte (manifest counts included), and a document the filters remove (too long,
     Chinese with --languages en) is removed as it was."""
-    from lmforge.cli import main
-    from lmforge.data import blocks, ingest
-    from lmforge.data import prepare as prepare_module
-
     book = shakespeare_text(120_000).replace("\n", " ")
     long = book[:40_000] + " café e\u0301 \x01 天地玄黄 ." * 30
     text = (
@@ -320,30 +350,44 @@ def test_a_long_document_is_read_and_cleaned_in_chunks_with_the_output_of_the_wh
     write(tmp_path / "a.txt", text)
     argv = ["prepare", str(tmp_path / "a.txt"), "--vocab-size", "500", "--quiet", "--no-card"]
     argv += ["--workers", str(workers), "--languages", "en", "--max-chars", "50000"]
-    streamed: list[int] = []
-    long_document = blocks.BlockWorker._long_document
-    monkeypatch.setattr(
-        blocks.BlockWorker, "_long_document", lambda self, task: streamed.append(1) or long_document(self, task)
-    )
-
-    def prepared(out: str) -> dict[str, bytes]:
-        with pytest.raises(SystemExit) as done:
-            main([*argv, "--out", str(tmp_path / out)])
-        assert done.value.code == 0
-        manifest = json.loads((tmp_path / out / "manifest.json").read_text(encoding="utf-8"))
-        del manifest["created"], manifest["config"]["out"]
-        files = {p.name: p.read_bytes() for p in (tmp_path / out).iterdir() if p.name != "manifest.json"}
-        return {**files, "manifest": json.dumps(manifest).encode()}
-
-    whole = prepared("whole")
+    streamed = _count_long_documents(monkeypatch)
+    whole = _prepared(argv, tmp_path / "whole")
     assert not streamed
-    monkeypatch.setattr(prepare_module, "LONG_DOCUMENT_BYTES", 2000)
-    monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 1000)
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 500)
-    assert prepared("streamed") == whole
+    _stream_from_2000_bytes(monkeypatch)
+    assert _prepared(argv, tmp_path / "streamed") == whole
     assert len(streamed) == 4  # the two copies of the long one, the Chinese one, the too-long one
     removed = json.loads(whole["manifest"])["documents"]["removed"]
     assert removed["exact_dup"] == 1 and removed["language"] == 1 and removed["too_long"] == 1
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "given"])
+def test_file_unit_documents_stream_with_the_output_of_the_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer: str
+) -> None:
+    """`--doc-unit file` read each file whole, and with a given tokenizer.json a long document of any unit was held
+    whole (its text, cleaned text and ids). Now a file is one block, and a document over LONG_DOCUMENT_BYTES
+    streams in chunks (with a given tokenizer, encoded a piece at a time from the spill file into its split's
+    shard), blank lines, a BOM, CRLF and an empty file included, with the output of reading it whole."""
+    book = shakespeare_text(60_000)
+    (tmp_path / "in").mkdir()
+    write(
+        tmp_path / "in" / "a.txt", ("\ufeff  " + book[:20_000] + "\n\n  \n" + book[20_000:30_000]).replace("\n", "\r\n")
+    )
+    write(tmp_path / "in" / "b.txt", book[30_000:31_000] + "\n\n\n")
+    write(tmp_path / "in" / "c.txt", "")
+    write(tmp_path / "in" / "d.txt", "\n" + book[:20_000] + "\n\n  \n" + book[20_000:30_000] + "\n")  # a's text
+    if tokenizer == "given":
+        train_bpe([book], 400).save(tmp_path / "tokenizer.json")
+        tokenizer = str(tmp_path / "tokenizer.json")
+    argv = ["prepare", str(tmp_path / "in"), "--doc-unit", "file", "--tokenizer", tokenizer, "--quiet", "--no-card"]
+    streamed = _count_long_documents(monkeypatch)
+    whole = _prepared(argv, tmp_path / "whole")
+    assert not streamed
+    _stream_from_2000_bytes(monkeypatch)
+    assert _prepared(argv, tmp_path / "streamed") == whole
+    assert len(streamed) == 2  # a and d
+    documents = json.loads(whole["manifest"])["documents"]
+    assert documents["in"] == 4 and documents["removed"]["exact_dup"] == 1 and documents["removed"]["empty"] == 1
 
 
 def _seen(texts: Iterable[str], seen: list[str]) -> Iterator[str]:
@@ -433,7 +477,7 @@ def test_long_json_lines_are_read_in_chunks_as_json_reads_them(
     assert got == [t for t in texts for _ in (False, True)]
 
 
-@pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
+@pytest.mark.parametrize("doc_unit", ["paragraph", "line", "file"])
 def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None:
     paragraphs = shakespeare_text(20_000).split("\n\n")
     # line ends of every kind, mixed in one file: Unix "\n", Windows "\r\n", old Mac OS "\r"
@@ -446,12 +490,20 @@ def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None
     jsonl = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 == 0 else "") for i, t in enumerate(TRICKY * 5))
     for path in (write(tmp_path / "a.txt", data), write(tmp_path / "b.jsonl", "\ufeff" + jsonl)):
         want = list(read_documents(path, doc_unit=doc_unit))
-        assert len(want) > 20
+        whole = doc_unit == "file" and path.suffix == ".txt"  # (a "file"-unit text file is one block, one document)
+        assert len(want) == 1 if whole else len(want) > 20
         for block_bytes in (50, 999, 1 << 20):
             blocks = list(read_blocks(path, doc_unit=doc_unit, block_bytes=block_bytes))
             got = [doc for block in blocks for doc in block_documents(block, path, doc_unit=doc_unit)]
             assert got == want, (path.name, block_bytes)
-            assert len(blocks) > 3 or block_bytes > 999
+            assert len(blocks) == 1 if whole else len(blocks) > 3 or block_bytes > 999
+    empty = write(tmp_path / "empty.txt", b"")  # one empty document (counted, then removed as empty), or none
+    want = list(read_documents(empty, doc_unit=doc_unit))
+    assert [
+        d for b in read_blocks(empty, doc_unit=doc_unit) for d in block_documents(b, empty, doc_unit=doc_unit)
+    ] == want
+    if doc_unit == "file":
+        return
     # ... and the documents are the paragraphs (lines) written, whatever their line ends
     paragraphs[0] = "\ufeff" + paragraphs[0]
     docs = [d.text for d in read_documents(tmp_path / "a.txt", doc_unit=doc_unit)]
@@ -463,7 +515,7 @@ def test_blocks_parse_like_the_whole_file(tmp_path: Path, doc_unit: str) -> None
         assert cleaned[: len(lines)] == lines
 
 
-@pytest.mark.parametrize("doc_unit", ["paragraph", "line"])
+@pytest.mark.parametrize("doc_unit", ["paragraph", "line", "file"])
 def test_long_documents_stream_as_the_whole_file_parses_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc_unit: str
 ) -> None:
@@ -509,7 +561,15 @@ def test_long_documents_stream_as_the_whole_file_parses_them(
             else:
                 got.extend(block_documents(item, path, doc_unit=doc_unit))
         assert got == want, block_bytes
-        assert streamed >= 3
+        assert streamed >= (1 if doc_unit == "file" else 3)
+    if doc_unit == "file":  # the whole file over --max-line-bytes: refused as when it is read whole, in one line
+        for block_bytes in (100, 1 << 20):
+            for long_bytes in (1000, None):
+                with pytest.raises(DataError, match=r"a\.txt: longer than 5,000 bytes, too big for one document"):
+                    for item in read_blocks(
+                        path, doc_unit="file", block_bytes=block_bytes, long_bytes=long_bytes, max_line_bytes=5000
+                    ):
+                        list(item.chunks) if isinstance(item, LongDocument) else None
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 2, 3, 7, 1 << 16])

@@ -430,7 +430,8 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
 def test_labels_read_the_same_from_json_and_csv(tmp_path):
     """JSON `true` was the label "True" and a CSV's `true` the label "true", so a --val CSV was refused as
     holding labels the model was never trained on; JSON 1 and 1.0 and CSV "1" are one label too."""
-    from lmforge.data.formats import field_map, label_name, read_task_rows
+    from lmforge.data.formats import label_name
+    from lmforge.data.tables import field_map, read_task_rows
 
     (tmp_path / "a.jsonl").write_text('{"text": "x", "label": true}\n{"text": "y", "label": 1.0}\n', encoding="utf-8")
     (tmp_path / "b.csv").write_text("text,label\nx,true\ny,1\n", encoding="utf-8")
@@ -497,8 +498,8 @@ def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> No
     """`cat a.jsonl b.jsonl` of two files a Windows editor saved puts b.jsonl's BOM (U+FEFF) at the start of a line
     in the middle: `prepare` (whole-file and block readers) and `finetune` (read_table) read it, where it was a
     one-line error ("ab.jsonl:2: not valid JSON (Unexpected UTF-8 BOM ...)"), and the BOM is not in the text."""
-    from lmforge.data.formats import read_table
     from lmforge.data.ingest import block_documents, read_blocks
+    from lmforge.data.tables import read_table
 
     rows = [{"text": "first file", "label": "a"}, {"text": "second file", "label": "b"}, {"text": "三", "label": "c"}]
     path = tmp_path / "ab.jsonl"
@@ -530,3 +531,49 @@ def test_a_file_named_without_an_extension_is_read_by_its_content(tmp_path: Path
     for name in ("notes", "list", "log.txt2"):
         assert file_format(tmp_path / name) == "text", name
     assert [d.text for d in read_documents(tmp_path / "notes")] == ["{curly} text\n", "not JSON\n"]
+
+
+def test_clm_text_from_a_pipe_or_an_extensionless_file_is_documents_as_in_a_txt(tmp_path: Path, capsys) -> None:
+    """`finetune --task clm --train <(zcat book.txt.gz)` or `--train corpus` made every line a document (the
+    headerless tab-separated rows of a .txt table), where the same text in corpus.txt is cut into documents at
+    blank lines, and a .txt.gz was read by lines too. Now plain text is documents whatever its name says (sniffed
+    on its bytes: a stray invalid byte is replaced and noted, as in a .txt); `prepare` read `corpus` so already."""
+    import gzip
+
+    from lmforge.data.tables import read_rows_or_standard, read_task_rows
+    from tests.test_finetune import _pipe
+
+    data = "Chapter 1\nIt was a dark\tnight.\n \n第二段\r\n还有一行\r\n\r\nbad byte \udcff here\n".encode(
+        "utf-8", "surrogateescape"
+    )
+    fields = {"text": "text"}
+    (tmp_path / "corpus.txt").write_bytes(data)
+    expected = read_task_rows(tmp_path / "corpus.txt", "clm", fields)
+    assert expected == [
+        {"text": "Chapter 1\nIt was a dark\tnight."},
+        {"text": "第二段\n还有一行"},
+        {"text": "bad byte \ufffd here"},
+    ]
+    (tmp_path / "corpus").write_bytes(data)
+    (tmp_path / "corpus.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress(data))
+    for name in ("corpus", "corpus.gz", "corpus.txt.gz"):
+        assert read_task_rows(tmp_path / name, "clm", fields) == expected, name
+    with _pipe(data) as piped:
+        assert read_task_rows(piped, "clm", fields) == expected
+    with _pipe(gzip.compress(data)) as piped:  # (renamed column: the documents are under it, read once)
+        assert read_rows_or_standard(piped, "clm", {"text": "body"}) == (
+            [{"body": r["text"]} for r in expected],
+            {"text": "body"},
+        )
+    assert "1 invalid UTF-8 sequence replaced" in capsys.readouterr().err
+    prepared = [d.text.replace("\r\n", "\n").strip() for d in read_documents(tmp_path / "corpus")]
+    assert prepared == [r["text"] for r in expected]  # (as prepare cuts it, before cleaning)
+    # JSON content is still rows, and other tasks still read plain text as tab-separated lines
+    with _pipe(b'{"text": "one"}\n{"text": "two"}\n') as piped:
+        assert read_task_rows(piped, "clm", fields) == [{"text": "one"}, {"text": "two"}]
+    (tmp_path / "pairs").write_text("hello\tbonjour\n\nyes\toui\n", encoding="utf-8")
+    assert read_task_rows(tmp_path / "pairs", "translate", {"source": "source", "target": "target"}) == [
+        {"source": "hello", "target": "bonjour"},
+        {"source": "yes", "target": "oui"},
+    ]

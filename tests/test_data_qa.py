@@ -12,8 +12,9 @@ import torch
 
 from lmforge.adapt.load import load_finetuned
 from lmforge.chat import ChatTemplate
-from lmforge.data.formats import build_examples, field_map, read_task_rows
+from lmforge.data.formats import build_examples
 from lmforge.data.qa import UNANSWERABLE, references, unanswerable
+from lmforge.data.tables import field_map, read_task_rows
 from lmforge.errors import DataError
 from tests.test_finetune import DATA, make_base
 

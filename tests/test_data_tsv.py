@@ -1,4 +1,4 @@
-"""A .tsv reads the same in `prepare` (data/ingest.py) and in task files (data/formats.py `read_table`):
+"""A .tsv reads the same in `prepare` (data/ingest.py) and in task files (data/tables.py `read_table`):
 quoted fields where a CSV library quoted them (pandas, R), quotes as text in plain TSVs (data/tsv.py)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.formats import read_table
 from lmforge.data.ingest import read_documents
+from lmforge.data.tables import read_table
 
 TEXTS = ['he said "hi" to me', "a\ttab inside", "two\nlines here", "plain text", '"Look," she said.']
 LABELS = ["pos", "pos", "neg", "pos", "neg"]

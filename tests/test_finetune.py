@@ -237,7 +237,8 @@ def test_openai_message_forms_train_and_score_as_serve_reads_them(base: Path, tm
     """Text content parts and a developer turn (OpenAI's forms, which `serve` reads) were refused in a training or
     val file ("each needs ... a 'content' string"); they are the same examples as the plain strings. An image part
     is refused in one line naming the row."""
-    from lmforge.data.formats import build_examples, field_map, read_task_rows
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map, read_task_rows
     from lmforge.tokenizer.tokenizer import Tokenizer
 
     plain = [
@@ -623,7 +624,7 @@ def test_task_files_from_a_pipe_are_read_once_in_the_format_their_content_has(ba
         result = finetune(base, train_file=train_file, val_file=val_file, out=tmp_path / "run", cfg=cfg,
                           overrides=FAST, progress=False)  # fmt: skip
     assert result["val"]["n"] == 2 and sum(map(sum, result["val"]["confusion"])) == 2
-    from lmforge.data.formats import read_table, read_task_rows
+    from lmforge.data.tables import read_table, read_task_rows
 
     fields = {"text": "text", "label": "label"}
     with _pipe(json.dumps(val).encode("utf-8")) as listed, _pipe(b"good\t1\nbad\t0\n") as tabbed:
@@ -657,7 +658,7 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
     as the bare frame ([EOS]). A training file's blank rows are now skipped and counted in the log (one stray row
     should not block a real dataset); in a file whose rows are scored (--val, eval) it is a one-line error naming
     the row, as an empty label is; a training file of only blank texts is an error."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     blank = tmp_path / "blank.csv"
     blank.write_text("review,label\n房间很干净,1\n太差了,0\n  ,0\n", encoding="utf-8")
@@ -695,7 +696,8 @@ def test_a_label_written_as_a_float_is_the_integer_label(base: Path, tmp_path: P
     """pandas writes an int label column that has a gap as float64: "1.0", "0.0". That CSV gave the classes
     "0.0" and "1.0" (and, mixed with "1" and "0", four classes silently), and a --val JSONL labelled 1 and 0
     was refused as holding labels never trained on. Now all of them name the classes "0" and "1"."""
-    from lmforge.data.formats import build_examples, field_map, label_name, read_task_rows
+    from lmforge.data.formats import build_examples, label_name
+    from lmforge.data.tables import field_map, read_task_rows
 
     train_rows = list(csv.DictReader((DATA / "sentiment_train.csv").read_text(encoding="utf-8").splitlines()))
     number = {"negative": 0, "positive": 1}
@@ -810,7 +812,7 @@ def test_fewshot_orders_numeric_labels_as_a_fine_tune_does(base: Path):
 
 def test_fewshot_demos_are_drawn_per_row_and_never_the_row_itself(base: Path, monkeypatch: pytest.MonkeyPatch):
     """The shots may be the evaluated file: a row's own labelled copy must never be in its prompt."""
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
     from lmforge.eval.tasks import fewshot_classify
 
     ft = load_finetuned(base, torch.device("cpu"))
@@ -837,7 +839,7 @@ def test_fewshot_prompts_start_with_the_tokenizers_bos(base: Path, monkeypatch: 
     from tokenizers import processors
 
     import lmforge.eval.tasks as tasks
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
 
     ft = load_finetuned(base, torch.device("cpu"))
     hf = Tokenizer.from_str(ft.tokenizer.to_str()).hf
@@ -863,7 +865,7 @@ def test_fewshot_demonstrations_that_do_not_fit_are_left_out_whole(
     half a demonstration first. They are left out whole, the first ones first, and a note counts them; classify
     (labels of one length, 128-character context) and choice (options of different lengths) alike."""
     import lmforge.eval.tasks as tasks
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
     from lmforge.eval.choice import choice_metrics
 
     ft = load_finetuned(base, torch.device("cpu"))
@@ -908,7 +910,8 @@ def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, 
     and `eval` generates qa/translate answers from those same prompts."""
     import lmforge.eval.tasks as tasks
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import build_examples, classify_frame, field_map, translate_prompt
+    from lmforge.data.formats import build_examples, classify_frame, translate_prompt
+    from lmforge.data.tables import field_map
     from lmforge.generate import prompt_text_ids
 
     ft = load_finetuned(base, torch.device("cpu"))
@@ -950,7 +953,8 @@ def test_a_prompt_cut_to_fit_keeps_the_tokenizers_bos_first(base: Path, monkeypa
     history, scored continuations), so both see the BOS first; cutting from the very start dropped it."""
     import lmforge.generate
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import build_examples, field_map
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
     from lmforge.eval.tasks import _answers, continuation_logprob
 
     ft = load_finetuned(base, torch.device("cpu"))
@@ -1025,7 +1029,7 @@ def test_a_dotted_field_reads_nested_lists_one_row_per_item(tmp_path: Path):
     """Self-Instruct's seed tasks keep their answers in `instances`, a list of {input, output}: `--field
     output=instances.output` reads each item as its own row (other columns repeated), as `prepare
     --text-field` walks a list of objects; before, the file needed a conversion script."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     rows = [json.loads(line) for line in (DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
     tasks = [  # the seed file's layout: the first task with two instances, one of them without an input
@@ -1060,7 +1064,7 @@ def test_a_dotted_field_no_row_has_is_an_error_naming_where_its_path_ends(tmp_pa
     """A dotted --field that is in no row is a typo: `--field input=instances.inptu` trained an sft model without
     its inputs, silently (a key missing from some items stays allowed: sft's input is optional). Now a one-line
     error names the row, where the path ends and the keys there; a required column's typo says the same."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     tasks = [{"instruction": "say hi", "instances": [{"input": "", "output": "hi"}, {"output": "hello"}]}]
     path = tmp_path / "seed_tasks.jsonl"
@@ -1078,7 +1082,7 @@ def test_a_dotted_field_no_row_has_is_an_error_naming_where_its_path_ends(tmp_pa
 
 def test_task_files_split_rows_on_newlines_only(tmp_path: Path):
     """json.dumps(ensure_ascii=False) leaves U+2028 unescaped; splitlines() cut such a JSONL row in two."""
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
 
     rows = [{"instruction": "问", "output": "第一段。\u2028第二段。\u0085完"}] * 3
     jsonl = tmp_path / "x.jsonl"
@@ -1096,7 +1100,7 @@ def test_task_files_read_unix_windows_and_old_mac_line_ends_alike(end: str, tmp_
     """As `prepare`: a row of a .txt/.csv/.tsv task file ends at "\\n", "\\r\\n" or a lone "\\r" (before, an
     old-Mac .txt was one row and a .csv/.tsv failed with csv's "new-line character seen in unquoted field");
     a clm .txt's documents end at a line of only whitespace, whatever the line ends, and lose a BOM."""
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
 
     fields = {"source": "source", "target": "target"}
     pairs = [{"source": "hello", "target": "bonjour"}, {"source": "cat", "target": "chat"}]
@@ -1121,7 +1125,8 @@ def test_task_files_read_unix_windows_and_old_mac_line_ends_alike(end: str, tmp_
 def test_packing_keeps_examples_apart(model: dict, tmp_path: Path):
     from lmforge.adapt.heads import packed_logits
     from lmforge.adapt.objectives import PackedCausalLM
-    from lmforge.data.formats import build_examples, field_map, lm_batch, pack_examples, packed_batch, read_task_rows
+    from lmforge.data.formats import build_examples, lm_batch, pack_examples, packed_batch
+    from lmforge.data.tables import field_map, read_task_rows
     from lmforge.objectives import CausalLM
     from lmforge.trained import load_trained
 
@@ -1155,7 +1160,7 @@ def test_packing_keeps_examples_apart(model: dict, tmp_path: Path):
 
 
 def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     fields = field_map("classify", None)
     nulls = tmp_path / "nulls.jsonl"
@@ -1184,7 +1189,7 @@ def test_task_file_errors_say_what_is_wrong(tmp_path: Path):
 def test_a_headerless_table_is_told_how_to_give_it_columns(tmp_path: Path):
     """A headerless .tsv of pairs (Tatoeba's, Moses') lost its first pair as the header and was told only to
     rename with --field source=COLUMN, which reads the file one pair short; the error now says how to name them."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     pairs = (DATA / "eng_fra.txt").read_text(encoding="utf-8")
     tsv = tmp_path / "pairs.tsv"
@@ -1267,7 +1272,7 @@ def test_confusion_png_of_many_classes_stays_a_readable_size(tmp_path: Path):
 
 def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
     """A JSON null under instruction/output was trained on as the text "None" (str(None)); `input` may be null."""
-    from lmforge.data.formats import read_task_rows
+    from lmforge.data.tables import read_task_rows
 
     fields = {"messages": "messages", "instruction": "instruction", "input": "input", "output": "output"}
     ok = tmp_path / "ok.jsonl"
@@ -1288,7 +1293,7 @@ def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path:
     targets and a final assistant message likewise): refused in files whose answers are scored (eval --task, a
     fine-tune's --val), as classify refuses an empty label. A training file keeps such rows: an empty output
     teaches the model to stop (Alpaca has a few)."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     files = {
         "qa.csv": (
@@ -1327,7 +1332,7 @@ def test_a_scored_conversation_must_end_with_the_reply(base: Path, tmp_path: Pat
     """A --val conversation ending with a user turn failed the run only after training (at the final scoring,
     status 'failed', no eval.json), and `eval` on a `messages` string stopped with a TypeError traceback: both are
     now one-line errors naming the row when the file is read, before anything runs."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     hello = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     trailing = {"messages": [*hello["messages"], {"role": "user", "content": "and?"}]}
@@ -1356,7 +1361,7 @@ def test_task_files_in_parquet(base: Path, tmp_path: Path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     rows = [json.loads(line) for line in (DATA / "alpaca.jsonl").read_text(encoding="utf-8").splitlines()]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "alpaca.parquet")
@@ -1378,7 +1383,7 @@ def test_task_files_in_parquet(base: Path, tmp_path: Path):
 
 
 def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Path):
-    from lmforge.data.formats import read_table
+    from lmforge.data.tables import read_table
 
     head = tmp_path / "head.csv"  # a NUL near the start: binary, as prepare says of it
     head.write_bytes(b"text,label\ngood movie,1\nbad\x00 movie,0\n")
@@ -1396,7 +1401,7 @@ def test_csv_and_tsv_rows_past_their_header_and_long_fields(tmp_path: Path):
     """A row with more fields than the header crashed `finetune` with a TypeError (the extras sat under the key
     None, which its hash of the rows cannot sort); a text over the csv module's 128 KiB field limit was "not valid
     CSV". Now: an extra field is a one-line error naming the line, a blank one (trailing delimiter) is dropped."""
-    from lmforge.data.formats import read_table
+    from lmforge.data.tables import read_table
 
     for name, sep in (("rows.csv", ","), ("rows.tsv", "\t")):
         path = tmp_path / name
@@ -1510,8 +1515,8 @@ def test_clm_task_cleans_by_each_setting_as_prepare_did(tmp_path: Path):
     mappings): each cleaning setting (every one `DocumentCleaner.from_settings` reads) changes the prepared val
     split, and `eval --task clm` makes of the val file exactly the documents that split holds, setting by setting."""
     from lmforge.data.filters import CLEANING_SETTINGS
-    from lmforge.data.formats import read_task_rows
     from lmforge.data.prepare import PrepareConfig, prepare
+    from lmforge.data.tables import read_task_rows
     from lmforge.eval.tasks import clm_text_as_trained
     from tests.test_data_prepare import docs_by_split
 
@@ -1661,7 +1666,7 @@ def test_fewshot_accuracy_norm_does_not_favour_short_labels():
 def test_a_json_list_or_object_where_one_text_belongs_is_refused(tmp_path: Path):
     """UltraFeedback-style DPO rows (`chosen`/`rejected` as lists of chat messages) trained on the lists' Python
     repr, silently; so did a multi-label row's list of labels, or an object as an sft output. One line now."""
-    from lmforge.data.formats import field_map, read_task_rows
+    from lmforge.data.tables import field_map, read_task_rows
 
     talk = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     cases = [

@@ -265,7 +265,7 @@ def quantize_run(
             f"{path} is a --task dpo fine-tune, whose val loss is not a language-model loss; pass --no-compare"
         )
     if val_file:  # checked before anything is written, as the data directory below
-        from lmforge.data.formats import read_task_rows
+        from lmforge.data.tables import read_task_rows
 
         try:
             read_task_rows(val_file, info["task"], info["fields"], scored=True)

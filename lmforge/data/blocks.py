@@ -15,8 +15,8 @@ Key design decisions:
   report's snippets, or a tokenizer still to be trained), so
   the main process stays light (about a tenth of the CPU time) and results are about half the input's size.
 - Plain-text and JSONL inputs travel as raw byte blocks cut at document boundaries (the worker
-  parses them); other formats (CSV, Parquet, datasets, --doc-unit file) are read in the main
-  process and sent as batches of texts.
+  parses them; with --doc-unit file a text file is one block); other formats (CSV, Parquet, datasets) are read
+  in the main process and sent as batches of texts.
 - A text file's document too long for a block (`ingest.LongDocument`, with a trained tokenizer) is a task of
   its own, run in the main process in input order (it reads the input as it goes): cleaned, filtered and hashed
   a chunk at a time, its text written to a spill file, not returned (`BlockWorker._long_document`).

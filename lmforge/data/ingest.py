@@ -37,8 +37,8 @@ Key design decisions:
   a one-line `DataError`: silently training on a PNG is worse than asking the user to remove it.
 - Streaming: text is read line by line in binary mode (a b"\\n" or b"\\r" byte can never be inside a
   UTF-8 multi-byte character, so decoding per line gives the same result as decoding the whole file);
-  only one document is held in memory at a time ("file" mode holds one file). Parquet and Arrow
-  files are read in record batches of 1,024 rows. A line longer than `max_line_bytes` (a 2 GB
+  only one document is held in memory at a time ("file" mode holds one file, unless `read_blocks` streams it).
+  Parquet and Arrow files are read in record batches of 1,024 rows. A line longer than `max_line_bytes` (a 2 GB
   single-line file is a broken export, not a document) stops the run instead of filling memory.
 - Line ends: in text and CSV/TSV files a line ends at b"\\n", b"\\r\\n" or a lone b"\\r" (old Mac OS
   files, which would otherwise be one giant line), as `bytes.splitlines` and Python's universal
@@ -64,7 +64,7 @@ Key design decisions:
   `RawDocument` whose text is None, in every format alike: `prepare` skips and counts it (`no_text`). A field
   that no row of an input holds is a wrong `--text-field`, an error once the input is read (`no_text_error`).
 
-Length (~910 lines, over the 800-line guide): the whole-file readers and the block reader (`read_blocks`,
+Length (~1000 lines, over the 800-line guide): the whole-file readers and the block reader (`read_blocks`,
 `_LongReader`, `block_documents`) share the line, encoding and long-line rules, and a document must come out the
 same from both (tested); the next split would be the block reader (from `Block` to `block_documents`, ~280
 lines) into a module of its own.
@@ -195,7 +195,7 @@ _SNIFF_LINE_BYTES = 1 << 20
 
 def _starts_with_json_object(path: Path) -> bool:
     """The first non-blank line of `path` (decompressed) is a JSON object: a file named without an extension is
-    then JSON Lines, as `finetune --train` reads such a file (`formats.read_table`), not text whose documents
+    then JSON Lines, as `finetune --train` reads such a file (`tables.read_table`), not text whose documents
     would be its raw JSON."""
     try:
         raw, stream = open_input(path)
@@ -558,11 +558,8 @@ def _read_documents(
             lines = _text_lines(stream, path, max_line_bytes)
             yield from _table_documents(path, lines, "," if fmt == "csv" else "\t", text_field, progress)
         elif doc_unit == "file":
-            data = read_whole(
-                stream, path, max_line_bytes, "too big for one document; use --doc-unit paragraph or line"
-            )
-            text, bad = decode_utf8(data)
-            yield RawDocument(text.removeprefix("\ufeff"), bad)
+            data = read_whole(stream, path, max_line_bytes, _TOO_BIG_FILE)
+            yield _file_document(data)
         else:
             yield from _text_documents(_text_lines(stream, path, max_line_bytes), doc_unit, progress)
         progress()
@@ -611,9 +608,9 @@ class LongDocument:
 
 
 def reads_in_blocks(path: Path, doc_unit: DocUnit) -> bool:
-    """True for inputs that `read_blocks` can cut: text files (paragraph or line unit) and JSONL, compressed or not."""
-    fmt = file_format(path)
-    return fmt == "jsonl" or (fmt == "text" and doc_unit != "file")
+    """True for inputs that `read_blocks` can cut: text files and JSONL, compressed or not. (A "file"-unit text file
+    is one block, or a `LongDocument` streamed: read whole, --doc-unit file held a 200 MB file as bytes and text.)"""
+    return file_format(path) in ("jsonl", "text")
 
 
 def _line_end(data: bytes, jsonl: bool) -> int:
@@ -638,6 +635,8 @@ def _count_lines(data: bytes, jsonl: bool) -> int:
 
 def _cut(data: bytes, doc_unit: DocUnit, jsonl: bool) -> int:
     """Length of the longest prefix of `data` that ends at a document boundary (0 if none)."""
+    if doc_unit == "file" and not jsonl:  # (the end of the file: `read_blocks`)
+        return 0
     if jsonl or doc_unit != "paragraph":
         return _line_end(data, jsonl)
     at = data.rfind(b"\n\n")
@@ -696,7 +695,8 @@ def read_blocks(
                 cut += start
             elif data and (kept := len(data.rstrip(_WHITESPACE))):
                 start = len(pending) - len(data) + kept
-            if cut:
+            whole_file = doc_unit == "file" and not jsonl
+            if cut or (whole_file and not data):  # (an empty file is one empty document, as `read_documents` says)
                 block = Block(bytes(pending[:cut]), lineno)
                 lineno += _count_lines(block.data, jsonl)
                 del pending[:cut]
@@ -710,6 +710,8 @@ def read_blocks(
                     if pending:
                         yield Block(bytes(pending), lineno)
                     return
+            elif whole_file and len(pending) > max_line_bytes:
+                raise _too_big_file(path, max_line_bytes)
             elif len(pending) - (end := _line_end(pending, jsonl)) > max_line_bytes:
                 raise _long_line(path, lineno + _count_lines(pending[:end], jsonl), max_line_bytes)
             if not data:
@@ -757,8 +759,9 @@ class _LongReader:
     """Reads one long document of a text file from `read_blocks`' pending bytes and stream, in chunks.
 
     The document is what `_text_documents` would make of the lines that follow: in "line" mode the next non-blank
-    line, in "paragraph" mode the lines up to a blank one (whitespace only, as decoded: `str.strip`). Whole lines
-    are given one each; a line longer than _CHUNK_BYTES in parts cut by `_safe_cut`, a part that holds only
+    line, in "paragraph" mode the lines up to a blank one (whitespace only, as decoded: `str.strip`); in "file"
+    mode every line to the end of the file (`_file_document`), blank ones too, and at most `max_line_bytes` in all.
+    Whole lines are given one each; a line longer than _CHUNK_BYTES in parts cut by `_safe_cut`, a part that holds only
     whitespace held back until the line shows it is not blank; so a chunk is at most _CHUNK_BYTES, unless no
     position to cut comes in a line's 64 KiB before that. Blank lines before the document are skipped; the
     blank line after it and the rest stay in `pending` for `read_blocks`."""
@@ -771,6 +774,7 @@ class _LongReader:
         self.doc_unit, self.max_line_bytes = doc_unit, max_line_bytes
         self.lineno = lineno  # the line that pending starts with
         self.eof = False
+        self.given = 0  # bytes of the document given
 
     def chunks(self) -> Iterator[tuple[str, int]]:
         pending = self.pending
@@ -778,6 +782,8 @@ class _LongReader:
         line_bytes = 0  # bytes of the current line given so far
         line_blank = True  # the current line's given parts are whitespace only
         while True:
+            if self.doc_unit == "file" and self.given + len(pending) > self.max_line_bytes:
+                raise _too_big_file(self.path, self.max_line_bytes)
             end = _first_line_end(pending, self.eof) or (len(pending) if self.eof else 0)
             if (not end or end > _CHUNK_BYTES) and len(pending) > _CHUNK_BYTES and (cut := _safe_cut(pending)):
                 text, bad = self._decode(bytes(pending[:cut]), line_bytes == 0)
@@ -786,12 +792,15 @@ class _LongReader:
                     if line_bytes > self.max_line_bytes:
                         raise _long_line(self.path, self.lineno, self.max_line_bytes)
                     del pending[:cut]
+                    self.given += cut
                     started, line_blank = True, False
                     yield text, bad
                     continue
             if end:
                 text, bad = self._decode(bytes(pending[:end]), line_bytes == 0)
-                if line_blank and not text.strip():  # a blank line: before the document skipped, after it kept
+                if (
+                    line_blank and not text.strip() and self.doc_unit != "file"
+                ):  # before the document skipped, after kept
                     if started:
                         return
                     del pending[:end]
@@ -800,6 +809,7 @@ class _LongReader:
                 if line_bytes + end > self.max_line_bytes:
                     raise _long_line(self.path, self.lineno, self.max_line_bytes)
                 del pending[:end]
+                self.given += end
                 self.lineno += 1
                 started, line_bytes, line_blank = True, 0, True
                 yield text, bad
@@ -860,6 +870,9 @@ def block_documents(
 
         yield from jsonl_documents(path, lines, text_field, no_progress, block.first_lineno)
         return
+    if doc_unit == "file":  # (the whole file: `read_blocks` never cuts one)
+        yield _file_document(block.data)
+        return
     if doc_unit == "paragraph" and len(block.data) <= max_line_bytes:  # no line can be too long
         paragraphs = _fast_paragraphs(block.data, block.file_start)
         if paragraphs is not None:
@@ -896,6 +909,20 @@ def _text_documents(
             bad_total += bad
     if paragraph:
         yield RawDocument("".join(paragraph), bad_total)
+
+
+_TOO_BIG_FILE = "too big for one document; use --doc-unit paragraph or line"
+
+
+def _too_big_file(path: Path, max_bytes: int) -> DataError:
+    """A "file"-unit document over --max-line-bytes, in `read_whole`'s words."""
+    return DataError(f"{path}: longer than {max_bytes:,} bytes, {_TOO_BIG_FILE}, or raise --max-line-bytes")
+
+
+def _file_document(data: bytes) -> RawDocument:
+    """The one document of a whole text file (--doc-unit file)."""
+    text, bad = decode_utf8(data)
+    return RawDocument(text.removeprefix("\ufeff"), bad)
 
 
 def read_whole(stream: BinaryIO, path: Path, max_bytes: int, too_big: str) -> bytes:

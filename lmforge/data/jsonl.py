@@ -2,7 +2,7 @@
 
 What the two formats may hold, and how a dotted `text_field` reaches into nested objects, is listed in
 `ingest`'s docstring; `dotted_rows` is that walk, shared by both readers and by `finetune`'s task files
-(`formats.nested_rows`). `.jsonl` lines end at b"\\n" only
+(`tables.nested_rows`). `.jsonl` lines end at b"\\n" only
 (the JSON Lines spec: a lone "\\r" is JSON whitespace); a `.json` file is read whole, up to `max_line_bytes`,
 and one that is really JSON Lines (more than one value) is read as JSONL.
 

@@ -20,11 +20,12 @@ Key design decisions:
   pass 2 encodes the temporary files in batches.
 - Pass 1 works on blocks of ~4 MB (text and JSONL files are cut at document boundaries as raw
   bytes; other formats are read here and sent as batches of texts). A text file's document that grows past
-  LONG_DOCUMENT_BYTES (16 MiB) with no boundary in sight (one giant line) is streamed instead, when the
-  tokenizer is trained and nothing else needs its whole text (near dedup, --normalize-whitespace,
+  LONG_DOCUMENT_BYTES (16 MiB) with no boundary in sight (one giant line; a whole file with --doc-unit file) is
+  streamed instead, when nothing needs its whole text (near dedup, --normalize-whitespace,
   --boilerplate and the repetition filters are off): read in ~1 MiB chunks (`ingest.LongDocument`), cleaned,
   filtered, hashed (split, exact dedup) and written a chunk at a time (`BlockWorker._long_document`) to a
-  spill file that is copied into its split's docs file, in this process and in input order, with the
+  spill file that is copied into its split's docs file (a given tokenizer.json: encoded from it a piece at a
+  time into its split's shards, `Encoded.write_long`), in this process and in input order, with the
   output of reading it whole (tested); pass 2 reads it in chunks too (tokenizing.py). Otherwise it is held
   whole (about 4 times its size at the peak). `--workers N` runs the per-block
   work (`BlockWorker`: parse, clean, filter, hash, split, encode) in N processes, at most 2N blocks
@@ -542,9 +543,10 @@ def _pass1(
     if encoded is None:
         outputs = {split: open(_doc_file(tmp, split), "w", encoding="utf-8", newline="\n") for split in SPLITS}
     # A text file's document too long for a block is streamed through cleaning into this file, then copied into
-    # its split's docs file, so memory holds a chunk of it, not it: when nothing needs its whole text (the
-    # tokenizer is trained in pass 2, near dedup is off, and so are the rewrites and filters that need it).
-    streamed = encoded is None and near is None and worker.cleaner.streams()
+    # its split's docs file (or, with a given tokenizer, encoded from it into its split's shards), so memory holds
+    # a chunk of it, not it: when nothing needs its whole text (near dedup is off, and so are the rewrites and
+    # filters that need it).
+    streamed = near is None and worker.cleaner.streams()
     spill = tmp / "long-document.part" if streamed else None
     inputs: list[dict[str, Any]] = []
     # documents read, kept, invalid UTF-8 sequences, characters, no text, rows without the field, JSON's lone
@@ -603,7 +605,9 @@ def _pass1(
             if not kept:
                 continue
             counts.add_kept(r, keep)
-            if encoded is not None:
+            if encoded is not None and r.spill is not None:  # a long document (one): encoded from the spill file
+                encoded.write_long(r, worker.encoder())
+            elif encoded is not None:
                 encoded.write(r, keep)
             elif r.spill is not None:  # a long document (one), its text not held: copied from the spill file
                 _copy_spilled(r.spill, outputs[SPLITS[r.splits[0]]])

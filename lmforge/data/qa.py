@@ -39,7 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import MissingColumnError, column, label_name, null_cell, refuse_structured
+from lmforge.data.formats import label_name
+from lmforge.data.tables import MissingColumnError, column, null_cell, refuse_structured
 from lmforge.errors import DataError
 
 UNANSWERABLE = "unanswerable"  # the reply trained and expected for a question the context does not answer
@@ -102,7 +103,7 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, str], path: str | P
 def dotted_answers(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> list[dict[str, Any]]:
     """Rows with a dotted answer column that is not a key itself (`--field answer=answers.text`) read into the
     row's references: the value the path reaches, or every one of them as one list where it walks a list (the
-    walker of every dotted field, `jsonl.dotted_rows`); `formats.nested_rows` would make one row per answer of a
+    walker of every dotted field, `jsonl.dotted_rows`); `tables.nested_rows` would make one row per answer of a
     list of SQuAD answers, asking the same question several times. Only where the question and context are plain
     columns: with `--field question=instances.input --field answer=instances.output` each item is a question of
     its own (`nested_rows`). A row where the path ends early is left without the column (`check_rows` names it).

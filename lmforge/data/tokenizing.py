@@ -88,6 +88,21 @@ class Encoded:
         np.add.at(self.by_language[..., 0], where, r.nbytes[keep])
         np.add.at(self.by_language[..., 1], where, r.token_counts[keep])
 
+    def write_long(self, r: BlockResult, encoder: Any) -> None:
+        """`write` for a kept long document whose cleaned text is in the spill file `r.spill`
+        (`BlockWorker._long_document`): read back and encoded a piece at a time (`DocumentEncoder.encode_stream`,
+        the ids `encode` gives the whole text), so memory holds a chunk and a piece, not the document."""
+        assert r.spill is not None and r.splits is not None and r.languages is not None and r.nbytes is not None
+        split = int(r.splits[0])
+        writer, train = self.writers[SPLITS[split]], SPLITS[split] == "train"
+        vocab, n = len(self.token_counts), 0
+        for ids in chain(encoder.encode_stream(_spilled_chunks(r.spill)), [np.frombuffer(encoder.eos, encoder.dtype)]):
+            writer.write(ids)
+            n += len(ids)
+            if train:
+                self.token_counts += np.bincount(ids, minlength=vocab)[:vocab]
+        self.by_language[split, r.languages[0]] += (r.nbytes[0], n - 1)  # (tokens without the EOS)
+
     def language_stats(self, split: str) -> dict[str, list[int]]:
         """{language: [UTF-8 bytes, tokens without EOS]} of `split`, as `encode_split` counts them."""
         table = self.by_language[SPLITS.index(split)].tolist()
@@ -150,6 +165,28 @@ def _json_string_chunks(f: BinaryIO, head: bytes) -> Iterator[str]:
         if cut > 0:
             yield json.loads('"' + rest[:cut] + '"')
             rest = rest[cut:]
+
+
+class _Quoted:
+    """A spill file (JSON string content) read by `_json_string_chunks` as the line of that string: its closing
+    quote and line end come after the file's bytes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.closed = f, False
+
+    def readline(self, size: int) -> bytes:
+        data = self.f.readline(size)
+        if data or self.closed:
+            return data
+        self.closed = True
+        return b'"\n'
+
+
+def _spilled_chunks(spill: str) -> Iterator[str]:
+    """The text in file `spill`, the content of a JSON string (as `BlockWorker._long_document` writes it), in
+    chunks of about _STREAM_BYTES."""
+    with open(spill, "rb") as f:
+        yield from _json_string_chunks(_Quoted(f), b'"')  # type: ignore[arg-type]
 
 
 def _json_cut(content: str) -> int:

@@ -1,4 +1,4 @@
-"""The rows of a .tsv file, read the one way `prepare` (data/ingest.py) and task files (data/formats.py) share.
+"""The rows of a .tsv file, read the one way `prepare` (data/ingest.py) and task files (data/tables.py) share.
 
 Two kinds of TSV look alike and both are common:
 - written by a CSV library (pandas `to_csv(sep="\\t")`, Python's `csv`): a field holding a tab, a line end

@@ -49,7 +49,7 @@ def choice_fields(renames: list[str] | None) -> dict[str, str]:
 
 def read_choice_rows(path: str | Path, fields: dict[str, str]) -> list[tuple[str, list[str], int]]:
     """(question, options, index of the correct one) for each row; one-line `DataError`s naming the row."""
-    from lmforge.data.formats import read_table
+    from lmforge.data.tables import read_table
 
     out = []
     for i, row in enumerate(read_table(path), 1):

@@ -649,7 +649,7 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """`lmforge eval RUN --task T --data FILE`: task metrics of any run (see the module docstring)."""
     from lmforge.adapt.load import load_finetuned
-    from lmforge.data.formats import field_map, read_rows_or_standard, read_task_rows
+    from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.train.precision import pick_device
 
     if limit < 0:
