@@ -578,3 +578,30 @@ def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1, err
     assert "the test split of" in err and "got no documents: 1 document in all" in err and "--test-input FILE" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "LOOP", "--out", "OUT", "--tokenizer", "char"],
+        ["prepare", "TEXT", "--val-input", "LOOP", "--out", "OUT", "--tokenizer", "char"],
+        ["prepare", "TEXT", "--out", "LOOP", "--tokenizer", "char"],
+        ["export", "LOOP", "--out", "OUT"],
+    ],
+)
+def test_a_symbolic_link_loop_is_one_line(capsys, tmp_path, argv):
+    """`ln -s loop loop`, then `lmforge prepare loop` or `export loop`: Python 3.10-3.12's Path.resolve() raises
+    RuntimeError('Symlink loop from ...'), which was a traceback (3.13's OSError, ELOOP, says the same line)."""
+    from lmforge.cli import main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 20, encoding="utf-8")
+    paths = {"LOOP": str(loop), "TEXT": str(tmp_path / "text.txt"), "OUT": str(tmp_path / "out")}
+    with pytest.raises(SystemExit) as exit_info:
+        main([paths.get(a, a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    said = "is a symbolic link loop (its links lead back to themselves); fix or remove the link"
+    assert err == f"lmforge: error: {loop} {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "text.txt"]  # nothing half-written
