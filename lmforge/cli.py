@@ -962,13 +962,21 @@ def _file_in_the_way(e: OSError) -> str | None:
     return None
 
 
+# numpy's ValueError for an array whose size overflows its index type (`--train.batch_size 1e30`: the loader's
+# np.arange of the batch), where a merely too large one is a MemoryError
+_NUMPY_TOO_BIG = ("Maximum allowed size exceeded", "array is too big; ")
+
+
 def _out_of_memory(e: Exception) -> str | None:
     """What an allocation that failed asked for, or None when `e` is not one. A model or batch too big for the
     machine (--model.d_model 262144, --train.batch_size 1e11) was a traceback: numpy raises MemoryError, torch's
     CPU allocator a RuntimeError "can't allocate memory: you tried to allocate N bytes", CUDA
-    torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"."""
+    torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"; one past any address
+    space (--train.batch_size 1e30) is numpy's ValueError "Maximum allowed size exceeded"."""
     text = str(e)
     failed = isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+    if isinstance(e, ValueError) and text.startswith(_NUMPY_TOO_BIG):  # past what any address space holds
+        return "an array larger than any machine's memory was asked for"
     if not (isinstance(e, MemoryError) or failed):
         return None
     import re

@@ -483,6 +483,24 @@ def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys, flag
     assert not out.exists()
 
 
+def test_a_batch_past_any_memory_is_one_line(data_dir, tmp_path, capsys):
+    """--train.batch_size 1e30 passed the checks and was a ValueError traceback ('Maximum allowed size exceeded')
+    from the loader's np.arange of the batch; it is now the out-of-memory line."""
+    from lmforge.cli import main
+
+    out = tmp_path / "big"
+    argv = ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--train.batch_size", "1e30", "--train.max_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    said = "out of memory (an array larger than any machine's memory was asked for); use a smaller model"
+    assert err.startswith(f"lmforge: error: {said}") and "--train.batch_size" in err, err
+    # as any out-of-memory in training: the run says it failed, with no checkpoint (the same --out then trains)
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert not (out / "checkpoints").exists()
+
+
 def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
     """What slips past the up-front check (activations, another process's memory) is still one line."""
     import torch
