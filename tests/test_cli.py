@@ -501,6 +501,39 @@ def test_a_batch_past_any_memory_is_one_line(data_dir, tmp_path, capsys):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "RUN", "--task", "classify", "--train", "TRAIN", "--out", "OUT"],
+        ["pretrain", "--data", "DATA", "--preset", "tiny", "--init-from", "RUN", "--out", "OUT"],
+        ["import", "RUN", "--out", "OUT"],
+    ],
+)
+def test_a_run_stopped_before_its_first_checkpoint_is_not_taken_for_a_hugging_face_model(
+    data_dir, tmp_path, capsys, argv
+):
+    """A run that stopped before its first checkpoint holds config.json (lmforge's), status.json and env.json:
+    finetune and import read it as a Hugging Face directory ('config.json: model_type None is not supported'),
+    --init-from said to import it; each now says what eval says (train it first), or that it is a run already."""
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # a real such run: it fails on its first batch
+        main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--train.batch_size", "1e30"])
+    assert not (run / "checkpoints").exists()
+    capsys.readouterr()
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n', encoding="utf-8")
+    paths = {"RUN": str(run), "TRAIN": str(train), "DATA": str(data_dir), "OUT": str(tmp_path / "out")}
+    with pytest.raises(SystemExit) as e:
+        main([paths.get(a, a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    said = "is an lmforge run or checkpoint already" if argv[0] == "import" else "has no complete checkpoint yet"
+    assert said in err and "model_type" not in err and "Hugging Face model folder" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
     """What slips past the up-front check (activations, another process's memory) is still one line."""
     import torch
