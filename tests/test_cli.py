@@ -656,3 +656,34 @@ def test_a_symbolic_link_loop_is_one_line(capsys, tmp_path, argv):
     said = "is a symbolic link loop (its links lead back to themselves); fix or remove the link"
     assert err == f"lmforge: error: {loop} {said}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "text.txt"]  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "RUN", "--prompt-file", "PROMPTS", "--out", "FIFO", "--max-new-tokens", "1"],
+        ["report", "RUN", "--out", "FIFO", "--format", "html", "--overwrite"],
+        ["export", "RUN", "--to", "gguf", "--out", "FIFO", "--overwrite"],
+    ],
+)
+def test_an_out_file_that_is_a_device_or_pipe_is_refused_and_kept(capsys, tmp_path, argv):
+    """`--out /dev/null` was written whole beside it and renamed over it: as root, /dev/null became a regular file
+    for every program on the machine (generate, and report and export --to gguf with --overwrite). A FIFO stands in
+    for the device here: it is refused in one line before any work, and is still a FIFO."""
+    import os
+    import stat
+
+    from lmforge.cli import main
+    from tests.test_finetune import make_base
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n", encoding="utf-8")
+    paths = {"RUN": str(make_base(tmp_path / "run")), "PROMPTS": str(prompts), "FIFO": str(fifo)}
+    with pytest.raises(SystemExit) as e:
+        main([paths.get(a, a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lmforge: error: --out {fifo} is a device or pipe, not a file"), err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
