@@ -87,7 +87,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir() or not path.exists():  # (a pipe is read: `--prompt-file <(cut -f2 questions.tsv)`)
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")
         name, data, inner = str(path), _read_file(path), inner_name(path)
