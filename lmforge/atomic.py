@@ -169,6 +169,17 @@ TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed once it is
 MODEL_DIR_MARKERS = ("config.json", "adapter_config.json", "checkpoints", "status.json")
 
 
+def check_out_file_kind(out: Path) -> None:
+    """Refuse an `--out` FILE that exists as a device, pipe or socket (`--out /dev/null`, a FIFO): a file written
+    whole beside it and renamed over it replaced it with a regular file, and as root /dev/null itself (for every
+    program on the machine). A folder is each command's own message."""
+    if out.exists() and not out.is_file() and not out.is_dir():
+        raise LmforgeError(
+            f"--out {out} is a device or pipe, not a file: the output is written whole and renamed over it, which "
+            "would replace it; choose a file name"
+        )
+
+
 def check_out_dir(out: Path, *, overwrite: bool) -> None:
     """A non-empty `out` is an error unless `overwrite`; even then, unless it is a model folder (above) that holds
     no other run and no live process trains. Nor may `out` lie inside a run (`runs.check_not_in_run`)."""

@@ -464,9 +464,10 @@ class Checkpoint:
                 if not f.is_file():
                     raise missing
                 size = f.stat().st_size
-                if size != info["bytes"]:
+                if size != info["bytes"]:  # (a bigger one, another run's file copied in, was said "truncated?")
+                    why = "truncated?" if size < info["bytes"] else "replaced by another file?"
                     raise CheckpointError(
-                        f"{f} is {size} bytes, expected {info['bytes']} (truncated?); use an earlier checkpoint"
+                        f"{f} is {size} bytes, expected {info['bytes']} ({why}); use an earlier checkpoint"
                     )
                 if _sha256(f) != info["sha256"]:
                     raise CheckpointError(f"{f} fails its sha256 check (damaged); use an earlier checkpoint")

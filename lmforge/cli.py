@@ -938,6 +938,10 @@ def _main(argv: list[str] | None) -> None:
         if interrupt_seen():  # a module an earlier Ctrl-C left half imported
             print("lmforge: interrupted", file=sys.stderr)
             sys.exit(130)
+        loop = _symlink_loop(e)
+        if loop is not None:
+            print(f"lmforge: error: {loop}", file=sys.stderr)
+            sys.exit(2)
         oom = _out_of_memory(e)
         if oom is None:
             raise
@@ -966,12 +970,34 @@ def _os_error(e: OSError) -> str:
     device" with a hidden build folder's file, or no file at all."""
     from lmforge.atomic import public_path
 
+    if e.errno == errno.ELOOP and e.filename is not None:
+        return _LOOP.format(public_path(e.filename))
     if e.errno in _WRITE_ERRORS and e.filename is not None:
         return f"cannot write {public_path(e.filename)}: {_WRITE_ERRORS[e.errno]}"
     if (blocker := _file_in_the_way(e)) is not None:
         target = public_path(e.filename) if e.errno == errno.ENOTDIR else f"the folder {blocker}"
         return f"cannot create {target}: {blocker} is a file, not a folder; choose another --out"
     return f"{e}; check the path, free space and permissions"
+
+
+_LOOP = "{} is a symbolic link loop (its links lead back to themselves); fix or remove the link"
+
+
+def _symlink_loop(e: Exception) -> str | None:
+    """The line for a path that is a symbolic-link loop (`ln -s loop loop`), or None when `e` is not about one.
+    Python 3.10-3.12's `Path.resolve()` raises RuntimeError("Symlink loop from '/x/loop'") where 3.13 raises an
+    OSError (ELOOP, `_os_error`): `prepare loop --out x` (or `--out loop`) was a traceback."""
+    import ast
+
+    prefix = "Symlink loop from "
+    text = str(e)
+    if not (isinstance(e, RuntimeError) and text.startswith(prefix)):
+        return None
+    try:
+        path = ast.literal_eval(text[len(prefix) :])
+    except (ValueError, SyntaxError):
+        path = text[len(prefix) :]
+    return _LOOP.format(path)
 
 
 def _file_in_the_way(e: OSError) -> str | None:
@@ -989,13 +1015,21 @@ def _file_in_the_way(e: OSError) -> str | None:
     return None
 
 
+# numpy's ValueError for an array whose size overflows its index type (`--train.batch_size 1e30`: the loader's
+# np.arange of the batch), where a merely too large one is a MemoryError
+_NUMPY_TOO_BIG = ("Maximum allowed size exceeded", "array is too big; ")
+
+
 def _out_of_memory(e: Exception) -> str | None:
     """What an allocation that failed asked for, or None when `e` is not one. A model or batch too big for the
     machine (--model.d_model 262144, --train.batch_size 1e11) was a traceback: numpy raises MemoryError, torch's
     CPU allocator a RuntimeError "can't allocate memory: you tried to allocate N bytes", CUDA
-    torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"."""
+    torch.OutOfMemoryError (a RuntimeError) "CUDA out of memory. Tried to allocate 20.00 MiB"; one past any address
+    space (--train.batch_size 1e30) is numpy's ValueError "Maximum allowed size exceeded"."""
     text = str(e)
     failed = isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+    if isinstance(e, ValueError) and text.startswith(_NUMPY_TOO_BIG):  # past what any address space holds
+        return "an array larger than any machine's memory was asked for"
     if not (isinstance(e, MemoryError) or failed):
         return None
     import re

@@ -706,6 +706,8 @@ def _check_key_path(key: str) -> Any:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; a missing or malformed file is a one-line `ConfigError`."""
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():  # (a FIFO, /dev/stdin: it said "not found")
+        raise ConfigError(f"config file {str(p)!r} is a pipe or device, not a file; save the settings to a .toml file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass an existing .toml file to --config")
     try:  # utf-8-sig: a BOM (Windows Notepad's UTF-8) is no TOML; tomllib read it as "Invalid statement" at 1:1

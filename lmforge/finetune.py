@@ -120,10 +120,12 @@ class FinetuneConfig:
         # `--lora-targets qkv,mlp.fc` is those two, as `estimate` reads it (finetune refused it: "matches no layer")
         self.lora_targets = [t.strip() for value in self.lora_targets for t in value.split(",") if t.strip()]
         check(self.lora_rank > 0, f"--lora-rank must be > 0, got {self.lora_rank}")
+        # (nan and inf trained: the update, scaled by alpha / r, made every loss NaN, and the run was still written)
+        check(0 < self.lora_alpha < float("inf"), f"--lora-alpha must be a number > 0, got {self.lora_alpha}")
         check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         check(self.prompt_tokens > 0, f"--prompt-tokens must be > 0, got {self.prompt_tokens}")
         check(self.max_len >= 0 and self.augment >= 0, "--max-len and --augment must be >= 0")
-        check(self.dpo_beta > 0, f"--dpo-beta must be > 0, got {self.dpo_beta}")
+        check(0 < self.dpo_beta < float("inf"), f"--dpo-beta must be a number > 0, got {self.dpo_beta}")
         check(self.eval_samples >= 1, f"--eval-samples must be >= 1, got {self.eval_samples}")
         check(
             self.max_new_tokens >= 0,

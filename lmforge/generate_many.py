@@ -57,7 +57,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from lmforge.atomic import naming, try_lock
+from lmforge.atomic import check_out_file_kind, naming, try_lock
 from lmforge.data.clean import json_line
 from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.errors import Interrupted, LmforgeError, first_line
@@ -87,7 +87,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir() or not path.exists():  # (a pipe is read: `--prompt-file <(cut -f2 questions.tsv)`)
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")
         name, data, inner = str(path), _read_file(path), inner_name(path)
@@ -219,6 +219,7 @@ def _check_out_file(out: Path) -> None:
     file) was an OSError only then, after all the generating; it is refused before the run loads."""
     if out.is_dir():
         raise LmforgeError(f"--out {out} is a folder; pass a file name such as {out / 'completions.jsonl'}")
+    check_out_file_kind(out)
     if partial_path(out).is_dir():
         raise LmforgeError(f"{partial_path(out)} is a folder in the way of --out's partial file; move it away")
     blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)

@@ -43,6 +43,7 @@ from lmforge.atomic import (
     TMP_MARKER,
     atomic_write_bytes,
     atomic_write_text,
+    check_out_file_kind,
     discard_tmp_dir,
     fresh_tmp_dir,
     naming,
@@ -859,6 +860,7 @@ def render_report(
     runs = load_runs(list(run_dirs))
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; pass a file name such as {out / ('report.' + kind)}")
+    check_out_file_kind(out)
     _refuse_run_file(out, [run.path for run in runs])
     _refuse_foreign_file(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

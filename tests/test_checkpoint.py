@@ -136,9 +136,12 @@ def test_damaged_files_give_one_line_errors(tmp_path):
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model.safetensors is \d+ bytes, expected \d+") as e:
+    with pytest.raises(CheckpointError, match=r"model.safetensors is \d+ bytes, expected \d+ \(truncated\?\)") as e:
         load_checkpoint(tmp_path)
     assert "\n" not in str(e.value)
+    weights.write_bytes(data + b"\0" * 16)  # another run's bigger file copied in: not "truncated?"
+    with pytest.raises(CheckpointError, match=r"bytes, expected \d+ \(replaced by another file\?\)"):
+        load_checkpoint(tmp_path)
     weights.write_bytes(data[:-4] + b"\0\0\0\0")
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(tmp_path)

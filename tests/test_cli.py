@@ -510,6 +510,57 @@ def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys, pres
     assert not out.exists()
 
 
+def test_a_batch_past_any_memory_is_one_line(data_dir, tmp_path, capsys):
+    """--train.batch_size 1e30 passed the checks and was a ValueError traceback ('Maximum allowed size exceeded')
+    from the loader's np.arange of the batch; it is now the out-of-memory line."""
+    from lmforge.cli import main
+
+    out = tmp_path / "big"
+    argv = ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--train.batch_size", "1e30", "--train.max_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    said = "out of memory (an array larger than any machine's memory was asked for); use a smaller model"
+    assert err.startswith(f"lmforge: error: {said}") and "--train.batch_size" in err, err
+    # as any out-of-memory in training: the run says it failed, with no checkpoint (the same --out then trains)
+    assert json.loads((out / "status.json").read_text())["status"] == "failed"
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "RUN", "--task", "classify", "--train", "TRAIN", "--out", "OUT"],
+        ["pretrain", "--data", "DATA", "--preset", "tiny", "--init-from", "RUN", "--out", "OUT"],
+        ["import", "RUN", "--out", "OUT"],
+    ],
+)
+def test_a_run_stopped_before_its_first_checkpoint_is_not_taken_for_a_hugging_face_model(
+    data_dir, tmp_path, capsys, argv
+):
+    """A run that stopped before its first checkpoint holds config.json (lmforge's), status.json and env.json:
+    finetune and import read it as a Hugging Face directory ('config.json: model_type None is not supported'),
+    --init-from said to import it; each now says what eval says (train it first), or that it is a run already."""
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):  # a real such run: it fails on its first batch
+        main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--train.batch_size", "1e30"])
+    assert not (run / "checkpoints").exists()
+    capsys.readouterr()
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n', encoding="utf-8")
+    paths = {"RUN": str(run), "TRAIN": str(train), "DATA": str(data_dir), "OUT": str(tmp_path / "out")}
+    with pytest.raises(SystemExit) as e:
+        main([paths.get(a, a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    said = "is an lmforge run or checkpoint already" if argv[0] == "import" else "has no complete checkpoint yet"
+    assert said in err and "model_type" not in err and "Hugging Face model folder" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_allocation_beyond_memory_is_said_as_out_of_memory():
     """What slips past the up-front check (activations, another process's memory) is still one line."""
     import torch
@@ -629,3 +680,61 @@ def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1, err
     assert "the test split of" in err and "got no documents: 1 document in all" in err and "--test-input FILE" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prepare", "LOOP", "--out", "OUT", "--tokenizer", "char"],
+        ["prepare", "TEXT", "--val-input", "LOOP", "--out", "OUT", "--tokenizer", "char"],
+        ["prepare", "TEXT", "--out", "LOOP", "--tokenizer", "char"],
+        ["export", "LOOP", "--out", "OUT"],
+    ],
+)
+def test_a_symbolic_link_loop_is_one_line(capsys, tmp_path, argv):
+    """`ln -s loop loop`, then `lmforge prepare loop` or `export loop`: Python 3.10-3.12's Path.resolve() raises
+    RuntimeError('Symlink loop from ...'), which was a traceback (3.13's OSError, ELOOP, says the same line)."""
+    from lmforge.cli import main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 20, encoding="utf-8")
+    paths = {"LOOP": str(loop), "TEXT": str(tmp_path / "text.txt"), "OUT": str(tmp_path / "out")}
+    with pytest.raises(SystemExit) as exit_info:
+        main([paths.get(a, a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    said = "is a symbolic link loop (its links lead back to themselves); fix or remove the link"
+    assert err == f"lmforge: error: {loop} {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "text.txt"]  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "RUN", "--prompt-file", "PROMPTS", "--out", "FIFO", "--max-new-tokens", "1"],
+        ["report", "RUN", "--out", "FIFO", "--format", "html", "--overwrite"],
+        ["export", "RUN", "--to", "gguf", "--out", "FIFO", "--overwrite"],
+    ],
+)
+def test_an_out_file_that_is_a_device_or_pipe_is_refused_and_kept(capsys, tmp_path, argv):
+    """`--out /dev/null` was written whole beside it and renamed over it: as root, /dev/null became a regular file
+    for every program on the machine (generate, and report and export --to gguf with --overwrite). A FIFO stands in
+    for the device here: it is refused in one line before any work, and is still a FIFO."""
+    import os
+    import stat
+
+    from lmforge.cli import main
+    from tests.test_finetune import make_base
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n", encoding="utf-8")
+    paths = {"RUN": str(make_base(tmp_path / "run")), "PROMPTS": str(prompts), "FIFO": str(fifo)}
+    with pytest.raises(SystemExit) as e:
+        main([paths.get(a, a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lmforge: error: --out {fifo} is a device or pipe, not a file"), err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)

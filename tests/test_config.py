@@ -55,6 +55,18 @@ def test_toml_saved_with_a_bom_and_crlf_loads(tmp_path):
         load_config(config_file=toml)
 
 
+def test_a_config_that_is_a_pipe_is_said_to_be_one_not_missing(tmp_path):
+    """`--config` naming a FIFO (or a device) said "config file ... not found" of a path that exists."""
+    import os
+
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is a pipe or device, not a file; save the settings to a .toml file$"):
+        load_config(config_file=fifo)
+    with pytest.raises(ConfigError, match="not found; pass an existing .toml file to --config$"):
+        load_config(config_file=tmp_path / "missing.toml")
+
+
 def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
     # spelling alone pointed these at optim.name, train.min_lr, model.n_head and train.batch_size
     for given, ours in [

@@ -579,3 +579,35 @@ def test_a_jsonl_prompt_file_reads_a_bom_at_the_start_of_any_line(tmp_path: Path
     path = tmp_path / "p.jsonl"
     path.write_bytes('\ufeff{"prompt": "a"}\n\ufeff{"prompt": "宝玉"}\n'.encode())
     assert [p for _, p, _ in read_prompts(path)] == ["a", "宝玉"]
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="needs /dev/fd (bash's <(...) names a pipe there)")
+def test_a_pipe_is_read_as_a_prompt_file(base: Path, capsys) -> None:
+    """`--prompt-file <(cut -f2 questions.tsv)` names a pipe (/dev/fd/63), not a regular file: it was refused as
+    'does not exist'. It is read as the file would be, and gives the same lines."""
+    import os
+
+    from lmforge.cli import main
+
+    read, write = os.pipe()
+    os.write(write, b"To be\nor not\n")
+    os.close(write)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(
+                [
+                    "generate",
+                    str(base),
+                    "--prompt-file",
+                    f"/dev/fd/{read}",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "3",
+                ]
+            )
+    finally:
+        os.close(read)
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["To be", "or not"]

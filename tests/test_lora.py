@@ -142,3 +142,20 @@ def test_lora_on_top_of_a_lora_run(base: Path, tmp_path: Path):
     assert ft.info["base"].startswith(str(sft.resolve()))
     assert sum(isinstance(m, LoRALinear) for m in ft.model.modules()) == 2 * 2  # only the DPO adapters
     assert (dpo / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("adapt", "setting", "value"),
+    [("lora", "lora_alpha", v) for v in (float("nan"), float("inf"), 0.0, -1.0)]
+    + [("full", "dpo_beta", float("inf")), ("full", "dpo_beta", float("nan"))],
+)
+def test_a_lora_alpha_or_dpo_beta_that_is_not_a_finite_positive_number_is_refused(adapt, setting, value) -> None:
+    """--lora-alpha nan or inf trained (the update, scaled by alpha / r, made every loss NaN) and wrote the run with
+    a hint to lower --train.lr; 0 and -1 trained too. --dpo-beta inf passed its > 0 check."""
+    from lmforge.errors import ConfigError
+    from lmforge.finetune import FinetuneConfig
+
+    flag = "--" + setting.replace("_", "-")
+    task = "dpo" if setting == "dpo_beta" else "classify"
+    with pytest.raises(ConfigError, match=f"{flag} must be a number > 0, got {value}"):
+        FinetuneConfig(task=task, adapt=adapt, **{setting: value})

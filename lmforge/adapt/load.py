@@ -233,12 +233,16 @@ def load_teacher(teacher: str, student: Finetuned, device: torch.device, max_len
 
 
 def is_hf_dir(p: Path) -> bool:
-    return (
-        p.is_dir()
-        and (p / "config.json").is_file()
-        and not (p / "checkpoints").exists()
-        and not (p / "state.json").exists()
-    )
+    """A folder with a config.json that is not an lmforge run (`runs.is_run_dir`) or checkpoint (state.json).
+
+    A run stopped before its first checkpoint (config.json beside status.json and env.json, no checkpoints/) was
+    taken for one: finetune and import said "config.json: model_type None is not supported", --init-from "is a
+    Hugging Face model folder; import it first", where eval says to train it first."""
+    from lmforge.runs import is_run_dir
+
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return False
+    return not (is_run_dir(p) or (p / "state.json").exists())  # (is_run_dir counts checkpoints/ too)
 
 
 def load_base(base: str | Path, out: Path, device: torch.device) -> tuple[Finetuned, str, str]:

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmforge.atomic import check_not_inside
+from lmforge.atomic import check_not_inside, check_out_file_kind
 from lmforge.errors import LmforgeError
 from lmforge.export.hf import (
     bos_id_of,
@@ -301,6 +301,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
     out = Path(out)
     if out.is_dir():  # before "pass --overwrite", which cannot replace a directory
         raise LmforgeError(f"{out} is a directory; --out for GGUF is a file such as {out / 'model.gguf'}")
+    check_out_file_kind(out)
     if out.exists() and not overwrite:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
     if out.suffix.lower() != ".gguf":

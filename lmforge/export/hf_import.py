@@ -48,6 +48,7 @@ from lmforge.export.hf import HF_DIR_FILES, from_hf_state_dict
 from lmforge.export.hf_families import FAMILIES, KeyMap, _name_table
 from lmforge.export.slow_tokenizer import read_slow_tokenizer
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.runs import is_run_dir
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 
@@ -85,7 +86,7 @@ def import_hf(
             f"{hf_dir} is not a directory; pass a local HF model directory ({HF_DIR_FILES}), or hf:ORG/NAME for "
             "a model on the Hugging Face Hub"
         )
-    if (hf_dir / "checkpoints").is_dir() or (hf_dir / "state.json").is_file():  # (its config.json has no model_type)
+    if is_run_dir(hf_dir) or (hf_dir / "checkpoints").is_dir() or (hf_dir / "state.json").is_file():  # (no model_type)
         raise LmforgeError(
             f"{hf_dir} is an lmforge run or checkpoint already; pass it to eval, generate, finetune or export as it "
             "is: import reads Hugging Face model directories"
