@@ -513,6 +513,22 @@ def check_fits(
     raise error
 
 
+def check_batch_fits(micro_batch: int, seq_len: int, device: torch.device) -> None:
+    """Refuse (ConfigError) a micro-batch whose token ids alone (inputs and targets, int64) exceed `device`'s total
+    memory: `finetune --train.batch_size 1e11` grew a Python list of examples until the machine ran out, ignoring
+    Ctrl-C inside the step. A margin on purpose, as `check_fits`: the activations are left out."""
+    total = device_memory_bytes(device)
+    need = 16 * micro_batch * max(1, seq_len)
+    if total is None or need <= total:
+        return
+    where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
+    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"
+    raise ConfigError(
+        f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed} for its token ids alone, more "
+        f"than the {_bytes(total)} of {where}; use a smaller --train.batch_size (or --train.micro_batch_size)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Hardware, time, cost
 

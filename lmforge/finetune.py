@@ -567,7 +567,7 @@ def _finetune(
     )
     from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.dist import require_one_process
-    from lmforge.estimate import check_fits
+    from lmforge.estimate import check_batch_fits, check_fits
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside
     from lmforge.trackers import check_packages
@@ -625,6 +625,7 @@ def _finetune(
     _check_family(body.cfg.family, cfg, base)
     if cfg.adapt in ("full", "distill"):  # every weight trains: grads + state (any family)
         check_fits(body.cfg, optim_cfg, device)
+    check_batch_fits(train_cfg.micro_batch, cfg.max_len or body.cfg.max_seq_len, device)
     frame = classify_frame(tok, body.cfg.family) if cfg.task == "classify" else None
     from lmforge.chat import ChatTemplate
 

@@ -502,6 +502,19 @@ def test_early_stopping_without_validation_and_unread_train_settings_are_refused
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("adapt", ["lora", "full"])
+def test_a_batch_past_the_machines_memory_is_refused_before_training(base: Path, tmp_path: Path, adapt: str):
+    """`--train.batch_size 1e11` grew a Python list of examples in the loader until the machine ran out (Ctrl-C held
+    inside the step, so only SIGKILL stopped it); now one line before anything trains, and no run is left."""
+    cfg = FinetuneConfig(task="sft", adapt=adapt)
+    with pytest.raises(
+        ConfigError, match=r"micro-batch of 100000000000 examples x \d+ tokens needs .* token ids alone"
+    ):
+        finetune(base, train_file=DATA / "alpaca.jsonl", out=tmp_path / "r", cfg=cfg,
+                 overrides={"train": {"batch_size": 10**11}}, progress=False)  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
 def test_lora_targets_take_commas_as_estimate_does(base: Path, tmp_path: Path):
     """`--lora-targets qkv,mlp.fc` (as `estimate` takes it) was refused: "LoRA target 'qkv,mlp.fc' matches no linear
     layer"; it is the two targets, as the repeated flag gives them."""
