@@ -245,3 +245,23 @@ def test_both_readmes_quote_the_full_disk_line_the_cli_prints():
     for path in DOCS:
         text = " ".join((REPO / path).read_text(encoding="utf-8").split())
         assert f"`lmforge: error: {line}`" in text, (path, line)
+
+
+def test_the_readme_names_every_option_of_every_command():
+    """`chat --system`, `prepare --val-fraction`/`--test-fraction`, `eval --limit`, `generate --ignore-eos` and five
+    more were in `--help` and nowhere in README.md, so a reader of the README never learnt of them. Every option of
+    every command is now named there (a `--no-X` negation counts as named with its `--X`, and the other way round)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+
+    def named(flag: str) -> bool:
+        return re.search(re.escape(flag) + r"(?![\w-])", text) is not None
+
+    missing = []
+    for command, parser in _subparsers().items():
+        for flag in parser._option_string_actions:
+            if not flag.startswith("--") or flag == "--help":
+                continue
+            twin = "--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]
+            if not named(flag) and not (twin in parser._option_string_actions and named(twin)):
+                missing.append(f"lmforge {command} {flag}")
+    assert not missing, missing
