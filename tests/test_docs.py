@@ -265,3 +265,18 @@ def test_the_readme_names_every_option_of_every_command():
             if not named(flag) and not (twin in parser._option_string_actions and named(twin)):
                 missing.append(f"lmforge {command} {flag}")
     assert not missing, missing
+
+
+def test_every_data_folder_a_readme_command_trains_on_is_one_a_shown_command_makes():
+    """README's architecture examples trained on `--data data/tiny`, which no command in either README makes, so
+    they failed as written ("data/tiny is not a prepared data directory"). A code block's `pretrain --data D` names
+    a folder a `prepare ... --out D` of that README makes, or the one `lmforge quickstart` writes."""
+    for path in DOCS:
+        commands = [(command, shlex.split(args)) for command, args, _, block in lmforge_commands(path) if block]
+        made = {"data/quickstart"} | {
+            argv[argv.index("--out") + 1] for command, argv in commands if command == "prepare" and "--out" in argv
+        }
+        used = {
+            argv[argv.index("--data") + 1] for command, argv in commands if command == "pretrain" and "--data" in argv
+        }
+        assert used and used <= made, (path, sorted(used - made), sorted(made))
