@@ -245,3 +245,38 @@ def test_both_readmes_quote_the_full_disk_line_the_cli_prints():
     for path in DOCS:
         text = " ".join((REPO / path).read_text(encoding="utf-8").split())
         assert f"`lmforge: error: {line}`" in text, (path, line)
+
+
+def test_the_readme_names_every_option_of_every_command():
+    """`chat --system`, `prepare --val-fraction`/`--test-fraction`, `eval --limit`, `generate --ignore-eos` and five
+    more were in `--help` and nowhere in README.md, so a reader of the README never learnt of them. Every option of
+    every command is now named there (a `--no-X` negation counts as named with its `--X`, and the other way round)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+
+    def named(flag: str) -> bool:
+        return re.search(re.escape(flag) + r"(?![\w-])", text) is not None
+
+    missing = []
+    for command, parser in _subparsers().items():
+        for flag in parser._option_string_actions:
+            if not flag.startswith("--") or flag == "--help":
+                continue
+            twin = "--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]
+            if not named(flag) and not (twin in parser._option_string_actions and named(twin)):
+                missing.append(f"lmforge {command} {flag}")
+    assert not missing, missing
+
+
+def test_every_data_folder_a_readme_command_trains_on_is_one_a_shown_command_makes():
+    """README's architecture examples trained on `--data data/tiny`, which no command in either README makes, so
+    they failed as written ("data/tiny is not a prepared data directory"). A code block's `pretrain --data D` names
+    a folder a `prepare ... --out D` of that README makes, or the one `lmforge quickstart` writes."""
+    for path in DOCS:
+        commands = [(command, shlex.split(args)) for command, args, _, block in lmforge_commands(path) if block]
+        made = {"data/quickstart"} | {
+            argv[argv.index("--out") + 1] for command, argv in commands if command == "prepare" and "--out" in argv
+        }
+        used = {
+            argv[argv.index("--data") + 1] for command, argv in commands if command == "pretrain" and "--data" in argv
+        }
+        assert used and used <= made, (path, sorted(used - made), sorted(made))
