@@ -601,6 +601,20 @@ def test_continued_pretraining_of_a_bf16_import_exports_bf16(bf16_import: tuple[
     assert exported.keys() == _exported(run, tmp_path / "imported.hf").keys()
 
 
+def test_a_quantized_bf16_import_exports_bf16(bf16_import: tuple[Path, Path], tmp_path: Path) -> None:
+    """`lmforge quantize` of an imported bf16 model exported float32 by default (twice the size): its state.json
+    names the checkpoint it quantized (`quantization.source`), which `--dtype auto` did not follow. It does now: the
+    dequantized weights are written in bf16, as `--dtype bfloat16` rounds them."""
+    from lmforge.compress.quantize import quantize_run
+
+    run, _ = bf16_import
+    quantize_run(run, tmp_path / "q", bits=8, group_size=64, compare=False)
+    exported = _exported(tmp_path / "q", tmp_path / "q.hf")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    rounded = _exported(tmp_path / "q", tmp_path / "q.bf16", "bfloat16")
+    assert exported.keys() == rounded.keys() and all(torch.equal(exported[k], rounded[k]) for k in rounded)
+
+
 def test_imported_tokenizer_that_adds_bos_generates_like_transformers(bpe: Tokenizer, tmp_path: Path) -> None:
     """A Llama-2-style tokenizer puts <s> before every text (its post-processor): lmforge's prompts start
     with it too, so greedy continuations equal transformers', and the export names it as BOS."""

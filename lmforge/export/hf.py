@@ -34,8 +34,8 @@ Design decisions
 - Tensors are written contiguous with their own storage (safetensors refuses views that share a
   buffer, which splits and transposes are). Import stores float32, the dtype lmforge trains its master weights
   in (autocast does the rest), and records the source's dtype; export writes that again, for the import and for
-  fine-tunes and continued pretraining of it (`imported_dtype` follows the lineage), else the checkpoint's dtype,
-  unless `--dtype` names one (`export_dtype`).
+  fine-tunes, continued pretraining and quantized copies of it (`imported_dtype` follows the lineage), else the
+  checkpoint's dtype, unless `--dtype` names one (`export_dtype`).
 - Outputs are atomic: everything goes to a hidden sibling folder that only lmforge names
   (`atomic.building_dir`) and is renamed to `out` at the end; an existing `out` is an error unless
   `overwrite`, and is replaced only once the new one is complete. An `out` that is, holds or sits in
@@ -203,9 +203,10 @@ def imported_dtype(ckpt_dir: Path, meta: dict[str, Any]) -> str | None:
 
     Import records it in the imported run's state.json (`imported_from.dtype`, `hf_import.source_dtype`). A
     fine-tune names its base checkpoint in finetune.json (`base`; an HF directory given as BASE is imported into
-    RUN/base/ first) and a continued pretraining its start in its config (`init_from`): those links are followed
-    back to the import, so `lmforge import` of a bf16 model, then `finetune` (full, LoRA merged or not) or
-    `pretrain --init-from` on it, exports bf16 by default, as the import itself does. A link whose checkpoint is
+    RUN/base/ first), a continued pretraining its start in its config (`init_from`) and a quantized copy the
+    checkpoint it quantized (`quantization.source`): those links are followed back to the import, so
+    `lmforge import` of a bf16 model, then `finetune` (full, LoRA merged or not), `pretrain --init-from` or
+    `quantize` on it, exports bf16 by default, as the import itself does. A link whose checkpoint is
     gone (a base deleted after a full fine-tune) ends the search: the weights' own dtype is used."""
     seen: set[Path] = set()
     while len(seen) < LINEAGE_DEPTH:
@@ -228,10 +229,15 @@ def imported_dtype(ckpt_dir: Path, meta: dict[str, Any]) -> str | None:
 
 
 def _lineage_parent(ckpt_dir: Path, meta: dict[str, Any]) -> Path | None:
-    """The checkpoint `ckpt_dir`'s weights started from: a fine-tune's base, a continued pretraining's
-    `--init-from` checkpoint; None for a run that started from scratch (or an unreadable record)."""
+    """The checkpoint `ckpt_dir`'s weights started from: a quantized copy's source (`quantization.source`), a
+    fine-tune's base, a continued pretraining's `--init-from` checkpoint; None for a run that started from scratch
+    (or an unreadable record)."""
     from lmforge.checkpoint import resolve_checkpoint
 
+    quant = meta.get("quantization")
+    source = quant.get("source") if isinstance(quant, dict) else None
+    if isinstance(source, str) and source:  # (checked first: a quantized fine-tune also carries finetune.json)
+        return Path(source).resolve()
     info_path = ckpt_dir.parent.parent / "finetune.json"
     if ckpt_dir.parent.name == "checkpoints" and info_path.is_file():
         try:
