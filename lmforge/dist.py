@@ -110,6 +110,14 @@ def env_info() -> DistInfo:
     return DistInfo(rank=rank, local_rank=local, world_size=world)
 
 
+def local_world_size() -> int:
+    """How many processes torchrun started on this machine (LOCAL_WORLD_SIZE; 1 when absent or unreadable)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def require_one_process(command: str) -> None:
     """Refuse a command that runs in one process when torchrun started several: each rank would do the whole
     job (two fine-tunes into one folder, eval printed twice, two writers of one export). Only `pretrain`

@@ -127,7 +127,7 @@ from typing import Any
 import torch
 
 from lmforge.config import OptimConfig, RunConfig
-from lmforge.dist import ring_all_reduce_bytes
+from lmforge.dist import local_world_size, ring_all_reduce_bytes
 from lmforge.errors import ConfigError
 from lmforge.models.gpt import GPTConfig
 
@@ -484,11 +484,14 @@ def check_fits(
     this catches the model far too big for the machine before it is built (it grew to 21 GB before being killed).
     Under FSDP the three are each rank's share (`memory_bytes`). Every family: GPT/Llama-style by `memory_bytes`;
     BERT/ELECTRA and LSTM/GRU from `model_param_count` at 4 B weights + 4 B gradients + the optimizer's state
-    (AdamW 8 B, SGD with momentum 4 B; Muon at its least, 4 B). Every rank checks the same model against its own
-    device, alike under torchrun, so the refusal is every rank's and rank 0 alone prints it."""
+    (AdamW 8 B, SGD with momentum 4 B; Muon at its least, 4 B). On CPU the ranks torchrun started on this machine
+    (LOCAL_WORLD_SIZE) share its RAM, so their needs together are checked against it; each GPU has its own memory.
+    Every rank checks the same model against its own device, alike under torchrun, so the refusal is every rank's
+    and rank 0 alone prints it."""
     total = device_memory_bytes(device)
     if total is None:
         return
+    ranks = local_world_size() if device.type == "cpu" else 1
     if isinstance(model, GPTConfig):
         step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
         mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
@@ -497,16 +500,19 @@ def check_fits(
         shards = world_size if strategy == "fsdp" else 1
         state = 2 if optim.name == "adamw" else 1 if optim.name == "muon" or optim.momentum > 0 else 0
         need = math.ceil(4 * (2 + state) * model_param_count(model) / shards)
-    if need <= total:
+    if need * ranks <= total:
         return
     where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
     share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
+    if ranks > 1:
+        share = f"{share or ' per rank'} x {ranks} ranks on this machine"
     needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
     error = ConfigError(
         f"the {model.family} model ({_count(model_param_count(model))} parameters: n_layer {model.n_layer}, d_model "
         f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
         f"and {optim.name} state alone, more than the {_bytes(total)} of {where}; use a smaller --model.n_layer, "
         "--model.d_model or --model.vocab_size"
+        + (" (or fewer CPU ranks per machine: torchrun --nproc-per-node)" if ranks > 1 else "")
         + (" ('lmforge estimate' shows what a config needs)" if isinstance(model, GPTConfig) else "")
     )
     error.every_rank = True  # (under torchrun: one line, from rank 0; every rank exits 2)

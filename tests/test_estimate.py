@@ -1333,6 +1333,31 @@ def test_check_fits_refuses_weights_grads_and_state_beyond_the_memory_and_shares
     check_fits(dataclasses.replace(model, n_layer=model.n_layer // 2), adamw, cpu)  # 0.75x: not refused
 
 
+def test_check_fits_counts_every_cpu_rank_of_the_machine_against_its_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun --nproc-per-node 4` on CPU: four processes of one machine share its RAM, yet each rank compared its
+    own need with the whole of it, so a model needing 0.4x the RAM per rank (1.6x together) was built four times
+    until the machine ran out. On CPU LOCAL_WORLD_SIZE x the per-rank need is checked now; each GPU has its own
+    memory, and a run without torchrun is one rank."""
+    from lmforge.estimate import check_fits, device_memory_bytes
+
+    cpu, adamw = torch.device("cpu"), OptimConfig()
+    total = device_memory_bytes(cpu)
+    assert total
+    layer = GPTConfig(n_layer=1, n_head=16, d_model=1024, vocab_size=64)  # (~0.2 GB a layer: n_layer lands near 0.4x)
+    model = dataclasses.replace(layer, n_layer=math.ceil(0.4 * total / (16 * param_counts(layer)["block"])))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    check_fits(model, adamw, cpu)  # one process: 0.4x the RAM fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_fits(model, adamw, cpu, world_size=2)  # two DDP ranks: 0.8x fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError) as e:  # four: 1.6x
+        check_fits(model, adamw, cpu, world_size=4)
+    said = str(e.value)
+    assert "\n" not in said and "x 4 ranks on this machine" in said and "--nproc-per-node" in said, said
+    check_fits(model, adamw, cpu, world_size=4, strategy="fsdp")  # FSDP: each holds a quarter, 0.4x together
+    check_fits(model, adamw, torch.device("meta"), world_size=4)  # (no memory known: no check)
+
+
 @pytest.mark.parametrize("preset", ["bert-tiny", "electra-tiny", "lstm-tiny", "gru-tiny"])
 def test_check_fits_covers_encoders_and_recurrent_models(preset: str) -> None:
     """check_fits covered GPT/Llama shapes only: a BERT, ELECTRA, LSTM or GRU far beyond the RAM was built (and
