@@ -533,6 +533,31 @@ def test_a_file_named_without_an_extension_is_read_by_its_content(tmp_path: Path
     assert [d.text for d in read_documents(tmp_path / "notes")] == ["{curly} text\n", "not JSON\n"]
 
 
+def test_clm_reads_a_file_in_the_format_prepare_reads_it_in(tmp_path: Path) -> None:
+    """`finetune --task clm` sniffed any file not named .txt/.md/.json/... as JSON when it started with `{` or `[`
+    (`{curly} text` was refused as bad JSON, a `log.txt2` of JSON lines read as rows), where `prepare` reads the same
+    file as text. Both read it alike now: .txt and .md are text whatever they start with; a file (or pipe) named
+    without an extension is JSON Lines only if its first non-blank line parses as a JSON object; else it is text."""
+    from lmforge.data.tables import read_task_rows
+    from tests.test_finetune import _pipe
+
+    files = {
+        "notes": "{curly} text\n\nnot JSON\n",
+        "list": '["a JSON list"]\n\n[another]\n',
+        "log.txt2": '{"text": "an unknown extension is text"}\n',
+        "braces.txt": '{"text": "a .txt is text"}\n',
+        "braces.md": "{not: json}\n\n# heading\n",
+        "corpus": '\n{"text": "第一篇"}\n{"text": "second one"}\n',  # (JSON Lines, to both)
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        finetuned = [r["text"] for r in read_task_rows(tmp_path / name, "clm", {"text": "text"})]
+        assert finetuned == [d.text.strip() for d in read_documents(tmp_path / name)], name
+    assert finetuned == ["第一篇", "second one"]
+    with _pipe(files["notes"].encode("utf-8")) as piped:
+        assert read_task_rows(piped, "clm", {"text": "text"}) == [{"text": "{curly} text"}, {"text": "not JSON"}]
+
+
 def test_clm_text_from_a_pipe_or_an_extensionless_file_is_documents_as_in_a_txt(tmp_path: Path, capsys) -> None:
     """`finetune --task clm --train <(zcat book.txt.gz)` or `--train corpus` made every line a document (the
     headerless tab-separated rows of a .txt table), where the same text in corpus.txt is cut into documents at

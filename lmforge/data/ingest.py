@@ -202,16 +202,25 @@ def _starts_with_json_object(path: Path) -> bool:
     except OSError:
         return False  # (said when it is read)
     try:
-        while line := stream.readline(_SNIFF_LINE_BYTES):
-            whole = len(line) < _SNIFF_LINE_BYTES or line.endswith(b"\n")  # (a longer line: by its start)
-            line = line.removeprefix(b"\xef\xbb\xbf").strip()
-            if line:
-                return line.startswith(b"{") and (not whole or isinstance(json.loads(line), dict))
-    except (ValueError, *read_errors()):  # not JSON, not UTF-8, a damaged .gz: text (or said when it is read)
+        return first_line_is_json_object(stream)
+    except read_errors():  # a damaged .gz: text (or said when it is read)
         return False
     finally:
         stream.close()
         raw.close()
+
+
+def first_line_is_json_object(stream: BinaryIO) -> bool:
+    """The first non-blank line of `stream` parses as a JSON object (a line past 1 MiB: it starts with `{`): the
+    rule by which a file named without an extension is JSON Lines, for `prepare` and `finetune --task clm` alike."""
+    while line := stream.readline(_SNIFF_LINE_BYTES):
+        whole = len(line) < _SNIFF_LINE_BYTES or line.endswith(b"\n")  # (a longer line: by its start)
+        line = line.removeprefix(b"\xef\xbb\xbf").strip()
+        if line:
+            try:
+                return line.startswith(b"{") and (not whole or isinstance(json.loads(line), dict))
+            except ValueError:  # not JSON, not UTF-8: text
+                return False
     return False
 
 

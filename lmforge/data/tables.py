@@ -5,8 +5,9 @@
   (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
   the UCI sentiment sentences). A file named without one of those extensions (a pipe, `<(zcat x.jsonl.gz)`) is
   read by its content (`_sniff_kind`), and every file is read once: a pipe gives its bytes only once. For
-  `--task clm`, plain text (a .txt, .md or a file or pipe whose content is not JSON) is documents cut at blank
-  lines, as `prepare` cuts it (`_text_documents`), not tab-separated rows.
+  `--task clm`, plain text is documents cut at blank lines, as `prepare` cuts it (`_text_documents`), not
+  tab-separated rows; which files are text is prepare's rule too: .txt, .md or any other extension whatever the
+  file starts with, and a file or pipe named without one unless its first non-blank line is a JSON object.
 - `TASK_FIELDS`: the default column names per task; `--field label=sentiment` renames one.
 - `read_task_rows` / `read_rows_or_standard`: a task's rows, their columns checked (`check_columns`) with a
   one-line error naming the rename flag; rows become examples in `data/formats.py`.
@@ -67,9 +68,9 @@ def read_table(
     path: str | Path, *, txt_columns: tuple[str, ...] = (), text_column: str | None = None
 ) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / CSV / TSV / Parquet / headerless TXT file as dicts (one-line `DataError` on
-    problems). `text_column` (`--task clm`): plain text (a .txt or .md file, optionally .gz, or a file whose name
-    says no format and whose content is not JSON, such as a pipe) is documents, one row each under that column
-    (`_text_documents`), not tab-separated lines."""
+    problems). `text_column` (`--task clm`): plain text (a .txt, .md or other file, optionally .gz, whose name says
+    no table format, or one named without an extension, such as a pipe, whose first non-blank line is not a JSON
+    object) is documents, one row each under that column (`_text_documents`), not tab-separated lines."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p} is a directory; pass one .jsonl, .json, .csv, .tsv, .parquet or .txt file")
@@ -93,6 +94,13 @@ def read_table(
     sniffed = kind is None
     if sniffed:
         kind = _sniff_kind(raw)
+    if sniffed and text_column is not None and kind != "txt":
+        from lmforge.data.ingest import first_line_is_json_object
+
+        # `--task clm` reads a file as `prepare` does (`ingest.file_format`): JSON Lines only when named without
+        # an extension and its first non-blank line is a JSON object; else text (`{curly} text`, a `log.txt2`)
+        if "." in name or not first_line_is_json_object(io.BytesIO(raw)):
+            kind = "txt"
     if text_column is not None and (kind == "txt" or name.endswith(".md")):
         return _text_documents(p, raw, text_column)
     try:
