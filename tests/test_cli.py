@@ -689,6 +689,7 @@ def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path
         ["prepare", "TEXT", "--val-input", "LOOP", "--out", "OUT", "--tokenizer", "char"],
         ["prepare", "TEXT", "--out", "LOOP", "--tokenizer", "char"],
         ["export", "LOOP", "--out", "OUT"],
+        ["generate", "OUT", "--prompt-file", "LOOP"],  # (it said "does not exist")
     ],
 )
 def test_a_symbolic_link_loop_is_one_line(capsys, tmp_path, argv):
