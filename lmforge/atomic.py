@@ -10,6 +10,7 @@ should import the others for it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -169,10 +170,22 @@ TMP_MARKER = ".lmforge-tmp"  # inside every folder made here, removed once it is
 MODEL_DIR_MARKERS = ("config.json", "adapter_config.json", "checkpoints", "status.json")
 
 
+def refuse_link_loop(path: Path) -> None:
+    """Raise the OSError (ELOOP) of a `path` that is a symbolic link loop (`ln -s loop loop`), which the CLI says in
+    one line ("PATH is a symbolic link loop ..."); `exists()` is False for one, so it read as a missing path."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise
+
+
 def check_out_file_kind(out: Path) -> None:
     """Refuse an `--out` FILE that exists as a device, pipe or socket (`--out /dev/null`, a FIFO): a file written
     whole beside it and renamed over it replaced it with a regular file, and as root /dev/null itself (for every
-    program on the machine). A folder is each command's own message."""
+    program on the machine). A folder is each command's own message; a symbolic link loop is refused too (it was
+    replaced by the file, where every other command refuses it)."""
+    refuse_link_loop(out)
     if out.exists() and not out.is_file() and not out.is_dir():
         raise LmforgeError(
             f"--out {out} is a device or pipe, not a file: the output is written whole and renamed over it, which "

@@ -977,7 +977,7 @@ def _os_error(e: OSError) -> str:
     if (blocker := _file_in_the_way(e)) is not None:
         target = public_path(e.filename) if e.errno == errno.ENOTDIR else f"the folder {blocker}"
         return f"cannot create {target}: {blocker} is a file, not a folder; choose another --out"
-    return f"{e}; check the path, free space and permissions"
+    return f"{public_path(str(e))}; check the path, free space and permissions"
 
 
 _LOOP = "{} is a symbolic link loop (its links lead back to themselves); fix or remove the link"

@@ -722,13 +722,20 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], Path, bool]:
     """`--config`'s file as a nested dict: a TOML file, or a run's resolved `config.json` (written by `pretrain`,
     `finetune` and `import`), or the run folder that holds it, so a bigger run can be planned from an existing
     one. Returns (settings, the file read, whether it is a run's config.json); anything else is a `ConfigError`."""
+    if not str(path).strip():  # (`--config ''`, an unset shell variable: it was no config at all)
+        raise ConfigError("--config is empty; pass a .toml file or a run folder, or drop --config")
     p = Path(path).expanduser()  # (`--config=~/c.toml`: the shell leaves that `~`)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p} is a folder without config.json; pass a .toml file or a run folder to --config")
         p = p / "config.json"
     if p.suffix.lower() != ".json":
-        return read_toml(p), p, False
+        settings = read_toml(p)
+        if not settings:  # (an empty file, or comments only: it was taken as no config without a word)
+            raise ConfigError(
+                f"config file {str(p)!r} holds no settings; write them in it (e.g. [train] then lr = 1e-3)"
+            )
+        return settings, p, False
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass a .toml file or a run's config.json to --config")
     try:
@@ -765,7 +772,7 @@ def load_config(
     """
     from lmforge.presets import preset_dict
 
-    file_dict, config_path, from_run = read_config_file(config_file) if config_file else ({}, None, False)
+    file_dict, config_path, from_run = read_config_file(config_file) if config_file is not None else ({}, None, False)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     overrides = overrides or {}

@@ -515,7 +515,7 @@ def finetune(
 
     Args:
         base: lmforge run dir / checkpoint, a fine-tuned run, or a local HF model directory.
-        train_file, val_file: JSONL/JSON/CSV/TSV/Parquet/TXT task data (`data/formats.py`); val is optional.
+        train_file, val_file: JSONL/JSON/CSV/TSV/Parquet/TXT task data, read by `data/tables.py`; val is optional.
         out: the run directory to create.
         cfg: task, adapt mode and their settings.
         overrides: nested {"train": {...}, "optim": {...}, "eval": {...}, "checkpoint": {...}, "log": {...}}

@@ -57,7 +57,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from lmforge.atomic import check_out_file_kind, naming, try_lock
+from lmforge.atomic import check_out_file_kind, naming, refuse_link_loop, try_lock
 from lmforge.data.clean import json_line
 from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.errors import Interrupted, LmforgeError, first_line
@@ -87,6 +87,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
+        refuse_link_loop(path)  # (it said "does not exist")
         if path.is_dir() or not path.exists():  # (a pipe is read: `--prompt-file <(cut -f2 questions.tsv)`)
             what = "is a directory" if path.is_dir() else "does not exist"
             raise LmforgeError(f"--prompt-file {path} {what}; give a .txt (one prompt per line) or a .jsonl file")

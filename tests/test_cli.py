@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -689,6 +690,7 @@ def test_eval_of_a_split_a_tiny_corpus_left_empty_says_why(trained_run, tmp_path
         ["prepare", "TEXT", "--val-input", "LOOP", "--out", "OUT", "--tokenizer", "char"],
         ["prepare", "TEXT", "--out", "LOOP", "--tokenizer", "char"],
         ["export", "LOOP", "--out", "OUT"],
+        ["generate", "OUT", "--prompt-file", "LOOP"],  # (it said "does not exist")
     ],
 )
 def test_a_symbolic_link_loop_is_one_line(capsys, tmp_path, argv):
@@ -738,3 +740,15 @@ def test_an_out_file_that_is_a_device_or_pipe_is_refused_and_kept(capsys, tmp_pa
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"lmforge: error: --out {fifo} is a device or pipe, not a file"), err
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+def test_an_out_that_cannot_be_created_is_named_as_given_not_by_its_hidden_build_folder(trained_run, tmp_path):
+    """`prepare --out /proc/x` and `export RUN --out /proc/x` said "No such file or directory:
+    '/proc/.x.lmforge-tmp-ad3301fd'": the hidden folder the output is built in, which the user never named."""
+    data, run = trained_run
+    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 20, encoding="utf-8")
+    for args in (["prepare", str(tmp_path / "text.txt"), "--tokenizer", "char"], ["export", str(run)]):
+        result = run_cli(*args, "--out", "/proc/x")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "'/proc/x'; check the path" in result.stderr and "lmforge-tmp" not in result.stderr, result.stderr

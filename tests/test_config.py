@@ -67,6 +67,22 @@ def test_a_config_that_is_a_pipe_is_said_to_be_one_not_missing(tmp_path):
         load_config(config_file=tmp_path / "missing.toml")
 
 
+def test_an_empty_config_path_or_file_is_refused_not_taken_as_no_config(tmp_path):
+    """`--config ''` (an unset shell variable) ran with no config at all, and a file with no settings (empty, or
+    comments only) as if there were none: both are one-line errors now; /dev/null stays refused as a device."""
+    with pytest.raises(ConfigError, match="^--config is empty; pass a .toml file or a run folder, or drop --config$"):
+        load_config(config_file="")
+    with pytest.raises(ConfigError, match="^--config is empty"):
+        load_config(config_file="  ")
+    toml = tmp_path / "run.toml"
+    for text in ("", "# lr = 1e-3\n"):
+        toml.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"run\.toml' holds no settings; write them in it"):
+            load_config(config_file=toml)
+    with pytest.raises(ConfigError, match="is a pipe or device, not a file"):
+        load_config(config_file="/dev/null")
+
+
 def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
     # spelling alone pointed these at optim.name, train.min_lr, model.n_head and train.batch_size
     for given, ours in [

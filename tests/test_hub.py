@@ -203,3 +203,26 @@ def test_a_cached_model_loads_without_asking_the_hub(tmp_path: Path) -> None:
     import_hf(tmp_path / "local", tmp_path / "from-folder")
     b = load_trained(tmp_path / "from-folder", torch.device("cpu")).model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreachable_hub_fails_a_hub_dataset_in_one_line_within_seconds(tmp_path: Path) -> None:
+    """`prepare hf:NAME` (a hub dataset, `data/columnar.py`) kept datasets' own path without network: a Hub that
+    accepts the connection and never answers hung it for good. It follows the models' rule now (`check_hub`): one
+    request with a 5 s limit, then one line that says what to do; HF_HUB_OFFLINE asks nothing at all."""
+    import time
+
+    pytest.importorskip("datasets")
+    args = ["prepare", "hf:some-org/tiny-data", "--out", str(tmp_path / "x")]
+    with _LocalHub(answer=False) as hub:
+        offline = run_cli(*args, env=hub.env(tmp_path / "hf", HF_HUB_OFFLINE="1"), timeout=60)
+        asked_offline = list(hub.requests)
+        start = time.monotonic()
+        result = run_cli(*args, env=hub.env(tmp_path / "hf"), timeout=60)
+        seconds = time.monotonic() - start
+    assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
+    assert "HF_HUB_OFFLINE is set and the local Hugging Face cache" in offline.stderr and not asked_offline
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the Hugging Face Hub cannot be reached" in result.stderr, result.stderr
+    assert "download some-org/tiny-data --repo-type dataset --local-dir DIR') and pass DIR" in result.stderr
+    assert hub.requests == ["GET /api/datasets/some-org/tiny-data HTTP/1.1"], hub.requests
+    assert seconds < 30 and not (tmp_path / "x").exists()

@@ -340,6 +340,20 @@ def test_an_out_that_is_a_file_of_a_run_is_refused(two_runs, tmp_path):
     render_report([run], run / "report.html")  # re-rendered over itself
 
 
+def test_an_out_that_is_a_symbolic_link_loop_is_refused_in_one_line(two_runs, tmp_path, capsys):
+    """`report --out loop` (`ln -s loop loop`) replaced the link with the report without a word, where every other
+    command refuses a link loop in one line; it does too now, and the link stays."""
+    from lmforge.cli import main
+
+    loop = tmp_path / "loop.html"
+    loop.symlink_to(loop)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(two_runs[0]), "--out", str(loop)])
+    said = "is a symbolic link loop (its links lead back to themselves); fix or remove the link"
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"lmforge: error: {loop} {said}\n"
+    assert loop.is_symlink() and os.readlink(loop) == str(loop) and sorted(tmp_path.iterdir()) == [loop]
+
+
 def test_an_out_that_is_not_a_report_takes_overwrite(two_runs, tmp_path):
     """`report --out notes.md` replaced a user's own notes.md (or index.html, or a file with no suffix) without a
     word; it is refused unless --overwrite, and an earlier report is still re-rendered over without the flag."""

@@ -20,6 +20,7 @@ from lmforge.data.clean import replace_surrogates
 from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
+from lmforge.export.hub import check_hub
 
 ARROW_BATCH_ROWS = 1024
 
@@ -132,12 +133,21 @@ def parse_hub_name(spec: str) -> tuple[str, str | None, str]:
 
 
 def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
-    """Stream a hub dataset with `datasets.load_dataset(..., streaming=True)` (needs the network)."""
+    """Stream a hub dataset with `datasets.load_dataset(..., streaming=True)` (needs the network).
+
+    Without network it fails fast, by the rule of hub models (`export/hub.check_hub`): with HF_HUB_OFFLINE (or
+    HF_DATASETS_OFFLINE) `datasets` reads its own cache alone, and one that lacks `spec` is one line that says so;
+    else the Hub is asked once, within `HUB_TIMEOUT_S`, before `datasets` asks it without a time limit (a Hub that
+    accepted the connection and never answered hung `prepare hf:...` for good). A local folder needs no Hub."""
     name, config, split = parse_hub_name(spec)
     try:
         import datasets
     except ImportError:
         raise DataError(f"reading {spec} needs the datasets package: pip install 'lmforge[datasets]'") from None
+    offline = datasets.config.HF_HUB_OFFLINE  # (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)
+    on_hub = not Path(name).exists()  # (a local folder laid out like a hub dataset repo needs no Hub)
+    if on_hub and not offline:
+        check_hub(spec, name, None, offline=False, repo_type="dataset", error=DataError)
     try:
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
         for row in rows:
@@ -151,6 +161,8 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad config: datasets raises many types
+        if on_hub and offline and isinstance(e, ConnectionError):  # (datasets' own cache: nothing for `name`)
+            check_hub(spec, name, None, offline=True, repo_type="dataset", error=DataError)
         raise DataError(
             f"{spec}: cannot load from the hub ({first_line(e)}); check the name, config, split and network"
         ) from None

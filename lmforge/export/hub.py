@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lmforge.errors import CheckpointError, first_line
+from lmforge.errors import CheckpointError, LmforgeError, first_line
 
 PREFIX = "hf:"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or ORG/NAME, as the hub allows
@@ -78,7 +78,7 @@ def hub_model_dir(spec: str) -> Path:
     """
     repo, revision = parse_hub_spec(spec)
     try:
-        from huggingface_hub import HfApi, constants
+        import huggingface_hub  # noqa: F401 - (checked here, used below)
     except ImportError:
         raise CheckpointError(
             f"loading {spec} from the Hugging Face Hub needs huggingface_hub: pip install 'lmforge[hf]' "
@@ -87,24 +87,7 @@ def hub_model_dir(spec: str) -> Path:
     cached = _cached_snapshot(repo, revision)
     if cached is not None:
         return cached
-    login, download = hub_commands()
-    elsewhere = f"download it where there is network ('{download} {repo} --local-dir DIR') and pass DIR"
-    where = f"the local Hugging Face cache {constants.HF_HUB_CACHE}"
-    offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
-    if offline:
-        raise CheckpointError(
-            f"cannot get {spec} from the Hugging Face Hub: HF_HUB_OFFLINE is set and {where} does not hold it; "
-            f"unset HF_HUB_OFFLINE to download it, or {elsewhere}"
-        )
-    try:  # one request with a time limit: huggingface_hub's own first request has none
-        HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
-    except Exception as e:  # noqa: BLE001 - requests/httpx connection errors and timeouts, 401/404: many types
-        if not _is_http_error(e):
-            raise CheckpointError(
-                f"cannot get {spec}: the Hugging Face Hub cannot be reached ({type(e).__name__}: {first_line(e)}; "
-                f"lmforge waits {HUB_TIMEOUT_S:g} s for it) and {where} does not hold it; {elsewhere}"
-            ) from None
-        raise _download_failed(spec, e, login, elsewhere) from None
+    login, elsewhere = check_hub(spec, repo, revision, offline=None)
     try:
         folder = _snapshot(repo, revision)
     except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
@@ -112,10 +95,50 @@ def hub_model_dir(spec: str) -> Path:
     return folder
 
 
-def _download_failed(spec: str, e: Exception, login: str, elsewhere: str) -> CheckpointError:
-    return CheckpointError(
+def check_hub(
+    spec: str,
+    repo: str,
+    revision: str | None,
+    *,
+    offline: bool | None,
+    repo_type: str = "model",
+    error: type[LmforgeError] = CheckpointError,
+) -> tuple[str, str]:
+    """The rule before the Hub is used for `spec` (a model here, a dataset in `data/columnar.py`), once the local
+    cache has not held it: HF_HUB_OFFLINE (`offline`; None: huggingface_hub's own setting) stops here, and the Hub
+    is asked once, with a `HUB_TIMEOUT_S` limit; each failure is one line (`error`) with what to do.
+    Returns the (login, download elsewhere) advice for a later failure."""
+    from huggingface_hub import HfApi, constants
+
+    login, download = hub_commands()
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    elsewhere = f"download it where there is network ('{download} {repo}{kind} --local-dir DIR') and pass DIR"
+    where = f"the local Hugging Face cache {constants.HF_HUB_CACHE}"
+    if offline is None:
+        offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
+    if offline:
+        raise error(
+            f"cannot get {spec} from the Hugging Face Hub: HF_HUB_OFFLINE is set and {where} does not hold it; "
+            f"unset HF_HUB_OFFLINE to download it, or {elsewhere}"
+        )
+    try:  # one request with a time limit: huggingface_hub's own first request has none
+        HfApi().repo_info(repo, revision=revision, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - requests/httpx connection errors and timeouts, 401/404: many types
+        if not _is_http_error(e):
+            raise error(
+                f"cannot get {spec}: the Hugging Face Hub cannot be reached ({type(e).__name__}: {first_line(e)}; "
+                f"lmforge waits {HUB_TIMEOUT_S:g} s for it) and {where} does not hold it; {elsewhere}"
+            ) from None
+        raise _download_failed(spec, e, login, elsewhere, error) from None
+    return login, elsewhere
+
+
+def _download_failed(
+    spec: str, e: Exception, login: str, elsewhere: str, error: type[LmforgeError] = CheckpointError
+) -> LmforgeError:
+    return error(
         f"cannot get {spec} from the Hugging Face Hub ({type(e).__name__}: {first_line(e)}); check the name "
-        f"and the network (a gated model needs '{login}'), or {elsewhere}"
+        f"and the network (a gated repository needs '{login}'), or {elsewhere}"
     )
 
 
