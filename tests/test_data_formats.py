@@ -558,6 +558,30 @@ def test_clm_reads_a_file_in_the_format_prepare_reads_it_in(tmp_path: Path) -> N
         assert read_task_rows(piped, "clm", {"text": "text"}) == [{"text": "{curly} text"}, {"text": "not JSON"}]
 
 
+def test_zstandard_task_files_are_read_as_prepare_reads_them(tmp_path: Path) -> None:
+    """`prepare` reads .zst inputs, but `finetune --train book.txt.zst` (clm) read the compressed bytes as text and
+    `data.jsonl.zst` / `data.csv.zst` were refused; they now give the rows of the plain file, and a .zst cut short
+    is one line naming the file, as a cut .gz is."""
+    zstd = pytest.importorskip("zstandard")
+    from lmforge.data.tables import field_map, read_task_rows
+
+    files = {
+        "book.txt": ("clm", "First paragraph,\nstill first.\n\n第二段。\n"),
+        "data.jsonl": ("sft", '{"instruction": "hi", "output": "hello"}\n{"instruction": "说", "output": "好"}\n'),
+        "data.csv": ("classify", "text,label\ngreat,positive\nawful,negative\n"),
+    }
+    for name, (task, text) in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        (tmp_path / f"{name}.zst").write_bytes(zstd.ZstdCompressor().compress(text.encode("utf-8")))
+        fields = field_map(task, None)
+        want = read_task_rows(tmp_path / name, task, fields)
+        assert want and read_task_rows(tmp_path / f"{name}.zst", task, fields) == want, name
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes((tmp_path / "data.jsonl.zst").read_bytes()[:-6])
+    with pytest.raises(DataError, match=r"cannot read .*cut\.jsonl\.zst \(.*\); check the file"):
+        read_task_rows(cut, "sft", field_map("sft", None))
+
+
 def test_clm_text_from_a_pipe_or_an_extensionless_file_is_documents_as_in_a_txt(tmp_path: Path, capsys) -> None:
     """`finetune --task clm --train <(zcat book.txt.gz)` or `--train corpus` made every line a document (the
     headerless tab-separated rows of a .txt table), where the same text in corpus.txt is cut into documents at

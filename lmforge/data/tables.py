@@ -1,6 +1,6 @@
 """Task data files → rows (dicts): reading JSONL/JSON/CSV/TSV/Parquet/TXT tables, field names, column checks.
 
-- `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz`, `.csv` and `.tsv` with a
+- `read_table(path)`: `.jsonl` / `.json` (a list of objects) / `.jsonl.gz` or `.zst`, `.csv` and `.tsv` with a
   header row (a .tsv's quotes read as `prepare` reads them, `data/tsv.py`), and headerless `.txt`
   (`a<TAB>b` per line, columns named after the task's fields, the layout of Tatoeba pair files and
   the UCI sentiment sentences). A file named without one of those extensions (a pipe, `<(zcat x.jsonl.gz)`) is
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8, json_line
+from lmforge.data.compressed import inner_name, open_input, read_errors
 from lmforge.data.formats import label_name
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
@@ -68,15 +69,15 @@ def read_table(
     path: str | Path, *, txt_columns: tuple[str, ...] = (), text_column: str | None = None
 ) -> list[dict[str, Any]]:
     """Rows of a JSONL / JSON / CSV / TSV / Parquet / headerless TXT file as dicts (one-line `DataError` on
-    problems). `text_column` (`--task clm`): plain text (a .txt, .md or other file, optionally .gz, whose name says
-    no table format, or one named without an extension, such as a pipe, whose first non-blank line is not a JSON
-    object) is documents, one row each under that column (`_text_documents`), not tab-separated lines."""
+    problems). `text_column` (`--task clm`): plain text (a .txt, .md or other file, optionally .gz or .zst, whose
+    name says no table format, or one named without an extension, such as a pipe, whose first non-blank line is not
+    a JSON object) is documents, one row each under that column (`_text_documents`), not tab-separated lines."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p} is a directory; pass one .jsonl, .json, .csv, .tsv, .parquet or .txt file")
     if not p.exists():  # (a pipe such as <(cmd) exists without being a regular file, and reads fine)
         raise DataError(f"data file {p} not found; pass a .jsonl, .json, .csv, .tsv, .parquet or .txt file")
-    name = p.name.lower().removesuffix(".gz")
+    name = inner_name(p)  # (Book.JSONL.gz, data.csv.zst: book.jsonl, data.csv)
     if name.endswith(".parquet"):  # e.g. a Hugging Face dataset's data files
         from lmforge.data.columnar import parquet_rows
 
@@ -86,11 +87,16 @@ def read_table(
         return rows
     kind = next((k for k in ("jsonl", "json", "csv", "tsv", "txt") if name.endswith("." + k)), None)
     try:  # read once: a pipe (<(zcat data.jsonl.gz), named /dev/fd/63) cannot be read a second time
-        raw = p.read_bytes()
-        if p.name.lower().endswith(".gz") or (kind is None and raw.startswith(_GZIP_MAGIC)):
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:  # (a damaged .gz read as "convert it to UTF-8")
-        raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is a damaged .gz") from None
+        if p.name.lower().endswith(".zst"):  # (as `prepare` reads it: zstandard, and an error when cut short)
+            f, stream = open_input(p)
+            with f:
+                raw = stream.read()
+        else:
+            raw = p.read_bytes()
+            if p.name.lower().endswith(".gz") or (kind is None and raw.startswith(_GZIP_MAGIC)):
+                raw = gzip.decompress(raw)
+    except read_errors() as e:  # (a damaged .gz read as "convert it to UTF-8")
+        raise DataError(f"cannot read {p} ({e}); check the file, or re-create it if it is damaged") from None
     sniffed = kind is None
     if sniffed:
         kind = _sniff_kind(raw)
@@ -446,7 +452,7 @@ def _task_rows(
     try:
         check_columns(rows, task, fields, p, scored=scored)
     except MissingColumnError as e:
-        kind = p.name.lower().removesuffix(".gz").rsplit(".", 1)[-1]
+        kind = inner_name(p).rsplit(".", 1)[-1]
         if kind not in ("csv", "tsv"):
             raise
         # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header
