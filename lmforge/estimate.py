@@ -502,11 +502,10 @@ def check_fits(
         need = math.ceil(4 * (2 + state) * model_param_count(model) / shards)
     if need * ranks <= total:
         return
-    where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
+    needed, where = _need_and_memory(need, device)
     share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
     if ranks > 1:
         share = f"{share or ' per rank'} x {ranks} ranks on this machine"
-    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
     error = ConfigError(
         f"the {model.family} model ({_count(model_param_count(model))} parameters: n_layer {model.n_layer}, d_model "
         f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
@@ -527,12 +526,17 @@ def check_batch_fits(micro_batch: int, seq_len: int, device: torch.device) -> No
     need = 16 * micro_batch * max(1, seq_len)
     if total is None or need <= total:
         return
-    where = "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
-    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"
+    needed, where = _need_and_memory(need, device)
     raise ConfigError(
         f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed} for its token ids alone, more "
         f"than the {_bytes(total)} of {where}; use a smaller --train.batch_size (or --train.micro_batch_size)"
     )
+
+
+def _need_and_memory(need: int, device: torch.device) -> tuple[str, str]:
+    """How `check_fits` and `check_batch_fits` say a need and the memory it exceeds: (bytes, whose memory)."""
+    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
+    return needed, "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
 
 
 # --------------------------------------------------------------------------------------------
