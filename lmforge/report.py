@@ -19,7 +19,7 @@ and the generated sample of every evaluation. `watch` re-renders every N seconds
 matplotlib is imported inside the functions (it costs ~0.5 s) with the Agg backend, so plotting
 works without a display; every file is written to a temp name and renamed.
 
-Length (~900 lines, over the 800-line guide): the HTML and the Markdown renderers read the same tables
+Length (~960 lines, over the 800-line guide): the HTML and the Markdown renderers read the same tables
 (`summary_table`, `eval_table`, `task_table`) and are kept beside them so one change reaches both; the next split
 would be the two renderers (`render_html`, `render_markdown` and their helpers) into a module of their own.
 """
