@@ -329,7 +329,7 @@ def quantize_run(
             quantized = load_trained(tmp, cpu)
             if val_file:
                 from lmforge.adapt.load import load_finetuned
-                from lmforge.finetune import task_val_metrics
+                from lmforge.finetune_eval import task_val_metrics
 
                 before = task_val_metrics(load_finetuned(path, cpu), val_file, max_batches=max_batches)
                 after = task_val_metrics(load_finetuned(tmp, cpu), val_file, max_batches=max_batches)

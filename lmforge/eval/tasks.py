@@ -451,7 +451,7 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
     from lmforge.adapt.load import load_base_model
     from lmforge.adapt.objectives import dpo_losses, pair_logprobs
     from lmforge.data.formats import build_examples, dpo_collate
-    from lmforge.finetune import reference_logprobs
+    from lmforge.finetune_eval import reference_logprobs
     from lmforge.objectives import to_device
 
     device = next(ft.model.parameters()).device
