@@ -448,15 +448,14 @@ def chat(
     `penalties`: a `generate.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
     write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
     ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
+    from lmforge.detokenize import StreamDecoder, whole_characters
     from lmforge.generate import (
-        StreamDecoder,
         check_sampling,
         check_seed,
         context_length,
         generate,
         load_generator,
         run_stops,
-        whole_characters,
     )
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed

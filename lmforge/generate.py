@@ -37,17 +37,13 @@
   is None; its end token, if any, is then in `generation.json`). Its runs generate all the same, up to
   the token limit or a stop id; only an empty prompt, which would start after an end-of-text token,
   is refused with what to do instead.
-- `StopStrings`: OpenAI's `stop` on the decoded text as it comes (across tokens), for `serve` and `generate --stop`.
 - `generate_from_checkpoint(...)`: the `lmforge generate` command (load, encode, stream, decode); with
   `--num-samples` or `--prompt-file` it hands the prompts to `generate_many.py`, which decodes them in batches.
-- `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
-  tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
-  tokens); decoding the whole sequence and withholding a trailing U+FFFD shows every character once,
-  complete. `whole_characters` is that one rule, for every text a model wrote that is shown or scored: generate,
-  chat (and its history), serve, and `eval --task`'s answers.
+- Token ids become the text shown in `detokenize.py`: `StreamDecoder` (whole characters as they come),
+  `StopStrings` (`--stop`, matched on that text) and `continuation_decoder`.
 
-Over STYLE.md's 800 lines: the sampling rules, both decode loops and the stop rules are read together, and
-the command's many-prompt half lives in generate_many.py.
+Over STYLE.md's 800 lines: the sampling rules, both decode loops and the stop rules are read together; the
+command's many-prompt half lives in generate_many.py, and the text side of decoding in detokenize.py.
 
 References:
 - repetition penalty: Keskar et al. 2019 (CTRL), https://arxiv.org/abs/1909.05858, section 4.1
@@ -72,11 +68,11 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from lmforge.detokenize import StopStrings, StreamDecoder, continuation_decoder
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.models.gpt import GPT
 from lmforge.train.precision import cpp_compiler_problem
 
-REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
 STOP_IDS_FILE = "generation.json"  # in a run directory: {"stop_ids": [...]}, ids that end a generation
 
 
@@ -590,122 +586,6 @@ def generate_batch(
 def _stop_set(eos_id: int | None, stop_ids: Collection[int]) -> frozenset[int]:
     """The ids a decode loop stops after: `eos_id` (unless None) and `stop_ids`."""
     return frozenset(stop_ids) | (frozenset() if eos_id is None else {eos_id})
-
-
-def continuation_decoder(decode: Callable[[list[int]], str], context: list[int]) -> Callable[[list[int]], str]:
-    """`decode` for ids that continue `context`: the text they add after it, decoded together with it.
-
-    Decoding a continuation alone can lose what its first token means after the context: a
-    SentencePiece-style (Unigram) decoder drops the word-start marker of the first piece, so "▁con"
-    after "I will" decodes as "con", not " con". Falls back to decoding the ids alone if the context's
-    text is not a prefix of the whole (no decoder here does that)."""
-    head = decode(context)
-
-    def text(ids: list[int]) -> str:
-        whole = decode(context + ids)
-        return whole[len(head) :] if whole.startswith(head) else decode(ids)
-
-    return text
-
-
-def whole_characters(text: str) -> str:
-    """`text` (decoded token ids) without the U+FFFD that a character whose bytes did not all come (generation
-    stopped on max tokens halfway through it) decodes to at its end: a reply cut by a length limit ends at its
-    last whole character, in the text only (the token ids stay as generated)."""
-    return text.rstrip(REPLACEMENT_CHAR)
-
-
-class StreamDecoder:
-    """Incremental detokenizer: feed token ids, get back only text that is complete.
-
-    Every `feed` decodes the whole sequence so far with `decode` and returns the part not returned
-    before, holding back a trailing U+FFFD (an incomplete UTF-8 character, e.g. the first byte token
-    of an emoji) until the following tokens complete it. Decoding everything each time is quadratic
-    in the length but exact for any decoder whose output on a prefix is a prefix of the output on
-    the whole (byte-level BPE, characters); it costs well under a millisecond per token at chat lengths.
-
-        stream = StreamDecoder(tokenizer.decode)
-        generate(model, ids, max_new_tokens=200, on_token=lambda t: print(stream.feed(t), end="", flush=True))
-        print(stream.flush())
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
-
-    def feed(self, token_id: int) -> str:
-        """Add one token; return the newly completed text (possibly "")."""
-        self.ids.append(token_id)
-        text = whole_characters(self.decode(self.ids))
-        if len(text) <= self.emitted:
-            return ""
-        out = text[self.emitted :]
-        self.emitted = len(text)
-        return out
-
-    def flush(self) -> str:
-        """Return whatever is left (call once the stream has ended). A character whose bytes never all came
-        (generation stopped on max tokens halfway through it) is dropped, not shown as U+FFFD: the text
-        stays valid, as a reply cut by a length limit ends at its last whole character."""
-        text = whole_characters(self.decode(self.ids))
-        out = text[self.emitted :]
-        self.emitted = len(text)
-        return out
-
-
-class StopStrings:
-    """Stop strings over a completion's text as it comes (OpenAI's `stop`): the text ends just before the
-    first of them to appear, which is not part of it; they match across token boundaries, on decoded text.
-
-    `feed` takes each new piece of text (a `StreamDecoder.feed`) and returns the part now safe to show: the
-    last `hold` characters (the longest stop string but one) are held back while they could still turn
-    into a stop string, and come out with the next pieces or `flush`. `serve` (each choice, streamed or not)
-    and `lmforge generate --stop` (one prompt, --num-samples, --prompt-file) use it; a decode loop ends
-    when `stopped` turns True (`generate`'s `on_token` returns it).
-    """
-
-    def __init__(self, stop: Collection[str]) -> None:
-        self.stop = self.check(stop)
-        self.hold = max((len(s) - 1 for s in self.stop), default=0)  # a tail that could still become a stop string
-        self.text = ""  # the text so far; once `stopped`, all of it (cut before the stop string)
-        self.stopped = False
-        self.sent = 0  # characters returned so far
-
-    @staticmethod
-    def check(stop: Collection[str]) -> list[str]:
-        """`stop` as a list, refused when one is empty (it would stop before the first token): `generate --stop`
-        checks it so before the model loads.
-
-        Raises:
-            LmforgeError: an empty stop string, and what to do.
-        """
-        if not all(stop):
-            raise LmforgeError(
-                "a stop string (--stop) must not be empty: it would stop before the first token; drop the empty --stop"
-            )
-        return list(stop)
-
-    def feed(self, piece: str) -> str:
-        """Add `piece`; return the newly safe text (possibly ""). After a stop string nothing more is added."""
-        if self.stopped:
-            return ""
-        # a stop string new in `piece` ends inside it, so it starts at most `hold` characters before it
-        start = max(0, len(self.text) - self.hold)
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        ready = len(self.text) if self.stopped else max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent : ready]
-        self.sent = ready
-        return out
-
-    def flush(self) -> str:
-        """The text not returned yet (call once the completion has ended)."""
-        out = self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
 
 
 def require_text_generator(path: str | Path, loaded: Any) -> None:

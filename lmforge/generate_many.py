@@ -20,7 +20,7 @@
   rows beside it: any `--batch-size` gives the same file (up to float rounding in batched matmuls, ~1e-7 on the
   logits, which can flip a near-tie; tested equal on the test model). Two equal prompts get equal samples.
 - Each row ends as `--prompt` does: at end-of-text or a run stop id (unless `--ignore-eos`), or before the
-  first `--stop` string (`generate.StopStrings`, fed token by token: the same cut as a single prompt's).
+  first `--stop` string (`detokenize.StopStrings`, fed token by token: the same cut as a single prompt's).
 - Output: with `--prompt-file`, JSONL in input order, one line per completion: a JSONL line's own fields
   ("id", "meta", ...: carried unchanged, in their order, "prompt" among them), then "completion",
   "finish_reason" ("stop" or "length", as OpenAI's) and, with N > 1, "sample" (0..N-1). These three are the
@@ -388,9 +388,8 @@ def _complete(
     run of the same job) are left out before batching. Row b samples from its own generator seeded `seeds[b]` (None:
     unseeded), batched or alone, so its completion does not depend on which rows share its batch: any `batch_size`,
     and a resumed run batching only the rest, give the same rows (up to float rounding, module docstring)."""
+    from lmforge.detokenize import StopStrings, StreamDecoder
     from lmforge.generate import (
-        StopStrings,
-        StreamDecoder,
         completion_decoder,
         context_length,
         generate,

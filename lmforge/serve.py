@@ -785,7 +785,8 @@ class _Handler(BaseHTTPRequestHandler):
         socket (`_ClientLeft`, no reply: nobody reads it). A reply that is not streamed is written only at
         the end, so without this a client that gave up (a timeout, Ctrl-C on curl) held the model for every
         token it had asked for, with every other request waiting behind it."""
-        from lmforge.generate import StopStrings, StreamDecoder, continuation_decoder, generate
+        from lmforge.detokenize import StopStrings, StreamDecoder, continuation_decoder
+        from lmforge.generate import generate
         from lmforge.serve_logprobs import TextOffsets
 
         ft = self.server.ft

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmforge.generate import REPLACEMENT_CHAR
+from lmforge.detokenize import REPLACEMENT_CHAR
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
 
@@ -96,7 +96,7 @@ def completion_logprobs(
     decoding, right for a token-id prompt, whose text is that decoding). A special token in a string prompt is
     its whole string there (<|endoftext|>, 13 characters), while decoding drops it: offsets found by decoding
     the prompt put every later token 13 characters early."""
-    from lmforge.generate import continuation_decoder
+    from lmforge.detokenize import continuation_decoder
 
     offsets = []
     if echo:
@@ -186,7 +186,7 @@ class StreamedLogprobs:
     the same log-softmax of the same logits as `score`'s forward pass, up to float summation order."""
 
     def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None) -> None:
-        from lmforge.generate import continuation_decoder
+        from lmforge.detokenize import continuation_decoder
 
         self.server, self.names, self.top, self.chat = server, server.token_names(), top, chat
         decode = functools.partial(server.ft.tokenizer.decode, skip_special_tokens=True)

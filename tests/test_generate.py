@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.detokenize import StreamDecoder
 from lmforge.errors import LmforgeError
-from lmforge.generate import Penalties, StreamDecoder, generate, sample_next
+from lmforge.generate import Penalties, generate, sample_next
 from lmforge.models.gpt import GPT, GPTConfig
 from tests.conftest import have_cpp_compiler
 
@@ -306,7 +307,7 @@ def test_stream_decoder_utf8_split_across_byte_tokens() -> None:
 def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
     """A SentencePiece-style decoder drops the word-start marker of a lone first piece: the continuation is
     decoded after its prompt instead, so `generate` prints "I will come", not "I willcome"."""
-    from lmforge.generate import continuation_decoder
+    from lmforge.detokenize import continuation_decoder
     from lmforge.tokenizer.train import train_unigram
     from tests.conftest import shakespeare_text
 
@@ -503,7 +504,8 @@ def test_min_p_against_hand_computation_and_transformers() -> None:
 
 
 def test_stop_strings_cut_before_the_first_to_appear_and_hold_back_what_could_become_one() -> None:
-    from lmforge.generate import StopStrings, generate_from_checkpoint
+    from lmforge.detokenize import StopStrings
+    from lmforge.generate import generate_from_checkpoint
 
     cut = StopStrings(["o w", "rl"])  # hold: 2 characters
     assert [cut.feed(p) for p in ("Hel", "lo wo", "rld")] == ["H", "ell", ""]  # "o w" spans the two pieces

@@ -158,7 +158,7 @@ def _finetuned(tmp_path: Path):  # noqa: ANN202 - a finetune.Finetuned
 
 def _sequential(ft, prompts: list[list[int]], max_new_tokens: int) -> list[str]:  # noqa: ANN001
     """What evaluation did before batching: one generate() per prompt, truncated to leave room."""
-    from lmforge.generate import whole_characters
+    from lmforge.detokenize import whole_characters
 
     room = ft.model.cfg.max_seq_len - max_new_tokens
     eos = ft.tokenizer.eos_id

@@ -173,7 +173,8 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
     from lmforge.data.formats import keep_end
-    from lmforge.generate import generate, generate_batch, run_stops, whole_characters
+    from lmforge.detokenize import whole_characters
+    from lmforge.generate import generate, generate_batch, run_stops
 
     context = answer_context(ft.model)
     check_answer_room(max_new_tokens, context)
