@@ -22,7 +22,8 @@ import pytest
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import read_metrics
-from lmforge.report import PLOTS, eval_table, load_runs, render_html, render_report, task_table, watch
+from lmforge.report import PLOTS, eval_table, load_runs, render_report, task_table, watch
+from lmforge.report_render import render_html
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
