@@ -445,18 +445,17 @@ def chat(
     interactive: bool | None = None,
 ) -> int:
     """`lmforge chat RUN_DIR`: an interactive conversation; returns the number of replies given.
-    `penalties`: a `generate.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
+    `penalties`: a `sampling.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
     write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
     ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
     from lmforge.detokenize import StreamDecoder, whole_characters
     from lmforge.generate import (
-        check_sampling,
-        check_seed,
         context_length,
         generate,
         load_generator,
         run_stops,
     )
+    from lmforge.sampling import check_sampling, check_seed
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)

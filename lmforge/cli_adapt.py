@@ -44,7 +44,7 @@ def add_min_p_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_penalty_args(p: argparse.ArgumentParser) -> None:
-    """`generate` and `chat`: `generate.Penalties` as flags (serve takes them per request)."""
+    """`generate` and `chat`: `sampling.Penalties` as flags (serve takes them per request)."""
     p.add_argument(
         "--repetition-penalty",
         type=float,
@@ -61,7 +61,7 @@ def add_penalty_args(p: argparse.ArgumentParser) -> None:
 
 
 def penalties_of(args: argparse.Namespace) -> Any:
-    from lmforge.generate import Penalties
+    from lmforge.sampling import Penalties
 
     return Penalties(args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
 

@@ -22,7 +22,7 @@ an app written for OpenAI runs unchanged), unless names are given (`--served-mod
 model is known by those (replies carry the first) and a request for another gets OpenAI's 404
 `model_not_found`, so a client pointed at the wrong server finds out instead of getting this model's text.
 `presence_penalty`, `frequency_penalty` and `repetition_penalty`
-(vLLM's extension) and `logit_bias` are `generate.Penalties`. A completion's `best_of` draws that many per
+(vLLM's extension) and `logit_bias` are `sampling.Penalties`. A completion's `best_of` draws that many per
 prompt and returns the `n` with the highest log-probability per token. Streamed with `logprobs`, each chunk
 carries its tokens' logprobs, as OpenAI's do (`serve_logprobs.StreamedLogprobs`). `best_of` with `stream`,
 `suffix`, tools and `response_format` are refused with a 400 rather than ignored: each would change
@@ -588,7 +588,7 @@ class _Handler(BaseHTTPRequestHandler):
         n, best_of = choice_counts(body, chat)
         temperature = number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = number(body, "top_p", 1.0, 0.0, 1.0)
-        min_p = number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's (`generate.sampling_probs`); was ignored
+        min_p = number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's (`sampling.sampling_probs`); was ignored
         top_k = top_k_of(body)  # vLLM's too: it was ignored the same way
         penalties = sampling_penalties(body, ft.tokenizer.vocab_size)
         settings = {"temperature": temperature, "top_p": top_p, "min_p": min_p, "top_k": top_k, "penalties": penalties}

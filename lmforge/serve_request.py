@@ -59,7 +59,7 @@ def top_k_of(body: dict[str, Any]) -> int:
 
 
 def logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """`logit_bias` ({"token id": bias, ...}, bias -100..100) as `generate.Penalties.bias`."""
+    """`logit_bias` ({"token id": bias, ...}, bias -100..100) as `sampling.Penalties.bias`."""
     if value is None:
         return ()
     if not isinstance(value, dict):
@@ -224,7 +224,7 @@ def scoring_options(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
 
 def sampling_penalties(body: dict[str, Any], vocab_size: int) -> Any:
     """OpenAI's presence/frequency penalties and the `repetition_penalty` extension (vLLM's, transformers')."""
-    from lmforge.generate import Penalties
+    from lmforge.sampling import Penalties
 
     presence = number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = number(body, "frequency_penalty", 0.0, -2.0, 2.0)

@@ -1176,7 +1176,8 @@ def test_serve_logprobs_echo_and_n_are_the_models_numbers(chat_run: Path):
             assert status == 400 and error["param"] == "best_of" and needle in error["message"], error
 
         # penalties: the server's greedy text is generate()'s with the same Penalties
-        from lmforge.generate import Penalties, generate, run_stops
+        from lmforge.generate import generate, run_stops
+        from lmforge.sampling import Penalties
 
         asked = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2}
         status, body = _post(url + "/completions", {"prompt": "once", "max_tokens": 12, "temperature": 0, **asked})

@@ -11,8 +11,9 @@ import torch
 
 from lmforge.detokenize import StreamDecoder
 from lmforge.errors import LmforgeError
-from lmforge.generate import Penalties, generate, sample_next
+from lmforge.generate import generate
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.sampling import Penalties, sample_next
 from tests.conftest import have_cpp_compiler
 
 VOCAB = 96
@@ -471,7 +472,7 @@ def test_a_model_padded_past_its_tokenizer_never_samples_the_padding_ids(tmp_pat
 def test_min_p_against_hand_computation_and_transformers() -> None:
     """min-p keeps the tokens at least min_p x as likely as the top one, after temperature, top-k and top-p (the
     order transformers applies its warpers in); the greedy pick never changes."""
-    from lmforge.generate import check_sampling, sampling_probs
+    from lmforge.sampling import check_sampling, sampling_probs
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # min_p 0.2: cut at 0.2 x 0.5 = 0.1 -> 0.05 goes
     got = sampling_probs(probs.log(), 1.0, 0, 1.0, min_p=0.2)

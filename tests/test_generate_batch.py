@@ -211,7 +211,7 @@ def test_eval_metrics_equal_sequential_path(tmp_path: Path) -> None:
 def test_penalties_min_p_and_on_token_per_row() -> None:
     """`generate_batch` takes `generate`'s penalties (each row's own prompt and output), and an
     `on_token(row, token)` that returns True ends that row there: each row as `generate` gives it alone."""
-    from lmforge.generate import Penalties
+    from lmforge.sampling import Penalties
 
     model = tiny(pos_emb="rope", init_std=0.5)
     penalties = Penalties(presence=0.5, frequency=0.3, repetition=1.3)
