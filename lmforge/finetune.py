@@ -27,15 +27,16 @@ Design:
   prompts, heads), and the base, teacher and resumed weights of this command.
 - Everything that can fail on user input (base, files, columns, labels) is checked before RUN_DIR
   is created; an error after an HF import removes the directory again.
-- Re-running the same command on RUN_DIR resumes it (`_existing_run`): checkpoints carry the
-  optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
+- Re-running the same command on RUN_DIR resumes it (`finetune_resume.py _existing_run`): checkpoints carry
+  the optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
   A finished run's re-run has nothing to do; a `--merge`d LoRA run cannot train on (its adapters are in
   the weights and its last checkpoint has no optimizer state), so more steps are refused (`_merged_refusal`).
-- Length (~980 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
+- Length (~900 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
-  flag applies to which task/mode stay beside it. The task formats, objectives, heads and metrics
-  live in their own modules, the validation metrics and DPO reference log-probs in `finetune_eval.py`;
-  the next split would be the example building.
+  flag applies to which task/mode stay beside it (`cli.py` and the Python API take them from here). The
+  task formats, objectives, heads and metrics live in their own modules, the validation metrics and DPO
+  reference log-probs in `finetune_eval.py`, the checks of a run to resume in `finetune_resume.py`; the
+  next split would be the example building.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from lmforge.adapt.load import Finetuned, build_adapted, load_base, load_resumed
 from lmforge.atomic import write_json
 from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
-from lmforge.fields import changed_fields, check, opt, spelled
+from lmforge.fields import changed_fields, check, opt
+from lmforge.finetune_resume import _base_arg, _existing_run, _merged_refusal
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
 # few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
@@ -328,59 +330,6 @@ class _TensorView(nn.Module):
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return {k: v.detach().contiguous() for k, v in self.tensors.items()}
-
-
-# settings that may change between a run and its resumption (they only shape the final report)
-RESUME_FREE = ("eval_samples", "max_new_tokens", "doc_stride", "merge", "dpo_reference")
-
-
-def _base_arg(base: str | Path) -> str:
-    """BASE as finetune.json records it: a resolved path, or a hub name (`hf:ORG/NAME`) as written."""
-    from lmforge.export.hub import is_hub_spec
-
-    return str(base) if is_hub_spec(base) else str(Path(base).resolve())
-
-
-def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
-    """finetune.json of the run in `out` when this command continues it; None for a new run.
-
-    Re-running the same command resumes; another base, task, adapt mode or adapter shape is a
-    one-line error (like `pretrain` with another model config).
-    """
-    from lmforge.checkpoint import read_json
-    from lmforge.runs import has_run_markers, run_contents
-
-    if not run_contents(out):  # (none, or a run killed as it began)
-        return None
-    if (out / "quantize.json").is_file():  # (it holds a copy of its fine-tune's finetune.json)
-        raise ConfigError(
-            f"{out} is a quantized copy, which finetune does not continue; fine-tune the original run, or choose "
-            "another --out"
-        )
-    if not (out / "finetune.json").is_file():
-        overwritable = has_run_markers(out)  # else --overwrite refuses it too
-        raise ConfigError(
-            f"{out} exists and is not a fine-tuning run; choose another --out"
-            + (" or pass --overwrite" if overwritable else "")
-        )
-    info = read_json(out / "finetune.json", "pass --overwrite to start the run over")
-    old = info.get("finetune_config", {})
-    new = dataclasses.asdict(cfg)
-    hint = "use another --out, or --overwrite to start over"
-    for key in ("task", "adapt"):
-        if old.get(key) != new[key]:
-            raise ConfigError(f"{out} holds a --{key} {old.get(key)} run, not --{key} {new[key]}; {hint}")
-    base_arg = _base_arg(base)
-    if info.get("base_arg", base_arg) != base_arg:
-        raise ConfigError(f"{out} was fine-tuned from {info['base_arg']}, not {base_arg}; {hint}")
-    changed = [
-        f"{k} {spelled(old[k])} -> {spelled(v)}"
-        for k, v in new.items()
-        if k not in RESUME_FREE and k in old and old[k] != v
-    ]
-    if changed:
-        raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed[:3])}); {hint}")
-    return info
 
 
 def format_trainable(model: nn.Module) -> str:
@@ -958,22 +907,3 @@ def _finetune(
         raise
     mark_stopped(out, "finished", stop_reason=state.stop_reason)  # after eval.json: the run is complete
     return result, ""
-
-
-def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) -> str:
-    """Why a run whose LoRA adapters `--merge` folded into its weights cannot go on, and what to do instead.
-
-    Its weights are the base's plus the adapters, so a new fine-tune can start from them, except a
-    classifier's (a model with a head is not a base `load_base` takes): that one can only be trained again.
-    """
-    if done:  # it merged, then stopped in its final evaluation (no eval.json)
-        return (
-            f"{out} merged its LoRA adapters at step {step} but stopped before its final evaluation; "
-            f"score it with 'lmforge eval {out} --task {task} --data FILE', or pass --overwrite to fine-tune again"
-        )
-    instead = "" if task == "classify" else f"fine-tune it further as a new base ('lmforge finetune {out} ...'), or "
-    return (
-        f"{out} finished at step {step} with its LoRA adapters merged into the weights (--merge), so LoRA "
-        f"training cannot continue to train.max_steps {max_steps}; {instead}pass --overwrite (or another --out) "
-        f"to train from the base again for {max_steps} steps"
-    )
