@@ -20,7 +20,7 @@ from lmforge.data.clean import replace_surrogates
 from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
-from lmforge.export.hub import check_hub
+from lmforge.export.hub import check_hub, hub_stalled, stalled_error
 
 ARROW_BATCH_ROWS = 1024
 
@@ -137,8 +137,9 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
 
     Without network it fails fast, by the rule of hub models (`export/hub.check_hub`): with HF_HUB_OFFLINE (or
     HF_DATASETS_OFFLINE) `datasets` reads its own cache alone, and one that lacks `spec` is one line that says so;
-    else the Hub is asked once, within `HUB_TIMEOUT_S`, before `datasets` asks it without a time limit (a Hub that
-    accepted the connection and never answered hung `prepare hf:...` for good). A local folder needs no Hub."""
+    else the Hub is asked once, within `HUB_TIMEOUT_S`, before `datasets` asks it (a Hub that accepted the
+    connection and never answered hung `prepare hf:...` for good), and from then on a Hub that stops sending for
+    `HUB_STALL_S` ends the read in one line (`limit_hub_stalls`). A local folder needs no Hub."""
     name, config, split = parse_hub_name(spec)
     try:
         import datasets
@@ -146,8 +147,9 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
         raise DataError(f"reading {spec} needs the datasets package: pip install 'lmforge[datasets]'") from None
     offline = datasets.config.HF_HUB_OFFLINE  # (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)
     on_hub = not Path(name).exists()  # (a local folder laid out like a hub dataset repo needs no Hub)
-    if on_hub and not offline:
-        check_hub(spec, name, None, offline=False, repo_type="dataset", error=DataError)
+    elsewhere = ""
+    if on_hub and not offline:  # (then a stall of datasets' own requests is one line too: `limit_hub_stalls`)
+        _, elsewhere = check_hub(spec, name, None, offline=False, repo_type="dataset", error=DataError)
     try:
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
         for row in rows:
@@ -161,6 +163,8 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad config: datasets raises many types
+        if elsewhere and hub_stalled():  # (whatever datasets made of it: HubStalled, or a fallback's error)
+            raise stalled_error(spec, elsewhere, DataError) from None
         if on_hub and offline and isinstance(e, ConnectionError):  # (datasets' own cache: nothing for `name`)
             check_hub(spec, name, None, offline=True, repo_type="dataset", error=DataError)
         raise DataError(
