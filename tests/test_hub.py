@@ -276,3 +276,24 @@ def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tm
         stalled = "HEAD /datasets/some-org/tiny-data/" if kind == "dataset" else "GET /some-org/tiny-gpt2/resolve/"
         assert [r for r in hub.requests if r.startswith(stalled)] == hub.requests[-1:], (kind, hub.requests)
         assert seconds < 30 and not (tmp_path / "x").exists(), (kind, seconds)
+
+
+def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:
+    """`stall_limit` changes huggingface_hub's shared session for the Hub reads lmforge makes (a download, a
+    dataset's rows); after them the session is as it was: its requests' own timeouts, retried as the library
+    retries them, and a stall inside the block is no reason for a later request outside to fail."""
+    import huggingface_hub
+
+    from lmforge.errors import CheckpointError
+    from lmforge.export.hub import HubStalled, stall_limit
+
+    monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "0.3")
+    session = huggingface_hub.get_session()
+    with _LocalHub(answer=False) as hub:
+        url = hub.env(Path("unused"))["HF_ENDPOINT"] + "/api/models/some-org/x"
+        with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http"):
+            with stall_limit("hf:some-org/x", "pass DIR"):
+                session.get(url)  # (no timeout of its own: capped at 0.3 s)
+        with pytest.raises(Exception) as outside:
+            session.get(url, timeout=0.2)
+    assert not isinstance(outside.value, HubStalled) and "Timeout" in type(outside.value).__name__, outside.value

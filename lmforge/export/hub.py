@@ -25,13 +25,15 @@ and only then is the Hub asked, once, with a `HUB_TIMEOUT_S` limit, before the d
 A Hub that answers that check and then stalls is the same hang one step later: huggingface_hub and `datasets`
 give their own requests limits of 10 to 100 s and retry a timed-out one up to 5 times (measured: `prepare
 hf:NAME` against a stand-in Hub that answered the check and then nothing was still waiting after minutes, on
-README.md's HEAD). So once the check has passed, `limit_hub_stalls` caps every wait of the shared session's
-requests at `HUB_STALL_S` (no byte for that long: a stall; a slow download that moves is no stall), and the first
-stall fails every later request at once (`HubStalled`, which nothing retries); the caller says it in one line.
+README.md's HEAD). So after the check, within `stall_limit` (the download, the dataset's read), every wait of the
+shared session's requests is capped at `HUB_STALL_S` (no byte for that long: a stall; a slow download that moves
+is no stall), the first stall fails every later request at once (`HubStalled`, which nothing retries), and
+whatever error reaches the block is then said as that stall, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -102,10 +104,11 @@ def hub_model_dir(spec: str) -> Path:
         return cached
     login, elsewhere = check_hub(spec, repo, revision, offline=None)
     try:
-        folder = _snapshot(repo, revision)
+        with stall_limit(spec, elsewhere):
+            folder = _snapshot(repo, revision)
+    except LmforgeError:  # (a stall)
+        raise
     except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
-        if hub_stalled():
-            raise stalled_error(spec, elsewhere) from None
         raise _download_failed(spec, e, login, elsewhere) from None
     return folder
 
@@ -145,7 +148,6 @@ def check_hub(
                 f"lmforge waits {HUB_TIMEOUT_S:g} s for it) and {where} does not hold it; {elsewhere}"
             ) from None
         raise _download_failed(spec, e, login, elsewhere, error) from None
-    limit_hub_stalls()
     return login, elsewhere
 
 
@@ -155,6 +157,7 @@ class HubStalled(Exception):
 
 
 _stalls: list[str] = []  # the request that stalled (one is enough: every later request fails at once)
+_limiting = 0  # `stall_limit` blocks open: outside them (transformers' own downloads, after) the session is as it was
 
 
 def hub_stall_seconds() -> float:
@@ -164,27 +167,38 @@ def hub_stall_seconds() -> float:
         return HUB_STALL_S
 
 
-def hub_stalled() -> bool:
-    """Whether a Hub request stalled since `limit_hub_stalls` (then the error the caller got is that stall)."""
-    return bool(_stalls)
+@contextlib.contextmanager
+def stall_limit(spec: str, elsewhere: str, error: type[LmforgeError] = CheckpointError) -> Iterator[None]:
+    """Within: each wait of the requests of huggingface_hub's shared session (`get_session()`, which `datasets`
+    uses too) is capped at `HUB_STALL_S`, and the first stall ends them all (`HubStalled`); an error that leaves
+    the block after one is said as the stall (`error`: one line, with `elsewhere`, the way around the Hub)."""
+    global _limiting
+    _limit_session()
+    if not _limiting:
+        _stalls.clear()
+    _limiting += 1
+    try:
+        yield
+    except Exception:
+        if _stalls:  # (whatever the library made of it: HubStalled, or a fallback's own error)
+            raise error(
+                f"cannot get {spec}: the Hugging Face Hub answered, then sent nothing for {hub_stall_seconds():g} s "
+                f"({_stalls[0]}); try again later, or {elsewhere}"
+            ) from None
+        raise
+    finally:
+        _limiting -= 1
+        if not _limiting:
+            _stalls.clear()
 
 
-def stalled_error(spec: str, elsewhere: str, error: type[LmforgeError] = CheckpointError) -> LmforgeError:
-    return error(
-        f"cannot get {spec}: the Hugging Face Hub answered, then sent nothing for {hub_stall_seconds():g} s "
-        f"({_stalls[0]}); try again later, or {elsewhere}"
-    )
-
-
-def limit_hub_stalls() -> None:
-    """Cap each wait of the requests of huggingface_hub's shared session (`get_session()`, which `datasets` uses
-    too) at `HUB_STALL_S`, and end them all at the first stall (`HubStalled`). Once per session; a no-op with a
-    huggingface_hub before 1.0 (its session is a requests one)."""
+def _limit_session() -> None:
+    """Make the shared session's requests keep `stall_limit`'s rule while one is active. Once per session; a no-op
+    with a huggingface_hub before 1.0 (its session is a requests one)."""
     import importlib
 
     import huggingface_hub
 
-    _stalls.clear()
     session = huggingface_hub.get_session()
     httpx = importlib.import_module(type(session).__module__.split(".")[0])  # (httpx; httpx2 from huggingface_hub 2)
     send = session.send
@@ -211,6 +225,8 @@ def limit_hub_stalls() -> None:
             self._inner.close()
 
     def limited_send(request: Any, **kwargs: Any) -> Any:
+        if not _limiting:
+            return send(request, **kwargs)
         if _stalls:
             raise HubStalled(f"not sent after a stall: {request.method} {request.url}")
         seconds = hub_stall_seconds()
