@@ -835,7 +835,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
     if not _starting and hold_interrupt():
         note = held_note()
         if note and os.environ.get("RANK", "0") == "0":  # (os.write: a print this handler cut into would raise)
-            os.write(sys.stderr.fileno(), (note + "\n").encode())
+            os.write(2, (note + "\n").encode())
         return
     note_interrupt()
     if not _starting:
