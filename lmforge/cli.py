@@ -24,6 +24,7 @@ from lmforge.errors import (
     ConfigError,
     Interrupted,
     LmforgeError,
+    held_note,
     hold_interrupt,
     interrupt_seen,
     note_interrupt,
@@ -832,6 +833,9 @@ def _on_sigint(signum: int, frame: Any) -> None:
     still be left half made, so that its next use fails with some other error; with a Ctrl-C seen, that
     error is the interrupt too. One held (`errors.hold_interrupts`) interrupts nothing: it is only noted there."""
     if not _starting and hold_interrupt():
+        note = held_note()
+        if note and os.environ.get("RANK", "0") == "0":  # (os.write: a print this handler cut into would raise)
+            os.write(2, (note + "\n").encode())
         return
     note_interrupt()
     if not _starting:

@@ -131,6 +131,10 @@ def require_one_process(command: str) -> None:
 
 
 joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
+SETUP_SIGNAL_NOTE = (
+    "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them reach "
+    "(a second signal stops this one at once)"
+)
 
 
 def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
@@ -171,7 +175,9 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 f"({first_line(e)[:200]}); check that every process started and can reach the rendezvous "
                 "endpoint (MASTER_ADDR/MASTER_PORT), then run the command again: it resumes from the latest checkpoint"
             ) from None
-    hold_interrupts()  # torchrun's SIGTERM after a peer died: acted on where the ranks meet (errors.hold_interrupts)
+    # torchrun's SIGTERM after a peer died: acted on where the ranks meet (errors.hold_interrupts); a stop (Ctrl-C,
+    # a scheduler's SIGTERM) at the next point of set-up where every rank checks for one (train/run.py)
+    hold_interrupts(note=SETUP_SIGNAL_NOTE)
     return info, device
 
 

@@ -73,20 +73,31 @@ def interrupt_seen() -> bool:
 # model, drawing loss.png after the final checkpoint) as "lmforge: interrupted", exit 130, status.json "running",
 # instead of the dead peer's line. Held, it is acted on where the ranks meet (a dead peer fails that collective
 # first: `CommFailure`), by the training loop (`StopSignal` takes it over), or by `pretrain` once status.json says
-# how the run ended. A second one is raised at once ("now").
+# how the run ended. A second one is raised at once ("now"). In set-up (`hold_interrupts(note)`), the note is said
+# at once (cli._on_sigint, rank 0), and the run stops at the next point every rank reaches (train/run.py
+# `_stop_if_signalled`): held silently until the first step's end, a long set-up (loading a big checkpoint) ran
+# past torchrun's 30 s between its signal and its SIGKILL, and the run was killed without a word.
 _holding = False
 _held = False
+_held_note = ""
 
 
-def hold_interrupts() -> None:
-    global _holding
-    _holding = True
+def hold_interrupts(note: str = "") -> None:
+    """Hold Ctrl-C and SIGTERM from now on; `note`: the line to say at once when one is held ("": none)."""
+    global _holding, _held_note
+    _holding, _held_note = True, note
 
 
 def release_interrupts() -> None:
     """Stop holding; a held interrupt not taken is dropped (its command has acted on it or failed)."""
-    global _holding, _held
+    global _holding, _held, _held_note
     _holding = _held = False
+    _held_note = ""
+
+
+def held_note() -> str:
+    """What to say at once when an interrupt is held now ("": nothing)."""
+    return _held_note
 
 
 def hold_interrupt() -> bool:

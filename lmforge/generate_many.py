@@ -59,7 +59,7 @@ from typing import Any, BinaryIO, TextIO
 
 from lmforge.atomic import check_out_file_kind, naming, refuse_link_loop, try_lock
 from lmforge.data.clean import json_line
-from lmforge.data.compressed import inner_name, open_input, read_errors
+from lmforge.data.compressed import inner_name, open_input, read_errors, read_raw, wait_readable
 from lmforge.errors import Interrupted, LmforgeError, first_line
 
 PROMPT_BATCH = 16  # rows decoded together by default (eval's ANSWER_BATCH); --batch-size
@@ -84,6 +84,8 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
         if sys.stdin is not None and sys.stdin.isatty():  # (it waited without a word: for what, and how to end it)
             end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
             print(f"reading prompts from the terminal, one per line; end with {end}", file=sys.stderr, flush=True)
+        elif sys.stdin is not None:  # (`slow_cmd | lmforge generate RUN --prompt-file -`: noted if it stays silent)
+            wait_readable(sys.stdin.buffer, "stdin", "a pipe")
         name, data, inner = "stdin", sys.stdin.buffer.read(), ""
     else:
         path = Path(path)
@@ -146,7 +148,7 @@ def _read_file(path: Path) -> bytes:
         LmforgeError: a damaged or cut-short compressed file, or a .zst without zstandard installed.
     """
     if inner_name(path) == path.name.lower():
-        return path.read_bytes()
+        return read_raw(path)
     raw, stream = open_input(path)
     try:
         with raw, stream:

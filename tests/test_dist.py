@@ -650,6 +650,41 @@ def test_a_peer_death_in_set_up_keeps_the_failures_line(data_dir: Path, tmp_path
     assert "interrupted" not in p.stderr, p.stderr[-3000:]
 
 
+# lmforge's CLI where rank 0 gets a stop signal (as torchrun passes on a scheduler's SIGTERM) while it builds its
+# model, local work of its own in set-up; rank 1 gets none
+RANK0_SIGNALLED_IN_SET_UP = """
+import os, signal, sys
+from lmforge import cli, train
+
+build_model = train.run.build_model
+def build(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return build_model(*args, **kwargs)
+train.run.build_model = build
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_in_set_up_stops_every_rank_before_the_first_step_and_says_so_at_once(data_dir: Path, tmp_path):
+    """A stop signal held in set-up (from the ranks' join on) was acted on at the end of the first step: a set-up
+    longer than torchrun's 30 s between its signal and its SIGKILL (a big checkpoint's load) was killed without a
+    line. Rank 0 now says at once that it will stop, and every rank stops together at the next point all reach
+    (rank 1, never signalled, too): exit 130, one line, no step trained."""
+    script = tmp_path / "signalled.py"
+    script.write_text(RANK0_SIGNALLED_IN_SET_UP, encoding="utf-8")
+    out = tmp_path / "r"
+    p = forked_ranks(data_dir, out, entry=(str(script),), stop_others=False, **{"train.max_steps": 2})
+    lines = [line for line in p.stderr.splitlines() if line.startswith(("lmforge", "note: a stop signal"))]
+    assert p.returncode == 130 and lines == [
+        "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them "
+        "reach (a second signal stops this one at once)",
+        "lmforge: stopped by a signal while the ranks set up, before any step: nothing was trained; re-run the "
+        "same command to go on",
+    ], p.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoints/step-*"))
+
+
 def test_a_peer_death_after_the_final_checkpoint_is_no_interruption(data_dir: Path, tmp_path: Path, monkeypatch):
     """Rank 1 died after the final checkpoint while rank 0 drew loss.png: rank 0 printed 'lmforge: interrupted' and
     left status.json 'running' (3 of 6 real kills). The run is trained and saved: the signal is held until its

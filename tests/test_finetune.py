@@ -650,6 +650,33 @@ def test_task_files_from_a_pipe_are_read_once_in_the_format_their_content_has(ba
         read_table(table)  # (no task to name a .txt file's columns: asked for a name that says the format)
 
 
+def test_a_silent_pipe_is_noted_once_and_what_it_sends_later_is_read(tmp_path: Path, monkeypatch, capsys):
+    """`finetune --train <(slow_cmd)`, or a FIFO no one writes to yet, waited without a word (as `cat` does). Once
+    it has sent nothing for PIPE_NOTE_SECONDS (here 0.05 s) one note on stderr says what it waits for, and the
+    rows that come later are read as before. A real FIFO, written 0.5 s after it is opened."""
+    import os
+    import threading
+    import time
+
+    from lmforge.data.tables import read_table
+
+    monkeypatch.setenv("LMFORGE_PIPE_NOTE_SECONDS", "0.05")
+    fifo = tmp_path / "train"
+    os.mkfifo(fifo)
+
+    def write_late() -> None:
+        with open(fifo, "wb") as f:  # (returns once the reader has opened it)
+            time.sleep(0.5)
+            f.write(b'{"text": "good", "label": 1}\n')
+
+    writer = threading.Thread(target=write_late, daemon=True)
+    writer.start()
+    rows = read_table(fifo)
+    writer.join(timeout=10)
+    assert rows == [{"text": "good", "label": 1}]
+    assert capsys.readouterr().err == f"waiting for data on {fifo} (a pipe): nothing came in 0.05 s; Ctrl-C stops\n"
+
+
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
     """`--field label=sentence` on SST-2's dev.tsv trained an 872-class classifier, one class per row, silently
     (and printed all 872 sentences as its labels); no class seen twice is a wrong column, said in one line."""

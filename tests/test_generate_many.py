@@ -450,6 +450,48 @@ def test_prompts_from_a_terminal_say_what_they_wait_for(base: Path) -> None:
     assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == ["a"]
 
 
+@pytest.mark.parametrize("then", ["write", "interrupt"])
+def test_a_silent_prompt_fifo_is_noted_then_read_or_interrupted_in_one_line(base: Path, tmp_path: Path, then):
+    """`--prompt-file FIFO` whose writer sends nothing waited without a word. A real process now says once on
+    stderr what it waits for (after LMFORGE_PIPE_NOTE_SECONDS, here 0.05 s), then reads the prompt written
+    later; or a Ctrl-C (SIGINT) ends the wait with its one line, exit 130."""
+    import errno
+    import os
+    import signal
+    import time
+
+    from tests.conftest import start_cli
+
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    args = ["generate", str(base), "--prompt-file", str(fifo), "--max-new-tokens", "2", "--temperature", "0"]
+    proc = start_cli(*args, "--quiet", env={"LMFORGE_PIPE_NOTE_SECONDS": "0.05"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # a write end opens (without waiting) only once the process has opened the FIFO to read
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                assert e.errno == errno.ENXIO and time.monotonic() < deadline and proc.poll() is None, proc.stderr
+                time.sleep(0.02)
+        time.sleep(1.0)  # connected, silent: the note's 0.05 s pass
+        if then == "write":
+            os.write(fd, b"a\n")
+        else:
+            proc.send_signal(signal.SIGINT)
+        os.close(fd)
+        code = proc.wait(120)
+    finally:
+        proc.kill()
+    note = f"waiting for data on {fifo} (a pipe): nothing came in 0.05 s; Ctrl-C stops\n"
+    if then == "write":
+        assert code == 0 and proc.stderr == note, proc.stderr
+        assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == ["a"]
+    else:
+        assert code == 130 and proc.stderr == note + "lmforge: interrupted\n", proc.stderr
+
+
 def test_without_out_each_completion_prints_in_order_and_ctrl_c_keeps_the_finished(base: Path, tmp_path: Path) -> None:
     """`--prompt-file` without --out printed every completion at the end, so a Ctrl-C lost all of them. A real
     process now prints each as soon as it and those before it are done (in input order); a real SIGINT prints the

@@ -125,13 +125,16 @@ def test_a_failed_download_names_commands_that_exist(tmp_path: Path) -> None:
 class _LocalHub:
     """A local stand-in for the Hub's address (HF_ENDPOINT; there is no network here): it records the first line
     of each request and answers 404 (`answer`: an unknown repository) or never (a Hub behind a firewall or proxy
-    that accepts the connection and then hangs, where huggingface_hub's first request, without a timeout, hung)."""
+    that accepts the connection and then hangs, where huggingface_hub's first request, without a timeout, hung).
+    `info`: it answers a repository's info (/api/...: the check before a download), and for a model its file list
+    (config.json) and that file's HEAD, then sends the first bytes of the file and stalls; a dataset's files it
+    never answers (a Hub that stalls after the check: in a download, or before one)."""
 
-    def __init__(self, *, answer: bool) -> None:
+    def __init__(self, *, answer: bool, info: bool = False) -> None:
         import socket
         import threading
 
-        self.answer, self.requests, self._open = answer, [], []
+        self.answer, self.info, self.requests, self._open = answer, info, [], []
         self._server = socket.create_server(("127.0.0.1", 0))
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -143,9 +146,28 @@ class _LocalHub:
                 return
             self._open.append(conn)
             self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0].decode("latin-1"))
-            if self.answer:
+            method, path = self.requests[-1].split()[:2]
+            sha, model = "0" * 40, not path.startswith(("/datasets/", "/api/datasets/"))
+            size, headers = 100, "Connection: close\r\n"
+            if self.info and path.startswith("/api/") and "/tree/" not in path:
+                repo = path.split("/", 3)[3].split("/revision/")[0]
+                self._send(conn, headers, json.dumps({"id": repo, "sha": sha, "siblings": []}).encode())
+            elif self.info and model and "/tree/" in path:
+                listing = [{"type": "file", "path": "config.json", "size": size, "oid": "1" * 40}]
+                self._send(conn, headers, json.dumps(listing).encode())
+            elif self.info and model and method == "HEAD":
+                headers += f'X-Repo-Commit: {sha}\r\nETag: "{"1" * 40}"\r\nContent-Length: {size}\r\n'
+                conn.sendall(f"HTTP/1.1 200 OK\r\n{headers}\r\n".encode())
+            elif self.info and model:  # the file: its first bytes, then nothing
+                conn.sendall(f"HTTP/1.1 200 OK\r\n{headers}Content-Length: {size}\r\n\r\n{{".encode())
+            elif self.answer:
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 conn.close()
+
+    @staticmethod
+    def _send(conn: object, headers: str, body: bytes) -> None:
+        conn.sendall(f"HTTP/1.1 200 OK\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        conn.close()
 
     def env(self, hf_home: Path, **extra: str) -> dict[str, str]:
         port = self._server.getsockname()[1]
@@ -226,3 +248,52 @@ def test_an_unreachable_hub_fails_a_hub_dataset_in_one_line_within_seconds(tmp_p
     assert "download some-org/tiny-data --repo-type dataset --local-dir DIR') and pass DIR" in result.stderr
     assert hub.requests == ["GET /api/datasets/some-org/tiny-data HTTP/1.1"], hub.requests
     assert seconds < 30 and not (tmp_path / "x").exists()
+
+
+def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tmp_path: Path) -> None:
+    """A Hub that answers the 5 s check and then sends nothing: `prepare hf:NAME` hung in datasets' own requests
+    (limits of 10 to 100 s, each retried up to 5 times: still waiting on README.md's HEAD after 4 minutes,
+    measured), `import hf:...` in huggingface_hub's. The first request without a byte for HUB_STALL_S (here 1 s)
+    now ends the read with one line that says what to do; the later ones are not sent, nor retried."""
+    import time
+
+    pytest.importorskip("datasets")
+    runs = {
+        "dataset": ["prepare", "hf:some-org/tiny-data", "--out", str(tmp_path / "x")],
+        "model": ["import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x")],
+    }
+    for kind, args in runs.items():
+        with _LocalHub(answer=False, info=True) as hub:
+            start = time.monotonic()
+            result = run_cli(*args, env=hub.env(tmp_path / kind, LMFORGE_HUB_STALL_SECONDS="1"), timeout=120)
+            seconds = time.monotonic() - start
+        lines = result.stderr.strip().splitlines()  # (a model's download: huggingface_hub's "Fetching" bar first)
+        assert result.returncode == 2 and [line for line in lines if "Fetching" not in line] == lines[-1:], lines
+        name = args[1].removeprefix("hf:")
+        assert f"cannot get hf:{name}: the Hugging Face Hub answered, then sent nothing for 1 s" in result.stderr
+        repo_type = " --repo-type dataset" if kind == "dataset" else ""
+        assert f"download {name}{repo_type} --local-dir DIR') and pass DIR" in result.stderr, result.stderr
+        stalled = "HEAD /datasets/some-org/tiny-data/" if kind == "dataset" else "GET /some-org/tiny-gpt2/resolve/"
+        assert [r for r in hub.requests if r.startswith(stalled)] == hub.requests[-1:], (kind, hub.requests)
+        assert seconds < 30 and not (tmp_path / "x").exists(), (kind, seconds)
+
+
+def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:
+    """`stall_limit` changes huggingface_hub's shared session for the Hub reads lmforge makes (a download, a
+    dataset's rows); after them the session is as it was: its requests' own timeouts, retried as the library
+    retries them, and a stall inside the block is no reason for a later request outside to fail."""
+    import huggingface_hub
+
+    from lmforge.errors import CheckpointError
+    from lmforge.export.hub import HubStalled, stall_limit
+
+    monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "0.3")
+    session = huggingface_hub.get_session()
+    with _LocalHub(answer=False) as hub:
+        url = hub.env(Path("unused"))["HF_ENDPOINT"] + "/api/models/some-org/x"
+        with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http"):
+            with stall_limit("hf:some-org/x", "pass DIR"):
+                session.get(url)  # (no timeout of its own: capped at 0.3 s)
+        with pytest.raises(Exception) as outside:
+            session.get(url, timeout=0.2)
+    assert not isinstance(outside.value, HubStalled) and "Timeout" in type(outside.value).__name__, outside.value

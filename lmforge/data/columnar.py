@@ -11,6 +11,7 @@ hub datasets (`hf:NAME[:CONFIG][:SPLIT]`), read as one string column.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from lmforge.data.clean import replace_surrogates
 from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
-from lmforge.export.hub import check_hub
+from lmforge.export.hub import check_hub, stall_limit
 
 ARROW_BATCH_ROWS = 1024
 
@@ -137,8 +138,9 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
 
     Without network it fails fast, by the rule of hub models (`export/hub.check_hub`): with HF_HUB_OFFLINE (or
     HF_DATASETS_OFFLINE) `datasets` reads its own cache alone, and one that lacks `spec` is one line that says so;
-    else the Hub is asked once, within `HUB_TIMEOUT_S`, before `datasets` asks it without a time limit (a Hub that
-    accepted the connection and never answered hung `prepare hf:...` for good). A local folder needs no Hub."""
+    else the Hub is asked once, within `HUB_TIMEOUT_S`, before `datasets` asks it (a Hub that accepted the
+    connection and never answered hung `prepare hf:...` for good), and from then on a Hub that stops sending for
+    `HUB_STALL_S` ends the read in one line (`stall_limit`). A local folder needs no Hub."""
     name, config, split = parse_hub_name(spec)
     try:
         import datasets
@@ -146,18 +148,21 @@ def hub_documents(spec: str, text_field: str) -> Iterator[RawDocument]:
         raise DataError(f"reading {spec} needs the datasets package: pip install 'lmforge[datasets]'") from None
     offline = datasets.config.HF_HUB_OFFLINE  # (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)
     on_hub = not Path(name).exists()  # (a local folder laid out like a hub dataset repo needs no Hub)
-    if on_hub and not offline:
-        check_hub(spec, name, None, offline=False, repo_type="dataset", error=DataError)
+    limit: Any = contextlib.nullcontext()
+    if on_hub and not offline:  # (then a stall of datasets' own requests is one line too)
+        _, elsewhere = check_hub(spec, name, None, offline=False, repo_type="dataset", error=DataError)
+        limit = stall_limit(spec, elsewhere, DataError)
     try:
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
-        for row in rows:
-            if text_field not in row:
-                _check_column(spec, list(row), text_field)
-            if row[text_field] is None:
-                yield RawDocument(None, 0)
-                continue
-            text, surrogates = replace_surrogates(document_text(row[text_field], spec, text_field))
-            yield RawDocument(text, surrogates, surrogates=surrogates)
+        with limit:
+            rows = datasets.load_dataset(name, config, split=split, streaming=True)
+            for row in rows:
+                if text_field not in row:
+                    _check_column(spec, list(row), text_field)
+                if row[text_field] is None:
+                    yield RawDocument(None, 0)
+                    continue
+                text, surrogates = replace_surrogates(document_text(row[text_field], spec, text_field))
+                yield RawDocument(text, surrogates, surrogates=surrogates)
     except DataError:
         raise
     except Exception as e:  # network, missing dataset, bad config: datasets raises many types

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8, json_line
-from lmforge.data.compressed import inner_name, open_input, read_errors
+from lmforge.data.compressed import inner_name, open_input, read_errors, read_raw
 from lmforge.data.formats import label_name
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
@@ -92,7 +92,7 @@ def read_table(
             with f:
                 raw = stream.read()
         else:
-            raw = p.read_bytes()
+            raw = read_raw(p)
             if p.name.lower().endswith(".gz") or (kind is None and raw.startswith(_GZIP_MAGIC)):
                 raw = gzip.decompress(raw)
     except read_errors() as e:  # (a damaged .gz read as "convert it to UTF-8")

@@ -21,12 +21,24 @@ hung `lmforge import hf:...` for good; an address answering 404 took 22 s of ret
 (`local_files_only=True`: a model cached once, as `hf download` or an earlier import left it, loads with no
 network and no request at all; `@REVISION` or `hf download` fetch a newer one), HF_HUB_OFFLINE stops there,
 and only then is the Hub asked, once, with a `HUB_TIMEOUT_S` limit, before the download.
+
+A Hub that answers that check and then stalls is the same hang one step later: huggingface_hub and `datasets`
+give their own requests limits of 10 to 100 s and retry a timed-out one up to 5 times (measured: `prepare
+hf:NAME` against a stand-in Hub that answered the check and then nothing was still waiting after minutes, on
+README.md's HEAD). So after the check, within `stall_limit` (the download, the dataset's read), every wait of the
+shared session's requests is capped at `HUB_STALL_S` (no byte for that long: a stall; a slow download that moves
+is no stall), the first stall fails every later request at once (`HubStalled`, which nothing retries), and
+whatever error reaches the block is then said as that stall, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 
@@ -66,6 +78,9 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
 
 
 HUB_TIMEOUT_S = 5.0  # the Hub's first answer (model info, a few kB): ~0.3 s on a working connection
+# the longest wait for the Hub's next byte once it has answered (huggingface_hub's own download limit is 10 s,
+# datasets waits up to 100 s for a dataset's info); $LMFORGE_HUB_STALL_SECONDS overrides it
+HUB_STALL_S = 30.0
 
 
 def hub_model_dir(spec: str) -> Path:
@@ -89,7 +104,10 @@ def hub_model_dir(spec: str) -> Path:
         return cached
     login, elsewhere = check_hub(spec, repo, revision, offline=None)
     try:
-        folder = _snapshot(repo, revision)
+        with stall_limit(spec, elsewhere):
+            folder = _snapshot(repo, revision)
+    except LmforgeError:  # (a stall)
+        raise
     except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
         raise _download_failed(spec, e, login, elsewhere) from None
     return folder
@@ -131,6 +149,103 @@ def check_hub(
             ) from None
         raise _download_failed(spec, e, login, elsewhere, error) from None
     return login, elsewhere
+
+
+class HubStalled(Exception):
+    """A Hub request that got no byte for `HUB_STALL_S`, or any request after one did. Not an httpx error, so
+    huggingface_hub and `datasets` do not retry it."""
+
+
+_stalls: list[str] = []  # the request that stalled (one is enough: every later request fails at once)
+_limiting = 0  # `stall_limit` blocks open: outside them (transformers' own downloads, after) the session is as it was
+
+
+def hub_stall_seconds() -> float:
+    try:
+        return float(os.environ.get("LMFORGE_HUB_STALL_SECONDS") or HUB_STALL_S)
+    except ValueError:
+        return HUB_STALL_S
+
+
+@contextlib.contextmanager
+def stall_limit(spec: str, elsewhere: str, error: type[LmforgeError] = CheckpointError) -> Iterator[None]:
+    """Within: each wait of the requests of huggingface_hub's shared session (`get_session()`, which `datasets`
+    uses too) is capped at `HUB_STALL_S`, and the first stall ends them all (`HubStalled`); an error that leaves
+    the block after one is said as the stall (`error`: one line, with `elsewhere`, the way around the Hub)."""
+    global _limiting
+    _limit_session()
+    if not _limiting:
+        _stalls.clear()
+    _limiting += 1
+    try:
+        yield
+    except Exception:
+        if _stalls:  # (whatever the library made of it: HubStalled, or a fallback's own error)
+            raise error(
+                f"cannot get {spec}: the Hugging Face Hub answered, then sent nothing for {hub_stall_seconds():g} s "
+                f"({_stalls[0]}); try again later, or {elsewhere}"
+            ) from None
+        raise
+    finally:
+        _limiting -= 1
+        if not _limiting:
+            _stalls.clear()
+
+
+def _limit_session() -> None:
+    """Make the shared session's requests keep `stall_limit`'s rule while one is active. Once per session; a no-op
+    with a huggingface_hub before 1.0 (its session is a requests one)."""
+    import importlib
+
+    import huggingface_hub
+
+    session = huggingface_hub.get_session()
+    httpx = importlib.import_module(type(session).__module__.split(".")[0])  # (httpx; httpx2 from huggingface_hub 2)
+    send = session.send
+    if not hasattr(httpx, "SyncByteStream") or getattr(send, "_lmforge_stall_limit", False):
+        return
+
+    def stalled(where: str, seconds: float) -> HubStalled:
+        _stalls.append(where)
+        return HubStalled(f"no byte for {seconds:g} s: {where}")
+
+    class Watched(httpx.SyncByteStream):
+        """A streamed body (a file download) whose read timeout is a stall too."""
+
+        def __init__(self, inner: Any, where: str, seconds: float) -> None:
+            self._inner, self._where, self._seconds = inner, where, seconds
+
+        def __iter__(self) -> Iterator[bytes]:
+            try:
+                yield from self._inner
+            except httpx.TimeoutException:
+                raise stalled(self._where, self._seconds) from None
+
+        def close(self) -> None:
+            self._inner.close()
+
+    def limited_send(request: Any, **kwargs: Any) -> Any:
+        if not _limiting:
+            return send(request, **kwargs)
+        if _stalls:
+            raise HubStalled(f"not sent after a stall: {request.method} {request.url}")
+        seconds = hub_stall_seconds()
+        timeouts = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            key: seconds if timeouts.get(key) is None else min(timeouts[key], seconds)
+            for key in ("connect", "read", "write", "pool")
+        }
+        where = f"{request.method} {request.url}"
+        try:
+            response = send(request, **kwargs)
+        except httpx.TimeoutException:
+            raise stalled(where, seconds) from None
+        if kwargs.get("stream"):  # (else its body has been read)
+            response.stream = Watched(response.stream, where, seconds)
+        return response
+
+    limited_send._lmforge_stall_limit = True  # type: ignore[attr-defined]
+    session.send = limited_send
 
 
 def _download_failed(

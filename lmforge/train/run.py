@@ -46,6 +46,7 @@ from lmforge.errors import (
     hold_interrupts,
     interrupt_held,
     release_interrupts,
+    take_held_interrupt,
 )
 from lmforge.estimate import check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
@@ -292,6 +293,23 @@ def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     return outcome[1]
 
 
+def _stop_if_signalled(world: dist.DistInfo, device: torch.device) -> None:
+    """A stop signal held in set-up (`errors.hold_interrupts`, from the ranks' join on) stops the run here, every
+    rank together: each says whether it holds one (a collective, so a dead peer fails it, as before) and all stop
+    if one does. It waited for the end of the first step, so a long set-up (a big checkpoint's load) ran past
+    torchrun's 30 s between its signal and its SIGKILL: killed without a line. One process holds none here."""
+    if not world.enabled:
+        return
+    if not dist.all_reduce([float(interrupt_held())], device, op="max")[0]:
+        return
+    take_held_interrupt()
+    dist.shutdown()
+    raise Interrupted(
+        "stopped by a signal while the ranks set up, before any step: nothing was trained; re-run the same "
+        "command to go on"
+    )
+
+
 def _checkpoint_to_resume(run_dir: Path, which: str, world: dist.DistInfo, device: torch.device) -> Checkpoint:
     """`checkpoint_to_resume` on every rank. Each rank checks the whole checkpoint's files (their sizes and
     sha256), so a damaged one fails every rank alike: then rank 0 alone prints the line (each rank did), with
@@ -424,6 +442,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         return prepare_run_dir(run_dir, cfg, tokenizer, overwrite=overwrite)
 
     resume = _on_main(world, claim_and_prepare)
+    _stop_if_signalled(world, device)  # (before the model is built and a checkpoint read)
 
     keep_freed_memory(device)  # CPU: steps reuse their buffers instead of page-faulting them back in
     tokenizer_json = tokenizer.to_str()
@@ -494,6 +513,7 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     diloco = dist.DiLoCo(model, cfg.dist, device) if cfg.dist.strategy == "diloco" else None
     if diloco is not None and ckpt is not None:
         diloco.load_checkpoint(ckpt)  # the outer momentum and the anchor (the weights at the last sync)
+    _stop_if_signalled(world, device)  # (loaded; the run folder is not changed yet)
     done = nothing_left(state, cfg.train)  # why a re-run of a finished run has nothing to do
     # Only now, with the checkpoint to resume from loaded and checked, does the run folder change: a resume
     # that fails above leaves config.json (and env.json, metrics) describing the run as it is on disk, and
