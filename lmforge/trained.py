@@ -76,10 +76,13 @@ def open_trained(ckpt_dir: Path, *, verify: Literal["weights", "state"] = "weigh
         config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
     except ConfigError as e:
         raise CheckpointError(f"{ckpt.path / 'state.json'}: {e}") from None
-    tok_path = ckpt.path / "tokenizer.json"
-    if not tok_path.is_file():
-        tok_path = ckpt.path.parent.parent / "tokenizer.json"
-    return ckpt, config, Tokenizer.load(tok_path)
+    return ckpt, config, Tokenizer.load(tokenizer_file(ckpt.path))
+
+
+def tokenizer_file(ckpt_dir: Path) -> Path:
+    """A checkpoint's tokenizer.json: its own (a copied checkpoint folder works on its own), else its run's."""
+    own = ckpt_dir / "tokenizer.json"
+    return own if own.is_file() else ckpt_dir.parent.parent / "tokenizer.json"
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
