@@ -363,10 +363,11 @@ def test_a_start_hashes_runs_weights_once_and_a_resume_reads_only_its_own_run(
 ) -> None:
     """RUN's weights were opened and sha256-checked by the CLI's `init_settings`, again by `init_start`, and twice
     more on every resume of the new run (a 101.7 MB model: 0.72 s of hashing per start, 0.58 s per resume). Now a
-    start hashes each of RUN's files once, and a resume takes the model from the new run's own checkpoint: RUN is
-    not read at all (so the resume works with RUN gone). The real sha256 runs; the wrapper only records its files."""
+    start hashes each of RUN's files once, and a resume takes the model from the new run's own checkpoint and needs
+    nothing of RUN (it works with RUN gone). The real sha256 runs; the wrapper only records the files it hashes."""
     import lmforge.checkpoint
     from lmforge.cli import main
+    from lmforge.train import init_from
 
     base = tmp_path / "base"
     pretrain(
@@ -396,8 +397,11 @@ def test_a_start_hashes_runs_weights_once_and_a_resume_reads_only_its_own_run(
     of_run = sorted(p.name for p in hashed if base in p.parents)
     assert of_run == ["model.safetensors", "tokenizer.json"]  # each once (was each twice)
     hashed.clear()
+    opened: list[str] = []  # (RUN opened at all: a resume that found it gone went on without a word)
+    real_open = init_from._open_init_source
+    monkeypatch.setattr(init_from, "_open_init_source", lambda source: opened.append(str(source)) or real_open(source))
     shutil.move(base, tmp_path / "moved")  # gone: the resume needs only the new run's own files
     run("--train.max_steps", "2")
-    assert [p for p in hashed if new not in p.parents] == []
+    assert [p for p in hashed if new not in p.parents] == [] and opened == []
     assert read_metrics(new / "metrics.jsonl")[-1]["step"] == 2
     assert json.loads((new / "config.json").read_text())["init_from"] == str(base.resolve() / "checkpoints/step-000002")

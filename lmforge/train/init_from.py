@@ -145,6 +145,8 @@ def init_start(cfg: RunConfig, tokenizer: Tokenizer, *, starts: bool) -> tuple[R
     from lmforge.train.objective_setup import objectives_for
 
     source = cfg.init_from
+    if not starts and (own := _resumed_settings(Path(cfg.out))) and own["model"] == dataclasses.asdict(cfg.model):
+        return cfg, None  # a resume given its own model (`init_settings` gives the CLI it): nothing to read in RUN
     try:
         ckpt, config, source_tokenizer = _open_init_source(source)
     except LmforgeError:
