@@ -377,7 +377,8 @@ def test_a_start_hashes_runs_weights_once_and_a_resume_reads_only_its_own_run(
     real = lmforge.checkpoint._sha256
     monkeypatch.setattr(lmforge.checkpoint, "_sha256", lambda path: hashed.append(Path(path)) or real(path))
     new = tmp_path / "new"
-    args = ["pretrain", "--data", str(data_dir), "--out", str(new), "--init-from", str(base), "--quiet",
+    monkeypatch.setenv("HOME", str(tmp_path))  # --out ~/new: the resume finds its run as load_config does
+    args = ["pretrain", "--data", str(data_dir), "--out", "~/new", "--init-from", str(base), "--quiet",
             "--train.batch_size", "4", "--eval.every", "0", "--checkpoint.every", "1"]  # fmt: skip
 
     def run(*more: str) -> None:

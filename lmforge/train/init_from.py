@@ -75,7 +75,7 @@ def init_settings(source: str | Path, *, out: str | Path = "", overwrite: bool =
     that resumes `out`, a run that --init-from started, takes them from its own latest checkpoint instead (the
     model it trains, RUN's with the data's vocab_size after another tokenizer): RUN is not read, so it may since be
     gone or trained on. RUN's weights are not hashed here: `init_start` verifies them once, when a run starts."""
-    own = None if overwrite or not out else _resumed_settings(Path(out))
+    own = None if overwrite or not out else _resumed_settings(Path(out).expanduser())  # (as load_config reads it)
     return own if own is not None else _settings(_open_init_source(source)[1])
 
 
