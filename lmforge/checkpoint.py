@@ -670,13 +670,14 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); use an earlier checkpoint") from None
 
 
-def load_checkpoint(path: str | Path, *, verify: bool | Literal["weights"] = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, verify: bool | Literal["weights", "state"] = True) -> Checkpoint:
     """Open a checkpoint folder (or a run directory's latest) and check its files (`"weights"`: only those
-    a reader of the weights opens, see `Checkpoint.verify`)."""
+    a reader of the weights opens, see `Checkpoint.verify`; `"state"`: state.json alone, the caller verifies the
+    files once it reads them)."""
     return reading_latest(path, lambda ckpt_dir: _open_checkpoint(ckpt_dir, verify=verify))
 
 
-def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Checkpoint:
+def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights", "state"]) -> Checkpoint:
     meta = read_json(ckpt_dir / "state.json", "the checkpoint is damaged; use an earlier one")
     if not isinstance(meta, dict):  # ("has checkpoint format None" sent the user looking for another lmforge)
         raise CheckpointError(
@@ -694,7 +695,7 @@ def _open_checkpoint(ckpt_dir: Path, *, verify: bool | Literal["weights"]) -> Ch
         )
     _check_meta_types(meta, ckpt_dir / "state.json")
     ckpt = Checkpoint(ckpt_dir, meta)
-    if verify:
+    if verify and verify != "state":
         ckpt.verify(weights_only=verify == "weights")
     return ckpt
 

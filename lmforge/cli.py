@@ -597,7 +597,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             from lmforge.train.init_from import init_settings
 
             flags["init_from"] = args.init_from
-            base = init_settings(args.init_from)
+            base = init_settings(args.init_from, out=args.out or "", overwrite=bool(args.overwrite))
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(dotted, flags), base=base)
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
     elif args.command == "eval" and args.task:

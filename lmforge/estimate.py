@@ -521,16 +521,19 @@ def check_fits(
 def check_batch_fits(micro_batch: int, seq_len: int, device: torch.device) -> None:
     """Refuse (ConfigError) a micro-batch whose token ids alone (inputs and targets, int64) exceed `device`'s total
     memory: `finetune --train.batch_size 1e11` grew a Python list of examples until the machine ran out, ignoring
-    Ctrl-C inside the step. A margin on purpose, as `check_fits`: the activations are left out."""
+    Ctrl-C inside the step, and `pretrain`'s failed in its first step, its run folder written. Both check it before
+    anything is written. A margin on purpose, as `check_fits`: the activations are left out."""
     total = device_memory_bytes(device)
     need = 16 * micro_batch * max(1, seq_len)
     if total is None or need <= total:
         return
     needed, where = _need_and_memory(need, device)
-    raise ConfigError(
+    error = ConfigError(
         f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed} for its token ids alone, more "
         f"than the {_bytes(total)} of {where}; use a smaller --train.batch_size (or --train.micro_batch_size)"
     )
+    error.every_rank = True  # (pretrain under torchrun: each rank checks its own micro-batch alike; rank 0 prints)
+    raise error
 
 
 def _need_and_memory(need: int, device: torch.device) -> tuple[str, str]:

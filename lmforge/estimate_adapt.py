@@ -412,6 +412,34 @@ def read_teacher(teacher: str | Path, *, flag: bool = False) -> GPTConfig:
     return model
 
 
+def check_teacher_run_tokenizer(teacher: str | Path, config_file: str | Path | None) -> None:
+    """`estimate --teacher RUN --config STUDENT_RUN` (its folder or config.json): refused in one line when their
+    tokenizers differ, as `finetune --adapt distill` refuses it (`adapt.load.check_teacher_tokenizer`); a plan of a
+    319-id teacher for a 2,948-id student was printed. Only when both are lmforge runs or checkpoints: a preset's
+    vocabulary is the student's, an HF directory's tokenizer is read by finetune alone (it imports the model), and a
+    TOML student has no tokenizer."""
+    from lmforge.adapt.load import check_teacher_tokenizer
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import LmforgeError
+    from lmforge.export.hub import is_hub_spec
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.trained import tokenizer_file
+
+    path = Path(config_file).expanduser() if config_file else None
+    student = None if path is None else path if path.is_dir() else path.parent if path.name == "config.json" else None
+    if student is None or is_hub_spec(str(teacher)):
+        return
+    own = student / "tokenizer.json"  # a run's (pretrained, fine-tuned), else a checkpoint folder's or its run's
+    student_file = own if own.is_file() else tokenizer_file(student) if (student / "state.json").is_file() else None
+    try:  # (read_teacher has read it: a run, a checkpoint folder or an HF directory, which has no state.json)
+        teacher_file = tokenizer_file(resolve_checkpoint(teacher))
+    except LmforgeError:
+        return
+    if student_file is None or not student_file.is_file() or not teacher_file.is_file():
+        return
+    check_teacher_tokenizer(teacher, Tokenizer.load(teacher_file), Tokenizer.load(student_file))
+
+
 def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dict[str, Any]:
     """What a frozen distillation teacher adds to a full fine-tune's step (compress/distill.py): its forward, 2 N of
     its matmul weights + its attention's forward per token (no backward: it runs under no_grad), its weights (fp32, as
@@ -528,7 +556,9 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         settings = _trained_with(dataclasses.asdict(train), dataclasses.asdict(optim))
     for key, value in flags.items():
         if key == "teacher":  # (finetune's --teacher: it wins over the one a distillation run's finetune.json names)
-            value = read_teacher(value, flag=True)
+            teacher = value
+            value = read_teacher(teacher, flag=True)
+            check_teacher_run_tokenizer(teacher, config_file)
         if key == "lora_targets":  # (only the last flag counted, when estimate took commas alone)
             value = tuple(t.strip() for v in value for t in v.split(",") if t.strip())
         kwargs[key] = value

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -53,15 +53,17 @@ def _load_trained(ckpt_dir: Path, device: torch.device) -> Trained:
     return Trained(model=model, tokenizer=tokenizer, config=config, checkpoint=ckpt)
 
 
-def open_trained(ckpt_dir: Path) -> tuple[Checkpoint, Any, Any]:
+def open_trained(ckpt_dir: Path, *, verify: Literal["weights", "state"] = "weights") -> tuple[Checkpoint, Any, Any]:
     """A whole model's checkpoint (pretrained, imported, quantized, fully fine-tuned) with its run config and
     tokenizer, checked and not yet loaded: (checkpoint, RunConfig, Tokenizer). `load_trained` builds the model from
-    them; `pretrain --init-from` loads the weights into the model it built. Nothing is unpickled."""
+    them; `pretrain --init-from` loads the weights into the model it built. `verify="state"`: state.json's
+    checksum only, not the weight files' sha256 (`Checkpoint.verify`, for the caller to run once it reads them).
+    Nothing is unpickled."""
     from lmforge.config import config_from_json
     from lmforge.errors import ConfigError
     from lmforge.tokenizer.tokenizer import Tokenizer
 
-    ckpt = _open_checkpoint(ckpt_dir, verify="weights")
+    ckpt = _open_checkpoint(ckpt_dir, verify=verify)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path / 'state.json'} has no config; it was not written by lmforge pretrain")
     info = ckpt.path.parent.parent / "finetune.json"
@@ -74,10 +76,13 @@ def open_trained(ckpt_dir: Path) -> tuple[Checkpoint, Any, Any]:
         config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
     except ConfigError as e:
         raise CheckpointError(f"{ckpt.path / 'state.json'}: {e}") from None
-    tok_path = ckpt.path / "tokenizer.json"
-    if not tok_path.is_file():
-        tok_path = ckpt.path.parent.parent / "tokenizer.json"
-    return ckpt, config, Tokenizer.load(tok_path)
+    return ckpt, config, Tokenizer.load(tokenizer_file(ckpt.path))
+
+
+def tokenizer_file(ckpt_dir: Path) -> Path:
+    """A checkpoint's tokenizer.json: its own (a copied checkpoint folder works on its own), else its run's."""
+    own = ckpt_dir / "tokenizer.json"
+    return own if own.is_file() else ckpt_dir.parent.parent / "tokenizer.json"
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:

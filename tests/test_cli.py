@@ -5,6 +5,7 @@ half-written."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -511,22 +512,32 @@ def test_a_model_too_big_for_memory_is_one_line(data_dir, tmp_path, capsys, pres
     assert not out.exists()
 
 
-def test_a_batch_past_any_memory_is_one_line(data_dir, tmp_path, capsys):
+def test_a_batch_past_any_memory_is_refused_before_the_run_folder_is_written(data_dir, tmp_path, capsys):
     """--train.batch_size 1e30 passed the checks and was a ValueError traceback ('Maximum allowed size exceeded')
-    from the loader's np.arange of the batch; it is now the out-of-memory line."""
+    from the loader's np.arange of the batch, then numpy's out-of-memory line from the first step, with the run folder
+    written and marked failed (an existing run's too). It is now refused before anything is written, with the line
+    finetune gives (`check_batch_fits`), and an existing run is left as it was."""
     from lmforge.cli import main
 
     out = tmp_path / "big"
     argv = ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--quiet"]
+    for batch in ("1e30", "1e11"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--train.batch_size", batch, "--train.max_steps", "1"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        said = rf"lmforge: error: a micro-batch of {int(float(batch))} examples x \d+ tokens needs .* token ids alone"
+        assert re.match(said, err) and "use a smaller --train.batch_size" in err, err
+        assert not out.exists()
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--train.batch_size", "1e30", "--train.max_steps", "1"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    said = "out of memory (an array larger than any machine's memory was asked for); use a smaller model"
-    assert err.startswith(f"lmforge: error: {said}") and "--train.batch_size" in err, err
-    # as any out-of-memory in training: the run says it failed, with no checkpoint (the same --out then trains)
-    assert json.loads((out / "status.json").read_text())["status"] == "failed"
-    assert not (out / "checkpoints").exists()
+        main([*argv, "--train.batch_size", "2", "--train.max_steps", "1", "--eval.every", "0"])
+    assert e.value.code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--train.batch_size", "1e11", "--train.max_steps", "2"])
+    assert e.value.code == 2 and "token ids alone" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not marked failed, nothing written
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.parametrize(
@@ -546,8 +557,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_taken_for_a_hugging_fa
     from lmforge.cli import main
 
     run = tmp_path / "run"
-    with pytest.raises(SystemExit):  # a real such run: it fails on its first batch
-        main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--train.batch_size", "1e30"])
+    with pytest.raises(SystemExit):  # a real such run: it diverges with no checkpoint to roll back to
+        main(["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--train.lr", "1e30",
+              "--train.warmup_steps", "0", "--train.batch_size", "2", "--quiet"])  # fmt: skip
     assert not (run / "checkpoints").exists()
     capsys.readouterr()
     train = tmp_path / "train.jsonl"

@@ -1519,6 +1519,30 @@ def test_teacher_flag_plans_a_distillation_from_a_preset_and_refuses_what_finetu
     assert lora.returncode == 2 and "a distillation fine-tune trains every weight" in lora.stderr
 
 
+def test_a_teacher_run_with_another_tokenizer_than_the_student_run_is_refused_as_finetune_refuses_it(tmp_path) -> None:
+    """`estimate --config STUDENT_RUN --teacher RUN` planned a teacher whose tokenizer differs from the student's
+    (e.g. 319 vs 2,948 ids), which `finetune --adapt distill` refuses; the same rule (one function,
+    `adapt.load.check_teacher_tokenizer`) now refuses it here in one line, for a run or checkpoint folder on either
+    side. The teacher's own tokenizer is still accepted."""
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_char
+    from tests.test_finetune import make_base
+
+    teacher = make_base(tmp_path / "t", n_layer=3, d_model=64)
+    other = make_base(tmp_path / "other", tok=train_char(["a student with a smaller alphabet"]))
+    same = make_base(tmp_path / "same", tok=Tokenizer.load(teacher / "tokenizer.json"))
+    args = ("estimate", "--tokens", "1e5", "--hardware", "1000", "--teacher")
+    n_teacher = Tokenizer.load(teacher / "tokenizer.json").vocab_size
+    n_other = Tokenizer.load(other / "tokenizer.json").vocab_size
+    for student, teacher_arg in ((other, teacher), (other / "config.json", teacher / "checkpoints" / "step-000000")):
+        r = run_cli(*args, str(teacher_arg), "--config", str(student))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        said = f"--teacher {teacher_arg} uses another tokenizer than the student ({n_teacher:,} vs {n_other:,} ids)"
+        assert said in r.stderr and "distillation needs the same one" in r.stderr, r.stderr
+    r = run_cli(*args, str(teacher), "--config", str(same), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["teacher_params"], r.stderr
+
+
 def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:
     from lmforge.estimate_adapt import read_teacher
     from tests.test_finetune import make_base

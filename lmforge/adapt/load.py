@@ -210,11 +210,7 @@ def load_teacher(teacher: str, student: Finetuned, device: torch.device, max_len
             f"--teacher {teacher} is a {family} encoder (it predicts masked tokens, not the next one); "
             "the teacher must be a causal language model (gpt, llama, lstm or gru)"
         )
-    if loaded.tokenizer.fingerprint != student.tokenizer.fingerprint:
-        raise ConfigError(
-            f"--teacher {teacher} uses another tokenizer than the student; distillation needs the same one "
-            "(prepare the student's data with the teacher's tokenizer.json)"
-        )
+    check_teacher_tokenizer(teacher, loaded.tokenizer, student.tokenizer)
     # (output rows padded past the tokenizer may differ: compress.distill.distill_loss compares the shared ids)
     student_context = student.model.cfg.max_seq_len
     example = max_len or student_context
@@ -230,6 +226,17 @@ def load_teacher(teacher: str, student: Finetuned, device: torch.device, max_len
         )
     merge_lora(loaded.model)
     return loaded.model.eval()
+
+
+def check_teacher_tokenizer(teacher: str | Path, teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Distillation compares the teacher's and the student's next-token distributions id by id, so both use one
+    tokenizer: a one-line ConfigError otherwise (`load_teacher`; `estimate --teacher RUN` with a student run)."""
+    if teacher_tokenizer.fingerprint != student_tokenizer.fingerprint:
+        sizes = f"{teacher_tokenizer.vocab_size:,} vs {student_tokenizer.vocab_size:,} ids"
+        raise ConfigError(
+            f"--teacher {teacher} uses another tokenizer than the student ({sizes}); distillation needs the same "
+            "one (prepare the student's data with the teacher's tokenizer.json)"
+        )
 
 
 def is_hf_dir(p: Path) -> bool:

@@ -1,8 +1,10 @@
 """`pretrain --init-from RUN`: the checkpoint whose weights start a new run (continued pretraining), and its checks.
 
-- `init_settings` gives the CLI RUN's model section and objective, applied under the flags.
+- `init_settings` gives the CLI RUN's model section and objective, applied under the flags (a resume of the new
+  run: its own, from its latest checkpoint).
 - `init_start` opens RUN's checkpoint and refuses, in one line and before anything is written, what cannot
-  start from it: another model shape, an objective its family cannot train.
+  start from it: another model shape, an objective its family cannot train; then checks RUN's weights' sha256,
+  the one time a process hashes them.
 - `load_init_weights` puts RUN's weights into the model `train/run.py` built.
 
 Another tokenizer (continued pretraining on new data often extends or retrains it, e.g. a Chinese corpus on an
@@ -59,7 +61,7 @@ def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokeni
             "not a whole language model; start from its base run, or from a fine-tune saved whole (--adapt full, "
             "or --merge)"
         )
-    ckpt, config, tokenizer = open_trained(ckpt_dir)
+    ckpt, config, tokenizer = open_trained(ckpt_dir, verify="state")  # (the weights: `init_start`, as a run starts)
     if info is not None and config.model.family == "electra":
         raise ConfigError(
             f"--init-from {source}: an ELECTRA fine-tune keeps only its discriminator; start from its base run"
@@ -67,11 +69,35 @@ def _open_init_source(source: str | Path) -> tuple[Checkpoint, RunConfig, Tokeni
     return ckpt, config, tokenizer
 
 
-def init_settings(source: str | Path) -> dict[str, Any]:
+def init_settings(source: str | Path, *, out: str | Path = "", overwrite: bool = False) -> dict[str, Any]:
     """`pretrain --init-from RUN`'s starting settings, applied under the flags: RUN's model section (which a flag
-    may not change, `init_checkpoint`) and objective (which one may, within what the model's family trains)."""
-    config = _open_init_source(source)[1]
+    may not change, `init_start`) and objective (which one may, within what the model's family trains). A re-run
+    that resumes `out`, a run that --init-from started, takes them from its own latest checkpoint instead (the
+    model it trains, RUN's with the data's vocab_size after another tokenizer): RUN is not read, so it may since be
+    gone or trained on. RUN's weights are not hashed here: `init_start` verifies them once, when a run starts."""
+    own = None if overwrite or not out else _resumed_settings(Path(out).expanduser())  # (as load_config reads it)
+    return own if own is not None else _settings(_open_init_source(source)[1])
+
+
+def _settings(config: RunConfig) -> dict[str, Any]:
     return {"model": dataclasses.asdict(config.model), "objective": {"name": config.objective.name}}
+
+
+def _resumed_settings(out: Path) -> dict[str, Any] | None:
+    """The settings of the run in `out` that a re-run resumes, when --init-from started it (its latest checkpoint's
+    config); None otherwise, or when that config is unreadable (the resume then says what is wrong with it)."""
+    from lmforge.checkpoint import latest_checkpoint
+    from lmforge.config import config_from_json
+
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return None
+    try:
+        saved = json.loads((latest / "state.json").read_text(encoding="utf-8"))["config"]
+        config = config_from_json(saved, where=str(latest / "state.json"))
+    except (OSError, ValueError, KeyError, TypeError, LmforgeError):
+        return None
+    return _settings(config) if config.init_from else None
 
 
 @dataclass(frozen=True)
@@ -119,6 +145,8 @@ def init_start(cfg: RunConfig, tokenizer: Tokenizer, *, starts: bool) -> tuple[R
     from lmforge.train.objective_setup import objectives_for
 
     source = cfg.init_from
+    if not starts and (own := _resumed_settings(Path(cfg.out))) and own["model"] == dataclasses.asdict(cfg.model):
+        return cfg, None  # a resume given its own model (`init_settings` gives the CLI it): nothing to read in RUN
     try:
         ckpt, config, source_tokenizer = _open_init_source(source)
     except LmforgeError:
@@ -149,6 +177,9 @@ def init_start(cfg: RunConfig, tokenizer: Tokenizer, *, starts: bool) -> tuple[R
         )
     base_rows = _token_count(source_tokenizer, cfg.model.family)
     rows = None if same_tokens else token_rows(source_tokenizer, tokenizer, cfg.model.family)
+    # the weights' sizes and sha256, once per start (opening RUN reads state.json only: a 100 MB model was hashed by
+    # the CLI's `init_settings`, again here, and again on every resume of the new run, which reads its own files)
+    ckpt.verify(weights_only=True)
     cfg = dataclasses.replace(cfg, init_from=str(ckpt.path.resolve()))  # (config.json: the checkpoint used)
     return cfg, InitStart(checkpoint=ckpt, source=str(source), base=config, rows=rows, base_rows=base_rows)
 

@@ -48,7 +48,7 @@ from lmforge.errors import (
     release_interrupts,
     take_held_interrupt,
 )
-from lmforge.estimate import check_fits, measure_matmul_flops
+from lmforge.estimate import check_batch_fits, check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
@@ -425,6 +425,9 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     precision = pick_precision(device, cfg.train.dtype, cfg.train.attention)  # refused before OUT is made
     # a model far too big for the device (any family): refused before it is built
     check_fits(cfg.model, cfg.optim, device, world_size=world.world_size, strategy=cfg.dist.strategy)
+    # and a micro-batch whose token ids alone exceed it (--train.batch_size 1e11), as finetune refuses it: it was
+    # numpy's out-of-memory in the first step, after the run folder was written and the run marked failed
+    check_batch_fits(rank_train.micro_batch, cfg.data.seq_len, device)
     check_packages(cfg.log)  # --log.wandb without wandb: before --overwrite sets the old run aside
     if cfg.data.mix:  # its directories too (manifests only; the loader opens them after the claim)
         from lmforge.data.mixture import mix_sources
