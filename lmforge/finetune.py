@@ -27,10 +27,10 @@ Design:
   prompts, heads), and the base, teacher and resumed weights of this command.
 - Everything that can fail on user input (base, files, columns, labels) is checked before RUN_DIR
   is created; an error after an HF import removes the directory again.
-- Re-running the same command on RUN_DIR resumes it (`finetune_resume.py _existing_run`): checkpoints carry
+- Re-running the same command on RUN_DIR resumes it (`finetune_resume.py existing_finetune`): checkpoints carry
   the optimizer, loader position and RNG as pretraining's do, so the result is bit-identical on CPU.
   A finished run's re-run has nothing to do; a `--merge`d LoRA run cannot train on (its adapters are in
-  the weights and its last checkpoint has no optimizer state), so more steps are refused (`_merged_refusal`).
+  the weights and its last checkpoint has no optimizer state), so more steps are refused (`merged_refusal`).
 - Length (~900 lines, over the 800-line guide): `_finetune` reads top to bottom in the order a
   run happens (check and load, build examples, train, score); `FinetuneConfig` and its table of which
   flag applies to which task/mode stay beside it (`cli.py` and the Python API take them from here). The
@@ -57,7 +57,7 @@ from lmforge.atomic import write_json
 from lmforge.data.qa import DOC_STRIDE
 from lmforge.errors import CheckpointError, ConfigError, DataError, Interrupted
 from lmforge.fields import changed_fields, check, opt
-from lmforge.finetune_resume import _base_arg, _existing_run, _merged_refusal
+from lmforge.finetune_resume import base_argument, existing_finetune, merged_refusal
 
 # Default peak lr per mode: full updates move every weight, so they get the smallest; a soft prompt is a
 # few vectors far from the data and needs large steps (Lester et al. 2021 use 0.3 with Adafactor).
@@ -444,7 +444,7 @@ def _finetune(
         overwrite=overwrite,
         read_files=[Path(f) for f in (train_file, val_file, cfg.replay, cfg.old_val) if f],
     )
-    previous = None if overwrite else _existing_run(out, base, cfg)
+    previous = None if overwrite else existing_finetune(out, base, cfg)
     fields = field_map(cfg.task, cfg.field)
     train_rows = read_task_rows(train_file, cfg.task, fields)
     # the rows, not the file's bytes or path: a resumed run must continue on the data it started on
@@ -570,7 +570,7 @@ def _finetune(
         "adapt": cfg.adapt,
         "base": base_path,
         "base_sha256": base_sha,
-        "base_arg": _base_arg(base),
+        "base_arg": base_argument(base),
         "labels": labels,
         # a decoder's classification head: bias-free as HF's `score` (a run continued from before keeps its bias)
         "head_bias": bool(previous.get("head_bias", True)) if previous is not None else False,
@@ -630,7 +630,7 @@ def _finetune(
         if teacher is not None:
             from lmforge.compress.distill import Distill
 
-            info["teacher"] = _base_arg(cfg.teacher)
+            info["teacher"] = base_argument(cfg.teacher)
             objective = Distill(teacher, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha)
     train_items, train_collate = train_ex, collate
     if cfg.pack:
@@ -688,7 +688,7 @@ def _finetune(
     if ckpt is not None and ckpt.meta.get("finetune", {}).get("lora_merged"):
         # --merge folded the adapters into the weights: there are no adapters left to train, and the
         # checkpoint holds no optimizer state. A finished run's identical re-run returned above.
-        raise ConfigError(_merged_refusal(out, state.step, train_cfg.max_steps, done, cfg.task))
+        raise ConfigError(merged_refusal(out, state.step, train_cfg.max_steps, done, cfg.task))
     if ckpt is not None:
         load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
 

@@ -1,10 +1,10 @@
 """Whether `lmforge finetune` may continue the run already in RUN_DIR, and what it says when it may not.
 
-- `_existing_run`: re-running the same command resumes; another base, task, adapt mode or setting (other than
+- `existing_finetune`: re-running the same command resumes; another base, task, adapt mode or setting (other than
   the `RESUME_FREE` ones, which only shape the final report) is a one-line error, as `pretrain` refuses
   another model config. A folder that is not a fine-tuning run, or a quantized copy, is refused too.
-- `_merged_refusal`: a LoRA run whose adapters `--merge` folded into its weights cannot train on.
-- `_base_arg`: BASE as finetune.json records it, which a resumed run must match.
+- `merged_refusal`: a LoRA run whose adapters `--merge` folded into its weights cannot train on.
+- `base_argument`: BASE as finetune.json records it, which a resumed run must match.
 
 The checks that need the loaded base and data (base and train-file hashes, seed, optimizer, labels) stay in
 `finetune.py`, where those are read. Split out of it so the rules for continuing a run sit in one place.
@@ -26,14 +26,14 @@ if TYPE_CHECKING:
 RESUME_FREE = ("eval_samples", "max_new_tokens", "doc_stride", "merge", "dpo_reference")
 
 
-def _base_arg(base: str | Path) -> str:
+def base_argument(base: str | Path) -> str:
     """BASE as finetune.json records it: a resolved path, or a hub name (`hf:ORG/NAME`) as written."""
     from lmforge.export.hub import is_hub_spec
 
     return str(base) if is_hub_spec(base) else str(Path(base).resolve())
 
 
-def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
+def existing_finetune(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
     """finetune.json of the run in `out` when this command continues it; None for a new run.
 
     Re-running the same command resumes; another base, task, adapt mode or adapter shape is a
@@ -62,7 +62,7 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     for key in ("task", "adapt"):
         if old.get(key) != new[key]:
             raise ConfigError(f"{out} holds a --{key} {old.get(key)} run, not --{key} {new[key]}; {hint}")
-    base_arg = _base_arg(base)
+    base_arg = base_argument(base)
     if info.get("base_arg", base_arg) != base_arg:
         raise ConfigError(f"{out} was fine-tuned from {info['base_arg']}, not {base_arg}; {hint}")
     changed = [
@@ -75,7 +75,7 @@ def _existing_run(out: Path, base: str | Path, cfg: FinetuneConfig) -> dict[str,
     return info
 
 
-def _merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) -> str:
+def merged_refusal(out: Path, step: int, max_steps: int, done: str, task: str) -> str:
     """Why a run whose LoRA adapters `--merge` folded into its weights cannot go on, and what to do instead.
 
     Its weights are the base's plus the adapters, so a new fine-tune can start from them, except a

@@ -58,7 +58,7 @@ from torch import Tensor
 from lmforge.detokenize import StopStrings, StreamDecoder, continuation_decoder
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.models.gpt import GPT
-from lmforge.sampling import Penalties, _sample, _sampling_generator, check_sampling, check_seed, sampling_probs
+from lmforge.sampling import Penalties, check_sampling, check_seed, sample_unchecked, sampling_generator, sampling_probs
 from lmforge.train.precision import cpp_compiler_problem
 
 STOP_IDS_FILE = "generation.json"  # in a run directory: {"stop_ids": [...]}, ids that end a generation
@@ -252,7 +252,7 @@ def generate(
     ids = _check_prompt(prompt_ids, max_len, eos_id)
     stops = _stop_set(eos_id, stop_ids)
     device = next(model.parameters()).device
-    generator = _sampling_generator(device, seed)
+    generator = sampling_generator(device, seed)
 
     was_training = model.training
     model.eval()
@@ -282,7 +282,7 @@ def generate(
                     seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
                     seen[torch.tensor(ids, device=device)] = True
                 logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
-            chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (1,)
+            chosen = sample_unchecked(logits, temperature, top_k, top_p, min_p, generator)  # (1,)
             x = chosen.view(1, 1)  # the next step's input stays a tensor (no list -> tensor per token)
             token = int(chosen)
             if penalise:
@@ -379,8 +379,8 @@ def generate_batch(
         )
     device = next(model.parameters()).device
     # one generator for the batch, or one per row (`seeds`): a row's draws then do not depend on the other rows
-    generator = _sampling_generator(device, seed) if seeds is None else None
-    generators = [] if seeds is None else [_sampling_generator(device, s) for s in seeds]
+    generator = sampling_generator(device, seed) if seeds is None else None
+    generators = [] if seeds is None else [sampling_generator(device, s) for s in seeds]
 
     B = len(rows)
     pad_counts = [longest - len(r) for r in rows]
@@ -403,7 +403,7 @@ def generate_batch(
                     seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, x, True)
                 logits = penalties.apply(logits, counts, seen)  # type: ignore[union-attr]
             if seeds is None or temperature == 0:
-                chosen = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+                chosen = sample_unchecked(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
             else:  # each row drawn as `generate` draws it alone, from its own generator; the filtering is per row
                 # anyway (row b's probabilities equal a (1, V) call's), so it runs once for the batch
                 probs = sampling_probs(logits, temperature, top_k, top_p, min_p)  # (B, V)

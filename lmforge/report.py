@@ -400,7 +400,7 @@ def render_plot(spec: PlotSpec, runs: list[Run]) -> bytes:
 Cell = tuple[str, Any]
 
 
-def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
+def num_cell(value: Any, fmt: str = "{:.4f}") -> Cell:
     if value is None:
         return ("-", None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -414,7 +414,7 @@ def _num(value: Any, fmt: str = "{:.4f}") -> Cell:
 
 def _loss_cell(value: Any, unit: str) -> Cell:
     """A validation loss with what it is per where that is not TOKEN_LOSS (a fine-tune's task loss)."""
-    text, raw = _num(value)
+    text, raw = num_cell(value)
     return (with_unit(text, unit) if raw is not None else text, raw)
 
 
@@ -444,12 +444,12 @@ def summary_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                 (f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step), s.step),
                 (f"{s.tokens:,}", s.tokens),
                 _loss_cell(s.best_val_loss, s.loss_unit),
-                _num(last_eval.get("val_ppl"), "{:.2f}"),
-                _num(last_eval.get("val_bpb")),
+                num_cell(last_eval.get("val_ppl"), "{:.2f}"),
+                num_cell(last_eval.get("val_bpb")),
                 (_duration(s.elapsed_s), s.elapsed_s),
-                _num(sum(bool(r.get("loss_spike")) for r in run.train), "{}"),
-                _num(run.train[-1].get("skipped_steps") if run.train else None, "{}"),
-                _num(max(mem) if mem else None, "{:.0f}"),
+                num_cell(sum(bool(r.get("loss_spike")) for r in run.train), "{}"),
+                num_cell(run.train[-1].get("skipped_steps") if run.train else None, "{}"),
+                num_cell(max(mem) if mem else None, "{:.0f}"),
                 (s.last_checkpoint or "-", s.last_checkpoint),
             ]
         )
@@ -470,7 +470,7 @@ def eval_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                     (str(record["step"]), record["step"]),
                     (f"{tok:,.0f}" if tok == tok else "-", tok if tok == tok else None),
                     _loss_cell(record.get("val_loss"), run.summary.loss_unit),
-                    *[_num(record.get(k), "{:.2f}" if k == "val_ppl" else "{:.4f}") for k in keys[1:] + extra],
+                    *[num_cell(record.get(k), "{:.2f}" if k == "val_ppl" else "{:.4f}") for k in keys[1:] + extra],
                     (_duration(record.get("elapsed_s", 0.0)), record.get("elapsed_s")),
                 ]
             )
@@ -505,8 +505,8 @@ def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
                 (run.name, run.name),
                 (str(run.task_eval.get("task", "-")), None),
                 (str(run.task_eval.get("adapt", "-")), None),
-                _num(run.task_eval.get("trainable_params"), "{}"),
-                *[_num(values.get(k), "{:,}" if isinstance(values.get(k), int) else "{:.4f}") for k in keys],
+                num_cell(run.task_eval.get("trainable_params"), "{}"),
+                *[num_cell(values.get(k), "{:,}" if isinstance(values.get(k), int) else "{:.4f}") for k in keys],
             ]
         )
     return header, rows
@@ -524,7 +524,7 @@ def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
     return out
 
 
-def _short(value: Any) -> str:
+def short_text(value: Any) -> str:
     if value is ABSENT or value == "":  # (an imported run has no preset: "", shown as "-" like a missing one)
         return "-"
     text = spelled(value)
@@ -629,9 +629,9 @@ def _write_markdown(runs: list[Run], out: Path) -> None:
     the user's own files of the old folder, `_carry_over`) are built in a hidden folder beside and the page is
     written to its temporary first; only then are both renamed in (`atomic.publish_dir`), the old folder put back
     if the page's rename fails. A kill between the two renames is the one moment that can mix them."""
-    from lmforge.report_render import _assets_dir, render_markdown
+    from lmforge.report_render import assets_dir, render_markdown
 
-    assets = _assets_dir(out)
+    assets = assets_dir(out)
     if assets.is_symlink() or (assets.exists() and not assets.is_dir()):
         what = "a link" if assets.is_symlink() else "a file"
         raise ConfigError(f"--out {out}: its plots go in {assets}/, which is {what}; move it or choose another --out")

@@ -21,13 +21,13 @@ from lmforge.atomic import atomic_write_bytes
 from lmforge.report import (
     Cell,
     Run,
-    _num,
-    _short,
     available_plots,
     config_differences,
     data_cards,
     eval_table,
+    num_cell,
     render_plot,
+    short_text,
     summary_table,
     task_table,
 )
@@ -137,7 +137,7 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
     diffs = config_differences(runs)
     parts.append("<h2>Config differences</h2>" if len(runs) > 1 else "<h2>Config</h2>")
     if diffs:
-        rows = [[(key, key), *[(_short(v), None) for v in vals]] for key, vals in diffs]
+        rows = [[(key, key), *[(short_text(v), None) for v in vals]] for key, vals in diffs]
         parts.append(_html_table("config", ["setting", *[r.name for r in runs]], rows))
     else:
         parts.append("<p>The runs have the same config (apart from the run directory).</p>")
@@ -169,7 +169,8 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
                 continue
             shown += 1
             rows = [
-                [(k, k), _num(v, "{}") if isinstance(v, (int, float)) else (_short(v), None)] for k, v in card.items()
+                [(k, k), num_cell(v, "{}") if isinstance(v, (int, float)) else (short_text(v), None)]
+                for k, v in card.items()
             ]
             parts.append(f"<h3>{html.escape(name)}</h3>" + _html_table(f"data-{shown}", ["", "value"], rows))
 
@@ -231,7 +232,7 @@ def _md_table(header: list[str], rows: list[list[Cell]]) -> str:
     return "\n".join(lines)
 
 
-def _assets_dir(out: Path) -> Path:
+def assets_dir(out: Path) -> Path:
     """Where a Markdown report's PNGs go: `<out stem>_files/` beside it."""
     return out.with_name(out.stem + "_files")
 
@@ -239,7 +240,7 @@ def _assets_dir(out: Path) -> Path:
 def render_markdown(runs: list[Run], out: Path, plots_dir: Path) -> str:
     """The report as Markdown for `out`; its plots are written as PNGs to `plots_dir`, the folder that becomes
     `<out stem>_files/` (`render_report` builds it beside and swaps it in with the page)."""
-    assets = _assets_dir(out)
+    assets = assets_dir(out)
     parts = [
         f"# lmforge report: {', '.join(_md_escape(r.name) for r in runs)}",
         "",
@@ -251,7 +252,7 @@ def render_markdown(runs: list[Run], out: Path, plots_dir: Path) -> str:
     diffs = config_differences(runs)
     parts += ["", "## Config differences" if len(runs) > 1 else "## Config", ""]
     if diffs:
-        rows = [[(key, key), *[(_short(v), None) for v in vals]] for key, vals in diffs]
+        rows = [[(key, key), *[(short_text(v), None) for v in vals]] for key, vals in diffs]
         parts.append(_md_table(["setting", *[r.name for r in runs]], rows))
     else:
         parts.append("The runs have the same config (apart from the run directory).")
@@ -269,7 +270,7 @@ def render_markdown(runs: list[Run], out: Path, plots_dir: Path) -> str:
         if same_as:
             parts += ["", f"{_md_escape(name)}: same data as {_md_escape(same_as)}."]
             continue
-        rows = [[(k, k), (_short(v), None)] for k, v in card.items()]
+        rows = [[(k, k), (short_text(v), None)] for k, v in card.items()]
         parts += ["", f"## Data: {_md_escape(name)}", "", _md_table(["", "value"], rows)]
     samples = [(run, r) for run in runs for r in run.evals if r.get("sample")]
     if samples:

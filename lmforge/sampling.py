@@ -8,7 +8,7 @@
 - `check_sampling`, `check_seed`: the settings' ranges, checked once per call (by `generate`, `chat`, `serve`)
   rather than every token.
 
-Split out of `generate.py` (the decode loops, which call `_sample` on each step's logits) because the rules are
+Split out of `generate.py` (the decode loops, which call `sample_unchecked` on each step's logits) because the rules are
 pure functions of the logits and change on their own: a new filter touches only this file.
 
 References:
@@ -37,7 +37,7 @@ def check_seed(seed: int | None) -> None:
         raise LmforgeError(f"seed must be in [0, 2**63), got {seed}")
 
 
-def _sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A private generator on `device`: seeded (reproducible) or from OS entropy; the global RNG is untouched."""
     check_seed(seed)
     generator = torch.Generator(device=device)
@@ -134,10 +134,10 @@ def sample_next(
         (B,) int64 token ids.
     """
     check_sampling(temperature, top_k, top_p, min_p)
-    return _sample(logits, temperature, top_k, top_p, min_p, generator)
+    return sample_unchecked(logits, temperature, top_k, top_p, min_p, generator)
 
 
-def _sample(
+def sample_unchecked(
     logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float, generator: torch.Generator | None
 ) -> Tensor:
     """`sample_next` without the argument checks (the decode loops check once, not every token)."""
