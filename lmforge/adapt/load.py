@@ -130,10 +130,10 @@ def build_from_config(ckpt: Any, device: torch.device) -> tuple[nn.Module, Any, 
     from lmforge.config import config_from_json
     from lmforge.models import build_model
     from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.trained import tokenizer_file
 
     config = config_from_json(ckpt.meta["config"], where=str(ckpt.path / "state.json"))
-    tok_path = ckpt.path / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path if tok_path.is_file() else run_dir_of(ckpt.path) / "tokenizer.json")
+    tokenizer = Tokenizer.load(tokenizer_file(ckpt.path))
     with torch.device("meta"):
         body = build_model(config.model)
     body = body.to_empty(device=device)
