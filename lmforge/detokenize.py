@@ -26,13 +26,18 @@ def continuation_decoder(decode: Callable[[list[int]], str], context: list[int])
 
     Decoding a continuation alone can lose what its first token means after the context: a
     SentencePiece-style (Unigram) decoder drops the word-start marker of the first piece, so "▁con"
-    after "I will" decodes as "con", not " con". Falls back to decoding the ids alone if the context's
-    text is not a prefix of the whole (no decoder here does that)."""
+    after "I will" decodes as "con", not " con". A context that ends inside a character (a serve prompt given
+    as token ids: the first 2 byte-level tokens of a 3-byte Chinese character) decodes to U+FFFD there; the ids
+    that complete it continue with the whole character (they printed U+FFFD and lost it, decoded alone). Falls
+    back to decoding the ids alone if the context's text is not a prefix of the whole (no decoder here does that)."""
     head = decode(context)
+    stem = whole_characters(head)  # (the context's text before a character it leaves incomplete)
 
     def text(ids: list[int]) -> str:
         whole = decode(context + ids)
-        return whole[len(head) :] if whole.startswith(head) else decode(ids)
+        if whole.startswith(head):
+            return whole[len(head) :]
+        return whole[len(stem) :] if whole.startswith(stem) else decode(ids)
 
     return text
 

@@ -71,12 +71,15 @@ def run(tmp_path: Path, name: str, **kwargs: object) -> str:
 # now "de", not "latin", in manifest["languages"] and the card; every shard, tokenizer.json and the report are
 # byte-identical to before (checked by running both versions). Again when ä ö ü counted half for "latin" (Swedish,
 # Finnish, Turkish write them): that document is "fr" now (its ï é); with its label set back to "de" the digests
-# equal the previous ones.
+# equal the previous ones. Again when near dedup's shingles were NFKC-folded (full-width ，！： compared as , ! :):
+# the English MinHash values are unchanged and the report lists the same 20 pairs, its Chinese pairs' estimates
+# moved (0.859 -> 0.867, 0.977 -> 0.984, 0.812 -> 0.828), and one planted Chinese pair at a true Jaccard of 0.707
+# is now estimated 0.672, under the 0.7 threshold: 37 near-duplicates removed instead of 38 (estimate noise).
 GOLDEN = {
-    "near-trained": "f4366a5af8134bf1",
+    "near-trained": "8a205aad771f04b9",
     "exact-trained": "61a1225c3f041980",
     "near-given": "2a193639614e0856",
-    "near-given-report": "2cdc8bebcb0ea199",
+    "near-given-report": "48042ec25f657318",
 }
 
 

@@ -157,7 +157,7 @@ def test_the_default_answer_length_fits_a_short_context_and_a_given_one_is_check
     short = make_base(tmp_path, max_seq_len=40)
     cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=8, eval_samples=1)
     finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "a", cfg=cfg, overrides=FAST, progress=False)
-    assert "note:" not in capsys.readouterr().err  # (nothing scored: nothing to say)
+    assert "answers are scored" not in capsys.readouterr().err  # (nothing scored: nothing to say)
     result = finetune(short, train_file=DATA / "alpaca.jsonl", val_file=DATA / "alpaca.jsonl", out=tmp_path / "b",
                       cfg=cfg, overrides=FAST, progress=False)  # fmt: skip
     assert "note: answers are scored up to 16 new tokens, half the model's context of 32" in capsys.readouterr().err
@@ -345,6 +345,9 @@ def test_qa_and_translation_metrics_against_hand_computed_values():
     spaced = [" ".join(s) if "书" in s else s for s in hyp], [" ".join(s) if "书" in s else s for s in ref]
     expected = sacrebleu.corpus_bleu(spaced[0], [spaced[1]], tokenize="13a", force=True).score
     assert bleu_chrf(hyp, ref)["bleu"] == pytest.approx(expected)  # before: 62.4, the Chinese pair one 13a "word"
+    # the result names the tokenisation its BLEU used (a BLEU compares only with one tokenised the same way)
+    assert bleu_chrf(hyp, ref)["bleu_tokenize"] == "zh+13a"
+    assert bleu_chrf(hyp[2:], ref[2:])["bleu_tokenize"] == "zh" and same["bleu_tokenize"] == "13a"
 
 
 def test_dpo_loss_against_hand_computed_value():
@@ -1455,7 +1458,7 @@ def test_csv_and_tsv_rows_past_their_header_and_long_fields(tmp_path: Path):
 def test_translate_scores_an_nfkc_models_references_in_its_form(tmp_path: Path):
     """A model prepared with --normalize NFKC trains on targets whose ，！ became , ! and writes those: its
     exact translations scored BLEU 16 here against the raw references' full-width marks."""
-    from lmforge.eval.tasks import evaluate_task
+    from lmforge.eval.tasks import evaluate_task, format_metrics
     from lmforge.tokenizer.train import with_nfkc
 
     pairs = [("hi", "你好，世界！"), ("bye", "再见，朋友！")]
@@ -1469,6 +1472,7 @@ def test_translate_scores_an_nfkc_models_references_in_its_form(tmp_path: Path):
     m = evaluate_task(tmp_path / "mt", task="translate", data=data, max_new_tokens=8)
     assert [s["prediction"] for s in m["samples"]] == ["你好,世界!", "再见,朋友!"]  # learned exactly, NFKC
     assert m["bleu"] == pytest.approx(100.0) and m["chrf"] == pytest.approx(100.0)
+    assert m["bleu_tokenize"] == "zh" and "| BLEU tokenize zh" in format_metrics(m).splitlines()[0]
 
 
 def test_clm_task_bpb_counts_the_text_an_nfkc_tokenizer_reads(tmp_path: Path):

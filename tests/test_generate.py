@@ -320,6 +320,23 @@ def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
     assert continuation_decoder(tok.decode, prompt)(rest) == " come"
 
 
+def test_a_continuation_that_completes_a_character_its_prompt_ids_cut_shows_it_whole() -> None:
+    """A serve prompt given as token ids can end inside a character (the first 2 byte tokens of 你, e4 bd); the
+    continuation's a0 completes it. Decoded alone, the continuation began with U+FFFD (streamed and returned) and
+    the character was lost; it now begins with 你."""
+    from lmforge.generate import StreamDecoder, continuation_decoder
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe(["hello world"], vocab_size=300)
+    ids = tok.encode("你好")
+    assert len(ids) == 6  # one byte token each
+    decode = continuation_decoder(tok.decode, ids[:2])
+    assert decode(ids[2:]) == "你好"
+    stream = StreamDecoder(decode)
+    assert [stream.feed(i) for i in ids[2:]] == ["你", "", "", "好"] and stream.flush() == ""
+    assert decode(tok.encode("a")) == "a"  # (never completed: e4 bd, then a; the U+FFFD is the prompt's text)
+
+
 def test_eval_answers_cut_mid_character_end_at_a_whole_character(tmp_path):
     """`eval --task` (and a fine-tune's final scoring) decoded its answers on their own: one cut by
     --max-new-tokens in the middle of a character ended with U+FFFD, shown in the samples and scored, where

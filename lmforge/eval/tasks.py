@@ -15,7 +15,8 @@ articles a/an/the, split on whitespace); F1 counts overlapping tokens with multi
 scripts: punctuation is all of Unicode's (Chinese full-width marks too), text is NFKC-normalised, and
 each Chinese/Japanese character is a token (CMRC 2018 / MLQA style), so "五边形。" matches "五边形" and
 a near answer gets partial F1. Translation BLEU tokenises each pair whose reference is Chinese with
-sacrebleu's "zh" (per character), the others with "13a".
+sacrebleu's "zh" (per character), the others with "13a"; the result says which (`bleu_tokenize`: "zh", "13a",
+or "zh+13a" for a file of both), since a BLEU is comparable only with one tokenised the same way.
 
 In-context classification (no training): each query is preceded by k labelled examples,
 `Text: ...\\nLabel: NAME\\n\\n`, and the prediction is the label whose tokens get the highest total
@@ -114,12 +115,15 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     except ImportError:
         raise ConfigError("translation metrics need sacrebleu; pip install 'lmforge[translate]'") from None
     tokenizers = {name: BLEU(tokenize=name).tokenizer for name in ("zh", "13a")}
-    pairs = [(tokenizers[bleu_tokenizer(r)], h, r) for h, r in zip(hypotheses, references, strict=True)]
+    names = [bleu_tokenizer(r) for r in references]
+    pairs = [(tokenizers[name], h, r) for name, h, r in zip(names, hypotheses, references, strict=True)]
     # (force: sacrebleu warns on stderr about text that looks tokenised, which this is, on purpose)
     return {
         "bleu": sacrebleu.corpus_bleu(
             [tok(h) for tok, h, _ in pairs], [[tok(r) for tok, _, r in pairs]], tokenize="none", force=True
         ).score,
+        # sacrebleu's tokenize= that gives this BLEU ("zh+13a": each pair by its reference), to compare it with others'
+        "bleu_tokenize": "+".join(sorted(set(names), key=("zh", "13a").index)) or "13a",
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
     }
 
@@ -727,6 +731,7 @@ def format_metrics(m: dict[str, Any]) -> str:
             if kind in m
         )
         + (f" | {m['windowed']} long contexts read in windows" if m.get("windowed") else "")
+        + (f" | BLEU tokenize {m['bleu_tokenize']}" if m.get("bleu_tokenize") else "")
     )
     lines = [line]
     for s in m.get("samples", []):

@@ -1,0 +1,44 @@
+"""Task rows -> training examples (`data.formats.build_examples`): what is said when one does not fit --max-len."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.data.formats import build_examples
+from lmforge.data.tables import field_map
+from lmforge.tokenizer.train import train_char
+
+ANSWER = "三原色是红色、蓝色和黄色。"  # 15 char-tokenizer ids ("、" is 3 byte ids) + end-of-text
+
+
+def examples(task: str, rows: list[dict], max_len: int) -> list:
+    tok = train_char(["三原色是什么？红蓝黄和。好"])
+    return build_examples(rows, task=task, tok=tok, fields=field_map(task, None), max_len=max_len, labels=None,
+                          path="zh.jsonl")  # fmt: skip
+
+
+def test_sft_examples_whose_answer_end_is_cut_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    """1,927 of Alpaca's 5,000 Chinese examples do not fit 128 tokens: cut at --max-len, an answer loses its end and its
+    end-of-text (the model never learns to stop there), which happened without a word. A prompt cut from its start
+    to keep the whole answer is no loss of the answer and is not counted."""
+    rows = [
+        {"instruction": "三原色是什么？", "input": "", "output": ANSWER},  # 47 ids with the chat markers
+        {"instruction": "好", "input": "", "output": "好"},  # 27 ids
+    ]
+    cut, whole = examples("sft", rows, max_len=40)
+    assert len(cut.ids) == 41 and len(whole.ids) == 27
+    assert "note: zh.jsonl: 1 of 2 examples are longer than --max-len 40 tokens and lose the end of their answer" in (
+        capsys.readouterr().err
+    )
+    examples("sft", rows, max_len=60)
+    examples("sft", rows[1:], max_len=20)  # over 20, but only the prompt's start is cut: the answer trains whole
+    assert capsys.readouterr().err == ""
+
+
+def test_translate_examples_whose_target_end_is_cut_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"source": "The three primary colours.", "target": ANSWER}]
+    (example,) = examples("translate", rows, max_len=12)
+    assert sum(example.train) == 12
+    assert "note: zh.jsonl: 1 of 1 examples are longer than --max-len 12 tokens" in capsys.readouterr().err
+    (example,) = examples("translate", rows, max_len=40)  # the source's start is cut; the target trains whole
+    assert sum(example.train) == 16 and capsys.readouterr().err == ""
