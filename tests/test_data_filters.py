@@ -186,6 +186,10 @@ def test_nfkc_option() -> None:
         ("The café served crème brûlée to the committee.", "en"),
         ("Beyoncé and Zoë met de Gaulle's grandson in the museum.", "en"),
         ("日本語の文章はひらがなとカタカナを含みます。", "ja"),
+        # Chinese with a Latin brand name: a Chinese character is about a word, and its punctuation is Chinese
+        ("我用Twitter。", "zh"),  # Tatoeba cmn-eng (CC BY 2.0 FR): the one Chinese line guessed "en"
+        ("你用过Facebook吗？", "zh"),
+        ("I bought a 小米 phone yesterday.", "en"),
         ("한국어 문장입니다.", "ko"),
         ("Привет, как дела?", "cyrillic"),
         ("12345 !!! ---", "unknown"),

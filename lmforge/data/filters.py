@@ -113,6 +113,9 @@ _SCRIPTS = {
     "greek": re.compile(r"[\u0370-\u03ff]"),
     "devanagari": re.compile(r"[\u0900-\u097f]"),
 }
+_CJK_PUNCTUATION = re.compile(
+    r"[\u3000-\u303f\uff01-\uff0f\uff1a-\uff1f\uff3b-\uff40\uff5b-\uff65]"
+)  # 。，、！？「」...
 _ACCENTED = re.compile(r"[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]")  # Latin letters beyond ASCII
 _LATIN_WORD = re.compile(r"[a-z\u00df-\u00ff\u0100-\u024f]+")  # lower-case words, accented letters included
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
@@ -324,7 +327,8 @@ def guess_language(text: str) -> str:
     if counts["ja"] and counts["ja"] * 4 >= counts["zh"]:  # kana alongside kanji: Japanese
         counts["ja"] += counts["zh"]
         counts["zh"] = 0
-    counts["zh"] *= 3
+    if counts["zh"]:  # a Chinese character is about a word; its full-width punctuation is Chinese too
+        counts["zh"] = (counts["zh"] + len(_CJK_PUNCTUATION.findall(sample))) * 3  # ("我用Twitter。": zh, not en)
     script, top = max(counts.items(), key=lambda item: item[1])
     if top == 0:
         return "other" if any(c.isalpha() for c in sample) else "unknown"
