@@ -41,7 +41,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 # The model config lives at the top of its model file (STYLE.md); imported here to compose RunConfig.
 from lmforge.dist import DistConfig
 from lmforge.models import CONFIGS, ModelConfig
-from lmforge.models.gpt import GPTConfig
+from lmforge.models.configs import GPTConfig
 from lmforge.objectives import ObjectiveConfig
 
 
