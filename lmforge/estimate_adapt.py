@@ -32,7 +32,7 @@ from lmforge.estimate import (
     rope_table_bytes,
     with_totals,
 )
-from lmforge.models.gpt import GPTConfig
+from lmforge.models.configs import GPTConfig
 
 LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
 

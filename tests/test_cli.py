@@ -92,6 +92,8 @@ def test_help_and_flag_errors_answer_without_torch(tmp_path):
             ["pretrain", "--preset", "nope"],
             ["finetune", "gpt2", "--train", "t.jsonl", "--out", str(tmp_path / "o"), "--lora-rank", "3"],
             ["pretrain", "--no-such-flag"],
+            ["quickstart", "--train.lrr", "1"],
+            ["estimate", "--tokens", "1000", "--train.lrr", "1"],
         ]
     )
     code = (
@@ -110,7 +112,7 @@ def test_help_and_flag_errors_answer_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     codes, heavy = json.loads(out.stdout)
-    assert codes == [0] * (1 + len(COMMANDS)) + [2] * 7  # every help answered, every bad flag refused
+    assert codes == [0] * (1 + len(COMMANDS)) + [2] * 9  # every help answered, every bad flag refused
     assert heavy == []
 
 
