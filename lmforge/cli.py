@@ -439,7 +439,7 @@ def build_parser() -> Parser:
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
     from lmforge.estimate import ADAPT_MODES
-    from lmforge.finetune import finetune_sections
+    from lmforge.finetune_config import finetune_sections
 
     finetune_batch = finetune_sections("lora", None)[0].batch_size  # (the same in every mode)
     p.add_argument(
@@ -452,7 +452,7 @@ def build_parser() -> Parser:
         "--train.device/dtype, not "
         "the preset's or --config's pretraining ones, unless --train.* / --optim.* says (default: full)",
     )
-    from lmforge.finetune import FinetuneConfig  # (its defaults are the plan's: estimate_adapt.plan_arguments)
+    from lmforge.finetune_config import FinetuneConfig  # (its defaults are the plan's: estimate_adapt.plan_arguments)
 
     finetune_cfg = FinetuneConfig()
     p.add_argument(
@@ -579,7 +579,6 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(summary_line(manifest, cfg.out))
     elif args.command == "pretrain":
         from lmforge.config import load_config, merge, parse_overrides
-        from lmforge.train.run import pretrain
 
         flags: dict[str, Any] = {}
         if args.data:
@@ -599,6 +598,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             flags["init_from"] = args.init_from
             base = init_settings(args.init_from, out=args.out or "", overwrite=bool(args.overwrite))
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=merge(dotted, flags), base=base)
+        from lmforge.train.run import pretrain  # (after the config: its errors need no torch)
+
         pretrain(cfg, overwrite=args.overwrite, progress=not args.quiet)
     elif args.command == "eval" and args.task:
         from lmforge.cli_adapt import check_eval_flags, run_eval_task

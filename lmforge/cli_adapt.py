@@ -18,7 +18,7 @@ def _finetune_epilog() -> str:
     """The --train/--optim/--eval/--checkpoint/--log settings with fine-tuning's own defaults (not pretrain's)."""
     import dataclasses
 
-    from lmforge.finetune import ADAPT_LR, FINETUNE_SECTIONS, PRETRAIN_ONLY, finetune_sections
+    from lmforge.finetune_config import ADAPT_LR, FINETUNE_SECTIONS, PRETRAIN_ONLY, finetune_sections
 
     lines = ["settings (--section.key VALUE; fine-tuning defaults, which differ from pretrain's):"]
     for name, section in zip(FINETUNE_SECTIONS, finetune_sections("full", None), strict=True):
@@ -68,7 +68,7 @@ def penalties_of(args: argparse.Namespace) -> Any:
 
 def add_parsers(sub: Any) -> None:
     from lmforge.fields import ONE_OUT, Once, add_dataclass_args
-    from lmforge.finetune import FinetuneConfig
+    from lmforge.finetune_config import FinetuneConfig
 
     p = sub.add_parser(
         "finetune",
@@ -307,10 +307,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "finetune":
         from lmforge.config import parse_overrides
         from lmforge.fields import dataclass_from_namespace
-        from lmforge.finetune import FinetuneConfig, check_applies, finetune
+        from lmforge.finetune_config import FinetuneConfig, check_applies
 
         cfg = dataclass_from_namespace(FinetuneConfig, args)
         check_applies(cfg, getattr(args, "given", set()))  # a flag written at its default value, too
+        from lmforge.finetune import finetune  # (after the flags' checks: their errors need no torch)
+
         finetune(
             args.base,
             train_file=args.train_file,

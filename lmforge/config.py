@@ -38,10 +38,10 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-# The model config lives at the top of its model file (STYLE.md); imported here to compose RunConfig.
+# The sections that live with their component (the model configs in models/configs.py), imported here to compose
+# RunConfig; none of these imports torch, so `--help` and config errors answer without it (tests/test_cli.py).
 from lmforge.dist import DistConfig
-from lmforge.models import CONFIGS, ModelConfig
-from lmforge.models.gpt import GPTConfig
+from lmforge.models.configs import CONFIGS, GPTConfig, ModelConfig
 from lmforge.objectives import ObjectiveConfig
 
 

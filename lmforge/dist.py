@@ -32,15 +32,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-
-from lmforge.checkpoint import DILOCO_FILE
 from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line, hold_interrupts
 from lmforge.fields import check, flatten, opt
+
+if TYPE_CHECKING:  # torch loads in the functions that use it: `--help` and config errors read DistConfig without it
+    import torch
+    import torch.nn as nn
 
 
 @dataclass(kw_only=True)
@@ -142,6 +141,9 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
 
     NCCL on CUDA, gloo on CPU. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised.
     """
+    import torch
+    import torch.distributed as dist
+
     from lmforge.train.precision import pick_device
 
     global joined
@@ -189,6 +191,8 @@ def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> dict[str, Any
     attempt, which only the c10d rendezvous makes): a restarted rank read its peer's address from the dead attempt,
     and the group failed ("Gloo connectFullMesh failed ... Connection refused") on every restart. {} (torch's own
     env:// set-up) outside torchrun's agent store."""
+    import torch.distributed as dist
+
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -207,6 +211,8 @@ _COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset"
 
 def is_comm_failure(e: BaseException) -> bool:
     """Whether an exception from training is a failed collective (not a bug in the step itself)."""
+    import torch.distributed as dist
+
     if isinstance(e, dist.DistError):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COMM_MARKERS)
@@ -225,21 +231,30 @@ def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) ->
 
 def backend() -> str | None:
     """The process group's backend ("nccl", "gloo"), or None in one process."""
+    import torch.distributed as dist
+
     return dist.get_backend() if dist.is_initialized() else None
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     """Reduce a few numbers over all ranks (sum or max) in one collective; identity without a group."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -250,6 +265,9 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
 def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     """Every rank's 1-D tensor (lengths may differ), concatenated in rank order; no pickling (the
     tensors are padded to the longest); identity without a group."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return values
     world = dist.get_world_size()
@@ -268,6 +286,9 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
     Ranks launched with other flags (by hand, or one node's command edited) otherwise fail deep inside
     DDP with a traceback wall (another model shape), hang (another batch size) or silently train apart
     (another learning rate). The configs travel as JSON bytes (no pickle); no-op without a group."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return
     config = {**config, "data": {**config.get("data", {}), "dir": None}}  # (nodes may hold local copies elsewhere)
@@ -295,6 +316,8 @@ def eval_share(strategy: str, rank: int, world_size: int) -> dict[str, int]:
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -318,6 +341,9 @@ def wrap_model(
     `find_unused`: some parameters may get no gradient in a step (BERT's NSP head under plain MLM);
     DDP then looks for them after each forward (their gradients stay None, as in one process).
     """
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized() or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
         return model
     if strategy == "ddp":
@@ -345,6 +371,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     """
     import functools
 
+    import torch
     from torch.utils.checkpoint import checkpoint
 
     blocks = list(getattr(model, "blocks", []))
@@ -364,6 +391,8 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def no_grad_sync(model: nn.Module, sync: bool) -> Any:
     """Context for one micro-batch: gradient all-reduce only on the last one of the window."""
     import contextlib
+
+    import torch.distributed as dist
 
     if sync or not dist.is_initialized():
         return contextlib.nullcontext()
@@ -390,6 +419,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Consolidated CPU state dict on every rank (a collective under FSDP2: all ranks must call it)."""
+    import torch.distributed as dist
+
     model = unwrap(model)
     if not dist.is_initialized():
         return model.state_dict()
@@ -449,6 +480,8 @@ def _as_dtensor(rows: torch.Tensor, like: Any) -> Any:
 
 
 def _fsdp(model: nn.Module) -> bool:
+    import torch.distributed as dist
+
     return dist.is_initialized() and hasattr(model, "set_requires_gradient_sync")
 
 
@@ -483,6 +516,7 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     1-process `optimizer.state_dict()`, so the checkpoint does not depend on the world size.
     Returns {"model", "tied", "optim", "structure", "split_model", "split_optim"}.
     """
+    import torch
     from torch.distributed.tensor import DTensor
 
     from lmforge.train.state import flatten_optimizer, savable
@@ -530,8 +564,11 @@ def save_sharded_checkpoint(
 
     With `diloco` (whose workers are not sharded: each file holds one worker's whole state), rank 0 also
     writes the outer state the workers share to `DILOCO_FILE`, and state.json notes the worker count."""
+    import torch.distributed as dist
+
     from lmforge.atomic import save_safetensors
     from lmforge.checkpoint import (
+        DILOCO_FILE,
         begin_checkpoint,
         finish_checkpoint,
         shard_files,
@@ -624,6 +661,8 @@ class DiLoCo:
     """
 
     def __init__(self, model: nn.Module, cfg: DistConfig, device: torch.device) -> None:
+        import torch
+
         self.cfg = cfg
         self.device = device
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -635,27 +674,30 @@ class DiLoCo:
         self.syncs = 0
         self.synced_at = -1  # the step of the last sync
 
-    @torch.no_grad()
     def after_step(self, step: int, last: bool = False) -> None:
         """The outer sync, every `sync_every` steps and at the `last` step of the run (once per step).
         A collective: every rank must call it with the same arguments."""
-        if step == self.synced_at or (step % self.cfg.sync_every and not last):
-            return
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
-        if world > 1:
-            dist.all_reduce(flat)  # summed outer gradient (the change each worker made, undone)
-            flat /= world
-        offset = 0
-        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
-            g = flat[offset : offset + a.numel()].view_as(a)
-            offset += a.numel()
-            m.mul_(mu).add_(g)
-            a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
-            p.copy_(a)
-        self.syncs += 1
-        self.synced_at = step
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():  # (a decorator would need torch where the module loads)
+            if step == self.synced_at or (step % self.cfg.sync_every and not last):
+                return
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
+            if world > 1:
+                dist.all_reduce(flat)  # summed outer gradient (the change each worker made, undone)
+                flat /= world
+            offset = 0
+            lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+            for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+                g = flat[offset : offset + a.numel()].view_as(a)
+                offset += a.numel()
+                m.mul_(mu).add_(g)
+                a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
+                p.copy_(a)
+            self.syncs += 1
+            self.synced_at = step
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The outer state (the same on every worker), by parameter name, for `DILOCO_FILE`."""
@@ -665,28 +707,32 @@ class DiLoCo:
             for name, t in zip(self.names, tensors, strict=True)
         }
 
-    @torch.no_grad()
     def load_checkpoint(self, ckpt: Any) -> None:
         """Restore the outer state from checkpoint `ckpt`, once the weights are loaded. A checkpoint without
         it (saved under another strategy or by an older lmforge) restarts it: the anchor is the loaded
         weights and the momentum zero. The steps after the checkpoint's are to come (again, after a rollback),
         so their syncs are too: a rollback to before the last sync once skipped redoing that step's sync."""
-        self.synced_at = -1
-        if "diloco" not in ckpt.meta:
-            for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
-                a.copy_(p)
-                m.zero_()
-            return
-        saved = ckpt.read_file(DILOCO_FILE)
-        for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
-            for name, t in zip(self.names, tensors, strict=True):
-                value = saved.get(f"{kind}.{name}")
-                if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
-                    raise CheckpointError(
-                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
-                        "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
-                    )
-                t.copy_(value)
+        import torch
+
+        from lmforge.checkpoint import DILOCO_FILE
+
+        with torch.no_grad():  # (a decorator would need torch where the module loads)
+            self.synced_at = -1
+            if "diloco" not in ckpt.meta:
+                for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+                    a.copy_(p)
+                    m.zero_()
+                return
+            saved = ckpt.read_file(DILOCO_FILE)
+            for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
+                for name, t in zip(self.names, tensors, strict=True):
+                    value = saved.get(f"{kind}.{name}")
+                    if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
+                        raise CheckpointError(
+                            f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
+                            "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
+                        )
+                    t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
         """Bytes sent and received per worker by this run's syncs vs what DDP would move for the same steps (its

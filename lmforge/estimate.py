@@ -122,14 +122,15 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmforge.config import OptimConfig, RunConfig
 from lmforge.dist import local_world_size, ring_all_reduce_bytes
 from lmforge.errors import ConfigError
-from lmforge.models.gpt import GPTConfig
+from lmforge.models.configs import GPTConfig
+
+if TYPE_CHECKING:  # torch loads in the functions that use it (building the CLI's parser imports this module)
+    import torch
 
 DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 and no data.dir is given
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
@@ -177,9 +178,12 @@ ADAPT_MODES = tuple(ADAPT_NAMES)
 
 
 @functools.lru_cache(maxsize=8)
-def measure_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+def measure_matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, seconds: float = 0.3) -> float:
     """Best observed FLOP/s of an n x n @ n x n matmul on `device` at `dtype` (n = 1024 CPU, 8192 GPU:
-    large enough to reach a data-centre GPU's plateau, so MFU is not flattered by a low peak)."""
+    large enough to reach a data-centre GPU's plateau, so MFU is not flattered by a low peak); dtype None: float32."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     n = 8192 if device.startswith("cuda") else 1024
     # A private generator: measuring must not consume the global RNG, or a run's dropout masks would
     # depend on whether this (cached) measurement already happened in the process.
@@ -210,6 +214,8 @@ def measure_cpu_allocations(fn: Any) -> int:
     Read from `torch.profiler`'s memory events ("Total Allocated"): exactly the tensor bytes the
     estimate predicts, unlike the RSS (malloc caching, loaded kernels) or tracemalloc (blind to C++).
     """
+    import torch
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
@@ -442,6 +448,8 @@ def with_totals(memory: dict[str, int]) -> dict[str, int]:
 
 def device_memory_bytes(device: torch.device) -> int | None:
     """Total memory of `device`: the GPU's own, or the machine's RAM (Linux /proc/meminfo); None where unknown."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
     if device.type != "cpu":
@@ -460,6 +468,8 @@ def model_param_count(model: Any) -> int:
     """Parameters of any family's model (a tied matrix once) without allocating it: GPT/Llama-style by `param_counts`;
     BERT/ELECTRA and LSTM/GRU built on the meta device (no memory), with at most 3 layers: past that, each layer
     is the third's (the first may differ: an LSTM's reads the embedding), so n_layer 10**20 takes no longer."""
+    import torch
+
     if isinstance(model, GPTConfig):
         return param_counts(model)["total"]
     from lmforge.models import build_model
@@ -560,6 +570,8 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         name, device ("cpu" or "cuda"), dtype (resolved), peak_flops, peak_source, default_mfu,
         price_per_hour (None when unknown).
     """
+    import torch
+
     key = hardware.strip().lower() if isinstance(hardware, str) else hardware
     default_mfu: float | None = None
     if key in ("cpu", "measure"):

@@ -32,7 +32,7 @@ from lmforge.estimate import (
     rope_table_bytes,
     with_totals,
 )
-from lmforge.models.gpt import GPTConfig
+from lmforge.models.configs import GPTConfig
 
 LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
 
@@ -473,7 +473,7 @@ def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dic
 def finetune_defaults() -> Any:
     """`lmforge finetune`'s own defaults (FinetuneConfig), which the adapt modes' flags take (imported here, not at
     the top: the fine-tuning module imports the training code, which imports this one)."""
-    from lmforge.finetune import FinetuneConfig
+    from lmforge.finetune_config import FinetuneConfig
 
     return FinetuneConfig()
 
@@ -547,7 +547,7 @@ def plan_arguments(config_file: str | Path | None, flags: dict[str, Any]) -> tup
         # (--labels: a full fine-tune is finetune's; --teacher: a distillation fine-tune is too)
         # finetune never reads a preset's or a base run's train and optim sections (their batch is pretraining's:
         # --preset small planned LoRA at 64 sequences a step, finetune trains 16): its own defaults, under the flags
-        from lmforge.finetune import finetune_sections
+        from lmforge.finetune_config import finetune_sections
 
         mode = (
             "distill" if flags.get("teacher") and flags.get("adapt", "full") == "full" else flags.get("adapt", "full")

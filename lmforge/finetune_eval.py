@@ -110,7 +110,7 @@ def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 
     from lmforge.config import EvalConfig, TrainConfig, from_dict
     from lmforge.data.formats import build_examples, lm_batch
     from lmforge.data.tables import read_rows_or_standard
-    from lmforge.finetune import CHAT_TASKS
+    from lmforge.finetune_config import CHAT_TASKS
     from lmforge.train.precision import pick_precision
 
     info = ft.info or {}

@@ -20,7 +20,7 @@ from lmforge.errors import ConfigError
 from lmforge.fields import spelled
 
 if TYPE_CHECKING:
-    from lmforge.finetune import FinetuneConfig
+    from lmforge.finetune_config import FinetuneConfig
 
 # settings that may change between a run and its resumption (they only shape the final report)
 RESUME_FREE = ("eval_samples", "max_new_tokens", "doc_stride", "merge", "dpo_reference")

@@ -39,14 +39,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from lmforge.fields import changed_fields, check, opt
+
+if TYPE_CHECKING:  # torch loads in the functions that use it (`--help` and config errors read ObjectiveConfig)
+    import torch
+    from torch import nn
 
 IGNORE_INDEX = -100
 ENCODER_MIN_SEQ_LEN = 8  # MLMLoader's shortest sequence: [CLS], [SEP] (two for pairs) and text to mask
@@ -206,6 +205,8 @@ def window_loss(loss: torch.Tensor | dict[str, torch.Tensor], counts: dict[str, 
     """A micro-batch's share of its window's loss: a summed loss over the window's targets, or each
     summed term of a dict over the window's count of its unit ("targets", "pairs", "real", ...), so the
     window's shares add up to the sum of per-term means over the whole window."""
+    import torch
+
     if isinstance(loss, torch.Tensor):
         return loss / max(counts["targets"], 1)
     return sum(term / max(counts[unit], 1) for unit, term in loss.items())
@@ -220,6 +221,8 @@ class CausalLM:
     """
 
     def __init__(self, compile: bool = False, mode: str = "default") -> None:
+        import torch
+
         if compile:  # `mode`: torch.compile's (`--train.compile_mode`), as for the model
             self.loss_fn = torch.compile(causal_lm_loss, mode=mode)  # shadows the method below
 
@@ -260,6 +263,8 @@ class CarriedStateLM:
         return count_targets(batch[1])
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        import torch
+
         x, y = batch[0], batch[1]
         B = x.shape[0]
         if self.state is None or self.state.h.shape[1] != B * self.accum_steps:
@@ -295,6 +300,9 @@ class CarriedStateLM:
         return out
 
     def load_state_dict(self, sd: dict[str, Any], model: nn.Module) -> None:
+        import numpy as np
+        import torch
+
         if not sd:
             self.state, self._micro = None, 0
             return
@@ -327,6 +335,8 @@ class MaskedLM:
         return {"pairs": len(batch["pair_labels"])} if "pair_labels" in batch else {}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch.nn.functional as F
+
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
         pairs = "pair_labels" in batch
@@ -364,6 +374,8 @@ class ReplacedTokenDetection:
         return {"real": int(batch["pad_mask"].sum())}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch.nn.functional as F
+
         step, rtd_labels, gen_loss = electra_step(model, batch)
         real = batch["pad_mask"]
         rtd = F.binary_cross_entropy_with_logits(step.disc_logits.float(), rtd_labels, reduction="none")  # (B, T)
@@ -380,6 +392,8 @@ def electra_step(
     Samples come from the batch's `sample_noise` when it has one, else from `generator` (default:
     the global torch RNG, which checkpoints save).
     """
+    import torch
+
     labels = batch["labels"]
     selected = labels != IGNORE_INDEX
     step = model(
@@ -401,6 +415,8 @@ def electra_corrupt(
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of (N, V) logits at the selected positions against (N,) original token ids."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -414,6 +430,8 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar float32 tensor: the sum of the per-token losses over valid targets.
     """
+    import torch.nn.functional as F
+
     B, T, V = logits.shape
     return F.cross_entropy(
         logits.reshape(B * T, V).float(), targets.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -431,6 +449,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
     A CPU tensor bound for CUDA is copied into pinned memory first: from pageable memory even a
     `non_blocking` copy waits for the GPU's queue to drain, leaving it idle while the host launches the step.
     """
+    import torch
+
     if isinstance(batch, torch.Tensor):
         if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
             batch = batch.pin_memory()

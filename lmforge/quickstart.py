@@ -32,18 +32,19 @@ def quickstart(
     """Prepare, train, evaluate and sample; returns the validation metrics."""
     import sys
 
-    from lmforge.checkpoint import STEP_DIR, latest_checkpoint
     from lmforge.config import load_config, merge, parse_overrides
     from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
     from lmforge.errors import DataError
+
+    t0 = time.perf_counter()
+    cfg = load_config(  # first: a bad setting stops before anything is prepared (or torch is imported)
+        preset="quickstart", overrides=merge(parse_overrides(overrides or []), {"data": {"dir": data_out}, "out": out})
+    )
+    from lmforge.checkpoint import STEP_DIR, latest_checkpoint
     from lmforge.eval.lm import evaluate_checkpoint
     from lmforge.generate import generate_from_checkpoint
     from lmforge.train.run import pretrain
 
-    t0 = time.perf_counter()
-    cfg = load_config(  # first: a bad setting stops before anything is prepared
-        preset="quickstart", overrides=merge(parse_overrides(overrides or []), {"data": {"dir": data_out}, "out": out})
-    )
     try:
         if overwrite:
             raise DataError("prepare again")

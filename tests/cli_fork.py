@@ -34,8 +34,9 @@ ZYGOTE = r"""
 import faulthandler, io, json, os, runpy, signal, sys
 import torch
 import lmforge.cli
-lmforge.cli.build_parser()  # the config dataclasses, models, objectives, prepare
+lmforge.cli.build_parser()  # the config dataclasses, prepare, estimate (torch-free: the models are imported below)
 import lmforge.checkpoint, lmforge.finetune, lmforge.generate, lmforge.quickstart, lmforge.train.run  # noqa: E401
+import lmforge.models.bert, lmforge.models.gpt, lmforge.models.rnn  # noqa: E401  (build_model imports them on use)
 import safetensors.torch, tokenizers  # noqa: E401,F401  (not transformers or huggingface_hub: they read env at import)
 # every training imports these (torch.optim's first optimizer imports dynamo; loss.png needs pyplot): 2-4 s a call
 import torch._dynamo, torch._inductor.config  # noqa: E401

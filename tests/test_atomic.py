@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.atomic import TMP_MARKER, building_dir, fresh_tmp_dir, publish_dir
+from tests.conftest import start_cli
 
 
 def dead_pid() -> int:
@@ -174,16 +175,14 @@ def test_sigterm_stops_prepare_like_ctrl_c_and_removes_its_build_folder(tmp_path
     text = tmp_path / "in.txt"  # ~3 MB: seconds of work after the build folder appears
     text.write_text("\n\n".join(" ".join(rng.choices(words, k=50)) for _ in range(10000)), encoding="utf-8")
     args = ["prepare", str(text), "--out", str(tmp_path / "out"), "--tokenizer", "bpe", "--workers", str(workers)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = start_cli(*args)  # (forked from the tests' zygote: the signal lands in the work, not the imports)
     deadline = time.monotonic() + 120
     while not lmforge_leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "prepare ended before its build folder was seen"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert (proc.returncode, err.decode().strip()) == (130, "lmforge: interrupted")
+    assert (proc.returncode, err.strip()) == (130, "lmforge: interrupted")
     assert lmforge_leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 

@@ -789,14 +789,15 @@ def test_unreachable_rendezvous_is_a_one_line_error(data_dir: Path, tmp_path: Pa
 def test_ranks_started_with_other_flags_are_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
     """Two ranks launched by hand with different settings: before, another d_model was a DDP traceback wall on
     both ranks (another batch size or lr would hang or train apart); now each says which setting differs."""
+    from tests.cli_fork import ForkedProcess
+
     port = str(free_port())
     procs = []
-    for rank, d_model in ((0, 32), (1, 64)):
+    for rank, d_model in ((0, 32), (1, 64)):  # (each forked from a test zygote that imported torch already)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         args = [f"--{k}={v}" for k, v in {**FLAGS, "model.d_model": d_model, "dist.timeout_s": 60}.items()]
-        cmd = [sys.executable, "-m", "lmforge", "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(ForkedProcess(["pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args], env))
     for p in procs:
         err = p.communicate(timeout=120)[1]
         assert p.returncode == 2, err[-2000:]
@@ -877,14 +878,16 @@ def test_peer_dying_in_set_up_is_a_one_line_error(data_dir: Path, tmp_path: Path
     broadcast, resume) left the survivor a gloo traceback wall; now it is the training loop's one line."""
     script = tmp_path / "die.py"
     script.write_text(RANK1_DIES_IN_SETUP, encoding="utf-8")
+    from tests.cli_fork import ForkedProcess
+
     port = str(free_port())
     procs = []
-    for rank in (0, 1):
+    for rank in (0, 1):  # (each forked from a test zygote that imported torch already)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(REPO)}
         args = [f"--{k}={v}" for k, v in {**FLAGS, "dist.timeout_s": 30}.items()]
-        cmd = [sys.executable, str(script), "pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        cmd = ["pretrain", f"--data={data_dir}", f"--out={tmp_path / 'r'}", *args]
+        procs.append(ForkedProcess(cmd, env, cwd=str(REPO), script=str(script)))
     err = procs[0].communicate(timeout=120)[1]
     procs[1].communicate(timeout=120)
     assert procs[0].returncode == 2, err[-2000:]

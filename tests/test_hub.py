@@ -188,15 +188,17 @@ class _LocalHub:
 def test_an_unreachable_hub_is_a_one_line_error_within_seconds(tmp_path: Path) -> None:
     """A Hub that cannot be reached and a model not in the cache: `lmforge import hf:...` hung (huggingface_hub's
     first request has no timeout; a failing connection took ~37 s of retries). It is now one line that says what to
-    do, once the Hub has had `HUB_TIMEOUT_S` (5 s) to answer; the time beyond a call that needs no Hub at all
-    (HF_HUB_OFFLINE, which also imports huggingface_hub) is under 10 s (measured 4.5 s)."""
+    do, once the Hub has had `HUB_TIMEOUT_S` (5 s; here LMFORGE_HUB_TIMEOUT 0.5 s, which the message names) to
+    answer; the time beyond a call that needs no Hub at all (HF_HUB_OFFLINE, which also imports huggingface_hub) is
+    under 10 s (measured 4.5 s with the 5 s limit)."""
     import time
 
     args = ["import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x")]
 
     def timed(**extra: str) -> tuple[subprocess.CompletedProcess, float]:
         start = time.monotonic()
-        return run_cli(*args, env=hub.env(tmp_path / "hf", **extra), timeout=120), time.monotonic() - start
+        env = hub.env(tmp_path / "hf", LMFORGE_HUB_TIMEOUT="0.5", **extra)
+        return run_cli(*args, env=env, timeout=120), time.monotonic() - start
 
     with _LocalHub(answer=False) as hub:
         timed(HF_HUB_OFFLINE="1")  # (the first call of a test session starts tests/cli_fork.py's zygote)
@@ -206,10 +208,41 @@ def test_an_unreachable_hub_is_a_one_line_error_within_seconds(tmp_path: Path) -
     assert offline.returncode == 2 and "HF_HUB_OFFLINE is set and the local Hugging Face cache" in offline.stderr
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "the Hugging Face Hub cannot be reached" in result.stderr and "does not hold it" in result.stderr
+    assert "lmforge waits 0.5 s for it" in result.stderr, result.stderr
     assert "download some-org/tiny-gpt2 --local-dir DIR') and pass DIR" in result.stderr
     assert any("/api/models/some-org/tiny-gpt2" in r for r in hub.requests), hub.requests  # (it did ask)
     assert waited < 10, (waited, baseline)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_hub_time_limit_is_5_s_unless_lmforge_hub_timeout_says(monkeypatch, tmp_path: Path) -> None:
+    """LMFORGE_HUB_TIMEOUT sets the seconds the Hub gets (a slow link; the tests above, 0.5 s); a value that is not a
+    number of seconds > 0 is one line that says what to write, before any request."""
+    from lmforge.errors import CheckpointError, DataError
+    from lmforge.export.hub import hub_timeout_s
+
+    monkeypatch.delenv("LMFORGE_HUB_TIMEOUT", raising=False)
+    assert hub_timeout_s() == 5.0
+    monkeypatch.setenv("LMFORGE_HUB_TIMEOUT", " 12.5 ")
+    assert hub_timeout_s() == 12.5
+    for bad in ("abc", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv("LMFORGE_HUB_TIMEOUT", bad)
+        with pytest.raises(CheckpointError, match=r"LMFORGE_HUB_TIMEOUT=.* is not a number of seconds > 0; set it"):
+            hub_timeout_s()
+        with pytest.raises(DataError, match="LMFORGE_HUB_TIMEOUT"):
+            hub_timeout_s(DataError)
+    # LMFORGE_HUB_STALL_SECONDS is read by the same rule (a bad value silently meant 30 s), before the block runs
+    from lmforge.export.hub import stall_limit
+
+    monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "-3")
+    with pytest.raises(DataError, match=r"LMFORGE_HUB_STALL_SECONDS='-3' is not a number of seconds > 0"):
+        with stall_limit("hf:x", "download it", DataError):
+            raise AssertionError("not reached: the bad value is refused on entry")
+    with _LocalHub(answer=False) as hub:
+        env = hub.env(tmp_path / "hf", LMFORGE_HUB_TIMEOUT="soon")
+        result = run_cli("import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x"), env=env, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "LMFORGE_HUB_TIMEOUT='soon' is not a number of seconds > 0" in result.stderr and not hub.requests
 
 
 def test_a_cached_model_loads_without_asking_the_hub(tmp_path: Path) -> None:
@@ -230,7 +263,8 @@ def test_a_cached_model_loads_without_asking_the_hub(tmp_path: Path) -> None:
 def test_an_unreachable_hub_fails_a_hub_dataset_in_one_line_within_seconds(tmp_path: Path) -> None:
     """`prepare hf:NAME` (a hub dataset, `data/columnar.py`) kept datasets' own path without network: a Hub that
     accepts the connection and never answers hung it for good. It follows the models' rule now (`check_hub`): one
-    request with a 5 s limit, then one line that says what to do; HF_HUB_OFFLINE asks nothing at all."""
+    request with a 5 s limit (here LMFORGE_HUB_TIMEOUT 0.5 s), then one line that says what to do; HF_HUB_OFFLINE
+    asks nothing at all."""
     import time
 
     pytest.importorskip("datasets")
@@ -239,12 +273,12 @@ def test_an_unreachable_hub_fails_a_hub_dataset_in_one_line_within_seconds(tmp_p
         offline = run_cli(*args, env=hub.env(tmp_path / "hf", HF_HUB_OFFLINE="1"), timeout=60)
         asked_offline = list(hub.requests)
         start = time.monotonic()
-        result = run_cli(*args, env=hub.env(tmp_path / "hf"), timeout=60)
+        result = run_cli(*args, env=hub.env(tmp_path / "hf", LMFORGE_HUB_TIMEOUT="0.5"), timeout=60)
         seconds = time.monotonic() - start
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
     assert "HF_HUB_OFFLINE is set and the local Hugging Face cache" in offline.stderr and not asked_offline
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "the Hugging Face Hub cannot be reached" in result.stderr, result.stderr
+    assert "the Hugging Face Hub cannot be reached" in result.stderr and "waits 0.5 s" in result.stderr, result.stderr
     assert "download some-org/tiny-data --repo-type dataset --local-dir DIR') and pass DIR" in result.stderr
     assert hub.requests == ["GET /api/datasets/some-org/tiny-data HTTP/1.1"], hub.requests
     assert seconds < 30 and not (tmp_path / "x").exists()

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -27,7 +26,7 @@ from lmforge.report_render import render_html
 from lmforge.runs import run_status
 from lmforge.train.run import pretrain
 from tests.cdp import Browser, find_chromium
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, run_cli, start_cli, tiny_config
 
 ARTIFACTS = REPO / "tests" / "artifacts"  # gitignored
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -387,8 +386,7 @@ def test_watch_follows_a_live_run(data_dir, tmp_path):
         "--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--train.max_steps", "200",
         "--train.log_every", "10", "--eval.every", "100", "--eval.max_batches", "2", "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    proc = start_cli(*args)  # (forked from the tests' zygote, which has imported torch and matplotlib)
     try:
         deadline = time.time() + 60
         while run_status(run) != "running" or not read_metrics(run / "metrics.jsonl"):

@@ -21,12 +21,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import DataError
 from lmforge.objectives import IGNORE_INDEX
+
+if TYPE_CHECKING:  # torch loads in the functions that use it (the CLI's parser reads data/qa.py's DOC_STRIDE)
+    import torch
 
 # ---------------------------------------------------------------------------------------------
 # LM-style examples: ids + train flags
@@ -98,6 +99,8 @@ def translate_prompt(source: str) -> str:
 
 def lm_batch(examples: list[LMExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (inputs (B, T), targets (B, T)); targets -100 where not trained or padded."""
+    import torch
+
     T = max(len(e.ids) for e in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -129,6 +132,8 @@ def pack_examples(examples: list[LMExample], max_len: int) -> list[list[LMExampl
 
 def packed_batch(rows: list[list[LMExample]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(inputs, targets, positions, segments), each (B, T); padding has segment -1 and no target."""
+    import torch
+
     T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -208,6 +213,8 @@ def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
 
 def classify_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(ids (B, T) right-padded, lengths (B,), labels (B,))."""
+    import torch
+
     T = max(len(ids) for ids, _ in examples)
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     for b, (ids, _) in enumerate(examples):
@@ -269,6 +276,8 @@ class ExampleLoader:
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
+        import torch
+
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self.examples), generator=g).tolist()
 
@@ -439,6 +448,8 @@ def build_examples(
 
 
 def dpo_collate(pad_id: int) -> Any:
+    import torch
+
     def collate(pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         cx, cy = lm_batch([p["chosen"] for p in pairs], pad_id)
         rx, ry = lm_batch([p["rejected"] for p in pairs], pad_id)

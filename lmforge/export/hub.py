@@ -20,7 +20,8 @@ timeout on that request (a Hub that accepts the connection and never answers, or
 hung `lmforge import hf:...` for good; an address answering 404 took 22 s of retries). So the cache comes first
 (`local_files_only=True`: a model cached once, as `hf download` or an earlier import left it, loads with no
 network and no request at all; `@REVISION` or `hf download` fetch a newer one), HF_HUB_OFFLINE stops there,
-and only then is the Hub asked, once, with a `HUB_TIMEOUT_S` limit, before the download.
+and only then is the Hub asked, once, with a `HUB_TIMEOUT_S` limit (LMFORGE_HUB_TIMEOUT overrides it), before
+the download.
 
 A Hub that answers that check and then stalls is the same hang one step later: huggingface_hub and `datasets`
 give their own requests limits of 10 to 100 s and retry a timed-out one up to 5 times (measured: `prepare
@@ -34,6 +35,7 @@ whatever error reaches the block is then said as that stall, in one line.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -83,6 +85,26 @@ HUB_TIMEOUT_S = 5.0  # the Hub's first answer (model info, a few kB): ~0.3 s on 
 HUB_STALL_S = 30.0
 
 
+def hub_timeout_s(error: type[LmforgeError] = CheckpointError) -> float:
+    """Seconds the Hub gets to answer: LMFORGE_HUB_TIMEOUT when set (a slow link; the tests' stand-in Hub that never
+    answers), else `HUB_TIMEOUT_S`."""
+    return _env_seconds("LMFORGE_HUB_TIMEOUT", HUB_TIMEOUT_S, error)
+
+
+def _env_seconds(name: str, default: float, error: type[LmforgeError]) -> float:
+    """Environment variable `name` as seconds > 0, `default` when unset; anything else is one line (`error`)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise error(f"{name}={text!r} is not a number of seconds > 0; set it to e.g. 10, or unset it")
+    return seconds
+
+
 def hub_model_dir(spec: str) -> Path:
     """The local snapshot folder of hub model `spec` (`hf:ORG/NAME[@REVISION]`): the one in the local Hugging Face
     cache, else downloaded, once the Hub has answered within `HUB_TIMEOUT_S`.
@@ -124,7 +146,7 @@ def check_hub(
 ) -> tuple[str, str]:
     """The rule before the Hub is used for `spec` (a model here, a dataset in `data/columnar.py`), once the local
     cache has not held it: HF_HUB_OFFLINE (`offline`; None: huggingface_hub's own setting) stops here, and the Hub
-    is asked once, with a `HUB_TIMEOUT_S` limit; each failure is one line (`error`) with what to do.
+    is asked once, with a `hub_timeout_s()` limit; each failure is one line (`error`) with what to do.
     Returns the (login, download elsewhere) advice for a later failure."""
     from huggingface_hub import HfApi, constants
 
@@ -139,13 +161,14 @@ def check_hub(
             f"cannot get {spec} from the Hugging Face Hub: HF_HUB_OFFLINE is set and {where} does not hold it; "
             f"unset HF_HUB_OFFLINE to download it, or {elsewhere}"
         )
+    timeout = hub_timeout_s(error)
     try:  # one request with a time limit: huggingface_hub's own first request has none
-        HfApi().repo_info(repo, revision=revision, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+        HfApi().repo_info(repo, revision=revision, repo_type=repo_type, timeout=timeout)
     except Exception as e:  # noqa: BLE001 - requests/httpx connection errors and timeouts, 401/404: many types
         if not _is_http_error(e):
             raise error(
                 f"cannot get {spec}: the Hugging Face Hub cannot be reached ({type(e).__name__}: {first_line(e)}; "
-                f"lmforge waits {HUB_TIMEOUT_S:g} s for it) and {where} does not hold it; {elsewhere}"
+                f"lmforge waits {timeout:g} s for it) and {where} does not hold it; {elsewhere}"
             ) from None
         raise _download_failed(spec, e, login, elsewhere, error) from None
     return login, elsewhere
@@ -160,11 +183,9 @@ _stalls: list[str] = []  # the request that stalled (one is enough: every later 
 _limiting = 0  # `stall_limit` blocks open: outside them (transformers' own downloads, after) the session is as it was
 
 
-def hub_stall_seconds() -> float:
-    try:
-        return float(os.environ.get("LMFORGE_HUB_STALL_SECONDS") or HUB_STALL_S)
-    except ValueError:
-        return HUB_STALL_S
+def hub_stall_seconds(error: type[LmforgeError] = CheckpointError) -> float:
+    """The longest wait for the Hub's next byte: LMFORGE_HUB_STALL_SECONDS when set, else `HUB_STALL_S`."""
+    return _env_seconds("LMFORGE_HUB_STALL_SECONDS", HUB_STALL_S, error)
 
 
 @contextlib.contextmanager
@@ -173,6 +194,7 @@ def stall_limit(spec: str, elsewhere: str, error: type[LmforgeError] = Checkpoin
     uses too) is capped at `HUB_STALL_S`, and the first stall ends them all (`HubStalled`); an error that leaves
     the block after one is said as the stall (`error`: one line, with `elsewhere`, the way around the Hub)."""
     global _limiting
+    hub_stall_seconds(error)  # a bad LMFORGE_HUB_STALL_SECONDS is one line here, not an error inside a request
     _limit_session()
     if not _limiting:
         _stalls.clear()

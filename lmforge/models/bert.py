@@ -42,96 +42,15 @@ ELECTRA https://arxiv.org/abs/2003.10555
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.fields import check, opt
+from lmforge.models.configs import BertConfig
 from lmforge.models.layers import gelu, require_vocab_size
-
-
-@dataclass(kw_only=True)
-class BertConfig:
-    family: Literal["bert", "electra"] = opt(
-        "bert", "model family: bert (MLM/NSP) or electra (generator + discriminator)"
-    )
-    vocab_size: int = opt(0, "vocabulary size incl. [PAD]/[CLS]/[SEP]/[MASK]; 0 = tokenizer's + the ones it lacks")
-    max_seq_len: int = opt(128, "longest input in tokens ([CLS] and [SEP] included)")
-    n_layer: int = opt(12, "Transformer layers")
-    n_head: int = opt(12, "attention heads")
-    d_model: int = opt(768, "hidden width")
-    d_ff: int = opt(0, "MLP hidden width; 0 = 4*d_model")
-    dropout: float = opt(0.1, "dropout on embeddings, attention weights and residual branches")
-    norm_eps: float = opt(1e-12, "LayerNorm epsilon (BERT's 1e-12)")
-    n_segments: int = opt(2, "segment (token type) embeddings")
-    init_std: float = opt(0.02, "std of the normal init")
-    generator_ratio: float = opt(0.25, "electra: generator width/heads/MLP as a fraction of the discriminator's")
-    d_embed: int = opt(
-        0,
-        "electra: embedding width (HF ELECTRA's embedding_size), projected to each encoder's width; 0 = d_model",
-    )
-
-    def __post_init__(self) -> None:
-        check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
-        check(self.max_seq_len >= 4, f"model.max_seq_len must be >= 4, got {self.max_seq_len}")
-        check(self.n_layer > 0 and self.n_head > 0, "model.n_layer and model.n_head must be > 0")
-        check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")  # -8 % 2 == 0 passed below
-        check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
-        check(
-            self.d_model % self.n_head == 0,
-            f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
-        )
-        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        check(self.n_segments >= 1, "model.n_segments must be >= 1")
-        # finite: inf passed (norm_eps inf: every activation 0; init_std inf: non-finite weights)
-        check(0 <= self.norm_eps < math.inf, f"model.norm_eps must be a number >= 0, got {self.norm_eps}")
-        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
-        check(0.0 < self.generator_ratio <= 1.0, "model.generator_ratio must be in (0, 1]")
-        check(self.d_embed >= 0, f"model.d_embed must be >= 0, got {self.d_embed}")
-        check(
-            self.family == "electra" or self.d_embed in (0, self.d_model),
-            "model.d_embed is for family electra (HF ELECTRA's embedding_size); a BERT's embeddings are d_model wide",
-        )
-        if self.family == "electra":
-            g = self.generator
-            check(
-                g.d_model % g.n_head == 0,
-                f"the generator ({g.d_model} wide, {g.n_head} heads) needs a width divisible by its heads; "
-                "change model.generator_ratio",
-            )
-
-    @property
-    def ff_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the token/position/segment embeddings (d_embed, or d_model when 0)."""
-        return self.d_embed or self.d_model
-
-    @property
-    def generator(self) -> BertConfig:
-        """The ELECTRA generator's shape: this config scaled by generator_ratio (same depth)."""
-        r = self.generator_ratio
-        return BertConfig(
-            family="bert",
-            vocab_size=self.vocab_size,
-            max_seq_len=self.max_seq_len,
-            n_layer=self.n_layer,
-            n_head=max(1, round(self.n_head * r)),
-            d_model=max(1, round(self.d_model * r)),
-            d_ff=max(1, round(self.ff_dim * r)),
-            dropout=self.dropout,
-            norm_eps=self.norm_eps,
-            n_segments=self.n_segments,
-            init_std=self.init_std,
-        )
-
 
 # --------------------------------------------------------------------------------------------
 # Layers. Legend: B batch, T tokens, C width, H heads, D head_dim.

@@ -65,88 +65,14 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.fields import check, opt
+from lmforge.models.configs import GPTConfig
 from lmforge.models.layers import KVCache, apply_rope, gelu, make_norm, require_vocab_size, rope_cos_sin
-
-
-@dataclass(kw_only=True)
-class GPTConfig:
-    family: Literal["gpt"] = opt("gpt", "model family: gpt, lstm, gru, bert or electra (each has its own fields)")
-    vocab_size: int = opt(0, "vocabulary size; 0 = take it from the data's tokenizer")
-    max_seq_len: int = opt(256, "context length in tokens")
-    n_layer: int = opt(6, "Transformer blocks")
-    n_head: int = opt(6, "attention heads")
-    n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = n_head (plain multi-head)")
-    d_model: int = opt(384, "residual stream width")
-    d_ff: int = opt(0, "MLP hidden width; 0 = 8/3*d_model rounded up to 64 for swiglu, else 4*d_model")
-    dropout: float = opt(0.0, "dropout on attention weights, residual branches and embeddings")
-    bias: bool = opt(True, "biases in linear layers and LayerNorm")
-    qkv_bias: bool = opt(False, "biases on the q/k/v projection alone (Qwen2); model.bias puts them everywhere")
-    norm: Literal["layernorm", "rmsnorm"] = opt("layernorm", "normalisation layer")
-    norm_eps: float = opt(1e-5, "epsilon of the normalisation layers")
-    pos_emb: Literal["learned", "rope"] = opt("learned", "position encoding: learned table (GPT-2) or rotary (Llama)")
-    rope_theta: float = opt(10000.0, "rotary base frequency")
-    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = opt(
-        "gelu",
-        "MLP type: gelu = exact erf GELU; gelu_tanh = GPT-2's tanh approximation (HF gelu_new); "
-        "relu2 = ReLU squared (Primer, modded-nanogpt)",
-    )
-    tie_embeddings: bool = opt(True, "share the token embedding and output projection weights")
-    init_std: float = opt(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layer)")
-    qk_norm: bool = opt(False, "RMS-normalise queries and keys per head before attention (no HF twin)")
-    zero_init_proj: bool = opt(False, "initialise the residual output projections (attn.proj, mlp.proj) to zero")
-
-    def __post_init__(self) -> None:
-        check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
-        check(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
-        check(self.n_layer > 0, f"model.n_layer must be > 0, got {self.n_layer}")
-        check(self.n_head > 0, f"model.n_head must be > 0, got {self.n_head}")
-        check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")  # -8 % 4 == 0 passed below
-        check(
-            self.d_model % self.n_head == 0,
-            f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
-        )
-        check(
-            self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
-            f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})",
-        )
-        check(
-            self.pos_emb != "rope" or self.head_dim % 2 == 0,
-            f"rotary positions need an even head_dim, got model.d_model {self.d_model} / model.n_head {self.n_head} = "
-            f"{self.head_dim}; pick a model.d_model or model.n_head that makes it even",
-        )
-        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        check(self.d_ff >= 0, f"model.d_ff must be >= 0, got {self.d_ff}")
-        # finite: inf passed these checks (norm_eps inf: every activation 0; rope_theta inf: every rotary frequency 0,
-        # so no positional information at all; init_std inf: non-finite weights), all trained without a word
-        check(0 <= self.norm_eps < math.inf, f"model.norm_eps must be a number >= 0, got {self.norm_eps}")
-        check(0 < self.rope_theta < math.inf, f"model.rope_theta must be a number > 0, got {self.rope_theta}")
-        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        if self.d_ff:
-            return self.d_ff
-        if self.mlp == "swiglu":
-            return 64 * ((8 * self.d_model // 3 + 63) // 64)
-        return 4 * self.d_model
-
 
 # --------------------------------------------------------------------------------------------
 # Layers. Legend: B batch, T new tokens, L keys visible (cache prefix + T), C = d_model.

@@ -31,37 +31,14 @@ lm_head.weight (vocab, d_model) untied only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.fields import check, opt
+from lmforge.models.configs import RNNConfig
 from lmforge.models.layers import require_vocab_size
-
-
-@dataclass(kw_only=True)
-class RNNConfig:
-    family: Literal["lstm", "gru"] = opt("lstm", "model family: lstm or gru")
-    vocab_size: int = opt(0, "vocabulary size; 0 = take it from the data's tokenizer")
-    max_seq_len: int = opt(128, "training window (truncated-BPTT length); generation is not limited by it")
-    n_layer: int = opt(2, "stacked recurrent layers")
-    d_model: int = opt(256, "embedding and hidden-state width")
-    dropout: float = opt(0.0, "dropout on embeddings, between layers and before the output head")
-    tie_embeddings: bool = opt(True, "share the token embedding and output projection weights")
-    init_std: float = opt(1.0, "std of the normal init of the token embedding (see the module docstring)")
-
-    def __post_init__(self) -> None:
-        check(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
-        check(self.max_seq_len > 0, f"model.max_seq_len must be > 0, got {self.max_seq_len}")
-        check(self.n_layer > 0, f"model.n_layer must be > 0, got {self.n_layer}")
-        check(self.d_model > 0, f"model.d_model must be > 0, got {self.d_model}")
-        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        # finite: inf passed (non-finite embedding weights, trained without a word)
-        check(0 <= self.init_std < math.inf, f"model.init_std must be a number >= 0, got {self.init_std}")
 
 
 class RNNState:
