@@ -293,6 +293,32 @@ def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_p
     assert keep_end(bos + prompt, 1, bos) == [4] and keep_end(bos + prompt, 2, bos) == [99, 4]
 
 
+def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFixture[str]):
+    """Examples longer than --max-len (or the context) were cut without a word, for every task but qa: a
+    500-word review trained on its first 30 tokens, and the user never knew. Now one note per file counts them;
+    examples that fit say nothing."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    long, short = "word " * 100, "ok"
+    cases = {
+        "classify": [{"text": long, "label": "a"}, {"text": short, "label": "b"}, {"text": short, "label": "a"}],
+        "sft": [{"instruction": "say", "output": long}, {"instruction": "say", "output": short}],
+        "translate": [{"source": long, "target": short}, {"source": short, "target": short}],
+        "dpo": [{"prompt": "q?", "chosen": long, "rejected": short}, {"prompt": "q?", "chosen": "a", "rejected": "b"}],
+    }
+    for task, rows in cases.items():
+        kwargs = {"tok": tok, "fields": field_map(task, None), "labels": ["a", "b"], "path": f"{task}.jsonl"}
+        examples = build_examples(rows, task=task, max_len=32, **kwargs)
+        what = "pairs" if task == "dpo" else "examples"
+        note = f"note: {task}.jsonl: 1 of {len(rows)} {what} are longer than 32 tokens and were cut to fit"
+        assert capsys.readouterr().err.startswith(note), task
+        assert len(examples) == len(rows)
+        build_examples(rows, task=task, max_len=1024, **kwargs)  # everything fits: no note
+        assert capsys.readouterr().err == "", task
+
+
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report
 
