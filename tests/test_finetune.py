@@ -1424,9 +1424,9 @@ def test_task_files_in_parquet(base: Path, tmp_path: Path):
 def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Path):
     from lmforge.data.tables import read_table
 
-    head = tmp_path / "head.csv"  # a NUL near the start: binary, as prepare says of it
+    head = tmp_path / "head.csv"  # a NUL near the start: named by its line too (it was "looks like a binary file")
     head.write_bytes(b"text,label\ngood movie,1\nbad\x00 movie,0\n")
-    with pytest.raises(DataError, match=r"head.csv looks like a binary file"):
+    with pytest.raises(DataError, match=r"head.csv:3: holds a NUL byte"):
         read_table(head)
     deep = tmp_path / "deep.csv"  # past the part prepare sniffs: named by its line
     deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad\x00 movie,0\n")
