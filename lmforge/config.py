@@ -151,10 +151,14 @@ class TrainConfig:
         check(self.time_budget >= 0, f"train.time_budget must be >= 0 seconds, got {self.time_budget}")
         check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
         mb = self.micro_batch_size or self.batch_size
-        check(
-            0 < mb <= self.batch_size and self.batch_size % mb == 0,
-            f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size})",
-        )
+        if mb > 0:  # (the fix named: a preset's micro-batch under a smaller --train.batch_size said only "must divide")
+            fits = max(k for k in range(1, min(mb, self.batch_size) + 1) if self.batch_size % k == 0)
+            check(
+                mb <= self.batch_size and self.batch_size % mb == 0,
+                f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size}); pass "
+                f"--train.micro_batch_size {fits} (or 0: the whole batch in one pass)",
+            )
+        check(mb > 0, f"train.micro_batch_size must be >= 0 (0 = train.batch_size), got {mb}")
         check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
         check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         # (inf made every lr after warmup inf or NaN: 5 NaN steps, then "lower --train.lr")
