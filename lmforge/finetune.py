@@ -1050,8 +1050,9 @@ def _finetune(
             result["val"] = metrics
             if progress:
                 from lmforge.eval.tasks import format_metrics
+                from lmforge.log import say
 
-                print(format_metrics(metrics), flush=True)
+                say(format_metrics(metrics))  # (a reader gone, `| head`, no longer loses eval.json)
         write_json(out / "eval.json", result)
     except BaseException as e:
         # Ctrl-C: the loop stops at a step boundary and Interrupted is raised above; a KeyboardInterrupt
