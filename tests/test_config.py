@@ -154,6 +154,9 @@ def test_wrong_types_and_values():
     # a preset's micro-batch under a smaller batch: the error said only "must divide", now which value fits
     with pytest.raises(ConfigError, match=r"micro_batch_size \(12\) must divide .* \(2\); pass --train.micro_batch"):
         load_config(preset="gpt2-124m", overrides=["--train.batch_size", "2"])
+    with pytest.raises(ConfigError, match=r"\(10000000000000000007\); pass --train.micro_batch_size 1 "):
+        load_config(overrides=["--train.batch_size", "10000000000000000007", "--train.micro_batch_size", "3"])
+    load_config(overrides=["--train.batch_size", str(10**11)])  # (the suggestion is no search through 10**11)
     with pytest.raises(ConfigError, match=r"train.micro_batch_size must be >= 0 \(0 = train.batch_size\), got -1"):
         load_config(overrides=["--train.micro_batch_size", "-1"])
     with pytest.raises(ConfigError, match="divisible"):
