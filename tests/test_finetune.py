@@ -293,6 +293,19 @@ def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_p
     assert keep_end(bos + prompt, 1, bos) == [4] and keep_end(bos + prompt, 2, bos) == [99, 4]
 
 
+def test_a_base_with_a_context_too_short_to_fine_tune_says_so(tmp_path: Path):
+    """A base of context 1 (a toy pretrained with --model.max_seq_len 1) was refused with "--prompt-tokens 16 leaves
+    1 of the model's 1 context tokens ...; use --prompt-tokens -7 or fewer", a flag it was not given (the default
+    --adapt full takes no soft prompt). Now the error names the base's context and the one that would do."""
+    short = make_base(tmp_path, max_seq_len=4)
+    for adapt, need in (("full", 8), ("prompt", 9)):
+        with pytest.raises(ConfigError, match=r"context is 4 tokens; fine-tuning needs at least 8 for the text") as e:
+            finetune(short, train_file=DATA / "sentiment_train.csv", out=tmp_path / "ft",
+                     cfg=FinetuneConfig(task="classify", adapt=adapt), progress=False)  # fmt: skip
+        assert str(e.value).endswith(f"--model.max_seq_len {need} or more") and "-4" not in str(e.value)
+        assert not (tmp_path / "ft").exists()
+
+
 def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFixture[str]):
     """Examples longer than --max-len (or the context) were cut without a word, for every task but qa: a
     500-word review trained on its first 30 tokens, and the user never knew. Now one note per file counts them;
