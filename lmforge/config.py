@@ -96,6 +96,18 @@ class DataConfig:
             )
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (>= 1), in O(sqrt(n)) steps; past 10**10, one that fits."""
+    if n > 10**10:
+        return math.gcd(n, at_most)
+    best, k = 1, 1
+    while k * k <= n:
+        if n % k == 0:
+            best = max(best, *(d for d in (k, n // k) if d <= at_most))
+        k += 1
+    return best
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     max_steps: int = opt(1000, "optimizer steps to train for")
@@ -151,10 +163,13 @@ class TrainConfig:
         check(self.time_budget >= 0, f"train.time_budget must be >= 0 seconds, got {self.time_budget}")
         check(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
         mb = self.micro_batch_size or self.batch_size
-        check(
-            0 < mb <= self.batch_size and self.batch_size % mb == 0,
-            f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size})",
-        )
+        if mb > 0 and (mb > self.batch_size or self.batch_size % mb):
+            # (the fix named: a preset's micro-batch under a smaller --train.batch_size said only "must divide")
+            raise ConfigError(
+                f"train.micro_batch_size ({mb}) must divide train.batch_size ({self.batch_size}); pass "
+                f"--train.micro_batch_size {_largest_divisor(self.batch_size, mb)} (or 0: the whole batch in one pass)",
+            )
+        check(mb > 0, f"train.micro_batch_size must be >= 0 (0 = train.batch_size), got {mb}")
         check(0 < self.lr < math.inf, f"train.lr must be a number > 0, got {self.lr}")
         check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         # (inf made every lr after warmup inf or NaN: 5 NaN steps, then "lower --train.lr")

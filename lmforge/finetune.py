@@ -281,6 +281,13 @@ def _finetune(
     template = (loaded.template or ChatTemplate()) if cfg.task in CHAT_TASKS else None
     if cfg.adapt == "distill":
         teacher = load_teacher(cfg.teacher, loaded, device, max_len=cfg.max_len)
+    need = 9 if cfg.adapt == "prompt" else 8  # (a base this short was told to use "--prompt-tokens -7 or fewer")
+    if body.cfg.max_seq_len < need:
+        raise ConfigError(
+            f"{base}'s context is {body.cfg.max_seq_len} token{'s' if body.cfg.max_seq_len != 1 else ''}; fine-tuning "
+            f"needs at least 8 for the text{' and 1 for a soft prompt' if need == 9 else ''}; fine-tune a base "
+            f"pretrained with --model.max_seq_len {need} or more"
+        )
     context = body.cfg.max_seq_len - (cfg.prompt_tokens if cfg.adapt == "prompt" else 0)
     if context < 8:
         raise ConfigError(
@@ -698,8 +705,9 @@ def _finetune(
             result["val"] = metrics
             if progress:
                 from lmforge.eval.tasks import format_metrics
+                from lmforge.log import say
 
-                print(format_metrics(metrics), flush=True)
+                say(format_metrics(metrics))  # (a reader gone, `| head`, no longer loses eval.json)
         write_json(out / "eval.json", result)
     except BaseException as e:
         # Ctrl-C: the loop stops at a step boundary and Interrupted is raised above; a KeyboardInterrupt

@@ -161,6 +161,29 @@ def truncate_metrics(path: Path, max_step: int) -> None:
 PLOT_EVERY_S = 30.0
 
 
+def say(message: str) -> None:
+    """Print a training run's console line on stdout (above the progress bar), surviving a reader that left."""
+    try:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lmforge pretrain ... | head`: the reader left, the run goes on
+        stdout_left()
+
+
+def stdout_left() -> None:
+    """The reader of stdout left (`| head`, a pager quit): point stdout at /dev/null and say so once on stderr.
+
+    A training run's console lines are a view of metrics.jsonl, not its result: a BrokenPipeError from one used to
+    end the run with exit 141 and no word, its steps since the last checkpoint lost (a finished run its final
+    checkpoint). Now it trains on; the lines it would print are in metrics.jsonl."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the buffered line flushes there too)
+    print(
+        "note: stdout was closed (its reader, e.g. `| head`, left); the run goes on, its log lines in metrics.jsonl",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 class RunLogger:
     """Progress bar + console lines + metrics.jsonl for one run (only the main process logs)."""
 
@@ -197,8 +220,7 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.console:
-            tqdm.write(message, file=sys.stdout)
-            sys.stdout.flush()
+            say(message)
 
     def metrics(self, record: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:

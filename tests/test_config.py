@@ -149,8 +149,16 @@ def test_wrong_types_and_values():
         load_config(overrides=["--model.n_layer", "2.5"])
     with pytest.raises(ConfigError, match="model.norm: 'rms' is not one of.*did you mean 'rmsnorm'"):
         load_config(overrides=["--model.norm", "rms"])
-    with pytest.raises(ConfigError, match="micro_batch_size"):
+    with pytest.raises(ConfigError, match=r"\(10\); pass --train.micro_batch_size 2 \(or 0: the whole batch"):
         load_config(overrides=["--train.batch_size", "10", "--train.micro_batch_size", "4"])
+    # a preset's micro-batch under a smaller batch: the error said only "must divide", now which value fits
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(12\) must divide .* \(2\); pass --train.micro_batch"):
+        load_config(preset="gpt2-124m", overrides=["--train.batch_size", "2"])
+    with pytest.raises(ConfigError, match=r"\(10000000000000000007\); pass --train.micro_batch_size 1 "):
+        load_config(overrides=["--train.batch_size", "10000000000000000007", "--train.micro_batch_size", "3"])
+    load_config(overrides=["--train.batch_size", str(10**11)])  # (the suggestion is no search through 10**11)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be >= 0 \(0 = train.batch_size\), got -1"):
+        load_config(overrides=["--train.micro_batch_size", "-1"])
     with pytest.raises(ConfigError, match="divisible"):
         load_config(overrides=["--model.d_model", "100", "--model.n_head", "3"])
     with pytest.raises(ConfigError, match="'model.n_head'.*model.family 'lstm' has no such setting.*d_model"):

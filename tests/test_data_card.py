@@ -95,6 +95,11 @@ def test_prepare_prints_one_summary_line(prepared: tuple[Path, dict], tmp_path: 
     r = run_cli("prepare", str(text), "--out", str(tmp_path / "tiny"), "--tokenizer", "char", "--quiet")
     assert r.returncode == 0 and r.stdout.count("\n") == 1, r.stdout
     assert "; val and test got no documents: 1 document in all" in r.stdout and "--val-input FILE" in r.stdout
+    # a --vocab-size larger than the text can fill (bpe, wordpiece and unigram stop short alike) is said
+    r = run_cli("prepare", str(text), "--out", str(tmp_path / "bpe"), "--quiet")
+    vocab = load_data_dir(tmp_path / "bpe").manifest["tokenizer"]["vocab_size"]
+    assert r.returncode == 0 and f"bpe tokenizer, vocab {vocab:,} (of --vocab-size 4,096: the text" in r.stdout
+    assert "(of --vocab-size" not in summary_line(m, "data/x")  # (400 asked, 400 given)
 
 
 def test_tokenizer_report(prepared: tuple[Path, dict]) -> None:

@@ -27,18 +27,21 @@ def test_sft_examples_whose_answer_end_is_cut_are_counted(capsys: pytest.Capture
     ]
     cut, whole = examples("sft", rows, max_len=40)
     assert len(cut.ids) == 41 and len(whole.ids) == 27
-    assert "note: zh.jsonl: 1 of 2 examples are longer than --max-len 40 tokens and lose the end of their answer" in (
-        capsys.readouterr().err
+    assert "note: zh.jsonl: 1 of 2 examples are longer than 40 tokens and were cut to fit" in (
+        err := capsys.readouterr().err
     )
+    assert "; 1 of them lose the end of their answer (with its end-of-text" in err
     examples("sft", rows, max_len=60)
-    examples("sft", rows[1:], max_len=20)  # over 20, but only the prompt's start is cut: the answer trains whole
     assert capsys.readouterr().err == ""
+    examples("sft", rows[1:], max_len=20)  # over 20, but only the prompt's start is cut: the answer trains whole
+    assert "were cut to fit" in (err := capsys.readouterr().err) and "lose the end" not in err
 
 
 def test_translate_examples_whose_target_end_is_cut_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [{"source": "The three primary colours.", "target": ANSWER}]
     (example,) = examples("translate", rows, max_len=12)
     assert sum(example.train) == 12
-    assert "note: zh.jsonl: 1 of 1 examples are longer than --max-len 12 tokens" in capsys.readouterr().err
+    assert "1 of 1 examples are longer than 12 tokens and were cut to fit" in (err := capsys.readouterr().err)
+    assert "1 of them lose the end of their answer" in err
     (example,) = examples("translate", rows, max_len=40)  # the source's start is cut; the target trains whole
-    assert sum(example.train) == 16 and capsys.readouterr().err == ""
+    assert sum(example.train) == 16 and "lose the end" not in capsys.readouterr().err

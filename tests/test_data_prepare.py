@@ -457,11 +457,30 @@ def test_binary_file_is_an_error(tmp_path: Path) -> None:
 
 def test_utf8_text_with_a_nul_byte_is_not_called_utf16(tmp_path: Path) -> None:
     # two ASCII letters read as one UTF-16 code unit are a CJK ideograph (b"te" -> U+6574), so a UTF-8 file
-    # with one stray NUL was "UTF-16 text" and the advice (iconv -f UTF-16LE) turned it into Chinese mojibake
-    write(tmp_path / "in" / "z.csv", b"text\nhello\x00world, the quick brown fox jumps\n")
-    with pytest.raises(DataError, match=r"z\.csv looks like a binary file, not text"):
-        run(tmp_path, [tmp_path / "in"])
-    assert_nothing_written(tmp_path)
+    # with one stray NUL was "UTF-16 text" and the advice (iconv -f UTF-16LE) turned it into Chinese mojibake;
+    # then "a binary file"; now the NUL is a control character, deleted and counted
+    write(tmp_path / "in" / "z.csv", b"text\nhello\x00world. the quick brown fox jumps\n")
+    manifest = run(tmp_path, [tmp_path / "in"], val_fraction=0.0, test_fraction=0.0)
+    assert manifest["cleaning"]["control_chars_removed"] == 1 and manifest["documents"]["out"] == 1
+
+
+def test_a_stray_nul_near_the_start_is_deleted_as_it_is_further_in(tmp_path: Path) -> None:
+    """One NUL in the first 8 KB of a text file made it "a binary file, not text; remove it from the inputs",
+    while the same NUL further in was deleted and counted as a control character. Now both are deleted and
+    counted, and the shards are those of the text without it; a file of many NULs is still binary."""
+    text = "\n\n".join(sentences(300, seed=3))  # past the 8 KB looks_binary reads
+    write(tmp_path / "clean" / "a.txt", text)
+    write(tmp_path / "early" / "a.txt", text[:5] + "\x00" + text[5:])
+    write(tmp_path / "late" / "a.txt", text[:-5] + "\x00" + text[-5:])
+    shards = {}
+    for name in ("clean", "early", "late"):
+        manifest = run(tmp_path, [tmp_path / name / "a.txt"], out=f"out-{name}")
+        assert manifest["cleaning"]["control_chars_removed"] == (name != "clean"), name
+        shards[name] = (tmp_path / f"out-{name}" / "train-00000.bin").read_bytes()
+    assert shards["early"] == shards["late"] == shards["clean"]
+    write(tmp_path / "many" / "a.txt", "\x00" * 200 + text)  # (a tar archive's header: hundreds)
+    with pytest.raises(DataError, match=r"a\.txt looks like a binary file, not text"):
+        run(tmp_path, [tmp_path / "many" / "a.txt"], out="out-many")
 
 
 KOREAN = (
@@ -742,7 +761,8 @@ def test_clean_functions() -> None:
     assert cleaned.control_chars_removed == 1 and not cleaned.normalized
     assert clean_text("ﬁ", "NFKC").text == "fi" and clean_text("ﬁ", "none").text == "ﬁ"
     assert [length_verdict(t, 3) for t in ("", "ab", "abc")] == ["empty", "too_short", "ok"]
-    assert looks_binary(b"abc\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
+    assert looks_binary(b"abc\x00\x00\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
+    assert not looks_binary(b"abc\x00def " + b"text " * 100) and looks_binary(b"abc\x00def" * 1000)  # 1 NUL vs. many
     assert not looks_binary("latin-1 caf\xe9 text is mostly valid".encode("latin-1"))
     assert not looks_binary("满".encode()[:2])  # a character cut at the sniff boundary
 

@@ -104,7 +104,8 @@ def test_a_finetune_that_cannot_redraw_loss_png_warns_and_finishes(
     warning = (
         f"warning: could not redraw {out / 'loss.png'}: Is a directory; the checkpoints and metrics.jsonl are saved"
     )
-    assert capsys.readouterr().err.strip().splitlines() == [warning]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in lines if not line.startswith("note: ")] == [warning]  # (the data's cut-examples note)
 
 
 def test_eval_max_batches_counts_batches_of_the_batch_size(base: Path, tmp_path: Path):
@@ -291,6 +292,45 @@ def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_p
     past = segments_example([(bos + prompt, False), (answer, True)], max_len=2, prefix=bos)
     assert (past.ids, past.train) == ([99, 4, 5], [False, False, True])
     assert keep_end(bos + prompt, 1, bos) == [4] and keep_end(bos + prompt, 2, bos) == [99, 4]
+
+
+def test_a_base_with_a_context_too_short_to_fine_tune_says_so(tmp_path: Path):
+    """A base of context 1 (a toy pretrained with --model.max_seq_len 1) was refused with "--prompt-tokens 16 leaves
+    1 of the model's 1 context tokens ...; use --prompt-tokens -7 or fewer", a flag it was not given (the default
+    --adapt full takes no soft prompt). Now the error names the base's context and the one that would do."""
+    short = make_base(tmp_path, max_seq_len=4)
+    for adapt, need in (("full", 8), ("prompt", 9)):
+        with pytest.raises(ConfigError, match=r"context is 4 tokens; fine-tuning needs at least 8 for the text") as e:
+            finetune(short, train_file=DATA / "sentiment_train.csv", out=tmp_path / "ft",
+                     cfg=FinetuneConfig(task="classify", adapt=adapt), progress=False)  # fmt: skip
+        assert str(e.value).endswith(f"--model.max_seq_len {need} or more") and "-4" not in str(e.value)
+        assert not (tmp_path / "ft").exists()
+
+
+def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFixture[str]):
+    """Examples longer than --max-len (or the context) were cut without a word, for every task but qa: a
+    500-word review trained on its first 30 tokens, and the user never knew. Now one note per file counts them;
+    examples that fit say nothing."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    long, short = "word " * 100, "ok"
+    cases = {
+        "classify": [{"text": long, "label": "a"}, {"text": short, "label": "b"}, {"text": short, "label": "a"}],
+        "sft": [{"instruction": "say", "output": long}, {"instruction": "say", "output": short}],
+        "translate": [{"source": long, "target": short}, {"source": short, "target": short}],
+        "dpo": [{"prompt": "q?", "chosen": long, "rejected": short}, {"prompt": "q?", "chosen": "a", "rejected": "b"}],
+    }
+    for task, rows in cases.items():
+        kwargs = {"tok": tok, "fields": field_map(task, None), "labels": ["a", "b"], "path": f"{task}.jsonl"}
+        examples = build_examples(rows, task=task, max_len=32, **kwargs)
+        what = "pairs" if task == "dpo" else "examples"
+        note = f"note: {task}.jsonl: 1 of {len(rows)} {what} are longer than 32 tokens and were cut to fit"
+        assert capsys.readouterr().err.startswith(note), task
+        assert len(examples) == len(rows)
+        build_examples(rows, task=task, max_len=1024, **kwargs)  # everything fits: no note
+        assert capsys.readouterr().err == "", task
 
 
 def test_classification_metrics_against_hand_computed_values():
@@ -1428,9 +1468,9 @@ def test_task_files_in_parquet(base: Path, tmp_path: Path):
 def test_task_file_with_a_nul_byte_is_refused_as_prepare_refuses_it(tmp_path: Path):
     from lmforge.data.tables import read_table
 
-    head = tmp_path / "head.csv"  # a NUL near the start: binary, as prepare says of it
+    head = tmp_path / "head.csv"  # a NUL near the start: named by its line too (it was "looks like a binary file")
     head.write_bytes(b"text,label\ngood movie,1\nbad\x00 movie,0\n")
-    with pytest.raises(DataError, match=r"head.csv looks like a binary file"):
+    with pytest.raises(DataError, match=r"head.csv:3: holds a NUL byte"):
         read_table(head)
     deep = tmp_path / "deep.csv"  # past the part prepare sniffs: named by its line
     deep.write_bytes(b"text,label\n" + b"a fine film,1\n" * 1000 + b"bad\x00 movie,0\n")

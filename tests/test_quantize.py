@@ -35,6 +35,20 @@ def test_int8_per_channel_matches_hand_computed() -> None:
     assert (err <= s.float() * (0.5 + 127 * 2**-11)).all()
 
 
+def test_generation_speed_fits_a_context_shorter_than_its_prompt() -> None:
+    """`lmforge quantize` of a model whose context is under 8 tokens failed, after quantizing, with "prompt is 8
+    tokens but the model's context is 1; shorten the prompt" (its speed test's own prompt). Now the test prompt
+    and length fit the context, and the speed is measured."""
+    from lmforge.compress.quantize import generation_speed
+    from lmforge.models.gpt import GPT, GPTConfig
+
+    for context in (1, 2, 5, 32):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=50, max_seq_len=context, n_layer=1, n_head=2, d_model=16))
+        model.init_weights()
+        assert generation_speed(model.eval(), n_tokens=8, repeats=1) > 0, context
+
+
 def test_int4_groups_and_packing() -> None:
     # one row, two groups of 4: max 7 and max 0.7 -> scales 1 and 0.1; values land on the int grid
     w = torch.tensor([[7.0, -7.0, 3.0, 0.0, 0.7, 0.1, -0.3, -0.7]])

@@ -521,3 +521,26 @@ def test_eval_seq_len_scores_an_imported_export_as_its_run(data_dir, tmp_path):
     assert at_context["seq_len"] == 32 and at_context["loss"] != pytest.approx(mine["loss"], rel=1e-6)
     with pytest.raises(ConfigError, match="--seq-len 33 is longer than the model's context of 32 tokens"):
         evaluate_checkpoint(str(run), seq_len=33)
+
+
+def test_a_reader_that_leaves_stdout_does_not_stop_the_run(data_dir, tmp_path):
+    """`lmforge pretrain ... | head -1` ended the run at its next log line (BrokenPipeError: exit 141, no word),
+    its steps since the last checkpoint lost: here all of them. Now stdout goes to /dev/null with one note on
+    stderr, and the run trains to its end and saves."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--model.max_seq_len", "32"]
+    args += ["--train.batch_size", "4", "--train.max_steps", "20", "--train.log_every", "1", "--eval.every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().startswith("lmforge pretrain: ")
+    proc.stdout.close()  # as `head -1` exits
+    err = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0, err
+    assert "note: stdout was closed (its reader, e.g. `| head`, left); the run goes on" in err
+    assert load_checkpoint(run).meta["step"] == 20
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r) == 20

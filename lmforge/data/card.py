@@ -204,6 +204,11 @@ def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
         kept += f" ({', '.join(f'{n:,} {k}' for n, k in removed[:3])}{more} removed)"
     tokens = " / ".join(f"{split} {info['tokens']:,}" for split, info in manifest["splits"].items())
     line = f"prepared {out}: {kept}; tokens {tokens}; {tok['kind']} tokenizer, vocab {tok['vocab_size']:,}"
+    cfg = manifest.get("config", {})
+    asked = cfg.get("vocab_size", 0)
+    if cfg.get("tokenizer") in ("bpe", "wordpiece", "unigram") and tok["vocab_size"] < asked:
+        # (a --vocab-size larger than a small text can fill: the trainers stop without a word)
+        line += f" (of --vocab-size {asked:,}: the text holds no more tokens to learn)"
     empty = empty_splits(manifest)  # (pretrain then trains without evaluating: say so here, not at eval time)
     if empty:
         line += f"; {' and '.join(empty)} got no documents: {empty_split_reason(manifest, empty)}"

@@ -292,14 +292,16 @@ def _likely_utf16_char(c: str) -> bool:
 def looks_binary(head: bytes) -> bool:
     """Guess from the first bytes of a file whether it is binary rather than (UTF-8-ish) text.
 
-    Binary if there is a NUL byte (UTF-16 and every common binary format have them; text never does)
-    or if more than 30% of the characters fail to decode as UTF-8 (Latin-1 text with a few accents
-    passes and gets its bad bytes replaced and counted; compressed or image data does not).
+    Binary if NUL bytes are more than 1% of them (and more than 2): UTF-16 and every common binary format
+    have them by the dozen; or if more than 30% of the characters fail to decode as UTF-8 (Latin-1 text with
+    a few accents passes and gets its bad bytes replaced and counted; compressed or image data does not).
+    A stray NUL or two in text (scraped pages have them) is a control character like the others: cleaning
+    deletes and counts it, as it did past these first bytes (a single NUL here made the file "binary").
     """
     head = head[:BINARY_SNIFF_BYTES]
     if not head:
         return False
-    if b"\x00" in head:
+    if head.count(0) > max(2, len(head) / 100):
         return True
     # Incremental decode without final=True: a multi-byte character cut at the sniff boundary is fine.
     text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch loads in the functions that use it (the CLI's parser 
 class LMExample:
     ids: list[int]
     train: list[bool]  # train[i]: token i is a target (predicted from the tokens before it)
+    cut: bool = False  # tokens were dropped to fit max_len (`build_examples` counts them in a note)
 
 
 def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefix: Sequence[int] = ()) -> LMExample:
@@ -53,8 +54,9 @@ def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefi
         ids += seg_ids
         train += [flag] * len(seg_ids)
     first = train.index(True) if True in train else None  # the first target
+    cut = len(ids) > max_len + 1
     if first is None or first <= max_len:  # the end cut keeps a target
-        return LMExample(ids[: max_len + 1], train[: max_len + 1])
+        return LMExample(ids[: max_len + 1], train[: max_len + 1], cut)
     # The prefix stays when 2 tokens fit after it (max_len + 1 kept): the one that predicts the first target, and
     # that target. At max_len == len(prefix) only one would, and the example would train on nothing, so the prefix
     # goes and the window keeps a target; `keep_end`'s bound (n > len(prefix)) is the same rule for a prompt,
@@ -63,7 +65,7 @@ def segments_example(segments: list[tuple[list[int], bool]], max_len: int, prefi
     n = max_len + 1 - p  # tokens kept after the prefix
     # the whole tail when it fits, else from the token that predicts the first target on
     start = min(len(ids) - n, first - 1)
-    return LMExample(ids[:p] + ids[start : start + n], train[:p] + train[start : start + n])
+    return LMExample(ids[:p] + ids[start : start + n], train[:p] + train[start : start + n], cut)
 
 
 def keep_end(ids: list[int], n: int, prefix: Sequence[int]) -> list[int]:
@@ -88,8 +90,10 @@ def completion_example(tok: Any, prompt: str, completion: str, max_len: int) -> 
     """
     p, c = tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
     room = max_len + 1 - len(c) - len(tok.prompt_prefix)
-    p = tok.prompt_prefix + (p[-room:] if room > 0 else p[:1])
-    return segments_example([(p, False), (c, True)], max_len)
+    kept = p[-room:] if room > 0 else p[:1]
+    example = segments_example([(tok.prompt_prefix + kept, False), (c, True)], max_len)
+    example.cut = example.cut or len(kept) < len(p)
+    return example
 
 
 def translate_prompt(source: str) -> str:
@@ -338,20 +342,6 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def note_answers_cut(path: str | Path, short: int, n: int, max_len: int) -> None:
-    """A note on stderr counting the sft/translate examples whose answer `segments_example` cut short: the end of
-    such an answer and its end-of-text never train, so a model fine-tuned on many learns not to stop. Chinese text
-    takes more tokens than its length suggests (1,927 of Alpaca's 5,000 Chinese examples lose their answer's end at
-    128 tokens with a Hong Lou Meng BPE vocabulary, 24 at 512)."""
-    if short:
-        print(
-            f"note: {path}: {short:,} of {n:,} examples are longer than --max-len {max_len} tokens and lose the end of "
-            "their answer (with its end-of-text, which teaches the model to stop); raise --max-len where the model's "
-            "context allows, or shorten those examples",
-            file=sys.stderr,
-        )
-
-
 def build_examples(
     rows: list[dict[str, Any]],
     *,
@@ -380,7 +370,7 @@ def build_examples(
                 f"max_len {max_len} leaves no room for the text (the classification frame takes "
                 f"{len(before) + len(after)} tokens); raise --max-len"
             )
-        out = []
+        out, cut = [], 0
         for i, row in enumerate(rows, 1):
             if not str(row[fields["text"]]).strip():  # nothing to learn the label from (scored files refuse it)
                 continue
@@ -390,10 +380,12 @@ def build_examples(
                     f"{path}: row {i} has label {name!r}, which the model was not trained on "
                     f"(labels: {', '.join(labels or [])}); fix the row or fine-tune with it"
                 )
-            ids = before + tok.encode(str(row[fields["text"]]))[:room] + after
-            out.append((ids, index[name]))
+            text = tok.encode(str(row[fields["text"]]))
+            cut += len(text) > room
+            out.append((before + text[:room] + after, index[name]))
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
+        note_cut(path, cut, len(out), max_len, "each keeps its text's start")
         return out
     if task == "qa":
         from lmforge.data.qa import qa_examples
@@ -411,7 +403,7 @@ def build_examples(
                 raise DataError(f"{path}: row {i}: {e}") from None
             out.append(segments_example(segments, max_len, tok.prompt_prefix))
             short += sum(out[-1].train) < sum(len(ids) for ids, train in segments if train)
-        note_answers_cut(path, short, len(rows), max_len)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
         return out
     if task == "translate":
         out, short = [], 0
@@ -419,7 +411,7 @@ def build_examples(
             target = str(r[fields["target"]])
             out.append(completion_example(tok, translate_prompt(str(r[fields["source"]])), target, max_len))
             short += sum(out[-1].train) < len(tok.encode(target)) + 1  # (+ its end-of-text)
-        note_answers_cut(path, short, len(rows), max_len)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
         return out
     if task == "clm":
         return clm_examples(tok, [r[fields["text"]] for r in rows], max_len)
@@ -444,7 +436,34 @@ def build_examples(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
         )
+    note_cut(path, sum(p["chosen"].cut or p["rejected"].cut for p in out), len(out), max_len, _LM_CUT, "pairs")
     return out
+
+
+# how `segments_example` and `completion_example` cut an example that does not fit
+_LM_CUT = "an answer keeps its start; a prompt too long to leave room for the answer keeps its end"
+
+
+def note_cut(
+    path: str | Path, cut: int, n: int, max_len: int, kept: str, what: str = "examples", answers_cut: int = 0
+) -> None:
+    """One stderr note counting the examples of `path` cut to `max_len` tokens (they were cut without a word), and
+    how many of them lost their answer's end (sft/translate): the end of such an answer and its end-of-text never
+    train, so a model fine-tuned on many learns not to stop. Chinese takes more tokens than its length suggests
+    (1,927 of Alpaca's 5,000 Chinese examples lose their answer's end at 128 tokens with a Hong Lou Meng BPE
+    vocabulary, 24 at 512)."""
+    if cut:
+        lost = (
+            f"; {answers_cut:,} of them lose the end of their answer (with its end-of-text, which teaches the model "
+            "to stop)"
+            if answers_cut
+            else ""
+        )
+        print(
+            f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
+            f"({kept}){lost}; a longer --max-len, up to the model's context, keeps more",
+            file=sys.stderr,
+        )
 
 
 def dpo_collate(pad_id: int) -> Any:
