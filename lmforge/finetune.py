@@ -173,10 +173,12 @@ def finetune(
             after training, or `OUT is already ...; nothing to do` for a finished run's re-run, which trains
             nothing and returns the same metrics (so a caller cannot tell the two apart from them).
     """
+    from lmforge.data.formats import notes_held
     from lmforge.runs import release
 
     try:
-        result, nothing_to_do = _finetune(base, train_file, out, val_file, cfg, overrides, overwrite, progress)
+        with notes_held():  # the data's notes (examples cut to fit) wait until the run's checks have passed
+            result, nothing_to_do = _finetune(base, train_file, out, val_file, cfg, overrides, overwrite, progress)
     finally:
         release(Path(out))  # the folder's claim (taken in _finetune), however it ended
     if nothing_to_do and (progress or summary):
@@ -211,6 +213,7 @@ def _finetune(
         label_key,
         label_name,
         lm_batch,
+        print_held_notes,
     )
     from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.dist import require_one_process
@@ -499,6 +502,7 @@ def _finetune(
         # --merge folded the adapters into the weights: there are no adapters left to train, and the
         # checkpoint holds no optimizer state. A finished run's identical re-run returned above.
         raise ConfigError(merged_refusal(out, state.step, train_cfg.max_steps, done, cfg.task))
+    print_held_notes()  # (the checks above refuse in one line; the data's notes come once the run goes on)
     if ckpt is not None:
         load_resumed_weights(model, ckpt, info["saved"] if cfg.adapt not in ("full", "distill") else "model")
 

@@ -45,3 +45,28 @@ def test_translate_examples_whose_target_end_is_cut_are_counted(capsys: pytest.C
     assert "1 of them lose the end of their answer" in err
     (example,) = examples("translate", rows, max_len=40)  # the source's start is cut; the target trains whole
     assert sum(example.train) == 16 and "lose the end" not in capsys.readouterr().err
+
+
+def test_held_notes_wait_for_the_commands_checks_and_go_with_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """finetune reads the data before its run checks (a resume's seed, a merged LoRA run): a refusal after the
+    read printed the cut-examples note above its one-line error. Held notes print at `print_held_notes` or at the
+    end of a block that ends well, and are dropped with an error."""
+    from lmforge.data.formats import notes_held, print_held_notes
+
+    rows = [{"source": "The three primary colours.", "target": ANSWER}]
+    with pytest.raises(ValueError), notes_held():
+        examples("translate", rows, max_len=12)
+        raise ValueError("a refusal after the data were read")
+    assert capsys.readouterr().err == ""
+    with notes_held():
+        examples("translate", rows, max_len=12)
+        assert capsys.readouterr().err == ""
+        print_held_notes()
+        assert "1 of 1 examples are longer than 12 tokens" in capsys.readouterr().err
+        examples("translate", rows, max_len=12)  # after print_held_notes: at once
+        assert "1 of 1 examples" in capsys.readouterr().err
+    with notes_held():
+        examples("translate", rows, max_len=12)
+    assert "1 of 1 examples" in capsys.readouterr().err  # a block that ends well prints what it held
+    examples("translate", rows, max_len=12)
+    assert "1 of 1 examples" in capsys.readouterr().err  # outside any block: at once

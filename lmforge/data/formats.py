@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import re
@@ -459,11 +460,44 @@ def note_cut(
             if answers_cut
             else ""
         )
-        print(
+        note = (
             f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
-            f"({kept}){lost}; a longer --max-len, up to the model's context, keeps more",
-            file=sys.stderr,
+            f"({kept}){lost}; a longer --max-len, up to the model's context, keeps more"
         )
+        if _held_notes is None:
+            print(note, file=sys.stderr)
+        else:
+            _held_notes.append(note)
+
+
+_held_notes: list[str] | None = None  # `notes_held`'s list while it holds
+
+
+@contextlib.contextmanager
+def notes_held() -> Iterator[None]:
+    """Within: `note_cut`'s notes wait until `print_held_notes` (a command calls it once its checks on the data
+    and the run have passed, so a refusal after the data were read stays one line); printed on a normal exit,
+    dropped when an error leaves the block."""
+    global _held_notes
+    outer, _held_notes = _held_notes, []
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        held, _held_notes = _held_notes, outer
+        if ok:
+            for note in held or ():  # (None: print_held_notes printed them)
+                print(note, file=sys.stderr)
+
+
+def print_held_notes() -> None:
+    """Print the notes `notes_held` has kept so far (the rest of its block prints at once)."""
+    global _held_notes
+    if _held_notes is not None:
+        for note in _held_notes:
+            print(note, file=sys.stderr)
+        _held_notes = None
 
 
 def dpo_collate(pad_id: int) -> Any:
