@@ -558,7 +558,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}; see 'lmforge {args.command} --help'")
     _check_text_args(args)
     if args.command not in ("pretrain", "finetune"):  # (finetune checks itself, for library callers too)
-        from lmforge.dist import require_one_process
+        from lmforge.dist_config import require_one_process
 
         require_one_process(args.command)
 

@@ -40,7 +40,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 # The sections that live with their component (the model configs in models/configs.py), imported here to compose
 # RunConfig; none of these imports torch, so `--help` and config errors answer without it (tests/test_cli.py).
-from lmforge.dist import DistConfig
+from lmforge.dist_config import DistConfig
 from lmforge.models.configs import CONFIGS, GPTConfig, ModelConfig
 from lmforge.objectives import ObjectiveConfig
 

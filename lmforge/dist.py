@@ -28,106 +28,18 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lmforge.checkpoint import DILOCO_FILE
+from lmforge.dist_config import DistConfig, DistInfo, all_reduce_traffic, env_info
 from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeError, first_line, hold_interrupts
-from lmforge.fields import check, flatten, opt
-
-if TYPE_CHECKING:  # torch loads in the functions that use it: `--help` and config errors read DistConfig without it
-    import torch
-    import torch.nn as nn
-
-
-@dataclass(kw_only=True)
-class DistConfig:
-    strategy: Literal["ddp", "fsdp", "diloco"] = opt(
-        "ddp", "data parallelism under torchrun: ddp (replicas), fsdp (FSDP2) or diloco (local SGD, rare syncs)"
-    )
-    sync_every: int = opt(50, "diloco: inner optimizer steps each worker takes alone between outer syncs (H)")
-    outer_lr: float = opt(0.7, "diloco: learning rate of the outer Nesterov SGD on the averaged parameter change")
-    outer_momentum: float = opt(0.9, "diloco: momentum of the outer Nesterov SGD (0 = plain averaging at lr 1)")
-    timeout_s: float = opt(600.0, "seconds a collective may wait for a peer before failing (hung or dead rank)")
-    meta_init: bool = opt(
-        False, "build the model on the meta device and allocate it after FSDP sharding (models larger than one rank)"
-    )
-
-    def __post_init__(self) -> None:
-        check(self.timeout_s > 0, f"dist.timeout_s must be > 0, got {self.timeout_s}")
-        check(self.sync_every >= 1, f"dist.sync_every must be >= 1, got {self.sync_every}")
-        check(self.outer_lr > 0, f"dist.outer_lr must be > 0, got {self.outer_lr}")
-        check(0 <= self.outer_momentum < 1, f"dist.outer_momentum must be in [0, 1), got {self.outer_momentum}")
-
-    def refuse_unused(self, names: set[str]) -> None:
-        """A setting in `names` that `strategy` never reads is an error rather than silently ignored (`load_config`
-        passes those the user wrote, and those off their defaults but for a run's config.json's)."""
-        for name in sorted(names):
-            readers = DIST_READERS.get(name, (self.strategy,))
-            check(
-                self.strategy in readers,
-                f"dist.{name} is read only by --dist.strategy {' or '.join(readers)} (local SGD), not by "
-                f"{self.strategy}; drop it, or pass --dist.strategy {readers[0]}",
-            )
-
-
-# The strategies that read each setting that not all of them read (`DiLoCo`; `meta_init` is read by all three and
-# refused under ddp by train/run.py, in a run of several processes only).
-DIST_READERS = dict.fromkeys(("sync_every", "outer_lr", "outer_momentum"), ("diloco",))
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def env_info() -> DistInfo:
-    """Rank, local rank and world size from torchrun's environment (1 process when absent)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ConfigError("WORLD_SIZE/RANK/LOCAL_RANK must be integers; launch with torchrun") from None
-    if world < 1 or not 0 <= rank < world or local < 0:  # (a hand-made launch: it waited dist.timeout_s, then
-        raise ConfigError(  # said it could not connect to the others)
-            f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}: each process needs a RANK from 0 to WORLD_SIZE-1 "
-            "and a LOCAL_RANK of 0 or more; launch with torchrun, which sets them"
-        )
-    return DistInfo(rank=rank, local_rank=local, world_size=world)
-
-
-def local_world_size() -> int:
-    """How many processes torchrun started on this machine (LOCAL_WORLD_SIZE; 1 when absent or unreadable)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    except ValueError:
-        return 1
-
-
-def require_one_process(command: str) -> None:
-    """Refuse a command that runs in one process when torchrun started several: each rank would do the whole
-    job (two fine-tunes into one folder, eval printed twice, two writers of one export). Only `pretrain`
-    spreads over ranks."""
-    world = env_info().world_size
-    if world > 1:
-        raise ConfigError(
-            f"{command} runs in one process, not under torchrun ({world} processes); "
-            f"run it as 'lmforge {command} ...' (or torchrun --nproc-per-node 1)"
-        )
-
+from lmforge.fields import flatten
 
 joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
 SETUP_SIGNAL_NOTE = (
@@ -141,9 +53,6 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
 
     NCCL on CUDA, gloo on CPU. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised.
     """
-    import torch
-    import torch.distributed as dist
-
     from lmforge.train.precision import pick_device
 
     global joined
@@ -191,8 +100,6 @@ def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> dict[str, Any
     attempt, which only the c10d rendezvous makes): a restarted rank read its peer's address from the dead attempt,
     and the group failed ("Gloo connectFullMesh failed ... Connection refused") on every restart. {} (torch's own
     env:// set-up) outside torchrun's agent store."""
-    import torch.distributed as dist
-
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -211,8 +118,6 @@ _COMM_MARKERS = ("timed out", "timeout", "connection closed", "connection reset"
 
 def is_comm_failure(e: BaseException) -> bool:
     """Whether an exception from training is a failed collective (not a bug in the step itself)."""
-    import torch.distributed as dist
-
     if isinstance(e, dist.DistError):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COMM_MARKERS)
@@ -231,30 +136,21 @@ def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) ->
 
 def backend() -> str | None:
     """The process group's backend ("nccl", "gloo"), or None in one process."""
-    import torch.distributed as dist
-
     return dist.get_backend() if dist.is_initialized() else None
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     """Reduce a few numbers over all ranks (sum or max) in one collective; identity without a group."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -265,9 +161,6 @@ def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> li
 def all_gather_1d(values: torch.Tensor) -> torch.Tensor:
     """Every rank's 1-D tensor (lengths may differ), concatenated in rank order; no pickling (the
     tensors are padded to the longest); identity without a group."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return values
     world = dist.get_world_size()
@@ -286,9 +179,6 @@ def check_same_config(config: dict[str, Any], device: torch.device) -> None:
     Ranks launched with other flags (by hand, or one node's command edited) otherwise fail deep inside
     DDP with a traceback wall (another model shape), hang (another batch size) or silently train apart
     (another learning rate). The configs travel as JSON bytes (no pickle); no-op without a group."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return
     config = {**config, "data": {**config.get("data", {}), "dir": None}}  # (nodes may hold local copies elsewhere)
@@ -316,8 +206,6 @@ def eval_share(strategy: str, rank: int, world_size: int) -> dict[str, int]:
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -341,9 +229,6 @@ def wrap_model(
     `find_unused`: some parameters may get no gradient in a step (BERT's NSP head under plain MLM);
     DDP then looks for them after each forward (their gradients stay None, as in one process).
     """
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized() or strategy == "diloco":  # DiLoCo workers train alone between syncs (see DiLoCo)
         return model
     if strategy == "ddp":
@@ -371,7 +256,6 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     """
     import functools
 
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     blocks = list(getattr(model, "blocks", []))
@@ -391,8 +275,6 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def no_grad_sync(model: nn.Module, sync: bool) -> Any:
     """Context for one micro-batch: gradient all-reduce only on the last one of the window."""
     import contextlib
-
-    import torch.distributed as dist
 
     if sync or not dist.is_initialized():
         return contextlib.nullcontext()
@@ -419,8 +301,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Consolidated CPU state dict on every rank (a collective under FSDP2: all ranks must call it)."""
-    import torch.distributed as dist
-
     model = unwrap(model)
     if not dist.is_initialized():
         return model.state_dict()
@@ -480,8 +360,6 @@ def _as_dtensor(rows: torch.Tensor, like: Any) -> Any:
 
 
 def _fsdp(model: nn.Module) -> bool:
-    import torch.distributed as dist
-
     return dist.is_initialized() and hasattr(model, "set_requires_gradient_sync")
 
 
@@ -516,7 +394,6 @@ def local_shards(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     1-process `optimizer.state_dict()`, so the checkpoint does not depend on the world size.
     Returns {"model", "tied", "optim", "structure", "split_model", "split_optim"}.
     """
-    import torch
     from torch.distributed.tensor import DTensor
 
     from lmforge.train.state import flatten_optimizer, savable
@@ -564,11 +441,8 @@ def save_sharded_checkpoint(
 
     With `diloco` (whose workers are not sharded: each file holds one worker's whole state), rank 0 also
     writes the outer state the workers share to `DILOCO_FILE`, and state.json notes the worker count."""
-    import torch.distributed as dist
-
     from lmforge.atomic import save_safetensors
     from lmforge.checkpoint import (
-        DILOCO_FILE,
         begin_checkpoint,
         finish_checkpoint,
         shard_files,
@@ -661,8 +535,6 @@ class DiLoCo:
     """
 
     def __init__(self, model: nn.Module, cfg: DistConfig, device: torch.device) -> None:
-        import torch
-
         self.cfg = cfg
         self.device = device
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -674,30 +546,27 @@ class DiLoCo:
         self.syncs = 0
         self.synced_at = -1  # the step of the last sync
 
+    @torch.no_grad()
     def after_step(self, step: int, last: bool = False) -> None:
         """The outer sync, every `sync_every` steps and at the `last` step of the run (once per step).
         A collective: every rank must call it with the same arguments."""
-        import torch
-        import torch.distributed as dist
-
-        with torch.no_grad():  # (a decorator would need torch where the module loads)
-            if step == self.synced_at or (step % self.cfg.sync_every and not last):
-                return
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
-            if world > 1:
-                dist.all_reduce(flat)  # summed outer gradient (the change each worker made, undone)
-                flat /= world
-            offset = 0
-            lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-            for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
-                g = flat[offset : offset + a.numel()].view_as(a)
-                offset += a.numel()
-                m.mul_(mu).add_(g)
-                a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
-                p.copy_(a)
-            self.syncs += 1
-            self.synced_at = step
+        if step == self.synced_at or (step % self.cfg.sync_every and not last):
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        flat = torch.cat([(a - p).flatten() for a, p in zip(self.anchor, self.params, strict=True)])
+        if world > 1:
+            dist.all_reduce(flat)  # summed outer gradient (the change each worker made, undone)
+            flat /= world
+        offset = 0
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+            g = flat[offset : offset + a.numel()].view_as(a)
+            offset += a.numel()
+            m.mul_(mu).add_(g)
+            a.sub_(lr * (g + mu * m) if mu else lr * g)  # Nesterov
+            p.copy_(a)
+        self.syncs += 1
+        self.synced_at = step
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The outer state (the same on every worker), by parameter name, for `DILOCO_FILE`."""
@@ -707,32 +576,28 @@ class DiLoCo:
             for name, t in zip(self.names, tensors, strict=True)
         }
 
+    @torch.no_grad()
     def load_checkpoint(self, ckpt: Any) -> None:
         """Restore the outer state from checkpoint `ckpt`, once the weights are loaded. A checkpoint without
         it (saved under another strategy or by an older lmforge) restarts it: the anchor is the loaded
         weights and the momentum zero. The steps after the checkpoint's are to come (again, after a rollback),
         so their syncs are too: a rollback to before the last sync once skipped redoing that step's sync."""
-        import torch
-
-        from lmforge.checkpoint import DILOCO_FILE
-
-        with torch.no_grad():  # (a decorator would need torch where the module loads)
-            self.synced_at = -1
-            if "diloco" not in ckpt.meta:
-                for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
-                    a.copy_(p)
-                    m.zero_()
-                return
-            saved = ckpt.read_file(DILOCO_FILE)
-            for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
-                for name, t in zip(self.names, tensors, strict=True):
-                    value = saved.get(f"{kind}.{name}")
-                    if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
-                        raise CheckpointError(
-                            f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
-                            "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
-                        )
-                    t.copy_(value)
+        self.synced_at = -1
+        if "diloco" not in ckpt.meta:
+            for a, p, m in zip(self.anchor, self.params, self.momentum, strict=True):
+                a.copy_(p)
+                m.zero_()
+            return
+        saved = ckpt.read_file(DILOCO_FILE)
+        for kind, tensors in (("anchor", self.anchor), ("momentum", self.momentum)):
+            for name, t in zip(self.names, tensors, strict=True):
+                value = saved.get(f"{kind}.{name}")
+                if value is None or value.shape != t.shape:  # (copy_ would broadcast a smaller one silently)
+                    raise CheckpointError(
+                        f"{ckpt.path / DILOCO_FILE} has no {kind}.{name} of shape {list(t.shape)}; was it written "
+                        "for another model? Use an earlier checkpoint (--checkpoint.resume_from step-NNNNNN)"
+                    )
+                t.copy_(value)
 
     def comm_report(self, world_size: int, steps: int) -> str:
         """Bytes sent and received per worker by this run's syncs vs what DDP would move for the same steps (its
@@ -745,18 +610,6 @@ class DiLoCo:
             f"{diloco / 2**20:.1f} MiB for {steps} steps vs {ddp / 2**20:.1f} MiB with DDP"
             + (f" ({ddp / diloco:.3g}x less)" if diloco else "")
         )
-
-
-def ring_all_reduce_bytes(nbytes: int, world_size: int) -> int:
-    """Bytes each of `world_size` devices sends in a ring all-reduce of `nbytes` (reduce-scatter, then all-gather):
-    2(n-1)/n x nbytes, and receives as many (NCCL's bus bandwidth; gloo's ring too). 0 on one device."""
-    return math.ceil(2 * (world_size - 1) / world_size * nbytes)
-
-
-def all_reduce_traffic(nbytes: int, world_size: int) -> int:
-    """Bytes each device sends and receives in a ring all-reduce of `nbytes`: `comm_bytes` per all-reduce in
-    `lmforge estimate` and the DiLoCo line a run prints."""
-    return 2 * ring_all_reduce_bytes(nbytes, world_size)
 
 
 def resume_worker(ckpt: Any, strategy: str, info: DistInfo) -> tuple[int, str]:

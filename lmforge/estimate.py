@@ -125,7 +125,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lmforge.config import OptimConfig, RunConfig
-from lmforge.dist import local_world_size, ring_all_reduce_bytes
+from lmforge.dist_config import local_world_size, ring_all_reduce_bytes
 from lmforge.errors import ConfigError
 from lmforge.models.configs import GPTConfig
 
