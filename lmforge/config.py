@@ -42,7 +42,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 # RunConfig; none of these imports torch, so `--help` and config errors answer without it (tests/test_cli.py).
 from lmforge.dist_config import DistConfig
 from lmforge.models.configs import CONFIGS, GPTConfig, ModelConfig
-from lmforge.objectives import ObjectiveConfig
+from lmforge.objective_config import ObjectiveConfig
 
 
 @dataclass(kw_only=True)

@@ -224,7 +224,7 @@ def test_both_readmes_name_the_loss_units_runs_prints():
     """`lmforge runs` and `report` print each fine-tune's and encoder pretraining's "best val loss" with its unit;
     both READMEs say what each unit is (README.zh-CN.md was left without them). mlm+sop's is written as its
     NSP counterpart's ("SOP for mlm+sop") in README.md."""
-    from lmforge.objectives import ObjectiveConfig
+    from lmforge.objective_config import ObjectiveConfig
     from lmforge.runs import OBJECTIVE_LOSS_UNITS, TASK_LOSS_UNITS
 
     rtd_weight = f"{ObjectiveConfig().rtd_weight:g}"

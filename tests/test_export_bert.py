@@ -24,7 +24,7 @@ from lmforge.export.bert import encoder_tokenizer_json
 from lmforge.export.hf import export_hf, verify_hf
 from lmforge.export.hf_import import import_hf
 from lmforge.models.bert import Bert, BertConfig, Electra
-from lmforge.objectives import ObjectiveConfig
+from lmforge.objective_config import ObjectiveConfig
 from lmforge.tokenizer.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe, train_char
 from lmforge.train.state import TrainState

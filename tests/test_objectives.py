@@ -21,10 +21,10 @@ from lmforge.data.shards import ShardWriter
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.objectives import roc_auc
 from lmforge.models.bert import Bert, BertConfig, Electra
+from lmforge.objective_config import ObjectiveConfig
 from lmforge.objectives import (
     IGNORE_INDEX,
     MaskedLM,
-    ObjectiveConfig,
     ReplacedTokenDetection,
     electra_corrupt,
     window_counts,
@@ -516,7 +516,7 @@ def test_a_resume_across_a_change_of_the_loss_definition_says_so_once(data_dir, 
     import json
 
     from lmforge.checkpoint import state_sha256
-    from lmforge.objectives import loss_definition, loss_definition_note
+    from lmforge.objective_config import loss_definition, loss_definition_note
 
     run = tmp_path / "bert"
     cfg = _cfg(data_dir, run, "bert-tiny", name="mlm+nsp")

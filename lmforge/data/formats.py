@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import DataError
-from lmforge.objectives import IGNORE_INDEX
+from lmforge.objective_config import IGNORE_INDEX
 
 if TYPE_CHECKING:  # torch loads in the functions that use it (the CLI's parser reads data/qa.py's DOC_STRIDE)
     import torch

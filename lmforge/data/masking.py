@@ -56,7 +56,7 @@ import torch
 
 from lmforge.data.shards import read_shard
 from lmforge.errors import DataError
-from lmforge.objectives import ENCODER_MIN_SEQ_LEN, IGNORE_INDEX, ObjectiveConfig
+from lmforge.objective_config import ENCODER_MIN_SEQ_LEN, IGNORE_INDEX, ObjectiveConfig
 
 _STATE_VERSION = 1
 _NAMES = {

@@ -635,7 +635,7 @@ def import_encoder(hf_dir: Path, hf_cfg: dict[str, Any], out: Path, generator: P
     (ElectraForMaskedLM) trained with the discriminator, imported too (else the run's starts freshly initialised)."""
     from lmforge.config import RunConfig
     from lmforge.data.masking import special_ids
-    from lmforge.objectives import ObjectiveConfig
+    from lmforge.objective_config import ObjectiveConfig
 
     family = hf_cfg["model_type"]
     name = family.upper()

@@ -53,7 +53,7 @@ from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
-from lmforge.objectives import loss_definition, loss_definition_note
+from lmforge.objective_config import loss_definition, loss_definition_note
 from lmforge.runs import (
     claim,
     discard_aside,
