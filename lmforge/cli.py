@@ -205,9 +205,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {import_hf(args.hf_dir, args.out, overwrite=args.overwrite, generator=args.generator)}")
     elif args.command == "estimate":
         from lmforge.config import load_config, parse_overrides
-        from lmforge.estimate import estimate
         from lmforge.estimate_adapt import ADAPT_FLAGS, plan_arguments
-        from lmforge.estimate_table import format_estimate
 
         overrides = parse_overrides(extra)
         if args.strategy is not None:  # the plan's strategy: the settings it does not read are refused for it
@@ -225,6 +223,9 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
             overrides = merge(settings, overrides)
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
+        from lmforge.estimate import estimate  # (after the config: its errors need no torch)
+        from lmforge.estimate_table import format_estimate
+
         hardware: str | float = args.hardware
         try:
             hardware = float(args.hardware)

@@ -421,7 +421,7 @@ def build_parser() -> Parser:
         "each way), nvlink-a100 (300 GB/s), pcie (4.0 x16, 31.5 GB/s), ib (NDR, 400 Gbit/s per GPU), ethernet "
         "(10 Gbit/s), or Gbit/s each way per device (default: communication time not included)",
     )
-    from lmforge.estimate import ADAPT_MODES
+    from lmforge.estimate_adapt import ADAPT_MODES
     from lmforge.finetune_config import finetune_sections
 
     finetune_batch = finetune_sections("lora", None)[0].batch_size  # (the same in every mode)

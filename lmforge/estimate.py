@@ -2,82 +2,15 @@
 
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
-without building the model. `measure_matmul_flops` (the machine's measured matmul peak, which
-training reports MFU against) lives here too. The fine-tuning plans on a frozen base (LoRA, head-only, prompt
-tuning, and reading a fine-tune's finetune.json) are in `lmforge.estimate_adapt`, which reuses these terms.
-The console table (`format_estimate`) is in `lmforge.estimate_table`.
-(~1,000 lines, over the 800 of the house style: about 140 are this docstring, the derivation of every term, which
-belongs beside the arithmetic it explains; hardware, time and communication (~300 lines) would be the next split.)
-
-Parameters are counted analytically and match `GPT(cfg).num_params()` exactly (tests check every
-preset and every architecture switch). FLOPs use the same convention as `GPT.flops_per_token`:
-6 * N_matmul + 12 * n_layer * d_model * seq_len (Kaplan et al. 2020 plus PaLM's attention term).
-
-Memory, per device, for *our* loop (fp32 weights, fp32 gradients, optional bf16/fp16 autocast):
-- weights 4 B/param (+ the rotary buffers, 2 x max_seq_len x head_dim fp32); gradients 4 B/param; optimizer:
-  AdamW 2 fp32 moments (8 B/param), SGD with momentum 1 (4 B/param), without momentum 0; Muon one momentum buffer
-  for the hidden matrices (4 B/param) and AdamW's two moments for embeddings, head, norms and biases (8 B/param).
-- autocast copies: under bf16/fp16 autocast every matmul weight is cast once per forward and the
-  copy is saved for backward (2 B per matmul weight); 0 in fp32.
-- activations, per micro-batch, at their peak (the start of backward). Korthikanti et al. 2022
-  ("Reducing Activation Recomputation in Large Transformer Models", https://arxiv.org/abs/2205.05198,
-  section 4.1) give s*b*h*(34 + 5*a*s/h) bytes per layer for a GPT block with 16-bit activations and
-  dropout: 4sbh for the two LayerNorm inputs, 11sbh + 5as^2b for attention (QKV input 2, Q and K 4,
-  V 2, output 2, dropout mask 1; softmax 2, its dropout mask 1, dropout output 2 per score), 19sbh for
-  the MLP (input 2, GELU input 8, GELU output 8, dropout mask 1). Our block differs, and the formula
-  below follows what autograd really saves (checked tensor by tensor in tests/test_estimate.py):
-    * attention is SDPA: the flash / memory-efficient kernels keep q, k, v, the output and a fp32
-      logsumexp (4 B per head per token) and no s x s matrix, so the 5as^2b term is gone. The one
-      exception is dropout > 0 on CPU: PyTorch's CPU flash kernel has no dropout, SDPA falls back to
-      the math path, which keeps fp32 copies of q, k, v and three fp32 s x s maps per head (scores
-      after softmax, dropout noise, dropout output): 12*a*s^2*b bytes per layer.
-    * the residual stream stays fp32 under autocast (fp32 embeddings + low-precision branch outputs
-      promote to fp32), so the two norm inputs cost 4 B each, not 2; LayerNorm also keeps fp32 mean and
-      rstd (8 B/token), RMSNorm (a composite op on CPU) its fp32 normalized input plus rsqrt.
-    * q, k, v are one fused projection, kept whole (v is a view of it): (n_head + 2 n_kv_head) * head_dim
-      values per token; rotary positions add the rotated q and k, and the cos/sin tables they are multiplied
-      by (`rope_kept_bytes`: 2 x seq_len x (n_head + n_kv_head) x head_dim fp32, once, or each layer's cast
-      copy under autocast; left out, a 4-layer Llama at 256 positions kept 8.6% more in bf16 than predicted).
-    * SwiGLU keeps the fused [gate; up] output, silu(gate) and the product: 4 * d_ff values per token
-      (GELU: input and output, 2 * d_ff).
-    * dropout defaults to 0, and `F.dropout(p=0)` saves nothing; with dropout > 0 each of the two
-      residual dropouts keeps a mask (1 B on CUDA, the tensor's dtype on CPU) and so does the
-      embedding dropout.
-  On top of the layers: the final norm and head input, the fp32 log-probabilities cross-entropy saves,
-  and, at the start of backward, two fp32 logits-sized gradients (of nll and of log-softmax): 4 + 8 bytes
-  per token per vocabulary entry. For small models with a big vocabulary this term dominates. The logits
-  themselves are not kept: the objective (`objectives.CausalLM.loss`) returns only the loss, and neither
-  the head matmul nor log-softmax saves them (counting them over-predicted a 4x64-token, 50,257-vocabulary
-  step's allocator peak by 33% instead of 7%).
-- activations_checkpointed: what activation checkpointing per block (`train.activation_checkpointing`)
-  leaves: the block inputs (fp32 residual, 4*s*b*h per layer) + one block recomputed + the head and loss
-  terms above. Measured against the allocator (6 layers, d_model 64, 8 x 64 tokens, vocab 64): total
-  checkpointed 8.11 MiB predicted, 7.21 MiB allocated with checkpointing (17.43 / 16.33 MiB without).
-- comm_buffers: DDP (world_size > 1) keeps gradient buckets as big as the gradients (its default,
-  gradient_as_bucket_view=False); FSDP (FSDP2 `fully_shard` per block and on the root, fp32 params)
-  gathers the largest unit's full parameters for the current and the prefetched unit and its full
-  gradient before the reduce-scatter: 3 x 4 B x the largest unit.
-- FSDP divides weights, gradients and optimizer state by world_size; activations are per device.
-- DiLoCo (`dist.DiLoCo`, any world size): workers are not DDP-wrapped, so no gradient buckets; each keeps
-  the outer state, the anchor (the parameters at the last sync) and the outer Nesterov momentum, fp32
-  (outer_state: 8 B/param), and a sync builds the flat outer gradient it all-reduces (comm_buffers:
-  4 B/param; the per-parameter differences it is concatenated from briefly double that, but gradients are
-  freed by then, so the total still bounds the sync's peak).
-- comm_bytes, each device's traffic over the run, sent and received: twice the bytes it sends in the
-  collectives of `communication` (below; a ring collective receives as much as it sends), for every step
-  (DiLoCo: every sync, ceil(steps / H)); 0 on one device. `dist.DiLoCo.comm_report`, which a DiLoCo run
-  prints, counts its syncs' traffic the same way (`dist.all_reduce_traffic`).
-- update_copy: on a logging step the loop copies the trainable parameters (fp32, this device's shard)
-  before the optimizer step, for the update ratio; activations are freed by then, so it counts instead
-  of them when it is larger (a tiny batch: 20.6 B/param measured against 16.7 predicted without it),
-  and, one weight at a time, that weight's update (p - copy): the largest parameter's 4 B/element
-  (without it, -2.1% (GPT-2) and -3.2% (Llama) of the allocator's peak of a 1 x 16-token step, d_model 128).
-- total = the sum, with the larger of activations + autocast copies (freed as backward ends) and update_copy
-  (`with_totals`). Gradients grow while activations
-  are freed during backward, so for a single micro-batch the sum is an upper bound of the measured peak;
-  with gradient accumulation the gradients of earlier micro-batches are all alive during the next one,
-  and the sum is the peak.
-  `micro_batch_size` is taken per device (each rank runs forward on that many sequences).
+without building the model. This module is the planner: hardware, time, communication and cost, around
+- `lmforge.estimate_memory`: parameters, FLOPs and memory per device, each term derived beside its arithmetic
+  (torch-free);
+- `lmforge.estimate_adapt`: the fine-tuning plans on a frozen base (LoRA, head-only, prompt tuning, distillation's
+  teacher, and reading a fine-tune's finetune.json), which reuse those terms;
+- `lmforge.estimate_device`: this machine's measured matmul peak (`measure_matmul_flops`, which training reports
+  MFU against) and the fit checks pretrain and finetune run (`check_fits`, `check_batch_fits`);
+- `lmforge.estimate_table`: the console table (`format_estimate`).
+The memory and device names can be imported from here too (`from lmforge.estimate import memory_bytes`).
 
 Time = compute + the communication not hidden behind it; cost = hours x price per device-hour x world_size.
 Compute = train FLOPs / (peak FLOP/s x MFU x world_size). Communication (`communication`), with an interconnect
@@ -102,12 +35,10 @@ assumptions (see `DEFAULT_MFU`, `PRICE_PER_HOUR`); every assumption made ends up
 
 MFU = achieved model FLOP/s / peak FLOP/s. Datasheet peaks say little about a shared 2-core VM
 (AVX2 hosts reach ~79 GFLOP/s fp32, AVX-512 ones ~186), so the CPU peak is *measured* on the same
-machine in the same process: the best of several square matmuls at the training dtype.
+machine in the same process: the best of several square matmuls at the training dtype
+(`estimate_device.measure_matmul_flops`).
 
 References:
-- Kaplan et al. 2020, scaling laws, 6N FLOPs, non-embedding parameters: https://arxiv.org/abs/2001.08361
-- Chowdhery et al. 2022 (PaLM), appendix B, attention FLOPs: https://arxiv.org/abs/2204.02311
-- Korthikanti et al. 2022, activation memory: https://arxiv.org/abs/2205.05198
 - Hoffmann et al. 2022 (Chinchilla), ~20 tokens per parameter: https://arxiv.org/abs/2203.15556
 - NVIDIA A100 datasheet: https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
 - NVIDIA H100 datasheet: https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet
@@ -116,25 +47,37 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import os
-import tempfile
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lmforge.config import OptimConfig, RunConfig
-from lmforge.dist_config import local_world_size, ring_all_reduce_bytes
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.dist_config import ring_all_reduce_bytes
 from lmforge.errors import ConfigError
+from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan
+from lmforge.estimate_device import (  # noqa: F401 (re-exported: tests, bench)
+    check_batch_fits,
+    check_fits,
+    device_memory_bytes,
+    measure_cpu_allocations,
+    measure_matmul_flops,
+    model_param_count,
+)
+from lmforge.estimate_memory import (  # noqa: F401 (re-exported: tests, bench)
+    DTYPE_BYTES,
+    StepShape,
+    activation_bytes,
+    attention_flops_per_token,
+    flops_per_token,
+    memory_bytes,
+    param_counts,
+    uses_math_attention,
+)
 from lmforge.models.configs import GPTConfig
-
-if TYPE_CHECKING:  # torch loads in the functions that use it (building the CLI's parser imports this module)
-    import torch
 
 DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 and no data.dir is given
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STRATEGIES = ("ddp", "fsdp", "diloco")
 
 # Dense peak FLOP/s per GPU from NVIDIA's datasheets (sparsity doubles the tensor-core numbers; we
@@ -171,385 +114,6 @@ INTERCONNECTS = {
     "ethernet": (10.0, "10 Gigabit Ethernet"),
 }
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb default
-# `--adapt`: what trains. full: every weight (pretraining, full or distillation fine-tuning); the others are
-# `lmforge finetune`'s modes on a frozen base (adapt/heads.py set_trainable), as the table names them
-ADAPT_NAMES = {"full": "full", "lora": "LoRA", "head": "head only", "prompt": "prompt tuning"}
-ADAPT_MODES = tuple(ADAPT_NAMES)
-
-
-@functools.lru_cache(maxsize=8)
-def measure_matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, seconds: float = 0.3) -> float:
-    """Best observed FLOP/s of an n x n @ n x n matmul on `device` at `dtype` (n = 1024 CPU, 8192 GPU:
-    large enough to reach a data-centre GPU's plateau, so MFU is not flattered by a low peak); dtype None: float32."""
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    n = 8192 if device.startswith("cuda") else 1024
-    # A private generator: measuring must not consume the global RNG, or a run's dropout masks would
-    # depend on whether this (cached) measurement already happened in the process.
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(2):  # warm up kernels and caches
-        a @ b
-    sync()
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def measure_cpu_allocations(fn: Any) -> int:
-    """Peak bytes that PyTorch's CPU allocator hands out while `fn()` runs, above what was live before.
-
-    Read from `torch.profiler`'s memory events ("Total Allocated"): exactly the tensor bytes the
-    estimate predicts, unlike the RSS (malloc caching, loaded kernels) or tracemalloc (blind to C++).
-    """
-    import torch
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path, encoding="utf-8") as f:
-            events = json.load(f)["traceEvents"]
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
-    if not memory:
-        return 0
-    # "Total Allocated" also counts what earlier profiling sessions allocated and is still alive (e.g.
-    # gradients): measure from what was allocated just before this session's first event.
-    before = memory[0]["Total Allocated"] - memory[0].get("Bytes", 0)
-    return max(m["Total Allocated"] for m in memory) - before
-
-
-# --------------------------------------------------------------------------------------------
-# Parameters and FLOPs (pure functions of the model config)
-
-
-def param_counts(model: GPTConfig) -> dict[str, int]:
-    """Parameter counts of `GPT(model)` without building it (a tied matrix counted once).
-
-    Returns:
-        total, non_embedding (Kaplan: without the token and position tables, so a tied head is left
-        out too), embedding, matmul (weights that are multiplied, incl. the output projection tied or
-        not: the N of 6N), block (one Transformer block), block_matmul (its Linear weights) and root
-        (everything outside the blocks).
-    """
-    d, ff, vocab = model.d_model, model.ff_dim, model.vocab_size
-    qkv_out = (model.n_head + 2 * model.kv_heads) * model.head_dim
-    attn_in = model.n_head * model.head_dim
-    fc_out = (2 if model.mlp == "swiglu" else 1) * ff  # swiglu: [gate; up] in one matrix
-    norm = d * (2 if model.norm == "layernorm" and model.bias else 1)  # RMSNorm: weight only
-    block_matmul = d * qkv_out + attn_in * d + d * fc_out + ff * d
-    block_bias = (qkv_out + d + fc_out + d) if model.bias else qkv_out if model.qkv_bias else 0
-    block = block_matmul + block_bias + 2 * norm
-    embedding = vocab * d + (model.max_seq_len * d if model.pos_emb == "learned" else 0)
-    head = 0 if model.tie_embeddings else vocab * d
-    root = embedding + norm + head
-    return {
-        "total": model.n_layer * block + root,
-        "non_embedding": model.n_layer * block + norm + head,
-        "embedding": embedding,
-        "matmul": model.n_layer * block_matmul + vocab * d,
-        "block": block,
-        "block_matmul": block_matmul,
-        "root": root,
-    }
-
-
-def flops_per_token(model: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_matmul + 12 * n_layer * d_model * seq_len (as `GPT.flops_per_token`)."""
-    return 6.0 * param_counts(model)["matmul"] + attention_flops_per_token(model, seq_len)
-
-
-def attention_flops_per_token(model: GPTConfig, seq_len: int) -> float:
-    """The attention-score part of `flops_per_token`: q @ k^T and att @ v, forward and backward (PaLM)."""
-    return 12.0 * model.n_layer * model.d_model * seq_len
-
-
-# --------------------------------------------------------------------------------------------
-# Memory
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StepShape:
-    """What one device runs in a training step, which every memory plan (pretraining, full, LoRA, head-only, prompt
-    tuning, distillation) takes: `seq_len` tokens per sequence, `micro_batch` sequences per forward, `dtype` the
-    autocast dtype name ("float32" = no autocast) and `device` "cpu" or "cuda"."""
-
-    seq_len: int
-    micro_batch: int
-    dtype: str
-    device: str
-
-
-def rope_buffer_bytes(model: GPTConfig) -> int:
-    """The model's rotary buffers (`rope_cos`, `rope_sin`: fp32, max_seq_len x head_dim each); 0 without rotary
-    positions. (Counted as max_seq_len x head_dim / 2 until 2026-11: half the buffers.)"""
-    return 2 * model.max_seq_len * model.head_dim * 4 if model.pos_emb == "rope" else 0
-
-
-def rope_table_bytes(model: GPTConfig, positions: int) -> int:
-    """The fp32 cos and sin rows of one forward (`GPT.rope_tables`: expanded over the query and key heads, made
-    contiguous, shared by every sequence of the batch); 0 without rotary positions."""
-    if model.pos_emb != "rope":
-        return 0
-    return 2 * positions * (model.n_head + model.kv_heads) * model.head_dim * 4
-
-
-def rope_kept_bytes(model: GPTConfig, step: StepShape, positions: int | None = None) -> int:
-    """What autograd keeps of the rotary tables for backward (`layers.apply_rope` multiplies q and k by them): the
-    fp32 pair, shared by every layer, or under autocast each layer's cast copy (`cos.to(x.dtype)`). Over
-    `positions` (default: step.seq_len). Llama-style 4 layers, 256 positions, bf16: 384 KiB, 8.6% of the tensors a
-    tiny step saves; 32 layers, 8192 positions, 40 heads of 128 in bf16: 5.0 GiB."""
-    tables, e = rope_table_bytes(model, step.seq_len if positions is None else positions), DTYPE_BYTES[step.dtype]
-    return tables if e == 4 else model.n_layer * tables // 4 * e
-
-
-def largest_param(model: GPTConfig) -> int:
-    """Elements of the model's largest parameter: the token table (or an untied head, the same size), the learned
-    position table or one block's largest Linear."""
-    qkv_out = (model.n_head + 2 * model.kv_heads) * model.head_dim
-    fc_out = (2 if model.mlp == "swiglu" else 1) * model.ff_dim
-    learned = model.max_seq_len if model.pos_emb == "learned" else 0
-    d = model.d_model
-    return max(model.vocab_size, learned, qkv_out, fc_out, model.n_head * model.head_dim) * d
-
-
-def uses_math_attention(model: GPTConfig, device: str) -> bool:
-    """Whether SDPA falls back to its math path (s x s maps kept): dropout > 0 on CPU, whose flash kernel has none."""
-    return device == "cpu" and model.dropout > 0
-
-
-def activation_bytes(model: GPTConfig, step: StepShape) -> dict[str, int]:
-    """Activation memory of one micro-batch at the start of backward, by part (formula in the module docstring).
-
-    Args:
-        model: model config (vocab_size > 0).
-        step: the tokens, dtype and device of one forward.
-
-    Returns:
-        per_layer (one block's saved tensors), layers (all blocks + the embedding dropout mask + the rotary
-        tables, `rope_kept_bytes`), head
-        (final norm, head input, log-probs, token ids and targets), loss_backward (the two fp32 logits-sized
-        gradients at the start of backward), total,
-        block_inputs (the fp32 block inputs kept under checkpointing) and checkpointed.
-    """
-    e, device = DTYPE_BYTES[step.dtype], step.device  # matmul inputs and outputs (autocast dtype)
-    r = 4  # the residual stream stays fp32 under autocast
-    s, b, h, ff, vocab = step.seq_len, step.micro_batch, model.d_model, model.ff_dim, model.vocab_size
-    q = model.n_head * model.head_dim
-    kv = model.kv_heads * model.head_dim
-    mask = (e if device == "cpu" else 1) if model.dropout > 0 else 0  # dropout mask bytes per element
-
-    # one norm: its input (the residual stream) + LayerNorm mean/rstd, or RMSNorm's rsqrt + normalized input
-    norm = r * h + (8 if model.norm == "layernorm" else 4 + r * h)
-    per_token = 2 * norm  # [Korthikanti: 4sbh for the two LayerNorm inputs]
-    per_token += 2 * e * h  # inputs of qkv and of the MLP's fc [2sbh each]
-    if uses_math_attention(model, device):
-        per_token += 4 * 3 * q  # fp32 copies of q, k, v (k, v expanded to n_head) [Q, K, V: 6sbh]
-        per_token += e * q  # output, reshaped for proj [2sbh]
-        per_seq_scores = 12 * model.n_head * s * s  # softmax output, dropout noise, dropout output, fp32 [5as^2b]
-    else:
-        per_token += e * (q + 2 * kv)  # the fused q/k/v projection output, kept whole [Q, K, V: 6sbh]
-        if model.pos_emb == "rope":
-            per_token += e * (q + kv)  # rotated q and k
-        per_token += e * q + 4 * model.n_head  # SDPA output (= proj input) and fp32 logsumexp [2sbh]
-        per_seq_scores = 0  # flash / memory-efficient kernels keep no s x s matrix
-    per_token += e * (4 * ff if model.mlp == "swiglu" else 2 * ff)  # [GELU input and output: 16sbh]
-    per_token += 2 * mask * h  # the two residual dropouts [attention and MLP dropout masks: 2sbh]
-    per_layer = s * b * per_token + b * per_seq_scores
-
-    layers = model.n_layer * per_layer + s * b * mask * h  # + the embedding dropout mask
-    layers += rope_kept_bytes(model, step)
-    head = s * b * (norm + e * h + 4 * vocab + 16)  # final norm, head input, fp32 log-probs, int64 ids + targets
-    loss_backward = s * b * 8 * vocab
-    block_inputs = model.n_layer * s * b * r * h
-    tables = rope_table_bytes(model, s)
-    tail = head + loss_backward
-    return {
-        "per_layer": per_layer,
-        "layers": layers,
-        "head": head,
-        "loss_backward": loss_backward,
-        "total": layers + tail,
-        "block_inputs": block_inputs,
-        # + the fp32 rotary tables (the checkpointed blocks' inputs) and one block's cast copy under autocast
-        "checkpointed": block_inputs + per_layer + tail + tables + (0 if e == 4 else tables // 4 * e),
-    }
-
-
-def memory_bytes(
-    model: GPTConfig, optim: OptimConfig, step: StepShape, *, world_size: int = 1, strategy: str = "ddp"
-) -> dict[str, int]:
-    """Bytes per device of one training step, by component (see the module docstring for each term).
-
-    Returns:
-        weights, gradients, optimizer, autocast_copies, comm_buffers, outer_state (DiLoCo), activations,
-        activations_checkpointed, update_copy, total and total_checkpointed.
-    """
-    counts = param_counts(model)
-    n = counts["total"]
-    shards = world_size if strategy == "fsdp" else 1
-    if optim.name == "adamw":
-        state_floats = 2 * n  # exp_avg, exp_avg_sq
-    elif optim.name == "muon":  # one momentum buffer per hidden matrix, AdamW's two moments for the rest
-        hidden = model.n_layer * counts["block_matmul"]  # (optim.muon_groups: every Linear but lm_head)
-        state_floats = hidden + 2 * (n - hidden)
-    else:
-        state_floats = n if optim.momentum > 0 else 0  # momentum_buffer
-    if strategy == "diloco":  # (module docstring) the flat outer gradient of a sync, on one worker too
-        comm = 4 * n
-    elif world_size == 1:
-        comm = 0
-    elif strategy == "ddp":
-        comm = 4 * n  # gradient buckets
-    else:
-        comm = 3 * 4 * max(counts["block"], counts["root"])  # gathered params (current + prefetch) + full grads
-    act = activation_bytes(model, step)
-    dtype = step.dtype
-    out = {
-        "weights": math.ceil(4 * n / shards) + rope_buffer_bytes(model),
-        "gradients": math.ceil(4 * n / shards),
-        "optimizer": math.ceil(4 * state_floats / shards),
-        "autocast_copies": 0 if dtype == "float32" else DTYPE_BYTES[dtype] * counts["matmul"],
-        "comm_buffers": comm,
-        "outer_state": 2 * 4 * n if strategy == "diloco" else 0,  # anchor + outer momentum (dist.DiLoCo)
-        "activations": act["total"],
-        "activations_checkpointed": act["checkpointed"],
-        # the log step's copy of the weights and one weight's update (p - copy) at a time (loop._update_ratio)
-        "update_copy": math.ceil(4 * n / shards) + math.ceil(4 * largest_param(model) / shards),
-    }
-    return with_totals(out)
-
-
-def with_totals(memory: dict[str, int]) -> dict[str, int]:
-    """`memory` with its total and total_checkpointed: what lives through the whole step (weights, gradients,
-    optimizer and outer state, communication buffers) + the larger of what forward and backward hold (activations
-    and the autocast copies, which the graph frees as backward ends) and the log step's update copy (made after
-    them). The autocast copies were counted through the update: a bf16 step whose peak is that copy was planned
-    +9.6% over the allocator's peak (1 x 64 tokens, d_model 128), now within 0.1%."""
-    fixed = sum(memory.get(k, 0) for k in ("weights", "gradients", "optimizer", "comm_buffers", "outer_state"))
-    copies, update = memory["autocast_copies"], memory["update_copy"]
-    memory["total"] = fixed + max(memory["activations"] + copies, update)
-    memory["total_checkpointed"] = fixed + max(memory["activations_checkpointed"] + copies, update)
-    return memory
-
-
-def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of `device`: the GPU's own, or the machine's RAM (Linux /proc/meminfo); None where unknown."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024  # (kB)
-    except OSError:
-        pass
-    return None
-
-
-def model_param_count(model: Any) -> int:
-    """Parameters of any family's model (a tied matrix once) without allocating it: GPT/Llama-style by `param_counts`;
-    BERT/ELECTRA and LSTM/GRU built on the meta device (no memory), with at most 3 layers: past that, each layer
-    is the third's (the first may differ: an LSTM's reads the embedding), so n_layer 10**20 takes no longer."""
-    import torch
-
-    if isinstance(model, GPTConfig):
-        return param_counts(model)["total"]
-    from lmforge.models import build_model
-
-    def count(n_layer: int) -> int:
-        with torch.device("meta"):
-            built = build_model(dataclasses.replace(model, n_layer=n_layer))
-        return sum(p.numel() for p in built.parameters())
-
-    if model.n_layer <= 3:
-        return count(model.n_layer)
-    two, three = count(2), count(3)
-    return two + (model.n_layer - 2) * (three - two)
-
-
-def check_fits(
-    model: Any, optim: OptimConfig, device: torch.device, *, world_size: int = 1, strategy: str = "ddp"
-) -> None:
-    """Refuse (ConfigError) a model whose weights, gradients and optimizer state alone exceed `device`'s total memory.
-
-    A margin on purpose: activations, autocast copies and buffers are left out, so nothing that might fit is refused;
-    this catches the model far too big for the machine before it is built (it grew to 21 GB before being killed).
-    Under FSDP the three are each rank's share (`memory_bytes`). Every family: GPT/Llama-style by `memory_bytes`;
-    BERT/ELECTRA and LSTM/GRU from `model_param_count` at 4 B weights + 4 B gradients + the optimizer's state
-    (AdamW 8 B, SGD with momentum 4 B; Muon at its least, 4 B). On CPU the ranks torchrun started on this machine
-    (LOCAL_WORLD_SIZE) share its RAM, so their needs together are checked against it; each GPU has its own memory.
-    Every rank checks the same model against its own device, alike under torchrun, so the refusal is every rank's
-    and rank 0 alone prints it."""
-    total = device_memory_bytes(device)
-    if total is None:
-        return
-    ranks = local_world_size() if device.type == "cpu" else 1
-    if isinstance(model, GPTConfig):
-        step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
-        mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
-        need = mem["weights"] + mem["gradients"] + mem["optimizer"]
-    else:
-        shards = world_size if strategy == "fsdp" else 1
-        state = 2 if optim.name == "adamw" else 1 if optim.name == "muon" or optim.momentum > 0 else 0
-        need = math.ceil(4 * (2 + state) * model_param_count(model) / shards)
-    if need * ranks <= total:
-        return
-    needed, where = _need_and_memory(need, device)
-    share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
-    if ranks > 1:
-        share = f"{share or ' per rank'} x {ranks} ranks on this machine"
-    error = ConfigError(
-        f"the {model.family} model ({_count(model_param_count(model))} parameters: n_layer {model.n_layer}, d_model "
-        f"{model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, gradients "
-        f"and {optim.name} state alone, more than the {_bytes(total)} of {where}; use a smaller --model.n_layer, "
-        "--model.d_model or --model.vocab_size"
-        + (" (or fewer CPU ranks per machine: torchrun --nproc-per-node)" if ranks > 1 else "")
-        + (" ('lmforge estimate' shows what a config needs)" if isinstance(model, GPTConfig) else "")
-    )
-    error.every_rank = True  # (under torchrun: one line, from rank 0; every rank exits 2)
-    raise error
-
-
-def check_batch_fits(micro_batch: int, seq_len: int, device: torch.device) -> None:
-    """Refuse (ConfigError) a micro-batch whose token ids alone (inputs and targets, int64) exceed `device`'s total
-    memory: `finetune --train.batch_size 1e11` grew a Python list of examples until the machine ran out, ignoring
-    Ctrl-C inside the step, and `pretrain`'s failed in its first step, its run folder written. Both check it before
-    anything is written. A margin on purpose, as `check_fits`: the activations are left out."""
-    total = device_memory_bytes(device)
-    need = 16 * micro_batch * max(1, seq_len)
-    if total is None or need <= total:
-        return
-    needed, where = _need_and_memory(need, device)
-    error = ConfigError(
-        f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed} for its token ids alone, more "
-        f"than the {_bytes(total)} of {where}; use a smaller --train.batch_size (or --train.micro_batch_size)"
-    )
-    error.every_rank = True  # (pretrain under torchrun: each rank checks its own micro-batch alike; rank 0 prints)
-    raise error
-
-
-def _need_and_memory(need: int, device: torch.device) -> tuple[str, str]:
-    """How `check_fits` and `check_batch_fits` say a need and the memory it exceeds: (bytes, whose memory)."""
-    needed = _bytes(need) if need < 2**50 else f"{need:.3g} bytes"  # (n_layer 1e20 read "72736293077468.88 TiB")
-    return needed, "this machine's RAM" if device.type == "cpu" else f"the GPU's memory ({device})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,8 +134,6 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         name, device ("cpu" or "cuda"), dtype (resolved), peak_flops, peak_source, default_mfu,
         price_per_hour (None when unknown).
     """
-    import torch
-
     key = hardware.strip().lower() if isinstance(hardware, str) else hardware
     default_mfu: float | None = None
     if key in ("cpu", "measure"):
@@ -806,7 +368,6 @@ def estimate(
     if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
         raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
     link = None if interconnect is None else resolve_interconnect(interconnect)
-    from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan  # (it builds on this module's terms)
 
     lora_rank, lora_targets, prompt_tokens, lora_dropout = check_adapt(
         adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
@@ -1020,23 +581,3 @@ def estimate(
         "cost_usd": cost,
         "assumptions": assumptions,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Numbers for people (check_fits, and the console table in lmforge.estimate_table)
-
-
-def _count(n: float) -> str:
-    if abs(n) >= 1e15:  # (1e30 tokens read "1000000000000000000.00T")
-        return f"{n:.3g}"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:g} B"

@@ -4,7 +4,7 @@ FLOPs and the memory of a step, and the settings `lmforge estimate` plans a fine
 `estimate.estimate(cfg, adapt=...)` plans pretraining and full fine-tuning itself (every weight trains) and asks this
 module for the rest: `check_adapt` validates the mode's settings (finetune's defaults when not given), `adapted_plan`
 gives the trainable parameters, FLOPs per token, memory per component and the assumption line. Every count reuses
-the full-training terms of `lmforge.estimate` (its docstring derives them) with the frozen base's changes: one
+the full-training terms of `lmforge.estimate_memory` (its docstring derives them) with the frozen base's changes: one
 process, the base in fp32 as finetune loads it, gradients and optimizer state for the trained parameters only, and
 the activations autograd really keeps when most weights need no gradient (checked tensor by tensor and against the
 allocator's peak in tests/test_estimate.py). `plan_arguments` reads a fine-tuned run's finetune.json, so
@@ -19,8 +19,7 @@ from typing import Any
 
 from lmforge.config import OptimConfig
 from lmforge.errors import ConfigError
-from lmforge.estimate import (
-    ADAPT_MODES,
+from lmforge.estimate_memory import (
     DTYPE_BYTES,
     StepShape,
     activation_bytes,
@@ -33,6 +32,11 @@ from lmforge.estimate import (
     with_totals,
 )
 from lmforge.models.configs import GPTConfig
+
+# `--adapt`: what trains. full: every weight (pretraining, full or distillation fine-tuning); the others are
+# `lmforge finetune`'s modes on a frozen base (adapt/heads.py set_trainable), as the table names them
+ADAPT_NAMES = {"full": "full", "lora": "LoRA", "head": "head only", "prompt": "prompt tuning"}
+ADAPT_MODES = tuple(ADAPT_NAMES)
 
 LORA_TARGETS = ("qkv", "attn.proj", "mlp.fc", "mlp.proj")  # the GPT Linears `--lora-targets` names
 

@@ -1,11 +1,14 @@
 """The console table of `lmforge estimate`: `format_estimate` turns `lmforge.estimate.estimate`'s result into the
-lines the command prints (`--json` prints the result itself). Moved out of estimate.py, which keeps the arithmetic."""
+lines the command prints (`--json` prints the result itself). Moved out of estimate.py, which keeps the planning;
+the numbers' formats (`format_count`, `format_bytes`) are `estimate_memory`'s."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lmforge.estimate import ADAPT_NAMES, CHINCHILLA_TOKENS_PER_PARAM, _bytes, _count
+from lmforge.estimate import CHINCHILLA_TOKENS_PER_PARAM
+from lmforge.estimate_adapt import ADAPT_NAMES
+from lmforge.estimate_memory import format_bytes, format_count
 
 
 def format_estimate(result: dict[str, Any]) -> str:
@@ -19,16 +22,16 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
         f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
         + (", tied" if m["tie_embeddings"] else ", untied"),
-        f"parameters   {_count(r['params'])} total, {_count(r['non_embedding_params'])} non-embedding"
+        f"parameters   {format_count(r['params'])} total, {format_count(r['non_embedding_params'])} non-embedding"
         + (
-            f"; {ADAPT_NAMES[r['adapt']]}: {_count(r['trainable_params'])} trainable"
+            f"; {ADAPT_NAMES[r['adapt']]}: {format_count(r['trainable_params'])} trainable"
             if r.get("adapt", "full") != "full"
             else ""
         ),
         f"batch        {r['batch_size']} x {r['seq_len']} tokens per step (micro-batch {r['micro_batch_size']}), "
         f"{_big(r['steps'], '{:,}')} steps, {r['dtype']}, {r['optimizer']}",
-        f"tokens       {_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "
-        f"Chinchilla-optimal {_count(r['chinchilla_tokens'])} = {CHINCHILLA_TOKENS_PER_PARAM} x params)",
+        f"tokens       {format_count(r['tokens'])} ({_big(r['tokens'] / r['params'], '{:.1f}')} per parameter; "
+        f"Chinchilla-optimal {format_count(r['chinchilla_tokens'])} = {CHINCHILLA_TOKENS_PER_PARAM} x params)",
         f"compute      {r['train_flops']:.3g} FLOPs ({r['flops_per_token']:.3g} per token, "
         f"attention {100 * r['attention_flops_share']:.1f}%)",
         f"memory       per device ({devices}):",
@@ -48,18 +51,18 @@ def format_estimate(result: dict[str, Any]) -> str:
         ("total", mem["total"]),
         ("total, checkpointed", mem["total_checkpointed"]),
     ]
-    lines += [f"  {name:<26}{_bytes(value):>12}" for name, value in rows if value or name.startswith("total")]
+    lines += [f"  {name:<26}{format_bytes(value):>12}" for name, value in rows if value or name.startswith("total")]
     lines += [
         f"hardware     {r['hardware']}: peak {r['peak_flops'] / 1e12:.4g} TFLOP/s ({r['peak_source']}), "
         f"MFU {r['mfu']:.2f}",
     ]
     if r.get("comm_bytes"):  # (0 on one device)
-        lines.append(f"communication {_bytes(r['comm_bytes'])} sent and received per device over the run")
+        lines.append(f"communication {format_bytes(r['comm_bytes'])} sent and received per device over the run")
     c = r["communication"]
     if r["world_size"] > 1:
         per = "sync" if r["strategy"] == "diloco" else "step"
         lines.append(
-            f"comm time    {_bytes(c['bytes_per_sync'])} sent per device per {per}: {c['collectives']}; "
+            f"comm time    {format_bytes(c['bytes_per_sync'])} sent per device per {per}: {c['collectives']}; "
             + (
                 "not included (pass --interconnect)"
                 if c["sync_s"] is None

@@ -217,7 +217,7 @@ def _finetune(
     )
     from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.dist_config import require_one_process
-    from lmforge.estimate import check_batch_fits, check_fits
+    from lmforge.estimate_device import check_batch_fits, check_fits
     from lmforge.finetune_eval import reference_logprobs, val_metrics
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside

@@ -288,7 +288,7 @@ def test_muon_under_fsdp_is_a_one_line_error(data_dir: Path, tmp_path: Path) -> 
 
 
 def test_a_model_too_big_for_memory_is_one_line_from_rank_0(data_dir: Path, tmp_path: Path) -> None:
-    """The up-front memory check (estimate.check_fits) refused on every rank, and each printed the same line: two
+    """The up-front memory check (estimate_device.check_fits) refused on every rank, and each printed the same line: two
     lines under 2 ranks. Every rank checks the same model alike, so rank 0 alone prints it; the run fails (2)."""
     p = forked_ranks(data_dir, tmp_path / "run", **{"model.n_layer": 99999999999999999999})
     lines = [line for line in p.stderr.splitlines() if line.startswith("lmforge")]

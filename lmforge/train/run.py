@@ -48,7 +48,7 @@ from lmforge.errors import (
     release_interrupts,
     take_held_interrupt,
 )
-from lmforge.estimate import check_batch_fits, check_fits, measure_matmul_flops
+from lmforge.estimate_device import check_batch_fits, check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
 from lmforge.fields import spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
