@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data import ingest
+from lmforge.data import ingest, ingest_blocks, ingest_text
 from lmforge.data.clean import clean_text
 from lmforge.data.ingest import block_documents, read_blocks, read_documents
 from lmforge.data.prepare import PrepareConfig, load_data_dir, prepare
@@ -306,7 +306,7 @@ def _stream_from_2000_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(prepare_module, "LONG_DOCUMENT_BYTES", 2000)
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 1000)
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 500)
+    monkeypatch.setattr(ingest_blocks, "_CHUNK_BYTES", 500)
 
 
 def _prepared(argv: list[str], out: Path) -> dict[str, bytes]:
@@ -526,7 +526,7 @@ def test_long_documents_stream_as_the_whole_file_parses_them(
     was held as bytes, text and cleaned text: pass 1 added ~190 MB for a 50 MB line.)"""
     from lmforge.data.ingest import LongDocument
 
-    monkeypatch.setattr(ingest, "_CHUNK_BYTES", 300)
+    monkeypatch.setattr(ingest_blocks, "_CHUNK_BYTES", 300)
     book = shakespeare_text(40_000).replace("\n", " ")
     long = book[:5000]
     data = (
@@ -575,7 +575,7 @@ def test_long_documents_stream_as_the_whole_file_parses_them(
 @pytest.mark.parametrize("piece_bytes", [1, 2, 3, 7, 1 << 16])
 def test_line_ends_cut_across_read_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece_bytes: int) -> None:
     """Text is read in pieces: a "\\r\\n" split between two is one line end, a lone "\\r" one too."""
-    monkeypatch.setattr(ingest, "_PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(ingest_text, "_PIECE_BYTES", piece_bytes)
     path = write(tmp_path / "a.txt", b"one\r\ntwo\rthree\n\r\n\rfour\r\r\nfive")
     lines = ["one\r\n", "two\r", "three\n", "four\r", "five"]
     assert [d.text for d in read_documents(path, doc_unit="line")] == lines
@@ -602,11 +602,9 @@ def test_block_errors_name_the_right_line(tmp_path: Path) -> None:
 def test_blocks_search_each_byte_about_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A paragraph-mode file with no blank line is one document: reading it in blocks searches each new
     read for a boundary, not the whole growing document again (which was quadratic: minutes per GB)."""
-    import lmforge.data.ingest as ingest
-
     searched = []
-    real = ingest._cut
-    monkeypatch.setattr(ingest, "_cut", lambda data, *a: searched.append(len(data)) or real(data, *a))
+    real = ingest_blocks._cut
+    monkeypatch.setattr(ingest_blocks, "_cut", lambda data, *a: searched.append(len(data)) or real(data, *a))
     text = "a line of one long paragraph \n" * 4000  # 124 KB, read 256 bytes at a time
     path = write(tmp_path / "one.txt", text + "\n" + "tail\n")
     blocks = list(read_blocks(path, block_bytes=256))
