@@ -330,7 +330,7 @@ def _finetune(
         ]
         train_rows = train_rows + extra
     kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
-    kwargs["template"] = template
+    kwargs["template"], kwargs["context"] = template, context
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
     val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
     if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)

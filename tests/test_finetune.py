@@ -333,6 +333,35 @@ def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFix
         assert capsys.readouterr().err == "", task
 
 
+def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The cut-examples note suggested a longer --max-len even when --max-len (0: all of it) was already the
+    model's whole context; there it now says the model cannot see more (shorter examples, a longer-context model),
+    for qa's note too."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    long = "word " * 100
+    cases = {
+        "sft": [{"instruction": "say", "output": long}],
+        "qa": [{"question": "q?", "context": long, "answer": "w"}],
+    }
+    for task, rows in cases.items():
+        kwargs = {"tok": tok, "fields": field_map(task, None), "labels": None, "path": "f.jsonl", "max_len": 32}
+        for context, advice in ((32, "--max-len 32 is the model's whole context, so it cannot see more: shorten"),
+                                (64, "a longer --max-len, up to the model's context (64), keeps more")):  # fmt: skip
+            build_examples(rows, task=task, context=context, **kwargs)
+            err = capsys.readouterr().err
+            assert err.startswith("note: f.jsonl: 1 of 1 ") and advice in err and err.count("\n") == 1, (task, err)
+    base = make_base(tmp_path, max_seq_len=32)  # finetune passes the model's context
+    rows = tmp_path / "long.jsonl"
+    rows.write_text(json.dumps({"instruction": "say", "output": "the cat sat " * 20}) + "\n", encoding="utf-8")
+    overrides = {"train": {"max_steps": 1, "batch_size": 1, "warmup_steps": 0}}
+    finetune(base, train_file=rows, out=tmp_path / "ft", cfg=FinetuneConfig(task="sft"), overrides=overrides,
+             progress=False)  # fmt: skip
+    assert "--max-len 32 is the model's whole context, so it cannot see more" in capsys.readouterr().err
+
+
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report
 

@@ -354,11 +354,13 @@ def build_examples(
     path: str | Path,
     frame: tuple[list[int], list[int], int] | None = None,
     template: Any = None,
+    context: int = 0,
 ) -> list[Any]:
     """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO.
 
     `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`); `template` the chat template of
-    sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`)."""
+    sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`); `context` the
+    model's (0: not known), for the cut-examples note's advice."""
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
@@ -386,14 +388,15 @@ def build_examples(
             out.append((before + text[:room] + after, index[name]))
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
-        note_cut(path, cut, len(out), max_len, "each keeps its text's start")
+        note_cut(path, cut, len(out), max_len, "each keeps its text's start", context=context)
         return out
     if task == "qa":
         from lmforge.data.qa import qa_examples
 
         return qa_examples(
-            rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path
-        )
+            rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path,
+            model_context=context,
+        )  # fmt: skip
     if task == "sft":
         template = template or ChatTemplate()
         out, short = [], 0
@@ -404,7 +407,7 @@ def build_examples(
                 raise DataError(f"{path}: row {i}: {e}") from None
             out.append(segments_example(segments, max_len, tok.prompt_prefix))
             short += sum(out[-1].train) < sum(len(ids) for ids, train in segments if train)
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "translate":
         out, short = [], 0
@@ -412,7 +415,7 @@ def build_examples(
             target = str(r[fields["target"]])
             out.append(completion_example(tok, translate_prompt(str(r[fields["source"]])), target, max_len))
             short += sum(out[-1].train) < len(tok.encode(target)) + 1  # (+ its end-of-text)
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "clm":
         return clm_examples(tok, [r[fields["text"]] for r in rows], max_len)
@@ -437,7 +440,8 @@ def build_examples(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
         )
-    note_cut(path, sum(p["chosen"].cut or p["rejected"].cut for p in out), len(out), max_len, _LM_CUT, "pairs")
+    cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
+    note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", context=context)
     return out
 
 
@@ -446,13 +450,20 @@ _LM_CUT = "an answer keeps its start; a prompt too long to leave room for the an
 
 
 def note_cut(
-    path: str | Path, cut: int, n: int, max_len: int, kept: str, what: str = "examples", answers_cut: int = 0
+    path: str | Path,
+    cut: int,
+    n: int,
+    max_len: int,
+    kept: str,
+    what: str = "examples",
+    answers_cut: int = 0,
+    context: int = 0,
 ) -> None:
     """One stderr note counting the examples of `path` cut to `max_len` tokens (they were cut without a word), and
     how many of them lost their answer's end (sft/translate): the end of such an answer and its end-of-text never
     train, so a model fine-tuned on many learns not to stop. Chinese takes more tokens than its length suggests
     (1,927 of Alpaca's 5,000 Chinese examples lose their answer's end at 128 tokens with a Hong Lou Meng BPE
-    vocabulary, 24 at 512)."""
+    vocabulary, 24 at 512). `context`: the tokens the model sees (0: not known here), for the advice."""
     if cut:
         lost = (
             f"; {answers_cut:,} of them lose the end of their answer (with its end-of-text, which teaches the model "
@@ -460,14 +471,29 @@ def note_cut(
             if answers_cut
             else ""
         )
-        note = (
+        note(
             f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
-            f"({kept}){lost}; a longer --max-len, up to the model's context, keeps more"
+            f"({kept}){lost}; {keep_more(max_len, context)}"
         )
-        if _held_notes is None:
-            print(note, file=sys.stderr)
-        else:
-            _held_notes.append(note)
+
+
+def keep_more(max_len: int, context: int) -> str:
+    """How to keep more of examples cut to `max_len` tokens: a longer --max-len, unless it is already the
+    model's whole `context` (0: not known), which cannot see more."""
+    if context and max_len >= context:
+        return (
+            f"--max-len {max_len} is the model's whole context, so it cannot see more: shorten the examples or "
+            "fine-tune a model with a longer context"
+        )
+    return f"a longer --max-len, up to the model's context{f' ({context:,})' if context else ''}, keeps more"
+
+
+def note(text: str) -> None:
+    """Print a data note on stderr, or keep it for `print_held_notes` within `notes_held`."""
+    if _held_notes is None:
+        print(text, file=sys.stderr)
+    else:
+        _held_notes.append(text)
 
 
 _held_notes: list[str] | None = None  # `notes_held`'s list while it holds
@@ -487,16 +513,16 @@ def notes_held() -> Iterator[None]:
     finally:
         held, _held_notes = _held_notes, outer
         if ok:
-            for note in held or ():  # (None: print_held_notes printed them)
-                print(note, file=sys.stderr)
+            for line in held or ():  # (None: print_held_notes printed them)
+                print(line, file=sys.stderr)
 
 
 def print_held_notes() -> None:
     """Print the notes `notes_held` has kept so far (the rest of its block prints at once)."""
     global _held_notes
     if _held_notes is not None:
-        for note in _held_notes:
-            print(note, file=sys.stderr)
+        for line in _held_notes:
+            print(line, file=sys.stderr)
         _held_notes = None
 
 
