@@ -1708,6 +1708,33 @@ def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_pa
     assert result["val"]["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
 
 
+def test_clm_finetune_cleans_text_as_prepare_does(base: Path, tmp_path: Path):
+    """`finetune --task clm` trained and validated on NUL bytes and control characters that `prepare` removes
+    from the same text. It now cleans by prepare's rule (line breaks, control characters, NFC), and `eval --task
+    clm` of the fine-tune scores the text cleaned the same way: the tokens its logged val_loss counted."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+    from lmforge.eval.tasks import evaluate_task
+
+    tok = Tokenizer.load(base / "tokenizer.json")
+    kwargs = {"task": "clm", "tok": tok, "fields": field_map("clm", None), "max_len": 16, "labels": None}
+    dirty = "\x00the cat\x1b sat on the mat\r\nand the dog ran\x7f away\x85"
+    clean = "the cat sat on the mat\nand the dog ran away"
+    got = build_examples([{"text": dirty}], path="d.txt", **kwargs)
+    assert [e.ids for e in got] == [e.ids for e in build_examples([{"text": clean}], path="c.txt", **kwargs)]
+    with pytest.raises(DataError, match=r"^d.txt: every document is empty once control characters are removed"):
+        build_examples([{"text": "\x00\x01"}], path="d.txt", **kwargs)
+    text = tmp_path / "dirty.txt"
+    text.write_text((dirty + "\n\n") * 2, encoding="utf-8")  # (2 NULs: more would read as a binary file)
+    overrides = {"train": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 1}}
+    cfg = FinetuneConfig(task="clm", max_len=16)
+    finetune(base, train_file=text, val_file=text, out=tmp_path / "ft", cfg=cfg, overrides=overrides, progress=False)
+    logged = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert logged["val_tokens"] == 2 * (len(tok.encode(clean)) + 1) - 1  # (EOS after each; the first is no target)
+    scored = evaluate_task(tmp_path / "ft", task="clm", data=text, device="cpu")
+    assert scored["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
+
+
 def test_clm_task_reads_invalid_utf8_as_prepare_does(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     """`eval --task clm FILE` decoded the file with errors="replace" and said nothing; `prepare` counts the
     replaced sequences and refuses a file that mixes encodings. Both now read it with the same helpers: the

@@ -156,6 +156,16 @@ def packed_batch(rows: list[list[LMExample]], pad_id: int) -> tuple[torch.Tensor
     return x, y, positions, segments
 
 
+def clm_texts(texts: Sequence[Any]) -> list[str]:
+    """`--task clm` documents cleaned by `prepare`'s rule at its defaults (`filters.DocumentCleaner`: line breaks
+    to "\\n", control characters such as NUL dropped, NFC, stripped), those left empty dropped: `finetune` trains
+    and validates on them, and `eval --task clm` of a fine-tune scores them (a NUL byte trained as a token)."""
+    from lmforge.data.filters import DocumentCleaner
+
+    cleaner = DocumentCleaner()
+    return [done.text for done in (cleaner.one(str(t)) for t in texts) if done.reason is None]
+
+
 def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
     """Documents + EOS, concatenated and cut into windows of seq_len + 1 tokens (every token trains)."""
     stream: list[int] = []
@@ -418,7 +428,10 @@ def build_examples(
         note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "clm":
-        return clm_examples(tok, [r[fields["text"]] for r in rows], max_len)
+        texts = clm_texts([r[fields["text"]] for r in rows])
+        if rows and not texts:
+            raise DataError(f"{path}: every document is empty once control characters are removed; write the texts")
+        return clm_examples(tok, texts, max_len)
     out = []  # dpo
     for row in rows:
         chosen, rejected = str(row[fields["chosen"]]), str(row[fields["rejected"]])
