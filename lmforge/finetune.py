@@ -546,17 +546,6 @@ def _finetune(
         + (f" (packed into {len(train_items)} rows)" if cfg.pack else "")
         + (f", labels {', '.join(labels)}" if labels else "")
     )
-    # rows `build_examples` skipped: DPO pairs whose two sides are the same tokens, blank classification texts
-    skipped = {"train": len(train_rows) - len(train_ex), "val": len(val_rows) - len(val_ex)}
-    if cfg.task in ("dpo", "classify") and any(skipped.values()):
-        log.info(
-            (
-                "skipped pairs whose chosen and rejected are the same (no preference): "
-                if cfg.task == "dpo"
-                else f"skipped rows whose {fields['text']!r} is empty (no text to learn the label from): "
-            )
-            + ", ".join(f"{n} of {split}" for split, n in skipped.items() if n)
-        )
     log.info(format_trainable(model))
     if ckpt is not None and lr_schedule is None and not done:  # a changed --train.lr, max_steps, ...
         from lmforge.train.schedule import schedule_change

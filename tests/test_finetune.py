@@ -362,6 +362,33 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
     assert "--max-len 32 is the model's whole context, so it cannot see more" in capsys.readouterr().err
 
 
+def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
+    """6 of Alpaca zh's 5,000 rows have an empty output (lost data: "Calculate the sum of the digits in 18047"):
+    training kept them silently, teaching the model to stop at once, while a scored file refuses them. They are
+    now skipped with one stderr note counting them, as blank classification texts and identical DPO pairs are."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    rows = [
+        {"instruction": "sum the digits", "input": "18047", "output": " "},
+        {"instruction": "say hi", "output": "hi"},
+        {"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}]},
+    ]
+    kwargs = {"task": "sft", "tok": tok, "fields": field_map("sft", None), "max_len": 64, "labels": None}
+    examples = build_examples(rows, path="t.jsonl", **kwargs)
+    assert len(examples) == 2 and all(sum(e.train) > 1 for e in examples)  # (an answer and its end of turn)
+    assert capsys.readouterr().err == (
+        "note: t.jsonl: 2 of 4 rows have an empty answer ('output' or the assistant messages: it teaches only to "
+        "stop) and were skipped\n"
+    )
+    with pytest.raises(
+        DataError, match=r"^t.jsonl: every row's answer \('output' or the assistant messages\) is empty"
+    ):
+        build_examples([rows[0], rows[2]], path="t.jsonl", **kwargs)
+
+
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report
 
@@ -481,7 +508,8 @@ def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
     assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
     r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
                 str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
-    assert r.returncode == 0 and "chosen and rejected are the same (no preference): 3 of train" in r.stdout, r.stderr
+    skipped = f"note: {mixed}: 3 of 8 pairs have the same chosen and rejected (no preference) and were skipped"
+    assert r.returncode == 0 and skipped in r.stderr, r.stderr
     r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
     only_same = tmp_path / "same.jsonl"
@@ -786,7 +814,8 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
                 "--out", str(tmp_path / "c"), "--train.max_steps", "2")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "2 train / 0 val examples" in r.stdout
-    assert "skipped rows whose 'review' is empty (no text to learn the label from): 1 of train" in r.stdout
+    skipped = f"note: {blank}: 1 of 3 rows have an empty 'review' (no text to learn the label from) and were skipped"
+    assert skipped in r.stderr
     # eval --limit 2 scores rows 1-2 only: the blank row 3 after them is not scored, so it is not refused
     # (ChnSentiCorp_htl_all.csv's blank row 6375 refused `--limit 3000`)
     from lmforge.eval.tasks import evaluate_task
@@ -1403,8 +1432,8 @@ def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
 def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path: Path):
     """An empty qa answer scored exact match and F1 1.0 against an empty prediction (and sft outputs, translate
     targets and a final assistant message likewise): refused in files whose answers are scored (eval --task, a
-    fine-tune's --val), as classify refuses an empty label. A training file keeps such rows: an empty output
-    teaches the model to stop (Alpaca has a few)."""
+    fine-tune's --val), as classify refuses an empty label. A training file's rows are read (sft's empty answers
+    are then skipped with a note: `test_sft_rows_with_an_empty_answer_are_skipped_with_a_note`)."""
     from lmforge.data.tables import field_map, read_task_rows
 
     files = {

@@ -398,6 +398,9 @@ def build_examples(
             out.append((before + text[:room] + after, index[name]))
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
+        note_skipped(
+            path, len(rows) - len(out), len(rows), f"have an empty {fields['text']!r} (no text to learn the label from)"
+        )
         note_cut(path, cut, len(out), max_len, "each keeps its text's start", context=context)
         return out
     if task == "qa":
@@ -411,12 +414,22 @@ def build_examples(
         template = template or ChatTemplate()
         out, short = [], 0
         for i, row in enumerate(rows, 1):
+            messages = conversation(row, fields, task)
             try:
-                segments = template.segments(tok, conversation(row, fields, task))
+                segments = template.segments(tok, messages)
             except DataError as e:
                 raise DataError(f"{path}: row {i}: {e}") from None
+            # An empty answer teaches only the end of the turn: stopping at once, whatever was asked (Alpaca's
+            # are lost outputs: "Calculate the sum of the digits of 18047" -> ""). Skipped and noted; scored
+            # files refuse them (`tables.check_columns`).
+            if not any(str(m.get("content") or "").strip() for m in messages if m.get("role") == "assistant"):
+                continue
             out.append(segments_example(segments, max_len, tok.prompt_prefix))
             short += sum(out[-1].train) < sum(len(ids) for ids, train in segments if train)
+        answer = f"{fields['output']!r} or the assistant messages"
+        if rows and not out:
+            raise DataError(f"{path}: every row's answer ({answer}) is empty; write the answers")
+        note_skipped(path, len(rows) - len(out), len(rows), f"have an empty answer ({answer}: it teaches only to stop)")
         note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "translate":
@@ -444,7 +457,7 @@ def build_examples(
             "rejected": completion_example(tok, prompt, rejected, max_len),
         }
         # Identical sides state no preference: their DPO loss is log 2 with zero gradient whatever the model, and
-        # scoring counts them as a wrong reward ordering. Dropped; the caller reports len(rows) - len(pairs).
+        # scoring counts them as a wrong reward ordering. Dropped and noted (eval's result counts them too).
         # An empty side is kept: it is a preference for (or against) stopping at once (hh-rlhf has 4 such).
         if pair["chosen"].ids != pair["rejected"].ids:
             out.append(pair)
@@ -453,6 +466,7 @@ def build_examples(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
         )
+    note_skipped(path, len(rows) - len(out), len(rows), "have the same chosen and rejected (no preference)", "pairs")
     cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
     note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", context=context)
     return out
@@ -488,6 +502,13 @@ def note_cut(
             f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
             f"({kept}){lost}; {keep_more(max_len, context)}"
         )
+
+
+def note_skipped(path: str | Path, skipped: int, n: int, why: str, what: str = "rows") -> None:
+    """One stderr note counting the rows of `path` that `build_examples` left out of training, and `why`, as
+    `note_cut` counts the cut ones (held with them)."""
+    if skipped:
+        note(f"note: {path}: {skipped:,} of {n:,} {what} {why} and were skipped")
 
 
 def keep_more(max_len: int, context: int) -> str:
