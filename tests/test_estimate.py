@@ -1565,6 +1565,25 @@ def test_a_teacher_run_with_another_tokenizer_than_the_student_run_is_refused_as
     assert r.returncode == 0 and json.loads(r.stdout)["teacher_params"], r.stderr
 
 
+def test_an_hf_directory_teacher_with_another_tokenizer_is_refused_as_finetune_refuses_it(tmp_path) -> None:
+    """`estimate --teacher HF_DIR --config STUDENT_RUN` did not compare the HF directory's tokenizer with the
+    student's: `finetune --adapt distill` found the difference only after importing the teacher. The directory's
+    tokenizer is now read from its files (as the import reads it) and checked by the same function."""
+    from lmforge.estimate_adapt import check_teacher_run_tokenizer
+    from lmforge.export.hf import export_hf
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_char
+    from tests.test_finetune import make_base
+
+    teacher = make_base(tmp_path / "t", n_layer=3, d_model=64)
+    hf = export_hf(teacher, tmp_path / "hf")
+    other = make_base(tmp_path / "other", tok=train_char(["a student with a smaller alphabet"]))
+    same = make_base(tmp_path / "same", tok=Tokenizer.load(teacher / "tokenizer.json"))
+    with pytest.raises(ConfigError, match=rf"^--teacher {re.escape(str(hf))} uses another tokenizer than the student"):
+        check_teacher_run_tokenizer(hf, other)  # (the estimate command calls it: the test above)
+    check_teacher_run_tokenizer(hf, same / "config.json")
+
+
 def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:
     from lmforge.estimate_adapt import read_teacher
     from tests.test_finetune import make_base
