@@ -542,8 +542,8 @@ def _finetune(
             else f"resuming {out} from step {state.step}"
         )
     log.info(
-        f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex)} train / {len(val_ex)} val examples"
-        + (f" (packed into {len(train_items)} rows)" if cfg.pack else "")
+        f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex):,} train / {len(val_ex):,} val examples"
+        + (f" (packed into {len(train_items):,} rows)" if cfg.pack else "")
         + (f", labels {', '.join(labels)}" if labels else "")
     )
     log.info(format_trainable(model))

@@ -348,7 +348,7 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
     }
     for task, rows in cases.items():
         kwargs = {"tok": tok, "fields": field_map(task, None), "labels": None, "path": "f.jsonl", "max_len": 32}
-        for context, advice in ((32, "--max-len 32 is the model's whole context, so it cannot see more: shorten"),
+        for context, advice in ((32, "32 tokens is the model's whole context, so it cannot see more: shorten"),
                                 (64, "a longer --max-len, up to the model's context (64), keeps more")):  # fmt: skip
             build_examples(rows, task=task, context=context, **kwargs)
             err = capsys.readouterr().err
@@ -359,7 +359,7 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
     overrides = {"train": {"max_steps": 1, "batch_size": 1, "warmup_steps": 0}}
     finetune(base, train_file=rows, out=tmp_path / "ft", cfg=FinetuneConfig(task="sft"), overrides=overrides,
              progress=False)  # fmt: skip
-    assert "--max-len 32 is the model's whole context, so it cannot see more" in capsys.readouterr().err
+    assert "32 tokens is the model's whole context, so it cannot see more" in capsys.readouterr().err
 
 
 def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
@@ -380,8 +380,8 @@ def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.Ca
     examples = build_examples(rows, path="t.jsonl", **kwargs)
     assert len(examples) == 2 and all(sum(e.train) > 1 for e in examples)  # (an answer and its end of turn)
     assert capsys.readouterr().err == (
-        "note: t.jsonl: 2 of 4 rows have an empty answer ('output' or the assistant messages: it teaches only to "
-        "stop) and were skipped\n"
+        "note: t.jsonl: 2 of 4 rows with an empty answer ('output' or the assistant messages: it teaches only to "
+        "stop) were skipped\n"
     )
     with pytest.raises(
         DataError, match=r"^t.jsonl: every row's answer \('output' or the assistant messages\) is empty"
@@ -508,7 +508,7 @@ def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
     assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
     r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
                 str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
-    skipped = f"note: {mixed}: 3 of 8 pairs have the same chosen and rejected (no preference) and were skipped"
+    skipped = f"note: {mixed}: 3 of 8 pairs with the same chosen and rejected (no preference) were skipped"
     assert r.returncode == 0 and skipped in r.stderr, r.stderr
     r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
@@ -814,7 +814,7 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
                 "--out", str(tmp_path / "c"), "--train.max_steps", "2")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "2 train / 0 val examples" in r.stdout
-    skipped = f"note: {blank}: 1 of 3 rows have an empty 'review' (no text to learn the label from) and were skipped"
+    skipped = f"note: {blank}: 1 of 3 rows with an empty 'review' (no text to learn the label from) was skipped"
     assert skipped in r.stderr
     # eval --limit 2 scores rows 1-2 only: the blank row 3 after them is not scored, so it is not refused
     # (ChnSentiCorp_htl_all.csv's blank row 6375 refused `--limit 3000`)

@@ -399,7 +399,7 @@ def build_examples(
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
         note_skipped(
-            path, len(rows) - len(out), len(rows), f"have an empty {fields['text']!r} (no text to learn the label from)"
+            path, len(rows) - len(out), len(rows), f"an empty {fields['text']!r} (no text to learn the label from)"
         )
         note_cut(path, cut, len(out), max_len, "each keeps its text's start", context=context)
         return out
@@ -429,7 +429,7 @@ def build_examples(
         answer = f"{fields['output']!r} or the assistant messages"
         if rows and not out:
             raise DataError(f"{path}: every row's answer ({answer}) is empty; write the answers")
-        note_skipped(path, len(rows) - len(out), len(rows), f"have an empty answer ({answer}: it teaches only to stop)")
+        note_skipped(path, len(rows) - len(out), len(rows), f"an empty answer ({answer}: it teaches only to stop)")
         note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "translate":
@@ -466,7 +466,7 @@ def build_examples(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
         )
-    note_skipped(path, len(rows) - len(out), len(rows), "have the same chosen and rejected (no preference)", "pairs")
+    note_skipped(path, len(rows) - len(out), len(rows), "the same chosen and rejected (no preference)", "pairs")
     cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
     note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", context=context)
     return out
@@ -508,7 +508,7 @@ def note_skipped(path: str | Path, skipped: int, n: int, why: str, what: str = "
     """One stderr note counting the rows of `path` that `build_examples` left out of training, and `why`, as
     `note_cut` counts the cut ones (held with them)."""
     if skipped:
-        note(f"note: {path}: {skipped:,} of {n:,} {what} {why} and were skipped")
+        note(f"note: {path}: {skipped:,} of {n:,} {what} with {why} {'was' if skipped == 1 else 'were'} skipped")
 
 
 def keep_more(max_len: int, context: int) -> str:
@@ -516,7 +516,7 @@ def keep_more(max_len: int, context: int) -> str:
     model's whole `context` (0: not known), which cannot see more."""
     if context and max_len >= context:
         return (
-            f"--max-len {max_len} is the model's whole context, so it cannot see more: shorten the examples or "
+            f"{max_len} tokens is the model's whole context, so it cannot see more: shorten the examples or "
             "fine-tune a model with a longer context"
         )
     return f"a longer --max-len, up to the model's context{f' ({context:,})' if context else ''}, keeps more"
