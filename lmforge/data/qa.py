@@ -360,8 +360,8 @@ def qa_examples(
         short += sum(example.train) < sum(len(ids) for ids, train in segments if train)
         out.append(example)
     if cut or short:
-        notes = [f"{cut} of {len(rows)} contexts cut to fit --max-len {max_len} (around the answer)"] if cut else []
-        notes += [f"{lost} of them no longer hold the answer"] if lost else []
-        notes += [f"{short} answers cut short (question and answer alone exceed --max-len)"] if short else []
+        notes = [f"{cut:,} of {len(rows):,} contexts cut to fit {max_len} tokens (around the answer)"] if cut else []
+        notes += [f"{lost:,} of them no longer hold the answer"] if lost else []
+        notes += [f"{short:,} answers cut short (question and answer alone exceed {max_len} tokens)"] if short else []
         note(f"note: {path}: {'; '.join(notes)}; {keep_more(max_len, model_context)}")
     return out
