@@ -365,7 +365,8 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
 def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
     """6 of Alpaca zh's 5,000 rows have an empty output (lost data: "Calculate the sum of the digits in 18047"):
     training kept them silently, teaching the model to stop at once, while a scored file refuses them. They are
-    now skipped with one stderr note counting them, as blank classification texts and identical DPO pairs are."""
+    now skipped with one stderr note counting them, as blank classification texts and identical DPO pairs are, and
+    translate's empty targets."""
     from lmforge.data.formats import build_examples
     from lmforge.data.tables import field_map
 
@@ -387,6 +388,12 @@ def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.Ca
         DataError, match=r"^t.jsonl: every row's answer \('output' or the assistant messages\) is empty"
     ):
         build_examples([rows[0], rows[2]], path="t.jsonl", **kwargs)
+    pairs = [{"source": "hi", "target": ""}, {"source": "cat", "target": "chat"}]  # translate: the same
+    kwargs |= {"task": "translate", "fields": field_map("translate", None)}
+    assert len(build_examples(pairs, path="t.tsv", **kwargs)) == 1
+    assert "note: t.tsv: 1 of 2 rows with an empty 'target' (it teaches only to stop) was skipped" in (
+        capsys.readouterr().err
+    )
 
 
 def test_classification_metrics_against_hand_computed_values():

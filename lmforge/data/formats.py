@@ -436,8 +436,14 @@ def build_examples(
         out, short = [], 0
         for r in rows:
             target = str(r[fields["target"]])
+            if not target.strip():  # (as sft's empty answers: it teaches only to stop)
+                continue
             out.append(completion_example(tok, translate_prompt(str(r[fields["source"]])), target, max_len))
             short += sum(out[-1].train) < len(tok.encode(target)) + 1  # (+ its end-of-text)
+        if rows and not out:
+            raise DataError(f"{path}: every row's {fields['target']!r} is empty; write the translations")
+        why = f"an empty {fields['target']!r} (it teaches only to stop)"
+        note_skipped(path, len(rows) - len(out), len(rows), why)
         note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "clm":
