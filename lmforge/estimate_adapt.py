@@ -417,31 +417,41 @@ def read_teacher(teacher: str | Path, *, flag: bool = False) -> GPTConfig:
 
 
 def check_teacher_run_tokenizer(teacher: str | Path, config_file: str | Path | None) -> None:
-    """`estimate --teacher RUN --config STUDENT_RUN` (its folder or config.json): refused in one line when their
+    """`estimate --teacher TEACHER --config STUDENT_RUN` (its folder or config.json): refused in one line when their
     tokenizers differ, as `finetune --adapt distill` refuses it (`adapt.load.check_teacher_tokenizer`); a plan of a
-    319-id teacher for a 2,948-id student was printed. Only when both are lmforge runs or checkpoints: a preset's
-    vocabulary is the student's, an HF directory's tokenizer is read by finetune alone (it imports the model), and a
-    TOML student has no tokenizer."""
-    from lmforge.adapt.load import check_teacher_tokenizer
+    319-id teacher for a 2,948-id student was printed. The teacher is an lmforge run or checkpoint, or an HF
+    directory (or hf:ORG/NAME in the hub cache), whose tokenizer is read from its files as finetune's import reads
+    it (`hf_import.read_hf_tokenizer`, without importing the weights). Not checked: a preset's vocabulary is the
+    student's, and a TOML student has no tokenizer."""
+    from lmforge.adapt.load import check_teacher_tokenizer, is_hf_dir
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.errors import LmforgeError
-    from lmforge.export.hub import is_hub_spec
+    from lmforge.export.hub import local_model_dir
     from lmforge.tokenizer.tokenizer import Tokenizer
     from lmforge.trained import tokenizer_file
 
     path = Path(config_file).expanduser() if config_file else None
     student = None if path is None else path if path.is_dir() else path.parent if path.name == "config.json" else None
-    if student is None or is_hub_spec(str(teacher)):
+    if student is None:
         return
     own = student / "tokenizer.json"  # a run's (pretrained, fine-tuned), else a checkpoint folder's or its run's
     student_file = own if own.is_file() else tokenizer_file(student) if (student / "state.json").is_file() else None
-    try:  # (read_teacher has read it: a run, a checkpoint folder or an HF directory, which has no state.json)
-        teacher_file = tokenizer_file(resolve_checkpoint(teacher))
-    except LmforgeError:
+    if student_file is None or not student_file.is_file():
         return
-    if student_file is None or not student_file.is_file() or not teacher_file.is_file():
+    try:  # (read_teacher has read it: a run, a checkpoint folder, or an HF directory, which has no state.json)
+        where = local_model_dir(teacher)  # (an hf: name: read_teacher found its snapshot in the cache)
+        if is_hf_dir(where):
+            from lmforge.export.hf_import import read_hf_tokenizer
+
+            teacher_tokenizer = read_hf_tokenizer(where)[0]
+        else:
+            teacher_file = tokenizer_file(resolve_checkpoint(where))
+            if not teacher_file.is_file():
+                return
+            teacher_tokenizer = Tokenizer.load(teacher_file)
+    except LmforgeError:  # (no tokenizer files: finetune's import says so)
         return
-    check_teacher_tokenizer(teacher, Tokenizer.load(teacher_file), Tokenizer.load(student_file))
+    check_teacher_tokenizer(teacher, teacher_tokenizer, Tokenizer.load(student_file))
 
 
 def teacher_plan(teacher: GPTConfig, student: GPTConfig, step: StepShape) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def check_fits(
     total = device_memory_bytes(device)
     if total is None:
         return
-    ranks = local_world_size() if device.type == "cpu" else 1
+    ranks = _ranks_sharing(device)
     if isinstance(model, GPTConfig):
         step = StepShape(seq_len=1, micro_batch=1, dtype="float32", device=device.type)
         mem = memory_bytes(model, optim, step, world_size=world_size, strategy=strategy)
@@ -143,15 +143,13 @@ def check_fits(
     if need * ranks <= total:
         return
     needed, where = _need_and_memory(need, device)
-    share = f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else ""
-    if ranks > 1:
-        share = f"{share or ' per rank'} x {ranks} ranks on this machine"
+    share = _share(f" per rank (FSDP over {world_size})" if strategy == "fsdp" and world_size > 1 else "", ranks)
     error = ConfigError(
         f"the {model.family} model ({format_count(model_param_count(model))} parameters: n_layer {model.n_layer}, "
         f"d_model {model.d_model}, vocab_size {model.vocab_size}) needs {needed}{share} for its fp32 weights, "
         f"gradients and {optim.name} state alone, more than the {format_bytes(total)} of {where}; use a smaller "
         "--model.n_layer, --model.d_model or --model.vocab_size"
-        + (" (or fewer CPU ranks per machine: torchrun --nproc-per-node)" if ranks > 1 else "")
+        + _fewer_ranks(ranks)
         + (" ('lmforge estimate' shows what a config needs)" if isinstance(model, GPTConfig) else "")
     )
     error.every_rank = True  # (under torchrun: one line, from rank 0; every rank exits 2)
@@ -162,18 +160,36 @@ def check_batch_fits(micro_batch: int, seq_len: int, device: torch.device) -> No
     """Refuse (ConfigError) a micro-batch whose token ids alone (inputs and targets, int64) exceed `device`'s total
     memory: `finetune --train.batch_size 1e11` grew a Python list of examples until the machine ran out, ignoring
     Ctrl-C inside the step, and `pretrain`'s failed in its first step, its run folder written. Both check it before
-    anything is written. A margin on purpose, as `check_fits`: the activations are left out."""
+    anything is written. A margin on purpose, as `check_fits`: the activations are left out; and as it, on CPU the
+    LOCAL_WORLD_SIZE ranks of the machine share its RAM (each rank holds its own micro-batch)."""
     total = device_memory_bytes(device)
     need = 16 * micro_batch * max(1, seq_len)
-    if total is None or need <= total:
+    ranks = _ranks_sharing(device)
+    if total is None or need * ranks <= total:
         return
     needed, where = _need_and_memory(need, device)
     error = ConfigError(
-        f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed} for its token ids alone, more "
-        f"than the {format_bytes(total)} of {where}; use a smaller --train.batch_size (or --train.micro_batch_size)"
+        f"a micro-batch of {micro_batch} examples x {seq_len} tokens needs {needed}{_share('', ranks)} for its token "
+        f"ids alone, more than the {format_bytes(total)} of {where}; use a smaller --train.batch_size (or "
+        f"--train.micro_batch_size){_fewer_ranks(ranks)}"
     )
     error.every_rank = True  # (pretrain under torchrun: each rank checks its own micro-batch alike; rank 0 prints)
     raise error
+
+
+def _ranks_sharing(device: torch.device) -> int:
+    """The ranks whose needs `check_fits` and `check_batch_fits` add up against `device`'s memory: on CPU those
+    torchrun started on this machine (LOCAL_WORLD_SIZE), which share its RAM; a GPU is each rank's own."""
+    return local_world_size() if device.type == "cpu" else 1
+
+
+def _share(share: str, ranks: int) -> str:
+    """`share` (whose need it is), then ' x N ranks on this machine' where `ranks` share the memory."""
+    return f"{share or ' per rank'} x {ranks} ranks on this machine" if ranks > 1 else share
+
+
+def _fewer_ranks(ranks: int) -> str:
+    return " (or fewer CPU ranks per machine: torchrun --nproc-per-node)" if ranks > 1 else ""
 
 
 def _need_and_memory(need: int, device: torch.device) -> tuple[str, str]:

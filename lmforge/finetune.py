@@ -330,7 +330,7 @@ def _finetune(
         ]
         train_rows = train_rows + extra
     kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
-    kwargs["template"] = template
+    kwargs["template"], kwargs["context"] = template, context
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
     val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
     if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)
@@ -542,21 +542,10 @@ def _finetune(
             else f"resuming {out} from step {state.step}"
         )
     log.info(
-        f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex)} train / {len(val_ex)} val examples"
-        + (f" (packed into {len(train_items)} rows)" if cfg.pack else "")
+        f"lmforge finetune: task {cfg.task}, adapt {cfg.adapt}, {len(train_ex):,} train / {len(val_ex):,} val examples"
+        + (f" (packed into {len(train_items):,} rows)" if cfg.pack else "")
         + (f", labels {', '.join(labels)}" if labels else "")
     )
-    # rows `build_examples` skipped: DPO pairs whose two sides are the same tokens, blank classification texts
-    skipped = {"train": len(train_rows) - len(train_ex), "val": len(val_rows) - len(val_ex)}
-    if cfg.task in ("dpo", "classify") and any(skipped.values()):
-        log.info(
-            (
-                "skipped pairs whose chosen and rejected are the same (no preference): "
-                if cfg.task == "dpo"
-                else f"skipped rows whose {fields['text']!r} is empty (no text to learn the label from): "
-            )
-            + ", ".join(f"{n} of {split}" for split, n in skipped.items() if n)
-        )
     log.info(format_trainable(model))
     if ckpt is not None and lr_schedule is None and not done:  # a changed --train.lr, max_steps, ...
         from lmforge.train.schedule import schedule_change

@@ -225,3 +225,18 @@ def test_notes_count_one_in_the_singular() -> None:
     assert "note: a and 1 more file: 3 invalid UTF-8 sequences replaced" in notes(inputs(a=1, b=2))[0]
     one_surrogate = {"inputs": [{"path": "p.jsonl", "invalid_utf8_replaced": 1, "lone_surrogates_replaced": 1}]}
     assert [n[:43] for n in notes(one_surrogate)] == ["note: p.jsonl: 1 lone surrogate escaped in "]
+
+
+def test_small_shards_are_noted_with_the_context_they_serve() -> None:
+    """prepare --shard-tokens 64 was accepted without a word; pretraining at a longer context then found no
+    window (a window never crosses a shard). Shards below 1M tokens are now noted, naming the longest context."""
+    from lmforge.data.card import notes
+
+    def manifest(shard_tokens: int, n_shards: int) -> dict:
+        shards = [f"train-{i:05}.bin" for i in range(n_shards)]
+        return {"inputs": [], "config": {"shard_tokens": shard_tokens}, "splits": {"train": {"shards": shards}}}
+
+    (note,) = notes(manifest(64, 3))
+    assert note.startswith("note: --shard-tokens 64 cut the train split into 3 shards") and "\n" not in note
+    assert "--data.seq_len 63 at most" in note
+    assert notes(manifest(64, 1)) == notes(manifest(50_000_000, 3)) == []  # one shard, or large ones: no note

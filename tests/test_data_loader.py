@@ -145,6 +145,20 @@ def test_too_little_data(tmp_path: Path) -> None:
         TokenLoader([], seq_len=16, batch_size=2, seed=0)
 
 
+def test_shards_cut_below_the_context_name_the_longest_context_they_serve(tmp_path: Path) -> None:
+    """Enough tokens spread over shards shorter than a window (prepare --shard-tokens 64, a context of 128):
+    the error said only "lower --data.seq_len"; it now names the seq_len the shards serve and the flag to raise."""
+    from lmforge.data.curriculum import CurriculumLoader
+
+    paths = make_shards(tmp_path, [64] * 4)
+    expected = r"longest has 64, cut by 'lmforge prepare --shard-tokens'\); pass --data.seq_len 63 or lower, or"
+    with pytest.raises(DataError, match=expected + r" prepare again with a --shard-tokens far above 129"):
+        TokenLoader(paths, seq_len=128, batch_size=2, seed=0)
+    with pytest.raises(DataError, match=expected):  # (the curriculum loader said "add data")
+        CurriculumLoader(paths, eos=0, seq_len=128, batch_size=2, seed=0, steps=10)
+    assert TokenLoader(paths, seq_len=63, batch_size=2, seed=0).windows_per_epoch == 4
+
+
 def test_eval_batches_cover_every_target_once(shards: list[Path]) -> None:
     seq_len, batch_size = 16, 5
     batches = list(eval_batches(shards, seq_len=seq_len, batch_size=batch_size))

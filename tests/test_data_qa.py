@@ -140,7 +140,7 @@ def test_a_long_context_is_cut_around_the_answer_never_the_question_or_answer(
     assert text.startswith("<|user|>\n") and "\n\nWhen?\n<|assistant|>\nat seven" in text
     kept = text.removeprefix("<|user|>\n").split("\n\nWhen?")[0]
     assert kept == context[72:93]  # the 21 characters that fit, centred on the answer (78 to 86)
-    assert "1 of 1 contexts cut to fit --max-len 60 (around the answer)" in capsys.readouterr().err
+    assert "1 of 1 contexts cut to fit 60 tokens (around the answer)" in capsys.readouterr().err
 
 
 def test_evaluation_reads_a_long_context_in_overlapping_windows(

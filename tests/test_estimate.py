@@ -1358,6 +1358,28 @@ def test_check_fits_counts_every_cpu_rank_of_the_machine_against_its_ram(monkeyp
     check_fits(model, adamw, torch.device("meta"), world_size=4)  # (no memory known: no check)
 
 
+def test_check_batch_fits_counts_every_cpu_rank_of_the_machine_as_check_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The up-front micro-batch check compared one rank's token ids with the whole RAM while `check_fits` counts the
+    LOCAL_WORLD_SIZE ranks that share it: 4 CPU ranks of 0.4x each passed. Both count them now, in the same words."""
+    from lmforge.estimate import check_batch_fits, device_memory_bytes
+
+    cpu = torch.device("cpu")
+    total = device_memory_bytes(cpu)
+    assert total
+    micro_batch, seq_len = math.ceil(0.4 * total / (16 * 1024)), 1024  # token ids at 0.4x the RAM per rank
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    check_batch_fits(micro_batch, seq_len, cpu)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_batch_fits(micro_batch, seq_len, cpu)  # 0.8x together
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError) as e:  # 1.6x
+        check_batch_fits(micro_batch, seq_len, cpu)
+    said = str(e.value)
+    assert "\n" not in said and "per rank x 4 ranks on this machine for its token ids" in said, said
+    assert said.endswith("(or --train.micro_batch_size) (or fewer CPU ranks per machine: torchrun --nproc-per-node)")
+    check_batch_fits(micro_batch, seq_len, torch.device("meta"))  # (no memory known: no check)
+
+
 @pytest.mark.parametrize("preset", ["bert-tiny", "electra-tiny", "lstm-tiny", "gru-tiny"])
 def test_check_fits_covers_encoders_and_recurrent_models(preset: str) -> None:
     """check_fits covered GPT/Llama shapes only: a BERT, ELECTRA, LSTM or GRU far beyond the RAM was built (and
@@ -1541,6 +1563,25 @@ def test_a_teacher_run_with_another_tokenizer_than_the_student_run_is_refused_as
         assert said in r.stderr and "distillation needs the same one" in r.stderr, r.stderr
     r = run_cli(*args, str(teacher), "--config", str(same), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["teacher_params"], r.stderr
+
+
+def test_an_hf_directory_teacher_with_another_tokenizer_is_refused_as_finetune_refuses_it(tmp_path) -> None:
+    """`estimate --teacher HF_DIR --config STUDENT_RUN` did not compare the HF directory's tokenizer with the
+    student's: `finetune --adapt distill` found the difference only after importing the teacher. The directory's
+    tokenizer is now read from its files (as the import reads it) and checked by the same function."""
+    from lmforge.estimate_adapt import check_teacher_run_tokenizer
+    from lmforge.export.hf import export_hf
+    from lmforge.tokenizer.tokenizer import Tokenizer
+    from lmforge.tokenizer.train import train_char
+    from tests.test_finetune import make_base
+
+    teacher = make_base(tmp_path / "t", n_layer=3, d_model=64)
+    hf = export_hf(teacher, tmp_path / "hf")
+    other = make_base(tmp_path / "other", tok=train_char(["a student with a smaller alphabet"]))
+    same = make_base(tmp_path / "same", tok=Tokenizer.load(teacher / "tokenizer.json"))
+    with pytest.raises(ConfigError, match=rf"^--teacher {re.escape(str(hf))} uses another tokenizer than the student"):
+        check_teacher_run_tokenizer(hf, other)  # (the estimate command calls it: the test above)
+    check_teacher_run_tokenizer(hf, same / "config.json")
 
 
 def test_a_distillation_teacher_is_read_from_a_run_or_an_hf_directory(tmp_path) -> None:

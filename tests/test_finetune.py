@@ -333,6 +333,69 @@ def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFix
         assert capsys.readouterr().err == "", task
 
 
+def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The cut-examples note suggested a longer --max-len even when --max-len (0: all of it) was already the
+    model's whole context; there it now says the model cannot see more (shorter examples, a longer-context model),
+    for qa's note too."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    long = "word " * 100
+    cases = {
+        "sft": [{"instruction": "say", "output": long}],
+        "qa": [{"question": "q?", "context": long, "answer": "w"}],
+    }
+    for task, rows in cases.items():
+        kwargs = {"tok": tok, "fields": field_map(task, None), "labels": None, "path": "f.jsonl", "max_len": 32}
+        for context, advice in ((32, "32 tokens is the model's whole context, so it cannot see more: shorten"),
+                                (64, "a longer --max-len, up to the model's context (64), keeps more")):  # fmt: skip
+            build_examples(rows, task=task, context=context, **kwargs)
+            err = capsys.readouterr().err
+            assert err.startswith("note: f.jsonl: 1 of 1 ") and advice in err and err.count("\n") == 1, (task, err)
+    base = make_base(tmp_path, max_seq_len=32)  # finetune passes the model's context
+    rows = tmp_path / "long.jsonl"
+    rows.write_text(json.dumps({"instruction": "say", "output": "the cat sat " * 20}) + "\n", encoding="utf-8")
+    overrides = {"train": {"max_steps": 1, "batch_size": 1, "warmup_steps": 0}}
+    finetune(base, train_file=rows, out=tmp_path / "ft", cfg=FinetuneConfig(task="sft"), overrides=overrides,
+             progress=False)  # fmt: skip
+    assert "32 tokens is the model's whole context, so it cannot see more" in capsys.readouterr().err
+
+
+def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
+    """6 of Alpaca zh's 5,000 rows have an empty output (lost data: "Calculate the sum of the digits in 18047"):
+    training kept them silently, teaching the model to stop at once, while a scored file refuses them. They are
+    now skipped with one stderr note counting them, as blank classification texts and identical DPO pairs are, and
+    translate's empty targets."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+
+    tok = train_char(["abcdefghijklmnopqrstuvwxyz ?"])
+    rows = [
+        {"instruction": "sum the digits", "input": "18047", "output": " "},
+        {"instruction": "say hi", "output": "hi"},
+        {"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}]},
+    ]
+    kwargs = {"task": "sft", "tok": tok, "fields": field_map("sft", None), "max_len": 64, "labels": None}
+    examples = build_examples(rows, path="t.jsonl", **kwargs)
+    assert len(examples) == 2 and all(sum(e.train) > 1 for e in examples)  # (an answer and its end of turn)
+    assert capsys.readouterr().err == (
+        "note: t.jsonl: 2 of 4 rows with an empty answer ('output' or the assistant messages: it teaches only to "
+        "stop) were skipped\n"
+    )
+    with pytest.raises(
+        DataError, match=r"^t.jsonl: every row's answer \('output' or the assistant messages\) is empty"
+    ):
+        build_examples([rows[0], rows[2]], path="t.jsonl", **kwargs)
+    pairs = [{"source": "hi", "target": ""}, {"source": "cat", "target": "chat"}]  # translate: the same
+    kwargs |= {"task": "translate", "fields": field_map("translate", None)}
+    assert len(build_examples(pairs, path="t.tsv", **kwargs)) == 1
+    assert "note: t.tsv: 1 of 2 rows with an empty 'target' (it teaches only to stop) was skipped" in (
+        capsys.readouterr().err
+    )
+
+
 def test_classification_metrics_against_hand_computed_values():
     from lmforge.eval.classify import classification_report
 
@@ -452,7 +515,8 @@ def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
     assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
     r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
                 str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
-    assert r.returncode == 0 and "chosen and rejected are the same (no preference): 3 of train" in r.stdout, r.stderr
+    skipped = f"note: {mixed}: 3 of 8 pairs with the same chosen and rejected (no preference) were skipped"
+    assert r.returncode == 0 and skipped in r.stderr, r.stderr
     r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
     only_same = tmp_path / "same.jsonl"
@@ -757,7 +821,8 @@ def test_an_empty_classification_text_is_skipped_in_training_and_refused_where_s
                 "--out", str(tmp_path / "c"), "--train.max_steps", "2")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "2 train / 0 val examples" in r.stdout
-    assert "skipped rows whose 'review' is empty (no text to learn the label from): 1 of train" in r.stdout
+    skipped = f"note: {blank}: 1 of 3 rows with an empty 'review' (no text to learn the label from) was skipped"
+    assert skipped in r.stderr
     # eval --limit 2 scores rows 1-2 only: the blank row 3 after them is not scored, so it is not refused
     # (ChnSentiCorp_htl_all.csv's blank row 6375 refused `--limit 3000`)
     from lmforge.eval.tasks import evaluate_task
@@ -1374,8 +1439,8 @@ def test_sft_null_instruction_or_output_is_an_error(tmp_path: Path):
 def test_an_empty_reference_is_an_error_where_it_is_scored(base: Path, tmp_path: Path):
     """An empty qa answer scored exact match and F1 1.0 against an empty prediction (and sft outputs, translate
     targets and a final assistant message likewise): refused in files whose answers are scored (eval --task, a
-    fine-tune's --val), as classify refuses an empty label. A training file keeps such rows: an empty output
-    teaches the model to stop (Alpaca has a few)."""
+    fine-tune's --val), as classify refuses an empty label. A training file's rows are read (sft's empty answers
+    are then skipped with a note: `test_sft_rows_with_an_empty_answer_are_skipped_with_a_note`)."""
     from lmforge.data.tables import field_map, read_task_rows
 
     files = {
@@ -1677,6 +1742,33 @@ def test_clm_task_scores_a_finetune_in_windows_of_its_max_len(base: Path, tmp_pa
     logged = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "val_loss" in r][-1]
     assert result["val"]["tokens"] == logged["val_tokens"]
     assert result["val"]["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
+
+
+def test_clm_finetune_cleans_text_as_prepare_does(base: Path, tmp_path: Path):
+    """`finetune --task clm` trained and validated on NUL bytes and control characters that `prepare` removes
+    from the same text. It now cleans by prepare's rule (line breaks, control characters, NFC), and `eval --task
+    clm` of the fine-tune scores the text cleaned the same way: the tokens its logged val_loss counted."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map
+    from lmforge.eval.tasks import evaluate_task
+
+    tok = Tokenizer.load(base / "tokenizer.json")
+    kwargs = {"task": "clm", "tok": tok, "fields": field_map("clm", None), "max_len": 16, "labels": None}
+    dirty = "\x00the cat\x1b sat on the mat\r\nand the dog ran\x7f away\x85"
+    clean = "the cat sat on the mat\nand the dog ran away"
+    got = build_examples([{"text": dirty}], path="d.txt", **kwargs)
+    assert [e.ids for e in got] == [e.ids for e in build_examples([{"text": clean}], path="c.txt", **kwargs)]
+    with pytest.raises(DataError, match=r"^d.txt: every document is empty once control characters are removed"):
+        build_examples([{"text": "\x00\x01"}], path="d.txt", **kwargs)
+    text = tmp_path / "dirty.txt"
+    text.write_text((dirty + "\n\n") * 2, encoding="utf-8")  # (2 NULs: more would read as a binary file)
+    overrides = {"train": {"max_steps": 1, "batch_size": 4, "warmup_steps": 0}, "eval": {"every": 1}}
+    cfg = FinetuneConfig(task="clm", max_len=16)
+    finetune(base, train_file=text, val_file=text, out=tmp_path / "ft", cfg=cfg, overrides=overrides, progress=False)
+    logged = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if "val_loss" in r][-1]
+    assert logged["val_tokens"] == 2 * (len(tok.encode(clean)) + 1) - 1  # (EOS after each; the first is no target)
+    scored = evaluate_task(tmp_path / "ft", task="clm", data=text, device="cpu")
+    assert scored["loss"] == pytest.approx(logged["val_loss"], abs=1e-6)
 
 
 def test_clm_task_reads_invalid_utf8_as_prepare_does(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmforge.data.loader import no_window_error
 from lmforge.data.shards import read_shard
 from lmforge.errors import DataError
 
@@ -118,7 +119,7 @@ class CurriculumLoader:
             difficulty.append(d)
             where.append(np.stack([np.full(len(d), index), np.arange(len(d)) * seq_len], axis=1))
         if not sum(len(d) for d in difficulty):
-            raise DataError(f"no shard has seq_len+1 = {seq_len + 1} tokens; lower --data.seq_len or add data")
+            raise no_window_error([len(t) for t in self._tokens], seq_len, shards, "train")
         all_difficulty = np.concatenate(difficulty)
         self._order = np.concatenate(where)[np.argsort(all_difficulty, kind="stable")]  # (n_windows, 2)
         self.difficulty_range = (float(all_difficulty.min()), float(all_difficulty.max()))

@@ -156,6 +156,16 @@ def packed_batch(rows: list[list[LMExample]], pad_id: int) -> tuple[torch.Tensor
     return x, y, positions, segments
 
 
+def clm_texts(texts: Sequence[Any]) -> list[str]:
+    """`--task clm` documents cleaned by `prepare`'s rule at its defaults (`filters.DocumentCleaner`: line breaks
+    to "\\n", control characters such as NUL dropped, NFC, stripped), those left empty dropped: `finetune` trains
+    and validates on them, and `eval --task clm` of a fine-tune scores them (a NUL byte trained as a token)."""
+    from lmforge.data.filters import DocumentCleaner
+
+    cleaner = DocumentCleaner()
+    return [done.text for done in (cleaner.one(str(t)) for t in texts) if done.reason is None]
+
+
 def clm_examples(tok: Any, texts: list[str], seq_len: int) -> list[LMExample]:
     """Documents + EOS, concatenated and cut into windows of seq_len + 1 tokens (every token trains)."""
     stream: list[int] = []
@@ -354,11 +364,13 @@ def build_examples(
     path: str | Path,
     frame: tuple[list[int], list[int], int] | None = None,
     template: Any = None,
+    context: int = 0,
 ) -> list[Any]:
     """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO.
 
     `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`); `template` the chat template of
-    sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`)."""
+    sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`); `context` the
+    model's (0: not known), for the cut-examples note's advice."""
     from lmforge.chat import ChatTemplate
 
     if task == "classify":
@@ -386,36 +398,59 @@ def build_examples(
             out.append((before + text[:room] + after, index[name]))
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['text']!r} is empty; write the texts")
-        note_cut(path, cut, len(out), max_len, "each keeps its text's start")
+        note_skipped(
+            path, len(rows) - len(out), len(rows), f"an empty {fields['text']!r} (no text to learn the label from)"
+        )
+        note_cut(path, cut, len(out), max_len, "each keeps its text's start", context=context)
         return out
     if task == "qa":
         from lmforge.data.qa import qa_examples
 
         return qa_examples(
-            rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path
-        )
+            rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path,
+            model_context=context,
+        )  # fmt: skip
     if task == "sft":
         template = template or ChatTemplate()
         out, short = [], 0
         for i, row in enumerate(rows, 1):
+            messages = conversation(row, fields, task)
             try:
-                segments = template.segments(tok, conversation(row, fields, task))
+                segments = template.segments(tok, messages)
             except DataError as e:
                 raise DataError(f"{path}: row {i}: {e}") from None
+            # An empty answer teaches only the end of the turn: stopping at once, whatever was asked (Alpaca's
+            # are lost outputs: "Calculate the sum of the digits of 18047" -> ""). Skipped and noted; scored
+            # files refuse them (`tables.check_columns`).
+            if not any(str(m.get("content") or "").strip() for m in messages if m.get("role") == "assistant"):
+                continue
             out.append(segments_example(segments, max_len, tok.prompt_prefix))
             short += sum(out[-1].train) < sum(len(ids) for ids, train in segments if train)
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
+        answer = f"{fields['output']!r} or the assistant messages"
+        if rows and not out:
+            raise DataError(f"{path}: every row's answer ({answer}) is empty; write the answers")
+        note_skipped(path, len(rows) - len(out), len(rows), f"an empty answer ({answer}: it teaches only to stop)")
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "translate":
         out, short = [], 0
         for r in rows:
             target = str(r[fields["target"]])
+            if not target.strip():  # (as sft's empty answers: it teaches only to stop)
+                continue
             out.append(completion_example(tok, translate_prompt(str(r[fields["source"]])), target, max_len))
             short += sum(out[-1].train) < len(tok.encode(target)) + 1  # (+ its end-of-text)
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short)
+        if rows and not out:
+            raise DataError(f"{path}: every row's {fields['target']!r} is empty; write the translations")
+        why = f"an empty {fields['target']!r} (it teaches only to stop)"
+        note_skipped(path, len(rows) - len(out), len(rows), why)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
         return out
     if task == "clm":
-        return clm_examples(tok, [r[fields["text"]] for r in rows], max_len)
+        texts = clm_texts([r[fields["text"]] for r in rows])
+        if rows and not texts:
+            raise DataError(f"{path}: every document is empty once control characters are removed; write the texts")
+        return clm_examples(tok, texts, max_len)
     out = []  # dpo
     for row in rows:
         chosen, rejected = str(row[fields["chosen"]]), str(row[fields["rejected"]])
@@ -428,7 +463,7 @@ def build_examples(
             "rejected": completion_example(tok, prompt, rejected, max_len),
         }
         # Identical sides state no preference: their DPO loss is log 2 with zero gradient whatever the model, and
-        # scoring counts them as a wrong reward ordering. Dropped; the caller reports len(rows) - len(pairs).
+        # scoring counts them as a wrong reward ordering. Dropped and noted (eval's result counts them too).
         # An empty side is kept: it is a preference for (or against) stopping at once (hh-rlhf has 4 such).
         if pair["chosen"].ids != pair["rejected"].ids:
             out.append(pair)
@@ -437,7 +472,9 @@ def build_examples(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
         )
-    note_cut(path, sum(p["chosen"].cut or p["rejected"].cut for p in out), len(out), max_len, _LM_CUT, "pairs")
+    note_skipped(path, len(rows) - len(out), len(rows), "the same chosen and rejected (no preference)", "pairs")
+    cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
+    note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", context=context)
     return out
 
 
@@ -446,13 +483,20 @@ _LM_CUT = "an answer keeps its start; a prompt too long to leave room for the an
 
 
 def note_cut(
-    path: str | Path, cut: int, n: int, max_len: int, kept: str, what: str = "examples", answers_cut: int = 0
+    path: str | Path,
+    cut: int,
+    n: int,
+    max_len: int,
+    kept: str,
+    what: str = "examples",
+    answers_cut: int = 0,
+    context: int = 0,
 ) -> None:
     """One stderr note counting the examples of `path` cut to `max_len` tokens (they were cut without a word), and
     how many of them lost their answer's end (sft/translate): the end of such an answer and its end-of-text never
     train, so a model fine-tuned on many learns not to stop. Chinese takes more tokens than its length suggests
     (1,927 of Alpaca's 5,000 Chinese examples lose their answer's end at 128 tokens with a Hong Lou Meng BPE
-    vocabulary, 24 at 512)."""
+    vocabulary, 24 at 512). `context`: the tokens the model sees (0: not known here), for the advice."""
     if cut:
         lost = (
             f"; {answers_cut:,} of them lose the end of their answer (with its end-of-text, which teaches the model "
@@ -460,14 +504,36 @@ def note_cut(
             if answers_cut
             else ""
         )
-        note = (
+        note(
             f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
-            f"({kept}){lost}; a longer --max-len, up to the model's context, keeps more"
+            f"({kept}){lost}; {keep_more(max_len, context)}"
         )
-        if _held_notes is None:
-            print(note, file=sys.stderr)
-        else:
-            _held_notes.append(note)
+
+
+def note_skipped(path: str | Path, skipped: int, n: int, why: str, what: str = "rows") -> None:
+    """One stderr note counting the rows of `path` that `build_examples` left out of training, and `why`, as
+    `note_cut` counts the cut ones (held with them)."""
+    if skipped:
+        note(f"note: {path}: {skipped:,} of {n:,} {what} with {why} {'was' if skipped == 1 else 'were'} skipped")
+
+
+def keep_more(max_len: int, context: int) -> str:
+    """How to keep more of examples cut to `max_len` tokens: a longer --max-len, unless it is already the
+    model's whole `context` (0: not known), which cannot see more."""
+    if context and max_len >= context:
+        return (
+            f"{max_len} tokens is the model's whole context, so it cannot see more: shorten the examples or "
+            "fine-tune a model with a longer context"
+        )
+    return f"a longer --max-len, up to the model's context{f' ({context:,})' if context else ''}, keeps more"
+
+
+def note(text: str) -> None:
+    """Print a data note on stderr, or keep it for `print_held_notes` within `notes_held`."""
+    if _held_notes is None:
+        print(text, file=sys.stderr)
+    else:
+        _held_notes.append(text)
 
 
 _held_notes: list[str] | None = None  # `notes_held`'s list while it holds
@@ -487,16 +553,16 @@ def notes_held() -> Iterator[None]:
     finally:
         held, _held_notes = _held_notes, outer
         if ok:
-            for note in held or ():  # (None: print_held_notes printed them)
-                print(note, file=sys.stderr)
+            for line in held or ():  # (None: print_held_notes printed them)
+                print(line, file=sys.stderr)
 
 
 def print_held_notes() -> None:
     """Print the notes `notes_held` has kept so far (the rest of its block prints at once)."""
     global _held_notes
     if _held_notes is not None:
-        for note in _held_notes:
-            print(note, file=sys.stderr)
+        for line in _held_notes:
+            print(line, file=sys.stderr)
         _held_notes = None
 
 

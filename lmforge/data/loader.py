@@ -84,18 +84,8 @@ class TokenLoader:
         self.world_size = world_size
         self._tokens = [read_shard(p) for p in shards]
         counts = np.array([_n_windows(len(t), seq_len) for t in self._tokens], dtype=np.int64)
-        total_tokens = sum(len(t) for t in self._tokens)
         if counts.sum() == 0:
-            if total_tokens >= seq_len + 1:  # enough tokens overall, but spread over tiny shards
-                raise DataError(
-                    f"no shard has seq_len+1 = {seq_len + 1} tokens; lower --data.seq_len or re-run 'lmforge prepare' "
-                    "with a larger --shard-tokens"
-                )
-            shorter = f"pass --data.seq_len {total_tokens - 1} or lower, or " if total_tokens > 1 else ""
-            raise DataError(
-                f"the {split} split of {Path(shards[0]).parent} has {total_tokens} tokens, fewer than the "
-                f"seq_len+1 = {seq_len + 1} one training sequence needs; {shorter}prepare more text"
-            )
+            raise no_window_error([len(t) for t in self._tokens], seq_len, shards, split)
         self._first_window = np.concatenate([[0], np.cumsum(counts)])  # window id -> shard via searchsorted
         self._position = 0  # windows of the global stream consumed by all ranks together
         self._perm_epoch = -1
@@ -198,6 +188,24 @@ class IdCheckedLoader:
 
     def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, windows_per_epoch, ...
         return getattr(self._loader, name)
+
+
+def no_window_error(lengths: list[int], seq_len: int, shards: list[Path], split: str) -> DataError:
+    """The error for shards of `lengths` tokens none of which holds a window of seq_len + 1 tokens (a window
+    never crosses a shard): too little text, or shards cut small by `prepare --shard-tokens`."""
+    total, longest = sum(lengths), max(lengths, default=0)
+    if total >= seq_len + 1:  # enough tokens overall, but spread over small shards
+        return DataError(
+            f"no shard of the {split} split of {Path(shards[0]).parent} has seq_len+1 = {seq_len + 1} tokens (a "
+            f"window never crosses a shard; the longest has {longest:,}, cut by 'lmforge prepare --shard-tokens'); "
+            f"pass --data.seq_len {longest - 1} or lower, or prepare again with a --shard-tokens far above "
+            f"{seq_len + 1} (default 50M)"
+        )
+    shorter = f"pass --data.seq_len {total - 1} or lower, or " if total > 1 else ""
+    return DataError(
+        f"the {split} split of {Path(shards[0]).parent} has {total} tokens, fewer than the "
+        f"seq_len+1 = {seq_len + 1} one training sequence needs; {shorter}prepare more text"
+    )
 
 
 def _n_windows(n_tokens: int, seq_len: int) -> int:

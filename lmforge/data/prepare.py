@@ -200,7 +200,7 @@ class PrepareConfig:
         "stop when a file's invalid UTF-8 sequences exceed this share of its characters (and 16): "
         "it mixes encodings; 1 = only replace and count",
     )
-    shard_tokens: int = opt(50_000_000, "maximum tokens per shard file")
+    shard_tokens: int = opt(50_000_000, "maximum tokens per shard file (a training window never crosses a shard)")
     merge: bool = opt(
         False, "the inputs are prepared data directories (parts, same tokenizer): merge them into --out, deduplicated"
     )

@@ -34,7 +34,6 @@ from __future__ import annotations
 import bisect
 import re
 import string
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -331,12 +330,20 @@ def qa_messages(
 
 
 def qa_examples(
-    rows: list[dict[str, Any]], *, tok: Any, template: Any, fields: dict[str, str], max_len: int, path: str | Path
+    rows: list[dict[str, Any]],
+    *,
+    tok: Any,
+    template: Any,
+    fields: dict[str, str],
+    max_len: int,
+    path: str | Path,
+    model_context: int = 0,
 ) -> list[Any]:
     """Training examples of qa rows (`formats.build_examples`): each context cut to fit `max_len` around its
     answer; a note on stderr counts the contexts cut, answers the cut left out of their context, and answers
-    cut short (the question and answer alone are over `max_len`)."""
-    from lmforge.data.formats import segments_example
+    cut short (the question and answer alone are over `max_len`), with `formats.keep_more`'s advice for the
+    model's `model_context` (0: not known)."""
+    from lmforge.data.formats import keep_more, note, segments_example
 
     out, cut, lost, short = [], 0, 0, 0
     for i, row in enumerate(rows, 1):
@@ -353,8 +360,8 @@ def qa_examples(
         short += sum(example.train) < sum(len(ids) for ids, train in segments if train)
         out.append(example)
     if cut or short:
-        notes = [f"{cut} of {len(rows)} contexts cut to fit --max-len {max_len} (around the answer)"] if cut else []
-        notes += [f"{lost} of them no longer hold the answer"] if lost else []
-        notes += [f"{short} answers cut short (question and answer alone exceed --max-len)"] if short else []
-        print(f"note: {path}: {'; '.join(notes)}; raise --max-len to keep more", file=sys.stderr)
+        notes = [f"{cut:,} of {len(rows):,} contexts cut to fit {max_len} tokens (around the answer)"] if cut else []
+        notes += [f"{lost:,} of them no longer hold the answer"] if lost else []
+        notes += [f"{short:,} answers cut short (question and answer alone exceed {max_len} tokens)"] if short else []
+        note(f"note: {path}: {'; '.join(notes)}; {keep_more(max_len, model_context)}")
     return out

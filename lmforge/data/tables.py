@@ -359,8 +359,8 @@ def check_columns(
                 raise DataError(f"{path}: row {i} has an empty {fields['text']!r}; write the text or remove the row")
     if scored and task == "sft":  # the last assistant turn is the reference: refused here, not after training
         _check_scored_conversations(rows, fields, path)
-    # A blank reference would score an empty answer as perfect. To train on, an empty output is data (the model
-    # learns to stop at once; Alpaca has a few), so only files that are scored are checked.
+    # A blank reference would score an empty answer as perfect, so scored files are refused here. To train on,
+    # an sft row with an empty answer is skipped and noted (`formats.build_examples`; Alpaca has a few).
     if scored and task in REFERENCE:
         from lmforge.data.qa import answer_column
 

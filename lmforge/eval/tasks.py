@@ -578,7 +578,7 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
       then its removal filters and exact dedup within the file; a `--merge`d folder's: those its parts shared),
       in windows of its data.seq_len. Scored raw, a control character or a decomposed "é" was a token the split
       never held (36 vs 34 tokens on one sample);
-    - a fine-tune (`finetune --task clm` trains and validates on its files as they are): raw, in windows of its
+    - a fine-tune: cleaned as `finetune --task clm` cleans its files (`formats.clm_texts`), in windows of its
       --max-len;
     - an imported model, or a run whose data folder is gone: raw, in windows of the context.
     """
@@ -589,7 +589,9 @@ def clm_text_as_trained(ft: Any, texts: list[str], path: Any) -> tuple[list[str]
 
     context = ft.model.cfg.max_seq_len
     if ft.info:
-        return texts, min(int(ft.info.get("max_len") or context), context)
+        from lmforge.data.formats import clm_texts
+
+        return clm_texts(texts), min(int(ft.info.get("max_len") or context), context)
     manifest = Path(ft.config.data.dir or "") / "manifest.json"
     if not ft.config.data.dir or not manifest.is_file():
         if ft.config.data.dir:  # (moved or deleted: the numbers can differ from the run's logged ones)
