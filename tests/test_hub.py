@@ -301,8 +301,8 @@ def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tm
             start = time.monotonic()
             result = run_cli(*args, env=hub.env(tmp_path / kind, LMFORGE_HUB_STALL_SECONDS="1"), timeout=120)
             seconds = time.monotonic() - start
-        lines = result.stderr.strip().splitlines()  # (a model's download: huggingface_hub's "Fetching" bar first)
-        assert result.returncode == 2 and [line for line in lines if "Fetching" not in line] == lines[-1:], lines
+        lines = result.stderr.strip().splitlines()  # (a model's download had huggingface_hub's "Fetching" bar first)
+        assert result.returncode == 2 and len(lines) == 1, lines
         name = args[1].removeprefix("hf:")
         assert f"cannot get hf:{name}: the Hugging Face Hub answered, then sent nothing for 1 s" in result.stderr
         repo_type = " --repo-type dataset" if kind == "dataset" else ""
@@ -310,6 +310,63 @@ def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tm
         stalled = "HEAD /datasets/some-org/tiny-data/" if kind == "dataset" else "GET /some-org/tiny-gpt2/resolve/"
         assert [r for r in hub.requests if r.startswith(stalled)] == hub.requests[-1:], (kind, hub.requests)
         assert seconds < 30 and not (tmp_path / "x").exists(), (kind, seconds)
+
+
+def _screen(output: str, rows: int = 24) -> list[str]:
+    """The lines a terminal shows after `output` (text, carriage returns, line feeds, cursor up: what tqdm writes),
+    without their trailing spaces and the blank ones."""
+    import re
+
+    screen, row, col = [""] * rows, 0, 0
+    for piece in re.split(r"(\r|\n|\x1b\[A)", output):
+        if piece == "\r":
+            col = 0
+        elif piece == "\n":
+            row += 1
+        elif piece == "\x1b[A":
+            row = max(row - 1, 0)
+        elif piece:
+            line = screen[row].ljust(col)
+            screen[row], col = line[:col] + piece + line[col + len(piece) :], col + len(piece)
+    return [line.rstrip() for line in screen if line.strip()]
+
+
+def test_a_failed_download_leaves_one_line_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, a download that stalled left huggingface_hub's "Fetching 1 files" bar above lmforge's error
+    and its "Downloading bytes" and "Reconstructing" bars below it (printed as the process ended): four lines. Its
+    bars are cleared now when the download ends, so the screen shows the error line alone."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    with _LocalHub(answer=False, info=True) as hub:
+        env = {**os.environ, **hub.env(tmp_path / "hf", LMFORGE_HUB_STALL_SECONDS="1")}
+        main, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # (a 0-wide one draws no bar)
+        args = [sys.executable, "-m", "lmforge", "import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x")]
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+        os.close(terminal)
+        output = b""
+        while chunk := _read_terminal(main):
+            output += chunk
+        os.close(main)
+        assert process.wait(timeout=120) == 2, output
+    assert "cannot get hf:some-org/tiny-gpt2: the Hugging Face Hub answered, then sent nothing for 1 s" in str(output)
+    shown = _screen(output.decode())
+    assert len(shown) == 1 and shown[0].startswith("lmforge: error: cannot get"), shown
+
+
+def _read_terminal(fd: int) -> bytes:
+    """The next output of a pseudo-terminal; b"" once every process writing to it has closed it (EIO on Linux)."""
+    import os
+
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:

@@ -38,6 +38,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,8 @@ def hub_model_dir(spec: str) -> Path:
         return cached
     login, elsewhere = check_hub(spec, repo, revision, offline=None)
     try:
-        with stall_limit(spec, elsewhere):
-            folder = _snapshot(repo, revision)
+        with stall_limit(spec, elsewhere), download_bars() as bars:
+            folder = _snapshot(repo, revision, bars=bars)
     except LmforgeError:  # (a stall)
         raise
     except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
@@ -287,16 +288,42 @@ def _is_http_error(e: Exception) -> bool:
     return isinstance(e, HfHubHTTPError)
 
 
-def _snapshot(repo: str, revision: str | None, *, local_files_only: bool = False) -> Path:
-    """The snapshot folder holding what import reads: the safetensors weights, or an older repository's pickles."""
+def _snapshot(repo: str, revision: str | None, *, local_files_only: bool = False, bars: Any = None) -> Path:
+    """The snapshot folder holding what import reads: the safetensors weights, or an older repository's pickles
+    (`bars`: the progress bar class, `download_bars`; None: huggingface_hub's own)."""
     from huggingface_hub import snapshot_download
 
     folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _SAFETENSORS,
-                                    local_files_only=local_files_only))  # fmt: skip
+                                    local_files_only=local_files_only, tqdm_class=bars))  # fmt: skip
     if not any(folder.glob("*.safetensors")):  # an older repository: its PyTorch pickles instead
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _PICKLED,
-                                        local_files_only=local_files_only))  # fmt: skip
+                                        local_files_only=local_files_only, tqdm_class=bars))  # fmt: skip
     return folder
+
+
+@contextlib.contextmanager
+def download_bars() -> Iterator[type]:
+    """The progress bar class for a download lmforge makes: huggingface_hub's, off where stderr is no terminal
+    (its "Fetching N files" bar ignores that, so a failed download wrote it above lmforge's one-line error, in a
+    log or a pipe), and on a terminal cleared once it ends, with every bar still open at the end of the block
+    (a failed download leaves its byte counters open): what stays on the screen is lmforge's own lines."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    opened: list[Any] = []
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+
+    class Bar(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if not terminal:
+                kwargs["disable"] = True
+            super().__init__(*args, **{**kwargs, "leave": False})
+            opened.append(self)
+
+    try:
+        yield Bar
+    finally:
+        for bar in reversed(opened):  # (the first bar's close returns the cursor to the start of its line)
+            bar.close()
 
 
 def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
