@@ -384,7 +384,46 @@ def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:
         url = hub.env(Path("unused"))["HF_ENDPOINT"] + "/api/models/some-org/x"
         with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http"):
             with stall_limit("hf:some-org/x", "pass DIR"):
+                # read once, as the block began (each request read it again: here, a refusal inside the request)
+                monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "soon")
                 session.get(url)  # (no timeout of its own: capped at 0.3 s)
         with pytest.raises(Exception) as outside:
             session.get(url, timeout=0.2)
     assert not isinstance(outside.value, HubStalled) and "Timeout" in type(outside.value).__name__, outside.value
+
+
+def test_the_stall_limit_holds_for_a_requests_session_as_before_huggingface_hub_1(monkeypatch) -> None:
+    """huggingface_hub before 1.0 (which transformers 4 requires) makes a requests session per thread, and the stall
+    limit only wrapped 1.0's httpx client: there a download from a Hub that stalled took 65 s (its 10 s waits, resumed
+    5 times, a warning line each; measured with huggingface_hub 0.36) where LMFORGE_HUB_STALL_SECONDS said 1. Such a
+    session (`export.hub.limited_requests_session`, applied by the factory lmforge gives huggingface_hub) keeps the
+    rule now: a request or a streamed body that gets no byte is a stall, one line, and nothing is sent after it."""
+    import time
+
+    import requests
+
+    from lmforge.errors import CheckpointError
+    from lmforge.export.hub import HubStalled, limited_requests_session, stall_limit
+
+    monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "0.3")
+    session = limited_requests_session(requests.Session())
+    with _LocalHub(answer=False, info=True) as hub:
+        endpoint = hub.env(Path("unused"))["HF_ENDPOINT"]
+        start = time.monotonic()
+        with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http.*/config.json\)"):
+            with stall_limit("hf:some-org/x", "pass DIR"):
+                response = session.get(f"{endpoint}/some-org/x/resolve/main/config.json", stream=True)
+                b"".join(response.iter_content(10))  # (its first byte, then nothing)
+        with pytest.raises(CheckpointError, match=r"0.3 s \(GET http.*/api/datasets/some-org/y/tree/main\)"):
+            with stall_limit("hf:some-org/y", "pass DIR"):
+                with pytest.raises(HubStalled):  # (as a library's handler may catch it, and go on)
+                    session.get(f"{endpoint}/api/datasets/some-org/y/tree/main")  # (no answer: a stall)
+                asked = len(hub.requests)
+                with pytest.raises(HubStalled, match="not sent after a stall"):
+                    session.get(f"{endpoint}/api/models/some-org/y")
+                assert len(hub.requests) == asked
+                raise RuntimeError("what the library made of it")
+        assert time.monotonic() - start < 5
+        with pytest.raises(requests.exceptions.Timeout) as outside:
+            session.get(f"{endpoint}/api/datasets/some-org/w/tree/main", timeout=0.2)  # its own limit, as it was
+    assert not isinstance(outside.value, HubStalled)
