@@ -24,10 +24,12 @@ from lmforge.errors import (
     ConfigError,
     Interrupted,
     LmforgeError,
+    final_line,
     held_note,
     hold_interrupt,
     interrupt_seen,
     note_interrupt,
+    say_held_note_soon,
 )
 
 # arguments that are text for the model or a column name, not paths: bytes that are not UTF-8 (a GBK terminal
@@ -329,8 +331,8 @@ def _on_sigint(signum: int, frame: Any) -> None:
     error is the interrupt too. One held (`errors.hold_interrupts`) interrupts nothing: it is only noted there."""
     if not _starting and hold_interrupt():
         note = held_note()
-        if note and os.environ.get("RANK", "0") == "0":  # (os.write: a print this handler cut into would raise)
-            os.write(2, (note + "\n").encode())
+        if note and os.environ.get("RANK", "0") == "0":
+            say_held_note_soon(note)
         return
     note_interrupt()
     if not _starting:
@@ -404,6 +406,7 @@ def _exit(line: str, code: int, error: BaseException) -> None:
     """Print `line` and exit with `code`. A quiet rank (`_quiet_rank`) prints nothing and, but on a Ctrl-C, exits 0:
     the launcher stops every rank as soon as one fails, and rank 0 (plotting loss.png, say) was stopped before it
     printed; rank 0's status is the run's."""
+    final_line()
     if not _quiet_rank(error):
         print(line, file=sys.stderr)
     elif not isinstance(error, KeyboardInterrupt):  # (a Ctrl-C stops every rank anyway)
@@ -421,6 +424,7 @@ def _main(argv: list[str] | None) -> None:
     except KeyboardInterrupt as e:
         failed = _comm_failure_under(e)
         if failed is not None:  # the run was already failing: its line, not the launcher's signal, says what to do
+            final_line()
             print(f"lmforge: error: {failed}", file=sys.stderr)
             sys.exit(2)
         _exit("lmforge: interrupted" + _before_joining(), 130, e)

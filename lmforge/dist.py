@@ -29,6 +29,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from lmforge.errors import CheckpointError, CommFailure, ConfigError, LmforgeErr
 from lmforge.fields import flatten
 
 joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
+_peers: list[tuple[str, int]] = []  # each rank's (host, pid), from `init`: which one died (`describe_comm_failure`)
 SETUP_SIGNAL_NOTE = (
     "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them reach "
     "(a second signal stops this one at once)"
@@ -55,7 +58,7 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
     """
     from lmforge.train.precision import pick_device
 
-    global joined
+    global joined, _peers
     info = env_info()
     device = pick_device(device_pref, "--train.device")
     if not info.enabled:
@@ -80,6 +83,8 @@ def init(cfg: DistConfig, device_pref: str) -> tuple[DistInfo, torch.device]:
                 device_id=device if device.type == "cuda" else None,
                 **_attempt_store(info, timeout),
             )
+            _peers = [("", 0)] * info.world_size
+            dist.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
         except (RuntimeError, ValueError) as e:  # torch's DistError family subclasses RuntimeError
             raise CommFailure(
                 f"rank {info.rank}: cannot connect to the other {info.world_size - 1} process(es) "
@@ -127,11 +132,44 @@ def describe_comm_failure(e: BaseException, info: DistInfo, timeout_s: float) ->
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     # torchrun --max-restarts restarts the workers, which resume (measured on gloo with torch 2.13: README)
     restarts = " (torchrun --max-restarts does it automatically)"
+    gone = _exited_peers(info)
+    who = (
+        f"rank{'s' * (len(gone) > 1)} {' and '.join(map(str, gone))} exited (its own output says why)"
+        if gone
+        else f"a peer died or hung (dist.timeout_s={timeout_s:g})"
+    )
     return (
         f"rank {info.rank}: a collective with the other {info.world_size - 1} process(es) failed ({first[:200]}); "
-        f"a peer died or hung (dist.timeout_s={timeout_s:g}). The latest checkpoint is intact: re-run the same "
-        f"command to resume{restarts}"
+        f"{who}. The latest checkpoint is intact: re-run the same command to resume{restarts}"
     )
+
+
+def _exited_peers(info: DistInfo, wait_s: float = 0.5) -> list[int]:
+    """The ranks on this host whose process has exited (a peer elsewhere cannot be seen from here); a peer's
+    connection closes as it exits, a moment before it is a zombie, so this looks again for up to `wait_s`."""
+    host = socket.gethostname()
+    mine = [(r, pid) for r, (h, pid) in enumerate(_peers) if r != info.rank and h == host]
+    deadline = time.monotonic() + wait_s
+    while True:
+        gone = [r for r, pid in mine if not _running(pid)]
+        if gone or not mine or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs: not gone, nor a zombie that its parent (torchrun) has not reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # (no /proc: macOS)
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def backend() -> str | None:

@@ -6,6 +6,9 @@ prints it as `lmforge: error: <message>` on stderr and exits with code 2; anythi
 and keeps its traceback.
 """
 
+import os
+import threading
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if the message is empty), for one-line errors
@@ -74,12 +77,40 @@ def interrupt_seen() -> bool:
 # instead of the dead peer's line. Held, it is acted on where the ranks meet (a dead peer fails that collective
 # first: `CommFailure`), by the training loop (`StopSignal` takes it over), or by `pretrain` once status.json says
 # how the run ended. A second one is raised at once ("now"). In set-up (`hold_interrupts(note)`), the note is said
-# at once (cli._on_sigint, rank 0), and the run stops at the next point every rank reaches (train/run.py
+# (cli._on_sigint, rank 0, `say_held_note_soon`), and the run stops at the next point every rank reaches (train/run.py
 # `_stop_if_signalled`): held silently until the first step's end, a long set-up (loading a big checkpoint) ran
 # past torchrun's 30 s between its signal and its SIGKILL, and the run was killed without a word.
 _holding = False
 _held = False
 _held_note = ""
+# The note waits NOTE_AFTER_S: said at once, it came above the line of a peer's death that the signal was torchrun's
+# reaction to (a set-up collective finds the dead peer within milliseconds: two lines, the first misleading), and
+# above "stopped by a signal while the ranks set up" when the ranks met soon. Said only if the interrupt is still
+# held then, and no final line was printed (`final_line`): a set-up that goes on that long is told it will stop.
+NOTE_AFTER_S = 2.0
+_note_lock = threading.Lock()
+_final_line = False
+
+
+def say_held_note_soon(note: str) -> None:
+    """Write `note` on stderr in `NOTE_AFTER_S`, unless by then the held interrupt was acted on or the command has
+    printed its final line (`final_line`). Safe in a signal handler: it only starts a timer."""
+
+    def say() -> None:
+        with _note_lock:
+            if _held and not _final_line:
+                os.write(2, (note + "\n").encode())  # (os.write: a print the main thread is in would raise)
+
+    timer = threading.Timer(NOTE_AFTER_S, say)
+    timer.daemon = True
+    timer.start()
+
+
+def final_line() -> None:
+    """The command prints its final line now: a held interrupt's note not said yet is not said."""
+    global _final_line
+    with _note_lock:
+        _final_line = True
 
 
 def hold_interrupts(note: str = "") -> None:

@@ -301,8 +301,8 @@ def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tm
             start = time.monotonic()
             result = run_cli(*args, env=hub.env(tmp_path / kind, LMFORGE_HUB_STALL_SECONDS="1"), timeout=120)
             seconds = time.monotonic() - start
-        lines = result.stderr.strip().splitlines()  # (a model's download: huggingface_hub's "Fetching" bar first)
-        assert result.returncode == 2 and [line for line in lines if "Fetching" not in line] == lines[-1:], lines
+        lines = result.stderr.strip().splitlines()  # (a model's download had huggingface_hub's "Fetching" bar first)
+        assert result.returncode == 2 and len(lines) == 1, lines
         name = args[1].removeprefix("hf:")
         assert f"cannot get hf:{name}: the Hugging Face Hub answered, then sent nothing for 1 s" in result.stderr
         repo_type = " --repo-type dataset" if kind == "dataset" else ""
@@ -310,6 +310,63 @@ def test_a_hub_that_stalls_after_the_check_is_a_one_line_error_within_seconds(tm
         stalled = "HEAD /datasets/some-org/tiny-data/" if kind == "dataset" else "GET /some-org/tiny-gpt2/resolve/"
         assert [r for r in hub.requests if r.startswith(stalled)] == hub.requests[-1:], (kind, hub.requests)
         assert seconds < 30 and not (tmp_path / "x").exists(), (kind, seconds)
+
+
+def _screen(output: str, rows: int = 24) -> list[str]:
+    """The lines a terminal shows after `output` (text, carriage returns, line feeds, cursor up: what tqdm writes),
+    without their trailing spaces and the blank ones."""
+    import re
+
+    screen, row, col = [""] * rows, 0, 0
+    for piece in re.split(r"(\r|\n|\x1b\[A)", output):
+        if piece == "\r":
+            col = 0
+        elif piece == "\n":
+            row += 1
+        elif piece == "\x1b[A":
+            row = max(row - 1, 0)
+        elif piece:
+            line = screen[row].ljust(col)
+            screen[row], col = line[:col] + piece + line[col + len(piece) :], col + len(piece)
+    return [line.rstrip() for line in screen if line.strip()]
+
+
+def test_a_failed_download_leaves_one_line_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, a download that stalled left huggingface_hub's "Fetching 1 files" bar above lmforge's error
+    and its "Downloading bytes" and "Reconstructing" bars below it (printed as the process ended): four lines. Its
+    bars are cleared now when the download ends, so the screen shows the error line alone."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    with _LocalHub(answer=False, info=True) as hub:
+        env = {**os.environ, **hub.env(tmp_path / "hf", LMFORGE_HUB_STALL_SECONDS="1")}
+        main, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # (a 0-wide one draws no bar)
+        args = [sys.executable, "-m", "lmforge", "import", "hf:some-org/tiny-gpt2", "--out", str(tmp_path / "x")]
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env)
+        os.close(terminal)
+        output = b""
+        while chunk := _read_terminal(main):
+            output += chunk
+        os.close(main)
+        assert process.wait(timeout=120) == 2, output
+    assert "cannot get hf:some-org/tiny-gpt2: the Hugging Face Hub answered, then sent nothing for 1 s" in str(output)
+    shown = _screen(output.decode())
+    assert len(shown) == 1 and shown[0].startswith("lmforge: error: cannot get"), shown
+
+
+def _read_terminal(fd: int) -> bytes:
+    """The next output of a pseudo-terminal; b"" once every process writing to it has closed it (EIO on Linux)."""
+    import os
+
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:
@@ -327,7 +384,46 @@ def test_the_stall_limit_holds_only_inside_its_block(monkeypatch) -> None:
         url = hub.env(Path("unused"))["HF_ENDPOINT"] + "/api/models/some-org/x"
         with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http"):
             with stall_limit("hf:some-org/x", "pass DIR"):
+                # read once, as the block began (each request read it again: here, a refusal inside the request)
+                monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "soon")
                 session.get(url)  # (no timeout of its own: capped at 0.3 s)
         with pytest.raises(Exception) as outside:
             session.get(url, timeout=0.2)
     assert not isinstance(outside.value, HubStalled) and "Timeout" in type(outside.value).__name__, outside.value
+
+
+def test_the_stall_limit_holds_for_a_requests_session_as_before_huggingface_hub_1(monkeypatch) -> None:
+    """huggingface_hub before 1.0 (which transformers 4 requires) makes a requests session per thread, and the stall
+    limit only wrapped 1.0's httpx client: there a download from a Hub that stalled took 65 s (its 10 s waits, resumed
+    5 times, a warning line each; measured with huggingface_hub 0.36) where LMFORGE_HUB_STALL_SECONDS said 1. Such a
+    session (`export.hub.limited_requests_session`, applied by the factory lmforge gives huggingface_hub) keeps the
+    rule now: a request or a streamed body that gets no byte is a stall, one line, and nothing is sent after it."""
+    import time
+
+    import requests
+
+    from lmforge.errors import CheckpointError
+    from lmforge.export.hub import HubStalled, limited_requests_session, stall_limit
+
+    monkeypatch.setenv("LMFORGE_HUB_STALL_SECONDS", "0.3")
+    session = limited_requests_session(requests.Session())
+    with _LocalHub(answer=False, info=True) as hub:
+        endpoint = hub.env(Path("unused"))["HF_ENDPOINT"]
+        start = time.monotonic()
+        with pytest.raises(CheckpointError, match=r"answered, then sent nothing for 0.3 s \(GET http.*/config.json\)"):
+            with stall_limit("hf:some-org/x", "pass DIR"):
+                response = session.get(f"{endpoint}/some-org/x/resolve/main/config.json", stream=True)
+                b"".join(response.iter_content(10))  # (its first byte, then nothing)
+        with pytest.raises(CheckpointError, match=r"0.3 s \(GET http.*/api/datasets/some-org/y/tree/main\)"):
+            with stall_limit("hf:some-org/y", "pass DIR"):
+                with pytest.raises(HubStalled):  # (as a library's handler may catch it, and go on)
+                    session.get(f"{endpoint}/api/datasets/some-org/y/tree/main")  # (no answer: a stall)
+                asked = len(hub.requests)
+                with pytest.raises(HubStalled, match="not sent after a stall"):
+                    session.get(f"{endpoint}/api/models/some-org/y")
+                assert len(hub.requests) == asked
+                raise RuntimeError("what the library made of it")
+        assert time.monotonic() - start < 5
+        with pytest.raises(requests.exceptions.Timeout) as outside:
+            session.get(f"{endpoint}/api/datasets/some-org/w/tree/main", timeout=0.2)  # its own limit, as it was
+    assert not isinstance(outside.value, HubStalled)

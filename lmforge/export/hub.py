@@ -26,10 +26,12 @@ the download.
 A Hub that answers that check and then stalls is the same hang one step later: huggingface_hub and `datasets`
 give their own requests limits of 10 to 100 s and retry a timed-out one up to 5 times (measured: `prepare
 hf:NAME` against a stand-in Hub that answered the check and then nothing was still waiting after minutes, on
-README.md's HEAD). So after the check, within `stall_limit` (the download, the dataset's read), every wait of the
-shared session's requests is capped at `HUB_STALL_S` (no byte for that long: a stall; a slow download that moves
-is no stall), the first stall fails every later request at once (`HubStalled`, which nothing retries), and
-whatever error reaches the block is then said as that stall, in one line.
+README.md's HEAD). So after the check, within `stall_limit` (the download, the dataset's read), every wait of
+huggingface_hub's sessions' requests is capped at `HUB_STALL_S` (LMFORGE_HUB_STALL_SECONDS, read once per block; no
+byte for that long: a stall; a slow download that moves is no stall), the first stall fails every later request
+at once (`HubStalled`, which nothing retries), and whatever error reaches the block is then said as that stall, in
+one line. Both kinds of session keep it: huggingface_hub 1.0's shared httpx client, and an older one's requests
+session per thread (what transformers 4 installs).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,8 +129,8 @@ def hub_model_dir(spec: str) -> Path:
         return cached
     login, elsewhere = check_hub(spec, repo, revision, offline=None)
     try:
-        with stall_limit(spec, elsewhere):
-            folder = _snapshot(repo, revision)
+        with stall_limit(spec, elsewhere), download_bars() as bars:
+            folder = _snapshot(repo, revision, bars=bars)
     except LmforgeError:  # (a stall)
         raise
     except Exception as e:  # noqa: BLE001 - network, 401/404: huggingface_hub raises many types
@@ -180,7 +183,9 @@ class HubStalled(Exception):
 
 
 _stalls: list[str] = []  # the request that stalled (one is enough: every later request fails at once)
-_limiting = 0  # `stall_limit` blocks open: outside them (transformers' own downloads, after) the session is as it was
+# the stall limit of each `stall_limit` block open, read once, as the outermost block began (its requests used to
+# read LMFORGE_HUB_STALL_SECONDS again, each); none open: the session is as it was (transformers' own downloads)
+_limits: list[float] = []
 
 
 def hub_stall_seconds(error: type[LmforgeError] = CheckpointError) -> float:
@@ -190,46 +195,57 @@ def hub_stall_seconds(error: type[LmforgeError] = CheckpointError) -> float:
 
 @contextlib.contextmanager
 def stall_limit(spec: str, elsewhere: str, error: type[LmforgeError] = CheckpointError) -> Iterator[None]:
-    """Within: each wait of the requests of huggingface_hub's shared session (`get_session()`, which `datasets`
-    uses too) is capped at `HUB_STALL_S`, and the first stall ends them all (`HubStalled`); an error that leaves
-    the block after one is said as the stall (`error`: one line, with `elsewhere`, the way around the Hub)."""
-    global _limiting
-    hub_stall_seconds(error)  # a bad LMFORGE_HUB_STALL_SECONDS is one line here, not an error inside a request
-    _limit_session()
-    if not _limiting:
+    """Within: each wait of the requests of huggingface_hub's sessions (`get_session()`, which `datasets` uses too)
+    is capped at `hub_stall_seconds()`, read once here, and the first stall ends them all (`HubStalled`); an error
+    that leaves the block after one is said as the stall (`error`: one line, with `elsewhere`, the way around the
+    Hub)."""
+    # (a bad LMFORGE_HUB_STALL_SECONDS is one line here, not an error inside a request)
+    seconds = _limits[0] if _limits else hub_stall_seconds(error)
+    _limit_sessions()
+    if not _limits:
         _stalls.clear()
-    _limiting += 1
+    _limits.append(seconds)
     try:
         yield
     except Exception:
         if _stalls:  # (whatever the library made of it: HubStalled, or a fallback's own error)
             raise error(
-                f"cannot get {spec}: the Hugging Face Hub answered, then sent nothing for {hub_stall_seconds():g} s "
+                f"cannot get {spec}: the Hugging Face Hub answered, then sent nothing for {seconds:g} s "
                 f"({_stalls[0]}); try again later, or {elsewhere}"
             ) from None
         raise
     finally:
-        _limiting -= 1
-        if not _limiting:
+        _limits.pop()
+        if not _limits:
             _stalls.clear()
 
 
-def _limit_session() -> None:
-    """Make the shared session's requests keep `stall_limit`'s rule while one is active. Once per session; a no-op
-    with a huggingface_hub before 1.0 (its session is a requests one)."""
+def _stalled(where: str, seconds: float) -> HubStalled:
+    _stalls.append(where)
+    return HubStalled(f"no byte for {seconds:g} s: {where}")
+
+
+def _limit_sessions() -> None:
+    """Make huggingface_hub's sessions keep `stall_limit`'s rule while one is open, once per process: from 1.0 its
+    one shared httpx client (`_limit_httpx`); before, the requests session it makes for each thread
+    (`_limit_requests`), where the rule was not kept (a stalled download took 65 s of its 10 s waits and 5 retries,
+    with a warning line each, where LMFORGE_HUB_STALL_SECONDS said 1)."""
     import importlib
 
     import huggingface_hub
 
     session = huggingface_hub.get_session()
-    httpx = importlib.import_module(type(session).__module__.split(".")[0])  # (httpx; httpx2 from huggingface_hub 2)
-    send = session.send
-    if not hasattr(httpx, "SyncByteStream") or getattr(send, "_lmforge_stall_limit", False):
-        return
+    library = type(session).__module__.split(".")[0]  # (httpx; httpx2 from huggingface_hub 2; requests before 1.0)
+    if library == "requests":
+        _limit_requests()
+    elif hasattr(httpx := importlib.import_module(library), "SyncByteStream"):  # (else a session of the user's)
+        _limit_httpx(session, httpx)
 
-    def stalled(where: str, seconds: float) -> HubStalled:
-        _stalls.append(where)
-        return HubStalled(f"no byte for {seconds:g} s: {where}")
+
+def _limit_httpx(session: Any, httpx: Any) -> None:
+    send = session.send
+    if getattr(send, "_lmforge_stall_limit", False):
+        return
 
     class Watched(httpx.SyncByteStream):
         """A streamed body (a file download) whose read timeout is a stall too."""
@@ -241,33 +257,92 @@ def _limit_session() -> None:
             try:
                 yield from self._inner
             except httpx.TimeoutException:
-                raise stalled(self._where, self._seconds) from None
+                raise _stalled(self._where, self._seconds) from None
 
         def close(self) -> None:
             self._inner.close()
 
-    def limited_send(request: Any, **kwargs: Any) -> Any:
-        if not _limiting:
-            return send(request, **kwargs)
-        if _stalls:
-            raise HubStalled(f"not sent after a stall: {request.method} {request.url}")
-        seconds = hub_stall_seconds()
+    def capped_send(request: Any, kwargs: dict[str, Any], seconds: float, where: str) -> Any:
         timeouts = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {
             key: seconds if timeouts.get(key) is None else min(timeouts[key], seconds)
             for key in ("connect", "read", "write", "pool")
         }
-        where = f"{request.method} {request.url}"
         try:
             response = send(request, **kwargs)
         except httpx.TimeoutException:
-            raise stalled(where, seconds) from None
+            raise _stalled(where, seconds) from None
         if kwargs.get("stream"):  # (else its body has been read)
             response.stream = Watched(response.stream, where, seconds)
         return response
 
+    session.send = _limited(send, capped_send)
+
+
+def _limit_requests() -> None:
+    """huggingface_hub before 1.0: each thread's requests session (a download's files come in threads) made by the
+    factory `configure_http_backend` sets, wrapped by `limited_requests_session` (a user's own factory too)."""
+    from huggingface_hub import configure_http_backend
+    from huggingface_hub.utils import _http
+
+    factory = getattr(_http, "_GLOBAL_BACKEND_FACTORY", None)  # (no public getter)
+    if factory is None or getattr(factory, "_lmforge_stall_limit", False):
+        return
+
+    def limited_factory() -> Any:
+        return limited_requests_session(factory())
+
+    limited_factory._lmforge_stall_limit = True  # type: ignore[attr-defined]
+    configure_http_backend(backend_factory=limited_factory)  # (and drops the sessions made before)
+
+
+def limited_requests_session(session: Any) -> Any:
+    """`session` (a `requests.Session`) keeping `stall_limit`'s rule while one is open: each wait capped (connect and
+    read: a streamed body's reads too), a timeout is a stall (`HubStalled`, which huggingface_hub does not retry,
+    where it resumed a download 5 times), and after one no request is sent."""
+    import requests
+    import urllib3
+
+    send = session.send
+
+    def capped_send(request: Any, kwargs: dict[str, Any], seconds: float, where: str) -> Any:
+        given = kwargs.get("timeout")
+        kwargs["timeout"] = tuple(
+            seconds if t is None else min(t, seconds) for t in (given if isinstance(given, tuple) else (given, given))
+        )
+        try:
+            response = send(request, **kwargs)
+        except requests.exceptions.Timeout:
+            raise _stalled(where, seconds) from None
+        if kwargs.get("stream"):  # (else its body has been read)
+            read = response.raw.read
+
+            def watched_read(*args: Any, **kw: Any) -> Any:
+                try:
+                    return read(*args, **kw)
+                except urllib3.exceptions.ReadTimeoutError:
+                    raise _stalled(where, seconds) from None
+
+            response.raw.read = watched_read
+        return response
+
+    session.send = _limited(session.send, capped_send)
+    return session
+
+
+def _limited(send: Any, capped_send: Any) -> Any:
+    """A session's `send` that is as it was outside `stall_limit` blocks; within one, refuses to send after a stall
+    and otherwise sends with `capped_send(request, kwargs, seconds, where)`, the library's own capping."""
+
+    def limited_send(request: Any, **kwargs: Any) -> Any:
+        if not _limits:
+            return send(request, **kwargs)
+        if _stalls:
+            raise HubStalled(f"not sent after a stall: {request.method} {request.url}")
+        return capped_send(request, kwargs, _limits[0], f"{request.method} {request.url}")
+
     limited_send._lmforge_stall_limit = True  # type: ignore[attr-defined]
-    session.send = limited_send
+    return limited_send
 
 
 def _download_failed(
@@ -287,16 +362,42 @@ def _is_http_error(e: Exception) -> bool:
     return isinstance(e, HfHubHTTPError)
 
 
-def _snapshot(repo: str, revision: str | None, *, local_files_only: bool = False) -> Path:
-    """The snapshot folder holding what import reads: the safetensors weights, or an older repository's pickles."""
+def _snapshot(repo: str, revision: str | None, *, local_files_only: bool = False, bars: Any = None) -> Path:
+    """The snapshot folder holding what import reads: the safetensors weights, or an older repository's pickles
+    (`bars`: the progress bar class, `download_bars`; None: huggingface_hub's own)."""
     from huggingface_hub import snapshot_download
 
     folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _SAFETENSORS,
-                                    local_files_only=local_files_only))  # fmt: skip
+                                    local_files_only=local_files_only, tqdm_class=bars))  # fmt: skip
     if not any(folder.glob("*.safetensors")):  # an older repository: its PyTorch pickles instead
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=_COMMON + _PICKLED,
-                                        local_files_only=local_files_only))  # fmt: skip
+                                        local_files_only=local_files_only, tqdm_class=bars))  # fmt: skip
     return folder
+
+
+@contextlib.contextmanager
+def download_bars() -> Iterator[type]:
+    """The progress bar class for a download lmforge makes: huggingface_hub's, off where stderr is no terminal
+    (its "Fetching N files" bar ignores that, so a failed download wrote it above lmforge's one-line error, in a
+    log or a pipe), and on a terminal cleared once it ends, with every bar still open at the end of the block
+    (a failed download leaves its byte counters open): what stays on the screen is lmforge's own lines."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    opened: list[Any] = []
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+
+    class Bar(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if not terminal:
+                kwargs["disable"] = True
+            super().__init__(*args, **{**kwargs, "leave": False})
+            opened.append(self)
+
+    try:
+        yield Bar
+    finally:
+        for bar in reversed(opened):  # (the first bar's close returns the cursor to the start of its line)
+            bar.close()
 
 
 def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
