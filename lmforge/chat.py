@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
+from lmforge.errors import DataError, first_line, interrupt_handled
 
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
@@ -455,14 +455,13 @@ def chat(
         load_generator,
         run_stops,
     )
-    from lmforge.sampling import check_sampling, check_seed
+    from lmforge.sampling import check_max_new_tokens, check_sampling, check_seed
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)
     given = max_new_tokens is not None  # (None: 200, capped to half the context without a note)
     max_new_tokens = DEFAULT_REPLY_TOKENS if max_new_tokens is None else max_new_tokens
-    if max_new_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
     ft = load_generator(run, device, compile=compile)

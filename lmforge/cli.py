@@ -281,7 +281,7 @@ def build_parser() -> Parser:
         help="N completions of each prompt, decoded together (--prompt: printed one after another under "
         "'=== sample i/N ===' lines); reproducible with --seed (default: 1)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate, >= 1 (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
     p.add_argument(

@@ -559,3 +559,18 @@ def test_generate_stop_string_spanning_two_tokens(tmp_path: Path) -> None:
     out = io.StringIO()
     got = generate_from_checkpoint(base, **greedy, stop=[stop, "never in it \u2603"], stream=out)
     assert got == full[:at] and out.getvalue() == "Hello wor" + full[:at]
+
+
+def test_generate_refuses_max_new_tokens_0_as_chat_and_serve_do(tmp_path) -> None:
+    """`generate --max-new-tokens 0` printed the prompt back (exit 0) while `chat` and `serve` refused 0; it is
+    the same one-line error as chat's now, before the run is read (this one does not even exist)."""
+    import io
+
+    from lmforge.generate import generate_from_checkpoint
+
+    out = io.StringIO()
+    (tmp_path / "prompts.txt").write_text("Once\n", encoding="utf-8")
+    for prompts in (dict(prompt="Once"), dict(prompt_file=tmp_path / "prompts.txt")):
+        with pytest.raises(LmforgeError, match=r"--max-new-tokens must be >= 1 \(tokens to generate\), got 0"):
+            generate_from_checkpoint(tmp_path / "no-run", **prompts, max_new_tokens=0, stream=out)
+    assert out.getvalue() == ""
