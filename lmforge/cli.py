@@ -249,7 +249,8 @@ def build_parser() -> Parser:
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
         'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
-        "its first non-blank line is a JSON object, else text); empty lines are skipped; .gz and .zst are "
+        "its first non-blank line is a JSON object, else text); blank lines (empty, or only spaces and tabs) are "
+        "skipped, and a note counts them; .gz and .zst are "
         "decompressed. Prints JSONL, one "
         '{"prompt", "completion", "finish_reason"} per line in input order (with --num-samples also "sample"); '
         "greedy, each equals --prompt's",
