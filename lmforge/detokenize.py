@@ -6,7 +6,8 @@
   complete. `whole_characters` is that one rule, for every text a model wrote that is shown or scored: generate,
   chat (and its history), serve, and `eval --task`'s answers.
 - `StopStrings`: OpenAI's `stop` on the decoded text as it comes (across tokens), for `serve` and `generate --stop`.
-- `continuation_decoder`: the text that ids add after a context, decoded together with it.
+- `continuation_decoder`: the text that ids add after a context, decoded together with it (after `echo_text`, the
+  context's own text shown first, for serve's `echo`).
 
 Split out of `generate.py` (the sampling rules and decode loops, which produce the ids): these rules are about
 text and change with the tokenizers' decoders, not with the models.
@@ -21,7 +22,9 @@ from lmforge.errors import LmforgeError
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder puts where the bytes are not (yet) valid UTF-8
 
 
-def continuation_decoder(decode: Callable[[list[int]], str], context: list[int]) -> Callable[[list[int]], str]:
+def continuation_decoder(
+    decode: Callable[[list[int]], str], context: list[int], *, echoed: bool = False
+) -> Callable[[list[int]], str]:
     """`decode` for ids that continue `context`: the text they add after it, decoded together with it.
 
     Decoding a continuation alone can lose what its first token means after the context: a
@@ -29,9 +32,15 @@ def continuation_decoder(decode: Callable[[list[int]], str], context: list[int])
     after "I will" decodes as "con", not " con". A context that ends inside a character (a serve prompt given
     as token ids: the first 2 byte-level tokens of a 3-byte Chinese character) decodes to U+FFFD there; the ids
     that complete it continue with the whole character (they printed U+FFFD and lost it, decoded alone). Falls
-    back to decoding the ids alone if the context's text is not a prefix of the whole (no decoder here does that)."""
+    back to decoding the ids alone if the context's text is not a prefix of the whole (no decoder here does that).
+
+    `echoed`: the text after `echo_text(decode, context)`, the context's whole characters, which is shown before
+    it (serve's `echo` of a token-id prompt): the echo and the continuation then read as whole characters, the
+    character the context cuts coming whole after it (or as U+FFFD, if the ids never complete it)."""
     head = decode(context)
     stem = whole_characters(head)  # (the context's text before a character it leaves incomplete)
+    if echoed:
+        head = stem
 
     def text(ids: list[int]) -> str:
         whole = decode(context + ids)
@@ -40,6 +49,13 @@ def continuation_decoder(decode: Callable[[list[int]], str], context: list[int])
         return whole[len(stem) :] if whole.startswith(stem) else decode(ids)
 
     return text
+
+
+def echo_text(decode: Callable[[list[int]], str], context: list[int]) -> str:
+    """The text shown for `context` (token ids) before its continuation (`continuation_decoder(..., echoed=True)`):
+    its whole characters. Its decoding ended in U+FFFD where its last ids cut a character, which the continuation
+    then showed whole: serve echoed "\ufffd龘"."""
+    return whole_characters(decode(context))
 
 
 def whole_characters(text: str) -> str:

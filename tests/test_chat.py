@@ -1764,3 +1764,28 @@ def test_chat_seed_gives_each_reply_of_a_session_its_own_draws(chat_run: Path):
     first, again = replies("hi\n/reset\nhi\n", seed=3)
     assert first != again and [first, again] == replies("hi\n/reset\nhi\n", seed=3)
     assert replies("hi\n", seed=4) == [again] and replies("hi\n", seed=3) == [first]
+
+
+def test_serve_echo_of_token_ids_cut_inside_a_character_reads_as_whole_characters(tmp_path: Path):
+    """A token-id prompt that ends inside a character (你's first 2 byte tokens, e4 bd) was echoed as its decoding,
+    "\\ufffd", and the completion that completes it (a0, forced by logit_bias) then gave "你": the reply read
+    "\\ufffd你". The echo is the prompt's whole characters and the completion goes on from there, streamed or not,
+    with the text offsets of that text; a character the completion never completes stays the prompt's U+FFFD."""
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe(["hello world"], vocab_size=300)
+    ids = tok.encode("a你")
+    assert len(ids) == 4  # a, then one token per byte of 你
+    base = make_base(tmp_path, max_seq_len=32, tok=tok)
+    with _serving(base) as server:
+        url = server.url + "/v1/completions"
+        for bias, text, offsets in (
+            ({ids[3]: 100}, "a你", [0, 1, 1, 1]),
+            ({tok.encode("b")[0]: 100}, "a\ufffdb", [0, 1, 1, 2]),
+        ):
+            asked = {"prompt": ids[:3], "max_tokens": 1, "temperature": 0, "echo": True, "logit_bias": bias}
+            choice = json.loads(_post(url, asked | {"logprobs": 0})[1])["choices"][0]
+            assert choice["text"] == text and choice["logprobs"]["text_offset"] == offsets, choice
+            events = _events(_post(url, asked | {"stream": True})[1])
+            assert "".join(e["choices"][0]["text"] for e in events) == text, events
+            assert not any(e["choices"][0]["text"].endswith("\ufffd") for e in events if text == "a你"), events
