@@ -120,30 +120,34 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
     # a line of only spaces or tabs is blank in either form, as an empty one: in a text file it was a prompt (the model
     # continued whitespace), one that a JSONL file skipped; a prompt of spaces is still given in JSON ("   ")
     kept = [(n, line) for n, line in lines if line.strip()]
-    if kept and len(kept) < len(lines):
-        blank = len(lines) - len(kept)
-        print(f"note: {name}: {blank} blank line{'s' * (blank > 1)} skipped", file=sys.stderr, flush=True)
-    lines = kept
+    blank, lines = len(lines) - len(kept), kept
     if not lines:
         raise LmforgeError(f'{name} holds no prompts; put one per line (in a .jsonl: {{"prompt": "..."}} per line)')
-    if not jsonl:
-        return [(n, line, {}) for n, line in lines]
-    prompts = []
-    for n, line in lines:
-        try:
-            row = json.loads(json_line(line))  # (a BOM mid-file: `cat a.jsonl b.jsonl` of Windows-saved files)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise LmforgeError(f'{name} line {n} has no "prompt" string; write each line as {{"prompt": "..."}}')
-        try:  # a lone surrogate escape ("\ud800") is no text: the tokenizer's TypeError, or the output's, a traceback
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LmforgeError(
-                f"{name} line {n} holds an unpaired surrogate escape such as \\ud800, which is not text; fix that line"
-            ) from None
-        prompts.append((n, row["prompt"], row))
+    prompts = [_jsonl_prompt(name, n, line) if jsonl else (n, line, {}) for n, line in lines]
+    if blank:  # (once every line is read: a bad line's error stays the one line)
+        print(f"note: {name}: {blank} blank line{'s' * (blank > 1)} skipped", file=sys.stderr, flush=True)
     return prompts
+
+
+def _jsonl_prompt(name: str, n: int, line: str) -> tuple[int, str, dict[str, Any]]:
+    """Line `n` of a JSONL prompt file: (n, its "prompt", the whole object).
+
+    Raises:
+        LmforgeError: the line is not a JSON object with a "prompt" string, or holds a lone surrogate escape.
+    """
+    try:
+        row = json.loads(json_line(line))  # (a BOM mid-file: `cat a.jsonl b.jsonl` of Windows-saved files)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise LmforgeError(f'{name} line {n} has no "prompt" string; write each line as {{"prompt": "..."}}')
+    try:  # a lone surrogate escape ("\ud800") is no text: the tokenizer's TypeError, or the output's, a traceback
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LmforgeError(
+            f"{name} line {n} holds an unpaired surrogate escape such as \\ud800, which is not text; fix that line"
+        ) from None
+    return n, row["prompt"], row
 
 
 # the first bytes of a compressed file: (its suffix, its name, what unpacks it to stdout)
