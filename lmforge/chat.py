@@ -448,7 +448,7 @@ def chat(
     `penalties`: a `sampling.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
     write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
     ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
-    from lmforge.detokenize import StreamDecoder, whole_characters
+    from lmforge.detokenize import StreamDecoder
     from lmforge.generate import (
         context_length,
         generate,
@@ -524,7 +524,7 @@ def chat(
                 file=sys.stderr,
                 flush=True,
             )
-        stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
+        stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True), tok)
         stdout.write("bot> " if interactive else "")
 
         def on_token(t: int, stream: StreamDecoder = stream) -> None:
@@ -561,7 +561,7 @@ def chat(
         stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
         # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
-        reply = whole_characters(tok.decode(stream.ids, skip_special_tokens=True))
+        reply = stream.text()
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

@@ -3,8 +3,9 @@
 - `StreamDecoder`: turns a stream of token ids into text that is safe to print as it comes. Byte-level
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
   tokens); decoding the whole sequence and withholding a trailing U+FFFD shows every character once,
-  complete. `whole_characters` is that one rule, for every text a model wrote that is shown or scored: generate,
-  chat (and its history), serve, and `eval --task`'s answers.
+  complete. A U+FFFD that no byte can complete (a stray byte the model wrote) is not withheld: `may_complete`
+  reads the last tokens' bytes. `whole_characters` is that one rule, for every text a model wrote that is shown or
+  scored: generate, chat (and its history), serve, and `eval --task`'s answers.
 - `StopStrings`: OpenAI's `stop` on the decoded text as it comes (across tokens), for `serve` and `generate --stop`.
 - `continuation_decoder`: the text that ids add after a context, decoded together with it (after `echo_text`, the
   context's own text shown first, for serve's `echo`).
@@ -15,7 +16,10 @@ text and change with the tokenizers' decoders, not with the models.
 
 from __future__ import annotations
 
+import codecs
+import functools
 from collections.abc import Callable, Collection
+from typing import Any
 
 from lmforge.errors import LmforgeError
 
@@ -65,6 +69,25 @@ def whole_characters(text: str) -> str:
     return text.rstrip(REPLACEMENT_CHAR)
 
 
+def may_complete(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether the bytes of `ids` (a `Tokenizer`'s, `token_utf8`) end in the start of a UTF-8 character that more
+    bytes can complete (e4 bd: 你 without its a0): a trailing U+FFFD in their text may still become a character.
+    False when they end in bytes that no continuation makes valid (a stray ff or bd, e0 80, an ended sequence): its
+    U+FFFD is final. The longest start is 3 bytes, so the last 4 tokens' bytes tell (none is empty but a special's)."""
+    table = _utf8_table(tokenizer)
+    tail = b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids[-4:])
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(tail, final=False)
+    return bool(decoder.getstate()[0])  # (the bytes it buffers: a valid start of a character, not yet complete)
+
+
+@functools.lru_cache(maxsize=8)
+def _utf8_table(tokenizer: Any) -> list[bytes]:
+    return (
+        tokenizer.token_utf8()
+    )  # (a walk over the vocabulary: once per tokenizer, and only where text ends in U+FFFD)
+
+
 class StreamDecoder:
     """Incremental detokenizer: feed token ids, get back only text that is complete.
 
@@ -74,20 +97,38 @@ class StreamDecoder:
     in the length but exact for any decoder whose output on a prefix is a prefix of the output on
     the whole (byte-level BPE, characters); it costs well under a millisecond per token at chat lengths.
 
-        stream = StreamDecoder(tokenizer.decode)
+    With `tokenizer` (the one whose ids are fed), a U+FFFD that can never complete (bytes that are not UTF-8: a
+    model's stray ff) comes out with its token (`may_complete`): it was held until the next whole character came,
+    which a model writing bytes stalled for many tokens (ff e4 bd a0 showed nothing until 你), and at the end it
+    was dropped as if cut by the token limit. Without one, every trailing U+FFFD waits so.
+
+        stream = StreamDecoder(tokenizer.decode, tokenizer)
         generate(model, ids, max_new_tokens=200, on_token=lambda t: print(stream.feed(t), end="", flush=True))
         print(stream.flush())
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], tokenizer: Any = None) -> None:
         self.decode = decode
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.emitted = 0  # characters already returned
+
+    def text(self) -> str:
+        """The text of the ids so far that is certain: without a trailing U+FFFD that more ids could still complete
+        (`whole_characters`; once the stream has ended: a character cut by the token limit)."""
+        text = self.decode(self.ids)
+        if (
+            text.endswith(REPLACEMENT_CHAR)
+            and self.tokenizer is not None
+            and not may_complete(self.tokenizer, self.ids)
+        ):
+            return text
+        return whole_characters(text)
 
     def feed(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""
         self.ids.append(token_id)
-        text = whole_characters(self.decode(self.ids))
+        text = self.text()
         if len(text) <= self.emitted:
             return ""
         out = text[self.emitted :]
@@ -98,7 +139,7 @@ class StreamDecoder:
         """Return whatever is left (call once the stream has ended). A character whose bytes never all came
         (generation stopped on max tokens halfway through it) is dropped, not shown as U+FFFD: the text
         stays valid, as a reply cut by a length limit ends at its last whole character."""
-        text = whole_characters(self.decode(self.ids))
+        text = self.text()
         out = text[self.emitted :]
         self.emitted = len(text)
         return out
