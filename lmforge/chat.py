@@ -18,7 +18,10 @@ tokenizer_config.json by `export/hf_import.py`): rendered in jinja2's immutable 
 trained on; for sft its replies are located by rendering prefixes of the conversation.
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
-dropped until the prompt plus the reply budget fits the context; replies stream token by token;
+dropped until the prompt plus the reply budget fits the context (a message that does not fit beside the system message
+and the reply alone is not sent: a notice says by how much to shorten it, as `generate` and `serve` refuse a prompt
+longer than the context rather than cut it; a --system with no room for a message is refused at the start);
+replies stream token by token;
 `/reset` clears the history and `/exit` (or end of input) quits; another `/word` alone on a line (/quit, /help)
 is answered with those two, not sent to the model; Ctrl-C during a reply stops that reply
 (what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.atomic import write_json
-from lmforge.errors import DataError, first_line, interrupt_handled
+from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
 
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
@@ -477,6 +480,13 @@ def chat(
             flush=True,
         )
     max_new_tokens = min(max_new_tokens, context // 2)
+    budget = context - max_new_tokens  # the prompt's tokens, beside the reply's
+    if system and not template.system_fits(tok, {"role": "system", "content": system}, budget):
+        raise ConfigError(
+            f"--system is {template.prompt_length(tok, [{'role': 'system', 'content': system}])} tokens with the chat "
+            f"template, and the model's context ({context} tokens) leaves {budget} beside a {max_new_tokens}-token "
+            "reply, with no room for a message: shorten --system (or lower --max-new-tokens)"
+        )
     if interactive is None:
         interactive = stdin.isatty()
     notices = stdout if interactive else sys.stderr  # piped: stdout is the replies alone, for the script reading it
@@ -505,25 +515,22 @@ def chat(
             continue
         if not text.strip():
             continue
-        history.append({"role": "user", "content": text})
-        ids, dropped = template.prompt_ids(tok, history, budget=context - max_new_tokens)
+        message = {"role": "user", "content": text}
+        # a message the model cannot see whole is not sent, as generate and serve refuse such a prompt: with its
+        # start cut (as before) the reply answered a text the user had not written; older turns are dropped instead
+        alone = template.prompt_length(tok, history[:1] + [message] if system else [message])
+        if alone > budget:
+            notices.write(
+                f"(message not sent: with {'the system message and ' if system else ''}the chat template it is "
+                f"{alone} tokens, and the model's context ({context} tokens) holds {budget} beside a reply of up to "
+                f"{max_new_tokens} tokens; shorten it by {alone - budget} tokens or more)\n"
+            )
+            notices.flush()
+            continue
+        history.append(message)
+        ids, dropped = template.prompt_ids(tok, history, budget=budget)
         if dropped:
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
-        full = template.prompt_length(tok, history)
-        if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
-            kept = "its end, after any BOS"
-            if system:
-                kept = (
-                    "the system message and your message's end"
-                    if template.system_fits(tok, history[0], context - max_new_tokens)
-                    else "its end: the system message is over it alone, shorten --system"
-                )
-            print(
-                f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
-                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used ({kept})",
-                file=sys.stderr,
-                flush=True,
-            )
         stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True), tok)
         stdout.write("bot> " if interactive else "")
 
