@@ -74,18 +74,16 @@ def may_complete(tokenizer: Any, ids: list[int]) -> bool:
     bytes can complete (e4 bd: 你 without its a0): a trailing U+FFFD in their text may still become a character.
     False when they end in bytes that no continuation makes valid (a stray ff or bd, e0 80, an ended sequence): its
     U+FFFD is final. The longest start is 3 bytes, so the last 4 tokens' bytes tell (none is empty but a special's)."""
-    table = _utf8_table(tokenizer)
-    tail = b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids[-4:])
+    utf8_of = _utf8_reader(tokenizer)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    decoder.decode(tail, final=False)
+    decoder.decode(b"".join(utf8_of(i) for i in ids[-4:]), final=False)
     return bool(decoder.getstate()[0])  # (the bytes it buffers: a valid start of a character, not yet complete)
 
 
 @functools.lru_cache(maxsize=8)
-def _utf8_table(tokenizer: Any) -> list[bytes]:
-    return (
-        tokenizer.token_utf8()
-    )  # (a walk over the vocabulary: once per tokenizer, and only where text ends in U+FFFD)
+def _utf8_reader(tokenizer: Any) -> Callable[[int], bytes]:
+    # (each id's bytes read once, when a text first ends in U+FFFD near it: `Tokenizer.utf8_reader`)
+    return functools.lru_cache(maxsize=None)(tokenizer.utf8_reader())
 
 
 class StreamDecoder:
