@@ -568,7 +568,7 @@ def chat(
         stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
         # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
-        reply = stream.text()
+        reply = stream.shown
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

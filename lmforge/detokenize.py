@@ -86,6 +86,14 @@ def _utf8_reader(tokenizer: Any) -> Callable[[int], bytes]:
     return functools.lru_cache(maxsize=None)(tokenizer.utf8_reader())
 
 
+def shown_text(decode: Callable[[list[int]], str], ids: list[int], tokenizer: Any = None) -> str:
+    """The text a `StreamDecoder` shows of `ids` in all, once they have all come: what `eval --task` scores of an
+    answer, so that it is the text `generate` shows (a character cut by the token limit dropped, a U+FFFD that a
+    stray byte makes kept)."""
+    stream = StreamDecoder(decode, tokenizer)
+    return "".join(stream.feed(i) for i in ids) + stream.flush()
+
+
 class StreamDecoder:
     """Incremental detokenizer: feed token ids, get back only text that is complete.
 
@@ -110,10 +118,11 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.emitted = 0  # characters already returned
+        self.shown = ""  # the text returned so far (chat keeps it in the history: the reply as printed)
 
-    def text(self) -> str:
-        """The text of the ids so far that is certain: without a trailing U+FFFD that more ids could still complete
-        (`whole_characters`; once the stream has ended: a character cut by the token limit)."""
+    def _certain(self) -> str:
+        """The text of the ids so far without a trailing U+FFFD that more ids could still complete (with the
+        tokenizer: only while `may_complete`; a run of U+FFFD before a start that may complete waits with it)."""
         text = self.decode(self.ids)
         if (
             text.endswith(REPLACEMENT_CHAR)
@@ -126,20 +135,22 @@ class StreamDecoder:
     def feed(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""
         self.ids.append(token_id)
-        text = self.text()
+        text = self._certain()
         if len(text) <= self.emitted:
             return ""
         out = text[self.emitted :]
         self.emitted = len(text)
+        self.shown += out
         return out
 
     def flush(self) -> str:
         """Return whatever is left (call once the stream has ended). A character whose bytes never all came
         (generation stopped on max tokens halfway through it) is dropped, not shown as U+FFFD: the text
         stays valid, as a reply cut by a length limit ends at its last whole character."""
-        text = self.text()
+        text = self._certain()
         out = text[self.emitted :]
-        self.emitted = len(text)
+        self.emitted = max(self.emitted, len(text))
+        self.shown += out
         return out
 
 
