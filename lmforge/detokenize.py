@@ -4,8 +4,9 @@
   tokens can end in the middle of a UTF-8 character (one Chinese character or emoji is 3–4 byte
   tokens); decoding the whole sequence and withholding a trailing U+FFFD shows every character once,
   complete. A U+FFFD that no byte can complete (a stray byte the model wrote) is not withheld: `may_complete`
-  reads the last tokens' bytes. `whole_characters` is that one rule, for every text a model wrote that is shown or
-  scored: generate, chat (and its history), serve, and `eval --task`'s answers.
+  reads the last tokens' bytes. That is the one rule for every text a model wrote that is shown or scored:
+  generate, chat (and its history: `StreamDecoder.shown`), serve, and `eval --task`'s answers (`shown_text`);
+  `whole_characters` drops a trailing cut character from a text (a token-id prompt's `echo_text`).
 - `StopStrings`: OpenAI's `stop` on the decoded text as it comes (across tokens), for `serve` and `generate --stop`.
 - `continuation_decoder`: the text that ids add after a context, decoded together with it (after `echo_text`, the
   context's own text shown first, for serve's `echo`).
