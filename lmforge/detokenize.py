@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import codecs
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from lmforge.errors import LmforgeError
@@ -107,16 +107,19 @@ class StreamDecoder:
     With `tokenizer` (the one whose ids are fed), a U+FFFD that can never complete (bytes that are not UTF-8: a
     model's stray ff) comes out with its token (`may_complete`): it was held until the next whole character came,
     which a model writing bytes stalled for many tokens (ff e4 bd a0 showed nothing until 你), and at the end it
-    was dropped as if cut by the token limit. Without one, every trailing U+FFFD waits so.
+    was dropped as if cut by the token limit. Without one, every trailing U+FFFD waits so. `context`: the ids a
+    continuation's `decode` goes on from (`continuation_decoder`), whose last bytes may start its first character.
 
         stream = StreamDecoder(tokenizer.decode, tokenizer)
         generate(model, ids, max_new_tokens=200, on_token=lambda t: print(stream.feed(t), end="", flush=True))
         print(stream.flush())
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], tokenizer: Any = None) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], tokenizer: Any = None, context: Sequence[int] = ()) -> None:
         self.decode = decode
         self.tokenizer = tokenizer
+        # the ids `decode` continues (`continuation_decoder`): they may hold the start of the first character
+        self.context = list(context[-4:])
         self.ids: list[int] = []
         self.emitted = 0  # characters already returned
         self.shown = ""  # the text returned so far (chat keeps it in the history: the reply as printed)
@@ -125,11 +128,8 @@ class StreamDecoder:
         """The text of the ids so far without a trailing U+FFFD that more ids could still complete (with the
         tokenizer: only while `may_complete`; a run of U+FFFD before a start that may complete waits with it)."""
         text = self.decode(self.ids)
-        if (
-            text.endswith(REPLACEMENT_CHAR)
-            and self.tokenizer is not None
-            and not may_complete(self.tokenizer, self.ids)
-        ):
+        ids = self.context + self.ids[-4:]
+        if text.endswith(REPLACEMENT_CHAR) and self.tokenizer is not None and not may_complete(self.tokenizer, ids):
             return text
         return whole_characters(text)
 

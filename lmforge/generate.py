@@ -652,7 +652,7 @@ def generate_from_checkpoint(
                              progress=progress, checkpoint=checkpoint)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
-    decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids), tokenizer)
+    decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids), tokenizer, prompt_ids)
     shown: list[str] = []  # the text as streamed: what is returned, too
 
     def show(text: str) -> None:

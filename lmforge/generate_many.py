@@ -412,7 +412,7 @@ def _complete(
     )
 
     stops = frozenset(settings["stop_ids"])  # (with eos: run_stops)
-    decoders = [StreamDecoder(completion_decoder(loaded.tokenizer, ids), loaded.tokenizer) for ids in rows]
+    decoders = [StreamDecoder(completion_decoder(loaded.tokenizer, ids), loaded.tokenizer, ids) for ids in rows]
     cuts = [StopStrings(stop) for _ in rows]
 
     def on_token(b: int, token: int) -> bool:  # b: the row's index in `rows`

@@ -802,7 +802,8 @@ class _Handler(BaseHTTPRequestHandler):
         ft = self.server.ft
         plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
         # completions continue text
-        decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids, echoed=echoed), ft.tokenizer)
+        continued = continuation_decoder(plain, ids, echoed=echoed)
+        decoder = StreamDecoder(plain, ft.tokenizer) if chat else StreamDecoder(continued, ft.tokenizer, ids)
         cut = StopStrings(stop)  # the text, ended before a stop string; what is safe to stream
         finish = "length"
         # where each token's text begins (only stop strings need it): a token that begins past the text's end (in

@@ -312,6 +312,7 @@ def test_stream_decoder_shows_a_u_fffd_that_can_never_complete_at_once(kind: str
     wrote bytes), and a reply ending in ff dropped it. With the tokenizer, a U+FFFD comes out with its token once
     no byte can complete it; the start of a character (e4, e4 bd) still waits. Byte-level BPE decodes ff e4 bd a0
     as "\ufffd你"; byte fallback (lmforge's char tokenizer) as four U+FFFD, the whole run of bytes being invalid."""
+    from lmforge.detokenize import continuation_decoder
     from lmforge.tokenizer.tokenizer import bytes_to_unicode
     from lmforge.tokenizer.train import train_bpe, train_char
 
@@ -335,6 +336,10 @@ def test_stream_decoder_shows_a_u_fffd_that_can_never_complete_at_once(kind: str
     assert streamed([e4, h]) == ["", "\ufffdh", ""]  # (a start that another character ended)
     assert streamed([bd, h]) == ["\ufffd", "h", ""]  # a stray continuation byte: final at once
     assert streamed([ff, e4]) == ["\ufffd", "", ""]  # (ff's, then a start cut by the token limit)
+    # a continuation of ids that end in a character's start: bd alone is no UTF-8, after e4 it may still become 你
+    for echoed in (True, False):  # (serve's echo of token ids: the e4 is in the continuation's text)
+        stream = StreamDecoder(continuation_decoder(tok.decode, [h, e4], echoed=echoed), tok, [h, e4])
+        assert [stream.feed(i) for i in (bd, a0)] + [stream.flush()] == ["", "你", ""], echoed
 
 
 def test_continuation_keeps_its_first_space_with_a_unigram_tokenizer() -> None:
