@@ -567,7 +567,7 @@ def chat(
         stdout.write(stream.flush() + "\n")
         stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
-        # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
+        # (the reply's tokens but the stop ids, also when Ctrl-C stopped it)
         reply = stream.shown
         history.append({"role": "assistant", "content": reply})
         replies += 1
