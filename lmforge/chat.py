@@ -18,7 +18,10 @@ tokenizer_config.json by `export/hf_import.py`): rendered in jinja2's immutable 
 trained on; for sft its replies are located by rendering prefixes of the conversation.
 
 `chat(...)` is the interactive loop: the history is re-rendered each turn and the oldest turns are
-dropped until the prompt plus the reply budget fits the context; replies stream token by token;
+dropped until the prompt plus the reply budget fits the context (a message that does not fit beside the system message
+and the reply alone is not sent: a notice says by how much to shorten it, as `generate` and `serve` refuse a prompt
+longer than the context rather than cut it; a --system with no room for a message is refused at the start);
+replies stream token by token;
 `/reset` clears the history and `/exit` (or end of input) quits; another `/word` alone on a line (/quit, /help)
 is answered with those two, not sent to the model; Ctrl-C during a reply stops that reply
 (what was shown of it stays in the history) and the session goes on. In a terminal, lines are read with GNU
@@ -448,21 +451,20 @@ def chat(
     `penalties`: a `sampling.Penalties`, applied within each reply. `interactive`: prompt (`you> `, `bot> `) and
     write the banner and notices to `stdout`, as a terminal needs; off, `stdout` gets the replies alone, each
     ending in a newline, and the rest goes to stderr. None: whether `stdin` is a terminal."""
-    from lmforge.detokenize import StreamDecoder, whole_characters
+    from lmforge.detokenize import StreamDecoder
     from lmforge.generate import (
         context_length,
         generate,
         load_generator,
         run_stops,
     )
-    from lmforge.sampling import check_sampling, check_seed
+    from lmforge.sampling import check_max_new_tokens, check_sampling, check_seed
 
     check_sampling(temperature, top_k, top_p, min_p)  # before loading, not after the first message is typed
     check_seed(seed)
     given = max_new_tokens is not None  # (None: 200, capped to half the context without a note)
     max_new_tokens = DEFAULT_REPLY_TOKENS if max_new_tokens is None else max_new_tokens
-    if max_new_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 (a GBK terminal) arrive as surrogate escapes
         stdin.reconfigure(errors="surrogateescape")
     ft = load_generator(run, device, compile=compile)
@@ -478,6 +480,13 @@ def chat(
             flush=True,
         )
     max_new_tokens = min(max_new_tokens, context // 2)
+    budget = context - max_new_tokens  # the prompt's tokens, beside the reply's
+    if system and not template.system_fits(tok, {"role": "system", "content": system}, budget):
+        raise ConfigError(
+            f"--system is {template.prompt_length(tok, [{'role': 'system', 'content': system}])} tokens with the chat "
+            f"template, and the model's context ({context} tokens) leaves {budget} beside a {max_new_tokens}-token "
+            "reply, with no room for a message: shorten --system (or lower --max-new-tokens)"
+        )
     if interactive is None:
         interactive = stdin.isatty()
     notices = stdout if interactive else sys.stderr  # piped: stdout is the replies alone, for the script reading it
@@ -506,26 +515,23 @@ def chat(
             continue
         if not text.strip():
             continue
-        history.append({"role": "user", "content": text})
-        ids, dropped = template.prompt_ids(tok, history, budget=context - max_new_tokens)
+        message = {"role": "user", "content": text}
+        # a message the model cannot see whole is not sent, as generate and serve refuse such a prompt: with its
+        # start cut (as before) the reply answered a text the user had not written; older turns are dropped instead
+        alone = template.prompt_length(tok, history[:1] + [message] if system else [message])
+        if alone > budget:
+            notices.write(
+                f"(message not sent: with {'the system message and ' if system else ''}the chat template it is "
+                f"{alone} tokens, and the model's context ({context} tokens) holds {budget} beside a reply of up to "
+                f"{max_new_tokens} tokens; shorten it by {alone - budget} tokens or more)\n"
+            )
+            notices.flush()
+            continue
+        history.append(message)
+        ids, dropped = template.prompt_ids(tok, history, budget=budget)
         if dropped:
             history = history[:1] + history[1 + dropped :] if system else history[dropped:]
-        full = template.prompt_length(tok, history)
-        if full > len(ids):  # one message (with the system message) is over the budget: its start is cut
-            kept = "its end, after any BOS"
-            if system:
-                kept = (
-                    "the system message and your message's end"
-                    if template.system_fits(tok, history[0], context - max_new_tokens)
-                    else "its end: the system message is over it alone, shorten --system"
-                )
-            print(
-                f"note: the conversation is {full} tokens, more than the model's context ({context} tokens) holds "
-                f"beside a {max_new_tokens}-token reply; only {len(ids)} tokens are used ({kept})",
-                file=sys.stderr,
-                flush=True,
-            )
-        stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True))
+        stream = StreamDecoder(lambda t: tok.decode(t, skip_special_tokens=True), tok)
         stdout.write("bot> " if interactive else "")
 
         def on_token(t: int, stream: StreamDecoder = stream) -> None:
@@ -561,8 +567,8 @@ def chat(
         stdout.write(stream.flush() + "\n")
         stdout.flush()
         # as printed: a character cut off by max_new_tokens is dropped (StreamDecoder.flush), not kept as U+FFFD
-        # (the stream's ids: the reply's tokens but the stop ids, also when Ctrl-C stopped it)
-        reply = whole_characters(tok.decode(stream.ids, skip_special_tokens=True))
+        # (the reply's tokens but the stop ids, also when Ctrl-C stopped it)
+        reply = stream.shown
         history.append({"role": "assistant", "content": reply})
         replies += 1
     return replies

@@ -117,10 +117,11 @@ def add_parsers(sub: Any) -> None:
         "chat",
         help="interactive chat with a run in the terminal",
         description="Chat with a run using its chat template. The history is kept within the context "
-        "window (oldest turns dropped first); replies stream as they are generated. /reset clears the "
-        "history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply. In a terminal, lines are edited with readline "
-        "(a pasted block of lines is one message); it reads from stdin, so it also works in a pipe (one message "
-        "per line).",
+        "window (oldest turns dropped first; a message that does not fit beside the system message and the reply "
+        "is not sent, and a notice says by how much to shorten it); replies stream as they are generated. "
+        "/reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply. In a terminal, lines are "
+        "edited with readline (a pasted block of lines is one message); it reads from stdin, so it also works in a "
+        "pipe (one message per line).",
     )
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--system", default="", help="system message kept at the top of the history")

@@ -232,7 +232,8 @@ def build_parser() -> Parser:
         metavar="FILE",
         help='complete many prompts, in batches: a .txt (one prompt per line) or a .jsonl (a "prompt" field per '
         'line; its other fields, such as "id", are copied to the line\'s output lines); - reads stdin (JSONL if '
-        "its first non-blank line is a JSON object, else text); empty lines are skipped; .gz and .zst are "
+        "its first non-blank line is a JSON object, else text); blank lines (empty, or only spaces and tabs) are "
+        "skipped, and a note counts them; .gz and .zst are "
         "decompressed. Prints JSONL, one "
         '{"prompt", "completion", "finish_reason"} per line in input order (with --num-samples also "sample"); '
         "greedy, each equals --prompt's",
@@ -264,7 +265,7 @@ def build_parser() -> Parser:
         help="N completions of each prompt, decoded together (--prompt: printed one after another under "
         "'=== sample i/N ===' lines); reproducible with --seed (default: 1)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate, >= 1 (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
     p.add_argument(

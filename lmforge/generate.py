@@ -58,7 +58,15 @@ from torch import Tensor
 from lmforge.detokenize import StopStrings, StreamDecoder, continuation_decoder
 from lmforge.errors import CheckpointError, LmforgeError, first_line
 from lmforge.models.gpt import GPT
-from lmforge.sampling import Penalties, check_sampling, check_seed, sample_unchecked, sampling_generator, sampling_probs
+from lmforge.sampling import (
+    Penalties,
+    check_max_new_tokens,
+    check_sampling,
+    check_seed,
+    sample_unchecked,
+    sampling_generator,
+    sampling_probs,
+)
 from lmforge.train.precision import cpp_compiler_problem
 
 STOP_IDS_FILE = "generation.json"  # in a run directory: {"stop_ids": [...]}, ids that end a generation
@@ -549,8 +557,7 @@ def check_command(
 ) -> None:
     """`lmforge generate`'s settings, checked before anything is printed (`generate` checks them again)."""
     check_sampling(temperature, top_k, top_p, min_p)
-    if max_new_tokens < 0:
-        raise LmforgeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     check_seed(seed)
 
 
@@ -645,7 +652,7 @@ def generate_from_checkpoint(
                              progress=progress, checkpoint=checkpoint)  # fmt: skip
     prompt_ids = command_prompt_ids(loaded, prompt or "", str(path))
     cut = StopStrings(stop)
-    decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids))
+    decoder = StreamDecoder(completion_decoder(tokenizer, prompt_ids), tokenizer, prompt_ids)
     shown: list[str] = []  # the text as streamed: what is returned, too
 
     def show(text: str) -> None:

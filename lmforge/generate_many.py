@@ -2,7 +2,8 @@
 
 - Prompts: `--prompt` (one), or `--prompt-file`: a `.jsonl` (one JSON object per line with a "prompt"
   string) or any other file as text, one prompt per line (a prompt with a newline in it needs the JSONL form).
-  Empty lines are skipped in both; a UTF-8 byte-order mark is read past. Either may be compressed (`.jsonl.gz`,
+  Blank lines (empty, or only spaces and tabs) are skipped in both, and a note on stderr counts them; a UTF-8
+  byte-order mark is read past. Either may be compressed (`.jsonl.gz`,
   `.txt.zst`: read as `prepare` reads its inputs); a `.json` file is refused (a JSON list read as text made each
   of its lines a prompt), as are compressed bytes under another name or on stdin (they read as "not UTF-8").
   `--prompt-file -` reads stdin: it has no name to tell the format by, so it is JSONL when its first non-blank
@@ -73,8 +74,8 @@ PARTIAL_VERSION = 2
 
 def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
     """The prompts of a `--prompt-file`, each with its line number and the other fields of its JSONL line
-    ({} for text): a .jsonl's "prompt" fields, else the file's non-empty lines. `-` reads stdin, as JSONL when
-    its first non-blank line is a JSON object, else as text.
+    ({} for text): a .jsonl's "prompt" fields, else the file's lines that are not blank (a note counts the blank
+    ones). `-` reads stdin, as JSONL when its first non-blank line is a JSON object, else as text.
 
     Raises:
         LmforgeError: a missing, non-UTF-8 or empty file; a .jsonl line that is not a JSON object with a
@@ -114,27 +115,39 @@ def read_prompts(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
     jsonl = _is_jsonl(lines) if name == "stdin" else inner.endswith(".jsonl")
     if not jsonl:  # a text line ends at \n, \r\n or a lone \r, as prepare reads text (a lone \r joined two prompts)
         lines = list(enumerate(re.split(r"\r\n?|\n", text), 1))
-    lines = [(n, line) for n, line in lines if (line.strip() if jsonl else line)]  # (a line of spaces: a prompt)
+    if lines and not lines[-1][1]:  # (what follows the last line end is no line)
+        lines.pop()
+    # a line of only spaces or tabs is blank in either form, as an empty one: in a text file it was a prompt (the model
+    # continued whitespace), one that a JSONL file skipped; a prompt of spaces is still given in JSON ("   ")
+    kept = [(n, line) for n, line in lines if line.strip()]
+    blank, lines = len(lines) - len(kept), kept
     if not lines:
         raise LmforgeError(f'{name} holds no prompts; put one per line (in a .jsonl: {{"prompt": "..."}} per line)')
-    if not jsonl:
-        return [(n, line, {}) for n, line in lines]
-    prompts = []
-    for n, line in lines:
-        try:
-            row = json.loads(json_line(line))  # (a BOM mid-file: `cat a.jsonl b.jsonl` of Windows-saved files)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise LmforgeError(f'{name} line {n} has no "prompt" string; write each line as {{"prompt": "..."}}')
-        try:  # a lone surrogate escape ("\ud800") is no text: the tokenizer's TypeError, or the output's, a traceback
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LmforgeError(
-                f"{name} line {n} holds an unpaired surrogate escape such as \\ud800, which is not text; fix that line"
-            ) from None
-        prompts.append((n, row["prompt"], row))
+    prompts = [_jsonl_prompt(name, n, line) if jsonl else (n, line, {}) for n, line in lines]
+    if blank:  # (once every line is read: a bad line's error stays the one line)
+        print(f"note: {name}: {blank} blank line{'s' * (blank > 1)} skipped", file=sys.stderr, flush=True)
     return prompts
+
+
+def _jsonl_prompt(name: str, n: int, line: str) -> tuple[int, str, dict[str, Any]]:
+    """Line `n` of a JSONL prompt file: (n, its "prompt", the whole object).
+
+    Raises:
+        LmforgeError: the line is not a JSON object with a "prompt" string, or holds a lone surrogate escape.
+    """
+    try:
+        row = json.loads(json_line(line))  # (a BOM mid-file: `cat a.jsonl b.jsonl` of Windows-saved files)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{name} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise LmforgeError(f'{name} line {n} has no "prompt" string; write each line as {{"prompt": "..."}}')
+    try:  # a lone surrogate escape ("\ud800") is no text: the tokenizer's TypeError, or the output's, a traceback
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LmforgeError(
+            f"{name} line {n} holds an unpaired surrogate escape such as \\ud800, which is not text; fix that line"
+        ) from None
+    return n, row["prompt"], row
 
 
 # the first bytes of a compressed file: (its suffix, its name, what unpacks it to stdout)
@@ -399,7 +412,7 @@ def _complete(
     )
 
     stops = frozenset(settings["stop_ids"])  # (with eos: run_stops)
-    decoders = [StreamDecoder(completion_decoder(loaded.tokenizer, ids)) for ids in rows]
+    decoders = [StreamDecoder(completion_decoder(loaded.tokenizer, ids), loaded.tokenizer, ids) for ids in rows]
     cuts = [StopStrings(stop) for _ in rows]
 
     def on_token(b: int, token: int) -> bool:  # b: the row's index in `rows`

@@ -5,8 +5,8 @@
 - `Penalties`: discouraging repeats, applied to the logits before sampling (greedy included): OpenAI's
   presence and frequency penalties over the tokens generated so far, and the CTRL / transformers
   repetition penalty over prompt and output.
-- `check_sampling`, `check_seed`: the settings' ranges, checked once per call (by `generate`, `chat`, `serve`)
-  rather than every token.
+- `check_sampling`, `check_seed`, `check_max_new_tokens`: the settings' ranges, checked once per call (by
+  `generate`, `chat`, `serve`) rather than every token.
 
 Split out of `generate.py` (the decode loops, which call `sample_unchecked` on each step's logits) because the rules are
 pure functions of the logits and change on their own: a new filter touches only this file.
@@ -46,6 +46,13 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """`--max-new-tokens` of `generate` and `chat`: at least 1, as OpenAI's `max_tokens` (serve's own check names
+    its field). 0 generated nothing: `generate` printed the prompt back and exited 0, while chat refused it."""
+    if max_new_tokens < 1:
+        raise LmforgeError(f"--max-new-tokens must be >= 1 (tokens to generate), got {max_new_tokens}")
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:

@@ -73,6 +73,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from lmforge.detokenize import echo_text
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.generate import prompt_text_ids
 from lmforge.serve_logprobs import StreamedLogprobs, choice_logprobs, mean_logprob
@@ -664,6 +665,7 @@ class _Handler(BaseHTTPRequestHandler):
         choices = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         raw = body.get("prompt") if not chat else None
+        decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
         # choices in order: prompt i's n choices at i*n .. i*n + n-1, as OpenAI numbers them; with a seed,
         # choice j of each prompt samples with seed + j (n different samples, the same again on a repeat)
         for i, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
@@ -671,19 +673,23 @@ class _Handler(BaseHTTPRequestHandler):
             # a completion's prompt string as sent (None: token ids, or chat)
             sent = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
             sent = sent if isinstance(sent, str) else None
-            head = ""
-            if echo:  # the prompt's text first (as sent; token ids as they decode)
-                head = sent if sent is not None else ft.tokenizer.decode(ids, skip_special_tokens=True)
+            # with echo the prompt's text first: as sent, or the whole characters token ids decode to, the completion
+            # going on after them (ids that end inside a character: it comes whole after the echo, not "\ufffd" in it)
+            after_echo = echo and sent is None
+            head = "" if not echo else sent if sent is not None else echo_text(decode, ids)
             drawn = []
             for j in range(best_of):
                 index = i * n + j
                 sampling = settings | {"seed": None if seed is None else (seed + j) % 2**63}
-                streamed = StreamedLogprobs(self.server, ids, top, chat, sent) if stream and logprobs else None
+                streamed = StreamedLogprobs(self.server, ids, top, chat, sent, echo) if stream and logprobs else None
                 emit = functools.partial(send_piece, index, streamed) if stream else None
-                if emit is not None and head:  # (with logprobs: the prompt's, scored as unstreamed)
-                    echoed = choice_logprobs(self.server, ids, [], echo, top, chat, sent) if logprobs else None
+                scored = emit is not None and echo and logprobs  # (the prompt's logprobs, scored as unstreamed)
+                echoed = choice_logprobs(self.server, ids, [], echo, top, chat, sent) if scored else None
+                if emit is not None and (head or echoed):
                     self._event(chunk(index, head, None, scores=echoed))
-                text, finish, new, generated = self._generate(ids, budget, sampling, stop, chat, emit, streamed)
+                text, finish, new, generated = self._generate(
+                    ids, budget, sampling, stop, chat, emit, streamed, after_echo
+                )
                 usage["completion_tokens"] += generated  # (a stop string's tokens too: they were generated)
                 if stream:
                     self._event(chunk(index, "", finish))
@@ -718,6 +724,7 @@ class _Handler(BaseHTTPRequestHandler):
         chat: bool,
         emit: Callable[[str, list], None] | None,
         scores: StreamedLogprobs | None = None,
+        echoed: bool = False,
     ) -> tuple[str, str, list[int], int]:
         """One choice: (its text, finish_reason, the ids of that text, how many ids were generated). The ids
         leave out the tokens of a stop string that ended it (the text does), so its `logprobs` describe the
@@ -732,7 +739,7 @@ class _Handler(BaseHTTPRequestHandler):
         if max_tokens == 0:  # `echo` with max_tokens 0: the prompt is only scored
             return "", "length", [], 0
         if emit is None:
-            return self._generate_locked(ids, max_tokens, sampling, stop, chat, client_left=self._client_left)
+            return self._generate_locked(ids, max_tokens, sampling, stop, chat, None, self._client_left, None, echoed)
         pieces: queue.SimpleQueue[tuple[str, list] | None] = queue.SimpleQueue()  # None: the generation is over
         client_gone = threading.Event()
         outcome: list[Any] = []  # the result, or the exception to raise here
@@ -749,6 +756,7 @@ class _Handler(BaseHTTPRequestHandler):
                         lambda *piece: pieces.put(piece),
                         client_gone.is_set,
                         scores,
+                        echoed,
                     )
                 )
             except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
@@ -777,8 +785,10 @@ class _Handler(BaseHTTPRequestHandler):
         emit: Callable[[str, list], None] | None = None,
         client_left: Callable[[], bool] | None = None,
         scores: StreamedLogprobs | None = None,
+        echoed: bool = False,
     ) -> tuple[str, str, list[int], int]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
+        `echoed`: the text goes on after the `echo_text` of the token ids `ids` (`continuation_decoder`).
 
         `client_left` is asked before the generation and after each token: streamed, whether the connection's
         thread failed to write (the generation then just ends); not streamed, whether the client closed its
@@ -791,7 +801,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         ft = self.server.ft
         plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
-        decoder = StreamDecoder(plain if chat else continuation_decoder(plain, ids))  # completions continue text
+        # completions continue text
+        continued = continuation_decoder(plain, ids, echoed=echoed)
+        decoder = StreamDecoder(plain, ft.tokenizer) if chat else StreamDecoder(continued, ft.tokenizer, ids)
         cut = StopStrings(stop)  # the text, ended before a stop string; what is safe to stream
         finish = "length"
         # where each token's text begins (only stop strings need it): a token that begins past the text's end (in

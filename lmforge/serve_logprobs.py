@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmforge.detokenize import REPLACEMENT_CHAR
+from lmforge.detokenize import REPLACEMENT_CHAR, echo_text
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
 
@@ -101,7 +101,9 @@ def completion_logprobs(
     offsets = []
     if echo:
         offsets = list(prompt_offsets) if prompt_offsets is not None else TextOffsets(decode).feed(prompt)
-    offsets += TextOffsets(continuation_decoder(decode, prompt), len(prompt_text)).feed(new)
+    # a token-id prompt is echoed as its whole characters (`echo_text`), its cut character coming after it
+    echoed = echo and prompt_offsets is None
+    offsets += TextOffsets(continuation_decoder(decode, prompt, echoed=echoed), len(prompt_text)).feed(new)
     return logprobs_object(names, prompt + new if echo else new, scored, offsets)
 
 
@@ -171,7 +173,8 @@ def choice_logprobs(
         return chat_logprobs(names, new, scored)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
     if sent is None:
-        return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=decode(ids))
+        text = echo_text(decode, ids) if echo else decode(ids)
+        return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=text)
     from lmforge.generate import prompt_encoding
 
     starts = [start for start, _ in prompt_encoding(ft, sent).offsets]
@@ -185,12 +188,14 @@ class StreamedLogprobs:
     a chat reply leaves out the end-of-turn token that stopped it). The numbers are the decode step's (`step`),
     the same log-softmax of the same logits as `score`'s forward pass, up to float summation order."""
 
-    def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None) -> None:
+    def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None, echo: bool = False) -> None:
         from lmforge.detokenize import continuation_decoder
 
         self.server, self.names, self.top, self.chat = server, server.token_names(), top, chat
         decode = functools.partial(server.ft.tokenizer.decode, skip_special_tokens=True)
-        self.offsets = TextOffsets(continuation_decoder(decode, ids), len(sent if sent is not None else decode(ids)))
+        echoed = echo and sent is None  # (a token-id prompt is echoed as its whole characters: `echo_text`)
+        prompt_text = sent if sent is not None else echo_text(decode, ids) if echoed else decode(ids)
+        self.offsets = TextOffsets(continuation_decoder(decode, ids, echoed=echoed), len(prompt_text))
 
     def step(self, logits: torch.Tensor, token_id: int) -> tuple[int, float, list[tuple[int, float]]]:
         """One generated token's (id, logprob, alternatives) from the (1, V) logits it was chosen from."""

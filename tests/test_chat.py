@@ -301,13 +301,19 @@ def test_chat_in_a_terminal_edits_wide_characters_and_takes_a_pasted_block_as_on
     assert text.count("bot> ") == 2, text  # one reply to the pasted block
 
 
-def test_chat_notes_a_message_cut_to_the_context(chat_run: Path):
-    """A message longer than the context is cut to its end: said on stderr, not silently."""
+def test_chat_refuses_a_message_longer_than_the_context_as_generate_and_serve_do(chat_run: Path):
+    """A message the model cannot see whole beside the reply was cut to its end (a note said only 56 of its tokens
+    were used), so the reply answered a text the user had not written, while `generate` and `serve` refuse a
+    prompt over the context. It is not sent now: a notice says by how much to shorten it, and the session goes on
+    (the next message is answered as if it had not come)."""
     r = run_cli("chat", str(chat_run), "--temperature", "0", "--max-new-tokens", "8", input="x" * 300 + "\nhi\n")
     assert r.returncode == 0, r.stderr
-    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1, r.stderr  # only for the long message; "hi" fits
-    assert "context (64 tokens)" in notes[0] and "only 56 tokens are used (its end, after any BOS)" in notes[0], notes
+    refused = [line for line in r.stderr.splitlines() if line.startswith("(message not sent")]
+    assert refused == [
+        "(message not sent: with the chat template it is 324 tokens, and the model's context (64 tokens) holds 56 "
+        "beside a reply of up to 8 tokens; shorten it by 268 tokens or more)"
+    ], r.stderr
+    assert "note:" not in r.stderr and r.stdout == "hello th\n", (r.stdout, r.stderr)  # hi's reply alone
 
 
 def test_chat_and_serve_refuse_bad_options_before_loading(tmp_path: Path):
@@ -436,7 +442,8 @@ def test_history_is_trimmed_to_the_context(chat_run: Path):
 
 def test_a_message_too_long_beside_the_system_message_keeps_the_system_message(chat_run: Path):
     """The last message alone over the budget cut the prompt's ids from the start: the system message went first,
-    then the message's role marker. The system message and the marker stay; the message keeps its end."""
+    then the message's role marker. The system message and the marker stay; the message keeps its end (`eval`'s
+    chat prompts). `lmforge chat` does not send such a message, and refuses a --system that leaves no room for one."""
     from lmforge.chat import ChatTemplate
     from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -448,9 +455,10 @@ def test_a_message_too_long_beside_the_system_message_keeps_the_system_message(c
     assert dropped == 2 and len(ids) == 70, (dropped, text)  # (a character tokenizer: the budget is filled)
     assert text.startswith("<|system|>\nBe brief.\n<|user|>\nxxx") and text.endswith(" the end\n<|assistant|>\n")
     r = run_cli("chat", str(chat_run), "--system", "Be brief.", "--max-new-tokens", "8", input="y" * 300 + "\n")
-    assert r.returncode == 0 and "(the system message and your message's end)" in r.stderr, r.stderr
+    assert r.returncode == 0 and "(message not sent: with the system message and the chat template" in r.stderr
     r = run_cli("chat", str(chat_run), "--system", "z" * 300, "--max-new-tokens", "8", input="hi\n")
-    assert r.returncode == 0 and "the system message is over it alone, shorten --system" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("lmforge: error: --system is 326 tokens"), r.stderr
+    assert "with no room for a message: shorten --system (or lower --max-new-tokens)" in r.stderr, r.stderr
 
 
 @contextlib.contextmanager
@@ -1764,3 +1772,28 @@ def test_chat_seed_gives_each_reply_of_a_session_its_own_draws(chat_run: Path):
     first, again = replies("hi\n/reset\nhi\n", seed=3)
     assert first != again and [first, again] == replies("hi\n/reset\nhi\n", seed=3)
     assert replies("hi\n", seed=4) == [again] and replies("hi\n", seed=3) == [first]
+
+
+def test_serve_echo_of_token_ids_cut_inside_a_character_reads_as_whole_characters(tmp_path: Path):
+    """A token-id prompt that ends inside a character (你's first 2 byte tokens, e4 bd) was echoed as its decoding,
+    "\\ufffd", and the completion that completes it (a0, forced by logit_bias) then gave "你": the reply read
+    "\\ufffd你". The echo is the prompt's whole characters and the completion goes on from there, streamed or not,
+    with the text offsets of that text; a character the completion never completes stays the prompt's U+FFFD."""
+    from lmforge.tokenizer.train import train_bpe
+
+    tok = train_bpe(["hello world"], vocab_size=300)
+    ids = tok.encode("a你")
+    assert len(ids) == 4  # a, then one token per byte of 你
+    base = make_base(tmp_path, max_seq_len=32, tok=tok)
+    with _serving(base) as server:
+        url = server.url + "/v1/completions"
+        for bias, text, offsets in (
+            ({ids[3]: 100}, "a你", [0, 1, 1, 1]),
+            ({tok.encode("b")[0]: 100}, "a\ufffdb", [0, 1, 1, 2]),
+        ):
+            asked = {"prompt": ids[:3], "max_tokens": 1, "temperature": 0, "echo": True, "logit_bias": bias}
+            choice = json.loads(_post(url, asked | {"logprobs": 0})[1])["choices"][0]
+            assert choice["text"] == text and choice["logprobs"]["text_offset"] == offsets, choice
+            events = _events(_post(url, asked | {"stream": True})[1])
+            assert "".join(e["choices"][0]["text"] for e in events) == text, events
+            assert not any(e["choices"][0]["text"].endswith("\ufffd") for e in events if text == "a你"), events

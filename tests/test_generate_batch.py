@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -158,16 +159,14 @@ def _finetuned(tmp_path: Path):  # noqa: ANN202 - a finetune.Finetuned
 
 def _sequential(ft, prompts: list[list[int]], max_new_tokens: int) -> list[str]:  # noqa: ANN001
     """What evaluation did before batching: one generate() per prompt, truncated to leave room."""
-    from lmforge.detokenize import whole_characters
+    from lmforge.detokenize import shown_text
 
     room = ft.model.cfg.max_seq_len - max_new_tokens
     eos = ft.tokenizer.eos_id
     outs = [generate(ft.model, p[-room:], max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos) for p in prompts]
-    # (whole_characters: a trailing U+FFFD is not shown or scored, as generate prints it)
-    return [
-        whole_characters(ft.tokenizer.decode([t for t in o if t != eos], skip_special_tokens=True)).strip()
-        for o in outs
-    ]
+    # (shown_text: the text as generate shows it, a character cut at the end dropped)
+    decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
+    return [shown_text(decode, [t for t in o if t != eos], ft.tokenizer).strip() for o in outs]
 
 
 def test_eval_metrics_equal_sequential_path(tmp_path: Path) -> None:

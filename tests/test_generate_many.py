@@ -15,9 +15,9 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import generate_from_checkpoint
 from tests.test_generate import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
 
-# ragged lengths (1 to 32 characters: the char tokenizer's tokens), a special-token string, Chinese, a line of
-# spaces; with 20 new tokens in a 48-token context the 32-character one does not fit a batch cache
-PROMPTS = ["Hello wor", "a", "The cat sat on the mat and then t", "   ", "<|endoftext|>ab", "红楼梦", "xyz, said he"]
+# ragged lengths (1 to 32 characters: the char tokenizer's tokens), a special-token string, Chinese, a line that
+# starts with spaces; with 20 new tokens in a 48-token context the 32-character one does not fit a batch cache
+PROMPTS = ["Hello wor", "a", "The cat sat on the mat and then t", "   a", "<|endoftext|>ab", "红楼梦", "xyz, said he"]
 GREEDY = dict(max_new_tokens=20, temperature=0)
 
 
@@ -612,6 +612,26 @@ def test_a_text_prompt_file_ends_its_lines_as_prepare_does(tmp_path: Path, monke
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_bytes(b'{"prompt": "a"}\r\n{"prompt": "b"\r}\n')
     assert [p for _, p, _ in read_prompts(jsonl)] == ["a", "b"]
+
+
+def test_a_prompt_file_skips_lines_of_spaces_and_counts_the_blank_lines(tmp_path: Path, capsys) -> None:
+    """A text file's line of spaces or tabs was a prompt (the model continued whitespace) while the same line in a
+    .jsonl was skipped as blank: both skip it now, as an empty line, and one note says how many were skipped."""
+    from lmforge.generate_many import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("a\n   \n\t \n\nb\n", encoding="utf-8")
+    assert [(n, p) for n, p, _ in read_prompts(path)] == [(1, "a"), (5, "b")]
+    assert capsys.readouterr().err == f"note: {path}: 3 blank lines skipped\n"
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a"}\n \t\n{"prompt": "   "}\n', encoding="utf-8")  # (a prompt of spaces, given)
+    assert [(n, p) for n, p, _ in read_prompts(jsonl)] == [(1, "a"), (3, "   ")]
+    assert capsys.readouterr().err == f"note: {jsonl}: 1 blank line skipped\n"
+    path.write_text("a\nb\n", encoding="utf-8")  # none skipped (the last line end is no blank line): no note
+    assert [p for _, p, _ in read_prompts(path)] == ["a", "b"] and capsys.readouterr().err == ""
+    path.write_text(" \n\t\n", encoding="utf-8")
+    with pytest.raises(LmforgeError, match="holds no prompts"):
+        read_prompts(path)
 
 
 def test_a_jsonl_prompt_file_reads_a_bom_at_the_start_of_any_line(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
     alone. Without one (an adapted wrapper, a recurrent model) each prompt is decoded on its own.
     """
     from lmforge.data.formats import keep_end
-    from lmforge.detokenize import whole_characters
+    from lmforge.detokenize import shown_text
     from lmforge.generate import generate, generate_batch, run_stops
 
     context = answer_context(ft.model)
@@ -216,8 +216,9 @@ def _answers(ft: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str
             for p in prompts
         ]
     # an answer cut by max_new_tokens mid-character is scored and shown without its U+FFFD, as generate shows it
+    # (and with one that a stray byte makes, which generate shows too)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
-    return [whole_characters(decode([t for t in ids if t not in stops])).strip() for ids in new]
+    return [shown_text(decode, [t for t in ids if t not in stops], ft.tokenizer).strip() for ids in new]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -248,35 +249,43 @@ class Tokenizer:
         A byte-level or byte-fallback token can hold part of a character (a CJK character is 3 bytes,
         often split over 2 tokens), which `decode([id])` shows as U+FFFD; the bytes keep what it holds.
         """
-        config = json.loads(self.to_str())
-        decoder_types = _decoder_types(config.get("decoder"))
+        utf8_of = self.utf8_reader()
+        return [utf8_of(token_id) for token_id in range(self.vocab_size)]
+
+    def utf8_reader(self) -> Callable[[int], bytes]:
+        """`token_utf8` one id at a time (b"" for an id past the vocabulary): a stream that looks at a few ids
+        (`detokenize.may_complete`) neither walks the vocabulary nor parses the tokenizer's JSON (its decoder's
+        alone is read: 0.1 ms, where the whole table took 48 ms for 4,420 ids, growing with the vocabulary)."""
+        decoder = json.loads(self._hf.decoder.__getstate__()) if self._hf.decoder is not None else None
+        decoder_types = _decoder_types(decoder)
         byte_level = "ByteLevel" in decoder_types
         byte_fallback = "ByteFallback" in decoder_types
         metaspace = "Metaspace" in decoder_types
-        wordpiece_prefix = (config.get("decoder") or {}).get("prefix", "##") if "WordPiece" in decoder_types else ""
+        wordpiece_prefix = (decoder or {}).get("prefix", "##") if "WordPiece" in decoder_types else ""
         unicode_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
-        added = {t["id"]: t for t in config.get("added_tokens", [])}
+        added = self._hf.get_added_tokens_decoder()  # {id: AddedToken}
+        vocab_size = self.vocab_size
 
-        out = [b""] * self.vocab_size
-        for token_id in range(self.vocab_size):
+        def utf8_of(token_id: int) -> bytes:
+            if not 0 <= token_id < vocab_size:
+                return b""
             if token_id in added:
                 spec = added[token_id]
-                out[token_id] = b"" if spec.get("special") else spec["content"].encode("utf-8")
-                continue
+                return b"" if spec.special else spec.content.encode("utf-8")
             token = self._hf.id_to_token(token_id)
             if token is None:
-                continue
+                return b""
             if byte_fallback and (match := _BYTE_TOKEN.match(token)):
-                out[token_id] = bytes([int(match.group(1), 16)])
-            elif byte_level and all(ch in unicode_to_byte for ch in token):
-                out[token_id] = bytes(unicode_to_byte[ch] for ch in token)  # one table character per byte
-            else:
-                if wordpiece_prefix and token.startswith(wordpiece_prefix):
-                    token = token[len(wordpiece_prefix) :]
-                if metaspace:
-                    token = token.replace("▁", " ")
-                out[token_id] = token.encode("utf-8")
-        return out
+                return bytes([int(match.group(1), 16)])
+            if byte_level and all(ch in unicode_to_byte for ch in token):
+                return bytes(unicode_to_byte[ch] for ch in token)  # one table character per byte
+            if wordpiece_prefix and token.startswith(wordpiece_prefix):
+                token = token[len(wordpiece_prefix) :]
+            if metaspace:
+                token = token.replace("▁", " ")
+            return token.encode("utf-8")
+
+        return utf8_of
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:12]})"
