@@ -137,7 +137,8 @@ def launch_ranks(
         if hung:  # each rank's Python stacks, to stderr (tests/cli_fork.py registers SIGUSR1 with faulthandler)
             for r in ranks:
                 r.send_signal(signal.SIGUSR1)
-            time.sleep(2)
+            for r in ranks:  # until each has written its dump (faulthandler writes it in the signal handler)
+                r.wait_for_stderr("(most recent call first)", timeout=10)
     finally:
         for r in ranks:
             r.kill()
@@ -826,14 +827,37 @@ def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
 
 
 # lmforge's CLI under torchrun --max-restarts: attempt 0 trains, then rank 1 fails, so torchrun restarts both; in
-# attempt 1 rank 0 starts late, so rank 1 looks up rank 0's address before rank 0 has written its new one
+# attempt 1 rank 0 joins late, so rank 1 looks up rank 0's address before rank 0 has written its new one: rank 0 waits
+# until rank 1 is in its join (a file in argv[1]), then until rank 1's join has ended (a wrong address: refused at
+# once) or 2 s have passed (the right one: rank 1 waits for rank 0). Before, a fixed 5 s before the CLI, which a rank
+# 1 slower to import torch than that (a loaded machine) did not outlast.
 RESTARTED_WITH_A_LATE_RANK_0 = """
 import os, sys, time
+import torch.distributed
 from lmforge import cli
 
 rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
-if attempt == "1" and rank == "0":
-    time.sleep(5)
+marks = sys.argv.pop(1)
+joining, joined = os.path.join(marks, "rank1-joining"), os.path.join(marks, "rank1-joined")
+
+def wait_for(path, seconds):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+init_process_group = torch.distributed.init_process_group
+def late_rank_0(*args, **kwargs):
+    if attempt == "1" and rank == "1":
+        open(joining, "w").close()
+        try:
+            return init_process_group(*args, **kwargs)
+        finally:
+            open(joined, "w").close()
+    if attempt == "1" and rank == "0":
+        wait_for(joining, 120)
+        wait_for(joined, 2)
+    return init_process_group(*args, **kwargs)
+torch.distributed.init_process_group = late_rank_0
 try:
     cli.main(sys.argv[1:])
 except SystemExit as e:
@@ -849,13 +873,14 @@ def test_max_restarts_of_the_static_rendezvous_form_a_new_group(data_dir: Path, 
     address from attempt 0 and every restart failed ('Gloo connectFullMesh failed ... Connection refused')."""
     script = tmp_path / "restarted.py"
     script.write_text(RESTARTED_WITH_A_LATE_RANK_0, encoding="utf-8")
-    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script),), **{"train.max_steps": 2})
+    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script), str(tmp_path)), **{"train.max_steps": 2})
     cmd.insert(3, "--max-restarts=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert "connectFullMesh" not in p.stderr, p.stderr[-3000:]
     assert p.returncode == 0, p.stderr[-3000:]
     assert "is already trained to step 2" in p.stdout  # attempt 1 joined the group and found the run finished
+    assert (tmp_path / "rank1-joining").is_file()  # (the restart's rank 1 did look up rank 0 first)
 
 
 # lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)
