@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch.distributed import TCPStore
 
 from lmforge.checkpoint import load_checkpoint, model_files
+from tests.cli_fork import ForkedProcess
 from tests.conftest import REPO, run_cli, tiny_config
 
 pytestmark = pytest.mark.dist
@@ -105,21 +106,11 @@ def launch_ranks(
     rank's stacks."""
     import time
 
-    from tests.cli_fork import ForkedProcess, seconds_left
+    from tests.cli_fork import seconds_left
 
-    # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
-    # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
-    # in between by another test's process
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-    ranks: list[ForkedProcess] = []
+    store, ranks = start_ranks(args, nproc=nproc, script=script, timeout=timeout)
     kill_at, code, hung = None, 0, False
-    try:  # (a rank that failed to start has the ones started before it stopped, not left waiting for it)
-        for rank in range(nproc):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
-            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
-            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+    try:
         # ends before pytest-timeout fails the test, which would leave no clue (a test that trained in process
         # first, or started cold zygotes, has less than its 300 s left)
         limit = min(timeout, seconds_left(margin=20))
@@ -151,6 +142,40 @@ def launch_ranks(
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
     )
+
+
+def start_ranks(
+    args: list[str], nproc: int = 2, script: str | None = None, timeout: float = 300
+) -> tuple[TCPStore, list[ForkedProcess]]:
+    """The ranks of `launch_ranks`, started, and the rendezvous store this process hosts for them (held while they
+    run); a test that acts on the ranks while they run (tests a hung one) waits for them itself."""
+    # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
+    # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
+    # in between by another test's process
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
+    ranks: list[ForkedProcess] = []
+    try:
+        for rank in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+    except BaseException:  # a rank that failed to start has the ones started before it stopped, not left waiting
+        for r in ranks:
+            r.kill()
+            r.wait(60)
+        raise
+    return store, ranks
+
+
+def warm_zygotes(n: int, tmp_path: Path) -> None:
+    """`n` test zygotes that have imported torch, ready for `n` ranks to start at once: a cold one takes 5-60 s,
+    and a rank forked from it would join that much later than the others."""
+    idle = tmp_path / "idle.py"
+    idle.write_text("", encoding="utf-8")
+    warm = [ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(n)]
+    assert [p.wait(240) for p in warm] == [0] * n
 
 
 def train_losses(run: Path) -> list[float]:
@@ -253,11 +278,7 @@ def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_p
     from tests import cli_fork
 
     assert 200 < cli_fork.seconds_left(margin=0) <= 300  # pytest-timeout's limit of each test (pyproject.toml)
-    idle = tmp_path / "idle.py"
-    idle.write_text("", encoding="utf-8")
-    # two zygotes ready first: their imports take 5-60 s, which the 25 s below is not about
-    warm = [cli_fork.ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(2)]
-    assert [p.wait(240) for p in warm] == [0, 0]
+    warm_zygotes(2, tmp_path)  # their imports take 5-60 s, which the 25 s below is not about
     monkeypatch.setattr(cli_fork, "test_deadline", time.monotonic() + 25)  # as if the test had 25 s left
     script = tmp_path / "hang.py"
     script.write_text("import time\nwhile True:\n    time.sleep(0.1)  # the hang\n", encoding="utf-8")
@@ -706,58 +727,35 @@ def test_a_peer_death_after_the_final_checkpoint_is_no_interruption(data_dir: Pa
 
 
 def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
-    """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang."""
+    """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang. (The ranks
+    are forked ones, as launch_ranks starts them: the subject is rank 0's timeout, not the launcher.)"""
     import time
 
     out = tmp_path / "hung"
-    cmd = torchrun_command(data_dir, out, **{"train.max_steps": 100000, "dist.timeout_s": 5, "checkpoint.every": 5})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def ranks() -> dict[int, int]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and f"--out={out}".encode() in (proc / "cmdline").read_bytes():
-                    env_vars = dict(
-                        kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv
-                    )
-                    if b"LOCAL_RANK" in env_vars:
-                        found[int(env_vars[b"LOCAL_RANK"])] = int(proc.name)
-            except (OSError, ValueError):
-                pass
-        return found
-
+    args = pretrain_args(data_dir, out, **{"train.max_steps": 100000, "dist.timeout_s": 5, "checkpoint.every": 5})
+    warm_zygotes(2, tmp_path)  # (both ranks join within the 5 s)
+    store, ranks = start_ranks(args)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (out / "checkpoints" / "step-000005").is_dir():
+            assert ranks[0].poll() is None and ranks[1].poll() is None, ranks[0].stderr[-3000:]
             time.sleep(0.05)
-        found = ranks()
-        os.kill(found[1], signal.SIGSTOP)
+        ranks[1].send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-
-        def rank0_alive() -> bool:
-            try:
-                return Path(f"/proc/{found[0]}/stat").read_text().split()[2] != "Z"  # not a zombie
-            except OSError:
-                return False
-
-        while time.monotonic() - stopped_at < 90 and rank0_alive():
-            time.sleep(0.1)  # rank 0 gives up after dist.timeout_s and exits (torchrun then reaps it)
+        try:  # rank 0 gives up after dist.timeout_s and exits
+            ranks[0].wait(90)
+        except subprocess.TimeoutExpired:
+            pass
         waited = time.monotonic() - stopped_at
     finally:
-        for pid in ranks().values():
+        for r in ranks:
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        if p.poll() is None:
-            p.kill()
-        _, stderr = p.communicate(timeout=60)
-    assert p.returncode != 0
+                r.send_signal(sig)
+            r.wait(60)
+        del store
     assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
-    line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
+    assert ranks[0].returncode == 2, ranks[0].stderr[-3000:]
+    line = next(line for line in ranks[0].stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
     assert "a peer died or hung (dist.timeout_s=5)" in line and line.endswith(
         "re-run the same command to resume (torchrun --max-restarts does it automatically)"
     )
