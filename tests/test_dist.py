@@ -291,6 +291,21 @@ def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_p
     assert stacks.count(f'File "{script}", line 3') == 2, stacks  # faulthandler's dump of each rank
 
 
+def test_the_longest_tests_start_first(request: pytest.FixtureRequest) -> None:
+    """The suite runs the compile tests first, then the tests of several processes (this module) and the ones
+    marked slow, then the rest, each group in collection order (tests/conftest.py: pytest_collection_modifyitems);
+    before, the compile test of tests/test_speed_features.py sat in the last third, on a worker's queue end."""
+    from tests.conftest import expected_length, pytest_collection_modifyitems
+
+    items = list(request.session.items)
+    assert [expected_length(i) for i in items] == sorted(expected_length(i) for i in items)
+    backwards = items[::-1]
+    pytest_collection_modifyitems(backwards)
+    assert [(expected_length(i), i.nodeid) for i in backwards] == sorted(
+        ((expected_length(i), i.nodeid) for i in items[::-1]), key=lambda pair: pair[0]
+    )  # sorted by expected length alone: stable within each group
+
+
 def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: Path) -> None:
     p = torchrun(data_dir, tmp_path / "run", **{"train.batch_size": 9, "train.micro_batch_size": 3})
     assert p.returncode != 0
