@@ -294,7 +294,7 @@ def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_p
 def test_the_longest_tests_start_first(request: pytest.FixtureRequest) -> None:
     """The suite runs the compile tests first, then the tests of several processes (this module) and the ones
     marked slow, then the rest, each group in collection order (tests/conftest.py: pytest_collection_modifyitems);
-    before, the compile test of tests/test_speed_features.py sat in the last third, on a worker's queue end."""
+    before, the compile test of tests/test_speed_features.py was test 1767 of 1883, at the end of a worker's queue."""
     from tests.conftest import expected_length, pytest_collection_modifyitems
 
     items = list(request.session.items)
