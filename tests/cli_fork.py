@@ -230,6 +230,19 @@ class ForkedProcess:
         self.wait(timeout)
         return self.stdout, self.stderr
 
+    def wait_for_stderr(self, text: str, timeout: float) -> bool:
+        """Whether `text` appears in the running child's stderr within `timeout` s; once it has, waits until the
+        file stops growing for 0.1 s, so a dump being written (tests/test_dist.py: a hung rank's stacks) is whole."""
+        deadline, path = time.monotonic() + timeout, self.child["stderr"]
+        while self.poll() is None and time.monotonic() < deadline:  # (once ended, its file is read and removed)
+            if text in _read(path):
+                size = -1
+                while size != (size := os.path.getsize(path)):
+                    time.sleep(0.1)
+                return True
+            time.sleep(0.02)
+        return text in self.stderr
+
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
             try:

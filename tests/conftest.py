@@ -41,6 +41,23 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def expected_length(item: pytest.Item) -> int:
+    """0: a test given its own, longer timeout (a cold inductor compile: 30-300 s); 1: marked slow or dist (several
+    processes, or seconds of training); 2: the rest."""
+    if item.get_closest_marker("timeout"):
+        return 0
+    return 1 if item.get_closest_marker("slow") or item.get_closest_marker("dist") else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests start first (by expected_length, each group in collection order, so a module's tests stay
+    together). pytest-xdist's worksteal hands each worker a contiguous share of this order and moves tests from the
+    end of a queue to an idle worker: a long test left near the end started last and kept one core busy alone while
+    the other had nothing left (the compile test of tests/test_speed_features.py was test 1767 of 1883)."""
+    order = {id(item): (expected_length(item), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Note when pytest-timeout (its timer starts with the test's set-up) will fail this test

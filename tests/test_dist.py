@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch.distributed import TCPStore
 
 from lmforge.checkpoint import load_checkpoint, model_files
+from tests.cli_fork import ForkedProcess
 from tests.conftest import REPO, run_cli, tiny_config
 
 pytestmark = pytest.mark.dist
@@ -105,21 +106,11 @@ def launch_ranks(
     rank's stacks."""
     import time
 
-    from tests.cli_fork import ForkedProcess, seconds_left
+    from tests.cli_fork import seconds_left
 
-    # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
-    # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
-    # in between by another test's process
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
-    ranks: list[ForkedProcess] = []
+    store, ranks = start_ranks(args, nproc=nproc, script=script, timeout=timeout)
     kill_at, code, hung = None, 0, False
-    try:  # (a rank that failed to start has the ones started before it stopped, not left waiting for it)
-        for rank in range(nproc):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
-            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
-            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+    try:
         # ends before pytest-timeout fails the test, which would leave no clue (a test that trained in process
         # first, or started cold zygotes, has less than its 300 s left)
         limit = min(timeout, seconds_left(margin=20))
@@ -137,7 +128,8 @@ def launch_ranks(
         if hung:  # each rank's Python stacks, to stderr (tests/cli_fork.py registers SIGUSR1 with faulthandler)
             for r in ranks:
                 r.send_signal(signal.SIGUSR1)
-            time.sleep(2)
+            for r in ranks:  # until each has written its dump (faulthandler writes it in the signal handler)
+                r.wait_for_stderr("(most recent call first)", timeout=10)
     finally:
         for r in ranks:
             r.kill()
@@ -150,6 +142,40 @@ def launch_ranks(
     return subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
     )
+
+
+def start_ranks(
+    args: list[str], nproc: int = 2, script: str | None = None, timeout: float = 300
+) -> tuple[TCPStore, list[ForkedProcess]]:
+    """The ranks of `launch_ranks`, started, and the rendezvous store this process hosts for them (held while they
+    run); a test that acts on the ranks while they run (tests a hung one) waits for them itself."""
+    # the launcher hosts the rendezvous store, as torchrun's agent does (TORCHELASTIC_USE_AGENT_STORE): bound to a
+    # port the OS picks and held for the whole run, where a port found free and then bound by rank 0 could be taken
+    # in between by another test's process
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
+    ranks: list[ForkedProcess] = []
+    try:
+        for rank in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+            env |= {"MASTER_PORT": str(store.port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+            env |= {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+            ranks.append(ForkedProcess(args, env, cwd=str(REPO), script=script))
+    except BaseException:  # a rank that failed to start has the ones started before it stopped, not left waiting
+        for r in ranks:
+            r.kill()
+            r.wait(60)
+        raise
+    return store, ranks
+
+
+def warm_zygotes(n: int, tmp_path: Path) -> None:
+    """`n` test zygotes that have imported torch, ready for `n` ranks to start at once: a cold one takes 5-60 s,
+    and a rank forked from it would join that much later than the others."""
+    idle = tmp_path / "idle.py"
+    idle.write_text("", encoding="utf-8")
+    warm = [ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(n)]
+    assert [p.wait(240) for p in warm] == [0] * n
 
 
 def train_losses(run: Path) -> list[float]:
@@ -252,11 +278,7 @@ def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_p
     from tests import cli_fork
 
     assert 200 < cli_fork.seconds_left(margin=0) <= 300  # pytest-timeout's limit of each test (pyproject.toml)
-    idle = tmp_path / "idle.py"
-    idle.write_text("", encoding="utf-8")
-    # two zygotes ready first: their imports take 5-60 s, which the 25 s below is not about
-    warm = [cli_fork.ForkedProcess([], dict(os.environ), script=str(idle)) for _ in range(2)]
-    assert [p.wait(240) for p in warm] == [0, 0]
+    warm_zygotes(2, tmp_path)  # their imports take 5-60 s, which the 25 s below is not about
     monkeypatch.setattr(cli_fork, "test_deadline", time.monotonic() + 25)  # as if the test had 25 s left
     script = tmp_path / "hang.py"
     script.write_text("import time\nwhile True:\n    time.sleep(0.1)  # the hang\n", encoding="utf-8")
@@ -267,6 +289,21 @@ def test_hung_ranks_fail_the_test_with_their_stacks_before_pytests_timeout(tmp_p
     stacks = str(failed.value)
     assert "--- rank 1 stderr ---" in stacks
     assert stacks.count(f'File "{script}", line 3') == 2, stacks  # faulthandler's dump of each rank
+
+
+def test_the_longest_tests_start_first(request: pytest.FixtureRequest) -> None:
+    """The suite runs the compile tests first, then the tests of several processes (this module) and the ones
+    marked slow, then the rest, each group in collection order (tests/conftest.py: pytest_collection_modifyitems);
+    before, the compile test of tests/test_speed_features.py was test 1767 of 1883, at the end of a worker's queue."""
+    from tests.conftest import expected_length, pytest_collection_modifyitems
+
+    items = list(request.session.items)
+    assert [expected_length(i) for i in items] == sorted(expected_length(i) for i in items)
+    backwards = items[::-1]
+    pytest_collection_modifyitems(backwards)
+    assert [(expected_length(i), i.nodeid) for i in backwards] == sorted(
+        ((expected_length(i), i.nodeid) for i in items[::-1]), key=lambda pair: pair[0]
+    )  # sorted by expected length alone: stable within each group
 
 
 def test_batch_that_does_not_split_is_one_line_error(data_dir: Path, tmp_path: Path) -> None:
@@ -302,6 +339,8 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
 ) -> None:
     """`--checkpoint.sharded`: each FSDP2 rank writes only its own chunks (nothing is gathered), and the
     checkpoints resume at 2 ranks or in 1 process, and load in one process for `eval`."""
+    import shutil
+
     from lmforge.eval.lm import evaluate_checkpoint
     from lmforge.train.run import pretrain
 
@@ -321,6 +360,7 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
     out = tmp_path / "two-sharded-then-one"  # world size 2 -> 1
     p = forked_ranks(data_dir, out, **{**sharded, "train.max_steps": 3})
     assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copytree(out, tmp_path / "two-sharded-then-two")  # (the same 3 steps: resumed at 2 ranks below)
     pretrain(tiny_config(data_dir, out, **FLAGS), progress=False)
     assert_same_run(out, single)
 
@@ -332,8 +372,6 @@ def test_sharded_checkpoints_hold_each_ranks_chunks_and_resume_at_any_world_size
     assert_same_run(out, single)
 
     out = tmp_path / "two-sharded-then-two"  # 2 -> 2: each rank reads its own file
-    p = forked_ranks(data_dir, out, **{**sharded, "train.max_steps": 3})
-    assert p.returncode == 0, p.stderr[-3000:]
     p = forked_ranks(data_dir, out, **sharded, **{"dist.meta_init": True})
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(out, single)
@@ -709,58 +747,35 @@ def test_a_peer_death_after_the_final_checkpoint_is_no_interruption(data_dir: Pa
 
 
 def test_hung_peer_times_out_with_a_one_line_error(data_dir: Path, tmp_path: Path) -> None:
-    """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang."""
+    """SIGSTOP rank 1 mid-run: rank 0 gives up after dist.timeout_s with a clear error, not a hang. (The ranks
+    are forked ones, as launch_ranks starts them: the subject is rank 0's timeout, not the launcher.)"""
     import time
 
     out = tmp_path / "hung"
-    cmd = torchrun_command(data_dir, out, **{"train.max_steps": 100000, "dist.timeout_s": 5, "checkpoint.every": 5})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def ranks() -> dict[int, int]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and f"--out={out}".encode() in (proc / "cmdline").read_bytes():
-                    env_vars = dict(
-                        kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv
-                    )
-                    if b"LOCAL_RANK" in env_vars:
-                        found[int(env_vars[b"LOCAL_RANK"])] = int(proc.name)
-            except (OSError, ValueError):
-                pass
-        return found
-
+    args = pretrain_args(data_dir, out, **{"train.max_steps": 100000, "dist.timeout_s": 5, "checkpoint.every": 5})
+    warm_zygotes(2, tmp_path)  # (both ranks join within the 5 s)
+    store, ranks = start_ranks(args)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (out / "checkpoints" / "step-000005").is_dir():
+            assert ranks[0].poll() is None and ranks[1].poll() is None, ranks[0].stderr[-3000:]
             time.sleep(0.05)
-        found = ranks()
-        os.kill(found[1], signal.SIGSTOP)
+        ranks[1].send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-
-        def rank0_alive() -> bool:
-            try:
-                return Path(f"/proc/{found[0]}/stat").read_text().split()[2] != "Z"  # not a zombie
-            except OSError:
-                return False
-
-        while time.monotonic() - stopped_at < 90 and rank0_alive():
-            time.sleep(0.1)  # rank 0 gives up after dist.timeout_s and exits (torchrun then reaps it)
+        try:  # rank 0 gives up after dist.timeout_s and exits
+            ranks[0].wait(90)
+        except subprocess.TimeoutExpired:
+            pass
         waited = time.monotonic() - stopped_at
     finally:
-        for pid in ranks().values():
+        for r in ranks:
             for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        if p.poll() is None:
-            p.kill()
-        _, stderr = p.communicate(timeout=60)
-    assert p.returncode != 0
+                r.send_signal(sig)
+            r.wait(60)
+        del store
     assert waited < 90  # gave up after the 5 s collective timeout, not after the test's own limit
-    line = next(line for line in stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
+    assert ranks[0].returncode == 2, ranks[0].stderr[-3000:]
+    line = next(line for line in ranks[0].stderr.splitlines() if line.startswith("lmforge: error: rank 0"))
     assert "a peer died or hung (dist.timeout_s=5)" in line and line.endswith(
         "re-run the same command to resume (torchrun --max-restarts does it automatically)"
     )
@@ -831,14 +846,37 @@ def test_finetune_under_torchrun_is_a_one_line_refusal(tmp_path: Path) -> None:
 
 
 # lmforge's CLI under torchrun --max-restarts: attempt 0 trains, then rank 1 fails, so torchrun restarts both; in
-# attempt 1 rank 0 starts late, so rank 1 looks up rank 0's address before rank 0 has written its new one
+# attempt 1 rank 0 joins late, so rank 1 looks up rank 0's address before rank 0 has written its new one: rank 0 waits
+# until rank 1 is in its join (a file in argv[1]), then until rank 1's join has ended (a wrong address: refused at
+# once) or 2 s have passed (the right one: rank 1 waits for rank 0). Before, a fixed 5 s before the CLI, which a rank
+# 1 slower to import torch than that (a loaded machine) did not outlast.
 RESTARTED_WITH_A_LATE_RANK_0 = """
 import os, sys, time
+import torch.distributed
 from lmforge import cli
 
 rank, attempt = os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
-if attempt == "1" and rank == "0":
-    time.sleep(5)
+marks = sys.argv.pop(1)
+joining, joined = os.path.join(marks, "rank1-joining"), os.path.join(marks, "rank1-joined")
+
+def wait_for(path, seconds):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+init_process_group = torch.distributed.init_process_group
+def late_rank_0(*args, **kwargs):
+    if attempt == "1" and rank == "1":
+        open(joining, "w").close()
+        try:
+            return init_process_group(*args, **kwargs)
+        finally:
+            open(joined, "w").close()
+    if attempt == "1" and rank == "0":
+        wait_for(joining, 120)
+        wait_for(joined, 2)
+    return init_process_group(*args, **kwargs)
+torch.distributed.init_process_group = late_rank_0
 try:
     cli.main(sys.argv[1:])
 except SystemExit as e:
@@ -854,13 +892,14 @@ def test_max_restarts_of_the_static_rendezvous_form_a_new_group(data_dir: Path, 
     address from attempt 0 and every restart failed ('Gloo connectFullMesh failed ... Connection refused')."""
     script = tmp_path / "restarted.py"
     script.write_text(RESTARTED_WITH_A_LATE_RANK_0, encoding="utf-8")
-    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script),), **{"train.max_steps": 2})
+    cmd = torchrun_command(data_dir, tmp_path / "r", entry=(str(script), str(tmp_path)), **{"train.max_steps": 2})
     cmd.insert(3, "--max-restarts=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert "connectFullMesh" not in p.stderr, p.stderr[-3000:]
     assert p.returncode == 0, p.stderr[-3000:]
     assert "is already trained to step 2" in p.stdout  # attempt 1 joined the group and found the run finished
+    assert (tmp_path / "rank1-joining").is_file()  # (the restart's rank 1 did look up rank 0 first)
 
 
 # lmforge's CLI, with rank 1 killed at the first broadcast of set-up (rank 0's claim of the run folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,15 +81,28 @@ def assert_same_run(run: Path, reference: Path) -> None:
         torch.testing.assert_close(got_w[name], want_w[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.fixture(scope="module")
+def one_process_runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The one-process run of an objective, trained once for the module (two strategies compare against it)."""
+    runs: dict[str, Path] = {}
+
+    def run(objective: str) -> Path:
+        if objective not in runs:
+            runs[objective] = tmp_path_factory.mktemp("one") / objective
+            one_process(data_dir, runs[objective], objective)
+        return runs[objective]
+
+    return run
+
+
 @pytest.mark.parametrize(
     "objective, strategy",
     [("mlm", "ddp"), ("mlm", "fsdp"), ("mlm+nsp", "ddp"), ("electra", "ddp"), ("electra", "fsdp+sharded")],
 )
 def test_encoder_objective_on_two_ranks_equals_one_process(
-    objective: str, strategy: str, data_dir: Path, tmp_path: Path
+    objective: str, strategy: str, data_dir: Path, one_process_runs: Callable[[str], Path], tmp_path: Path
 ):
-    reference = tmp_path / "one"
-    one_process(data_dir, reference, objective)
+    reference = one_process_runs(objective)
     out = tmp_path / "two"
     flags = ["--dist.strategy=fsdp", "--checkpoint.sharded=true"] if strategy == "fsdp+sharded" else []
     p = two_ranks(data_dir, out, objective, *(flags or [f"--dist.strategy={strategy}"]))

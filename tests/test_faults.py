@@ -160,20 +160,36 @@ def test_failing_disk_while_saving_per_rank_files_keeps_the_previous_checkpoint(
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).meta["step"] == 2  # verifies sizes and sha256
 
 
+SMALL = ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--eval.every", "0"]
+SMALL += ["--train.log_every", "1"]
+
+
+def _pretrain_cli(data_dir: Path, run: Path) -> list[str]:
+    return ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLI run of 4 steps that each write-error test resumes (a copy of it)."""
+    run = tmp_path_factory.mktemp("four-steps") / "run"
+    first = run_cli(*_pretrain_cli(data_dir, run), *SMALL, "--train.max_steps", "4", "--checkpoint.every", "4")
+    assert first.returncode == 0, first.stderr
+    return run
+
+
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as on Linux")
 @pytest.mark.parametrize("fails", ["optim", "all but small files"])
-def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, tmp_path: Path, fails: str) -> None:
+def test_a_real_write_error_while_saving_is_one_line(data_dir: Path, four_steps: Path, tmp_path: Path, fails: str):
     """A real failed write (a file-size limit, as a full disk: safetensors raises its own SafetensorError,
     which was a traceback) is one line naming the checkpoint to resume from; the partial folder is gone, and
     the same command, once there is room, resumes from the previous checkpoint to the uninterrupted run's weights
     and metrics. When loss.png could not be redrawn either (a limit below its size, as a disk that stays full), that
     second failure, on the way out, replaced the line with a bare "[Errno 27] File too large"."""
+    import shutil
+
     run = tmp_path / "run"
-    base = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--quiet"]
-    small = ["--model.d_model", "32", "--model.max_seq_len", "32", "--train.batch_size", "8", "--eval.every", "0"]
-    small += ["--train.log_every", "1"]
-    first = run_cli(*base, *small, "--train.max_steps", "4", "--checkpoint.every", "4")
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(four_steps, run)
+    base, small = _pretrain_cli(data_dir, run), SMALL
     limit = (run / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size + 1000  # < optim's 2x
     if fails != "optim":
         limit = 6_000  # config.json, status.json, metrics.jsonl fit; the weights and loss.png do not

@@ -326,6 +326,7 @@ def test_muon_state_dict_numbers_parameters_like_torch_optim():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # cold inductor cache: 98-118 s at load 6, and 300 s ran out at load 8 (as test_generate's)
 def test_compiled_training_equals_eager_and_saves_plain_keys(data_dir: Path, tmp_path: Path):
     """`--train.compile true` (inductor on CPU here; ~15 s of compilation): same losses, same checkpoint keys."""
     import json
