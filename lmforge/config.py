@@ -662,6 +662,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(args):
         arg = args[i]
+        flag, eq, rest = arg.partition("=")
+        if flag.replace("_", "-") == "--resume-from":  # the fault-tolerance issue's name for it: a short form
+            arg = "--checkpoint.resume_from" + eq + rest
         if not arg.startswith("--") or "." not in arg:
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}

@@ -509,8 +509,8 @@ def _finetune(
     # the run directory: architecture config, tokenizer, chat template, finetune.json
     base_config = dataclasses.replace(loaded.config, out=str(out))
     discard_aside(out)  # (--overwrite: the old run goes only now that this one starts)
-    write_json(out / "config.json", base_config.to_dict())
-    write_json(out / "env.json", capture_env(str(device)))
+    write_json(out / "env.json", capture_env(str(device)))  # first, as pretrain: then `runs` and `report --watch`
+    write_json(out / "config.json", base_config.to_dict())  # see a run being trained from its first config.json
     tok.save(out / "tokenizer.json")
     if cfg.task in CHAT_TASKS:
         from lmforge.chat import save_tokenizer_config

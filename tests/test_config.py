@@ -112,6 +112,15 @@ def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
         load_config(config_file=toml)
 
 
+def test_resume_from_is_short_for_checkpoint_resume_from():
+    # `--resume-from previous` (as the fault-tolerance issue names it) was refused: "did you mean
+    # --checkpoint.resume_from?"
+    for flag in (["--resume-from", "previous"], ["--resume-from=previous"], ["--resume_from", "previous"]):
+        assert parse_overrides(flag) == {"checkpoint": {"resume_from": "previous"}}
+    with pytest.raises(ConfigError, match=r"--checkpoint.resume_from needs a value"):
+        parse_overrides(["--resume-from"])
+
+
 def test_unknown_keys_fail_with_did_you_mean(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
         parse_overrides(["--train.lrr", "1"])

@@ -222,3 +222,5 @@ def test_the_readmes_merge_command_runs(tmp_path: Path) -> None:
     )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.startswith(f"prepared {tmp_path / 'all'}: "), r.stdout
+    # the merge trained no tokenizer: its line said "(of --vocab-size 4,096: the text holds no more tokens to learn)"
+    assert "--vocab-size" not in r.stdout, r.stdout

@@ -1361,6 +1361,25 @@ def test_a_headerless_table_is_told_how_to_give_it_columns(tmp_path: Path):
         read_task_rows(csv_file, "classify", field_map("classify", ["text=review"]))
 
 
+def test_a_conversation_column_is_told_to_be_the_messages(tmp_path: Path):
+    """An sft file whose chat is in another column (ShareGPT's 'conversations') was told to rename it with
+    --field instruction=COLUMN; the column holding a list of message objects is named as the messages."""
+    from lmforge.data.tables import field_map, read_task_rows
+
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    chat.write_text(json.dumps({"id": 1, "conversations": turns}, ensure_ascii=False) + "\n", encoding="utf-8")
+    told = r"has neither 'messages' nor 'instruction' .*; rename with --field messages=conversations$"
+    with pytest.raises(DataError, match=told):
+        read_task_rows(chat, "sft", field_map("sft", None))
+    rows = read_task_rows(chat, "sft", field_map("sft", ["messages=conversations"]))  # the advice, taken
+    assert rows[0]["conversations"] == turns
+    plain = tmp_path / "plain.jsonl"  # no such column: the instruction is what is missing
+    plain.write_text(json.dumps({"prompt": "hi", "output": "yo"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"rename with --field instruction=COLUMN$"):
+        read_task_rows(plain, "sft", field_map("sft", None))
+
+
 def test_report_table_lines_up_with_chinese_labels():
     from lmforge.eval.classify import classification_report, format_report
     from lmforge.log import display_width

@@ -94,6 +94,28 @@ def test_other_command_on_existing_run_is_one_line_error(base: Path, tmp_path: P
     assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["base"].startswith(str(other.resolve()))
 
 
+def test_a_new_fine_tune_reads_as_running_from_its_first_config_json(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """config.json was written before env.json (see test_runs' pretrain test): in between, the folder read as an
+    "unknown" run and `report --watch` quit at once."""
+    import lmforge.finetune as finetune_module
+    from lmforge.runs import run_status
+
+    out, seen, write_json = tmp_path / "run", [], finetune_module.write_json
+
+    def checking_write_json(path, data):
+        write_json(path, data)
+        if Path(path) == out / "config.json" and not (out / "status.json").exists():
+            seen.append(run_status(out))
+
+    monkeypatch.setattr(finetune_module, "write_json", checking_write_json)
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    overrides = {"train": {"max_steps": 1, "batch_size": 4}}
+    finetune(base, train_file=DATA / "sentiment_train.csv", out=out, cfg=cfg, overrides=overrides, progress=False)
+    assert seen == ["running"] and run_status(out) == "finished"
+
+
 def test_dpo_live_reference_gives_the_precomputed_loss(base: Path, tmp_path: Path):
     overrides = {"train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "warmup_steps": 1}, "eval": {"every": 3}}
     runs = {}

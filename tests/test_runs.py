@@ -130,6 +130,26 @@ def test_status_running_interrupted_failed_finished(data_dir, tmp_path):
     ]
 
 
+def test_a_new_run_reads_as_running_from_its_first_config_json(data_dir, tmp_path, monkeypatch):
+    """config.json was written before env.json, whose capture took seconds on a loaded machine: in between, a run
+    folder without status.json read as "unknown" (the lock is trusted for env.json's host only), and a
+    `report --watch` begun then said "no run is running; done" and quit."""
+    import lmforge.train.run as run_module
+
+    run, seen = tmp_path / "run", []
+    write_json = run_module.write_json
+
+    def checking_write_json(path, data):
+        write_json(path, data)
+        if Path(path) == run / "config.json" and not (run / "status.json").exists():
+            seen.append(run_status(run))
+
+    monkeypatch.setattr(run_module, "write_json", checking_write_json)
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 1}), progress=False)
+    assert seen == ["running"]
+    assert run_status(run) == "finished"
+
+
 def test_rerun_of_a_run_that_died_after_its_last_checkpoint_marks_it_finished(data_dir, tmp_path):
     """A run killed after writing its final checkpoint (under torchrun: a peer's SIGKILL while the last step's
     collectives ran) is "failed", and `runs` says to re-run it; the re-run has nothing to train and used to

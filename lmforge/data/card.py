@@ -219,8 +219,9 @@ def summary_line(manifest: dict[str, Any], out: str | Path) -> str:
     line = f"prepared {out}: {kept}; tokens {tokens}; {tok['kind']} tokenizer, vocab {tok['vocab_size']:,}"
     cfg = manifest.get("config", {})
     asked = cfg.get("vocab_size", 0)
-    if cfg.get("tokenizer") in ("bpe", "wordpiece", "unigram") and tok["vocab_size"] < asked:
-        # (a --vocab-size larger than a small text can fill: the trainers stop without a word)
+    # (a --vocab-size larger than a small text can fill: the trainers stop without a word. A --merge trains none:
+    # its config holds the unused default, and every merge of parts with under 4,096 ids was told it fell short)
+    if not cfg.get("merge") and cfg.get("tokenizer") in ("bpe", "wordpiece", "unigram") and tok["vocab_size"] < asked:
         line += f" (of --vocab-size {asked:,}: the text holds no more tokens to learn)"
     empty = empty_splits(manifest)  # (pretrain then trains without evaluating: say so here, not at eval time)
     if empty:

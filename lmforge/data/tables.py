@@ -330,9 +330,13 @@ def check_columns(
             if fields["messages"] not in row:
                 for name in ("instruction", "output"):
                     if fields[name] not in row:
+                        # a column of message objects (ShareGPT's 'conversations', TRL's 'chosen') is a chat:
+                        # it was told to rename it as the instruction
+                        chat = [k for k, v in row.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+                        rename = f"messages={chat[0]}" if chat else f"{name}=COLUMN"
                         raise MissingColumnError(
                             f"{path}: row {i} has neither {fields['messages']!r} nor {fields[name]!r} "
-                            f"(columns: {', '.join(list(row)[:8])}); rename with --field {name}=COLUMN"
+                            f"(columns: {', '.join(list(row)[:8])}); rename with --field {rename}"
                         )
                     if row[fields[name]] is None:
                         raise null_cell(path, i, fields[name])

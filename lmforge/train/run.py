@@ -527,11 +527,15 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         discard_aside(run_dir)  # (--overwrite: the old run goes only now that the new one starts)
         if ckpt is not None and (aside := set_aside_later(run_dir, state.step)):  # an earlier step chosen
             print(f"note: resuming from {ckpt.path.name}; the later checkpoints were moved to {aside}", flush=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
+        # env.json (its host) first: from the moment config.json makes the folder a run, `lmforge runs` and
+        # `report --watch` can tell it is being trained (the lock speaks for a process on env.json's host), until
+        # status.json says so. config.json came first, and capture_env takes seconds on a loaded machine: a
+        # `report --watch` begun then said "no run is running; done" and quit, and `runs` said "unknown".
         write_json(
             run_dir / "env.json",
             {**capture_env(str(device)), "world_size": world.world_size, "dist_backend": dist.backend()},
         )
+        write_json(run_dir / "config.json", cfg.to_dict())
         if not (run_dir / "tokenizer.json").is_file():
             tokenizer.save(run_dir / "tokenizer.json")
         if init is not None and not resume:
