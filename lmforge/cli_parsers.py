@@ -360,7 +360,13 @@ def build_parser() -> Parser:
     p.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--bits", type=int, default=8, choices=[8, 4], help="weight bits (default: 8)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: 64)")
-    p.add_argument("--out", required=True, action=Once, hint=ONE_OUT, help="run directory to create")
+    p.add_argument(
+        "--out",
+        action=Once,
+        hint=ONE_OUT,
+        help="run directory to create (default: beside the run, its name + -int8 or -int4; a checkpoint's also "
+        "names its step: runs/x -> runs/x-int8)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--max-batches",

@@ -352,3 +352,21 @@ def test_a_fine_tune_is_compared_on_its_own_validation_data(tmp_path: Path) -> N
     assert "bpb_before" not in r3 and "pass --val FILE" in format_quantize(r3)
     with pytest.raises(LmforgeError, match="--val is for fine-tuned runs"):
         quantize_run(base, tmp_path / "q4", val_file=val)
+
+
+def test_without_out_the_copy_goes_beside_the_run_named_by_its_bits(trained_run: Path, tmp_path: Path) -> None:
+    """`lmforge quantize RUN_DIR --bits 8|4`, as the interop issue writes it, stopped at 'required: --out'."""
+    import shutil
+
+    run = tmp_path / "gpt"
+    shutil.copytree(trained_run, run)
+    result = run_cli("quantize", str(run), "--bits", "4", "--no-compare")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'gpt-int4'} (int4" in result.stdout
+    assert json.loads((tmp_path / "gpt-int4" / "quantize.json").read_text(encoding="utf-8"))["bits"] == 4
+    step = next((run / "checkpoints").glob("step-*"))
+    result = run_cli("quantize", str(step), "--no-compare")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"gpt-{step.name}-int8" / "checkpoints").is_dir()
+    again = run_cli("quantize", str(run), "--bits", "4", "--no-compare")  # the default is an --out like any other
+    assert again.returncode == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1

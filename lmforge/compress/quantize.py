@@ -188,9 +188,21 @@ def generation_speed(model: nn.Module, *, n_tokens: int = 64, prompt_len: int = 
     return len(new) / best
 
 
+def default_out(path: str | Path, bits: int) -> Path:
+    """`lmforge quantize RUN_DIR --bits 8|4` without --out (as the interop issue writes it): the copy goes beside
+    the run, named after it, `runs/x` -> `runs/x-int8`; a checkpoint's copy also names its step,
+    `runs/x/checkpoints/step-000100` -> `runs/x-step-000100-int8`. An existing one is refused (--overwrite)."""
+    from lmforge.checkpoint import resolve_checkpoint
+
+    source = resolve_checkpoint(path)  # (a path that is not a run: its one-line error)
+    run_dir = source.parent.parent
+    step = "" if source.resolve() != Path(path).resolve() else f"-{source.name}"
+    return run_dir.parent / f"{run_dir.name}{step}-int{bits}"
+
+
 def quantize_run(
     path: str | Path,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
     bits: int = 8,
     group_size: int = 64,
@@ -204,7 +216,8 @@ def quantize_run(
 
     Args:
         path: run directory (its latest checkpoint) or a checkpoint folder; GPT models only.
-        out: the run directory to create (eval/generate/chat/serve/export load it like any run).
+        out: the run directory to create (eval/generate/chat/serve/export load it like any run); default
+            (`default_out`): beside the run, its name + `-int8`/`-int4` (a checkpoint's: + its step too).
         bits: 8 (int8 per output channel) or 4 (int4 per group of `group_size` inputs).
         group_size: int4 group width (a row is one group when it does not divide the row).
         overwrite: replace an existing `out`.
@@ -231,7 +244,7 @@ def quantize_run(
         raise LmforgeError(f"--bits {bits} is not supported; use 8 or 4")
     if group_size <= 0 or group_size % 2:
         raise LmforgeError(f"--group-size must be a positive even number, got {group_size}")
-    out = Path(out)
+    out = default_out(path, bits) if out is None else Path(out)
     check_not_inside(out, Path(path))  # not the run, a folder holding it, nor one inside it: --overwrite deletes out
     check_out_dir(out, overwrite=overwrite)
     source = resolve_checkpoint(path)
