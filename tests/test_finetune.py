@@ -362,6 +362,32 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
     assert "32 tokens is the model's whole context, so it cannot see more" in capsys.readouterr().err
 
 
+def test_eval_and_quantize_cut_notes_name_the_runs_max_len(base: Path, tmp_path: Path, capsys):
+    """`eval --task classify|dpo` and quantize's validation metrics built their examples without the model's
+    context, so the cut-examples note advised "a longer --max-len", a flag neither command has: the max_len is the
+    fine-tune's. The note now says so and what to do (shorten the examples or fine-tune with a longer --max-len)."""
+    from lmforge.data.tables import read_task_rows
+    from lmforge.eval.tasks import task_metrics
+    from lmforge.finetune_eval import task_val_metrics
+
+    fixed = "24 tokens is the run's max_len (its fine-tune's --max-len), so the model cannot see more: shorten the "
+    fixed += "examples or fine-tune with a longer --max-len, up to the model's context (128)"
+    one_step = {"train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0}, "eval": {"every": 0}}
+    runs = {"classify": DATA / "sentiment_train.csv", "dpo": DATA / "hh_rlhf.jsonl", "sft": DATA / "alpaca.jsonl"}
+    for task, data in runs.items():
+        out = tmp_path / task
+        finetune(base, train_file=data, out=out, cfg=FinetuneConfig(task=task, adapt="lora", max_len=24),
+                 overrides=one_step, progress=False)  # fmt: skip
+        capsys.readouterr()
+        ft = load_finetuned(out, torch.device("cpu"))
+        if task == "sft":  # (quantize's before/after comparison)
+            task_val_metrics(ft, data, max_batches=1)
+        else:
+            task_metrics(ft, read_task_rows(data, task, ft.info["fields"]), path=data)
+        err = capsys.readouterr().err
+        assert fixed in err and "keeps more" not in err, (task, err)
+
+
 def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
     """6 of Alpaca zh's 5,000 rows have an empty output (lost data: "Calculate the sum of the digits in 18047"):
     training kept them silently, teaching the model to stop at once, while a scored file refuses them. They are

@@ -237,6 +237,8 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
         labels=labels,
         path=path,
         frame=frame,
+        context=answer_context(ft.model),
+        run_max_len=True,
     )
     device = next(ft.model.parameters()).device
     preds: list[int] = []
@@ -462,8 +464,9 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
 
     device = next(ft.model.parameters()).device
     pairs = build_examples(
-        rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path
-    )
+        rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path,
+        context=answer_context(ft.model), run_max_len=True,
+    )  # fmt: skip
     reference = load_base_model(ft.info, device)
     reference_logprobs(reference, pairs, ft.tokenizer.eos_id, device)
     beta = ft.info["dpo_beta"]
