@@ -568,6 +568,18 @@ def notes_held() -> Iterator[None]:
                 print(line, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def notes_dropped() -> Iterator[None]:
+    """Within: data notes are dropped, for examples built again from rows a command has already noted (finetune's
+    final evaluation of its --val, quantize's second comparison), which would repeat each note."""
+    global _held_notes
+    outer, _held_notes = _held_notes, []
+    try:
+        yield
+    finally:
+        _held_notes = outer
+
+
 def print_held_notes() -> None:
     """Print the notes `notes_held` has kept so far (the rest of its block prints at once)."""
     global _held_notes

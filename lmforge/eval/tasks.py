@@ -487,7 +487,8 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
         "chosen_reward": sum(chosen) / n,
         "rejected_reward": sum(rejected) / n,
         "n": n,
-        "skipped_identical": len(rows) - n,  # pairs with chosen == rejected (`build_examples`)
+        # pairs with chosen == rejected (`build_examples`, whose stderr note is the printed report of them)
+        "skipped_identical": len(rows) - n,
     }
 
 
@@ -730,7 +731,6 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"{task}: "
         + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))
         + f" | n {m.get('n', m.get('tokens'))}"
-        + (f" ({m['skipped_identical']} pairs with chosen == rejected skipped)" if m.get("skipped_identical") else "")
         + "".join(
             f" | {kind} em {m[kind]['em']:.4f} f1 {m[kind]['f1']:.4f} n {m[kind]['n']}"
             for kind in ("has_answer", "no_answer")
