@@ -366,9 +366,9 @@ def test_eval_and_quantize_cut_notes_name_the_runs_max_len(base: Path, tmp_path:
     """`eval --task classify|dpo` and quantize's validation metrics built their examples without the model's
     context, so the cut-examples note advised "a longer --max-len", a flag neither command has: the max_len is the
     fine-tune's. The note now says so and what to do (shorten the examples or fine-tune with a longer --max-len)."""
+    from lmforge.compress.quantize import quantize_run
     from lmforge.data.tables import read_task_rows
     from lmforge.eval.tasks import task_metrics
-    from lmforge.finetune_eval import task_val_metrics
 
     fixed = "24 tokens is the run's max_len (its fine-tune's --max-len), so the model cannot see more: shorten the "
     fixed += "examples or fine-tune with a longer --max-len, up to the model's context (128)"
@@ -376,16 +376,17 @@ def test_eval_and_quantize_cut_notes_name_the_runs_max_len(base: Path, tmp_path:
     runs = {"classify": DATA / "sentiment_train.csv", "dpo": DATA / "hh_rlhf.jsonl", "sft": DATA / "alpaca.jsonl"}
     for task, data in runs.items():
         out = tmp_path / task
-        finetune(base, train_file=data, out=out, cfg=FinetuneConfig(task=task, adapt="lora", max_len=24),
+        cfg = FinetuneConfig(task=task, adapt="lora", max_len=24, merge=task == "sft")  # (quantize: a whole model)
+        finetune(base, train_file=data, out=out, cfg=cfg,
                  overrides=one_step, progress=False)  # fmt: skip
         capsys.readouterr()
         ft = load_finetuned(out, torch.device("cpu"))
-        if task == "sft":  # (quantize's before/after comparison)
-            task_val_metrics(ft, data, max_batches=1)
+        if task == "sft":  # quantize compares the run before and after on its examples: one note, not one each
+            quantize_run(out, tmp_path / "q", max_batches=1, gen_tokens=1, val_file=data)
         else:
             task_metrics(ft, read_task_rows(data, task, ft.info["fields"]), path=data)
         err = capsys.readouterr().err
-        assert fixed in err and "keeps more" not in err, (task, err)
+        assert err.count(fixed) == 1 and "keeps more" not in err, (task, err)
 
 
 def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
