@@ -225,15 +225,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
             overrides = merge(settings, overrides)
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=overrides)
-        from lmforge.estimate import estimate  # (after the config: its errors need no torch)
-        from lmforge.estimate_table import format_estimate
+        from lmforge.estimate_args import check_estimate
 
         hardware: str | float = args.hardware
         try:
             hardware = float(args.hardware)
         except ValueError:
             pass
-        result = estimate(
+        checked = check_estimate(  # (torch-free: a bad flag answers before the planner loads torch)
             cfg,
             tokens=args.tokens,
             hardware=hardware,
@@ -244,6 +243,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
             interconnect=args.interconnect,
             **adapt,
         )
+        from lmforge.estimate import plan
+        from lmforge.estimate_table import format_estimate
+
+        result = plan(checked)
         from lmforge.log import json_text
 
         print(json_text(result) if args.json else format_estimate(result))

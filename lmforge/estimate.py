@@ -3,6 +3,8 @@
 `estimate(cfg, tokens=...)` answers "how big is this model, how much memory does a training step
 need per device, and how long and how much money will `tokens` tokens take on this hardware?"
 without building the model. This module is the planner: hardware, time, communication and cost, around
+- `lmforge.estimate_args`: the checks of `estimate`'s arguments (`check_estimate`, torch-free: `lmforge estimate`
+  runs them before it imports this module, which loads torch), the strategies, datasheet peaks and interconnects;
 - `lmforge.estimate_memory`: parameters, FLOPs and memory per device, each term derived beside its arithmetic
   (torch-free);
 - `lmforge.estimate_adapt`: the fine-tuning plans on a frozen base (LoRA, head-only, prompt tuning, distillation's
@@ -46,7 +48,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -55,7 +56,15 @@ import torch
 from lmforge.config import RunConfig
 from lmforge.dist_config import ring_all_reduce_bytes
 from lmforge.errors import ConfigError
-from lmforge.estimate_adapt import adapted_plan, check_adapt, teacher_plan
+from lmforge.estimate_adapt import adapted_plan, teacher_plan
+from lmforge.estimate_args import (  # noqa: F401 (DEFAULT_VOCAB re-exported: tests)
+    DEFAULT_VOCAB,
+    PEAK_FLOPS,
+    EstimateArgs,
+    check_estimate,
+    hardware_device,
+    resolve_dtype,
+)
 from lmforge.estimate_device import (  # noqa: F401 (re-exported: tests, bench)
     check_batch_fits,
     check_fits,
@@ -74,20 +83,8 @@ from lmforge.estimate_memory import (  # noqa: F401 (re-exported: tests, bench)
     param_counts,
     uses_math_attention,
 )
-from lmforge.models.configs import GPTConfig
 
-DEFAULT_VOCAB = 50257  # GPT-2's BPE vocabulary, assumed when model.vocab_size is 0 and no data.dir is given
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal training uses ~20 tokens per parameter
-STRATEGIES = ("ddp", "fsdp", "diloco")
-
-# Dense peak FLOP/s per GPU from NVIDIA's datasheets (sparsity doubles the tensor-core numbers; we
-# never use it). A100 (SXM and PCIe alike): 312 TFLOP/s bf16/fp16 tensor core, 19.5 TFLOP/s plain
-# fp32 (our loop does not enable TF32, whose tensor-core peak is 156). H100 SXM5: 989 TFLOP/s
-# bf16/fp16 tensor core, 67 TFLOP/s fp32 (PCIe cards are lower: 756 / 51).
-PEAK_FLOPS = {
-    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-    "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-}
 # Model FLOPs utilization assumed when the caller gives none. GPUs: 0.4 of the datasheet peak, measured
 # with bench/train_speed.py for GPT-2 124M on one H100 in bf16 with `--train.compile true`: 0.39-0.41
 # at 32-64 x 1024 tokens per step, 0.43-0.44 on an H200 (eager: 0.27; nanoGPT / PaLM report 0.4-0.5 at
@@ -102,17 +99,6 @@ DEFAULT_MFU = {"cpu": 0.45, "cuda": 0.4}
 CPU_FULL_MFU_WIDTH = 128
 # Assumed on-demand prices in USD per device-hour (2024-25 cloud list prices vary 2x; pass your own).
 PRICE_PER_HOUR = {"a100": 1.8, "h100": 2.5, "cpu": 0.05}
-# Link speeds per device, each way, in Gbit/s (signalling rate after line encoding), for `--interconnect`: pass
-# the slowest link a device's traffic crosses (across nodes: the network, per GPU). Sources: NVIDIA H100 and
-# A100 datasheets (NVLink 900 / 600 GB/s, both ways together), the PCI-SIG 4.0 spec (16 GT/s per lane,
-# 128b/130b), NVIDIA ConnectX-7 / DGX H100 (one 400 Gbit/s NDR port per GPU).
-INTERCONNECTS = {
-    "nvlink": (3600.0, "NVLink 4 (H100 SXM): 450 GB/s each way"),
-    "nvlink-a100": (2400.0, "NVLink 3 (A100 SXM): 300 GB/s each way"),
-    "pcie": (252.0, "PCIe 4.0 x16: 31.5 GB/s each way"),
-    "ib": (400.0, "InfiniBand NDR, one 400 Gbit/s port per GPU"),
-    "ethernet": (10.0, "10 Gigabit Ethernet"),
-}
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's bucket_cap_mb default
 
 
@@ -136,15 +122,15 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
     """
     key = hardware.strip().lower() if isinstance(hardware, str) else hardware
     default_mfu: float | None = None
+    device, gflops = hardware_device(hardware, train_device)  # (an unknown name or a bad peak: refused)
     if key in ("cpu", "measure"):
-        device = "cpu"
         if key == "measure":
             from lmforge.train.precision import pick_device
 
             device = pick_device(train_device, "--train.device").type
             if device not in ("cpu", "cuda"):
                 raise ConfigError(f"--hardware measure on {device} is not supported; use --hardware <GFLOPS> instead")
-        dtype = _resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
         peak = measure_matmul_flops(device, getattr(torch, dtype))
         name = f"{device} (measured)"
         source = f"measured here: best {dtype} matmul (measure_matmul_flops)"
@@ -154,25 +140,14 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
             # preset ran 15.5k tokens/s in both, 6.8% of the AMX bf16 peak), so assume fp32's speed
             default_mfu = DEFAULT_MFU["cpu"] * measure_matmul_flops("cpu", torch.float32) / peak
     elif key in PEAK_FLOPS:
-        device = "cuda"
-        dtype = _resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
         peak = PEAK_FLOPS[key][dtype]
         name = key
         source = f"NVIDIA datasheet, dense {dtype}"
         price = PRICE_PER_HOUR[key]
-    else:
-        try:
-            gflops = float(key)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"unknown hardware {hardware!r}; use cpu, measure, a100, h100 or a peak in GFLOP/s (e.g. 150)"
-            ) from None
-        if not math.isfinite(gflops) or gflops <= 0:
-            raise ConfigError(f"hardware peak must be a positive number of GFLOP/s, got {hardware!r}")
-        # a bare number says nothing of the device, and the device sets the dtype and the default MFU (0.4 on a
-        # GPU, 0.45 or less on a CPU): train.device decides, and the name says which it was taken for
-        device = "cpu" if train_device == "cpu" else "cuda"
-        dtype = _resolve_dtype(dtype, device)
+    else:  # a peak given in GFLOP/s, taken for train.device's device (`hardware_device`)
+        assert gflops is not None  # (for the type checker)
+        dtype = resolve_dtype(dtype, device)
         peak = gflops * 1e9
         name = f"{gflops:g} GFLOP/s {'CPU' if device == 'cpu' else 'GPU'}"
         kind = "CPU" if device == "cpu" else "GPU"
@@ -189,27 +164,6 @@ def resolve_hardware(hardware: str | float, dtype: str, train_device: str = "aut
         "default_mfu": default_mfu if default_mfu is not None else DEFAULT_MFU[device],
         "price_per_hour": price,
     }
-
-
-def resolve_interconnect(interconnect: str | float) -> dict[str, Any]:
-    """`--interconnect`: a name in `INTERCONNECTS` or a link speed in Gbit/s -> name, gbps (each way), source."""
-    key = interconnect.strip().lower() if isinstance(interconnect, str) else interconnect
-    if key in INTERCONNECTS:
-        gbps, source = INTERCONNECTS[key]
-        return {"name": key, "gbps": gbps, "source": source}
-    try:
-        gbps = float(key)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"unknown interconnect {interconnect!r}; use {', '.join(INTERCONNECTS)} or a link speed in Gbit/s "
-            "each way per device (e.g. 100)"
-        ) from None
-    if not math.isfinite(gbps) or gbps <= 0:
-        raise ConfigError(
-            f"interconnect speed must be a positive number of Gbit/s, got {interconnect!r}; pass e.g. --interconnect "
-            f"100, or one of {', '.join(INTERCONNECTS)}"
-        )
-    return {"name": f"{gbps:g} Gbit/s", "gbps": gbps, "source": "given by the user"}
 
 
 def communication(
@@ -279,35 +233,9 @@ def communication(
     return {**out, "sync_s": sync_s, "time_s": sync_s * syncs, "exposed_s": exposed * syncs}
 
 
-def _resolve_dtype(name: str, device: str) -> str:
-    if name == "auto":  # as `train.precision.pick_precision`: bf16 on (capable) GPUs, fp32 on CPU
-        return "bfloat16" if device == "cuda" else "float32"
-    if name == "float16" and device == "cpu":
-        raise ConfigError(
-            "float16 autocast is not supported for training on CPU; use --train.dtype bfloat16 or float32"
-        )
-    return name
-
-
-def estimate(
-    cfg: RunConfig,
-    *,
-    tokens: int,
-    hardware: str | float = "cpu",
-    mfu: float = 0.0,
-    world_size: int = 1,
-    strategy: str | None = None,
-    price_per_hour: float | None = None,
-    interconnect: str | float | None = None,
-    adapt: str = "full",
-    lora_rank: int | None = None,
-    lora_targets: tuple[str, ...] | None = None,
-    lora_dropout: float | None = None,
-    prompt_tokens: int | None = None,
-    labels: int = 0,
-    teacher: GPTConfig | None = None,
-) -> dict[str, Any]:
-    """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens.
+def estimate(cfg: RunConfig, **options: Any) -> dict[str, Any]:
+    """Parameters, FLOPs, memory per device, time and cost of training `cfg.model` on `tokens` tokens:
+    `plan(check_estimate(cfg, **options))` (the options' types and defaults: `estimate_args.check_estimate`).
 
     Args:
         cfg: the run config; `cfg.model` and the batch in `cfg.train` (and `cfg.optim.name`) are used, and
@@ -346,72 +274,17 @@ def estimate(
             negative price, data.seq_len > model.max_seq_len (less the soft prompt), a setting the adapt mode does
             not use, a fine-tuning mode on several devices.
     """
-    if not (isinstance(tokens, (int, float)) and math.isfinite(tokens)):  # (inf: "must be >= 1" misled)
-        raise ConfigError(
-            f"tokens must be a finite number, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
-        )
-    if tokens < 1:  # 0.5 would become 0
-        raise ConfigError(
-            f"tokens must be >= 1, got {tokens!r}; pass the number of training tokens (e.g. --tokens 1e9)"
-        )
-    tokens = int(tokens)
-    strategy = cfg.dist.strategy if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; use one of: {', '.join(STRATEGIES)}")
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ConfigError(
-            f"world_size must be an integer >= 1, got {world_size!r}; pass the devices that train together "
-            "(--world-size 8)"
-        )
-    if not (0.0 <= mfu <= 1.0):
-        raise ConfigError(f"mfu must be in (0, 1] (a fraction, e.g. 0.4), got {mfu}; 0 = the default")
-    if price_per_hour is not None and not (math.isfinite(price_per_hour) and price_per_hour >= 0):  # inf: "$inf"
-        raise ConfigError(f"price_per_hour must be >= 0 and finite (USD per device-hour), got {price_per_hour}")
-    link = None if interconnect is None else resolve_interconnect(interconnect)
+    return plan(check_estimate(cfg, **options))
 
-    lora_rank, lora_targets, prompt_tokens, lora_dropout = check_adapt(
-        adapt, world_size=world_size, lora_rank=lora_rank, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
-        labels=labels, lora_dropout=lora_dropout,
-    )  # fmt: skip
 
-    if teacher is not None and (adapt != "full" or labels or world_size > 1):
-        raise ConfigError(
-            "a distillation fine-tune trains every weight of the student, on an LM task, in one process: drop "
-            "--adapt, --labels and --world-size to plan it"
-        )
-    assumptions = []
-    model = cfg.model
-    if model.family != "gpt":  # the formulas below are the decoder Transformer's (models/gpt.py)
-        raise ConfigError(
-            f"estimate covers GPT/Llama-style models only; model.family is {model.family!r} "
-            "(a short 'lmforge pretrain' run reports its parameters and tokens/s)"
-        )
-    if model.vocab_size == 0 and cfg.data.dir:  # as pretrain sets it (train/run.py resolve_run_config)
-        from lmforge.data.datadir import load_data_dir
-
-        vocab = load_data_dir(cfg.data.dir).load_tokenizer().vocab_size
-        model = dataclasses.replace(model, vocab_size=vocab)
-        assumptions.append(f"model.vocab_size {vocab} from the tokenizer of {cfg.data.dir} (as pretrain sets it)")
-    elif model.vocab_size == 0:
-        model = dataclasses.replace(model, vocab_size=DEFAULT_VOCAB)
-        assumptions.append(
-            f"model.vocab_size is 0 (training takes it from the tokenizer); assumed {DEFAULT_VOCAB} (GPT-2); "
-            "pass --data.dir DATA_DIR or set --model.vocab_size for your tokenizer"
-        )
-    # a soft prompt takes the first positions of the context; the text gets the rest (finetune.py: max_len)
-    context = model.max_seq_len - (prompt_tokens if adapt == "prompt" else 0)
-    if context < 8:  # (finetune refuses it the same way)
-        raise ConfigError(
-            f"--prompt-tokens {prompt_tokens} leaves {context} of the model's {model.max_seq_len} context tokens for "
-            f"the text (8 at least); use --prompt-tokens {model.max_seq_len - 8} or fewer"
-        )
-    seq_len = cfg.data.seq_len or context
-    if seq_len > context:
-        raise ConfigError(
-            f"data.seq_len {seq_len} exceeds model.max_seq_len {model.max_seq_len}"
-            + (f" less the {prompt_tokens} soft-prompt tokens" if adapt == "prompt" else "")
-            + "; lower it"
-        )
+def plan(args: EstimateArgs) -> dict[str, Any]:
+    """`estimate`'s plan of arguments `check_estimate` has checked (`lmforge estimate` checks them before it
+    imports this module, which loads torch)."""
+    cfg, model, tokens, seq_len = args.cfg, args.model, args.tokens, args.seq_len
+    hardware, mfu, world_size, strategy = args.hardware, args.mfu, args.world_size, args.strategy
+    price_per_hour, link, adapt, labels = args.price_per_hour, args.link, args.adapt, args.labels
+    lora_rank, lora_targets, lora_dropout = args.lora_rank, args.lora_targets, args.lora_dropout
+    prompt_tokens, teacher, assumptions = args.prompt_tokens, args.teacher, [*args.assumptions]
     hw = resolve_hardware(hardware, cfg.train.dtype, cfg.train.device)
     if hw["peak_source"].startswith("given by the user"):
         assumptions.append(
@@ -438,13 +311,6 @@ def estimate(
         assumptions.append(plan["assumption"])
     distill = None
     if teacher is not None:
-        if teacher.vocab_size == 0:  # (a preset's: the student's tokenizer, which a teacher must share)
-            teacher = dataclasses.replace(teacher, vocab_size=model.vocab_size)
-        if teacher.max_seq_len < seq_len:  # (finetune refuses it: adapt/load.load_teacher)
-            raise ConfigError(
-                f"the teacher's context of {teacher.max_seq_len} tokens is shorter than the {seq_len}-token examples; "
-                f"use a teacher with a context of at least {seq_len}, or pass --data.seq_len {teacher.max_seq_len}"
-            )
         distill = teacher_plan(teacher, model, step)
         per_token, attention = per_token + distill["flops_per_token"], attention + distill["attention"]
         extra = sum(distill["memory"].values())

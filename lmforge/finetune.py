@@ -213,6 +213,7 @@ def _finetune(
         label_key,
         label_name,
         lm_batch,
+        notes_dropped,
         print_held_notes,
     )
     from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
@@ -686,15 +687,16 @@ def _finetune(
         if val_rows:
             ft = Finetuned(model.eval(), tok, loaded.config, info, None, out)
             ft.template = template
-            metrics = task_metrics(
-                ft,
-                val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
-                path=val_file,
-                fields=val_fields,
-                max_new_tokens=max_new_tokens,
-                out_dir=out,
-                doc_stride=cfg.doc_stride,
-            )
+            with notes_dropped():  # (its examples' notes were printed when they were built, before training)
+                metrics = task_metrics(
+                    ft,
+                    val_rows[: cfg.eval_samples] if cfg.task in ("sft", "qa", "translate") else val_rows,
+                    path=val_file,
+                    fields=val_fields,
+                    max_new_tokens=max_new_tokens,
+                    out_dir=out,
+                    doc_stride=cfg.doc_stride,
+                )
             result["val"] = metrics
             if progress:
                 from lmforge.eval.tasks import format_metrics

@@ -110,6 +110,7 @@ def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 
     from lmforge.config import EvalConfig, TrainConfig, from_dict
     from lmforge.data.formats import build_examples, lm_batch
     from lmforge.data.tables import read_rows_or_standard
+    from lmforge.eval.tasks import answer_context
     from lmforge.finetune_config import CHAT_TASKS
     from lmforge.train.precision import pick_precision
 
@@ -118,7 +119,9 @@ def task_val_metrics(ft: Finetuned, val_file: str | Path, *, max_batches: int = 
     rows, fields = read_rows_or_standard(val_file, task, info["fields"], scored=True)  # (as `finetune` read it)
     template = (ft.template or ChatTemplate()) if task in CHAT_TASKS else None
     kwargs = {"task": task, "tok": ft.tokenizer, "fields": fields, "max_len": info["max_len"], "labels": []}
-    examples = build_examples(rows, path=val_file, template=template, **kwargs)
+    examples = build_examples(
+        rows, path=val_file, template=template, context=answer_context(ft.model), run_max_len=True, **kwargs
+    )
     train_cfg = from_dict(TrainConfig, info.get("train") or {}, prefix="train.", where=str(ft.run_dir))
     forward = from_dict(EvalConfig, info.get("eval") or {}, prefix="eval.", where=str(ft.run_dir)).forward_batch(
         train_cfg

@@ -95,6 +95,14 @@ def test_help_and_flag_errors_answer_without_torch(tmp_path):
             ["pretrain", "--no-such-flag"],
             ["quickstart", "--train.lrr", "1"],
             ["estimate", "--tokens", "1000", "--train.lrr", "1"],
+            # estimate's own checks of its flags, which ran after its planner had imported torch (~1.5 s)
+            ["estimate", "--tokens", "0"],
+            ["estimate", "--tokens", "1000", "--mfu", "2"],
+            ["estimate", "--tokens", "1000", "--hardware", "xyz"],
+            ["estimate", "--tokens", "1000", "--interconnect", "xyz"],
+            ["estimate", "--tokens", "1000", "--adapt", "lora", "--lora-rank", "0"],
+            ["estimate", "--tokens", "1000", "--data.seq_len", "99999"],
+            ["estimate", "--tokens", "1000", "--train.dtype", "float16"],
         ]
     )
     code = (
@@ -113,7 +121,7 @@ def test_help_and_flag_errors_answer_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     codes, heavy = json.loads(out.stdout)
-    assert codes == [0] * (1 + len(COMMANDS)) + [2] * 9  # every help answered, every bad flag refused
+    assert codes == [0] * (1 + len(COMMANDS)) + [2] * 16  # every help answered, every bad flag refused
     assert heavy == []
 
 

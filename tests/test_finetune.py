@@ -362,6 +362,33 @@ def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsy
     assert "32 tokens is the model's whole context, so it cannot see more" in capsys.readouterr().err
 
 
+def test_eval_and_quantize_cut_notes_name_the_runs_max_len(base: Path, tmp_path: Path, capsys):
+    """`eval --task classify|dpo` and quantize's validation metrics built their examples without the model's
+    context, so the cut-examples note advised "a longer --max-len", a flag neither command has: the max_len is the
+    fine-tune's. The note now says so and what to do (shorten the examples or fine-tune with a longer --max-len)."""
+    from lmforge.compress.quantize import quantize_run
+    from lmforge.data.tables import read_task_rows
+    from lmforge.eval.tasks import task_metrics
+
+    fixed = "24 tokens is the run's max_len (its fine-tune's --max-len), so the model cannot see more: shorten the "
+    fixed += "examples or fine-tune with a longer --max-len, up to the model's context (128)"
+    one_step = {"train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0}, "eval": {"every": 0}}
+    runs = {"classify": DATA / "sentiment_train.csv", "dpo": DATA / "hh_rlhf.jsonl", "sft": DATA / "alpaca.jsonl"}
+    for task, data in runs.items():
+        out = tmp_path / task
+        cfg = FinetuneConfig(task=task, adapt="lora", max_len=24, merge=task == "sft")  # (quantize: a whole model)
+        finetune(base, train_file=data, out=out, cfg=cfg,
+                 overrides=one_step, progress=False)  # fmt: skip
+        capsys.readouterr()
+        ft = load_finetuned(out, torch.device("cpu"))
+        if task == "sft":  # quantize compares the run before and after on its examples: one note, not one each
+            quantize_run(out, tmp_path / "q", max_batches=1, gen_tokens=1, val_file=data)
+        else:
+            task_metrics(ft, read_task_rows(data, task, ft.info["fields"]), path=data)
+        err = capsys.readouterr().err
+        assert err.count(fixed) == 1 and "keeps more" not in err, (task, err)
+
+
 def test_sft_rows_with_an_empty_answer_are_skipped_with_a_note(capsys: pytest.CaptureFixture[str]):
     """6 of Alpaca zh's 5,000 rows have an empty output (lost data: "Calculate the sum of the digits in 18047"):
     training kept them silently, teaching the model to stop at once, while a scored file refuses them. They are
@@ -513,12 +540,14 @@ def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
     result = finetune(base, train_file=mixed, val_file=mixed, out=out, cfg=FinetuneConfig(task="dpo", adapt="lora"),
                       overrides=overrides, progress=False)  # fmt: skip
     assert result["val"]["n"] == 5 and result["val"]["skipped_identical"] == 3
-    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--adapt", "lora", "--out",
-                str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
+    r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--val", str(mixed), "--adapt",
+                "lora", "--out", str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
     skipped = f"note: {mixed}: 3 of 8 pairs with the same chosen and rejected (no preference) were skipped"
-    assert r.returncode == 0 and skipped in r.stderr, r.stderr
-    r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["skipped_identical"] == 3, r.stderr
+    # one note for --train and one for --val: the final evaluation of --val and its printed result do not repeat it
+    assert r.returncode == 0 and r.stderr.count(skipped) == 2 and "skipped" not in r.stdout, r.stderr + r.stdout
+    # eval: said once, by the note (its result's skipped_identical, asserted above, is not printed as text too)
+    r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed))
+    assert r.returncode == 0 and r.stderr.count(skipped) == 1 and "skipped" not in r.stdout, r.stderr + r.stdout
     only_same = tmp_path / "same.jsonl"
     only_same.write_text("\n".join(same) + "\n", encoding="utf-8")
     r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(only_same), "--out", str(tmp_path / "no"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -385,6 +386,14 @@ def test_min_lr_above_lr_is_said(data_dir, tmp_path, capsys):
     assert lrs[-1] > lrs[-2]  # what the note warns of
     pretrain(tiny_config(data_dir, tmp_path / "b", **{"train.max_steps": 3, "train.min_lr": 1e-4}))
     assert "is above train.lr" not in capsys.readouterr().out
+
+
+def test_the_start_line_counts_with_thousands_separators(data_dir, tmp_path, capsys):
+    """pretrain's start line printed "train 1477 sequences/epoch" (and "vocab 4096") while finetune's says
+    "29,155 train": its counts now have separators too."""
+    pretrain(tiny_config(data_dir, tmp_path / "a", **{"train.max_steps": 1, "eval.every": 0}))
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lmforge pretrain: "))
+    assert re.search(r", train \d{1,3}(,\d{3})+ sequences/epoch$", start), start
 
 
 def test_a_run_without_a_val_split_still_draws_loss_png(corpus_file, tmp_path):

@@ -345,10 +345,12 @@ def quantize_run(
             quantized = load_trained(tmp, cpu)
             if val_file:
                 from lmforge.adapt.load import load_finetuned
+                from lmforge.data.formats import notes_dropped
                 from lmforge.finetune_eval import task_val_metrics
 
                 before = task_val_metrics(load_finetuned(path, cpu), val_file, max_batches=max_batches)
-                after = task_val_metrics(load_finetuned(tmp, cpu), val_file, max_batches=max_batches)
+                with notes_dropped():  # (the same examples again: their notes were printed once, above)
+                    after = task_val_metrics(load_finetuned(tmp, cpu), val_file, max_batches=max_batches)
                 result["compared_on"] = f"{val_file} (the fine-tune's --task {info['task']} validation data)"
                 result.update(loss_before=before["loss"], loss_after=after["loss"])
                 result.update(bpb_before=before["bpb"], bpb_after=after["bpb"])

@@ -365,14 +365,17 @@ def build_examples(
     frame: tuple[list[int], list[int], int] | None = None,
     template: Any = None,
     context: int = 0,
+    run_max_len: bool = False,
 ) -> list[Any]:
     """Rows → examples: (ids, label id) for classify, `LMExample` for LM tasks, dicts for DPO.
 
     `frame` is `classify_frame(tok, family)` (default: a decoder's `text EOS`); `template` the chat template of
     sft/qa (default: lmforge's `ChatTemplate`; an imported model's own is a `chat.JinjaChatTemplate`); `context` the
-    model's (0: not known), for the cut-examples note's advice."""
+    model's (0: not known) and `run_max_len` (`max_len` is a fine-tuned run's, which eval and quantize cannot
+    change, not this command's --max-len), for the cut-examples note's advice."""
     from lmforge.chat import ChatTemplate
 
+    advice = keep_more(max_len, context, run_max_len)
     if task == "classify":
         # (label_name: a run saved before labels were spelled one way may hold "1.0"; its rows now read "1")
         index = {label_name(name): i for i, name in enumerate(labels or [])}
@@ -401,14 +404,14 @@ def build_examples(
         note_skipped(
             path, len(rows) - len(out), len(rows), f"an empty {fields['text']!r} (no text to learn the label from)"
         )
-        note_cut(path, cut, len(out), max_len, "each keeps its text's start", context=context)
+        note_cut(path, cut, len(out), max_len, "each keeps its text's start", advice=advice)
         return out
     if task == "qa":
         from lmforge.data.qa import qa_examples
 
         return qa_examples(
             rows, tok=tok, template=template or ChatTemplate(), fields=fields, max_len=max_len, path=path,
-            model_context=context,
+            advice=advice,
         )  # fmt: skip
     if task == "sft":
         template = template or ChatTemplate()
@@ -430,7 +433,7 @@ def build_examples(
         if rows and not out:
             raise DataError(f"{path}: every row's answer ({answer}) is empty; write the answers")
         note_skipped(path, len(rows) - len(out), len(rows), f"an empty answer ({answer}: it teaches only to stop)")
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, advice=advice)
         return out
     if task == "translate":
         out, short = [], 0
@@ -444,7 +447,7 @@ def build_examples(
             raise DataError(f"{path}: every row's {fields['target']!r} is empty; write the translations")
         why = f"an empty {fields['target']!r} (it teaches only to stop)"
         note_skipped(path, len(rows) - len(out), len(rows), why)
-        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, context=context)
+        note_cut(path, sum(e.cut for e in out), len(out), max_len, _LM_CUT, answers_cut=short, advice=advice)
         return out
     if task == "clm":
         texts = clm_texts([r[fields["text"]] for r in rows])
@@ -474,7 +477,7 @@ def build_examples(
         )
     note_skipped(path, len(rows) - len(out), len(rows), "the same chosen and rejected (no preference)", "pairs")
     cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
-    note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", context=context)
+    note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", advice=advice)
     return out
 
 
@@ -490,13 +493,14 @@ def note_cut(
     kept: str,
     what: str = "examples",
     answers_cut: int = 0,
-    context: int = 0,
+    *,
+    advice: str,
 ) -> None:
     """One stderr note counting the examples of `path` cut to `max_len` tokens (they were cut without a word), and
     how many of them lost their answer's end (sft/translate): the end of such an answer and its end-of-text never
     train, so a model fine-tuned on many learns not to stop. Chinese takes more tokens than its length suggests
     (1,927 of Alpaca's 5,000 Chinese examples lose their answer's end at 128 tokens with a Hong Lou Meng BPE
-    vocabulary, 24 at 512). `context`: the tokens the model sees (0: not known here), for the advice."""
+    vocabulary, 24 at 512). `advice`: how to keep more (`keep_more`)."""
     if cut:
         lost = (
             f"; {answers_cut:,} of them lose the end of their answer (with its end-of-text, which teaches the model "
@@ -506,7 +510,7 @@ def note_cut(
         )
         note(
             f"note: {path}: {cut:,} of {n:,} {what} are longer than {max_len} tokens and were cut to fit "
-            f"({kept}){lost}; {keep_more(max_len, context)}"
+            f"({kept}){lost}; {advice}"
         )
 
 
@@ -517,13 +521,20 @@ def note_skipped(path: str | Path, skipped: int, n: int, why: str, what: str = "
         note(f"note: {path}: {skipped:,} of {n:,} {what} with {why} {'was' if skipped == 1 else 'were'} skipped")
 
 
-def keep_more(max_len: int, context: int) -> str:
+def keep_more(max_len: int, context: int, run_max_len: bool = False) -> str:
     """How to keep more of examples cut to `max_len` tokens: a longer --max-len, unless it is already the
-    model's whole `context` (0: not known), which cannot see more."""
+    model's whole `context` (0: not known), which cannot see more. `run_max_len`: `max_len` is a fine-tuned run's
+    (eval, quantize: a command without --max-len), fixed by that run."""
     if context and max_len >= context:
         return (
             f"{max_len} tokens is the model's whole context, so it cannot see more: shorten the examples or "
             "fine-tune a model with a longer context"
+        )
+    if run_max_len:
+        return (
+            f"{max_len} tokens is the run's max_len (its fine-tune's --max-len), so the model cannot see more: "
+            f"shorten the examples or fine-tune with a longer --max-len, up to the model's context"
+            f"{f' ({context:,})' if context else ''}"
         )
     return f"a longer --max-len, up to the model's context{f' ({context:,})' if context else ''}, keeps more"
 
@@ -555,6 +566,18 @@ def notes_held() -> Iterator[None]:
         if ok:
             for line in held or ():  # (None: print_held_notes printed them)
                 print(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def notes_dropped() -> Iterator[None]:
+    """Within: data notes are dropped, for examples built again from rows a command has already noted (finetune's
+    final evaluation of its --val, quantize's second comparison), which would repeat each note."""
+    global _held_notes
+    outer, _held_notes = _held_notes, []
+    try:
+        yield
+    finally:
+        _held_notes = outer
 
 
 def print_held_notes() -> None:

@@ -337,13 +337,12 @@ def qa_examples(
     fields: dict[str, str],
     max_len: int,
     path: str | Path,
-    model_context: int = 0,
+    advice: str,
 ) -> list[Any]:
     """Training examples of qa rows (`formats.build_examples`): each context cut to fit `max_len` around its
     answer; a note on stderr counts the contexts cut, answers the cut left out of their context, and answers
-    cut short (the question and answer alone are over `max_len`), with `formats.keep_more`'s advice for the
-    model's `model_context` (0: not known)."""
-    from lmforge.data.formats import keep_more, note, segments_example
+    cut short (the question and answer alone are over `max_len`), with `advice` (`formats.keep_more`'s)."""
+    from lmforge.data.formats import note, segments_example
 
     out, cut, lost, short = [], 0, 0, 0
     for i, row in enumerate(rows, 1):
@@ -363,5 +362,5 @@ def qa_examples(
         notes = [f"{cut:,} of {len(rows):,} contexts cut to fit {max_len} tokens (around the answer)"] if cut else []
         notes += [f"{lost:,} of them no longer hold the answer"] if lost else []
         notes += [f"{short:,} answers cut short (question and answer alone exceed {max_len} tokens)"] if short else []
-        note(f"note: {path}: {'; '.join(notes)}; {keep_more(max_len, model_context)}")
+        note(f"note: {path}: {'; '.join(notes)}; {advice}")
     return out

@@ -237,6 +237,8 @@ def _classify(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path:
         labels=labels,
         path=path,
         frame=frame,
+        context=answer_context(ft.model),
+        run_max_len=True,
     )
     device = next(ft.model.parameters()).device
     preds: list[int] = []
@@ -462,8 +464,9 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
 
     device = next(ft.model.parameters()).device
     pairs = build_examples(
-        rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path
-    )
+        rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path,
+        context=answer_context(ft.model), run_max_len=True,
+    )  # fmt: skip
     reference = load_base_model(ft.info, device)
     reference_logprobs(reference, pairs, ft.tokenizer.eos_id, device)
     beta = ft.info["dpo_beta"]
@@ -484,7 +487,8 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
         "chosen_reward": sum(chosen) / n,
         "rejected_reward": sum(rejected) / n,
         "n": n,
-        "skipped_identical": len(rows) - n,  # pairs with chosen == rejected (`build_examples`)
+        # pairs with chosen == rejected (`build_examples`, whose stderr note is the printed report of them)
+        "skipped_identical": len(rows) - n,
     }
 
 
@@ -727,7 +731,6 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"{task}: "
         + " | ".join(f"{k} {m[k]:.4f}" for k in keys if not _isnan(m[k]))
         + f" | n {m.get('n', m.get('tokens'))}"
-        + (f" ({m['skipped_identical']} pairs with chosen == rejected skipped)" if m.get("skipped_identical") else "")
         + "".join(
             f" | {kind} em {m[kind]['em']:.4f} f1 {m[kind]['f1']:.4f} n {m[kind]['n']}"
             for kind in ("has_answer", "no_answer")

@@ -559,11 +559,11 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         f"lmforge pretrain: {n_params / 1e6:.2f}M parameters ({model.num_params() / 1e6:.2f}M non-embedding), "
-        f"vocab {cfg.model.vocab_size}, context {cfg.data.seq_len}, batch {cfg.train.batch_size} "
-        f"({rank_train.micro_batch} x {rank_train.accum_steps} accumulation"
-        + (f" x {world.world_size} ranks, {cfg.dist.strategy}" if world.enabled else "")
+        f"vocab {cfg.model.vocab_size:,}, context {cfg.data.seq_len:,}, batch {cfg.train.batch_size:,} "
+        f"({rank_train.micro_batch:,} x {rank_train.accum_steps:,} accumulation"
+        + (f" x {world.world_size:,} ranks, {cfg.dist.strategy}" if world.enabled else "")
         + f"), {device} {str(precision.dtype)[6:]}, "
-        f"train {loader.windows_per_epoch} sequences/epoch"
+        f"train {loader.windows_per_epoch:,} sequences/epoch"
     )
     if init is not None and not resume:
         log.info(f"starting from the weights of {init.checkpoint.path} (a fresh optimizer and schedule, step 0)")
