@@ -19,8 +19,8 @@ def format_estimate(result: dict[str, Any]) -> str:
     multi = r["world_size"] > 1 or diloco
     devices = f"{r['world_size']} x {r['hardware']}" + (f", {r['strategy']}{diloco}" if multi else "")
     lines = [
-        f"model        {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads{kv}, d_ff {m['d_ff']}, "
-        f"vocab {m['vocab_size']}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
+        f"model        {m['n_layer']} layers, d_model {m['d_model']:,}, {m['n_head']} heads{kv}, d_ff {m['d_ff']:,}, "
+        f"vocab {m['vocab_size']:,}, {m['pos_emb']}/{m['norm']}/{m['mlp']}"
         + (", tied" if m["tie_embeddings"] else ", untied"),
         f"parameters   {format_count(r['params'])} total, {format_count(r['non_embedding_params'])} non-embedding"
         + (

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -554,6 +555,12 @@ def test_result_is_json_and_formats() -> None:
     for word in ("124.44M", "Chinchilla", "activations", "total", "TFLOP/s", "$", "assumptions", "fsdp"):
         assert word in text
     assert "unknown" in format_estimate(estimate(run_cfg(), tokens=10**6, hardware=GFLOPS))  # no price
+    # counts with thousands separators, as the rest of the product writes them ("vocab 50257" stood out), and
+    # README's copy of the table shows the same line
+    model_line = text.splitlines()[0]
+    assert "d_ff 3,072, vocab 50,257," in model_line
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert model_line in readme.splitlines()
 
 
 @pytest.mark.parametrize(
