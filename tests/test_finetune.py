@@ -1390,6 +1390,32 @@ def test_a_headerless_table_is_told_how_to_give_it_columns(tmp_path: Path):
         read_task_rows(csv_file, "classify", field_map("classify", ["text=review"]))
 
 
+def test_a_header_without_the_label_column_is_not_told_it_has_no_header(base: Path, tmp_path: Path):
+    """A one-column CSV for classify (header `review`, no labels) was told the headerless hint, "add the line
+    review,label at its top"; it has a header, it lacks a label column, and the error now says so."""
+    from lmforge.data.tables import field_map, read_task_rows
+
+    one = tmp_path / "reviews.csv"
+    one.write_text("review\ngreat food\nawful service\n", encoding="utf-8")
+    with pytest.raises(DataError) as raised:
+        read_task_rows(one, "classify", field_map("classify", ["text=review"]))
+    assert str(raised.value) == (
+        f"{one}: its header row (review) has no column 'label' for --task classify; add one, or name the column "
+        "that holds the label with --field label=COLUMN"
+    )
+    both = tmp_path / "text.csv"  # a header naming one of the task's columns, the other missing
+    both.write_text("text,stars\ngreat food,5\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"its header row \(text, stars\) has no column 'label'.*--field label=COLUMN$"):
+        read_task_rows(both, "classify", field_map("classify", None))
+    pairs = tmp_path / "pairs.csv"  # headerless DPO pairs without the optional prompt: still told of the header
+    pairs.write_text("a kind answer,a rude answer\nyes,no\n", encoding="utf-8")
+    with pytest.raises(DataError, match="if the file has no header row, add the line prompt,chosen,rejected"):
+        read_task_rows(pairs, "dpo", field_map("dpo", None))
+    r = run_cli("finetune", str(base), "--task", "classify", "--train", str(one), "--out", str(tmp_path / "never"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "its header row (review) has no column 'text'" in r.stderr and "at its top" not in r.stderr
+
+
 def test_a_conversation_column_is_told_to_be_the_messages(tmp_path: Path):
     """An sft file whose chat is in another column (ShareGPT's 'conversations') was told to rename it with
     --field instruction=COLUMN; the column holding a list of message objects is named as the messages."""

@@ -273,7 +273,12 @@ def _read_json(text: str, p: Path, *, lines: bool) -> list[dict[str, Any]]:
 
 
 class MissingColumnError(DataError):
-    """A row lacks a column the task reads (`eval --task` then tries the standard column names)."""
+    """A row lacks a column the task reads (`eval --task` then tries the standard column names); `column`'s name
+    that column (`column`) and its task field (`field`)."""
+
+    def __init__(self, message: str, *, column: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.column, self.field = column, field
 
 
 def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
@@ -282,7 +287,9 @@ def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) 
         if field not in row:
             columns = ", ".join(list(row)[:8])
             raise MissingColumnError(
-                f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN"
+                f"{path}: row {i} has no column {field!r} (columns: {columns}); rename with --field {name}=COLUMN",
+                column=field,
+                field=name,
             )
         if row[field] is None:
             raise null_cell(path, i, field)
@@ -459,6 +466,19 @@ def _task_rows(
         kind = inner_name(p).rsplit(".", 1)[-1]
         if kind not in ("csv", "tsv"):
             raise
+        columns = list(rows[0]) if rows else []
+        required = [f for f in txt_columns if f not in ("prompt", "context")]  # (dpo's prompt, qa's context: optional)
+        if len(columns) < len(required) or any(fields[f] in columns for f in txt_columns):
+            # a real header row (too few columns to be the task's data, or naming one of its columns): a review-only
+            # CSV for classify was told to add "review,label" at its top, as if its header were missing
+            if not e.column:
+                raise
+            raise MissingColumnError(
+                f"{p}: its header row ({', '.join(columns)}) has no column {e.column!r} for --task {task}; add one, "
+                f"or name the column that holds the {e.field} with --field {e.field}=COLUMN",
+                column=e.column,
+                field=e.field,
+            ) from None
         # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header
         header = ("<TAB>" if kind == "tsv" else ",").join(fields[f] for f in txt_columns)
         raise MissingColumnError(
