@@ -456,6 +456,7 @@ def chat(
         context_length,
         generate,
         load_generator,
+        prompt_too_long,
         run_stops,
     )
     from lmforge.sampling import check_max_new_tokens, check_sampling, check_seed
@@ -520,11 +521,10 @@ def chat(
         # start cut (as before) the reply answered a text the user had not written; older turns are dropped instead
         alone = template.prompt_length(tok, history[:1] + [message] if system else [message])
         if alone > budget:
-            notices.write(
-                f"(message not sent: with {'the system message and ' if system else ''}the chat template it is "
-                f"{alone} tokens, and the model's context ({context} tokens) holds {budget} beside a reply of up to "
-                f"{max_new_tokens} tokens; shorten it by {alone - budget} tokens or more)\n"
-            )
+            what = f"with {'the system message and ' if system else ''}the chat template the message is"
+            flag = "--max-new-tokens"  # (the reply's room: given, or the default capped to half the context)
+            refusal = prompt_too_long(what, alone, context, max_new_tokens=max_new_tokens, flag=flag)
+            notices.write(f"(message not sent: {refusal})\n")
             notices.flush()
             continue
         history.append(message)

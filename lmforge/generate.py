@@ -144,15 +144,32 @@ def context_length(model: Any) -> int:
     return getattr(model, "max_context", model.cfg.max_seq_len)
 
 
+def prompt_too_long(
+    what: str, tokens: int, context: int, *, max_new_tokens: int = 0, flag: str = "", it: str = "it"
+) -> str:
+    """The one wording of the rule generate, chat and serve share: a prompt the model cannot see whole beside the
+    new tokens is refused, never cut. `what` is the prompt's subject and verb ("the prompt is"), `tokens` long;
+    `max_new_tokens` the tokens to generate beside it (0: generate, whose window slides on past the context),
+    `flag` the command's name for them ("--max-new-tokens", "'max_tokens'"; "": not asked for), `it` the
+    prompt's pronoun. Says the lengths and what to do: shorten the prompt, or ask for fewer new tokens."""
+    room = context - max_new_tokens  # the longest prompt that fits
+    text = f"{what} {tokens:,} tokens and the model's context is {context:,}"
+    if max_new_tokens:
+        new = f"{max_new_tokens:,} new token{'s' if max_new_tokens != 1 else ''}"
+        text += f", which holds {room:,} beside {new}" + (f" ({flag})" if flag else "")
+    text += f"; shorten {it} to at most {room:,} tokens ({tokens - room:,} fewer)"
+    if flag and tokens < context:
+        text += f" or lower {flag} to at most {context - tokens:,}"
+    return text
+
+
 def _check_prompt(prompt_ids: list[int], max_len: int, eos_id: int | None) -> list[int]:
     if not prompt_ids:
         if eos_id is None:
             raise LmforgeError("the prompt is empty; give at least one token (or an eos_id to start from)")
         return [eos_id]  # a new document starts after an end-of-text token
     if len(prompt_ids) > max_len:
-        raise LmforgeError(
-            f"prompt is {len(prompt_ids)} tokens but the model's context is {max_len}; shorten the prompt"
-        )
+        raise LmforgeError(prompt_too_long("the prompt is", len(prompt_ids), max_len))
     return list(prompt_ids)
 
 

@@ -561,7 +561,7 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> None:
-        from lmforge.generate import context_length
+        from lmforge.generate import context_length, prompt_too_long
 
         limits, ft = self.server.limits, self.server.ft
         model = body.get("model")  # (vLLM too: none given is the served model)
@@ -619,16 +619,9 @@ class _Handler(BaseHTTPRequestHandler):
             if len(ids) + budget > context:
                 what = "the messages are" if chat else "the prompt is" if len(prompts) == 1 else f"'prompt[{i}]' is"
                 it = "them" if chat else "it"
-                if len(ids) >= context:  # (the only way without max_tokens: that takes what the context leaves)
-                    message = (
-                        f"{what} {len(ids)} tokens and the context is {context}, which leaves no room to generate; "
-                        f"shorten {it} to at most {context - 1} tokens"
-                    )
-                else:
-                    message = (
-                        f"{what} {len(ids)} tokens + {budget} to generate ('{limit_key}'); the context is {context}: "
-                        f"ask for at most {context - len(ids)} tokens or shorten {it}"
-                    )
+                # (without max_tokens, only a prompt that fills the context: the budget takes what it leaves)
+                flag = f"'{limit_key}'" if asked else ""
+                message = prompt_too_long(what, len(ids), context, max_new_tokens=budget, flag=flag, it=it)
                 raise RequestError(400, message, "context_length_exceeded", param="messages" if chat else "prompt")
             budgets.append(budget)
 

@@ -310,8 +310,8 @@ def test_chat_refuses_a_message_longer_than_the_context_as_generate_and_serve_do
     assert r.returncode == 0, r.stderr
     refused = [line for line in r.stderr.splitlines() if line.startswith("(message not sent")]
     assert refused == [
-        "(message not sent: with the chat template it is 324 tokens, and the model's context (64 tokens) holds 56 "
-        "beside a reply of up to 8 tokens; shorten it by 268 tokens or more)"
+        "(message not sent: with the chat template the message is 324 tokens and the model's context is 64, which "
+        "holds 56 beside 8 new tokens (--max-new-tokens); shorten it to at most 56 tokens (268 fewer))"
     ], r.stderr
     assert "note:" not in r.stderr and r.stdout == "hello th\n", (r.stdout, r.stderr)  # hi's reply alone
 
@@ -498,13 +498,16 @@ def test_serve_says_how_far_a_prompt_is_over_the_context(chat_run: Path):
     chat = {"messages": [{"role": "user", "content": "y" * 70}]}
     with _serving(chat_run) as server:  # the model's context: 64 tokens
         for path, payload, said in [
-            ("/completions", {"prompt": "y" * 70}, "the prompt is 70 tokens and the context is 64, which leaves no "
-             "room to generate; shorten it to at most 63 tokens"),
-            ("/completions", {"prompt": "y" * 64}, "the prompt is 64 tokens and the context is 64"),
-            ("/chat/completions", chat, "tokens and the context is 64, which leaves no room to generate; shorten them"),
-            ("/completions", {"prompt": "y" * 60, "max_tokens": 16}, "the prompt is 60 tokens + 16 to generate "
-             "('max_tokens'); the context is 64: ask for at most 4 tokens or shorten it"),
-            ("/completions", {"prompt": "y" * 70, "max_tokens": 2}, "the prompt is 70 tokens and the context is 64"),
+            ("/completions", {"prompt": "y" * 70}, "the prompt is 70 tokens and the model's context is 64, which "
+             "holds 63 beside 1 new token; shorten it to at most 63 tokens (7 fewer)"),
+            ("/completions", {"prompt": "y" * 64}, "the prompt is 64 tokens and the model's context is 64"),
+            ("/chat/completions", chat, "tokens and the model's context is 64, which holds 63 beside 1 new token; "
+             "shorten them to at most 63 tokens"),
+            ("/completions", {"prompt": "y" * 60, "max_tokens": 16}, "the prompt is 60 tokens and the model's context "
+             "is 64, which holds 48 beside 16 new tokens ('max_tokens'); shorten it to at most 48 tokens (12 fewer) "
+             "or lower 'max_tokens' to at most 4"),
+            ("/completions", {"prompt": "y" * 70, "max_tokens": 2}, "the prompt is 70 tokens and the model's context "
+             "is 64, which holds 62 beside 2 new tokens ('max_tokens'); shorten it to at most 62 tokens (8 fewer)"),
         ]:  # fmt: skip
             status, body = _post(server.url + "/v1" + path, payload)
             error = json.loads(body)["error"]
@@ -1097,7 +1100,7 @@ def test_serve_completions_take_every_prompt_form(chat_run: Path):
             ([[1], "a"], "'prompt[1]' must be a list of token ids"),
             ({"text": "a"}, "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists"),
             (None, "got null"),
-            ([hi, "y" * 60], "'prompt[1]' is 60 tokens + 16 to generate"),
+            ([hi, "y" * 60], "'prompt[1]' is 60 tokens and the model's context is 64, which holds 48 beside 16"),
             # each prompt is generated in turn: 100,000 of them (600 kB) kept the server busy for minutes
             ([hi] * 65, "'prompt' holds 65 prompts; this server takes at most 64 per request (--max-prompts)"),
         ]

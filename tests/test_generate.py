@@ -243,10 +243,34 @@ def test_sliding_window_keeps_the_prefix_first() -> None:
     )
 
 
+def test_generate_chat_and_serve_refuse_a_long_prompt_in_one_wording() -> None:
+    """generate, chat and serve refuse a prompt the model cannot see whole by one rule but said it three ways
+    ("prompt is N tokens but the model's context is C; shorten the prompt", "with the chat template it is N tokens,
+    and the model's context (C tokens) holds ...", "N tokens + M to generate ('max_tokens'); the context is C: ask
+    for at most ..."); one builder says the same facts for each, in each command's own flag name."""
+    from lmforge.generate import prompt_too_long
+
+    assert prompt_too_long("the prompt is", 1200, 1024) == (
+        "the prompt is 1,200 tokens and the model's context is 1,024; shorten it to at most 1,024 tokens (176 fewer)"
+    )
+    assert prompt_too_long("the messages are", 1000, 1024, max_new_tokens=200, flag="--max-new-tokens", it="them") == (
+        "the messages are 1,000 tokens and the model's context is 1,024, which holds 824 beside 200 new tokens "
+        "(--max-new-tokens); shorten them to at most 824 tokens (176 fewer) or lower --max-new-tokens to at most 24"
+    )
+    assert prompt_too_long("the prompt is", 1024, 1024, max_new_tokens=1) == (  # (no new tokens asked for)
+        "the prompt is 1,024 tokens and the model's context is 1,024, which holds 1,023 beside 1 new token; shorten "
+        "it to at most 1,023 tokens (1 fewer)"
+    )
+
+
 def test_prompt_errors_and_eos() -> None:
     model = tiny()
-    with pytest.raises(LmforgeError, match=f"prompt is {CONTEXT + 1} tokens but the model's context is {CONTEXT}"):
+    with pytest.raises(LmforgeError) as raised:  # (the window slides on past the context: max_new_tokens fits)
         generate(model, list(range(CONTEXT + 1)), max_new_tokens=1)
+    assert str(raised.value) == (
+        f"the prompt is {CONTEXT + 1} tokens and the model's context is {CONTEXT}; shorten it to at most {CONTEXT} "
+        "tokens (1 fewer)"
+    )
     with pytest.raises(LmforgeError, match="empty"):
         generate(model, [], max_new_tokens=1)
     with pytest.raises(LmforgeError, match="temperature"):

@@ -238,7 +238,12 @@ def test_a_prompt_file_shows_progress_and_an_interrupt_keeps_the_old_out(
             "could not be decompressed (Compressed file",
         ),
         ("p.txt", "ok\n红楼\n".encode("gbk"), [], "p.txt line 2 is not UTF-8"),
-        ("p.txt", b"ok\n" + b"x" * 60 + b"\n", [], "p.txt line 2: prompt is 60 tokens but the model's context is 48"),
+        (
+            "p.txt",
+            b"ok\n" + b"x" * 60 + b"\n",
+            [],
+            "p.txt line 2: the prompt is 60 tokens and the model's context is 48;",
+        ),
         (None, b"", [], "does not exist"),
         ("p.txt", b"a\n", ["--prompt", "b"], "not both"),
         ("p.txt", b"a\n", ["--out", "OUT"], "overlaps the file being read"),
