@@ -35,10 +35,8 @@ datasheets (dense, no sparsity), a number is the user's GFLOP/s. Default MFU and
 assumptions (see `DEFAULT_MFU`, `PRICE_PER_HOUR`); every assumption made ends up in the result's
 "assumptions" list, which `format_estimate` prints.
 
-MFU = achieved model FLOP/s / peak FLOP/s. Datasheet peaks say little about a shared 2-core VM
-(AVX2 hosts reach ~79 GFLOP/s fp32, AVX-512 ones ~186), so the CPU peak is *measured* on the same
-machine in the same process: the best of several square matmuls at the training dtype
-(`estimate_device.measure_matmul_flops`).
+MFU = achieved model FLOP/s / peak FLOP/s; why the CPU peak is measured, not read from a datasheet:
+`estimate_device`'s docstring.
 
 References:
 - Hoffmann et al. 2022 (Chinchilla), ~20 tokens per parameter: https://arxiv.org/abs/2203.15556

@@ -326,7 +326,7 @@ def limited_requests_session(session: Any) -> Any:
             response.raw.read = watched_read
         return response
 
-    session.send = _limited(session.send, capped_send)
+    session.send = _limited(send, capped_send)
     return session
 
 
