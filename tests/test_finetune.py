@@ -1407,10 +1407,19 @@ def test_a_header_without_the_label_column_is_not_told_it_has_no_header(base: Pa
     both.write_text("text,stars\ngreat food,5\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"its header row \(text, stars\) has no column 'label'.*--field label=COLUMN$"):
         read_task_rows(both, "classify", field_map("classify", None))
-    pairs = tmp_path / "pairs.csv"  # headerless DPO pairs without the optional prompt: still told of the header
+    # headerless DPO pairs without the optional prompt were told to add "prompt,chosen,rejected" (a header one
+    # column wider than the file) or to name it .txt (which reads its two columns as prompt, chosen): now the
+    # header its two columns are, and taking that advice reads it
+    pairs = tmp_path / "pairs.csv"
     pairs.write_text("a kind answer,a rude answer\nyes,no\n", encoding="utf-8")
-    with pytest.raises(DataError, match="if the file has no header row, add the line prompt,chosen,rejected"):
+    with pytest.raises(DataError, match=r"if the file has no header row, add the line chosen,rejected at its top$"):
         read_task_rows(pairs, "dpo", field_map("dpo", None))
+    pairs.write_text("chosen,rejected\na kind answer,a rude answer\nyes,no\n", encoding="utf-8")
+    assert read_task_rows(pairs, "dpo", field_map("dpo", None))[1] == {"chosen": "yes", "rejected": "no"}
+    triples = tmp_path / "triples.csv"  # with the prompt: all three, and .txt reads them in that order
+    triples.write_text("Be kind.,a kind answer,a rude answer\nSay no.,no,yes\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"add the line prompt,chosen,rejected at its top, or name it \.txt \(columns"):
+        read_task_rows(triples, "dpo", field_map("dpo", None))
     r = run_cli("finetune", str(base), "--task", "classify", "--train", str(one), "--out", str(tmp_path / "never"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "its header row (review) has no column 'text'" in r.stderr and "at its top" not in r.stderr

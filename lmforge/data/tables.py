@@ -479,11 +479,18 @@ def _task_rows(
                 column=e.column,
                 field=e.field,
             ) from None
-        # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header
-        header = ("<TAB>" if kind == "tsv" else ",").join(fields[f] for f in txt_columns)
+        # a headerless table (Tatoeba's and Moses' parallel text, UCI's sentences) lost its first row as the header;
+        # one with only the required columns (dpo's chosen,rejected without a prompt) is hinted those, and .txt
+        # only where a .txt would read its columns in that order (its lines are read as prompt, chosen, rejected)
+        named = txt_columns if len(columns) >= len(txt_columns) else tuple(required)
+        header = ("<TAB>" if kind == "tsv" else ",").join(fields[f] for f in named)
+        as_txt = (
+            f", or name it .txt (columns {', '.join(named)} in that order)"
+            if named == txt_columns[: len(named)]
+            else ""
+        )
         raise MissingColumnError(
-            f"{e}; if the file has no header row, add the line {header} at its top, or name it .txt (columns "
-            f"{', '.join(txt_columns)} in that order)"
+            f"{e}; if the file has no header row, add the line {header} at its top{as_txt}"
         ) from None
     return rows
 
