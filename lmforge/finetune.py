@@ -40,6 +40,7 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -189,6 +190,14 @@ def finetune(
     return result
 
 
+def _same_file(a: str | Path | None, b: str | Path) -> bool:
+    """`a` and `b` name one file (a link or another spelling of its path too; two pipes never)."""
+    try:
+        return a is not None and Path(a).samefile(b)
+    except OSError:
+        return False
+
+
 def _finetune(
     base: str | Path,
     train_file: str | Path,
@@ -333,7 +342,9 @@ def _finetune(
     kwargs = {"task": cfg.task, "tok": tok, "fields": fields, "max_len": max_len, "labels": labels, "frame": frame}
     kwargs["template"], kwargs["context"] = template, context
     train_ex = build_examples(train_rows, path=train_file, **kwargs)
-    val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
+    # a --val that is the --train file: its rows' notes (examples cut to fit) were said once, for --train
+    with notes_dropped() if _same_file(val_file, train_file) else contextlib.nullcontext():
+        val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
     if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)
         raise ConfigError(
             f"train.early_stop_patience {train_cfg.early_stop_patience} watches the validation loss, and this "

@@ -333,6 +333,24 @@ def test_examples_cut_to_max_len_are_counted_in_a_note(capsys: pytest.CaptureFix
         assert capsys.readouterr().err == "", task
 
 
+def test_a_val_file_that_is_the_train_file_is_noted_once(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """finetune --train F --val F printed the cut-examples note twice, word for word (once per role); now once
+    per distinct file: a --val copy of the same rows is still noted under its own name."""
+    train, copy = tmp_path / "train.csv", tmp_path / "val.csv"
+    for f in (train, copy):  # (the first 16 reviews: a fast run)
+        f.write_text("".join((DATA / "sentiment_train.csv").read_text().splitlines(True)[:17]))
+    cfg = FinetuneConfig(task="classify", max_len=8)
+    fast = {"train": {"max_steps": 1, "batch_size": 8}}
+    for val, notes in ((train, [train]), (copy, [train, copy])):
+        finetune(base, train_file=train, val_file=val, out=tmp_path / val.stem, cfg=cfg, overrides=fast, progress=False)
+        err = capsys.readouterr().err
+        assert [line.split(": ")[1] for line in err.splitlines() if "were cut to fit" in line] == [
+            str(f) for f in notes
+        ]
+
+
 def test_the_cut_note_says_a_whole_context_cannot_see_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The cut-examples note suggested a longer --max-len even when --max-len (0: all of it) was already the
     model's whole context; there it now says the model cannot see more (shorter examples, a longer-context model),
@@ -543,8 +561,9 @@ def test_dpo_skips_pairs_without_a_preference(base: Path, tmp_path: Path):
     r = run_cli("finetune", str(base), "--task", "dpo", "--train", str(mixed), "--val", str(mixed), "--adapt",
                 "lora", "--out", str(tmp_path / "log"), "--train.max_steps", "1")  # fmt: skip
     skipped = f"note: {mixed}: 3 of 8 pairs with the same chosen and rejected (no preference) were skipped"
-    # one note for --train and one for --val: the final evaluation of --val and its printed result do not repeat it
-    assert r.returncode == 0 and r.stderr.count(skipped) == 2 and "skipped" not in r.stdout, r.stderr + r.stdout
+    # one note for the file, --train and --val alike (it was said twice, once per role): the final evaluation of
+    # --val and its printed result do not repeat it
+    assert r.returncode == 0 and r.stderr.count(skipped) == 1 and "skipped" not in r.stdout, r.stderr + r.stdout
     # eval: said once, by the note (its result's skipped_identical, asserted above, is not printed as text too)
     r = run_cli("eval", str(out), "--task", "dpo", "--data", str(mixed))
     assert r.returncode == 0 and r.stderr.count(skipped) == 1 and "skipped" not in r.stdout, r.stderr + r.stdout
