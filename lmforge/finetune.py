@@ -345,6 +345,14 @@ def _finetune(
     # a --val that is the --train file: its rows' notes (examples cut to fit) were said once, for --train
     with notes_dropped() if _same_file(val_file, train_file) else contextlib.nullcontext():
         val_ex = build_examples(val_rows, path=val_file, **(kwargs | {"fields": val_fields})) if val_rows else []
+    if val_rows and cfg.task in ("sft", "translate"):
+        from lmforge.eval.tasks import fitting_prompts, prompt_lengths
+
+        # the final scoring skips a prompt too long to answer (a note then); none fitting is refused now, not
+        # after training
+        scored = val_rows[: cfg.eval_samples]
+        lengths = prompt_lengths(tok, template, scored, val_fields, cfg.task)
+        fitting_prompts(lengths, context, max_new_tokens, val_file, note=False)
     if train_cfg.early_stop_patience and not val_ex:  # (it was ignored without a word: nothing is evaluated)
         raise ConfigError(
             f"train.early_stop_patience {train_cfg.early_stop_patience} watches the validation loss, and this "

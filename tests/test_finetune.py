@@ -159,13 +159,20 @@ def test_the_default_answer_length_fits_a_short_context_and_a_given_one_is_check
     cfg = FinetuneConfig(task="sft", adapt="prompt", prompt_tokens=8, eval_samples=1)
     finetune(short, train_file=DATA / "alpaca.jsonl", out=tmp_path / "a", cfg=cfg, overrides=FAST, progress=False)
     assert "answers are scored" not in capsys.readouterr().err  # (nothing scored: nothing to say)
-    result = finetune(short, train_file=DATA / "alpaca.jsonl", val_file=DATA / "alpaca.jsonl", out=tmp_path / "b",
-                      cfg=cfg, overrides=FAST, progress=False)  # fmt: skip
+    # 16 tokens leave no room for an Alpaca prompt (it was cut to fit and scored): refused before training, in
+    # the words of a prompt too long for generate, chat and serve
+    too_long = (
+        r"alpaca\.jsonl: no prompt fits: the shortest is \d+ tokens and the model's context is 32, which holds 16 "
+    )
+    with pytest.raises(DataError, match=too_long + r"beside 16 new tokens \(--max-new-tokens\)"):
+        finetune(short, train_file=DATA / "alpaca.jsonl", val_file=DATA / "alpaca.jsonl", out=tmp_path / "b",
+                 cfg=cfg, overrides=FAST, progress=False)  # fmt: skip
+    assert not (tmp_path / "b").exists()  # (before training: it trained, then failed to score)
     assert "note: answers are scored up to 16 new tokens, half the model's context of 32" in capsys.readouterr().err
-    assert result["val"]["n"] == 1
     from lmforge.eval.tasks import evaluate_task
 
-    assert evaluate_task(tmp_path / "b", task="sft", data=DATA / "alpaca.jsonl", limit=1)["n"] == 1  # (as eval)
+    with pytest.raises(DataError, match=too_long):  # (as eval)
+        evaluate_task(tmp_path / "a", task="sft", data=DATA / "alpaca.jsonl", limit=1)
     assert "up to 16 new tokens" in capsys.readouterr().err
     given = dataclasses.replace(cfg, max_new_tokens=48)
     with pytest.raises(ConfigError, match="--max-new-tokens 48 leaves no room .* context of 32 tokens; use at most 31"):
@@ -1141,6 +1148,28 @@ def test_task_examples_start_with_the_bos_that_inference_puts_first(base: Path, 
         if task in ("qa", "translate"):
             tasks.task_metrics(ft, [row], path="x", task=task, fields=fields, max_new_tokens=1)
             assert asked.pop() == prompt, task
+
+
+def test_eval_skips_a_prompt_too_long_to_see_whole(base: Path, capsys: pytest.CaptureFixture[str]):
+    """eval --task sft scored an answer to a last message cut to its end (`ChatTemplate.prompt_ids`), and translate
+    one to a source cut to its end, without a word, where generate, chat and serve refuse such a prompt. Such rows
+    are now skipped and counted in one note (and in the result's skipped_long); none fitting is a one-line error."""
+    from lmforge.data.tables import field_map
+    from lmforge.eval.tasks import task_metrics
+
+    ft = load_finetuned(base, torch.device("cpu"))
+    long = "words and more words " * 10  # (over the 128-token context)
+    cases = {
+        "sft": [{"instruction": "Hi?", "output": "Hello."}, {"instruction": long, "output": "Words."}],
+        "translate": [{"source": "Hi.", "target": "Salut."}, {"source": long, "target": "Des mots."}],
+    }
+    for task, rows in cases.items():
+        m = task_metrics(ft, rows, path="x.jsonl", task=task, fields=field_map(task, None), max_new_tokens=4)
+        assert (m["n"], m["skipped_long"]) == (1, 1), task
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("note: x.jsonl: 1 of 2 prompts are longer than the 124 tokens")
+        with pytest.raises(DataError, match=r"^x\.jsonl: no prompt fits: the shortest is \d+ tokens and the model's"):
+            task_metrics(ft, rows[1:], path="x.jsonl", task=task, fields=field_map(task, None), max_new_tokens=4)
 
 
 def test_a_prompt_cut_to_fit_keeps_the_tokenizers_bos_first(base: Path, monkeypatch: pytest.MonkeyPatch):

@@ -343,6 +343,50 @@ def fewshot_classify(
     return report
 
 
+def _last_turn(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation's last message, after its system message if it has one: what must fit whole."""
+    system = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
+    return system + messages[-1:]
+
+
+def prompt_lengths(tok: Any, template: Any, rows: list[dict[str, Any]], fields: dict[str, str], task: str) -> list[int]:
+    """The tokens of each row's prompt that must fit whole beside its answer (`fitting_prompts`): translate's
+    source prompt; sft's last message, after the system message (older turns are dropped to fit, as in chat)."""
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import translate_prompt
+
+    if task == "translate":
+        return [len(tok.prompt_prefix + tok.encode(translate_prompt(str(row[fields["source"]])))) for row in rows]
+    template = template or ChatTemplate()
+    return [template.prompt_length(tok, _last_turn(_reference_text(row, fields, task)[0])) for row in rows]
+
+
+def fitting_prompts(
+    lengths: list[int], context: int, max_new_tokens: int, path: Any, *, note: bool = True
+) -> list[int]:
+    """Indices of the prompts (of `lengths` tokens) that fit the model's `context` beside `max_new_tokens` answer
+    tokens. The others are skipped, counted in one note (`note`): a prompt with its start cut asks another
+    question than the row (a source without its start has a reference the model never saw), and generate, chat and
+    serve refuse such a prompt. None fitting: a one-line error in `generate.prompt_too_long`'s words (`finetune`
+    checks its --val so before training)."""
+    from lmforge.generate import prompt_too_long
+
+    room = context - max_new_tokens
+    kept = [i for i, n in enumerate(lengths) if n <= room]
+    if lengths and not kept:
+        what = f"{path}: no prompt fits: the shortest is"
+        flag = "--max-new-tokens"
+        raise DataError(prompt_too_long(what, min(lengths), context, max_new_tokens=max_new_tokens, flag=flag))
+    if note and len(kept) < len(lengths):
+        print(
+            f"note: {path}: {len(lengths) - len(kept)} of {len(lengths)} prompts are longer than the {room:,} tokens "
+            f"the model's context ({context:,}) holds beside {max_new_tokens} answer tokens and were skipped, not "
+            "cut (a cut prompt asks what the row did not); shorten them or lower --max-new-tokens to score them",
+            file=sys.stderr,
+        )
+    return kept
+
+
 def _reference_text(row: dict[str, Any], fields: dict[str, str], task: str) -> tuple[list[dict[str, str]], str]:
     from lmforge.data.formats import conversation
 
@@ -534,6 +578,10 @@ def task_metrics(
         samples = []
         turns = [_reference_text(row, fields, task) for row in rows]
         budget = ft.model.cfg.max_seq_len - max_new_tokens
+        # older turns are dropped to fit, as chat drops them; a last message that does not fit beside the system
+        # message is skipped (`fitting_prompts`), not cut as prompt_ids would cut it
+        lengths = prompt_lengths(ft.tokenizer, template, rows, fields, task)
+        turns = [turns[i] for i in fitting_prompts(lengths, ft.model.cfg.max_seq_len, max_new_tokens, path)]
         prompts = [template.prompt_ids(ft.tokenizer, messages, budget=budget)[0] for messages, _ in turns]
         for (messages, reference), prediction in zip(turns, _answers(ft, prompts, max_new_tokens), strict=True):
             em += exact_match(prediction, reference)
@@ -542,10 +590,13 @@ def task_metrics(
                 samples.append(
                     {"prompt": messages[-1]["content"][:200], "reference": reference, "prediction": prediction}
                 )
-        return {"task": task, "em": em / len(rows), "f1": f1 / len(rows), "n": len(rows), "samples": samples}
+        n = len(turns)
+        return {"task": task, "em": em / n, "f1": f1 / n, "n": n, "skipped_long": len(rows) - n, "samples": samples}
     if task == "translate":
         tok = ft.tokenizer  # (its BOS first, as in training: `completion_example`)
         prompts = [tok.prompt_prefix + tok.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
+        kept = fitting_prompts([len(p) for p in prompts], answer_context(ft.model), max_new_tokens, path)
+        skipped, rows, prompts = len(rows) - len(kept), [rows[i] for i in kept], [prompts[i] for i in kept]
         hyps = _answers(ft, prompts, max_new_tokens)
         # in the form the model writes (and trained on): NFKC turned the targets' ，？！ into , ? ! before training
         refs = [ft.tokenizer.in_unicode_form(str(row[fields["target"]]).strip()) for row in rows]
@@ -553,7 +604,7 @@ def task_metrics(
             {"source": str(r[fields["source"]]), "reference": ref, "prediction": h}
             for r, ref, h in list(zip(rows, refs, hyps, strict=True))[:3]
         ]
-        return {"task": task, **bleu_chrf(hyps, refs), "n": len(rows), "samples": samples}
+        return {"task": task, **bleu_chrf(hyps, refs), "n": len(rows), "skipped_long": skipped, "samples": samples}
     if task == "dpo":
         return {"task": task, **_dpo(ft, rows, fields, path)}
     if task == "clm":
