@@ -132,7 +132,9 @@ def add_parsers(sub: Any) -> None:
         help="reply length limit (default: 200; at most half the model's context: the other half holds the history)",
     )
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 or -1 = off (default: 50)"
+    )
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )

@@ -267,7 +267,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate, >= 1 (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 or -1 = off")
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off, 0 = only the most likely token"
     )

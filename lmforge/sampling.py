@@ -59,8 +59,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float = 
     """Raise an LmforgeError naming the first sampling setting out of range."""
     if not 0 <= temperature < math.inf:
         raise LmforgeError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise LmforgeError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_k < -1:  # -1 is vLLM's off (serve's `top_k`), 0 transformers' and ours: both mean off everywhere
+        raise LmforgeError(f"top_k must be >= 1, or 0 or -1 for off, got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise LmforgeError(f"top_p must be in [0, 1] (1 = off, 0 = only the most likely token), got {top_p}")
     if not 0.0 <= min_p <= 1.0:
@@ -130,7 +130,7 @@ def sample_next(
     Args:
         logits: (B, V) unnormalized scores (any float dtype; computed in float32).
         temperature: divides the logits; 0 means greedy (argmax, no randomness).
-        top_k: keep only the k highest-scoring tokens (0 = no limit).
+        top_k: keep only the k highest-scoring tokens (0 or -1 = no limit).
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (1 = no limit); the most likely token is always kept (0 = it alone, as OpenAI's API reads 0).
         min_p: keep only the tokens whose probability is at least min_p times the most likely token's

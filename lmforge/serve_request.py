@@ -45,7 +45,8 @@ def number(body: dict[str, Any], key: str, default: float, lo: float, hi: float)
 
 
 def top_k_of(body: dict[str, Any]) -> int:
-    """vLLM's `top_k`: sample among the k most likely tokens; -1 or 0 (and null) = off, as `generate --top-k 0`."""
+    """vLLM's `top_k`: sample among the k most likely tokens; -1 or 0 (and null) = off, as for `generate --top-k`
+    and `chat --top-k` (`sampling.check_sampling`)."""
     value = body.get("top_k")
     if value is None:
         return 0

@@ -554,6 +554,21 @@ def test_a_model_padded_past_its_tokenizer_never_samples_the_padding_ids(tmp_pat
     assert all(len(r) == 10 and max(r) < 64 for r in rows)
 
 
+def test_top_k_minus_one_is_off_as_in_serve() -> None:
+    """serve took vLLM's `top_k` -1 as off, while generate and chat refused it ("top_k must be >= 0"): one rule
+    now, in `check_sampling`, for all three: 0 and -1 are off (the same draws as no top-k), below -1 is refused."""
+    from lmforge.generate import generate_batch
+    from lmforge.sampling import check_sampling
+
+    model = tiny()
+    hot = {"max_new_tokens": 12, "temperature": 5.0, "seed": 3}
+    assert generate(model, [1, 2], top_k=-1, **hot) == generate(model, [1, 2], top_k=0, **hot)
+    assert generate(model, [1, 2], top_k=-1, **hot) != generate(model, [1, 2], top_k=2, **hot)
+    assert generate_batch(model, [[1, 2], [3]], top_k=-1, **hot) == generate_batch(model, [[1, 2], [3]], **hot)
+    with pytest.raises(LmforgeError, match=r"^top_k must be >= 1, or 0 or -1 for off, got -2$"):
+        check_sampling(1.0, -2, 1.0)
+
+
 def test_min_p_against_hand_computation_and_transformers() -> None:
     """min-p keeps the tokens at least min_p x as likely as the top one, after temperature, top-k and top-p (the
     order transformers applies its warpers in); the greedy pick never changes."""
