@@ -396,11 +396,10 @@ def generate_batch(
     if not rows or max_new_tokens == 0:
         return [[] for _ in rows]
     longest = max(len(r) for r in rows)
-    if longest + max_new_tokens - 1 > max_len:
+    if longest + max_new_tokens > max_len:  # (the rule and wording of serve, chat and eval: `prompt_too_long`)
+        what = "the longest prompt is"
         raise LmforgeError(
-            f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) needs "
-            f"{longest + max_new_tokens - 1} positions but the model's context is {max_len}; "
-            "shorten the prompts or lower max_new_tokens"
+            prompt_too_long(what, longest, max_len, max_new_tokens=max_new_tokens, flag="max_new_tokens")
         )
     device = next(model.parameters()).device
     # one generator for the batch, or one per row (`seeds`): a row's draws then do not depend on the other rows

@@ -429,7 +429,7 @@ def _complete(
     context = context_length(loaded.model)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        if use_cache and len(rows[batch[-1]]) + settings["max_new_tokens"] - 1 <= context:
+        if use_cache and len(rows[batch[-1]]) + settings["max_new_tokens"] <= context:
             outs = generate_batch(
                 loaded.model,
                 [rows[b] for b in batch],
