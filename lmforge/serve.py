@@ -73,10 +73,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lmforge.detokenize import echo_text
 from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.generate import prompt_text_ids
-from lmforge.serve_logprobs import StreamedLogprobs, choice_logprobs, mean_logprob
+from lmforge.serve_logprobs import StreamedLogprobs, choice_logprobs, mean_logprob, shown_prompt
 from lmforge.serve_request import (
     UNSUPPORTED,
     RequestError,
@@ -666,10 +665,10 @@ class _Handler(BaseHTTPRequestHandler):
             # a completion's prompt string as sent (None: token ids, or chat)
             sent = raw if isinstance(raw, str) else raw[i] if isinstance(raw, list) else None
             sent = sent if isinstance(sent, str) else None
-            # with echo the prompt's text first: as sent, or the whole characters token ids decode to, the completion
-            # going on after them (ids that end inside a character: it comes whole after the echo, not "\ufffd" in it)
-            after_echo = echo and sent is None
-            head = "" if not echo else sent if sent is not None else echo_text(decode, ids)
+            # with echo the prompt's text first (`shown_prompt`: as sent, or the whole characters token ids decode
+            # to), the completion's text going on after it
+            shown, continued = shown_prompt(decode, ids, sent, echo)
+            head = shown if echo else ""
             drawn = []
             for j in range(best_of):
                 index = i * n + j
@@ -681,7 +680,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if emit is not None and (head or echoed):
                     self._event(chunk(index, head, None, scores=echoed))
                 text, finish, new, generated = self._generate(
-                    ids, budget, sampling, stop, chat, emit, streamed, after_echo
+                    ids, budget, sampling, stop, chat, emit, streamed, continued
                 )
                 usage["completion_tokens"] += generated  # (a stop string's tokens too: they were generated)
                 if stream:
@@ -717,7 +716,7 @@ class _Handler(BaseHTTPRequestHandler):
         chat: bool,
         emit: Callable[[str, list], None] | None,
         scores: StreamedLogprobs | None = None,
-        echoed: bool = False,
+        continued: Callable[[list[int]], str] | None = None,
     ) -> tuple[str, str, list[int], int]:
         """One choice: (its text, finish_reason, the ids of that text, how many ids were generated). The ids
         leave out the tokens of a stop string that ended it (the text does), so its `logprobs` describe the
@@ -732,7 +731,9 @@ class _Handler(BaseHTTPRequestHandler):
         if max_tokens == 0:  # `echo` with max_tokens 0: the prompt is only scored
             return "", "length", [], 0
         if emit is None:
-            return self._generate_locked(ids, max_tokens, sampling, stop, chat, None, self._client_left, None, echoed)
+            return self._generate_locked(
+                ids, max_tokens, sampling, stop, chat, None, self._client_left, None, continued
+            )
         pieces: queue.SimpleQueue[tuple[str, list] | None] = queue.SimpleQueue()  # None: the generation is over
         client_gone = threading.Event()
         outcome: list[Any] = []  # the result, or the exception to raise here
@@ -749,7 +750,7 @@ class _Handler(BaseHTTPRequestHandler):
                         lambda *piece: pieces.put(piece),
                         client_gone.is_set,
                         scores,
-                        echoed,
+                        continued,
                     )
                 )
             except BaseException as e:  # noqa: BLE001 - raised again on the connection's thread
@@ -778,10 +779,10 @@ class _Handler(BaseHTTPRequestHandler):
         emit: Callable[[str, list], None] | None = None,
         client_left: Callable[[], bool] | None = None,
         scores: StreamedLogprobs | None = None,
-        echoed: bool = False,
+        continued: Callable[[list[int]], str] | None = None,
     ) -> tuple[str, str, list[int], int]:
         """`_generate` under the model lock, on the calling thread; `emit` must not block (no socket writes).
-        `echoed`: the text goes on after the `echo_text` of the token ids `ids` (`continuation_decoder`).
+        `continued`: a completion's text after its prompt's (`shown_prompt`; None: `continuation_decoder`'s).
 
         `client_left` is asked before the generation and after each token: streamed, whether the connection's
         thread failed to write (the generation then just ends); not streamed, whether the client closed its
@@ -795,7 +796,7 @@ class _Handler(BaseHTTPRequestHandler):
         ft = self.server.ft
         plain = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
         # completions continue text
-        continued = continuation_decoder(plain, ids, echoed=echoed)
+        continued = continued or continuation_decoder(plain, ids)
         decoder = StreamDecoder(plain, ft.tokenizer) if chat else StreamDecoder(continued, ft.tokenizer, ids)
         cut = StopStrings(stop)  # the text, ended before a stop string; what is safe to stream
         finish = "length"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmforge.detokenize import REPLACEMENT_CHAR, echo_text
+from lmforge.detokenize import REPLACEMENT_CHAR, continuation_decoder, echo_text
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat API allows 0-20 alternatives per token (its legacy completions, 5)
 
@@ -77,6 +77,17 @@ def scored_rows(logits: torch.Tensor, targets: list[int], top: int) -> list[tupl
     return [(lp, list(zip(alternatives, values, strict=True))) for lp, values, alternatives in rows]
 
 
+def shown_prompt(decode: Any, ids: list[int], sent: str | None, echo: bool) -> tuple[str, Any]:
+    """(the prompt's text, the `decode` of what a completion's ids add after it): the text a completion's text and
+    text offsets go on after. A prompt sent as a string is that string; token ids (`sent` None) are their decoding,
+    or with `echo` their whole characters (`echo_text`), the character their last ids cut then coming whole at the
+    completion's start (`continuation_decoder(..., echoed=True)`), not as U+FFFD in the echo. The one place of that
+    rule for serve's reply text (`_generate_locked`), its logprobs (`completion_logprobs`) and streamed ones."""
+    echoed = echo and sent is None
+    text = sent if sent is not None else echo_text(decode, ids) if echoed else decode(ids)
+    return text, continuation_decoder(decode, ids, echoed=echoed)
+
+
 def completion_logprobs(
     names: TokenNames,
     decode: Any,
@@ -85,25 +96,22 @@ def completion_logprobs(
     scored: list[tuple[float | None, list]],
     *,
     echo: bool,
-    prompt_text: str,
+    sent: str | None = None,
     prompt_offsets: list[int] | None = None,
 ) -> dict[str, Any]:
     """/v1/completions' `logprobs` object for a choice's tokens (the prompt's too with `echo`), scored by
     `score(..., first, top)`: tokens, token_logprobs, top_logprobs ({name: logprob}; null where token_logprobs
     is) and text_offset: where each token's text begins in the prompt's text followed by the completion's, the
-    text the reply returns with `echo`. `prompt_text` is the prompt as sent (a token-id prompt: its decoding),
+    text the reply returns with `echo`. `sent` is the prompt as sent (None: token ids, `shown_prompt`),
     `prompt_offsets` where each prompt token begins in it (a string prompt: its encoding's; None: found by
     decoding, right for a token-id prompt, whose text is that decoding). A special token in a string prompt is
     its whole string there (<|endoftext|>, 13 characters), while decoding drops it: offsets found by decoding
     the prompt put every later token 13 characters early."""
-    from lmforge.detokenize import continuation_decoder
-
     offsets = []
     if echo:
         offsets = list(prompt_offsets) if prompt_offsets is not None else TextOffsets(decode).feed(prompt)
-    # a token-id prompt is echoed as its whole characters (`echo_text`), its cut character coming after it
-    echoed = echo and prompt_offsets is None
-    offsets += TextOffsets(continuation_decoder(decode, prompt, echoed=echoed), len(prompt_text)).feed(new)
+    prompt_text, continued = shown_prompt(decode, prompt, sent, echo)
+    offsets += TextOffsets(continued, len(prompt_text)).feed(new)
     return logprobs_object(names, prompt + new if echo else new, scored, offsets)
 
 
@@ -173,13 +181,12 @@ def choice_logprobs(
         return chat_logprobs(names, new, scored)
     decode = functools.partial(ft.tokenizer.decode, skip_special_tokens=True)
     if sent is None:
-        text = echo_text(decode, ids) if echo else decode(ids)
-        return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=text)
+        return completion_logprobs(names, decode, ids, new, scored, echo=echo)
     from lmforge.generate import prompt_encoding
 
     starts = [start for start, _ in prompt_encoding(ft, sent).offsets]
     starts = [0] * (len(ids) - len(starts)) + starts  # a prefix (BOS), or an empty prompt's eos: at 0
-    return completion_logprobs(names, decode, ids, new, scored, echo=echo, prompt_text=sent, prompt_offsets=starts)
+    return completion_logprobs(names, decode, ids, new, scored, echo=echo, sent=sent, prompt_offsets=starts)
 
 
 class StreamedLogprobs:
@@ -189,13 +196,10 @@ class StreamedLogprobs:
     the same log-softmax of the same logits as `score`'s forward pass, up to float summation order."""
 
     def __init__(self, server: Any, ids: list[int], top: int, chat: bool, sent: str | None, echo: bool = False) -> None:
-        from lmforge.detokenize import continuation_decoder
-
         self.server, self.names, self.top, self.chat = server, server.token_names(), top, chat
         decode = functools.partial(server.ft.tokenizer.decode, skip_special_tokens=True)
-        echoed = echo and sent is None  # (a token-id prompt is echoed as its whole characters: `echo_text`)
-        prompt_text = sent if sent is not None else echo_text(decode, ids) if echoed else decode(ids)
-        self.offsets = TextOffsets(continuation_decoder(decode, ids, echoed=echoed), len(prompt_text))
+        prompt_text, continued = shown_prompt(decode, ids, sent, echo)
+        self.offsets = TextOffsets(continued, len(prompt_text))
 
     def step(self, logits: torch.Tensor, token_id: int) -> tuple[int, float, list[tuple[int, float]]]:
         """One generated token's (id, logprob, alternatives) from the (1, V) logits it was chosen from."""

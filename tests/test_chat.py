@@ -1232,7 +1232,7 @@ def test_logprobs_text_offsets_around_cut_characters():
 
     names = SimpleNamespace(name=str)
     scored = [(None, [])] + [(-1.0, [])] * 4
-    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], [], scored, echo=True, prompt_text="ab你\ufffdcd")
+    result = completion_logprobs(names, decode, [1, 2, 3, 4, 5], [], scored, echo=True)
     assert decode([1, 2, 3, 4, 5]) == "ab你\ufffdcd" and result["text_offset"] == [0, 2, 2, 3, 4]
 
 
