@@ -813,6 +813,34 @@ def test_a_silent_pipe_is_noted_once_and_what_it_sends_later_is_read(tmp_path: P
     assert capsys.readouterr().err == f"waiting for data on {fifo} (a pipe): nothing came in 0.05 s; Ctrl-C stops\n"
 
 
+def test_labels_spelled_in_other_cases_are_refused_not_split_into_classes(base: Path, tmp_path: Path):
+    """A label column with 'Positive', ' positive ' and 'positive' trained a 4-class head for 2 classes and
+    scored each class against its own other spelling; now one line says to write each label one way, and an
+    eval file's 'POSITIVE' is told the spelling the model knows."""
+    from lmforge.eval.tasks import evaluate_task
+
+    mixed = tmp_path / "mixed.csv"
+    rows = [("good film", "Positive"), ("bad film", "negative"), ("great", " positive "), ("awful", "Negative")]
+    mixed.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows * 3), encoding="utf-8")
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    with pytest.raises(DataError, match=r"mixed.csv spells one label 2 ways \('Negative', 'negative'\)"):
+        finetune(base, train_file=mixed, out=tmp_path / "never", cfg=cfg, overrides=FAST, progress=False)
+    assert not (tmp_path / "never").exists()
+    lower = tmp_path / "lower.csv"
+    lower.write_text(mixed.read_text(encoding="utf-8").lower(), encoding="utf-8")
+    out = tmp_path / "ok"
+    result = finetune(base, train_file=lower, out=out, cfg=cfg, overrides={"train": {"max_steps": 1}}, progress=False)
+    assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["labels"] == ["negative", "positive"]
+    upper = tmp_path / "upper.jsonl"
+    upper.write_text(json.dumps({"text": "good film", "label": "POSITIVE"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"label 'POSITIVE', which the model .* write it 'positive' as the model does"):
+        evaluate_task(out, task="classify", data=upper, device="cpu")
+    assert result["trainable_params"] == 32 * 2
+    # few-shot prompting reads the labels the same way
+    with pytest.raises(DataError, match=r"mixed.csv spells one label 2 ways"):
+        evaluate_task(base, task="classify", data=lower, shots=mixed, k_shot=1, device="cpu")
+
+
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
     """`--field label=sentence` on SST-2's dev.tsv trained an 872-class classifier, one class per row, silently
     (and printed all 872 sentences as its labels); no class seen twice is a wrong column, said in one line."""

@@ -211,6 +211,25 @@ def label_key(name: str) -> tuple[int, float | str]:
         return (1, name)
 
 
+def class_labels(values: Any, path: str | Path) -> list[str]:
+    """The classes of a labelled file, as `label_name` spells them, in `label_key` order.
+
+    Labels that differ only in case ("Positive", "positive", " POSITIVE ") are refused: compared as strings they
+    were separate classes, so a file that spelled its labels two ways trained a 4-class head on 2 classes and
+    scored each class against its own other spelling (macro-F1 0.17 for a file a 2-class model gets right)."""
+    labels = sorted({label_name(v) for v in values}, key=label_key)
+    spellings: dict[str, list[str]] = {}
+    for name in labels:
+        spellings.setdefault(name.casefold(), []).append(name)
+    clash = next((names for names in spellings.values() if len(names) > 1), None)
+    if clash:
+        raise DataError(
+            f"{path} spells one label {len(clash)} ways ({', '.join(repr(n) for n in clash)}), which would be "
+            f"{len(clash)} classes; write each label one way (e.g. all lower-case) and run again"
+        )
+    return labels
+
+
 def classify_frame(tok: Any, family: str) -> tuple[list[int], list[int], int]:
     """(ids before the text, ids after it, padding id) of a classification row for a model family.
 
@@ -392,9 +411,11 @@ def build_examples(
                 continue
             name = label_name(row[fields["label"]])
             if name not in index:
+                known = next((n for n in index if n.casefold() == name.casefold()), None)
                 raise DataError(
                     f"{path}: row {i} has label {name!r}, which the model was not trained on "
-                    f"(labels: {', '.join(labels or [])}); fix the row or fine-tune with it"
+                    f"(labels: {', '.join(labels or [])}); "
+                    + (f"write it {known!r} as the model does" if known else "fix the row or fine-tune with it")
                 )
             text = tok.encode(str(row[fields["text"]]))
             cut += len(text) > room
