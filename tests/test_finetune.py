@@ -279,6 +279,36 @@ def test_openai_message_forms_train_and_score_as_serve_reads_them(base: Path, tm
         read_task_rows(image, "sft", fields)
 
 
+def test_sharegpt_turns_train_and_score_as_the_same_messages(base: Path, tmp_path: Path):
+    """A ShareGPT file ({"from": "human"/"gpt", "value"} turns under 'conversations') was told to rename its column
+    with --field messages=conversations and then refused turn by turn ("each needs 'role' ... and a 'content'
+    string"); its turns are now the same examples as role/content messages, in training and scored files. A turn
+    that is not a chat role (a tool call) is refused in one line naming the row."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    turns = [("system", "system", "Be brief."), ("human", "user", "谁写了红楼梦？"), ("gpt", "assistant", "曹雪芹。")]
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": r, "content": c} for _, r, c in turns]}) + "\n")
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": f, "value": c} for f, _, c in turns]}) + "\n")
+    tok = Tokenizer.load(base / "tokenizer.json")
+    examples = []
+    for path, fields in ((messages, field_map("sft", None)), (sharegpt, field_map("sft", ["messages=conversations"]))):
+        rows = read_task_rows(path, "sft", fields, scored=True)
+        examples.append(build_examples(rows, task="sft", tok=tok, fields=fields, max_len=128, labels=None, path=path))
+    assert examples[0] == examples[1] and sum(examples[0][0].train) == len(tok.encode("曹雪芹。")) + 1
+    tool = tmp_path / "tool.jsonl"
+    tool.write_text(
+        json.dumps({"conversations": [{"from": "function_call", "value": "{}"}, {"from": "gpt", "value": "ok"}]})
+    )
+    with pytest.raises(
+        DataError, match=r"tool\.jsonl: row 1: a ShareGPT turn from 'function_call': only system, human"
+    ):
+        read_task_rows(tool, "sft", field_map("sft", ["messages=conversations"]))
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after

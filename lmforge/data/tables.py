@@ -489,12 +489,19 @@ def _task_rows(
 
 
 def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
-    from lmforge.chat import openai_text_messages
+    from lmforge.chat import openai_text_messages, sharegpt_messages
 
     out = []
     for i, row in enumerate(rows, 1):
+        if column not in row:
+            out.append(row)
+            continue
         try:
-            out.append(row | {column: openai_text_messages(row[column])} if column in row else row)
+            messages = sharegpt_messages(row[column])
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        try:
+            out.append(row | {column: openai_text_messages(messages)})
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}; write the message's text as its content") from None
     return out
