@@ -871,6 +871,22 @@ def test_labels_spelled_in_other_cases_are_refused_not_split_into_classes(base: 
         evaluate_task(base, task="classify", data=lower, shots=mixed, k_shot=1, device="cpu")
 
 
+def test_a_nan_label_is_a_missing_label_and_nan_as_a_name_sorts_the_same_in_every_process(base: Path, tmp_path: Path):
+    """A JSONL label NaN (how Python's json writes a missing float) became a class "nan" trained like any other;
+    and "nan" as a label name sorted by float('nan'), which compares unequal to everything, so the labels came
+    out in the order of a set of strings: another order in another process."""
+    from lmforge.data.formats import label_key, label_name
+
+    rows = [("good", 1), ("bad", 0), ("meh", float("nan")), ("fine", 1)]
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"nan.jsonl: row 3 has an empty 'label'; label it or remove the row"):
+        finetune(base, train_file=nan, out=tmp_path / "never", cfg=FinetuneConfig(task="classify"), progress=False)
+    assert label_name(float("nan")) == ""
+    for names in (["nan", "10", "2", "b", "a"], ["a", "b", "2", "nan", "10"], ["b", "nan", "a", "10", "2"]):
+        assert sorted(names, key=label_key) == ["2", "10", "a", "b", "nan"]
+
+
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
     """`--field label=sentence` on SST-2's dev.tsv trained an 872-class classifier, one class per row, silently
     (and printed all 872 sentences as its labels); no class seen twice is a wrong column, said in one line."""

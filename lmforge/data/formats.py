@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import re
 import sys
@@ -193,6 +194,8 @@ def label_name(value: Any) -> str:
     """
     if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
         return "true" if value else "false"
+    if isinstance(value, float) and math.isnan(value):  # JSONL's NaN (Python's json writes a missing float so): none
+        return ""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     name = str(value).strip()
@@ -204,11 +207,14 @@ def label_name(value: Any) -> str:
 
 
 def label_key(name: str) -> tuple[int, float | str]:
-    """The order of a classifier's labels: numeric ones in numeric order (2 before 10), others alphabetically."""
+    """The order of a classifier's labels: numeric ones in numeric order (2 before 10), others alphabetically.
+    ("nan" is a name: as a number it compares unequal to all, and the order came out as the set's, which changes
+    from one process to the next.)"""
     try:
-        return (0, float(name))
+        number = float(name)
     except ValueError:
         return (1, name)
+    return (0, number) if not math.isnan(number) else (1, name)
 
 
 def class_labels(values: Any, path: str | Path) -> list[str]:
