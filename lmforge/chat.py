@@ -301,6 +301,22 @@ def sharegpt_messages(messages: Any) -> Any:
     return out
 
 
+# a turn of an Anthropic HH-RLHF transcript: "\n\nHuman: ..." / "\n\nAssistant: ..."
+_TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def transcript_messages(messages: Any) -> Any:
+    """An HH-RLHF transcript (a string of "\n\nHuman: ..." and "\n\nAssistant: ..." turns, the form of its
+    chosen/rejected columns) as user/assistant messages, so `--task sft --field messages=chosen` trains on its
+    dialogues; anything else is returned as it is (for `check_messages`). Before, such a column was refused as
+    "'messages' must be a list ..., not str"."""
+    if not isinstance(messages, str) or not _TRANSCRIPT_TURN.match(messages.lstrip(" ")):
+        return messages
+    parts = _TRANSCRIPT_TURN.split(messages.lstrip(" "))  # ["", speaker, text, speaker, text, ...]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def openai_text_messages(messages: Any) -> Any:
     """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
     the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts

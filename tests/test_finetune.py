@@ -309,6 +309,32 @@ def test_sharegpt_turns_train_and_score_as_the_same_messages(base: Path, tmp_pat
         read_task_rows(tool, "sft", field_map("sft", ["messages=conversations"]))
 
 
+def test_an_hh_rlhf_transcript_column_trains_as_its_turns(base: Path, tmp_path: Path):
+    """`--task sft --field messages=chosen` on HH-RLHF (a column of "\\n\\nHuman: ...\\n\\nAssistant: ..." strings)
+    was refused as "'messages' must be a list ..., not str"; its turns are now user/assistant messages."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    rows = [json.loads(line) for line in (DATA / "hh_rlhf.jsonl").read_text(encoding="utf-8").splitlines()]
+    row = next(r for r in rows if r["chosen"].rsplit("Assistant:", 1)[1].strip())  # (a reply to score)
+    fields = field_map("sft", ["messages=chosen"])
+    transcript = tmp_path / "hh.jsonl"
+    transcript.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    turns = read_task_rows(transcript, "sft", fields, scored=True)[0]["chosen"]
+    speakers = re.findall(r"\n\n(Human|Assistant): ", row["chosen"])
+    assert [t["role"] for t in turns] == [{"Human": "user", "Assistant": "assistant"}[s] for s in speakers]
+    assert len(turns) >= 2 and turns[-1]["content"] == row["chosen"].rsplit("\n\nAssistant: ", 1)[1].strip()
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    tok = Tokenizer.load(base / "tokenizer.json")
+    kw = {"task": "sft", "tok": tok, "max_len": 4096, "labels": None}
+    assert build_examples(read_task_rows(transcript, "sft", fields), fields=fields, path=transcript, **kw) == (
+        build_examples(read_task_rows(messages, "sft", field_map("sft", None)), fields=field_map("sft", None),
+                       path=messages, **kw)
+    )  # fmt: skip
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after

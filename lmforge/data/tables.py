@@ -489,7 +489,7 @@ def _task_rows(
 
 
 def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
-    from lmforge.chat import openai_text_messages, sharegpt_messages
+    from lmforge.chat import openai_text_messages, sharegpt_messages, transcript_messages
 
     out = []
     for i, row in enumerate(rows, 1):
@@ -497,7 +497,7 @@ def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[
             out.append(row)
             continue
         try:
-            messages = sharegpt_messages(row[column])
+            messages = sharegpt_messages(transcript_messages(row[column]))
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}") from None
         try:
