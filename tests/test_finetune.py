@@ -873,6 +873,7 @@ def test_labels_spelled_in_other_cases_are_refused_not_split_into_classes(base: 
     """A label column with 'Positive', ' positive ' and 'positive' trained a 4-class head for 2 classes and
     scored each class against its own other spelling; now one line says to write each label one way, and an
     eval file's 'POSITIVE' is told the spelling the model knows."""
+    from lmforge.data.formats import class_labels
     from lmforge.eval.tasks import evaluate_task
 
     mixed = tmp_path / "mixed.csv"
@@ -892,6 +893,12 @@ def test_labels_spelled_in_other_cases_are_refused_not_split_into_classes(base: 
     with pytest.raises(DataError, match=r"label 'POSITIVE', which the model .* write it 'positive' as the model does"):
         evaluate_task(out, task="classify", data=upper, device="cpu")
     assert result["trainable_params"] == 32 * 2
+    # full-width letters and a decomposed accent are other spellings too; other labels are other classes
+    with pytest.raises(DataError, match=r"f.csv spells one label 2 ways \('positive', 'ｐｏｓｉｔｉｖｅ'\)"):
+        class_labels(["positive", "ｐｏｓｉｔｉｖｅ", "negative"], "f.csv")
+    with pytest.raises(DataError, match="2 ways"):
+        class_labels(["caf\u00e9", "cafe\u0301", "tea"], "f.csv")
+    assert class_labels(["正面", "负面", " 正面 ", "1", 1.0, "10"], "f.csv") == ["1", "10", "正面", "负面"]
     # few-shot prompting reads the labels the same way
     with pytest.raises(DataError, match=r"mixed.csv spells one label 2 ways"):
         evaluate_task(base, task="classify", data=lower, shots=mixed, k_shot=1, device="cpu")

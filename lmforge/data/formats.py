@@ -20,6 +20,7 @@ import math
 import random
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,16 +218,23 @@ def label_key(name: str) -> tuple[int, float | str]:
     return (0, number) if not math.isnan(number) else (1, name)
 
 
+def label_spelling(name: str) -> str:
+    """What two spellings of one label share: case ("Positive", "positive") and Unicode forms (full-width
+    "ｐｏｓｉｔｉｖｅ", a decomposed "é") aside."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
 def class_labels(values: Any, path: str | Path) -> list[str]:
     """The classes of a labelled file, as `label_name` spells them, in `label_key` order.
 
-    Labels that differ only in case ("Positive", "positive", " POSITIVE ") are refused: compared as strings they
-    were separate classes, so a file that spelled its labels two ways trained a 4-class head on 2 classes and
-    scored each class against its own other spelling (macro-F1 0.17 for a file a 2-class model gets right)."""
+    Labels that differ only in case or Unicode form ("Positive", " positive ", "ｐｏｓｉｔｉｖｅ") are refused:
+    compared as strings they were separate classes, so a file that spelled its labels two ways trained a 4-class
+    head on 2 classes and scored each class against its other spelling (macro-F1 0.17 for a file a 2-class model
+    gets right)."""
     labels = sorted({label_name(v) for v in values}, key=label_key)
     spellings: dict[str, list[str]] = {}
     for name in labels:
-        spellings.setdefault(name.casefold(), []).append(name)
+        spellings.setdefault(label_spelling(name), []).append(name)
     clash = next((names for names in spellings.values() if len(names) > 1), None)
     if clash:
         raise DataError(
@@ -417,7 +425,7 @@ def build_examples(
                 continue
             name = label_name(row[fields["label"]])
             if name not in index:
-                known = next((n for n in index if n.casefold() == name.casefold()), None)
+                known = next((n for n in index if label_spelling(n) == label_spelling(name)), None)
                 raise DataError(
                     f"{path}: row {i} has label {name!r}, which the model was not trained on "
                     f"(labels: {', '.join(labels or [])}); "
