@@ -333,6 +333,12 @@ def test_an_hh_rlhf_transcript_column_trains_as_its_turns(base: Path, tmp_path: 
         build_examples(read_task_rows(messages, "sft", field_map("sft", None)), fields=field_map("sft", None),
                        path=messages, **kw)
     )  # fmt: skip
+    # other text in the column is refused naming the column, with what to do
+    transcript.write_text(json.dumps({"chosen": "just some text"}) + "\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"row 1: column 'chosen' holds text, not a list .* --task clm --field text=chosen"
+    ):
+        read_task_rows(transcript, "sft", fields)
 
 
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
@@ -1667,7 +1673,10 @@ def test_a_scored_conversation_must_end_with_the_reply(base: Path, tmp_path: Pat
     trailing = {"messages": [*hello["messages"], {"role": "user", "content": "and?"}]}
     said = {
         "trailing.jsonl": (trailing, r"row 2: the conversation ends with a user turn; .* add it or drop the row"),
-        "string.jsonl": ({"messages": "hi there"}, r"row 2: 'messages' must be a list of \{role, content\} .*not str"),
+        "string.jsonl": (
+            {"messages": "hi there"},
+            r"row 2: column 'messages' holds text, not a list of \{role, content\}",
+        ),
         "role.jsonl": ({"messages": [{"role": "tool", "content": "x"}]}, r"row 2: bad message"),
     }
     for name, (row, message) in said.items():

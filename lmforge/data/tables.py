@@ -500,6 +500,12 @@ def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[
             messages = sharegpt_messages(transcript_messages(row[column]))
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}") from None
+        if isinstance(messages, str):  # (it was "'messages' must be a list ..., not str", whatever the column)
+            raise DataError(
+                f"{path}: row {i}: column {column!r} holds text, not a list of {{role, content}} messages nor an "
+                "HH-RLHF transcript ('Human: ...' / 'Assistant: ...' turns); write it as one of those, or train on "
+                f"plain text with --task clm --field text={column}"
+            )
         try:
             out.append(row | {column: openai_text_messages(messages)})
         except DataError as e:
