@@ -273,6 +273,50 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError("every assistant turn has weight 0, so nothing to learn; set a weight to 1 or drop the row")
 
 
+# ShareGPT's speakers ({"from", "value"} turns: ShareGPT, Vicuna and LLaMA-Factory's "sharegpt" files) as roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def sharegpt_messages(messages: Any) -> Any:
+    """ShareGPT's turns, `{"from": "human", "value": "..."}`, as the chat template's {role, content}: human is
+    the user, gpt the assistant. A list of any other form is returned as it is (for `check_messages`). Before,
+    a ShareGPT file was told to rename its column to 'messages' and was then refused turn by turn.
+
+    Raises:
+        DataError: a speaker that is not a chat role (a tool call, an observation), said with what to do.
+    """
+    if not (isinstance(messages, list) and messages):
+        return messages
+    if not all(isinstance(m, dict) and "from" in m and "value" in m and "role" not in m for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        role = SHAREGPT_ROLES.get(str(m["from"]).strip().lower())
+        if role is None:
+            raise DataError(
+                f"a ShareGPT turn from {str(m['from'])[:30]!r}: only {', '.join(SHAREGPT_ROLES)} turns are chat "
+                "turns; drop the row or turn it into those"
+            )
+        out.append({"role": role, "content": m["value"]})
+    return out
+
+
+# a turn of an Anthropic HH-RLHF transcript: "\n\nHuman: ..." / "\n\nAssistant: ..."
+_TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def transcript_messages(messages: Any) -> Any:
+    """An HH-RLHF transcript (a string of "\n\nHuman: ..." and "\n\nAssistant: ..." turns, the form of its
+    chosen/rejected columns) as user/assistant messages, so `--task sft --field messages=chosen` trains on its
+    dialogues; anything else is returned as it is (for `check_messages`). Before, such a column was refused as
+    "'messages' must be a list ..., not str"."""
+    if not isinstance(messages, str) or not _TRANSCRIPT_TURN.match(messages.lstrip(" ")):
+        return messages
+    parts = _TRANSCRIPT_TURN.split(messages.lstrip(" "))  # ["", speaker, text, speaker, text, ...]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def openai_text_messages(messages: Any) -> Any:
     """OpenAI's newer message forms as the chat template's {role, content} strings: a "developer" turn is
     the system prompt (OpenAI renamed it for its o-series models), and content sent as a list of text parts

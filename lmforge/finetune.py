@@ -216,10 +216,10 @@ def _finetune(
         ExampleLoader,
         augment_text,
         build_examples,
+        class_labels,
         classify_batch,
         classify_frame,
         dpo_collate,
-        label_key,
         label_name,
         lm_batch,
         notes_dropped,
@@ -323,7 +323,7 @@ def _finetune(
     max_len = cfg.max_len or context
     labels: list[str] = []
     if cfg.task == "classify":
-        labels = sorted({label_name(v) for v in (r[fields["label"]] for r in train_rows)}, key=label_key)
+        labels = class_labels((r[fields["label"]] for r in train_rows), train_file)
         if len(labels) < 2:
             raise DataError(f"{train_file} has only the label {labels[0]!r}; classification needs two or more")
         if len(labels) == len(train_rows) >= 20:  # no class seen twice: a text column read as the labels

@@ -286,6 +286,68 @@ def test_openai_message_forms_train_and_score_as_serve_reads_them(base: Path, tm
         read_task_rows(image, "sft", fields)
 
 
+def test_sharegpt_turns_train_and_score_as_the_same_messages(base: Path, tmp_path: Path):
+    """A ShareGPT file ({"from": "human"/"gpt", "value"} turns under 'conversations') was told to rename its column
+    with --field messages=conversations and then refused turn by turn ("each needs 'role' ... and a 'content'
+    string"); its turns are now the same examples as role/content messages, in training and scored files. A turn
+    that is not a chat role (a tool call) is refused in one line naming the row."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    turns = [("system", "system", "Be brief."), ("human", "user", "谁写了红楼梦？"), ("gpt", "assistant", "曹雪芹。")]
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": r, "content": c} for _, r, c in turns]}) + "\n")
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": f, "value": c} for f, _, c in turns]}) + "\n")
+    tok = Tokenizer.load(base / "tokenizer.json")
+    examples = []
+    for path, fields in ((messages, field_map("sft", None)), (sharegpt, field_map("sft", ["messages=conversations"]))):
+        rows = read_task_rows(path, "sft", fields, scored=True)
+        examples.append(build_examples(rows, task="sft", tok=tok, fields=fields, max_len=128, labels=None, path=path))
+    assert examples[0] == examples[1] and sum(examples[0][0].train) == len(tok.encode("曹雪芹。")) + 1
+    tool = tmp_path / "tool.jsonl"
+    tool.write_text(
+        json.dumps({"conversations": [{"from": "function_call", "value": "{}"}, {"from": "gpt", "value": "ok"}]})
+    )
+    with pytest.raises(
+        DataError, match=r"tool\.jsonl: row 1: a ShareGPT turn from 'function_call': only system, human"
+    ):
+        read_task_rows(tool, "sft", field_map("sft", ["messages=conversations"]))
+
+
+def test_an_hh_rlhf_transcript_column_trains_as_its_turns(base: Path, tmp_path: Path):
+    """`--task sft --field messages=chosen` on HH-RLHF (a column of "\\n\\nHuman: ...\\n\\nAssistant: ..." strings)
+    was refused as "'messages' must be a list ..., not str"; its turns are now user/assistant messages."""
+    from lmforge.data.formats import build_examples
+    from lmforge.data.tables import field_map, read_task_rows
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    rows = [json.loads(line) for line in (DATA / "hh_rlhf.jsonl").read_text(encoding="utf-8").splitlines()]
+    row = next(r for r in rows if r["chosen"].rsplit("Assistant:", 1)[1].strip())  # (a reply to score)
+    fields = field_map("sft", ["messages=chosen"])
+    transcript = tmp_path / "hh.jsonl"
+    transcript.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    turns = read_task_rows(transcript, "sft", fields, scored=True)[0]["chosen"]
+    speakers = re.findall(r"\n\n(Human|Assistant): ", row["chosen"])
+    assert [t["role"] for t in turns] == [{"Human": "user", "Assistant": "assistant"}[s] for s in speakers]
+    assert len(turns) >= 2 and turns[-1]["content"] == row["chosen"].rsplit("\n\nAssistant: ", 1)[1].strip()
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    tok = Tokenizer.load(base / "tokenizer.json")
+    kw = {"task": "sft", "tok": tok, "max_len": 4096, "labels": None}
+    assert build_examples(read_task_rows(transcript, "sft", fields), fields=fields, path=transcript, **kw) == (
+        build_examples(read_task_rows(messages, "sft", field_map("sft", None)), fields=field_map("sft", None),
+                       path=messages, **kw)
+    )  # fmt: skip
+    # other text in the column is refused naming the column, with what to do
+    transcript.write_text(json.dumps({"chosen": "just some text"}) + "\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"row 1: column 'chosen' holds text, not a list .* --task clm --field text=chosen"
+    ):
+        read_task_rows(transcript, "sft", fields)
+
+
 def test_the_prefix_stays_when_the_tokens_after_it_still_carry_a_target_or_the_prompts_end():
     """`segments_example` keeps the prefix (an imported Llama's BOS) when max_len > len(prefix) and `keep_end`
     when n > len(prefix): one apart, because a training window keeps max_len + 1 tokens and needs two after
@@ -837,6 +899,57 @@ def test_a_silent_pipe_is_noted_once_and_what_it_sends_later_is_read(tmp_path: P
     writer.join(timeout=10)
     assert rows == [{"text": "good", "label": 1}]
     assert capsys.readouterr().err == f"waiting for data on {fifo} (a pipe): nothing came in 0.05 s; Ctrl-C stops\n"
+
+
+def test_labels_spelled_in_other_cases_are_refused_not_split_into_classes(base: Path, tmp_path: Path):
+    """A label column with 'Positive', ' positive ' and 'positive' trained a 4-class head for 2 classes and
+    scored each class against its own other spelling; now one line says to write each label one way, and an
+    eval file's 'POSITIVE' is told the spelling the model knows."""
+    from lmforge.data.formats import class_labels
+    from lmforge.eval.tasks import evaluate_task
+
+    mixed = tmp_path / "mixed.csv"
+    rows = [("good film", "Positive"), ("bad film", "negative"), ("great", " positive "), ("awful", "Negative")]
+    mixed.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows * 3), encoding="utf-8")
+    cfg = FinetuneConfig(task="classify", adapt="head")
+    with pytest.raises(DataError, match=r"mixed.csv spells one label 2 ways \('Negative', 'negative'\)"):
+        finetune(base, train_file=mixed, out=tmp_path / "never", cfg=cfg, overrides=FAST, progress=False)
+    assert not (tmp_path / "never").exists()
+    lower = tmp_path / "lower.csv"
+    lower.write_text(mixed.read_text(encoding="utf-8").lower(), encoding="utf-8")
+    out = tmp_path / "ok"
+    result = finetune(base, train_file=lower, out=out, cfg=cfg, overrides={"train": {"max_steps": 1}}, progress=False)
+    assert json.loads((out / "finetune.json").read_text(encoding="utf-8"))["labels"] == ["negative", "positive"]
+    upper = tmp_path / "upper.jsonl"
+    upper.write_text(json.dumps({"text": "good film", "label": "POSITIVE"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"label 'POSITIVE', which the model .* write it 'positive' as the model does"):
+        evaluate_task(out, task="classify", data=upper, device="cpu")
+    assert result["trainable_params"] == 32 * 2
+    # full-width letters and a decomposed accent are other spellings too; other labels are other classes
+    with pytest.raises(DataError, match=r"f.csv spells one label 2 ways \('positive', 'ｐｏｓｉｔｉｖｅ'\)"):
+        class_labels(["positive", "ｐｏｓｉｔｉｖｅ", "negative"], "f.csv")
+    with pytest.raises(DataError, match="2 ways"):
+        class_labels(["caf\u00e9", "cafe\u0301", "tea"], "f.csv")
+    assert class_labels(["正面", "负面", " 正面 ", "1", 1.0, "10"], "f.csv") == ["1", "10", "正面", "负面"]
+    # few-shot prompting reads the labels the same way
+    with pytest.raises(DataError, match=r"mixed.csv spells one label 2 ways"):
+        evaluate_task(base, task="classify", data=lower, shots=mixed, k_shot=1, device="cpu")
+
+
+def test_a_nan_label_is_a_missing_label_and_nan_as_a_name_sorts_the_same_in_every_process(base: Path, tmp_path: Path):
+    """A JSONL label NaN (how Python's json writes a missing float) became a class "nan" trained like any other;
+    and "nan" as a label name sorted by float('nan'), which compares unequal to everything, so the labels came
+    out in the order of a set of strings: another order in another process."""
+    from lmforge.data.formats import label_key, label_name
+
+    rows = [("good", 1), ("bad", 0), ("meh", float("nan")), ("fine", 1)]
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"nan.jsonl: row 3 has an empty 'label'; label it or remove the row"):
+        finetune(base, train_file=nan, out=tmp_path / "never", cfg=FinetuneConfig(task="classify"), progress=False)
+    assert label_name(float("nan")) == ""
+    for names in (["nan", "10", "2", "b", "a"], ["a", "b", "2", "nan", "10"], ["b", "nan", "a", "10", "2"]):
+        assert sorted(names, key=label_key) == ["2", "10", "a", "b", "nan"]
 
 
 def test_a_text_column_given_as_the_label_is_refused(base: Path, tmp_path: Path):
@@ -1617,7 +1730,10 @@ def test_a_scored_conversation_must_end_with_the_reply(base: Path, tmp_path: Pat
     trailing = {"messages": [*hello["messages"], {"role": "user", "content": "and?"}]}
     said = {
         "trailing.jsonl": (trailing, r"row 2: the conversation ends with a user turn; .* add it or drop the row"),
-        "string.jsonl": ({"messages": "hi there"}, r"row 2: 'messages' must be a list of \{role, content\} .*not str"),
+        "string.jsonl": (
+            {"messages": "hi there"},
+            r"row 2: column 'messages' holds text, not a list of \{role, content\}",
+        ),
         "role.jsonl": ({"messages": [{"role": "tool", "content": "x"}]}, r"row 2: bad message"),
     }
     for name, (row, message) in said.items():

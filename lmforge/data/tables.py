@@ -496,12 +496,25 @@ def _task_rows(
 
 
 def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
-    from lmforge.chat import openai_text_messages
+    from lmforge.chat import openai_text_messages, sharegpt_messages, transcript_messages
 
     out = []
     for i, row in enumerate(rows, 1):
+        if column not in row:
+            out.append(row)
+            continue
         try:
-            out.append(row | {column: openai_text_messages(row[column])} if column in row else row)
+            messages = sharegpt_messages(transcript_messages(row[column]))
+        except DataError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        if isinstance(messages, str):  # (it was "'messages' must be a list ..., not str", whatever the column)
+            raise DataError(
+                f"{path}: row {i}: column {column!r} holds text, not a list of {{role, content}} messages nor an "
+                "HH-RLHF transcript ('Human: ...' / 'Assistant: ...' turns); write it as one of those, or train on "
+                f"plain text with --task clm --field text={column}"
+            )
+        try:
+            out.append(row | {column: openai_text_messages(messages)})
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}; write the message's text as its content") from None
     return out

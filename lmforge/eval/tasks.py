@@ -295,7 +295,14 @@ def note_dropped_demos(dropped: int, rows: int, k: int, context: int) -> None:
 
 @torch.no_grad()
 def fewshot_classify(
-    ft: Any, rows: list[dict[str, Any]], shots: list[dict[str, Any]], *, k: int, fields: dict[str, str], seed: int = 0
+    ft: Any,
+    rows: list[dict[str, Any]],
+    shots: list[dict[str, Any]],
+    *,
+    k: int,
+    fields: dict[str, str],
+    seed: int = 0,
+    where: str = "the data with its shots",
 ) -> dict[str, Any]:
     """In-context classification: each row is scored after `k` examples drawn for it (seeded) from
     `shots`, never a shot with the row's own text (the shots may be the evaluated file itself, whose
@@ -306,11 +313,11 @@ def fewshot_classify(
     """
     import random
 
-    from lmforge.data.formats import label_key, label_name
+    from lmforge.data.formats import class_labels, label_name
     from lmforge.eval.classify import classification_report
 
     tok, model = ft.tokenizer, ft.model
-    labels = sorted({label_name(r[fields["label"]]) for r in shots + rows}, key=label_key)  # (as `finetune` orders)
+    labels = class_labels((r[fields["label"]] for r in shots + rows), where)  # (as `finetune` orders)
     if k > len(shots):
         raise DataError(f"--k-shot {k} but the shots file has only {len(shots)} rows; lower --k-shot")
     shot_texts = [str(r[fields["text"]]).strip() for r in shots]
@@ -758,7 +765,10 @@ def evaluate_task(
         if not shots:
             raise ConfigError("--k-shot needs --shots FILE with labelled examples to put in the prompt")
         shot_rows = read_task_rows(shots, task, fields)
-        result = {"task": task, **fewshot_classify(ft, rows, shot_rows, k=k_shot, fields=fields)}
+        result = {
+            "task": task,
+            **fewshot_classify(ft, rows, shot_rows, k=k_shot, fields=fields, where=f"{data} with {shots}"),
+        }
     else:
         result = task_metrics(
             ft, rows, path=data, max_new_tokens=max_new_tokens, task=task, fields=fields, doc_stride=doc_stride
