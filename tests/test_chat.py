@@ -508,6 +508,9 @@ def test_serve_says_how_far_a_prompt_is_over_the_context(chat_run: Path):
              "or lower 'max_tokens' to at most 4"),
             ("/completions", {"prompt": "y" * 70, "max_tokens": 2}, "the prompt is 70 tokens and the model's context "
              "is 64, which holds 62 beside 2 new tokens ('max_tokens'); shorten it to at most 62 tokens (8 fewer)"),
+            # a max_tokens past the context (below the server's 512 limit): "holds -36 ... at most -36 tokens"
+            ("/completions", {"prompt": "y" * 5, "max_tokens": 100}, "the prompt is 5 tokens and the model's context "
+             "is 64, which holds no prompt beside 100 new tokens ('max_tokens'); lower 'max_tokens' to at most 59"),
         ]:  # fmt: skip
             status, body = _post(server.url + "/v1" + path, payload)
             error = json.loads(body)["error"]
