@@ -602,6 +602,15 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         neutral = {"logprobs": None, "echo": False, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2, **neutral})
         assert status == 200, body  # the "off" values clients send by default are accepted
+        chat_off = {
+            "echo": False,
+            "logprobs": False,
+            "top_logprobs": 0,
+            "tools": [],
+            "response_format": {"type": "text"},
+        }
+        status, body = _post(base + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **chat_off})
+        assert status == 200, body  # (echo false and top_logprobs 0 were refused with a 400)
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2.0, "temperature": 0})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
     finally:
