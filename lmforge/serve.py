@@ -424,10 +424,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length is None:
             raise RequestError(400, "bad Content-Length header: it must be the body's size in bytes")
-        if length > self.server.limits.max_body_bytes:
+        if length > (limit := self.server.limits.max_body_bytes):
             raise RequestError(
                 413,
-                f"request body is {length} bytes; the limit is {self.server.limits.max_body_bytes}",
+                # (it said the two numbers alone: nothing told the user which flag raises the limit)
+                f"request body is {length:,} bytes and this server takes at most {limit:,}; send less, or start "
+                "lmforge serve with a larger --max-body-bytes",
                 "request_too_large",
             )
         self.body_read = True

@@ -555,6 +555,9 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         # limits and bad requests: OpenAI-style error bodies, never a traceback
         status, body = _post(base + "/completions", {"prompt": "x" * 3000})
         assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+        assert json.loads(body)["error"]["message"].endswith(
+            "takes at most 2,000; send less, or start lmforge serve with a larger --max-body-bytes"
+        )
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 17})
         assert status == 400 and "max_tokens" in json.loads(body)["error"]["message"]
         status, body = _post(base + "/chat/completions", {"messages": []})
