@@ -47,9 +47,21 @@ from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
 ROLES = ("system", "user", "assistant")
+# Each message is read as `openai_text_messages` reads it for chat, serve and sft files: a "developer" turn is the
+# system turn and content sent as a list of text parts is their texts joined by newlines (`MESSAGE`). Without this,
+# transformers' apply_chat_template on an export rendered a developer turn as "<|developer|>", a role never trained,
+# and failed on text parts ("can only concatenate list (not "str") to list"), where serve renders both.
+# (A namespace and a loop rather than filters: the constructs Llama 3's own template uses, which every Jinja subset
+# that renders chat templates, llama.cpp's included, supports.)
+MESSAGE = (
+    "{% set role = 'system' if m['role'] == 'developer' else m['role'] %}"
+    "{% set ns = namespace(content=m['content']) %}{% if m['content'] is not string %}{% set ns.content = '' %}"
+    "{% for part in m['content'] %}{% set ns.content = ns.content + ('' if loop.first else '\\n') + part['text'] %}"
+    "{% endfor %}{% endif %}{% set content = ns.content %}"
+)
 JINJA_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
-    "{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% else %}{{ m['content'] + '\\n' }}{% endif %}"
+    "{% for m in messages %}" + MESSAGE + "{{ '<|' + role + '|>\\n' }}"
+    "{% if role == 'assistant' %}{{ content + eos_token }}{% else %}{{ content + '\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 # The same for a tokenizer that puts a word-start mark ("▁") before every text it encodes (a Metaspace pre-tokenizer:
@@ -58,10 +70,10 @@ JINJA_TEMPLATE = (
 # conversation ("<|user|>\nhi" instead of "<|user|>\n▁hi"). A space before each piece (unless it starts with one
 # already, after the tokenizer's normalizer: SPACES, or is an empty reply, which encodes to nothing) is that mark.
 SPACED_JINJA_TEMPLATE = (
-    "{% for m in messages %}{{ ' <|' + m['role'] + '|>\\n' }}"
-    "{% set piece = m['content'] if m['role'] == 'assistant' else m['content'] + '\\n' %}"
+    "{% for m in messages %}" + MESSAGE + "{{ ' <|' + role + '|>\\n' }}"
+    "{% set piece = content if role == 'assistant' else content + '\\n' %}"
     "{% if piece and piece[:1] not in SPACES %}{{ ' ' }}{% endif %}{{ piece }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% if role == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ ' <|assistant|>\\n' }}{% endif %}"
 )
 

@@ -60,7 +60,7 @@ def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: 
     written after an assistant turn encodes as the EOS id (not as its characters)."""
     transformers = pytest.importorskip("transformers")
     from lmforge.adapt.load import load_finetuned
-    from lmforge.chat import ChatTemplate
+    from lmforge.chat import ChatTemplate, openai_text_messages
     from lmforge.export.hf import export_hf
 
     hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(chat_run, tmp_path / "hf")))
@@ -70,6 +70,18 @@ def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: 
     ours = ChatTemplate().segments(tok, history, add_generation_prompt=True)
     assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
     assert hf(text)["input_ids"].count(tok.eos_id) == 1
+    # OpenAI's newer message forms, as serve and sft files read them (`openai_text_messages`): a developer turn is
+    # the system turn, text parts are joined by newlines. The template rendered "<|developer|>" and failed on parts
+    openai_forms = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "bye"},
+    ]
+    text = hf.apply_chat_template(openai_forms, tokenize=False, add_generation_prompt=True)
+    ours = ChatTemplate().segments(tok, openai_text_messages(openai_forms), add_generation_prompt=True)
+    assert text.startswith("<|system|>\nbe brief\n<|user|>\nhi\nthere\n<|assistant|>\nhello<|endoftext|>"), text
+    assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
 
 
 def test_hf_export_keeps_the_trained_ids_when_the_tokenizer_reserves_the_markers(tmp_path: Path):
@@ -142,7 +154,7 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from lmforge.chat import ChatTemplate
+    from lmforge.chat import ChatTemplate, openai_text_messages
     from lmforge.export.hf import without_chat_markers
     from lmforge.tokenizer.train import train_unigram, with_nfkc
 
@@ -160,6 +172,12 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
             {"role": "assistant", "content": ""},
             {"role": "user", "content": ""},
         ],
+        [  # OpenAI's forms, read as `openai_text_messages` reads them (below)
+            {"role": "developer", "content": "简短"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+            {"role": "user", "content": "bye"},
+        ],
         [
             {"role": "user", "content": "\u3000全角空格"},
             {"role": "assistant", "content": " 你好\n"},
@@ -167,10 +185,11 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
         ],
     ]
     for history in conversations:
-        ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
+        read = openai_text_messages(history)
+        ours = [i for ids, _ in ChatTemplate().segments(tok, read, add_generation_prompt=True) for i in ids]
         theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours, history
-        trained = [i for ids, _ in ChatTemplate().segments(tok, history[:-1]) for i in ids]
+        trained = [i for ids, _ in ChatTemplate().segments(tok, read[:-1]) for i in ids]
         theirs = hf.apply_chat_template(history[:-1], tokenize=True)
         assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == trained
 
