@@ -270,14 +270,23 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError(f"'messages' must be a list of {{role, content}} objects, not {kind}")
     if not messages:
         raise DataError("empty conversation: 'messages' must be a non-empty list of {role, content} objects")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+    for i, m in enumerate(messages):
+        # the message as JSON, as the file or request wrote it (it was Python's repr: None for null, single quotes)
+        shown = json.dumps(m, ensure_ascii=False)
+        shown = f"{i} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        if not isinstance(m, dict):
+            raise DataError(f"bad message {shown}: each message is an object with a 'role' and a 'content' string")
+        if m.get("role") not in ROLES:
             raise DataError(
-                f"bad message {str(m)[:60]!r}: each needs 'role' (system, user or assistant) and a 'content' string"
+                f"bad message {shown}: its 'role' must be system, user or assistant (developer reads as system), not "
+                f"{json.dumps(m.get('role'), ensure_ascii=False)}; tool turns are not supported"
             )
+        if not isinstance(m.get("content"), str):
+            got = json.dumps(m.get("content"), ensure_ascii=False)[:20] if "content" in m else "nothing"
+            raise DataError(f"bad message {shown}: its 'content' must be a string (or a list of text parts), not {got}")
         if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
             raise DataError(
-                f"bad message {str(m)[:60]!r}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
+                f"bad message {shown}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
             )
     if not allow_trailing_user and not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")

@@ -727,7 +727,13 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
             ("/chat/completions", {"messages": hi, "max_tokens": 4, "max_completion_tokens": 3}, "max_tokens", "both"),
             ("/chat/completions", {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens", "nothing"),
             ("/chat/completions", {"messages": hi, "tools": [{"type": "function"}]}, "tools", "not supported"),
-        ]
+            # the message as JSON, with its index (it was Python's repr: {'role': 'assistant', 'content': None})
+            ("/chat/completions", {"messages": [*hi, {"role": "tool", "content": "4"}]}, "messages",
+             'bad message 1 {"role": "tool", "content": "4"}: its \'role\' must be system, user or assistant'),
+            ("/chat/completions", {"messages": [{"role": "assistant", "content": None}, *hi]}, "messages",
+             'bad message 0 {"role": "assistant", "content": null}: its \'content\' must be a string (or a list '
+             "of text parts), not null"),
+        ]  # fmt: skip
         for path, payload, param, needle in refused:
             status, body = _post(base + path, payload)
             error = json.loads(body)["error"]
