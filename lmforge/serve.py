@@ -478,7 +478,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/v1/models", "/health", "/tokenizer_info") or path.startswith("/v1/models/"):
             allowed = ("GET", "HEAD")
         else:
-            raise RequestError(404, f"unknown path {self.path}", "not_found")
+            # (it said "unknown path /v1/responses" alone: nothing told an app what to call instead)
+            message = (
+                f"unknown path {self.path}; lmforge serve answers /v1/chat/completions, /v1/completions and /v1/models"
+            )
+            if path == "/v1/responses":  # OpenAI's newer API, which the current client and SDK examples call
+                message += " (the Responses API is not served: call client.chat.completions.create)"
+            raise RequestError(404, message, "not_found")
         if self.command == "OPTIONS":
             self._preflight(allowed)
             return

@@ -896,6 +896,7 @@ def test_serve_keeps_one_connection_for_many_requests(chat_run: Path):
             ("GET", "/v1/nowhere", None, 404),
             ("POST", "/v1/nowhere", json.dumps(hi).encode(), 404),  # its body is dropped, not read as a request
             ("GET", "/v1/models/gpt-4", None, 404),
+            ("POST", "/v1/responses", {"model": "m", "input": "hi"}, 404),  # the openai client's responses.create
             ("GET", "/v1/completions", None, 405),
             ("POST", "/v1/models", json.dumps(hi).encode(), 405),
             ("DELETE", "/v1/models", None, 405),
@@ -917,6 +918,14 @@ def test_serve_keeps_one_connection_for_many_requests(chat_run: Path):
             elif status != 200:
                 assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
                 assert "\n" not in reply["error"]["message"]
+            if path == "/v1/nowhere":  # what to call instead (it said "unknown path /v1/nowhere" alone)
+                assert reply["error"]["message"] == (
+                    "unknown path /v1/nowhere; lmforge serve answers /v1/chat/completions, /v1/completions and "
+                    "/v1/models"
+                )
+            if path == "/v1/responses":
+                assert reply["error"]["message"].endswith("(the Responses API is not served: call "
+                                                          "client.chat.completions.create)")  # fmt: skip
             if status == 405:
                 assert reply["error"]["code"] == "method_not_allowed" and method in reply["error"]["message"]
                 assert resp.getheader("Allow") == ("POST" if path == "/v1/completions" else "GET, HEAD")
