@@ -47,9 +47,21 @@ from lmforge.errors import ConfigError, DataError, first_line, interrupt_handled
 TEMPLATE_NAME = "lmforge-v1"
 HF_JINJA = "hf-jinja"  # `lmforge_chat_template` of a run that keeps an imported model's own Jinja template
 ROLES = ("system", "user", "assistant")
+# Each message is read as `openai_text_messages` reads it for chat, serve and sft files: a "developer" turn is the
+# system turn and content sent as a list of text parts is their texts joined by newlines (`MESSAGE`). Without this,
+# transformers' apply_chat_template on an export rendered a developer turn as "<|developer|>", a role never trained,
+# and failed on text parts ("can only concatenate list (not "str") to list"), where serve renders both.
+# (A namespace and a loop rather than filters: the constructs Llama 3's own template uses, which every Jinja subset
+# that renders chat templates, llama.cpp's included, supports.)
+MESSAGE = (
+    "{% set role = 'system' if m['role'] == 'developer' else m['role'] %}"
+    "{% set ns = namespace(content=m['content']) %}{% if m['content'] is not string %}{% set ns.content = '' %}"
+    "{% for part in m['content'] %}{% set ns.content = ns.content + ('' if loop.first else '\\n') + part['text'] %}"
+    "{% endfor %}{% endif %}{% set content = ns.content %}"
+)
 JINJA_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
-    "{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% else %}{{ m['content'] + '\\n' }}{% endif %}"
+    "{% for m in messages %}" + MESSAGE + "{{ '<|' + role + '|>\\n' }}"
+    "{% if role == 'assistant' %}{{ content + eos_token }}{% else %}{{ content + '\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 # The same for a tokenizer that puts a word-start mark ("▁") before every text it encodes (a Metaspace pre-tokenizer:
@@ -58,10 +70,10 @@ JINJA_TEMPLATE = (
 # conversation ("<|user|>\nhi" instead of "<|user|>\n▁hi"). A space before each piece (unless it starts with one
 # already, after the tokenizer's normalizer: SPACES, or is an empty reply, which encodes to nothing) is that mark.
 SPACED_JINJA_TEMPLATE = (
-    "{% for m in messages %}{{ ' <|' + m['role'] + '|>\\n' }}"
-    "{% set piece = m['content'] if m['role'] == 'assistant' else m['content'] + '\\n' %}"
+    "{% for m in messages %}" + MESSAGE + "{{ ' <|' + role + '|>\\n' }}"
+    "{% set piece = content if role == 'assistant' else content + '\\n' %}"
     "{% if piece and piece[:1] not in SPACES %}{{ ' ' }}{% endif %}{{ piece }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% if role == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ ' <|assistant|>\\n' }}{% endif %}"
 )
 
@@ -258,14 +270,23 @@ def check_messages(messages: Any, *, allow_trailing_user: bool = False) -> None:
         raise DataError(f"'messages' must be a list of {{role, content}} objects, not {kind}")
     if not messages:
         raise DataError("empty conversation: 'messages' must be a non-empty list of {role, content} objects")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+    for i, m in enumerate(messages):
+        # the message as JSON, as the file or request wrote it (it was Python's repr: None for null, single quotes)
+        shown = json.dumps(m, ensure_ascii=False)
+        shown = f"{i} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        if not isinstance(m, dict):
+            raise DataError(f"bad message {shown}: each message is an object with a 'role' and a 'content' string")
+        if m.get("role") not in ROLES:
             raise DataError(
-                f"bad message {str(m)[:60]!r}: each needs 'role' (system, user or assistant) and a 'content' string"
+                f"bad message {shown}: its 'role' must be system, user or assistant (developer reads as system), not "
+                f"{json.dumps(m.get('role'), ensure_ascii=False)}; tool turns are not supported"
             )
+        if not isinstance(m.get("content"), str):
+            got = json.dumps(m.get("content"), ensure_ascii=False)[:20] if "content" in m else "nothing"
+            raise DataError(f"bad message {shown}: its 'content' must be a string (or a list of text parts), not {got}")
         if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
             raise DataError(
-                f"bad message {str(m)[:60]!r}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
+                f"bad message {shown}: 'weight' is 0 (not trained on) or 1, as in OpenAI's fine-tuning files"
             )
     if not allow_trailing_user and not any(m["role"] == "assistant" for m in messages):
         raise DataError("conversation has no assistant turn, so nothing to learn; add one or drop the row")

@@ -154,6 +154,12 @@ def prompt_too_long(
     prompt's pronoun. Says the lengths and what to do: shorten the prompt, or ask for fewer new tokens."""
     room = context - max_new_tokens  # the longest prompt that fits
     text = f"{what} {tokens:,} tokens and the model's context is {context:,}"
+    if room < 1:  # the new tokens alone fill the context (serve's 'max_tokens' 512 with a 128-token model)
+        # said before as "holds -384 beside 512 new tokens; shorten it to at most -384 tokens (390 fewer)"
+        text += f", which holds no prompt beside {max_new_tokens:,} new tokens" + (f" ({flag})" if flag else "")
+        if tokens < context:
+            return text + f"; lower {flag or 'them'} to at most {context - tokens:,}"
+        return text + f"; shorten {it} to at most {context - 1:,} tokens and lower {flag or 'them'} to fit beside {it}"
     if max_new_tokens:
         new = f"{max_new_tokens:,} new token{'s' if max_new_tokens != 1 else ''}"
         text += f", which holds {room:,} beside {new}" + (f" ({flag})" if flag else "")

@@ -423,10 +423,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length is None:
             raise RequestError(400, "bad Content-Length header: it must be the body's size in bytes")
-        if length > self.server.limits.max_body_bytes:
+        if length > (limit := self.server.limits.max_body_bytes):
             raise RequestError(
                 413,
-                f"request body is {length} bytes; the limit is {self.server.limits.max_body_bytes}",
+                # (it said the two numbers alone: nothing told the user which flag raises the limit)
+                f"request body is {length:,} bytes and this server takes at most {limit:,}; send less, or start "
+                "lmforge serve with a larger --max-body-bytes",
                 "request_too_large",
             )
         self.body_read = True
@@ -475,7 +477,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/v1/models", "/health", "/tokenizer_info") or path.startswith("/v1/models/"):
             allowed = ("GET", "HEAD")
         else:
-            raise RequestError(404, f"unknown path {self.path}", "not_found")
+            # (it said "unknown path /v1/responses" alone: nothing told an app what to call instead)
+            message = (
+                f"unknown path {self.path}; lmforge serve answers /v1/chat/completions, /v1/completions and /v1/models"
+            )
+            if path == "/v1/responses":  # OpenAI's newer API, which the current client and SDK examples call
+                message += " (the Responses API is not served: call client.chat.completions.create)"
+            raise RequestError(404, message, "not_found")
         if self.command == "OPTIONS":
             self._preflight(allowed)
             return

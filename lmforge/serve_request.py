@@ -200,7 +200,9 @@ def scoring_options(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
     from lmforge.serve_logprobs import MAX_TOP_LOGPROBS
 
     echo = body.get("echo")
-    if chat and echo is not None:
+    # the "off" values (echo false, top_logprobs 0 without logprobs) are what some clients send by default, and
+    # vLLM takes them; they were refused with a 400
+    if chat and echo not in (None, False):
         raise RequestError(400, "'echo' is for /v1/completions; leave it out of a chat request", param="echo")
     if echo is not None and not isinstance(echo, bool):
         raise RequestError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
@@ -209,7 +211,7 @@ def scoring_options(body: dict[str, Any], chat: bool) -> tuple[bool, bool, int]:
     if chat:
         if wanted is not None and not isinstance(wanted, bool):
             raise RequestError(400, f"'logprobs' must be true or false, got {wanted!r}", param="logprobs")
-        if top is not None and not wanted:
+        if top not in (None, 0) and not wanted:
             raise RequestError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     else:
         if top is not None:

@@ -60,7 +60,7 @@ def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: 
     written after an assistant turn encodes as the EOS id (not as its characters)."""
     transformers = pytest.importorskip("transformers")
     from lmforge.adapt.load import load_finetuned
-    from lmforge.chat import ChatTemplate
+    from lmforge.chat import ChatTemplate, openai_text_messages
     from lmforge.export.hf import export_hf
 
     hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(chat_run, tmp_path / "hf")))
@@ -70,6 +70,18 @@ def test_hf_export_of_a_chat_run_carries_its_template(chat_run: Path, tmp_path: 
     ours = ChatTemplate().segments(tok, history, add_generation_prompt=True)
     assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
     assert hf(text)["input_ids"].count(tok.eos_id) == 1
+    # OpenAI's newer message forms, as serve and sft files read them (`openai_text_messages`): a developer turn is
+    # the system turn, text parts are joined by newlines. The template rendered "<|developer|>" and failed on parts
+    openai_forms = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "bye"},
+    ]
+    text = hf.apply_chat_template(openai_forms, tokenize=False, add_generation_prompt=True)
+    ours = ChatTemplate().segments(tok, openai_text_messages(openai_forms), add_generation_prompt=True)
+    assert text.startswith("<|system|>\nbe brief\n<|user|>\nhi\nthere\n<|assistant|>\nhello<|endoftext|>"), text
+    assert hf(text)["input_ids"] == [i for ids, _ in ours for i in ids]
 
 
 def test_hf_export_keeps_the_trained_ids_when_the_tokenizer_reserves_the_markers(tmp_path: Path):
@@ -142,7 +154,7 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
 
-    from lmforge.chat import ChatTemplate
+    from lmforge.chat import ChatTemplate, openai_text_messages
     from lmforge.export.hf import without_chat_markers
     from lmforge.tokenizer.train import train_unigram, with_nfkc
 
@@ -160,6 +172,12 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
             {"role": "assistant", "content": ""},
             {"role": "user", "content": ""},
         ],
+        [  # OpenAI's forms, read as `openai_text_messages` reads them (below)
+            {"role": "developer", "content": "简短"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+            {"role": "user", "content": "bye"},
+        ],
         [
             {"role": "user", "content": "\u3000全角空格"},
             {"role": "assistant", "content": " 你好\n"},
@@ -167,10 +185,11 @@ def test_hf_chat_template_gives_the_trained_ids_with_a_unigram_tokenizer(nfkc: b
         ],
     ]
     for history in conversations:
-        ours = [i for ids, _ in ChatTemplate().segments(tok, history, add_generation_prompt=True) for i in ids]
+        read = openai_text_messages(history)
+        ours = [i for ids, _ in ChatTemplate().segments(tok, read, add_generation_prompt=True) for i in ids]
         theirs = hf.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours, history
-        trained = [i for ids, _ in ChatTemplate().segments(tok, history[:-1]) for i in ids]
+        trained = [i for ids, _ in ChatTemplate().segments(tok, read[:-1]) for i in ids]
         theirs = hf.apply_chat_template(history[:-1], tokenize=True)
         assert (theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == trained
 
@@ -508,6 +527,9 @@ def test_serve_says_how_far_a_prompt_is_over_the_context(chat_run: Path):
              "or lower 'max_tokens' to at most 4"),
             ("/completions", {"prompt": "y" * 70, "max_tokens": 2}, "the prompt is 70 tokens and the model's context "
              "is 64, which holds 62 beside 2 new tokens ('max_tokens'); shorten it to at most 62 tokens (8 fewer)"),
+            # a max_tokens past the context (below the server's 512 limit): "holds -36 ... at most -36 tokens"
+            ("/completions", {"prompt": "y" * 5, "max_tokens": 100}, "the prompt is 5 tokens and the model's context "
+             "is 64, which holds no prompt beside 100 new tokens ('max_tokens'); lower 'max_tokens' to at most 59"),
         ]:  # fmt: skip
             status, body = _post(server.url + "/v1" + path, payload)
             error = json.loads(body)["error"]
@@ -552,6 +574,9 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         # limits and bad requests: OpenAI-style error bodies, never a traceback
         status, body = _post(base + "/completions", {"prompt": "x" * 3000})
         assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+        assert json.loads(body)["error"]["message"].endswith(
+            "takes at most 2,000; send less, or start lmforge serve with a larger --max-body-bytes"
+        )
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 17})
         assert status == 400 and "max_tokens" in json.loads(body)["error"]["message"]
         status, body = _post(base + "/chat/completions", {"messages": []})
@@ -599,6 +624,15 @@ def test_openai_compatible_server_round_trip(chat_run: Path):
         neutral = {"logprobs": None, "echo": False, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2, **neutral})
         assert status == 200, body  # the "off" values clients send by default are accepted
+        chat_off = {
+            "echo": False,
+            "logprobs": False,
+            "top_logprobs": 0,
+            "tools": [],
+            "response_format": {"type": "text"},
+        }
+        status, body = _post(base + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **chat_off})
+        assert status == 200, body  # (echo false and top_logprobs 0 were refused with a 400)
         status, body = _post(base + "/completions", {"prompt": "hi", "max_tokens": 2.0, "temperature": 0})
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] <= 2
     finally:
@@ -693,7 +727,13 @@ def test_serve_speaks_what_the_openai_client_sends_and_reads(chat_run: Path):
             ("/chat/completions", {"messages": hi, "max_tokens": 4, "max_completion_tokens": 3}, "max_tokens", "both"),
             ("/chat/completions", {"messages": hi, "max_completion_tokens": 0}, "max_completion_tokens", "nothing"),
             ("/chat/completions", {"messages": hi, "tools": [{"type": "function"}]}, "tools", "not supported"),
-        ]
+            # the message as JSON, with its index (it was Python's repr: {'role': 'assistant', 'content': None})
+            ("/chat/completions", {"messages": [*hi, {"role": "tool", "content": "4"}]}, "messages",
+             'bad message 1 {"role": "tool", "content": "4"}: its \'role\' must be system, user or assistant'),
+            ("/chat/completions", {"messages": [{"role": "assistant", "content": None}, *hi]}, "messages",
+             'bad message 0 {"role": "assistant", "content": null}: its \'content\' must be a string (or a list '
+             "of text parts), not null"),
+        ]  # fmt: skip
         for path, payload, param, needle in refused:
             status, body = _post(base + path, payload)
             error = json.loads(body)["error"]
@@ -856,6 +896,7 @@ def test_serve_keeps_one_connection_for_many_requests(chat_run: Path):
             ("GET", "/v1/nowhere", None, 404),
             ("POST", "/v1/nowhere", json.dumps(hi).encode(), 404),  # its body is dropped, not read as a request
             ("GET", "/v1/models/gpt-4", None, 404),
+            ("POST", "/v1/responses", {"model": "m", "input": "hi"}, 404),  # the openai client's responses.create
             ("GET", "/v1/completions", None, 405),
             ("POST", "/v1/models", json.dumps(hi).encode(), 405),
             ("DELETE", "/v1/models", None, 405),
@@ -877,6 +918,14 @@ def test_serve_keeps_one_connection_for_many_requests(chat_run: Path):
             elif status != 200:
                 assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
                 assert "\n" not in reply["error"]["message"]
+            if path == "/v1/nowhere":  # what to call instead (it said "unknown path /v1/nowhere" alone)
+                assert reply["error"]["message"] == (
+                    "unknown path /v1/nowhere; lmforge serve answers /v1/chat/completions, /v1/completions and "
+                    "/v1/models"
+                )
+            if path == "/v1/responses":
+                assert reply["error"]["message"].endswith("(the Responses API is not served: call "
+                                                          "client.chat.completions.create)")  # fmt: skip
             if status == 405:
                 assert reply["error"]["code"] == "method_not_allowed" and method in reply["error"]["message"]
                 assert resp.getheader("Allow") == ("POST" if path == "/v1/completions" else "GET, HEAD")

@@ -261,6 +261,16 @@ def test_generate_chat_and_serve_refuse_a_long_prompt_in_one_wording() -> None:
         "the prompt is 1,024 tokens and the model's context is 1,024, which holds 1,023 beside 1 new token; shorten "
         "it to at most 1,023 tokens (1 fewer)"
     )
+    # new tokens that fill the context alone (serve's default 'max_tokens' limit is 512; a tiny model's context 128):
+    # the advice was "holds -384 beside 512 new tokens ...; shorten it to at most -384 tokens (390 fewer)"
+    assert prompt_too_long("the prompt is", 6, 128, max_new_tokens=512, flag="'max_tokens'") == (
+        "the prompt is 6 tokens and the model's context is 128, which holds no prompt beside 512 new tokens "
+        "('max_tokens'); lower 'max_tokens' to at most 122"
+    )
+    assert prompt_too_long("the prompt is", 200, 128, max_new_tokens=128, flag="'max_tokens'") == (
+        "the prompt is 200 tokens and the model's context is 128, which holds no prompt beside 128 new tokens "
+        "('max_tokens'); shorten it to at most 127 tokens and lower 'max_tokens' to fit beside it"
+    )
 
 
 def test_prompt_errors_and_eos() -> None:
