@@ -27,10 +27,12 @@ hanging forever). Models stay free of distributed code: wrapping happens here, i
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import socket
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +179,27 @@ def backend() -> str | None:
     return dist.get_backend() if dist.is_initialized() else None
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(leaving: BaseException | None = None) -> None:
+    """Destroy the process group once nothing else holds it; `leaving`: the exception the run ends by (None: it
+    returned), whose traceback keeps the run's frames, and the DDP wrapper in their locals, alive. A group whose
+    peer died or hung (a CommFailure in `leaving`'s chain) cannot close: it is left to the process's exit.
+
+    The order matters on gloo. DDP's reducer holds the group too; destroyed while the reducer still held it, the
+    group's destructor ran later, when the reducer was freed, holding the GIL: it joins gloo's worker threads, and
+    a worker still releasing a finished collective's tensors waited for the GIL. The rank hung at exit until
+    killed (rank 1 of a run whose rank 0 was signalled in set-up: 30 s, then the launcher's SIGKILL). The frames'
+    locals are cleared and cycles collected first, so the reducer is gone, and `destroy_process_group` runs the
+    destructor itself, without the GIL (torch binds it so), before this returns."""
+    chain = []
+    while leaving is not None:
+        chain.append(leaving)
+        leaving = leaving.__context__
+    if not dist.is_initialized() or any(isinstance(e, CommFailure) for e in chain):
+        return
+    for e in chain:
+        traceback.clear_frames(e.__traceback__)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
