@@ -33,6 +33,7 @@ import os
 import socket
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from lmforge.fields import flatten
 
 joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
 _peers: list[tuple[str, int]] = []  # each rank's (host, pid), from `init`: which one died (`describe_comm_failure`)
+_wrapped: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the models `wrap_model` wrapped: freed before `shutdown`
 SETUP_SIGNAL_NOTE = (
     "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them reach "
     "(a second signal stops this one at once)"
@@ -188,8 +190,8 @@ def shutdown(leaving: BaseException | None = None) -> None:
     group's destructor ran later, when the reducer was freed, holding the GIL: it joins gloo's worker threads, and
     a worker still releasing a finished collective's tensors waited for the GIL. The rank hung at exit until
     killed (rank 1 of a run whose rank 0 was signalled in set-up: 30 s, then the launcher's SIGKILL). The frames'
-    locals are cleared and cycles collected first, so the reducer is gone, and `destroy_process_group` runs the
-    destructor itself, without the GIL (torch binds it so), before this returns."""
+    locals are cleared first (and cycles collected, where a wrapped model outlived that), so the reducer is gone and
+    `destroy_process_group` runs the destructor itself, without the GIL (torch binds it so), before this returns."""
     chain = []
     while leaving is not None:
         chain.append(leaving)
@@ -198,7 +200,8 @@ def shutdown(leaving: BaseException | None = None) -> None:
         return
     for e in chain:
         traceback.clear_frames(e.__traceback__)
-    gc.collect()
+    if _wrapped:  # (a full collection takes 0.1-0.8 s with torch loaded)
+        gc.collect()
     dist.destroy_process_group()
 
 
@@ -292,15 +295,18 @@ def wrap_model(
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(
+        wrapped = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
         )
+        _wrapped.add(wrapped)
+        return wrapped
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    _wrapped.add(model)
     return model
 
 
