@@ -191,7 +191,10 @@ def shutdown(leaving: BaseException | None = None) -> None:
     a worker still releasing a finished collective's tensors waited for the GIL. The rank hung at exit until
     killed (rank 1 of a run whose rank 0 was signalled in set-up: 30 s, then the launcher's SIGKILL). The frames'
     locals are cleared first (and cycles collected, where a wrapped model outlived that), so the reducer is gone and
-    `destroy_process_group` runs the destructor itself, without the GIL (torch binds it so), before this returns."""
+    `destroy_process_group` runs the destructor itself, without the GIL (torch binds it so), before this returns.
+    (Where torch._dynamo was first imported after the group started, as DDP's set-up does in a fresh interpreter,
+    torch 2.13 keeps references to the group for good: it is never destroyed, and its threads idle until the
+    process ends. Imported before, as the tests' zygotes and library users may, the above applies.)"""
     chain = []
     while leaving is not None:
         chain.append(leaving)

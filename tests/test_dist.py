@@ -588,7 +588,7 @@ def test_a_run_stopped_after_wrapping_its_model_destroys_its_group_before_it_rai
     the reducer ran the group's destructor holding the GIL, and a rank hung at exit, joining a gloo thread that
     waited for the GIL (test_a_signal_in_set_up_stops_every_rank_...). The group, its threads ended, is now gone
     when pretrain raises. A 1-rank gloo group stands in for torchrun's; the signal is held as the model is built."""
-    import torch._dynamo  # noqa: F401  (as a run's optimizer does; imported by DDP's set-up, it leaks the group)
+    import torch._dynamo  # noqa: F401  (before the group: imported after it, it keeps the group alive, dist.shutdown)
     import torch.distributed as tdist
 
     from lmforge import errors
