@@ -27,10 +27,13 @@ hanging forever). Models stay free of distributed code: wrapping happens here, i
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import socket
 import time
+import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from lmforge.fields import flatten
 
 joined = False  # `init` began joining the other ranks (read by cli._quiet_rank)
 _peers: list[tuple[str, int]] = []  # each rank's (host, pid), from `init`: which one died (`describe_comm_failure`)
+_wrapped: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the models `wrap_model` wrapped: freed before `shutdown`
 SETUP_SIGNAL_NOTE = (
     "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them reach "
     "(a second signal stops this one at once)"
@@ -177,9 +181,31 @@ def backend() -> str | None:
     return dist.get_backend() if dist.is_initialized() else None
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(leaving: BaseException | None = None) -> None:
+    """Destroy the process group once nothing else holds it; `leaving`: the exception the run ends by (None: it
+    returned), whose traceback keeps the run's frames, and the DDP wrapper in their locals, alive. A group whose
+    peer died or hung (a CommFailure in `leaving`'s chain) cannot close: it is left to the process's exit.
+
+    The order matters on gloo. DDP's reducer holds the group too; destroyed while the reducer still held it, the
+    group's destructor ran later, when the reducer was freed, holding the GIL: it joins gloo's worker threads, and
+    a worker still releasing a finished collective's tensors waited for the GIL. The rank hung at exit until
+    killed (rank 1 of a run whose rank 0 was signalled in set-up: 30 s, then the launcher's SIGKILL). The frames'
+    locals are cleared first (and cycles collected, where a wrapped model outlived that), so the reducer is gone and
+    `destroy_process_group` runs the destructor itself, without the GIL (torch binds it so), before this returns.
+    (Where torch._dynamo was first imported after the group started, as DDP's set-up does in a fresh interpreter,
+    torch 2.13 keeps references to the group for good: it is never destroyed, and its threads idle until the
+    process ends. Imported before, as the tests' zygotes and library users may, the above applies.)"""
+    chain = []
+    while leaving is not None:
+        chain.append(leaving)
+        leaving = leaving.__context__
+    if not dist.is_initialized() or any(isinstance(e, CommFailure) for e in chain):
+        return
+    for e in chain:
+        traceback.clear_frames(e.__traceback__)
+    if _wrapped:  # (a full collection takes 0.1-0.8 s with torch loaded)
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -272,15 +298,18 @@ def wrap_model(
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(
+        wrapped = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
         )
+        _wrapped.add(wrapped)
+        return wrapped
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    _wrapped.add(model)
     return model
 
 

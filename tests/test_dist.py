@@ -102,20 +102,29 @@ def launch_ranks(
     interpreters. As torchrun does, the first rank to fail gets the others stopped (SIGTERM, then SIGKILL
     30 s later; `stop_others=False` for a script that sends the launcher's SIGTERM itself, at a chosen point, where
     a second one would stop it at once) and its status is the run's; stdout and stderr are the ranks', in rank
-    order. Ranks still running after `timeout` s, or close to pytest's own timeout of the test, fail it with every
-    rank's stacks."""
+    order; `exit_s`: when each rank exited, in seconds from the start (None: still running when killed). Ranks still
+    running after `timeout` s, or close to pytest's own timeout of the test, fail it with every rank's stacks."""
     import time
 
     from tests.cli_fork import seconds_left
 
     store, ranks = start_ranks(args, nproc=nproc, script=script, timeout=timeout)
     kill_at, code, hung = None, 0, False
+    start = time.monotonic()
+    exit_s: list[float | None] = [None] * nproc
+
+    def note_exits() -> None:
+        for i, r in enumerate(ranks):
+            if exit_s[i] is None and r.returncode is not None:
+                exit_s[i] = time.monotonic() - start
+
     try:
         # ends before pytest-timeout fails the test, which would leave no clue (a test that trained in process
         # first, or started cold zygotes, has less than its 300 s left)
         limit = min(timeout, seconds_left(margin=20))
         deadline = time.monotonic() + limit
         while any([r.poll() is None for r in ranks]):  # (every rank polled: a generator stopped at rank 0)
+            note_exits()
             failed = [r.returncode for r in ranks if r.returncode]
             if failed and kill_at is None:
                 kill_at, code = time.monotonic() + 30, failed[0]
@@ -124,6 +133,7 @@ def launch_ranks(
             if time.monotonic() > min(deadline, kill_at or deadline):
                 break
             time.sleep(0.05)
+        note_exits()
         hung = not code and time.monotonic() > deadline
         if hung:  # each rank's Python stacks, to stderr (tests/cli_fork.py registers SIGUSR1 with faulthandler)
             for r in ranks:
@@ -139,9 +149,11 @@ def launch_ranks(
         stacks = "\n".join(f"--- rank {i} stderr ---\n{r.stderr}" for i, r in enumerate(ranks))
         pytest.fail(f"{nproc} ranks still running after {limit:.0f} s: {' '.join(args)}\n{stacks}")
     stdout, stderr = "".join(r.stdout for r in ranks), "".join(r.stderr for r in ranks)
-    return subprocess.CompletedProcess(
+    done = subprocess.CompletedProcess(
         ranks[0].args, code or next((r.returncode for r in ranks if r.returncode), 0), stdout, stderr
     )
+    done.exit_s = exit_s
+    return done
 
 
 def start_ranks(
@@ -562,6 +574,45 @@ def test_a_refused_run_closes_its_process_group(data_dir: Path, tmp_path: Path, 
             tdist.destroy_process_group()
 
 
+def gloo_threads() -> int:
+    """How many of this process's threads are gloo's (torch names them pt_gloo_*)."""
+    tasks = Path("/proc/self/task")
+    return sum((t / "comm").read_text().startswith("pt_gloo") for t in tasks.iterdir())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads are listed from /proc")
+def test_a_run_stopped_after_wrapping_its_model_destroys_its_group_before_it_raises(
+    data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The group was destroyed while DDP's reducer, kept alive by the stop's traceback, still held it: freed later,
+    the reducer ran the group's destructor holding the GIL, and a rank hung at exit, joining a gloo thread that
+    waited for the GIL (test_a_signal_in_set_up_stops_every_rank_...). The group, its threads ended, is now gone
+    when pretrain raises. A 1-rank gloo group stands in for torchrun's; the signal is held as the model is built."""
+    import torch._dynamo  # noqa: F401  (before the group: imported after it, it keeps the group alive, dist.shutdown)
+    import torch.distributed as tdist
+
+    from lmforge import errors
+    from lmforge.train import run
+
+    build_model = run.build_model
+
+    def build(*args, **kwargs):
+        errors.hold_interrupt()  # (a SIGTERM held since the ranks joined: errors.hold_interrupts)
+        return build_model(*args, **kwargs)
+
+    monkeypatch.setattr(run, "build_model", build)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(run.Interrupted, match="stopped by a signal while the ranks set up"):
+            run.pretrain(tiny_config(data_dir, tmp_path / "r"), progress=False)
+        assert not tdist.is_initialized() and gloo_threads() == 0
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
 def test_resume_notes_name_the_run_as_it_is() -> None:
     """A one-process run (strategy "ddp" by default) resuming a DiLoCo checkpoint is not called a ddp run."""
     from lmforge.checkpoint import Checkpoint
@@ -692,7 +743,8 @@ def test_a_peer_death_in_set_up_keeps_the_failures_line(data_dir: Path, tmp_path
 
 
 # lmforge's CLI where rank 0 gets a stop signal (as torchrun passes on a scheduler's SIGTERM) while it builds its
-# model, local work of its own in set-up; rank 1 gets none
+# model, local work of its own in set-up; rank 1 gets none. As pretrain returns or raises, each rank says how many
+# of the process group's gloo threads still run (torch names them pt_gloo_*; Linux lists them in /proc).
 RANK0_SIGNALLED_IN_SET_UP = """
 import os, signal, sys, time
 from lmforge import cli, errors, train
@@ -704,6 +756,15 @@ def build(*args, **kwargs):
         time.sleep(errors.NOTE_AFTER_S + 1)  # (a set-up that goes on after the signal: the note says it will stop)
     return build_model(*args, **kwargs)
 train.run.build_model = build
+
+pretrain = train.run.pretrain
+def counted(*args, **kwargs):
+    try:
+        return pretrain(*args, **kwargs)
+    finally:
+        names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+        print(f"gloo threads left: {sum(n.startswith('pt_gloo') for n in names)}", file=sys.stderr, flush=True)
+train.run.pretrain = counted
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -713,11 +774,19 @@ def test_a_signal_in_set_up_stops_every_rank_before_the_first_step_and_says_so_a
     longer than torchrun's 30 s between its signal and its SIGKILL (a big checkpoint's load) was killed without a
     line. Rank 0 now says that it will stop (once the set-up has gone on for errors.NOTE_AFTER_S, 2 s, after the
     signal: here it does), and every rank stops together at the next point all reach (rank 1, never signalled, too):
-    exit 130, one line, no step trained."""
+    exit 130, one line, no step trained.
+
+    Rank 1 then hung at exit (until the launcher's SIGKILL 30 s later; 1 run in 4 on 2 loaded cores): the group was
+    destroyed while DDP's reducer, held by the stop's traceback, still held it, and freed with that, the reducer ran
+    the group's destructor holding the GIL, which a gloo thread waited for. The group is now destroyed, its threads
+    ended, before pretrain returns or raises, on every rank, and both exit at once."""
     script = tmp_path / "signalled.py"
     script.write_text(RANK0_SIGNALLED_IN_SET_UP, encoding="utf-8")
     out = tmp_path / "r"
     p = forked_ranks(data_dir, out, entry=(str(script),), stop_others=False, **{"train.max_steps": 2})
+    if sys.platform == "linux":
+        assert p.stderr.count("gloo threads left: 0") == 2, p.stderr[-3000:]
+    assert None not in p.exit_s and abs(p.exit_s[1] - p.exit_s[0]) < 10, p.exit_s  # (the launcher kills at 30 s)
     lines = [line for line in p.stderr.splitlines() if line.startswith(("lmforge", "note: a stop signal"))]
     assert p.returncode == 130 and lines == [
         "note: a stop signal arrived while the ranks set up; they stop together at the next point all of them "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +304,6 @@ def _stop_if_signalled(world: dist.DistInfo, device: torch.device) -> None:
     if not dist.all_reduce([float(interrupt_held())], device, op="max")[0]:
         return
     take_held_interrupt()
-    dist.shutdown()
     raise Interrupted(
         "stopped by a signal while the ranks set up, before any step: nothing was trained; re-run the same "
         "command to go on"
@@ -354,18 +354,16 @@ def pretrain(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) 
                 f"({state.stop_reason or 'done'}) and saved {latest}; nothing is lost"
             )
         return state
-    except LmforgeError as e:
-        # refused before training (every rank together): a gloo group left open at exit can abort the
-        # process ("terminate called without an active exception", exit 134). A dead peer's group cannot close.
-        if not isinstance(e, dist.CommFailure):
-            dist.shutdown()
-        raise
     except Exception as e:  # a peer died or hung in set-up (claim, config check, DDP's first broadcast, resume)
         world = dist.env_info()
         if world.enabled and dist.is_comm_failure(e):  # (the training loop's own failures say so in _pretrain)
             raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
         raise
     finally:
+        # however the run ended, its group is destroyed now, after _pretrain's objects (dist.shutdown): a gloo group
+        # left to the interpreter's exit aborted the process ("terminate called without an active exception", exit
+        # 134) or hung it
+        dist.shutdown(sys.exc_info()[1])
         release_interrupts()
         if cfg.out:
             release(Path(cfg.out))  # the run folder's claim (held from before it changed until now)
@@ -706,7 +704,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         they stop early at the same step (the last step syncs) and save the same best checkpoints."""
         return dist.broadcast_object(evaluate())
 
-    comm_failed = False
     first_step = state.step
     forward_model = torch.compile(train_model, mode=cfg.train.compile_mode) if cfg.train.compile else train_model
     # From here a signal is held and acted on by the loop, or once status.json says how the run ended (a Ctrl-C
@@ -754,7 +751,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         if world.is_main:
             mark_stopped(run_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"[:500])
         if world.enabled and dist.is_comm_failure(e):
-            comm_failed = True  # a peer died or hung: the group cannot be shut down cleanly
             try:
                 raise dist.CommFailure(dist.describe_comm_failure(e, world, cfg.dist.timeout_s)) from None
             finally:  # (a signal here is a KeyboardInterrupt over the CommFailure, whose line cli prints)
@@ -763,8 +759,6 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         raise
     finally:
         log.close()
-        if world.enabled and not comm_failed:
-            dist.shutdown()
     if world.is_main:
         mark_stopped(
             run_dir, "interrupted" if state.stop_reason == "interrupted" else "finished", stop_reason=state.stop_reason
