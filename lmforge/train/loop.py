@@ -34,7 +34,7 @@ import torch.nn as nn
 from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.dist import DistInfo
-from lmforge.errors import take_held_interrupt
+from lmforge.errors import TrainingDiverged, take_held_interrupt
 from lmforge.log import RunLogger
 from lmforge.objectives import CausalLM, Objective, to_device, window_counts, window_loss
 from lmforge.train.optim import l1_penalty
@@ -153,6 +153,15 @@ def _step_is_finite(
         return bool(torch.isfinite(grad_norm))
     bad = not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss)))
     return dist.all_reduce([float(bad)], device, "max")[0] == 0
+
+
+def _weights_finite(params: list[torch.Tensor], world_size: int, device: torch.device) -> bool:
+    """Whether every trained weight is finite on every rank (FSDP2 shards: each rank checks its own)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    bad = any(not bool(torch.isfinite(t.detach()).all()) for t in local if t.numel())
+    if world_size > 1:
+        bad = dist.all_reduce([float(bad)], device, "max")[0] > 0
+    return not bad
 
 
 def nothing_left(state: TrainState, cfg: TrainConfig) -> str:
@@ -492,9 +501,23 @@ def train(
                 after_step(state.step, True)  # before the final checkpoint
             periodic = ckpt_cfg.every and state.step % ckpt_cfg.every == 0
             if periodic or state.stop_reason or (evaluated and state.best_step == state.step and ckpt_cfg.keep_best):
-                if state.step != last_saved_step:
+                # A checkpoint becomes `latest`: what a rollback and a resume start from. Weights gone NaN/inf (an
+                # update that overflowed) are never saved, and a periodic checkpoint in the middle of a run of
+                # skipped NaN/inf steps is left out: with lr 1e6 the weights stayed finite but every loss was NaN,
+                # the step-5 checkpoint of those weights became `latest`, each rollback went back to it, and the
+                # run ended "diverged again after 3 rollbacks" with it (and 1e39's inf weights) as its latest.
+                finite = state.step == last_saved_step or _weights_finite(trainable, world_size, device)
+                if not finite and state.stop_reason:
+                    raise TrainingDiverged(
+                        f"the weights became NaN/inf by step {state.step}, so they are not saved (the run's "
+                        "checkpoints are left as they are); lower --train.lr or raise --train.warmup_steps"
+                    )
+                if state.step != last_saved_step and (state.stop_reason or (finite and not bad_in_row)):
                     save(state)
                     last_saved_step = state.step
+                elif state.step != last_saved_step:
+                    why = "the weights are NaN/inf" if not finite else f"its last {bad_in_row} steps were NaN/inf"
+                    log.info(f"warning: no checkpoint at step {state.step}: {why}; lower --train.lr?")
             if evaluated or periodic:  # don't bill eval/checkpoint time to throughput
                 interval_start = time.perf_counter()
                 interval_tokens, interval_steps = 0, 0
