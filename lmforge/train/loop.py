@@ -245,6 +245,8 @@ def train(
     bad_in_row = 0  # consecutive steps skipped for non-finite loss/gradients
     objective = objective or CausalLM()
     scaler = precision.grad_scaler()
+    if scaler is not None and state.grad_scaler:  # (a resume started it over at 65536: every resume of an fp16 run
+        scaler.load_state_dict(state.grad_scaler)  # skipped steps to overflows the straight run had learned to avoid)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     defer = _can_defer(optimizer, device, world_size, scaler) and not local_grads
     pending: _Verdict | None = None  # the last step's verdict, when it was deferred
@@ -513,6 +515,8 @@ def train(
                         "checkpoints are left as they are); lower --train.lr or raise --train.warmup_steps"
                     )
                 if state.step != last_saved_step and (state.stop_reason or (finite and not bad_in_row)):
+                    if scaler is not None:
+                        state.grad_scaler = scaler.state_dict()
                     save(state)
                     last_saved_step = state.step
                 elif state.step != last_saved_step:
