@@ -502,19 +502,21 @@ def train(
             if after_step is not None and state.stop_reason == "early_stop":
                 after_step(state.step, True)  # before the final checkpoint
             periodic = ckpt_cfg.every and state.step % ckpt_cfg.every == 0
-            if periodic or state.stop_reason or (evaluated and state.best_step == state.step and ckpt_cfg.keep_best):
+            best_now = evaluated and state.best_step == state.step and ckpt_cfg.keep_best  # (a finite val loss)
+            if periodic or state.stop_reason or best_now:
                 # A checkpoint becomes `latest`: what a rollback and a resume start from. Weights gone NaN/inf (an
                 # update that overflowed) are never saved, and a periodic checkpoint in the middle of a run of
-                # skipped NaN/inf steps is left out: with lr 1e6 the weights stayed finite but every loss was NaN,
-                # the step-5 checkpoint of those weights became `latest`, each rollback went back to it, and the
-                # run ended "diverged again after 3 rollbacks" with it (and 1e39's inf weights) as its latest.
+                # skipped NaN/inf steps is left out (a new best validation loss is still saved): with lr 1e6 the
+                # weights stayed finite but every loss was NaN, the step-5 checkpoint of those weights became
+                # `latest`, each rollback went back to it, and the run ended "diverged again after 3 rollbacks"
+                # with it (and 1e39's inf weights) as its latest.
                 finite = state.step == last_saved_step or _weights_finite(trainable, world_size, device)
                 if not finite and state.stop_reason:
                     raise TrainingDiverged(
                         f"the weights became NaN/inf by step {state.step}, so they are not saved (the run's "
                         "checkpoints are left as they are); lower --train.lr or raise --train.warmup_steps"
                     )
-                if state.step != last_saved_step and (state.stop_reason or (finite and not bad_in_row)):
+                if state.step != last_saved_step and (state.stop_reason or (finite and (best_now or not bad_in_row))):
                     if scaler is not None:
                         state.grad_scaler = scaler.state_dict()
                     save(state)
