@@ -102,6 +102,13 @@ def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
         parse_overrides(["--max_steps", "5"])
     with pytest.raises(ConfigError, match=r"unexpected argument '--bogus'; settings look like --section.key"):
         parse_overrides(["--bogus", "5"])
+    # other tools' spellings of a setting (hydra's key=value, --set/-o KEY=VALUE): "settings look like --section.key
+    # VALUE", and `--set=train.lr=1e-3` "unknown config key 'set'; did you mean 'preset'?"
+    for given in (["train.lr=1e-3"], ["--set", "train.lr=1e-3"], ["--set=train.lr=1e-3"], ["-o", "train.lr=1e-3"]):
+        with pytest.raises(ConfigError, match=r"unexpected argument '.*'; did you mean --train.lr 1e-3\?$"):
+            parse_overrides(given)
+    with pytest.raises(ConfigError, match=r"unexpected argument '--set'; settings look like --section.key"):
+        parse_overrides(["--set", "x=1"])
     # --resume (litgpt, nanoGPT's init_from) said only "settings look like --section.key VALUE"
     for flag in (["--resume"], ["--resume_from_checkpoint", "runs/x"]):
         with pytest.raises(ConfigError, match=r"resumes from the latest checkpoint by itself; drop it"):
