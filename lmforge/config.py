@@ -935,6 +935,19 @@ def _check_sections(data: dict[str, Any], where: str) -> None:
     for key, value in data.items():
         if key in hints and _dataclass_members(hints[key]) and not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table of settings ([{key}]), got {value!r} in {where}")
+        # so must a value of the wrong type (`max_steps = "three"` under --train.max_steps 5 went unread, until the
+        # flag was dropped); unknown keys are left to from_dict's did-you-mean
+        for name, leaf in value.items() if key in hints and isinstance(value, dict) else ():
+            if (key, name) == ("model", "family"):  # (its type is each family's own name: _section_class checks it)
+                continue
+            try:
+                tp = _check_key_path(f"{key}.{name}")
+            except ConfigError:
+                continue
+            try:
+                _coerce(leaf, tp, f"{key}.{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
 
 
 def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:
