@@ -53,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
 
 _ONE_CONFIG = "merge the files into one, or give the other file's settings as --section.key flags"
+_ONE_PRESET = "a config starts from one preset: keep one, and give the other's settings as --section.key flags"
 
 
 def _config_epilog(presets: bool = True) -> str:
@@ -138,7 +139,7 @@ def build_parser() -> Parser:
         help="prepared data directory (from 'lmforge prepare')",
     )
     p.add_argument("--out", action=Once, hint=ONE_OUT, help="run directory")
-    p.add_argument("--preset", help="named preset (see the list below)")
+    p.add_argument("--preset", action=Once, hint=_ONE_PRESET, help="named preset (see the list below)")
     p.add_argument(
         "--config",
         action=Once,
@@ -398,7 +399,7 @@ def build_parser() -> Parser:
         epilog=_config_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", help="named preset (see the list below)")
+    p.add_argument("--preset", action=Once, hint=_ONE_PRESET, help="named preset (see the list below)")
     p.add_argument(
         "--config",
         action=Once,

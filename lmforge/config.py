@@ -665,7 +665,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         flag, eq, rest = arg.partition("=")
         if flag.replace("_", "-") == "--resume-from":  # the fault-tolerance issue's name for it: a short form
             arg = "--checkpoint.resume_from" + eq + rest
-        if not arg.startswith("--") or "." not in arg:
+        # another tool's spelling of a setting (hydra's `train.lr=1e-3`, `--set train.lr=1e-3`, `-o ...`): it was
+        # "settings look like --section.key VALUE", or for `--set=train.lr=1e-3` "did you mean 'preset'?"
+        spelled_as = _setting_in(arg) or (
+            _setting_in(args[i + 1]) if arg.startswith("-") and "=" not in arg and i + 1 < len(args) else ""
+        )
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            if spelled_as:
+                raise ConfigError(f"unexpected argument {arg!r}; did you mean {spelled_as}?")
             name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
             leaves = {row[0].rsplit(".", 1)[-1]: row[0] for row in help_lines()}
             flat = name.replace("-", "_")
@@ -701,6 +708,22 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+def _setting_in(text: str) -> str:
+    """`--section.key VALUE` for a setting written another way (`train.lr=1e-3`, `set=train.lr=1e-3`, `train.lr`),
+    "" when `text` names no setting."""
+    body = text.lstrip("-")
+    if body.partition("=")[0] in ("set", "o", "override", "cfg-options"):
+        body = body.partition("=")[2]
+    key, eq, value = body.partition("=")
+    if "." not in key:
+        return ""
+    try:
+        _check_key_path(key)
+    except ConfigError:
+        return ""
+    return f"--{key} {value}" if eq else f"--{key} VALUE"
 
 
 def _check_key_path(key: str) -> Any:
@@ -912,6 +935,19 @@ def _check_sections(data: dict[str, Any], where: str) -> None:
     for key, value in data.items():
         if key in hints and _dataclass_members(hints[key]) and not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table of settings ([{key}]), got {value!r} in {where}")
+        # so must a value of the wrong type (`max_steps = "three"` under --train.max_steps 5 went unread, until the
+        # flag was dropped); unknown keys are left to from_dict's did-you-mean
+        for name, leaf in value.items() if key in hints and isinstance(value, dict) else ():
+            if (key, name) == ("model", "family"):  # (its type is each family's own name: _section_class checks it)
+                continue
+            try:
+                tp = _check_key_path(f"{key}.{name}")
+            except ConfigError:
+                continue
+            try:
+                _coerce(leaf, tp, f"{key}.{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
 
 
 def _drop_other_family_preset_keys(merged: dict[str, Any], preset: dict[str, Any], user: list[dict]) -> None:

@@ -509,6 +509,9 @@ def test_an_output_flag_given_once_keeps_its_default_otherwise() -> None:
         (["eval", "RUN", "--data", "D1", "--data", "D2"], "run it once for each"),
         (["eval", "RUN", "--task", "choice", "--data", "F", "--shots", "a", "--shots", "b"], "--shots is given twice"),
         (["pretrain", "--data", "D", "--init-from", "R1", "--init-from", "R2"], "--init-from is given twice"),
+        # (the last preset was trained alone: `--preset tiny --preset small` made a 10.9M-parameter `small`)
+        (["pretrain", "--data", "D", "--preset", "tiny", "--preset=small"], "--preset is given twice"),
+        (["estimate", "--preset", "tiny", "--preset", "small", "--tokens", "1e6"], "a config starts from one preset"),
         (["quantize", "RUN", "--out", "O", "--val", "a.jsonl", "--val", "b.jsonl"], "--val is given twice"),
         (["import", "HF", "--out", "O", "--generator", "G1", "--generator", "G2"], "--generator is given twice"),
         (["prepare", "in.txt", "--out", "O", "--tokenizer", "char", "--tokenizer", "t.json"], "one tokenizer"),

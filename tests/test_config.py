@@ -102,6 +102,13 @@ def test_names_from_other_trainers_point_at_lmforge_keys(tmp_path):
         parse_overrides(["--max_steps", "5"])
     with pytest.raises(ConfigError, match=r"unexpected argument '--bogus'; settings look like --section.key"):
         parse_overrides(["--bogus", "5"])
+    # other tools' spellings of a setting (hydra's key=value, --set/-o KEY=VALUE): "settings look like --section.key
+    # VALUE", and `--set=train.lr=1e-3` "unknown config key 'set'; did you mean 'preset'?"
+    for given in (["train.lr=1e-3"], ["--set", "train.lr=1e-3"], ["--set=train.lr=1e-3"], ["-o", "train.lr=1e-3"]):
+        with pytest.raises(ConfigError, match=r"unexpected argument '.*'; did you mean --train.lr 1e-3\?$"):
+            parse_overrides(given)
+    with pytest.raises(ConfigError, match=r"unexpected argument '--set'; settings look like --section.key"):
+        parse_overrides(["--set", "x=1"])
     # --resume (litgpt, nanoGPT's init_from) said only "settings look like --section.key VALUE"
     for flag in (["--resume"], ["--resume_from_checkpoint", "runs/x"]):
         with pytest.raises(ConfigError, match=r"resumes from the latest checkpoint by itself; drop it"):
@@ -149,6 +156,12 @@ def test_a_section_or_preset_of_the_wrong_type_in_toml_is_refused(tmp_path):
     toml.write_text("preset = 5\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="preset: expected a preset name"):
         load_config(config_file=toml)
+    # a setting of the wrong type under a flag that sets it: unread, until the flag was dropped
+    toml.write_text('[train]\nmax_steps = "three"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.toml: train.max_steps: expected int, got 'three'$"):
+        load_config(config_file=toml, overrides=["--train.max_steps", "5"])
+    toml.write_text('[model]\nfamily = "lstm"\nn_layer = 1\n', encoding="utf-8")  # (each family names its own)
+    assert load_config(config_file=toml, overrides=["--model.n_layer", "2"]).model.n_layer == 2
 
 
 def test_wrong_types_and_values():
@@ -533,6 +546,7 @@ def test_a_refusal_names_the_config_file_that_set_the_refused_key(tmp_path):
     toml.write_text('[train]\nlr = "fast"\n[optim]\nbeta2 = 0.99\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: train.lr: expected float, got 'fast'$"):
         load_config(config_file=toml)
+    toml.write_text("[optim]\nbeta2 = 0.99\n", encoding="utf-8")  # (a flag no longer hides the file's bad lr)
     with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))} and --optim.name: optim.beta2 is not used by"):
         load_config(config_file=toml, overrides=["--optim.name", "sgd", "--train.lr", "1e-3"])
 

@@ -106,6 +106,29 @@ def test_a_rollback_starts_a_recurrent_models_carried_state_over(data_dir: Path,
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "run") if "loss" in r)
 
 
+@pytest.mark.parametrize("lr", [1e6, 1e39], ids=["nan-loss", "inf-weights"])
+def test_a_diverging_run_never_checkpoints_its_broken_weights(data_dir: Path, tmp_path: Path, lr: float) -> None:
+    """A real divergence, no injected NaN: after step 1 at lr 1e6 every loss is NaN (the weights stay finite); at
+    1e39 the weights overflow to inf. The step-5 checkpoint of those weights became `latest`, the rollbacks went
+    back to it, and the run ended "diverged again after 3 rollbacks" leaving it as the run's latest checkpoint."""
+    from lmforge.checkpoint import latest_checkpoint
+
+    flags = {"train.lr": lr, "train.warmup_steps": 0, "optim.grad_clip": 0.0, "eval.every": 0}
+    cfg = tiny_config(data_dir, tmp_path / "run", **flags, **{"checkpoint.every": 5, "train.rollback_after": 5})
+    with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):
+        pretrain(cfg, progress=False)
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_weights_gone_inf_at_the_end_of_a_run_are_one_line_and_not_saved(data_dir: Path, tmp_path: Path) -> None:
+    """Without rollbacks the run reached max_steps and saved its inf weights as the finished run's checkpoint."""
+    flags = {"train.lr": 1e39, "train.warmup_steps": 0, "optim.grad_clip": 0.0, "eval.every": 0}
+    cfg = tiny_config(data_dir, tmp_path / "run", **flags, **{"train.max_steps": 3, "train.rollback_after": 0})
+    with pytest.raises(TrainingDiverged, match="weights became NaN/inf by step 3, so they are not saved"):
+        pretrain(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_failing_disk_while_saving_keeps_the_previous_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch):
     """The writer fails half-way through the second checkpoint (as on a full disk)."""
     import lmforge.checkpoint as ckpt

@@ -239,6 +239,21 @@ def test_a_resume_that_changes_the_schedule_says_so(data_dir, tmp_path):
     assert "train.min_lr 0.0 -> unset (lr / 10)" in _schedule_change(saved, cfg, 20)
 
 
+def test_a_resume_that_changes_the_batch_or_clipping_says_so(data_dir, tmp_path, capsys):
+    """A resume with another global batch, dtype, clipping or L1 trained on without a word (the optimizer's and the
+    schedule's changes had their notes); a micro-batch change (the same batch, split) needs none."""
+    run = tmp_path / "r"
+    pretrain(tiny_config(data_dir, run, **{"train.max_steps": 2, "eval.every": 0}), progress=False)
+    flags = {"train.max_steps": 2, "eval.every": 0, "train.micro_batch_size": 4}
+    pretrain(tiny_config(data_dir, run, **{**flags, "train.max_steps": 3}), progress=True)
+    assert "training settings changed" not in capsys.readouterr().out
+    flags.update({"train.max_steps": 4, "train.batch_size": 16, "optim.grad_clip": 0.5})
+    pretrain(tiny_config(data_dir, run, **flags), progress=True)
+    out = capsys.readouterr().out
+    assert "training settings changed since the checkpoint, applied from step 4: train.batch_size 8 -> 16, " in out
+    assert "optim.grad_clip 1.0 -> 0.5" in out
+
+
 def test_a_run_saved_when_min_lr_0_meant_lr_over_10_resumes_with_that_schedule(data_dir, tmp_path):
     """Before config_version 2, train.min_lr 0 meant lr / 10; now it decays to zero. A run saved with the old
     meaning (no config_version, min_lr 0.0 in config.json and state.json), re-run with its command (min_lr 0),

@@ -122,6 +122,50 @@ def test_accumulation_equals_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_float16_run_resumes_with_its_loss_scale():
+    """float16's GradScaler started over at 65536 on every resume: the straight run had halved it on its first
+    overflows, and the resumed one skipped those steps again, so it was neither exact nor as trained. Its state is
+    saved with the train state now. Real float16 autocast and GradScaler on CPU (pretrain takes float16 on GPUs
+    only); the loss is weighted 50x, as ELECTRA weighs its detection loss, so that the gradients overflow."""
+    import copy
+
+    from lmforge.objectives import CausalLM
+    from lmforge.train.precision import Precision
+
+    class Weighted(CausalLM):
+        def loss(self, model, batch):
+            return 50.0 * super().loss(model, batch)
+
+    batches = [_random_batches(4, seed=i) for i in range(12)]
+    saved = []
+
+    def run(model, batches, state, optimizer_state=None):
+        cfg = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, warmup_steps=0, schedule="constant", log_every=100)
+        optimizer = build_optimizer(model, OptimConfig(), lr=cfg.lr, device=torch.device("cpu"))
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        log = RunLogger(None, max_steps=12, start_step=state.step, enabled=False)
+
+        def save(st):
+            saved.append((copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), st.to_dict()))
+
+        return train(
+            model, optimizer, iter(batches), cfg=cfg, optim_cfg=OptimConfig(), eval_cfg=EvalConfig(every=0),
+            ckpt_cfg=CheckpointConfig(every=8), precision=Precision(torch.device("cpu"), torch.float16),
+            state=state, log=log, save=save, objective=Weighted(),
+        )  # fmt: skip
+
+    straight = _model()
+    skipped = run(straight, batches, TrainState()).skipped_steps
+    assert 0 < skipped < 8  # the first steps overflowed, then the scale fitted
+    weights, optimizer_state, state = saved[0]
+    resumed = _model()
+    resumed.load_state_dict(weights)
+    assert run(resumed, batches[8:], TrainState.from_dict(state), optimizer_state).skipped_steps == skipped
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_mfu_divides_by_every_devices_peak(tmp_path):
     """tokens_per_s is global under torchrun (target counts are all-reduced), and peak_flops is one device's
     (run.py measures it locally): MFU = achieved / (world_size x peak). It was overstated world_size times.

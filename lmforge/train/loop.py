@@ -34,7 +34,7 @@ import torch.nn as nn
 from lmforge import dist
 from lmforge.config import CheckpointConfig, EvalConfig, OptimConfig, TrainConfig
 from lmforge.dist import DistInfo
-from lmforge.errors import take_held_interrupt
+from lmforge.errors import TrainingDiverged, take_held_interrupt
 from lmforge.log import RunLogger
 from lmforge.objectives import CausalLM, Objective, to_device, window_counts, window_loss
 from lmforge.train.optim import l1_penalty
@@ -155,6 +155,15 @@ def _step_is_finite(
     return dist.all_reduce([float(bad)], device, "max")[0] == 0
 
 
+def _weights_finite(params: list[torch.Tensor], world_size: int, device: torch.device) -> bool:
+    """Whether every trained weight is finite on every rank (FSDP2 shards: each rank checks its own)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    bad = any(not bool(torch.isfinite(t.detach()).all()) for t in local if t.numel())
+    if world_size > 1:
+        bad = dist.all_reduce([float(bad)], device, "max")[0] > 0
+    return not bad
+
+
 def nothing_left(state: TrainState, cfg: TrainConfig) -> str:
     """Why a run resumed at `state` has no step left to train under `cfg` ("" when it has): the reason a re-run
     of a finished run (pretrain or finetune) says "nothing to do" and leaves the run's files as they are."""
@@ -236,6 +245,8 @@ def train(
     bad_in_row = 0  # consecutive steps skipped for non-finite loss/gradients
     objective = objective or CausalLM()
     scaler = precision.grad_scaler()
+    if scaler is not None and state.grad_scaler:  # (a resume started it over at 65536: every resume of an fp16 run
+        scaler.load_state_dict(state.grad_scaler)  # skipped steps to overflows the straight run had learned to avoid)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     defer = _can_defer(optimizer, device, world_size, scaler) and not local_grads
     pending: _Verdict | None = None  # the last step's verdict, when it was deferred
@@ -491,10 +502,28 @@ def train(
             if after_step is not None and state.stop_reason == "early_stop":
                 after_step(state.step, True)  # before the final checkpoint
             periodic = ckpt_cfg.every and state.step % ckpt_cfg.every == 0
-            if periodic or state.stop_reason or (evaluated and state.best_step == state.step and ckpt_cfg.keep_best):
-                if state.step != last_saved_step:
+            best_now = evaluated and state.best_step == state.step and ckpt_cfg.keep_best  # (a finite val loss)
+            if periodic or state.stop_reason or best_now:
+                # A checkpoint becomes `latest`: what a rollback and a resume start from. Weights gone NaN/inf (an
+                # update that overflowed) are never saved, and a periodic checkpoint in the middle of a run of
+                # skipped NaN/inf steps is left out (a new best validation loss is still saved): with lr 1e6 the
+                # weights stayed finite but every loss was NaN, the step-5 checkpoint of those weights became
+                # `latest`, each rollback went back to it, and the run ended "diverged again after 3 rollbacks"
+                # with it (and 1e39's inf weights) as its latest.
+                finite = state.step == last_saved_step or _weights_finite(trainable, world_size, device)
+                if not finite and state.stop_reason:
+                    raise TrainingDiverged(
+                        f"the weights became NaN/inf by step {state.step}, so they are not saved (the run's "
+                        "checkpoints are left as they are); lower --train.lr or raise --train.warmup_steps"
+                    )
+                if state.step != last_saved_step and (state.stop_reason or (finite and (best_now or not bad_in_row))):
+                    if scaler is not None:
+                        state.grad_scaler = scaler.state_dict()
                     save(state)
                     last_saved_step = state.step
+                elif state.step != last_saved_step:
+                    why = "the weights are NaN/inf" if not finite else f"its last {bad_in_row} steps were NaN/inf"
+                    log.info(f"warning: no checkpoint at step {state.step}: {why}; lower --train.lr?")
             if evaluated or periodic:  # don't bill eval/checkpoint time to throughput
                 interval_start = time.perf_counter()
                 interval_tokens, interval_steps = 0, 0

@@ -276,6 +276,28 @@ def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
     )
 
 
+# Settings a resume may change that change every update from then on, and were taken without a word (the schedule,
+# the optimizer's group settings and the objective's have their own notes; the rest of what changes the data order or
+# the model is refused in `prepare_run_dir` and by the loader). micro_batch_size only splits the same batch.
+TRAINING_KEYS = (("train", "batch_size"), ("train", "dtype"), ("optim", "grad_clip"), ("optim", "l1"))
+
+
+def _training_change(saved: Any, cfg: RunConfig, step: int) -> str:
+    """A note when a resume changes one of `TRAINING_KEYS`; "" when none changed."""
+    now = cfg.to_dict()
+    changes = []
+    for section, key in TRAINING_KEYS:
+        old = (saved.get(section) if isinstance(saved, dict) else None) or {}
+        if key in old and old[key] != now[section][key]:
+            changes.append(f"{section}.{key} {spelled(old[key])} -> {spelled(now[section][key])}")
+    if not changes:
+        return ""
+    return (
+        f"note: training settings changed since the checkpoint, applied from step {step + 1}: {', '.join(changes)}; "
+        "the run goes on from there as configured, no longer as the original command would have trained it"
+    )
+
+
 def _on_main(world: dist.DistInfo, fn: Any) -> Any:
     """Run `fn` on rank 0 only and give every rank its result (or its one-line error, which every rank then raises
     alike: rank 0 alone prints it, `cli._quiet_rank`)."""
@@ -583,9 +605,12 @@ def _pretrain(cfg: RunConfig, *, overwrite: bool, progress: bool) -> TrainState:
         schedule_note = _schedule_change(ckpt.meta.get("config"), cfg, state.step)
         if schedule_note:
             log.info(schedule_note)
-        objective_note = _objective_change(ckpt.meta.get("config"), cfg, state.step)
-        if objective_note:
-            log.info(objective_note)
+        for note in (
+            _objective_change(ckpt.meta.get("config"), cfg, state.step),
+            _training_change(ckpt.meta.get("config"), cfg, state.step),
+        ):
+            if note:
+                log.info(note)
         loss_note = loss_definition_note(cfg.objective.name, ckpt.meta.get("loss_definition"), state.step)
         if loss_note:
             log.info(loss_note)

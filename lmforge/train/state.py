@@ -30,6 +30,7 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps skipped for non-finite gradients (or by the fp16 GradScaler)
     loss_ema: float | None = None  # running mean of logged train losses, for flagging loss spikes
     rollbacks: int = 0  # times the run went back to its latest checkpoint after repeated non-finite steps
+    grad_scaler: dict[str, Any] | None = None  # float16's GradScaler (its loss scale), as of the last checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
