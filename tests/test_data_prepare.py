@@ -820,6 +820,44 @@ def test_prepare_says_when_a_folder_skipped_json_files(tmp_path: Path, capsys: p
     assert capsys.readouterr().err == ""
 
 
+def test_prepare_says_when_a_folder_skipped_bz2_and_xz_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder of .txt and .xz/.bz2 files prepared the .txt files and skipped the others with no word on stderr
+    (only manifest.json skipped_files listed them): half the corpus lost silently. Now a note names them."""
+    import bz2
+    import lzma
+
+    from lmforge.cli import main
+
+    write(tmp_path / "corpus" / "a.txt", "\n\n".join(sentences(40, seed=3)))
+    (tmp_path / "corpus" / "b.txt.xz").write_bytes(lzma.compress("\n\n".join(sentences(40, seed=4)).encode()))
+    (tmp_path / "corpus" / "c.txt.bz2").write_bytes(bz2.compress("\n\n".join(sentences(40, seed=5)).encode()))
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "corpus"), "--tokenizer", "char", "--quiet", "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 compressed files" in err and "b.txt.xz" in err and "gzip" in err
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.tsv", "t.parquet"])
+def test_a_text_column_named_twice_is_refused(tmp_path: Path, name: str) -> None:
+    """A header 'text,text' (CSV, TSV) or two Parquet columns named 'text' read the first column without a word
+    (pandas and csv.DictReader read the last): which one is the text is the user's to say."""
+    if name.endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_arrays([pa.array(["one", "two"]), pa.array(["uno", "dos"])], names=["text", "text"])
+        pq.write_table(table, tmp_path / name)
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        write(tmp_path / name, f"text{sep}text\none{sep}uno\ntwo{sep}dos\n")
+    with pytest.raises(DataError, match="2 columns are named 'text'.*rename all but one"):
+        run(tmp_path, [tmp_path / name], tokenizer="char")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_names_a_file_whose_invalid_utf8_was_replaced(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.clean import replace_surrogates
-from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
+from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint, column_index
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
 from lmforge.export.hub import check_hub, stall_limit
@@ -66,7 +66,7 @@ def _check_column(where: object, names: list[str], text_field: str) -> int:
     if text_field not in names:
         columns = ", ".join(names[:20]) or "none"
         raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); {column_hint(names, text_field)}")
-    return names.index(text_field)
+    return column_index(where, names, text_field)
 
 
 def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Iterator[RawDocument]:

@@ -89,6 +89,7 @@ from lmforge.data.ingest_text import (  # noqa: F401 (re-exported, as above)
     check_head_not_binary,
     check_not_binary,
     column_hint,
+    column_index,
     file_document,
     file_format,
     first_line_is_json_object,
@@ -407,7 +408,7 @@ def _table_documents(
             else:
                 hint = column_hint(header, text_field)
             raise DataError(f"{path}: no column '{text_field}' (columns: {columns}); {hint}")
-        column = header.index(text_field)
+        column = column_index(path, header, text_field)
         row_start = header_end + 1
         for lineno, row in rows:
             if row:  # (a blank line is no row)

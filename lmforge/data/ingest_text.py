@@ -76,6 +76,19 @@ def column_hint(columns: list[str], text_field: str) -> str:
     return f"the column is spelled {near!r}: pass --text-field {shlex.quote(near)}"
 
 
+def column_index(where: object, columns: list[str], text_field: str) -> int:
+    """The index of the `--text-field` column among `columns` (which hold it), refusing a header that names it
+    twice: a CSV headed 'text,text' or a Parquet file with two 'text' columns read the first without a word,
+    where pandas and `csv.DictReader` read the last."""
+    count = columns.count(text_field)
+    if count > 1:
+        raise DataError(
+            f"{where}: {count} columns are named '{text_field}', so which one holds the text is ambiguous; rename "
+            "all but one of them"
+        )
+    return columns.index(text_field)
+
+
 def is_hub(path: str | Path) -> bool:
     """True for a hub dataset name (`hf:NAME[:CONFIG][:SPLIT]`)."""
     return str(path).startswith(HUB_PREFIX)
