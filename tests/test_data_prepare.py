@@ -757,8 +757,8 @@ def test_clean_functions() -> None:
     assert decode_utf8(b"ok \xef\xbf\xbd") == ("ok \ufffd", 0)
     assert decode_utf8(b"\xe4\xb8") == ("\ufffd", 1)  # truncated multi-byte character
     cleaned = clean_text("\ufeff a\r\nb\rc\x85d\x7f\u200de\t ", "NFC")
-    assert cleaned.text == "\ufeff a\nb\nc\nd\u200de"  # BOM (Cf) and ZWJ (Cf) kept; NEL a line break; DEL removed
-    assert cleaned.control_chars_removed == 1 and not cleaned.normalized
+    assert cleaned.text == "a\nb\nc\nd\u200de"  # ZWJ (Cf) kept; NEL a line break; DEL and the BOM removed
+    assert cleaned.control_chars_removed == 2 and not cleaned.normalized
     assert clean_text("ﬁ", "NFKC").text == "fi" and clean_text("ﬁ", "none").text == "ﬁ"
     assert [length_verdict(t, 3) for t in ("", "ab", "abc")] == ["empty", "too_short", "ok"]
     assert looks_binary(b"abc\x00\x00\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
@@ -780,6 +780,20 @@ def test_line_break_controls_become_newlines(tmp_path: Path) -> None:
     m = run(tmp_path, [path], tokenizer="char", normalize_whitespace=True, val_fraction=0, test_fraction=0)
     assert docs_by_split(tmp_path / "out")["train"] == ["Page one ends here.\nPage two\nstarts.\n\nEnd."]
     assert m["cleaning"]["control_chars_removed"] == 1  # the BEL
+
+
+def test_a_bom_inside_a_text_file_is_removed(tmp_path: Path) -> None:
+    """`cat a.txt b.txt` of two files a Windows editor saved (UTF-8 with a BOM) leaves U+FEFF where b.txt starts:
+    it was kept (trained on as an invisible character), and its paragraph was no exact duplicate of the same
+    paragraph elsewhere. It is deleted and counted as control characters are; the zero-width joiner is kept."""
+    bom = "\ufeff".encode()
+    a = bom + b"First paragraph of file a.\n\nA paragraph both files hold.\n\n"
+    b = bom + "A paragraph both files hold.\n\nLast one, 👩\u200d💻.\n".encode()
+    path = write(tmp_path / "cat.txt", a + b)
+    m = run(tmp_path, [path], tokenizer="char", val_fraction=0, test_fraction=0)
+    train = docs_by_split(tmp_path / "out")["train"]
+    assert train == ["First paragraph of file a.", "A paragraph both files hold.", "Last one, 👩\u200d💻."]
+    assert m["documents"]["removed"]["exact_dup"] == 1 and m["cleaning"]["control_chars_removed"] == 1
 
 
 def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
