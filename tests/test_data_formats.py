@@ -494,6 +494,28 @@ def test_a_dotted_text_field_walks_empty_lists_and_names_the_item_missing_a_key(
         list(read_documents(tmp_path / "r.jsonl", text_field="doc.paras.t"))
 
 
+def test_a_null_at_a_dotted_text_field_is_no_text_as_a_flat_null_is(tmp_path: Path) -> None:
+    """`{"doc": {"body": null}}` (a nested export's missing text) stopped the run with "field 'doc.body' is
+    NoneType" at its line, where `{"text": null}` is skipped and counted under no_text. Now the dotted null is
+    too, in .jsonl and .json, and in a walked list (`doc.paras.t`); a number there is still an error."""
+    rows = [
+        {"doc": {"body": "first body"}},
+        {"doc": {"body": None}},
+        {"doc": {"body": ["a", None, "b"]}},
+        {"doc": [{"body": "listed"}, {"body": None}]},
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "r.json").write_text(json.dumps(rows), encoding="utf-8")
+    for name in ("r.jsonl", "r.json"):
+        docs = [d.text for d in read_documents(tmp_path / name, text_field="doc.body")]
+        assert docs == ["first body", None, "a\nb", "listed", None]
+    m = run(tmp_path, [tmp_path / "r.jsonl"], tokenizer="char", text_field="doc.body")
+    assert m["documents"]["removed"]["no_text"] == 2 and m["documents"]["out"] == 3
+    (tmp_path / "n.jsonl").write_text(json.dumps({"doc": {"body": 7}}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"n\.jsonl:1: field 'doc\.body' is int"):
+        list(read_documents(tmp_path / "n.jsonl", text_field="doc.body"))
+
+
 def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> None:
     """`cat a.jsonl b.jsonl` of two files a Windows editor saved puts b.jsonl's BOM (U+FEFF) at the start of a line
     in the middle: `prepare` (whole-file and block readers) and `finetune` (read_table) read it, where it was a
