@@ -796,6 +796,21 @@ def test_a_bom_inside_a_text_file_is_removed(tmp_path: Path) -> None:
     assert m["documents"]["removed"]["exact_dup"] == 1 and m["cleaning"]["control_chars_removed"] == 1
 
 
+def test_a_file_name_that_is_not_utf8_is_prepared(tmp_path: Path) -> None:
+    """A Latin-1 file name (`caf\\xe9.txt`, as an old zip unpacks it) reaches Python as a lone surrogate, and writing
+    it into card.json and manifest.json stopped prepare with a UnicodeEncodeError traceback after all its work.
+    The manifest now names it with its byte escaped, and the text is prepared."""
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_text("A Latin-1 named file.\n\nIts second paragraph.\n", "utf-8")
+    m = run(tmp_path, [folder], tokenizer="char", val_fraction=0, test_fraction=0)
+    assert [i["path"] for i in m["inputs"]] == [str(folder / "caf\\xe9.txt")]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
+    assert on_disk["inputs"][0]["path"].endswith("caf\\xe9.txt") and on_disk["documents"]["out"] == 2
+
+
 def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge.data.tokenizing as tokenizing_module
 

@@ -101,6 +101,7 @@ from lmforge.data.ingest_text import (  # noqa: F401 (re-exported, as above)
     read_whole,
     text_documents,
     text_lines,
+    writable_text,
 )
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows
 from lmforge.errors import DataError
