@@ -156,6 +156,31 @@ def test_parquet(tmp_path: Path) -> None:
     assert not (tmp_path / "o4").exists()
 
 
+def test_a_dotted_text_field_reaches_into_a_parquet_struct_column(tmp_path: Path) -> None:
+    """Nested records written to Parquet (pandas, `datasets`) are struct columns: `--text-field doc.body` was "no
+    column 'doc.body' (columns: id, doc)", and no --text-field could read them, where the same records in JSONL
+    read. A dotted path now descends into struct fields (a null record or field is no text); a column literally
+    named with a dot wins, and a wrong field names the fields there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"body": "first body", "meta": {"lang": "en"}}, None, {"body": None, "meta": None}, {"body": "last"}]
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "doc": pa.array(records), "doc.x": ["a", "b", "c", "d"]}), path)
+    assert [d.text for d in read_documents(path, text_field="doc.body")] == ["first body", None, None, "last"]
+    assert [d.text for d in read_documents(path, text_field="doc.meta.lang")] == ["en", None, None, None]
+    assert [d.text for d in read_documents(path, text_field="doc.x")] == ["a", "b", "c", "d"]
+    with pytest.raises(DataError, match=r"no field 'text' in column 'doc' \(its fields: body, meta\)"):
+        list(read_documents(path, text_field="doc.text"))
+    with pytest.raises(DataError, match=r"no field 'y' in column 'doc\.body' \(it holds string\)"):
+        list(read_documents(path, text_field="doc.body.y"))
+    m = run(tmp_path, [path], tokenizer="char", text_field="doc.body")
+    assert m["documents"]["removed"]["no_text"] == 2 and docs_by_split(tmp_path / "out")["train"] == [
+        "first body",
+        "last",
+    ]
+
+
 def test_a_row_with_no_text_is_skipped_and_counted_in_every_format(tmp_path: Path) -> None:
     """A null (JSON, Parquet), an empty CSV/TSV cell and a JSON record without the field are one thing: a row with no
     text, skipped and counted per input. A Parquet null was counted as "empty" while a JSON null stopped the run;
