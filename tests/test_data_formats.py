@@ -673,3 +673,16 @@ def test_clm_text_from_a_pipe_or_an_extensionless_file_is_documents_as_in_a_txt(
         {"source": "hello", "target": "bonjour"},
         {"source": "yes", "target": "oui"},
     ]
+
+
+def test_a_jsonl_file_with_lone_cr_line_ends_says_so(tmp_path: Path) -> None:
+    """JSON Lines end at \\n (their spec), so a .jsonl saved with old-Mac lone CRs is one line of many objects: the
+    error was "not valid JSON (Extra data); each line must be one JSON object", which did not say why. It names
+    the line ends now, with --workers (block reader) too; CRLF files still read."""
+    rows = [json.dumps({"text": t}) for t in TEXTS[:5]]
+    (tmp_path / "cr.jsonl").write_bytes(("\r".join(rows) + "\r").encode())
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"cr\.jsonl:1: its lines end with a lone carriage return"):
+            run(tmp_path, [tmp_path / "cr.jsonl"], tokenizer="char", workers=workers)
+    (tmp_path / "crlf.jsonl").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    assert run(tmp_path, [tmp_path / "crlf.jsonl"], tokenizer="char")["documents"]["in"] == 5

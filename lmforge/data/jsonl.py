@@ -176,6 +176,11 @@ def jsonl_documents(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and "\r" in line[: e.pos]:  # (a raw CR is never inside a JSON string)
+                raise DataError(
+                    f"{path}:{lineno}: its lines end with a lone carriage return (old Mac OS), and JSON Lines end at "
+                    "\\n; convert its line ends first (tr '\\r' '\\n' does)"
+                ) from None
             raise DataError(
                 f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object"
             ) from None
