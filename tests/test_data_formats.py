@@ -391,6 +391,18 @@ def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_a_folder_of_hidden_files_is_not_called_empty(tmp_path: Path) -> None:
+    """A folder holding only hidden files or folders (`.drafts/`, `.notes.txt`) was "input folder ... is empty",
+    which it is not: the folder search skips names that start with '.'. The error says so, and naming one reads it."""
+    write(tmp_path / "corpus" / ".drafts" / "a.txt", "\n\n".join(sentences(5, seed=1)))
+    write(tmp_path / "corpus" / ".notes.txt", "a hidden note")
+    with pytest.raises(
+        DataError, match=r"holds only hidden files or folders \(\.drafts, \.notes\.txt\).*start with '\.'"
+    ):
+        run(tmp_path, [tmp_path / "corpus"], tokenizer="char")
+    assert run(tmp_path, [tmp_path / "corpus" / ".drafts"], tokenizer="char")["documents"]["in"] == 5
+
+
 def test_json_array_files(tmp_path: Path) -> None:
     """A .json file named explicitly: an array of strings or objects (a list of strings under the field is
     joined), JSON Lines under a .json name; a missing field lists the keys; folders skip .json."""

@@ -268,6 +268,12 @@ def resolve_inputs(inputs: list[str], out: Path | None = None) -> tuple[list[Pat
             for file in _walk(path):
                 take(file, explicit=False)
             if len(chosen) == before and not any(_walk(path)):
+                hidden = sorted(p.name for p in path.iterdir() if p.name.startswith("."))
+                if hidden:  # (it said "is empty" of a folder of .txt files under a hidden folder)
+                    raise DataError(
+                        f"input folder {raw!r} holds only hidden files or folders ({', '.join(hidden[:3])}), and a "
+                        f"folder search skips names that start with '.'; name them as inputs, e.g. '{path / hidden[0]}'"
+                    )
                 raise DataError(
                     f"input folder {raw!r} is empty; pass a folder with .txt, .md, .jsonl, .csv, .tsv or .parquet files"
                 )
