@@ -680,6 +680,19 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     assert [Path(i["path"]).name for i in other["inputs"]] == ["b.txt"]
 
 
+def test_under_out_compares_whole_names() -> None:
+    """`_under_out` compares path text (a 100,000-file walk spent half its time in Path.parents): a sibling whose
+    name merely starts with --out's (`out2`, `.out2.lmforge-tmp-1`) is not inside it."""
+    from lmforge.data.ingest import _under_out
+
+    out = Path("/data/out")
+    inside = ["/data/out", "/data/out/card.md", "/data/.out.lmforge-tmp-1a/x.txt", "/data/.out.lmforge-old-2b/a/b"]
+    outside = ["/data/out2/a.txt", "/data/outer.txt", "/data/.out2.lmforge-tmp-1/x.txt", "/other/.out.lmforge-tmp-1/x"]
+    assert all(_under_out(Path(p), out) for p in inside)
+    assert not any(_under_out(Path(p), out) for p in outside)
+    assert _under_out(Path("/a.txt"), Path("/"))
+
+
 def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:
     """`out.tmp` may be the user's own folder: prepare neither builds in it nor deletes it."""
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
