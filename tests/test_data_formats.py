@@ -156,6 +156,31 @@ def test_parquet(tmp_path: Path) -> None:
     assert not (tmp_path / "o4").exists()
 
 
+def test_a_dotted_text_field_reaches_into_a_parquet_struct_column(tmp_path: Path) -> None:
+    """Nested records written to Parquet (pandas, `datasets`) are struct columns: `--text-field doc.body` was "no
+    column 'doc.body' (columns: id, doc)", and no --text-field could read them, where the same records in JSONL
+    read. A dotted path now descends into struct fields (a null record or field is no text); a column literally
+    named with a dot wins, and a wrong field names the fields there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"body": "first body", "meta": {"lang": "en"}}, None, {"body": None, "meta": None}, {"body": "last"}]
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "doc": pa.array(records), "doc.x": ["a", "b", "c", "d"]}), path)
+    assert [d.text for d in read_documents(path, text_field="doc.body")] == ["first body", None, None, "last"]
+    assert [d.text for d in read_documents(path, text_field="doc.meta.lang")] == ["en", None, None, None]
+    assert [d.text for d in read_documents(path, text_field="doc.x")] == ["a", "b", "c", "d"]
+    with pytest.raises(DataError, match=r"no field 'text' in column 'doc' \(its fields: body, meta\)"):
+        list(read_documents(path, text_field="doc.text"))
+    with pytest.raises(DataError, match=r"no field 'y' in column 'doc\.body' \(it holds string\)"):
+        list(read_documents(path, text_field="doc.body.y"))
+    m = run(tmp_path, [path], tokenizer="char", text_field="doc.body")
+    assert m["documents"]["removed"]["no_text"] == 2 and docs_by_split(tmp_path / "out")["train"] == [
+        "first body",
+        "last",
+    ]
+
+
 def test_a_row_with_no_text_is_skipped_and_counted_in_every_format(tmp_path: Path) -> None:
     """A null (JSON, Parquet), an empty CSV/TSV cell and a JSON record without the field are one thing: a row with no
     text, skipped and counted per input. A Parquet null was counted as "empty" while a JSON null stopped the run;
@@ -366,6 +391,18 @@ def test_empty_folder_and_unreadable_file(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_a_folder_of_hidden_files_is_not_called_empty(tmp_path: Path) -> None:
+    """A folder holding only hidden files or folders (`.drafts/`, `.notes.txt`) was "input folder ... is empty",
+    which it is not: the folder search skips names that start with '.'. The error says so, and naming one reads it."""
+    write(tmp_path / "corpus" / ".drafts" / "a.txt", "\n\n".join(sentences(5, seed=1)))
+    write(tmp_path / "corpus" / ".notes.txt", "a hidden note")
+    with pytest.raises(
+        DataError, match=r"holds only hidden files or folders \(\.drafts, \.notes\.txt\).*start with '\.'"
+    ):
+        run(tmp_path, [tmp_path / "corpus"], tokenizer="char")
+    assert run(tmp_path, [tmp_path / "corpus" / ".drafts"], tokenizer="char")["documents"]["in"] == 5
+
+
 def test_json_array_files(tmp_path: Path) -> None:
     """A .json file named explicitly: an array of strings or objects (a list of strings under the field is
     joined), JSON Lines under a .json name; a missing field lists the keys; folders skip .json."""
@@ -492,6 +529,28 @@ def test_a_dotted_text_field_walks_empty_lists_and_names_the_item_missing_a_key(
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with pytest.raises(DataError, match=r"r\.jsonl:3: no field 't' at 'doc\.paras\[1\]' \(found: u\); choose the text"):
         list(read_documents(tmp_path / "r.jsonl", text_field="doc.paras.t"))
+
+
+def test_a_null_at_a_dotted_text_field_is_no_text_as_a_flat_null_is(tmp_path: Path) -> None:
+    """`{"doc": {"body": null}}` (a nested export's missing text) stopped the run with "field 'doc.body' is
+    NoneType" at its line, where `{"text": null}` is skipped and counted under no_text. Now the dotted null is
+    too, in .jsonl and .json, and in a walked list (`doc.paras.t`); a number there is still an error."""
+    rows = [
+        {"doc": {"body": "first body"}},
+        {"doc": {"body": None}},
+        {"doc": {"body": ["a", None, "b"]}},
+        {"doc": [{"body": "listed"}, {"body": None}]},
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "r.json").write_text(json.dumps(rows), encoding="utf-8")
+    for name in ("r.jsonl", "r.json"):
+        docs = [d.text for d in read_documents(tmp_path / name, text_field="doc.body")]
+        assert docs == ["first body", None, "a\nb", "listed", None]
+    m = run(tmp_path, [tmp_path / "r.jsonl"], tokenizer="char", text_field="doc.body")
+    assert m["documents"]["removed"]["no_text"] == 2 and m["documents"]["out"] == 3
+    (tmp_path / "n.jsonl").write_text(json.dumps({"doc": {"body": 7}}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"n\.jsonl:1: field 'doc\.body' is int"):
+        list(read_documents(tmp_path / "n.jsonl", text_field="doc.body"))
 
 
 def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> None:
@@ -626,3 +685,16 @@ def test_clm_text_from_a_pipe_or_an_extensionless_file_is_documents_as_in_a_txt(
         {"source": "hello", "target": "bonjour"},
         {"source": "yes", "target": "oui"},
     ]
+
+
+def test_a_jsonl_file_with_lone_cr_line_ends_says_so(tmp_path: Path) -> None:
+    """JSON Lines end at \\n (their spec), so a .jsonl saved with old-Mac lone CRs is one line of many objects: the
+    error was "not valid JSON (Extra data); each line must be one JSON object", which did not say why. It names
+    the line ends now, with --workers (block reader) too; CRLF files still read."""
+    rows = [json.dumps({"text": t}) for t in TEXTS[:5]]
+    (tmp_path / "cr.jsonl").write_bytes(("\r".join(rows) + "\r").encode())
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"cr\.jsonl:1: its lines end with a lone carriage return"):
+            run(tmp_path, [tmp_path / "cr.jsonl"], tokenizer="char", workers=workers)
+    (tmp_path / "crlf.jsonl").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    assert run(tmp_path, [tmp_path / "crlf.jsonl"], tokenizer="char")["documents"]["in"] == 5

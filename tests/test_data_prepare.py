@@ -680,6 +680,19 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path: Path) -> None:
     assert [Path(i["path"]).name for i in other["inputs"]] == ["b.txt"]
 
 
+def test_under_out_compares_whole_names() -> None:
+    """`_under_out` compares path text (a 100,000-file walk spent half its time in Path.parents): a sibling whose
+    name merely starts with --out's (`out2`, `.out2.lmforge-tmp-1`) is not inside it."""
+    from lmforge.data.ingest import _under_out
+
+    out = Path("/data/out")
+    inside = ["/data/out", "/data/out/card.md", "/data/.out.lmforge-tmp-1a/x.txt", "/data/.out.lmforge-old-2b/a/b"]
+    outside = ["/data/out2/a.txt", "/data/outer.txt", "/data/.out2.lmforge-tmp-1/x.txt", "/other/.out.lmforge-tmp-1/x"]
+    assert all(_under_out(Path(p), out) for p in inside)
+    assert not any(_under_out(Path(p), out) for p in outside)
+    assert _under_out(Path("/a.txt"), Path("/"))
+
+
 def test_users_out_tmp_is_not_lmforges(tmp_path: Path) -> None:
     """`out.tmp` may be the user's own folder: prepare neither builds in it nor deletes it."""
     write(tmp_path / "a.txt", "hello there\n\ngeneral kenobi")
@@ -757,8 +770,8 @@ def test_clean_functions() -> None:
     assert decode_utf8(b"ok \xef\xbf\xbd") == ("ok \ufffd", 0)
     assert decode_utf8(b"\xe4\xb8") == ("\ufffd", 1)  # truncated multi-byte character
     cleaned = clean_text("\ufeff a\r\nb\rc\x85d\x7f\u200de\t ", "NFC")
-    assert cleaned.text == "\ufeff a\nb\nc\nd\u200de"  # BOM (Cf) and ZWJ (Cf) kept; NEL a line break; DEL removed
-    assert cleaned.control_chars_removed == 1 and not cleaned.normalized
+    assert cleaned.text == "a\nb\nc\nd\u200de"  # ZWJ (Cf) kept; NEL a line break; DEL and the BOM removed
+    assert cleaned.control_chars_removed == 2 and not cleaned.normalized
     assert clean_text("ﬁ", "NFKC").text == "fi" and clean_text("ﬁ", "none").text == "ﬁ"
     assert [length_verdict(t, 3) for t in ("", "ab", "abc")] == ["empty", "too_short", "ok"]
     assert looks_binary(b"abc\x00\x00\x00def") and not looks_binary("满纸荒唐言".encode() * 1000)
@@ -780,6 +793,35 @@ def test_line_break_controls_become_newlines(tmp_path: Path) -> None:
     m = run(tmp_path, [path], tokenizer="char", normalize_whitespace=True, val_fraction=0, test_fraction=0)
     assert docs_by_split(tmp_path / "out")["train"] == ["Page one ends here.\nPage two\nstarts.\n\nEnd."]
     assert m["cleaning"]["control_chars_removed"] == 1  # the BEL
+
+
+def test_a_bom_inside_a_text_file_is_removed(tmp_path: Path) -> None:
+    """`cat a.txt b.txt` of two files a Windows editor saved (UTF-8 with a BOM) leaves U+FEFF where b.txt starts:
+    it was kept (trained on as an invisible character), and its paragraph was no exact duplicate of the same
+    paragraph elsewhere. It is deleted and counted as control characters are; the zero-width joiner is kept."""
+    bom = "\ufeff".encode()
+    a = bom + b"First paragraph of file a.\n\nA paragraph both files hold.\n\n"
+    b = bom + "A paragraph both files hold.\n\nLast one, 👩\u200d💻.\n".encode()
+    path = write(tmp_path / "cat.txt", a + b)
+    m = run(tmp_path, [path], tokenizer="char", val_fraction=0, test_fraction=0)
+    train = docs_by_split(tmp_path / "out")["train"]
+    assert train == ["First paragraph of file a.", "A paragraph both files hold.", "Last one, 👩\u200d💻."]
+    assert m["documents"]["removed"]["exact_dup"] == 1 and m["cleaning"]["control_chars_removed"] == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared(tmp_path: Path) -> None:
+    """A Latin-1 file name (`caf\\xe9.txt`, as an old zip unpacks it) reaches Python as a lone surrogate, and writing
+    it into card.json and manifest.json stopped prepare with a UnicodeEncodeError traceback after all its work.
+    The manifest now names it with its byte escaped, and the text is prepared."""
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_text("A Latin-1 named file.\n\nIts second paragraph.\n", "utf-8")
+    m = run(tmp_path, [folder], tokenizer="char", val_fraction=0, test_fraction=0)
+    assert [i["path"] for i in m["inputs"]] == [str(folder / "caf\\xe9.txt")]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text(encoding="utf-8"))
+    assert on_disk["inputs"][0]["path"].endswith("caf\\xe9.txt") and on_disk["documents"]["out"] == 2
 
 
 def test_huge_train_split_is_sampled_for_bpe_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -818,6 +860,44 @@ def test_prepare_says_when_a_folder_skipped_json_files(tmp_path: Path, capsys: p
     with pytest.raises(SystemExit):
         main(["prepare", str(tmp_path / "book.txt"), "--vocab-size", "300", "--quiet", "--out", str(tmp_path / "o2")])
     assert capsys.readouterr().err == ""
+
+
+def test_prepare_says_when_a_folder_skipped_bz2_and_xz_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder of .txt and .xz/.bz2 files prepared the .txt files and skipped the others with no word on stderr
+    (only manifest.json skipped_files listed them): half the corpus lost silently. Now a note names them."""
+    import bz2
+    import lzma
+
+    from lmforge.cli import main
+
+    write(tmp_path / "corpus" / "a.txt", "\n\n".join(sentences(40, seed=3)))
+    (tmp_path / "corpus" / "b.txt.xz").write_bytes(lzma.compress("\n\n".join(sentences(40, seed=4)).encode()))
+    (tmp_path / "corpus" / "c.txt.bz2").write_bytes(bz2.compress("\n\n".join(sentences(40, seed=5)).encode()))
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", str(tmp_path / "corpus"), "--tokenizer", "char", "--quiet", "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 compressed files" in err and "b.txt.xz" in err and "gzip" in err
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.tsv", "t.parquet"])
+def test_a_text_column_named_twice_is_refused(tmp_path: Path, name: str) -> None:
+    """A header 'text,text' (CSV, TSV) or two Parquet columns named 'text' read the first column without a word
+    (pandas and csv.DictReader read the last): which one is the text is the user's to say."""
+    if name.endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_arrays([pa.array(["one", "two"]), pa.array(["uno", "dos"])], names=["text", "text"])
+        pq.write_table(table, tmp_path / name)
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        write(tmp_path / name, f"text{sep}text\none{sep}uno\ntwo{sep}dos\n")
+    with pytest.raises(DataError, match="2 columns are named 'text'.*rename all but one"):
+        run(tmp_path, [tmp_path / name], tokenizer="char")
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_names_a_file_whose_invalid_utf8_was_replaced(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write_text, replacing, write_json
-from lmforge.data.ingest import skipped_json
+from lmforge.data.ingest import skipped_json, unread_compressed
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
@@ -131,7 +131,8 @@ def _files_and_total(counts: dict[str, int], noun: str) -> str:
 
 def notes(manifest: dict[str, Any]) -> list[str]:
     """Notes for `prepare`'s stderr, each one line: .json files a folder or glob walk skipped (usually metadata,
-    but a corpus of .json files, such as the classical poetry sets, is read only when named); inputs whose
+    but a corpus of .json files, such as the classical poetry sets, is read only when named); .bz2/.xz/.zip/...
+    files it skipped (a corpus folder half in .xz prepared its other half without a word); inputs whose
     invalid UTF-8 was replaced with U+FFFD under `--max-invalid-utf8` (a small Latin-1 file's accents were
     silent mojibake, with only a count in manifest.json)."""
     out = []
@@ -141,6 +142,13 @@ def notes(manifest: dict[str, Any]) -> list[str]:
         out.append(
             f"note: folders skip .json files, so {many} (such as {json_files[0]}) went unread; "
             "name them as inputs to read them, e.g. 'DIR/*.json' (listed in manifest.json skipped_files)"
+        )
+    packed = unread_compressed(manifest.get("skipped_files", []))
+    if packed:  # a folder of .txt files and .xz files read the .txt files and said nothing of the rest
+        many = f"{len(packed):,} compressed files" if len(packed) > 1 else "a compressed file"
+        out.append(
+            f"note: folders skip files compressed other than .gz or .zst, so {many} (such as {packed[0]}) went "
+            "unread; decompress them first, or recompress them with gzip (listed in manifest.json skipped_files)"
         )
     # (JSON's escaped lone surrogates are counted as invalid UTF-8 too, but say nothing about the file's encoding)
     lone = {i["path"]: i.get("lone_surrogates_replaced", 0) for i in manifest["inputs"]}

@@ -6,8 +6,11 @@ Order applied to every document (`clean_text`):
    LINE SEPARATOR (U+2028) and PARAGRAPH SEPARATOR (U+2029) - become "\\n" (not counted as removed
    characters): deleting them joined words ("foo\\x0cbar" became "foobar").
 2. Control characters: Unicode category Cc except "\\n" and "\\t" are removed and counted
-   (NUL, ESC, DEL, C1 controls, ...). Format characters (Cf: zero-width joiner in emoji, BOM inside
-   text) are kept, since they are part of real text.
+   (NUL, ESC, DEL, C1 controls, ...), and so is U+FEFF, the byte-order mark: inside text it is what
+   `cat a.txt b.txt` of files a Windows editor saved leaves where b.txt starts (its use as a zero-width
+   no-break space is deprecated since Unicode 3.2, for U+2060), and a paragraph that kept it was no exact
+   duplicate of its copy without it. Other format characters (Cf: zero-width joiner in emoji, bidi
+   marks) are kept, since they are part of real text.
 3. Unicode normalization (NFC by default, NFKC or none); documents it changed are counted.
 4. Strip leading/trailing whitespace.
 
@@ -36,7 +39,7 @@ from lmforge.errors import DataError
 REPLACEMENT = "\ufffd"
 _REPLACEMENT_BYTES = REPLACEMENT.encode("utf-8")
 # Category Cc is exactly U+0000-U+001F and U+007F-U+009F; keep \t (09) and \n (0A).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")  # (+ U+FEFF, the BOM: step 2 above)
 # Line breaks other than \n and \r (step 1): VT, FF, NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR.
 _LINE_BREAK = re.compile("[\x0b\x0c\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -6,6 +6,8 @@ hub datasets (`hf:NAME[:CONFIG][:SPLIT]`), read as one string column.
 - A dictionary-encoded column (a pandas Categorical) is decoded to its strings; a null row is no text
   (`RawDocument`); a list-of-strings column gives one document per row, its strings joined by newlines (as a
   .json file's lists); any other column type is refused with the `--text-field` advice.
+- A dotted `--text-field doc.body` that names no column descends into the struct column `doc` (`_column_path`),
+  as a dotted path reaches into JSON objects (`jsonl.py`); lists of structs are not walked.
 - Split out of `ingest` (size guide); `ingest.read_documents` imports it only for these formats.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.clean import replace_surrogates
-from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint
+from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint, column_index
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
 from lmforge.export.hub import check_hub, stall_limit
@@ -66,11 +68,39 @@ def _check_column(where: object, names: list[str], text_field: str) -> int:
     if text_field not in names:
         columns = ", ".join(names[:20]) or "none"
         raise DataError(f"{where}: no column '{text_field}' (columns: {columns}); {column_hint(names, text_field)}")
-    return names.index(text_field)
+    return column_index(where, names, text_field)
 
 
-def _string_rows(where: object, batch: Any, column: int, text_field: str) -> Iterator[RawDocument]:
+def _column_path(where: object, schema: Any, text_field: str) -> tuple[int, list[str]]:
+    """(the column, the struct fields to descend into) `text_field` names: a column, or a dotted path into a struct
+    column (`doc.body`, as a dotted --text-field reaches into JSON objects; a Parquet file of nested records,
+    which pandas and `datasets` write as struct columns, was refused with "no column 'doc.body' (columns: doc)"
+    and no --text-field could read it)."""
+    names = schema.names
+    top, *keys = text_field.split(".")
+    if text_field in names or not keys or top not in names:
+        return _check_column(where, names, text_field), []
+    import pyarrow.types
+
+    column = _check_column(where, names, top)
+    kind, at = schema.field(column).type, top
+    for key in keys:
+        struct = pyarrow.types.is_struct(kind)
+        if not struct or kind.get_field_index(key) < 0:
+            inside = f"its fields: {', '.join(f.name for f in kind)}" if struct else f"it holds {kind}"
+            raise DataError(f"{where}: no field '{key}' in column '{at}' ({inside}); choose the text with --text-field")
+        kind, at = kind.field(key).type, f"{at}.{key}"
+    return column, keys
+
+
+def _string_rows(
+    where: object, batch: Any, column: int, text_field: str, keys: list[str] | None = None
+) -> Iterator[RawDocument]:
     array = batch.column(column)
+    if keys:  # a dotted --text-field into a struct column (`_column_path`); a null record is a null field
+        import pyarrow.compute
+
+        array = pyarrow.compute.struct_field(array, keys)
     if str(array.type).startswith("dictionary<"):  # dictionary-encoded (pandas Categorical): decode its strings
         array = array.cast(array.type.value_type)
     kind = str(array.type)
@@ -98,10 +128,11 @@ def arrow_documents(path: Path, fmt: Format, text_field: str) -> Iterator[RawDoc
             parquet = pa.parquet.ParquetFile(path)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file ({e}); re-create it or remove it") from None
-        _check_column(path, parquet.schema_arrow.names, text_field)
+        column, keys = _column_path(path, parquet.schema_arrow, text_field)
         try:
-            for batch in parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[text_field]):
-                yield from _string_rows(path, batch, 0, text_field)
+            top = parquet.schema_arrow.names[column]
+            for batch in parquet.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=[top]):
+                yield from _string_rows(path, batch, 0, text_field, keys)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: read failed ({e}); re-create the file or remove it") from None
         finally:
@@ -111,9 +142,9 @@ def arrow_documents(path: Path, fmt: Format, text_field: str) -> Iterator[RawDoc
         try:
             with pa.memory_map(str(file)) as source:
                 reader = pa.ipc.open_stream(source)
-                column = _check_column(path, reader.schema.names, text_field)
+                column, keys = _column_path(path, reader.schema, text_field)
                 for batch in reader:
-                    yield from _string_rows(path, batch, column, text_field)
+                    yield from _string_rows(path, batch, column, text_field, keys)
         except (OSError, pa.ArrowException) as e:
             raise DataError(
                 f"{file}: not a readable Arrow file ({e}); save the dataset again with save_to_disk"

@@ -22,7 +22,7 @@ import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from lmforge.data.clean import BINARY_SNIFF_BYTES, decode_utf8, legacy_encoding, looks_binary, utf16_encoding
 from lmforge.data.compressed import inner_name, open_input, read_errors
@@ -74,6 +74,41 @@ def column_hint(columns: list[str], text_field: str) -> str:
     if near is None:
         return "choose one with --text-field"
     return f"the column is spelled {near!r}: pass --text-field {shlex.quote(near)}"
+
+
+def column_index(where: object, columns: list[str], text_field: str) -> int:
+    """The index of the `--text-field` column among `columns` (which hold it), refusing a header that names it
+    twice: a CSV headed 'text,text' or a Parquet file with two 'text' columns read the first without a word,
+    where pandas and `csv.DictReader` read the last."""
+    count = columns.count(text_field)
+    if count > 1:
+        raise DataError(
+            f"{where}: {count} columns are named '{text_field}', so which one holds the text is ambiguous; rename "
+            "all but one of them"
+        )
+    return columns.index(text_field)
+
+
+def writable_text(value: Any) -> Any:
+    """`value` (a manifest: dicts, lists, strings, numbers) with every string one UTF-8 can hold. A file name that
+    is not UTF-8 (Latin-1 names unpacked from an old zip: `caf\\xe9.txt`) reaches Python as lone surrogates
+    (`os.fsdecode`), and writing it into manifest.json stopped `prepare` with a UnicodeEncodeError traceback after
+    all its work; its bytes are written as `\\xe9` instead (other lone surrogates as '?')."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            pass
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {writable_text(k): writable_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [writable_text(v) for v in value]
+    return value
 
 
 def is_hub(path: str | Path) -> bool:

@@ -41,9 +41,7 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
     for i, record in enumerate(records, 1):
         where = f"{path}: item {i}" if isinstance(value, list) else f"{path}: its top-level object"
         if isinstance(record, dict) and text_field not in record and "." in text_field:
-            for j, text in enumerate(field_texts(record, text_field, where)):
-                doc, surrogates = replace_surrogates(text)
-                yield RawDocument(doc, (bad if i == 1 and j == 0 else 0) + surrogates, surrogates=surrogates)
+            yield from field_documents(record, text_field, where, bad if i == 1 else 0)
             continue
         if isinstance(record, dict):
             if text_field not in record:
@@ -58,16 +56,24 @@ def json_documents(path: Path, stream: BinaryIO, text_field: str, max_bytes: int
         yield RawDocument(doc, (bad if i == 1 else 0) + surrogates, surrogates=surrogates)
 
 
-def field_texts(record: dict[str, Any], field_path: str, where: str) -> Iterator[str]:
-    """The texts at dotted `field_path` in a JSON object (`dotted_rows`, a key missing on the way an error, as a
-    missing flat --text-field is), each a string or a list of strings (joined by newlines).
+def field_documents(record: dict[str, Any], field_path: str, where: str, bad: int) -> Iterator[RawDocument]:
+    """The documents at dotted `field_path` in a JSON object (`dotted_rows`, a key missing on the way an error, as a
+    missing flat --text-field is), each a string or a list of strings (joined by newlines); the first carries the
+    line's `bad` (invalid UTF-8) count. A null there is no text, skipped and counted as a null flat field is
+    (`{"doc": {"body": null}}` stopped the run, where `{"text": null}` was counted under no_text).
 
     Raises:
         DataError: a key missing on the way, or a leaf of another kind; the message names the path so far.
     """
     hint = "choose the text field with --text-field (a dotted path such as doc.text reaches into objects)"
-    for k, found in enumerate(dotted_rows(record, [field_path], where, missing="error", hint=hint), 1):
-        yield document_text(found[field_path], f"{where} (value {k} found there)", field_path)
+    found = dotted_rows(record, [field_path], where, missing="error", hint=hint)
+    for k, row in enumerate(found, 1):
+        value, here = row[field_path], f"{where} (value {k} found there)" if len(found) > 1 else where
+        if value is None:
+            yield RawDocument(None, bad if k == 1 else 0)
+            continue
+        text, surrogates = replace_surrogates(document_text(value, here, field_path))
+        yield RawDocument(text, (bad if k == 1 else 0) + surrogates, surrogates=surrogates)
 
 
 def document_text(value: Any, where: str, text_field: str) -> str:
@@ -170,6 +176,11 @@ def jsonl_documents(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and "\r" in line[: e.pos]:  # (a raw CR is never inside a JSON string)
+                raise DataError(
+                    f"{path}:{lineno}: its lines end with a lone carriage return (old Mac OS), and JSON Lines end at "
+                    "\\n; convert its line ends first (tr '\\r' '\\n' does)"
+                ) from None
             raise DataError(
                 f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl file must be one JSON object"
             ) from None
@@ -178,9 +189,7 @@ def jsonl_documents(
             kind = type(record).__name__
             raise DataError(f'{where}: expected a JSON object, got {kind}; each line must be {{"{text_field}": ...}}')
         if text_field not in record and "." in text_field:  # a path into nested objects
-            for j, text in enumerate(field_texts(record, text_field, where)):
-                text, surrogates = replace_surrogates(text)
-                yield RawDocument(text, (bad if j == 0 else 0) + surrogates, surrogates=surrogates)
+            yield from field_documents(record, text_field, where, bad)
             continue
         if text_field not in record:  # skipped and counted; an error when no row has it (ingest.read_documents)
             keys = ", ".join(list(record)[:8]) or "none"

@@ -109,6 +109,7 @@ from lmforge.data.ingest import (
     resolve_inputs,
     skipped_json,
     unread_compressed,
+    writable_text,
 )
 from lmforge.data.shards import dtype_for_vocab
 from lmforge.data.split import SPLITS
@@ -853,6 +854,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "dtype": np.dtype(dtype_for_vocab(tok.vocab_size)).name,  # the shards' (uint32 over 65,536 ids)
             "splits": splits,
         }
+        manifest = writable_text(manifest)  # (a file name that is not UTF-8)
         tok.save(tmp / TOKENIZER)
         if cfg.card:
             from lmforge.data.card import write_card
