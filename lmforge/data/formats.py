@@ -193,18 +193,26 @@ def label_name(value: Any) -> str:
     on: CSV "1", JSON 1 or 1.0, a float column's 1.0 and pandas' "1.0" are "1" ("1.5" stays "1.5");
     JSON true, CSV "true" and pandas' "True" are "true". Other strings are kept as written (stripped).
     """
-    if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
-        return "true" if value else "false"
     if isinstance(value, float) and math.isnan(value):  # JSONL's NaN (Python's json writes a missing float so): none
         return ""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    name = str(value).strip()
+    name = scalar_text(value).strip()
     if _INTEGER_AS_FLOAT.fullmatch(name):
         return str(int(name.split(".")[0]))  # (int: "-0.0" is "0")
     if name.lower() in ("true", "false"):
         return name.lower()
     return name
+
+
+def scalar_text(value: Any) -> str:
+    """A JSON or Parquet value as the text it stands for: JSON's spelling of a bool ("true", not Python's "True"),
+    an integer written as a float (a Parquet double column, pandas' int column with a gap) as the integer ("3", not
+    "3.0"), other numbers as JSON writes them ("3.5"), a string as it is. Labels (`label_name`) and QA answers
+    (`qa.references`) read numbers and bools so."""
+    if isinstance(value, bool):  # (before the numbers: a bool is an int)
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def label_key(name: str) -> tuple[int, float | str]:
