@@ -341,3 +341,30 @@ def test_the_printed_samples_show_several_references_as_text():
     assert (
         format_metrics(m).splitlines()[1] == "  prompt: 'Where?' | reference: 'Paris / in Paris' | prediction: '巴黎'"
     )
+
+
+def test_numbers_and_bools_as_answers_are_their_json_text(base: Path, tmp_path: Path):
+    """`"answer": true` trained on and was scored against Python's "True", and a number in a list with a float
+    (`[4, 4.0]`, or a Parquet list<double>) against "4.0", so the reply "4" scored EM 0. Now an answer is the text
+    JSON writes (`4`, `3.5`, `true`), the integer where a float holds one, in training and scoring alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.eval.tasks import best_over_references
+    from lmforge.tokenizer.tokenizer import Tokenizer
+
+    q, c = "How many?", "There are 4 of 3.5 true."
+    cases = [(True, ["true"]), (3.5, ["3.5"]), (7, ["7"]), ([4, 4.0], ["4", "4"]), ({"text": [4.0]}, ["4"])]
+    path = _write_jsonl(tmp_path / "numbers.jsonl", [{"question": q, "context": c, "answer": a} for a, _ in cases])
+    pq.write_table(pa.Table.from_pylist([{"question": q, "context": c, "answer": [4, 3.5]}]), tmp_path / "n.parquet")
+    fields = field_map("qa", None)
+    rows = read_task_rows(path, "qa", fields, scored=True)
+    assert [references(r, fields) for r in rows] == [want for _, want in cases]
+    assert references(read_task_rows(tmp_path / "n.parquet", "qa", fields)[0], fields) == ["4", "3.5"]
+    tok = Tokenizer.load(base / "tokenizer.json")
+    examples = build_examples(rows, task="qa", tok=tok, fields=fields, max_len=128, labels=None, path=path)
+    for example, (_, want) in zip(examples, cases, strict=True):
+        trained = [i for i, t in zip(example.ids, example.train, strict=True) if t]
+        assert trained == tok.encode(want[0]) + [tok.eos_id]  # the text the reply is scored against
+    assert best_over_references("true", references(rows[0], fields)) == (1.0, 1.0)
+    assert best_over_references("4", references(rows[3], fields)) == (1.0, 1.0)

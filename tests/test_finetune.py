@@ -2088,13 +2088,16 @@ def test_fewshot_accuracy_norm_does_not_favour_short_labels():
 
 def test_a_json_list_or_object_where_one_text_belongs_is_refused(tmp_path: Path):
     """UltraFeedback-style DPO rows (`chosen`/`rejected` as lists of chat messages) trained on the lists' Python
-    repr, silently; so did a multi-label row's list of labels, or an object as an sft output. One line now."""
+    repr, silently; so did a multi-label row's list of labels, or an object as an sft output. One line now. (DPO
+    rows whose sides are both message lists are TRL's conversational format, `test_finetune_dpo.py`; a row that
+    mixes lists and text says to write both one way.)"""
     from lmforge.data.tables import field_map, read_task_rows
 
     talk = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     cases = [
-        ("dpo", {"prompt": "2+2?", "chosen": talk, "rejected": "5"}, "row 2 column 'chosen' holds a JSON list"),
-        ("dpo", {"prompt": talk[:1], "chosen": "4", "rejected": "5"}, "row 2 column 'prompt' holds a JSON list"),
+        ("dpo", {"prompt": "2+2?", "chosen": talk, "rejected": "5"}, "row 2: 'chosen' is a list of messages and"),
+        ("dpo", {"prompt": talk[:1], "chosen": "4", "rejected": "5"}, "row 2: 'prompt' is a list of messages and"),
+        ("dpo", {"prompt": {"text": "2+2?"}, "chosen": "4", "rejected": "5"}, "row 2 column 'prompt' holds a JSON obj"),
         ("classify", {"text": "good and fun", "label": [1, 3]}, "row 2 column 'label' holds a JSON list"),
         ("sft", {"instruction": "hi", "output": {"text": "hello"}}, "row 2 column 'output' holds a JSON object"),
     ]
@@ -2103,7 +2106,8 @@ def test_a_json_list_or_object_where_one_text_belongs_is_refused(tmp_path: Path)
     for task, row, said in cases:
         path = tmp_path / f"{task}.jsonl"
         path.write_text(json.dumps(ok[task]) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
-        with pytest.raises(DataError, match=re.escape(said) + ", not one text or label; write it as a string"):
+        rest = "; write " if "messages" in said else ", not one text or label; write it as a string"
+        with pytest.raises(DataError, match=re.escape(said) + ".*" + re.escape(rest)):
             read_task_rows(path, task, field_map(task, []))
 
 

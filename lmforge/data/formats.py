@@ -193,18 +193,26 @@ def label_name(value: Any) -> str:
     on: CSV "1", JSON 1 or 1.0, a float column's 1.0 and pandas' "1.0" are "1" ("1.5" stays "1.5");
     JSON true, CSV "true" and pandas' "True" are "true". Other strings are kept as written (stripped).
     """
-    if isinstance(value, bool):  # (before the numbers: a bool is an int) JSON's spelling, not Python's "True"
-        return "true" if value else "false"
     if isinstance(value, float) and math.isnan(value):  # JSONL's NaN (Python's json writes a missing float so): none
         return ""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    name = str(value).strip()
+    name = scalar_text(value).strip()
     if _INTEGER_AS_FLOAT.fullmatch(name):
         return str(int(name.split(".")[0]))  # (int: "-0.0" is "0")
     if name.lower() in ("true", "false"):
         return name.lower()
     return name
+
+
+def scalar_text(value: Any) -> str:
+    """A JSON or Parquet value as the text it stands for: JSON's spelling of a bool ("true", not Python's "True"),
+    an integer written as a float (a Parquet double column, pandas' int column with a gap) as the integer ("3", not
+    "3.0"), other numbers as JSON writes them ("3.5"), a string as it is. Labels (`label_name`) and QA answers
+    (`qa.references`) read numbers and bools so."""
+    if isinstance(value, bool):  # (before the numbers: a bool is an int)
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def label_key(name: str) -> tuple[int, float | str]:
@@ -386,6 +394,71 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def chat_pair(
+    row: dict[str, Any], fields: dict[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]] | None:
+    """(prompt messages, chosen reply, rejected reply) of a DPO row in TRL's conversational format: `chosen` and
+    `rejected` lists of {role, content} messages, after a `prompt` list of them (explicit prompt), or alone as
+    two whole conversations (TRL's implicit prompt; UltraFeedback's, whose text `prompt` is their first user
+    turn). The prompt is every message before the final assistant turn, which both conversations must share;
+    None when they do not (`_FORKED`: hh-rlhf has a few whose replies hold a "Human:" line of their own). Turns
+    are read as sft reads them (ShareGPT's, OpenAI's text parts).
+
+    Raises:
+        DataError: a conversation that does not end with an assistant turn, or a text prompt that is not its
+            user turn.
+    """
+    from lmforge.chat import openai_text_messages, sharegpt_messages
+
+    prompt = row.get(fields["prompt"])
+    sides = [openai_text_messages(sharegpt_messages(row[fields[name]])) for name in ("chosen", "rejected")]
+    if isinstance(prompt, list):
+        sides = [openai_text_messages(sharegpt_messages(prompt)) + side for side in sides]
+    elif isinstance(prompt, str):
+        users = [m.get("content") for side in sides for m in side if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:  # replies alone: the text prompt is the user turn they answer
+            sides = [[{"role": "user", "content": prompt}, *side] for side in sides]
+        elif str(users[0]).strip() != prompt.strip():
+            raise DataError(
+                f"{fields['prompt']!r} is text and {fields['chosen']!r} holds another user turn; write the prompt "
+                "as a list of messages, or leave it out when the conversations hold it"
+            )
+    for name, side in zip(("chosen", "rejected"), sides, strict=True):
+        last = side[-1] if side else None
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            raise DataError(
+                f"the {name} conversation does not end with an assistant turn; DPO compares two replies to one "
+                "conversation, so end each with the reply"
+            )
+    (*prompt_turns, chosen), (*other, rejected) = sides
+    if prompt_turns != other:
+        return None
+    # earlier replies are context (weight 0), as sft's template reads them: only the final reply is compared
+    context = [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt_turns]
+    return context, chosen, rejected
+
+
+def chat_pair_examples(
+    tok: Any,
+    template: Any,
+    prompt: list[dict[str, Any]],
+    chosen: dict[str, Any],
+    rejected: dict[str, Any],
+    max_len: int,
+) -> dict[str, LMExample]:
+    """A conversational DPO pair rendered through the chat template as sft trains on it (and `serve` prompts):
+    the prompt's turns, then the reply and its end of turn as the only targets; cut as sft's examples are."""
+    pair = {}
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        reply = {k: v for k, v in reply.items() if k != "weight"}  # (the reply is what is compared)
+        pair[name] = segments_example(template.segments(tok, [*prompt, reply]), max_len, tok.prompt_prefix)
+    return pair
+
+
+# why `build_examples` skips a conversational DPO pair that `chat_pair` cannot read as two replies to one prompt
+_FORKED = "chosen and rejected conversations that differ before their last assistant turn"
+
+
 def build_examples(
     rows: list[dict[str, Any]],
     *,
@@ -489,17 +562,27 @@ def build_examples(
         if rows and not texts:
             raise DataError(f"{path}: every document is empty once control characters are removed; write the texts")
         return clm_examples(tok, texts, max_len)
-    out = []  # dpo
-    for row in rows:
-        chosen, rejected = str(row[fields["chosen"]]), str(row[fields["rejected"]])
-        if fields["prompt"] in row:
-            prompt = str(row[fields["prompt"]])
+    out, forked = [], 0  # dpo
+    for i, row in enumerate(rows, 1):
+        if isinstance(row[fields["chosen"]], list):  # TRL's conversational form (`tables.check_columns`: both sides)
+            try:
+                turns = chat_pair(row, fields)
+                pair = None if turns is None else chat_pair_examples(tok, template or ChatTemplate(), *turns, max_len)
+            except DataError as e:
+                raise DataError(f"{path}: row {i}: {e}") from None
+            if pair is None:
+                forked += 1
+                continue
         else:
-            prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
-        pair = {
-            "chosen": completion_example(tok, prompt, chosen, max_len),
-            "rejected": completion_example(tok, prompt, rejected, max_len),
-        }
+            chosen, rejected = str(row[fields["chosen"]]), str(row[fields["rejected"]])
+            if fields["prompt"] in row:
+                prompt = str(row[fields["prompt"]])
+            else:
+                prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+            pair = {
+                "chosen": completion_example(tok, prompt, chosen, max_len),
+                "rejected": completion_example(tok, prompt, rejected, max_len),
+            }
         # Identical sides state no preference: their DPO loss is log 2 with zero gradient whatever the model, and
         # scoring counts them as a wrong reward ordering. Dropped and noted (eval's result counts them too).
         # An empty side is kept: it is a preference for (or against) stopping at once (hh-rlhf has 4 such).
@@ -509,8 +592,13 @@ def build_examples(
         raise DataError(
             f"{path}: all {len(rows)} pairs have the same chosen and rejected tokens (within {max_len} tokens), so "
             "there is no preference to learn or score; check the chosen and rejected columns"
+            if not forked
+            else f"{path}: no pair of its {len(rows)} has chosen and rejected conversations that differ only in their "
+            "last assistant turn (or they are the same tokens); DPO compares two replies to one conversation"
         )
-    note_skipped(path, len(rows) - len(out), len(rows), "the same chosen and rejected (no preference)", "pairs")
+    same = len(rows) - len(out) - forked
+    note_skipped(path, same, len(rows), "the same chosen and rejected (no preference)", "pairs")
+    note_skipped(path, forked, len(rows), _FORKED, "pairs")
     cut = sum(p["chosen"].cut or p["rejected"].cut for p in out)
     note_cut(path, cut, len(out), max_len, _LM_CUT, "pairs", advice=advice)
     return out

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.formats import label_name
+from lmforge.data.formats import label_name, scalar_text
 from lmforge.data.tables import MissingColumnError, column, null_cell, refuse_structured
 from lmforge.errors import DataError
 
@@ -153,11 +153,11 @@ def _texts(value: Any, where: str, name: str) -> tuple[list[str], int | None]:
             else:
                 texts.append(item)
     else:
-        return [str(value)], None
+        return [scalar_text(value)], None
     for t in texts:
         if t is None or isinstance(t, (list, dict)):
             raise DataError(f"{hint}; it holds {t!r}")
-    return [str(t) for t in texts], start if isinstance(start, int) and not isinstance(start, bool) else None
+    return [scalar_text(t) for t in texts], start if isinstance(start, int) and not isinstance(start, bool) else None
 
 
 def unanswerable(row: dict[str, Any], fields: dict[str, str]) -> bool:

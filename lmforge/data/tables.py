@@ -281,8 +281,9 @@ class MissingColumnError(DataError):
         self.column, self.field = column, field
 
 
-def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) -> list[Any]:
-    """The values of one column; a row without it is a one-line `DataError` naming the rename flag."""
+def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path, *, messages: bool = False) -> list[Any]:
+    """The values of one column; a row without it is a one-line `DataError` naming the rename flag. `messages`: a
+    list (of chat messages) is a value too (DPO's conversational `chosen`, checked by `_check_dpo`)."""
     for i, row in enumerate(rows, 1):
         if field not in row:
             columns = ", ".join(list(row)[:8])
@@ -293,7 +294,8 @@ def column(rows: list[dict[str, Any]], field: str, name: str, path: str | Path) 
             )
         if row[field] is None:
             raise null_cell(path, i, field)
-        refuse_structured(row[field], field, i, path)
+        if not (messages and isinstance(row[field], list)):
+            refuse_structured(row[field], field, i, path)
     return [row[field] for row in rows]
 
 
@@ -352,14 +354,13 @@ def check_columns(
         needed = {"classify": ("text", "label"), "translate": ("source", "target"), "qa": ()}
         needed |= {"dpo": ("chosen", "rejected"), "clm": ("text",)}
         for name in needed[task]:
-            column(rows, fields[name], name, path)
+            column(rows, fields[name], name, path, messages=task == "dpo")
         if task == "qa":  # an answer may be a list of references, SQuAD's answers object, or in `answers`
             from lmforge.data.qa import check_rows
 
             check_rows(rows, fields, path)
-        if task == "dpo":  # its optional prompt too (TRL's conversational format writes messages there)
-            for i, row in enumerate(rows, 1):
-                refuse_structured(row.get(fields["prompt"]), fields["prompt"], i, path)
+        if task == "dpo":
+            _check_dpo(rows, fields, path)
     if task == "classify":  # a blank cell would become a class of its own, named ""
         for i, row in enumerate(rows, 1):
             if not label_name(row[fields["label"]]):
@@ -387,6 +388,28 @@ def check_columns(
                 f"{path}: row {empty[0]} has an empty {where}{more}, which would score an empty answer as "
                 f"perfect; write the reference {REFERENCE[task]} or remove the row"
             )
+
+
+def _check_dpo(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> None:
+    """DPO rows are text (`prompt`, `chosen`, `rejected` strings) or TRL's conversational format (`chosen` and
+    `rejected` lists of messages, an optional `prompt` list or text; `formats.chat_pair` reads them), not a mix
+    of the two in one row."""
+    chosen, rejected, prompt = fields["chosen"], fields["rejected"], fields["prompt"]
+    for i, row in enumerate(rows, 1):
+        chat = isinstance(row[chosen], list), isinstance(row[rejected], list)
+        if chat[0] != chat[1]:
+            lists, text = (chosen, rejected) if chat[0] else (rejected, chosen)
+            raise DataError(
+                f"{path}: row {i}: {lists!r} is a list of messages and {text!r} is not; write both as lists of "
+                "{role, content} messages (TRL's conversational format) or both as text"
+            )
+        if isinstance(row.get(prompt), list) and not chat[0]:
+            raise DataError(
+                f"{path}: row {i}: {prompt!r} is a list of messages and {chosen!r}, {rejected!r} are text; write "
+                "the replies as lists of messages too (TRL's conversational format), or the prompt as text"
+            )
+        if not isinstance(row.get(prompt), list):
+            refuse_structured(row.get(prompt), prompt, i, path)
 
 
 def _check_scored_conversations(rows: list[dict[str, Any]], fields: dict[str, str], path: str | Path) -> None:

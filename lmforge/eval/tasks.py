@@ -509,14 +509,15 @@ def reply_logprobs(ft: Any, template: Any, pairs: list[tuple[list[dict[str, str]
 def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any) -> dict[str, Any]:
     from lmforge.adapt.load import load_base_model
     from lmforge.adapt.objectives import dpo_losses, pair_logprobs
-    from lmforge.data.formats import build_examples, dpo_collate
+    from lmforge.chat import ChatTemplate
+    from lmforge.data.formats import build_examples, chat_pair, dpo_collate
     from lmforge.finetune_eval import reference_logprobs
     from lmforge.objectives import to_device
 
     device = next(ft.model.parameters()).device
     pairs = build_examples(
         rows, task="dpo", tok=ft.tokenizer, fields=fields, max_len=ft.info["max_len"], labels=None, path=path,
-        context=answer_context(ft.model), run_max_len=True,
+        template=ft.template or ChatTemplate(), context=answer_context(ft.model), run_max_len=True,
     )  # fmt: skip
     reference = load_base_model(ft.info, device)
     reference_logprobs(reference, pairs, ft.tokenizer.eos_id, device)
@@ -531,6 +532,7 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
         chosen += rc.tolist()
         rejected += rr.tolist()
     n = len(losses)
+    forked = sum(isinstance(r[fields["chosen"]], list) and chat_pair(r, fields) is None for r in rows)
     return {
         "loss": sum(losses) / n,
         "reward_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
@@ -538,8 +540,10 @@ def _dpo(ft: Any, rows: list[dict[str, Any]], fields: dict[str, str], path: Any)
         "chosen_reward": sum(chosen) / n,
         "rejected_reward": sum(rejected) / n,
         "n": n,
-        # pairs with chosen == rejected (`build_examples`, whose stderr note is the printed report of them)
-        "skipped_identical": len(rows) - n,
+        # pairs with chosen == rejected, and conversations that differ before their last reply (`build_examples`,
+        # whose stderr notes are the printed report of them)
+        "skipped_identical": len(rows) - n - forked,
+        "skipped_forked": forked,
     }
 
 
