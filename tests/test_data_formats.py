@@ -572,6 +572,29 @@ def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> No
     assert m["documents"]["out"] == 3 and docs_by_split(tmp_path / "out")["train"] == texts
 
 
+def test_a_task_file_column_named_twice_is_refused(tmp_path: Path) -> None:
+    """A CSV/TSV task file naming a column twice ('text,text,label') read the last of them without a word, and a
+    Parquet one was "not a readable Parquet file; re-create it"; finetune now refuses each naming the column, as
+    prepare refuses its text column named twice. A blank name a trailing delimiter repeats is no column: it reads."""
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.tables import read_table
+
+    (tmp_path / "a.csv").write_text("text,text,label\nfirst,second,pos\n", encoding="utf-8")
+    (tmp_path / "a.tsv").write_text("label\ttext\ttext\npos\tfirst\tsecond\n", encoding="utf-8")
+    table = pa.Table.from_arrays(
+        [pa.array(["first"]), pa.array(["second"]), pa.array(["pos"])], ["text", "text", "label"]
+    )
+    pq.write_table(table, tmp_path / "a.parquet")
+    for name in ("a.csv", "a.tsv", "a.parquet"):
+        with pytest.raises(DataError, match=r"a\.\w+: 2 columns are named 'text'.*rename all but one"):
+            read_table(tmp_path / name)
+    (tmp_path / "b.csv").write_text("text,label,,\nfirst,pos,,\n", encoding="utf-8")
+    assert read_table(tmp_path / "b.csv")[0]["text"] == "first"
+
+
 def test_a_file_named_without_an_extension_is_read_by_its_content(tmp_path: Path) -> None:
     """`prepare corpus` (a JSON Lines file saved without an extension) prepared each raw line of JSON as a document,
     where `finetune --train corpus` reads it by its content. A file named without any extension is JSON Lines when
