@@ -460,7 +460,7 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
         list(read_documents(tmp_path / "o.jsonl"))
     assert [d.text for d in read_documents(tmp_path / "o.jsonl", text_field="text.zh")] == ["你好"]
     write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
-    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list \(\[.a., 1\]\), not a string \(or a list"):
         list(read_documents(tmp_path / "b.jsonl"))
 
 
@@ -551,6 +551,21 @@ def test_a_null_at_a_dotted_text_field_is_no_text_as_a_flat_null_is(tmp_path: Pa
     (tmp_path / "n.jsonl").write_text(json.dumps({"doc": {"body": 7}}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"n\.jsonl:1: field 'doc\.body' is int"):
         list(read_documents(tmp_path / "n.jsonl", text_field="doc.body"))
+
+
+def test_a_jsonl_row_whose_text_is_a_number_is_named_with_its_type(tmp_path: Path) -> None:
+    """One row whose text field holds a number or a bool among string rows was refused with only "choose the text
+    field with --text-field", though the field was right: the error names the line, the type and the value, and
+    says to fix that row first (a null is skipped and counted under no_text, as before)."""
+    rows = [{"text": "a sentence"}, {"text": None}, {"text": 42}, {"text": "another"}]
+    path = write(tmp_path / "odd.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"odd\.jsonl:3: field 'text' is int \(42\), not a string.*; fix that row"):
+        list(read_documents(path))
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": True}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"odd\.jsonl:2: field 'text' is bool \(true\).*or if the field holds no text"):
+        list(read_documents(path))
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": None}) + "\n", encoding="utf-8")
+    assert [d.text for d in read_documents(path)] == ["ok", None]
 
 
 def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> None:
