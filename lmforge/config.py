@@ -866,6 +866,11 @@ def _refuse_unread(cfg: RunConfig, user: list[dict[str, Any]], from_run: bool) -
     cfg.optim.refuse_unused(changed_fields(cfg.optim) | _written_keys(user, "optim"))
     # (--dist.sync_every under ddp was ignored; a diloco run's config.json with another --dist.strategy is not)
     cfg.dist.refuse_unused(_written_keys(user, "dist") | (set() if from_run else changed_fields(cfg.dist)))
+    if "carry_state" in _written_keys(user, "objective") and cfg.model.family not in ("lstm", "gru"):
+        raise ConfigError(  # (a GPT or Llama model has no state to carry: the setting was accepted and never read)
+            f"objective.carry_state is not used by model.family {cfg.model.family!r} (only by lstm or gru, whose "
+            "hidden state it carries across batches); drop it"
+        )
     if cfg.optim.name == "muon" and cfg.model.family in ("lstm", "gru"):  # (every weight got AdamW, without a word)
         raise ConfigError(
             f"optim.name muon orthogonalises the hidden nn.Linear matrices, which a model.family "

@@ -386,6 +386,21 @@ def test_muon_on_a_recurrent_network_is_refused(preset):
     load_config(preset="tiny", overrides=["--optim.name", "muon"])  # a Transformer has them
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_carry_state_on_a_transformer_is_refused(preset):
+    """objective.carry_state (LSTM/GRU's hidden state across batches) was accepted for a GPT or Llama model, which
+    never reads it; written by the user it is now refused in one line, and still read by a recurrent model."""
+    for value in ("true", "false"):
+        with pytest.raises(
+            ConfigError, match=r"^objective.carry_state is not used by model.family .*only by lstm or gru"
+        ):
+            load_config(preset=preset, overrides=["--objective.carry_state", value])
+    assert (
+        load_config(preset="lstm-tiny", overrides=["--objective.carry_state", "false"]).objective.carry_state is False
+    )
+    load_config(preset=preset)  # (its default, not written, is no error)
+
+
 def test_a_presets_optimizer_settings_give_way_to_another_optimizer(tmp_path):
     """The preset's AdamW beta2 (0.99) is the preset's, not the user's: --optim.name sgd drops it; a config file's
     is the user's, and refused; the same settings where they apply are kept."""

@@ -460,7 +460,7 @@ def test_jsonl_list_of_strings_is_joined_as_in_json(tmp_path: Path) -> None:
         list(read_documents(tmp_path / "o.jsonl"))
     assert [d.text for d in read_documents(tmp_path / "o.jsonl", text_field="text.zh")] == ["你好"]
     write(tmp_path / "b.jsonl", json.dumps({"text": ["a", 1]}) + "\n")
-    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list, not a string \(or a list of strings\)"):
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'text' is list \(\[.a., 1\]\), not a string \(or a list"):
         list(read_documents(tmp_path / "b.jsonl"))
 
 
@@ -553,6 +553,21 @@ def test_a_null_at_a_dotted_text_field_is_no_text_as_a_flat_null_is(tmp_path: Pa
         list(read_documents(tmp_path / "n.jsonl", text_field="doc.body"))
 
 
+def test_a_jsonl_row_whose_text_is_a_number_is_named_with_its_type(tmp_path: Path) -> None:
+    """One row whose text field holds a number or a bool among string rows was refused with only "choose the text
+    field with --text-field", though the field was right: the error names the line, the type and the value, and
+    says to fix that row first (a null is skipped and counted under no_text, as before)."""
+    rows = [{"text": "a sentence"}, {"text": None}, {"text": 42}, {"text": "another"}]
+    path = write(tmp_path / "odd.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"odd\.jsonl:3: field 'text' is int \(42\), not a string.*; fix that row"):
+        list(read_documents(path))
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": True}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"odd\.jsonl:2: field 'text' is bool \(true\).*or if the field holds no text"):
+        list(read_documents(path))
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": None}) + "\n", encoding="utf-8")
+    assert [d.text for d in read_documents(path)] == ["ok", None]
+
+
 def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> None:
     """`cat a.jsonl b.jsonl` of two files a Windows editor saved puts b.jsonl's BOM (U+FEFF) at the start of a line
     in the middle: `prepare` (whole-file and block readers) and `finetune` (read_table) read it, where it was a
@@ -570,6 +585,29 @@ def test_a_bom_at_the_start_of_any_jsonl_line_is_read_past(tmp_path: Path) -> No
     assert read_table(path) == rows
     m = run(tmp_path, [path], tokenizer="char")
     assert m["documents"]["out"] == 3 and docs_by_split(tmp_path / "out")["train"] == texts
+
+
+def test_a_task_file_column_named_twice_is_refused(tmp_path: Path) -> None:
+    """A CSV/TSV task file naming a column twice ('text,text,label') read the last of them without a word, and a
+    Parquet one was "not a readable Parquet file; re-create it"; finetune now refuses each naming the column, as
+    prepare refuses its text column named twice. A blank name a trailing delimiter repeats is no column: it reads."""
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.tables import read_table
+
+    (tmp_path / "a.csv").write_text("text,text,label\nfirst,second,pos\n", encoding="utf-8")
+    (tmp_path / "a.tsv").write_text("label\ttext\ttext\npos\tfirst\tsecond\n", encoding="utf-8")
+    table = pa.Table.from_arrays(
+        [pa.array(["first"]), pa.array(["second"]), pa.array(["pos"])], ["text", "text", "label"]
+    )
+    pq.write_table(table, tmp_path / "a.parquet")
+    for name in ("a.csv", "a.tsv", "a.parquet"):
+        with pytest.raises(DataError, match=r"a\.\w+: 2 columns are named 'text'.*rename all but one"):
+            read_table(tmp_path / name)
+    (tmp_path / "b.csv").write_text("text,label,,\nfirst,pos,,\n", encoding="utf-8")
+    assert read_table(tmp_path / "b.csv")[0]["text"] == "first"
 
 
 def test_a_file_named_without_an_extension_is_read_by_its_content(tmp_path: Path) -> None:

@@ -224,3 +224,20 @@ def test_the_readmes_merge_command_runs(tmp_path: Path) -> None:
     assert r.stdout.startswith(f"prepared {tmp_path / 'all'}: "), r.stdout
     # the merge trained no tokenizer: its line said "(of --vocab-size 4,096: the text holds no more tokens to learn)"
     assert "--vocab-size" not in r.stdout, r.stdout
+
+
+def test_merge_of_a_part_whose_folder_name_is_not_utf8(tmp_path: Path) -> None:
+    """A part folder with a Latin-1 byte in its name (`part\\xe9`) reaches Python as a lone surrogate: `prepare`
+    wrote its manifest with the byte escaped, but `--merge` wrote the part paths raw and stopped with a
+    UnicodeEncodeError traceback after all its work. The merged manifest now names it escaped, as prepare does."""
+    import os
+
+    write(tmp_path / "a.txt", "First part, first paragraph.\n\nFirst part, second paragraph.\n")
+    write(tmp_path / "b.txt", "Second part, a paragraph.\n")
+    odd = os.fsdecode(b"part\xe9")
+    prep(tmp_path, [tmp_path / "a.txt"], odd, tokenizer="char", val_fraction=0, test_fraction=0)
+    tok = str(tmp_path / odd / "tokenizer.json")
+    prep(tmp_path, [tmp_path / "b.txt"], "b", tokenizer=tok, val_fraction=0, test_fraction=0)
+    m = prep(tmp_path, [tmp_path / odd, tmp_path / "b"], "m", merge=True)
+    assert m["parts"][0] == str(tmp_path / "part\\xe9") and m["documents"]["out"] == 3
+    assert load_data_dir(tmp_path / "m").manifest["inputs"][0]["path"] == str(tmp_path / "part\\xe9")

@@ -8,6 +8,7 @@ q/k weights and ours (rotate half) on the originals: attention scores must agree
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from pathlib import Path
 
@@ -405,6 +406,30 @@ def test_a_tokenizer_that_puts_bos_first_is_written_with_it(bpe: Tokenizer, tmp_
     assert fields["tokenizer.ggml.eos_token_id"] == bpe.eos_id
     fields, _ = read(export_gguf(run, tmp_path / "own.gguf"))  # lmforge's own tokenizer: no BOS added
     assert fields["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_a_chat_tuned_bos_run_carries_the_template_the_hf_export_writes(bpe: Tokenizer, tmp_path: Path) -> None:
+    """A chat-tuned run whose tokenizer puts a BOS first (a fine-tune of an imported Llama) writes its template
+    with `{{ bos_token }}` first (`ChatTemplate.jinja_for`): the HF export had it, the GGUF had the plain template.
+    Both now carry the one the run wrote."""
+    from tokenizers import processors
+
+    from lmforge.chat import save_tokenizer_config
+    from lmforge.export.hf import export_hf
+    from lmforge.export.hf_import import import_hf
+
+    hf_dir = export_hf(make_run(tmp_path / "run", bpe, **LLAMA), tmp_path / "hf")
+    hf_tok = Tokenizer.load(hf_dir / "tokenizer.json").hf
+    bos = bpe.id_to_token(bpe.eos_id + 1)
+    hf_tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bpe.eos_id + 1)])
+    hf_tok.save(str(hf_dir / "tokenizer.json"))
+    imported = import_hf(hf_dir, tmp_path / "imported")
+    # what `finetune --task sft` writes into its run folder (this one trained no steps: the template is the point)
+    save_tokenizer_config(imported, load_trained(imported, torch.device("cpu")).tokenizer)
+    written = json.loads((export_hf(imported, tmp_path / "hf2") / "tokenizer_config.json").read_text("utf-8"))
+    fields, _ = read(export_gguf(imported, tmp_path / "bos.gguf"))
+    assert written["chat_template"].startswith("{{ bos_token }}")
+    assert fields["tokenizer.chat_template"] == written["chat_template"]
 
 
 def spm_tokenize(text: str, tokens: list[str]) -> list[int]:

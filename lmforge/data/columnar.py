@@ -21,6 +21,7 @@ from typing import Any
 
 from lmforge.data.clean import replace_surrogates
 from lmforge.data.ingest import HUB_PREFIX, Format, RawDocument, column_hint, column_index
+from lmforge.data.ingest_text import unique_columns
 from lmforge.data.jsonl import document_text
 from lmforge.errors import DataError, first_line
 from lmforge.export.hub import check_hub, stall_limit
@@ -42,6 +43,9 @@ def parquet_rows(path: Path) -> list[dict[str, Any]]:
     """A Parquet task file's rows as dicts (a fine-tune's --train/--val, `eval --task`), lists kept as lists."""
     pa = _need_pyarrow(".parquet files")
     try:
+        # two same-named columns: read_table failed with "Multiple matches for FieldRef.Name(text)", said as an
+        # unreadable file to re-create; named here, as prepare names its text column named twice
+        unique_columns(path, pa.parquet.ParquetFile(path).schema_arrow.names)
         return pa.parquet.read_table(path).to_pylist()
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file ({first_line(e)}); re-create it or remove it") from None

@@ -80,13 +80,22 @@ def column_index(where: object, columns: list[str], text_field: str) -> int:
     """The index of the `--text-field` column among `columns` (which hold it), refusing a header that names it
     twice: a CSV headed 'text,text' or a Parquet file with two 'text' columns read the first without a word,
     where pandas and `csv.DictReader` read the last."""
-    count = columns.count(text_field)
-    if count > 1:
-        raise DataError(
-            f"{where}: {count} columns are named '{text_field}', so which one holds the text is ambiguous; rename "
-            "all but one of them"
-        )
+    unique_columns(where, columns, [text_field])
     return columns.index(text_field)
+
+
+def unique_columns(where: object, columns: list[str], names: list[str] | None = None) -> list[str]:
+    """`columns` (a CSV/TSV header, a Parquet file's column names), refusing one of `names` (default: any) that two
+    columns share, with one line naming it (`finetune`'s task file headed 'text,text,label' read the last 'text'
+    without a word). Blank names, as a trailing delimiter leaves, are no column anything reads."""
+    for name in dict.fromkeys(columns if names is None else names):
+        count = columns.count(name)
+        if count > 1 and str(name).strip():
+            raise DataError(
+                f"{where}: {count} columns are named '{name}', so which one to read is ambiguous; rename all but one "
+                "of them"
+            )
+    return columns
 
 
 def writable_text(value: Any) -> Any:

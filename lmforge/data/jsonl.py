@@ -97,9 +97,15 @@ def document_text(value: Any, where: str, text_field: str) -> str:
             f"--text-field {text_field}.KEY"
         )
     if not isinstance(value, str):
+        # one odd row ({"text": 42} among strings) is that row's fault, not a wrong --text-field: say both, the row
+        # first. Not skipped as a null is: a null says "no text", a number or a list of numbers is data that
+        # would be lost without a word (a column of ids or labels chosen by mistake stops at its first row)
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise DataError(
-            f"{where}: field '{text_field}' is {type(value).__name__}, not a string (or a list of strings); choose "
-            "the text field with --text-field"
+            f"{where}: field '{text_field}' is {type(value).__name__} ({shown}), not a string (or a list of "
+            "strings); fix that row (write the text as a string, or null to skip the row), or if the field holds "
+            "no text, choose another with --text-field"
         )
     return value
 

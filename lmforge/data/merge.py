@@ -50,6 +50,7 @@ from lmforge.data.datadir import FORMAT_VERSION, MANIFEST, TOKENIZER, DataDir, c
 from lmforge.data.dedup import NearDedup
 from lmforge.data.dedup_report import check_report_not_read, dedup_report_path, write_dedup_report
 from lmforge.data.filters import CLEANING_SETTINGS, DocumentCleaner, guess_language, utf8_len
+from lmforge.data.ingest import writable_text
 from lmforge.data.prepare import (
     REMOVED_KEYS,
     PrepareConfig,
@@ -273,6 +274,7 @@ def merge_parts(cfg: PrepareConfig, *, progress: bool = True) -> dict[str, Any]:
             "parts": [str(part.path) for part in parts],
             "part_cleaning": _part_cleaning(parts),
         }
+        manifest = writable_text(manifest)  # (a part folder whose name is not UTF-8, as prepare.py escapes inputs)
         tok.save(tmp / TOKENIZER)
         if cfg.card:
             from lmforge.data.card import write_card

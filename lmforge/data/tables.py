@@ -29,6 +29,7 @@ from typing import Any
 from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8, json_line
 from lmforge.data.compressed import inner_name, open_input, read_errors, read_raw
 from lmforge.data.formats import label_name
+from lmforge.data.ingest_text import unique_columns
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
 
@@ -134,13 +135,14 @@ def read_table(
     elif kind == "tsv":
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as `prepare` reads them
         table = tsv_rows(io.StringIO(text, newline=""))
-        header = next(table, (0, []))[1]
+        header = unique_columns(p, next(table, (0, []))[1])
         rows = [_no_extra_fields(_named(header, fields), p, line, len(header)) for line, fields in table]
     elif kind == "csv":
         # newline="": rows end at "\n", "\r\n" or a lone "\r" (old Mac OS), as csv wants them and as
         # `prepare` reads CSV/TSV; a line end inside a quoted field stays as written
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         allow_long_fields()  # as in `prepare`
+        unique_columns(p, reader.fieldnames or [])  # (DictReader lets the last of two same-named columns win)
         rows, start = [], 2  # start: the line the row being read began on
         try:
             for row in reader:

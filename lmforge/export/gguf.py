@@ -341,7 +341,9 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
             flush=True,
         )
     template = chat_template_of(trained)
-    chat = template.jinja if template else ""  # an imported model's own goes out unchanged
+    # the HF export's tokenizer_config.json template (an imported model's own unchanged; lmforge's as written for
+    # this tokenizer: a BOS tokenizer's starts with {{ bos_token }}), not the plain one
+    chat = template.jinja_for(trained.tokenizer) if template else ""
     tok_model, tokens, types, merges = _vocab(trained.tokenizer, cfg.vocab_size, chat=has_chat_markers(template))
     pre_tokenizer = gguf_pre_tokenizer(json.loads(trained.tokenizer.to_str())) if tok_model == "gpt2" else None
     eos = trained.tokenizer.eos_id_or_none
