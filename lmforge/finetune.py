@@ -211,7 +211,8 @@ def _finetune(
     """(the final task metrics, and for a finished run's re-run, which trains nothing, the line saying so)."""
     from lmforge.adapt.heads import set_trainable, trainable_state
     from lmforge.checkpoint import prune_checkpoints, save_checkpoint
-    from lmforge.config import CONFIG_VERSION, resumed_train, saved_train
+    from lmforge.config import CONFIG_VERSION
+    from lmforge.config_sections import resumed_train
     from lmforge.data.formats import (
         ExampleLoader,
         augment_text,
@@ -228,6 +229,7 @@ def _finetune(
     from lmforge.data.tables import field_map, read_rows_or_standard, read_task_rows
     from lmforge.dist_config import require_one_process
     from lmforge.estimate_device import check_batch_fits, check_fits
+    from lmforge.fields import saved_train
     from lmforge.finetune_eval import reference_logprobs, val_metrics
     from lmforge.log import RunLogger, capture_env
     from lmforge.runs import claim, discard_aside, mark_running, mark_stopped, run_contents, set_aside

@@ -34,7 +34,8 @@ from lmforge.checkpoint import (
     set_aside_later,
     step_dir,
 )
-from lmforge.config import RunConfig, resumed_train, saved_train
+from lmforge.config import RunConfig
+from lmforge.config_sections import resumed_train
 from lmforge.data.datadir import load_data_dir
 from lmforge.data.loader import IdCheckedLoader, eval_batches
 from lmforge.errors import (
@@ -51,7 +52,7 @@ from lmforge.errors import (
 )
 from lmforge.estimate_device import check_batch_fits, check_fits, measure_matmul_flops
 from lmforge.eval.lm import evaluate_lm, split_byte_table
-from lmforge.fields import spelled
+from lmforge.fields import saved_train, spelled
 from lmforge.log import RunLogger, capture_env, truncate_metrics
 from lmforge.models import build_model
 from lmforge.objective_config import loss_definition, loss_definition_note
