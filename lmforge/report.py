@@ -194,10 +194,21 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     # status, config and a note (`_not_logged`): refusing it refused the whole `lmforge report runs/*`, and a
     # report of a run just started ("nothing to report until the run logs a step") showed nothing of it.
     runs = [load_run(p) for p in paths]
+    seen: dict[Path, str] = {}
+    for path in paths:  # (the same run twice was two identical rows and config columns under one name)
+        where = Path(path).resolve()
+        if where in seen:
+            raise ConfigError(f"{path} is given twice (as {seen[where]} too); pass each run directory once")
+        seen[where] = str(path)
     names = [r.name for r in runs]
     for run in runs:  # two runs/…/a folders: tell them apart by their parent
         if names.count(run.name) > 1:
             run.name = f"{run.path.parent.name}/{run.path.name}"
+    names = [r.name for r in runs]
+    # x/a/run and y/a/run: their parents' names match too, so the path as given
+    for run, path in zip(runs, paths, strict=True):
+        if names.count(run.name) > 1:
+            run.name = str(path)
     return runs
 
 

@@ -299,6 +299,17 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
 
 
+def test_a_run_given_twice_is_refused_and_runs_whose_parents_share_a_name_stay_apart(two_runs, tmp_path):
+    fast = two_runs[0]
+    again = fast.parent / ".." / fast.parent.name / fast.name  # the same folder, spelt another way
+    with pytest.raises(ConfigError, match=r"is given twice .*pass each run directory once"):
+        load_runs([fast, two_runs[1], again])  # (was two identical rows and config columns under one name)
+    for side in ("x", "y"):  # x/runs/fast and y/runs/fast: their parents' names match too
+        shutil.copytree(fast, tmp_path / side / "runs" / "fast")
+    paths = [tmp_path / "x" / "runs" / "fast", tmp_path / "y" / "runs" / "fast"]
+    assert [run.name for run in load_runs(paths)] == [str(p) for p in paths]
+
+
 def test_an_out_folder_gets_a_file_name_of_the_format_asked_for(two_runs, tmp_path):
     """`--out DIR --format md` suggested DIR/report.html, which would then write HTML."""
     for fmt, name in (("md", "report.md"), ("html", "report.html"), ("auto", "report.html")):
