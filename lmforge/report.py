@@ -708,19 +708,23 @@ def watch(
     # in time.sleep; a day is far beyond any useful interval and well inside what sleep accepts)
     if not 0 < every_s <= 86_400:
         raise ConfigError(f"--every must be a number of seconds > 0 and at most 86400 (a day), got {every_s}")
+
+    def said(path: Path, note: str) -> None:
+        if echo:
+            print(f"{datetime.datetime.now().strftime('%H:%M:%S')} wrote {path}{note}", flush=True)
+
     renders = 0
     try:
         while True:
             live = any(run_status(Path(p)) == "running" for p in run_dirs)
             path = render_report(run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, overwrite=overwrite)
             renders += 1
-            if echo:
-                stamp = datetime.datetime.now().strftime("%H:%M:%S")
-                print(f"{stamp} wrote {path}" + ("" if live else " (no run is running; done)"), flush=True)
+            said(path, "" if live else " (no run is running; done)")
             if not live or (max_renders and renders >= max_renders):
                 return renders
             time.sleep(every_s)
     except KeyboardInterrupt:
-        # the last page does not keep reloading
-        render_report(run_dirs, out, fmt=fmt, overwrite=overwrite)
+        # the last page does not keep reloading; said, as the final render takes seconds after the Ctrl-C (it was
+        # silent, so the user could not tell whether the page on disk still reloads itself)
+        said(render_report(run_dirs, out, fmt=fmt, overwrite=overwrite), " (stopped; the page no longer reloads)")
         return renders + 1

@@ -444,6 +444,26 @@ def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
     )
 
 
+def test_watch_stopped_by_ctrl_c_says_it_wrote_a_page_that_no_longer_reloads(data_dir, tmp_path, capsys, monkeypatch):
+    from lmforge import report
+    from lmforge.atomic import write_json
+    from lmforge.runs import mark_running
+
+    run, out = tmp_path / "live", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)  # this process: alive, so the run is running
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.time, "sleep", ctrl_c)
+    assert watch([run], out, every_s=2) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith(f"wrote {out} (stopped; the page no longer reloads)"), lines
+    assert Page(out.read_text(encoding="utf-8")).refresh is None
+
+
 @pytest.mark.parametrize("every", [math.nan, math.inf, 1e308])
 def test_watch_refuses_an_interval_that_is_not_a_usable_number_of_seconds(data_dir, tmp_path, every):
     """--every nan passed the `<= 0` check, inf and 1e308 any `> 0` one; on a live run each then failed with a
