@@ -523,6 +523,30 @@ def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     return header, rows
 
 
+CONFUSION_MAX_CLASSES = 30  # as finetune's printed report: past that, the matrix is left to eval.json
+
+
+def confusion_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[Cell]]]]:
+    """(run name, header, rows) of each classify fine-tune's confusion matrix on its --val file (eval.json: a row
+    per true label, a column per predicted one), up to CONFUSION_MAX_CLASSES classes; a hand-edited one that is
+    not a square of counts with a label each is left out."""
+    out = []
+    for run in runs:
+        val = run.task_eval.get("val")
+        if not isinstance(val, dict):
+            continue
+        matrix, labels = val.get("confusion"), val.get("labels")
+        if not (isinstance(matrix, list) and isinstance(labels, list) and 0 < len(labels) <= CONFUSION_MAX_CLASSES):
+            continue
+        square = len(matrix) == len(labels) and all(isinstance(r, list) and len(r) == len(labels) for r in matrix)
+        if not square or not all(isinstance(n, int) and not isinstance(n, bool) for r in matrix for n in r):
+            continue
+        names = [str(label) for label in labels]
+        rows = [[(name, name), *[num_cell(n) for n in row]] for name, row in zip(names, matrix, strict=True)]
+        out.append((run.name, ["true \\ predicted", *names], rows))
+    return out
+
+
 def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
     """(run name, data card, the earlier run with the same data dir or "") for each run with a card: both
     renderers show a data set's card once and say "same data as" for the runs that share it."""

@@ -584,6 +584,13 @@ def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
     assert table["qa"]["accuracy"] == ("-", None) and table["classify"]["task"][0] == "classify"
     # no samples: the hint fits the run kind (finetune refuses --eval.sample_tokens, which the hint used to suggest)
     page = render_html(load_runs([runs["classify"], runs["qa"]]))
+    # a classifier's confusion matrix (eval.json's counts; the report showed none of it), one table, names escaped
+    val = json.loads((runs["classify"] / "eval.json").read_text(encoding="utf-8"))["val"]
+    grid = Page(page).tables["confusion-1"]
+    assert [c[0] for c in grid[0]] == ["true \\ predicted", *val["labels"]] and "confusion-2" not in page
+    assert [[int(c[1]) for c in row[1:]] for row in grid[1:]] == val["confusion"]
+    md = render_report([runs["classify"]], tmp_path / "c.md").read_text(encoding="utf-8")
+    assert "### Confusion matrix: classify" in md and f"| {val['labels'][0]} | {val['confusion'][0][0]} |" in md
     assert "No samples: a fine-tune logs none (its --val answers are scored at the end: Task metrics).</p>" in page
     assert "sample_tokens" not in page.split("<h2>Samples</h2>")[1]
     mixed = load_runs([two_runs[0], runs["qa"]])
