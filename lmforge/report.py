@@ -194,10 +194,21 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     # status, config and a note (`_not_logged`): refusing it refused the whole `lmforge report runs/*`, and a
     # report of a run just started ("nothing to report until the run logs a step") showed nothing of it.
     runs = [load_run(p) for p in paths]
+    seen: dict[Path, str] = {}
+    for path in paths:  # (the same run twice was two identical rows and config columns under one name)
+        where = Path(path).resolve()
+        if where in seen:
+            raise ConfigError(f"{path} is given twice (as {seen[where]} too); pass each run directory once")
+        seen[where] = str(path)
     names = [r.name for r in runs]
     for run in runs:  # two runs/…/a folders: tell them apart by their parent
         if names.count(run.name) > 1:
             run.name = f"{run.path.parent.name}/{run.path.name}"
+    names = [r.name for r in runs]
+    # x/a/run and y/a/run: their parents' names match too, so the path as given
+    for run, path in zip(runs, paths, strict=True):
+        if names.count(run.name) > 1:
+            run.name = str(path)
     return runs
 
 
@@ -512,6 +523,30 @@ def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     return header, rows
 
 
+CONFUSION_MAX_CLASSES = 30  # as finetune's printed report: past that, the matrix is left to eval.json
+
+
+def confusion_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[Cell]]]]:
+    """(run name, header, rows) of each classify fine-tune's confusion matrix on its --val file (eval.json: a row
+    per true label, a column per predicted one), up to CONFUSION_MAX_CLASSES classes; a hand-edited one that is
+    not a square of counts with a label each is left out."""
+    out = []
+    for run in runs:
+        val = run.task_eval.get("val")
+        if not isinstance(val, dict):
+            continue
+        matrix, labels = val.get("confusion"), val.get("labels")
+        if not (isinstance(matrix, list) and isinstance(labels, list) and 0 < len(labels) <= CONFUSION_MAX_CLASSES):
+            continue
+        square = len(matrix) == len(labels) and all(isinstance(r, list) and len(r) == len(labels) for r in matrix)
+        if not square or not all(isinstance(n, int) and not isinstance(n, bool) for r in matrix for n in r):
+            continue
+        names = [str(label) for label in labels]
+        rows = [[(name, name), *[num_cell(n) for n in row]] for name, row in zip(names, matrix, strict=True)]
+        out.append((run.name, ["true \\ predicted", *names], rows))
+    return out
+
+
 def data_cards(runs: list[Run]) -> list[tuple[str, dict[str, Any], str]]:
     """(run name, data card, the earlier run with the same data dir or "") for each run with a card: both
     renderers show a data set's card once and say "same data as" for the runs that share it."""
@@ -697,19 +732,23 @@ def watch(
     # in time.sleep; a day is far beyond any useful interval and well inside what sleep accepts)
     if not 0 < every_s <= 86_400:
         raise ConfigError(f"--every must be a number of seconds > 0 and at most 86400 (a day), got {every_s}")
+
+    def said(path: Path, note: str) -> None:
+        if echo:
+            print(f"{datetime.datetime.now().strftime('%H:%M:%S')} wrote {path}{note}", flush=True)
+
     renders = 0
     try:
         while True:
             live = any(run_status(Path(p)) == "running" for p in run_dirs)
             path = render_report(run_dirs, out, fmt=fmt, refresh_s=every_s if live else None, overwrite=overwrite)
             renders += 1
-            if echo:
-                stamp = datetime.datetime.now().strftime("%H:%M:%S")
-                print(f"{stamp} wrote {path}" + ("" if live else " (no run is running; done)"), flush=True)
+            said(path, "" if live else " (no run is running; done)")
             if not live or (max_renders and renders >= max_renders):
                 return renders
             time.sleep(every_s)
     except KeyboardInterrupt:
-        # the last page does not keep reloading
-        render_report(run_dirs, out, fmt=fmt, overwrite=overwrite)
+        # the last page does not keep reloading; said, as the final render takes seconds after the Ctrl-C (it was
+        # silent, so the user could not tell whether the page on disk still reloads itself)
+        said(render_report(run_dirs, out, fmt=fmt, overwrite=overwrite), " (stopped; the page no longer reloads)")
         return renders + 1

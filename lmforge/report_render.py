@@ -23,6 +23,7 @@ from lmforge.report import (
     Run,
     available_plots,
     config_differences,
+    confusion_tables,
     data_cards,
     eval_table,
     num_cell,
@@ -158,6 +159,9 @@ def render_html(runs: list[Run], *, refresh_s: float | None = None) -> str:
     if rows:
         parts.append("<h2>Task metrics</h2>")
         parts.append(_html_table("task", header, rows))
+    for i, (name, header, rows) in enumerate(confusion_tables(runs), 1):
+        parts.append(f"<h3>Confusion matrix: {html.escape(name)}</h3>")
+        parts.append(_html_table(f"confusion-{i}", header, rows))
 
     cards = data_cards(runs)
     if cards:
@@ -266,6 +270,8 @@ def render_markdown(runs: list[Run], out: Path, plots_dir: Path) -> str:
     header, rows = task_table(runs)
     if rows:
         parts += ["", "## Task metrics", "", _md_table(header, rows)]
+    for name, header, rows in confusion_tables(runs):
+        parts += ["", f"### Confusion matrix: {_md_escape(name)}", "", _md_table(header, rows)]
     for name, card, same_as in data_cards(runs):
         if same_as:
             parts += ["", f"{_md_escape(name)}: same data as {_md_escape(same_as)}."]

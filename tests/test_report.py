@@ -299,6 +299,17 @@ def test_bad_input_is_one_line_error(two_runs, tmp_path):
     assert (tmp_path / "cli_files" / "loss_steps.png").is_file()
 
 
+def test_a_run_given_twice_is_refused_and_runs_whose_parents_share_a_name_stay_apart(two_runs, tmp_path):
+    fast = two_runs[0]
+    again = fast.parent / ".." / fast.parent.name / fast.name  # the same folder, spelt another way
+    with pytest.raises(ConfigError, match=r"is given twice .*pass each run directory once"):
+        load_runs([fast, two_runs[1], again])  # (was two identical rows and config columns under one name)
+    for side in ("x", "y"):  # x/runs/fast and y/runs/fast: their parents' names match too
+        shutil.copytree(fast, tmp_path / side / "runs" / "fast")
+    paths = [tmp_path / "x" / "runs" / "fast", tmp_path / "y" / "runs" / "fast"]
+    assert [run.name for run in load_runs(paths)] == [str(p) for p in paths]
+
+
 def test_an_out_folder_gets_a_file_name_of_the_format_asked_for(two_runs, tmp_path):
     """`--out DIR --format md` suggested DIR/report.html, which would then write HTML."""
     for fmt, name in (("md", "report.md"), ("html", "report.html"), ("auto", "report.html")):
@@ -433,6 +444,26 @@ def test_watch_follows_a_run_before_its_first_log_line(data_dir, tmp_path):
     )
 
 
+def test_watch_stopped_by_ctrl_c_says_it_wrote_a_page_that_no_longer_reloads(data_dir, tmp_path, capsys, monkeypatch):
+    from lmforge import report
+    from lmforge.atomic import write_json
+    from lmforge.runs import mark_running
+
+    run, out = tmp_path / "live", tmp_path / "live.html"
+    run.mkdir()
+    write_json(run / "config.json", tiny_config(data_dir, run).to_dict())
+    mark_running(run)  # this process: alive, so the run is running
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.time, "sleep", ctrl_c)
+    assert watch([run], out, every_s=2) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith(f"wrote {out} (stopped; the page no longer reloads)"), lines
+    assert Page(out.read_text(encoding="utf-8")).refresh is None
+
+
 @pytest.mark.parametrize("every", [math.nan, math.inf, 1e308])
 def test_watch_refuses_an_interval_that_is_not_a_usable_number_of_seconds(data_dir, tmp_path, every):
     """--every nan passed the `<= 0` check, inf and 1e308 any `> 0` one; on a live run each then failed with a
@@ -553,6 +584,13 @@ def test_a_fine_tune_shows_its_final_task_metrics(two_runs, tmp_path):
     assert table["qa"]["accuracy"] == ("-", None) and table["classify"]["task"][0] == "classify"
     # no samples: the hint fits the run kind (finetune refuses --eval.sample_tokens, which the hint used to suggest)
     page = render_html(load_runs([runs["classify"], runs["qa"]]))
+    # a classifier's confusion matrix (eval.json's counts; the report showed none of it), one table, names escaped
+    val = json.loads((runs["classify"] / "eval.json").read_text(encoding="utf-8"))["val"]
+    grid = Page(page).tables["confusion-1"]
+    assert [c[0] for c in grid[0]] == ["true \\ predicted", *val["labels"]] and "confusion-2" not in page
+    assert [[int(c[1]) for c in row[1:]] for row in grid[1:]] == val["confusion"]
+    md = render_report([runs["classify"]], tmp_path / "c.md").read_text(encoding="utf-8")
+    assert "### Confusion matrix: classify" in md and f"| {val['labels'][0]} | {val['confusion'][0][0]} |" in md
     assert "No samples: a fine-tune logs none (its --val answers are scored at the end: Task metrics).</p>" in page
     assert "sample_tokens" not in page.split("<h2>Samples</h2>")[1]
     mixed = load_runs([two_runs[0], runs["qa"]])
