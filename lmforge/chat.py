@@ -34,6 +34,7 @@ banner and notices go to stderr (piped output read `lmforge chat: RUN. ...\nyou>
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -362,6 +363,23 @@ def openai_text_messages(messages: Any) -> Any:
                 m["content"] = "\n".join(p["text"] for p in parts)
         out.append(m)
     return out
+
+
+def file_messages(messages: Any) -> Any:
+    """A task file's conversation (sft's `messages`, DPO's lists) in the template's form: OpenAI's forms as
+    `openai_text_messages` reads them; a number or bool content is its JSON text (`formats.scalar_text`: 4, 3.5,
+    true), as sft's `output` reads it. (`serve` keeps OpenAI's request rules.)"""
+    from lmforge.data.formats import scalar_text
+
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, (int, float)) and math.isfinite(content):  # (NaN, inf: refused as no text)
+            m = {**m, "content": scalar_text(content)}
+        out.append(m)
+    return openai_text_messages(out)
 
 
 def trains(message: dict[str, Any]) -> bool:

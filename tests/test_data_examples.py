@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmforge.data.formats import build_examples
@@ -70,3 +72,57 @@ def test_held_notes_wait_for_the_commands_checks_and_go_with_an_error(capsys: py
     assert "1 of 1 examples" in capsys.readouterr().err  # a block that ends well prints what it held
     examples("translate", rows, max_len=12)
     assert "1 of 1 examples" in capsys.readouterr().err  # outside any block: at once
+
+
+def _targets(example) -> list[int]:
+    return [i for i, t in zip(example.ids, example.train, strict=True) if t]
+
+
+def test_number_and_bool_answers_are_their_json_text_in_sft_and_translate(tmp_path: Path) -> None:
+    """An sft `output`, input or message content, or a translate `source`/`target`, written as a JSON or Parquet
+    number or bool was trained on and scored against Python's spelling ("4.0", "True"; an `input` of 0 was dropped),
+    where labels and qa answers read "4" and "true" (`scalar_text`). Now each is its JSON text, in training and in
+    eval's references."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from lmforge.adapt.load import load_finetuned
+    from lmforge.data.tables import read_task_rows
+    from lmforge.eval.tasks import task_metrics
+    from tests.test_finetune import make_base
+
+    tok = train_char(["How many? Is it so? Half of seven. 0123456789.truefalse"])
+    ft = load_finetuned(make_base(tmp_path, tok=tok), torch.device("cpu"))
+    half = [{"role": "user", "content": "Half of seven."}, {"role": "assistant", "content": 3.5}]
+    files = {  # file: (task, rows, the answer each row trains on and is scored against)
+        "sft.jsonl": ("sft", [{"instruction": "How many?", "output": 4.0}, {"messages": half}], ["4", "3.5"]),
+        "bool.jsonl": ("sft", [{"instruction": "Is it so?", "input": 0, "output": True}], ["true"]),
+        "sft.parquet": ("sft", [{"instruction": "How many?", "output": 4.0}], ["4"]),
+        "tr.jsonl": (
+            "translate",
+            [{"source": 7.0, "target": False}, {"source": "Half", "target": 3.5}],
+            ["false", "3.5"],
+        ),
+        "tr.parquet": ("translate", [{"source": 7.0, "target": 3.5}], ["3.5"]),  # (double columns)
+    }
+    examples = {}
+    for name, (task, rows, answers) in files.items():
+        path, fields = tmp_path / name, field_map(task, None)
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        rows = read_task_rows(path, task, fields, scored=True)
+        built = examples[name] = build_examples(
+            rows, task=task, tok=tok, fields=fields, max_len=64, labels=None, path=path
+        )
+        assert [_targets(e) for e in built] == [tok.encode(a) + [tok.eos_id] for a in answers], name
+        m = task_metrics(ft, rows, path=path, task=task, fields=fields, max_new_tokens=2)
+        assert [s["reference"] for s in m["samples"]] == answers, name
+    (example,) = examples["tr.parquet"]
+    assert tok.decode(example.ids[: example.train.index(True)]) == "<src> 7 <tgt> "  # (the prompt eval gives too)
+    assert [s["source"] for s in m["samples"]] == ["7"]
+    assert "Is it so?\n\n0\n<|assistant|>" in tok.decode(examples["bool.jsonl"][0].ids)  # (0 was dropped as no input)
