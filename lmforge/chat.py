@@ -367,17 +367,22 @@ def openai_text_messages(messages: Any) -> Any:
 
 def file_messages(messages: Any) -> Any:
     """A task file's conversation (sft's `messages`, DPO's lists) in the template's form: OpenAI's forms as
-    `openai_text_messages` reads them; a number or bool content is its JSON text (`formats.scalar_text`: 4, 3.5,
-    true), as sft's `output` reads it. (`serve` keeps OpenAI's request rules.)"""
+    `openai_text_messages` reads them; a key other than role and content that is null is absent (Parquet stores a
+    list of messages as one struct type, so a key one message has, a `weight` or a `name`, is null in all the others:
+    `"weight": null` was refused as neither 0 nor 1, and a DPO pair whose chosen side alone had a key was skipped as
+    forked); a number or bool content is its JSON text (`formats.scalar_text`: 4, 3.5, true), as sft's `output`
+    reads it. (`serve` keeps OpenAI's request rules.)"""
     from lmforge.data.formats import scalar_text
 
     if not isinstance(messages, list):
         return messages
     out = []
     for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, (int, float)) and math.isfinite(content):  # (NaN, inf: refused as no text)
-            m = {**m, "content": scalar_text(content)}
+        if isinstance(m, dict):  # (a null role or content stays, for `check_messages` to refuse)
+            m = {k: v for k, v in m.items() if v is not None or k in ("role", "content")}
+            content = m.get("content")
+            if isinstance(content, (int, float)) and math.isfinite(content):  # (NaN, inf: refused as no text)
+                m["content"] = scalar_text(content)
         out.append(m)
     return openai_text_messages(out)
 

@@ -126,3 +126,45 @@ def test_number_and_bool_answers_are_their_json_text_in_sft_and_translate(tmp_pa
     assert tok.decode(example.ids[: example.train.index(True)]) == "<src> 7 <tgt> "  # (the prompt eval gives too)
     assert [s["source"] for s in m["samples"]] == ["7"]
     assert "Is it so?\n\n0\n<|assistant|>" in tok.decode(examples["bool.jsonl"][0].ids)  # (0 was dropped as no input)
+
+
+def test_keys_parquet_fills_with_null_in_messages_are_absent(tmp_path: Path) -> None:
+    """Parquet stores a column of message lists as one struct type, so a key that one message has (a `weight`, a
+    `name`) comes back as null in every other message. sft refused `"weight": null` as neither 0 nor 1, and a DPO
+    pair whose chosen side alone had a key was skipped as two conversations that differ before their last reply.
+    A null key is now no key: each Parquet file gives the examples the same rows give as JSONL."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.tables import read_task_rows
+
+    tok = train_char(["Who is she? Where does she live? His wife. In the house. I do not know."])
+    user, earlier = {"role": "user", "content": "Who is she?"}, {"role": "assistant", "content": "His wife."}
+    ask, good = {"role": "user", "content": "Where does she live?"}, {"role": "assistant", "content": "In the house."}
+    bad = {"role": "assistant", "content": "I do not know."}
+    talk = [user, earlier, ask]
+    files = {
+        "sft": ("sft", {"messages": [{**user, "name": "Bo"}, {**earlier, "weight": 0}, ask, good]}),
+        "explicit": ("dpo", {"prompt": [user, {**earlier, "weight": 0}, ask], "chosen": [good], "rejected": [bad]}),
+        "implicit": ("dpo", {"chosen": [*talk, {**good, "weight": 1}], "rejected": [*talk, bad]}),  # (TRL's)
+    }
+    for name, (task, row) in files.items():
+        fields = field_map(task, None)
+        pq.write_table(pa.Table.from_pylist([row]), tmp_path / f"{name}.parquet")
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+        column = "messages" if task == "sft" else "prompt" if "prompt" in row else "chosen"
+        assert None in pq.read_table(tmp_path / f"{name}.parquet").to_pylist()[0][column][0].values()  # (filled)
+        rows = {
+            ext: read_task_rows(tmp_path / f"{name}.{ext}", task, fields, scored=True) for ext in ("parquet", "jsonl")
+        }
+        if task == "sft":  # (DPO's rows are read as they are; `formats.chat_pair` reads their messages)
+            assert rows["parquet"] == rows["jsonl"] == [row]
+        built = [
+            build_examples(rows[ext], task=task, tok=tok, fields=fields, max_len=128, labels=None, path=name)
+            for ext in ("parquet", "jsonl")
+        ]
+        assert built[0] == built[1] and len(built[0]) == 1, name
+    (example,) = built[0]  # (implicit: only the final reply and its end of turn are compared)
+    assert _targets(example["chosen"]) == tok.encode("In the house.") + [tok.eos_id]
