@@ -34,6 +34,7 @@ banner and notices go to stderr (piped output read `lmforge chat: RUN. ...\nyou>
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -362,6 +363,28 @@ def openai_text_messages(messages: Any) -> Any:
                 m["content"] = "\n".join(p["text"] for p in parts)
         out.append(m)
     return out
+
+
+def file_messages(messages: Any) -> Any:
+    """A task file's conversation (sft's `messages`, DPO's lists) in the template's form: OpenAI's forms as
+    `openai_text_messages` reads them; a key other than role and content that is null is absent (Parquet stores a
+    list of messages as one struct type, so a key one message has, a `weight` or a `name`, is null in all the others:
+    `"weight": null` was refused as neither 0 nor 1, and a DPO pair whose chosen side alone had a key was skipped as
+    forked); a number or bool content is its JSON text (`formats.scalar_text`: 4, 3.5, true), as sft's `output`
+    reads it. (`serve` keeps OpenAI's request rules.)"""
+    from lmforge.data.formats import scalar_text
+
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict):  # (a null role or content stays, for `check_messages` to refuse)
+            m = {k: v for k, v in m.items() if v is not None or k in ("role", "content")}
+            content = m.get("content")
+            if isinstance(content, (int, float)) and math.isfinite(content):  # (NaN, inf: refused as no text)
+                m["content"] = scalar_text(content)
+        out.append(m)
+    return openai_text_messages(out)
 
 
 def trains(message: dict[str, Any]) -> bool:

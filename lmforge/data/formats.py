@@ -206,8 +206,9 @@ def label_name(value: Any) -> str:
 def scalar_text(value: Any) -> str:
     """A JSON or Parquet value as the text it stands for: JSON's spelling of a bool ("true", not Python's "True"),
     an integer written as a float (a Parquet double column, pandas' int column with a gap) as the integer ("3", not
-    "3.0"), other numbers as JSON writes them ("3.5"), a string as it is. Labels (`label_name`) and QA answers
-    (`qa.references`) read numbers and bools so."""
+    "3.0"), other numbers as JSON writes them ("3.5"), a string as it is. Labels (`label_name`), QA answers
+    (`qa.references`), sft's columns and message contents (`conversation`, `chat.file_messages`) and translate's
+    source and target read numbers and bools so, in training and scoring."""
     if isinstance(value, bool):  # (before the numbers: a bool is an int)
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
@@ -374,11 +375,14 @@ def conversation(row: dict[str, Any], fields: dict[str, str], task: str) -> list
         ]
     if fields["messages"] in row:
         return row[fields["messages"]]
-    prompt = str(row[fields["instruction"]]).strip()
-    extra = str(row.get(fields["input"]) or "").strip()
+    # a number or bool is its JSON text (`scalar_text`: 4, 3.5, true), as qa's answers and labels read it; str()
+    # trained on and scored against Python's "4.0" and "True"
+    prompt = scalar_text(row[fields["instruction"]]).strip()
+    extra = row.get(fields["input"])
+    extra = "" if extra is None else scalar_text(extra).strip()
     return [
         {"role": "user", "content": prompt + ("\n\n" + extra if extra else "")},
-        {"role": "assistant", "content": str(row[fields["output"]])},
+        {"role": "assistant", "content": scalar_text(row[fields["output"]])},
     ]
 
 
@@ -408,12 +412,12 @@ def chat_pair(
         DataError: a conversation that does not end with an assistant turn, or a text prompt that is not its
             user turn.
     """
-    from lmforge.chat import openai_text_messages, sharegpt_messages
+    from lmforge.chat import file_messages, sharegpt_messages
 
     prompt = row.get(fields["prompt"])
-    sides = [openai_text_messages(sharegpt_messages(row[fields[name]])) for name in ("chosen", "rejected")]
+    sides = [file_messages(sharegpt_messages(row[fields[name]])) for name in ("chosen", "rejected")]
     if isinstance(prompt, list):
-        sides = [openai_text_messages(sharegpt_messages(prompt)) + side for side in sides]
+        sides = [file_messages(sharegpt_messages(prompt)) + side for side in sides]
     elif isinstance(prompt, str):
         users = [m.get("content") for side in sides for m in side if isinstance(m, dict) and m.get("role") == "user"]
         if not users:  # replies alone: the text prompt is the user turn they answer
@@ -546,10 +550,10 @@ def build_examples(
     if task == "translate":
         out, short = [], 0
         for r in rows:
-            target = str(r[fields["target"]])
+            target = scalar_text(r[fields["target"]])  # (a number or bool: its JSON text, as `conversation` reads it)
             if not target.strip():  # (as sft's empty answers: it teaches only to stop)
                 continue
-            out.append(completion_example(tok, translate_prompt(str(r[fields["source"]])), target, max_len))
+            out.append(completion_example(tok, translate_prompt(scalar_text(r[fields["source"]])), target, max_len))
             short += sum(out[-1].train) < len(tok.encode(target)) + 1  # (+ its end-of-text)
         if rows and not out:
             raise DataError(f"{path}: every row's {fields['target']!r} is empty; write the translations")

@@ -28,7 +28,7 @@ from typing import Any
 
 from lmforge.data.clean import MAX_INVALID_UTF8, check_encoding, decode_utf8, json_line
 from lmforge.data.compressed import inner_name, open_input, read_errors, read_raw
-from lmforge.data.formats import label_name
+from lmforge.data.formats import label_name, scalar_text
 from lmforge.data.ingest_text import unique_columns
 from lmforge.data.tsv import allow_long_fields, extra_fields_error, tsv_rows  # (read as `prepare` reads them)
 from lmforge.errors import DataError
@@ -448,7 +448,7 @@ def _reference(row: dict[str, Any], task: str, fields: dict[str, str]) -> str | 
         from lmforge.data.qa import references
 
         return references(row, fields)[0].strip()
-    return str(row[fields[REFERENCE[task]]]).strip()
+    return scalar_text(row[fields[REFERENCE[task]]]).strip()
 
 
 def read_task_rows(
@@ -521,7 +521,7 @@ def _task_rows(
 
 
 def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[dict[str, Any]]:
-    from lmforge.chat import openai_text_messages, sharegpt_messages, transcript_messages
+    from lmforge.chat import file_messages, sharegpt_messages, transcript_messages
 
     out = []
     for i, row in enumerate(rows, 1):
@@ -539,7 +539,7 @@ def _text_messages(rows: list[dict[str, Any]], column: str, path: Path) -> list[
                 f"plain text with --task clm --field text={column}"
             )
         try:
-            out.append(row | {column: openai_text_messages(messages)})
+            out.append(row | {column: file_messages(messages)})
         except DataError as e:
             raise DataError(f"{path}: row {i}: {e}; write the message's text as its content") from None
     return out

@@ -360,10 +360,12 @@ def prompt_lengths(tok: Any, template: Any, rows: list[dict[str, Any]], fields: 
     """The tokens of each row's prompt that must fit whole beside its answer (`fitting_prompts`): translate's
     source prompt; sft's last message, after the system message (older turns are dropped to fit, as in chat)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import translate_prompt
+    from lmforge.data.formats import scalar_text, translate_prompt
 
     if task == "translate":
-        return [len(tok.prompt_prefix + tok.encode(translate_prompt(str(row[fields["source"]])))) for row in rows]
+        return [
+            len(tok.prompt_prefix + tok.encode(translate_prompt(scalar_text(row[fields["source"]])))) for row in rows
+        ]
     template = template or ChatTemplate()
     return [template.prompt_length(tok, _last_turn(_reference_text(row, fields, task)[0])) for row in rows]
 
@@ -561,7 +563,7 @@ def task_metrics(
     """Metrics of a loaded run (`finetune.Finetuned`) on task rows; classification also writes confusion.png;
     `doc_stride`: qa's overlap of the windows of a context too long for the model (`data/qa.py`)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import translate_prompt
+    from lmforge.data.formats import scalar_text, translate_prompt
 
     info = ft.info or {}
     task = task or info.get("task")
@@ -605,14 +607,14 @@ def task_metrics(
         return {"task": task, "em": em / n, "f1": f1 / n, "n": n, "skipped_long": len(rows) - n, "samples": samples}
     if task == "translate":
         tok = ft.tokenizer  # (its BOS first, as in training: `completion_example`)
-        prompts = [tok.prompt_prefix + tok.encode(translate_prompt(str(row[fields["source"]]))) for row in rows]
+        prompts = [tok.prompt_prefix + tok.encode(translate_prompt(scalar_text(row[fields["source"]]))) for row in rows]
         kept = fitting_prompts([len(p) for p in prompts], answer_context(ft.model), max_new_tokens, path)
         skipped, rows, prompts = len(rows) - len(kept), [rows[i] for i in kept], [prompts[i] for i in kept]
         hyps = _answers(ft, prompts, max_new_tokens)
         # in the form the model writes (and trained on): NFKC turned the targets' ，？！ into , ? ! before training
-        refs = [ft.tokenizer.in_unicode_form(str(row[fields["target"]]).strip()) for row in rows]
+        refs = [ft.tokenizer.in_unicode_form(scalar_text(row[fields["target"]]).strip()) for row in rows]
         samples = [
-            {"source": str(r[fields["source"]]), "reference": ref, "prediction": h}
+            {"source": scalar_text(r[fields["source"]]), "reference": ref, "prediction": h}
             for r, ref, h in list(zip(rows, refs, hyps, strict=True))[:3]
         ]
         return {"task": task, **bleu_chrf(hyps, refs), "n": len(rows), "skipped_long": skipped, "samples": samples}
