@@ -280,3 +280,17 @@ def test_every_data_folder_a_readme_command_trains_on_is_one_a_shown_command_mak
             argv[argv.index("--data") + 1] for command, argv in commands if command == "pretrain" and "--data" in argv
         }
         assert used and used <= made, (path, sorted(used - made), sorted(made))
+
+
+def test_both_readmes_give_the_same_measured_numbers_for_the_two_commands():
+    """The paragraph of measurements under the two commands (run times, the quickstart's loss and bpb, the test
+    count and time of the second command) says the same numbers in Chinese as in English: one updated without the
+    other would tell Chinese readers an older test count or CI time (it had been missing from README.zh-CN.md)."""
+    number = re.compile(r"\d+(?:[.,]\d+)*")
+    found = {}
+    for path in DOCS:
+        paragraphs = [p for p in (REPO / path).read_text(encoding="utf-8").split("\n\n") if "tests/cli_fork.py" in p]
+        assert len(paragraphs) == 1, (path, "one paragraph of measurements naming tests/cli_fork.py")
+        found[path] = set(number.findall(paragraphs[0]))
+    english, chinese = (found[path] for path in DOCS)
+    assert english == chinese, {"only in English": english - chinese, "only in Chinese": chinese - english}
