@@ -127,6 +127,7 @@ def test_values_match_ours(dtype: str, bpe: Tokenizer, tmp_path: Path) -> None:
 
 def test_a_model_imported_from_bf16_exports_bf16_by_default(bpe: Tokenizer, tmp_path: Path) -> None:
     # it was written f16 (the only 16-bit choice): bf16 values past f16's range overflow, the smallest lose bits
+    from lmforge.export.hf import export_hf
     from lmforge.export.hf_import import import_hf
     from tests.test_export import _hf_llama
 
@@ -144,7 +145,19 @@ def test_a_model_imported_from_bf16_exports_bf16_by_default(bpe: Tokenizer, tmp_
     source = hf.model.layers[0].mlp.down_proj.weight.detach().float().numpy()
     np.testing.assert_array_equal(dequant(down), source)  # the same values, 1e5 and 1e-7 included
     assert all(t.tensor_type == gguf.GGMLQuantizationType.BF16 for t in tensors.values() if len(t.shape) == 2)
-    _, f16 = read(export_gguf(run, tmp_path / "f16.gguf", dtype="f16"))  # --dtype f16 still chooses f16
+    # --dtype f16 still chooses f16, but not for 1e5, which f16 would hold as inf (numpy only warned): one line,
+    # no file; so does the HF export's float16
+    with pytest.raises(LmforgeError, match=r"blk\.0\.ffn_down\.weight holds a weight of 99840, past float16's range"):
+        export_gguf(run, tmp_path / "f16.gguf", dtype="f16")
+    assert not (tmp_path / "f16.gguf").exists()
+    with pytest.raises(LmforgeError, match=r"holds a weight of 99840, past .*--dtype bfloat16 or float32$"):
+        export_hf(run, tmp_path / "hf16", dtype="float16")
+    assert not (tmp_path / "hf16").exists()
+    with torch.no_grad():
+        hf.model.layers[0].mlp.down_proj.weight[0, 0] = 6e4  # inside f16's range: written as f16
+    hf.save_pretrained(tmp_path / "hf")
+    run = import_hf(tmp_path / "hf", tmp_path / "run2")
+    _, f16 = read(export_gguf(run, tmp_path / "f16.gguf", dtype="f16"))
     assert f16["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     _, trained = read(export_gguf(make_run(tmp_path / "ours", bpe, **GQA), tmp_path / "ours.gguf"))
     assert trained["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # float32 runs: f16

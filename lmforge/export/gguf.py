@@ -69,6 +69,7 @@ from lmforge.errors import LmforgeError
 from lmforge.export.hf import (
     bos_id_of,
     chat_template_of,
+    check_float16_range,
     export_dtype,
     extra_stop_ids,
     has_chat_markers,
@@ -277,6 +278,12 @@ def _is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def _as_f16(t: Tensor, dtype: str) -> bool:
+    """Whether tensor `t` is written as float16 at `--dtype dtype`: the matrices at f16, and at q8_0 those whose
+    rows are no whole number of Q8_0 blocks (1-D tensors stay float32)."""
+    return t.dim() > 1 and dtype != "bf16" and not (dtype == "q8_0" and t.shape[-1] % Q8_BLOCK == 0)
+
+
 def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Write a run (or checkpoint) of a Llama-style model as one GGUF file for llama.cpp.
 
@@ -357,6 +364,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
     if named is not None and named != eos:  # Qwen2.5-Instruct's <|im_end|>: eos (and end of turn), as llama.cpp's
         eos, end_of_turn = named, [named]  # converter writes it; <|endoftext|> stays bos and padding, as there
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
+    check_float16_range(((n, t) for n, t in tensors.items() if _as_f16(t, dtype)), "--dtype bf16")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.lmforge-tmp-{secrets.token_hex(4)}")  # never a user's file (atomic.py)
@@ -399,7 +407,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
             arr = t.numpy()
             if arr.ndim == 1:
                 writer.add_tensor(name, arr.astype(np.float32))
-            elif dtype == "q8_0" and arr.shape[-1] % Q8_BLOCK == 0 or dtype == "bf16":
+            elif not _as_f16(t, dtype):
                 qtype = gguf.GGMLQuantizationType.Q8_0 if dtype == "q8_0" else gguf.GGMLQuantizationType.BF16
                 q = gguf.quants.quantize(arr, qtype)
                 writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)

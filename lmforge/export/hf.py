@@ -161,7 +161,8 @@ def export_hf(path: str | Path, out: str | Path, *, overwrite: bool = False, dty
     check_out_dir(out, overwrite=overwrite)
     trained = load_exportable(path)  # LoRA runs come back merged
     check_not_inside(out, trained.checkpoint.path)
-    trained.model.to(export_dtype(trained.checkpoint, trained.model, dtype))  # (the writers keep it)
+    # (the writers keep the dtype)
+    cast_weights(trained.model, export_dtype(trained.checkpoint, trained.model, dtype), "--dtype bfloat16 or float32")
     if trained.config.model.family in ("bert", "electra"):
         from lmforge.export.bert import write_bert
 
@@ -193,6 +194,28 @@ def export_dtype(ckpt: Any, model: torch.nn.Module, dtype: str) -> torch.dtype:
     if dtype != "auto":
         return HF_DTYPES[dtype]
     return HF_DTYPES.get(imported_dtype(ckpt.path, ckpt.meta) or "", next(model.parameters()).dtype)
+
+
+F16_MAX = 65504.0  # float16's largest finite value
+
+
+def check_float16_range(named: Any, fix: str) -> None:
+    """Refuse to write float16 weights of which one is past float16's range: it would be inf in the file (numpy's
+    cast only warned "overflow encountered in cast", and a bf16 import's 1e5 became inf). `named`: (name, tensor)
+    pairs; `fix`: what to pass instead (the command's own dtype names)."""
+    for name, t in named:
+        if t.is_floating_point() and t.numel() and (peak := float(t.detach().abs().max())) > F16_MAX:
+            raise LmforgeError(
+                f"{name} holds a weight of {peak:.6g}, past float16's range (+-65,504): it would be inf in the file; "
+                f"export with {fix}"
+            )
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype, fix: str) -> None:
+    """`model.to(dtype)`, refusing a float16 cast that would turn a weight into inf (`check_float16_range`)."""
+    if dtype == torch.float16:
+        check_float16_range(model.state_dict().items(), fix)
+    model.to(dtype)
 
 
 LINEAGE_DEPTH = 32  # links followed from a checkpoint towards its import (a loop of hand-edited files ends too)

@@ -155,7 +155,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False, d
     """
     from lmforge.atomic import building_dir, check_not_inside, check_out_dir, fsync_file
     from lmforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from lmforge.export.hf import check_dtype, export_dtype, write_hf
+    from lmforge.export.hf import cast_weights, check_dtype, export_dtype, write_hf
     from lmforge.export.hf_families import hf_family
     from lmforge.trained import Trained
 
@@ -175,7 +175,7 @@ def export_peft(path: str | Path, out: str | Path, *, overwrite: bool = False, d
         )
     ft = _load_lm(ckpt_dir)
     ckpt = load_checkpoint(ckpt_dir, verify=False)  # its folder and meta (load_finetuned checked its files)
-    ft.model.to(export_dtype(ckpt, ft.model, dtype))
+    cast_weights(ft.model, export_dtype(ckpt, ft.model, dtype), "--dtype bfloat16 or float32")
     family = hf_family(ft.model.cfg)
     tensors, targets = adapter_state_dict(ft.model, family)
     lora = info["lora"]
