@@ -163,6 +163,29 @@ def test_a_model_imported_from_bf16_exports_bf16_by_default(bpe: Tokenizer, tmp_
     assert trained["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # float32 runs: f16
 
 
+def test_auto_writes_bf16_where_a_float32_weight_is_past_f16s_range(bpe: Tokenizer, tmp_path: Path, capsys) -> None:
+    """--dtype auto (f16 for a float32 run) picks bf16, with a note, where a matrix holds a weight f16 would
+    hold as inf; the weights are then written as bf16 rounds them."""
+    from lmforge.export.hf_import import import_hf
+    from tests.test_export import _hf_llama
+
+    torch.manual_seed(0)
+    hf = _hf_llama(bpe)  # float32
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.o_proj.weight[0, 0] = -7e4
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "hf" / "tokenizer.json")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    capsys.readouterr()
+    fields, tensors = read(export_gguf(run, tmp_path / "m.gguf"))
+    assert "note: blk.1.attn_output.weight holds a weight of 70000, past float16's range" in capsys.readouterr().err
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    out = dequant(tensors["blk.1.attn_output.weight"])
+    source = hf.model.layers[1].self_attn.o_proj.weight.detach()
+    np.testing.assert_array_equal(out, source.to(torch.bfloat16).float().numpy())
+    assert np.isfinite(out).all()
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_biases_get_a_note_for_transformers(bias: bool, bpe: Tokenizer, tmp_path: Path, capsys) -> None:
     """transformers' GGUF loader drops a Llama's biases silently; the export (kept for llama.cpp, which

@@ -23,7 +23,8 @@ Key decisions:
   multiple of 32 as Q8_0 (32-value blocks, one f16 scale each: 8.5 bits per weight), others in f16. 1-D tensors
   (norms, biases) stay float32, as llama.cpp expects. `auto` (the default) is bf16 for a model imported from
   bf16 weights (the same values; f16 would overflow past 65504 and lose the smallest ones, so llama.cpp's
-  converter picks bf16 for such a model too), else f16.
+  converter picks bf16 for such a model too), else f16, or bf16 with a note where a matrix holds a weight past
+  f16's range; an explicit `--dtype f16` refuses such a weight in one line (it would be inf).
 - Tokenizer, two kinds, each checked in llama.cpp itself (`bench/gguf_llamacpp.py`: same ids for thousands of
   English and Chinese snippets, same decoded text). Byte-level BPE (`lmforge prepare --tokenizer bpe`):
   tokenizer model "gpt2" with pre-tokenizer "gpt-2", the vocabulary in id order, the merges, token types
@@ -74,6 +75,7 @@ from lmforge.export.hf import (
     extra_stop_ids,
     has_chat_markers,
     hf_eos_of_trained,
+    past_float16,
     without_chat_markers,
 )
 
@@ -291,7 +293,7 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
         path: run directory (its latest checkpoint) or a checkpoint folder.
         out: the .gguf file to write.
         dtype: "auto", "f16", "bf16" or "q8_0" for the matrices (1-D tensors stay float32); auto: bf16 for a model
-            imported from bf16 weights, else f16.
+            imported from bf16 weights, else f16 (bf16 where a matrix holds a weight past f16's range).
         overwrite: replace an existing GGUF file (any other file is refused).
 
     Returns:
@@ -329,8 +331,9 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
         )
     cfg = trained.config.model
     _check_llama(cfg)
+    chose_f16 = dtype == "auto" and export_dtype(trained.checkpoint, trained.model, "auto") != torch.bfloat16
     if dtype == "auto":  # (the source dtype import recorded, as the HF export reads it)
-        dtype = "bf16" if export_dtype(trained.checkpoint, trained.model, "auto") == torch.bfloat16 else "f16"
+        dtype = "f16" if chose_f16 else "bf16"
     if cfg.bias or cfg.qkv_bias:  # see the module docstring: transformers would load this file without its biases
         which = "model.bias=true" if cfg.bias else "on q, k and v: model.qkv_bias=true"
         print(
@@ -364,6 +367,14 @@ def export_gguf(path: str | Path, out: str | Path, *, dtype: str = "auto", overw
     if named is not None and named != eos:  # Qwen2.5-Instruct's <|im_end|>: eos (and end of turn), as llama.cpp's
         eos, end_of_turn = named, [named]  # converter writes it; <|endoftext|> stays bos and padding, as there
     tensors = gguf_tensors(trained.model.state_dict(), cfg)
+    if chose_f16 and (past := past_float16((n, t) for n, t in tensors.items() if _as_f16(t, dtype))):
+        dtype = "bf16"  # (what --dtype auto is for: the 16 bits that hold every weight)
+        print(
+            f"note: {past[0]} holds a weight of {past[1]:.6g}, past float16's range (+-65,504); the matrices are "
+            "written bf16, not f16 (--dtype auto)",
+            file=sys.stderr,
+            flush=True,
+        )
     check_float16_range(((n, t) for n, t in tensors.items() if _as_f16(t, dtype)), "--dtype bf16")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,16 +199,24 @@ def export_dtype(ckpt: Any, model: torch.nn.Module, dtype: str) -> torch.dtype:
 F16_MAX = 65504.0  # float16's largest finite value
 
 
+def past_float16(named: Any) -> tuple[str, float] | None:
+    """(name, largest magnitude) of the first of the (name, tensor) pairs `named` holding a value past float16's
+    range, which float16 would hold as inf; None when they all fit."""
+    for name, t in named:
+        if t.is_floating_point() and t.numel() and (peak := float(t.detach().abs().max())) > F16_MAX:
+            return name, peak
+    return None
+
+
 def check_float16_range(named: Any, fix: str) -> None:
     """Refuse to write float16 weights of which one is past float16's range: it would be inf in the file (numpy's
     cast only warned "overflow encountered in cast", and a bf16 import's 1e5 became inf). `named`: (name, tensor)
     pairs; `fix`: what to pass instead (the command's own dtype names)."""
-    for name, t in named:
-        if t.is_floating_point() and t.numel() and (peak := float(t.detach().abs().max())) > F16_MAX:
-            raise LmforgeError(
-                f"{name} holds a weight of {peak:.6g}, past float16's range (+-65,504): it would be inf in the file; "
-                f"export with {fix}"
-            )
+    if past := past_float16(named):
+        raise LmforgeError(
+            f"{past[0]} holds a weight of {past[1]:.6g}, past float16's range (+-65,504): it would be inf in the "
+            f"file; export with {fix}"
+        )
 
 
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype, fix: str) -> None:
