@@ -360,14 +360,18 @@ def prompt_lengths(tok: Any, template: Any, rows: list[dict[str, Any]], fields: 
     """The tokens of each row's prompt that must fit whole beside its answer (`fitting_prompts`): translate's
     source prompt; sft's last message, after the system message (older turns are dropped to fit, as in chat)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import scalar_text, translate_prompt
 
     if task == "translate":
-        return [
-            len(tok.prompt_prefix + tok.encode(translate_prompt(scalar_text(row[fields["source"]])))) for row in rows
-        ]
+        return [len(translate_prompt_ids(tok, row, fields)) for row in rows]
     template = template or ChatTemplate()
     return [template.prompt_length(tok, _last_turn(_reference_text(row, fields, task)[0])) for row in rows]
+
+
+def translate_prompt_ids(tok: Any, row: dict[str, Any], fields: dict[str, str]) -> list[int]:
+    """A translate row's prompt as the model was trained on it (`completion_example`: its BOS first)."""
+    from lmforge.data.formats import scalar_text, translate_prompt
+
+    return tok.prompt_prefix + tok.encode(translate_prompt(scalar_text(row[fields["source"]])))
 
 
 def fitting_prompts(
@@ -563,7 +567,7 @@ def task_metrics(
     """Metrics of a loaded run (`finetune.Finetuned`) on task rows; classification also writes confusion.png;
     `doc_stride`: qa's overlap of the windows of a context too long for the model (`data/qa.py`)."""
     from lmforge.chat import ChatTemplate
-    from lmforge.data.formats import scalar_text, translate_prompt
+    from lmforge.data.formats import scalar_text
 
     info = ft.info or {}
     task = task or info.get("task")
@@ -606,8 +610,7 @@ def task_metrics(
         n = len(turns)
         return {"task": task, "em": em / n, "f1": f1 / n, "n": n, "skipped_long": len(rows) - n, "samples": samples}
     if task == "translate":
-        tok = ft.tokenizer  # (its BOS first, as in training: `completion_example`)
-        prompts = [tok.prompt_prefix + tok.encode(translate_prompt(scalar_text(row[fields["source"]]))) for row in rows]
+        prompts = [translate_prompt_ids(ft.tokenizer, row, fields) for row in rows]
         kept = fitting_prompts([len(p) for p in prompts], answer_context(ft.model), max_new_tokens, path)
         skipped, rows, prompts = len(rows) - len(kept), [rows[i] for i in kept], [prompts[i] for i in kept]
         hyps = _answers(ft, prompts, max_new_tokens)

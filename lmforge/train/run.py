@@ -258,21 +258,29 @@ def _schedule_change(saved: Any, cfg: RunConfig, step: int) -> str:
     return schedule_change(old, cfg.train, step)
 
 
+def _changed_since(saved: Any, cfg: RunConfig, keys: list[tuple[str, str]]) -> list[str]:
+    """'section.key OLD -> NEW' for each of `keys` ((section, key) pairs) that the checkpoint's config `saved` holds
+    with another value than `cfg`; a section or key it does not hold is no change."""
+    now = cfg.to_dict()
+    changes = []
+    for section, key in keys:
+        old = saved.get(section) if isinstance(saved, dict) else None
+        if isinstance(old, dict) and key in old and old[key] != now[section][key]:
+            changes.append(f"{section}.{key} {spelled(old[key])} -> {spelled(now[section][key])}")
+    return changes
+
+
 def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
     """A note when a resume changes how the objective masks or weighs (objective.mask_prob, whole_word,
     rtd_weight, ...): they apply from now, silently before, and they change the validation masks and loss
     too, so the val numbers (and the best checkpoint they pick) before and after are not comparable.
     The objective's name and carry_state are refused earlier (`prepare_run_dir`); "" when nothing changed."""
-    old = saved.get("objective") if isinstance(saved, dict) else None
-    if not isinstance(old, dict):
+    keys = [("objective", f.name) for f in dataclasses.fields(cfg.objective) if f.name not in ("name", "carry_state")]
+    changes = _changed_since(saved, cfg, keys)
+    if not changes:
         return ""
-    now = dataclasses.asdict(cfg.objective)
-    changed = [k for k in now if k not in ("name", "carry_state") and k in old and old[k] != now[k]]
-    if not changed:
-        return ""
-    changes = ", ".join(f"objective.{k} {spelled(old[k])} -> {spelled(now[k])}" for k in changed)
     return (
-        f"note: objective settings changed since the checkpoint, applied from step {step + 1}: {changes}; "
+        f"note: objective settings changed since the checkpoint, applied from step {step + 1}: {', '.join(changes)}; "
         "validation numbers before and after it are not comparable"
     )
 
@@ -280,17 +288,12 @@ def _objective_change(saved: Any, cfg: RunConfig, step: int) -> str:
 # Settings a resume may change that change every update from then on, and were taken without a word (the schedule,
 # the optimizer's group settings and the objective's have their own notes; the rest of what changes the data order or
 # the model is refused in `prepare_run_dir` and by the loader). micro_batch_size only splits the same batch.
-TRAINING_KEYS = (("train", "batch_size"), ("train", "dtype"), ("optim", "grad_clip"), ("optim", "l1"))
+TRAINING_KEYS = [("train", "batch_size"), ("train", "dtype"), ("optim", "grad_clip"), ("optim", "l1")]
 
 
 def _training_change(saved: Any, cfg: RunConfig, step: int) -> str:
     """A note when a resume changes one of `TRAINING_KEYS`; "" when none changed."""
-    now = cfg.to_dict()
-    changes = []
-    for section, key in TRAINING_KEYS:
-        old = (saved.get(section) if isinstance(saved, dict) else None) or {}
-        if key in old and old[key] != now[section][key]:
-            changes.append(f"{section}.{key} {spelled(old[key])} -> {spelled(now[section][key])}")
+    changes = _changed_since(saved, cfg, TRAINING_KEYS)
     if not changes:
         return ""
     return (
