@@ -46,6 +46,7 @@ from lmforge.atomic import (
     tmp_beside,
 )
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.eval.classify import MAX_ANNOTATED  # (as finetune's printed report: past it the matrix is eval.json's)
 from lmforge.fields import flatten, spelled
 from lmforge.log import format_duration, read_metrics
 from lmforge.runs import (
@@ -523,12 +524,9 @@ def task_table(runs: list[Run]) -> tuple[list[str], list[list[Cell]]]:
     return header, rows
 
 
-CONFUSION_MAX_CLASSES = 30  # as finetune's printed report: past that, the matrix is left to eval.json
-
-
 def confusion_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[Cell]]]]:
     """(run name, header, rows) of each classify fine-tune's confusion matrix on its --val file (eval.json: a row
-    per true label, a column per predicted one), up to CONFUSION_MAX_CLASSES classes; a hand-edited one that is
+    per true label, a column per predicted one), up to MAX_ANNOTATED classes; a hand-edited one that is
     not a square of counts with a label each is left out."""
     out = []
     for run in runs:
@@ -536,7 +534,7 @@ def confusion_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[Ce
         if not isinstance(val, dict):
             continue
         matrix, labels = val.get("confusion"), val.get("labels")
-        if not (isinstance(matrix, list) and isinstance(labels, list) and 0 < len(labels) <= CONFUSION_MAX_CLASSES):
+        if not (isinstance(matrix, list) and isinstance(labels, list) and 0 < len(labels) <= MAX_ANNOTATED):
             continue
         square = len(matrix) == len(labels) and all(isinstance(r, list) and len(r) == len(labels) for r in matrix)
         if not square or not all(isinstance(n, int) and not isinstance(n, bool) for r in matrix for n in r):
