@@ -24,6 +24,10 @@ log-probability after `Label:` (scoring every label, not sampling, so the answer
 `accuracy_norm` is the accuracy of picking by log-probability per UTF-8 byte of the label instead, which
 does not favour short label names. Demonstrations that do not fit in the context beside the longest label
 are left out whole, the first ones first (`fewshot_head`; a note counts them).
+
+Length (~820 lines, over the 800-line guide): every task's scoring, and the checks `finetune` runs on its --val
+before training (`prompt_lengths`, `fitting_prompts`), stay beside each other so eval and finetune score alike;
+the next split would move the answer metrics (`normalize_answer` to `bleu_chrf`) to their own module.
 """
 
 from __future__ import annotations
